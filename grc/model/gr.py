@@ -1,0 +1,169 @@
+"""HSTU / MTGR: feature tokens -> HSTU stack -> multi-task heads on the candidate tokens.
+
+The model splits where production GR serving splits it:
+- ``TokenProjector`` (dense, small): per-kind projections of looked-up embeddings into d_model.
+- ``GRDense``: the HSTU stack, group norms and task heads. This is what ONNX export, surgery and
+  engines compile; its inputs are tokens [.., D], per-user lengths, candidate counts, timestamps.
+- The embedding tables (``tables.py``, nearly all parameters) stay in sharded safetensors and are
+  looked up where the request is parsed (Triton preprocess, vLLM model), as TorchRec-style
+  deployments do. A candidate's score depends only on its user's history, profile and itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from grc.model.hstu import GroupLayerNorm, HSTULayer
+from grc.model.jagged import lengths_of, local_index
+from grc.model.tables import Tables
+from grc.spec.schema import ModelConfig
+
+
+class TaskHeads(nn.Module):
+    """One two-layer MLP per task, stacked so every task runs in one batched matmul."""
+
+    def __init__(self, d_model: int, hidden: int, tasks: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.zeros(tasks, d_model, hidden))
+        self.b1 = nn.Parameter(torch.zeros(tasks, hidden))
+        self.w2 = nn.Parameter(torch.zeros(tasks, hidden))
+        self.b2 = nn.Parameter(torch.zeros(tasks))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = F.silu(torch.einsum("...d,tdh->...th", x, self.w1) + self.b1)
+        return torch.sigmoid((hidden * self.w2).sum(-1) + self.b2)
+
+
+def token_groups(cfg: ModelConfig, idx: torch.Tensor, n_ctx: torch.Tensor) -> torch.Tensor:
+    """Group id per token: 0 profile, 1 history, 2 candidate (MTGR); 0 for every token (HSTU)."""
+    if cfg.kind == "hstu":
+        return torch.zeros_like(idx)
+    return (idx >= len(cfg.profile)).long() + (idx >= n_ctx).long()
+
+
+class GRDense(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        groups = len(cfg.token_groups)
+        self.layers = nn.ModuleList(HSTULayer(cfg.d_model, cfg.hstu, groups) for _ in range(cfg.hstu.num_layers))
+        self.final_norm = GroupLayerNorm(cfg.d_model, groups, cfg.hstu.eps)
+        self.heads = TaskHeads(cfg.d_model, cfg.head_hidden, len(cfg.tasks))
+
+    def forward_padded(
+        self, tokens: torch.Tensor, lengths: torch.Tensor, num_candidates: torch.Tensor, timestamps: torch.Tensor
+    ) -> torch.Tensor:
+        """tokens [B, N, D] -> scores [B, N, tasks]; zero except at each user's candidate tokens."""
+        idx = torch.arange(tokens.shape[1], device=tokens.device).view(1, -1)
+        n_ctx = (lengths - num_candidates).view(-1, 1)
+        group = token_groups(self.cfg, idx, n_ctx)
+        x = tokens
+        for layer in self.layers:
+            x = layer.forward_padded(x, group, lengths, num_candidates, timestamps)
+        scores = self.heads(self.final_norm(x, group))
+        is_candidate = (idx >= n_ctx) & (idx < lengths.view(-1, 1))
+        return scores * is_candidate.unsqueeze(-1).to(scores.dtype)
+
+    def forward_jagged(
+        self,
+        tokens: torch.Tensor,
+        offsets: torch.Tensor,
+        num_candidates: torch.Tensor,
+        timestamps: torch.Tensor,
+        impl: str = "pytorch",
+    ) -> torch.Tensor:
+        """tokens [T, D] -> scores [T, tasks]; zero except at candidate tokens."""
+        lengths = lengths_of(offsets)
+        idx = local_index(offsets)
+        n_ctx = torch.repeat_interleave(lengths - num_candidates, lengths)
+        group = token_groups(self.cfg, idx, n_ctx)
+        x = tokens
+        for layer in self.layers:
+            x = layer.forward_jagged(x, group, offsets, num_candidates, timestamps, impl=impl)
+        scores = self.heads(self.final_norm(x, group))
+        return scores * (idx >= n_ctx).unsqueeze(-1).to(scores.dtype)
+
+
+@dataclass
+class Batch:
+    """Raw requests of B users: ids are embedding rows, ``*_offsets`` are [B+1] jagged offsets."""
+
+    profile: torch.Tensor  # [B, n_profile] int64, one id per profile table
+    history: dict[str, torch.Tensor]  # table -> [Th] int64
+    history_time: torch.Tensor  # [Th] int64 seconds
+    history_offsets: torch.Tensor  # [B+1]
+    candidates: dict[str, torch.Tensor]  # table -> [Tc] int64
+    candidate_offsets: torch.Tensor  # [B+1]
+    cross: torch.Tensor  # [Tc, cross_features] float
+    request_time: torch.Tensor  # [B] int64
+
+    @property
+    def users(self) -> int:
+        return int(self.request_time.numel())
+
+
+@dataclass
+class Tokens:
+    """A jagged token batch: the dense model's input."""
+
+    tokens: torch.Tensor  # [T, D]
+    offsets: torch.Tensor  # [B+1]
+    num_candidates: torch.Tensor  # [B]
+    timestamps: torch.Tensor  # [T]
+
+
+class TokenProjector(nn.Module):
+    """Looked-up embeddings -> d_model tokens, one projection per token kind."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.profile = nn.ModuleDict({name: nn.Linear(cfg.table_dim(name), cfg.d_model) for name in cfg.profile})
+        self.history = nn.Linear(sum(cfg.table_dim(n) for n in cfg.history), cfg.d_model)
+        self.candidate = nn.Linear(sum(cfg.table_dim(n) for n in cfg.candidate) + cfg.cross_features, cfg.d_model)
+
+    def forward(self, batch: Batch, tables: Tables) -> Tokens:
+        cfg = self.cfg
+        dtype = self.history.weight.dtype
+        prof = [self.profile[n](tables.lookup(n, batch.profile[:, i]).to(dtype)) for i, n in enumerate(cfg.profile)]
+        hist = self.history(torch.cat([tables.lookup(n, batch.history[n]).to(dtype) for n in cfg.history], -1))
+        cand_parts = [tables.lookup(n, batch.candidates[n]).to(dtype) for n in cfg.candidate]
+        cand = self.candidate(torch.cat([*cand_parts, batch.cross.to(dtype)], -1))
+        pieces, times, sizes = [], [], []
+        ho, co = batch.history_offsets.tolist(), batch.candidate_offsets.tolist()
+        for b in range(batch.users):
+            user_prof = [p[b : b + 1] for p in prof]
+            n_c = co[b + 1] - co[b]
+            pieces += [*user_prof, hist[ho[b] : ho[b + 1]], cand[co[b] : co[b + 1]]]
+            now = batch.request_time[b : b + 1]
+            times += [now.expand(len(user_prof)), batch.history_time[ho[b] : ho[b + 1]], now.expand(n_c)]
+            sizes.append(len(user_prof) + ho[b + 1] - ho[b] + n_c)
+        offsets = torch.zeros(batch.users + 1, dtype=torch.int64)
+        offsets[1:] = torch.tensor(sizes, dtype=torch.int64).cumsum(0)
+        return Tokens(
+            tokens=torch.cat(pieces),
+            offsets=offsets,
+            num_candidates=lengths_of(batch.candidate_offsets),
+            timestamps=torch.cat(times).to(torch.int64),
+        )
+
+
+class GRModel(nn.Module):
+    """The whole model: tables -> tokens -> dense. ``forward`` returns [Tc, tasks] candidate scores."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.projector = TokenProjector(cfg)
+        self.dense = GRDense(cfg)
+
+    def forward(self, batch: Batch, tables: Tables, impl: str = "pytorch") -> torch.Tensor:
+        tok = self.projector(batch, tables)
+        scores = self.dense.forward_jagged(tok.tokens, tok.offsets, tok.num_candidates, tok.timestamps, impl=impl)
+        idx = local_index(tok.offsets)
+        n_ctx = torch.repeat_interleave(lengths_of(tok.offsets) - tok.num_candidates, lengths_of(tok.offsets))
+        return scores[idx >= n_ctx]

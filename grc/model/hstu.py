@@ -1,0 +1,98 @@
+"""The HSTU layer (Zhai et al., ICML 2024) with MTGR's group layer norm.
+
+    x_hat = GroupLayerNorm(x, kind)                 # separate affine per token kind (MTGR)
+    U, V, Q, K = split(SiLU(x_hat W1 + b1))          # one fused projection
+    A = pointwise attention (see attention.py)      # SiLU, no softmax, /N, masked
+    y = x + (LayerNorm(A V) * U) W2 + b2
+One code path per layout: ``forward_padded`` (what ONNX export traces) and ``forward_jagged``
+(canonical, dispatches attention to the kernels' op). Both call the same projection and output
+code, so they can only differ in the attention itself, which tests compare.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from grc.model.attention import hstu_attention_padded
+from grc.model.kernel_ops import hstu_attention_jagged, norm_gate
+from grc.spec.schema import HSTUConfig
+
+
+class GroupLayerNorm(nn.Module):
+    """LayerNorm whose scale and shift are chosen per token kind (profile / history / candidate)."""
+
+    def __init__(self, dim: int, groups: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(groups, dim))
+        self.bias = nn.Parameter(torch.zeros(groups, dim))
+
+    def forward(self, x: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+        normed = F.layer_norm(x, x.shape[-1:], eps=self.eps)
+        return normed * self.weight[group] + self.bias[group]
+
+
+class HSTULayer(nn.Module):
+    def __init__(self, d_model: int, cfg: HSTUConfig, groups: int):
+        super().__init__()
+        self.cfg = cfg
+        self.norm_in = GroupLayerNorm(d_model, groups, cfg.eps)
+        self.uvqk = nn.Linear(d_model, 2 * cfg.linear_dim + 2 * cfg.attention_dim)
+        self.pos_w = nn.Parameter(torch.zeros(cfg.num_heads, 2 * cfg.position_buckets - 1))
+        self.ts_w = nn.Parameter(torch.zeros(cfg.num_heads, cfg.time_buckets))
+        self.norm_attn = nn.LayerNorm(cfg.linear_dim, eps=cfg.eps)
+        self.out = nn.Linear(cfg.linear_dim, d_model)
+
+    def _project(self, x: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x [..., D] -> u [..., Lv], and q, k [..., H, Dqk], v [..., H, Dv]."""
+        c = self.cfg
+        uvqk = F.silu(self.uvqk(self.norm_in(x, group)))
+        u, v, q, k = torch.split(uvqk, [c.linear_dim, c.linear_dim, c.attention_dim, c.attention_dim], dim=-1)
+        lead = x.shape[:-1]
+        heads = (c.num_heads,)
+        return (
+            u,
+            q.reshape(*lead, *heads, c.head_qk),
+            k.reshape(*lead, *heads, c.head_qk),
+            v.reshape(*lead, *heads, c.head_v),
+        )
+
+    def _finish(self, x: torch.Tensor, attn: torch.Tensor, u: torch.Tensor, impl: str) -> torch.Tensor:
+        attn = attn.reshape(*attn.shape[:-2], self.cfg.linear_dim)
+        gated = norm_gate(attn, u, self.norm_attn.weight, self.norm_attn.bias, self.cfg.eps, impl=impl)
+        return x + self.out(gated)
+
+    def forward_padded(
+        self,
+        x: torch.Tensor,
+        group: torch.Tensor,
+        lengths: torch.Tensor,
+        num_candidates: torch.Tensor,
+        timestamps: torch.Tensor,
+    ) -> torch.Tensor:
+        c = self.cfg
+        u, q, k, v = self._project(x, group)
+        attn = hstu_attention_padded(
+            q, k, v, lengths, num_candidates, timestamps, self.pos_w, self.ts_w,
+            c.scale, float(c.max_seq_len), c.history_mask == "causal",
+        )
+        return self._finish(x, attn, u, impl="pytorch")
+
+    def forward_jagged(
+        self,
+        x: torch.Tensor,
+        group: torch.Tensor,
+        offsets: torch.Tensor,
+        num_candidates: torch.Tensor,
+        timestamps: torch.Tensor,
+        impl: str = "pytorch",
+    ) -> torch.Tensor:
+        c = self.cfg
+        u, q, k, v = self._project(x, group)
+        attn = hstu_attention_jagged(
+            q, k, v, offsets, timestamps, num_candidates, self.pos_w, self.ts_w,
+            c.scale, float(c.max_seq_len), c.history_mask == "causal", impl=impl,
+        )
+        return self._finish(x, attn, u, impl=impl)

@@ -1,0 +1,15 @@
+"""The stages, in data-flow order. Each module declares one ``STAGE``; the graph wires them."""
+
+from __future__ import annotations
+
+from grc.stages import weights
+from grc.stages.base import Stage
+
+STAGES: list[Stage] = [weights.STAGE]
+
+
+def stage_named(name: str) -> Stage:
+    for stage in STAGES:
+        if stage.name == name:
+            return stage
+    raise KeyError(f"no stage named {name!r}; stages: {', '.join(s.name for s in STAGES)}")

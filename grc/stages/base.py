@@ -1,0 +1,49 @@
+"""What a stage is: a name, the spec fields it reads, the stages whose outputs it reads, the code
+it runs, and a function that writes its output folder. The graph (grc/build/graph.py) turns these
+declarations into doit tasks; a stage never looks at anything it did not declare."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from grc.spec.loader import LoadedSpec
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class Context:
+    """What a running stage may touch: its spec, its inputs' folders, and its own (temporary) output."""
+
+    loaded: LoadedSpec
+    out: Path  # a fresh temporary folder; installed atomically when the stage returns
+    inputs: dict[str, Path]  # upstream stage name -> its installed output folder
+    console: Console
+
+    @property
+    def spec(self):  # type: ignore[no-untyped-def]
+        return self.loaded.spec
+
+    def log(self, message: str) -> None:
+        self.console.print(f"  [dim]{message}[/dim]")
+
+    def input_manifest(self, stage: str) -> dict[str, Any]:
+        return json.loads((self.inputs[stage] / MANIFEST).read_text())
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    output: str  # folder under artifacts/<spec name>/
+    reads: tuple[str, ...]  # dotted spec paths whose values decide the output
+    inputs: tuple[str, ...]  # upstream stages
+    code: tuple[str, ...]  # source files/folders (relative to the repo) whose content decides the output
+    run: Callable[[Context], dict[str, Any]]  # writes ctx.out, returns the manifest
+    doc: str = ""
+    enabled: Callable[[Any], bool] = field(default=lambda spec: True)
