@@ -31,7 +31,8 @@ def candidate_mask(lengths: torch.Tensor, num_candidates: torch.Tensor, n: int, 
     n_ctx = (lengths - num_candidates).view(-1, 1, 1)
     history_rule = (j <= i) if causal else (j < n_ctx)
     candidate_rule = (j < n_ctx) | (j == i)
-    rule = torch.where(i >= n_ctx, candidate_rule, history_rule)
+    is_candidate = i >= n_ctx
+    rule = (is_candidate & candidate_rule) | (~is_candidate & history_rule)  # a bool Where has no ORT kernel
     return rule & (i < length) & (j < length)
 
 

@@ -34,14 +34,40 @@ class GroupLayerNorm(nn.Module):
         return normed * self.weight[group] + self.bias[group]
 
 
+class PointwiseAttention(nn.Module):
+    """Holds the relative-bias tables; a module of its own so the exported ONNX nodes of the
+    attention share one name scope (``...attention``), which graph surgery fuses into one node."""
+
+    def __init__(self, cfg: HSTUConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.pos_w = nn.Parameter(torch.zeros(cfg.num_heads, 2 * cfg.position_buckets - 1))
+        self.ts_w = nn.Parameter(torch.zeros(cfg.num_heads, cfg.time_buckets))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
+                num_candidates: torch.Tensor, timestamps: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        return hstu_attention_padded(
+            q, k, v, lengths, num_candidates, timestamps, self.pos_w, self.ts_w,
+            c.scale, float(c.max_seq_len), c.history_mask == "causal",
+        )
+
+    def jagged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor,
+               num_candidates: torch.Tensor, timestamps: torch.Tensor, impl: str) -> torch.Tensor:
+        c = self.cfg
+        return hstu_attention_jagged(
+            q, k, v, offsets, timestamps, num_candidates, self.pos_w, self.ts_w,
+            c.scale, float(c.max_seq_len), c.history_mask == "causal", impl=impl,
+        )
+
+
 class HSTULayer(nn.Module):
     def __init__(self, d_model: int, cfg: HSTUConfig, groups: int):
         super().__init__()
         self.cfg = cfg
         self.norm_in = GroupLayerNorm(d_model, groups, cfg.eps)
         self.uvqk = nn.Linear(d_model, 2 * cfg.linear_dim + 2 * cfg.attention_dim)
-        self.pos_w = nn.Parameter(torch.zeros(cfg.num_heads, 2 * cfg.position_buckets - 1))
-        self.ts_w = nn.Parameter(torch.zeros(cfg.num_heads, cfg.time_buckets))
+        self.attention = PointwiseAttention(cfg)
         self.norm_attn = nn.LayerNorm(cfg.linear_dim, eps=cfg.eps)
         self.out = nn.Linear(cfg.linear_dim, d_model)
 
@@ -72,12 +98,8 @@ class HSTULayer(nn.Module):
         num_candidates: torch.Tensor,
         timestamps: torch.Tensor,
     ) -> torch.Tensor:
-        c = self.cfg
         u, q, k, v = self._project(x, group)
-        attn = hstu_attention_padded(
-            q, k, v, lengths, num_candidates, timestamps, self.pos_w, self.ts_w,
-            c.scale, float(c.max_seq_len), c.history_mask == "causal",
-        )
+        attn = self.attention(q, k, v, lengths, num_candidates, timestamps)
         return self._finish(x, attn, u, impl="pytorch")
 
     def forward_jagged(
@@ -89,10 +111,6 @@ class HSTULayer(nn.Module):
         timestamps: torch.Tensor,
         impl: str = "pytorch",
     ) -> torch.Tensor:
-        c = self.cfg
         u, q, k, v = self._project(x, group)
-        attn = hstu_attention_jagged(
-            q, k, v, offsets, timestamps, num_candidates, self.pos_w, self.ts_w,
-            c.scale, float(c.max_seq_len), c.history_mask == "causal", impl=impl,
-        )
+        attn = self.attention.jagged(q, k, v, offsets, num_candidates, timestamps, impl)
         return self._finish(x, attn, u, impl=impl)

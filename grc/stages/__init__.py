@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from grc.stages import weights
+from grc.stages import export, surgery, verify, weights
 from grc.stages.base import Stage
 
-STAGES: list[Stage] = [weights.STAGE]
+STAGES: list[Stage] = [weights.STAGE, export.STAGE, surgery.STAGE, verify.STAGE]
 
 
 def stage_named(name: str) -> Stage:

@@ -1,0 +1,1 @@
+"""Runtimes that execute grc artifacts: onnxruntime (CPU) with grc's custom ops."""

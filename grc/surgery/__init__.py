@@ -1,0 +1,1 @@
+"""Graph surgery: onnx-graphsurgeon passes that fuse the exported graph for engines."""
