@@ -94,4 +94,4 @@ def to_float32(rows: np.ndarray, st_dtype: str) -> torch.Tensor:
     """Rows read from a memmap -> float32 tensor (BF16 bits are widened exactly)."""
     if st_dtype == "BF16":
         return torch.from_numpy((rows.astype(np.uint32) << 16).view(np.float32))
-    return torch.from_numpy(np.asarray(rows, dtype=np.float32))
+    return torch.from_numpy(np.array(rows, dtype=np.float32))  # a writable copy, never the map itself

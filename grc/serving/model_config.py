@@ -40,7 +40,8 @@ def data_type(name: str) -> int:
     try:
         return int(pb.DataType.Value(key))
     except ValueError as exc:
-        known = ", ".join(n.removeprefix("TYPE_") for n in pb.DataType.keys() if n != "TYPE_INVALID")
+        names = [value.name for value in pb.DataType.DESCRIPTOR.values if value.name != "TYPE_INVALID"]
+        known = ", ".join(name.removeprefix("TYPE_") for name in names)
         raise ModelConfigError(f"unknown Triton data type {name!r}; known: {known}") from exc
 
 

@@ -1,0 +1,83 @@
+"""Shared fixtures: real specs copied to tmp folders, real builds through doit, built once per worker."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SPECS = REPO / "specs"
+TEST_SPECS = Path(__file__).parent / "specs"
+
+
+def write_spec(folder: Path, base: Path, overrides: dict[str, Any] | None = None, name: str | None = None) -> Path:
+    """Copy ``base`` (resolving nothing: extends stays relative) with deep-merged overrides."""
+    data = yaml.safe_load(base.read_text())
+    for key, value in (overrides or {}).items():
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / (name or base.name)
+    out.write_text(yaml.safe_dump(data, sort_keys=False))
+    return out
+
+
+@contextlib.contextmanager
+def in_dir(folder: Path) -> Iterator[None]:
+    old = Path.cwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def run_build(spec: Path, jobs: int = 1, only: list[str] | None = None, expect_ok: bool = True) -> dict[str, str]:
+    """Build in-process through doit, from the spec's folder (artifacts/ beside it, relative paths,
+    as a user in a checkout would); return {task: status} of this run."""
+    from grc.build.progress import RECORDS
+    from grc.build.runner import build
+    from grc.spec.loader import load_spec
+
+    with in_dir(spec.parent):
+        loaded = load_spec(spec.name)
+        code = build(loaded, Path("artifacts") / loaded.spec.name, jobs=jobs, only=only)
+    statuses = {name: rec.get("status", "?") for name, rec in RECORDS.items()}
+    if expect_ok and code != 0:
+        raise AssertionError(f"build failed ({code}): {dict(RECORDS)}")
+    return statuses
+
+
+@pytest.fixture(scope="session")
+def built_tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """hstu-tiny built once per worker: (spec path, artifacts folder). Copy before mutating."""
+    folder = tmp_path_factory.mktemp("tiny")
+    spec = write_spec(folder, SPECS / "hstu-tiny.yaml")
+    run_build(spec)
+    return spec, folder / "artifacts"
+
+
+@pytest.fixture(scope="session")
+def built_mtgr_tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("mtgr_tiny")
+    spec = write_spec(folder, TEST_SPECS / "mtgr-tiny.yaml")
+    run_build(spec)
+    return spec, folder / "artifacts"
+
+
+@pytest.fixture
+def tiny_copy(built_tiny: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
+    """A private copy of the built hstu-tiny (spec + artifacts) that a test may edit and rebuild."""
+    spec, artifacts = built_tiny
+    shutil.copytree(spec.parent, tmp_path / "w")
+    return tmp_path / "w" / spec.name, tmp_path / "w" / "artifacts"
