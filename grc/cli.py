@@ -76,9 +76,17 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_cache(args: argparse.Namespace) -> None:
+    from grc.cache.config import configure
+
+    configure(enabled=False if args.no_cache else None, directory=args.cache_dir, remote=args.remote_cache,
+              read_only=True if args.remote_read_only else None)
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from grc.build.runner import build
 
+    _configure_cache(args)
     loaded = _load(args)
     return build(loaded, _root(args, loaded), jobs=args.jobs, wait=args.wait, only=args.only)
 
@@ -96,6 +104,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"{mark} {row.task:<16} {row.state}")
         for reason in row.reasons:
             print(f"    {reason}")
+        if args.keys:
+            for part, digest in sorted(row.parts.items()):
+                print(f"      key part {part} = {digest}")
+            print("      key part input:<stage> = digest of each input stage's manifest (known when it runs)")
     return 0
 
 
@@ -142,6 +154,24 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from grc.cache import admin
+    from grc.cache.store import LocalStore, default_dir
+
+    store = LocalStore(args.cache_dir or default_dir())
+    if args.action == "stats":
+        s = admin.stats(store)
+        print(f"{store.root}: {s.records} action records, {s.objects} objects, {s.object_bytes / 2**20:.1f} MiB")
+    elif args.action == "prune":
+        removed, freed = admin.prune(store, admin.parse_size(args.max_size))
+        print(f"pruned {removed} action records, freed {freed / 2**20:.1f} MiB")
+    else:
+        bad = admin.verify(store)
+        print(f"{len(bad)} corrupt objects removed" if bad else "every object matches its digest")
+        return 1 if bad else 0
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="grc",
@@ -160,6 +190,7 @@ def parser() -> argparse.ArgumentParser:
         ("graph", "print the stage graph (text, dot or mermaid)", cmd_graph),
         ("clean", "remove a spec's artifacts", cmd_clean),
     ]
+    # keyed-cache help lives with `build`; `cache` maintains the store
     for name, help_text, fn in commands:
         p = sub.add_parser(name, help=help_text, description=help_text)
         _spec_arg(p)
@@ -169,12 +200,27 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--wait", type=float, default=600.0,
                            help="seconds to wait for another build of the same spec (default 600)")
             p.add_argument("only", nargs="*", help="build only these stages (and what they need)")
+            p.add_argument("--cache-dir", type=Path, help="local build cache (default $GRC_CACHE_DIR or ~/.cache/grc)")
+            p.add_argument("--no-cache", action="store_true", help="neither restore from nor save to the cache")
+            p.add_argument("--remote-cache", metavar="URL", help="HTTP store: GET/PUT/HEAD URL/cas/<digest>, URL/ac/<key>")
+            p.add_argument("--remote-read-only", action="store_true", help="download from the remote store, never upload")
         if name == "plan":
             p.add_argument("--json", action="store_true", help="machine-readable output")
+            p.add_argument("--keys", action="store_true", help="also list every part of each task's cache key")
         if name == "graph":
             p.add_argument("--format", choices=("text", "dot", "mermaid"), default="text")
     p = sub.add_parser("schema", help="print the spec's JSON Schema", description="print the spec's JSON Schema")
     p.set_defaults(fn=cmd_schema)
+    p = sub.add_parser("cache", help="inspect and maintain the local build cache",
+                       description="stats: objects and records; prune: shrink to --max-size (LRU); "
+                       "verify: re-hash every object and drop corrupt ones")
+    p.add_argument("action", choices=("stats", "prune", "verify"))
+    p.add_argument("--max-size", default="10G", help="prune target, e.g. 500M, 10G (default 10G)")
+    p.add_argument("--cache-dir", type=Path, help="default $GRC_CACHE_DIR or ~/.cache/grc")
+    p.set_defaults(fn=cmd_cache)
+    from grc.deploy.cli import add_deploy_commands
+
+    add_deploy_commands(sub)
     return top
 
 
@@ -185,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     except GrcError as exc:
         print(f"error: {exc}" if not hasattr(exc, "problems") else str(exc), file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # `grc plan | head`
+        return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -13,6 +13,9 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+# Builds in tests start cold unless a test turns the build cache on with its own folder: a
+# shared ~/.cache/grc would turn "built" into "restored" depending on which test ran first.
+os.environ["GRC_CACHE"] = "off"
 SPECS = REPO / "specs"
 TEST_SPECS = Path(__file__).parent / "specs"
 

@@ -43,7 +43,8 @@ class Stage:
     output: str  # folder under artifacts/<spec name>/
     reads: tuple[str, ...]  # dotted spec paths whose values decide the output
     inputs: tuple[str, ...]  # upstream stages
-    code: tuple[str, ...]  # source files/folders (relative to the repo) whose content decides the output
     run: Callable[[Context], dict[str, Any]]  # writes ctx.out, returns the manifest
+    toolkits: tuple[str, ...] = ()  # distributions whose version shapes the output (part of the key)
+    code: tuple[str, ...] = ()  # non-Python sources it uses (Python imports are found automatically)
     doc: str = ""
     enabled: Callable[[Any], bool] = field(default=lambda spec: True)

@@ -70,6 +70,7 @@ def export_onnx(dense: GRDense, path: Path, opset: int, users: int, threshold_by
     if program is None:
         raise StageError("export: torch.onnx.export returned no program")
     model = program.model_proto
+    strip_paths(model)
     size = sum(len(t.raw_data) for t in model.graph.initializer)
     external = size > threshold_bytes
     onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
@@ -77,6 +78,15 @@ def export_onnx(dense: GRDense, path: Path, opset: int, users: int, threshold_by
     onnx.checker.check_model(str(path), full_check=True)  # the path form handles > 2 GB models
     onnx.shape_inference.infer_shapes_path(str(path), str(path))
     return onnx.load(str(path), load_external_data=False)
+
+
+def strip_paths(model: onnx.ModelProto) -> None:
+    """Drop the exporter's Python stack traces: they hold this checkout's absolute paths, and the
+    same inputs must give the same bytes in any clone (the build cache relies on it)."""
+    for node in model.graph.node:
+        keep = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+        del node.metadata_props[:]
+        node.metadata_props.extend(keep)
 
 
 def signature(model: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
@@ -122,7 +132,7 @@ STAGE = Stage(
     output="onnx",
     reads=("model", "export"),
     inputs=("weights",),
-    code=("grc/stages/export.py", "grc/model"),
+    toolkits=("torch", "onnx", "onnxscript"),
     run=run,
     doc="dense model -> ONNX (padded layout, dynamic users/tokens), checked and shape-inferred",
 )

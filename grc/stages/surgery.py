@@ -84,7 +84,7 @@ STAGE = Stage(
     output="surgery",
     reads=("surgery", "model.hstu"),
     inputs=("export",),
-    code=("grc/stages/surgery.py", "grc/surgery"),
+    toolkits=("onnx", "onnx-graphsurgeon", "onnxruntime"),
     run=run,
     doc="onnx-graphsurgeon passes: fuse HSTU attention into grc::HSTUAttention, norms, cleanup",
 )

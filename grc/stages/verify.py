@@ -76,7 +76,7 @@ STAGE = Stage(
     output="verify",
     reads=("verify", "model"),
     inputs=("weights", "export", "surgery"),
-    code=("grc/stages/verify.py", "grc/compare.py", "grc/runtime", "grc/model"),
+    toolkits=("torch", "onnxruntime", "onnxruntime-extensions"),
     run=run,
     doc="onnxruntime (exported and surgeried ONNX) vs PyTorch float64 on fresh random requests",
 )

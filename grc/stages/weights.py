@@ -34,7 +34,7 @@ STAGE = Stage(
     output="weights",
     reads=("model", "weights"),
     inputs=(),
-    code=("grc/stages/weights.py", "grc/weights.py", "grc/safetensors_io.py", "grc/model"),
+    toolkits=("torch", "safetensors", "numpy"),
     run=run,
     doc="seeded init or checkpoint import -> sharded safetensors + manifest.json",
 )

@@ -1,0 +1,1 @@
+"""The build graph: stages -> doit tasks, fingerprints, atomic outputs, the runner."""

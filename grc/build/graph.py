@@ -1,0 +1,131 @@
+"""Stages -> doit task dicts. Explicit dicts, no magic: what doit sees is what ``grc graph`` prints.
+
+Per stage task:
+  file_dep  the manifests of its input stages (small files; big artifacts are fingerprinted once,
+            by the stage that wrote them, inside its manifest)
+  targets   its own manifest (written last, so a half-built folder is never trusted)
+  uptodate  the digests of exactly the spec leaves and source files it reads
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from doit.exceptions import TaskFailed
+from rich.console import Console
+
+from grc.build.atomic import install, temp_dir_for
+from grc.build.fingerprint import spec_fields
+from grc.cache.config import open_cache
+from grc.cache.key import action_key, code_digests, input_digests, toolkit_digests
+from grc.cache.store import Events
+from grc.errors import GrcError
+from grc.spec.loader import LoadedSpec
+from grc.stages import STAGES, stage_named
+from grc.stages.base import MANIFEST, Context, Stage
+
+
+def active_stages(loaded: LoadedSpec) -> list[Stage]:
+    return [s for s in STAGES if s.enabled(loaded.spec)]
+
+
+def fingerprint(stage: Stage, loaded: LoadedSpec) -> dict[str, str]:
+    """Everything but the inputs that decides a stage's output: spec leaves, code, toolkits."""
+    data = loaded.spec.model_dump(mode="json")
+    return {**spec_fields(data, stage.reads), **code_digests(stage.run.__module__, stage.code),
+            **toolkit_digests(stage.toolkits)}
+
+
+class FieldsUpToDate:
+    """doit ``uptodate`` callable: the digests saved by the last successful run equal today's."""
+
+    def __init__(self, fields: dict[str, str]):
+        self.fields = fields
+
+    def __call__(self, task: Any, values: dict[str, Any]) -> bool:
+        return values.get("fields") == self.fields
+
+
+def execute(stage_name: str, loaded: LoadedSpec, root: Path, fields: dict[str, str]) -> dict[str, Any] | TaskFailed:
+    """The doit action of every stage: run into a temp folder, write the manifest last, swap in."""
+    from grc.build.progress import CONSOLE, record_outputs
+
+    stage = stage_named(stage_name)
+    final = root / stage.output
+    tmp = temp_dir_for(final)
+    inputs = {name: root / stage_named(name).output for name in stage.inputs}
+    key = action_key(stage.name, {**fields, **input_digests(inputs)})
+    cache, events = open_cache(), Events()
+    started = time.perf_counter()
+    if cache is not None and _restore(cache, key, tmp, final, events):
+        CONSOLE.print(f"  [dim]{stage.name}: restored from the build cache (key {key[:12]})[/]")
+        record_outputs(stage.name, final, time.perf_counter() - started, restored=True, key=key, events=events.log)
+        return {"fields": fields, "key": key}
+    ctx = Context(loaded=loaded, out=tmp, inputs=inputs, console=CONSOLE)
+    try:
+        manifest = stage.run(ctx)
+        manifest = {"stage": stage.name, "spec": loaded.spec.name, **manifest}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        install(tmp, final)
+    except GrcError as exc:
+        _discard(tmp, final)
+        return TaskFailed(str(exc))
+    except Exception as exc:  # an unexpected failure: keep the traceback for the report
+        _discard(tmp, final)
+        return TaskFailed(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+    if cache is not None:
+        cache.save(key, stage.name, final, _known_digests(manifest), events)
+    record_outputs(stage.name, final, time.perf_counter() - started, key=key, events=events.log)
+    return {"fields": fields, "key": key}
+
+
+def _restore(cache: Any, key: str, tmp: Path, final: Path, events: Events) -> bool:
+    record = cache.lookup(key, events)
+    if record is None:
+        return False
+    if not cache.restore(record, tmp, events):
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        return False
+    install(tmp, final)
+    return True
+
+
+def _known_digests(manifest: dict[str, Any]) -> dict[str, str]:
+    """Digests a stage computed while writing (weights shards, ONNX files): never hash GBs twice."""
+    known = {s["file"]: s["sha256"] for s in manifest.get("shards", [])}
+    known.update({k: v for k, v in (manifest.get("sha256") or {}).items() if isinstance(v, str)})
+    return known
+
+
+def _discard(tmp: Path, final: Path) -> None:
+    """A failed stage leaves no output: neither its partial one nor the previous one, which no
+    longer matches the spec and inputs (a stale "verify passed" report would be a lie)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(final, ignore_errors=True)
+
+
+def task_dicts(loaded: LoadedSpec, root: Path) -> list[dict[str, Any]]:
+    tasks = []
+    names = {s.name for s in active_stages(loaded)}
+    for stage in active_stages(loaded):
+        fields = fingerprint(stage, loaded)
+        deps = [str(root / stage_named(i).output / MANIFEST) for i in stage.inputs if i in names]
+        out = root / stage.output
+        tasks.append({
+            "basename": stage.name,
+            "doc": stage.doc,
+            "actions": [(execute, [stage.name, loaded, root, fields])],
+            "file_dep": deps,
+            "task_dep": [i for i in stage.inputs if i in names],
+            "targets": [str(out / MANIFEST)],
+            "uptodate": [FieldsUpToDate(fields)],
+            "clean": [(shutil.rmtree, [str(out), True])],
+            "verbosity": 2,
+        })
+    return tasks

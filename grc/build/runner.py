@@ -1,0 +1,141 @@
+"""Run the graph through doit's Python API; explain staleness; write the build report.
+
+doit's state lives in ``artifacts/<spec>/.doit.db`` with the sqlite3 backend: it commits each
+task's result in a transaction, so a killed build never corrupts it (``dbm.dumb`` can), and it is
+safe with ``-j N`` because we run tasks in threads of one process, and only that process writes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from doit.cmd_base import TaskLoader2
+from doit.dependency import Dependency, MD5Checker, SqliteDB
+from doit.doit_cmd import DoitMain
+from doit.task import Task, dict_to_task
+from rich.table import Table
+
+from grc.build.atomic import sweep
+from grc.build.fingerprint import changed
+from grc.build.graph import fingerprint, task_dicts
+from grc.build.lock import BuildLock
+from grc.build.progress import CONSOLE, RECORDS, Reporter
+from grc.spec.loader import LoadedSpec
+from grc.stages import stage_named
+
+DB_NAME = ".doit.db"
+REPORT = "build-report.json"
+
+
+def _tasks(loaded: LoadedSpec, root: Path) -> list[Task]:
+    out = []
+    for d in task_dicts(loaded, root):
+        d = dict(d)
+        d["name"] = d.pop("basename")
+        out.append(dict_to_task(d))
+    return out
+
+
+class _Loader(TaskLoader2):
+    def __init__(self, tasks: list[Task], dep_file: Path):
+        super().__init__()
+        self.tasks = tasks
+        self.dep_file = dep_file
+
+    def setup(self, opt_values: dict[str, Any]) -> None:
+        pass
+
+    def load_doit_config(self) -> dict[str, Any]:
+        return {"dep_file": str(self.dep_file), "backend": "sqlite3", "reporter": Reporter, "verbosity": 2}
+
+    def load_tasks(self, cmd: Any, pos_args: list[str]) -> list[Task]:
+        return self.tasks
+
+
+def doit_main(loaded: LoadedSpec, root: Path) -> DoitMain:
+    root.mkdir(parents=True, exist_ok=True)
+    return DoitMain(_Loader(_tasks(loaded, root), root / DB_NAME), config_filenames=())
+
+
+def build(loaded: LoadedSpec, root: Path, jobs: int = 1, wait: float = 600.0, only: list[str] | None = None) -> int:
+    """Run every stale task (or ``only`` these and what they need). Returns doit's exit code."""
+    def waiting(holder: str) -> None:
+        CONSOLE.print(f"[yellow]another build of {loaded.spec.name} is running (pid {holder}); waiting...[/]")
+
+    with BuildLock(root, wait, waiting):
+        for leftover in sweep(root):
+            CONSOLE.print(f"[dim]removed leftover of an interrupted build: {leftover}[/]")
+        RECORDS.clear()
+        started = time.perf_counter()
+        args = ["run", "-n", str(max(jobs, 1)), "-P", "thread", *(only or [])]
+        code = doit_main(loaded, root).run(args)
+        total = time.perf_counter() - started
+        _write_report(loaded, root, code, total)
+    _print_summary(loaded, total, code)
+    return code
+
+
+def _write_report(loaded: LoadedSpec, root: Path, code: int, total: float) -> None:
+    report = {
+        "spec": loaded.spec.name,
+        "spec_files": [str(p) for p in loaded.files],
+        "ok": code == 0,
+        "seconds": round(total, 3),
+        "tasks": {name: RECORDS[name] for name in sorted(RECORDS)},
+    }
+    (root / REPORT).write_text(json.dumps(report, indent=1) + "\n")
+
+
+def _print_summary(loaded: LoadedSpec, total: float, code: int) -> None:
+    table = Table(title=f"grc build {loaded.spec.name}: {'ok' if code == 0 else 'FAILED'} in {total:.2f}s")
+    for col in ("task", "status", "seconds", "outputs"):
+        table.add_column(col)
+    for name, rec in RECORDS.items():
+        outs = rec.get("outputs", [])
+        size = sum(o["bytes"] for o in outs)
+        table.add_row(name, rec.get("status", "?"), f"{rec.get('seconds', 0):.2f}",
+                      f"{len(outs)} files, {size / 2**20:.1f} MiB" if outs else "")
+    CONSOLE.print(table)
+
+
+@dataclass
+class PlanRow:
+    task: str
+    state: str  # "up to date" | "stale" | "waits"
+    reasons: list[str]
+    parts: dict[str, str]  # what the task's key hashes (inputs are added when it runs)
+
+
+def plan(loaded: LoadedSpec, root: Path) -> list[PlanRow]:
+    """Per task: up to date, or why it would run. Runs nothing, writes nothing."""
+    tasks = _tasks(loaded, root)
+    by_name = {t.name: t for t in tasks}
+    db = root / DB_NAME
+    dep = Dependency(SqliteDB, str(db), checker_cls=MD5Checker) if db.exists() else None
+    rows: list[PlanRow] = []
+    stale: set[str] = set()
+    for task in tasks:
+        stage = stage_named(task.name)
+        old = dep.get_values(task.name).get("fields") if dep else None
+        parts = fingerprint(stage, loaded)
+        reasons = [f"{k} changed" if k != "(never built)" else k for k in changed(old, parts)]
+        if dep:
+            status = dep.get_status(task, by_name, get_log=True)
+            reasons += [f"output missing: {Path(t).relative_to(root)}" for t in status.reasons.get("missing_target", [])]
+            reasons += [f"input changed: {Path(f).relative_to(root)}" for f in status.reasons.get("changed_file_dep", [])]
+        upstream = [i for i in task.task_dep if i in stale]
+        if reasons:
+            rows.append(PlanRow(task.name, "stale", reasons, parts))
+            stale.add(task.name)
+        elif upstream:
+            rows.append(PlanRow(task.name, "waits", [f"reruns if the output of {', '.join(upstream)} changes"], parts))
+            stale.add(task.name)
+        else:
+            rows.append(PlanRow(task.name, "up to date", [], parts))
+    if dep:
+        dep.close()
+    return rows

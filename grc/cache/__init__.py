@@ -1,0 +1,1 @@
+"""The content-addressed build cache: keys per task, a local store, an HTTP remote store."""
