@@ -43,7 +43,9 @@ def test_noop_build_runs_nothing(tiny_copy: tuple[Path, Path]) -> None:
 def test_weights_field_reruns_weights_and_downstream(tiny_copy: tuple[Path, Path]) -> None:
     spec, _ = tiny_copy
     _edit(spec, "weights.init.seed", 99)
-    assert _ran(run_build(spec)) == ALL
+    statuses = run_build(spec)
+    assert set(ALL) <= set(_ran(statuses))  # weights and everything downstream of it
+    assert statuses["plugins"] == "up to date"  # reads no weights
 
 
 def test_surgery_passes_rerun_surgery_and_verify_only(tiny_copy: tuple[Path, Path]) -> None:
@@ -53,13 +55,14 @@ def test_surgery_passes_rerun_surgery_and_verify_only(tiny_copy: tuple[Path, Pat
         rows = {r.task: r for r in plan(load_spec(spec.name), Path("artifacts/hstu-tiny"))}
     assert rows["surgery"].state == "stale" and "surgery.passes changed" in rows["surgery"].reasons
     assert rows["export"].state == "up to date" and rows["weights"].state == "up to date"
-    assert _ran(run_build(spec)) == ["surgery", "verify"]
+    ran = _ran(run_build(spec))
+    assert {"surgery", "verify"} <= set(ran) and not {"weights", "export"} & set(ran)
 
 
 def test_verify_tolerance_reruns_verify_only(tiny_copy: tuple[Path, Path]) -> None:
     spec, _ = tiny_copy
     _edit(spec, "verify.export", {"max_abs": 2.0e-5, "max_rel": 1.0e-4})
-    assert _ran(run_build(spec)) == ["verify"]
+    assert _ran(run_build(spec)) == ["verify"]  # nothing reads verify's output
 
 
 def test_deleted_output_is_rebuilt(tiny_copy: tuple[Path, Path]) -> None:

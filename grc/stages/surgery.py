@@ -7,15 +7,16 @@ each pass's log, and every fusion with the names of the nodes it replaced.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import onnx
-import onnx_graphsurgeon as gs
 from rich.table import Table
 
 from grc.stages.base import Context, Stage
 from grc.stages.export import DATA, MODEL, file_digests
-from grc.surgery.passes import PASSES, PLUGIN_NAMESPACE, PassContext
+
+if TYPE_CHECKING:
+    import onnx
+    import onnx_graphsurgeon as gs
 
 SCOPE_KEY = "pkg.torch.onnx.name_scopes"
 
@@ -37,6 +38,11 @@ def op_counts(graph: gs.Graph) -> dict[str, int]:
 
 
 def run(ctx: Context) -> dict[str, Any]:
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    from grc.surgery.passes import PASSES, PLUGIN_NAMESPACE, PassContext
+
     spec = ctx.spec
     src = ctx.inputs["export"] / MODEL
     model = onnx.load(str(src))

@@ -8,23 +8,24 @@ with the table of figures.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-
-from grc.compare import Figure, compare, format_figures
 from grc.errors import StageError
-from grc.model.gr import GRModel, Tokens
-from grc.model.jagged import lengths_of, to_jagged, to_padded
-from grc.model.sample import random_batch
-from grc.runtime.ort import session
 from grc.stages.base import Context, Stage
 from grc.stages.export import MODEL
-from grc.weights import load_model, open_tables
+
+if TYPE_CHECKING:  # torch and onnxruntime load only when the stage runs
+    import numpy as np
+
+    from grc.compare import Figure
+    from grc.model.gr import GRModel, Tokens
 
 
 def padded_feeds(tok: Tokens) -> dict[str, np.ndarray]:
+    import torch
+
+    from grc.model.jagged import lengths_of, to_padded
+
     lengths = lengths_of(tok.offsets)
     n = int(lengths.max())
     return {
@@ -36,11 +37,21 @@ def padded_feeds(tok: Tokens) -> dict[str, np.ndarray]:
 
 
 def reference(model: GRModel, tok: Tokens) -> np.ndarray:
+    import torch
+
     with torch.no_grad():
         return model.dense.forward_jagged(tok.tokens, tok.offsets, tok.num_candidates, tok.timestamps).numpy()
 
 
 def run(ctx: Context) -> dict[str, Any]:
+    import torch
+
+    from grc.compare import compare, format_figures
+    from grc.model.jagged import to_jagged
+    from grc.model.sample import random_batch
+    from grc.runtime.ort import session
+    from grc.weights import load_model, open_tables
+
     spec = ctx.spec
     cfg = spec.model
     model = load_model(cfg, ctx.inputs["weights"]).double()

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from grc.stages.base import Context, Stage
-from grc.weights import import_checkpoint, write_init
 
 
 def run(ctx: Context) -> dict[str, Any]:
+    from grc.weights import import_checkpoint, write_init  # torch: only when the stage runs
+
     spec = ctx.spec
     source = spec.weights.source
     last = [-1]
