@@ -1,16 +1,15 @@
 """The model's door to ``kernels/``: one call per op, ``impl="pytorch" | "triton"``.
 
-The padded attention in attention.py is what export traces; the jagged ops here are what the
-canonical model runs, on the kernels' PyTorch reference (CPU) or their Triton kernels (GPU).
+The padded attention in attention.py is what ONNX export traces; the jagged ops here are what the
+canonical model runs: the kernels' plain PyTorch reference (``impl="pytorch"``, any device and
+dtype, float64 included) or the ``torch.ops.grc.*`` custom ops (``impl="triton"``: Triton kernels
+on CUDA, the reference elsewhere). Two independent formulations of one function, so the model's
+jagged == padded test also checks the kernels' reference against the exported math.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-
-from grc.model.attention import hstu_attention_padded
-from grc.model.jagged import lengths_of
 
 
 def hstu_attention_jagged(
@@ -27,23 +26,16 @@ def hstu_attention_jagged(
     causal: bool,
     impl: str = "pytorch",
 ) -> torch.Tensor:
-    """[T, H, D] jagged attention; users never see each other's tokens."""
-    if impl != "pytorch":
-        raise NotImplementedError(f"impl {impl!r}")
-    out = []
-    lengths = lengths_of(offsets)
-    for b in range(lengths.numel()):
-        lo, hi = int(offsets[b]), int(offsets[b + 1])
-        one = hstu_attention_padded(
-            q[None, lo:hi], k[None, lo:hi], v[None, lo:hi], lengths[b : b + 1], num_candidates[b : b + 1],
-            timestamps[None, lo:hi], pos_w, ts_w, alpha, norm, causal,
-        )
-        out.append(one[0])
-    return torch.cat(out) if out else v.new_zeros(v.shape)
+    """[T, H, Dv] jagged attention; users never see each other's tokens."""
+    from kernels import hstu_attention  # imports triton: only when a model actually runs
+
+    return hstu_attention(q, k, v, offsets, timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal, impl=impl)
 
 
 def norm_gate(
     a: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, impl: str = "pytorch"
 ) -> torch.Tensor:
-    """LayerNorm(a) * u."""
-    return F.layer_norm(a, a.shape[-1:], weight, bias, eps) * u
+    """LayerNorm(a) * u over the last dim."""
+    from kernels import norm_gate as kernel_norm_gate
+
+    return kernel_norm_gate(a, u, weight, bias, eps, impl=impl)
