@@ -1,8 +1,8 @@
 """Plain doit entry point: the same tasks ``grc build`` runs, with the same state database.
 
-    doit -f dodo.py spec=specs/hstu-tiny.yaml            # build
-    doit -f dodo.py spec=specs/hstu-tiny.yaml list       # the tasks
-    doit -f dodo.py spec=specs/hstu-tiny.yaml info verify
+doit -f dodo.py spec=specs/hstu-tiny.yaml            # build
+doit -f dodo.py spec=specs/hstu-tiny.yaml list       # the tasks
+doit -f dodo.py spec=specs/hstu-tiny.yaml info verify
 """
 
 from __future__ import annotations

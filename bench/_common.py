@@ -18,8 +18,13 @@ RESULTS = REPO / "bench" / "results"
 
 def clone(dest: Path) -> Path:
     """The files a fresh clone holds (tracked + untracked-not-ignored)."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     for rel in files:
         if (REPO / rel).is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -46,8 +51,12 @@ def interpreter_startup(cwd: Path) -> float:
 
 def write_result(name: str, data: dict) -> Path:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    data = {"date": datetime.date.today().isoformat(), "commit": commit.stdout.strip() or "uncommitted",
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores (CPU only)", **data}
+    data = {
+        "date": datetime.date.today().isoformat(),
+        "commit": commit.stdout.strip() or "uncommitted",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores (CPU only)",
+        **data,
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(data, indent=1) + "\n")

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import clone, grc, interpreter_startup, write_result  # noqa: E402
+from _common import clone, grc, interpreter_startup, write_result
 
 
 def main() -> None:
@@ -28,8 +28,14 @@ def main() -> None:
             spec = f"specs/{name}.yaml"
             full = grc(["build", spec], work, env)
             noop = min(grc(["build", spec], work, env) for _ in range(3))
-            rows.append({"spec": name, "full_s": round(full, 2), "noop_s": round(noop, 3),
-                         "noop_beyond_startup_s": round(noop - startup, 3)})
+            rows.append(
+                {
+                    "spec": name,
+                    "full_s": round(full, 2),
+                    "noop_s": round(noop, 3),
+                    "noop_beyond_startup_s": round(noop - startup, 3),
+                }
+            )
     print(f"interpreter start-up: {startup:.3f} s")
     print(f"{'spec':<12} {'full build':>11} {'no-op build':>12} {'no-op - start-up':>17}")
     for r in rows:

@@ -13,10 +13,10 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, clone, grc, write_result  # noqa: E402
+from _common import REPO, clone, grc, write_result
 
 sys.path.insert(0, str(REPO))
-from grc.cache.nginx import NginxStore  # noqa: E402
+from grc.cache.nginx import NginxStore
 
 
 def main() -> None:

@@ -43,6 +43,8 @@ def format_figures(figures: list[Figure]) -> str:
     lines = [f"{'backend':<10} {'case':<26} {'output':<8} {'max_abs':>10} {'max_rel':>10}  tolerance (abs/rel)"]
     for f in figures:
         mark = "ok" if f.ok else "FAIL"
-        lines.append(f"{f.backend:<10} {f.case:<26} {f.output:<8} {f.max_abs:>10.3e} {f.max_rel:>10.3e}  "
-                     f"{f.tol_abs:.1e}/{f.tol_rel:.1e} {mark}")
+        lines.append(
+            f"{f.backend:<10} {f.case:<26} {f.output:<8} {f.max_abs:>10.3e} {f.max_rel:>10.3e}  "
+            f"{f.tol_abs:.1e}/{f.tol_rel:.1e} {mark}"
+        )
     return "\n".join(lines)

@@ -26,8 +26,9 @@ class PaddedDense(nn.Module):
         super().__init__()
         self.dense = dense
 
-    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor, num_candidates: torch.Tensor,
-                timestamps: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, lengths: torch.Tensor, num_candidates: torch.Tensor, timestamps: torch.Tensor
+    ) -> torch.Tensor:
         return self.dense.forward_padded(tokens, lengths, num_candidates, timestamps)
 
 
@@ -48,14 +49,25 @@ def export_onnx(dense: GRDense, path: Path, opset: int, users: int, threshold_by
     cfg = dense.cfg
     users_dim = torch.export.Dim("users", min=1, max=4096)
     tokens_dim = torch.export.Dim("tokens", min=2, max=cfg.hstu.max_seq_len)
-    dynamic = {"tokens": {0: users_dim, 1: tokens_dim}, "lengths": {0: users_dim},
-               "num_candidates": {0: users_dim}, "timestamps": {0: users_dim, 1: tokens_dim}}
+    dynamic = {
+        "tokens": {0: users_dim, 1: tokens_dim},
+        "lengths": {0: users_dim},
+        "num_candidates": {0: users_dim},
+        "timestamps": {0: users_dim, 1: tokens_dim},
+    }
     args = sample_inputs(cfg.d_model, max(users, 2), min(8, cfg.hstu.max_seq_len))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's axis-renaming chatter
         program = torch.onnx.export(
-            PaddedDense(dense).eval(), args, dynamo=True, opset_version=opset, optimize=True,
-            input_names=list(INPUTS), output_names=list(OUTPUTS), dynamic_shapes=dynamic, verbose=False,
+            PaddedDense(dense).eval(),
+            args,
+            dynamo=True,
+            opset_version=opset,
+            optimize=True,
+            input_names=list(INPUTS),
+            output_names=list(OUTPUTS),
+            dynamic_shapes=dynamic,
+            verbose=False,
         )
     if program is None:
         raise StageError("export: torch.onnx.export returned no program")
@@ -63,8 +75,14 @@ def export_onnx(dense: GRDense, path: Path, opset: int, users: int, threshold_by
     strip_paths(model)
     size = sum(len(t.raw_data) for t in model.graph.initializer)
     external = size > threshold_bytes
-    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=DATA, size_threshold=1024)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=DATA,
+        size_threshold=1024,
+    )
     onnx.checker.check_model(str(path), full_check=True)  # the path form handles > 2 GB models
     onnx.shape_inference.infer_shapes_path(str(path), str(path))
     return onnx.load(str(path), load_external_data=False)
@@ -85,8 +103,7 @@ def signature(model: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
         for v in values:
             t = v.type.tensor_type
             dims = [d.dim_param or d.dim_value for d in t.shape.dim]
-            out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
-                        "shape": dims})
+            out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims})
         return out
 
     return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}

@@ -61,7 +61,7 @@ def write_streaming(path: Path, entries: Iterable[TensorEntry], metadata: dict[s
     return digest.hexdigest()
 
 
-def _write_tensor(fh: BinaryIO, entry: TensorEntry, digest: "hashlib._Hash") -> None:
+def _write_tensor(fh: BinaryIO, entry: TensorEntry, digest: hashlib._Hash) -> None:
     tensor = entry.produce().contiguous()
     want = DTYPES[entry.dtype][0]
     if tensor.dtype != want or tuple(tensor.shape) != entry.shape:

@@ -63,8 +63,14 @@ def _write(entries: list[TensorEntry], out: Path, cfg: WeightsConfig, meta: dict
         kind = "embedding" if e.name.startswith("tables.") else "dense"
         counts[kind] += _numel(e.shape)
     counts["total"] = counts["dense"] + counts["embedding"]
-    return {"format": "grc-weights/1", **meta, "block_rows": cfg.table_block_rows, "parameters": counts,
-            "shards": manifest_shards, "tensors": tensors}
+    return {
+        "format": "grc-weights/1",
+        **meta,
+        "block_rows": cfg.table_block_rows,
+        "parameters": counts,
+        "shards": manifest_shards,
+        "tensors": tensors,
+    }
 
 
 def _numel(shape: tuple[int, ...] | list[int]) -> int:
@@ -74,8 +80,9 @@ def _numel(shape: tuple[int, ...] | list[int]) -> int:
     return n
 
 
-def write_init(model: ModelConfig, cfg: WeightsConfig, init: InitConfig, out: Path,
-               progress: Progress | None = None) -> dict:
+def write_init(
+    model: ModelConfig, cfg: WeightsConfig, init: InitConfig, out: Path, progress: Progress | None = None
+) -> dict:
     """Seeded random weights; one tensor in memory at a time, so peak memory ~ the largest block."""
     params = all_params(model, cfg.table_block_rows)
 
@@ -119,8 +126,9 @@ def _lazy_safetensor(file: Path, key: str) -> Callable[[], torch.Tensor]:
     return load
 
 
-def import_checkpoint(model: ModelConfig, cfg: WeightsConfig, out: Path, base: Path,
-                      progress: Progress | None = None) -> dict:
+def import_checkpoint(
+    model: ModelConfig, cfg: WeightsConfig, out: Path, base: Path, progress: Progress | None = None
+) -> dict:
     """Map a checkpoint onto grc names; list every missing / unexpected / misshapen key, then fail."""
     assert cfg.checkpoint is not None
     path = cfg.checkpoint if cfg.checkpoint.is_absolute() else base / cfg.checkpoint
@@ -129,7 +137,7 @@ def import_checkpoint(model: ModelConfig, cfg: WeightsConfig, out: Path, base: P
     for key, load in source.items():
         for old, new in cfg.key_map.items():
             if key.startswith(old):
-                key = new + key[len(old):]
+                key = new + key[len(old) :]
                 break
         renamed[key] = load
     params = all_params(model, cfg.table_block_rows)
@@ -167,10 +175,12 @@ def import_checkpoint(model: ModelConfig, cfg: WeightsConfig, out: Path, base: P
     return _write(loaded, out, cfg, {"source": {"checkpoint": str(path), "key_map": cfg.key_map}}, progress)
 
 
-def _slice(load: Callable[[], torch.Tensor], rows: tuple[int, int] | None, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+def _slice(
+    load: Callable[[], torch.Tensor], rows: tuple[int, int] | None, dtype: torch.dtype
+) -> Callable[[], torch.Tensor]:
     def produce() -> torch.Tensor:
         tensor = load()
-        return (tensor[rows[0]:rows[1]] if rows else tensor).to(dtype).contiguous()
+        return (tensor[rows[0] : rows[1]] if rows else tensor).to(dtype).contiguous()
 
     return produce
 

@@ -81,6 +81,6 @@ def built_mtgr_tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
 @pytest.fixture
 def tiny_copy(built_tiny: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
     """A private copy of the built hstu-tiny (spec + artifacts) that a test may edit and rebuild."""
-    spec, artifacts = built_tiny
+    spec, _ = built_tiny
     shutil.copytree(spec.parent, tmp_path / "w")
     return tmp_path / "w" / spec.name, tmp_path / "w" / "artifacts"

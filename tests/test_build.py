@@ -76,19 +76,31 @@ def test_deleted_output_is_rebuilt(tiny_copy: tuple[Path, Path]) -> None:
 
 def test_plain_doit_sees_the_same_state(tiny_copy: tuple[Path, Path]) -> None:
     spec, _ = tiny_copy
-    out = subprocess.run([sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py"), "-d", ".", f"spec={spec.name}"],
-                         cwd=spec.parent, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    out = subprocess.run(
+        [sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py"), "-d", ".", f"spec={spec.name}"],
+        cwd=spec.parent,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert out.returncode == 0, out.stderr
     assert "-- weights" in out.stdout and "-- verify" in out.stdout  # "--" is doit's up-to-date mark
 
 
 def _big_weights_spec(folder: Path) -> Path:
     """mtgr-tiny with a 128M-parameter table: weights take seconds, so a kill lands mid-write."""
-    return write_spec(folder, TEST_SPECS / "mtgr-tiny.yaml", {
-        "model.tables": {**yaml.safe_load((TEST_SPECS / "mtgr-tiny.yaml").read_text())["model"]["tables"],
-                         "item": {"vocab_size": 8_000_000}},
-        "weights.shard_size_mb": 64, "weights.table_block_rows": 1 << 19,
-    })
+    return write_spec(
+        folder,
+        TEST_SPECS / "mtgr-tiny.yaml",
+        {
+            "model.tables": {
+                **yaml.safe_load((TEST_SPECS / "mtgr-tiny.yaml").read_text())["model"]["tables"],
+                "item": {"vocab_size": 8_000_000},
+            },
+            "weights.shard_size_mb": 64,
+            "weights.table_block_rows": 1 << 19,
+        },
+    )
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -98,8 +110,13 @@ def _digests(folder: Path) -> dict[str, str]:
 def test_sigkill_mid_write_is_recovered_with_identical_outputs(tmp_path: Path) -> None:
     spec = _big_weights_spec(tmp_path / "a")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "grc.cli", "build", spec.name, "weights"], cwd=spec.parent,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "grc.cli", "build", spec.name, "weights"],
+        cwd=spec.parent,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     root = spec.parent / "artifacts" / "mtgr-tiny"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # wait until shards are being written, then kill
@@ -128,9 +145,16 @@ def test_second_concurrent_build_waits_then_fails_clearly(tmp_path: Path) -> Non
     root = tmp_path / "artifacts" / "x"
     with BuildLock(root, wait_seconds=0):
         out = subprocess.run(
-            [sys.executable, "-c", "from pathlib import Path; from grc.build.lock import BuildLock\n"
-             f"with BuildLock(Path({str(root)!r}), wait_seconds=0.5): pass"],
-            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+            [
+                sys.executable,
+                "-c",
+                "from pathlib import Path; from grc.build.lock import BuildLock\n"
+                f"with BuildLock(Path({str(root)!r}), wait_seconds=0.5): pass",
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
         assert out.returncode != 0 and "another build of this spec is running" in out.stderr
     with BuildLock(root, wait_seconds=0):  # released: a new holder gets it at once
         pass
@@ -147,8 +171,16 @@ def test_parallel_build_of_two_specs_in_one_folder(tmp_path: Path) -> None:
     a = write_spec(tmp_path, TEST_SPECS / "mtgr-tiny.yaml", {"name": "one"}, name="one.yaml")
     b = write_spec(tmp_path, TEST_SPECS / "mtgr-tiny.yaml", {"name": "two", "weights.init.seed": 4}, name="two.yaml")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    procs = [subprocess.Popen([sys.executable, "-m", "grc.cli", "build", s.name, "weights", "-j", "2"],
-                              cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True) for s in (a, b)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "grc.cli", "build", s.name, "weights", "-j", "2"],
+            cwd=tmp_path,
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for s in (a, b)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err

@@ -21,8 +21,13 @@ SKIP_FILES = {"build-report.json", ".doit.db", ".build.lock"}
 
 def _clone(dest: Path) -> Path:
     """What a fresh clone holds: the tracked and untracked-but-not-ignored files of this checkout."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     for rel in files:
         if (REPO / rel).is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -30,16 +35,31 @@ def _clone(dest: Path) -> Path:
     return dest
 
 
-def _build(clone: Path, cache: Path | None, remote: str | None = None, read_only: bool = False,
-           spec: str = "specs/hstu-tiny.yaml") -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(clone), "GRC_CACHE": "on" if cache else "off",
-           "GRC_CACHE_DIR": str(cache or clone / "no-cache")}
+def _build(
+    clone: Path,
+    cache: Path | None,
+    remote: str | None = None,
+    read_only: bool = False,
+    spec: str = "specs/hstu-tiny.yaml",
+) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(clone),
+        "GRC_CACHE": "on" if cache else "off",
+        "GRC_CACHE_DIR": str(cache or clone / "no-cache"),
+    }
     env.pop("GRC_REMOTE_CACHE", None)
     if remote:
         env["GRC_REMOTE_CACHE"] = remote
     env["GRC_REMOTE_CACHE_READ_ONLY"] = "1" if read_only else "0"
-    out = subprocess.run([sys.executable, "-m", "grc.cli", "build", spec], cwd=clone, env=env,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "grc.cli", "build", spec],
+        cwd=clone,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((clone / "artifacts" / "hstu-tiny" / "build-report.json").read_text())
     return {name: rec["status"] for name, rec in report["tasks"].items()}
@@ -47,8 +67,11 @@ def _build(clone: Path, cache: Path | None, remote: str | None = None, read_only
 
 def _files(clone: Path) -> dict[str, bytes]:
     root = clone / "artifacts" / "hstu-tiny"
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name not in SKIP_FILES}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name not in SKIP_FILES
+    }
 
 
 def _objects(store: Path) -> list[Path]:
@@ -72,10 +95,20 @@ def world(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-
     stores = {n: base / f"store-{n}" for n in ("S", "S2", "S3")}
     with NginxStore(base / "nginx") as url:
         a, b, d, e = (_clone(base / n) for n in "abde")
-        runs = {"a": _build(a, stores["S"]), "b": _build(b, stores["S"]),
-                "d": _build(d, stores["S2"], url), "e": _build(e, stores["S3"], url, read_only=True)}
-        yield {"base": base, "url": url, "stores": stores, "clones": {"a": a, "b": b, "d": d, "e": e},
-               "runs": runs, "nginx_store": base / "nginx" / "store"}
+        runs = {
+            "a": _build(a, stores["S"]),
+            "b": _build(b, stores["S"]),
+            "d": _build(d, stores["S2"], url),
+            "e": _build(e, stores["S3"], url, read_only=True),
+        }
+        yield {
+            "base": base,
+            "url": url,
+            "stores": stores,
+            "clones": {"a": a, "b": b, "d": d, "e": e},
+            "runs": runs,
+            "nginx_store": base / "nginx" / "store",
+        }
 
 
 def test_second_clone_runs_nothing_and_restores_identical_bytes(world) -> None:  # type: ignore[no-untyped-def]
@@ -98,8 +131,11 @@ def test_remote_store_alone_restores_everything(world) -> None:  # type: ignore[
 def test_read_only_remote_never_uploads(world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     clone = world["clones"]["e"]
     spec = clone / "specs" / "hstu-tiny.yaml"
-    spec.write_text(spec.read_text().replace("max_abs: 1.0e-5, max_rel: 1.0e-4}\n  surgery",
-                                             "max_abs: 2.0e-5, max_rel: 1.0e-4}\n  surgery"))
+    spec.write_text(
+        spec.read_text().replace(
+            "max_abs: 1.0e-5, max_rel: 1.0e-4}\n  surgery", "max_abs: 2.0e-5, max_rel: 1.0e-4}\n  surgery"
+        )
+    )
     before = sorted(p.name for p in (world["nginx_store"] / "ac").rglob("*"))
     runs = _build(clone, tmp_path / "fresh", world["url"], read_only=True)
     assert runs["verify"] == "built" and runs["export"] == "up to date"
@@ -138,8 +174,14 @@ def test_corrupt_remote_object_is_discarded(world, tmp_path: Path) -> None:  # t
 
 def _plan(clone: Path) -> dict[str, dict]:
     env = {**os.environ, "PYTHONPATH": str(clone)}
-    out = subprocess.run([sys.executable, "-m", "grc.cli", "plan", "specs/hstu-tiny.yaml", "--json"], cwd=clone,
-                         env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "grc.cli", "plan", "specs/hstu-tiny.yaml", "--json"],
+        cwd=clone,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return {row["task"]: row for row in json.loads(out.stdout)}
 
 

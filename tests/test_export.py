@@ -54,8 +54,13 @@ def test_surgeried_graph_holds_one_fused_node_per_layer(built_mtgr_tiny: tuple[P
     replaced = {name for f in report["fusions"] for name in f["replaced"]}
     left = {n.name for n in model.graph.node}
     assert replaced and not (replaced & left)
-    equations = {onnx.helper.get_attribute_value(a).decode() for n in model.graph.node if n.op_type == "Einsum"
-                 for a in n.attribute if a.name == "equation"}
+    equations = {
+        onnx.helper.get_attribute_value(a).decode()
+        for n in model.graph.node
+        if n.op_type == "Einsum"
+        for a in n.attribute
+        if a.name == "equation"
+    }
     assert not (equations & ATTENTION_EQUATIONS)
     ops = {n.op_type for n in model.graph.node}
     assert not ops & {"Where", "Clip", "LessOrEqual", "Or", "Abs"}  # mask and bias ops are gone
@@ -92,8 +97,9 @@ def _dropped_time_bias(node) -> None:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("corrupt", [_wrong_alpha, _dropped_time_bias], ids=["wrong-alpha", "dropped-bias"])
-def test_sabotaged_surgery_fails_verify_with_figures(built_mtgr_tiny: tuple[Path, Path], tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch, corrupt) -> None:  # type: ignore[no-untyped-def]
+def test_sabotaged_surgery_fails_verify_with_figures(
+    built_mtgr_tiny: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, corrupt
+) -> None:  # type: ignore[no-untyped-def]
     spec, _ = built_mtgr_tiny
     shutil.copytree(spec.parent, tmp_path / "w")
     spec = tmp_path / "w" / spec.name
@@ -120,8 +126,13 @@ def test_polygraphy_inspects_and_runs_the_artifacts(built_mtgr_tiny: tuple[Path,
     env = {**os.environ, "POLYGRAPHY_AUTOINSTALL_DEPS": "0"}
     polygraphy = [sys.executable, "-m", "polygraphy"] if False else [shutil.which("polygraphy") or "polygraphy"]
     for stage in ("onnx", "surgery"):
-        out = subprocess.run([*polygraphy, "inspect", "model", str(root / stage / "model.onnx"), "--show", "layers"],
-                             capture_output=True, text=True, env=env, cwd=REPO)
+        out = subprocess.run(
+            [*polygraphy, "inspect", "model", str(root / stage / "model.onnx"), "--show", "layers"],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=REPO,
+        )
         assert out.returncode == 0, out.stderr
         assert ("HSTUAttention" in out.stdout) == (stage == "surgery")
     model = load_model(cfg, root / "weights").double()
@@ -130,9 +141,22 @@ def test_polygraphy_inspects_and_runs_the_artifacts(built_mtgr_tiny: tuple[Path,
         tok = model.projector(random_batch(cfg, 2, 9, 3, gen), open_tables(cfg, root / "weights"))
     feeds = padded_feeds(tok)
     save_json([feeds], str(tmp_path / "inputs.json"))
-    out = subprocess.run([*polygraphy, "run", str(root / "onnx" / "model.onnx"), "--onnxrt",
-                          "--load-inputs", str(tmp_path / "inputs.json"), "--save-outputs", str(tmp_path / "out.json")],
-                         capture_output=True, text=True, env=env, cwd=REPO)
+    out = subprocess.run(
+        [
+            *polygraphy,
+            "run",
+            str(root / "onnx" / "model.onnx"),
+            "--onnxrt",
+            "--load-inputs",
+            str(tmp_path / "inputs.json"),
+            "--save-outputs",
+            str(tmp_path / "out.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     from polygraphy.comparator import RunResults
 

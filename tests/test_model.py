@@ -23,7 +23,10 @@ def _model(spec_path, seed: int):  # type: ignore[no-untyped-def]
     model = model.double().eval()
     gen = torch.Generator().manual_seed(seed)
     tables = Tables.from_tensors(
-        {t: torch.randn(c.vocab_size, cfg.table_dim(t), generator=gen, dtype=torch.float64) for t, c in cfg.tables.items()},
+        {
+            t: torch.randn(c.vocab_size, cfg.table_dim(t), generator=gen, dtype=torch.float64)
+            for t, c in cfg.tables.items()
+        },
         block_rows=100,  # several blocks per table, so lookups cross block boundaries
     )
     return cfg, model, tables
@@ -42,8 +45,12 @@ def test_jagged_equals_padded(setup) -> None:  # type: ignore[no-untyped-def]
         tok = model.projector(batch, tables)
         lengths = lengths_of(tok.offsets)
         n = int(lengths.max()) + 3  # extra padding must not matter
-        padded = model.dense.forward_padded(to_padded(tok.tokens, tok.offsets, n), lengths, tok.num_candidates,
-                                            to_padded(tok.timestamps, tok.offsets, n))
+        padded = model.dense.forward_padded(
+            to_padded(tok.tokens, tok.offsets, n),
+            lengths,
+            tok.num_candidates,
+            to_padded(tok.timestamps, tok.offsets, n),
+        )
         jagged = model.dense.forward_jagged(tok.tokens, tok.offsets, tok.num_candidates, tok.timestamps)
     assert jagged.abs().max() > 0.01
     torch.testing.assert_close(to_jagged(padded, tok.offsets), jagged, rtol=1e-12, atol=1e-12)
@@ -88,7 +95,9 @@ def test_history_does_change_scores(setup) -> None:  # type: ignore[no-untyped-d
     batch = random_batch(cfg, 1, 10, 3, gen)
     with torch.no_grad():
         before = model(batch, tables)
-        batch.history[cfg.history[0]][0] = (batch.history[cfg.history[0]][0] + 1) % cfg.tables[cfg.history[0]].vocab_size
+        batch.history[cfg.history[0]][0] = (batch.history[cfg.history[0]][0] + 1) % cfg.tables[
+            cfg.history[0]
+        ].vocab_size
         after = model(batch, tables)
     assert (before - after).abs().max() > 1e-9
 

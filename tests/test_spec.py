@@ -24,36 +24,63 @@ def _errors(tmp_path: Path, text: str, capsys: pytest.CaptureFixture[str], name:
 
 CASES = [
     # (what is wrong, edit applied to a valid spec, expected fragment with its line)
-    ("typo in a key", ("    num_layers: 3", "    num_layer: 3"),
-     ":8: model.hstu.num_layer: unknown key; did you mean 'num_layers'?"),
-    ("heads do not divide dims", ("    num_heads: 2", "    num_heads: 5"),
-     ":9: model.hstu.num_heads: must divide attention_dim 32 (got 5)"),
+    (
+        "typo in a key",
+        ("    num_layers: 3", "    num_layer: 3"),
+        ":8: model.hstu.num_layer: unknown key; did you mean 'num_layers'?",
+    ),
+    (
+        "heads do not divide dims",
+        ("    num_heads: 2", "    num_heads: 5"),
+        ":9: model.hstu.num_heads: must divide attention_dim 32 (got 5)",
+    ),
     ("wrong enum value", ("  kind: mtgr", "  kind: mtgrr"), ":4: model.kind: expected 'hstu' or 'mtgr' (got 'mtgrr')"),
     ("wrong type", ("  d_model: 32", "  d_model: wide"), ":5: model.d_model: expected a valid integer"),
-    ("non-positive size", ("    user: {vocab_size: 500}", "    user: {vocab_size: 0}"),
-     ":16: model.tables.user.vocab_size: expected greater than 0 (got 0)"),
-    ("unknown table named", ("  history: [item, category, action]", "  history: [item, categroy, action]"),
-     ":22: model.history[1]: names table 'categroy', which model.tables does not define; did you mean 'category'?"),
-    ("bad mask", ("    time_buckets: 20", "    time_buckets: 20\n    history_mask: casual"),
-     ":15: model.hstu.history_mask: expected 'causal' or 'full' (got 'casual')"),
+    (
+        "non-positive size",
+        ("    user: {vocab_size: 500}", "    user: {vocab_size: 0}"),
+        ":16: model.tables.user.vocab_size: expected greater than 0 (got 0)",
+    ),
+    (
+        "unknown table named",
+        ("  history: [item, category, action]", "  history: [item, categroy, action]"),
+        ":22: model.history[1]: names table 'categroy', which model.tables does not define; did you mean 'category'?",
+    ),
+    (
+        "bad mask",
+        ("    time_buckets: 20", "    time_buckets: 20\n    history_mask: casual"),
+        ":15: model.hstu.history_mask: expected 'causal' or 'full' (got 'casual')",
+    ),
     ("typo in a section", ("weights:", "weigths:"), ":27: weigths: unknown key; did you mean 'weights'?"),
-    ("bad surgery pass", ("weights:", "surgery:\n  passes: [fold_constants, fuse_everything]\nweights:"),
-     ":28: surgery.passes[1]: expected 'fold_constants'"),
-    ("init and checkpoint both", ("  init: {seed: 3}", "  init: {seed: 3}\n  checkpoint: x.safetensors"),
-     "weights.checkpoint: give either init or checkpoint, not both"),
-    ("bad tolerance", ("  export: {max_abs: 1.0e-5, max_rel: 1.0e-4}", "  export: {max_abs: -1, max_rel: 1.0e-4}"),
-     ":31: verify.export.max_abs: expected greater than 0 (got -1)"),
+    (
+        "bad surgery pass",
+        ("weights:", "surgery:\n  passes: [fold_constants, fuse_everything]\nweights:"),
+        ":28: surgery.passes[1]: expected 'fold_constants'",
+    ),
+    (
+        "init and checkpoint both",
+        ("  init: {seed: 3}", "  init: {seed: 3}\n  checkpoint: x.safetensors"),
+        "weights.checkpoint: give either init or checkpoint, not both",
+    ),
+    (
+        "bad tolerance",
+        ("  export: {max_abs: 1.0e-5, max_rel: 1.0e-4}", "  export: {max_abs: -1, max_rel: 1.0e-4}"),
+        ":31: verify.export.max_abs: expected greater than 0 (got -1)",
+    ),
     ("duplicate key", ("  d_model: 32", "  d_model: 32\n  d_model: 64"), ":6: model.d_model: duplicate key"),
-    ("YAML syntax", ("  history: [item, category, action]", "  history: [item, category, action"),
-     ": YAML syntax:"),
-    ("candidates leave no room", ("  max_candidates: 24", "  max_candidates: 200"),
-     "model.max_candidates: 200 + 2 profile tokens leave no room for history within hstu.max_seq_len 96"),
+    ("YAML syntax", ("  history: [item, category, action]", "  history: [item, category, action"), ": YAML syntax:"),
+    (
+        "candidates leave no room",
+        ("  max_candidates: 24", "  max_candidates: 200"),
+        "model.max_candidates: 200 + 2 profile tokens leave no room for history within hstu.max_seq_len 96",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("what", "edit", "expected"), CASES, ids=[c[0] for c in CASES])
-def test_mistake_gives_precise_error(tmp_path: Path, capsys: pytest.CaptureFixture[str], what: str,
-                                     edit: tuple[str, str], expected: str) -> None:
+def test_mistake_gives_precise_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], what: str, edit: tuple[str, str], expected: str
+) -> None:
     old, new = edit
     assert old in GOOD, f"test edit does not apply: {old!r}"
     err = _errors(tmp_path, GOOD.replace(old, new, 1), capsys)

@@ -102,8 +102,9 @@ def test_checkpoint_mismatch_lists_every_key(tmp_path: Path) -> None:
     state["model.dense.heads.w2"] = torch.zeros(3, 3)
     state["model.extra.thing"] = torch.zeros(1)
     save_file(state, str(tmp_path / "c.safetensors"))
-    cfg = SPEC.weights.model_copy(update={"checkpoint": tmp_path / "c.safetensors", "init": None,
-                                          "key_map": {"model.": ""}})
+    cfg = SPEC.weights.model_copy(
+        update={"checkpoint": tmp_path / "c.safetensors", "init": None, "key_map": {"model.": ""}}
+    )
     (tmp_path / "dst").mkdir()
     with pytest.raises(StageError) as err:
         import_checkpoint(SPEC.model, cfg, tmp_path / "dst", tmp_path)

@@ -10,7 +10,6 @@ import json
 from typing import Any
 
 
-
 def _leaves(value: Any, path: str) -> dict[str, str]:
     if isinstance(value, dict):
         out: dict[str, str] = {}

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from doit.exceptions import TaskFailed
-from rich.console import Console
 
 from grc.build.atomic import install, temp_dir_for
 from grc.build.fingerprint import spec_fields
@@ -37,8 +36,11 @@ def active_stages(loaded: LoadedSpec) -> list[Stage]:
 def fingerprint(stage: Stage, loaded: LoadedSpec) -> dict[str, str]:
     """Everything but the inputs that decides a stage's output: spec leaves, code, toolkits."""
     data = loaded.spec.model_dump(mode="json")
-    return {**spec_fields(data, stage.reads), **code_digests(stage.run.__module__, stage.code),
-            **toolkit_digests(stage.toolkits)}
+    return {
+        **spec_fields(data, stage.reads),
+        **code_digests(stage.run.__module__, stage.code),
+        **toolkit_digests(stage.toolkits),
+    }
 
 
 class FieldsUpToDate:
@@ -117,15 +119,17 @@ def task_dicts(loaded: LoadedSpec, root: Path) -> list[dict[str, Any]]:
         fields = fingerprint(stage, loaded)
         deps = [str(root / stage_named(i).output / MANIFEST) for i in stage.inputs if i in names]
         out = root / stage.output
-        tasks.append({
-            "basename": stage.name,
-            "doc": stage.doc,
-            "actions": [(execute, [stage.name, loaded, root, fields])],
-            "file_dep": deps,
-            "task_dep": [i for i in stage.inputs if i in names],
-            "targets": [str(out / MANIFEST)],
-            "uptodate": [FieldsUpToDate(fields)],
-            "clean": [(shutil.rmtree, [str(out), True])],
-            "verbosity": 2,
-        })
+        tasks.append(
+            {
+                "basename": stage.name,
+                "doc": stage.doc,
+                "actions": [(execute, [stage.name, loaded, root, fields])],
+                "file_dep": deps,
+                "task_dep": [i for i in stage.inputs if i in names],
+                "targets": [str(out / MANIFEST)],
+                "uptodate": [FieldsUpToDate(fields)],
+                "clean": [(shutil.rmtree, [str(out), True])],
+                "verbosity": 2,
+            }
+        )
     return tasks

@@ -23,7 +23,7 @@ class BuildLock:
 
     def __enter__(self) -> BuildLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fh = open(self.path, "a+")  # noqa: SIM115 - held for the lifetime of the build
+        self.fh = open(self.path, "a+")
         deadline = time.monotonic() + self.wait_seconds
         told = False
         while True:

@@ -25,8 +25,9 @@ def _file_entry(path: Path, root: Path, known: dict[str, str]) -> dict[str, Any]
     return {"path": str(path.relative_to(root)), "bytes": size, "sha256": digest or "see manifest"}
 
 
-def record_outputs(task: str, folder: Path, seconds: float, restored: bool = False, key: str = "",
-                   events: list[str] | None = None) -> None:
+def record_outputs(
+    task: str, folder: Path, seconds: float, restored: bool = False, key: str = "", events: list[str] | None = None
+) -> None:
     import json
 
     manifest = json.loads((folder / "manifest.json").read_text())

@@ -63,6 +63,7 @@ def doit_main(loaded: LoadedSpec, root: Path) -> DoitMain:
 
 def build(loaded: LoadedSpec, root: Path, jobs: int = 1, wait: float = 600.0, only: list[str] | None = None) -> int:
     """Run every stale task (or ``only`` these and what they need). Returns doit's exit code."""
+
     def waiting(holder: str) -> None:
         CONSOLE.print(f"[yellow]another build of {loaded.spec.name} is running (pid {holder}); waiting...[/]")
 
@@ -97,8 +98,12 @@ def _print_summary(loaded: LoadedSpec, total: float, code: int) -> None:
     for name, rec in RECORDS.items():
         outs = rec.get("outputs", [])
         size = sum(o["bytes"] for o in outs)
-        table.add_row(name, rec.get("status", "?"), f"{rec.get('seconds', 0):.2f}",
-                      f"{len(outs)} files, {size / 2**20:.1f} MiB" if outs else "")
+        table.add_row(
+            name,
+            rec.get("status", "?"),
+            f"{rec.get('seconds', 0):.2f}",
+            f"{len(outs)} files, {size / 2**20:.1f} MiB" if outs else "",
+        )
     CONSOLE.print(table)
 
 
@@ -125,8 +130,12 @@ def plan(loaded: LoadedSpec, root: Path) -> list[PlanRow]:
         reasons = [f"{k} changed" if k != "(never built)" else k for k in changed(old, parts)]
         if dep:
             status = dep.get_status(task, by_name, get_log=True)
-            reasons += [f"output missing: {Path(t).relative_to(root)}" for t in status.reasons.get("missing_target", [])]
-            reasons += [f"input changed: {Path(f).relative_to(root)}" for f in status.reasons.get("changed_file_dep", [])]
+            reasons += [
+                f"output missing: {Path(t).relative_to(root)}" for t in status.reasons.get("missing_target", [])
+            ]
+            reasons += [
+                f"input changed: {Path(f).relative_to(root)}" for f in status.reasons.get("changed_file_dep", [])
+            ]
         upstream = [i for i in task.task_dep if i in stale]
         if reasons:
             rows.append(PlanRow(task.name, "stale", reasons, parts))

@@ -13,8 +13,8 @@ import ast
 import hashlib
 import importlib.metadata
 import json
-from functools import cache
 from collections.abc import Iterator
+from functools import cache
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -92,8 +92,11 @@ def code_digests(module: str, extra: tuple[str, ...]) -> dict[str, str]:
     files = set(import_closure(module))
     for rel in extra:
         path = REPO / rel
-        files.update(p for p in (sorted(path.rglob("*")) if path.is_dir() else [path]) if p.is_file()
-                     and "__pycache__" not in p.parts)
+        files.update(
+            p
+            for p in (sorted(path.rglob("*")) if path.is_dir() else [path])
+            if p.is_file() and "__pycache__" not in p.parts
+        )
     return {f"code:{p.relative_to(REPO)}": hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in sorted(files)}
 
 
@@ -102,8 +105,10 @@ def toolkit_digests(toolkits: tuple[str, ...]) -> dict[str, str]:
 
 
 def input_digests(inputs: dict[str, Path]) -> dict[str, str]:
-    return {f"input:{name}": hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()[:16]
-            for name, folder in sorted(inputs.items())}
+    return {
+        f"input:{name}": hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()[:16]
+        for name, folder in sorted(inputs.items())
+    }
 
 
 def action_key(stage: str, parts: dict[str, str]) -> str:

@@ -70,8 +70,9 @@ class NginxStore:
         user = "user root;" if os.geteuid() == 0 else ""  # workers must write the store we own
         conf = self.root / "nginx.conf"
         conf.write_text(CONF.format(root=self.root, port=self.port, user=user))
-        self.proc = subprocess.Popen([binary, "-c", str(conf), "-p", str(self.root)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            [binary, "-c", str(conf), "-p", str(self.root)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
@@ -81,8 +82,10 @@ class NginxStore:
                 return url  # it answers (403/404 on the bare root is fine)
             except OSError:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"nginx exited: {self.proc.stderr.read().decode() if self.proc.stderr else ''}"
-                                       f" {(self.root / 'error.log').read_text() if (self.root / 'error.log').exists() else ''}") from None
+                    raise RuntimeError(
+                        f"nginx exited: {self.proc.stderr.read().decode() if self.proc.stderr else ''}"
+                        f" {(self.root / 'error.log').read_text() if (self.root / 'error.log').exists() else ''}"
+                    ) from None
                 time.sleep(0.05)
             else:
                 return url

@@ -219,8 +219,9 @@ class Cache:
             try:
                 for f in files:
                     if not self.remote.has_blob(f["sha256"]):
-                        self.remote.put_blob(self.local.verified_blob(f["sha256"], f["bytes"]) or folder / f["path"],
-                                             f["sha256"])
+                        self.remote.put_blob(
+                            self.local.verified_blob(f["sha256"], f["bytes"]) or folder / f["path"], f["sha256"]
+                        )
                 self.remote.put_record(key, record)
                 events.note("uploaded to the remote store")
             except (OSError, urllib.error.URLError) as exc:

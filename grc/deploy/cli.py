@@ -25,9 +25,12 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 def add_deploy_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     text = "serve a built bundle for real: start, wait ready, smoke request vs PyTorch, print endpoints"
-    p = sub.add_parser("deploy", help=text, description=text + "\n\ntargets:\n" +
-                       "\n".join(f"  {k:<8} {v}" for k, v in TARGETS.items()),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "deploy",
+        help=text,
+        description=text + "\n\ntargets:\n" + "\n".join(f"  {k:<8} {v}" for k, v in TARGETS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("spec", nargs="?", default="specs/hstu-tiny.yaml", help="spec YAML (default: specs/hstu-tiny.yaml)")
     p.add_argument("--target", choices=sorted(TARGETS), required=True)
     p.add_argument("--artifacts", default="artifacts", type=Path, help="artifacts folder (default: ./artifacts)")

@@ -44,20 +44,54 @@ class PointwiseAttention(nn.Module):
         self.pos_w = nn.Parameter(torch.zeros(cfg.num_heads, 2 * cfg.position_buckets - 1))
         self.ts_w = nn.Parameter(torch.zeros(cfg.num_heads, cfg.time_buckets))
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
-                num_candidates: torch.Tensor, timestamps: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        lengths: torch.Tensor,
+        num_candidates: torch.Tensor,
+        timestamps: torch.Tensor,
+    ) -> torch.Tensor:
         c = self.cfg
         return hstu_attention_padded(
-            q, k, v, lengths, num_candidates, timestamps, self.pos_w, self.ts_w,
-            c.scale, float(c.max_seq_len), c.history_mask == "causal",
+            q,
+            k,
+            v,
+            lengths,
+            num_candidates,
+            timestamps,
+            self.pos_w,
+            self.ts_w,
+            c.scale,
+            float(c.max_seq_len),
+            c.history_mask == "causal",
         )
 
-    def jagged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor,
-               num_candidates: torch.Tensor, timestamps: torch.Tensor, impl: str) -> torch.Tensor:
+    def jagged(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        offsets: torch.Tensor,
+        num_candidates: torch.Tensor,
+        timestamps: torch.Tensor,
+        impl: str,
+    ) -> torch.Tensor:
         c = self.cfg
         return hstu_attention_jagged(
-            q, k, v, offsets, timestamps, num_candidates, self.pos_w, self.ts_w,
-            c.scale, float(c.max_seq_len), c.history_mask == "causal", impl=impl,
+            q,
+            k,
+            v,
+            offsets,
+            timestamps,
+            num_candidates,
+            self.pos_w,
+            self.ts_w,
+            c.scale,
+            float(c.max_seq_len),
+            c.history_mask == "causal",
+            impl=impl,
         )
 
 

@@ -56,8 +56,13 @@ def parameter_summary(cfg: ModelConfig) -> list[tuple[str, str, int]]:
     """(group, kind, count) rows: one per embedding table, one per dense component, analytic."""
     rows: list[tuple[str, str, int]] = []
     for table, tcfg in sorted(cfg.tables.items()):
-        rows.append((f"tables.{table} ({tcfg.vocab_size:,} x {cfg.table_dim(table)})", "embedding",
-                     tcfg.vocab_size * cfg.table_dim(table)))
+        rows.append(
+            (
+                f"tables.{table} ({tcfg.vocab_size:,} x {cfg.table_dim(table)})",
+                "embedding",
+                tcfg.vocab_size * cfg.table_dim(table),
+            )
+        )
     groups: dict[str, int] = {}
     for p in dense_params(cfg):
         parts = p.name.split(".")

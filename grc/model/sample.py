@@ -30,7 +30,9 @@ def random_batch(cfg: ModelConfig, users: int, history: int, candidates: int, ge
     gaps = (2.0 ** (torch.rand(th, generator=gen) * 21)).to(torch.int64)
     times = torch.repeat_interleave(now, h) - gaps
     return Batch(
-        profile=torch.stack([ids(t, users) for t in cfg.profile], 1) if cfg.profile else torch.zeros(users, 0, dtype=torch.int64),
+        profile=torch.stack([ids(t, users) for t in cfg.profile], 1)
+        if cfg.profile
+        else torch.zeros(users, 0, dtype=torch.int64),
         history={t: ids(t, th) for t in cfg.history},
         history_time=times,
         history_offsets=offsets(h),

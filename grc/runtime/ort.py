@@ -31,15 +31,31 @@ def _register() -> str:
     from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
 
     f, i64 = PyCustomOpDef.dt_float, PyCustomOpDef.dt_int64
-    attrs = {"num_heads": i64, "head_dim_qk": i64, "head_dim_v": i64, "alpha": f, "norm": f, "causal": i64,
-             "position_buckets": i64, "time_buckets": i64}
+    attrs = {
+        "num_heads": i64,
+        "head_dim_qk": i64,
+        "head_dim_v": i64,
+        "alpha": f,
+        "norm": f,
+        "causal": i64,
+        "position_buckets": i64,
+        "time_buckets": i64,
+    }
 
     @onnx_op(op_type=ATTENTION_OP, inputs=[f, f, f, i64, i64, i64, f, f], outputs=[f], attrs=attrs)
     def hstu_attention(q, k, v, lengths, num_candidates, timestamps, pos_w, ts_w, **kw):  # type: ignore[no-untyped-def]
         out = hstu_attention_padded(
-            torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v), torch.from_numpy(lengths),
-            torch.from_numpy(num_candidates), torch.from_numpy(timestamps), torch.from_numpy(pos_w),
-            torch.from_numpy(ts_w), float(kw["alpha"]), float(kw["norm"]), bool(int(kw["causal"])),
+            torch.from_numpy(q),
+            torch.from_numpy(k),
+            torch.from_numpy(v),
+            torch.from_numpy(lengths),
+            torch.from_numpy(num_candidates),
+            torch.from_numpy(timestamps),
+            torch.from_numpy(pos_w),
+            torch.from_numpy(ts_w),
+            float(kw["alpha"]),
+            float(kw["norm"]),
+            bool(int(kw["causal"])),
         )
         return np.ascontiguousarray(out.numpy(), dtype=np.float32)
 

@@ -38,12 +38,12 @@ def _build(node: yaml.Node, path: Path_, where: str, lines: dict[Path_, tuple[st
             if not isinstance(key, str):
                 raise SpecError([f"{where}:{key_node.start_mark.line + 1}: keys must be strings (got {key!r})"])
             if key in out:
-                raise SpecError([f"{where}:{key_node.start_mark.line + 1}: {_dotted(path + (key,))}: duplicate key"])
-            out[key] = _build(value_node, path + (key,), where, lines)
-            lines[path + (key,)] = (where, key_node.start_mark.line + 1)
+                raise SpecError([f"{where}:{key_node.start_mark.line + 1}: {_dotted((*path, key))}: duplicate key"])
+            out[key] = _build(value_node, (*path, key), where, lines)
+            lines[(*path, key)] = (where, key_node.start_mark.line + 1)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_build(item, path + (i,), where, lines) for i, item in enumerate(node.value)]
+        return [_build(item, (*path, i), where, lines) for i, item in enumerate(node.value)]
     return _Constructor().construct_object(node)
 
 

@@ -32,11 +32,18 @@ def run(ctx: Context) -> dict[str, Any]:
 
     spec = ctx.spec
     model = load_model(spec.model, ctx.inputs["weights"])
-    onnx_model = export_onnx(model.dense, ctx.out / MODEL, spec.export.opset, spec.export.sample_users,
-                             spec.export.external_data_threshold_mb << 20)
+    onnx_model = export_onnx(
+        model.dense,
+        ctx.out / MODEL,
+        spec.export.opset,
+        spec.export.sample_users,
+        spec.export.external_data_threshold_mb << 20,
+    )
     sig = signature(onnx_model)
-    ctx.log(f"export: {len(onnx_model.graph.node)} nodes, opset {spec.export.opset}, "
-            f"inputs {', '.join(i['name'] + str(i['shape']) for i in sig['inputs'])}")
+    ctx.log(
+        f"export: {len(onnx_model.graph.node)} nodes, opset {spec.export.opset}, "
+        f"inputs {', '.join(i['name'] + str(i['shape']) for i in sig['inputs'])}"
+    )
     return {
         "model": MODEL,
         "external_data": DATA if (ctx.out / DATA).exists() else None,

@@ -28,7 +28,7 @@ def node_scopes(model: onnx.ModelProto) -> dict[str, str]:
         for prop in node.metadata_props:
             if prop.key == SCOPE_KEY:
                 scopes = [s.strip(" '\"") for s in prop.value.strip("[]").split(",")]
-                modules = [s for s in scopes if s and "." in s or s.startswith("dense")]
+                modules = [s for s in scopes if (s and "." in s) or s.startswith("dense")]
                 out[node.name] = modules[-1] if modules else ""
     return out
 
@@ -59,8 +59,14 @@ def run(ctx: Context) -> dict[str, Any]:
     out_model = gs.export_onnx(graph)
     out_model.opset_import.append(onnx.helper.make_opsetid(PLUGIN_NAMESPACE, 1))
     external = (ctx.inputs["export"] / DATA).exists()
-    onnx.save_model(out_model, str(ctx.out / MODEL), save_as_external_data=external,
-                    all_tensors_to_one_file=True, location=DATA, size_threshold=1024)
+    onnx.save_model(
+        out_model,
+        str(ctx.out / MODEL),
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=DATA,
+        size_threshold=1024,
+    )
     onnx.checker.check_model(str(ctx.out / MODEL))  # custom-domain nodes are checked structurally
     _print_counts(ctx, before, after)
     return {

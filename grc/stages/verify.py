@@ -63,8 +63,10 @@ def run(ctx: Context) -> dict[str, Any]:
     for shape in spec.verify.shapes:
         longest = len(cfg.profile) + shape.history + shape.candidates
         if longest > cfg.hstu.max_seq_len or shape.candidates > cfg.max_candidates:
-            raise StageError(f"verify.shapes: {shape} exceeds model limits (max_seq_len {cfg.hstu.max_seq_len}, "
-                             f"max_candidates {cfg.max_candidates})")
+            raise StageError(
+                f"verify.shapes: {shape} exceeds model limits (max_seq_len {cfg.hstu.max_seq_len}, "
+                f"max_candidates {cfg.max_candidates})"
+            )
         batch = random_batch(cfg, shape.users, shape.history, shape.candidates, gen)
         with torch.no_grad():
             tok = model.projector(batch, tables)

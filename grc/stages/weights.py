@@ -25,8 +25,10 @@ def run(ctx: Context) -> dict[str, Any]:
     else:
         manifest = write_init(spec.model, spec.weights, source, ctx.out, progress)  # type: ignore[arg-type]
     counts = manifest["parameters"]
-    ctx.log(f"weights: {counts['total']:,} parameters ({counts['embedding']:,} embedding, {counts['dense']:,} dense)"
-            f" in {len(manifest['shards'])} shard(s)")
+    ctx.log(
+        f"weights: {counts['total']:,} parameters ({counts['embedding']:,} embedding, {counts['dense']:,} dense)"
+        f" in {len(manifest['shards'])} shard(s)"
+    )
     return manifest
 
 

@@ -108,8 +108,9 @@ def fuse_layer_norm(graph: gs.Graph, ctx: PassContext) -> list[str]:
             raise SurgeryError(f"fuse_layer_norm: node {div.name}: last dim of {x.name} is not static")
         scale = scale or gs.Constant(f"{div.name}.ln_scale", np.ones(dim, np.float32))
         bias = bias or gs.Constant(f"{div.name}.ln_bias", np.zeros(dim, np.float32))
-        fused = gs.Node("LayerNormalization", f"{div.name}.layer_norm", {"axis": -1, "epsilon": eps},
-                        [x, scale, bias], [out])
+        fused = gs.Node(
+            "LayerNormalization", f"{div.name}.layer_norm", {"axis": -1, "epsilon": eps}, [x, scale, bias], [out]
+        )
         for node in (mean, sub, pow_, var, add_eps, sqrt, div):
             node.outputs.clear()
         if out is not div.outputs[0]:
@@ -171,18 +172,24 @@ def _bias_tables(nodes: list[gs.Node], cfg: HSTUConfig, layer: str) -> tuple[gs.
         up = _ancestors(node.inputs[1], 6)
         kind = "pos_w" if "Clip" in up else "ts_w" if "ReduceSum" in up else None
         if kind is None:
-            raise SurgeryError(f"fuse_hstu_attention: layer {layer}: gather {node.name} of a bias table has neither "
-                               "a clamp (position) nor a bucket count (time) upstream")
+            raise SurgeryError(
+                f"fuse_hstu_attention: layer {layer}: gather {node.name} of a bias table has neither "
+                "a clamp (position) nor a bucket count (time) upstream"
+            )
         found[kind] = table
     want = {"pos_w": 2 * cfg.position_buckets - 1, "ts_w": cfg.time_buckets}
     for kind, width in want.items():
         if kind not in found:
             raise SurgeryError(f"fuse_hstu_attention: layer {layer}: no {kind} bias gather found in the attention")
         if found[kind].shape != (cfg.num_heads, width):
-            raise SurgeryError(f"fuse_hstu_attention: layer {layer}: {kind} has shape {found[kind].shape}, "
-                               f"spec implies {(cfg.num_heads, width)}")
-    return (gs.Constant(f"layers.{layer}.attention.pos_w", np.ascontiguousarray(found["pos_w"], np.float32)),
-            gs.Constant(f"layers.{layer}.attention.ts_w", np.ascontiguousarray(found["ts_w"], np.float32)))
+            raise SurgeryError(
+                f"fuse_hstu_attention: layer {layer}: {kind} has shape {found[kind].shape}, "
+                f"spec implies {(cfg.num_heads, width)}"
+            )
+    return (
+        gs.Constant(f"layers.{layer}.attention.pos_w", np.ascontiguousarray(found["pos_w"], np.float32)),
+        gs.Constant(f"layers.{layer}.attention.ts_w", np.ascontiguousarray(found["ts_w"], np.float32)),
+    )
 
 
 def fuse_hstu_attention(graph: gs.Graph, ctx: PassContext) -> list[str]:
@@ -201,13 +208,19 @@ def fuse_hstu_attention(graph: gs.Graph, ctx: PassContext) -> list[str]:
         av = [n for n in einsums if n.attrs.get("equation", "").replace(" ", "") == "bhij,bjhd->bihd"]
         if len(qk) != 1 or len(av) != 1:
             names = [n.name for n in einsums]
-            raise SurgeryError(f"fuse_hstu_attention: layer {layer}: expected one QK^T and one AV Einsum, found {names}")
+            raise SurgeryError(
+                f"fuse_hstu_attention: layer {layer}: expected one QK^T and one AV Einsum, found {names}"
+            )
         scale = _only_consumer(qk[0].outputs[0], "Mul", "QK^T")
         alpha = _const_scalar(scale, "alpha")
         if not np.isclose(alpha, cfg.scale, rtol=1e-6):
-            raise SurgeryError(f"fuse_hstu_attention: layer {layer}: graph scales QK^T by {alpha}, spec alpha is {cfg.scale}")
+            raise SurgeryError(
+                f"fuse_hstu_attention: layer {layer}: graph scales QK^T by {alpha}, spec alpha is {cfg.scale}"
+            )
         if not any(n.op == "Sigmoid" for n in nodes) or not any(n.op == "Where" for n in nodes):
-            raise SurgeryError(f"fuse_hstu_attention: layer {layer}: no SiLU (Sigmoid) or mask (Where) in the attention")
+            raise SurgeryError(
+                f"fuse_hstu_attention: layer {layer}: no SiLU (Sigmoid) or mask (Where) in the attention"
+            )
         divs = [n for n in nodes if n.op == "Div"]
         norm = _const_scalar(divs[0], "N") if len(divs) == 1 else None
         if norm is None or not np.isclose(norm, cfg.max_seq_len):
@@ -220,21 +233,39 @@ def fuse_hstu_attention(graph: gs.Graph, ctx: PassContext) -> list[str]:
         if missing:
             raise SurgeryError(f"fuse_hstu_attention: graph inputs {missing} not found")
         attrs = {
-            "num_heads": cfg.num_heads, "head_dim_qk": cfg.head_qk, "head_dim_v": cfg.head_v,
-            "alpha": float(alpha), "norm": float(norm), "causal": int(cfg.history_mask == "causal"),
-            "position_buckets": cfg.position_buckets, "time_buckets": cfg.time_buckets,
-            "plugin_version": PLUGIN_VERSION, "plugin_namespace": PLUGIN_NAMESPACE,
+            "num_heads": cfg.num_heads,
+            "head_dim_qk": cfg.head_qk,
+            "head_dim_v": cfg.head_v,
+            "alpha": float(alpha),
+            "norm": float(norm),
+            "causal": int(cfg.history_mask == "causal"),
+            "position_buckets": cfg.position_buckets,
+            "time_buckets": cfg.time_buckets,
+            "plugin_version": PLUGIN_VERSION,
+            "plugin_namespace": PLUGIN_NAMESPACE,
         }
-        fused = gs.Node(ATTENTION_OP, f"layers.{layer}.HSTUAttention", attrs,
-                        [q, k, v, inputs["lengths"], inputs["num_candidates"], inputs["timestamps"], pos_w, ts_w],
-                        [out], domain=PLUGIN_NAMESPACE)
+        fused = gs.Node(
+            ATTENTION_OP,
+            f"layers.{layer}.HSTUAttention",
+            attrs,
+            [q, k, v, inputs["lengths"], inputs["num_candidates"], inputs["timestamps"], pos_w, ts_w],
+            [out],
+            domain=PLUGIN_NAMESPACE,
+        )
         av[0].outputs.clear()
         graph.nodes.append(fused)
         before = {n.name for n in graph.nodes}
         graph.cleanup(remove_unused_graph_inputs=False)
         replaced = sorted(before - {n.name for n in graph.nodes})
-        ctx.fusions.append({"pass": "fuse_hstu_attention", "layer": int(layer), "node": fused.name,
-                            "replaced": replaced, "attrs": {k: v for k, v in attrs.items() if "plugin" not in k}})
+        ctx.fusions.append(
+            {
+                "pass": "fuse_hstu_attention",
+                "layer": int(layer),
+                "node": fused.name,
+                "replaced": replaced,
+                "attrs": {k: v for k, v in attrs.items() if "plugin" not in k},
+            }
+        )
         done.append(f"layer {layer}: {len(replaced)} nodes -> {fused.name} (alpha {alpha:g}, N {norm:g})")
     graph.toposort()
     return done
