@@ -1,0 +1,487 @@
+"""Triton forward kernel of jagged HSTU attention (math: kernels/README.md, oracle: reference.py).
+
+One program computes BLOCK_M query rows of one user and one head. Which key blocks it visits:
+- Keys past the history (j >= n_ctx) are seen only by the candidate query j itself, so that region
+  is never looped over; its one allowed pair per row (the diagonal) is a row-wise dot product.
+  Fully masked tiles therefore cost nothing.
+- Blocks fully allowed for every row of the tile run without mask arithmetic; only the boundary
+  blocks (causal diagonal, end of history) apply the mask.
+- Blocks whose every pair has |p(i) - p(j)| >= P-1 ("far") have a constant clamped position, so
+  their bias is one gather from a per-head [NB] row instead of position arithmetic plus a gather.
+
+Per-score work is the bottleneck (not the two matmuls), so it is trimmed to a few instructions:
+the two bias tables are pre-added ([H, NB, 2P-1], rp fastest), the time bucket is the float
+exponent of |dt| + 1 (the exponent's bias folded into the table pointer), SiLU is z + z*tanh(z)
+with z = s/2 (tables and alpha pre-halved, tanh.approx on GPU), and 1/norm is applied once per
+output row.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Timestamps within +-2**29 of the user's first one give |dt| < 2**30: int32 time deltas.
+# Otherwise (spans over 17 years) a per-score int64 path runs; the results are identical.
+TS_FAST_LIMIT = tl.constexpr(1 << 29)
+EXP_BIAS = tl.constexpr(127)  # float32 exponent bias: bucket + 127 is what the exponent field holds
+NEAR, FAR_LEFT, FAR_RIGHT = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+
+
+def _configs() -> list[triton.Config]:
+    if INTERPRET:  # every config would be run once per call: keep one
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+    # BLOCK_N = 64: ptxas reports no spills (4 warps at BLOCK_M = 128, or BLOCK_N = 128, spill).
+    # BLOCK_M = 64 / 4 warps: one warpgroup per program, two programs per SM.
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": 64}, num_warps=w, num_stages=s)
+        for bm, w, s in ((128, 8, 2), (128, 8, 3), (64, 4, 2), (64, 4, 3))
+    ]
+
+
+# fmt: off
+@triton.jit
+def _act(z, FAST_SILU: tl.constexpr):
+    """SiLU(s) with z = s/2: s*sigmoid(s) = z + z*tanh(z). FAST_SILU: tanh.approx.f32, one
+    special-function op (rel. error ~5e-4; for 16-bit inputs on GPU). Else exact: s / (1 + e^-s)."""
+    if FAST_SILU:
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [z], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+        return z + z * t
+    else:
+        s = z + z
+        return s / (1.0 + tl.exp(-s))
+
+
+@triton.jit
+def _gather(ptrs, ASM_GATHER: tl.constexpr):
+    """Per-score bias lookup. On the GPU through inline PTX: Triton's software pipeliner would
+    otherwise prefetch this gather an iteration ahead via cp.async, holding a 64-bit pointer per
+    score in registers (ptxas: 255 registers and spills)."""
+    if ASM_GATHER:
+        return tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=r,l", [ptrs], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _round_to_bf16(x):
+    """fp32 -> nearest bf16 value (ties to even), kept in fp32, by integer ops: the interpreter's
+    own fp32->bf16 cast truncates, and its round-to-nearest mode loses the carry into the exponent."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _biased_bucket(dt, NB: tl.constexpr):
+    """127 + min(floor(log2(1 + |dt|)), NB-1) for int32 |dt| <= 2**30, exactly.
+
+    The exponent field of the float |dt| + 1. Below 2**24 every step is exact; above, rounding can
+    only push the exponent up to the next power of two, which matters only when the true bucket is
+    >= 24, i.e. only when NB > 25 (else both saturate at NB-1); then an integer check corrects it.
+    """
+    e = ((tl.abs(dt.to(tl.float32)) + 1.0).to(tl.int32, bitcast=True)) >> 23
+    if NB > 25:
+        x = tl.abs(dt) + 1
+        e = tl.where((1 << (e - EXP_BIAS)) > x, e - 1, e)
+    return tl.minimum(e, EXP_BIAS + NB - 1)
+
+
+@triton.jit
+def _time_delta(ts_i32, ts_j32, ts_i, ts_j, fast, ALLOW_TS_FAST: tl.constexpr):
+    """ts_i - ts_j as int32 for the bucket: from int32 offsets when the program's timestamps are
+    close together (`fast`), else |ts_i - ts_j| from raw int64, saturated at 2**30 (bucket >= 30 =
+    saturated for every NB <= 31, which the op enforces)."""
+    if ALLOW_TS_FAST:
+        if fast:
+            dt = ts_i32[:, None] - ts_j32[None, :]
+        else:
+            dt = tl.minimum(tl.abs(ts_i[:, None] - ts_j[None, :]), 1 << 30).to(tl.int32)
+    else:
+        dt = tl.minimum(tl.abs(ts_i[:, None] - ts_j[None, :]), 1 << 30).to(tl.int32)
+    return dt
+
+
+@triton.jit
+def _add_bias(z, p_i, ts_i32, ts_i, ts_j, ts_ref, fast, t_lo, t_hi, offs_n, near_base, far_base,
+              MASKED: tl.constexpr, REL: tl.constexpr, ALLOW_TS_FAST: tl.constexpr, P: tl.constexpr,
+              NB: tl.constexpr, ASM_GATHER: tl.constexpr, CONST_BUCKET: tl.constexpr):
+    """z + bias[h, bucket(i, j), rp(i, j)] for one key block (z = alpha/2 * q.k, tables halved)."""
+    if REL == NEAR:  # history keys: p(j) = j; p(i) = min(i, n_ctx) precomputed per row
+        eb = _biased_bucket(_time_delta(ts_i32, (ts_j - ts_ref).to(tl.int32), ts_i, ts_j, fast, ALLOW_TS_FAST), NB)
+        rp = tl.minimum(tl.maximum(p_i[:, None] - offs_n[None, :], 1 - P), P - 1)
+        return z + _gather(near_base + (eb * (2 * P - 1) + rp), ASM_GATHER)
+    elif not CONST_BUCKET:  # rp is clamped to +-(P-1) for every pair: the far row of the table
+        eb = _biased_bucket(_time_delta(ts_i32, (ts_j - ts_ref).to(tl.int32), ts_i, ts_j, fast, ALLOW_TS_FAST), NB)
+        return z + _gather(far_base + eb, ASM_GATHER)
+    else:  # experimental (ablate & 8; exact, but measured no faster on H100: see bench notes)
+        # The bucket is monotone in |dt|: when the smallest and largest |dt| any pair of this block
+        # can have (from the rows' and keys' timestamp ranges) share a bucket, every pair does and
+        # the bias is one scalar (common far in the past: all pairs saturate at NB-1).
+        k_lo = tl.min(ts_j)
+        k_hi = tl.max(ts_j)
+        dt_min = tl.maximum(tl.maximum(t_lo - k_hi, k_lo - t_hi), 0)
+        dt_max = tl.maximum(t_hi - k_lo, k_hi - t_lo)
+        e_min = _biased_bucket(tl.minimum(dt_min, 1 << 30).to(tl.int32), NB)
+        e_max = _biased_bucket(tl.minimum(dt_max, 1 << 30).to(tl.int32), NB)
+        if e_min == e_max:
+            z = z + tl.load(far_base + e_min)
+        else:
+            eb = _biased_bucket(_time_delta(ts_i32, (ts_j - ts_ref).to(tl.int32), ts_i, ts_j, fast, ALLOW_TS_FAST), NB)
+            z = z + _gather(far_base + eb, ASM_GATHER)
+        return z
+
+
+@triton.jit
+def _attn_block(acc, q, p_i, ts_i32, ts_i, fast, t_lo, t_hi, offs_m, n_start, n_ctx, k_base, v_base, ts_base, ts_ref,
+                near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
+                MASKED: tl.constexpr, REL: tl.constexpr, CAUSAL: tl.constexpr, ALLOW_TS_FAST: tl.constexpr,
+                FAST_SILU: tl.constexpr, P: tl.constexpr, NB: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, ASM_GATHER: tl.constexpr,
+                ABLATE: tl.constexpr):
+    """acc += act(s) @ V over history keys [n_start, n_start + BLOCK_N)."""
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    k_ptrs = k_base + offs_n[None, :] * stride_kt + offs_dk[:, None]
+    v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_dv[None, :]
+    # No mask where none is needed: a mask along the contiguous head dim (even an always-true
+    # one) stops 16-byte vector loads and with them the async-copy pipeline.
+    if MASKED:
+        col_ok = offs_n < n_ctx
+        k_mask = col_ok[None, :]
+        v_mask = col_ok[:, None]
+        if BLOCK_DQK != DQK:
+            k_mask = k_mask & (offs_dk[:, None] < DQK)
+        if BLOCK_DV != DV:
+            v_mask = v_mask & (offs_dv[None, :] < DV)
+        kt = tl.load(k_ptrs, mask=k_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=v_mask, other=0.0)
+        ts_j = tl.where(col_ok, tl.load(ts_base + offs_n, mask=col_ok, other=0), ts_ref)
+    else:
+        kt = tl.load(k_ptrs, mask=offs_dk[:, None] < DQK, other=0.0) if BLOCK_DQK != DQK else tl.load(k_ptrs)
+        v = tl.load(v_ptrs, mask=offs_dv[None, :] < DV, other=0.0) if BLOCK_DV != DV else tl.load(v_ptrs)
+        ts_j = tl.load(ts_base + offs_n)
+    if DOT_UPCAST:  # interpreter: see hstu_attention_triton
+        kt = kt.to(tl.float32)
+    qk = tl.dot(q, kt, input_precision=DOT_PREC)
+
+    z = qk * alpha
+    if not ABLATE & 1:  # (ABLATE: benchmarking only, drops stages and so gives WRONG results)
+        z = _add_bias(z, p_i, ts_i32, ts_i, ts_j, ts_ref, fast, t_lo, t_hi, offs_n, near_base, far_base,
+                      MASKED, REL, ALLOW_TS_FAST, P, NB, ASM_GATHER, (ABLATE & 8) != 0)
+    a = z if ABLATE & 4 else _act(z, FAST_SILU)
+    if MASKED:
+        ok = col_ok[None, :]
+        if CAUSAL:  # history rows see j <= i; candidate rows see every history key
+            ok = ok & ((offs_n[None, :] <= offs_m[:, None]) | (offs_m[:, None] >= n_ctx))
+        a = tl.where(ok, a, 0.0)
+    if DOT_UPCAST:  # same rounding of a as the GPU's bf16 matmul operand, kept in fp32
+        a = _round_to_bf16(a)
+        v = v.to(tl.float32)
+    else:
+        a = a.to(v.dtype)
+    return acc + tl.dot(a, v, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _attn_loop(acc, lo, hi, q, p_i, ts_i32, ts_i, fast, t_lo, t_hi, offs_m, n_ctx, k_base, v_base, ts_base, ts_ref,
+               near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
+               MASKED: tl.constexpr, REL: tl.constexpr, CAUSAL: tl.constexpr, ALLOW_TS_FAST: tl.constexpr,
+               FAST_SILU: tl.constexpr, P: tl.constexpr, NB: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+               DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, ASM_GATHER: tl.constexpr,
+                ABLATE: tl.constexpr):
+    for n_start in range(lo, hi, BLOCK_N):
+        acc = _attn_block(acc, q, p_i, ts_i32, ts_i, fast, t_lo, t_hi, offs_m, n_start, n_ctx, k_base, v_base, ts_base,
+                          ts_ref, near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
+                          MASKED, REL, CAUSAL, ALLOW_TS_FAST, FAST_SILU, P, NB, DQK, DV, BLOCK_N, BLOCK_DQK,
+                          BLOCK_DV, DOT_PREC, DOT_UPCAST, ASM_GATHER, ABLATE)
+    return acc
+
+
+@triton.jit
+def _attend_segment(Q, K, V, Out, ts, near_tab, far_tab, start, n_ctx, m0, m_end, h,
+                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                    alpha, inv_norm,
+                    CAUSAL: tl.constexpr, FAST_SILU: tl.constexpr, ALLOW_TS_FAST: tl.constexpr,
+                    P: tl.constexpr, NB: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                    DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, ASM_GATHER: tl.constexpr,
+                    ABLATE: tl.constexpr):
+    """Output rows [m0, m_end) (user-local, at most BLOCK_M of them) of the user starting at token
+    `start`, head h."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < m_end
+    offs_dk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_ptrs = Q + (start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_dk[None, :]
+    q_mask = row_ok[:, None]
+    if BLOCK_DQK != DQK:
+        q_mask = q_mask & (offs_dk[None, :] < DQK)
+    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+    if DOT_UPCAST:
+        q = q.to(tl.float32)
+    p_i = tl.minimum(offs_m, n_ctx)  # candidates all sit at position n_ctx
+    ts_base = ts + start
+    ts_ref = tl.load(ts_base)
+    ts_i = tl.where(row_ok, tl.load(ts_base + offs_m, mask=row_ok, other=0), tl.load(ts_base + m0))
+    t_lo = tl.min(ts_i)  # the rows' timestamp range (row m0 is always a valid row)
+    t_hi = tl.max(ts_i)
+    k_base = K + start * stride_kt + h * stride_kh
+    v_base = V + start * stride_vt + h * stride_vh
+    # Table pointers pre-offset so the biased bucket (127 + bucket) and rp in [1-P, P-1] index them.
+    near_base = near_tab + h * (NB * (2 * P - 1)) + (P - 1) - EXP_BIAS * (2 * P - 1)
+    far_base = far_tab + h * (2 * NB) - EXP_BIAS
+
+    # Key ranges. History keys a row of this tile may see: causal j <= i (candidate rows: all
+    # history keys), non-causal all history keys. Blocks below full_end need no mask.
+    m1 = m_end
+    p_lo = tl.minimum(m0, n_ctx)  # smallest / largest position among the tile's rows
+    p_hi = tl.minimum(m1 - 1, n_ctx)
+    if CAUSAL:
+        hi = tl.minimum(m1, n_ctx)
+        full_end = (tl.minimum(m0 + 1, n_ctx) // BLOCK_N) * BLOCK_N
+    else:
+        hi = n_ctx
+        full_end = (n_ctx // BLOCK_N) * BLOCK_N
+    # far-left blocks: n0 + BLOCK_N - 1 <= p_lo - (P-1); far-right: n0 >= p_hi + P - 1.
+    left_end = tl.minimum((tl.maximum(p_lo - P + 2, 0) // BLOCK_N) * BLOCK_N, full_end)
+    right_start = tl.minimum(tl.maximum(((p_hi + P - 1 + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, left_end), full_end)
+
+    fast = True
+    ts_i32 = (ts_i - ts_ref).to(tl.int32)
+    if ALLOW_TS_FAST:  # int32 deltas if every timestamp this program reads is near ts_ref
+        span = tl.abs(ts_i - ts_ref)
+        span_j = tl.zeros([BLOCK_N], dtype=tl.int64)
+        for n_start in range(0, hi, BLOCK_N):
+            offs_n = n_start + tl.arange(0, BLOCK_N)
+            ts_j = tl.load(ts_base + offs_n, mask=offs_n < hi, other=0)
+            span_j = tl.maximum(span_j, tl.abs(tl.where(offs_n < hi, ts_j, ts_ref) - ts_ref))
+        fast = tl.maximum(tl.max(span), tl.max(span_j)) < TS_FAST_LIMIT
+
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    acc = _attn_loop(acc, 0, left_end, q, p_i, ts_i32, ts_i, fast, t_lo, t_hi, offs_m, n_ctx, k_base, v_base,
+                     ts_base, ts_ref, near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
+                     False, FAR_LEFT, CAUSAL, ALLOW_TS_FAST, FAST_SILU, P, NB, DQK, DV, BLOCK_N, BLOCK_DQK, BLOCK_DV,
+                     DOT_PREC, DOT_UPCAST, ASM_GATHER, ABLATE)
+    acc = _attn_loop(acc, left_end, right_start, q, p_i, ts_i32, ts_i, fast, t_lo, t_hi, offs_m, n_ctx, k_base, v_base,
+                     ts_base, ts_ref, near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
+                     False, NEAR, CAUSAL, ALLOW_TS_FAST, FAST_SILU, P, NB, DQK, DV, BLOCK_N, BLOCK_DQK, BLOCK_DV,
+                     DOT_PREC, DOT_UPCAST, ASM_GATHER, ABLATE)
+    if not CAUSAL:  # causal rows never see keys right of themselves
+        acc = _attn_loop(acc, right_start, full_end, q, p_i, ts_i32, ts_i, fast, t_lo, t_hi, offs_m, n_ctx, k_base,
+                         v_base, ts_base, ts_ref, near_base, far_base + NB, stride_kt, stride_vt, offs_dk, offs_dv,
+                         alpha, False, FAR_RIGHT, CAUSAL, ALLOW_TS_FAST, FAST_SILU, P, NB, DQK, DV, BLOCK_N, BLOCK_DQK,
+                         BLOCK_DV, DOT_PREC, DOT_UPCAST, ASM_GATHER, ABLATE)
+    acc = _attn_loop(acc, full_end, hi, q, p_i, ts_i32, ts_i, fast, t_lo, t_hi, offs_m, n_ctx, k_base, v_base,
+                     ts_base, ts_ref, near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
+                     True, NEAR, CAUSAL, ALLOW_TS_FAST, FAST_SILU, P, NB, DQK, DV, BLOCK_N, BLOCK_DQK, BLOCK_DV,
+                     DOT_PREC, DOT_UPCAST, ASM_GATHER, ABLATE)
+
+    # Candidate rows also see themselves (rp = 0, dt = 0): the only allowed key past the history.
+    if m_end > n_ctx:
+        cand = row_ok & (offs_m >= n_ctx)
+        kd_mask = cand[:, None] & (offs_dk[None, :] < DQK)
+        vd_mask = cand[:, None] & (offs_dv[None, :] < DV)
+        kd = tl.load(k_base + offs_m[:, None] * stride_kt + offs_dk[None, :], mask=kd_mask, other=0.0)
+        vd = tl.load(v_base + offs_m[:, None] * stride_vt + offs_dv[None, :], mask=vd_mask, other=0.0)
+        # q is re-read rather than kept live in registers through the key loops (register pressure).
+        qd = tl.load(q_ptrs, mask=kd_mask, other=0.0)
+        diag_bias = tl.load(near_base + EXP_BIAS * (2 * P - 1))  # bucket 0, rp 0
+        z_d = alpha * tl.sum(qd.to(tl.float32) * kd.to(tl.float32), axis=1) + diag_bias
+        acc += tl.where(cand, _act(z_d, FAST_SILU), 0.0)[:, None] * vd.to(tl.float32)
+
+    out = acc * inv_norm  # 1/norm once per output instead of once per score
+    if DOT_UPCAST:
+        out = _round_to_bf16(out)  # now exact in bf16, so the interpreter's truncating cast is exact
+    o_ptrs = Out + (start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_dv[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+
+
+@triton.autotune(configs=_configs(), key=["H", "CAUSAL", "BLOCK_DQK", "BLOCK_DV", "FAST_SILU", "ALLOW_TS_FAST"])
+@triton.jit
+def _hstu_fwd_kernel(Q, K, V, Out, offsets, ts, ncand, near_tab, far_tab, T, B,
+                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                     alpha, inv_norm, H,
+                     CAUSAL: tl.constexpr, FAST_SILU: tl.constexpr, ALLOW_TS_FAST: tl.constexpr,
+                     P: tl.constexpr, NB: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                     DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, ASM_GATHER: tl.constexpr,
+                     ABLATE: tl.constexpr, SEARCH: tl.constexpr):
+    """One program per window of BLOCK_M consecutive tokens (all users flattened) and head.
+
+    The grid needs only T and H, no host-side tile list. A window inside one user is one tile;
+    one that spans users is cut at their boundaries. Windows run last-first: late rows of a causal
+    user see the most keys, so the longest work starts first and the launch has a short tail.
+    """
+    h = tl.program_id(1)
+    win_lo = ((tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M).to(tl.int64)
+    win_hi = tl.minimum(win_lo + BLOCK_M, T)
+    # First user of the window: how many users end at or before win_lo (vector scan of offsets).
+    b = 0
+    for c in range(0, B, SEARCH):
+        idx = c + tl.arange(0, SEARCH)
+        ends = tl.load(offsets + 1 + idx, mask=idx < B, other=T + 1)
+        b += tl.sum((ends <= win_lo).to(tl.int32))
+    seg_lo = win_lo
+    while seg_lo < win_hi:
+        start = tl.load(offsets + b)
+        seg_hi = tl.minimum(tl.load(offsets + b + 1), win_hi)
+        if seg_hi > seg_lo:  # empty users give empty segments
+            length = (tl.load(offsets + b + 1) - start).to(tl.int32)
+            n_ctx = length - tl.load(ncand + b).to(tl.int32)
+            _attend_segment(Q, K, V, Out, ts, near_tab, far_tab, start, n_ctx, (seg_lo - start).to(tl.int32),
+                            (seg_hi - start).to(tl.int32), h, stride_qt, stride_qh, stride_kt, stride_kh,
+                            stride_vt, stride_vh, stride_ot, stride_oh, alpha, inv_norm,
+                            CAUSAL, FAST_SILU, ALLOW_TS_FAST, P, NB, DQK, DV, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV,
+                            DOT_PREC, DOT_UPCAST, ASM_GATHER, ABLATE)
+            seg_lo = seg_hi
+        b += 1
+
+
+@triton.jit
+def _tables_kernel(pos_w, ts_w, near, far, stride_p, stride_t, scale,
+                   P: tl.constexpr, NB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Per head h: near[h, b, r] = scale * (ts_w[h, b] + pos_w[h, r]) and far[h, 0 / 1, b] =
+    scale * (ts_w[h, b] + pos_w[h, 2P-2 / 0]). One launch instead of a handful of torch ops."""
+    h = tl.program_id(0)
+    r = tl.arange(0, BLOCK_R)
+    bk = tl.arange(0, BLOCK_B)
+    pw = tl.load(pos_w + h * stride_p + r, mask=r < 2 * P - 1, other=0.0).to(tl.float32)
+    tw = tl.load(ts_w + h * stride_t + bk, mask=bk < NB, other=0.0).to(tl.float32)
+    mask = (bk[:, None] < NB) & (r[None, :] < 2 * P - 1)
+    near_ptrs = near + h * (NB * (2 * P - 1)) + bk[:, None] * (2 * P - 1) + r[None, :]
+    tl.store(near_ptrs, (tw[:, None] + pw[None, :]) * scale, mask=mask)
+    p_max = tl.load(pos_w + h * stride_p + 2 * P - 2).to(tl.float32)
+    p_min = tl.load(pos_w + h * stride_p).to(tl.float32)
+    tl.store(far + h * (2 * NB) + bk, (tw + p_max) * scale, mask=bk < NB)
+    tl.store(far + h * (2 * NB) + NB + bk, (tw + p_min) * scale, mask=bk < NB)
+# fmt: on
+
+
+def bias_tables(
+    pos_w: torch.Tensor, ts_w: torch.Tensor, scale: float, wrap: Callable[[Any], Any] = lambda kernel: kernel
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """scale * (ts_w[h, bucket] + pos_w[h, rp]) in float32: near [H, NB, 2P-1] (rp fastest) and
+    far [H, 2, NB] (rp clamped to +(P-1), then to -(P-1)). scale 0.5 feeds z = s/2 (exact)."""
+    heads, num_buckets = ts_w.shape
+    num_pos = (pos_w.shape[1] + 1) // 2
+    near = torch.empty((heads, num_buckets, 2 * num_pos - 1), dtype=torch.float32, device=ts_w.device)
+    far = torch.empty((heads, 2, num_buckets), dtype=torch.float32, device=ts_w.device)
+    wrap(_tables_kernel)[(heads,)](
+        pos_w, ts_w, near, far, pos_w.stride(0), ts_w.stride(0), float(scale),
+        P=num_pos, NB=num_buckets, BLOCK_R=triton.next_power_of_2(2 * num_pos - 1),
+        BLOCK_B=triton.next_power_of_2(num_buckets), num_warps=1 if INTERPRET else 4,
+    )  # fmt: skip
+    return near, far
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def hstu_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    offsets: torch.Tensor,
+    timestamps: torch.Tensor,
+    num_candidates: torch.Tensor,
+    pos_w: torch.Tensor,
+    ts_w: torch.Tensor,
+    alpha: float,
+    norm: float,
+    causal: bool,
+    fast_silu: bool | None = None,
+    allow_ts_fast: bool = True,
+    wrap: Callable[[Any], Any] = lambda kernel: kernel,
+    out: torch.Tensor | None = None,
+    config: tuple[int, int, int, int] | None = None,
+    ablate: int = 0,
+) -> torch.Tensor:
+    """Launch the kernel. ``wrap`` is torch.library.wrap_triton inside the custom op; ``out``
+    (optional, [T, H, Dv] in q's dtype) lets tests pass a poisoned buffer.
+
+    fast_silu: None picks tanh.approx for 16-bit inputs on a GPU (never under the interpreter,
+    which cannot run inline PTX). allow_ts_fast=False forces the int64 time-delta path (tests).
+    config: (BLOCK_M, BLOCK_N, num_warps, num_stages) to skip autotuning (checks that compile many
+    variants). ablate: benchmarking only, a bitmask of per-score stages to drop, which makes the
+    result WRONG: 1 bias (time bucket and gathers), 4 activation; 8 (exact) turns on the
+    experimental constant-bucket shortcut for far key blocks.
+    """
+    total, heads, dqk = q.shape
+    dv = v.shape[-1]
+    if out is None:
+        out = torch.empty((total, heads, dv), dtype=q.dtype, device=q.device)
+    if total == 0:
+        return out
+    if fast_silu is None:
+        fast_silu = q.dtype != torch.float32 and q.is_cuda and not INTERPRET
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    # The interpreter's tl.dot (triton 3.9) multiplies bfloat16 operands as their raw uint16 bits
+    # and its fp32->bf16 casts truncate; there, bf16 dot operands are upcast to fp32 (the same
+    # exact products) and roundings to bf16 are done by integer ops (see _round_to_bf16).
+    upcast = INTERPRET and q.dtype == torch.bfloat16
+    num_pos = (pos_w.shape[1] + 1) // 2
+    if ts_w.shape[1] > 31:
+        raise ValueError("the kernel saturates |dt| at 2**30: time_buckets must be <= 31")
+    if pos_w.stride(1) != 1 or ts_w.stride(1) != 1:
+        pos_w, ts_w = pos_w.contiguous(), ts_w.contiguous()
+    near_tab, far_tab = bias_tables(pos_w, ts_w, 0.5, wrap)  # z = s / 2, see _act
+    kernel, fixed = _hstu_fwd_kernel, {}
+    if config is not None:  # (BLOCK_M, BLOCK_N, warps, stages)
+        kernel = _hstu_fwd_kernel.fn
+        fixed = {"BLOCK_M": config[0], "BLOCK_N": config[1], "num_warps": config[2], "num_stages": config[3]}
+
+    def grid(meta: dict[str, Any]) -> tuple[int, int]:
+        return (triton.cdiv(total, meta["BLOCK_M"]), heads)
+
+    wrap(kernel)[grid](
+        q,
+        k,
+        v,
+        out,
+        offsets.contiguous(),
+        timestamps.contiguous(),
+        num_candidates.contiguous(),
+        near_tab,
+        far_tab,
+        total,
+        offsets.numel() - 1,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        out.stride(0),
+        out.stride(1),
+        0.5 * float(alpha),
+        1.0 / float(norm),
+        heads,
+        CAUSAL=bool(causal),
+        FAST_SILU=bool(fast_silu),
+        ALLOW_TS_FAST=bool(allow_ts_fast),
+        P=num_pos,
+        NB=ts_w.shape[1],
+        DQK=dqk,
+        DV=dv,
+        BLOCK_DQK=max(16, triton.next_power_of_2(dqk)),
+        BLOCK_DV=max(16, triton.next_power_of_2(dv)),
+        DOT_PREC="ieee" if q.dtype == torch.float32 or upcast else "tf32",
+        DOT_UPCAST=upcast,
+        ASM_GATHER=q.is_cuda and not INTERPRET,
+        ABLATE=ablate,
+        SEARCH=256,
+        **fixed,
+    )
+    return out

@@ -1,0 +1,125 @@
+"""Torch custom ops (namespace ``grc``) and the public ``impl=`` API.
+
+``torch.ops.grc.hstu_attention`` / ``torch.ops.grc.norm_gate`` are ``torch.library.triton_op``s:
+on CUDA tensors they launch the Triton kernels (torch.compile / AOTInductor see and compile the
+kernels), on any other device they run the PyTorch reference, so the ops work everywhere. Their
+fake (meta) impl is the op body itself run on fake tensors, which is why the bodies use tensor
+ops only. The jagged reference loops over users with data-dependent slicing, so it sits behind
+its own opaque op ``grc::hstu_attention_reference`` with an explicit fake impl.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.library import custom_op, triton_op, wrap_triton
+
+from kernels import reference
+from kernels.hstu_attention import hstu_attention_triton
+from kernels.norm_gate import norm_gate_triton
+
+IMPLS = ("triton", "pytorch")
+MAX_KERNEL_TIME_BUCKETS = 31  # the kernel saturates |dt| at 2**30; exact for NB <= 31
+
+
+@custom_op("grc::hstu_attention_reference", mutates_args=())
+def _hstu_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    offsets: torch.Tensor,
+    timestamps: torch.Tensor,
+    num_candidates: torch.Tensor,
+    pos_w: torch.Tensor,
+    ts_w: torch.Tensor,
+    alpha: float,
+    norm: float,
+    causal: bool,
+) -> torch.Tensor:
+    return reference.hstu_attention(q, k, v, offsets, timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal)
+
+
+@_hstu_attention_reference.register_fake
+def _(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    offsets: torch.Tensor,
+    timestamps: torch.Tensor,
+    num_candidates: torch.Tensor,
+    pos_w: torch.Tensor,
+    ts_w: torch.Tensor,
+    alpha: float,
+    norm: float,
+    causal: bool,
+) -> torch.Tensor:
+    return q.new_empty((q.shape[0], q.shape[1], v.shape[2]))
+
+
+@triton_op("grc::hstu_attention", mutates_args=())
+def _hstu_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    offsets: torch.Tensor,
+    timestamps: torch.Tensor,
+    num_candidates: torch.Tensor,
+    pos_w: torch.Tensor,
+    ts_w: torch.Tensor,
+    alpha: float,
+    norm: float,
+    causal: bool,
+) -> torch.Tensor:
+    args = (q, k, v, offsets, timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal)
+    if q.device.type != "cuda" or ts_w.shape[1] > MAX_KERNEL_TIME_BUCKETS:
+        return torch.ops.grc.hstu_attention_reference(*args)
+    return hstu_attention_triton(*args, wrap=wrap_triton)
+
+
+@triton_op("grc::norm_gate", mutates_args=())
+def _norm_gate_op(
+    a: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> torch.Tensor:
+    if a.device.type != "cuda":
+        return reference.norm_gate(a, u, weight, bias, eps)
+    return norm_gate_triton(a, u, weight, bias, eps, wrap=wrap_triton)
+
+
+def _check_impl(impl: str) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+def hstu_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    offsets: torch.Tensor,
+    timestamps: torch.Tensor,
+    num_candidates: torch.Tensor,
+    pos_w: torch.Tensor,
+    ts_w: torch.Tensor,
+    alpha: float,
+    norm: float,
+    causal: bool,
+    impl: str = "triton",
+) -> torch.Tensor:
+    """Jagged HSTU attention -> [T, H, Dv] in q's dtype.
+
+    impl="triton": the ``grc::hstu_attention`` op (Triton on CUDA, reference elsewhere);
+    impl="pytorch": the plain reference (any device, any float dtype incl. float64).
+    """
+    _check_impl(impl)
+    args = (q, k, v, offsets, timestamps, num_candidates, pos_w, ts_w, float(alpha), float(norm), bool(causal))
+    if impl == "pytorch":
+        return reference.hstu_attention(*args)
+    return torch.ops.grc.hstu_attention(*args)
+
+
+def norm_gate(
+    a: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, impl: str = "triton"
+) -> torch.Tensor:
+    """LayerNorm(a) * u over the last dim, in a's dtype; impl as for hstu_attention."""
+    _check_impl(impl)
+    if impl == "pytorch":
+        return reference.norm_gate(a, u, weight, bias, eps)
+    return torch.ops.grc.norm_gate(a, u, weight, bias, float(eps))
