@@ -221,6 +221,9 @@ def parser() -> argparse.ArgumentParser:
     from grc.deploy.cli import add_deploy_commands
 
     add_deploy_commands(sub)
+    from grc.cli_inspect import add_inspect_command
+
+    add_inspect_command(sub)
     return top
 
 

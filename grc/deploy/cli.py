@@ -37,4 +37,9 @@ def add_deploy_commands(sub: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("--detach", action="store_true", help="leave the server running after the smoke test")
     p.add_argument("--stop", action="store_true", help="stop a server started with --detach")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for readiness (default 180)")
+    p.add_argument("--docker", action="store_true",
+                   help="triton: print (and run, if a Docker engine answers) the NGC container command instead")
+    p.add_argument("--http-port", type=int, help="triton: HTTP port (default: a free one)")
+    p.add_argument("--grpc-port", type=int, help="triton: gRPC port (default: a free one)")
+    p.add_argument("--metrics-port", type=int, help="triton: Prometheus metrics port (default: a free one)")
     p.set_defaults(fn=cmd_deploy)

@@ -12,6 +12,11 @@ pybind11 with an *isolated* config, so PYTHONPATH and PYTHONHOME are ignored. Th
 server is started with (1) a directory holding only a link to *our* libpython first on
 LD_LIBRARY_PATH and (2) our interpreter's bin/ first on PATH; a venv's bin/ makes the stub read
 its pyvenv.cfg, so the venv's site-packages come along.
+
+Caveat for model.py authors: this server's stub (python_backend 24.10, pybind11 2.10) misreads
+numpy 2 arrays: ``Tensor.as_numpy()`` returns zeros and ``pb_utils.Tensor(name, array)`` sends
+0 bytes, both silently. Cross the boundary with DLPack instead (``np.from_dlpack(tensor)``,
+``pb_utils.Tensor.from_dlpack(name, array)``); BYTES tensors have no such route.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import fcntl
 import os
 import re
 import secrets
@@ -67,7 +73,7 @@ class PortInUseError(TritonServerError):
 
 
 class ModelLoadError(TritonServerError):
-    """The server started but some models failed to load; ``failures`` maps model to reason."""
+    """Models failed to load (the server then exits); ``failures`` maps "model version N" to reason."""
 
     def __init__(self, message: str, failures: dict[str, str]):
         super().__init__(message)
@@ -128,8 +134,15 @@ def ensure_tritonserver(home: Path | None = None) -> ServerInstall:
     except TritonServerNotFound:
         pass
     home = home or triton_home()
-    _pip_install(home)
-    return find_tritonserver(home)
+    home.parent.mkdir(parents=True, exist_ok=True)
+    # One installer at a time (xdist workers, parallel deploys): the others wait, then find it.
+    with open(home.parent / f".{home.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return find_tritonserver(home)
+        except TritonServerNotFound:
+            _pip_install(home)
+        return find_tritonserver(home)
 
 
 def _pip_install(home: Path) -> None:
@@ -259,7 +272,6 @@ def _check_port_free(service: str, port: int) -> None:
 _MODEL_FAILURE = re.compile(r"failed to load '(?P<model>[^']+)' version (?P<version>\d+): (?P<reason>.*?)\"?$")
 _PORT_TAKEN = re.compile(r"failed to start (?P<service>\w+) service: (?P<reason>.*already in use.*?)\"?$")
 _TABLE_LINE = re.compile(r"^\s*[|+]")
-_METRICS_STARTED = "Started Metrics Service"
 
 
 def _model_failures(log: str) -> dict[str, str]:
@@ -308,12 +320,16 @@ class TritonServer:
         startup_timeout_s: float = 60.0,
         auto_complete_config: bool = False,
         extra_args: Sequence[str] = (),
+        keep_alive: bool = False,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
         self.install = install
         self.startup_timeout_s = startup_timeout_s
         self.auto_complete_config = auto_complete_config
         self.extra_args = list(extra_args)
+        # keep_alive: no parent-death signal, so the server may outlive its caller after detach()
+        self.keep_alive = keep_alive
+        self._metrics_on = "--allow-metrics=false" not in self.extra_args
         self.ports: dict[str, int] = {}
         self.startup_s: float | None = None
         self._asked = {"http": http_port, "grpc": grpc_port, "metrics": metrics_port}
@@ -381,6 +397,24 @@ class TritonServer:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
 
+    def detach(self) -> DetachedServer:
+        """Let the server outlive this process; ``stop_detached(record)`` stops it later.
+
+        Start it with ``keep_alive=True``: otherwise Linux ends it with the thread that started it.
+        """
+        if not self.running or self._proc is None or self._workdir is None:
+            raise TritonServerError("detach(): the server is not running")
+        if not self.keep_alive:
+            raise TritonServerError("detach(): start the server with keep_alive=True to let it outlive its caller")
+        record = DetachedServer(
+            pid=self._proc.pid, ports=dict(self.ports), shm_prefix=self._shm_prefix, workdir=str(self._workdir),
+            log=str(self._workdir / "server.log"), model_repository=str(self.model_repository),
+        )
+        _DETACHED.append(self._proc)  # still our child while we live: keep the handle so it can be reaped
+        _RUNNING.discard(self)
+        self._proc, self._workdir = None, None
+        return record
+
     def __enter__(self) -> TritonServer:
         return self.start()
 
@@ -431,7 +465,7 @@ class TritonServer:
                 env=env,
                 cwd=self._workdir,
                 start_new_session=True,
-                preexec_fn=_parent_death_signal(),
+                preexec_fn=None if self.keep_alive else _parent_death_signal(),
             )
         _RUNNING.add(self)
 
@@ -441,12 +475,10 @@ class TritonServer:
         while time.monotonic() - started < self.startup_timeout_s:
             if self._proc is None or self._proc.poll() is not None:
                 self._raise_exit_reason()
-            log = self.logs()
-            # A taken metrics port is not fatal to Triton: it logs the failure and serves on.
-            # Its metrics line is the last of startup, so wait for it as well as for readiness.
-            self._raise_if_port_taken(log)
-            metrics_done = _METRICS_STARTED in log or "--allow-metrics=false" in self.extra_args
-            if metrics_done and _http_ok(url):
+            # A taken metrics port is not fatal to Triton: it logs the failure (after a line
+            # claiming the service started) and serves on. So the metrics port must answer too.
+            self._raise_if_port_taken(self.logs())
+            if _http_ok(url) and (not self._metrics_on or _metrics_ok(self.metrics_url)):
                 self.startup_s = time.monotonic() - started
                 return
             time.sleep(0.1)
@@ -471,14 +503,94 @@ class TritonServer:
         raise TritonServerError(f"tritonserver exited with code {code}; last log lines:\n{_log_tail(log)}")
 
 
-def _http_ok(url: str) -> bool:
-    # No proxies: a proxy from the environment must not intercept 127.0.0.1.
+@dataclass(frozen=True)
+class DetachedServer:
+    """What stop_detached() needs to stop a server another process started (JSON-friendly)."""
+
+    pid: int
+    ports: dict[str, int]
+    shm_prefix: str
+    workdir: str
+    log: str
+    model_repository: str
+
+    def as_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+    @property
+    def http_url(self) -> str:
+        return f"{HOST}:{self.ports['http']}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{HOST}:{self.ports['grpc']}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{HOST}:{self.ports['metrics']}/metrics"
+
+
+_DETACHED: list[subprocess.Popen[bytes]] = []
+
+
+def detached_alive(record: DetachedServer) -> bool:
+    """Whether the recorded process still runs and is that tritonserver (pids get reused)."""
+    _reap(record.pid)
+    try:
+        stat = Path(f"/proc/{record.pid}/stat").read_text()
+        cmdline = Path(f"/proc/{record.pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    state = stat.rsplit(")", 1)[-1].split()[0]
+    if state in ("Z", "X"):
+        return False
+    return bool(cmdline) and cmdline[0].endswith(b"tritonserver") and \
+        f"--model-repository={record.model_repository}".encode() in cmdline
+
+
+def stop_detached(record: DetachedServer, timeout_s: float = 15.0) -> bool:
+    """SIGTERM a detached server, SIGKILL its group if it lingers, remove its files.
+    Returns whether it was still running."""
+    alive = detached_alive(record)
+    if alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(record.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while detached_alive(record) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        _kill_group(record.pid)
+        deadline = time.monotonic() + 5
+        while detached_alive(record) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    _remove_shm(record.shm_prefix)
+    shutil.rmtree(record.workdir, ignore_errors=True)
+    return alive
+
+
+def _reap(pid: int) -> None:
+    for proc in list(_DETACHED):
+        if proc.pid == pid and proc.poll() is not None:
+            _DETACHED.remove(proc)
+
+
+def _get(url: str, timeout_s: float = 1.0) -> bytes | None:
+    """The body of a 200 answer, else None. No proxies: none may intercept 127.0.0.1."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with opener.open(url, timeout=1.0) as response:
-            return bool(response.status == 200)
+        with opener.open(url, timeout=timeout_s) as response:
+            return bytes(response.read()) if response.status == 200 else None
     except (urllib.error.URLError, OSError):
-        return False
+        return None
+
+
+def _http_ok(url: str) -> bool:
+    return _get(url) is not None
+
+
+def _metrics_ok(url: str) -> bool:
+    # "nv_" metric names: the answer comes from Triton, not from whoever holds the port.
+    body = _get(url, timeout_s=0.5)
+    return body is not None and b"nv_" in body
 
 
 def _parent_death_signal() -> Callable[[], None] | None:

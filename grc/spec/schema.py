@@ -8,6 +8,7 @@ what was expected and what was found; the loader adds ``file:line`` and the fiel
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -177,29 +178,291 @@ class VerifyConfig(_Section):
     )
 
 
+# GPU model -> compute capability, so a target may name the card instead of the SM. Keys are
+# lower case without spaces, dashes or an "nvidia" prefix ("RTX 4090" -> "rtx4090").
+KNOWN_GPUS: dict[str, int] = {
+    "t4": 75, "rtx2080": 75, "a100": 80, "a30": 80, "a800": 80, "a10": 86, "a10g": 86, "a40": 86, "a6000": 86,
+    "rtxa6000": 86, "rtx3090": 86, "rtx3080": 86, "l4": 89, "l40": 89, "l40s": 89, "rtx4090": 89,
+    "rtx6000ada": 89, "h100": 90, "h200": 90, "h20": 90, "h800": 90, "gh200": 90, "b200": 100, "gb200": 100,
+    "rtx5090": 120, "rtxpro6000": 120,
+}
+Precision = Literal["fp32", "fp16", "bf16", "int8", "fp8"]
+BUILDABLE_PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def gpu_key(gpu: str) -> str:
+    key = gpu.lower().replace(" ", "").replace("-", "").replace("_", "")
+    return key.removeprefix("nvidia")
+
+
+def _check_precision(value: str | None) -> None:
+    """int8/fp8 need a quantized graph (Q/DQ nodes with calibrated scales) that grc does not make;
+    TensorRT-RTX networks are strongly typed, so precision can only come from the graph."""
+    if value is not None and value not in BUILDABLE_PRECISIONS:
+        raise ValueError(
+            f"precision: {value} needs a quantized graph (QuantizeLinear/DequantizeLinear with calibrated scales), "
+            "which grc does not produce, and TensorRT-RTX builds strongly typed networks only, so precision "
+            f"cannot be a builder flag; use fp32, fp16 or bf16 (got {value!r})"
+        )
+
+
 class EngineTarget(_Section):
-    name: str
-    sm: str = Field(description="compute capability, e.g. sm80, sm89, sm90")
-    gpu: str | None = None
+    """One engine to build: a GPU (or a compute capability) and optionally its own precision."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$", description="folder under engines/ (e.g. sm80, l4, h100)")
+    sm: str | None = Field(
+        None, description="compute capability, e.g. sm80, sm89, sm90; derived from gpu when omitted"
+    )
+    gpu: str | None = Field(None, description=f"GPU model; known: {', '.join(sorted(KNOWN_GPUS))}")
+    toolkit: Literal["auto", "tensorrt", "tensorrt_rtx"] = Field(
+        "auto", description="auto: full TensorRT when installed and this host has the target GPU, else TensorRT-RTX"
+    )
+    precision: Precision | None = Field(None, description="overrides engine.precision for this target")
+
+    @model_validator(mode="after")
+    def _sm_or_gpu(self) -> EngineTarget:
+        _check_precision(self.precision)
+        if self.sm is None and self.gpu is None:
+            raise ValueError("sm: give sm (e.g. sm89) or gpu (e.g. l4) (got neither)")
+        if self.sm is not None and not re.fullmatch(r"sm_?\d{2,3}", self.sm.lower()):
+            raise ValueError(f"sm: expected sm<major><minor>, e.g. sm80, sm89, sm90 (got {self.sm!r})")
+        if self.gpu is not None:
+            known = KNOWN_GPUS.get(gpu_key(self.gpu))
+            if known is None and self.sm is None:
+                near = difflib.get_close_matches(gpu_key(self.gpu), list(KNOWN_GPUS), n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else "; or give sm"
+                raise ValueError(f"gpu: unknown GPU model{hint} (got {self.gpu!r})")
+            if known is not None and self.sm is not None and known != self.compute_capability:
+                raise ValueError(f"sm: {self.gpu} is sm{known} (got {self.sm!r})")
+        return self
+
+    @property
+    def compute_capability(self) -> int:
+        """80 for sm80 / sm_80 / an A100."""
+        if self.sm is not None:
+            return int(self.sm.lower().removeprefix("sm").lstrip("_"))
+        return KNOWN_GPUS[gpu_key(self.gpu or "")]
+
+
+class ShapeRange(_Section):
+    """min <= opt <= max of one dynamic dimension; TensorRT tunes for opt."""
+
+    min: PositiveInt = Field(description="smallest value an engine accepts")
+    opt: PositiveInt = Field(description="value the builder optimises for")
+    max: PositiveInt = Field(description="largest value an engine accepts")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ShapeRange:
+        if not self.min <= self.opt <= self.max:
+            raise ValueError(f"opt: expected min <= opt <= max (got {self.min}, {self.opt}, {self.max})")
+        return self
+
+
+class EngineProfile(_Section):
+    """One optimization profile over the graph's dynamic axes (users x tokens)."""
+
+    users: ShapeRange = Field(ShapeRange(min=1, opt=4, max=16), description="users (batch) per request")
+    tokens: ShapeRange | None = Field(
+        None,
+        description="padded tokens per user: profile + history + candidates (the candidate count is inside); "
+        "default 1 / min(128, N) / N with N = model.hstu.max_seq_len",
+    )
 
 
 class EngineConfig(_Section):
-    targets: list[EngineTarget] = Field(default_factory=list)
-    precision: Literal["fp32", "fp16", "bf16"] = "fp16"
+    """TensorRT engines: one per target, with grc::HSTUAttention carried by the plugin library."""
+
+    targets: list[EngineTarget] = Field(default_factory=list, description="engines to build; empty: no engine stage")
+    precision: Precision = Field(
+        "fp16", description="fp32, fp16 or bf16: the graph is cast before the build (engine I/O stays fp32)"
+    )
+    profiles: list[EngineProfile] = Field(
+        default_factory=lambda: [EngineProfile()], description="optimization profiles (at least one)"
+    )
+    optimization_level: int = Field(3, ge=0, le=5, description="builder optimization level (TensorRT's default 3)")
+    workspace_mb: PositiveInt | None = Field(None, description="workspace memory pool limit; none: the device's")
+    timing_cache: bool = Field(
+        True,
+        description="keep a timing cache per target under the grc cache folder (full TensorRT only: in "
+        "TensorRT-RTX timing-cache calls are no-ops)",
+    )
+    embed_plugin: bool = Field(
+        False, description="serialize the plugin library into the plan (the runtime then needs no separate .so)"
+    )
+    parity: Tolerance | None = Field(
+        None, description="engine vs onnxruntime tolerance; default by precision (fp32 2e-3, fp16 3e-2, bf16 6e-2)"
+    )
+
+    @model_validator(mode="after")
+    def _targets_and_profiles(self) -> EngineConfig:
+        _check_precision(self.precision)
+        names = [t.name for t in self.targets]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ValueError(f"targets[{i}]: target name {name!r} is used twice (got {names})")
+        if not self.profiles:
+            raise ValueError("profiles: expected at least one optimization profile (got [])")
+        return self
+
+    def precision_of(self, target: EngineTarget) -> str:
+        return target.precision or self.precision
+
+    def tolerance_of(self, precision: str) -> Tolerance:
+        if self.parity is not None:
+            return self.parity
+        default = {"fp32": 2e-3, "fp16": 3e-2, "bf16": 6e-2}[precision]
+        return Tolerance(max_abs=default, max_rel=default)
+
+
+TritonBackend = Literal["onnxruntime", "tensorrt_plan"]
+
+
+class TritonSample(_Section):
+    """The generated request used for model warmup, the deploy smoke test and the curl example
+    (cut to the model's max_candidates and max_seq_len where it asks for more)."""
+
+    history: PositiveInt = Field(16, description="history events in the sample request")
+    candidates: PositiveInt = Field(8, description="candidates in the sample request")
+    seed: int = Field(0, description="seed of the sample's random ids and timestamps")
 
 
 class TritonBundleConfig(_Section):
-    enabled: bool = True
-    max_batch_size: PositiveInt = 8
-    preferred_batch_sizes: list[PositiveInt] = Field(default_factory=lambda: [4, 8])
-    max_queue_delay_us: int = Field(2000, ge=0)
-    instance_count: PositiveInt = 1
-    top_k: PositiveInt = 10
+    """The Triton model repository: ensemble <model_name> = preprocess -> dense model -> postprocess."""
+
+    enabled: bool = Field(True, description="write the triton bundle (artifacts/<spec>/triton/)")
+    model_name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="name of the ensemble clients call; default: the spec name"
+    )
+    backend: TritonBackend = Field(
+        "onnxruntime",
+        description="dense model step of the ensemble: onnxruntime (the exported ONNX in a python-backend model, "
+        "CPU or GPU) or tensorrt_plan (the engine stage's TensorRT engines, one per compute capability)",
+    )
+    extra_backends: list[TritonBackend] = Field(
+        default_factory=list,
+        description="further dense steps carried in the same repository, each behind its own ensemble "
+        "<model_name>-<backend>",
+    )
+    max_batch_size: PositiveInt = Field(8, description="most users one execution of a model takes (every step)")
+    preferred_batch_sizes: list[PositiveInt] = Field(
+        default_factory=lambda: [4, 8], description="batch sizes the dynamic batcher sends at once when it can"
+    )
+    max_queue_delay_us: int = Field(
+        2000, ge=0, description="how long the dynamic batcher may hold a request to form a bigger batch"
+    )
+    instance_count: PositiveInt = Field(1, description="instances of the dense step (model copies)")
+    instance_kind: Literal["KIND_CPU", "KIND_GPU"] = Field(
+        "KIND_CPU", description="where the dense step runs; KIND_GPU needs onnxruntime-gpu or the tensorrt_plan backend"
+    )
+    gpus: list[int] = Field(default_factory=list, description="GPU ids of KIND_GPU instances; empty: every GPU")
+    pipeline_instance_count: PositiveInt = Field(1, description="instances of preprocess and of postprocess")
+    intra_op_threads: int = Field(
+        1, ge=0, description="onnxruntime threads per dense instance; 0: onnxruntime picks (every core)"
+    )
+    top_k: PositiveInt = Field(10, description="ranked candidates returned per request (fewer if fewer are sent)")
+    rank_weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="task -> weight of the ranking score sum(weight * score); tasks left out weigh 0; empty: all 1",
+    )
+    truncate_history: bool = Field(
+        True, description="keep the latest events of a history too long for max_seq_len (false: refuse the request)"
+    )
+    warmup: bool = Field(True, description="model_warmup with the generated sample request in every python model")
+    sample: TritonSample = Field(TritonSample(), description="the generated sample request")
+    model_version: PositiveInt = Field(1, description="version directory the bundle writes")
+    version_policy: Literal["latest", "all", "specific"] = Field(
+        "latest", description="which versions Triton serves: latest (one), all, or the listed versions"
+    )
+    versions: list[PositiveInt] = Field(default_factory=list, description="versions served by version_policy specific")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TritonBundleConfig:
+        big = [b for b in self.preferred_batch_sizes if b > self.max_batch_size]
+        if big:
+            raise ValueError(f"preferred_batch_sizes: each must be <= max_batch_size {self.max_batch_size} (got {big})")
+        if self.backend in self.extra_backends or len(set(self.extra_backends)) != len(self.extra_backends):
+            raise ValueError(f"extra_backends: list backends other than {self.backend!r}, once each "
+                             f"(got {self.extra_backends})")
+        if self.gpus and self.instance_kind != "KIND_GPU":
+            raise ValueError(f"gpus: only KIND_GPU instances take GPU ids (instance_kind is {self.instance_kind})")
+        if self.rank_weights and not any(self.rank_weights.values()):
+            raise ValueError(f"rank_weights: at least one weight must be non-zero (got {self.rank_weights})")
+        if self.version_policy == "specific" and self.model_version not in self.versions:
+            raise ValueError(f"versions: version_policy specific must list model_version {self.model_version}, "
+                             f"the version the bundle writes (got {self.versions})")
+        if self.versions and self.version_policy != "specific":
+            raise ValueError(f"versions: only version_policy specific uses versions (policy is {self.version_policy})")
+        return self
 
 
 class VllmBundleConfig(_Section):
-    enabled: bool = True
-    max_num_seqs: PositiveInt = 16
+    """The vLLM bundle: a model folder ``vllm serve`` loads through grc's plugin, served by the pooling runner."""
+
+    enabled: bool = Field(True, description="write the vllm bundle (artifacts/<spec>/bundles/vllm/)")
+    mode: Literal["ranking", "retrieval"] = Field(
+        "ranking",
+        description="ranking: per-candidate multi-task scores through the pooling runner (/pooling, task "
+        "token_classify). retrieval (next-item generation) is not served: see the README's vLLM section",
+    )
+    served_model_name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="the model name clients send; default: the spec name"
+    )
+    max_num_seqs: PositiveInt = Field(16, description="most requests vLLM schedules in one step (continuous batching)")
+    max_model_len: PositiveInt | None = Field(
+        None, description="longest prompt in tokens; default: the longest valid request of the model (bundle.json)"
+    )
+    max_num_batched_tokens: PositiveInt | None = Field(
+        None,
+        description="most prompt tokens in one step; at least max_model_len (chunked prefill is off: a request is "
+        "scheduled whole); default: max(max_model_len, 8192)",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dense model dtype in vLLM (embedding rows are looked up in float32 and cast)"
+    )
+    gpu_memory_utilization: float = Field(
+        0.3,
+        gt=0,
+        le=1,
+        description="vLLM's memory fraction; on the CPU backend a fraction of RAM it checks is free at start "
+        "(the default 0.92 fails on a shared host; the model needs no KV cache)",
+    )
+    truncate_history: bool = Field(
+        True, description="the client encoder keeps the latest events of a history too long for max_seq_len"
+    )
+    batch_invariant: bool = Field(
+        False,
+        description="run the dense model once per request instead of once per vLLM step: scores bit-identical "
+        "whoever shares the step (batched, they differ by float32 rounding only, ~1e-7), at a per-request cost",
+    )
+    sample: TritonSample = Field(TritonSample(), description="the generated sample request (smoke test, curl)")
+    extra_args: list[str] = Field(default_factory=list, description="more flags for the vLLM server, verbatim")
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="environment of the vLLM server, e.g. VLLM_CPU_OMP_THREADS_BIND: nobind (on a 2-core host the "
+        "default binding pins the worker to one core and leaves the API server and engine loop the other)",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> VllmBundleConfig:
+        if self.mode == "retrieval":
+            raise ValueError(
+                "mode: retrieval (next-item generation) needs a generative head over the item vocabulary and "
+                "decode steps that see the whole history; grc models have task heads only, and vLLM keeps no "
+                "state for an attention-free model between decode steps (no KV cache for pointwise attention), "
+                "so use mode ranking (got 'retrieval')"
+            )
+        if self.max_model_len and self.max_num_batched_tokens and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens: must be >= max_model_len {self.max_model_len} (chunked prefill is off, "
+                f"so a request is scheduled whole) (got {self.max_num_batched_tokens})"
+            )
+        for flag in ("--enable-chunked-prefill", "--enable-prefix-caching"):
+            if flag in self.extra_args:
+                raise ValueError(
+                    f"extra_args: {flag} breaks the request boundaries the model reads (each request must be "
+                    f"scheduled whole, from position 0) (got {self.extra_args})"
+                )
+        return self
 
 
 class BundlesConfig(_Section):

@@ -47,7 +47,8 @@ def check_creator(library: Path) -> dict[str, Any]:
                                            "result": str(result)}))
             subprocess.run(worker_command("plugin-info", request), env=worker_env(toolkit, Path(tmp)),
                            capture_output=True, text=True, timeout=300)
-            info = json.loads(result.read_text()) if result.exists() else {"ok": False, "error": "worker crashed"}
+            info: dict[str, Any] = (json.loads(result.read_text()) if result.exists()
+                                    else {"ok": False, "error": "the worker crashed"})
         if not info.get("ok"):
             raise StageError(f"plugins: {toolkit.label} cannot load {library.name}: {info.get('error')}")
         fields = [name for name, _ in info["plugin"]["fields"]]
@@ -87,17 +88,23 @@ def run(ctx: Context) -> dict[str, Any]:
     return {
         "status": "built",
         "library": LIBRARY,
-        "sha256": sha,
+        "sha256": {LIBRARY: sha},  # file -> digest, the manifests' convention (the build cache reads it)
         "sms": sms,
         "sms_not_supported_by_nvcc": dropped,
         "plugins": [{"name": "HSTUAttention", "version": "1", "namespace": "grc", "fields": list(PLUGIN_FIELDS)}],
-        "nvcc": {"path": str(nvcc), "version": pb.nvcc_version(nvcc),
-                 "command": [Path(c).name if c.startswith("/") else c for c in command]},
+        # host paths and timings stay out of the manifest: downstream keys hash it, and the same
+        # sources must give the same manifest on any host (the seconds are in the build report)
+        "nvcc": {"version": pb.nvcc_version(nvcc), "command": _portable(command, headers.folder, out)},
         "headers": {"source": headers.source, "tensorrt_version": headers.version},
         "lint": lint,
         "registry": registry,
-        "build_seconds": round(seconds, 2),
     }
+
+
+def _portable(command: list[str], include: Path, out: Path) -> list[str]:
+    names = {str(include): "<tensorrt-include>", str(out): LIBRARY, str(REPO / SOURCES[0]): SOURCES[0],
+             str((REPO / SOURCES[0]).parent): "plugins"}
+    return [names.get(c, Path(c).name if c.startswith("/") else c) for c in command]
 
 
 STAGE = Stage(
@@ -106,7 +113,7 @@ STAGE = Stage(
     reads=("engine.targets",),  # the SMs to compile for; precision and profiles do not touch the library
     inputs=(),
     run=run,
-    code=(*SOURCES, "grc/stages/plugins.py", "grc/engine"),
+    code=(*SOURCES, "grc/engine/worker.py"),  # the worker checks the creator; Python imports are found by the key
     doc="nvcc: the grc::HSTUAttention IPluginV3 (CUDA kernel) -> libgrc_plugins.so for the targets' SMs",
     enabled=lambda spec: bool(spec.engine.targets),
 )

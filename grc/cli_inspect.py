@@ -1,0 +1,128 @@
+"""``grc inspect engine <file>``: layers, I/O bindings and optimization profiles of a plan.
+
+On a host with a GPU the plan targets, the toolkit's engine inspector reads the plan itself (plans
+are built with ``profiling_verbosity=DETAILED``, so every layer is listed). Without one, nothing
+can deserialize a plan (it needs a CUDA driver), so the command says so and shows what the plan
+file and the build-time ``metadata.json`` beside it tell: toolkit, SMs, profiles, I/O, the network
+layers the builder was given, and the plugin layers found in the plan bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from grc.errors import GrcError
+
+
+def add_inspect_command(sub: Any) -> None:
+    p = sub.add_parser("inspect", help="inspect a built artifact (engine plans)",
+                       description="inspect a built artifact")
+    kinds = p.add_subparsers(dest="kind", metavar="KIND", required=True)
+    e = kinds.add_parser("engine", help="layers, I/O bindings and profiles of a TensorRT plan",
+                         description="layers, I/O bindings and profiles of a TensorRT plan (the engine inspector on "
+                         "a GPU; the plan file and its build metadata elsewhere)")
+    e.add_argument("file", type=Path, help="model.plan, or the engine folder holding it")
+    e.add_argument("--json", action="store_true", help="machine-readable output")
+    e.add_argument("--layers", type=int, default=40, help="layers to print (default 40; 0: all)")
+    e.set_defaults(fn=cmd_inspect_engine)
+
+
+def _plugin_library(plan: Path, metadata: dict[str, Any]) -> Path | None:
+    rel = metadata.get("plugin_library", {}).get("file")
+    if not rel:
+        return None
+    candidate = plan.parent.parent.parent / rel  # <artifacts>/<spec>/engines/<target>/model.plan
+    return candidate if candidate.exists() else None
+
+
+def _gpu_inspect(plan: Path, metadata: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    """(inspector result, note); the result is None where no GPU / toolkit can open the plan."""
+    from grc.engine.toolkits import installed, local_gpus
+    from grc.stages.engine import run_worker
+
+    sms = metadata.get("target_sms", [])
+    gpus = [g for g in local_gpus() if not sms or g.sm in sms]
+    if not gpus:
+        have = ", ".join(f"{g.name} (sm{g.sm})" for g in local_gpus()) or "no GPU"
+        return None, (f"the engine inspector needs a GPU the plan targets (sm{'/'.join(map(str, sms)) or '?'}) to "
+                      f"deserialize it; this host has {have}. Showing the plan file and its build metadata.")
+    toolkit = installed().get(metadata.get("toolkit", {}).get("name", ""))
+    if toolkit is None:
+        return None, f"{metadata.get('toolkit', {}).get('name')} is not installed here; showing build metadata"
+    with tempfile.TemporaryDirectory(prefix="grc-inspect-") as tmp:
+        library = _plugin_library(plan, metadata)
+        result = run_worker("inspect", {"plan": str(plan), "plugin_library": str(library) if library else None},
+                            toolkit, Path(tmp))
+    if not result.get("ok"):
+        return None, f"the engine inspector failed ({result.get('error')}); showing build metadata"
+    return result, f"engine inspector of {toolkit.label} on {gpus[0].name}"
+
+
+def describe_engine(path: Path) -> dict[str, Any]:
+    from grc.engine import plan as plan_file
+
+    plan = path / "model.plan" if path.is_dir() else path
+    if not plan.exists():
+        raise GrcError(f"inspect engine: {plan} does not exist")
+    meta_path = plan.parent / "metadata.json"
+    metadata = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    report_path = plan.parent / metadata.get("build_report", "build-report.json")
+    report = json.loads(report_path.read_text()) if report_path.exists() else None
+    inspected, note = _gpu_inspect(plan, metadata)
+    return {"plan": str(plan), "note": note, "inspector": inspected, "plan_file": plan_file.describe(plan.read_bytes()),
+            "metadata": metadata or None, "build_report": report}
+
+
+def _print(info: dict[str, Any], limit: int) -> None:
+    meta = info["metadata"] or {}
+    pf = info["plan_file"]
+    print(f"{info['plan']}  ({pf['bytes']:,} bytes)")
+    print(f"note: {info['note']}")
+    if meta:
+        tk = meta["toolkit"]
+        seconds = (info.get("build_report") or {}).get("build_seconds", "?")
+        print(f"toolkit: {tk['name']} {tk['version']}   target: {meta['target']['name']} sm{meta['target']['sm']}   "
+              f"precision: {meta['precision']}   build: {seconds}s")
+    if "target_sms" in pf:
+        print(f"plan SM mask: 0x{pf['sm_mask']:02x} -> {', '.join(f'sm{s}' for s in pf['target_sms'])}")
+    print(f"plugin layers in the plan: {', '.join(pf['custom_layers']) or 'none found'}")
+    inspected = info["inspector"]
+    io = inspected["io"] if inspected else [
+        {"name": t["name"], "mode": mode, "dtype": t["dtype"], "shape": t["shape"]}
+        for mode, key in (("INPUT", "inputs"), ("OUTPUT", "outputs")) for t in meta.get("io", {}).get(key, [])]
+    print("\nI/O bindings:")
+    for t in io:
+        print(f"  {t['mode']:<6} {t['name']:<16} {t['dtype']:<8} {t['shape']}")
+    print("\noptimization profiles (min / opt / max):")
+    if inspected:
+        for t in (t for t in io if t.get("profiles")):
+            for k, shapes in enumerate(t["profiles"]):
+                print(f"  [{k}] {t['name']:<16} {' / '.join(map(str, shapes))}")
+    for k, p in enumerate(meta.get("profiles", []) if not inspected else []):
+        print(f"  [{k}] users {p['users']}  tokens {p['tokens']}")
+    if inspected:
+        layers = inspected["layers"].get("Layers", [])
+        rows = [(lay.get("Name", "?") if isinstance(lay, dict) else str(lay),
+                 lay.get("LayerType", "") if isinstance(lay, dict) else "") for lay in layers]
+        title = f"\nengine layers ({len(rows)}, from the inspector):"
+    else:
+        rows = [(r["name"], r["type"]) for r in meta.get("network_layers", [])]
+        title = f"\nnetwork layers given to the builder ({len(rows)}, from metadata.json; the plan fuses them):"
+    print(title)
+    for name, kind in rows[:limit or None]:
+        print(f"  {kind:<20} {name}")
+    if limit and len(rows) > limit:
+        print(f"  ... {len(rows) - limit} more (--layers 0 prints all)")
+
+
+def cmd_inspect_engine(args: argparse.Namespace) -> int:
+    info = describe_engine(args.file)
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        _print(info, args.layers)
+    return 0

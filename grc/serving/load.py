@@ -1,0 +1,144 @@
+"""A bounded load test of a served bundle: a fixed number of requests, a fixed concurrency, a time limit.
+
+``concurrency`` threads each hold one gRPC connection and send requests back to back (closed
+loop), cycling through a pool of random requests of varied lengths. Reports requests/s, latency
+percentiles, errors, and the batch sizes Triton's dynamic batcher formed meanwhile (per model,
+from the statistics extension) plus the Prometheus counters that show the same.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from grc.serving import check
+from grc.serving import request as rq
+from grc.spec.schema import ModelConfig
+
+
+def request_pool(cfg: ModelConfig, count: int, seed: int = 0, max_history: int = 32,
+                 max_candidates: int = 16) -> list[dict[str, np.ndarray]]:
+    """``count`` single-user requests, history and candidate counts varied (1..max)."""
+    import torch
+
+    from grc.model.sample import random_batch
+
+    gen = torch.Generator().manual_seed(seed)
+    h = max(1, min(max_history, rq.max_history(cfg) - max_candidates))
+    c = max(1, min(max_candidates, cfg.max_candidates))
+    batch = random_batch(cfg, count, h, c, gen)
+    return [rq.user_request(batch, u, cfg) for u in range(count)]
+
+
+@dataclass
+class LoadResult:
+    requests: int
+    concurrency: int
+    errors: int
+    seconds: float
+    latencies_ms: list[float]
+    batch_sizes: dict[str, dict[int, int]] = field(default_factory=dict)
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    first_error: str | None = None
+    timed_out: bool = False
+
+    @property
+    def completed(self) -> int:
+        return len(self.latencies_ms)
+
+    @property
+    def throughput(self) -> float:
+        return self.completed / self.seconds if self.seconds else 0.0
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+
+    def mean_batch(self, model: str) -> float:
+        sizes = self.batch_sizes.get(model, {})
+        executions = sum(sizes.values())
+        return sum(b * n for b, n in sizes.items()) / executions if executions else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests, "completed": self.completed, "errors": self.errors,
+            "concurrency": self.concurrency, "seconds": round(self.seconds, 3),
+            "requests_per_s": round(self.throughput, 1),
+            "latency_ms": {"p50": round(self.percentile(50), 2), "p90": round(self.percentile(90), 2),
+                           "p99": round(self.percentile(99), 2), "max": round(max(self.latencies_ms, default=0), 2)},
+            "batch_sizes": {m: {str(b): n for b, n in sorted(s.items())} for m, s in self.batch_sizes.items()},
+            "mean_batch": {m: round(self.mean_batch(m), 2) for m in self.batch_sizes},
+            "metrics": self.metrics, "first_error": self.first_error, "timed_out": self.timed_out,
+        }
+
+
+PROMETHEUS = ("nv_inference_count", "nv_inference_exec_count", "nv_inference_request_success",
+              "nv_inference_request_failure")
+
+
+def run_load(grpc_url: str, metrics_url: str | None, model: str, pool: list[dict[str, np.ndarray]],
+             requests: int = 2000, concurrency: int = 8, time_limit_s: float = 120.0,
+             models: tuple[str, ...] = ()) -> LoadResult:
+    """Send ``requests`` requests from ``concurrency`` threads; stop early past ``time_limit_s``."""
+    import tritonclient.grpc as grpcclient
+
+    watched = (model, *models)
+    before = {m: check.batch_sizes(grpc_url, m) for m in watched}
+    prom_before = _prometheus(metrics_url, watched)
+    lock = threading.Lock()
+    issued = [0]
+    latencies: list[float] = []
+    errors: list[str] = []
+    prepared = [check.infer_inputs(grpcclient, r) for r in pool]
+    started = time.perf_counter()
+    deadline = started + time_limit_s
+
+    def worker() -> None:
+        with grpcclient.InferenceServerClient(grpc_url) as client:
+            while True:
+                with lock:
+                    if issued[0] >= requests or time.perf_counter() > deadline:
+                        return
+                    index = issued[0]
+                    issued[0] += 1
+                t0 = time.perf_counter()
+                try:
+                    client.infer(model, prepared[index % len(prepared)], client_timeout=30)
+                except Exception as exc:
+                    with lock:
+                        errors.append(f"{type(exc).__name__}: {exc}")
+                    continue
+                elapsed = (time.perf_counter() - t0) * 1000
+                with lock:
+                    latencies.append(elapsed)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(time_limit_s + 60)
+    seconds = time.perf_counter() - started
+    after = {m: check.batch_sizes(grpc_url, m) for m in watched}
+    sizes = {m: {b: n - before[m].get(b, 0) for b, n in after[m].items() if n - before[m].get(b, 0) > 0}
+             for m in watched}
+    prom_after = _prometheus(metrics_url, watched)
+    metrics = {m: {k: prom_after[m][k] - prom_before[m].get(k, 0.0) for k in prom_after[m]} for m in prom_after}
+    return LoadResult(requests=requests, concurrency=concurrency, errors=len(errors), seconds=seconds,
+                      latencies_ms=latencies, batch_sizes=sizes, metrics=metrics,
+                      first_error=errors[0] if errors else None, timed_out=issued[0] < requests)
+
+
+def _prometheus(url: str | None, models: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    if url is None:
+        return {}
+    # counters are bumped as responses are sent; give the last ones a moment
+    time.sleep(0.5)
+    text = check.metrics_text(url)
+    out: dict[str, dict[str, float]] = {}
+    for model in models:
+        values = {name: check.metric(text, name, model) for name in PROMETHEUS}
+        out[model] = {k: v for k, v in values.items() if v is not None}
+    return out

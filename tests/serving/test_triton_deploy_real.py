@@ -1,0 +1,119 @@
+"""``grc deploy --target triton`` for real: smoke test vs PyTorch, --detach / --stop, clear errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import socket
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from grc.cli import main
+from grc.deploy import triton as deploy_triton
+from grc.serving import bundle as bd
+from grc.serving import tritonserver
+from grc.serving.tritonserver import (
+    DetachedServer,
+    ModelLoadError,
+    PortInUseError,
+    TritonServerError,
+    TritonServerNotFound,
+    detached_alive,
+    ensure_tritonserver,
+)
+from grc.spec.loader import load_spec
+from tests.conftest import in_dir, write_spec
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def install() -> None:
+    try:
+        ensure_tritonserver()
+    except TritonServerError as exc:
+        pytest.skip(f"tritonserver cannot be obtained here (pip install of nvidia-pytriton failed): {exc}")
+
+
+def deploy(spec: Path, *extra: str) -> int:
+    with in_dir(spec.parent):
+        return main(["deploy", "--target", "triton", spec.name, "--timeout", "120", *extra])
+
+
+def test_deploy_smoke_tests_against_pytorch_and_prints_endpoints(built_tiny: tuple[Path, Path],
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    spec, artifacts = built_tiny
+    assert deploy(spec) == 0
+    out = capsys.readouterr().out
+    assert "smoke test: hstu-tiny vs PyTorch" in out
+    assert out.count(" ok ") >= 2, out  # http and grpc rows
+    assert "/v2/models/hstu-tiny/infer" in out and "metrics" in out
+    curl = next(line.strip() for line in out.splitlines() if line.strip().startswith("curl "))
+    assert f"-d @{(artifacts / 'hstu-tiny' / 'triton' / bd.SAMPLE_JSON).resolve()}" in curl
+    assert "stopping the server" in out
+    assert not (artifacts / "hstu-tiny" / deploy_triton.STATE).exists()
+
+
+def test_detach_leaves_it_serving_until_stop(tiny_copy: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    spec, artifacts = tiny_copy
+    state = artifacts / "hstu-tiny" / deploy_triton.STATE
+    assert deploy(spec, "--detach") == 0
+    try:
+        data = json.loads(state.read_text())
+        record = DetachedServer(**{k: data[k] for k in DetachedServer.__dataclass_fields__})
+        assert detached_alive(record)
+        body = (artifacts / "hstu-tiny" / "triton" / bd.SAMPLE_JSON).read_bytes()
+        request = urllib.request.Request(f"http://{record.http_url}/v2/models/hstu-tiny/infer", data=body,
+                                         headers={"Content-Type": "application/json"})
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(request, timeout=30) as response:  # what the printed curl line does
+            answer = json.loads(response.read())
+        assert {o["name"] for o in answer["outputs"]} >= {"scores", "ranked_items"}
+        assert deploy(spec, "--detach") == 1  # one per spec
+        assert "already running" in capsys.readouterr().err
+    finally:
+        assert deploy(spec, "--stop") == 0
+    assert "stopped the triton server of hstu-tiny" in capsys.readouterr().out
+    assert not state.exists() and not detached_alive(record)
+    assert not Path(record.workdir).exists()
+    assert not list(Path("/dev/shm").glob(f"{record.shm_prefix}*"))
+    assert deploy(spec, "--stop") == 0
+    assert "nothing to stop" in capsys.readouterr().out
+
+
+def test_clear_errors(built_tiny: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                      capsys: pytest.CaptureFixture[str]) -> None:
+    spec, artifacts = built_tiny
+    # no bundle built: say how to build it
+    fresh = write_spec(tmp_path / "fresh", spec)
+    assert deploy(fresh) == 1
+    assert f"no triton bundle at artifacts/hstu-tiny/triton: build it first with\n  grc build {fresh}" in \
+        capsys.readouterr().err
+    loaded = load_spec(spec)
+    args = argparse.Namespace(docker=False, detach=False, stop=False, timeout=60.0)
+    # a taken port
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(PortInUseError, match=f"http port 127.0.0.1:{port} is already in use"):
+            deploy_triton.deploy(loaded, artifacts / "hstu-tiny", argparse.Namespace(**vars(args), http_port=port))
+    # no server anywhere
+    def missing(home: Path | None = None) -> tritonserver.ServerInstall:
+        raise TritonServerNotFound("tritonserver is not on PATH and not installed in /nowhere")
+
+    with monkeypatch.context() as m:
+        m.setattr(tritonserver, "find_tritonserver", missing)
+        m.setattr(tritonserver, "ensure_tritonserver", missing)
+        assert deploy(spec) == 1
+        assert "tritonserver is not on PATH and not installed in /nowhere" in capsys.readouterr().err
+    # a model that fails to load: the server's reason is quoted
+    broken = tmp_path / "broken"
+    shutil.copytree(artifacts / "hstu-tiny", broken / "hstu-tiny")
+    (broken / "hstu-tiny" / "triton" / bd.MODEL_REPOSITORY / "preprocess" / "1" / "weights" / "manifest.json").unlink()
+    with pytest.raises(ModelLoadError, match=r"model 'preprocess version 1': .*No such file or directory") as error:
+        deploy_triton.deploy(loaded, broken / "hstu-tiny", args)
+    assert list(error.value.failures) == ["preprocess version 1"]
