@@ -269,6 +269,35 @@ class EngineProfile(_Section):
     )
 
 
+class AotiConfig(_Section):
+    """AOTInductor packages of the dense jagged model (the ``aoti`` stage): ``torch.export`` with the
+    HSTU ops as grc custom ops, compiled ahead of time into one ``.pt2`` per target."""
+
+    enabled: bool = Field(False, description="build the aoti stage (artifacts/<spec>/engines-aoti/)")
+    targets: list[str] = Field(
+        default_factory=lambda: ["cpu", "cuda"],
+        description="cpu (float32, reference ops), cuda (this host's GPU) or sm<NN> (only on a GPU of that "
+        "compute capability); a GPU target on a host without that GPU is recorded as skipped",
+    )
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="dtype of GPU packages (weights, tokens, scores); cpu packages are float32"
+    )
+    parity: Tolerance | None = Field(
+        None,
+        description="package vs PyTorch float64 reference; default: verify.export for float32, "
+        "engine.parity / the engine defaults for 16-bit",
+    )
+
+    @model_validator(mode="after")
+    def _targets(self) -> AotiConfig:
+        for i, t in enumerate(self.targets):
+            if t not in ("cpu", "cuda") and not re.fullmatch(r"sm\d{2,3}", t):
+                raise ValueError(f"targets[{i}]: expected cpu, cuda or sm<NN> such as sm90 (got {t!r})")
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"targets: each target once (got {self.targets})")
+        return self
+
+
 class EngineConfig(_Section):
     """TensorRT engines: one per target, with grc::HSTUAttention carried by the plugin library."""
 
@@ -292,6 +321,7 @@ class EngineConfig(_Section):
     parity: Tolerance | None = Field(
         None, description="engine vs onnxruntime tolerance; default by precision (fp32 2e-3, fp16 3e-2, bf16 6e-2)"
     )
+    aoti: AotiConfig = Field(AotiConfig(), description="AOTInductor packages (the aoti stage), next to TensorRT")
 
     @model_validator(mode="after")
     def _targets_and_profiles(self) -> EngineConfig:

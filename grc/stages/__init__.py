@@ -8,6 +8,7 @@ from grc.stages.base import Stage
 STAGES: list[Stage] = [weights.STAGE, export.STAGE, surgery.STAGE, verify.STAGE, plugins.STAGE, engine.STAGE]
 STAGES.append(__import__("grc.stages.triton_bundle", fromlist=["STAGE"]).STAGE)  # bundles.triton
 STAGES.append(__import__("grc.stages.vllm_bundle", fromlist=["STAGE"]).STAGE)  # bundles.vllm
+STAGES.append(__import__("grc.stages.aoti", fromlist=["STAGE"]).STAGE)  # engine.aoti (AOTInductor)
 
 
 def stage_named(name: str) -> Stage:

@@ -277,7 +277,10 @@ def _print_table(ctx: Context, entries: list[dict[str, Any]]) -> None:
 STAGE = Stage(
     name="engine",
     output="engines",
-    reads=("engine", "model.hstu.max_seq_len", "model.max_candidates"),
+    # the TensorRT fields one by one, not all of `engine`: engine.aoti (AOTInductor) must not rebuild these plans
+    reads=(*(f"engine.{f}" for f in ("targets", "precision", "profiles", "optimization_level", "workspace_mb",
+                                     "timing_cache", "embed_plugin", "parity")),
+           "model.hstu.max_seq_len", "model.max_candidates"),
     inputs=("surgery", "plugins"),
     run=run,
     toolkits=(*TOOLKIT_DISTRIBUTIONS, "onnx"),

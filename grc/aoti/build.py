@@ -1,0 +1,254 @@
+"""Build one AOTInductor package per target: export, compile, parity, metadata.
+
+Targets: ``cpu`` (float32; the grc ops run the PyTorch reference through the dispatcher),
+``cuda`` (this host's GPU, the spec's dtype; the Triton kernels are compiled into the package) or
+``sm<NN>`` (like cuda, but only on a GPU of that compute capability). A target whose device this
+host lacks is returned as skipped with the reason: no package is ever written for it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from grc.aoti.inputs import JaggedInputs, random_inputs
+from grc.aoti.model import INPUTS, MAX_TOKENS, MAX_USERS, OUTPUTS, custom_ops, export_program, time_bucket_note
+from grc.compare import Figure, compare
+from grc.errors import StageError
+from grc.model.gr import GRDense
+from grc.spec.schema import ModelConfig, Tolerance
+
+PACKAGE = "model.pt2"
+METADATA = "metadata.json"
+FORMAT = "grc-aoti/1"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# AOTInductor options: precompiled headers cost ~15 s on a cold CPU build and save nothing here
+INDUCTOR_CONFIGS: dict[str, Any] = {"aot_inductor.precompile_headers": False}
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve_target(name: str) -> tuple[torch.device | None, str | None, dict[str, Any]]:
+    """(device, None, gpu info) when this host can build ``name``, else (None, reason, {})."""
+    if name == "cpu":
+        return torch.device("cpu"), None, {"cpu": platform.processor() or platform.machine()}
+    if not torch.cuda.is_available():
+        return (
+            None,
+            (
+                f"no CUDA GPU on this host (torch {torch.__version__}, cuda available: False): AOTInductor "
+                f"compiles a GPU package on a machine with that GPU; build there with `grc build`"
+            ),
+            {},
+        )
+    major, minor = torch.cuda.get_device_capability()
+    sm = major * 10 + minor
+    gpu = {"gpu": torch.cuda.get_device_name(), "sm": sm, "cuda": torch.version.cuda}
+    if name != "cuda" and int(name.removeprefix("sm")) != sm:
+        return None, f"target {name} needs a sm{name.removeprefix('sm')} GPU; this host's is sm{sm} ({gpu['gpu']})", {}
+    return torch.device("cuda"), None, gpu
+
+
+def toolkit_versions() -> dict[str, str | None]:
+    import triton
+
+    try:
+        cxx = subprocess.run(["c++", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    except (OSError, IndexError):
+        cxx = None
+    return {
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "cxx": cxx,
+    }
+
+
+def compile_package(program: torch.export.ExportedProgram, path: Path, metadata: dict[str, str]) -> float:
+    """AOTInductor: exported program -> ``path`` (.pt2); returns seconds."""
+    import torch._inductor.config as inductor_config
+
+    configs = dict(INDUCTOR_CONFIGS)
+    if hasattr(inductor_config.aot_inductor, "metadata"):
+        configs["aot_inductor.metadata"] = metadata
+    configs = {k: v for k, v in configs.items() if _has_config(inductor_config, k)}
+    started = time.perf_counter()
+    torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=configs)
+    return time.perf_counter() - started
+
+
+def _has_config(module: Any, dotted: str) -> bool:
+    node = module
+    for part in dotted.split("."):
+        if not hasattr(node, part):
+            return False
+        node = getattr(node, part)
+    return True
+
+
+def parity_cases(cfg: ModelConfig, shapes: list[tuple[int, int, int]], seed: int) -> list[tuple[str, JaggedInputs]]:
+    """(name, inputs) per (users, history, candidates) that fits the model, plus one ragged batch
+    long enough to cross the kernels' block boundaries."""
+    gen = torch.Generator().manual_seed(seed)
+    room = cfg.hstu.max_seq_len - len(cfg.profile)
+    cases = [s for s in shapes if s[1] + s[2] <= room and s[2] <= cfg.max_candidates]
+    long_cands = min(cfg.max_candidates, 24, room // 4)
+    cases.append((3, min(200, room - long_cands), long_cands))
+    return [(f"{u}u x {h}h x {c}c", random_inputs(cfg, u, h, c, gen)) for u, h, c in cases]
+
+
+def reference_scores(dense64: GRDense, inputs: JaggedInputs) -> torch.Tensor:
+    """The PyTorch reference: GRDense.forward_jagged, float64 on CPU, plain (impl="pytorch") ops."""
+    with torch.no_grad():
+        x = inputs.to("cpu", torch.float64)
+        return dense64.forward_jagged(*x.args(), impl="pytorch")
+
+
+def check_parity(
+    runner: Callable[..., torch.Tensor],
+    dense: GRDense,
+    device: torch.device,
+    dtype: torch.dtype,
+    tolerance: Tolerance,
+    cases: list[tuple[str, JaggedInputs]],
+    backend: str,
+) -> list[Figure]:
+    """Package on ``device`` in ``dtype`` vs the float64 reference, per case. The reference sees
+    the same (dtype-rounded) tokens, so the figures measure the model's arithmetic only."""
+    dense64 = copy.deepcopy(dense).to("cpu", torch.float64).eval()
+    figures = []
+    for case, inputs in cases:
+        rounded = inputs.to("cpu", dtype)
+        with torch.no_grad():
+            actual = runner(*rounded.to(device).args())
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        expected = reference_scores(dense64, rounded)
+        figures.append(compare(backend, case, "scores", actual.float().cpu().numpy(), expected.numpy(), tolerance))
+    return figures
+
+
+def build_target(
+    dense: GRDense,
+    target: str,
+    dtype_name: str,
+    folder: Path,
+    tolerance: Tolerance,
+    shapes: list[tuple[int, int, int]],
+    seed: int,
+    provenance: dict[str, Any],
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Export + compile + parity for one target into ``folder``; the manifest entry (status built
+    or skipped). Raises StageError when the package misses the tolerance."""
+    from grc.aoti.runtime import load
+
+    device, reason, host = resolve_target(target)
+    if device is None:
+        log(f"aoti: {target}: skipped: {reason}")
+        return {"name": target, "status": "skipped", "reason": reason, "dtype": dtype_name}
+    if device.type == "cpu":
+        dtype_name = "float32"  # the reference ops are the CPU path: 16-bit would only be slower
+    dtype = DTYPES[dtype_name]
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    program = export_program(dense, device, dtype)
+    export_s = time.perf_counter() - started
+    ops = custom_ops(program)
+    n_layers = dense.cfg.hstu.num_layers
+    traced_kernels = any("triton_kernel_wrapper" in op for op in ops)  # torch versions that trace into triton_ops
+    counts = (ops.count("grc.hstu_attention.default"), ops.count("grc.norm_gate.default"))
+    if counts != (n_layers, n_layers) and not traced_kernels:
+        raise StageError(
+            f"aoti: {target}: expected {n_layers} grc.hstu_attention and grc.norm_gate nodes in the "
+            f"exported program, found {ops}"
+        )
+    tag = {"grc.format": FORMAT, "grc.target": target, "grc.dtype": dtype_name, "grc.device": device.type}
+    compile_s = compile_package(program, folder / PACKAGE, tag)
+    log(
+        f"aoti: {target}: exported in {export_s:.1f}s, compiled in {compile_s:.1f}s "
+        f"({(folder / PACKAGE).stat().st_size / 2**20:.1f} MiB)"
+    )
+    runner = load(folder / PACKAGE, device)
+    cases = parity_cases(dense.cfg, shapes, seed)
+    figures = check_parity(runner, dense, device, dtype, tolerance, cases, f"aoti:{target}")
+    from grc.compare import format_figures
+
+    table = format_figures(figures)
+    log(table)
+    if not all(f.ok for f in figures):
+        raise StageError(f"aoti: {target} differs from the PyTorch reference beyond the tolerance:\n{table}")
+    package_sha = sha256_of(folder / PACKAGE)
+    metadata = {
+        "format": FORMAT,
+        "target": {"name": target, "device": device.type, **host},
+        "dtype": dtype_name,
+        "package": {"file": PACKAGE, "bytes": (folder / PACKAGE).stat().st_size, "sha256": package_sha},
+        "toolkit": {"name": "aotinductor", **toolkit_versions()},
+        "inputs": {
+            "tokens": f"[T, {dense.cfg.d_model}] {dtype_name}",
+            "offsets": "[B+1] int64",
+            "num_candidates": "[B] int64",
+            "timestamps": "[T] int64",
+        },
+        "input_names": list(INPUTS),
+        "outputs": {"scores": f"[T, {len(dense.cfg.tasks)}] {dtype_name}: zero except at candidate tokens"},
+        "output_names": list(OUTPUTS),
+        "dynamic": {
+            "users": [1, MAX_USERS],
+            "tokens": [2, MAX_TOKENS],
+            "note": f"tokens per user at most model.hstu.max_seq_len = {dense.cfg.hstu.max_seq_len}",
+        },
+        "custom_ops": ops,
+        "time_buckets": time_bucket_note(dense.cfg.hstu.time_buckets),
+        "kernels": (
+            "Triton kernels compiled into the package"
+            if device.type == "cuda"
+            else "grc reference ops called through the dispatcher (import kernels before loading)"
+        ),
+        **provenance,
+        # host- and run-dependent: everything else is a function of the inputs
+        "build_seconds": {"export": round(export_s, 3), "compile": round(compile_s, 3)},
+        "parity": {
+            "status": "passed",
+            "reference": "GRDense.forward_jagged, PyTorch float64 on CPU",
+            "device": host.get("gpu", "cpu"),
+            "figures": [f.as_dict() for f in figures],
+        },
+        "runtime": (
+            "grc.aoti.runtime.load(path, device) (imports kernels, then "
+            "torch._inductor.aoti_load_package); CUDA graphs per input shape: "
+            "grc.aoti.runtime.CudaGraphRunner; needs the same torch version"
+        ),
+    }
+    (folder / METADATA).write_text(json.dumps(metadata, indent=1) + "\n")
+    return {
+        "name": target,
+        "status": "built",
+        "device": device.type,
+        "dtype": dtype_name,
+        "gpu": host.get("gpu"),
+        "sm": host.get("sm"),
+        "package": f"{target}/{PACKAGE}",
+        "metadata": f"{target}/{METADATA}",
+        "package_sha256": package_sha,
+        "parity": "passed",
+        "python": sys.version.split()[0],
+    }

@@ -1,0 +1,81 @@
+"""Load and run an AOTInductor package of the dense model.
+
+``load`` imports ``kernels`` first: on CPU the package calls the ``grc`` reference ops through
+the dispatcher, so they must be registered in the process (on CUDA the Triton kernels are
+compiled into the package). ``CudaGraphRunner`` replays one captured CUDA graph per distinct
+input shape (users, tokens): the package's launches then cost one graph launch.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+Runner = Callable[..., Any]
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", single_threaded: bool | None = None) -> Runner:
+    """The compiled model: ``runner(tokens, offsets, num_candidates, timestamps) -> scores``.
+    single_threaded (default: on CUDA) skips the package's own stream/lock handling, which CUDA
+    graph capture needs."""
+    import kernels  # noqa: F401  registers torch.ops.grc.* (the CPU package calls them)
+
+    device = torch.device(device)
+    if single_threaded is None:
+        single_threaded = device.type == "cuda"
+    index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else -1)
+    compiled = torch._inductor.aoti_load_package(str(path), run_single_threaded=single_threaded, device_index=index)
+
+    def run(*args: torch.Tensor) -> torch.Tensor:
+        out = compiled(*args)
+        return out[0] if isinstance(out, (list, tuple)) else out
+
+    return run
+
+
+class CudaGraphRunner:
+    """Replays a CUDA graph of ``fn`` per input-shape signature (at most ``max_graphs``, least
+    recently used dropped). Inputs are copied into the graph's static buffers; the returned
+    tensor is the graph's static output (copy it before the next call if you keep it)."""
+
+    def __init__(self, fn: Runner, max_graphs: int = 16, warmup: int = 2):
+        self.fn = fn
+        self.max_graphs = max_graphs
+        self.warmup = warmup
+        self.graphs: OrderedDict[tuple[Any, ...], tuple[torch.cuda.CUDAGraph, list[torch.Tensor], Any]] = OrderedDict()
+        self.pool = torch.cuda.graph_pool_handle()
+
+    @staticmethod
+    def _key(args: tuple[torch.Tensor, ...]) -> tuple[Any, ...]:
+        return tuple((tuple(a.shape), a.dtype, a.device) for a in args)
+
+    def capture(self, *args: torch.Tensor) -> None:
+        static = [a.clone() for a in args]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(self.warmup):
+                self.fn(*static)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.fn(*static)
+        self.graphs[self._key(args)] = (graph, static, out)
+        while len(self.graphs) > self.max_graphs:
+            self.graphs.popitem(last=False)
+
+    def __call__(self, *args: torch.Tensor) -> Any:
+        key = self._key(args)
+        if key not in self.graphs:
+            self.capture(*args)
+        self.graphs.move_to_end(key)
+        graph, static, out = self.graphs[key]
+        for dst, src in zip(static, args, strict=True):
+            if dst.data_ptr() != src.data_ptr():
+                dst.copy_(src, non_blocking=True)
+        graph.replay()
+        return out
