@@ -12,27 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from bench._common import clone
 from grc.cache.nginx import NginxStore
-from tests.conftest import REPO
 
 STAGES = ["weights", "export", "surgery", "verify"]
 SKIP_FILES = {"build-report.json", ".doit.db", ".build.lock"}
 
 
 def _clone(dest: Path) -> Path:
-    """What a fresh clone holds: the tracked and untracked-but-not-ignored files of this checkout."""
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for rel in files:
-        if (REPO / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, dest / rel)
-    return dest
+    return clone(dest)  # the files a fresh clone holds; shared with the benchmarks
 
 
 def _build(
@@ -75,7 +63,7 @@ def _files(clone: Path) -> dict[str, bytes]:
 
 
 def _objects(store: Path) -> list[Path]:
-    return [p for p in (store / "cas").rglob("*") if p.is_file()]
+    return [p for p in (store / "cas").rglob("*") if p.is_file() and not p.name.startswith(".")]
 
 
 def _object_of(store: Path, clone: Path, rel: str) -> Path:

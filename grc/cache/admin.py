@@ -44,6 +44,7 @@ def prune(store: LocalStore, max_bytes: int) -> tuple[int, int]:
             if obj.name not in keep:
                 freed += obj.stat().st_size
                 obj.unlink()
+                obj.with_name(f".{obj.name}.ok").unlink(missing_ok=True)
         if stats(store).object_bytes <= max_bytes or not records:
             return removed, freed
         records.pop(0).unlink(missing_ok=True)
@@ -57,6 +58,7 @@ def verify(store: LocalStore) -> list[Path]:
         if sha256_file(obj) != obj.name:
             os.chmod(obj, 0o644)
             obj.unlink()
+            obj.with_name(f".{obj.name}.ok").unlink(missing_ok=True)
             bad.append(obj)
     return bad
 

@@ -85,21 +85,40 @@ class LocalStore:
             shutil.copyfile(src, tmp)
         os.chmod(tmp, 0o444)
         os.replace(tmp, dest)
+        _atomic_write(self._stamp(digest), self._stat_line(dest).encode())  # hashed by the stage that wrote it
 
     def put_blob_bytes(self, data: bytes, digest: str) -> None:
         _atomic_write(self._cas(digest), data, mode=0o444)
 
+    def _stamp(self, digest: str) -> Path:
+        return self._cas(digest).with_name(f".{digest}.ok")
+
+    @staticmethod
+    def _stat_line(path: Path) -> str:
+        st = path.stat()
+        return f"{st.st_size} {st.st_mtime_ns} {st.st_ino}"
+
     def verified_blob(self, digest: str, size: int) -> Path | None:
-        """The object's path if its size and sha256 are right; a bad object is deleted."""
+        """The object's path if its size and sha256 are right; a bad object is deleted.
+
+        Hashing multi-GB shards on every restore would cost seconds, so (like git's index) a
+        verified object gets a stamp of its size, mtime and inode; while the stat still matches
+        the stamp the hash is trusted. Any write to the object changes its mtime, so a flipped
+        byte or a truncation is re-hashed and caught; ``grc cache verify`` re-hashes everything."""
         path = self._cas(digest)
         if not path.is_file():
             return None
+        stamp = self._stamp(digest)
+        if path.stat().st_size == size and stamp.is_file() and stamp.read_text() == self._stat_line(path):
+            return path
         if path.stat().st_size != size or sha256_file(path) != digest:
             path.unlink(missing_ok=True)
+            stamp.unlink(missing_ok=True)
             return None
+        _atomic_write(stamp, self._stat_line(path).encode())
         return path
 
-    def objects(self) -> list[Path]:
+    def objects(self) -> list[Path]:  # stamps and temp files start with a dot
         return [p for p in (self.root / "cas").rglob("*") if p.is_file() and not p.name.startswith(".")]
 
     def records(self) -> list[Path]:
