@@ -24,6 +24,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,6 +48,7 @@ WORKLOADS = {
     "throughput": {"users": 64, "history": 1000, "candidates": 512},
 }
 BASELINE = "eager_bf16"
+T0 = time.perf_counter()
 
 
 # --------------------------------------------------------------------------- floors
@@ -165,7 +167,7 @@ class Recorder:
 
 
 def run_gpu_spec(name: str, rec: Recorder, args: argparse.Namespace) -> None:
-    from grc.aoti.build import build_target
+    from grc.aoti.build import compile_target, verify_target
     from grc.aoti.model import JaggedDense, time_bucket_note
     from grc.aoti.runtime import load
     from grc.model.jagged import lengths_of, to_jagged, to_padded
@@ -247,6 +249,12 @@ def run_gpu_spec(name: str, rec: Recorder, args: argparse.Namespace) -> None:
 
     def compiled_mode(wl: str) -> Callable[[], torch.Tensor]:
         if "fn" not in compiled:
+            import torch._inductor.config as inductor_config
+
+            from grc.aoti.build import INDUCTOR_CONFIGS
+
+            if hasattr(inductor_config, "_use_fp64_for_unbacked_floats"):  # see grc.aoti.build.INDUCTOR_CONFIGS
+                inductor_config._use_fp64_for_unbacked_floats = INDUCTOR_CONFIGS["_use_fp64_for_unbacked_floats"]
             compiled["fn"] = torch.compile(JaggedDense(dense16, "triton").eval(), dynamic=True)
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -255,24 +263,42 @@ def run_gpu_spec(name: str, rec: Recorder, args: argparse.Namespace) -> None:
         out.setdefault("compile_seconds", {})[f"torch.compile:{wl}"] = round(time.perf_counter() - t0, 1)
         return _graphed(compiled["fn"], gpu_in[wl]["bf16"])
 
-    modes["compile_bf16_triton"] = ("torch.compile(dynamic) bf16, grc Triton ops, CUDA graph per shape", compiled_mode)
-    package = {}
+    package: dict[str, Any] = {}
 
     def aoti(wl: str, graphs: bool) -> Callable[[], torch.Tensor]:
+        if "failed" in package:  # build once; a failure is not retried for every mode and workload
+            raise RuntimeError(f"the package is unusable (see the first aoti error): {package['failed'][:300]}")
+        try:
+            return _aoti(wl, graphs)
+        except Exception as exc:
+            package["failed"] = f"{type(exc).__name__}: {exc}"
+            raise
+
+    def _aoti(wl: str, graphs: bool) -> Callable[[], torch.Tensor]:
         if "run" not in package:
             folder = Path(tempfile.mkdtemp(prefix="grc-aoti-")) / "cuda"
+            log = lambda m: print(f"  {m}", flush=True)  # noqa: E731
+            compiled = compile_target(dense32, "cuda", "bfloat16", folder, log)
+            if args.out is not None and (folder / "model.pt2").stat().st_size < 15 << 20:
+                shutil.copy(folder / "model.pt2", args.out.parent / f"aoti-{name}.pt2")  # for inspection
+            # load and run the package in fresh processes first: a host-side crash there (seen:
+            # SIGSEGV right after the compile) must not take this process's results with it
+            probes: dict[Any, Any] = {False: probe_package(name, folder / "model.pt2", False)}
+            if probes[False].get("graph") != "ok":  # AOTInductor's single-threaded runner: for CUDA graphs
+                probes[True] = probe_package(name, folder / "model.pt2", True)
+            if not any("rel_err_vs_eager_kernels" in p for p in probes.values()):  # the .pt2 loader or the model?
+                probes["so"] = probe_package(name, folder / "model.pt2", False, {"GRC_PROBE_SO": "1"})
+            out["aoti_probes"] = probes
+            rec.save()
+            ran = [st for st, p in probes.items() if st in (False, True) and "rel_err_vs_eager_kernels" in p]
+            if not ran:
+                raise RuntimeError(f"the package crashed when loaded and run: {probes}")
+            usable = sorted(ran, key=lambda st: probes[st].get("graph") != "ok")  # graph-capable first
+            package["graph_ok"] = probes[usable[0]].get("graph") == "ok"
             shapes = [(s.users, s.history, s.candidates) for s in spec.verify.shapes]
-            entry = build_target(
-                dense32,
-                "cuda",
-                "bfloat16",
-                folder,
-                spec.engine.tolerance_of("bf16"),
-                shapes,
-                20240501,
-                {"spec": name, "weights": "seeded init in memory (bench)"},
-                lambda m: print(f"  {m}", flush=True),
-            )
+            provenance = {"spec": name, "weights": "seeded init in memory (bench)"}
+            entry = verify_target(dense32, compiled, folder, spec.engine.tolerance_of("bf16"), shapes, 20240501,
+                                  provenance, log, single_threaded=usable[0])  # fmt: skip
             meta = json.loads((folder / "metadata.json").read_text())
             out["aoti_package"] = {
                 "entry": entry,
@@ -280,17 +306,22 @@ def run_gpu_spec(name: str, rec: Recorder, args: argparse.Namespace) -> None:
                 "parity": meta["parity"],
                 "bytes": meta["package"]["bytes"],
                 "toolkit": meta["toolkit"],
+                "single_threaded": usable[0],
             }
             if args.out is not None:
                 (args.out.parent / f"aoti-{name}-metadata.json").write_text(json.dumps(meta, indent=1))
-            package["run"] = load(folder / "model.pt2", "cuda")
+            package["run"] = load(folder / "model.pt2", "cuda", single_threaded=usable[0])
         a = gpu_in[wl]["bf16"]
         if graphs:
+            if not package["graph_ok"]:
+                raise RuntimeError(f"CUDA-graph capture of the package failed in the probe: {out['aoti_probes']}")
             return _graphed(package["run"], a)
         return lambda: package["run"](*a.args())
 
-    modes["aoti_bf16"] = ("AOTInductor package bf16, grc Triton ops, CUDA graph per shape", lambda wl: aoti(wl, True))
-    modes["aoti_bf16_nograph"] = ("the same package, no CUDA graph", lambda wl: aoti(wl, False))
+    modes["aoti_bf16_nograph"] = ("AOTInductor package bf16, grc Triton ops, no CUDA graph", lambda wl: aoti(wl, False))
+    modes["aoti_bf16"] = ("the same package, CUDA graph per shape", lambda wl: aoti(wl, True))
+    # last: a device-side fault would leave the CUDA context unusable for every later mode
+    modes["compile_bf16_triton"] = ("torch.compile(dynamic) bf16, grc Triton ops, CUDA graph per shape", compiled_mode)
 
     skip = set(args.skip.split(",")) if args.skip else set()
     for mode, (desc, make) in modes.items():
@@ -298,7 +329,7 @@ def run_gpu_spec(name: str, rec: Recorder, args: argparse.Namespace) -> None:
             continue
         out["modes"][mode] = {"what": desc}
         for wl in WORKLOADS:
-            print(f"[{name}] {mode} {wl}", flush=True)
+            print(f"[{name}] {mode} {wl} (t={time.perf_counter() - T0:.0f}s)", flush=True)
             try:
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()
@@ -356,8 +387,66 @@ def _graphed(fn: Callable[..., torch.Tensor], inp: JaggedInputs) -> Callable[[],
     return lambda: runner(*args)
 
 
+def probe_package(
+    spec_name: str, package: Path, single_threaded: bool, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Load + run + CUDA-graph the package in a fresh process (python -X faulthandler)."""
+    cmd = [sys.executable, "-X", "faulthandler", __file__, "--probe", spec_name, str(package)]
+    cmd.append(str(int(single_threaded)))
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
+    except subprocess.TimeoutExpired:
+        return {"rc": "timeout"}
+    result: dict[str, Any] = {"rc": done.returncode}
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("PROBE ")]
+    for ln in lines:
+        key, _, value = ln[len("PROBE ") :].partition("=")
+        result[key] = value
+    if done.returncode != 0:
+        result["tail"] = (done.stdout + done.stderr)[-2500:]
+    print(f"  probe single_threaded={single_threaded}: {json.dumps(result)[:3000]}", flush=True)
+    return result
+
+
+def run_probe(spec_name: str, package: Path, single_threaded: bool) -> None:
+    from grc.aoti.model import JaggedDense
+    from grc.aoti.runtime import CudaGraphRunner, load
+
+    cfg = load_spec(REPO / "specs" / f"{spec_name}.yaml").spec.model
+    dense = seeded_dense(cfg).cuda().to(torch.bfloat16)
+    inp = random_inputs(cfg, 3, 50, 8, torch.Generator().manual_seed(5)).to("cuda", torch.bfloat16)
+    print("PROBE stage=load", flush=True)
+    if os.environ.get("GRC_PROBE_SO"):  # bypass the .pt2 loader: the extracted model .so, run directly
+        import zipfile
+
+        unpacked = Path(tempfile.mkdtemp(prefix="grc-probe-"))
+        zipfile.ZipFile(package).extractall(unpacked)
+        so = next(unpacked.rglob("*.so"))
+        print(f"PROBE so={so.relative_to(unpacked)}", flush=True)
+        runner = torch._C._aoti.AOTIModelContainerRunnerCuda(str(so), 1, "cuda", str(so.parent))
+        run = lambda *a: runner.run(list(a))[0]  # noqa: E731
+    else:
+        run = load(package, "cuda", single_threaded=single_threaded)
+    print("PROBE stage=run", flush=True)
+    with torch.no_grad():
+        got = run(*inp.args())
+        torch.cuda.synchronize()
+        want = JaggedDense(dense, "triton")(*inp.args())
+        print(f"PROBE rel_err_vs_eager_kernels={rel_error(got, want.float().cpu()):.3e}", flush=True)
+        print("PROBE stage=graph", flush=True)
+        try:
+            graphed = CudaGraphRunner(run, max_graphs=1)
+            g = graphed(*inp.args())
+            torch.cuda.synchronize()
+            print(f"PROBE graph=ok graph_rel_err={rel_error(g, want.float().cpu()):.3e}", flush=True)
+        except Exception as exc:
+            print(f"PROBE graph=failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+
+
 def stage_check(out_dir: Path | None) -> dict[str, Any]:
-    """`grc build` of hstu-tiny with engine.aoti enabled, targets cpu + cuda (the stage itself)."""
+    """The aoti stage itself on hstu-tiny with engine.aoti enabled, targets cpu + cuda: `grc build`,
+    or, where the CLI cannot start (a serving dependency missing), the weights and aoti stages'
+    run functions called directly."""
     work = Path(tempfile.mkdtemp(prefix="grc-aoti-stage-"))
     spec = work / "hstu-tiny-aoti.yaml"
     spec.write_text(
@@ -373,24 +462,66 @@ def stage_check(out_dir: Path | None) -> dict[str, Any]:
         cwd=work,
     )
     result: dict[str, Any] = {
+        "via": "grc build",
         "rc": done.returncode,
         "seconds": round(time.perf_counter() - t0, 1),
         "log_tail": (done.stdout + done.stderr)[-3000:],
     }
     manifest = work / "art" / "hstu-tiny" / "engines-aoti" / "manifest.json"
+    if not manifest.exists():  # in a fresh process too: a fault here must not touch the benchmark's CUDA context
+        result["cli_error"] = result.pop("log_tail")[-800:]
+        direct = subprocess.run(
+            [sys.executable, __file__, "--stage-direct", str(spec), str(work / "direct")],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        result["via"] = "weights + aoti stage run() called directly (the CLI could not start)"
+        result["rc"] = direct.returncode
+        result["log_tail"] = (direct.stdout + direct.stderr)[-3000:]
+        manifest = work / "direct" / "engines-aoti" / "manifest.json"
     if manifest.exists():
         result["manifest"] = json.loads(manifest.read_text())
         meta = manifest.parent / "cuda" / "metadata.json"
         if meta.exists():
             m = json.loads(meta.read_text())
-            result["cuda_metadata"] = {
-                k: m[k] for k in ("target", "dtype", "toolkit", "build_seconds", "parity", "custom_ops", "package")
-            }
-    print(result["log_tail"][-1500:], flush=True)
+            keys = ("target", "dtype", "toolkit", "build_seconds", "parity", "custom_ops", "package")
+            result["cuda_metadata"] = {k: m[k] for k in keys}
+    print(json.dumps({k: v for k, v in result.items() if k != "manifest"}, indent=1)[-2500:], flush=True)
     return result
 
 
+def _stage_direct(spec_path: Path, root: Path) -> dict[str, Any]:
+    from rich.console import Console
+
+    try:
+        from grc.stages import aoti, weights
+    except (ImportError, RuntimeError):  # another stage's serving dependency is missing here: skip grc.stages'
+        import types  # __init__ (the list of all stages), load only the two stage modules this needs
+
+        stages_pkg = types.ModuleType("grc.stages")
+        stages_pkg.__path__ = [str(REPO / "grc" / "stages")]
+        sys.modules["grc.stages"] = stages_pkg
+        from grc.stages import aoti, weights
+    from grc.stages.base import MANIFEST, Context
+
+    loaded = load_spec(spec_path)
+    t0 = time.perf_counter()
+    try:
+        for stage, inputs in ((weights, {}), (aoti, {"weights": root / "weights"})):
+            out = root / stage.STAGE.output
+            out.mkdir(parents=True)
+            manifest = stage.STAGE.run(Context(loaded=loaded, out=out, inputs=inputs, console=Console()))
+            (out / MANIFEST).write_text(json.dumps({"stage": stage.STAGE.name, **manifest}, indent=1))
+        return {"via": "weights + aoti stage run() called directly", "rc": 0, "seconds": time.perf_counter() - t0}
+    except Exception as exc:
+        traceback.print_exc()
+        return {"via": "stage run() called directly", "rc": 1, "error": f"{type(exc).__name__}: {exc}"[:3000]}
+
+
 def gpu_main(args: argparse.Namespace) -> None:
+    """One spec (--child): every mode in this process. Several specs or --stage-check: each spec
+    in a child process of its own (a device fault in one cannot take the others down), merged."""
     head = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": args.commit or _commit(),
@@ -403,19 +534,48 @@ def gpu_main(args: argparse.Namespace) -> None:
             "python": platform.python_version(),
         },
         "timing": f"CUDA events around each call, >= 10 calls and ~{args.budget}s per mode, after warm-up; "
-        "p50/p99 over the calls; users/s = users / p50",
+        "p50/p99 over the calls; users/s = users / p50. One process per spec: every mode of a spec runs "
+        "in that process on the same inputs",
     }
-    rec = Recorder(args.out, head)
-    rec.data["ceilings"] = ceilings()
-    torch.cuda.empty_cache()
-    print("ceilings", rec.data["ceilings"], flush=True)
-    rec.save()
-    for name in filter(None, args.specs.split(",")):
-        run_gpu_spec(name, rec, args)
-    print_table(rec.data)
-    if args.stage_check:
-        rec.data["stage_check"] = stage_check(args.out)
+    specs = [s for s in args.specs.split(",") if s]
+    if args.child:
+        rec = Recorder(args.out, head)
+        rec.data["ceilings"] = ceilings()
+        torch.cuda.empty_cache()
+        print("ceilings", rec.data["ceilings"], flush=True)
         rec.save()
+        for name in specs:
+            run_gpu_spec(name, rec, args)
+        print_table(rec.data)
+        return
+    merged: dict[str, Any] = {**head, "specs": {}, "children": {}}
+    work = Path(tempfile.mkdtemp(prefix="grc-e2e-"))
+    for name in specs:
+        part = work / f"{name}.json"
+        cmd = [sys.executable, __file__, "--child", "--specs", name, "--out", str(part), "--budget", str(args.budget)]
+        cmd += ["--commit", merged["commit"]] + (["--skip", args.skip] if args.skip else [])
+        left = args.deadline - (time.perf_counter() - T0)
+        share = left - 90 * args.stage_check if name == specs[-1] else left / (len(specs) - specs.index(name)) + 30
+        try:
+            rc: int | str = subprocess.run(cmd, timeout=max(30.0, share)).returncode
+        except subprocess.TimeoutExpired:
+            rc = f"timed out after {share:.0f}s"
+        merged["children"][name] = rc
+        if part.exists():
+            data = json.loads(part.read_text())
+            merged.setdefault("ceilings", data.get("ceilings"))
+            merged["specs"].update(data["specs"])
+            for spec_data in data["specs"].values():
+                spec_data["ceilings"] = data.get("ceilings")
+        if args.out is not None:
+            args.out.write_text(json.dumps(merged, indent=1) + "\n")
+    if args.stage_check and args.deadline - (time.perf_counter() - T0) > 45:
+        merged["stage_check"] = stage_check(args.out)
+    elif args.stage_check:
+        merged["stage_check"] = {"rc": "not run: no time left in the call"}
+    if args.out is not None:
+        args.out.write_text(json.dumps(merged, indent=1) + "\n")
+    print_table(merged)
 
 
 def print_table(data: dict[str, Any]) -> None:
@@ -543,7 +703,18 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="CPU threads (torch and onnxruntime)")
     p.add_argument("--stage-check", action="store_true", help="also `grc build` hstu-tiny's aoti stage (cpu + cuda)")
     p.add_argument("--commit", default="", help="commit to record (default: git rev-parse HEAD)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--deadline", type=float, default=500.0, help="seconds the whole GPU run may take")
+    p.add_argument("--stage-direct", nargs=2, metavar=("SPEC", "ROOT"), help=argparse.SUPPRESS)
+    p.add_argument("--probe", nargs=3, metavar=("SPEC", "PACKAGE", "SINGLE_THREADED"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.probe:
+        run_probe(args.probe[0], Path(args.probe[1]), bool(int(args.probe[2])))
+        return
+    if args.stage_direct:
+        result = _stage_direct(Path(args.stage_direct[0]), Path(args.stage_direct[1]))
+        print(json.dumps(result))
+        raise SystemExit(result["rc"])
     if args.cpu:
         cpu_main(args)
     elif not torch.cuda.is_available():

@@ -32,8 +32,18 @@ PACKAGE = "model.pt2"
 METADATA = "metadata.json"
 FORMAT = "grc-aoti/1"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# AOTInductor options: precompiled headers cost ~15 s on a cold CPU build and save nothing here
-INDUCTOR_CONFIGS: dict[str, Any] = {"aot_inductor.precompile_headers": False}
+# AOTInductor options. Precompiled headers cost ~15 s on a cold CPU build and save nothing here.
+# Float scalars passed to the user Triton kernels (alpha, 1/norm) must stay fp32: with fp64 (the
+# default since torch 2.10) the kernel's fp32 accumulator is promoted in one branch and Triton
+# refuses to compile it ("acc ... redefines it as fp64"; seen on the H100 with torch 2.11).
+# The attention kernel finds each program's users by scanning ``offsets``: Inductor's compile-time
+# autotuning must run it on the real example inputs, not on its made-up ones (zeros for integer
+# tensors), with which the scan reads past the end of ``offsets`` (an illegal address on the H100).
+INDUCTOR_CONFIGS: dict[str, Any] = {
+    "aot_inductor.precompile_headers": False,
+    "_use_fp64_for_unbacked_floats": False,
+    "triton.autotune_with_sample_inputs": True,
+}
 
 
 def sha256_of(path: Path) -> str:
@@ -89,6 +99,8 @@ def compile_package(program: torch.export.ExportedProgram, path: Path, metadata:
     if hasattr(inductor_config.aot_inductor, "metadata"):
         configs["aot_inductor.metadata"] = metadata
     configs = {k: v for k, v in configs.items() if _has_config(inductor_config, k)}
+    if "triton.autotune_with_sample_inputs" not in configs:  # older torch: the two-pass compile uses real inputs
+        configs["triton.autotune_at_compile_time"] = False
     started = time.perf_counter()
     torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=configs)
     return time.perf_counter() - started
@@ -145,31 +157,20 @@ def check_parity(
     return figures
 
 
-def build_target(
-    dense: GRDense,
-    target: str,
-    dtype_name: str,
-    folder: Path,
-    tolerance: Tolerance,
-    shapes: list[tuple[int, int, int]],
-    seed: int,
-    provenance: dict[str, Any],
-    log: Callable[[str], None] = print,
+def compile_target(
+    dense: GRDense, target: str, dtype_name: str, folder: Path, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
-    """Export + compile + parity for one target into ``folder``; the manifest entry (status built
-    or skipped). Raises StageError when the package misses the tolerance."""
-    from grc.aoti.runtime import load
-
+    """Export + AOTInductor compile into ``folder``. Returns {"status": "skipped", ...} when this
+    host lacks the target's device, else what ``verify_target`` needs."""
     device, reason, host = resolve_target(target)
     if device is None:
         log(f"aoti: {target}: skipped: {reason}")
         return {"name": target, "status": "skipped", "reason": reason, "dtype": dtype_name}
     if device.type == "cpu":
         dtype_name = "float32"  # the reference ops are the CPU path: 16-bit would only be slower
-    dtype = DTYPES[dtype_name]
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    program = export_program(dense, device, dtype)
+    program = export_program(dense, device, DTYPES[dtype_name])
     export_s = time.perf_counter() - started
     ops = custom_ops(program)
     n_layers = dense.cfg.hstu.num_layers
@@ -186,7 +187,48 @@ def build_target(
         f"aoti: {target}: exported in {export_s:.1f}s, compiled in {compile_s:.1f}s "
         f"({(folder / PACKAGE).stat().st_size / 2**20:.1f} MiB)"
     )
-    runner = load(folder / PACKAGE, device)
+    return {"name": target, "status": "compiled", "device": device, "host": host, "dtype": dtype_name,
+            "ops": ops, "export_s": export_s, "compile_s": compile_s}  # fmt: skip
+
+
+def build_target(
+    dense: GRDense,
+    target: str,
+    dtype_name: str,
+    folder: Path,
+    tolerance: Tolerance,
+    shapes: list[tuple[int, int, int]],
+    seed: int,
+    provenance: dict[str, Any],
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Export + compile + parity for one target into ``folder``; the manifest entry (status built
+    or skipped). Raises StageError when the package misses the tolerance."""
+    compiled = compile_target(dense, target, dtype_name, folder, log)
+    if compiled["status"] == "skipped":
+        return compiled
+    return verify_target(dense, compiled, folder, tolerance, shapes, seed, provenance, log)
+
+
+def verify_target(
+    dense: GRDense,
+    compiled: dict[str, Any],
+    folder: Path,
+    tolerance: Tolerance,
+    shapes: list[tuple[int, int, int]],
+    seed: int,
+    provenance: dict[str, Any],
+    log: Callable[[str], None] = print,
+    single_threaded: bool = False,
+) -> dict[str, Any]:
+    """Load the compiled package, parity against the float64 reference, metadata.json; the
+    manifest entry. Raises StageError when the package misses the tolerance."""
+    from grc.aoti.runtime import load
+
+    target, device, host, dtype_name = compiled["name"], compiled["device"], compiled["host"], compiled["dtype"]
+    ops, export_s, compile_s = compiled["ops"], compiled["export_s"], compiled["compile_s"]
+    dtype = DTYPES[dtype_name]
+    runner = load(folder / PACKAGE, device, single_threaded=single_threaded)
     cases = parity_cases(dense.cfg, shapes, seed)
     figures = check_parity(runner, dense, device, dtype, tolerance, cases, f"aoti:{target}")
     from grc.compare import format_figures

@@ -34,7 +34,12 @@ KERNEL_TIME_BUCKETS = 31  # kernels.ops.MAX_KERNEL_TIME_BUCKETS (not imported: t
 def jagged_positions(offsets: torch.Tensor, num_candidates: torch.Tensor, total: int) -> tuple[torch.Tensor, ...]:
     """[T] each token's index within its user, and its user's history length (profile + history)."""
     pos = torch.arange(total, device=offsets.device)
-    user = torch.searchsorted(offsets[1:], pos, right=True)  # tokens [o[b], o[b+1]) -> b
+    # user of token t = how many users end at or before t: a +1 at each user's end, prefix-summed.
+    # (Not searchsorted over offsets[1:]: Inductor's CUDA bucketize read that view from its base
+    # and sent every token of a 1-user batch to user 1, an out-of-bounds gather; H100, torch 2.11.)
+    ends = offsets[1:]
+    marks = torch.zeros(total + 1, dtype=offsets.dtype, device=offsets.device).index_add(0, ends, torch.ones_like(ends))
+    user = marks.cumsum(0)[:total]
     idx = pos - offsets[:-1][user]
     n_ctx = (offsets[1:] - offsets[:-1] - num_candidates)[user]
     return idx, n_ctx

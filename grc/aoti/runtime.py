@@ -18,15 +18,12 @@ import torch
 Runner = Callable[..., Any]
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", single_threaded: bool | None = None) -> Runner:
+def load(path: str | Path, device: str | torch.device = "cpu", single_threaded: bool = False) -> Runner:
     """The compiled model: ``runner(tokens, offsets, num_candidates, timestamps) -> scores``.
-    single_threaded (default: on CUDA) skips the package's own stream/lock handling, which CUDA
-    graph capture needs."""
+    single_threaded: AOTInductor's ``run_single_threaded`` (no container lock or event waits)."""
     import kernels  # noqa: F401  registers torch.ops.grc.* (the CPU package calls them)
 
     device = torch.device(device)
-    if single_threaded is None:
-        single_threaded = device.type == "cuda"
     index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else -1)
     compiled = torch._inductor.aoti_load_package(str(path), run_single_threaded=single_threaded, device_index=index)
 

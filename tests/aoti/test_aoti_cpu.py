@@ -1,0 +1,119 @@
+"""The aoti stage on CPU: hstu-tiny's package builds through `grc build`, matches the float64
+PyTorch reference, loads and runs on fresh requests; GPU targets are skipped with a reason.
+One AOTInductor compile for the whole module (~15-40 s on 2 cores)."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO, SPECS, TEST_SPECS, run_build, write_spec
+
+
+@pytest.fixture(scope="module")
+def aoti_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("aoti")
+    spec = write_spec(folder, SPECS / "hstu-tiny.yaml", {"engine.aoti": {"enabled": True, "targets": ["cpu", "cuda"]}})
+    statuses = run_build(spec, only=["aoti"])
+    assert statuses == {"weights": "built", "aoti": "built"}
+    return folder / "artifacts" / "hstu-tiny" / "engines-aoti"
+
+
+def test_cpu_package_built_with_parity_and_metadata(aoti_build: Path) -> None:
+    manifest = json.loads((aoti_build / "manifest.json").read_text())
+    assert manifest["built"] == ["cpu"]
+    meta = json.loads((aoti_build / "cpu" / "metadata.json").read_text())
+    assert meta["target"]["device"] == "cpu" and meta["dtype"] == "float32"
+    assert meta["parity"]["status"] == "passed" and len(meta["parity"]["figures"]) == 3
+    assert all(f["ok"] and f["max_abs"] <= 1e-5 for f in meta["parity"]["figures"])  # verify.export tolerance
+    assert meta["custom_ops"].count("grc.hstu_attention.default") == 2  # one per layer, in the exported program
+    assert meta["custom_ops"].count("grc.norm_gate.default") == 2
+    assert {"torch", "triton", "python"} <= set(meta["toolkit"])
+    assert meta["build_seconds"]["compile"] > 0 and len(meta["weights"]["manifest_sha256"]) == 64
+    assert manifest["sha256"]["cpu/model.pt2"] == meta["package"]["sha256"]
+
+
+def test_gpu_target_skipped_with_reason_and_no_file(aoti_build: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this host has a GPU: the cuda target builds")
+    manifest = json.loads((aoti_build / "manifest.json").read_text())
+    assert "no CUDA GPU on this host" in manifest["skipped"]["cuda"]
+    assert not (aoti_build / "cuda").exists()
+
+
+def test_package_runs_fresh_ragged_batches_like_the_reference(aoti_build: Path) -> None:
+    from grc.aoti.inputs import random_inputs
+    from grc.aoti.runtime import load
+    from grc.spec.loader import load_spec
+    from grc.weights import load_model
+
+    cfg = load_spec(SPECS / "hstu-tiny.yaml").spec.model
+    dense = load_model(cfg, aoti_build.parent / "weights").dense.double()
+    run = load(aoti_build / "cpu" / "model.pt2", "cpu")
+    gen = torch.Generator().manual_seed(99)
+    for users, history, candidates in ((1, 5, 1), (7, 40, 16)):  # sizes the trace never saw
+        inp = random_inputs(cfg, users, history, candidates, gen)
+        with torch.no_grad():
+            got = run(*inp.args())
+            want = dense.forward_jagged(*inp.to("cpu", torch.float64).args())
+        assert got.shape == want.shape and got.dtype == torch.float32
+        assert (got.double() - want).abs().max() < 1e-5
+        assert (got[want == 0] == 0).all()  # non-candidate tokens score exactly zero
+
+
+def test_jagged_entry_matches_forward_jagged_with_empty_users() -> None:
+    """The export entry point computes positions without data-dependent sizes; same function."""
+    from grc.aoti.inputs import random_inputs, seeded_dense
+    from grc.aoti.model import JaggedDense, jagged_positions
+    from grc.model.jagged import local_index
+    from grc.spec.loader import load_spec
+
+    offsets = torch.tensor([0, 0, 5, 5, 9, 12, 12])
+    idx, n_ctx = jagged_positions(offsets, torch.tensor([0, 2, 0, 1, 3, 0]), 12)
+    assert torch.equal(idx, local_index(offsets)) and n_ctx.tolist() == [3] * 5 + [3] * 4 + [0] * 3
+    cfg = load_spec(TEST_SPECS / "mtgr-tiny.yaml").spec.model
+    dense = seeded_dense(cfg, seed=3).double()
+    inp = random_inputs(cfg, 4, 20, 6, torch.Generator().manual_seed(4)).to("cpu", torch.float64)
+    with torch.no_grad():
+        want = dense.forward_jagged(*inp.args())
+        for impl in ("pytorch", "triton"):  # triton: the grc ops (the reference on CPU)
+            assert torch.allclose(JaggedDense(dense, impl)(*inp.args()), want, rtol=0, atol=1e-12)
+
+
+def test_time_bucket_cap_is_exact_below_68_years() -> None:
+    """Specs with 32 time buckets run the kernel with the table cut to 31 buckets (MTGR specs)."""
+    from grc.aoti.inputs import random_inputs, seeded_dense
+    from grc.aoti.model import KERNEL_TIME_BUCKETS, JaggedDense
+    from grc.spec.loader import load_spec
+
+    spec = load_spec(TEST_SPECS / "mtgr-tiny.yaml").spec
+    cfg = spec.model.model_copy(update={"hstu": spec.model.hstu.model_copy(update={"time_buckets": 32})})
+    assert cfg.hstu.time_buckets > KERNEL_TIME_BUCKETS
+    dense = seeded_dense(cfg).double()
+    inp = random_inputs(cfg, 3, 30, 5, torch.Generator().manual_seed(1)).to("cpu", torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(JaggedDense(dense)(*inp.args()), dense.forward_jagged(*inp.args()), rtol=0, atol=1e-12)
+        inp.timestamps[1] -= 1 << 31  # one history event 68 years back: bucket 31, which the cut table lacks
+        assert not torch.allclose(JaggedDense(dense)(*inp.args()), dense.forward_jagged(*inp.args()))
+
+
+def test_spec_section_and_light_stage_module() -> None:
+    from pydantic import ValidationError
+
+    from grc.build.graph import active_stages
+    from grc.spec.loader import load_spec
+    from grc.spec.schema import AotiConfig
+
+    assert AotiConfig().enabled is False and AotiConfig().targets == ["cpu", "cuda"]
+    assert AotiConfig(targets=["sm90"]).targets == ["sm90"]
+    with pytest.raises(ValidationError, match="expected cpu, cuda or sm<NN>"):
+        AotiConfig(targets=["h100"])
+    assert "aoti" not in [s.name for s in active_stages(load_spec(SPECS / "hstu-tiny.yaml"))]  # off by default
+    tree = ast.parse((REPO / "grc" / "stages" / "aoti.py").read_text())
+    top = {a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names}
+    top |= {n.module for n in tree.body if isinstance(n, ast.ImportFrom) and n.module}
+    assert top <= {"__future__", "json", "typing", "grc.stages.base"}  # torch loads only when the stage runs
