@@ -302,7 +302,25 @@ class _PortRace(Exception):
     """An auto-picked port was taken between picking and the server binding it."""
 
 
-class TritonServer:
+class _Endpoints:
+    """Addresses in the form tritonclient takes them, from a ``ports`` map (live or detached server)."""
+
+    ports: dict[str, int]
+
+    @property
+    def http_url(self) -> str:
+        return f"{HOST}:{self.ports['http']}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{HOST}:{self.ports['grpc']}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{HOST}:{self.ports['metrics']}/metrics"
+
+
+class TritonServer(_Endpoints):
     """A tritonserver process on 127.0.0.1; ``with TritonServer(repo) as server: ...``.
 
     Ports left as None are picked free. ``start()`` returns once every model is loaded
@@ -337,19 +355,6 @@ class TritonServer:
         self._workdir: Path | None = None
         self._shm_prefix = f"grc{os.getpid()}_{secrets.token_hex(4)}_"
         self._log_text = ""
-
-    # ---- addresses, in the form tritonclient takes them
-    @property
-    def http_url(self) -> str:
-        return f"{HOST}:{self.ports['http']}"
-
-    @property
-    def grpc_url(self) -> str:
-        return f"{HOST}:{self.ports['grpc']}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://{HOST}:{self.ports['metrics']}/metrics"
 
     @property
     def running(self) -> bool:
@@ -504,7 +509,7 @@ class TritonServer:
 
 
 @dataclass(frozen=True)
-class DetachedServer:
+class DetachedServer(_Endpoints):
     """What stop_detached() needs to stop a server another process started (JSON-friendly)."""
 
     pid: int
@@ -516,18 +521,6 @@ class DetachedServer:
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
-
-    @property
-    def http_url(self) -> str:
-        return f"{HOST}:{self.ports['http']}"
-
-    @property
-    def grpc_url(self) -> str:
-        return f"{HOST}:{self.ports['grpc']}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://{HOST}:{self.ports['metrics']}/metrics"
 
 
 _DETACHED: list[subprocess.Popen[bytes]] = []
