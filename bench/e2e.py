@@ -48,6 +48,7 @@ WORKLOADS = {
     "throughput": {"users": 64, "history": 1000, "candidates": 512},
 }
 BASELINE = "eager_bf16"
+EAGER_BF16 = ("eager_bf16", "eager_bf16_padded")
 T0 = time.perf_counter()
 
 
@@ -283,9 +284,12 @@ def run_gpu_spec(name: str, rec: Recorder, args: argparse.Namespace) -> None:
                 shutil.copy(folder / "model.pt2", args.out.parent / f"aoti-{name}.pt2")  # for inspection
             # load and run the package in fresh processes first: a host-side crash there (seen:
             # SIGSEGV right after the compile) must not take this process's results with it
-            probes: dict[Any, Any] = {False: probe_package(name, folder / "model.pt2", False)}
-            if probes[False].get("graph") != "ok":  # AOTInductor's single-threaded runner: for CUDA graphs
-                probes[True] = probe_package(name, folder / "model.pt2", True)
+            # AOTInductor's single-threaded runner first: it is the one meant for CUDA-graph capture
+            # (the default runner's capture failed on the H200: "operation failed due to a previous
+            # error during capture")
+            probes: dict[Any, Any] = {True: probe_package(name, folder / "model.pt2", True)}
+            if probes[True].get("graph") != "ok":
+                probes[False] = probe_package(name, folder / "model.pt2", False)
             if not any("rel_err_vs_eager_kernels" in p for p in probes.values()):  # the .pt2 loader or the model?
                 probes["so"] = probe_package(name, folder / "model.pt2", False, {"GRC_PROBE_SO": "1"})
             out["aoti_probes"] = probes
@@ -323,6 +327,10 @@ def run_gpu_spec(name: str, rec: Recorder, args: argparse.Namespace) -> None:
     # last: a device-side fault would leave the CUDA context unusable for every later mode
     modes["compile_bf16_triton"] = ("torch.compile(dynamic) bf16, grc Triton ops, CUDA graph per shape", compiled_mode)
 
+    # the package right after the eager baselines: its compile and probes take minutes, and a
+    # child that runs out of time must still have measured it
+    first = ("eager_fp32", "eager_bf16", "eager_bf16_padded", "aoti_bf16_nograph", "aoti_bf16")
+    modes = {m: modes[m] for m in (*first, *(m for m in modes if m not in first))}
     skip = set(args.skip.split(",")) if args.skip else set()
     for mode, (desc, make) in modes.items():
         if mode in skip:
@@ -363,10 +371,14 @@ def run_gpu_spec(name: str, rec: Recorder, args: argparse.Namespace) -> None:
         _graphs.clear()
     for wl in WORKLOADS:
         base = out["modes"].get(BASELINE, {}).get(wl)
+        # the stronger of the two eager bf16 forms (the jagged reference loops over users in Python)
+        eager = [r[wl]["p50_ms"] for m, r in out["modes"].items() if m in EAGER_BF16 and wl in r]
         for rows in out["modes"].values():
             row = rows.get(wl)
             if row and base:
                 row["speedup_vs_eager_bf16"] = round(base["p50_ms"] / row["p50_ms"], 2)
+            if row and eager:
+                row["speedup_vs_best_eager_bf16"] = round(min(eager) / row["p50_ms"], 2)
             if row:
                 w = out["workloads"][wl]
                 row["flop_floor_fraction"] = round(w["flop_floor_ms"] / row["p50_ms"], 4)
@@ -591,7 +603,8 @@ def print_table(data: dict[str, Any]) -> None:
                 if r:
                     print(
                         f"  {mode:<24} p50 {r['p50_ms']:9.3f}  p99 {r['p99_ms']:9.3f}  {r['users_per_s']:9.1f} u/s "
-                        f" x{r.get('speedup_vs_eager_bf16', 0):6.2f}  {r['peak_mib']:8.0f} MiB "
+                        f" x{r.get('speedup_vs_eager_bf16', 0):6.2f} (best eager x"
+                        f"{r.get('speedup_vs_best_eager_bf16', 0):6.2f})  {r['peak_mib']:8.0f} MiB "
                         f"err {r.get('rel_err_vs_fp64', float('nan')):.1e}"
                     )
         for k, v in s["errors"].items():

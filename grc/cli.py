@@ -114,23 +114,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_graph(args: argparse.Namespace) -> int:
     from grc.build.graph import active_stages
 
-    stages = active_stages(_load(args))
+    loaded = _load(args)
+    stages = active_stages(loaded)
     if args.format == "dot":
         print("digraph grc {\n  rankdir=LR;")
         for s in stages:
             print(f'  "{s.name}" [label="{s.name}\\nreads: {", ".join(s.reads)}"];')
-            for i in s.inputs:
+            for i in s.inputs_for(loaded.spec):
                 print(f'  "{i}" -> "{s.name}";')
         print("}")
     elif args.format == "mermaid":
         print("graph LR")
         for s in stages:
             print(f'  {s.name.replace("-", "_")}["{s.name}<br/>reads: {", ".join(s.reads)}"]')
-            for i in s.inputs:
+            for i in s.inputs_for(loaded.spec):
                 print(f"  {i.replace('-', '_')} --> {s.name.replace('-', '_')}")
     else:
         for s in stages:
-            ins = ", ".join(s.inputs) or "-"
+            ins = ", ".join(s.inputs_for(loaded.spec)) or "-"
             print(f"{s.name:<16} <- {ins:<28} reads {', '.join(s.reads)}  -> {s.output}/")
     return 0
 
@@ -202,8 +203,10 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("only", nargs="*", help="build only these stages (and what they need)")
             p.add_argument("--cache-dir", type=Path, help="local build cache (default $GRC_CACHE_DIR or ~/.cache/grc)")
             p.add_argument("--no-cache", action="store_true", help="neither restore from nor save to the cache")
-            p.add_argument("--remote-cache", metavar="URL", help="HTTP store: GET/PUT/HEAD URL/cas/<digest>, URL/ac/<key>")
-            p.add_argument("--remote-read-only", action="store_true", help="download from the remote store, never upload")
+            p.add_argument("--remote-cache", metavar="URL",
+                           help="HTTP store: GET/PUT/HEAD URL/cas/<digest>, URL/ac/<key>")
+            p.add_argument("--remote-read-only", action="store_true",
+                           help="download from the remote store, never upload")
         if name == "plan":
             p.add_argument("--json", action="store_true", help="machine-readable output")
             p.add_argument("--keys", action="store_true", help="also list every part of each task's cache key")

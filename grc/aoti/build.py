@@ -11,7 +11,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -44,6 +46,20 @@ INDUCTOR_CONFIGS: dict[str, Any] = {
     "_use_fp64_for_unbacked_floats": False,
     "triton.autotune_with_sample_inputs": True,
 }
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler AOTInductor compiles the package with, as an absolute path ($CXX, else g++
+    on PATH), or None when there is none (Inductor then reports it).
+
+    Pinned in the Inductor config rather than left to Inductor's own search: on the lent H200
+    (torch 2.11, Ubuntu 24.04 g++ 13.3) every package built with Inductor's default compiler
+    setting, even a two-layer MLP on the CPU, crashed when loaded (SIGSEGV in std::regex inside
+    the model .so, bench/results/aoti-diagnose-h200.json), while packages built with
+    CXX=<absolute path of a script running /usr/bin/g++> loaded and ran, CPU and CUDA. The cause
+    was not isolated further; an absolute compiler path is the one difference measured."""
+    found = shutil.which(os.environ.get("CXX") or "g++")
+    return os.path.abspath(found) if found else None
 
 
 def sha256_of(path: Path) -> str:
@@ -79,7 +95,9 @@ def toolkit_versions() -> dict[str, str | None]:
     import triton
 
     try:
-        cxx = subprocess.run(["c++", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+        compiler = cxx_compiler()
+        version = subprocess.run([compiler or "c++", "--version"], capture_output=True, text=True).stdout
+        cxx = f"{compiler}: {version.splitlines()[0]}"
     except (OSError, IndexError):
         cxx = None
     return {
@@ -98,6 +116,9 @@ def compile_package(program: torch.export.ExportedProgram, path: Path, metadata:
     configs = dict(INDUCTOR_CONFIGS)
     if hasattr(inductor_config.aot_inductor, "metadata"):
         configs["aot_inductor.metadata"] = metadata
+    compiler = cxx_compiler()
+    if compiler is not None:
+        configs["cpp.cxx"] = (None, compiler)  # see cxx_compiler
     configs = {k: v for k, v in configs.items() if _has_config(inductor_config, k)}
     if "triton.autotune_with_sample_inputs" not in configs:  # older torch: the two-pass compile uses real inputs
         configs["triton.autotune_at_compile_time"] = False

@@ -21,7 +21,7 @@ from doit.exceptions import TaskFailed
 from grc.build.atomic import install, temp_dir_for
 from grc.build.fingerprint import spec_fields
 from grc.cache.config import open_cache
-from grc.cache.key import action_key, code_digests, input_digests, toolkit_digests
+from grc.cache.key import action_key, code_digests, host_digests, input_digests, toolkit_digests
 from grc.cache.store import Events
 from grc.errors import GrcError
 from grc.spec.loader import LoadedSpec
@@ -40,6 +40,7 @@ def fingerprint(stage: Stage, loaded: LoadedSpec) -> dict[str, str]:
         **spec_fields(data, stage.reads),
         **code_digests(stage.run.__module__, stage.code),
         **toolkit_digests(stage.toolkits),
+        **host_digests(stage.host_gpu(loaded.spec)),
     }
 
 
@@ -60,7 +61,7 @@ def execute(stage_name: str, loaded: LoadedSpec, root: Path, fields: dict[str, s
     stage = stage_named(stage_name)
     final = root / stage.output
     tmp = temp_dir_for(final)
-    inputs = {name: root / stage_named(name).output for name in stage.inputs}
+    inputs = {name: root / stage_named(name).output for name in stage.inputs_for(loaded.spec)}
     key = action_key(stage.name, {**fields, **input_digests(inputs)})
     cache, events = open_cache(), Events()
     started = time.perf_counter()
@@ -117,7 +118,12 @@ def task_dicts(loaded: LoadedSpec, root: Path) -> list[dict[str, Any]]:
     names = {s.name for s in active_stages(loaded)}
     for stage in active_stages(loaded):
         fields = fingerprint(stage, loaded)
-        deps = [str(root / stage_named(i).output / MANIFEST) for i in stage.inputs if i in names]
+        upstream = stage.inputs_for(loaded.spec)
+        missing = [i for i in upstream if i not in names]
+        if missing:  # e.g. bundles.triton.backend aotinductor with engine.aoti off: say so before any work
+            raise GrcError(f"stage {stage.name} reads the output of {', '.join(missing)}, which this spec does not "
+                           f"build: {stage_named(missing[0]).doc} (enable it in the spec)")
+        deps = [str(root / stage_named(i).output / MANIFEST) for i in upstream]
         out = root / stage.output
         tasks.append(
             {
@@ -125,7 +131,7 @@ def task_dicts(loaded: LoadedSpec, root: Path) -> list[dict[str, Any]]:
                 "doc": stage.doc,
                 "actions": [(execute, [stage.name, loaded, root, fields])],
                 "file_dep": deps,
-                "task_dep": [i for i in stage.inputs if i in names],
+                "task_dep": list(upstream),
                 "targets": [str(out / MANIFEST)],
                 "uptodate": [FieldsUpToDate(fields)],
                 "clean": [(shutil.rmtree, [str(out), True])],

@@ -2,9 +2,10 @@
 
 A key hashes: the spec leaves the stage reads, the stage's source files (the stage module and
 everything it imports from grc/, kernels/, plugins/, found by reading import statements, plus
-any non-Python sources it declares), the versions of the toolkits that shape its output, and
-the manifests of its input stages (which carry the digests of big artifacts, so multi-GB files
-are never re-hashed). ``grc plan`` shows the parts; the cache stores outputs under the key.
+any non-Python sources it declares), the versions of the toolkits that shape its output, the
+host's GPUs for stages that build for them, and the manifests of its input stages (which carry
+the digests of big artifacts, so multi-GB files are never re-hashed). ``grc plan`` shows the
+parts; the cache stores outputs under the key.
 """
 
 from __future__ import annotations
@@ -102,6 +103,25 @@ def code_digests(module: str, extra: tuple[str, ...]) -> dict[str, str]:
 
 def toolkit_digests(toolkits: tuple[str, ...]) -> dict[str, str]:
     return {f"toolkit:{t}": toolkit_version(t) for t in toolkits}
+
+
+@cache
+def host_gpus() -> str:
+    """This host's NVIDIA GPUs (name and compute capability, one per line) or "none": part of the
+    key of stages whose output depends on the GPU they run on (a GPU package is built, or recorded
+    as skipped, by what the host has). nvidia-smi, not torch: no-op builds must stay cheap."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return "none"
+    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "none"
+
+
+def host_digests(depends_on_gpu: bool) -> dict[str, str]:
+    return {"host:gpus": host_gpus()} if depends_on_gpu else {}
 
 
 def input_digests(inputs: dict[str, Path]) -> dict[str, str]:

@@ -86,7 +86,8 @@ class ModelConfig(_Section):
             for i, name in enumerate(getattr(self, group)):
                 if name not in self.tables:
                     near = difflib.get_close_matches(name, list(self.tables), n=1)
-                    hint = f"; did you mean {near[0]!r}?" if near else f" (defined: {', '.join(sorted(self.tables)) or 'none'})"
+                    defined = ", ".join(sorted(self.tables)) or "none"
+                    hint = f"; did you mean {near[0]!r}?" if near else f" (defined: {defined})"
                     raise ValueError(f"{group}[{i}]: names table {name!r}, which model.tables does not define{hint}")
         if self.kind == "hstu" and self.profile:
             raise ValueError("profile: kind hstu has no profile tokens; use kind mtgr or remove model.profile")
@@ -344,7 +345,7 @@ class EngineConfig(_Section):
         return Tolerance(max_abs=default, max_rel=default)
 
 
-TritonBackend = Literal["onnxruntime", "tensorrt_plan"]
+TritonBackend = Literal["onnxruntime", "tensorrt_plan", "aotinductor"]
 
 
 class TritonSample(_Section):
@@ -361,12 +362,16 @@ class TritonBundleConfig(_Section):
 
     enabled: bool = Field(True, description="write the triton bundle (artifacts/<spec>/triton/)")
     model_name: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="name of the ensemble clients call; default: the spec name"
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="name of the ensemble clients call; default: the spec name",
     )
     backend: TritonBackend = Field(
         "onnxruntime",
         description="dense model step of the ensemble: onnxruntime (the exported ONNX in a python-backend model, "
-        "CPU or GPU) or tensorrt_plan (the engine stage's TensorRT engines, one per compute capability)",
+        "CPU or GPU), tensorrt_plan (the engine stage's TensorRT engines, one per compute capability) or "
+        "aotinductor (the aoti stage's .pt2 packages in a python-backend model: the cpu package on KIND_CPU, "
+        "the GPU package on KIND_GPU; needs engine.aoti.enabled)",
     )
     extra_backends: list[TritonBackend] = Field(
         default_factory=list,
@@ -512,3 +517,19 @@ class Spec(_Section):
     verify: VerifyConfig = VerifyConfig()
     engine: EngineConfig = EngineConfig()
     bundles: BundlesConfig = BundlesConfig()
+
+    @model_validator(mode="after")
+    def _aoti_served(self) -> Spec:
+        triton, aoti = self.bundles.triton, self.engine.aoti
+        if "aotinductor" in (triton.backend, *triton.extra_backends) and triton.enabled:
+            gpu = [t for t in aoti.targets if t != "cpu"]
+            if not aoti.enabled:
+                raise ValueError("bundles.triton.backend: aotinductor serves the aoti stage's packages; "
+                                 "set engine.aoti.enabled: true")
+            if triton.instance_kind == "KIND_CPU" and "cpu" not in aoti.targets:
+                raise ValueError(f"bundles.triton.instance_kind: KIND_CPU serves the cpu package, and "
+                                 f"engine.aoti.targets has none (got {aoti.targets})")
+            if triton.instance_kind == "KIND_GPU" and not gpu:
+                raise ValueError(f"bundles.triton.instance_kind: KIND_GPU serves a GPU package, and "
+                                 f"engine.aoti.targets has none (got {aoti.targets})")
+        return self

@@ -101,6 +101,8 @@ STAGE = Stage(
     inputs=("weights",),
     run=run,
     toolkits=("torch", "triton"),
+    # a GPU target is built here, or recorded as skipped, by what this host's GPU is
+    host_gpu=lambda spec: any(t != "cpu" for t in spec.engine.aoti.targets),
     doc="AOTInductor .pt2 package per target (cpu, cuda): dense jagged model with the grc Triton ops + parity",
     enabled=lambda spec: spec.engine.aoti.enabled and bool(spec.engine.aoti.targets),
 )

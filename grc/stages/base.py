@@ -45,6 +45,15 @@ class Stage:
     inputs: tuple[str, ...]  # upstream stages
     run: Callable[[Context], dict[str, Any]]  # writes ctx.out, returns the manifest
     toolkits: tuple[str, ...] = ()  # distributions whose version shapes the output (part of the key)
+    # whether, for a spec, the output depends on this host's GPU (then its name and SM join the key)
+    host_gpu: Callable[[Any], bool] = field(default=lambda spec: False)
     code: tuple[str, ...] = ()  # non-Python sources it uses (Python imports are found automatically)
     doc: str = ""
     enabled: Callable[[Any], bool] = field(default=lambda spec: True)
+    # upstream stages a spec may add (the triton bundle serves the aoti packages only when its
+    # backend says so): read, keyed and waited for exactly like ``inputs`` for that spec
+    optional_inputs: Callable[[Any], tuple[str, ...]] = field(default=lambda spec: ())
+
+    def inputs_for(self, spec: Any) -> tuple[str, ...]:
+        """The upstream stages whose outputs this stage reads for ``spec``."""
+        return (*self.inputs, *self.optional_inputs(spec))

@@ -117,3 +117,19 @@ def test_spec_section_and_light_stage_module() -> None:
     top = {a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names}
     top |= {n.module for n in tree.body if isinstance(n, ast.ImportFrom) and n.module}
     assert top <= {"__future__", "json", "typing", "grc.stages.base"}  # torch loads only when the stage runs
+
+
+def test_gpu_targets_put_the_host_gpus_in_the_key(tmp_path: Path) -> None:
+    """A CPU host's "cuda: skipped" must never be restored from the cache on a GPU host."""
+    from grc.build.graph import fingerprint
+    from grc.cache.key import host_gpus
+    from grc.spec.loader import load_spec
+    from grc.stages import stage_named
+
+    aoti = stage_named("aoti")
+    gpu = load_spec(write_spec(tmp_path, SPECS / "hstu-tiny.yaml", {"engine.aoti": {"enabled": True}}, name="g"))
+    cpu_only = {"engine.aoti": {"enabled": True, "targets": ["cpu"]}}
+    cpu = load_spec(write_spec(tmp_path, SPECS / "hstu-tiny.yaml", cpu_only, name="c"))
+    assert fingerprint(aoti, gpu)["host:gpus"] == host_gpus()  # "none" here, "NVIDIA H200, 9.0" there
+    assert "host:gpus" not in fingerprint(aoti, cpu)  # a cpu package does not care which GPU is present
+    assert "host:gpus" not in fingerprint(stage_named("export"), gpu)

@@ -21,19 +21,11 @@ from tritonclient.utils import InferenceServerException
 from grc.serving import bundle as bd
 from grc.serving import check, load
 from grc.serving import request as rq
-from grc.serving.tritonserver import ServerInstall, TritonServer, TritonServerError, ensure_tritonserver
+from grc.serving.tritonserver import ServerInstall, TritonServer
 from grc.spec.loader import load_spec
 from grc.spec.schema import Spec
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def install() -> ServerInstall:
-    try:
-        return ensure_tritonserver()
-    except TritonServerError as exc:
-        pytest.skip(f"tritonserver cannot be obtained here (pip install of nvidia-pytriton failed): {exc}")
 
 
 class Served:

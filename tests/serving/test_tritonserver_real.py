@@ -41,8 +41,6 @@ from grc.serving.tritonserver import (
     PortInUseError,
     ServerInstall,
     TritonServer,
-    TritonServerError,
-    ensure_tritonserver,
 )
 
 pytestmark = pytest.mark.slow
@@ -219,14 +217,6 @@ def write_model(repo: Path, config: ModelConfig, source: str | None) -> None:
         (version_dir / "model.py").write_text(textwrap.dedent(source))
         # The model's version dir is on the stub's sys.path, so helpers can sit beside model.py.
         (version_dir / "tensor_io.py").write_text(textwrap.dedent(TENSOR_IO_PY))
-
-
-@pytest.fixture(scope="module")
-def install() -> ServerInstall:
-    try:
-        return ensure_tritonserver()
-    except TritonServerError as exc:
-        pytest.skip(f"tritonserver cannot be obtained here (pip install of nvidia-pytriton failed): {exc}")
 
 
 @pytest.fixture(scope="module")

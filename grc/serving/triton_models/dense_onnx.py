@@ -12,6 +12,7 @@ lengths INT64 [b, 1], num_candidates INT64 [b, 1]. Out: scores FP32 [b, L, tasks
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,23 +107,33 @@ class TritonPythonModel:
         self.width = int(next(i for i in self.session.get_inputs() if i.name == "tokens").shape[2])
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        responses: list[Any] = [None] * len(requests)
-        good: list[tuple[int, dict[str, np.ndarray]]] = []
-        for i, request in enumerate(requests):
-            r = {name: io.read(request, name) for name in INPUTS}
-            problem = check(r, self.width)
-            if problem:
-                responses[i] = io.error_response(f"{self.name}: {problem}")
-            else:
-                good.append((i, r))  # type: ignore[arg-type]
-        if good:
-            batch = [r for _, r in good]
-            try:
-                (scores,) = self.session.run(["scores"], pad_batch(batch))
-            except Exception as exc:
-                for i, _ in good:
-                    responses[i] = io.error_response(f"{self.name}: onnxruntime: {exc}", False)
-            else:
-                for (i, _), s in zip(good, split_scores(scores, batch), strict=True):
-                    responses[i] = io.response({"scores": s})
-        return responses
+        def run(batch: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+            (scores,) = self.session.run(["scores"], pad_batch(batch))
+            return split_scores(scores, batch)
+
+        return execute_batch(requests, self.name, self.width, run, "onnxruntime")
+
+
+def execute_batch(requests: list[Any], name: str, width: int,
+                  run: Callable[[list[dict[str, np.ndarray]]], list[np.ndarray]], engine: str) -> list[Any]:
+    """One execute() of a dense step: each request checked (a bad one gets its own error and the
+    others still run), the good ones run as ONE batch, ``run(batch) -> scores per request``."""
+    responses: list[Any] = [None] * len(requests)
+    good: list[tuple[int, dict[str, np.ndarray]]] = []
+    for i, request in enumerate(requests):
+        r = {n: io.read(request, n) for n in INPUTS}
+        problem = check(r, width)
+        if problem:
+            responses[i] = io.error_response(f"{name}: {problem}")
+        else:
+            good.append((i, r))  # type: ignore[arg-type]
+    if good:
+        try:
+            scores = run([r for _, r in good])
+        except Exception as exc:
+            for i, _ in good:
+                responses[i] = io.error_response(f"{name}: {engine}: {exc}", False)
+        else:
+            for (i, _), s in zip(good, scores, strict=True):
+                responses[i] = io.response({"scores": s})
+    return responses
