@@ -87,8 +87,20 @@ class LocalStore:
         os.replace(tmp, dest)
         _atomic_write(self._stamp(digest), self._stat_line(dest).encode())  # hashed by the stage that wrote it
 
-    def put_blob_bytes(self, data: bytes, digest: str) -> None:
-        _atomic_write(self._cas(digest), data, mode=0o444)
+    def incoming(self, digest: str) -> Path:
+        """A temporary path beside the object's, for a download to be ``adopt``ed."""
+        dest = self._cas(digest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        return dest.with_name(f".{digest}.{os.getpid()}.download")
+
+    def adopt(self, tmp: Path, digest: str) -> Path:
+        """Install a downloaded file whose sha256 the caller computed while writing it: read-only,
+        stamped as verified (so it is not hashed again on this restore)."""
+        dest = self._cas(digest)
+        os.chmod(tmp, 0o444)
+        os.replace(tmp, dest)
+        _atomic_write(self._stamp(digest), self._stat_line(dest).encode())
+        return dest
 
     def _stamp(self, digest: str) -> Path:
         return self._cas(digest).with_name(f".{digest}.ok")
@@ -135,6 +147,9 @@ class HttpStore:
 
     def _request(self, method: str, path: str, data: bytes | None = None) -> bytes | None:
         req = urllib.request.Request(f"{self.url}/{path}", data=data, method=method)
+        return self._send(req)
+
+    def _send(self, req: urllib.request.Request) -> bytes | None:
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 return resp.read()
@@ -156,11 +171,29 @@ class HttpStore:
     def has_blob(self, digest: str) -> bool:
         return self._request("HEAD", f"cas/{digest}") is not None
 
-    def get_blob(self, digest: str) -> bytes | None:
-        return self._request("GET", f"cas/{digest}")
+    def download(self, digest: str, dest: Path) -> tuple[int, str] | None:
+        """Stream cas/<digest> into ``dest`` (1 MiB at a time: multi-GB shards never sit in
+        memory), hashing as it goes; (bytes, sha256) or None when the server has no such object."""
+        req = urllib.request.Request(f"{self.url}/cas/{digest}", method="GET")
+        h, size = hashlib.sha256(), 0
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp, open(dest, "wb") as out:
+                while chunk := resp.read(CHUNK):
+                    h.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return None
+            raise
+        return size, h.hexdigest()
 
     def put_blob(self, src: Path, digest: str) -> None:
-        self._request("PUT", f"cas/{digest}", src.read_bytes())
+        """Upload streamed from the file (the request body is read 8 KiB at a time)."""
+        with open(src, "rb") as body:
+            req = urllib.request.Request(f"{self.url}/cas/{digest}", data=body, method="PUT",
+                                         headers={"Content-Length": str(src.stat().st_size)})  # fmt: skip
+            self._send(req)
 
 
 def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -197,16 +230,18 @@ class Cache:
             if path is None:
                 events.note(f"object {digest[:12]} missing or corrupt in the local store")
             return path
+        tmp = self.local.incoming(digest)
         try:
-            data = self.remote.get_blob(digest)
+            got = self.remote.download(digest, tmp)
         except (OSError, urllib.error.URLError) as exc:
+            tmp.unlink(missing_ok=True)
             events.note(f"remote object {digest[:12]} unavailable ({exc})")
             return None
-        if data is None or len(data) != size or hashlib.sha256(data).hexdigest() != digest:
+        if got != (size, digest):
+            tmp.unlink(missing_ok=True)
             events.note(f"remote object {digest[:12]} is missing, truncated or corrupt: discarded")
             return None
-        self.local.put_blob_bytes(data, digest)
-        return self.local.verified_blob(digest, size)
+        return self.local.adopt(tmp, digest)
 
     def restore(self, record: dict[str, Any], dest: Path, events: Events) -> bool:
         """Materialise every file of a record into ``dest``; False (and nothing usable) on any miss."""

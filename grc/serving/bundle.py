@@ -166,11 +166,8 @@ def aoti_packages(spec: Spec, aoti_dir: Path | None) -> dict[str, tuple[str, Pat
 
 def dense_trt_config(spec: Spec, plans: dict[int, str], tokens: int) -> ModelConfig:
     """The TensorRT step: ``plans`` maps a compute capability (80, 89, 90) to its engine file in the
-    version dir; the engines take the padded layout, every request padded to ``tokens``.
-
-    Hook for the engine stage: once it exists, add it to the triton stage's inputs and pass its
-    plans here (``write_bundle(..., engines=...)``); preprocess_padded then feeds this step.
-    """
+    version dir; the engines take the padded layout, every request padded to ``tokens``
+    (preprocess_padded feeds this step). The triton stage passes the engine stage's plans."""
     cfg = spec.bundles.triton
     msg = _common(spec, DENSE["tensorrt_plan"], "tensorrt_plan", "KIND_GPU", cfg.instance_count)
     inputs, scores = _dense_io(spec, tokens)
@@ -270,7 +267,8 @@ def write_bundle(spec: Spec, weights_dir: Path, onnx_dir: Path, out: Path,
     wanted = [cfg.backend, *cfg.extra_backends]
     if "tensorrt_plan" in wanted and not engines:
         raise StageError("bundles.triton.backend: tensorrt_plan serves the engine stage's TensorRT engines, and this "
-                         "build has none (set engine.targets and build on a machine with TensorRT), or use onnxruntime")
+                         "build has none (every engine.targets entry was skipped: see the engine stage's manifest), "
+                         "or use onnxruntime")
     repo = out / MODEL_REPOSITORY
     version = str(cfg.model_version)
     digests: dict[str, str] = {}

@@ -519,8 +519,11 @@ class Spec(_Section):
     bundles: BundlesConfig = BundlesConfig()
 
     @model_validator(mode="after")
-    def _aoti_served(self) -> Spec:
+    def _served_artifacts(self) -> Spec:
         triton, aoti = self.bundles.triton, self.engine.aoti
+        if "tensorrt_plan" in (triton.backend, *triton.extra_backends) and triton.enabled and not self.engine.targets:
+            raise ValueError("bundles.triton.backend: tensorrt_plan serves the engine stage's TensorRT engines; "
+                             "list the GPUs in engine.targets")
         if "aotinductor" in (triton.backend, *triton.extra_backends) and triton.enabled:
             gpu = [t for t in aoti.targets if t != "cpu"]
             if not aoti.enabled:

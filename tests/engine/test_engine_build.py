@@ -144,6 +144,30 @@ def test_precision_change_rebuilds_only_the_engines(tiny_copy: tuple[Path, Path]
     assert meta["precision"] == "fp32" and meta["onnx"]["built_from_sha256"] == meta["onnx"]["surgery_sha256"]
 
 
+def test_triton_bundle_serves_the_built_engines(tiny_copy: tuple[Path, Path]) -> None:
+    """backend tensorrt_plan: the triton stage reads the engine stage's plans (an optional input)."""
+    from grc.serving import bundle as bd
+    from grc.serving.model_config import load_config
+
+    _require_toolchain()
+    spec, artifacts = tiny_copy
+    root = _built_root(artifacts, "hstu-tiny")
+    write_spec(spec.parent, spec, {"bundles.triton.extra_backends": ["tensorrt_plan"]})
+    statuses = run_build(spec)
+    assert statuses.pop("triton") == "built" and all(s == "up to date" for s in statuses.values()), statuses
+    repo = root / "triton" / bd.MODEL_REPOSITORY
+    dense = load_config(repo / "dense_trt")
+    assert dict(dense.cc_model_filenames) == {"8.0": "model.sm80.plan", "8.9": "model.sm89.plan"}  # h100: skipped
+    for sm in ("sm80", "sm89"):
+        served = (repo / "dense_trt" / "1" / f"model.{sm}.plan").read_bytes()
+        assert served == (root / "engines" / sm / "model.plan").read_bytes()
+    steps = load_config(repo / "hstu-tiny-tensorrt_plan").ensemble_scheduling.step
+    assert [s.model_name for s in steps] == ["preprocess_padded", "dense_trt", "postprocess"]
+    with in_dir(spec.parent):
+        rows = {r.task: r for r in plan(load_spec(spec.name), Path("artifacts/hstu-tiny"))}
+    assert all(r.state == "up to date" for r in rows.values())  # the new input is recorded, not re-run
+
+
 @pytest.mark.slow
 def test_mtgr_small_engines(tmp_path: Path) -> None:
     """`grc build specs/mtgr-small.yaml` (engine and what it needs): sm80 + sm89 plans with the

@@ -95,6 +95,9 @@ def test_spec_rules_name_the_field(tmp_path: Path, built_tiny: tuple[Path, Path]
     bad = write_spec(tmp_path, built_tiny[0], {"bundles.triton.preferred_batch_sizes": [32]})
     with pytest.raises(SpecError, match=r"hstu-tiny.yaml:\d+: bundles.triton.*preferred_batch_sizes: each must be"):
         load_spec(bad)
+    no_engines = {"bundles.triton.extra_backends": ["tensorrt_plan"], "engine.targets": []}
+    with pytest.raises(SpecError, match=r"tensorrt_plan serves the engine stage's TensorRT engines; list the GPUs"):
+        load_spec(write_spec(tmp_path, built_tiny[0], no_engines))
     spec = load_spec(write_spec(tmp_path, built_tiny[0], {"bundles.triton.rank_weights": {"clicks": 1.0}})).spec
     assert rq.bundle_problems(spec.model, spec.bundles.triton) == [
         "bundles.triton.rank_weights: names task 'clicks', which model.tasks does not define (tasks: ctr, engagement)"]
