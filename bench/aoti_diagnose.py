@@ -204,7 +204,9 @@ def toolchain(work: Path) -> tuple[dict[str, Any], dict[str, str] | None]:
         + f'{sys.executable} -X faulthandler -c "{call.replace("probe.so", "probe_s.so")}" 2>&1 | tail -3'
     )
     cxx = str(REPO / "bench" / "toolchain" / "g++")
+    facts["machine"] = sh("uname -srm; nproc; grep -m1 'model name' /proc/cpuinfo; dmesg 2>/dev/null | head -1")
     variants = {
+        "inductor_default": {"GRC_CXX_LOG": str(work / "cxx-default.log")},  # no CXX: Inductor's own choice
         "as_is": {"CXX": cxx, "GRC_CXX_LOG": str(work / "cxx-as_is.log")},
         "no_static_runtime": {
             "CXX": cxx,
@@ -214,7 +216,9 @@ def toolchain(work: Path) -> tuple[dict[str, Any], dict[str, str] | None]:
     }
 
     def build_and_load(name: str) -> dict[str, Any]:
-        env, pkg = variants[name], work / f"linear_cpu-{name}.pt2"
+        # Inductor's compile cache does not key on the compiler: one cache per variant
+        env = {**variants[name], "TORCHINDUCTOR_CACHE_DIR": str(work / f"inductor-{name}")}
+        pkg = work / f"linear_cpu-{name}.pt2"
         row = {"compile": child(["--do", "compile", "linear_cpu", str(pkg)], 300, env=env)}
         log = Path(env["GRC_CXX_LOG"])
         row["cxx_commands"] = log.read_text().splitlines()[-4:] if log.exists() else "no g++ call logged"
@@ -230,13 +234,15 @@ def toolchain(work: Path) -> tuple[dict[str, Any], dict[str, str] | None]:
         for how, lenv in loads.items():
             row[f"load_{how}"] = child(["--do", "package", "linear_cpu", str(pkg)], 150, env={**env, **lenv})
             if row[f"load_{how}"]["rc"] == 0:
-                row["fix"] = {k: v for k, v in {**env, **lenv}.items() if k != "GRC_CXX_LOG"}
+                drop = ("GRC_CXX_LOG", "TORCHINDUCTOR_CACHE_DIR")
+                row["fix"] = {k: v for k, v in {**env, **lenv}.items() if k not in drop}
                 break
         return row
 
     with ThreadPoolExecutor(len(variants)) as pool:
         rows = dict(zip(variants, pool.map(build_and_load, variants), strict=True))
-    fix = next((row["fix"] for row in rows.values() if "fix" in row), None)
+    # prefer a fix that changes nothing (Inductor's default loads): then the crash was the machine
+    fix = next((rows[v]["fix"] for v in variants if "fix" in rows[v]), None)
     for name, row in rows.items():
         facts[name] = row
         print(name, json.dumps({k: v for k, v in row.items() if k != "cxx_commands"})[:1500], flush=True)

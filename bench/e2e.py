@@ -539,6 +539,7 @@ def gpu_main(args: argparse.Namespace) -> None:
         "commit": args.commit or _commit(),
         "device": torch.cuda.get_device_name(),
         "capability": "sm{}{}".format(*torch.cuda.get_device_capability()),
+        "host": f"{platform.system()} {platform.release()} ({os.cpu_count()} cores)",  # gVisor or Firecracker
         "versions": {
             "torch": torch.__version__,
             "cuda": torch.version.cuda,

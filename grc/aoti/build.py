@@ -52,12 +52,13 @@ def cxx_compiler() -> str | None:
     """The C++ compiler AOTInductor compiles the package with, as an absolute path ($CXX, else g++
     on PATH), or None when there is none (Inductor then reports it).
 
-    Pinned in the Inductor config rather than left to Inductor's own search: on the lent H200
-    (torch 2.11, Ubuntu 24.04 g++ 13.3) every package built with Inductor's default compiler
-    setting, even a two-layer MLP on the CPU, crashed when loaded (SIGSEGV in std::regex inside
-    the model .so, bench/results/aoti-diagnose-h200.json), while packages built with
-    CXX=<absolute path of a script running /usr/bin/g++> loaded and ran, CPU and CUDA. The cause
-    was not isolated further; an absolute compiler path is the one difference measured."""
+    Pinned in the Inductor config rather than left to Inductor's own search, and recorded in the
+    metadata: on one lent H200 (torch 2.11, Ubuntu 24.04 g++ 13.3) every package built with
+    Inductor's default compiler setting, even a two-layer MLP on the CPU, crashed when loaded
+    (SIGSEGV in std::regex inside the model .so, bench/results/aoti-diagnose-h200.json); on the
+    next lent machine, packages built with CXX=<absolute path of a script running /usr/bin/g++>
+    loaded and ran, CPU and CUDA. The compiler setting and the machine changed together there;
+    bench/aoti_diagnose.py --toolchain now builds both ways on one machine to tell them apart."""
     found = shutil.which(os.environ.get("CXX") or "g++")
     return os.path.abspath(found) if found else None
 
