@@ -324,6 +324,10 @@ def _hstu_fwd_kernel(Q, K, V, Out, offsets, ts, ncand, near_tab, far_tab, T, B,
     user see the most keys, so the longest work starts first and the launch has a short tail.
     """
     h = tl.program_id(1)
+    # torch.compile / AOTInductor may pass Python-float arguments as fp64 (Inductor's default for
+    # unbacked floats since torch 2.10): fp64 scalars would promote the fp32 accumulator
+    alpha = tl.cast(alpha, tl.float32)
+    inv_norm = tl.cast(inv_norm, tl.float32)
     win_lo = ((tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M).to(tl.int64)
     win_hi = tl.minimum(win_lo + BLOCK_M, T)
     # First user of the window: how many users end at or before win_lo (vector scan of offsets).

@@ -48,7 +48,7 @@ def _norm_gate_kernel(
     mean = tl.sum(a, axis=1) / C
     centred = tl.where(mask, a - mean[:, None], 0.0)
     var = tl.sum(centred * centred, axis=1) / C  # two-pass variance: no cancellation
-    rstd = 1.0 / tl.sqrt(var + eps)
+    rstd = 1.0 / tl.sqrt(var + tl.cast(eps, tl.float32))  # eps may arrive as fp64 from Inductor (see hstu_attention)
     y = (centred * rstd[:, None] * w[None, :] + b[None, :]) * u
     if ROUND_BF16:  # interpreter only: its fp32->bf16 cast truncates; round to nearest first
         bits = y.to(tl.int32, bitcast=True)

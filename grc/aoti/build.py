@@ -35,9 +35,10 @@ METADATA = "metadata.json"
 FORMAT = "grc-aoti/1"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # AOTInductor options. Precompiled headers cost ~15 s on a cold CPU build and save nothing here.
-# Float scalars passed to the user Triton kernels (alpha, 1/norm) must stay fp32: with fp64 (the
-# default since torch 2.10) the kernel's fp32 accumulator is promoted in one branch and Triton
-# refuses to compile it ("acc ... redefines it as fp64"; seen on the H100 with torch 2.11).
+# Float scalars passed to the user Triton kernels (alpha, 1/norm, eps) arrive as fp64 by default
+# since torch 2.10; the kernels now cast them to fp32 themselves (before that, Triton refused the
+# attention kernel: "acc ... redefines it as fp64", H100, torch 2.11; tests/kernels/
+# test_hopper_compile.py compiles both signatures for sm90). Kept here as a second guard.
 # The attention kernel finds each program's users by scanning ``offsets``: Inductor's compile-time
 # autotuning must run it on the real example inputs, not on its made-up ones (zeros for integer
 # tensors), with which the scan reads past the end of ``offsets`` (an illegal address on the H100).
