@@ -99,7 +99,9 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
     return []
 
 
-_FIELD_PREFIX = re.compile(r"^(?P<field>[a-z_]+(?:\[\d+\])?): (?P<rest>.*)$", re.S)
+# "field: ...", "field[2]: ..." or, from a cross-section rule, "section.field: ..." (a dotted path
+# below the validated model): the message's own path, so the error points at that key's line
+_FIELD_PREFIX = re.compile(r"^(?P<field>[a-z_]+(?:\[\d+\])?(?:\.[a-z_]+(?:\[\d+\])?)*): (?P<rest>.*)$", re.S)
 
 
 def _message(err: Any) -> tuple[tuple[Any, ...], str]:
@@ -118,9 +120,9 @@ def _message(err: Any) -> tuple[tuple[Any, ...], str]:
     if kind == "value_error":
         match = _FIELD_PREFIX.match(msg)
         if match:
-            field = match["field"]
-            name, _, index = field.partition("[")
-            loc = (*loc, name) + ((int(index.rstrip("]")),) if index else ())
+            for field in match["field"].split("."):
+                name, _, index = field.partition("[")
+                loc = (*loc, name) + ((int(index.rstrip("]")),) if index else ())
             return loc, match["rest"]
         return loc, msg
     msg = msg.replace("Input should be", "expected")

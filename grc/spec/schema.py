@@ -521,13 +521,17 @@ class Spec(_Section):
     @model_validator(mode="after")
     def _served_artifacts(self) -> Spec:
         triton, aoti = self.bundles.triton, self.engine.aoti
+
+        def field(backend: str) -> str:  # where the spec names it
+            return "bundles.triton." + ("backend" if triton.backend == backend else "extra_backends")
+
         if "tensorrt_plan" in (triton.backend, *triton.extra_backends) and triton.enabled and not self.engine.targets:
-            raise ValueError("bundles.triton.backend: tensorrt_plan serves the engine stage's TensorRT engines; "
+            raise ValueError(f"{field('tensorrt_plan')}: tensorrt_plan serves the engine stage's TensorRT engines; "
                              "list the GPUs in engine.targets")
         if "aotinductor" in (triton.backend, *triton.extra_backends) and triton.enabled:
             gpu = [t for t in aoti.targets if t != "cpu"]
             if not aoti.enabled:
-                raise ValueError("bundles.triton.backend: aotinductor serves the aoti stage's packages; "
+                raise ValueError(f"{field('aotinductor')}: aotinductor serves the aoti stage's packages; "
                                  "set engine.aoti.enabled: true")
             if triton.instance_kind == "KIND_CPU" and "cpu" not in aoti.targets:
                 raise ValueError(f"bundles.triton.instance_kind: KIND_CPU serves the cpu package, and "

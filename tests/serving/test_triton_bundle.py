@@ -96,7 +96,8 @@ def test_spec_rules_name_the_field(tmp_path: Path, built_tiny: tuple[Path, Path]
     with pytest.raises(SpecError, match=r"hstu-tiny.yaml:\d+: bundles.triton.*preferred_batch_sizes: each must be"):
         load_spec(bad)
     no_engines = {"bundles.triton.extra_backends": ["tensorrt_plan"], "engine.targets": []}
-    with pytest.raises(SpecError, match=r"tensorrt_plan serves the engine stage's TensorRT engines; list the GPUs"):
+    where = r"hstu-tiny.yaml:\d+: bundles\.triton\.extra_backends: "
+    with pytest.raises(SpecError, match=where + r"tensorrt_plan serves the engine stage's TensorRT engines; list"):
         load_spec(write_spec(tmp_path, built_tiny[0], no_engines))
     spec = load_spec(write_spec(tmp_path, built_tiny[0], {"bundles.triton.rank_weights": {"clicks": 1.0}})).spec
     assert rq.bundle_problems(spec.model, spec.bundles.triton) == [
