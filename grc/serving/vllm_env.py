@@ -19,13 +19,15 @@ venv is missing. The bundle's plugin package is installed into the venv by ``ins
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,16 +164,35 @@ def create(path: Path | None = None, log: Log = print) -> VllmEnv:
     return env
 
 
+@contextlib.contextmanager
+def _locked(target: Path) -> Iterator[None]:
+    """One process at a time makes (or installs into) a venv: test workers and deploys may race."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # released by the kernel if the holder dies
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def ensure(path: Path | None = None, allow_create: bool = True, log: Log = print) -> VllmEnv:
     """The venv, made first when missing (``allow_create``); otherwise an error naming the command."""
     found = find_venv(path)
     if found is not None:
         return found
     target = path or default_path()
+    if allow_create:
+        with _locked(target):  # another process may have made it while this one waited
+            return find_venv(target) or _create_or_explain(target, log)
     if not allow_create:
         raise VllmEnvError(
             f"no vLLM venv at {target} ({ENV_VAR} overrides the place); make it with\n  {create_command(target)}"
         )
+    return _create_or_explain(target, log)
+
+
+def _create_or_explain(target: Path, log: Log) -> VllmEnv:
     log(f"no vLLM venv at {target}: making it ({VLLM_DIST}=={VLLM_VERSION}, ~2.5 GB, a few minutes)")
     try:
         return create(target, log)
@@ -183,11 +204,12 @@ def ensure(path: Path | None = None, allow_create: bool = True, log: Log = print
 
 def install_plugin(env: VllmEnv, plugin_dir: Path, log: Log = print) -> None:
     """pip-install a bundle's plugin package (no deps, no build isolation: setuptools is in the venv)."""
-    _run(
-        [*env.pip, "install", "-q", "--no-deps", "--no-build-isolation", "--force-reinstall", str(plugin_dir)],
-        log,
-        "plugin",
-    )
+    with _locked(env.path):
+        _run(
+            [*env.pip, "install", "-q", "--no-deps", "--no-build-isolation", "--force-reinstall", str(plugin_dir)],
+            log,
+            "plugin",
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

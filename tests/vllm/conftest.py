@@ -1,7 +1,8 @@
 """tests/vllm: the vllm bundle (fast, CI) and a real vLLM serving it (marked ``vllm``).
 
-The marked tests need the dedicated vLLM venv (``python -m grc.serving.vllm_env``, ~2 min, ~3 GB); they skip
-when it is missing, unless GRC_VLLM_CREATE=1 lets them make it. Run them alone with
+The marked tests need the dedicated vLLM venv (``python -m grc.serving.vllm_env``, ~2 min, ~3 GB): they make it
+when it is missing (one worker at a time, under a lock), and skip with the reason only where it cannot be made
+(no route to PyPI) or GRC_VLLM_CREATE=0 says not to. Run them alone with
 ``python -m pytest -m vllm tests/vllm -q -s`` (-s prints the load figures).
 """
 

