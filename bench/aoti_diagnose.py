@@ -60,7 +60,7 @@ def build_case(case: str, spec: str) -> tuple[Any, tuple[Any, ...], dict[str, An
     cfg = load_spec(REPO / "specs" / f"{spec}.yaml").spec.model
     dense = seeded_dense(cfg)
     if case == "attention":
-        layer = dense.layers[0].to(dev, dt)
+        layer = next(iter(dense.hstu_layers)).to(dev, dt)
         inp = random_inputs(cfg, 2, 20, 3, gen, ragged=False).to(dev, dt)
         h = cfg.hstu
         q = torch.randn(int(inp.offsets[-1]), h.num_heads, h.head_qk, generator=gen).to(dev, dt)
@@ -219,7 +219,7 @@ def toolchain(work: Path) -> tuple[dict[str, Any], dict[str, str] | None]:
         # Inductor's compile cache does not key on the compiler: one cache per variant
         env = {**variants[name], "TORCHINDUCTOR_CACHE_DIR": str(work / f"inductor-{name}")}
         pkg = work / f"linear_cpu-{name}.pt2"
-        row = {"compile": child(["--do", "compile", "linear_cpu", str(pkg)], 300, env=env)}
+        row: dict[str, Any] = {"compile": child(["--do", "compile", "linear_cpu", str(pkg)], 300, env=env)}
         log = Path(env["GRC_CXX_LOG"])
         row["cxx_commands"] = log.read_text().splitlines()[-4:] if log.exists() else "no g++ call logged"
         if not pkg.exists():

@@ -67,7 +67,7 @@ def _write_tensor(fh: BinaryIO, entry: TensorEntry, digest: hashlib._Hash) -> No
     if tensor.dtype != want or tuple(tensor.shape) != entry.shape:
         raise ValueError(f"{entry.name}: produced {tensor.dtype} {tuple(tensor.shape)}, declared {want} {entry.shape}")
     raw = tensor.view(torch.uint8) if tensor.numel() else torch.empty(0, dtype=torch.uint8)
-    view = memoryview(raw.numpy())
+    view = raw.numpy().data  # a memoryview of the bytes, no copy
     fh.write(view)
     digest.update(view)
 

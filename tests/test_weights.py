@@ -63,7 +63,8 @@ def _state_dict(folder: Path) -> dict[str, torch.Tensor]:
 
 def _whole_tables(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Re-join row blocks into one [vocab, dim] tensor per table, as another trainer would save them."""
-    out, blocks = {}, {}
+    out: dict[str, torch.Tensor] = {}
+    blocks: dict[str, list[tuple[str, torch.Tensor]]] = {}
     for name, t in state.items():
         if name.startswith("tables."):
             blocks.setdefault(name.split(".")[1], []).append((name, t))

@@ -96,7 +96,7 @@ class JaggedDense(nn.Module):
         idx, n_ctx = jagged_positions(offsets, num_candidates, tokens.shape[0])
         group = token_groups(d.cfg, idx, n_ctx)
         x = tokens
-        for layer in d.layers:
+        for layer in d.hstu_layers:
             if layer.cfg.time_buckets <= KERNEL_TIME_BUCKETS:
                 x = layer.forward_jagged(x, group, offsets, num_candidates, timestamps, impl=self.impl)
             else:

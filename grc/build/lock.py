@@ -10,6 +10,7 @@ import os
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 from grc.errors import GrcError
 
@@ -19,21 +20,21 @@ class BuildLock:
         self.path = root / ".build.lock"
         self.wait_seconds = wait_seconds
         self.on_wait = on_wait
-        self.fh = None
+        self.fh: IO[str] | None = None
 
     def __enter__(self) -> BuildLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fh = open(self.path, "a+")
+        self.fh = fh = open(self.path, "a+")
         deadline = time.monotonic() + self.wait_seconds
         told = False
         while True:
             try:
-                fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 holder = self.path.read_text().strip() or "unknown"
                 if time.monotonic() >= deadline:
-                    self.fh.close()
+                    fh.close()
                     raise GrcError(
                         f"another build of this spec is running (pid {holder}, lock {self.path}); "
                         f"waited {self.wait_seconds:.0f}s. Retry later or pass --wait SECONDS."
@@ -42,10 +43,10 @@ class BuildLock:
                     self.on_wait(holder)
                     told = True
                 time.sleep(0.2)
-        self.fh.seek(0)
-        self.fh.truncate()
-        self.fh.write(str(os.getpid()))
-        self.fh.flush()
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:

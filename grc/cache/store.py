@@ -261,7 +261,7 @@ class Cache:
 
     def save(self, key: str, stage: str, folder: Path, known: dict[str, str], events: Events) -> None:
         """Store a built folder; ``known`` maps file names to digests a stage already computed."""
-        files = []
+        files: list[dict[str, Any]] = []
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             rel = str(path.relative_to(folder))
             digest = known.get(rel) or sha256_file(path)

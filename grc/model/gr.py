@@ -11,7 +11,9 @@ The model splits where production GR serving splits it:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -51,8 +53,13 @@ class GRDense(nn.Module):
         self.cfg = cfg
         groups = len(cfg.token_groups)
         self.layers = nn.ModuleList(HSTULayer(cfg.d_model, cfg.hstu, groups) for _ in range(cfg.hstu.num_layers))
-        self.final_norm = GroupLayerNorm(cfg.d_model, groups, cfg.hstu.eps)
-        self.heads = TaskHeads(cfg.d_model, cfg.head_hidden, len(cfg.tasks))
+        self.final_norm: GroupLayerNorm = GroupLayerNorm(cfg.d_model, groups, cfg.hstu.eps)
+        self.heads: TaskHeads = TaskHeads(cfg.d_model, cfg.head_hidden, len(cfg.tasks))
+
+    @property
+    def hstu_layers(self) -> Iterable[HSTULayer]:
+        """The layers, typed (an nn.ModuleList yields plain Modules to a type checker)."""
+        return cast("Iterable[HSTULayer]", self.layers)
 
     def forward_padded(
         self, tokens: torch.Tensor, lengths: torch.Tensor, num_candidates: torch.Tensor, timestamps: torch.Tensor
@@ -62,7 +69,7 @@ class GRDense(nn.Module):
         n_ctx = (lengths - num_candidates).view(-1, 1)
         group = token_groups(self.cfg, idx, n_ctx)
         x = tokens
-        for layer in self.layers:
+        for layer in self.hstu_layers:
             x = layer.forward_padded(x, group, lengths, num_candidates, timestamps)
         scores = self.heads(self.final_norm(x, group))
         is_candidate = (idx >= n_ctx) & (idx < lengths.view(-1, 1))
@@ -82,7 +89,7 @@ class GRDense(nn.Module):
         n_ctx = torch.repeat_interleave(lengths - num_candidates, lengths)
         group = token_groups(self.cfg, idx, n_ctx)
         x = tokens
-        for layer in self.layers:
+        for layer in self.hstu_layers:
             x = layer.forward_jagged(x, group, offsets, num_candidates, timestamps, impl=impl)
         scores = self.heads(self.final_norm(x, group))
         return scores * (idx >= n_ctx).unsqueeze(-1).to(scores.dtype)

@@ -94,6 +94,7 @@ def fuse_layer_norm(graph: gs.Graph, ctx: PassContext) -> list[str]:
             continue  # a Sub/Sqrt/Div that is not a layer norm at all
         if missing:
             raise SurgeryError(f"fuse_layer_norm: node {div.name} looks like a layer norm but lacks {missing}")
+        assert mean is not None and add_eps is not None and var is not None and pow_ is not None  # none missing
         x = sub.inputs[0]
         eps = float(np.asarray(add_eps.inputs[1].values).reshape(-1)[0])
         out, scale, bias = div.outputs[0], None, None

@@ -31,7 +31,7 @@ AOTI = {"engine.aoti": {"enabled": True, "targets": ["cpu"]},
 
 def test_padded_and_jagged_layouts_round_trip() -> None:
     rng = np.random.default_rng(0)
-    reqs = []
+    reqs: list[dict[str, np.ndarray]] = []
     for b, n in ((2, 7), (1, 4)):
         lengths = rng.integers(2, n + 1, size=(b, 1))
         lengths[0] = n

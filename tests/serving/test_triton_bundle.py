@@ -162,7 +162,7 @@ def test_preprocess_refuses_bad_requests(tiny, change, message: str) -> None:  #
     request = good_request(spec)
     change(request)
     with pytest.raises(preprocess.RequestError, match=message):
-        preprocess.parse(request, spec.model, truncate=True)
+        preprocess.parse(dict(request), spec.model, truncate=True)
 
 
 def test_long_history_keeps_the_latest_events(tiny) -> None:  # type: ignore[no-untyped-def]
