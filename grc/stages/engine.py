@@ -287,4 +287,7 @@ STAGE = Stage(
     code=("grc/engine/worker.py",),  # run as a subprocess, so the import scan does not see it
     doc="TensorRT / TensorRT-RTX engine per target (plugin layers for grc::HSTUAttention) + metadata",
     enabled=lambda spec: bool(spec.engine.targets),
+    # which toolkit builds a target (full TensorRT needs that GPU here) and whether parity is measured
+    # depend on this host's GPUs: a CPU host's "skipped" / "not measured" must not be restored on a GPU host
+    host_gpu=lambda spec: bool(spec.engine.targets),
 )

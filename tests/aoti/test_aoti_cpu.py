@@ -133,3 +133,4 @@ def test_gpu_targets_put_the_host_gpus_in_the_key(tmp_path: Path) -> None:
     assert fingerprint(aoti, gpu)["host:gpus"] == host_gpus()  # "none" here, "NVIDIA H200, 9.0" there
     assert "host:gpus" not in fingerprint(aoti, cpu)  # a cpu package does not care which GPU is present
     assert "host:gpus" not in fingerprint(stage_named("export"), gpu)
+    assert fingerprint(stage_named("engine"), gpu)["host:gpus"] == host_gpus()  # toolkit choice, parity: host's
