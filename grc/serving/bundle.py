@@ -255,7 +255,7 @@ def link_or_copy(src: Path, dst: Path) -> str:
 
 def write_bundle(spec: Spec, weights_dir: Path, onnx_dir: Path, out: Path,
                  engines: dict[int, Path] | None = None, aoti: Path | None = None,
-                 log: Callable[[str], None] = print) -> dict[str, Any]:
+                 gpu_engines: dict[str, Path] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Write the bundle into ``out``; returns the stage manifest's body."""
     from grc.serving.triton_models.preprocess import load_projector, parse, project
     from grc.weights import open_tables, read_manifest
@@ -324,6 +324,16 @@ def write_bundle(spec: Spec, weights_dir: Path, onnx_dir: Path, out: Path,
         for cc, path in engines.items():
             link(path, repo / msg.name / version / plans[cc])
         configs.append((msg, None))
+        # GPUs that share a compute capability (H100 / H200: both 9.0) cannot be told apart by
+        # cc_model_filenames: each such engine gets configs/<target>.pbtxt naming its own plan,
+        # served with `tritonserver --model-config-name=<target>`
+        for target, path in sorted((gpu_engines or {}).items()):
+            link(path, repo / msg.name / version / f"model.{target}.plan")
+            pinned = ModelConfig()
+            pinned.CopyFrom(msg)
+            pinned.ClearField("cc_model_filenames")
+            pinned.default_model_filename = f"model.{target}.plan"
+            write_config(repo / msg.name, pinned, custom=target)
     post = postprocess_config(spec)
     if cfg.warmup:
         first = rq.candidate_input(spec.model.candidate[0])
@@ -344,7 +354,14 @@ def write_bundle(spec: Spec, weights_dir: Path, onnx_dir: Path, out: Path,
     description = describe(spec, names, sample)
     (out / BUNDLE_JSON).write_text(json.dumps(description, indent=1) + "\n")
     (out / SAMPLE_JSON).write_text(json.dumps({"inputs": rq.as_json_inputs(sample, spec.model)}) + "\n")
-    (out / "README.md").write_text(readme(spec, names))
+    text = readme(spec, names)
+    if gpu_engines:
+        text += (f"\n## One engine per GPU where GPUs share a compute capability\n\n`{DENSE['tensorrt_plan']}` picks "
+                 "its plan by compute capability (`cc_model_filenames`); GPUs that share one (H100 and H200 are both "
+                 "9.0) have their own configs, `configs/<target>.pbtxt`. On such a GPU start the server with\n\n"
+                 + "".join(f"    tritonserver --model-repository {MODEL_REPOSITORY} --model-config-name={t}\n"
+                           for t in sorted(gpu_engines)))
+    (out / "README.md").write_text(text)
     mode = "copy" if "copy" in modes else "hardlink"
     log(f"triton: {len(configs)} models ({', '.join(m.name for m, _ in configs)}); weights and ONNX {mode}ed")
     return {"format": FORMAT, "model_repository": MODEL_REPOSITORY, "ensembles": names,

@@ -59,10 +59,12 @@ def render_config(msg: pb.ModelConfig) -> str:
     return text_format.MessageToString(msg)
 
 
-def write_config(model_dir: Path, msg: pb.ModelConfig) -> Path:
-    """Render ``msg`` into ``model_dir/config.pbtxt`` (directory created); returns the file."""
-    model_dir.mkdir(parents=True, exist_ok=True)
-    path = model_dir / CONFIG_FILENAME
+def write_config(model_dir: Path, msg: pb.ModelConfig, custom: str | None = None) -> Path:
+    """Render ``msg`` into ``model_dir/config.pbtxt`` (directory created), or, for a ``custom``
+    name, into ``model_dir/configs/<custom>.pbtxt``: what ``tritonserver --model-config-name=<custom>``
+    loads instead (models without that file keep config.pbtxt). Returns the file."""
+    path = model_dir / CONFIG_FILENAME if custom is None else model_dir / "configs" / f"{custom}.pbtxt"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_config(msg))
     return path
 
@@ -82,9 +84,10 @@ def load_config(path: Path) -> pb.ModelConfig:
     """Parse and check ``path`` (a config.pbtxt, or a model directory holding one)."""
     path = path / CONFIG_FILENAME if path.is_dir() else path
     msg = parse_config(path.read_text(), str(path))
-    # Triton requires a config's name to match its directory; say so before the server does.
-    if msg.name and msg.name != path.parent.name:
-        raise ModelConfigError(f"{path}: name {msg.name!r} differs from its directory {path.parent.name!r}")
+    # Triton requires a config's name to match its model directory; say so before the server does.
+    model_dir = path.parent.parent if path.parent.name == "configs" else path.parent  # custom configs
+    if msg.name and msg.name != model_dir.name:
+        raise ModelConfigError(f"{path}: name {msg.name!r} differs from its model directory {model_dir.name!r}")
     return msg
 
 

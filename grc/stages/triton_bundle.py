@@ -27,24 +27,22 @@ def served_stages(spec: Any) -> tuple[str, ...]:
     return tuple(SERVED_BY[b] for b in (cfg.backend, *cfg.extra_backends) if b in SERVED_BY)
 
 
-def engine_plans(folder: Path, log: Any) -> dict[int, Path]:
-    """compute capability -> plan of the engine stage's built targets (one per SM: Triton's
-    cc_model_filenames cannot tell two GPUs of one SM apart, e.g. H100 and H200)."""
-    plans: dict[int, Path] = {}
-    for entry in json.loads((folder / MANIFEST).read_text())["targets"]:
-        if entry["status"] != "built":
-            continue
-        if entry["sm"] in plans:
-            log(f"triton: engine {entry['name']} left out: sm{entry['sm']} is served by {plans[entry['sm']]}")
-            continue
-        plans[entry["sm"]] = folder / entry["plan"]
-    return plans
+def engine_plans(folder: Path) -> tuple[dict[int, Path], dict[str, Path]]:
+    """The engine stage's built plans: compute capability -> plan for cc_model_filenames (the
+    first target of each SM), and target -> plan for every target whose SM another target shares
+    (Triton cannot tell H100 from H200 by compute capability: those get configs/<target>.pbtxt)."""
+    built = [e for e in json.loads((folder / MANIFEST).read_text())["targets"] if e["status"] == "built"]
+    by_sm: dict[int, Path] = {}
+    for entry in built:
+        by_sm.setdefault(entry["sm"], folder / entry["plan"])
+    shared = {e["name"]: folder / e["plan"] for e in built if sum(o["sm"] == e["sm"] for o in built) > 1}
+    return by_sm, shared
 
 
 def run(ctx: Context) -> dict[str, Any]:
-    engines = engine_plans(ctx.inputs["engine"], ctx.log) if "engine" in ctx.inputs else None
-    return write_bundle(ctx.spec, ctx.inputs["weights"], ctx.inputs["export"], ctx.out,
-                        engines=engines, aoti=ctx.inputs.get("aoti"), log=ctx.log)  # fmt: skip
+    engines, per_gpu = engine_plans(ctx.inputs["engine"]) if "engine" in ctx.inputs else (None, None)
+    return write_bundle(ctx.spec, ctx.inputs["weights"], ctx.inputs["export"], ctx.out, engines=engines,
+                        gpu_engines=per_gpu, aoti=ctx.inputs.get("aoti"), log=ctx.log)  # fmt: skip
 
 
 STAGE = Stage(

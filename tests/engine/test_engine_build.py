@@ -166,6 +166,19 @@ def test_triton_bundle_serves_the_built_engines(tiny_copy: tuple[Path, Path]) ->
     with in_dir(spec.parent):
         rows = {r.task: r for r in plan(load_spec(spec.name), Path("artifacts/hstu-tiny"))}
     assert all(r.state == "up to date" for r in rows.values())  # the new input is recorded, not re-run
+    assert not (repo / "dense_trt" / "configs").exists()  # every built engine has an SM of its own
+
+    # two GPUs of one compute capability (L4 and RTX 4090 are both 8.9): each its own configs/<target>.pbtxt
+    targets = [{"name": "sm80", "sm": "sm80"}, {"name": "l4", "gpu": "l4"}, {"name": "rtx4090", "sm": "sm89"}]
+    write_spec(spec.parent, spec, {"engine.targets": targets})
+    statuses = run_build(spec)
+    assert statuses["engine"] == "built" and statuses["triton"] == "built" and statuses["export"] == "up to date"
+    for gpu in ("l4", "rtx4090"):
+        pinned = load_config(repo / "dense_trt" / "configs" / f"{gpu}.pbtxt")
+        assert pinned.default_model_filename == f"model.{gpu}.plan" and not pinned.cc_model_filenames
+        served = (repo / "dense_trt" / "1" / f"model.{gpu}.plan").read_bytes()
+        assert served == (root / "engines" / gpu / "model.plan").read_bytes()
+    assert not (repo / "dense_trt" / "configs" / "sm80.pbtxt").exists()
 
 
 @pytest.mark.slow

@@ -116,7 +116,10 @@ def test_tensorrt_hook_renders_cc_model_filenames(built_tiny: tuple[Path, Path],
         plans[cc] = tmp_path / f"sm{cc}.plan"
         plans[cc].write_bytes(b"not a real engine")
     out = tmp_path / "bundle"
-    manifest = bd.write_bundle(trt, root / "weights", root / "onnx", out, engines=plans, log=lambda _: None)
+    per_gpu = {"h100": plans[90], "h200": tmp_path / "h200.plan"}
+    per_gpu["h200"].write_bytes(b"another engine")
+    manifest = bd.write_bundle(trt, root / "weights", root / "onnx", out, engines=plans, gpu_engines=per_gpu,
+                               log=lambda _: None)  # fmt: skip
     assert manifest["ensembles"] == {"onnxruntime": "hstu-tiny", "tensorrt_plan": "hstu-tiny-tensorrt_plan"}
     repo = out / bd.MODEL_REPOSITORY
     dense = load_config(repo / "dense_trt")
@@ -129,6 +132,12 @@ def test_tensorrt_hook_renders_cc_model_filenames(built_tiny: tuple[Path, Path],
     steps = load_config(repo / "hstu-tiny-tensorrt_plan").ensemble_scheduling.step
     assert [s.model_name for s in steps] == ["preprocess_padded", "dense_trt", "postprocess"]
     assert parse_config(render_config(dense)) == dense
+    for gpu in ("h100", "h200"):  # H100 and H200 share 9.0: each its own config, --model-config-name=<gpu>
+        pinned = load_config(repo / "dense_trt" / "configs" / f"{gpu}.pbtxt")
+        assert pinned.default_model_filename == f"model.{gpu}.plan" and not pinned.cc_model_filenames
+        assert list(pinned.input) == list(dense.input)
+    assert (repo / "dense_trt" / "1" / "model.h200.plan").read_bytes() == b"another engine"
+    assert "--model-config-name=h200" in (out / "README.md").read_text()
 
 
 # --------------------------------------------------------------------------- request paths, no server

@@ -306,6 +306,23 @@ def test_server_runs_the_generated_configs(server: TritonServer, repo: Path) -> 
     assert load_config(repo / "pipeline") == pipeline_config()
 
 
+def test_custom_config_name_picks_configs_file(install: ServerInstall, repo: Path, tmp_path: Path) -> None:
+    """What the bundle's per-GPU engines rely on: --model-config-name=<name> loads
+    configs/<name>.pbtxt where a model has one, config.pbtxt where it has not."""
+    import shutil
+
+    copy = tmp_path / "repo"
+    shutil.copytree(repo, copy)
+    pinned = add_config()
+    pinned.dynamic_batching.max_queue_delay_microseconds = 5_000
+    write_config(copy / "add", pinned, custom="h200")
+    assert (copy / "add" / "configs" / "h200.pbtxt").is_file()
+    custom = TritonServer(copy, install=install, startup_timeout_s=60, extra_args=["--model-config-name=h200"])
+    with custom as srv, grpcclient.InferenceServerClient(srv.grpc_url) as client:
+        assert client.get_model_config("add").config.dynamic_batching.max_queue_delay_microseconds == 5_000
+        assert client.get_model_config("rank").config.max_batch_size == MAX_BATCH  # no configs/h200.pbtxt: default
+
+
 def test_dynamic_batching_merges_concurrent_requests(server: TritonServer) -> None:
     done: queue.Queue[tuple[grpcclient.InferResult | None, InferenceServerException | None]] = queue.Queue()
     count = 8
@@ -415,5 +432,5 @@ def test_config_text_roundtrips_and_mistakes_are_named(tmp_path: Path) -> None:
         render_config(wrong)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.pbtxt").write_text(render_config(add_config()))
-    with pytest.raises(ModelConfigError, match="differs from its directory"):
+    with pytest.raises(ModelConfigError, match="differs from its model directory"):
         load_config(tmp_path / "other")
