@@ -42,4 +42,7 @@ def add_deploy_commands(sub: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("--http-port", type=int, help="triton: HTTP port (default: a free one)")
     p.add_argument("--grpc-port", type=int, help="triton: gRPC port (default: a free one)")
     p.add_argument("--metrics-port", type=int, help="triton: Prometheus metrics port (default: a free one)")
+    p.add_argument("--model-config-name", metavar="TARGET",
+                   help="triton: load configs/TARGET.pbtxt where a model has one, e.g. the engine of one GPU when "
+                        "several share a compute capability (H100 / H200); see the bundle's README")
     p.set_defaults(fn=cmd_deploy)

@@ -76,6 +76,7 @@ def deploy(loaded: LoadedSpec, root: Path, args: argparse.Namespace) -> int:
     if stale:
         console.print(f"[yellow]warning: the triton bundle is stale ({'; '.join(stale[:3])}); serving what was "
                       f"built. Refresh it with: grc build {loaded.path}[/]")
+    config_name = checked_config_name(folder, getattr(args, "model_config_name", None))
     if getattr(args, "docker", False):
         return _docker(loaded, root, folder, description, args, console)
     state = root / STATE
@@ -97,6 +98,7 @@ def deploy(loaded: LoadedSpec, root: Path, args: argparse.Namespace) -> int:
         folder / bd.MODEL_REPOSITORY, install=install, startup_timeout_s=float(args.timeout),
         http_port=getattr(args, "http_port", None), grpc_port=getattr(args, "grpc_port", None),
         metrics_port=getattr(args, "metrics_port", None), keep_alive=bool(args.detach),
+        extra_args=[f"--model-config-name={config_name}"] if config_name else (),
     )
     started = time.monotonic()
     server.start()
@@ -119,6 +121,19 @@ def deploy(loaded: LoadedSpec, root: Path, args: argparse.Namespace) -> int:
         return 0
     finally:
         server.stop()  # a no-op after detach()
+
+
+def custom_configs(folder: Path) -> list[str]:
+    """Names of the bundle's custom configs (model_repository/<model>/configs/<name>.pbtxt)."""
+    return sorted({p.stem for p in (folder / bd.MODEL_REPOSITORY).glob("*/configs/*.pbtxt")})
+
+
+def checked_config_name(folder: Path, name: str | None) -> str | None:
+    if name is None or name in custom_configs(folder):
+        return name
+    have = ", ".join(custom_configs(folder)) or "none (every GPU is told apart by its compute capability)"
+    raise DeployError(f"--model-config-name {name}: no model of the bundle has configs/{name}.pbtxt; "
+                      f"custom configs in {folder}: {have}")
 
 
 def _models(folder: Path) -> list[str]:
@@ -234,7 +249,8 @@ def grc_source() -> Path | None:
     return root if (root / "pyproject.toml").is_file() and (root / "grc").is_dir() else None
 
 
-def docker_command(spec_name: str, folder: Path, gpu: bool, detach: bool = False) -> list[str]:
+def docker_command(spec_name: str, folder: Path, gpu: bool, detach: bool = False,
+                   config_name: str | None = None) -> list[str]:
     """The NGC container serving the bundle: the repository mounted read-only, grc installed first
     (the python models import it), ports 8000-8002 on 127.0.0.1."""
     repo = (folder / bd.MODEL_REPOSITORY).resolve()
@@ -250,6 +266,8 @@ def docker_command(spec_name: str, folder: Path, gpu: bool, detach: bool = False
         install = f"pip install -q grc=={__version__}"
     ports = [x for s, p in DOCKER_PORTS.items() for x in ("-p", f"127.0.0.1:{p}:{p}")]
     serve = "tritonserver --model-repository=/models --strict-readiness=true"
+    if config_name:
+        serve += f" --model-config-name={config_name}"
     return ["docker", "run", *(["-d"] if detach else []), "--rm", "--name", f"grc-triton-{spec_name}",
             "--shm-size=1g", *(["--gpus", "all"] if gpu else []), *ports, *mounts, bd.NGC_IMAGE,
             "bash", "-c", f"{install} && {serve}"]
@@ -267,8 +285,9 @@ def _docker_works() -> tuple[bool, str]:
 def _docker(loaded: LoadedSpec, root: Path, folder: Path, description: dict[str, Any], args: argparse.Namespace,
             console: Console) -> int:
     cfg = loaded.spec.bundles.triton
-    gpu = cfg.instance_kind == "KIND_GPU" or cfg.backend == "tensorrt_plan"
-    command = docker_command(loaded.spec.name, folder, gpu, detach=True)
+    gpu = cfg.instance_kind == "KIND_GPU" or "tensorrt_plan" in (cfg.backend, *cfg.extra_backends)
+    config_name = checked_config_name(folder, getattr(args, "model_config_name", None))
+    command = docker_command(loaded.spec.name, folder, gpu, detach=True, config_name=config_name)
     console.print("NGC container command (the bundle mounted at /models):\n  " + shlex.join(command))
     works, why = _docker_works()
     if not works:

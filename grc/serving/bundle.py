@@ -360,6 +360,7 @@ def write_bundle(spec: Spec, weights_dir: Path, onnx_dir: Path, out: Path,
                  "its plan by compute capability (`cc_model_filenames`); GPUs that share one (H100 and H200 are both "
                  "9.0) have their own configs, `configs/<target>.pbtxt`. On such a GPU start the server with\n\n"
                  + "".join(f"    tritonserver --model-repository {MODEL_REPOSITORY} --model-config-name={t}\n"
+                           f"    grc deploy --target triton {spec.name} --model-config-name {t}\n"
                            for t in sorted(gpu_engines)))
     (out / "README.md").write_text(text)
     mode = "copy" if "copy" in modes else "hardlink"

@@ -13,6 +13,7 @@ import pytest
 
 from grc.cli import main
 from grc.deploy import triton as deploy_triton
+from grc.deploy.triton import DeployError
 from grc.serving import bundle as bd
 from grc.serving import tritonserver
 from grc.serving.tritonserver import (
@@ -84,6 +85,26 @@ def test_detach_leaves_it_serving_until_stop(tiny_copy: tuple[Path, Path], capsy
     assert "nothing to stop" in capsys.readouterr().out
 
 
+def test_model_config_name_reaches_the_server(tiny_copy: tuple[Path, Path]) -> None:
+    """--model-config-name: the server loads the bundle's configs/<name>.pbtxt (per-GPU engines use it)."""
+    import tritonclient.grpc as grpcclient
+
+    from grc.serving.model_config import load_config, write_config
+
+    spec, artifacts = tiny_copy
+    model = artifacts / "hstu-tiny" / "triton" / bd.MODEL_REPOSITORY / "dense_onnx"
+    pinned = load_config(model)
+    pinned.dynamic_batching.max_queue_delay_microseconds = 4321
+    write_config(model, pinned, custom="h200")
+    assert deploy(spec, "--detach", "--model-config-name", "h200") == 0
+    try:
+        data = json.loads((artifacts / "hstu-tiny" / deploy_triton.STATE).read_text())
+        with grpcclient.InferenceServerClient(f"127.0.0.1:{data['ports']['grpc']}") as client:
+            assert client.get_model_config("dense_onnx").config.dynamic_batching.max_queue_delay_microseconds == 4321
+    finally:
+        assert deploy(spec, "--stop") == 0
+
+
 def test_clear_errors(built_tiny: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                       capsys: pytest.CaptureFixture[str]) -> None:
     spec, artifacts = built_tiny
@@ -94,6 +115,10 @@ def test_clear_errors(built_tiny: tuple[Path, Path], tmp_path: Path, monkeypatch
         capsys.readouterr().err
     loaded = load_spec(spec)
     args = argparse.Namespace(docker=False, detach=False, stop=False, timeout=60.0)
+    # a custom config the bundle does not have
+    unknown = argparse.Namespace(**vars(args), model_config_name="h200")
+    with pytest.raises(DeployError, match=r"--model-config-name h200: no model of the bundle has configs/h200"):
+        deploy_triton.deploy(loaded, artifacts / "hstu-tiny", unknown)
     # a taken port
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
