@@ -400,7 +400,7 @@ def probe_package(
     cmd = [sys.executable, "-X", "faulthandler", __file__, "--probe", spec_name, str(package)]
     cmd.append(str(int(single_threaded)))
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired:
         return {"rc": "timeout"}
     result: dict[str, Any] = {"rc": done.returncode}
