@@ -110,14 +110,9 @@ def host_gpus() -> str:
     """This host's NVIDIA GPUs (name and compute capability, one per line) or "none": part of the
     key of stages whose output depends on the GPU they run on (a GPU package is built, or recorded
     as skipped, by what the host has). nvidia-smi, not torch: no-op builds must stay cheap."""
-    import subprocess
+    from grc.engine.toolkits import local_gpus
 
-    try:
-        done = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=20)  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
-        return "none"
-    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "none"
+    return "\n".join(f"{g.name}, sm{g.sm}" for g in local_gpus()) or "none"
 
 
 def host_digests(depends_on_gpu: bool) -> dict[str, str]:
