@@ -19,7 +19,7 @@ from grc.errors import GrcError
 
 
 def add_inspect_command(sub: Any) -> None:
-    p = sub.add_parser("inspect", help="inspect a built artifact (engine plans)",
+    p = sub.add_parser("inspect", help="inspect built artifacts (engine plans; which target runs where)",
                        description="inspect a built artifact")
     kinds = p.add_subparsers(dest="kind", metavar="KIND", required=True)
     e = kinds.add_parser("engine", help="layers, I/O bindings and profiles of a TensorRT plan",
@@ -29,6 +29,14 @@ def add_inspect_command(sub: Any) -> None:
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.add_argument("--layers", type=int, default=40, help="layers to print (default 40; 0: all)")
     e.set_defaults(fn=cmd_inspect_engine)
+    t = kinds.add_parser("targets", help="every engine / AOTInductor target of a built spec: where it runs, how "
+                         "Triton serves it", description="every compiled artifact of a built spec (TensorRT engines, "
+                         "AOTInductor packages): GPU, SM, precision, toolkit, built or skipped and why, parity, "
+                         "whether this host can run it, and how the Triton bundle selects it")
+    t.add_argument("spec", nargs="?", default="specs/hstu-tiny.yaml", help="spec YAML (default: specs/hstu-tiny.yaml)")
+    t.add_argument("--artifacts", default="artifacts", type=Path, help="artifacts folder (default: ./artifacts)")
+    t.add_argument("--json", action="store_true", help="machine-readable output")
+    t.set_defaults(fn=cmd_inspect_targets)
 
 
 def _plugin_library(plan: Path, metadata: dict[str, Any]) -> Path | None:
@@ -117,6 +125,22 @@ def _print(info: dict[str, Any], limit: int) -> None:
         print(f"  {kind:<20} {name}")
     if limit and len(rows) > limit:
         print(f"  ... {len(rows) - limit} more (--layers 0 prints all)")
+
+
+def cmd_inspect_targets(args: argparse.Namespace) -> int:
+    from grc.cli_targets import print_targets, target_rows
+    from grc.spec.loader import load_spec
+
+    root = Path(args.artifacts) / load_spec(args.spec).spec.name
+    rows = target_rows(root)
+    if not rows:
+        raise GrcError(f"inspect targets: no engine or aoti stage output under {root}: set engine.targets or "
+                       f"engine.aoti in {args.spec} and build it (grc build {args.spec})")
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print_targets(rows, root)
+    return 0
 
 
 def cmd_inspect_engine(args: argparse.Namespace) -> int:

@@ -144,7 +144,8 @@ def test_precision_change_rebuilds_only_the_engines(tiny_copy: tuple[Path, Path]
     assert meta["precision"] == "fp32" and meta["onnx"]["built_from_sha256"] == meta["onnx"]["surgery_sha256"]
 
 
-def test_triton_bundle_serves_the_built_engines(tiny_copy: tuple[Path, Path]) -> None:
+def test_triton_bundle_serves_the_built_engines(tiny_copy: tuple[Path, Path],
+                                                capsys: pytest.CaptureFixture[str]) -> None:
     """backend tensorrt_plan: the triton stage reads the engine stage's plans (an optional input)."""
     from grc.serving import bundle as bd
     from grc.serving.model_config import load_config
@@ -179,6 +180,13 @@ def test_triton_bundle_serves_the_built_engines(tiny_copy: tuple[Path, Path]) ->
         served = (repo / "dense_trt" / "1" / f"model.{gpu}.plan").read_bytes()
         assert served == (root / "engines" / gpu / "model.plan").read_bytes()
     assert not (repo / "dense_trt" / "configs" / "sm80.pbtxt").exists()
+    with in_dir(spec.parent):  # which engine runs where
+        assert main(["inspect", "targets", spec.name, "--json"]) == 0
+    where = {r["target"]: r for r in json.loads(capsys.readouterr().out)}
+    assert where["sm80"]["triton"] == "dense_trt on cc 8.0" and where["sm80"]["status"] == "built"
+    assert where["l4"]["triton"] == "dense_trt --model-config-name=l4"
+    assert where["rtx4090"]["triton"] == "dense_trt --model-config-name=rtx4090"
+    assert where["l4"]["toolkit"].startswith("tensorrt_rtx") and where["l4"]["file"] == "engines/l4/model.plan"
 
 
 @pytest.mark.slow
