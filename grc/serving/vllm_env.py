@@ -203,10 +203,17 @@ def _create_or_explain(target: Path, log: Log) -> VllmEnv:
 
 
 def install_plugin(env: VllmEnv, plugin_dir: Path, log: Log = print) -> None:
-    """pip-install a bundle's plugin package (no deps, no build isolation: setuptools is in the venv)."""
-    with _locked(env.path):
+    """pip-install a bundle's plugin package (no deps, no build isolation: setuptools is in the venv).
+
+    From a copy: pip builds in the source folder (build/, *.egg-info), and the bundle is a build
+    output that serving must not change (a test saw those files appear in it)."""
+    import tempfile
+
+    with _locked(env.path), tempfile.TemporaryDirectory(prefix="grc-vllm-plugin-") as tmp:
+        source = Path(tmp) / plugin_dir.name
+        shutil.copytree(plugin_dir, source)
         _run(
-            [*env.pip, "install", "-q", "--no-deps", "--no-build-isolation", "--force-reinstall", str(plugin_dir)],
+            [*env.pip, "install", "-q", "--no-deps", "--no-build-isolation", "--force-reinstall", str(source)],
             log,
             "plugin",
         )

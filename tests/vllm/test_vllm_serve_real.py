@@ -49,6 +49,8 @@ def venv() -> vllm_env.VllmEnv:
 
 def _server(venv: vllm_env.VllmEnv, bundle: Path, tmp: Path) -> tuple[dv.VllmServer, Path]:
     vllm_env.install_plugin(venv, bundle / "plugin", log=lambda _: None)
+    leftovers = [p.name for p in (bundle / "plugin").iterdir() if p.name == "build" or p.suffix == ".egg-info"]
+    assert not leftovers, f"installing the plugin wrote {leftovers} into the bundle"
     steps = tmp / "steps.log"
     server = dv.VllmServer(
         bundle.resolve(), venv.python, tmp / "vllm.log", extra_env={"GRC_VLLM_STEP_LOG": str(steps), **NOBIND}
