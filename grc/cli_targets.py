@@ -13,70 +13,70 @@ import json
 from pathlib import Path
 from typing import Any
 
-MANIFEST = "manifest.json"
 NOT_SERVED = "not served (bundles.triton.backend)"
 
 
-def _read(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+def _targets(root: Path, stage: str) -> list[dict[str, Any]]:
+    """The ``targets`` entries of a stage's manifest (none when the stage has not run)."""
+    from grc.stages import stage_named
+    from grc.stages.base import MANIFEST
+
+    path = root / stage_named(stage).output / MANIFEST
+    return list(json.loads(path.read_text())["targets"]) if path.is_file() else []
 
 
-def _triton_trt(repo: Path) -> tuple[dict[int, str], set[str]]:
-    """(SM -> plan file in cc_model_filenames, targets with a configs/<target>.pbtxt) of dense_trt."""
-    from grc.serving.model_config import load_config
+def _config(repo: Path, backend: str) -> Any:
+    """The bundle's config of the dense step serving ``backend``, or None."""
+    from grc.serving.bundle import DENSE
+    from grc.serving.model_config import CONFIG_FILENAME, load_config
 
-    model = repo / "dense_trt"
-    if not (model / "config.pbtxt").is_file():
-        return {}, set()
-    by_cc = {int(cc.replace(".", "")): plan for cc, plan in load_config(model).cc_model_filenames.items()}
-    return by_cc, {p.stem for p in (model / "configs").glob("*.pbtxt")}
-
-
-def _triton_aoti(repo: Path) -> dict[str, str]:
-    """cpu / gpu -> package path of dense_aoti."""
-    from grc.serving.model_config import load_config
-
-    model = repo / "dense_aoti"
-    if not (model / "config.pbtxt").is_file():
-        return {}
-    return dict(json.loads(load_config(model).parameters["packages"].string_value))
+    model = repo / DENSE[backend]
+    return load_config(model) if (model / CONFIG_FILENAME).is_file() else None
 
 
 def target_rows(root: Path) -> list[dict[str, Any]]:
     from grc.engine.toolkits import local_gpus
-    from grc.serving.bundle import MODEL_REPOSITORY
+    from grc.serving.bundle import DENSE, MODEL_REPOSITORY
+    from grc.serving.model_config import CUSTOM_CONFIGS
+    from grc.stages import stage_named
 
     here = {g.sm for g in local_gpus()}
-    repo = root / "triton" / MODEL_REPOSITORY
-    by_cc, pinned = _triton_trt(repo)
-    packages = _triton_aoti(repo)
+    repo = root / stage_named("triton").output / MODEL_REPOSITORY
+    trt, aoti = _config(repo, "tensorrt_plan"), _config(repo, "aotinductor")
+    served_cc = {int(cc.replace(".", "")) for cc in trt.cc_model_filenames} if trt else set()
+    pinned = {p.stem for p in (repo / DENSE["tensorrt_plan"] / CUSTOM_CONFIGS).glob("*.pbtxt")}
+    packages = json.loads(aoti.parameters["packages"].string_value) if aoti else {}
     rows = []
-    for e in (_read(root / "engines" / MANIFEST) or {}).get("targets", []):
+    for e in _targets(root, "engine"):
         built = e["status"] == "built"
         if not built:
             served = "-"
         elif e["name"] in pinned:
-            served = f"dense_trt --model-config-name={e['name']}"
-        elif by_cc.get(e["sm"]) == f"model.sm{e['sm']}.plan":
-            served = f"dense_trt on cc {e['sm'] // 10}.{e['sm'] % 10}"
+            served = f"{DENSE['tensorrt_plan']} --model-config-name={e['name']}"
+        elif e["sm"] in served_cc:
+            served = f"{DENSE['tensorrt_plan']} on cc {e['sm'] // 10}.{e['sm'] % 10}"
         else:
             served = NOT_SERVED
         rows.append({"artifact": "tensorrt", "target": e["name"], "gpu": e.get("gpu") or "-", "sm": e["sm"],
                      "precision": e["precision"], "status": e["status"],
                      "toolkit": f"{e['toolkit']} {e['toolkit_version']}" if built else "-",
                      "parity": e["parity"] if built else "-", "runs_here": e["sm"] in here,
-                     "triton": served, "file": f"engines/{e['plan']}" if built else None,
+                     "triton": served, "file": f"{stage_named('engine').output}/{e['plan']}" if built else None,
                      "reason": None if built else e["reason"]})  # fmt: skip
-    for e in (_read(root / "engines-aoti" / MANIFEST) or {}).get("targets", []):
+    for e in _targets(root, "aoti"):
         built = e["status"] == "built"
         kind = "cpu" if e["name"] == "cpu" else "gpu"
-        served = f"dense_aoti {'KIND_CPU' if kind == 'cpu' else 'KIND_GPU'}" if packages.get(kind) == \
-            f"{e['name']}/model.pt2" else ("-" if not built else NOT_SERVED)
+        if not built:
+            served = "-"
+        elif packages.get(kind) == e["package"]:
+            served = f"{DENSE['aotinductor']} {'KIND_CPU' if kind == 'cpu' else 'KIND_GPU'}"
+        else:
+            served = NOT_SERVED
         rows.append({"artifact": "aotinductor", "target": e["name"], "gpu": e.get("gpu") or e.get("device", "-"),
                      "sm": e.get("sm"), "precision": e["dtype"], "status": e["status"],
                      "toolkit": "aotinductor" if built else "-", "parity": e.get("parity", "-"),
                      "runs_here": kind == "cpu" or e.get("sm") in here, "triton": served,
-                     "file": f"engines-aoti/{e['package']}" if built else None,
+                     "file": f"{stage_named('aoti').output}/{e['package']}" if built else None,
                      "reason": None if built else e["reason"]})  # fmt: skip
     return rows
 

@@ -125,7 +125,9 @@ def deploy(loaded: LoadedSpec, root: Path, args: argparse.Namespace) -> int:
 
 def custom_configs(folder: Path) -> list[str]:
     """Names of the bundle's custom configs (model_repository/<model>/configs/<name>.pbtxt)."""
-    return sorted({p.stem for p in (folder / bd.MODEL_REPOSITORY).glob("*/configs/*.pbtxt")})
+    from grc.serving.model_config import CUSTOM_CONFIGS
+
+    return sorted({p.stem for p in (folder / bd.MODEL_REPOSITORY).glob(f"*/{CUSTOM_CONFIGS}/*.pbtxt")})
 
 
 def checked_config_name(folder: Path, name: str | None) -> str | None:

@@ -144,22 +144,22 @@ def dense_aoti_config(spec: Spec, packages: dict[str, str]) -> ModelConfig:
     return msg
 
 
-def aoti_packages(spec: Spec, aoti_dir: Path | None) -> dict[str, tuple[str, Path]]:
-    """cpu / gpu -> (target, package) of the aoti stage's built packages this bundle serves."""
+def aoti_packages(spec: Spec, aoti_dir: Path | None) -> dict[str, tuple[str, str | None]]:
+    """cpu / gpu -> (package path relative to the aoti stage's folder, its sha256) of the built
+    packages this bundle serves (the first GPU target for gpu), from the stage's manifest."""
     if aoti_dir is None:
         raise StageError("bundles.triton.backend: aotinductor serves the aoti stage's packages; "
                          "set engine.aoti.enabled: true")
-    built = json.loads((aoti_dir / "manifest.json").read_text())["built"]
-    found: dict[str, tuple[str, Path]] = {}
-    if "cpu" in built:
-        found["cpu"] = ("cpu", aoti_dir / "cpu" / "model.pt2")
-    gpu = [t for t in built if t != "cpu"]
-    if gpu:
-        found["gpu"] = (gpu[0], aoti_dir / gpu[0] / "model.pt2")
+    manifest = json.loads((aoti_dir / "manifest.json").read_text())
+    built = [e for e in manifest["targets"] if e["status"] == "built"]
+    found: dict[str, tuple[str, str | None]] = {}
+    for e in built:
+        found.setdefault("cpu" if e["name"] == "cpu" else "gpu", (e["package"], manifest["sha256"].get(e["package"])))
     want = "cpu" if spec.bundles.triton.instance_kind == "KIND_CPU" else "gpu"
     if want not in found:
         raise StageError(f"bundles.triton.instance_kind: {spec.bundles.triton.instance_kind} serves a {want} "
-                         f"AOTInductor package and the aoti stage built none (built: {built or 'nothing'}; "
+                         f"AOTInductor package and the aoti stage built none (built: "
+                         f"{[e['name'] for e in built] or 'nothing'}; "
                          f"a GPU package is built on a host with that GPU)")
     return found
 
@@ -307,14 +307,14 @@ def write_bundle(spec: Spec, weights_dir: Path, onnx_dir: Path, out: Path,
         configs.append((msg, "dense_onnx"))
     if "aotinductor" in wanted:
         packages = aoti_packages(spec, aoti)
-        msg = dense_aoti_config(spec, {kind: f"{target}/model.pt2" for kind, (target, _) in packages.items()})
-        package_digests = json.loads((aoti / "manifest.json").read_text()).get("sha256", {})  # type: ignore[operator]
-        for target, path in packages.values():
-            dst = repo / msg.name / version / target / path.name
-            link(path, dst)
-            link(path.parent / "metadata.json", dst.parent / "metadata.json")  # dtype, parity, toolkit versions
-            if f"{target}/{path.name}" in package_digests:
-                digests[str(dst.relative_to(out))] = package_digests[f"{target}/{path.name}"]
+        msg = dense_aoti_config(spec, {kind: rel for kind, (rel, _) in packages.items()})
+        assert aoti is not None  # aoti_packages refused a missing one
+        for rel, digest in packages.values():  # <target>/model.pt2, the same path in the version dir
+            dst = repo / msg.name / version / rel
+            link(aoti / rel, dst)
+            link((aoti / rel).parent / "metadata.json", dst.parent / "metadata.json")  # dtype, parity, toolkits
+            if digest:
+                digests[str(dst.relative_to(out))] = digest
         if cfg.warmup:
             add_warmup(msg, repo / msg.name, dense_in)
         configs.append((msg, "dense_aoti"))

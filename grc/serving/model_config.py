@@ -21,6 +21,7 @@ ModelConfig = pb.ModelConfig
 ModelInput = pb.ModelInput
 ModelOutput = pb.ModelOutput
 CONFIG_FILENAME = "config.pbtxt"
+CUSTOM_CONFIGS = "configs"  # <model>/configs/<name>.pbtxt: loaded instead under --model-config-name=<name>
 _WIRE_ALIASES = {"BYTES": "STRING"}
 
 
@@ -63,7 +64,7 @@ def write_config(model_dir: Path, msg: pb.ModelConfig, custom: str | None = None
     """Render ``msg`` into ``model_dir/config.pbtxt`` (directory created), or, for a ``custom``
     name, into ``model_dir/configs/<custom>.pbtxt``: what ``tritonserver --model-config-name=<custom>``
     loads instead (models without that file keep config.pbtxt). Returns the file."""
-    path = model_dir / CONFIG_FILENAME if custom is None else model_dir / "configs" / f"{custom}.pbtxt"
+    path = model_dir / CONFIG_FILENAME if custom is None else model_dir / CUSTOM_CONFIGS / f"{custom}.pbtxt"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_config(msg))
     return path
@@ -85,7 +86,7 @@ def load_config(path: Path) -> pb.ModelConfig:
     path = path / CONFIG_FILENAME if path.is_dir() else path
     msg = parse_config(path.read_text(), str(path))
     # Triton requires a config's name to match its model directory; say so before the server does.
-    model_dir = path.parent.parent if path.parent.name == "configs" else path.parent  # custom configs
+    model_dir = path.parent.parent if path.parent.name == CUSTOM_CONFIGS else path.parent
     if msg.name and msg.name != model_dir.name:
         raise ModelConfigError(f"{path}: name {msg.name!r} differs from its model directory {model_dir.name!r}")
     return msg

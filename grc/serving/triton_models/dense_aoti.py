@@ -58,6 +58,7 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         import torch
 
+        from grc.aoti.build import DTYPES
         from grc.aoti.runtime import load
 
         params = io.parameters(args)
@@ -67,7 +68,7 @@ class TritonPythonModel:
         package = Path(args["model_repository"]) / args["model_version"] / packages["gpu" if gpu else "cpu"]
         meta = json.loads((package.parent / "metadata.json").read_text())
         self.device = torch.device(f"cuda:{int(args['model_instance_device_id'])}" if gpu else "cpu")
-        self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[meta["dtype"]]
+        self.dtype = DTYPES[meta["dtype"]]
         threads = int(params.get("intra_op_threads", "1"))
         if threads > 0 and not gpu:
             torch.set_num_threads(threads)
@@ -77,10 +78,11 @@ class TritonPythonModel:
     def execute(self, requests: list[Any]) -> list[Any]:
         import torch
 
+        from grc.aoti.model import INPUTS  # the package's argument order
+
         def run(batch: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
             feeds = to_jagged(batch)
-            args = [torch.from_numpy(feeds[k]).to(self.device) for k in ("tokens", "offsets", "num_candidates",
-                                                                          "timestamps")]  # fmt: skip
+            args = [torch.from_numpy(feeds[k]).to(self.device) for k in INPUTS]
             args[0] = args[0].to(self.dtype)
             with torch.no_grad():
                 scores = self.run(*args).float().cpu().numpy()
