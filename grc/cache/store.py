@@ -17,9 +17,10 @@ import shutil
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, TypeVar
 
 from grc import __version__
 
@@ -137,6 +138,13 @@ class LocalStore:
         return [p for p in (self.root / "ac").rglob("*") if p.is_file() and not p.name.startswith(".")]
 
 
+T = TypeVar("T")
+
+
+def _read_all(resp: Any) -> bytes:
+    return bytes(resp.read())
+
+
 class HttpStore:
     """GET/PUT/HEAD of /cas/<digest> and /ac/<key> on a plain HTTP (WebDAV-capable) server."""
 
@@ -145,14 +153,21 @@ class HttpStore:
         self.read_only = read_only
         self.timeout = timeout
 
-    def _request(self, method: str, path: str, data: bytes | None = None) -> bytes | None:
-        req = urllib.request.Request(f"{self.url}/{path}", data=data, method=method)
-        return self._send(req)
-
-    def _send(self, req: urllib.request.Request) -> bytes | None:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        data: bytes | BinaryIO | None = None,
+        size: int | None = None,
+        consume: Callable[[Any], T] = _read_all,  # type: ignore[assignment]  # T = bytes by default
+    ) -> T | None:
+        """One request; ``consume(response)`` (default: the whole body), or None on 404. A file
+        ``data`` is sent as it is read (``size`` bytes)."""
+        headers = {"Content-Length": str(size)} if size is not None else {}
+        req = urllib.request.Request(f"{self.url}/{path}", data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                return resp.read()
+                return consume(resp)
         except urllib.error.HTTPError as exc:
             if exc.code == 404:
                 return None
@@ -174,26 +189,22 @@ class HttpStore:
     def download(self, digest: str, dest: Path) -> tuple[int, str] | None:
         """Stream cas/<digest> into ``dest`` (1 MiB at a time: multi-GB shards never sit in
         memory), hashing as it goes; (bytes, sha256) or None when the server has no such object."""
-        req = urllib.request.Request(f"{self.url}/cas/{digest}", method="GET")
-        h, size = hashlib.sha256(), 0
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp, open(dest, "wb") as out:
+
+        def save(resp: Any) -> tuple[int, str]:
+            h, size = hashlib.sha256(), 0
+            with open(dest, "wb") as out:
                 while chunk := resp.read(CHUNK):
                     h.update(chunk)
                     out.write(chunk)
                     size += len(chunk)
-        except urllib.error.HTTPError as exc:
-            if exc.code == 404:
-                return None
-            raise
-        return size, h.hexdigest()
+            return size, h.hexdigest()
+
+        return self._request("GET", f"cas/{digest}", consume=save)
 
     def put_blob(self, src: Path, digest: str) -> None:
         """Upload streamed from the file (the request body is read 8 KiB at a time)."""
         with open(src, "rb") as body:
-            req = urllib.request.Request(f"{self.url}/cas/{digest}", data=body, method="PUT",
-                                         headers={"Content-Length": str(src.stat().st_size)})  # fmt: skip
-            self._send(req)
+            self._request("PUT", f"cas/{digest}", body, size=src.stat().st_size)
 
 
 def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
