@@ -102,27 +102,12 @@ def compile_case(case: str, spec: str, package: Path) -> None:
 def load_case(case: str, spec: str, package: Path, how: str) -> None:
     import torch
 
-    from grc.aoti.runtime import CudaGraphRunner
+    from grc.aoti.runtime import CudaGraphRunner, load, load_model_so
 
     mod, args, _ = build_case(case, spec)
     print("DIAG stage=load", flush=True)
-    if how == "so":  # the model .so through the C++ runner, bypassing the .pt2 loader
-        import tempfile
-        import zipfile
-
-        unpacked = Path(tempfile.mkdtemp(prefix="grc-diag-"))
-        zipfile.ZipFile(package).extractall(unpacked)
-        so = next(unpacked.rglob("*.so"))
-        runner = torch._C._aoti.AOTIModelContainerRunnerCuda(str(so), 1, "cuda", str(so.parent))
-
-        def run(*a: torch.Tensor) -> torch.Tensor:
-            return runner.run(list(a))[0]
-    else:
-        loaded = torch._inductor.aoti_load_package(str(package), run_single_threaded=how == "single")
-
-        def run(*a: torch.Tensor) -> torch.Tensor:
-            out = loaded(*a)
-            return out[0] if isinstance(out, (list, tuple)) else out
+    # "so": the model .so through the C++ runner, bypassing the .pt2 loader; else the loader grc uses
+    run = load_model_so(package) if how == "so" else load(package, args[0].device, single_threaded=how == "single")
 
     print("DIAG stage=run", flush=True)
     with torch.no_grad():

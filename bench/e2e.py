@@ -416,21 +416,14 @@ def probe_package(
 
 def run_probe(spec_name: str, package: Path, single_threaded: bool) -> None:
     from grc.aoti.model import JaggedDense
-    from grc.aoti.runtime import CudaGraphRunner, load
+    from grc.aoti.runtime import CudaGraphRunner, load, load_model_so
 
     cfg = load_spec(REPO / "specs" / f"{spec_name}.yaml").spec.model
     dense = seeded_dense(cfg).cuda().to(torch.bfloat16)
     inp = random_inputs(cfg, 3, 50, 8, torch.Generator().manual_seed(5)).to("cuda", torch.bfloat16)
     print("PROBE stage=load", flush=True)
     if os.environ.get("GRC_PROBE_SO"):  # bypass the .pt2 loader: the extracted model .so, run directly
-        import zipfile
-
-        unpacked = Path(tempfile.mkdtemp(prefix="grc-probe-"))
-        zipfile.ZipFile(package).extractall(unpacked)
-        so = next(unpacked.rglob("*.so"))
-        print(f"PROBE so={so.relative_to(unpacked)}", flush=True)
-        runner = torch._C._aoti.AOTIModelContainerRunnerCuda(str(so), 1, "cuda", str(so.parent))
-        run = lambda *a: runner.run(list(a))[0]  # noqa: E731
+        run = load_model_so(package)
     else:
         run = load(package, "cuda", single_threaded=single_threaded)
     print("PROBE stage=run", flush=True)
