@@ -45,6 +45,25 @@ def test_gpu_target_skipped_with_reason_and_no_file(aoti_build: Path) -> None:
     assert not (aoti_build / "cuda").exists()
 
 
+def test_a_package_that_does_not_load_is_a_stage_error_naming_it(aoti_build: Path, tmp_path: Path) -> None:
+    """The stage loads each package in a child first (a crash in the model .so must not kill the
+    build): a truncated package gives a StageError with the path and the child's last lines."""
+    from grc.aoti.loadcheck import check_loads
+    from grc.errors import StageError
+    from grc.spec.loader import load_spec
+
+    cfg = load_spec(SPECS / "hstu-tiny.yaml").spec.model
+    check_loads(aoti_build / "cpu" / "model.pt2", "cpu", "float32", cfg, "aoti: cpu", None)  # the real one loads
+    broken = tmp_path / "model.pt2"
+    data = (aoti_build / "cpu" / "model.pt2").read_bytes()
+    broken.write_bytes(data[: len(data) // 2])
+    with pytest.raises(StageError) as err:
+        check_loads(broken, "cpu", "float32", cfg, "aoti: cpu", "/usr/bin/g++")
+    message = str(err.value)
+    assert str(broken) in message and "failed (exit 1)" in message and "Last lines:" in message
+    assert "/usr/bin/g++" in message
+
+
 def test_package_runs_fresh_ragged_batches_like_the_reference(aoti_build: Path) -> None:
     from grc.aoti.inputs import random_inputs
     from grc.aoti.runtime import load
