@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import os
 import platform
@@ -29,6 +28,7 @@ import torch
 from grc.aoti.inputs import JaggedInputs, random_inputs
 from grc.aoti.loadcheck import check_loads
 from grc.aoti.model import INPUTS, MAX_TOKENS, MAX_USERS, OUTPUTS, custom_ops, export_program, time_bucket_note
+from grc.build.fingerprint import sha256_file
 from grc.compare import Figure, compare
 from grc.errors import StageError
 from grc.model.gr import GRDense
@@ -91,14 +91,6 @@ def compiler_shim() -> Iterator[str | None]:
                 os.environ.pop("CXX", None)
             else:
                 os.environ["CXX"] = before
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def resolve_target(name: str) -> tuple[torch.device | None, str | None, dict[str, Any]]:
@@ -290,7 +282,7 @@ def verify_target(
     log(table)
     if not all(f.ok for f in figures):
         raise StageError(f"aoti: {target} differs from the PyTorch reference beyond the tolerance:\n{table}")
-    package_sha = sha256_of(folder / PACKAGE)
+    package_sha = sha256_file(folder / PACKAGE)
     metadata = {
         "format": FORMAT,
         "target": {"name": target, "device": device.type, **host},

@@ -7,7 +7,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
+
+
+def sha256_file(path: Path) -> str:
+    """The file's sha256, read in 1 MiB chunks (multi-GB weight shards never sit in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _leaves(value: Any, path: str) -> dict[str, str]:

@@ -6,7 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from grc.cache.store import LocalStore, sha256_file
+from grc.build.fingerprint import sha256_file
+from grc.cache.store import LocalStore
 
 
 @dataclass

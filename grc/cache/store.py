@@ -23,16 +23,9 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from grc import __version__
+from grc.build.fingerprint import sha256_file
 
 CHUNK = 1 << 20
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def default_dir() -> Path:

