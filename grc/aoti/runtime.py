@@ -3,7 +3,10 @@
 ``load`` imports ``kernels`` first: on CPU the package calls the ``grc`` reference ops through
 the dispatcher, so they must be registered in the process (on CUDA the Triton kernels are
 compiled into the package). ``CudaGraphRunner`` replays one captured CUDA graph per distinct
-input shape (users, tokens): the package's launches then cost one graph launch.
+input shape (users, tokens): the package's launches then cost one graph launch. Capture a package
+loaded with ``single_threaded=True``: with AOTInductor's default runner (container lock, event
+waits) the capture failed on an H200 ("operation failed due to a previous error during capture");
+through the single-threaded one it replays right (bench/results/e2e-notes.md, session 3).
 """
 
 from __future__ import annotations
