@@ -153,3 +153,26 @@ def test_gpu_targets_put_the_host_gpus_in_the_key(tmp_path: Path) -> None:
     assert "host:gpus" not in fingerprint(aoti, cpu)  # a cpu package does not care which GPU is present
     assert "host:gpus" not in fingerprint(stage_named("export"), gpu)
     assert fingerprint(stage_named("engine"), gpu)["host:gpus"] == host_gpus()  # toolkit choice, parity: host's
+
+
+def test_compiler_shim_runs_the_real_compiler_and_leaves_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import shutil
+    import subprocess
+
+    from grc.aoti.build import compiler_shim, cxx_compiler
+
+    real = cxx_compiler()
+    if real is None:
+        pytest.skip("no C++ compiler on PATH (g++ or $CXX): AOTInductor cannot compile here")
+    monkeypatch.setenv("CXX", real)
+    with compiler_shim() as shim:
+        assert shim is not None and Path(shim).name == Path(real).name  # Inductor picks flags by the name
+        assert os.environ["CXX"] == shim
+        version = [subprocess.run([c, "--version"], capture_output=True, text=True).stdout for c in (shim, real)]
+        assert version[0] == version[1] and version[0]
+    assert os.environ["CXX"] == real and not Path(shim).exists()
+    monkeypatch.delenv("CXX")
+    with compiler_shim() as shim:
+        assert Path(shim or "").name == Path(shutil.which("g++") or "").name
+    assert "CXX" not in os.environ
