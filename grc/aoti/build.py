@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import os
 import platform
@@ -29,6 +30,7 @@ from grc.aoti.inputs import JaggedInputs, random_inputs
 from grc.aoti.loadcheck import check_loads
 from grc.aoti.model import INPUTS, MAX_TOKENS, MAX_USERS, OUTPUTS, custom_ops, export_program, time_bucket_note
 from grc.build.fingerprint import sha256_file
+from grc.cache.store import default_dir
 from grc.compare import Figure, compare
 from grc.errors import StageError
 from grc.model.gr import GRDense
@@ -60,6 +62,16 @@ def cxx_compiler() -> str | None:
     return os.path.abspath(found) if found else None
 
 
+def _write_script(path: Path, text: str) -> None:
+    if path.is_file() and path.read_text() == text:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as fh:
+        fh.write(text)
+    os.chmod(fh.name, 0o755)
+    os.replace(fh.name, path)  # atomic: a concurrent build never runs a half-written script
+
+
 @contextlib.contextmanager
 def compiler_shim() -> Iterator[str | None]:
     """Inductor compiles through a one-line script that execs the real compiler (``$CXX`` and
@@ -78,19 +90,24 @@ def compiler_shim() -> Iterator[str | None]:
     if real is None:
         yield None
         return
-    with tempfile.TemporaryDirectory(prefix="grc-cxx-") as tmp:
-        shim = Path(tmp) / Path(real).name
-        shim.write_text(f'#!/bin/sh\nexec {shlex.quote(real)} "$@"\n')
-        shim.chmod(0o755)
-        before = os.environ.get("CXX")
-        os.environ["CXX"] = str(shim)  # Inductor's compile workers read it when they start
-        try:
-            yield str(shim)
-        finally:
-            if before is None:
-                os.environ.pop("CXX", None)
-            else:
-                os.environ["CXX"] = before
+    # kept in grc's cache folder, never deleted: Inductor compile workers started meanwhile keep
+    # its path in their config for later compiles in this process
+    text = f'#!/bin/sh\nexec {shlex.quote(real)} "$@"\n'
+    shim = default_dir() / "cxx" / hashlib.sha256(text.encode()).hexdigest()[:16] / Path(real).name
+    try:
+        _write_script(shim, text)
+    except OSError:  # grc's cache folder is not writable here: a private temporary one, left in place
+        shim = Path(tempfile.mkdtemp(prefix="grc-cxx-")) / Path(real).name
+        _write_script(shim, text)
+    before = os.environ.get("CXX")
+    os.environ["CXX"] = str(shim)  # Inductor's compile workers read it when they start
+    try:
+        yield str(shim)
+    finally:
+        if before is None:
+            os.environ.pop("CXX", None)
+        else:
+            os.environ["CXX"] = before
 
 
 def resolve_target(name: str) -> tuple[torch.device | None, str | None, dict[str, Any]]:
