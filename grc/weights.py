@@ -159,7 +159,7 @@ def import_checkpoint(
     for p, load, rows in entries:
         tensor = load()
         full_shape = tuple(tensor.shape)
-        expected = (model.tables[str(p.table)].vocab_size, p.shape[1]) if rows else p.shape  # rows: a table's
+        expected = (model.tables[str(p.table)].vocab_size, p.shape[1]) if rows else p.shape  # rows: a table block
         if full_shape != expected:
             wrong.append(f"{p.name}: expected shape {list(expected)}, checkpoint has {list(full_shape)}")
             continue

@@ -29,6 +29,7 @@ import torch
 from grc.aoti.inputs import JaggedInputs, random_inputs
 from grc.aoti.loadcheck import check_loads
 from grc.aoti.model import INPUTS, MAX_TOKENS, MAX_USERS, OUTPUTS, custom_ops, export_program, time_bucket_note
+from grc.build.atomic import write_file
 from grc.build.fingerprint import sha256_file
 from grc.cache.store import default_dir
 from grc.compare import Figure, compare
@@ -62,16 +63,6 @@ def cxx_compiler() -> str | None:
     return os.path.abspath(found) if found else None
 
 
-def _write_script(path: Path, text: str) -> None:
-    if path.is_file() and path.read_text() == text:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as fh:
-        fh.write(text)
-    os.chmod(fh.name, 0o755)
-    os.replace(fh.name, path)  # atomic: a concurrent build never runs a half-written script
-
-
 @contextlib.contextmanager
 def compiler_shim() -> Iterator[str | None]:
     """Inductor compiles through a one-line script that execs the real compiler (``$CXX`` and
@@ -95,10 +86,11 @@ def compiler_shim() -> Iterator[str | None]:
     text = f'#!/bin/sh\nexec {shlex.quote(real)} "$@"\n'
     shim = default_dir() / "cxx" / hashlib.sha256(text.encode()).hexdigest()[:16] / Path(real).name
     try:
-        _write_script(shim, text)
+        if not (shim.is_file() and shim.read_text() == text):
+            write_file(shim, text.encode(), mode=0o755)  # atomic: no build runs a half-written script
     except OSError:  # grc's cache folder is not writable here: a private temporary one, left in place
         shim = Path(tempfile.mkdtemp(prefix="grc-cxx-")) / Path(real).name
-        _write_script(shim, text)
+        write_file(shim, text.encode(), mode=0o755)
     before = os.environ.get("CXX")
     os.environ["CXX"] = str(shim)  # Inductor's compile workers read it when they start
     try:

@@ -8,10 +8,22 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 TMP_MARK = ".partial-"
 OLD_MARK = ".old-"
+
+
+def write_file(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``path`` through a temporary sibling and a rename: a reader (or a concurrent writer)
+    never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
 
 
 def temp_dir_for(final: Path) -> Path:

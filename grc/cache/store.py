@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from grc import __version__
+from grc.build.atomic import write_file
 from grc.build.fingerprint import sha256_file
 
 CHUNK = 1 << 20
@@ -62,7 +62,7 @@ class LocalStore:
         return record
 
     def put_record(self, key: str, record: dict[str, Any]) -> None:
-        _atomic_write(self._ac(key), json.dumps(record, indent=1, sort_keys=True).encode())
+        write_file(self._ac(key), json.dumps(record, indent=1, sort_keys=True).encode())
 
     def has_blob(self, digest: str) -> bool:
         return self._cas(digest).is_file()
@@ -77,9 +77,7 @@ class LocalStore:
             os.link(src, tmp)  # no copy of multi-GB shards; the artifact becomes read-only too
         except OSError:
             shutil.copyfile(src, tmp)
-        os.chmod(tmp, 0o444)
-        os.replace(tmp, dest)
-        _atomic_write(self._stamp(digest), self._stat_line(dest).encode())  # hashed by the stage that wrote it
+        self.adopt(tmp, digest)  # hashed by the stage that wrote it
 
     def incoming(self, digest: str) -> Path:
         """A temporary path beside the object's, for a download to be ``adopt``ed."""
@@ -88,12 +86,12 @@ class LocalStore:
         return dest.with_name(f".{digest}.{os.getpid()}.download")
 
     def adopt(self, tmp: Path, digest: str) -> Path:
-        """Install a downloaded file whose sha256 the caller computed while writing it: read-only,
-        stamped as verified (so it is not hashed again on this restore)."""
+        """Install a file beside the store (a download, a link to a built artifact) whose sha256 the
+        caller knows: read-only, stamped as verified (so it is not hashed again on restore)."""
         dest = self._cas(digest)
         os.chmod(tmp, 0o444)
         os.replace(tmp, dest)
-        _atomic_write(self._stamp(digest), self._stat_line(dest).encode())
+        write_file(self._stamp(digest), self._stat_line(dest).encode())
         return dest
 
     def _stamp(self, digest: str) -> Path:
@@ -121,7 +119,7 @@ class LocalStore:
             path.unlink(missing_ok=True)
             stamp.unlink(missing_ok=True)
             return None
-        _atomic_write(stamp, self._stat_line(path).encode())
+        write_file(stamp, self._stat_line(path).encode())
         return path
 
     def objects(self) -> list[Path]:  # stamps and temp files start with a dot
@@ -198,15 +196,6 @@ class HttpStore:
         """Upload streamed from the file (the request body is read 8 KiB at a time)."""
         with open(src, "rb") as body:
             self._request("PUT", f"cas/{digest}", body, size=src.stat().st_size)
-
-
-def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
 
 
 class Cache:

@@ -78,7 +78,7 @@ def deploy(loaded: LoadedSpec, root: Path, args: argparse.Namespace) -> int:
                       f"built. Refresh it with: grc build {loaded.path}[/]")
     config_name = checked_config_name(folder, getattr(args, "model_config_name", None))
     if getattr(args, "docker", False):
-        return _docker(loaded, root, folder, description, args, console)
+        return _docker(loaded, root, folder, description, args, config_name, console)
     state = root / STATE
     running = _read_state(state)
     if running is not None:
@@ -285,10 +285,9 @@ def _docker_works() -> tuple[bool, str]:
 
 
 def _docker(loaded: LoadedSpec, root: Path, folder: Path, description: dict[str, Any], args: argparse.Namespace,
-            console: Console) -> int:
+            config_name: str | None, console: Console) -> int:
     cfg = loaded.spec.bundles.triton
     gpu = cfg.instance_kind == "KIND_GPU" or "tensorrt_plan" in (cfg.backend, *cfg.extra_backends)
-    config_name = checked_config_name(folder, getattr(args, "model_config_name", None))
     command = docker_command(loaded.spec.name, folder, gpu, detach=True, config_name=config_name)
     console.print("NGC container command (the bundle mounted at /models):\n  " + shlex.join(command))
     works, why = _docker_works()

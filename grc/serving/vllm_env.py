@@ -174,14 +174,12 @@ def ensure(path: Path | None = None, allow_create: bool = True, log: Log = print
     if found is not None:
         return found
     target = path or default_path()
-    if allow_create:
-        with _lock(target):  # another process may have made it while this one waited
-            return find_venv(target) or _create_or_explain(target, log)
     if not allow_create:
         raise VllmEnvError(
             f"no vLLM venv at {target} ({ENV_VAR} overrides the place); make it with\n  {create_command(target)}"
         )
-    return _create_or_explain(target, log)
+    with _lock(target):  # another process may have made it while this one waited
+        return find_venv(target) or _create_or_explain(target, log)
 
 
 def _create_or_explain(target: Path, log: Log) -> VllmEnv:
