@@ -6,6 +6,6 @@ importing this package registers ``torch.ops.grc.hstu_attention`` and ``torch.op
 """
 
 from kernels import reference
-from kernels.ops import hstu_attention, norm_gate
+from kernels.ops import hstu_attention, hstu_attention_cached, norm_gate
 
-__all__ = ["hstu_attention", "norm_gate", "reference"]
+__all__ = ["hstu_attention", "hstu_attention_cached", "norm_gate", "reference"]

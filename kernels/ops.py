@@ -123,3 +123,45 @@ def norm_gate(
     if impl == "pytorch":
         return reference.norm_gate(a, u, weight, bias, eps)
     return torch.ops.grc.norm_gate(a, u, weight, bias, float(eps))
+
+
+def hstu_attention_cached(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_offsets: torch.Tensor,
+    kv_offsets: torch.Tensor,
+    timestamps: torch.Tensor,
+    num_candidates: torch.Tensor,
+    pos_w: torch.Tensor,
+    ts_w: torch.Tensor,
+    alpha: float,
+    norm: float,
+    causal: bool,
+    impl: str = "triton",
+) -> torch.Tensor:
+    """Queries against cached keys -> [Tq, H, Dv]: the history cache's attention (see
+    ``reference.hstu_attention_cached`` for the contract: per user the queries are the last
+    ``q_offsets`` rows of the sequence whose keys/values/timestamps ``kv_offsets`` delimit).
+
+    impl="pytorch": the reference. impl="triton": the Triton kernel on CUDA; on another device
+    the reference (as ``hstu_attention`` does).
+    """
+    _check_impl(impl)
+    args = (
+        q,
+        k,
+        v,
+        q_offsets,
+        kv_offsets,
+        timestamps,
+        num_candidates,
+        pos_w,
+        ts_w,
+        float(alpha),
+        float(norm),
+        bool(causal),
+    )
+    if impl == "pytorch" or q.device.type != "cuda":
+        return reference.hstu_attention_cached(*args)
+    raise NotImplementedError("hstu_attention_cached: the Triton kernel is not written yet (issue 17)")

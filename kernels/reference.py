@@ -78,3 +78,49 @@ def norm_gate(a: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bias: torc
     cdt = compute_dtype(a.dtype)
     y = F.layer_norm(a.to(cdt), a.shape[-1:], weight.to(cdt), bias.to(cdt), eps) * u.to(cdt)
     return y.to(a.dtype)
+
+
+def hstu_attention_cached(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_offsets: torch.Tensor,
+    kv_offsets: torch.Tensor,
+    timestamps: torch.Tensor,
+    num_candidates: torch.Tensor,
+    pos_w: torch.Tensor,
+    ts_w: torch.Tensor,
+    alpha: float,
+    norm: float,
+    causal: bool,
+) -> torch.Tensor:
+    """Queries against cached keys: [Tq, H, Dv] in q's dtype.
+
+    Per user b the keys/values ``k, v[kv_offsets[b]:kv_offsets[b+1]]`` (length Lk: cached tokens,
+    then new ones) and their ``timestamps`` (kv layout) are the user's whole sequence, whose last
+    ``num_candidates[b]`` tokens are candidates; the queries ``q[q_offsets[b]:q_offsets[b+1]]``
+    (length Lq <= Lk) are that sequence's last Lq tokens. The result is exactly the rows that
+    ``hstu_attention`` over the whole sequence gives for those tokens: query r sits at absolute
+    position Lk - Lq + r, which drives the mask and both biases.
+    """
+    cdt = compute_dtype(q.dtype)
+    out = torch.zeros((q.shape[0], q.shape[1], v.shape[2]), dtype=cdt, device=v.device)
+    pos_w, ts_w = pos_w.to(cdt), ts_w.to(cdt)
+    for b in range(kv_offsets.numel() - 1):
+        k_lo, k_hi = int(kv_offsets[b]), int(kv_offsets[b + 1])
+        q_lo, q_hi = int(q_offsets[b]), int(q_offsets[b + 1])
+        length, n_q = k_hi - k_lo, q_hi - q_lo
+        if n_q > length:
+            raise ValueError(f"user {b}: {n_q} queries but only {length} keys (queries are a suffix of the keys)")
+        if n_q == 0:
+            continue
+        n_ctx = length - int(num_candidates[b])
+        rows = slice(length - n_q, length)
+        qb = q[q_lo:q_hi].to(cdt).transpose(0, 1)  # [H, Lq, D]
+        kb, vb = (x[k_lo:k_hi].to(cdt).transpose(0, 1) for x in (k, v))  # [H, Lk, D]
+        bias = user_bias(length, n_ctx, timestamps[k_lo:k_hi], pos_w, ts_w)[:, rows]
+        scores = alpha * (qb @ kb.transpose(1, 2)) + bias
+        mask = allowed_mask(length, n_ctx, causal, q.device)[rows]
+        weights = torch.where(mask, F.silu(scores) / norm, torch.zeros((), dtype=cdt, device=q.device))
+        out[q_lo:q_hi] = (weights @ vb).transpose(0, 1)
+    return out.to(q.dtype)

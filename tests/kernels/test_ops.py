@@ -146,3 +146,44 @@ def test_fake_impls_give_shapes_and_dtypes() -> None:
         a = torch.empty(7, 48, dtype=torch.float16)
         y = torch.ops.grc.norm_gate(a, a, torch.empty(48), torch.empty(48), 1e-5)
         assert y.shape == (7, 48) and y.dtype == torch.float16
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_cached_reference_equals_full_sequence_suffix(causal: bool) -> None:
+    """Queries against cached keys == the full sequence's attention, suffix rows kept (the history
+    cache's contract), on fresh random users whose query suffix covers none, some and all of the
+    history, with and without candidates."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())) + causal)
+    lengths, ncands, n_queries = [7, 5, 9, 4, 3], [2, 0, 3, 4, 0], [3, 2, 9, 4, 0]
+    q, k, v, offsets, ts, nc, pos_w, ts_w = make_inputs(gen, lengths, ncands, heads=2, d=4)
+    full = reference.hstu_attention(q, k, v, offsets, ts, nc, pos_w, ts_w, 0.3, 5.0, causal)
+    keep = torch.cat([torch.arange(int(offsets[b + 1]) - n, int(offsets[b + 1])) for b, n in enumerate(n_queries)])
+    q_offsets = torch.tensor([0, *torch.tensor(n_queries).cumsum(0).tolist()], dtype=torch.int64)
+    for impl in kernels.ops.IMPLS:
+        got = kernels.hstu_attention_cached(
+            q[keep], k, v, q_offsets, offsets, ts, nc, pos_w, ts_w, 0.3, 5.0, causal, impl=impl
+        )
+        assert got.abs().sum() > 0
+        torch.testing.assert_close(got, full[keep], rtol=1e-12, atol=1e-12)
+
+
+def test_cached_refuses_more_queries_than_keys() -> None:
+    gen = torch.Generator().manual_seed(7)
+    _q, k, v, offsets, ts, nc, pos_w, ts_w = make_inputs(gen, [3], [1])
+    q_offsets = torch.tensor([0, 4])
+    with pytest.raises(ValueError, match="4 queries but only 3 keys"):
+        kernels.hstu_attention_cached(
+            torch.randn(4, 2, 8, dtype=torch.float64),
+            k,
+            v,
+            q_offsets,
+            offsets,
+            ts,
+            nc,
+            pos_w,
+            ts_w,
+            0.3,
+            5.0,
+            True,
+            impl="pytorch",
+        )
