@@ -49,15 +49,54 @@ def interpreter_startup(cwd: Path) -> float:
     return min(timed([sys.executable, "-c", "pass"], cwd, {}) for _ in range(3))
 
 
-def write_result(name: str, data: dict) -> Path:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    data = {
-        "date": datetime.date.today().isoformat(),
-        "commit": commit.stdout.strip() or "uncommitted",
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores (CPU only)",
-        **data,
+def _git(*args: str) -> str:
+    out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def device() -> str:
+    """The accelerator if torch sees one, else the CPU: read by code, never typed."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            return f"{props.name} (sm{props.major}{props.minor}, {torch.cuda.device_count()} visible)"
+    except ImportError:
+        pass
+    return f"CPU only: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def versions() -> dict[str, str]:
+    """Versions of what shapes a measurement (python, torch + its CUDA, triton, onnxruntime)."""
+    found = {"python": platform.python_version()}
+    for name in ("torch", "triton", "onnxruntime", "onnx", "tensorrt_rtx", "tritonclient"):
+        try:
+            module = __import__(name)
+        except ImportError:
+            continue
+        found[name] = str(getattr(module, "__version__", "?"))
+        if name == "torch" and getattr(module.version, "cuda", None):
+            found["cuda"] = str(module.version.cuda)
+    return found
+
+
+def provenance() -> dict:
+    """What every result file starts with: command line, commit + dirty flag, date, device, versions."""
+    return {
+        "argv": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "commit": _git("rev-parse", "HEAD") or "unknown (not a git checkout)",
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device(),
+        "versions": versions(),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def write_result(name: str | Path, data: dict) -> Path:
+    """Write ``bench/results/<name>.json`` (or the path given) with its provenance first.
+    The only way bench scripts write results, so no file can lack where it came from."""
+    path = Path(name) if isinstance(name, Path) or str(name).endswith(".json") else RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**provenance(), **data}, indent=1) + "\n")
     return path
