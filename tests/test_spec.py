@@ -39,7 +39,7 @@ CASES = [
     (
         "non-positive size",
         ("    user: {vocab_size: 500}", "    user: {vocab_size: 0}"),
-        ":16: model.tables.user.vocab_size: expected greater than 0 (got 0)",
+        ":16: model.tables.user.vocab_size: expected greater than or equal to 1 (got 0)",
     ),
     (
         "unknown table named",
@@ -94,7 +94,7 @@ def test_extends_cycle_and_missing_base(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["validate", str(tmp_path / "a.yaml")]) == 2
     assert "extends: cycle" in capsys.readouterr().err
     err = _errors(tmp_path, "extends: nowhere.yaml\nname: c\n", capsys, "c.yaml")
-    assert "c.yaml:1: extends: file not found" in err
+    assert "c.yaml:1: extends: " in err and "nowhere.yaml: file not found" in err
 
 
 def test_extends_merges_maps_and_replaces_lists(tmp_path: Path) -> None:
@@ -136,3 +136,31 @@ def test_schema_is_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
     assert "model" in schema["properties"] and "extends" in schema["properties"]
+
+
+def _numbers_without_bounds(node: object, path: str = "") -> list[str]:
+    if isinstance(node, list):
+        return [p for i, v in enumerate(node) for p in _numbers_without_bounds(v, f"{path}/{i}")]
+    if not isinstance(node, dict):
+        return []
+    out = [p for k, v in node.items() for p in _numbers_without_bounds(v, f"{path}/{k}")]
+    if node.get("type") in ("integer", "number") and not {"maximum", "exclusiveMaximum"} & set(node):
+        out.append(path)
+    return out
+
+
+def test_schema_publishes_a_bound_for_every_number(capsys: pytest.CaptureFixture[str]) -> None:
+    """Sizes have stated bounds, and `grc schema` publishes them (editors flag a value past one)."""
+    import json
+
+    from grc.spec import limits
+
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert _numbers_without_bounds(schema) == []
+    hstu = schema["$defs"]["HSTUConfig"]["properties"]
+    assert hstu["max_seq_len"]["maximum"] == limits.MAX_SEQ_LEN
+    assert hstu["time_buckets"]["maximum"] == limits.MAX_TIME_BUCKETS
+    assert schema["$defs"]["ModelConfig"]["properties"]["tables"]["patternProperties"]
+    assert schema["properties"]["name"]["pattern"] == limits.NAME_PATTERN
+    assert "kernels" not in schema["properties"]

@@ -19,6 +19,8 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from grc.errors import SpecError
+from grc.spec.limits import MAX_EXTENDS, MAX_PROBLEMS
+from grc.spec.reading import path_problem
 from grc.spec.schema import Spec
 from grc.spec.yaml_lines import Located, Path_, dotted, load_located
 
@@ -50,23 +52,34 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _resolve(path: Path, chain: tuple[Path, ...]) -> tuple[Located, tuple[Path, ...]]:
+def _real(path: Path) -> Path:
+    """The file a path names, for cycle detection; a symlink loop stays as written (reading names it)."""
+    try:
+        return Path(os.path.realpath(path))
+    except (OSError, ValueError):
+        return path
+
+
+def _resolve(path: Path, chain: tuple[Path, ...], via: str = "") -> tuple[Located, tuple[Path, ...]]:
     """Load ``path`` and everything it extends; return merged data and the files, base first."""
-    path = path.resolve()
+    path = _real(path)
     if path in chain:
         cycle = " -> ".join(_display(p) for p in (*chain, path))
         raise SpecError([f"{_display(chain[-1])}:1: extends: cycle {cycle}"])
-    own = load_located(path, _display(path))
+    own = load_located(path, _display(path), via)
     parent_ref = own.data.pop("extends", None)
     if parent_ref is None:
         return own, (path,)
     where, line = own.lines[("extends",)]
-    if not isinstance(parent_ref, str):
-        raise SpecError([f"{where}:{line}: extends: expected a file path (got {parent_ref!r})"])
-    parent_path = (path.parent / parent_ref).resolve()
-    if not parent_path.is_file():
-        raise SpecError([f"{where}:{line}: extends: file not found: {_display(parent_path)}"])
-    parent, files = _resolve(parent_path, (*chain, path))
+    if not isinstance(parent_ref, str) or not parent_ref or "\0" in parent_ref:
+        raise SpecError([f"{where}:{line}: extends: expected a file path (got {_shown(parent_ref)})"])
+    if len(chain) + 1 >= MAX_EXTENDS:
+        raise SpecError([f"{where}:{line}: extends: more than {MAX_EXTENDS} files in one extends chain"])
+    parent_path = path.parent / parent_ref
+    problem = path_problem(parent_path)
+    if problem:
+        raise SpecError([f"{where}:{line}: extends: {_display(parent_path)}: {problem}"])
+    parent, files = _resolve(parent_path, (*chain, path), f" (extended by {where}:{line})")
     lines = dict(parent.lines)
     lines.update({k: v for k, v in own.lines.items() if k != ("extends",)})
     return Located(_deep_merge(parent.data, own.data), lines), (*files, path)
@@ -108,7 +121,9 @@ def _message(err: Any) -> tuple[tuple[Any, ...], str]:
     """Turn one pydantic error into (field path, human message)."""
     loc = tuple(err["loc"])
     kind = err["type"]
-    got = err.get("input")
+    got = _shown(err.get("input"))
+    if loc and loc[-1] == "[key]":  # a dict key failed its own type: the path ends at the key
+        loc = loc[:-1]
     if kind == "extra_forbidden":
         key = str(loc[-1])
         near = difflib.get_close_matches(key, _fields_at(loc[:-1]), n=1)
@@ -125,9 +140,15 @@ def _message(err: Any) -> tuple[tuple[Any, ...], str]:
                 loc = (*loc, name) + ((int(index.rstrip("]")),) if index else ())
             return loc, match["rest"]
         return loc, msg
-    msg = msg.replace("Input should be", "expected")
+    msg = msg.replace("Input should be", "expected").replace("String should", "expected a name to")
     msg = msg[0].lower() + msg[1:] if msg else msg
-    return loc, f"{msg} (got {got!r})"
+    return loc, f"{msg} (got {got})"
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """repr of a wrong value, cut short: a section given where a number belongs can be any size."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({type(value).__name__})"
 
 
 def _line_of(loc: tuple[Any, ...], located: Located, fallback: str) -> tuple[str, int]:
@@ -141,19 +162,23 @@ def _line_of(loc: tuple[Any, ...], located: Located, fallback: str) -> tuple[str
 def load_spec(path: str | Path) -> LoadedSpec:
     """Load and validate a spec file. Raises SpecError listing every problem found."""
     path = Path(path)
-    if not path.is_file():
-        raise SpecError([f"{_display(path)}: spec file not found"])
     located, files = _resolve(path, ())
     data = dict(located.data)
     data.setdefault("name", path.stem)
     try:
         spec = Spec.model_validate(data)
     except ValidationError as exc:
+        errors = exc.errors()
         problems = []
-        for err in exc.errors():
+        for err in errors[:MAX_PROBLEMS]:
             loc, msg = _message(err)
             where, line = _line_of(loc, located, _display(path))
             problems.append(f"{where}:{line}: {dotted(loc)}: {msg}")
+        if len(errors) > MAX_PROBLEMS:
+            problems.append(
+                f"{_display(path)}:1: (top level): {len(errors) - MAX_PROBLEMS:,} more problems "
+                f"(the first {MAX_PROBLEMS} are above)"
+            )
         raise SpecError(problems) from None
     return LoadedSpec(spec=spec, path=path.resolve(), files=files, raw=data)
 

@@ -10,31 +10,58 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from grc.spec import limits as lim
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Unknown keys are errors; numbers are strict (``true`` is no integer, ``"3"`` no number) and
+    finite (no NaN or inf); sizes carry the bounds of grc.spec.limits, published in the JSON schema."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+Width = Annotated[int, Field(ge=1, le=lim.MAX_WIDTH)]
+SeqLen = Annotated[int, Field(ge=1, le=lim.MAX_SEQ_LEN)]
+Users = Annotated[int, Field(ge=1, le=lim.MAX_USERS)]
+MiB = Annotated[int, Field(ge=1, le=lim.MAX_MIB)]
+Seed = Annotated[int, Field(ge=0, le=lim.MAX_SEED)]
+Instances = Annotated[int, Field(ge=1, le=lim.MAX_INSTANCES)]
+PromptTokens = Annotated[int, Field(ge=1, le=lim.MAX_PROMPT_TOKENS)]
+Rows = Annotated[int, Field(ge=1, le=lim.MAX_VOCAB)]
+Version = Annotated[int, Field(ge=1, le=lim.MAX_VERSION)]
+GpuId = Annotated[int, Field(ge=0, le=lim.MAX_GPU_ID)]
+RankWeight = Annotated[float, Field(ge=-lim.MAX_RANK_WEIGHT, le=lim.MAX_RANK_WEIGHT)]
+Name = Annotated[str, Field(pattern=lim.NAME_PATTERN)]
+Identifier = Annotated[str, Field(pattern=lim.IDENTIFIER_PATTERN)]
 
 
 # --------------------------------------------------------------------------- model
 class HSTUConfig(_Section):
     """One HSTU stack. Dims are totals over heads; per-head dims are ``dim // num_heads``."""
 
-    num_layers: PositiveInt = 2
-    num_heads: PositiveInt = 2
-    attention_dim: PositiveInt = Field(64, description="Q/K width over all heads")
-    linear_dim: PositiveInt = Field(64, description="U/V width over all heads")
-    max_seq_len: PositiveInt = Field(
+    num_layers: Annotated[int, Field(ge=1, le=lim.MAX_LAYERS)] = 2
+    num_heads: Annotated[int, Field(ge=1, le=lim.MAX_HEADS)] = 2
+    attention_dim: Width = Field(64, description="Q/K width over all heads")
+    linear_dim: Width = Field(64, description="U/V width over all heads")
+    max_seq_len: SeqLen = Field(
         256, description="N in A = SiLU(QK^T*alpha + rab)/N; also the longest sequence a request may carry"
     )
-    position_buckets: PositiveInt = Field(64, description="P: relative positions clamp to [-(P-1), P-1]")
-    time_buckets: PositiveInt = Field(24, description="NB: time-delta bucket = min(floor(log2(1+|dt|)), NB-1)")
-    alpha: float | None = Field(None, description="QK scale; default 1/sqrt(attention_dim/num_heads)")
+    position_buckets: SeqLen = Field(
+        64,
+        description="P: relative positions clamp to [-(P-1), P-1]; at most max_seq_len (positions never differ more)",
+    )
+    time_buckets: Annotated[int, Field(ge=1, le=lim.MAX_TIME_BUCKETS)] = Field(
+        24, description="NB: time-delta bucket = min(floor(log2(1+|dt|)), NB-1)"
+    )
+    alpha: float | None = Field(
+        None, gt=0, le=lim.MAX_ALPHA, description="QK scale; default 1/sqrt(attention_dim/num_heads)"
+    )
     history_mask: Literal["causal", "full"] = "causal"
-    eps: float = 1e-6
+    eps: float = Field(1e-6, gt=0, le=1, description="layer-norm epsilon")
 
     @model_validator(mode="after")
     def _heads_divide_dims(self) -> HSTUConfig:
@@ -42,6 +69,11 @@ class HSTUConfig(_Section):
             dim = getattr(self, name)
             if dim % self.num_heads:
                 raise ValueError(f"num_heads: must divide {name} {dim} (got {self.num_heads})")
+        if self.position_buckets > self.max_seq_len:
+            raise ValueError(
+                f"position_buckets: at most max_seq_len {self.max_seq_len}: positions within a sequence "
+                f"never differ by more, so the extra buckets are never used (got {self.position_buckets})"
+            )
         return self
 
     @property
@@ -60,25 +92,37 @@ class HSTUConfig(_Section):
 class TableConfig(_Section):
     """An embedding table: ``vocab_size`` rows; width ``dim`` or the model's ``embedding_dim``."""
 
-    vocab_size: PositiveInt
-    dim: PositiveInt | None = None
+    vocab_size: Rows
+    dim: Width | None = None
 
 
 class ModelConfig(_Section):
     """HSTU or MTGR. Tokens per user: profile (one per profile table), history, then candidates."""
 
     kind: Literal["hstu", "mtgr"] = "mtgr"
-    d_model: PositiveInt = 64
-    embedding_dim: PositiveInt = 32
+    d_model: Width = 64
+    embedding_dim: Width = 32
     hstu: HSTUConfig = HSTUConfig()
-    tables: dict[str, TableConfig] = Field(default_factory=dict)
-    profile: list[str] = Field(default_factory=list, description="tables looked up once per user, one token each")
-    history: list[str] = Field(default_factory=lambda: ["item"], description="tables concatenated per history event")
-    candidate: list[str] = Field(default_factory=lambda: ["item"], description="tables concatenated per candidate")
-    cross_features: int = Field(0, ge=0, description="dense user x candidate features per candidate")
-    tasks: list[str] = Field(default_factory=lambda: ["ctr", "engagement", "retention", "monetization"])
-    head_hidden: PositiveInt = 64
-    max_candidates: PositiveInt = 64
+    tables: dict[Identifier, TableConfig] = Field(
+        default_factory=dict, max_length=lim.MAX_TABLES, description="name (an identifier) -> table"
+    )
+    profile: list[str] = Field(
+        default_factory=list, max_length=lim.MAX_LIST, description="tables looked up once per user, one token each"
+    )
+    history: list[str] = Field(
+        default_factory=lambda: ["item"], max_length=lim.MAX_LIST, description="tables concatenated per history event"
+    )
+    candidate: list[str] = Field(
+        default_factory=lambda: ["item"], max_length=lim.MAX_LIST, description="tables concatenated per candidate"
+    )
+    cross_features: Annotated[int, Field(ge=0, le=lim.MAX_WIDTH)] = Field(
+        0, description="dense user x candidate features per candidate"
+    )
+    tasks: list[Identifier] = Field(
+        default_factory=lambda: ["ctr", "engagement", "retention", "monetization"], max_length=lim.MAX_TASKS
+    )
+    head_hidden: Width = 64
+    max_candidates: SeqLen = 64
 
     @model_validator(mode="after")
     def _tokens_name_tables(self) -> ModelConfig:
@@ -116,18 +160,20 @@ DType = Literal["float32", "bfloat16", "float16"]
 
 
 class InitConfig(_Section):
-    seed: int = 0
+    seed: Seed = 0
     dtype: DType = Field("float32", description="dense parameters")
     embedding_dtype: DType = Field("float32", description="embedding tables (most of the bytes)")
-    std: float = Field(0.02, gt=0)
+    std: float = Field(0.02, gt=0, le=1, description="standard deviation of embedding rows")
 
 
 class WeightsConfig(_Section):
     init: InitConfig | None = None
-    checkpoint: Path | None = Field(None, description="safetensors file/dir or torch state_dict (weights_only)")
+    checkpoint: Path | None = Field(
+        None, strict=False, description="safetensors file/dir or torch state_dict (weights_only)"
+    )
     key_map: dict[str, str] = Field(default_factory=dict, description="checkpoint key prefix -> grc key prefix")
-    shard_size_mb: PositiveInt = Field(1024, description="start a new safetensors shard past this size")
-    table_block_rows: PositiveInt = Field(
+    shard_size_mb: MiB = Field(1024, description="start a new safetensors shard past this size")
+    table_block_rows: Rows = Field(
         1 << 20, description="embedding tables are stored in row blocks of this many rows (row-wise sharding)"
     )
 
@@ -145,47 +191,78 @@ class WeightsConfig(_Section):
 # --------------------------------------------------------------------------- later stages
 class ExportConfig(_Section):
     opset: int = Field(18, ge=17, le=21)
-    external_data_threshold_mb: PositiveInt = Field(2048, description="initializers go to a .data file past this")
-    sample_users: PositiveInt = Field(2, description="batch used to trace the export")
+    external_data_threshold_mb: Annotated[int, Field(ge=1, le=lim.MAX_ONNX_INLINE_MIB)] = Field(
+        2048, description="initializers go to a .data file past this (protobuf cannot exceed 2 GiB)"
+    )
+    sample_users: Users = Field(2, description="batch used to trace the export")
 
 
 SURGERY_PASSES = ("fold_constants", "fuse_hstu_attention", "fuse_layer_norm", "drop_training_ops", "cleanup")
 
 
 class SurgeryConfig(_Section):
-    passes: list[Literal[SURGERY_PASSES]] = Field(default_factory=lambda: list(SURGERY_PASSES))  # type: ignore[valid-type]
+    passes: list[Literal[SURGERY_PASSES]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(SURGERY_PASSES), max_length=lim.MAX_LIST
+    )
 
 
 class Tolerance(_Section):
-    max_abs: float = Field(1e-4, gt=0)
-    max_rel: float = Field(1e-3, gt=0, description="max |a-b| / max(|b|) over each output")
+    """Scores are probabilities in [0, 1], so max_abs of 1 or more accepts any output: below 1 checks."""
+
+    max_abs: float = Field(1e-4, gt=0, lt=1)
+    max_rel: float = Field(1e-3, gt=0, le=1, description="max |a-b| / max(|b|) over each output")
 
 
 class VerifyShape(_Section):
-    users: PositiveInt
-    history: PositiveInt
-    candidates: PositiveInt
+    users: Users
+    history: SeqLen
+    candidates: SeqLen
 
 
 class VerifyConfig(_Section):
-    seed: int = 1234
+    seed: Seed = 1234
     export: Tolerance = Tolerance()
     surgery: Tolerance = Tolerance()
     shapes: list[VerifyShape] = Field(
         default_factory=lambda: [
             VerifyShape(users=1, history=3, candidates=1),
             VerifyShape(users=3, history=20, candidates=5),
-        ]
+        ],
+        min_length=1,
+        max_length=lim.MAX_LIST,
+        description="batches compared with the PyTorch reference (at least one: verify must check something)",
     )
 
 
 # GPU model -> compute capability, so a target may name the card instead of the SM. Keys are
 # lower case without spaces, dashes or an "nvidia" prefix ("RTX 4090" -> "rtx4090").
 KNOWN_GPUS: dict[str, int] = {
-    "t4": 75, "rtx2080": 75, "a100": 80, "a30": 80, "a800": 80, "a10": 86, "a10g": 86, "a40": 86, "a6000": 86,
-    "rtxa6000": 86, "rtx3090": 86, "rtx3080": 86, "l4": 89, "l40": 89, "l40s": 89, "rtx4090": 89,
-    "rtx6000ada": 89, "h100": 90, "h200": 90, "h20": 90, "h800": 90, "gh200": 90, "b200": 100, "gb200": 100,
-    "rtx5090": 120, "rtxpro6000": 120,
+    "t4": 75,
+    "rtx2080": 75,
+    "a100": 80,
+    "a30": 80,
+    "a800": 80,
+    "a10": 86,
+    "a10g": 86,
+    "a40": 86,
+    "a6000": 86,
+    "rtxa6000": 86,
+    "rtx3090": 86,
+    "rtx3080": 86,
+    "l4": 89,
+    "l40": 89,
+    "l40s": 89,
+    "rtx4090": 89,
+    "rtx6000ada": 89,
+    "h100": 90,
+    "h200": 90,
+    "h20": 90,
+    "h800": 90,
+    "gh200": 90,
+    "b200": 100,
+    "gb200": 100,
+    "rtx5090": 120,
+    "rtxpro6000": 120,
 }
 Precision = Literal["fp32", "fp16", "bf16", "int8", "fp8"]
 BUILDABLE_PRECISIONS = ("fp32", "fp16", "bf16")
@@ -210,10 +287,8 @@ def _check_precision(value: str | None) -> None:
 class EngineTarget(_Section):
     """One engine to build: a GPU (or a compute capability) and optionally its own precision."""
 
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$", description="folder under engines/ (e.g. sm80, l4, h100)")
-    sm: str | None = Field(
-        None, description="compute capability, e.g. sm80, sm89, sm90; derived from gpu when omitted"
-    )
+    name: Name = Field(description="folder under engines/ (e.g. sm80, l4, h100)")
+    sm: str | None = Field(None, description="compute capability, e.g. sm80, sm89, sm90; derived from gpu when omitted")
     gpu: str | None = Field(None, description=f"GPU model; known: {', '.join(sorted(KNOWN_GPUS))}")
     toolkit: Literal["auto", "tensorrt", "tensorrt_rtx"] = Field(
         "auto", description="auto: full TensorRT when installed and this host has the target GPU, else TensorRT-RTX"
@@ -248,9 +323,9 @@ class EngineTarget(_Section):
 class ShapeRange(_Section):
     """min <= opt <= max of one dynamic dimension; TensorRT tunes for opt."""
 
-    min: PositiveInt = Field(description="smallest value an engine accepts")
-    opt: PositiveInt = Field(description="value the builder optimises for")
-    max: PositiveInt = Field(description="largest value an engine accepts")
+    min: SeqLen = Field(description="smallest value an engine accepts")
+    opt: SeqLen = Field(description="value the builder optimises for")
+    max: SeqLen = Field(description="largest value an engine accepts")
 
     @model_validator(mode="after")
     def _ordered(self) -> ShapeRange:
@@ -269,6 +344,12 @@ class EngineProfile(_Section):
         "default 1 / min(128, N) / N with N = model.hstu.max_seq_len",
     )
 
+    @model_validator(mode="after")
+    def _users_bound(self) -> EngineProfile:
+        if self.users.max > lim.MAX_USERS:
+            raise ValueError(f"users.max: at most {lim.MAX_USERS} users per request (got {self.users.max})")
+        return self
+
 
 class AotiConfig(_Section):
     """AOTInductor packages of the dense jagged model (the ``aoti`` stage): ``torch.export`` with the
@@ -277,6 +358,7 @@ class AotiConfig(_Section):
     enabled: bool = Field(False, description="build the aoti stage (artifacts/<spec>/engines-aoti/)")
     targets: list[str] = Field(
         default_factory=lambda: ["cpu", "cuda"],
+        max_length=lim.MAX_LIST,
         description="cpu (float32, reference ops), cuda (this host's GPU) or sm<NN> (only on a GPU of that "
         "compute capability); a GPU target on a host without that GPU is recorded as skipped",
     )
@@ -302,15 +384,19 @@ class AotiConfig(_Section):
 class EngineConfig(_Section):
     """TensorRT engines: one per target, with grc::HSTUAttention carried by the plugin library."""
 
-    targets: list[EngineTarget] = Field(default_factory=list, description="engines to build; empty: no engine stage")
+    targets: list[EngineTarget] = Field(
+        default_factory=list, max_length=lim.MAX_LIST, description="engines to build; empty: no engine stage"
+    )
     precision: Precision = Field(
         "fp16", description="fp32, fp16 or bf16: the graph is cast before the build (engine I/O stays fp32)"
     )
     profiles: list[EngineProfile] = Field(
-        default_factory=lambda: [EngineProfile()], description="optimization profiles (at least one)"
+        default_factory=lambda: [EngineProfile()],
+        max_length=lim.MAX_LIST,
+        description="optimization profiles (at least one)",
     )
     optimization_level: int = Field(3, ge=0, le=5, description="builder optimization level (TensorRT's default 3)")
-    workspace_mb: PositiveInt | None = Field(None, description="workspace memory pool limit; none: the device's")
+    workspace_mb: MiB | None = Field(None, description="workspace memory pool limit; none: the device's")
     timing_cache: bool = Field(
         True,
         description="keep a timing cache per target under the grc cache folder (full TensorRT only: in "
@@ -352,9 +438,9 @@ class TritonSample(_Section):
     """The generated request used for model warmup, the deploy smoke test and the curl example
     (cut to the model's max_candidates and max_seq_len where it asks for more)."""
 
-    history: PositiveInt = Field(16, description="history events in the sample request")
-    candidates: PositiveInt = Field(8, description="candidates in the sample request")
-    seed: int = Field(0, description="seed of the sample's random ids and timestamps")
+    history: SeqLen = Field(16, description="history events in the sample request")
+    candidates: SeqLen = Field(8, description="candidates in the sample request")
+    seed: Seed = Field(0, description="seed of the sample's random ids and timestamps")
 
 
 class TritonBundleConfig(_Section):
@@ -363,7 +449,7 @@ class TritonBundleConfig(_Section):
     enabled: bool = Field(True, description="write the triton bundle (artifacts/<spec>/triton/)")
     model_name: str | None = Field(
         None,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
         description="name of the ensemble clients call; default: the spec name",
     )
     backend: TritonBackend = Field(
@@ -375,27 +461,32 @@ class TritonBundleConfig(_Section):
     )
     extra_backends: list[TritonBackend] = Field(
         default_factory=list,
+        max_length=lim.MAX_LIST,
         description="further dense steps carried in the same repository, each behind its own ensemble "
         "<model_name>-<backend>",
     )
-    max_batch_size: PositiveInt = Field(8, description="most users one execution of a model takes (every step)")
-    preferred_batch_sizes: list[PositiveInt] = Field(
-        default_factory=lambda: [4, 8], description="batch sizes the dynamic batcher sends at once when it can"
+    max_batch_size: Users = Field(8, description="most users one execution of a model takes (every step)")
+    preferred_batch_sizes: list[Users] = Field(
+        default_factory=lambda: [4, 8],
+        max_length=lim.MAX_LIST,
+        description="batch sizes the dynamic batcher sends at once when it can",
     )
-    max_queue_delay_us: int = Field(
-        2000, ge=0, description="how long the dynamic batcher may hold a request to form a bigger batch"
+    max_queue_delay_us: Annotated[int, Field(ge=0, le=lim.MAX_QUEUE_DELAY_US)] = Field(
+        2000, description="how long the dynamic batcher may hold a request to form a bigger batch"
     )
-    instance_count: PositiveInt = Field(1, description="instances of the dense step (model copies)")
+    instance_count: Instances = Field(1, description="instances of the dense step (model copies)")
     instance_kind: Literal["KIND_CPU", "KIND_GPU"] = Field(
         "KIND_CPU", description="where the dense step runs; KIND_GPU needs onnxruntime-gpu or the tensorrt_plan backend"
     )
-    gpus: list[int] = Field(default_factory=list, description="GPU ids of KIND_GPU instances; empty: every GPU")
-    pipeline_instance_count: PositiveInt = Field(1, description="instances of preprocess and of postprocess")
-    intra_op_threads: int = Field(
-        1, ge=0, description="onnxruntime threads per dense instance; 0: onnxruntime picks (every core)"
+    gpus: list[GpuId] = Field(
+        default_factory=list, max_length=lim.MAX_LIST, description="GPU ids of KIND_GPU instances; empty: every GPU"
     )
-    top_k: PositiveInt = Field(10, description="ranked candidates returned per request (fewer if fewer are sent)")
-    rank_weights: dict[str, float] = Field(
+    pipeline_instance_count: Instances = Field(1, description="instances of preprocess and of postprocess")
+    intra_op_threads: Annotated[int, Field(ge=0, le=lim.MAX_THREADS)] = Field(
+        1, description="onnxruntime threads per dense instance; 0: onnxruntime picks (every core)"
+    )
+    top_k: SeqLen = Field(10, description="ranked candidates returned per request (fewer if fewer are sent)")
+    rank_weights: dict[Identifier, RankWeight] = Field(
         default_factory=dict,
         description="task -> weight of the ranking score sum(weight * score); tasks left out weigh 0; empty: all 1",
     )
@@ -404,11 +495,13 @@ class TritonBundleConfig(_Section):
     )
     warmup: bool = Field(True, description="model_warmup with the generated sample request in every python model")
     sample: TritonSample = Field(TritonSample(), description="the generated sample request")
-    model_version: PositiveInt = Field(1, description="version directory the bundle writes")
+    model_version: Version = Field(1, description="version directory the bundle writes")
     version_policy: Literal["latest", "all", "specific"] = Field(
         "latest", description="which versions Triton serves: latest (one), all, or the listed versions"
     )
-    versions: list[PositiveInt] = Field(default_factory=list, description="versions served by version_policy specific")
+    versions: list[Version] = Field(
+        default_factory=list, max_length=lim.MAX_LIST, description="versions served by version_policy specific"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> TritonBundleConfig:
@@ -416,15 +509,18 @@ class TritonBundleConfig(_Section):
         if big:
             raise ValueError(f"preferred_batch_sizes: each must be <= max_batch_size {self.max_batch_size} (got {big})")
         if self.backend in self.extra_backends or len(set(self.extra_backends)) != len(self.extra_backends):
-            raise ValueError(f"extra_backends: list backends other than {self.backend!r}, once each "
-                             f"(got {self.extra_backends})")
+            raise ValueError(
+                f"extra_backends: list backends other than {self.backend!r}, once each (got {self.extra_backends})"
+            )
         if self.gpus and self.instance_kind != "KIND_GPU":
             raise ValueError(f"gpus: only KIND_GPU instances take GPU ids (instance_kind is {self.instance_kind})")
         if self.rank_weights and not any(self.rank_weights.values()):
             raise ValueError(f"rank_weights: at least one weight must be non-zero (got {self.rank_weights})")
         if self.version_policy == "specific" and self.model_version not in self.versions:
-            raise ValueError(f"versions: version_policy specific must list model_version {self.model_version}, "
-                             f"the version the bundle writes (got {self.versions})")
+            raise ValueError(
+                f"versions: version_policy specific must list model_version {self.model_version}, "
+                f"the version the bundle writes (got {self.versions})"
+            )
         if self.versions and self.version_policy != "specific":
             raise ValueError(f"versions: only version_policy specific uses versions (policy is {self.version_policy})")
         return self
@@ -440,13 +536,15 @@ class VllmBundleConfig(_Section):
         "token_classify). retrieval (next-item generation) is not served: see the README's vLLM section",
     )
     served_model_name: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="the model name clients send; default: the spec name"
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="the model name clients send; default: the spec name",
     )
-    max_num_seqs: PositiveInt = Field(16, description="most requests vLLM schedules in one step (continuous batching)")
-    max_model_len: PositiveInt | None = Field(
+    max_num_seqs: Users = Field(16, description="most requests vLLM schedules in one step (continuous batching)")
+    max_model_len: PromptTokens | None = Field(
         None, description="longest prompt in tokens; default: the longest valid request of the model (bundle.json)"
     )
-    max_num_batched_tokens: PositiveInt | None = Field(
+    max_num_batched_tokens: PromptTokens | None = Field(
         None,
         description="most prompt tokens in one step; at least max_model_len (chunked prefill is off: a request is "
         "scheduled whole); default: max(max_model_len, 8192)",
@@ -506,10 +604,17 @@ class BundlesConfig(_Section):
 
 
 # --------------------------------------------------------------------------- the spec
+# Fields that specs once carried and grc no longer reads: a clear error beats a silent no-op.
+REMOVED_FIELDS = {
+    "kernels": "removed: nothing read it. Each stage runs the HSTU ops it is built on (export and verify the "
+    "padded PyTorch form, aoti grc's custom ops with the Triton kernels on CUDA, engines the TensorRT plugin), "
+    "so no spec field can choose them; delete the line",
+}
+
+
 class Spec(_Section):
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$", description="artifact folder name")
+    name: Name = Field(description="artifact folder name: artifacts/<name>/ (a safe path component)")
     description: str = ""
-    kernels: Literal["pytorch", "triton"] = Field("pytorch", description="HSTU attention/norm implementation")
     model: ModelConfig
     weights: WeightsConfig = WeightsConfig()
     export: ExportConfig = ExportConfig()
@@ -517,6 +622,51 @@ class Spec(_Section):
     verify: VerifyConfig = VerifyConfig()
     engine: EngineConfig = EngineConfig()
     bundles: BundlesConfig = BundlesConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_fields(cls, data: Any) -> Any:
+        for key, why in REMOVED_FIELDS.items():
+            if isinstance(data, dict) and key in data:
+                raise ValueError(f"{key}: {why}")
+        return data
+
+    @model_validator(mode="after")
+    def _within_the_model(self) -> Spec:
+        """Rules joining a later section to the model: found by ``grc validate``, not by a stage."""
+        model, hstu = self.model, self.model.hstu
+        for task in self.bundles.triton.rank_weights:
+            if task not in model.tasks:
+                raise ValueError(
+                    f"bundles.triton.rank_weights.{task}: names task {task!r}, which model.tasks does "
+                    f"not define (tasks: {', '.join(model.tasks)})"
+                )
+        for i, profile in enumerate(self.engine.profiles):
+            if profile.tokens is not None and profile.tokens.max > hstu.max_seq_len:
+                raise ValueError(
+                    f"engine.profiles[{i}].tokens.max: {profile.tokens.max} exceeds model.hstu.max_seq_len "
+                    f"{hstu.max_seq_len}, the longest padded row the model accepts"
+                )
+        for i, shape in enumerate(self.verify.shapes):
+            tokens = len(model.profile) + shape.history + shape.candidates
+            if tokens > hstu.max_seq_len:
+                raise ValueError(
+                    f"verify.shapes[{i}].history: {len(model.profile)} profile + {shape.history} history + "
+                    f"{shape.candidates} candidate tokens exceed model.hstu.max_seq_len {hstu.max_seq_len}"
+                )
+            if shape.candidates > model.max_candidates:
+                raise ValueError(
+                    f"verify.shapes[{i}].candidates: {shape.candidates} exceeds model.max_candidates "
+                    f"{model.max_candidates}"
+                )
+        rows = self.weights.table_block_rows
+        blocks = sum(-(-t.vocab_size // rows) for t in model.tables.values())
+        if blocks > lim.MAX_TABLE_BLOCKS:
+            raise ValueError(
+                f"weights.table_block_rows: {rows:,} rows per block cut the tables into {blocks:,} blocks; "
+                f"at most {lim.MAX_TABLE_BLOCKS:,} (each is one tensor): raise table_block_rows"
+            )
+        return self
 
     @model_validator(mode="after")
     def _served_artifacts(self) -> Spec:
@@ -526,17 +676,25 @@ class Spec(_Section):
             return "bundles.triton." + ("backend" if triton.backend == backend else "extra_backends")
 
         if "tensorrt_plan" in (triton.backend, *triton.extra_backends) and triton.enabled and not self.engine.targets:
-            raise ValueError(f"{field('tensorrt_plan')}: tensorrt_plan serves the engine stage's TensorRT engines; "
-                             "list the GPUs in engine.targets")
+            raise ValueError(
+                f"{field('tensorrt_plan')}: tensorrt_plan serves the engine stage's TensorRT engines; "
+                "list the GPUs in engine.targets"
+            )
         if "aotinductor" in (triton.backend, *triton.extra_backends) and triton.enabled:
             gpu = [t for t in aoti.targets if t != "cpu"]
             if not aoti.enabled:
-                raise ValueError(f"{field('aotinductor')}: aotinductor serves the aoti stage's packages; "
-                                 "set engine.aoti.enabled: true")
+                raise ValueError(
+                    f"{field('aotinductor')}: aotinductor serves the aoti stage's packages; "
+                    "set engine.aoti.enabled: true"
+                )
             if triton.instance_kind == "KIND_CPU" and "cpu" not in aoti.targets:
-                raise ValueError(f"bundles.triton.instance_kind: KIND_CPU serves the cpu package, and "
-                                 f"engine.aoti.targets has none (got {aoti.targets})")
+                raise ValueError(
+                    f"bundles.triton.instance_kind: KIND_CPU serves the cpu package, and "
+                    f"engine.aoti.targets has none (got {aoti.targets})"
+                )
             if triton.instance_kind == "KIND_GPU" and not gpu:
-                raise ValueError(f"bundles.triton.instance_kind: KIND_GPU serves a GPU package, and "
-                                 f"engine.aoti.targets has none (got {aoti.targets})")
+                raise ValueError(
+                    f"bundles.triton.instance_kind: KIND_GPU serves a GPU package, and "
+                    f"engine.aoti.targets has none (got {aoti.targets})"
+                )
         return self
