@@ -73,6 +73,11 @@ def cmd_show(args: argparse.Namespace) -> int:
     table.add_row("dense total", "", f"{dense:,}")
     table.add_row("total", "", f"{emb + dense:,} (~{(emb + dense) / 1e9:.2f}B)")
     console.print(table)
+    from grc.build.budget import size, stage_bytes
+    from grc.model.params import flops_report
+
+    print("\n".join(flops_report(loaded.spec.model)))
+    print("a build writes at least: " + ", ".join(f"{e.stage} {size(e.bytes)}" for e in stage_bytes(loaded.spec)))
     return 0
 
 

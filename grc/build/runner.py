@@ -20,6 +20,7 @@ from doit.task import Task, dict_to_task
 from rich.table import Table
 
 from grc.build.atomic import sweep
+from grc.build.budget import check_disk
 from grc.build.fingerprint import changed
 from grc.build.graph import fingerprint, task_dicts
 from grc.build.lock import BuildLock
@@ -70,6 +71,7 @@ def build(loaded: LoadedSpec, root: Path, jobs: int = 1, wait: float = 600.0, on
     with BuildLock(root, wait, waiting):
         for leftover in sweep(root):
             CONSOLE.print(f"[dim]removed leftover of an interrupted build: {leftover}[/]")
+        check_disk(loaded, root, only)  # refuses, naming the bytes, what cannot fit
         RECORDS.clear()
         started = time.perf_counter()
         args = ["run", "-n", str(max(jobs, 1)), "-P", "thread", *(only or [])]
