@@ -2,7 +2,9 @@
 
 Every problem becomes one line ``file:line: field.path: what was expected (got what)``; typos get
 the nearest valid key. ``extends`` is relative to the file that says it; maps merge deeply, lists
-and scalars replace, cycles are an error.
+and scalars replace; a cycle, a chain of more than ``MAX_EXTENDS`` files or a target that is no
+readable file is an error at the ``extends`` line. What a file's bytes may be is reading.py's and
+yaml_lines.py's to say; at most ``MAX_PROBLEMS`` problems are listed.
 """
 
 from __future__ import annotations
