@@ -21,6 +21,7 @@ from grc.build.progress import CONSOLE
 from grc.errors import GrcError
 from grc.model.params import dense_parameter_count
 from grc.spec.loader import LoadedSpec
+from grc.spec.schema import InitConfig
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp32": 4, "fp16": 2, "bf16": 2}
 SHOW_FROM = 1 << 30  # a build that writes less than this does not mention its size
@@ -52,8 +53,7 @@ def stage_bytes(spec: Any) -> list[StageBytes]:
     from grc.stages import STAGES
 
     model = spec.model
-    source = spec.weights.source
-    init = source if hasattr(source, "embedding_dtype") else None
+    init = spec.weights.source if isinstance(spec.weights.source, InitConfig) else None
     # a checkpoint's tables keep their dtype (2 bytes at least), its dense parameters become float32
     table_dtype = init.embedding_dtype if init else "bfloat16"
     dense_dtype = init.dtype if init else "float32"
