@@ -190,6 +190,12 @@ def test_bracketed_paths_print_verbatim_in_a_failed_build(tmp_path: Path, capsys
     assert "ck[/x]/model.pt" in err and "MarkupError" not in err
 
 
+def test_show_prints_a_description_with_brackets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = write_spec(tmp_path, SPECS / "hstu-tiny.yaml", {"description": "ids like [/x] and TORCH_TO_ST[dtype]"})
+    assert main(["show", str(spec)]) == 0
+    assert "ids like [/x] and TORCH_TO_ST[dtype]" in capsys.readouterr().out
+
+
 def test_reporter_and_stage_log_print_brackets(capsys: pytest.CaptureFixture[str]) -> None:
     """Before: ``TORCH_TO_ST[dtype]`` printed as ``TORCH_TO_ST`` (``[dtype]`` read as a style)."""
     from doit.exceptions import TaskFailed

@@ -63,6 +63,7 @@ def show(spec: SpecArg = DEFAULT_SPEC) -> None:
     import yaml
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from grc.model.params import parameter_summary
 
@@ -70,11 +71,11 @@ def show(spec: SpecArg = DEFAULT_SPEC) -> None:
     console = Console()
     console.print(yaml.safe_dump(loaded.spec.model_dump(mode="json"), sort_keys=False), end="", markup=False)
     rows = parameter_summary(loaded.spec.model)
-    table = Table(title=f"parameters of {loaded.spec.name}")
+    table = Table(title=Text(f"parameters of {loaded.spec.name}"))  # names are text, not rich markup
     for col, justify in (("group", "left"), ("kind", "left"), ("parameters", "right")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for group, kind, count in rows:
-        table.add_row(group, kind, f"{count:,}")
+        table.add_row(Text(group), kind, f"{count:,}")
     emb = sum(c for _, k, c in rows if k == "embedding")
     dense = sum(c for _, k, c in rows if k == "dense")
     table.add_section()
