@@ -278,3 +278,8 @@ def test_shell_completion_completes_commands_and_options(tmp_path: Path) -> None
     env.update(COMP_WORDS="grc build --no", COMP_CWORD="2")
     out = subprocess.run([sys.executable, "-m", "grc.cli"], env=env, capture_output=True, text=True, timeout=60)
     assert "--no-cache" in out.stdout.split(), out.stdout + out.stderr
+    env.update(COMP_WORDS="grc show specs/mtgr-s", COMP_CWORD="2")
+    out = subprocess.run(
+        [sys.executable, "-m", "grc.cli"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.stdout.split() == ["specs/mtgr-small.yaml"], out.stdout + out.stderr

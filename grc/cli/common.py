@@ -18,8 +18,22 @@ if TYPE_CHECKING:
 
 DEFAULT_SPEC = "specs/hstu-tiny.yaml"
 
+
+def _complete_spec(incomplete: str) -> list[str]:
+    """Shell completion of SPEC: folders and YAML files starting with what was typed."""
+    folder, _, stem = incomplete.rpartition("/")
+    found = Path(folder or ".").glob(f"{stem}*")
+    return sorted(f"{p}/" if p.is_dir() else str(p) for p in found if p.is_dir() or p.suffix in (".yaml", ".yml"))
+
+
 SpecArg = Annotated[
-    str, typer.Argument(metavar="SPEC", help=f"spec YAML file (default: {DEFAULT_SPEC})", show_default=False)
+    str,
+    typer.Argument(
+        metavar="SPEC",
+        help=f"spec YAML file (default: {DEFAULT_SPEC})",
+        show_default=False,
+        autocompletion=_complete_spec,
+    ),
 ]
 ArtifactsOpt = Annotated[Path, typer.Option("--artifacts", help="artifacts folder", show_default="./artifacts")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
