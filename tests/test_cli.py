@@ -219,6 +219,9 @@ def test_unknown_stage_is_named_with_the_real_ones(tmp_path: Path, capsys: pytes
         assert main(["build", spec.name, "nosuchstage"]) == 2
     err = capsys.readouterr().err
     assert "'nosuchstage' is not a stage" in err and "weights, export" in err and "grc list" not in err
+    with in_dir(tmp_path):
+        assert main(["build", spec.name, "weights", "aoti"]) == 2  # a stage, but engine.aoti is off here
+    assert "'aoti' is turned off in this spec" in capsys.readouterr().err
     assert not (tmp_path / "artifacts").exists()
 
 
