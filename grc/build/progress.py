@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 CONSOLE = Console(stderr=True, highlight=False, soft_wrap=True)
 RECORDS: dict[str, dict[str, Any]] = {}
@@ -69,7 +70,7 @@ class Reporter:
     def add_failure(self, task: Any, fail: Any) -> None:
         message = fail.message if hasattr(fail, "message") else str(fail)
         self._done(task, "failed", error=message)
-        CONSOLE.print(f"[bold red]✗ {task.name} failed[/]\n{message}")
+        CONSOLE.print(f"[bold red]✗ {task.name} failed[/]\n{escape(message)}")
 
     def add_success(self, task: Any) -> None:
         restored = RECORDS.get(task.name, {}).get("restored", False)
@@ -86,10 +87,10 @@ class Reporter:
             RECORDS.setdefault(task.name, {}).update(status="ignored", seconds=0.0)
 
     def cleanup_error(self, exception: Any) -> None:
-        CONSOLE.print(f"[red]cleanup error: {exception}[/]")
+        CONSOLE.print(f"[red]cleanup error: {escape(str(exception))}[/]")
 
     def runtime_error(self, msg: str) -> None:
-        CONSOLE.print(f"[bold red]error:[/] {msg}")
+        CONSOLE.print(f"[bold red]error:[/] {escape(msg)}")
 
     def teardown_task(self, task: Any) -> None:
         pass

@@ -17,6 +17,7 @@ from doit.cmd_base import TaskLoader2
 from doit.dependency import Dependency, MD5Checker, SqliteDB
 from doit.doit_cmd import DoitMain
 from doit.task import Task, dict_to_task
+from rich.markup import escape
 from rich.table import Table
 
 from grc.build.atomic import sweep
@@ -66,15 +67,19 @@ def build(loaded: LoadedSpec, root: Path, jobs: int = 1, wait: float = 600.0, on
     """Run every stale task (or ``only`` these and what they need). Returns doit's exit code."""
 
     def waiting(holder: str) -> None:
-        CONSOLE.print(f"[yellow]another build of {loaded.spec.name} is running (pid {holder}); waiting...[/]")
+        CONSOLE.print(f"[yellow]another build of {escape(loaded.spec.name)} is running (pid {holder}); waiting...[/]")
 
     with BuildLock(root, wait, waiting):
         for leftover in sweep(root):
-            CONSOLE.print(f"[dim]removed leftover of an interrupted build: {leftover}[/]")
+            CONSOLE.print(f"[dim]removed leftover of an interrupted build: {escape(str(leftover))}[/]")
         check_disk(loaded, root, only)  # refuses, naming the bytes, what cannot fit
         RECORDS.clear()
         started = time.perf_counter()
-        args = ["run", "-n", str(max(jobs, 1)), "-P", "thread", *(only or [])]
+        # -j 1 runs tasks in this (the main) thread: a Ctrl-C lands in the stage itself and unwinds
+        # through its cleanup. doit's thread runner would leave its worker inside torch/onnx native
+        # code while the interpreter shuts down, which aborts the process (grc.cli hard-exits then).
+        workers = ["-n", str(jobs), "-P", "thread"] if jobs > 1 else ["-n", "0"]
+        args = ["run", *workers, *(only or [])]
         code = doit_main(loaded, root).run(args)
         total = time.perf_counter() - started
         _write_report(loaded, root, code, total)

@@ -33,6 +33,7 @@ def run(ctx: Context) -> dict[str, Any]:
     import hashlib
 
     from rich.table import Table
+    from rich.text import Text
 
     from grc.aoti.build import PACKAGE, build_target
     from grc.weights import MANIFEST, load_model
@@ -76,7 +77,7 @@ def run(ctx: Context) -> dict[str, Any]:
             e.get("gpu") or e.get("device", "-"),
             e["dtype"],
             e["status"],
-            e["parity"] if built else e["reason"],
+            Text(e["parity"] if built else e["reason"]),  # a reason quotes compiler output: not markup
         )
     ctx.console.print(table)
     return {

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.text import Text
 
 from grc.spec.loader import LoadedSpec
 
@@ -31,7 +32,8 @@ class Context:
         return self.loaded.spec
 
     def log(self, message: str) -> None:
-        self.console.print(f"  [dim]{message}[/dim]")
+        # plain text, not rich markup: messages carry paths and names ("[/x]" would be a closing tag)
+        self.console.print(Text(f"  {message}", style="dim"))
 
     def input_manifest(self, stage: str) -> dict[str, Any]:
         return json.loads((self.inputs[stage] / MANIFEST).read_text())

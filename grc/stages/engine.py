@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import onnx
 from rich.table import Table
+from rich.text import Text
 
 from grc.build.fingerprint import sha256_file
 from grc.cache.store import default_dir as cache_dir
@@ -263,7 +264,7 @@ def _print_table(ctx: Context, entries: list[dict[str, Any]]) -> None:
         built = e["status"] == "built"
         why = e["parity"] if built else e["reason"].split(":")[0] + " (reason in the manifest)"
         table.add_row(e["name"], f"sm{e['sm']}", e["precision"],
-                      f"{e['toolkit']} {e['toolkit_version']}" if built else "-", e["status"], why)
+                      f"{e['toolkit']} {e['toolkit_version']}" if built else "-", e["status"], Text(why))
     ctx.console.print(table)
 
 

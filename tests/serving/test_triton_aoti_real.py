@@ -108,7 +108,7 @@ def test_aoti_package_served_matches_pytorch_and_onnxruntime(served: tuple) -> N
     print(f"aoti: max |triton - pytorch| = {worst:.2e}")
     meta = json.loads((bundle / bd.MODEL_REPOSITORY / "dense_aoti" / "1" / "cpu" / "metadata.json").read_text())
     assert meta["parity"]["status"] == "passed"
-    from grc.cli_targets import target_rows
+    from grc.cli.targets import target_rows
 
     rows = {(r["artifact"], r["target"]): r for r in target_rows(bundle.parent)}
     assert rows["aotinductor", "cpu"]["triton"] == "dense_aoti KIND_CPU" and rows["aotinductor", "cpu"]["runs_here"]

@@ -84,15 +84,27 @@ def target_rows(root: Path) -> list[dict[str, Any]]:
 def print_targets(rows: list[dict[str, Any]], root: Path) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title=f"compiled targets of {root}", show_edge=False)
     for col in ("artifact", "target", "gpu", "sm", "precision", "toolkit", "status", "parity", "here", "Triton"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["artifact"], r["target"], str(r["gpu"]), f"sm{r['sm']}" if r["sm"] else "-", r["precision"],
-                      r["toolkit"], r["status"], r["parity"], "yes" if r["runs_here"] else "no", r["triton"])
+        cells = (
+            r["artifact"],
+            r["target"],
+            str(r["gpu"]),
+            f"sm{r['sm']}" if r["sm"] else "-",
+            r["precision"],
+            r["toolkit"],
+            r["status"],
+            r["parity"],
+            "yes" if r["runs_here"] else "no",
+            r["triton"],
+        )
+        table.add_row(*(Text(c) for c in cells))  # names and reasons are text, not rich markup
     console = Console(width=max(Console().width, 150))  # a table this wide is unreadable folded to 80 columns
     console.print(table)
     for r in rows:
         if r["reason"]:
-            console.print(f"[dim]{r['artifact']} {r['target']} skipped: {r['reason']}[/]")
+            console.print(Text(f"{r['artifact']} {r['target']} skipped: {r['reason']}", style="dim"))

@@ -1,4 +1,6 @@
-"""``grc inspect engine <file>``: layers, I/O bindings and optimization profiles of a plan.
+"""``grc inspect engine <file>`` and ``grc inspect targets [SPEC]``.
+
+``engine``: layers, I/O bindings and optimization profiles of a plan.
 
 On a host with a GPU the plan targets, the toolkit's engine inspector reads the plan itself (plans
 are built with ``profiling_verbosity=DETAILED``, so every layer is listed). Without one, nothing
@@ -9,34 +11,21 @@ layers the builder was given, and the plugin layers found in the plan bytes.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import typer
+
+from grc.cli.common import DEFAULT_SPEC, ArtifactsOpt, JsonOpt, SpecArg, guard, load, root_of
 from grc.errors import GrcError
 
-
-def add_inspect_command(sub: Any) -> None:
-    p = sub.add_parser("inspect", help="inspect built artifacts (engine plans; which target runs where)",
-                       description="inspect a built artifact")
-    kinds = p.add_subparsers(dest="kind", metavar="KIND", required=True)
-    e = kinds.add_parser("engine", help="layers, I/O bindings and profiles of a TensorRT plan",
-                         description="layers, I/O bindings and profiles of a TensorRT plan (the engine inspector on "
-                         "a GPU; the plan file and its build metadata elsewhere)")
-    e.add_argument("file", type=Path, help="model.plan, or the engine folder holding it")
-    e.add_argument("--json", action="store_true", help="machine-readable output")
-    e.add_argument("--layers", type=int, default=40, help="layers to print (default 40; 0: all)")
-    e.set_defaults(fn=cmd_inspect_engine)
-    t = kinds.add_parser("targets", help="every engine / AOTInductor target of a built spec: where it runs, how "
-                         "Triton serves it", description="every compiled artifact of a built spec (TensorRT engines, "
-                         "AOTInductor packages): GPU, SM, precision, toolkit, built or skipped and why, parity, "
-                         "whether this host can run it, and how the Triton bundle selects it")
-    t.add_argument("spec", nargs="?", default="specs/hstu-tiny.yaml", help="spec YAML (default: specs/hstu-tiny.yaml)")
-    t.add_argument("--artifacts", default="artifacts", type=Path, help="artifacts folder (default: ./artifacts)")
-    t.add_argument("--json", action="store_true", help="machine-readable output")
-    t.set_defaults(fn=cmd_inspect_targets)
+app = typer.Typer(
+    name="inspect",
+    no_args_is_help=True,
+    help="Inspect built artifacts: engine plans, and which compiled target runs where.",
+)
 
 
 def _plugin_library(plan: Path, metadata: dict[str, Any]) -> Path | None:
@@ -56,15 +45,18 @@ def _gpu_inspect(plan: Path, metadata: dict[str, Any]) -> tuple[dict[str, Any] |
     gpus = [g for g in local_gpus() if not sms or g.sm in sms]
     if not gpus:
         have = ", ".join(f"{g.name} (sm{g.sm})" for g in local_gpus()) or "no GPU"
-        return None, (f"the engine inspector needs a GPU the plan targets (sm{'/'.join(map(str, sms)) or '?'}) to "
-                      f"deserialize it; this host has {have}. Showing the plan file and its build metadata.")
+        return None, (
+            f"the engine inspector needs a GPU the plan targets (sm{'/'.join(map(str, sms)) or '?'}) to "
+            f"deserialize it; this host has {have}. Showing the plan file and its build metadata."
+        )
     toolkit = installed().get(metadata.get("toolkit", {}).get("name", ""))
     if toolkit is None:
         return None, f"{metadata.get('toolkit', {}).get('name')} is not installed here; showing build metadata"
     with tempfile.TemporaryDirectory(prefix="grc-inspect-") as tmp:
         library = _plugin_library(plan, metadata)
-        result = run_worker("inspect", {"plan": str(plan), "plugin_library": str(library) if library else None},
-                            toolkit, Path(tmp))
+        result = run_worker(
+            "inspect", {"plan": str(plan), "plugin_library": str(library) if library else None}, toolkit, Path(tmp)
+        )
     if not result.get("ok"):
         return None, f"the engine inspector failed ({result.get('error')}); showing build metadata"
     return result, f"engine inspector of {toolkit.label} on {gpus[0].name}"
@@ -81,8 +73,14 @@ def describe_engine(path: Path) -> dict[str, Any]:
     report_path = plan.parent / metadata.get("build_report", "build-report.json")
     report = json.loads(report_path.read_text()) if report_path.exists() else None
     inspected, note = _gpu_inspect(plan, metadata)
-    return {"plan": str(plan), "note": note, "inspector": inspected, "plan_file": plan_file.describe(plan.read_bytes()),
-            "metadata": metadata or None, "build_report": report}
+    return {
+        "plan": str(plan),
+        "note": note,
+        "inspector": inspected,
+        "plan_file": plan_file.describe(plan.read_bytes()),
+        "metadata": metadata or None,
+        "build_report": report,
+    }
 
 
 def _print(info: dict[str, Any], limit: int) -> None:
@@ -93,15 +91,23 @@ def _print(info: dict[str, Any], limit: int) -> None:
     if meta:
         tk = meta["toolkit"]
         seconds = (info.get("build_report") or {}).get("build_seconds", "?")
-        print(f"toolkit: {tk['name']} {tk['version']}   target: {meta['target']['name']} sm{meta['target']['sm']}   "
-              f"precision: {meta['precision']}   build: {seconds}s")
+        print(
+            f"toolkit: {tk['name']} {tk['version']}   target: {meta['target']['name']} sm{meta['target']['sm']}   "
+            f"precision: {meta['precision']}   build: {seconds}s"
+        )
     if "target_sms" in pf:
         print(f"plan SM mask: 0x{pf['sm_mask']:02x} -> {', '.join(f'sm{s}' for s in pf['target_sms'])}")
     print(f"plugin layers in the plan: {', '.join(pf['custom_layers']) or 'none found'}")
     inspected = info["inspector"]
-    io = inspected["io"] if inspected else [
-        {"name": t["name"], "mode": mode, "dtype": t["dtype"], "shape": t["shape"]}
-        for mode, key in (("INPUT", "inputs"), ("OUTPUT", "outputs")) for t in meta.get("io", {}).get(key, [])]
+    io = (
+        inspected["io"]
+        if inspected
+        else [
+            {"name": t["name"], "mode": mode, "dtype": t["dtype"], "shape": t["shape"]}
+            for mode, key in (("INPUT", "inputs"), ("OUTPUT", "outputs"))
+            for t in meta.get("io", {}).get(key, [])
+        ]
+    )
     print("\nI/O bindings:")
     for t in io:
         print(f"  {t['mode']:<6} {t['name']:<16} {t['dtype']:<8} {t['shape']}")
@@ -114,39 +120,74 @@ def _print(info: dict[str, Any], limit: int) -> None:
         print(f"  [{k}] users {p['users']}  tokens {p['tokens']}")
     if inspected:
         layers = inspected["layers"].get("Layers", [])
-        rows = [(lay.get("Name", "?") if isinstance(lay, dict) else str(lay),
-                 lay.get("LayerType", "") if isinstance(lay, dict) else "") for lay in layers]
+        rows = [
+            (
+                lay.get("Name", "?") if isinstance(lay, dict) else str(lay),
+                lay.get("LayerType", "") if isinstance(lay, dict) else "",
+            )
+            for lay in layers
+        ]
         title = f"\nengine layers ({len(rows)}, from the inspector):"
     else:
         rows = [(r["name"], r["type"]) for r in meta.get("network_layers", [])]
         title = f"\nnetwork layers given to the builder ({len(rows)}, from metadata.json; the plan fuses them):"
     print(title)
-    for name, kind in rows[:limit or None]:
+    for name, kind in rows[: limit or None]:
         print(f"  {kind:<20} {name}")
     if limit and len(rows) > limit:
         print(f"  ... {len(rows) - limit} more (--layers 0 prints all)")
 
 
-def cmd_inspect_targets(args: argparse.Namespace) -> int:
-    from grc.cli_targets import print_targets, target_rows
-    from grc.spec.loader import load_spec
+@app.command()
+@guard
+def engine(
+    file: Annotated[
+        Path, typer.Argument(metavar="FILE", help="model.plan, or the engine folder holding it", show_default=False)
+    ],
+    as_json: JsonOpt = False,
+    layers: Annotated[int, typer.Option("--layers", help="layers to print (0: all)")] = 40,
+) -> None:
+    """Layers, I/O bindings and optimization profiles of a TensorRT plan.
 
-    root = Path(args.artifacts) / load_spec(args.spec).spec.name
+    The engine inspector reads the plan on a GPU it targets; elsewhere the plan file and its build
+    metadata tell what they can.
+
+    \b
+    Examples:
+      grc inspect engine artifacts/hstu-tiny/engines/sm80
+      grc inspect engine artifacts/hstu-tiny/engines/sm89/model.plan --layers 0 --json
+    """
+    info = describe_engine(file)
+    if as_json:
+        print(json.dumps(info, indent=1))
+    else:
+        _print(info, layers)
+
+
+@app.command()
+@guard
+def targets(
+    spec: SpecArg = DEFAULT_SPEC, artifacts: ArtifactsOpt = Path("artifacts"), as_json: JsonOpt = False
+) -> None:
+    """Every compiled artifact of a built spec (TensorRT engines, AOTInductor packages): GPU, SM,
+    precision, toolkit, built or skipped and why, parity, whether this host can run it, and how the
+    Triton bundle selects it.
+
+    \b
+    Examples:
+      grc inspect targets specs/hstu-tiny.yaml
+      grc inspect targets specs/mtgr-small.yaml --json
+    """
+    from grc.cli.targets import print_targets, target_rows
+
+    root = root_of(artifacts, load(spec))
     rows = target_rows(root)
     if not rows:
-        raise GrcError(f"inspect targets: no engine or aoti stage output under {root}: set engine.targets or "
-                       f"engine.aoti in {args.spec} and build it (grc build {args.spec})")
-    if args.json:
+        raise GrcError(
+            f"inspect targets: no engine or aoti stage output under {root}: set engine.targets or "
+            f"engine.aoti in {spec} and build it (grc build {spec})"
+        )
+    if as_json:
         print(json.dumps(rows, indent=1))
     else:
         print_targets(rows, root)
-    return 0
-
-
-def cmd_inspect_engine(args: argparse.Namespace) -> int:
-    info = describe_engine(args.file)
-    if args.json:
-        print(json.dumps(info, indent=1))
-    else:
-        _print(info, args.layers)
-    return 0
