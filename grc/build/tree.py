@@ -18,6 +18,7 @@ from typing import Any
 from grc.build.fingerprint import sha256_file
 
 KINDS = ("dir", "file", "link")
+BYTECODE_CACHE = "__pycache__"
 
 
 class UnsafeTree(ValueError):
@@ -35,9 +36,11 @@ class Entry:
 
 
 def walk(folder: Path) -> Iterator[tuple[str, os.stat_result]]:
-    """(relative path, lstat) of everything under ``folder``, sorted, links never followed."""
+    """(relative path, lstat) of everything under ``folder``, sorted, links never followed. Python's
+    bytecode caches are left out: the interpreter that serves a bundle writes them (Triton's python
+    backend compiles each ``model.py``), they are no part of what grc built."""
     for top, dirs, files in os.walk(folder, followlinks=False):
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if d != BYTECODE_CACHE)
         base = Path(top)
         for name in (*dirs, *sorted(files)):
             path = base / name
