@@ -22,8 +22,9 @@ def _ctx(spec: Path, out: Path, inputs: dict[str, Path]) -> Context:
     return Context(loaded=loaded, out=out, inputs=inputs, console=Console(quiet=True))
 
 
-def test_no_nvcc_skips_the_plugins_and_then_every_target(built_tiny: tuple[Path, Path], tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_nvcc_skips_the_plugins_and_then_every_target(
+    built_tiny: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def missing() -> Path:
         raise plugin_build.Unavailable("nvcc not found (PATH, CUDA_HOME, /usr/local/cuda): install the CUDA toolkit")
 
@@ -42,14 +43,16 @@ def test_no_nvcc_skips_the_plugins_and_then_every_target(built_tiny: tuple[Path,
     assert not any(ectx.out.iterdir())  # no plan, no metadata for what was not built
 
 
-def test_no_toolkit_names_what_to_install(built_tiny: tuple[Path, Path], tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_toolkit_names_what_to_install(
+    built_tiny: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(toolkits, "installed", lambda: {})
     spec, artifacts = built_tiny
     (tmp_path / "plugins").mkdir()
     (tmp_path / "plugins" / "manifest.json").write_text(json.dumps({"status": "skipped", "reason": "test"}))
-    ctx = _ctx(spec, tmp_path / "engines", {"surgery": artifacts / "hstu-tiny" / "surgery",
-                                            "plugins": tmp_path / "plugins"})
+    ctx = _ctx(
+        spec, tmp_path / "engines", {"surgery": artifacts / "hstu-tiny" / "surgery", "plugins": tmp_path / "plugins"}
+    )
     out = engine.run(ctx)
     assert out["built"] == []
     assert "tensorrt_rtx is not installed" in out["skipped"]["sm80"] and toolkits.RTX_PIN in out["skipped"]["sm80"]
