@@ -24,8 +24,9 @@ from grc.build.tree import Entry, UnsafeTree, from_json, kind_of, to_json, walk
 FOLDER = ".outputs"
 # A file written less than this long before its stamp is taken could be written again within the
 # same timestamp tick, size unchanged, and keep its stamp ("racy git"): such a file gets no stamp and
-# is hashed at the next check instead.
-RACY_NS = 100_000_000
+# is hashed at the next check instead. Linux stamps files from a clock that ticks at least every 10 ms;
+# kept short, because a restore copies every file just before stamping (multi-GB shards included).
+RACY_NS = 20_000_000
 
 
 def record_path(root: Path, stage: str) -> Path:

@@ -110,7 +110,7 @@ class LocalStore:
         return dest.with_name(f".{digest}.{os.getpid()}.download")
 
     def adopt(self, tmp: Path, digest: str) -> Path:
-        """Install a file beside the store (a download, a link to a built artifact) whose sha256 the
+        """Install a file beside the store (a download, a copy of a built artifact) whose sha256 the
         caller knows: read-only, stamped as verified (so it is not hashed again on restore)."""
         dest = self._cas(digest)
         os.chmod(tmp, 0o444)
