@@ -72,13 +72,18 @@ def _build(clone: Path, cache: Path | None, remote: str | None = None, read_only
 
 def _tree(clone: Path, timings: bool = True) -> dict[str, tuple[str, int, bytes | str | None]]:
     """Every folder, file and link of the built spec: (kind, mode, bytes or link target)."""
-    root = clone / "artifacts" / "hstu-tiny"
+    return _walk_tree(clone / "artifacts" / "hstu-tiny", BUILD_STATE, timings)
+
+
+def _walk_tree(
+    root: Path, leave_out: set[str] | None = None, timings: bool = True
+) -> dict[str, tuple[str, int, bytes | str | None]]:
     out: dict[str, tuple[str, int, bytes | str | None]] = {}
     for top, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if d != "__pycache__"]  # written by the python backend that serves a bundle
         if Path(top) == root:
-            dirs[:] = [d for d in dirs if d not in BUILD_STATE]
-            files = [f for f in files if f not in BUILD_STATE]
+            dirs[:] = [d for d in dirs if d not in (leave_out or set())]
+            files = [f for f in files if f not in (leave_out or set())]
         for name in dirs + files:
             path = Path(top) / name
             st = path.lstat()
@@ -210,6 +215,41 @@ def test_corrupt_store_objects_are_reported_and_rebuilt(local: dict[str, Any], t
     surgery_note = next(n for n in run.report["tasks"]["surgery"]["cache"] if "truncated" in n)
     assert weights_note in run.stderr and surgery_note in run.stderr  # said on the console too
     assert _tree(tmp_path / "g") == _tree(b)
+
+
+def test_store_round_trips_folders_modes_and_links(tmp_path: Path) -> None:
+    """No stage writes a link or an executable today; the store keeps them anyway, and refuses a
+    record whose paths leave the folder (a remote store is not trusted with where files go)."""
+    from grc.build.tree import scan
+    from grc.cache.store import Cache, Events, LocalStore
+
+    built = tmp_path / "built"
+    (built / "model" / "1").mkdir(parents=True)  # empty, as Triton's ensemble version folder
+    (built / "model" / "run.sh").write_text("#!/bin/sh\n")
+    (built / "model" / "run.sh").chmod(0o755)
+    (built / "private").mkdir(mode=0o700)
+    (built / "private" / "key").write_text("k")
+    (built / "private" / "key").chmod(0o600)
+    (built / "latest").symlink_to("model/run.sh")
+    cache, events = Cache(LocalStore(tmp_path / "store")), Events()
+    cache.save("k1", "demo", built, scan(built, {}), events)
+    restored = tmp_path / "restored"
+    restored.mkdir()
+    record = cache.lookup("k1", events)
+    assert record is not None and cache.restore(record, restored, events) is not None
+    assert _walk_tree(restored) == _walk_tree(built) and not events.warnings
+
+    escaping = tmp_path / "escaping"
+    escaping.mkdir()
+    (escaping / "up").symlink_to("../elsewhere")
+    cache.save("k2", "demo", escaping, scan(escaping, {}), events)
+    assert cache.lookup("k2", events) is None and "points outside" in events.warnings[-1]
+    hostile = {
+        "key": "k3",
+        "tree": [{"path": "../outside", "kind": "file", "mode": 0o644, "sha256": "0" * 64, "bytes": 1}],
+    }
+    assert cache.restore(hostile, tmp_path / "restored", events) is None and "unsafe" in events.warnings[-1]
+    assert not (tmp_path / "outside").exists()
 
 
 def test_cache_admin_commands(local: dict[str, Any], tmp_path: Path) -> None:
