@@ -23,3 +23,9 @@ class StageError(GrcError):
     """A build stage failed for a reason it could name (tolerance exceeded, pattern not found, ...)."""
 
     exit_code = 1
+
+
+class SettingError(GrcError):
+    """A command-line flag or environment variable has a value grc cannot use (exit 2, like a bad spec)."""
+
+    exit_code = 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -84,3 +85,19 @@ def tiny_copy(built_tiny: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path
     spec, _ = built_tiny
     shutil.copytree(spec.parent, tmp_path / "w")
     return tmp_path / "w" / spec.name, tmp_path / "w" / "artifacts"
+
+
+def require_plugin_library(root: Path) -> None:
+    """The plugins stage of ``root`` built its library. A skip only where nvcc is missing (a documented
+    prerequisite: the CUDA toolkit); a stage that recorded "skipped" for any other reason (the headers
+    download, their sha256) is a grc regression and fails the test."""
+    from grc.engine.plugin_build import Unavailable, find_nvcc
+
+    manifest = json.loads((root / "plugins" / "manifest.json").read_text())
+    if manifest["status"] == "built":
+        return
+    try:
+        find_nvcc()
+    except Unavailable as exc:
+        pytest.skip(f"no plugin library without nvcc (install the CUDA toolkit): {exc}")
+    pytest.fail(f"the plugins stage recorded a skip although nvcc is installed: {manifest['reason']}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -10,11 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from grc.build.runner import plan
 from grc.spec.loader import load_spec
-from tests.conftest import REPO, TEST_SPECS, in_dir, run_build, write_spec
+from tests.conftest import REPO, TEST_SPECS, in_dir, require_plugin_library, run_build, write_spec
 
 ALL = ["weights", "export", "surgery", "verify"]
 
@@ -72,6 +74,94 @@ def test_deleted_output_is_rebuilt(tiny_copy: tuple[Path, Path]) -> None:
         rows = {r.task: r for r in plan(load_spec(spec.name), Path("artifacts/hstu-tiny"))}
     assert any("output missing" in r for r in rows["surgery"].reasons)
     assert "surgery" in _ran(run_build(spec))
+
+
+def _flip(path: Path) -> None:
+    """One byte inverted in the middle, written in place (same inode, as an editor run by root would)."""
+    with open(path, "r+b") as fh:
+        fh.seek(path.stat().st_size // 2)
+        byte = fh.read(1)
+        fh.seek(-1, os.SEEK_CUR)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+
+
+def _halve(path: Path) -> None:
+    os.truncate(path, path.stat().st_size // 2)
+
+
+def _append_comment(path: Path) -> None:
+    with open(path, "a") as fh:
+        fh.write("\n# edited by hand\n")
+
+
+def _add_model(path: Path) -> None:
+    path.mkdir()
+    (path / "config.pbtxt").write_text('name: "extra"\n')
+
+
+def _stage_files(root: Path, rel: str) -> dict[Path, bytes]:
+    """The bytes of every file of the stage folder holding ``rel`` (an engine's timings left out)."""
+    folder = root / Path(rel).parts[0]
+    return {
+        p.relative_to(root): p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != "build-report.json"
+    }
+
+
+SHARD = "weights/model-00001-of-00001.safetensors"
+# (stage, output file relative to artifacts/hstu-tiny, what a user does to it)
+TAMPERED = [
+    ("weights", SHARD, _flip),
+    ("export", "onnx/model.onnx", _flip),
+    ("surgery", "surgery/model.onnx", _flip),
+    ("plugins", "plugins/libgrc_plugins.so", _flip),
+    ("weights", SHARD, _halve),
+    ("export", "onnx/model.onnx", _halve),
+    ("engine", "engines/sm80/model.plan", _halve),
+    ("export", "onnx/model.onnx", Path.unlink),  # its manifest stays
+    ("triton", "triton/model_repository/hstu-tiny/config.pbtxt", _append_comment),
+    ("triton", "triton/model_repository/extra", _add_model),
+]
+
+
+@pytest.mark.parametrize(
+    ("stage", "rel", "tamper"), TAMPERED, ids=[f"{t.__name__.strip('_')}-{r}" for _, r, t in TAMPERED]
+)
+def test_output_changed_behind_grcs_back_is_named_and_rebuilt(
+    tiny_copy: tuple[Path, Path], stage: str, rel: str, tamper: object
+) -> None:
+    spec, artifacts = tiny_copy
+    root = artifacts / "hstu-tiny"
+    if stage in ("plugins", "engine"):
+        require_plugin_library(root)  # skips only without nvcc
+        if not (root / rel).exists():
+            pytest.skip(f"no {rel} here: TensorRT-RTX is not installed (the engine stage skipped sm80)")
+    before = _stage_files(root, rel)
+    tamper(root / rel)  # type: ignore[operator]
+    with in_dir(spec.parent):
+        rows = {r.task: r for r in plan(load_spec(spec.name), Path("artifacts/hstu-tiny"))}
+    assert rows[stage].state == "stale" and any(rel in r for r in rows[stage].reasons), rows[stage].reasons
+    statuses = run_build(spec)
+    assert statuses[stage] == "built"
+    assert _stage_files(root, rel) == before  # the same bytes as grc wrote, nothing added
+    with in_dir(spec.parent):
+        assert all(r.state == "up to date" for r in plan(load_spec(spec.name), Path("artifacts/hstu-tiny")))
+
+
+def test_touched_output_is_hashed_once_and_not_rebuilt(tiny_copy: tuple[Path, Path]) -> None:
+    """A new mtime (or inode: tiny_copy copied every file) with the same bytes is no change; the build
+    stores the new stamps, so later checks stat instead of hashing."""
+    from grc.build import outputs
+
+    spec, artifacts = tiny_copy
+    root = artifacts / "hstu-tiny"
+    shard = root / SHARD
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 5_000_000_000))
+    with in_dir(spec.parent):
+        assert all(r.state == "up to date" for r in plan(load_spec(spec.name), Path("artifacts/hstu-tiny")))
+    assert _ran(run_build(spec)) == []
+    stamps = json.loads(outputs.record_path(root, "weights").read_text())["stamps"]
+    st = shard.stat()
+    assert stamps[Path(SHARD).name] == [st.st_size, st.st_mtime_ns, st.st_ino]
 
 
 def test_plain_doit_sees_the_same_state(tiny_copy: tuple[Path, Path]) -> None:

@@ -232,7 +232,7 @@ def test_spec_that_is_no_file_says_what_it_is(tmp_path: Path, capsys: pytest.Cap
     assert main(["build", str(tmp_path / "pipe.yaml")]) == 2  # never opened: a FIFO would block
     assert "pipe.yaml: is a FIFO (named pipe), not a spec file" in capsys.readouterr().err
     assert main(["validate", str(tmp_path / "none.yaml")]) == 2
-    assert "none.yaml: spec file not found" in capsys.readouterr().err
+    assert "none.yaml:1: (file): file not found" in capsys.readouterr().err
 
 
 def test_unknown_option_is_named(capsys: pytest.CaptureFixture[str]) -> None:

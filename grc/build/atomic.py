@@ -26,6 +26,15 @@ def write_file(path: Path, data: bytes, mode: int = 0o644) -> None:
     os.replace(tmp, path)
 
 
+def make_writable_folder(folder: Path) -> None:
+    """Create ``folder`` if needed and write a file into it, or raise OSError: tried for real, since
+    permission bits do not stop root, and neither they nor ``os.access`` show an immutable folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe-")
+    os.close(fd)
+    os.unlink(probe)
+
+
 def temp_dir_for(final: Path) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f"{final.name}{TMP_MARK}{os.getpid()}")

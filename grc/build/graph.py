@@ -4,7 +4,8 @@ Per stage task:
   file_dep  the manifests of its input stages (small files; big artifacts are fingerprinted once,
             by the stage that wrote them, inside its manifest)
   targets   its own manifest (written last, so a half-built folder is never trusted)
-  uptodate  the digests of exactly the spec leaves and source files it reads
+  uptodate  the digests of exactly the spec leaves and source files it reads, and the output
+            folder still being what grc wrote (grc/build/outputs.py: stat stamps, hashes on change)
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from doit.exceptions import TaskFailed
+from rich.markup import escape
 
+from grc.build import outputs
 from grc.build.atomic import install, temp_dir_for
 from grc.build.fingerprint import spec_fields
+from grc.build.tree import Entry, scan
 from grc.cache.config import open_cache
 from grc.cache.key import action_key, code_digests, host_digests, input_digests, toolkit_digests
 from grc.cache.store import Events
@@ -54,27 +58,54 @@ class FieldsUpToDate:
         return values.get("fields") == self.fields
 
 
+class OutputsUnchanged:
+    """doit ``uptodate`` callable: the stage's output folder is still what grc wrote (an edited,
+    truncated, deleted or added file makes the stage run again: restored from the cache or rebuilt).
+    Says which file changed; stores fresh stamps when only the stat changed (the build holds its lock)."""
+
+    def __init__(self, root: Path, stage: str, folder: Path):
+        self.root, self.stage, self.folder = root, stage, folder
+
+    def __call__(self, task: Any, values: dict[str, Any]) -> bool | None:
+        from grc.build.progress import note_changed_outputs
+
+        if not values or not (self.folder / MANIFEST).exists():
+            return None  # never built, or its manifest is gone: doit reruns it anyway
+        reasons = outputs.changes(self.root, self.stage, self.folder, refresh=True)
+        if reasons:
+            note_changed_outputs(self.stage, reasons)
+        return not reasons
+
+
 def execute(stage_name: str, loaded: LoadedSpec, root: Path, fields: dict[str, str]) -> dict[str, Any] | TaskFailed:
     """The doit action of every stage: run into a temp folder, write the manifest last, swap in."""
-    from grc.build.progress import CONSOLE, record_outputs
+    from grc.build.progress import CONSOLE
 
     stage = stage_named(stage_name)
     final = root / stage.output
     tmp = temp_dir_for(final)
     inputs = {name: root / stage_named(name).output for name in stage.inputs_for(loaded.spec)}
     key = action_key(stage.name, {**fields, **input_digests(inputs)})
-    cache, events = open_cache(), Events()
+    events = Events()
+    try:
+        cache = open_cache()
+    except GrcError as exc:  # checked when the build began; here for plain doit (dodo.py)
+        _discard(tmp, final)
+        return TaskFailed(str(exc))
     started = time.perf_counter()
-    if cache is not None and _restore(cache, key, tmp, final, events):
+    restored = _restore(cache, key, tmp, final, events) if cache is not None else None
+    if restored is not None:
         CONSOLE.print(f"  [dim]{stage.name}: restored from the build cache (key {key[:12]})[/]")
-        record_outputs(stage.name, final, time.perf_counter() - started, restored=True, key=key, events=events.log)
+        _finish(root, stage.name, final, restored, started, key, events, restored=True)
         return {"fields": fields, "key": key}
+    _print_warnings(stage.name, events)
     ctx = Context(loaded=loaded, out=tmp, inputs=inputs, console=CONSOLE)
     try:
         manifest = stage.run(ctx)
         manifest = {"stage": stage.name, "spec": loaded.spec.name, **manifest}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         install(tmp, final)
+        entries = scan(final, _known_digests(manifest))
     except GrcError as exc:
         _discard(tmp, final)
         return TaskFailed(str(exc))
@@ -82,21 +113,55 @@ def execute(stage_name: str, loaded: LoadedSpec, root: Path, fields: dict[str, s
         _discard(tmp, final)
         return TaskFailed(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
     if cache is not None:
-        cache.save(key, stage.name, final, _known_digests(manifest), events)
-    record_outputs(stage.name, final, time.perf_counter() - started, key=key, events=events.log)
+        cache.save(key, stage.name, final, entries, events)
+    _finish(root, stage.name, final, entries, started, key, events)
     return {"fields": fields, "key": key}
 
 
-def _restore(cache: Any, key: str, tmp: Path, final: Path, events: Events) -> bool:
+def _finish(
+    root: Path,
+    stage: str,
+    final: Path,
+    entries: list[Entry],
+    started: float,
+    key: str,
+    events: Events,
+    restored: bool = False,
+) -> None:
+    """Remember what the folder holds (so a later change behind grc's back is noticed) and report it."""
+    from grc.build.progress import record_outputs
+
+    outputs.save(root, stage, final, entries)
+    _print_warnings(stage, events)
+    digests = {e.path: e.sha256 for e in entries if e.kind == "file"}
+    record_outputs(
+        stage, final, time.perf_counter() - started, restored=restored, key=key, events=events.log, digests=digests
+    )
+
+
+def _print_warnings(stage: str, events: Events) -> None:
+    from grc.build.progress import CONSOLE
+
+    for text in events.warnings:
+        CONSOLE.print(f"  [yellow]{stage}: {escape(text)}[/]")
+    events.warnings.clear()
+
+
+def _restore(cache: Any, key: str, tmp: Path, final: Path, events: Events) -> list[Entry] | None:
     record = cache.lookup(key, events)
     if record is None:
-        return False
-    if not cache.restore(record, tmp, events):
+        return None
+    try:
+        entries = cache.restore(record, tmp, events)
+    except OSError as exc:  # e.g. the disk filled up while copying out of the store
+        events.warn(f"restoring from the build cache failed ({exc}); building")
+        entries = None
+    if entries is None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        return False
+        return None
     install(tmp, final)
-    return True
+    return entries
 
 
 def _known_digests(manifest: dict[str, Any]) -> dict[str, str]:
@@ -121,8 +186,10 @@ def task_dicts(loaded: LoadedSpec, root: Path) -> list[dict[str, Any]]:
         upstream = stage.inputs_for(loaded.spec)
         missing = [i for i in upstream if i not in names]
         if missing:  # e.g. bundles.triton.backend aotinductor with engine.aoti off: say so before any work
-            raise GrcError(f"stage {stage.name} reads the output of {', '.join(missing)}, which this spec does not "
-                           f"build: {stage_named(missing[0]).doc} (enable it in the spec)")
+            raise GrcError(
+                f"stage {stage.name} reads the output of {', '.join(missing)}, which this spec does not "
+                f"build: {stage_named(missing[0]).doc} (enable it in the spec)"
+            )
         deps = [str(root / stage_named(i).output / MANIFEST) for i in upstream]
         out = root / stage.output
         tasks.append(
@@ -133,7 +200,7 @@ def task_dicts(loaded: LoadedSpec, root: Path) -> list[dict[str, Any]]:
                 "file_dep": deps,
                 "task_dep": list(upstream),
                 "targets": [str(out / MANIFEST)],
-                "uptodate": [FieldsUpToDate(fields)],
+                "uptodate": [FieldsUpToDate(fields), OutputsUnchanged(root, stage.name, out)],
                 "clean": [(shutil.rmtree, [str(out), True])],
                 "verbosity": 2,
             }

@@ -18,29 +18,42 @@ _LOCK = threading.Lock()
 HASH_LIMIT = 64 << 20  # bigger files carry their digest in the stage manifest instead
 
 
-def _file_entry(path: Path, root: Path, known: dict[str, str]) -> dict[str, Any]:
+def _file_entry(path: Path, root: Path, digest: str | None) -> dict[str, Any]:
     size = path.stat().st_size
-    digest = known.get(path.name)
     if digest is None and size <= HASH_LIMIT:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return {"path": str(path.relative_to(root)), "bytes": size, "sha256": digest or "see manifest"}
 
 
 def record_outputs(
-    task: str, folder: Path, seconds: float, restored: bool = False, key: str = "", events: list[str] | None = None
+    task: str,
+    folder: Path,
+    seconds: float,
+    restored: bool = False,
+    key: str = "",
+    events: list[str] | None = None,
+    digests: dict[str, str] | None = None,
 ) -> None:
-    import json
-
-    manifest = json.loads((folder / "manifest.json").read_text())
-    known = {s["file"]: s["sha256"] for s in manifest.get("shards", [])}
+    """``digests``: relative path -> sha256 of files already hashed (the output's recorded tree)."""
+    digests = digests or {}
     files = sorted(p for p in folder.rglob("*") if p.is_file())
+    entries = [_file_entry(p, folder.parent, digests.get(p.relative_to(folder).as_posix())) for p in files]
     with _LOCK:
-        RECORDS.setdefault(task, {})["outputs"] = [_file_entry(p, folder.parent, known) for p in files]
+        RECORDS.setdefault(task, {})["outputs"] = entries
         RECORDS[task]["stage_seconds"] = round(seconds, 3)
         RECORDS[task]["restored"] = restored
         RECORDS[task]["key"] = key
         if events:
             RECORDS[task]["cache"] = events
+
+
+def note_changed_outputs(task: str, reasons: list[str]) -> None:
+    """An output changed behind grc's back: say which file, and keep it for the report."""
+    with _LOCK:
+        RECORDS.setdefault(task, {})["outputs_changed"] = reasons
+    CONSOLE.print(f"[yellow]{escape(task)}: its output changed since grc wrote it; running it again[/]")
+    for reason in reasons:
+        CONSOLE.print(f"  [yellow]{escape(reason)}[/]")
 
 
 class Reporter:
@@ -69,6 +82,8 @@ class Reporter:
 
     def add_failure(self, task: Any, fail: Any) -> None:
         message = fail.message if hasattr(fail, "message") else str(fail)
+        if getattr(fail, "traceback", None):  # an exception doit caught: its reason is in there, never drop it
+            message = f"{message}\n{''.join(fail.traceback)}"
         self._done(task, "failed", error=message)
         CONSOLE.print(f"[bold red]✗ {task.name} failed[/]\n{escape(message)}")
 

@@ -20,12 +20,14 @@ from doit.task import Task, dict_to_task
 from rich.markup import escape
 from rich.table import Table
 
-from grc.build.atomic import sweep
+from grc.build import outputs
+from grc.build.atomic import make_writable_folder, sweep
 from grc.build.budget import check_disk
 from grc.build.fingerprint import changed
 from grc.build.graph import fingerprint, task_dicts
 from grc.build.lock import BuildLock
 from grc.build.progress import CONSOLE, RECORDS, Reporter
+from grc.errors import SettingError
 from grc.spec.loader import LoadedSpec
 from grc.stages import stage_named
 
@@ -63,12 +65,35 @@ def doit_main(loaded: LoadedSpec, root: Path) -> DoitMain:
     return DoitMain(_Loader(_tasks(loaded, root), root / DB_NAME), config_filenames=())
 
 
+def _writable_root(root: Path) -> None:
+    try:
+        make_writable_folder(root)
+    except OSError as exc:
+        raise SettingError(
+            f"the artifacts folder {root.parent} (--artifacts) cannot hold {root.name}/ "
+            f"({exc.strerror or exc}); expected a folder grc can create and write"
+        ) from None
+
+
+def _check_settings(loaded: LoadedSpec, root: Path) -> None:
+    """Refuse unusable settings before any work, with the reason on the console and in the report."""
+    from grc.cache.config import open_cache
+
+    _writable_root(root)
+    try:
+        open_cache()
+    except SettingError as exc:
+        _write_report(loaded, root, 2, 0.0, error=str(exc))
+        raise
+
+
 def build(loaded: LoadedSpec, root: Path, jobs: int = 1, wait: float = 600.0, only: list[str] | None = None) -> int:
     """Run every stale task (or ``only`` these and what they need). Returns doit's exit code."""
 
     def waiting(holder: str) -> None:
         CONSOLE.print(f"[yellow]another build of {escape(loaded.spec.name)} is running (pid {holder}); waiting...[/]")
 
+    _check_settings(loaded, root)
     with BuildLock(root, wait, waiting):
         for leftover in sweep(root):
             CONSOLE.print(f"[dim]removed leftover of an interrupted build: {escape(str(leftover))}[/]")
@@ -87,13 +112,14 @@ def build(loaded: LoadedSpec, root: Path, jobs: int = 1, wait: float = 600.0, on
     return code
 
 
-def _write_report(loaded: LoadedSpec, root: Path, code: int, total: float) -> None:
+def _write_report(loaded: LoadedSpec, root: Path, code: int, total: float, error: str | None = None) -> None:
     report = {
         "spec": loaded.spec.name,
         "spec_files": [str(p) for p in loaded.files],
         "ok": code == 0,
         "seconds": round(total, 3),
-        "tasks": {name: RECORDS[name] for name in sorted(RECORDS)},
+        **({"error": error} if error else {}),
+        "tasks": {name: RECORDS[name] for name in sorted(RECORDS)} if error is None else {},
     }
     (root / REPORT).write_text(json.dumps(report, indent=1) + "\n")
 
@@ -137,9 +163,10 @@ def plan(loaded: LoadedSpec, root: Path) -> list[PlanRow]:
         reasons = [f"{k} changed" if k != "(never built)" else k for k in changed(old, parts)]
         if dep:
             status = dep.get_status(task, by_name, get_log=True)
-            reasons += [
-                f"output missing: {Path(t).relative_to(root)}" for t in status.reasons.get("missing_target", [])
-            ]
+            missing = status.reasons.get("missing_target", [])
+            reasons += [f"output missing: {Path(t).relative_to(root)}" for t in missing]
+            if not missing and dep.get_values(task.name):
+                reasons += [f"output changed: {r}" for r in outputs.changes(root, task.name, root / stage.output)]
             reasons += [
                 f"input changed: {Path(f).relative_to(root)}" for f in status.reasons.get("changed_file_dep", [])
             ]

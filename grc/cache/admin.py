@@ -1,13 +1,27 @@
-"""``grc cache stats | prune --max-size | verify`` over the local store."""
+"""``grc cache stats | prune --max-size | verify`` over the local store.
+
+Each refuses a store folder that is missing or not a folder (a mistyped ``--cache-dir`` must not
+report an empty, healthy cache), and a size it cannot read.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from grc.build.fingerprint import sha256_file
 from grc.cache.store import LocalStore
+from grc.errors import GrcError, SettingError
+
+
+def _require_folder(store: LocalStore) -> None:
+    where = f"the build cache folder {store.root} (--cache-dir, GRC_CACHE_DIR)"
+    if not store.root.exists():
+        raise GrcError(f"{where} does not exist: nothing to inspect (a build creates it)")
+    if not store.root.is_dir():
+        raise GrcError(f"{where} is not a folder")
 
 
 @dataclass
@@ -18,6 +32,7 @@ class Stats:
 
 
 def stats(store: LocalStore) -> Stats:
+    _require_folder(store)
     objects = store.objects()
     return Stats(len(objects), sum(p.stat().st_size for p in objects), len(store.records()))
 
@@ -27,6 +42,7 @@ def prune(store: LocalStore, max_bytes: int) -> tuple[int, int]:
     the objects fit in ``max_bytes``. Returns (records removed, bytes freed)."""
     import json
 
+    _require_folder(store)
     records = sorted(store.records(), key=lambda p: p.stat().st_mtime)  # oldest use first
     removed = freed = 0
 
@@ -34,8 +50,8 @@ def prune(store: LocalStore, max_bytes: int) -> tuple[int, int]:
         out: set[str] = set()
         for r in store.records():
             try:
-                out.update(f["sha256"] for f in json.loads(r.read_text())["files"])
-            except (OSError, ValueError, KeyError):
+                out.update(e["sha256"] for e in json.loads(r.read_text())["tree"] if e["kind"] == "file")
+            except (OSError, ValueError, KeyError, TypeError):  # unreadable, or an older grc's record
                 r.unlink(missing_ok=True)
         return out
 
@@ -54,6 +70,7 @@ def prune(store: LocalStore, max_bytes: int) -> tuple[int, int]:
 
 def verify(store: LocalStore) -> list[Path]:
     """Re-hash every object; delete and return the corrupt ones (their records then miss)."""
+    _require_folder(store)
     bad = []
     for obj in store.objects():
         if sha256_file(obj) != obj.name:
@@ -65,8 +82,14 @@ def verify(store: LocalStore) -> list[Path]:
 
 
 def parse_size(text: str) -> int:
+    """``500M``, ``10G``, ``1.5TiB``, ``0`` -> bytes; SettingError for anything else."""
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    text = text.strip().lower().removesuffix("b").removesuffix("i")
-    if text and text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(text)
+    body = text.strip().lower().removesuffix("b").removesuffix("i")
+    scale = units.get(body[-1:], 1)
+    try:
+        value = float(body[:-1] if scale > 1 else body)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise SettingError(f"--max-size {text!r}: expected a size such as 0, 500M, 10G or 1.5T")
+    return int(value * scale)

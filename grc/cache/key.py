@@ -127,5 +127,6 @@ def input_digests(inputs: dict[str, Path]) -> dict[str, str]:
 
 
 def action_key(stage: str, parts: dict[str, str]) -> str:
-    blob = json.dumps({"stage": stage, "parts": parts, "format": 1}, sort_keys=True).encode()
+    # format 2: action records hold the whole tree (folders, modes, links), not a list of files
+    blob = json.dumps({"stage": stage, "parts": parts, "format": 2}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()

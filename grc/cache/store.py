@@ -2,14 +2,21 @@
 
 Layout (local folder and remote server alike, the shape Bazel's HTTP remote cache uses):
   cas/<sha256>   one stage output file, named by its digest
-  ac/<key>       the action record of a task key: {"stage", "files": [{path, sha256, bytes}]}
-Every object is checked against its digest when it is restored or downloaded; a corrupted or
-truncated object is deleted and the stage rebuilds, it is never used. The remote store speaks
-plain HTTP GET/PUT/HEAD, so any WebDAV-capable server (nginx's dav module) can hold it.
+  ac/<key>       the action record of a task key: {"stage", "key", "grc", "tree": [...]}, the output
+                 folder's every folder, file (sha256, bytes, mode) and link (grc/build/tree.py)
+Objects are private copies (reflinks where the filesystem has them), never hard links to an
+artifact: an edit of a built or restored output cannot reach the store. Every object is checked
+against its digest when it is restored or downloaded: a local object is hashed again whenever its
+stat (size, mtime, ctime, inode) differs from the one recorded when it was last verified, and ctime
+cannot be set back, so a flipped byte is caught even with the mtime restored. A corrupted or
+truncated object is deleted, reported (build output and report) and the stage rebuilds; it is never
+used. The remote store speaks plain HTTP GET/PUT/HEAD, so any WebDAV-capable server (nginx's dav
+module) can hold it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -24,8 +31,10 @@ from typing import Any, BinaryIO, TypeVar
 from grc import __version__
 from grc.build.atomic import write_file
 from grc.build.fingerprint import sha256_file
+from grc.build.tree import Entry, UnsafeTree, escapes, from_json, to_json
 
 CHUNK = 1 << 20
+FICLONE = 0x40049409  # linux/fs.h: share the source's extents (btrfs, XFS); refused elsewhere
 
 
 def default_dir() -> Path:
@@ -37,9 +46,27 @@ class Events:
     """What the cache did during one build, for the report and `grc cache stats`."""
 
     log: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # also printed: the user must hear of them
 
     def note(self, text: str) -> None:
         self.log.append(text)
+
+    def warn(self, text: str) -> None:
+        self.log.append(text)
+        self.warnings.append(text)
+
+
+def clone_file(src: Path, dst: Path) -> None:
+    """A private copy of ``src`` at ``dst``: a reflink where the filesystem shares extents (instant,
+    no space), else a byte copy. Never a hard link: a write to one must never reach the other, and
+    read-only modes do not stop root."""
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        try:
+            fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())
+            return
+        except OSError:
+            pass
+    shutil.copyfile(src, dst)
 
 
 class LocalStore:
@@ -73,10 +100,7 @@ class LocalStore:
             return
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{digest}.{os.getpid()}.tmp")
-        try:
-            os.link(src, tmp)  # no copy of multi-GB shards; the artifact becomes read-only too
-        except OSError:
-            shutil.copyfile(src, tmp)
+        clone_file(src, tmp)
         self.adopt(tmp, digest)  # hashed by the stage that wrote it
 
     def incoming(self, digest: str) -> Path:
@@ -86,7 +110,7 @@ class LocalStore:
         return dest.with_name(f".{digest}.{os.getpid()}.download")
 
     def adopt(self, tmp: Path, digest: str) -> Path:
-        """Install a file beside the store (a download, a link to a built artifact) whose sha256 the
+        """Install a file beside the store (a download, a copy of a built artifact) whose sha256 the
         caller knows: read-only, stamped as verified (so it is not hashed again on restore)."""
         dest = self._cas(digest)
         os.chmod(tmp, 0o444)
@@ -100,27 +124,34 @@ class LocalStore:
     @staticmethod
     def _stat_line(path: Path) -> str:
         st = path.stat()
-        return f"{st.st_size} {st.st_mtime_ns} {st.st_ino}"
+        return f"{st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} {st.st_ino}"
 
-    def verified_blob(self, digest: str, size: int) -> Path | None:
-        """The object's path if its size and sha256 are right; a bad object is deleted.
+    def check_blob(self, digest: str, size: int) -> tuple[Path | None, str]:
+        """(the object's path, "") if its size and sha256 are right; else (None, what is wrong:
+        "missing", or the damage found, the object then deleted).
 
         Hashing multi-GB shards on every restore would cost seconds, so (like git's index) a
-        verified object gets a stamp of its size, mtime and inode; while the stat still matches
-        the stamp the hash is trusted. Any write to the object changes its mtime, so a flipped
-        byte or a truncation is re-hashed and caught; ``grc cache verify`` re-hashes everything."""
+        verified object gets a stamp of its size, mtime, ctime and inode; while the stat still
+        matches the stamp the hash is trusted. Any write changes the ctime, which no one can set
+        back, so a flipped byte is re-hashed and caught; ``grc cache verify`` re-hashes everything."""
         path = self._cas(digest)
         if not path.is_file():
-            return None
+            return None, "missing"
         stamp = self._stamp(digest)
-        if path.stat().st_size == size and stamp.is_file() and stamp.read_text() == self._stat_line(path):
-            return path
-        if path.stat().st_size != size or sha256_file(path) != digest:
+        actual = path.stat().st_size
+        if actual == size and stamp.is_file() and stamp.read_text() == self._stat_line(path):
+            return path, ""
+        problem = ""
+        if actual != size:
+            problem = f"truncated or overwritten: {actual} bytes, its record says {size}"
+        elif sha256_file(path) != digest:
+            problem = "corrupt: its content no longer has the sha256 it is named by"
+        if problem:
             path.unlink(missing_ok=True)
             stamp.unlink(missing_ok=True)
-            return None
+            return None, problem
         write_file(stamp, self._stat_line(path).encode())
-        return path
+        return path, ""
 
     def objects(self) -> list[Path]:  # stamps and temp files start with a dot
         return [p for p in (self.root / "cas").rglob("*") if p.is_file() and not p.name.startswith(".")]
@@ -199,7 +230,7 @@ class HttpStore:
 
 
 class Cache:
-    """A local store, optionally backed by a remote one. Remote failures degrade to a miss."""
+    """A local store, optionally backed by a remote one. Remote failures degrade to a miss, with a warning."""
 
     def __init__(self, local: LocalStore, remote: HttpStore | None = None):
         self.local = local
@@ -211,65 +242,89 @@ class Cache:
             try:
                 record = self.remote.get_record(key)
             except (OSError, urllib.error.URLError) as exc:
-                events.note(f"remote cache unreachable ({exc}); building")
+                events.warn(f"remote cache {self.remote.url} unreachable ({exc}); building")
                 return None
             if record is not None:
                 events.note("action found in the remote store")
         return record
 
-    def _fetch(self, digest: str, size: int, events: Events) -> Path | None:
-        path = self.local.verified_blob(digest, size)
+    def _fetch(self, entry: Entry, events: Events) -> Path | None:
+        digest, size = entry.sha256, entry.bytes
+        path, problem = self.local.check_blob(digest, size)
+        if problem != "missing" and path is None:
+            events.warn(f"cache object {digest[:12]} ({entry.path}) is {problem}; removed from {self.local.root}")
         if path is not None or self.remote is None:
-            if path is None:
-                events.note(f"object {digest[:12]} missing or corrupt in the local store")
             return path
         tmp = self.local.incoming(digest)
         try:
             got = self.remote.download(digest, tmp)
         except (OSError, urllib.error.URLError) as exc:
             tmp.unlink(missing_ok=True)
-            events.note(f"remote object {digest[:12]} unavailable ({exc})")
+            events.warn(f"remote object {digest[:12]} ({entry.path}) unavailable ({exc})")
+            return None
+        if got is None:
+            tmp.unlink(missing_ok=True)
+            events.note(f"remote object {digest[:12]} ({entry.path}) is missing")
             return None
         if got != (size, digest):
             tmp.unlink(missing_ok=True)
-            events.note(f"remote object {digest[:12]} is missing, truncated or corrupt: discarded")
+            events.warn(
+                f"remote object {digest[:12]} ({entry.path}) is truncated or corrupt "
+                f"({got[0]} bytes, sha256 {got[1][:12]}): discarded"
+            )
             return None
         return self.local.adopt(tmp, digest)
 
-    def restore(self, record: dict[str, Any], dest: Path, events: Events) -> bool:
-        """Materialise every file of a record into ``dest``; False (and nothing usable) on any miss."""
-        sources = []
-        for f in record["files"]:
-            blob = self._fetch(f["sha256"], f["bytes"], events)
-            if blob is None:
-                return False
-            sources.append((blob, dest / f["path"]))
-        for blob, target in sources:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(blob, target)  # objects are read-only, so sharing the inode is safe
-            except OSError:
-                shutil.copyfile(blob, target)
-        return True
+    def restore(self, record: dict[str, Any], dest: Path, events: Events) -> list[Entry] | None:
+        """Recreate the recorded tree in the empty folder ``dest`` (folders, files with their modes,
+        links); its entries, or None (and nothing usable) when an object is missing or bad."""
+        try:
+            entries = from_json(record.get("tree"))
+        except UnsafeTree as exc:
+            events.warn(f"action record {record.get('key', '?')[:12]} is unusable ({exc}); building")
+            return None
+        blobs = {}
+        for e in entries:
+            if e.kind == "file":
+                blob = self._fetch(e, events)
+                if blob is None:
+                    return None
+                blobs[e.path] = blob
+        for e in entries:  # parents come before their contents (a top-down walk recorded them)
+            target = dest / e.path
+            if e.kind == "dir":
+                target.mkdir()
+            elif e.kind == "file":
+                clone_file(blobs[e.path], target)
+                os.chmod(target, e.mode)
+            else:
+                os.symlink(e.target, target)
+        for e in reversed(entries):  # last: a read-only folder must not stop what goes inside it
+            if e.kind == "dir":
+                os.chmod(dest / e.path, e.mode)
+        return entries
 
-    def save(self, key: str, stage: str, folder: Path, known: dict[str, str], events: Events) -> None:
-        """Store a built folder; ``known`` maps file names to digests a stage already computed."""
-        files: list[dict[str, Any]] = []
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            rel = str(path.relative_to(folder))
-            digest = known.get(rel) or sha256_file(path)
-            self.local.put_blob(path, digest)
-            files.append({"path": rel, "sha256": digest, "bytes": path.stat().st_size})
-        record = {"stage": stage, "key": key, "files": files, "grc": __version__}
-        self.local.put_record(key, record)
+    def save(self, key: str, stage: str, folder: Path, entries: list[Entry], events: Events) -> None:
+        """Store a built folder whose tree (digests included) is ``entries``."""
+        outside = [e.path for e in entries if escapes(e)]
+        if outside:
+            events.warn(f"not stored in the build cache: {', '.join(outside)} points outside {folder}")
+            return
+        files = [e for e in entries if e.kind == "file"]
+        record = {"stage": stage, "key": key, "tree": to_json(entries), "grc": __version__}
+        try:
+            for e in files:
+                self.local.put_blob(folder / e.path, e.sha256)
+            self.local.put_record(key, record)
+        except OSError as exc:  # the settings were checked when the build began; this is the disk
+            events.warn(f"could not store {stage} in the local build cache {self.local.root}: {exc}")
+            return
         if self.remote is not None and not self.remote.read_only:
             try:
-                for f in files:
-                    if not self.remote.has_blob(f["sha256"]):
-                        self.remote.put_blob(
-                            self.local.verified_blob(f["sha256"], f["bytes"]) or folder / f["path"], f["sha256"]
-                        )
+                for e in files:
+                    if not self.remote.has_blob(e.sha256):
+                        self.remote.put_blob(self.local.check_blob(e.sha256, e.bytes)[0] or folder / e.path, e.sha256)
                 self.remote.put_record(key, record)
                 events.note("uploaded to the remote store")
             except (OSError, urllib.error.URLError) as exc:
-                events.note(f"remote upload failed ({exc}); the local store has it")
+                events.warn(f"remote upload failed ({exc}); the local store has it")
