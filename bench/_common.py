@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -81,14 +82,35 @@ def versions() -> dict[str, str]:
     return found
 
 
+SOURCE_FOLDERS = ("bench", "grc", "kernels", "plugins", "specs")
+SOURCE_SUFFIXES = (".py", ".sh", ".yaml", ".cu", ".cuh", ".h", ".cpp")
+
+
+def source_digest() -> str:
+    """sha256 over the source files (path + bytes) that shape a measurement. Device machines get a
+    copy of the work tree without git: the digest, computed again at a commit, says whether a
+    result came from it (the same walk in both places, results and caches left out)."""
+    digest = hashlib.sha256()
+    for folder in SOURCE_FOLDERS:
+        for path in sorted((REPO / folder).rglob("*")):
+            rel = path.relative_to(REPO)
+            if path.suffix in SOURCE_SUFFIXES and path.is_file() and not {"results", "__pycache__"} & set(rel.parts):
+                digest.update(rel.as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def provenance() -> dict:
-    """What every result file starts with: command line, commit + dirty flag, date, device, versions."""
+    """What every result file starts with: command line, commit + dirty flag (or, outside a git
+    checkout, the source digest alone), date, device, versions."""
+    commit = _git("rev-parse", "HEAD")
     return {
         "argv": [Path(sys.argv[0]).name, *sys.argv[1:]],
-        "commit": _git("rev-parse", "HEAD") or "unknown (not a git checkout)",
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "commit": commit or "unknown (not a git checkout: match source_sha256)",
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")) if commit else None,
+        "source_sha256": source_digest(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device(),
+        "load_average": os.getloadavg(),  # 1/5/15 min, when written: a shared machine's noise, on record
         "versions": versions(),
     }
 
@@ -96,7 +118,14 @@ def provenance() -> dict:
 def write_result(name: str | Path, data: dict) -> Path:
     """Write ``bench/results/<name>.json`` (or the path given) with its provenance first.
     The only way bench scripts write results, so no file can lack where it came from."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from grc.build.atomic import write_file  # a reader (report.py, a test) never sees half a file
+
     path = Path(name) if isinstance(name, Path) or str(name).endswith(".json") else RESULTS / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**provenance(), **data}, indent=1) + "\n")
+    write_file(path, (json.dumps({**provenance(), **data}, indent=1) + "\n").encode())
     return path
+
+
+if __name__ == "__main__":  # the digest of this checkout, to hold against a result's source_sha256
+    print(source_digest())
