@@ -76,7 +76,7 @@ def versions() -> dict[str, str]:
             module = __import__(name)
         except ImportError:
             continue
-        found[name] = str(getattr(module, "__version__", "?"))
+        found[name] = str(getattr(module, "__version__", "") or _distribution_version(name))
         if name == "torch" and getattr(module.version, "cuda", None):
             found["cuda"] = str(module.version.cuda)
     return found
@@ -97,6 +97,15 @@ def source_digest() -> str:
             if path.suffix in SOURCE_SUFFIXES and path.is_file() and not {"results", "__pycache__"} & set(rel.parts):
                 digest.update(rel.as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
+
+
+def _distribution_version(name: str) -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
 
 
 def provenance() -> dict:
