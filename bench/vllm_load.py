@@ -76,7 +76,6 @@ def main() -> int:
             "loopback "
             "HTTP keep-alive, closed loop: each client thread sends its next request when the last is answered; "
             "client, API server, engine core and worker share the machine's cores",
-            "command": "python bench/vllm_load.py " + " ".join(sys.argv[1:]),
             "spec": loaded.spec.name,
             "venv": {
                 "recipe": marker.get("recipe"),
