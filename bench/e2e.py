@@ -218,6 +218,7 @@ def run_in_process(args: argparse.Namespace) -> dict[str, Any]:
     """Every selected mode of every spec in this process (a GPU child, or the CPU smoke run)."""
     device = torch.device("cpu" if args.smoke else "cuda")
     workloads = SMOKE_WORKLOADS if args.smoke else WORKLOADS
+    modes = selected_modes(args)
     rec = Recorder(args.out, head(args, device, workloads))
     ceil = None
     if device.type == "cuda":
@@ -225,7 +226,6 @@ def run_in_process(args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.empty_cache()
         print("ceilings", ceil, flush=True)
     rec.save()
-    modes = selected_modes(args)
     for name in args.specs.split(","):
         keep = args.out.parent if args.out is not None else None
         case = prepare_case(name, device, workloads, ceil, keep)
@@ -239,6 +239,7 @@ def run_children(args: argparse.Namespace) -> None:
     """Each spec in a child process of its own (a device fault in one cannot take the others
     down; a child past its time share is stopped and what it saved is kept), merged into --out."""
     specs = [s for s in args.specs.split(",") if s]
+    selected_modes(args)  # unknown names fail here, before any child starts
     merged = Recorder(args.out, {**head(args, torch.device("cuda"), WORKLOADS), "children": {}})
     work = Path(tempfile.mkdtemp(prefix="grc-e2e-"))
     for name in specs:

@@ -85,7 +85,7 @@ def main() -> int:
             "what": "grc's triton bundle on tritonserver 2.51 (nvidia-pytriton 0.7.0), CPU, loopback gRPC, "
             "closed loop: each client thread sends its next request when the last one is answered; "
             "client and server share the machine's cores",
-                "spec": spec.name,
+            "spec": spec.name,
             "bundle": {
                 k: getattr(spec.bundles.triton, k)
                 for k in (
