@@ -7,11 +7,13 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -33,21 +35,35 @@ def clone(dest: Path) -> Path:
     return dest
 
 
-def timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> float:
+class Timing(NamedTuple):
+    """Wall seconds, and CPU seconds (user + system) of the command and the children it waited for:
+    on a machine shared with other jobs the wall time grows with the load, the CPU time much less."""
+
+    wall_s: float
+    cpu_s: float
+
+
+def timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> Timing:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     out = subprocess.run(cmd, cwd=cwd, env={**os.environ, **env}, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
-    return seconds
+    return Timing(wall, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
 
 
-def grc(args: list[str], cwd: Path, env: dict[str, str]) -> float:
+def grc(args: list[str], cwd: Path, env: dict[str, str]) -> Timing:
     return timed([sys.executable, "-m", "grc.cli", *args], cwd, {"PYTHONPATH": str(cwd), **env})
 
 
-def interpreter_startup(cwd: Path) -> float:
-    return min(timed([sys.executable, "-c", "pass"], cwd, {}) for _ in range(3))
+def fastest(runs: list[Timing]) -> Timing:
+    return min(runs, key=lambda t: t.wall_s)
+
+
+def interpreter_startup(cwd: Path) -> Timing:
+    return fastest([timed([sys.executable, "-c", "pass"], cwd, {}) for _ in range(3)])
 
 
 def _git(*args: str) -> str:

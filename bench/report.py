@@ -74,7 +74,8 @@ def source(name: str, data: dict[str, Any]) -> str:
         return f"`bench/results/{name}` (legacy: {device}, {date}; its `known` field says how it was made)"
     commit = str(data.get("commit", "?"))[:7]
     dirty = ", uncommitted changes" if data.get("dirty") else ""
-    return f"`bench/results/{name}` (commit {commit}{dirty}; {device}; {date})"
+    load = f", load average {data['load_average'][0]:.1f} when written" if "load_average" in data else ""
+    return f"`bench/results/{name}` (commit {commit}{dirty}; {device}{load}; {date})"
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -86,32 +87,36 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 def build_block(results: Results) -> str:
     data = results("build.json")
     rows = [
-        [f"`{r['spec']}`", f"{num(r['full_s'])} s", f"{num(r['noop_s'])} s", f"{num(r['noop_beyond_startup_s'])} s"]
+        [
+            f"`{r['spec']}`",
+            f"{num(r['full_s'])} s ({num(r['full_cpu_s'])} s)",
+            f"{num(r['noop_s'])} s ({num(r['noop_cpu_s'])} s)",
+            f"{num(r['noop_beyond_startup_s'])} s",
+        ]
         for r in data["rows"]
     ]
-    head = [
-        "spec",
-        "full build",
-        "no-op build",
-        f"no-op beyond interpreter start-up ({num(data['interpreter_startup_s'])} s)",
-    ]
-    return f"`python bench/build.py` (build cache off, so every stage runs), {source('build.json', data)}:\n\n" + table(
-        head, rows
+    startup = f"{num(data['interpreter_startup_s'])} s"
+    head = ["spec", "full build (CPU)", "no-op build (CPU)", f"no-op beyond interpreter start-up ({startup})"]
+    return (
+        f"`python bench/build.py` (build cache off, so every stage runs; wall time, and in brackets the CPU time "
+        f"of grc and its children, which other jobs on the machine inflate far less), {source('build.json', data)}:"
+        "\n\n" + table(head, rows)
     )
 
 
 def cache_block(results: Results) -> str:
     data = results("cache.json")
-    full = next(iter(data["rows"].values()))
-    rows = [[what, f"{num(s)} s", f"{100 * s / full:.1f}%"] for what, s in data["rows"].items()]
-    size = (
-        f" The remote store held {data['remote_store_bytes'] / 2**30:.2f} GiB." if "remote_store_bytes" in data else ""
-    )
+    full = next(iter(data["rows"].values()))["wall_s"]
+    rows = [
+        [what, f"{num(t['wall_s'])} s", f"{num(t['cpu_s'])} s", f"{100 * t['wall_s'] / full:.1f}%"]
+        for what, t in data["rows"].items()
+    ]
+    head = [f"build of `{data['spec']}`", "wall time", "CPU time", "of the full build (wall)"]
     return (
         f"`python bench/cache.py` (`{data['spec']}`, one run), {source('cache.json', data)}:\n\n"
-        + table([f"build of `{data['spec']}`", "wall time", "of the full build"], rows)
-        + f"\n\n{size.strip()}"
-    ).rstrip()
+        + table(head, rows)
+        + f"\n\nThe remote store held {data['remote_store_bytes'] / 2**30:.2f} GiB after the run."
+    )
 
 
 def load_summary(run: dict[str, Any]) -> str:
