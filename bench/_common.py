@@ -131,7 +131,10 @@ def provenance() -> dict:
     return {
         "argv": [Path(sys.argv[0]).name, *sys.argv[1:]],
         "commit": commit or "unknown (not a git checkout: match source_sha256)",
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")) if commit else None,
+        # results are what benches write, not code: a run after another one is not "dirty" for it
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"))
+        if commit
+        else None,
         "source_sha256": source_digest(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device(),
