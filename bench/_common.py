@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import hashlib
 import json
@@ -64,6 +65,19 @@ def fastest(runs: list[Timing]) -> Timing:
 
 def interpreter_startup(cwd: Path) -> Timing:
     return fastest([timed([sys.executable, "-c", "pass"], cwd, {}) for _ in range(3)])
+
+
+def load_test_parser(doc: str | None, built: str, time_limit_s: float, out: str) -> argparse.ArgumentParser:
+    """The options both serving load tests take (bench/triton_load.py, bench/vllm_load.py)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--spec", default=str(REPO / "specs" / "hstu-tiny.yaml"))
+    parser.add_argument("--artifacts", type=Path, help=f"a folder holding {built} already built")
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3, help="load rounds per configuration; the median is reported")
+    parser.add_argument("--time-limit", type=float, default=time_limit_s, help="seconds per round, at most")
+    parser.add_argument("--out", default=out, help="result name under bench/results/")
+    return parser
 
 
 def _git(*args: str) -> str:

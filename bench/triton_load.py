@@ -19,18 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import REPO, write_result
+from _common import load_test_parser, write_result
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--spec", default=str(REPO / "specs" / "hstu-tiny.yaml"))
-    parser.add_argument("--artifacts", type=Path, help="a folder holding <spec>/triton already built")
-    parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--time-limit", type=float, default=300.0, help="seconds per round, at most")
-    parser.add_argument("--rounds", type=int, default=3, help="load rounds per configuration; the median is reported")
-    parser.add_argument("--out", default="triton-load", help="result name under bench/results/")
+    parser = load_test_parser(__doc__, "<spec>/triton", 300.0, "triton-load")
     parser.add_argument(
         "--no-baseline",
         dest="baseline",
