@@ -85,7 +85,7 @@ class Recorder:
 
 
 # --------------------------------------------------------------------------- one spec
-def prepare_case(name: str, device: torch.device, workloads: dict, ceil: dict | None, keep: Path | None) -> Case:
+def prepare_case(name: str, device: torch.device, workloads: dict, ceil: dict | None) -> Case:
     """Models and inputs for every mode of one spec, and the spec's record (model, workloads, floors)."""
     spec = load_spec(REPO / "specs" / f"{name}.yaml").spec
     cfg = spec.model
@@ -115,7 +115,7 @@ def prepare_case(name: str, device: torch.device, workloads: dict, ceil: dict | 
         times = floor_times(floors, ceil) if ceil else {}
         record["workloads"][wl] = {**shape, "profile_tokens": len(cfg.profile), **floors, **times}
         inputs[wl] = inp
-    case = Case(name, spec, device, dense, dense_act, {}, record, keep)
+    case = Case(name, spec, device, dense, dense_act, {}, record)
     dense64, oracle_inputs = copy.deepcopy(dense).to("cpu", torch.float64), inputs[ORACLE_WORKLOAD]
     with torch.no_grad():
         case.memo["oracle"] = dense64.forward_jagged(*oracle_inputs.to("cpu", torch.float64).args(), impl="pytorch")
@@ -231,8 +231,7 @@ def run_in_process(args: argparse.Namespace) -> dict[str, Any]:
         print("ceilings", ceil, flush=True)
     rec.save()
     for name in args.specs.split(","):
-        keep = args.out.parent if args.out is not None else None
-        case = prepare_case(name, device, workloads, ceil, keep)
+        case = prepare_case(name, device, workloads, ceil)
         rec.data["specs"][name] = case.record
         run_spec(case, modes, args, rec)
     print_table(rec.data)

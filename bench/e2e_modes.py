@@ -40,7 +40,6 @@ class Case:
     dense_act: GRDense  # the activation dtype (bf16) on the device: what every timed mode runs
     inputs: dict[str, JaggedInputs]  # per workload, on the device, activation dtype
     record: dict[str, Any]  # the spec's section of the result file
-    keep: Path | None = None  # a folder for the package's metadata (next to the result file)
     memo: dict[str, Any] = field(default_factory=dict)  # compiled functions, the package: built once
     graphs: list[Any] = field(default_factory=list)  # CUDA graphs of the mode being measured
 
@@ -174,9 +173,8 @@ def build_package(case: Case) -> Callable[..., torch.Tensor]:
         "parity": meta["parity"],
         "bytes": meta["package"]["bytes"],
         "toolkit": meta["toolkit"],
+        "metadata": meta,  # the whole metadata.json, inside the result file (and so under its provenance)
     }
-    if case.keep is not None:
-        (case.keep / f"aoti-{case.name}-metadata.json").write_text(json.dumps(meta, indent=1) + "\n")
     return load(folder / "model.pt2", "cuda", single_threaded=True)
 
 
