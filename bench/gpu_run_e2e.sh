@@ -15,17 +15,18 @@ shift || true
 : "${OUT:?set OUT to the folder the results go to}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if ! python -c "import pydantic, yaml" 2>/dev/null; then
+py="${PYTHON:-$(command -v python3 || command -v python)}"
+if ! "$py" -c "import pydantic, yaml" 2>/dev/null; then
   if ! ls .whl/*.whl >/dev/null 2>&1; then
     echo "gpu_run_e2e.sh: pydantic or PyYAML is missing and ./.whl holds no wheels: run bench/gpu_wheels.sh" \
       "where PyPI is reachable and bring .whl along" >&2
     exit 2
   fi
   deps="$(mktemp -d)/site"  # wheels unpacked, not installed: the machine's Python stays as it was
-  for wheel in .whl/*.whl; do python -m zipfile -e "$wheel" "$deps"; done
+  for wheel in .whl/*.whl; do "$py" -m zipfile -e "$wheel" "$deps"; done
   export PYTHONPATH="$PYTHONPATH:$deps"
 fi
-python -c "import torch, triton, pydantic, yaml; assert torch.cuda.is_available(), 'torch sees no CUDA GPU'; \
+"$py" -c "import torch, triton, pydantic, yaml; assert torch.cuda.is_available(), 'torch sees no CUDA GPU'; \
 print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-python bench/e2e.py --specs "$spec" --profile --deadline "${DEADLINE:-480}" --out "$OUT/e2e-$spec.json" "$@" \
+"$py" bench/e2e.py --specs "$spec" --profile --deadline "${DEADLINE:-480}" --out "$OUT/e2e-$spec.json" "$@" \
   2>&1 | tee "$OUT/e2e-$spec.log"

@@ -4,6 +4,6 @@
 #   bash bench/gpu_wheels.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip download -q --only-binary=:all: --implementation cp --python-version 3.12 \
+"${PYTHON:-$(command -v python3 || command -v python)}" -m pip download -q --only-binary=:all: --implementation cp --python-version 3.12 \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl pydantic pyyaml
 ls .whl
