@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import hashlib
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -32,21 +36,48 @@ def clone(dest: Path) -> Path:
     return dest
 
 
-def timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> float:
+class Timing(NamedTuple):
+    """Wall seconds, and CPU seconds (user + system) of the command and the children it waited for:
+    on a machine shared with other jobs the wall time grows with the load, the CPU time much less."""
+
+    wall_s: float
+    cpu_s: float
+
+
+def timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> Timing:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     out = subprocess.run(cmd, cwd=cwd, env={**os.environ, **env}, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
-    return seconds
+    return Timing(wall, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
 
 
-def grc(args: list[str], cwd: Path, env: dict[str, str]) -> float:
+def grc(args: list[str], cwd: Path, env: dict[str, str]) -> Timing:
     return timed([sys.executable, "-m", "grc.cli", *args], cwd, {"PYTHONPATH": str(cwd), **env})
 
 
-def interpreter_startup(cwd: Path) -> float:
-    return min(timed([sys.executable, "-c", "pass"], cwd, {}) for _ in range(3))
+def fastest(runs: list[Timing]) -> Timing:
+    return min(runs, key=lambda t: t.wall_s)
+
+
+def interpreter_startup(cwd: Path) -> Timing:
+    return fastest([timed([sys.executable, "-c", "pass"], cwd, {}) for _ in range(3)])
+
+
+def load_test_parser(doc: str | None, built: str, time_limit_s: float, out: str) -> argparse.ArgumentParser:
+    """The options both serving load tests take (bench/triton_load.py, bench/vllm_load.py)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--spec", default=str(REPO / "specs" / "hstu-tiny.yaml"))
+    parser.add_argument("--artifacts", type=Path, help=f"a folder holding {built} already built")
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3, help="load rounds per configuration; the median is reported")
+    parser.add_argument("--time-limit", type=float, default=time_limit_s, help="seconds per round, at most")
+    parser.add_argument("--out", default=out, help="result name under bench/results/")
+    return parser
 
 
 def _git(*args: str) -> str:
@@ -75,20 +106,53 @@ def versions() -> dict[str, str]:
             module = __import__(name)
         except ImportError:
             continue
-        found[name] = str(getattr(module, "__version__", "?"))
+        found[name] = str(getattr(module, "__version__", "") or _distribution_version(name))
         if name == "torch" and getattr(module.version, "cuda", None):
             found["cuda"] = str(module.version.cuda)
     return found
 
 
+SOURCE_FOLDERS = ("bench", "grc", "kernels", "plugins", "specs")
+SOURCE_SUFFIXES = (".py", ".sh", ".yaml", ".cu", ".cuh", ".h", ".cpp")
+
+
+def source_digest() -> str:
+    """sha256 over the source files (path + bytes) that shape a measurement. Device machines get a
+    copy of the work tree without git: the digest, computed again at a commit, says whether a
+    result came from it (the same walk in both places, results and caches left out)."""
+    digest = hashlib.sha256()
+    for folder in SOURCE_FOLDERS:
+        for path in sorted((REPO / folder).rglob("*")):
+            rel = path.relative_to(REPO)
+            if path.suffix in SOURCE_SUFFIXES and path.is_file() and not {"results", "__pycache__"} & set(rel.parts):
+                digest.update(rel.as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _distribution_version(name: str) -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
 def provenance() -> dict:
-    """What every result file starts with: command line, commit + dirty flag, date, device, versions."""
+    """What every result file starts with: command line, commit + dirty flag (or, outside a git
+    checkout, the source digest alone), date, device, versions."""
+    commit = _git("rev-parse", "HEAD")
     return {
         "argv": [Path(sys.argv[0]).name, *sys.argv[1:]],
-        "commit": _git("rev-parse", "HEAD") or "unknown (not a git checkout)",
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "commit": commit or "unknown (not a git checkout: match source_sha256)",
+        # results are what benches write, not code: a run after another one is not "dirty" for it
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"))
+        if commit
+        else None,
+        "source_sha256": source_digest(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device(),
+        "load_average": os.getloadavg(),  # 1/5/15 min, when written: a shared machine's noise, on record
         "versions": versions(),
     }
 
@@ -96,7 +160,14 @@ def provenance() -> dict:
 def write_result(name: str | Path, data: dict) -> Path:
     """Write ``bench/results/<name>.json`` (or the path given) with its provenance first.
     The only way bench scripts write results, so no file can lack where it came from."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from grc.build.atomic import write_file  # a reader (report.py, a test) never sees half a file
+
     path = Path(name) if isinstance(name, Path) or str(name).endswith(".json") else RESULTS / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**provenance(), **data}, indent=1) + "\n")
+    write_file(path, (json.dumps({**provenance(), **data}, indent=1) + "\n").encode())
     return path
+
+
+if __name__ == "__main__":  # the digest of this checkout, to hold against a result's source_sha256
+    print(source_digest())

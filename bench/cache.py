@@ -34,11 +34,14 @@ def main() -> None:
             rows["fresh clone, warm local store"] = grc(["build", spec], clone(base / "b"), warm)
             remote_only = {**warm, "GRC_CACHE_DIR": str(base / "empty-local"), "GRC_REMOTE_CACHE_READ_ONLY": "1"}
             rows["fresh clone, empty local, warm remote"] = grc(["build", spec], clone(base / "c"), remote_only)
-    full = next(iter(rows.values()))
-    print(f"{'build of ' + args.spec:<48} {'seconds':>8} {'of full':>8}")
-    for what, seconds in rows.items():
-        print(f"{what:<48} {seconds:>8.2f} {100 * seconds / full:>7.1f}%")
-    path = write_result("cache", {"spec": args.spec, "rows": {k: round(v, 3) for k, v in rows.items()}})
+            remote_bytes = sum(f.stat().st_size for f in (base / "nginx" / "store").rglob("*") if f.is_file())
+    full = next(iter(rows.values())).wall_s
+    print(f"{'build of ' + args.spec:<48} {'seconds':>8} {'of full':>8} {'cpu s':>8}")
+    for what, t in rows.items():
+        print(f"{what:<48} {t.wall_s:>8.2f} {100 * t.wall_s / full:>7.1f}% {t.cpu_s:>8.2f}")
+    print(f"remote store: {remote_bytes / 2**30:.2f} GiB")
+    rounded = {k: {"wall_s": round(t.wall_s, 3), "cpu_s": round(t.cpu_s, 3)} for k, t in rows.items()}
+    path = write_result("cache", {"spec": args.spec, "rows": rounded, "remote_store_bytes": remote_bytes})
     print(f"wrote {path}")
 
 

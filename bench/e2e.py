@@ -1,184 +1,97 @@
-"""End-to-end dense-model benchmark: eager vs kernels vs torch.compile vs the AOTInductor package.
+"""End-to-end dense-model benchmark: grc's compiled paths against what a user runs without grc.
 
-GPU (default; one process, one GPU, the same inputs for every mode):
-    python bench/e2e.py --out e2e.json [--specs mtgr-small,mtgr-base] [--stage-check]
-  modes: eager fp32 / eager bf16 (GRDense.forward_jagged, plain PyTorch reference ops), eager bf16
-  padded (forward_padded: the exported ONNX's math), eager bf16 + Triton kernels (grc ops), the same
-  CUDA-graphed, torch.compile (bf16, kernels, CUDA graph per shape), the AOTInductor package (bf16,
-  kernels; built and parity-checked by grc.aoti.build, the aoti stage's code; also without graphs).
-  Workloads: 1 user x (profile + 1000 history + 512 candidates) (latency) and 64 such users
-  (throughput). Per mode: p50/p99 (CUDA events, one call per sample), users/s, peak memory, error
-  vs the float64 reference, ratio to eager bf16; per workload the FLOP floor and byte floor.
-  --stage-check also runs `grc build <hstu-tiny + engine.aoti> aoti` (the stage itself, cpu + cuda).
-CPU (--cpu): eager (jagged reference, padded) vs onnxruntime on the exported ONNX vs the CPU
-  AOTInductor package, hstu-tiny and mtgr-small dense graphs at a small batch.
-Weights: the weights stage's seeded init, in memory (the embedding tables are not built: the
-dense graph takes projected tokens [T, D]).
+GPU (default; one process per spec, every mode of a spec on the same inputs):
+    python bench/e2e.py --specs mtgr-small [--profile] [--stage-check] [--out FILE]
+  baselines (bench/e2e_modes.py): the plain PyTorch model padded and batched in bf16, eager and
+  under torch.compile (also CUDA-graphed); grc: its ops eager / CUDA-graphed / torch.compile'd, and
+  the AOTInductor package (built and parity-checked by the aoti stage's code), with and without a
+  CUDA graph. Workloads: 1 user x (profile + 1000 history + 512 candidates) (latency) and 64 such
+  users (throughput). Per mode and workload: p50/p99 (CUDA events, one call per sample), users/s,
+  peak memory, speed-up against the best baseline of the same run, share of the FLOP floor; on
+  the latency workload the error against the float64 oracle (GRDense.forward_jagged on the CPU, the
+  per-user reference: a correctness oracle, never a speed baseline). --profile adds the top ops of
+  one throughput call per mode (torch.profiler); --stage-check runs `grc build` of hstu-tiny's aoti
+  stage (cpu + cuda). bench/gpu_run_e2e.sh runs this on a GPU machine, start to end.
+Smoke (--smoke): the same code on the CPU, hstu-tiny, tiny workloads, the modes that run there
+  without a compile (in seconds): what the test suite runs.
+CPU comparison (--cpu): eager vs onnxruntime vs the CPU AOTInductor package (bench/e2e_cpu.py).
+Weights: the weights stage's seeded init, in memory (the embedding tables are not built: the dense
+graph takes projected tokens [T, D]). Results go through bench/_common.write_result (provenance).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path[:0] = [str(REPO), str(BENCH)]  # the repo first: bench/kernels.py must not shadow the kernels package
 
 import torch  # noqa: E402
+from _common import RESULTS, write_result  # noqa: E402
+from e2e_measure import (  # noqa: E402
+    ceilings,
+    dense_parameters,
+    floor_times,
+    op_profile,
+    rel_error,
+    stats,
+    sync,
+    time_calls,
+    workload_floors,
+)
+from e2e_modes import MODES, Case, Mode  # noqa: E402
 
-from grc.aoti.inputs import JaggedInputs, random_inputs, seeded_dense  # noqa: E402
+from grc.aoti.inputs import random_inputs, seeded_dense  # noqa: E402
+from grc.model.jagged import to_jagged  # noqa: E402
 from grc.spec.loader import load_spec  # noqa: E402
-from grc.spec.schema import ModelConfig  # noqa: E402
 
 WORKLOADS = {
     "latency": {"users": 1, "history": 1000, "candidates": 512},
     "throughput": {"users": 64, "history": 1000, "candidates": 512},
 }
-BASELINE = "eager_bf16"
-EAGER_BF16 = ("eager_bf16", "eager_bf16_padded")
+SMOKE_WORKLOADS = {
+    "latency": {"users": 1, "history": 20, "candidates": 8},
+    "throughput": {"users": 4, "history": 20, "candidates": 8},
+}
+SMOKE_MODES = ("eager_bf16_padded", "eager_bf16_triton")  # no compile: seconds on a CPU
+ORACLE_WORKLOAD = "latency"  # the float64 per-user reference on the CPU: too slow for 64 users
+PROFILE_WORKLOAD = "throughput"
 T0 = time.perf_counter()
 
 
-# --------------------------------------------------------------------------- floors
-def workload_floors(cfg: ModelConfig, inp: JaggedInputs, act_bytes: int = 2) -> dict[str, float]:
-    """Matmul FLOPs (projections, heads, attention over unmasked pairs: 2*dqk + 2*dv per pair and
-    head) and bytes: 'strict' = weights + inputs + outputs once; 'layer_io' = also each layer's
-    unavoidable activation traffic when layers are separate kernels (x, uvqk, attention out)."""
-    h = cfg.hstu
-    d, lv, a, heads = cfg.d_model, h.linear_dim, h.attention_dim, h.num_heads
-    tasks, hidden = len(cfg.tasks), cfg.head_hidden
-    lengths = (inp.offsets[1:] - inp.offsets[:-1]).tolist()
-    ncand = inp.num_candidates.tolist()
-    tokens = sum(lengths)
-    pairs = 0
-    for n, c in zip(lengths, ncand, strict=True):
-        ctx = n - c
-        hist_pairs = ctx * (ctx + 1) // 2 if h.history_mask == "causal" else ctx * ctx
-        pairs += hist_pairs + c * (ctx + 1)
-    proj = tokens * (2 * d * (2 * lv + 2 * a) + 2 * lv * d) * h.num_layers
-    head = tokens * (2 * d * hidden * tasks + 2 * hidden * tasks)
-    attn = pairs * heads * (2 * h.head_qk + 2 * h.head_v) * h.num_layers
-    weights = sum(p for p in _dense_param_count(cfg)) * act_bytes
-    io = tokens * (d * act_bytes + 8) + tokens * tasks * act_bytes + (2 * len(lengths) + 1) * 8
-    layer_io = h.num_layers * tokens * act_bytes * (2 * d + 2 * (2 * lv + 2 * a) + 2 * lv)
-    return {
-        "tokens": tokens,
-        "attention_pairs_per_head_layer": pairs,
-        "flops_projections": proj,
-        "flops_heads": head,
-        "flops_attention": attn,
-        "flops": proj + head + attn,
-        "bytes_strict": weights + io,
-        "bytes_layer_io": weights + io + layer_io,
-    }
-
-
-def _dense_param_count(cfg: ModelConfig) -> list[int]:
-    from grc.model.gr import GRDense
-
-    with torch.device("meta"):
-        return [p.numel() for p in GRDense(cfg).parameters()]
-
-
-# --------------------------------------------------------------------------- timing
-def time_cuda(fn: Callable[[], Any], budget_s: float, min_iters: int = 10, max_iters: int = 400) -> list[float]:
-    """Milliseconds per call, one CUDA-event pair per call (the call's whole latency)."""
-    times: list[float] = []
-    started = time.perf_counter()
-    while len(times) < max_iters and (len(times) < min_iters or time.perf_counter() - started < budget_s):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    return times
-
-
-def time_cpu(fn: Callable[[], Any], budget_s: float, min_iters: int = 5, max_iters: int = 200) -> list[float]:
-    times: list[float] = []
-    started = time.perf_counter()
-    while len(times) < max_iters and (len(times) < min_iters or time.perf_counter() - started < budget_s):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
-def stats(times: list[float], users: int) -> dict[str, float]:
-    ordered = sorted(times)
-
-    def pct(q: float) -> float:
-        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-    p50 = pct(0.5)
-    return {
-        "p50_ms": round(p50, 4),
-        "p99_ms": round(pct(0.99), 4),
-        "min_ms": round(ordered[0], 4),
-        "samples": len(times),
-        "users_per_s": round(users / (p50 / 1e3), 1),
-    }
-
-
-def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    a, b = actual.detach().double().cpu(), expected.double()
-    if not torch.isfinite(a).all():
-        return float("inf")
-    return float((a - b).abs().max() / b.abs().max())
-
-
-def ceilings() -> dict[str, float]:
-    """Measured bf16 matmul rate and device-to-device copy bandwidth (the floors' denominators)."""
-    import triton.testing
-
-    n = 8192
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    mm = triton.testing.do_bench(lambda: a @ b, warmup=100, rep=500, return_mode="median")
-    x = torch.randn(1 << 28, device="cuda", dtype=torch.bfloat16)  # 512 MiB
-    y = torch.empty_like(x)
-    cp = triton.testing.do_bench(lambda: y.copy_(x), warmup=50, rep=300, return_mode="median")
-    out = {"bf16_matmul_tflops": 2 * n**3 / (mm * 1e-3) / 1e12, "copy_tbps": 2 * x.numel() * 2 / (cp * 1e-3) / 1e12}
-    return {k: round(v, 1 if "tflops" in k else 3) for k, v in out.items()}
-
-
-# --------------------------------------------------------------------------- GPU
 class Recorder:
-    def __init__(self, path: Path | None, head: dict[str, Any]):
+    """The result being built, written (with its provenance) after every step: a run cut short
+    still leaves what it measured."""
+
+    def __init__(self, path: Path | None, data: dict[str, Any]):
         self.path = path
-        self.data = {**head, "specs": {}}
+        self.data = data
 
     def save(self) -> None:
         if self.path is not None:
-            self.path.write_text(json.dumps(self.data, indent=1) + "\n")
+            write_result(self.path, self.data)
 
 
-def run_gpu_spec(name: str, rec: Recorder, args: argparse.Namespace) -> None:
-    from grc.aoti.build import compile_target, verify_target
-    from grc.aoti.model import JaggedDense, time_bucket_note
-    from grc.aoti.runtime import load
-    from grc.model.jagged import lengths_of, to_jagged, to_padded
-
+# --------------------------------------------------------------------------- one spec
+def prepare_case(name: str, device: torch.device, workloads: dict, ceil: dict | None) -> Case:
+    """Models and inputs for every mode of one spec, and the spec's record (model, workloads, floors)."""
     spec = load_spec(REPO / "specs" / f"{name}.yaml").spec
     cfg = spec.model
-    dense32 = seeded_dense(cfg).cuda()
-    dense16 = copy.deepcopy(dense32).to(torch.bfloat16)
-    dense64 = copy.deepcopy(dense32).to("cpu", torch.float64)
-    out: dict[str, Any] = {
+    dense = seeded_dense(cfg).to(device)
+    dense_act = copy.deepcopy(dense).to(torch.bfloat16)
+    record: dict[str, Any] = {
         "model": {
             "d_model": cfg.d_model,
             "layers": cfg.hstu.num_layers,
@@ -186,267 +99,178 @@ def run_gpu_spec(name: str, rec: Recorder, args: argparse.Namespace) -> None:
             "attention_dim": cfg.hstu.attention_dim,
             "linear_dim": cfg.hstu.linear_dim,
             "time_buckets": cfg.hstu.time_buckets,
-            "dense_parameters": sum(_dense_param_count(cfg)),
-            "kernel_time_buckets": time_bucket_note(cfg.hstu.time_buckets),
+            "dense_parameters": dense_parameters(cfg),
         },
         "workloads": {},
         "modes": {},
         "errors": {},
+        "skipped": {},
     }
-    rec.data["specs"][name] = out
     gen = torch.Generator().manual_seed(2024)
     inputs = {}
-    for wl, shape in WORKLOADS.items():
-        cpu_inp = random_inputs(cfg, shape["users"], shape["history"], shape["candidates"], gen, ragged=False)
-        cpu_inp.tokens = cpu_inp.tokens.to(torch.bfloat16).float()  # every mode sees the same values
-        inputs[wl] = cpu_inp
-        floors = workload_floors(cfg, cpu_inp)
-        floors["flop_floor_ms"] = floors["flops"] / (rec.data["ceilings"]["bf16_matmul_tflops"] * 1e12) * 1e3
-        floors["byte_floor_ms"] = floors["bytes_strict"] / (rec.data["ceilings"]["copy_tbps"] * 1e12) * 1e3
-        floors["layer_io_floor_ms"] = floors["bytes_layer_io"] / (rec.data["ceilings"]["copy_tbps"] * 1e12) * 1e3
-        out["workloads"][wl] = {**shape, "profile_tokens": len(cfg.profile), **floors}
-    lat = inputs["latency"]
+    for wl, shape in workloads.items():
+        inp = random_inputs(cfg, shape["users"], shape["history"], shape["candidates"], gen, ragged=False)
+        inp.tokens = inp.tokens.to(torch.bfloat16).float()  # every mode and the oracle see the same values
+        floors = workload_floors(cfg, inp)
+        times = floor_times(floors, ceil) if ceil else {}
+        record["workloads"][wl] = {**shape, "profile_tokens": len(cfg.profile), **floors, **times}
+        inputs[wl] = inp
+    case = Case(name, spec, device, dense, dense_act, {}, record)
+    dense64, oracle_inputs = copy.deepcopy(dense).to("cpu", torch.float64), inputs[ORACLE_WORKLOAD]
     with torch.no_grad():
-        reference = dense64.forward_jagged(*lat.to("cpu", torch.float64).args(), impl="pytorch")
-    gpu_in = {
-        wl: {"fp32": inp.to("cuda", torch.float32), "bf16": inp.to("cuda", torch.bfloat16)}
-        for wl, inp in inputs.items()
-    }
+        case.memo["oracle"] = dense64.forward_jagged(*oracle_inputs.to("cpu", torch.float64).args(), impl="pytorch")
+    case.inputs = {wl: inp.to(device, torch.bfloat16) for wl, inp in inputs.items()}
+    return case
 
-    def padded(inp: JaggedInputs) -> tuple[torch.Tensor, ...]:
-        lengths = lengths_of(inp.offsets)
-        n = int(lengths.max())
-        return (
-            to_padded(inp.tokens, inp.offsets, n),
-            lengths,
-            inp.num_candidates,
-            to_padded(inp.timestamps, inp.offsets, n),
-        )
 
-    def padded_mode(inp: JaggedInputs) -> Callable[[], torch.Tensor]:
-        args_p = padded(inp)
-        return lambda: dense16.forward_padded(*args_p)
-
-    modes: dict[str, tuple[str, Callable[[str], Callable[[], torch.Tensor]]]] = {}
-    modes["eager_fp32"] = (
-        "GRDense.forward_jagged fp32, reference ops",
-        lambda wl: lambda a=gpu_in[wl]["fp32"]: dense32.forward_jagged(*a.args(), impl="pytorch"),
-    )
-    modes["eager_bf16"] = (
-        "GRDense.forward_jagged bf16, reference ops (the baseline)",
-        lambda wl: lambda a=gpu_in[wl]["bf16"]: dense16.forward_jagged(*a.args(), impl="pytorch"),
-    )
-    modes["eager_bf16_padded"] = (
-        "GRDense.forward_padded bf16 (the exported ONNX's math, dense masks)",
-        lambda wl: padded_mode(gpu_in[wl]["bf16"]),
-    )
-    kern = JaggedDense(dense16, "triton").eval()
-    modes["eager_bf16_triton"] = (
-        "JaggedDense bf16, grc Triton ops, eager",
-        lambda wl: lambda a=gpu_in[wl]["bf16"]: kern(*a.args()),
-    )
-    modes["eager_bf16_triton_graph"] = ("the same, CUDA graph per shape", lambda wl: _graphed(kern, gpu_in[wl]["bf16"]))
-    compiled = {}
-
-    def compiled_mode(wl: str) -> Callable[[], torch.Tensor]:
-        if "fn" not in compiled:  # plain torch.compile, no Inductor settings: what a user would write
-            compiled["fn"] = torch.compile(JaggedDense(dense16, "triton").eval(), dynamic=True)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            compiled["fn"](*gpu_in[wl]["bf16"].args())
+def measure(case: Case, mode_name: str, mode: Mode, wl: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Build the mode's call for one workload, run it once (checked against the oracle), time it,
+    and with --profile profile one more call."""
+    on_gpu = case.device.type == "cuda"
+    if on_gpu:
         torch.cuda.synchronize()
-        out.setdefault("compile_seconds", {})[f"torch.compile:{wl}"] = round(time.perf_counter() - t0, 1)
-        return _graphed(compiled["fn"], gpu_in[wl]["bf16"])
+        torch.cuda.empty_cache()
+        start_bytes = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        call = mode.make(case, wl)
+        result = call()
+        sync(case.device)
+        times = time_calls(call, case.device, args.budget, min_iters=args.min_calls)
+        row: dict[str, Any] = stats(times, case.inputs[wl].users)
+        if args.profile and wl == PROFILE_WORKLOAD:
+            try:  # a profiler that cannot run (no CUPTI) must not cost the mode its timing
+                profile: dict[str, Any] = op_profile(call, case.device)
+            except Exception as exc:
+                profile = {"error": f"{type(exc).__name__}: {exc}"[:600]}
+            case.record.setdefault("profiles", {})[mode_name] = profile
+    if on_gpu:
+        row["peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        row["peak_over_start_mib"] = round((torch.cuda.max_memory_allocated() - start_bytes) / 2**20, 1)
+    if wl == ORACLE_WORKLOAD:
+        scores = to_jagged(result, case.inputs[wl].offsets) if mode.padded else result
+        row["rel_err_vs_fp64"] = rel_error(scores, case.memo["oracle"])
+    return row
 
-    package: dict[str, Any] = {}
 
-    def aoti(wl: str, graphs: bool) -> Callable[[], torch.Tensor]:
-        if "failed" in package:  # build once; a failure is not retried for every mode and workload
-            raise RuntimeError(f"the package is unusable (see the first aoti error): {package['failed'][:300]}")
-        try:
-            return _aoti(wl, graphs)
-        except Exception as exc:
-            package["failed"] = f"{type(exc).__name__}: {exc}"
-            raise
-
-    def _aoti(wl: str, graphs: bool) -> Callable[[], torch.Tensor]:
-        if "run" not in package:
-            folder = Path(tempfile.mkdtemp(prefix="grc-aoti-")) / "cuda"
-            log = lambda m: print(f"  {m}", flush=True)  # noqa: E731
-            compiled = compile_target(dense32, "cuda", "bfloat16", folder, log)
-            if args.out is not None and (folder / "model.pt2").stat().st_size < 15 << 20:
-                shutil.copy(folder / "model.pt2", args.out.parent / f"aoti-{name}.pt2")  # for inspection
-            # load and run the package in fresh processes first: a host-side crash there (seen:
-            # SIGSEGV right after the compile) must not take this process's results with it
-            # AOTInductor's single-threaded runner first: it is the one meant for CUDA-graph capture
-            # (the default runner's capture failed on the H200: "operation failed due to a previous
-            # error during capture")
-            probes: dict[Any, Any] = {True: probe_package(name, folder / "model.pt2", True)}
-            graph_ok = lambda p: str(p.get("graph", "")).startswith("ok")  # noqa: E731  "ok graph_rel_err=..."
-            if not graph_ok(probes[True]):
-                probes[False] = probe_package(name, folder / "model.pt2", False)
-            if not any("rel_err_vs_eager_kernels" in p for p in probes.values()):  # the .pt2 loader or the model?
-                probes["so"] = probe_package(name, folder / "model.pt2", False, {"GRC_PROBE_SO": "1"})
-            out["aoti_probes"] = probes
-            rec.save()
-            ran = [st for st, p in probes.items() if st in (False, True) and "rel_err_vs_eager_kernels" in p]
-            if not ran:
-                raise RuntimeError(f"the package crashed when loaded and run: {probes}")
-            usable = sorted(ran, key=lambda st: not graph_ok(probes[st]))  # graph-capable first
-            package["graph_ok"] = graph_ok(probes[usable[0]])
-            shapes = [(s.users, s.history, s.candidates) for s in spec.verify.shapes]
-            provenance = {"spec": name, "weights": "seeded init in memory (bench)"}
-            entry = verify_target(dense32, compiled, folder, spec.engine.tolerance_of("bf16"), shapes, 20240501,
-                                  provenance, log, single_threaded=usable[0])  # fmt: skip
-            meta = json.loads((folder / "metadata.json").read_text())
-            out["aoti_package"] = {
-                "entry": entry,
-                "build_seconds": meta["build_seconds"],
-                "parity": meta["parity"],
-                "bytes": meta["package"]["bytes"],
-                "toolkit": meta["toolkit"],
-                "single_threaded": usable[0],
-            }
-            if args.out is not None:
-                (args.out.parent / f"aoti-{name}-metadata.json").write_text(json.dumps(meta, indent=1))
-            package["run"] = load(folder / "model.pt2", "cuda", single_threaded=usable[0])
-        a = gpu_in[wl]["bf16"]
-        if graphs:
-            if not package["graph_ok"]:
-                raise RuntimeError(f"CUDA-graph capture of the package failed in the probe: {out['aoti_probes']}")
-            return _graphed(package["run"], a)
-        return lambda: package["run"](*a.args())
-
-    modes["aoti_bf16_nograph"] = ("AOTInductor package bf16, grc Triton ops, no CUDA graph", lambda wl: aoti(wl, False))
-    modes["aoti_bf16"] = ("the same package, CUDA graph per shape", lambda wl: aoti(wl, True))
-    # last: a device-side fault would leave the CUDA context unusable for every later mode
-    modes["compile_bf16_triton"] = ("torch.compile(dynamic) bf16, grc Triton ops, CUDA graph per shape", compiled_mode)
-
-    # the package right after the eager baselines: its compile and probes take minutes, and a
-    # child that runs out of time must still have measured it
-    first = ("eager_fp32", "eager_bf16", "eager_bf16_padded", "aoti_bf16_nograph", "aoti_bf16")
-    modes = {m: modes[m] for m in (*first, *(m for m in modes if m not in first))}
-    skip = set(args.skip.split(",")) if args.skip else set()
-    for mode, (desc, make) in modes.items():
-        if mode in skip:
+def run_spec(case: Case, modes: dict[str, Mode], args: argparse.Namespace, rec: Recorder) -> None:
+    """Every mode on every workload; a mode that fails is recorded and the next one runs."""
+    out = case.record
+    for mode_name, mode in modes.items():
+        if mode.needs_cuda and case.device.type != "cuda":
+            out["skipped"][mode_name] = "needs a CUDA GPU"
             continue
-        out["modes"][mode] = {"what": desc}
-        for wl in WORKLOADS:
-            print(f"[{name}] {mode} {wl} (t={time.perf_counter() - T0:.0f}s)", flush=True)
+        out["modes"][mode_name] = {"what": mode.what, "baseline": mode.baseline}
+        for wl in case.inputs:
+            print(f"[{case.name}] {mode_name} {wl} (t={time.perf_counter() - T0:.0f}s)", flush=True)
             try:
-                torch.cuda.synchronize()
-                torch.cuda.empty_cache()
-                base = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-                with torch.no_grad():
-                    fn = make(wl)
-                    result = fn()
-                    torch.cuda.synchronize()
-                    times = time_cuda(fn, args.budget)
-                row = {
-                    **stats(times, WORKLOADS[wl]["users"]),
-                    "peak_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1),
-                    "peak_over_start_mib": round((torch.cuda.max_memory_allocated() - base) / 2**20, 1),
-                }
-                if wl == "latency":
-                    res = result
-                    if mode == "eager_bf16_padded":
-                        res = to_jagged(result, gpu_in[wl]["bf16"].offsets)
-                    row["rel_err_vs_fp64"] = rel_error(res, reference)
-                out["modes"][mode][wl] = row
-                print(
-                    f"    p50 {row['p50_ms']:.3f} ms  p99 {row['p99_ms']:.3f} ms  {row['users_per_s']:.0f} users/s",
-                    flush=True,
-                )
-                del fn, result
+                row = measure(case, mode_name, mode, wl, args)
+                out["modes"][mode_name][wl] = row
+                print(f"    p50 {row['p50_ms']:.3f} ms  p99 {row['p99_ms']:.3f} ms  {row['users_per_s']:.0f} users/s")
             except Exception as exc:  # one broken mode must not lose the others
-                out["errors"][f"{mode}:{wl}"] = f"{type(exc).__name__}: {exc}"[:2000]
+                out["errors"][f"{mode_name}:{wl}"] = f"{type(exc).__name__}: {exc}"[:2000]
                 traceback.print_exc()
             rec.save()
-        _graphs.clear()
-    for wl in WORKLOADS:
-        base = out["modes"].get(BASELINE, {}).get(wl)
-        # the stronger of the two eager bf16 forms (the jagged reference loops over users in Python)
-        eager = [r[wl]["p50_ms"] for m, r in out["modes"].items() if m in EAGER_BF16 and wl in r]
-        for rows in out["modes"].values():
-            row = rows.get(wl)
-            if row and base:
-                row["speedup_vs_eager_bf16"] = round(base["p50_ms"] / row["p50_ms"], 2)
-            if row and eager:
-                row["speedup_vs_best_eager_bf16"] = round(min(eager) / row["p50_ms"], 2)
-            if row:
-                w = out["workloads"][wl]
-                row["flop_floor_fraction"] = round(w["flop_floor_ms"] / row["p50_ms"], 4)
-                row["byte_floor_fraction"] = round(w["byte_floor_ms"] / row["p50_ms"], 4)
+        case.graphs.clear()  # free the mode's CUDA graphs before the next mode
+    compare_to_baselines(out)
     rec.save()
 
 
-_graphs: list[Any] = []
+def compare_to_baselines(out: dict[str, Any]) -> None:
+    """Per workload: the fastest baseline of this run, every mode's speed-up against it, and the
+    share of the FLOP and byte floors each mode reaches."""
+    out["best_baseline"] = {}
+    for wl, w in out["workloads"].items():
+        timed = {m: r[wl]["p50_ms"] for m, r in out["modes"].items() if r["baseline"] and wl in r}
+        if timed:
+            best = min(timed, key=lambda m: timed[m])
+            out["best_baseline"][wl] = {"mode": best, "p50_ms": timed[best]}
+        for rows in out["modes"].values():
+            row = rows.get(wl)
+            if row is None:
+                continue
+            if timed:
+                row["speedup_vs_best_baseline"] = round(timed[best] / row["p50_ms"], 2)
+            if "flop_floor_ms" in w:
+                row["flop_floor_fraction"] = round(w["flop_floor_ms"] / row["p50_ms"], 4)
+                row["byte_floor_fraction"] = round(w["byte_floor_ms"] / row["p50_ms"], 4)
 
 
-def _graphed(fn: Callable[..., torch.Tensor], inp: JaggedInputs) -> Callable[[], torch.Tensor]:
-    from grc.aoti.runtime import CudaGraphRunner
-
-    runner = CudaGraphRunner(fn, max_graphs=1)
-    _graphs.append(runner)
-    args = inp.args()
-    runner(*args)
-    return lambda: runner(*args)
-
-
-def probe_package(
-    spec_name: str, package: Path, single_threaded: bool, env: dict[str, str] | None = None
-) -> dict[str, Any]:
-    """Load + run + CUDA-graph the package in a fresh process (python -X faulthandler)."""
-    cmd = [sys.executable, "-X", "faulthandler", __file__, "--probe", spec_name, str(package)]
-    cmd.append(str(int(single_threaded)))
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, **(env or {})})
-    except subprocess.TimeoutExpired:
-        return {"rc": "timeout"}
-    result: dict[str, Any] = {"rc": done.returncode}
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("PROBE ")]
-    for ln in lines:
-        key, _, value = ln[len("PROBE ") :].partition("=")
-        result[key] = value
-    if done.returncode != 0:
-        result["tail"] = (done.stdout + done.stderr)[-2500:]
-    print(f"  probe single_threaded={single_threaded}: {json.dumps(result)[:3000]}", flush=True)
-    return result
+def selected_modes(args: argparse.Namespace) -> dict[str, Mode]:
+    wanted = args.modes.split(",") if args.modes else list(SMOKE_MODES if args.smoke else MODES)
+    unknown = [m for m in wanted + args.skip.split(",") if m and m not in MODES]
+    if unknown:
+        raise SystemExit(f"--modes/--skip: unknown mode(s) {unknown}; known: {', '.join(MODES)}")
+    skip = set(args.skip.split(","))
+    return {m: MODES[m] for m in MODES if m in wanted and m not in skip}
 
 
-def run_probe(spec_name: str, package: Path, single_threaded: bool) -> None:
-    from grc.aoti.model import JaggedDense
-    from grc.aoti.runtime import CudaGraphRunner, load, load_model_so
+# --------------------------------------------------------------------------- runs
+def head(args: argparse.Namespace, device: torch.device, workloads: dict) -> dict[str, Any]:
+    clock = "CUDA events around each call" if device.type == "cuda" else "perf_counter around each call"
+    return {
+        "host": f"{platform.system()} {platform.release()} ({os.cpu_count()} cores)",
+        "timing": f"{clock}, >= {args.min_calls} calls and ~{args.budget}s per mode and workload, after one warm call; "
+        "p50/p99 over the calls; users/s = users / p50. Every mode of a spec runs in one process on the same "
+        "inputs; speed-ups are against the fastest baseline (plain PyTorch, padded, bf16) of the same run",
+        "workload_shapes": workloads,
+        "specs": {},
+    }
 
-    cfg = load_spec(REPO / "specs" / f"{spec_name}.yaml").spec.model
-    dense = seeded_dense(cfg).cuda().to(torch.bfloat16)
-    inp = random_inputs(cfg, 3, 50, 8, torch.Generator().manual_seed(5)).to("cuda", torch.bfloat16)
-    print("PROBE stage=load", flush=True)
-    if os.environ.get("GRC_PROBE_SO"):  # bypass the .pt2 loader: the extracted model .so, run directly
-        run = load_model_so(package)
-    else:
-        run = load(package, "cuda", single_threaded=single_threaded)
-    print("PROBE stage=run", flush=True)
-    with torch.no_grad():
-        got = run(*inp.args())
-        torch.cuda.synchronize()
-        want = JaggedDense(dense, "triton")(*inp.args())
-        print(f"PROBE rel_err_vs_eager_kernels={rel_error(got, want.float().cpu()):.3e}", flush=True)
-        print("PROBE stage=graph", flush=True)
+
+def run_in_process(args: argparse.Namespace) -> dict[str, Any]:
+    """Every selected mode of every spec in this process (a GPU child, or the CPU smoke run)."""
+    device = torch.device("cpu" if args.smoke else "cuda")
+    workloads = SMOKE_WORKLOADS if args.smoke else WORKLOADS
+    modes = selected_modes(args)
+    rec = Recorder(args.out, head(args, device, workloads))
+    ceil = None
+    if device.type == "cuda":
+        ceil = rec.data["ceilings"] = ceilings()
+        torch.cuda.empty_cache()
+        print("ceilings", ceil, flush=True)
+    rec.save()
+    for name in args.specs.split(","):
+        case = prepare_case(name, device, workloads, ceil)
+        rec.data["specs"][name] = case.record
+        run_spec(case, modes, args, rec)
+    print_table(rec.data)
+    return rec.data
+
+
+def run_children(args: argparse.Namespace) -> None:
+    """Each spec in a child process of its own (a device fault in one cannot take the others
+    down; a child past its time share is stopped and what it saved is kept), merged into --out."""
+    specs = [s for s in args.specs.split(",") if s]
+    selected_modes(args)  # unknown names fail here, before any child starts
+    merged = Recorder(args.out, {**head(args, torch.device("cuda"), WORKLOADS), "children": {}})
+    work = Path(tempfile.mkdtemp(prefix="grc-e2e-"))
+    for name in specs:
+        part = work / f"{name}.json"
+        cmd = [sys.executable, __file__, "--child", "--specs", name, "--out", str(part), "--budget", str(args.budget)]
+        cmd += ["--min-calls", str(args.min_calls)]
+        cmd += [f"--modes={args.modes}", f"--skip={args.skip}"] + (["--profile"] if args.profile else [])
+        left = args.deadline - (time.perf_counter() - T0)
+        share = left - 90 * args.stage_check if name == specs[-1] else left / (len(specs) - specs.index(name)) + 30
         try:
-            graphed = CudaGraphRunner(run, max_graphs=1)
-            g = graphed(*inp.args())
-            torch.cuda.synchronize()
-            print(f"PROBE graph=ok graph_rel_err={rel_error(g, want.float().cpu()):.3e}", flush=True)
-        except Exception as exc:
-            print(f"PROBE graph=failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            rc: int | str = subprocess.run(cmd, timeout=max(30.0, share)).returncode
+        except subprocess.TimeoutExpired:
+            rc = f"timed out after {share:.0f}s"
+        merged.data["children"][name] = rc
+        if part.exists():
+            data = json.loads(part.read_text())
+            merged.data.setdefault("ceilings", data.get("ceilings"))
+            merged.data["specs"].update(data["specs"])
+        merged.save()
+    if args.stage_check:
+        left = args.deadline - (time.perf_counter() - T0)
+        merged.data["stage_check"] = stage_check() if left > 45 else {"rc": "not run: no time left"}
+        merged.save()
+    print_table(merged.data)
 
 
-def stage_check(out_dir: Path | None) -> dict[str, Any]:
-    """The aoti stage itself on hstu-tiny with engine.aoti enabled, targets cpu + cuda: `grc build`,
-    or, where the CLI cannot start (a serving dependency missing), the weights and aoti stages'
-    run functions called directly."""
+def stage_check() -> dict[str, Any]:
+    """`grc build` of hstu-tiny with engine.aoti on (targets cpu + cuda): the aoti stage itself on this GPU."""
     work = Path(tempfile.mkdtemp(prefix="grc-aoti-stage-"))
     spec = work / "hstu-tiny-aoti.yaml"
     spec.write_text(
@@ -454,275 +278,79 @@ def stage_check(out_dir: Path | None) -> dict[str, Any]:
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     t0 = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "grc.cli", "build", str(spec), "aoti", "--artifacts", str(work / "art"), "--no-cache"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=work,
-    )
+    cmd = [sys.executable, "-m", "grc.cli", "build", str(spec), "aoti", "--artifacts", str(work / "art"), "--no-cache"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=work)
     result: dict[str, Any] = {
-        "via": "grc build",
         "rc": done.returncode,
         "seconds": round(time.perf_counter() - t0, 1),
         "log_tail": (done.stdout + done.stderr)[-3000:],
     }
     manifest = work / "art" / "hstu-tiny" / "engines-aoti" / "manifest.json"
-    if not manifest.exists():  # in a fresh process too: a fault here must not touch the benchmark's CUDA context
-        result["cli_error"] = result.pop("log_tail")[-800:]
-        direct = subprocess.run(
-            [sys.executable, __file__, "--stage-direct", str(spec), str(work / "direct")],
-            capture_output=True,
-            text=True,
-            env=env,
-        )
-        result["via"] = f"weights + aoti stage run() called directly (`grc build`: no manifest, rc {done.returncode})"
-        result["rc"] = direct.returncode
-        result["log_tail"] = (direct.stdout + direct.stderr)[-3000:]
-        manifest = work / "direct" / "engines-aoti" / "manifest.json"
     if manifest.exists():
         result["manifest"] = json.loads(manifest.read_text())
-        meta = manifest.parent / "cuda" / "metadata.json"
-        if meta.exists():
-            m = json.loads(meta.read_text())
-            keys = ("target", "dtype", "toolkit", "build_seconds", "parity", "custom_ops", "package")
-            result["cuda_metadata"] = {k: m[k] for k in keys}
-    print(json.dumps({k: v for k, v in result.items() if k != "manifest"}, indent=1)[-2500:], flush=True)
     return result
 
 
-def _stage_direct(spec_path: Path, root: Path) -> dict[str, Any]:
-    from rich.console import Console
-
-    try:
-        from grc.stages import aoti, weights
-    except (ImportError, RuntimeError):  # another stage's serving dependency is missing here: skip grc.stages'
-        import types  # __init__ (the list of all stages), load only the two stage modules this needs
-
-        stages_pkg = types.ModuleType("grc.stages")
-        stages_pkg.__path__ = [str(REPO / "grc" / "stages")]
-        sys.modules["grc.stages"] = stages_pkg
-        from grc.stages import aoti, weights
-    from grc.stages.base import MANIFEST, Context
-
-    loaded = load_spec(spec_path)
-    t0 = time.perf_counter()
-    try:
-        for stage, inputs in ((weights, {}), (aoti, {"weights": root / "weights"})):
-            out = root / stage.STAGE.output
-            out.mkdir(parents=True)
-            manifest = stage.STAGE.run(Context(loaded=loaded, out=out, inputs=inputs, console=Console()))
-            (out / MANIFEST).write_text(json.dumps({"stage": stage.STAGE.name, **manifest}, indent=1))
-        return {"via": "weights + aoti stage run() called directly", "rc": 0, "seconds": time.perf_counter() - t0}
-    except Exception as exc:
-        traceback.print_exc()
-        return {"via": "stage run() called directly", "rc": 1, "error": f"{type(exc).__name__}: {exc}"[:3000]}
-
-
-def gpu_main(args: argparse.Namespace) -> None:
-    """One spec (--child): every mode in this process. Several specs or --stage-check: each spec
-    in a child process of its own (a device fault in one cannot take the others down), merged."""
-    head = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": args.commit or _commit(),
-        "device": torch.cuda.get_device_name(),
-        "capability": "sm{}{}".format(*torch.cuda.get_device_capability()),
-        "host": f"{platform.system()} {platform.release()} ({os.cpu_count()} cores)",  # gVisor or Firecracker
-        "versions": {
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "triton": __import__("triton").__version__,
-            "python": platform.python_version(),
-        },
-        "timing": f"CUDA events around each call, >= 10 calls and ~{args.budget}s per mode, after warm-up; "
-        "p50/p99 over the calls; users/s = users / p50. One process per spec: every mode of a spec runs "
-        "in that process on the same inputs",
-    }
-    specs = [s for s in args.specs.split(",") if s]
-    if args.child:
-        rec = Recorder(args.out, head)
-        rec.data["ceilings"] = ceilings()
-        torch.cuda.empty_cache()
-        print("ceilings", rec.data["ceilings"], flush=True)
-        rec.save()
-        for name in specs:
-            run_gpu_spec(name, rec, args)
-        print_table(rec.data)
-        return
-    merged: dict[str, Any] = {**head, "specs": {}, "children": {}}
-    work = Path(tempfile.mkdtemp(prefix="grc-e2e-"))
-    for name in specs:
-        part = work / f"{name}.json"
-        cmd = [sys.executable, __file__, "--child", "--specs", name, "--out", str(part), "--budget", str(args.budget)]
-        cmd += ["--commit", merged["commit"]] + (["--skip", args.skip] if args.skip else [])
-        left = args.deadline - (time.perf_counter() - T0)
-        share = left - 90 * args.stage_check if name == specs[-1] else left / (len(specs) - specs.index(name)) + 30
-        try:
-            rc: int | str = subprocess.run(cmd, timeout=max(30.0, share)).returncode
-        except subprocess.TimeoutExpired:
-            rc = f"timed out after {share:.0f}s"
-        merged["children"][name] = rc
-        if part.exists():
-            data = json.loads(part.read_text())
-            merged.setdefault("ceilings", data.get("ceilings"))
-            merged["specs"].update(data["specs"])
-            for spec_data in data["specs"].values():
-                spec_data["ceilings"] = data.get("ceilings")
-        if args.out is not None:
-            args.out.write_text(json.dumps(merged, indent=1) + "\n")
-    if args.stage_check and args.deadline - (time.perf_counter() - T0) > 45:
-        merged["stage_check"] = stage_check(args.out)
-    elif args.stage_check:
-        merged["stage_check"] = {"rc": "not run: no time left in the call"}
-    if args.out is not None:
-        args.out.write_text(json.dumps(merged, indent=1) + "\n")
-    print_table(merged)
-
-
 def print_table(data: dict[str, Any]) -> None:
-    print(f"\n{data.get('device')}  {data.get('ceilings')}")
+    print(f"\n{data.get('ceilings') or ''}")
     for name, s in data["specs"].items():
         for wl, w in s["workloads"].items():
-            print(
-                f"{name} {wl}: floors flop {w['flop_floor_ms']:.3f} ms, bytes {w['byte_floor_ms']:.4f} ms "
-                f"(layer io {w['layer_io_floor_ms']:.3f})"
+            floors = (
+                f"FLOP floor {w['flop_floor_ms']:.3f} ms" if "flop_floor_ms" in w else f"{w['flops'] / 1e9:.2f} GFLOP"
             )
+            best = s.get("best_baseline", {}).get(wl, {}).get("mode", "none")
+            print(f"{name} {wl}: {floors}; best baseline: {best}")
             for mode, rows in s["modes"].items():
                 r = rows.get(wl)
                 if r:
                     print(
-                        f"  {mode:<24} p50 {r['p50_ms']:9.3f}  p99 {r['p99_ms']:9.3f}  {r['users_per_s']:9.1f} u/s "
-                        f" x{r.get('speedup_vs_eager_bf16', 0):6.2f} (best eager x"
-                        f"{r.get('speedup_vs_best_eager_bf16', 0):6.2f})  {r['peak_mib']:8.0f} MiB "
-                        f"err {r.get('rel_err_vs_fp64', float('nan')):.1e}"
+                        f"  {mode:<26} p50 {r['p50_ms']:9.3f}  p99 {r['p99_ms']:9.3f}  {r['users_per_s']:9.1f} u/s "
+                        f" x{r.get('speedup_vs_best_baseline', 0):6.2f}"
+                        f"  err {r.get('rel_err_vs_fp64', float('nan')):.1e}"
                     )
         for k, v in s["errors"].items():
             print(f"  ERROR {k}: {v[:300]}")
 
 
-def _commit() -> str:
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    return done.stdout.strip() or "unknown"
-
-
-# --------------------------------------------------------------------------- CPU
-CPU_CASES = {
-    "hstu-tiny": {"users": 4, "history": 40, "candidates": 16},
-    "mtgr-small": {"users": 2, "history": 100, "candidates": 32},
-}
-
-
-def cpu_modes(dense: Any, inp: JaggedInputs, feeds: dict[str, Any], sess: Any, aoti_run: Callable[..., Any]) -> dict:
-    """Each CPU mode as a call returning jagged scores [T, tasks]."""
-    from grc.model.jagged import to_jagged
-
-    padded = tuple(torch.from_numpy(feeds[k]) for k in ("tokens", "lengths", "num_candidates", "timestamps"))
-    return {
-        "eager_jagged_fp32": lambda: dense.forward_jagged(*inp.args()),
-        "eager_padded_fp32": lambda: to_jagged(dense.forward_padded(*padded), inp.offsets),
-        "onnxruntime_fp32": lambda: to_jagged(torch.from_numpy(sess.run(["scores"], feeds)[0]), inp.offsets),
-        "aoti_cpu_fp32": lambda: aoti_run(*inp.args()),
-    }
-
-
-def cpu_main(args: argparse.Namespace) -> None:
-    import onnxruntime as ort
-
-    from grc.aoti.build import build_target
-    from grc.aoti.runtime import load
-    from grc.model.jagged import lengths_of, to_padded
-    from grc.onnx_export import export_onnx
-
-    torch.set_num_threads(args.threads)
-    data: dict[str, Any] = {
-        "date": datetime.date.today().isoformat(),
-        "commit": args.commit or _commit(),
-        "device": f"CPU: {platform.machine()}, {os.cpu_count()} cores, {args.threads} threads used",
-        "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__},
-        "timing": "perf_counter per call, median/p99 over >= 5 calls and ~2 s per mode",
-        "specs": {},
-    }
-    for name, shape in CPU_CASES.items():
-        spec = load_spec(REPO / "specs" / f"{name}.yaml").spec
-        cfg = spec.model
-        dense = seeded_dense(cfg)
-        inp = random_inputs(
-            cfg, shape["users"], shape["history"], shape["candidates"], torch.Generator().manual_seed(3), ragged=False
-        )
-        lengths = lengths_of(inp.offsets)
-        n = int(lengths.max())
-        feeds = {
-            "tokens": to_padded(inp.tokens, inp.offsets, n).numpy(),
-            "lengths": lengths.numpy(),
-            "num_candidates": inp.num_candidates.numpy(),
-            "timestamps": to_padded(inp.timestamps, inp.offsets, n).numpy(),
-        }
-        work = Path(tempfile.mkdtemp(prefix="grc-e2e-cpu-"))
-        t0 = time.perf_counter()
-        export_onnx(dense, work / "model.onnx", spec.export.opset, 2, 2 << 30)
-        export_s = time.perf_counter() - t0
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = args.threads
-        sess = ort.InferenceSession(str(work / "model.onnx"), opts, providers=["CPUExecutionProvider"])
-        shapes = [(s.users, s.history, s.candidates) for s in spec.verify.shapes]
-        entry = build_target(
-            dense, "cpu", "float32", work / "cpu", spec.verify.export, shapes, 20240501, {"spec": name}, lambda m: None
-        )
-        aoti_run = load(work / "cpu" / "model.pt2", "cpu")
-        with torch.no_grad():
-            ref = copy.deepcopy(dense).double().forward_jagged(*inp.to("cpu", torch.float64).args())
-        modes = cpu_modes(dense, inp, feeds, sess, aoti_run)
-        rows: dict[str, Any] = {}
-        for mode, fn in modes.items():
-            with torch.no_grad():
-                res = fn()
-                fn()
-                times = time_cpu(fn, 2.0)
-            rows[mode] = {**stats(times, shape["users"]), "rel_err_vs_fp64": rel_error(res, ref)}
-        base = rows["eager_jagged_fp32"]["p50_ms"]
-        for r in rows.values():
-            r["speedup_vs_eager_jagged"] = round(base / r["p50_ms"], 2)
-        data["specs"][name] = {
-            "workload": shape,
-            "tokens": int(inp.offsets[-1]),
-            "onnx_export_seconds": round(export_s, 1),
-            "aoti_build_seconds": json.loads((work / "cpu" / "metadata.json").read_text())["build_seconds"],
-            "aoti_parity": entry["parity"],
-            "modes": rows,
-        }
-        print(name, json.dumps(rows, indent=None), flush=True)
-    if args.out is not None:
-        args.out.write_text(json.dumps(data, indent=1) + "\n")
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="the CPU smoke run (hstu-tiny, tiny workloads, seconds)")
+    p.add_argument("--cpu", action="store_true", help="the CPU comparison: eager vs onnxruntime vs the CPU package")
+    p.add_argument("--out", type=Path, help="result file (default: bench/results/e2e-<gpu|smoke|cpu>.json)")
+    p.add_argument("--specs", help="comma-separated spec names (default: mtgr-small; hstu-tiny with --smoke)")
+    p.add_argument("--modes", default="", help=f"comma-separated modes to run (default: all): {', '.join(MODES)}")
+    p.add_argument("--skip", default="", help="comma-separated modes to leave out")
+    p.add_argument("--budget", type=float, help="seconds of timed calls per mode and workload (default 1; 0.2 smoke)")
+    p.add_argument("--profile", action="store_true", help="top ops of one throughput call per mode (torch.profiler)")
+    p.add_argument("--min-calls", type=int, help="timed calls per mode and workload, at least (default 10; 3 smoke)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (--cpu, --smoke)")
+    p.add_argument("--stage-check", action="store_true", help="also `grc build` hstu-tiny's aoti stage (cpu + cuda)")
+    p.add_argument("--deadline", type=float, default=480.0, help="seconds the whole GPU run may take")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.specs = args.specs or ("hstu-tiny" if args.smoke else "mtgr-small")
+    args.budget = args.budget if args.budget is not None else (0.2 if args.smoke else 1.0)
+    args.min_calls = args.min_calls or (3 if args.smoke else 10)
+    kind = "cpu" if args.cpu else "smoke" if args.smoke else "gpu"
+    args.out = args.out if args.out is not None else RESULTS / f"e2e-{kind}.json"
+    return args
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cpu", action="store_true", help="the CPU comparison instead of the GPU one")
-    p.add_argument("--out", type=Path, help="JSON result file")
-    p.add_argument("--specs", default="mtgr-small,mtgr-base")
-    p.add_argument("--skip", default="", help="comma-separated modes to leave out")
-    p.add_argument("--budget", type=float, default=1.0, help="seconds of timed calls per mode and workload")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads (torch and onnxruntime)")
-    p.add_argument("--stage-check", action="store_true", help="also `grc build` hstu-tiny's aoti stage (cpu + cuda)")
-    p.add_argument("--commit", default="", help="commit to record (default: git rev-parse HEAD)")
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--deadline", type=float, default=500.0, help="seconds the whole GPU run may take")
-    p.add_argument("--stage-direct", nargs=2, metavar=("SPEC", "ROOT"), help=argparse.SUPPRESS)
-    p.add_argument("--probe", nargs=3, metavar=("SPEC", "PACKAGE", "SINGLE_THREADED"), help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.probe:
-        run_probe(args.probe[0], Path(args.probe[1]), bool(int(args.probe[2])))
-        return
-    if args.stage_direct:
-        result = _stage_direct(Path(args.stage_direct[0]), Path(args.stage_direct[1]))
-        print(json.dumps(result))
-        raise SystemExit(result["rc"])
+    args = parse_args()
     if args.cpu:
+        from e2e_cpu import cpu_main
+
         cpu_main(args)
+    elif args.smoke:
+        torch.set_num_threads(args.threads)
+        run_in_process(args)
     elif not torch.cuda.is_available():
-        raise SystemExit("no CUDA GPU here: run with --cpu, or on the GPU machine")
+        raise SystemExit("no CUDA GPU here: run with --smoke (the CPU smoke run) or --cpu, or on the GPU machine")
+    elif args.child:
+        run_in_process(args)
     else:
-        gpu_main(args)
+        run_children(args)
 
 
 if __name__ == "__main__":

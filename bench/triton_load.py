@@ -19,20 +19,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import REPO, write_result
+from _common import load_test_parser, write_result
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--spec", default=str(REPO / "specs" / "hstu-tiny.yaml"))
-    parser.add_argument("--artifacts", type=Path, help="a folder holding <spec>/triton already built")
-    parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--time-limit", type=float, default=300.0, help="seconds per round, at most")
-    parser.add_argument("--rounds", type=int, default=3, help="load rounds per configuration; the median is reported")
-    parser.add_argument("--out", default="triton-load", help="result name under bench/results/")
-    parser.add_argument("--no-baseline", dest="baseline", action="store_false",
-                        help="skip the max_batch_size 1 run (same bundle, batching off)")
+    parser = load_test_parser(__doc__, "<spec>/triton", 300.0, "triton-load")
+    parser.add_argument(
+        "--no-baseline",
+        dest="baseline",
+        action="store_false",
+        help="skip the max_batch_size 1 run (same bundle, batching off)",
+    )
     args = parser.parse_args()
 
     from grc.build.runner import build
@@ -56,32 +53,47 @@ def main() -> int:
             folder = Path(tmp) / "unbatched"
             bd.write_bundle(unbatched, root / "weights", root / "onnx", folder, log=lambda _: None)
             runs["max_batch_size 1"] = measure(unbatched, folder, pool, args)
-    print(f"{spec.name}: {args.requests} requests per round at concurrency {args.concurrency} (loopback gRPC), "
-          f"median of {args.rounds} rounds")
-    print(f"{'run':<18} {'errors':>6} {'requests/s':>10} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
-          f"{'max ms':>8}  dense_onnx batch sizes (executions)")
+    print(
+        f"{spec.name}: {args.requests} requests per round at concurrency {args.concurrency} (loopback gRPC), "
+        f"median of {args.rounds} rounds"
+    )
+    print(
+        f"{'run':<18} {'errors':>6} {'requests/s':>10} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
+        f"{'max ms':>8}  dense_onnx batch sizes (executions)"
+    )
     for name, s in runs.items():
         lat = s["latency_ms"]
         sizes = ", ".join(f"{b}: {n}" for b, n in s["batch_sizes"]["dense_onnx"].items())
-        print(f"{name:<18} {s['errors']:>6} {s['requests_per_s']:>10.1f} {lat['p50']:>8.2f} {lat['p90']:>8.2f} "
-              f"{lat['p99']:>8.2f} {lat['max']:>8.2f}  {sizes} (mean {s['mean_batch']['dense_onnx']})")
+        print(
+            f"{name:<18} {s['errors']:>6} {s['requests_per_s']:>10.1f} {lat['p50']:>8.2f} {lat['p90']:>8.2f} "
+            f"{lat['p99']:>8.2f} {lat['max']:>8.2f}  {sizes} (mean {s['mean_batch']['dense_onnx']})"
+        )
         print(f"{'':<18} rounds (requests/s): {', '.join(str(r['requests_per_s']) for r in s['rounds'])}")
     main_run = runs["dynamic batching"]
     for model, m in main_run["metrics"].items():
         print(f"prometheus {model:<12} " + ", ".join(f"{k} +{v:g}" for k, v in m.items()))
-    path = write_result(args.out, {
-        "what": "grc's triton bundle on tritonserver 2.51 (nvidia-pytriton 0.7.0), CPU, loopback gRPC, "
-                "closed loop: each client thread sends its next request when the last one is answered; "
-                "client and server share the machine's cores",
-        "command": "python bench/triton_load.py " + " ".join(sys.argv[1:]),
-        "spec": spec.name,
-        "bundle": {k: getattr(spec.bundles.triton, k) for k in ("max_batch_size", "preferred_batch_sizes",
-                                                                 "max_queue_delay_us", "instance_count",
-                                                                 "intra_op_threads")},
-        "request_pool": "64 random users, history 1..32 events, 1..16 candidates",
-        **main_run,
-        "baseline_max_batch_size_1": runs.get("max_batch_size 1"),
-    })
+    path = write_result(
+        args.out,
+        {
+            "what": "grc's triton bundle on tritonserver 2.51 (nvidia-pytriton 0.7.0), CPU, loopback gRPC, "
+            "closed loop: each client thread sends its next request when the last one is answered; "
+            "client and server share the machine's cores",
+            "spec": spec.name,
+            "bundle": {
+                k: getattr(spec.bundles.triton, k)
+                for k in (
+                    "max_batch_size",
+                    "preferred_batch_sizes",
+                    "max_queue_delay_us",
+                    "instance_count",
+                    "intra_op_threads",
+                )
+            },
+            "request_pool": "64 random users, history 1..32 events, 1..16 candidates",
+            **main_run,
+            "baseline_max_batch_size_1": runs.get("max_batch_size 1"),
+        },
+    )
     print(f"wrote {path}")
     clean = all(r["errors"] == 0 for run in runs.values() for r in run["rounds"])
     return 0 if clean and not any(r["timed_out"] for r in runs.values()) else 1
@@ -99,21 +111,36 @@ def measure(spec, folder: Path, pool: list, args: argparse.Namespace) -> dict:  
     with TritonServer(folder / bd.MODEL_REPOSITORY, install=ensure_tritonserver(), startup_timeout_s=180) as server:
         worst = 0.0
         for arrays in pool[:16]:  # answers are right before they are fast
-            result = check.spec_check(spec, check.infer(server.grpc_url, "grpc", ensemble, arrays),
-                                      reference.scores(arrays), arrays)
+            result = check.spec_check(
+                spec, check.infer(server.grpc_url, "grpc", ensemble, arrays), reference.scores(arrays), arrays
+            )
             if not result.ok:
                 raise SystemExit(f"wrong answer: {result.problems}")
             worst = max(worst, result.max_abs)
         load.run_load(server.grpc_url, None, ensemble, pool, requests=100, concurrency=args.concurrency)  # warm
-        rounds = [load.run_load(server.grpc_url, server.metrics_url, ensemble, pool, requests=args.requests,
-                                concurrency=args.concurrency, time_limit_s=args.time_limit,
-                                models=("preprocess", "dense_onnx", "postprocess")).summary()
-                  for _ in range(args.rounds)]
+        rounds = [
+            load.run_load(
+                server.grpc_url,
+                server.metrics_url,
+                ensemble,
+                pool,
+                requests=args.requests,
+                concurrency=args.concurrency,
+                time_limit_s=args.time_limit,
+                models=("preprocess", "dense_onnx", "postprocess"),
+            ).summary()
+            for _ in range(args.rounds)
+        ]
     # the machine is shared: report the median round by throughput, list them all
     median = sorted(rounds, key=lambda r: r["requests_per_s"])[len(rounds) // 2]
-    return {**median, "rounds": [{"requests_per_s": r["requests_per_s"], "errors": r["errors"],
-                                  "latency_ms": r["latency_ms"]} for r in rounds],
-            "checked_vs_pytorch": {"requests": 16, "max_abs": worst}}
+    return {
+        **median,
+        "rounds": [
+            {"requests_per_s": r["requests_per_s"], "errors": r["errors"], "latency_ms": r["latency_ms"]}
+            for r in rounds
+        ],
+        "checked_vs_pytorch": {"requests": 16, "max_abs": worst},
+    }
 
 
 if __name__ == "__main__":

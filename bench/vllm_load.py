@@ -21,20 +21,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import REPO, write_result
+from _common import load_test_parser, write_result
 
 CONFIGS = {"default binding": {}, "nobind": {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}}
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--spec", default=str(REPO / "specs" / "hstu-tiny.yaml"))
-    parser.add_argument("--artifacts", type=Path, help="a folder holding <spec>/bundles/vllm already built")
-    parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3, help="load rounds per configuration; the median is reported")
-    parser.add_argument("--time-limit", type=float, default=120.0, help="seconds per round, at most")
-    parser.add_argument("--out", default="vllm-load", help="result name under bench/results/")
+    parser = load_test_parser(__doc__, "<spec>/bundles/vllm", 120.0, "vllm-load")
     args = parser.parse_args()
 
     from grc.build.runner import build
@@ -76,7 +69,6 @@ def main() -> int:
             "loopback "
             "HTTP keep-alive, closed loop: each client thread sends its next request when the last is answered; "
             "client, API server, engine core and worker share the machine's cores",
-            "command": "python bench/vllm_load.py " + " ".join(sys.argv[1:]),
             "spec": loaded.spec.name,
             "venv": {
                 "recipe": marker.get("recipe"),

@@ -273,7 +273,17 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_shell_completion_completes_commands_and_options(tmp_path: Path) -> None:
-    script = _grc("--show-completion", "bash", cwd=tmp_path)
+    # typer picks the shell from the parent processes (shellingham): give it a bash parent, which a
+    # test run does not always have (an orphaned background job's is init). `; exit` keeps bash from
+    # exec-ing python in its place.
+    script = subprocess.run(
+        ["bash", "-c", f'"{sys.executable}" -m grc.cli --show-completion; exit $?'],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert script.returncode == 0 and "_GRC_COMPLETE=complete_bash" in script.stdout, script.stderr
     env = {**ENV, "_GRC_COMPLETE": "complete_bash", "COMP_WORDS": "grc bu", "COMP_CWORD": "1"}
     out = subprocess.run([sys.executable, "-m", "grc.cli"], env=env, capture_output=True, text=True, timeout=60)

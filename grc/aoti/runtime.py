@@ -37,20 +37,6 @@ def load(path: str | Path, device: str | torch.device = "cpu", single_threaded: 
     return run
 
 
-def load_model_so(path: str | Path) -> Runner:
-    """The package's model .so run through AOTInductor's C++ CUDA runner, bypassing the .pt2
-    loader: a diagnostic that tells a loader crash from a model crash (bench/aoti_diagnose.py,
-    bench/e2e.py). The package is unpacked into a temporary folder that is left behind."""
-    import tempfile
-    import zipfile
-
-    unpacked = Path(tempfile.mkdtemp(prefix="grc-aoti-so-"))
-    zipfile.ZipFile(path).extractall(unpacked)
-    so = next(unpacked.rglob("*.so"))
-    runner = torch._C._aoti.AOTIModelContainerRunnerCuda(str(so), 1, "cuda", str(so.parent))
-    return lambda *args: runner.run(list(args))[0]
-
-
 class CudaGraphRunner:
     """Replays a CUDA graph of ``fn`` per input-shape signature (at most ``max_graphs``, least
     recently used dropped). Inputs are copied into the graph's static buffers; the returned

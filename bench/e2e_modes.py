@@ -1,0 +1,207 @@
+"""The ways bench/e2e.py runs one spec's dense model: one named function per mode.
+
+Baselines are what a user runs without grc: the plain PyTorch model, padded and batched in bf16,
+eager or under ``torch.compile``. grc's modes are the Triton kernels (eager, CUDA-graphed,
+``torch.compile``d) and the AOTInductor package the aoti stage builds. The per-user jagged
+reference (``GRDense.forward_jagged``) is not a mode: it is the float64 correctness oracle.
+
+A mode is ``make(case, workload) -> call``; the call runs one forward on the workload's inputs
+and returns scores, jagged [T, tasks] or, for ``padded`` modes, [B, N, tasks].
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from grc.aoti.inputs import JaggedInputs
+from grc.model.gr import GRDense
+from grc.model.jagged import lengths_of, to_padded
+from grc.spec.schema import Spec
+
+Call = Callable[[], torch.Tensor]
+
+
+@dataclass
+class Case:
+    """What every mode of one spec shares: the models, each workload's inputs, the spec's record."""
+
+    name: str
+    spec: Spec
+    device: torch.device
+    dense: GRDense  # float32 on the device: what the aoti build takes (it casts to the package dtype)
+    dense_act: GRDense  # the activation dtype (bf16) on the device: what every timed mode runs
+    inputs: dict[str, JaggedInputs]  # per workload, on the device, activation dtype
+    record: dict[str, Any]  # the spec's section of the result file
+    memo: dict[str, Any] = field(default_factory=dict)  # compiled functions, the package: built once
+    graphs: list[Any] = field(default_factory=list)  # CUDA graphs of the mode being measured
+
+    def once(self, key: str, build: Callable[[], Any]) -> Any:
+        """``build()`` the first time, the same object after; a failure is remembered, not retried."""
+        if key not in self.memo:
+            try:
+                self.memo[key] = build()
+            except Exception as exc:
+                self.memo[key] = exc
+                raise
+        got = self.memo[key]
+        if isinstance(got, Exception):
+            raise RuntimeError(f"{key} failed earlier in this run: {type(got).__name__}: {got}"[:600])
+        return got
+
+    def timed_first_call(self, what: str, fn: Callable[..., torch.Tensor], args: tuple[torch.Tensor, ...]) -> None:
+        """Run ``fn`` once and record the seconds (a compile happens in the first call)."""
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            fn(*args)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.record.setdefault("compile_seconds", {})[what] = round(time.perf_counter() - t0, 1)
+
+
+@dataclass(frozen=True)
+class Mode:
+    what: str
+    make: Callable[[Case, str], Call]
+    baseline: bool = False  # what a user runs without grc: speed-ups are quoted against the best of these
+    padded: bool = False  # returns [B, N, tasks]
+    needs_cuda: bool = False
+
+
+def padded_args(inp: JaggedInputs) -> tuple[torch.Tensor, ...]:
+    """The jagged inputs in the padded layout forward_padded (and the exported ONNX) takes."""
+    lengths = lengths_of(inp.offsets)
+    n = int(lengths.max())
+    return to_padded(inp.tokens, inp.offsets, n), lengths, inp.num_candidates, to_padded(inp.timestamps, inp.offsets, n)
+
+
+def graphed(case: Case, fn: Callable[..., torch.Tensor], args: tuple[torch.Tensor, ...]) -> Call:
+    """``fn`` captured in a CUDA graph for these inputs (grc.aoti.runtime.CudaGraphRunner), replayed per call."""
+    from grc.aoti.runtime import CudaGraphRunner
+
+    runner = CudaGraphRunner(fn, max_graphs=1)
+    case.graphs.append(runner)
+    runner(*args)
+    return lambda: runner(*args)
+
+
+# --------------------------------------------------------------------------- baselines
+def eager_padded(case: Case, wl: str) -> Call:
+    args = padded_args(case.inputs[wl])
+    return lambda: case.dense_act.forward_padded(*args)
+
+
+def compiled_padded_fn(case: Case, wl: str) -> tuple[Callable[..., torch.Tensor], tuple[torch.Tensor, ...]]:
+    """``torch.compile`` with no Inductor settings, as a user would write it, static shapes
+    (dynamic=False: each workload gets its own specialised graph, timed in compile_seconds)."""
+    fn = case.once("torch.compile padded", lambda: torch.compile(case.dense_act.forward_padded, dynamic=False))
+    args = padded_args(case.inputs[wl])
+    if f"torch.compile padded:{wl}" not in case.record.get("compile_seconds", {}):
+        case.timed_first_call(f"torch.compile padded:{wl}", fn, args)
+    return fn, args
+
+
+def compiled_padded(case: Case, wl: str) -> Call:
+    fn, args = compiled_padded_fn(case, wl)
+    return lambda: fn(*args)
+
+
+def compiled_padded_graph(case: Case, wl: str) -> Call:
+    fn, args = compiled_padded_fn(case, wl)
+    return graphed(case, fn, args)
+
+
+# --------------------------------------------------------------------------- grc
+def kernels_module(case: Case) -> torch.nn.Module:
+    """grc's jagged module with its ops: the Triton kernels on a GPU, their PyTorch twins elsewhere."""
+    from grc.aoti.model import JaggedDense
+
+    impl = "triton" if case.device.type == "cuda" else "pytorch"
+    case.record["grc_ops"] = impl
+    return case.once("kernels", lambda: JaggedDense(case.dense_act, impl).eval())
+
+
+def eager_kernels(case: Case, wl: str) -> Call:
+    module, args = kernels_module(case), case.inputs[wl].args()
+    return lambda: module(*args)
+
+
+def eager_kernels_graph(case: Case, wl: str) -> Call:
+    return graphed(case, kernels_module(case), case.inputs[wl].args())
+
+
+def compiled_kernels(case: Case, wl: str) -> Call:
+    """torch.compile (dynamic shapes, no Inductor settings) of the module with grc's ops, CUDA-graphed."""
+    fn = case.once("torch.compile kernels", lambda: torch.compile(kernels_module(case), dynamic=True))
+    args = case.inputs[wl].args()
+    case.timed_first_call(f"torch.compile kernels:{wl}", fn, args)
+    return graphed(case, fn, args)
+
+
+def package(case: Case) -> Callable[..., torch.Tensor]:
+    """The AOTInductor package, built once per spec by the aoti stage's code (compile, a load check
+    in a child process, float64 parity), loaded with the single-threaded runner: the one whose
+    CUDA-graph capture works (the default runner's capture failed on the H200)."""
+    return case.once("the AOTInductor package", lambda: build_package(case))
+
+
+def build_package(case: Case) -> Callable[..., torch.Tensor]:
+    from grc.aoti.build import compile_target, verify_target
+    from grc.aoti.runtime import load
+
+    folder = Path(tempfile.mkdtemp(prefix="grc-aoti-")) / "cuda"
+    log = lambda m: print(f"  {m}", flush=True)  # noqa: E731
+    compiled = compile_target(case.dense, "cuda", "bfloat16", folder, log)
+    if compiled["status"] != "compiled":
+        raise RuntimeError(f"the package was not built: {compiled.get('reason')}")
+    shapes = [(s.users, s.history, s.candidates) for s in case.spec.verify.shapes]
+    tolerance = case.spec.engine.tolerance_of("bf16")
+    provenance = {"spec": case.name, "weights": "seeded init in memory (bench)"}
+    entry = verify_target(case.dense, compiled, folder, tolerance, shapes, 20240501, provenance, log,
+                          single_threaded=True)  # fmt: skip
+    meta = json.loads((folder / "metadata.json").read_text())
+    case.record["aoti_package"] = {
+        "entry": entry,
+        "build_seconds": meta["build_seconds"],
+        "parity": meta["parity"],
+        "bytes": meta["package"]["bytes"],
+        "toolkit": meta["toolkit"],
+        "metadata": meta,  # the whole metadata.json, inside the result file (and so under its provenance)
+    }
+    return load(folder / "model.pt2", "cuda", single_threaded=True)
+
+
+def package_nograph(case: Case, wl: str) -> Call:
+    run, args = package(case), case.inputs[wl].args()
+    return lambda: run(*args)
+
+
+def package_graph(case: Case, wl: str) -> Call:
+    return graphed(case, package(case), case.inputs[wl].args())
+
+
+# In the order they run: the baselines first, then the package (its compile and parity take
+# minutes: a child that runs out of time must still have measured it), then the kernel paths.
+MODES: dict[str, Mode] = {
+    "eager_bf16_padded": Mode("GRDense.forward_padded bf16, plain PyTorch, batched and padded", eager_padded,
+                              baseline=True, padded=True),
+    "compile_bf16_padded": Mode("torch.compile(GRDense.forward_padded, dynamic=False) bf16, no Inductor settings",
+                                compiled_padded, baseline=True, padded=True),
+    "compile_bf16_padded_graph": Mode("the same, CUDA graph per shape", compiled_padded_graph, baseline=True,
+                                      padded=True, needs_cuda=True),
+    "aoti_bf16_nograph": Mode("AOTInductor package bf16, grc Triton ops, no CUDA graph", package_nograph,
+                              needs_cuda=True),
+    "aoti_bf16": Mode("the same package, CUDA graph per shape", package_graph, needs_cuda=True),
+    "eager_bf16_triton": Mode("JaggedDense bf16, grc ops (Triton kernels; their twins on a CPU), eager",
+                              eager_kernels),
+    "eager_bf16_triton_graph": Mode("the same, CUDA graph per shape", eager_kernels_graph, needs_cuda=True),
+    "compile_bf16_triton": Mode("torch.compile(dynamic) bf16, grc Triton ops, CUDA graph per shape",
+                                compiled_kernels, needs_cuda=True),
+}  # fmt: skip

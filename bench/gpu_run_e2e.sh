@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# bench/e2e.py on a GPU machine, start to end: the PyTorch baselines and grc's paths for one spec, every mode
+# in one process on the same inputs, the per-op profile included. Writes $OUT/e2e-<spec>.json (provenance
+# through bench/_common.write_result; without git it records the source digest: `python bench/_common.py`
+# at a commit prints the digest to match) and $OUT/e2e-<spec>.log.
+#   OUT=/some/folder bash bench/gpu_run_e2e.sh [mtgr-small|mtgr-base] [more bench/e2e.py flags]
+# From the repository root of a checkout (or a copy of one). Needs Python with CUDA torch and triton; what grc
+# imports beyond them (pydantic, PyYAML) comes from ./.whl when missing (bench/gpu_wheels.sh fills it where
+# PyPI is reachable). The whole run is bounded by DEADLINE seconds (default 480: under 9 minutes with start-up);
+# mtgr-base is a second call.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+spec="${1:-mtgr-small}"
+shift || true
+: "${OUT:?set OUT to the folder the results go to}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+py="${PYTHON:-$(command -v python3 || command -v python)}"
+if ! "$py" -c "import pydantic, yaml" 2>/dev/null; then
+  if ! ls .whl/*.whl >/dev/null 2>&1; then
+    echo "gpu_run_e2e.sh: pydantic or PyYAML is missing and ./.whl holds no wheels: run bench/gpu_wheels.sh" \
+      "where PyPI is reachable and bring .whl along" >&2
+    exit 2
+  fi
+  deps="$(mktemp -d)/site"  # wheels unpacked, not installed: the machine's Python stays as it was
+  for wheel in .whl/*.whl; do "$py" -m zipfile -e "$wheel" "$deps"; done
+  export PYTHONPATH="$PYTHONPATH:$deps"
+fi
+"$py" -c "import torch, triton, pydantic, yaml; assert torch.cuda.is_available(), 'torch sees no CUDA GPU'; \
+print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+"$py" bench/e2e.py --specs "$spec" --profile --deadline "${DEADLINE:-480}" --out "$OUT/e2e-$spec.json" "$@" \
+  2>&1 | tee "$OUT/e2e-$spec.log"

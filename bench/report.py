@@ -1,0 +1,301 @@
+"""The README's measured figures, generated from bench/results: nothing typed by hand.
+
+    python bench/report.py            # rewrite every block between <!-- report:NAME --> and <!-- /report:NAME -->
+    python bench/report.py --check    # exit 1, naming each block and the difference, when README and JSON disagree
+
+Each block is rendered by one function below from the result files it names, and says which file
+(and which commit, device and date) its figures come from; files marked ``"provenance": "legacy"``
+say so in the block. The test suite runs ``--check`` (tests/test_report.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+BLOCK = re.compile(r"<!-- report:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /report:(?P=name) -->", re.S)
+
+# The H200 runs the README quotes, one per spec: replace them with a new bench/gpu_run_e2e.sh result.
+E2E_GPU = ("e2e-h200-s3-small.json", "e2e-h200-s3-small-graph.json", "e2e-h200-s3-base.json")
+BASELINES = ("eager_bf16_padded", "compile_bf16_padded", "compile_bf16_padded_graph")
+MODE_LABELS = {
+    "eager_bf16_padded": "PyTorch eager, padded batch (baseline)",
+    "compile_bf16_padded": "PyTorch + torch.compile, padded batch (baseline)",
+    "compile_bf16_padded_graph": "PyTorch + torch.compile + CUDA graph, padded batch (baseline)",
+    "aoti_bf16_nograph": "grc AOTInductor package",
+    "aoti_bf16": "grc AOTInductor package + CUDA graph",
+    "eager_bf16_triton": "grc kernels, eager",
+    "eager_bf16_triton_graph": "grc kernels + CUDA graph",
+    "compile_bf16_triton": "grc kernels + torch.compile + CUDA graph",
+}
+
+
+class Results:
+    """Reads result files by name, once each."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.cache: dict[str, dict[str, Any]] = {}
+
+    def __call__(self, name: str) -> dict[str, Any]:
+        if name not in self.cache:
+            path = self.folder / name
+            if not path.is_file():
+                raise SystemExit(f"bench/report.py: {path} is missing (a README block is rendered from it)")
+            self.cache[name] = json.loads(path.read_text())
+        return self.cache[name]
+
+
+# --------------------------------------------------------------------------- formatting
+def num(x: float, digits: int = 3) -> str:
+    """``digits`` significant figures, thousands separated, no exponent for ordinary sizes."""
+    if x == 0:
+        return "0"
+    if abs(x) < 1e-3:
+        return f"{x:.{digits - 1}e}".replace("e-0", "e-")
+    if abs(x) >= 10 ** (digits - 1):
+        return f"{round(x):,}"
+    return f"{x:.{digits}g}"
+
+
+def source(name: str, data: dict[str, Any]) -> str:
+    """Where a block's figures come from: the file, and its commit, device and date (or 'legacy')."""
+    device = data.get("device") or data.get("machine") or "device not recorded"
+    date = str(data.get("date") or "undated")[:10]
+    if data.get("provenance") == "legacy":
+        return f"`bench/results/{name}` (legacy: {device}, {date}; its `known` field says how it was made)"
+    commit = str(data.get("commit", "?"))[:7]
+    dirty = ", uncommitted changes" if data.get("dirty") else ""
+    load = f", load average {data['load_average'][0]:.1f} when written" if "load_average" in data else ""
+    return f"`bench/results/{name}` (commit {commit}{dirty}; {device}{load}; {date})"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+# --------------------------------------------------------------------------- blocks
+def build_block(results: Results) -> str:
+    data = results("build.json")
+    rows = [
+        [
+            f"`{r['spec']}`",
+            f"{num(r['full_s'])} s ({num(r['full_cpu_s'])} s)",
+            f"{num(r['noop_s'])} s ({num(r['noop_cpu_s'])} s)",
+            f"{num(r['noop_beyond_startup_s'])} s",
+        ]
+        for r in data["rows"]
+    ]
+    startup = f"{num(data['interpreter_startup_s'])} s"
+    head = ["spec", "full build (CPU)", "no-op build (CPU)", f"no-op beyond interpreter start-up ({startup})"]
+    return (
+        f"`python bench/build.py` (build cache off, so every stage runs; wall time, and in brackets the CPU time "
+        f"of grc and its children, which other jobs on the machine inflate far less), {source('build.json', data)}:"
+        "\n\n" + table(head, rows)
+    )
+
+
+def cache_block(results: Results) -> str:
+    data = results("cache.json")
+    full = next(iter(data["rows"].values()))["wall_s"]
+    rows = [
+        [what, f"{num(t['wall_s'])} s", f"{num(t['cpu_s'])} s", f"{100 * t['wall_s'] / full:.1f}%"]
+        for what, t in data["rows"].items()
+    ]
+    head = [f"build of `{data['spec']}`", "wall time", "CPU time", "of the full build (wall)"]
+    return (
+        f"`python bench/cache.py` (`{data['spec']}`, one run), {source('cache.json', data)}:\n\n"
+        + table(head, rows)
+        + f"\n\nThe remote store held {data['remote_store_bytes'] / 2**30:.2f} GiB after the run."
+    )
+
+
+def load_summary(run: dict[str, Any]) -> str:
+    lat = run["latency_ms"]
+    rate = num(run["requests_per_s"])
+    return f"{run['errors']} errors, {rate} requests/s, p50 {num(lat['p50'])} ms, p99 {num(lat['p99'])} ms"
+
+
+def triton_load_block(results: Results) -> str:
+    data = results("triton-load.json")
+    sizes = data["batch_sizes"]["dense_onnx"]
+    one = data["baseline_max_batch_size_1"]
+    worst = data["checked_vs_pytorch"]["max_abs"]
+    return (
+        f"`python bench/triton_load.py` (`{data['spec']}`, {data['requests']:,} requests per round at concurrency "
+        f"{data['concurrency']} over loopback gRPC, median of {len(data['rounds'])} rounds), "
+        f"{source('triton-load.json', data)}: {load_summary(data)}; the dense step ran "
+        f"{sum(sizes.values()):,} executions for {data['requests']:,} requests (mean batch "
+        f"{data['mean_batch']['dense_onnx']}, sizes {min(map(int, sizes))}-{max(map(int, sizes))}). The same bundle "
+        f"with `max_batch_size: 1`: {load_summary(one)}. Answers checked against PyTorch: max_abs {num(worst, 2)}."
+    )
+
+
+def vllm_load_block(results: Results) -> str:
+    data = results("vllm-load.json")
+    rows = []
+    worst = 0.0
+    for name, r in data["runs"].items():
+        steps = r["steps"]["requests_per_step"]
+        rounds = [x["requests_per_s"] for x in r["rounds"]]
+        worst = max(worst, r["checked_vs_pytorch"]["max_abs"], r.get("max_abs_vs_pytorch", 0.0))
+        rows.append([
+            name, f"{num(r['start_s'])} s", str(r["errors"]), num(r["requests_per_s"]),
+            f"{num(r['latency_ms']['p50'])} / {num(r['latency_ms']['p99'])} ms",
+            f"{steps['mean']} (max {steps['max']})", f"{num(min(rounds))}-{num(max(rounds))}",
+        ])  # fmt: skip
+    venv = data["venv"]
+    head = ["server", "start to /health", "errors", "requests/s", "p50 / p99", "requests per step", "rounds (req/s)"]
+    return (
+        f"`python bench/vllm_load.py` (`{data['spec']}`, {data['requests']:,} requests per round at concurrency "
+        f"{data['concurrency']} over loopback HTTP, median round), {source('vllm-load.json', data)}:\n\n"
+        + table(head, rows)
+        + f"\n\nEvery answer checked against PyTorch: max_abs {num(worst, 2)}. The venv took "
+        f"{num(venv['seconds_to_make'])} s to make and holds {venv['gib']} GiB."
+    )
+
+
+def plugin_kernel_block(results: Results) -> str:
+    data = results("plugin-kernel-h100.json")
+    worst: dict[str, float] = {}
+    for case in data["cases"]:
+        worst[case["dtype"]] = max(worst.get(case["dtype"], 0.0), case["max_rel"])
+    passed = "every case passed" if data["all_ok"] and all(c["ok"] for c in data["cases"]) else "NOT every case passed"
+    figures = ", ".join(f"{dtype} max_rel {num(w, 2)}" for dtype, w in worst.items())
+    where = source("plugin-kernel-h100.json", data)
+    return f"On an H100 (sm_90) {passed} ({len(data['cases'])} cases; {figures}): {where}."
+
+
+def e2e_gpu_block(results: Results) -> str:
+    parts = []
+    for name in E2E_GPU:
+        data = results(name)
+        for spec, s in data["specs"].items():
+            parts.append(e2e_spec_table(name, data, spec, s))
+    return "\n\n".join(parts)
+
+
+def e2e_spec_table(name: str, data: dict[str, Any], spec: str, s: dict[str, Any]) -> str:
+    """One spec of one e2e run: p50 per mode and workload, the speed-up against the fastest
+    PyTorch baseline of the same run (none quoted when the run had none), the FLOP-floor share."""
+    shapes = {wl: w for wl, w in s["workloads"].items()}
+    best = {}
+    for wl in shapes:
+        timed = [s["modes"][m][wl]["p50_ms"] for m in BASELINES if wl in s["modes"].get(m, {})]
+        best[wl] = min(timed) if timed else None
+    compared = any(best.values())
+    rows = []
+    for mode, label in MODE_LABELS.items():
+        if mode not in s["modes"]:
+            continue
+        cells = [label]
+        for wl in shapes:
+            r = s["modes"][mode].get(wl)
+            if r is None:
+                cells += ["failed" if f"{mode}:{wl}" in s.get("errors", {}) else "not run"] + ["–"] * compared
+                continue
+            speedup = f"{best[wl] / r['p50_ms']:.1f}x" if best[wl] else "–"
+            cells += [f"{num(r['p50_ms'])} ms"] + [speedup] * compared
+        thr = s["modes"][mode].get("throughput")
+        floor = shapes.get("throughput", {}).get("flop_floor_ms")
+        cells.append(f"{100 * floor / thr['p50_ms']:.1f}%" if thr and floor else "–")
+        rows.append(cells)
+    head = ["mode"]
+    for wl, w in shapes.items():
+        tokens = w["profile_tokens"] + w["history"] + w["candidates"]
+        head += [f"{wl} p50 ({w['users']} x {tokens:,} tokens)"] + ["x best baseline"] * compared
+    head.append("of the FLOP floor (throughput)")
+    parity = ""
+    package = s.get("aoti_package")
+    if package:
+        figures = package["parity"]["figures"]
+        worst = max(f["max_rel"] for f in figures)
+        parity = (
+            f" Package parity on the GPU vs float64: max rel. {num(worst, 2)} (tolerance {figures[0]['tol_rel']}), "
+            f"{len(figures)} shapes; compiled in {num(package['build_seconds']['compile'])} s, "
+            f"{package['bytes'] / 2**20:.1f} MiB."
+        )
+    missing = "" if compared else " No PyTorch baseline ran in this run: no speed-up is quoted."
+    return f"**`{spec}`**, bf16, {source(name, data)}.{missing}{parity}\n\n" + table(head, rows)
+
+
+BLOCKS: dict[str, Callable[[Results], str]] = {
+    "build": build_block,
+    "cache": cache_block,
+    "triton-load": triton_load_block,
+    "vllm-load": vllm_load_block,
+    "plugin-kernel": plugin_kernel_block,
+    "e2e-gpu": e2e_gpu_block,
+}
+
+
+# --------------------------------------------------------------------------- README
+def render(readme: str, results: Results) -> str:
+    """The README with every report block regenerated. Unknown block names and blocks that are
+    defined but absent are errors: a table nobody renders, or a renderer nobody reads, is a lie
+    waiting to happen."""
+    found = [m.group("name") for m in BLOCK.finditer(readme)]
+    unknown = sorted(set(found) - set(BLOCKS))
+    missing = sorted(set(BLOCKS) - set(found))
+    opened = re.findall(r"<!-- report:([\w-]+) -->", readme)
+    if unknown or missing or len(opened) != len(found):
+        raise SystemExit(
+            f"bench/report.py: README blocks unknown {unknown}, missing {missing}, unclosed "
+            f"{sorted(set(opened) - set(found))} (known: {', '.join(BLOCKS)})"
+        )
+    return BLOCK.sub(
+        lambda m: f"<!-- report:{m['name']} -->\n{BLOCKS[m['name']](results)}\n<!-- /report:{m['name']} -->", readme
+    )
+
+
+def differences(old: str, new: str) -> list[str]:
+    """Per block whose text differs: its name and a unified diff (README -> generated)."""
+    generated = {m["name"]: m["body"] for m in BLOCK.finditer(new)}
+    out = []
+    for m in BLOCK.finditer(old):
+        if m["body"] != generated[m["name"]]:
+            diff = difflib.unified_diff(
+                m["body"].splitlines(), generated[m["name"]].splitlines(), "README.md", "bench/results", lineterm=""
+            )
+            out.append(f"report block '{m['name']}' disagrees with its JSON:\n" + "\n".join(diff))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check", action="store_true", help="compare only; exit 1 on any difference")
+    p.add_argument("--readme", type=Path, default=REPO / "README.md")
+    p.add_argument("--results", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    old = args.readme.read_text()
+    new = render(old, Results(args.results))
+    if args.check:
+        problems = differences(old, new)
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        if problems:
+            print(
+                f"{args.readme}: {len(problems)} report block(s) out of date: run python bench/report.py",
+                file=sys.stderr,
+            )
+        return 1 if problems else 0
+    if new != old:
+        sys.path.insert(0, str(REPO))
+        from grc.build.atomic import write_file
+
+        write_file(args.readme, new.encode())
+        print(f"{args.readme}: report blocks regenerated")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

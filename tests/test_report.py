@@ -1,0 +1,77 @@
+"""The README's measured figures are generated from bench/results (bench/report.py), and every result
+file says where it came from."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bench import report
+
+REPO = Path(__file__).resolve().parents[1]
+PROVENANCE = ("argv", "commit", "dirty", "source_sha256", "date", "device", "versions")
+
+
+def test_readme_agrees_with_the_results(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = report.main(["--check"])
+    assert rc == 0, capsys.readouterr().err
+
+
+def test_an_edited_number_in_the_readme_fails_the_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    readme = (REPO / "README.md").read_text()
+    block = next(report.BLOCK.finditer(readme))
+    number = re.search(r"\d+\.\d+", block["body"])
+    assert number is not None, f"block {block['name']} holds no decimal number to edit"
+    start = block.start("body") + number.start()
+    changed = str(float(number[0]) + 1)
+    edited = readme[:start] + changed + readme[start + len(number[0]) :]
+    (tmp_path / "README.md").write_text(edited)
+
+    assert report.main(["--check", "--readme", str(tmp_path / "README.md")]) == 1
+    err = capsys.readouterr().err
+    assert f"report block '{block['name']}' disagrees" in err
+    diff = err.splitlines()
+    assert any(line.startswith("-") and changed in line for line in diff)  # the README's line ...
+    assert any(line.startswith("+") and number[0] in line for line in diff)  # ... and what the JSON gives
+    assert (tmp_path / "README.md").read_text() == edited  # --check writes nothing
+
+
+def test_a_changed_result_fails_the_check_and_regenerating_fixes_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    results = tmp_path / "results"
+    shutil.copytree(REPO / "bench" / "results", results)
+    build = json.loads((results / "build.json").read_text())
+    build["rows"][0]["full_s"] = 12345.0
+    (results / "build.json").write_text(json.dumps(build))
+    shutil.copy(REPO / "README.md", tmp_path / "README.md")
+    args = ["--readme", str(tmp_path / "README.md"), "--results", str(results)]
+
+    assert report.main(["--check", *args]) == 1
+    assert "report block 'build' disagrees" in capsys.readouterr().err
+    assert report.main(args) == 0
+    assert "12,345 s" in (tmp_path / "README.md").read_text()
+    assert report.main(["--check", *args]) == 0
+
+
+def test_a_removed_block_is_an_error(tmp_path: Path) -> None:
+    readme = (REPO / "README.md").read_text()
+    block = next(m for m in report.BLOCK.finditer(readme) if m["name"] == "cache")
+    (tmp_path / "README.md").write_text(readme[: block.start()] + readme[block.end() :])
+    with pytest.raises(SystemExit, match=r"missing \['cache'\]"):
+        report.main(["--check", "--readme", str(tmp_path / "README.md")])
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "bench" / "results").glob("*.json")), ids=lambda p: p.name)
+def test_every_result_file_carries_its_provenance(path: Path) -> None:
+    data = json.loads(path.read_text())
+    if data.get("provenance") == "legacy":
+        assert len(data.get("known", "")) > 40, f"{path.name}: legacy without saying what is known"
+    else:
+        missing = [k for k in PROVENANCE if k not in data]
+        assert not missing, f"{path.name}: no {missing}: write it with bench/_common.write_result"
+        assert data["argv"] and data["argv"][0].endswith(".py")
