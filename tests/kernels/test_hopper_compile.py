@@ -20,9 +20,9 @@ from kernels.hstu_attention import _hstu_fwd_kernel
 from kernels.norm_gate import _norm_gate_kernel
 
 HOPPER = GPUTarget("cuda", 90, 32)
-ATTENTION_PTRS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "offsets": "*i64", "ts": "*i64",
+ATTENTION_PTRS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "q_offsets": "*i64", "kv_offsets": "*i64", "ts": "*i64",
                   "ncand": "*i64", "near_tab": "*fp32", "far_tab": "*fp32"}  # fmt: skip
-ATTENTION_CONST = {"CAUSAL": True, "FAST_SILU": True, "ALLOW_TS_FAST": True, "P": 64, "NB": 31, "DQK": 64, "DV": 64,
+ATTENTION_CONST = {"CAUSAL": True, "FAST_SILU": True, "ALLOW_TS_FAST": True, "P": 64, "NB": 32, "DQK": 64, "DV": 64,
                    "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_DQK": 64, "BLOCK_DV": 64, "DOT_PREC": "ieee",
                    "DOT_UPCAST": False, "ASM_GATHER": True, "ABLATE": 0, "SEARCH": 64}  # fmt: skip
 NORM_PTRS = {"A": "*bf16", "U": "*bf16", "W": "*bf16", "Bias": "*bf16", "Y": "*bf16"}
