@@ -2,7 +2,8 @@
 
 ``torch.ops.grc.hstu_attention`` / ``torch.ops.grc.norm_gate`` are ``torch.library.triton_op``s:
 on CUDA tensors they launch the Triton kernels (torch.compile / AOTInductor see and compile the
-kernels), on any other device they run the PyTorch reference, so the ops work everywhere. On
+kernels; under the Triton interpreter also on CPU tensors), on any other device they run the
+PyTorch reference, so the ops work everywhere. On
 CUDA nothing else runs: a setting the kernel does not support raises ValueError naming it.
 Their fake (meta) impl is the op body itself run on fake tensors, which is why the bodies use
 tensor ops only. The jagged references loop over users with data-dependent slicing, so they sit
@@ -16,10 +17,16 @@ import torch
 from torch.library import custom_op, triton_op, wrap_triton
 
 from kernels import reference
-from kernels.hstu_attention import hstu_attention_cached_triton, hstu_attention_triton
+from kernels.hstu_attention import INTERPRET, hstu_attention_cached_triton, hstu_attention_triton
 from kernels.norm_gate import norm_gate_triton
 
 IMPLS = ("triton", "pytorch")
+
+
+def runs_kernel(x: torch.Tensor) -> bool:
+    """The ops launch the Triton kernels on CUDA tensors, and on CPU tensors under the Triton
+    interpreter (TRITON_INTERPRET=1: tests and dry runs of the GPU scripts); else the reference."""
+    return x.device.type == "cuda" or (INTERPRET and x.device.type == "cpu")
 
 
 @custom_op("grc::hstu_attention_reference", mutates_args=())
@@ -54,7 +61,7 @@ def _hstu_attention_op(
     causal: bool,
 ) -> torch.Tensor:
     args = (q, k, v, offsets, timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal)
-    if q.device.type != "cuda":
+    if not runs_kernel(q):
         return torch.ops.grc.hstu_attention_reference(*args)
     return hstu_attention_triton(*args, wrap=wrap_triton)
 
@@ -104,7 +111,7 @@ def _hstu_attention_cached_op(
     causal: bool,
 ) -> torch.Tensor:
     args = (q, k, v, q_offsets, kv_offsets, timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal)
-    if q.device.type != "cuda":
+    if not runs_kernel(q):
         return torch.ops.grc.hstu_attention_cached_reference(*args)
     return hstu_attention_cached_triton(*args, wrap=wrap_triton)
 
@@ -113,7 +120,7 @@ def _hstu_attention_cached_op(
 def _norm_gate_op(
     a: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> torch.Tensor:
-    if a.device.type != "cuda":
+    if not runs_kernel(a):
         return reference.norm_gate(a, u, weight, bias, eps)
     return norm_gate_triton(a, u, weight, bias, eps, wrap=wrap_triton)
 
