@@ -135,6 +135,7 @@ def correctness(deadline: float) -> list[dict[str, Any]]:
         ("full huge spans (int64 gap path)", bf16, {"ts_gap": 1 << 28, **mtgr_base}),
         ("full int64 path forced", bf16, {"allow_ts_fast": False, **mtgr_base}),
         ("full, exact SiLU path", bf16, {"fast_silu": False, **mtgr_base}),
+        ("full, float-exponent bucket (no bfind)", bf16, {"ptx": 1, **mtgr_base}),
         ("full causal", f16, mtgr_base),
         ("cached causal", f16, {"queries": suffix, **mtgr_base}),
         ("full non-causal", f16, {"causal": False, **mtgr_base}),

@@ -226,14 +226,19 @@ def bench_variants(peak: float) -> list[dict[str, Any]]:
     return rows
 
 
-EXPLORE = (  # (name, (BLOCK_M, BLOCK_N, warps, stages) or None = autotuned op, ablate, ts_gap)
-    ("op, autotuned", None, 0, 20_000),
-    ("bm128 bn64 w8 s2", (128, 64, 8, 2), 0, 20_000),
-    ("bm64 bn64 w4 s2", (64, 64, 4, 2), 0, 20_000),
-    ("op, dense timestamps (gaps <= 20 s)", None, 0, 20),
-    ("bm64 w4 s2 -bias", (64, 64, 4, 2), 1, 20_000),
-    ("bm64 w4 s2 -act", (64, 64, 4, 2), 4, 20_000),
-    ("bm64 w4 s2 -bias -act", (64, 64, 4, 2), 5, 20_000),
+Variant = tuple[str, tuple[int, int, int, int] | None, Any, int]
+EXPLORE: tuple[
+    Variant, ...
+] = (  # (name, (BLOCK_M, BLOCK_N, warps, stages) or None = autotuned op, launcher options, ts_gap)
+    ("op, autotuned", None, {}, 20_000),
+    ("bm128 bn64 w8 s2", (128, 64, 8, 2), {}, 20_000),
+    ("bm64 bn64 w4 s2", (64, 64, 4, 2), {}, 20_000),
+    ("op, dense timestamps (gaps <= 20 s)", None, {}, 20),
+    ("bm64 w4 s2 float-exponent bucket (no bfind)", (64, 64, 4, 2), {"ptx": 1}, 20_000),
+    ("bm128 w8 s2 float-exponent bucket (no bfind)", (128, 64, 8, 2), {"ptx": 1}, 20_000),
+    ("bm64 w4 s2 -bias", (64, 64, 4, 2), {"ablate": 1}, 20_000),
+    ("bm64 w4 s2 -act", (64, 64, 4, 2), {"ablate": 4}, 20_000),
+    ("bm64 w4 s2 -bias -act", (64, 64, 4, 2), {"ablate": 5}, 20_000),
 )
 
 
@@ -244,12 +249,12 @@ def explore(peak: float) -> list[dict[str, Any]]:
         batch = TOTAL_TOKENS // seq
         lengths, ncands = [seq] * batch, [0] * batch
         flops = 4 * 128 * heads * unmasked_pairs(lengths, ncands, True)
-        for name, cfg, ablate, gap in EXPLORE:
+        for name, cfg, options, gap in EXPLORE:
             args = make_case(lengths, ncands, heads, 128, torch.bfloat16, seed=3, ts_gap=gap, tables=TABLES[128])
             fn: Callable[[], Any] = (
                 functools.partial(kernels.hstu_attention, *args)
                 if cfg is None
-                else functools.partial(hstu_attention_triton, *args, config=cfg, ablate=ablate)
+                else functools.partial(hstu_attention_triton, *args, config=cfg, **options)
             )
             try:
                 ms = median_ms(fn)

@@ -10,9 +10,9 @@ One program computes BLOCK_M query rows of one user and one head. Which key bloc
   their bias is one gather from a per-head [NB] row instead of position arithmetic plus a gather.
 
 Per-score work is the bottleneck (not the two matmuls), so it is trimmed to a few instructions:
-the two bias tables are pre-added ([H, NB, 2P-1], rp fastest), the time bucket is the float
-exponent of |dt| + 1 corrected by one integer compare (the exponent's bias folded into the table
-pointer), SiLU is z + z*tanh(z)
+the two bias tables are pre-added ([H, NB, 2P-1], rp fastest), the time bucket is one bfind
+(highest set bit of |dt| + 1) on the GPU, the float exponent of |dt| + 1 with an integer
+correction elsewhere (the exponent's bias folded into the table pointer), SiLU is z + z*tanh(z)
 with z = s/2 (tables and alpha pre-halved, tanh.approx on GPU), and 1/norm is applied once per
 output row.
 
@@ -45,6 +45,9 @@ MAX_HEAD_DIM = 256
 MAX_POSITION_BUCKETS = 1 << 22  # (127 + 63) * (2P - 1) indexes the bias table in int32
 EXP_BIAS = tl.constexpr(127)  # float32 exponent bias: bucket + 127 is what the exponent field holds
 NEAR, FAR_LEFT, FAR_RIGHT = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+# Inline-PTX variants (GPU only; the interpreter cannot run PTX): bit flags of the PTX constexpr
+# (written as literals inside the kernels: the interpreter cannot mix ints and constexprs).
+PTX_GATHER, PTX_BFIND = 1, 2
 
 
 def _configs() -> list[triton.Config]:
@@ -73,11 +76,11 @@ def _act(z, FAST_SILU: tl.constexpr):
 
 
 @triton.jit
-def _gather(ptrs, ASM_GATHER: tl.constexpr):
-    """Per-score bias lookup. On the GPU through inline PTX: Triton's software pipeliner would
-    otherwise prefetch this gather an iteration ahead via cp.async, holding a 64-bit pointer per
-    score in registers (ptxas: 255 registers and spills)."""
-    if ASM_GATHER:
+def _gather(ptrs, PTX: tl.constexpr):
+    """Per-score bias lookup. On the GPU (PTX_GATHER) through inline PTX: Triton's software
+    pipeliner would otherwise prefetch this gather an iteration ahead via cp.async, holding a
+    64-bit pointer per score in registers (ptxas: 255 registers and spills)."""
+    if PTX & 1:  # PTX_GATHER
         return tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=r,l", [ptrs], dtype=tl.float32,
                                          is_pure=True, pack=1)
     else:
@@ -94,17 +97,24 @@ def _round_to_bf16(x):
 
 
 @triton.jit
-def _biased_bucket(dt, NB: tl.constexpr):
+def _biased_bucket(dt, NB: tl.constexpr, PTX: tl.constexpr):
     """127 + min(floor(log2(1 + |dt|)), NB-1) for int32 |dt| < 2**30, exactly.
 
-    The exponent field of the float |dt| + 1. Below 2**24 every step is exact; above, rounding can
-    only push the exponent up to the next power of two, which matters only when the true bucket is
-    >= 24, i.e. only when NB > 25 (else both saturate at NB-1); then an integer check corrects it.
+    On the GPU (PTX_BFIND): bfind.u32, the index of the highest set bit of |dt| + 1, one
+    instruction. Elsewhere the exponent field of the float |dt| + 1: below 2**24 every step is
+    exact; above, rounding can only push the exponent up to the next power of two, which matters
+    only when the true bucket is >= 24, i.e. only when NB > 25 (else both saturate at NB-1); then
+    an integer check corrects it.
     """
-    e = ((tl.abs(dt.to(tl.float32)) + 1.0).to(tl.int32, bitcast=True)) >> 23
-    if NB > 25:
+    if PTX & 2:  # PTX_BFIND
         x = tl.abs(dt) + 1
-        e = tl.where((1 << (e - EXP_BIAS)) > x, e - 1, e)
+        e = tl.inline_asm_elementwise("bfind.u32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=True,
+                                      pack=1) + EXP_BIAS
+    else:
+        e = ((tl.abs(dt.to(tl.float32)) + 1.0).to(tl.int32, bitcast=True)) >> 23
+        if NB > 25:
+            x = tl.abs(dt) + 1
+            e = tl.where((1 << (e - EXP_BIAS)) > x, e - 1, e)
     return tl.minimum(e, EXP_BIAS + NB - 1)
 
 
@@ -136,12 +146,12 @@ def _biased_bucket64(gap, NB: tl.constexpr):
 
 
 @triton.jit
-def _bucket(ts_i32, ts_i, ts_j, ts_ref, fast, ALLOW_TS_FAST: tl.constexpr, NB: tl.constexpr):
+def _bucket(ts_i32, ts_i, ts_j, ts_ref, fast, ALLOW_TS_FAST: tl.constexpr, NB: tl.constexpr, PTX: tl.constexpr):
     """Biased time bucket of every (row, key) pair: from int32 offsets to ts_ref when the
     program's timestamps span less than 2**29 (`fast`), else from the saturated int64 gap."""
     if ALLOW_TS_FAST:
         if fast:
-            eb = _biased_bucket(ts_i32[:, None] - (ts_j - ts_ref).to(tl.int32)[None, :], NB)
+            eb = _biased_bucket(ts_i32[:, None] - (ts_j - ts_ref).to(tl.int32)[None, :], NB, PTX)
         else:
             eb = _biased_bucket64(_abs_gap(ts_i[:, None], ts_j[None, :]), NB)
     else:
@@ -152,14 +162,14 @@ def _bucket(ts_i32, ts_i, ts_j, ts_ref, fast, ALLOW_TS_FAST: tl.constexpr, NB: t
 @triton.jit
 def _add_bias(z, p_i, ts_i32, ts_i, ts_j, ts_ref, fast, offs_n, near_base, far_base,
               REL: tl.constexpr, ALLOW_TS_FAST: tl.constexpr, P: tl.constexpr,
-              NB: tl.constexpr, ASM_GATHER: tl.constexpr):
+              NB: tl.constexpr, PTX: tl.constexpr):
     """z + bias[h, bucket(i, j), rp(i, j)] for one key block (z = alpha/2 * q.k, tables halved)."""
-    eb = _bucket(ts_i32, ts_i, ts_j, ts_ref, fast, ALLOW_TS_FAST, NB)
+    eb = _bucket(ts_i32, ts_i, ts_j, ts_ref, fast, ALLOW_TS_FAST, NB, PTX)
     if REL == NEAR:  # history keys: p(j) = j; p(i) = min(i, n_ctx) precomputed per row
         rp = tl.minimum(tl.maximum(p_i[:, None] - offs_n[None, :], 1 - P), P - 1)
-        return z + _gather(near_base + (eb * (2 * P - 1) + rp), ASM_GATHER)
+        return z + _gather(near_base + (eb * (2 * P - 1) + rp), PTX)
     else:  # rp is clamped to +-(P-1) for every pair: the far row of the table
-        return z + _gather(far_base + eb, ASM_GATHER)
+        return z + _gather(far_base + eb, PTX)
 
 
 @triton.jit
@@ -168,7 +178,7 @@ def _attn_block(acc, q, p_i, ts_i32, ts_i, fast, offs_m, n_start, n_ctx, k_base,
                 MASKED: tl.constexpr, REL: tl.constexpr, CAUSAL: tl.constexpr, ALLOW_TS_FAST: tl.constexpr,
                 FAST_SILU: tl.constexpr, P: tl.constexpr, NB: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, ASM_GATHER: tl.constexpr,
+                DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, PTX: tl.constexpr,
                 ABLATE: tl.constexpr):
     """acc += act(s) @ V over history keys [n_start, n_start + BLOCK_N)."""
     offs_n = n_start + tl.arange(0, BLOCK_N)
@@ -198,7 +208,7 @@ def _attn_block(acc, q, p_i, ts_i32, ts_i, fast, offs_m, n_start, n_ctx, k_base,
     z = qk * alpha
     if not ABLATE & 1:  # (ABLATE: benchmarking only, drops stages and so gives WRONG results)
         z = _add_bias(z, p_i, ts_i32, ts_i, ts_j, ts_ref, fast, offs_n, near_base, far_base,
-                      REL, ALLOW_TS_FAST, P, NB, ASM_GATHER)
+                      REL, ALLOW_TS_FAST, P, NB, PTX)
     a = z if ABLATE & 4 else _act(z, FAST_SILU)
     if MASKED:
         ok = col_ok[None, :]
@@ -219,13 +229,13 @@ def _attn_loop(acc, lo, hi, q, p_i, ts_i32, ts_i, fast, offs_m, n_ctx, k_base, v
                MASKED: tl.constexpr, REL: tl.constexpr, CAUSAL: tl.constexpr, ALLOW_TS_FAST: tl.constexpr,
                FAST_SILU: tl.constexpr, P: tl.constexpr, NB: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-               DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, ASM_GATHER: tl.constexpr,
+               DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, PTX: tl.constexpr,
                ABLATE: tl.constexpr):
     for n_start in range(lo, hi, BLOCK_N):
         acc = _attn_block(acc, q, p_i, ts_i32, ts_i, fast, offs_m, n_start, n_ctx, k_base, v_base, ts_base,
                           ts_ref, near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
                           MASKED, REL, CAUSAL, ALLOW_TS_FAST, FAST_SILU, P, NB, DQK, DV, BLOCK_N, BLOCK_DQK,
-                          BLOCK_DV, DOT_PREC, DOT_UPCAST, ASM_GATHER, ABLATE)
+                          BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE)
     return acc
 
 
@@ -236,7 +246,7 @@ def _attend_segment(Q, K, V, Out, ts, near_tab, far_tab, q_row0, kv_start, n_ctx
                     CAUSAL: tl.constexpr, FAST_SILU: tl.constexpr, ALLOW_TS_FAST: tl.constexpr,
                     P: tl.constexpr, NB: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                    DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, ASM_GATHER: tl.constexpr,
+                    DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, PTX: tl.constexpr,
                     ABLATE: tl.constexpr):
     """Output rows [m0, m_end) (positions in the user's sequence, at most BLOCK_M of them) of the
     user whose keys start at token `kv_start`, head h. Row m is query/output token q_row0 + m."""
@@ -293,20 +303,20 @@ def _attend_segment(Q, K, V, Out, ts, near_tab, far_tab, q_row0, kv_start, n_ctx
     acc = _attn_loop(acc, 0, left_end, q, p_i, ts_i32, ts_i, fast, offs_m, n_ctx, k_base, v_base,
                      ts_base, ts_ref, near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
                      False, FAR_LEFT, CAUSAL, ALLOW_TS_FAST, FAST_SILU, P, NB, DQK, DV, BLOCK_N, BLOCK_DQK, BLOCK_DV,
-                     DOT_PREC, DOT_UPCAST, ASM_GATHER, ABLATE)
+                     DOT_PREC, DOT_UPCAST, PTX, ABLATE)
     acc = _attn_loop(acc, left_end, right_start, q, p_i, ts_i32, ts_i, fast, offs_m, n_ctx, k_base, v_base,
                      ts_base, ts_ref, near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
                      False, NEAR, CAUSAL, ALLOW_TS_FAST, FAST_SILU, P, NB, DQK, DV, BLOCK_N, BLOCK_DQK, BLOCK_DV,
-                     DOT_PREC, DOT_UPCAST, ASM_GATHER, ABLATE)
+                     DOT_PREC, DOT_UPCAST, PTX, ABLATE)
     if not CAUSAL:  # causal rows never see keys right of themselves
         acc = _attn_loop(acc, right_start, full_end, q, p_i, ts_i32, ts_i, fast, offs_m, n_ctx, k_base,
                          v_base, ts_base, ts_ref, near_base, far_base + NB, stride_kt, stride_vt, offs_dk, offs_dv,
                          alpha, False, FAR_RIGHT, CAUSAL, ALLOW_TS_FAST, FAST_SILU, P, NB, DQK, DV, BLOCK_N, BLOCK_DQK,
-                         BLOCK_DV, DOT_PREC, DOT_UPCAST, ASM_GATHER, ABLATE)
+                         BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE)
     acc = _attn_loop(acc, full_end, hi, q, p_i, ts_i32, ts_i, fast, offs_m, n_ctx, k_base, v_base,
                      ts_base, ts_ref, near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
                      True, NEAR, CAUSAL, ALLOW_TS_FAST, FAST_SILU, P, NB, DQK, DV, BLOCK_N, BLOCK_DQK, BLOCK_DV,
-                     DOT_PREC, DOT_UPCAST, ASM_GATHER, ABLATE)
+                     DOT_PREC, DOT_UPCAST, PTX, ABLATE)
 
     # Candidate rows also see themselves (rp = 0, dt = 0): the only allowed key past the history.
     if m_end > n_ctx:
@@ -336,7 +346,7 @@ def _hstu_fwd_kernel(Q, K, V, Out, q_offsets, kv_offsets, ts, ncand, near_tab, f
                      CAUSAL: tl.constexpr, FAST_SILU: tl.constexpr, ALLOW_TS_FAST: tl.constexpr,
                      P: tl.constexpr, NB: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                     DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, ASM_GATHER: tl.constexpr,
+                     DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, PTX: tl.constexpr,
                      ABLATE: tl.constexpr, SEARCH: tl.constexpr):
     """One program per window of BLOCK_M consecutive query tokens (all users flattened) and head.
 
@@ -375,7 +385,7 @@ def _hstu_fwd_kernel(Q, K, V, Out, q_offsets, kv_offsets, ts, ncand, near_tab, f
                                 (seg_lo - q_start).to(tl.int32) + shift, (seg_hi - q_start).to(tl.int32) + shift, h,
                                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                                 alpha, inv_norm, CAUSAL, FAST_SILU, ALLOW_TS_FAST, P, NB, DQK, DV, BLOCK_M, BLOCK_N,
-                                BLOCK_DQK, BLOCK_DV, DOT_PREC, DOT_UPCAST, ASM_GATHER, ABLATE)
+                                BLOCK_DQK, BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE)
             else:  # more queries than keys: not a suffix. NaN rows, never a plausible result
                 rows = seg_lo + tl.arange(0, BLOCK_M)
                 offs_dv = tl.arange(0, BLOCK_DV)
@@ -457,6 +467,12 @@ def check_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_w: to
         )
 
 
+def ptx_variants(q: torch.Tensor, ptx: int | None) -> int:
+    if not q.is_cuda or INTERPRET:
+        return 0
+    return PTX_GATHER | PTX_BFIND if ptx is None else ptx
+
+
 def hstu_attention_cached_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -476,6 +492,7 @@ def hstu_attention_cached_triton(
     out: torch.Tensor | None = None,
     config: tuple[int, int, int, int] | None = None,
     ablate: int = 0,
+    ptx: int | None = None,
 ) -> torch.Tensor:
     """Launch the kernel: per user the queries q[q_offsets[b]:q_offsets[b+1]] are the last rows of
     the sequence k, v, timestamps[kv_offsets[b]:kv_offsets[b+1]] (contract:
@@ -487,7 +504,8 @@ def hstu_attention_cached_triton(
     which cannot run inline PTX). allow_ts_fast=False forces the int64 time-gap path (tests).
     config: (BLOCK_M, BLOCK_N, num_warps, num_stages) to skip autotuning (checks that compile many
     variants). ablate: benchmarking only, a bitmask of per-score stages to drop, which makes the
-    result WRONG: 1 bias (time bucket and gathers), 4 activation.
+    result WRONG: 1 bias (time bucket and gathers), 4 activation. ptx: which inline-PTX variants
+    to use (PTX_GATHER | PTX_BFIND bits); None = both on a GPU, none under the interpreter.
     """
     check_supported(q, k, v, pos_w)
     if q_offsets.shape != kv_offsets.shape:
@@ -552,7 +570,7 @@ def hstu_attention_cached_triton(
         BLOCK_DV=max(16, triton.next_power_of_2(dv)),
         DOT_PREC="ieee" if q.dtype == torch.float32 or upcast else "tf32",
         DOT_UPCAST=upcast,
-        ASM_GATHER=q.is_cuda and not INTERPRET,
+        PTX=ptx_variants(q, ptx),
         ABLATE=ablate,
         SEARCH=256,
         **fixed,

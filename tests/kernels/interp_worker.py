@@ -17,6 +17,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+import kernels  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.hstu_attention import (  # noqa: E402
     _abs_gap,
@@ -143,8 +144,11 @@ def cached_case(
     ts_high: int = 20_000,
     heads: int = 2,
     d: int = 32,
+    via_op: bool = False,
 ) -> float:
-    """Queries = the last n_queries[b] tokens of each user's sequence, against all its keys."""
+    """Queries = the last n_queries[b] tokens of each user's sequence, against all its keys.
+    via_op: through kernels.hstu_attention_cached (the grc::hstu_attention_cached triton_op,
+    which launches the kernel on CPU tensors under the interpreter) instead of the launcher."""
     num_pos = 8
     kv_offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int64)
     q_offsets = torch.tensor([0, *torch.tensor(n_queries).cumsum(0).tolist()], dtype=torch.int64)
@@ -159,7 +163,10 @@ def cached_case(
     pos_w, ts_w = randn(heads, 2 * num_pos - 1), randn(heads, num_buckets)
     args = (q_offsets, kv_offsets, ts, nc)
     poisoned = torch.full((total_q, heads, d), float("nan"), dtype=dtype)
-    out = hstu_attention_cached_triton(q, k, v, *args, pos_w, ts_w, 0.3, 7.0, causal, out=poisoned)
+    if via_op:
+        out = kernels.hstu_attention_cached(q, k, v, *args, pos_w, ts_w, 0.3, 7.0, causal, impl="triton")
+    else:
+        out = hstu_attention_cached_triton(q, k, v, *args, pos_w, ts_w, 0.3, 7.0, causal, out=poisoned)
     ref = reference.hstu_attention_cached(
         q.double(), k.double(), v.double(), *args, pos_w.double(), ts_w.double(), 0.3, 7.0, causal
     )
@@ -183,6 +190,7 @@ def cached_job(dtype: torch.dtype, gen: torch.Generator) -> dict[str, float]:
             f"time_buckets_64_huge_gaps_{tag}": cached_case(
                 gen, dtype, [70, 9], [4, 0], [10, 9], causal, num_buckets=64, ts_high=1 << 56
             ),
+            f"through_the_op_{tag}": cached_case(gen, dtype, lengths, ncands, [8, 1, 41, 1, 5], causal, via_op=True),
         }
     return results
 
@@ -225,7 +233,7 @@ def _bucket_kernel(DT, TS_I, TS_J, OUT32, OUT64, n, NB: tl.constexpr, BLOCK: tl.
     offs = tl.arange(0, BLOCK)
     ok = offs < n
     dt = tl.load(DT + offs, mask=ok, other=0)
-    tl.store(OUT32 + offs, _biased_bucket(dt, NB) - 127, mask=ok)
+    tl.store(OUT32 + offs, _biased_bucket(dt, NB, 0) - 127, mask=ok)
     gap = _abs_gap(tl.load(TS_I + offs, mask=ok, other=0), tl.load(TS_J + offs, mask=ok, other=0))
     tl.store(OUT64 + offs, _biased_bucket64(gap, NB) - 127, mask=ok)
 
