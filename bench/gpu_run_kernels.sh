@@ -26,9 +26,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 
 step "kernel correctness (bench/gpu_kernels_check.py)"
 DRY=${DRY_RUN:+--dry-run}
-timeout 210 "$PY" bench/gpu_kernels_check.py --out-dir "$OUT" --budget-s 150 $DRY
+timeout 220 "$PY" bench/gpu_kernels_check.py --out-dir "$OUT" --budget-s 130 $DRY
 check_rc=$?
-[ $check_rc -eq 124 ] && echo "gpu_kernels_check: TIMED OUT after 210 s (partial JSON kept)"
+[ $check_rc -eq 124 ] && echo "gpu_kernels_check: TIMED OUT after 220 s (partial JSON kept)"
 
 step "TensorRT plugin kernel (plugins/check_kernel.py)"
 if [ -n "$DRY" ]; then
@@ -40,7 +40,7 @@ else
 fi
 
 step "benchmark (bench/kernels.py)"
-timeout 200 "$PY" bench/kernels.py --out-dir "$OUT" --budget-s 150 $DRY || echo "bench/kernels.py: exit $? (partial JSON kept)"
+timeout 190 "$PY" bench/kernels.py --out-dir "$OUT" --budget-s 140 $DRY || echo "bench/kernels.py: exit $? (partial JSON kept)"
 
 step "summary"
 for f in $(find "$OUT" -maxdepth 1 -name 'kernels-*-check.json' -newer "$marker"); do
