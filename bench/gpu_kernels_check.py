@@ -1,17 +1,23 @@
-"""GPU correctness of the kernels at real sizes, and capture of the ops (run on the lent H100).
+"""GPU correctness of the kernels at real sizes, and capture of the ops (run on a lent GPU).
 
-Every case: fresh random inputs, output poisoned with NaN, ||out - ref|| / ||ref|| against the
-float64 reference. Then the ops through torch.ops.grc, torch.compile (inductor, fullgraph) and
-torch.export + AOTInductor. Prints one line per check and writes JSON to --out.
+Every case: fresh random inputs (the seed is recorded), output poisoned with NaN, ||out - ref|| /
+||ref|| against the float64 reference (the float32 reference's own error is recorded beside it).
+On a GPU the 16-bit cases run the GPU-only variant: tanh.approx SiLU and the inline-PTX bias
+gather, which the CPU interpreter cannot run. Covered: the full kernel and the cached-keys
+kernel, time_buckets 24 / 32 / 64 (with int64-end timestamps: saturated gaps) and 100, P up to
+512, head dims 64 / 128, the int64 time-gap path. Then the ops through torch.ops.grc,
+torch.compile (inductor, fullgraph), torch.export and (--aoti) AOTInductor. Prints one line per
+check; writes JSON through bench/_common.write_result.
 
-    python bench/gpu_kernels_check.py --out check.json [--aoti]
+    python bench/gpu_kernels_check.py [--out-dir DIR] [--aoti] [--skip-capture] [--budget-s S]
+    python bench/gpu_kernels_check.py --dry-run   # CPU: small cases through the Triton interpreter
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import os
 import random
 import sys
 import tempfile
@@ -21,24 +27,35 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+if "--dry-run" in sys.argv:  # before triton/kernels are imported: the interpreter flag is read at import
+    os.environ["TRITON_INTERPRET"] = "1"
+
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import reference  # noqa: E402
-from kernels.hstu_attention import hstu_attention_triton  # noqa: E402
-from kernels.norm_gate import norm_gate_triton  # noqa: E402
+import bench.kernels as bench
+from bench._common import RESULTS, write_result
+from kernels import reference
+from kernels.hstu_attention import INTERPRET, hstu_attention_cached_triton
+from kernels.norm_gate import norm_gate_triton
 
-_spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "kernels.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
-
+DEVICE = bench.DEVICE
 BOUNDS = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+FIXED = (128, 64, 8, 2)  # (BLOCK_M, BLOCK_N, warps, stages): no autotuning per variant, or compiling dominates
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+SCALE = 16 if INTERPRET else 1  # the interpreter runs the same cases with lengths / SCALE
 
 
-def to64(args: tuple) -> tuple:
-    return tuple(x.double() if torch.is_tensor(x) and x.is_floating_point() else x for x in args)
+def with_int64_ends(ts: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Some timestamps moved to the int64 ends: gaps up to 2**64 - 1, which saturate."""
+    ends = torch.tensor([INT64_MIN, INT64_MAX, INT64_MIN + 1, -1], device=ts.device)
+    pick = torch.randint(0, 4, ts.shape, generator=gen, device=ts.device)
+    return torch.where(torch.rand(ts.shape, generator=gen, device=ts.device) < 0.2, ends[pick], ts)
+
+
+def floats_as(args: tuple, dtype: torch.dtype) -> list[Any]:
+    return [x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() else x for x in args]
 
 
 def attention_case(
@@ -46,93 +63,150 @@ def attention_case(
     dtype: torch.dtype,
     lengths: list[int],
     ncands: list[int],
-    causal: bool,
+    causal: bool = True,
     d: int = 128,
     heads: int = 4,
+    queries: list[int] | None = None,
+    tables: tuple[int, int] = (64, 24),
+    ts_gap: int = 20_000,
+    int64_ends: bool = False,
     **kw: Any,
 ) -> dict[str, Any]:
-    args = list(
-        bench.make_case(lengths, ncands, heads, d, dtype, seed=random.getrandbits(31), ts_gap=kw.pop("ts_gap", 20_000))
+    """One check of hstu_attention_cached_triton (queries = each user's last `queries[b]` tokens;
+    None: all of them, i.e. the full attention) against the float64 reference."""
+    lengths = [max(1, n // SCALE) if n else 0 for n in lengths]
+    ncands = [min(c, n) for c, n in zip(ncands, lengths, strict=True)]
+    queries = (
+        lengths if queries is None else [min(max(1, n // SCALE), m) for n, m in zip(queries, lengths, strict=True)]
     )
-    args[-1] = causal
-    out = torch.full(args[2].shape, float("nan"), dtype=dtype, device="cuda")
-    out = hstu_attention_triton(*args, out=out, **kw)
-    err = bench.rel_err(out, reference.hstu_attention(*to64(tuple(args))))
-    return {"check": name, "dtype": str(dtype), "rel_err": err, "bound": BOUNDS[dtype], "ok": err <= BOUNDS[dtype]}
+    seed = random.getrandbits(31)
+    q, k, v, kv_offsets, ts, nc, pos_w, ts_w, alpha, norm, _ = bench.make_case(
+        lengths, ncands, heads, d, dtype, seed=seed, ts_gap=ts_gap, tables=tables
+    )
+    if int64_ends:
+        ts = with_int64_ends(ts, torch.Generator(device=DEVICE).manual_seed(seed + 1))
+    keep = torch.cat([torch.arange(int(kv_offsets[b + 1]) - n, int(kv_offsets[b + 1])) for b, n in enumerate(queries)])
+    q = q[keep.to(DEVICE)]
+    q_offsets = torch.tensor([0, *torch.tensor(queries).cumsum(0).tolist()], dtype=torch.int64, device=DEVICE)
+    args = (q, k, v, q_offsets, kv_offsets, ts, nc, pos_w, ts_w, alpha, norm, causal)
+    out = torch.full((q.shape[0], heads, d), float("nan"), dtype=dtype, device=DEVICE)
+    out = hstu_attention_cached_triton(*args, out=out, config=None if INTERPRET else FIXED, **kw)
+    ref64 = reference.hstu_attention_cached(*floats_as(args, torch.float64))
+    ref32 = reference.hstu_attention_cached(*floats_as(args, torch.float32))
+    err = bench.rel_err(out, ref64)
+    return {
+        "check": name,
+        "dtype": str(dtype).removeprefix("torch."),
+        "seed": seed,
+        "gpu_variant": dtype != torch.float32 and not INTERPRET and kw.get("fast_silu") is not False,
+        "rel_err": err,
+        "fp32_reference_rel_err": bench.rel_err(ref32, ref64),
+        "bound": BOUNDS[dtype],
+        "ok": err <= BOUNDS[dtype],
+    }
 
 
-FIXED = (128, 64, 8, 2)  # (BLOCK_M, BLOCK_N, warps, stages): no autotuning per variant, or compiling dominates
-
-
-def correctness() -> list[dict[str, Any]]:
+def correctness(deadline: float) -> list[dict[str, Any]]:
     rng = random.Random()
     lengths = [1, 2048, 0, *[rng.randint(1, 2048) for _ in range(5)]]
     ncands = [1, 0, 0, *[rng.choice([0, 1, rng.randint(0, n)]) for n in lengths[3:]]]
+    suffix = [min(n, rng.choice([1, 64, 300, n])) for n in lengths]  # cached keys: a suffix of each user
+    bf16, f16, f32 = torch.bfloat16, torch.float16, torch.float32
+    # Most important first (a time budget may cut the tail): the GPU variant of both kernels at the
+    # MTGR table sizes and 64 buckets with saturated gaps. The mtgr tables and config match the
+    # benchmark's, so its compiles come from Triton's cache.
+    mtgr_base, mtgr_small = {"d": 128, "tables": (512, 32)}, {"d": 64, "heads": 2, "tables": (256, 24)}
+    ends64 = {"tables": (64, 64), "int64_ends": True}
+    cases: list[tuple[str, torch.dtype, dict[str, Any]]] = [
+        ("full mtgr-base tables (P 512, NB 32)", bf16, mtgr_base),
+        ("cached mtgr-base tables (P 512, NB 32)", bf16, {"queries": suffix, **mtgr_base}),
+        ("full NB 64, int64-end timestamps", bf16, ends64),
+        ("cached NB 64, int64-end timestamps", bf16, {"queries": suffix, **ends64}),
+        ("full mtgr-small tables (d 64)", bf16, mtgr_small),
+        ("cached mtgr-small tables (d 64)", bf16, {"queries": suffix, **mtgr_small}),
+        ("cached candidates only, NB 32", bf16, {"queries": [max(1, c) for c in ncands], **mtgr_base}),
+        (
+            "full NB 32, int64-end timestamps, non-causal",
+            bf16,
+            {"tables": (64, 32), "int64_ends": True, "causal": False},
+        ),
+        ("cached non-causal, NB 32", bf16, {"queries": suffix, "causal": False, "tables": (64, 32)}),
+        ("full NB 100 (buckets past 63 unread)", bf16, {"tables": (64, 100), "ts_gap": 1 << 58}),
+        ("full huge spans (int64 gap path)", bf16, {"ts_gap": 1 << 28, **mtgr_base}),
+        ("full int64 path forced", bf16, {"allow_ts_fast": False, **mtgr_base}),
+        ("full, exact SiLU path", bf16, {"fast_silu": False, **mtgr_base}),
+        ("full, float-exponent bucket (no bfind)", bf16, {"ptx": 1, **mtgr_base}),
+        ("full causal", f16, mtgr_base),
+        ("cached causal", f16, {"queries": suffix, **mtgr_base}),
+        ("full non-causal", f16, {"causal": False, **mtgr_base}),
+        ("full causal", f32, mtgr_base),
+        ("cached causal", f32, {"queries": suffix, **mtgr_base}),
+    ]
     results = []
-
-    def case(name: str, dtype: torch.dtype, causal: bool = True, **kw: Any) -> None:
-        results.append(
-            attention_case(
-                name, dtype, kw.pop("lengths", lengths), kw.pop("ncands", ncands), causal, config=FIXED, **kw
-            )
-        )
-
-    case("jagged causal", torch.bfloat16)
-    case("jagged full", torch.bfloat16, causal=False)
-    case("exact SiLU path", torch.bfloat16, fast_silu=False)
-    case("d=64, heads=2", torch.bfloat16, d=64, heads=2)
-    # Gaps up to 2**28 s: spans past 2**29, so the int64 time-delta path runs.
-    case("huge timestamp spans", torch.bfloat16, ts_gap=1 << 28, lengths=lengths[:4], ncands=ncands[:4])
-    case("int64 path forced", torch.bfloat16, allow_ts_fast=False)
-    case("jagged causal", torch.float16)
-    case("jagged full", torch.float16, causal=False)
-    case("jagged causal", torch.float32)
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        for shape in ((4096, 1024), (77, 300)):
-            a = (torch.randn(*shape, device="cuda") * 2 + 0.5).to(dtype)
-            u = torch.randn(*shape, device="cuda").to(dtype)
-            w, b = torch.randn(shape[1], device="cuda"), torch.randn(shape[1], device="cuda")
-            y = norm_gate_triton(a, u, w, b, 1e-5, out=torch.full(shape, float("nan"), dtype=dtype, device="cuda"))
+    for name, dtype, kw in cases:
+        if time.monotonic() > deadline:
+            results.append({"check": name, "dtype": str(dtype).removeprefix("torch."), "skipped": "time budget spent",
+                            "ok": False})  # fmt: skip
+            continue
+        try:
+            results.append(attention_case(name, dtype, lengths, ncands, **kw))
+        except Exception:  # report and go on: the other checks still count
+            error = traceback.format_exc()[-1500:]
+            results.append({"check": name, "dtype": str(dtype).removeprefix("torch."), "error": error, "ok": False})
+    for dtype in (bf16, f16, f32):
+        for shape in ((4096 // SCALE, 1024 // SCALE), (77, 300)):
+            a = (torch.randn(*shape, device=DEVICE) * 2 + 0.5).to(dtype)
+            u = torch.randn(*shape, device=DEVICE).to(dtype)
+            w, b = torch.randn(shape[1], device=DEVICE), torch.randn(shape[1], device=DEVICE)
+            y = norm_gate_triton(a, u, w, b, 1e-5, out=torch.full(shape, float("nan"), dtype=dtype, device=DEVICE))
             err = bench.rel_err(y, reference.norm_gate(a.double(), u.double(), w.double(), b.double(), 1e-5))
-            results.append(
-                {
-                    "check": f"norm_gate {shape}",
-                    "dtype": str(dtype),
-                    "rel_err": err,
-                    "bound": BOUNDS[dtype],
-                    "ok": err <= BOUNDS[dtype],
-                }
-            )
+            results.append({"check": f"norm_gate {shape}", "dtype": str(dtype).removeprefix("torch."), "rel_err": err,
+                            "bound": BOUNDS[dtype], "ok": err <= BOUNDS[dtype]})  # fmt: skip
     return results
 
 
 class Block(torch.nn.Module):
-    def forward(self, q, k, v, offsets, ts, nc, pos_w, ts_w, u, w, b):  # type: ignore[no-untyped-def]
+    def forward(self, q, k, v, offsets, ts, nc, pos_w, ts_w, u, w, b, q_offsets):  # type: ignore[no-untyped-def]
         o = torch.ops.grc.hstu_attention(q, k, v, offsets, ts, nc, pos_w, ts_w, 0.088, 1024.0, True)
-        return torch.ops.grc.norm_gate(o.reshape(o.shape[0], -1), u, w, b, 1e-5)
+        y = torch.ops.grc.norm_gate(o.reshape(o.shape[0], -1), u, w, b, 1e-5)
+        last = q[q.shape[0] - int(q_offsets.shape[0]) + 1 :]  # (not data dependent: a static slice)
+        c = torch.ops.grc.hstu_attention_cached(
+            last, k, v, q_offsets, offsets, ts, nc, pos_w, ts_w, 0.088, 1024.0, True
+        )
+        return y, c
 
 
 def capture(aoti: bool) -> list[dict[str, Any]]:
+    """The ops eager, under torch.compile and torch.export (and AOTInductor) against the reference."""
     lengths, ncands = [300, 1024, 5, 700], [10, 0, 5, 1]
-    q, k, v, offsets, ts, nc, pos_w, ts_w, *_ = bench.make_case(lengths, ncands, 2, 64, torch.bfloat16, seed=11)
-    total = q.shape[0]
-    u = torch.randn(total, 128, device="cuda", dtype=torch.bfloat16)
-    w, b = torch.randn(128, device="cuda"), torch.randn(128, device="cuda")
-    inputs = (q, k, v, offsets, ts, nc, pos_w, ts_w, u, w, b)
-    eager = Block()(*inputs)
-    want = reference.norm_gate(
-        reference.hstu_attention(q, k, v, offsets, ts, nc, pos_w, ts_w, 0.088, 1024.0, True).reshape(total, -1),
-        u,
-        w,
-        b,
-        1e-5,
+    lengths = [max(2, n // SCALE) for n in lengths]
+    ncands = [min(c, n) for c, n in zip(ncands, lengths, strict=True)]
+    q, k, v, offsets, ts, nc, pos_w, ts_w, *_ = bench.make_case(
+        lengths, ncands, 2, 64, torch.bfloat16, seed=random.getrandbits(31), tables=(256, 32)
     )
-    results = [{"check": "op eager vs reference", "rel_err": bench.rel_err(eager, want)}]
+    total = q.shape[0]
+    u = torch.randn(total, 128, device=DEVICE, dtype=torch.bfloat16)
+    w, b = torch.randn(128, device=DEVICE), torch.randn(128, device=DEVICE)
+    # the cached op's queries: the last token of every user but the last, whose last 1 + (B-1) tokens
+    q_offsets = torch.tensor([0, 0, 0, 0, len(lengths)], device=DEVICE)
+    inputs = (q, k, v, offsets, ts, nc, pos_w, ts_w, u, w, b, q_offsets)
+    eager_y, eager_c = Block()(*inputs)
+    att = reference.hstu_attention(q, k, v, offsets, ts, nc, pos_w, ts_w, 0.088, 1024.0, True)
+    want_y = reference.norm_gate(att.reshape(total, -1), u, w, b, 1e-5)
+    want_c = att[total - len(lengths) :]
+    results: list[dict[str, Any]] = [
+        {
+            "check": "ops eager vs reference",
+            "rel_err": max(bench.rel_err(eager_y, want_y), bench.rel_err(eager_c, want_c)),
+        }
+    ]
 
-    def attempt(name: str, fn: Callable[[], torch.Tensor]) -> None:
+    def attempt(name: str, fn: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> None:
         start = time.time()
         try:
-            results.append({"check": name, "rel_err": bench.rel_err(fn(), eager), "s": time.time() - start})
+            y, c = fn()
+            err = max(bench.rel_err(y, eager_y), bench.rel_err(c, eager_c))
+            results.append({"check": name, "rel_err": err, "s": time.time() - start})
         except Exception:  # report, don't stop: the table still matters
             results.append({"check": name, "error": traceback.format_exc()[-1500:]})
 
@@ -141,7 +215,7 @@ def capture(aoti: bool) -> list[dict[str, Any]]:
     attempt("torch.export module", lambda: program.module()(*inputs))
     if aoti:
 
-        def run_aoti() -> torch.Tensor:
+        def run_aoti() -> tuple[torch.Tensor, torch.Tensor]:
             path = torch._inductor.aoti_compile_and_package(program, package_path=tempfile.mktemp(suffix=".pt2"))
             return torch._inductor.aoti_load_package(path)(*inputs)
 
@@ -149,25 +223,41 @@ def capture(aoti: bool) -> list[dict[str, Any]]:
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, required=True)
+def print_report(results: dict[str, Any]) -> bool:
+    """One line per check; True when every correctness check passed."""
+    for r in results.get("correctness", []):
+        figures = f"{r['rel_err']:.2e} (bound {r['bound']})" if "rel_err" in r else r.get("skipped") or r["error"]
+        variant = "gpu-variant" if r.get("gpu_variant") else ""
+        print(f"{'ok ' if r['ok'] else 'BAD'} {r['check']:<40} {r['dtype']:<9} {variant:<11} {figures}")
+    for r in results.get("capture", []):
+        print(f"capture {r['check']:<34} " + (f"rel_err {r['rel_err']:.2e}" if "rel_err" in r else r["error"]))
+    checks = results.get("correctness", [])
+    passed = bool(checks) and all(r["ok"] for r in checks)
+    print("CORRECTNESS", "PASSED" if passed else "FAILED", f"({len(checks)} checks, {results.get('device', '')})")
+    return passed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out-dir", type=Path, default=RESULTS, help="writes kernels-<gpu>-check.json there")
     parser.add_argument("--aoti", action="store_true")
     parser.add_argument("--skip-capture", action="store_true")
+    parser.add_argument("--budget-s", type=float, default=float("inf"), help="stop starting checks after this")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, small cases")
+    parser.add_argument("--print", type=Path, dest="show", help="only print the report of a result file")
     opts = parser.parse_args()
-    results = {"device": torch.cuda.get_device_name(), "correctness": correctness()}
-    opts.out.write_text(json.dumps(results, indent=2))  # keep what we have if capture hangs
-    results["capture"] = [] if opts.skip_capture else capture(opts.aoti)
-    opts.out.write_text(json.dumps(results, indent=2))
-    for r in results["correctness"]:
-        print(
-            f"{'ok ' if r['ok'] else 'BAD'} {r['check']:<28} {r['dtype']:<15} {r['rel_err']:.2e} (bound {r['bound']})"
-        )
-    for r in results["capture"]:
-        print(f"capture {r['check']:<34} " + (f"rel_err {r['rel_err']:.2e}" if "rel_err" in r else r["error"]))
-    bad = [r for r in results["correctness"] if not r["ok"]]
-    print("CORRECTNESS", "FAILED" if bad else "PASSED")
+    if opts.show:
+        return 0 if print_report(json.loads(opts.show.read_text())) else 1
+    deadline = time.monotonic() + opts.budget_s
+    out = opts.out_dir / f"kernels-{bench.gpu_tag()}-check.json"
+    results: dict[str, Any] = {"correctness": correctness(deadline)}
+    write_result(out, results)  # keep what we have if capture hangs
+    results["capture"] = [] if opts.skip_capture or INTERPRET else capture(opts.aoti)
+    path = write_result(out, results)
+    passed = print_report(json.loads(path.read_text()))
+    print(f"wrote {path}")
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

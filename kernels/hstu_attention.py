@@ -10,10 +10,16 @@ One program computes BLOCK_M query rows of one user and one head. Which key bloc
   their bias is one gather from a per-head [NB] row instead of position arithmetic plus a gather.
 
 Per-score work is the bottleneck (not the two matmuls), so it is trimmed to a few instructions:
-the two bias tables are pre-added ([H, NB, 2P-1], rp fastest), the time bucket is the float
-exponent of |dt| + 1 (the exponent's bias folded into the table pointer), SiLU is z + z*tanh(z)
+the two bias tables are pre-added ([H, NB, 2P-1], rp fastest), the time bucket is one bfind
+(highest set bit of |dt| + 1) on the GPU, the float exponent of |dt| + 1 with an integer
+correction elsewhere (the exponent's bias folded into the table pointer), SiLU is z + z*tanh(z)
 with z = s/2 (tables and alpha pre-halved, tanh.approx on GPU), and 1/norm is applied once per
 output row.
+
+Exact for every table size: any time_buckets (a gap saturates at 2**63 - 1, bucket 63, so tables
+keep at most 64 buckets) and position_buckets up to MAX_POSITION_BUCKETS; unsupported settings
+raise ValueError (check_supported). The same kernel serves queries against cached keys: the
+queries of a user are the last rows of its key sequence (q_offsets vs kv_offsets).
 """
 
 from __future__ import annotations
@@ -28,11 +34,20 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Timestamps within +-2**29 of the user's first one give |dt| < 2**30: int32 time deltas.
-# Otherwise (spans over 17 years) a per-score int64 path runs; the results are identical.
+# A program whose timestamps span less than 2**29 s works with int32 offsets to its user's first
+# timestamp (|dt| < 2**29). Otherwise (spans over 17 years) a per-score int64 path runs on the
+# exact gap saturated at INT64_MAX; the results are identical.
 TS_FAST_LIMIT = tl.constexpr(1 << 29)
+INT64_MAX = tl.constexpr((1 << 63) - 1)
+MAX_BUCKET = 63  # floor(log2(1 + INT64_MAX)): the highest bucket a saturated gap reaches
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+MAX_POSITION_BUCKETS = 1 << 22  # (127 + 63) * (2P - 1) indexes the bias table in int32
 EXP_BIAS = tl.constexpr(127)  # float32 exponent bias: bucket + 127 is what the exponent field holds
 NEAR, FAR_LEFT, FAR_RIGHT = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+# Inline-PTX variants (GPU only; the interpreter cannot run PTX): bit flags of the PTX constexpr
+# (written as literals inside the kernels: the interpreter cannot mix ints and constexprs).
+PTX_GATHER, PTX_BFIND = 1, 2
 
 
 def _configs() -> list[triton.Config]:
@@ -61,11 +76,11 @@ def _act(z, FAST_SILU: tl.constexpr):
 
 
 @triton.jit
-def _gather(ptrs, ASM_GATHER: tl.constexpr):
-    """Per-score bias lookup. On the GPU through inline PTX: Triton's software pipeliner would
-    otherwise prefetch this gather an iteration ahead via cp.async, holding a 64-bit pointer per
-    score in registers (ptxas: 255 registers and spills)."""
-    if ASM_GATHER:
+def _gather(ptrs, PTX: tl.constexpr):
+    """Per-score bias lookup. On the GPU (PTX_GATHER) through inline PTX: Triton's software
+    pipeliner would otherwise prefetch this gather an iteration ahead via cp.async, holding a
+    64-bit pointer per score in registers (ptxas: 255 registers and spills)."""
+    if PTX & 1:  # PTX_GATHER
         return tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=r,l", [ptrs], dtype=tl.float32,
                                          is_pure=True, pack=1)
     else:
@@ -82,72 +97,88 @@ def _round_to_bf16(x):
 
 
 @triton.jit
-def _biased_bucket(dt, NB: tl.constexpr):
-    """127 + min(floor(log2(1 + |dt|)), NB-1) for int32 |dt| <= 2**30, exactly.
+def _biased_bucket(dt, NB: tl.constexpr, PTX: tl.constexpr):
+    """127 + min(floor(log2(1 + |dt|)), NB-1) for int32 |dt| < 2**30, exactly.
 
-    The exponent field of the float |dt| + 1. Below 2**24 every step is exact; above, rounding can
-    only push the exponent up to the next power of two, which matters only when the true bucket is
-    >= 24, i.e. only when NB > 25 (else both saturate at NB-1); then an integer check corrects it.
+    On the GPU (PTX_BFIND): bfind.u32, the index of the highest set bit of |dt| + 1, one
+    instruction. Elsewhere the exponent field of the float |dt| + 1: below 2**24 every step is
+    exact; above, rounding can only push the exponent up to the next power of two, which matters
+    only when the true bucket is >= 24, i.e. only when NB > 25 (else both saturate at NB-1); then
+    an integer check corrects it.
     """
-    e = ((tl.abs(dt.to(tl.float32)) + 1.0).to(tl.int32, bitcast=True)) >> 23
-    if NB > 25:
+    if PTX & 2:  # PTX_BFIND
         x = tl.abs(dt) + 1
-        e = tl.where((1 << (e - EXP_BIAS)) > x, e - 1, e)
+        e = tl.inline_asm_elementwise("bfind.u32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=True,
+                                      pack=1) + EXP_BIAS
+    else:
+        e = ((tl.abs(dt.to(tl.float32)) + 1.0).to(tl.int32, bitcast=True)) >> 23
+        if NB > 25:
+            x = tl.abs(dt) + 1
+            e = tl.where((1 << (e - EXP_BIAS)) > x, e - 1, e)
     return tl.minimum(e, EXP_BIAS + NB - 1)
 
 
 @triton.jit
-def _time_delta(ts_i32, ts_j32, ts_i, ts_j, fast, ALLOW_TS_FAST: tl.constexpr):
-    """ts_i - ts_j as int32 for the bucket: from int32 offsets when the program's timestamps are
-    close together (`fast`), else |ts_i - ts_j| from raw int64, saturated at 2**30 (bucket >= 30 =
-    saturated for every NB <= 31, which the op enforces)."""
+def _abs_gap(a, b):
+    """|a - b| of int64 timestamps without overflow, saturated at INT64_MAX (the rule of
+    grc.model.attention.abs_time_gap): hi - lo can exceed INT64_MAX only when lo < 0, where
+    lo + INT64_MAX cannot overflow; the subtraction runs only where the gap fits."""
+    hi = tl.maximum(a, b)
+    lo = tl.minimum(a, b)
+    over = (lo < 0) & (hi > tl.where(lo < 0, lo, -1) + INT64_MAX)
+    return tl.where(over, INT64_MAX, hi - tl.where(over, hi, lo))
+
+
+@triton.jit
+def _biased_bucket64(gap, NB: tl.constexpr):
+    """127 + min(floor(log2(1 + gap)), NB-1) for int64 gap in [0, INT64_MAX], exactly.
+
+    The exponent e of the float gap + 1 is the bucket or one above it (rounding to nearest is
+    monotone and keeps powers of two, so it can reach the next power of two but never fall below
+    the true one); it is one above when gap < 2**e - 1, built as (2**(e-1) - 1) * 2 + 1 so that
+    e = 63 does not overflow. gap = INT64_MAX gives 63."""
+    e = ((gap.to(tl.float32) + 1.0).to(tl.int32, bitcast=True)) >> 23
+    half = (e - EXP_BIAS - 1).to(tl.int64)
+    one = tl.full(gap.shape, 1, tl.int64)
+    limit = ((one << tl.maximum(half, 0)) - 1) * 2 + 1
+    e = tl.where((e > EXP_BIAS) & (gap < limit), e - 1, e)
+    return tl.minimum(e, EXP_BIAS + NB - 1)
+
+
+@triton.jit
+def _bucket(ts_i32, ts_i, ts_j, ts_ref, fast, ALLOW_TS_FAST: tl.constexpr, NB: tl.constexpr, PTX: tl.constexpr):
+    """Biased time bucket of every (row, key) pair: from int32 offsets to ts_ref when the
+    program's timestamps span less than 2**29 (`fast`), else from the saturated int64 gap."""
     if ALLOW_TS_FAST:
         if fast:
-            dt = ts_i32[:, None] - ts_j32[None, :]
+            eb = _biased_bucket(ts_i32[:, None] - (ts_j - ts_ref).to(tl.int32)[None, :], NB, PTX)
         else:
-            dt = tl.minimum(tl.abs(ts_i[:, None] - ts_j[None, :]), 1 << 30).to(tl.int32)
+            eb = _biased_bucket64(_abs_gap(ts_i[:, None], ts_j[None, :]), NB)
     else:
-        dt = tl.minimum(tl.abs(ts_i[:, None] - ts_j[None, :]), 1 << 30).to(tl.int32)
-    return dt
+        eb = _biased_bucket64(_abs_gap(ts_i[:, None], ts_j[None, :]), NB)
+    return eb
 
 
 @triton.jit
-def _add_bias(z, p_i, ts_i32, ts_i, ts_j, ts_ref, fast, t_lo, t_hi, offs_n, near_base, far_base,
-              MASKED: tl.constexpr, REL: tl.constexpr, ALLOW_TS_FAST: tl.constexpr, P: tl.constexpr,
-              NB: tl.constexpr, ASM_GATHER: tl.constexpr, CONST_BUCKET: tl.constexpr):
+def _add_bias(z, p_i, ts_i32, ts_i, ts_j, ts_ref, fast, offs_n, near_base, far_base,
+              REL: tl.constexpr, ALLOW_TS_FAST: tl.constexpr, P: tl.constexpr,
+              NB: tl.constexpr, PTX: tl.constexpr):
     """z + bias[h, bucket(i, j), rp(i, j)] for one key block (z = alpha/2 * q.k, tables halved)."""
+    eb = _bucket(ts_i32, ts_i, ts_j, ts_ref, fast, ALLOW_TS_FAST, NB, PTX)
     if REL == NEAR:  # history keys: p(j) = j; p(i) = min(i, n_ctx) precomputed per row
-        eb = _biased_bucket(_time_delta(ts_i32, (ts_j - ts_ref).to(tl.int32), ts_i, ts_j, fast, ALLOW_TS_FAST), NB)
         rp = tl.minimum(tl.maximum(p_i[:, None] - offs_n[None, :], 1 - P), P - 1)
-        return z + _gather(near_base + (eb * (2 * P - 1) + rp), ASM_GATHER)
-    elif not CONST_BUCKET:  # rp is clamped to +-(P-1) for every pair: the far row of the table
-        eb = _biased_bucket(_time_delta(ts_i32, (ts_j - ts_ref).to(tl.int32), ts_i, ts_j, fast, ALLOW_TS_FAST), NB)
-        return z + _gather(far_base + eb, ASM_GATHER)
-    else:  # experimental (ablate & 8; exact, but measured no faster on H100: see bench notes)
-        # The bucket is monotone in |dt|: when the smallest and largest |dt| any pair of this block
-        # can have (from the rows' and keys' timestamp ranges) share a bucket, every pair does and
-        # the bias is one scalar (common far in the past: all pairs saturate at NB-1).
-        k_lo = tl.min(ts_j)
-        k_hi = tl.max(ts_j)
-        dt_min = tl.maximum(tl.maximum(t_lo - k_hi, k_lo - t_hi), 0)
-        dt_max = tl.maximum(t_hi - k_lo, k_hi - t_lo)
-        e_min = _biased_bucket(tl.minimum(dt_min, 1 << 30).to(tl.int32), NB)
-        e_max = _biased_bucket(tl.minimum(dt_max, 1 << 30).to(tl.int32), NB)
-        if e_min == e_max:
-            z = z + tl.load(far_base + e_min)
-        else:
-            eb = _biased_bucket(_time_delta(ts_i32, (ts_j - ts_ref).to(tl.int32), ts_i, ts_j, fast, ALLOW_TS_FAST), NB)
-            z = z + _gather(far_base + eb, ASM_GATHER)
-        return z
+        return z + _gather(near_base + (eb * (2 * P - 1) + rp), PTX)
+    else:  # rp is clamped to +-(P-1) for every pair: the far row of the table
+        return z + _gather(far_base + eb, PTX)
 
 
 @triton.jit
-def _attn_block(acc, q, p_i, ts_i32, ts_i, fast, t_lo, t_hi, offs_m, n_start, n_ctx, k_base, v_base, ts_base, ts_ref,
+def _attn_block(acc, q, p_i, ts_i32, ts_i, fast, offs_m, n_start, n_ctx, k_base, v_base, ts_base, ts_ref,
                 near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
                 MASKED: tl.constexpr, REL: tl.constexpr, CAUSAL: tl.constexpr, ALLOW_TS_FAST: tl.constexpr,
                 FAST_SILU: tl.constexpr, P: tl.constexpr, NB: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, ASM_GATHER: tl.constexpr,
+                DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, PTX: tl.constexpr,
                 ABLATE: tl.constexpr):
     """acc += act(s) @ V over history keys [n_start, n_start + BLOCK_N)."""
     offs_n = n_start + tl.arange(0, BLOCK_N)
@@ -170,14 +201,14 @@ def _attn_block(acc, q, p_i, ts_i32, ts_i, fast, t_lo, t_hi, offs_m, n_start, n_
         kt = tl.load(k_ptrs, mask=offs_dk[:, None] < DQK, other=0.0) if BLOCK_DQK != DQK else tl.load(k_ptrs)
         v = tl.load(v_ptrs, mask=offs_dv[None, :] < DV, other=0.0) if BLOCK_DV != DV else tl.load(v_ptrs)
         ts_j = tl.load(ts_base + offs_n)
-    if DOT_UPCAST:  # interpreter: see hstu_attention_triton
+    if DOT_UPCAST:  # interpreter: see hstu_attention_cached_triton
         kt = kt.to(tl.float32)
     qk = tl.dot(q, kt, input_precision=DOT_PREC)
 
     z = qk * alpha
     if not ABLATE & 1:  # (ABLATE: benchmarking only, drops stages and so gives WRONG results)
-        z = _add_bias(z, p_i, ts_i32, ts_i, ts_j, ts_ref, fast, t_lo, t_hi, offs_n, near_base, far_base,
-                      MASKED, REL, ALLOW_TS_FAST, P, NB, ASM_GATHER, (ABLATE & 8) != 0)
+        z = _add_bias(z, p_i, ts_i32, ts_i, ts_j, ts_ref, fast, offs_n, near_base, far_base,
+                      REL, ALLOW_TS_FAST, P, NB, PTX)
     a = z if ABLATE & 4 else _act(z, FAST_SILU)
     if MASKED:
         ok = col_ok[None, :]
@@ -193,37 +224,37 @@ def _attn_block(acc, q, p_i, ts_i32, ts_i, fast, t_lo, t_hi, offs_m, n_start, n_
 
 
 @triton.jit
-def _attn_loop(acc, lo, hi, q, p_i, ts_i32, ts_i, fast, t_lo, t_hi, offs_m, n_ctx, k_base, v_base, ts_base, ts_ref,
+def _attn_loop(acc, lo, hi, q, p_i, ts_i32, ts_i, fast, offs_m, n_ctx, k_base, v_base, ts_base, ts_ref,
                near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
                MASKED: tl.constexpr, REL: tl.constexpr, CAUSAL: tl.constexpr, ALLOW_TS_FAST: tl.constexpr,
                FAST_SILU: tl.constexpr, P: tl.constexpr, NB: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-               DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, ASM_GATHER: tl.constexpr,
-                ABLATE: tl.constexpr):
+               DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, PTX: tl.constexpr,
+               ABLATE: tl.constexpr):
     for n_start in range(lo, hi, BLOCK_N):
-        acc = _attn_block(acc, q, p_i, ts_i32, ts_i, fast, t_lo, t_hi, offs_m, n_start, n_ctx, k_base, v_base, ts_base,
+        acc = _attn_block(acc, q, p_i, ts_i32, ts_i, fast, offs_m, n_start, n_ctx, k_base, v_base, ts_base,
                           ts_ref, near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
                           MASKED, REL, CAUSAL, ALLOW_TS_FAST, FAST_SILU, P, NB, DQK, DV, BLOCK_N, BLOCK_DQK,
-                          BLOCK_DV, DOT_PREC, DOT_UPCAST, ASM_GATHER, ABLATE)
+                          BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE)
     return acc
 
 
 @triton.jit
-def _attend_segment(Q, K, V, Out, ts, near_tab, far_tab, start, n_ctx, m0, m_end, h,
+def _attend_segment(Q, K, V, Out, ts, near_tab, far_tab, q_row0, kv_start, n_ctx, m0, m_end, h,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                     alpha, inv_norm,
                     CAUSAL: tl.constexpr, FAST_SILU: tl.constexpr, ALLOW_TS_FAST: tl.constexpr,
                     P: tl.constexpr, NB: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                    DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, ASM_GATHER: tl.constexpr,
+                    DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, PTX: tl.constexpr,
                     ABLATE: tl.constexpr):
-    """Output rows [m0, m_end) (user-local, at most BLOCK_M of them) of the user starting at token
-    `start`, head h."""
+    """Output rows [m0, m_end) (positions in the user's sequence, at most BLOCK_M of them) of the
+    user whose keys start at token `kv_start`, head h. Row m is query/output token q_row0 + m."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
     row_ok = offs_m < m_end
     offs_dk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q_ptrs = Q + (start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_dk[None, :]
+    q_ptrs = Q + (q_row0 + offs_m)[:, None] * stride_qt + h * stride_qh + offs_dk[None, :]
     q_mask = row_ok[:, None]
     if BLOCK_DQK != DQK:
         q_mask = q_mask & (offs_dk[None, :] < DQK)
@@ -231,16 +262,15 @@ def _attend_segment(Q, K, V, Out, ts, near_tab, far_tab, start, n_ctx, m0, m_end
     if DOT_UPCAST:
         q = q.to(tl.float32)
     p_i = tl.minimum(offs_m, n_ctx)  # candidates all sit at position n_ctx
-    ts_base = ts + start
+    ts_base = ts + kv_start  # timestamps follow the keys' layout; a row's is its key's
     ts_ref = tl.load(ts_base)
     ts_i = tl.where(row_ok, tl.load(ts_base + offs_m, mask=row_ok, other=0), tl.load(ts_base + m0))
-    t_lo = tl.min(ts_i)  # the rows' timestamp range (row m0 is always a valid row)
-    t_hi = tl.max(ts_i)
-    k_base = K + start * stride_kt + h * stride_kh
-    v_base = V + start * stride_vt + h * stride_vh
+    k_base = K + kv_start * stride_kt + h * stride_kh
+    v_base = V + kv_start * stride_vt + h * stride_vh
     # Table pointers pre-offset so the biased bucket (127 + bucket) and rp in [1-P, P-1] index them.
-    near_base = near_tab + h * (NB * (2 * P - 1)) + (P - 1) - EXP_BIAS * (2 * P - 1)
-    far_base = far_tab + h * (2 * NB) - EXP_BIAS
+    h64 = h.to(tl.int64)
+    near_base = near_tab + h64 * (NB * (2 * P - 1)) + (P - 1) - EXP_BIAS * (2 * P - 1)
+    far_base = far_tab + h64 * (2 * NB) - EXP_BIAS
 
     # Key ranges. History keys a row of this tile may see: causal j <= i (candidate rows: all
     # history keys), non-causal all history keys. Blocks below full_end need no mask.
@@ -258,34 +288,35 @@ def _attend_segment(Q, K, V, Out, ts, near_tab, far_tab, start, n_ctx, m0, m_end
     right_start = tl.minimum(tl.maximum(((p_hi + P - 1 + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, left_end), full_end)
 
     fast = True
-    ts_i32 = (ts_i - ts_ref).to(tl.int32)
-    if ALLOW_TS_FAST:  # int32 deltas if every timestamp this program reads is near ts_ref
-        span = tl.abs(ts_i - ts_ref)
-        span_j = tl.zeros([BLOCK_N], dtype=tl.int64)
+    ts_i32 = (ts_i - ts_ref).to(tl.int32)  # (used only when fast)
+    if ALLOW_TS_FAST:  # int32 offsets if every timestamp this program reads lies within 2**29
+        t_min = tl.min(ts_i)
+        t_max = tl.max(ts_i)
         for n_start in range(0, hi, BLOCK_N):
             offs_n = n_start + tl.arange(0, BLOCK_N)
             ts_j = tl.load(ts_base + offs_n, mask=offs_n < hi, other=0)
-            span_j = tl.maximum(span_j, tl.abs(tl.where(offs_n < hi, ts_j, ts_ref) - ts_ref))
-        fast = tl.maximum(tl.max(span), tl.max(span_j)) < TS_FAST_LIMIT
+            t_min = tl.minimum(t_min, tl.min(tl.where(offs_n < hi, ts_j, ts_ref)))
+            t_max = tl.maximum(t_max, tl.max(tl.where(offs_n < hi, ts_j, ts_ref)))
+        fast = _abs_gap(t_max, t_min) < TS_FAST_LIMIT  # no wrap-around even for INT64_MIN..INT64_MAX
 
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    acc = _attn_loop(acc, 0, left_end, q, p_i, ts_i32, ts_i, fast, t_lo, t_hi, offs_m, n_ctx, k_base, v_base,
+    acc = _attn_loop(acc, 0, left_end, q, p_i, ts_i32, ts_i, fast, offs_m, n_ctx, k_base, v_base,
                      ts_base, ts_ref, near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
                      False, FAR_LEFT, CAUSAL, ALLOW_TS_FAST, FAST_SILU, P, NB, DQK, DV, BLOCK_N, BLOCK_DQK, BLOCK_DV,
-                     DOT_PREC, DOT_UPCAST, ASM_GATHER, ABLATE)
-    acc = _attn_loop(acc, left_end, right_start, q, p_i, ts_i32, ts_i, fast, t_lo, t_hi, offs_m, n_ctx, k_base, v_base,
+                     DOT_PREC, DOT_UPCAST, PTX, ABLATE)
+    acc = _attn_loop(acc, left_end, right_start, q, p_i, ts_i32, ts_i, fast, offs_m, n_ctx, k_base, v_base,
                      ts_base, ts_ref, near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
                      False, NEAR, CAUSAL, ALLOW_TS_FAST, FAST_SILU, P, NB, DQK, DV, BLOCK_N, BLOCK_DQK, BLOCK_DV,
-                     DOT_PREC, DOT_UPCAST, ASM_GATHER, ABLATE)
+                     DOT_PREC, DOT_UPCAST, PTX, ABLATE)
     if not CAUSAL:  # causal rows never see keys right of themselves
-        acc = _attn_loop(acc, right_start, full_end, q, p_i, ts_i32, ts_i, fast, t_lo, t_hi, offs_m, n_ctx, k_base,
+        acc = _attn_loop(acc, right_start, full_end, q, p_i, ts_i32, ts_i, fast, offs_m, n_ctx, k_base,
                          v_base, ts_base, ts_ref, near_base, far_base + NB, stride_kt, stride_vt, offs_dk, offs_dv,
                          alpha, False, FAR_RIGHT, CAUSAL, ALLOW_TS_FAST, FAST_SILU, P, NB, DQK, DV, BLOCK_N, BLOCK_DQK,
-                         BLOCK_DV, DOT_PREC, DOT_UPCAST, ASM_GATHER, ABLATE)
-    acc = _attn_loop(acc, full_end, hi, q, p_i, ts_i32, ts_i, fast, t_lo, t_hi, offs_m, n_ctx, k_base, v_base,
+                         BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE)
+    acc = _attn_loop(acc, full_end, hi, q, p_i, ts_i32, ts_i, fast, offs_m, n_ctx, k_base, v_base,
                      ts_base, ts_ref, near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
                      True, NEAR, CAUSAL, ALLOW_TS_FAST, FAST_SILU, P, NB, DQK, DV, BLOCK_N, BLOCK_DQK, BLOCK_DV,
-                     DOT_PREC, DOT_UPCAST, ASM_GATHER, ABLATE)
+                     DOT_PREC, DOT_UPCAST, PTX, ABLATE)
 
     # Candidate rows also see themselves (rp = 0, dt = 0): the only allowed key past the history.
     if m_end > n_ctx:
@@ -303,25 +334,28 @@ def _attend_segment(Q, K, V, Out, ts, near_tab, far_tab, start, n_ctx, m0, m_end
     out = acc * inv_norm  # 1/norm once per output instead of once per score
     if DOT_UPCAST:
         out = _round_to_bf16(out)  # now exact in bf16, so the interpreter's truncating cast is exact
-    o_ptrs = Out + (start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_dv[None, :]
+    o_ptrs = Out + (q_row0 + offs_m)[:, None] * stride_ot + h * stride_oh + offs_dv[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
 
 
 @triton.autotune(configs=_configs(), key=["H", "CAUSAL", "BLOCK_DQK", "BLOCK_DV", "FAST_SILU", "ALLOW_TS_FAST"])
 @triton.jit
-def _hstu_fwd_kernel(Q, K, V, Out, offsets, ts, ncand, near_tab, far_tab, T, B,
+def _hstu_fwd_kernel(Q, K, V, Out, q_offsets, kv_offsets, ts, ncand, near_tab, far_tab, T, B,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                      alpha, inv_norm, H,
                      CAUSAL: tl.constexpr, FAST_SILU: tl.constexpr, ALLOW_TS_FAST: tl.constexpr,
                      P: tl.constexpr, NB: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                     DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, ASM_GATHER: tl.constexpr,
+                     DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, PTX: tl.constexpr,
                      ABLATE: tl.constexpr, SEARCH: tl.constexpr):
-    """One program per window of BLOCK_M consecutive tokens (all users flattened) and head.
+    """One program per window of BLOCK_M consecutive query tokens (all users flattened) and head.
 
-    The grid needs only T and H, no host-side tile list. A window inside one user is one tile;
-    one that spans users is cut at their boundaries. Windows run last-first: late rows of a causal
-    user see the most keys, so the longest work starts first and the launch has a short tail.
+    Per user b the queries q_offsets[b]..q_offsets[b+1] are the last rows of the sequence whose
+    keys, values and timestamps kv_offsets[b]..kv_offsets[b+1] hold (full attention: the same
+    offsets; cached keys: a suffix). The grid needs only T (query tokens) and H, no host-side
+    tile list. A window inside one user is one tile; one that spans users is cut at their
+    boundaries. Windows run last-first: late rows of a causal user see the most keys, so the
+    longest work starts first and the launch has a short tail.
     """
     h = tl.program_id(1)
     # torch.compile / AOTInductor may pass Python-float arguments as fp64 (Inductor's default for
@@ -330,24 +364,34 @@ def _hstu_fwd_kernel(Q, K, V, Out, offsets, ts, ncand, near_tab, far_tab, T, B,
     inv_norm = tl.cast(inv_norm, tl.float32)
     win_lo = ((tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M).to(tl.int64)
     win_hi = tl.minimum(win_lo + BLOCK_M, T)
-    # First user of the window: how many users end at or before win_lo (vector scan of offsets).
+    # First user of the window: how many users' queries end at or before win_lo (vector scan).
     b = 0
     for c in range(0, B, SEARCH):
         idx = c + tl.arange(0, SEARCH)
-        ends = tl.load(offsets + 1 + idx, mask=idx < B, other=T + 1)
+        ends = tl.load(q_offsets + 1 + idx, mask=idx < B, other=T + 1)
         b += tl.sum((ends <= win_lo).to(tl.int32))
     seg_lo = win_lo
     while seg_lo < win_hi:
-        start = tl.load(offsets + b)
-        seg_hi = tl.minimum(tl.load(offsets + b + 1), win_hi)
-        if seg_hi > seg_lo:  # empty users give empty segments
-            length = (tl.load(offsets + b + 1) - start).to(tl.int32)
-            n_ctx = length - tl.load(ncand + b).to(tl.int32)
-            _attend_segment(Q, K, V, Out, ts, near_tab, far_tab, start, n_ctx, (seg_lo - start).to(tl.int32),
-                            (seg_hi - start).to(tl.int32), h, stride_qt, stride_qh, stride_kt, stride_kh,
-                            stride_vt, stride_vh, stride_ot, stride_oh, alpha, inv_norm,
-                            CAUSAL, FAST_SILU, ALLOW_TS_FAST, P, NB, DQK, DV, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV,
-                            DOT_PREC, DOT_UPCAST, ASM_GATHER, ABLATE)
+        q_start = tl.load(q_offsets + b)
+        q_end = tl.load(q_offsets + b + 1)
+        seg_hi = tl.minimum(q_end, win_hi)
+        if seg_hi > seg_lo:  # users without queries give empty segments
+            kv_start = tl.load(kv_offsets + b)
+            length = (tl.load(kv_offsets + b + 1) - kv_start).to(tl.int32)
+            shift = length - (q_end - q_start).to(tl.int32)  # sequence position of the user's first query
+            if shift >= 0:
+                n_ctx = length - tl.load(ncand + b).to(tl.int32)
+                _attend_segment(Q, K, V, Out, ts, near_tab, far_tab, q_start - shift, kv_start, n_ctx,
+                                (seg_lo - q_start).to(tl.int32) + shift, (seg_hi - q_start).to(tl.int32) + shift, h,
+                                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                                alpha, inv_norm, CAUSAL, FAST_SILU, ALLOW_TS_FAST, P, NB, DQK, DV, BLOCK_M, BLOCK_N,
+                                BLOCK_DQK, BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE)
+            else:  # more queries than keys: not a suffix. NaN rows, never a plausible result
+                rows = seg_lo + tl.arange(0, BLOCK_M)
+                offs_dv = tl.arange(0, BLOCK_DV)
+                o_ptrs = Out + rows[:, None] * stride_ot + h * stride_oh + offs_dv[None, :]
+                nan = tl.full([BLOCK_M, BLOCK_DV], float("nan"), tl.float32)
+                tl.store(o_ptrs, nan.to(Out.dtype.element_ty), mask=(rows < seg_hi)[:, None] & (offs_dv[None, :] < DV))
             seg_lo = seg_hi
         b += 1
 
@@ -355,35 +399,46 @@ def _hstu_fwd_kernel(Q, K, V, Out, offsets, ts, ncand, near_tab, far_tab, T, B,
 @triton.jit
 def _tables_kernel(pos_w, ts_w, near, far, stride_p, stride_t, scale,
                    P: tl.constexpr, NB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr):
-    """Per head h: near[h, b, r] = scale * (ts_w[h, b] + pos_w[h, r]) and far[h, 0 / 1, b] =
-    scale * (ts_w[h, b] + pos_w[h, 2P-2 / 0]). One launch instead of a handful of torch ops."""
-    h = tl.program_id(0)
-    r = tl.arange(0, BLOCK_R)
+    """Per head h (axis 0) and chunk of BLOCK_R relative positions (axis 1):
+    near[h, b, r] = scale * (ts_w[h, b] + pos_w[h, r]); chunk 0 also writes
+    far[h, 0 / 1, b] = scale * (ts_w[h, b] + pos_w[h, 2P-2 / 0]). One launch, any P."""
+    h = tl.program_id(0).to(tl.int64)
+    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     bk = tl.arange(0, BLOCK_B)
     pw = tl.load(pos_w + h * stride_p + r, mask=r < 2 * P - 1, other=0.0).to(tl.float32)
     tw = tl.load(ts_w + h * stride_t + bk, mask=bk < NB, other=0.0).to(tl.float32)
     mask = (bk[:, None] < NB) & (r[None, :] < 2 * P - 1)
     near_ptrs = near + h * (NB * (2 * P - 1)) + bk[:, None] * (2 * P - 1) + r[None, :]
     tl.store(near_ptrs, (tw[:, None] + pw[None, :]) * scale, mask=mask)
-    p_max = tl.load(pos_w + h * stride_p + 2 * P - 2).to(tl.float32)
-    p_min = tl.load(pos_w + h * stride_p).to(tl.float32)
-    tl.store(far + h * (2 * NB) + bk, (tw + p_max) * scale, mask=bk < NB)
-    tl.store(far + h * (2 * NB) + NB + bk, (tw + p_min) * scale, mask=bk < NB)
+    if tl.program_id(1) == 0:
+        p_max = tl.load(pos_w + h * stride_p + 2 * P - 2).to(tl.float32)
+        p_min = tl.load(pos_w + h * stride_p).to(tl.float32)
+        tl.store(far + h * (2 * NB) + bk, (tw + p_max) * scale, mask=bk < NB)
+        tl.store(far + h * (2 * NB) + NB + bk, (tw + p_min) * scale, mask=bk < NB)
 # fmt: on
+
+
+def table_buckets(time_buckets: int) -> int:
+    """Time buckets the kernel's tables hold: a saturated gap (<= 2**63 - 1) reaches bucket 63 at
+    most, so columns past 64 of ts_w are never read."""
+    return min(time_buckets, MAX_BUCKET + 1)
 
 
 def bias_tables(
     pos_w: torch.Tensor, ts_w: torch.Tensor, scale: float, wrap: Callable[[Any], Any] = lambda kernel: kernel
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """scale * (ts_w[h, bucket] + pos_w[h, rp]) in float32: near [H, NB, 2P-1] (rp fastest) and
-    far [H, 2, NB] (rp clamped to +(P-1), then to -(P-1)). scale 0.5 feeds z = s/2 (exact)."""
-    heads, num_buckets = ts_w.shape
+    """scale * (ts_w[h, bucket] + pos_w[h, rp]) in float32: near [H, NB', 2P-1] (rp fastest) and
+    far [H, 2, NB'] (rp clamped to +(P-1), then to -(P-1)), NB' = table_buckets(NB). scale 0.5
+    feeds z = s/2 (exact)."""
+    heads = ts_w.shape[0]
+    num_buckets = table_buckets(ts_w.shape[1])
     num_pos = (pos_w.shape[1] + 1) // 2
     near = torch.empty((heads, num_buckets, 2 * num_pos - 1), dtype=torch.float32, device=ts_w.device)
     far = torch.empty((heads, 2, num_buckets), dtype=torch.float32, device=ts_w.device)
-    wrap(_tables_kernel)[(heads,)](
+    block_r = min(triton.next_power_of_2(2 * num_pos - 1), 128)
+    wrap(_tables_kernel)[(heads, triton.cdiv(2 * num_pos - 1, block_r))](
         pos_w, ts_w, near, far, pos_w.stride(0), ts_w.stride(0), float(scale),
-        P=num_pos, NB=num_buckets, BLOCK_R=triton.next_power_of_2(2 * num_pos - 1),
+        P=num_pos, NB=num_buckets, BLOCK_R=block_r,
         BLOCK_B=triton.next_power_of_2(num_buckets), num_warps=1 if INTERPRET else 4,
     )  # fmt: skip
     return near, far
@@ -393,11 +448,37 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def hstu_attention_triton(
+def check_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_w: torch.Tensor) -> None:
+    """Raise ValueError naming any setting the kernel does not run (no other code path runs it)."""
+    if q.dtype not in KERNEL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(
+            f"hstu attention kernel: q, k, v must share one dtype of {[str(d) for d in KERNEL_DTYPES]}, "
+            f"got {q.dtype}, {k.dtype}, {v.dtype} (float64: use impl='pytorch')"
+        )
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        raise ValueError(
+            f"hstu attention kernel: head dims up to {MAX_HEAD_DIM}, got qk {q.shape[-1]}, v {v.shape[-1]}"
+        )
+    num_pos = (pos_w.shape[1] + 1) // 2
+    if num_pos > MAX_POSITION_BUCKETS:
+        raise ValueError(
+            f"hstu attention kernel: position_buckets up to {MAX_POSITION_BUCKETS} (int32 bias-table index), "
+            f"got {num_pos}"
+        )
+
+
+def ptx_variants(q: torch.Tensor, ptx: int | None) -> int:
+    if not q.is_cuda or INTERPRET:
+        return 0
+    return PTX_GATHER | PTX_BFIND if ptx is None else ptx
+
+
+def hstu_attention_cached_triton(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    offsets: torch.Tensor,
+    q_offsets: torch.Tensor,
+    kv_offsets: torch.Tensor,
     timestamps: torch.Tensor,
     num_candidates: torch.Tensor,
     pos_w: torch.Tensor,
@@ -411,17 +492,24 @@ def hstu_attention_triton(
     out: torch.Tensor | None = None,
     config: tuple[int, int, int, int] | None = None,
     ablate: int = 0,
+    ptx: int | None = None,
 ) -> torch.Tensor:
-    """Launch the kernel. ``wrap`` is torch.library.wrap_triton inside the custom op; ``out``
-    (optional, [T, H, Dv] in q's dtype) lets tests pass a poisoned buffer.
+    """Launch the kernel: per user the queries q[q_offsets[b]:q_offsets[b+1]] are the last rows of
+    the sequence k, v, timestamps[kv_offsets[b]:kv_offsets[b+1]] (contract:
+    reference.hstu_attention_cached). -> [Tq, H, Dv]. A user with more queries than keys gets NaN
+    rows (the kernel cannot raise). ``wrap`` is torch.library.wrap_triton inside the custom op;
+    ``out`` (optional, [Tq, H, Dv] in q's dtype) lets tests pass a poisoned buffer.
 
     fast_silu: None picks tanh.approx for 16-bit inputs on a GPU (never under the interpreter,
-    which cannot run inline PTX). allow_ts_fast=False forces the int64 time-delta path (tests).
+    which cannot run inline PTX). allow_ts_fast=False forces the int64 time-gap path (tests).
     config: (BLOCK_M, BLOCK_N, num_warps, num_stages) to skip autotuning (checks that compile many
     variants). ablate: benchmarking only, a bitmask of per-score stages to drop, which makes the
-    result WRONG: 1 bias (time bucket and gathers), 4 activation; 8 (exact) turns on the
-    experimental constant-bucket shortcut for far key blocks.
+    result WRONG: 1 bias (time bucket and gathers), 4 activation. ptx: which inline-PTX variants
+    to use (PTX_GATHER | PTX_BFIND bits); None = both on a GPU, none under the interpreter.
     """
+    check_supported(q, k, v, pos_w)
+    if q_offsets.shape != kv_offsets.shape:
+        raise ValueError(f"q_offsets {tuple(q_offsets.shape)} and kv_offsets {tuple(kv_offsets.shape)} must match")
     total, heads, dqk = q.shape
     dv = v.shape[-1]
     if out is None:
@@ -436,8 +524,6 @@ def hstu_attention_triton(
     # exact products) and roundings to bf16 are done by integer ops (see _round_to_bf16).
     upcast = INTERPRET and q.dtype == torch.bfloat16
     num_pos = (pos_w.shape[1] + 1) // 2
-    if ts_w.shape[1] > 31:
-        raise ValueError("the kernel saturates |dt| at 2**30: time_buckets must be <= 31")
     if pos_w.stride(1) != 1 or ts_w.stride(1) != 1:
         pos_w, ts_w = pos_w.contiguous(), ts_w.contiguous()
     near_tab, far_tab = bias_tables(pos_w, ts_w, 0.5, wrap)  # z = s / 2, see _act
@@ -454,13 +540,14 @@ def hstu_attention_triton(
         k,
         v,
         out,
-        offsets.contiguous(),
+        q_offsets.contiguous(),
+        kv_offsets.contiguous(),
         timestamps.contiguous(),
         num_candidates.contiguous(),
         near_tab,
         far_tab,
         total,
-        offsets.numel() - 1,
+        q_offsets.numel() - 1,
         q.stride(0),
         q.stride(1),
         k.stride(0),
@@ -476,16 +563,37 @@ def hstu_attention_triton(
         FAST_SILU=bool(fast_silu),
         ALLOW_TS_FAST=bool(allow_ts_fast),
         P=num_pos,
-        NB=ts_w.shape[1],
+        NB=table_buckets(ts_w.shape[1]),
         DQK=dqk,
         DV=dv,
         BLOCK_DQK=max(16, triton.next_power_of_2(dqk)),
         BLOCK_DV=max(16, triton.next_power_of_2(dv)),
         DOT_PREC="ieee" if q.dtype == torch.float32 or upcast else "tf32",
         DOT_UPCAST=upcast,
-        ASM_GATHER=q.is_cuda and not INTERPRET,
+        PTX=ptx_variants(q, ptx),
         ABLATE=ablate,
         SEARCH=256,
         **fixed,
     )
     return out
+
+
+def hstu_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    offsets: torch.Tensor,
+    timestamps: torch.Tensor,
+    num_candidates: torch.Tensor,
+    pos_w: torch.Tensor,
+    ts_w: torch.Tensor,
+    alpha: float,
+    norm: float,
+    causal: bool,
+    **options: Any,
+) -> torch.Tensor:
+    """Full jagged attention: the same kernel with every token a query (q_offsets = kv_offsets).
+    ``options``: those of hstu_attention_cached_triton."""
+    return hstu_attention_cached_triton(
+        q, k, v, offsets, offsets, timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal, **options
+    )

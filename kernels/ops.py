@@ -2,10 +2,12 @@
 
 ``torch.ops.grc.hstu_attention`` / ``torch.ops.grc.norm_gate`` are ``torch.library.triton_op``s:
 on CUDA tensors they launch the Triton kernels (torch.compile / AOTInductor see and compile the
-kernels), on any other device they run the PyTorch reference, so the ops work everywhere. Their
-fake (meta) impl is the op body itself run on fake tensors, which is why the bodies use tensor
-ops only. The jagged reference loops over users with data-dependent slicing, so it sits behind
-its own opaque op ``grc::hstu_attention_reference`` with an explicit fake impl.
+kernels; under the Triton interpreter also on CPU tensors), on any other device they run the
+PyTorch reference, so the ops work everywhere. On CUDA nothing else runs: a setting the kernel
+does not support raises ValueError naming it. Their fake (meta) impl is the op body itself run on fake tensors, which is why the bodies use
+tensor ops only. The jagged references loop over users with data-dependent slicing, so they sit
+behind their own opaque ops (``grc::hstu_attention_reference``,
+``grc::hstu_attention_cached_reference``) with explicit fake impls.
 """
 
 from __future__ import annotations
@@ -14,11 +16,16 @@ import torch
 from torch.library import custom_op, triton_op, wrap_triton
 
 from kernels import reference
-from kernels.hstu_attention import hstu_attention_triton
+from kernels.hstu_attention import INTERPRET, hstu_attention_cached_triton, hstu_attention_triton
 from kernels.norm_gate import norm_gate_triton
 
 IMPLS = ("triton", "pytorch")
-MAX_KERNEL_TIME_BUCKETS = 31  # the kernel saturates |dt| at 2**30; exact for NB <= 31
+
+
+def runs_kernel(x: torch.Tensor) -> bool:
+    """The ops launch the Triton kernels on CUDA tensors, and on CPU tensors under the Triton
+    interpreter (TRITON_INTERPRET=1: tests and dry runs of the GPU scripts); else the reference."""
+    return x.device.type == "cuda" or (INTERPRET and x.device.type == "cpu")
 
 
 @custom_op("grc::hstu_attention_reference", mutates_args=())
@@ -38,23 +45,6 @@ def _hstu_attention_reference(
     return reference.hstu_attention(q, k, v, offsets, timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal)
 
 
-@_hstu_attention_reference.register_fake
-def _(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    offsets: torch.Tensor,
-    timestamps: torch.Tensor,
-    num_candidates: torch.Tensor,
-    pos_w: torch.Tensor,
-    ts_w: torch.Tensor,
-    alpha: float,
-    norm: float,
-    causal: bool,
-) -> torch.Tensor:
-    return q.new_empty((q.shape[0], q.shape[1], v.shape[2]))
-
-
 @triton_op("grc::hstu_attention", mutates_args=())
 def _hstu_attention_op(
     q: torch.Tensor,
@@ -70,16 +60,66 @@ def _hstu_attention_op(
     causal: bool,
 ) -> torch.Tensor:
     args = (q, k, v, offsets, timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal)
-    if q.device.type != "cuda" or ts_w.shape[1] > MAX_KERNEL_TIME_BUCKETS:
+    if not runs_kernel(q):
         return torch.ops.grc.hstu_attention_reference(*args)
     return hstu_attention_triton(*args, wrap=wrap_triton)
+
+
+@custom_op("grc::hstu_attention_cached_reference", mutates_args=())
+def _hstu_attention_cached_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_offsets: torch.Tensor,
+    kv_offsets: torch.Tensor,
+    timestamps: torch.Tensor,
+    num_candidates: torch.Tensor,
+    pos_w: torch.Tensor,
+    ts_w: torch.Tensor,
+    alpha: float,
+    norm: float,
+    causal: bool,
+) -> torch.Tensor:
+    return reference.hstu_attention_cached(
+        q, k, v, q_offsets, kv_offsets, timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal
+    )
+
+
+def _attention_output_like(q: torch.Tensor, _k: torch.Tensor, v: torch.Tensor, *_rest: object) -> torch.Tensor:
+    """The fake impl of both reference ops: [T_q, H, Dv] in q's dtype."""
+    return q.new_empty((q.shape[0], q.shape[1], v.shape[2]))
+
+
+_hstu_attention_reference.register_fake(_attention_output_like)
+_hstu_attention_cached_reference.register_fake(_attention_output_like)
+
+
+@triton_op("grc::hstu_attention_cached", mutates_args=())
+def _hstu_attention_cached_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_offsets: torch.Tensor,
+    kv_offsets: torch.Tensor,
+    timestamps: torch.Tensor,
+    num_candidates: torch.Tensor,
+    pos_w: torch.Tensor,
+    ts_w: torch.Tensor,
+    alpha: float,
+    norm: float,
+    causal: bool,
+) -> torch.Tensor:
+    args = (q, k, v, q_offsets, kv_offsets, timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal)
+    if not runs_kernel(q):
+        return torch.ops.grc.hstu_attention_cached_reference(*args)
+    return hstu_attention_cached_triton(*args, wrap=wrap_triton)
 
 
 @triton_op("grc::norm_gate", mutates_args=())
 def _norm_gate_op(
     a: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> torch.Tensor:
-    if a.device.type != "cuda":
+    if not runs_kernel(a):
         return reference.norm_gate(a, u, weight, bias, eps)
     return norm_gate_triton(a, u, weight, bias, eps, wrap=wrap_triton)
 
@@ -144,8 +184,9 @@ def hstu_attention_cached(
     ``reference.hstu_attention_cached`` for the contract: per user the queries are the last
     ``q_offsets`` rows of the sequence whose keys/values/timestamps ``kv_offsets`` delimit).
 
-    impl="pytorch": the reference. impl="triton": the Triton kernel on CUDA; on another device
-    the reference (as ``hstu_attention`` does).
+    impl="pytorch": the reference. impl="triton": the ``grc::hstu_attention_cached`` op (the
+    Triton kernel on CUDA, where a user with more queries than keys gets NaN rows since a kernel
+    cannot raise; the reference, which raises, elsewhere).
     """
     _check_impl(impl)
     args = (
@@ -162,6 +203,6 @@ def hstu_attention_cached(
         float(norm),
         bool(causal),
     )
-    if impl == "pytorch" or q.device.type != "cuda":
+    if impl == "pytorch":
         return reference.hstu_attention_cached(*args)
-    raise NotImplementedError("hstu_attention_cached: the Triton kernel is not written yet (issue 17)")
+    return torch.ops.grc.hstu_attention_cached(*args)

@@ -11,17 +11,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# One definition of the time gap and bucket (exact integers, saturating gap) for the padded model and
+# this oracle: grc.model.attention imports torch only.
+from grc.model.attention import abs_time_gap, time_bucket
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64 (the oracle); everything else computes in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def time_bucket(dt_abs: torch.Tensor, num_buckets: int) -> torch.Tensor:
-    """Exact min(floor(log2(1 + dt)), NB - 1) for int64 dt >= 0: count the powers 2**k (k = 1..NB-1)
-    that 1 + dt reaches. Pure integer arithmetic, so no float rounding can put it off by one."""
-    powers = torch.tensor([1 << k for k in range(1, num_buckets)], dtype=torch.int64, device=dt_abs.device)
-    return ((dt_abs.unsqueeze(-1) + 1) >= powers).sum(-1)
 
 
 def allowed_mask(length: int, n_ctx: int, causal: bool, device: torch.device) -> torch.Tensor:
@@ -39,7 +36,7 @@ def user_bias(length: int, n_ctx: int, ts: torch.Tensor, pos_w: torch.Tensor, ts
     idx = torch.arange(length, device=ts.device)
     pos = torch.minimum(idx, torch.tensor(n_ctx, device=ts.device))  # candidates share position n_ctx
     rel = (pos.view(-1, 1) - pos.view(1, -1)).clamp(-(num_pos - 1), num_pos - 1) + (num_pos - 1)
-    bucket = time_bucket((ts.view(-1, 1) - ts.view(1, -1)).abs(), ts_w.shape[1])
+    bucket = time_bucket(abs_time_gap(ts.view(-1, 1), ts.view(1, -1)), ts_w.shape[1])
     return pos_w[:, rel] + ts_w[:, bucket]
 
 

@@ -5,7 +5,9 @@
 //   allowed(i, j) = j < L and (i < n_ctx ? (causal ? j <= i : j < n_ctx) : (j < n_ctx or j == i))
 //   s = alpha * <q_i, k_j> + pos_w[h, clamp(p(i) - p(j), -(P-1), P-1) + P-1] + ts_w[h, bucket(|t_i - t_j|)]
 //   out_i = sum_j (allowed ? SiLU(s) / norm : 0) * v_j            (rows i >= L are zero)
-//   bucket(dt) = min(floor(log2(1 + dt)), NB - 1), exact in integers (a count-leading-zeros, no float log)
+//   bucket(dt) = min(floor(log2(1 + dt)), NB - 1), exact in integers (a count-leading-zeros, no float log),
+//   dt = |t_i - t_j| exact (unsigned), saturated at INT64_MAX: timestamps further apart than int64 holds
+//   (history at INT64_MIN, request at INT64_MAX) land in the last bucket instead of wrapping (any NB)
 // Shapes: q, k [B, N, H, Dqk]; v, out [B, N, H, Dv]; lengths, num_candidates [B]; timestamps [B, N];
 // pos_w [H, 2P-1]; ts_w [H, NB]. T is float, half or bfloat16 (math in float); I is int32 or int64.
 //
@@ -38,10 +40,26 @@ __device__ __forceinline__ __half fromFloat<__half>(float v) { return __float2ha
 template <>
 __device__ __forceinline__ __nv_bfloat16 fromFloat<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 
-// floor(log2(1 + dt)) clamped to numBuckets - 1: the index of the highest set bit of 1 + dt.
-__device__ __forceinline__ int timeBucket(long long dtAbs, int numBuckets)
+// |a - b| of int64 timestamps, exact in unsigned arithmetic (signed subtraction could overflow),
+// saturated at INT64_MAX: the rule of grc.model.attention.abs_time_gap. Host and device, so it is
+// checked on a CPU too (plugins/bucket_check.cu).
+__host__ __device__ __forceinline__ unsigned long long absTimeGap(long long a, long long b)
 {
-    int const b = 63 - __clzll(static_cast<long long>(dtAbs + 1));
+    unsigned long long const gap = a > b ? static_cast<unsigned long long>(a) - static_cast<unsigned long long>(b)
+                                         : static_cast<unsigned long long>(b) - static_cast<unsigned long long>(a);
+    unsigned long long const maxGap = 0x7fffffffffffffffULL;
+    return gap < maxGap ? gap : maxGap;
+}
+
+// floor(log2(1 + gap)) clamped to numBuckets - 1: the index of the highest set bit of 1 + gap
+// (gap <= INT64_MAX, so 1 + gap <= 2**63 fits and the bucket is at most 63).
+__host__ __device__ __forceinline__ int timeBucket(unsigned long long gap, int numBuckets)
+{
+#ifdef __CUDA_ARCH__
+    int const b = 63 - __clzll(static_cast<long long>(gap + 1));
+#else
+    int const b = 63 - __builtin_clzll(gap + 1);
+#endif
     return b < numBuckets - 1 ? b : numBuckets - 1;
 }
 
@@ -104,9 +122,8 @@ __global__ void hstuAttentionPadded(T const* __restrict__ q, T const* __restrict
                 long long rel = posI - posJ;
                 rel = rel < -maxRel ? -maxRel : (rel > maxRel ? maxRel : rel);
                 long long const tJ = static_cast<long long>(timestamps[static_cast<size_t>(b) * p.n + j]);
-                long long const dt = tI > tJ ? tI - tJ : tJ - tI;
                 float const s = p.alpha * dot + toFloat(posW[h * (2 * p.posBuckets - 1) + rel + maxRel])
-                    + toFloat(tsW[h * p.timeBuckets + timeBucket(dt, p.timeBuckets)]);
+                    + toFloat(tsW[h * p.timeBuckets + timeBucket(absTimeGap(tI, tJ), p.timeBuckets)]);
                 w = s / (1.f + expf(-s)) / p.norm;  // SiLU(s) / N, divided as the reference divides
             }
             weights[jj] = w;

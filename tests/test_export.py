@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -167,3 +168,49 @@ def test_polygraphy_inspects_and_runs_the_artifacts(built_mtgr_tiny: tuple[Path,
     got = to_jagged(torch.from_numpy(np.asarray(scores)), tok.offsets).numpy()
     expected = reference(model, tok)
     assert np.abs(got - expected).max() / np.abs(expected).max() < 1e-5
+
+
+class _PaddedAttention(torch.nn.Module):
+    def __init__(self, heads: int, num_pos: int, num_buckets: int):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.pos_w = torch.nn.Parameter(torch.randn(heads, 2 * num_pos - 1, generator=gen))
+        self.ts_w = torch.nn.Parameter(torch.randn(heads, num_buckets, generator=gen) * 3)
+
+    def forward(self, q, k, v, lengths, num_candidates, timestamps):  # type: ignore[no-untyped-def]
+        from grc.model.attention import abs_time_gap, hstu_attention_padded, time_bucket
+
+        out = hstu_attention_padded(q, k, v, lengths, num_candidates, timestamps, self.pos_w, self.ts_w, 0.5, 9.0, True)
+        gap = abs_time_gap(timestamps.unsqueeze(2), timestamps.unsqueeze(1))
+        return out, time_bucket(gap, self.ts_w.shape[1])
+
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+@pytest.mark.parametrize("num_buckets", [32, 64])
+def test_exported_time_gap_saturates_at_the_int64_ends(tmp_path: Path, num_buckets: int) -> None:
+    """The ONNX graph traced from the padded attention computes |dt| without wrapping: timestamps
+    at INT64_MIN and INT64_MAX (gaps up to 2**64 - 1) land in the last bucket in onnxruntime, as
+    the integer rule says, and the attention output matches torch's."""
+    import onnxruntime as ort
+
+    gen = torch.Generator().manual_seed(secrets.randbits(31))
+    users, n, heads, d = 2, 6, 2, 8
+    q, k, v = (torch.randn(users, n, heads, d, generator=gen) for _ in range(3))
+    lengths, nc = torch.tensor([6, 4]), torch.tensor([1, 0])
+    stamps = [[INT64_MIN, INT64_MIN + 1, -1, 0, INT64_MAX - 1, INT64_MAX], [INT64_MAX, INT64_MIN, 1 << 40, -7, 0, 0]]
+    args = (q, k, v, lengths, nc, torch.tensor(stamps))
+    model = _PaddedAttention(heads, 4, num_buckets).eval()
+    path = tmp_path / "attention.onnx"
+    names = ["q", "k", "v", "lengths", "num_candidates", "timestamps"]
+    program = torch.onnx.export(model, args, dynamo=True, optimize=True, input_names=names)
+    assert program is not None
+    program.save(str(path))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out, buckets = sess.run(None, {n: a.numpy() for n, a in zip(names, args, strict=True)})
+    want = [[[min((min(abs(a - b), INT64_MAX) + 1).bit_length() - 1, num_buckets - 1) for b in row] for a in row]
+            for row in stamps]  # fmt: skip
+    assert buckets.tolist() == want
+    with torch.no_grad():
+        np.testing.assert_allclose(out, model(*args)[0].numpy(), rtol=1e-5, atol=1e-6)

@@ -5,8 +5,8 @@
 with a dynamic token count. ``JaggedDense`` computes the same per-token quantities from the
 static token count (``searchsorted`` over the offsets) and then runs GRDense's own layers, final
 norm and heads, each layer with ``impl="triton"``: the exported program holds one
-``grc.hstu_attention`` and one ``grc.norm_gate`` node per layer (see ``capped_layer`` for specs
-with more than 31 time buckets). The parity check compares the
+``grc.hstu_attention`` and one ``grc.norm_gate`` node per layer, every layer's full bias tables
+included (the kernel is exact for any number of time buckets). The parity check compares the
 compiled package with ``GRDense.forward_jagged`` itself (float64, plain reference), so the two
 entry points cannot drift apart unnoticed.
 """
@@ -21,14 +21,11 @@ from torch import nn
 
 from grc.aoti.inputs import JaggedInputs, random_inputs
 from grc.model.gr import GRDense, token_groups
-from grc.model.hstu import HSTULayer
-from grc.model.kernel_ops import hstu_attention_jagged
 
 INPUTS = ("tokens", "offsets", "num_candidates", "timestamps")
 OUTPUTS = ("scores",)
 MAX_USERS = 1 << 16
 MAX_TOKENS = 1 << 24
-KERNEL_TIME_BUCKETS = 31  # kernels.ops.MAX_KERNEL_TIME_BUCKETS (not imported: that loads triton)
 
 
 def jagged_positions(offsets: torch.Tensor, num_candidates: torch.Tensor, total: int) -> tuple[torch.Tensor, ...]:
@@ -45,39 +42,9 @@ def jagged_positions(offsets: torch.Tensor, num_candidates: torch.Tensor, total:
     return idx, n_ctx
 
 
-def capped_layer(
-    layer: HSTULayer,
-    x: torch.Tensor,
-    group: torch.Tensor,
-    offsets: torch.Tensor,
-    num_candidates: torch.Tensor,
-    timestamps: torch.Tensor,
-    impl: str,
-) -> torch.Tensor:
-    """``HSTULayer.forward_jagged`` with the time-bias table cut to its first 31 buckets.
-
-    The Triton kernel saturates |dt| at 2**30 s, so it is exact for NB <= 31 and the grc op falls
-    back to the (per-user, looping) reference above that. The MTGR specs have NB = 32, whose last
-    bucket holds |dt| >= 2**31 - 1 s (68 years), a delta no real request carries. With the table
-    cut to 31 buckets such a pair would get bucket 30's bias instead; every delta under 68 years
-    gives exactly the same scores, and the kernel runs. Recorded in the package metadata."""
-    c = layer.cfg
-    u, q, k, v = layer._project(x, group)
-    a = layer.attention
-    attn = hstu_attention_jagged(q, k, v, offsets, timestamps, num_candidates, a.pos_w,
-                                 a.ts_w[:, :KERNEL_TIME_BUCKETS], c.scale, float(c.max_seq_len),
-                                 c.history_mask == "causal", impl=impl)  # fmt: skip
-    return layer._finish(x, attn, u, impl=impl)
-
-
 def time_bucket_note(time_buckets: int) -> str:
-    if time_buckets <= KERNEL_TIME_BUCKETS:
-        return f"exact: time_buckets {time_buckets} <= {KERNEL_TIME_BUCKETS}, the kernel's exact range"
-    return (
-        f"time_buckets {time_buckets} > {KERNEL_TIME_BUCKETS}: the time-bias table is cut to its first "
-        f"{KERNEL_TIME_BUCKETS} buckets so the Triton kernel runs; exact for |dt| < 2**31 - 1 s (68 years) "
-        f"between tokens of one user, beyond that bucket {KERNEL_TIME_BUCKETS - 1} instead of the last"
-    )
+    """The package metadata's word on time buckets (older packages cut the table to 31)."""
+    return f"exact: the kernel computes all {time_buckets} time buckets (gaps saturate at 2**63 - 1 s)"
 
 
 class JaggedDense(nn.Module):
@@ -97,10 +64,7 @@ class JaggedDense(nn.Module):
         group = token_groups(d.cfg, idx, n_ctx)
         x = tokens
         for layer in d.hstu_layers:
-            if layer.cfg.time_buckets <= KERNEL_TIME_BUCKETS:
-                x = layer.forward_jagged(x, group, offsets, num_candidates, timestamps, impl=self.impl)
-            else:
-                x = capped_layer(layer, x, group, offsets, num_candidates, timestamps, self.impl)
+            x = layer.forward_jagged(x, group, offsets, num_candidates, timestamps, impl=self.impl)
         scores = d.heads(d.final_norm(x, group))
         return scores * (idx >= n_ctx).unsqueeze(-1).to(scores.dtype)
 

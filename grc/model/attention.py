@@ -6,7 +6,9 @@ Per user with L tokens, of which the last ``nc`` are candidates (``n_ctx = L - n
                 = j < n_ctx or j == i                       for candidate queries
   s = alpha * q_i.k_j + pos_w[h, clamp(p(i)-p(j), -(P-1), P-1) + P-1] + ts_w[h, bucket(|t_i - t_j|)]
   a = SiLU(s) / N  where allowed, else 0;   out_i = sum_j a_ij v_j
-bucket(dt) = min(floor(log2(1 + dt)), NB-1), computed exactly in integers.
+bucket(dt) = min(floor(log2(1 + dt)), NB-1), computed exactly in integers, where dt = |t_i - t_j| is
+the exact gap saturated at 2**63 - 1 (``abs_time_gap``): timestamps further apart than int64 can
+hold (history at INT64_MIN, request at INT64_MAX) land in the last bucket instead of wrapping.
 The jagged kernels in ``kernels/`` implement the same function; this module is what ONNX export
 traces and what graph surgery fuses back into one ``grc::HSTUAttention`` node per layer.
 """
@@ -16,11 +18,29 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+INT64_MAX = (1 << 63) - 1
+MAX_BUCKET = 63  # floor(log2(1 + INT64_MAX)): buckets past 63 are never reached
 
-def time_bucket(dt_abs: torch.Tensor, num_buckets: int) -> torch.Tensor:
-    """Exact floor(log2(1 + dt)) clamped to NB-1: count the powers of two that 1 + dt reaches."""
-    bounds = torch.tensor([1 << k for k in range(1, num_buckets)], dtype=torch.int64, device=dt_abs.device)
-    return ((dt_abs.unsqueeze(-1) + 1) >= bounds).sum(-1)
+
+def abs_time_gap(t_i: torch.Tensor, t_j: torch.Tensor) -> torch.Tensor:
+    """|t_i - t_j| for int64 timestamps without overflow, saturated at INT64_MAX.
+
+    The exact gap of two int64 values can reach 2**64 - 1; subtracting directly wraps such a gap
+    into a small (even negative) number. hi - lo exceeds INT64_MAX only when lo < 0, and there
+    lo + INT64_MAX cannot overflow, so the test below never overflows either; nor does the
+    subtraction, which only runs where the gap fits. (No clamp op here: graph surgery tells the
+    position gather from the time gather by a Clip upstream.)"""
+    hi, lo = torch.maximum(t_i, t_j), torch.minimum(t_i, t_j)
+    over = (lo < 0) & (hi > torch.where(lo < 0, lo, -1) + INT64_MAX)
+    return torch.where(over, INT64_MAX, hi - torch.where(over, hi, lo))
+
+
+def time_bucket(gap: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    """Exact min(floor(log2(1 + gap)), NB-1) for int64 gap in [0, INT64_MAX]: count the k in
+    1..min(NB-1, 63) with gap >= 2**k - 1. Integers only (no float rounding at powers of two), and
+    no 1 + gap that could overflow."""
+    bounds = [(1 << k) - 1 for k in range(1, min(num_buckets - 1, MAX_BUCKET) + 1)]
+    return (gap.unsqueeze(-1) >= torch.tensor(bounds, dtype=torch.int64, device=gap.device)).sum(-1)
 
 
 def candidate_mask(lengths: torch.Tensor, num_candidates: torch.Tensor, n: int, causal: bool) -> torch.Tensor:
@@ -49,8 +69,7 @@ def relative_bias(
     idx = torch.arange(n, device=lengths.device).view(1, n)
     pos = torch.minimum(idx, (lengths - num_candidates).view(-1, 1))
     rel = (pos.unsqueeze(2) - pos.unsqueeze(1)).clamp(-(num_pos - 1), num_pos - 1) + (num_pos - 1)
-    dt = (timestamps.unsqueeze(2) - timestamps.unsqueeze(1)).abs()
-    bucket = time_bucket(dt, ts_w.shape[1])
+    bucket = time_bucket(abs_time_gap(timestamps.unsqueeze(2), timestamps.unsqueeze(1)), ts_w.shape[1])
     bias = pos_w[:, rel] + ts_w[:, bucket]  # [H, B, N, N]
     return bias.permute(1, 0, 2, 3)
 

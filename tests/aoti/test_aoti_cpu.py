@@ -103,21 +103,26 @@ def test_jagged_entry_matches_forward_jagged_with_empty_users() -> None:
             assert torch.allclose(JaggedDense(dense, impl)(*inp.args()), want, rtol=0, atol=1e-12)
 
 
-def test_time_bucket_cap_is_exact_below_68_years() -> None:
-    """Specs with 32 time buckets run the kernel with the table cut to 31 buckets (MTGR specs)."""
+@pytest.mark.parametrize("time_buckets", [32, 64])
+def test_every_time_bucket_reaches_the_export(time_buckets: int) -> None:
+    """The exported entry point keeps the whole time-bias table (it was cut to 31 buckets): gaps
+    of 68 years and more (bucket 31) and timestamps at the int64 ends (saturated gap, last
+    bucket) give exactly the model's scores."""
     from grc.aoti.inputs import random_inputs, seeded_dense
-    from grc.aoti.model import KERNEL_TIME_BUCKETS, JaggedDense
+    from grc.aoti.model import JaggedDense
     from grc.spec.loader import load_spec
 
     spec = load_spec(TEST_SPECS / "mtgr-tiny.yaml").spec
-    cfg = spec.model.model_copy(update={"hstu": spec.model.hstu.model_copy(update={"time_buckets": 32})})
-    assert cfg.hstu.time_buckets > KERNEL_TIME_BUCKETS
-    dense = seeded_dense(cfg).double()
-    inp = random_inputs(cfg, 3, 30, 5, torch.Generator().manual_seed(1)).to("cpu", torch.float64)
+    hstu = spec.model.hstu.model_copy(update={"time_buckets": time_buckets})
+    dense = seeded_dense(spec.model.model_copy(update={"hstu": hstu})).double()
+    inp = random_inputs(dense.cfg, 3, 30, 5, torch.Generator().manual_seed(1)).to("cpu", torch.float64)
+    inp.timestamps[1] -= 1 << 31  # one history event 68 years back: bucket 31
+    inp.timestamps[2] = -(1 << 63)  # and one at INT64_MIN: saturated gap, bucket 63 (or NB-1)
     with torch.no_grad():
-        assert torch.allclose(JaggedDense(dense)(*inp.args()), dense.forward_jagged(*inp.args()), rtol=0, atol=1e-12)
-        inp.timestamps[1] -= 1 << 31  # one history event 68 years back: bucket 31, which the cut table lacks
-        assert not torch.allclose(JaggedDense(dense)(*inp.args()), dense.forward_jagged(*inp.args()))
+        want = dense.forward_jagged(*inp.args())
+        assert torch.allclose(JaggedDense(dense)(*inp.args()), want, rtol=0, atol=1e-12)
+        next(iter(dense.hstu_layers)).attention.ts_w[:, 31:] += 1.0  # buckets >= 31 matter for these inputs
+        assert not torch.allclose(dense.forward_jagged(*inp.args()), want)
 
 
 def test_spec_section_and_light_stage_module() -> None:

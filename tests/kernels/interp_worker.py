@@ -2,7 +2,7 @@
 
 Started as a subprocess by test_interpreter.py: TRITON_INTERPRET must be set before the kernels
 are decorated, and the rest of the suite (one pytest process, xdist workers) must not see it.
-Usage: python interp_worker.py JOB DTYPE SEED   (JOB: attention | norm_gate | bucket)
+Usage: python interp_worker.py JOB DTYPE SEED   (JOB: attention | cached | norm_gate | bucket)
 """
 
 from __future__ import annotations
@@ -17,11 +17,19 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+import kernels  # noqa: E402
 from kernels import reference  # noqa: E402
-from kernels.hstu_attention import _biased_bucket, _time_delta, hstu_attention_triton  # noqa: E402
+from kernels.hstu_attention import (  # noqa: E402
+    _abs_gap,
+    _biased_bucket,
+    _biased_bucket64,
+    hstu_attention_cached_triton,
+    hstu_attention_triton,
+)
 from kernels.norm_gate import norm_gate_triton  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -44,9 +52,10 @@ def attention_case(
     ts_high: int = 20_000,
     allow_ts_fast: bool = True,
     increasing: bool = False,
-    ablate: int = 0,
+    num_pos: int = 8,  # small P and NB so position clamping and saturation both occur
+    num_buckets: int = 12,
+    extremes: bool = False,
 ) -> float:
-    num_pos, num_buckets = 8, 12  # small P and NB so position clamping and saturation both occur
     offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int64)
     total = int(offsets[-1])
 
@@ -59,6 +68,10 @@ def attention_case(
     else:
         ts = torch.randint(0, ts_high, (total,), generator=gen, dtype=torch.int64)
         ts[::5] = ts[0]  # some exact ties: dt = 0
+    if extremes:  # the int64 ends: gaps past INT64_MAX must saturate (last bucket), not wrap
+        ends = torch.tensor([INT64_MIN, INT64_MAX, INT64_MIN + 1, INT64_MAX - 1, -1, 0], dtype=torch.int64)
+        pick = torch.randint(0, len(ends), (total,), generator=gen)
+        ts = torch.where(torch.rand(total, generator=gen) < 0.5, ends[pick], ts)
     nc = torch.tensor(ncands, dtype=torch.int64)
     pos_w, ts_w = randn(heads, 2 * num_pos - 1), randn(heads, num_buckets)
     alpha, norm = 0.3, 7.0
@@ -77,7 +90,6 @@ def attention_case(
         causal,
         allow_ts_fast=allow_ts_fast,
         out=poisoned,
-        ablate=ablate,
     )
     ref = reference.hstu_attention(
         q.double(), k.double(), v.double(), offsets, ts, nc, pos_w.double(), ts_w.double(), alpha, norm, causal
@@ -99,10 +111,20 @@ def attention_job(dtype: torch.dtype, gen: torch.Generator) -> dict[str, float]:
             gen, dtype, [64, 50], [2, 0], True, ts_high=300, increasing=True
         ),
         "increasing_timestamps_full": attention_case(gen, dtype, [64, 50], [2, 0], False, ts_high=300, increasing=True),
-        # ablate=8: the experimental (exact, off by default) constant-bucket shortcut for far blocks.
-        "const_bucket_shortcut": attention_case(
-            gen, dtype, [64, 50], [2, 0], False, ts_high=300, increasing=True, ablate=8
+        # Every spec's table sizes: MTGR's 32 buckets, 64 (the most a saturated gap reaches), more
+        # than 64 (never read past 64), one bucket, one position bucket, and a P past the block.
+        "time_buckets_32_huge_gaps": attention_case(
+            gen, dtype, [40, 37], [3, 0], True, ts_high=1 << 40, num_buckets=32
         ),
+        "time_buckets_64_huge_gaps": attention_case(
+            gen, dtype, [40, 37], [3, 0], False, ts_high=1 << 62, num_buckets=64
+        ),
+        "time_buckets_100": attention_case(gen, dtype, [40, 37], [3, 0], True, ts_high=1 << 62, num_buckets=100),
+        "one_bucket_each": attention_case(gen, dtype, [40, 37], [3, 0], True, num_pos=1, num_buckets=1),
+        "position_buckets_300": attention_case(gen, dtype, [64, 50], [2, 0], False, num_pos=300, num_buckets=32),
+        # Timestamps at the int64 ends (history at INT64_MIN, request at INT64_MAX).
+        "int64_extremes_causal": attention_case(gen, dtype, [40, 37], [3, 0], True, num_buckets=64, extremes=True),
+        "int64_extremes_full": attention_case(gen, dtype, [40, 37], [3, 0], False, num_buckets=33, extremes=True),
         "single_token_candidate": attention_case(gen, dtype, [1, 2], [1, 1], True),
         "odd_head_dims": attention_case(gen, dtype, [23, 40], [3, 0], True, dqk=20, dv=24),
         # Timestamps far apart (span > 2**29 and > 2**32): the int64 time-delta path.
@@ -111,8 +133,89 @@ def attention_job(dtype: torch.dtype, gen: torch.Generator) -> dict[str, float]:
     }
 
 
+def cached_case(
+    gen: torch.Generator,
+    dtype: torch.dtype,
+    lengths: list[int],
+    ncands: list[int],
+    n_queries: list[int],
+    causal: bool,
+    num_buckets: int = 12,
+    ts_high: int = 20_000,
+    heads: int = 2,
+    d: int = 32,
+    via_op: bool = False,
+) -> float:
+    """Queries = the last n_queries[b] tokens of each user's sequence, against all its keys.
+    via_op: through kernels.hstu_attention_cached (the grc::hstu_attention_cached triton_op,
+    which launches the kernel on CPU tensors under the interpreter) instead of the launcher."""
+    num_pos = 8
+    kv_offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int64)
+    q_offsets = torch.tensor([0, *torch.tensor(n_queries).cumsum(0).tolist()], dtype=torch.int64)
+    total, total_q = int(kv_offsets[-1]), int(q_offsets[-1])
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen)
+
+    q, k, v = randn(total_q, heads, d).to(dtype), randn(total, heads, d).to(dtype), randn(total, heads, d).to(dtype)
+    ts = torch.randint(0, ts_high, (total,), generator=gen, dtype=torch.int64).cumsum(0)  # history order
+    nc = torch.tensor(ncands, dtype=torch.int64)
+    pos_w, ts_w = randn(heads, 2 * num_pos - 1), randn(heads, num_buckets)
+    args = (q_offsets, kv_offsets, ts, nc)
+    poisoned = torch.full((total_q, heads, d), float("nan"), dtype=dtype)
+    if via_op:
+        out = kernels.hstu_attention_cached(q, k, v, *args, pos_w, ts_w, 0.3, 7.0, causal, impl="triton")
+    else:
+        out = hstu_attention_cached_triton(q, k, v, *args, pos_w, ts_w, 0.3, 7.0, causal, out=poisoned)
+    ref = reference.hstu_attention_cached(
+        q.double(), k.double(), v.double(), *args, pos_w.double(), ts_w.double(), 0.3, 7.0, causal
+    )
+    return rel_err(out, ref)
+
+
+def cached_job(dtype: torch.dtype, gen: torch.Generator) -> dict[str, float]:
+    lengths, ncands = [45, 17, 64, 30, 5], [5, 17, 40, 1, 0]
+    results: dict[str, float] = {}
+    for causal in (True, False):
+        tag = "causal" if causal else "full"
+        results |= {
+            f"suffix_is_whole_sequence_{tag}": cached_case(gen, dtype, lengths, ncands, lengths, causal),
+            f"candidates_only_{tag}": cached_case(gen, dtype, lengths, ncands, ncands, causal),
+            # history rows and candidates (user 0: 3 history + 5 candidates), 1-row suffixes
+            f"mixed_suffix_{tag}": cached_case(gen, dtype, lengths, ncands, [8, 1, 41, 1, 5], causal),
+            # some users with an empty suffix (no queries), one whose whole sequence is queried
+            f"empty_suffixes_{tag}": cached_case(gen, dtype, lengths, ncands, [0, 17, 0, 3, 0], causal),
+            # a cached history of 150 keys (ten 16-key blocks) under 5 or 20 new queries
+            f"long_cached_history_{tag}": cached_case(gen, dtype, [155, 170], [5, 3], [5, 20], causal),
+            f"time_buckets_64_huge_gaps_{tag}": cached_case(
+                gen, dtype, [70, 9], [4, 0], [10, 9], causal, num_buckets=64, ts_high=1 << 56
+            ),
+            f"through_the_op_{tag}": cached_case(gen, dtype, lengths, ncands, [8, 1, 41, 1, 5], causal, via_op=True),
+        }
+    return results
+
+
+def not_a_suffix_job() -> dict[str, float]:
+    """A user with more queries than keys gets NaN rows; the other users stay exact."""
+    gen = torch.Generator().manual_seed(0)
+    heads, d = 2, 16
+    kv_offsets, q_offsets = torch.tensor([0, 10, 13]), torch.tensor([0, 4, 9])  # user 1: 5 queries, 3 keys
+    q, k, v = (
+        torch.randn(9, heads, d, generator=gen),
+        torch.randn(13, heads, d, generator=gen),
+        torch.randn(13, heads, d, generator=gen),
+    )
+    ts, nc = torch.arange(13, dtype=torch.int64) * 100, torch.tensor([2, 1])
+    pos_w, ts_w = torch.randn(heads, 7, generator=gen), torch.randn(heads, 9, generator=gen)
+    out = hstu_attention_cached_triton(q, k, v, q_offsets, kv_offsets, ts, nc, pos_w, ts_w, 0.3, 7.0, True,
+                                       out=torch.zeros(9, heads, d))  # fmt: skip
+    ref = reference.hstu_attention_cached(q[:4].double(), k.double(), v.double(), q_offsets[:2], kv_offsets[:2], ts,
+                                          nc[:1], pos_w.double(), ts_w.double(), 0.3, 7.0, True)  # fmt: skip
+    return {"valid_user_rel_err": rel_err(out[:4], ref), "bad_user_nan_fraction": float(out[4:].isnan().float().mean())}
+
+
 def norm_gate_job(gen: torch.Generator) -> dict[str, float]:
-    results = {}
+    results: dict[str, float] = {}
     for name, dtype in DTYPES.items():
         for shape in ((37, 48), (5, 256), (1, 16), (2, 7, 40)):
             channels = shape[-1]
@@ -130,32 +233,46 @@ def _bucket_kernel(DT, TS_I, TS_J, OUT32, OUT64, n, NB: tl.constexpr, BLOCK: tl.
     offs = tl.arange(0, BLOCK)
     ok = offs < n
     dt = tl.load(DT + offs, mask=ok, other=0)
-    tl.store(OUT32 + offs, _biased_bucket(dt, NB) - 127, mask=ok)
-    ts_i = tl.load(TS_I + offs, mask=ok, other=0)
-    ts_j = tl.load(TS_J + tl.arange(0, 1))  # [1]: _time_delta forms the outer difference
-    d64 = tl.sum(_time_delta(dt, dt, ts_i, ts_j, False, False), axis=1)
-    tl.store(OUT64 + offs, _biased_bucket(d64, NB) - 127, mask=ok)
+    tl.store(OUT32 + offs, _biased_bucket(dt, NB, 0) - 127, mask=ok)
+    gap = _abs_gap(tl.load(TS_I + offs, mask=ok, other=0), tl.load(TS_J + offs, mask=ok, other=0))
+    tl.store(OUT64 + offs, _biased_bucket64(gap, NB) - 127, mask=ok)
+
+
+def want_bucket(a: int, b: int, nb: int) -> int:
+    """The rule in Python integers: the exact gap, saturated at INT64_MAX, floor(log2(1 + gap))."""
+    return min((min(abs(a - b), INT64_MAX) + 1).bit_length() - 1, nb - 1)
 
 
 def bucket_job() -> dict[str, float]:
-    """Kernel bucket == integer floor(log2(1 + |dt|)) at every power-of-two edge, both signs, for
-    the int32 path and the int64 path (timestamps near 2**45), with NB = 24 and NB = 31."""
-    edges = sorted({max(0, (1 << e) + d) for e in range(31) for d in (-2, -1, 0, 1)} - {(1 << 30) + 1})
-    dt = torch.tensor(edges + [-x for x in edges], dtype=torch.int32)
-    base = 1 << 45
-    ts_i = base + dt.to(torch.int64) * torch.where(torch.arange(dt.numel()) % 2 == 0, 1, -1)
-    ts_j = torch.tensor([base], dtype=torch.int64)
-    results = {}
-    for nb in (24, 31):
-        out32 = torch.full((dt.numel(),), -7, dtype=torch.int32)
-        out64 = torch.full((dt.numel(),), -7, dtype=torch.int32)
-        block = triton.next_power_of_2(dt.numel())
-        _bucket_kernel[(1,)](dt, ts_i, ts_j, out32, out64, dt.numel(), NB=nb, BLOCK=block)
-        want = torch.tensor([min((abs(x) + 1).bit_length() - 1, nb - 1) for x in dt.tolist()], dtype=torch.int32)
-        ref = reference.time_bucket(dt.to(torch.int64).abs(), nb).to(torch.int32)
-        results[f"nb{nb}_int32_path_mismatches"] = float((out32 != want).sum())
-        results[f"nb{nb}_int64_path_mismatches"] = float((out64 != want).sum())
-        results[f"nb{nb}_reference_mismatches"] = float((ref != want).sum())
+    """Kernel bucket == the integer rule at every power-of-two edge, both signs: the int32 path for
+    |dt| < 2**30, and the int64 path for gaps up to and past INT64_MAX (timestamps at the int64
+    ends, where a plain subtraction wraps); NB = 24, 31, 32 and 64. The reference too."""
+    edges32 = sorted({max(0, (1 << e) + d) for e in range(31) for d in (-2, -1, 0, 1)} - {(1 << 30), (1 << 30) + 1})
+    dt = torch.tensor(edges32 + [-x for x in edges32], dtype=torch.int32)
+    pairs = [(base + x, base) for x in edges32 for base in (1 << 45, -(1 << 62))]
+    pairs += [(x, 0) for e in range(64) for x in ((1 << e) - 2, (1 << e) - 1, 1 << e) if x <= INT64_MAX]
+    pairs += [(INT64_MAX - x, -1 - x) for x in range(4)]  # gap INT64_MAX (and the wrap edge)
+    pairs += [(INT64_MAX, INT64_MIN), (INT64_MIN, INT64_MAX), (INT64_MAX, -2), (-2, INT64_MAX), (0, INT64_MIN)]
+    pairs += [(INT64_MIN, INT64_MIN), (INT64_MAX, INT64_MAX), (1 << 62, -(1 << 62)), ((1 << 62) - 1, -(1 << 62))]
+    pairs += [(b, a) for a, b in pairs]
+    n = max(dt.numel(), len(pairs))
+    ts_i = torch.tensor([a for a, _ in pairs] + [0] * (n - len(pairs)), dtype=torch.int64)
+    ts_j = torch.tensor([b for _, b in pairs] + [0] * (n - len(pairs)), dtype=torch.int64)
+    dt = torch.cat([dt, torch.zeros(n - dt.numel(), dtype=torch.int32)])
+    results: dict[str, float] = {}
+    for nb in (24, 31, 32, 64):
+        out32 = torch.full((n,), -7, dtype=torch.int32)
+        out64 = torch.full((n,), -7, dtype=torch.int32)
+        _bucket_kernel[(1,)](dt, ts_i, ts_j, out32, out64, n, NB=nb, BLOCK=triton.next_power_of_2(n))
+        want32 = torch.tensor([want_bucket(x, 0, nb) for x in dt.tolist()], dtype=torch.int32)
+        want64 = torch.tensor(
+            [want_bucket(a, b, nb) for a, b in zip(ts_i.tolist(), ts_j.tolist(), strict=True)], dtype=torch.int32
+        )
+        ref = reference.time_bucket(reference.abs_time_gap(ts_i, ts_j), nb).to(torch.int32)
+        results[f"nb{nb}_int32_path_mismatches"] = float((out32 != want32).sum())
+        results[f"nb{nb}_int64_path_mismatches"] = float((out64 != want64).sum())
+        results[f"nb{nb}_reference_mismatches"] = float((ref != want64).sum())
+        results[f"nb{nb}_last_bucket_cases"] = float((want64 == nb - 1).sum())
     return results
 
 
@@ -164,6 +281,10 @@ def main() -> None:
     gen = torch.Generator().manual_seed(seed)
     if job == "attention":
         results = attention_job(DTYPES[dtype_name], gen)
+    elif job == "cached":
+        results = cached_job(DTYPES[dtype_name], gen)
+    elif job == "not_a_suffix":
+        results = not_a_suffix_job()
     elif job == "norm_gate":
         results = norm_gate_job(gen)
     else:

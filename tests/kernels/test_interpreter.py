@@ -55,6 +55,21 @@ def test_hstu_attention_kernel(dtype: str) -> None:
     assert not bad, f"{dtype} seed={seed}: rel. error over {BOUNDS[dtype]} (inf = NaN left in output): {bad}"
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_hstu_attention_cached_kernel(dtype: str) -> None:
+    """Queries against cached keys (the same kernel, q_offsets != kv_offsets) vs the float64
+    reference: suffix = whole sequence, candidates only, mixed, empty suffixes, a cached history
+    over many key blocks, 64 time buckets with huge gaps, once through the op; causal and full."""
+    results, seed = run_worker("cached", dtype)
+    bad = {case: err for case, err in results.items() if not err <= BOUNDS[dtype]}
+    assert len(results) == 14 and not bad, f"{dtype} seed={seed}: rel. error over {BOUNDS[dtype]}: {bad}"
+
+
+def test_cached_kernel_poisons_users_with_more_queries_than_keys() -> None:
+    results, _ = run_worker("not_a_suffix", "float32")
+    assert results["bad_user_nan_fraction"] == 1.0 and results["valid_user_rel_err"] <= BOUNDS["float32"], results
+
+
 def test_norm_gate_kernel() -> None:
     results, seed = run_worker("norm_gate", "all")
     bad = {case: err for case, err in results.items() if not err <= BOUNDS[case.split("_")[0]]}
@@ -62,5 +77,9 @@ def test_norm_gate_kernel() -> None:
 
 
 def test_time_bucket_exact_at_power_of_two_edges() -> None:
+    """Both kernel bucket paths and the reference against the integer rule, time_buckets 24..64,
+    gaps at every power of two and past INT64_MAX (saturated into the last bucket)."""
     results, _ = run_worker("bucket", "int32")
-    assert results and not any(results.values()), f"bucket mismatches: {results}"
+    mismatches = {k: v for k, v in results.items() if k.endswith("_mismatches")}
+    assert len(mismatches) == 12 and not any(mismatches.values()), f"bucket mismatches: {results}"
+    assert all(v > 0 for k, v in results.items() if k.endswith("_last_bucket_cases")), results

@@ -187,3 +187,44 @@ def test_cached_refuses_more_queries_than_keys() -> None:
             True,
             impl="pytorch",
         )
+
+
+def test_kernel_refuses_what_it_does_not_run() -> None:
+    """Settings the Triton kernel does not support raise before any launch, naming the setting
+    (on CUDA nothing else would run them: the reference is never substituted)."""
+    from kernels.hstu_attention import MAX_POSITION_BUCKETS, hstu_attention_triton
+
+    gen = torch.Generator().manual_seed(11)
+    q, k, v, offsets, ts, nc, pos_w, ts_w = make_inputs(gen, [3, 5], [1, 0], dtype=torch.float32)
+    args = (offsets, ts, nc, pos_w, ts_w, 0.3, 5.0, True)
+    with pytest.raises(ValueError, match=r"torch\.float64"):
+        hstu_attention_triton(q.double(), k.double(), v.double(), *args)
+    wide = torch.randn(8, 2, 512, generator=gen)
+    with pytest.raises(ValueError, match="head dims up to 256, got qk 512"):
+        hstu_attention_triton(wide, wide, v, *args)
+    huge_p = torch.empty(2, 2 * (MAX_POSITION_BUCKETS + 1) - 1)
+    with pytest.raises(ValueError, match=f"position_buckets up to {MAX_POSITION_BUCKETS}"):
+        hstu_attention_triton(q, k, v, offsets, ts, nc, huge_p, ts_w, 0.3, 5.0, True)
+
+
+def test_cached_op_traces_as_one_node_with_its_shape() -> None:
+    gen = torch.Generator().manual_seed(12)
+    _q, k, v, offsets, ts, nc, pos_w, ts_w = make_inputs(gen, [4, 6], [1, 2], dtype=torch.float32)
+    q_offsets = torch.tensor([0, 2, 5])
+    q = torch.randn(5, 2, 8, generator=gen)
+
+    class Cached(torch.nn.Module):
+        def forward(self, q, k, v, q_offsets, kv_offsets, ts, nc, pos_w, ts_w):  # type: ignore[no-untyped-def]
+            return torch.ops.grc.hstu_attention_cached(
+                q, k, v, q_offsets, kv_offsets, ts, nc, pos_w, ts_w, 0.5, 4.0, True
+            )
+
+    inputs = (q, k, v, q_offsets, offsets, ts, nc, pos_w, ts_w)
+    program = torch.export.export(Cached(), inputs)
+    assert "grc.hstu_attention_cached.default" in {str(n.target) for n in program.graph.nodes}
+    want = reference.hstu_attention_cached(*inputs, 0.5, 4.0, True)
+    assert torch.equal(program.module()(*inputs), want) and want.shape == (5, 2, 8)
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(x) for x in inputs]
+        out = torch.ops.grc.hstu_attention_cached(*fake, 0.5, 4.0, True)
+        assert out.shape == (5, 2, 8) and out.dtype == torch.float32
