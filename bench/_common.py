@@ -169,5 +169,31 @@ def write_result(name: str | Path, data: dict) -> Path:
     return path
 
 
-if __name__ == "__main__":  # the digest of this checkout, to hold against a result's source_sha256
-    print(source_digest())
+def attest(path: Path, dest: Path) -> Path:
+    """Copy a result written on a machine whose git is not this checkout's (a device machine gets the
+    work tree beside a stale .git) into ``dest``, with ``commit`` set to this clean checkout's HEAD
+    when, and only when, the result's source_sha256 equals this checkout's digest. Refuses otherwise."""
+    data = json.loads(Path(path).read_text())
+    here, head = source_digest(), _git("rev-parse", "HEAD")
+    if data.get("source_sha256") != here:
+        raise SystemExit(f"{path}: source_sha256 {data.get('source_sha256')} is not this checkout's ({here})")
+    if _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"):
+        raise SystemExit("attest: commit the sources first (the checkout has changes)")
+    data.update(
+        commit=head,
+        dirty=False,
+        commit_from=f"source_sha256 matched at {head} (bench/_common.py --attest); written as {data.get('commit')}",
+    )
+    out = dest / Path(path).name if dest.is_dir() else dest
+    out.write_text(json.dumps(data, indent=1) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    # no argument: the digest of this checkout, to hold against a result's source_sha256;
+    # --attest FILE... DEST: copy device results in with the commit they were measured at
+    if sys.argv[1:2] == ["--attest"] and len(sys.argv) >= 4:
+        for name in sys.argv[2:-1]:
+            print(attest(Path(name), Path(sys.argv[-1])))
+    else:
+        print(source_digest())
