@@ -169,20 +169,32 @@ def write_result(name: str | Path, data: dict) -> Path:
     return path
 
 
-def attest(path: Path, dest: Path) -> Path:
+def source_digest_at(commit: str) -> str:
+    """``source_digest`` of a commit's tree (read from git, not the work tree): the same walk."""
+    listing = _git("ls-tree", "-r", "--name-only", commit, "--", *SOURCE_FOLDERS).splitlines()
+    digest = hashlib.sha256()
+    for rel in sorted(listing, key=lambda r: Path(r).parts):
+        parts = Path(rel).parts
+        if Path(rel).suffix in SOURCE_SUFFIXES and not {"results", "__pycache__"} & set(parts):
+            blob = subprocess.run(["git", "show", f"{commit}:{rel}"], cwd=REPO, capture_output=True, check=True)
+            digest.update(rel.encode() + b"\0" + blob.stdout + b"\0")
+    return digest.hexdigest()
+
+
+def attest(path: Path, dest: Path, search: int = 30) -> Path:
     """Copy a result written on a machine whose git is not this checkout's (a device machine gets the
-    work tree beside a stale .git) into ``dest``, with ``commit`` set to this clean checkout's HEAD
-    when, and only when, the result's source_sha256 equals this checkout's digest. Refuses otherwise."""
+    work tree beside a stale .git) into ``dest``, with ``commit`` set to the commit (HEAD or one of
+    the ``search`` before it) whose sources have the result's source_sha256. Refuses when none has."""
     data = json.loads(Path(path).read_text())
-    here, head = source_digest(), _git("rev-parse", "HEAD")
-    if data.get("source_sha256") != here:
-        raise SystemExit(f"{path}: source_sha256 {data.get('source_sha256')} is not this checkout's ({here})")
-    if _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"):
-        raise SystemExit("attest: commit the sources first (the checkout has changes)")
+    for commit in _git("rev-list", f"-{search}", "HEAD").splitlines():
+        if source_digest_at(commit) == data.get("source_sha256"):
+            break
+    else:
+        raise SystemExit(f"{path}: no commit among the last {search} has source_sha256 {data.get('source_sha256')}")
     data.update(
-        commit=head,
+        commit=commit,
         dirty=False,
-        commit_from=f"source_sha256 matched at {head} (bench/_common.py --attest); written as {data.get('commit')}",
+        commit_from=f"source_sha256 matched here (bench/_common.py --attest); written as {data.get('commit')}",
     )
     out = dest / Path(path).name if dest.is_dir() else dest
     out.write_text(json.dumps(data, indent=1) + "\n")
