@@ -24,7 +24,7 @@ RESULTS = REPO / "bench" / "results"
 BLOCK = re.compile(r"<!-- report:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /report:(?P=name) -->", re.S)
 
 # The H200 runs the README quotes, one per spec: replace them with a new bench/gpu_run_e2e.sh result.
-E2E_GPU = ("e2e-h200-s3-small.json", "e2e-h200-s3-small-graph.json", "e2e-h200-s3-base.json")
+E2E_GPU = ("e2e-mtgr-small-h200.json",)
 BASELINES = ("eager_bf16_padded", "compile_bf16_padded", "compile_bf16_padded_graph")
 MODE_LABELS = {
     "eager_bf16_padded": "PyTorch eager, padded batch (baseline)",
