@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from grc.errors import SpecError, StageError
 from grc.serving import bundle as bd
-from grc.serving import check
+from grc.serving import check, validate
 from grc.serving import request as rq
 from grc.serving.load import request_pool
 from grc.serving.model_config import load_config, parse_config, render_config
@@ -170,23 +170,58 @@ def test_preprocess_refuses_bad_requests(tiny, change, message: str) -> None:  #
     spec, _ = tiny
     request = good_request(spec)
     change(request)
-    with pytest.raises(preprocess.RequestError, match=message):
-        preprocess.parse(dict(request), spec.model, truncate=True)
+    with pytest.raises(validate.RequestError, match=message):
+        validate.parse(dict(request), spec.model, truncate=True)
 
 
-def test_long_history_keeps_the_latest_events(tiny) -> None:  # type: ignore[no-untyped-def]
+def test_long_history_keeps_the_newest_events_by_time_whatever_the_candidates(tiny) -> None:  # type: ignore[no-untyped-def]
+    """The kept history is the max_history newest events by timestamp, in request order, for 1 or 16
+    candidates alike (before: max_seq_len - c by position, so more candidates cut more history)."""
     spec, _ = tiny
     cfg = spec.model
+    room = rq.max_history(cfg)
+    assert room == cfg.hstu.max_seq_len - len(cfg.profile) - cfg.max_candidates == 48
+    h = cfg.hstu.max_seq_len  # more than the model keeps
+    times = np.random.default_rng(0).permutation(h).astype(np.int64) + 1_000  # not in time order
+    newest = np.sort(np.argsort(times)[-room:])  # positions of the room newest, in request order
+    for c in (1, cfg.max_candidates):
+        request = good_request(spec)
+        request.update(candidate_item=np.arange(c, dtype=np.int64)[None] % 8,
+                       history_item=np.arange(h, dtype=np.int64)[None] % 8,
+                       history_action=np.arange(h, dtype=np.int64)[None] % 3, history_timestamps=times[None])
+        out = validate.parse(dict(request), cfg, truncate=True)
+        np.testing.assert_array_equal(out["history_timestamps"][0], times[newest])
+        np.testing.assert_array_equal(out["history_item"][0], newest % 8)
+        with pytest.raises(validate.RequestError, match=f"history too long: {h} events; the model keeps at most 48"):
+            validate.parse(dict(request), cfg, truncate=False)
+
+
+@pytest.mark.parametrize(("name", "value"), [("request_time", 2**63 - 1), ("history_timestamps", -(2**63)),
+                                             ("request_time", 2**61), ("history_timestamps", -(2**61) - 1)])
+def test_timestamps_outside_the_stated_range_are_refused(tiny, name: str, value: int) -> None:  # type: ignore[no-untyped-def]
+    spec, _ = tiny
     request = good_request(spec)
-    c = request["candidate_item"].shape[1]
-    h = cfg.hstu.max_seq_len  # more than fits next to c candidates
-    request.update({name: np.arange(h, dtype=np.int64)[None] % 8 for name in ("history_item", "history_action")})
-    request["history_timestamps"] = np.arange(h, dtype=np.int64)[None] + 1_000
-    out = preprocess.parse(dict(request), cfg, truncate=True)
-    assert out["history_timestamps"].shape[1] == cfg.hstu.max_seq_len - c
-    assert out["history_timestamps"][0, -1] == 1_000 + h - 1  # the latest events stay
-    with pytest.raises(preprocess.RequestError, match="history too long"):
-        preprocess.parse(dict(request), cfg, truncate=False)
+    request[name] = request[name].copy()
+    request[name][0, 0] = value
+    with pytest.raises(validate.RequestError, match=rf"{name}: timestamp {value} is outside the accepted range "
+                                                    rf"\[-2\*\*61, 2\*\*61 - 1\] seconds"):
+        validate.parse(dict(request), spec.model, truncate=True)
+    request[name][0, 0] = validate.TIME_MAX if value > 0 else validate.TIME_MIN  # the edges are accepted
+    validate.parse(dict(request), spec.model, truncate=True)
+
+
+def test_sample_request_is_oldest_first_and_readme_states_the_limits(built_tiny: tuple[Path, Path]) -> None:
+    folder = _root(built_tiny) / "triton"
+    description = bd.load_description(folder)
+    times = np.asarray(description["sample"]["history_timestamps"])
+    assert (np.diff(times, axis=1) >= 0).all(), times
+    limits = description["limits"]
+    assert limits["max_users_per_request"] == 8 and limits["max_history"] == 48
+    assert limits["timestamps"] == {"min": -(2**61), "max": 2**61 - 1, "unit": "seconds"}
+    text = " ".join((folder / "README.md").read_text().split())
+    assert "users per request: at most 8" in text and "max_history (48)" in text
+    assert "[-2**61, 2**61 - 1] seconds" in text
+    assert "`grc deploy` picks free ports and prints the endpoints and this curl line with its HTTP port" in text
 
 
 def test_python_model_code_matches_pytorch_without_a_server(tiny) -> None:  # type: ignore[no-untyped-def]
@@ -195,7 +230,7 @@ def test_python_model_code_matches_pytorch_without_a_server(tiny) -> None:  # ty
     cfg = spec.model
     requests = request_pool(cfg, 5, seed=3)
     requests.append(rq.stack_requests([requests[0], requests[0]]))  # a request of 2 users
-    checked = [preprocess.parse(dict(r), cfg, True) for r in requests]
+    checked = [validate.parse(dict(r), cfg, True) for r in requests]
     dense_in = preprocess.project(checked, preprocess.load_projector(cfg, weights), open_tables(cfg, weights), cfg)
     session = dense_onnx.make_session(weights.parent / "onnx" / "model.onnx", 1, None)
     (scores,) = session.run(["scores"], dense_onnx.pad_batch(dense_in))
