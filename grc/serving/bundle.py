@@ -291,6 +291,8 @@ def write_bundle(spec: Spec, weights_dir: Path, onnx_dir: Path, out: Path,
         raise StageError("bundles.triton.backend: tensorrt_plan serves the engine stage's TensorRT engines, and this "
                          "build has none (every engine.targets entry was skipped: see the engine stage's manifest), "
                          "or use onnxruntime")
+    if "onnxruntime" in wanted:
+        refuse_gpu_custom_ops(spec, onnx_dir / "model.onnx")  # before anything is written
     repo = out / MODEL_REPOSITORY
     version = str(cfg.model_version)
     digests: dict[str, str] = {}
@@ -321,7 +323,6 @@ def write_bundle(spec: Spec, weights_dir: Path, onnx_dir: Path, out: Path,
         configs.append((msg, "preprocess"))
     dense_in = project([checked], projector, tables, spec.model)[0]
     if "onnxruntime" in wanted:
-        refuse_gpu_custom_ops(spec, onnx_dir / "model.onnx")
         msg = dense_onnx_config(spec)
         for f in sorted(onnx_dir.glob("model.onnx*")):
             link(f, repo / msg.name / version / f.name)

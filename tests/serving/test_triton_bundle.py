@@ -256,3 +256,37 @@ def test_docker_command_is_printed_when_docker_is_missing(built_tiny: tuple[Path
     assert "docker run" in out and bd.NGC_IMAGE in out and "tritonserver --model-repository=/models" in out
     assert f"{(_root(built_tiny) / 'triton' / bd.MODEL_REPOSITORY).resolve()}:/models:ro" in out
     assert "printed, not run" in out
+
+
+def test_dense_onnx_on_gpu_refuses_a_graph_with_grc_custom_ops(built_tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    """The custom op runs on the CPU only: a KIND_GPU dense_onnx refuses it (was: a CPU session, no word)."""
+    root = _root(built_tiny)
+    surgery = root / "surgery"  # the surgeried graph: grc::HSTUAttention nodes
+    with pytest.raises(RuntimeError, match=r"has grc custom ops \(grc::HSTUAttention\), which onnxruntime runs on "
+                                           r"the CPU only .* a KIND_GPU instance cannot serve it"):  # fmt: skip
+        dense_onnx.make_session(surgery / "model.onnx", 1, gpu=0)
+    assert dense_onnx.make_session(surgery / "model.onnx", 1, None) is not None  # KIND_CPU serves it
+    spec = load_spec(built_tiny[0]).spec
+    triton = spec.bundles.triton.model_copy(update={"instance_kind": "KIND_GPU"})
+    gpu = spec.model_copy(update={"bundles": spec.bundles.model_copy(update={"triton": triton})})
+    out = tmp_path / "triton"
+    out.mkdir()
+    with pytest.raises(StageError, match=r"bundles.triton.instance_kind: KIND_GPU, but .*model.onnx has grc custom "
+                                         r"ops \(grc::HSTUAttention\)"):  # fmt: skip
+        bd.write_bundle(gpu, root / "weights", surgery, out, log=lambda _: None)
+    assert not any(out.iterdir()), "half a bundle was written"
+
+
+def test_deploy_refuses_when_plan_fails(tiny_copy: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """grc plan failing (here: a corrupt doit database) is not "up to date": deploy names it and stops."""
+    from grc.build.runner import DB_NAME
+    from grc.deploy import triton as deploy_triton
+
+    spec, artifacts = tiny_copy
+    root = artifacts / "hstu-tiny"
+    (root / DB_NAME).write_bytes(b"not a database" * 100)
+    monkeypatch.setattr(deploy_triton, "_docker_works", lambda: (False, "docker: command not found"))
+    args = argparse.Namespace(docker=True, detach=False, stop=False, timeout=60.0)
+    with pytest.raises(deploy_triton.DeployError, match=r"cannot tell whether the triton bundle is up to date: grc "
+                                                        r"plan failed \(DatabaseException: "):  # fmt: skip
+        deploy_triton.deploy(load_spec(spec), root, args)
