@@ -112,6 +112,15 @@ def test_bundle_json_server_flags_and_sample(built_tiny: tuple[Path, Path]) -> N
     body = json.loads((folder / "sample_request.json").read_text())
     assert body == {"model": "hstu-tiny", "task": "token_classify", "input": d["sample"]["prompt"]}
     assert d["tokens"]["magic"] == tk.MAGIC and d["tokens"]["errors"]["4"].startswith("an id")
+    assert (np.diff(sample["history_timestamps"]) >= 0).all(), "the sample's events are not oldest first"
+    lim = d["limits"]
+    assert (lim["max_users_per_request"], lim["max_history"]) == (16, 48)
+    assert lim["timestamps"] == {"min": -(2**61), "max": 2**61 - 1, "unit": "seconds"}
+    readme = " ".join((folder / "README.md").read_text().split())
+    assert "at most 16 users (prompts) in one /pooling request" in readme and "1..48 history events" in readme
+    assert "starts the server on a free port" in readme and "prints the endpoint and this curl line" in readme
+    config = json.loads((folder / "model" / "config.json").read_text())
+    assert config["grc_max_users_per_request"] == 16
 
 
 @pytest.mark.parametrize("which", ["built_tiny", "built_mtgr_tiny"])
