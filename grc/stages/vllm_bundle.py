@@ -184,12 +184,14 @@ def _readme(spec_name: str, name: str, d: dict[str, Any]) -> str:
     args = " ".join(d["server"]["args"])
     return f"""# vLLM bundle of {spec_name}
 
-Serve (the vLLM venv of `python -m grc.serving.vllm_env`, which puts grc on its path):
+Serve (the vLLM venv of `python -m grc.serving.vllm_env`; from a grc checkout the venv holds no grc, so the
+checkout goes on PYTHONPATH, as `grc deploy` does; with grc pip-installed the venv has it):
 
 ```bash
 V=${{GRC_VLLM_VENV:-~/.cache/grc/vllm-venv}}
 $V/bin/pip install --no-deps --no-build-isolation ./{PLUGIN_DIR}  # entry point {d["plugin"]["entry_point"]["group"]}
-$V/bin/python -m {d["server"]["module"]} {args} --host 127.0.0.1 --port 8000
+PYTHONPATH=/path/to/your/grc/checkout \\
+  $V/bin/python -m {d["server"]["module"]} {args} --host 127.0.0.1 --port 8000
 curl -s http://127.0.0.1:8000/pooling -H 'Content-Type: application/json' -d @{SAMPLE_JSON}
 ```
 or simply `grc deploy --target vllm`: it starts the server on a free port, checks the sample's scores against
