@@ -2,7 +2,8 @@
 vLLM's ``vllm.general_plugins`` group, and a module that calls ``grc.serving.vllm_plugin.register``.
 
 It has no dependencies of its own: vLLM must import grc where it runs (grc.serving.vllm_env.grc_environ puts the
-serving checkout first on PYTHONPATH; an installed grc is pip-installed into the venv). ``pip install --no-deps --no-build-isolation bundles/vllm/plugin``.
+serving checkout first on PYTHONPATH; an installed grc is pip-installed into the venv).
+``pip install --no-deps --no-build-isolation bundles/vllm/plugin``.
 """
 
 from __future__ import annotations
