@@ -198,8 +198,11 @@ def ensure(path: Path | None = None, allow_create: bool = True, log: Log = print
         raise VllmEnvError(
             f"no vLLM venv at {target} ({ENV_VAR} overrides the place); make it with\n  {create_command(target)}"
         )
-    with _lock(target):  # another process may have made it while this one waited
-        return find_venv(target) or _create_or_explain(target, log)
+    try:
+        with _lock(target):  # another process may have made it while this one waited
+            return find_venv(target) or _create_or_explain(target, log)
+    except OSError as exc:  # the lock beside it cannot be made: neither can the venv
+        raise VllmEnvError(f"could not make the vLLM venv at {target}: {exc}") from None
 
 
 def _create_or_explain(target: Path, log: Log) -> VllmEnv:

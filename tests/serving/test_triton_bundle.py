@@ -290,3 +290,20 @@ def test_deploy_refuses_when_plan_fails(tiny_copy: tuple[Path, Path], monkeypatc
     with pytest.raises(deploy_triton.DeployError, match=r"cannot tell whether the triton bundle is up to date: grc "
                                                         r"plan failed \(DatabaseException: "):  # fmt: skip
         deploy_triton.deploy(load_spec(spec), root, args)
+
+
+def test_an_installer_error_fails_the_serving_tests_instead_of_skipping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 14: a TritonServerError from grc's installer skipped the whole real-server suite."""
+    from grc.serving.tritonserver import TritonServerError
+    from tests.serving.conftest import require_tritonserver
+
+    home = tmp_path / "tritonserver"
+    home.mkdir()
+    (home / "left-over").write_text("a half install")
+    monkeypatch.setenv("GRC_TRITON_HOME", str(home))
+    monkeypatch.setenv("PATH", os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
+                                               if not (Path(p) / "tritonserver").exists()))  # fmt: skip
+    with pytest.raises(TritonServerError, match="is not empty but holds no tritonserver"):
+        require_tritonserver()

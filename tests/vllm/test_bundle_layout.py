@@ -294,3 +294,16 @@ def test_deploy_without_a_bundle_says_how_to_build(tmp_path: Path) -> None:
     loaded = load_spec(spec)
     with pytest.raises(dv.DeployError, match=r"no vllm bundle at .*: build it first"):
         dv.bundle_dir(loaded, tmp_path / "artifacts" / "hstu-tiny")
+
+
+def test_a_venv_that_cannot_be_made_fails_the_tests_instead_of_skipping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 14: a VllmEnvError (grc's own installer) skipped the whole real-vLLM suite."""
+    from tests.vllm.conftest import require_vllm_venv
+
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv(vllm_env.ENV_VAR, str(tmp_path / "a-file" / "venv"))  # cannot be made: its parent is a file
+    monkeypatch.delenv("GRC_VLLM_CREATE", raising=False)
+    with pytest.raises(vllm_env.VllmEnvError, match="could not make the vLLM venv"):
+        require_vllm_venv()

@@ -21,6 +21,7 @@ import pytest
 from grc.deploy import vllm as dv
 from grc.serving import vllm_env
 from tests.conftest import run_build, write_spec
+from tests.vllm.conftest import require_vllm_venv
 
 # one xdist worker runs them all (--dist loadgroup): one vLLM server at a time on a small CI machine
 pytestmark = [pytest.mark.vllm, pytest.mark.xdist_group("vllm")]
@@ -33,17 +34,7 @@ NOBIND = {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 
 @pytest.fixture(scope="module")
 def venv() -> vllm_env.VllmEnv:
-    """The venv, made when missing. Skipped only when GRC_VLLM_CREATE=0 says not to make it (documented in
-    tests/vllm/conftest.py); a VllmEnvError (grc's installer, pip, the network) fails the tests."""
-    found = vllm_env.find_venv()
-    if found is not None:
-        return found
-    if os.environ.get("GRC_VLLM_CREATE") == "0":
-        pytest.skip(
-            f"no vLLM venv at {vllm_env.default_path()} ({vllm_env.ENV_VAR} overrides) and GRC_VLLM_CREATE=0: "
-            f"make it with `{vllm_env.create_command()}` (~2 min, ~3 GB)"
-        )
-    return vllm_env.ensure()  # under a lock: another worker may be making it
+    return require_vllm_venv()
 
 
 def _server(venv: vllm_env.VllmEnv, bundle: Path, tmp: Path) -> tuple[dv.VllmServer, Path]:
