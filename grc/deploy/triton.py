@@ -60,8 +60,10 @@ def _stale_reasons(loaded: LoadedSpec, root: Path) -> list[str]:
 
     try:
         rows = {row.task: row for row in plan(loaded, root)}
-    except Exception:
-        return []
+    except Exception as exc:  # never "up to date" by default: serving a bundle nobody could check is refused
+        raise DeployError(f"cannot tell whether the triton bundle is up to date: grc plan failed "
+                          f"({type(exc).__name__}: {exc}); see `grc plan {loaded.path}`, or rebuild with "
+                          f"`grc build {loaded.path}`") from exc
     row = rows.get("triton")
     return [] if row is None or row.state == "up to date" else row.reasons or [row.state]
 

@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 
 from grc.errors import GrcError
+from grc.serving import vllm_env
 from grc.spec.loader import LoadedSpec
 
-REPO = Path(__file__).resolve().parents[2]
 STATE = "vllm-server.json"
 LOG = "vllm-server.log"
 BUNDLE = "bundles/vllm"
@@ -84,10 +84,8 @@ class VllmServer:
         """Start and wait for /health; returns the seconds it took. Raises DeployError with the log's tail."""
         self.port = self.port or free_port()
         bundle_env = json.loads((self.bundle / "bundle.json").read_text())["server"].get("env", {})
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **bundle_env, **self.extra_env}
-        # the grc vLLM imports is this one, whichever checkout the venv's .pth names (several clones, one venv)
-        if (REPO / "pyproject.toml").is_file() and (REPO / "kernels").is_dir():  # a checkout, not site-packages
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+        # the grc vLLM imports is this process's (grc_environ: its checkout on PYTHONPATH; the venv holds none)
+        env = vllm_env.grc_environ({**os.environ, "PYTHONUNBUFFERED": "1", **bundle_env, **self.extra_env})
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         with open(self.log_path, "wb") as log:
@@ -355,8 +353,6 @@ def _read_state(path: Path) -> dict[str, Any] | None:
 
 def deploy(loaded: LoadedSpec, root: Path, args: argparse.Namespace) -> int:
     from rich.console import Console
-
-    from grc.serving import vllm_env
 
     console = Console(highlight=False, soft_wrap=True)
     folder, description = bundle_dir(loaded, root)

@@ -142,17 +142,17 @@ def lint_library(path: Path) -> dict[str, object]:
     """What the loader and the runtime need of the .so: exported entry points, no dynamic TensorRT or
     cudart dependency (one library for TensorRT and TensorRT-RTX, no libcudart.so at run time)."""
     report: dict[str, object] = {"bytes": path.stat().st_size}
-    nm = shutil.which("nm")
-    if nm:
-        out = subprocess.run([nm, "-D", "--defined-only", str(path)], capture_output=True, text=True).stdout
-        exported = sorted({line.split()[-1] for line in out.splitlines() if " T " in line})
-        report["exported"] = exported
-        report["entry_points_ok"] = {"getCreators", "setLoggerFinder"} <= set(exported)
-    readelf = shutil.which("readelf")
-    if readelf:
-        out = subprocess.run([readelf, "-d", str(path)], capture_output=True, text=True).stdout
-        needed = re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out)
-        report["needed"] = needed
-        report["links_tensorrt_or_cudart"] = any(n.startswith(("libnvinfer", "libtensorrt", "libcudart"))
-                                                 for n in needed)
+    tools = {name: shutil.which(name) for name in ("nm", "readelf")}
+    missing = [name for name, found in tools.items() if not found]
+    if missing:  # an unchecked library never passes its lint
+        raise RuntimeError(f"cannot lint {path.name}: {' and '.join(missing)} not found on PATH (install binutils)")
+    out = subprocess.run([str(tools["nm"]), "-D", "--defined-only", str(path)], capture_output=True, text=True,
+                         check=True).stdout
+    exported = sorted({line.split()[-1] for line in out.splitlines() if " T " in line})
+    report["exported"] = exported
+    report["entry_points_ok"] = {"getCreators", "setLoggerFinder"} <= set(exported)
+    out = subprocess.run([str(tools["readelf"]), "-d", str(path)], capture_output=True, text=True, check=True).stdout
+    needed = re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out)
+    report["needed"] = needed
+    report["links_tensorrt_or_cudart"] = any(n.startswith(("libnvinfer", "libtensorrt", "libcudart")) for n in needed)
     return report

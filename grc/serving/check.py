@@ -63,7 +63,7 @@ class Reference:
         """[b, c, tasks] float64, what the server's ``scores`` output must hold."""
         import torch
 
-        from grc.serving.triton_models.preprocess import parse
+        from grc.serving.validate import parse
 
         checked = parse(dict(arrays), self.cfg, self.truncate)
         batch = rq.request_batch(checked, self.cfg)

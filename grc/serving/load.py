@@ -28,7 +28,7 @@ def request_pool(cfg: ModelConfig, count: int, seed: int = 0, max_history: int =
     from grc.model.sample import random_batch
 
     gen = torch.Generator().manual_seed(seed)
-    h = max(1, min(max_history, rq.max_history(cfg) - max_candidates))
+    h = max(1, min(max_history, rq.max_history(cfg)))
     c = max(1, min(max_candidates, cfg.max_candidates))
     batch = random_batch(cfg, count, h, c, gen)
     return [rq.user_request(batch, u, cfg) for u in range(count)]

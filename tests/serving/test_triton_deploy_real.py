@@ -20,10 +20,8 @@ from grc.serving.tritonserver import (
     DetachedServer,
     ModelLoadError,
     PortInUseError,
-    TritonServerError,
     TritonServerNotFound,
     detached_alive,
-    ensure_tritonserver,
 )
 from grc.spec.loader import load_spec
 from tests.conftest import in_dir, write_spec
@@ -32,11 +30,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module", autouse=True)
-def install() -> None:
-    try:
-        ensure_tritonserver()
-    except TritonServerError as exc:
-        pytest.skip(f"tritonserver cannot be obtained here (pip install of nvidia-pytriton failed): {exc}")
+def _server_installed(install: tritonserver.ServerInstall) -> None:
+    """Every test here needs the server (tests/serving/conftest.py: skipped only on another platform)."""
 
 
 def deploy(spec: Path, *extra: str) -> int:

@@ -106,12 +106,21 @@ def test_bundle_json_server_flags_and_sample(built_tiny: tuple[Path, Path]) -> N
     assert args[args.index("--max-num-seqs") + 1] == str(spec.bundles.vllm.max_num_seqs)
     assert d["server"]["module"] == "vllm.entrypoints.openai.api_server"
     layout = tk.Layout.of(spec.model)
-    assert d["limits"]["max_model_len"] == layout.max_prompt_len() == 258
+    assert d["limits"]["max_model_len"] == layout.max_prompt_len() == 213
     sample = {k: np.asarray(v) for k, v in d["sample"]["arrays"].items()}
     assert d["sample"]["prompt"] == tk.encode(layout, sample)
     body = json.loads((folder / "sample_request.json").read_text())
     assert body == {"model": "hstu-tiny", "task": "token_classify", "input": d["sample"]["prompt"]}
     assert d["tokens"]["magic"] == tk.MAGIC and d["tokens"]["errors"]["4"].startswith("an id")
+    assert (np.diff(sample["history_timestamps"]) >= 0).all(), "the sample's events are not oldest first"
+    lim = d["limits"]
+    assert (lim["max_users_per_request"], lim["max_history"]) == (16, 48)
+    assert lim["timestamps"] == {"min": -(2**61), "max": 2**61 - 1, "unit": "seconds"}
+    readme = " ".join((folder / "README.md").read_text().split())
+    assert "at most 16 users (prompts) in one /pooling request" in readme and "1..48 history events" in readme
+    assert "starts the server on a free port" in readme and "prints the endpoint and this curl line" in readme
+    config = json.loads((folder / "model" / "config.json").read_text())
+    assert config["grc_max_users_per_request"] == 16
 
 
 @pytest.mark.parametrize("which", ["built_tiny", "built_mtgr_tiny"])
@@ -131,6 +140,14 @@ def test_encoding_round_trip_gives_the_pytorch_scores(which: str, request: pytes
         for h, c in zip(batch.history_offsets.diff(), batch.candidate_offsets.diff(), strict=True)
     ]
     decoded = [tk.decode(layout, np.asarray(p, np.int32)) for p in prompts]  # vLLM's ids are int32
+    for u, d in enumerate(decoded):  # lossless, with the generated events put oldest first (user_arrays)
+        events = slice(int(batch.history_offsets[u]), int(batch.history_offsets[u + 1]))
+        order = np.argsort(batch.history_time[events].numpy(), kind="stable")
+        np.testing.assert_array_equal(d.history_time, batch.history_time[events].numpy()[order])
+        batch.history_time[events] = torch.from_numpy(d.history_time)
+        for t in layout.history:
+            np.testing.assert_array_equal(d.history[t], batch.history[t][events].numpy()[order])
+            batch.history[t][events] = torch.from_numpy(d.history[t])
     with torch.no_grad():
         assert torch.equal(model(tk.batch_of(decoded), tables), model(batch, tables))
 
@@ -183,17 +200,39 @@ def test_bad_prompts_are_refused_with_a_code(built_mtgr_tiny: tuple[Path, Path])
             tk.decode(layout, np.asarray(junk, np.int64))
 
 
-def test_long_history_keeps_the_latest_events(built_tiny: tuple[Path, Path]) -> None:
+def test_long_history_keeps_the_newest_events_whatever_the_candidates(built_tiny: tuple[Path, Path]) -> None:
+    """The Triton bundle's rule: max_history (48) newest events by time, in request order, for any c."""
     spec = load_spec(built_tiny[0]).spec
     layout = tk.Layout.of(spec.model)
-    batch = tk.sample_batch(spec.model, 1, 63, 1, seed=1)
+    assert layout.max_history() == 48
+    batch = tk.sample_batch(spec.model, 1, 63, 16, seed=1)
     arrays = tk.user_arrays(batch, 0, layout)
-    arrays = {k: (np.concatenate([v, v]) if k.startswith("history") else v) for k, v in arrays.items()}  # 126 events
-    decoded = tk.decode(layout, np.asarray(tk.encode(layout, arrays)))
-    assert len(decoded.history_time) == layout.max_history(1) == 63
-    np.testing.assert_array_equal(decoded.history_time, arrays["history_timestamps"][-63:])
-    with pytest.raises(tk.RequestError, match="does not fit"):
+    order = np.random.default_rng(0).permutation(96)
+    arrays = {k: (np.concatenate([v, v + 7])[order] if k.startswith("history") else v) for k, v in arrays.items()}
+    arrays["history_item"] %= spec.model.tables["item"].vocab_size
+    arrays["history_action"] %= spec.model.tables["action"].vocab_size
+    newest = np.sort(np.argsort(arrays["history_timestamps"], kind="stable")[-48:])
+    for c in (1, 16):
+        decoded = tk.decode(layout, np.asarray(tk.encode(layout, {**arrays, "candidate_item": np.arange(c) % 8})))
+        np.testing.assert_array_equal(decoded.history_time, arrays["history_timestamps"][newest])
+        np.testing.assert_array_equal(decoded.history["item"], arrays["history_item"][newest])
+    with pytest.raises(tk.RequestError, match="history too long: 96 events; the model keeps at most 48"):
         tk.encode(layout, arrays, truncate=False)
+
+
+@pytest.mark.parametrize(("name", "value"), [("request_time", 2**61), ("history_timestamps", -(2**61) - 1)])
+def test_timestamps_outside_the_range_are_refused_naming_the_field(
+    built_tiny: tuple[Path, Path], name: str, value: int
+) -> None:
+    spec = load_spec(built_tiny[0]).spec
+    layout = tk.Layout.of(spec.model)
+    arrays = tk.user_arrays(tk.sample_batch(spec.model, 1, 8, 4, seed=1), 0, layout)
+    arrays[name] = arrays[name].copy()
+    arrays[name][0] = value
+    with pytest.raises(tk.RequestError, match=rf"{name}: timestamp {value} is outside the accepted range"):
+        tk.encode(layout, arrays)
+    arrays[name][0] = value - 1 if value > 0 else value + 1  # the edge itself: carried exactly
+    assert tk.decode(layout, np.asarray(tk.encode(layout, arrays))).request_time == arrays["request_time"][0]
 
 
 def test_spec_rules_name_their_field() -> None:
@@ -210,9 +249,9 @@ def test_spec_rules_name_their_field() -> None:
 def test_limits_default_to_the_longest_request(built_tiny: tuple[Path, Path], tmp_path: Path) -> None:
     spec = load_spec(built_tiny[0]).spec
     assert limits(spec) == {
-        "max_model_len": 258,
+        "max_model_len": 213,  # 5 header tokens + 48 events x 4 + 16 candidates (history room kept for 16)
         "max_num_batched_tokens": 8192,
-        "longest_request": 258,
+        "longest_request": 213,
         "max_num_seqs": 16,
     }
     from grc.errors import StageError
@@ -220,7 +259,7 @@ def test_limits_default_to_the_longest_request(built_tiny: tuple[Path, Path], tm
     small = spec.model_copy(
         update={"bundles": spec.bundles.model_copy(update={"vllm": VllmBundleConfig(max_num_batched_tokens=100)})}
     )
-    with pytest.raises(StageError, match=r"bundles\.vllm\.max_num_batched_tokens: must be >= max_model_len 258"):
+    with pytest.raises(StageError, match=r"bundles\.vllm\.max_num_batched_tokens: must be >= max_model_len 213"):
         limits(small)
 
 
@@ -255,3 +294,16 @@ def test_deploy_without_a_bundle_says_how_to_build(tmp_path: Path) -> None:
     loaded = load_spec(spec)
     with pytest.raises(dv.DeployError, match=r"no vllm bundle at .*: build it first"):
         dv.bundle_dir(loaded, tmp_path / "artifacts" / "hstu-tiny")
+
+
+def test_a_venv_that_cannot_be_made_fails_the_tests_instead_of_skipping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 14: a VllmEnvError (grc's own installer) skipped the whole real-vLLM suite."""
+    from tests.vllm.conftest import require_vllm_venv
+
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv(vllm_env.ENV_VAR, str(tmp_path / "a-file" / "venv"))  # cannot be made: its parent is a file
+    monkeypatch.delenv("GRC_VLLM_CREATE", raising=False)
+    with pytest.raises(vllm_env.VllmEnvError, match="could not make the vLLM venv"):
+        require_vllm_venv()

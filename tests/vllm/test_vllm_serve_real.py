@@ -21,6 +21,7 @@ import pytest
 from grc.deploy import vllm as dv
 from grc.serving import vllm_env
 from tests.conftest import run_build, write_spec
+from tests.vllm.conftest import require_vllm_venv
 
 # one xdist worker runs them all (--dist loadgroup): one vLLM server at a time on a small CI machine
 pytestmark = [pytest.mark.vllm, pytest.mark.xdist_group("vllm")]
@@ -33,18 +34,7 @@ NOBIND = {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 
 @pytest.fixture(scope="module")
 def venv() -> vllm_env.VllmEnv:
-    found = vllm_env.find_venv()
-    if found is not None:
-        return found
-    if os.environ.get("GRC_VLLM_CREATE") == "0":
-        pytest.skip(
-            f"no vLLM venv at {vllm_env.default_path()} ({vllm_env.ENV_VAR} overrides) and GRC_VLLM_CREATE=0: "
-            f"make it with `{vllm_env.create_command()}` (~2 min, ~3 GB)"
-        )
-    try:
-        return vllm_env.ensure()  # under a lock: another worker may be making it
-    except vllm_env.VllmEnvError as exc:
-        pytest.skip(f"the vLLM venv cannot be made here: {exc}")
+    return require_vllm_venv()
 
 
 def _server(venv: vllm_env.VllmEnv, bundle: Path, tmp: Path) -> tuple[dv.VllmServer, Path]:
@@ -195,3 +185,114 @@ def test_batch_invariant_scores_are_bit_identical(
     print(f"batch_invariant: {bitwise}/24 bitwise equal alone vs batched; steps {batching}")
     assert bitwise == 24
     assert batching["requests_per_step"]["max"] > 1, batching
+
+
+# --------------------------------------------------------------------------- hostile clients (issue 15)
+
+
+def _post_many(url: str, model: str, prompts: list[list[int]]) -> tuple[int, dict]:
+    """One /pooling request carrying several users (prompts)."""
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"model": model, "task": "token_classify", "input": prompts}).encode()
+    request = urllib.request.Request(f"{url}/pooling", body, {"Content-Type": "application/json"})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_vllm_limits_users_accepts_every_valid_timestamp_and_keeps_history_by_the_rule(
+    venv: vllm_env.VllmEnv, built_tiny: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from grc.serving.vllm_plugin import tokens as tk
+
+    bundle = built_tiny[1] / "hstu-tiny" / "bundles" / "vllm"
+    description = json.loads((bundle / "bundle.json").read_text())
+    limit = description["limits"]["max_users_per_request"]
+    layout = tk.Layout.of(json.loads((bundle / "model" / "config.json").read_text())["grc_model"])
+    reference = dv.Reference(bundle)
+    arrays = {k: np.asarray(v) for k, v in description["sample"]["arrays"].items()}
+    server, _ = _server(venv, bundle, tmp_path)
+    try:
+        url, client = server.url, dv.PoolingClient(server.url, "hstu-tiny")
+        # 1. users per request: the limit is served, one more is refused naming it (10,000 held others up 9.3 s)
+        prompts = dv.random_prompts(bundle, limit + 1, seed=7)
+        status, data = _post_many(url, "hstu-tiny", prompts[:limit])
+        assert status == 200 and len(data["data"]) == limit, (status, str(data)[:300])
+        status, data = _post_many(url, "hstu-tiny", prompts)
+        assert status == 400, (status, data)
+        assert f"{limit + 1} users in one request; this server takes at most {limit}" in data["error"]["message"]
+        # 2. timestamps whose halves encode to 2**31 - 1 were refused as "out of vocabulary"; Triton took them
+        for history, request_time in ((-1, 0), (0, 2**31 - 1), (-(2**61), 2**61 - 1)):
+            edge = {**arrays, "history_timestamps": np.full_like(arrays["history_timestamps"], history),
+                    "request_time": np.array([request_time])}  # fmt: skip
+            prompt = tk.encode(layout, edge)
+            assert tk.INT32_MAX in prompt
+            max_abs, _ = dv.compare(client.scores(prompt), reference.scores([prompt])[0])
+            assert max_abs <= TOLERANCE, (history, request_time, max_abs)
+        # 3. the kept history does not depend on the candidate count, also at the length limit (60 events)
+        rng = np.random.default_rng(3)
+        user = {**arrays, "history_item": rng.integers(0, 8, 60), "history_action": rng.integers(0, 3, 60),
+                "history_timestamps": np.sort(rng.integers(1_000, 10**6, 60)),
+                "candidate_item": rng.integers(0, 8, layout.max_candidates)}  # fmt: skip
+        many = client.scores(tk.encode(layout, user))
+        alone = client.scores(tk.encode(layout, {**user, "candidate_item": user["candidate_item"][:1]}))
+        np.testing.assert_allclose(many[:1], alone, rtol=0, atol=1e-6)
+        # 4. a prompt with more history than the model keeps is refused (a client that does not use encode)
+        roomy = tk.Layout(**{**layout.__dict__, "max_candidates": 1})  # 50 events + 1 candidate: 206 tokens
+        fifty = {k: (v[:50] if k.startswith("history") else v) for k, v in user.items()}
+        _refused(client, tk.encode(roomy, {**fifty, "candidate_item": user["candidate_item"][:1]}), "code 3")
+        client.close()
+    finally:
+        server.stop()
+
+
+def test_plugin_refuses_to_register_without_its_request_checks(venv: vllm_env.VllmEnv) -> None:
+    """Another vLLM layout: the plugin raises and leaves the model unregistered (was: skipped the patch)."""
+    code = (
+        "import sys\n"
+        "sys.modules['vllm.renderers.base'] = None  # what an ImportError in another vLLM looks like\n"
+        "from vllm import ModelRegistry\n"
+        "from grc.serving.vllm_plugin import ARCHITECTURE, PluginError, register\n"
+        "try:\n"
+        "    register()\n"
+        "except PluginError as exc:\n"
+        "    print('refused:', exc)\n"
+        "print('registered' if ARCHITECTURE in ModelRegistry.get_supported_archs() else 'not registered')\n"
+    )
+    done = subprocess.run([str(venv.python), "-c", code], capture_output=True, text=True, env=vllm_env.grc_environ())
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused: grc's vLLM plugin cannot install its request checks" in done.stdout, done.stdout
+    assert done.stdout.strip().endswith("not registered"), done.stdout
+
+
+def test_each_checkout_serves_its_own_grc_from_one_venv(venv: vllm_env.VllmEnv, tmp_path: Path) -> None:
+    """Issue 14: the venv named the first checkout in a .pth, so a second clone served the first one's code."""
+    repo = Path(vllm_env.REPO)
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", "--shared", str(repo), str(clone)], check=True)
+    for folder in ("grc", "kernels"):  # this checkout's working tree, uncommitted edits included
+        shutil.rmtree(clone / folder)
+        shutil.copytree(repo / folder, clone / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    probe = (
+        "import subprocess, sys\n"
+        "from grc.serving import vllm_env\n"
+        "env = vllm_env.find_venv()\n"
+        "code = 'import grc, kernels; print(grc.__file__, kernels.__file__)'\n"
+        "print(subprocess.run([str(env.python), '-c', code], env=vllm_env.grc_environ(), capture_output=True,\n"
+        "                     text=True, check=True).stdout)\n"
+    )
+    for checkout in (repo, clone):
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        done = subprocess.run([sys.executable, "-c", probe], cwd=checkout, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        grc_file, kernels_file = done.stdout.split()
+        assert Path(grc_file).is_relative_to(checkout / "grc"), (checkout, done.stdout)
+        assert Path(kernels_file).is_relative_to(checkout / "kernels"), (checkout, done.stdout)
+    bare = subprocess.run([str(venv.python), "-c", "import grc"], capture_output=True, text=True, cwd=tmp_path,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})  # fmt: skip
+    assert bare.returncode != 0 and "No module named 'grc'" in bare.stderr, "the venv itself holds a grc"

@@ -18,8 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from grc.serving.triton_models import steps
 from grc.serving.triton_models import tensor_io as io
-from grc.serving.triton_models.dense_onnx import execute_batch
+from grc.serving.triton_models.dense_onnx import INPUTS
+from grc.serving.validate import check_dense
 
 
 def to_jagged(requests: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -73,19 +75,20 @@ class TritonPythonModel:
         if threads > 0 and not gpu:
             torch.set_num_threads(threads)
         self.width = int(params["d_model"])
+        self.max_seq_len = int(params["max_seq_len"])
         self.run = load(package, self.device)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         import torch
 
-        from grc.aoti.model import INPUTS  # the package's argument order
+        from grc.aoti.model import INPUTS as PACKAGE_ARGS  # the package's argument order
 
-        def run(batch: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+        def run(batch: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
             feeds = to_jagged(batch)
-            args = [torch.from_numpy(feeds[k]).to(self.device) for k in INPUTS]
+            args = [torch.from_numpy(feeds[k]).to(self.device) for k in PACKAGE_ARGS]
             args[0] = args[0].to(self.dtype)
             with torch.no_grad():
                 scores = self.run(*args).float().cpu().numpy()
-            return from_jagged(scores, batch)
+            return [{"scores": s} for s in from_jagged(scores, batch)]
 
-        return execute_batch(requests, self.name, self.width, run, "AOTInductor package")
+        return steps.execute(requests, self.name, INPUTS, lambda r: check_dense(r, self.width, self.max_seq_len), run)

@@ -12,13 +12,14 @@ lengths INT64 [b, 1], num_candidates INT64 [b, 1]. Out: scores FP32 [b, L, tasks
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from grc.serving.triton_models import steps
 from grc.serving.triton_models import tensor_io as io
+from grc.serving.validate import check_dense
 
 INPUTS = ("tokens", "timestamps", "lengths", "num_candidates")
 
@@ -53,43 +54,27 @@ def split_scores(scores: np.ndarray, requests: list[dict[str, np.ndarray]]) -> l
     return out
 
 
-def check(r: dict[str, np.ndarray | None], width: int) -> str | None:
-    """Why a request cannot be run, or None."""
-    if any(r[name] is None for name in INPUTS):
-        return f"missing input(s): {', '.join(n for n in INPUTS if r[n] is None)}"
-    tokens, stamps = r["tokens"], r["timestamps"]
-    assert tokens is not None and stamps is not None
-    if tokens.ndim != 3 or tokens.shape[2] != width:
-        return f"tokens: expected [batch, tokens, {width}] (got {list(tokens.shape)})"
-    b, n = tokens.shape[:2]
-    if stamps.shape != (b, n):
-        return f"timestamps: expected {[b, n]} (got {list(stamps.shape)})"
-    for name in ("lengths", "num_candidates"):
-        if r[name].size != b:  # type: ignore[union-attr]
-            return f"{name}: expected {b} values (got {list(r[name].shape)})"  # type: ignore[union-attr]
-    lengths, cands = r["lengths"].reshape(-1), r["num_candidates"].reshape(-1)  # type: ignore[union-attr]
-    if (lengths > n).any() or (lengths < 1).any() or (cands < 1).any() or (cands > lengths).any():
-        return f"lengths {lengths.tolist()} / num_candidates {cands.tolist()} do not fit {n} tokens"
-    return None
-
-
 def make_session(path: Path, threads: int, gpu: int | None) -> Any:
-    """A session for the exported graph (or a surgeried one: then grc's custom op is registered)."""
+    """A session for the exported graph (or a surgeried one: then grc's custom op is registered, CPU only)."""
     import onnx
     import onnxruntime as ort
 
+    model = onnx.load(str(path), load_external_data=False)
+    if any(n.domain == "grc" for n in model.graph.node):
+        if gpu is not None:  # the custom op is a Python function on the CPU: never a silent CPU session
+            raise RuntimeError(f"{path.name} has grc custom ops (grc::HSTUAttention), which onnxruntime runs on the "
+                               "CPU only (a Python custom op); a KIND_GPU instance cannot serve it: use instance_kind "
+                               "KIND_CPU, or the tensorrt_plan backend on the GPU")
+        from grc.runtime.ort import session
+
+        return session(path, threads)
     if gpu is not None:
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise RuntimeError(f"KIND_GPU instance, but onnxruntime {ort.__version__} has no CUDAExecutionProvider "
                                f"(install onnxruntime-gpu, or use instance_kind KIND_CPU)")
-        providers: list[Any] = [("CUDAExecutionProvider", {"device_id": gpu}), "CPUExecutionProvider"]
+        providers: list[Any] = [("CUDAExecutionProvider", {"device_id": gpu})]  # GPU or an error, no CPU fallback
     else:
         providers = ["CPUExecutionProvider"]
-    model = onnx.load(str(path), load_external_data=False)
-    if any(n.domain == "grc" for n in model.graph.node):
-        from grc.runtime.ort import session
-
-        return session(path, threads)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -105,35 +90,11 @@ class TritonPythonModel:
         path = Path(args["model_repository"]) / args["model_version"] / params.get("onnx_file", "model.onnx")
         self.session = make_session(path, int(params.get("intra_op_threads", "1")), gpu)
         self.width = int(next(i for i in self.session.get_inputs() if i.name == "tokens").shape[2])
+        self.max_seq_len = int(params["max_seq_len"])
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        def run(batch: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+        def run(batch: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
             (scores,) = self.session.run(["scores"], pad_batch(batch))
-            return split_scores(scores, batch)
+            return [{"scores": s} for s in split_scores(scores, batch)]
 
-        return execute_batch(requests, self.name, self.width, run, "onnxruntime")
-
-
-def execute_batch(requests: list[Any], name: str, width: int,
-                  run: Callable[[list[dict[str, np.ndarray]]], list[np.ndarray]], engine: str) -> list[Any]:
-    """One execute() of a dense step: each request checked (a bad one gets its own error and the
-    others still run), the good ones run as ONE batch, ``run(batch) -> scores per request``."""
-    responses: list[Any] = [None] * len(requests)
-    good: list[tuple[int, dict[str, np.ndarray]]] = []
-    for i, request in enumerate(requests):
-        r = {n: io.read(request, n) for n in INPUTS}
-        problem = check(r, width)
-        if problem:
-            responses[i] = io.error_response(f"{name}: {problem}")
-        else:
-            good.append((i, r))  # type: ignore[arg-type]
-    if good:
-        try:
-            scores = run([r for _, r in good])
-        except Exception as exc:
-            for i, _ in good:
-                responses[i] = io.error_response(f"{name}: {engine}: {exc}", False)
-        else:
-            for (i, _), s in zip(good, scores, strict=True):
-                responses[i] = io.response({"scores": s})
-    return responses
+        return steps.execute(requests, self.name, INPUTS, lambda r: check_dense(r, self.width, self.max_seq_len), run)

@@ -15,18 +15,18 @@ from typing import Any
 import numpy as np
 
 from grc.serving import request as rq
+from grc.serving.triton_models import steps
 from grc.serving.triton_models import tensor_io as io
+from grc.serving.validate import check_postprocess
 
 INPUTS = ("scores", "lengths", "num_candidates", "candidate_ids")
 
 
 def rank(r: dict[str, np.ndarray], weights: np.ndarray, top_k: int) -> dict[str, np.ndarray]:
+    """One request checked by validate.check_postprocess -> its outputs."""
     scores, ids = r["scores"], r["candidate_ids"]
-    b, c = ids.shape
-    lengths, cands = r["lengths"].reshape(-1), r["num_candidates"].reshape(-1)
-    if scores.shape[0] != b or (cands != c).any() or (lengths > scores.shape[1]).any():
-        raise ValueError(f"scores {list(scores.shape)}, lengths {lengths.tolist()}, num_candidates "
-                         f"{cands.tolist()} and candidate_ids {list(ids.shape)} do not agree")
+    c = ids.shape[1]
+    lengths = r["lengths"].reshape(-1)
     rows = (lengths - c)[:, None] + np.arange(c)[None, :]  # [b, c]: the candidate tokens
     per_task = np.ascontiguousarray(np.take_along_axis(scores, rows[:, :, None], axis=1), np.float32)
     order, combined = rq.ranking(per_task, weights, top_k)
@@ -47,14 +47,6 @@ class TritonPythonModel:
         self.top_k = int(params["top_k"])
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        responses = []
-        for request in requests:  # numpy work per request is microseconds; no need to merge
-            r = {name: io.read(request, name) for name in INPUTS}
-            missing = [n for n, a in r.items() if a is None]
-            try:
-                if missing:
-                    raise ValueError(f"missing input(s): {', '.join(missing)}")
-                responses.append(io.response(rank(r, self.weights, self.top_k)))  # type: ignore[arg-type]
-            except ValueError as exc:
-                responses.append(io.error_response(f"{self.name}: {exc}"))
-        return responses
+        # numpy work per request is microseconds: each runs on its own
+        return steps.execute(requests, self.name, INPUTS, lambda r: check_postprocess(r, len(self.weights)),
+                             lambda batch: [rank(r, self.weights, self.top_k) for r in batch])

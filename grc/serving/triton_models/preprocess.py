@@ -1,9 +1,10 @@
 """preprocess: raw request -> projected tokens of the dense model.
 
-Checks every request (types, shapes, lengths that agree, ids inside their tables, history and
-candidate counts), looks the ids up in the memory-mapped embedding tables and runs the token
-projector, for all requests of an execution at once. A bad request gets its own error response;
-the others in the same execution are served.
+Checks every request (grc.serving.validate.parse: types, shapes, lengths that agree, ids inside
+their tables, timestamps in range, history and candidate counts), looks the ids up in the
+memory-mapped embedding tables and runs the token projector, for all requests of an execution at
+once. A bad request gets its own error response; the others in the same execution are served
+(grc.serving.triton_models.steps).
 
 Out, per request of ``b`` users with ``L`` tokens each (profile + history + candidates):
 tokens FP32 [b, L, D], timestamps INT64 [b, L], lengths INT64 [b, 1], num_candidates INT64 [b, 1].
@@ -19,84 +20,12 @@ from typing import Any
 import numpy as np
 
 from grc.serving import request as rq
+from grc.serving.triton_models import steps
 from grc.serving.triton_models import tensor_io as io
+from grc.serving.validate import parse
 from grc.spec.schema import ModelConfig
 
 OUTPUTS = ("tokens", "timestamps", "lengths", "num_candidates")
-
-
-class RequestError(ValueError):
-    """A request the model cannot take; the message goes back to the client."""
-
-
-def parse(arrays: dict[str, np.ndarray | None], cfg: ModelConfig, truncate: bool) -> dict[str, np.ndarray]:
-    """Check one request; return its arrays (history cut to what fits when ``truncate``)."""
-    specs = rq.request_inputs(cfg)
-    missing = [s.name for s in specs if arrays.get(s.name) is None]
-    if missing:
-        raise RequestError(f"missing input(s): {', '.join(missing)}")
-    out: dict[str, np.ndarray] = {}
-    users = None
-    for spec in specs:
-        a = arrays[spec.name]
-        assert a is not None
-        want = np.dtype(rq.NP_TYPES[spec.datatype])
-        if a.dtype != want:
-            raise RequestError(f"{spec.name}: expected {spec.datatype} (got {a.dtype})")
-        if a.ndim != 1 + len(spec.dims):
-            raise RequestError(f"{spec.name}: expected shape [batch, {', '.join(map(str, spec.dims))}] "
-                               f"(got {list(a.shape)})")
-        users = a.shape[0] if users is None else users
-        if a.shape[0] != users:
-            raise RequestError(f"{spec.name}: batch {a.shape[0]} differs from the other inputs' {users}")
-        fixed = [(got, want) for got, want in zip(a.shape[1:], spec.dims, strict=True) if want != -1 and got != want]
-        if fixed:
-            raise RequestError(f"{spec.name}: expected shape [batch, {', '.join(map(str, spec.dims))}] "
-                               f"(got {list(a.shape)})")
-        out[spec.name] = a
-    if not users:
-        raise RequestError("empty request: batch dimension 0")
-    history = [rq.history_input(t) for t in cfg.history] + [rq.HISTORY_TIME]
-    candidates = [rq.candidate_input(t) for t in cfg.candidate] + ([rq.CROSS] if cfg.cross_features else [])
-    h = _same_length(out, history, "history event")
-    c = _same_length(out, candidates, "candidate")
-    if h == 0:
-        raise RequestError(f"empty history: {history[0]} has no events; a request needs at least one")
-    if c == 0:
-        raise RequestError(f"no candidates: {candidates[0]} is empty; a request needs at least one")
-    if c > cfg.max_candidates:
-        raise RequestError(f"too many candidates: {c} (model.max_candidates is {cfg.max_candidates})")
-    for t in cfg.profile:
-        _check_ids(out[rq.profile_input(t)], rq.profile_input(t), t, cfg)
-    for t in cfg.history:
-        _check_ids(out[rq.history_input(t)], rq.history_input(t), t, cfg)
-    for t in cfg.candidate:
-        _check_ids(out[rq.candidate_input(t)], rq.candidate_input(t), t, cfg)
-    if cfg.cross_features and not np.isfinite(out[rq.CROSS]).all():
-        raise RequestError(f"{rq.CROSS}: values must be finite")
-    room = cfg.hstu.max_seq_len - len(cfg.profile) - c
-    if h > room:
-        if not truncate:
-            raise RequestError(f"history too long: {h} events + {c} candidates + {len(cfg.profile)} profile tokens "
-                               f"exceed max_seq_len {cfg.hstu.max_seq_len}")
-        for name in history:  # keep the latest events
-            out[name] = out[name][:, h - room :]
-    return out
-
-
-def _same_length(arrays: dict[str, np.ndarray], names: list[str], what: str) -> int:
-    counts = {name: arrays[name].shape[1] for name in names}
-    if len(set(counts.values())) != 1:
-        listed = ", ".join(f"{n} {k}" for n, k in counts.items())
-        raise RequestError(f"every {what} tensor needs one value per {what}, got different lengths: {listed}")
-    return next(iter(counts.values()))
-
-
-def _check_ids(ids: np.ndarray, name: str, table: str, cfg: ModelConfig) -> None:
-    vocab = cfg.tables[table].vocab_size
-    bad = ids[(ids < 0) | (ids >= vocab)]
-    if bad.size:
-        raise RequestError(f"{name}: unknown id {int(bad[0])}: the {table} table has ids 0..{vocab - 1}")
 
 
 def merge(requests: list[dict[str, np.ndarray]], cfg: ModelConfig) -> Any:
@@ -190,20 +119,5 @@ class TritonPythonModel:
         self.names = [s.name for s in rq.request_inputs(self.cfg)]
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        responses: list[Any] = [None] * len(requests)
-        good: list[tuple[int, dict[str, np.ndarray]]] = []
-        for i, request in enumerate(requests):
-            try:
-                good.append((i, parse({n: io.read(request, n) for n in self.names}, self.cfg, self.truncate)))
-            except RequestError as exc:
-                responses[i] = io.error_response(f"{self.name}: bad request: {exc}")
-        if good:
-            try:
-                outs = project([r for _, r in good], self.projector, self.tables, self.cfg, self.pad_to)
-            except Exception as exc:
-                for i, _ in good:
-                    responses[i] = io.error_response(f"{self.name}: {type(exc).__name__}: {exc}", False)
-            else:
-                for (i, _), out in zip(good, outs, strict=True):
-                    responses[i] = io.response(out)
-        return responses
+        return steps.execute(requests, self.name, self.names, lambda r: parse(r, self.cfg, self.truncate),
+                             lambda batch: project(batch, self.projector, self.tables, self.cfg, self.pad_to))

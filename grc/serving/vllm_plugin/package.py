@@ -1,8 +1,9 @@
 """The plugin package a vllm bundle carries (``bundles/vllm/plugin``): a pyproject with one entry point in
 vLLM's ``vllm.general_plugins`` group, and a module that calls ``grc.serving.vllm_plugin.register``.
 
-It has no dependencies of its own: the venv it is installed into must import grc (grc.serving.vllm_env puts
-this checkout on the venv's path). ``pip install --no-deps --no-build-isolation bundles/vllm/plugin``.
+It has no dependencies of its own: vLLM must import grc where it runs (grc.serving.vllm_env.grc_environ puts the
+serving checkout first on PYTHONPATH; an installed grc is pip-installed into the venv).
+``pip install --no-deps --no-build-isolation bundles/vllm/plugin``.
 """
 
 from __future__ import annotations

@@ -18,6 +18,12 @@ laid out field by field, each value as one or two non-negative int32 tokens:
 The scores of candidate j come back at the row of its id in the first candidate table (prompt position
 ``candidate_start + j``); the pooler returns those c rows, [c, tasks], in request order.
 
+Timestamps: the encoding carries exactly grc.serving.validate's range [-2**61, 2**61 - 1] (u = t + 2**61 in
+[0, 2**62)): ``encode`` refuses one outside it naming the field, and no prompt decodes to one. Any 31-bit half,
+2**31 - 1 included, is a valid token. History: at most ``max_history`` = max_seq_len - P - max_candidates events
+(the Triton bundle's rule: the kept history never depends on the candidate count); ``encode`` keeps the newest by
+time when truncating, ``decode`` refuses a longer one.
+
 No torch and no vLLM here: the client side (``encode``), the model in the vLLM worker (``decode``), the bundle
 stage and the tests share this module.
 """
@@ -29,18 +35,21 @@ from typing import Any
 
 import numpy as np
 
+from grc.serving.validate import TIME_MIN, TIME_RANGE, newest_events
+
 FORMAT = "grc-vllm-tokens/1"
 MAGIC = 0x67726331
 HEADER = 5
 LOW31 = (1 << 31) - 1
-TIME_BIAS = 1 << 61  # int64 t is sent as u = t + 2**61 in [0, 2**62): two 31-bit halves, hi then lo
+TIME_BIAS = -TIME_MIN  # int64 t is sent as u = t + 2**61 in [0, 2**62): two 31-bit halves, hi then lo
 INT32_MAX = (1 << 31) - 1
 
 # Error codes of a refused request (the pooler returns [[-code, prompt position]]; scores are never negative).
 ERRORS = {
     1: "not a grc request: token 0 is not the format magic 0x67726331, or the prompt is shorter than its header",
     2: "prompt length does not match the header's history and candidate counts",
-    3: "history or candidate count out of range (h >= 1, 1 <= c <= max_candidates, profile + h + c <= max_seq_len)",
+    3: "history or candidate count out of range (1 <= h <= max_seq_len - profile - max_candidates, "
+    "1 <= c <= max_candidates)",
     4: "an id is outside its embedding table",
     5: "a token is negative or not an int32",
     6: "a cross feature is not finite",
@@ -91,12 +100,13 @@ class Layout:
         """Prompt position of candidate 0's id in the first candidate table (where its scores come back)."""
         return HEADER + len(self.profile) + h * (len(self.history) + 2)
 
-    def max_history(self, c: int) -> int:
-        return self.max_seq_len - len(self.profile) - c
+    def max_history(self) -> int:
+        """grc.serving.request.max_history: room is kept for max_candidates whatever c is."""
+        return self.max_seq_len - len(self.profile) - self.max_candidates
 
     def max_prompt_len(self) -> int:
-        """The longest valid prompt: what max_model_len must allow (the length is linear in c)."""
-        return max(self.length(self.max_history(c), c) for c in (1, self.max_candidates))
+        """The longest valid prompt: what max_model_len must allow."""
+        return self.length(self.max_history(), self.max_candidates)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -122,10 +132,12 @@ class Layout:
         }
 
 
-def _split_time(t: np.ndarray) -> np.ndarray:
-    u = t.astype(np.int64) + TIME_BIAS
-    if (u < 0).any() or (u >= (1 << 62)).any():
-        raise RequestError(5, "timestamps must lie within +-2**61 seconds")
+def _split_time(name: str, t: np.ndarray) -> np.ndarray:
+    t = t.astype(np.int64)
+    bad = t[(t < TIME_MIN) | (t > -TIME_MIN - 1)]
+    if bad.size:
+        raise RequestError(5, f"{name}: timestamp {int(bad[0])} is outside the accepted range {TIME_RANGE}")
+    u = t + TIME_BIAS
     return np.stack([u >> 31, u & LOW31], -1).reshape(-1)
 
 
@@ -136,8 +148,8 @@ def _join_time(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
 def encode(layout: Layout, arrays: dict[str, np.ndarray], truncate: bool = True) -> list[int]:
     """One user's request (the Triton bundle's tensor names, batch dimension 1 or none) -> prompt ids.
 
-    A history too long for max_seq_len keeps its latest events when ``truncate``; ids are checked here too,
-    but the model checks again: a client need not use this function.
+    A history longer than ``max_history`` keeps its newest events by time when ``truncate`` (in request
+    order); ids are checked here too, but the model checks again: a client need not use this function.
     """
 
     def flat(name: str, dtype: type = np.int64) -> np.ndarray:
@@ -153,16 +165,17 @@ def encode(layout: Layout, arrays: dict[str, np.ndarray], truncate: bool = True)
         raise RequestError(2, "history inputs (and candidate inputs) must have one length")
     if h < 1 or not 1 <= c <= layout.max_candidates:
         raise RequestError(3, f"need >= 1 history event and 1..{layout.max_candidates} candidates (got {h}, {c})")
-    room = layout.max_history(c)
+    room = layout.max_history()
     if h > room:
         if not truncate:
-            raise RequestError(3, f"history of {h} events does not fit next to {c} candidates (room {room})")
-        hist = {t: v[-room:] for t, v in hist.items()}
-        times, h = times[-room:], room
-    parts = [np.array([MAGIC, h, c], np.int64), _split_time(flat("request_time")[:1])]
+            raise RequestError(3, f"history too long: {h} events; the model keeps at most {room}")
+        keep = newest_events(times[None], room)[0]
+        hist = {t: v[keep] for t, v in hist.items()}
+        times, h = times[keep], room
+    parts = [np.array([MAGIC, h, c], np.int64), _split_time("request_time", flat("request_time")[:1])]
     parts += [flat(f"profile_{t}")[:1] for t in layout.profile]
     parts += [hist[t] for t in layout.history]
-    parts.append(_split_time(times))
+    parts.append(_split_time("history_timestamps", times))
     parts += [cands[t] for t in layout.candidate]
     if layout.cross_features:
         cross = flat("cross_features", np.float32)
@@ -212,7 +225,7 @@ def decode(layout: Layout, ids: np.ndarray) -> Decoded:
             5, f"token {int(ids[bad[0]])} at position {int(bad[0])} is not a non-negative int32", int(bad[0])
         )
     h, c = int(ids[1]), int(ids[2])
-    if h < 1 or not 1 <= c <= layout.max_candidates or len(layout.profile) + h + c > layout.max_seq_len:
+    if not 1 <= h <= layout.max_history() or not 1 <= c <= layout.max_candidates:
         raise RequestError(
             3, f"h={h}, c={c}: {ERRORS[3]} (max_candidates {layout.max_candidates}, max_seq_len {layout.max_seq_len})"
         )
@@ -281,12 +294,15 @@ def batch_of(requests: list[Decoded]) -> Any:
 
 
 def user_arrays(batch: Any, user: int, layout: Layout) -> dict[str, np.ndarray]:
-    """User ``user`` of a ``grc.model.gr.Batch`` as one request's arrays (the Triton bundle's names, no batch dim)."""
+    """User ``user`` of a ``grc.model.gr.Batch`` as one request's arrays (the Triton bundle's names, no batch dim),
+    history events oldest first as the format says (a generated batch's need not be)."""
     ho, co = batch.history_offsets.tolist(), batch.candidate_offsets.tolist()
     hs, cs = slice(ho[user], ho[user + 1]), slice(co[user], co[user + 1])
+    times = batch.history_time[hs].numpy()
+    oldest_first = np.argsort(times, kind="stable")
     out = {f"profile_{t}": batch.profile[user, i : i + 1].numpy() for i, t in enumerate(layout.profile)}
-    out.update({f"history_{t}": batch.history[t][hs].numpy() for t in layout.history})
-    out["history_timestamps"] = batch.history_time[hs].numpy()
+    out.update({f"history_{t}": batch.history[t][hs].numpy()[oldest_first] for t in layout.history})
+    out["history_timestamps"] = times[oldest_first]
     out.update({f"candidate_{t}": batch.candidates[t][cs].numpy() for t in layout.candidate})
     if layout.cross_features:
         out["cross_features"] = batch.cross[cs].numpy().astype(np.float32)
@@ -301,5 +317,5 @@ def sample_batch(model: Any, users: int, history: int, candidates: int, seed: in
     from grc.model.sample import random_batch
 
     candidates = min(candidates, model.max_candidates)
-    history = max(1, min(history, model.hstu.max_seq_len - len(model.profile) - candidates))
+    history = max(1, min(history, Layout.of(model).max_history()))
     return random_batch(model, users, history, candidates, torch.Generator().manual_seed(seed))

@@ -1,0 +1,192 @@
+"""Every check a served request goes through, in one place: Triton's python steps and vLLM's prompt decoder
+call these, so both servers refuse the same requests with the same words.
+
+Rules (the README's serving sections state them; bundle.json carries the numbers):
+- timestamps (``history_timestamps`` and ``request_time``) lie in [TIME_MIN, TIME_MAX] = [-2**61, 2**61 - 1]
+  seconds: any difference of two then fits int64 (no time gap can wrap), and vLLM's prompt encoding carries
+  exactly this range;
+- the history kept is independent of the candidate count: at most ``max_history = max_seq_len - profile tokens
+  - max_candidates`` events (request.max_history); a longer history keeps its ``max_history`` newest events by
+  timestamp (ties: the later position), in request order, or is refused when truncation is off;
+- the internal steps of the Triton ensemble (dense_*, postprocess) check their inputs as strictly as
+  preprocess does: a client can call them directly, and one bad request must fail alone.
+
+numpy only (no torch, no vLLM): the client encoder, the vLLM worker and Triton's stubs all import it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from grc.serving import request as rq
+from grc.spec.schema import ModelConfig
+
+TIME_MIN = -(1 << 61)
+TIME_MAX = (1 << 61) - 1
+TIME_RANGE = "[-2**61, 2**61 - 1] seconds"
+
+
+class RequestError(ValueError):
+    """A request the model cannot take; the message goes back to the client (HTTP 400)."""
+
+
+# --------------------------------------------------------------------------- rules shared by every path
+
+
+def check_times(name: str, values: np.ndarray) -> None:
+    bad = values[(values < TIME_MIN) | (values > TIME_MAX)]
+    if bad.size:
+        raise RequestError(f"{name}: timestamp {int(bad.flat[0])} is outside the accepted range {TIME_RANGE}")
+
+
+def newest_events(times: np.ndarray, keep: int) -> np.ndarray:
+    """Indices [users, keep] of each user's ``keep`` newest events by time (ties: the later position),
+    in request order. ``times`` is [users, events]."""
+    order = np.argsort(times, axis=1, kind="stable")[:, times.shape[1] - keep :]
+    return np.sort(order, axis=1)
+
+
+# --------------------------------------------------------------------------- the client's request
+
+
+def parse(arrays: dict[str, np.ndarray | None], cfg: ModelConfig, truncate: bool) -> dict[str, np.ndarray]:
+    """Check one request (batch first, see grc/serving/request.py); return its arrays, the history cut to
+    ``max_history`` newest events when ``truncate``."""
+    specs = rq.request_inputs(cfg)
+    missing = [s.name for s in specs if arrays.get(s.name) is None]
+    if missing:
+        raise RequestError(f"missing input(s): {', '.join(missing)}")
+    out: dict[str, np.ndarray] = {}
+    users = None
+    for spec in specs:
+        a = arrays[spec.name]
+        assert a is not None
+        want = np.dtype(rq.NP_TYPES[spec.datatype])
+        if a.dtype != want:
+            raise RequestError(f"{spec.name}: expected {spec.datatype} (got {a.dtype})")
+        expected = f"expected shape [batch, {', '.join(map(str, spec.dims))}] (got {list(a.shape)})"
+        if a.ndim != 1 + len(spec.dims):
+            raise RequestError(f"{spec.name}: {expected}")
+        users = a.shape[0] if users is None else users
+        if a.shape[0] != users:
+            raise RequestError(f"{spec.name}: batch {a.shape[0]} differs from the other inputs' {users}")
+        if any(want != -1 and got != want for got, want in zip(a.shape[1:], spec.dims, strict=True)):
+            raise RequestError(f"{spec.name}: {expected}")
+        out[spec.name] = a
+    if not users:
+        raise RequestError("empty request: batch dimension 0")
+    history = [rq.history_input(t) for t in cfg.history] + [rq.HISTORY_TIME]
+    candidates = [rq.candidate_input(t) for t in cfg.candidate] + ([rq.CROSS] if cfg.cross_features else [])
+    h = _same_length(out, history, "history event")
+    c = _same_length(out, candidates, "candidate")
+    if h == 0:
+        raise RequestError(f"empty history: {history[0]} has no events; a request needs at least one")
+    if c == 0:
+        raise RequestError(f"no candidates: {candidates[0]} is empty; a request needs at least one")
+    if c > cfg.max_candidates:
+        raise RequestError(f"too many candidates: {c} (model.max_candidates is {cfg.max_candidates})")
+    for kind, tables in (("profile", cfg.profile), ("history", cfg.history), ("candidate", cfg.candidate)):
+        for t in tables:
+            name = f"{kind}_{t}"
+            _check_ids(out[name], name, t, cfg)
+    if cfg.cross_features and not np.isfinite(out[rq.CROSS]).all():
+        raise RequestError(f"{rq.CROSS}: values must be finite")
+    check_times(rq.HISTORY_TIME, out[rq.HISTORY_TIME])
+    check_times(rq.REQUEST_TIME, out[rq.REQUEST_TIME])
+    room = rq.max_history(cfg)
+    if h > room:
+        if not truncate:
+            raise RequestError(
+                f"history too long: {h} events; the model keeps at most {room} (max_seq_len "
+                f"{cfg.hstu.max_seq_len} - {len(cfg.profile)} profile tokens - max_candidates "
+                f"{cfg.max_candidates})"
+            )
+        keep = newest_events(out[rq.HISTORY_TIME], room)
+        for name in history:
+            out[name] = np.take_along_axis(out[name], keep, axis=1)
+    return out
+
+
+def _same_length(arrays: dict[str, np.ndarray], names: list[str], what: str) -> int:
+    counts = {name: arrays[name].shape[1] for name in names}
+    if len(set(counts.values())) != 1:
+        listed = ", ".join(f"{n} {k}" for n, k in counts.items())
+        raise RequestError(f"every {what} tensor needs one value per {what}, got different lengths: {listed}")
+    return next(iter(counts.values()))
+
+
+def _check_ids(ids: np.ndarray, name: str, table: str, cfg: ModelConfig) -> None:
+    vocab = cfg.tables[table].vocab_size
+    bad = ids[(ids < 0) | (ids >= vocab)]
+    if bad.size:
+        raise RequestError(f"{name}: unknown id {int(bad[0])}: the {table} table has ids 0..{vocab - 1}")
+
+
+# --------------------------------------------------------------------------- the ensemble's internal steps
+
+
+def _typed(r: dict[str, np.ndarray | None], types: dict[str, type]) -> dict[str, np.ndarray]:
+    missing = [n for n in types if r.get(n) is None]
+    if missing:
+        raise RequestError(f"missing input(s): {', '.join(missing)}")
+    for name, dtype in types.items():
+        if r[name].dtype != np.dtype(dtype):  # type: ignore[union-attr]
+            raise RequestError(f"{name}: expected {np.dtype(dtype)} (got {r[name].dtype})")  # type: ignore[union-attr]
+    return r  # type: ignore[return-value]
+
+
+def _counts(
+    r: dict[str, np.ndarray], users: int, tokens: int, max_seq_len: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """lengths and num_candidates, one per user: 1 <= num_candidates < lengths <= the tokens sent (and
+    max_seq_len): every user has at least one history event before its candidates."""
+    for name in ("lengths", "num_candidates"):
+        if r[name].shape != (users, 1):
+            raise RequestError(f"{name}: expected shape {[users, 1]} (got {list(r[name].shape)})")
+    lengths, cands = r["lengths"].reshape(-1), r["num_candidates"].reshape(-1)
+    limit = tokens if max_seq_len is None else min(tokens, max_seq_len)
+    bad = (lengths > limit) | (cands < 1) | (cands >= lengths)
+    if bad.any():
+        u = int(np.nonzero(bad)[0][0])
+        why = "" if max_seq_len is None else f" ({tokens} tokens sent, max_seq_len {max_seq_len})"
+        raise RequestError(
+            f"user {u}: lengths {int(lengths[u])} and num_candidates {int(cands[u])} must satisfy "
+            f"1 <= num_candidates < lengths <= {limit}{why}"
+        )
+    return lengths, cands
+
+
+def check_dense(r: dict[str, np.ndarray | None], width: int, max_seq_len: int) -> dict[str, np.ndarray]:
+    """The dense step's request: tokens FP32 [b, L, width] (finite), timestamps INT64 [b, L] (in range),
+    lengths and num_candidates INT64 [b, 1] that fit L."""
+    a = _typed(r, {"tokens": np.float32, "timestamps": np.int64, "lengths": np.int64, "num_candidates": np.int64})
+    tokens, stamps = a["tokens"], a["timestamps"]
+    if tokens.ndim != 3 or tokens.shape[2] != width or 0 in tokens.shape:
+        raise RequestError(f"tokens: expected shape [batch, tokens, {width}] (got {list(tokens.shape)})")
+    b, n = tokens.shape[:2]
+    if stamps.shape != (b, n):
+        raise RequestError(f"timestamps: expected shape {[b, n]} (got {list(stamps.shape)})")
+    _counts(a, b, n, max_seq_len)
+    if not np.isfinite(tokens).all():
+        raise RequestError("tokens: values must be finite (got NaN or inf)")
+    check_times("timestamps", stamps)
+    return a
+
+
+def check_postprocess(r: dict[str, np.ndarray | None], tasks: int) -> dict[str, np.ndarray]:
+    """postprocess's request: scores FP32 [b, L, tasks] (finite), lengths and num_candidates INT64 [b, 1],
+    candidate_ids INT64 [b, c] with every num_candidates == c <= lengths - 1 and lengths <= L."""
+    a = _typed(r, {"scores": np.float32, "lengths": np.int64, "num_candidates": np.int64,
+                   "candidate_ids": np.int64})  # fmt: skip
+    scores, ids = a["scores"], a["candidate_ids"]
+    if scores.ndim != 3 or scores.shape[2] != tasks or 0 in scores.shape:
+        raise RequestError(f"scores: expected shape [batch, tokens, {tasks}] (got {list(scores.shape)})")
+    b, n = scores.shape[:2]
+    if ids.ndim != 2 or ids.shape[0] != b:
+        raise RequestError(f"candidate_ids: expected shape [{b}, candidates] (got {list(ids.shape)})")
+    _, cands = _counts(a, b, n, None)
+    if (cands != ids.shape[1]).any():
+        raise RequestError(f"num_candidates {cands.tolist()} differ from the {ids.shape[1]} candidate_ids sent")
+    if not np.isfinite(scores).all():
+        raise RequestError("scores: values must be finite (got NaN or inf)")
+    return a
