@@ -357,6 +357,21 @@ class TritonSample(_Section):
     seed: int = Field(0, description="seed of the sample's random ids and timestamps")
 
 
+class HistoryCacheConfig(_Section):
+    """The user-history cache of the triton bundle (README: "User-history cache")."""
+
+    enabled: bool = Field(
+        False,
+        description="serve <model_name> from one python model that keeps each user's per-layer K/V (requests "
+        "carrying user_id) and computes only new history events and candidates; the ensembles stay, named "
+        "<model_name>-<backend>",
+    )
+    budget_mb: float = Field(1024.0, gt=0, description="bytes of cached K/V kept per instance, in MiB (LRU eviction)")
+    max_user_mb: float | None = Field(
+        None, gt=0, description="largest entry kept for one user, in MiB; default: budget_mb / 8"
+    )
+
+
 class TritonBundleConfig(_Section):
     """The Triton model repository: ensemble <model_name> = preprocess -> dense model -> postprocess."""
 
@@ -404,6 +419,7 @@ class TritonBundleConfig(_Section):
     )
     warmup: bool = Field(True, description="model_warmup with the generated sample request in every python model")
     sample: TritonSample = Field(TritonSample(), description="the generated sample request")
+    history_cache: HistoryCacheConfig = Field(HistoryCacheConfig(), description="the user-history cache")
     model_version: PositiveInt = Field(1, description="version directory the bundle writes")
     version_policy: Literal["latest", "all", "specific"] = Field(
         "latest", description="which versions Triton serves: latest (one), all, or the listed versions"
