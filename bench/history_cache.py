@@ -1,8 +1,9 @@
 """In-process benchmark of the user-history cache: the dense model's full forward vs the cached
 score step (GRDense.score against a prefilled cache), one user, on the CPU or a CUDA GPU.
 
-Shapes: 1 user x history in {1000, max_seq_len - 256} x candidates in {256, 512}; a shape whose
-tokens (profile + history + candidates) exceed max_seq_len is recorded as skipped. Weights are
+Shapes: 1 user x history in {1000, max_seq_len - 256 - profile tokens} x candidates in {256, 512}
+(the long history is the longest beside 256 candidates); a shape whose tokens (profile + history +
+candidates) exceed max_seq_len is recorded as skipped. Weights are
 the spec's deterministic random init (dense part only: tokens are random, the projector and the
 tables do not run). Each figure is the median of --repeat timed runs after one warm-up run; the
 cached step scores the candidates (and --delta new history events) against a cache prefilled
@@ -34,8 +35,11 @@ from grc.spec.schema import ModelConfig
 
 def dense_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> GRDense:
     model = GRDense(cfg)
-    state = {p.name.removeprefix("dense."): init_tensor(p, 0, 0.02, dtype)
-             for p in dense_params(cfg) if p.name.startswith("dense.")}
+    state = {
+        p.name.removeprefix("dense."): init_tensor(p, 0, 0.02, dtype)
+        for p in dense_params(cfg)
+        if p.name.startswith("dense.")
+    }
     model.load_state_dict(state)
     return model.eval().to(device)
 
@@ -55,8 +59,16 @@ def timed(run: Callable[[], torch.Tensor], repeat: int, device: torch.device) ->
     return statistics.median(times), out
 
 
-def case(model: GRDense, history: int, candidates: int, delta: int, repeat: int, impl: str,
-         device: torch.device, dtype: torch.dtype) -> dict[str, object]:
+def case(
+    model: GRDense,
+    history: int,
+    candidates: int,
+    delta: int,
+    repeat: int,
+    impl: str,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> dict[str, object]:
     cfg = model.cfg
     profile = len(cfg.profile)
     n = profile + history + candidates
@@ -72,16 +84,25 @@ def case(model: GRDense, history: int, candidates: int, delta: int, repeat: int,
     cached = profile + history - delta
     with torch.no_grad():
         cache = model.prefill(tokens[:cached], stamps[:cached], profile, now, impl)
-        full_s, full = timed(lambda: model.forward_jagged(tokens, offsets, nc, stamps, impl)[-candidates:],
-                             repeat, device)
+        full_s, full = timed(
+            lambda: model.forward_jagged(tokens, offsets, nc, stamps, impl)[-candidates:], repeat, device
+        )
         rest = tokens[cached:]
         rest_offsets = torch.tensor([0, rest.shape[0]], device=device)
-        score_s, scored = timed(lambda: model.score([cache], rest, rest_offsets, nc, stamps[cached:], [now], impl)[0],
-                                repeat, device)
+        score_s, scored = timed(
+            lambda: model.score([cache], rest, rest_offsets, nc, stamps[cached:], [now], impl)[0], repeat, device
+        )
     diff = (scored.double() - full.double()).abs().max().item()
-    return {"tokens": n, "cached_tokens": cached, "new_tokens": n - cached, "full_forward_ms": full_s * 1e3,
-            "cached_score_ms": score_s * 1e3, "speedup": full_s / score_s, "max_abs_diff": diff,
-            "cache_mb": cache.nbytes / (1 << 20)}
+    return {
+        "tokens": n,
+        "cached_tokens": cached,
+        "new_tokens": n - cached,
+        "full_forward_ms": full_s * 1e3,
+        "cached_score_ms": score_s * 1e3,
+        "speedup": full_s / score_s,
+        "max_abs_diff": diff,
+        "cache_mb": cache.nbytes / (1 << 20),
+    }
 
 
 def main() -> None:
@@ -102,16 +123,28 @@ def main() -> None:
     spec = load_spec(args.spec).spec
     model = dense_model(spec.model, device, dtype)
     rows = []
-    for history in (1000, spec.model.hstu.max_seq_len - 256):
+    for history in (1000, spec.model.hstu.max_seq_len - 256 - len(spec.model.profile)):
         for candidates in (256, 512):
-            row = {"history": history, "candidates": candidates,
-                   **case(model, history, candidates, args.delta, args.repeat, impl, device, dtype)}
+            row = {
+                "history": history,
+                "candidates": candidates,
+                **case(model, history, candidates, args.delta, args.repeat, impl, device, dtype),
+            }
             print(row, flush=True)
             rows.append(row)
     out = args.out or f"history-cache-{device.type}"
-    path = write_result(Path(out) if args.out else out, {
-        "spec": spec.name, "impl": impl, "dtype": args.dtype, "delta": args.delta, "repeat": args.repeat,
-        "threads": torch.get_num_threads(), "cases": rows})
+    path = write_result(
+        Path(out) if args.out else out,
+        {
+            "spec": spec.name,
+            "impl": impl,
+            "dtype": args.dtype,
+            "delta": args.delta,
+            "repeat": args.repeat,
+            "threads": torch.get_num_threads(),
+            "cases": rows,
+        },
+    )
     print(f"wrote {path}")
 
 
