@@ -147,3 +147,16 @@ def test_a_bad_user_id_is_refused_and_the_server_serves_on(served: Served) -> No
     with pytest.raises(InferenceServerException, match="user_id"):  # Triton checks the config's dims
         check.infer(served.server.http_url, "http", served.model, {**arrays, "user_id": np.zeros((1, 2), np.int64)})
     served.assert_right(arrays, served.infer(arrays, user=5))
+
+
+def test_a_history_cut_at_the_length_limit_is_a_miss_then_a_hit(served: Served) -> None:
+    spec = served.spec
+    room = spec.model.hstu.max_seq_len - len(spec.model.profile) - 4  # events that fit beside 4 candidates
+    longer = user(spec, room + 2, 4, seed=6)
+    at_limit = first_events(spec, longer, room)
+    before = served.metrics()
+    served.assert_right(at_limit, served.infer(at_limit, user=606))  # miss: kept whole
+    served.assert_right(longer, served.infer(longer, user=606))  # cut to its latest events: slid, a miss
+    served.assert_right(longer, served.infer(longer, user=606))  # cut the same way again: a hit
+    after = served.metrics()
+    assert delta(before, after, "misses_total") == 2 and delta(before, after, "hits_total") == 1
