@@ -19,10 +19,9 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def time_bucket(dt_abs: torch.Tensor, num_buckets: int) -> torch.Tensor:
     """Exact min(floor(log2(1 + dt)), NB - 1) for int64 dt >= 0: count the powers 2**k (k = 1..NB-1)
-    that 1 + dt reaches. Pure integer arithmetic, so no float rounding can put it off by one; a binary
-    search over the powers, not an [.., NB] comparison tensor (8x faster on the CPU at L = 2048)."""
+    that 1 + dt reaches. Pure integer arithmetic, so no float rounding can put it off by one."""
     powers = torch.tensor([1 << k for k in range(1, num_buckets)], dtype=torch.int64, device=dt_abs.device)
-    return torch.searchsorted(powers, (dt_abs + 1).contiguous(), right=True)
+    return ((dt_abs.unsqueeze(-1) + 1) >= powers).sum(-1)
 
 
 def allowed_mask(

@@ -220,14 +220,3 @@ def test_a_later_request_reuses_the_cache_only_while_time_buckets_hold(setup) ->
                 [moved],
             )
         torch.testing.assert_close(scores, full_scores(model, tok_later), rtol=RTOL, atol=0)
-
-
-def test_reference_time_bucket_is_exact_at_every_power_of_two_edge() -> None:
-    """The kernels' reference buckets (a binary search) against Python's integer bit_length."""
-    from kernels.reference import time_bucket
-
-    for buckets in (1, 2, 20, 32, 40):
-        dts = sorted({0, 1, 2, 3, (1 << 62) - 1} | {(1 << k) + d for k in range(1, 62) for d in (-2, -1, 0, 1)})
-        got = time_bucket(torch.tensor(dts, dtype=torch.int64).view(-1, 4 if len(dts) % 4 == 0 else 1), buckets)
-        want = [min((1 + dt).bit_length() - 1, buckets - 1) for dt in dts]
-        assert got.flatten().tolist() == want, buckets
