@@ -24,12 +24,9 @@ def time_bucket(dt_abs: torch.Tensor, num_buckets: int) -> torch.Tensor:
     return ((dt_abs.unsqueeze(-1) + 1) >= powers).sum(-1)
 
 
-def allowed_mask(
-    length: int, n_ctx: int, causal: bool, device: torch.device, rows: slice = slice(None)
-) -> torch.Tensor:
-    """[L, L] bool: may query i see key j (the contract's mask, one user); only the query ``rows``
-    asked for (the cached attention's queries are the last rows: O(Lq * L), not O(L^2))."""
-    i = torch.arange(length, device=device)[rows].view(-1, 1)
+def allowed_mask(length: int, n_ctx: int, causal: bool, device: torch.device) -> torch.Tensor:
+    """[L, L] bool: may query i see key j (the contract's mask, one user)."""
+    i = torch.arange(length, device=device).view(-1, 1)
     j = torch.arange(length, device=device).view(1, -1)
     history = (j <= i) if causal else (j < n_ctx)
     candidate = (j < n_ctx) | (j == i)
@@ -125,7 +122,7 @@ def hstu_attention_cached(
         kb, vb = (x[k_lo:k_hi].to(cdt).transpose(0, 1) for x in (k, v))  # [H, Lk, D]
         bias = user_bias(length, n_ctx, timestamps[k_lo:k_hi], pos_w, ts_w, rows)
         scores = alpha * (qb @ kb.transpose(1, 2)) + bias
-        mask = allowed_mask(length, n_ctx, causal, q.device, rows)
+        mask = allowed_mask(length, n_ctx, causal, q.device)[rows]  # booleans: cheap at any L
         weights = torch.where(mask, F.silu(scores) / norm, torch.zeros((), dtype=cdt, device=q.device))
         out[q_lo:q_hi] = (weights @ vb).transpose(0, 1)
     return out.to(q.dtype)

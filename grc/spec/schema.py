@@ -418,8 +418,8 @@ class TritonBundleConfig(_Section):
         True, description="keep the latest events of a history too long for max_seq_len (false: refuse the request)"
     )
     warmup: bool = Field(True, description="model_warmup with the generated sample request in every python model")
-    sample: TritonSample = Field(TritonSample(), description="the generated sample request")
     history_cache: HistoryCacheConfig = Field(HistoryCacheConfig(), description="the user-history cache")
+    sample: TritonSample = Field(TritonSample(), description="the generated sample request")
     model_version: PositiveInt = Field(1, description="version directory the bundle writes")
     version_policy: Literal["latest", "all", "specific"] = Field(
         "latest", description="which versions Triton serves: latest (one), all, or the listed versions"
