@@ -4,10 +4,11 @@
 on CUDA tensors they launch the Triton kernels (torch.compile / AOTInductor see and compile the
 kernels; under the Triton interpreter also on CPU tensors), on any other device they run the
 PyTorch reference, so the ops work everywhere. On CUDA nothing else runs: a setting the kernel
-does not support raises ValueError naming it. Their fake (meta) impl is the op body itself run on fake tensors, which is why the bodies use
-tensor ops only. The jagged references loop over users with data-dependent slicing, so they sit
-behind their own opaque ops (``grc::hstu_attention_reference``,
-``grc::hstu_attention_cached_reference``) with explicit fake impls.
+does not support raises ValueError naming it. Their fake (meta) impl is the op body itself run on
+fake tensors, which is why the bodies use tensor ops only. The jagged references loop over users
+with data-dependent slicing, so they sit behind their own opaque ops
+(``grc::hstu_attention_reference``, ``grc::hstu_attention_cached_reference``) with explicit fake
+impls.
 """
 
 from __future__ import annotations

@@ -30,13 +30,15 @@ def allowed_mask(length: int, n_ctx: int, causal: bool, device: torch.device) ->
     return torch.where(i < n_ctx, history, candidate)
 
 
-def user_bias(length: int, n_ctx: int, ts: torch.Tensor, pos_w: torch.Tensor, ts_w: torch.Tensor) -> torch.Tensor:
-    """[H, L, L]: pos_w[h, rp(i, j)] + ts_w[h, bucket(i, j)] for one user."""
+def user_bias(
+    length: int, n_ctx: int, ts: torch.Tensor, pos_w: torch.Tensor, ts_w: torch.Tensor, rows: slice = slice(None)
+) -> torch.Tensor:
+    """[H, L, L]: pos_w[h, rp(i, j)] + ts_w[h, bucket(i, j)] for one user (query ``rows`` only)."""
     num_pos = (pos_w.shape[1] + 1) // 2
     idx = torch.arange(length, device=ts.device)
     pos = torch.minimum(idx, torch.tensor(n_ctx, device=ts.device))  # candidates share position n_ctx
-    rel = (pos.view(-1, 1) - pos.view(1, -1)).clamp(-(num_pos - 1), num_pos - 1) + (num_pos - 1)
-    bucket = time_bucket(abs_time_gap(ts.view(-1, 1), ts.view(1, -1)), ts_w.shape[1])
+    rel = (pos[rows].view(-1, 1) - pos.view(1, -1)).clamp(-(num_pos - 1), num_pos - 1) + (num_pos - 1)
+    bucket = time_bucket(abs_time_gap(ts[rows].view(-1, 1), ts.view(1, -1)), ts_w.shape[1])
     return pos_w[:, rel] + ts_w[:, bucket]
 
 
@@ -115,9 +117,9 @@ def hstu_attention_cached(
         rows = slice(length - n_q, length)
         qb = q[q_lo:q_hi].to(cdt).transpose(0, 1)  # [H, Lq, D]
         kb, vb = (x[k_lo:k_hi].to(cdt).transpose(0, 1) for x in (k, v))  # [H, Lk, D]
-        bias = user_bias(length, n_ctx, timestamps[k_lo:k_hi], pos_w, ts_w)[:, rows]
+        bias = user_bias(length, n_ctx, timestamps[k_lo:k_hi], pos_w, ts_w, rows)
         scores = alpha * (qb @ kb.transpose(1, 2)) + bias
-        mask = allowed_mask(length, n_ctx, causal, q.device)[rows]
+        mask = allowed_mask(length, n_ctx, causal, q.device)[rows]  # booleans: cheap at any L
         weights = torch.where(mask, F.silu(scores) / norm, torch.zeros((), dtype=cdt, device=q.device))
         out[q_lo:q_hi] = (weights @ vb).transpose(0, 1)
     return out.to(q.dtype)

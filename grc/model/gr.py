@@ -21,6 +21,7 @@ from torch import nn
 
 from grc.model.hstu import GroupLayerNorm, HSTULayer
 from grc.model.jagged import lengths_of, local_index
+from grc.model.kv_cache import HistoryCacheUnsupported, UserKV
 from grc.model.tables import Tables
 from grc.spec.schema import ModelConfig
 
@@ -93,6 +94,99 @@ class GRDense(nn.Module):
             x = layer.forward_jagged(x, group, offsets, num_candidates, timestamps, impl=impl)
         scores = self.heads(self.final_norm(x, group))
         return scores * (idx >= n_ctx).unsqueeze(-1).to(scores.dtype)
+
+    # ------------------------------------------------------------------ the history cache
+    # prefill + score give exactly the rows forward_jagged gives for the same sequence (see
+    # grc/model/kv_cache.py for why, and the README's history-cache section for the contract).
+
+    def prefill(
+        self, tokens: torch.Tensor, timestamps: torch.Tensor, profile: int, now: int, impl: str = "pytorch"
+    ) -> UserKV:
+        """One user's cached tokens (``profile`` profile tokens, then history events) [n, D] ->
+        every layer's K/V of them, to be reused by ``score``. ``now``: the request time."""
+        empty = self.empty_cache(profile, tokens)
+        offsets = torch.tensor([0, tokens.shape[0]], device=tokens.device)
+        no_candidates = torch.zeros(1, dtype=torch.int64, device=tokens.device)
+        _, (cache,) = self._extend([empty], tokens, offsets, no_candidates, timestamps, [now], impl)
+        return cache
+
+    def score(
+        self,
+        caches: list[UserKV],
+        tokens: torch.Tensor,
+        offsets: torch.Tensor,
+        num_candidates: torch.Tensor,
+        timestamps: torch.Tensor,
+        now: list[int],
+        impl: str = "pytorch",
+    ) -> tuple[torch.Tensor, list[UserKV]]:
+        """B users' new tokens [Tq, D] (``offsets``: per user its new history events, then its
+        ``num_candidates`` candidates) against their caches, at request times ``now``.
+        Returns the candidates' scores [sum(num_candidates), tasks] and each user's cache
+        extended by its new history events."""
+        if num_candidates.numel() != len(caches) or bool((num_candidates < 1).any()):
+            raise ValueError(
+                f"score: every user needs at least one candidate (num_candidates "
+                f"{num_candidates.tolist()} for {len(caches)} cached users)"
+            )
+        return self._extend(caches, tokens, offsets, num_candidates, timestamps, now, impl)
+
+    def empty_cache(self, profile: int, like: torch.Tensor) -> UserKV:
+        h = self.cfg.hstu
+        return UserKV.empty(h.num_layers, h.num_heads, h.head_qk, h.head_v, profile, like)
+
+    def _extend(
+        self,
+        caches: list[UserKV],
+        tokens: torch.Tensor,
+        offsets: torch.Tensor,
+        num_candidates: torch.Tensor,
+        timestamps: torch.Tensor,
+        now: list[int],
+        impl: str,
+    ) -> tuple[torch.Tensor, list[UserKV]]:
+        h = self.cfg.hstu
+        if h.history_mask != "causal":
+            raise HistoryCacheUnsupported(
+                f"hstu.history_mask {h.history_mask}: every history row attends to later events, so a new "
+                "event changes the cached rows; the history cache needs history_mask causal"
+            )
+        for b, cache in enumerate(caches):
+            if not cache.reusable_at(now[b], h.time_buckets):
+                raise ValueError(
+                    f"user {b}: the cache was computed at another request time whose time buckets "
+                    f"differ (check UserKV.reusable_at before scoring)"
+                )
+        new = lengths_of(offsets)
+        past = torch.tensor([c.length for c in caches], dtype=torch.int64, device=offsets.device)
+        total = past + new
+        if bool((total > h.max_seq_len).any()):
+            raise ValueError(f"cached + new tokens {total.tolist()} exceed max_seq_len {h.max_seq_len}")
+        idx = local_index(offsets) + torch.repeat_interleave(past, new)  # absolute positions
+        n_ctx = torch.repeat_interleave(total - num_candidates, new)
+        group = token_groups(self.cfg, idx, n_ctx)
+        bounds = offsets.tolist()
+        kv_timestamps = torch.cat(
+            [t for b, c in enumerate(caches) for t in (c.timestamps_at(now[b]), timestamps[bounds[b] : bounds[b + 1]])]
+        )
+        kv_offsets = torch.zeros_like(offsets)
+        kv_offsets[1:] = total.cumsum(0)
+        x = tokens
+        new_k, new_v = [], []
+        for layer_index, layer in enumerate(self.hstu_layers):
+            past_kv = [(c.keys[layer_index], c.values[layer_index]) for c in caches]
+            x, k, v = layer.forward_cached(x, group, past_kv, offsets, kv_offsets, kv_timestamps, num_candidates, impl)
+            new_k.append(k)
+            new_v.append(v)
+        is_candidate = idx >= n_ctx
+        scores = self.heads(self.final_norm(x[is_candidate], group[is_candidate]))
+        grown = []
+        for b, cache in enumerate(caches):
+            events = slice(bounds[b], bounds[b + 1] - int(num_candidates[b]))  # this user's new history rows
+            grown.append(
+                cache.extended([k[events] for k in new_k], [v[events] for v in new_v], timestamps[events], now[b])
+            )
+        return scores, grown
 
 
 @dataclass

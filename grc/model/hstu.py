@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from grc.model.attention import hstu_attention_padded
-from grc.model.kernel_ops import hstu_attention_jagged, norm_gate
+from grc.model.kernel_ops import hstu_attention_cached, hstu_attention_jagged, norm_gate
 from grc.spec.schema import HSTUConfig
 
 
@@ -94,6 +94,22 @@ class PointwiseAttention(nn.Module):
             impl=impl,
         )
 
+    def cached(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        q_offsets: torch.Tensor,
+        kv_offsets: torch.Tensor,
+        timestamps: torch.Tensor,
+        num_candidates: torch.Tensor,
+        impl: str,
+    ) -> torch.Tensor:
+        """New tokens' queries against cached + new keys (the history cache's attention)."""
+        c = self.cfg
+        fixed = (self.pos_w, self.ts_w, c.scale, float(c.max_seq_len), c.history_mask == "causal")
+        return hstu_attention_cached(q, k, v, q_offsets, kv_offsets, timestamps, num_candidates, *fixed, impl=impl)
+
 
 class HSTULayer(nn.Module):
     def __init__(self, d_model: int, cfg: HSTUConfig, groups: int):
@@ -148,3 +164,32 @@ class HSTULayer(nn.Module):
         u, q, k, v = self._project(x, group)
         attn = self.attention.jagged(q, k, v, offsets, num_candidates, timestamps, impl)
         return self._finish(x, attn, u, impl=impl)
+
+    def forward_cached(
+        self,
+        x: torch.Tensor,
+        group: torch.Tensor,
+        past: list[tuple[torch.Tensor, torch.Tensor]],
+        q_offsets: torch.Tensor,
+        kv_offsets: torch.Tensor,
+        kv_timestamps: torch.Tensor,
+        num_candidates: torch.Tensor,
+        impl: str = "pytorch",
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Only the new tokens ``x`` [Tq, D] of B users (``q_offsets``), attending to each user's
+        cached keys/values ``past[b]`` and to themselves. ``kv_offsets`` / ``kv_timestamps``
+        describe the whole sequences (cached + new). Returns (output, k, v) of the new tokens."""
+        u, q, k, v = self._project(x, group)
+        keys = _after_past([p[0] for p in past], k, q_offsets)
+        values = _after_past([p[1] for p in past], v, q_offsets)
+        attn = self.attention.cached(q, keys, values, q_offsets, kv_offsets, kv_timestamps, num_candidates, impl)
+        return self._finish(x, attn, u, impl=impl), k, v
+
+
+def _after_past(past: list[torch.Tensor], new: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Jagged [sum(past_b + new_b), ...]: each user's cached rows, then its new rows."""
+    bounds = offsets.tolist()
+    parts: list[torch.Tensor] = []
+    for b, rows in enumerate(past):
+        parts += [rows, new[bounds[b] : bounds[b + 1]]]
+    return torch.cat(parts)

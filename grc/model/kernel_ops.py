@@ -39,3 +39,27 @@ def norm_gate(
     from kernels import norm_gate as kernel_norm_gate
 
     return kernel_norm_gate(a, u, weight, bias, eps, impl=impl)
+
+
+def hstu_attention_cached(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_offsets: torch.Tensor,
+    kv_offsets: torch.Tensor,
+    timestamps: torch.Tensor,
+    num_candidates: torch.Tensor,
+    pos_w: torch.Tensor,
+    ts_w: torch.Tensor,
+    alpha: float,
+    norm: float,
+    causal: bool,
+    impl: str = "pytorch",
+) -> torch.Tensor:
+    """[Tq, H, Dv]: per user the queries are the last rows of the sequence ``kv_offsets`` delimits
+    (cached tokens, then the new ones); the rows ``hstu_attention_jagged`` gives those tokens."""
+    from kernels import hstu_attention_cached as kernel_cached
+
+    return kernel_cached(
+        q, k, v, q_offsets, kv_offsets, timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal, impl=impl
+    )

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from grc.errors import StageError
+from grc.serving import history_bundle
 from grc.serving import request as rq
 from grc.serving.model_config import ModelConfig, tensor_input, tensor_output, write_config
 from grc.serving.model_config import pb as mc
@@ -59,6 +60,8 @@ def ensemble_names(spec: Spec) -> dict[str, str]:
     """backend -> name of the ensemble that uses it (the spec's backend gets the plain name)."""
     cfg = spec.bundles.triton
     name = cfg.model_name or spec.name
+    if history_bundle.enabled(spec):  # the plain name is the history-cached model's
+        return {b: f"{name}-{b}" for b in (cfg.backend, *cfg.extra_backends)}
     return {cfg.backend: name, **{b: f"{name}-{b}" for b in cfg.extra_backends}}
 
 
@@ -283,7 +286,7 @@ def write_bundle(spec: Spec, weights_dir: Path, onnx_dir: Path, out: Path,
     from grc.weights import open_tables, read_manifest
 
     cfg = spec.bundles.triton
-    problems = rq.bundle_problems(spec.model, cfg)
+    problems = rq.bundle_problems(spec.model, cfg) + history_bundle.problems(spec)
     if problems:
         raise StageError("\n".join(problems))
     wanted = [cfg.backend, *cfg.extra_backends]
@@ -366,6 +369,13 @@ def write_bundle(spec: Spec, weights_dir: Path, onnx_dir: Path, out: Path,
             "lengths": dense_in["lengths"], "num_candidates": dense_in["num_candidates"],
             "candidate_ids": checked[first]})
     configs.append((post, "postprocess"))
+    if history_bundle.enabled(spec):
+        cached = history_bundle.cached_model_config(spec, weights_dir)
+        for f in sorted(p for p in weights_dir.iterdir() if p.is_file()):
+            link(f, repo / cached.name / version / "weights" / f.name)
+        if cfg.warmup:
+            add_warmup(cached, repo / cached.name, sample)
+        configs.append((cached, history_bundle.MODULE))
     names = ensemble_names(spec)
     for backend, ens in names.items():
         pre = PREPROCESS_PADDED if backend == "tensorrt_plan" else PREPROCESS
@@ -379,6 +389,8 @@ def write_bundle(spec: Spec, weights_dir: Path, onnx_dir: Path, out: Path,
     (out / BUNDLE_JSON).write_text(json.dumps(description, indent=1) + "\n")
     (out / SAMPLE_JSON).write_text(json.dumps({"inputs": rq.as_json_inputs(sample, spec.model)}) + "\n")
     text = readme(spec, names)
+    if history_bundle.enabled(spec):
+        text += history_bundle.readme_section(spec)
     if gpu_engines:
         text += (f"\n## One engine per GPU where GPUs share a compute capability\n\n`{DENSE['tensorrt_plan']}` picks "
                  "its plan by compute capability (`cc_model_filenames`); GPUs that share one (H100 and H200 are both "
@@ -398,8 +410,9 @@ def describe(spec: Spec, names: dict[str, str], sample: dict[str, np.ndarray]) -
     return {
         "format": FORMAT,
         "spec": spec.name,
-        "ensemble": names[cfg.backend],
+        "ensemble": history_bundle.client_name(spec) if history_bundle.enabled(spec) else names[cfg.backend],
         "ensembles": names,
+        "history_cache": history_bundle.describe(spec) if history_bundle.enabled(spec) else None,
         "model_repository": MODEL_REPOSITORY,
         "model_version": cfg.model_version,
         "tritonserver": {"tested": TRITON_VERSION, "docker_image": NGC_IMAGE, "backends": ["python", "ensemble"]},

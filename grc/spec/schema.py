@@ -443,6 +443,21 @@ class TritonSample(_Section):
     seed: Seed = Field(0, description="seed of the sample's random ids and timestamps")
 
 
+class HistoryCacheConfig(_Section):
+    """The user-history cache of the triton bundle (README: "User-history cache")."""
+
+    enabled: bool = Field(
+        False,
+        description="serve <model_name> from one python model that keeps each user's per-layer K/V (requests "
+        "carrying user_id) and computes only new history events and candidates; the ensembles stay, named "
+        "<model_name>-<backend>",
+    )
+    budget_mb: float = Field(1024.0, gt=0, description="bytes of cached K/V kept per instance, in MiB (LRU eviction)")
+    max_user_mb: float | None = Field(
+        None, gt=0, description="largest entry kept for one user, in MiB; default: budget_mb / 8"
+    )
+
+
 class TritonBundleConfig(_Section):
     """The Triton model repository: ensemble <model_name> = preprocess -> dense model -> postprocess."""
 
@@ -494,6 +509,7 @@ class TritonBundleConfig(_Section):
         True, description="keep the latest events of a history too long for max_seq_len (false: refuse the request)"
     )
     warmup: bool = Field(True, description="model_warmup with the generated sample request in every python model")
+    history_cache: HistoryCacheConfig = Field(HistoryCacheConfig(), description="the user-history cache")
     sample: TritonSample = Field(TritonSample(), description="the generated sample request")
     model_version: Version = Field(1, description="version directory the bundle writes")
     version_policy: Literal["latest", "all", "specific"] = Field(

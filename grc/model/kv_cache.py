@@ -1,0 +1,89 @@
+"""What the history cache keeps per user: every layer's keys and values of the cached tokens.
+
+Under grc's mask (``history_mask: causal``) a history or profile token never attends to a
+candidate nor to a later event, so layer l's K/V of the first n tokens depend on those n tokens
+alone: they can be computed once (``GRDense.prefill``) and reused by later requests whose
+sequence starts with the same tokens (``GRDense.score``), which compute only their new tokens.
+
+One subtlety: MTGR's profile tokens are stamped with the request time (TokenProjector), and a
+history event's time-bias bucket against a profile token is bucket(|t_event - t_request|). So
+cached rows stay exact at a later request time only while every cached event keeps its bucket
+against the profile tokens (``reusable_at``); HSTU models (no profile tokens) always reuse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from grc.model.attention import abs_time_gap, time_bucket
+
+
+class HistoryCacheUnsupported(ValueError):
+    """The model's attention makes cached rows depend on later tokens: nothing can be cached."""
+
+
+@dataclass(frozen=True)
+class UserKV:
+    """One user's cached tokens: per layer K [n, H, Dqk] and V [n, H, Dv], their timestamps [n]
+    (profile tokens carry the request time they were computed at) and the profile token count.
+    Immutable: a longer cache is a new object (``extended``), so a reader never sees a torn one."""
+
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+    timestamps: torch.Tensor
+    profile: int
+
+    @property
+    def length(self) -> int:
+        return int(self.timestamps.numel())
+
+    @property
+    def nbytes(self) -> int:
+        tensors = (*self.keys, *self.values, self.timestamps)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def timestamps_at(self, now: int) -> torch.Tensor:
+        """The cached timestamps as a request at time ``now`` stamps them (profile tokens: now)."""
+        out = self.timestamps.clone()
+        out[: self.profile] = now
+        return out
+
+    def reusable_at(self, now: int, time_buckets: int) -> bool:
+        """True when every cached row equals what a request at ``now`` would compute: no cached
+        history event changes its time bucket against the (re-stamped) profile tokens."""
+        if self.profile == 0 or self.length <= self.profile:  # no profile tokens, or no events cached yet
+            return True
+        then = self.timestamps[0]
+        events = self.timestamps[self.profile :]
+        now_t = torch.full_like(events, now)
+        before = time_bucket(abs_time_gap(events, then.expand_as(events)), time_buckets)
+        after = time_bucket(abs_time_gap(events, now_t), time_buckets)
+        return bool(torch.equal(before, after))
+
+    def extended(
+        self, keys: list[torch.Tensor], values: list[torch.Tensor], timestamps: torch.Tensor, now: int
+    ) -> UserKV:
+        """This cache as computed at request time ``now``, with rows appended (new history events:
+        per layer [m, H, D], stamps [m]). The old rows were checked reusable at ``now``, so they
+        hold the same values as rows computed at ``now``: the profile tokens take that stamp."""
+        if timestamps.numel() == 0:
+            return UserKV(self.keys, self.values, self.timestamps_at(now), self.profile)
+        return UserKV(
+            keys=tuple(torch.cat([old, new]) for old, new in zip(self.keys, keys, strict=True)),
+            values=tuple(torch.cat([old, new]) for old, new in zip(self.values, values, strict=True)),
+            timestamps=torch.cat([self.timestamps_at(now), timestamps]),
+            profile=self.profile,
+        )
+
+    @staticmethod
+    def empty(layers: int, heads: int, head_qk: int, head_v: int, profile: int, like: torch.Tensor) -> UserKV:
+        """No cached tokens yet (what prefill extends); ``profile``: how many of the tokens to come
+        are profile tokens."""
+        return UserKV(
+            keys=tuple(like.new_zeros((0, heads, head_qk)) for _ in range(layers)),
+            values=tuple(like.new_zeros((0, heads, head_v)) for _ in range(layers)),
+            timestamps=torch.zeros(0, dtype=torch.int64, device=like.device),
+            profile=profile,
+        )

@@ -1,0 +1,146 @@
+"""The user-history cache store: per user the model's cached K/V, under a byte budget.
+
+Pure Python + numpy + torch (no server): the Triton model ``dense_cached`` holds one store per
+instance; tests drive it directly, from many threads.
+
+- Key: (model namespace, user id). The namespace is a digest of the model config, the weights
+  and the dtype the K/V are kept in, so two models or two weight versions never share entries.
+- Entry: the user's ``UserKV`` plus exactly what was cached (profile ids; per event its ids and
+  timestamp) and their digest. A request reuses an entry only when its own profile is the same
+  and its history starts with the cached events (same ids, same timestamps, same order), and
+  the request time keeps every cached event's time bucket (``UserKV.reusable_at``); anything
+  else is a miss: the caller computes from scratch and replaces the entry.
+- Budget: least-recently-used entries are evicted until the stored bytes fit; an entry larger
+  than the per-user bound is not kept (and the user's older entry is dropped with it).
+- Threads: one lock guards the map and the counters. Entries are immutable, built outside the
+  lock and swapped in whole, so a reader never sees a torn entry and a replaced entry's bytes
+  are subtracted exactly once. Two concurrent requests of one user both compute; the later
+  store wins (both entries are exact for what they hold).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+import numpy as np
+
+from grc.model.kv_cache import UserKV
+
+
+@dataclass(frozen=True)
+class CachedHistory:
+    """One user's entry: K/V of its cached tokens and exactly which tokens those are."""
+
+    kv: UserKV
+    profile_ids: np.ndarray  # [n_profile] int64, one per profile table
+    events: np.ndarray  # [n_events, history tables + 1] int64: the event's ids, then its timestamp
+    digest: str
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.nbytes + self.profile_ids.nbytes + self.events.nbytes
+
+
+def content_digest(profile_ids: np.ndarray, events: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in (profile_ids, events):
+        a = np.ascontiguousarray(a, np.int64)
+        h.update(repr(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def cached_history(kv: UserKV, profile_ids: np.ndarray, events: np.ndarray) -> CachedHistory:
+    profile_ids = np.array(profile_ids, np.int64)  # copies: a request's arrays die with it
+    events = np.array(events, np.int64).reshape(len(events), -1)
+    if kv.length != len(profile_ids) + len(events) or kv.profile != len(profile_ids):
+        raise ValueError(
+            f"cache of {kv.length} tokens ({kv.profile} profile) does not hold "
+            f"{len(profile_ids)} profile tokens + {len(events)} events"
+        )
+    return CachedHistory(kv, profile_ids, events, content_digest(profile_ids, events))
+
+
+def model_namespace(model_json: str, weights_digest: str, dtype: str) -> str:
+    """The part of every key that tells models, weight versions and K/V dtypes apart."""
+    return hashlib.sha256(f"{model_json}\0{weights_digest}\0{dtype}".encode()).hexdigest()[:32]
+
+
+def miss_reason(
+    entry: CachedHistory, profile_ids: np.ndarray, events: np.ndarray, now: int, time_buckets: int
+) -> str | None:
+    """Why ``entry`` cannot serve a request with these profile ids, events and request time
+    (None: it can, and the request's events past ``len(entry.events)`` are new)."""
+    n = len(entry.events)
+    if not np.array_equal(entry.profile_ids, profile_ids):
+        return "profile changed"
+    if len(events) < n or not np.array_equal(entry.events, events[:n]):
+        return "history does not start with the cached events"
+    if not entry.kv.reusable_at(now, time_buckets):
+        return "request time moves a cached event's time bucket"
+    return None
+
+
+@dataclass(frozen=True)
+class Stats:
+    hits: int
+    misses: int
+    evictions: int
+    bytes: int
+    entries: int
+
+
+class HistoryCache:
+    """LRU map (namespace, user id) -> CachedHistory under ``budget_bytes``; thread-safe."""
+
+    def __init__(self, budget_bytes: int, max_entry_bytes: int | None = None):
+        if budget_bytes <= 0:
+            raise ValueError(f"budget_bytes must be positive (got {budget_bytes})")
+        self.budget = budget_bytes
+        self.max_entry = min(max_entry_bytes or budget_bytes, budget_bytes)
+        self._entries: OrderedDict[Hashable, CachedHistory] = OrderedDict()
+        self._lock = threading.Lock()
+        self._bytes = self._hits = self._misses = self._evictions = 0
+
+    def lookup(self, key: Hashable, usable: Callable[[CachedHistory], bool]) -> CachedHistory | None:
+        """The entry under ``key`` if ``usable`` accepts it (a hit: it becomes most recent), else
+        None (a miss). ``usable`` runs under the lock: keep it cheap (array compares)."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and usable(entry):
+                self._entries.move_to_end(key)
+                self._hits += 1
+                return entry
+            self._misses += 1
+            return None
+
+    def store(self, key: Hashable, entry: CachedHistory) -> bool:
+        """Put ``entry`` under ``key`` (replacing the old one), evicting least-recently-used
+        entries to stay within the budget. False: larger than the per-user bound, not kept."""
+        size = entry.nbytes
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= old.nbytes
+            if size > self.max_entry:
+                return False
+            self._entries[key] = entry
+            self._bytes += size
+            while self._bytes > self.budget:
+                _, evicted = self._entries.popitem(last=False)
+                self._bytes -= evicted.nbytes
+                self._evictions += 1
+            return True
+
+    def stats(self) -> Stats:
+        with self._lock:
+            return Stats(self._hits, self._misses, self._evictions, self._bytes, len(self._entries))
+
+    def stored_bytes(self) -> int:
+        """The bytes of the entries held, summed afresh (tests compare it with the counter)."""
+        with self._lock:
+            return sum(e.nbytes for e in self._entries.values())

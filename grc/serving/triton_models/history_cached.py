@@ -1,0 +1,193 @@
+"""The history-cached model: the whole request path in one python model, holding the user-history
+cache (grc/serving/history_cache.py) and running the dense step through ``GRDense.score``.
+
+Why one model and not an ensemble step: the cache must see the request's raw ids and timestamps
+(to match the cached prefix) and its user_id, and Triton ensembles cannot pass an optional
+input on; and one instance (the config's count is 1) means every request of a user reaches the
+one store. Steps: check the request (preprocess.parse), look the user up, project only the tokens
+the cache does not hold, score them against the cached K/V, store the extended entry, rank
+(postprocess.rank). A request without ``user_id`` is computed whole and caches nothing.
+
+Metrics (Triton custom metrics, on the server's metrics port): grc_history_cache_hits_total,
+grc_history_cache_misses_total, grc_history_cache_evictions_total (counters) and
+grc_history_cache_bytes (gauge), labelled with the model name.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from grc.serving import request as rq
+from grc.serving.history_cache import CachedHistory, HistoryCache, cached_history, miss_reason, model_namespace
+from grc.serving.triton_models import tensor_io as io
+from grc.serving.triton_models.postprocess import rank
+from grc.serving.triton_models.preprocess import RequestError, parse, project
+from grc.spec.schema import ModelConfig
+
+USER_ID = "user_id"
+METRICS = {
+    "hits": ("grc_history_cache_hits_total", "requests (users) served from the history cache"),
+    "misses": ("grc_history_cache_misses_total", "users with user_id whose history had to be computed whole"),
+    "evictions": ("grc_history_cache_evictions_total", "entries evicted to stay within the byte budget"),
+    "bytes": ("grc_history_cache_bytes", "bytes of cached K/V and ids held"),
+}
+
+
+def user_events(checked: dict[str, np.ndarray], cfg: ModelConfig, u: int) -> tuple[np.ndarray, np.ndarray]:
+    """User ``u``'s profile ids [P] and events [h, history tables + 1] (ids, then timestamp)."""
+    profile = np.array([checked[rq.profile_input(t)][u, 0] for t in cfg.profile], np.int64)
+    columns = [checked[rq.history_input(t)][u] for t in cfg.history] + [checked[rq.HISTORY_TIME][u]]
+    return profile, np.stack(columns, 1).astype(np.int64)
+
+
+def user_request(checked: dict[str, np.ndarray], cfg: ModelConfig, u: int, skip_events: int) -> dict[str, np.ndarray]:
+    """User ``u`` alone (batch 1), without its first ``skip_events`` history events."""
+    history = {rq.history_input(t) for t in cfg.history} | {rq.HISTORY_TIME}
+    return {name: a[u : u + 1, skip_events:] if name in history else a[u : u + 1] for name, a in checked.items()}
+
+
+class CachedScorer:
+    """The dense model + the cache: score users, reusing and extending their entries."""
+
+    def __init__(
+        self, cfg: ModelConfig, weights: Path, budget: int, max_user: int | None, device: str, weights_digest: str
+    ):
+        import torch
+
+        from grc.weights import load_model, open_tables
+
+        self.cfg = cfg
+        self.device = torch.device(device)
+        model = load_model(cfg, weights)
+        self.projector = model.projector.eval()
+        self.dense = model.dense.eval().to(self.device)
+        self.tables = open_tables(cfg, weights)
+        self.impl = "triton" if self.device.type == "cuda" else "pytorch"
+        self.cache = HistoryCache(budget, max_user)
+        self.namespace = model_namespace(cfg.model_dump_json(), weights_digest, "float32")
+
+    def _lookup(self, user: int, ids: np.ndarray, events: np.ndarray, now: int) -> CachedHistory | None:
+        def usable(entry: CachedHistory) -> bool:
+            return miss_reason(entry, ids, events, now, self.cfg.hstu.time_buckets) is None
+
+        return self.cache.lookup((self.namespace, user), usable)
+
+    def score(self, checked: dict[str, np.ndarray], users: np.ndarray | None) -> np.ndarray:
+        """One checked request of b users -> candidate scores [b, c, tasks]; ``users``: their ids
+        (None: cache nothing)."""
+        import torch
+
+        cfg, profile = self.cfg, len(self.cfg.profile)
+        b = checked[rq.REQUEST_TIME].shape[0]
+        parts, caches, seen = [], [], []
+        for u in range(b):
+            ids, events = user_events(checked, cfg, u)
+            now = int(checked[rq.REQUEST_TIME][u, 0])
+            found = None if users is None else self._lookup(int(users[u]), ids, events, now)
+            seen.append((ids, events, now))
+            parts.append(user_request(checked, cfg, u, len(found.events) if found is not None else 0))
+            caches.append(found.kv if found is not None else None)
+        projected = project(parts, self.projector, self.tables, cfg)
+        tokens, stamps, offsets, cands = [], [], [0], []
+        kvs = []
+        for p, kv in zip(projected, caches, strict=True):
+            drop = profile if kv is not None else 0  # a hit holds the profile tokens already
+            tokens.append(torch.from_numpy(p["tokens"][0, drop:]))
+            stamps.append(torch.from_numpy(p["timestamps"][0, drop:]))
+            offsets.append(offsets[-1] + tokens[-1].shape[0])
+            cands.append(int(p["num_candidates"][0, 0]))
+            kvs.append(kv if kv is not None else self.dense.empty_cache(profile, self.dense.heads.w1))
+        with torch.no_grad():
+            scores, grown = self.dense.score(
+                kvs,
+                torch.cat(tokens).to(self.device),
+                torch.tensor(offsets, device=self.device),
+                torch.tensor(cands, device=self.device),
+                torch.cat(stamps).to(self.device),
+                [now for _, _, now in seen],
+                self.impl,
+            )
+        if users is not None:
+            for u, (ids, events, _) in enumerate(seen):
+                self.cache.store((self.namespace, int(users[u])), cached_history(grown[u], ids, events))
+        return scores.float().cpu().numpy().reshape(b, -1, len(cfg.tasks))
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        import torch
+
+        params = io.parameters(args)
+        self.name = args["model_name"]
+        self.cfg = ModelConfig.model_validate_json(params["grc_model"])
+        self.truncate = params.get("truncate_history", "true") == "true"
+        self.weights = np.asarray(json.loads(params["rank_weights"]), dtype=np.float32)
+        self.top_k = int(params["top_k"])
+        threads = int(params.get("intra_op_threads", "1"))
+        gpu = args.get("model_instance_kind") == "GPU"
+        if threads > 0 and not gpu:
+            torch.set_num_threads(threads)
+        device = f"cuda:{int(args['model_instance_device_id'])}" if gpu else "cpu"
+        weights = Path(args["model_repository"]) / args["model_version"] / "weights"
+        max_user = int(params["max_user_bytes"]) if params.get("max_user_bytes") else None
+        self.scorer = CachedScorer(
+            self.cfg, weights, int(params["budget_bytes"]), max_user, device, params["weights_digest"]
+        )
+        self.names = [s.name for s in rq.request_inputs(self.cfg)]
+        self.first = rq.candidate_input(self.cfg.candidate[0])
+        self._metrics_init()
+
+    def _metrics_init(self) -> None:
+        pb = io.pb()
+        labels = {"model": self.name}
+        self.metrics = {}
+        self.families = []  # a Metric needs its MetricFamily alive
+        for key, (name, description) in METRICS.items():
+            kind = pb.MetricFamily.GAUGE if key == "bytes" else pb.MetricFamily.COUNTER
+            family = pb.MetricFamily(name=name, description=description, kind=kind)
+            self.families.append(family)
+            self.metrics[key] = family.Metric(labels=labels)
+        self.reported = {"hits": 0, "misses": 0, "evictions": 0}
+
+    def _metrics_update(self) -> None:
+        stats = self.scorer.cache.stats()
+        for key in self.reported:
+            value = getattr(stats, key)
+            if value > self.reported[key]:
+                self.metrics[key].increment(value - self.reported[key])
+                self.reported[key] = value
+        self.metrics["bytes"].set(stats.bytes)
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        responses = []
+        for request in requests:  # one user's cache step at a time: entries of one user stay ordered
+            try:
+                checked = parse({n: io.read(request, n) for n in self.names}, self.cfg, self.truncate)
+                users = io.read(request, USER_ID)
+                b = checked[rq.REQUEST_TIME].shape[0]
+                if users is not None and (users.shape != (b, 1) or users.dtype != np.int64):
+                    raise RequestError(
+                        f"{USER_ID}: expected INT64 [{b}, 1], one id per user (got {users.dtype} {list(users.shape)})"
+                    )
+                ids = None if users is None else users.reshape(-1).copy()
+            except RequestError as exc:
+                responses.append(io.error_response(f"{self.name}: bad request: {exc}"))
+                continue
+            try:
+                scores = self.scorer.score(checked, ids)
+                c = scores.shape[1]
+                sizes = np.full((b, 1), c, np.int64)
+                out = rank(
+                    {"scores": scores, "lengths": sizes, "num_candidates": sizes, "candidate_ids": checked[self.first]},
+                    self.weights,
+                    self.top_k,
+                )
+                responses.append(io.response(out))
+            except Exception as exc:
+                responses.append(io.error_response(f"{self.name}: {type(exc).__name__}: {exc}", False))
+        self._metrics_update()
+        return responses

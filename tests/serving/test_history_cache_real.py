@@ -1,0 +1,162 @@
+"""The history cache served by a REAL tritonserver (CPU): mtgr-tiny built with
+bundles.triton.history_cache on, a small budget so that eviction happens.
+
+Cached answers equal uncached ones and the float64 PyTorch model; a changed history prefix is a
+miss; a small budget evicts least-recently-used users; the figures are read from the server's
+metrics endpoint. Skipped only where the server cannot be installed.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tritonclient.utils import InferenceServerException
+
+from grc.model.sample import random_batch
+from grc.serving import bundle as bd
+from grc.serving import check
+from grc.serving import request as rq
+from grc.serving.model_config import load_config
+from grc.serving.tritonserver import ServerInstall, TritonServer
+from grc.spec.loader import load_spec
+from grc.spec.schema import Spec
+from tests.conftest import TEST_SPECS, run_build, write_spec
+
+pytestmark = pytest.mark.slow
+BUDGET_MB = 0.08  # ~2 users of 40 events in mtgr-tiny (~34 KB each)
+
+
+class Served:
+    def __init__(self, spec: Spec, folder: Path, server: TritonServer):
+        self.spec, self.server = spec, server
+        self.model = bd.load_description(folder)["ensemble"]
+        weights = folder / bd.MODEL_REPOSITORY / bd.PREPROCESS / "1" / "weights"
+        self.reference = check.Reference(spec.model, weights)
+
+    def infer(self, arrays: dict[str, np.ndarray], user: int | None) -> dict[str, np.ndarray]:
+        if user is not None:
+            arrays = {**arrays, "user_id": np.array([[user]], np.int64)}
+        return check.infer(self.server.http_url, "http", self.model, arrays)
+
+    def metrics(self) -> dict[str, float]:
+        text = urllib.request.urlopen(self.server.metrics_url, timeout=10).read().decode()
+        found = re.findall(r'^(grc_history_cache_\w+)\{model="' + re.escape(self.model) + r'"\} (\S+)$', text, re.M)
+        return {name: float(value) for name, value in found}
+
+    def assert_right(self, arrays: dict[str, np.ndarray], response: dict[str, np.ndarray]) -> None:
+        result = check.spec_check(self.spec, response, self.reference.scores(arrays), arrays)
+        assert result.ok, result.problems
+
+
+@pytest.fixture(scope="module")
+def served(install: ServerInstall, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    folder = tmp_path_factory.mktemp("history_cache")
+    overrides = {"bundles.triton.history_cache": {"enabled": True, "budget_mb": BUDGET_MB, "max_user_mb": BUDGET_MB}}
+    spec_path = write_spec(folder, TEST_SPECS / "mtgr-tiny.yaml", overrides)
+    run_build(spec_path, only=["triton"])
+    spec = load_spec(spec_path).spec
+    bundle = folder / "artifacts" / spec.name / "triton"
+    with TritonServer(bundle / bd.MODEL_REPOSITORY, install=install, startup_timeout_s=120) as server:
+        yield Served(spec, bundle, server)
+
+
+def user(spec: Spec, history: int, candidates: int, seed: int) -> dict[str, np.ndarray]:
+    return rq.user_request(
+        random_batch(spec.model, 1, history, candidates, torch.Generator().manual_seed(seed)), 0, spec.model
+    )
+
+
+def first_events(spec: Spec, arrays: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """The same request with only its first ``n`` history events (an earlier visit)."""
+    history = {rq.history_input(t) for t in spec.model.history} | {rq.HISTORY_TIME}
+    return {k: a[:, :n] if k in history else a for k, a in arrays.items()}
+
+
+def delta(before: dict[str, float], after: dict[str, float], name: str) -> float:
+    return after[f"grc_history_cache_{name}"] - before.get(f"grc_history_cache_{name}", 0.0)
+
+
+def test_the_bundle_serves_the_cached_model_under_the_plain_name(served: Served) -> None:
+    assert served.model == served.spec.name
+    repo = served.server.model_repository
+    config = load_config(repo / served.model)
+    user_id = next(i for i in config.input if i.name == "user_id")
+    assert user_id.optional and list(user_id.dims) == [1]
+    assert config.instance_group[0].count == 1  # one store every request of a user reaches
+    assert (repo / f"{served.model}-onnxruntime").is_dir()  # the uncached ensemble stays
+
+
+def test_a_hit_scores_like_the_uncached_request(served: Served) -> None:
+    spec = served.spec
+    full = user(spec, 36, 6, seed=1)
+    before = served.metrics()
+    first = served.infer(first_events(spec, full, 30), user=101)  # miss: computed whole, kept
+    served.assert_right(first_events(spec, full, 30), first)
+    cached = served.infer(full, user=101)  # hit: 6 new events + 6 candidates computed
+    again = served.infer(full, user=101)  # hit with an empty delta: only the candidates
+    plain = served.infer(full, user=None)  # no user_id: nothing cached, nothing counted
+    after = served.metrics()
+    assert delta(before, after, "hits_total") == 2
+    assert delta(before, after, "misses_total") == 1
+    for response in (cached, again):
+        served.assert_right(full, response)
+        np.testing.assert_allclose(response["scores"], plain["scores"], rtol=1e-5, atol=1e-6)
+        assert np.array_equal(response["ranked_items"], plain["ranked_items"])
+    assert after["grc_history_cache_bytes"] > 0
+
+
+def test_a_changed_history_prefix_is_a_miss(served: Served) -> None:
+    spec = served.spec
+    full = user(spec, 20, 4, seed=2)
+    served.infer(full, user=202)
+    changed = {k: a.copy() for k, a in full.items()}
+    table = spec.model.history[0]
+    changed[rq.history_input(table)][0, 3] = (changed[rq.history_input(table)][0, 3] + 1) % 2000
+    before = served.metrics()
+    response = served.infer(changed, user=202)
+    served.assert_right(changed, response)
+    moved = {k: a.copy() for k, a in full.items()}
+    moved[rq.HISTORY_TIME][0, 0] -= 1  # same ids, another timestamp
+    served.assert_right(moved, served.infer(moved, user=202))
+    after = served.metrics()
+    assert delta(before, after, "misses_total") == 2 and delta(before, after, "hits_total") == 0
+
+
+def test_a_small_budget_evicts_the_least_recently_used_users(served: Served) -> None:
+    spec = served.spec
+    users = {uid: user(spec, 40, 3, seed=uid) for uid in (301, 302, 303)}
+    before = served.metrics()
+    for uid, arrays in users.items():  # three ~34 KB entries in a ~84 KB budget
+        served.infer(arrays, user=uid)
+    mid = served.metrics()
+    assert delta(before, mid, "evictions_total") >= 1
+    assert mid["grc_history_cache_bytes"] <= BUDGET_MB * (1 << 20)
+    served.assert_right(users[301], served.infer(users[301], user=301))  # 301 was evicted first
+    after = served.metrics()
+    assert delta(mid, after, "misses_total") == 1 and delta(mid, after, "hits_total") == 0
+
+
+def test_a_bad_user_id_is_refused_and_the_server_serves_on(served: Served) -> None:
+    arrays = user(served.spec, 5, 2, seed=4)
+    with pytest.raises(InferenceServerException, match="user_id"):  # Triton checks the config's dims
+        check.infer(served.server.http_url, "http", served.model, {**arrays, "user_id": np.zeros((1, 2), np.int64)})
+    served.assert_right(arrays, served.infer(arrays, user=5))
+
+
+def test_a_history_cut_at_the_length_limit_is_a_miss_then_a_hit(served: Served) -> None:
+    spec = served.spec
+    room = spec.model.hstu.max_seq_len - len(spec.model.profile) - 4  # events that fit beside 4 candidates
+    longer = user(spec, room + 2, 4, seed=6)
+    at_limit = first_events(spec, longer, room)
+    before = served.metrics()
+    served.assert_right(at_limit, served.infer(at_limit, user=606))  # miss: kept whole
+    served.assert_right(longer, served.infer(longer, user=606))  # cut to its latest events: slid, a miss
+    served.assert_right(longer, served.infer(longer, user=606))  # cut the same way again: a hit
+    after = served.metrics()
+    assert delta(before, after, "misses_total") == 2 and delta(before, after, "hits_total") == 1

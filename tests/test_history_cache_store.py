@@ -1,0 +1,139 @@
+"""The history cache store: matching, keys, LRU eviction under a byte budget, the per-user
+bound, and many threads on the same users (exact byte accounting, no torn entry)."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from grc.model.kv_cache import UserKV
+from grc.serving.history_cache import CachedHistory, HistoryCache, cached_history, miss_reason, model_namespace
+
+NOW = 1_750_000_000
+BUCKETS = 20
+
+
+def entry(events: int, profile: int = 1, seed: int = 0, now: int = NOW, layers: int = 2) -> CachedHistory:
+    """A synthetic entry: ``profile`` profile tokens + ``events`` events, K/V rows filled with the
+    seed so a torn mix of two entries would show."""
+    n = profile + events
+    stamps = torch.cat([torch.full((profile,), now), now - 1000 - torch.arange(events, 0, -1) * 60])
+    kv = UserKV(
+        keys=tuple(torch.full((n, 2, 4), float(seed)) for _ in range(layers)),
+        values=tuple(torch.full((n, 2, 4), float(seed)) for _ in range(layers)),
+        timestamps=stamps.to(torch.int64),
+        profile=profile,
+    )
+    ids = np.arange(events, dtype=np.int64)[:, None] + np.array([[0, 100]])
+    return cached_history(kv, np.arange(profile, dtype=np.int64), np.concatenate([ids, stamps[profile:, None]], 1))
+
+
+def test_a_request_matches_only_its_exact_cached_prefix() -> None:
+    e = entry(10)
+    longer = np.concatenate([e.events, [[99, 199, NOW - 5]]])
+    assert miss_reason(e, e.profile_ids, e.events, NOW, BUCKETS) is None
+    assert miss_reason(e, e.profile_ids, longer, NOW, BUCKETS) is None
+    changed = longer.copy()
+    changed[3, 0] += 1  # another item in the middle
+    assert miss_reason(e, e.profile_ids, changed, NOW, BUCKETS) == "history does not start with the cached events"
+    moved = longer.copy()
+    moved[0, 2] -= 1  # same ids, another timestamp
+    assert miss_reason(e, e.profile_ids, moved, NOW, BUCKETS) is not None
+    slid = longer[1:]  # truncated at the length limit: the positions moved
+    assert miss_reason(e, e.profile_ids, slid, NOW, BUCKETS) is not None
+    assert miss_reason(e, e.profile_ids, e.events[:5], NOW, BUCKETS) is not None  # shorter than cached
+    assert miss_reason(e, e.profile_ids + 1, e.events, NOW, BUCKETS) == "profile changed"
+    # events are 1060..1600 s old, all in bucket 10 (1 + dt in [1024, 2048)); 450 s later the
+    # oldest reaches bucket 11
+    assert miss_reason(e, e.profile_ids, e.events, NOW + 440, BUCKETS) is None
+    assert miss_reason(e, e.profile_ids, e.events, NOW + 450, BUCKETS) == (
+        "request time moves a cached event's time bucket"
+    )
+
+
+def test_models_and_weight_versions_never_share_entries() -> None:
+    cache = HistoryCache(1 << 20)
+    a, b = model_namespace('{"d": 1}', "w1", "float32"), model_namespace('{"d": 1}', "w2", "float32")
+    assert len({a, b, model_namespace('{"d": 2}', "w1", "float32"), model_namespace('{"d": 1}', "w1", "float64")}) == 4
+    cache.store((a, 7), entry(5))
+    assert cache.lookup((b, 7), lambda e: True) is None
+    assert cache.lookup((a, 7), lambda e: True) is not None
+    assert cache.stats().hits == 1 and cache.stats().misses == 1
+
+
+def test_least_recently_used_entries_are_evicted_to_fit_the_budget() -> None:
+    size = entry(10).nbytes
+    cache = HistoryCache(budget_bytes=3 * size)
+    for user in range(3):
+        assert cache.store(("m", user), entry(10, seed=user))
+    assert cache.lookup(("m", 0), lambda e: True) is not None  # 0 is now the most recent
+    cache.store(("m", 3), entry(10, seed=3))
+    stats = cache.stats()
+    assert stats.evictions == 1 and stats.entries == 3 and stats.bytes == 3 * size
+    assert cache.lookup(("m", 1), lambda e: True) is None  # 1 was least recently used
+    assert cache.lookup(("m", 0), lambda e: True) is not None
+    cache.store(("m", 5), entry(18, seed=5))  # 1.7 slots: two go
+    assert cache.stats().bytes == cache.stored_bytes() <= cache.budget
+    assert cache.stats().evictions == 1 + 2
+
+
+def test_an_entry_over_the_per_user_bound_is_not_kept() -> None:
+    small = entry(4)
+    cache = HistoryCache(budget_bytes=100 * small.nbytes, max_entry_bytes=2 * small.nbytes)
+    assert cache.store(("m", 1), small)
+    assert not cache.store(("m", 1), entry(40))  # the user's history outgrew the bound
+    assert cache.lookup(("m", 1), lambda e: True) is None  # and its stale entry went with it
+    assert cache.stats().bytes == 0
+
+
+def test_replacing_an_entry_counts_its_bytes_once() -> None:
+    cache = HistoryCache(1 << 20)
+    cache.store(("m", 1), entry(4))
+    cache.store(("m", 1), entry(9))
+    assert cache.stats().bytes == entry(9).nbytes == cache.stored_bytes()
+
+
+def test_entry_must_describe_its_tokens() -> None:
+    e = entry(3)
+    with pytest.raises(ValueError, match="does not hold"):
+        cached_history(e.kv, e.profile_ids, e.events[:2])
+
+
+def test_many_threads_on_the_same_users() -> None:
+    """8 threads x 400 operations over 5 users: lookups, stores of entries of varied lengths,
+    under a budget that forces evictions. Every entry read is whole (its K/V rows all carry one
+    seed and its length matches its events); the byte counter equals the bytes held."""
+    sizes = {n: entry(n).nbytes for n in (2, 8, 16, 32)}
+    cache = HistoryCache(budget_bytes=3 * sizes[32], max_entry_bytes=2 * sizes[32])
+    problems: list[str] = []
+    lookups = [0] * 8
+
+    def worker(t: int) -> None:
+        rng = random.Random(t)
+        for i in range(400):
+            key = ("m", rng.randrange(5))
+            if rng.random() < 0.5:
+                found = cache.lookup(key, lambda e: len(e.events) >= 2)
+                lookups[t] += 1
+                if found is not None:
+                    seeds = {float(x.flatten()[0]) for x in (*found.kv.keys, *found.kv.values)}
+                    whole = all(bool((x == x.flatten()[0]).all()) for x in (*found.kv.keys, *found.kv.values))
+                    if len(seeds) != 1 or not whole or found.kv.length != 1 + len(found.events):
+                        problems.append(f"torn entry under {key}")
+            else:
+                cache.store(key, entry(rng.choice(list(sizes)), seed=t * 1000 + i))
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    stats = cache.stats()
+    assert not problems, problems[:3]
+    assert stats.hits + stats.misses == sum(lookups)
+    assert stats.bytes == cache.stored_bytes() <= cache.budget
+    assert stats.evictions > 0 and stats.hits > 0
