@@ -23,9 +23,11 @@ import numpy as np
 
 from grc.serving import request as rq
 from grc.serving.history_cache import CachedHistory, HistoryCache, cached_history, miss_reason, model_namespace
+from grc.serving.triton_models import steps
 from grc.serving.triton_models import tensor_io as io
 from grc.serving.triton_models.postprocess import rank
-from grc.serving.triton_models.preprocess import RequestError, parse, project
+from grc.serving.triton_models.preprocess import project
+from grc.serving.validate import RequestError, parse
 from grc.spec.schema import ModelConfig
 
 USER_ID = "user_id"
@@ -162,32 +164,33 @@ class TritonPythonModel:
                 self.reported[key] = value
         self.metrics["bytes"].set(stats.bytes)
 
+    def _check(self, arrays: dict[str, np.ndarray | None]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """One request's checked inputs and its user ids (None: cache nothing); RequestError refuses it."""
+        users = arrays.pop(USER_ID)
+        checked = parse(arrays, self.cfg, self.truncate)
+        b = checked[rq.REQUEST_TIME].shape[0]
+        if users is not None and (users.shape != (b, 1) or users.dtype != np.int64):
+            raise RequestError(
+                f"{USER_ID}: expected INT64 [{b}, 1], one id per user (got {users.dtype} {list(users.shape)})"
+            )
+        return checked, None if users is None else users.reshape(-1).copy()
+
+    def _answer(self, request: tuple[dict[str, np.ndarray], np.ndarray | None]) -> dict[str, np.ndarray]:
+        checked, ids = request
+        scores = self.scorer.score(checked, ids)
+        b, c = scores.shape[:2]
+        sizes = np.full((b, 1), c, np.int64)
+        return rank(
+            {"scores": scores, "lengths": sizes, "num_candidates": sizes, "candidate_ids": checked[self.first]},
+            self.weights,
+            self.top_k,
+        )
+
     def execute(self, requests: list[Any]) -> list[Any]:
-        responses = []
-        for request in requests:  # one user's cache step at a time: entries of one user stay ordered
-            try:
-                checked = parse({n: io.read(request, n) for n in self.names}, self.cfg, self.truncate)
-                users = io.read(request, USER_ID)
-                b = checked[rq.REQUEST_TIME].shape[0]
-                if users is not None and (users.shape != (b, 1) or users.dtype != np.int64):
-                    raise RequestError(
-                        f"{USER_ID}: expected INT64 [{b}, 1], one id per user (got {users.dtype} {list(users.shape)})"
-                    )
-                ids = None if users is None else users.reshape(-1).copy()
-            except RequestError as exc:
-                responses.append(io.error_response(f"{self.name}: bad request: {exc}"))
-                continue
-            try:
-                scores = self.scorer.score(checked, ids)
-                c = scores.shape[1]
-                sizes = np.full((b, 1), c, np.int64)
-                out = rank(
-                    {"scores": scores, "lengths": sizes, "num_candidates": sizes, "candidate_ids": checked[self.first]},
-                    self.weights,
-                    self.top_k,
-                )
-                responses.append(io.response(out))
-            except Exception as exc:
-                responses.append(io.error_response(f"{self.name}: {type(exc).__name__}: {exc}", False))
+        # one request's cache step at a time (a user's entries stay ordered); a bad request is refused
+        # alone and an error in one fails only that one (grc.serving.triton_models.steps)
+        responses = steps.execute(
+            requests, self.name, [*self.names, USER_ID], self._check, lambda batch: [self._answer(r) for r in batch]
+        )
         self._metrics_update()
         return responses
