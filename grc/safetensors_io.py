@@ -25,6 +25,8 @@ DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
     "F16": (torch.float16, np.dtype("<f2")),
     "BF16": (torch.bfloat16, np.dtype("<u2")),  # numpy has no bfloat16: keep the bits
     "I64": (torch.int64, np.dtype("<i8")),
+    "I8": (torch.int8, np.dtype("i1")),  # int8 table rows (row-wise scale and offset beside them)
+    "F8_E4M3": (torch.float8_e4m3fn, np.dtype("u1")),  # numpy has no fp8 either: keep the bits
 }
 TORCH_TO_ST = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
 
@@ -91,7 +93,9 @@ def memmap_tensor(path: Path, info: dict, data_start: int) -> np.ndarray:
 
 
 def to_float32(rows: np.ndarray, st_dtype: str) -> torch.Tensor:
-    """Rows read from a memmap -> float32 tensor (BF16 bits are widened exactly)."""
+    """Rows read from a memmap -> float32 tensor (BF16 and F8_E4M3 bits are widened exactly)."""
     if st_dtype == "BF16":
         return torch.from_numpy((rows.astype(np.uint32) << 16).view(np.float32))
+    if st_dtype == "F8_E4M3":
+        return torch.from_numpy(np.array(rows, dtype=np.uint8)).view(torch.float8_e4m3fn).to(torch.float32)
     return torch.from_numpy(np.array(rows, dtype=np.float32))  # a writable copy, never the map itself
