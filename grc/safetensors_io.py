@@ -43,8 +43,11 @@ class TensorEntry:
         return int(np.prod(self.shape, dtype=np.int64)) * DTYPES[self.dtype][1].itemsize
 
 
-def write_streaming(path: Path, entries: Iterable[TensorEntry], metadata: dict[str, str]) -> str:
-    """Write a safetensors file holding one produced tensor in memory at a time; return its sha256."""
+def write_streaming(
+    path: Path, entries: Iterable[TensorEntry], metadata: dict[str, str], tensor_digests: dict[str, str] | None = None
+) -> str:
+    """Write a safetensors file holding one produced tensor in memory at a time; return its sha256.
+    ``tensor_digests``: filled with each tensor's own sha256 (its bytes alone, whatever shard holds it)."""
     entries = list(entries)
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
@@ -59,11 +62,11 @@ def write_streaming(path: Path, entries: Iterable[TensorEntry], metadata: dict[s
             fh.write(chunk)
             digest.update(chunk)
         for e in entries:
-            _write_tensor(fh, e, digest)
+            _write_tensor(fh, e, digest, tensor_digests)
     return digest.hexdigest()
 
 
-def _write_tensor(fh: BinaryIO, entry: TensorEntry, digest: hashlib._Hash) -> None:
+def _write_tensor(fh: BinaryIO, entry: TensorEntry, digest: hashlib._Hash, own: dict[str, str] | None) -> None:
     tensor = entry.produce().contiguous()
     want = DTYPES[entry.dtype][0]
     if tensor.dtype != want or tuple(tensor.shape) != entry.shape:
@@ -72,6 +75,8 @@ def _write_tensor(fh: BinaryIO, entry: TensorEntry, digest: hashlib._Hash) -> No
     view = raw.numpy().data  # a memoryview of the bytes, no copy
     fh.write(view)
     digest.update(view)
+    if own is not None:
+        own[entry.name] = hashlib.sha256(view).hexdigest()
 
 
 def read_header(path: Path) -> tuple[dict[str, dict], int]:

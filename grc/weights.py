@@ -23,9 +23,9 @@ from grc.spec.schema import InitConfig, ModelConfig, WeightsConfig
 
 MANIFEST = "manifest.json"
 INDEX = "model.safetensors.index.json"
-# What stages that never look up a table read of this artifact (export, aoti): the dense tensors
-# and the digests of the shards holding them. Tables sit in shards of their own, so a change of
-# table precision leaves this file byte-identical and those stages' cache keys unchanged.
+# What stages that never look up a table read of this artifact (export, aoti): each dense tensor's
+# shape, dtype and sha256 (of its own bytes, not its shard's), so a change of table precision
+# leaves this file byte-identical and those stages' cache keys unchanged.
 DENSE_VIEW = "dense.json"
 FLOAT_TABLES = (torch.float32, torch.bfloat16, torch.float16)
 CODE_DTYPE = {"int8": "I8", "fp8_e4m3": "F8_E4M3"}
@@ -66,13 +66,11 @@ def table_entries(p: ParamSpec, dtype: str, load: Callable[[], torch.Tensor]) ->
 
 
 def _shards(entries: list[TensorEntry], limit: int) -> list[list[TensorEntry]]:
-    """Greedy packing in a fixed order: the same spec always gives the same shard layout. Tables
-    start a shard of their own, so the dense shards' bytes do not depend on the tables."""
+    """Greedy packing in a fixed order: the same spec always gives the same shard layout."""
     shards: list[list[TensorEntry]] = [[]]
     size = 0
     for e in entries:
-        starts_tables = bool(shards[-1]) and _is_table(e.name) and not _is_table(shards[-1][-1].name)
-        if shards[-1] and (size + e.nbytes > limit or starts_tables):
+        if shards[-1] and size + e.nbytes > limit:
             shards.append([])
             size = 0
         shards[-1].append(e)
@@ -85,10 +83,11 @@ def _write(entries: list[TensorEntry], out: Path, cfg: WeightsConfig, meta: dict
     total = sum(e.nbytes for e in entries)
     done = 0
     manifest_shards: list[dict] = []
+    own_digests: dict[str, str] = {}
     tensors: dict[str, dict] = {}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        digest = write_streaming(out / fname, shard, {"format": "pt"})
+        digest = write_streaming(out / fname, shard, {"format": "pt"}, own_digests)
         for e in shard:
             tensors[e.name] = {"shape": list(e.shape), "dtype": e.dtype, "shard": fname}
             done += e.nbytes
@@ -103,11 +102,12 @@ def _write(entries: list[TensorEntry], out: Path, cfg: WeightsConfig, meta: dict
         counts[kind] += 0 if _is_factor(e.name) else _numel(e.shape)
         sizes[kind] += e.nbytes
     counts["total"] = counts["dense"] + counts["embedding"]
-    dense = {n: t for n, t in tensors.items() if not _is_table(n)}
-    dense_shards = {str(t["shard"]) for t in dense.values()}
     view = {
-        "tensors": {n: {"shape": t["shape"], "dtype": t["dtype"]} for n, t in dense.items()},
-        "sha256": [s["sha256"] for s in manifest_shards if s["file"] in dense_shards],  # not names: counts vary
+        "tensors": {
+            n: {"shape": t["shape"], "dtype": t["dtype"], "sha256": own_digests[n]}
+            for n, t in tensors.items()
+            if not _is_table(n)
+        }
     }
     (out / DENSE_VIEW).write_text(json.dumps(view, indent=1, sort_keys=True) + "\n")
     return {
