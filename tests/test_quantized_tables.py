@@ -153,3 +153,35 @@ def test_embedding_dtype_outside_an_import_is_refused_naming_the_init_field() ->
 
     with pytest.raises(ValidationError, match=r"with seeded init use weights\.init\.embedding_dtype"):
         WeightsConfig.model_validate({"embedding_dtype": "int8"})
+
+
+def test_grc_show_prints_bytes_per_table_precision(capsys: pytest.CaptureFixture[str]) -> None:
+    from grc.cli import main
+    from grc.model.params import parameter_bytes, parameter_summary
+
+    assert main(["show", str(TEST_SPECS / "mtgr-tiny.yaml")]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if "parameters" in line and "int8" in line)
+    assert all(p in header for p in ("float32", "bfloat16", "int8", "fp8_e4m3"))
+    rows = [r for r in parameter_summary(SPEC.model) if r[1] == "embedding"]
+    per = parameter_bytes(SPEC.model, *rows)
+    want = sum(table_bytes(t.vocab_size, SPEC.model.table_dim(n), "int8") for n, t in SPEC.model.tables.items())
+    assert per["int8"] == want and 2 * per["bfloat16"] == per["float32"]
+    total_line = next(line for line in out.splitlines() if "embedding total" in line)
+    assert f"{want / 1024:.1f} KiB" in total_line
+
+
+def test_build_budget_counts_quantized_table_bytes() -> None:
+    from grc.build.budget import stage_bytes
+
+    def weights_bytes(dtype: str) -> int:
+        init = SPEC.weights.source.model_copy(update={"embedding_dtype": dtype})  # type: ignore[union-attr]
+        spec = SPEC.model_copy(update={"weights": SPEC.weights.model_copy(update={"init": init})})
+        return next(e.bytes for e in stage_bytes(spec) if e.stage == "weights")
+
+    dense = weights_bytes("float32") - sum(
+        table_bytes(t.vocab_size, SPEC.model.table_dim(n), "float32") for n, t in SPEC.model.tables.items()
+    )
+    for dtype in ("bfloat16", "int8", "fp8_e4m3"):
+        tables = sum(table_bytes(t.vocab_size, SPEC.model.table_dim(n), dtype) for n, t in SPEC.model.tables.items())
+        assert weights_bytes(dtype) == dense + tables
