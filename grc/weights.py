@@ -309,8 +309,8 @@ def _memmap_rows(array, st_dtype: str) -> Callable[[torch.Tensor], torch.Tensor]
 def _quantized_rows(codes, factors: dict, kind: str) -> Callable[[torch.Tensor], torch.Tensor]:  # type: ignore[no-untyped-def]
     def fetch(rows: torch.Tensor) -> torch.Tensor:
         at = rows.numpy()
-        picked = torch.from_numpy(np.array(codes[at]))  # a copy of just these rows, off the map
+        picked = torch.from_numpy(np.asarray(codes[at]))  # fancy indexing copies just these rows off the map
         picked = picked.view(torch.float8_e4m3fn) if kind == "fp8_e4m3" else picked
-        return dequantize_rows(picked, {f: torch.from_numpy(np.array(a[at])) for f, a in factors.items()}, kind)
+        return dequantize_rows(picked, {f: torch.from_numpy(np.asarray(a[at])) for f, a in factors.items()}, kind)
 
     return fetch

@@ -114,8 +114,10 @@ def quantize_rows(block: torch.Tensor, kind: str, where: str) -> dict[str, torch
 def dequantize_rows(codes: torch.Tensor, factors: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
     """The float32 rows back from codes and their per-row factors (any subset of a block's rows)."""
     scale = factors["scale"].to(torch.float32)[:, None]
-    if kind == "int8":
-        return (codes.to(torch.float32) + 128.0) * scale + factors["offset"].to(torch.float32)[:, None]
+    if kind == "int8":  # (q + 128) * scale + offset as one fused multiply-add over the row
+        return torch.addcmul(
+            factors["offset"].to(torch.float32)[:, None] + 128.0 * scale, codes.to(torch.float32), scale
+        )
     return codes.to(torch.float32) * scale
 
 
