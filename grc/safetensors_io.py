@@ -25,6 +25,8 @@ DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
     "F16": (torch.float16, np.dtype("<f2")),
     "BF16": (torch.bfloat16, np.dtype("<u2")),  # numpy has no bfloat16: keep the bits
     "I64": (torch.int64, np.dtype("<i8")),
+    "I8": (torch.int8, np.dtype("i1")),  # int8 table rows (row-wise scale and offset beside them)
+    "F8_E4M3": (torch.float8_e4m3fn, np.dtype("u1")),  # numpy has no fp8 either: keep the bits
 }
 TORCH_TO_ST = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
 
@@ -41,8 +43,11 @@ class TensorEntry:
         return int(np.prod(self.shape, dtype=np.int64)) * DTYPES[self.dtype][1].itemsize
 
 
-def write_streaming(path: Path, entries: Iterable[TensorEntry], metadata: dict[str, str]) -> str:
-    """Write a safetensors file holding one produced tensor in memory at a time; return its sha256."""
+def write_streaming(
+    path: Path, entries: Iterable[TensorEntry], metadata: dict[str, str], tensor_digests: dict[str, str] | None = None
+) -> str:
+    """Write a safetensors file holding one produced tensor in memory at a time; return its sha256.
+    ``tensor_digests``: filled with each tensor's own sha256 (its bytes alone, whatever shard holds it)."""
     entries = list(entries)
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
@@ -57,11 +62,11 @@ def write_streaming(path: Path, entries: Iterable[TensorEntry], metadata: dict[s
             fh.write(chunk)
             digest.update(chunk)
         for e in entries:
-            _write_tensor(fh, e, digest)
+            _write_tensor(fh, e, digest, tensor_digests)
     return digest.hexdigest()
 
 
-def _write_tensor(fh: BinaryIO, entry: TensorEntry, digest: hashlib._Hash) -> None:
+def _write_tensor(fh: BinaryIO, entry: TensorEntry, digest: hashlib._Hash, own: dict[str, str] | None) -> None:
     tensor = entry.produce().contiguous()
     want = DTYPES[entry.dtype][0]
     if tensor.dtype != want or tuple(tensor.shape) != entry.shape:
@@ -70,6 +75,8 @@ def _write_tensor(fh: BinaryIO, entry: TensorEntry, digest: hashlib._Hash) -> No
     view = raw.numpy().data  # a memoryview of the bytes, no copy
     fh.write(view)
     digest.update(view)
+    if own is not None:
+        own[entry.name] = hashlib.sha256(view).hexdigest()
 
 
 def read_header(path: Path) -> tuple[dict[str, dict], int]:
@@ -91,7 +98,9 @@ def memmap_tensor(path: Path, info: dict, data_start: int) -> np.ndarray:
 
 
 def to_float32(rows: np.ndarray, st_dtype: str) -> torch.Tensor:
-    """Rows read from a memmap -> float32 tensor (BF16 bits are widened exactly)."""
+    """Rows read from a memmap -> float32 tensor (BF16 and F8_E4M3 bits are widened exactly)."""
     if st_dtype == "BF16":
         return torch.from_numpy((rows.astype(np.uint32) << 16).view(np.float32))
+    if st_dtype == "F8_E4M3":
+        return torch.from_numpy(np.array(rows, dtype=np.uint8)).view(torch.float8_e4m3fn).to(torch.float32)
     return torch.from_numpy(np.array(rows, dtype=np.float32))  # a writable copy, never the map itself

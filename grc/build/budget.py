@@ -19,7 +19,7 @@ from typing import Any
 
 from grc.build.progress import CONSOLE
 from grc.errors import GrcError
-from grc.model.params import dense_parameter_count
+from grc.model.params import dense_parameter_count, table_bytes
 from grc.spec.loader import LoadedSpec
 from grc.spec.schema import InitConfig
 
@@ -57,9 +57,11 @@ def stage_bytes(spec: Any) -> list[StageBytes]:
     # a checkpoint's tables keep their dtype (2 bytes at least), its dense parameters become float32
     table_dtype = init.embedding_dtype if init else "bfloat16"
     dense_dtype = init.dtype if init else "float32"
-    rows = sum(t.vocab_size * model.table_dim(name) for name, t in model.tables.items())
+    if spec.weights.embedding_dtype is not None:
+        table_dtype = spec.weights.embedding_dtype
+    tables_b = sum(table_bytes(t.vocab_size, model.table_dim(name), table_dtype) for name, t in model.tables.items())
     dense = dense_parameter_count(model)
-    tables_b, dense_b = rows * DTYPE_BYTES[table_dtype], dense * DTYPE_BYTES[dense_dtype]
+    dense_b = dense * DTYPE_BYTES[dense_dtype]
     engines = [DTYPE_BYTES[spec.engine.precision_of(t)] for t in spec.engine.targets]
     aoti = spec.engine.aoti
     packages = [4 if t == "cpu" else DTYPE_BYTES[aoti.dtype] for t in aoti.targets]

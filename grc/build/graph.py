@@ -85,7 +85,7 @@ def execute(stage_name: str, loaded: LoadedSpec, root: Path, fields: dict[str, s
     final = root / stage.output
     tmp = temp_dir_for(final)
     inputs = {name: root / stage_named(name).output for name in stage.inputs_for(loaded.spec)}
-    key = action_key(stage.name, {**fields, **input_digests(inputs)})
+    key = action_key(stage.name, {**fields, **input_digests({n: f / stage.input_file(n) for n, f in inputs.items()})})
     events = Events()
     try:
         cache = open_cache()
@@ -190,7 +190,7 @@ def task_dicts(loaded: LoadedSpec, root: Path) -> list[dict[str, Any]]:
                 f"stage {stage.name} reads the output of {', '.join(missing)}, which this spec does not "
                 f"build: {stage_named(missing[0]).doc} (enable it in the spec)"
             )
-        deps = [str(root / stage_named(i).output / MANIFEST) for i in upstream]
+        deps = [str(root / stage_named(i).output / stage.input_file(i)) for i in upstream]
         out = root / stage.output
         tasks.append(
             {

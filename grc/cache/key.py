@@ -120,9 +120,9 @@ def host_digests(depends_on_gpu: bool) -> dict[str, str]:
 
 
 def input_digests(inputs: dict[str, Path]) -> dict[str, str]:
+    """Input stage -> the digest of the file of its output the stage reads (its manifest, or a part)."""
     return {
-        f"input:{name}": hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()[:16]
-        for name, folder in sorted(inputs.items())
+        f"input:{name}": hashlib.sha256(file.read_bytes()).hexdigest()[:16] for name, file in sorted(inputs.items())
     }
 
 

@@ -65,25 +65,32 @@ def show(spec: SpecArg = DEFAULT_SPEC) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from grc.model.params import parameter_summary
+    from grc.build.budget import size, stage_bytes
+    from grc.model.params import TABLE_PRECISIONS, parameter_bytes, parameter_summary
 
     loaded = load(spec)
     console = Console()
     console.print(yaml.safe_dump(loaded.spec.model_dump(mode="json"), sort_keys=False), end="", markup=False)
     rows = parameter_summary(loaded.spec.model)
-    table = Table(title=Text(f"parameters of {loaded.spec.name}"))  # names are text, not rich markup
-    for col, justify in (("group", "left"), ("kind", "left"), ("parameters", "right")):
+    # names are text, not rich markup; int8 / fp8 quantize tables only, dense stays float32 there
+    table = Table(title=Text(f"parameters of {loaded.spec.name}, and bytes stored per table precision"))
+    columns = [("group", "left"), ("kind", "left"), ("parameters", "right"), *((p, "right") for p in TABLE_PRECISIONS)]
+    for col, justify in columns:
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
-    for group, kind, count in rows:
-        table.add_row(Text(group), kind, f"{count:,}")
-    emb = sum(c for _, k, c in rows if k == "embedding")
-    dense = sum(c for _, k, c in rows if k == "dense")
+
+    def add(label: str, kind: str, count: int, per: dict[str, int]) -> None:
+        table.add_row(Text(label), kind, f"{count:,}", *(size(b) for b in per.values()))
+
+    for row in rows:
+        add(*row[:3], parameter_bytes(loaded.spec.model, row))
     table.add_section()
-    table.add_row("embedding total", "", f"{emb:,}")
-    table.add_row("dense total", "", f"{dense:,}")
-    table.add_row("total", "", f"{emb + dense:,} (~{(emb + dense) / 1e9:.2f}B)")
-    console.print(table)
-    from grc.build.budget import size, stage_bytes
+    for kind in ("embedding", "dense"):
+        picked = [r for r in rows if r[1] == kind]
+        add(f"{kind} total", "", sum(r[2] for r in picked), parameter_bytes(loaded.spec.model, *picked))
+    total = sum(r[2] for r in rows)
+    add(f"total (~{total / 1e9:.2f}B)", "", total, parameter_bytes(loaded.spec.model, *rows))
+    # piped (not a terminal): rich's default 80 columns would wrap every row of the byte columns
+    (console if console.is_terminal else Console(width=160)).print(table)
     from grc.model.params import flops_report
 
     print("\n".join(flops_report(loaded.spec.model)))

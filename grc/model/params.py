@@ -70,15 +70,9 @@ def all_params(cfg: ModelConfig, block_rows: int) -> list[ParamSpec]:
 
 def parameter_summary(cfg: ModelConfig) -> list[tuple[str, str, int]]:
     """(group, kind, count) rows: one per embedding table, one per dense component, analytic."""
-    rows: list[tuple[str, str, int]] = []
-    for table, tcfg in sorted(cfg.tables.items()):
-        rows.append(
-            (
-                f"tables.{table} ({tcfg.vocab_size:,} x {cfg.table_dim(table)})",
-                "embedding",
-                tcfg.vocab_size * cfg.table_dim(table),
-            )
-        )
+    rows: list[tuple[str, str, int]] = [
+        (label, "embedding", vocab * dim) for label, (vocab, dim) in _table_groups(cfg).items()
+    ]
     groups: dict[str, int] = {}
     for p in dense_params(cfg):
         parts = p.name.split(".")
@@ -87,6 +81,41 @@ def parameter_summary(cfg: ModelConfig) -> list[tuple[str, str, int]]:
         groups[key] = groups.get(key, 0) + p.numel
     rows += [(k, "dense", v) for k, v in groups.items()]
     return rows
+
+
+# Bytes of one stored value per float dtype; quantized tables add their per-row fp16 factors
+# (grc/model/tables.py): int8 a scale and an offset, fp8_e4m3 a scale.
+FLOAT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+ROW_FACTOR_BYTES = {"int8": 4, "fp8_e4m3": 2}
+TABLE_PRECISIONS = ("float32", "bfloat16", "int8", "fp8_e4m3")  # the columns grc show prints
+
+
+def table_bytes(rows: int, dim: int, dtype: str) -> int:
+    """Bytes a table of ``rows`` x ``dim`` takes stored in ``dtype`` (what the weights stage writes)."""
+    if dtype in ROW_FACTOR_BYTES:
+        return rows * (dim + ROW_FACTOR_BYTES[dtype])
+    return rows * dim * FLOAT_BYTES[dtype]
+
+
+def _table_groups(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """The parameter table's label of each embedding table -> (rows, dim)."""
+    return {
+        f"tables.{table} ({tcfg.vocab_size:,} x {cfg.table_dim(table)})": (tcfg.vocab_size, cfg.table_dim(table))
+        for table, tcfg in sorted(cfg.tables.items())
+    }
+
+
+def parameter_bytes(cfg: ModelConfig, *rows: tuple[str, str, int]) -> dict[str, int]:
+    """Bytes of ``parameter_summary`` rows stored in each of TABLE_PRECISIONS. int8 / fp8_e4m3
+    quantize the tables only: dense parameters stay float32 in those columns."""
+    groups = _table_groups(cfg)
+    return {
+        precision: sum(
+            table_bytes(*groups[label], precision) if kind == "embedding" else count * FLOAT_BYTES.get(precision, 4)
+            for label, kind, count in rows
+        )
+        for precision in TABLE_PRECISIONS
+    }
 
 
 def dense_parameter_count(cfg: ModelConfig) -> int:

@@ -8,14 +8,17 @@ from grc.model.gr import Batch
 from grc.spec.schema import ModelConfig
 
 
-def random_batch(cfg: ModelConfig, users: int, history: int, candidates: int, gen: torch.Generator) -> Batch:
+def random_batch(
+    cfg: ModelConfig, users: int, history: int, candidates: int, gen: torch.Generator, exact: bool = False
+) -> Batch:
     """``users`` users; user 0 has exactly ``history`` events and ``candidates`` candidates, the
-    others random counts in [1, max], so every batch is ragged and hits the maxima."""
+    others random counts in [1, max], so every batch is ragged and hits the maxima. ``exact``: every
+    user has the maxima (ranking checks compare full candidate lists)."""
 
     def counts(top: int) -> torch.Tensor:
         c = torch.randint(1, top + 1, (users,), generator=gen)
         c[0] = top
-        return c
+        return c.fill_(top) if exact else c
 
     def offsets(c: torch.Tensor) -> torch.Tensor:
         return torch.cat([torch.zeros(1, dtype=torch.int64), c.cumsum(0)])

@@ -157,12 +157,18 @@ class ModelConfig(_Section):
 
 # --------------------------------------------------------------------------- weights
 DType = Literal["float32", "bfloat16", "float16"]
+# Tables may also be stored quantized row-wise (grc/model/tables.py): int8 with an fp16 scale and
+# offset per row, fp8_e4m3 with an fp16 scale per row; rows are dequantized to float32 on lookup.
+TableDType = Literal["float32", "bfloat16", "float16", "int8", "fp8_e4m3"]
+TABLE_DTYPE_HELP = "int8: row-wise scale and offset; fp8_e4m3: row-wise scale; dequantized on lookup"
 
 
 class InitConfig(_Section):
     seed: Seed = 0
     dtype: DType = Field("float32", description="dense parameters")
-    embedding_dtype: DType = Field("float32", description="embedding tables (most of the bytes)")
+    embedding_dtype: TableDType = Field(
+        "float32", description=f"embedding tables (most of the bytes); {TABLE_DTYPE_HELP}"
+    )
     std: float = Field(0.02, gt=0, le=1, description="standard deviation of embedding rows")
 
 
@@ -172,6 +178,11 @@ class WeightsConfig(_Section):
         None, strict=False, description="safetensors file/dir or torch state_dict (weights_only)"
     )
     key_map: dict[str, str] = Field(default_factory=dict, description="checkpoint key prefix -> grc key prefix")
+    embedding_dtype: TableDType | None = Field(
+        None,
+        description=f"checkpoint import: store the tables in this precision (default: the checkpoint's float "
+        f"dtype; seeded init uses init.embedding_dtype); {TABLE_DTYPE_HELP}",
+    )
     shard_size_mb: MiB = Field(1024, description="start a new safetensors shard past this size")
     table_block_rows: Rows = Field(
         1 << 20, description="embedding tables are stored in row blocks of this many rows (row-wise sharding)"
@@ -181,6 +192,11 @@ class WeightsConfig(_Section):
     def _one_source(self) -> WeightsConfig:
         if self.init is not None and self.checkpoint is not None:
             raise ValueError("checkpoint: give either init or checkpoint, not both")
+        if self.embedding_dtype is not None and self.checkpoint is None:
+            raise ValueError(
+                f"embedding_dtype: sets the table precision of a checkpoint import; with seeded init use "
+                f"weights.init.embedding_dtype (got {self.embedding_dtype!r} without a checkpoint)"
+            )
         return self
 
     @property
@@ -219,10 +235,27 @@ class VerifyShape(_Section):
     candidates: SeqLen
 
 
+class RankingGates(_Section):
+    """Ranking quality of every backend against the fp32 PyTorch model with unquantized weights, on
+    held-out synthetic users (their own seed: never the users a quantizer calibrates on). The
+    defaults pass fp32 and bf16 tables and int8 / fp8_e4m3 ones, and fail a broken quantization."""
+
+    seed: Seed = Field(20261201, description="held-out users' seed; must differ from verify.seed")
+    users: Users = Field(32, description="held-out users, each with a full history and candidate list")
+    history: SeqLen = Field(32, description="history events per user (capped to fit max_seq_len)")
+    candidates: SeqLen | None = Field(None, description="candidates per user; default model.max_candidates")
+    top_k: Annotated[int, Field(ge=1, le=lim.MAX_SEQ_LEN)] = Field(10, description="k of the top-k overlap")
+    min_top_k_overlap: float = Field(0.95, ge=0, le=1, description="mean over users of |top-k ∩ top-k_fp32| / k")
+    min_kendall_tau: float = Field(0.95, ge=-1, le=1, description="mean over users of Kendall's tau-b")
+    max_mean_abs: float = Field(0.01, gt=0, le=1, description="mean |Δscore| per task")
+    max_abs: float = Field(0.05, gt=0, le=1, description="max |Δscore| per task")
+
+
 class VerifyConfig(_Section):
     seed: Seed = 1234
     export: Tolerance = Tolerance()
     surgery: Tolerance = Tolerance()
+    ranking: RankingGates = RankingGates()
     shapes: list[VerifyShape] = Field(
         default_factory=lambda: [
             VerifyShape(users=1, history=3, candidates=1),
@@ -663,6 +696,13 @@ class Spec(_Section):
                     f"engine.profiles[{i}].tokens.max: {profile.tokens.max} exceeds model.hstu.max_seq_len "
                     f"{hstu.max_seq_len}, the longest padded row the model accepts"
                 )
+        ranking = self.verify.ranking
+        if ranking.seed == self.verify.seed:
+            raise ValueError(f"verify.ranking.seed: held-out users need their own seed, not verify.seed {ranking.seed}")
+        if ranking.candidates is not None and ranking.candidates > model.max_candidates:
+            raise ValueError(
+                f"verify.ranking.candidates: {ranking.candidates} exceeds model.max_candidates {model.max_candidates}"
+            )
         for i, shape in enumerate(self.verify.shapes):
             tokens = len(model.profile) + shape.history + shape.candidates
             if tokens > hstu.max_seq_len:

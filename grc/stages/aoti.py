@@ -36,12 +36,12 @@ def run(ctx: Context) -> dict[str, Any]:
     from rich.text import Text
 
     from grc.aoti.build import PACKAGE, build_target
-    from grc.weights import MANIFEST, load_model
+    from grc.weights import DENSE_VIEW, load_model
 
     spec = ctx.spec
     cfg = spec.engine.aoti
     dense = load_model(spec.model, ctx.inputs["weights"]).dense
-    weights_manifest = (ctx.inputs["weights"] / MANIFEST).read_bytes()
+    weights_manifest = (ctx.inputs["weights"] / DENSE_VIEW).read_bytes()  # what the key holds: no tables
     provenance = {
         "spec": spec.name,
         "weights": {
@@ -100,6 +100,7 @@ STAGE = Stage(
     output="engines-aoti",
     reads=("engine.aoti", "engine.parity", "verify.export", "verify.shapes", "model"),
     inputs=("weights",),
+    input_files={"weights": "dense.json"},  # the dense model only (DENSE_VIEW in grc/weights.py)
     run=run,
     toolkits=("torch", "triton"),
     # a GPU target is built here, or recorded as skipped, by what this host's GPU is

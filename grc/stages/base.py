@@ -55,6 +55,14 @@ class Stage:
     # upstream stages a spec may add (the triton bundle serves the aoti packages only when its
     # backend says so): read, keyed and waited for exactly like ``inputs`` for that spec
     optional_inputs: Callable[[Any], tuple[str, ...]] = field(default=lambda spec: ())
+    # upstream stage -> the one file of its output this stage's output depends on, when that is
+    # less than its manifest: export reads the weights' dense.json only, so a change of table
+    # precision neither reruns it nor changes its cache key
+    input_files: dict[str, str] = field(default_factory=dict)
+
+    def input_file(self, upstream: str) -> str:
+        """The file of ``upstream``'s output whose bytes decide this stage's (doit dep and cache key)."""
+        return self.input_files.get(upstream, MANIFEST)
 
     def inputs_for(self, spec: Any) -> tuple[str, ...]:
         """The upstream stages whose outputs this stage reads for ``spec``."""

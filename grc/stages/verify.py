@@ -1,9 +1,14 @@
-"""verify: the exported and the surgeried ONNX in onnxruntime vs the PyTorch model (float64).
+"""verify: the exported and the surgeried ONNX in onnxruntime vs the PyTorch model (float64),
+then the ranking gates of every backend against the fp32 model with unquantized weights.
 
-Fresh random requests per spec shape (1 and many users, short and long histories, 1 and many
-candidates), through the real embedding tables and projector, so the dense graph sees realistic
-tokens. Tolerances come from the spec's ``verify`` section; any figure over them fails the build
-with the table of figures.
+Parity: fresh random requests per spec shape (1 and many users, short and long histories, 1 and
+many candidates), through the real embedding tables and projector, so the dense graph sees
+realistic tokens; ``verify.export`` / ``verify.surgery`` bound the differences.
+Ranking (``verify.ranking``, grc/ranking.py): held-out users with full candidate lists, scored by
+each backend from the stored weights (tables as stored: rounded or quantized, dequantized on
+lookup) and by the fp32 PyTorch model from the weights' source (grc/reference_weights.py); top-k
+overlap, Kendall's tau, mean and max |Δscore| per task. Any figure outside its bound fails the
+build with the table of figures; the figures go to the manifest under ``figures`` and ``ranking``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ if TYPE_CHECKING:  # torch and onnxruntime load only when the stage runs
 
     from grc.compare import Figure
     from grc.model.gr import GRModel, Tokens
+    from grc.model.tables import Tables
+    from grc.ranking import RankFigure
 
 
 def padded_feeds(tok: Tokens) -> dict[str, np.ndarray]:
@@ -43,12 +50,57 @@ def reference(model: GRModel, tok: Tokens) -> np.ndarray:
         return model.dense.forward_jagged(tok.tokens, tok.offsets, tok.num_candidates, tok.timestamps).numpy()
 
 
+def candidate_scores(scores: np.ndarray, tok: Tokens) -> np.ndarray:
+    """Jagged [T, tasks] scores -> [candidates, tasks]: each user's candidates are its last tokens."""
+    import numpy as np
+
+    ends = tok.offsets[1:].tolist()
+    return np.concatenate([scores[e - c : e] for e, c in zip(ends, tok.num_candidates.tolist(), strict=True)])
+
+
+def ranking(ctx: Context, model: GRModel, tables: Tables, backends: dict[str, Any]) -> list[RankFigure]:
+    """Every backend's ranking of held-out users against the fp32 model from the weights' source."""
+    import numpy as np
+    import torch
+
+    from grc.model.jagged import to_jagged
+    from grc.model.sample import random_batch
+    from grc.ranking import Gates, rank_figures
+    from grc.reference_weights import reference_weights
+    from grc.weights import read_manifest
+
+    cfg, gates = ctx.spec.model, ctx.spec.verify.ranking
+    candidates = gates.candidates or cfg.max_candidates
+    history = max(1, min(gates.history, cfg.hstu.max_seq_len - len(cfg.profile) - candidates))
+    batch = random_batch(cfg, gates.users, history, candidates, torch.Generator().manual_seed(gates.seed), exact=True)
+    ref_model, ref_tables = reference_weights(cfg, ctx.inputs["weights"])
+    with torch.no_grad():
+        expected = ref_model(batch, ref_tables).numpy()
+        tok = model.projector(batch, tables)
+        stored = {"pytorch": model.dense.forward_jagged(tok.tokens, tok.offsets, tok.num_candidates, tok.timestamps)}
+    feeds = padded_feeds(tok)
+    for name, sess in backends.items():
+        (padded,) = sess.run(["scores"], feeds)
+        stored[name] = to_jagged(torch.from_numpy(padded), tok.offsets)
+    manifest = read_manifest(ctx.inputs["weights"])
+    dense_dtype = manifest["source"].get("init", {}).get("dtype", "float32")
+    precision = f"tables {manifest.get('table_dtype', '?')}, dense {dense_dtype}"
+    limits = Gates(gates.top_k, gates.min_top_k_overlap, gates.min_kendall_tau, gates.max_mean_abs, gates.max_abs)
+    offsets = batch.candidate_offsets.numpy()
+    figures = []
+    for name, scores in stored.items():
+        actual = candidate_scores(scores.to(torch.float64).numpy(), tok)
+        figures += rank_figures(name, precision, list(cfg.tasks), actual, np.asarray(expected), offsets, limits)
+    return figures
+
+
 def run(ctx: Context) -> dict[str, Any]:
     import torch
 
     from grc.compare import compare, format_figures
     from grc.model.jagged import to_jagged
     from grc.model.sample import random_batch
+    from grc.ranking import format_rank_figures
     from grc.runtime.ort import session
     from grc.weights import load_model, open_tables
 
@@ -81,7 +133,20 @@ def run(ctx: Context) -> dict[str, Any]:
     ctx.console.print(table)
     if not all(f.ok for f in figures):
         raise StageError(f"verify: outputs differ from the PyTorch reference beyond the spec's tolerance:\n{table}")
-    return {"figures": [f.as_dict() for f in figures], "reference": "PyTorch float64, jagged layout"}
+    ranks = ranking(ctx, load_model(cfg, ctx.inputs["weights"]), tables, backends)
+    rank_table = format_rank_figures(ranks)
+    ctx.console.print(rank_table)
+    if not all(f.ok for f in ranks):
+        raise StageError(f"verify: ranking gates (verify.ranking) failed against the fp32 model:\n{rank_table}")
+    return {
+        "figures": [f.as_dict() for f in figures],
+        "reference": "PyTorch float64, jagged layout",
+        "ranking": {
+            "reference": "PyTorch float32 with the weights' source values (seeded init drawn again, or the checkpoint)",
+            "gates": spec.verify.ranking.model_dump(),
+            "figures": [f.as_dict() for f in ranks],
+        },
+    }
 
 
 STAGE = Stage(
@@ -91,5 +156,5 @@ STAGE = Stage(
     inputs=("weights", "export", "surgery"),
     toolkits=("torch", "onnxruntime", "onnxruntime-extensions"),
     run=run,
-    doc="onnxruntime (exported and surgeried ONNX) vs PyTorch float64 on fresh random requests",
+    doc="onnxruntime (exported and surgeried ONNX) vs PyTorch float64 on fresh random requests; ranking gates",
 )

@@ -24,10 +24,10 @@ def run(ctx: Context) -> dict[str, Any]:
         manifest = import_checkpoint(spec.model, spec.weights, ctx.out, ctx.loaded.path.parent, progress)
     else:
         manifest = write_init(spec.model, spec.weights, source, ctx.out, progress)  # type: ignore[arg-type]
-    counts = manifest["parameters"]
+    counts, sizes = manifest["parameters"], manifest["bytes"]
     ctx.log(
-        f"weights: {counts['total']:,} parameters ({counts['embedding']:,} embedding, {counts['dense']:,} dense)"
-        f" in {len(manifest['shards'])} shard(s)"
+        f"weights: {counts['total']:,} parameters ({counts['embedding']:,} embedding as {manifest['table_dtype']}, "
+        f"{sizes['embedding'] / 2**20:.1f} MiB; {counts['dense']:,} dense) in {len(manifest['shards'])} shard(s)"
     )
     return manifest
 

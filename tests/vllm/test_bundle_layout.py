@@ -35,6 +35,7 @@ def test_layout_and_hard_linked_weights(built_tiny: tuple[Path, Path]) -> None:
         "bundle.json",
         "manifest.json",
         "model/config.json",
+        "model/dense.json",
         "model/manifest.json",
         "model/model-00001-of-00001.safetensors",
         "model/model.safetensors.index.json",
