@@ -6,7 +6,6 @@ each command imports the grc module it calls inside its own body."""
 from __future__ import annotations
 
 import functools
-import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TypeVar
@@ -65,30 +64,12 @@ def guard(fn: F) -> F:
     return run  # type: ignore[return-value]
 
 
-_KINDS = (
-    (stat.S_ISDIR, "a directory"),
-    (stat.S_ISFIFO, "a FIFO (named pipe)"),
-    (stat.S_ISSOCK, "a socket"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-)
-
-
 def load(spec: str) -> LoadedSpec:
-    """Load and validate ``spec``; a path that exists but is no regular file says what it is
-    (opening a FIFO would block, a directory is no spec)."""
-    from grc.errors import SpecError
+    """Load and validate ``spec``. The loader decides what a path that is no regular file is (a
+    FIFO would block, a directory is no spec): ``file:line: (file): message`` like every spec error."""
     from grc.spec.loader import load_spec
 
-    path = Path(spec)
-    try:
-        mode = path.stat().st_mode
-    except OSError:
-        mode = stat.S_IFREG  # missing: the loader says "spec file not found"
-    for test, kind in _KINDS:
-        if test(mode):
-            raise SpecError([f"{spec}: is {kind}, not a spec file (give a YAML file such as {DEFAULT_SPEC})"])
-    return load_spec(path)
+    return load_spec(Path(spec))
 
 
 def root_of(artifacts: Path, loaded: LoadedSpec) -> Path:
