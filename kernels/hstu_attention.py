@@ -148,22 +148,27 @@ def _biased_bucket64(gap, NB: tl.constexpr):
 
 
 @triton.jit
-def _bucket(ts_i32, ts_i, ts_j, ts_ref, TS32: tl.constexpr, NB: tl.constexpr, PTX: tl.constexpr):
-    """Biased time bucket of every (row, key) pair: from int32 offsets to ts_ref (TS32: the
-    program's timestamps span less than 2**29), else from the saturated int64 gap."""
+def _bucket(ts_i32, ts_i, ts_j, ts_ref, fast, TS32: tl.constexpr, NB: tl.constexpr, PTX: tl.constexpr):
+    """Biased time bucket of every (row, key) pair: from int32 offsets to ts_ref when the int32
+    path is allowed (TS32) and the program's timestamps span less than 2**29 (`fast`), else from
+    the saturated int64 gap. (A per-program choice with two copies of the key loops, TS32 a
+    constexpr, measured no faster on the H200 and doubled the compile time: kernels-notes.md.)"""
     if TS32:
-        eb = _biased_bucket(ts_i32[:, None] - (ts_j - ts_ref).to(tl.int32)[None, :], NB, PTX)
+        if fast:
+            eb = _biased_bucket(ts_i32[:, None] - (ts_j - ts_ref).to(tl.int32)[None, :], NB, PTX)
+        else:
+            eb = _biased_bucket64(_abs_gap(ts_i[:, None], ts_j[None, :]), NB)
     else:
         eb = _biased_bucket64(_abs_gap(ts_i[:, None], ts_j[None, :]), NB)
     return eb
 
 
 @triton.jit
-def _add_bias(z, p_i, ts_i32, ts_i, ts_j, ts_ref, offs_n, near_base, far_base,
+def _add_bias(z, p_i, ts_i32, ts_i, ts_j, ts_ref, fast, offs_n, near_base, far_base,
               REL: tl.constexpr, TS32: tl.constexpr, P: tl.constexpr,
               NB: tl.constexpr, PTX: tl.constexpr):
     """z + bias[h, bucket(i, j), rp(i, j)] for one key block (z = alpha/2 * q.k, tables halved)."""
-    eb = _bucket(ts_i32, ts_i, ts_j, ts_ref, TS32, NB, PTX)
+    eb = _bucket(ts_i32, ts_i, ts_j, ts_ref, fast, TS32, NB, PTX)
     if REL == NEAR:  # history keys: p(j) = j; p(i) = min(i, n_ctx) precomputed per row
         rp = tl.minimum(tl.maximum(p_i[:, None] - offs_n[None, :], 1 - P), P - 1)
         return z + _gather(near_base + (eb * (2 * P - 1) + rp), PTX)
@@ -172,7 +177,7 @@ def _add_bias(z, p_i, ts_i32, ts_i, ts_j, ts_ref, offs_n, near_base, far_base,
 
 
 @triton.jit
-def _attn_block(acc, q, p_i, ts_i32, ts_i, offs_m, n_start, n_ctx, k_base, v_base, ts_base, ts_ref,
+def _attn_block(acc, q, p_i, ts_i32, ts_i, fast, offs_m, n_start, n_ctx, k_base, v_base, ts_base, ts_ref,
                 near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
                 MASKED: tl.constexpr, REL: tl.constexpr, CAUSAL: tl.constexpr, TS32: tl.constexpr,
                 FAST_SILU: tl.constexpr, P: tl.constexpr, NB: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
@@ -206,7 +211,7 @@ def _attn_block(acc, q, p_i, ts_i32, ts_i, offs_m, n_start, n_ctx, k_base, v_bas
 
     z = qk * alpha
     if not ABLATE & 1:  # (ABLATE: benchmarking only, drops stages and so gives WRONG results)
-        z = _add_bias(z, p_i, ts_i32, ts_i, ts_j, ts_ref, offs_n, near_base, far_base,
+        z = _add_bias(z, p_i, ts_i32, ts_i, ts_j, ts_ref, fast, offs_n, near_base, far_base,
                       REL, TS32, P, NB, PTX)
     a = z if ABLATE & 4 else _act(z, FAST_SILU)
     if MASKED:
@@ -223,7 +228,7 @@ def _attn_block(acc, q, p_i, ts_i32, ts_i, offs_m, n_start, n_ctx, k_base, v_bas
 
 
 @triton.jit
-def _attn_loop(acc, lo, hi, q, p_i, ts_i32, ts_i, offs_m, n_ctx, k_base, v_base, ts_base, ts_ref,
+def _attn_loop(acc, lo, hi, q, p_i, ts_i32, ts_i, fast, offs_m, n_ctx, k_base, v_base, ts_base, ts_ref,
                near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
                MASKED: tl.constexpr, REL: tl.constexpr, CAUSAL: tl.constexpr, TS32: tl.constexpr,
                FAST_SILU: tl.constexpr, P: tl.constexpr, NB: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
@@ -231,7 +236,7 @@ def _attn_loop(acc, lo, hi, q, p_i, ts_i32, ts_i, offs_m, n_ctx, k_base, v_base,
                DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, PTX: tl.constexpr,
                ABLATE: tl.constexpr):
     for n_start in range(lo, hi, BLOCK_N):
-        acc = _attn_block(acc, q, p_i, ts_i32, ts_i, offs_m, n_start, n_ctx, k_base, v_base, ts_base,
+        acc = _attn_block(acc, q, p_i, ts_i32, ts_i, fast, offs_m, n_start, n_ctx, k_base, v_base, ts_base,
                           ts_ref, near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
                           MASKED, REL, CAUSAL, TS32, FAST_SILU, P, NB, DQK, DV, BLOCK_N, BLOCK_DQK,
                           BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE)
@@ -239,28 +244,28 @@ def _attn_loop(acc, lo, hi, q, p_i, ts_i32, ts_i, offs_m, n_ctx, k_base, v_base,
 
 
 @triton.jit
-def _key_loops(acc, k_lo, k_hi, left_end, right_start, full_end, q, p_i, ts_i32, ts_i, offs_m, n_ctx, k_base,
+def _key_loops(acc, k_lo, k_hi, left_end, right_start, full_end, q, p_i, ts_i32, ts_i, fast, offs_m, n_ctx, k_base,
                v_base, ts_base, ts_ref, near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
                CAUSAL: tl.constexpr, TS32: tl.constexpr, FAST_SILU: tl.constexpr, P: tl.constexpr,
                NB: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
                DOT_UPCAST: tl.constexpr, PTX: tl.constexpr, ABLATE: tl.constexpr):
     """The key blocks [k_lo, k_hi) of one tile, by kind: far-left, near, far-right (non-causal),
-    then the masked tail. TS32 is a constexpr so that the int32 loops hold no int64 code."""
-    acc = _attn_loop(acc, k_lo, tl.minimum(left_end, k_hi), q, p_i, ts_i32, ts_i, offs_m, n_ctx, k_base, v_base,
+    then the masked tail."""
+    acc = _attn_loop(acc, k_lo, tl.minimum(left_end, k_hi), q, p_i, ts_i32, ts_i, fast, offs_m, n_ctx, k_base, v_base,
                      ts_base, ts_ref, near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
                      False, FAR_LEFT, CAUSAL, TS32, FAST_SILU, P, NB, DQK, DV, BLOCK_N, BLOCK_DQK, BLOCK_DV,
                      DOT_PREC, DOT_UPCAST, PTX, ABLATE)
-    acc = _attn_loop(acc, tl.maximum(left_end, k_lo), tl.minimum(right_start, k_hi), q, p_i, ts_i32, ts_i, offs_m,
+    acc = _attn_loop(acc, tl.maximum(left_end, k_lo), tl.minimum(right_start, k_hi), q, p_i, ts_i32, ts_i, fast, offs_m,
                      n_ctx, k_base, v_base, ts_base, ts_ref, near_base, far_base, stride_kt, stride_vt, offs_dk,
                      offs_dv, alpha, False, NEAR, CAUSAL, TS32, FAST_SILU, P, NB, DQK, DV, BLOCK_N, BLOCK_DQK,
                      BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE)
     if not CAUSAL:  # causal rows never see keys right of themselves
-        acc = _attn_loop(acc, tl.maximum(right_start, k_lo), tl.minimum(full_end, k_hi), q, p_i, ts_i32, ts_i,
+        acc = _attn_loop(acc, tl.maximum(right_start, k_lo), tl.minimum(full_end, k_hi), q, p_i, ts_i32, ts_i, fast,
                          offs_m, n_ctx, k_base, v_base, ts_base, ts_ref, near_base, far_base + NB, stride_kt,
                          stride_vt, offs_dk, offs_dv, alpha, False, FAR_RIGHT, CAUSAL, TS32, FAST_SILU, P, NB, DQK,
                          DV, BLOCK_N, BLOCK_DQK, BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE)
-    acc = _attn_loop(acc, tl.maximum(full_end, k_lo), k_hi, q, p_i, ts_i32, ts_i, offs_m, n_ctx, k_base, v_base,
+    acc = _attn_loop(acc, tl.maximum(full_end, k_lo), k_hi, q, p_i, ts_i32, ts_i, fast, offs_m, n_ctx, k_base, v_base,
                      ts_base, ts_ref, near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
                      True, NEAR, CAUSAL, TS32, FAST_SILU, P, NB, DQK, DV, BLOCK_N, BLOCK_DQK, BLOCK_DV,
                      DOT_PREC, DOT_UPCAST, PTX, ABLATE)
@@ -334,23 +339,10 @@ def _attend_segment(Q, K, V, Out, ts, near_tab, far_tab, q_row0, kv_start, n_ctx
         fast = _abs_gap(t_max, t_min) < TS_FAST_LIMIT  # no wrap-around even for INT64_MIN..INT64_MAX
 
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    # The int32 / int64 time path is chosen once per program, not per key block.
-    if ALLOW_TS_FAST:
-        if fast:
-            acc = _key_loops(acc, k_lo, k_hi, left_end, right_start, full_end, q, p_i, ts_i32, ts_i, offs_m, n_ctx,
-                             k_base, v_base, ts_base, ts_ref, near_base, far_base, stride_kt, stride_vt, offs_dk,
-                             offs_dv, alpha, CAUSAL, True, FAST_SILU, P, NB, DQK, DV, BLOCK_N, BLOCK_DQK, BLOCK_DV,
-                             DOT_PREC, DOT_UPCAST, PTX, ABLATE)
-        else:
-            acc = _key_loops(acc, k_lo, k_hi, left_end, right_start, full_end, q, p_i, ts_i32, ts_i, offs_m, n_ctx,
-                             k_base, v_base, ts_base, ts_ref, near_base, far_base, stride_kt, stride_vt, offs_dk,
-                             offs_dv, alpha, CAUSAL, False, FAST_SILU, P, NB, DQK, DV, BLOCK_N, BLOCK_DQK, BLOCK_DV,
-                             DOT_PREC, DOT_UPCAST, PTX, ABLATE)
-    else:
-        acc = _key_loops(acc, k_lo, k_hi, left_end, right_start, full_end, q, p_i, ts_i32, ts_i, offs_m, n_ctx,
-                         k_base, v_base, ts_base, ts_ref, near_base, far_base, stride_kt, stride_vt, offs_dk,
-                         offs_dv, alpha, CAUSAL, False, FAST_SILU, P, NB, DQK, DV, BLOCK_N, BLOCK_DQK, BLOCK_DV,
-                         DOT_PREC, DOT_UPCAST, PTX, ABLATE)
+    acc = _key_loops(acc, k_lo, k_hi, left_end, right_start, full_end, q, p_i, ts_i32, ts_i, fast, offs_m, n_ctx,
+                     k_base, v_base, ts_base, ts_ref, near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv,
+                     alpha, CAUSAL, ALLOW_TS_FAST, FAST_SILU, P, NB, DQK, DV, BLOCK_N, BLOCK_DQK, BLOCK_DV, DOT_PREC,
+                     DOT_UPCAST, PTX, ABLATE)
 
     # Candidate rows also see themselves (rp = 0, dt = 0): the only allowed key past the history
     # (added by part 0 of a split).
