@@ -24,6 +24,7 @@ queries of a user are the last rows of its key sequence (q_offsets vs kv_offsets
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -48,16 +49,17 @@ NEAR, FAR_LEFT, FAR_RIGHT = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 # Inline-PTX variants (GPU only; the interpreter cannot run PTX): bit flags of the PTX constexpr
 # (written as literals inside the kernels: the interpreter cannot mix ints and constexprs).
 PTX_GATHER, PTX_BFIND = 1, 2
+SPLIT_MIN_KEYS, MAX_SPLITS = 128, 32  # key splits (key_splits): at least two 64-key blocks per part
 
 
 def _configs() -> list[triton.Config]:
     if INTERPRET:  # every config would be run once per call: keep one
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    # BLOCK_N = 64: ptxas reports no spills (4 warps at BLOCK_M = 128, or BLOCK_N = 128, spill).
-    # BLOCK_M = 64 / 4 warps: one warpgroup per program, two programs per SM.
+    # Measured on the H200 (bench/results/kernels-notes.md, kernels-explore-h200.json): fastest
+    # 64/32/4 warps/3 stages at head dim 128 and 128/64/4/3 at 64; 64/64/4/2 was the old pick.
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": 64}, num_warps=w, num_stages=s)
-        for bm, w, s in ((128, 8, 2), (128, 8, 3), (64, 4, 2), (64, 4, 3))
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in ((64, 32, 4, 3), (128, 64, 4, 3), (64, 64, 4, 2), (128, 32, 8, 3))
     ]
 
 
@@ -146,10 +148,12 @@ def _biased_bucket64(gap, NB: tl.constexpr):
 
 
 @triton.jit
-def _bucket(ts_i32, ts_i, ts_j, ts_ref, fast, ALLOW_TS_FAST: tl.constexpr, NB: tl.constexpr, PTX: tl.constexpr):
-    """Biased time bucket of every (row, key) pair: from int32 offsets to ts_ref when the
-    program's timestamps span less than 2**29 (`fast`), else from the saturated int64 gap."""
-    if ALLOW_TS_FAST:
+def _bucket(ts_i32, ts_i, ts_j, ts_ref, fast, TS32: tl.constexpr, NB: tl.constexpr, PTX: tl.constexpr):
+    """Biased time bucket of every (row, key) pair: from int32 offsets to ts_ref when the int32
+    path is allowed (TS32) and the program's timestamps span less than 2**29 (`fast`), else from
+    the saturated int64 gap. (A per-program choice with two copies of the key loops, TS32 a
+    constexpr, measured no faster on the H200 and doubled the compile time: kernels-notes.md.)"""
+    if TS32:
         if fast:
             eb = _biased_bucket(ts_i32[:, None] - (ts_j - ts_ref).to(tl.int32)[None, :], NB, PTX)
         else:
@@ -161,10 +165,10 @@ def _bucket(ts_i32, ts_i, ts_j, ts_ref, fast, ALLOW_TS_FAST: tl.constexpr, NB: t
 
 @triton.jit
 def _add_bias(z, p_i, ts_i32, ts_i, ts_j, ts_ref, fast, offs_n, near_base, far_base,
-              REL: tl.constexpr, ALLOW_TS_FAST: tl.constexpr, P: tl.constexpr,
+              REL: tl.constexpr, TS32: tl.constexpr, P: tl.constexpr,
               NB: tl.constexpr, PTX: tl.constexpr):
     """z + bias[h, bucket(i, j), rp(i, j)] for one key block (z = alpha/2 * q.k, tables halved)."""
-    eb = _bucket(ts_i32, ts_i, ts_j, ts_ref, fast, ALLOW_TS_FAST, NB, PTX)
+    eb = _bucket(ts_i32, ts_i, ts_j, ts_ref, fast, TS32, NB, PTX)
     if REL == NEAR:  # history keys: p(j) = j; p(i) = min(i, n_ctx) precomputed per row
         rp = tl.minimum(tl.maximum(p_i[:, None] - offs_n[None, :], 1 - P), P - 1)
         return z + _gather(near_base + (eb * (2 * P - 1) + rp), PTX)
@@ -175,7 +179,7 @@ def _add_bias(z, p_i, ts_i32, ts_i, ts_j, ts_ref, fast, offs_n, near_base, far_b
 @triton.jit
 def _attn_block(acc, q, p_i, ts_i32, ts_i, fast, offs_m, n_start, n_ctx, k_base, v_base, ts_base, ts_ref,
                 near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
-                MASKED: tl.constexpr, REL: tl.constexpr, CAUSAL: tl.constexpr, ALLOW_TS_FAST: tl.constexpr,
+                MASKED: tl.constexpr, REL: tl.constexpr, CAUSAL: tl.constexpr, TS32: tl.constexpr,
                 FAST_SILU: tl.constexpr, P: tl.constexpr, NB: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                 DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, PTX: tl.constexpr,
@@ -208,7 +212,7 @@ def _attn_block(acc, q, p_i, ts_i32, ts_i, fast, offs_m, n_start, n_ctx, k_base,
     z = qk * alpha
     if not ABLATE & 1:  # (ABLATE: benchmarking only, drops stages and so gives WRONG results)
         z = _add_bias(z, p_i, ts_i32, ts_i, ts_j, ts_ref, fast, offs_n, near_base, far_base,
-                      REL, ALLOW_TS_FAST, P, NB, PTX)
+                      REL, TS32, P, NB, PTX)
     a = z if ABLATE & 4 else _act(z, FAST_SILU)
     if MASKED:
         ok = col_ok[None, :]
@@ -226,7 +230,7 @@ def _attn_block(acc, q, p_i, ts_i32, ts_i, fast, offs_m, n_start, n_ctx, k_base,
 @triton.jit
 def _attn_loop(acc, lo, hi, q, p_i, ts_i32, ts_i, fast, offs_m, n_ctx, k_base, v_base, ts_base, ts_ref,
                near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
-               MASKED: tl.constexpr, REL: tl.constexpr, CAUSAL: tl.constexpr, ALLOW_TS_FAST: tl.constexpr,
+               MASKED: tl.constexpr, REL: tl.constexpr, CAUSAL: tl.constexpr, TS32: tl.constexpr,
                FAST_SILU: tl.constexpr, P: tl.constexpr, NB: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, PTX: tl.constexpr,
@@ -234,22 +238,53 @@ def _attn_loop(acc, lo, hi, q, p_i, ts_i32, ts_i, fast, offs_m, n_ctx, k_base, v
     for n_start in range(lo, hi, BLOCK_N):
         acc = _attn_block(acc, q, p_i, ts_i32, ts_i, fast, offs_m, n_start, n_ctx, k_base, v_base, ts_base,
                           ts_ref, near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
-                          MASKED, REL, CAUSAL, ALLOW_TS_FAST, FAST_SILU, P, NB, DQK, DV, BLOCK_N, BLOCK_DQK,
+                          MASKED, REL, CAUSAL, TS32, FAST_SILU, P, NB, DQK, DV, BLOCK_N, BLOCK_DQK,
                           BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE)
     return acc
 
 
 @triton.jit
-def _attend_segment(Q, K, V, Out, ts, near_tab, far_tab, q_row0, kv_start, n_ctx, m0, m_end, h,
+def _key_loops(acc, k_lo, k_hi, left_end, right_start, full_end, q, p_i, ts_i32, ts_i, fast, offs_m, n_ctx, k_base,
+               v_base, ts_base, ts_ref, near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
+               CAUSAL: tl.constexpr, TS32: tl.constexpr, FAST_SILU: tl.constexpr, P: tl.constexpr,
+               NB: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
+               DOT_UPCAST: tl.constexpr, PTX: tl.constexpr, ABLATE: tl.constexpr):
+    """The key blocks [k_lo, k_hi) of one tile, by kind: far-left, near, far-right (non-causal),
+    then the masked tail."""
+    acc = _attn_loop(acc, k_lo, tl.minimum(left_end, k_hi), q, p_i, ts_i32, ts_i, fast, offs_m, n_ctx, k_base, v_base,
+                     ts_base, ts_ref, near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
+                     False, FAR_LEFT, CAUSAL, TS32, FAST_SILU, P, NB, DQK, DV, BLOCK_N, BLOCK_DQK, BLOCK_DV,
+                     DOT_PREC, DOT_UPCAST, PTX, ABLATE)
+    acc = _attn_loop(acc, tl.maximum(left_end, k_lo), tl.minimum(right_start, k_hi), q, p_i, ts_i32, ts_i, fast, offs_m,
+                     n_ctx, k_base, v_base, ts_base, ts_ref, near_base, far_base, stride_kt, stride_vt, offs_dk,
+                     offs_dv, alpha, False, NEAR, CAUSAL, TS32, FAST_SILU, P, NB, DQK, DV, BLOCK_N, BLOCK_DQK,
+                     BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE)
+    if not CAUSAL:  # causal rows never see keys right of themselves
+        acc = _attn_loop(acc, tl.maximum(right_start, k_lo), tl.minimum(full_end, k_hi), q, p_i, ts_i32, ts_i, fast,
+                         offs_m, n_ctx, k_base, v_base, ts_base, ts_ref, near_base, far_base + NB, stride_kt,
+                         stride_vt, offs_dk, offs_dv, alpha, False, FAR_RIGHT, CAUSAL, TS32, FAST_SILU, P, NB, DQK,
+                         DV, BLOCK_N, BLOCK_DQK, BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE)
+    acc = _attn_loop(acc, tl.maximum(full_end, k_lo), k_hi, q, p_i, ts_i32, ts_i, fast, offs_m, n_ctx, k_base, v_base,
+                     ts_base, ts_ref, near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
+                     True, NEAR, CAUSAL, TS32, FAST_SILU, P, NB, DQK, DV, BLOCK_N, BLOCK_DQK, BLOCK_DV,
+                     DOT_PREC, DOT_UPCAST, PTX, ABLATE)
+    return acc
+
+
+@triton.jit
+def _attend_segment(Q, K, V, Out, ts, near_tab, far_tab, q_row0, kv_start, n_ctx, m0, m_end, h, split, n_split,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                     alpha, inv_norm,
                     CAUSAL: tl.constexpr, FAST_SILU: tl.constexpr, ALLOW_TS_FAST: tl.constexpr,
                     P: tl.constexpr, NB: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                     DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, PTX: tl.constexpr,
-                    ABLATE: tl.constexpr):
+                    ABLATE: tl.constexpr, PARTIAL: tl.constexpr):
     """Output rows [m0, m_end) (positions in the user's sequence, at most BLOCK_M of them) of the
-    user whose keys start at token `kv_start`, head h. Row m is query/output token q_row0 + m."""
+    user whose keys start at token `kv_start`, head h. Row m is query/output token q_row0 + m.
+    With n_split > 1 only key blocks of part `split` of the row's key range are summed (PARTIAL:
+    an fp32 partial sum, added to the others' by the launcher)."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
     row_ok = offs_m < m_end
     offs_dk = tl.arange(0, BLOCK_DQK)
@@ -283,43 +318,35 @@ def _attend_segment(Q, K, V, Out, ts, near_tab, far_tab, q_row0, kv_start, n_ctx
     else:
         hi = n_ctx
         full_end = (n_ctx // BLOCK_N) * BLOCK_N
+    # Split over keys: HSTU has no softmax, so partial sums over disjoint key blocks simply add.
+    per_split = tl.cdiv(tl.cdiv(hi, BLOCK_N), n_split) * BLOCK_N
+    k_lo = tl.minimum(split * per_split, hi)
+    k_hi = tl.minimum(k_lo + per_split, hi)
     # far-left blocks: n0 + BLOCK_N - 1 <= p_lo - (P-1); far-right: n0 >= p_hi + P - 1.
     left_end = tl.minimum((tl.maximum(p_lo - P + 2, 0) // BLOCK_N) * BLOCK_N, full_end)
     right_start = tl.minimum(tl.maximum(((p_hi + P - 1 + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, left_end), full_end)
 
     fast = True
-    ts_i32 = (ts_i - ts_ref).to(tl.int32)  # (used only when fast)
-    if ALLOW_TS_FAST:  # int32 offsets if every timestamp this program reads lies within 2**29
-        t_min = tl.min(ts_i)
-        t_max = tl.max(ts_i)
-        for n_start in range(0, hi, BLOCK_N):
+    ts_i32 = (ts_i - ts_ref).to(tl.int32)  # (used only on the int32 path)
+    if ALLOW_TS_FAST:  # int32 offsets (to ts_ref) if every timestamp this program reads lies within 2**29
+        t_min = tl.minimum(tl.min(ts_i), ts_ref)
+        t_max = tl.maximum(tl.max(ts_i), ts_ref)
+        for n_start in range(k_lo, k_hi, BLOCK_N):
             offs_n = n_start + tl.arange(0, BLOCK_N)
-            ts_j = tl.load(ts_base + offs_n, mask=offs_n < hi, other=0)
-            t_min = tl.minimum(t_min, tl.min(tl.where(offs_n < hi, ts_j, ts_ref)))
-            t_max = tl.maximum(t_max, tl.max(tl.where(offs_n < hi, ts_j, ts_ref)))
+            ts_j = tl.load(ts_base + offs_n, mask=offs_n < k_hi, other=0)
+            t_min = tl.minimum(t_min, tl.min(tl.where(offs_n < k_hi, ts_j, ts_ref)))
+            t_max = tl.maximum(t_max, tl.max(tl.where(offs_n < k_hi, ts_j, ts_ref)))
         fast = _abs_gap(t_max, t_min) < TS_FAST_LIMIT  # no wrap-around even for INT64_MIN..INT64_MAX
 
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    acc = _attn_loop(acc, 0, left_end, q, p_i, ts_i32, ts_i, fast, offs_m, n_ctx, k_base, v_base,
-                     ts_base, ts_ref, near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
-                     False, FAR_LEFT, CAUSAL, ALLOW_TS_FAST, FAST_SILU, P, NB, DQK, DV, BLOCK_N, BLOCK_DQK, BLOCK_DV,
-                     DOT_PREC, DOT_UPCAST, PTX, ABLATE)
-    acc = _attn_loop(acc, left_end, right_start, q, p_i, ts_i32, ts_i, fast, offs_m, n_ctx, k_base, v_base,
-                     ts_base, ts_ref, near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
-                     False, NEAR, CAUSAL, ALLOW_TS_FAST, FAST_SILU, P, NB, DQK, DV, BLOCK_N, BLOCK_DQK, BLOCK_DV,
-                     DOT_PREC, DOT_UPCAST, PTX, ABLATE)
-    if not CAUSAL:  # causal rows never see keys right of themselves
-        acc = _attn_loop(acc, right_start, full_end, q, p_i, ts_i32, ts_i, fast, offs_m, n_ctx, k_base,
-                         v_base, ts_base, ts_ref, near_base, far_base + NB, stride_kt, stride_vt, offs_dk, offs_dv,
-                         alpha, False, FAR_RIGHT, CAUSAL, ALLOW_TS_FAST, FAST_SILU, P, NB, DQK, DV, BLOCK_N, BLOCK_DQK,
-                         BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE)
-    acc = _attn_loop(acc, full_end, hi, q, p_i, ts_i32, ts_i, fast, offs_m, n_ctx, k_base, v_base,
-                     ts_base, ts_ref, near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
-                     True, NEAR, CAUSAL, ALLOW_TS_FAST, FAST_SILU, P, NB, DQK, DV, BLOCK_N, BLOCK_DQK, BLOCK_DV,
-                     DOT_PREC, DOT_UPCAST, PTX, ABLATE)
+    acc = _key_loops(acc, k_lo, k_hi, left_end, right_start, full_end, q, p_i, ts_i32, ts_i, fast, offs_m, n_ctx,
+                     k_base, v_base, ts_base, ts_ref, near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv,
+                     alpha, CAUSAL, ALLOW_TS_FAST, FAST_SILU, P, NB, DQK, DV, BLOCK_N, BLOCK_DQK, BLOCK_DV, DOT_PREC,
+                     DOT_UPCAST, PTX, ABLATE)
 
-    # Candidate rows also see themselves (rp = 0, dt = 0): the only allowed key past the history.
-    if m_end > n_ctx:
+    # Candidate rows also see themselves (rp = 0, dt = 0): the only allowed key past the history
+    # (added by part 0 of a split).
+    if (m_end > n_ctx) & (split == 0):
         cand = row_ok & (offs_m >= n_ctx)
         kd_mask = cand[:, None] & (offs_dk[None, :] < DQK)
         vd_mask = cand[:, None] & (offs_dv[None, :] < DV)
@@ -332,22 +359,25 @@ def _attend_segment(Q, K, V, Out, ts, near_tab, far_tab, q_row0, kv_start, n_ctx
         acc += tl.where(cand, _act(z_d, FAST_SILU), 0.0)[:, None] * vd.to(tl.float32)
 
     out = acc * inv_norm  # 1/norm once per output instead of once per score
-    if DOT_UPCAST:
+    if DOT_UPCAST and not PARTIAL:
         out = _round_to_bf16(out)  # now exact in bf16, so the interpreter's truncating cast is exact
     o_ptrs = Out + (q_row0 + offs_m)[:, None] * stride_ot + h * stride_oh + offs_dv[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
 
 
-@triton.autotune(configs=_configs(), key=["H", "CAUSAL", "BLOCK_DQK", "BLOCK_DV", "FAST_SILU", "ALLOW_TS_FAST"])
+AUTOTUNE_KEY = ["H", "CAUSAL", "BLOCK_DQK", "BLOCK_DV", "FAST_SILU", "ALLOW_TS_FAST", "PARTIAL"]
+
+
+@triton.autotune(configs=_configs(), key=AUTOTUNE_KEY)
 @triton.jit
 def _hstu_fwd_kernel(Q, K, V, Out, q_offsets, kv_offsets, ts, ncand, near_tab, far_tab, T, B,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-                     alpha, inv_norm, H,
+                     stride_os, alpha, inv_norm, H,
                      CAUSAL: tl.constexpr, FAST_SILU: tl.constexpr, ALLOW_TS_FAST: tl.constexpr,
                      P: tl.constexpr, NB: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                      DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, PTX: tl.constexpr,
-                     ABLATE: tl.constexpr, SEARCH: tl.constexpr):
+                     ABLATE: tl.constexpr, SEARCH: tl.constexpr, PARTIAL: tl.constexpr):
     """One program per window of BLOCK_M consecutive query tokens (all users flattened) and head.
 
     Per user b the queries q_offsets[b]..q_offsets[b+1] are the last rows of the sequence whose
@@ -355,9 +385,12 @@ def _hstu_fwd_kernel(Q, K, V, Out, q_offsets, kv_offsets, ts, ncand, near_tab, f
     offsets; cached keys: a suffix). The grid needs only T (query tokens) and H, no host-side
     tile list. A window inside one user is one tile; one that spans users is cut at their
     boundaries. Windows run last-first: late rows of a causal user see the most keys, so the
-    longest work starts first and the launch has a short tail.
+    longest work starts first and the launch has a short tail. Grid axis 2 splits each window's
+    key range (PARTIAL: Out is an fp32 [splits, T, H, Dv] buffer of partial sums).
     """
     h = tl.program_id(1)
+    split = tl.program_id(2)
+    Out += split.to(tl.int64) * stride_os
     # torch.compile / AOTInductor may pass Python-float arguments as fp64 (Inductor's default for
     # unbacked floats since torch 2.10): fp64 scalars would promote the fp32 accumulator
     alpha = tl.cast(alpha, tl.float32)
@@ -383,9 +416,10 @@ def _hstu_fwd_kernel(Q, K, V, Out, q_offsets, kv_offsets, ts, ncand, near_tab, f
                 n_ctx = length - tl.load(ncand + b).to(tl.int32)
                 _attend_segment(Q, K, V, Out, ts, near_tab, far_tab, q_start - shift, kv_start, n_ctx,
                                 (seg_lo - q_start).to(tl.int32) + shift, (seg_hi - q_start).to(tl.int32) + shift, h,
+                                split, tl.num_programs(2),
                                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                                 alpha, inv_norm, CAUSAL, FAST_SILU, ALLOW_TS_FAST, P, NB, DQK, DV, BLOCK_M, BLOCK_N,
-                                BLOCK_DQK, BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE)
+                                BLOCK_DQK, BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE, PARTIAL)
             else:  # more queries than keys: not a suffix. NaN rows, never a plausible result
                 rows = seg_lo + tl.arange(0, BLOCK_M)
                 offs_dv = tl.arange(0, BLOCK_DV)
@@ -467,6 +501,23 @@ def check_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_w: to
         )
 
 
+def key_splits(q: torch.Tensor, num_keys: int) -> int:
+    """Parts to cut each window's key range into: 1 when the (windows x heads) grid already fills
+    the GPU twice over (BLOCK_M 64: the smallest tuned window), else enough parts for that, each
+    at least SPLIT_MIN_KEYS keys (of all users' keys: a host-side bound, no device sync), at most
+    MAX_SPLITS. One user's few queries against a long cached history is the case this is for."""
+    if not q.is_cuda or INTERPRET or not isinstance(q.shape[0], int) or not isinstance(num_keys, int):
+        return 1  # symbolic shapes (torch.compile / export): no shape guards, one part
+    programs = triton.cdiv(q.shape[0], 64) * q.shape[1]
+    want = triton.cdiv(2 * _sm_count(q.device), programs)
+    return max(1, min(want, num_keys // SPLIT_MIN_KEYS, MAX_SPLITS))
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def ptx_variants(q: torch.Tensor, ptx: int | None) -> int:
     if not q.is_cuda or INTERPRET:
         return 0
@@ -493,6 +544,7 @@ def hstu_attention_cached_triton(
     config: tuple[int, int, int, int] | None = None,
     ablate: int = 0,
     ptx: int | None = None,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """Launch the kernel: per user the queries q[q_offsets[b]:q_offsets[b+1]] are the last rows of
     the sequence k, v, timestamps[kv_offsets[b]:kv_offsets[b+1]] (contract:
@@ -506,6 +558,8 @@ def hstu_attention_cached_triton(
     variants). ablate: benchmarking only, a bitmask of per-score stages to drop, which makes the
     result WRONG: 1 bias (time bucket and gathers), 4 activation. ptx: which inline-PTX variants
     to use (PTX_GATHER | PTX_BFIND bits); None = both on a GPU, none under the interpreter.
+    splits: how many parts each query window's key range is cut into (fp32 partial sums, added
+    in a fixed order: deterministic); None = key_splits' choice (> 1 only when the grid is small).
     """
     check_supported(q, k, v, pos_w)
     if q_offsets.shape != kv_offsets.shape:
@@ -527,19 +581,24 @@ def hstu_attention_cached_triton(
     if pos_w.stride(1) != 1 or ts_w.stride(1) != 1:
         pos_w, ts_w = pos_w.contiguous(), ts_w.contiguous()
     near_tab, far_tab = bias_tables(pos_w, ts_w, 0.5, wrap)  # z = s / 2, see _act
+    n_split = key_splits(q, k.shape[0]) if splits is None else splits
+    if n_split < 1:
+        raise ValueError(f"hstu attention kernel: splits must be >= 1, got {n_split}")
+    # Parts write fp32 partial sums to a [splits, Tq, H, Dv] buffer, summed below in a fixed order.
+    dest = out if n_split == 1 else torch.empty((n_split, total, heads, dv), dtype=torch.float32, device=q.device)
     kernel, fixed = _hstu_fwd_kernel, {}
     if config is not None:  # (BLOCK_M, BLOCK_N, warps, stages)
         kernel = _hstu_fwd_kernel.fn
         fixed = {"BLOCK_M": config[0], "BLOCK_N": config[1], "num_warps": config[2], "num_stages": config[3]}
 
-    def grid(meta: dict[str, Any]) -> tuple[int, int]:
-        return (triton.cdiv(total, meta["BLOCK_M"]), heads)
+    def grid(meta: dict[str, Any]) -> tuple[int, int, int]:
+        return (triton.cdiv(total, meta["BLOCK_M"]), heads, n_split)
 
     wrap(kernel)[grid](
         q,
         k,
         v,
-        out,
+        dest,
         q_offsets.contiguous(),
         kv_offsets.contiguous(),
         timestamps.contiguous(),
@@ -554,8 +613,9 @@ def hstu_attention_cached_triton(
         k.stride(1),
         v.stride(0),
         v.stride(1),
-        out.stride(0),
-        out.stride(1),
+        dest.stride(-3),
+        dest.stride(-2),
+        dest.stride(0) if n_split > 1 else 0,
         0.5 * float(alpha),
         1.0 / float(norm),
         heads,
@@ -573,8 +633,11 @@ def hstu_attention_cached_triton(
         PTX=ptx_variants(q, ptx),
         ABLATE=ablate,
         SEARCH=256,
+        PARTIAL=n_split > 1,
         **fixed,
     )
+    if n_split > 1:
+        out.copy_(dest.sum(0))
     return out
 
 

@@ -145,10 +145,12 @@ def cached_case(
     heads: int = 2,
     d: int = 32,
     via_op: bool = False,
+    splits: int = 1,
 ) -> float:
     """Queries = the last n_queries[b] tokens of each user's sequence, against all its keys.
     via_op: through kernels.hstu_attention_cached (the grc::hstu_attention_cached triton_op,
-    which launches the kernel on CPU tensors under the interpreter) instead of the launcher."""
+    which launches the kernel on CPU tensors under the interpreter) instead of the launcher.
+    splits: key-range parts summed as fp32 partials (the GPU picks them for small grids)."""
     num_pos = 8
     kv_offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int64)
     q_offsets = torch.tensor([0, *torch.tensor(n_queries).cumsum(0).tolist()], dtype=torch.int64)
@@ -166,7 +168,7 @@ def cached_case(
     if via_op:
         out = kernels.hstu_attention_cached(q, k, v, *args, pos_w, ts_w, 0.3, 7.0, causal, impl="triton")
     else:
-        out = hstu_attention_cached_triton(q, k, v, *args, pos_w, ts_w, 0.3, 7.0, causal, out=poisoned)
+        out = hstu_attention_cached_triton(q, k, v, *args, pos_w, ts_w, 0.3, 7.0, causal, out=poisoned, splits=splits)
     ref = reference.hstu_attention_cached(
         q.double(), k.double(), v.double(), *args, pos_w.double(), ts_w.double(), 0.3, 7.0, causal
     )
@@ -191,6 +193,13 @@ def cached_job(dtype: torch.dtype, gen: torch.Generator) -> dict[str, float]:
                 gen, dtype, [70, 9], [4, 0], [10, 9], causal, num_buckets=64, ts_high=1 << 56
             ),
             f"through_the_op_{tag}": cached_case(gen, dtype, lengths, ncands, [8, 1, 41, 1, 5], causal, via_op=True),
+            # the key range cut into parts: uneven (ten blocks / 3), more parts than some rows'
+            # blocks (empty parts), and the int64 time path per part
+            f"split_keys_3_{tag}": cached_case(gen, dtype, [155, 170], [5, 3], [5, 20], causal, splits=3),
+            f"split_keys_4_mixed_{tag}": cached_case(gen, dtype, lengths, ncands, [8, 1, 41, 1, 5], causal, splits=4),
+            f"split_keys_2_huge_gaps_{tag}": cached_case(
+                gen, dtype, [70, 9], [4, 0], [10, 9], causal, num_buckets=64, ts_high=1 << 56, splits=2
+            ),
         }
     return results
 
