@@ -201,10 +201,24 @@ def attest(path: Path, dest: Path, search: int = 30) -> Path:
     return out
 
 
+def backfill_digest(path: Path) -> None:
+    """Give a result written before results carried source_sha256 (this session's first writer) the
+    digest of its recorded commit's sources, read from git, saying so; its dirty flag stays as written."""
+    data = json.loads(path.read_text())
+    if "source_sha256" in data or not data.get("commit"):
+        raise SystemExit(f"{path}: has a source digest already, or no commit to compute one from")
+    data["source_sha256"] = source_digest_at(data["commit"])
+    data["source_sha256_from"] = "the recorded commit's tree, computed later (bench/_common.py --backfill-digest)"
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
 if __name__ == "__main__":
     # no argument: the digest of this checkout, to hold against a result's source_sha256;
     # --attest FILE... DEST: copy device results in with the commit they were measured at
-    if sys.argv[1:2] == ["--attest"] and len(sys.argv) >= 4:
+    if sys.argv[1:2] == ["--backfill-digest"]:
+        for name in sys.argv[2:]:
+            backfill_digest(Path(name))
+    elif sys.argv[1:2] == ["--attest"] and len(sys.argv) >= 4:
         for name in sys.argv[2:-1]:
             print(attest(Path(name), Path(sys.argv[-1])))
     else:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import platform
 import subprocess
 import sys
@@ -188,7 +187,10 @@ def main() -> int:
         "cases": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from _common import write_result  # provenance (argv, commit, source digest, device, versions) by code
+
+    write_result(args.out, result)
     return 0 if ok else 1
 
 
