@@ -26,6 +26,7 @@ from grc.errors import GrcError
 from grc.serving import bundle as bd
 from grc.serving import check
 from grc.serving import request as rq
+from grc.serving.common.process import http_ok, read_live_record
 from grc.spec.loader import LoadedSpec
 
 STATE = "triton-server.json"
@@ -207,19 +208,15 @@ def _save_log(root: Path, text: str) -> Path:
 
 
 def _read_state(path: Path) -> dict[str, Any] | None:
-    """The recorded detached server if it still runs; a stale record is removed."""
+    """The recorded detached server (a container, or a tritonserver that is still the one we started)."""
     from grc.serving.tritonserver import DetachedServer, detached_alive
 
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text())
-    if "docker" in data:
-        return data
-    record = DetachedServer(**{k: data[k] for k in DetachedServer.__dataclass_fields__})
-    if detached_alive(record):
-        return data
-    path.unlink(missing_ok=True)
-    return None
+    def alive(data: dict[str, Any]) -> bool:
+        return "docker" in data or detached_alive(
+            DetachedServer(**{k: data[k] for k in DetachedServer.__dataclass_fields__})
+        )
+
+    return read_live_record(path, alive)
 
 
 def stop(loaded: LoadedSpec, root: Path, args: argparse.Namespace) -> int:
@@ -315,11 +312,9 @@ def _docker(loaded: LoadedSpec, root: Path, folder: Path, description: dict[str,
 
 
 def _wait_http(url: str, timeout_s: float, container: str) -> None:
-    from grc.serving.tritonserver import _http_ok
-
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if _http_ok(url):
+        if http_ok(url):
             return
         time.sleep(1)
     logs = subprocess.run(["docker", "logs", "--tail", "30", container], capture_output=True, text=True)
