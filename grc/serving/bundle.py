@@ -21,9 +21,8 @@ Every config is a ModelConfig protobuf (grc.serving.model_config), checked befor
 from __future__ import annotations
 
 import json
-import os
-import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ import numpy as np
 from grc.errors import StageError
 from grc.serving import history_bundle
 from grc.serving import request as rq
+from grc.serving.common.files import link_or_copy
 from grc.serving.model_config import ModelConfig, tensor_input, tensor_output, write_config
 from grc.serving.model_config import pb as mc
 from grc.serving.validate import TIME_MAX, TIME_MIN, TIME_RANGE
@@ -266,15 +266,33 @@ def sample_request(spec: Spec) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------- writing
 
 
-def link_or_copy(src: Path, dst: Path) -> str:
-    """Hard-link (same filesystem: multi-GB weights cost nothing), else copy. Returns which."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-        return "hardlink"
-    except OSError:
-        shutil.copy2(src, dst)
-        return "copy"
+@dataclass
+class _Repository:
+    """The model repository being written: links weights in, remembers digests it already knows, lists configs."""
+
+    out: Path
+    version: str
+    known: dict[str, str]  # file name -> sha256 from the weights / ONNX manifests
+    digests: dict[str, str] = field(default_factory=dict)
+    modes: set[str] = field(default_factory=set)
+    configs: list[tuple[ModelConfig, str | None]] = field(default_factory=list)  # (config, python module or None)
+
+    @property
+    def root(self) -> Path:
+        return self.out / MODEL_REPOSITORY
+
+    def version_dir(self, model: str) -> Path:
+        return self.root / model / self.version
+
+    def link(self, src: Path, dst: Path) -> None:
+        self.modes.add(link_or_copy(src, dst))
+        if src.name in self.known:
+            self.digests[str(dst.relative_to(self.out))] = self.known[src.name]  # the build cache never re-hashes GBs
+
+    def add(self, msg: ModelConfig, module: str | None, warmup: dict[str, np.ndarray] | None = None) -> None:
+        if warmup is not None:
+            add_warmup(msg, self.root / msg.name, warmup)
+        self.configs.append((msg, module))
 
 
 def write_bundle(spec: Spec, weights_dir: Path, onnx_dir: Path, out: Path,
@@ -286,107 +304,131 @@ def write_bundle(spec: Spec, weights_dir: Path, onnx_dir: Path, out: Path,
     from grc.weights import open_tables, read_manifest
 
     cfg = spec.bundles.triton
-    problems = rq.bundle_problems(spec.model, cfg) + history_bundle.problems(spec)
+    wanted = [cfg.backend, *cfg.extra_backends]
+    _refuse(spec, wanted, engines, onnx_dir)  # before anything is written
+    known = {s["file"]: s["sha256"] for s in read_manifest(weights_dir)["shards"]}
+    known.update(json.loads((onnx_dir / "manifest.json").read_text()).get("sha256", {}))
+    repo = _Repository(out, str(cfg.model_version), known)
+    sample = sample_request(spec)
+    checked = parse(dict(sample), spec.model, cfg.truncate_history)
+    projector, tables = load_projector(spec.model, weights_dir), open_tables(spec.model, weights_dir)
+    dense_in = project([checked], projector, tables, spec.model)[0]
+    warm = cfg.warmup
+
+    _preprocess_models(repo, spec, weights_dir, "tensorrt_plan" in wanted, sample if warm else None)
+    if "onnxruntime" in wanted:
+        _dense_onnx(repo, spec, onnx_dir, dense_in if warm else None)
+    if "aotinductor" in wanted:
+        _dense_aoti(repo, spec, aoti, dense_in if warm else None)
+    if "tensorrt_plan" in wanted and engines:
+        _dense_trt(repo, spec, engines, gpu_engines or {})
+    _postprocess(repo, spec, dense_in, checked if warm else None)
+    if history_bundle.enabled(spec):
+        cached = history_bundle.cached_model_config(spec, weights_dir)
+        for f in sorted(p for p in weights_dir.iterdir() if p.is_file()):
+            repo.link(f, repo.version_dir(cached.name) / "weights" / f.name)
+        repo.add(cached, history_bundle.MODULE, sample if warm else None)
+    names = ensemble_names(spec)
+    for backend, ens in names.items():
+        pre = PREPROCESS_PADDED if backend == "tensorrt_plan" else PREPROCESS
+        repo.add(ensemble_config(spec, ens, pre, DENSE[backend]), None)
+    _write_configs(repo)
+    _write_docs(out, spec, names, sample, gpu_engines)
+    mode = "copy" if "copy" in repo.modes else "hardlink"
+    log(f"triton: {len(repo.configs)} models ({', '.join(m.name for m, _ in repo.configs)}); "
+        f"weights and ONNX {mode}ed")
+    return {"format": FORMAT, "model_repository": MODEL_REPOSITORY, "ensembles": names,
+            "models": sorted(m.name for m, _ in repo.configs), "linked": mode, "sha256": repo.digests}
+
+
+def _refuse(spec: Spec, wanted: Sequence[str], engines: dict[int, Path] | None, onnx_dir: Path) -> None:
+    """What the spec asks and this build cannot serve, named before anything is written."""
+    problems = rq.bundle_problems(spec.model, spec.bundles.triton) + history_bundle.problems(spec)
     if problems:
         raise StageError("\n".join(problems))
-    wanted = [cfg.backend, *cfg.extra_backends]
     if "tensorrt_plan" in wanted and not engines:
         raise StageError("bundles.triton.backend: tensorrt_plan serves the engine stage's TensorRT engines, and this "
                          "build has none (every engine.targets entry was skipped: see the engine stage's manifest), "
                          "or use onnxruntime")
     if "onnxruntime" in wanted:
-        refuse_gpu_custom_ops(spec, onnx_dir / "model.onnx")  # before anything is written
-    repo = out / MODEL_REPOSITORY
-    version = str(cfg.model_version)
-    digests: dict[str, str] = {}
-    modes: set[str] = set()
-    known = {s["file"]: s["sha256"] for s in read_manifest(weights_dir)["shards"]}
-    onnx_manifest = json.loads((onnx_dir / "manifest.json").read_text())
-    known.update(onnx_manifest.get("sha256", {}))
+        refuse_gpu_custom_ops(spec, onnx_dir / "model.onnx")
 
-    def link(src: Path, dst: Path) -> None:
-        modes.add(link_or_copy(src, dst))
-        if src.name in known:
-            digests[str(dst.relative_to(out))] = known[src.name]  # the build cache never re-hashes GBs
 
-    sample = sample_request(spec)
-    checked = parse(dict(sample), spec.model, cfg.truncate_history)
-    projector, tables = load_projector(spec.model, weights_dir), open_tables(spec.model, weights_dir)
-    pad_tokens = spec.model.hstu.max_seq_len
+def _preprocess_models(repo: _Repository, spec: Spec, weights_dir: Path, padded: bool,
+                       warmup: dict[str, np.ndarray] | None) -> None:
+    """``preprocess`` (jagged), and ``preprocess_padded`` for TensorRT engines (fixed max_seq_len tokens)."""
     preprocesses: dict[str, int | None] = {PREPROCESS: None}
-    if "tensorrt_plan" in wanted:
-        preprocesses[PREPROCESS_PADDED] = pad_tokens
-    configs: list[tuple[ModelConfig, str | None]] = []
+    if padded:
+        preprocesses[PREPROCESS_PADDED] = spec.model.hstu.max_seq_len
     for name, pad_to in preprocesses.items():
         msg = preprocess_config(spec, name, pad_to)
         for f in sorted(p for p in weights_dir.iterdir() if p.is_file()):
-            link(f, repo / name / version / "weights" / f.name)
-        if cfg.warmup:
-            add_warmup(msg, repo / name, sample)
-        configs.append((msg, "preprocess"))
-    dense_in = project([checked], projector, tables, spec.model)[0]
-    if "onnxruntime" in wanted:
-        msg = dense_onnx_config(spec)
-        for f in sorted(onnx_dir.glob("model.onnx*")):
-            link(f, repo / msg.name / version / f.name)
-        if cfg.warmup:
-            add_warmup(msg, repo / msg.name, dense_in)
-        configs.append((msg, "dense_onnx"))
-    if "aotinductor" in wanted:
-        packages = aoti_packages(spec, aoti)
-        msg = dense_aoti_config(spec, {kind: rel for kind, (rel, _) in packages.items()})
-        assert aoti is not None  # aoti_packages refused a missing one
-        for rel, digest in packages.values():  # <target>/model.pt2, the same path in the version dir
-            dst = repo / msg.name / version / rel
-            link(aoti / rel, dst)
-            link((aoti / rel).parent / "metadata.json", dst.parent / "metadata.json")  # dtype, parity, toolkits
-            if digest:
-                digests[str(dst.relative_to(out))] = digest
-        if cfg.warmup:
-            add_warmup(msg, repo / msg.name, dense_in)
-        configs.append((msg, "dense_aoti"))
-    if "tensorrt_plan" in wanted and engines:
-        plans = {cc: f"model.sm{cc}.plan" for cc in engines}
-        msg = dense_trt_config(spec, plans, pad_tokens)
-        for cc, path in engines.items():
-            link(path, repo / msg.name / version / plans[cc])
-        configs.append((msg, None))
-        # GPUs that share a compute capability (H100 / H200: both 9.0) cannot be told apart by
-        # cc_model_filenames: each such engine gets configs/<target>.pbtxt naming its own plan,
-        # served with `tritonserver --model-config-name=<target>`
-        for target, path in sorted((gpu_engines or {}).items()):
-            link(path, repo / msg.name / version / f"model.{target}.plan")
-            pinned = ModelConfig()
-            pinned.CopyFrom(msg)
-            pinned.ClearField("cc_model_filenames")
-            pinned.default_model_filename = f"model.{target}.plan"
-            write_config(repo / msg.name, pinned, custom=target)
-    post = postprocess_config(spec)
-    if cfg.warmup:
+            repo.link(f, repo.version_dir(name) / "weights" / f.name)
+        repo.add(msg, "preprocess", warmup)
+
+
+def _dense_onnx(repo: _Repository, spec: Spec, onnx_dir: Path, warmup: dict[str, np.ndarray] | None) -> None:
+    msg = dense_onnx_config(spec)
+    for f in sorted(onnx_dir.glob("model.onnx*")):
+        repo.link(f, repo.version_dir(msg.name) / f.name)
+    repo.add(msg, "dense_onnx", warmup)
+
+
+def _dense_aoti(repo: _Repository, spec: Spec, aoti: Path | None, warmup: dict[str, np.ndarray] | None) -> None:
+    packages = aoti_packages(spec, aoti)
+    msg = dense_aoti_config(spec, {kind: rel for kind, (rel, _) in packages.items()})
+    assert aoti is not None  # aoti_packages refused a missing one
+    for rel, digest in packages.values():  # <target>/model.pt2, the same path in the version dir
+        dst = repo.version_dir(msg.name) / rel
+        repo.link(aoti / rel, dst)
+        repo.link((aoti / rel).parent / "metadata.json", dst.parent / "metadata.json")  # dtype, parity, toolkits
+        if digest:
+            repo.digests[str(dst.relative_to(repo.out))] = digest
+    repo.add(msg, "dense_aoti", warmup)
+
+
+def _dense_trt(repo: _Repository, spec: Spec, engines: dict[int, Path], gpu_engines: dict[str, Path]) -> None:
+    plans = {cc: f"model.sm{cc}.plan" for cc in engines}
+    msg = dense_trt_config(spec, plans, spec.model.hstu.max_seq_len)
+    for cc, path in engines.items():
+        repo.link(path, repo.version_dir(msg.name) / plans[cc])
+    repo.add(msg, None)
+    # GPUs that share a compute capability (H100 / H200: both 9.0) cannot be told apart by
+    # cc_model_filenames: each such engine gets configs/<target>.pbtxt naming its own plan,
+    # served with `tritonserver --model-config-name=<target>`
+    for target, path in sorted(gpu_engines.items()):
+        repo.link(path, repo.version_dir(msg.name) / f"model.{target}.plan")
+        pinned = ModelConfig()
+        pinned.CopyFrom(msg)
+        pinned.ClearField("cc_model_filenames")
+        pinned.default_model_filename = f"model.{target}.plan"
+        write_config(repo.root / msg.name, pinned, custom=target)
+
+
+def _postprocess(repo: _Repository, spec: Spec, dense_in: dict[str, np.ndarray],
+                 checked: dict[str, np.ndarray] | None) -> None:
+    """``checked``: the parsed sample request when warm-up is on (its candidate ids feed the warm-up)."""
+    warmup = None
+    if checked is not None:
         first = rq.candidate_input(spec.model.candidate[0])
-        add_warmup(post, repo / POSTPROCESS, {
-            "scores": np.zeros((*dense_in["tokens"].shape[:2], len(spec.model.tasks)), np.float32),
-            "lengths": dense_in["lengths"], "num_candidates": dense_in["num_candidates"],
-            "candidate_ids": checked[first]})
-    configs.append((post, "postprocess"))
-    if history_bundle.enabled(spec):
-        cached = history_bundle.cached_model_config(spec, weights_dir)
-        for f in sorted(p for p in weights_dir.iterdir() if p.is_file()):
-            link(f, repo / cached.name / version / "weights" / f.name)
-        if cfg.warmup:
-            add_warmup(cached, repo / cached.name, sample)
-        configs.append((cached, history_bundle.MODULE))
-    names = ensemble_names(spec)
-    for backend, ens in names.items():
-        pre = PREPROCESS_PADDED if backend == "tensorrt_plan" else PREPROCESS
-        configs.append((ensemble_config(spec, ens, pre, DENSE[backend]), None))
-    for msg, module in configs:
-        write_config(repo / msg.name, msg)
-        (repo / msg.name / version).mkdir(parents=True, exist_ok=True)  # an ensemble needs one too
+        warmup = {"scores": np.zeros((*dense_in["tokens"].shape[:2], len(spec.model.tasks)), np.float32),
+                  "lengths": dense_in["lengths"], "num_candidates": dense_in["num_candidates"],
+                  "candidate_ids": checked[first]}
+    repo.add(postprocess_config(spec), "postprocess", warmup)
+
+
+def _write_configs(repo: _Repository) -> None:
+    for msg, module in repo.configs:
+        write_config(repo.root / msg.name, msg)
+        repo.version_dir(msg.name).mkdir(parents=True, exist_ok=True)  # an ensemble needs one too
         if module is not None and msg.backend == "python":
-            (repo / msg.name / version / "model.py").write_text(SHIM.format(module=module))
-    description = describe(spec, names, sample)
-    (out / BUNDLE_JSON).write_text(json.dumps(description, indent=1) + "\n")
+            (repo.version_dir(msg.name) / "model.py").write_text(SHIM.format(module=module))
+
+
+def _write_docs(out: Path, spec: Spec, names: dict[str, str], sample: dict[str, np.ndarray],
+                gpu_engines: dict[str, Path] | None) -> None:
+    """bundle.json (machine-readable), the sample request, and the README."""
+    (out / BUNDLE_JSON).write_text(json.dumps(describe(spec, names, sample), indent=1) + "\n")
     (out / SAMPLE_JSON).write_text(json.dumps({"inputs": rq.as_json_inputs(sample, spec.model)}) + "\n")
     text = readme(spec, names)
     if history_bundle.enabled(spec):
@@ -399,10 +441,6 @@ def write_bundle(spec: Spec, weights_dir: Path, onnx_dir: Path, out: Path,
                            f"    grc deploy --target triton {spec.name} --model-config-name {t}\n"
                            for t in sorted(gpu_engines)))
     (out / "README.md").write_text(text)
-    mode = "copy" if "copy" in modes else "hardlink"
-    log(f"triton: {len(configs)} models ({', '.join(m.name for m, _ in configs)}); weights and ONNX {mode}ed")
-    return {"format": FORMAT, "model_repository": MODEL_REPOSITORY, "ensembles": names,
-            "models": sorted(m.name for m, _ in configs), "linked": mode, "sha256": digests}
 
 
 def describe(spec: Spec, names: dict[str, str], sample: dict[str, np.ndarray]) -> dict[str, Any]:
