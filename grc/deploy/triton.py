@@ -23,10 +23,10 @@ from rich.console import Console
 from rich.table import Table
 
 from grc.errors import GrcError
-from grc.serving import bundle as bd
-from grc.serving import check
 from grc.serving import request as rq
 from grc.serving.common.process import http_ok, read_live_record
+from grc.serving.triton import bundle as bd
+from grc.serving.triton import check
 from grc.spec.loader import LoadedSpec
 
 STATE = "triton-server.json"
@@ -88,7 +88,7 @@ def deploy(loaded: LoadedSpec, root: Path, args: argparse.Namespace) -> int:
         raise DeployError(f"a triton server for {loaded.spec.name} is already running (pid {running['pid']}, "
                           f"http {running['ports']['http']}); stop it with\n"
                           f"  grc deploy --target triton {loaded.path} --stop")
-    from grc.serving.tritonserver import TritonServer, TritonServerNotFound, ensure_tritonserver, find_tritonserver
+    from grc.serving.triton.server import TritonServer, TritonServerNotFound, ensure_tritonserver, find_tritonserver
 
     try:
         install = find_tritonserver()
@@ -128,7 +128,7 @@ def deploy(loaded: LoadedSpec, root: Path, args: argparse.Namespace) -> int:
 
 def custom_configs(folder: Path) -> list[str]:
     """Names of the bundle's custom configs (model_repository/<model>/configs/<name>.pbtxt)."""
-    from grc.serving.model_config import CUSTOM_CONFIGS
+    from grc.serving.triton.model_config import CUSTOM_CONFIGS
 
     return sorted({p.stem for p in (folder / bd.MODEL_REPOSITORY).glob(f"*/{CUSTOM_CONFIGS}/*.pbtxt")})
 
@@ -209,7 +209,7 @@ def _save_log(root: Path, text: str) -> Path:
 
 def _read_state(path: Path) -> dict[str, Any] | None:
     """The recorded detached server (a container, or a tritonserver that is still the one we started)."""
-    from grc.serving.tritonserver import DetachedServer, detached_alive
+    from grc.serving.triton.server import DetachedServer, detached_alive
 
     def alive(data: dict[str, Any]) -> bool:
         return "docker" in data or detached_alive(
@@ -220,7 +220,7 @@ def _read_state(path: Path) -> dict[str, Any] | None:
 
 
 def stop(loaded: LoadedSpec, root: Path, args: argparse.Namespace) -> int:
-    from grc.serving.tritonserver import DetachedServer, stop_detached
+    from grc.serving.triton.server import DetachedServer, stop_detached
 
     console = _console()
     state = root / STATE

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from grc.serving.triton_models import steps
-from grc.serving.triton_models import tensor_io as io
+from grc.serving.triton.models import steps
+from grc.serving.triton.models import tensor_io as io
 from grc.serving.validate import check_dense
 
 INPUTS = ("tokens", "timestamps", "lengths", "num_candidates")

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from grc.serving.triton_models import tensor_io as io
+from grc.serving.triton.models import tensor_io as io
 from grc.serving.validate import RequestError
 
 Checked = TypeVar("Checked")

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from grc.serving import request as rq
-from grc.serving.triton_models import steps
-from grc.serving.triton_models import tensor_io as io
+from grc.serving.triton.models import steps
+from grc.serving.triton.models import tensor_io as io
 from grc.serving.validate import check_postprocess
 
 INPUTS = ("scores", "lengths", "num_candidates", "candidate_ids")

@@ -121,7 +121,7 @@ def find_tritonserver(home: Path | None = None) -> ServerInstall:
         raise TritonServerNotFound(
             f"tritonserver is not on PATH and not installed in {home}. Install it with:\n"
             f"  {shlex.join(install_command(home))}\n"
-            "or call grc.serving.tritonserver.ensure_tritonserver()"
+            "or call grc.serving.triton.server.ensure_tritonserver()"
         )
     return ServerInstall(binary, _python_backend_dir(root), f"{PYTRITON_REQUIREMENT} in {home}")
 
