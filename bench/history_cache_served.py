@@ -88,7 +88,7 @@ def main() -> int:
 
     from grc.build.runner import build
     from grc.model.sample import random_batch
-    from grc.serving import request as rq
+    from grc.serving.common import request as rq
     from grc.serving.triton import bundle as bd
     from grc.serving.triton.server import TritonServer
     from grc.spec.loader import load_spec

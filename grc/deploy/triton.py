@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from grc.errors import GrcError
-from grc.serving import request as rq
+from grc.serving.common import request as rq
 from grc.serving.common.process import http_ok, read_live_record
 from grc.serving.triton import bundle as bd
 from grc.serving.triton import check

@@ -78,8 +78,8 @@ def server_args(spec: Any, lim: dict[str, int]) -> list[str]:
 
 def run(ctx: Context) -> dict[str, Any]:
     from grc import __version__
+    from grc.serving.common.validate import TIME_MAX, TIME_MIN
     from grc.serving.triton.bundle import HISTORY_RULE
-    from grc.serving.validate import TIME_MAX, TIME_MIN
     from grc.serving.vllm_plugin import ARCHITECTURE, MAX_USERS, MODEL_TYPE
     from grc.serving.vllm_plugin import tokens as tk
     from grc.serving.vllm_plugin.package import DIST, ENTRY_GROUP, ENTRY_NAME, MODULE, write_plugin

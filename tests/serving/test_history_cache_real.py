@@ -19,7 +19,7 @@ import torch
 from tritonclient.utils import InferenceServerException
 
 from grc.model.sample import random_batch
-from grc.serving import request as rq
+from grc.serving.common import request as rq
 from grc.serving.triton import bundle as bd
 from grc.serving.triton import check
 from grc.serving.triton.model_config import load_config

@@ -12,8 +12,8 @@ import pytest
 from pydantic import ValidationError
 
 from grc.errors import SpecError, StageError
-from grc.serving import request as rq
-from grc.serving import validate
+from grc.serving.common import request as rq
+from grc.serving.common import validate
 from grc.serving.triton import bundle as bd
 from grc.serving.triton import check
 from grc.serving.triton.load import request_pool

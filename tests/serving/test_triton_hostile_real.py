@@ -19,8 +19,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from grc.serving import request as rq
-from grc.serving import validate
+from grc.serving.common import request as rq
+from grc.serving.common import validate
 from grc.serving.triton import bundle as bd
 from grc.serving.triton import check
 from grc.serving.triton.server import ServerInstall, TritonServer

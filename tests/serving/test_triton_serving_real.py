@@ -18,7 +18,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from grc.serving import request as rq
+from grc.serving.common import request as rq
 from grc.serving.triton import bundle as bd
 from grc.serving.triton import check, load
 from grc.serving.triton.server import ServerInstall, TritonServer

@@ -29,12 +29,12 @@ from typing import Any
 import numpy as np
 
 from grc.errors import StageError
-from grc.serving import request as rq
+from grc.serving.common import request as rq
 from grc.serving.common.files import link_or_copy
+from grc.serving.common.validate import TIME_MAX, TIME_MIN, TIME_RANGE
 from grc.serving.triton import history_bundle
 from grc.serving.triton.model_config import ModelConfig, tensor_input, tensor_output, write_config
 from grc.serving.triton.model_config import pb as mc
-from grc.serving.validate import TIME_MAX, TIME_MIN, TIME_RANGE
 from grc.spec.schema import Spec
 
 FORMAT = "grc-triton-bundle/1"
@@ -299,8 +299,8 @@ def write_bundle(spec: Spec, weights_dir: Path, onnx_dir: Path, out: Path,
                  engines: dict[int, Path] | None = None, aoti: Path | None = None,
                  gpu_engines: dict[str, Path] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Write the bundle into ``out``; returns the stage manifest's body."""
+    from grc.serving.common.validate import parse
     from grc.serving.triton.models.preprocess import load_projector, project
-    from grc.serving.validate import parse
     from grc.weights import open_tables, read_manifest
 
     cfg = spec.bundles.triton

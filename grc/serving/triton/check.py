@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from grc.serving import request as rq
+from grc.serving.common import request as rq
 from grc.serving.common.reference import ReferenceModel
 from grc.spec.schema import ModelConfig, Spec, Tolerance
 
@@ -55,7 +55,7 @@ class Reference(ReferenceModel):
         self.truncate = truncate_history
 
     def scores(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
-        from grc.serving.validate import parse
+        from grc.serving.common.validate import parse
 
         checked = parse(dict(arrays), self.cfg, self.truncate)
         batch = rq.request_batch(checked, self.cfg)

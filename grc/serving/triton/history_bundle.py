@@ -11,7 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from grc.serving import request as rq
+from grc.serving.common import request as rq
 from grc.serving.triton.model_config import ModelConfig, tensor_output
 from grc.spec.schema import Spec
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from grc.serving import request as rq
+from grc.serving.common import request as rq
 from grc.serving.common.loop import closed_loop
 from grc.serving.triton import check
 from grc.spec.schema import ModelConfig

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from grc.serving.common.validate import check_dense
 from grc.serving.triton.models import steps
 from grc.serving.triton.models import tensor_io as io
 from grc.serving.triton.models.dense_onnx import INPUTS
-from grc.serving.validate import check_dense
 
 
 def to_jagged(requests: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

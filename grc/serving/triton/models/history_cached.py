@@ -21,11 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from grc.serving import request as rq
+from grc.serving.common import request as rq
+from grc.serving.common.validate import RequestError, parse
 from grc.serving.history_cache import CachedHistory, HistoryCache, cached_history, miss_reason, model_namespace
 from grc.serving.triton.models import tensor_io as io
 from grc.serving.triton.models.postprocess import rank
-from grc.serving.triton.models.preprocess import RequestError, parse, project
+from grc.serving.triton.models.preprocess import project
 from grc.spec.schema import ModelConfig
 
 USER_ID = "user_id"
