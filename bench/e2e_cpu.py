@@ -43,7 +43,7 @@ def cpu_main(args: argparse.Namespace) -> None:
 
     from grc.aoti.build import build_target
     from grc.aoti.runtime import load
-    from grc.onnx_export import export_onnx
+    from grc.onnx.export import export_onnx
 
     torch.set_num_threads(args.threads)
     cpu = torch.device("cpu")

@@ -52,7 +52,7 @@ def bench_spec(base: Path, folder: Path) -> Path:
 
 
 def timed(url: str, model: str, arrays: dict[str, np.ndarray], count: int) -> tuple[list[float], np.ndarray]:
-    from grc.serving import check
+    from grc.serving.triton import check
 
     times, scores = [], np.zeros(0)
     for _ in range(count):
@@ -88,9 +88,9 @@ def main() -> int:
 
     from grc.build.runner import build
     from grc.model.sample import random_batch
-    from grc.serving import bundle as bd
-    from grc.serving import request as rq
-    from grc.serving.tritonserver import TritonServer
+    from grc.serving.common import request as rq
+    from grc.serving.triton import bundle as bd
+    from grc.serving.triton.server import TritonServer
     from grc.spec.loader import load_spec
 
     rows = []

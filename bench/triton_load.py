@@ -33,8 +33,8 @@ def main() -> int:
     args = parser.parse_args()
 
     from grc.build.runner import build
-    from grc.serving import bundle as bd
-    from grc.serving import load
+    from grc.serving.triton import bundle as bd
+    from grc.serving.triton import load
     from grc.spec.loader import load_spec
 
     loaded = load_spec(args.spec)
@@ -101,9 +101,9 @@ def main() -> int:
 
 def measure(spec, folder: Path, pool: list, args: argparse.Namespace) -> dict:  # type: ignore[no-untyped-def]
     """Start the server on ``folder``, check answers against PyTorch, warm up, run the load."""
-    from grc.serving import bundle as bd
-    from grc.serving import check, load
-    from grc.serving.tritonserver import TritonServer, ensure_tritonserver
+    from grc.serving.triton import bundle as bd
+    from grc.serving.triton import check, load
+    from grc.serving.triton.server import TritonServer, ensure_tritonserver
 
     ensemble = bd.load_description(folder)["ensemble"]
     weights = folder / bd.MODEL_REPOSITORY / bd.PREPROCESS / str(spec.bundles.triton.model_version) / "weights"

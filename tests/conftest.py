@@ -8,10 +8,13 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
+
+if TYPE_CHECKING:
+    from grc.build.progress import BuildRecords
 
 REPO = Path(__file__).resolve().parents[1]
 # Builds in tests start cold unless a test turns the build cache on with its own folder: a
@@ -46,19 +49,27 @@ def in_dir(folder: Path) -> Iterator[None]:
         os.chdir(old)
 
 
-def run_build(spec: Path, jobs: int = 1, only: list[str] | None = None, expect_ok: bool = True) -> dict[str, str]:
+def run_build(
+    spec: Path,
+    jobs: int = 1,
+    only: list[str] | None = None,
+    expect_ok: bool = True,
+    records: BuildRecords | None = None,
+) -> dict[str, str]:
     """Build in-process through doit, from the spec's folder (artifacts/ beside it, relative paths,
-    as a user in a checkout would); return {task: status} of this run."""
-    from grc.build.progress import RECORDS
+    as a user in a checkout would); return {task: status} of this run (all it recorded: pass ``records``)."""
+    from grc.build.progress import BuildRecords
     from grc.build.runner import build
+
+    records = records if records is not None else BuildRecords()
     from grc.spec.loader import load_spec
 
     with in_dir(spec.parent):
         loaded = load_spec(spec.name)
-        code = build(loaded, Path("artifacts") / loaded.spec.name, jobs=jobs, only=only)
-    statuses = {name: rec.get("status", "?") for name, rec in RECORDS.items()}
+        code = build(loaded, Path("artifacts") / loaded.spec.name, jobs=jobs, only=only, records=records)
+    statuses = {name: rec.get("status", "?") for name, rec in records.as_dict().items()}
     if expect_ok and code != 0:
-        raise AssertionError(f"build failed ({code}): {dict(RECORDS)}")
+        raise AssertionError(f"build failed ({code}): {records.as_dict()}")
     return statuses
 
 

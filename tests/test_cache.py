@@ -170,7 +170,7 @@ def test_action_record_describes_the_tree(local: dict[str, Any]) -> None:
 def test_restored_triton_bundle_serves(local: dict[str, Any]) -> None:
     """The user path: ``grc deploy --target triton`` on a clone whose bundle came from the store,
     with the real tritonserver (installed on first use), smoke-tested against PyTorch."""
-    from grc.serving.tritonserver import ensure_tritonserver
+    from grc.serving.triton.server import ensure_tritonserver
 
     ensure_tritonserver()  # an installer failure is grc's own: it fails the test
     b = local["b"]

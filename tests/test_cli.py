@@ -201,10 +201,10 @@ def test_reporter_and_stage_log_print_brackets(capsys: pytest.CaptureFixture[str
     from doit.exceptions import TaskFailed
     from doit.task import Task
 
-    from grc.build.progress import CONSOLE, Reporter
+    from grc.build.progress import CONSOLE, BuildRecords, Reporter
     from grc.stages.base import Context
 
-    Reporter(None, {}).add_failure(Task("export", []), TaskFailed("KeyError: TORCH_TO_ST[dtype] [bold]x[/bold]"))
+    Reporter(BuildRecords()).add_failure(Task("export", []), TaskFailed("KeyError: TORCH_TO_ST[dtype] [bold]x[/bold]"))
     Context(loaded=None, out=Path("."), inputs={}, console=CONSOLE).log("reading ck[/x]/a[b].pt")  # type: ignore[arg-type]
     err = capsys.readouterr().err
     assert "TORCH_TO_ST[dtype] [bold]x[/bold]" in err and "reading ck[/x]/a[b].pt" in err

@@ -15,7 +15,7 @@ import onnx
 import pytest
 import torch
 
-from grc.build.progress import RECORDS
+from grc.build.progress import BuildRecords
 from grc.spec.loader import load_spec
 from tests.conftest import REPO, run_build
 
@@ -106,9 +106,10 @@ def test_sabotaged_surgery_fails_verify_with_figures(
     spec = tmp_path / "w" / spec.name
     (_root((spec, tmp_path / "w" / "artifacts")) / "surgery" / "manifest.json").unlink()  # force surgery to rerun
     _sabotage(monkeypatch, corrupt)
-    statuses = run_build(spec, expect_ok=False)
+    records = BuildRecords()
+    statuses = run_build(spec, expect_ok=False, records=records)
     assert statuses["surgery"] == "built" and statuses["verify"] == "failed"
-    error = RECORDS["verify"]["error"]
+    error = records.get("verify")["error"]
     assert "beyond the spec's tolerance" in error and "FAIL" in error and "surgery" in error
     assert "export " in error  # the unsabotaged export row is shown too, and passes
     assert not (_root((spec, tmp_path / "w" / "artifacts")) / "verify" / "manifest.json").exists()

@@ -23,6 +23,7 @@ from rich.markup import escape
 from grc.build import outputs
 from grc.build.atomic import install, temp_dir_for
 from grc.build.fingerprint import spec_fields
+from grc.build.progress import BuildRecords
 from grc.build.tree import Entry, scan
 from grc.cache.config import open_cache
 from grc.cache.key import action_key, code_digests, host_digests, input_digests, toolkit_digests
@@ -63,21 +64,21 @@ class OutputsUnchanged:
     truncated, deleted or added file makes the stage run again: restored from the cache or rebuilt).
     Says which file changed; stores fresh stamps when only the stat changed (the build holds its lock)."""
 
-    def __init__(self, root: Path, stage: str, folder: Path):
-        self.root, self.stage, self.folder = root, stage, folder
+    def __init__(self, root: Path, stage: str, folder: Path, records: BuildRecords):
+        self.root, self.stage, self.folder, self.records = root, stage, folder, records
 
     def __call__(self, task: Any, values: dict[str, Any]) -> bool | None:
-        from grc.build.progress import note_changed_outputs
-
         if not values or not (self.folder / MANIFEST).exists():
             return None  # never built, or its manifest is gone: doit reruns it anyway
         reasons = outputs.changes(self.root, self.stage, self.folder, refresh=True)
         if reasons:
-            note_changed_outputs(self.stage, reasons)
+            self.records.note_changed_outputs(self.stage, reasons)
         return not reasons
 
 
-def execute(stage_name: str, loaded: LoadedSpec, root: Path, fields: dict[str, str]) -> dict[str, Any] | TaskFailed:
+def execute(
+    stage_name: str, loaded: LoadedSpec, root: Path, fields: dict[str, str], records: BuildRecords
+) -> dict[str, Any] | TaskFailed:
     """The doit action of every stage: run into a temp folder, write the manifest last, swap in."""
     from grc.build.progress import CONSOLE
 
@@ -96,7 +97,7 @@ def execute(stage_name: str, loaded: LoadedSpec, root: Path, fields: dict[str, s
     restored = _restore(cache, key, tmp, final, events) if cache is not None else None
     if restored is not None:
         CONSOLE.print(f"  [dim]{stage.name}: restored from the build cache (key {key[:12]})[/]")
-        _finish(root, stage.name, final, restored, started, key, events, restored=True)
+        _finish(records, root, stage.name, final, restored, started, key, events, restored=True)
         return {"fields": fields, "key": key}
     _print_warnings(stage.name, events)
     ctx = Context(loaded=loaded, out=tmp, inputs=inputs, console=CONSOLE)
@@ -114,11 +115,12 @@ def execute(stage_name: str, loaded: LoadedSpec, root: Path, fields: dict[str, s
         return TaskFailed(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
     if cache is not None:
         cache.save(key, stage.name, final, entries, events)
-    _finish(root, stage.name, final, entries, started, key, events)
+    _finish(records, root, stage.name, final, entries, started, key, events)
     return {"fields": fields, "key": key}
 
 
 def _finish(
+    records: BuildRecords,
     root: Path,
     stage: str,
     final: Path,
@@ -129,12 +131,10 @@ def _finish(
     restored: bool = False,
 ) -> None:
     """Remember what the folder holds (so a later change behind grc's back is noticed) and report it."""
-    from grc.build.progress import record_outputs
-
     outputs.save(root, stage, final, entries)
     _print_warnings(stage, events)
     digests = {e.path: e.sha256 for e in entries if e.kind == "file"}
-    record_outputs(
+    records.record_outputs(
         stage, final, time.perf_counter() - started, restored=restored, key=key, events=events.log, digests=digests
     )
 
@@ -178,7 +178,10 @@ def _discard(tmp: Path, final: Path) -> None:
     shutil.rmtree(final, ignore_errors=True)
 
 
-def task_dicts(loaded: LoadedSpec, root: Path) -> list[dict[str, Any]]:
+def task_dicts(loaded: LoadedSpec, root: Path, records: BuildRecords | None = None) -> list[dict[str, Any]]:
+    """doit task dicts of the spec's stages; their actions record into ``records`` (a fresh one when not given,
+    as for plain doit through dodo.py)."""
+    records = records if records is not None else BuildRecords()
     tasks = []
     names = {s.name for s in active_stages(loaded)}
     for stage in active_stages(loaded):
@@ -196,11 +199,11 @@ def task_dicts(loaded: LoadedSpec, root: Path) -> list[dict[str, Any]]:
             {
                 "basename": stage.name,
                 "doc": stage.doc,
-                "actions": [(execute, [stage.name, loaded, root, fields])],
+                "actions": [(execute, [stage.name, loaded, root, fields, records])],
                 "file_dep": deps,
                 "task_dep": list(upstream),
                 "targets": [str(out / MANIFEST)],
-                "uptodate": [FieldsUpToDate(fields), OutputsUnchanged(root, stage.name, out)],
+                "uptodate": [FieldsUpToDate(fields), OutputsUnchanged(root, stage.name, out, records)],
                 "clean": [(shutil.rmtree, [str(out), True])],
                 "verbosity": 2,
             }

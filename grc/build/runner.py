@@ -26,7 +26,7 @@ from grc.build.budget import check_disk
 from grc.build.fingerprint import changed
 from grc.build.graph import fingerprint, task_dicts
 from grc.build.lock import BuildLock
-from grc.build.progress import CONSOLE, RECORDS, Reporter
+from grc.build.progress import CONSOLE, BuildRecords, Reporter
 from grc.errors import SettingError
 from grc.spec.loader import LoadedSpec
 from grc.stages import stage_named
@@ -35,9 +35,9 @@ DB_NAME = ".doit.db"
 REPORT = "build-report.json"
 
 
-def _tasks(loaded: LoadedSpec, root: Path) -> list[Task]:
+def _tasks(loaded: LoadedSpec, root: Path, records: BuildRecords) -> list[Task]:
     out = []
-    for d in task_dicts(loaded, root):
+    for d in task_dicts(loaded, root, records):
         d = dict(d)
         d["name"] = d.pop("basename")
         out.append(dict_to_task(d))
@@ -45,24 +45,30 @@ def _tasks(loaded: LoadedSpec, root: Path) -> list[Task]:
 
 
 class _Loader(TaskLoader2):
-    def __init__(self, tasks: list[Task], dep_file: Path):
+    def __init__(self, tasks: list[Task], dep_file: Path, records: BuildRecords):
         super().__init__()
         self.tasks = tasks
         self.dep_file = dep_file
+        self.records = records
 
     def setup(self, opt_values: dict[str, Any]) -> None:
         pass
 
     def load_doit_config(self) -> dict[str, Any]:
-        return {"dep_file": str(self.dep_file), "backend": "sqlite3", "reporter": Reporter, "verbosity": 2}
+        return {
+            "dep_file": str(self.dep_file),
+            "backend": "sqlite3",
+            "reporter": Reporter(self.records),
+            "verbosity": 2,
+        }
 
     def load_tasks(self, cmd: Any, pos_args: list[str]) -> list[Task]:
         return self.tasks
 
 
-def doit_main(loaded: LoadedSpec, root: Path) -> DoitMain:
+def doit_main(loaded: LoadedSpec, root: Path, records: BuildRecords) -> DoitMain:
     root.mkdir(parents=True, exist_ok=True)
-    return DoitMain(_Loader(_tasks(loaded, root), root / DB_NAME), config_filenames=())
+    return DoitMain(_Loader(_tasks(loaded, root, records), root / DB_NAME, records), config_filenames=())
 
 
 def _writable_root(root: Path) -> None:
@@ -87,8 +93,17 @@ def _check_settings(loaded: LoadedSpec, root: Path) -> None:
         raise
 
 
-def build(loaded: LoadedSpec, root: Path, jobs: int = 1, wait: float = 600.0, only: list[str] | None = None) -> int:
-    """Run every stale task (or ``only`` these and what they need). Returns doit's exit code."""
+def build(
+    loaded: LoadedSpec,
+    root: Path,
+    jobs: int = 1,
+    wait: float = 600.0,
+    only: list[str] | None = None,
+    records: BuildRecords | None = None,
+) -> int:
+    """Run every stale task (or ``only`` these and what they need). Returns doit's exit code.
+    ``records``: where this build records what each task did (pass one to read it afterwards)."""
+    records = records if records is not None else BuildRecords()
 
     def waiting(holder: str) -> None:
         CONSOLE.print(f"[yellow]another build of {escape(loaded.spec.name)} is running (pid {holder}); waiting...[/]")
@@ -98,37 +113,44 @@ def build(loaded: LoadedSpec, root: Path, jobs: int = 1, wait: float = 600.0, on
         for leftover in sweep(root):
             CONSOLE.print(f"[dim]removed leftover of an interrupted build: {escape(str(leftover))}[/]")
         check_disk(loaded, root, only)  # refuses, naming the bytes, what cannot fit
-        RECORDS.clear()
         started = time.perf_counter()
         # -j 1 runs tasks in this (the main) thread: a Ctrl-C lands in the stage itself and unwinds
         # through its cleanup. doit's thread runner would leave its worker inside torch/onnx native
         # code while the interpreter shuts down, which aborts the process (grc.cli hard-exits then).
         workers = ["-n", str(jobs), "-P", "thread"] if jobs > 1 else ["-n", "0"]
         args = ["run", *workers, *(only or [])]
-        code = doit_main(loaded, root).run(args)
+        code = doit_main(loaded, root, records).run(args)
         total = time.perf_counter() - started
-        _write_report(loaded, root, code, total)
-    _print_summary(loaded, total, code)
+        _write_report(loaded, root, code, total, records)
+    _print_summary(loaded, total, code, records)
     return code
 
 
-def _write_report(loaded: LoadedSpec, root: Path, code: int, total: float, error: str | None = None) -> None:
+def _write_report(
+    loaded: LoadedSpec,
+    root: Path,
+    code: int,
+    total: float,
+    records: BuildRecords | None = None,
+    error: str | None = None,
+) -> None:
+    tasks = records.as_dict() if records is not None and error is None else {}
     report = {
         "spec": loaded.spec.name,
         "spec_files": [str(p) for p in loaded.files],
         "ok": code == 0,
         "seconds": round(total, 3),
         **({"error": error} if error else {}),
-        "tasks": {name: RECORDS[name] for name in sorted(RECORDS)} if error is None else {},
+        "tasks": {name: tasks[name] for name in sorted(tasks)},
     }
     (root / REPORT).write_text(json.dumps(report, indent=1) + "\n")
 
 
-def _print_summary(loaded: LoadedSpec, total: float, code: int) -> None:
+def _print_summary(loaded: LoadedSpec, total: float, code: int, records: BuildRecords) -> None:
     table = Table(title=f"grc build {loaded.spec.name}: {'ok' if code == 0 else 'FAILED'} in {total:.2f}s")
     for col in ("task", "status", "seconds", "outputs"):
         table.add_column(col)
-    for name, rec in RECORDS.items():
+    for name, rec in records.as_dict().items():
         outs = rec.get("outputs", [])
         size = sum(o["bytes"] for o in outs)
         table.add_row(
@@ -150,7 +172,7 @@ class PlanRow:
 
 def plan(loaded: LoadedSpec, root: Path) -> list[PlanRow]:
     """Per task: up to date, or why it would run. Runs nothing, writes nothing."""
-    tasks = _tasks(loaded, root)
+    tasks = _tasks(loaded, root, BuildRecords())  # plan runs nothing: what the checks note is not kept
     by_name = {t.name: t for t in tasks}
     db = root / DB_NAME
     dep = Dependency(SqliteDB, str(db), checker_cls=MD5Checker) if db.exists() else None

@@ -27,8 +27,8 @@ def _targets(root: Path, stage: str) -> list[dict[str, Any]]:
 
 def _config(repo: Path, backend: str) -> Any:
     """The bundle's config of the dense step serving ``backend``, or None."""
-    from grc.serving.bundle import DENSE
-    from grc.serving.model_config import CONFIG_FILENAME, load_config
+    from grc.serving.triton.bundle import DENSE
+    from grc.serving.triton.model_config import CONFIG_FILENAME, load_config
 
     model = repo / DENSE[backend]
     return load_config(model) if (model / CONFIG_FILENAME).is_file() else None
@@ -36,8 +36,8 @@ def _config(repo: Path, backend: str) -> Any:
 
 def target_rows(root: Path) -> list[dict[str, Any]]:
     from grc.engine.toolkits import local_gpus
-    from grc.serving.bundle import DENSE, MODEL_REPOSITORY
-    from grc.serving.model_config import CUSTOM_CONFIGS
+    from grc.serving.triton.bundle import DENSE, MODEL_REPOSITORY
+    from grc.serving.triton.model_config import CUSTOM_CONFIGS
     from grc.stages import stage_named
 
     here = {g.sm for g in local_gpus()}

@@ -23,9 +23,10 @@ from rich.console import Console
 from rich.table import Table
 
 from grc.errors import GrcError
-from grc.serving import bundle as bd
-from grc.serving import check
-from grc.serving import request as rq
+from grc.serving.common import request as rq
+from grc.serving.common.process import http_ok, read_live_record
+from grc.serving.triton import bundle as bd
+from grc.serving.triton import check
 from grc.spec.loader import LoadedSpec
 
 STATE = "triton-server.json"
@@ -87,7 +88,7 @@ def deploy(loaded: LoadedSpec, root: Path, args: argparse.Namespace) -> int:
         raise DeployError(f"a triton server for {loaded.spec.name} is already running (pid {running['pid']}, "
                           f"http {running['ports']['http']}); stop it with\n"
                           f"  grc deploy --target triton {loaded.path} --stop")
-    from grc.serving.tritonserver import TritonServer, TritonServerNotFound, ensure_tritonserver, find_tritonserver
+    from grc.serving.triton.server import TritonServer, TritonServerNotFound, ensure_tritonserver, find_tritonserver
 
     try:
         install = find_tritonserver()
@@ -127,7 +128,7 @@ def deploy(loaded: LoadedSpec, root: Path, args: argparse.Namespace) -> int:
 
 def custom_configs(folder: Path) -> list[str]:
     """Names of the bundle's custom configs (model_repository/<model>/configs/<name>.pbtxt)."""
-    from grc.serving.model_config import CUSTOM_CONFIGS
+    from grc.serving.triton.model_config import CUSTOM_CONFIGS
 
     return sorted({p.stem for p in (folder / bd.MODEL_REPOSITORY).glob(f"*/{CUSTOM_CONFIGS}/*.pbtxt")})
 
@@ -207,23 +208,19 @@ def _save_log(root: Path, text: str) -> Path:
 
 
 def _read_state(path: Path) -> dict[str, Any] | None:
-    """The recorded detached server if it still runs; a stale record is removed."""
-    from grc.serving.tritonserver import DetachedServer, detached_alive
+    """The recorded detached server (a container, or a tritonserver that is still the one we started)."""
+    from grc.serving.triton.server import DetachedServer, detached_alive
 
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text())
-    if "docker" in data:
-        return data
-    record = DetachedServer(**{k: data[k] for k in DetachedServer.__dataclass_fields__})
-    if detached_alive(record):
-        return data
-    path.unlink(missing_ok=True)
-    return None
+    def alive(data: dict[str, Any]) -> bool:
+        return "docker" in data or detached_alive(
+            DetachedServer(**{k: data[k] for k in DetachedServer.__dataclass_fields__})
+        )
+
+    return read_live_record(path, alive)
 
 
 def stop(loaded: LoadedSpec, root: Path, args: argparse.Namespace) -> int:
-    from grc.serving.tritonserver import DetachedServer, stop_detached
+    from grc.serving.triton.server import DetachedServer, stop_detached
 
     console = _console()
     state = root / STATE
@@ -315,11 +312,9 @@ def _docker(loaded: LoadedSpec, root: Path, folder: Path, description: dict[str,
 
 
 def _wait_http(url: str, timeout_s: float, container: str) -> None:
-    from grc.serving.tritonserver import _http_ok
-
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if _http_ok(url):
+        if http_ok(url):
             return
         time.sleep(1)
     logs = subprocess.run(["docker", "logs", "--tail", "30", container], capture_output=True, text=True)

@@ -13,15 +13,11 @@ with it, it keeps running and ``grc deploy --target vllm --stop`` stops it (reco
 from __future__ import annotations
 
 import argparse
-import contextlib
 import http.client
 import json
 import os
-import signal
-import socket
 import subprocess
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +26,9 @@ import numpy as np
 
 from grc.errors import GrcError
 from grc.serving import vllm_env
+from grc.serving.common.loop import closed_loop
+from grc.serving.common.process import free_port, group_alive, http_ok, read_live_record, stop_group
+from grc.serving.common.reference import ReferenceModel
 from grc.spec.loader import LoadedSpec
 
 STATE = "vllm-server.json"
@@ -43,21 +42,6 @@ class DeployError(GrcError):
 
 
 # --------------------------------------------------------------------------- the server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _http_ok(url: str, timeout_s: float = 2.0) -> bool:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(url, timeout=timeout_s) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
 
 
 @dataclass
@@ -95,7 +79,7 @@ class VllmServer:
         while time.monotonic() - started < timeout_s:
             if self.process.poll() is not None:
                 raise DeployError(f"vLLM exited with {self.process.returncode} before it was ready:\n{self.tail()}")
-            if _http_ok(f"{self.url}/health"):
+            if http_ok(f"{self.url}/health", timeout_s=2.0):
                 return time.monotonic() - started
             time.sleep(1.0)
         self.stop()
@@ -124,26 +108,6 @@ class VllmServer:
         }
         self.process = None  # stop() no longer touches it
         return record
-
-
-def stop_group(pid: int, grace_s: float = 20.0) -> bool:
-    """SIGTERM the process group ``pid`` leads (server, engine core, workers), SIGKILL what is left."""
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return False
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return True
-        with contextlib.suppress(ChildProcessError):  # reap it when it is our child, or the group never empties
-            os.waitpid(pid, os.WNOHANG)
-        time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
-    return True
 
 
 # --------------------------------------------------------------------------- client + reference
@@ -193,34 +157,24 @@ def pooling(url: str, model: str, prompt: list[int]) -> np.ndarray:
         client.close()
 
 
-class Reference:
-    """The PyTorch model on the bundle's own weights and config: the scores a prompt must get."""
+class Reference(ReferenceModel):
+    """The PyTorch model on the bundle's own weights and config: the [c, tasks] each prompt must get."""
 
     def __init__(self, bundle: Path, dtype: Any = None):
-        import torch
-
         from grc.serving.vllm_plugin import tokens as tk
         from grc.spec.schema import ModelConfig
-        from grc.weights import load_model, open_tables
 
         config = json.loads((bundle / "model" / "config.json").read_text())
-        self.cfg = ModelConfig.model_validate(config["grc_model"])
+        super().__init__(ModelConfig.model_validate(config["grc_model"]), bundle / "model", dtype)
         self.layout = tk.Layout.of(config["grc_model"])
-        self.dtype = dtype or torch.float64
-        self.model = load_model(self.cfg, bundle / "model").to(self.dtype)
-        self.tables = open_tables(self.cfg, bundle / "model")
 
     def scores(self, prompts: list[list[int]]) -> list[np.ndarray]:
         """Each prompt's [c, tasks], all prompts in one jagged batch (what vLLM does in a step)."""
-        import torch
-
         from grc.serving.vllm_plugin import tokens as tk
 
         decoded = [tk.decode(self.layout, np.asarray(p)) for p in prompts]
-        with torch.no_grad():
-            flat = self.model(tk.batch_of(decoded), self.tables).double().numpy()
         sizes = np.cumsum([len(d.cross) for d in decoded])[:-1]
-        return np.split(flat, sizes)
+        return np.split(self.run(tk.batch_of(decoded)), sizes)
 
 
 def compare(got: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
@@ -246,49 +200,19 @@ def random_prompts(
 def load_test(
     url: str, model: str, prompts: list[list[int]], requests: int, concurrency: int, time_limit_s: float
 ) -> dict[str, Any]:
-    """Closed loop: ``concurrency`` threads with one keep-alive connection each send prompts (cycling) back to
-    back until ``requests`` are answered or the time limit passes. Returns figures + every answer by index."""
-    import threading
+    """Closed loop (grc.serving.common.loop) over keep-alive /pooling connections, cycling through ``prompts``.
+    Returns figures + every answer by index."""
 
-    lock = threading.Lock()
-    state = {"next": 0}
-    latencies: list[float] = []
-    errors: list[str] = []
-    answers: dict[int, np.ndarray] = {}
-    deadline = time.monotonic() + time_limit_s
+    class Pooling(PoolingClient):
+        def __init__(self) -> None:
+            super().__init__(url, model)
 
-    def worker() -> None:
-        client = PoolingClient(url, model)
-        try:
-            while time.monotonic() < deadline:
-                with lock:
-                    i = state["next"]
-                    if i >= requests:
-                        return
-                    state["next"] = i + 1
-                t0 = time.perf_counter()
-                try:
-                    scores = client.scores(prompts[i % len(prompts)])
-                except Exception as exc:  # counted, reported, never hidden
-                    client.close()
-                    client = PoolingClient(url, model)
-                    with lock:
-                        errors.append(f"request {i}: {exc}")
-                    continue
-                with lock:
-                    latencies.append(time.perf_counter() - t0)
-                    answers[i] = scores
-        finally:
-            client.close()
+        def send(self, index: int) -> np.ndarray:
+            return self.scores(prompts[index % len(prompts)])
 
-    started = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - started
-    ms = np.asarray(latencies) * 1000
+    loop = closed_loop(Pooling, requests, concurrency, time_limit_s, keep_answers=True)
+    seconds, latencies, errors = loop.seconds, loop.latencies_ms, loop.errors
+    ms = np.asarray(latencies)
     pct = (lambda q: round(float(np.percentile(ms, q)), 2)) if len(ms) else (lambda q: None)
     return {
         "requests": requests,
@@ -299,7 +223,7 @@ def load_test(
         "seconds": round(seconds, 3),
         "requests_per_s": round(len(latencies) / seconds, 1) if seconds else 0.0,
         "latency_ms": {"p50": pct(50), "p90": pct(90), "p99": pct(99), "max": pct(100)},
-        "answers": answers,
+        "answers": loop.answers,
     }
 
 
@@ -339,25 +263,13 @@ def tolerance(loaded: LoadedSpec, description: dict[str, Any]) -> tuple[float, f
     return (half, half) if half else (tol.max_abs, tol.max_rel)
 
 
-def _read_state(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    data: dict[str, Any] = json.loads(path.read_text())
-    try:
-        os.killpg(int(data["pid"]), 0)
-        return data
-    except (ProcessLookupError, PermissionError):
-        path.unlink(missing_ok=True)
-        return None
-
-
 def deploy(loaded: LoadedSpec, root: Path, args: argparse.Namespace) -> int:
     from rich.console import Console
 
     console = Console(highlight=False, soft_wrap=True)
     folder, description = bundle_dir(loaded, root)
     state = root / STATE
-    running = _read_state(state)
+    running = read_live_record(state, lambda record: group_alive(int(record["pid"])))
     if running is not None:
         raise DeployError(
             f"a vLLM server for {loaded.spec.name} is already running (pid {running['pid']}, "

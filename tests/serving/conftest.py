@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from grc.serving.tritonserver import ServerInstall, ensure_tritonserver
+from grc.serving.triton.server import ServerInstall, ensure_tritonserver
 
 PLATFORMS = {("linux", "x86_64"), ("linux", "aarch64")}
 

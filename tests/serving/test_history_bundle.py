@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from grc.serving import bundle as bd
-from grc.serving import history_bundle as hb
-from grc.serving.model_config import render_config
+from grc.serving.triton import bundle as bd
+from grc.serving.triton import history_bundle as hb
+from grc.serving.triton.model_config import render_config
 from grc.spec.loader import load_spec
 from grc.spec.schema import HistoryCacheConfig, Spec
 from tests.conftest import SPECS, TEST_SPECS, write_spec

@@ -19,11 +19,11 @@ import torch
 from tritonclient.utils import InferenceServerException
 
 from grc.model.sample import random_batch
-from grc.serving import bundle as bd
-from grc.serving import check
-from grc.serving import request as rq
-from grc.serving.model_config import load_config
-from grc.serving.tritonserver import ServerInstall, TritonServer
+from grc.serving.common import request as rq
+from grc.serving.triton import bundle as bd
+from grc.serving.triton import check
+from grc.serving.triton.model_config import load_config
+from grc.serving.triton.server import ServerInstall, TritonServer
 from grc.spec.loader import load_spec
 from grc.spec.schema import Spec
 from tests.conftest import TEST_SPECS, run_build, write_spec

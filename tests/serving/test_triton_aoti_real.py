@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from grc.serving import bundle as bd
-from grc.serving import check
-from grc.serving.triton_models.dense_aoti import from_jagged, to_jagged
-from grc.serving.tritonserver import ServerInstall, TritonServer
+from grc.serving.triton import bundle as bd
+from grc.serving.triton import check
+from grc.serving.triton.models.dense_aoti import from_jagged, to_jagged
+from grc.serving.triton.server import ServerInstall, TritonServer
 from grc.spec.loader import load_spec
 from tests.conftest import SPECS, run_build, write_spec
 
@@ -82,7 +82,7 @@ def served(install: ServerInstall, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.mark.slow
 def test_aoti_package_served_matches_pytorch_and_onnxruntime(served: tuple) -> None:  # type: ignore[type-arg]
-    from grc.serving import load
+    from grc.serving.triton import load
 
     spec, bundle, server = served
     names = bd.load_description(bundle)["ensembles"]

@@ -12,13 +12,14 @@ import pytest
 from pydantic import ValidationError
 
 from grc.errors import SpecError, StageError
-from grc.serving import bundle as bd
-from grc.serving import check, validate
-from grc.serving import request as rq
-from grc.serving.load import request_pool
-from grc.serving.model_config import load_config, parse_config, render_config
-from grc.serving.model_config import pb as mc
-from grc.serving.triton_models import dense_onnx, postprocess, preprocess
+from grc.serving.common import request as rq
+from grc.serving.common import validate
+from grc.serving.triton import bundle as bd
+from grc.serving.triton import check
+from grc.serving.triton.load import request_pool
+from grc.serving.triton.model_config import load_config, parse_config, render_config
+from grc.serving.triton.model_config import pb as mc
+from grc.serving.triton.models import dense_onnx, postprocess, preprocess
 from grc.spec.loader import load_spec
 from grc.spec.schema import TritonBundleConfig
 from grc.weights import open_tables
@@ -47,7 +48,7 @@ def test_bundle_is_a_model_repository_with_linked_weights(built_tiny: tuple[Path
     assert dense.version_policy.latest.num_versions == 1
     for name in ("preprocess", "dense_onnx", "postprocess"):
         shim = (repo / name / "1" / "model.py").read_text()
-        assert f"from grc.serving.triton_models.{name} import TritonPythonModel" in shim
+        assert f"from grc.serving.triton.models.{name} import TritonPythonModel" in shim
         warm = configs[name].model_warmup[0]
         for tensor, spec in warm.inputs.items():  # every warmup file holds exactly its dims' bytes
             size = (repo / name / "warmup" / spec.input_data_file).stat().st_size
@@ -297,7 +298,7 @@ def test_an_installer_error_fails_the_serving_tests_instead_of_skipping(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Issue 14: a TritonServerError from grc's installer skipped the whole real-server suite."""
-    from grc.serving.tritonserver import TritonServerError
+    from grc.serving.triton.server import TritonServerError
     from tests.serving.conftest import require_tritonserver
 
     home = tmp_path / "tritonserver"

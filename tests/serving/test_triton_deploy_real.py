@@ -14,9 +14,9 @@ import pytest
 from grc.cli import main
 from grc.deploy import triton as deploy_triton
 from grc.deploy.triton import DeployError
-from grc.serving import bundle as bd
-from grc.serving import tritonserver
-from grc.serving.tritonserver import (
+from grc.serving.triton import bundle as bd
+from grc.serving.triton import server as tritonserver
+from grc.serving.triton.server import (
     DetachedServer,
     ModelLoadError,
     PortInUseError,
@@ -84,7 +84,7 @@ def test_model_config_name_reaches_the_server(tiny_copy: tuple[Path, Path]) -> N
     """--model-config-name: the server loads the bundle's configs/<name>.pbtxt (per-GPU engines use it)."""
     import tritonclient.grpc as grpcclient
 
-    from grc.serving.model_config import load_config, write_config
+    from grc.serving.triton.model_config import load_config, write_config
 
     spec, artifacts = tiny_copy
     model = artifacts / "hstu-tiny" / "triton" / bd.MODEL_REPOSITORY / "dense_onnx"

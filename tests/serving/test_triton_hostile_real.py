@@ -19,10 +19,11 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from grc.serving import bundle as bd
-from grc.serving import check, validate
-from grc.serving import request as rq
-from grc.serving.tritonserver import ServerInstall, TritonServer
+from grc.serving.common import request as rq
+from grc.serving.common import validate
+from grc.serving.triton import bundle as bd
+from grc.serving.triton import check
+from grc.serving.triton.server import ServerInstall, TritonServer
 from tests.serving.test_triton_serving_real import Served, serve
 
 pytestmark = pytest.mark.slow

@@ -18,10 +18,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from grc.serving import bundle as bd
-from grc.serving import check, load
-from grc.serving import request as rq
-from grc.serving.tritonserver import ServerInstall, TritonServer
+from grc.serving.common import request as rq
+from grc.serving.triton import bundle as bd
+from grc.serving.triton import check, load
+from grc.serving.triton.server import ServerInstall, TritonServer
 from grc.spec.loader import load_spec
 from grc.spec.schema import Spec
 

@@ -1,6 +1,6 @@
 """A REAL tritonserver on 127.0.0.1 serving an ensemble of two python-backend models.
 
-The repository is generated in tmp_path with configs built through grc.serving.model_config:
+The repository is generated in tmp_path with configs built through grc.serving.triton.model_config:
 ``add`` (A + B, dynamic batching, warmup) feeds ``rank`` (onnxruntime scales the scores, numpy
 takes the top k), chained by the ensemble ``pipeline``. Requests go over HTTP and gRPC with
 tritonclient. Skipped only when the server cannot be installed (no network to reach PyPI).
@@ -24,8 +24,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from grc.serving import tritonserver
-from grc.serving.model_config import (
+from grc.serving.triton import server as tritonserver
+from grc.serving.triton.model_config import (
     ModelConfig,
     ModelConfigError,
     load_config,
@@ -35,8 +35,8 @@ from grc.serving.model_config import (
     tensor_output,
     write_config,
 )
-from grc.serving.model_config import pb as mc
-from grc.serving.tritonserver import (
+from grc.serving.triton.model_config import pb as mc
+from grc.serving.triton.server import (
     ModelLoadError,
     PortInUseError,
     ServerInstall,

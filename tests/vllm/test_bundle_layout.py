@@ -153,8 +153,9 @@ def test_encoding_round_trip_gives_the_pytorch_scores(which: str, request: pytes
         assert torch.equal(model(tk.batch_of(decoded), tables), model(batch, tables))
 
 
-def test_scores_do_not_depend_on_the_batch(built_mtgr_tiny: tuple[Path, Path]) -> None:
-    """What the vLLM model runs per step: one jagged batch of whatever requests vLLM scheduled together."""
+def test_reference_scores_do_not_depend_on_the_batch(built_mtgr_tiny: tuple[Path, Path]) -> None:
+    """The PyTorch reference every vLLM answer is checked against (``deploy.vllm.Reference``) scores a prompt
+    the same alone or in a jagged batch with others (the vLLM model itself: test_vllm_model_step.py)."""
     reference = dv.Reference(_bundle(built_mtgr_tiny, "mtgr-tiny"))
     prompts = dv.random_prompts(_bundle(built_mtgr_tiny, "mtgr-tiny"), 8, seed=2)
     together = reference.scores(prompts)

@@ -18,7 +18,7 @@ laid out field by field, each value as one or two non-negative int32 tokens:
 The scores of candidate j come back at the row of its id in the first candidate table (prompt position
 ``candidate_start + j``); the pooler returns those c rows, [c, tasks], in request order.
 
-Timestamps: the encoding carries exactly grc.serving.validate's range [-2**61, 2**61 - 1] (u = t + 2**61 in
+Timestamps: the encoding carries exactly grc.serving.common.validate's range [-2**61, 2**61 - 1] (u = t + 2**61 in
 [0, 2**62)): ``encode`` refuses one outside it naming the field, and no prompt decodes to one. Any 31-bit half,
 2**31 - 1 included, is a valid token. History: at most ``max_history`` = max_seq_len - P - max_candidates events
 (the Triton bundle's rule: the kept history never depends on the candidate count); ``encode`` keeps the newest by
@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from grc.serving.validate import TIME_MIN, TIME_RANGE, newest_events
+from grc.serving.common.validate import TIME_MIN, TIME_RANGE, newest_events
 
 FORMAT = "grc-vllm-tokens/1"
 MAGIC = 0x67726331
@@ -101,7 +101,7 @@ class Layout:
         return HEADER + len(self.profile) + h * (len(self.history) + 2)
 
     def max_history(self) -> int:
-        """grc.serving.request.max_history: room is kept for max_candidates whatever c is."""
+        """grc.serving.common.request.max_history: room is kept for max_candidates whatever c is."""
         return self.max_seq_len - len(self.profile) - self.max_candidates
 
     def max_prompt_len(self) -> int:

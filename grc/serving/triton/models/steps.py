@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from grc.serving.triton_models import tensor_io as io
-from grc.serving.validate import RequestError
+from grc.serving.common.validate import RequestError
+from grc.serving.triton.models import tensor_io as io
 
 Checked = TypeVar("Checked")
 _PATH = re.compile(r"(?:/[\w.@+-]+){2,}/?")

@@ -1,10 +1,10 @@
 """preprocess: raw request -> projected tokens of the dense model.
 
-Checks every request (grc.serving.validate.parse: types, shapes, lengths that agree, ids inside
+Checks every request (grc.serving.common.validate.parse: types, shapes, lengths that agree, ids inside
 their tables, timestamps in range, history and candidate counts), looks the ids up in the
 memory-mapped embedding tables and runs the token projector, for all requests of an execution at
 once. A bad request gets its own error response; the others in the same execution are served
-(grc.serving.triton_models.steps).
+(grc.serving.triton.models.steps).
 
 Out, per request of ``b`` users with ``L`` tokens each (profile + history + candidates):
 tokens FP32 [b, L, D], timestamps INT64 [b, L], lengths INT64 [b, 1], num_candidates INT64 [b, 1].
@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from grc.serving import request as rq
-from grc.serving.triton_models import steps
-from grc.serving.triton_models import tensor_io as io
-from grc.serving.validate import parse
+from grc.serving.common import request as rq
+from grc.serving.common.validate import parse
+from grc.serving.triton.models import steps
+from grc.serving.triton.models import tensor_io as io
 from grc.spec.schema import ModelConfig
 
 OUTPUTS = ("tokens", "timestamps", "lengths", "num_candidates")

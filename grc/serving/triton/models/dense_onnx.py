@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from grc.serving.triton_models import steps
-from grc.serving.triton_models import tensor_io as io
-from grc.serving.validate import check_dense
+from grc.serving.common.validate import check_dense
+from grc.serving.triton.models import steps
+from grc.serving.triton.models import tensor_io as io
 
 INPUTS = ("tokens", "timestamps", "lengths", "num_candidates")
 

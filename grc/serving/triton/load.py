@@ -8,15 +8,15 @@ from the statistics extension) plus the Prometheus counters that show the same.
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from grc.serving import check
-from grc.serving import request as rq
+from grc.serving.common import request as rq
+from grc.serving.common.loop import closed_loop
+from grc.serving.triton import check
 from grc.spec.schema import ModelConfig
 
 
@@ -88,47 +88,27 @@ def run_load(grpc_url: str, metrics_url: str | None, model: str, pool: list[dict
     watched = (model, *models)
     before = {m: check.batch_sizes(grpc_url, m) for m in watched}
     prom_before = _prometheus(metrics_url, watched)
-    lock = threading.Lock()
-    issued = [0]
-    latencies: list[float] = []
-    errors: list[str] = []
     prepared = [check.infer_inputs(grpcclient, r) for r in pool]
-    started = time.perf_counter()
-    deadline = started + time_limit_s
 
-    def worker() -> None:
-        with grpcclient.InferenceServerClient(grpc_url) as client:
-            while True:
-                with lock:
-                    if issued[0] >= requests or time.perf_counter() > deadline:
-                        return
-                    index = issued[0]
-                    issued[0] += 1
-                t0 = time.perf_counter()
-                try:
-                    client.infer(model, prepared[index % len(prepared)], client_timeout=30)
-                except Exception as exc:
-                    with lock:
-                        errors.append(f"{type(exc).__name__}: {exc}")
-                    continue
-                elapsed = (time.perf_counter() - t0) * 1000
-                with lock:
-                    latencies.append(elapsed)
+    class Grpc:
+        def __init__(self) -> None:
+            self.client = grpcclient.InferenceServerClient(grpc_url)
 
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(time_limit_s + 60)
-    seconds = time.perf_counter() - started
+        def send(self, index: int) -> Any:
+            return self.client.infer(model, prepared[index % len(prepared)], client_timeout=30)
+
+        def close(self) -> None:
+            self.client.close()
+
+    loop = closed_loop(Grpc, requests, concurrency, time_limit_s)
     after = {m: check.batch_sizes(grpc_url, m) for m in watched}
     sizes = {m: {b: n - before[m].get(b, 0) for b, n in after[m].items() if n - before[m].get(b, 0) > 0}
              for m in watched}
     prom_after = _prometheus(metrics_url, watched)
     metrics = {m: {k: prom_after[m][k] - prom_before[m].get(k, 0.0) for k in prom_after[m]} for m in prom_after}
-    return LoadResult(requests=requests, concurrency=concurrency, errors=len(errors), seconds=seconds,
-                      latencies_ms=latencies, batch_sizes=sizes, metrics=metrics,
-                      first_error=errors[0] if errors else None, timed_out=issued[0] < requests)
+    return LoadResult(requests=requests, concurrency=concurrency, errors=len(loop.errors), seconds=loop.seconds,
+                      latencies_ms=loop.latencies_ms, batch_sizes=sizes, metrics=metrics,
+                      first_error=loop.errors[0] if loop.errors else None, timed_out=loop.issued < requests)
 
 
 def _prometheus(url: str | None, models: tuple[str, ...]) -> dict[str, dict[str, float]]:

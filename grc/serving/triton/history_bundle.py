@@ -1,7 +1,7 @@
 """The triton bundle's history-cached model (bundles.triton.history_cache): its config and notes.
 
 With the cache on, the name clients call (<model_name>) is the python model ``history_cached``
-(grc/serving/triton_models/history_cached.py), which takes the ensemble's inputs plus an optional
+(grc/serving/triton/models/history_cached.py), which takes the ensemble's inputs plus an optional
 ``user_id`` (INT64 [batch, 1]); the ensembles stay, each named <model_name>-<backend>.
 """
 
@@ -11,8 +11,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from grc.serving import request as rq
-from grc.serving.model_config import ModelConfig, tensor_output
+from grc.serving.common import request as rq
+from grc.serving.triton.model_config import ModelConfig, tensor_output
 from grc.spec.schema import Spec
 
 MODULE = "history_cached"
@@ -46,7 +46,7 @@ def weights_digest(weights_dir: Path) -> str:
 
 def cached_model_config(spec: Spec, weights_dir: Path) -> ModelConfig:
     """config.pbtxt of the history-cached model: one instance (one store every user reaches)."""
-    from grc.serving.bundle import _common, _input, _param
+    from grc.serving.triton.bundle import _common, _input, _param
 
     cfg, cache = spec.bundles.triton, spec.bundles.triton.history_cache
     msg = _common(spec, client_name(spec), "python", cfg.instance_kind, 1)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from grc.serving import request as rq
+from grc.serving.common import request as rq
 from grc.spec.schema import ModelConfig
 
 TIME_MIN = -(1 << 61)
@@ -50,7 +50,7 @@ def newest_events(times: np.ndarray, keep: int) -> np.ndarray:
 
 
 def parse(arrays: dict[str, np.ndarray | None], cfg: ModelConfig, truncate: bool) -> dict[str, np.ndarray]:
-    """Check one request (batch first, see grc/serving/request.py); return its arrays, the history cut to
+    """Check one request (batch first, see grc/serving/common/request.py); return its arrays, the history cut to
     ``max_history`` newest events when ``truncate``."""
     specs = rq.request_inputs(cfg)
     missing = [s.name for s in specs if arrays.get(s.name) is None]

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from grc.serving import request as rq
+from grc.serving.common import request as rq
+from grc.serving.common.reference import ReferenceModel
 from grc.spec.schema import ModelConfig, Spec, Tolerance
 
 WIRE = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32", np.dtype(np.int32): "INT32",
@@ -46,31 +47,19 @@ def infer(url: str, protocol: str, model: str, arrays: dict[str, np.ndarray],
     return {name: result.as_numpy(name) for name in rq.OUTPUTS}
 
 
-class Reference:
-    """The PyTorch model (float64, jagged) on the bundle's weights: the scores a request must get."""
+class Reference(ReferenceModel):
+    """The PyTorch model on the bundle's weights: the [b, c, tasks] a Triton request's ``scores`` must hold."""
 
     def __init__(self, cfg: ModelConfig, weights_dir: Path, truncate_history: bool = True):
-        import torch
-
-        from grc.weights import load_model, open_tables
-
-        self.cfg = cfg
+        super().__init__(cfg, weights_dir)
         self.truncate = truncate_history
-        self.model = load_model(cfg, weights_dir).to(torch.float64)
-        self.tables = open_tables(cfg, weights_dir)
 
     def scores(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
-        """[b, c, tasks] float64, what the server's ``scores`` output must hold."""
-        import torch
-
-        from grc.serving.validate import parse
+        from grc.serving.common.validate import parse
 
         checked = parse(dict(arrays), self.cfg, self.truncate)
         batch = rq.request_batch(checked, self.cfg)
-        with torch.no_grad():
-            out = self.model(batch, self.tables).numpy()
-        users = batch.users
-        return out.reshape(users, -1, len(self.cfg.tasks))
+        return self.run(batch).reshape(batch.users, -1, len(self.cfg.tasks))
 
 
 @dataclass

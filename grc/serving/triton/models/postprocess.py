@@ -3,7 +3,7 @@
 In, per request of b users: scores FP32 [b, L, tasks] (zero except the candidate rows, which are
 the last num_candidates of each user's ``lengths`` tokens), lengths and num_candidates INT64
 [b, 1], candidate_ids INT64 [b, c] (the ids of the first candidate table). Out: see
-grc/serving/request.py (scores, ranked_candidates, ranked_items, ranked_scores, ranked_task_scores).
+grc/serving/common/request.py (scores, ranked_candidates, ranked_items, ranked_scores, ranked_task_scores).
 The ranking score is sum(rank_weights * scores); ties keep the request's candidate order.
 """
 
@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from grc.serving import request as rq
-from grc.serving.triton_models import steps
-from grc.serving.triton_models import tensor_io as io
-from grc.serving.validate import check_postprocess
+from grc.serving.common import request as rq
+from grc.serving.common.validate import check_postprocess
+from grc.serving.triton.models import steps
+from grc.serving.triton.models import tensor_io as io
 
 INPUTS = ("scores", "lengths", "num_candidates", "candidate_ids")
 

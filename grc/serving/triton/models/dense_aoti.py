@@ -1,6 +1,6 @@
 """The dense model step on AOTInductor: the aoti stage's .pt2 package in a python-backend model.
 
-Same tensors in and out as the ONNX step (grc/serving/triton_models/dense_onnx.py): padded
+Same tensors in and out as the ONNX step (grc/serving/triton/models/dense_onnx.py): padded
 [b, L, D] tokens with per-user lengths. The package takes the jagged layout, so the users of all
 requests in one execute() are flattened into ONE jagged batch (no padding work at all), run once,
 and the scores are scattered back per request. A candidate's score cannot depend on who shares
@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from grc.serving.triton_models import steps
-from grc.serving.triton_models import tensor_io as io
-from grc.serving.triton_models.dense_onnx import INPUTS
-from grc.serving.validate import check_dense
+from grc.serving.common.validate import check_dense
+from grc.serving.triton.models import steps
+from grc.serving.triton.models import tensor_io as io
+from grc.serving.triton.models.dense_onnx import INPUTS
 
 
 def to_jagged(requests: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -21,13 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from grc.serving import request as rq
+from grc.serving.common import request as rq
+from grc.serving.common.validate import RequestError, parse
 from grc.serving.history_cache import CachedHistory, HistoryCache, cached_history, miss_reason, model_namespace
-from grc.serving.triton_models import steps
-from grc.serving.triton_models import tensor_io as io
-from grc.serving.triton_models.postprocess import rank
-from grc.serving.triton_models.preprocess import project
-from grc.serving.validate import RequestError, parse
+from grc.serving.triton.models import steps
+from grc.serving.triton.models import tensor_io as io
+from grc.serving.triton.models.postprocess import rank
+from grc.serving.triton.models.preprocess import project
 from grc.spec.schema import ModelConfig
 
 USER_ID = "user_id"
@@ -188,7 +188,7 @@ class TritonPythonModel:
 
     def execute(self, requests: list[Any]) -> list[Any]:
         # one request's cache step at a time (a user's entries stay ordered); a bad request is refused
-        # alone and an error in one fails only that one (grc.serving.triton_models.steps)
+        # alone and an error in one fails only that one (grc.serving.triton.models.steps)
         responses = steps.execute(
             requests, self.name, [*self.names, USER_ID], self._check, lambda batch: [self._answer(r) for r in batch]
         )

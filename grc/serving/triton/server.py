@@ -24,7 +24,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
-import fcntl
 import os
 import re
 import secrets
@@ -37,15 +36,15 @@ import sys
 import sysconfig
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from grc.build.lock import FileLock
 from grc.errors import GrcError
+from grc.serving.common.process import free_port, http_get, http_ok, kill_group
 
 # nvidia-pytriton 0.7.0 ships tritonserver 2.51.0 (NGC 24.10) with the python backend only.
 PYTRITON_REQUIREMENT = "nvidia-pytriton==0.7.0"
@@ -122,7 +121,7 @@ def find_tritonserver(home: Path | None = None) -> ServerInstall:
         raise TritonServerNotFound(
             f"tritonserver is not on PATH and not installed in {home}. Install it with:\n"
             f"  {shlex.join(install_command(home))}\n"
-            "or call grc.serving.tritonserver.ensure_tritonserver()"
+            "or call grc.serving.triton.server.ensure_tritonserver()"
         )
     return ServerInstall(binary, _python_backend_dir(root), f"{PYTRITON_REQUIREMENT} in {home}")
 
@@ -136,8 +135,7 @@ def ensure_tritonserver(home: Path | None = None) -> ServerInstall:
     home = home or triton_home()
     home.parent.mkdir(parents=True, exist_ok=True)
     # One installer at a time (xdist workers, parallel deploys): the others wait, then find it.
-    with open(home.parent / f".{home.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with FileLock(home.parent / f".{home.name}.lock"):
         try:
             return find_tritonserver(home)
         except TritonServerNotFound:
@@ -248,12 +246,6 @@ def _interpreter_bin_dir(workdir: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- ports
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def _check_port_free(service: str, port: int) -> None:
@@ -393,7 +385,7 @@ class TritonServer(_Endpoints):
                 proc.terminate()
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout_s)
-            _kill_group(proc.pid)  # stubs share the server's process group (start_new_session)
+            kill_group(proc.pid)  # stubs share the server's process group (start_new_session)
             proc.wait()
             _remove_shm(self._shm_prefix)
             _RUNNING.discard(self)
@@ -433,7 +425,7 @@ class TritonServer(_Endpoints):
         for service, port in self._asked.items():
             if port is not None:
                 _check_port_free(service, port)
-        return {s: p if p is not None else _free_port() for s, p in self._asked.items()}
+        return {s: p if p is not None else free_port(HOST) for s, p in self._asked.items()}
 
     def _command(self, install: ServerInstall) -> list[str]:
         command = [str(install.binary), f"--model-repository={self.model_repository}"]
@@ -483,7 +475,7 @@ class TritonServer(_Endpoints):
             # A taken metrics port is not fatal to Triton: it logs the failure (after a line
             # claiming the service started) and serves on. So the metrics port must answer too.
             self._raise_if_port_taken(self.logs())
-            if _http_ok(url) and (not self._metrics_on or _metrics_ok(self.metrics_url)):
+            if http_ok(url) and (not self._metrics_on or _metrics_ok(self.metrics_url)):
                 self.startup_s = time.monotonic() - started
                 return
             time.sleep(0.1)
@@ -551,7 +543,7 @@ def stop_detached(record: DetachedServer, timeout_s: float = 15.0) -> bool:
         deadline = time.monotonic() + timeout_s
         while detached_alive(record) and time.monotonic() < deadline:
             time.sleep(0.1)
-        _kill_group(record.pid)
+        kill_group(record.pid)
         deadline = time.monotonic() + 5
         while detached_alive(record) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -566,23 +558,9 @@ def _reap(pid: int) -> None:
             _DETACHED.remove(proc)
 
 
-def _get(url: str, timeout_s: float = 1.0) -> bytes | None:
-    """The body of a 200 answer, else None. No proxies: none may intercept 127.0.0.1."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(url, timeout=timeout_s) as response:
-            return bytes(response.read()) if response.status == 200 else None
-    except (urllib.error.URLError, OSError):
-        return None
-
-
-def _http_ok(url: str) -> bool:
-    return _get(url) is not None
-
-
 def _metrics_ok(url: str) -> bool:
     # "nv_" metric names: the answer comes from Triton, not from whoever holds the port.
-    body = _get(url, timeout_s=0.5)
+    body = http_get(url, timeout_s=0.5)
     return body is not None and b"nv_" in body
 
 
@@ -610,8 +588,3 @@ def _remove_shm(prefix: str) -> None:
     # Stubs that did not shut down cleanly leave their regions in /dev/shm (1 MiB or more each).
     for region in Path("/dev/shm").glob(f"{prefix}*"):
         region.unlink(missing_ok=True)
-
-
-def _kill_group(pgid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):  # nothing left in the group
-        os.killpg(pgid, signal.SIGKILL)
