@@ -51,12 +51,13 @@ def _rows_scaled_by_their_neighbour(block: torch.Tensor, kind: str, where: str) 
 def test_a_broken_table_quantization_fails_the_build_with_the_table(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from grc.build.progress import RECORDS
+    from grc.build.progress import BuildRecords
 
+    records = BuildRecords()
     monkeypatch.setattr(grc.weights, "quantize_rows", _rows_scaled_by_their_neighbour)
     spec = write_spec(tmp_path, SPECS / "hstu-tiny.yaml", {**NO_ENGINES, "weights.init.embedding_dtype": "int8"})
-    statuses = run_build(spec, expect_ok=False)
+    statuses = run_build(spec, expect_ok=False, records=records)
     assert statuses["verify"] == "failed" and statuses["weights"] == "built"
-    error = RECORDS["verify"]["error"]  # what the build prints under the failed stage
+    error = records.get("verify")["error"]  # what the build prints under the failed stage
     assert "ranking gates (verify.ranking) failed" in error and "FAIL: " in error and "top-k ovl" in error
     assert not (tmp_path / "artifacts" / "hstu-tiny" / "verify").exists()  # no stale "passed" report
