@@ -228,6 +228,119 @@ def e2e_spec_table(name: str, data: dict[str, Any], spec: str, s: dict[str, Any]
     return f"**`{spec}`**, bf16, {source(name, data)}.{missing}{parity}\n\n" + table(head, rows)
 
 
+SHARE_SPECS = ("mtgr-small", "mtgr-base", "mtgr-large")
+QUANTIZED_LABELS = {"int8": "int8", "fp8_e4m3": "fp8"}
+
+
+def table_share_block(results: Results) -> str:
+    """No result file: the tables' share of each MTGR spec's parameters and their bytes per precision,
+    computed from specs/*.yaml by the functions ``grc show`` prints them with (deterministic)."""
+    sys.path.insert(0, str(REPO))
+    from grc.model.params import parameter_bytes, parameter_summary, table_bytes
+    from grc.spec.loader import load_spec
+
+    rows = []
+    for spec in SHARE_SPECS:
+        model = load_spec(REPO / "specs" / f"{spec}.yaml").spec.model
+        summary = parameter_summary(model)
+        tables = [r for r in summary if r[1] == "embedding"]
+        share = 100 * sum(r[2] for r in tables) / sum(r[2] for r in summary)
+        size = parameter_bytes(model, *tables)
+        rows.append(
+            [f"`{spec}`", f"{share:.1f}%"] + [f"{100 * size[q] / size['bfloat16']:.1f}%" for q in QUANTIZED_LABELS]
+        )
+    width = ", ".join(
+        f"{label} {100 * table_bytes(1, 128, q) / table_bytes(1, 128, 'bfloat16'):.1f}%"
+        for q, label in QUANTIZED_LABELS.items()
+    )
+    head = ["spec", "tables' share of the parameters"] + [f"{q} tables' bytes vs bf16" for q in QUANTIZED_LABELS]
+    return (
+        "Computed from `specs/*.yaml` by `grc.model.params` (what `grc show` prints), no measurement:\n\n"
+        + table(head, rows)
+        + f"\n\nA row of width 128 (mtgr's user and item tables) takes, of bf16's bytes: {width}."
+    )
+
+
+def quant_block(results: Results) -> str:
+    data = results("quant.json")
+    rows = []
+    for precision, p in data["precisions"].items():
+        w = p["worst_over_tasks"]
+        rows.append([
+            precision, f"{p['table_bytes_of_bf16']:.3f}", f"{w['top_k_overlap']:.3f}", f"{w['kendall_tau']:.4f}",
+            num(w["mean_abs"], 2), num(w["max_abs"], 2),
+        ])  # fmt: skip
+    lookups = ", ".join(
+        f"{p['lookup_100000_rows_per_table_s']:.2f} s for {precision}" for precision, p in data["precisions"].items()
+    )
+    head = ["tables", "bytes vs bf16", "top-10 overlap", "Kendall tau", "mean \\|Δscore\\|", "max \\|Δscore\\|"]
+    return (
+        f"Measured on `{data['spec']}`'s shapes (`python bench/quant.py`), {source('quant.json', data)}; every "
+        f"table at its {data['spec']} width, user and item cut to 1/{data['rows_divisor']} of their rows; "
+        f"{data['spec']}'s dense model; {data['held_out_users']} held-out users × {data['candidates_per_user']} "
+        f"candidates; worst task:\n\n"
+        + table(head, rows)
+        + f"\n\nA warm lookup of 100,000 ids in each of the {len(data['tables'])} tables (one thread, "
+        f"memory-mapped, dequantized to float32) took {lookups}."
+    )
+
+
+def history_rows(data: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for c in data["cases"]:
+        if "skipped" in c:
+            continue
+        rows.append([
+            f"{c['history']} x {c['candidates']}", f"{c['full_forward_ms'] / 1000:.2f} s",
+            f"{c['cached_score_ms'] / 1000:.2f} s", f"{c['speedup']:.1f}x", f"{c['cache_mb']:.1f} MB",
+        ])  # fmt: skip
+    return rows
+
+
+def history_cache_block(results: Results) -> str:
+    data, delta = results("history-cache-cpu.json"), results("history-cache-cpu-delta10.json")
+    worst = max(c["max_abs_diff"] for c in data["cases"] + delta["cases"] if "skipped" not in c)
+    skipped = "; ".join(f"{c['history']} x {c['candidates']}: {c['skipped']}" for c in data["cases"] if "skipped" in c)
+    speedups = ", ".join(f"{c['speedup']:.1f}x" for c in delta["cases"] if "skipped" not in c)
+    head = [f"history x candidates ({data['spec']})", "full forward", "cached score", "speedup", "cache"]
+    return (
+        f"`python bench/history_cache.py --spec specs/{data['spec']}.yaml`, {source('history-cache-cpu.json', data)}: "
+        f"dense model only, {data['dtype']}, torch threads: {data['threads']}, median of {data['repeat']}, "
+        f"same scores (max |diff| {num(worst, 1)}):\n\n"
+        + table(head, history_rows(data))
+        + f"\n\nWith {delta['delta']} new history events per request (`--delta {delta['delta']}`), "
+        f"{source('history-cache-cpu-delta10.json', delta)}: {speedups}. Skipped: {skipped}."
+    )
+
+
+def history_cache_served_block(results: Results) -> str:
+    data = results("history-cache-served-cpu.json")
+    rows, miss = [], []
+    for c in data["cases"]:
+        eager, ort, hit = (
+            c[k]["p50_ms"] / 1000 for k in ("uncached_pytorch", "uncached_onnxruntime_ensemble", "cached_hit")
+        )
+        miss.append(eager / ort)
+        rows.append([
+            f"{c['history']} x {c['candidates']}", f"{eager:.2f} s", f"{ort:.2f} s", f"{hit:.2f} s",
+            f"{c['speedup_p50_vs_onnxruntime']:.1f}x",
+        ])  # fmt: skip
+    same = all(c["max_abs_diff_cached_vs_uncached"] == 0 for c in data["cases"])
+    hits = all(c["hits_counted"] == c["cached_hit"]["requests"] for c in data["cases"])
+    onnx = max(c["max_abs_diff_onnx_vs_cached"] for c in data["cases"])
+    head = ["history x candidates", "uncached (same model, no user_id)", "uncached onnxruntime ensemble",
+            "cached hit", "vs onnxruntime"]  # fmt: skip
+    return (
+        f"`python bench/history_cache_served.py` ({data['requests']} timed requests per mode), "
+        f"{source('history-cache-served-cpu.json', data)}, p50:\n\n"
+        + table(head, rows)
+        + f"\n\nCached and uncached scores were {'bit-identical' if same else 'NOT identical'} (float32); "
+        f"{'every' if hits else 'NOT every'} timed cached request counted as a hit; onnxruntime differs by "
+        f"{num(onnx, 1)}. A miss costs the eager uncached time, {min(miss):.1f}-{max(miss):.1f}x the onnxruntime "
+        "ensemble's on the CPU."
+    )
+
+
 BLOCKS: dict[str, Callable[[Results], str]] = {
     "build": build_block,
     "cache": cache_block,
@@ -235,6 +348,10 @@ BLOCKS: dict[str, Callable[[Results], str]] = {
     "vllm-load": vllm_load_block,
     "plugin-kernel": plugin_kernel_block,
     "e2e-gpu": e2e_gpu_block,
+    "table-share": table_share_block,
+    "quant": quant_block,
+    "history-cache": history_cache_block,
+    "history-cache-served": history_cache_served_block,
 }
 
 

@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -75,3 +76,37 @@ def test_every_result_file_carries_its_provenance(path: Path) -> None:
         missing = [k for k in PROVENANCE if k not in data]
         assert not missing, f"{path.name}: no {missing}: write it with bench/_common.write_result"
         assert data["argv"] and data["argv"][0].endswith(".py")
+
+
+@pytest.mark.parametrize(
+    ("name", "edit", "block"),
+    [
+        ("quant.json", lambda d: d["precisions"]["int8"]["worst_over_tasks"].update(kendall_tau=0.5), "quant"),
+        ("history-cache-cpu.json", lambda d: d["cases"][0].update(speedup=99.0), "history-cache"),
+        ("history-cache-cpu-delta10.json", lambda d: d["cases"][0].update(speedup=99.0), "history-cache"),
+        ("history-cache-served-cpu.json", lambda d: d["cases"][0].update(hits_counted=1.0), "history-cache-served"),
+    ],
+)
+def test_each_result_file_a_block_quotes_drives_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, edit: Any, block: str
+) -> None:
+    results = tmp_path / "results"
+    shutil.copytree(REPO / "bench" / "results", results)
+    data = json.loads((results / name).read_text())
+    edit(data)
+    (results / name).write_text(json.dumps(data))
+    assert report.main(["--check", "--results", str(results)]) == 1
+    assert f"report block '{block}' disagrees" in capsys.readouterr().err
+
+
+def test_the_tables_share_agrees_with_every_parameter_the_spec_declares() -> None:
+    """table-share counts through parameter_summary; all_params lists each parameter block by block."""
+    from grc.model.params import all_params
+    from grc.spec.loader import load_spec
+
+    block = report.table_share_block(report.Results(REPO / "bench" / "results"))
+    for spec in report.SHARE_SPECS:
+        loaded = load_spec(REPO / "specs" / f"{spec}.yaml")
+        params = all_params(loaded.spec.model, loaded.spec.weights.table_block_rows)
+        share = 100 * sum(p.numel for p in params if p.kind == "embedding") / sum(p.numel for p in params)
+        assert f"| `{spec}` | {share:.1f}% |" in block
