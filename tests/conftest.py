@@ -94,7 +94,8 @@ def built_mtgr_tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
 def tiny_copy(built_tiny: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
     """A private copy of the built hstu-tiny (spec + artifacts) that a test may edit and rebuild."""
     spec, _ = built_tiny
-    shutil.copytree(spec.parent, tmp_path / "w")
+    # without the __pycache__ a server leaves in a served bundle: not grc's output (nor in its records)
+    shutil.copytree(spec.parent, tmp_path / "w", ignore=shutil.ignore_patterns("__pycache__"))
     return tmp_path / "w" / spec.name, tmp_path / "w" / "artifacts"
 
 

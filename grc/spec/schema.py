@@ -28,6 +28,7 @@ Width = Annotated[int, Field(ge=1, le=lim.MAX_WIDTH)]
 SeqLen = Annotated[int, Field(ge=1, le=lim.MAX_SEQ_LEN)]
 Users = Annotated[int, Field(ge=1, le=lim.MAX_USERS)]
 MiB = Annotated[int, Field(ge=1, le=lim.MAX_MIB)]
+MiBFraction = Annotated[float, Field(gt=0, le=lim.MAX_MIB)]  # a budget that may be below 1 MiB (tests)
 Seed = Annotated[int, Field(ge=0, le=lim.MAX_SEED)]
 Instances = Annotated[int, Field(ge=1, le=lim.MAX_INSTANCES)]
 PromptTokens = Annotated[int, Field(ge=1, le=lim.MAX_PROMPT_TOKENS)]
@@ -485,9 +486,9 @@ class HistoryCacheConfig(_Section):
         "carrying user_id) and computes only new history events and candidates; the ensembles stay, named "
         "<model_name>-<backend>",
     )
-    budget_mb: float = Field(1024.0, gt=0, description="bytes of cached K/V kept per instance, in MiB (LRU eviction)")
-    max_user_mb: float | None = Field(
-        None, gt=0, description="largest entry kept for one user, in MiB; default: budget_mb / 8"
+    budget_mb: MiBFraction = Field(1024.0, description="bytes of cached K/V kept per instance, in MiB (LRU eviction)")
+    max_user_mb: MiBFraction | None = Field(
+        None, description="largest entry kept for one user, in MiB; default: budget_mb / 8"
     )
 
 
