@@ -54,8 +54,10 @@ def _interrupt(spec: Path, stage: str, jobs: int, ready: Ready) -> tuple[int, st
     """``grc build SPEC STAGE -j JOBS``, SIGINT once ``ready(artifacts, pid, stderr so far)``: (exit
     code, stderr), or None when the stage finished before the signal landed. stderr is a pipe, as
     under a terminal or CI runner (a file there made the abort rarer)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "grc.cli", "build", spec.name, stage, "-j", str(jobs)],
+    if stage == "weights":  # an earlier trial may have finished it: start where the stage must run
+        assert _grc("clean", spec.name, cwd=spec.parent).returncode == 0
+    proc = subprocess.Popen(  # --no-cache: the stage runs, never restored from an earlier trial's store entry
+        [sys.executable, "-m", "grc.cli", "build", spec.name, stage, "-j", str(jobs), "--no-cache"],
         cwd=spec.parent,
         env=ENV,
         stdout=subprocess.DEVNULL,
