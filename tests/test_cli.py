@@ -63,6 +63,9 @@ def _interrupt(spec: Path, stage: str, jobs: int, ready: Ready) -> tuple[int, st
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        # SIGINT as a terminal user's build has it: a pytest-xdist worker ignores SIGINT, and an ignored
+        # signal is inherited (Python then installs no KeyboardInterrupt handler in the child)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")))  # type: ignore[union-attr]
