@@ -8,6 +8,7 @@ the tests call; ``python -m grc.cli`` runs it too."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import threading
@@ -80,7 +81,10 @@ def _interrupted() -> int:
         # frames aborts the process ("terminate called without an active exception", exit 134).
         # The build lock is a flock (the kernel drops it) and partial outputs are swept next time.
         os._exit(130)
-    return 130
+    # No other thread: run the exit handlers (a deploy stops its server), then end here with 130. Left to
+    # interpreter finalization, an interrupted export was seen to end killed by SIGINT instead (exit -2).
+    atexit._run_exitfuncs()
+    os._exit(130)
 
 
 def main(argv: list[str] | None = None) -> int:
