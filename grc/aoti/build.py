@@ -56,10 +56,26 @@ INDUCTOR_CONFIGS: dict[str, Any] = {
 }
 
 
+SYSTEM_CXX = "/usr/bin/g++"
+
+
 def cxx_compiler() -> str | None:
-    """The C++ compiler AOTInductor compiles the package with, as an absolute path ($CXX, else g++
-    on PATH), or None when there is none (Inductor then reports it). Recorded in the metadata."""
-    found = shutil.which(os.environ.get("CXX") or "g++")
+    """The C++ compiler AOTInductor compiles the package with, as an absolute path, or None when
+    there is none (Inductor then reports it); recorded in the metadata. ``$CXX`` when set (the
+    user's choice), else the system's ``/usr/bin/g++`` when there is one, else ``g++`` on PATH.
+
+    Why the system compiler before PATH: on the lent H200 image ``g++`` on PATH is
+    ``/opt/gcc/bin/g++``, a wrapper around the same GCC 13.3 (it names itself ``g++-real``).
+    Packages it built crashed when loaded (SIGSEGV in ``std::regex`` inside the model .so) unless
+    the process preloaded libstdc++; the same package source built with ``/usr/bin/g++`` loaded
+    and ran, plain (bench/results/aoti-probe-h200.json, bench/gpu_aoti_probe.py)."""
+    wanted = os.environ.get("CXX")
+    if wanted:
+        found = shutil.which(wanted)
+    elif os.path.isfile(SYSTEM_CXX) and os.access(SYSTEM_CXX, os.X_OK):
+        found = SYSTEM_CXX
+    else:
+        found = shutil.which("g++")
     return os.path.abspath(found) if found else None
 
 

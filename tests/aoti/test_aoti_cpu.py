@@ -184,3 +184,25 @@ def test_compiler_shim_runs_the_real_compiler_and_restores_cxx(monkeypatch: pyte
     with compiler_shim() as shim:
         assert Path(shim or "").name == Path(shutil.which("g++") or "").name
     assert "CXX" not in os.environ
+
+
+def test_the_system_compiler_comes_before_a_g_plus_plus_earlier_on_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the lent H200 image PATH's g++ is a wrapper whose packages crashed on load; /usr/bin/g++'s
+    loaded (bench/results/aoti-probe-h200.json). An explicit $CXX still wins."""
+    import os
+
+    from grc.aoti.build import SYSTEM_CXX, cxx_compiler
+
+    if not os.access(SYSTEM_CXX, os.X_OK):
+        pytest.skip(f"{SYSTEM_CXX} is not here: nothing to prefer")
+    wrapper = tmp_path / "opt-gcc" / "g++"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\nexec {SYSTEM_CXX} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CXX", raising=False)
+    assert cxx_compiler() == SYSTEM_CXX
+    monkeypatch.setenv("CXX", str(wrapper))
+    assert cxx_compiler() == str(wrapper)
