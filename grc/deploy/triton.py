@@ -82,6 +82,11 @@ def deploy(loaded: LoadedSpec, root: Path, args: argparse.Namespace) -> int:
     config_name = checked_config_name(folder, getattr(args, "model_config_name", None))
     if getattr(args, "docker", False):
         return _docker(loaded, root, folder, description, args, config_name, console)
+    from grc.serving.triton.fused_bundle import host_problem
+
+    problem = host_problem(folder / bd.MODEL_REPOSITORY)  # no CPU fallback: say why before a server starts
+    if problem:
+        raise DeployError(f"cannot serve {folder}: {problem}")
     state = root / STATE
     running = _read_state(state)
     if running is not None:

@@ -500,7 +500,10 @@ class HistoryCacheConfig(_Section):
 class GpuBucket(_Section):
     """One CUDA-graph bucket: a graph captured at load for ``users`` users and ``tokens`` tokens."""
 
-    users: Users = Field(description="user slots of the bucket (real users, padding users, empty users)")
+    users: Users = Field(
+        description="user slots of the bucket (real users, padding users, empty users); at most max_batch_size + "
+        "ceil(tokens / max_seq_len): the real users and the padding users its tokens can need"
+    )
     tokens: Annotated[int, Field(ge=2, le=lim.MAX_USERS * lim.MAX_SEQ_LEN)] = Field(
         description="tokens of the bucket (a batch's tokens, padded up to this)"
     )
@@ -656,9 +659,6 @@ class TritonBundleConfig(_Section):
                                  "memory-mapped tables (use auto or device)")
             if self.gpu.cuda_graphs and "gpu" in self.model_fields_set and "cuda_graphs" in self.gpu.model_fields_set:
                 raise ValueError("gpu.cuda_graphs: CUDA graphs need KIND_GPU instances (instance_kind is KIND_CPU)")
-        for i, bucket in enumerate(self.gpu.buckets):
-            if bucket.users > self.max_batch_size:
-                raise ValueError(f"gpu.buckets[{i}].users: {bucket.users} exceeds max_batch_size {self.max_batch_size}")
 
 
 class VllmBundleConfig(_Section):
@@ -839,11 +839,16 @@ class Spec(_Section):
                     f"bundles.triton.instance_kind: KIND_GPU serves a GPU package, and "
                     f"engine.aoti.targets has none (got {aoti.targets})"
                 )
-        most = triton.max_batch_size * self.model.hstu.max_seq_len
+        seq = self.model.hstu.max_seq_len
+        most = triton.max_batch_size * seq
         for i, bucket in enumerate(triton.gpu.buckets):
+            where = f"bundles.triton.gpu.buckets[{i}]"
             if bucket.tokens > most:
-                raise ValueError(
-                    f"bundles.triton.gpu.buckets[{i}].tokens: {bucket.tokens} exceeds max_batch_size "
-                    f"{triton.max_batch_size} x model.hstu.max_seq_len {self.model.hstu.max_seq_len} = {most}"
-                )
+                raise ValueError(f"{where}.tokens: {bucket.tokens} exceeds max_batch_size {triton.max_batch_size} "
+                                 f"x model.hstu.max_seq_len {seq} = {most}")
+            slots = triton.max_batch_size + -(-bucket.tokens // seq)  # real users + the padding users tokens need
+            if bucket.users > slots:
+                raise ValueError(f"{where}.users: {bucket.users} slots, and a batch of {bucket.tokens} tokens uses at "
+                                 f"most {slots} (max_batch_size {triton.max_batch_size} + one padding user per "
+                                 f"max_seq_len {seq} padding tokens)")
         return self

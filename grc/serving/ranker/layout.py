@@ -30,7 +30,9 @@ class Layout:
 
 def build(requests: list[dict[str, np.ndarray]], cfg: ModelConfig) -> Layout:
     n_prof = len(cfg.profile)
-    per_user_len, hist_t, cands, shapes = [], [], [], []
+    per_user_len: list[int] = []
+    hist_t: list[tuple[int, int, int]] = []
+    shapes: list[tuple[int, int]] = []
     for r in requests:
         b, h = r[rq.HISTORY_TIME].shape
         c = r[rq.candidate_input(cfg.candidate[0])].shape[1]

@@ -128,7 +128,7 @@ def _stack(parts: list[tuple[np.ndarray, dict]], device: torch.device | None) ->
     out = (torch.empty(shape, dtype=dtype, device=device) if device is not None
            else torch.empty(shape, dtype=dtype, pin_memory=True))
     start = 0
-    for array, info in parts:
+    for array, _ in parts:
         with warnings.catch_warnings():  # a read-only memory map: torch warns, and we only read it
             warnings.simplefilter("ignore", UserWarning)
             block = torch.from_numpy(array).view(dtype)
