@@ -69,9 +69,10 @@ def test_what_a_pipeline_cannot_run_is_refused_naming_the_field(tmp_path: Path, 
 def test_bucket_outside_the_aoti_package_range_is_refused(tmp_path: Path) -> None:
     from grc.aoti.model import MAX_TOKENS
 
-    spec = spec_with(tmp_path, {"instance_kind": "KIND_GPU", "backend": "aotinductor", "max_batch_size": 4096,
-                                "preferred_batch_sizes": [8], "gpu": {"buckets": [{"users": 8, "tokens": MAX_TOKENS + 2}]}},
-                     **{"engine.aoti": {"enabled": True, "targets": ["cuda"]}, "model.hstu.max_seq_len": 8192})
+    triton = {"instance_kind": "KIND_GPU", "backend": "aotinductor", "max_batch_size": 4096,
+              "preferred_batch_sizes": [8], "gpu": {"buckets": [{"users": 8, "tokens": MAX_TOKENS + 2}]}}
+    more: dict[str, Any] = {"engine.aoti": {"enabled": True, "targets": ["cuda"]}, "model.hstu.max_seq_len": 8192}
+    spec = spec_with(tmp_path, triton, "big", **more)
     assert any("outside the AOTInductor package's exported range" in p for p in fb.problems(spec))
 
 
