@@ -487,6 +487,7 @@ def describe(spec: Spec, names: dict[str, str], sample: dict[str, np.ndarray]) -
             "tables": {t: c.vocab_size for t, c in model.tables.items()},
         },
         "tasks": list(model.tasks),
+        "tolerance": fused_bundle.tolerance(spec).model_dump() if fused_bundle.enabled(spec) else None,
         "rank_weights": dict(zip(model.tasks, rq.rank_weights(model, cfg).tolist(), strict=True)),
         "top_k": cfg.top_k,
         "sample": {name: a.tolist() for name, a in sample.items()},
@@ -515,6 +516,15 @@ def bundle_model(folder: Path) -> tuple[Any, Path]:
         model_dir = folder / MODEL_REPOSITORY / description["ensemble"]
     cfg = GrcModelConfig.model_validate_json(load_config(model_dir).parameters["grc_model"].string_value)
     return cfg, model_dir / str(description["model_version"]) / "weights"
+
+
+def served_tolerance(description: dict[str, Any], spec: Spec) -> Any:
+    """The tolerance a served answer is checked with against PyTorch float64: the one the bundle was
+    built with (a fused GPU model computes in its dense dtype), else the spec's verify.export."""
+    from grc.spec.schema import Tolerance
+
+    recorded = description.get("tolerance")
+    return Tolerance(**recorded) if recorded else spec.verify.export
 
 
 def sample_arrays(description: dict[str, Any]) -> dict[str, np.ndarray]:

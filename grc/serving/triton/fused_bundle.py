@@ -41,6 +41,15 @@ def plan(spec: Spec) -> list[bk.Bucket]:
     return bk.default_plan(cfg.max_batch_size, spec.model.hstu.max_seq_len)
 
 
+def tolerance(spec: Spec) -> Any:
+    """Served scores vs PyTorch float64: KIND_CPU computes in float32 (verify.export); KIND_GPU in the dense
+    dtype (engine.aoti.dtype), with the aoti stage's parity tolerance for it."""
+    from grc.stages.aoti import tolerance as aoti_tolerance
+
+    cfg = spec.bundles.triton
+    return aoti_tolerance(spec, spec.engine.aoti.dtype if cfg.instance_kind == "KIND_GPU" else "float32")
+
+
 def problems(spec: Spec) -> list[str]:
     """What the fused pipeline of this spec cannot run, by field (empty: it can)."""
     from grc.aoti.model import MAX_TOKENS, MAX_USERS
@@ -132,7 +141,7 @@ Metrics: grc_cuda_graph_hits_total, grc_cuda_graph_misses_total, grc_padded_toke
 def host_problem(model_repository: Path) -> str | None:
     """Why this host cannot start the repository's KIND_GPU python models (None: it can, or there are none):
     they run torch on CUDA in the server's python backend, the interpreter grc runs in. Said before the server
-    starts: on a host without a GPU Triton itself refuses the instance group with a bare "invalid gpu id"."""
+    starts: on a host without a GPU Triton itself only says "has kind KIND_GPU but no GPUs are available"."""
     from grc.serving.triton.model_config import load_config
     from grc.serving.triton.model_config import pb as mc
 
