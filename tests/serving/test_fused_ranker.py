@@ -24,9 +24,7 @@ from tests.conftest import TEST_SPECS, run_build, write_spec
 from tests.serving import fused_checks as fc
 
 WORKER = Path(__file__).with_name("fused_interp_worker.py")
-# Padding adds rows to every batched matmul: the real rows may differ in the last bits (blocking),
-# never more. float64 reference ops: 1e-12; float32 kernels: 1e-5 relative.
-PAD_TOL = {"float64": 1e-12, "float32": 1e-5}
+PAD_TOL = fc.PAD_TOL
 
 
 def run_worker(job: str, *args: str) -> tuple[Any, int]:
@@ -84,24 +82,14 @@ def test_pad_layout_pad_users_are_all_candidates_and_the_rest_empty() -> None:
     assert bk.choose([bk.Bucket(tokens=30, users=3)], 2, 10, 7) is None  # 20 padding tokens need 3 pad users
 
 
-def _assert_padding_exact(result: dict[str, Any], tol: float, seed: int) -> None:
-    assert result["unpadded_finite"], f"seed={seed}"
-    for name in ("default_plan", "pad_and_empty_users"):
-        r = result[name]
-        assert r["rel_err"] <= tol, f"seed={seed} {name}: a real user's scores changed by {r['rel_err']:.2e}"
-        assert r["padded_tokens"] == r["expected_padding"] > 0 and r["misses"] == 0, (name, r)
-        assert r["all_rows_finite"], f"seed={seed} {name}: a padding or empty user produced NaN/inf"
-    assert result["miss"]["misses"] == 1 and result["miss"]["padded_tokens"] == 0 and result["miss"]["rel_err"] == 0
-
-
 def test_padding_changes_no_score_reference_ops_float64() -> None:
     seed = secrets.randbits(31)
-    _assert_padding_exact(fc.padding_errors("pytorch", torch.float64, seed), PAD_TOL["float64"], seed)
+    fc.assert_padding_exact(fc.padding_errors("pytorch", torch.float64, seed), PAD_TOL["float64"], seed)
 
 
 def test_padding_changes_no_score_triton_kernels_interpreted() -> None:
     result, seed = run_worker("padding")
-    _assert_padding_exact(result, PAD_TOL["float32"], seed)
+    fc.assert_padding_exact(result, PAD_TOL["float32"], seed)
 
 
 # --------------------------------------------------------------------------- tables on a device
@@ -140,27 +128,19 @@ def test_auto_placement_follows_the_budget(weights: dict[str, tuple[Path, Path]]
 # --------------------------------------------------------------------------- Ranker
 
 
-def _assert_ranker(result: dict[str, Any], tol: float, seed: int) -> None:
-    assert result["rel_err"] <= tol and not result["problems"], f"seed={seed}: {result}"
-    assert result["stats"]["requests"] == 5 and result["stats"]["users"] == 6
-    assert result["dtypes"] == {"scores": "float32", "ranked_candidates": "int64", "ranked_items": "int64",
-                                "ranked_scores": "float32", "ranked_task_scores": "float32"}
-    assert result["shapes"]["scores"][0] == 2  # the two-user request came back as one response of 2 users
-
-
 @pytest.mark.parametrize("kind", ["float", "int8"])
 def test_ranker_pytorch_matches_the_float64_reference(weights: dict[str, tuple[Path, Path]], kind: str,
                                                       tmp_path: Path) -> None:
     spec, wdir = weights[kind]
     seed = secrets.randbits(31)
-    _assert_ranker(fc.ranker_errors(spec, wdir, "pytorch", seed, tmp_path / "m"), 1e-4, seed)
+    fc.assert_ranker(fc.ranker_errors(spec, wdir, "pytorch", seed, tmp_path / "m"), 1e-4, seed)
 
 
 def test_ranker_pytorch_kernels_interpreted_matches_the_float64_reference(
         weights: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
     spec, wdir = weights["float"]
     result, seed = run_worker("ranker", str(spec), str(wdir), str(tmp_path / "m"))
-    _assert_ranker(result, 1e-4, seed)
+    fc.assert_ranker(result, 1e-4, seed)
 
 
 def test_ranker_refuses_a_bad_request_and_a_cuda_device_without_cuda(weights: dict[str, tuple[Path, Path]],
