@@ -12,8 +12,11 @@ max_candidates), ids inside the tables (numpy, --seed). Modes, in the same run o
   in_process  the grc model's Ranker in this process on batches of `concurrency` requests (no server)
 Every answer's form is checked (a bad one counts as an error); the first --sample pool requests' answers are
 checked against the PyTorch float64 model within the spec's tolerance. Concurrencies run largest first (the
-targets' rows), in_process before the server starts (the GPU to itself); a row the --deadline leaves no room
-for is listed with the reason. Writes bench/results/serve-<device>.json (--out: another name or path).
+targets' rows); in_process runs after the server has stopped (the GPU to itself; time is kept for it), last
+because a package that crashes its loader would end this process: the result file is rewritten after every
+row, so the rows before stay. A row the --deadline leaves no room for is listed with the reason.
+--grc-failed REASON marks grc and in_process failed up front (the device script's fallback when the aoti
+package did not build). Writes bench/results/serve-<device>.json (--out: another name or path).
 """
 
 from __future__ import annotations
@@ -28,10 +31,22 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import REPO, write_result
-from serve_modes import MODES, SERVER_MODES, InProcess, Row, run_in_process, run_served, served_model, start_server
+from serve_modes import (
+    MODES,
+    SERVER_MODES,
+    InProcess,
+    Row,
+    ranker_class,
+    run_in_process,
+    run_served,
+    served_model,
+    start_server,
+)
 from serve_pool import Sampler, request_pool, size_ranges
 
 SERVER_START_S = 300.0  # loading three fused GPU models (tables to the GPU, graphs captured) on a cold machine
+IN_PROCESS_LOAD_S = 60.0  # the Ranker's load (tables to the GPU, graphs captured), kept free for it
+ROW_OVERHEAD_S = 15.0  # a row's warm-up and float64 checks beyond its --row-seconds
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,6 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sample", type=int, default=16, help="pool requests whose answers are checked vs float64")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="result name under bench/results/ or a .json path (default serve-<device>)")
+    p.add_argument("--grc-failed", metavar="REASON", help="grc's model could not be built: its rows fail with REASON")
     args = p.parse_args(argv)
     if any(c < 1 for c in args.concurrency):
         p.error(f"--concurrency: expected positive integers, got {args.concurrency}")
@@ -66,112 +82,136 @@ def device_slug() -> str:
     return re.sub(r"[^a-z0-9]", "", words[0]) if words else "gpu"
 
 
-class Clock:
-    """The run's deadline: whether a row of ``need`` seconds still fits."""
-
-    def __init__(self, seconds: float):
-        self.end = time.monotonic() + seconds
-
-    def left(self) -> float:
-        return self.end - time.monotonic()
-
-    def fits(self, need: float) -> bool:
-        return self.left() >= need
-
-
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def run_spec(spec_file: Path, args: argparse.Namespace, clock: Clock) -> tuple[list[Row], dict[str, Any]]:
-    from grc.build.runner import build
-    from grc.serving.triton import bundle as bd
-    from grc.spec.loader import load_spec
+class Bench:
+    """One run: its deadline, the rows so far (the result file is rewritten after each), one spec at a time."""
 
-    loaded = load_spec(spec_file)
-    spec = loaded.spec
-    root = args.artifacts / spec.name
-    if not (root / "triton" / bd.BUNDLE_JSON).is_file():
-        log(f"{spec.name}: building the triton bundle into {root}")
-        if build(loaded, root, only=["triton"]) != 0:
-            raise SystemExit(f"{spec_file}: `grc build` of the triton stage failed (see above)")
-    repository = root / "triton" / bd.MODEL_REPOSITORY
-    pool = request_pool(spec.model, args.pool, args.seed)
-    sampler = Sampler(spec, root / "weights", pool, args.sample)
-    concurrencies = sorted(set(args.concurrency), reverse=True)
-    rows = [Row(spec.name, m, c, served_model(spec, m)) for m in args.modes for c in concurrencies]
-    for row in rows:
-        if row.model is None:
-            row.skipped = (f"the bundle serves no {MODES[row.mode]} model (bundles.triton.backend / "
-                           "extra_backends)")
-    info = {"pool": describe_pool(spec, args), "tolerance": sampler.check({})["tolerance"]}
-    measure_in_process([r for r in rows if r.mode == "in_process"], repository, spec, pool, sampler, args, clock)
-    measure_served([r for r in rows if r.mode in SERVER_MODES], repository, pool, sampler, args, clock, info)
-    return rows, info
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.end = time.monotonic() + args.deadline
+        self.reserve = 0.0  # seconds kept for the in_process rows while the server's rows run
+        self.slug = device_slug()
+        self.specs: dict[str, Any] = {}
+        self.rows: list[Row] = []
+
+    # ---- time
+    def left(self) -> float:
+        return self.end - time.monotonic() - self.reserve
+
+    def fits(self, row: Row) -> bool:
+        """Whether ``row`` is to run: not failed or skipped already, and its time still fits (else skipped)."""
+        if row.skipped or row.failed:
+            return False
+        if self.left() < self.args.row_seconds + ROW_OVERHEAD_S:
+            row.skipped = f"the run's --deadline {self.args.deadline:.0f} s left {max(self.left(), 0):.0f} s"
+        return not row.skipped
+
+    # ---- results
+    def ordered(self) -> list[Row]:
+        order = {m: i for i, m in enumerate(MODES)}
+        return sorted(self.rows, key=lambda r: (r.spec, order[r.mode], r.concurrency))
+
+    def save(self, complete: bool = False) -> Path:
+        what = (
+            "served GR models under closed-loop load: one user per request, gRPC over loopback, every answer's "
+            "form checked, a sample against PyTorch float64; client and server share the machine"
+            + ("; CPU numbers, not the GPU claim" if self.slug == "cpu" else "")
+        )
+        rows = [r.as_dict() for r in self.ordered()]
+        data = {"what": what, "complete": complete, "specs": self.specs, "rows": rows}
+        return write_result(self.args.out or f"serve-{self.slug}", data)
+
+    # ---- one spec
+    def run_spec(self, spec_file: Path) -> None:
+        from grc.build.runner import build
+        from grc.serving.triton import bundle as bd
+        from grc.spec.loader import load_spec
+
+        args = self.args
+        loaded = load_spec(spec_file)
+        spec = loaded.spec
+        root = args.artifacts / spec.name
+        if not (root / "triton" / bd.BUNDLE_JSON).is_file():
+            log(f"{spec.name}: building the triton bundle into {root}")
+            if build(loaded, root, only=["triton"]) != 0:
+                raise SystemExit(f"{spec_file}: `grc build` of the triton stage failed (see above)")
+        pool = request_pool(spec.model, args.pool, args.seed)
+        self.sampler = Sampler(spec, root / "weights", pool, args.sample)
+        self.repository = root / "triton" / bd.MODEL_REPOSITORY
+        concurrencies = sorted(set(args.concurrency), reverse=True)
+        rows = [Row(spec.name, m, c, served_model(spec, m)) for m in args.modes for c in concurrencies]
+        for row in rows:
+            if args.grc_failed and row.mode in ("grc", "in_process"):
+                row.failed = args.grc_failed
+            elif row.model is None:
+                row.skipped = f"the bundle serves no {MODES[row.mode]} model (bundles.triton.backend / extra_backends)"
+        self.specs[spec.name] = {"pool": describe_pool(spec, args), "tolerance": self.sampler.check({})["tolerance"]}
+        self.rows += rows
+        try:
+            ranker_class()
+        except ImportError as exc:  # before any time is kept for them
+            for r in rows:
+                if r.mode == "in_process":
+                    r.skipped = r.skipped or f"grc.serving.ranker cannot be imported here ({exc})"
+        direct = [r for r in rows if r.mode == "in_process" and not (r.failed or r.skipped)]
+        self.reserve = IN_PROCESS_LOAD_S + len(direct) * (args.row_seconds + ROW_OVERHEAD_S) if direct else 0.0
+        self.measure_served(spec.name, [r for r in rows if r.mode in SERVER_MODES], pool)
+        self.reserve = 0.0
+        self.measure_in_process(spec, direct, pool)
+
+    def measure_served(self, spec_name: str, rows: list[Row], pool: list) -> None:
+        wanted = sorted({r.model for r in rows if r.model and not (r.skipped or r.failed)})
+        if not wanted or not any(self.fits(r) for r in rows):
+            return
+        log(f"starting tritonserver with {', '.join(wanted)}")
+        started = time.monotonic()
+        server, failed = start_server(self.repository, wanted, min(SERVER_START_S, max(self.left() - 30, 30)))
+        self.specs[spec_name]["server_start_s"] = round(time.monotonic() - started, 1)
+        for r in rows:
+            if r.model in failed and not r.failed:
+                r.failed = failed[r.model]
+        self.save()
+        if server is None:
+            return
+        log(f"tritonserver ready in {time.monotonic() - started:.1f} s" + (f"; failed: {failed}" if failed else ""))
+        try:
+            for r in rows:
+                if self.fits(r):
+                    run_served(r, server, pool, self.sampler, self.args.row_seconds, self.args.max_requests)
+                    log(one_line(r))
+                    self.save()
+        finally:
+            server.stop()
+
+    def measure_in_process(self, spec: Any, rows: list[Row], pool: list) -> None:
+        if not rows or not any(self.fits(r) for r in rows):
+            return
+        model = rows[0].model
+        assert model is not None
+        model_dir = self.repository / model / str(spec.bundles.triton.model_version)
+        try:
+            ranker = InProcess(model_dir)
+        except Exception as exc:  # reported in its rows; the run goes on
+            for r in rows:
+                r.failed = f"Ranker.from_model_dir({model}/{model_dir.name}): {type(exc).__name__}: {exc}"
+            return
+        log(f"{spec.name}: in_process Ranker of {model} loaded in {ranker.load_s:.1f} s on {ranker.device}")
+        for r in rows:
+            if self.fits(r):
+                run_in_process(r, ranker, pool, self.sampler, self.args.row_seconds, self.args.max_requests)
+                log(one_line(r))
+                self.save()
+        del ranker
+        free_gpu_memory()
 
 
 def describe_pool(spec: Any, args: argparse.Namespace) -> str:
     (h_lo, h_hi), (c_lo, c_hi) = size_ranges(spec.model)
     return (f"{args.pool} one-user requests (numpy seed {args.seed}): history {h_lo}..{h_hi} events, candidates "
             f"{c_lo}..{c_hi}, uniform")
-
-
-def row_fits(row: Row, args: argparse.Namespace, clock: Clock) -> bool:
-    if not row.skipped and not clock.fits(args.row_seconds + 15):
-        row.skipped = f"the run's --deadline {args.deadline:.0f} s left {max(clock.left(), 0):.0f} s"
-    return not row.skipped
-
-
-def measure_in_process(rows: list[Row], repository: Path, spec: Any, pool: list, sampler: Sampler,
-                       args: argparse.Namespace, clock: Clock) -> None:
-    if not rows or not any(row_fits(r, args, clock) for r in rows):
-        return
-    model = rows[0].model
-    assert model is not None
-    model_dir = repository / model / str(spec.bundles.triton.model_version)
-    try:
-        ranker = InProcess(model_dir)
-    except ImportError as exc:
-        for r in rows:
-            r.skipped = r.skipped or f"grc.serving.ranker cannot be imported here ({exc})"
-        return
-    except Exception as exc:  # reported in the row, the server modes still run
-        for r in rows:
-            r.failed = f"Ranker.from_model_dir({model_dir.name}): {type(exc).__name__}: {exc}"
-        return
-    log(f"{spec.name}: in_process Ranker of {model} loaded in {ranker.load_s:.1f} s on {ranker.device}")
-    for r in rows:
-        if row_fits(r, args, clock):
-            run_in_process(r, ranker, pool, sampler, args.row_seconds, args.max_requests)
-            log(one_line(r))
-    del ranker
-    free_gpu_memory()
-
-
-def measure_served(rows: list[Row], repository: Path, pool: list, sampler: Sampler, args: argparse.Namespace,
-                   clock: Clock, info: dict[str, Any]) -> None:
-    wanted = sorted({r.model for r in rows if r.model and not r.skipped})
-    if not wanted or not clock.fits(args.row_seconds + 30):
-        for r in rows:
-            row_fits(r, args, clock)
-        return
-    log(f"starting tritonserver with {', '.join(wanted)}")
-    started = time.monotonic()
-    server, failed = start_server(repository, wanted, min(SERVER_START_S, max(clock.left() - 30, 30)))
-    info["server_start_s"] = round(time.monotonic() - started, 1)
-    for r in rows:
-        if r.model in failed:
-            r.failed = failed[r.model]
-    if server is None:
-        return
-    log(f"tritonserver ready in {info['server_start_s']} s" + (f"; failed: {failed}" if failed else ""))
-    try:
-        for r in rows:
-            if not r.failed and row_fits(r, args, clock):
-                run_served(r, server, pool, sampler, args.row_seconds, args.max_requests)
-                log(one_line(r))
-    finally:
-        server.stop()
 
 
 def free_gpu_memory() -> None:
@@ -225,27 +265,13 @@ def bad_rows(rows: list[Row]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    clock = Clock(args.deadline)
-    rows: list[Row] = []
-    specs: dict[str, Any] = {}
-    for spec_file in args.specs:
-        spec_rows, info = run_spec(spec_file, args, clock)
-        rows += spec_rows
-        specs[spec_rows[0].spec if spec_rows else spec_file.stem] = info
-    order = {m: i for i, m in enumerate(MODES)}
-    rows.sort(key=lambda r: (r.spec, order[r.mode], r.concurrency))
-    print_table(rows)
-    slug = device_slug()
-    path = write_result(args.out or f"serve-{slug}", {
-        "what": "served GR models under closed-loop load: one user per request, gRPC over loopback, every answer's "
-                "form checked, a sample against PyTorch float64; client and server share the machine"
-                + ("" if slug != "cpu" else "; CPU numbers, not the GPU claim"),
-        "specs": specs,
-        "rows": [r.as_dict() for r in rows],
-    })
+    bench = Bench(parse_args(argv))
+    for spec_file in bench.args.specs:
+        bench.run_spec(spec_file)
+    path = bench.save(complete=True)
+    print_table(bench.ordered())
     log(f"wrote {path}")
-    problems = bad_rows(rows)
+    problems = bad_rows(bench.rows)
     for problem in problems:
         print(f"NOT CLEAN: {problem}", file=sys.stderr)
     return 1 if problems else 0
