@@ -142,7 +142,7 @@ class Bench:
         self.sampler = Sampler(spec, root / "weights", pool, args.sample)
         self.repository = root / "triton" / bd.MODEL_REPOSITORY
         concurrencies = sorted(set(args.concurrency), reverse=True)
-        rows = [Row(spec.name, m, c, served_model(spec, m)) for m in args.modes for c in concurrencies]
+        rows = [Row(spec.name, m, c, served_model(spec, m)) for c in concurrencies for m in args.modes]
         for row in rows:
             if args.grc_failed and row.mode in ("grc", "in_process"):
                 row.failed = args.grc_failed
@@ -178,7 +178,8 @@ class Bench:
             return
         log(f"tritonserver ready in {time.monotonic() - started:.1f} s" + (f"; failed: {failed}" if failed else ""))
         try:
-            for r in rows:
+            # the largest concurrency first, every mode (the targets' rows); grc, eager, kernels within one
+            for r in sorted(rows, key=lambda r: (-r.concurrency, SERVER_MODES.index(r.mode))):
                 if self.fits(r):
                     run_served(r, server, pool, self.sampler, self.args.row_seconds, self.args.max_requests)
                     log(one_line(r))

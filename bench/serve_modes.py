@@ -151,22 +151,21 @@ class InProcess:
     """The grc model's Ranker (grc.serving.ranker) loaded in this process, as the python backend loads it."""
 
     def __init__(self, model_dir: Path):
-        import torch
-
         from grc.serving.triton.model_config import load_config
 
         Ranker = ranker_class()
 
         config = load_config(model_dir.parent)
         params = {key: value.string_value for key, value in config.parameters.items()}
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # the device the model's instances use: its config's instance_group kind
+        on_gpu = any(group.kind == group.KIND_GPU for group in config.instance_group)
+        self.device = "cuda" if on_gpu else "cpu"
         started = time.perf_counter()
-        self.ranker = Ranker.from_model_dir(model_dir, self.device, params)
+        self.ranker = Ranker.from_model_dir(model_dir, self.device, params, log=lambda line: print(f"  {line}"))
         self.load_s = time.perf_counter() - started
 
     def stats(self) -> dict[str, Any]:
-        stats = self.ranker.stats()
-        return dict(stats) if isinstance(stats, dict) else dict(vars(stats))
+        return dict(self.ranker.stats())
 
 
 def as_numpy(answer: Any) -> dict[str, np.ndarray]:
