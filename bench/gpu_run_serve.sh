@@ -23,6 +23,7 @@ mkdir -p "$OUT"
 started=$(date +%s)
 BUDGET=${BUDGET:-530}
 ROW_SECONDS=${ROW_SECONDS:-12}
+CLIENTS=${CLIENTS:-4}  # client processes per served row: one Python gRPC client process is GIL-bound
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export GRC_CACHE_DIR="${GRC_CACHE_DIR:-/tmp/grc-serve-cache}"
@@ -94,7 +95,7 @@ for spec in "$@"; do
   say "$name: bench/serve.py (--deadline $deadline s, $ROW_SECONDS s per row)"
   slug="$("$PY" -c 'import sys; sys.path.insert(0, "bench"); from serve import device_slug; print(device_slug())')"
   timeout $(( deadline + 20 )) "$PY" bench/serve.py --specs "$file" --artifacts "$ARTIFACTS" --concurrency 1 8 32 \
-    --row-seconds "$ROW_SECONDS" --deadline "$deadline" --out "$OUT/serve-$slug-$name.json" "${grc_failed[@]}" \
+    --row-seconds "$ROW_SECONDS" --client-processes "$CLIENTS" --deadline "$deadline" --out "$OUT/serve-$slug-$name.json" "${grc_failed[@]}" \
     2>&1 | stamp | tee -a "$LOG"
   rc=$?
   [ $rc -eq 0 ] || { say "$name: bench/serve.py exit $rc (124: timed out; the JSON keeps the rows done)"; status=1; }

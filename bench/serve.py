@@ -10,8 +10,10 @@ max_candidates), ids inside the tables (numpy, --seed). Modes, in the same run o
   eager       `<model_name>-pytorch` (GRDense.forward_padded, plain PyTorch: the baseline a team writes)
   kernels     `<model_name>-pytorch_kernels` (grc's Triton kernels, jagged, CUDA graphs)
   in_process  the grc model's Ranker in this process on batches of `concurrency` requests (no server)
-Every answer's form is checked (a bad one counts as an error); the first --sample pool requests' answers are
-checked against the PyTorch float64 model within the spec's tolerance. Concurrencies run largest first (the
+A served row's connections can be spread over --client-processes processes (bench/serve_client.py): one Python
+gRPC client process is GIL-bound below what a GPU server answers. Every answer's form is checked (a bad one
+counts as an error); the first --sample pool requests' answers are checked against the PyTorch float64 model
+within the spec's tolerance (bf16's on KIND_GPU). Concurrencies run largest first (the
 targets' rows); in_process runs after the server has stopped (the GPU to itself; time is kept for it), last
 because a package that crashes its loader would end this process: the result file is rewritten after every
 row, so the rows before stay. A row the --deadline leaves no room for is listed with the reason.
@@ -34,6 +36,7 @@ from _common import REPO, write_result
 from serve_modes import (
     MODES,
     SERVER_MODES,
+    Clients,
     InProcess,
     Row,
     ranker_class,
@@ -63,10 +66,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sample", type=int, default=16, help="pool requests whose answers are checked vs float64")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="result name under bench/results/ or a .json path (default serve-<device>)")
+    p.add_argument("--client-processes", type=int, default=1,
+                   help="processes the gRPC connections of a served row are spread over (the GIL caps one)")
     p.add_argument("--grc-failed", metavar="REASON", help="grc's model could not be built: its rows fail with REASON")
     args = p.parse_args(argv)
     if any(c < 1 for c in args.concurrency):
         p.error(f"--concurrency: expected positive integers, got {args.concurrency}")
+    if args.client_processes < 1:
+        p.error(f"--client-processes: expected a positive integer, got {args.client_processes}")
     if args.sample > args.pool:
         p.error(f"--sample {args.sample} exceeds --pool {args.pool}")
     return args
@@ -158,11 +165,12 @@ class Bench:
                     r.skipped = r.skipped or f"grc.serving.ranker cannot be imported here ({exc})"
         direct = [r for r in rows if r.mode == "in_process" and not (r.failed or r.skipped)]
         self.reserve = IN_PROCESS_LOAD_S + len(direct) * (args.row_seconds + ROW_OVERHEAD_S) if direct else 0.0
-        self.measure_served(spec.name, [r for r in rows if r.mode in SERVER_MODES], pool)
+        clients = Clients(args.client_processes, spec_file.resolve(), args.pool, args.seed)
+        self.measure_served(spec.name, [r for r in rows if r.mode in SERVER_MODES], pool, clients)
         self.reserve = 0.0
         self.measure_in_process(spec, direct, pool)
 
-    def measure_served(self, spec_name: str, rows: list[Row], pool: list) -> None:
+    def measure_served(self, spec_name: str, rows: list[Row], pool: list, clients: Clients) -> None:
         wanted = sorted({r.model for r in rows if r.model and not (r.skipped or r.failed)})
         if not wanted or not any(self.fits(r) for r in rows):
             return
@@ -181,7 +189,7 @@ class Bench:
             # the largest concurrency first, every mode (the targets' rows); grc, eager, kernels within one
             for r in sorted(rows, key=lambda r: (-r.concurrency, SERVER_MODES.index(r.mode))):
                 if self.fits(r):
-                    run_served(r, server, pool, self.sampler, self.args.row_seconds, self.args.max_requests)
+                    run_served(r, server, pool, self.sampler, self.args.row_seconds, self.args.max_requests, clients)
                     log(one_line(r))
                     self.save()
         finally:

@@ -3,6 +3,7 @@ grc model's Ranker called in the bench process on batches of the same requests (
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -88,8 +89,30 @@ class AnswerCheck:
 # --------------------------------------------------------------------------- served modes
 
 
-def run_served(row: Row, server: Any, pool: list, sampler: Sampler, seconds: float, max_requests: int) -> None:
-    """Warm the model up at this concurrency, then load it for ``seconds``; fills ``row.figures``."""
+@dataclass(frozen=True)
+class Clients:
+    """How a served row's connections are spread over processes (the first is the bench's own), and what an
+    extra process needs to rebuild the same pool."""
+
+    processes: int
+    spec_file: Path
+    pool: int
+    seed: int
+    start_delay_s: float = 8.0  # an extra process's start-up (imports, pool) before the row's load begins
+
+    def shares(self, concurrency: int) -> list[int]:
+        n = max(1, min(self.processes, concurrency))
+        return [concurrency // n + (i < concurrency % n) for i in range(n)]
+
+
+def run_served(row: Row, server: Any, pool: list, sampler: Sampler, seconds: float, max_requests: int,
+               clients: Clients) -> None:
+    """Warm the model up at this concurrency, then load it for ``seconds`` from ``clients.shares`` connections
+    per process; fills ``row.figures`` (the sampled answers come from the bench's own process)."""
+    import subprocess
+    import sys
+    import tempfile
+
     from grc.serving.triton import load
 
     assert row.model is not None
@@ -98,17 +121,43 @@ def run_served(row: Row, server: Any, pool: list, sampler: Sampler, seconds: flo
     if warm.completed == 0:
         row.failed = f"no answer in warm-up: {warm.first_error}"
         return
-    checker = AnswerCheck(sampler.spec, pool, sampler.size)
-    result = load.run_load(server.grpc_url, server.metrics_url, row.model, pool, requests=max_requests,
-                           concurrency=row.concurrency, time_limit_s=seconds, validate=checker.grpc)
+    shares = clients.shares(row.concurrency)
+    start_at = time.time() + (clients.start_delay_s if len(shares) > 1 else 0.0)
+    cap = max(1, max_requests // len(shares))
+    with tempfile.TemporaryDirectory(prefix="grc-serve-clients-") as tmp:
+        extra = [
+            subprocess.Popen([
+                sys.executable, str(Path(__file__).with_name("serve_client.py")), "--grpc-url", server.grpc_url,
+                "--model", row.model, "--spec", str(clients.spec_file), "--out", f"{tmp}/{i}.json",
+                "--pool", str(clients.pool), "--seed", str(clients.seed), "--concurrency", str(share),
+                "--max-requests", str(cap), "--seconds", str(seconds), "--start-at", str(start_at),
+            ])
+            for i, share in enumerate(shares[1:])
+        ]  # fmt: skip
+        checker = AnswerCheck(sampler.spec, pool, sampler.size)
+        time.sleep(max(0.0, start_at - time.time()))
+        result = load.run_load(server.grpc_url, server.metrics_url, row.model, pool, requests=cap,
+                               concurrency=shares[0], time_limit_s=seconds, validate=checker.grpc)
+        latencies, errors = list(result.latencies_ms), result.errors
+        spans, first = [result.seconds], [result.first_error]
+        for i, proc in enumerate(extra):
+            code = proc.wait(seconds + 120)
+            out = Path(tmp, f"{i}.json")
+            if code != 0 or not out.is_file():
+                raise RuntimeError(f"client process {i + 1} of {len(shares)} ended with exit {code} and no result")
+            got = json.loads(out.read_text())
+            latencies += got["latencies_ms"]
+            errors += got["errors"]
+            spans.append(got["seconds"])
+            first.append(got["first_error"])
     timing = result.timing.get(row.model, {})
-    row.figures = latency_figures(result.latencies_ms, result.completed, result.seconds, result.errors,
-                                  result.completed + result.errors)
+    row.figures = latency_figures(latencies, len(latencies), max(spans), errors, len(latencies) + errors)
     row.figures |= {
+        "client_processes": len(shares),
         "mean_batch": timing.get("mean_batch"),
         "server_ms": {k: v for k, v in timing.items() if k.endswith("_ms")},
         "graphs": {k: v for k, v in result.metrics.get(row.model, {}).items() if "graph" in k},
-        "first_error": result.first_error,
+        "first_error": next((e for e in first if e), None),
         "checked": sampler.check(checker.kept),
     }
 
