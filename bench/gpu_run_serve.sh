@@ -22,7 +22,7 @@ cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 started=$(date +%s)
 BUDGET=${BUDGET:-530}
-ROW_SECONDS=${ROW_SECONDS:-12}
+ROW_SECONDS=${ROW_SECONDS:-10}
 CLIENTS=${CLIENTS:-4}  # client processes per served row: one Python gRPC client process is GIL-bound
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

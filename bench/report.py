@@ -250,16 +250,17 @@ def serve_table(name: str, data: dict[str, Any]) -> str:
         head = [f"`{r['spec']}`", str(r["concurrency"]), r["mode"]]
         if "users_per_s" not in r:
             why = r.get("failed") or r.get("skipped") or "?"
-            rows.append([*head, "failed" if "failed" in r else "not run", "–", "–", "–", "–", why[:160]])
+            rows.append([*head, "failed" if "failed" in r else "not run", "–", "–", "–", "–", "–", why[:160]])
             continue
         checked = r["checked"]
         verdict = "wrong" if checked["problems"] else f"{checked['checked']} ok, max rel. {num(checked['max_rel'], 2)}"
         rows.append([
             *head, num(r["users_per_s"]), f"{num(r['p50_ms'])} / {num(r['p99_ms'])} ms",
-            f"{r['errors']} / {r['requests']:,}", num(r["mean_batch"]) if r.get("mean_batch") else "–", verdict,
+            f"{r['errors']} / {r['requests']:,}", num(r["mean_batch"]) if r.get("mean_batch") else "–",
+            graph_counts(r), verdict,
         ])  # fmt: skip
     header = ["spec", "concurrency", "mode", "users/s", "p50 / p99", "errors / requests", "mean batch",
-              "answers vs PyTorch float64 (sample)"]  # fmt: skip
+              "CUDA graph hits / misses", "answers vs PyTorch float64 (sample)"]  # fmt: skip
     cpu = "not the GPU claim" in data.get("what", "")
     label = "CPU dry run (tiny spec; CPU numbers, not the GPU claim)" if cpu else "GPU run"
     argv = " ".join(data["argv"][1:]).replace(str(REPO) + "/", "")
@@ -268,6 +269,18 @@ def serve_table(name: str, data: dict[str, Any]) -> str:
         + ("" if data.get("complete", True) else " (incomplete: the run ended before its last row)")
         + ":\n\n" + table(header, rows) + "\n\n" + serve_targets(data["rows"])
     )
+
+
+def graph_counts(row: dict[str, Any]) -> str:
+    """The dense step's CUDA-graph replays and misses in the row: the served model's counters (its /metrics), or
+    the in-process Ranker's stats; '–' where the model keeps none (a CPU model, the eager baseline)."""
+    served = row.get("grc_metrics", {})
+    counts = (served.get("grc_cuda_graph_hits_total"), served.get("grc_cuda_graph_misses_total"))
+    if counts == (None, None) and "ranker_stats" in row:
+        counts = (row["ranker_stats"].get("graph_hits"), row["ranker_stats"].get("graph_misses"))
+    if counts == (None, None) or counts == (0, 0):
+        return "–"
+    return " / ".join(f"{int(c or 0):,}" for c in counts)
 
 
 def serve_targets(rows: list[dict[str, Any]]) -> str:

@@ -27,6 +27,7 @@ import argparse
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,15 @@ class Bench:
         data = {"what": what, "complete": complete, "specs": self.specs, "rows": rows}
         return write_result(self.args.out or f"serve-{self.slug}", data)
 
+    def measure(self, row: Row, how: Callable[..., None], *args: Any) -> None:
+        """One row; what breaks it (a client process, a lost server) fails that row, saying why, not the run."""
+        try:
+            how(row, *args)
+        except Exception as exc:
+            row.failed = f"{type(exc).__name__}: {exc}"
+        log(one_line(row))
+        self.save()
+
     # ---- one spec
     def run_spec(self, spec_file: Path) -> None:
         from grc.build.runner import build
@@ -189,9 +199,8 @@ class Bench:
             # the largest concurrency first, every mode (the targets' rows); grc, eager, kernels within one
             for r in sorted(rows, key=lambda r: (-r.concurrency, SERVER_MODES.index(r.mode))):
                 if self.fits(r):
-                    run_served(r, server, pool, self.sampler, self.args.row_seconds, self.args.max_requests, clients)
-                    log(one_line(r))
-                    self.save()
+                    self.measure(r, run_served, server, pool, self.sampler, self.args.row_seconds,
+                                 self.args.max_requests, clients)
         finally:
             server.stop()
 
@@ -210,9 +219,8 @@ class Bench:
         log(f"{spec.name}: in_process Ranker of {model} loaded in {ranker.load_s:.1f} s on {ranker.device}")
         for r in rows:
             if self.fits(r):
-                run_in_process(r, ranker, pool, self.sampler, self.args.row_seconds, self.args.max_requests)
-                log(one_line(r))
-                self.save()
+                self.measure(r, run_in_process, ranker, pool, self.sampler, self.args.row_seconds,
+                             self.args.max_requests)
         del ranker
         free_gpu_memory()
 

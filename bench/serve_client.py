@@ -22,7 +22,7 @@ def main() -> int:
     for name in ("pool", "seed", "concurrency", "max-requests"):
         p.add_argument(f"--{name}", type=int, required=True)
     p.add_argument("--seconds", type=float, required=True)
-    p.add_argument("--start-at", type=float, required=True, help="time.time() at which the row's load begins")
+    p.add_argument("--go", required=True, help="a file whose appearance starts the load (all processes at once)")
     args = p.parse_args()
 
     from serve_modes import AnswerCheck
@@ -35,7 +35,9 @@ def main() -> int:
     spec = load_spec(args.spec).spec
     pool = request_pool(spec.model, args.pool, args.seed)
     check = AnswerCheck(spec, pool, sample=0)
-    time.sleep(max(0.0, args.start_at - time.time()))
+    Path(f"{args.out}.ready").touch()  # imports and pool done: the bench starts every process together
+    while not Path(args.go).exists():
+        time.sleep(0.002)
     result = load.run_load(args.grpc_url, None, args.model, pool, requests=args.max_requests,
                            concurrency=args.concurrency, time_limit_s=args.seconds, validate=check.grpc)
     figures = {"latencies_ms": result.latencies_ms, "errors": result.errors, "seconds": result.seconds,

@@ -98,7 +98,7 @@ class Clients:
     spec_file: Path
     pool: int
     seed: int
-    start_delay_s: float = 8.0  # an extra process's start-up (imports, pool) before the row's load begins
+    start_timeout_s: float = 90.0  # an extra process's start-up (imports, pool) before the row's load begins
 
     def shares(self, concurrency: int) -> list[int]:
         n = max(1, min(self.processes, concurrency))
@@ -122,7 +122,6 @@ def run_served(row: Row, server: Any, pool: list, sampler: Sampler, seconds: flo
         row.failed = f"no answer in warm-up: {warm.first_error}"
         return
     shares = clients.shares(row.concurrency)
-    start_at = time.time() + (clients.start_delay_s if len(shares) > 1 else 0.0)
     cap = max(1, max_requests // len(shares))
     with tempfile.TemporaryDirectory(prefix="grc-serve-clients-") as tmp:
         extra = [
@@ -130,12 +129,13 @@ def run_served(row: Row, server: Any, pool: list, sampler: Sampler, seconds: flo
                 sys.executable, str(Path(__file__).with_name("serve_client.py")), "--grpc-url", server.grpc_url,
                 "--model", row.model, "--spec", str(clients.spec_file), "--out", f"{tmp}/{i}.json",
                 "--pool", str(clients.pool), "--seed", str(clients.seed), "--concurrency", str(share),
-                "--max-requests", str(cap), "--seconds", str(seconds), "--start-at", str(start_at),
+                "--max-requests", str(cap), "--seconds", str(seconds), "--go", f"{tmp}/go",
             ])
             for i, share in enumerate(shares[1:])
         ]  # fmt: skip
         checker = AnswerCheck(sampler.spec, pool, sampler.size)
-        time.sleep(max(0.0, start_at - time.time()))
+        wait_ready(extra, [Path(tmp, f"{i}.json.ready") for i in range(len(extra))], clients.start_timeout_s)
+        Path(tmp, "go").touch()
         result = load.run_load(server.grpc_url, server.metrics_url, row.model, pool, requests=cap,
                                concurrency=shares[0], time_limit_s=seconds, validate=checker.grpc)
         latencies, errors = list(result.latencies_ms), result.errors
@@ -156,10 +156,23 @@ def run_served(row: Row, server: Any, pool: list, sampler: Sampler, seconds: flo
         "client_processes": len(shares),
         "mean_batch": timing.get("mean_batch"),
         "server_ms": {k: v for k, v in timing.items() if k.endswith("_ms")},
-        "graphs": {k: v for k, v in result.metrics.get(row.model, {}).items() if "graph" in k},
+        "grc_metrics": {k: v for k, v in result.metrics.get(row.model, {}).items() if k.startswith("grc_")},
         "first_error": next((e for e in first if e), None),
         "checked": sampler.check(checker.kept),
     }
+
+
+def wait_ready(procs: list[Any], flags: list[Path], timeout_s: float) -> None:
+    """Until every extra client process has flagged ready; one that ended or is late fails the row."""
+    deadline = time.monotonic() + timeout_s
+    while not all(f.exists() for f in flags):
+        ended = [i for i, p in enumerate(procs) if p.poll() is not None]
+        if ended or time.monotonic() > deadline:
+            for p in procs:
+                p.kill()
+            why = f"ended with exit {procs[ended[0]].returncode}" if ended else f"not ready in {timeout_s:.0f} s"
+            raise RuntimeError(f"client process {(ended or [0])[0] + 2}: {why}")
+        time.sleep(0.01)
 
 
 def start_server(repository: Path, models: list[str], timeout_s: float) -> tuple[Any, dict[str, str]]:

@@ -81,8 +81,8 @@ class LoadResult:
 
 PROMETHEUS = ("nv_inference_count", "nv_inference_exec_count", "nv_inference_request_success",
               "nv_inference_request_failure")
-# a model's own counters (pb_utils.MetricFamily) whose name says CUDA graph: hits, misses, captures
-GRAPH_METRIC = re.compile(r"^(?P<name>\w*graph\w*)\{(?P<labels>[^}]*)\} (?P<value>\S+)$", re.MULTILINE)
+# grc's own counters of a python model (pb_utils.MetricFamily, label model): CUDA-graph hits, misses, padding
+GRC_METRIC = re.compile(r"^(?P<name>grc_\w+)\{(?P<labels>[^}]*)\} (?P<value>\S+)$", re.MULTILINE)
 # Triton's per-model statistics: cumulative (count, ns) per phase of a request
 PHASES = ("queue", "compute_input", "compute_infer", "compute_output")
 
@@ -137,7 +137,7 @@ def _prometheus(url: str | None, models: tuple[str, ...]) -> dict[str, dict[str,
     for model in models:
         values = {name: check.metric(text, name, model) for name in PROMETHEUS}
         out[model] = {k: v for k, v in values.items() if v is not None}
-        for found in GRAPH_METRIC.finditer(text):
+        for found in GRC_METRIC.finditer(text):
             if f'model="{model}"' in found["labels"]:
                 # a counter per label set (a bucket, a GPU): summed, so the row shows the model's total
                 out[model][found["name"]] = out[model].get(found["name"], 0.0) + float(found["value"])
