@@ -465,7 +465,12 @@ class EngineConfig(_Section):
         return Tolerance(max_abs=default, max_rel=default)
 
 
-TritonBackend = Literal["onnxruntime", "tensorrt_plan", "aotinductor"]
+TritonBackend = Literal["onnxruntime", "tensorrt_plan", "aotinductor", "pytorch", "pytorch_kernels"]
+# Backends the fused pipeline runs (one python model: lookup -> projector -> dense -> ranking): the
+# ensemble's separate dense steps (onnxruntime, tensorrt_plan) are not in it.
+FUSED_BACKENDS = ("aotinductor", "pytorch", "pytorch_kernels")
+# Backends only the fused pipeline has (the ensemble has no plain-PyTorch dense step).
+FUSED_ONLY_BACKENDS = ("pytorch", "pytorch_kernels")
 
 
 class TritonSample(_Section):
@@ -489,6 +494,41 @@ class HistoryCacheConfig(_Section):
     budget_mb: MiBFraction = Field(1024.0, description="bytes of cached K/V kept per instance, in MiB (LRU eviction)")
     max_user_mb: MiBFraction | None = Field(
         None, description="largest entry kept for one user, in MiB; default: budget_mb / 8"
+    )
+
+
+class GpuBucket(_Section):
+    """One CUDA-graph bucket: a graph captured at load for ``users`` users and ``tokens`` tokens."""
+
+    users: Users = Field(
+        description="user slots of the bucket (real users, padding users, empty users); at most max_batch_size + "
+        "ceil(tokens / max_seq_len): the real users and the padding users its tokens can need"
+    )
+    tokens: Annotated[int, Field(ge=2, le=lim.MAX_USERS * lim.MAX_SEQ_LEN)] = Field(
+        description="tokens of the bucket (a batch's tokens, padded up to this)"
+    )
+
+
+class TritonGpuConfig(_Section):
+    """The fused pipeline on a GPU (README: "Serving on a GPU")."""
+
+    tables: Literal["auto", "device", "pinned_host"] = Field(
+        "auto",
+        description="where the embedding tables live: device (GPU memory, lookups are GPU gathers), pinned_host "
+        "(pinned host memory, rows gathered by a GPU kernel through its unified address), auto: device when the "
+        "tables fit tables_device_budget_mb, else pinned_host (decided at load, said in the log)",
+    )
+    tables_device_budget_mb: MiB = Field(
+        16_384, description="most table bytes (codes and scales) tables: auto puts on the GPU, in MiB"
+    )
+    cuda_graphs: bool = Field(
+        True, description="capture a CUDA graph of the dense step per bucket at load (aotinductor, pytorch_kernels)"
+    )
+    buckets: list[GpuBucket] = Field(
+        default_factory=list,
+        max_length=lim.MAX_LIST,
+        description="(users, tokens) of the CUDA graphs; a batch runs in the smallest that holds it, padded; "
+        "empty: a geometric ladder up to max_batch_size x max_seq_len",
     )
 
 
@@ -525,8 +565,17 @@ class TritonBundleConfig(_Section):
     )
     instance_count: Instances = Field(1, description="instances of the dense step (model copies)")
     instance_kind: Literal["KIND_CPU", "KIND_GPU"] = Field(
-        "KIND_CPU", description="where the dense step runs; KIND_GPU needs onnxruntime-gpu or the tensorrt_plan backend"
+        "KIND_CPU",
+        description="where the dense step runs (the fused pipeline: the whole request path); KIND_GPU: the fused "
+        "pipeline, or tensorrt_plan in the ensemble",
     )
+    pipeline: Literal["fused", "ensemble"] = Field(
+        "ensemble",
+        description="fused: one python model per backend runs lookup, projector, dense and ranking (on a GPU: no "
+        "IPC hop and host copy between steps); ensemble: preprocess -> dense -> postprocess. Default: fused on "
+        "KIND_GPU, else ensemble",
+    )
+    gpu: TritonGpuConfig = Field(TritonGpuConfig(), description="the fused pipeline on a GPU")
     gpus: list[GpuId] = Field(
         default_factory=list, max_length=lim.MAX_LIST, description="GPU ids of KIND_GPU instances; empty: every GPU"
     )
@@ -553,8 +602,16 @@ class TritonBundleConfig(_Section):
         default_factory=list, max_length=lim.MAX_LIST, description="versions served by version_policy specific"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_pipeline(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "pipeline" not in data:
+            return {**data, "pipeline": "fused" if data.get("instance_kind") == "KIND_GPU" else "ensemble"}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> TritonBundleConfig:
+        self._pipeline_rules()
         big = [b for b in self.preferred_batch_sizes if b > self.max_batch_size]
         if big:
             raise ValueError(f"preferred_batch_sizes: each must be <= max_batch_size {self.max_batch_size} (got {big})")
@@ -574,6 +631,34 @@ class TritonBundleConfig(_Section):
         if self.versions and self.version_policy != "specific":
             raise ValueError(f"versions: only version_policy specific uses versions (policy is {self.version_policy})")
         return self
+
+    def _pipeline_rules(self) -> None:
+        """What the chosen pipeline cannot run, named by its field."""
+        backends = (self.backend, *self.extra_backends)
+        if self.pipeline == "fused":
+            other = [b for b in backends if b not in FUSED_BACKENDS]
+            if other:
+                raise ValueError(
+                    f"pipeline: fused runs the dense step as {', '.join(FUSED_BACKENDS)} inside one python model; "
+                    f"{', '.join(other)} is a separate step of the ensemble: set pipeline: ensemble or drop it "
+                    f"(got backends {list(backends)})"
+                )
+            if self.history_cache.enabled:
+                raise ValueError(
+                    "history_cache.enabled: the user-history cache is not yet in the fused model; "
+                    "set pipeline: ensemble to serve it (got pipeline: fused)"
+                )
+        else:
+            only = [b for b in backends if b in FUSED_ONLY_BACKENDS]
+            if only:
+                raise ValueError(f"pipeline: ensemble has no {', '.join(only)} step; the fused pipeline runs it "
+                                 f"(set pipeline: fused)")
+        if self.instance_kind == "KIND_CPU":
+            if self.gpu.tables == "pinned_host":
+                raise ValueError("gpu.tables: pinned_host feeds a GPU gather; KIND_CPU instances read the "
+                                 "memory-mapped tables (use auto or device)")
+            if self.gpu.cuda_graphs and "gpu" in self.model_fields_set and "cuda_graphs" in self.gpu.model_fields_set:
+                raise ValueError("gpu.cuda_graphs: CUDA graphs need KIND_GPU instances (instance_kind is KIND_CPU)")
 
 
 class VllmBundleConfig(_Section):
@@ -754,4 +839,16 @@ class Spec(_Section):
                     f"bundles.triton.instance_kind: KIND_GPU serves a GPU package, and "
                     f"engine.aoti.targets has none (got {aoti.targets})"
                 )
+        seq = self.model.hstu.max_seq_len
+        most = triton.max_batch_size * seq
+        for i, bucket in enumerate(triton.gpu.buckets):
+            where = f"bundles.triton.gpu.buckets[{i}]"
+            if bucket.tokens > most:
+                raise ValueError(f"{where}.tokens: {bucket.tokens} exceeds max_batch_size {triton.max_batch_size} "
+                                 f"x model.hstu.max_seq_len {seq} = {most}")
+            slots = triton.max_batch_size + -(-bucket.tokens // seq)  # real users + the padding users tokens need
+            if bucket.users > slots:
+                raise ValueError(f"{where}.users: {bucket.users} slots, and a batch of {bucket.tokens} tokens uses at "
+                                 f"most {slots} (max_batch_size {triton.max_batch_size} + one padding user per "
+                                 f"max_seq_len {seq} padding tokens)")
         return self

@@ -32,7 +32,7 @@ from grc.errors import StageError
 from grc.serving.common import request as rq
 from grc.serving.common.files import link_or_copy
 from grc.serving.common.validate import TIME_MAX, TIME_MIN, TIME_RANGE
-from grc.serving.triton import history_bundle
+from grc.serving.triton import fused_bundle, history_bundle
 from grc.serving.triton.model_config import ModelConfig, tensor_input, tensor_output, write_config
 from grc.serving.triton.model_config import pb as mc
 from grc.spec.schema import Spec
@@ -57,7 +57,9 @@ from grc.serving.triton.models.{module} import TritonPythonModel  # noqa: F401
 
 
 def ensemble_names(spec: Spec) -> dict[str, str]:
-    """backend -> name of the ensemble that uses it (the spec's backend gets the plain name)."""
+    """backend -> name of the ensemble (or fused model) that uses it (the spec's backend gets the plain name)."""
+    if fused_bundle.enabled(spec):
+        return fused_bundle.model_names(spec)
     cfg = spec.bundles.triton
     name = cfg.model_name or spec.name
     if history_bundle.enabled(spec):  # the plain name is the history-cached model's
@@ -310,10 +312,13 @@ def write_bundle(spec: Spec, weights_dir: Path, onnx_dir: Path, out: Path,
     known.update(json.loads((onnx_dir / "manifest.json").read_text()).get("sha256", {}))
     repo = _Repository(out, str(cfg.model_version), known)
     sample = sample_request(spec)
+    warm = cfg.warmup
+    if fused_bundle.enabled(spec):  # one python model per backend: no preprocess, dense or postprocess step
+        fused_bundle.write_models(repo, spec, weights_dir, aoti, sample if warm else None)
+        return _finish(repo, out, spec, sample, gpu_engines, log)
     checked = parse(dict(sample), spec.model, cfg.truncate_history)
     projector, tables = load_projector(spec.model, weights_dir), open_tables(spec.model, weights_dir)
     dense_in = project([checked], projector, tables, spec.model)[0]
-    warm = cfg.warmup
 
     _preprocess_models(repo, spec, weights_dir, "tensorrt_plan" in wanted, sample if warm else None)
     if "onnxruntime" in wanted:
@@ -332,6 +337,12 @@ def write_bundle(spec: Spec, weights_dir: Path, onnx_dir: Path, out: Path,
     for backend, ens in names.items():
         pre = PREPROCESS_PADDED if backend == "tensorrt_plan" else PREPROCESS
         repo.add(ensemble_config(spec, ens, pre, DENSE[backend]), None)
+    return _finish(repo, out, spec, sample, gpu_engines, log)
+
+
+def _finish(repo: _Repository, out: Path, spec: Spec, sample: dict[str, np.ndarray],
+            gpu_engines: dict[str, Path] | None, log: Callable[[str], None]) -> dict[str, Any]:
+    names = ensemble_names(spec)
     _write_configs(repo)
     _write_docs(out, spec, names, sample, gpu_engines)
     mode = "copy" if "copy" in repo.modes else "hardlink"
@@ -343,7 +354,8 @@ def write_bundle(spec: Spec, weights_dir: Path, onnx_dir: Path, out: Path,
 
 def _refuse(spec: Spec, wanted: Sequence[str], engines: dict[int, Path] | None, onnx_dir: Path) -> None:
     """What the spec asks and this build cannot serve, named before anything is written."""
-    problems = rq.bundle_problems(spec.model, spec.bundles.triton) + history_bundle.problems(spec)
+    problems = (rq.bundle_problems(spec.model, spec.bundles.triton) + history_bundle.problems(spec)
+                + fused_bundle.problems(spec))
     if problems:
         raise StageError("\n".join(problems))
     if "tensorrt_plan" in wanted and not engines:
@@ -433,6 +445,8 @@ def _write_docs(out: Path, spec: Spec, names: dict[str, str], sample: dict[str, 
     text = readme(spec, names)
     if history_bundle.enabled(spec):
         text += history_bundle.readme_section(spec)
+    if fused_bundle.enabled(spec):
+        text += fused_bundle.readme_section(spec)
     if gpu_engines:
         text += (f"\n## One engine per GPU where GPUs share a compute capability\n\n`{DENSE['tensorrt_plan']}` picks "
                  "its plan by compute capability (`cc_model_filenames`); GPUs that share one (H100 and H200 are both "
@@ -473,6 +487,7 @@ def describe(spec: Spec, names: dict[str, str], sample: dict[str, np.ndarray]) -
             "tables": {t: c.vocab_size for t, c in model.tables.items()},
         },
         "tasks": list(model.tasks),
+        "tolerance": fused_bundle.tolerance(spec).model_dump() if fused_bundle.enabled(spec) else None,
         "rank_weights": dict(zip(model.tasks, rq.rank_weights(model, cfg).tolist(), strict=True)),
         "top_k": cfg.top_k,
         "sample": {name: a.tolist() for name, a in sample.items()},
@@ -497,8 +512,19 @@ def bundle_model(folder: Path) -> tuple[Any, Path]:
 
     description = load_description(folder)
     model_dir = folder / MODEL_REPOSITORY / PREPROCESS
+    if not model_dir.is_dir():  # a fused bundle: the model clients call carries the model and its weights
+        model_dir = folder / MODEL_REPOSITORY / description["ensemble"]
     cfg = GrcModelConfig.model_validate_json(load_config(model_dir).parameters["grc_model"].string_value)
     return cfg, model_dir / str(description["model_version"]) / "weights"
+
+
+def served_tolerance(description: dict[str, Any], spec: Spec) -> Any:
+    """The tolerance a served answer is checked with against PyTorch float64: the one the bundle was
+    built with (a fused GPU model computes in its dense dtype), else the spec's verify.export."""
+    from grc.spec.schema import Tolerance
+
+    recorded = description.get("tolerance")
+    return Tolerance(**recorded) if recorded else spec.verify.export
 
 
 def sample_arrays(description: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -509,6 +535,13 @@ def sample_arrays(description: dict[str, Any]) -> dict[str, np.ndarray]:
 def readme(spec: Spec, names: dict[str, str]) -> str:
     ens = names[spec.bundles.triton.backend]
     cfg, model = spec.bundles.triton, spec.model
+    if fused_bundle.enabled(spec):
+        flow = (f"Clients call `{ens}`: ONE python model (fused pipeline: checks the request, embedding lookups,\n"
+                f"token projector, dense step `{cfg.backend}`, per-task scores, ranking score, top {cfg.top_k}).")
+    else:
+        flow = (f"Clients call the ensemble `{ens}`: `preprocess` (python: checks the request, embedding lookups,\n"
+                f"token projector) -> `{DENSE[cfg.backend]}` -> `postprocess` (python: per-task scores,\n"
+                f"ranking score, top {cfg.top_k}).")
     rows = "\n".join(f"| `{s.name}` | {s.datatype} | [batch, {', '.join(map(str, s.dims))}] | {s.description} |"
                      for s in rq.request_inputs(spec.model))
     outs = "\n".join(f"| `{s.name}` | {s.datatype} | [batch, {', '.join(map(str, s.dims))}] | {s.description} |"
@@ -516,9 +549,7 @@ def readme(spec: Spec, names: dict[str, str]) -> str:
     return f"""# Triton bundle of `{spec.name}`
 
 A Triton Inference Server model repository (`{MODEL_REPOSITORY}/`), generated by `grc build`.
-Clients call the ensemble `{ens}`: `preprocess` (python: checks the request, embedding lookups,
-token projector) -> `{DENSE[spec.bundles.triton.backend]}` -> `postprocess` (python: per-task scores,
-ranking score, top {spec.bundles.triton.top_k}).
+{flow}
 
 ## Serve it
 

@@ -28,7 +28,12 @@ def rank(r: dict[str, np.ndarray], weights: np.ndarray, top_k: int) -> dict[str,
     c = ids.shape[1]
     lengths = r["lengths"].reshape(-1)
     rows = (lengths - c)[:, None] + np.arange(c)[None, :]  # [b, c]: the candidate tokens
-    per_task = np.ascontiguousarray(np.take_along_axis(scores, rows[:, :, None], axis=1), np.float32)
+    return rank_candidates(np.take_along_axis(scores, rows[:, :, None], axis=1), ids, weights, top_k)
+
+
+def rank_candidates(scores: np.ndarray, ids: np.ndarray, weights: np.ndarray, top_k: int) -> dict[str, np.ndarray]:
+    """One request's candidate scores [b, c, tasks] and ids [b, c] -> its outputs (the fused model's too)."""
+    per_task = np.ascontiguousarray(scores, np.float32)
     order, combined = rq.ranking(per_task, weights, top_k)
     return {
         "scores": per_task,

@@ -1,0 +1,80 @@
+"""The CUDA-graph bucket plan: which (users, tokens) shapes get a graph, and how a batch is padded into one.
+
+A CUDA graph replays fixed shapes, so a jagged batch of B users and T tokens runs in the smallest
+bucket (users_b, tokens_b) that holds it: tokens_b >= T and users_b >= B + pad_users. The
+tokens_b - T padding tokens go to ``pad_users`` extra users of at most max_seq_len tokens each,
+whose tokens are ALL candidates (num_candidates = length): a candidate attends to its user's
+context and to itself only, so with no context each padding token attends to itself alone and
+padding costs linear, not quadratic, attention work. The remaining user slots are empty (length
+0). A real user's score cannot change: attention never crosses users, and every per-token step
+(norms, projections, heads) is row-wise. The padded rows' scores are dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, order=True)
+class Bucket:
+    tokens: int
+    users: int
+
+
+def most_users(max_users: int, tokens: int, max_seq_len: int) -> int:
+    """The most user slots a bucket of ``tokens`` can use: every real user, and the pad users the
+    tokens can need (slots beyond that are never filled)."""
+    return max_users + -(-tokens // max_seq_len)
+
+
+def default_plan(max_users: int, max_seq_len: int, smallest: int = 256) -> list[Bucket]:
+    """A geometric ladder of token counts (doubling from min(max_seq_len, ``smallest``)) up to
+    max_users x max_seq_len, each with every user slot it can use: any batch the server takes fits."""
+    top = max_users * max_seq_len
+    tokens, ladder = max(2, min(max_seq_len, smallest, top)), []
+    while tokens < top:
+        ladder.append(tokens)
+        tokens *= 2
+    ladder.append(top)
+    return [Bucket(t, most_users(max_users, t, max_seq_len)) for t in ladder]
+
+
+def pad_users(bucket: Bucket, tokens: int, max_seq_len: int) -> int:
+    """Users needed to carry the padding tokens of a batch of ``tokens`` in ``bucket``."""
+    return -(-(bucket.tokens - tokens) // max_seq_len)
+
+
+def choose(plan: list[Bucket], users: int, tokens: int, max_seq_len: int) -> Bucket | None:
+    """The smallest bucket that holds the batch (fewest tokens, then fewest users), or None."""
+    fits = [b for b in plan if b.tokens >= tokens and b.users >= users + pad_users(b, tokens, max_seq_len)]
+    return min(fits) if fits else None
+
+
+def pad(
+    bucket: Bucket,
+    max_seq_len: int,
+    tokens: torch.Tensor,
+    offsets: torch.Tensor,
+    num_candidates: torch.Tensor,
+    timestamps: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The jagged batch (tokens [T, D], offsets [B+1], num_candidates [B], timestamps [T]) padded to
+    ``bucket``: its first T tokens and B users are the batch's, unchanged. The padding users'
+    offsets are computed on the host from T and B alone (no device sync)."""
+    total, users = tokens.shape[0], num_candidates.shape[0]
+    extra = bucket.tokens - total
+    fill = [max_seq_len] * (extra // max_seq_len) + ([extra % max_seq_len] if extra % max_seq_len else [])
+    slots = bucket.users - users
+    if len(fill) > slots or extra < 0:
+        raise ValueError(f"bucket {bucket} cannot hold {users} users and {total} tokens (max_seq_len {max_seq_len})")
+    sizes = fill + [0] * (slots - len(fill))
+    ends = total + torch.tensor(sizes, dtype=offsets.dtype).cumsum(0)  # offsets[-1] is T: known here
+    dev = tokens.device
+    return (
+        torch.cat([tokens, tokens.new_zeros(extra, tokens.shape[1])]),
+        torch.cat([offsets, ends.to(dev, non_blocking=True)]),
+        torch.cat([num_candidates, torch.tensor(sizes, dtype=num_candidates.dtype).to(dev, non_blocking=True)]),
+        torch.cat([timestamps, timestamps.new_zeros(extra)]),
+    )

@@ -1,0 +1,139 @@
+"""Checks of the fused request path shared by the in-process tests (reference ops) and the Triton
+interpreter worker (grc's kernels, TRITON_INTERPRET=1 set before anything imports triton): each
+returns plain numbers the test asserts on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from grc.serving.ranker import buckets as bk
+from grc.serving.ranker import dense as dn
+from grc.spec.loader import load_spec
+from grc.spec.schema import ModelConfig, Spec
+
+REPO = Path(__file__).resolve().parents[2]
+MTGR_TINY = REPO / "tests" / "specs" / "mtgr-tiny.yaml"
+
+
+def tiny_model() -> ModelConfig:
+    return load_spec(MTGR_TINY).spec.model
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
+
+
+def padding_errors(impl: str, dtype: torch.dtype, seed: int) -> dict[str, Any]:
+    """Scores of a ragged batch run unpadded vs padded into buckets (the default plan's choice, one
+    with pad users and empty users, one that misses): per bucket the real rows' relative error,
+    the padded tokens counted, and whether every row of the padded run (pad and empty users too)
+    is finite."""
+    from grc.aoti.inputs import random_inputs, seeded_dense
+    from grc.aoti.model import JaggedDense
+
+    cfg = tiny_model()
+    seq = cfg.hstu.max_seq_len
+    dense = seeded_dense(cfg, seed).to(dtype)
+    fn = JaggedDense(dense, impl=impl).eval()
+    gen = torch.Generator().manual_seed(seed)
+    inputs = random_inputs(cfg, 3, 40, 12, gen).to("cpu", dtype)
+    args = inputs.args()
+    total, users = args[0].shape[0], inputs.users
+    plan = bk.default_plan(4, seq)
+    buckets = {"default_plan": bk.choose(plan, users, total, seq),
+               "pad_and_empty_users": bk.Bucket(tokens=total + 2 * seq + 5, users=users + 6)}
+    out: dict[str, Any] = {}
+    with torch.no_grad():
+        base = fn(*args)
+        out["unpadded_finite"] = bool(torch.isfinite(base).all())
+        for name, bucket in buckets.items():
+            assert bucket is not None
+            stats = dn.GraphStats()
+            runner = dn.Bucketed(fn, [bucket], seq, cfg.d_model, dtype, torch.device("cpu"), False, stats)
+            got = runner(*args)
+            full = fn(*bk.pad(bucket, seq, *args))
+            out[name] = {"rel_err": _rel(got, base), "padded_tokens": stats.padded_tokens,
+                         "expected_padding": bucket.tokens - total, "all_rows_finite": bool(torch.isfinite(full).all()),
+                         "misses": stats.graph_misses}
+        stats = dn.GraphStats()
+        small = dn.Bucketed(fn, [bk.Bucket(tokens=total - 1, users=8)], seq, cfg.d_model, dtype,
+                            torch.device("cpu"), False, stats)
+        out["miss"] = {"rel_err": _rel(small(*args), base), "misses": stats.graph_misses,
+                       "padded_tokens": stats.padded_tokens}
+    return out
+
+
+def gather_errors(seed: int) -> dict[str, bool]:
+    """kernels.gather.gather_rows vs index_select, bit for bit, for every table dtype (and 1-D factors)."""
+    from kernels.gather import gather_rows
+
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(37, 19, generator=gen)
+    ids = torch.randint(0, 37, (23,), generator=gen)
+    ids[:2] = torch.tensor([0, 36])  # the first and last rows
+    tables = {"float32": base, "bfloat16": base.bfloat16(), "float16": base.half(),
+              "int8": (base * 40).clamp(-128, 127).to(torch.int8), "fp8_e4m3": base.to(torch.float8_e4m3fn),
+              "fp16_factors_1d": base[:, 0].half(), "wide_rows": torch.randn(37, 1500, generator=gen)}
+    return {name: bool(torch.equal(gather_rows(t, ids).view(torch.uint8) if t.dtype == torch.float8_e4m3fn
+                                   else gather_rows(t, ids),
+                                   t.index_select(0, ids).view(torch.uint8) if t.dtype == torch.float8_e4m3fn
+                                   else t.index_select(0, ids)))
+            for name, t in tables.items()} | {"empty_ids": gather_rows(base, ids[:0]).shape == (0, 19)}
+
+
+def table_matches(weights_dir: Path, cfg: ModelConfig, placement: str, seed: int) -> dict[str, bool]:
+    """DeviceTables (its tensors on the CPU here, ``placement``'s gather) vs the memory-mapped lookups."""
+    from grc.serving.ranker.tables import DeviceTables, _load
+    from grc.weights import open_tables
+
+    mapped = open_tables(cfg, weights_dir)
+    ours = DeviceTables(_load(weights_dir, torch.device("cpu")), placement, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, table in cfg.tables.items():
+        ids = torch.randint(0, table.vocab_size, (50,), generator=gen)
+        ids[0] = table.vocab_size - 1
+        out[name] = bool(torch.equal(ours.lookup(name, ids), mapped.lookup(name, ids)))
+    return out
+
+
+def fused_params(spec: Spec, backend: str) -> dict[str, str]:
+    """The config.pbtxt parameters the bundle writes for a fused model of ``backend``."""
+    from grc.serving.triton.fused_bundle import fused_config
+
+    msg = fused_config(spec, "m", backend, None)
+    return {k: v.string_value for k, v in msg.parameters.items()}
+
+
+def ranker_errors(spec_path: Path, weights_dir: Path, backend: str, seed: int, model_dir: Path) -> dict[str, Any]:
+    """Ranker.from_model_dir (CPU) on requests of one and of several users vs the float64 reference:
+    worst relative error of the scores, and whether each response is consistent (check_response)."""
+    from grc.serving.common import request as rq
+    from grc.serving.ranker.ranker import Ranker
+    from grc.serving.triton import check, load
+
+    spec = load_spec(spec_path).spec
+    model_dir.mkdir(parents=True, exist_ok=True)
+    if not (model_dir / "weights").exists():
+        (model_dir / "weights").symlink_to(weights_dir)
+    ranker = Ranker.from_model_dir(model_dir, "cpu", fused_params(spec, backend), log=lambda m: None)
+    reference = check.Reference(spec.model, weights_dir)
+    pool = load.request_pool(spec.model, 6, seed=seed)
+    requests = [*pool[:4], rq.stack_requests([pool[4], pool[4]])]  # the last: 2 users in one request
+    outs = ranker.rank([ranker.check(dict(r)) for r in requests])
+    worst, problems = 0.0, []
+    for r, o in zip(requests, outs, strict=True):
+        expected = reference.scores(r)
+        worst = max(worst, float(np.abs(o["scores"] - expected).max() / np.abs(expected).max()))
+        problems += check.spec_check(spec, o, expected, r).problems
+    return {"rel_err": worst, "problems": problems, "stats": ranker.stats(), "dtypes": {
+        k: str(v.dtype) for k, v in outs[-1].items()}, "shapes": {k: list(v.shape) for k, v in outs[-1].items()}}
+
+
+def dump(result: Any) -> str:
+    return json.dumps(result)

@@ -1,0 +1,154 @@
+"""The fused pipeline's spec rules and bundle (bundles.triton.pipeline: fused), checked on CPU without a server.
+
+Spec: the pipeline default follows instance_kind; what a pipeline cannot run is refused naming the field.
+Bundle: one python model per backend with the ensemble's inputs and outputs, Triton's own instance groups
+(kind, count, gpus) in a config.pbtxt that parses back through the ModelConfig protobuf; a KIND_GPU
+aotinductor bundle without a GPU package fails the build naming why; a KIND_GPU instance on a host
+without CUDA fails at load naming why.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from grc.serving.common import request as rq
+from grc.serving.triton import bundle as bd
+from grc.serving.triton import fused_bundle as fb
+from grc.serving.triton.model_config import load_config
+from grc.serving.triton.model_config import pb as mc
+from grc.spec.loader import load_spec
+from tests.conftest import TEST_SPECS, run_build, write_spec
+
+GPU = {"bundles.triton": {"instance_kind": "KIND_GPU", "backend": "pytorch", "extra_backends": ["pytorch_kernels"],
+                          "instance_count": 2, "gpus": [0, 1], "max_batch_size": 4, "preferred_batch_sizes": [2, 4]}}
+
+
+def spec_with(tmp_path: Path, triton: dict[str, Any], name: str = "s", **more: Any) -> Any:
+    return load_spec(write_spec(tmp_path, TEST_SPECS / "mtgr-tiny.yaml", {"bundles.triton": triton, **more},
+                                name=f"{name}.yaml")).spec
+
+
+def test_pipeline_default_follows_the_instance_kind(tmp_path: Path) -> None:
+    assert spec_with(tmp_path, {}, "cpu").bundles.triton.pipeline == "ensemble"
+    gpu = spec_with(tmp_path, {"instance_kind": "KIND_GPU", "backend": "pytorch"}, "gpu")
+    assert gpu.bundles.triton.pipeline == "fused"
+    cpu_fused = spec_with(tmp_path, {"pipeline": "fused", "backend": "pytorch"}, "cpu_fused")
+    assert cpu_fused.bundles.triton.pipeline == "fused" and cpu_fused.bundles.triton.instance_kind == "KIND_CPU"
+
+
+@pytest.mark.parametrize(("triton", "more", "message"), [
+    ({"pipeline": "fused", "backend": "onnxruntime"}, {},
+     r"pipeline: fused runs the dense step as aotinductor, pytorch, pytorch_kernels .* onnxruntime is a separate step"),
+    ({"instance_kind": "KIND_GPU", "backend": "tensorrt_plan"}, {"engine.targets": [{"name": "h100", "gpu": "h100"}]},
+     r"pipeline: fused .* tensorrt_plan is a separate step"),
+    ({"pipeline": "ensemble", "backend": "onnxruntime", "extra_backends": ["pytorch"]}, {},
+     r"pipeline: ensemble has no pytorch step"),
+    ({"instance_kind": "KIND_GPU", "backend": "pytorch", "history_cache": {"enabled": True}}, {},
+     r"history_cache.enabled: the user-history cache is not yet in the fused model"),
+    ({"pipeline": "fused", "backend": "pytorch", "gpu": {"tables": "pinned_host"}}, {},
+     r"gpu.tables: pinned_host feeds a GPU gather"),
+    ({"pipeline": "fused", "backend": "pytorch", "gpu": {"cuda_graphs": True}}, {},
+     r"gpu.cuda_graphs: CUDA graphs need KIND_GPU instances"),
+    ({"instance_kind": "KIND_GPU", "backend": "pytorch", "max_batch_size": 4, "preferred_batch_sizes": [4],
+      "gpu": {"buckets": [{"users": 4, "tokens": 385}]}}, {},
+     r"bundles.triton.gpu.buckets\[0\].tokens: 385 exceeds max_batch_size 4 x model.hstu.max_seq_len 96 = 384"),
+    ({"instance_kind": "KIND_GPU", "backend": "pytorch", "max_batch_size": 4, "preferred_batch_sizes": [4],
+      "gpu": {"buckets": [{"users": 7, "tokens": 192}]}}, {},
+     r"bundles.triton.gpu.buckets\[0\].users: 7 slots, and a batch of 192 tokens uses at most 6"),
+])  # fmt: skip
+def test_what_a_pipeline_cannot_run_is_refused_naming_the_field(tmp_path: Path, triton: dict[str, Any],
+                                                                 more: dict[str, Any], message: str) -> None:
+    with pytest.raises(Exception, match=message):
+        spec_with(tmp_path, triton, **more)
+
+
+def test_bucket_outside_the_aoti_package_range_is_refused(tmp_path: Path) -> None:
+    from grc.aoti.model import MAX_TOKENS
+
+    triton = {"instance_kind": "KIND_GPU", "backend": "aotinductor", "max_batch_size": 4096,
+              "preferred_batch_sizes": [8], "gpu": {"buckets": [{"users": 8, "tokens": MAX_TOKENS + 2}]}}
+    more: dict[str, Any] = {"engine.aoti": {"enabled": True, "targets": ["cuda"]}, "model.hstu.max_seq_len": 8192}
+    spec = spec_with(tmp_path, triton, "big", **more)
+    assert any("outside the AOTInductor package's exported range" in p for p in fb.problems(spec))
+
+
+def test_fused_bundle_one_model_per_backend_with_instance_groups(tmp_path: Path) -> None:
+    spec_path = write_spec(tmp_path, TEST_SPECS / "mtgr-tiny.yaml", GPU)
+    statuses = run_build(spec_path, only=["triton"])
+    assert statuses["triton"] == "built"
+    spec = load_spec(spec_path).spec
+    folder = tmp_path / "artifacts" / spec.name / "triton"
+    repo = folder / bd.MODEL_REPOSITORY
+    assert sorted(p.name for p in repo.iterdir()) == ["mtgr-tiny", "mtgr-tiny-pytorch_kernels"]
+    description = bd.load_description(folder)
+    assert description["ensemble"] == "mtgr-tiny"
+    assert description["ensembles"] == {"pytorch": "mtgr-tiny", "pytorch_kernels": "mtgr-tiny-pytorch_kernels"}
+    for name, backend in (("mtgr-tiny", "pytorch"), ("mtgr-tiny-pytorch_kernels", "pytorch_kernels")):
+        msg = load_config(repo / name)  # parsed and checked through the ModelConfig protobuf
+        assert msg.backend == "python" and not msg.platform
+        (group,) = msg.instance_group
+        assert group.kind == mc.ModelInstanceGroup.KIND_GPU and group.count == 2 and list(group.gpus) == [0, 1]
+        assert [t.name for t in msg.input] == [s.name for s in rq.request_inputs(spec.model)]
+        assert [t.name for t in msg.output] == [s.name for s in rq.response_outputs(spec.model)]
+        params = {k: v.string_value for k, v in msg.parameters.items()}
+        assert params["backend"] == backend and params["tables"] == "auto" and params["cuda_graphs"] == "true"
+        plan = [tuple(b) for b in json.loads(params["buckets"])]
+        assert plan == [(b.users, b.tokens) for b in fb.plan(spec)] and plan[-1][1] == 4 * 96
+        assert "models.fused import" in (repo / name / "1" / "model.py").read_text()
+        assert (repo / name / "1" / "weights" / "manifest.json").is_file()
+        assert msg.model_warmup  # the sample request warms every instance up (graphs, autotuning)
+    model, weights = bd.bundle_model(folder)  # what deploy's smoke test reads: the fused model's own
+    assert model == spec.model and weights == repo / "mtgr-tiny" / "1" / "weights"
+    assert "Fused pipeline" in (folder / "README.md").read_text()
+
+
+def test_kind_gpu_aotinductor_without_a_gpu_package_fails_the_build_naming_why(tmp_path: Path) -> None:
+    from grc.serving.triton.bundle import aoti_packages
+
+    spec_path = write_spec(tmp_path, TEST_SPECS / "mtgr-tiny.yaml", {
+        "engine.aoti": {"enabled": True, "targets": ["cpu", "cuda"]},
+        "bundles.triton": {"instance_kind": "KIND_GPU", "backend": "aotinductor"}})  # fmt: skip
+    spec = load_spec(spec_path).spec
+    aoti = tmp_path / "aoti"
+    aoti.mkdir()
+    (aoti / "manifest.json").write_text(json.dumps({"targets": [
+        {"name": "cpu", "status": "built", "package": "cpu/model.pt2"},
+        {"name": "cuda", "status": "skipped", "package": None}], "sha256": {}}))  # what a CPU host's stage records
+    with pytest.raises(Exception, match=r"KIND_GPU serves a gpu AOTInductor package and the aoti stage built none "
+                                        r"\(built: \['cpu'\]; a GPU package is built on a host with that GPU\)"):
+        aoti_packages(spec, aoti)
+    out = tmp_path / "bundle"
+    from grc.serving.triton.fused_bundle import write_models
+
+    class Repo:  # write_models asks for the packages before it links anything
+        def __getattr__(self, name: str) -> Any:
+            raise AssertionError(f"write_models touched the repository ({name}) before refusing")
+
+    with pytest.raises(Exception, match="built none"):
+        write_models(Repo(), spec, tmp_path, aoti, None)
+    assert not out.exists()
+
+
+def test_kind_gpu_instance_without_cuda_fails_at_load_naming_why(tmp_path: Path) -> None:
+    import torch
+
+    from grc.serving.triton.models.fused import TritonPythonModel
+
+    if torch.cuda.is_available():
+        pytest.skip("this host has CUDA: the no-CUDA refusal cannot be seen here")
+    args = {"model_name": "m", "model_instance_kind": "GPU", "model_instance_device_id": "0",
+            "model_repository": str(tmp_path), "model_version": "1", "model_config": json.dumps({"parameters": {}})}
+    with pytest.raises(RuntimeError, match=r"m: a KIND_GPU instance needs a CUDA GPU \(torch.cuda.is_available\(\) is "
+                                           r"False\): torch .* set bundles.triton.instance_kind: KIND_CPU"):
+        TritonPythonModel().initialize(args)
+    repo = tmp_path / "repo"
+    msg = fb.fused_config(spec_with(tmp_path, GPU["bundles.triton"]), "m", "pytorch", None)
+    from grc.serving.triton.model_config import write_config
+
+    write_config(repo / "m", msg)
+    problem = fb.host_problem(repo)
+    assert problem is not None and "KIND_GPU python model(s) m needs a CUDA GPU" in problem
