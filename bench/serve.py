@@ -156,7 +156,8 @@ class Bench:
             if build(loaded, root, only=["triton"]) != 0:
                 raise SystemExit(f"{spec_file}: `grc build` of the triton stage failed (see above)")
         pool = request_pool(spec.model, args.pool, args.seed)
-        self.sampler = Sampler(spec, root / "weights", pool, args.sample)
+        tolerance = bd.served_tolerance(bd.load_description(root / "triton"), spec)
+        self.sampler = Sampler(spec, root / "weights", pool, tolerance, args.sample)
         self.repository = root / "triton" / bd.MODEL_REPOSITORY
         concurrencies = sorted(set(args.concurrency), reverse=True)
         rows = [Row(spec.name, m, c, served_model(spec, m)) for c in concurrencies for m in args.modes]

@@ -53,15 +53,6 @@ def request_pool(cfg: ModelConfig, count: int, seed: int) -> list[dict[str, np.n
     return pool
 
 
-def served_tolerance(spec: Spec) -> Tolerance:
-    """The tolerance a served answer is checked with: the GPU package's dtype on KIND_GPU (bf16 by default; every
-    GPU backend of the bundle runs it), float32's (verify.export) on KIND_CPU."""
-    from grc.stages.aoti import tolerance
-
-    on_gpu = spec.bundles.triton.instance_kind == "KIND_GPU"
-    return tolerance(spec, spec.engine.aoti.dtype if on_gpu else "float32")
-
-
 @dataclass
 class Sampler:
     """Keeps the answers to the first ``size`` pool requests a mode returns (under load, so batched with others)
@@ -70,6 +61,7 @@ class Sampler:
     spec: Spec
     weights_dir: Path
     pool: list[dict[str, np.ndarray]]
+    tolerance: Tolerance  # the bundle's own (grc.serving.triton.bundle.served_tolerance): bf16's on KIND_GPU
     size: int = 16
     references: dict[int, np.ndarray] = field(default_factory=dict)
 
@@ -77,7 +69,6 @@ class Sampler:
         from grc.serving.triton.check import Reference
 
         self.reference = Reference(self.spec.model, self.weights_dir, self.spec.bundles.triton.truncate_history)
-        self.tolerance = served_tolerance(self.spec)
 
     def check(self, answers: dict[int, dict[str, np.ndarray]]) -> dict[str, Any]:
         """{checked, max_abs, max_rel, problems} of the kept answers (problems name the pool request)."""
