@@ -228,6 +228,90 @@ def e2e_spec_table(name: str, data: dict[str, Any], spec: str, s: dict[str, Any]
     return f"**`{spec}`**, bf16, {source(name, data)}.{missing}{parity}\n\n" + table(head, rows)
 
 
+SERVE_MODES = ("grc", "eager", "kernels", "in_process")
+
+
+def serve_files(folder: Path) -> list[str]:
+    """Every bench/serve.py result: the GPU runs first (the claim), the CPU dry run last."""
+    names = sorted(p.name for p in folder.glob("serve-*.json"))
+    return sorted(names, key=lambda n: n.startswith("serve-cpu"))
+
+
+def serve_block(results: Results) -> str:
+    parts = [serve_table(name, results(name)) for name in serve_files(results.folder)]
+    return "\n\n".join(parts) or "No bench/serve.py result yet."
+
+
+def serve_table(name: str, data: dict[str, Any]) -> str:
+    """One bench/serve.py run: a row per (spec, concurrency, mode), then the issue's targets as measured."""
+    order = {m: i for i, m in enumerate(SERVE_MODES)}
+    rows = []
+    for r in sorted(data["rows"], key=lambda r: (r["spec"], -r["concurrency"], order[r["mode"]])):
+        head = [f"`{r['spec']}`", str(r["concurrency"]), r["mode"]]
+        if "users_per_s" not in r:
+            why = r.get("failed") or r.get("skipped") or "?"
+            rows.append([*head, "failed" if "failed" in r else "not run", "–", "–", "–", "–", "–", why[:160]])
+            continue
+        checked = r["checked"]
+        verdict = "wrong" if checked["problems"] else f"{checked['checked']} ok, max rel. {num(checked['max_rel'], 2)}"
+        rows.append([
+            *head, num(r["users_per_s"]), f"{num(r['p50_ms'])} / {num(r['p99_ms'])} ms",
+            f"{r['errors']} / {r['requests']:,}", num(r["mean_batch"]) if r.get("mean_batch") else "–",
+            graph_counts(r), verdict,
+        ])  # fmt: skip
+    header = ["spec", "concurrency", "mode", "users/s", "p50 / p99", "errors / requests", "mean batch",
+              "CUDA graph hits / misses", "answers vs PyTorch float64 (sample)"]  # fmt: skip
+    cpu = "not the GPU claim" in data.get("what", "")
+    label = "CPU dry run (tiny spec; CPU numbers, not the GPU claim)" if cpu else "GPU run"
+    argv = " ".join(data["argv"][1:]).replace(str(REPO) + "/", "")
+    return (
+        f"**{label}**: `python bench/serve.py {argv}`, {source(name, data)}"
+        + ("" if data.get("complete", True) else " (incomplete: the run ended before its last row)")
+        + ":\n\n" + table(header, rows) + "\n\n" + serve_targets(data["rows"])
+    )
+
+
+def graph_counts(row: dict[str, Any]) -> str:
+    """The dense step's CUDA-graph replays and misses in the row: the served model's counters (its /metrics), or
+    the in-process Ranker's stats; '–' where the model keeps none (a CPU model, the eager baseline)."""
+    served = row.get("grc_metrics", {})
+    counts = (served.get("grc_cuda_graph_hits_total"), served.get("grc_cuda_graph_misses_total"))
+    if counts == (None, None) and "ranker_stats" in row:
+        counts = (row["ranker_stats"].get("graph_hits"), row["ranker_stats"].get("graph_misses"))
+    if counts == (None, None) or counts == (0, 0):
+        return "–"
+    return " / ".join(f"{int(c or 0):,}" for c in counts)
+
+
+def serve_targets(rows: list[dict[str, Any]]) -> str:
+    """Issue 16's targets, per spec, from the rows (a ratio whose rows did not run says so)."""
+    by = {(r["spec"], r["mode"], r["concurrency"]): r for r in rows if "users_per_s" in r}
+    lines = []
+
+    def ratio(spec: str, a: str, b: str, c: int) -> float | None:
+        x, y = by.get((spec, a, c)), by.get((spec, b, c))
+        return x["users_per_s"] / y["users_per_s"] if x and y and y["users_per_s"] else None
+
+    def met(value: float | None, ok: bool, text: str) -> str:
+        return "not measured" if value is None else f"{text} ({'met' if ok else 'NOT met'})"
+
+    for spec in sorted({r["spec"] for r in rows}):
+        eager, ceiling = ratio(spec, "grc", "eager", 32), ratio(spec, "grc", "in_process", 32)
+        grc8 = by.get((spec, "grc", 8))
+        tail = grc8["p99_ms"] / grc8["p50_ms"] if grc8 else None
+        errors = sum(r["errors"] for (s, _, _), r in by.items() if s == spec)
+        lines.append(
+            f"`{spec}` against issue 16's targets: grc served vs eager served at concurrency 32 "
+            + met(eager, eager is not None and eager >= 5, f"{eager or 0:.1f}x, target >= 5x")
+            + "; grc served vs in_process at concurrency 32 "
+            + met(ceiling, ceiling is not None and ceiling >= 0.6, f"{100 * (ceiling or 0):.0f}%, target >= 60%")
+            + "; grc p99 / p50 at concurrency 8 "
+            + met(tail, tail is not None and tail <= 3, f"{tail or 0:.1f}x, target <= 3x")
+            + f"; {errors} errors in all."
+        )
+    return "\n".join(lines)
+
+
 SHARE_SPECS = ("mtgr-small", "mtgr-base", "mtgr-large")
 QUANTIZED_LABELS = {"int8": "int8", "fp8_e4m3": "fp8"}
 
@@ -345,6 +429,7 @@ BLOCKS: dict[str, Callable[[Results], str]] = {
     "build": build_block,
     "cache": cache_block,
     "triton-load": triton_load_block,
+    "serve": serve_block,
     "vllm-load": vllm_load_block,
     "plugin-kernel": plugin_kernel_block,
     "e2e-gpu": e2e_gpu_block,

@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# One device call, start to end: the served benchmark (bench/serve.py) of a GPU spec's fused Triton bundle.
+#   OUT=/some/folder bash bench/gpu_run_serve.sh mtgr-small-gpu      # one spec per call (mtgr-base-gpu: another)
+#   DRY_RUN=1 OUT=/tmp/x bash bench/gpu_run_serve.sh SPEC           # on a CPU: every step but the GPU checks
+# SPEC is a name under specs/ or a path. From the repository root of a checkout (or a copy of one).
+#  1. the carried wheels (.whl: pydantic, doit, tritonclient, nvidia-pytriton, ...) into /tmp/site, found by this
+#     process through PYTHONPATH and by the python backend's stub through a .pth file (the stub runs an
+#     isolated interpreter that ignores PYTHONPATH); GRC_TRITON_HOME=/tmp/site finds pytriton's tritonserver;
+#  2. `grc build SPEC triton` (only what the bundle needs: weights, export, aoti, triton) into /tmp; if that
+#     fails (the CUDA package did not build or load), the same bundle without aotinductor is built and the grc
+#     and in_process rows are reported failed with the build's reason while eager and kernels still run;
+#  3. bench/serve.py (concurrency 32, 8, 1; its --deadline from what is left) -> $OUT/serve-<gpu>-<spec>.json,
+#     rewritten after every row;
+#  4. gpuserve's GPU tests (tests/serving/test_fused_gpu_real.py, when present) with the time left, after the
+#     benchmark so that a hanging test cannot cost the figures -> $OUT/gpu-tests.log.
+# Everything is logged with timestamps to $OUT/serve-run.log (+ build-<spec>.log). BUDGET (default 530 s) bounds
+# the whole call: under 9 minutes with the machine's start-up outside it.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+: "${OUT:?set OUT to the folder the results go to}"
+[ $# -ge 1 ] || { echo "usage: OUT=DIR bash bench/gpu_run_serve.sh SPEC [SPEC...]" >&2; exit 2; }
+mkdir -p "$OUT"
+started=$(date +%s)
+BUDGET=${BUDGET:-530}
+ROW_SECONDS=${ROW_SECONDS:-10}
+CLIENTS=${CLIENTS:-4}  # client processes per served row: one Python gRPC client process is GIL-bound
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export GRC_CACHE_DIR="${GRC_CACHE_DIR:-/tmp/grc-serve-cache}"
+ARTIFACTS="${ARTIFACTS:-/tmp/grc-serve-artifacts}"
+LOG="$OUT/serve-run.log"
+elapsed() { echo $(( $(date +%s) - started )); }
+left() { echo $(( BUDGET - $(elapsed) )); }
+stamp() { while IFS= read -r line; do printf '[%s +%ss] %s\n' "$(date -u +%H:%M:%S)" "$(elapsed)" "$line"; done; }
+say() { echo "== $*" | stamp | tee -a "$LOG"; }
+
+say "environment"
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv,noheader 2>&1 || echo "nvidia-smi: not found"
+  "$PY" - <<'EOF'
+import sys, sysconfig, torch
+print("python", sys.version.split()[0], sys.executable, "| torch", torch.__version__, "cuda", torch.version.cuda,
+      "| gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
+# the python backend's stub loads this interpreter's libpython (grc.serving.triton.server): is there one?
+print("libpython:", sysconfig.get_config_var("Py_ENABLE_SHARED"), sysconfig.get_config_var("LIBDIR"),
+      sysconfig.get_config_var("INSTSONAME"))
+EOF
+} 2>&1 | stamp | tee -a "$LOG"
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  say "wheels: $(ls .whl | wc -l) from .whl into /tmp/site"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    2>&1 | stamp | tee -a "$LOG" || { say "FAILED: installing the wheels"; exit 1; }
+  export PYTHONPATH="$PYTHONPATH:/tmp/site"
+  [ -d /tmp/site/pytriton ] && export GRC_TRITON_HOME=/tmp/site
+fi
+# The stub's interpreter ignores PYTHONPATH: without grc and its dependencies importable as installed, hand it
+# this checkout and /tmp/site through a .pth in the interpreter's own site-packages (a bare machine per call).
+if ! env -u PYTHONPATH "$PY" -c "import grc, pydantic, yaml, tritonclient" 2>/dev/null; then
+  pth="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/grc-serve-bench.pth"
+  if [ -n "${DRY_RUN:-}" ]; then
+    say "dry run: would write $pth ($PWD, /tmp/site)"
+  else
+    printf '%s\n%s\n' "$PWD" /tmp/site >"$pth" && say "wrote $pth: the python backend's stub imports grc from $PWD" \
+      || say "could not write $pth: the python backend's stub will not find grc"
+  fi
+fi
+"$PY" -c "import grc, pydantic, doit, tritonclient.grpc; from grc.serving.triton.server import find_tritonserver; \
+print('tritonserver:', find_tritonserver().origin)" 2>&1 | stamp | tee -a "$LOG" || { say "FAILED: imports"; exit 1; }
+
+status=0
+count=$#
+for spec in "$@"; do
+  file="$spec"; [ -f "$file" ] || file="specs/$spec.yaml"
+  [ -f "$file" ] || { say "no spec $spec (tried $spec, specs/$spec.yaml)"; status=1; continue; }
+  name="$(basename "$file" .yaml)"
+  share=$(( $(left) / count )); count=$(( count - 1 ))
+  spec_end=$(( $(elapsed) + share ))
+  say "$name: build of the triton bundle ($share s for this spec)"
+  grc_failed=()
+  if ! timeout $(( share - 150 > 60 ? share - 150 : 60 )) "$PY" -m grc.cli build "$file" triton \
+      --artifacts "$ARTIFACTS" 2>&1 | stamp | tee "$OUT/build-$name.log" >>"$LOG"; then
+    reason="$(grep -E 'Error|error|failed|crash|SIG' "$OUT/build-$name.log" | tail -n 3 | cut -c 1-400 | tr '\n' ' ')"
+    say "$name: build FAILED ($reason); building the bundle without aotinductor (eager and kernels rows)"
+    fallback="/tmp/$name-without-aoti.yaml"
+    printf 'extends: %s\nbundles: {triton: {backend: pytorch, extra_backends: [pytorch_kernels]}}\n' \
+      "$(realpath "$file")" >"$fallback"
+    timeout $(( spec_end - $(elapsed) - 90 > 30 ? spec_end - $(elapsed) - 90 : 30 )) "$PY" -m grc.cli build \
+      "$fallback" triton --artifacts "$ARTIFACTS" 2>&1 | stamp | tee -a "$OUT/build-$name.log" >>"$LOG" \
+      || { say "$name: the bundle without aotinductor did not build either"; status=1; continue; }
+    file="$fallback"
+    grc_failed=(--grc-failed "grc build of the aotinductor bundle failed: ${reason:-see build-$name.log}")
+  fi
+  deadline=$(( spec_end - $(elapsed) - 25 ))
+  say "$name: bench/serve.py (--deadline $deadline s, $ROW_SECONDS s per row)"
+  slug="$("$PY" -c 'import sys; sys.path.insert(0, "bench"); from serve import device_slug; print(device_slug())')"
+  timeout $(( deadline + 20 )) "$PY" bench/serve.py --specs "$file" --artifacts "$ARTIFACTS" --concurrency 1 8 32 \
+    --row-seconds "$ROW_SECONDS" --client-processes "$CLIENTS" --deadline "$deadline" --out "$OUT/serve-$slug-$name.json" "${grc_failed[@]}" \
+    2>&1 | stamp | tee -a "$LOG"
+  rc=$?
+  [ $rc -eq 0 ] || { say "$name: bench/serve.py exit $rc (124: timed out; the JSON keeps the rows done)"; status=1; }
+done
+
+tests=tests/serving/test_fused_gpu_real.py
+if [ ! -f "$tests" ]; then
+  say "GPU tests: skipped ($tests is not in this checkout)"
+elif [ -n "${DRY_RUN:-}" ]; then
+  say "GPU tests: skipped (dry run: no GPU)"
+elif [ "$(left)" -lt 45 ]; then
+  say "GPU tests: skipped ($(left) s left of BUDGET $BUDGET s)"
+else
+  say "GPU tests: $tests ($(( $(left) - 10 )) s at most)"
+  timeout $(( $(left) - 10 )) "$PY" -m pytest -q -p no:cacheprovider "$tests" 2>&1 | stamp >"$OUT/gpu-tests.log"
+  say "GPU tests: exit $? ($(tail -n 1 "$OUT/gpu-tests.log"))"
+fi
+say "done in $(elapsed) s; exit $status; files: $(ls "$OUT" | tr '\n' ' ')"
+exit $status
