@@ -10,6 +10,9 @@
 # mtgr-base is a second call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The lent H200 image sets CXX=/opt/gcc/bin/g++, whose AOTInductor packages crash when loaded;
+# /usr/bin/g++ (the same GCC) builds packages that load (bench/results/aoti-probe-h200.json).
+[ -x /usr/bin/g++ ] && export CXX=/usr/bin/g++
 spec="${1:-mtgr-small}"
 shift || true
 : "${OUT:?set OUT to the folder the results go to}"

@@ -9,6 +9,9 @@
 # Exit status: the check's (1: a section failed, 2: no GPU).
 set -u
 cd "$(dirname "$0")/.."
+# The lent H200 image sets CXX=/opt/gcc/bin/g++, whose AOTInductor packages crash when loaded;
+# /usr/bin/g++ (the same GCC) builds packages that load (bench/results/aoti-probe-h200.json).
+[ -x /usr/bin/g++ ] && export CXX=/usr/bin/g++
 : "${OUT:?set OUT to the folder the results go to}"
 mkdir -p "$OUT"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"

@@ -17,6 +17,9 @@
 # the whole call: under 9 minutes with the machine's start-up outside it.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
+# The lent H200 image sets CXX=/opt/gcc/bin/g++, whose AOTInductor packages crash when loaded;
+# /usr/bin/g++ (the same GCC) builds packages that load (bench/results/aoti-probe-h200.json).
+[ -x /usr/bin/g++ ] && export CXX=/usr/bin/g++
 : "${OUT:?set OUT to the folder the results go to}"
 [ $# -ge 1 ] || { echo "usage: OUT=DIR bash bench/gpu_run_serve.sh SPEC [SPEC...]" >&2; exit 2; }
 mkdir -p "$OUT"

@@ -38,9 +38,21 @@ def check_loads(path: Path, device: str, dtype: str, cfg: ModelConfig, what: str
     raise StageError(
         f"{what}: the compiled package {path} {how} when loaded and run in a fresh process "
         f"(C++ compiler: {compiler or 'none found'}). Last lines:\n{tail}\n"
-        "A crash inside the model .so has been seen with some compiler setups (grc.aoti.build.compiler_shim); "
-        "try another compiler with CXX=/path/to/g++ and rebuild."
+        f"{_advice(compiler)}"
     )
+
+
+def _advice(compiler: str | None) -> str:
+    """What to try: a crash inside the model .so followed the compiler on the lent H200 image
+    ($CXX=/opt/gcc/bin/g++ there crashed, /usr/bin/g++ loaded: bench/results/aoti-probe-h200.json)."""
+    from grc.aoti.build import SYSTEM_CXX
+
+    if compiler != SYSTEM_CXX and os.access(SYSTEM_CXX, os.X_OK):
+        how = f"this host has {SYSTEM_CXX}: rebuild with CXX={SYSTEM_CXX}"
+    else:
+        how = "rebuild with another compiler: CXX=/path/to/g++"
+    return (f"A crash inside the model .so has followed the compiler before (grc.aoti.build.cxx_compiler); {how} "
+            "(`python bench/gpu_aoti_probe.py` tries every g++ here).")
 
 
 def main(argv: list[str]) -> None:
