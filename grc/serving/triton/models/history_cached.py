@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from grc.serving.common import request as rq
-from grc.serving.common.validate import RequestError, parse
 from grc.serving.common.history_cache import CachedHistory, HistoryCache, cached_history, miss_reason, model_namespace
+from grc.serving.common.validate import RequestError, parse
 from grc.serving.triton.models import steps
 from grc.serving.triton.models import tensor_io as io
 from grc.serving.triton.models.postprocess import rank
