@@ -6,7 +6,7 @@ many candidates), through the real embedding tables and projector, so the dense 
 realistic tokens; ``verify.export`` / ``verify.surgery`` bound the differences.
 Ranking (``verify.ranking``, grc/ranking.py): held-out users with full candidate lists, scored by
 each backend from the stored weights (tables as stored: rounded or quantized, dequantized on
-lookup) and by the fp32 PyTorch model from the weights' source (grc/reference_weights.py); top-k
+lookup) and by the fp32 PyTorch model from the weights' source (grc/weights/reference.py); top-k
 overlap, Kendall's tau, mean and max |Δscore| per task. Any figure outside its bound fails the
 build with the table of figures; the figures go to the manifest under ``figures`` and ``ranking``.
 """
@@ -66,8 +66,8 @@ def ranking(ctx: Context, model: GRModel, tables: Tables, backends: dict[str, An
     from grc.model.jagged import to_jagged
     from grc.model.sample import random_batch
     from grc.ranking import Gates, rank_figures
-    from grc.reference_weights import reference_weights
     from grc.weights import read_manifest
+    from grc.weights.reference import reference_weights
 
     cfg, gates = ctx.spec.model, ctx.spec.verify.ranking
     candidates = gates.candidates or cfg.max_candidates
