@@ -99,7 +99,7 @@ def run(ctx: Context) -> dict[str, Any]:
 
     from grc.model.jagged import to_jagged
     from grc.model.sample import random_batch
-    from grc.runtime.ort import session
+    from grc.onnx.ort import session
     from grc.verify.compare import compare, format_figures
     from grc.verify.ranking import format_rank_figures
     from grc.weights import load_model, open_tables
