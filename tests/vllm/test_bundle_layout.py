@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -64,7 +65,9 @@ def test_config_json_names_grc_architecture(built_tiny: tuple[Path, Path]) -> No
 
 
 def test_plugin_package_installs_with_its_entry_point(built_tiny: tuple[Path, Path], tmp_path: Path) -> None:
-    plugin = _bundle(built_tiny) / "plugin"
+    # pip builds in the folder it installs (build/, *.egg-info): install a copy, the shared bundle stays as built
+    # (the real-vLLM tests check that serving leaves it untouched, and found this test's leftovers there)
+    plugin = Path(shutil.copytree(_bundle(built_tiny) / "plugin", tmp_path / "plugin"))
     pyproject = (plugin / "pyproject.toml").read_text()
     assert '[project.entry-points."vllm.general_plugins"]\ngrc = "grc_vllm_plugin:register"' in pyproject
     assert "dependencies = []" in pyproject
