@@ -31,7 +31,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from grc.build.runner import build
-    from grc.serving import vllm_env
+    from grc.serving.vllm import env as vllm_env
     from grc.spec.loader import load_spec
 
     loaded = load_spec(args.spec)

@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from grc.model.attention import hstu_attention_padded  # noqa: E402
 
-TOL = {"f32": 1e-5, "f16": 2e-2, "bf16": 6e-2}  # max |a-b| / max |ref| (grc.compare's max_rel)
+TOL = {"f32": 1e-5, "f16": 2e-2, "bf16": 6e-2}  # max |a-b| / max |ref| (grc.verify.compare's max_rel)
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 # (name, users, N, heads, dqk, dv, P, NB, causal, int64_ends): covers padding, one key tile and several,
 # clamped positions (P small), clamped time buckets (NB small, large gaps), wide heads, MTGR's 32 and

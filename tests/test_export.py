@@ -76,7 +76,7 @@ def test_verify_passed_with_figures(built_mtgr_tiny: tuple[Path, Path]) -> None:
 
 
 def _sabotage(monkeypatch: pytest.MonkeyPatch, corrupt) -> None:  # type: ignore[no-untyped-def]
-    from grc.surgery import passes
+    from grc.onnx.surgery import passes
 
     real = passes.PASSES["fuse_hstu_attention"]
 

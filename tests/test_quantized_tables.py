@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from grc.model.params import init_tensor, table_bytes, table_params
 from grc.model.tables import dequantize_rows, quantize_rows
-from grc.reference_weights import reference_weights
 from grc.spec.loader import load_spec
 from grc.weights import import_checkpoint, open_tables, write_init
+from grc.weights.reference import reference_weights
 from tests.conftest import TEST_SPECS
 
 SPEC = load_spec(TEST_SPECS / "mtgr-tiny.yaml").spec

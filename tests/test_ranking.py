@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from grc.ranking import Gates, format_rank_figures, kendall_tau, rank_figures, top_k_overlap
+from grc.verify.ranking import Gates, format_rank_figures, kendall_tau, rank_figures, top_k_overlap
 
 GATES = Gates(top_k=2, min_top_k_overlap=0.9, min_kendall_tau=0.9, max_mean_abs=0.1, max_abs=0.2)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import grc.weights
+import grc.weights.artifact
 from tests.conftest import SPECS, run_build, write_spec
 
 NO_ENGINES: dict[str, object] = {"engine.targets": []}  # TensorRT engines read the ONNX only: not what this is about
@@ -54,7 +54,7 @@ def test_a_broken_table_quantization_fails_the_build_with_the_table(
     from grc.build.progress import BuildRecords
 
     records = BuildRecords()
-    monkeypatch.setattr(grc.weights, "quantize_rows", _rows_scaled_by_their_neighbour)
+    monkeypatch.setattr(grc.weights.artifact, "quantize_rows", _rows_scaled_by_their_neighbour)
     spec = write_spec(tmp_path, SPECS / "hstu-tiny.yaml", {**NO_ENGINES, "weights.init.embedding_dtype": "int8"})
     statuses = run_build(spec, expect_ok=False, records=records)
     assert statuses["verify"] == "failed" and statuses["weights"] == "built"

@@ -32,10 +32,10 @@ from grc.aoti.model import INPUTS, MAX_TOKENS, MAX_USERS, OUTPUTS, custom_ops, e
 from grc.build.atomic import write_file
 from grc.build.fingerprint import sha256_file
 from grc.cache.store import default_dir
-from grc.compare import Figure, compare
 from grc.errors import StageError
 from grc.model.gr import GRDense
 from grc.spec.schema import ModelConfig, Tolerance
+from grc.verify.compare import Figure, compare
 
 PACKAGE = "model.pt2"
 METADATA = "metadata.json"
@@ -301,7 +301,7 @@ def verify_target(
     runner = load(folder / PACKAGE, device, single_threaded=single_threaded)
     cases = parity_cases(dense.cfg, shapes, seed)
     figures = check_parity(runner, dense, device, dtype, tolerance, cases, f"aoti:{target}")
-    from grc.compare import format_figures
+    from grc.verify.compare import format_figures
 
     table = format_figures(figures)
     log(table)

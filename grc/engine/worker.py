@@ -213,7 +213,7 @@ def parity(request: dict[str, Any]) -> dict[str, Any]:
     from polygraphy.backend.trt import TrtRunner
     from polygraphy.comparator import Comparator
 
-    from grc.runtime.ort import session
+    from grc.onnx.ort import session
 
     trt = _trt(request)
     engine = _engine(trt, request, _logger(trt, []))

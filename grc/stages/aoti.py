@@ -100,7 +100,7 @@ STAGE = Stage(
     output="engines-aoti",
     reads=("engine.aoti", "engine.parity", "verify.export", "verify.shapes", "model"),
     inputs=("weights",),
-    input_files={"weights": "dense.json"},  # the dense model only (DENSE_VIEW in grc/weights.py)
+    input_files={"weights": "dense.json"},  # the dense model only (DENSE_VIEW in grc/weights/artifact.py)
     run=run,
     toolkits=("torch", "triton"),
     # a GPU target is built here, or recorded as skipped, by what this host's GPU is

@@ -27,7 +27,6 @@ from rich.text import Text
 
 from grc.build.fingerprint import sha256_file
 from grc.cache.store import default_dir as cache_dir
-from grc.compare import compare, format_figures
 from grc.engine import PLUGIN
 from grc.engine import plan as plan_file
 from grc.engine import precision as precision_pass
@@ -35,6 +34,7 @@ from grc.engine.toolkits import TOOLKIT_DISTRIBUTIONS, Toolkit, choose, runnable
 from grc.errors import StageError
 from grc.spec.schema import EngineConfig, EngineTarget
 from grc.stages.base import Context, Stage
+from grc.verify.compare import compare, format_figures
 
 MODEL = "model.onnx"  # the surgery stage's graph (not imported from the export stage: that would put the
 # exporter's code into this stage's key)

@@ -26,7 +26,7 @@ from grc.stages.base import Context, Stage
 REPO = Path(__file__).resolve().parents[2]
 SOURCES = ("plugins/hstu_attention_plugin.cu", "plugins/hstu_attention_kernel.cuh")
 LIBRARY = "libgrc_plugins.so"
-# The node attributes graph surgery writes (grc/surgery/passes.py), which the creator must read.
+# The node attributes graph surgery writes (grc/onnx/surgery/passes.py), which the creator must read.
 PLUGIN_FIELDS = ("num_heads", "head_dim_qk", "head_dim_v", "alpha", "norm", "causal", "position_buckets",
                  "time_buckets")
 

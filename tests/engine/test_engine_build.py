@@ -96,7 +96,7 @@ def test_tiny_engines_hold_the_plugin_layers(built_tiny: tuple[Path, Path]) -> N
 
 def test_plugin_creator_reads_what_surgery_writes(built_tiny: tuple[Path, Path]) -> None:
     from grc.engine import PLUGIN
-    from grc.surgery.passes import ATTENTION_OP, PLUGIN_NAMESPACE, PLUGIN_VERSION
+    from grc.onnx.surgery.passes import ATTENTION_OP, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
     assert (ATTENTION_OP, PLUGIN_VERSION, PLUGIN_NAMESPACE) == PLUGIN
     _require_toolchain()

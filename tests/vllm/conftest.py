@@ -1,6 +1,6 @@
 """tests/vllm: the vllm bundle (fast, CI) and a real vLLM serving it (marked ``vllm``).
 
-The marked tests need the dedicated vLLM venv (``python -m grc.serving.vllm_env``, ~2 min, ~3 GB): they make it
+The marked tests need the dedicated vLLM venv (``python -m grc.serving.vllm.env``, ~2 min, ~3 GB): they make it
 when it is missing (one worker at a time, under a lock), and skip only where GRC_VLLM_CREATE=0 says not to make
 it; a venv that cannot be made (grc's installer, pip, the network) fails them. Run them alone with
 ``python -m pytest -m vllm tests/vllm -q -s`` (-s prints the load figures).
@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from grc.serving import vllm_env
+from grc.serving.vllm import env as vllm_env
 
 
 def require_vllm_venv() -> vllm_env.VllmEnv:

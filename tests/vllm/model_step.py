@@ -16,8 +16,8 @@ import torch
 from vllm.config import ModelConfig, VllmConfig
 from vllm.plugins import load_general_plugins
 
-from grc.serving.vllm_model import GrcRankingModel
-from grc.serving.vllm_plugin import tokens as tk
+from grc.serving.vllm.model import GrcRankingModel
+from grc.serving.vllm.plugin import tokens as tk
 
 
 def main(folder: str, steps_file: str, out_file: str) -> None:

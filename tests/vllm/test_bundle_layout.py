@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,8 @@ import torch
 from pydantic import ValidationError
 
 from grc.deploy import vllm as dv
-from grc.serving import vllm_env
-from grc.serving.vllm_plugin import tokens as tk
+from grc.serving.vllm import env as vllm_env
+from grc.serving.vllm.plugin import tokens as tk
 from grc.spec.loader import load_spec
 from grc.spec.schema import VllmBundleConfig
 from grc.stages.vllm_bundle import limits
@@ -64,11 +65,13 @@ def test_config_json_names_grc_architecture(built_tiny: tuple[Path, Path]) -> No
 
 
 def test_plugin_package_installs_with_its_entry_point(built_tiny: tuple[Path, Path], tmp_path: Path) -> None:
-    plugin = _bundle(built_tiny) / "plugin"
+    # pip builds in the folder it installs (build/, *.egg-info): install a copy, the shared bundle stays as built
+    # (the real-vLLM tests check that serving leaves it untouched, and found this test's leftovers there)
+    plugin = Path(shutil.copytree(_bundle(built_tiny) / "plugin", tmp_path / "plugin"))
     pyproject = (plugin / "pyproject.toml").read_text()
     assert '[project.entry-points."vllm.general_plugins"]\ngrc = "grc_vllm_plugin:register"' in pyproject
     assert "dependencies = []" in pyproject
-    assert "from grc.serving.vllm_plugin import register" in (plugin / "grc_vllm_plugin" / "__init__.py").read_text()
+    assert "from grc.serving.vllm.plugin import register" in (plugin / "grc_vllm_plugin" / "__init__.py").read_text()
     subprocess.run(
         [
             sys.executable,
@@ -287,8 +290,17 @@ def test_stage_module_imports_light() -> None:
 
 def test_missing_venv_error_names_the_command(tmp_path: Path) -> None:
     assert vllm_env.find_venv(tmp_path / "none") is None
-    with pytest.raises(vllm_env.VllmEnvError, match=r"-m grc.serving.vllm_env --venv .*none"):
+    with pytest.raises(vllm_env.VllmEnvError, match=r"-m grc.serving.vllm.env --venv .*none"):
         vllm_env.ensure(tmp_path / "none", allow_create=False)
+
+
+def test_the_venv_module_names_the_checkout_it_lives_in() -> None:
+    """From a checkout the venv's processes get REPO on PYTHONPATH: REPO must be this checkout's root, wherever
+    env.py sits in grc/ (it moved from grc/serving/ to grc/serving/vllm/)."""
+    root = Path(__file__).resolve().parents[2]
+    assert root == vllm_env.REPO
+    assert vllm_env.FROM_CHECKOUT
+    assert vllm_env.grc_environ({})["PYTHONPATH"] == str(root)
 
 
 def test_deploy_without_a_bundle_says_how_to_build(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""What the vLLM model runs per step: the real ``grc.serving.vllm_model.GrcRankingModel`` (in the vLLM venv, from
+"""What the vLLM model runs per step: the real ``grc.serving.vllm.model.GrcRankingModel`` (in the vLLM venv, from
 vLLM's own config of the bundle) scores a step of flattened prompts like the PyTorch reference, the same whatever
 else the step holds, and refuses a bad prompt in the step without failing the others."""
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from grc.deploy import vllm as dv
-from grc.serving import vllm_env
+from grc.serving.vllm import env as vllm_env
 from tests.vllm.conftest import require_vllm_venv
 
 pytestmark = [pytest.mark.vllm, pytest.mark.xdist_group("vllm")]

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from grc.deploy import vllm as dv
-from grc.serving import vllm_env
+from grc.serving.vllm import env as vllm_env
 from tests.conftest import run_build, write_spec
 from tests.vllm.conftest import require_vllm_venv
 
@@ -208,7 +208,7 @@ def _post_many(url: str, model: str, prompts: list[list[int]]) -> tuple[int, dic
 def test_vllm_limits_users_accepts_every_valid_timestamp_and_keeps_history_by_the_rule(
     venv: vllm_env.VllmEnv, built_tiny: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    from grc.serving.vllm_plugin import tokens as tk
+    from grc.serving.vllm.plugin import tokens as tk
 
     bundle = built_tiny[1] / "hstu-tiny" / "bundles" / "vllm"
     description = json.loads((bundle / "bundle.json").read_text())
@@ -257,7 +257,7 @@ def test_plugin_refuses_to_register_without_its_request_checks(venv: vllm_env.Vl
         "import sys\n"
         "sys.modules['vllm.renderers.base'] = None  # what an ImportError in another vLLM looks like\n"
         "from vllm import ModelRegistry\n"
-        "from grc.serving.vllm_plugin import ARCHITECTURE, PluginError, register\n"
+        "from grc.serving.vllm.plugin import ARCHITECTURE, PluginError, register\n"
         "try:\n"
         "    register()\n"
         "except PluginError as exc:\n"
@@ -280,7 +280,7 @@ def test_each_checkout_serves_its_own_grc_from_one_venv(venv: vllm_env.VllmEnv, 
         shutil.copytree(repo / folder, clone / folder, ignore=shutil.ignore_patterns("__pycache__"))
     probe = (
         "import subprocess, sys\n"
-        "from grc.serving import vllm_env\n"
+        "from grc.serving.vllm import env as vllm_env\n"
         "env = vllm_env.find_venv()\n"
         "code = 'import grc, kernels; print(grc.__file__, kernels.__file__)'\n"
         "print(subprocess.run([str(env.python), '-c', code], env=vllm_env.grc_environ(), capture_output=True,\n"

@@ -65,7 +65,7 @@ def make_session(path: Path, threads: int, gpu: int | None) -> Any:
             raise RuntimeError(f"{path.name} has grc custom ops (grc::HSTUAttention), which onnxruntime runs on the "
                                "CPU only (a Python custom op); a KIND_GPU instance cannot serve it: use instance_kind "
                                "KIND_CPU, or the tensorrt_plan backend on the GPU")
-        from grc.runtime.ort import session
+        from grc.onnx.ort import session
 
         return session(path, threads)
     if gpu is not None:

@@ -83,8 +83,8 @@ def load_projector(cfg: ModelConfig, weights_dir: Path) -> Any:
     import torch
 
     from grc.model.gr import TokenProjector
-    from grc.safetensors_io import memmap_tensor, read_header, to_float32
     from grc.weights import read_manifest
+    from grc.weights.safetensors_io import memmap_tensor, read_header, to_float32
 
     manifest = read_manifest(weights_dir)
     projector = TokenProjector(cfg)

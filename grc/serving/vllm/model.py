@@ -4,7 +4,7 @@ vLLM flattens the prompt tokens of every request it schedules in a step into one
 and prefix caching off every request is scheduled whole, so its first token has position 0 and the requests'
 boundaries are where ``positions == 0`` (the pooler checks them against vLLM's own cursor, built from
 ``query_start_loc``, and refuses a request whose boundaries disagree). Each request's prompt is decoded
-(``vllm_plugin.tokens``), the valid requests of the step become one jagged ``grc.model.gr.Batch`` and run
+(``plugin.tokens``), the valid requests of the step become one jagged ``grc.model.gr.Batch`` and run
 through ``GRModel`` exactly as the PyTorch reference does: the embedding lookups (memory-mapped tables), the
 token projector, and ``GRDense.forward_jagged`` over the step's jagged offsets (``impl="pytorch"`` on CPU, the
 Triton kernel on CUDA).
@@ -40,7 +40,7 @@ from vllm.v1.pool.metadata import PoolingMetadata
 
 from grc.model.gr import GRModel
 from grc.model.tables import Tables
-from grc.serving.vllm_plugin import tokens as tk
+from grc.serving.vllm.plugin import tokens as tk
 from grc.spec.schema import ModelConfig
 
 log = logging.getLogger("grc.vllm")

@@ -20,7 +20,7 @@ import onnxruntime as ort
 import torch
 
 from grc.model.attention import hstu_attention_padded
-from grc.surgery.passes import ATTENTION_OP, PLUGIN_NAMESPACE
+from grc.onnx.surgery.passes import ATTENTION_OP, PLUGIN_NAMESPACE
 
 EXT_DOMAIN = "ai.onnx.contrib"
 

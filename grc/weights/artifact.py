@@ -18,8 +18,8 @@ from grc.errors import StageError
 from grc.model.gr import GRModel
 from grc.model.params import ParamSpec, all_params, init_tensor
 from grc.model.tables import QUANTIZED, Tables, dequantize_rows, factor_names, quantize_rows
-from grc.safetensors_io import TORCH_TO_ST, TensorEntry, memmap_tensor, read_header, to_float32, write_streaming
 from grc.spec.schema import InitConfig, ModelConfig, WeightsConfig
+from grc.weights.safetensors_io import TORCH_TO_ST, TensorEntry, memmap_tensor, read_header, to_float32, write_streaming
 
 MANIFEST = "manifest.json"
 INDEX = "model.safetensors.index.json"

