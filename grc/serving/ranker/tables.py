@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 from grc.model.tables import dequantize_rows, factor_names
-from grc.safetensors_io import DTYPES
 from grc.spec.schema import ModelConfig
-from grc.weights import CODE_DTYPE, _arrays, _is_factor, _is_table, open_tables, read_manifest
+from grc.weights import CODE_DTYPE, open_tables, read_manifest
+from grc.weights.artifact import _arrays, _is_factor, _is_table
+from grc.weights.safetensors_io import DTYPES
 
 PLACEMENTS = ("auto", "device", "pinned_host")
 _KIND = {code: kind for kind, code in CODE_DTYPE.items()}  # safetensors dtype -> quantization kind
