@@ -89,6 +89,7 @@ def modelopt_site(cache: Path) -> Path:
 def quantize(src: Path, dst: Path, precision: str, feeds: Path, site: Path, scratch: Path) -> dict[str, Any]:
     """Run ModelOpt on ``src`` (a surgeried graph) in a child process; the Q/DQ graph lands at
     ``dst``. Returns the worker's report (tool version, node counts, calibration method)."""
+    src, dst, feeds, scratch = (p.resolve() for p in (src, dst, feeds, scratch))  # the worker runs in scratch
     scratch.mkdir(parents=True, exist_ok=True)
     request = scratch / f"quantize-{precision}.json"
     result = scratch / f"quantize-{precision}-result.json"
@@ -99,8 +100,10 @@ def quantize(src: Path, dst: Path, precision: str, feeds: Path, site: Path, scra
     env = dict(os.environ)
     repo = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, str(site), env.get("PYTHONPATH", "")) if p)
+    # in the scratch folder: ModelOpt and onnxruntime's shape inference leave files in the working
+    # directory (<uuid>.data, sym_shape_infer_temp.onnx)
     done = subprocess.run([sys.executable, "-m", "grc.engine.quantize_worker", str(request)], env=env,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, cwd=scratch)
     report = json.loads(result.read_text()) if result.exists() else None
     if report is None or not report.get("ok"):
         why = report["error"] if report else "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])

@@ -31,12 +31,11 @@ def calibration_feeds(ctx: Context) -> tuple[dict[str, np.ndarray], dict[str, An
     import torch
 
     from grc.model.sample import random_batch
-    from grc.stages.verify import padded_feeds
+    from grc.stages.verify import padded_feeds, user_shape
     from grc.weights import load_model, open_tables
 
     cfg, cal = ctx.spec.model, ctx.spec.engine.calibration
-    candidates = min(cal.candidates or cfg.max_candidates, cfg.max_candidates)
-    history = max(1, min(cal.history, cfg.hstu.max_seq_len - len(cfg.profile) - candidates))
+    history, candidates = user_shape(cfg, cal.history, cal.candidates)
     batch = random_batch(cfg, cal.users, history, candidates, torch.Generator().manual_seed(cal.seed), exact=True)
     model = load_model(cfg, ctx.inputs["weights"])
     with torch.no_grad():

@@ -23,11 +23,13 @@ from grc.stages.export import MODEL
 
 if TYPE_CHECKING:  # torch and onnxruntime load only when the stage runs
     import numpy as np
+    import torch
 
     from grc.compare import Figure
     from grc.model.gr import GRModel, Tokens
     from grc.model.tables import Tables
     from grc.ranking import RankFigure
+    from grc.spec.schema import ModelConfig
 
 
 def padded_feeds(tok: Tokens) -> dict[str, np.ndarray]:
@@ -52,12 +54,19 @@ def reference(model: GRModel, tok: Tokens) -> np.ndarray:
         return model.dense.forward_jagged(tok.tokens, tok.offsets, tok.num_candidates, tok.timestamps).numpy()
 
 
-def candidate_scores(scores: np.ndarray, tok: Tokens) -> np.ndarray:
+def candidate_scores(scores: np.ndarray, offsets: torch.Tensor, num_candidates: torch.Tensor) -> np.ndarray:
     """Jagged [T, tasks] scores -> [candidates, tasks]: each user's candidates are its last tokens."""
     import numpy as np
 
-    ends = tok.offsets[1:].tolist()
-    return np.concatenate([scores[e - c : e] for e, c in zip(ends, tok.num_candidates.tolist(), strict=True)])
+    ends = offsets[1:].tolist()
+    return np.concatenate([scores[e - c : e] for e, c in zip(ends, num_candidates.tolist(), strict=True)])
+
+
+def user_shape(cfg: ModelConfig, history: int, candidates: int | None) -> tuple[int, int]:
+    """(history, candidates) of synthetic users cut to fit the model (candidates default
+    max_candidates): the held-out ranking users and the calibration users."""
+    cands = min(candidates or cfg.max_candidates, cfg.max_candidates)
+    return max(1, min(history, cfg.hstu.max_seq_len - len(cfg.profile) - cands)), cands
 
 
 def ranking(
@@ -76,8 +85,7 @@ def ranking(
     from grc.weights import read_manifest
 
     cfg, gates = ctx.spec.model, ctx.spec.verify.ranking
-    candidates = gates.candidates or cfg.max_candidates
-    history = max(1, min(gates.history, cfg.hstu.max_seq_len - len(cfg.profile) - candidates))
+    history, candidates = user_shape(cfg, gates.history, gates.candidates)
     batch = random_batch(cfg, gates.users, history, candidates, torch.Generator().manual_seed(gates.seed), exact=True)
     ref_model, ref_tables = reference_weights(cfg, ctx.inputs["weights"])
     with torch.no_grad():
@@ -95,7 +103,7 @@ def ranking(
     offsets = batch.candidate_offsets.numpy()
     figures = []
     for name, scores in stored.items():
-        actual = candidate_scores(scores.to(torch.float64).numpy(), tok)
+        actual = candidate_scores(scores.to(torch.float64).numpy(), tok.offsets, tok.num_candidates)
         precision = f"tables {tables_dtype}, dense {(dense or {}).get(name, dense_dtype)}"
         figures += rank_figures(name, precision, list(cfg.tasks), actual, np.asarray(expected), offsets, limits)
     return figures
