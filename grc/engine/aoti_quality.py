@@ -77,7 +77,7 @@ def ranking_check(dense: GRDense, spec: Spec, backend: str, precision: str) -> C
         )
         table = format_rank_figures(figures)
         if not all(f.ok for f in figures):
-            raise StageError(f"aoti: {backend}: ranking gates (verify.ranking) failed against the fp32 model:\n{table}")
+            raise StageError(f"{backend}: ranking gates (verify.ranking) failed against the fp32 model:\n{table}")
         return {"ranking": {"reference": "GRDense.forward_jagged, PyTorch float32 on CPU, held-out users "
                                          f"(verify.ranking.seed {gates.seed})",
                             "gates": gates.model_dump(), "figures": [f.as_dict() for f in figures]}}
