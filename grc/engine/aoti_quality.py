@@ -12,6 +12,7 @@ tokens' scale.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -23,9 +24,8 @@ from grc.engine.quantize import feeds_digest
 from grc.errors import StageError
 from grc.model.fp8 import E4M3_MAX, calibrate, scales_of, to_fp8
 from grc.model.gr import GRDense
-from grc.ranking import Gates, format_rank_figures, rank_figures
+from grc.ranking import Gates, RankFigure, candidate_scores, format_rank_figures, rank_figures, user_shape
 from grc.spec.schema import Spec
-from grc.stages.verify import candidate_scores, user_shape
 
 
 def users(spec: Spec, seed: int, count: int, history: int, candidates: int | None) -> JaggedInputs:
@@ -55,26 +55,39 @@ def fp8_package_model(dense: GRDense, spec: Spec) -> tuple[GRDense, dict[str, An
     return model, record
 
 
-def ranking_check(dense: GRDense, spec: Spec, backend: str, precision: str) -> Checks:
-    """The package's ranking of held-out users vs ``dense`` in float32 on the CPU; fails past the gates."""
+Figures = Callable[[Any, torch.device, torch.dtype], list[RankFigure]]
+
+
+def ranking_figures(dense: GRDense, spec: Spec, backend: str, precision: str) -> Figures:
+    """A function of a package runner: its ranking of held-out users vs ``dense`` in float32 (CPU)."""
     gates = spec.verify.ranking
     held_out = users(spec, gates.seed, gates.users, gates.history, gates.candidates)
     with torch.no_grad():
         expected = copy.deepcopy(dense).float().eval().forward_jagged(*held_out.args()).numpy()
     limits = Gates(gates.top_k, gates.min_top_k_overlap, gates.min_kendall_tau, gates.max_mean_abs, gates.max_abs)
     offsets = np.concatenate([[0], np.cumsum(held_out.num_candidates.numpy())])
-    tasks = list(spec.model.tasks)
 
-    def check(runner: Any, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    def figures(runner: Any, device: torch.device, dtype: torch.dtype) -> list[RankFigure]:
         with torch.no_grad():
             actual = runner(*held_out.to(device, dtype).args())
         scores = actual.float().cpu().numpy().astype(np.float64)
-        figures = rank_figures(
-            backend, precision, tasks,
+        return rank_figures(
+            backend, precision, list(spec.model.tasks),
             candidate_scores(scores, held_out.offsets, held_out.num_candidates),
             candidate_scores(expected.astype(np.float64), held_out.offsets, held_out.num_candidates),
             offsets, limits,
         )
+
+    return figures
+
+
+def ranking_check(dense: GRDense, spec: Spec, backend: str, precision: str) -> Checks:
+    """``ranking_figures`` as a package check: fails past the gates (with the table), else the record."""
+    gates = spec.verify.ranking
+    figures_of = ranking_figures(dense, spec, backend, precision)
+
+    def check(runner: Any, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+        figures = figures_of(runner, device, dtype)
         table = format_rank_figures(figures)
         if not all(f.ok for f in figures):
             raise StageError(f"{backend}: ranking gates (verify.ranking) failed against the fp32 model:\n{table}")

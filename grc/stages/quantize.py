@@ -31,7 +31,8 @@ def calibration_feeds(ctx: Context) -> tuple[dict[str, np.ndarray], dict[str, An
     import torch
 
     from grc.model.sample import random_batch
-    from grc.stages.verify import padded_feeds, user_shape
+    from grc.ranking import user_shape
+    from grc.stages.verify import padded_feeds
     from grc.weights import load_model, open_tables
 
     cfg, cal = ctx.spec.model, ctx.spec.engine.calibration

@@ -23,13 +23,11 @@ from grc.stages.export import MODEL
 
 if TYPE_CHECKING:  # torch and onnxruntime load only when the stage runs
     import numpy as np
-    import torch
 
     from grc.compare import Figure
     from grc.model.gr import GRModel, Tokens
     from grc.model.tables import Tables
     from grc.ranking import RankFigure
-    from grc.spec.schema import ModelConfig
 
 
 def padded_feeds(tok: Tokens) -> dict[str, np.ndarray]:
@@ -54,21 +52,6 @@ def reference(model: GRModel, tok: Tokens) -> np.ndarray:
         return model.dense.forward_jagged(tok.tokens, tok.offsets, tok.num_candidates, tok.timestamps).numpy()
 
 
-def candidate_scores(scores: np.ndarray, offsets: torch.Tensor, num_candidates: torch.Tensor) -> np.ndarray:
-    """Jagged [T, tasks] scores -> [candidates, tasks]: each user's candidates are its last tokens."""
-    import numpy as np
-
-    ends = offsets[1:].tolist()
-    return np.concatenate([scores[e - c : e] for e, c in zip(ends, num_candidates.tolist(), strict=True)])
-
-
-def user_shape(cfg: ModelConfig, history: int, candidates: int | None) -> tuple[int, int]:
-    """(history, candidates) of synthetic users cut to fit the model (candidates default
-    max_candidates): the held-out ranking users and the calibration users."""
-    cands = min(candidates or cfg.max_candidates, cfg.max_candidates)
-    return max(1, min(history, cfg.hstu.max_seq_len - len(cfg.profile) - cands)), cands
-
-
 def ranking(
     ctx: Context, model: GRModel, tables: Tables, backends: dict[str, Any], dense: dict[str, str] | None = None
 ) -> list[RankFigure]:
@@ -80,7 +63,7 @@ def ranking(
 
     from grc.model.jagged import to_jagged
     from grc.model.sample import random_batch
-    from grc.ranking import Gates, rank_figures
+    from grc.ranking import Gates, candidate_scores, rank_figures, user_shape
     from grc.reference_weights import reference_weights
     from grc.weights import read_manifest
 
