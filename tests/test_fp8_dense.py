@@ -121,3 +121,22 @@ def test_what_fp8_cannot_take_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match="calibrated input amax must be finite and > 0"):
         fp8.Fp8Linear(torch.ones(32, 32), None, 0.0, name="dead")
     assert np.isfinite(fp8.weight_scales(torch.zeros(16, 16)).numpy()).all()  # an all-zero row: no division by zero
+
+
+def test_the_fp8_model_compiles_into_a_package_that_runs_scaled_mm(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The aoti stage's compile of the fp8 model, on the CPU (~40 s): the package carries the e4m3
+    weights and scales and calls _scaled_mm, so it computes what the eager fp8 model computes."""
+    from grc.aoti.build import PACKAGE, compile_target
+    from grc.aoti.runtime import load
+
+    _, model, _ = _models()
+    compiled = compile_target(model, "cpu", "bfloat16", tmp_path / "cpu", log=lambda _m: None)
+    assert compiled["status"] == "compiled"
+    run = load(tmp_path / "cpu" / PACKAGE, torch.device("cpu"))
+    x = users(SPEC, 5, 4, 20, 8)  # fresh users, another shape than the export's
+    with torch.no_grad():
+        got, eager = run(*x.args()), model.forward_jagged(*x.args())
+    assert torch.allclose(got, eager, atol=1e-5)
+    fp8.set_emulate(model, True)
+    with torch.no_grad():
+        assert float((got - model.forward_jagged(*x.args())).abs().max()) < 0.05  # bf16 GEMM outputs vs emulation
