@@ -98,12 +98,16 @@ class Builder:
             if precision in QUANTIZED_PRECISIONS:
                 entry = self.ctx.input_manifest("quantize")["precisions"][precision]
                 path = self.ctx.inputs["quantize"] / entry["model"]
+                ranking = self.ctx.input_manifest("verify")["ranking"]
+                gated = [f for f in ranking["figures"] if f["backend"] == f"onnxrt-{precision}"]
                 report = {"conversions": [f"the quantize stage's {precision} Q/DQ graph: {entry['tool']} "
                                           f"{entry['version']}, {entry['quantize_nodes']} Q/DQ pairs, "
                                           f"{entry['calibration_method']} calibration, unquantized ops in fp32"],
-                          "quantization": {k: entry[k] for k in ("tool", "version", "calibration_method",
-                                                                 "excluded_op_types", "quantize_nodes",
-                                                                 "calibration")}}
+                          "quantization": {**{k: entry[k] for k in ("tool", "version", "calibration_method",
+                                                                    "excluded_op_types", "quantize_nodes",
+                                                                    "calibration")},
+                                           # the gates this graph passed in verify (onnxruntime vs fp32)
+                                           "ranking": {"gates": ranking["gates"], "figures": gated}}}
                 self.graphs[precision] = (path, report, sha256_file(path))
             elif precision == "fp32":
                 self.graphs[precision] = (self.onnx, {"conversions": []}, self.onnx_sha)
@@ -290,7 +294,8 @@ STAGE = Stage(
                                      "timing_cache", "embed_plugin", "parity")),
            "model.hstu.max_seq_len", "model.max_candidates"),
     inputs=("surgery", "plugins"),
-    optional_inputs=lambda spec: ("quantize",) if quantized_precisions(spec) else (),  # int8 / fp8 graphs
+    # int8 / fp8: their Q/DQ graphs, and verify, whose ranking gates they must pass first (figures copied)
+    optional_inputs=lambda spec: ("quantize", "verify") if quantized_precisions(spec) else (),
     run=run,
     toolkits=(*TOOLKIT_DISTRIBUTIONS, "onnx"),
     code=("grc/engine/worker.py",),  # run as a subprocess, so the import scan does not see it

@@ -80,6 +80,9 @@ def test_int8_and_fp8_engines_from_calibrated_qdq_graphs(tmp_path: Path) -> None
         assert meta["quantization"]["calibration"]["digest"] == quantized["precisions"][precision]["calibration"][
             "digest"]
         assert sorted(meta["plugin_layers"]) == attention
+        gated = meta["quantization"]["ranking"]["figures"]  # the figures verify gated this graph on
+        assert {f["backend"] for f in gated} == {f"onnxrt-{precision}"} and all(f["ok"] for f in gated)
+        assert meta["quantization"]["ranking"]["gates"]["min_kendall_tau"] == GATES["min_kendall_tau"]
         layer_types = {row["type"] for row in meta["network_layers"]}
         assert {"QUANTIZE", "DEQUANTIZE", "PLUGIN_V3"} <= layer_types
 
@@ -97,8 +100,9 @@ def test_a_broken_calibration_fails_verify_with_the_table(tmp_path: Path, monkey
 
     monkeypatch.setattr(grc.stages.quantize, "calibration_feeds", zero_tokens)
     records = BuildRecords()
-    statuses = run_build(_spec(tmp_path, TARGETS[:1]), only=["verify"], expect_ok=False, records=records)
+    statuses = run_build(_spec(tmp_path, TARGETS[:1]), only=["engine"], expect_ok=False, records=records)
     assert statuses["quantize"] == "built" and statuses["verify"] == "failed", statuses
+    assert statuses.get("engine") != "built"  # no engine from a graph that failed its gates
     error = records.get("verify")["error"]
     assert "ranking gates (verify.ranking) failed" in error and "onnxrt-int8" in error and "FAIL: " in error
     assert "surgery   tables float32, dense float32  ctr" in error  # the float graphs still pass, in the table
