@@ -5,6 +5,7 @@
 # fp32 model (verify.ranking's users and gates). Writes $OUT/quant-fp8-h200.json (provenance through
 # bench/_common.write_result; without git it records the source digest) and $OUT/quant-fp8-h200.log.
 #   OUT=/some/folder bash bench/gpu_run_fp8.sh
+#   PACKAGE=1 DEADLINE=400 OUT=... bash bench/gpu_run_fp8.sh   (adds the AOTInductor fp8 package: ~95 s compile)
 #   DRY_RUN=1 OUT=/tmp/x bash bench/gpu_run_fp8.sh   (a CPU: bench/quant_fp8.py --smoke, hstu-tiny, eager only;
 #                                                     the GEMM and compiled timings are GPU figures and are skipped)
 # From the repository root of a checkout (or a copy). Needs Python with CUDA torch and triton; pydantic and
@@ -21,7 +22,9 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
 else
   "$py" -c "import torch, triton; assert torch.cuda.is_available(), 'torch sees no CUDA GPU'; \
 print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-  "$py" bench/quant_fp8.py --specs "${SPECS:-mtgr-small,mtgr-base}" --deadline "${DEADLINE:-150}" \
+  extra=()
+  [ "${PACKAGE:-0}" = 1 ] && extra=(--package)
+  "$py" bench/quant_fp8.py --specs "${SPECS:-mtgr-small,mtgr-base}" --deadline "${DEADLINE:-150}" ${extra[@]+"${extra[@]}"} \
     --out "$OUT/quant-fp8-h200.json" 2>&1 | tee "$OUT/quant-fp8-h200.log"
 fi
 echo "[$(date -u +%H:%M:%S)] gpu_run_fp8.sh: done"

@@ -8,12 +8,13 @@ Per spec (the weights stage's seeded init, in memory; no tables: the dense graph
            exports), and the same with its projection, output and head GEMMs in fp8
            (grc/model/fp8.py: torch._scaled_mm e4m3, per-channel weight scales, per-tensor
            activation scales calibrated on engine.calibration's users, as the aoti stage does)
+  eager    each model eager, CUDA-graphed (the kernels' launch gaps out of the figure)
+  ranking  grc.engine.aoti_quality.ranking_figures (verify.ranking's held-out users and gates) of
+           the bf16 and fp8 models (eager, the GPU's kernels) vs the fp32 model (float32, CPU)
   gemm     the uvqk GEMM alone at the workload's token count: bf16 matmul vs _scaled_mm (+ the
            activation quantization) — what fp8 can win at most
-  eager    each model eager, CUDA-graphed (the kernels' launch gaps out of the figure)
   compiled torch.compile(dynamic=False) of each, CUDA-graphed: the Inductor path the package uses
-  ranking  grc.engine.aoti_quality.ranking_check (verify.ranking's held-out users and gates) of the
-           bf16 and fp8 models vs the fp32 model (float32, CPU)
+In that order, so a run cut short by --deadline still has the ranking figures.
 Workload (issue 19): 64 users x (profile + 1,000 history + 512 candidates) = 1,515 tokens each on
 mtgr-small. Times: CUDA events around each call, median of >= 10 calls after warm-up
 (bench/e2e_measure.time_calls). Each part has a share of --deadline; a part that does not fit is
@@ -120,7 +121,33 @@ def gemm_bench(dense: Any, fp8_model: Any, tokens: int, device: torch.device) ->
     return out
 
 
-def run_spec(name: str, run: Run, smoke: bool) -> None:
+def package_part(dense: Any, fp8_cpu: Any, spec: Any, args: tuple[torch.Tensor, ...], users: int) -> dict[str, Any]:
+    """The aoti stage's own path for the fp8 package (compile, a load check in a child process, float64
+    parity, the ranking gates), then its throughput, CUDA-graphed. ~95 s of compile on mtgr-small."""
+    import json
+    import tempfile
+
+    from grc.aoti.build import compile_target, verify_target
+    from grc.aoti.runtime import load
+    from grc.engine.aoti_quality import ranking_check
+
+    folder = Path(tempfile.mkdtemp(prefix="grc-aoti-fp8-")) / "cuda"
+    compiled = compile_target(fp8_cpu, "cuda", "bfloat16", folder, log)
+    shapes = [(s.users, s.history, s.candidates) for s in spec.verify.shapes]
+    check = ranking_check(dense, spec, "aoti:cuda", "fp8 GEMMs, bfloat16")
+    # the aoti stage's tolerance and parity seed (grc.stages.aoti; importing a stage would import them all)
+    tol = spec.engine.aoti.parity or spec.engine.tolerance_of("fp8")
+    entry = verify_target(dense, compiled, folder, tol, shapes, 20240501, {"spec": spec.name}, log,
+                          single_threaded=True, checks=check)
+    meta = json.loads((folder / "metadata.json").read_text())
+    run = load(folder / "model.pt2", "cuda", single_threaded=True)
+    device = torch.device("cuda")
+    return {"entry": entry, "build_seconds": meta["build_seconds"], "parity": meta["parity"],
+            "ranking": meta["ranking"], "bytes": meta["package"]["bytes"],
+            "throughput": timed(graphed(run, args, device), device, users, 4.0)}
+
+
+def run_spec(name: str, run: Run, smoke: bool, package: bool = False) -> None:
     from grc.aoti.model import JaggedDense
     from grc.engine.aoti_quality import fp8_package_model, ranking_figures
     from grc.model.fp8 import set_emulate
@@ -167,6 +194,20 @@ def run_spec(name: str, run: Run, smoke: bool) -> None:
             log(f"{name}: eager {label}: p50 {got['p50_ms']} ms, {got['users_per_s']} users/s")
     if "eager_fp8" in modes and "eager_bf16" in modes:
         rec["speedup_fp8_eager"] = round(modes["eager_bf16"]["p50_ms"] / modes["eager_fp8"]["p50_ms"], 3)
+    def ranking() -> dict[str, Any]:
+        from grc.ranking import format_rank_figures
+
+        out = {}
+        for label, mod in (("bf16", bf16_mod), ("fp8", fp8_mod)):
+            figures = ranking_figures(dense, spec, f"{label}:{device.type}",
+                                      "fp8 GEMMs, bf16" if label == "fp8" else label)(mod, device, torch.bfloat16)
+            passed = all(f.ok for f in figures)  # a failing gate is a figure here: recorded, the run goes on
+            out[label] = {"passed": passed, "gates": spec.verify.ranking.model_dump(),
+                          "figures": [f.as_dict() for f in figures]}
+            log(f"{name}: ranking {label}: {'passed' if passed else 'FAILED'}\n{format_rank_figures(figures)}")
+        return out
+
+    rec["ranking"] = run.part(rec, "ranking", 20, ranking)
     if smoke:
         rec.setdefault("skipped", {})["gemm, compiled"] = "GPU figures (CUDA events, Inductor's GPU kernels): --smoke"
     else:
@@ -191,21 +232,12 @@ def run_spec(name: str, run: Run, smoke: bool) -> None:
         if "compiled_fp8" in modes and "compiled_bf16" in modes:
             rec["speedup_fp8_compiled"] = round(modes["compiled_bf16"]["p50_ms"] / modes["compiled_fp8"]["p50_ms"], 3)
             log(f"{name}: fp8 / bf16 throughput (compiled): {rec['speedup_fp8_compiled']}x (target >= 1.3x)")
+        if package:
+            rec["package_fp8"] = run.part(rec, "package_fp8", 150,
+                                          lambda: package_part(dense, fp8_cpu, spec, args, shape["users"]))
+        else:
+            rec.setdefault("skipped", {})["package_fp8"] = "the AOTInductor fp8 package (~95 s compile): --package"
 
-    def ranking() -> dict[str, Any]:
-        from grc.ranking import format_rank_figures
-
-        out = {}
-        for label, mod in (("bf16", bf16_mod), ("fp8", fp8_mod)):
-            figures = ranking_figures(dense, spec, f"{label}:{device.type}",
-                                      "fp8 GEMMs, bf16" if label == "fp8" else label)(mod, device, torch.bfloat16)
-            passed = all(f.ok for f in figures)  # a failing gate is a figure here: recorded, the run goes on
-            out[label] = {"passed": passed, "gates": spec.verify.ranking.model_dump(),
-                          "figures": [f.as_dict() for f in figures]}
-            log(f"{name}: ranking {label}: {'passed' if passed else 'FAILED'}\n{format_rank_figures(figures)}")
-        return out
-
-    rec["ranking"] = run.part(rec, "ranking", 20, ranking)
 
 
 def main() -> None:
@@ -213,6 +245,7 @@ def main() -> None:
     parser.add_argument("--specs", default="mtgr-small,mtgr-base")
     parser.add_argument("--deadline", type=float, default=150.0, help="seconds for the whole run")
     parser.add_argument("--smoke", action="store_true", help="hstu-tiny on the CPU, eager only")
+    parser.add_argument("--package", action="store_true", help="also build and time the AOTInductor fp8 package")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     smoke = args.smoke
@@ -231,7 +264,7 @@ def main() -> None:
             log(f"{name}: skipped: out of time")
             continue
         try:
-            run_spec(name, run, smoke)
+            run_spec(name, run, smoke, args.package)
         except Exception as exc:
             data.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"[:2000]
             traceback.print_exc()
