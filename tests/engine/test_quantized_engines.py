@@ -20,7 +20,9 @@ import onnx
 import pytest
 
 import grc.stages.quantize
-from tests.conftest import SPECS, run_build, write_spec
+from grc.build.runner import plan
+from grc.spec.loader import load_spec
+from tests.conftest import SPECS, in_dir, run_build, write_spec
 from tests.engine.test_engine_build import _require_toolchain
 
 TARGETS = [{"name": "sm80-int8", "sm": "sm80", "precision": "int8"},
@@ -85,6 +87,13 @@ def test_int8_and_fp8_engines_from_calibrated_qdq_graphs(tmp_path: Path) -> None
         assert meta["quantization"]["ranking"]["gates"]["min_kendall_tau"] == GATES["min_kendall_tau"]
         layer_types = {row["type"] for row in meta["network_layers"]}
         assert {"QUANTIZE", "DEQUANTIZE", "PLUGIN_V3"} <= layer_types
+
+    # other calibration users: the quantize stage and what reads its graphs go stale, nothing upstream
+    spec = write_spec(tmp_path, tmp_path / "hstu-tiny.yaml", {"engine.calibration": {**CALIBRATION, "seed": 7}})
+    with in_dir(tmp_path):
+        rows = {r.task: r for r in plan(load_spec(spec.name), Path("artifacts/hstu-tiny"))}
+    assert rows["quantize"].state == "stale" and rows["quantize"].reasons == ["engine.calibration.seed changed"]
+    assert all(rows[t].state == "up to date" for t in ("weights", "export", "surgery", "plugins"))
 
 
 def test_a_broken_calibration_fails_verify_with_the_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
