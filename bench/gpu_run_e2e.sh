@@ -10,25 +10,11 @@
 # mtgr-base is a second call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The lent H200 image sets CXX=/opt/gcc/bin/g++, whose AOTInductor packages crash when loaded;
-# /usr/bin/g++ (the same GCC) builds packages that load (bench/results/aoti-probe-h200.json).
-[ -x /usr/bin/g++ ] && export CXX=/usr/bin/g++
 spec="${1:-mtgr-small}"
 shift || true
 : "${OUT:?set OUT to the folder the results go to}"
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-py="${PYTHON:-$(command -v python3 || command -v python)}"
-if ! "$py" -c "import pydantic, yaml" 2>/dev/null; then
-  if ! ls .whl/*.whl >/dev/null 2>&1; then
-    echo "gpu_run_e2e.sh: pydantic or PyYAML is missing and ./.whl holds no wheels: run bench/gpu_wheels.sh" \
-      "where PyPI is reachable and bring .whl along" >&2
-    exit 2
-  fi
-  deps="$(mktemp -d)/site"  # wheels unpacked, not installed: the machine's Python stays as it was
-  for wheel in .whl/*.whl; do "$py" -m zipfile -e "$wheel" "$deps"; done
-  export PYTHONPATH="$PYTHONPATH:$deps"
-fi
+source bench/gpu_python.sh  # sets $py and PYTHONPATH (unpacks ./.whl when needed)
 "$py" -c "import torch, triton, pydantic, yaml; assert torch.cuda.is_available(), 'torch sees no CUDA GPU'; \
 print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 "$py" bench/e2e.py --specs "$spec" --profile --deadline "${DEADLINE:-480}" --out "$OUT/e2e-$spec.json" "$@" \

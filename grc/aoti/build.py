@@ -41,6 +41,7 @@ PACKAGE = "model.pt2"
 METADATA = "metadata.json"
 FORMAT = "grc-aoti/1"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+Checks = Callable[[Callable[..., torch.Tensor], torch.device, torch.dtype], dict[str, Any]]
 # AOTInductor options. Precompiled headers cost ~15 s on a cold CPU build and save nothing here.
 # Float scalars passed to the user Triton kernels (alpha, 1/norm, eps) arrive as fp64 by default
 # since torch 2.10; the kernels now cast them to fp32 themselves (before that, Triton refused the
@@ -271,13 +272,16 @@ def build_target(
     seed: int,
     provenance: dict[str, Any],
     log: Callable[[str], None] = print,
+    packaged: GRDense | None = None,
+    checks: Checks | None = None,
 ) -> dict[str, Any]:
     """Export + compile + parity for one target into ``folder``; the manifest entry (status built
-    or skipped). Raises StageError when the package misses the tolerance."""
-    compiled = compile_target(dense, target, dtype_name, folder, log)
+    or skipped). Raises StageError when the package misses the tolerance. ``packaged``: the model
+    compiled when it is not ``dense`` itself (the fp8 one); parity still compares with ``dense``."""
+    compiled = compile_target(packaged or dense, target, dtype_name, folder, log)
     if compiled["status"] == "skipped":
         return compiled
-    return verify_target(dense, compiled, folder, tolerance, shapes, seed, provenance, log)
+    return verify_target(dense, compiled, folder, tolerance, shapes, seed, provenance, log, checks=checks)
 
 
 def verify_target(
@@ -290,9 +294,12 @@ def verify_target(
     provenance: dict[str, Any],
     log: Callable[[str], None] = print,
     single_threaded: bool = False,
+    checks: Checks | None = None,
 ) -> dict[str, Any]:
     """Load the compiled package, parity against the float64 reference, metadata.json; the
-    manifest entry. Raises StageError when the package misses the tolerance."""
+    manifest entry. Raises StageError when the package misses the tolerance. ``checks(runner,
+    device, dtype)``: more checks of the loaded package (the ranking gates), their record merged
+    into the metadata; they raise StageError on a failure."""
     from grc.aoti.runtime import load
 
     target, device, host, dtype_name = compiled["name"], compiled["device"], compiled["host"], compiled["dtype"]
@@ -307,6 +314,7 @@ def verify_target(
     log(table)
     if not all(f.ok for f in figures):
         raise StageError(f"aoti: {target} differs from the PyTorch reference beyond the tolerance:\n{table}")
+    checked = checks(runner, device, dtype) if checks is not None else {}
     package_sha = sha256_file(folder / PACKAGE)
     metadata = {
         "format": FORMAT,
@@ -344,6 +352,7 @@ def verify_target(
             "device": host.get("gpu", "cpu"),
             "figures": [f.as_dict() for f in figures],
         },
+        **checked,
         "runtime": (
             "grc.aoti.runtime.load(path, device) (imports kernels, then "
             "torch._inductor.aoti_load_package); CUDA graphs per input shape: "

@@ -23,7 +23,7 @@ from grc.model.params import dense_parameter_count, table_bytes
 from grc.spec.loader import LoadedSpec
 from grc.spec.schema import InitConfig
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp32": 4, "fp16": 2, "bf16": 2}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "fp8": 1}
 SHOW_FROM = 1 << 30  # a build that writes less than this does not mention its size
 
 
@@ -69,6 +69,8 @@ def stage_bytes(spec: Any) -> list[StageBytes]:
         StageBytes("weights", tables_b + dense_b, f"tables {size(tables_b)} {table_dtype} + dense {size(dense_b)}"),
         StageBytes("export", dense * 4, "the dense model as float32 ONNX"),
         StageBytes("surgery", dense * 4, "the fused ONNX, float32"),
+        StageBytes("quantize", dense * 4 * len({p for p in map(spec.engine.precision_of, spec.engine.targets)
+                                                 if DTYPE_BYTES[p] == 1}), "int8 / fp8 Q/DQ graphs, at most float32"),
         StageBytes("verify", 0, "a report"),
         StageBytes("plugins", 0, "the plugin library (a few MiB)"),
         StageBytes("engine", dense * sum(engines), f"{len(engines)} engine(s), the dense model each"),

@@ -299,7 +299,10 @@ KNOWN_GPUS: dict[str, int] = {
     "rtxpro6000": 120,
 }
 Precision = Literal["fp32", "fp16", "bf16", "int8", "fp8"]
-BUILDABLE_PRECISIONS = ("fp32", "fp16", "bf16")
+QUANTIZED_PRECISIONS = ("int8", "fp8")
+# the oldest SM whose tensor cores run each quantized precision (TensorRT-RTX builds Q/DQ graphs
+# for these; older SMs have no such tensor-core instructions)
+MIN_SM = {"int8": 80, "fp8": 89}
 
 
 def gpu_key(gpu: str) -> str:
@@ -307,15 +310,14 @@ def gpu_key(gpu: str) -> str:
     return key.removeprefix("nvidia")
 
 
-def _check_precision(value: str | None) -> None:
-    """int8/fp8 need a quantized graph (Q/DQ nodes with calibrated scales) that grc does not make;
-    TensorRT-RTX networks are strongly typed, so precision can only come from the graph."""
-    if value is not None and value not in BUILDABLE_PRECISIONS:
-        raise ValueError(
-            f"precision: {value} needs a quantized graph (QuantizeLinear/DequantizeLinear with calibrated scales), "
-            "which grc does not produce, and TensorRT-RTX builds strongly typed networks only, so precision "
-            f"cannot be a builder flag; use fp32, fp16 or bf16 (got {value!r})"
-        )
+def _check_precision_sm(precision: str, sm: int, where: str, target: str = "this target") -> None:
+    """int8 / fp8 engines come from a calibrated Q/DQ graph (the quantize stage); a target whose
+    GPU has no tensor-core instructions for the precision cannot run it, whatever the builder."""
+    need = MIN_SM.get(precision)
+    if need is not None and sm < need:
+        what = "FP8 (e4m3) tensor cores arrived with Ada, sm89" if precision == "fp8" else (
+            "INT8 Q/DQ engines are built for Ampere (sm80) and newer")
+        raise ValueError(f"{where}: {precision} needs sm{need} or newer ({what}); {target} is sm{sm}")
 
 
 class EngineTarget(_Section):
@@ -331,7 +333,6 @@ class EngineTarget(_Section):
 
     @model_validator(mode="after")
     def _sm_or_gpu(self) -> EngineTarget:
-        _check_precision(self.precision)
         if self.sm is None and self.gpu is None:
             raise ValueError("sm: give sm (e.g. sm89) or gpu (e.g. l4) (got neither)")
         if self.sm is not None and not re.fullmatch(r"sm_?\d{2,3}", self.sm.lower()):
@@ -344,6 +345,8 @@ class EngineTarget(_Section):
                 raise ValueError(f"gpu: unknown GPU model{hint} (got {self.gpu!r})")
             if known is not None and self.sm is not None and known != self.compute_capability:
                 raise ValueError(f"sm: {self.gpu} is sm{known} (got {self.sm!r})")
+        if self.precision is not None:
+            _check_precision_sm(self.precision, self.compute_capability, "precision")
         return self
 
     @property
@@ -385,6 +388,16 @@ class EngineProfile(_Section):
         return self
 
 
+class Calibration(_Section):
+    """Synthetic users a quantizer measures activation ranges on (int8 / fp8 engines, the fp8
+    AOTInductor package): their own seed, never the held-out users verify.ranking scores."""
+
+    seed: Seed = Field(20261202, description="calibration users' seed; must differ from verify.ranking.seed")
+    users: Users = Field(16, description="calibration users")
+    history: SeqLen = Field(32, description="history events per user (capped to fit max_seq_len)")
+    candidates: SeqLen | None = Field(None, description="candidates per user; default model.max_candidates")
+
+
 class AotiConfig(_Section):
     """AOTInductor packages of the dense jagged model (the ``aoti`` stage): ``torch.export`` with the
     HSTU ops as grc custom ops, compiled ahead of time into one ``.pt2`` per target."""
@@ -399,14 +412,29 @@ class AotiConfig(_Section):
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="dtype of GPU packages (weights, tokens, scores); cpu packages are float32"
     )
+    precision: Literal["fp8"] | None = Field(
+        None,
+        description="fp8: the GPU packages' projection, output and head GEMMs in float8 e4m3 through "
+        "torch._scaled_mm (per-channel weight scales, per-tensor activation scales calibrated on "
+        "engine.calibration's users), the rest in dtype (bfloat16); needs sm89+. Unset: every op in dtype. "
+        "The cpu package stays float32",
+    )
     parity: Tolerance | None = Field(
         None,
         description="package vs PyTorch float64 reference; default: verify.export for float32, "
-        "engine.parity / the engine defaults for 16-bit",
+        "engine.parity / the engine defaults for 16-bit (fp8: the fp8 default)",
     )
 
     @model_validator(mode="after")
     def _targets(self) -> AotiConfig:
+        if self.precision == "fp8" and self.dtype != "bfloat16":
+            raise ValueError(
+                f"dtype: precision fp8 writes its GEMMs' outputs in bfloat16 (torch._scaled_mm with row-wise "
+                f"scales), so dtype must be bfloat16 (got {self.dtype!r})"
+            )
+        for t in self.targets:
+            if self.precision == "fp8" and re.fullmatch(r"sm\d{2,3}", t):
+                _check_precision_sm("fp8", int(t[2:]), f"targets: {t}")
         for i, t in enumerate(self.targets):
             if t not in ("cpu", "cuda") and not re.fullmatch(r"sm\d{2,3}", t):
                 raise ValueError(f"targets[{i}]: expected cpu, cuda or sm<NN> such as sm90 (got {t!r})")
@@ -422,8 +450,11 @@ class EngineConfig(_Section):
         default_factory=list, max_length=lim.MAX_LIST, description="engines to build; empty: no engine stage"
     )
     precision: Precision = Field(
-        "fp16", description="fp32, fp16 or bf16: the graph is cast before the build (engine I/O stays fp32)"
+        "fp16",
+        description="fp32, fp16 or bf16: the graph is cast before the build; int8 / fp8: the quantize stage's "
+        "calibrated Q/DQ graph (int8 on sm80+, fp8 on sm89+). Engine I/O stays fp32",
     )
+    calibration: Calibration = Field(Calibration(), description="users the int8 / fp8 quantizers calibrate on")
     profiles: list[EngineProfile] = Field(
         default_factory=lambda: [EngineProfile()],
         max_length=lim.MAX_LIST,
@@ -446,7 +477,10 @@ class EngineConfig(_Section):
 
     @model_validator(mode="after")
     def _targets_and_profiles(self) -> EngineConfig:
-        _check_precision(self.precision)
+        for i, target in enumerate(self.targets):
+            if target.precision is None:
+                _check_precision_sm(self.precision, target.compute_capability, "precision",
+                                    f"targets[{i}] {target.name!r}")
         names = [t.name for t in self.targets]
         for i, name in enumerate(names):
             if name in names[:i]:
@@ -461,8 +495,13 @@ class EngineConfig(_Section):
     def tolerance_of(self, precision: str) -> Tolerance:
         if self.parity is not None:
             return self.parity
-        default = {"fp32": 2e-3, "fp16": 3e-2, "bf16": 6e-2}[precision]
+        default = DEFAULT_TOLERANCE[precision]
         return Tolerance(max_abs=default, max_rel=default)
+
+
+# engine / package vs its reference (onnxruntime on the same graph, or PyTorch float64): quantized
+# graphs round every GEMM input, so their bound is the ranking gates' max |Δscore| (verify.ranking)
+DEFAULT_TOLERANCE = {"fp32": 2e-3, "fp16": 3e-2, "bf16": 6e-2, "int8": 5e-2, "fp8": 5e-2}
 
 
 TritonBackend = Literal["onnxruntime", "tensorrt_plan", "aotinductor", "pytorch", "pytorch_kernels"]
@@ -783,6 +822,11 @@ class Spec(_Section):
                     f"{hstu.max_seq_len}, the longest padded row the model accepts"
                 )
         ranking = self.verify.ranking
+        if self.engine.calibration.seed in (ranking.seed, self.verify.seed):
+            raise ValueError(
+                f"engine.calibration.seed: calibration users need their own seed, not verify.ranking.seed "
+                f"{ranking.seed} or verify.seed {self.verify.seed} (a quantizer must not see the users it is judged on)"
+            )
         if ranking.seed == self.verify.seed:
             raise ValueError(f"verify.ranking.seed: held-out users need their own seed, not verify.seed {ranking.seed}")
         if ranking.candidates is not None and ranking.candidates > model.max_candidates:

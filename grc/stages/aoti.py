@@ -8,6 +8,12 @@ engine tolerance for 16-bit ones). Writes ``<target>/model.pt2`` and ``<target>/
 (toolkit versions, target GPU and SM, dtype, weights hash, package hash, build seconds, parity
 figures). A GPU target on a host without that GPU is recorded as skipped with the reason; no
 package is ever written for it. The TensorRT engines cannot target the H100 here; this can.
+``engine.aoti.precision: fp8``: the GPU packages compile a copy of the model whose projection,
+output and head GEMMs are float8 e4m3 ``torch._scaled_mm`` calls (grc/model/fp8.py), scales
+calibrated on ``engine.calibration``'s users (grc/engine/aoti_quality.py) and recorded in the
+metadata under ``fp8``; parity is still against the unquantized model. Every package is also held
+to the ranking gates (``verify.ranking``: held-out users vs the fp32 model), its figures in the
+metadata under ``ranking``; a failing gate fails the stage with the table.
 """
 
 from __future__ import annotations
@@ -20,13 +26,24 @@ from grc.stages.base import Context, Stage
 PARITY_SEED = 20240501  # fixed: parity inputs must not depend on unrelated spec fields
 
 
-def tolerance(spec: Any, dtype: str) -> Any:
+def tolerance(spec: Any, dtype: str, fp8: bool = False) -> Any:
     cfg = spec.engine.aoti
     if cfg.parity is not None:
         return cfg.parity
     if dtype == "float32":
         return spec.verify.export
-    return spec.engine.tolerance_of({"bfloat16": "bf16", "float16": "fp16"}[dtype])
+    return spec.engine.tolerance_of("fp8" if fp8 else {"bfloat16": "bf16", "float16": "fp16"}[dtype])
+
+
+def fp8_gpu_or_fail(target: str) -> None:
+    """fp8 GEMMs need FP8 tensor cores (sm89+): a GPU target on an older GPU fails, naming it."""
+    from grc.aoti.build import resolve_target
+    from grc.errors import StageError
+
+    _, _, host = resolve_target(target)
+    if host.get("sm") is not None and host["sm"] < 89:
+        raise StageError(f"engine.aoti.precision: fp8 needs an sm89+ GPU (float8 e4m3 tensor cores) for target "
+                         f"{target}; this host's is sm{host['sm']} ({host.get('gpu')})")
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -36,6 +53,7 @@ def run(ctx: Context) -> dict[str, Any]:
     from rich.text import Text
 
     from grc.aoti.build import PACKAGE, build_target
+    from grc.engine.aoti_quality import fp8_package_model, ranking_check
     from grc.weights import DENSE_VIEW, load_model
 
     spec = ctx.spec
@@ -51,20 +69,32 @@ def run(ctx: Context) -> dict[str, Any]:
         "onnx": None,  # exported from the PyTorch model itself, not from the ONNX graph
     }
     shapes = [(s.users, s.history, s.candidates) for s in spec.verify.shapes]
+    fp8 = None  # (model, record): calibrated once, for every GPU target
     entries = []
     for target in cfg.targets:
-        dtype = "float32" if target == "cpu" else cfg.dtype
+        gpu = target != "cpu"
+        dtype = cfg.dtype if gpu else "float32"
+        quantized = gpu and cfg.precision == "fp8"
+        if quantized:
+            fp8_gpu_or_fail(target)
+        if quantized and fp8 is None:
+            fp8 = fp8_package_model(dense, spec)
+            ctx.log(f"aoti: fp8: {len(fp8[1]['scales'])} GEMMs calibrated on {fp8[1]['calibration']['users']} users")
+        precision = "fp8 GEMMs, bfloat16" if quantized else dtype
+        check = ranking_check(dense, spec, f"aoti:{target}", precision)
         entries.append(
             build_target(
                 dense,
                 target,
                 cfg.dtype,
                 ctx.out / target,
-                tolerance(spec, dtype),
+                tolerance(spec, dtype, quantized),
                 shapes,
                 PARITY_SEED,
-                provenance,
+                {**provenance, "fp8": fp8[1] if quantized and fp8 else None},
                 ctx.log,
+                packaged=fp8[0] if quantized and fp8 else None,
+                checks=check,
             )
         )
     table = Table(title="aoti packages", show_edge=False)
@@ -98,7 +128,8 @@ def run(ctx: Context) -> dict[str, Any]:
 STAGE = Stage(
     name="aoti",
     output="engines-aoti",
-    reads=("engine.aoti", "engine.parity", "verify.export", "verify.shapes", "model"),
+    reads=("engine.aoti", "engine.parity", "engine.calibration", "verify.export", "verify.shapes", "verify.ranking",
+           "model"),
     inputs=("weights",),
     input_files={"weights": "dense.json"},  # the dense model only (DENSE_VIEW in grc/weights/artifact.py)
     run=run,

@@ -30,9 +30,10 @@ from grc.cache.store import default_dir as cache_dir
 from grc.engine import PLUGIN
 from grc.engine import plan as plan_file
 from grc.engine import precision as precision_pass
+from grc.engine.quantize import quantized_precisions
 from grc.engine.toolkits import TOOLKIT_DISTRIBUTIONS, Toolkit, choose, runnable_here, worker_command, worker_env
 from grc.errors import StageError
-from grc.spec.schema import EngineConfig, EngineTarget
+from grc.spec.schema import QUANTIZED_PRECISIONS, EngineConfig, EngineTarget
 from grc.stages.base import Context, Stage
 from grc.verify.compare import compare, format_figures
 
@@ -94,7 +95,21 @@ class Builder:
 
     def graph(self, precision: str) -> tuple[Path, dict[str, Any], str]:
         if precision not in self.graphs:
-            if precision == "fp32":
+            if precision in QUANTIZED_PRECISIONS:
+                entry = self.ctx.input_manifest("quantize")["precisions"][precision]
+                path = self.ctx.inputs["quantize"] / entry["model"]
+                ranking = self.ctx.input_manifest("verify")["ranking"]
+                gated = [f for f in ranking["figures"] if f["backend"] == f"onnxrt-{precision}"]
+                report = {"conversions": [f"the quantize stage's {precision} Q/DQ graph: {entry['tool']} "
+                                          f"{entry['version']}, {entry['quantize_nodes']} Q/DQ pairs, "
+                                          f"{entry['calibration_method']} calibration, unquantized ops in fp32"],
+                          "quantization": {**{k: entry[k] for k in ("tool", "version", "calibration_method",
+                                                                    "excluded_op_types", "quantize_nodes",
+                                                                    "calibration")},
+                                           # the gates this graph passed in verify (onnxruntime vs fp32)
+                                           "ranking": {"gates": ranking["gates"], "figures": gated}}}
+                self.graphs[precision] = (path, report, sha256_file(path))
+            elif precision == "fp32":
                 self.graphs[precision] = (self.onnx, {"conversions": []}, self.onnx_sha)
             else:
                 dst = self.scratch / f"onnx-{precision}" / MODEL
@@ -165,6 +180,9 @@ class Builder:
             "onnx": {"surgery_sha256": self.onnx_sha, "built_from_sha256": onnx_used_sha,
                      "conversions": conversion["conversions"] or ["none: the surgeried graph as is (int64 inputs "
                                                                   "stay INT64 bindings)"]},
+            # int8 / fp8: the quantizer and its calibration users (seed, digest of the feeds); their
+            # ranking figures against the fp32 model are in verify/manifest.json under ranking
+            "quantization": conversion.get("quantization"),
             # the build's seconds live beside it in build-report.json: they are the one thing two cold
             # builds of the same inputs disagree on, and the build cache needs identical bytes here
             "build_report": BUILD_REPORT,
@@ -276,6 +294,8 @@ STAGE = Stage(
                                      "timing_cache", "embed_plugin", "parity")),
            "model.hstu.max_seq_len", "model.max_candidates"),
     inputs=("surgery", "plugins"),
+    # int8 / fp8: their Q/DQ graphs, and verify, whose ranking gates they must pass first (figures copied)
+    optional_inputs=lambda spec: ("quantize", "verify") if quantized_precisions(spec) else (),
     run=run,
     toolkits=(*TOOLKIT_DISTRIBUTIONS, "onnx"),
     code=("grc/engine/worker.py",),  # run as a subprocess, so the import scan does not see it

@@ -13,8 +13,10 @@ build with the table of figures; the figures go to the manifest under ``figures`
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from grc.engine.quantize import quantized_precisions
 from grc.errors import StageError
 from grc.stages.base import Context, Stage
 from grc.stages.export import MODEL
@@ -50,28 +52,23 @@ def reference(model: GRModel, tok: Tokens) -> np.ndarray:
         return model.dense.forward_jagged(tok.tokens, tok.offsets, tok.num_candidates, tok.timestamps).numpy()
 
 
-def candidate_scores(scores: np.ndarray, tok: Tokens) -> np.ndarray:
-    """Jagged [T, tasks] scores -> [candidates, tasks]: each user's candidates are its last tokens."""
-    import numpy as np
-
-    ends = tok.offsets[1:].tolist()
-    return np.concatenate([scores[e - c : e] for e, c in zip(ends, tok.num_candidates.tolist(), strict=True)])
-
-
-def ranking(ctx: Context, model: GRModel, tables: Tables, backends: dict[str, Any]) -> list[RankFigure]:
-    """Every backend's ranking of held-out users against the fp32 model from the weights' source."""
+def ranking(
+    ctx: Context, model: GRModel, tables: Tables, backends: dict[str, Any], dense: dict[str, str] | None = None
+) -> list[RankFigure]:
+    """Every backend's ranking of held-out users against the fp32 model from the weights' source.
+    ``dense``: backend -> what its dense graph computes in, where not the weights' dtype (e.g. the
+    quantize stage's int8 Q/DQ graph)."""
     import numpy as np
     import torch
 
     from grc.model.jagged import to_jagged
     from grc.model.sample import random_batch
-    from grc.verify.ranking import Gates, rank_figures
+    from grc.verify.ranking import Gates, candidate_scores, rank_figures, user_shape
     from grc.weights import read_manifest
     from grc.weights.reference import reference_weights
 
     cfg, gates = ctx.spec.model, ctx.spec.verify.ranking
-    candidates = gates.candidates or cfg.max_candidates
-    history = max(1, min(gates.history, cfg.hstu.max_seq_len - len(cfg.profile) - candidates))
+    history, candidates = user_shape(cfg, gates.history, gates.candidates)
     batch = random_batch(cfg, gates.users, history, candidates, torch.Generator().manual_seed(gates.seed), exact=True)
     ref_model, ref_tables = reference_weights(cfg, ctx.inputs["weights"])
     with torch.no_grad():
@@ -84,14 +81,25 @@ def ranking(ctx: Context, model: GRModel, tables: Tables, backends: dict[str, An
         stored[name] = to_jagged(torch.from_numpy(padded), tok.offsets)
     manifest = read_manifest(ctx.inputs["weights"])
     dense_dtype = manifest["source"].get("init", {}).get("dtype", "float32")
-    precision = f"tables {manifest.get('table_dtype', '?')}, dense {dense_dtype}"
+    tables_dtype = manifest.get("table_dtype", "?")
     limits = Gates(gates.top_k, gates.min_top_k_overlap, gates.min_kendall_tau, gates.max_mean_abs, gates.max_abs)
     offsets = batch.candidate_offsets.numpy()
     figures = []
     for name, scores in stored.items():
-        actual = candidate_scores(scores.to(torch.float64).numpy(), tok)
+        actual = candidate_scores(scores.to(torch.float64).numpy(), tok.offsets, tok.num_candidates)
+        precision = f"tables {tables_dtype}, dense {(dense or {}).get(name, dense_dtype)}"
         figures += rank_figures(name, precision, list(cfg.tasks), actual, np.asarray(expected), offsets, limits)
     return figures
+
+
+def quantized_graphs(ctx: Context) -> dict[str, tuple[Path, str]]:
+    """backend name -> (the quantize stage's Q/DQ graph, what its dense part computes in)."""
+    if "quantize" not in ctx.inputs:
+        return {}
+    entries = ctx.input_manifest("quantize")["precisions"]
+    return {f"onnxrt-{p}": (ctx.inputs["quantize"] / e["model"],
+                            f"{p} Q/DQ (calibration {e['calibration']['digest'][:8]})")
+            for p, e in entries.items()}
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -133,7 +141,10 @@ def run(ctx: Context) -> dict[str, Any]:
     ctx.console.print(table)
     if not all(f.ok for f in figures):
         raise StageError(f"verify: outputs differ from the PyTorch reference beyond the spec's tolerance:\n{table}")
-    ranks = ranking(ctx, load_model(cfg, ctx.inputs["weights"]), tables, backends)
+    quantized = quantized_graphs(ctx)
+    ranked = {**backends, **{name: session(path) for name, (path, _) in quantized.items()}}
+    dense = {name: label for name, (_, label) in quantized.items()}
+    ranks = ranking(ctx, load_model(cfg, ctx.inputs["weights"]), tables, ranked, dense)
     rank_table = format_rank_figures(ranks)
     ctx.console.print(rank_table)
     if not all(f.ok for f in ranks):
@@ -154,6 +165,8 @@ STAGE = Stage(
     output="verify",
     reads=("verify", "model"),
     inputs=("weights", "export", "surgery"),
+    # the int8 / fp8 graphs engines are built from: scored by the ranking gates in onnxruntime
+    optional_inputs=lambda spec: ("quantize",) if quantized_precisions(spec) else (),
     toolkits=("torch", "onnxruntime", "onnxruntime-extensions"),
     run=run,
     doc="onnxruntime (exported and surgeried ONNX) vs PyTorch float64 on fresh random requests; ranking gates",

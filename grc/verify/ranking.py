@@ -14,8 +14,14 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+    from grc.spec.schema import ModelConfig
 
 
 def top_k_overlap(actual: np.ndarray, expected: np.ndarray, k: int) -> float:
@@ -116,6 +122,19 @@ def _missed(fig: dict[str, float], gates: Gates) -> tuple[str, ...]:
         ("max_abs", fig["max_abs"] <= gates.max_abs, "<=", gates.max_abs),
     ]
     return tuple(f"{name} {fig[name]:.4g} (want {op} {bound:g})" for name, ok, op, bound in checks if not ok)
+
+
+def candidate_scores(scores: np.ndarray, offsets: torch.Tensor, num_candidates: torch.Tensor) -> np.ndarray:
+    """Jagged [T, tasks] scores -> [candidates, tasks]: each user's candidates are its last tokens."""
+    ends = offsets[1:].tolist()
+    return np.concatenate([scores[e - c : e] for e, c in zip(ends, num_candidates.tolist(), strict=True)])
+
+
+def user_shape(cfg: ModelConfig, history: int, candidates: int | None) -> tuple[int, int]:
+    """(history, candidates) of synthetic users cut to fit the model (candidates default
+    max_candidates): the held-out ranking users and the calibration users."""
+    cands = min(candidates or cfg.max_candidates, cfg.max_candidates)
+    return max(1, min(history, cfg.hstu.max_seq_len - len(cfg.profile) - cands)), cands
 
 
 def format_rank_figures(figures: list[RankFigure]) -> str:

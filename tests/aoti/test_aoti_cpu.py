@@ -35,6 +35,10 @@ def test_cpu_package_built_with_parity_and_metadata(aoti_build: Path) -> None:
     assert {"torch", "triton", "python"} <= set(meta["toolkit"])
     assert meta["build_seconds"]["compile"] > 0 and len(meta["weights"]["manifest_sha256"]) == 64
     assert manifest["sha256"]["cpu/model.pt2"] == meta["package"]["sha256"]
+    # the ranking gates on held-out users vs the fp32 model: a float32 package ranks as the model does
+    ranking = meta["ranking"]
+    assert {f["task"] for f in ranking["figures"]} == {"ctr", "engagement"} and ranking["gates"]["top_k"] == 10
+    assert all(f["ok"] and f["kendall_tau"] > 0.999 and f["users"] == 32 for f in ranking["figures"])
 
 
 def test_gpu_target_skipped_with_reason_and_no_file(aoti_build: Path) -> None:

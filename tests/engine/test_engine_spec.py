@@ -18,10 +18,15 @@ FULL = {**RTX, "tensorrt": Toolkit("tensorrt", "tensorrt", "10.14.1")}
 
 
 @pytest.mark.parametrize(("edit", "expected"), [
-    (("  precision: fp16", "  precision: int8"),
-     "engine.precision: int8 needs a quantized graph"),
-    ((TARGETS, "    - {name: sm89, sm: sm89, gpu: l4, precision: fp8}\n"),
-     "engine.targets[1].precision: fp8 needs a quantized graph"),
+    (("  precision: fp16", "  precision: fp8"),
+     "engine.precision: fp8 needs sm89 or newer (FP8 (e4m3) tensor cores arrived with Ada, sm89); "
+     "targets[0] 'sm80' is sm80"),
+    ((TARGETS, "    - {name: sm89, sm: sm89, gpu: l4}\n    - {name: t4, gpu: t4, precision: int8}\n"),
+     "engine.targets[2].precision: int8 needs sm80 or newer"),
+    (("engine:\n", "engine:\n  calibration: {seed: 20261201}\n"),
+     "engine.calibration.seed: calibration users need their own seed, not verify.ranking.seed"),
+    (("engine:\n", "engine:\n  aoti: {precision: fp8, dtype: float16}\n"),
+     "engine.aoti.dtype: precision fp8 writes its GEMMs' outputs in bfloat16"),
     ((TARGETS, "    - {name: sm89, sm: sm80, gpu: l4}\n"), "engine.targets[1].sm: l4 is sm89 (got 'sm80')"),
     ((TARGETS, "    - {name: sm89, gpu: l44}\n"), "engine.targets[1].gpu: unknown GPU model; did you mean 'l4'?"),
     ((TARGETS, "    - {name: sm80, gpu: a100}\n"), "engine.targets[1]: target name 'sm80' is used twice"),

@@ -1,0 +1,19 @@
+# Sourced by the bench/gpu_run_*.sh scripts, from the repository root: sets $py (the Python to run) and puts
+# the checkout on PYTHONPATH, with what grc imports beyond torch + triton (pydantic, PyYAML) unpacked from
+# ./.whl when this Python lacks it (bench/gpu_wheels.sh fills .whl where PyPI is reachable). The wheels are
+# unpacked into a temporary folder, not installed: the machine's Python stays as it was.
+# The lent H200 image sets CXX=/opt/gcc/bin/g++, whose AOTInductor packages crash when loaded;
+# /usr/bin/g++ (the same GCC) builds packages that load (bench/results/aoti-probe-h200.json).
+[ -x /usr/bin/g++ ] && export CXX=/usr/bin/g++
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+py="${PYTHON:-$(command -v python3 || command -v python)}"
+if ! "$py" -c "import pydantic, yaml" 2>/dev/null; then
+  if ! ls .whl/*.whl >/dev/null 2>&1; then
+    echo "$(basename "$0"): pydantic or PyYAML is missing and ./.whl holds no wheels: run bench/gpu_wheels.sh" \
+      "where PyPI is reachable and bring .whl along" >&2
+    exit 2
+  fi
+  deps="$(mktemp -d)/site"
+  for wheel in .whl/*.whl; do "$py" -m zipfile -e "$wheel" "$deps"; done
+  export PYTHONPATH="$PYTHONPATH:$deps"
+fi

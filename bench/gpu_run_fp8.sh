@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# bench/quant_fp8.py on a GPU machine, start to end, in about 3 minutes: fp8 (torch._scaled_mm e4m3) vs
+# bf16 dense GEMMs of mtgr-small then mtgr-base (64 users x 1,515 tokens on mtgr-small), eager and
+# torch.compile'd, CUDA-graphed, same run and inputs; the uvqk GEMM alone; ranking figures of both vs the
+# fp32 model (verify.ranking's users and gates). Writes $OUT/quant-fp8-h200.json (provenance through
+# bench/_common.write_result; without git it records the source digest) and $OUT/quant-fp8-h200.log.
+#   OUT=/some/folder bash bench/gpu_run_fp8.sh
+#   PACKAGE=1 DEADLINE=400 OUT=... bash bench/gpu_run_fp8.sh   (adds the AOTInductor fp8 package: ~95 s compile)
+#   DRY_RUN=1 OUT=/tmp/x bash bench/gpu_run_fp8.sh   (a CPU: bench/quant_fp8.py --smoke, hstu-tiny, eager only;
+#                                                     the GEMM and compiled timings are GPU figures and are skipped)
+# From the repository root of a checkout (or a copy). Needs Python with CUDA torch and triton; pydantic and
+# PyYAML come from ./.whl when missing (bench/gpu_wheels.sh fills it where PyPI is reachable). The run is
+# bounded by DEADLINE seconds (default 150); each part is skipped, with a line saying so, when it no longer fits.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${OUT:?set OUT to the folder the results go to}"
+mkdir -p "$OUT"
+source bench/gpu_python.sh  # sets $py and PYTHONPATH (unpacks ./.whl when needed)
+echo "[$(date -u +%H:%M:%S)] gpu_run_fp8.sh: start"
+if [ "${DRY_RUN:-0}" = 1 ]; then
+  "$py" bench/quant_fp8.py --smoke --out "$OUT/quant-fp8-dry-run.json" 2>&1 | tee "$OUT/quant-fp8-dry-run.log"
+else
+  "$py" -c "import torch, triton; assert torch.cuda.is_available(), 'torch sees no CUDA GPU'; \
+print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+  extra=()
+  [ "${PACKAGE:-0}" = 1 ] && extra=(--package)
+  "$py" bench/quant_fp8.py --specs "${SPECS:-mtgr-small,mtgr-base}" --deadline "${DEADLINE:-150}" ${extra[@]+"${extra[@]}"} \
+    --out "$OUT/quant-fp8-h200.json" 2>&1 | tee "$OUT/quant-fp8-h200.log"
+fi
+echo "[$(date -u +%H:%M:%S)] gpu_run_fp8.sh: done"
