@@ -134,22 +134,28 @@ def run_served(row: Row, server: Any, pool: list, sampler: Sampler, seconds: flo
             for i, share in enumerate(shares[1:])
         ]  # fmt: skip
         checker = AnswerCheck(sampler.spec, pool, sampler.size)
-        wait_ready(extra, [Path(tmp, f"{i}.json.ready") for i in range(len(extra))], clients.start_timeout_s)
-        Path(tmp, "go").touch()
-        result = load.run_load(server.grpc_url, server.metrics_url, row.model, pool, requests=cap,
-                               concurrency=shares[0], time_limit_s=seconds, validate=checker.grpc)
-        latencies, errors = list(result.latencies_ms), result.errors
-        spans, first = [result.seconds], [result.first_error]
-        for i, proc in enumerate(extra):
-            code = proc.wait(seconds + 120)
-            out = Path(tmp, f"{i}.json")
-            if code != 0 or not out.is_file():
-                raise RuntimeError(f"client process {i + 1} of {len(shares)} ended with exit {code} and no result")
-            got = json.loads(out.read_text())
-            latencies += got["latencies_ms"]
-            errors += got["errors"]
-            spans.append(got["seconds"])
-            first.append(got["first_error"])
+        try:
+            wait_ready(extra, [Path(tmp, f"{i}.json.ready") for i in range(len(extra))], clients.start_timeout_s)
+            Path(tmp, "go").touch()
+            result = load.run_load(server.grpc_url, server.metrics_url, row.model, pool, requests=cap,
+                                   concurrency=shares[0], time_limit_s=seconds, validate=checker.grpc)
+            latencies, errors = list(result.latencies_ms), result.errors
+            spans, first = [result.seconds], [result.first_error]
+            for i, proc in enumerate(extra):
+                code = proc.wait(seconds + 120)
+                out = Path(tmp, f"{i}.json")
+                if code != 0 or not out.is_file():
+                    raise RuntimeError(f"client process {i + 2} of {len(shares)} ended with exit {code}, no result")
+                got = json.loads(out.read_text())
+                latencies += got["latencies_ms"]
+                errors += got["errors"]
+                spans.append(got["seconds"])
+                first.append(got["first_error"])
+        finally:  # a row that broke leaves no client behind
+            for proc in extra:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
     timing = result.timing.get(row.model, {})
     row.figures = latency_figures(latencies, len(latencies), max(spans), errors, len(latencies) + errors)
     row.figures |= {
@@ -167,11 +173,9 @@ def wait_ready(procs: list[Any], flags: list[Path], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not all(f.exists() for f in flags):
         ended = [i for i, p in enumerate(procs) if p.poll() is not None]
-        if ended or time.monotonic() > deadline:
-            for p in procs:
-                p.kill()
+        if ended or time.monotonic() > deadline:  # run_served's cleanup ends the others
             why = f"ended with exit {procs[ended[0]].returncode}" if ended else f"not ready in {timeout_s:.0f} s"
-            raise RuntimeError(f"client process {(ended or [0])[0] + 2}: {why}")
+            raise RuntimeError(f"client process {(ended or [0])[0] + 2} of {len(procs) + 1}: {why}")
         time.sleep(0.01)
 
 
