@@ -18,7 +18,7 @@ from grc.spec.loader import load_spec
 from tests.conftest import REPO, TEST_SPECS
 
 sys.path.insert(0, str(REPO / "bench"))
-from serve_pool import request_pool, size_ranges  # noqa: E402
+from serve_pool import request_pool, size_ranges
 
 FUSED_CPU = TEST_SPECS / "mtgr-tiny-fused-cpu.yaml"
 
@@ -34,7 +34,7 @@ def test_request_pool_draws_realistic_valid_requests_reproducibly() -> None:
     assert c_lo <= min(candidates) and max(candidates) <= c_hi and len(set(candidates)) > 3
     for r in pool:
         for t in cfg.profile:
-            assert 0 <= r[rq.profile_input(t)].min() and r[rq.profile_input(t)].max() < cfg.tables[t].vocab_size
+            assert r[rq.profile_input(t)].min() >= 0 and r[rq.profile_input(t)].max() < cfg.tables[t].vocab_size
         for t in cfg.history:
             assert r[rq.history_input(t)].max() < cfg.tables[t].vocab_size
         times = r[rq.HISTORY_TIME][0]
@@ -92,6 +92,6 @@ def test_serve_measures_every_mode_on_the_real_server_then_reports_a_package_tha
     done = serve(tmp_path, broken, "--concurrency", "1", "--modes", "grc", "eager")
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     assert "NOT CLEAN" in done.stderr and "grc c=1: failed" in done.stderr
-    rows = {r["mode"]: r for r in json.loads(broken.read_text())["rows"]}
-    assert "failed to load" in rows["grc"]["failed"] and "users_per_s" not in rows["grc"]
-    assert rows["eager"]["errors"] == 0 and rows["eager"]["checked"]["problems"] == []
+    by_mode = {r["mode"]: r for r in json.loads(broken.read_text())["rows"]}
+    assert "failed to load" in by_mode["grc"]["failed"] and "users_per_s" not in by_mode["grc"]
+    assert by_mode["eager"]["errors"] == 0 and by_mode["eager"]["checked"]["problems"] == []
