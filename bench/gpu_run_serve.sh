@@ -56,7 +56,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 # The stub's interpreter ignores PYTHONPATH: without grc and its dependencies importable as installed, hand it
 # this checkout and /tmp/site through a .pth in the interpreter's own site-packages (a bare machine per call).
-if ! env -u PYTHONPATH "$PY" -c "import grc, pydantic, yaml, tritonclient" 2>/dev/null; then
+# (checked from / : python -c puts its working directory on sys.path, the stub's is a temporary folder)
+if ! (cd / && env -u PYTHONPATH "$PY" -c "import grc, pydantic, yaml, doit, tritonclient" 2>/dev/null); then
   pth="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/grc-serve-bench.pth"
   if [ -n "${DRY_RUN:-}" ]; then
     say "dry run: would write $pth ($PWD, /tmp/site)"
