@@ -81,7 +81,10 @@ for spec in "$@"; do
   grc_failed=()
   if ! timeout $(( share - 150 > 60 ? share - 150 : 60 )) "$PY" -m grc.cli build "$file" triton \
       --artifacts "$ARTIFACTS" 2>&1 | stamp | tee "$OUT/build-$name.log" >>"$LOG"; then
-    reason="$(grep -E 'Error|error|failed|crash|SIG' "$OUT/build-$name.log" | tail -n 3 | cut -c 1-400 | tr '\n' ' ')"
+    # grc's own words: from the failed stage's line (✗ STAGE failed) to the build's summary, timestamps cut
+    reason="$(sed 's/^\[[^]]*\] //' "$OUT/build-$name.log" | awk '/^✗ /{f=1} /^grc build .*FAILED/{f=0} f' \
+      | head -n 6 | cut -c 1-300 | tr '\n' ' ')"
+    reason="${reason:-no stage failure logged (killed by the time limit?): $(tail -n 1 "$OUT/build-$name.log")}"
     say "$name: build FAILED ($reason); building the bundle without aotinductor (eager and kernels rows)"
     fallback="/tmp/$name-without-aoti.yaml"
     printf 'extends: %s\nbundles: {triton: {backend: pytorch, extra_backends: [pytorch_kernels]}}\n' \
@@ -90,7 +93,7 @@ for spec in "$@"; do
       "$fallback" triton --artifacts "$ARTIFACTS" 2>&1 | stamp | tee -a "$OUT/build-$name.log" >>"$LOG" \
       || { say "$name: the bundle without aotinductor did not build either"; status=1; continue; }
     file="$fallback"
-    grc_failed=(--grc-failed "grc build of the aotinductor bundle failed: ${reason:-see build-$name.log}")
+    grc_failed=(--grc-failed "grc build of the aotinductor bundle failed: $reason")
   fi
   deadline=$(( spec_end - $(elapsed) - 25 ))
   say "$name: bench/serve.py (--deadline $deadline s, $ROW_SECONDS s per row)"
@@ -99,7 +102,9 @@ for spec in "$@"; do
     --row-seconds "$ROW_SECONDS" --client-processes "$CLIENTS" --deadline "$deadline" --out "$OUT/serve-$slug-$name.json" "${grc_failed[@]}" \
     2>&1 | stamp | tee -a "$LOG"
   rc=$?
-  [ $rc -eq 0 ] || { say "$name: bench/serve.py exit $rc (124: timed out; the JSON keeps the rows done)"; status=1; }
+  if [ $rc -eq 124 ]; then say "$name: bench/serve.py TIMED OUT (its JSON keeps the rows done)"; status=1
+  elif [ $rc -ne 0 ]; then say "$name: bench/serve.py exit $rc (failed or wrong rows: NOT CLEAN lines above)"; status=1
+  fi
 done
 
 tests=tests/serving/test_fused_gpu_real.py
