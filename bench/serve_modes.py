@@ -281,3 +281,44 @@ def run_in_process(row: Row, ranker: InProcess, pool: list, sampler: Sampler, se
         "first_error": loop.errors[0] if loop.errors else None,
         "checked": sampler.check(checker.kept),
     }
+    if ranker.device == "cuda":
+        try:
+            row.figures["profile"] = profile_batches(Direct(), 3)
+        except Exception as exc:  # the figures above stand; the profile says why it is missing
+            row.figures["profile"] = {"failed": f"{type(exc).__name__}: {exc}"}
+
+
+def profile_batches(connection: Any, batches: int) -> dict[str, Any]:
+    """Where one batch's time goes on the GPU, read from outside the Ranker (torch.profiler over a few batches):
+    wall time, GPU kernel time, host<->device copies, and the heaviest kernels and host ops, per batch."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for index in range(batches):
+            connection.send(index)
+        torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - started) * 1000 / batches
+    kernels: dict[str, float] = {}
+    copies = {"HtoD": 0.0, "DtoH": 0.0, "DtoD": 0.0}
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        ms = event.time_range.elapsed_us() / 1000 / batches
+        kind = next((k for k in copies if k in event.name), None)
+        if kind:
+            copies[kind] += ms
+        else:
+            kernels[event.name[:80]] = kernels.get(event.name[:80], 0.0) + ms
+    host = sorted(((e.key, e.self_cpu_time_total / 1000 / batches) for e in prof.key_averages()), key=lambda x: -x[1])
+    top = sorted(kernels.items(), key=lambda x: -x[1])
+    return {
+        "batches": batches,
+        "wall_ms": round(wall_ms, 3),
+        "gpu_kernels_ms": round(sum(kernels.values()), 3),
+        "copies_ms": {k: round(v, 3) for k, v in copies.items()},
+        "top_kernels_ms": {name: round(ms, 3) for name, ms in top[:8]},
+        "top_host_ops_ms": {name[:80]: round(ms, 3) for name, ms in host[:8]},
+    }
