@@ -226,6 +226,11 @@ class InProcess:
         # the device the model's instances use: its config's instance_group kind
         on_gpu = any(group.kind == group.KIND_GPU for group in config.instance_group)
         self.device = "cuda" if on_gpu else "cpu"
+        threads = int(params.get("intra_op_threads", "1"))
+        if threads > 0 and not on_gpu:  # as the served CPU instance runs (models/fused.py): same torch threads
+            import torch
+
+            torch.set_num_threads(threads)
         started = time.perf_counter()
         self.ranker = Ranker.from_model_dir(model_dir, self.device, params, log=lambda line: print(f"  {line}"))
         self.load_s = time.perf_counter() - started
