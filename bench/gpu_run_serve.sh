@@ -9,8 +9,9 @@
 #  2. `grc build SPEC triton` (only what the bundle needs: weights, export, aoti, triton) into /tmp; if that
 #     fails (the CUDA package did not build or load), the same bundle without aotinductor is built and the grc
 #     and in_process rows are reported failed with the build's reason while eager and kernels still run;
-#  3. bench/serve.py (concurrency 32, 8, 1; its --deadline from what is left) -> $OUT/serve-<gpu>-<spec>.json,
-#     rewritten after every row;
+#  3. bench/serve.py (concurrency 32, 8, 1; MODES, default grc eager in_process; its --deadline from what is
+#     left; the in_process Ranker loads while the server does) -> $OUT/serve-<gpu>-<spec>.json, rewritten after
+#     every row;
 #  4. gpuserve's GPU tests (tests/serving/test_fused_gpu_real.py, when present) with the time left, after the
 #     benchmark so that a hanging test cannot cost the figures -> $OUT/gpu-tests.log.
 # Everything is logged with timestamps to $OUT/serve-run.log (+ build-<spec>.log). BUDGET (default 530 s) bounds
@@ -25,7 +26,11 @@ cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 started=$(date +%s)
 BUDGET=${BUDGET:-530}
-ROW_SECONDS=${ROW_SECONDS:-10}
+ROW_SECONDS=${ROW_SECONDS:-6}
+# kernels (<model>-pytorch_kernels) is the extra row: measured in run 1, left out by default so that grc, eager and
+# in_process fit a call after a ~4-minute build (its model would also lengthen the server's start)
+MODES=${MODES:-grc eager in_process}
+IN_PROCESS=${IN_PROCESS:-32 8}  # in_process batch sizes (the targets compare at 32; p99/p50 at 8)
 CLIENTS=${CLIENTS:-4}  # client processes per served row: one Python gRPC client process is GIL-bound
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -59,7 +64,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 # The stub's interpreter ignores PYTHONPATH: without grc and its dependencies importable as installed, hand it
 # this checkout and /tmp/site through a .pth in the interpreter's own site-packages (a bare machine per call).
-if ! env -u PYTHONPATH "$PY" -c "import grc, pydantic, yaml, tritonclient" 2>/dev/null; then
+# (checked from / : python -c puts its working directory on sys.path, the stub's is a temporary folder)
+if ! (cd / && env -u PYTHONPATH "$PY" -c "import grc, pydantic, yaml, doit, tritonclient" 2>/dev/null); then
   pth="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/grc-serve-bench.pth"
   if [ -n "${DRY_RUN:-}" ]; then
     say "dry run: would write $pth ($PWD, /tmp/site)"
@@ -83,7 +89,10 @@ for spec in "$@"; do
   grc_failed=()
   if ! timeout $(( share - 150 > 60 ? share - 150 : 60 )) "$PY" -m grc.cli build "$file" triton \
       --artifacts "$ARTIFACTS" 2>&1 | stamp | tee "$OUT/build-$name.log" >>"$LOG"; then
-    reason="$(grep -E 'Error|error|failed|crash|SIG' "$OUT/build-$name.log" | tail -n 3 | cut -c 1-400 | tr '\n' ' ')"
+    # grc's own words: from the failed stage's line (✗ STAGE failed) to the build's summary, timestamps cut
+    reason="$(sed 's/^\[[^]]*\] //' "$OUT/build-$name.log" | awk '/^✗ /{f=1} /^grc build .*FAILED/{f=0} f' \
+      | head -n 6 | cut -c 1-300 | tr '\n' ' ')"
+    reason="${reason:-no stage failure logged (killed by the time limit?): $(tail -n 1 "$OUT/build-$name.log")}"
     say "$name: build FAILED ($reason); building the bundle without aotinductor (eager and kernels rows)"
     fallback="/tmp/$name-without-aoti.yaml"
     printf 'extends: %s\nbundles: {triton: {backend: pytorch, extra_backends: [pytorch_kernels]}}\n' \
@@ -92,16 +101,21 @@ for spec in "$@"; do
       "$fallback" triton --artifacts "$ARTIFACTS" 2>&1 | stamp | tee -a "$OUT/build-$name.log" >>"$LOG" \
       || { say "$name: the bundle without aotinductor did not build either"; status=1; continue; }
     file="$fallback"
-    grc_failed=(--grc-failed "grc build of the aotinductor bundle failed: ${reason:-see build-$name.log}")
+    grc_failed=(--grc-failed "grc build of the aotinductor bundle failed: $reason")
+    case " $MODES " in *" kernels "*) ;; *) MODES="$MODES kernels" ;; esac  # grc's rows lost: time for kernels
   fi
   deadline=$(( spec_end - $(elapsed) - 25 ))
   say "$name: bench/serve.py (--deadline $deadline s, $ROW_SECONDS s per row)"
   slug="$("$PY" -c 'import sys; sys.path.insert(0, "bench"); from serve import device_slug; print(device_slug())')"
+  # shellcheck disable=SC2086  # MODES and IN_PROCESS are word lists
   timeout $(( deadline + 20 )) "$PY" bench/serve.py --specs "$file" --artifacts "$ARTIFACTS" --concurrency 1 8 32 \
+    --modes $MODES --in-process-concurrency $IN_PROCESS \
     --row-seconds "$ROW_SECONDS" --client-processes "$CLIENTS" --deadline "$deadline" --out "$OUT/serve-$slug-$name.json" "${grc_failed[@]}" \
     2>&1 | stamp | tee -a "$LOG"
   rc=$?
-  [ $rc -eq 0 ] || { say "$name: bench/serve.py exit $rc (124: timed out; the JSON keeps the rows done)"; status=1; }
+  if [ $rc -eq 124 ]; then say "$name: bench/serve.py TIMED OUT (its JSON keeps the rows done)"; status=1
+  elif [ $rc -ne 0 ]; then say "$name: bench/serve.py exit $rc (failed or wrong rows: NOT CLEAN lines above)"; status=1
+  fi
 done
 
 tests=tests/serving/test_fused_gpu_real.py

@@ -250,7 +250,7 @@ def serve_table(name: str, data: dict[str, Any]) -> str:
         head = [f"`{r['spec']}`", str(r["concurrency"]), r["mode"]]
         if "users_per_s" not in r:
             why = r.get("failed") or r.get("skipped") or "?"
-            rows.append([*head, "failed" if "failed" in r else "not run", "–", "–", "–", "–", "–", why[:160]])
+            rows.append([*head, "failed" if "failed" in r else "not run", "–", "–", "–", "–", why[:100]])
             continue
         checked = r["checked"]
         verdict = "wrong" if checked["problems"] else f"{checked['checked']} ok, max rel. {num(checked['max_rel'], 2)}"
@@ -263,11 +263,16 @@ def serve_table(name: str, data: dict[str, Any]) -> str:
               "CUDA graph hits / misses", "answers vs PyTorch float64 (sample)"]  # fmt: skip
     cpu = "not the GPU claim" in data.get("what", "")
     label = "CPU dry run (tiny spec; CPU numbers, not the GPU claim)" if cpu else "GPU run"
-    argv = " ".join(data["argv"][1:]).replace(str(REPO) + "/", "")
+    args = list(data["argv"][1:])
+    if "--grc-failed" in args:  # its reason is in the rows; the command line names the flag
+        args[args.index("--grc-failed") + 1] = "REASON"
+    argv = " ".join(args).replace(str(REPO) + "/", "")
     return (
         f"**{label}**: `python bench/serve.py {argv}`, {source(name, data)}"
         + ("" if data.get("complete", True) else " (incomplete: the run ended before its last row)")
-        + ":\n\n" + table(header, rows) + "\n\n" + serve_targets(data["rows"])
+        + ":\n\n" + table(header, rows)
+        + "\n\nServed rows: one request per user, latency per request; in_process: latency per batch of "
+        "`concurrency` requests (its users/s counts users).\n\n" + serve_targets(data["rows"])
     )
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,8 +50,8 @@ from serve_modes import (
 from serve_pool import Sampler, request_pool, size_ranges
 
 SERVER_START_S = 300.0  # loading three fused GPU models (tables to the GPU, graphs captured) on a cold machine
-IN_PROCESS_LOAD_S = 60.0  # the Ranker's load (tables to the GPU, graphs captured), kept free for it
-ROW_OVERHEAD_S = 15.0  # a row's warm-up and float64 checks beyond its --row-seconds
+IN_PROCESS_WAIT_S = 10.0  # kept for the in_process Ranker's load beyond the server's start (they overlap)
+ROW_OVERHEAD_S = 5.0  # a row's warm-up, client start and answer checks beyond its --row-seconds
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -59,6 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--artifacts", type=Path, default=REPO / "artifacts",
                    help="where `grc build` put <spec>/ (the triton stage is built there when missing)")
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
+    p.add_argument("--in-process-concurrency", nargs="+", type=int, help="in_process batches (default: --concurrency)")
     p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     p.add_argument("--row-seconds", type=float, default=20.0, help="load time of one row (warm-up apart)")
     p.add_argument("--max-requests", type=int, default=1_000_000, help="requests of one row, at most")
@@ -71,7 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="processes the gRPC connections of a served row are spread over (the GIL caps one)")
     p.add_argument("--grc-failed", metavar="REASON", help="grc's model could not be built: its rows fail with REASON")
     args = p.parse_args(argv)
-    if any(c < 1 for c in args.concurrency):
+    if any(c < 1 for c in args.concurrency + (args.in_process_concurrency or [])):
         p.error(f"--concurrency: expected positive integers, got {args.concurrency}")
     if args.client_processes < 1:
         p.error(f"--client-processes: expected a positive integer, got {args.client_processes}")
@@ -160,7 +162,11 @@ class Bench:
         self.sampler = Sampler(spec, root / "weights", pool, tolerance, args.sample)
         self.repository = root / "triton" / bd.MODEL_REPOSITORY
         concurrencies = sorted(set(args.concurrency), reverse=True)
-        rows = [Row(spec.name, m, c, served_model(spec, m)) for c in concurrencies for m in args.modes]
+        direct_c = sorted(set(args.in_process_concurrency or args.concurrency), reverse=True)
+        rows = [Row(spec.name, m, c, served_model(spec, m)) for c in concurrencies for m in args.modes
+                if m != "in_process"]
+        rows += [Row(spec.name, "in_process", c, served_model(spec, "in_process")) for c in direct_c
+                 if "in_process" in args.modes]
         for row in rows:
             if args.grc_failed and row.mode in ("grc", "in_process"):
                 row.failed = args.grc_failed
@@ -175,13 +181,23 @@ class Bench:
                 if r.mode == "in_process":
                     r.skipped = r.skipped or f"grc.serving.ranker cannot be imported here ({exc})"
         direct = [r for r in rows if r.mode == "in_process" and not (r.failed or r.skipped)]
-        self.reserve = IN_PROCESS_LOAD_S + len(direct) * (args.row_seconds + ROW_OVERHEAD_S) if direct else 0.0
+        self.reserve = IN_PROCESS_WAIT_S + len(direct) * (args.row_seconds + ROW_OVERHEAD_S) if direct else 0.0
+        # While tritonserver loads its models (a minute and more on a GPU), this process loads the in_process
+        # Ranker and computes the sampled answers' float64 references: both idle until their rows run, the
+        # Ranker's rows after the server has stopped (the GPU to itself).
+        background = [Background(self.sampler.prepare)]
+        if direct:
+            model_dir = self.repository / str(direct[0].model) / str(spec.bundles.triton.model_version)
+            background.append(Background(lambda: InProcess(model_dir)))
         clients = Clients(args.client_processes, spec_file.resolve(), args.pool, args.seed)
-        self.measure_served(spec.name, [r for r in rows if r.mode in SERVER_MODES], pool, clients)
+        self.measure_served(spec.name, [r for r in rows if r.mode in SERVER_MODES], pool, clients, background[0])
+        background[0].result()
         self.reserve = 0.0
-        self.measure_in_process(spec, direct, pool)
+        if direct:
+            self.measure_in_process(spec, direct, pool, background[1])
 
-    def measure_served(self, spec_name: str, rows: list[Row], pool: list, clients: Clients) -> None:
+    def measure_served(self, spec_name: str, rows: list[Row], pool: list, clients: Clients,
+                       references: Background) -> None:
         wanted = sorted({r.model for r in rows if r.model and not (r.skipped or r.failed)})
         if not wanted or not any(self.fits(r) for r in rows):
             return
@@ -196,34 +212,52 @@ class Bench:
         if server is None:
             return
         log(f"tritonserver ready in {time.monotonic() - started:.1f} s" + (f"; failed: {failed}" if failed else ""))
+        references.result()  # computed meanwhile: no row waits for them, none computes them twice
         try:
-            # the largest concurrency first, every mode (the targets' rows); grc, eager, kernels within one
-            for r in sorted(rows, key=lambda r: (-r.concurrency, SERVER_MODES.index(r.mode))):
+            # the largest concurrency first, grc then eager (the targets' rows); kernels, the extra row, last
+            for r in sorted(rows, key=lambda r: (r.mode == "kernels", -r.concurrency, SERVER_MODES.index(r.mode))):
                 if self.fits(r):
                     self.measure(r, run_served, server, pool, self.sampler, self.args.row_seconds,
                                  self.args.max_requests, clients)
         finally:
             server.stop()
 
-    def measure_in_process(self, spec: Any, rows: list[Row], pool: list) -> None:
-        if not rows or not any(self.fits(r) for r in rows):
-            return
-        model = rows[0].model
-        assert model is not None
-        model_dir = self.repository / model / str(spec.bundles.triton.model_version)
+    def measure_in_process(self, spec: Any, rows: list[Row], pool: list, loading: Background) -> None:
         try:
-            ranker = InProcess(model_dir)
+            ranker = loading.result()
         except Exception as exc:  # reported in its rows; the run goes on
             for r in rows:
-                r.failed = f"Ranker.from_model_dir({model}/{model_dir.name}): {type(exc).__name__}: {exc}"
+                r.failed = f"Ranker.from_model_dir({rows[0].model}): {type(exc).__name__}: {exc}"
             return
-        log(f"{spec.name}: in_process Ranker of {model} loaded in {ranker.load_s:.1f} s on {ranker.device}")
+        log(f"{spec.name}: in_process Ranker of {rows[0].model} loaded in {ranker.load_s:.1f} s on {ranker.device}")
         for r in rows:
             if self.fits(r):
                 self.measure(r, run_in_process, ranker, pool, self.sampler, self.args.row_seconds,
                              self.args.max_requests)
         del ranker
         free_gpu_memory()
+
+
+class Background:
+    """``fn()`` in a thread; ``result()`` waits for it and returns its value or raises its exception."""
+
+    def __init__(self, fn: Callable[[], Any]):
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self.value = fn()
+        except BaseException as exc:  # handed to whoever waits for the value
+            self.error = exc
+
+    def result(self) -> Any:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
 def describe_pool(spec: Any, args: argparse.Namespace) -> str:

@@ -134,22 +134,28 @@ def run_served(row: Row, server: Any, pool: list, sampler: Sampler, seconds: flo
             for i, share in enumerate(shares[1:])
         ]  # fmt: skip
         checker = AnswerCheck(sampler.spec, pool, sampler.size)
-        wait_ready(extra, [Path(tmp, f"{i}.json.ready") for i in range(len(extra))], clients.start_timeout_s)
-        Path(tmp, "go").touch()
-        result = load.run_load(server.grpc_url, server.metrics_url, row.model, pool, requests=cap,
-                               concurrency=shares[0], time_limit_s=seconds, validate=checker.grpc)
-        latencies, errors = list(result.latencies_ms), result.errors
-        spans, first = [result.seconds], [result.first_error]
-        for i, proc in enumerate(extra):
-            code = proc.wait(seconds + 120)
-            out = Path(tmp, f"{i}.json")
-            if code != 0 or not out.is_file():
-                raise RuntimeError(f"client process {i + 1} of {len(shares)} ended with exit {code} and no result")
-            got = json.loads(out.read_text())
-            latencies += got["latencies_ms"]
-            errors += got["errors"]
-            spans.append(got["seconds"])
-            first.append(got["first_error"])
+        try:
+            wait_ready(extra, [Path(tmp, f"{i}.json.ready") for i in range(len(extra))], clients.start_timeout_s)
+            Path(tmp, "go").touch()
+            result = load.run_load(server.grpc_url, server.metrics_url, row.model, pool, requests=cap,
+                                   concurrency=shares[0], time_limit_s=seconds, validate=checker.grpc)
+            latencies, errors = list(result.latencies_ms), result.errors
+            spans, first = [result.seconds], [result.first_error]
+            for i, proc in enumerate(extra):
+                code = proc.wait(seconds + 120)
+                out = Path(tmp, f"{i}.json")
+                if code != 0 or not out.is_file():
+                    raise RuntimeError(f"client process {i + 2} of {len(shares)} ended with exit {code}, no result")
+                got = json.loads(out.read_text())
+                latencies += got["latencies_ms"]
+                errors += got["errors"]
+                spans.append(got["seconds"])
+                first.append(got["first_error"])
+        finally:  # a row that broke leaves no client behind
+            for proc in extra:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
     timing = result.timing.get(row.model, {})
     row.figures = latency_figures(latencies, len(latencies), max(spans), errors, len(latencies) + errors)
     row.figures |= {
@@ -167,11 +173,9 @@ def wait_ready(procs: list[Any], flags: list[Path], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not all(f.exists() for f in flags):
         ended = [i for i, p in enumerate(procs) if p.poll() is not None]
-        if ended or time.monotonic() > deadline:
-            for p in procs:
-                p.kill()
+        if ended or time.monotonic() > deadline:  # run_served's cleanup ends the others
             why = f"ended with exit {procs[ended[0]].returncode}" if ended else f"not ready in {timeout_s:.0f} s"
-            raise RuntimeError(f"client process {(ended or [0])[0] + 2}: {why}")
+            raise RuntimeError(f"client process {(ended or [0])[0] + 2} of {len(procs) + 1}: {why}")
         time.sleep(0.01)
 
 
@@ -222,6 +226,11 @@ class InProcess:
         # the device the model's instances use: its config's instance_group kind
         on_gpu = any(group.kind == group.KIND_GPU for group in config.instance_group)
         self.device = "cuda" if on_gpu else "cpu"
+        threads = int(params.get("intra_op_threads", "1"))
+        if threads > 0 and not on_gpu:  # as the served CPU instance runs (models/fused.py): same torch threads
+            import torch
+
+            torch.set_num_threads(threads)
         started = time.perf_counter()
         self.ranker = Ranker.from_model_dir(model_dir, self.device, params, log=lambda line: print(f"  {line}"))
         self.load_s = time.perf_counter() - started
@@ -276,4 +285,45 @@ def run_in_process(row: Row, ranker: InProcess, pool: list, sampler: Sampler, se
                          for k, v in after.items()},
         "first_error": loop.errors[0] if loop.errors else None,
         "checked": sampler.check(checker.kept),
+    }
+    if ranker.device == "cuda":
+        try:
+            row.figures["profile"] = profile_batches(Direct(), 3)
+        except Exception as exc:  # the figures above stand; the profile says why it is missing
+            row.figures["profile"] = {"failed": f"{type(exc).__name__}: {exc}"}
+
+
+def profile_batches(connection: Any, batches: int) -> dict[str, Any]:
+    """Where one batch's time goes on the GPU, read from outside the Ranker (torch.profiler over a few batches):
+    wall time, GPU kernel time, host<->device copies, and the heaviest kernels and host ops, per batch."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for index in range(batches):
+            connection.send(index)
+        torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - started) * 1000 / batches
+    kernels: dict[str, float] = {}
+    copies = {"HtoD": 0.0, "DtoH": 0.0, "DtoD": 0.0}
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        ms = event.time_range.elapsed_us() / 1000 / batches
+        kind = next((k for k in copies if k in event.name), None)
+        if kind:
+            copies[kind] += ms
+        else:
+            kernels[event.name[:80]] = kernels.get(event.name[:80], 0.0) + ms
+    host = sorted(((e.key, e.self_cpu_time_total / 1000 / batches) for e in prof.key_averages()), key=lambda x: -x[1])
+    top = sorted(kernels.items(), key=lambda x: -x[1])
+    return {
+        "batches": batches,
+        "wall_ms": round(wall_ms, 3),
+        "gpu_kernels_ms": round(sum(kernels.values()), 3),
+        "copies_ms": {k: round(v, 3) for k, v in copies.items()},
+        "top_kernels_ms": {name: round(ms, 3) for name, ms in top[:8]},
+        "top_host_ops_ms": {name[:80]: round(ms, 3) for name, ms in host[:8]},
     }

@@ -70,6 +70,13 @@ class Sampler:
 
         self.reference = Reference(self.spec.model, self.weights_dir, self.spec.bundles.triton.truncate_history)
 
+    def prepare(self) -> None:
+        """Every sampled request's reference, ahead of the rows (bench/serve.py computes them while the server
+        loads its models)."""
+        for index in range(min(self.size, len(self.pool))):
+            if index not in self.references:
+                self.references[index] = self.reference.scores(self.pool[index])
+
     def check(self, answers: dict[int, dict[str, np.ndarray]]) -> dict[str, Any]:
         """{checked, max_abs, max_rel, problems} of the kept answers (problems name the pool request)."""
         from grc.serving.triton.check import check_response
