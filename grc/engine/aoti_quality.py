@@ -84,18 +84,28 @@ def ranking_figures(dense: GRDense, spec: Spec, backend: str, precision: str) ->
     return figures
 
 
-def ranking_check(dense: GRDense, spec: Spec, backend: str, precision: str) -> Checks:
-    """``ranking_figures`` as a package check: fails past the gates (with the table), else the record."""
+UNGATED = (
+    "a 16-bit package that quantizes nothing: its ranking is recorded, not gated. On seeded random weights the "
+    "held-out candidates' scores lie within ~1e-3 of each other, below bfloat16's rounding of the scores, so any "
+    "16-bit run reorders them (mtgr-small, eager bfloat16 vs float32: Kendall tau 0.05-0.58, max |Δscore| 2e-3); "
+    "the parity tolerance (engine.aoti.parity) is this package's gate"
+)
+
+
+def ranking_check(dense: GRDense, spec: Spec, backend: str, precision: str, gate: bool = True) -> Checks:
+    """``ranking_figures`` as a package check: fails past the gates (with the table), else the record.
+    ``gate=False`` (16-bit packages that quantize nothing, see UNGATED): the figures are recorded only."""
     gates = spec.verify.ranking
     figures_of = ranking_figures(dense, spec, backend, precision)
 
     def check(runner: Any, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
         figures = figures_of(runner, device, dtype)
         table = format_rank_figures(figures)
-        if not all(f.ok for f in figures):
+        if gate and not all(f.ok for f in figures):
             raise StageError(f"{backend}: ranking gates (verify.ranking) failed against the fp32 model:\n{table}")
         return {"ranking": {"reference": "GRDense.forward_jagged, PyTorch float32 on CPU, held-out users "
                                          f"(verify.ranking.seed {gates.seed})",
+                            "gated": gate, **({} if gate else {"why_not_gated": UNGATED}),
                             "gates": gates.model_dump(), "figures": [f.as_dict() for f in figures]}}
 
     return check
