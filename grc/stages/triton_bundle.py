@@ -48,7 +48,10 @@ def run(ctx: Context) -> dict[str, Any]:
 STAGE = Stage(
     name="triton",
     output="triton",
-    reads=("bundles.triton", "model"),
+    # name: the default model_name and bundle.json's spec; engine.aoti.dtype and the tolerances: a fused GPU
+    # model's dense dtype and the tolerance bundle.json records for its smoke test
+    reads=("bundles.triton", "model", "name", "engine.aoti.dtype", "engine.aoti.parity", "engine.parity",
+           "verify.export"),
     inputs=("weights", "export"),
     toolkits=("tritonclient", "protobuf"),
     run=run,

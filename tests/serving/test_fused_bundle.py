@@ -21,7 +21,7 @@ from grc.serving.triton import fused_bundle as fb
 from grc.serving.triton.model_config import load_config
 from grc.serving.triton.model_config import pb as mc
 from grc.spec.loader import load_spec
-from tests.conftest import TEST_SPECS, run_build, write_spec
+from tests.conftest import TEST_SPECS, in_dir, run_build, write_spec
 
 GPU = {"bundles.triton": {"instance_kind": "KIND_GPU", "backend": "pytorch", "extra_backends": ["pytorch_kernels"],
                           "instance_count": 2, "gpus": [0, 1], "max_batch_size": 4, "preferred_batch_sizes": [2, 4]}}
@@ -104,6 +104,17 @@ def test_fused_bundle_one_model_per_backend_with_instance_groups(tmp_path: Path)
     model, weights = bd.bundle_model(folder)  # what deploy's smoke test reads: the fused model's own
     assert model == spec.model and weights == repo / "mtgr-tiny" / "1" / "weights"
     assert "Fused pipeline" in (folder / "README.md").read_text()
+    # what the fused models read beyond bundles.triton and model rebuilds the bundle (the build cache would
+    # otherwise restore one with the old dense dtype, tolerance or model names)
+    from grc.build.runner import plan
+
+    write_spec(tmp_path, spec_path, {"engine.aoti.dtype": "float16"})
+    with in_dir(tmp_path):
+        rows = {row.task: row for row in plan(load_spec(spec_path.name), Path("artifacts") / spec.name)}
+    assert rows["triton"].state != "up to date" and "engine.aoti.dtype" in " ".join(rows["triton"].reasons)
+    renamed = write_spec(tmp_path, spec_path, {"name": "renamed"}, name="renamed.yaml")
+    run_build(renamed, only=["triton"])
+    assert bd.load_description(tmp_path / "artifacts" / "renamed" / "triton")["ensemble"] == "renamed"
 
 
 def test_kind_gpu_aotinductor_without_a_gpu_package_fails_the_build_naming_why(
