@@ -106,11 +106,11 @@ def test_fused_bundle_one_model_per_backend_with_instance_groups(tmp_path: Path)
     assert "Fused pipeline" in (folder / "README.md").read_text()
     # what the fused models read beyond bundles.triton and model rebuilds the bundle (the build cache would
     # otherwise restore one with the old dense dtype, tolerance or model names)
-    from grc.build.runner import plan
+    from grc.build.runner import plan as build_plan
 
     write_spec(tmp_path, spec_path, {"engine.aoti.dtype": "float16"})
     with in_dir(tmp_path):
-        rows = {row.task: row for row in plan(load_spec(spec_path.name), Path("artifacts") / spec.name)}
+        rows = {row.task: row for row in build_plan(load_spec(spec_path.name), Path("artifacts") / spec.name)}
     assert rows["triton"].state != "up to date" and "engine.aoti.dtype" in " ".join(rows["triton"].reasons)
     renamed = write_spec(tmp_path, spec_path, {"name": "renamed"}, name="renamed.yaml")
     run_build(renamed, only=["triton"])
