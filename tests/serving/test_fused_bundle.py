@@ -80,6 +80,7 @@ def test_fused_bundle_one_model_per_backend_with_instance_groups(tmp_path: Path)
     spec_path = write_spec(tmp_path, TEST_SPECS / "mtgr-tiny.yaml", GPU)
     statuses = run_build(spec_path, only=["triton"])
     assert statuses["triton"] == "built"
+    assert "export" not in statuses  # the fused models never read the ONNX: no export stage (nor onnxscript)
     spec = load_spec(spec_path).spec
     folder = tmp_path / "artifacts" / spec.name / "triton"
     repo = folder / bd.MODEL_REPOSITORY
