@@ -64,19 +64,21 @@ def pad(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The jagged batch (tokens [T, D], offsets [B+1], num_candidates [B], timestamps [T]) padded to
     ``bucket``: its first T tokens and B users are the batch's, unchanged. The padding users'
-    offsets are computed on the host from T and B alone (no device sync)."""
+    offsets follow from T and B alone, known on the host (no device sync)."""
     total, users = tokens.shape[0], num_candidates.shape[0]
     extra = bucket.tokens - total
-    fill = [max_seq_len] * (extra // max_seq_len) + ([extra % max_seq_len] if extra % max_seq_len else [])
+    full, rest = divmod(extra, max_seq_len)
     slots = bucket.users - users
-    if len(fill) > slots or extra < 0:
+    if full + (rest > 0) > slots or extra < 0:
         raise ValueError(f"bucket {bucket} cannot hold {users} users and {total} tokens (max_seq_len {max_seq_len})")
-    sizes = fill + [0] * (slots - len(fill))
-    ends = total + torch.tensor(sizes, dtype=offsets.dtype).cumsum(0)  # offsets[-1] is T: known here
-    dev = tokens.device
+    # the padding users' sizes made on the device from host integers: no host->device copy, no sync
+    dev, kind = tokens.device, offsets.dtype
+    sizes = torch.cat([torch.full((full,), max_seq_len, dtype=kind, device=dev),
+                       torch.full((1 if rest else 0,), rest, dtype=kind, device=dev),
+                       torch.zeros(slots - full - (rest > 0), dtype=kind, device=dev)])
     return (
         torch.cat([tokens, tokens.new_zeros(extra, tokens.shape[1])]),
-        torch.cat([offsets, ends.to(dev, non_blocking=True)]),
-        torch.cat([num_candidates, torch.tensor(sizes, dtype=num_candidates.dtype).to(dev, non_blocking=True)]),
+        torch.cat([offsets, total + sizes.cumsum(0)]),  # offsets[-1] is T: known here
+        torch.cat([num_candidates, sizes.to(num_candidates.dtype)]),
         torch.cat([timestamps, timestamps.new_zeros(extra)]),
     )
