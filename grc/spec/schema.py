@@ -585,7 +585,8 @@ class TritonBundleConfig(_Section):
         description="dense model step of the ensemble: onnxruntime (the exported ONNX in a python-backend model, "
         "CPU or GPU), tensorrt_plan (the engine stage's TensorRT engines, one per compute capability) or "
         "aotinductor (the aoti stage's .pt2 packages in a python-backend model: the cpu package on KIND_CPU, "
-        "the GPU package on KIND_GPU; needs engine.aoti.enabled)",
+        "the GPU package on KIND_GPU; needs engine.aoti.enabled); the fused pipeline only: pytorch "
+        "(GRDense.forward_padded, the hand-written baseline) or pytorch_kernels (grc's Triton kernels, no package)",
     )
     extra_backends: list[TritonBackend] = Field(
         default_factory=list,

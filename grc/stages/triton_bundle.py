@@ -23,8 +23,11 @@ SERVED_BY = {"aotinductor": "aoti", "tensorrt_plan": "engine"}
 
 
 def served_stages(spec: Any) -> tuple[str, ...]:
+    """The ensemble reads the exported ONNX (its dense_onnx step, and the manifest's digests); the fused
+    pipeline never does, so a fused build needs no export stage (nor onnxscript)."""
     cfg = spec.bundles.triton
-    return tuple(SERVED_BY[b] for b in (cfg.backend, *cfg.extra_backends) if b in SERVED_BY)
+    export = ("export",) if cfg.pipeline == "ensemble" else ()
+    return (*export, *(SERVED_BY[b] for b in (cfg.backend, *cfg.extra_backends) if b in SERVED_BY))
 
 
 def engine_plans(folder: Path) -> tuple[dict[int, Path], dict[str, Path]]:
@@ -41,15 +44,18 @@ def engine_plans(folder: Path) -> tuple[dict[int, Path], dict[str, Path]]:
 
 def run(ctx: Context) -> dict[str, Any]:
     engines, per_gpu = engine_plans(ctx.inputs["engine"]) if "engine" in ctx.inputs else (None, None)
-    return write_bundle(ctx.spec, ctx.inputs["weights"], ctx.inputs["export"], ctx.out, engines=engines,
+    return write_bundle(ctx.spec, ctx.inputs["weights"], ctx.inputs.get("export"), ctx.out, engines=engines,
                         gpu_engines=per_gpu, aoti=ctx.inputs.get("aoti"), log=ctx.log)  # fmt: skip
 
 
 STAGE = Stage(
     name="triton",
     output="triton",
-    reads=("bundles.triton", "model"),
-    inputs=("weights", "export"),
+    # name: the default model_name and bundle.json's spec; engine.aoti.dtype and the tolerances: a fused GPU
+    # model's dense dtype and the tolerance bundle.json records for its smoke test
+    reads=("bundles.triton", "model", "name", "engine.aoti.dtype", "engine.aoti.parity", "engine.parity",
+           "verify.export"),
+    inputs=("weights",),  # and export for the ensemble: served_stages
     toolkits=("tritonclient", "protobuf"),
     run=run,
     doc="Triton model repository: ensemble of python preprocess, onnxruntime dense model, postprocess",

@@ -172,7 +172,7 @@ def assert_padding_exact(result: dict[str, Any], tol: float, seed: int, graphs: 
 
 def assert_ranker(result: dict[str, Any], tol: float, seed: int) -> None:
     assert result["rel_err"] <= tol and not result["problems"], f"seed={seed}: {result}"
-    assert result["stats"]["requests"] == 5 and result["stats"]["users"] == 6
+    assert result["stats"]["requests"] == 5 and result["stats"]["users"] == 6 and result["stats"]["rank_us"] > 0
     assert result["dtypes"] == {"scores": "float32", "ranked_candidates": "int64", "ranked_items": "int64",
                                 "ranked_scores": "float32", "ranked_task_scores": "float32"}
     assert result["shapes"]["scores"][0] == 2  # the two-user request came back as one response of 2 users

@@ -21,7 +21,7 @@ from grc.serving.triton import fused_bundle as fb
 from grc.serving.triton.model_config import load_config
 from grc.serving.triton.model_config import pb as mc
 from grc.spec.loader import load_spec
-from tests.conftest import TEST_SPECS, run_build, write_spec
+from tests.conftest import TEST_SPECS, in_dir, run_build, write_spec
 
 GPU = {"bundles.triton": {"instance_kind": "KIND_GPU", "backend": "pytorch", "extra_backends": ["pytorch_kernels"],
                           "instance_count": 2, "gpus": [0, 1], "max_batch_size": 4, "preferred_batch_sizes": [2, 4]}}
@@ -80,6 +80,7 @@ def test_fused_bundle_one_model_per_backend_with_instance_groups(tmp_path: Path)
     spec_path = write_spec(tmp_path, TEST_SPECS / "mtgr-tiny.yaml", GPU)
     statuses = run_build(spec_path, only=["triton"])
     assert statuses["triton"] == "built"
+    assert "export" not in statuses  # the fused models never read the ONNX: no export stage (nor onnxscript)
     spec = load_spec(spec_path).spec
     folder = tmp_path / "artifacts" / spec.name / "triton"
     repo = folder / bd.MODEL_REPOSITORY
@@ -104,33 +105,36 @@ def test_fused_bundle_one_model_per_backend_with_instance_groups(tmp_path: Path)
     model, weights = bd.bundle_model(folder)  # what deploy's smoke test reads: the fused model's own
     assert model == spec.model and weights == repo / "mtgr-tiny" / "1" / "weights"
     assert "Fused pipeline" in (folder / "README.md").read_text()
+    # what the fused models read beyond bundles.triton and model rebuilds the bundle (the build cache would
+    # otherwise restore one with the old dense dtype, tolerance or model names)
+    from grc.build.runner import plan as build_plan
+
+    write_spec(tmp_path, spec_path, {"engine.aoti.dtype": "float16"})
+    with in_dir(tmp_path):
+        rows = {row.task: row for row in build_plan(load_spec(spec_path.name), Path("artifacts") / spec.name)}
+    assert rows["triton"].state != "up to date" and "engine.aoti.dtype" in " ".join(rows["triton"].reasons)
+    renamed = write_spec(tmp_path, spec_path, {"name": "renamed"}, name="renamed.yaml")
+    run_build(renamed, only=["triton"])
+    assert bd.load_description(tmp_path / "artifacts" / "renamed" / "triton")["ensemble"] == "renamed"
 
 
-def test_kind_gpu_aotinductor_without_a_gpu_package_fails_the_build_naming_why(tmp_path: Path) -> None:
-    from grc.serving.triton.bundle import aoti_packages
+def test_kind_gpu_aotinductor_without_a_gpu_package_fails_the_build_naming_why(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """tests/specs/mtgr-tiny-gpu.yaml built where there is no GPU: the aoti stage records its cuda target as
+    skipped, and the triton stage fails saying why, leaving no bundle behind."""
+    import shutil
 
-    spec_path = write_spec(tmp_path, TEST_SPECS / "mtgr-tiny.yaml", {
-        "engine.aoti": {"enabled": True, "targets": ["cpu", "cuda"]},
-        "bundles.triton": {"instance_kind": "KIND_GPU", "backend": "aotinductor"}})  # fmt: skip
-    spec = load_spec(spec_path).spec
-    aoti = tmp_path / "aoti"
-    aoti.mkdir()
-    (aoti / "manifest.json").write_text(json.dumps({"targets": [
-        {"name": "cpu", "status": "built", "package": "cpu/model.pt2"},
-        {"name": "cuda", "status": "skipped", "package": None}], "sha256": {}}))  # what a CPU host's stage records
-    with pytest.raises(Exception, match=r"KIND_GPU serves a gpu AOTInductor package and the aoti stage built none "
-                                        r"\(built: \['cpu'\]; a GPU package is built on a host with that GPU\)"):
-        aoti_packages(spec, aoti)
-    out = tmp_path / "bundle"
-    from grc.serving.triton.fused_bundle import write_models
+    import torch
 
-    class Repo:  # write_models asks for the packages before it links anything
-        def __getattr__(self, name: str) -> Any:
-            raise AssertionError(f"write_models touched the repository ({name}) before refusing")
-
-    with pytest.raises(Exception, match="built none"):
-        write_models(Repo(), spec, tmp_path, aoti, None)
-    assert not out.exists()
+    if torch.cuda.is_available():
+        pytest.skip("this host has a GPU: the aoti stage builds the cuda package here")
+    for name in ("mtgr-tiny-gpu.yaml", "mtgr-tiny.yaml"):
+        shutil.copy(TEST_SPECS / name, tmp_path / name)
+    statuses = run_build(tmp_path / "mtgr-tiny-gpu.yaml", only=["triton"], expect_ok=False)
+    assert statuses["aoti"] == "built" and statuses["triton"] == "failed", statuses
+    assert ("bundles.triton.instance_kind: KIND_GPU serves a gpu AOTInductor package and the aoti stage built none "
+            "(built: nothing; a GPU package is built on a host with that GPU)") in capsys.readouterr().err
+    assert not (tmp_path / "artifacts" / "mtgr-tiny-gpu" / "triton").exists()
 
 
 def test_kind_gpu_instance_without_cuda_fails_at_load_naming_why(tmp_path: Path) -> None:

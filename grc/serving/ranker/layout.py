@@ -84,7 +84,9 @@ def build(requests: list[dict[str, np.ndarray]], cfg: ModelConfig) -> Layout:
 
 def on_device(layout: Layout, device: torch.device, cross_features: int) -> dict[str, torch.Tensor]:
     """The packed arrays copied to ``device`` in one transfer, split back into named views."""
-    flat = torch.from_numpy(layout.packed).to(device, non_blocking=False)
+    flat = torch.from_numpy(layout.packed)
+    if device.type == "cuda":  # staged in pinned memory: the copy is queued, the host goes on to queue the lookups
+        flat = flat.pin_memory().to(device, non_blocking=True)
     out = {name: flat[start : start + n] for name, (start, n) in layout.fields.items()}
     if "cross" in out:
         bits = out["cross"].view(torch.float32)  # the float32 features' bits, padded to whole int64s

@@ -14,6 +14,7 @@ instance (Triton runs one execute() at a time per instance).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,9 @@ class Ranker:
         self.truncate, self.graph_stats = truncate, stats
         self.requests = 0
         self.users = 0
+        self.tokens = 0
+        self.rank_us = 0  # wall time inside rank(): host work, copies, and waiting for the device
+        self.dense_device_us = 0  # device time of the dense step (CUDA events; padding and graph replay included)
 
     # ------------------------------------------------------------------ loading
 
@@ -89,20 +93,31 @@ class Ranker:
 
     def rank(self, checked: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         """Checked requests -> per request the ensemble's outputs, in one pipeline pass."""
+        started = time.perf_counter()
         layout = lay.build(checked, self.cfg)
+        cuda = self.device.type == "cuda"
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if cuda else []
         with torch.no_grad():
             feeds = lay.on_device(layout, self.device, self.cfg.cross_features)
             tokens = self._tokens(feeds, layout.tokens).to(self.dense_dtype)
+            if cuda:
+                events[0].record()
             scores = self.dense(tokens, feeds["offsets"], feeds["num_candidates"], feeds["timestamps"])
-            picked = scores.index_select(0, feeds["candidate_dst"]).float().cpu().numpy()
+            if cuda:
+                events[1].record()
+            picked = scores.index_select(0, feeds["candidate_dst"]).float().cpu().numpy()  # waits for the device
+        if cuda:
+            self.dense_device_us += int(events[0].elapsed_time(events[1]) * 1000)
         self.requests += len(checked)
         self.users += layout.users
+        self.tokens += layout.tokens
         outs, row = [], 0
         first = rq.candidate_input(self.cfg.candidate[0])
         for r, (b, c) in zip(checked, layout.shapes, strict=True):
             per_task = picked[row : row + b * c].reshape(b, c, -1)
             outs.append(rank_candidates(per_task, r[first], self.weights, self.top_k))
             row += b * c
+        self.rank_us += int((time.perf_counter() - started) * 1e6)
         return outs
 
     def _tokens(self, feeds: dict[str, torch.Tensor], total: int) -> torch.Tensor:
@@ -127,7 +142,8 @@ class Ranker:
     def stats(self) -> dict[str, int]:
         s = self.graph_stats
         return {"graph_hits": s.graph_hits, "graph_misses": s.graph_misses, "padded_tokens": s.padded_tokens,
-                "requests": self.requests, "users": self.users}
+                "requests": self.requests, "users": self.users, "tokens": self.tokens, "rank_us": self.rank_us,
+                "dense_device_us": self.dense_device_us}
 
 
 def cuda_missing(what: str) -> str:

@@ -297,10 +297,11 @@ class _Repository:
         self.configs.append((msg, module))
 
 
-def write_bundle(spec: Spec, weights_dir: Path, onnx_dir: Path, out: Path,
+def write_bundle(spec: Spec, weights_dir: Path, onnx_dir: Path | None, out: Path,
                  engines: dict[int, Path] | None = None, aoti: Path | None = None,
                  gpu_engines: dict[str, Path] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Write the bundle into ``out``; returns the stage manifest's body."""
+    """Write the bundle into ``out``; returns the stage manifest's body. ``onnx_dir``: the export stage's
+    output, which only the ensemble reads (None for a fused pipeline)."""
     from grc.serving.common.validate import parse
     from grc.serving.triton.models.preprocess import load_projector, project
     from grc.weights import open_tables, read_manifest
@@ -309,13 +310,15 @@ def write_bundle(spec: Spec, weights_dir: Path, onnx_dir: Path, out: Path,
     wanted = [cfg.backend, *cfg.extra_backends]
     _refuse(spec, wanted, engines, onnx_dir)  # before anything is written
     known = {s["file"]: s["sha256"] for s in read_manifest(weights_dir)["shards"]}
-    known.update(json.loads((onnx_dir / "manifest.json").read_text()).get("sha256", {}))
-    repo = _Repository(out, str(cfg.model_version), known)
     sample = sample_request(spec)
     warm = cfg.warmup
     if fused_bundle.enabled(spec):  # one python model per backend: no preprocess, dense or postprocess step
+        repo = _Repository(out, str(cfg.model_version), known)
         fused_bundle.write_models(repo, spec, weights_dir, aoti, sample if warm else None)
         return _finish(repo, out, spec, sample, gpu_engines, log)
+    assert onnx_dir is not None  # the stage passes the export stage's output to every ensemble
+    known.update(json.loads((onnx_dir / "manifest.json").read_text()).get("sha256", {}))
+    repo = _Repository(out, str(cfg.model_version), known)
     checked = parse(dict(sample), spec.model, cfg.truncate_history)
     projector, tables = load_projector(spec.model, weights_dir), open_tables(spec.model, weights_dir)
     dense_in = project([checked], projector, tables, spec.model)[0]
@@ -352,7 +355,7 @@ def _finish(repo: _Repository, out: Path, spec: Spec, sample: dict[str, np.ndarr
             "models": sorted(m.name for m, _ in repo.configs), "linked": mode, "sha256": repo.digests}
 
 
-def _refuse(spec: Spec, wanted: Sequence[str], engines: dict[int, Path] | None, onnx_dir: Path) -> None:
+def _refuse(spec: Spec, wanted: Sequence[str], engines: dict[int, Path] | None, onnx_dir: Path | None) -> None:
     """What the spec asks and this build cannot serve, named before anything is written."""
     problems = (rq.bundle_problems(spec.model, spec.bundles.triton) + history_bundle.problems(spec)
                 + fused_bundle.problems(spec))
@@ -362,7 +365,7 @@ def _refuse(spec: Spec, wanted: Sequence[str], engines: dict[int, Path] | None, 
         raise StageError("bundles.triton.backend: tensorrt_plan serves the engine stage's TensorRT engines, and this "
                          "build has none (every engine.targets entry was skipped: see the engine stage's manifest), "
                          "or use onnxruntime")
-    if "onnxruntime" in wanted:
+    if "onnxruntime" in wanted and onnx_dir is not None:
         refuse_gpu_custom_ops(spec, onnx_dir / "model.onnx")
 
 
