@@ -57,7 +57,7 @@ MAX_POSITION_BUCKETS = 1 << 22  # 2P - 1 + 2 POS_PAD positions index the table i
 NEAR, FAR_LEFT, FAR_RIGHT = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 # Inline-PTX variants (GPU only; the interpreter cannot run PTX): bit flags of the PTX constexpr
 # (written as literals inside the kernels: the interpreter cannot mix ints and constexprs).
-PTX_GATHER, PTX_BFIND = 1, 2
+PTX_GATHER, PTX_BFIND, PTX_CVT = 1, 2, 4
 SPLIT_MIN_KEYS, MAX_SPLITS = 128, 32  # key splits (key_splits): at least two 64-key blocks per part
 
 # (BLOCK_M, BLOCK_N, warps, stages) per padded head dim, each without spills in its key loops
@@ -67,7 +67,7 @@ SPLIT_MIN_KEYS, MAX_SPLITS = 128, 32  # key splits (key_splits): at least two 64
 # (mtgr-small's 2 heads of 256): the accumulator alone takes 128 registers per thread at 64 rows /
 # 4 warps, so 8 warps share it.
 CONFIGS = {
-    64: ((128, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)),
+    64: ((128, 64, 4, 3), (64, 64, 4, 2), (64, 128, 4, 2), (128, 64, 8, 2)),
     128: ((64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 8, 3)),
     256: ((64, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)),
 }
@@ -133,13 +133,18 @@ def _round_to_bf16(x):
 def _bucket32(dt, PTX: tl.constexpr):
     """floor(log2(1 + |dt|)) for int32 |dt| < 2**30, exactly (no clamp: the tables hold every bucket).
 
-    On the GPU (PTX_BFIND): abs, add and bfind (index of the highest set bit) in one PTX block.
-    Elsewhere the exponent field of the float |dt| + 1, which rounding can push up to the next
-    power of two only (above 2**24); an integer check corrects that."""
+    On the GPU: PTX_BFIND, abs, add and bfind (index of the highest set bit) in one PTX block;
+    PTX_CVT, the exponent field of |dt| + 1 converted to float rounding toward zero (exact: never
+    rounds up to the next power of two). Elsewhere the exponent of the float |dt| + 1 rounded to
+    nearest, which can reach the next power of two above 2**24; an integer check corrects that."""
     if PTX & 2:  # PTX_BFIND
         return tl.inline_asm_elementwise(
             "{ .reg .s32 t; abs.s32 t, $1; add.s32 t, t, 1; bfind.u32 $0, t; }", "=r,r", [dt],
             dtype=tl.int32, is_pure=True, pack=1)
+    elif PTX & 4:  # PTX_CVT
+        return tl.inline_asm_elementwise(
+            "{ .reg .s32 t; .reg .f32 f; abs.s32 t, $1; add.s32 t, t, 1; cvt.rz.f32.s32 f, t; mov.b32 t, f; "
+            "shr.u32 t, t, 23; sub.s32 $0, t, 127; }", "=r,r", [dt], dtype=tl.int32, is_pure=True, pack=1)
     else:
         x = tl.abs(dt) + 1
         e = (x.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127
@@ -348,13 +353,16 @@ def _attend_segment(Q, K, V, Out, ts, time_tab, pos_tab, near_tab, far_tab, q_ro
 
     fast = False
     if ALLOW_TS_FAST:  # int32 offsets (to ts_ref) if every timestamp this program reads lies within 2**29
-        t_min = tl.minimum(tl.min(ts_i), ts_ref)
-        t_max = tl.maximum(tl.max(ts_i), ts_ref)
-        for n_start in range(k_lo, k_hi, 256):  # wide steps: this scan is overhead
+        # (wide steps, elementwise min / max, one reduction at the end: this scan is overhead)
+        lo_j = tl.full([256], 0, tl.int64) + ts_ref
+        hi_j = lo_j
+        for n_start in range(k_lo, k_hi, 256):
             offs_n = n_start + tl.arange(0, 256)
             ts_j = tl.load(ts_base + offs_n, mask=offs_n < k_hi, other=0)
-            t_min = tl.minimum(t_min, tl.min(tl.where(offs_n < k_hi, ts_j, ts_ref)))
-            t_max = tl.maximum(t_max, tl.max(tl.where(offs_n < k_hi, ts_j, ts_ref)))
+            lo_j = tl.minimum(lo_j, tl.where(offs_n < k_hi, ts_j, ts_ref))
+            hi_j = tl.maximum(hi_j, tl.where(offs_n < k_hi, ts_j, ts_ref))
+        t_min = tl.minimum(tl.min(ts_i), tl.min(lo_j))
+        t_max = tl.maximum(tl.max(ts_i), tl.max(hi_j))
         fast = _abs_gap(t_max, t_min) < TS_FAST_LIMIT  # no wrap-around even for INT64_MIN..INT64_MAX
 
     # Either the loops by kind on the int32 time path or, where the span is too wide, one generic
@@ -606,7 +614,8 @@ def hstu_attention_cached_triton(
     config: (BLOCK_M, BLOCK_N, num_warps, num_stages) to skip autotuning (checks that compile many
     variants). ablate: benchmarking only, a bitmask of per-score stages to drop, which makes the
     result WRONG: 1 bias (time bucket and gathers), 4 activation. ptx: which inline-PTX variants
-    to use (PTX_GATHER | PTX_BFIND bits); None = both on a GPU, none under the interpreter.
+    to use (PTX_GATHER, and PTX_BFIND or PTX_CVT for the time bucket); None = PTX_GATHER | PTX_BFIND
+    on a GPU, none under the interpreter.
     splits: how many parts each query window's key range is cut into (fp32 partial sums, added
     in a fixed order: deterministic); None = key_splits' choice (> 1 only when the grid is small).
     near_fused: near blocks gather from one [32, 2P-1] time x position table per head instead of
