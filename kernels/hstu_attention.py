@@ -17,8 +17,9 @@ Per-score work is the bottleneck (not the two matmuls), so it is trimmed to a fe
   the bucket is one bfind of |dt| + 1 on the GPU (abs, add, bfind in one PTX block);
 - bias: small tables, pre-scaled by 1/2, that stay in L1: time [H, 64] (buckets past NB-1 repeat
   the last, so no clamp), position [H, 2P-1 + 2 POS_PAD] (padded with the clamped ends, so no clamp
-  in unmasked near blocks), far [H, 2, 64] (time + the clamped position, one gather). Near scores add
-  time + position in the reference's order, so the rounding is the reference's;
+  in unmasked near blocks, whose position loads are a row pointer minus a column constant: no
+  address arithmetic per score), far [H, 2, 64] (time + the clamped position, one gather). Near
+  scores add time + position in the reference's order, so the rounding is the reference's;
 - SiLU is z + z*tanh(z) with z = s/2 (tanh.approx on GPU), and 1/norm is applied once per output row.
 
 Exact for every table size: any time_buckets (a gap saturates at 2**63 - 1, bucket 63) and
@@ -65,11 +66,11 @@ SPLIT_MIN_KEYS, MAX_SPLITS = 128, 32  # key splits (key_splits): at least two 64
 # before the int32/int64 loop split: BLOCK_N 32 / 3 stages best at 128, 128/64/4/3 at 64. With the
 # int64 code out of the key loops, 64-key blocks fit too (fewer loop overheads per score). 256
 # (mtgr-small's 2 heads of 256): the accumulator alone takes 128 registers per thread at 64 rows /
-# 4 warps, so 8 warps share it.
+# 4 warps; 8 warps need 128 rows (at 64 rows both warpgroups computed every score: twice the work).
 CONFIGS = {
     64: ((128, 64, 4, 3), (64, 64, 4, 2), (64, 128, 4, 2), (128, 64, 8, 2)),
     128: ((64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 8, 3)),
-    256: ((64, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)),
+    256: ((128, 32, 8, 2), (64, 32, 4, 2), (64, 16, 4, 2), (128, 16, 8, 2)),
 }
 
 
@@ -109,15 +110,26 @@ def _act(z, FAST_SILU: tl.constexpr):
 
 @triton.jit
 def _gather(base, idx, PTX: tl.constexpr):
-    """base[idx] (float32 table, int32 index). On the GPU (PTX_GATHER) through inline PTX, the
-    address one wide multiply-add: Triton's software pipeliner would otherwise prefetch the
-    gather an iteration ahead via cp.async, holding a 64-bit pointer per score in registers."""
+    """base[idx] (float32 table, int32 index >= 0). On the GPU (PTX_GATHER) through inline PTX, the
+    address from an unsigned wide multiply: Triton's software pipeliner would otherwise prefetch
+    the gather an iteration ahead via cp.async, holding a 64-bit pointer per score in registers."""
     if PTX & 1:  # PTX_GATHER
         return tl.inline_asm_elementwise(
-            "{ .reg .u64 a; mad.wide.s32 a, $1, 4, $2; ld.global.nc.f32 $0, [a]; }", "=r,r,l",
+            "{ .reg .u64 a; mul.wide.u32 a, $1, 4; add.u64 a, a, $2; ld.global.nc.f32 $0, [a]; }", "=r,r,l",
             [idx, base + tl.zeros_like(idx)], dtype=tl.float32, is_pure=True, pack=1)
     else:
         return tl.load(base + idx)
+
+
+@triton.jit
+def _load(ptrs, PTX: tl.constexpr):
+    """Per-score load at ready addresses (same PTX as _gather): where they are a row pointer minus
+    a column constant, ptxas folds the constant into the load (no address arithmetic per score)."""
+    if PTX & 1:  # PTX_GATHER
+        return tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=r,l", [ptrs], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.load(ptrs)
 
 
 @triton.jit
@@ -177,18 +189,22 @@ def _bucket64(gap):
 
 
 @triton.jit
-def _bias(bucket, p_i, offs_n, time_base, pos_base, near_base, far_base,
+def _bias(bucket, p_i, n_start, time_base, pos_base, near_base, far_base,
           MASKED: tl.constexpr, REL: tl.constexpr, NEAR_FUSED: tl.constexpr, P: tl.constexpr,
-          PTX: tl.constexpr):
-    """bias[h, bucket(i, j), rp(i, j)] / 2 of one key block's pairs, from the tables (halved)."""
+          BLOCK_N: tl.constexpr, PTX: tl.constexpr):
+    """bias[h, bucket(i, j), rp(i, j)] / 2 of the pairs of key block [n_start, n_start + BLOCK_N),
+    from the tables (halved). pos_base points at rp = 0 of the padded position row."""
     if REL == NEAR:  # history keys: p(j) = j; p(i) = min(i, n_ctx) precomputed per row
-        rp = p_i[:, None] - offs_n[None, :]
-        if MASKED:  # the tail may lie past the padding (non-causal: any distance); unmasked near
-            rp = tl.minimum(tl.maximum(rp, 1 - P), P - 1)  # blocks stay within it (POS_PAD)
-        if NEAR_FUSED:  # one [32, 2P-1] table per head (int32 path only, bucket <= 29)
-            return _gather(near_base, bucket * (2 * P - 1) + tl.minimum(tl.maximum(rp, 1 - P), P - 1), PTX)
-        else:
-            return _gather(time_base, bucket, PTX) + _gather(pos_base, rp, PTX)
+        if MASKED or NEAR_FUSED:  # the tail may lie past the padding (non-causal: any distance)
+            offs_n = n_start + tl.arange(0, BLOCK_N)
+            rp = tl.minimum(tl.maximum(p_i[:, None] - offs_n[None, :], 1 - P), P - 1) + (P - 1)  # >= 0
+            if NEAR_FUSED:  # one [32, 2P-1] table per head (int32 path only, bucket <= 29)
+                return _gather(near_base, bucket * (2 * P - 1) + rp, PTX)
+            else:
+                return _gather(time_base, bucket, PTX) + _gather(pos_base - (P - 1), rp, PTX)
+        else:  # rp = p(i) - n_start - c stays within the padding (POS_PAD): a row pointer minus c
+            rows = pos_base + (p_i - n_start)
+            return _gather(time_base, bucket, PTX) + _load(rows[:, None] - tl.arange(0, BLOCK_N)[None, :], PTX)
     else:  # rp is clamped to +-(P-1) for every pair: the far row of the table
         return _gather(far_base, bucket, PTX)
 
@@ -230,12 +246,12 @@ def _attn_block(acc, q, p_i, ts_i, offs_m, n_start, n_ctx, k_base, v_base, ts_ba
     if not ABLATE & 1:  # (ABLATE: benchmarking only, drops stages and so gives WRONG results)
         if TS64:
             bucket = _bucket64(_abs_gap(ts_i[:, None], ts_j[None, :]))
-            z = z + _bias(bucket, p_i, offs_n, time_base, pos_base, near_base, far_base, MASKED, REL, False,
-                          P, PTX)
+            z = z + _bias(bucket, p_i, n_start, time_base, pos_base, near_base, far_base, MASKED, REL, False,
+                          P, BLOCK_N, PTX)
         else:
             bucket = _bucket32(ts_i[:, None] - (ts_j - ts_ref).to(tl.int32)[None, :], PTX)
-            z = z + _bias(bucket, p_i, offs_n, time_base, pos_base, near_base, far_base, MASKED, REL,
-                          NEAR_FUSED, P, PTX)
+            z = z + _bias(bucket, p_i, n_start, time_base, pos_base, near_base, far_base, MASKED, REL,
+                          NEAR_FUSED, P, BLOCK_N, PTX)
     a = z if ABLATE & 4 else _act(z, FAST_SILU)
     if MASKED:
         ok = col_ok[None, :]
@@ -325,11 +341,11 @@ def _attend_segment(Q, K, V, Out, ts, time_tab, pos_tab, near_tab, far_tab, q_ro
     ts_i = tl.where(row_ok, tl.load(ts_base + offs_m, mask=row_ok, other=0), tl.load(ts_base + m0))
     k_base = K + kv_start * stride_kt + h * stride_kh
     v_base = V + kv_start * stride_vt + h * stride_vh
-    # Table pointers pre-offset so that a bucket and rp in [1-P, P-1] index them directly.
+    # Table pointers: time / far indexed by the bucket, position pointing at rp = 0.
     h64 = h.to(tl.int64)
     time_base = time_tab + h64 * SLOTS
     pos_base = pos_tab + h64 * (2 * P - 1 + 2 * PAD) + PAD + P - 1
-    near_base = near_tab + h64 * (32 * (2 * P - 1)) + P - 1  # (NEAR_FUSED only; 32 = FUSED_BUCKETS)
+    near_base = near_tab + h64 * (32 * (2 * P - 1))  # (NEAR_FUSED only; 32 = FUSED_BUCKETS)
     far_base = far_tab + h64 * (2 * SLOTS)
 
     # Key ranges. History keys a row of this tile may see: causal j <= i (candidate rows: all
