@@ -39,7 +39,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench.kernels as bench
 from bench._common import RESULTS, write_result
 from kernels import reference
-from kernels.hstu_attention import INTERPRET, PTX_BFIND, PTX_CVT, PTX_GATHER, _bucket32, hstu_attention_cached_triton
+from kernels.hstu_attention import (
+    INTERPRET,
+    PTX_BFIND,
+    PTX_CVT,
+    PTX_GATHER,
+    PTX_SHFL,
+    _bucket32,
+    hstu_attention_cached_triton,
+)
 from kernels.norm_gate import norm_gate_triton
 
 DEVICE = bench.DEVICE
@@ -162,7 +170,8 @@ def correctness(deadline: float) -> list[dict[str, Any]]:
         ("full int64 path forced", bf16, {"allow_ts_fast": False, **mtgr_base}),
         ("full, exact SiLU path", bf16, {"fast_silu": False, **mtgr_base}),
         ("full, float-exponent bucket (no bfind)", bf16, {"ptx": PTX_GATHER, **mtgr_base}),
-        ("full, cvt.rz bucket", bf16, {"ptx": PTX_GATHER | PTX_CVT, **mtgr_base}),
+        ("full, cvt.rz bucket", bf16, {"ptx": PTX_GATHER | PTX_CVT | PTX_SHFL, **mtgr_base}),
+        ("full, gathered tables (no shuffles)", bf16, {"ptx": PTX_GATHER | PTX_BFIND, **mtgr_base}),
         ("full, fused near table", bf16, {"near_fused": True, **mtgr_base}),
         ("full causal", f16, mtgr_base),
         ("cached causal", f16, {"queries": suffix, **mtgr_base}),

@@ -15,6 +15,8 @@ Per-score work is the bottleneck (not the two matmuls), so it is trimmed to a fe
   offsets, and its key loops hold no int64 code (a program with a wider span takes one generic
   masked loop on the saturated int64 gap instead: same results, slower, never seen in practice);
   the bucket is one bfind of |dt| + 1 on the GPU (abs, add, bfind in one PTX block);
+- on that path buckets are < 32, so each lane of a warp keeps one entry of the time and far tables
+  in a register and a score's entry is one warp shuffle (no address, no load);
 - bias: small tables, pre-scaled by 1/2, that stay in L1: time [H, 64] (buckets past NB-1 repeat
   the last, so no clamp), position [H, 2P-1 + 2 POS_PAD] (padded with the clamped ends, so no clamp
   in unmasked near blocks, whose position loads are a row pointer minus a column constant: no
@@ -58,7 +60,7 @@ MAX_POSITION_BUCKETS = 1 << 22  # 2P - 1 + 2 POS_PAD positions index the table i
 NEAR, FAR_LEFT, FAR_RIGHT = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 # Inline-PTX variants (GPU only; the interpreter cannot run PTX): bit flags of the PTX constexpr
 # (written as literals inside the kernels: the interpreter cannot mix ints and constexprs).
-PTX_GATHER, PTX_BFIND, PTX_CVT = 1, 2, 4
+PTX_GATHER, PTX_BFIND, PTX_CVT, PTX_SHFL = 1, 2, 4, 8
 SPLIT_MIN_KEYS, MAX_SPLITS = 128, 32  # key splits (key_splits): at least two 64-key blocks per part
 
 # (BLOCK_M, BLOCK_N, warps, stages) per padded head dim, each without spills in its key loops
@@ -133,6 +135,24 @@ def _load(ptrs, PTX: tl.constexpr):
 
 
 @triton.jit
+def _lane_value(base):
+    """base[laneid] in each thread (PTX_SHFL): a per-lane register that _shfl reads a table from.
+    Triton sees a scalar; each thread holds its own lane's entry, which is what shfl needs."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .u32 l; .reg .u64 a; mov.u32 l, %laneid; mul.wide.u32 a, l, 4; add.u64 a, a, $1; "
+        "ld.global.nc.f32 $0, [a]; }", "=r,l", [base], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _shfl(lane_value, idx):
+    """table[idx] for idx < 32 from the warp's registers (lane L holds table[L]): one shuffle, no
+    address arithmetic, no load. Every lane of the warp takes part (Triton code does not diverge)."""
+    return tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x1f, -1;", "=r,r,r",
+                                     [tl.broadcast_to(lane_value, idx.shape), idx], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
 def _round_to_bf16(x):
     """fp32 -> nearest bf16 value (ties to even), kept in fp32, by integer ops: the interpreter's
     own fp32->bf16 cast truncates, and its round-to-nearest mode loses the carry into the exponent."""
@@ -189,7 +209,7 @@ def _bucket64(gap):
 
 
 @triton.jit
-def _bias(bucket, p_i, n_start, time_base, pos_base, near_base, far_base,
+def _bias(bucket, p_i, n_start, time_base, pos_base, near_base, far_base, time_lane, far_lane,
           MASKED: tl.constexpr, REL: tl.constexpr, NEAR_FUSED: tl.constexpr, P: tl.constexpr,
           BLOCK_N: tl.constexpr, PTX: tl.constexpr):
     """bias[h, bucket(i, j), rp(i, j)] / 2 of the pairs of key block [n_start, n_start + BLOCK_N),
@@ -204,15 +224,21 @@ def _bias(bucket, p_i, n_start, time_base, pos_base, near_base, far_base,
                 return _gather(time_base, bucket, PTX) + _gather(pos_base - (P - 1), rp, PTX)
         else:  # rp = p(i) - n_start - c stays within the padding (POS_PAD): a row pointer minus c
             rows = pos_base + (p_i - n_start)
-            return _gather(time_base, bucket, PTX) + _load(rows[:, None] - tl.arange(0, BLOCK_N)[None, :], PTX)
+            pos = _load(rows[:, None] - tl.arange(0, BLOCK_N)[None, :], PTX)
+            if PTX & 8:  # PTX_SHFL
+                return _shfl(time_lane, bucket) + pos
+            else:
+                return _gather(time_base, bucket, PTX) + pos
+    elif (PTX & 8) and not MASKED:  # PTX_SHFL (the int32 path: bucket <= 29)
+        return _shfl(far_lane, bucket)
     else:  # rp is clamped to +-(P-1) for every pair: the far row of the table
         return _gather(far_base, bucket, PTX)
 
 
 @triton.jit
 def _attn_block(acc, q, p_i, ts_i, offs_m, n_start, n_ctx, k_base, v_base, ts_base, ts_ref,
-                time_base, pos_base, near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
-                MASKED: tl.constexpr, REL: tl.constexpr, CAUSAL: tl.constexpr, TS64: tl.constexpr,
+                time_base, pos_base, near_base, far_base, time_lane, far_lane, stride_kt, stride_vt, offs_dk, offs_dv,
+                alpha, MASKED: tl.constexpr, REL: tl.constexpr, CAUSAL: tl.constexpr, TS64: tl.constexpr,
                 NEAR_FUSED: tl.constexpr, FAST_SILU: tl.constexpr, P: tl.constexpr, DQK: tl.constexpr,
                 DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                 DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, PTX: tl.constexpr, ABLATE: tl.constexpr):
@@ -246,12 +272,12 @@ def _attn_block(acc, q, p_i, ts_i, offs_m, n_start, n_ctx, k_base, v_base, ts_ba
     if not ABLATE & 1:  # (ABLATE: benchmarking only, drops stages and so gives WRONG results)
         if TS64:
             bucket = _bucket64(_abs_gap(ts_i[:, None], ts_j[None, :]))
-            z = z + _bias(bucket, p_i, n_start, time_base, pos_base, near_base, far_base, MASKED, REL, False,
-                          P, BLOCK_N, PTX)
+            z = z + _bias(bucket, p_i, n_start, time_base, pos_base, near_base, far_base, time_lane, far_lane, MASKED,
+                          REL, False, P, BLOCK_N, PTX)
         else:
             bucket = _bucket32(ts_i[:, None] - (ts_j - ts_ref).to(tl.int32)[None, :], PTX)
-            z = z + _bias(bucket, p_i, n_start, time_base, pos_base, near_base, far_base, MASKED, REL,
-                          NEAR_FUSED, P, BLOCK_N, PTX)
+            z = z + _bias(bucket, p_i, n_start, time_base, pos_base, near_base, far_base, time_lane, far_lane, MASKED,
+                          REL, NEAR_FUSED, P, BLOCK_N, PTX)
     a = z if ABLATE & 4 else _act(z, FAST_SILU)
     if MASKED:
         ok = col_ok[None, :]
@@ -268,14 +294,15 @@ def _attn_block(acc, q, p_i, ts_i, offs_m, n_start, n_ctx, k_base, v_base, ts_ba
 
 @triton.jit
 def _attn_loop(acc, lo, hi, q, p_i, ts_i, offs_m, n_ctx, k_base, v_base, ts_base, ts_ref,
-               time_base, pos_base, near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
-               MASKED: tl.constexpr, REL: tl.constexpr, CAUSAL: tl.constexpr, TS64: tl.constexpr,
+               time_base, pos_base, near_base, far_base, time_lane, far_lane, stride_kt, stride_vt, offs_dk, offs_dv,
+               alpha, MASKED: tl.constexpr, REL: tl.constexpr, CAUSAL: tl.constexpr, TS64: tl.constexpr,
                NEAR_FUSED: tl.constexpr, FAST_SILU: tl.constexpr, P: tl.constexpr, DQK: tl.constexpr,
                DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, PTX: tl.constexpr, ABLATE: tl.constexpr):
     for n_start in range(lo, hi, BLOCK_N):
         acc = _attn_block(acc, q, p_i, ts_i, offs_m, n_start, n_ctx, k_base, v_base, ts_base, ts_ref,
-                          time_base, pos_base, near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
+                          time_base, pos_base, near_base, far_base, time_lane, far_lane, stride_kt, stride_vt, offs_dk,
+                          offs_dv, alpha,
                           MASKED, REL, CAUSAL, TS64, NEAR_FUSED, FAST_SILU, P, DQK, DV, BLOCK_N, BLOCK_DQK,
                           BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE)
     return acc
@@ -290,24 +317,32 @@ def _key_loops(acc, k_lo, k_hi, left_end, right_start, full_end, q, p_i, ts_i32,
                DOT_UPCAST: tl.constexpr, PTX: tl.constexpr, ABLATE: tl.constexpr):
     """The key blocks [k_lo, k_hi) of one tile on the int32 time path, by kind: far-left, near,
     far-right (non-causal), then the masked tail."""
+    if PTX & 8:  # PTX_SHFL: bucket <= 29 here, so one register per lane holds a table's entries
+        time_lane = _lane_value(time_base)
+        far_lane = _lane_value(far_base)
+        far_right_lane = _lane_value(far_base + SLOTS)
+    else:
+        time_lane = 0.0
+        far_lane = 0.0
+        far_right_lane = 0.0
     acc = _attn_loop(acc, k_lo, tl.minimum(left_end, k_hi), q, p_i, ts_i32, offs_m, n_ctx, k_base, v_base,
-                     ts_base, ts_ref, time_base, pos_base, near_base, far_base, stride_kt, stride_vt, offs_dk,
-                     offs_dv, alpha, False, FAR_LEFT, CAUSAL, False, NEAR_FUSED, FAST_SILU, P, DQK, DV, BLOCK_N,
-                     BLOCK_DQK, BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE)
-    acc = _attn_loop(acc, tl.maximum(left_end, k_lo), tl.minimum(right_start, k_hi), q, p_i, ts_i32, offs_m,
-                     n_ctx, k_base, v_base, ts_base, ts_ref, time_base, pos_base, near_base, far_base, stride_kt,
-                     stride_vt, offs_dk, offs_dv, alpha, False, NEAR, CAUSAL, False, NEAR_FUSED, FAST_SILU, P, DQK,
+                     ts_base, ts_ref, time_base, pos_base, near_base, far_base, time_lane, far_lane, stride_kt,
+                     stride_vt, offs_dk, offs_dv, alpha, False, FAR_LEFT, CAUSAL, False, NEAR_FUSED, FAST_SILU, P, DQK,
                      DV, BLOCK_N, BLOCK_DQK, BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE)
+    acc = _attn_loop(acc, tl.maximum(left_end, k_lo), tl.minimum(right_start, k_hi), q, p_i, ts_i32, offs_m,
+                     n_ctx, k_base, v_base, ts_base, ts_ref, time_base, pos_base, near_base, far_base, time_lane,
+                     far_lane, stride_kt, stride_vt, offs_dk, offs_dv, alpha, False, NEAR, CAUSAL, False, NEAR_FUSED,
+                     FAST_SILU, P, DQK, DV, BLOCK_N, BLOCK_DQK, BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE)
     if not CAUSAL:  # causal rows never see keys right of themselves
         acc = _attn_loop(acc, tl.maximum(right_start, k_lo), tl.minimum(full_end, k_hi), q, p_i, ts_i32, offs_m,
                          n_ctx, k_base, v_base, ts_base, ts_ref, time_base, pos_base, near_base,
-                         far_base + SLOTS, stride_kt, stride_vt, offs_dk, offs_dv, alpha, False, FAR_RIGHT,
-                         CAUSAL, False, NEAR_FUSED, FAST_SILU, P, DQK, DV, BLOCK_N, BLOCK_DQK, BLOCK_DV, DOT_PREC,
-                         DOT_UPCAST, PTX, ABLATE)
+                         far_base + SLOTS, time_lane, far_right_lane, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
+                         False, FAR_RIGHT, CAUSAL, False, NEAR_FUSED, FAST_SILU, P, DQK, DV, BLOCK_N, BLOCK_DQK,
+                         BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE)
     acc = _attn_loop(acc, tl.maximum(full_end, k_lo), k_hi, q, p_i, ts_i32, offs_m, n_ctx, k_base, v_base,
-                     ts_base, ts_ref, time_base, pos_base, near_base, far_base, stride_kt, stride_vt, offs_dk,
-                     offs_dv, alpha, True, NEAR, CAUSAL, False, NEAR_FUSED, FAST_SILU, P, DQK, DV, BLOCK_N,
-                     BLOCK_DQK, BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE)
+                     ts_base, ts_ref, time_base, pos_base, near_base, far_base, time_lane, far_lane, stride_kt,
+                     stride_vt, offs_dk, offs_dv, alpha, True, NEAR, CAUSAL, False, NEAR_FUSED, FAST_SILU, P, DQK, DV,
+                     BLOCK_N, BLOCK_DQK, BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE)
     return acc
 
 
@@ -391,8 +426,8 @@ def _attend_segment(Q, K, V, Out, ts, time_tab, pos_tab, near_tab, far_tab, q_ro
                      stride_kt, stride_vt, offs_dk, offs_dv, alpha, CAUSAL, NEAR_FUSED, FAST_SILU, P, DQK, DV,
                      BLOCK_N, BLOCK_DQK, BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE)
     acc = _attn_loop(acc, k_mid, k_hi, q, p_i, ts_i, offs_m, n_ctx, k_base, v_base, ts_base, ts_ref,
-                     time_base, pos_base, near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
-                     True, NEAR, CAUSAL, True, False, FAST_SILU, P, DQK, DV, BLOCK_N, BLOCK_DQK, BLOCK_DV,
+                     time_base, pos_base, near_base, far_base, 0.0, 0.0, stride_kt, stride_vt, offs_dk, offs_dv,
+                     alpha, True, NEAR, CAUSAL, True, False, FAST_SILU, P, DQK, DV, BLOCK_N, BLOCK_DQK, BLOCK_DV,
                      DOT_PREC, DOT_UPCAST, PTX, ABLATE)
 
     # Candidate rows also see themselves (rp = 0, dt = 0): the only allowed key past the history
@@ -593,7 +628,7 @@ def _sm_count(device: torch.device) -> int:
 def ptx_variants(q: torch.Tensor, ptx: int | None) -> int:
     if not q.is_cuda or INTERPRET:
         return 0
-    return PTX_GATHER | PTX_BFIND if ptx is None else ptx
+    return PTX_GATHER | PTX_BFIND | PTX_SHFL if ptx is None else ptx
 
 
 def hstu_attention_cached_triton(
@@ -630,8 +665,9 @@ def hstu_attention_cached_triton(
     config: (BLOCK_M, BLOCK_N, num_warps, num_stages) to skip autotuning (checks that compile many
     variants). ablate: benchmarking only, a bitmask of per-score stages to drop, which makes the
     result WRONG: 1 bias (time bucket and gathers), 4 activation. ptx: which inline-PTX variants
-    to use (PTX_GATHER, and PTX_BFIND or PTX_CVT for the time bucket); None = PTX_GATHER | PTX_BFIND
-    on a GPU, none under the interpreter.
+    to use (PTX_GATHER; PTX_BFIND or PTX_CVT for the time bucket; PTX_SHFL: time and far tables read
+    by warp shuffles on the int32 path); None = PTX_GATHER | PTX_BFIND | PTX_SHFL on a GPU, none
+    under the interpreter.
     splits: how many parts each query window's key range is cut into (fp32 partial sums, added
     in a fixed order: deterministic); None = key_splits' choice (> 1 only when the grid is small).
     near_fused: near blocks gather from one [32, 2P-1] time x position table per head instead of
