@@ -31,13 +31,23 @@ if "--dry-run" in sys.argv:  # before triton/kernels are imported: the interpret
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch
+import triton
+import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench.kernels as bench
 from bench._common import RESULTS, write_result
 from kernels import reference
-from kernels.hstu_attention import INTERPRET, hstu_attention_cached_triton
+from kernels.hstu_attention import (
+    INTERPRET,
+    PTX_BFIND,
+    PTX_CVT,
+    PTX_GATHER,
+    PTX_SHFL,
+    _bucket32,
+    hstu_attention_cached_triton,
+)
 from kernels.norm_gate import norm_gate_triton
 
 DEVICE = bench.DEVICE
@@ -106,21 +116,46 @@ def attention_case(
     }
 
 
+@triton.jit
+def _bucket_kernel(DT, OUT, n, PTX: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(OUT + offs, _bucket32(tl.load(DT + offs, mask=offs < n, other=0), PTX), mask=offs < n)
+
+
+def bucket_edges() -> list[dict[str, Any]]:
+    """The GPU time-bucket variants (bfind, cvt.rz: inline PTX, which the interpreter cannot run)
+    against floor(log2(1 + |dt|)) in Python integers at every power-of-two edge, both signs."""
+    edges = sorted({max(0, (1 << e) + d) for e in range(30) for d in (-2, -1, 0, 1)})
+    dt = torch.tensor(edges + [-x for x in edges], dtype=torch.int32, device=DEVICE)
+    want = torch.tensor([(abs(x) + 1).bit_length() - 1 for x in dt.tolist()], dtype=torch.int32, device=DEVICE)
+    results = []
+    for name, ptx in (("bfind", PTX_BFIND), ("cvt.rz", PTX_CVT), ("float exponent", 0)):
+        if ptx and INTERPRET:
+            continue
+        out = torch.full_like(dt, -7)
+        _bucket_kernel[(1,)](dt, out, dt.numel(), PTX=ptx, BLOCK=triton.next_power_of_2(dt.numel()))
+        wrong = int((out != want).sum())
+        results.append({"check": f"time bucket at power-of-two edges, {name}", "dtype": "int32", "mismatches": wrong,
+                        "cases": dt.numel(), "ok": wrong == 0})  # fmt: skip
+    return results
+
+
 def correctness(deadline: float) -> list[dict[str, Any]]:
     rng = random.Random()
     lengths = [1, 2048, 0, *[rng.randint(1, 2048) for _ in range(5)]]
     ncands = [1, 0, 0, *[rng.choice([0, 1, rng.randint(0, n)]) for n in lengths[3:]]]
     suffix = [min(n, rng.choice([1, 64, 300, n])) for n in lengths]  # cached keys: a suffix of each user
     bf16, f16, f32 = torch.bfloat16, torch.float16, torch.float32
-    # Most important first (a time budget may cut the tail): the GPU variant of both kernels at the
-    # MTGR table sizes and 64 buckets with saturated gaps. The mtgr tables and config match the
-    # benchmark's, so its compiles come from Triton's cache.
+    # Most important first (a time budget may cut the tail): the GPU variant on the int64 loop
+    # (saturated gaps, spans past 2**29), then both kernels at the MTGR table sizes. The mtgr tables
+    # and config match the benchmark's, so its compiles come from Triton's cache.
     mtgr_base, mtgr_small = {"d": 128, "tables": (512, 32)}, {"d": 64, "heads": 2, "tables": (256, 24)}
     ends64 = {"tables": (64, 64), "int64_ends": True}
     cases: list[tuple[str, torch.dtype, dict[str, Any]]] = [
+        ("full NB 64, int64-end timestamps", bf16, ends64),
+        ("full huge spans (int64 gap path)", bf16, {"ts_gap": 1 << 28, **mtgr_base}),
         ("full mtgr-base tables (P 512, NB 32)", bf16, mtgr_base),
         ("cached mtgr-base tables (P 512, NB 32)", bf16, {"queries": suffix, **mtgr_base}),
-        ("full NB 64, int64-end timestamps", bf16, ends64),
         ("cached NB 64, int64-end timestamps", bf16, {"queries": suffix, **ends64}),
         ("full mtgr-small tables (d 64)", bf16, mtgr_small),
         ("cached mtgr-small tables (d 64)", bf16, {"queries": suffix, **mtgr_small}),
@@ -132,17 +167,19 @@ def correctness(deadline: float) -> list[dict[str, Any]]:
         ),
         ("cached non-causal, NB 32", bf16, {"queries": suffix, "causal": False, "tables": (64, 32)}),
         ("full NB 100 (buckets past 63 unread)", bf16, {"tables": (64, 100), "ts_gap": 1 << 58}),
-        ("full huge spans (int64 gap path)", bf16, {"ts_gap": 1 << 28, **mtgr_base}),
         ("full int64 path forced", bf16, {"allow_ts_fast": False, **mtgr_base}),
         ("full, exact SiLU path", bf16, {"fast_silu": False, **mtgr_base}),
-        ("full, float-exponent bucket (no bfind)", bf16, {"ptx": 1, **mtgr_base}),
+        ("full, float-exponent bucket (no bfind)", bf16, {"ptx": PTX_GATHER, **mtgr_base}),
+        ("full, cvt.rz bucket", bf16, {"ptx": PTX_GATHER | PTX_CVT | PTX_SHFL, **mtgr_base}),
+        ("full, gathered tables (no shuffles)", bf16, {"ptx": PTX_GATHER | PTX_BFIND, **mtgr_base}),
+        ("full, fused near table", bf16, {"near_fused": True, **mtgr_base}),
         ("full causal", f16, mtgr_base),
         ("cached causal", f16, {"queries": suffix, **mtgr_base}),
         ("full non-causal", f16, {"causal": False, **mtgr_base}),
         ("full causal", f32, mtgr_base),
         ("cached causal", f32, {"queries": suffix, **mtgr_base}),
     ]
-    results = []
+    results = bucket_edges()
     for name, dtype, kw in cases:
         if time.monotonic() > deadline:
             results.append({"check": name, "dtype": str(dtype).removeprefix("torch."), "skipped": "time budget spent",
@@ -226,7 +263,9 @@ def capture(aoti: bool) -> list[dict[str, Any]]:
 def print_report(results: dict[str, Any]) -> bool:
     """One line per check; True when every correctness check passed."""
     for r in results.get("correctness", []):
-        figures = f"{r['rel_err']:.2e} (bound {r['bound']})" if "rel_err" in r else r.get("skipped") or r["error"]
+        figures = f"{r['rel_err']:.2e} (bound {r['bound']})" if "rel_err" in r else r.get("skipped") or r.get("error")
+        if "mismatches" in r:
+            figures = f"{r['mismatches']} of {r['cases']} wrong"
         variant = "gpu-variant" if r.get("gpu_variant") else ""
         print(f"{'ok ' if r['ok'] else 'BAD'} {r['check']:<40} {r['dtype']:<9} {variant:<11} {figures}")
     for r in results.get("capture", []):

@@ -8,6 +8,12 @@
 #     OUT=/some/dir bash bench/gpu_run_kernels.sh     # $OUT defaults to bench/results
 #     DRY_RUN=1 OUT=/tmp/x bash bench/gpu_run_kernels.sh   # on a CPU: the same flow, Triton interpreter
 #
+# Knobs (environment): EXPLORE=old,variants,configs first times kernel variants side by side
+# (bench/kernels_explore.py, each checked vs float64) within EXPLORE_BUDGET s (default 130);
+# CHECK_BUDGET (default 130) and BENCH_BUDGET (default 140) bound the check and the table;
+# CHECK_ARGS (e.g. --skip-capture) go to the check;
+# BENCH_SEQS=512,2048,8192 limits the table's sequence lengths.
+#
 # Exit status: 1 if the correctness check failed or did not finish, else 0.
 set -u
 cd "$(dirname "$0")/.."
@@ -24,11 +30,19 @@ step "environment"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "nvidia-smi: not found"
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 
-step "kernel correctness (bench/gpu_kernels_check.py)"
 DRY=${DRY_RUN:+--dry-run}
-timeout 220 "$PY" bench/gpu_kernels_check.py --out-dir "$OUT" --budget-s 130 $DRY
+if [ -n "${EXPLORE:-}" ]; then
+    step "kernel variants (bench/kernels_explore.py --sections $EXPLORE)"
+    eb=${EXPLORE_BUDGET:-130}
+    timeout $((eb + 60)) "$PY" bench/kernels_explore.py --out-dir "$OUT" --sections "$EXPLORE" --budget-s "$eb" $DRY \
+        || echo "kernels_explore.py: exit $? (partial JSON kept)"
+fi
+
+step "kernel correctness (bench/gpu_kernels_check.py)"
+cb=${CHECK_BUDGET:-130}
+timeout $((cb + 90)) "$PY" bench/gpu_kernels_check.py --out-dir "$OUT" --budget-s "$cb" ${CHECK_ARGS:-} $DRY
 check_rc=$?
-[ $check_rc -eq 124 ] && echo "gpu_kernels_check: TIMED OUT after 220 s (partial JSON kept)"
+[ $check_rc -eq 124 ] && echo "gpu_kernels_check: TIMED OUT after $((cb + 90)) s (partial JSON kept)"
 
 step "TensorRT plugin kernel (plugins/check_kernel.py)"
 if [ -n "$DRY" ]; then
@@ -40,13 +54,18 @@ else
 fi
 
 step "benchmark (bench/kernels.py)"
-timeout 190 "$PY" bench/kernels.py --out-dir "$OUT" --budget-s 140 $DRY || echo "bench/kernels.py: exit $? (partial JSON kept)"
+bb=${BENCH_BUDGET:-140}
+timeout $((bb + 50)) "$PY" bench/kernels.py --out-dir "$OUT" --budget-s "$bb" ${BENCH_SEQS:+--seqs "$BENCH_SEQS"} $DRY \
+    || echo "bench/kernels.py: exit $? (partial JSON kept)"
 
 step "summary"
+for f in $(find "$OUT" -maxdepth 1 -name 'kernels-explore*.json' -newer "$marker"); do
+    "$PY" bench/kernels_explore.py --print "$f"
+done
 for f in $(find "$OUT" -maxdepth 1 -name 'kernels-*-check.json' -newer "$marker"); do
     "$PY" bench/gpu_kernels_check.py --print "$f"
 done
-for f in $(find "$OUT" -maxdepth 1 -name 'kernels-*.json' ! -name '*-check.json' -newer "$marker"); do
+for f in $(find "$OUT" -maxdepth 1 -name 'kernels-*.json' ! -name '*-check.json' ! -name 'kernels-explore*' -newer "$marker"); do
     "$PY" bench/kernels.py --print "$f"
 done
 echo "total $(( $(date +%s) - started )) s; results in $OUT"

@@ -1,29 +1,39 @@
 """Side-by-side timing of HSTU attention kernel variants on one CUDA GPU, each checked for exactness.
 
-Sections (most important first; a time budget stops starting new rows, the rest listed as skipped):
-- code: the same question at one table size (P 64 / NB 24): today's kernel with either time-bucket
-  path vs the one at 4d75a2c, at the old and the new config.
-- tables: is the H200 slowdown vs the last measured kernel the code or the bias-table size? The
-  kernel at 4d75a2c (before the exactness work; ./_old_hstu_attention.py, uncommitted, time buckets capped
-  at 31 as it requires) and today's, one fixed config, at P 64 / NB 24 and P 512 / NB 32.
+Sections (in this order; a time budget stops starting new rows, the rest listed as skipped):
+- variants: today's kernel at mtgr-base's tables (d 128, P 512 / NB 32), one config, seq 8192 and
+  2048: the time bucket by bfind or by a round-toward-zero float conversion, time / far tables read
+  by warp shuffles or gathered from L1, near blocks from the two small tables or one fused
+  [32, 2P-1] table, and ablations (bias or activation dropped: WRONG
+  results, marked so, timing only).
+- configs: every block shape the autotuner may pick, per head dim (128, 64, 256), seq 8192 and 2048.
+- old: the kernel at 4d75a2c (before the exactness work; ./_old_hstu_attention.py, uncommitted, time
+  buckets capped at 31 as it requires) vs today's, one config, P 64 / NB 24, seq 8192.
 - cached: one user's queries against a cached history, key range split into parts vs not.
-- configs: block shapes / warps / stages at mtgr-base's and mtgr-small's tables.
 Every variant runs once on fresh random inputs into a NaN-poisoned output and is compared with the
-float64 reference (bound 1e-2 for bf16, as bench/gpu_kernels_check.py). Prints a table last.
+float64 reference (bound 1e-2 for bf16, as bench/gpu_kernels_check.py; ablations are expected to
+fail it). Prints a table last.
 
-    python bench/kernels_explore.py [--out-dir DIR] [--budget-s S]
+    python bench/kernels_explore.py [--out-dir DIR] [--budget-s S] [--sections variants,configs,old]
+    python bench/kernels_explore.py --dry-run   # CPU: tiny shapes through the Triton interpreter
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import random
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+if "--dry-run" in sys.argv:  # before triton/kernels are imported: the interpreter flag is read at import
+    import os
+
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import torch
 
@@ -32,10 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench.kernels as bench
 from bench._common import RESULTS, write_result
 from kernels import reference
-from kernels.hstu_attention import hstu_attention_cached_triton
+from kernels.hstu_attention import CONFIGS, PTX_BFIND, PTX_CVT, PTX_GATHER, PTX_SHFL, hstu_attention_cached_triton
 
 BOUND = 1e-2  # bf16 vs float64 (bench/gpu_kernels_check.py BOUNDS)
-BASE_CFG = (64, 64, 4, 2)  # what the autotuner picked everywhere in kernels-h200.json
+BASE_CFG = (16, 16, 1, 1) if bench.DRY else (64, 64, 4, 2)  # the variants' config (interpreter: its only one)
+EXTRA_CONFIGS = {128: [(64, 64, 4, 3)], 64: [], 256: []}  # timed beside the autotuner's (kernels.CONFIGS)
 Launcher = Callable[..., torch.Tensor]
 
 
@@ -72,8 +83,8 @@ def check(launch: Launcher, small: tuple[list[int], list[int], list[int] | None]
     args = case(*small, heads, d, tables, seed=random.getrandbits(31))
     out = torch.full((args[0].shape[0], heads, d), float("nan"), dtype=torch.bfloat16, device=bench.DEVICE)
     out = launch(*args, out=out, **kw)
-    ref = reference.hstu_attention_cached(*[x.double() if torch.is_tensor(x) and x.is_floating_point() else x
-                                            for x in args])  # fmt: skip
+    upcast: list[Any] = [x.double() if torch.is_tensor(x) and x.is_floating_point() else x for x in args]
+    ref = reference.hstu_attention_cached(*upcast)
     return bench.rel_err(out, ref)
 
 
@@ -92,136 +103,54 @@ def row(section: str, variant: str, launch: Launcher, big: tuple, small: tuple, 
 
 def plan(peak: float) -> list[tuple[str, Callable[[], dict[str, Any]]]]:
     new, old = hstu_attention_cached_triton, old_launcher()
-    full = lambda seq, cands=0: ([seq] * (65536 // seq), [cands] * (65536 // seq), None)  # noqa: E731
-    small_full = ([700, 300, 1200], [100, 0, 300], None)
+    tokens = bench.TOTAL_TOKENS
+    full = lambda seq, cands=0: ([seq] * (tokens // seq), [cands] * (tokens // seq), None)  # noqa: E731
+    small_full = ([70, 30, 120], [10, 0, 30], None) if bench.DRY else ([700, 300, 1200], [100, 0, 300], None)
+    long_seqs = bench.SEQS[-1:] + bench.SEQS[-3:-2]  # 8192 and 2048 (interpreter: its last)
+    heads = bench.HEADS[-1]
     items: list[tuple[str, Callable[[], dict[str, Any]]]] = []
-    for seq in (8192, 512):
-        for tables in ((64, 24), (512, 32)):
-            for name, launch in (("today's kernel", new), ("kernel at 4d75a2c", old)):
-                if launch is not None:
-                    items.append(
-                        (
-                            f"tables {name} {tables} seq {seq}",
-                            functools.partial(
-                                row,
-                                "tables",
-                                name,
-                                launch,
-                                full(seq),
-                                small_full,
-                                8,
-                                128,
-                                tables,
-                                peak,
-                                config=BASE_CFG,
-                            ),
-                        )
-                    )
-    # the code difference alone (P 64 / NB 24, seq 8192): time bucket by bfind or float exponent, two configs
-    for name, launch, kw in (
-        ("today, bfind bucket", new, {"ptx": 3}),
-        ("today, float-exponent bucket", new, {"ptx": 1}),
-        ("kernel at 4d75a2c", old, {}),
-        ("today, bfind bucket", new, {"config": (64, 32, 4, 3)}),
-        ("kernel at 4d75a2c", old, {"config": (64, 32, 4, 3)}),
-    ):
+
+    def add(section: str, variant: str, launch: Launcher | None, seq: int, d: int, tables: tuple[int, int],
+            **kw: Any) -> None:  # fmt: skip
         if launch is not None:
-            kw = {"config": BASE_CFG, **kw}
-            items.append(
-                (
-                    f"code {name} {kw}",
-                    functools.partial(
-                        row,
-                        "code",
-                        f"{name} bm{kw['config'][0]} bn{kw['config'][1]}",
-                        launch,
-                        full(8192),
-                        small_full,
-                        8,
-                        128,
-                        (64, 24),
-                        peak,
-                        **kw,
-                    ),
-                )
+            job = functools.partial(row, section, variant, launch, full(seq), small_full, heads, d, tables, peak, **kw)
+            items.append((f"{section} {variant} d{d} seq {seq}", job))
+
+    bfind, cvt, shfl = PTX_GATHER | PTX_BFIND, PTX_GATHER | PTX_CVT, PTX_SHFL
+    for name, kw, seqs in (
+        ("bfind, shuffled tables (default)", {"ptx": bfind | shfl}, long_seqs),
+        ("bfind, gathered tables", {"ptx": bfind}, long_seqs),
+        ("cvt.rz, shuffled tables", {"ptx": cvt | shfl}, long_seqs),
+        ("bfind, shuffled, fused near table", {"ptx": bfind | shfl, "near_fused": True}, long_seqs),
+        ("ABLATED: no bias (wrong result)", {"ablate": 1}, long_seqs[:1]),
+        ("ABLATED: no SiLU (wrong result)", {"ablate": 4}, long_seqs[:1]),
+    ):
+        for seq in seqs:
+            add("variants", name, new, seq, 128, bench.TABLES[128], config=BASE_CFG, **kw)
+    for d in bench.TABLES:
+        for cfg in [*CONFIGS[d], *EXTRA_CONFIGS[d]] if not bench.DRY else [BASE_CFG]:
+            for seq in long_seqs:
+                add("configs", f"bm{cfg[0]} bn{cfg[1]} w{cfg[2]} s{cfg[3]}", new, seq, d, bench.TABLES[d], config=cfg)
+    add("old", "kernel at 4d75a2c", old, long_seqs[0], 128, (64, 24), config=BASE_CFG)
+    add("old", "today's kernel", new, long_seqs[0], 128, (64, 24), config=BASE_CFG)
+    for cached, n in bench.CACHED:
+        big = small = ([cached + n], [n], [n])
+        for splits in (1, None):
+            name = f"splits {'auto' if splits is None else splits}"
+            job = functools.partial(
+                row, "cached", name, new, big, small, heads, 128, bench.TABLES[128], peak, splits=splits
             )
-    for d in (128, 64):
-        tables = bench.TABLES[d]
-        for cached, n in ((1000, 256), (4096, 256), (1000, 512), (4096, 512)):
-            big = ([cached + n], [n], [n])
-            small = ([cached + n], [n], [n])
-            for splits in (1, None, 4, 16):
-                name = f"splits {'auto' if splits is None else splits}"
-                items.append(
-                    (
-                        f"cached {name} {cached}+{n} d{d}",
-                        functools.partial(
-                            row, "cached", name, new, big, small, 8, d, tables, peak, config=BASE_CFG, splits=splits
-                        ),
-                    )
-                )
-            items.append(
-                (
-                    f"cached full-seq {cached}+{n} d{d}",
-                    functools.partial(
-                        row,
-                        "cached",
-                        "full sequence",
-                        new,
-                        ([cached + n], [n], None),
-                        ([cached + n], [n], None),
-                        8,
-                        d,
-                        tables,
-                        peak,
-                        config=BASE_CFG,
-                    ),
-                )
-            )
-    configs = {
-        128: [
-            (64, 64, 4, 3),
-            (64, 64, 4, 4),
-            (128, 64, 8, 2),
-            (128, 64, 8, 3),
-            (64, 32, 4, 3),
-            (128, 32, 8, 3),
-            (64, 128, 4, 2),
-            (128, 128, 8, 2),
-        ],
-        64: [(64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 4, 3), (128, 128, 8, 2)],
-    }
-    for d, cfgs in configs.items():
-        for cfg in [BASE_CFG, *cfgs]:
-            for seq in (8192, 2048):
-                items.append(
-                    (
-                        f"configs {cfg} d{d} seq {seq}",
-                        functools.partial(
-                            row,
-                            "configs",
-                            f"bm{cfg[0]} bn{cfg[1]} w{cfg[2]} s{cfg[3]}",
-                            new,
-                            full(seq),
-                            small_full,
-                            8,
-                            d,
-                            bench.TABLES[d],
-                            peak,
-                            config=cfg,
-                        ),
-                    )
-                )
+            items.append((f"cached {name} {cached}+{n}", job))
     return items
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print("\nsection | variant                    |  seq users  q   d  P/NB    |    ms   TF/s  %peak | rel err")
+    print("\nsection  | variant                          |  seq users  q   d  P/NB    |    ms   TF/s  %peak | rel err")
     for r in rows:
         if "ms" not in r:
             print(f"  {r['item']}: {r.get('error') or r.get('skipped')}")
             continue
-        print(f"{r['section']:7} | {r['variant']:26} | {r['seq']:5} {r['users']:3} {r['queries'] or '-':>4} {r['d']:3} "
+        print(f"{r['section']:8} | {r['variant']:32} | {r['seq']:5} {r['users']:3} {r['queries'] or '-':>4} {r['d']:3} "
               f"{r['P']}/{r['NB']:<4} | {r['ms']:7.3f} {r['tflops']:6.1f} {r['pct_of_peak']:5.1f}% | "
               f"{r['rel_err_f64']:.1e} {'ok' if r['ok'] else 'FAIL'}")  # fmt: skip
 
@@ -230,8 +159,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--budget-s", type=float, default=float("inf"))
-    parser.add_argument("--sections", default="tables,code,cached,configs", help="comma-separated, in plan order")
+    parser.add_argument("--sections", default="variants,configs,old,cached", help="comma-separated, in plan order")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny shapes")
+    parser.add_argument("--print", type=Path, dest="show", help="only print the table of a result file")
     opts = parser.parse_args()
+    if opts.show:
+        shown = json.loads(opts.show.read_text())
+        print(f"{opts.show.name}: matmul peak {shown['matmul_peak_tflops']:.0f} TFLOP/s")
+        print_table(shown["rows"])
+        return
     deadline = time.monotonic() + opts.budget_s
     peak = bench.matmul_peak_tflops()
     result: dict[str, Any] = {"matmul_peak_tflops": peak, "bound": BOUND, "rows": []}

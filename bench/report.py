@@ -175,6 +175,32 @@ def plugin_kernel_block(results: Results) -> str:
     return f"On an H100 (sm_90) {passed} ({len(data['cases'])} cases; {figures}): {where}."
 
 
+KERNEL_COLUMNS = ["head dim (P / NB)", "seq", "heads", "candidates", "ms", "TFLOP/s (% of peak)", "SDPA TFLOP/s",
+                  "rel. error vs reference"]  # fmt: skip
+
+
+def kernels_block(results: Results) -> str:
+    """The HSTU attention kernel's speed table (issue 17): % of the bf16 matmul peak of the same run."""
+    name = "kernels-h200.json"
+    data = results(name)
+    rows, left = [], 0
+    for r in data["attention"]:
+        if "ours_ms" not in r:
+            left += 1
+            continue
+        pct, sdpa = r["pct_of_matmul_peak"], r.get("sdpa_tflops")
+        rows.append([f"{r['d']} ({r['P']} / {r['NB']})", str(r["seq"]), str(r["heads"]), str(r["cands"]),
+                     num(r["ours_ms"]), f"{num(r['ours_tflops'])} ({pct:.0f}%)", num(sdpa) if sdpa else "-",
+                     num(r["rel_err_vs_ref"], 2)])  # fmt: skip
+    note = f" {left} rows were not reached in the run's time budget." if left else ""
+    return (
+        f"bf16, causal, 64k tokens per call, {source(name, data)}; TFLOP/s count unmasked pairs only "
+        f"(4·d per pair per head); in brackets the share of the bf16 matmul peak measured in the same run "
+        f"({num(data['matmul_peak_tflops'])} TFLOP/s); SDPA: dense causal softmax attention of the same shape, "
+        f"no bias (a yardstick).{note}\n\n" + table(KERNEL_COLUMNS, rows)
+    )
+
+
 def e2e_gpu_block(results: Results) -> str:
     parts = []
     for name in E2E_GPU:
@@ -437,6 +463,7 @@ BLOCKS: dict[str, Callable[[Results], str]] = {
     "serve": serve_block,
     "vllm-load": vllm_load_block,
     "plugin-kernel": plugin_kernel_block,
+    "kernels": kernels_block,
     "e2e-gpu": e2e_gpu_block,
     "table-share": table_share_block,
     "quant": quant_block,

@@ -7,19 +7,27 @@ One program computes BLOCK_M query rows of one user and one head. Which key bloc
 - Blocks fully allowed for every row of the tile run without mask arithmetic; only the boundary
   blocks (causal diagonal, end of history) apply the mask.
 - Blocks whose every pair has |p(i) - p(j)| >= P-1 ("far") have a constant clamped position, so
-  their bias is one gather from a per-head [NB] row instead of position arithmetic plus a gather.
+  their bias is one gather from a per-head row of time buckets instead of position arithmetic plus
+  two gathers.
 
 Per-score work is the bottleneck (not the two matmuls), so it is trimmed to a few instructions:
-the two bias tables are pre-added ([H, NB, 2P-1], rp fastest), the time bucket is one bfind
-(highest set bit of |dt| + 1) on the GPU, the float exponent of |dt| + 1 with an integer
-correction elsewhere (the exponent's bias folded into the table pointer), SiLU is z + z*tanh(z)
-with z = s/2 (tables and alpha pre-halved, tanh.approx on GPU), and 1/norm is applied once per
-output row.
+- time: a program whose timestamps span less than 2**29 s (every real history) works on int32
+  offsets, and its key loops hold no int64 code (a program with a wider span takes one generic
+  masked loop on the saturated int64 gap instead: same results, slower, never seen in practice);
+  the bucket is one bfind of |dt| + 1 on the GPU (abs, add, bfind in one PTX block);
+- on that path buckets are < 32, so each lane of a warp keeps one entry of the time and far tables
+  in a register and a score's entry is one warp shuffle (no address, no load);
+- bias: small tables, pre-scaled by 1/2, that stay in L1: time [H, 64] (buckets past NB-1 repeat
+  the last, so no clamp), position [H, 2P-1 + 2 POS_PAD] (padded with the clamped ends, so no clamp
+  in unmasked near blocks, whose position loads are a row pointer minus a column constant: no
+  address arithmetic per score), far [H, 2, 64] (time + the clamped position, one gather). Near
+  scores add time + position in the reference's order, so the rounding is the reference's;
+- SiLU is z + z*tanh(z) with z = s/2 (tanh.approx on GPU), and 1/norm is applied once per output row.
 
-Exact for every table size: any time_buckets (a gap saturates at 2**63 - 1, bucket 63, so tables
-keep at most 64 buckets) and position_buckets up to MAX_POSITION_BUCKETS; unsupported settings
-raise ValueError (check_supported). The same kernel serves queries against cached keys: the
-queries of a user are the last rows of its key sequence (q_offsets vs kv_offsets).
+Exact for every table size: any time_buckets (a gap saturates at 2**63 - 1, bucket 63) and
+position_buckets up to MAX_POSITION_BUCKETS; unsupported settings raise ValueError
+(check_supported). The same kernel serves queries against cached keys: the queries of a user are
+the last rows of its key sequence (q_offsets vs kv_offsets).
 """
 
 from __future__ import annotations
@@ -36,31 +44,56 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # A program whose timestamps span less than 2**29 s works with int32 offsets to its user's first
-# timestamp (|dt| < 2**29). Otherwise (spans over 17 years) a per-score int64 path runs on the
-# exact gap saturated at INT64_MAX; the results are identical.
+# timestamp (|dt| < 2**29, bucket <= 29). Otherwise (spans over 17 years) a generic loop runs on
+# the exact gap saturated at INT64_MAX; the results are identical.
 TS_FAST_LIMIT = tl.constexpr(1 << 29)
 INT64_MAX = tl.constexpr((1 << 63) - 1)
 MAX_BUCKET = 63  # floor(log2(1 + INT64_MAX)): the highest bucket a saturated gap reaches
+TIME_SLOTS = MAX_BUCKET + 1  # time-table columns: every reachable bucket, so no clamp in the kernel
+SLOTS = tl.constexpr(TIME_SLOTS)
+POS_PAD = 256  # position-table padding each side: >= BLOCK_M + BLOCK_N of every config (see _configs)
+PAD = tl.constexpr(POS_PAD)
+FUSED_BUCKETS = 32  # rows of the fused [buckets, 2P-1] near table: the int32 path's buckets (<= 29)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
-MAX_POSITION_BUCKETS = 1 << 22  # (127 + 63) * (2P - 1) indexes the bias table in int32
-EXP_BIAS = tl.constexpr(127)  # float32 exponent bias: bucket + 127 is what the exponent field holds
+MAX_POSITION_BUCKETS = 1 << 22  # 2P - 1 + 2 POS_PAD positions index the table in int32
 NEAR, FAR_LEFT, FAR_RIGHT = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 # Inline-PTX variants (GPU only; the interpreter cannot run PTX): bit flags of the PTX constexpr
 # (written as literals inside the kernels: the interpreter cannot mix ints and constexprs).
-PTX_GATHER, PTX_BFIND = 1, 2
+PTX_GATHER, PTX_BFIND, PTX_CVT, PTX_SHFL = 1, 2, 4, 8
 SPLIT_MIN_KEYS, MAX_SPLITS = 128, 32  # key splits (key_splits): at least two 64-key blocks per part
+
+# (BLOCK_M, BLOCK_N, warps, stages) per padded head dim, each without spills in its key loops
+# (ptxas report for sm_90). Measured on the H200 (bench/results/kernels-notes.md) with the kernel
+# before the int32/int64 loop split: BLOCK_N 32 / 3 stages best at 128, 128/64/4/3 at 64. With the
+# int64 code out of the key loops, 64-key blocks fit too (fewer loop overheads per score). 256
+# (mtgr-small's 2 heads of 256): the accumulator alone takes 128 registers per thread at 64 rows /
+# 4 warps; 8 warps need 128 rows (at 64 rows both warpgroups computed every score: twice the work).
+CONFIGS = {
+    64: ((128, 64, 4, 3), (64, 64, 4, 2), (64, 128, 4, 2), (128, 64, 8, 2)),
+    128: ((64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 8, 3)),
+    256: ((128, 32, 8, 2), (64, 32, 4, 2), (64, 16, 4, 2), (128, 16, 8, 2)),
+}
 
 
 def _configs() -> list[triton.Config]:
     if INTERPRET:  # every config would be run once per call: keep one
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    # Measured on the H200 (bench/results/kernels-notes.md, kernels-explore-h200.json): fastest
-    # 64/32/4 warps/3 stages at head dim 128 and 128/64/4/3 at 64; 64/64/4/2 was the old pick.
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in ((64, 32, 4, 3), (128, 64, 4, 3), (64, 64, 4, 2), (128, 32, 8, 3))
-    ]
+    shapes = sorted({c for per_dim in CONFIGS.values() for c in per_dim})
+    assert all(bm + bn <= POS_PAD for bm, bn, _, _ in shapes), "near blocks would index past the position padding"
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
+
+
+def _configs_for_head_dim(
+    configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any
+) -> list[triton.Config]:
+    """Autotune only among the shapes listed for the kernel's padded head dim."""
+    if INTERPRET:
+        return configs
+    dim = max(kwargs.get("BLOCK_DQK", 0), kwargs.get("BLOCK_DV", 0))
+    wanted = CONFIGS[min((d for d in CONFIGS if d >= dim), default=max(CONFIGS))]
+    keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+    return keep or configs
 
 
 # fmt: off
@@ -78,15 +111,45 @@ def _act(z, FAST_SILU: tl.constexpr):
 
 
 @triton.jit
-def _gather(ptrs, PTX: tl.constexpr):
-    """Per-score bias lookup. On the GPU (PTX_GATHER) through inline PTX: Triton's software
-    pipeliner would otherwise prefetch this gather an iteration ahead via cp.async, holding a
-    64-bit pointer per score in registers (ptxas: 255 registers and spills)."""
+def _gather(base, idx, PTX: tl.constexpr):
+    """base[idx] (float32 table, int32 index >= 0). On the GPU (PTX_GATHER) through inline PTX, the
+    address from an unsigned wide multiply: Triton's software pipeliner would otherwise prefetch
+    the gather an iteration ahead via cp.async, holding a 64-bit pointer per score in registers."""
+    if PTX & 1:  # PTX_GATHER
+        return tl.inline_asm_elementwise(
+            "{ .reg .u64 a; mul.wide.u32 a, $1, 4; add.u64 a, a, $2; ld.global.nc.f32 $0, [a]; }", "=r,r,l",
+            [idx, base + tl.zeros_like(idx)], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.load(base + idx)
+
+
+@triton.jit
+def _load(ptrs, PTX: tl.constexpr):
+    """Per-score load at ready addresses (same PTX as _gather): where they are a row pointer minus
+    a column constant, ptxas folds the constant into the load (no address arithmetic per score)."""
     if PTX & 1:  # PTX_GATHER
         return tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=r,l", [ptrs], dtype=tl.float32,
                                          is_pure=True, pack=1)
     else:
         return tl.load(ptrs)
+
+
+@triton.jit
+def _lane_value(base):
+    """base[laneid] in each thread (PTX_SHFL): a per-lane register that _shfl reads a table from.
+    Triton sees a scalar; each thread holds its own lane's entry, which is what shfl needs."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .u32 l; .reg .u64 a; mov.u32 l, %laneid; mul.wide.u32 a, l, 4; add.u64 a, a, $1; "
+        "ld.global.nc.f32 $0, [a]; }", "=r,l", [base], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _shfl(lane_value, idx):
+    """table[idx] for idx < 32 from the warp's registers (lane L holds table[L]): one shuffle, no
+    address arithmetic, no load. Every lane of the warp takes part (Triton code does not diverge)."""
+    return tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x1f, -1;", "=r,r,r",
+                                     [tl.broadcast_to(lane_value, idx.shape), idx], dtype=tl.float32,
+                                     is_pure=True, pack=1)
 
 
 @triton.jit
@@ -99,25 +162,25 @@ def _round_to_bf16(x):
 
 
 @triton.jit
-def _biased_bucket(dt, NB: tl.constexpr, PTX: tl.constexpr):
-    """127 + min(floor(log2(1 + |dt|)), NB-1) for int32 |dt| < 2**30, exactly.
+def _bucket32(dt, PTX: tl.constexpr):
+    """floor(log2(1 + |dt|)) for int32 |dt| < 2**30, exactly (no clamp: the tables hold every bucket).
 
-    On the GPU (PTX_BFIND): bfind.u32, the index of the highest set bit of |dt| + 1, one
-    instruction. Elsewhere the exponent field of the float |dt| + 1: below 2**24 every step is
-    exact; above, rounding can only push the exponent up to the next power of two, which matters
-    only when the true bucket is >= 24, i.e. only when NB > 25 (else both saturate at NB-1); then
-    an integer check corrects it.
-    """
+    On the GPU: PTX_BFIND, abs, add and bfind (index of the highest set bit) in one PTX block;
+    PTX_CVT, the exponent field of |dt| + 1 converted to float rounding toward zero (exact: never
+    rounds up to the next power of two). Elsewhere the exponent of the float |dt| + 1 rounded to
+    nearest, which can reach the next power of two above 2**24; an integer check corrects that."""
     if PTX & 2:  # PTX_BFIND
-        x = tl.abs(dt) + 1
-        e = tl.inline_asm_elementwise("bfind.u32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=True,
-                                      pack=1) + EXP_BIAS
+        return tl.inline_asm_elementwise(
+            "{ .reg .s32 t; abs.s32 t, $1; add.s32 t, t, 1; bfind.u32 $0, t; }", "=r,r", [dt],
+            dtype=tl.int32, is_pure=True, pack=1)
+    elif PTX & 4:  # PTX_CVT
+        return tl.inline_asm_elementwise(
+            "{ .reg .s32 t; .reg .f32 f; abs.s32 t, $1; add.s32 t, t, 1; cvt.rz.f32.s32 f, t; mov.b32 t, f; "
+            "shr.u32 t, t, 23; sub.s32 $0, t, 127; }", "=r,r", [dt], dtype=tl.int32, is_pure=True, pack=1)
     else:
-        e = ((tl.abs(dt.to(tl.float32)) + 1.0).to(tl.int32, bitcast=True)) >> 23
-        if NB > 25:
-            x = tl.abs(dt) + 1
-            e = tl.where((1 << (e - EXP_BIAS)) > x, e - 1, e)
-    return tl.minimum(e, EXP_BIAS + NB - 1)
+        x = tl.abs(dt) + 1
+        e = (x.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127
+        return tl.where((1 << e) > x, e - 1, e)
 
 
 @triton.jit
@@ -132,59 +195,55 @@ def _abs_gap(a, b):
 
 
 @triton.jit
-def _biased_bucket64(gap, NB: tl.constexpr):
-    """127 + min(floor(log2(1 + gap)), NB-1) for int64 gap in [0, INT64_MAX], exactly.
+def _bucket64(gap):
+    """floor(log2(1 + gap)) for int64 gap in [0, INT64_MAX], exactly (at most 63).
 
     The exponent e of the float gap + 1 is the bucket or one above it (rounding to nearest is
     monotone and keeps powers of two, so it can reach the next power of two but never fall below
     the true one); it is one above when gap < 2**e - 1, built as (2**(e-1) - 1) * 2 + 1 so that
     e = 63 does not overflow. gap = INT64_MAX gives 63."""
-    e = ((gap.to(tl.float32) + 1.0).to(tl.int32, bitcast=True)) >> 23
-    half = (e - EXP_BIAS - 1).to(tl.int64)
+    e = ((gap.to(tl.float32) + 1.0).to(tl.int32, bitcast=True) >> 23) - 127
     one = tl.full(gap.shape, 1, tl.int64)
-    limit = ((one << tl.maximum(half, 0)) - 1) * 2 + 1
-    e = tl.where((e > EXP_BIAS) & (gap < limit), e - 1, e)
-    return tl.minimum(e, EXP_BIAS + NB - 1)
+    limit = ((one << tl.maximum(e - 1, 0).to(tl.int64)) - 1) * 2 + 1
+    return tl.where((e > 0) & (gap < limit), e - 1, e)
 
 
 @triton.jit
-def _bucket(ts_i32, ts_i, ts_j, ts_ref, fast, TS32: tl.constexpr, NB: tl.constexpr, PTX: tl.constexpr):
-    """Biased time bucket of every (row, key) pair: from int32 offsets to ts_ref when the int32
-    path is allowed (TS32) and the program's timestamps span less than 2**29 (`fast`), else from
-    the saturated int64 gap. (A per-program choice with two copies of the key loops, TS32 a
-    constexpr, measured no faster on the H200 and doubled the compile time: kernels-notes.md.)"""
-    if TS32:
-        if fast:
-            eb = _biased_bucket(ts_i32[:, None] - (ts_j - ts_ref).to(tl.int32)[None, :], NB, PTX)
-        else:
-            eb = _biased_bucket64(_abs_gap(ts_i[:, None], ts_j[None, :]), NB)
-    else:
-        eb = _biased_bucket64(_abs_gap(ts_i[:, None], ts_j[None, :]), NB)
-    return eb
-
-
-@triton.jit
-def _add_bias(z, p_i, ts_i32, ts_i, ts_j, ts_ref, fast, offs_n, near_base, far_base,
-              REL: tl.constexpr, TS32: tl.constexpr, P: tl.constexpr,
-              NB: tl.constexpr, PTX: tl.constexpr):
-    """z + bias[h, bucket(i, j), rp(i, j)] for one key block (z = alpha/2 * q.k, tables halved)."""
-    eb = _bucket(ts_i32, ts_i, ts_j, ts_ref, fast, TS32, NB, PTX)
+def _bias(bucket, p_i, n_start, time_base, pos_base, near_base, far_base, time_lane, far_lane,
+          MASKED: tl.constexpr, REL: tl.constexpr, NEAR_FUSED: tl.constexpr, P: tl.constexpr,
+          BLOCK_N: tl.constexpr, PTX: tl.constexpr):
+    """bias[h, bucket(i, j), rp(i, j)] / 2 of the pairs of key block [n_start, n_start + BLOCK_N),
+    from the tables (halved). pos_base points at rp = 0 of the padded position row."""
     if REL == NEAR:  # history keys: p(j) = j; p(i) = min(i, n_ctx) precomputed per row
-        rp = tl.minimum(tl.maximum(p_i[:, None] - offs_n[None, :], 1 - P), P - 1)
-        return z + _gather(near_base + (eb * (2 * P - 1) + rp), PTX)
+        if MASKED or NEAR_FUSED:  # the tail may lie past the padding (non-causal: any distance)
+            offs_n = n_start + tl.arange(0, BLOCK_N)
+            rp = tl.minimum(tl.maximum(p_i[:, None] - offs_n[None, :], 1 - P), P - 1) + (P - 1)  # >= 0
+            if NEAR_FUSED:  # one [32, 2P-1] table per head (int32 path only, bucket <= 29)
+                return _gather(near_base, bucket * (2 * P - 1) + rp, PTX)
+            else:
+                return _gather(time_base, bucket, PTX) + _gather(pos_base - (P - 1), rp, PTX)
+        else:  # rp = p(i) - n_start - c stays within the padding (POS_PAD): a row pointer minus c
+            rows = pos_base + (p_i - n_start)
+            pos = _load(rows[:, None] - tl.arange(0, BLOCK_N)[None, :], PTX)
+            if PTX & 8:  # PTX_SHFL
+                return _shfl(time_lane, bucket) + pos
+            else:
+                return _gather(time_base, bucket, PTX) + pos
+    elif (PTX & 8) and not MASKED:  # PTX_SHFL (the int32 path: bucket <= 29)
+        return _shfl(far_lane, bucket)
     else:  # rp is clamped to +-(P-1) for every pair: the far row of the table
-        return z + _gather(far_base + eb, PTX)
+        return _gather(far_base, bucket, PTX)
 
 
 @triton.jit
-def _attn_block(acc, q, p_i, ts_i32, ts_i, fast, offs_m, n_start, n_ctx, k_base, v_base, ts_base, ts_ref,
-                near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
-                MASKED: tl.constexpr, REL: tl.constexpr, CAUSAL: tl.constexpr, TS32: tl.constexpr,
-                FAST_SILU: tl.constexpr, P: tl.constexpr, NB: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, PTX: tl.constexpr,
-                ABLATE: tl.constexpr):
-    """acc += act(s) @ V over history keys [n_start, n_start + BLOCK_N)."""
+def _attn_block(acc, q, p_i, ts_i, offs_m, n_start, n_ctx, k_base, v_base, ts_base, ts_ref,
+                time_base, pos_base, near_base, far_base, time_lane, far_lane, stride_kt, stride_vt, offs_dk, offs_dv,
+                alpha, MASKED: tl.constexpr, REL: tl.constexpr, CAUSAL: tl.constexpr, TS64: tl.constexpr,
+                NEAR_FUSED: tl.constexpr, FAST_SILU: tl.constexpr, P: tl.constexpr, DQK: tl.constexpr,
+                DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, PTX: tl.constexpr, ABLATE: tl.constexpr):
+    """acc += act(s) @ V over history keys [n_start, n_start + BLOCK_N). ts_i: the rows' int32
+    offsets to ts_ref, or (TS64) their raw int64 timestamps."""
     offs_n = n_start + tl.arange(0, BLOCK_N)
     k_ptrs = k_base + offs_n[None, :] * stride_kt + offs_dk[:, None]
     v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_dv[None, :]
@@ -211,8 +270,14 @@ def _attn_block(acc, q, p_i, ts_i32, ts_i, fast, offs_m, n_start, n_ctx, k_base,
 
     z = qk * alpha
     if not ABLATE & 1:  # (ABLATE: benchmarking only, drops stages and so gives WRONG results)
-        z = _add_bias(z, p_i, ts_i32, ts_i, ts_j, ts_ref, fast, offs_n, near_base, far_base,
-                      REL, TS32, P, NB, PTX)
+        if TS64:
+            bucket = _bucket64(_abs_gap(ts_i[:, None], ts_j[None, :]))
+            z = z + _bias(bucket, p_i, n_start, time_base, pos_base, near_base, far_base, time_lane, far_lane, MASKED,
+                          REL, False, P, BLOCK_N, PTX)
+        else:
+            bucket = _bucket32(ts_i[:, None] - (ts_j - ts_ref).to(tl.int32)[None, :], PTX)
+            z = z + _bias(bucket, p_i, n_start, time_base, pos_base, near_base, far_base, time_lane, far_lane, MASKED,
+                          REL, NEAR_FUSED, P, BLOCK_N, PTX)
     a = z if ABLATE & 4 else _act(z, FAST_SILU)
     if MASKED:
         ok = col_ok[None, :]
@@ -228,56 +293,65 @@ def _attn_block(acc, q, p_i, ts_i32, ts_i, fast, offs_m, n_start, n_ctx, k_base,
 
 
 @triton.jit
-def _attn_loop(acc, lo, hi, q, p_i, ts_i32, ts_i, fast, offs_m, n_ctx, k_base, v_base, ts_base, ts_ref,
-               near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
-               MASKED: tl.constexpr, REL: tl.constexpr, CAUSAL: tl.constexpr, TS32: tl.constexpr,
-               FAST_SILU: tl.constexpr, P: tl.constexpr, NB: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-               DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, PTX: tl.constexpr,
-               ABLATE: tl.constexpr):
+def _attn_loop(acc, lo, hi, q, p_i, ts_i, offs_m, n_ctx, k_base, v_base, ts_base, ts_ref,
+               time_base, pos_base, near_base, far_base, time_lane, far_lane, stride_kt, stride_vt, offs_dk, offs_dv,
+               alpha, MASKED: tl.constexpr, REL: tl.constexpr, CAUSAL: tl.constexpr, TS64: tl.constexpr,
+               NEAR_FUSED: tl.constexpr, FAST_SILU: tl.constexpr, P: tl.constexpr, DQK: tl.constexpr,
+               DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+               DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, PTX: tl.constexpr, ABLATE: tl.constexpr):
     for n_start in range(lo, hi, BLOCK_N):
-        acc = _attn_block(acc, q, p_i, ts_i32, ts_i, fast, offs_m, n_start, n_ctx, k_base, v_base, ts_base,
-                          ts_ref, near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
-                          MASKED, REL, CAUSAL, TS32, FAST_SILU, P, NB, DQK, DV, BLOCK_N, BLOCK_DQK,
+        acc = _attn_block(acc, q, p_i, ts_i, offs_m, n_start, n_ctx, k_base, v_base, ts_base, ts_ref,
+                          time_base, pos_base, near_base, far_base, time_lane, far_lane, stride_kt, stride_vt, offs_dk,
+                          offs_dv, alpha,
+                          MASKED, REL, CAUSAL, TS64, NEAR_FUSED, FAST_SILU, P, DQK, DV, BLOCK_N, BLOCK_DQK,
                           BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE)
     return acc
 
 
 @triton.jit
-def _key_loops(acc, k_lo, k_hi, left_end, right_start, full_end, q, p_i, ts_i32, ts_i, fast, offs_m, n_ctx, k_base,
-               v_base, ts_base, ts_ref, near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
-               CAUSAL: tl.constexpr, TS32: tl.constexpr, FAST_SILU: tl.constexpr, P: tl.constexpr,
-               NB: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
+def _key_loops(acc, k_lo, k_hi, left_end, right_start, full_end, q, p_i, ts_i32, offs_m, n_ctx, k_base,
+               v_base, ts_base, ts_ref, time_base, pos_base, near_base, far_base, stride_kt, stride_vt, offs_dk,
+               offs_dv, alpha, CAUSAL: tl.constexpr, NEAR_FUSED: tl.constexpr, FAST_SILU: tl.constexpr,
+               P: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
                DOT_UPCAST: tl.constexpr, PTX: tl.constexpr, ABLATE: tl.constexpr):
-    """The key blocks [k_lo, k_hi) of one tile, by kind: far-left, near, far-right (non-causal),
-    then the masked tail."""
-    acc = _attn_loop(acc, k_lo, tl.minimum(left_end, k_hi), q, p_i, ts_i32, ts_i, fast, offs_m, n_ctx, k_base, v_base,
-                     ts_base, ts_ref, near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
-                     False, FAR_LEFT, CAUSAL, TS32, FAST_SILU, P, NB, DQK, DV, BLOCK_N, BLOCK_DQK, BLOCK_DV,
-                     DOT_PREC, DOT_UPCAST, PTX, ABLATE)
-    acc = _attn_loop(acc, tl.maximum(left_end, k_lo), tl.minimum(right_start, k_hi), q, p_i, ts_i32, ts_i, fast, offs_m,
-                     n_ctx, k_base, v_base, ts_base, ts_ref, near_base, far_base, stride_kt, stride_vt, offs_dk,
-                     offs_dv, alpha, False, NEAR, CAUSAL, TS32, FAST_SILU, P, NB, DQK, DV, BLOCK_N, BLOCK_DQK,
-                     BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE)
+    """The key blocks [k_lo, k_hi) of one tile on the int32 time path, by kind: far-left, near,
+    far-right (non-causal), then the masked tail."""
+    if PTX & 8:  # PTX_SHFL: bucket <= 29 here, so one register per lane holds a table's entries
+        time_lane = _lane_value(time_base)
+        far_lane = _lane_value(far_base)
+        far_right_lane = _lane_value(far_base + SLOTS)
+    else:
+        time_lane = 0.0
+        far_lane = 0.0
+        far_right_lane = 0.0
+    acc = _attn_loop(acc, k_lo, tl.minimum(left_end, k_hi), q, p_i, ts_i32, offs_m, n_ctx, k_base, v_base,
+                     ts_base, ts_ref, time_base, pos_base, near_base, far_base, time_lane, far_lane, stride_kt,
+                     stride_vt, offs_dk, offs_dv, alpha, False, FAR_LEFT, CAUSAL, False, NEAR_FUSED, FAST_SILU, P, DQK,
+                     DV, BLOCK_N, BLOCK_DQK, BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE)
+    acc = _attn_loop(acc, tl.maximum(left_end, k_lo), tl.minimum(right_start, k_hi), q, p_i, ts_i32, offs_m,
+                     n_ctx, k_base, v_base, ts_base, ts_ref, time_base, pos_base, near_base, far_base, time_lane,
+                     far_lane, stride_kt, stride_vt, offs_dk, offs_dv, alpha, False, NEAR, CAUSAL, False, NEAR_FUSED,
+                     FAST_SILU, P, DQK, DV, BLOCK_N, BLOCK_DQK, BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE)
     if not CAUSAL:  # causal rows never see keys right of themselves
-        acc = _attn_loop(acc, tl.maximum(right_start, k_lo), tl.minimum(full_end, k_hi), q, p_i, ts_i32, ts_i, fast,
-                         offs_m, n_ctx, k_base, v_base, ts_base, ts_ref, near_base, far_base + NB, stride_kt,
-                         stride_vt, offs_dk, offs_dv, alpha, False, FAR_RIGHT, CAUSAL, TS32, FAST_SILU, P, NB, DQK,
-                         DV, BLOCK_N, BLOCK_DQK, BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE)
-    acc = _attn_loop(acc, tl.maximum(full_end, k_lo), k_hi, q, p_i, ts_i32, ts_i, fast, offs_m, n_ctx, k_base, v_base,
-                     ts_base, ts_ref, near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
-                     True, NEAR, CAUSAL, TS32, FAST_SILU, P, NB, DQK, DV, BLOCK_N, BLOCK_DQK, BLOCK_DV,
-                     DOT_PREC, DOT_UPCAST, PTX, ABLATE)
+        acc = _attn_loop(acc, tl.maximum(right_start, k_lo), tl.minimum(full_end, k_hi), q, p_i, ts_i32, offs_m,
+                         n_ctx, k_base, v_base, ts_base, ts_ref, time_base, pos_base, near_base,
+                         far_base + SLOTS, time_lane, far_right_lane, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
+                         False, FAR_RIGHT, CAUSAL, False, NEAR_FUSED, FAST_SILU, P, DQK, DV, BLOCK_N, BLOCK_DQK,
+                         BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE)
+    acc = _attn_loop(acc, tl.maximum(full_end, k_lo), k_hi, q, p_i, ts_i32, offs_m, n_ctx, k_base, v_base,
+                     ts_base, ts_ref, time_base, pos_base, near_base, far_base, time_lane, far_lane, stride_kt,
+                     stride_vt, offs_dk, offs_dv, alpha, True, NEAR, CAUSAL, False, NEAR_FUSED, FAST_SILU, P, DQK, DV,
+                     BLOCK_N, BLOCK_DQK, BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE)
     return acc
 
 
 @triton.jit
-def _attend_segment(Q, K, V, Out, ts, near_tab, far_tab, q_row0, kv_start, n_ctx, m0, m_end, h, split, n_split,
-                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-                    alpha, inv_norm,
+def _attend_segment(Q, K, V, Out, ts, time_tab, pos_tab, near_tab, far_tab, q_row0, kv_start, n_ctx, m0, m_end, h,
+                    split, n_split, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot,
+                    stride_oh, alpha, inv_norm,
                     CAUSAL: tl.constexpr, FAST_SILU: tl.constexpr, ALLOW_TS_FAST: tl.constexpr,
-                    P: tl.constexpr, NB: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
+                    NEAR_FUSED: tl.constexpr, P: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                     DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, PTX: tl.constexpr,
                     ABLATE: tl.constexpr, PARTIAL: tl.constexpr):
@@ -302,10 +376,12 @@ def _attend_segment(Q, K, V, Out, ts, near_tab, far_tab, q_row0, kv_start, n_ctx
     ts_i = tl.where(row_ok, tl.load(ts_base + offs_m, mask=row_ok, other=0), tl.load(ts_base + m0))
     k_base = K + kv_start * stride_kt + h * stride_kh
     v_base = V + kv_start * stride_vt + h * stride_vh
-    # Table pointers pre-offset so the biased bucket (127 + bucket) and rp in [1-P, P-1] index them.
+    # Table pointers: time / far indexed by the bucket, position pointing at rp = 0.
     h64 = h.to(tl.int64)
-    near_base = near_tab + h64 * (NB * (2 * P - 1)) + (P - 1) - EXP_BIAS * (2 * P - 1)
-    far_base = far_tab + h64 * (2 * NB) - EXP_BIAS
+    time_base = time_tab + h64 * SLOTS
+    pos_base = pos_tab + h64 * (2 * P - 1 + 2 * PAD) + PAD + P - 1
+    near_base = near_tab + h64 * (32 * (2 * P - 1))  # (NEAR_FUSED only; 32 = FUSED_BUCKETS)
+    far_base = far_tab + h64 * (2 * SLOTS)
 
     # Key ranges. History keys a row of this tile may see: causal j <= i (candidate rows: all
     # history keys), non-causal all history keys. Blocks below full_end need no mask.
@@ -326,23 +402,33 @@ def _attend_segment(Q, K, V, Out, ts, near_tab, far_tab, q_row0, kv_start, n_ctx
     left_end = tl.minimum((tl.maximum(p_lo - P + 2, 0) // BLOCK_N) * BLOCK_N, full_end)
     right_start = tl.minimum(tl.maximum(((p_hi + P - 1 + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, left_end), full_end)
 
-    fast = True
-    ts_i32 = (ts_i - ts_ref).to(tl.int32)  # (used only on the int32 path)
+    fast = False
     if ALLOW_TS_FAST:  # int32 offsets (to ts_ref) if every timestamp this program reads lies within 2**29
-        t_min = tl.minimum(tl.min(ts_i), ts_ref)
-        t_max = tl.maximum(tl.max(ts_i), ts_ref)
-        for n_start in range(k_lo, k_hi, BLOCK_N):
-            offs_n = n_start + tl.arange(0, BLOCK_N)
+        # (wide steps, elementwise min / max, one reduction at the end: this scan is overhead)
+        lo_j = tl.full([256], 0, tl.int64) + ts_ref
+        hi_j = lo_j
+        for n_start in range(k_lo, k_hi, 256):
+            offs_n = n_start + tl.arange(0, 256)
             ts_j = tl.load(ts_base + offs_n, mask=offs_n < k_hi, other=0)
-            t_min = tl.minimum(t_min, tl.min(tl.where(offs_n < k_hi, ts_j, ts_ref)))
-            t_max = tl.maximum(t_max, tl.max(tl.where(offs_n < k_hi, ts_j, ts_ref)))
+            lo_j = tl.minimum(lo_j, tl.where(offs_n < k_hi, ts_j, ts_ref))
+            hi_j = tl.maximum(hi_j, tl.where(offs_n < k_hi, ts_j, ts_ref))
+        t_min = tl.minimum(tl.min(ts_i), tl.min(lo_j))
+        t_max = tl.maximum(tl.max(ts_i), tl.max(hi_j))
         fast = _abs_gap(t_max, t_min) < TS_FAST_LIMIT  # no wrap-around even for INT64_MIN..INT64_MAX
 
+    # Either the loops by kind on the int32 time path or, where the span is too wide, one generic
+    # masked loop on the saturated int64 gap; chosen by empty ranges, not by an if/else around the
+    # loops (ptxas then serialises every wgmma of the kernel: warning C7515).
+    k_mid = tl.where(fast, k_hi, k_lo)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    acc = _key_loops(acc, k_lo, k_hi, left_end, right_start, full_end, q, p_i, ts_i32, ts_i, fast, offs_m, n_ctx,
-                     k_base, v_base, ts_base, ts_ref, near_base, far_base, stride_kt, stride_vt, offs_dk, offs_dv,
-                     alpha, CAUSAL, ALLOW_TS_FAST, FAST_SILU, P, NB, DQK, DV, BLOCK_N, BLOCK_DQK, BLOCK_DV, DOT_PREC,
-                     DOT_UPCAST, PTX, ABLATE)
+    acc = _key_loops(acc, k_lo, k_mid, left_end, right_start, full_end, q, p_i, (ts_i - ts_ref).to(tl.int32),
+                     offs_m, n_ctx, k_base, v_base, ts_base, ts_ref, time_base, pos_base, near_base, far_base,
+                     stride_kt, stride_vt, offs_dk, offs_dv, alpha, CAUSAL, NEAR_FUSED, FAST_SILU, P, DQK, DV,
+                     BLOCK_N, BLOCK_DQK, BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE)
+    acc = _attn_loop(acc, k_mid, k_hi, q, p_i, ts_i, offs_m, n_ctx, k_base, v_base, ts_base, ts_ref,
+                     time_base, pos_base, near_base, far_base, 0.0, 0.0, stride_kt, stride_vt, offs_dk, offs_dv,
+                     alpha, True, NEAR, CAUSAL, True, False, FAST_SILU, P, DQK, DV, BLOCK_N, BLOCK_DQK, BLOCK_DV,
+                     DOT_PREC, DOT_UPCAST, PTX, ABLATE)
 
     # Candidate rows also see themselves (rp = 0, dt = 0): the only allowed key past the history
     # (added by part 0 of a split).
@@ -354,7 +440,7 @@ def _attend_segment(Q, K, V, Out, ts, near_tab, far_tab, q_row0, kv_start, n_ctx
         vd = tl.load(v_base + offs_m[:, None] * stride_vt + offs_dv[None, :], mask=vd_mask, other=0.0)
         # q is re-read rather than kept live in registers through the key loops (register pressure).
         qd = tl.load(q_ptrs, mask=kd_mask, other=0.0)
-        diag_bias = tl.load(near_base + EXP_BIAS * (2 * P - 1))  # bucket 0, rp 0
+        diag_bias = tl.load(time_base) + tl.load(pos_base)  # bucket 0, rp 0
         z_d = alpha * tl.sum(qd.to(tl.float32) * kd.to(tl.float32), axis=1) + diag_bias
         acc += tl.where(cand, _act(z_d, FAST_SILU), 0.0)[:, None] * vd.to(tl.float32)
 
@@ -365,16 +451,19 @@ def _attend_segment(Q, K, V, Out, ts, near_tab, far_tab, q_row0, kv_start, n_ctx
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
 
 
-AUTOTUNE_KEY = ["H", "CAUSAL", "BLOCK_DQK", "BLOCK_DV", "FAST_SILU", "ALLOW_TS_FAST", "PARTIAL"]
+# SEQ_BUCKET (keys per user, a power of two) keys the tuning: the best shape differs between seq
+# 512 and 8192, and the first call's shape must not decide for every later one.
+AUTOTUNE_KEY = ["H", "CAUSAL", "BLOCK_DQK", "BLOCK_DV", "FAST_SILU", "ALLOW_TS_FAST", "NEAR_FUSED", "PARTIAL",
+                "SEQ_BUCKET"]
 
 
-@triton.autotune(configs=_configs(), key=AUTOTUNE_KEY)
+@triton.autotune(configs=_configs(), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _configs_for_head_dim})
 @triton.jit
-def _hstu_fwd_kernel(Q, K, V, Out, q_offsets, kv_offsets, ts, ncand, near_tab, far_tab, T, B,
+def _hstu_fwd_kernel(Q, K, V, Out, q_offsets, kv_offsets, ts, ncand, time_tab, pos_tab, near_tab, far_tab, T, B,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-                     stride_os, alpha, inv_norm, H,
+                     stride_os, alpha, inv_norm, H, SEQ_BUCKET,
                      CAUSAL: tl.constexpr, FAST_SILU: tl.constexpr, ALLOW_TS_FAST: tl.constexpr,
-                     P: tl.constexpr, NB: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
+                     NEAR_FUSED: tl.constexpr, P: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                      DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, PTX: tl.constexpr,
                      ABLATE: tl.constexpr, SEARCH: tl.constexpr, PARTIAL: tl.constexpr):
@@ -414,12 +503,12 @@ def _hstu_fwd_kernel(Q, K, V, Out, q_offsets, kv_offsets, ts, ncand, near_tab, f
             shift = length - (q_end - q_start).to(tl.int32)  # sequence position of the user's first query
             if shift >= 0:
                 n_ctx = length - tl.load(ncand + b).to(tl.int32)
-                _attend_segment(Q, K, V, Out, ts, near_tab, far_tab, q_start - shift, kv_start, n_ctx,
-                                (seg_lo - q_start).to(tl.int32) + shift, (seg_hi - q_start).to(tl.int32) + shift, h,
-                                split, tl.num_programs(2),
+                _attend_segment(Q, K, V, Out, ts, time_tab, pos_tab, near_tab, far_tab, q_start - shift, kv_start,
+                                n_ctx, (seg_lo - q_start).to(tl.int32) + shift,
+                                (seg_hi - q_start).to(tl.int32) + shift, h, split, tl.num_programs(2),
                                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-                                alpha, inv_norm, CAUSAL, FAST_SILU, ALLOW_TS_FAST, P, NB, DQK, DV, BLOCK_M, BLOCK_N,
-                                BLOCK_DQK, BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE, PARTIAL)
+                                alpha, inv_norm, CAUSAL, FAST_SILU, ALLOW_TS_FAST, NEAR_FUSED, P, DQK, DV, BLOCK_M,
+                                BLOCK_N, BLOCK_DQK, BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE, PARTIAL)
             else:  # more queries than keys: not a suffix. NaN rows, never a plausible result
                 rows = seg_lo + tl.arange(0, BLOCK_M)
                 offs_dv = tl.arange(0, BLOCK_DV)
@@ -431,51 +520,61 @@ def _hstu_fwd_kernel(Q, K, V, Out, q_offsets, kv_offsets, ts, ncand, near_tab, f
 
 
 @triton.jit
-def _tables_kernel(pos_w, ts_w, near, far, stride_p, stride_t, scale,
-                   P: tl.constexpr, NB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr):
-    """Per head h (axis 0) and chunk of BLOCK_R relative positions (axis 1):
-    near[h, b, r] = scale * (ts_w[h, b] + pos_w[h, r]); chunk 0 also writes
-    far[h, 0 / 1, b] = scale * (ts_w[h, b] + pos_w[h, 2P-2 / 0]). One launch, any P."""
+def _tables_kernel(pos_w, ts_w, time_tab, pos_tab, near_tab, far_tab, stride_p, stride_t, scale,
+                   P: tl.constexpr, NB: tl.constexpr, FUSED: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Per head h (axis 0) and chunk of BLOCK_R columns (axis 1), every value scale * (...):
+    pos_tab[h, c] = pos_w[h, clamp(c - PAD, 0, 2P-2)] (padded with the clamped ends); chunk 0 also
+    time_tab[h, b] = ts_w[h, min(b, NB-1)] and far_tab[h, 0 / 1, b] = ts_w[h, min(b, NB-1)] +
+    pos_w[h, 2P-2 / 0]; FUSED: near_tab[h, b, r] = ts_w[h, b] + pos_w[h, r] for b < 32 (the same
+    sum, in the reference's order, as time + position in the kernel). One launch, any P."""
     h = tl.program_id(0).to(tl.int64)
-    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    bk = tl.arange(0, BLOCK_B)
-    pw = tl.load(pos_w + h * stride_p + r, mask=r < 2 * P - 1, other=0.0).to(tl.float32)
-    tw = tl.load(ts_w + h * stride_t + bk, mask=bk < NB, other=0.0).to(tl.float32)
-    mask = (bk[:, None] < NB) & (r[None, :] < 2 * P - 1)
-    near_ptrs = near + h * (NB * (2 * P - 1)) + bk[:, None] * (2 * P - 1) + r[None, :]
-    tl.store(near_ptrs, (tw[:, None] + pw[None, :]) * scale, mask=mask)
+    c = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    width = 2 * P - 1 + 2 * PAD
+    src = tl.minimum(tl.maximum(c - PAD, 0), 2 * P - 2)
+    pw = tl.load(pos_w + h * stride_p + src, mask=c < width, other=0.0).to(tl.float32)
+    tl.store(pos_tab + h * width + c, pw * scale, mask=c < width)
+    bk = tl.arange(0, SLOTS)
+    tw = tl.load(ts_w + h * stride_t + tl.minimum(bk, NB - 1)).to(tl.float32)
     if tl.program_id(1) == 0:
         p_max = tl.load(pos_w + h * stride_p + 2 * P - 2).to(tl.float32)
         p_min = tl.load(pos_w + h * stride_p).to(tl.float32)
-        tl.store(far + h * (2 * NB) + bk, (tw + p_max) * scale, mask=bk < NB)
-        tl.store(far + h * (2 * NB) + NB + bk, (tw + p_min) * scale, mask=bk < NB)
+        tl.store(time_tab + h * SLOTS + bk, tw * scale)
+        tl.store(far_tab + h * (2 * SLOTS) + bk, (tw + p_max) * scale)
+        tl.store(far_tab + h * (2 * SLOTS) + SLOTS + bk, (tw + p_min) * scale)
+    if FUSED:
+        r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        pr = tl.load(pos_w + h * stride_p + r, mask=r < 2 * P - 1, other=0.0).to(tl.float32)
+        fb = tl.arange(0, 32)  # FUSED_BUCKETS
+        tf = tl.load(ts_w + h * stride_t + tl.minimum(fb, NB - 1)).to(tl.float32)
+        near_ptrs = near_tab + h * (32 * (2 * P - 1)) + fb[:, None] * (2 * P - 1) + r[None, :]
+        tl.store(near_ptrs, (tf[:, None] + pr[None, :]) * scale, mask=(r < 2 * P - 1)[None, :] & (fb[:, None] < 32))
 # fmt: on
 
 
-def table_buckets(time_buckets: int) -> int:
-    """Time buckets the kernel's tables hold: a saturated gap (<= 2**63 - 1) reaches bucket 63 at
-    most, so columns past 64 of ts_w are never read."""
-    return min(time_buckets, MAX_BUCKET + 1)
-
-
 def bias_tables(
-    pos_w: torch.Tensor, ts_w: torch.Tensor, scale: float, wrap: Callable[[Any], Any] = lambda kernel: kernel
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """scale * (ts_w[h, bucket] + pos_w[h, rp]) in float32: near [H, NB', 2P-1] (rp fastest) and
-    far [H, 2, NB'] (rp clamped to +(P-1), then to -(P-1)), NB' = table_buckets(NB). scale 0.5
-    feeds z = s/2 (exact)."""
+    pos_w: torch.Tensor,
+    ts_w: torch.Tensor,
+    scale: float,
+    wrap: Callable[[Any], Any] = lambda kernel: kernel,
+    fused: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernel's bias tables, float32, every value times ``scale`` (0.5 feeds z = s/2, exact):
+    time [H, TIME_SLOTS], position [H, 2P-1 + 2 POS_PAD], far [H, 2, TIME_SLOTS] (position clamped
+    to +(P-1), then -(P-1)) and, with ``fused``, near [H, FUSED_BUCKETS, 2P-1] (else empty)."""
     heads = ts_w.shape[0]
-    num_buckets = table_buckets(ts_w.shape[1])
     num_pos = (pos_w.shape[1] + 1) // 2
-    near = torch.empty((heads, num_buckets, 2 * num_pos - 1), dtype=torch.float32, device=ts_w.device)
-    far = torch.empty((heads, 2, num_buckets), dtype=torch.float32, device=ts_w.device)
-    block_r = min(triton.next_power_of_2(2 * num_pos - 1), 128)
-    wrap(_tables_kernel)[(heads, triton.cdiv(2 * num_pos - 1, block_r))](
-        pos_w, ts_w, near, far, pos_w.stride(0), ts_w.stride(0), float(scale),
-        P=num_pos, NB=num_buckets, BLOCK_R=block_r,
-        BLOCK_B=triton.next_power_of_2(num_buckets), num_warps=1 if INTERPRET else 4,
+    width = 2 * num_pos - 1 + 2 * POS_PAD
+    dev = ts_w.device
+    time_tab = torch.empty((heads, TIME_SLOTS), dtype=torch.float32, device=dev)
+    pos_tab = torch.empty((heads, width), dtype=torch.float32, device=dev)
+    far = torch.empty((heads, 2, TIME_SLOTS), dtype=torch.float32, device=dev)
+    near = torch.empty((heads, FUSED_BUCKETS if fused else 0, 2 * num_pos - 1), dtype=torch.float32, device=dev)
+    block_r = 128 if INTERPRET else 256
+    wrap(_tables_kernel)[(heads, triton.cdiv(width, block_r))](
+        pos_w, ts_w, time_tab, pos_tab, near, far, pos_w.stride(0), ts_w.stride(0), float(scale),
+        P=num_pos, NB=ts_w.shape[1], FUSED=fused, BLOCK_R=block_r, num_warps=1 if INTERPRET else 4,
     )  # fmt: skip
-    return near, far
+    return time_tab, pos_tab, near, far
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -513,6 +612,14 @@ def key_splits(q: torch.Tensor, num_keys: int) -> int:
     return max(1, min(want, num_keys // SPLIT_MIN_KEYS, MAX_SPLITS))
 
 
+def seq_bucket(num_keys: Any, users: int) -> int:
+    """Keys per user rounded up to a power of two in [256, 16384] (the autotuning key); 0 for
+    symbolic shapes (torch.compile / export: no shape guards)."""
+    if not isinstance(num_keys, int) or not isinstance(users, int):
+        return 0
+    return min(max(triton.next_power_of_2(triton.cdiv(num_keys, max(users, 1))), 256), 16384)
+
+
 @functools.cache
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -521,7 +628,7 @@ def _sm_count(device: torch.device) -> int:
 def ptx_variants(q: torch.Tensor, ptx: int | None) -> int:
     if not q.is_cuda or INTERPRET:
         return 0
-    return PTX_GATHER | PTX_BFIND if ptx is None else ptx
+    return PTX_GATHER | PTX_BFIND | PTX_SHFL if ptx is None else ptx
 
 
 def hstu_attention_cached_triton(
@@ -545,6 +652,7 @@ def hstu_attention_cached_triton(
     ablate: int = 0,
     ptx: int | None = None,
     splits: int | None = None,
+    near_fused: bool = False,
 ) -> torch.Tensor:
     """Launch the kernel: per user the queries q[q_offsets[b]:q_offsets[b+1]] are the last rows of
     the sequence k, v, timestamps[kv_offsets[b]:kv_offsets[b+1]] (contract:
@@ -557,9 +665,13 @@ def hstu_attention_cached_triton(
     config: (BLOCK_M, BLOCK_N, num_warps, num_stages) to skip autotuning (checks that compile many
     variants). ablate: benchmarking only, a bitmask of per-score stages to drop, which makes the
     result WRONG: 1 bias (time bucket and gathers), 4 activation. ptx: which inline-PTX variants
-    to use (PTX_GATHER | PTX_BFIND bits); None = both on a GPU, none under the interpreter.
+    to use (PTX_GATHER; PTX_BFIND or PTX_CVT for the time bucket; PTX_SHFL: time and far tables read
+    by warp shuffles on the int32 path); None = PTX_GATHER | PTX_BFIND | PTX_SHFL on a GPU, none
+    under the interpreter.
     splits: how many parts each query window's key range is cut into (fp32 partial sums, added
     in a fixed order: deterministic); None = key_splits' choice (> 1 only when the grid is small).
+    near_fused: near blocks gather from one [32, 2P-1] time x position table per head instead of
+    the two small ones (the int32 path only; the same sums).
     """
     check_supported(q, k, v, pos_w)
     if q_offsets.shape != kv_offsets.shape:
@@ -580,7 +692,7 @@ def hstu_attention_cached_triton(
     num_pos = (pos_w.shape[1] + 1) // 2
     if pos_w.stride(1) != 1 or ts_w.stride(1) != 1:
         pos_w, ts_w = pos_w.contiguous(), ts_w.contiguous()
-    near_tab, far_tab = bias_tables(pos_w, ts_w, 0.5, wrap)  # z = s / 2, see _act
+    time_tab, pos_tab, near_tab, far_tab = bias_tables(pos_w, ts_w, 0.5, wrap, near_fused)  # z = s / 2, see _act
     n_split = key_splits(q, k.shape[0]) if splits is None else splits
     if n_split < 1:
         raise ValueError(f"hstu attention kernel: splits must be >= 1, got {n_split}")
@@ -594,6 +706,7 @@ def hstu_attention_cached_triton(
     def grid(meta: dict[str, Any]) -> tuple[int, int, int]:
         return (triton.cdiv(total, meta["BLOCK_M"]), heads, n_split)
 
+    users = q_offsets.numel() - 1
     wrap(kernel)[grid](
         q,
         k,
@@ -603,10 +716,12 @@ def hstu_attention_cached_triton(
         kv_offsets.contiguous(),
         timestamps.contiguous(),
         num_candidates.contiguous(),
+        time_tab,
+        pos_tab,
         near_tab,
         far_tab,
         total,
-        q_offsets.numel() - 1,
+        users,
         q.stride(0),
         q.stride(1),
         k.stride(0),
@@ -619,11 +734,12 @@ def hstu_attention_cached_triton(
         0.5 * float(alpha),
         1.0 / float(norm),
         heads,
+        seq_bucket(k.shape[0], users),
         CAUSAL=bool(causal),
         FAST_SILU=bool(fast_silu),
         ALLOW_TS_FAST=bool(allow_ts_fast),
+        NEAR_FUSED=bool(near_fused),
         P=num_pos,
-        NB=table_buckets(ts_w.shape[1]),
         DQK=dqk,
         DV=dv,
         BLOCK_DQK=max(16, triton.next_power_of_2(dqk)),

@@ -21,8 +21,8 @@ import kernels  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.hstu_attention import (  # noqa: E402
     _abs_gap,
-    _biased_bucket,
-    _biased_bucket64,
+    _bucket32,
+    _bucket64,
     hstu_attention_cached_triton,
     hstu_attention_triton,
 )
@@ -51,6 +51,7 @@ def attention_case(
     heads: int = 2,
     ts_high: int = 20_000,
     allow_ts_fast: bool = True,
+    near_fused: bool = False,
     increasing: bool = False,
     num_pos: int = 8,  # small P and NB so position clamping and saturation both occur
     num_buckets: int = 12,
@@ -89,6 +90,7 @@ def attention_case(
         norm,
         causal,
         allow_ts_fast=allow_ts_fast,
+        near_fused=near_fused,
         out=poisoned,
     )
     ref = reference.hstu_attention(
@@ -122,6 +124,9 @@ def attention_job(dtype: torch.dtype, gen: torch.Generator) -> dict[str, float]:
         "time_buckets_100": attention_case(gen, dtype, [40, 37], [3, 0], True, ts_high=1 << 62, num_buckets=100),
         "one_bucket_each": attention_case(gen, dtype, [40, 37], [3, 0], True, num_pos=1, num_buckets=1),
         "position_buckets_300": attention_case(gen, dtype, [64, 50], [2, 0], False, num_pos=300, num_buckets=32),
+        "near_fused_table": attention_case(
+            gen, dtype, [64, 50], [2, 0], True, num_pos=40, num_buckets=32, near_fused=True
+        ),
         # Timestamps at the int64 ends (history at INT64_MIN, request at INT64_MAX).
         "int64_extremes_causal": attention_case(gen, dtype, [40, 37], [3, 0], True, num_buckets=64, extremes=True),
         "int64_extremes_full": attention_case(gen, dtype, [40, 37], [3, 0], False, num_buckets=33, extremes=True),
@@ -238,13 +243,13 @@ def norm_gate_job(gen: torch.Generator) -> dict[str, float]:
 
 
 @triton.jit
-def _bucket_kernel(DT, TS_I, TS_J, OUT32, OUT64, n, NB: tl.constexpr, BLOCK: tl.constexpr):
+def _bucket_kernel(DT, TS_I, TS_J, OUT32, OUT64, n, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     ok = offs < n
     dt = tl.load(DT + offs, mask=ok, other=0)
-    tl.store(OUT32 + offs, _biased_bucket(dt, NB, 0) - 127, mask=ok)
+    tl.store(OUT32 + offs, _bucket32(dt, 0), mask=ok)
     gap = _abs_gap(tl.load(TS_I + offs, mask=ok, other=0), tl.load(TS_J + offs, mask=ok, other=0))
-    tl.store(OUT64 + offs, _biased_bucket64(gap, NB) - 127, mask=ok)
+    tl.store(OUT64 + offs, _bucket64(gap), mask=ok)
 
 
 def want_bucket(a: int, b: int, nb: int) -> int:
@@ -255,7 +260,9 @@ def want_bucket(a: int, b: int, nb: int) -> int:
 def bucket_job() -> dict[str, float]:
     """Kernel bucket == the integer rule at every power-of-two edge, both signs: the int32 path for
     |dt| < 2**30, and the int64 path for gaps up to and past INT64_MAX (timestamps at the int64
-    ends, where a plain subtraction wraps); NB = 24, 31, 32 and 64. The reference too."""
+    ends, where a plain subtraction wraps). The kernel's buckets are unclamped (its tables repeat the
+    last bucket's weight, so min(bucket, NB-1) is a table lookup); the table rule min(., NB-1) and
+    the reference are checked for NB = 24, 31, 32 and 64."""
     edges32 = sorted({max(0, (1 << e) + d) for e in range(31) for d in (-2, -1, 0, 1)} - {(1 << 30), (1 << 30) + 1})
     dt = torch.tensor(edges32 + [-x for x in edges32], dtype=torch.int32)
     pairs = [(base + x, base) for x in edges32 for base in (1 << 45, -(1 << 62))]
@@ -269,17 +276,17 @@ def bucket_job() -> dict[str, float]:
     ts_j = torch.tensor([b for _, b in pairs] + [0] * (n - len(pairs)), dtype=torch.int64)
     dt = torch.cat([dt, torch.zeros(n - dt.numel(), dtype=torch.int32)])
     results: dict[str, float] = {}
+    out32 = torch.full((n,), -7, dtype=torch.int32)
+    out64 = torch.full((n,), -7, dtype=torch.int32)
+    _bucket_kernel[(1,)](dt, ts_i, ts_j, out32, out64, n, BLOCK=triton.next_power_of_2(n))
     for nb in (24, 31, 32, 64):
-        out32 = torch.full((n,), -7, dtype=torch.int32)
-        out64 = torch.full((n,), -7, dtype=torch.int32)
-        _bucket_kernel[(1,)](dt, ts_i, ts_j, out32, out64, n, NB=nb, BLOCK=triton.next_power_of_2(n))
         want32 = torch.tensor([want_bucket(x, 0, nb) for x in dt.tolist()], dtype=torch.int32)
         want64 = torch.tensor(
             [want_bucket(a, b, nb) for a, b in zip(ts_i.tolist(), ts_j.tolist(), strict=True)], dtype=torch.int32
         )
         ref = reference.time_bucket(reference.abs_time_gap(ts_i, ts_j), nb).to(torch.int32)
-        results[f"nb{nb}_int32_path_mismatches"] = float((out32 != want32).sum())
-        results[f"nb{nb}_int64_path_mismatches"] = float((out64 != want64).sum())
+        results[f"nb{nb}_int32_path_mismatches"] = float((out32.clamp(max=nb - 1) != want32).sum())
+        results[f"nb{nb}_int64_path_mismatches"] = float((out64.clamp(max=nb - 1) != want64).sum())
         results[f"nb{nb}_reference_mismatches"] = float((ref != want64).sum())
         results[f"nb{nb}_last_bucket_cases"] = float((want64 == nb - 1).sum())
     return results

@@ -8,11 +8,15 @@ the PTX may convert those scalars once, and must hold no other float64 instructi
 from __future__ import annotations
 
 import re
+import subprocess
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
@@ -21,10 +25,12 @@ from kernels.norm_gate import _norm_gate_kernel
 
 HOPPER = GPUTarget("cuda", 90, 32)
 ATTENTION_PTRS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "q_offsets": "*i64", "kv_offsets": "*i64",
-                  "ts": "*i64", "ncand": "*i64", "near_tab": "*fp32", "far_tab": "*fp32"}  # fmt: skip
-ATTENTION_CONST = {"CAUSAL": True, "FAST_SILU": True, "ALLOW_TS_FAST": True, "P": 64, "NB": 32, "DQK": 64, "DV": 64,
-                   "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_DQK": 64, "BLOCK_DV": 64, "DOT_PREC": "ieee",
-                   "DOT_UPCAST": False, "PTX": 3, "ABLATE": 0, "SEARCH": 64, "PARTIAL": False}  # fmt: skip
+                  "ts": "*i64", "ncand": "*i64", "time_tab": "*fp32", "pos_tab": "*fp32", "near_tab": "*fp32",
+                  "far_tab": "*fp32"}  # fmt: skip
+ATTENTION_CONST = {"CAUSAL": True, "FAST_SILU": True, "ALLOW_TS_FAST": True, "NEAR_FUSED": False, "P": 64,
+                   "DQK": 64, "DV": 64, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_DQK": 64, "BLOCK_DV": 64,
+                   "DOT_PREC": "ieee", "DOT_UPCAST": False, "PTX": 11, "ABLATE": 0, "SEARCH": 64,
+                   "PARTIAL": False}  # fmt: skip
 NORM_PTRS = {"A": "*bf16", "U": "*bf16", "W": "*bf16", "Bias": "*bf16", "Y": "*bf16"}
 NORM_CONST = {"C": 128, "BLOCK_R": 8, "BLOCK_C": 128, "ROUND_BF16": False}
 
@@ -36,7 +42,10 @@ def compile_for_hopper(jit: Any, ptrs: dict[str, str], const: dict[str, Any], fl
     signature = {}
     for n in names:
         signature[n] = ptrs.get(n) or ("constexpr" if n in const else float_type if n in floats else "i32")
-    source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in const.items()})
+    # What the launcher specialises on a GPU: pointers and strides divisible by 16 (16-byte loads).
+    aligned = [n for n in names if n in ptrs or (n.startswith("stride_") and n != "stride_os")]
+    source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in const.items()},
+                       attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})  # fmt: skip
     try:
         compiled = triton.compile(source, target=HOPPER, options={"num_warps": 4, "num_stages": 2})
     except FileNotFoundError as exc:  # no ptxas beside the triton package
@@ -48,7 +57,8 @@ def compile_for_hopper(jit: Any, ptrs: dict[str, str], const: dict[str, Any], fl
 def test_attention_compiles_for_sm90(float_type: str) -> None:
     ptx = compile_for_hopper(_hstu_fwd_kernel, ATTENTION_PTRS, ATTENTION_CONST, ("alpha", "inv_norm"), float_type)
     assert ".target sm_90" in ptx and "mma" in ptx  # tensor-core code, not a scalar fallback
-    assert "bfind.u32" in ptx and "ld.global.nc.f32" in ptx  # the GPU variant's PTX time bucket and gather
+    assert "bfind.u32" in ptx and "ld.global.nc.f32" in ptx  # the GPU variant's PTX time bucket and loads
+    assert "shfl.sync.idx.b32" in ptx and "%laneid" in ptx  # time / far tables from the warp's registers
     assert set(re.findall(r"\b\w+(?:\.\w+)*\.f64\b", ptx)) <= {"cvt.rn.f32.f64"}
 
 
@@ -57,3 +67,18 @@ def test_norm_gate_compiles_for_sm90(float_type: str) -> None:
     ptx = compile_for_hopper(_norm_gate_kernel, NORM_PTRS, NORM_CONST, ("eps",), float_type)
     assert ".target sm_90" in ptx
     assert set(re.findall(r"\b\w+(?:\.\w+)*\.f64\b", ptx)) <= {"cvt.rn.f32.f64"}
+
+
+def test_attention_wgmma_not_serialised() -> None:
+    """ptxas serialises every wgmma of a kernel (each waits for the one before; warning C7515) when
+    non-wgmma code defines accumulator registers inside a pipeline stage. An if/else choosing
+    between the int32 key loops and the int64 loop did that; the kernel now picks by empty ranges."""
+    ptx = compile_for_hopper(_hstu_fwd_kernel, ATTENTION_PTRS, ATTENTION_CONST, ("alpha", "inv_norm"), "fp32")
+    ptxas = get_ptxas(90).path
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "attention.ptx"
+        src.write_text(ptx)
+        proc = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(src), "-o", str(Path(tmp) / "a.cubin")],
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "C7515" not in proc.stderr, proc.stderr[-2000:]
