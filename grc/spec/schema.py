@@ -490,6 +490,11 @@ class HistoryCacheConfig(_Section):
     max_user_mb: MiBFraction | None = Field(
         None, description="largest entry kept for one user, in MiB; default: budget_mb / 8"
     )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="dense model and cached K/V dtype on KIND_GPU instances (grc's Triton kernels); KIND_CPU "
+        "instances run float32",
+    )
 
 
 class TritonBundleConfig(_Section):

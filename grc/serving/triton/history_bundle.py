@@ -62,6 +62,7 @@ def cached_model_config(spec: Spec, weights_dir: Path) -> ModelConfig:
     _param(msg, "budget_bytes", str(budget))
     _param(msg, "max_user_bytes", str(max_user))
     _param(msg, "weights_digest", weights_digest(weights_dir))
+    _param(msg, "dtype", cache.dtype)
     _param(msg, "rank_weights", json.dumps(rq.rank_weights(spec.model, cfg).tolist()))
     _param(msg, "top_k", str(cfg.top_k))
     _param(msg, "intra_op_threads", str(cfg.intra_op_threads))
