@@ -87,3 +87,19 @@ class UserKV:
             timestamps=torch.zeros(0, dtype=torch.int64, device=like.device),
             profile=profile,
         )
+
+
+@dataclass(frozen=True)
+class ScorePlan:
+    """One score step's layout, from host integers (``GRDense.plan_score``): B users' new rows
+    ``[bounds[b], bounds[b+1])`` of which the last ``candidates[b]`` are candidates, and the device
+    tensors the layers read. Built before any device work, so the step itself never waits on the host."""
+
+    bounds: list[int]
+    candidates: list[int]
+    q_offsets: torch.Tensor  # [B+1] the new rows per user
+    kv_offsets: torch.Tensor  # [B+1] cached + new rows per user
+    kv_timestamps: torch.Tensor  # [sum(cached + new)] per user: cached stamps (at the request time), new stamps
+    num_candidates: torch.Tensor  # [B]
+    group: torch.Tensor  # [Tq] token group of each new row (profile / history / candidate)
+    candidate_rows: torch.Tensor  # [sum(candidates)] indices of the candidate rows among the new rows
