@@ -65,6 +65,18 @@ def cached_history(kv: UserKV, profile_ids: np.ndarray, events: np.ndarray) -> C
     return CachedHistory(kv, profile_ids, events, content_digest(profile_ids, events))
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def shard_of(user: int, shards: int) -> int:
+    """Which of ``shards`` stores holds ``user``'s entry: splitmix64 of the int64 id, mod shards. Stable
+    across processes and runs (unlike Python's hash), and spread evenly however the ids are assigned."""
+    z = (user + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) % shards
+
+
 def model_namespace(model_json: str, weights_digest: str, dtype: str) -> str:
     """The part of every key that tells models, weight versions and K/V dtypes apart."""
     return hashlib.sha256(f"{model_json}\0{weights_digest}\0{dtype}".encode()).hexdigest()[:32]

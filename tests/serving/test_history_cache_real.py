@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -54,16 +54,20 @@ class Served:
         assert result.ok, result.problems
 
 
-@pytest.fixture(scope="module")
-def served(install: ServerInstall, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    folder = tmp_path_factory.mktemp("history_cache")
-    overrides = {"bundles.triton.history_cache": {"enabled": True, "budget_mb": BUDGET_MB, "max_user_mb": BUDGET_MB}}
-    spec_path = write_spec(folder, TEST_SPECS / "mtgr-tiny.yaml", overrides)
+def serve_mtgr_tiny(install: ServerInstall, folder: Path, cache: Mapping[str, object]) -> Iterator[Served]:
+    """mtgr-tiny built with ``bundles.triton.history_cache: cache`` in ``folder``, on a started server."""
+    spec_path = write_spec(folder, TEST_SPECS / "mtgr-tiny.yaml", {"bundles.triton.history_cache": cache})
     run_build(spec_path, only=["triton"])
     spec = load_spec(spec_path).spec
     bundle = folder / "artifacts" / spec.name / "triton"
-    with TritonServer(bundle / bd.MODEL_REPOSITORY, install=install, startup_timeout_s=120) as server:
+    with TritonServer(bundle / bd.MODEL_REPOSITORY, install=install, startup_timeout_s=180) as server:
         yield Served(spec, bundle, server)
+
+
+@pytest.fixture(scope="module")
+def served(install: ServerInstall, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    cache = {"enabled": True, "budget_mb": BUDGET_MB, "max_user_mb": BUDGET_MB}
+    yield from serve_mtgr_tiny(install, tmp_path_factory.mktemp("history_cache"), cache)
 
 
 def user(spec: Spec, history: int, candidates: int, seed: int) -> dict[str, np.ndarray]:

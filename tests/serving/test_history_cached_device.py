@@ -19,13 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from grc.model.sample import random_batch
-from grc.serving.common import request as rq
-from grc.serving.common.validate import parse
 from grc.serving.triton import history_bundle as hb
-from grc.serving.triton.check import Reference
 from grc.serving.triton.model_config import render_config
-from grc.serving.triton.models.history_cached import CachedScorer, TritonPythonModel, instance_device
+from grc.serving.triton.models.history_cached import TritonPythonModel, instance_device
 from grc.spec.loader import load_spec
 from grc.spec.schema import Spec
 from tests.conftest import TEST_SPECS, run_build, write_spec
@@ -95,23 +91,10 @@ def test_the_kernel_path_scores_like_the_reference(weights: tuple[Path, Spec, Pa
 def test_a_gpu_instance_keeps_kv_in_device_memory_and_scores_exactly(
     weights: tuple[Path, Spec, Path], dtype: str
 ) -> None:
+    """bench/history_cache_device.py's served_check (what the device run records), asserted here."""
+    from bench.history_cache_device import served_check
+
     _, spec, weights_dir = weights
-    cfg = spec.model
     seed = int(torch.randint(0, 1 << 30, ()).item())
-    full = rq.user_request(random_batch(cfg, 1, 30, 5, torch.Generator().manual_seed(seed)), 0, cfg)
-    history = {rq.history_input(t) for t in cfg.history} | {rq.HISTORY_TIME}
-    earlier = {k: a[:, :20] if k in history else a for k, a in full.items()}
-    expected = Reference(cfg, weights_dir).scores(full)
-    scorer = CachedScorer(cfg, weights_dir, 1 << 24, None, instance_device(True, 0), "digest", dtype)
-    assert scorer.impl == "triton"
-    user = np.array([3], np.int64)
-    scorer.score(parse(dict(earlier), cfg, True), user)  # miss: prefill on the GPU
-    hit = scorer.score(parse(dict(full), cfg, True), user)
-    uncached = scorer.score(parse(dict(full), cfg, True), None)
-    stats = scorer.cache.stats()
-    assert (stats.hits, stats.misses) == (1, 1)
-    entry = scorer.cache.lookup((scorer.namespace, 3), lambda _: True)
-    assert entry is not None and all(k.is_cuda and k.dtype == getattr(torch, dtype) for k in entry.kv.keys)
-    assert stats.bytes == scorer.cache.stored_bytes() == entry.nbytes
-    for got in (hit, uncached):
-        assert relative_error(got, expected) < TOLERANCE[dtype], seed
+    result = served_check(spec.model, weights_dir, dtype, seed)
+    assert result["ok"] and result["kv_devices"] == ["cuda:0"] and result["dtype"] == f"torch.{dtype}", (result, seed)

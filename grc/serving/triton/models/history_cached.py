@@ -3,10 +3,11 @@ cache (grc/serving/history_cache.py) and running the dense step through ``GRDens
 
 Why one model and not an ensemble step: the cache must see the request's raw ids and timestamps
 (to match the cached prefix) and its user_id, and Triton ensembles cannot pass an optional
-input on; and one instance (the config's count is 1) means every request of a user reaches the
-one store. Steps: check the request (preprocess.parse), look the user up, project only the tokens
-the cache does not hold, score them against the cached K/V, store the extended entry, rank
-(postprocess.rank). A request without ``user_id`` is computed whole and caches nothing.
+input on. Each such model is one instance, one store: with ``history_cache.instances`` > 1 a
+router (history_router.py) sends each user to the same one. Steps: check the request
+(preprocess.parse), look the user up, project only the tokens the cache does not hold, score them
+against the cached K/V, store the extended entry, rank (postprocess.rank). A request without
+``user_id`` is computed whole and caches nothing.
 
 Metrics (Triton custom metrics, on the server's metrics port): grc_history_cache_hits_total,
 grc_history_cache_misses_total, grc_history_cache_evictions_total (counters) and
