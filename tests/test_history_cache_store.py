@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from grc.model.kv_cache import UserKV
-from grc.serving.history_cache import CachedHistory, HistoryCache, cached_history, miss_reason, model_namespace
+from grc.serving.common.history_cache import CachedHistory, HistoryCache, cached_history, miss_reason, model_namespace
 
 NOW = 1_750_000_000
 BUCKETS = 20

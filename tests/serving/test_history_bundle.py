@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from grc.serving.history_cache import shard_of
+from grc.serving.common.history_cache import shard_of
 from grc.serving.triton import bundle as bd
 from grc.serving.triton import history_bundle as hb
 from grc.serving.triton.model_config import render_config
@@ -107,7 +107,7 @@ def test_a_gpu_cache_model_is_pinned_to_one_gpu(tmp_path: Path) -> None:
 def test_shards_are_stable_across_processes_and_spread_evenly() -> None:
     users = [*range(-5000, 5000, 3), 2**63 - 1, -(2**63)]
     here = [shard_of(u, 4) for u in users]
-    code = f"from grc.serving.history_cache import shard_of; print([shard_of(u, 4) for u in {users!r}])"
+    code = f"from grc.serving.common.history_cache import shard_of; print([shard_of(u, 4) for u in {users!r}])"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert json.loads(there.stdout) == here

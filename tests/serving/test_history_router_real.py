@@ -20,7 +20,7 @@ import torch
 
 from grc.model.sample import random_batch
 from grc.serving.common import request as rq
-from grc.serving.history_cache import shard_of
+from grc.serving.common.history_cache import shard_of
 from grc.serving.triton.server import ServerInstall
 from tests.serving.test_history_cache_real import Served, first_events, serve_mtgr_tiny, user
 

@@ -1,5 +1,5 @@
 """The history-cached model: the whole request path in one python model, holding the user-history
-cache (grc/serving/history_cache.py) and running the dense step through ``GRDense.score``.
+cache (grc/serving/common/history_cache.py) and running the dense step through ``GRDense.score``.
 
 Why one model and not an ensemble step: the cache must see the request's raw ids and timestamps
 (to match the cached prefix) and its user_id, and Triton ensembles cannot pass an optional
@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from grc.serving.common import request as rq
+from grc.serving.common.history_cache import CachedHistory, HistoryCache, cached_history, miss_reason, model_namespace
 from grc.serving.common.validate import RequestError, parse
-from grc.serving.history_cache import CachedHistory, HistoryCache, cached_history, miss_reason, model_namespace
 from grc.serving.triton.models import steps
 from grc.serving.triton.models import tensor_io as io
 from grc.serving.triton.models.postprocess import rank

@@ -3,7 +3,7 @@
 Each user's entry lives in ONE store, so each user's requests must reach one instance. Triton's own
 scheduler spreads requests over a model's instances as they free up, so the cache runs as N models of
 one instance each (``<model_name>-cache-<k>``, each its own store), and this BLS model sends every user
-to model ``shard_of(user_id, N)`` (grc/serving/history_cache.py): the same user, the same store, on
+to model ``shard_of(user_id, N)`` (grc/serving/common/history_cache.py): the same user, the same store, on
 any router instance and after any restart. A request of several users is split by shard, the parts
 run concurrently (async BLS) and the answers are put back in the request's order. A request without
 ``user_id`` caches nothing and goes whole to the shards in turn; a malformed ``user_id`` goes whole to
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from grc.serving.history_cache import shard_of
+from grc.serving.common.history_cache import shard_of
 from grc.serving.triton.models import steps
 from grc.serving.triton.models import tensor_io as io
 
