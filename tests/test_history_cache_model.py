@@ -179,7 +179,8 @@ def test_full_history_mask_refused(setup) -> None:  # type: ignore[no-untyped-de
 
 def test_a_later_request_reuses_the_cache_only_while_time_buckets_hold(setup) -> None:  # type: ignore[no-untyped-def]
     """Profile tokens carry the request time: the cache of an earlier request is exact at a later
-    time exactly when no cached event changes its time bucket; otherwise reusable_at says no."""
+    time exactly when no cached event changes its time bucket; otherwise reusable_at says no, and
+    the rows before the first moved event (reusable_rows) still give the full forward's scores."""
     cfg, model, tables, gen = setup
     batch = one_user(cfg, 25, 4, gen)
     then = int(batch.request_time[0])
@@ -208,6 +209,21 @@ def test_a_later_request_reuses_the_cache_only_while_time_buckets_hold(setup) ->
             )
         fresh = model.dense.prefill(tok_later.tokens[:cached], tok_later.timestamps[:cached], len(cfg.profile), moved)
         assert not torch.allclose(fresh.keys[-1], cache.keys[-1], rtol=1e-6, atol=0)  # the check matters
+        # the rows before the first moved event are still exact: reuse them, recompute the rest
+        rows = cache.reusable_rows(moved, cfg.hstu.time_buckets)
+        assert len(cfg.profile) <= rows < cached
+        with torch.no_grad():
+            scores, (grown,) = model.dense.score(
+                [cache.prefix(rows)],
+                tok_later.tokens[rows:],
+                torch.tensor([0, tok_later.tokens.shape[0] - rows]),
+                tok_later.num_candidates,
+                tok_later.timestamps[rows:],
+                [moved],
+            )
+        torch.testing.assert_close(scores, full_scores(model, tok_later), rtol=RTOL, atol=0)
+        for a, b in zip(grown.keys, fresh.keys, strict=True):
+            torch.testing.assert_close(a, b, rtol=RTOL, atol=1e-15)
     else:  # no profile tokens: nothing cached depends on the request time
         assert cache.reusable_at(moved, cfg.hstu.time_buckets)
         with torch.no_grad():

@@ -22,8 +22,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from grc.model.kv_cache import UserKV
 from grc.serving.common import request as rq
-from grc.serving.common.history_cache import CachedHistory, HistoryCache, cached_history, miss_reason, model_namespace
+from grc.serving.common.history_cache import (
+    CachedHistory,
+    HistoryCache,
+    cached_history,
+    miss_reason,
+    model_namespace,
+    reusable_events,
+)
 from grc.serving.common.validate import RequestError, parse
 from grc.serving.triton.models import steps
 from grc.serving.triton.models import tensor_io as io
@@ -123,11 +131,19 @@ class CachedScorer:
         self.cache = HistoryCache(budget, max_user)
         self.namespace = model_namespace(cfg.model_dump_json(), weights_digest, dtype)
 
-    def _lookup(self, user: int, ids: np.ndarray, events: np.ndarray, now: int) -> CachedHistory | None:
-        def usable(entry: CachedHistory) -> bool:
-            return miss_reason(entry, ids, events, now, self.cfg.hstu.time_buckets) is None
+    def _lookup(self, user: int, ids: np.ndarray, events: np.ndarray, now: int) -> tuple[UserKV | None, int]:
+        """The user's reusable cache (its rows still exact at ``now``) and how many events it holds;
+        (None, 0) on a miss."""
+        buckets = self.cfg.hstu.time_buckets
 
-        return self.cache.lookup((self.namespace, user), usable)
+        def usable(entry: CachedHistory) -> bool:
+            return miss_reason(entry, ids, events, now, buckets) is None
+
+        found = self.cache.lookup((self.namespace, user), usable)
+        if found is None:
+            return None, 0
+        reused = reusable_events(found, now, buckets)
+        return found.kv.prefix(found.kv.profile + reused), reused
 
     def score(self, checked: dict[str, np.ndarray], users: np.ndarray | None) -> np.ndarray:
         """One checked request of b users -> candidate scores [b, c, tasks]; ``users``: their ids
@@ -140,10 +156,10 @@ class CachedScorer:
         for u in range(b):
             ids, events = user_events(checked, cfg, u)
             now = int(checked[rq.REQUEST_TIME][u, 0])
-            found = None if users is None else self._lookup(int(users[u]), ids, events, now)
+            kv, reused = (None, 0) if users is None else self._lookup(int(users[u]), ids, events, now)
             seen.append((ids, events, now))
-            parts.append(user_request(checked, cfg, u, len(found.events) if found is not None else 0))
-            caches.append(found.kv if found is not None else None)
+            parts.append(user_request(checked, cfg, u, reused))
+            caches.append(kv)
         projected = project(parts, self.projector, self.tables, cfg)
         tokens, stamps, offsets, cands = [], [], [0], []
         kvs = []
