@@ -2,14 +2,16 @@
 # One device call, start to end (about 3 minutes): the user-history cache in-process on the GPU through grc's
 # Triton kernels (bench/history_cache_device.py): mtgr-small and mtgr-base, bf16 then fp32, full forward vs
 # cached score at histories 1000 and max_seq_len - 256 x 256/512 candidates, eager and CUDA graph, with
-# exactness vs float64. Writes $OUT/history-cache-h200.json (rewritten after every shape: a cut run keeps what
-# it measured) and $OUT/history-cache-h200.log.
+# exactness vs float64, and a session workload (200 Zipf users x 5 visits, bench/history_cache_session.py).
+# Writes $OUT/history-cache-h200.json (rewritten after every shape: a cut run keeps what it measured) and
+# $OUT/history-cache-h200.log.
 #   OUT=/some/folder bash bench/gpu_run_history.sh
 #   DRY_RUN=1 OUT=/tmp/x bash bench/gpu_run_history.sh     # on a CPU: tiny shapes, Triton interpreter
 # From the repository root of a checkout (or a copy). Needs Python with CUDA torch and triton; pydantic and
 # PyYAML come from ./.whl when missing (bench/gpu_wheels.sh fills it where PyPI is reachable), unpacked into
 # a temporary folder (the machine's Python stays as it was). Budget: no new shape after BUDGET_S (default
-# 110) seconds, the whole step killed after LIMIT_S (default 170).
+# 95) seconds, the session workload 3 x 10 s after the bf16 shapes, the whole step killed after LIMIT_S
+# (default 175).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder the results go to}"
@@ -40,8 +42,8 @@ else
   name=history-cache-h200
 fi
 stamp "bench/history_cache_device.py"
-limit="${LIMIT_S:-170}"
-timeout "$limit" "$py" bench/history_cache_device.py --budget-s "${BUDGET_S:-110}" --out "$OUT/$name.json" "${flags[@]}" \
+limit="${LIMIT_S:-175}"
+timeout "$limit" "$py" bench/history_cache_device.py --budget-s "${BUDGET_S:-95}" --out "$OUT/$name.json" "${flags[@]}" \
   2>&1 | tee "$OUT/$name.log"
 rc=${PIPESTATUS[0]}
 [ "$rc" -eq 124 ] && echo "history_cache_device.py: TIMED OUT after $limit s (the JSON holds the shapes done)"

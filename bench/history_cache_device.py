@@ -239,6 +239,27 @@ def served_checks(repo: Path, device: str | None) -> list[dict[str, Any]]:
         return [served_check(spec.model, weights, dtype, seed, device) for dtype in ("float32", "bfloat16")]
 
 
+def session_run(repo: Path, args: argparse.Namespace, device: torch.device, dtype: str, started: float) -> Any:
+    """bench/history_cache_session.py's workload on the served scorer, on the first of --specs
+    (dry run: mtgr-tiny, small shapes), --session-users users x 5 visits, each of its three modes
+    cut at --session-budget-s seconds (its own budget: it runs whatever --budget-s says)."""
+    from bench import history_cache_session as hs
+
+    if args.session_users <= 0:
+        return "skipped: --session-users 0"
+    name = args.specs.split(",")[0]
+    spec = repo / "tests" / "specs" / "mtgr-tiny.yaml" if args.dry_run else repo / "specs" / f"{name}.yaml"
+    flags = ["--spec", str(spec), "--users", str(args.session_users)]
+    if args.dry_run:
+        flags += ["--users", "6", "--base", "20", "--delta", "3", "--candidates", "4"]
+    workload = hs.parser().parse_args(flags)
+    try:
+        return {"workload": vars(workload), **hs.session(workload, str(device), dtype, args.session_budget_s)}
+    except Exception as err:
+        traceback.print_exc()
+        return {"error": f"{type(err).__name__}: {err}"[:500]}
+
+
 def shapes(spec_model: Any, dry_run: bool) -> list[tuple[int, int]]:
     if dry_run:
         return list(DRY_SHAPES)
@@ -253,6 +274,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--budget-s", type=float, default=150.0, help="no new shape starts after this many seconds")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes, 2 repeats (CPU under TRITON_INTERPRET=1)")
+    ap.add_argument("--session-users", type=int, default=200, help="session workload users (0: none)")
+    ap.add_argument("--session-budget-s", type=float, default=10.0, help="seconds per session mode, at most")
     ap.add_argument("--out", required=True, help="result file (.json)")
     args = ap.parse_args()
     started = time.monotonic()
@@ -279,7 +302,10 @@ def main() -> None:
         traceback.print_exc()
     write_result(Path(args.out), result)
     print(f"[{time.monotonic() - started:6.1f} s] served model: {result['served_check']}", flush=True)
-    for dtype in args.dtypes.split(","):
+    for turn, dtype in enumerate(args.dtypes.split(",")):
+        if turn == 1:  # after the first dtype's shapes: the session workload, then the other dtypes
+            result["session"] = session_run(repo, args, device, args.dtypes.split(",")[0], started)
+            write_result(Path(args.out), result)
         for name in args.specs.split(","):
             spec = load_spec(repo / "specs" / f"{name}.yaml").spec
             model = dense_model(spec.model, device, getattr(torch, dtype))
