@@ -94,6 +94,7 @@ class User:
         stamps = torch.cat([torch.full((self.profile,), NOW), NOW - gaps, torch.full((candidates,), NOW)])
         self.stamps = stamps.to(device)
         self.nc = torch.tensor([candidates], device=device)
+        self.nc_host = torch.tensor([candidates])  # the cached step gets host counts, as the served model passes them
 
     def offsets(self, rows: int) -> torch.Tensor:
         return torch.tensor([0, rows], device=self.tokens.device)
@@ -107,7 +108,8 @@ class User:
     def score(self, model: GRDense, cache: UserKV, impl: str) -> torch.Tensor:
         cached = cache.length
         new = self.tokens[cached:]
-        return model.score([cache], new, self.offsets(new.shape[0]), self.nc, self.stamps[cached:], [NOW], impl)[0]
+        offsets = torch.tensor([0, new.shape[0]])
+        return model.score([cache], new, offsets, self.nc_host, self.stamps[cached:], [NOW], impl)[0]
 
     def planned(self, model: GRDense, cache: UserKV, impl: str) -> Callable[[], torch.Tensor]:
         """The score step's device half (run_plan) for this user on ``cache``, its plan built once."""

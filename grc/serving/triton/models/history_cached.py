@@ -175,8 +175,8 @@ class CachedScorer:
             scores, grown = self.dense.score(
                 kvs,
                 torch.cat(tokens).to(device, dtype),
-                torch.tensor(offsets, device=device),
-                torch.tensor(cands, device=device),
+                torch.tensor(offsets),  # host integers: score reads them without a device sync
+                torch.tensor(cands),
                 torch.cat(stamps).to(device),
                 [now for _, _, now in seen],
                 self.impl,
