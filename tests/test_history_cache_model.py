@@ -179,7 +179,8 @@ def test_full_history_mask_refused(setup) -> None:  # type: ignore[no-untyped-de
 
 def test_a_later_request_reuses_the_cache_only_while_time_buckets_hold(setup) -> None:  # type: ignore[no-untyped-def]
     """Profile tokens carry the request time: the cache of an earlier request is exact at a later
-    time exactly when no cached event changes its time bucket; otherwise reusable_at says no."""
+    time exactly when no cached event changes its time bucket; otherwise reusable_at says no, and
+    the rows before the first moved event (reusable_rows) still give the full forward's scores."""
     cfg, model, tables, gen = setup
     batch = one_user(cfg, 25, 4, gen)
     then = int(batch.request_time[0])
@@ -208,6 +209,21 @@ def test_a_later_request_reuses_the_cache_only_while_time_buckets_hold(setup) ->
             )
         fresh = model.dense.prefill(tok_later.tokens[:cached], tok_later.timestamps[:cached], len(cfg.profile), moved)
         assert not torch.allclose(fresh.keys[-1], cache.keys[-1], rtol=1e-6, atol=0)  # the check matters
+        # the rows before the first moved event are still exact: reuse them, recompute the rest
+        rows = cache.reusable_rows(moved, cfg.hstu.time_buckets)
+        assert len(cfg.profile) <= rows < cached
+        with torch.no_grad():
+            scores, (grown,) = model.dense.score(
+                [cache.prefix(rows)],
+                tok_later.tokens[rows:],
+                torch.tensor([0, tok_later.tokens.shape[0] - rows]),
+                tok_later.num_candidates,
+                tok_later.timestamps[rows:],
+                [moved],
+            )
+        torch.testing.assert_close(scores, full_scores(model, tok_later), rtol=RTOL, atol=0)
+        for a, b in zip(grown.keys, fresh.keys, strict=True):
+            torch.testing.assert_close(a, b, rtol=RTOL, atol=1e-15)
     else:  # no profile tokens: nothing cached depends on the request time
         assert cache.reusable_at(moved, cfg.hstu.time_buckets)
         with torch.no_grad():
@@ -220,3 +236,53 @@ def test_a_later_request_reuses_the_cache_only_while_time_buckets_hold(setup) ->
                 [moved],
             )
         torch.testing.assert_close(scores, full_scores(model, tok_later), rtol=RTOL, atol=0)
+
+
+def test_a_planned_step_never_reads_device_values(setup) -> None:  # type: ignore[no-untyped-def]
+    """run_plan on fake tensors (shapes, no data): any host read of a device value (.item(), .tolist(),
+    a boolean mask, nonzero) raises there. That is what a CUDA graph capture of the step needs. The
+    kernel path only (impl "triton": the attention op's fake impl); the PyTorch reference loops over
+    users reading their offsets, by design."""
+    impl = "triton"
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cfg, model, tables, gen = setup
+    profile = len(cfg.profile)
+    users = [one_user(cfg, h, c, gen) for h, c in ((12, 3), (7, 2))]
+    toks = [project(model, tables, b) for b in users]
+    cached = [profile + 9, profile + 7]
+    now = [int(b.request_time[0]) for b in users]
+    with torch.no_grad():
+        caches = [
+            model.dense.prefill(t.tokens[:k], t.timestamps[:k], profile, n)
+            for t, k, n in zip(toks, cached, now, strict=True)
+        ]
+        rest = [t.tokens.shape[0] - k for t, k in zip(toks, cached, strict=True)]
+        offsets = torch.tensor([0, rest[0], rest[0] + rest[1]])
+        tokens = torch.cat([t.tokens[k:] for t, k in zip(toks, cached, strict=True)])
+        stamps = torch.cat([t.timestamps[k:] for t, k in zip(toks, cached, strict=True)])
+        nc = torch.cat([t.num_candidates for t in toks])
+        plan = model.dense.plan_score(caches, offsets, nc, stamps, now)
+        expected, _, _ = model.dense.run_plan(plan, caches, tokens, impl)
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        fake_plan = dataclasses.replace(
+            plan,
+            **{
+                f.name: mode.from_tensor(getattr(plan, f.name))
+                for f in dataclasses.fields(plan)
+                if isinstance(getattr(plan, f.name), torch.Tensor)
+            },
+        )
+        fake_caches = [
+            dataclasses.replace(
+                c,
+                keys=tuple(mode.from_tensor(k) for k in c.keys),
+                values=tuple(mode.from_tensor(v) for v in c.values),
+                timestamps=mode.from_tensor(c.timestamps),
+            )
+            for c in caches
+        ]
+        with mode:
+            scores, new_k, _ = model.dense.run_plan(fake_plan, fake_caches, mode.from_tensor(tokens), impl)
+    assert scores.shape == expected.shape == (int(nc.sum()), len(cfg.tasks))
+    assert new_k[0].shape[0] == tokens.shape[0]

@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from grc.model.kv_cache import UserKV
-from grc.serving.common.history_cache import CachedHistory, HistoryCache, cached_history, miss_reason, model_namespace
+from grc.serving.common.history_cache import (
+    CachedHistory,
+    HistoryCache,
+    cached_history,
+    miss_reason,
+    model_namespace,
+    reusable_events,
+)
 
 NOW = 1_750_000_000
 BUCKETS = 20
@@ -53,6 +60,28 @@ def test_a_request_matches_only_its_exact_cached_prefix() -> None:
     assert miss_reason(e, e.profile_ids, e.events, NOW + 450, BUCKETS) == (
         "request time moves a cached event's time bucket"
     )
+
+
+def test_a_later_request_reuses_the_events_before_the_first_moved_bucket() -> None:
+    """A session: the newest cached events are seconds old, so a visit a minute later moves their
+    buckets; the older events keep theirs and stay reusable (the rows before the first moved one)."""
+    e = entry(10)  # events 1060..1600 s old: bucket 10
+    kv = e.kv
+    fresh = UserKV(  # plus two events 5 and 3 s old (buckets 2)
+        keys=tuple(torch.cat([k, k[-2:]]) for k in kv.keys),
+        values=tuple(torch.cat([v, v[-2:]]) for v in kv.values),
+        timestamps=torch.cat([kv.timestamps, torch.tensor([NOW - 5, NOW - 3])]),
+        profile=1,
+    )
+    events = np.concatenate([e.events, [[50, 150, NOW - 5], [51, 151, NOW - 3]]])
+    session = cached_history(fresh, e.profile_ids, events)
+    assert reusable_events(session, NOW, BUCKETS) == 12  # same request time: all
+    later = NOW + 60  # 5 -> 65 s: bucket 2 -> 6; the old events stay in bucket 10
+    assert miss_reason(session, e.profile_ids, events, later, BUCKETS) is None
+    assert reusable_events(session, later, BUCKETS) == 10
+    kept = session.kv.prefix(1 + 10)
+    assert kept.length == 11 and kept.reusable_at(later, BUCKETS)
+    assert all(torch.equal(a, b[:11]) for a, b in zip(kept.keys, session.kv.keys, strict=True))
 
 
 def test_models_and_weight_versions_never_share_entries() -> None:

@@ -11,6 +11,7 @@ The model splits where production GR serving splits it:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import cast
@@ -21,7 +22,7 @@ from torch import nn
 
 from grc.model.hstu import GroupLayerNorm, HSTULayer
 from grc.model.jagged import lengths_of, local_index
-from grc.model.kv_cache import HistoryCacheUnsupported, UserKV
+from grc.model.kv_cache import HistoryCacheUnsupported, ScorePlan, UserKV
 from grc.model.tables import Tables
 from grc.spec.schema import ModelConfig
 
@@ -135,16 +136,17 @@ class GRDense(nn.Module):
         h = self.cfg.hstu
         return UserKV.empty(h.num_layers, h.num_heads, h.head_qk, h.head_v, profile, like)
 
-    def _extend(
+    def plan_score(
         self,
         caches: list[UserKV],
-        tokens: torch.Tensor,
         offsets: torch.Tensor,
         num_candidates: torch.Tensor,
         timestamps: torch.Tensor,
         now: list[int],
-        impl: str,
-    ) -> tuple[torch.Tensor, list[UserKV]]:
+    ) -> ScorePlan:
+        """Everything a score step needs besides the tokens and the K/V, built from host integers
+        (one read of ``offsets`` and ``num_candidates``): ``run_plan`` then launches device work only,
+        without a host sync, so it can be captured in a CUDA graph."""
         h = self.cfg.hstu
         if h.history_mask != "causal":
             raise HistoryCacheUnsupported(
@@ -157,32 +159,73 @@ class GRDense(nn.Module):
                     f"user {b}: the cache was computed at another request time whose time buckets "
                     f"differ (check UserKV.reusable_at before scoring)"
                 )
-        new = lengths_of(offsets)
-        past = torch.tensor([c.length for c in caches], dtype=torch.int64, device=offsets.device)
-        total = past + new
-        if bool((total > h.max_seq_len).any()):
-            raise ValueError(f"cached + new tokens {total.tolist()} exceed max_seq_len {h.max_seq_len}")
-        idx = local_index(offsets) + torch.repeat_interleave(past, new)  # absolute positions
-        n_ctx = torch.repeat_interleave(total - num_candidates, new)
-        group = token_groups(self.cfg, idx, n_ctx)
-        bounds = offsets.tolist()
-        kv_timestamps = torch.cat(
-            [t for b, c in enumerate(caches) for t in (c.timestamps_at(now[b]), timestamps[bounds[b] : bounds[b + 1]])]
+        bounds = [int(o) for o in offsets.tolist()]
+        candidates = [int(c) for c in num_candidates.tolist()]
+        past = [c.length for c in caches]
+        new = [bounds[b + 1] - bounds[b] for b in range(len(caches))]
+        total = [p + n for p, n in zip(past, new, strict=True)]
+        if any(t > h.max_seq_len for t in total):
+            raise ValueError(f"cached + new tokens {total} exceed max_seq_len {h.max_seq_len}")
+        idx = torch.cat([torch.arange(p, t) for p, t in zip(past, total, strict=True)])  # absolute positions
+        n_ctx = torch.repeat_interleave(torch.tensor(total) - torch.tensor(candidates), torch.tensor(new))
+        device = timestamps.device
+        return ScorePlan(
+            bounds=bounds,
+            candidates=candidates,
+            q_offsets=torch.tensor(bounds, device=device),
+            kv_offsets=torch.tensor([0, *itertools.accumulate(total)], device=device),
+            kv_timestamps=torch.cat(
+                [
+                    t
+                    for b, c in enumerate(caches)
+                    for t in (c.timestamps_at(now[b]), timestamps[bounds[b] : bounds[b + 1]])
+                ]
+            ),
+            num_candidates=torch.tensor(candidates, device=device),
+            group=token_groups(self.cfg, idx, n_ctx).to(device),
+            candidate_rows=torch.nonzero(idx >= n_ctx).view(-1).to(device),
         )
-        kv_offsets = torch.zeros_like(offsets)
-        kv_offsets[1:] = total.cumsum(0)
+
+    def run_plan(
+        self, plan: ScorePlan, caches: list[UserKV], tokens: torch.Tensor, impl: str = "pytorch"
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """The new tokens [Tq, D] through every layer against the caches: the candidates' scores
+        [sum(num_candidates), tasks] and every layer's K, V of the new tokens."""
         x = tokens
         new_k, new_v = [], []
         for layer_index, layer in enumerate(self.hstu_layers):
             past_kv = [(c.keys[layer_index], c.values[layer_index]) for c in caches]
-            x, k, v = layer.forward_cached(x, group, past_kv, offsets, kv_offsets, kv_timestamps, num_candidates, impl)
+            x, k, v = layer.forward_cached(
+                x,
+                plan.group,
+                past_kv,
+                plan.q_offsets,
+                plan.kv_offsets,
+                plan.kv_timestamps,
+                plan.num_candidates,
+                impl,
+                bounds=plan.bounds,
+            )
             new_k.append(k)
             new_v.append(v)
-        is_candidate = idx >= n_ctx
-        scores = self.heads(self.final_norm(x[is_candidate], group[is_candidate]))
+        rows = plan.candidate_rows
+        return self.heads(self.final_norm(x[rows], plan.group[rows])), new_k, new_v
+
+    def _extend(
+        self,
+        caches: list[UserKV],
+        tokens: torch.Tensor,
+        offsets: torch.Tensor,
+        num_candidates: torch.Tensor,
+        timestamps: torch.Tensor,
+        now: list[int],
+        impl: str,
+    ) -> tuple[torch.Tensor, list[UserKV]]:
+        plan = self.plan_score(caches, offsets, num_candidates, timestamps, now)
+        scores, new_k, new_v = self.run_plan(plan, caches, tokens, impl)
         grown = []
         for b, cache in enumerate(caches):
-            events = slice(bounds[b], bounds[b + 1] - int(num_candidates[b]))  # this user's new history rows
+            events = slice(plan.bounds[b], plan.bounds[b + 1] - plan.candidates[b])  # this user's new history rows
             grown.append(
                 cache.extended([k[events] for k in new_k], [v[events] for v in new_v], timestamps[events], now[b])
             )

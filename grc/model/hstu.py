@@ -175,20 +175,22 @@ class HSTULayer(nn.Module):
         kv_timestamps: torch.Tensor,
         num_candidates: torch.Tensor,
         impl: str = "pytorch",
+        bounds: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Only the new tokens ``x`` [Tq, D] of B users (``q_offsets``), attending to each user's
         cached keys/values ``past[b]`` and to themselves. ``kv_offsets`` / ``kv_timestamps``
-        describe the whole sequences (cached + new). Returns (output, k, v) of the new tokens."""
+        describe the whole sequences (cached + new). ``bounds``: ``q_offsets`` as host integers
+        (spares a device sync). Returns (output, k, v) of the new tokens."""
         u, q, k, v = self._project(x, group)
-        keys = _after_past([p[0] for p in past], k, q_offsets)
-        values = _after_past([p[1] for p in past], v, q_offsets)
+        bounds = q_offsets.tolist() if bounds is None else bounds
+        keys = _after_past([p[0] for p in past], k, bounds)
+        values = _after_past([p[1] for p in past], v, bounds)
         attn = self.attention.cached(q, keys, values, q_offsets, kv_offsets, kv_timestamps, num_candidates, impl)
         return self._finish(x, attn, u, impl=impl), k, v
 
 
-def _after_past(past: list[torch.Tensor], new: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Jagged [sum(past_b + new_b), ...]: each user's cached rows, then its new rows."""
-    bounds = offsets.tolist()
+def _after_past(past: list[torch.Tensor], new: torch.Tensor, bounds: list[int]) -> torch.Tensor:
+    """Jagged [sum(past_b + new_b), ...]: each user's cached rows, then its new rows (``bounds``: new rows' offsets)."""
     parts: list[torch.Tensor] = []
     for b, rows in enumerate(past):
         parts += [rows, new[bounds[b] : bounds[b + 1]]]

@@ -6,9 +6,11 @@ alone: they can be computed once (``GRDense.prefill``) and reused by later reque
 sequence starts with the same tokens (``GRDense.score``), which compute only their new tokens.
 
 One subtlety: MTGR's profile tokens are stamped with the request time (TokenProjector), and a
-history event's time-bias bucket against a profile token is bucket(|t_event - t_request|). So
-cached rows stay exact at a later request time only while every cached event keeps its bucket
-against the profile tokens (``reusable_at``); HSTU models (no profile tokens) always reuse.
+history event's time-bias bucket against a profile token is bucket(|t_event - t_request|). So at
+a later request time a cached row stays exact only while it and every row before it keep their
+buckets against the profile tokens: ``reusable_rows`` says how many leading rows do (the newest
+events, with the shortest gaps, move first), ``prefix`` keeps those; HSTU models (no profile
+tokens) always reuse every row.
 """
 
 from __future__ import annotations
@@ -50,17 +52,35 @@ class UserKV:
         out[: self.profile] = now
         return out
 
-    def reusable_at(self, now: int, time_buckets: int) -> bool:
-        """True when every cached row equals what a request at ``now`` would compute: no cached
-        history event changes its time bucket against the (re-stamped) profile tokens."""
+    def reusable_rows(self, now: int, time_buckets: int) -> int:
+        """How many leading rows equal what a request at ``now`` computes: every row before the first
+        cached history event whose time bucket against the (re-stamped) profile tokens moves. A row
+        depends only on the rows before it (causal) and their stamps, so those rows are exact; the
+        newest events move first (their gaps are the shortest), so a later request keeps most rows."""
         if self.profile == 0 or self.length <= self.profile:  # no profile tokens, or no events cached yet
-            return True
+            return self.length
         then = self.timestamps[0]
         events = self.timestamps[self.profile :]
         now_t = torch.full_like(events, now)
         before = time_bucket(abs_time_gap(events, then.expand_as(events)), time_buckets)
         after = time_bucket(abs_time_gap(events, now_t), time_buckets)
-        return bool(torch.equal(before, after))
+        moved = (before != after).nonzero()
+        return self.length if moved.numel() == 0 else self.profile + int(moved[0, 0])
+
+    def reusable_at(self, now: int, time_buckets: int) -> bool:
+        """True when every cached row equals what a request at ``now`` would compute."""
+        return self.reusable_rows(now, time_buckets) == self.length
+
+    def prefix(self, rows: int) -> UserKV:
+        """The cache of the first ``rows`` tokens (views: no copy)."""
+        if rows == self.length:
+            return self
+        return UserKV(
+            keys=tuple(k[:rows] for k in self.keys),
+            values=tuple(v[:rows] for v in self.values),
+            timestamps=self.timestamps[:rows],
+            profile=self.profile,
+        )
 
     def extended(
         self, keys: list[torch.Tensor], values: list[torch.Tensor], timestamps: torch.Tensor, now: int
@@ -87,3 +107,19 @@ class UserKV:
             timestamps=torch.zeros(0, dtype=torch.int64, device=like.device),
             profile=profile,
         )
+
+
+@dataclass(frozen=True)
+class ScorePlan:
+    """One score step's layout, from host integers (``GRDense.plan_score``): B users' new rows
+    ``[bounds[b], bounds[b+1])`` of which the last ``candidates[b]`` are candidates, and the device
+    tensors the layers read. Built before any device work, so the step itself never waits on the host."""
+
+    bounds: list[int]
+    candidates: list[int]
+    q_offsets: torch.Tensor  # [B+1] the new rows per user
+    kv_offsets: torch.Tensor  # [B+1] cached + new rows per user
+    kv_timestamps: torch.Tensor  # [sum(cached + new)] per user: cached stamps (at the request time), new stamps
+    num_candidates: torch.Tensor  # [B]
+    group: torch.Tensor  # [Tq] token group of each new row (profile / history / candidate)
+    candidate_rows: torch.Tensor  # [sum(candidates)] indices of the candidate rows among the new rows

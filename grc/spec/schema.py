@@ -534,6 +534,16 @@ class HistoryCacheConfig(_Section):
     max_user_mb: MiBFraction | None = Field(
         None, description="largest entry kept for one user, in MiB; default: budget_mb / 8"
     )
+    instances: Instances = Field(
+        1,
+        description="cache stores, each one model instance of its own (<model_name>-cache-<k>) behind a router "
+        "that sends each user_id to one of them (a hash of the id); 1: the client name is the one cached model",
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="dense model and cached K/V dtype on KIND_GPU instances (grc's Triton kernels); KIND_CPU "
+        "instances run float32",
+    )
 
 
 class GpuBucket(_Section):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -54,16 +54,20 @@ class Served:
         assert result.ok, result.problems
 
 
-@pytest.fixture(scope="module")
-def served(install: ServerInstall, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    folder = tmp_path_factory.mktemp("history_cache")
-    overrides = {"bundles.triton.history_cache": {"enabled": True, "budget_mb": BUDGET_MB, "max_user_mb": BUDGET_MB}}
-    spec_path = write_spec(folder, TEST_SPECS / "mtgr-tiny.yaml", overrides)
+def serve_mtgr_tiny(install: ServerInstall, folder: Path, cache: Mapping[str, object]) -> Iterator[Served]:
+    """mtgr-tiny built with ``bundles.triton.history_cache: cache`` in ``folder``, on a started server."""
+    spec_path = write_spec(folder, TEST_SPECS / "mtgr-tiny.yaml", {"bundles.triton.history_cache": cache})
     run_build(spec_path, only=["triton"])
     spec = load_spec(spec_path).spec
     bundle = folder / "artifacts" / spec.name / "triton"
-    with TritonServer(bundle / bd.MODEL_REPOSITORY, install=install, startup_timeout_s=120) as server:
+    with TritonServer(bundle / bd.MODEL_REPOSITORY, install=install, startup_timeout_s=180) as server:
         yield Served(spec, bundle, server)
+
+
+@pytest.fixture(scope="module")
+def served(install: ServerInstall, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    cache = {"enabled": True, "budget_mb": BUDGET_MB, "max_user_mb": BUDGET_MB}
+    yield from serve_mtgr_tiny(install, tmp_path_factory.mktemp("history_cache"), cache)
 
 
 def user(spec: Spec, history: int, candidates: int, seed: int) -> dict[str, np.ndarray]:
@@ -160,3 +164,23 @@ def test_a_history_cut_at_the_length_limit_is_a_miss_then_a_hit(served: Served) 
     served.assert_right(longer, served.infer(longer, user=606))  # cut the same way again: a hit
     after = served.metrics()
     assert delta(before, after, "misses_total") == 2 and delta(before, after, "hits_total") == 1
+
+
+def test_a_visit_a_minute_later_reuses_the_older_events(served: Served) -> None:
+    """The newest events are seconds old: a minute later their time buckets against the profile
+    tokens moved, the older events' did not. The visit is a hit that reuses the older rows and
+    recomputes the rest, and its scores are still the float64 model's."""
+    spec = served.spec
+    full = user(spec, 30, 4, seed=7)
+    now = int(full[rq.REQUEST_TIME][0, 0])
+    stamps = now - 86_400 * np.arange(30, 0, -1)  # a day apart, oldest first (no bucket edge within 60 s)
+    stamps[24:27] = [now - 9, now - 6, now - 3]  # then three events seconds before the first visit
+    stamps[27:] = [now + 10, now + 20, now + 30]  # and three before the second
+    full[rq.HISTORY_TIME] = stamps[None].astype(np.int64)
+    first = first_events(spec, full, 27) | {rq.REQUEST_TIME: np.array([[now]], np.int64)}
+    later = full | {rq.REQUEST_TIME: np.array([[now + 60]], np.int64)}
+    before = served.metrics()
+    served.assert_right(first, served.infer(first, user=707))  # miss: 27 events kept
+    served.assert_right(later, served.infer(later, user=707))  # 60 s later: a hit on the 24 older rows
+    after = served.metrics()
+    assert delta(before, after, "misses_total") == 1 and delta(before, after, "hits_total") == 1

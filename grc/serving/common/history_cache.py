@@ -8,8 +8,9 @@ instance; tests drive it directly, from many threads.
 - Entry: the user's ``UserKV`` plus exactly what was cached (profile ids; per event its ids and
   timestamp) and their digest. A request reuses an entry only when its own profile is the same
   and its history starts with the cached events (same ids, same timestamps, same order), and
-  the request time keeps every cached event's time bucket (``UserKV.reusable_at``); anything
-  else is a miss: the caller computes from scratch and replaces the entry.
+  the request time keeps at least the first cached event's time bucket: the cached rows before the
+  first event whose bucket moves are reused (``UserKV.reusable_rows``), the rest recomputed.
+  Anything else is a miss: the caller computes from scratch and replaces the entry.
 - Budget: least-recently-used entries are evicted until the stored bytes fit; an entry larger
   than the per-user bound is not kept (and the user's older entry is dropped with it).
 - Threads: one lock guards the map and the counters. Entries are immutable, built outside the
@@ -65,6 +66,18 @@ def cached_history(kv: UserKV, profile_ids: np.ndarray, events: np.ndarray) -> C
     return CachedHistory(kv, profile_ids, events, content_digest(profile_ids, events))
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def shard_of(user: int, shards: int) -> int:
+    """Which of ``shards`` stores holds ``user``'s entry: splitmix64 of the int64 id, mod shards. Stable
+    across processes and runs (unlike Python's hash), and spread evenly however the ids are assigned."""
+    z = (user + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) % shards
+
+
 def model_namespace(model_json: str, weights_digest: str, dtype: str) -> str:
     """The part of every key that tells models, weight versions and K/V dtypes apart."""
     return hashlib.sha256(f"{model_json}\0{weights_digest}\0{dtype}".encode()).hexdigest()[:32]
@@ -74,15 +87,21 @@ def miss_reason(
     entry: CachedHistory, profile_ids: np.ndarray, events: np.ndarray, now: int, time_buckets: int
 ) -> str | None:
     """Why ``entry`` cannot serve a request with these profile ids, events and request time
-    (None: it can, and the request's events past ``len(entry.events)`` are new)."""
+    (None: it can, and the request's events past ``reusable_events`` are new)."""
     n = len(entry.events)
     if not np.array_equal(entry.profile_ids, profile_ids):
         return "profile changed"
     if len(events) < n or not np.array_equal(entry.events, events[:n]):
         return "history does not start with the cached events"
-    if not entry.kv.reusable_at(now, time_buckets):
+    if entry.kv.reusable_rows(now, time_buckets) <= entry.kv.profile:
         return "request time moves a cached event's time bucket"
     return None
+
+
+def reusable_events(entry: CachedHistory, now: int, time_buckets: int) -> int:
+    """How many of ``entry``'s cached events a request at ``now`` reuses (those before the first
+    whose time bucket moves; all of them when none does), once ``miss_reason`` said None."""
+    return entry.kv.reusable_rows(now, time_buckets) - entry.kv.profile
 
 
 @dataclass(frozen=True)

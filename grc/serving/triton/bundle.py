@@ -332,10 +332,12 @@ def write_bundle(spec: Spec, weights_dir: Path, onnx_dir: Path | None, out: Path
         _dense_trt(repo, spec, engines, gpu_engines or {})
     _postprocess(repo, spec, dense_in, checked if warm else None)
     if history_bundle.enabled(spec):
-        cached = history_bundle.cached_model_config(spec, weights_dir)
-        for f in sorted(p for p in weights_dir.iterdir() if p.is_file()):
-            repo.link(f, repo.version_dir(cached.name) / "weights" / f.name)
-        repo.add(cached, history_bundle.MODULE, sample if warm else None)
+        for msg, module in history_bundle.model_configs(spec, weights_dir):
+            # the router holds no weights, and has no warmup (its shards may load after it)
+            cached = module == history_bundle.MODULE
+            for f in sorted(p for p in weights_dir.iterdir() if p.is_file()) if cached else []:
+                repo.link(f, repo.version_dir(msg.name) / "weights" / f.name)
+            repo.add(msg, module, sample if warm and cached else None)
     names = ensemble_names(spec)
     for backend, ens in names.items():
         pre = PREPROCESS_PADDED if backend == "tensorrt_plan" else PREPROCESS

@@ -1,8 +1,10 @@
 """The triton bundle's history-cached model (bundles.triton.history_cache): its config and notes.
 
-With the cache on, the name clients call (<model_name>) is the python model ``history_cached``
-(grc/serving/triton/models/history_cached.py), which takes the ensemble's inputs plus an optional
-``user_id`` (INT64 [batch, 1]); the ensembles stay, each named <model_name>-<backend>.
+With the cache on, the name clients call (<model_name>) takes the ensemble's inputs plus an optional
+``user_id`` (INT64 [batch, 1]); the ensembles stay, each named <model_name>-<backend>. With one
+instance it is the python model ``history_cached`` (grc/serving/triton/models/history_cached.py);
+with ``instances: N`` it is the router ``history_router`` in front of N cached models
+<model_name>-cache-<k>, one instance and one store each.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from grc.serving.triton.model_config import ModelConfig, tensor_output
 from grc.spec.schema import Spec
 
 MODULE = "history_cached"
+ROUTER = "history_router"
 USER_ID = "user_id"
 MIB = 1 << 20
 
@@ -44,17 +47,47 @@ def weights_digest(weights_dir: Path) -> str:
     return hashlib.sha256((weights_dir / "manifest.json").read_bytes()).hexdigest()
 
 
-def cached_model_config(spec: Spec, weights_dir: Path) -> ModelConfig:
-    """config.pbtxt of the history-cached model: one instance (one store every user reaches)."""
-    from grc.serving.triton.bundle import _common, _input, _param
+def shard_names(spec: Spec) -> list[str]:
+    """The history-cached models: the client name itself with one instance, else one model per
+    instance (``<name>-cache-<k>``) behind the router."""
+    name, count = client_name(spec), spec.bundles.triton.history_cache.instances
+    return [name] if count == 1 else [f"{name}-cache-{k}" for k in range(count)]
 
-    cfg, cache = spec.bundles.triton, spec.bundles.triton.history_cache
-    msg = _common(spec, client_name(spec), "python", cfg.instance_kind, 1)
+
+def model_configs(spec: Spec, weights_dir: Path) -> list[tuple[ModelConfig, str]]:
+    """(config, python module) of every model the cache adds: its shards, and the router when
+    there are several."""
+    names = shard_names(spec)
+    out = [(cached_model_config(spec, weights_dir, name, k), MODULE) for k, name in enumerate(names)]
+    if len(names) > 1:
+        out.append((router_config(spec, names), ROUTER))
+    return out
+
+
+def _signature(spec: Spec, msg: ModelConfig) -> None:
+    """The client's inputs plus the optional user_id, and the client's outputs."""
+    from grc.serving.triton.bundle import _input
+
     msg.input.extend(_input(s.name, s.datatype, s.dims) for s in rq.request_inputs(spec.model))
     user = _input(USER_ID, "INT64", [1])
     user.optional = True
     msg.input.append(user)
     msg.output.extend(tensor_output(s.name, s.datatype, s.dims) for s in rq.response_outputs(spec.model))
+
+
+def cached_model_config(spec: Spec, weights_dir: Path, name: str | None = None, shard: int = 0) -> ModelConfig:
+    """config.pbtxt of a history-cached model: ONE instance (one store its users reach). On GPUs it
+    is pinned to one device (Triton would start one instance per listed or visible GPU otherwise):
+    shard k on ``gpus[k % len(gpus)]``, GPU 0 when none are listed."""
+    from grc.serving.triton.bundle import _common, _param
+
+    cfg, cache = spec.bundles.triton, spec.bundles.triton.history_cache
+    msg = _common(spec, name or client_name(spec), "python", cfg.instance_kind, 1)
+    if cfg.instance_kind == "KIND_GPU":
+        gpus = cfg.gpus or [0]
+        del msg.instance_group[0].gpus[:]
+        msg.instance_group[0].gpus.append(gpus[shard % len(gpus)])
+    _signature(spec, msg)
     budget = int(cache.budget_mb * MIB)
     max_user = int((cache.max_user_mb or cache.budget_mb / 8) * MIB)
     _param(msg, "grc_model", spec.model.model_dump_json())
@@ -62,9 +95,22 @@ def cached_model_config(spec: Spec, weights_dir: Path) -> ModelConfig:
     _param(msg, "budget_bytes", str(budget))
     _param(msg, "max_user_bytes", str(max_user))
     _param(msg, "weights_digest", weights_digest(weights_dir))
+    _param(msg, "dtype", cache.dtype)
     _param(msg, "rank_weights", json.dumps(rq.rank_weights(spec.model, cfg).tolist()))
     _param(msg, "top_k", str(cfg.top_k))
     _param(msg, "intra_op_threads", str(cfg.intra_op_threads))
+    return msg
+
+
+def router_config(spec: Spec, shards: list[str]) -> ModelConfig:
+    """config.pbtxt of the router (CPU instances, as many as shards, so that shards run concurrently)."""
+    from grc.serving.triton.bundle import _common, _param
+
+    msg = _common(spec, client_name(spec), "python", "KIND_CPU", len(shards))
+    _signature(spec, msg)
+    _param(msg, "shards", json.dumps(shards))
+    _param(msg, "inputs", json.dumps([i.name for i in msg.input]))
+    _param(msg, "outputs", json.dumps([o.name for o in msg.output]))
     return msg
 
 
@@ -73,6 +119,8 @@ def describe(spec: Spec) -> dict[str, object]:
     return {
         "model": client_name(spec),
         "input": {"name": USER_ID, "datatype": "INT64", "shape": ["batch", 1], "optional": True},
+        "instances": cache.instances,
+        "models": shard_names(spec),
         "budget_mb": cache.budget_mb,
         "max_user_mb": cache.max_user_mb or cache.budget_mb / 8,
         "metrics": [
@@ -86,12 +134,20 @@ def describe(spec: Spec) -> dict[str, object]:
 
 def readme_section(spec: Spec) -> str:
     name = client_name(spec)
+    shards = shard_names(spec)
+    routing = (
+        f"`{name}` is the python model `{MODULE}`, one instance: every request of a user reaches its one store."
+        if len(shards) == 1
+        else f"`{name}` is a router (`{ROUTER}`) in front of {len(shards)} cached models, `{shards[0]}` .. "
+        f"`{shards[-1]}`, one instance and one store each: it sends each `{USER_ID}` to the same one every time "
+        f"(splitmix64 of the id, mod {len(shards)}), and splits a request of users on several."
+    )
     return f"""
 ## User-history cache
 
-`{name}` is the python model `{MODULE}`: send `{USER_ID}` (INT64 [batch, 1]) with a request and the
-user's per-layer keys and values are kept; the user's next request whose history starts with the same
-events (ids, timestamps, order) computes only its new events and candidates. Without `{USER_ID}`
-nothing is cached. Scores are the same either way. The ensembles without the cache are
-`{name}-<backend>`. Cache figures: `grc_history_cache_*` on the metrics port (`/metrics`).
+{routing} Send `{USER_ID}` (INT64 [batch, 1]) with a request and the user's per-layer keys and values are
+kept; the user's next request whose history starts with the same events (ids, timestamps, order) computes
+only its new events and candidates. Without `{USER_ID}` nothing is cached. Scores are the same either
+way. The ensembles without the cache are `{name}-<backend>`. Cache figures: `grc_history_cache_*` on the
+metrics port (`/metrics`), labelled with the cached model's name.
 """

@@ -3,10 +3,11 @@ cache (grc/serving/common/history_cache.py) and running the dense step through `
 
 Why one model and not an ensemble step: the cache must see the request's raw ids and timestamps
 (to match the cached prefix) and its user_id, and Triton ensembles cannot pass an optional
-input on; and one instance (the config's count is 1) means every request of a user reaches the
-one store. Steps: check the request (preprocess.parse), look the user up, project only the tokens
-the cache does not hold, score them against the cached K/V, store the extended entry, rank
-(postprocess.rank). A request without ``user_id`` is computed whole and caches nothing.
+input on. Each such model is one instance, one store: with ``history_cache.instances`` > 1 a
+router (history_router.py) sends each user to the same one. Steps: check the request
+(preprocess.parse), look the user up, project only the tokens the cache does not hold, score them
+against the cached K/V, store the extended entry, rank (postprocess.rank). A request without
+``user_id`` is computed whole and caches nothing.
 
 Metrics (Triton custom metrics, on the server's metrics port): grc_history_cache_hits_total,
 grc_history_cache_misses_total, grc_history_cache_evictions_total (counters) and
@@ -17,18 +18,29 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from grc.model.kv_cache import UserKV
 from grc.serving.common import request as rq
-from grc.serving.common.history_cache import CachedHistory, HistoryCache, cached_history, miss_reason, model_namespace
+from grc.serving.common.history_cache import (
+    CachedHistory,
+    HistoryCache,
+    cached_history,
+    miss_reason,
+    model_namespace,
+    reusable_events,
+)
 from grc.serving.common.validate import RequestError, parse
 from grc.serving.triton.models import steps
 from grc.serving.triton.models import tensor_io as io
 from grc.serving.triton.models.postprocess import rank
 from grc.serving.triton.models.preprocess import project
 from grc.spec.schema import ModelConfig
+
+if TYPE_CHECKING:
+    import torch
 
 USER_ID = "user_id"
 METRICS = {
@@ -52,11 +64,57 @@ def user_request(checked: dict[str, np.ndarray], cfg: ModelConfig, u: int, skip_
     return {name: a[u : u + 1, skip_events:] if name in history else a[u : u + 1] for name, a in checked.items()}
 
 
+DTYPES = ("float32", "bfloat16")
+
+
+def instance_device(gpu: bool, device_id: int) -> str:
+    """The torch device of a model instance. A KIND_GPU instance without a usable CUDA device fails
+    here, at load, naming why: never a silent run on the CPU."""
+    import torch
+
+    if not gpu:
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"history_cached: a KIND_GPU instance needs CUDA, and this torch ({torch.__version__}, built with "
+            f"CUDA {torch.version.cuda}) sees no CUDA device; serve it with bundles.triton.instance_kind "
+            f"KIND_CPU or on a host with a GPU"
+        )
+    if device_id >= torch.cuda.device_count():
+        raise RuntimeError(
+            f"history_cached: the instance is placed on GPU {device_id}, and torch sees "
+            f"{torch.cuda.device_count()} CUDA device(s) (CUDA_VISIBLE_DEVICES?)"
+        )
+    return f"cuda:{device_id}"
+
+
+def dense_dtype(device: torch.device, dtype: str) -> torch.dtype:
+    """The dense model's and the cached K/V's dtype: ``dtype`` on a GPU, float32 on the CPU."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise ValueError(f"history_cached: dtype must be one of {DTYPES}, got {dtype!r}")
+    return getattr(torch, dtype) if device.type == "cuda" else torch.float32
+
+
 class CachedScorer:
-    """The dense model + the cache: score users, reusing and extending their entries."""
+    """The dense model + the cache: score users, reusing and extending their entries.
+
+    On a CUDA device the dense model, its inputs and every cached K/V live in device memory (the
+    budget counts device bytes) and attention runs grc's Triton kernels (impl "triton"); the
+    projector and the tables stay on the host. A miss runs the same score step against an empty
+    cache: the whole sequence through the same kernels, on the same device."""
 
     def __init__(
-        self, cfg: ModelConfig, weights: Path, budget: int, max_user: int | None, device: str, weights_digest: str
+        self,
+        cfg: ModelConfig,
+        weights: Path,
+        budget: int,
+        max_user: int | None,
+        device: str,
+        weights_digest: str,
+        dtype: str = "float32",
+        impl: str | None = None,
     ):
         import torch
 
@@ -64,19 +122,28 @@ class CachedScorer:
 
         self.cfg = cfg
         self.device = torch.device(device)
+        self.dtype = dense_dtype(self.device, dtype)
         model = load_model(cfg, weights)
         self.projector = model.projector.eval()
-        self.dense = model.dense.eval().to(self.device)
+        self.dense = model.dense.eval().to(self.device, self.dtype)
         self.tables = open_tables(cfg, weights)
-        self.impl = "triton" if self.device.type == "cuda" else "pytorch"
+        self.impl = impl or ("triton" if self.device.type == "cuda" else "pytorch")
         self.cache = HistoryCache(budget, max_user)
-        self.namespace = model_namespace(cfg.model_dump_json(), weights_digest, "float32")
+        self.namespace = model_namespace(cfg.model_dump_json(), weights_digest, dtype)
 
-    def _lookup(self, user: int, ids: np.ndarray, events: np.ndarray, now: int) -> CachedHistory | None:
+    def _lookup(self, user: int, ids: np.ndarray, events: np.ndarray, now: int) -> tuple[UserKV | None, int]:
+        """The user's reusable cache (its rows still exact at ``now``) and how many events it holds;
+        (None, 0) on a miss."""
+        buckets = self.cfg.hstu.time_buckets
+
         def usable(entry: CachedHistory) -> bool:
-            return miss_reason(entry, ids, events, now, self.cfg.hstu.time_buckets) is None
+            return miss_reason(entry, ids, events, now, buckets) is None
 
-        return self.cache.lookup((self.namespace, user), usable)
+        found = self.cache.lookup((self.namespace, user), usable)
+        if found is None:
+            return None, 0
+        reused = reusable_events(found, now, buckets)
+        return found.kv.prefix(found.kv.profile + reused), reused
 
     def score(self, checked: dict[str, np.ndarray], users: np.ndarray | None) -> np.ndarray:
         """One checked request of b users -> candidate scores [b, c, tasks]; ``users``: their ids
@@ -89,10 +156,10 @@ class CachedScorer:
         for u in range(b):
             ids, events = user_events(checked, cfg, u)
             now = int(checked[rq.REQUEST_TIME][u, 0])
-            found = None if users is None else self._lookup(int(users[u]), ids, events, now)
+            kv, reused = (None, 0) if users is None else self._lookup(int(users[u]), ids, events, now)
             seen.append((ids, events, now))
-            parts.append(user_request(checked, cfg, u, len(found.events) if found is not None else 0))
-            caches.append(found.kv if found is not None else None)
+            parts.append(user_request(checked, cfg, u, reused))
+            caches.append(kv)
         projected = project(parts, self.projector, self.tables, cfg)
         tokens, stamps, offsets, cands = [], [], [0], []
         kvs = []
@@ -103,13 +170,14 @@ class CachedScorer:
             offsets.append(offsets[-1] + tokens[-1].shape[0])
             cands.append(int(p["num_candidates"][0, 0]))
             kvs.append(kv if kv is not None else self.dense.empty_cache(profile, self.dense.heads.w1))
+        device, dtype = self.device, self.dtype
         with torch.no_grad():
             scores, grown = self.dense.score(
                 kvs,
-                torch.cat(tokens).to(self.device),
-                torch.tensor(offsets, device=self.device),
-                torch.tensor(cands, device=self.device),
-                torch.cat(stamps).to(self.device),
+                torch.cat(tokens).to(device, dtype),
+                torch.tensor(offsets),  # host integers: score reads them without a device sync
+                torch.tensor(cands),
+                torch.cat(stamps).to(device),
                 [now for _, _, now in seen],
                 self.impl,
             )
@@ -133,11 +201,17 @@ class TritonPythonModel:
         gpu = args.get("model_instance_kind") == "GPU"
         if threads > 0 and not gpu:
             torch.set_num_threads(threads)
-        device = f"cuda:{int(args['model_instance_device_id'])}" if gpu else "cpu"
+        device = instance_device(gpu, int(args.get("model_instance_device_id", 0)))
         weights = Path(args["model_repository"]) / args["model_version"] / "weights"
         max_user = int(params["max_user_bytes"]) if params.get("max_user_bytes") else None
         self.scorer = CachedScorer(
-            self.cfg, weights, int(params["budget_bytes"]), max_user, device, params["weights_digest"]
+            self.cfg,
+            weights,
+            int(params["budget_bytes"]),
+            max_user,
+            device,
+            params["weights_digest"],
+            params.get("dtype", "float32"),
         )
         self.names = [s.name for s in rq.request_inputs(self.cfg)]
         self.first = rq.candidate_input(self.cfg.candidate[0])
