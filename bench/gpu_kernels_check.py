@@ -41,10 +41,8 @@ from bench._common import RESULTS, write_result
 from kernels import reference
 from kernels.hstu_attention import (
     INTERPRET,
-    PTX_BFIND,
     PTX_CVT,
     PTX_GATHER,
-    PTX_SHFL,
     _bucket32,
     hstu_attention_cached_triton,
 )
@@ -123,13 +121,13 @@ def _bucket_kernel(DT, OUT, n, PTX: tl.constexpr, BLOCK: tl.constexpr):
 
 
 def bucket_edges() -> list[dict[str, Any]]:
-    """The GPU time-bucket variants (bfind, cvt.rz: inline PTX, which the interpreter cannot run)
+    """The time bucket on the GPU (cvt.rz: inline PTX, which the interpreter cannot run) and the float path
     against floor(log2(1 + |dt|)) in Python integers at every power-of-two edge, both signs."""
     edges = sorted({max(0, (1 << e) + d) for e in range(30) for d in (-2, -1, 0, 1)})
     dt = torch.tensor(edges + [-x for x in edges], dtype=torch.int32, device=DEVICE)
     want = torch.tensor([(abs(x) + 1).bit_length() - 1 for x in dt.tolist()], dtype=torch.int32, device=DEVICE)
     results = []
-    for name, ptx in (("bfind", PTX_BFIND), ("cvt.rz", PTX_CVT), ("float exponent", 0)):
+    for name, ptx in (("cvt.rz", PTX_CVT), ("float exponent", 0)):
         if ptx and INTERPRET:
             continue
         out = torch.full_like(dt, -7)
@@ -169,10 +167,8 @@ def correctness(deadline: float) -> list[dict[str, Any]]:
         ("full NB 100 (buckets past 63 unread)", bf16, {"tables": (64, 100), "ts_gap": 1 << 58}),
         ("full int64 path forced", bf16, {"allow_ts_fast": False, **mtgr_base}),
         ("full, exact SiLU path", bf16, {"fast_silu": False, **mtgr_base}),
-        ("full, float-exponent bucket (no bfind)", bf16, {"ptx": PTX_GATHER, **mtgr_base}),
-        ("full, cvt.rz bucket", bf16, {"ptx": PTX_GATHER | PTX_CVT | PTX_SHFL, **mtgr_base}),
-        ("full, gathered tables (no shuffles)", bf16, {"ptx": PTX_GATHER | PTX_BFIND, **mtgr_base}),
-        ("full, fused near table", bf16, {"near_fused": True, **mtgr_base}),
+        ("full, float-exponent bucket (no PTX bucket)", bf16, {"ptx": PTX_GATHER, **mtgr_base}),
+        ("full, gathered tables (no shuffles)", bf16, {"ptx": PTX_GATHER | PTX_CVT, **mtgr_base}),
         ("full causal", f16, mtgr_base),
         ("cached causal", f16, {"queries": suffix, **mtgr_base}),
         ("full non-causal", f16, {"causal": False, **mtgr_base}),

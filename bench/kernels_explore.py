@@ -2,10 +2,8 @@
 
 Sections (in this order; a time budget stops starting new rows, the rest listed as skipped):
 - variants: today's kernel at mtgr-base's tables (d 128, P 512 / NB 32), one config, seq 8192 and
-  2048: the time bucket by bfind or by a round-toward-zero float conversion, time / far tables read
-  by warp shuffles or gathered from L1, near blocks from the two small tables or one fused
-  [32, 2P-1] table, and ablations (bias or activation dropped: WRONG
-  results, marked so, timing only).
+  2048: time / far tables read by warp shuffles or gathered from L1, and ablations (bias or
+  activation dropped: WRONG results, marked so, timing only).
 - configs: every block shape the autotuner may pick, per head dim (128, 64, 256), seq 8192 and 2048.
 - old: the kernel at 4d75a2c (before the exactness work; ./_old_hstu_attention.py, uncommitted, time
   buckets capped at 31 as it requires) vs today's, one config, P 64 / NB 24, seq 8192.
@@ -42,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench.kernels as bench
 from bench._common import RESULTS, write_result
 from kernels import reference
-from kernels.hstu_attention import CONFIGS, PTX_BFIND, PTX_CVT, PTX_GATHER, PTX_SHFL, hstu_attention_cached_triton
+from kernels.hstu_attention import CONFIGS, PTX_CVT, PTX_GATHER, PTX_SHFL, hstu_attention_cached_triton
 
 BOUND = 1e-2  # bf16 vs float64 (bench/gpu_kernels_check.py BOUNDS)
 BASE_CFG = (16, 16, 1, 1) if bench.DRY else (64, 64, 4, 2)  # the variants' config (interpreter: its only one)
@@ -116,12 +114,10 @@ def plan(peak: float) -> list[tuple[str, Callable[[], dict[str, Any]]]]:
             job = functools.partial(row, section, variant, launch, full(seq), small_full, heads, d, tables, peak, **kw)
             items.append((f"{section} {variant} d{d} seq {seq}", job))
 
-    bfind, cvt, shfl = PTX_GATHER | PTX_BFIND, PTX_GATHER | PTX_CVT, PTX_SHFL
+    cvt, shfl = PTX_GATHER | PTX_CVT, PTX_SHFL
     for name, kw, seqs in (
-        ("bfind, shuffled tables (default)", {"ptx": bfind | shfl}, long_seqs),
-        ("bfind, gathered tables", {"ptx": bfind}, long_seqs),
-        ("cvt.rz, shuffled tables", {"ptx": cvt | shfl}, long_seqs),
-        ("bfind, shuffled, fused near table", {"ptx": bfind | shfl, "near_fused": True}, long_seqs),
+        ("shuffled tables (default)", {"ptx": cvt | shfl}, long_seqs),
+        ("gathered tables", {"ptx": cvt}, long_seqs),
         ("ABLATED: no bias (wrong result)", {"ablate": 1}, long_seqs[:1]),
         ("ABLATED: no SiLU (wrong result)", {"ablate": 4}, long_seqs[:1]),
     ):

@@ -14,7 +14,8 @@ Per-score work is the bottleneck (not the two matmuls), so it is trimmed to a fe
 - time: a program whose timestamps span less than 2**29 s (every real history) works on int32
   offsets, and its key loops hold no int64 code (a program with a wider span takes one generic
   masked loop on the saturated int64 gap instead: same results, slower, never seen in practice);
-  the bucket is one bfind of |dt| + 1 on the GPU (abs, add, bfind in one PTX block);
+  the bucket is the exponent of |dt| + 1 converted to float rounding toward zero (exact; one PTX
+  block on the GPU);
 - on that path buckets are < 32, so each lane of a warp keeps one entry of the time and far tables
   in a register and a score's entry is one warp shuffle (no address, no load);
 - bias: small tables, pre-scaled by 1/2, that stay in L1: time [H, 64] (buckets past NB-1 repeat
@@ -53,14 +54,13 @@ TIME_SLOTS = MAX_BUCKET + 1  # time-table columns: every reachable bucket, so no
 SLOTS = tl.constexpr(TIME_SLOTS)
 POS_PAD = 256  # position-table padding each side: >= BLOCK_M + BLOCK_N of every config (see _configs)
 PAD = tl.constexpr(POS_PAD)
-FUSED_BUCKETS = 32  # rows of the fused [buckets, 2P-1] near table: the int32 path's buckets (<= 29)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
 MAX_POSITION_BUCKETS = 1 << 22  # 2P - 1 + 2 POS_PAD positions index the table in int32
 NEAR, FAR_LEFT, FAR_RIGHT = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 # Inline-PTX variants (GPU only; the interpreter cannot run PTX): bit flags of the PTX constexpr
 # (written as literals inside the kernels: the interpreter cannot mix ints and constexprs).
-PTX_GATHER, PTX_BFIND, PTX_CVT, PTX_SHFL = 1, 2, 4, 8
+PTX_GATHER, PTX_CVT, PTX_SHFL = 1, 4, 8
 SPLIT_MIN_KEYS, MAX_SPLITS = 128, 32  # key splits (key_splits): at least two 64-key blocks per part
 
 # (BLOCK_M, BLOCK_N, warps, stages) per padded head dim, each without spills in its key loops
@@ -165,15 +165,12 @@ def _round_to_bf16(x):
 def _bucket32(dt, PTX: tl.constexpr):
     """floor(log2(1 + |dt|)) for int32 |dt| < 2**30, exactly (no clamp: the tables hold every bucket).
 
-    On the GPU: PTX_BFIND, abs, add and bfind (index of the highest set bit) in one PTX block;
-    PTX_CVT, the exponent field of |dt| + 1 converted to float rounding toward zero (exact: never
-    rounds up to the next power of two). Elsewhere the exponent of the float |dt| + 1 rounded to
-    nearest, which can reach the next power of two above 2**24; an integer check corrects that."""
-    if PTX & 2:  # PTX_BFIND
-        return tl.inline_asm_elementwise(
-            "{ .reg .s32 t; abs.s32 t, $1; add.s32 t, t, 1; bfind.u32 $0, t; }", "=r,r", [dt],
-            dtype=tl.int32, is_pure=True, pack=1)
-    elif PTX & 4:  # PTX_CVT
+    On the GPU (PTX_CVT): the exponent field of |dt| + 1 converted to float rounding toward zero,
+    exact (it never rounds up to the next power of two); on the H200 faster than bfind (the index
+    of the highest set bit): 3.67 vs 3.91 ms at seq 8192 (bench/results/kernels-notes.md).
+    Elsewhere the exponent of the float |dt| + 1 rounded to nearest, which can reach the next
+    power of two above 2**24; an integer check corrects that."""
+    if PTX & 4:  # PTX_CVT
         return tl.inline_asm_elementwise(
             "{ .reg .s32 t; .reg .f32 f; abs.s32 t, $1; add.s32 t, t, 1; cvt.rz.f32.s32 f, t; mov.b32 t, f; "
             "shr.u32 t, t, 23; sub.s32 $0, t, 127; }", "=r,r", [dt], dtype=tl.int32, is_pure=True, pack=1)
@@ -209,19 +206,16 @@ def _bucket64(gap):
 
 
 @triton.jit
-def _bias(bucket, p_i, n_start, time_base, pos_base, near_base, far_base, time_lane, far_lane,
-          MASKED: tl.constexpr, REL: tl.constexpr, NEAR_FUSED: tl.constexpr, P: tl.constexpr,
+def _bias(bucket, p_i, n_start, time_base, pos_base, far_base, time_lane, far_lane,
+          MASKED: tl.constexpr, REL: tl.constexpr, P: tl.constexpr,
           BLOCK_N: tl.constexpr, PTX: tl.constexpr):
     """bias[h, bucket(i, j), rp(i, j)] / 2 of the pairs of key block [n_start, n_start + BLOCK_N),
     from the tables (halved). pos_base points at rp = 0 of the padded position row."""
     if REL == NEAR:  # history keys: p(j) = j; p(i) = min(i, n_ctx) precomputed per row
-        if MASKED or NEAR_FUSED:  # the tail may lie past the padding (non-causal: any distance)
+        if MASKED:  # the tail may lie past the padding (non-causal: any distance)
             offs_n = n_start + tl.arange(0, BLOCK_N)
             rp = tl.minimum(tl.maximum(p_i[:, None] - offs_n[None, :], 1 - P), P - 1) + (P - 1)  # >= 0
-            if NEAR_FUSED:  # one [32, 2P-1] table per head (int32 path only, bucket <= 29)
-                return _gather(near_base, bucket * (2 * P - 1) + rp, PTX)
-            else:
-                return _gather(time_base, bucket, PTX) + _gather(pos_base - (P - 1), rp, PTX)
+            return _gather(time_base, bucket, PTX) + _gather(pos_base - (P - 1), rp, PTX)
         else:  # rp = p(i) - n_start - c stays within the padding (POS_PAD): a row pointer minus c
             rows = pos_base + (p_i - n_start)
             pos = _load(rows[:, None] - tl.arange(0, BLOCK_N)[None, :], PTX)
@@ -237,9 +231,9 @@ def _bias(bucket, p_i, n_start, time_base, pos_base, near_base, far_base, time_l
 
 @triton.jit
 def _attn_block(acc, q, p_i, ts_i, offs_m, n_start, n_ctx, k_base, v_base, ts_base, ts_ref,
-                time_base, pos_base, near_base, far_base, time_lane, far_lane, stride_kt, stride_vt, offs_dk, offs_dv,
+                time_base, pos_base, far_base, time_lane, far_lane, stride_kt, stride_vt, offs_dk, offs_dv,
                 alpha, MASKED: tl.constexpr, REL: tl.constexpr, CAUSAL: tl.constexpr, TS64: tl.constexpr,
-                NEAR_FUSED: tl.constexpr, FAST_SILU: tl.constexpr, P: tl.constexpr, DQK: tl.constexpr,
+                FAST_SILU: tl.constexpr, P: tl.constexpr, DQK: tl.constexpr,
                 DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                 DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, PTX: tl.constexpr, ABLATE: tl.constexpr):
     """acc += act(s) @ V over history keys [n_start, n_start + BLOCK_N). ts_i: the rows' int32
@@ -272,12 +266,12 @@ def _attn_block(acc, q, p_i, ts_i, offs_m, n_start, n_ctx, k_base, v_base, ts_ba
     if not ABLATE & 1:  # (ABLATE: benchmarking only, drops stages and so gives WRONG results)
         if TS64:
             bucket = _bucket64(_abs_gap(ts_i[:, None], ts_j[None, :]))
-            z = z + _bias(bucket, p_i, n_start, time_base, pos_base, near_base, far_base, time_lane, far_lane, MASKED,
-                          REL, False, P, BLOCK_N, PTX)
+            z = z + _bias(bucket, p_i, n_start, time_base, pos_base, far_base, time_lane, far_lane, MASKED,
+                          REL, P, BLOCK_N, PTX)
         else:
             bucket = _bucket32(ts_i[:, None] - (ts_j - ts_ref).to(tl.int32)[None, :], PTX)
-            z = z + _bias(bucket, p_i, n_start, time_base, pos_base, near_base, far_base, time_lane, far_lane, MASKED,
-                          REL, NEAR_FUSED, P, BLOCK_N, PTX)
+            z = z + _bias(bucket, p_i, n_start, time_base, pos_base, far_base, time_lane, far_lane, MASKED,
+                          REL, P, BLOCK_N, PTX)
     a = z if ABLATE & 4 else _act(z, FAST_SILU)
     if MASKED:
         ok = col_ok[None, :]
@@ -294,24 +288,24 @@ def _attn_block(acc, q, p_i, ts_i, offs_m, n_start, n_ctx, k_base, v_base, ts_ba
 
 @triton.jit
 def _attn_loop(acc, lo, hi, q, p_i, ts_i, offs_m, n_ctx, k_base, v_base, ts_base, ts_ref,
-               time_base, pos_base, near_base, far_base, time_lane, far_lane, stride_kt, stride_vt, offs_dk, offs_dv,
+               time_base, pos_base, far_base, time_lane, far_lane, stride_kt, stride_vt, offs_dk, offs_dv,
                alpha, MASKED: tl.constexpr, REL: tl.constexpr, CAUSAL: tl.constexpr, TS64: tl.constexpr,
-               NEAR_FUSED: tl.constexpr, FAST_SILU: tl.constexpr, P: tl.constexpr, DQK: tl.constexpr,
+               FAST_SILU: tl.constexpr, P: tl.constexpr, DQK: tl.constexpr,
                DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, PTX: tl.constexpr, ABLATE: tl.constexpr):
     for n_start in range(lo, hi, BLOCK_N):
         acc = _attn_block(acc, q, p_i, ts_i, offs_m, n_start, n_ctx, k_base, v_base, ts_base, ts_ref,
-                          time_base, pos_base, near_base, far_base, time_lane, far_lane, stride_kt, stride_vt, offs_dk,
+                          time_base, pos_base, far_base, time_lane, far_lane, stride_kt, stride_vt, offs_dk,
                           offs_dv, alpha,
-                          MASKED, REL, CAUSAL, TS64, NEAR_FUSED, FAST_SILU, P, DQK, DV, BLOCK_N, BLOCK_DQK,
+                          MASKED, REL, CAUSAL, TS64, FAST_SILU, P, DQK, DV, BLOCK_N, BLOCK_DQK,
                           BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE)
     return acc
 
 
 @triton.jit
 def _key_loops(acc, k_lo, k_hi, left_end, right_start, full_end, q, p_i, ts_i32, offs_m, n_ctx, k_base,
-               v_base, ts_base, ts_ref, time_base, pos_base, near_base, far_base, stride_kt, stride_vt, offs_dk,
-               offs_dv, alpha, CAUSAL: tl.constexpr, NEAR_FUSED: tl.constexpr, FAST_SILU: tl.constexpr,
+               v_base, ts_base, ts_ref, time_base, pos_base, far_base, stride_kt, stride_vt, offs_dk,
+               offs_dv, alpha, CAUSAL: tl.constexpr, FAST_SILU: tl.constexpr,
                P: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
                DOT_UPCAST: tl.constexpr, PTX: tl.constexpr, ABLATE: tl.constexpr):
@@ -326,32 +320,32 @@ def _key_loops(acc, k_lo, k_hi, left_end, right_start, full_end, q, p_i, ts_i32,
         far_lane = 0.0
         far_right_lane = 0.0
     acc = _attn_loop(acc, k_lo, tl.minimum(left_end, k_hi), q, p_i, ts_i32, offs_m, n_ctx, k_base, v_base,
-                     ts_base, ts_ref, time_base, pos_base, near_base, far_base, time_lane, far_lane, stride_kt,
-                     stride_vt, offs_dk, offs_dv, alpha, False, FAR_LEFT, CAUSAL, False, NEAR_FUSED, FAST_SILU, P, DQK,
+                     ts_base, ts_ref, time_base, pos_base, far_base, time_lane, far_lane, stride_kt,
+                     stride_vt, offs_dk, offs_dv, alpha, False, FAR_LEFT, CAUSAL, False, FAST_SILU, P, DQK,
                      DV, BLOCK_N, BLOCK_DQK, BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE)
     acc = _attn_loop(acc, tl.maximum(left_end, k_lo), tl.minimum(right_start, k_hi), q, p_i, ts_i32, offs_m,
-                     n_ctx, k_base, v_base, ts_base, ts_ref, time_base, pos_base, near_base, far_base, time_lane,
-                     far_lane, stride_kt, stride_vt, offs_dk, offs_dv, alpha, False, NEAR, CAUSAL, False, NEAR_FUSED,
+                     n_ctx, k_base, v_base, ts_base, ts_ref, time_base, pos_base, far_base, time_lane,
+                     far_lane, stride_kt, stride_vt, offs_dk, offs_dv, alpha, False, NEAR, CAUSAL, False,
                      FAST_SILU, P, DQK, DV, BLOCK_N, BLOCK_DQK, BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE)
     if not CAUSAL:  # causal rows never see keys right of themselves
         acc = _attn_loop(acc, tl.maximum(right_start, k_lo), tl.minimum(full_end, k_hi), q, p_i, ts_i32, offs_m,
-                         n_ctx, k_base, v_base, ts_base, ts_ref, time_base, pos_base, near_base,
+                         n_ctx, k_base, v_base, ts_base, ts_ref, time_base, pos_base,
                          far_base + SLOTS, time_lane, far_right_lane, stride_kt, stride_vt, offs_dk, offs_dv, alpha,
-                         False, FAR_RIGHT, CAUSAL, False, NEAR_FUSED, FAST_SILU, P, DQK, DV, BLOCK_N, BLOCK_DQK,
+                         False, FAR_RIGHT, CAUSAL, False, FAST_SILU, P, DQK, DV, BLOCK_N, BLOCK_DQK,
                          BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE)
     acc = _attn_loop(acc, tl.maximum(full_end, k_lo), k_hi, q, p_i, ts_i32, offs_m, n_ctx, k_base, v_base,
-                     ts_base, ts_ref, time_base, pos_base, near_base, far_base, time_lane, far_lane, stride_kt,
-                     stride_vt, offs_dk, offs_dv, alpha, True, NEAR, CAUSAL, False, NEAR_FUSED, FAST_SILU, P, DQK, DV,
+                     ts_base, ts_ref, time_base, pos_base, far_base, time_lane, far_lane, stride_kt,
+                     stride_vt, offs_dk, offs_dv, alpha, True, NEAR, CAUSAL, False, FAST_SILU, P, DQK, DV,
                      BLOCK_N, BLOCK_DQK, BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE)
     return acc
 
 
 @triton.jit
-def _attend_segment(Q, K, V, Out, ts, time_tab, pos_tab, near_tab, far_tab, q_row0, kv_start, n_ctx, m0, m_end, h,
+def _attend_segment(Q, K, V, Out, ts, time_tab, pos_tab, far_tab, q_row0, kv_start, n_ctx, m0, m_end, h,
                     split, n_split, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot,
                     stride_oh, alpha, inv_norm,
                     CAUSAL: tl.constexpr, FAST_SILU: tl.constexpr, ALLOW_TS_FAST: tl.constexpr,
-                    NEAR_FUSED: tl.constexpr, P: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
+                    P: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                     DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, PTX: tl.constexpr,
                     ABLATE: tl.constexpr, PARTIAL: tl.constexpr):
@@ -380,7 +374,6 @@ def _attend_segment(Q, K, V, Out, ts, time_tab, pos_tab, near_tab, far_tab, q_ro
     h64 = h.to(tl.int64)
     time_base = time_tab + h64 * SLOTS
     pos_base = pos_tab + h64 * (2 * P - 1 + 2 * PAD) + PAD + P - 1
-    near_base = near_tab + h64 * (32 * (2 * P - 1))  # (NEAR_FUSED only; 32 = FUSED_BUCKETS)
     far_base = far_tab + h64 * (2 * SLOTS)
 
     # Key ranges. History keys a row of this tile may see: causal j <= i (candidate rows: all
@@ -422,12 +415,12 @@ def _attend_segment(Q, K, V, Out, ts, time_tab, pos_tab, near_tab, far_tab, q_ro
     k_mid = tl.where(fast, k_hi, k_lo)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     acc = _key_loops(acc, k_lo, k_mid, left_end, right_start, full_end, q, p_i, (ts_i - ts_ref).to(tl.int32),
-                     offs_m, n_ctx, k_base, v_base, ts_base, ts_ref, time_base, pos_base, near_base, far_base,
-                     stride_kt, stride_vt, offs_dk, offs_dv, alpha, CAUSAL, NEAR_FUSED, FAST_SILU, P, DQK, DV,
+                     offs_m, n_ctx, k_base, v_base, ts_base, ts_ref, time_base, pos_base, far_base,
+                     stride_kt, stride_vt, offs_dk, offs_dv, alpha, CAUSAL, FAST_SILU, P, DQK, DV,
                      BLOCK_N, BLOCK_DQK, BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE)
     acc = _attn_loop(acc, k_mid, k_hi, q, p_i, ts_i, offs_m, n_ctx, k_base, v_base, ts_base, ts_ref,
-                     time_base, pos_base, near_base, far_base, 0.0, 0.0, stride_kt, stride_vt, offs_dk, offs_dv,
-                     alpha, True, NEAR, CAUSAL, True, False, FAST_SILU, P, DQK, DV, BLOCK_N, BLOCK_DQK, BLOCK_DV,
+                     time_base, pos_base, far_base, 0.0, 0.0, stride_kt, stride_vt, offs_dk, offs_dv,
+                     alpha, True, NEAR, CAUSAL, True, FAST_SILU, P, DQK, DV, BLOCK_N, BLOCK_DQK, BLOCK_DV,
                      DOT_PREC, DOT_UPCAST, PTX, ABLATE)
 
     # Candidate rows also see themselves (rp = 0, dt = 0): the only allowed key past the history
@@ -453,17 +446,17 @@ def _attend_segment(Q, K, V, Out, ts, time_tab, pos_tab, near_tab, far_tab, q_ro
 
 # SEQ_BUCKET (keys per user, a power of two) keys the tuning: the best shape differs between seq
 # 512 and 8192, and the first call's shape must not decide for every later one.
-AUTOTUNE_KEY = ["H", "CAUSAL", "BLOCK_DQK", "BLOCK_DV", "FAST_SILU", "ALLOW_TS_FAST", "NEAR_FUSED", "PARTIAL",
+AUTOTUNE_KEY = ["H", "CAUSAL", "BLOCK_DQK", "BLOCK_DV", "FAST_SILU", "ALLOW_TS_FAST", "PARTIAL",
                 "SEQ_BUCKET"]
 
 
 @triton.autotune(configs=_configs(), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _configs_for_head_dim})
 @triton.jit
-def _hstu_fwd_kernel(Q, K, V, Out, q_offsets, kv_offsets, ts, ncand, time_tab, pos_tab, near_tab, far_tab, T, B,
+def _hstu_fwd_kernel(Q, K, V, Out, q_offsets, kv_offsets, ts, ncand, time_tab, pos_tab, far_tab, T, B,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                      stride_os, alpha, inv_norm, H, SEQ_BUCKET,
                      CAUSAL: tl.constexpr, FAST_SILU: tl.constexpr, ALLOW_TS_FAST: tl.constexpr,
-                     NEAR_FUSED: tl.constexpr, P: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
+                     P: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                      DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, PTX: tl.constexpr,
                      ABLATE: tl.constexpr, SEARCH: tl.constexpr, PARTIAL: tl.constexpr):
@@ -503,11 +496,11 @@ def _hstu_fwd_kernel(Q, K, V, Out, q_offsets, kv_offsets, ts, ncand, time_tab, p
             shift = length - (q_end - q_start).to(tl.int32)  # sequence position of the user's first query
             if shift >= 0:
                 n_ctx = length - tl.load(ncand + b).to(tl.int32)
-                _attend_segment(Q, K, V, Out, ts, time_tab, pos_tab, near_tab, far_tab, q_start - shift, kv_start,
+                _attend_segment(Q, K, V, Out, ts, time_tab, pos_tab, far_tab, q_start - shift, kv_start,
                                 n_ctx, (seg_lo - q_start).to(tl.int32) + shift,
                                 (seg_hi - q_start).to(tl.int32) + shift, h, split, tl.num_programs(2),
                                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-                                alpha, inv_norm, CAUSAL, FAST_SILU, ALLOW_TS_FAST, NEAR_FUSED, P, DQK, DV, BLOCK_M,
+                                alpha, inv_norm, CAUSAL, FAST_SILU, ALLOW_TS_FAST, P, DQK, DV, BLOCK_M,
                                 BLOCK_N, BLOCK_DQK, BLOCK_DV, DOT_PREC, DOT_UPCAST, PTX, ABLATE, PARTIAL)
             else:  # more queries than keys: not a suffix. NaN rows, never a plausible result
                 rows = seg_lo + tl.arange(0, BLOCK_M)
@@ -520,13 +513,12 @@ def _hstu_fwd_kernel(Q, K, V, Out, q_offsets, kv_offsets, ts, ncand, time_tab, p
 
 
 @triton.jit
-def _tables_kernel(pos_w, ts_w, time_tab, pos_tab, near_tab, far_tab, stride_p, stride_t, scale,
-                   P: tl.constexpr, NB: tl.constexpr, FUSED: tl.constexpr, BLOCK_R: tl.constexpr):
+def _tables_kernel(pos_w, ts_w, time_tab, pos_tab, far_tab, stride_p, stride_t, scale,
+                   P: tl.constexpr, NB: tl.constexpr, BLOCK_R: tl.constexpr):
     """Per head h (axis 0) and chunk of BLOCK_R columns (axis 1), every value scale * (...):
     pos_tab[h, c] = pos_w[h, clamp(c - PAD, 0, 2P-2)] (padded with the clamped ends); chunk 0 also
     time_tab[h, b] = ts_w[h, min(b, NB-1)] and far_tab[h, 0 / 1, b] = ts_w[h, min(b, NB-1)] +
-    pos_w[h, 2P-2 / 0]; FUSED: near_tab[h, b, r] = ts_w[h, b] + pos_w[h, r] for b < 32 (the same
-    sum, in the reference's order, as time + position in the kernel). One launch, any P."""
+    pos_w[h, 2P-2 / 0]. One launch, any P."""
     h = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     width = 2 * P - 1 + 2 * PAD
@@ -541,13 +533,6 @@ def _tables_kernel(pos_w, ts_w, time_tab, pos_tab, near_tab, far_tab, stride_p, 
         tl.store(time_tab + h * SLOTS + bk, tw * scale)
         tl.store(far_tab + h * (2 * SLOTS) + bk, (tw + p_max) * scale)
         tl.store(far_tab + h * (2 * SLOTS) + SLOTS + bk, (tw + p_min) * scale)
-    if FUSED:
-        r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-        pr = tl.load(pos_w + h * stride_p + r, mask=r < 2 * P - 1, other=0.0).to(tl.float32)
-        fb = tl.arange(0, 32)  # FUSED_BUCKETS
-        tf = tl.load(ts_w + h * stride_t + tl.minimum(fb, NB - 1)).to(tl.float32)
-        near_ptrs = near_tab + h * (32 * (2 * P - 1)) + fb[:, None] * (2 * P - 1) + r[None, :]
-        tl.store(near_ptrs, (tf[:, None] + pr[None, :]) * scale, mask=(r < 2 * P - 1)[None, :] & (fb[:, None] < 32))
 # fmt: on
 
 
@@ -556,11 +541,10 @@ def bias_tables(
     ts_w: torch.Tensor,
     scale: float,
     wrap: Callable[[Any], Any] = lambda kernel: kernel,
-    fused: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The kernel's bias tables, float32, every value times ``scale`` (0.5 feeds z = s/2, exact):
     time [H, TIME_SLOTS], position [H, 2P-1 + 2 POS_PAD], far [H, 2, TIME_SLOTS] (position clamped
-    to +(P-1), then -(P-1)) and, with ``fused``, near [H, FUSED_BUCKETS, 2P-1] (else empty)."""
+    to +(P-1), then -(P-1))."""
     heads = ts_w.shape[0]
     num_pos = (pos_w.shape[1] + 1) // 2
     width = 2 * num_pos - 1 + 2 * POS_PAD
@@ -568,13 +552,12 @@ def bias_tables(
     time_tab = torch.empty((heads, TIME_SLOTS), dtype=torch.float32, device=dev)
     pos_tab = torch.empty((heads, width), dtype=torch.float32, device=dev)
     far = torch.empty((heads, 2, TIME_SLOTS), dtype=torch.float32, device=dev)
-    near = torch.empty((heads, FUSED_BUCKETS if fused else 0, 2 * num_pos - 1), dtype=torch.float32, device=dev)
     block_r = 128 if INTERPRET else 256
     wrap(_tables_kernel)[(heads, triton.cdiv(width, block_r))](
-        pos_w, ts_w, time_tab, pos_tab, near, far, pos_w.stride(0), ts_w.stride(0), float(scale),
-        P=num_pos, NB=ts_w.shape[1], FUSED=fused, BLOCK_R=block_r, num_warps=1 if INTERPRET else 4,
+        pos_w, ts_w, time_tab, pos_tab, far, pos_w.stride(0), ts_w.stride(0), float(scale),
+        P=num_pos, NB=ts_w.shape[1], BLOCK_R=block_r, num_warps=1 if INTERPRET else 4,
     )  # fmt: skip
-    return time_tab, pos_tab, near, far
+    return time_tab, pos_tab, far
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -628,7 +611,7 @@ def _sm_count(device: torch.device) -> int:
 def ptx_variants(q: torch.Tensor, ptx: int | None) -> int:
     if not q.is_cuda or INTERPRET:
         return 0
-    return PTX_GATHER | PTX_BFIND | PTX_SHFL if ptx is None else ptx
+    return PTX_GATHER | PTX_CVT | PTX_SHFL if ptx is None else ptx
 
 
 def hstu_attention_cached_triton(
@@ -652,7 +635,6 @@ def hstu_attention_cached_triton(
     ablate: int = 0,
     ptx: int | None = None,
     splits: int | None = None,
-    near_fused: bool = False,
 ) -> torch.Tensor:
     """Launch the kernel: per user the queries q[q_offsets[b]:q_offsets[b+1]] are the last rows of
     the sequence k, v, timestamps[kv_offsets[b]:kv_offsets[b+1]] (contract:
@@ -665,13 +647,10 @@ def hstu_attention_cached_triton(
     config: (BLOCK_M, BLOCK_N, num_warps, num_stages) to skip autotuning (checks that compile many
     variants). ablate: benchmarking only, a bitmask of per-score stages to drop, which makes the
     result WRONG: 1 bias (time bucket and gathers), 4 activation. ptx: which inline-PTX variants
-    to use (PTX_GATHER; PTX_BFIND or PTX_CVT for the time bucket; PTX_SHFL: time and far tables read
-    by warp shuffles on the int32 path); None = PTX_GATHER | PTX_BFIND | PTX_SHFL on a GPU, none
-    under the interpreter.
+    to use (PTX_GATHER: table loads; PTX_CVT: the time bucket; PTX_SHFL: time and far tables read by
+    warp shuffles on the int32 path); None = all three on a GPU, none under the interpreter.
     splits: how many parts each query window's key range is cut into (fp32 partial sums, added
     in a fixed order: deterministic); None = key_splits' choice (> 1 only when the grid is small).
-    near_fused: near blocks gather from one [32, 2P-1] time x position table per head instead of
-    the two small ones (the int32 path only; the same sums).
     """
     check_supported(q, k, v, pos_w)
     if q_offsets.shape != kv_offsets.shape:
@@ -692,7 +671,7 @@ def hstu_attention_cached_triton(
     num_pos = (pos_w.shape[1] + 1) // 2
     if pos_w.stride(1) != 1 or ts_w.stride(1) != 1:
         pos_w, ts_w = pos_w.contiguous(), ts_w.contiguous()
-    time_tab, pos_tab, near_tab, far_tab = bias_tables(pos_w, ts_w, 0.5, wrap, near_fused)  # z = s / 2, see _act
+    time_tab, pos_tab, far_tab = bias_tables(pos_w, ts_w, 0.5, wrap)  # z = s / 2, see _act
     n_split = key_splits(q, k.shape[0]) if splits is None else splits
     if n_split < 1:
         raise ValueError(f"hstu attention kernel: splits must be >= 1, got {n_split}")
@@ -718,7 +697,6 @@ def hstu_attention_cached_triton(
         num_candidates.contiguous(),
         time_tab,
         pos_tab,
-        near_tab,
         far_tab,
         total,
         users,
@@ -738,7 +716,6 @@ def hstu_attention_cached_triton(
         CAUSAL=bool(causal),
         FAST_SILU=bool(fast_silu),
         ALLOW_TS_FAST=bool(allow_ts_fast),
-        NEAR_FUSED=bool(near_fused),
         P=num_pos,
         DQK=dqk,
         DV=dv,

@@ -51,7 +51,6 @@ def attention_case(
     heads: int = 2,
     ts_high: int = 20_000,
     allow_ts_fast: bool = True,
-    near_fused: bool = False,
     increasing: bool = False,
     num_pos: int = 8,  # small P and NB so position clamping and saturation both occur
     num_buckets: int = 12,
@@ -90,7 +89,6 @@ def attention_case(
         norm,
         causal,
         allow_ts_fast=allow_ts_fast,
-        near_fused=near_fused,
         out=poisoned,
     )
     ref = reference.hstu_attention(
@@ -124,9 +122,6 @@ def attention_job(dtype: torch.dtype, gen: torch.Generator) -> dict[str, float]:
         "time_buckets_100": attention_case(gen, dtype, [40, 37], [3, 0], True, ts_high=1 << 62, num_buckets=100),
         "one_bucket_each": attention_case(gen, dtype, [40, 37], [3, 0], True, num_pos=1, num_buckets=1),
         "position_buckets_300": attention_case(gen, dtype, [64, 50], [2, 0], False, num_pos=300, num_buckets=32),
-        "near_fused_table": attention_case(
-            gen, dtype, [64, 50], [2, 0], True, num_pos=40, num_buckets=32, near_fused=True
-        ),
         # Timestamps at the int64 ends (history at INT64_MIN, request at INT64_MAX).
         "int64_extremes_causal": attention_case(gen, dtype, [40, 37], [3, 0], True, num_buckets=64, extremes=True),
         "int64_extremes_full": attention_case(gen, dtype, [40, 37], [3, 0], False, num_buckets=33, extremes=True),

@@ -25,11 +25,11 @@ from kernels.norm_gate import _norm_gate_kernel
 
 HOPPER = GPUTarget("cuda", 90, 32)
 ATTENTION_PTRS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "q_offsets": "*i64", "kv_offsets": "*i64",
-                  "ts": "*i64", "ncand": "*i64", "time_tab": "*fp32", "pos_tab": "*fp32", "near_tab": "*fp32",
+                  "ts": "*i64", "ncand": "*i64", "time_tab": "*fp32", "pos_tab": "*fp32",
                   "far_tab": "*fp32"}  # fmt: skip
-ATTENTION_CONST = {"CAUSAL": True, "FAST_SILU": True, "ALLOW_TS_FAST": True, "NEAR_FUSED": False, "P": 64,
+ATTENTION_CONST = {"CAUSAL": True, "FAST_SILU": True, "ALLOW_TS_FAST": True, "P": 64,
                    "DQK": 64, "DV": 64, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_DQK": 64, "BLOCK_DV": 64,
-                   "DOT_PREC": "ieee", "DOT_UPCAST": False, "PTX": 11, "ABLATE": 0, "SEARCH": 64,
+                   "DOT_PREC": "ieee", "DOT_UPCAST": False, "PTX": 13, "ABLATE": 0, "SEARCH": 64,
                    "PARTIAL": False}  # fmt: skip
 NORM_PTRS = {"A": "*bf16", "U": "*bf16", "W": "*bf16", "Bias": "*bf16", "Y": "*bf16"}
 NORM_CONST = {"C": 128, "BLOCK_R": 8, "BLOCK_C": 128, "ROUND_BF16": False}
@@ -57,7 +57,7 @@ def compile_for_hopper(jit: Any, ptrs: dict[str, str], const: dict[str, Any], fl
 def test_attention_compiles_for_sm90(float_type: str) -> None:
     ptx = compile_for_hopper(_hstu_fwd_kernel, ATTENTION_PTRS, ATTENTION_CONST, ("alpha", "inv_norm"), float_type)
     assert ".target sm_90" in ptx and "mma" in ptx  # tensor-core code, not a scalar fallback
-    assert "bfind.u32" in ptx and "ld.global.nc.f32" in ptx  # the GPU variant's PTX time bucket and loads
+    assert "cvt.rz.f32.s32" in ptx and "ld.global.nc.f32" in ptx  # the GPU variant's PTX time bucket and loads
     assert "shfl.sync.idx.b32" in ptx and "%laneid" in ptx  # time / far tables from the warp's registers
     assert set(re.findall(r"\b\w+(?:\.\w+)*\.f64\b", ptx)) <= {"cvt.rn.f32.f64"}
 
