@@ -12,6 +12,7 @@ and returns scores, jagged [T, tasks] or, for ``padded`` modes, [B, N, tasks].
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -119,13 +120,17 @@ def compiled_padded_graph(case: Case, wl: str) -> Call:
 
 
 # --------------------------------------------------------------------------- grc
-def kernels_module(case: Case) -> torch.nn.Module:
-    """grc's jagged module with its ops: the Triton kernels on a GPU, their PyTorch twins elsewhere."""
+def kernels_module(case: Case, fuse: bool = True) -> torch.nn.Module:
+    """grc's jagged module with its ops: the Triton kernels on a GPU, their PyTorch twins
+    elsewhere; fuse: the fused projections and candidate heads (kernels/fused_*.py), what the
+    package compiles (with impl="triton" only)."""
     from grc.aoti.model import JaggedDense
 
-    impl = "triton" if case.device.type == "cuda" else "pytorch"
+    # the kernels on a CPU too under TRITON_INTERPRET=1: what a dry run of a GPU script runs
+    impl = "triton" if case.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else "pytorch"
     case.record["grc_ops"] = impl
-    return case.once("kernels", lambda: JaggedDense(case.dense_act, impl).eval())
+    fuse = fuse and impl == "triton"
+    return case.once(f"kernels fuse={fuse}", lambda: JaggedDense(case.dense_act, impl, fuse=fuse).eval())
 
 
 def eager_kernels(case: Case, wl: str) -> Call:
@@ -137,12 +142,25 @@ def eager_kernels_graph(case: Case, wl: str) -> Call:
     return graphed(case, kernels_module(case), case.inputs[wl].args())
 
 
-def compiled_kernels(case: Case, wl: str) -> Call:
+def eager_unfused_graph(case: Case, wl: str) -> Call:
+    return graphed(case, kernels_module(case, fuse=False), case.inputs[wl].args())
+
+
+def compiled_module(case: Case, wl: str, fuse: bool) -> Call:
     """torch.compile (dynamic shapes, no Inductor settings) of the module with grc's ops, CUDA-graphed."""
-    fn = case.once("torch.compile kernels", lambda: torch.compile(kernels_module(case), dynamic=True))
+    what = f"torch.compile kernels{'' if fuse else ' unfused'}"
+    fn = case.once(what, lambda: torch.compile(kernels_module(case, fuse), dynamic=True))
     args = case.inputs[wl].args()
-    case.timed_first_call(f"torch.compile kernels:{wl}", fn, args)
+    case.timed_first_call(f"{what}:{wl}", fn, args)
     return graphed(case, fn, args)
+
+
+def compiled_kernels(case: Case, wl: str) -> Call:
+    return compiled_module(case, wl, fuse=True)
+
+
+def compiled_unfused(case: Case, wl: str) -> Call:
+    return compiled_module(case, wl, fuse=False)
 
 
 def package(case: Case) -> Callable[..., torch.Tensor]:
@@ -199,9 +217,14 @@ MODES: dict[str, Mode] = {
     "aoti_bf16_nograph": Mode("AOTInductor package bf16, grc Triton ops, no CUDA graph", package_nograph,
                               needs_cuda=True),
     "aoti_bf16": Mode("the same package, CUDA graph per shape", package_graph, needs_cuda=True),
-    "eager_bf16_triton": Mode("JaggedDense bf16, grc ops (Triton kernels; their twins on a CPU), eager",
-                              eager_kernels),
+    "eager_bf16_triton": Mode("JaggedDense bf16, grc ops (Triton kernels, fused projections and heads; "
+                              "plain twins on a CPU), eager", eager_kernels),
     "eager_bf16_triton_graph": Mode("the same, CUDA graph per shape", eager_kernels_graph, needs_cuda=True),
-    "compile_bf16_triton": Mode("torch.compile(dynamic) bf16, grc Triton ops, CUDA graph per shape",
-                                compiled_kernels, needs_cuda=True),
+    "eager_bf16_unfused_graph": Mode("JaggedDense bf16, grc ops without the fused GEMMs and heads (fuse=False: "
+                                     "cuBLAS GEMMs, norm-gate kernel, eager pointwise), CUDA graph per shape",
+                                     eager_unfused_graph, needs_cuda=True),
+    "compile_bf16_triton": Mode("torch.compile(dynamic) bf16 of the module the package compiles (grc Triton ops, "
+                                "fused), CUDA graph per shape", compiled_kernels, needs_cuda=True),
+    "compile_bf16_unfused": Mode("torch.compile(dynamic) bf16, grc Triton ops, unfused (fuse=False), CUDA graph "
+                                 "per shape", compiled_unfused, needs_cuda=True),
 }  # fmt: skip

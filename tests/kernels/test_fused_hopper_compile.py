@@ -1,0 +1,44 @@
+"""The fused kernels (kernels/fused_*.py) compile for Hopper (sm90) on this CPU host through
+Triton's own ptxas, with the float32 and the float64 eps (what torch.compile / AOTInductor pass),
+their GEMMs on Hopper's warpgroup tensor cores (wgmma) and no float64 arithmetic."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from kernels.fused_heads import _candidate_heads_kernel
+from kernels.fused_linear import _fused_linear_kernel, _row_stats_kernel
+from tests.kernels.test_hopper_compile import compile_for_hopper
+
+GEMM_PTRS = {n: "*bf16" for n in ("X", "Gamma", "Beta", "U", "W", "Bias", "R", "Y")} | {"Stats": "*fp32", "G": "*i64"}
+GEMM_CONST = {"N": 2048, "K": 512, "OPERAND": 0, "DOT_PREC": "tf32", "EVEN_K": True, "BLOCK_M": 128, "BLOCK_N": 128,
+              "BLOCK_K": 64}  # fmt: skip
+HEADS_PTRS = {n: "*bf16" for n in ("X", "Gamma", "Beta", "W1", "B1", "W2", "B2", "Y")}
+HEADS_PTRS |= {"Stats": "*fp32", "G": "*i64", "Cand": "*i8"}
+HEADS_CONST = {"K": 512, "HIDDEN": 128, "OPERAND": 0, "DOT_PREC": "tf32", "EVEN_K": True, "BLOCK_M": 64,
+               "BLOCK_H": 128, "BLOCK_K": 64}  # fmt: skip
+
+
+def _no_fp64_math(ptx: str) -> bool:
+    return set(re.findall(r"\b\w+(?:\.\w+)*\.f64\b", ptx)) <= {"cvt.rn.f32.f64"}
+
+
+@pytest.mark.parametrize("prologue, epilogue", [(0, 0), (1, 1)], ids=["norm_linear_silu", "gated_linear_residual"])
+def test_fused_linear_compiles_for_sm90(prologue: int, epilogue: int) -> None:
+    const = {**GEMM_CONST, "PROLOGUE": prologue, "EPILOGUE": epilogue}
+    ptx = compile_for_hopper(_fused_linear_kernel, GEMM_PTRS, const, (), "fp32")
+    assert ".target sm_90" in ptx and "wgmma" in ptx
+
+
+def test_candidate_heads_compiles_for_sm90() -> None:
+    ptx = compile_for_hopper(_candidate_heads_kernel, HEADS_PTRS, HEADS_CONST, (), "fp32")
+    assert ".target sm_90" in ptx and "wgmma" in ptx
+
+
+@pytest.mark.parametrize("float_type", ["fp32", "fp64"])
+def test_row_stats_compile_for_sm90(float_type: str) -> None:
+    const = {"C": 512, "BLOCK_R": 8, "BLOCK_C": 512}
+    ptx = compile_for_hopper(_row_stats_kernel, {"X": "*bf16", "Stats": "*fp32"}, const, ("eps",), float_type)
+    assert ".target sm_90" in ptx and _no_fp64_math(ptx)
