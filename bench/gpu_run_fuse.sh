@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The fused GPU path's device run (issue 21), one call start to end, under 5 minutes: mtgr-small's fused
-# Triton path (kernels/fused_*.py) against the unfused one (both eager + CUDA graph, with per-op profiles),
+# The fused GPU path's device run (issue 21), one call start to end, under 5 minutes: each fusion of
+# kernels/fused_*.py alone against what torch.compile makes of the unfused math (bench/fused_gemm.py), then
+# mtgr-small's fused Triton path against the unfused one (both eager + CUDA graph, with per-op profiles),
 # the AOTInductor package (fused, autotuned on a throughput-shaped example batch: grc.aoti.model.trace_inputs)
 # with and without a CUDA graph, and torch.compile of the same module. Writes $OUT/e2e-mtgr-small.json and
-# $OUT/e2e-mtgr-small.log through bench/gpu_run_e2e.sh (provenance by bench/_common.write_result).
+# $OUT/e2e-mtgr-small.log through bench/gpu_run_e2e.sh, and $OUT/fused-gemm-mtgr-small.json + first.log
+# (provenance by bench/_common.write_result).
 #   OUT=/some/folder bash bench/gpu_run_fuse.sh
 #   DRY=1 OUT=/some/folder bash bench/gpu_run_fuse.sh   the same modes on this CPU under the Triton interpreter
 #     (hstu-tiny, tiny workloads; the CUDA-only modes are recorded as skipped): run it before the device does.
@@ -17,6 +19,7 @@ modes=eager_bf16_triton_graph,eager_bf16_unfused_graph,aoti_bf16,aoti_bf16_nogra
 skip=compile_bf16_triton:latency
 if [ "${DRY:-0}" = 1 ]; then
   mkdir -p "$OUT"
+  TRITON_INTERPRET=1 "${PYTHON:-python3}" bench/fused_gemm.py --dry-run --out "$OUT/fused-gemm-dry.json"
   TRITON_INTERPRET=1 "${PYTHON:-python3}" bench/e2e.py --smoke --profile --budget 0 --modes "eager_bf16_triton,$modes" \
     --skip "$skip" --out "$OUT/e2e-dry.json"
   exit
@@ -25,5 +28,7 @@ fi
 # /usr/bin/g++ (the same GCC 13.3) builds ones that load (the lead's probe, e2e-notes.md session 5).
 if [ -z "${CXX:-}" ] && [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++; fi
 echo "$(date -u +%T) gpu_run_fuse: CXX=${CXX:-unset} modes=$modes"
-DEADLINE="${DEADLINE:-270}" bash bench/gpu_run_e2e.sh mtgr-small --modes "$modes" --skip "$skip" --budget 0.5
+# First each fusion alone (bench/fused_gemm.py, <= 60 s), then the whole model (bench/e2e.py, DEADLINE s).
+FIRST="bench/fused_gemm.py --spec mtgr-small --out $OUT/fused-gemm-mtgr-small.json" FIRST_TIMEOUT=60 \
+  DEADLINE="${DEADLINE:-230}" bash bench/gpu_run_e2e.sh mtgr-small --modes "$modes" --skip "$skip" --budget 0.5
 echo "$(date -u +%T) gpu_run_fuse: done"

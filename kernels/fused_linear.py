@@ -34,7 +34,7 @@ from kernels.hstu_attention import INTERPRET, _round_to_bf16
 from kernels.ops import runs_kernel
 from kernels.reference import compute_dtype
 
-GROUP_NORM, NORM_GATE = 0, 1  # prologues
+GROUP_NORM, NORM_GATE, NO_NORM = 0, 1, 2  # prologues (NO_NORM: x is already normalised; bench/fused_gemm.py)
 SILU, RESIDUAL = 0, 1  # epilogues
 # The operand path of the dot: the GPU's (native dtype), or the interpreter's (its tl.dot
 # multiplies bf16 as raw bits and its fp32->bf16 cast truncates): operands rounded to the
@@ -79,9 +79,10 @@ def normed_dot(X, Stats, G, Gamma, Beta, U, W, rows, row_ok, offs_n, col_ok, str
                BLOCK_K: tl.constexpr):
     """prologue(X[rows]) @ W[:, offs_n] as a float32 [BLOCK_M, BLOCK_N] tile. PROLOGUE 0: group
     LayerNorm (Gamma, Beta [groups, K], G the row's group); 1: LayerNorm (Gamma, Beta [K]) times
-    U[rows]. Stats: each row's (mean, 1/std) from _row_stats_kernel."""
-    mean = tl.load(Stats + rows * 2, mask=row_ok, other=0.0)
-    rstd = tl.load(Stats + rows * 2 + 1, mask=row_ok, other=0.0)
+    U[rows]; 2: none (X already normalised). Stats: each row's (mean, 1/std) from _row_stats_kernel."""
+    if PROLOGUE != 2:
+        mean = tl.load(Stats + rows * 2, mask=row_ok, other=0.0)
+        rstd = tl.load(Stats + rows * 2 + 1, mask=row_ok, other=0.0)
     if PROLOGUE == 0:
         grp = tl.load(G + rows * stride_g, mask=row_ok, other=0)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -94,13 +95,14 @@ def normed_dot(X, Stats, G, Gamma, Beta, U, W, rows, row_ok, offs_n, col_ok, str
             a_mask = row_ok[:, None] & (offs_k[None, :] < K)
             w_mask = col_ok[None, :] & (offs_k[:, None] < K)
         a = tl.load(X + rows[:, None] * stride_x + offs_k[None, :], mask=a_mask, other=0.0).to(tl.float32)
-        a = (a - mean[:, None]) * rstd[:, None]
+        if PROLOGUE != 2:
+            a = (a - mean[:, None]) * rstd[:, None]
         if PROLOGUE == 0:  # group LayerNorm: scale and shift of the row's token kind
             affine = grp[:, None] * K + offs_k[None, :]
             gamma = tl.load(Gamma + affine, mask=a_mask, other=0.0).to(tl.float32)
             beta = tl.load(Beta + affine, mask=a_mask, other=0.0).to(tl.float32)
             a = a * gamma + beta
-        else:  # LayerNorm, then the gate u
+        elif PROLOGUE == 1:  # LayerNorm, then the gate u
             k_ok = offs_k < K
             gamma = tl.load(Gamma + offs_k, mask=k_ok, other=0.0).to(tl.float32)
             beta = tl.load(Beta + offs_k, mask=k_ok, other=0.0).to(tl.float32)
@@ -213,7 +215,7 @@ def fused_linear_triton(
     out = out.view(rows, n_out)
     if rows == 0:
         return out.view(*x.shape[:-1], n_out)
-    stats = row_stats(x2, eps, wrap)
+    stats = row_stats(x2, eps, wrap) if prologue != NO_NORM else x2.new_empty((1, 2), dtype=torch.float32)
     g = group.reshape(-1) if group is not None else stats  # unused pointers: any tensor
     u2 = _rows(u) if u is not None else x2
     bias = bias.contiguous()
