@@ -42,3 +42,26 @@ def test_row_stats_compile_for_sm90(float_type: str) -> None:
     const = {"C": 512, "BLOCK_R": 8, "BLOCK_C": 512}
     ptx = compile_for_hopper(_row_stats_kernel, {"X": "*bf16", "Stats": "*fp32"}, const, ("eps",), float_type)
     assert ".target sm_90" in ptx and _no_fp64_math(ptx)
+
+
+@pytest.mark.parametrize("which", ["fused_linear", "candidate_heads"])
+def test_inductors_copy_of_the_kernels_compiles(which: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """torch.compile and AOTInductor re-emit a user kernel and the jit functions it calls from their
+    source, under their def names: a helper imported under another name would be undefined there."""
+    import importlib.util
+
+    from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitive_closure_source_code
+
+    kernel, ptrs, const = {
+        "fused_linear": (_fused_linear_kernel.fn, GEMM_PTRS, {**GEMM_CONST, "PROLOGUE": 0, "EPILOGUE": 0}),
+        "candidate_heads": (_candidate_heads_kernel, HEADS_PTRS, HEADS_CONST),
+    }[which]
+    source = user_defined_triton_kernel_transitive_closure_source_code(kernel)
+    path = tmp_path / f"inductor_copy_{which}.py"  # @triton.jit needs its source in a file
+    path.write_text(f"import triton\nimport triton.language as tl\n\n@triton.jit\n{source}")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ptx = compile_for_hopper(getattr(module, kernel.__name__), ptrs, const, (), "fp32")
+    assert ".target sm_90" in ptx and "wgmma" in ptx
