@@ -45,6 +45,7 @@ from kernels.fused_linear import (  # noqa: E402
     _fused_linear_kernel,
     fused_linear_triton,
 )
+from kernels.norm_gate import norm_gate_triton  # noqa: E402
 
 T0 = time.perf_counter()
 
@@ -78,7 +79,10 @@ def pieces(spec: str, users: int, history: int, candidates: int, device: str) ->
     return {"cfg": cfg, "dense": dense, "x": inp.tokens, "group": token_groups(cfg, idx, n_ctx), "cand": idx >= n_ctx}
 
 
-def measure(spec: str, users: int, history: int, candidates: int, device: str, dry: bool) -> dict[str, Any]:
+def measure(
+    spec: str, users: int, history: int, candidates: int, device: str, dry: bool, save: Callable[[dict], object]
+) -> dict[str, Any]:
+    """The rows, saved (``save``) after each: a run cut short keeps what it measured."""
     p = pieces(spec, users, history, candidates, device)
     cfg, dense, x, group, cand = p["cfg"], p["dense"], p["x"], p["group"], p["cand"]
     layer = next(iter(dense.hstu_layers))
@@ -87,6 +91,11 @@ def measure(spec: str, users: int, history: int, candidates: int, device: str, d
     lv = cfg.hstu.linear_dim
     compile_ = (lambda f: f) if dry else torch.compile
     rows: dict[str, dict[str, float]] = {}
+    result: dict[str, Any] = {
+        "shape": {"users": users, "tokens": tokens, "d_model": d, "uvqk_n": int(layer.uvqk.weight.shape[0]),
+                  "linear_dim": lv, "candidates": int(cand.sum())},
+        "rows": rows,
+    }  # fmt: skip
 
     def row(name: str, fn: Callable[[], torch.Tensor], flops: float, ref: torch.Tensor | None) -> None:
         out = fn()
@@ -94,7 +103,8 @@ def measure(spec: str, users: int, history: int, candidates: int, device: str, d
         rows[name] = {"ms": round(ms, 4), "tflops": round(flops / (ms * 1e9), 1) if ms == ms else float("nan")}
         if ref is not None:
             rows[name]["rel_err_vs_unfused"] = rel(out, ref)
-        print(f"  {name:<40} {ms:8.4f} ms  (t={time.perf_counter() - T0:.0f}s)", flush=True)
+        print(f"  {name:<50} {ms:8.4f} ms  (t={time.perf_counter() - T0:.0f}s)", flush=True)
+        save(result)
 
     with torch.no_grad():
         group_ln = compile_(lambda: n_in(x, group))
@@ -103,14 +113,13 @@ def measure(spec: str, users: int, history: int, candidates: int, device: str, d
         xh = group_ln()
         gemm = 2 * tokens * d * w.shape[0]
         row("uvqk unfused (torch.compile)", uvqk_unfused, gemm, None)
-        row("uvqk fused: norm prologue + SiLU epilogue", lambda: fused_linear_triton(
-            x, w, b, n_in.weight, n_in.bias, n_in.eps, GROUP_NORM, SILU, group=group), gemm, ref)  # fmt: skip
+        row("uvqk fused: norm prologue + SiLU epilogue",
+            lambda: fused_linear_triton(x, w, b, GROUP_NORM, SILU, gamma=n_in.weight, beta=n_in.bias, eps=n_in.eps,
+                                        group=group), gemm, ref)  # fmt: skip
         row("uvqk norm compiled + SiLU-epilogue GEMM",
-            lambda: fused_linear_triton(group_ln(), w, b, w, w, 0.0, NO_NORM, SILU), gemm, ref)  # fmt: skip
+            lambda: fused_linear_triton(group_ln(), w, b, NO_NORM, SILU), gemm, ref)  # fmt: skip
         row("uvqk GEMM alone: cuBLAS", lambda: F.linear(xh, w, b), gemm, None)
-        row("uvqk GEMM alone: Triton (+SiLU)", lambda: fused_linear_triton(xh, w, b, w, w, 0.0, NO_NORM, SILU),
-            gemm, ref)  # fmt: skip
-        best = getattr(_fused_linear_kernel, "best_config", None)
+        row("uvqk GEMM alone: Triton (+SiLU)", lambda: fused_linear_triton(xh, w, b, NO_NORM, SILU), gemm, ref)
         a = torch.randn(tokens, lv, device=device, dtype=torch.bfloat16)
         u = torch.randn(tokens, lv, device=device, dtype=torch.bfloat16)
         n_at, wo, bo = layer.norm_attn, layer.out.weight, layer.out.bias
@@ -120,8 +129,12 @@ def measure(spec: str, users: int, history: int, candidates: int, device: str, d
         ref = out_unfused()
         gemm = 2 * tokens * lv * d
         row("out unfused (torch.compile)", out_unfused, gemm, None)
-        row("out fused: norm-gate prologue + residual epilogue", lambda: fused_linear_triton(
-            a, wo, bo, n_at.weight, n_at.bias, n_at.eps, NORM_GATE, RESIDUAL, u=u, residual=x), gemm, ref)  # fmt: skip
+        row("out fused: norm-gate prologue + residual epilogue",
+            lambda: fused_linear_triton(a, wo, bo, NORM_GATE, RESIDUAL, gamma=n_at.weight, beta=n_at.bias,
+                                        eps=n_at.eps, u=u, residual=x), gemm, ref)  # fmt: skip
+        row("out norm-gate kernel + residual-epilogue GEMM", lambda: fused_linear_triton(
+            norm_gate_triton(a, u, n_at.weight, n_at.bias, n_at.eps), wo, bo, NO_NORM, RESIDUAL, residual=x),
+            gemm, ref)  # fmt: skip
         fn, h = dense.final_norm, dense.heads
         heads_all = compile_(lambda: h(fn(x, group)) * cand.unsqueeze(-1).to(x.dtype))
         ref = heads_all()
@@ -130,18 +143,10 @@ def measure(spec: str, users: int, history: int, candidates: int, device: str, d
         cand_share = float(cand.float().mean())
         row("heads candidate rows only (fused kernel)", lambda: candidate_heads_triton(
             x, group, cand, fn.weight, fn.bias, h.w1, h.b1, h.w2, h.b2, fn.eps), gemm * cand_share, ref)  # fmt: skip
-    return {
-        "shape": {
-            "users": users,
-            "tokens": tokens,
-            "d_model": d,
-            "uvqk_n": int(w.shape[0]),
-            "linear_dim": lv,
-            "candidates": int(cand.sum()),
-        },
-        "fused_linear_best_config": str(best),
-        "rows": rows,
-    }
+    tuned = getattr(_fused_linear_kernel, "cache", {})  # the autotuner's pick per (N, K, prologue, epilogue, ...)
+    result["fused_linear_configs"] = {str(key): str(config) for key, config in tuned.items()}
+    save(result)
+    return result
 
 
 def main() -> None:
@@ -160,8 +165,7 @@ def main() -> None:
     out = args.out or RESULTS / f"fused-gemm-{'dry' if dry else 'gpu'}.json"
     data: dict[str, Any] = {"spec": spec, "device": torch.cuda.get_device_name() if not dry else "cpu (interpreter)"}
     print(f"fused_gemm: {spec} {shape}", flush=True)
-    data.update(measure(spec, *shape, "cpu" if dry else "cuda", dry))
-    write_result(out, data)
+    measure(spec, *shape, "cpu" if dry else "cuda", dry, lambda part: write_result(out, {**data, **part}))
     print(f"fused_gemm: wrote {out}")
 
 

@@ -3,6 +3,7 @@ pointwise tail as epilogue, each with a PyTorch twin (the float64-capable oracle
 
     norm_linear_silu(x, group, gamma, beta, W, b)   = SiLU(GroupLN(x) W^T + b)      the UVQK projection
     gated_linear_residual(a, u, nw, nb, W, b, r)    = r + (LN(a) * u) W^T + b      the output projection
+    linear_silu(x, W, b), linear_residual(x, W, b, r): the same with the norm run apart (epilogue only)
 
 Unfused, each is a norm kernel, a cuBLAS GEMM and one or two pointwise kernels (SiLU and the
 split into U, V, Q, K; the residual add), every one a round trip of a [T, N] activation through
@@ -14,8 +15,11 @@ A GEMM program sees BLOCK_K columns of its rows at a time, so each row's mean an
 ``_row_stats_kernel`` first (one read of the rows, two-pass variance in registers: no
 cancellation). The normalised operand is rounded to the weight's dtype before the dot, as the
 unfused model rounds its norm output; accumulation, bias and epilogue are float32, one rounding
-at the store. Importing this module registers ``torch.ops.grc.norm_linear_silu`` and
-``torch.ops.grc.gated_linear_residual`` (Triton on CUDA, the twins elsewhere, as kernels/ops.py).
+at the store. Which pays, the norm as prologue or apart (a prologue is recomputed for every N tile of a row block,
+a norm apart is one more pass over memory), is measured per projection by bench/fused_gemm.py; the
+model's choice is grc.model.hstu.NORM_PROLOGUE. Importing this module registers
+``torch.ops.grc.{norm_linear_silu, gated_linear_residual, linear_silu, linear_residual}`` (Triton
+on CUDA, the twins elsewhere, as kernels/ops.py).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from kernels.hstu_attention import INTERPRET, _round_to_bf16
 from kernels.ops import runs_kernel
 from kernels.reference import compute_dtype
 
-GROUP_NORM, NORM_GATE, NO_NORM = 0, 1, 2  # prologues (NO_NORM: x is already normalised; bench/fused_gemm.py)
+GROUP_NORM, NORM_GATE, NO_NORM = 0, 1, 2  # prologues (NO_NORM: x is already normalised)
 SILU, RESIDUAL = 0, 1  # epilogues
 # The operand path of the dot: the GPU's (native dtype), or the interpreter's (its tl.dot
 # multiplies bf16 as raw bits and its fp32->bf16 cast truncates): operands rounded to the
@@ -193,19 +197,21 @@ def fused_linear_triton(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor,
-    gamma: torch.Tensor,
-    beta: torch.Tensor,
-    eps: float,
     prologue: int,
     epilogue: int,
+    *,
+    gamma: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+    eps: float = 0.0,
     group: torch.Tensor | None = None,
     u: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     wrap: Callable[[Any], Any] = lambda kernel: kernel,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Launch on x [..., K] -> [..., N] in x's dtype. ``wrap`` is wrap_triton inside the ops;
-    ``out`` (contiguous, optional) lets tests pass a poisoned buffer."""
+    """Launch on x [..., K] -> [..., N] in x's dtype: the norm's gamma, beta, eps (and group, or
+    the gate u) for the GROUP_NORM / NORM_GATE prologues, residual for the RESIDUAL epilogue.
+    ``wrap`` is wrap_triton inside the ops; ``out`` (contiguous) lets tests pass a poisoned buffer."""
     check_supported(x, weight)
     n_out, k_in = weight.shape
     x2 = _rows(x)
@@ -220,13 +226,15 @@ def fused_linear_triton(
     u2 = _rows(u) if u is not None else x2
     bias = bias.contiguous()
     r2 = _rows(residual) if residual is not None else bias  # never read: no alias of the output
+    gamma = gamma.contiguous() if gamma is not None else bias  # unused without a norm
+    beta = beta.contiguous() if beta is not None else bias
     operand, dot_prec, block_k = dot_settings(x.dtype)
 
     def grid(meta: dict[str, Any]) -> tuple[int]:
         return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)
 
     wrap(_fused_linear_kernel)[grid](
-        x2, stats, g, gamma.contiguous(), beta.contiguous(), u2, weight, bias, r2, out, rows,
+        x2, stats, g, gamma, beta, u2, weight, bias, r2, out, rows,
         x2.stride(0), g.stride(0), u2.stride(0), weight.stride(0), weight.stride(1), r2.stride(0), out.stride(0),
         N=n_out, K=k_in, PROLOGUE=prologue, EPILOGUE=epilogue, OPERAND=operand,
         DOT_PREC=dot_prec, EVEN_K=k_in % block_k == 0, BLOCK_K=block_k,
@@ -235,6 +243,22 @@ def fused_linear_triton(
 
 
 # --------------------------------------------------------------------------- the PyTorch twins
+# Each computes in float32 (float64 for float64 inputs) from operands rounded to the input's dtype,
+# as the kernel multiplies them; one rounding at the end.
+def linear_silu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """SiLU(x W^T + b)."""
+    cdt = compute_dtype(x.dtype)
+    return F.silu(F.linear(x.to(cdt), weight.to(cdt), bias.to(cdt))).to(x.dtype)
+
+
+def linear_residual_reference(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor
+) -> torch.Tensor:
+    """residual + x W^T + b."""
+    cdt = compute_dtype(x.dtype)
+    return (residual.to(cdt) + F.linear(x.to(cdt), weight.to(cdt), bias.to(cdt))).to(x.dtype)
+
+
 def norm_linear_silu_reference(
     x: torch.Tensor,
     group: torch.Tensor,
@@ -244,11 +268,10 @@ def norm_linear_silu_reference(
     bias: torch.Tensor,
     eps: float,
 ) -> torch.Tensor:
-    """SiLU(GroupLN(x) W^T + b), the normalised x rounded to x's dtype (as the model's norm
-    output is); the rest in float32 (float64 for float64 x)."""
+    """SiLU(GroupLN(x) W^T + b), the normalised x rounded to x's dtype (as the model's norm output is)."""
     cdt = compute_dtype(x.dtype)
     xh = F.layer_norm(x.to(cdt), x.shape[-1:], eps=eps) * gamma.to(cdt)[group] + beta.to(cdt)[group]
-    return F.silu(F.linear(xh.to(x.dtype).to(cdt), weight.to(cdt), bias.to(cdt))).to(x.dtype)
+    return linear_silu_reference(xh.to(x.dtype), weight, bias)
 
 
 def gated_linear_residual_reference(
@@ -264,7 +287,7 @@ def gated_linear_residual_reference(
     """residual + (LN(a) * u) W^T + b, the gated operand rounded to a's dtype."""
     cdt = compute_dtype(a.dtype)
     gated = F.layer_norm(a.to(cdt), a.shape[-1:], norm_weight.to(cdt), norm_bias.to(cdt), eps) * u.to(cdt)
-    return (residual.to(cdt) + F.linear(gated.to(a.dtype).to(cdt), weight.to(cdt), bias.to(cdt))).to(a.dtype)
+    return linear_residual_reference(gated.to(a.dtype), weight, bias, residual)
 
 
 # --------------------------------------------------------------------------- the ops
@@ -282,7 +305,9 @@ def norm_linear_silu(
     nn.Linear holds it), in x's dtype."""
     if not runs_kernel(x):
         return norm_linear_silu_reference(x, group, gamma, beta, weight, bias, eps)
-    return fused_linear_triton(x, weight, bias, gamma, beta, eps, GROUP_NORM, SILU, group=group, wrap=wrap_triton)
+    return fused_linear_triton(
+        x, weight, bias, GROUP_NORM, SILU, gamma=gamma, beta=beta, eps=eps, group=group, wrap=wrap_triton
+    )
 
 
 @triton_op("grc::gated_linear_residual", mutates_args=())
@@ -300,5 +325,31 @@ def gated_linear_residual(
     if not runs_kernel(a):
         return gated_linear_residual_reference(a, u, norm_weight, norm_bias, weight, bias, residual, eps)
     return fused_linear_triton(
-        a, weight, bias, norm_weight, norm_bias, eps, NORM_GATE, RESIDUAL, u=u, residual=residual, wrap=wrap_triton
+        a,
+        weight,
+        bias,
+        NORM_GATE,
+        RESIDUAL,
+        gamma=norm_weight,
+        beta=norm_bias,
+        eps=eps,
+        u=u,
+        residual=residual,
+        wrap=wrap_triton,
     )
+
+
+@triton_op("grc::linear_silu", mutates_args=())
+def linear_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """SiLU(x W^T + b) (x already normalised: the norm runs apart), in x's dtype."""
+    if not runs_kernel(x):
+        return linear_silu_reference(x, weight, bias)
+    return fused_linear_triton(x, weight, bias, NO_NORM, SILU, wrap=wrap_triton)
+
+
+@triton_op("grc::linear_residual", mutates_args=())
+def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """residual + x W^T + b, in x's dtype."""
+    if not runs_kernel(x):
+        return linear_residual_reference(x, weight, bias, residual)
+    return fused_linear_triton(x, weight, bias, NO_NORM, RESIDUAL, residual=residual, wrap=wrap_triton)

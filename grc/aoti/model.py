@@ -21,6 +21,7 @@ from torch import nn
 
 from grc.aoti.inputs import JaggedInputs, random_inputs
 from grc.model.gr import GRDense, token_groups
+from grc.model.hstu import NORM_PROLOGUE
 
 INPUTS = ("tokens", "offsets", "num_candidates", "timestamps")
 OUTPUTS = ("scores",)
@@ -100,10 +101,12 @@ def trace_inputs(dense: GRDense, device: torch.device, dtype: torch.dtype) -> Ja
 
 def expected_ops(num_layers: int, fuse: bool) -> dict[str, int]:
     """The grc custom-op nodes an exported program of ``num_layers`` layers holds."""
-    if fuse:
-        per_layer = ("grc.norm_linear_silu.default", "grc.hstu_attention.default", "grc.gated_linear_residual.default")
-        return {**dict.fromkeys(per_layer, num_layers), "grc.candidate_heads.default": 1}
-    return {"grc.hstu_attention.default": num_layers, "grc.norm_gate.default": num_layers}
+    if not fuse:
+        return {"grc.hstu_attention.default": num_layers, "grc.norm_gate.default": num_layers}
+    uvqk = ("grc.norm_linear_silu",) if NORM_PROLOGUE["uvqk"] else ("grc.linear_silu",)
+    out = ("grc.gated_linear_residual",) if NORM_PROLOGUE["out"] else ("grc.norm_gate", "grc.linear_residual")
+    per_layer = (*uvqk, "grc.hstu_attention", *out)
+    return {**{f"{op}.default": num_layers for op in per_layer}, "grc.candidate_heads.default": 1}
 
 
 def export_program(

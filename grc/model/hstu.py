@@ -20,10 +20,19 @@ from grc.model.kernel_ops import (
     gated_linear_residual,
     hstu_attention_cached,
     hstu_attention_jagged,
+    linear_residual,
+    linear_silu,
     norm_gate,
     norm_linear_silu,
 )
 from grc.spec.schema import HSTUConfig
+
+# Where the fused path (fuse=True) runs each projection's norm: as its GEMM's prologue, or apart
+# (the group norm as PyTorch ops, one Inductor kernel in compiled graphs; the norm-gate kernel) with
+# only the epilogue fused. A prologue is recomputed for every N tile of a row block (16 for the
+# UVQK GEMM of mtgr-small, 4 for the output GEMM), a norm apart is one more pass over memory;
+# bench/fused_gemm.py measures both forms of each on the device.
+NORM_PROLOGUE = {"uvqk": False, "out": True}
 
 
 class GroupLayerNorm(nn.Module):
@@ -131,9 +140,11 @@ class HSTULayer(nn.Module):
         """x [..., D] -> u [..., Lv], and q, k [..., H, Dqk], v [..., H, Dv] (fuse: one Triton
         GEMM with the group norm as prologue and SiLU as epilogue; u, v, q, k are views of it)."""
         c = self.cfg
-        if fuse:
+        if fuse and NORM_PROLOGUE["uvqk"]:
             n = self.norm_in
             uvqk = norm_linear_silu(x, group, n.weight, n.bias, self.uvqk.weight, self.uvqk.bias, n.eps)
+        elif fuse:  # SiLU as the GEMM's epilogue, the norm apart
+            uvqk = linear_silu(self.norm_in(x, group), self.uvqk.weight, self.uvqk.bias)
         else:
             uvqk = F.silu(self.uvqk(self.norm_in(x, group)))
         u, v, q, k = torch.split(uvqk, [c.linear_dim, c.linear_dim, c.attention_dim, c.attention_dim], dim=-1)
@@ -150,10 +161,12 @@ class HSTULayer(nn.Module):
         self, x: torch.Tensor, attn: torch.Tensor, u: torch.Tensor, impl: str, fuse: bool = False
     ) -> torch.Tensor:
         attn = attn.reshape(*attn.shape[:-2], self.cfg.linear_dim)
-        if fuse:  # norm-gate as the output GEMM's prologue, the residual add as its epilogue
-            n, out = self.norm_attn, self.out
+        n, out = self.norm_attn, self.out
+        if fuse and NORM_PROLOGUE["out"]:  # norm-gate as the output GEMM's prologue, the residual add as its epilogue
             return gated_linear_residual(attn, u, n.weight, n.bias, out.weight, out.bias, x, self.cfg.eps)
-        gated = norm_gate(attn, u, self.norm_attn.weight, self.norm_attn.bias, self.cfg.eps, impl=impl)
+        gated = norm_gate(attn, u, n.weight, n.bias, self.cfg.eps, impl=impl)
+        if fuse:  # the residual add as the GEMM's epilogue
+            return linear_residual(gated, out.weight, out.bias, x)
         return x + self.out(gated)
 
     def forward_padded(

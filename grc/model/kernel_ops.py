@@ -83,6 +83,20 @@ def gated_linear_residual(*args: Any) -> torch.Tensor:
     return op(*args)
 
 
+def linear_silu(*args: Any) -> torch.Tensor:
+    """SiLU(x W^T + b) in one Triton GEMM (the norm apart): (x, weight, bias)."""
+    from kernels.fused_linear import linear_silu as op
+
+    return op(*args)
+
+
+def linear_residual(*args: Any) -> torch.Tensor:
+    """residual + x W^T + b in one Triton GEMM: (x, weight, bias, residual)."""
+    from kernels.fused_linear import linear_residual as op
+
+    return op(*args)
+
+
 def candidate_heads(*args: Any) -> torch.Tensor:
     """Final group norm + task heads on the candidate rows, zeros elsewhere, in one Triton kernel:
     (x, group, is_candidate, gamma, beta, w1, b1, w2, b2, eps)."""

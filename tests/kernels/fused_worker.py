@@ -17,11 +17,14 @@ import torch  # noqa: E402
 from kernels.fused_heads import candidate_heads_reference, candidate_heads_triton  # noqa: E402
 from kernels.fused_linear import (  # noqa: E402
     GROUP_NORM,
+    NO_NORM,
     NORM_GATE,
     RESIDUAL,
     SILU,
     fused_linear_triton,
     gated_linear_residual_reference,
+    linear_residual_reference,
+    linear_silu_reference,
     norm_linear_silu_reference,
 )
 
@@ -46,14 +49,27 @@ def case(gen: torch.Generator, dtype: torch.dtype, rows: int, k: int, n: int, pr
         groups = 3
         group = torch.randint(0, groups, (rows,), generator=gen)
         gamma, beta = randn(groups, k, shift=1.0), randn(groups, k, scale=0.5)
-        out = fused_linear_triton(x, weight, bias, gamma, beta, 1e-5, GROUP_NORM, SILU, group=group, out=poisoned)
+        out = fused_linear_triton(
+            x, weight, bias, GROUP_NORM, SILU, gamma=gamma, beta=beta, eps=1e-5, group=group, out=poisoned
+        )
         ref = norm_linear_silu_reference(
             x.double(), group, gamma.double(), beta.double(), weight.double(), bias.double(), 1e-5
         )
         return rel_err(out, ref)
+    if prologue == NO_NORM:  # the epilogues alone (the norm run apart)
+        residual = randn(rows, n)
+        silu = fused_linear_triton(x, weight, bias, NO_NORM, SILU, out=poisoned.clone())
+        added = fused_linear_triton(x, weight, bias, NO_NORM, RESIDUAL, residual=residual, out=poisoned)
+        x64, w64, b64 = x.double(), weight.double(), bias.double()
+        return max(
+            rel_err(silu, linear_silu_reference(x64, w64, b64)),
+            rel_err(added, linear_residual_reference(x64, w64, b64, residual.double())),
+        )
     u, residual = randn(rows, k), randn(rows, n)
     nw, nb = randn(k, shift=1.0), randn(k, scale=0.5)
-    out = fused_linear_triton(x, weight, bias, nw, nb, 1e-5, NORM_GATE, RESIDUAL, u=u, residual=residual, out=poisoned)
+    out = fused_linear_triton(
+        x, weight, bias, NORM_GATE, RESIDUAL, gamma=nw, beta=nb, eps=1e-5, u=u, residual=residual, out=poisoned
+    )
     ref = gated_linear_residual_reference(
         x.double(), u.double(), nw.double(), nb.double(), weight.double(), bias.double(), residual.double(), 1e-5
     )
@@ -92,7 +108,11 @@ def main(dtype_name: str, seed: int) -> None:
     results = {}
     # Tails in every dimension (rows 37, K 40 = 2.5 blocks of 16, N 24 = 1.5 tiles), one even shape.
     for rows, k, n in ((37, 40, 24), (32, 64, 48), (1, 16, 16)):
-        for name, prologue in (("norm_linear_silu", GROUP_NORM), ("gated_linear_residual", NORM_GATE)):
+        for name, prologue in (
+            ("norm_linear_silu", GROUP_NORM),
+            ("gated_linear_residual", NORM_GATE),
+            ("linear_silu + linear_residual", NO_NORM),
+        ):
             results[f"{name} {rows}x{k}->{n}"] = case(gen, dtype, rows, k, n, prologue)
     # 100 rows: blocks of 16 with no candidate (skipped), mixed ones and all-candidate ones.
     results["candidate_heads hidden 24"] = heads_case(gen, dtype, [30, 7, 40, 23], [5, 0, 40, 9], 24)

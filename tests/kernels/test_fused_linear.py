@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from grc.model import hstu
 from grc.model.hstu import HSTULayer
 from grc.spec.schema import HSTUConfig
 from kernels.fused_linear import gated_linear_residual_reference, norm_linear_silu_reference
@@ -75,8 +76,13 @@ def test_twins_equal_the_models_unfused_math() -> None:
     torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12, msg=f"seed={seed}")
 
 
-def test_fused_layer_equals_unfused_layer() -> None:
-    """forward_jagged(fuse=True) (the grc ops; their twins on a CPU) == the plain model, float64."""
+@pytest.mark.parametrize("uvqk_prologue", [True, False])
+@pytest.mark.parametrize("out_prologue", [True, False])
+def test_fused_layer_equals_unfused_layer(uvqk_prologue: bool, out_prologue: bool, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """forward_jagged(fuse=True) (the grc ops; their twins on a CPU) == the plain model, float64,
+    with each projection's norm as its GEMM's prologue or apart (grc.model.hstu.NORM_PROLOGUE)."""
+    monkeypatch.setitem(hstu.NORM_PROLOGUE, "uvqk", uvqk_prologue)
+    monkeypatch.setitem(hstu.NORM_PROLOGUE, "out", out_prologue)
     seed = secrets.randbits(31)
     layer = _layer(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -105,5 +111,4 @@ def test_kernel_refuses_float64() -> None:
     x = torch.zeros(2, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match="float64: use impl='pytorch'"):
         weight, group = torch.zeros(3, 4, dtype=torch.float64), torch.zeros(2, dtype=torch.int64)
-        fused_linear_triton(x, weight, torch.zeros(3), torch.ones(1, 4), torch.zeros(1, 4), 1e-5, GROUP_NORM, SILU,
-                            group=group)  # fmt: skip
+        fused_linear_triton(x, weight, torch.zeros(3), GROUP_NORM, SILU, gamma=torch.ones(1, 4), group=group)
