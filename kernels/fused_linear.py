@@ -98,9 +98,9 @@ def normed_dot(X, Stats, G, Gamma, Beta, U, W, rows, row_ok, offs_n, col_ok, str
         else:
             a_mask = row_ok[:, None] & (offs_k[None, :] < K)
             w_mask = col_ok[None, :] & (offs_k[:, None] < K)
-        a = tl.load(X + rows[:, None] * stride_x + offs_k[None, :], mask=a_mask, other=0.0).to(tl.float32)
+        a = tl.load(X + rows[:, None] * stride_x + offs_k[None, :], mask=a_mask, other=0.0)
         if PROLOGUE != 2:
-            a = (a - mean[:, None]) * rstd[:, None]
+            a = (a.to(tl.float32) - mean[:, None]) * rstd[:, None]
         if PROLOGUE == 0:  # group LayerNorm: scale and shift of the row's token kind
             affine = grp[:, None] * K + offs_k[None, :]
             gamma = tl.load(Gamma + affine, mask=a_mask, other=0.0).to(tl.float32)
@@ -114,13 +114,14 @@ def normed_dot(X, Stats, G, Gamma, Beta, U, W, rows, row_ok, offs_n, col_ok, str
             a = (a * gamma[None, :] + beta[None, :]) * u
         w = tl.load(W + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn, mask=w_mask, other=0.0)
         if OPERAND == 1:
-            a = _round_to_bf16(a)
+            a = _round_to_bf16(a.to(tl.float32))
             w = w.to(tl.float32)
         elif OPERAND == 2:
             a = a.to(w.dtype).to(tl.float32)
             w = w.to(tl.float32)
-        else:
+        elif PROLOGUE != 2:  # the normalised operand, rounded as the unfused model rounds its norm output
             a = a.to(w.dtype)
+        # (no prologue on the GPU: a goes from memory to the tensor cores untouched, as in a plain GEMM)
         acc = tl.dot(a, w, acc, input_precision=DOT_PREC)
     return acc
 

@@ -25,7 +25,11 @@ def _no_fp64_math(ptx: str) -> bool:
     return set(re.findall(r"\b\w+(?:\.\w+)*\.f64\b", ptx)) <= {"cvt.rn.f32.f64"}
 
 
-@pytest.mark.parametrize("prologue, epilogue", [(0, 0), (1, 1)], ids=["norm_linear_silu", "gated_linear_residual"])
+@pytest.mark.parametrize(
+    "prologue, epilogue",
+    [(0, 0), (1, 1), (2, 0), (2, 1)],
+    ids=["norm_linear_silu", "gated_linear_residual", "linear_silu", "linear_residual"],
+)
 def test_fused_linear_compiles_for_sm90(prologue: int, epilogue: int) -> None:
     const = {**GEMM_CONST, "PROLOGUE": prologue, "EPILOGUE": epilogue}
     ptx = compile_for_hopper(_fused_linear_kernel, GEMM_PTRS, const, (), "fp32")
