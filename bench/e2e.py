@@ -5,7 +5,8 @@ GPU (default; one process per spec, every mode of a spec on the same inputs):
   baselines (bench/e2e_modes.py): the plain PyTorch model padded and batched in bf16, eager and
   under torch.compile (also CUDA-graphed); grc: its ops eager / CUDA-graphed / torch.compile'd, and
   the AOTInductor package (built and parity-checked by the aoti stage's code), with and without a
-  CUDA graph. Workloads: 1 user x (profile + 1000 history + 512 candidates) (latency) and 64 such
+  CUDA graph; all with the fused projections and heads (kernels/fused_*.py), the *_unfused* modes
+  without them. Workloads: 1 user x (profile + 1000 history + 512 candidates) (latency) and 64 such
   users (throughput). Per mode and workload: p50/p99 (CUDA events, one call per sample), users/s,
   peak memory, speed-up against the best baseline of the same run, share of the FLOP floor; on
   the latency workload the error against the float64 oracle (GRDense.forward_jagged on the CPU, the
@@ -41,6 +42,7 @@ sys.path[:0] = [str(REPO), str(BENCH)]  # the repo first: bench/kernels.py must 
 import torch  # noqa: E402
 from _common import RESULTS, write_result  # noqa: E402
 from e2e_measure import (  # noqa: E402
+    autotune_picks,
     ceilings,
     dense_parameters,
     floor_times,
@@ -177,6 +179,7 @@ def run_spec(case: Case, modes: dict[str, Mode], args: argparse.Namespace, rec: 
                 traceback.print_exc()
             rec.save()
         case.graphs.clear()  # free the mode's CUDA graphs before the next mode
+    out["autotune_picks"] = autotune_picks()
     compare_to_baselines(out)
     rec.save()
 
