@@ -7,10 +7,11 @@ from __future__ import annotations
 import re
 
 import pytest
+import triton
 
 from kernels.fused_heads import _candidate_heads_kernel
 from kernels.fused_linear import _fused_linear_kernel, _row_stats_kernel
-from tests.kernels.test_hopper_compile import compile_for_hopper
+from tests.kernels.test_hopper_compile import HOPPER, compile_for_hopper
 
 GEMM_PTRS = {n: "*bf16" for n in ("X", "Gamma", "Beta", "U", "W", "Bias", "R", "Y")} | {"Stats": "*fp32", "G": "*i64"}
 GEMM_CONST = {"N": 2048, "K": 512, "OPERAND": 0, "DOT_PREC": "tf32", "EVEN_K": True, "BLOCK_M": 128, "BLOCK_N": 128,
@@ -69,3 +70,40 @@ def test_inductors_copy_of_the_kernels_compiles(which: str, tmp_path) -> None:  
     spec.loader.exec_module(module)
     ptx = compile_for_hopper(getattr(module, kernel.__name__), ptrs, const, (), "fp32")
     assert ".target sm_90" in ptx and "wgmma" in ptx
+
+
+HOPPER_SHARED_BYTES = 227 * 1024  # the H100/H200 per-block limit
+
+
+def _compile_specialised(kernel, ptrs: dict[str, str], const: dict, warps: int, stages: int):  # type: ignore[no-untyped-def]
+    """As a launch specialises it: unit strides constant, pointers and other strides multiples of
+    16 (what makes Triton pipeline the loads through shared memory)."""
+    from triton.compiler import ASTSource
+
+    names = kernel.arg_names
+    signature = {n: ptrs.get(n) or ("constexpr" if n in const else "i32") for n in names}
+    aligned = [n for n in names if n in ptrs or (n.startswith("stride_") and n not in const)]
+    source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in const.items()},
+                       attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})  # fmt: skip
+    try:
+        return triton.compile(source, target=HOPPER, options={"num_warps": warps, "num_stages": stages})
+    except FileNotFoundError as exc:
+        pytest.skip(f"Triton cannot build sm90 code here: {exc}")
+
+
+def test_every_tuned_config_fits_hoppers_shared_memory() -> None:
+    """A config over the limit cannot launch, and AOTInductor autotunes (and compiles) every one:
+    each tile of _configs() with each prologue, pipelined as a launch specialises it."""
+    from kernels.fused_linear import _configs
+
+    for config in _configs():
+        for prologue, epilogue in ((0, 0), (1, 1), (2, 0)):
+            const = {**GEMM_CONST, **config.kwargs, "PROLOGUE": prologue, "EPILOGUE": epilogue, "stride_wk": 1}
+            compiled = _compile_specialised(_fused_linear_kernel.fn, GEMM_PTRS, const, config.num_warps,
+                                            config.num_stages)  # fmt: skip
+            assert "cp.async" in compiled.asm["ptx"], f"{config} prologue {prologue}: loads not pipelined"
+            assert compiled.metadata.shared <= HOPPER_SHARED_BYTES, f"{config} prologue {prologue}"
+    for hidden, warps in ((128, 4), (256, 8)):  # the heads kernel at mtgr-small's and mtgr-base's widths
+        const = {**HEADS_CONST, "HIDDEN": hidden, "BLOCK_H": hidden, "stride_w1h": 1}
+        compiled = _compile_specialised(_candidate_heads_kernel, HEADS_PTRS, const, warps, 3)
+        assert compiled.metadata.shared <= HOPPER_SHARED_BYTES, f"heads hidden {hidden}"
