@@ -104,6 +104,8 @@ def measure(
         if ref is not None:
             rows[name]["rel_err_vs_unfused"] = rel(out, ref)
         print(f"  {name:<50} {ms:8.4f} ms  (t={time.perf_counter() - T0:.0f}s)", flush=True)
+        tuned = getattr(_fused_linear_kernel, "cache", {})  # the autotuner's pick per (N, K, prologue, ...)
+        result["fused_linear_configs"] = {str(key): str(config) for key, config in tuned.items()}
         save(result)
 
     with torch.no_grad():
@@ -113,13 +115,11 @@ def measure(
         xh = group_ln()
         gemm = 2 * tokens * d * w.shape[0]
         row("uvqk unfused (torch.compile)", uvqk_unfused, gemm, None)
+        row("uvqk norm compiled + SiLU-epilogue GEMM",
+            lambda: fused_linear_triton(group_ln(), w, b, NO_NORM, SILU), gemm, ref)  # fmt: skip
         row("uvqk fused: norm prologue + SiLU epilogue",
             lambda: fused_linear_triton(x, w, b, GROUP_NORM, SILU, gamma=n_in.weight, beta=n_in.bias, eps=n_in.eps,
                                         group=group), gemm, ref)  # fmt: skip
-        row("uvqk norm compiled + SiLU-epilogue GEMM",
-            lambda: fused_linear_triton(group_ln(), w, b, NO_NORM, SILU), gemm, ref)  # fmt: skip
-        row("uvqk GEMM alone: cuBLAS", lambda: F.linear(xh, w, b), gemm, None)
-        row("uvqk GEMM alone: Triton (+SiLU)", lambda: fused_linear_triton(xh, w, b, NO_NORM, SILU), gemm, ref)
         a = torch.randn(tokens, lv, device=device, dtype=torch.bfloat16)
         u = torch.randn(tokens, lv, device=device, dtype=torch.bfloat16)
         n_at, wo, bo = layer.norm_attn, layer.out.weight, layer.out.bias
@@ -143,9 +143,11 @@ def measure(
         cand_share = float(cand.float().mean())
         row("heads candidate rows only (fused kernel)", lambda: candidate_heads_triton(
             x, group, cand, fn.weight, fn.bias, h.w1, h.b1, h.w2, h.b2, fn.eps), gemm * cand_share, ref)  # fmt: skip
-    tuned = getattr(_fused_linear_kernel, "cache", {})  # the autotuner's pick per (N, K, prologue, epilogue, ...)
-    result["fused_linear_configs"] = {str(key): str(config) for key, config in tuned.items()}
-    save(result)
+    with torch.no_grad():  # last: what the GEMMs alone reach (the cuBLAS floor, the Triton GEMM's efficiency)
+        gemm = 2 * tokens * d * w.shape[0]
+        ref = uvqk_unfused()
+        row("uvqk GEMM alone: cuBLAS", lambda: F.linear(xh, w, b), gemm, None)
+        row("uvqk GEMM alone: Triton (+SiLU)", lambda: fused_linear_triton(xh, w, b, NO_NORM, SILU), gemm, ref)
     return result
 
 
