@@ -5,8 +5,8 @@ GPU (default; one process per spec, every mode of a spec on the same inputs):
   baselines (bench/e2e_modes.py): the plain PyTorch model padded and batched in bf16, eager and
   under torch.compile (also CUDA-graphed); grc: its ops eager / CUDA-graphed / torch.compile'd, and
   the AOTInductor package (built and parity-checked by the aoti stage's code), with and without a
-  CUDA graph; all with the fused projections and heads (kernels/fused_*.py), the *_unfused* modes
-  without them. Workloads: 1 user x (profile + 1000 history + 512 candidates) (latency) and 64 such
+  CUDA graph; the *_fused* modes with the fused projections and candidate heads (kernels/fused_*.py,
+  engine.aoti.fuse). Workloads: 1 user x (profile + 1000 history + 512 candidates) (latency) and 64 such
   users (throughput). Per mode and workload: p50/p99 (CUDA events, one call per sample), users/s,
   peak memory, speed-up against the best baseline of the same run, share of the FLOP floor; on
   the latency workload the error against the float64 oracle (GRDense.forward_jagged on the CPU, the

@@ -225,7 +225,7 @@ def compile_target(
     dtype_name: str,
     folder: Path,
     log: Callable[[str], None] = print,
-    fuse: bool = True,
+    fuse: bool = False,
 ) -> dict[str, Any]:
     """Export + AOTInductor compile into ``folder``. Returns {"status": "skipped", ...} when this
     host lacks the target's device, else what ``verify_target`` needs. fuse: the fused Triton
@@ -266,10 +266,11 @@ def build_target(
     seed: int,
     provenance: dict[str, Any],
     log: Callable[[str], None] = print,
+    fuse: bool = False,
 ) -> dict[str, Any]:
     """Export + compile + parity for one target into ``folder``; the manifest entry (status built
-    or skipped). Raises StageError when the package misses the tolerance."""
-    compiled = compile_target(dense, target, dtype_name, folder, log)
+    or skipped). Raises StageError when the package misses the tolerance. fuse: engine.aoti.fuse."""
+    compiled = compile_target(dense, target, dtype_name, folder, log, fuse)
     if compiled["status"] == "skipped":
         return compiled
     return verify_target(dense, compiled, folder, tolerance, shapes, seed, provenance, log)

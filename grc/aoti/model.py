@@ -53,11 +53,11 @@ class JaggedDense(nn.Module):
     """tokens [T, D], offsets [B+1], num_candidates [B], timestamps [T] -> scores [T, tasks]
     (zero except at candidate tokens), exactly ``GRDense.forward_jagged``."""
 
-    def __init__(self, dense: GRDense, impl: str = "triton", fuse: bool | None = None):
+    def __init__(self, dense: GRDense, impl: str = "triton", fuse: bool = False):
         super().__init__()
         self.dense = dense
         self.impl = impl
-        self.fuse = impl == "triton" if fuse is None else fuse  # the fused kernels: impl="triton" only
+        self.fuse = fuse  # the fused kernels (impl="triton" only): engine.aoti.fuse, off until measured
 
     def forward(
         self, tokens: torch.Tensor, offsets: torch.Tensor, num_candidates: torch.Tensor, timestamps: torch.Tensor
@@ -110,7 +110,7 @@ def expected_ops(num_layers: int, fuse: bool) -> dict[str, int]:
 
 
 def export_program(
-    dense: GRDense, device: torch.device, dtype: torch.dtype, fuse: bool = True
+    dense: GRDense, device: torch.device, dtype: torch.dtype, fuse: bool = False
 ) -> torch.export.ExportedProgram:
     """``torch.export`` of ``JaggedDense`` (dense cast to ``dtype`` on ``device``), dynamic users
     and tokens; the grc ops stay custom-op nodes in the program (fuse: the fused ones)."""

@@ -65,6 +65,7 @@ def run(ctx: Context) -> dict[str, Any]:
                 PARITY_SEED,
                 provenance,
                 ctx.log,
+                fuse=cfg.fuse,
             )
         )
     table = Table(title="aoti packages", show_edge=False)
