@@ -5,7 +5,8 @@ GPU (default; one process per spec, every mode of a spec on the same inputs):
   baselines (bench/e2e_modes.py): the plain PyTorch model padded and batched in bf16, eager and
   under torch.compile (also CUDA-graphed); grc: its ops eager / CUDA-graphed / torch.compile'd, and
   the AOTInductor package (built and parity-checked by the aoti stage's code), with and without a
-  CUDA graph. Workloads: 1 user x (profile + 1000 history + 512 candidates) (latency) and 64 such
+  CUDA graph; the *_fused* modes with the fused projections and candidate heads (kernels/fused_*.py,
+  engine.aoti.fuse). Workloads: 1 user x (profile + 1000 history + 512 candidates) (latency) and 64 such
   users (throughput). Per mode and workload: p50/p99 (CUDA events, one call per sample), users/s,
   peak memory, speed-up against the best baseline of the same run, share of the FLOP floor; on
   the latency workload the error against the float64 oracle (GRDense.forward_jagged on the CPU, the
@@ -41,6 +42,7 @@ sys.path[:0] = [str(REPO), str(BENCH)]  # the repo first: bench/kernels.py must 
 import torch  # noqa: E402
 from _common import RESULTS, write_result  # noqa: E402
 from e2e_measure import (  # noqa: E402
+    autotune_picks,
     ceilings,
     dense_parameters,
     floor_times,
@@ -154,14 +156,19 @@ def measure(case: Case, mode_name: str, mode: Mode, wl: str, args: argparse.Name
 
 
 def run_spec(case: Case, modes: dict[str, Mode], args: argparse.Namespace, rec: Recorder) -> None:
-    """Every mode on every workload; a mode that fails is recorded and the next one runs."""
+    """Every mode on every workload (but the --skip MODE:WORKLOAD pairs); a mode that fails is
+    recorded and the next one runs."""
     out = case.record
+    skip = set(args.skip.split(","))
     for mode_name, mode in modes.items():
         if mode.needs_cuda and case.device.type != "cuda":
             out["skipped"][mode_name] = "needs a CUDA GPU"
             continue
         out["modes"][mode_name] = {"what": mode.what, "baseline": mode.baseline}
         for wl in case.inputs:
+            if f"{mode_name}:{wl}" in skip:
+                out["skipped"][f"{mode_name}:{wl}"] = "--skip"
+                continue
             print(f"[{case.name}] {mode_name} {wl} (t={time.perf_counter() - T0:.0f}s)", flush=True)
             try:
                 row = measure(case, mode_name, mode, wl, args)
@@ -172,6 +179,7 @@ def run_spec(case: Case, modes: dict[str, Mode], args: argparse.Namespace, rec: 
                 traceback.print_exc()
             rec.save()
         case.graphs.clear()  # free the mode's CUDA graphs before the next mode
+    out["autotune_picks"] = autotune_picks()
     compare_to_baselines(out)
     rec.save()
 
@@ -197,12 +205,19 @@ def compare_to_baselines(out: dict[str, Any]) -> None:
 
 
 def selected_modes(args: argparse.Namespace) -> dict[str, Mode]:
+    """The modes to run, in --modes order when given (a run cut short by its deadline keeps what
+    came first), else MODES order; --skip takes modes and MODE:WORKLOAD pairs."""
     wanted = args.modes.split(",") if args.modes else list(SMOKE_MODES if args.smoke else MODES)
-    unknown = [m for m in wanted + args.skip.split(",") if m and m not in MODES]
+    skips = [s.split(":") for s in args.skip.split(",") if s]
+    unknown = [m for m in wanted if m not in MODES] + [":".join(s) for s in skips if s[0] not in MODES]
+    unknown += [":".join(s) for s in skips if len(s) > 2 or (len(s) == 2 and s[1] not in WORKLOADS)]
     if unknown:
-        raise SystemExit(f"--modes/--skip: unknown mode(s) {unknown}; known: {', '.join(MODES)}")
-    skip = set(args.skip.split(","))
-    return {m: MODES[m] for m in MODES if m in wanted and m not in skip}
+        raise SystemExit(
+            f"--modes/--skip: unknown mode(s) {unknown}; known: {', '.join(MODES)} "
+            f"(--skip also takes MODE:WORKLOAD, workloads: {', '.join(WORKLOADS)})"
+        )
+    skip = {s[0] for s in skips if len(s) == 1}
+    return {m: MODES[m] for m in dict.fromkeys(wanted) if m not in skip}
 
 
 # --------------------------------------------------------------------------- runs
@@ -318,8 +333,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--cpu", action="store_true", help="the CPU comparison: eager vs onnxruntime vs the CPU package")
     p.add_argument("--out", type=Path, help="result file (default: bench/results/e2e-<gpu|smoke|cpu>.json)")
     p.add_argument("--specs", help="comma-separated spec names (default: mtgr-small; hstu-tiny with --smoke)")
-    p.add_argument("--modes", default="", help=f"comma-separated modes to run (default: all): {', '.join(MODES)}")
-    p.add_argument("--skip", default="", help="comma-separated modes to leave out")
+    p.add_argument(
+        "--modes", default="", help=f"comma-separated modes to run, in this order (default: all): {', '.join(MODES)}"
+    )
+    p.add_argument("--skip", default="", help="comma-separated modes, or MODE:WORKLOAD pairs, to leave out")
     p.add_argument("--budget", type=float, help="seconds of timed calls per mode and workload (default 1; 0.2 smoke)")
     p.add_argument("--profile", action="store_true", help="top ops of one throughput call per mode (torch.profiler)")
     p.add_argument("--min-calls", type=int, help="timed calls per mode and workload, at least (default 10; 3 smoke)")

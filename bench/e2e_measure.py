@@ -158,3 +158,15 @@ def op_profile(fn: Callable[[], Any], device: torch.device, top: int = 25) -> di
             for e in ranked
         ],
     }
+
+
+def autotune_picks() -> dict[str, dict[str, str]]:
+    """The config each autotuned grc kernel picked per autotune key in this process (the eager
+    modes' picks: torch.compile and AOTInductor tune copies of their own)."""
+    from kernels.fused_linear import _fused_linear_kernel
+    from kernels.hstu_attention import _hstu_fwd_kernel
+
+    return {
+        tuner.fn.__name__: {str(key): str(config) for key, config in getattr(tuner, "cache", {}).items()}
+        for tuner in (_hstu_fwd_kernel, _fused_linear_kernel)
+    }

@@ -12,6 +12,7 @@ and returns scores, jagged [T, tasks] or, for ``padded`` modes, [B, N, tasks].
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -119,13 +120,17 @@ def compiled_padded_graph(case: Case, wl: str) -> Call:
 
 
 # --------------------------------------------------------------------------- grc
-def kernels_module(case: Case) -> torch.nn.Module:
-    """grc's jagged module with its ops: the Triton kernels on a GPU, their PyTorch twins elsewhere."""
+def kernels_module(case: Case, fuse: bool = False) -> torch.nn.Module:
+    """grc's jagged module with its ops: the Triton kernels on a GPU, their PyTorch twins
+    elsewhere; fuse: the fused projections and candidate heads (kernels/fused_*.py), what the
+    package compiles with engine.aoti.fuse (impl="triton" only)."""
     from grc.aoti.model import JaggedDense
 
-    impl = "triton" if case.device.type == "cuda" else "pytorch"
+    # the kernels on a CPU too under TRITON_INTERPRET=1: what a dry run of a GPU script runs
+    impl = "triton" if case.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else "pytorch"
     case.record["grc_ops"] = impl
-    return case.once("kernels", lambda: JaggedDense(case.dense_act, impl).eval())
+    fuse = fuse and impl == "triton"
+    return case.once(f"kernels fuse={fuse}", lambda: JaggedDense(case.dense_act, impl, fuse=fuse).eval())
 
 
 def eager_kernels(case: Case, wl: str) -> Call:
@@ -137,28 +142,42 @@ def eager_kernels_graph(case: Case, wl: str) -> Call:
     return graphed(case, kernels_module(case), case.inputs[wl].args())
 
 
-def compiled_kernels(case: Case, wl: str) -> Call:
+def eager_fused_graph(case: Case, wl: str) -> Call:
+    return graphed(case, kernels_module(case, fuse=True), case.inputs[wl].args())
+
+
+def compiled_module(case: Case, wl: str, fuse: bool) -> Call:
     """torch.compile (dynamic shapes, no Inductor settings) of the module with grc's ops, CUDA-graphed."""
-    fn = case.once("torch.compile kernels", lambda: torch.compile(kernels_module(case), dynamic=True))
+    what = f"torch.compile kernels{' fused' if fuse else ''}"
+    fn = case.once(what, lambda: torch.compile(kernels_module(case, fuse), dynamic=True))
     args = case.inputs[wl].args()
-    case.timed_first_call(f"torch.compile kernels:{wl}", fn, args)
+    case.timed_first_call(f"{what}:{wl}", fn, args)
     return graphed(case, fn, args)
 
 
-def package(case: Case) -> Callable[..., torch.Tensor]:
+def compiled_kernels(case: Case, wl: str) -> Call:
+    return compiled_module(case, wl, fuse=False)
+
+
+def compiled_fused(case: Case, wl: str) -> Call:
+    return compiled_module(case, wl, fuse=True)
+
+
+def package(case: Case, fuse: bool = False) -> Callable[..., torch.Tensor]:
     """The AOTInductor package, built once per spec by the aoti stage's code (compile, a load check
     in a child process, float64 parity), loaded with the single-threaded runner: the one whose
     CUDA-graph capture works (the default runner's capture failed on the H200)."""
-    return case.once("the AOTInductor package", lambda: build_package(case))
+    what = f"the AOTInductor package{' (fused)' if fuse else ''}"
+    return case.once(what, lambda: build_package(case, fuse))
 
 
-def build_package(case: Case) -> Callable[..., torch.Tensor]:
+def build_package(case: Case, fuse: bool) -> Callable[..., torch.Tensor]:
     from grc.aoti.build import compile_target, verify_target
     from grc.aoti.runtime import load
 
     folder = Path(tempfile.mkdtemp(prefix="grc-aoti-")) / "cuda"
     log = lambda m: print(f"  {m}", flush=True)  # noqa: E731
-    compiled = compile_target(case.dense, "cuda", "bfloat16", folder, log)
+    compiled = compile_target(case.dense, "cuda", "bfloat16", folder, log, fuse)
     if compiled["status"] != "compiled":
         raise RuntimeError(f"the package was not built: {compiled.get('reason')}")
     shapes = [(s.users, s.history, s.candidates) for s in case.spec.verify.shapes]
@@ -167,7 +186,7 @@ def build_package(case: Case) -> Callable[..., torch.Tensor]:
     entry = verify_target(case.dense, compiled, folder, tolerance, shapes, 20240501, provenance, log,
                           single_threaded=True)  # fmt: skip
     meta = json.loads((folder / "metadata.json").read_text())
-    case.record["aoti_package"] = {
+    case.record["aoti_package_fused" if fuse else "aoti_package"] = {
         "entry": entry,
         "build_seconds": meta["build_seconds"],
         "parity": meta["parity"],
@@ -187,6 +206,10 @@ def package_graph(case: Case, wl: str) -> Call:
     return graphed(case, package(case), case.inputs[wl].args())
 
 
+def package_fused_graph(case: Case, wl: str) -> Call:
+    return graphed(case, package(case, fuse=True), case.inputs[wl].args())
+
+
 # In the order they run: the baselines first, then the package (its compile and parity take
 # minutes: a child that runs out of time must still have measured it), then the kernel paths.
 MODES: dict[str, Mode] = {
@@ -199,9 +222,16 @@ MODES: dict[str, Mode] = {
     "aoti_bf16_nograph": Mode("AOTInductor package bf16, grc Triton ops, no CUDA graph", package_nograph,
                               needs_cuda=True),
     "aoti_bf16": Mode("the same package, CUDA graph per shape", package_graph, needs_cuda=True),
+    "aoti_bf16_fused": Mode("the package with engine.aoti.fuse (kernels/fused_*.py), CUDA graph per shape",
+                            package_fused_graph, needs_cuda=True),
     "eager_bf16_triton": Mode("JaggedDense bf16, grc ops (Triton kernels; their twins on a CPU), eager",
                               eager_kernels),
     "eager_bf16_triton_graph": Mode("the same, CUDA graph per shape", eager_kernels_graph, needs_cuda=True),
-    "compile_bf16_triton": Mode("torch.compile(dynamic) bf16, grc Triton ops, CUDA graph per shape",
-                                compiled_kernels, needs_cuda=True),
+    "eager_bf16_fused_graph": Mode("JaggedDense bf16 with the fused projections and candidate heads "
+                                   "(fuse=True: kernels/fused_*.py), CUDA graph per shape", eager_fused_graph,
+                                   needs_cuda=True),
+    "compile_bf16_triton": Mode("torch.compile(dynamic) bf16 of the module the package compiles (grc Triton ops), "
+                                "CUDA graph per shape", compiled_kernels, needs_cuda=True),
+    "compile_bf16_fused": Mode("torch.compile(dynamic) bf16 of the fused module (fuse=True), CUDA graph per shape",
+                               compiled_fused, needs_cuda=True),
 }  # fmt: skip

@@ -5,7 +5,11 @@ importing this package registers ``torch.ops.grc.hstu_attention`` and ``torch.op
 ``kernels.reference`` is the plain (float64-capable) PyTorch oracle.
 """
 
-from kernels import reference
+from kernels import (
+    fused_heads,  # registers torch.ops.grc.candidate_heads
+    fused_linear,  # registers torch.ops.grc.norm_linear_silu and gated_linear_residual
+    reference,
+)
 from kernels.ops import hstu_attention, hstu_attention_cached, norm_gate
 
-__all__ = ["hstu_attention", "hstu_attention_cached", "norm_gate", "reference"]
+__all__ = ["fused_heads", "fused_linear", "hstu_attention", "hstu_attention_cached", "norm_gate", "reference"]

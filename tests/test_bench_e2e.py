@@ -48,3 +48,20 @@ def test_e2e_refuses_an_unknown_mode(tmp_path: Path) -> None:
     done = subprocess.run([*cmd, "--out", str(tmp_path / "x.json")], cwd=REPO, capture_output=True, text=True)
     assert done.returncode != 0 and "unknown mode(s) ['warp_drive']" in done.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_e2e_skips_mode_workload_pairs_and_refuses_unknown_ones(tmp_path: Path) -> None:
+    """--skip MODE:WORKLOAD leaves out one workload of a mode (a compile that recompiles per
+    workload costs the device run its budget), saying so; a pair naming no workload is refused."""
+    out = tmp_path / "pairs.json"
+    cmd = [sys.executable, "bench/e2e.py", "--smoke", "--budget", "0", "--modes", "eager_bf16_triton"]
+    done = subprocess.run([*cmd, "--skip", "eager_bf16_triton:latency", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    spec = json.loads(out.read_text())["specs"]["hstu-tiny"]
+    assert set(spec["modes"]["eager_bf16_triton"]) >= {"throughput"}
+    assert "latency" not in spec["modes"]["eager_bf16_triton"]
+    assert spec["skipped"]["eager_bf16_triton:latency"] == "--skip"
+    done = subprocess.run([*cmd, "--skip", "eager_bf16_triton:lunch", "--out", str(tmp_path / "y.json")], cwd=REPO,
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode != 0 and "eager_bf16_triton:lunch" in done.stderr

@@ -28,7 +28,16 @@ import torch
 
 from grc.aoti.inputs import JaggedInputs, random_inputs
 from grc.aoti.loadcheck import check_loads
-from grc.aoti.model import INPUTS, MAX_TOKENS, MAX_USERS, OUTPUTS, custom_ops, export_program, time_bucket_note
+from grc.aoti.model import (
+    INPUTS,
+    MAX_TOKENS,
+    MAX_USERS,
+    OUTPUTS,
+    custom_ops,
+    expected_ops,
+    export_program,
+    time_bucket_note,
+)
 from grc.build.atomic import write_file
 from grc.build.fingerprint import sha256_file
 from grc.cache.store import default_dir
@@ -228,10 +237,16 @@ def check_parity(
 
 
 def compile_target(
-    dense: GRDense, target: str, dtype_name: str, folder: Path, log: Callable[[str], None] = print
+    dense: GRDense,
+    target: str,
+    dtype_name: str,
+    folder: Path,
+    log: Callable[[str], None] = print,
+    fuse: bool = False,
 ) -> dict[str, Any]:
     """Export + AOTInductor compile into ``folder``. Returns {"status": "skipped", ...} when this
-    host lacks the target's device, else what ``verify_target`` needs."""
+    host lacks the target's device, else what ``verify_target`` needs. fuse: the fused Triton
+    GEMMs and heads (kernels/fused_*.py; their twins on a CPU), else the unfused layer."""
     device, reason, host = resolve_target(target)
     if device is None:
         log(f"aoti: {target}: skipped: {reason}")
@@ -240,17 +255,13 @@ def compile_target(
         dtype_name = "float32"  # the reference ops are the CPU path: 16-bit would only be slower
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    program = export_program(dense, device, DTYPES[dtype_name])
+    program = export_program(dense, device, DTYPES[dtype_name], fuse=fuse)
     export_s = time.perf_counter() - started
     ops = custom_ops(program)
-    n_layers = dense.cfg.hstu.num_layers
     traced_kernels = any("triton_kernel_wrapper" in op for op in ops)  # torch versions that trace into triton_ops
-    counts = (ops.count("grc.hstu_attention.default"), ops.count("grc.norm_gate.default"))
-    if counts != (n_layers, n_layers) and not traced_kernels:
-        raise StageError(
-            f"aoti: {target}: expected {n_layers} grc.hstu_attention and grc.norm_gate nodes in the "
-            f"exported program, found {ops}"
-        )
+    expected = expected_ops(dense.cfg.hstu.num_layers, fuse)
+    if {op: ops.count(op) for op in expected} != expected and not traced_kernels:
+        raise StageError(f"aoti: {target}: expected {expected} grc nodes in the exported program, found {ops}")
     tag = {"grc.format": FORMAT, "grc.target": target, "grc.dtype": dtype_name, "grc.device": device.type}
     compile_s = compile_package(program, folder / PACKAGE, tag)
     check_loads(folder / PACKAGE, device.type, dtype_name, dense.cfg, f"aoti: {target}", cxx_compiler())
@@ -259,7 +270,7 @@ def compile_target(
         f"({(folder / PACKAGE).stat().st_size / 2**20:.1f} MiB)"
     )
     return {"name": target, "status": "compiled", "device": device, "host": host, "dtype": dtype_name,
-            "ops": ops, "export_s": export_s, "compile_s": compile_s}  # fmt: skip
+            "ops": ops, "export_s": export_s, "compile_s": compile_s, "fused": fuse}  # fmt: skip
 
 
 def build_target(
@@ -274,11 +285,13 @@ def build_target(
     log: Callable[[str], None] = print,
     packaged: GRDense | None = None,
     checks: Checks | None = None,
+    fuse: bool = False,
 ) -> dict[str, Any]:
     """Export + compile + parity for one target into ``folder``; the manifest entry (status built
     or skipped). Raises StageError when the package misses the tolerance. ``packaged``: the model
-    compiled when it is not ``dense`` itself (the fp8 one); parity still compares with ``dense``."""
-    compiled = compile_target(packaged or dense, target, dtype_name, folder, log)
+    compiled when it is not ``dense`` itself (the fp8 one); parity still compares with ``dense``.
+    fuse: engine.aoti.fuse."""
+    compiled = compile_target(packaged or dense, target, dtype_name, folder, log, fuse)
     if compiled["status"] == "skipped":
         return compiled
     return verify_target(dense, compiled, folder, tolerance, shapes, seed, provenance, log, checks=checks)
@@ -337,6 +350,7 @@ def verify_target(
             "note": f"tokens per user at most model.hstu.max_seq_len = {dense.cfg.hstu.max_seq_len}",
         },
         "custom_ops": ops,
+        "fused": compiled["fused"],
         "time_buckets": time_bucket_note(dense.cfg.hstu.time_buckets),
         "kernels": (
             "Triton kernels compiled into the package"

@@ -21,11 +21,13 @@ from torch import nn
 
 from grc.aoti.inputs import JaggedInputs, random_inputs
 from grc.model.gr import GRDense, token_groups
+from grc.model.hstu import NORM_PROLOGUE
 
 INPUTS = ("tokens", "offsets", "num_candidates", "timestamps")
 OUTPUTS = ("scores",)
 MAX_USERS = 1 << 16
 MAX_TOKENS = 1 << 24
+TUNE_USERS = 16  # users in the GPU export's example batch, which AOTInductor autotunes on (trace_inputs)
 
 
 def jagged_positions(offsets: torch.Tensor, num_candidates: torch.Tensor, total: int) -> tuple[torch.Tensor, ...]:
@@ -51,10 +53,11 @@ class JaggedDense(nn.Module):
     """tokens [T, D], offsets [B+1], num_candidates [B], timestamps [T] -> scores [T, tasks]
     (zero except at candidate tokens), exactly ``GRDense.forward_jagged``."""
 
-    def __init__(self, dense: GRDense, impl: str = "triton"):
+    def __init__(self, dense: GRDense, impl: str = "triton", fuse: bool = False):
         super().__init__()
         self.dense = dense
         self.impl = impl
+        self.fuse = fuse  # the fused kernels (impl="triton" only): engine.aoti.fuse, off until measured
 
     def forward(
         self, tokens: torch.Tensor, offsets: torch.Tensor, num_candidates: torch.Tensor, timestamps: torch.Tensor
@@ -64,7 +67,10 @@ class JaggedDense(nn.Module):
         group = token_groups(d.cfg, idx, n_ctx)
         x = tokens
         for layer in d.hstu_layers:
-            x = layer.forward_jagged(x, group, offsets, num_candidates, timestamps, impl=self.impl)
+            x = layer.forward_jagged(x, group, offsets, num_candidates, timestamps, impl=self.impl, fuse=self.fuse)
+        if self.fuse:
+            return d.candidate_scores(x, group, idx >= n_ctx, fuse=True)
+        # every row, masked: GRDense's gather of the candidate rows has a data-dependent row count
         scores = d.heads(d.final_norm(x, group))
         return scores * (idx >= n_ctx).unsqueeze(-1).to(scores.dtype)
 
@@ -76,17 +82,39 @@ def dynamic_shapes() -> dict[str, dict[int, Any]]:
 
 
 def trace_inputs(dense: GRDense, device: torch.device, dtype: torch.dtype) -> JaggedInputs:
-    """Two ragged users (no size 0 or 1 anywhere, so nothing is specialised into the graph)."""
+    """The export's example inputs (no size 0 or 1 anywhere, so nothing is specialised into the
+    graph). On a GPU they are also what AOTInductor autotunes every Triton kernel on
+    (``triton.autotune_with_sample_inputs``), and the configs it picks are compiled into the
+    package for every shape; tuned on two users of ~20 tokens, the attention kernel's tile was a
+    pick for a toy batch while torch.compile of the same module tunes on its first real call. So on
+    a GPU: TUNE_USERS users of the longest sequences the model takes (max_seq_len tokens,
+    max_candidates of them candidates), the throughput shape the package is built for. On a CPU
+    nothing is tuned: two short users."""
     cfg = dense.cfg
     gen = torch.Generator().manual_seed(0)
+    if device.type == "cuda":
+        history = cfg.hstu.max_seq_len - len(cfg.profile) - cfg.max_candidates
+        return random_inputs(cfg, TUNE_USERS, history, cfg.max_candidates, gen, ragged=False).to(device, dtype)
     history = max(2, min(16, cfg.hstu.max_seq_len - len(cfg.profile) - 4))
     return random_inputs(cfg, 2, history, 2, gen, ragged=False).to(device, dtype)
 
 
-def export_program(dense: GRDense, device: torch.device, dtype: torch.dtype) -> torch.export.ExportedProgram:
+def expected_ops(num_layers: int, fuse: bool) -> dict[str, int]:
+    """The grc custom-op nodes an exported program of ``num_layers`` layers holds."""
+    if not fuse:
+        return {"grc.hstu_attention.default": num_layers, "grc.norm_gate.default": num_layers}
+    uvqk = ("grc.norm_linear_silu",) if NORM_PROLOGUE["uvqk"] else ("grc.linear_silu",)
+    out = ("grc.gated_linear_residual",) if NORM_PROLOGUE["out"] else ("grc.norm_gate", "grc.linear_residual")
+    per_layer = (*uvqk, "grc.hstu_attention", *out)
+    return {**{f"{op}.default": num_layers for op in per_layer}, "grc.candidate_heads.default": 1}
+
+
+def export_program(
+    dense: GRDense, device: torch.device, dtype: torch.dtype, fuse: bool = False
+) -> torch.export.ExportedProgram:
     """``torch.export`` of ``JaggedDense`` (dense cast to ``dtype`` on ``device``), dynamic users
-    and tokens; the grc ops stay custom-op nodes in the program."""
-    model = JaggedDense(copy.deepcopy(dense).to(device=device, dtype=dtype)).eval()
+    and tokens; the grc ops stay custom-op nodes in the program (fuse: the fused ones)."""
+    model = JaggedDense(copy.deepcopy(dense).to(device=device, dtype=dtype), fuse=fuse).eval()
     sample = trace_inputs(dense, device, dtype)
     with torch.no_grad():
         return torch.export.export(model, sample.args(), dynamic_shapes=dynamic_shapes(), strict=False)

@@ -22,6 +22,7 @@ from torch import nn
 
 from grc.model.hstu import GroupLayerNorm, HSTULayer
 from grc.model.jagged import lengths_of, local_index
+from grc.model.kernel_ops import candidate_heads
 from grc.model.kv_cache import HistoryCacheUnsupported, ScorePlan, UserKV
 from grc.model.tables import Tables
 from grc.spec.schema import ModelConfig
@@ -73,6 +74,8 @@ class GRDense(nn.Module):
         x = tokens
         for layer in self.hstu_layers:
             x = layer.forward_padded(x, group, lengths, num_candidates, timestamps)
+        # every row: the exported ONNX stays static-shaped for TensorRT (a gather of the candidate
+        # rows would add NonZero and data-dependent shapes); forward_jagged scores candidates only
         scores = self.heads(self.final_norm(x, group))
         is_candidate = (idx >= n_ctx) & (idx < lengths.view(-1, 1))
         return scores * is_candidate.unsqueeze(-1).to(scores.dtype)
@@ -84,17 +87,32 @@ class GRDense(nn.Module):
         num_candidates: torch.Tensor,
         timestamps: torch.Tensor,
         impl: str = "pytorch",
+        fuse: bool = False,
     ) -> torch.Tensor:
-        """tokens [T, D] -> scores [T, tasks]; zero except at candidate tokens."""
+        """tokens [T, D] -> scores [T, tasks]; zero except at candidate tokens. fuse (impl="triton"
+        only): the fused Triton GEMMs and heads of kernels/fused_*.py, the GPU compile path."""
         lengths = lengths_of(offsets)
         idx = local_index(offsets)
         n_ctx = torch.repeat_interleave(lengths - num_candidates, lengths)
         group = token_groups(self.cfg, idx, n_ctx)
         x = tokens
         for layer in self.hstu_layers:
-            x = layer.forward_jagged(x, group, offsets, num_candidates, timestamps, impl=impl)
-        scores = self.heads(self.final_norm(x, group))
-        return scores * (idx >= n_ctx).unsqueeze(-1).to(scores.dtype)
+            x = layer.forward_jagged(x, group, offsets, num_candidates, timestamps, impl=impl, fuse=fuse)
+        return self.candidate_scores(x, group, idx >= n_ctx, fuse)
+
+    def candidate_scores(
+        self, x: torch.Tensor, group: torch.Tensor, is_candidate: torch.Tensor, fuse: bool = False
+    ) -> torch.Tensor:
+        """[T, tasks]: the final norm and the heads on the candidate rows only, zeros elsewhere.
+        fuse: one Triton kernel that skips candidate-free row blocks (static shapes: what compiled
+        graphs and CUDA graphs run); else the candidate rows gathered and their scores scattered
+        back (a row count that depends on the data: eager only)."""
+        if fuse:
+            n, h = self.final_norm, self.heads
+            return candidate_heads(x, group, is_candidate, n.weight, n.bias, h.w1, h.b1, h.w2, h.b2, n.eps)
+        rows = is_candidate.nonzero().squeeze(1)
+        scores = self.heads(self.final_norm(x[rows], group[rows]))
+        return scores.new_zeros(x.shape[0], scores.shape[-1]).index_copy(0, rows, scores)
 
     # ------------------------------------------------------------------ the history cache
     # prefill + score give exactly the rows forward_jagged gives for the same sequence (see

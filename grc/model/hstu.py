@@ -16,8 +16,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from grc.model.attention import hstu_attention_padded
-from grc.model.kernel_ops import hstu_attention_cached, hstu_attention_jagged, norm_gate
+from grc.model.kernel_ops import (
+    gated_linear_residual,
+    hstu_attention_cached,
+    hstu_attention_jagged,
+    linear_residual,
+    linear_silu,
+    norm_gate,
+    norm_linear_silu,
+)
 from grc.spec.schema import HSTUConfig
+
+# Where the fused path (fuse=True) runs each projection's norm: as its GEMM's prologue, or apart
+# (the group norm as PyTorch ops, one Inductor kernel in compiled graphs; the norm-gate kernel) with
+# only the epilogue fused. A prologue is recomputed for every N tile of a row block (16 for the
+# UVQK GEMM of mtgr-small, 4 for the output GEMM), a norm apart is one more pass over memory;
+# bench/fused_gemm.py measures both forms of each on the device.
+NORM_PROLOGUE = {"uvqk": False, "out": True}
 
 
 class GroupLayerNorm(nn.Module):
@@ -121,10 +136,17 @@ class HSTULayer(nn.Module):
         self.norm_attn = nn.LayerNorm(cfg.linear_dim, eps=cfg.eps)
         self.out = nn.Linear(cfg.linear_dim, d_model)
 
-    def _project(self, x: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """x [..., D] -> u [..., Lv], and q, k [..., H, Dqk], v [..., H, Dv]."""
+    def _project(self, x: torch.Tensor, group: torch.Tensor, fuse: bool = False) -> tuple[torch.Tensor, ...]:
+        """x [..., D] -> u [..., Lv], and q, k [..., H, Dqk], v [..., H, Dv] (fuse: one Triton
+        GEMM with the group norm as prologue and SiLU as epilogue; u, v, q, k are views of it)."""
         c = self.cfg
-        uvqk = F.silu(self.uvqk(self.norm_in(x, group)))
+        if fuse and NORM_PROLOGUE["uvqk"]:
+            n = self.norm_in
+            uvqk = norm_linear_silu(x, group, n.weight, n.bias, self.uvqk.weight, self.uvqk.bias, n.eps)
+        elif fuse:  # SiLU as the GEMM's epilogue, the norm apart
+            uvqk = linear_silu(self.norm_in(x, group), self.uvqk.weight, self.uvqk.bias)
+        else:
+            uvqk = F.silu(self.uvqk(self.norm_in(x, group)))
         u, v, q, k = torch.split(uvqk, [c.linear_dim, c.linear_dim, c.attention_dim, c.attention_dim], dim=-1)
         lead = x.shape[:-1]
         heads = (c.num_heads,)
@@ -135,9 +157,16 @@ class HSTULayer(nn.Module):
             v.reshape(*lead, *heads, c.head_v),
         )
 
-    def _finish(self, x: torch.Tensor, attn: torch.Tensor, u: torch.Tensor, impl: str) -> torch.Tensor:
+    def _finish(
+        self, x: torch.Tensor, attn: torch.Tensor, u: torch.Tensor, impl: str, fuse: bool = False
+    ) -> torch.Tensor:
         attn = attn.reshape(*attn.shape[:-2], self.cfg.linear_dim)
-        gated = norm_gate(attn, u, self.norm_attn.weight, self.norm_attn.bias, self.cfg.eps, impl=impl)
+        n, out = self.norm_attn, self.out
+        if fuse and NORM_PROLOGUE["out"]:  # norm-gate as the output GEMM's prologue, the residual add as its epilogue
+            return gated_linear_residual(attn, u, n.weight, n.bias, out.weight, out.bias, x, self.cfg.eps)
+        gated = norm_gate(attn, u, n.weight, n.bias, self.cfg.eps, impl=impl)
+        if fuse:  # the residual add as the GEMM's epilogue
+            return linear_residual(gated, out.weight, out.bias, x)
         return x + self.out(gated)
 
     def forward_padded(
@@ -160,10 +189,15 @@ class HSTULayer(nn.Module):
         num_candidates: torch.Tensor,
         timestamps: torch.Tensor,
         impl: str = "pytorch",
+        fuse: bool = False,
     ) -> torch.Tensor:
-        u, q, k, v = self._project(x, group)
+        """fuse (impl="triton" only): the projections as fused Triton GEMMs (kernels/fused_linear.py),
+        the GPU compile path; the unfused form is the model's math (ONNX, TensorRT plugins)."""
+        if fuse and impl != "triton":
+            raise ValueError(f"fuse=True runs the fused Triton GEMMs: it needs impl='triton', got impl={impl!r}")
+        u, q, k, v = self._project(x, group, fuse)
         attn = self.attention.jagged(q, k, v, offsets, num_candidates, timestamps, impl)
-        return self._finish(x, attn, u, impl=impl)
+        return self._finish(x, attn, u, impl=impl, fuse=fuse)
 
     def forward_cached(
         self,

@@ -9,6 +9,8 @@ jagged == padded test also checks the kernels' reference against the exported ma
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -63,3 +65,41 @@ def hstu_attention_cached(
     return kernel_cached(
         q, k, v, q_offsets, kv_offsets, timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal, impl=impl
     )
+
+
+# The fused GPU-compile path (kernels/fused_*.py: torch.ops.grc.* with PyTorch twins); their
+# argument lists are the ops' own, documented there.
+def norm_linear_silu(*args: Any) -> torch.Tensor:
+    """SiLU(GroupLN(x) W^T + b) in one Triton GEMM: (x, group, gamma, beta, weight, bias, eps)."""
+    from kernels.fused_linear import norm_linear_silu as op
+
+    return op(*args)
+
+
+def gated_linear_residual(*args: Any) -> torch.Tensor:
+    """residual + (LN(a) * u) W^T + b in one Triton GEMM: (a, u, norm_w, norm_b, weight, bias, residual, eps)."""
+    from kernels.fused_linear import gated_linear_residual as op
+
+    return op(*args)
+
+
+def linear_silu(*args: Any) -> torch.Tensor:
+    """SiLU(x W^T + b) in one Triton GEMM (the norm apart): (x, weight, bias)."""
+    from kernels.fused_linear import linear_silu as op
+
+    return op(*args)
+
+
+def linear_residual(*args: Any) -> torch.Tensor:
+    """residual + x W^T + b in one Triton GEMM: (x, weight, bias, residual)."""
+    from kernels.fused_linear import linear_residual as op
+
+    return op(*args)
+
+
+def candidate_heads(*args: Any) -> torch.Tensor:
+    """Final group norm + task heads on the candidate rows, zeros elsewhere, in one Triton kernel:
+    (x, group, is_candidate, gamma, beta, w1, b1, w2, b2, eps)."""
+    from kernels.fused_heads import candidate_heads as op
+
+    return op(*args)

@@ -424,6 +424,11 @@ class AotiConfig(_Section):
         description="package vs PyTorch float64 reference; default: verify.export for float32, "
         "engine.parity / the engine defaults for 16-bit (fp8: the fp8 default)",
     )
+    fuse: bool = Field(
+        False,
+        description="export the fused Triton projections and candidate heads (kernels/fused_*.py; their PyTorch "
+        "twins in cpu packages); off until a device run shows they pay",
+    )
 
     @model_validator(mode="after")
     def _targets(self) -> AotiConfig:

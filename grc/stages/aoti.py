@@ -96,6 +96,7 @@ def run(ctx: Context) -> dict[str, Any]:
                 ctx.log,
                 packaged=fp8[0] if quantized and fp8 else None,
                 checks=check,
+                fuse=cfg.fuse,
             )
         )
     table = Table(title="aoti packages", show_edge=False)

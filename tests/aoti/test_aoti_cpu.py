@@ -31,7 +31,7 @@ def test_cpu_package_built_with_parity_and_metadata(aoti_build: Path) -> None:
     assert meta["parity"]["status"] == "passed" and len(meta["parity"]["figures"]) == 3
     assert all(f["ok"] and f["max_abs"] <= 1e-5 for f in meta["parity"]["figures"])  # verify.export tolerance
     assert meta["custom_ops"].count("grc.hstu_attention.default") == 2  # one per layer, in the exported program
-    assert meta["custom_ops"].count("grc.norm_gate.default") == 2
+    assert meta["custom_ops"].count("grc.norm_gate.default") == 2 and meta["fused"] is False  # engine.aoti.fuse off
     assert {"torch", "triton", "python"} <= set(meta["toolkit"])
     assert meta["build_seconds"]["compile"] > 0 and len(meta["weights"]["manifest_sha256"]) == 64
     assert manifest["sha256"]["cpu/model.pt2"] == meta["package"]["sha256"]
@@ -210,3 +210,25 @@ def test_the_system_compiler_comes_before_a_g_plus_plus_earlier_on_path(
     assert cxx_compiler() == SYSTEM_CXX
     monkeypatch.setenv("CXX", str(wrapper))
     assert cxx_compiler() == str(wrapper)
+
+
+def test_fused_export_holds_the_fused_ops_and_scores_like_the_model() -> None:
+    """engine.aoti.fuse: the exported program holds the fused projections and the candidate heads
+    (their PyTorch twins on a CPU) and gives forward_jagged's scores; the stage compiles this program."""
+    from grc.aoti.inputs import random_inputs, seeded_dense
+    from grc.aoti.model import custom_ops, expected_ops, export_program
+    from grc.spec.loader import load_spec
+
+    cfg = load_spec(TEST_SPECS / "mtgr-tiny.yaml").spec.model
+    dense = seeded_dense(cfg, seed=5)
+    program = export_program(dense, torch.device("cpu"), torch.float32, fuse=True)
+    ops = custom_ops(program)
+    assert {op: ops.count(op) for op in expected_ops(cfg.hstu.num_layers, True)} == expected_ops(
+        cfg.hstu.num_layers, True
+    )
+    assert "grc.candidate_heads.default" in ops
+    inp = random_inputs(cfg, 3, 17, 5, torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = dense.forward_jagged(*inp.args())
+        got = program.module()(*inp.args())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,364 @@
+"""The HSTU layer's two projections as Triton GEMMs with the layer's norms as prologue and its
+pointwise tail as epilogue, each with a PyTorch twin (the float64-capable oracle):
+
+    norm_linear_silu(x, group, gamma, beta, W, b)   = SiLU(GroupLN(x) W^T + b)      the UVQK projection
+    gated_linear_residual(a, u, nw, nb, W, b, r)    = r + (LN(a) * u) W^T + b      the output projection
+    linear_silu(x, W, b), linear_residual(x, W, b, r): the same with the norm run apart (epilogue only)
+
+Unfused, each is a norm kernel, a cuBLAS GEMM and one or two pointwise kernels (SiLU and the
+split into U, V, Q, K; the residual add), every one a round trip of a [T, N] activation through
+HBM. Here the GEMM reads x (or a and u) once per tile, normalises it in registers before the dot,
+and writes SiLU(acc + b) (or acc + b + r) once: U, V, Q, K are column slices of that one output,
+which the attention and norm-gate kernels read through their strides (no split copies).
+
+A GEMM program sees BLOCK_K columns of its rows at a time, so each row's mean and 1/std come from
+``_row_stats_kernel`` first (one read of the rows, two-pass variance in registers: no
+cancellation). The normalised operand is rounded to the weight's dtype before the dot, as the
+unfused model rounds its norm output; accumulation, bias and epilogue are float32, one rounding
+at the store. Which pays, the norm as prologue or apart (a prologue is recomputed for every N tile of a row block,
+a norm apart is one more pass over memory), is measured per projection by bench/fused_gemm.py; the
+model's choice is grc.model.hstu.NORM_PROLOGUE. Importing this module registers
+``torch.ops.grc.{norm_linear_silu, gated_linear_residual, linear_silu, linear_residual}`` (Triton
+on CUDA, the twins elsewhere, as kernels/ops.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+# (imported under its own name: Inductor re-emits called jit functions by their def names)
+from kernels.hstu_attention import INTERPRET, _round_to_bf16
+from kernels.ops import runs_kernel
+from kernels.reference import compute_dtype
+
+GROUP_NORM, NORM_GATE, NO_NORM = 0, 1, 2  # prologues (NO_NORM: x is already normalised)
+SILU, RESIDUAL = 0, 1  # epilogues
+# The operand path of the dot: the GPU's (native dtype), or the interpreter's (its tl.dot
+# multiplies bf16 as raw bits and its fp32->bf16 cast truncates): operands rounded to the
+# weight's dtype by integer ops (bf16) or a cast (fp16, fp32), then multiplied in fp32.
+NATIVE, UPCAST_BF16, UPCAST = 0, 1, 2
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _configs() -> list[triton.Config]:
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+    # Hopper bf16 tiles (BLOCK_K 64) for K = 512..1024, N = 512..4096 (the HSTU widths), autotuned per
+    # (N, K, prologue, epilogue): 8 warps spread a prologue over twice the threads. Each fits Hopper's
+    # 227 KiB of shared memory with the prologue's pipelined norm operands (208 KiB at most: checked by
+    # tests/kernels/test_fused_hopper_compile.py; 256x128 needed 240 KiB with the group norm).
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in (
+            (128, 128, 4, 4),
+            (128, 256, 8, 3),
+            (64, 128, 4, 4),
+            (128, 64, 4, 4),
+        )
+    ]
+
+
+# fmt: off
+@triton.jit
+def _row_stats_kernel(X, Stats, rows, stride_x, eps, C: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_C: tl.constexpr):
+    """Stats[r] = (mean, 1/sqrt(var + eps)) of row r of X [rows, C], in float32."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = tl.arange(0, BLOCK_C)
+    row_ok = offs_r < rows
+    mask = row_ok[:, None] & (offs_c[None, :] < C)
+    rr = offs_r.to(tl.int64)
+    x = tl.load(X + rr[:, None] * stride_x + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / C
+    centred = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(centred * centred, axis=1) / C
+    rstd = 1.0 / tl.sqrt(var + tl.cast(eps, tl.float32))  # eps may arrive as fp64 from Inductor
+    tl.store(Stats + rr * 2, mean, mask=row_ok)
+    tl.store(Stats + rr * 2 + 1, rstd, mask=row_ok)
+
+
+@triton.jit
+def normed_dot(X, Stats, G, Gamma, Beta, U, W, rows, row_ok, offs_n, col_ok, stride_x, stride_g, stride_u,
+               stride_wn, stride_wk, K: tl.constexpr, PROLOGUE: tl.constexpr, OPERAND: tl.constexpr,
+               DOT_PREC: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """prologue(X[rows]) @ W[:, offs_n] as a float32 [BLOCK_M, BLOCK_N] tile. PROLOGUE 0: group
+    LayerNorm (Gamma, Beta [groups, K], G the row's group); 1: LayerNorm (Gamma, Beta [K]) times
+    U[rows]; 2: none (X already normalised). Stats: each row's (mean, 1/std) from _row_stats_kernel."""
+    if PROLOGUE != 2:
+        mean = tl.load(Stats + rows * 2, mask=row_ok, other=0.0)
+        rstd = tl.load(Stats + rows * 2 + 1, mask=row_ok, other=0.0)
+    if PROLOGUE == 0:
+        grp = tl.load(G + rows * stride_g, mask=row_ok, other=0)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            a_mask = row_ok[:, None]
+            w_mask = col_ok[None, :]
+        else:
+            a_mask = row_ok[:, None] & (offs_k[None, :] < K)
+            w_mask = col_ok[None, :] & (offs_k[:, None] < K)
+        a = tl.load(X + rows[:, None] * stride_x + offs_k[None, :], mask=a_mask, other=0.0)
+        if PROLOGUE != 2:
+            a = (a.to(tl.float32) - mean[:, None]) * rstd[:, None]
+        if PROLOGUE == 0:  # group LayerNorm: scale and shift of the row's token kind
+            affine = grp[:, None] * K + offs_k[None, :]
+            gamma = tl.load(Gamma + affine, mask=a_mask, other=0.0).to(tl.float32)
+            beta = tl.load(Beta + affine, mask=a_mask, other=0.0).to(tl.float32)
+            a = a * gamma + beta
+        elif PROLOGUE == 1:  # LayerNorm, then the gate u
+            k_ok = offs_k < K
+            gamma = tl.load(Gamma + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            beta = tl.load(Beta + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            u = tl.load(U + rows[:, None] * stride_u + offs_k[None, :], mask=a_mask, other=0.0).to(tl.float32)
+            a = (a * gamma[None, :] + beta[None, :]) * u
+        w = tl.load(W + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn, mask=w_mask, other=0.0)
+        if OPERAND == 1:
+            a = _round_to_bf16(a.to(tl.float32))
+            w = w.to(tl.float32)
+        elif OPERAND == 2:
+            a = a.to(w.dtype).to(tl.float32)
+            w = w.to(tl.float32)
+        elif PROLOGUE != 2:  # the normalised operand, rounded as the unfused model rounds its norm output
+            a = a.to(w.dtype)
+        # (no prologue on the GPU: a goes from memory to the tensor cores untouched, as in a plain GEMM)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.autotune(configs=_configs(), key=["N", "K", "PROLOGUE", "EPILOGUE"])
+@triton.jit
+def _fused_linear_kernel(X, Stats, G, Gamma, Beta, U, W, Bias, R, Y, M,
+                         stride_x, stride_g, stride_u, stride_wn, stride_wk, stride_r, stride_y,
+                         N: tl.constexpr, K: tl.constexpr, PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr,
+                         OPERAND: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_K: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Y[BLOCK_M, BLOCK_N] tile = epilogue(prologue(X rows) @ W^T + Bias). Programs run the N
+    tiles of one row block back to back (n fastest): the row block is read from L2 after the
+    first; W (at most a few MiB) stays in L2."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    offs_m = (pid // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = offs_m < M
+    col_ok = offs_n < N
+    rows = offs_m.to(tl.int64)  # rows * stride can pass 2**31
+    acc = normed_dot(X, Stats, G, Gamma, Beta, U, W, rows, row_ok, offs_n, col_ok, stride_x, stride_g, stride_u,
+                     stride_wn, stride_wk, K, PROLOGUE, OPERAND, DOT_PREC, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
+    y = acc + tl.load(Bias + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    if EPILOGUE == 0:
+        y = y * tl.sigmoid(y)
+    else:
+        y = y + tl.load(R + rows[:, None] * stride_r + offs_n[None, :], mask=out_mask, other=0.0).to(tl.float32)
+    if OPERAND == 1:
+        y = _round_to_bf16(y)
+    tl.store(Y + rows[:, None] * stride_y + offs_n[None, :], y.to(Y.dtype.element_ty), mask=out_mask)
+# fmt: on
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x = x.reshape(-1, x.shape[-1])
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def check_supported(x: torch.Tensor, weight: torch.Tensor) -> None:
+    """Raise ValueError naming what the kernel does not run (nothing else runs it on CUDA)."""
+    if x.dtype not in KERNEL_DTYPES or weight.dtype != x.dtype:
+        raise ValueError(
+            f"fused linear kernel: x and the weight must share one dtype of {[str(d) for d in KERNEL_DTYPES]}, "
+            f"got {x.dtype} and {weight.dtype} (float64: use impl='pytorch')"
+        )
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"fused linear kernel: x has {x.shape[-1]} features, the weight takes {weight.shape[1]}")
+
+
+def dot_settings(dtype: torch.dtype) -> tuple[int, str, int]:
+    """(OPERAND, DOT_PREC, BLOCK_K) for operands of ``dtype``: fp32 operands multiply exactly
+    (ieee, not tf32); the interpreter upcasts (see OPERAND) and takes small K blocks."""
+    operand = (UPCAST_BF16 if dtype == torch.bfloat16 else UPCAST) if INTERPRET else NATIVE
+    dot_prec = "ieee" if dtype == torch.float32 or INTERPRET else "tf32"
+    return operand, dot_prec, 16 if INTERPRET else 64
+
+
+def row_stats(x2: torch.Tensor, eps: float, wrap: Callable[[Any], Any]) -> torch.Tensor:
+    """[rows, 2] float32: each row's mean and 1 / sqrt(var + eps)."""
+    rows, channels = x2.shape
+    stats = torch.empty((rows, 2), dtype=torch.float32, device=x2.device)
+    block_c = max(16, triton.next_power_of_2(channels))
+    block_r = max(1, min(64, 4096 // block_c))
+    wrap(_row_stats_kernel)[(triton.cdiv(rows, block_r),)](
+        x2, stats, rows, x2.stride(0), float(eps), C=channels, BLOCK_R=block_r, BLOCK_C=block_c,
+        num_warps=1 if INTERPRET else 4,
+    )  # fmt: skip
+    return stats
+
+
+def fused_linear_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    prologue: int,
+    epilogue: int,
+    *,
+    gamma: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+    eps: float = 0.0,
+    group: torch.Tensor | None = None,
+    u: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    wrap: Callable[[Any], Any] = lambda kernel: kernel,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Launch on x [..., K] -> [..., N] in x's dtype: the norm's gamma, beta, eps (and group, or
+    the gate u) for the GROUP_NORM / NORM_GATE prologues, residual for the RESIDUAL epilogue.
+    ``wrap`` is wrap_triton inside the ops; ``out`` (contiguous) lets tests pass a poisoned buffer."""
+    check_supported(x, weight)
+    n_out, k_in = weight.shape
+    x2 = _rows(x)
+    rows = x2.shape[0]
+    if out is None:
+        out = torch.empty((rows, n_out), dtype=x.dtype, device=x.device)
+    out = out.view(rows, n_out)
+    if rows == 0:
+        return out.view(*x.shape[:-1], n_out)
+    stats = row_stats(x2, eps, wrap) if prologue != NO_NORM else x2.new_empty((1, 2), dtype=torch.float32)
+    g = group.reshape(-1) if group is not None else stats  # unused pointers: any tensor
+    u2 = _rows(u) if u is not None else x2
+    bias = bias.contiguous()
+    r2 = _rows(residual) if residual is not None else bias  # never read: no alias of the output
+    gamma = gamma.contiguous() if gamma is not None else bias  # unused without a norm
+    beta = beta.contiguous() if beta is not None else bias
+    operand, dot_prec, block_k = dot_settings(x.dtype)
+
+    def grid(meta: dict[str, Any]) -> tuple[int]:
+        return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)
+
+    wrap(_fused_linear_kernel)[grid](
+        x2, stats, g, gamma, beta, u2, weight, bias, r2, out, rows,
+        x2.stride(0), g.stride(0), u2.stride(0), weight.stride(0), weight.stride(1), r2.stride(0), out.stride(0),
+        N=n_out, K=k_in, PROLOGUE=prologue, EPILOGUE=epilogue, OPERAND=operand,
+        DOT_PREC=dot_prec, EVEN_K=k_in % block_k == 0, BLOCK_K=block_k,
+    )  # fmt: skip
+    return out.view(*x.shape[:-1], n_out)
+
+
+# --------------------------------------------------------------------------- the PyTorch twins
+# Each computes in float32 (float64 for float64 inputs) from operands rounded to the input's dtype,
+# as the kernel multiplies them; one rounding at the end.
+def linear_silu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """SiLU(x W^T + b)."""
+    cdt = compute_dtype(x.dtype)
+    return F.silu(F.linear(x.to(cdt), weight.to(cdt), bias.to(cdt))).to(x.dtype)
+
+
+def linear_residual_reference(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor
+) -> torch.Tensor:
+    """residual + x W^T + b."""
+    cdt = compute_dtype(x.dtype)
+    return (residual.to(cdt) + F.linear(x.to(cdt), weight.to(cdt), bias.to(cdt))).to(x.dtype)
+
+
+def norm_linear_silu_reference(
+    x: torch.Tensor,
+    group: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """SiLU(GroupLN(x) W^T + b), the normalised x rounded to x's dtype (as the model's norm output is)."""
+    cdt = compute_dtype(x.dtype)
+    xh = F.layer_norm(x.to(cdt), x.shape[-1:], eps=eps) * gamma.to(cdt)[group] + beta.to(cdt)[group]
+    return linear_silu_reference(xh.to(x.dtype), weight, bias)
+
+
+def gated_linear_residual_reference(
+    a: torch.Tensor,
+    u: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    residual: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """residual + (LN(a) * u) W^T + b, the gated operand rounded to a's dtype."""
+    cdt = compute_dtype(a.dtype)
+    gated = F.layer_norm(a.to(cdt), a.shape[-1:], norm_weight.to(cdt), norm_bias.to(cdt), eps) * u.to(cdt)
+    return linear_residual_reference(gated.to(a.dtype), weight, bias, residual)
+
+
+# --------------------------------------------------------------------------- the ops
+@triton_op("grc::norm_linear_silu", mutates_args=())
+def norm_linear_silu(
+    x: torch.Tensor,
+    group: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """SiLU(GroupLN(x) W^T + b) (gamma, beta [groups, K], group [...] ints, weight [N, K] as
+    nn.Linear holds it), in x's dtype."""
+    if not runs_kernel(x):
+        return norm_linear_silu_reference(x, group, gamma, beta, weight, bias, eps)
+    return fused_linear_triton(
+        x, weight, bias, GROUP_NORM, SILU, gamma=gamma, beta=beta, eps=eps, group=group, wrap=wrap_triton
+    )
+
+
+@triton_op("grc::gated_linear_residual", mutates_args=())
+def gated_linear_residual(
+    a: torch.Tensor,
+    u: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    residual: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """residual + (LN(a) * u) W^T + b, in a's dtype."""
+    if not runs_kernel(a):
+        return gated_linear_residual_reference(a, u, norm_weight, norm_bias, weight, bias, residual, eps)
+    return fused_linear_triton(
+        a,
+        weight,
+        bias,
+        NORM_GATE,
+        RESIDUAL,
+        gamma=norm_weight,
+        beta=norm_bias,
+        eps=eps,
+        u=u,
+        residual=residual,
+        wrap=wrap_triton,
+    )
+
+
+@triton_op("grc::linear_silu", mutates_args=())
+def linear_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """SiLU(x W^T + b) (x already normalised: the norm runs apart), in x's dtype."""
+    if not runs_kernel(x):
+        return linear_silu_reference(x, weight, bias)
+    return fused_linear_triton(x, weight, bias, NO_NORM, SILU, wrap=wrap_triton)
+
+
+@triton_op("grc::linear_residual", mutates_args=())
+def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """residual + x W^T + b, in x's dtype."""
+    if not runs_kernel(x):
+        return linear_residual_reference(x, weight, bias, residual)
+    return fused_linear_triton(x, weight, bias, NO_NORM, RESIDUAL, residual=residual, wrap=wrap_triton)

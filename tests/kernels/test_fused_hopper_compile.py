@@ -1,0 +1,109 @@
+"""The fused kernels (kernels/fused_*.py) compile for Hopper (sm90) on this CPU host through
+Triton's own ptxas, with the float32 and the float64 eps (what torch.compile / AOTInductor pass),
+their GEMMs on Hopper's warpgroup tensor cores (wgmma) and no float64 arithmetic."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import triton
+
+from kernels.fused_heads import _candidate_heads_kernel
+from kernels.fused_linear import _fused_linear_kernel, _row_stats_kernel
+from tests.kernels.test_hopper_compile import HOPPER, compile_for_hopper
+
+GEMM_PTRS = {n: "*bf16" for n in ("X", "Gamma", "Beta", "U", "W", "Bias", "R", "Y")} | {"Stats": "*fp32", "G": "*i64"}
+GEMM_CONST = {"N": 2048, "K": 512, "OPERAND": 0, "DOT_PREC": "tf32", "EVEN_K": True, "BLOCK_M": 128, "BLOCK_N": 128,
+              "BLOCK_K": 64}  # fmt: skip
+HEADS_PTRS = {n: "*bf16" for n in ("X", "Gamma", "Beta", "W1", "B1", "W2", "B2", "Y")}
+HEADS_PTRS |= {"Stats": "*fp32", "G": "*i64", "Cand": "*i8"}
+HEADS_CONST = {"K": 512, "HIDDEN": 128, "OPERAND": 0, "DOT_PREC": "tf32", "EVEN_K": True, "BLOCK_M": 64,
+               "BLOCK_H": 128, "BLOCK_K": 64}  # fmt: skip
+
+
+def _no_fp64_math(ptx: str) -> bool:
+    return set(re.findall(r"\b\w+(?:\.\w+)*\.f64\b", ptx)) <= {"cvt.rn.f32.f64"}
+
+
+@pytest.mark.parametrize(
+    "prologue, epilogue",
+    [(0, 0), (1, 1), (2, 0), (2, 1)],
+    ids=["norm_linear_silu", "gated_linear_residual", "linear_silu", "linear_residual"],
+)
+def test_fused_linear_compiles_for_sm90(prologue: int, epilogue: int) -> None:
+    const = {**GEMM_CONST, "PROLOGUE": prologue, "EPILOGUE": epilogue}
+    ptx = compile_for_hopper(_fused_linear_kernel, GEMM_PTRS, const, (), "fp32")
+    assert ".target sm_90" in ptx and "wgmma" in ptx
+
+
+def test_candidate_heads_compiles_for_sm90() -> None:
+    ptx = compile_for_hopper(_candidate_heads_kernel, HEADS_PTRS, HEADS_CONST, (), "fp32")
+    assert ".target sm_90" in ptx and "wgmma" in ptx
+
+
+@pytest.mark.parametrize("float_type", ["fp32", "fp64"])
+def test_row_stats_compile_for_sm90(float_type: str) -> None:
+    const = {"C": 512, "BLOCK_R": 8, "BLOCK_C": 512}
+    ptx = compile_for_hopper(_row_stats_kernel, {"X": "*bf16", "Stats": "*fp32"}, const, ("eps",), float_type)
+    assert ".target sm_90" in ptx and _no_fp64_math(ptx)
+
+
+@pytest.mark.parametrize("which", ["fused_linear", "candidate_heads"])
+def test_inductors_copy_of_the_kernels_compiles(which: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """torch.compile and AOTInductor re-emit a user kernel and the jit functions it calls from their
+    source, under their def names: a helper imported under another name would be undefined there."""
+    import importlib.util
+
+    from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitive_closure_source_code
+
+    kernel, ptrs, const = {
+        "fused_linear": (_fused_linear_kernel.fn, GEMM_PTRS, {**GEMM_CONST, "PROLOGUE": 0, "EPILOGUE": 0}),
+        "candidate_heads": (_candidate_heads_kernel, HEADS_PTRS, HEADS_CONST),
+    }[which]
+    source = user_defined_triton_kernel_transitive_closure_source_code(kernel)
+    path = tmp_path / f"inductor_copy_{which}.py"  # @triton.jit needs its source in a file
+    path.write_text(f"import triton\nimport triton.language as tl\n\n@triton.jit\n{source}")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ptx = compile_for_hopper(getattr(module, kernel.__name__), ptrs, const, (), "fp32")
+    assert ".target sm_90" in ptx and "wgmma" in ptx
+
+
+HOPPER_SHARED_BYTES = 227 * 1024  # the H100/H200 per-block limit
+
+
+def _compile_specialised(kernel, ptrs: dict[str, str], const: dict, warps: int, stages: int):  # type: ignore[no-untyped-def]
+    """As a launch specialises it: unit strides constant, pointers and other strides multiples of
+    16 (what makes Triton pipeline the loads through shared memory)."""
+    from triton.compiler import ASTSource
+
+    names = kernel.arg_names
+    signature = {n: ptrs.get(n) or ("constexpr" if n in const else "i32") for n in names}
+    aligned = [n for n in names if n in ptrs or (n.startswith("stride_") and n not in const)]
+    source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in const.items()},
+                       attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})  # fmt: skip
+    try:
+        return triton.compile(source, target=HOPPER, options={"num_warps": warps, "num_stages": stages})
+    except FileNotFoundError as exc:
+        pytest.skip(f"Triton cannot build sm90 code here: {exc}")
+
+
+def test_every_tuned_config_fits_hoppers_shared_memory() -> None:
+    """A config over the limit cannot launch, and AOTInductor autotunes (and compiles) every one:
+    each tile of _configs() with each prologue, pipelined as a launch specialises it."""
+    from kernels.fused_linear import _configs
+
+    for config in _configs():
+        for prologue, epilogue in ((0, 0), (1, 1), (2, 0)):
+            const = {**GEMM_CONST, **config.kwargs, "PROLOGUE": prologue, "EPILOGUE": epilogue, "stride_wk": 1}
+            compiled = _compile_specialised(_fused_linear_kernel.fn, GEMM_PTRS, const, config.num_warps,
+                                            config.num_stages)  # fmt: skip
+            assert "cp.async" in compiled.asm["ptx"], f"{config} prologue {prologue}: loads not pipelined"
+            assert compiled.metadata.shared <= HOPPER_SHARED_BYTES, f"{config} prologue {prologue}"
+    for hidden, warps in ((128, 4), (256, 8)):  # the heads kernel at mtgr-small's and mtgr-base's widths
+        const = {**HEADS_CONST, "HIDDEN": hidden, "BLOCK_H": hidden, "stride_w1h": 1}
+        compiled = _compile_specialised(_candidate_heads_kernel, HEADS_PTRS, const, warps, 3)
+        assert compiled.metadata.shared <= HOPPER_SHARED_BYTES, f"heads hidden {hidden}"
