@@ -77,8 +77,13 @@ def tables(device: str, seed: int, work: Path) -> dict[str, Any]:
         loaded = load_spec(spec)
         assert build(loaded, folder / "artifacts" / "mtgr-tiny", only=["weights"], records=BuildRecords()) == 0
         for placement in ("device", "pinned_host"):
-            result = fc.table_matches(folder / "artifacts" / "mtgr-tiny" / "weights", loaded.spec.model, placement,
-                                      seed, device=device if device == "cpu" else "cuda:0")
+            result = fc.table_matches(
+                folder / "artifacts" / "mtgr-tiny" / "weights",
+                loaded.spec.model,
+                placement,
+                seed,
+                device=device if device == "cpu" else "cuda:0",
+            )
             assert result and all(result.values()), (kind, placement, result)
             out[f"{kind}/{placement}"] = result
     return out
@@ -94,7 +99,11 @@ def served(device: str, seed: int, work: Path) -> dict[str, Any]:
 
 
 SECTIONS: list[tuple[str, float, Callable[..., dict[str, Any]]]] = [
-    ("padding", 60, padding), ("gather", 10, gather), ("tables", 40, tables), ("served", 300, served)]
+    ("padding", 60, padding),
+    ("gather", 10, gather),
+    ("tables", 40, tables),
+    ("served", 300, served),
+]
 
 
 def main() -> int:
@@ -126,8 +135,11 @@ def main() -> int:
                     results["sections"][name] = {"status": "passed", "result": run(*args)}
                 except Exception as exc:
                     failed = True
-                    results["sections"][name] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:4000],
-                                                 "traceback": traceback.format_exc()[-4000:]}
+                    results["sections"][name] = {
+                        "status": "failed",
+                        "error": f"{type(exc).__name__}: {exc}"[:4000],
+                        "traceback": traceback.format_exc()[-4000:],
+                    }
                 results["sections"][name]["seconds"] = round(time.monotonic() - t0, 1)
             section = results["sections"][name]
             say(f"{name}: {section['status']} {section.get('why') or section.get('error', '')[:300]}")

@@ -47,8 +47,12 @@ def compiler_info(cxx: str) -> dict[str, object]:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     lib = subprocess.run([cxx, "-print-file-name=libstdc++.so.6"], capture_output=True, text=True).stdout.strip()
     real = os.path.realpath(lib) if lib and os.path.isabs(lib) else None
-    return {"cxx": cxx, "version": version[0] if version else None, "libstdcxx": real,
-            "glibcxx_newest": glibcxx_newest(real) if real else None}
+    return {
+        "cxx": cxx,
+        "version": version[0] if version else None,
+        "libstdcxx": real,
+        "glibcxx_newest": glibcxx_newest(real) if real else None,
+    }
 
 
 def loaded_libstdcxx() -> str | None:
@@ -129,8 +133,9 @@ def probe(cxx: str, work: Path) -> dict[str, object]:
     info["load"] = run([sys.executable, "-X", "faulthandler", str(HERE), "--child-load", str(package)], base, 120)
     if info.get("libstdcxx"):
         preload = {**base, "LD_PRELOAD": str(info["libstdcxx"])}
-        info["load_preloaded"] = run([sys.executable, "-X", "faulthandler", str(HERE), "--child-load", str(package)],
-                                     preload, 120)
+        info["load_preloaded"] = run(
+            [sys.executable, "-X", "faulthandler", str(HERE), "--child-load", str(package)], preload, 120
+        )
     return info
 
 

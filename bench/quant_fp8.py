@@ -137,14 +137,20 @@ def package_part(dense: Any, fp8_cpu: Any, spec: Any, args: tuple[torch.Tensor, 
     check = ranking_check(dense, spec, "aoti:cuda", "fp8 GEMMs, bfloat16")
     # the aoti stage's tolerance and parity seed (grc.stages.aoti; importing a stage would import them all)
     tol = spec.engine.aoti.parity or spec.engine.tolerance_of("fp8")
-    entry = verify_target(dense, compiled, folder, tol, shapes, 20240501, {"spec": spec.name}, log,
-                          single_threaded=True, checks=check)
+    entry = verify_target(
+        dense, compiled, folder, tol, shapes, 20240501, {"spec": spec.name}, log, single_threaded=True, checks=check
+    )
     meta = json.loads((folder / "metadata.json").read_text())
     run = load(folder / "model.pt2", "cuda", single_threaded=True)
     device = torch.device("cuda")
-    return {"entry": entry, "build_seconds": meta["build_seconds"], "parity": meta["parity"],
-            "ranking": meta["ranking"], "bytes": meta["package"]["bytes"],
-            "throughput": timed(graphed(run, args, device), device, users, 4.0)}
+    return {
+        "entry": entry,
+        "build_seconds": meta["build_seconds"],
+        "parity": meta["parity"],
+        "ranking": meta["ranking"],
+        "bytes": meta["package"]["bytes"],
+        "throughput": timed(graphed(run, args, device), device, users, 4.0),
+    }
 
 
 def run_spec(name: str, run: Run, smoke: bool, package: bool = False) -> None:
@@ -155,9 +161,16 @@ def run_spec(name: str, run: Run, smoke: bool, package: bool = False) -> None:
     device = torch.device("cpu" if smoke else "cuda")
     spec = load_spec(REPO / "specs" / f"{name}.yaml").spec
     cfg = spec.model
-    rec: dict[str, Any] = {"model": {"d_model": cfg.d_model, "layers": cfg.hstu.num_layers,
-                                     "linear_dim": cfg.hstu.linear_dim, "attention_dim": cfg.hstu.attention_dim,
-                                     "tasks": len(cfg.tasks), "head_hidden": cfg.head_hidden}}
+    rec: dict[str, Any] = {
+        "model": {
+            "d_model": cfg.d_model,
+            "layers": cfg.hstu.num_layers,
+            "linear_dim": cfg.hstu.linear_dim,
+            "attention_dim": cfg.hstu.attention_dim,
+            "tasks": len(cfg.tasks),
+            "head_hidden": cfg.head_hidden,
+        }
+    }
     run.data["specs"][name] = rec
     dense = seeded_dense(cfg).eval()
     started = time.perf_counter()
@@ -173,8 +186,12 @@ def run_spec(name: str, run: Run, smoke: bool, package: bool = False) -> None:
     inp = random_inputs(cfg, shape["users"], shape["history"], shape["candidates"], gen, ragged=False)
     args = inp.to(device, torch.bfloat16).args()
     tokens = int(inp.offsets[-1])
-    rec["workload"] = {**shape, "profile_tokens": len(cfg.profile), "tokens_per_user": tokens // shape["users"],
-                       "tokens": tokens}
+    rec["workload"] = {
+        **shape,
+        "profile_tokens": len(cfg.profile),
+        "tokens_per_user": tokens // shape["users"],
+        "tokens": tokens,
+    }
     log(f"{name}: workload {shape['users']} users x {tokens // shape['users']} tokens")
     modes: dict[str, Any] = rec.setdefault("modes", {})
     budget = 1.0 if smoke else 4.0
@@ -187,23 +204,29 @@ def run_spec(name: str, run: Run, smoke: bool, package: bool = False) -> None:
 
     rec["agreement"] = run.part(rec, "agreement", 5, agree)
     for label, mod in (("bf16", bf16_mod), ("fp8", fp8_mod)):
-        got = run.part(rec, f"eager_{label}", 15, lambda m=mod: timed(graphed(m, args, device), device,
-                                                                      shape["users"], budget))
+        got = run.part(
+            rec, f"eager_{label}", 15, lambda m=mod: timed(graphed(m, args, device), device, shape["users"], budget)
+        )
         if got:
             modes[f"eager_{label}"] = got
             log(f"{name}: eager {label}: p50 {got['p50_ms']} ms, {got['users_per_s']} users/s")
     if "eager_fp8" in modes and "eager_bf16" in modes:
         rec["speedup_fp8_eager"] = round(modes["eager_bf16"]["p50_ms"] / modes["eager_fp8"]["p50_ms"], 3)
+
     def ranking() -> dict[str, Any]:
         from grc.verify.ranking import format_rank_figures
 
         out = {}
         for label, mod in (("bf16", bf16_mod), ("fp8", fp8_mod)):
-            figures = ranking_figures(dense, spec, f"{label}:{device.type}",
-                                      "fp8 GEMMs, bf16" if label == "fp8" else label)(mod, device, torch.bfloat16)
+            figures = ranking_figures(
+                dense, spec, f"{label}:{device.type}", "fp8 GEMMs, bf16" if label == "fp8" else label
+            )(mod, device, torch.bfloat16)
             passed = all(f.ok for f in figures)  # a failing gate is a figure here: recorded, the run goes on
-            out[label] = {"passed": passed, "gates": spec.verify.ranking.model_dump(),
-                          "figures": [f.as_dict() for f in figures]}
+            out[label] = {
+                "passed": passed,
+                "gates": spec.verify.ranking.model_dump(),
+                "figures": [f.as_dict() for f in figures],
+            }
             log(f"{name}: ranking {label}: {'passed' if passed else 'FAILED'}\n{format_rank_figures(figures)}")
         return out
 
@@ -215,6 +238,7 @@ def run_spec(name: str, run: Run, smoke: bool, package: bool = False) -> None:
         if rec["gemm"]:
             log(f"{name}: uvqk GEMM fp8 speed-up {rec['gemm']['speedup_fp8']}")
         for label, mod in (("bf16", bf16_mod), ("fp8", fp8_mod)):
+
             def compiled(m: Any = mod, label: str = label) -> dict[str, Any]:
                 fn = torch.compile(m, dynamic=False)
                 t = time.perf_counter()
@@ -233,11 +257,11 @@ def run_spec(name: str, run: Run, smoke: bool, package: bool = False) -> None:
             rec["speedup_fp8_compiled"] = round(modes["compiled_bf16"]["p50_ms"] / modes["compiled_fp8"]["p50_ms"], 3)
             log(f"{name}: fp8 / bf16 throughput (compiled): {rec['speedup_fp8_compiled']}x (target >= 1.3x)")
         if package:
-            rec["package_fp8"] = run.part(rec, "package_fp8", 150,
-                                          lambda: package_part(dense, fp8_cpu, spec, args, shape["users"]))
+            rec["package_fp8"] = run.part(
+                rec, "package_fp8", 150, lambda: package_part(dense, fp8_cpu, spec, args, shape["users"])
+            )
         else:
             rec.setdefault("skipped", {})["package_fp8"] = "the AOTInductor fp8 package (~95 s compile): --package"
-
 
 
 def main() -> None:
@@ -252,9 +276,13 @@ def main() -> None:
     if not smoke and not torch.cuda.is_available():
         raise SystemExit("quant_fp8.py: no CUDA GPU (torch.cuda.is_available() is False); --smoke runs the CPU part")
     specs = ["hstu-tiny"] if smoke else args.specs.split(",")
-    data: dict[str, Any] = {"what": "fp8 dense GEMMs vs bf16 (grc/model/fp8.py), bench/quant_fp8.py",
-                            "device": torch.cuda.get_device_name() if not smoke else "cpu (--smoke)",
-                            "torch": torch.__version__, "smoke": smoke, "specs": {}}
+    data: dict[str, Any] = {
+        "what": "fp8 dense GEMMs vs bf16 (grc/model/fp8.py), bench/quant_fp8.py",
+        "device": torch.cuda.get_device_name() if not smoke else "cpu (--smoke)",
+        "torch": torch.__version__,
+        "smoke": smoke,
+        "specs": {},
+    }
     if not smoke:
         data["sm"] = "sm{}{}".format(*torch.cuda.get_device_capability())
     run = Run(args.out, args.deadline, data)
@@ -270,9 +298,11 @@ def main() -> None:
             traceback.print_exc()
         run.save()
     for name, rec in data["specs"].items():
-        print(f"{name}: eager fp8/bf16 {rec.get('speedup_fp8_eager')}x, compiled {rec.get('speedup_fp8_compiled')}x, "
-              f"gemm {(rec.get('gemm') or {}).get('speedup_fp8')}x, ranking "
-              f"{ {k: v.get('passed') for k, v in (rec.get('ranking') or {}).items()} }")
+        print(
+            f"{name}: eager fp8/bf16 {rec.get('speedup_fp8_eager')}x, compiled {rec.get('speedup_fp8_compiled')}x, "
+            f"gemm {(rec.get('gemm') or {}).get('speedup_fp8')}x, ranking "
+            f"{ {k: v.get('passed') for k, v in (rec.get('ranking') or {}).items()} }"
+        )
     log("done")
 
 

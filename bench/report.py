@@ -304,7 +304,8 @@ def serve_table(name: str, data: dict[str, Any]) -> str:
     return (
         f"**{label}**: `python bench/serve.py {argv}`, {source(name, data)}"
         + ("" if data.get("complete", True) else " (incomplete: the run ended before its last row)")
-        + ":\n\n" + table(header, rows)
+        + ":\n\n"
+        + table(header, rows)
         + "\n\nServed rows: one request per user, latency per request; in_process: latency per batch of "
         "`concurrency` requests (its users/s counts users).\n\n" + serve_targets(data["rows"])
     )

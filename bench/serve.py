@@ -57,8 +57,12 @@ ROW_OVERHEAD_S = 5.0  # a row's warm-up, client start and answer checks beyond i
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--specs", nargs="+", type=Path, required=True, help="spec files whose triton bundle is served")
-    p.add_argument("--artifacts", type=Path, default=REPO / "artifacts",
-                   help="where `grc build` put <spec>/ (the triton stage is built there when missing)")
+    p.add_argument(
+        "--artifacts",
+        type=Path,
+        default=REPO / "artifacts",
+        help="where `grc build` put <spec>/ (the triton stage is built there when missing)",
+    )
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
     p.add_argument("--in-process-concurrency", nargs="+", type=int, help="in_process batches (default: --concurrency)")
     p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
@@ -69,8 +73,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sample", type=int, default=16, help="pool requests whose answers are checked vs float64")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="result name under bench/results/ or a .json path (default serve-<device>)")
-    p.add_argument("--client-processes", type=int, default=1,
-                   help="processes the gRPC connections of a served row are spread over (the GIL caps one)")
+    p.add_argument(
+        "--client-processes",
+        type=int,
+        default=1,
+        help="processes the gRPC connections of a served row are spread over (the GIL caps one)",
+    )
     p.add_argument("--grc-failed", metavar="REASON", help="grc's model could not be built: its rows fail with REASON")
     args = p.parse_args(argv)
     if any(c < 1 for c in args.concurrency + (args.in_process_concurrency or [])):
@@ -163,10 +171,14 @@ class Bench:
         self.repository = root / "triton" / bd.MODEL_REPOSITORY
         concurrencies = sorted(set(args.concurrency), reverse=True)
         direct_c = sorted(set(args.in_process_concurrency or args.concurrency), reverse=True)
-        rows = [Row(spec.name, m, c, served_model(spec, m)) for c in concurrencies for m in args.modes
-                if m != "in_process"]
-        rows += [Row(spec.name, "in_process", c, served_model(spec, "in_process")) for c in direct_c
-                 if "in_process" in args.modes]
+        rows = [
+            Row(spec.name, m, c, served_model(spec, m)) for c in concurrencies for m in args.modes if m != "in_process"
+        ]
+        rows += [
+            Row(spec.name, "in_process", c, served_model(spec, "in_process"))
+            for c in direct_c
+            if "in_process" in args.modes
+        ]
         for row in rows:
             if args.grc_failed and row.mode in ("grc", "in_process"):
                 row.failed = args.grc_failed
@@ -196,8 +208,9 @@ class Bench:
         if direct:
             self.measure_in_process(spec, direct, pool, background[1])
 
-    def measure_served(self, spec_name: str, rows: list[Row], pool: list, clients: Clients,
-                       references: Background) -> None:
+    def measure_served(
+        self, spec_name: str, rows: list[Row], pool: list, clients: Clients, references: Background
+    ) -> None:
         wanted = sorted({r.model for r in rows if r.model and not (r.skipped or r.failed)})
         if not wanted or not any(self.fits(r) for r in rows):
             return
@@ -217,8 +230,16 @@ class Bench:
             # the largest concurrency first, grc then eager (the targets' rows); kernels, the extra row, last
             for r in sorted(rows, key=lambda r: (r.mode == "kernels", -r.concurrency, SERVER_MODES.index(r.mode))):
                 if self.fits(r):
-                    self.measure(r, run_served, server, pool, self.sampler, self.args.row_seconds,
-                                 self.args.max_requests, clients)
+                    self.measure(
+                        r,
+                        run_served,
+                        server,
+                        pool,
+                        self.sampler,
+                        self.args.row_seconds,
+                        self.args.max_requests,
+                        clients,
+                    )
         finally:
             server.stop()
 
@@ -232,8 +253,9 @@ class Bench:
         log(f"{spec.name}: in_process Ranker of {rows[0].model} loaded in {ranker.load_s:.1f} s on {ranker.device}")
         for r in rows:
             if self.fits(r):
-                self.measure(r, run_in_process, ranker, pool, self.sampler, self.args.row_seconds,
-                             self.args.max_requests)
+                self.measure(
+                    r, run_in_process, ranker, pool, self.sampler, self.args.row_seconds, self.args.max_requests
+                )
         del ranker
         free_gpu_memory()
 
@@ -262,8 +284,10 @@ class Background:
 
 def describe_pool(spec: Any, args: argparse.Namespace) -> str:
     (h_lo, h_hi), (c_lo, c_hi) = size_ranges(spec.model)
-    return (f"{args.pool} one-user requests (numpy seed {args.seed}): history {h_lo}..{h_hi} events, candidates "
-            f"{c_lo}..{c_hi}, uniform")
+    return (
+        f"{args.pool} one-user requests (numpy seed {args.seed}): history {h_lo}..{h_hi} events, candidates "
+        f"{c_lo}..{c_hi}, uniform"
+    )
 
 
 def free_gpu_memory() -> None:
@@ -283,24 +307,32 @@ def one_line(r: Row) -> str:
     f = r.figures
     checked = f["checked"]
     bad = f" WRONG: {checked['problems'][0]}" if checked["problems"] else ""
-    return (f"{where} {f['users_per_s']:>9.1f} users/s  p50 {f['p50_ms']} ms  p99 {f['p99_ms']} ms  "
-            f"errors {f['errors']}/{f['requests']}  batch {f['mean_batch']}  checked {checked['checked']} "
-            f"(max_rel {checked['max_rel']:.1e}){bad}")
+    return (
+        f"{where} {f['users_per_s']:>9.1f} users/s  p50 {f['p50_ms']} ms  p99 {f['p99_ms']} ms  "
+        f"errors {f['errors']}/{f['requests']}  batch {f['mean_batch']}  checked {checked['checked']} "
+        f"(max_rel {checked['max_rel']:.1e}){bad}"
+    )
 
 
 def print_table(rows: list[Row]) -> None:
-    print(f"\n{'spec':<16} {'mode':<10} {'conc':>4} {'users/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
-          f"{'requests':>8} {'batch':>6}  where the time goes (ms per request or batch)")
+    print(
+        f"\n{'spec':<16} {'mode':<10} {'conc':>4} {'users/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
+        f"{'requests':>8} {'batch':>6}  where the time goes (ms per request or batch)"
+    )
     for r in rows:
         if r.skipped or r.failed:
-            print(f"{r.spec:<16} {r.mode:<10} {r.concurrency:>4}  {'skipped' if r.skipped else 'FAILED'}: "
-                  f"{r.skipped or r.failed}")
+            print(
+                f"{r.spec:<16} {r.mode:<10} {r.concurrency:>4}  {'skipped' if r.skipped else 'FAILED'}: "
+                f"{r.skipped or r.failed}"
+            )
             continue
         f = r.figures
         split = f.get("server_ms") or f.get("ranker_ms_per_batch") or {}
-        print(f"{r.spec:<16} {r.mode:<10} {r.concurrency:>4} {f['users_per_s']:>9.1f} {f['p50_ms']:>8} "
-              f"{f['p99_ms']:>8} {f['errors']:>7} {f['requests']:>8} {f['mean_batch']!s:>6}  "
-              + ", ".join(f"{k} {v}" for k, v in split.items()))
+        print(
+            f"{r.spec:<16} {r.mode:<10} {r.concurrency:>4} {f['users_per_s']:>9.1f} {f['p50_ms']:>8} "
+            f"{f['p99_ms']:>8} {f['errors']:>7} {f['requests']:>8} {f['mean_batch']!s:>6}  "
+            + ", ".join(f"{k} {v}" for k, v in split.items())
+        )
 
 
 def bad_rows(rows: list[Row]) -> list[str]:
@@ -311,8 +343,10 @@ def bad_rows(rows: list[Row]) -> list[str]:
         if r.failed:
             out.append(f"{r.spec} {r.mode} c={r.concurrency}: failed")
         elif f and (f["errors"] or f["checked"]["problems"] or not f["checked"]["checked"]):
-            out.append(f"{r.spec} {r.mode} c={r.concurrency}: errors {f['errors']}, "
-                       f"{len(f['checked']['problems'])} wrong of {f['checked']['checked']} checked")
+            out.append(
+                f"{r.spec} {r.mode} c={r.concurrency}: errors {f['errors']}, "
+                f"{len(f['checked']['problems'])} wrong of {f['checked']['checked']} checked"
+            )
     return out
 
 

@@ -38,10 +38,22 @@ def main() -> int:
     Path(f"{args.out}.ready").touch()  # imports and pool done: the bench starts every process together
     while not Path(args.go).exists():
         time.sleep(0.002)
-    result = load.run_load(args.grpc_url, None, args.model, pool, requests=args.max_requests,
-                           concurrency=args.concurrency, time_limit_s=args.seconds, validate=check.grpc)
-    figures = {"latencies_ms": result.latencies_ms, "errors": result.errors, "seconds": result.seconds,
-               "first_error": result.first_error}
+    result = load.run_load(
+        args.grpc_url,
+        None,
+        args.model,
+        pool,
+        requests=args.max_requests,
+        concurrency=args.concurrency,
+        time_limit_s=args.seconds,
+        validate=check.grpc,
+    )
+    figures = {
+        "latencies_ms": result.latencies_ms,
+        "errors": result.errors,
+        "seconds": result.seconds,
+        "first_error": result.first_error,
+    }
     write_file(Path(args.out), json.dumps(figures).encode())
     return 0
 

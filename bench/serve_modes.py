@@ -105,8 +105,9 @@ class Clients:
         return [concurrency // n + (i < concurrency % n) for i in range(n)]
 
 
-def run_served(row: Row, server: Any, pool: list, sampler: Sampler, seconds: float, max_requests: int,
-               clients: Clients) -> None:
+def run_served(
+    row: Row, server: Any, pool: list, sampler: Sampler, seconds: float, max_requests: int, clients: Clients
+) -> None:
     """Warm the model up at this concurrency, then load it for ``seconds`` from ``clients.shares`` connections
     per process; fills ``row.figures`` (the sampled answers come from the bench's own process)."""
     import subprocess
@@ -116,8 +117,15 @@ def run_served(row: Row, server: Any, pool: list, sampler: Sampler, seconds: flo
     from grc.serving.triton import load
 
     assert row.model is not None
-    warm = load.run_load(server.grpc_url, None, row.model, pool, requests=4 * row.concurrency,
-                         concurrency=row.concurrency, time_limit_s=min(30.0, seconds))
+    warm = load.run_load(
+        server.grpc_url,
+        None,
+        row.model,
+        pool,
+        requests=4 * row.concurrency,
+        concurrency=row.concurrency,
+        time_limit_s=min(30.0, seconds),
+    )
     if warm.completed == 0:
         row.failed = f"no answer in warm-up: {warm.first_error}"
         return
@@ -137,8 +145,16 @@ def run_served(row: Row, server: Any, pool: list, sampler: Sampler, seconds: flo
         try:
             wait_ready(extra, [Path(tmp, f"{i}.json.ready") for i in range(len(extra))], clients.start_timeout_s)
             Path(tmp, "go").touch()
-            result = load.run_load(server.grpc_url, server.metrics_url, row.model, pool, requests=cap,
-                                   concurrency=shares[0], time_limit_s=seconds, validate=checker.grpc)
+            result = load.run_load(
+                server.grpc_url,
+                server.metrics_url,
+                row.model,
+                pool,
+                requests=cap,
+                concurrency=shares[0],
+                time_limit_s=seconds,
+                validate=checker.grpc,
+            )
             latencies, errors = list(result.latencies_ms), result.errors
             spans, first = [result.seconds], [result.first_error]
             for i, proc in enumerate(extra):
@@ -187,8 +203,7 @@ def start_server(repository: Path, models: list[str], timeout_s: float) -> tuple
     failed: dict[str, str] = {}
     while models:
         args = ["--model-control-mode=explicit", *(f"--load-model={m}" for m in models)]
-        server = TritonServer(repository, install=ensure_tritonserver(), startup_timeout_s=timeout_s,
-                              extra_args=args)
+        server = TritonServer(repository, install=ensure_tritonserver(), startup_timeout_s=timeout_s, extra_args=args)
         try:
             return server.start(), failed
         except ModelLoadError as exc:
@@ -244,8 +259,9 @@ def as_numpy(answer: Any) -> dict[str, np.ndarray]:
     return {name: np.asarray(value.cpu() if hasattr(value, "cpu") else value) for name, value in answer.items()}
 
 
-def run_in_process(row: Row, ranker: InProcess, pool: list, sampler: Sampler, seconds: float,
-                   max_requests: int) -> None:
+def run_in_process(
+    row: Row, ranker: InProcess, pool: list, sampler: Sampler, seconds: float, max_requests: int
+) -> None:
     """Batches of ``concurrency`` pool requests, back to back on one thread (the loop the servers' load uses):
     check (parse) then rank, timed apart; every answer checked for form, the sampled ones against float64."""
     users = row.concurrency
@@ -274,15 +290,17 @@ def run_in_process(row: Row, ranker: InProcess, pool: list, sampler: Sampler, se
     before = ranker.stats()
     loop = closed_loop(Direct, max(1, max_requests // users), 1, seconds)
     batches = len(loop.latencies_ms)
-    row.figures = latency_figures(loop.latencies_ms, batches * users, loop.seconds, len(loop.errors) * users,
-                                  loop.issued * users)
+    row.figures = latency_figures(
+        loop.latencies_ms, batches * users, loop.seconds, len(loop.errors) * users, loop.issued * users
+    )
     after = ranker.stats()
     row.figures |= {
         "mean_batch": float(users),
         "latency_is": "per batch of `concurrency` requests",
         "ranker_ms_per_batch": {k: round(v / batches, 3) for k, v in spent.items()} if batches else {},
-        "ranker_stats": {k: (v - before[k] if isinstance(v, int | float) and k in before else v)
-                         for k, v in after.items()},
+        "ranker_stats": {
+            k: (v - before[k] if isinstance(v, int | float) and k in before else v) for k, v in after.items()
+        },
         "first_error": loop.errors[0] if loop.errors else None,
         "checked": sampler.check(checker.kept),
     }

@@ -88,22 +88,33 @@ class Sampler:
         for index, answer in sorted(answers.items()):
             if index not in self.references:
                 self.references[index] = self.reference.scores(self.pool[index])
-            result = check_response(answer, self.references[index], self.pool[index], self.spec.model, weights,
-                                    cfg.top_k, self.tolerance)
+            result = check_response(
+                answer, self.references[index], self.pool[index], self.spec.model, weights, cfg.top_k, self.tolerance
+            )
             worst_abs, worst_rel = max(worst_abs, result.max_abs), max(worst_rel, result.max_rel)
             problems += [f"pool request {index}: {p}" for p in result.problems]
-        return {"checked": len(answers), "max_abs": worst_abs, "max_rel": worst_rel,
-                "tolerance": {"max_abs": self.tolerance.max_abs, "max_rel": self.tolerance.max_rel},
-                "problems": problems[:8]}
+        return {
+            "checked": len(answers),
+            "max_abs": worst_abs,
+            "max_rel": worst_rel,
+            "tolerance": {"max_abs": self.tolerance.max_abs, "max_rel": self.tolerance.max_rel},
+            "problems": problems[:8],
+        }
 
 
-def answer_problems(answer: dict[str, np.ndarray], request: dict[str, np.ndarray], cfg: ModelConfig,
-                    top_k: int) -> list[str]:
+def answer_problems(
+    answer: dict[str, np.ndarray], request: dict[str, np.ndarray], cfg: ModelConfig, top_k: int
+) -> list[str]:
     """What is wrong with an answer's form (every answer gets this check, cheap): shapes and finite scores."""
     c = request[rq.candidate_input(cfg.candidate[0])].shape[1]
     k, tasks = min(top_k, c), len(cfg.tasks)
-    wanted = {"scores": (1, c, tasks), "ranked_candidates": (1, k), "ranked_items": (1, k), "ranked_scores": (1, k),
-              "ranked_task_scores": (1, k, tasks)}
+    wanted = {
+        "scores": (1, c, tasks),
+        "ranked_candidates": (1, k),
+        "ranked_items": (1, k),
+        "ranked_scores": (1, k),
+        "ranked_task_scores": (1, k, tasks),
+    }
     problems = []
     for name, shape in wanted.items():
         got = answer.get(name)

@@ -41,6 +41,13 @@ def gather_rows(table: torch.Tensor, ids: torch.Tensor, device: torch.device | s
     if ids.numel() and rows.shape[1]:
         block = min(1024, triton.next_power_of_2(rows.shape[1]))
         grid = (ids.numel(), triton.cdiv(rows.shape[1], block))
-        _gather_rows_kernel[grid](rows.view(raw_dtype), ids.contiguous(), out.view(raw_dtype), rows.shape[1],
-                                  rows.stride(0), out.stride(0), BLOCK_D=block)
+        _gather_rows_kernel[grid](
+            rows.view(raw_dtype),
+            ids.contiguous(),
+            out.view(raw_dtype),
+            rows.shape[1],
+            rows.stride(0),
+            out.stride(0),
+            BLOCK_D=block,
+        )
     return out.squeeze(1) if flat else out

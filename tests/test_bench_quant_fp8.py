@@ -13,8 +13,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_fp8_bench_dry_run_writes_modes_ranking_and_what_it_skipped(tmp_path: Path) -> None:
     env = {**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path)}
-    done = subprocess.run(["bash", "bench/gpu_run_fp8.sh"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        ["bash", "bench/gpu_run_fp8.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     data = json.loads((tmp_path / "quant-fp8-dry-run.json").read_text())
     assert len(data["source_sha256"]) == 64 and data["smoke"] is True

@@ -47,8 +47,25 @@ def test_request_pool_draws_realistic_valid_requests_reproducibly() -> None:
 
 
 def serve(tmp_path: Path, out: Path, *more: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "bench/serve.py", "--specs", str(FUSED_CPU), "--artifacts", str(tmp_path / "art"),
-           "--row-seconds", "2", "--max-requests", "12", "--pool", "8", "--sample", "2", "--out", str(out), *more]
+    cmd = [
+        sys.executable,
+        "bench/serve.py",
+        "--specs",
+        str(FUSED_CPU),
+        "--artifacts",
+        str(tmp_path / "art"),
+        "--row-seconds",
+        "2",
+        "--max-requests",
+        "12",
+        "--pool",
+        "8",
+        "--sample",
+        "2",
+        "--out",
+        str(out),
+        *more,
+    ]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
 
 

@@ -71,13 +71,16 @@ def test_scaled_mm_agrees_with_the_emulation() -> None:
 
 def test_scales_survive_the_package_cast_and_export() -> None:
     _, model, record = _models()
-    before = {n: (m.weight_fp8.clone(), m.weight_scale.clone(), m.input_scale.clone())
-              for n, m in fp8.fp8_linears(model).items()}
+    before = {
+        n: (m.weight_fp8.clone(), m.weight_scale.clone(), m.input_scale.clone())
+        for n, m in fp8.fp8_linears(model).items()
+    }
     cast = copy.deepcopy(model).to(torch.bfloat16)  # what export_program does to a GPU package's model
     for name, m in fp8.fp8_linears(cast).items():
         w, ws, xs = before[name]
-        assert m.weight_fp8.dtype == torch.float8_e4m3fn and torch.equal(m.weight_fp8.view(torch.uint8),
-                                                                             w.view(torch.uint8))
+        assert m.weight_fp8.dtype == torch.float8_e4m3fn and torch.equal(
+            m.weight_fp8.view(torch.uint8), w.view(torch.uint8)
+        )
         assert m.weight_scale.dtype == torch.float32 and torch.equal(m.weight_scale, ws)
         assert torch.equal(m.input_scale, xs)
     assert set(record["scales"]) == set(before) and len(record["calibration"]["digest"]) == 64

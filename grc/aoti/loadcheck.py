@@ -51,8 +51,10 @@ def _advice(compiler: str | None) -> str:
         how = f"this host has {SYSTEM_CXX}: rebuild with CXX={SYSTEM_CXX}"
     else:
         how = "rebuild with another compiler: CXX=/path/to/g++"
-    return (f"A crash inside the model .so has followed the compiler before (grc.aoti.build.cxx_compiler); {how} "
-            "(`python bench/gpu_aoti_probe.py` tries every g++ here).")
+    return (
+        f"A crash inside the model .so has followed the compiler before (grc.aoti.build.cxx_compiler); {how} "
+        "(`python bench/gpu_aoti_probe.py` tries every g++ here)."
+    )
 
 
 def main(argv: list[str]) -> None:

@@ -69,8 +69,11 @@ def stage_bytes(spec: Any) -> list[StageBytes]:
         StageBytes("weights", tables_b + dense_b, f"tables {size(tables_b)} {table_dtype} + dense {size(dense_b)}"),
         StageBytes("export", dense * 4, "the dense model as float32 ONNX"),
         StageBytes("surgery", dense * 4, "the fused ONNX, float32"),
-        StageBytes("quantize", dense * 4 * len({p for p in map(spec.engine.precision_of, spec.engine.targets)
-                                                 if DTYPE_BYTES[p] == 1}), "int8 / fp8 Q/DQ graphs, at most float32"),
+        StageBytes(
+            "quantize",
+            dense * 4 * len({p for p in map(spec.engine.precision_of, spec.engine.targets) if DTYPE_BYTES[p] == 1}),
+            "int8 / fp8 Q/DQ graphs, at most float32",
+        ),
         StageBytes("verify", 0, "a report"),
         StageBytes("plugins", 0, "the plugin library (a few MiB)"),
         StageBytes("engine", dense * sum(engines), f"{len(engines)} engine(s), the dense model each"),

@@ -47,8 +47,10 @@ def _bundle(loaded: LoadedSpec, root: Path) -> tuple[Path, dict[str, Any]]:
         raise DeployError(f"bundles.triton.enabled is false in {loaded.path}: there is no triton bundle to serve")
     folder = root / "triton"
     if not (folder / "manifest.json").is_file():
-        raise DeployError(f"no triton bundle at {folder}: build it first with\n  grc build {loaded.path}"
-                          + (f" --artifacts {root.parent}" if root.parent != Path("artifacts") else ""))
+        raise DeployError(
+            f"no triton bundle at {folder}: build it first with\n  grc build {loaded.path}"
+            + (f" --artifacts {root.parent}" if root.parent != Path("artifacts") else "")
+        )
     try:
         return folder, bd.load_description(folder)
     except GrcError as exc:
@@ -62,9 +64,11 @@ def _stale_reasons(loaded: LoadedSpec, root: Path) -> list[str]:
     try:
         rows = {row.task: row for row in plan(loaded, root)}
     except Exception as exc:  # never "up to date" by default: serving a bundle nobody could check is refused
-        raise DeployError(f"cannot tell whether the triton bundle is up to date: grc plan failed "
-                          f"({type(exc).__name__}: {exc}); see `grc plan {loaded.path}`, or rebuild with "
-                          f"`grc build {loaded.path}`") from exc
+        raise DeployError(
+            f"cannot tell whether the triton bundle is up to date: grc plan failed "
+            f"({type(exc).__name__}: {exc}); see `grc plan {loaded.path}`, or rebuild with "
+            f"`grc build {loaded.path}`"
+        ) from exc
     row = rows.get("triton")
     return [] if row is None or row.state == "up to date" else row.reasons or [row.state]
 
@@ -77,8 +81,10 @@ def deploy(loaded: LoadedSpec, root: Path, args: argparse.Namespace) -> int:
     folder, description = _bundle(loaded, root)
     stale = _stale_reasons(loaded, root)
     if stale:
-        console.print(f"[yellow]warning: the triton bundle is stale ({'; '.join(stale[:3])}); serving what was "
-                      f"built. Refresh it with: grc build {loaded.path}[/]")
+        console.print(
+            f"[yellow]warning: the triton bundle is stale ({'; '.join(stale[:3])}); serving what was "
+            f"built. Refresh it with: grc build {loaded.path}[/]"
+        )
     config_name = checked_config_name(folder, getattr(args, "model_config_name", None))
     if getattr(args, "docker", False):
         return _docker(loaded, root, folder, description, args, config_name, console)
@@ -90,29 +96,38 @@ def deploy(loaded: LoadedSpec, root: Path, args: argparse.Namespace) -> int:
     state = root / STATE
     running = _read_state(state)
     if running is not None:
-        raise DeployError(f"a triton server for {loaded.spec.name} is already running (pid {running['pid']}, "
-                          f"http {running['ports']['http']}); stop it with\n"
-                          f"  grc deploy --target triton {loaded.path} --stop")
+        raise DeployError(
+            f"a triton server for {loaded.spec.name} is already running (pid {running['pid']}, "
+            f"http {running['ports']['http']}); stop it with\n"
+            f"  grc deploy --target triton {loaded.path} --stop"
+        )
     from grc.serving.triton.server import TritonServer, TritonServerNotFound, ensure_tritonserver, find_tritonserver
 
     try:
         install = find_tritonserver()
     except TritonServerNotFound:
-        console.print("tritonserver not found on PATH: installing nvidia-pytriton's server into the grc cache "
-                      "(once, ~150 MB)...")
+        console.print(
+            "tritonserver not found on PATH: installing nvidia-pytriton's server into the grc cache (once, ~150 MB)..."
+        )
         install = ensure_tritonserver()
     console.print(f"tritonserver: {install.binary} ({install.origin})")
     server = TritonServer(
-        folder / bd.MODEL_REPOSITORY, install=install, startup_timeout_s=float(args.timeout),
-        http_port=getattr(args, "http_port", None), grpc_port=getattr(args, "grpc_port", None),
-        metrics_port=getattr(args, "metrics_port", None), keep_alive=bool(args.detach),
+        folder / bd.MODEL_REPOSITORY,
+        install=install,
+        startup_timeout_s=float(args.timeout),
+        http_port=getattr(args, "http_port", None),
+        grpc_port=getattr(args, "grpc_port", None),
+        metrics_port=getattr(args, "metrics_port", None),
+        keep_alive=bool(args.detach),
         extra_args=[f"--model-config-name={config_name}"] if config_name else (),
     )
     started = time.monotonic()
     server.start()
     try:
-        console.print(f"ready in {time.monotonic() - started:.1f} s: models "
-                      f"{', '.join(_models(folder))} loaded from {folder / bd.MODEL_REPOSITORY}")
+        console.print(
+            f"ready in {time.monotonic() - started:.1f} s: models "
+            f"{', '.join(_models(folder))} loaded from {folder / bd.MODEL_REPOSITORY}"
+        )
         ok = smoke_test(loaded, folder, description, server.http_url, server.grpc_url, console)
         _print_endpoints(console, description, folder, server.http_url, server.grpc_url, server.metrics_url)
         if not ok:
@@ -120,10 +135,16 @@ def deploy(loaded: LoadedSpec, root: Path, args: argparse.Namespace) -> int:
             return 1
         if args.detach:
             record = server.detach()
-            state.write_text(json.dumps({**record.as_dict(), "spec": loaded.spec.name,
-                                         "ensemble": description["ensemble"]}, indent=1) + "\n")
-            console.print(f"\nleft running (pid {record.pid}, log {record.log}); stop it with\n"
-                          f"  grc deploy --target triton {loaded.path} --stop")
+            state.write_text(
+                json.dumps(
+                    {**record.as_dict(), "spec": loaded.spec.name, "ensemble": description["ensemble"]}, indent=1
+                )
+                + "\n"
+            )
+            console.print(
+                f"\nleft running (pid {record.pid}, log {record.log}); stop it with\n"
+                f"  grc deploy --target triton {loaded.path} --stop"
+            )
         else:
             console.print("\nstopping the server (pass --detach to leave it running)")
         return 0
@@ -142,16 +163,19 @@ def checked_config_name(folder: Path, name: str | None) -> str | None:
     if name is None or name in custom_configs(folder):
         return name
     have = ", ".join(custom_configs(folder)) or "none (every GPU is told apart by its compute capability)"
-    raise DeployError(f"--model-config-name {name}: no model of the bundle has configs/{name}.pbtxt; "
-                      f"custom configs in {folder}: {have}")
+    raise DeployError(
+        f"--model-config-name {name}: no model of the bundle has configs/{name}.pbtxt; "
+        f"custom configs in {folder}: {have}"
+    )
 
 
 def _models(folder: Path) -> list[str]:
     return list(json.loads((folder / "manifest.json").read_text())["models"])
 
 
-def smoke_test(loaded: LoadedSpec, folder: Path, description: dict[str, Any], http_url: str, grpc_url: str,
-               console: Console) -> bool:
+def smoke_test(
+    loaded: LoadedSpec, folder: Path, description: dict[str, Any], http_url: str, grpc_url: str, console: Console
+) -> bool:
     """The sample request over HTTP and gRPC, every score against PyTorch float64; prints a table."""
     spec = loaded.spec
     model, weights = bd.bundle_model(folder)  # what was built, even if the spec changed since
@@ -171,35 +195,49 @@ def smoke_test(loaded: LoadedSpec, folder: Path, description: dict[str, Any], ht
         rank_w = np.array([description["rank_weights"][t] for t in model.tasks], np.float32)
         result = check.check_response(response, expected, arrays, model, rank_w, description["top_k"], tol)
         ok &= result.ok
-        table.add_row(protocol, str(expected.shape[1]), f"{result.max_abs:.2e}", f"{result.max_rel:.2e}",
-                      f"{tol.max_abs:.0e}/{tol.max_rel:.0e}", "ok" if result.ok else "; ".join(result.problems),
-                      f"{ms:.1f}", style=None if result.ok else "red")
+        table.add_row(
+            protocol,
+            str(expected.shape[1]),
+            f"{result.max_abs:.2e}",
+            f"{result.max_rel:.2e}",
+            f"{tol.max_abs:.0e}/{tol.max_rel:.0e}",
+            "ok" if result.ok else "; ".join(result.problems),
+            f"{ms:.1f}",
+            style=None if result.ok else "red",
+        )
     console.print(table)
     top = Table(title=f"top {response['ranked_items'].shape[1]} of the sample request", show_edge=False)
     for col in ("rank", "candidate", rq.candidate_input(model.candidate[0]), "ranking score", *model.tasks):
         top.add_column(col, justify="right")
-    for i, (pos, item, score) in enumerate(zip(response["ranked_candidates"][0], response["ranked_items"][0],
-                                               response["ranked_scores"][0], strict=True)):
-        top.add_row(str(i + 1), str(pos), str(item), f"{score:.5f}",
-                    *(f"{s:.5f}" for s in response["ranked_task_scores"][0][i]))
+    for i, (pos, item, score) in enumerate(
+        zip(response["ranked_candidates"][0], response["ranked_items"][0], response["ranked_scores"][0], strict=True)
+    ):
+        top.add_row(
+            str(i + 1), str(pos), str(item), f"{score:.5f}", *(f"{s:.5f}" for s in response["ranked_task_scores"][0][i])
+        )
     console.print(top)
     return ok
 
 
 def curl_example(http_url: str, ensemble: str, folder: Path) -> str:
-    return (f"curl -s -X POST http://{http_url}/v2/models/{ensemble}/infer "
-            f"-H 'Content-Type: application/json' -d @{shlex.quote(str((folder / bd.SAMPLE_JSON).resolve()))}")
+    return (
+        f"curl -s -X POST http://{http_url}/v2/models/{ensemble}/infer "
+        f"-H 'Content-Type: application/json' -d @{shlex.quote(str((folder / bd.SAMPLE_JSON).resolve()))}"
+    )
 
 
-def _print_endpoints(console: Console, description: dict[str, Any], folder: Path, http_url: str, grpc_url: str,
-                     metrics_url: str) -> None:
+def _print_endpoints(
+    console: Console, description: dict[str, Any], folder: Path, http_url: str, grpc_url: str, metrics_url: str
+) -> None:
     ens = description["ensemble"]
-    console.print(f"\nendpoints of {ens}:\n"
-                  f"  HTTP/REST  http://{http_url}/v2/models/{ens}/infer\n"
-                  f"  gRPC       {grpc_url}  (tritonclient.grpc, model {ens!r})\n"
-                  f"  metrics    {metrics_url}  (Prometheus)\n"
-                  f"  schema     {folder / bd.BUNDLE_JSON}\n"
-                  f"try it:\n  {curl_example(http_url, ens, folder)}")
+    console.print(
+        f"\nendpoints of {ens}:\n"
+        f"  HTTP/REST  http://{http_url}/v2/models/{ens}/infer\n"
+        f"  gRPC       {grpc_url}  (tritonclient.grpc, model {ens!r})\n"
+        f"  metrics    {metrics_url}  (Prometheus)\n"
+        f"  schema     {folder / bd.BUNDLE_JSON}\n"
+        f"try it:\n  {curl_example(http_url, ens, folder)}"
+    )
 
 
 def _save_log(root: Path, text: str) -> Path:
@@ -240,8 +278,11 @@ def stop(loaded: LoadedSpec, root: Path, args: argparse.Namespace) -> int:
     record = DetachedServer(**{k: data[k] for k in DetachedServer.__dataclass_fields__})
     was_running = stop_detached(record)
     state.unlink(missing_ok=True)
-    console.print(f"stopped the triton server of {loaded.spec.name} (pid {record.pid})" if was_running else
-                  f"the triton server of {loaded.spec.name} (pid {record.pid}) was no longer running; record removed")
+    console.print(
+        f"stopped the triton server of {loaded.spec.name} (pid {record.pid})"
+        if was_running
+        else f"the triton server of {loaded.spec.name} (pid {record.pid}) was no longer running; record removed"
+    )
     return 0
 
 
@@ -254,8 +295,9 @@ def grc_source() -> Path | None:
     return root if (root / "pyproject.toml").is_file() and (root / "grc").is_dir() else None
 
 
-def docker_command(spec_name: str, folder: Path, gpu: bool, detach: bool = False,
-                   config_name: str | None = None) -> list[str]:
+def docker_command(
+    spec_name: str, folder: Path, gpu: bool, detach: bool = False, config_name: str | None = None
+) -> list[str]:
     """The NGC container serving the bundle: the repository mounted read-only, grc installed first
     (the python models import it), ports 8000-8002 on 127.0.0.1."""
     repo = (folder / bd.MODEL_REPOSITORY).resolve()
@@ -263,8 +305,10 @@ def docker_command(spec_name: str, folder: Path, gpu: bool, detach: bool = False
     mounts = ["-v", f"{repo}:/models:ro"]
     if source is not None:
         mounts += ["-v", f"{source}:/opt/grc-src:ro"]
-        install = ("mkdir -p /tmp/grc && cp -r /opt/grc-src/pyproject.toml /opt/grc-src/README.md /opt/grc-src/grc "
-                   "/opt/grc-src/kernels /tmp/grc/ && pip install -q /tmp/grc")
+        install = (
+            "mkdir -p /tmp/grc && cp -r /opt/grc-src/pyproject.toml /opt/grc-src/README.md /opt/grc-src/grc "
+            "/opt/grc-src/kernels /tmp/grc/ && pip install -q /tmp/grc"
+        )
     else:
         from grc import __version__
 
@@ -273,9 +317,22 @@ def docker_command(spec_name: str, folder: Path, gpu: bool, detach: bool = False
     serve = "tritonserver --model-repository=/models --strict-readiness=true"
     if config_name:
         serve += f" --model-config-name={config_name}"
-    return ["docker", "run", *(["-d"] if detach else []), "--rm", "--name", f"grc-triton-{spec_name}",
-            "--shm-size=1g", *(["--gpus", "all"] if gpu else []), *ports, *mounts, bd.NGC_IMAGE,
-            "bash", "-c", f"{install} && {serve}"]
+    return [
+        "docker",
+        "run",
+        *(["-d"] if detach else []),
+        "--rm",
+        "--name",
+        f"grc-triton-{spec_name}",
+        "--shm-size=1g",
+        *(["--gpus", "all"] if gpu else []),
+        *ports,
+        *mounts,
+        bd.NGC_IMAGE,
+        "bash",
+        "-c",
+        f"{install} && {serve}",
+    ]
 
 
 def _docker_works() -> tuple[bool, str]:
@@ -284,11 +341,19 @@ def _docker_works() -> tuple[bool, str]:
     except (OSError, subprocess.TimeoutExpired) as exc:
         return False, str(exc)
     return done.returncode == 0, (done.stderr or done.stdout).strip().splitlines()[-1:][0] if (
-        done.stderr or done.stdout).strip() else f"exit {done.returncode}"
+        done.stderr or done.stdout
+    ).strip() else f"exit {done.returncode}"
 
 
-def _docker(loaded: LoadedSpec, root: Path, folder: Path, description: dict[str, Any], args: argparse.Namespace,
-            config_name: str | None, console: Console) -> int:
+def _docker(
+    loaded: LoadedSpec,
+    root: Path,
+    folder: Path,
+    description: dict[str, Any],
+    args: argparse.Namespace,
+    config_name: str | None,
+    console: Console,
+) -> int:
     cfg = loaded.spec.bundles.triton
     gpu = cfg.instance_kind == "KIND_GPU" or "tensorrt_plan" in (cfg.backend, *cfg.extra_backends)
     command = docker_command(loaded.spec.name, folder, gpu, detach=True, config_name=config_name)
@@ -303,8 +368,9 @@ def _docker(loaded: LoadedSpec, root: Path, folder: Path, description: dict[str,
     try:
         _wait_http(f"http://{http}/v2/health/ready", float(args.timeout), name)
         ok = smoke_test(loaded, folder, description, http, grpc_url, console)
-        _print_endpoints(console, description, folder, http, grpc_url,
-                         f"http://127.0.0.1:{DOCKER_PORTS['metrics']}/metrics")
+        _print_endpoints(
+            console, description, folder, http, grpc_url, f"http://127.0.0.1:{DOCKER_PORTS['metrics']}/metrics"
+        )
         if ok and args.detach:
             (root / STATE).write_text(json.dumps({"docker": name, "spec": loaded.spec.name}) + "\n")
             console.print(f"container {name} left running; stop it with grc deploy --target triton --stop")

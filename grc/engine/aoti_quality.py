@@ -42,17 +42,23 @@ def fp8_package_model(dense: GRDense, spec: Spec) -> tuple[GRDense, dict[str, An
     batch = users(spec, cal.seed, cal.users, cal.history, cal.candidates)
     amax = calibrate(dense, [batch.args()])
     model = to_fp8(dense, amax)
-    digest = feeds_digest({k: v.numpy() for k, v in zip(("tokens", "offsets", "num_candidates", "timestamps"),
-                                                        batch.args(), strict=True)})
+    digest = feeds_digest(
+        {k: v.numpy() for k, v in zip(("tokens", "offsets", "num_candidates", "timestamps"), batch.args(), strict=True)}
+    )
     record = {
         "precision": "fp8",
         "gemms": "HSTU uvqk projections and outputs, the task heads' first GEMM: torch._scaled_mm, float8 e4m3 "
-                 f"(saturating at ±{E4M3_MAX:g}), fp32 accumulation, bfloat16 out; attention, norms and the rest "
-                 "in bfloat16",
+        f"(saturating at ±{E4M3_MAX:g}), fp32 accumulation, bfloat16 out; attention, norms and the rest "
+        "in bfloat16",
         "weight_scales": "per output channel: amax / 448",
         "activation_scales": "per tensor: calibrated amax / 448, stored in the package",
-        "calibration": {"seed": cal.seed, "users": batch.users, "tokens": int(batch.offsets[-1]),
-                        "inputs": "random N(0, 1) tokens (the aoti stage reads no tables)", "digest": digest},
+        "calibration": {
+            "seed": cal.seed,
+            "users": batch.users,
+            "tokens": int(batch.offsets[-1]),
+            "inputs": "random N(0, 1) tokens (the aoti stage reads no tables)",
+            "digest": digest,
+        },
         "scales": scales_of(model),
     }
     return model, record
@@ -75,10 +81,13 @@ def ranking_figures(dense: GRDense, spec: Spec, backend: str, precision: str) ->
             actual = runner(*held_out.to(device, dtype).args())
         scores = actual.float().cpu().numpy().astype(np.float64)
         return rank_figures(
-            backend, precision, list(spec.model.tasks),
+            backend,
+            precision,
+            list(spec.model.tasks),
             candidate_scores(scores, held_out.offsets, held_out.num_candidates),
             candidate_scores(expected.astype(np.float64), held_out.offsets, held_out.num_candidates),
-            offsets, limits,
+            offsets,
+            limits,
         )
 
     return figures
@@ -103,9 +112,15 @@ def ranking_check(dense: GRDense, spec: Spec, backend: str, precision: str, gate
         table = format_rank_figures(figures)
         if gate and not all(f.ok for f in figures):
             raise StageError(f"{backend}: ranking gates (verify.ranking) failed against the fp32 model:\n{table}")
-        return {"ranking": {"reference": "GRDense.forward_jagged, PyTorch float32 on CPU, held-out users "
-                                         f"(verify.ranking.seed {gates.seed})",
-                            "gated": gate, **({} if gate else {"why_not_gated": UNGATED}),
-                            "gates": gates.model_dump(), "figures": [f.as_dict() for f in figures]}}
+        return {
+            "ranking": {
+                "reference": "GRDense.forward_jagged, PyTorch float32 on CPU, held-out users "
+                f"(verify.ranking.seed {gates.seed})",
+                "gated": gate,
+                **({} if gate else {"why_not_gated": UNGATED}),
+                "gates": gates.model_dump(),
+                "figures": [f.as_dict() for f in figures],
+            }
+        }
 
     return check

@@ -27,8 +27,13 @@ HEADERS_WHEEL = "kernel-lens==2.0.1"
 HEADERS_WHEEL_FILE = "kernel_lens-2.0.1-py3-none-any.whl"
 HEADERS_WHEEL_SHA256 = "07cc714e8b5e7f34b672f7c7fad93febe7c747be5837ba276b1527370134ffe0"
 HEADERS_IN_WHEEL = "kernel_lens/include/tensorrt/"
-SYSTEM_INCLUDES = ("/usr/include/x86_64-linux-gnu", "/usr/include/aarch64-linux-gnu", "/usr/include",
-                   "/usr/local/tensorrt/include", "/opt/tensorrt/include")
+SYSTEM_INCLUDES = (
+    "/usr/include/x86_64-linux-gnu",
+    "/usr/include/aarch64-linux-gnu",
+    "/usr/include",
+    "/usr/local/tensorrt/include",
+    "/opt/tensorrt/include",
+)
 
 
 class Unavailable(Exception):
@@ -44,21 +49,36 @@ class Headers:
 
 def _header_version(folder: Path) -> str:
     text = (folder / "NvInferVersion.h").read_text(errors="replace") if (folder / "NvInferVersion.h").exists() else ""
-    parts = [re.search(rf"#define\s+(?:TRT|NV_TENSORRT)_{k}(?:_ENTERPRISE)?\s+(\d+)", text) for k in
-             ("MAJOR", "MINOR", "PATCH")]
+    parts = [
+        re.search(rf"#define\s+(?:TRT|NV_TENSORRT)_{k}(?:_ENTERPRISE)?\s+(\d+)", text)
+        for k in ("MAJOR", "MINOR", "PATCH")
+    ]
     return ".".join(m.group(1) for m in parts if m) or "unknown"
 
 
 def _download_headers(dest: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="grc-trt-headers-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", "-d", tmp, HEADERS_WHEEL]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+            tmp,
+            HEADERS_WHEEL,
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         wheel = Path(tmp) / HEADERS_WHEEL_FILE
         if done.returncode != 0 or not wheel.exists():
             tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise Unavailable(f"`pip download --no-deps {HEADERS_WHEEL}` failed ({tail[0]}); set GRC_TRT_INCLUDE to "
-                              "a TensorRT include folder instead")
+            raise Unavailable(
+                f"`pip download --no-deps {HEADERS_WHEEL}` failed ({tail[0]}); set GRC_TRT_INCLUDE to "
+                "a TensorRT include folder instead"
+            )
         digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
         if digest != HEADERS_WHEEL_SHA256:
             raise Unavailable(f"{HEADERS_WHEEL_FILE} has sha256 {digest}, expected {HEADERS_WHEEL_SHA256}")
@@ -89,8 +109,11 @@ def find_headers() -> Headers:
     if not (folder / "NvInferRuntime.h").exists():
         folder.parent.mkdir(parents=True, exist_ok=True)
         _download_headers(folder)
-    return Headers(folder, f"{HEADERS_WHEEL} (wheel sha256 {HEADERS_WHEEL_SHA256[:16]}..., via pip download)",
-                   _header_version(folder))
+    return Headers(
+        folder,
+        f"{HEADERS_WHEEL} (wheel sha256 {HEADERS_WHEEL_SHA256[:16]}..., via pip download)",
+        _header_version(folder),
+    )
 
 
 def find_nvcc() -> Path:
@@ -126,12 +149,29 @@ def gencode_flags(sms: list[int]) -> list[str]:
 
 
 def compile_library(nvcc: Path, source: Path, include: Path, sms: list[int], out: Path) -> list[str]:
-    cmd = [str(nvcc), "-std=c++17", "-O2", "-shared", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
-           # -isystem: TensorRT's headers warn about their own deprecated members; not ours to fix
-           "-isystem", str(include), "-I", str(source.parent),
-           # the only host-specific bytes nvcc leaves are the temp file's name (it holds the pid) in the
-           # symbol table: strip it, so the same sources give the same library (and sha256) on any host
-           "-Xlinker", "--strip-all", *gencode_flags(sms), "-o", str(out), str(source)]
+    cmd = [
+        str(nvcc),
+        "-std=c++17",
+        "-O2",
+        "-shared",
+        "-Xcompiler",
+        "-fPIC",
+        "-Xcompiler",
+        "-fvisibility=hidden",
+        # -isystem: TensorRT's headers warn about their own deprecated members; not ours to fix
+        "-isystem",
+        str(include),
+        "-I",
+        str(source.parent),
+        # the only host-specific bytes nvcc leaves are the temp file's name (it holds the pid) in the
+        # symbol table: strip it, so the same sources give the same library (and sha256) on any host
+        "-Xlinker",
+        "--strip-all",
+        *gencode_flags(sms),
+        "-o",
+        str(out),
+        str(source),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"nvcc failed ({done.returncode}):\n{' '.join(cmd)}\n{done.stderr[-4000:]}")
@@ -146,8 +186,9 @@ def lint_library(path: Path) -> dict[str, object]:
     missing = [name for name, found in tools.items() if not found]
     if missing:  # an unchecked library never passes its lint
         raise RuntimeError(f"cannot lint {path.name}: {' and '.join(missing)} not found on PATH (install binutils)")
-    out = subprocess.run([str(tools["nm"]), "-D", "--defined-only", str(path)], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [str(tools["nm"]), "-D", "--defined-only", str(path)], capture_output=True, text=True, check=True
+    ).stdout
     exported = sorted({line.split()[-1] for line in out.splitlines() if " T " in line})
     report["exported"] = exported
     report["entry_points_ok"] = {"getCreators", "setLoggerFinder"} <= set(exported)

@@ -23,8 +23,10 @@ from onnx import TensorProto, numpy_helper
 
 from grc.errors import StageError
 
-LOW = {"fp16": (TensorProto.FLOAT16, np.dtype(np.float16)),
-       "bf16": (TensorProto.BFLOAT16, np.dtype(ml_dtypes.bfloat16))}
+LOW = {
+    "fp16": (TensorProto.FLOAT16, np.dtype(np.float16)),
+    "bf16": (TensorProto.BFLOAT16, np.dtype(ml_dtypes.bfloat16)),
+}
 FP16_MAX = 65504.0
 # ops whose float output type is an attribute we do not rewrite: refuse rather than build a mixed graph
 TYPED_ATTR_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "EyeLike", "Multinomial"}
@@ -48,13 +50,23 @@ def convert(src: Path, dst: Path, precision: str) -> dict[str, Any]:
     elem, dtype = LOW[precision]
     model = onnx.load(str(src))  # loads external data too: the dense graph is small, embedding tables are not in it
     graph = model.graph
-    report: dict[str, Any] = {"precision": precision, "initializers": 0, "constants": 0, "casts_retargeted": 0,
-                              "input_casts": [], "output_casts": [], "clipped_to_fp16_range": {}}
+    report: dict[str, Any] = {
+        "precision": precision,
+        "initializers": 0,
+        "constants": 0,
+        "casts_retargeted": 0,
+        "input_casts": [],
+        "output_casts": [],
+        "clipped_to_fp16_range": {},
+    }
     for node in graph.node:
-        if node.op_type in TYPED_ATTR_OPS or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                                                 for a in node.attribute):
-            raise StageError(f"engine: cannot convert node {node.name} ({node.op_type}) to {precision}: "
-                             "typed-attribute or control-flow ops are not supported by the precision pass")
+        if node.op_type in TYPED_ATTR_OPS or any(
+            a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute
+        ):
+            raise StageError(
+                f"engine: cannot convert node {node.name} ({node.op_type}) to {precision}: "
+                "typed-attribute or control-flow ops are not supported by the precision pass"
+            )
     for i, init in enumerate(graph.initializer):
         if init.data_type == TensorProto.FLOAT:
             graph.initializer[i].CopyFrom(_low_tensor(init, dtype, report))
@@ -83,8 +95,9 @@ def convert(src: Path, dst: Path, precision: str) -> dict[str, Any]:
         for node in graph.node:
             node.output[:] = [low if x == out.name else x for x in node.output]
             node.input[:] = [low if x == out.name else x for x in node.input]
-        tail.append(onnx.helper.make_node("Cast", [low], [out.name], name=f"grc.cast_out.{out.name}",
-                                          to=TensorProto.FLOAT))
+        tail.append(
+            onnx.helper.make_node("Cast", [low], [out.name], name=f"grc.cast_out.{out.name}", to=TensorProto.FLOAT)
+        )
         report["output_casts"].append(out.name)
     nodes = casts + list(graph.node) + tail
     del graph.node[:]
@@ -93,8 +106,9 @@ def convert(src: Path, dst: Path, precision: str) -> dict[str, Any]:
     dst.parent.mkdir(parents=True, exist_ok=True)
     big = model.ByteSize() > 1_800_000_000  # protobuf's 2 GB limit: weights beside the graph
     onnx.save_model(model, str(dst), save_as_external_data=big, location=f"{dst.name}.data")
-    report["conversions"] = [f"{report['initializers']} float32 initializers and {report['constants']} constants "
-                             f"-> {precision}", f"{report['casts_retargeted']} Cast(to=float32) -> {precision}",
-                             f"Cast at inputs {report['input_casts']} and outputs {report['output_casts']} "
-                             "(engine I/O stays float32)"]
+    report["conversions"] = [
+        f"{report['initializers']} float32 initializers and {report['constants']} constants -> {precision}",
+        f"{report['casts_retargeted']} Cast(to=float32) -> {precision}",
+        f"Cast at inputs {report['input_casts']} and outputs {report['output_casts']} (engine I/O stays float32)",
+    ]
     return report

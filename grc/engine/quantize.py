@@ -74,14 +74,27 @@ def modelopt_site(cache: Path) -> Path:
         if (site / INSTALLED).exists():
             return site
         shutil.rmtree(site, ignore_errors=True)
-        cmd = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
-               "--target", str(site), f"{MODELOPT[0]}=={MODELOPT[1]}", *EXTRA]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--target",
+            str(site),
+            f"{MODELOPT[0]}=={MODELOPT[1]}",
+            *EXTRA,
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             shutil.rmtree(site, ignore_errors=True)
             tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-8:])
-            raise StageError(f"quantize: installing {MODELOPT[0]}=={MODELOPT[1]} into {site} failed (int8/fp8 "
-                             f"engines need it; a host without PyPI can copy that folder from one with it):\n{tail}")
+            raise StageError(
+                f"quantize: installing {MODELOPT[0]}=={MODELOPT[1]} into {site} failed (int8/fp8 "
+                f"engines need it; a host without PyPI can copy that folder from one with it):\n{tail}"
+            )
         (site / INSTALLED).write_text(json.dumps({"packages": [f"{MODELOPT[0]}=={MODELOPT[1]}", *EXTRA]}))
     return site
 
@@ -94,16 +107,32 @@ def quantize(src: Path, dst: Path, precision: str, feeds: Path, site: Path, scra
     request = scratch / f"quantize-{precision}.json"
     result = scratch / f"quantize-{precision}-result.json"
     result.unlink(missing_ok=True)
-    request.write_text(json.dumps({"onnx": str(src), "output": str(dst), "mode": MODE[precision],
-                                   "feeds": str(feeds), "ops": list(QUANTIZED_OPS), "exclude": list(EXCLUDED_OPS),
-                                   "scratch": str(scratch), "result": str(result)}))
+    request.write_text(
+        json.dumps(
+            {
+                "onnx": str(src),
+                "output": str(dst),
+                "mode": MODE[precision],
+                "feeds": str(feeds),
+                "ops": list(QUANTIZED_OPS),
+                "exclude": list(EXCLUDED_OPS),
+                "scratch": str(scratch),
+                "result": str(result),
+            }
+        )
+    )
     env = dict(os.environ)
     repo = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, str(site), env.get("PYTHONPATH", "")) if p)
     # in the scratch folder: ModelOpt and onnxruntime's shape inference leave files in the working
     # directory (<uuid>.data, sym_shape_infer_temp.onnx)
-    done = subprocess.run([sys.executable, "-m", "grc.engine.quantize_worker", str(request)], env=env,
-                          capture_output=True, text=True, cwd=scratch)
+    done = subprocess.run(
+        [sys.executable, "-m", "grc.engine.quantize_worker", str(request)],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=scratch,
+    )
     report = json.loads(result.read_text()) if result.exists() else None
     if report is None or not report.get("ok"):
         why = report["error"] if report else "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])

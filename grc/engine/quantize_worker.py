@@ -69,12 +69,19 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
     feeds = dict(np.load(request["feeds"]))
     _sessions_with_custom_ops()
     started = time.perf_counter()
-    quantize(onnx_path=str(staged), quantize_mode=request["mode"], calibration_data=feeds,
-             calibration_method=CALIBRATION[request["mode"]],
-             op_types_to_quantize=list(request["ops"]), op_types_to_exclude=list(request["exclude"]),
-             output_path=str(quantized), calibration_eps=["cpu"],
-             # fp16 for the unquantized rest needs TensorRT to type the custom node: those ops stay fp32
-             high_precision_dtype="fp32", use_external_data_format=big)
+    quantize(
+        onnx_path=str(staged),
+        quantize_mode=request["mode"],
+        calibration_data=feeds,
+        calibration_method=CALIBRATION[request["mode"]],
+        op_types_to_quantize=list(request["ops"]),
+        op_types_to_exclude=list(request["exclude"]),
+        output_path=str(quantized),
+        calibration_eps=["cpu"],
+        # fp16 for the unquantized rest needs TensorRT to type the custom node: those ops stay fp32
+        high_precision_dtype="fp32",
+        use_external_data_format=big,
+    )
     seconds = time.perf_counter() - started
     out = onnx.load(str(quantized))
     _move_domain(out, EXT_DOMAIN, PLUGIN_NAMESPACE)
@@ -88,16 +95,27 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
     dst.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(out, str(dst), save_as_external_data=big, location=f"{dst.name}.data")
     onnx.checker.check_model(str(dst))
-    q_types = sorted({onnx.TensorProto.DataType.Name(i.data_type) for i in out.graph.initializer
-                      if any(n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] == i.name
-                             for n in out.graph.node)})
-    return {"tool": "nvidia-modelopt", "version": modelopt.__version__, "mode": request["mode"],
-            "calibration_method": CALIBRATION[request["mode"]],
-            "calibration_eps": ["cpu"], "quantized_op_types": list(request["ops"]),
-            "excluded_op_types": list(request["exclude"]),
-            "quantize_nodes": after["QuantizeLinear"], "dequantize_nodes": after["DequantizeLinear"],
-            "zero_point_types": q_types, "op_counts": dict(sorted(after.items())),
-            "seconds": round(seconds, 3)}
+    q_types = sorted(
+        {
+            onnx.TensorProto.DataType.Name(i.data_type)
+            for i in out.graph.initializer
+            if any(n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] == i.name for n in out.graph.node)
+        }
+    )
+    return {
+        "tool": "nvidia-modelopt",
+        "version": modelopt.__version__,
+        "mode": request["mode"],
+        "calibration_method": CALIBRATION[request["mode"]],
+        "calibration_eps": ["cpu"],
+        "quantized_op_types": list(request["ops"]),
+        "excluded_op_types": list(request["exclude"]),
+        "quantize_nodes": after["QuantizeLinear"],
+        "dequantize_nodes": after["DequantizeLinear"],
+        "zero_point_types": q_types,
+        "op_counts": dict(sorted(after.items())),
+        "seconds": round(seconds, 3),
+    }
 
 
 def main(argv: list[str]) -> int:

@@ -22,7 +22,10 @@ from pathlib import Path
 RTX_SMS = (75, 80, 86, 89, 120, 121)  # TensorRT-RTX 1.x ComputeCapability (tests check it against the enum)
 RTX_PIN = "tensorrt-rtx-cu13-libs==1.7.1.116 tensorrt-rtx-cu13-bindings==1.7.1.116"
 TOOLKIT_DISTRIBUTIONS = (  # for the stage keys: a toolkit upgrade rebuilds the engines
-    "tensorrt-rtx-cu13-libs", "tensorrt-rtx-cu13-bindings", "tensorrt", "tensorrt-cu13-bindings",
+    "tensorrt-rtx-cu13-libs",
+    "tensorrt-rtx-cu13-bindings",
+    "tensorrt",
+    "tensorrt-cu13-bindings",
     "tensorrt-cu12-bindings",
 )
 PREFERENCE = ("tensorrt", "tensorrt_rtx")  # "tensorrt where installed, tensorrt_rtx otherwise"
@@ -72,14 +75,16 @@ def installed() -> dict[str, Toolkit]:
     found: dict[str, Toolkit] = {}
     for module in ("tensorrt_rtx", "tensorrt_rtx_bindings"):  # the sdist adds the first name; the wheel has the second
         if _has_module(module):
-            version = _version("tensorrt-rtx-cu13-bindings", "tensorrt-rtx-cu12-bindings", "tensorrt-rtx-cu13",
-                               "tensorrt-rtx")
+            version = _version(
+                "tensorrt-rtx-cu13-bindings", "tensorrt-rtx-cu12-bindings", "tensorrt-rtx-cu13", "tensorrt-rtx"
+            )
             found["tensorrt_rtx"] = Toolkit("tensorrt_rtx", module, version)
             break
     for module in ("tensorrt", "tensorrt_bindings"):
         if _has_module(module):
-            version = _version("tensorrt", "tensorrt-cu13-bindings", "tensorrt-cu12-bindings", "tensorrt-cu13",
-                               "tensorrt-cu12")
+            version = _version(
+                "tensorrt", "tensorrt-cu13-bindings", "tensorrt-cu12-bindings", "tensorrt-cu13", "tensorrt-cu12"
+            )
             found["tensorrt"] = Toolkit("tensorrt", module, version)
             break
     return found
@@ -92,8 +97,13 @@ def local_gpus() -> tuple[Gpu, ...]:
     if smi is None:
         return ()
     try:
-        out = subprocess.run([smi, "--query-gpu=name,compute_cap", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20, check=True).stdout
+        out = subprocess.run(
+            [smi, "--query-gpu=name,compute_cap", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return ()
     gpus = []
@@ -108,8 +118,10 @@ def local_gpus() -> tuple[Gpu, ...]:
 def install_hint(sm: int) -> str:
     if sm in RTX_SMS:
         return f"install TensorRT-RTX (pip install {RTX_PIN}) to build it on any host, GPU or not"
-    return (f"run the same `grc build` on a host with an sm{sm} GPU and full TensorRT installed "
-            "(pip install tensorrt-cu13; TensorRT builds for the GPU it runs on)")
+    return (
+        f"run the same `grc build` on a host with an sm{sm} GPU and full TensorRT installed "
+        "(pip install tensorrt-cu13; TensorRT builds for the GPU it runs on)"
+    )
 
 
 def can_build(toolkit: Toolkit, sm: int, precision: str, gpus: tuple[Gpu, ...]) -> tuple[bool, str]:
@@ -121,15 +133,21 @@ def can_build(toolkit: Toolkit, sm: int, precision: str, gpus: tuple[Gpu, ...]) 
         return False, f"{toolkit.label} builds for the GPU it runs on, and this host has {seen}"
     if sm not in RTX_SMS:
         targets = "/".join(f"sm{s}" for s in RTX_SMS)
-        return False, (f"{toolkit.label} targets {targets} only (no sm{sm}: datacenter Hopper/Blackwell are not "
-                       "RTX targets)")
+        return False, (
+            f"{toolkit.label} targets {targets} only (no sm{sm}: datacenter Hopper/Blackwell are not RTX targets)"
+        )
     if sm == 75 and precision == "fp32":
         return False, f"{toolkit.label} cannot compile fp32 matrix products for sm75 (Turing); use fp16 for this target"
     return True, f"{toolkit.label} compiles sm{sm} ahead of time (no GPU needed)"
 
 
-def choose(sm: int, precision: str, wanted: str = "auto", toolkits: dict[str, Toolkit] | None = None,
-           gpus: tuple[Gpu, ...] | None = None) -> Choice:
+def choose(
+    sm: int,
+    precision: str,
+    wanted: str = "auto",
+    toolkits: dict[str, Toolkit] | None = None,
+    gpus: tuple[Gpu, ...] | None = None,
+) -> Choice:
     """The first toolkit (full TensorRT, then TensorRT-RTX; or only ``wanted``) able to build sm/precision."""
     toolkits = installed() if toolkits is None else toolkits
     gpus = local_gpus() if gpus is None else gpus

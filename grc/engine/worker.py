@@ -50,8 +50,12 @@ def _load_plugin(trt: Any, library: str | None) -> dict[str, Any]:
     creator = registry.get_creator(*PLUGIN)
     if creator is None:
         raise RuntimeError(f"no plugin creator {PLUGIN[0]} version {PLUGIN[1]} namespace {PLUGIN[2]} is registered")
-    return {"name": PLUGIN[0], "version": PLUGIN[1], "namespace": PLUGIN[2],
-            "fields": [[f.name, str(f.type).split(".")[-1]] for f in creator.field_names]}
+    return {
+        "name": PLUGIN[0],
+        "version": PLUGIN[1],
+        "namespace": PLUGIN[2],
+        "fields": [[f.name, str(f.type).split(".")[-1]] for f in creator.field_names],
+    }
 
 
 def _dtype(t: Any) -> str:
@@ -65,8 +69,11 @@ def _layers(trt: Any, net: Any) -> list[dict[str, Any]]:
         row: dict[str, Any] = {
             "name": layer.name,
             "type": str(layer.type).split(".")[-1],
-            "inputs": [[t.name, _dtype(t.dtype)] for t in (layer.get_input(j) for j in range(layer.num_inputs))
-                       if t is not None],
+            "inputs": [
+                [t.name, _dtype(t.dtype)]
+                for t in (layer.get_input(j) for j in range(layer.num_inputs))
+                if t is not None
+            ],
             "outputs": [[t.name, _dtype(t.dtype)] for t in (layer.get_output(j) for j in range(layer.num_outputs))],
         }
         if "PLUGIN" in row["type"]:
@@ -79,8 +86,10 @@ def _io(net: Any) -> dict[str, list[dict[str, Any]]]:
     def rows(tensors: list[Any]) -> list[dict[str, Any]]:
         return [{"name": t.name, "dtype": _dtype(t.dtype), "shape": list(t.shape)} for t in tensors]
 
-    return {"inputs": rows([net.get_input(i) for i in range(net.num_inputs)]),
-            "outputs": rows([net.get_output(i) for i in range(net.num_outputs)])}
+    return {
+        "inputs": rows([net.get_input(i) for i in range(net.num_inputs)]),
+        "outputs": rows([net.get_output(i) for i in range(net.num_outputs)]),
+    }
 
 
 def _profile_shapes(shape: list[int], users: list[int], tokens: list[int]) -> tuple[tuple[int, ...], ...]:
@@ -138,8 +147,12 @@ def build(request: dict[str, Any]) -> dict[str, Any]:
             prof.set_shape(tensor["name"], lo, opt, hi)
         cfg.add_optimization_profile(prof)
     cache_path = request.get("timing_cache")
-    timing: dict[str, Any] = {"used": False, "note": "engine.timing_cache is off" if request["toolkit"] == "tensorrt"
-                              else "timing-cache calls are no-ops in TensorRT-RTX (deprecated since 1.2)"}
+    timing: dict[str, Any] = {
+        "used": False,
+        "note": "engine.timing_cache is off"
+        if request["toolkit"] == "tensorrt"
+        else "timing-cache calls are no-ops in TensorRT-RTX (deprecated since 1.2)",
+    }
     if cache_path and request["toolkit"] == "tensorrt":
         blob = Path(cache_path).read_bytes() if Path(cache_path).exists() else b""
         cache = cfg.create_timing_cache(blob)
@@ -158,10 +171,20 @@ def build(request: dict[str, Any]) -> dict[str, Any]:
         tmp.write_bytes(data)
         tmp.replace(cache_path)  # atomic: a concurrent build never reads half a cache
         timing["bytes_after"] = len(data)
-    return {"toolkit": request["toolkit"], "module": request["module"], "version": trt.__version__,
-            "parse_seconds": round(parse_s, 3), "build_seconds": round(build_s, 3), "plan_bytes": serialized.nbytes,
-            "network_layers": _layers(trt, net), "io": io, "plugin": plugin, "timing_cache": timing,
-            "profiling_verbosity": "DETAILED", "warnings": warnings}
+    return {
+        "toolkit": request["toolkit"],
+        "module": request["module"],
+        "version": trt.__version__,
+        "parse_seconds": round(parse_s, 3),
+        "build_seconds": round(build_s, 3),
+        "plan_bytes": serialized.nbytes,
+        "network_layers": _layers(trt, net),
+        "io": io,
+        "plugin": plugin,
+        "timing_cache": timing,
+        "profiling_verbosity": "DETAILED",
+        "warnings": warnings,
+    }
 
 
 def plugin_info(request: dict[str, Any]) -> dict[str, Any]:
@@ -189,15 +212,24 @@ def inspect(request: dict[str, Any]) -> dict[str, Any]:
     io = []
     for i in range(engine.num_io_tensors):
         name = engine.get_tensor_name(i)
-        row = {"name": name, "mode": str(engine.get_tensor_mode(name)).split(".")[-1],
-               "dtype": _dtype(engine.get_tensor_dtype(name)), "shape": list(engine.get_tensor_shape(name)),
-               "profiles": []}
+        row = {
+            "name": name,
+            "mode": str(engine.get_tensor_mode(name)).split(".")[-1],
+            "dtype": _dtype(engine.get_tensor_dtype(name)),
+            "shape": list(engine.get_tensor_shape(name)),
+            "profiles": [],
+        }
         if row["mode"] == "INPUT":
             for p in range(engine.num_optimization_profiles):
                 row["profiles"].append([list(s) for s in engine.get_tensor_profile_shape(name, p)])
         io.append(row)
-    return {"version": trt.__version__, "layers": layers, "io": io,
-            "num_optimization_profiles": engine.num_optimization_profiles, "warnings": warnings}
+    return {
+        "version": trt.__version__,
+        "layers": layers,
+        "io": io,
+        "num_optimization_profiles": engine.num_optimization_profiles,
+        "warnings": warnings,
+    }
 
 
 def parity(request: dict[str, Any]) -> dict[str, Any]:

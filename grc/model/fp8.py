@@ -105,8 +105,9 @@ class Fp8Linear(nn.Module):
         # row-wise scaling (the per-channel weight scale): scale_a [M, 1], scale_b [1, N], bf16 out
         scale_a = self.input_scale.view(1, 1).expand(x2.shape[0], 1).contiguous()
         bias = None if self.bias is None else self.bias.to(torch.bfloat16)
-        y = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=scale_a, scale_b=self.weight_scale, bias=bias,
-                             out_dtype=torch.bfloat16)
+        y = torch._scaled_mm(
+            xq, self.weight_fp8.t(), scale_a=scale_a, scale_b=self.weight_scale, bias=bias, out_dtype=torch.bfloat16
+        )
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

@@ -315,8 +315,11 @@ def _check_precision_sm(precision: str, sm: int, where: str, target: str = "this
     GPU has no tensor-core instructions for the precision cannot run it, whatever the builder."""
     need = MIN_SM.get(precision)
     if need is not None and sm < need:
-        what = "FP8 (e4m3) tensor cores arrived with Ada, sm89" if precision == "fp8" else (
-            "INT8 Q/DQ engines are built for Ampere (sm80) and newer")
+        what = (
+            "FP8 (e4m3) tensor cores arrived with Ada, sm89"
+            if precision == "fp8"
+            else ("INT8 Q/DQ engines are built for Ampere (sm80) and newer")
+        )
         raise ValueError(f"{where}: {precision} needs sm{need} or newer ({what}); {target} is sm{sm}")
 
 
@@ -484,8 +487,9 @@ class EngineConfig(_Section):
     def _targets_and_profiles(self) -> EngineConfig:
         for i, target in enumerate(self.targets):
             if target.precision is None:
-                _check_precision_sm(self.precision, target.compute_capability, "precision",
-                                    f"targets[{i}] {target.name!r}")
+                _check_precision_sm(
+                    self.precision, target.compute_capability, "precision", f"targets[{i}] {target.name!r}"
+                )
         names = [t.name for t in self.targets]
         for i, name in enumerate(names):
             if name in names[:i]:
@@ -706,12 +710,16 @@ class TritonBundleConfig(_Section):
         else:
             only = [b for b in backends if b in FUSED_ONLY_BACKENDS]
             if only:
-                raise ValueError(f"pipeline: ensemble has no {', '.join(only)} step; the fused pipeline runs it "
-                                 f"(set pipeline: fused)")
+                raise ValueError(
+                    f"pipeline: ensemble has no {', '.join(only)} step; the fused pipeline runs it "
+                    f"(set pipeline: fused)"
+                )
         if self.instance_kind == "KIND_CPU":
             if self.gpu.tables == "pinned_host":
-                raise ValueError("gpu.tables: pinned_host feeds a GPU gather; KIND_CPU instances read the "
-                                 "memory-mapped tables (use auto or device)")
+                raise ValueError(
+                    "gpu.tables: pinned_host feeds a GPU gather; KIND_CPU instances read the "
+                    "memory-mapped tables (use auto or device)"
+                )
             if self.gpu.cuda_graphs and "gpu" in self.model_fields_set and "cuda_graphs" in self.gpu.model_fields_set:
                 raise ValueError("gpu.cuda_graphs: CUDA graphs need KIND_GPU instances (instance_kind is KIND_CPU)")
 
@@ -904,11 +912,15 @@ class Spec(_Section):
         for i, bucket in enumerate(triton.gpu.buckets):
             where = f"bundles.triton.gpu.buckets[{i}]"
             if bucket.tokens > most:
-                raise ValueError(f"{where}.tokens: {bucket.tokens} exceeds max_batch_size {triton.max_batch_size} "
-                                 f"x model.hstu.max_seq_len {seq} = {most}")
+                raise ValueError(
+                    f"{where}.tokens: {bucket.tokens} exceeds max_batch_size {triton.max_batch_size} "
+                    f"x model.hstu.max_seq_len {seq} = {most}"
+                )
             slots = triton.max_batch_size + -(-bucket.tokens // seq)  # real users + the padding users tokens need
             if bucket.users > slots:
-                raise ValueError(f"{where}.users: {bucket.users} slots, and a batch of {bucket.tokens} tokens uses at "
-                                 f"most {slots} (max_batch_size {triton.max_batch_size} + one padding user per "
-                                 f"max_seq_len {seq} padding tokens)")
+                raise ValueError(
+                    f"{where}.users: {bucket.users} slots, and a batch of {bucket.tokens} tokens uses at "
+                    f"most {slots} (max_batch_size {triton.max_batch_size} + one padding user per "
+                    f"max_seq_len {seq} padding tokens)"
+                )
         return self

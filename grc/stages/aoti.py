@@ -42,8 +42,10 @@ def fp8_gpu_or_fail(target: str) -> None:
 
     _, _, host = resolve_target(target)
     if host.get("sm") is not None and host["sm"] < 89:
-        raise StageError(f"engine.aoti.precision: fp8 needs an sm89+ GPU (float8 e4m3 tensor cores) for target "
-                         f"{target}; this host's is sm{host['sm']} ({host.get('gpu')})")
+        raise StageError(
+            f"engine.aoti.precision: fp8 needs an sm89+ GPU (float8 e4m3 tensor cores) for target "
+            f"{target}; this host's is sm{host['sm']} ({host.get('gpu')})"
+        )
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -130,8 +132,15 @@ def run(ctx: Context) -> dict[str, Any]:
 STAGE = Stage(
     name="aoti",
     output="engines-aoti",
-    reads=("engine.aoti", "engine.parity", "engine.calibration", "verify.export", "verify.shapes", "verify.ranking",
-           "model"),
+    reads=(
+        "engine.aoti",
+        "engine.parity",
+        "engine.calibration",
+        "verify.export",
+        "verify.shapes",
+        "verify.ranking",
+        "model",
+    ),
     inputs=("weights",),
     input_files={"weights": "dense.json"},  # the dense model only (DENSE_VIEW in grc/weights/artifact.py)
     run=run,

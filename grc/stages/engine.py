@@ -49,11 +49,14 @@ PARITY_SEED = 20240501  # fixed: parity inputs must not depend on unrelated spec
 def resolve_profiles(cfg: EngineConfig, max_seq_len: int) -> list[dict[str, list[int]]]:
     out = []
     for i, p in enumerate(cfg.profiles):
-        tokens = [1, min(128, max_seq_len), max_seq_len] if p.tokens is None else [p.tokens.min, p.tokens.opt,
-                                                                                     p.tokens.max]
+        tokens = (
+            [1, min(128, max_seq_len), max_seq_len] if p.tokens is None else [p.tokens.min, p.tokens.opt, p.tokens.max]
+        )
         if tokens[2] > max_seq_len:
-            raise StageError(f"engine.profiles[{i}].tokens.max: {tokens[2]} exceeds model.hstu.max_seq_len "
-                             f"{max_seq_len}, the longest padded row the model accepts")
+            raise StageError(
+                f"engine.profiles[{i}].tokens.max: {tokens[2]} exceeds model.hstu.max_seq_len "
+                f"{max_seq_len}, the longest padded row the model accepts"
+            )
         out.append({"users": [p.users.min, p.users.opt, p.users.max], "tokens": tokens})
     return out
 
@@ -100,14 +103,28 @@ class Builder:
                 path = self.ctx.inputs["quantize"] / entry["model"]
                 ranking = self.ctx.input_manifest("verify")["ranking"]
                 gated = [f for f in ranking["figures"] if f["backend"] == f"onnxrt-{precision}"]
-                report = {"conversions": [f"the quantize stage's {precision} Q/DQ graph: {entry['tool']} "
-                                          f"{entry['version']}, {entry['quantize_nodes']} Q/DQ pairs, "
-                                          f"{entry['calibration_method']} calibration, unquantized ops in fp32"],
-                          "quantization": {**{k: entry[k] for k in ("tool", "version", "calibration_method",
-                                                                    "excluded_op_types", "quantize_nodes",
-                                                                    "calibration")},
-                                           # the gates this graph passed in verify (onnxruntime vs fp32)
-                                           "ranking": {"gates": ranking["gates"], "figures": gated}}}
+                report = {
+                    "conversions": [
+                        f"the quantize stage's {precision} Q/DQ graph: {entry['tool']} "
+                        f"{entry['version']}, {entry['quantize_nodes']} Q/DQ pairs, "
+                        f"{entry['calibration_method']} calibration, unquantized ops in fp32"
+                    ],
+                    "quantization": {
+                        **{
+                            k: entry[k]
+                            for k in (
+                                "tool",
+                                "version",
+                                "calibration_method",
+                                "excluded_op_types",
+                                "quantize_nodes",
+                                "calibration",
+                            )
+                        },
+                        # the gates this graph passed in verify (onnxruntime vs fp32)
+                        "ranking": {"gates": ranking["gates"], "figures": gated},
+                    },
+                }
                 self.graphs[precision] = (path, report, sha256_file(path))
             elif precision == "fp32":
                 self.graphs[precision] = (self.onnx, {"conversions": []}, self.onnx_sha)
@@ -121,8 +138,14 @@ class Builder:
 
     def skip(self, target: EngineTarget, precision: str, reason: str) -> dict[str, Any]:
         self.ctx.log(f"engine: {target.name}: skipped: {reason}")
-        return {"name": target.name, "sm": target.compute_capability, "gpu": target.gpu, "precision": precision,
-                "status": "skipped", "reason": reason}
+        return {
+            "name": target.name,
+            "sm": target.compute_capability,
+            "gpu": target.gpu,
+            "precision": precision,
+            "status": "skipped",
+            "reason": reason,
+        }
 
     def build(self, target: EngineTarget) -> dict[str, Any]:
         precision = self.cfg.precision_of(target)
@@ -131,12 +154,14 @@ class Builder:
         if choice.toolkit is None:
             return self.skip(target, precision, choice.reason)
         if self.library is None:
-            return self.skip(target, precision, f"no plugin library: the plugins stage was skipped "
-                                                f"({self.plugins.get('reason')})")
+            return self.skip(
+                target, precision, f"no plugin library: the plugins stage was skipped ({self.plugins.get('reason')})"
+            )
         if sm not in self.plugins.get("sms", []):
             dropped = self.plugins.get("sms_not_supported_by_nvcc")
-            return self.skip(target, precision, f"the plugin library has no code for sm{sm} (nvcc could not "
-                                                f"compile {dropped})")
+            return self.skip(
+                target, precision, f"the plugin library has no code for sm{sm} (nvcc could not compile {dropped})"
+            )
         toolkit = choice.toolkit
         onnx_path, conversion, onnx_used_sha = self.graph(precision)
         folder = self.ctx.out / target.name
@@ -144,30 +169,45 @@ class Builder:
         timing_cache = None
         if self.cfg.timing_cache and toolkit.name == "tensorrt":
             timing_cache = str(cache_dir() / "timing" / f"{toolkit.name}-{toolkit.version}" / f"sm{sm}.cache")
-        request = {"onnx": str(onnx_path), "plugin_library": str(self.library), "plan": str(folder / PLAN),
-                   "sms": [sm], "profiles": self.profiles, "optimization_level": self.cfg.optimization_level,
-                   "workspace_mb": self.cfg.workspace_mb, "timing_cache": timing_cache,
-                   "embed_plugin": self.cfg.embed_plugin}
+        request = {
+            "onnx": str(onnx_path),
+            "plugin_library": str(self.library),
+            "plan": str(folder / PLAN),
+            "sms": [sm],
+            "profiles": self.profiles,
+            "optimization_level": self.cfg.optimization_level,
+            "workspace_mb": self.cfg.workspace_mb,
+            "timing_cache": timing_cache,
+            "embed_plugin": self.cfg.embed_plugin,
+        }
         started = time.perf_counter()
         result = run_worker("build", request, toolkit, self.scratch / target.name)
         wall = time.perf_counter() - started
         if not result.get("ok"):
-            raise StageError(f"engine: target {target.name} (sm{sm}, {toolkit.label}, {precision}) failed: "
-                             f"{result.get('error')}")
+            raise StageError(
+                f"engine: target {target.name} (sm{sm}, {toolkit.label}, {precision}) failed: {result.get('error')}"
+            )
         blob = (folder / PLAN).read_bytes()
         described = plan_file.describe(blob)
         plugin_layers = [row["name"] for row in result["network_layers"] if row["type"].startswith("PLUGIN")]
         if sorted(plugin_layers) != sorted(self.attention):
-            raise StageError(f"engine: target {target.name}: the network has plugin layers {plugin_layers}, the graph "
-                             f"has {ATTENTION_OP} nodes {self.attention}")
+            raise StageError(
+                f"engine: target {target.name}: the network has plugin layers {plugin_layers}, the graph "
+                f"has {ATTENTION_OP} nodes {self.attention}"
+            )
         if toolkit.name == "tensorrt_rtx" and described.get("target_sms") != [sm]:
-            raise StageError(f"engine: target {target.name}: the plan's SM mask says {described.get('target_sms')}, "
-                             f"asked for sm{sm}")
+            raise StageError(
+                f"engine: target {target.name}: the plan's SM mask says {described.get('target_sms')}, asked for sm{sm}"
+            )
         parity = self.parity(target, toolkit, folder, precision)
         metadata = {
             "target": {"name": target.name, "sm": sm, "gpu": target.gpu},
-            "toolkit": {"name": toolkit.name, "module": toolkit.module, "version": result["version"],
-                        "why": choice.reason},
+            "toolkit": {
+                "name": toolkit.name,
+                "module": toolkit.module,
+                "version": result["version"],
+                "why": choice.reason,
+            },
             "precision": precision,
             "target_sms": [sm],
             "profiles": self.profiles,
@@ -175,11 +215,18 @@ class Builder:
             "workspace_mb": self.cfg.workspace_mb,
             "profiling_verbosity": result["profiling_verbosity"],
             "plan": {"file": PLAN, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest(), **described},
-            "plugin_library": {"file": f"plugins/{self.plugins['library']}", "sha256": self.library_sha,
-                               "embedded_in_plan": bool(self.cfg.embed_plugin), "plugins": self.plugins["plugins"]},
-            "onnx": {"surgery_sha256": self.onnx_sha, "built_from_sha256": onnx_used_sha,
-                     "conversions": conversion["conversions"] or ["none: the surgeried graph as is (int64 inputs "
-                                                                  "stay INT64 bindings)"]},
+            "plugin_library": {
+                "file": f"plugins/{self.plugins['library']}",
+                "sha256": self.library_sha,
+                "embedded_in_plan": bool(self.cfg.embed_plugin),
+                "plugins": self.plugins["plugins"],
+            },
+            "onnx": {
+                "surgery_sha256": self.onnx_sha,
+                "built_from_sha256": onnx_used_sha,
+                "conversions": conversion["conversions"]
+                or ["none: the surgeried graph as is (int64 inputs stay INT64 bindings)"],
+            },
             # int8 / fp8: the quantizer and its calibration users (seed, digest of the feeds); their
             # ranking figures against the fp32 model are in verify/manifest.json under ranking
             "quantization": conversion.get("quantization"),
@@ -195,42 +242,78 @@ class Builder:
             "warnings": [w for w in result["warnings"] if "Int64 binding" not in w],
         }
         (folder / METADATA).write_text(json.dumps(metadata, indent=1) + "\n")
-        timings = {"build_seconds": result["build_seconds"], "parse_seconds": result["parse_seconds"],
-                   "worker_seconds": round(wall, 3), "toolkit": toolkit.label, "target_sms": [sm]}
+        timings = {
+            "build_seconds": result["build_seconds"],
+            "parse_seconds": result["parse_seconds"],
+            "worker_seconds": round(wall, 3),
+            "toolkit": toolkit.label,
+            "target_sms": [sm],
+        }
         (folder / BUILD_REPORT).write_text(json.dumps(timings, indent=1) + "\n")
-        self.ctx.log(f"engine: {target.name}: {toolkit.label} sm{sm} {precision}: {len(blob) / 2**20:.1f} MiB in "
-                     f"{result['build_seconds']:.2f}s (worker {wall:.1f}s), {len(plugin_layers)} plugin layers")
-        return {"name": target.name, "sm": sm, "gpu": target.gpu, "precision": precision, "status": "built",
-                "toolkit": toolkit.name, "toolkit_version": result["version"], "plan": f"{target.name}/{PLAN}",
-                "metadata": f"{target.name}/{METADATA}", "plan_sha256": metadata["plan"]["sha256"],
-                "parity": parity["status"]}
+        self.ctx.log(
+            f"engine: {target.name}: {toolkit.label} sm{sm} {precision}: {len(blob) / 2**20:.1f} MiB in "
+            f"{result['build_seconds']:.2f}s (worker {wall:.1f}s), {len(plugin_layers)} plugin layers"
+        )
+        return {
+            "name": target.name,
+            "sm": sm,
+            "gpu": target.gpu,
+            "precision": precision,
+            "status": "built",
+            "toolkit": toolkit.name,
+            "toolkit_version": result["version"],
+            "plan": f"{target.name}/{PLAN}",
+            "metadata": f"{target.name}/{METADATA}",
+            "plan_sha256": metadata["plan"]["sha256"],
+            "parity": parity["status"],
+        }
 
     def parity(self, target: EngineTarget, toolkit: Toolkit, folder: Path, precision: str) -> dict[str, Any]:
         gpu = runnable_here(toolkit, target.compute_capability)
         if gpu is None:
-            return {"status": "not measured",
-                    "reason": f"this host has no sm{target.compute_capability} GPU to run the engine on; parity is "
-                              f"measured by `grc build` on such a host with {toolkit.name} installed"}
+            return {
+                "status": "not measured",
+                "reason": f"this host has no sm{target.compute_capability} GPU to run the engine on; parity is "
+                f"measured by `grc build` on such a host with {toolkit.name} installed",
+            }
         profile = self.profiles[0]
         feeds = parity_feeds(self.onnx, profile["users"][1], profile["tokens"][1], self.ctx.spec.model.max_candidates)
         scratch = self.scratch / target.name
         np.savez(scratch / "feeds.npz", **feeds)  # type: ignore[arg-type]
-        request = {"plan": str(folder / PLAN), "plugin_library": str(self.library), "onnx": str(self.onnx),
-                   "inputs": str(scratch / "feeds.npz"), "outputs": str(scratch / "outputs.npz")}
+        request = {
+            "plan": str(folder / PLAN),
+            "plugin_library": str(self.library),
+            "onnx": str(self.onnx),
+            "inputs": str(scratch / "feeds.npz"),
+            "outputs": str(scratch / "outputs.npz"),
+        }
         result = run_worker("parity", request, toolkit, scratch)
         if not result.get("ok"):
             raise StageError(f"engine: parity run of {target.name} on {gpu.name} failed: {result.get('error')}")
         outputs = np.load(scratch / "outputs.npz")
         tol = self.cfg.tolerance_of(precision)
         names = sorted({k.split("/", 1)[1] for k in outputs.files})
-        figures = [compare(f"engine:{target.name}", f"{profile['users'][1]}u x {profile['tokens'][1]}t", name,
-                           outputs[f"engine/{name}"], outputs[f"onnxrt/{name}"], tol) for name in names]
+        figures = [
+            compare(
+                f"engine:{target.name}",
+                f"{profile['users'][1]}u x {profile['tokens'][1]}t",
+                name,
+                outputs[f"engine/{name}"],
+                outputs[f"onnxrt/{name}"],
+                tol,
+            )
+            for name in names
+        ]
         table = format_figures(figures)
         self.ctx.console.print(table)
         if not all(f.ok for f in figures):
             raise StageError(f"engine: {target.name} differs from onnxruntime beyond engine.parity:\n{table}")
-        return {"status": "passed", "gpu": gpu.name, "via": "polygraphy Comparator (TrtRunner vs onnxruntime)",
-                "figures": [f.as_dict() for f in figures]}
+        return {
+            "status": "passed",
+            "gpu": gpu.name,
+            "via": "polygraphy Comparator (TrtRunner vs onnxruntime)",
+            "figures": [f.as_dict() for f in figures],
+        }
 
 
 def parity_feeds(onnx_path: Path, users: int, tokens: int, max_candidates: int) -> dict[str, np.ndarray]:
@@ -243,17 +326,25 @@ def parity_feeds(onnx_path: Path, users: int, tokens: int, max_candidates: int) 
     lengths[0] = tokens
     candidates = np.array([rng.integers(1, min(max_candidates, int(n) - 1) + 1) for n in lengths])
     stamps = np.cumsum(rng.integers(0, 5000, size=(users, tokens)), axis=1) + 1_700_000_000
-    return {"tokens": rng.standard_normal((users, tokens, dim)).astype(np.float32),
-            "lengths": lengths.astype(np.int64), "num_candidates": candidates.astype(np.int64),
-            "timestamps": stamps.astype(np.int64)}
+    return {
+        "tokens": rng.standard_normal((users, tokens, dim)).astype(np.float32),
+        "lengths": lengths.astype(np.int64),
+        "num_candidates": candidates.astype(np.int64),
+        "timestamps": stamps.astype(np.int64),
+    }
 
 
 def runtime_note(toolkit: Toolkit, sm: int, embedded: bool) -> str:
-    plugin = ("the plugin library is inside the plan (set engine_host_code_allowed on the runtime)" if embedded else
-              "load plugins/libgrc_plugins.so into the plugin registry before deserializing")
+    plugin = (
+        "the plugin library is inside the plan (set engine_host_code_allowed on the runtime)"
+        if embedded
+        else "load plugins/libgrc_plugins.so into the plugin registry before deserializing"
+    )
     if toolkit.name == "tensorrt_rtx":
-        return (f"TensorRT-RTX {toolkit.version.split('.')[0]}.x runtime on an sm{sm} GPU; kernels are JIT-compiled "
-                f"there at first load (keep a runtime cache); {plugin}. Not loadable by full TensorRT.")
+        return (
+            f"TensorRT-RTX {toolkit.version.split('.')[0]}.x runtime on an sm{sm} GPU; kernels are JIT-compiled "
+            f"there at first load (keep a runtime cache); {plugin}. Not loadable by full TensorRT."
+        )
     return f"TensorRT {toolkit.version} runtime on an sm{sm} GPU (the same TensorRT version); {plugin}."
 
 
@@ -281,8 +372,14 @@ def _print_table(ctx: Context, entries: list[dict[str, Any]]) -> None:
     for e in entries:
         built = e["status"] == "built"
         why = e["parity"] if built else e["reason"].split(":")[0] + " (reason in the manifest)"
-        table.add_row(e["name"], f"sm{e['sm']}", e["precision"],
-                      f"{e['toolkit']} {e['toolkit_version']}" if built else "-", e["status"], Text(why))
+        table.add_row(
+            e["name"],
+            f"sm{e['sm']}",
+            e["precision"],
+            f"{e['toolkit']} {e['toolkit_version']}" if built else "-",
+            e["status"],
+            Text(why),
+        )
     ctx.console.print(table)
 
 
@@ -290,9 +387,23 @@ STAGE = Stage(
     name="engine",
     output="engines",
     # the TensorRT fields one by one, not all of `engine`: engine.aoti (AOTInductor) must not rebuild these plans
-    reads=(*(f"engine.{f}" for f in ("targets", "precision", "profiles", "optimization_level", "workspace_mb",
-                                     "timing_cache", "embed_plugin", "parity")),
-           "model.hstu.max_seq_len", "model.max_candidates"),
+    reads=(
+        *(
+            f"engine.{f}"
+            for f in (
+                "targets",
+                "precision",
+                "profiles",
+                "optimization_level",
+                "workspace_mb",
+                "timing_cache",
+                "embed_plugin",
+                "parity",
+            )
+        ),
+        "model.hstu.max_seq_len",
+        "model.max_candidates",
+    ),
     inputs=("surgery", "plugins"),
     # int8 / fp8: their Q/DQ graphs, and verify, whose ranking gates they must pass first (figures copied)
     optional_inputs=lambda spec: ("quantize", "verify") if quantized_precisions(spec) else (),

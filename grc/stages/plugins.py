@@ -27,8 +27,16 @@ REPO = Path(__file__).resolve().parents[2]
 SOURCES = ("plugins/hstu_attention_plugin.cu", "plugins/hstu_attention_kernel.cuh")
 LIBRARY = "libgrc_plugins.so"
 # The node attributes graph surgery writes (grc/onnx/surgery/passes.py), which the creator must read.
-PLUGIN_FIELDS = ("num_heads", "head_dim_qk", "head_dim_v", "alpha", "norm", "causal", "position_buckets",
-                 "time_buckets")
+PLUGIN_FIELDS = (
+    "num_heads",
+    "head_dim_qk",
+    "head_dim_v",
+    "alpha",
+    "norm",
+    "causal",
+    "position_buckets",
+    "time_buckets",
+)
 
 
 def skipped(reason: str, **extra: Any) -> dict[str, Any]:
@@ -44,12 +52,19 @@ def check_creator(library: Path) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="grc-plugin-info-") as tmp:
             request = Path(tmp) / "request.json"
             result = Path(tmp) / "result.json"
-            request.write_text(json.dumps({"module": toolkit.module, "plugin_library": str(library),
-                                           "result": str(result)}))
-            subprocess.run(worker_command("plugin-info", request), env=worker_env(toolkit, Path(tmp)),
-                           capture_output=True, text=True, timeout=300)
-            info: dict[str, Any] = (json.loads(result.read_text()) if result.exists()
-                                    else {"ok": False, "error": "the worker crashed"})
+            request.write_text(
+                json.dumps({"module": toolkit.module, "plugin_library": str(library), "result": str(result)})
+            )
+            subprocess.run(
+                worker_command("plugin-info", request),
+                env=worker_env(toolkit, Path(tmp)),
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            info: dict[str, Any] = (
+                json.loads(result.read_text()) if result.exists() else {"ok": False, "error": "the worker crashed"}
+            )
         if not info.get("ok"):
             raise StageError(f"plugins: {toolkit.label} cannot load {library.name}: {info.get('error')}")
         fields = [name for name, _ in info["plugin"]["fields"]]
@@ -87,8 +102,10 @@ def run(ctx: Context) -> dict[str, Any]:
         raise StageError(f"plugins: {LIBRARY} fails its lint: {lint}")
     registry = check_creator(out)
     sha = hashlib.sha256(out.read_bytes()).hexdigest()
-    ctx.log(f"plugins: {LIBRARY} for sm{sms} in {seconds:.1f}s, sha256 {sha[:16]}, creators seen by "
-            f"{', '.join(registry) or 'no installed toolkit'}")
+    ctx.log(
+        f"plugins: {LIBRARY} for sm{sms} in {seconds:.1f}s, sha256 {sha[:16]}, creators seen by "
+        f"{', '.join(registry) or 'no installed toolkit'}"
+    )
     return {
         "status": "built",
         "library": LIBRARY,
@@ -106,8 +123,12 @@ def run(ctx: Context) -> dict[str, Any]:
 
 
 def _portable(command: list[str], include: Path, out: Path) -> list[str]:
-    names = {str(include): "<tensorrt-include>", str(out): LIBRARY, str(REPO / SOURCES[0]): SOURCES[0],
-             str((REPO / SOURCES[0]).parent): "plugins"}
+    names = {
+        str(include): "<tensorrt-include>",
+        str(out): LIBRARY,
+        str(REPO / SOURCES[0]): SOURCES[0],
+        str((REPO / SOURCES[0]).parent): "plugins",
+    }
     return [names.get(c, Path(c).name if c.startswith("/") else c) for c in command]
 
 

@@ -41,9 +41,15 @@ def calibration_feeds(ctx: Context) -> tuple[dict[str, np.ndarray], dict[str, An
     model = load_model(cfg, ctx.inputs["weights"])
     with torch.no_grad():
         feeds = padded_feeds(model.projector(batch, open_tables(cfg, ctx.inputs["weights"])))
-    about = {"seed": cal.seed, "users": cal.users, "history": history, "candidates": candidates,
-             "tokens": "the stored tables and projector (as verify's users)", "digest": feeds_digest(feeds),
-             "shapes": {k: list(v.shape) for k, v in feeds.items()}}
+    about = {
+        "seed": cal.seed,
+        "users": cal.users,
+        "history": history,
+        "candidates": candidates,
+        "tokens": "the stored tables and projector (as verify's users)",
+        "digest": feeds_digest(feeds),
+        "shapes": {k: list(v.shape) for k, v in feeds.items()},
+    }
     return feeds, about
 
 
@@ -63,9 +69,11 @@ def run(ctx: Context) -> dict[str, Any]:
             dst = ctx.out / precision / MODEL
             report = quantize(src, dst, precision, feeds_file, site, Path(tmp) / precision)
             report.pop("ok", None)
-            ctx.log(f"quantize: {precision}: {report['tool']} {report['version']}, {report['quantize_nodes']} Q/DQ "
-                    f"pairs ({report['calibration_method']} calibration on {about['users']} users), "
-                    f"{report['seconds']:.1f}s")
+            ctx.log(
+                f"quantize: {precision}: {report['tool']} {report['version']}, {report['quantize_nodes']} Q/DQ "
+                f"pairs ({report['calibration_method']} calibration on {about['users']} users), "
+                f"{report['seconds']:.1f}s"
+            )
             entries[precision] = {"model": f"{precision}/{MODEL}", **report, "calibration": about}
     return {
         "precisions": entries,

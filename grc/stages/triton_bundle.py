@@ -53,8 +53,15 @@ STAGE = Stage(
     output="triton",
     # name: the default model_name and bundle.json's spec; engine.aoti.dtype and the tolerances: a fused GPU
     # model's dense dtype and the tolerance bundle.json records for its smoke test
-    reads=("bundles.triton", "model", "name", "engine.aoti.dtype", "engine.aoti.parity", "engine.parity",
-           "verify.export"),
+    reads=(
+        "bundles.triton",
+        "model",
+        "name",
+        "engine.aoti.dtype",
+        "engine.aoti.parity",
+        "engine.parity",
+        "verify.export",
+    ),
     inputs=("weights",),  # and export for the ensemble: served_stages
     toolkits=("tritonclient", "protobuf"),
     run=run,

@@ -97,9 +97,10 @@ def quantized_graphs(ctx: Context) -> dict[str, tuple[Path, str]]:
     if "quantize" not in ctx.inputs:
         return {}
     entries = ctx.input_manifest("quantize")["precisions"]
-    return {f"onnxrt-{p}": (ctx.inputs["quantize"] / e["model"],
-                            f"{p} Q/DQ (calibration {e['calibration']['digest'][:8]})")
-            for p, e in entries.items()}
+    return {
+        f"onnxrt-{p}": (ctx.inputs["quantize"] / e["model"], f"{p} Q/DQ (calibration {e['calibration']['digest'][:8]})")
+        for p, e in entries.items()
+    }
 
 
 def run(ctx: Context) -> dict[str, Any]:

@@ -142,8 +142,9 @@ def test_precision_change_rebuilds_only_the_engines(tiny_copy: tuple[Path, Path]
     assert meta["precision"] == "fp32" and meta["onnx"]["built_from_sha256"] == meta["onnx"]["surgery_sha256"]
 
 
-def test_triton_bundle_serves_the_built_engines(tiny_copy: tuple[Path, Path],
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_triton_bundle_serves_the_built_engines(
+    tiny_copy: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     """backend tensorrt_plan: the triton stage reads the engine stage's plans (an optional input)."""
     from grc.serving.triton import bundle as bd
     from grc.serving.triton.model_config import load_config
@@ -215,8 +216,10 @@ def _build_mtgr_small(spec: Path, tmp_path: Path) -> None:
     started = time.perf_counter()
     assert all(s == "up to date" for s in run_build(spec, only=["engine"]).values())
     noop_s = time.perf_counter() - started
-    print(f"\nmtgr-small engine build seconds: first {first}, second {second}; forced engine task {rebuilt_s:.2f}s "
-          f"wall; no-op build {noop_s:.2f}s")
+    print(
+        f"\nmtgr-small engine build seconds: first {first}, second {second}; forced engine task {rebuilt_s:.2f}s "
+        f"wall; no-op build {noop_s:.2f}s"
+    )
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
@@ -251,11 +254,21 @@ def test_gpu_only_worker_modes_fail_cleanly_without_a_gpu(built_tiny: tuple[Path
     feeds = parity_feeds(root / "surgery" / "model.onnx", users=3, tokens=20, max_candidates=4)
     assert feeds["lengths"][0] == 20 and (feeds["num_candidates"] < feeds["lengths"]).all()
     np.savez(tmp_path / "feeds.npz", **feeds)  # type: ignore[arg-type]
-    common = {"plan": str(root / "engines" / "sm80" / "model.plan"),
-              "plugin_library": str(root / "plugins" / "libgrc_plugins.so")}
+    common = {
+        "plan": str(root / "engines" / "sm80" / "model.plan"),
+        "plugin_library": str(root / "plugins" / "libgrc_plugins.so"),
+    }
     toolkit = installed()["tensorrt_rtx"]
-    for mode, extra in (("inspect", {}), ("parity", {"onnx": str(root / "surgery" / "model.onnx"),
-                                                     "inputs": str(tmp_path / "feeds.npz"),
-                                                     "outputs": str(tmp_path / "out.npz")})):
+    for mode, extra in (
+        ("inspect", {}),
+        (
+            "parity",
+            {
+                "onnx": str(root / "surgery" / "model.onnx"),
+                "inputs": str(tmp_path / "feeds.npz"),
+                "outputs": str(tmp_path / "out.npz"),
+            },
+        ),
+    ):
         result = run_worker(mode, {**common, **extra}, toolkit, tmp_path / mode)
         assert not result["ok"] and "deserialize_cuda_engine failed" in result["error"], result

@@ -25,16 +25,25 @@ from grc.spec.loader import load_spec
 from tests.conftest import SPECS, in_dir, run_build, write_spec
 from tests.engine.test_engine_build import _require_toolchain
 
-TARGETS = [{"name": "sm80-int8", "sm": "sm80", "precision": "int8"},
-           {"name": "sm89-fp8", "sm": "sm89", "precision": "fp8"}]
+TARGETS = [
+    {"name": "sm80-int8", "sm": "sm80", "precision": "int8"},
+    {"name": "sm89-fp8", "sm": "sm89", "precision": "fp8"},
+]
 GATES = {"min_kendall_tau": 0.8, "min_top_k_overlap": 0.9, "max_mean_abs": 0.01, "max_abs": 0.05}
 CALIBRATION = {"seed": 4242, "users": 8, "history": 24}
 
 
 def _spec(tmp_path: Path, targets: list[dict[str, str]]) -> Path:
-    return write_spec(tmp_path, SPECS / "hstu-tiny.yaml", {
-        "engine.targets": targets, "engine.calibration": CALIBRATION,
-        "verify.ranking": {**GATES}, "bundles": {"triton": {"enabled": False}, "vllm": {"enabled": False}}})
+    return write_spec(
+        tmp_path,
+        SPECS / "hstu-tiny.yaml",
+        {
+            "engine.targets": targets,
+            "engine.calibration": CALIBRATION,
+            "verify.ranking": {**GATES},
+            "bundles": {"triton": {"enabled": False}, "vllm": {"enabled": False}},
+        },
+    )
 
 
 def _manifest(root: Path, stage: str) -> dict:  # type: ignore[type-arg]
@@ -79,8 +88,9 @@ def test_int8_and_fp8_engines_from_calibrated_qdq_graphs(tmp_path: Path) -> None
         meta = json.loads((root / "engines" / target / "metadata.json").read_text())
         assert meta["precision"] == precision and meta["plan"]["target_sms"] == [sm]
         assert meta["onnx"]["built_from_sha256"] == quantized["sha256"][f"{precision}/model.onnx"]
-        assert meta["quantization"]["calibration"]["digest"] == quantized["precisions"][precision]["calibration"][
-            "digest"]
+        assert (
+            meta["quantization"]["calibration"]["digest"] == quantized["precisions"][precision]["calibration"]["digest"]
+        )
         assert sorted(meta["plugin_layers"]) == attention
         gated = meta["quantization"]["ranking"]["figures"]  # the figures verify gated this graph on
         assert {f["backend"] for f in gated} == {f"onnxrt-{precision}"} and all(f["ok"] for f in gated)

@@ -31,8 +31,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
 
 
-def padding_errors(impl: str, dtype: torch.dtype, seed: int, device: str = "cpu",
-                   graphs: bool = False) -> dict[str, Any]:
+def padding_errors(
+    impl: str, dtype: torch.dtype, seed: int, device: str = "cpu", graphs: bool = False
+) -> dict[str, Any]:
     """Scores of a ragged batch run unpadded vs padded into buckets (the default plan's choice, one
     with pad users and empty users, one that misses): per bucket the real rows' relative error,
     the padded tokens counted, and whether every row of the padded run (pad and empty users too)
@@ -50,8 +51,10 @@ def padding_errors(impl: str, dtype: torch.dtype, seed: int, device: str = "cpu"
     args = inputs.args()
     total, users = args[0].shape[0], inputs.users
     plan = bk.default_plan(4, seq)
-    buckets = {"default_plan": bk.choose(plan, users, total, seq),
-               "pad_and_empty_users": bk.Bucket(tokens=total + 2 * seq + 5, users=users + 6)}
+    buckets = {
+        "default_plan": bk.choose(plan, users, total, seq),
+        "pad_and_empty_users": bk.Bucket(tokens=total + 2 * seq + 5, users=users + 6),
+    }
     out: dict[str, Any] = {}
     with torch.no_grad():
         base = fn(*args)
@@ -63,14 +66,22 @@ def padding_errors(impl: str, dtype: torch.dtype, seed: int, device: str = "cpu"
             got = runner(*args).clone()
             again = runner(*args)  # a second replay: the same scores (nothing stale in the static buffers)
             full = fn(*bk.pad(bucket, seq, *args))
-            out[name] = {"rel_err": _rel(got, base), "replay_equal": bool(torch.equal(got, again)),
-                         "padded_tokens": stats.padded_tokens, "expected_padding": 2 * (bucket.tokens - total),
-                         "all_rows_finite": bool(torch.isfinite(full).all()), "misses": stats.graph_misses,
-                         "hits": stats.graph_hits}
+            out[name] = {
+                "rel_err": _rel(got, base),
+                "replay_equal": bool(torch.equal(got, again)),
+                "padded_tokens": stats.padded_tokens,
+                "expected_padding": 2 * (bucket.tokens - total),
+                "all_rows_finite": bool(torch.isfinite(full).all()),
+                "misses": stats.graph_misses,
+                "hits": stats.graph_hits,
+            }
         stats = dn.GraphStats()
         small = dn.Bucketed(fn, [bk.Bucket(tokens=total - 1, users=8)], seq, cfg.d_model, dtype, dev, graphs, stats)
-        out["miss"] = {"rel_err": _rel(small(*args), base), "misses": stats.graph_misses,
-                       "padded_tokens": stats.padded_tokens}
+        out["miss"] = {
+            "rel_err": _rel(small(*args), base),
+            "misses": stats.graph_misses,
+            "padded_tokens": stats.padded_tokens,
+        }
     return out
 
 
@@ -88,18 +99,29 @@ def gather_errors(seed: int, device: str = "cpu") -> dict[str, bool]:
     base = torch.randn(37, 19, generator=gen)
     ids = torch.randint(0, 37, (23,), generator=gen)
     ids[:2] = torch.tensor([0, 36])  # the first and last rows
-    tables = {"float32": base, "bfloat16": base.bfloat16(), "float16": base.half(),
-              "int8": (base * 40).clamp(-128, 127).to(torch.int8), "fp8_e4m3": base.to(torch.float8_e4m3fn),
-              "fp16_factors_1d": base[:, 0].half(), "wide_rows": torch.randn(37, 1500, generator=gen)}
-    return {name: bool(torch.equal(gather(t, ids).view(torch.uint8) if t.dtype == torch.float8_e4m3fn
-                                   else gather(t, ids),
-                                   t.index_select(0, ids).view(torch.uint8) if t.dtype == torch.float8_e4m3fn
-                                   else t.index_select(0, ids)))
-            for name, t in tables.items()} | {"empty_ids": gather(base, ids[:0]).shape == (0, 19)}
+    tables = {
+        "float32": base,
+        "bfloat16": base.bfloat16(),
+        "float16": base.half(),
+        "int8": (base * 40).clamp(-128, 127).to(torch.int8),
+        "fp8_e4m3": base.to(torch.float8_e4m3fn),
+        "fp16_factors_1d": base[:, 0].half(),
+        "wide_rows": torch.randn(37, 1500, generator=gen),
+    }
+    return {
+        name: bool(
+            torch.equal(
+                gather(t, ids).view(torch.uint8) if t.dtype == torch.float8_e4m3fn else gather(t, ids),
+                t.index_select(0, ids).view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t.index_select(0, ids),
+            )
+        )
+        for name, t in tables.items()
+    } | {"empty_ids": gather(base, ids[:0]).shape == (0, 19)}
 
 
-def table_matches(weights_dir: Path, cfg: ModelConfig, placement: str, seed: int,
-                  device: str = "cpu") -> dict[str, bool]:
+def table_matches(
+    weights_dir: Path, cfg: ModelConfig, placement: str, seed: int, device: str = "cpu"
+) -> dict[str, bool]:
     """DeviceTables vs the memory-mapped lookups, bit for bit. On CPU its tensors stay on the CPU and
     ``placement`` picks the gather; on CUDA the tables load as that placement puts them."""
     from grc.serving.ranker.tables import DeviceTables, _load, open_lookup
@@ -107,8 +129,11 @@ def table_matches(weights_dir: Path, cfg: ModelConfig, placement: str, seed: int
 
     mapped = open_tables(cfg, weights_dir)
     dev = torch.device(device)
-    ours = (DeviceTables(_load(weights_dir, dev), placement, dev) if dev.type == "cpu"
-            else open_lookup(cfg, weights_dir, dev, placement, 1, lambda m: None))
+    ours = (
+        DeviceTables(_load(weights_dir, dev), placement, dev)
+        if dev.type == "cpu"
+        else open_lookup(cfg, weights_dir, dev, placement, 1, lambda m: None)
+    )
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for name, table in cfg.tables.items():
@@ -126,8 +151,15 @@ def fused_params(spec: Spec, backend: str) -> dict[str, str]:
     return {k: v.string_value for k, v in msg.parameters.items()}
 
 
-def ranker_errors(spec_path: Path, weights_dir: Path, backend: str, seed: int, model_dir: Path,
-                  device: str = "cpu", params: dict[str, str] | None = None) -> dict[str, Any]:
+def ranker_errors(
+    spec_path: Path,
+    weights_dir: Path,
+    backend: str,
+    seed: int,
+    model_dir: Path,
+    device: str = "cpu",
+    params: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Ranker.from_model_dir on requests of one and of several users vs the float64 reference: worst
     relative error of the scores, and whether each response is consistent (check_response, with the
     served tolerance: float32 on CPU, the dense dtype's on a GPU). ``params``: a built model's
@@ -153,10 +185,16 @@ def ranker_errors(spec_path: Path, weights_dir: Path, backend: str, seed: int, m
     for r, o in zip(requests, outs, strict=True):
         expected = reference.scores(r)
         worst = max(worst, float(np.abs(o["scores"] - expected).max() / np.abs(expected).max()))
-        problems += check.check_response(o, expected, r, spec.model, weights, spec.bundles.triton.top_k,
-                                         tolerance).problems
-    return {"rel_err": worst, "problems": problems, "stats": ranker.stats(), "dtypes": {
-        k: str(v.dtype) for k, v in outs[-1].items()}, "shapes": {k: list(v.shape) for k, v in outs[-1].items()}}
+        problems += check.check_response(
+            o, expected, r, spec.model, weights, spec.bundles.triton.top_k, tolerance
+        ).problems
+    return {
+        "rel_err": worst,
+        "problems": problems,
+        "stats": ranker.stats(),
+        "dtypes": {k: str(v.dtype) for k, v in outs[-1].items()},
+        "shapes": {k: list(v.shape) for k, v in outs[-1].items()},
+    }
 
 
 def assert_padding_exact(result: dict[str, Any], tol: float, seed: int, graphs: bool = False) -> None:
@@ -173,8 +211,13 @@ def assert_padding_exact(result: dict[str, Any], tol: float, seed: int, graphs: 
 def assert_ranker(result: dict[str, Any], tol: float, seed: int) -> None:
     assert result["rel_err"] <= tol and not result["problems"], f"seed={seed}: {result}"
     assert result["stats"]["requests"] == 5 and result["stats"]["users"] == 6 and result["stats"]["rank_us"] > 0
-    assert result["dtypes"] == {"scores": "float32", "ranked_candidates": "int64", "ranked_items": "int64",
-                                "ranked_scores": "float32", "ranked_task_scores": "float32"}
+    assert result["dtypes"] == {
+        "scores": "float32",
+        "ranked_candidates": "int64",
+        "ranked_items": "int64",
+        "ranked_scores": "float32",
+        "ranked_task_scores": "float32",
+    }
     assert result["shapes"]["scores"][0] == 2  # the two-user request came back as one response of 2 users
 
 

@@ -25,8 +25,10 @@ def cpu_variant(folder: Path) -> Path:
     (the device script's dry run)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "mtgr-tiny-cpuvariant.yaml"
-    path.write_text(f"extends: {GPU_SPEC}\nname: mtgr-tiny-cpuvariant\nengine:\n  aoti: {{targets: [cpu]}}\n"
-                    "bundles:\n  triton: {instance_kind: KIND_CPU, gpus: [], gpu: {cuda_graphs: false}}\n")
+    path.write_text(
+        f"extends: {GPU_SPEC}\nname: mtgr-tiny-cpuvariant\nengine:\n  aoti: {{targets: [cpu]}}\n"
+        "bundles:\n  triton: {instance_kind: KIND_CPU, gpus: [], gpu: {cuda_graphs: false}}\n"
+    )
     return path
 
 
@@ -53,8 +55,9 @@ def in_process(loaded: Any, bundle: Path, seed: int, device: str = "cuda:0") -> 
     for backend, name in bd.load_description(bundle)["ensembles"].items():
         model_dir = bundle / bd.MODEL_REPOSITORY / name
         params = {k: v.string_value for k, v in load_config(model_dir).parameters.items()}
-        out[backend] = fc.ranker_errors(loaded.path, model_dir / "1" / "weights", backend, seed, model_dir / "1",
-                                        device=device, params=params)
+        out[backend] = fc.ranker_errors(
+            loaded.path, model_dir / "1" / "weights", backend, seed, model_dir / "1", device=device, params=params
+        )
     return out
 
 
@@ -97,14 +100,16 @@ def served(loaded: Any, bundle: Path, seed: int, ports: dict[str, int]) -> dict[
             got = check.infer(grpc_url, "grpc", name, arrays)
             expected = reference.scores(arrays)
             worst = max(worst, float(np.abs(got["scores"] - expected).max() / np.abs(expected).max()))
-            problems += check.check_response(got, expected, arrays, spec.model, weights, spec.bundles.triton.top_k,
-                                             tolerance).problems
+            problems += check.check_response(
+                got, expected, arrays, spec.model, weights, spec.bundles.triton.top_k, tolerance
+            ).problems
         out["models"][backend] = {"name": name, "rel_err": worst, "problems": problems[:5]}
     text = check.metrics_text(metrics_url)
     for backend, name in description["ensembles"].items():
         out["models"][backend]["metrics"] = {
             m: check.metric(text, m, name)
-            for m in ("grc_cuda_graph_hits_total", "grc_cuda_graph_misses_total", "grc_padded_tokens_total")}
+            for m in ("grc_cuda_graph_hits_total", "grc_cuda_graph_misses_total", "grc_padded_tokens_total")
+        }
         out["models"][backend]["gpu_utilization_metric"] = "nv_gpu_utilization" in text
     return out
 

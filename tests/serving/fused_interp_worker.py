@@ -20,8 +20,7 @@ if job == "padding":
 elif job == "gather":
     print(fc.dump(fc.gather_errors(seed)))
 elif job == "pinned_tables":
-    print(fc.dump(fc.table_matches(Path(sys.argv[4]), fc.load_spec(Path(sys.argv[3])).spec.model, "pinned_host",
-                                   seed)))
+    print(fc.dump(fc.table_matches(Path(sys.argv[4]), fc.load_spec(Path(sys.argv[3])).spec.model, "pinned_host", seed)))
 elif job == "ranker":
     print(fc.dump(fc.ranker_errors(Path(sys.argv[3]), Path(sys.argv[4]), "pytorch_kernels", seed, Path(sys.argv[5]))))
 else:

@@ -23,13 +23,23 @@ from grc.serving.triton.model_config import pb as mc
 from grc.spec.loader import load_spec
 from tests.conftest import TEST_SPECS, in_dir, run_build, write_spec
 
-GPU = {"bundles.triton": {"instance_kind": "KIND_GPU", "backend": "pytorch", "extra_backends": ["pytorch_kernels"],
-                          "instance_count": 2, "gpus": [0, 1], "max_batch_size": 4, "preferred_batch_sizes": [2, 4]}}
+GPU = {
+    "bundles.triton": {
+        "instance_kind": "KIND_GPU",
+        "backend": "pytorch",
+        "extra_backends": ["pytorch_kernels"],
+        "instance_count": 2,
+        "gpus": [0, 1],
+        "max_batch_size": 4,
+        "preferred_batch_sizes": [2, 4],
+    }
+}
 
 
 def spec_with(tmp_path: Path, triton: dict[str, Any], name: str = "s", **more: Any) -> Any:
-    return load_spec(write_spec(tmp_path, TEST_SPECS / "mtgr-tiny.yaml", {"bundles.triton": triton, **more},
-                                name=f"{name}.yaml")).spec
+    return load_spec(
+        write_spec(tmp_path, TEST_SPECS / "mtgr-tiny.yaml", {"bundles.triton": triton, **more}, name=f"{name}.yaml")
+    ).spec
 
 
 def test_pipeline_default_follows_the_instance_kind(tmp_path: Path) -> None:
@@ -60,8 +70,9 @@ def test_pipeline_default_follows_the_instance_kind(tmp_path: Path) -> None:
       "gpu": {"buckets": [{"users": 7, "tokens": 192}]}}, {},
      r"bundles.triton.gpu.buckets\[0\].users: 7 slots, and a batch of 192 tokens uses at most 6"),
 ])  # fmt: skip
-def test_what_a_pipeline_cannot_run_is_refused_naming_the_field(tmp_path: Path, triton: dict[str, Any],
-                                                                 more: dict[str, Any], message: str) -> None:
+def test_what_a_pipeline_cannot_run_is_refused_naming_the_field(
+    tmp_path: Path, triton: dict[str, Any], more: dict[str, Any], message: str
+) -> None:
     with pytest.raises(Exception, match=message):
         spec_with(tmp_path, triton, **more)
 
@@ -69,8 +80,13 @@ def test_what_a_pipeline_cannot_run_is_refused_naming_the_field(tmp_path: Path, 
 def test_bucket_outside_the_aoti_package_range_is_refused(tmp_path: Path) -> None:
     from grc.aoti.model import MAX_TOKENS
 
-    triton = {"instance_kind": "KIND_GPU", "backend": "aotinductor", "max_batch_size": 4096,
-              "preferred_batch_sizes": [8], "gpu": {"buckets": [{"users": 8, "tokens": MAX_TOKENS + 2}]}}
+    triton = {
+        "instance_kind": "KIND_GPU",
+        "backend": "aotinductor",
+        "max_batch_size": 4096,
+        "preferred_batch_sizes": [8],
+        "gpu": {"buckets": [{"users": 8, "tokens": MAX_TOKENS + 2}]},
+    }
     more: dict[str, Any] = {"engine.aoti": {"enabled": True, "targets": ["cuda"]}, "model.hstu.max_seq_len": 8192}
     spec = spec_with(tmp_path, triton, "big", **more)
     assert any("outside the AOTInductor package's exported range" in p for p in fb.problems(spec))
@@ -119,7 +135,8 @@ def test_fused_bundle_one_model_per_backend_with_instance_groups(tmp_path: Path)
 
 
 def test_kind_gpu_aotinductor_without_a_gpu_package_fails_the_build_naming_why(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """tests/specs/mtgr-tiny-gpu.yaml built where there is no GPU: the aoti stage records its cuda target as
     skipped, and the triton stage fails saying why, leaving no bundle behind."""
     import shutil
@@ -132,8 +149,10 @@ def test_kind_gpu_aotinductor_without_a_gpu_package_fails_the_build_naming_why(
         shutil.copy(TEST_SPECS / name, tmp_path / name)
     statuses = run_build(tmp_path / "mtgr-tiny-gpu.yaml", only=["triton"], expect_ok=False)
     assert statuses["aoti"] == "built" and statuses["triton"] == "failed", statuses
-    assert ("bundles.triton.instance_kind: KIND_GPU serves a gpu AOTInductor package and the aoti stage built none "
-            "(built: nothing; a GPU package is built on a host with that GPU)") in capsys.readouterr().err
+    assert (
+        "bundles.triton.instance_kind: KIND_GPU serves a gpu AOTInductor package and the aoti stage built none "
+        "(built: nothing; a GPU package is built on a host with that GPU)"
+    ) in capsys.readouterr().err
     assert not (tmp_path / "artifacts" / "mtgr-tiny-gpu" / "triton").exists()
 
 
@@ -144,10 +163,19 @@ def test_kind_gpu_instance_without_cuda_fails_at_load_naming_why(tmp_path: Path)
 
     if torch.cuda.is_available():
         pytest.skip("this host has CUDA: the no-CUDA refusal cannot be seen here")
-    args = {"model_name": "m", "model_instance_kind": "GPU", "model_instance_device_id": "0",
-            "model_repository": str(tmp_path), "model_version": "1", "model_config": json.dumps({"parameters": {}})}
-    with pytest.raises(RuntimeError, match=r"m: a KIND_GPU instance needs a CUDA GPU \(torch.cuda.is_available\(\) is "
-                                           r"False\): torch .* set bundles.triton.instance_kind: KIND_CPU"):
+    args = {
+        "model_name": "m",
+        "model_instance_kind": "GPU",
+        "model_instance_device_id": "0",
+        "model_repository": str(tmp_path),
+        "model_version": "1",
+        "model_config": json.dumps({"parameters": {}}),
+    }
+    with pytest.raises(
+        RuntimeError,
+        match=r"m: a KIND_GPU instance needs a CUDA GPU \(torch.cuda.is_available\(\) is "
+        r"False\): torch .* set bundles.triton.instance_kind: KIND_CPU",
+    ):
         TritonPythonModel().initialize(args)
     repo = tmp_path / "repo"
     msg = fb.fused_config(spec_with(tmp_path, GPU["bundles.triton"]), "m", "pytorch", None)

@@ -21,8 +21,9 @@ from tests.conftest import TEST_SPECS, run_build, write_spec
 from tests.serving import fused_checks as fc
 from tests.serving import fused_gpu_checks as gc
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)"
+)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -46,8 +47,13 @@ def test_tables_on_the_gpu_equal_the_memory_mapped_lookups(tmp_path: Path, kind:
     over = {} if kind == "float" else {"weights.init": {"seed": 3, "embedding_dtype": kind}}
     spec = write_spec(tmp_path, TEST_SPECS / "mtgr-tiny.yaml", over)
     run_build(spec, only=["weights"])
-    result = fc.table_matches(tmp_path / "artifacts" / "mtgr-tiny" / "weights", load_spec(spec).spec.model,
-                              placement, secrets.randbits(31), device="cuda:0")
+    result = fc.table_matches(
+        tmp_path / "artifacts" / "mtgr-tiny" / "weights",
+        load_spec(spec).spec.model,
+        placement,
+        secrets.randbits(31),
+        device="cuda:0",
+    )
     assert result and all(result.values()), result
 
 

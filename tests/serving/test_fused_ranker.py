@@ -30,8 +30,14 @@ PAD_TOL = fc.PAD_TOL
 def run_worker(job: str, *args: str) -> tuple[Any, int]:
     seed = secrets.randbits(31)
     path = os.pathsep.join(filter(None, [str(fc.REPO), os.environ.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, str(WORKER), job, str(seed), *args], cwd=fc.REPO, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path})
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), job, str(seed), *args],
+        cwd=fc.REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path},
+    )
     assert proc.returncode == 0, f"worker {job} seed={seed} failed:\n{proc.stderr[-4000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1]), seed
 
@@ -129,22 +135,25 @@ def test_auto_placement_follows_the_budget(weights: dict[str, tuple[Path, Path]]
 
 
 @pytest.mark.parametrize("kind", ["float", "int8"])
-def test_ranker_pytorch_matches_the_float64_reference(weights: dict[str, tuple[Path, Path]], kind: str,
-                                                      tmp_path: Path) -> None:
+def test_ranker_pytorch_matches_the_float64_reference(
+    weights: dict[str, tuple[Path, Path]], kind: str, tmp_path: Path
+) -> None:
     spec, wdir = weights[kind]
     seed = secrets.randbits(31)
     fc.assert_ranker(fc.ranker_errors(spec, wdir, "pytorch", seed, tmp_path / "m"), 1e-4, seed)
 
 
 def test_ranker_pytorch_kernels_interpreted_matches_the_float64_reference(
-        weights: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
+    weights: dict[str, tuple[Path, Path]], tmp_path: Path
+) -> None:
     spec, wdir = weights["float"]
     result, seed = run_worker("ranker", str(spec), str(wdir), str(tmp_path / "m"))
     fc.assert_ranker(result, 1e-4, seed)
 
 
-def test_ranker_refuses_a_bad_request_and_a_cuda_device_without_cuda(weights: dict[str, tuple[Path, Path]],
-                                                                   tmp_path: Path) -> None:
+def test_ranker_refuses_a_bad_request_and_a_cuda_device_without_cuda(
+    weights: dict[str, tuple[Path, Path]], tmp_path: Path
+) -> None:
     from grc.serving.common.validate import RequestError
     from grc.serving.ranker.ranker import Ranker
     from grc.serving.triton import load

@@ -27,14 +27,21 @@ from grc.serving.triton.server import ServerInstall, TritonServer
 from grc.spec.loader import load_spec
 from tests.conftest import TEST_SPECS, in_dir, run_build, write_spec
 
-FUSED = {"engine.aoti": {"enabled": True, "targets": ["cpu"]},
-         "bundles.triton": {"pipeline": "fused", "backend": "aotinductor",
-                            "extra_backends": ["pytorch", "pytorch_kernels"], "max_queue_delay_us": 20000}}
+FUSED = {
+    "engine.aoti": {"enabled": True, "targets": ["cpu"]},
+    "bundles.triton": {
+        "pipeline": "fused",
+        "backend": "aotinductor",
+        "extra_backends": ["pytorch", "pytorch_kernels"],
+        "max_queue_delay_us": 20000,
+    },
+}
 
 
 @pytest.fixture(scope="module")
-def served(install: ServerInstall,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Path, TritonServer]]:
+def served(
+    install: ServerInstall, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Any, Path, TritonServer]]:
     folder = tmp_path_factory.mktemp("fused")
     spec_path = write_spec(folder, TEST_SPECS / "mtgr-tiny.yaml", FUSED)
     statuses = run_build(spec_path, only=["triton"])
@@ -54,8 +61,11 @@ def _requests(spec: Any) -> list[dict[str, np.ndarray]]:
 def test_every_backend_served_matches_float64(served: tuple[Any, Path, TritonServer]) -> None:
     spec, bundle, server = served
     names = bd.load_description(bundle)["ensembles"]
-    assert names == {"aotinductor": "mtgr-tiny", "pytorch": "mtgr-tiny-pytorch",
-                     "pytorch_kernels": "mtgr-tiny-pytorch_kernels"}
+    assert names == {
+        "aotinductor": "mtgr-tiny",
+        "pytorch": "mtgr-tiny-pytorch",
+        "pytorch_kernels": "mtgr-tiny-pytorch_kernels",
+    }
     assert sorted(p.name for p in (bundle / bd.MODEL_REPOSITORY).iterdir()) == sorted(names.values())
     reference = check.Reference(spec.model, bundle / bd.MODEL_REPOSITORY / "mtgr-tiny" / "1" / "weights")
     for backend, name in names.items():
@@ -128,14 +138,16 @@ def test_graph_metrics_are_exported(served: tuple[Any, Path, TritonServer]) -> N
 
 @pytest.mark.slow
 def test_kind_gpu_bundle_on_a_host_without_cuda_is_refused_naming_why(
-        install: ServerInstall, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    install: ServerInstall, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from grc.cli import main
     from grc.serving.triton.server import ModelLoadError
 
     if torch.cuda.is_available():
         pytest.skip("this host has CUDA: the refusal is for hosts without it")
-    spec_path = write_spec(tmp_path, TEST_SPECS / "mtgr-tiny.yaml",
-                           {"bundles.triton": {"instance_kind": "KIND_GPU", "backend": "pytorch"}})
+    spec_path = write_spec(
+        tmp_path, TEST_SPECS / "mtgr-tiny.yaml", {"bundles.triton": {"instance_kind": "KIND_GPU", "backend": "pytorch"}}
+    )
     run_build(spec_path, only=["triton"])
     with in_dir(tmp_path):
         assert main(["deploy", "--target", "triton", spec_path.name, "--timeout", "60"]) == 1

@@ -61,12 +61,19 @@ def test_bundle_is_a_model_repository_with_linked_weights(built_tiny: tuple[Path
     assert os.stat(repo / "dense_onnx" / "1" / "model.onnx").st_ino == os.stat(root / "onnx" / "model.onnx").st_ino
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["linked"] == "hardlink"
-    assert manifest["sha256"][str(linked.relative_to(folder))] == json.loads(
-        (root / "weights" / "manifest.json").read_text())["shards"][0]["sha256"]
+    assert (
+        manifest["sha256"][str(linked.relative_to(folder))]
+        == json.loads((root / "weights" / "manifest.json").read_text())["shards"][0]["sha256"]
+    )
     description = bd.load_description(folder)
     assert description["ensemble"] == "hstu-tiny"
     assert [i["name"] for i in description["request"]["inputs"]] == [
-        "history_item", "history_action", "history_timestamps", "candidate_item", "request_time"]
+        "history_item",
+        "history_action",
+        "history_timestamps",
+        "candidate_item",
+        "request_time",
+    ]
     body = json.loads((folder / bd.SAMPLE_JSON).read_text())
     assert {i["name"] for i in body["inputs"]} == set(description["sample"])
     assert "must be installed in the Python environment" in (folder / "README.md").read_text().replace("\n", " ")
@@ -109,8 +116,13 @@ def test_spec_rules_name_the_field(tmp_path: Path, built_tiny: tuple[Path, Path]
 def test_tensorrt_hook_renders_cc_model_filenames(built_tiny: tuple[Path, Path], tmp_path: Path) -> None:
     root = _root(built_tiny)
     base = load_spec(built_tiny[0]).spec
-    trt = base.model_copy(update={"bundles": base.bundles.model_copy(update={
-        "triton": base.bundles.triton.model_copy(update={"extra_backends": ["tensorrt_plan"]})})})
+    trt = base.model_copy(
+        update={
+            "bundles": base.bundles.model_copy(
+                update={"triton": base.bundles.triton.model_copy(update={"extra_backends": ["tensorrt_plan"]})}
+            )
+        }
+    )
     with pytest.raises(StageError, match="tensorrt_plan serves the engine stage's TensorRT engines"):
         bd.write_bundle(trt, root / "weights", root / "onnx", tmp_path / "none", log=lambda _: None)
     plans = {}
@@ -156,18 +168,29 @@ def good_request(spec) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
     return bd.sample_request(spec)
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    (lambda r: r.pop("request_time"), r"missing input\(s\): request_time"),
-    (lambda r: r.update(history_item=r["history_item"].astype(np.int32)),
-     r"history_item: expected INT64 \(got int32\)"),
-    (lambda r: r.update(history_item=r["history_item"][0]), r"history_item: expected shape \[batch, -1\]"),
-    (lambda r: r.update(candidate_item=r["candidate_item"] + 10_000), "candidate_item: unknown id 1"),
-    (lambda r: r.update(history_item=r["history_item"][:, :0], history_action=r["history_action"][:, :0],
-                        history_timestamps=r["history_timestamps"][:, :0]), "empty history"),
-    (lambda r: r.update(candidate_item=np.zeros((1, 17), np.int64)), "too many candidates: 17"),
-    (lambda r: r.update(candidate_item=np.zeros((1, 0), np.int64)), "no candidates"),
-    (lambda r: r.update(history_action=r["history_action"][:, :2]), "history_action 2"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda r: r.pop("request_time"), r"missing input\(s\): request_time"),
+        (
+            lambda r: r.update(history_item=r["history_item"].astype(np.int32)),
+            r"history_item: expected INT64 \(got int32\)",
+        ),
+        (lambda r: r.update(history_item=r["history_item"][0]), r"history_item: expected shape \[batch, -1\]"),
+        (lambda r: r.update(candidate_item=r["candidate_item"] + 10_000), "candidate_item: unknown id 1"),
+        (
+            lambda r: r.update(
+                history_item=r["history_item"][:, :0],
+                history_action=r["history_action"][:, :0],
+                history_timestamps=r["history_timestamps"][:, :0],
+            ),
+            "empty history",
+        ),
+        (lambda r: r.update(candidate_item=np.zeros((1, 17), np.int64)), "too many candidates: 17"),
+        (lambda r: r.update(candidate_item=np.zeros((1, 0), np.int64)), "no candidates"),
+        (lambda r: r.update(history_action=r["history_action"][:, :2]), "history_action 2"),
+    ],
+)
 def test_preprocess_refuses_bad_requests(tiny, change, message: str) -> None:  # type: ignore[no-untyped-def]
     spec, _ = tiny
     request = good_request(spec)
@@ -188,9 +211,12 @@ def test_long_history_keeps_the_newest_events_by_time_whatever_the_candidates(ti
     newest = np.sort(np.argsort(times)[-room:])  # positions of the room newest, in request order
     for c in (1, cfg.max_candidates):
         request = good_request(spec)
-        request.update(candidate_item=np.arange(c, dtype=np.int64)[None] % 8,
-                       history_item=np.arange(h, dtype=np.int64)[None] % 8,
-                       history_action=np.arange(h, dtype=np.int64)[None] % 3, history_timestamps=times[None])
+        request.update(
+            candidate_item=np.arange(c, dtype=np.int64)[None] % 8,
+            history_item=np.arange(h, dtype=np.int64)[None] % 8,
+            history_action=np.arange(h, dtype=np.int64)[None] % 3,
+            history_timestamps=times[None],
+        )
         out = validate.parse(dict(request), cfg, truncate=True)
         np.testing.assert_array_equal(out["history_timestamps"][0], times[newest])
         np.testing.assert_array_equal(out["history_item"][0], newest % 8)
@@ -198,15 +224,25 @@ def test_long_history_keeps_the_newest_events_by_time_whatever_the_candidates(ti
             validate.parse(dict(request), cfg, truncate=False)
 
 
-@pytest.mark.parametrize(("name", "value"), [("request_time", 2**63 - 1), ("history_timestamps", -(2**63)),
-                                             ("request_time", 2**61), ("history_timestamps", -(2**61) - 1)])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("request_time", 2**63 - 1),
+        ("history_timestamps", -(2**63)),
+        ("request_time", 2**61),
+        ("history_timestamps", -(2**61) - 1),
+    ],
+)
 def test_timestamps_outside_the_stated_range_are_refused(tiny, name: str, value: int) -> None:  # type: ignore[no-untyped-def]
     spec, _ = tiny
     request = good_request(spec)
     request[name] = request[name].copy()
     request[name][0, 0] = value
-    with pytest.raises(validate.RequestError, match=rf"{name}: timestamp {value} is outside the accepted range "
-                                                    rf"\[-2\*\*61, 2\*\*61 - 1\] seconds"):
+    with pytest.raises(
+        validate.RequestError,
+        match=rf"{name}: timestamp {value} is outside the accepted range "
+        rf"\[-2\*\*61, 2\*\*61 - 1\] seconds",
+    ):
         validate.parse(dict(request), spec.model, truncate=True)
     request[name][0, 0] = validate.TIME_MAX if value > 0 else validate.TIME_MIN  # the edges are accepted
     validate.parse(dict(request), spec.model, truncate=True)
@@ -245,9 +281,9 @@ def test_python_model_code_matches_pytorch_without_a_server(tiny) -> None:  # ty
         assert result.ok, result.problems
 
 
-def test_docker_command_is_printed_when_docker_is_missing(built_tiny: tuple[Path, Path],
-                                                         monkeypatch: pytest.MonkeyPatch,
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_docker_command_is_printed_when_docker_is_missing(
+    built_tiny: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from grc.deploy import triton as deploy_triton
 
     monkeypatch.setattr(deploy_triton, "_docker_works", lambda: (False, "docker: command not found"))

@@ -39,8 +39,9 @@ def deploy(spec: Path, *extra: str) -> int:
         return main(["deploy", "--target", "triton", spec.name, "--timeout", "120", *extra])
 
 
-def test_deploy_smoke_tests_against_pytorch_and_prints_endpoints(built_tiny: tuple[Path, Path],
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_deploy_smoke_tests_against_pytorch_and_prints_endpoints(
+    built_tiny: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     spec, artifacts = built_tiny
     assert deploy(spec) == 0
     out = capsys.readouterr().out
@@ -62,8 +63,11 @@ def test_detach_leaves_it_serving_until_stop(tiny_copy: tuple[Path, Path], capsy
         record = DetachedServer(**{k: data[k] for k in DetachedServer.__dataclass_fields__})
         assert detached_alive(record)
         body = (artifacts / "hstu-tiny" / "triton" / bd.SAMPLE_JSON).read_bytes()
-        request = urllib.request.Request(f"http://{record.http_url}/v2/models/hstu-tiny/infer", data=body,
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"http://{record.http_url}/v2/models/hstu-tiny/infer",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         with opener.open(request, timeout=30) as response:  # what the printed curl line does
             answer = json.loads(response.read())
@@ -100,14 +104,17 @@ def test_model_config_name_reaches_the_server(tiny_copy: tuple[Path, Path]) -> N
         assert deploy(spec, "--stop") == 0
 
 
-def test_clear_errors(built_tiny: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_clear_errors(
+    built_tiny: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     spec, artifacts = built_tiny
     # no bundle built: say how to build it
     fresh = write_spec(tmp_path / "fresh", spec)
     assert deploy(fresh) == 1
-    assert f"no triton bundle at artifacts/hstu-tiny/triton: build it first with\n  grc build {fresh}" in \
-        capsys.readouterr().err
+    assert (
+        f"no triton bundle at artifacts/hstu-tiny/triton: build it first with\n  grc build {fresh}"
+        in capsys.readouterr().err
+    )
     loaded = load_spec(spec)
     args = argparse.Namespace(docker=False, detach=False, stop=False, timeout=60.0)
     # a custom config the bundle does not have
@@ -121,6 +128,7 @@ def test_clear_errors(built_tiny: tuple[Path, Path], tmp_path: Path, monkeypatch
         port = taken.getsockname()[1]
         with pytest.raises(PortInUseError, match=f"http port 127.0.0.1:{port} is already in use"):
             deploy_triton.deploy(loaded, artifacts / "hstu-tiny", argparse.Namespace(**vars(args), http_port=port))
+
     # no server anywhere
     def missing(home: Path | None = None) -> tritonserver.ServerInstall:
         raise TritonServerNotFound("tritonserver is not on PATH and not installed in /nowhere")

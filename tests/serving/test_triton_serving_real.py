@@ -92,8 +92,11 @@ def test_scores_do_not_depend_on_batch_mates(tiny: Served) -> None:
     done: queue.Queue[tuple[int, grpcclient.InferResult | None, InferenceServerException | None]] = queue.Queue()
     with grpcclient.InferenceServerClient(tiny.server.grpc_url) as client:
         for i, arrays in enumerate(pool):  # all in flight at once: the batcher merges them
-            client.async_infer(tiny.ensemble, check.infer_inputs(grpcclient, arrays),
-                               lambda result, error, i=i: done.put((i, result, error)))
+            client.async_infer(
+                tiny.ensemble,
+                check.infer_inputs(grpcclient, arrays),
+                lambda result, error, i=i: done.put((i, result, error)),
+            )
         together: dict[int, dict[str, np.ndarray]] = {}
         for _ in pool:
             i, result, error = done.get(timeout=60)
@@ -111,6 +114,7 @@ def test_scores_do_not_depend_on_batch_mates(tiny: Served) -> None:
 
 # --------------------------------------------------------------------------- bad requests
 
+
 def _without(arrays: dict[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
     return {k: v for k, v in arrays.items() if k != name}
 
@@ -120,18 +124,25 @@ def _empty_history(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 BAD = {
-    "wrong dtype": (lambda a: {**a, "history_item": a["history_item"].astype(np.int32)},
-                    "inference input 'history_item' data-type is 'INT32', but model 'hstu-tiny' expects 'INT64'"),
-    "wrong shape": (lambda a: {**a, "candidate_item": a["candidate_item"][:, :, None]},
-                    "unexpected shape for input 'candidate_item' for model 'hstu-tiny'"),
-    "unknown item id": (lambda a: {**a, "candidate_item": a["candidate_item"] + 1000},
-                        "candidate_item: unknown id"),
+    "wrong dtype": (
+        lambda a: {**a, "history_item": a["history_item"].astype(np.int32)},
+        "inference input 'history_item' data-type is 'INT32', but model 'hstu-tiny' expects 'INT64'",
+    ),
+    "wrong shape": (
+        lambda a: {**a, "candidate_item": a["candidate_item"][:, :, None]},
+        "unexpected shape for input 'candidate_item' for model 'hstu-tiny'",
+    ),
+    "unknown item id": (lambda a: {**a, "candidate_item": a["candidate_item"] + 1000}, "candidate_item: unknown id"),
     "empty history": (_empty_history, "empty history: history_item has no events"),
-    "too many candidates": (lambda a: {**a, "candidate_item": np.zeros((1, 17), np.int64)},
-                            "too many candidates: 17 (model.max_candidates is 16)"),
+    "too many candidates": (
+        lambda a: {**a, "candidate_item": np.zeros((1, 17), np.int64)},
+        "too many candidates: 17 (model.max_candidates is 16)",
+    ),
     "missing input": (lambda a: _without(a, "request_time"), "missing required input(s) ['request_time']"),
-    "lengths disagree": (lambda a: {**a, "history_action": a["history_action"][:, :2]},
-                         "history_item 16, history_action 2"),
+    "lengths disagree": (
+        lambda a: {**a, "history_action": a["history_action"][:, :2]},
+        "history_item 16, history_action 2",
+    ),
 }
 
 
@@ -170,12 +181,22 @@ def test_prometheus_metrics_count_requests_and_batches(tiny: Served) -> None:
 
 def test_bounded_load_with_zero_errors_and_dynamic_batching(tiny: Served) -> None:
     pool = load.request_pool(tiny.spec.model, 64, seed=5)
-    result = load.run_load(tiny.server.grpc_url, tiny.server.metrics_url, tiny.ensemble, pool, requests=2000,
-                           concurrency=8, time_limit_s=90, models=("preprocess", "dense_onnx", "postprocess"))
+    result = load.run_load(
+        tiny.server.grpc_url,
+        tiny.server.metrics_url,
+        tiny.ensemble,
+        pool,
+        requests=2000,
+        concurrency=8,
+        time_limit_s=90,
+        models=("preprocess", "dense_onnx", "postprocess"),
+    )
     s = result.summary()
-    print(f"\nload: {result.completed} requests, concurrency 8, {s['requests_per_s']} requests/s, "
-          f"p50 {s['latency_ms']['p50']} ms, p99 {s['latency_ms']['p99']} ms, errors {result.errors}, "
-          f"dense_onnx batch sizes {s['batch_sizes']['dense_onnx']} (mean {s['mean_batch']['dense_onnx']})")
+    print(
+        f"\nload: {result.completed} requests, concurrency 8, {s['requests_per_s']} requests/s, "
+        f"p50 {s['latency_ms']['p50']} ms, p99 {s['latency_ms']['p99']} ms, errors {result.errors}, "
+        f"dense_onnx batch sizes {s['batch_sizes']['dense_onnx']} (mean {s['mean_batch']['dense_onnx']})"
+    )
     assert result.errors == 0, result.first_error
     assert not result.timed_out and result.completed == 2000
     dense = result.metrics["dense_onnx"]
@@ -187,8 +208,9 @@ def test_bounded_load_with_zero_errors_and_dynamic_batching(tiny: Served) -> Non
 # --------------------------------------------------------------------------- MTGR: profile + cross features
 
 
-def test_mtgr_bundle_serves_profile_tables_and_cross_features(install: ServerInstall,
-                                                             built_mtgr_tiny: tuple[Path, Path]) -> None:
+def test_mtgr_bundle_serves_profile_tables_and_cross_features(
+    install: ServerInstall, built_mtgr_tiny: tuple[Path, Path]
+) -> None:
     for served in serve(install, built_mtgr_tiny):
         names = [i["name"] for i in bd.load_description(served.folder)["request"]["inputs"]]
         assert names[:2] == ["profile_user", "profile_city"] and "cross_features" in names

@@ -47,8 +47,12 @@ class TensorSpec:
         return -1 in self.dims
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "datatype": self.datatype, "shape": ["batch", *self.dims],
-                "description": self.description}
+        return {
+            "name": self.name,
+            "datatype": self.datatype,
+            "shape": ["batch", *self.dims],
+            "description": self.description,
+        }
 
 
 def profile_input(table: str) -> str:
@@ -64,13 +68,16 @@ def candidate_input(table: str) -> str:
 
 
 def request_inputs(cfg: ModelConfig) -> list[TensorSpec]:
-    specs = [TensorSpec(profile_input(t), "INT64", (1,), f"row of the {t} table (profile feature)")
-             for t in cfg.profile]
-    specs += [TensorSpec(history_input(t), "INT64", (-1,), f"row of the {t} table per history event")
-              for t in cfg.history]
+    specs = [
+        TensorSpec(profile_input(t), "INT64", (1,), f"row of the {t} table (profile feature)") for t in cfg.profile
+    ]
+    specs += [
+        TensorSpec(history_input(t), "INT64", (-1,), f"row of the {t} table per history event") for t in cfg.history
+    ]
     specs.append(TensorSpec(HISTORY_TIME, "INT64", (-1,), "time of each history event in seconds, oldest first"))
-    specs += [TensorSpec(candidate_input(t), "INT64", (-1,), f"row of the {t} table per candidate")
-              for t in cfg.candidate]
+    specs += [
+        TensorSpec(candidate_input(t), "INT64", (-1,), f"row of the {t} table per candidate") for t in cfg.candidate
+    ]
     if cfg.cross_features:
         specs.append(TensorSpec(CROSS, "FP32", (-1, cfg.cross_features), "user x candidate features per candidate"))
     specs.append(TensorSpec(REQUEST_TIME, "INT64", (1,), "time of the request in seconds"))
@@ -107,8 +114,10 @@ def bundle_problems(cfg: ModelConfig, bundle: TritonBundleConfig) -> list[str]:
     problems = []
     for task in bundle.rank_weights:
         if task not in cfg.tasks:
-            problems.append(f"bundles.triton.rank_weights: names task {task!r}, which model.tasks does not define "
-                            f"(tasks: {', '.join(cfg.tasks)})")
+            problems.append(
+                f"bundles.triton.rank_weights: names task {task!r}, which model.tasks does not define "
+                f"(tasks: {', '.join(cfg.tasks)})"
+            )
     return problems
 
 
@@ -158,8 +167,11 @@ def request_batch(arrays: dict[str, np.ndarray], cfg: ModelConfig) -> Any:
     def flat(name: str) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(arrays[name]).reshape(-1).astype(np.int64))
 
-    profile = (np.concatenate([arrays[profile_input(t)] for t in cfg.profile], 1) if cfg.profile
-               else np.zeros((users, 0), dtype=np.int64))
+    profile = (
+        np.concatenate([arrays[profile_input(t)] for t in cfg.profile], 1)
+        if cfg.profile
+        else np.zeros((users, 0), dtype=np.int64)
+    )
     cross = arrays[CROSS].reshape(users * c, -1) if cfg.cross_features else np.zeros((users * c, 0), np.float32)
     return Batch(
         profile=torch.from_numpy(profile.astype(np.int64)),
@@ -176,8 +188,10 @@ def request_batch(arrays: dict[str, np.ndarray], cfg: ModelConfig) -> Any:
 def as_json_inputs(arrays: dict[str, np.ndarray], cfg: ModelConfig) -> list[dict[str, Any]]:
     """KServe v2 JSON ``inputs`` of a request (what curl posts to /v2/models/<name>/infer)."""
     types = {s.name: s.datatype for s in request_inputs(cfg)}
-    return [{"name": name, "shape": list(a.shape), "datatype": types[name], "data": a.reshape(-1).tolist()}
-            for name, a in arrays.items()]
+    return [
+        {"name": name, "shape": list(a.shape), "datatype": types[name], "data": a.reshape(-1).tolist()}
+        for name, a in arrays.items()
+    ]
 
 
 def ranking(scores: np.ndarray, weights: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:

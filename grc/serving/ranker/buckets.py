@@ -73,9 +73,13 @@ def pad(
         raise ValueError(f"bucket {bucket} cannot hold {users} users and {total} tokens (max_seq_len {max_seq_len})")
     # the padding users' sizes made on the device from host integers: no host->device copy, no sync
     dev, kind = tokens.device, offsets.dtype
-    sizes = torch.cat([torch.full((full,), max_seq_len, dtype=kind, device=dev),
-                       torch.full((1 if rest else 0,), rest, dtype=kind, device=dev),
-                       torch.zeros(slots - full - (rest > 0), dtype=kind, device=dev)])
+    sizes = torch.cat(
+        [
+            torch.full((full,), max_seq_len, dtype=kind, device=dev),
+            torch.full((1 if rest else 0,), rest, dtype=kind, device=dev),
+            torch.zeros(slots - full - (rest > 0), dtype=kind, device=dev),
+        ]
+    )
     return (
         torch.cat([tokens, tokens.new_zeros(extra, tokens.shape[1])]),
         torch.cat([offsets, total + sizes.cumsum(0)]),  # offsets[-1] is T: known here

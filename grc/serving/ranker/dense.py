@@ -46,12 +46,14 @@ def aotinductor(package: Path, device: torch.device) -> Runner:
 def pytorch(dense: GRDense) -> Runner:
     """forward_padded on the padded batch (as long as its longest user): what a team writes by hand."""
 
-    def run(tokens: torch.Tensor, offsets: torch.Tensor, num_candidates: torch.Tensor,
-            timestamps: torch.Tensor) -> torch.Tensor:
+    def run(
+        tokens: torch.Tensor, offsets: torch.Tensor, num_candidates: torch.Tensor, timestamps: torch.Tensor
+    ) -> torch.Tensor:
         lengths = lengths_of(offsets)
         longest = int(lengths.max())  # a device sync: the baseline pays it, as hand-written code does
-        scores = dense.forward_padded(to_padded(tokens, offsets, longest), lengths, num_candidates,
-                                      to_padded(timestamps, offsets, longest))
+        scores = dense.forward_padded(
+            to_padded(tokens, offsets, longest), lengths, num_candidates, to_padded(timestamps, offsets, longest)
+        )
         return to_jagged(scores, offsets)
 
     return run
@@ -68,8 +70,17 @@ class Bucketed:
     ``graphs`` each bucket's CUDA graph is captured here, at load, and replayed. A batch no bucket
     holds runs unpadded and eagerly, counted as a miss. Returns the real tokens' scores only."""
 
-    def __init__(self, fn: Runner, plan: list[bk.Bucket], max_seq_len: int, width: int, dtype: torch.dtype,
-                 device: torch.device, graphs: bool, stats: GraphStats):
+    def __init__(
+        self,
+        fn: Runner,
+        plan: list[bk.Bucket],
+        max_seq_len: int,
+        width: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        graphs: bool,
+        stats: GraphStats,
+    ):
         self.fn, self.plan, self.max_seq_len, self.stats = fn, sorted(plan), max_seq_len, stats
         self.graphs = None
         if graphs:
@@ -83,8 +94,9 @@ class Bucketed:
                 self.graphs.capture(*bk.pad(bucket, max_seq_len, *empty))
             torch.cuda.synchronize(device)
 
-    def __call__(self, tokens: torch.Tensor, offsets: torch.Tensor, num_candidates: torch.Tensor,
-                 timestamps: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, tokens: torch.Tensor, offsets: torch.Tensor, num_candidates: torch.Tensor, timestamps: torch.Tensor
+    ) -> torch.Tensor:
         total, users = tokens.shape[0], num_candidates.shape[0]
         bucket = bk.choose(self.plan, users, total, self.max_seq_len)
         if bucket is None:

@@ -35,8 +35,19 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 class Ranker:
-    def __init__(self, cfg: ModelConfig, projector: Any, tables: Any, dense: dn.Runner, dense_dtype: torch.dtype,
-                 device: torch.device, weights: np.ndarray, top_k: int, truncate: bool, stats: dn.GraphStats):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        projector: Any,
+        tables: Any,
+        dense: dn.Runner,
+        dense_dtype: torch.dtype,
+        device: torch.device,
+        weights: np.ndarray,
+        top_k: int,
+        truncate: bool,
+        stats: dn.GraphStats,
+    ):
         self.cfg, self.projector, self.tables, self.dense = cfg, projector, tables, dense
         self.dense_dtype, self.device, self.weights, self.top_k = dense_dtype, device, weights, top_k
         self.truncate, self.graph_stats = truncate, stats
@@ -49,8 +60,9 @@ class Ranker:
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def from_model_dir(cls, model_dir: Path, device: str, params: dict[str, str],
-                       log: Callable[[str], None] = print) -> Ranker:
+    def from_model_dir(
+        cls, model_dir: Path, device: str, params: dict[str, str], log: Callable[[str], None] = print
+    ) -> Ranker:
         """A fused model's version folder (weights/, packages) and its config.pbtxt parameters."""
         from grc.weights import load_model
 
@@ -77,13 +89,31 @@ class Ranker:
         if graphs:
             plan = [bk.Bucket(tokens=t, users=u) for u, t in json.loads(params["buckets"])]
             fn = dn.Bucketed(fn, plan, cfg.hstu.max_seq_len, cfg.d_model, dtype, dev, True, stats)
-            log(f"{backend}: {len(plan)} CUDA graphs captured (buckets users x tokens: "
-                f"{', '.join(f'{b.users}x{b.tokens}' for b in sorted(plan))})")
-        tables = open_lookup(cfg, weights_dir, dev, params.get("tables", "auto"),
-                             int(params.get("tables_device_budget_mb", "16384")), log)
+            log(
+                f"{backend}: {len(plan)} CUDA graphs captured (buckets users x tokens: "
+                f"{', '.join(f'{b.users}x{b.tokens}' for b in sorted(plan))})"
+            )
+        tables = open_lookup(
+            cfg,
+            weights_dir,
+            dev,
+            params.get("tables", "auto"),
+            int(params.get("tables_device_budget_mb", "16384")),
+            log,
+        )
         rank_w = np.asarray(json.loads(params["rank_weights"]), dtype=np.float32)
-        return cls(cfg, projector, tables, fn, dtype, dev, rank_w, int(params["top_k"]),
-                   params.get("truncate_history", "true") == "true", stats)
+        return cls(
+            cfg,
+            projector,
+            tables,
+            fn,
+            dtype,
+            dev,
+            rank_w,
+            int(params["top_k"]),
+            params.get("truncate_history", "true") == "true",
+            stats,
+        )
 
     # ------------------------------------------------------------------ serving
 
@@ -141,15 +171,24 @@ class Ranker:
 
     def stats(self) -> dict[str, int]:
         s = self.graph_stats
-        return {"graph_hits": s.graph_hits, "graph_misses": s.graph_misses, "padded_tokens": s.padded_tokens,
-                "requests": self.requests, "users": self.users, "tokens": self.tokens, "rank_us": self.rank_us,
-                "dense_device_us": self.dense_device_us}
+        return {
+            "graph_hits": s.graph_hits,
+            "graph_misses": s.graph_misses,
+            "padded_tokens": s.padded_tokens,
+            "requests": self.requests,
+            "users": self.users,
+            "tokens": self.tokens,
+            "rank_us": self.rank_us,
+            "dense_device_us": self.dense_device_us,
+        }
 
 
 def cuda_missing(what: str) -> str:
     """Why a GPU model cannot run in this interpreter (no silent CPU fallback)."""
     import sys
 
-    return (f"{what} needs a CUDA GPU (torch.cuda.is_available() is False): torch {torch.__version__} "
-            f"(CUDA build: {torch.version.cuda or 'none, a CPU-only wheel'}) in {sys.executable}; run it on a "
-            f"host with an NVIDIA GPU and a CUDA build of torch, or set bundles.triton.instance_kind: KIND_CPU")
+    return (
+        f"{what} needs a CUDA GPU (torch.cuda.is_available() is False): torch {torch.__version__} "
+        f"(CUDA build: {torch.version.cuda or 'none, a CPU-only wheel'}) in {sys.executable}; run it on a "
+        f"host with an NVIDIA GPU and a CUDA build of torch, or set bundles.triton.instance_kind: KIND_CPU"
+    )

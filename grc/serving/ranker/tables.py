@@ -79,8 +79,10 @@ def table_bytes(weights_dir: Path) -> int:
     """Bytes of every table tensor (codes and factors), from the manifest and shard headers."""
     manifest = read_manifest(weights_dir)
     names = [n for n in manifest["tensors"] if _is_table(n)]
-    return sum(int(np.prod(info["shape"])) * DTYPES[info["dtype"]][1].itemsize
-               for _, info in _arrays(weights_dir, manifest, names).values())
+    return sum(
+        int(np.prod(info["shape"])) * DTYPES[info["dtype"]][1].itemsize
+        for _, info in _arrays(weights_dir, manifest, names).values()
+    )
 
 
 def choose_placement(placement: str, weights_dir: Path, budget_mb: int, log: Callable[[str], None]) -> str:
@@ -90,13 +92,18 @@ def choose_placement(placement: str, weights_dir: Path, budget_mb: int, log: Cal
         return placement
     size = table_bytes(weights_dir)
     chosen = "device" if size <= budget_mb << 20 else "pinned_host"
-    log(f"gpu.tables auto: tables are {size / 2**20:.1f} MiB, budget tables_device_budget_mb {budget_mb} MiB: "
-        f"{chosen}")
+    log(f"gpu.tables auto: tables are {size / 2**20:.1f} MiB, budget tables_device_budget_mb {budget_mb} MiB: {chosen}")
     return chosen
 
 
-def open_lookup(cfg: ModelConfig, weights_dir: Path, device: torch.device, placement: str, budget_mb: int,
-                log: Callable[[str], None] = print) -> Any:
+def open_lookup(
+    cfg: ModelConfig,
+    weights_dir: Path,
+    device: torch.device,
+    placement: str,
+    budget_mb: int,
+    log: Callable[[str], None] = print,
+) -> Any:
     """The tables for a model on ``device``: memory-mapped (cpu) or DeviceTables (cuda)."""
     if device.type != "cuda":
         return open_tables(cfg, weights_dir)
@@ -126,8 +133,11 @@ def _stack(parts: list[tuple[np.ndarray, dict]], device: torch.device | None) ->
     dtype = DTYPES[parts[0][1]["dtype"]][0]
     rows = sum(int(info["shape"][0]) for _, info in parts)
     shape = (rows, *parts[0][1]["shape"][1:])
-    out = (torch.empty(shape, dtype=dtype, device=device) if device is not None
-           else torch.empty(shape, dtype=dtype, pin_memory=True))
+    out = (
+        torch.empty(shape, dtype=dtype, device=device)
+        if device is not None
+        else torch.empty(shape, dtype=dtype, pin_memory=True)
+    )
     start = 0
     for array, _ in parts:
         with warnings.catch_warnings():  # a read-only memory map: torch warns, and we only read it

@@ -17,8 +17,12 @@ from grc.serving.common import request as rq
 from grc.serving.common.reference import ReferenceModel
 from grc.spec.schema import ModelConfig, Spec, Tolerance
 
-WIRE = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32", np.dtype(np.int32): "INT32",
-        np.dtype(np.float64): "FP64"}
+WIRE = {
+    np.dtype(np.int64): "INT64",
+    np.dtype(np.float32): "FP32",
+    np.dtype(np.int32): "INT32",
+    np.dtype(np.float64): "FP64",
+}
 
 
 def infer_inputs(client_module: Any, arrays: dict[str, np.ndarray]) -> list[Any]:
@@ -31,8 +35,9 @@ def infer_inputs(client_module: Any, arrays: dict[str, np.ndarray]) -> list[Any]
     return out
 
 
-def infer(url: str, protocol: str, model: str, arrays: dict[str, np.ndarray],
-          timeout_s: float = 60.0) -> dict[str, np.ndarray]:
+def infer(
+    url: str, protocol: str, model: str, arrays: dict[str, np.ndarray], timeout_s: float = 60.0
+) -> dict[str, np.ndarray]:
     """One request over ``http`` or ``grpc``; every response output as numpy."""
     if protocol == "http":
         import tritonclient.http as client_module
@@ -73,8 +78,15 @@ class Check:
         return not self.problems
 
 
-def check_response(response: dict[str, np.ndarray], expected: np.ndarray, arrays: dict[str, np.ndarray],
-                   cfg: ModelConfig, weights: np.ndarray, top_k: int, tolerance: Tolerance) -> Check:
+def check_response(
+    response: dict[str, np.ndarray],
+    expected: np.ndarray,
+    arrays: dict[str, np.ndarray],
+    cfg: ModelConfig,
+    weights: np.ndarray,
+    top_k: int,
+    tolerance: Tolerance,
+) -> Check:
     """Every score against the reference, and the ranking consistent with the scores."""
     problems = []
     got = response["scores"].astype(np.float64)
@@ -84,8 +96,10 @@ def check_response(response: dict[str, np.ndarray], expected: np.ndarray, arrays
     max_abs = float(diff.max(initial=0.0))
     max_rel = max_abs / max(float(np.abs(expected).max(initial=0.0)), 1e-30)
     if max_abs > tolerance.max_abs or max_rel > tolerance.max_rel:
-        problems.append(f"scores differ from PyTorch: max_abs {max_abs:.3e} (tolerance {tolerance.max_abs:.1e}), "
-                        f"max_rel {max_rel:.3e} (tolerance {tolerance.max_rel:.1e})")
+        problems.append(
+            f"scores differ from PyTorch: max_abs {max_abs:.3e} (tolerance {tolerance.max_abs:.1e}), "
+            f"max_rel {max_rel:.3e} (tolerance {tolerance.max_rel:.1e})"
+        )
     order = response["ranked_candidates"]
     k = min(top_k, expected.shape[1])
     combined = (expected * weights).sum(-1)
@@ -109,11 +123,13 @@ def check_response(response: dict[str, np.ndarray], expected: np.ndarray, arrays
     return Check(max_abs, max_rel, problems)
 
 
-def spec_check(spec: Spec, response: dict[str, np.ndarray], expected: np.ndarray,
-               arrays: dict[str, np.ndarray]) -> Check:
+def spec_check(
+    spec: Spec, response: dict[str, np.ndarray], expected: np.ndarray, arrays: dict[str, np.ndarray]
+) -> Check:
     cfg = spec.bundles.triton
-    return check_response(response, expected, arrays, spec.model, rq.rank_weights(spec.model, cfg), cfg.top_k,
-                          spec.verify.export)
+    return check_response(
+        response, expected, arrays, spec.model, rq.rank_weights(spec.model, cfg), cfg.top_k, spec.verify.export
+    )
 
 
 # --------------------------------------------------------------------------- metrics

@@ -60,8 +60,10 @@ def problems(spec: Spec) -> list[str]:
     for i, b in enumerate(plan(spec)):
         where = f"bundles.triton.gpu.buckets[{i}]" if cfg.gpu.buckets else f"the default bucket {b.users}x{b.tokens}"
         if "aotinductor" in (cfg.backend, *cfg.extra_backends) and (b.tokens > MAX_TOKENS or b.users > MAX_USERS):
-            out.append(f"{where}: {b.users} users x {b.tokens} tokens is outside the AOTInductor package's exported "
-                       f"range (users 1..{MAX_USERS}, tokens 2..{MAX_TOKENS}, grc/aoti/model.py)")
+            out.append(
+                f"{where}: {b.users} users x {b.tokens} tokens is outside the AOTInductor package's exported "
+                f"range (users 1..{MAX_USERS}, tokens 2..{MAX_TOKENS}, grc/aoti/model.py)"
+            )
     return out
 
 
@@ -146,7 +148,8 @@ def host_problem(model_repository: Path) -> str | None:
     from grc.serving.triton.model_config import pb as mc
 
     gpu_models = sorted(
-        p.parent.name for p in model_repository.glob("*/config.pbtxt")
+        p.parent.name
+        for p in model_repository.glob("*/config.pbtxt")
         if (msg := load_config(p)).backend == "python"
         and any(g.kind == mc.ModelInstanceGroup.KIND_GPU for g in msg.instance_group)
     )

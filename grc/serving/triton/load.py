@@ -22,8 +22,9 @@ from grc.serving.triton import check
 from grc.spec.schema import ModelConfig
 
 
-def request_pool(cfg: ModelConfig, count: int, seed: int = 0, max_history: int = 32,
-                 max_candidates: int = 16) -> list[dict[str, np.ndarray]]:
+def request_pool(
+    cfg: ModelConfig, count: int, seed: int = 0, max_history: int = 32, max_candidates: int = 16
+) -> list[dict[str, np.ndarray]]:
     """``count`` single-user requests, history and candidate counts varied (1..max)."""
     import torch
 
@@ -67,20 +68,33 @@ class LoadResult:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "requests": self.requests, "completed": self.completed, "errors": self.errors,
-            "concurrency": self.concurrency, "seconds": round(self.seconds, 3),
+            "requests": self.requests,
+            "completed": self.completed,
+            "errors": self.errors,
+            "concurrency": self.concurrency,
+            "seconds": round(self.seconds, 3),
             "requests_per_s": round(self.throughput, 1),
-            "latency_ms": {"p50": round(self.percentile(50), 2), "p90": round(self.percentile(90), 2),
-                           "p99": round(self.percentile(99), 2), "max": round(max(self.latencies_ms, default=0), 2)},
+            "latency_ms": {
+                "p50": round(self.percentile(50), 2),
+                "p90": round(self.percentile(90), 2),
+                "p99": round(self.percentile(99), 2),
+                "max": round(max(self.latencies_ms, default=0), 2),
+            },
             "batch_sizes": {m: {str(b): n for b, n in sorted(s.items())} for m, s in self.batch_sizes.items()},
             "mean_batch": {m: round(self.mean_batch(m), 2) for m in self.batch_sizes},
-            "metrics": self.metrics, "timing": self.timing, "first_error": self.first_error,
+            "metrics": self.metrics,
+            "timing": self.timing,
+            "first_error": self.first_error,
             "timed_out": self.timed_out,
         }
 
 
-PROMETHEUS = ("nv_inference_count", "nv_inference_exec_count", "nv_inference_request_success",
-              "nv_inference_request_failure")
+PROMETHEUS = (
+    "nv_inference_count",
+    "nv_inference_exec_count",
+    "nv_inference_request_success",
+    "nv_inference_request_failure",
+)
 # grc's own counters of a python model (pb_utils.MetricFamily, label model): CUDA-graph hits, misses, padding
 GRC_METRIC = re.compile(r"^(?P<name>grc_\w+)\{(?P<labels>[^}]*)\} (?P<value>\S+)$", re.MULTILINE)
 # Triton's per-model statistics: cumulative (count, ns) per phase of a request
@@ -89,9 +103,17 @@ PHASES = ("queue", "compute_input", "compute_infer", "compute_output")
 Validate = Callable[[int, Any], None]
 
 
-def run_load(grpc_url: str, metrics_url: str | None, model: str, pool: list[dict[str, np.ndarray]],
-             requests: int = 2000, concurrency: int = 8, time_limit_s: float = 120.0,
-             models: tuple[str, ...] = (), validate: Validate | None = None) -> LoadResult:
+def run_load(
+    grpc_url: str,
+    metrics_url: str | None,
+    model: str,
+    pool: list[dict[str, np.ndarray]],
+    requests: int = 2000,
+    concurrency: int = 8,
+    time_limit_s: float = 120.0,
+    models: tuple[str, ...] = (),
+    validate: Validate | None = None,
+) -> LoadResult:
     """Send ``requests`` requests from ``concurrency`` threads; stop early past ``time_limit_s``.
     ``validate(pool_index, result)`` sees every answer and raises on a wrong one: counted as an error."""
     import tritonclient.grpc as grpcclient
@@ -117,14 +139,24 @@ def run_load(grpc_url: str, metrics_url: str | None, model: str, pool: list[dict
 
     loop = closed_loop(Grpc, requests, concurrency, time_limit_s)
     after = {m: check.batch_sizes(grpc_url, m) for m in watched}
-    sizes = {m: {b: n - before[m].get(b, 0) for b, n in after[m].items() if n - before[m].get(b, 0) > 0}
-             for m in watched}
+    sizes = {
+        m: {b: n - before[m].get(b, 0) for b, n in after[m].items() if n - before[m].get(b, 0) > 0} for m in watched
+    }
     prom_after = _prometheus(metrics_url, watched)
     metrics = {m: {k: prom_after[m][k] - prom_before[m].get(k, 0.0) for k in prom_after[m]} for m in prom_after}
     timing = {m: per_request_ms(timing_before[m], t) for m, t in statistics(grpc_url, watched).items()}
-    return LoadResult(requests=requests, concurrency=concurrency, errors=len(loop.errors), seconds=loop.seconds,
-                      latencies_ms=loop.latencies_ms, batch_sizes=sizes, metrics=metrics, timing=timing,
-                      first_error=loop.errors[0] if loop.errors else None, timed_out=loop.issued < requests)
+    return LoadResult(
+        requests=requests,
+        concurrency=concurrency,
+        errors=len(loop.errors),
+        seconds=loop.seconds,
+        latencies_ms=loop.latencies_ms,
+        batch_sizes=sizes,
+        metrics=metrics,
+        timing=timing,
+        first_error=loop.errors[0] if loop.errors else None,
+        timed_out=loop.issued < requests,
+    )
 
 
 def _prometheus(url: str | None, models: tuple[str, ...]) -> dict[str, dict[str, float]]:
@@ -167,9 +199,13 @@ def per_request_ms(before: dict[str, float], after: dict[str, float]) -> dict[st
     """What happened between two ``statistics`` readings: requests, executions, mean batch, and the mean
     milliseconds per request of each phase (queue: waiting for an instance; compute_*: inside the model)."""
     delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
-    out = {"requests": delta["inference_count"], "executions": delta["execution_count"],
-           "mean_batch": round(delta["inference_count"] / delta["execution_count"], 2)
-           if delta["execution_count"] else 0.0}
+    out = {
+        "requests": delta["inference_count"],
+        "executions": delta["execution_count"],
+        "mean_batch": round(delta["inference_count"] / delta["execution_count"], 2)
+        if delta["execution_count"]
+        else 0.0,
+    }
     for phase in PHASES:
         count = delta.get(f"{phase}_count", 0.0)
         out[f"{phase}_ms"] = round(delta.get(f"{phase}_ns", 0.0) / count / 1e6, 3) if count else 0.0

@@ -404,8 +404,12 @@ class TritonServer(_Endpoints):
         if not self.keep_alive:
             raise TritonServerError("detach(): start the server with keep_alive=True to let it outlive its caller")
         record = DetachedServer(
-            pid=self._proc.pid, ports=dict(self.ports), shm_prefix=self._shm_prefix, workdir=str(self._workdir),
-            log=str(self._workdir / "server.log"), model_repository=str(self.model_repository),
+            pid=self._proc.pid,
+            ports=dict(self.ports),
+            shm_prefix=self._shm_prefix,
+            workdir=str(self._workdir),
+            log=str(self._workdir / "server.log"),
+            model_repository=str(self.model_repository),
         )
         _DETACHED.append(self._proc)  # still our child while we live: keep the handle so it can be reaped
         _RUNNING.discard(self)
@@ -529,8 +533,11 @@ def detached_alive(record: DetachedServer) -> bool:
     state = stat.rsplit(")", 1)[-1].split()[0]
     if state in ("Z", "X"):
         return False
-    return bool(cmdline) and cmdline[0].endswith(b"tritonserver") and \
-        f"--model-repository={record.model_repository}".encode() in cmdline
+    return (
+        bool(cmdline)
+        and cmdline[0].endswith(b"tritonserver")
+        and f"--model-repository={record.model_repository}".encode() in cmdline
+    )
 
 
 def stop_detached(record: DetachedServer, timeout_s: float = 15.0) -> bool:

@@ -62,16 +62,20 @@ def make_session(path: Path, threads: int, gpu: int | None) -> Any:
     model = onnx.load(str(path), load_external_data=False)
     if any(n.domain == "grc" for n in model.graph.node):
         if gpu is not None:  # the custom op is a Python function on the CPU: never a silent CPU session
-            raise RuntimeError(f"{path.name} has grc custom ops (grc::HSTUAttention), which onnxruntime runs on the "
-                               "CPU only (a Python custom op); a KIND_GPU instance cannot serve it: use instance_kind "
-                               "KIND_CPU, or the tensorrt_plan backend on the GPU")
+            raise RuntimeError(
+                f"{path.name} has grc custom ops (grc::HSTUAttention), which onnxruntime runs on the "
+                "CPU only (a Python custom op); a KIND_GPU instance cannot serve it: use instance_kind "
+                "KIND_CPU, or the tensorrt_plan backend on the GPU"
+            )
         from grc.onnx.ort import session
 
         return session(path, threads)
     if gpu is not None:
         if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise RuntimeError(f"KIND_GPU instance, but onnxruntime {ort.__version__} has no CUDAExecutionProvider "
-                               f"(install onnxruntime-gpu, or use instance_kind KIND_CPU)")
+            raise RuntimeError(
+                f"KIND_GPU instance, but onnxruntime {ort.__version__} has no CUDAExecutionProvider "
+                f"(install onnxruntime-gpu, or use instance_kind KIND_CPU)"
+            )
         providers: list[Any] = [("CUDAExecutionProvider", {"device_id": gpu})]  # GPU or an error, no CPU fallback
     else:
         providers = ["CPUExecutionProvider"]

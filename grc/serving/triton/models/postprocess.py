@@ -53,5 +53,10 @@ class TritonPythonModel:
 
     def execute(self, requests: list[Any]) -> list[Any]:
         # numpy work per request is microseconds: each runs on its own
-        return steps.execute(requests, self.name, INPUTS, lambda r: check_postprocess(r, len(self.weights)),
-                             lambda batch: [rank(r, self.weights, self.top_k) for r in batch])
+        return steps.execute(
+            requests,
+            self.name,
+            INPUTS,
+            lambda r: check_postprocess(r, len(self.weights)),
+            lambda batch: [rank(r, self.weights, self.top_k) for r in batch],
+        )

@@ -52,8 +52,9 @@ def merge(requests: list[dict[str, np.ndarray]], cfg: ModelConfig) -> Any:
     )
 
 
-def project(requests: list[dict[str, np.ndarray]], projector: Any, tables: Any, cfg: ModelConfig,
-            pad_to: int | None = None) -> list[dict[str, Any]]:
+def project(
+    requests: list[dict[str, np.ndarray]], projector: Any, tables: Any, cfg: ModelConfig, pad_to: int | None = None
+) -> list[dict[str, Any]]:
     """Checked requests -> per request the dense model's inputs (one projector call for all)."""
     import torch
 
@@ -72,8 +73,14 @@ def project(requests: list[dict[str, np.ndarray]], projector: Any, tables: Any, 
         if pad_to is not None:
             t = np.concatenate([t, np.zeros((b, pad_to - length, t.shape[2]), np.float32)], 1)
             s = np.concatenate([s, np.zeros((b, pad_to - length), np.int64)], 1)
-        outs.append({"tokens": np.ascontiguousarray(t, np.float32), "timestamps": np.ascontiguousarray(s, np.int64),
-                     "lengths": np.full((b, 1), length, np.int64), "num_candidates": np.full((b, 1), c, np.int64)})
+        outs.append(
+            {
+                "tokens": np.ascontiguousarray(t, np.float32),
+                "timestamps": np.ascontiguousarray(s, np.int64),
+                "lengths": np.full((b, 1), length, np.int64),
+                "num_candidates": np.full((b, 1), c, np.int64),
+            }
+        )
         user += b
     return outs
 
@@ -119,5 +126,10 @@ class TritonPythonModel:
         self.names = [s.name for s in rq.request_inputs(self.cfg)]
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        return steps.execute(requests, self.name, self.names, lambda r: parse(r, self.cfg, self.truncate),
-                             lambda batch: project(batch, self.projector, self.tables, self.cfg, self.pad_to))
+        return steps.execute(
+            requests,
+            self.name,
+            self.names,
+            lambda r: parse(r, self.cfg, self.truncate),
+            lambda batch: project(batch, self.projector, self.tables, self.cfg, self.pad_to),
+        )
