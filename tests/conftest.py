@@ -20,6 +20,10 @@ REPO = Path(__file__).resolve().parents[1]
 # Builds in tests start cold unless a test turns the build cache on with its own folder: a
 # shared ~/.cache/grc would turn "built" into "restored" depending on which test ran first.
 os.environ["GRC_CACHE"] = "off"
+# One Inductor cache per pytest-xdist worker: two workers compiling the same small model at once wrote the
+# shared cache's files under each other (a package then failed to load: "parse error ... empty input").
+if worker := os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", f"/tmp/torchinductor-{os.getuid()}-{worker}")
 SPECS = REPO / "specs"
 TEST_SPECS = Path(__file__).parent / "specs"
 

@@ -632,7 +632,7 @@ class TritonBundleConfig(_Section):
         "ensemble",
         description="fused: one python model per backend runs lookup, projector, dense and ranking (on a GPU: no "
         "IPC hop and host copy between steps); ensemble: preprocess -> dense -> postprocess. Default: fused on "
-        "KIND_GPU, else ensemble",
+        "KIND_GPU when every backend is one the fused model runs and history_cache is off, else ensemble",
     )
     gpu: TritonGpuConfig = Field(TritonGpuConfig(), description="the fused pipeline on a GPU")
     gpus: list[GpuId] = Field(
@@ -664,9 +664,18 @@ class TritonBundleConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _default_pipeline(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "pipeline" not in data:
-            return {**data, "pipeline": "fused" if data.get("instance_kind") == "KIND_GPU" else "ensemble"}
-        return data
+        """Default on KIND_GPU: fused when a backend runs only there (pytorch, pytorch_kernels), or when it runs
+        every listed backend and the spec asks for no history cache (the fused model has none yet); else, and on
+        KIND_CPU, the ensemble. A pipeline named in the spec is kept, and what it cannot run is refused
+        (``_pipeline_rules``), so a spec that served as an ensemble on a GPU still does."""
+        if not isinstance(data, dict) or "pipeline" in data:
+            return data
+        backends = [data.get("backend", "onnxruntime"), *(data.get("extra_backends") or [])]
+        cache = data.get("history_cache")
+        cached = cache.get("enabled", False) if isinstance(cache, dict) else bool(getattr(cache, "enabled", False))
+        fusable = all(b in FUSED_BACKENDS for b in backends) and not cached
+        fused = data.get("instance_kind") == "KIND_GPU" and (fusable or any(b in FUSED_ONLY_BACKENDS for b in backends))
+        return {**data, "pipeline": "fused" if fused else "ensemble"}
 
     @model_validator(mode="after")
     def _consistent(self) -> TritonBundleConfig:

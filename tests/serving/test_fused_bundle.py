@@ -48,12 +48,19 @@ def test_pipeline_default_follows_the_instance_kind(tmp_path: Path) -> None:
     assert gpu.bundles.triton.pipeline == "fused"
     cpu_fused = spec_with(tmp_path, {"pipeline": "fused", "backend": "pytorch"}, "cpu_fused")
     assert cpu_fused.bundles.triton.pipeline == "fused" and cpu_fused.bundles.triton.instance_kind == "KIND_CPU"
+    # on a GPU the ensemble stays the default for what the fused model cannot run (a spec that served before)
+    onnx = spec_with(tmp_path, {"instance_kind": "KIND_GPU", "backend": "onnxruntime"}, "gpu_onnx")
+    assert onnx.bundles.triton.pipeline == "ensemble"
+    cached = {"instance_kind": "KIND_GPU", "backend": "aotinductor", "history_cache": {"enabled": True}}
+    aoti = {"engine.aoti": {"enabled": True, "targets": ["cuda"]}}
+    assert spec_with(tmp_path, cached, "gpu_cached", **aoti).bundles.triton.pipeline == "ensemble"
 
 
 @pytest.mark.parametrize(("triton", "more", "message"), [
     ({"pipeline": "fused", "backend": "onnxruntime"}, {},
      r"pipeline: fused runs the dense step as aotinductor, pytorch, pytorch_kernels .* onnxruntime is a separate step"),
-    ({"instance_kind": "KIND_GPU", "backend": "tensorrt_plan"}, {"engine.targets": [{"name": "h100", "gpu": "h100"}]},
+    ({"pipeline": "fused", "instance_kind": "KIND_GPU", "backend": "tensorrt_plan"},
+     {"engine.targets": [{"name": "h100", "gpu": "h100"}]},
      r"pipeline: fused .* tensorrt_plan is a separate step"),
     ({"pipeline": "ensemble", "backend": "onnxruntime", "extra_backends": ["pytorch"]}, {},
      r"pipeline: ensemble has no pytorch step"),

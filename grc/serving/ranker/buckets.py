@@ -13,8 +13,10 @@ padding costs linear, not quadratic, attention work. The remaining user slots ar
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch only where a batch is padded: the bundle writer imports the plan without it
+    import torch
 
 
 @dataclass(frozen=True, order=True)
@@ -65,6 +67,8 @@ def pad(
     """The jagged batch (tokens [T, D], offsets [B+1], num_candidates [B], timestamps [T]) padded to
     ``bucket``: its first T tokens and B users are the batch's, unchanged. The padding users'
     offsets follow from T and B alone, known on the host (no device sync)."""
+    import torch
+
     total, users = tokens.shape[0], num_candidates.shape[0]
     extra = bucket.tokens - total
     full, rest = divmod(extra, max_seq_len)
