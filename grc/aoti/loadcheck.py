@@ -38,7 +38,7 @@ def check_loads(path: Path, device: str, dtype: str, cfg: ModelConfig, what: str
     raise StageError(
         f"{what}: the compiled package {path} {how} when loaded and run in a fresh process "
         f"(C++ compiler: {compiler or 'none found'}). Last lines:\n{tail}\n"
-        f"{_advice(compiler)}"
+        f"{_advice(compiler) if rc < 0 else ''}"
     )
 
 
