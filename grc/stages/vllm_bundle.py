@@ -206,7 +206,7 @@ timestamps in [-2**61, 2**61 - 1] seconds, oldest event first (the encoding carr
 STAGE = Stage(
     name="vllm",
     output="bundles/vllm",
-    reads=("bundles.vllm", "model"),
+    reads=("bundles.vllm", "model", "name"),  # name: the default served model name and the metadata
     inputs=("weights",),
     toolkits=("torch",),  # the sample request comes from torch's seeded generator
     run=run,

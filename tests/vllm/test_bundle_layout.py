@@ -321,3 +321,17 @@ def test_a_venv_that_cannot_be_made_fails_the_tests_instead_of_skipping(
     monkeypatch.delenv("GRC_VLLM_CREATE", raising=False)
     with pytest.raises(vllm_env.VllmEnvError, match="could not make the vLLM venv"):
         require_vllm_venv()
+
+
+def test_the_vllm_bundle_is_keyed_by_the_spec_name(tmp_path: Path) -> None:
+    """The bundle writes spec.name (the default served model name, the metadata): a renamed spec must not be
+    handed the other name's bundle by the build cache, so the stage's key changes with the name."""
+    from grc.build.graph import fingerprint
+    from grc.stages import stage_named
+
+    base = Path(__file__).resolve().parents[2] / "specs" / "hstu-tiny.yaml"
+    first = load_spec(write_spec(tmp_path, base, name="first.yaml"))
+    renamed = load_spec(write_spec(tmp_path, base, {"name": "renamed"}, name="renamed.yaml"))
+    vllm = stage_named("vllm")
+    assert fingerprint(vllm, first) != fingerprint(vllm, renamed)
+    assert fingerprint(stage_named("weights"), first) == fingerprint(stage_named("weights"), renamed)
