@@ -27,7 +27,15 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 # called jit functions keep their def names (Inductor re-emits them under those)
-from kernels.fused_linear import INTERPRET, _round_to_bf16, check_supported, dot_settings, normed_dot, row_stats
+from kernels.fused_linear import (
+    INTERPRET,
+    _round_to_bf16,
+    check_supported,
+    dot_settings,
+    group_norm_reference,
+    normed_dot,
+    row_stats,
+)
 from kernels.ops import runs_kernel
 from kernels.reference import compute_dtype
 
@@ -117,7 +125,7 @@ def candidate_heads_reference(
     """The twin: every row scored (row-wise math: the same values a gather would give), the
     normalised x rounded to x's dtype, the rest in float32 (float64 for float64 x), then masked."""
     cdt = compute_dtype(x.dtype)
-    xh = F.layer_norm(x.to(cdt), x.shape[-1:], eps=eps) * gamma.to(cdt)[group] + beta.to(cdt)[group]
+    xh = group_norm_reference(x, group, gamma, beta, eps)
     hidden = F.silu(torch.einsum("nd,tdh->nth", xh.to(x.dtype).to(cdt), w1.to(cdt)) + b1.to(cdt))
     scores = torch.sigmoid((hidden * w2.to(cdt)).sum(-1) + b2.to(cdt))
     return torch.where(is_candidate.reshape(-1, 1), scores, torch.zeros((), dtype=cdt, device=x.device)).to(x.dtype)

@@ -268,6 +268,15 @@ def linear_residual_reference(
     return (residual.to(cdt) + F.linear(x.to(cdt), weight.to(cdt), bias.to(cdt))).to(x.dtype)
 
 
+def group_norm_reference(
+    x: torch.Tensor, group: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """The twins' group LayerNorm: per-row statistics, then the row's group's gamma and beta, in the
+    compute dtype of x (float32, float64 for float64 x); the fused kernels' prologues compute the same."""
+    cdt = compute_dtype(x.dtype)
+    return F.layer_norm(x.to(cdt), x.shape[-1:], eps=eps) * gamma.to(cdt)[group] + beta.to(cdt)[group]
+
+
 def norm_linear_silu_reference(
     x: torch.Tensor,
     group: torch.Tensor,
@@ -278,9 +287,7 @@ def norm_linear_silu_reference(
     eps: float,
 ) -> torch.Tensor:
     """SiLU(GroupLN(x) W^T + b), the normalised x rounded to x's dtype (as the model's norm output is)."""
-    cdt = compute_dtype(x.dtype)
-    xh = F.layer_norm(x.to(cdt), x.shape[-1:], eps=eps) * gamma.to(cdt)[group] + beta.to(cdt)[group]
-    return linear_silu_reference(xh.to(x.dtype), weight, bias)
+    return linear_silu_reference(group_norm_reference(x, group, gamma, beta, eps).to(x.dtype), weight, bias)
 
 
 def gated_linear_residual_reference(
