@@ -36,13 +36,13 @@ def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def _is_table(name: str) -> bool:
+def is_table(name: str) -> bool:
     return name.startswith("tables.")
 
 
-def _is_factor(name: str) -> bool:
+def is_factor(name: str) -> bool:
     """A quantized block's per-row scale / offset: bytes of the table, not parameters."""
-    return _is_table(name) and name.count(".") == 3
+    return is_table(name) and name.count(".") == 3
 
 
 def table_entries(p: ParamSpec, dtype: str, load: Callable[[], torch.Tensor]) -> list[TensorEntry]:
@@ -98,15 +98,15 @@ def _write(entries: list[TensorEntry], out: Path, cfg: WeightsConfig, meta: dict
     (out / INDEX).write_text(json.dumps(index, indent=1, sort_keys=True))
     counts, sizes = {"dense": 0, "embedding": 0}, {"dense": 0, "embedding": 0}
     for e in entries:
-        kind = "embedding" if _is_table(e.name) else "dense"
-        counts[kind] += 0 if _is_factor(e.name) else _numel(e.shape)
+        kind = "embedding" if is_table(e.name) else "dense"
+        counts[kind] += 0 if is_factor(e.name) else _numel(e.shape)
         sizes[kind] += e.nbytes
     counts["total"] = counts["dense"] + counts["embedding"]
     view = {
         "tensors": {
             n: {"shape": t["shape"], "dtype": t["dtype"], "sha256": own_digests[n]}
             for n, t in tensors.items()
-            if not _is_table(n)
+            if not is_table(n)
         }
     }
     (out / DENSE_VIEW).write_text(json.dumps(view, indent=1, sort_keys=True) + "\n")
@@ -259,7 +259,7 @@ def read_manifest(weights_dir: Path) -> dict:
     return json.loads((weights_dir / MANIFEST).read_text())
 
 
-def _arrays(weights_dir: Path, manifest: dict, names: list[str]) -> dict[str, tuple[np.ndarray, dict]]:
+def memmap_arrays(weights_dir: Path, manifest: dict, names: list[str]) -> dict[str, tuple[np.ndarray, dict]]:
     """name -> (read-only memory map of its bytes, its safetensors header entry); each shard's header read once."""
     headers: dict[Path, tuple[dict, int]] = {}
     out = {}
@@ -276,7 +276,7 @@ def load_model(model_cfg: ModelConfig, weights_dir: Path) -> GRModel:
     """The dense modules with their weights, in float32 (the reference precision)."""
     manifest = read_manifest(weights_dir)
     model = GRModel(model_cfg)
-    arrays = _arrays(weights_dir, manifest, list(model.state_dict()))
+    arrays = memmap_arrays(weights_dir, manifest, list(model.state_dict()))
     state = {
         name: to_float32(array, info["dtype"]).reshape(info["shape"]).clone() for name, (array, info) in arrays.items()
     }
@@ -287,10 +287,10 @@ def load_model(model_cfg: ModelConfig, weights_dir: Path) -> GRModel:
 def open_tables(model_cfg: ModelConfig, weights_dir: Path) -> Tables:
     """Memory-mapped tables: a lookup reads (and, for quantized tables, dequantizes) only the rows it asks for."""
     manifest = read_manifest(weights_dir)
-    names = sorted(n for n in manifest["tensors"] if _is_table(n))
-    arrays = _arrays(weights_dir, manifest, names)
+    names = sorted(n for n in manifest["tensors"] if is_table(n))
+    arrays = memmap_arrays(weights_dir, manifest, names)
     blocks: dict[str, list[Callable[[torch.Tensor], torch.Tensor]]] = {}
-    for name in (n for n in names if not _is_factor(n)):
+    for name in (n for n in names if not is_factor(n)):
         array, info = arrays[name]
         kind = {code: kind for kind, code in CODE_DTYPE.items()}.get(info["dtype"])
         if kind is None:

@@ -26,7 +26,7 @@ import torch
 from grc.model.tables import dequantize_rows, factor_names
 from grc.spec.schema import ModelConfig
 from grc.weights import CODE_DTYPE, open_tables, read_manifest
-from grc.weights.artifact import _arrays, _is_factor, _is_table
+from grc.weights.artifact import is_factor, is_table, memmap_arrays
 from grc.weights.safetensors_io import DTYPES
 
 PLACEMENTS = ("auto", "device", "pinned_host")
@@ -78,10 +78,10 @@ class DeviceTables(Lookup):
 def table_bytes(weights_dir: Path) -> int:
     """Bytes of every table tensor (codes and factors), from the manifest and shard headers."""
     manifest = read_manifest(weights_dir)
-    names = [n for n in manifest["tensors"] if _is_table(n)]
+    names = [n for n in manifest["tensors"] if is_table(n)]
     return sum(
         int(np.prod(info["shape"])) * DTYPES[info["dtype"]][1].itemsize
-        for _, info in _arrays(weights_dir, manifest, names).values()
+        for _, info in memmap_arrays(weights_dir, manifest, names).values()
     )
 
 
@@ -115,10 +115,10 @@ def _load(weights_dir: Path, device: torch.device | None) -> dict[str, _Table]:
     """Every table's blocks concatenated into one tensor per table (and per factor), on ``device``
     or, for None, in pinned host memory; copied block by block off the memory maps."""
     manifest = read_manifest(weights_dir)
-    names = sorted(n for n in manifest["tensors"] if _is_table(n))
-    arrays = _arrays(weights_dir, manifest, names)
+    names = sorted(n for n in manifest["tensors"] if is_table(n))
+    arrays = memmap_arrays(weights_dir, manifest, names)
     by_table: dict[str, list[str]] = {}
-    for name in (n for n in names if not _is_factor(n)):
+    for name in (n for n in names if not is_factor(n)):
         by_table.setdefault(name.split(".")[1], []).append(name)
     tables = {}
     for table, blocks in by_table.items():
