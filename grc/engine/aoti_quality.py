@@ -67,12 +67,27 @@ def fp8_package_model(dense: GRDense, spec: Spec) -> tuple[GRDense, dict[str, An
 Figures = Callable[[Any, torch.device, torch.dtype], list[RankFigure]]
 
 
-def ranking_figures(dense: GRDense, spec: Spec, backend: str, precision: str) -> Figures:
-    """A function of a package runner: its ranking of held-out users vs ``dense`` in float32 (CPU)."""
+def held_out_reference(dense: GRDense, spec: Spec) -> tuple[JaggedInputs, np.ndarray]:
+    """verify.ranking's held-out users and ``dense``'s float32 scores of them on the CPU: computed once
+    per build and shared by every target's check (mtgr-small: about a minute of CPU)."""
     gates = spec.verify.ranking
     held_out = users(spec, gates.seed, gates.users, gates.history, gates.candidates)
     with torch.no_grad():
         expected = copy.deepcopy(dense).float().eval().forward_jagged(*held_out.args()).numpy()
+    return held_out, expected
+
+
+def ranking_figures(
+    dense: GRDense,
+    spec: Spec,
+    backend: str,
+    precision: str,
+    reference: tuple[JaggedInputs, np.ndarray] | None = None,
+) -> Figures:
+    """A function of a package runner: its ranking of held-out users vs ``dense`` in float32 (CPU).
+    ``reference``: ``held_out_reference(dense, spec)`` when the caller already has it."""
+    gates = spec.verify.ranking
+    held_out, expected = reference or held_out_reference(dense, spec)
     limits = Gates(gates.top_k, gates.min_top_k_overlap, gates.min_kendall_tau, gates.max_mean_abs, gates.max_abs)
     offsets = np.concatenate([[0], np.cumsum(held_out.num_candidates.numpy())])
 
@@ -101,11 +116,18 @@ UNGATED = (
 )
 
 
-def ranking_check(dense: GRDense, spec: Spec, backend: str, precision: str, gate: bool = True) -> Checks:
+def ranking_check(
+    dense: GRDense,
+    spec: Spec,
+    backend: str,
+    precision: str,
+    gate: bool = True,
+    reference: tuple[JaggedInputs, np.ndarray] | None = None,
+) -> Checks:
     """``ranking_figures`` as a package check: fails past the gates (with the table), else the record.
     ``gate=False`` (16-bit packages that quantize nothing, see UNGATED): the figures are recorded only."""
     gates = spec.verify.ranking
-    figures_of = ranking_figures(dense, spec, backend, precision)
+    figures_of = ranking_figures(dense, spec, backend, precision, reference)
 
     def check(runner: Any, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
         figures = figures_of(runner, device, dtype)

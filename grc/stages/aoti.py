@@ -55,7 +55,7 @@ def run(ctx: Context) -> dict[str, Any]:
     from rich.text import Text
 
     from grc.aoti.build import PACKAGE, build_target
-    from grc.engine.aoti_quality import fp8_package_model, ranking_check
+    from grc.engine.aoti_quality import fp8_package_model, held_out_reference, ranking_check
     from grc.weights import DENSE_VIEW, load_model
 
     spec = ctx.spec
@@ -73,6 +73,7 @@ def run(ctx: Context) -> dict[str, Any]:
     shapes = [(s.users, s.history, s.candidates) for s in spec.verify.shapes]
     fp8 = None  # (model, record): calibrated once, for every GPU target
     entries = []
+    reference = None  # verify.ranking's held-out users and their float32 scores (aoti_quality.held_out_reference)
     for target in cfg.targets:
         gpu = target != "cpu"
         dtype = cfg.dtype if gpu else "float32"
@@ -84,7 +85,8 @@ def run(ctx: Context) -> dict[str, Any]:
             ctx.log(f"aoti: fp8: {len(fp8[1]['scales'])} GEMMs calibrated on {fp8[1]['calibration']['users']} users")
         precision = "fp8 GEMMs, bfloat16" if quantized else dtype
         # gated where the package quantizes (fp8) or computes in float32; 16-bit: recorded (aoti_quality.UNGATED)
-        check = ranking_check(dense, spec, f"aoti:{target}", precision, gate=quantized or dtype == "float32")
+        reference = reference or held_out_reference(dense, spec)  # one float32 reference for every target
+        check = ranking_check(dense, spec, f"aoti:{target}", precision, quantized or dtype == "float32", reference)
         entries.append(
             build_target(
                 dense,
