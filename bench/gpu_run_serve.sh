@@ -14,6 +14,7 @@
 #     every row;
 #  4. gpuserve's GPU tests (tests/serving/test_fused_gpu_real.py, when present) with the time left, after the
 #     benchmark so that a hanging test cannot cost the figures -> $OUT/gpu-tests.log.
+#     GPU_TESTS=0 leaves them out (a call that only measures).
 # Everything is logged with timestamps to $OUT/serve-run.log (+ build-<spec>.log). BUDGET (default 530 s) bounds
 # the whole call: under 9 minutes with the machine's start-up outside it.
 set -u -o pipefail
@@ -123,6 +124,8 @@ if [ ! -f "$tests" ]; then
   say "GPU tests: skipped ($tests is not in this checkout)"
 elif [ -n "${DRY_RUN:-}" ]; then
   say "GPU tests: skipped (dry run: no GPU)"
+elif [ "${GPU_TESTS:-1}" = 0 ]; then
+  say "GPU tests: skipped (GPU_TESTS=0)"
 elif [ "$(left)" -lt 45 ]; then
   say "GPU tests: skipped ($(left) s left of BUDGET $BUDGET s)"
 else
