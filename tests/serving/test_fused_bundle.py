@@ -51,9 +51,10 @@ def test_pipeline_default_follows_the_instance_kind(tmp_path: Path) -> None:
     # on a GPU the ensemble stays the default for what the fused model cannot run (a spec that served before)
     onnx = spec_with(tmp_path, {"instance_kind": "KIND_GPU", "backend": "onnxruntime"}, "gpu_onnx")
     assert onnx.bundles.triton.pipeline == "ensemble"
+    # the fused model keeps the history cache too: a GPU spec with the cache on is fused by default
     cached = {"instance_kind": "KIND_GPU", "backend": "aotinductor", "history_cache": {"enabled": True}}
     aoti = {"engine.aoti": {"enabled": True, "targets": ["cuda"]}}
-    assert spec_with(tmp_path, cached, "gpu_cached", **aoti).bundles.triton.pipeline == "ensemble"
+    assert spec_with(tmp_path, cached, "gpu_cached", **aoti).bundles.triton.pipeline == "fused"
 
 
 @pytest.mark.parametrize(("triton", "more", "message"), [
@@ -64,8 +65,11 @@ def test_pipeline_default_follows_the_instance_kind(tmp_path: Path) -> None:
      r"pipeline: fused .* tensorrt_plan is a separate step"),
     ({"pipeline": "ensemble", "backend": "onnxruntime", "extra_backends": ["pytorch"]}, {},
      r"pipeline: ensemble has no pytorch step"),
-    ({"instance_kind": "KIND_GPU", "backend": "pytorch", "history_cache": {"enabled": True}}, {},
-     r"history_cache.enabled: the user-history cache is not yet in the fused model"),
+    ({"instance_kind": "KIND_GPU", "backend": "pytorch", "instance_count": 2, "history_cache": {"enabled": True}},
+     {}, r"history_cache.instances: with pipeline fused the cached model runs one store per instance.*"
+     r"got instances 1, instance_count 2"),
+    ({"pipeline": "fused", "backend": "pytorch", "history_cache": {"enabled": True, "dtype": "bfloat16"}}, {},
+     r"history_cache.dtype: the fused model keeps the K/V in its own dense dtype"),
     ({"pipeline": "fused", "backend": "pytorch", "gpu": {"tables": "pinned_host"}}, {},
      r"gpu.tables: pinned_host feeds a GPU gather"),
     ({"pipeline": "fused", "backend": "pytorch", "gpu": {"cuda_graphs": True}}, {},
