@@ -46,6 +46,11 @@ def scoring_note(backend: str) -> str:
     return note
 
 
+def configured(params: dict[str, str]) -> bool:
+    """Whether a fused model's config.pbtxt parameters ask for the cache (fused_bundle writes them)."""
+    return bool(params.get("history_budget_bytes"))
+
+
 @dataclass
 class History:
     """One instance's store and the dense model its cached step runs (on the instance's device, in its
@@ -65,8 +70,8 @@ class History:
         backend: str,
         weights_dir: Path,
     ) -> History | None:
-        """The cache the config asks for (parameter ``history_budget_bytes``), or None."""
-        if not params.get("history_budget_bytes"):
+        """The cache the config asks for (``configured``), or None."""
+        if not configured(params):
             return None
         max_user = int(params["history_max_user_bytes"]) if params.get("history_max_user_bytes") else None
         caches = UserCaches(

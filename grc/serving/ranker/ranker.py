@@ -85,10 +85,12 @@ class Ranker:
             package = model_dir / json.loads(params["packages"])["gpu" if dev.type == "cuda" else "cpu"]
             dtype = DTYPES[json.loads((package.parent / "metadata.json").read_text())["dtype"]]
             fn = dn.aotinductor(package, dev)
-        dense = model.dense.to(device=dev, dtype=dtype)  # the aotinductor package's own dtype there
-        if backend != "aotinductor":
-            fn = dn.pytorch(dense) if backend == "pytorch" else dn.pytorch_kernels(dense)
-        history = hist.History.from_params(params, cfg, dense, dtype, backend, weights_dir)
+        history = None
+        if backend != "aotinductor" or hist.configured(params):  # the cache's step needs GRDense on the device
+            dense = model.dense.to(device=dev, dtype=dtype)  # aotinductor: in the package's own dtype
+            if backend != "aotinductor":
+                fn = dn.pytorch(dense) if backend == "pytorch" else dn.pytorch_kernels(dense)
+            history = hist.History.from_params(params, cfg, dense, dtype, backend, weights_dir)
         if history is not None:
             budget = history.caches.cache.budget / (1 << 20)
             log(f"history cache: {budget:g} MiB on {dev}; {history.note}")
