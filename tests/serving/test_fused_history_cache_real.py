@@ -30,7 +30,7 @@ from grc.serving.triton.model_config import load_config
 from grc.serving.triton.server import ServerInstall, TritonServer
 from grc.spec.loader import load_spec
 from grc.spec.schema import Spec
-from tests.conftest import TEST_SPECS, run_build, write_spec
+from tests.conftest import TEST_SPECS, in_dir, run_build, write_spec
 from tests.serving.test_history_cache_real import first_events, user
 
 pytestmark = pytest.mark.slow
@@ -66,17 +66,19 @@ class Served:
         assert result.ok, result.problems
 
 
+TRITON = {
+    "pipeline": "fused",
+    "backend": "pytorch_kernels",
+    "instance_count": SHARDS,
+    "max_queue_delay_us": 20000,
+    "history_cache": {"enabled": True, "instances": SHARDS, "budget_mb": BUDGET_MB, "max_user_mb": BUDGET_MB},
+}
+
+
 @pytest.fixture(scope="module")
 def served(install: ServerInstall, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     folder = tmp_path_factory.mktemp("fused_history_cache")
-    triton = {
-        "pipeline": "fused",
-        "backend": "pytorch_kernels",
-        "instance_count": SHARDS,
-        "max_queue_delay_us": 20000,
-        "history_cache": {"enabled": True, "instances": SHARDS, "budget_mb": BUDGET_MB, "max_user_mb": BUDGET_MB},
-    }
-    spec_path = write_spec(folder, TEST_SPECS / "mtgr-tiny.yaml", {"bundles.triton": triton})
+    spec_path = write_spec(folder, TEST_SPECS / "mtgr-tiny.yaml", {"bundles.triton": TRITON})
     statuses = run_build(spec_path, only=["triton"])
     assert statuses["triton"] == "built" and "export" not in statuses  # fused: no ONNX
     spec = load_spec(spec_path).spec
@@ -229,3 +231,16 @@ def test_a_request_of_users_on_two_stores_is_split_and_answered_in_order(served:
     after = served.counts()
     for k in range(SHARDS):  # one user each: a miss, then a hit
         assert (delta(before, after, k, "misses"), delta(before, after, k, "hits")) == (1, 1), (k, before, after)
+
+
+def test_grc_deploy_smoke_tests_the_router(install: ServerInstall, tmp_path: Path, capsys: Any) -> None:
+    """``grc deploy`` reads the built model from the bundle: with a router in front, from its first store
+    (the router holds neither the model config nor weights)."""
+    from grc.cli import main
+
+    spec_path = write_spec(tmp_path, TEST_SPECS / "mtgr-tiny.yaml", {"bundles.triton": TRITON})
+    run_build(spec_path, only=["triton"])
+    with in_dir(tmp_path):
+        assert main(["deploy", "--target", "triton", spec_path.name, "--timeout", "120"]) == 0
+    out = capsys.readouterr().out
+    assert "smoke test: mtgr-tiny vs PyTorch" in out and out.count(" ok ") >= 2, out
