@@ -29,10 +29,6 @@ PY="${PYTHON:-$(command -v python3 || command -v python)}"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export GRC_CACHE_DIR="${GRC_CACHE_DIR:-/tmp/grc-history-served-cache}"
 LOG="$OUT/history-served-run.log"
-elapsed() { echo $(( $(date +%s) - started )); }
-left() { echo $(( BUDGET - $(elapsed) )); }
-stamp() { while IFS= read -r line; do printf '[%s +%ss] %s\n' "$(date -u +%H:%M:%S)" "$(elapsed)" "$line"; done; }
-say() { echo "== $*" | stamp | tee -a "$LOG"; }
 
 # shellcheck source=bench/gpu_serve_env.sh
 . bench/gpu_serve_env.sh

@@ -38,12 +38,8 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export GRC_CACHE_DIR="${GRC_CACHE_DIR:-/tmp/grc-serve-cache}"
 ARTIFACTS="${ARTIFACTS:-/tmp/grc-serve-artifacts}"
 LOG="$OUT/serve-run.log"
-elapsed() { echo $(( $(date +%s) - started )); }
-left() { echo $(( BUDGET - $(elapsed) )); }
-stamp() { while IFS= read -r line; do printf '[%s +%ss] %s\n' "$(date -u +%H:%M:%S)" "$(elapsed)" "$line"; done; }
-say() { echo "== $*" | stamp | tee -a "$LOG"; }
 
-# the environment into the log, the wheels into /tmp/site, the stub's .pth, the imports checked
+# the time helpers (elapsed, left, stamp, say), the environment into the log, the wheels into /tmp/site, the stub's .pth
 # shellcheck source=bench/gpu_serve_env.sh
 . bench/gpu_serve_env.sh
 

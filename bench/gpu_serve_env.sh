@@ -1,11 +1,18 @@
 # Sourced by the device scripts that start tritonserver (bench/gpu_run_serve.sh, bench/gpu_run_history_served.sh),
-# from the repository root, after they define PY (the Python), LOG (their log file), stamp (prefixes lines with
-# the time) and say (logs one line); DRY_RUN set: nothing is written outside $OUT and /tmp.
+# from the repository root, after they set started (the start, date +%s), BUDGET (seconds), PY (the Python) and
+# LOG (their log file); DRY_RUN set: nothing is written outside $OUT and /tmp.
+#  0. defines elapsed and left (seconds since the start, seconds of BUDGET left), stamp (prefixes each line with
+#     the time) and say (logs one line);
 #  1. the environment (GPU, Python, torch, libpython) into the log;
 #  2. the carried wheels (.whl: pydantic, doit, tritonclient, nvidia-pytriton, ...) into /tmp/site, found by this
 #     process through PYTHONPATH and by the python backend's stub through a .pth file (the stub runs an isolated
 #     interpreter that ignores PYTHONPATH); GRC_TRITON_HOME=/tmp/site finds pytriton's tritonserver;
 #  3. grc, its dependencies and tritonserver importable and found, or the calling script exits 1.
+elapsed() { echo $(( $(date +%s) - started )); }
+left() { echo $(( BUDGET - $(elapsed) )); }
+stamp() { while IFS= read -r line; do printf '[%s +%ss] %s\n' "$(date -u +%H:%M:%S)" "$(elapsed)" "$line"; done; }
+say() { echo "== $*" | stamp | tee -a "$LOG"; }
+
 say "environment"
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv,noheader 2>&1 || echo "nvidia-smi: not found"
