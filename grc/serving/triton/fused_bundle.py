@@ -5,7 +5,9 @@ around grc.serving.ranker.Ranker) running parse -> embedding lookup -> token pro
 ranking: on a GPU the ensemble's per-step IPC hops through the stub's shared memory and the host
 copies between steps would cost more than a dense step of a few ms, so there are none. The spec's
 backend is named <model_name>, the others <model_name>-<backend>; inputs and outputs are the
-ensemble's, so clients and ``grc deploy``'s smoke test are unchanged.
+ensemble's, so clients and ``grc deploy``'s smoke test are unchanged. With bundles.triton.history_cache on,
+the spec's backend is served by one fused model per store (history_bundle.shard_names: the plain name, or
+<model_name>-cache-<k> behind the router), each ONE instance with the optional ``user_id`` input.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ With the cache on, the name clients call (<model_name>) takes the ensemble's inp
 ``user_id`` (INT64 [batch, 1]); the ensembles stay, each named <model_name>-<backend>. With one
 instance it is the python model ``history_cached`` (grc/serving/triton/models/history_cached.py);
 with ``instances: N`` it is the router ``history_router`` in front of N cached models
-<model_name>-cache-<k>, one instance and one store each.
+<model_name>-cache-<k>, one instance and one store each. With ``pipeline: fused`` the cached models are
+fused models of the spec's backend (fused_bundle.py writes them with ``add_user_id``, ``pin_to_one_gpu``
+and ``budget_bytes`` from here), under the same names and behind the same router.
 """
 
 from __future__ import annotations
