@@ -144,8 +144,8 @@ def main() -> int:
         ensemble = description["ensembles"].get("onnxruntime") if spec.bundles.triton.pipeline == "ensemble" else None
         # what the cached model computes a request without user_id with: the fused model's backend, or
         # history_cached's GRDense (the names bench/report.py reads for an ensemble spec)
-        path = spec.bundles.triton.backend if spec.bundles.triton.pipeline == "fused" else "pytorch"
-        result.update(cached_model=cached_model, stores=stores, scoring=cache["scoring"], uncached_path=path)
+        via: str = spec.bundles.triton.backend if spec.bundles.triton.pipeline == "fused" else "pytorch"
+        result.update(cached_model=cached_model, stores=stores, scoring=cache["scoring"], uncached_path=via)
         tolerance = bd.served_tolerance(description, spec)
         result["tolerance"] = tolerance.model_dump()
         reference = check.Reference(model, bd.bundle_model(folder)[1])
@@ -182,10 +182,10 @@ def main() -> int:
                 row: dict[str, Any] = {
                     "history": history,
                     "candidates": candidates,
-                    f"uncached_{path}": summary(whole),
+                    f"uncached_{via}": summary(whole),
                     "cached_hit": summary(hit),
                     "hits_counted": hits_counted,
-                    f"speedup_p50_vs_{path}": statistics.median(whole) / statistics.median(hit),
+                    f"speedup_p50_vs_{via}": statistics.median(whole) / statistics.median(hit),
                     "max_abs_diff_cached_vs_uncached": float(np.abs(cached_s - plain_s).max()),
                     "max_abs_diff_cached_vs_float64": float(np.abs(cached_s - expected).max()),
                     "max_abs_diff_uncached_vs_float64": float(np.abs(plain_s - expected).max()),

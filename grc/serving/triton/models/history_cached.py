@@ -107,6 +107,11 @@ class CachedScorer:
     def cache(self) -> HistoryCache:
         return self.caches.cache
 
+    @cache.setter
+    def cache(self, store: HistoryCache) -> None:
+        """A fresh store (bench/history_cache_session.py starts each mode on one)."""
+        self.caches.cache = store
+
     @property
     def namespace(self) -> str:
         return self.caches.namespace
