@@ -1,27 +1,39 @@
 """Served latency of the history cache on a real tritonserver (loopback only), one user at a time.
 
     python bench/history_cache_served.py [--spec specs/mtgr-small.yaml] [--requests 5]
+    python bench/history_cache_served.py --spec specs/mtgr-small-gpu.yaml --out $OUT/history-cache-served-h200.json
 
 Builds the spec with its embedding tables cut to 10,000 rows (the dense model, the part the cache
 saves, keeps its size; the tables would cost GBs and change nothing measured here) and the history
 cache on, starts tritonserver, and per shape (1 user x history {1000, max_seq_len - max_candidates -
-profile} x max_candidates candidates) times --requests requests each of: the history-cached model
-without user_id (computed whole), the onnxruntime ensemble (the compiled uncached path), and the
-history-cached model with user_id after one untimed request that fills the cache (hits, candidates
-only). Checks that cached and uncached scores agree and that every timed cached request was a hit
-(from the metrics endpoint). Writes bench/results/history-cache-served-<cpu|cuda>.json.
+profile} x max_candidates candidates) times --requests requests each of: the cached model without
+user_id (computed whole), the cached model with user_id after one untimed request that fills the
+cache (hits: new events and candidates only), and for an ensemble spec the onnxruntime ensemble (the
+compiled uncached path).
+
+Which cached model: with ``pipeline: ensemble`` the python model ``history_cached``; with ``pipeline:
+fused`` (the GPU specs, KIND_GPU) the fused model of the spec's backend, whose requests without user_id
+run that backend's dense step (aotinductor: the CUDA package in CUDA graphs) and whose hits run
+GRDense.score (grc/serving/ranker/history.py says which implementation; the bundle's README too). A
+fused spec is built with history_cache.instances = instance_count (one store per instance behind the
+router) and without its extra backends (their models would load their own tables, measuring nothing).
+
+Checks, per shape: every timed cached request was a hit (the metrics endpoint, summed over the stores),
+cached and uncached scores agree, and both pass the bundle's served tolerance against the float64
+PyTorch model (check.check_response). Writes the result (rewritten after every shape: a cut run keeps
+what it measured) to --out or bench/results/history-cache-served-<cpu|cuda>.json. --deadline: no new
+shape after that many seconds from the start (the build included), said in the result.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -32,7 +44,8 @@ from bench._common import write_result
 
 
 def bench_spec(base: Path, folder: Path) -> Path:
-    """``base`` with every table cut to at most 10,000 rows and the history cache on."""
+    """``base`` with every table cut to at most 10,000 rows and the history cache on (a fused spec:
+    one store per instance, the spec's backend only)."""
     from grc.spec.loader import load_spec
 
     spec = load_spec(base).spec
@@ -40,32 +53,41 @@ def bench_spec(base: Path, folder: Path) -> Path:
         name: {"vocab_size": min(t.vocab_size, 10_000), **({"dim": t.dim} if t.dim else {})}
         for name, t in spec.model.tables.items()
     }
+    triton = spec.bundles.triton
+    cache: dict[str, Any] = {"enabled": True, "budget_mb": 1024}
+    over: dict[str, Any] = {"history_cache": cache, "intra_op_threads": 1}
+    if triton.pipeline == "fused":
+        cache["instances"] = triton.instance_count
+        over["extra_backends"] = []
     data = {
         "extends": str(base.resolve()),
         "name": f"{spec.name}-bench",
         "model": {"tables": tables},
-        "bundles": {"triton": {"history_cache": {"enabled": True, "budget_mb": 1024}, "intra_op_threads": 1}},
+        "bundles": {"triton": over},
     }
     path = folder / f"{spec.name}-bench.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
 
-def timed(url: str, model: str, arrays: dict[str, np.ndarray], count: int) -> tuple[list[float], np.ndarray]:
+def timed(url: str, model: str, arrays: dict[str, np.ndarray], count: int) -> tuple[list[float], dict[str, np.ndarray]]:
+    """``count`` requests one after another: their latencies and the last response."""
     from grc.serving.triton import check
 
-    times, scores = [], np.zeros(0)
+    times, response = [], {}
     for _ in range(count):
         start = time.perf_counter()
-        scores = check.infer(url, "grpc", model, arrays, timeout_s=600)["scores"]
+        response = check.infer(url, "grpc", model, arrays, timeout_s=600)
         times.append(time.perf_counter() - start)
-    return times, scores
+    return times, response
 
 
-def hits(metrics_url: str, model: str) -> float:
-    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    found = re.search(r'^grc_history_cache_hits_total\{model="' + re.escape(model) + r'"\} (\S+)$', text, re.M)
-    return float(found.group(1)) if found else 0.0
+def hits(metrics_url: str, stores: list[str]) -> float:
+    """Hits counted by every store (one model per store; labelled with its name)."""
+    from grc.serving.triton import check
+
+    text = check.metrics_text(metrics_url, timeout_s=10)
+    return sum(check.metric(text, "grc_history_cache_hits_total", m) or 0.0 for m in stores)
 
 
 def summary(times: list[float]) -> dict[str, float]:
@@ -82,7 +104,10 @@ def main() -> int:
     ap.add_argument("--spec", default="specs/mtgr-small.yaml")
     ap.add_argument("--requests", type=int, default=5, help="timed requests per shape and mode")
     ap.add_argument("--out", help="result file (default bench/results/history-cache-served-<device>.json)")
+    ap.add_argument("--deadline", type=float, default=None, help="seconds from the start after which no shape starts")
+    ap.add_argument("--startup-timeout", type=float, default=300, help="seconds the server may take to load")
     args = ap.parse_args()
+    started = time.perf_counter()
 
     import torch
 
@@ -90,53 +115,96 @@ def main() -> int:
     from grc.model.sample import random_batch
     from grc.serving.common import request as rq
     from grc.serving.triton import bundle as bd
+    from grc.serving.triton import check
     from grc.serving.triton.server import TritonServer
     from grc.spec.loader import load_spec
 
-    rows = []
+    rows: list[dict[str, Any]] = []
+    result: dict[str, Any] = {"base_spec": args.spec, "requests": args.requests, "cases": rows}
     with tempfile.TemporaryDirectory(prefix="grc-history-bench-") as tmp:
         loaded = load_spec(bench_spec(Path(args.spec), Path(tmp)))
         spec, model = loaded.spec, loaded.spec.model
+        device = "cuda" if spec.bundles.triton.instance_kind == "KIND_GPU" else "cpu"
+        out: Path | str = Path(args.out) if args.out else f"history-cache-served-{device}"
+
+        def save() -> None:
+            write_result(out, result)
+
         root = Path(tmp) / "artifacts" / spec.name
+        result.update(spec=spec.name, pipeline=spec.bundles.triton.pipeline, backend=spec.bundles.triton.backend)
         if build(loaded, root, only=["triton"]) != 0:
-            return 1
-        names = bd.load_description(root / "triton")
-        cached_model, ensemble = names["ensemble"], names["ensembles"]["onnxruntime"]
+            result["error"] = "grc build of the triton bundle failed (its log above)"
+            save()
+            return 2  # bench/gpu_run_history_served.sh tells a failed build from a failed check
+        result["build_s"] = round(time.perf_counter() - started, 1)
+        folder = root / "triton"
+        description = bd.load_description(folder)
+        cache = description["history_cache"]
+        cached_model, stores = description["ensemble"], cache["models"]
+        ensemble = description["ensembles"].get("onnxruntime") if spec.bundles.triton.pipeline == "ensemble" else None
+        # what the cached model computes a request without user_id with: the fused model's backend, or
+        # history_cached's GRDense (the names bench/report.py reads for an ensemble spec)
+        via: str = spec.bundles.triton.backend if spec.bundles.triton.pipeline == "fused" else "pytorch"
+        result.update(cached_model=cached_model, stores=stores, scoring=cache["scoring"], uncached_path=via)
+        tolerance = bd.served_tolerance(description, spec)
+        result["tolerance"] = tolerance.model_dump()
+        reference = check.Reference(model, bd.bundle_model(folder)[1])
+        weights = rq.rank_weights(model, spec.bundles.triton)
         candidates = model.max_candidates
         longest = model.hstu.max_seq_len - candidates - len(model.profile)
-        with TritonServer(root / "triton" / bd.MODEL_REPOSITORY, startup_timeout_s=300) as server:
-            for user, history in enumerate((1000, longest)):
+        save()
+        with TritonServer(folder / bd.MODEL_REPOSITORY, startup_timeout_s=args.startup_timeout) as server:
+            result["server_ready_s"] = round(time.perf_counter() - started, 1)
+            print(f"server ready after {result['server_ready_s']} s", flush=True)
+            # the longest history first: the issue's target shape, measured before a --deadline can cut the run
+            for user, history in enumerate(sorted({min(1000, longest), longest}, reverse=True)):
+                if args.deadline is not None and time.perf_counter() - started > args.deadline:
+                    rows.append({"history": history, "skipped": f"past --deadline {args.deadline} s"})
+                    print(f"history {history}: skipped (past --deadline {args.deadline} s)", flush=True)
+                    save()
+                    continue
                 batch = random_batch(model, 1, history, candidates, torch.Generator().manual_seed(history))
                 arrays = rq.user_request(batch, 0, model)
                 with_user = {**arrays, "user_id": np.array([[user]], np.int64)}
+                timed(server.grpc_url, cached_model, arrays, 1)  # untimed: first use of this shape (allocations)
                 whole, plain = timed(server.grpc_url, cached_model, arrays, args.requests)
-                onnx, onnx_scores = timed(server.grpc_url, ensemble, arrays, args.requests)
                 timed(server.grpc_url, cached_model, with_user, 1)  # fills the cache (a miss)
-                before = hits(server.metrics_url, cached_model)
+                before = hits(server.metrics_url, stores)
                 hit, cached = timed(server.grpc_url, cached_model, with_user, args.requests)
-                hit_count = hits(server.metrics_url, cached_model) - before
-                row = {
+                hits_counted = hits(server.metrics_url, stores) - before
+                expected = reference.scores(arrays)
+                top_k = spec.bundles.triton.top_k
+                problems = {
+                    name: check.check_response(response, expected, arrays, model, weights, top_k, tolerance).problems
+                    for name, response in (("uncached", plain), ("cached", cached))
+                }
+                plain_s, cached_s = plain["scores"], cached["scores"]
+                row: dict[str, Any] = {
                     "history": history,
                     "candidates": candidates,
-                    "uncached_pytorch": summary(whole),
-                    "uncached_onnxruntime_ensemble": summary(onnx),
+                    f"uncached_{via}": summary(whole),
                     "cached_hit": summary(hit),
-                    "hits_counted": hit_count,
-                    "speedup_p50_vs_pytorch": statistics.median(whole) / statistics.median(hit),
-                    "speedup_p50_vs_onnxruntime": statistics.median(onnx) / statistics.median(hit),
-                    "max_abs_diff_cached_vs_uncached": float(np.abs(cached - plain).max()),
-                    "max_abs_diff_onnx_vs_cached": float(np.abs(onnx_scores - cached).max()),
+                    "hits_counted": hits_counted,
+                    f"speedup_p50_vs_{via}": statistics.median(whole) / statistics.median(hit),
+                    "max_abs_diff_cached_vs_uncached": float(np.abs(cached_s - plain_s).max()),
+                    "max_abs_diff_cached_vs_float64": float(np.abs(cached_s - expected).max()),
+                    "max_abs_diff_uncached_vs_float64": float(np.abs(plain_s - expected).max()),
+                    "problems_vs_float64": problems,
                 }
-                print(row, flush=True)
+                if ensemble is not None:
+                    onnx, onnx_scores = timed(server.grpc_url, ensemble, arrays, args.requests)
+                    row["uncached_onnxruntime_ensemble"] = summary(onnx)
+                    row["speedup_p50_vs_onnxruntime"] = statistics.median(onnx) / statistics.median(hit)
+                    row["max_abs_diff_onnx_vs_cached"] = float(np.abs(onnx_scores["scores"] - cached_s).max())
+                clean = row["hits_counted"] == args.requests and not any(problems.values())
+                row["clean"] = clean
+                print(("" if clean else "NOT CLEAN: ") + str(row), flush=True)
                 rows.append(row)
-    device = "cuda" if spec.bundles.triton.instance_kind == "KIND_GPU" else "cpu"
-    out = args.out or f"history-cache-served-{device}"
-    path = write_result(
-        Path(out) if args.out else out,
-        {"spec": spec.name, "base_spec": args.spec, "requests": args.requests, "cases": rows},
-    )
+                save()
+    result["total_s"] = round(time.perf_counter() - started, 1)
+    path = write_result(out, result)
     print(f"wrote {path}")
-    return 0
+    return 0 if rows and all(r.get("clean", True) for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -38,3 +38,20 @@ def test_each_visit_extends_the_previous_history_at_its_gap() -> None:
                 before = visits[k - 1]
                 for name in [rq.history_input(t) for t in cfg.history] + [rq.HISTORY_TIME]:
                     assert np.array_equal(visit[name][:, : 20 + 3 * (k - 1)], before[name])
+
+
+def test_the_session_runs_each_mode_on_a_fresh_store() -> None:
+    """The whole workload on mtgr-tiny, a few users: every mode runs without errors, each cached mode on a
+    store of its own (it replaces the scorer's store: CachedScorer.cache is assignable), a visit after a
+    user's first a hit at gap 0."""
+    import argparse
+
+    from bench.history_cache_session import session
+
+    args = argparse.Namespace(
+        spec=str(TEST_SPECS / "mtgr-tiny.yaml"), users=4, visits=3, base=20, delta=3, candidates=4, gap_s=60, zipf=1.1
+    )
+    out = session(args, "cpu", "float32", budget_s=60.0)
+    for mode in ("uncached", "cached_gap0", "cached_gap60"):
+        assert out[mode]["errors"] == 0 and out[mode]["requests"] == 12, (mode, out[mode])
+    assert out["cached_gap0"]["misses"] == 4 and out["cached_gap0"]["hits"] == 8  # a fresh store: 4 first visits

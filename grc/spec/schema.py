@@ -632,7 +632,7 @@ class TritonBundleConfig(_Section):
         "ensemble",
         description="fused: one python model per backend runs lookup, projector, dense and ranking (on a GPU: no "
         "IPC hop and host copy between steps); ensemble: preprocess -> dense -> postprocess. Default: fused on "
-        "KIND_GPU when every backend is one the fused model runs and history_cache is off, else ensemble",
+        "KIND_GPU when every backend is one the fused model runs, else ensemble",
     )
     gpu: TritonGpuConfig = Field(TritonGpuConfig(), description="the fused pipeline on a GPU")
     gpus: list[GpuId] = Field(
@@ -664,16 +664,14 @@ class TritonBundleConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _default_pipeline(cls, data: Any) -> Any:
-        """Default on KIND_GPU: fused when a backend runs only there (pytorch, pytorch_kernels), or when it runs
-        every listed backend and the spec asks for no history cache (the fused model has none yet); else, and on
-        KIND_CPU, the ensemble. A pipeline named in the spec is kept, and what it cannot run is refused
-        (``_pipeline_rules``), so a spec that served as an ensemble on a GPU still does."""
+        """Default on KIND_GPU: fused when it runs every listed backend (the history cache included), or when a
+        backend runs only there (pytorch, pytorch_kernels); else, and on KIND_CPU, the ensemble. A pipeline named
+        in the spec is kept, and what it cannot run is refused (``_pipeline_rules``), so a spec that served as an
+        ensemble on a GPU still does."""
         if not isinstance(data, dict) or "pipeline" in data:
             return data
         backends = [data.get("backend", "onnxruntime"), *(data.get("extra_backends") or [])]
-        cache = data.get("history_cache")
-        cached = cache.get("enabled", False) if isinstance(cache, dict) else bool(getattr(cache, "enabled", False))
-        fusable = all(b in FUSED_BACKENDS for b in backends) and not cached
+        fusable = all(b in FUSED_BACKENDS for b in backends)
         fused = data.get("instance_kind") == "KIND_GPU" and (fusable or any(b in FUSED_ONLY_BACKENDS for b in backends))
         return {**data, "pipeline": "fused" if fused else "ensemble"}
 
@@ -711,10 +709,20 @@ class TritonBundleConfig(_Section):
                     f"{', '.join(other)} is a separate step of the ensemble: set pipeline: ensemble or drop it "
                     f"(got backends {list(backends)})"
                 )
-            if self.history_cache.enabled:
+            cache = self.history_cache
+            if cache.enabled and self.instance_count != cache.instances:
+                # each store is one fused model of ONE instance; the router sends every user to its own
                 raise ValueError(
-                    "history_cache.enabled: the user-history cache is not yet in the fused model; "
-                    "set pipeline: ensemble to serve it (got pipeline: fused)"
+                    f"history_cache.instances: with pipeline fused the cached model runs one store per instance, "
+                    f"each a model of its own behind a router that sends every user_id to one; set "
+                    f"history_cache.instances to instance_count (got instances {cache.instances}, "
+                    f"instance_count {self.instance_count})"
+                )
+            if cache.enabled and "dtype" in cache.model_fields_set:
+                raise ValueError(
+                    "history_cache.dtype: the fused model keeps the K/V in its own dense dtype (engine.aoti.dtype "
+                    "on KIND_GPU, float32 on KIND_CPU), so cached and uncached users compute alike; remove it "
+                    "(it sets the ensemble's cached model)"
                 )
         else:
             only = [b for b in backends if b in FUSED_ONLY_BACKENDS]

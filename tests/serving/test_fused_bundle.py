@@ -51,9 +51,10 @@ def test_pipeline_default_follows_the_instance_kind(tmp_path: Path) -> None:
     # on a GPU the ensemble stays the default for what the fused model cannot run (a spec that served before)
     onnx = spec_with(tmp_path, {"instance_kind": "KIND_GPU", "backend": "onnxruntime"}, "gpu_onnx")
     assert onnx.bundles.triton.pipeline == "ensemble"
+    # the fused model keeps the history cache too: a GPU spec with the cache on is fused by default
     cached = {"instance_kind": "KIND_GPU", "backend": "aotinductor", "history_cache": {"enabled": True}}
     aoti = {"engine.aoti": {"enabled": True, "targets": ["cuda"]}}
-    assert spec_with(tmp_path, cached, "gpu_cached", **aoti).bundles.triton.pipeline == "ensemble"
+    assert spec_with(tmp_path, cached, "gpu_cached", **aoti).bundles.triton.pipeline == "fused"
 
 
 @pytest.mark.parametrize(("triton", "more", "message"), [
@@ -64,8 +65,11 @@ def test_pipeline_default_follows_the_instance_kind(tmp_path: Path) -> None:
      r"pipeline: fused .* tensorrt_plan is a separate step"),
     ({"pipeline": "ensemble", "backend": "onnxruntime", "extra_backends": ["pytorch"]}, {},
      r"pipeline: ensemble has no pytorch step"),
-    ({"instance_kind": "KIND_GPU", "backend": "pytorch", "history_cache": {"enabled": True}}, {},
-     r"history_cache.enabled: the user-history cache is not yet in the fused model"),
+    ({"instance_kind": "KIND_GPU", "backend": "pytorch", "instance_count": 2, "history_cache": {"enabled": True}},
+     {}, r"history_cache.instances: with pipeline fused the cached model runs one store per instance.*"
+     r"got instances 1, instance_count 2"),
+    ({"pipeline": "fused", "backend": "pytorch", "history_cache": {"enabled": True, "dtype": "bfloat16"}}, {},
+     r"history_cache.dtype: the fused model keeps the K/V in its own dense dtype"),
     ({"pipeline": "fused", "backend": "pytorch", "gpu": {"tables": "pinned_host"}}, {},
      r"gpu.tables: pinned_host feeds a GPU gather"),
     ({"pipeline": "fused", "backend": "pytorch", "gpu": {"cuda_graphs": True}}, {},
@@ -191,3 +195,36 @@ def test_kind_gpu_instance_without_cuda_fails_at_load_naming_why(tmp_path: Path)
     write_config(repo / "m", msg)
     problem = fb.host_problem(repo)
     assert problem is not None and "KIND_GPU python model(s) m needs a CUDA GPU" in problem
+
+
+def test_kind_gpu_fused_bundle_with_the_cache_one_pinned_store_per_instance(tmp_path: Path) -> None:
+    """The spec's backend: one fused model per store, ONE instance each, store k on gpus[k], with the optional
+    user_id and the cache's parameters; the router (KIND_CPU) is the plain name; the extra backend keeps its
+    instance_count and no cache."""
+    cache = {"enabled": True, "instances": 2, "budget_mb": 8}
+    spec_path = write_spec(tmp_path, TEST_SPECS / "mtgr-tiny.yaml", {**GPU, "bundles.triton.history_cache": cache})
+    run_build(spec_path, only=["triton"])
+    spec = load_spec(spec_path).spec
+    folder = tmp_path / "artifacts" / spec.name / "triton"
+    repo = folder / bd.MODEL_REPOSITORY
+    assert sorted(p.name for p in repo.iterdir()) == [
+        "mtgr-tiny", "mtgr-tiny-cache-0", "mtgr-tiny-cache-1", "mtgr-tiny-pytorch_kernels",
+    ]  # fmt: skip
+    for k in range(2):
+        msg = load_config(repo / f"mtgr-tiny-cache-{k}")
+        (group,) = msg.instance_group
+        assert group.kind == mc.ModelInstanceGroup.KIND_GPU and group.count == 1 and list(group.gpus) == [k]
+        assert [t.name for t in msg.input][-1] == "user_id" and msg.input[-1].optional
+        params = {k: v.string_value for k, v in msg.parameters.items()}
+        assert params["backend"] == "pytorch" and params["history_budget_bytes"] == str(8 << 20)
+        assert params["history_max_user_bytes"] == str(1 << 20) and "GRDense.score" in params["history_scoring"]
+    router = load_config(repo / "mtgr-tiny")
+    assert router.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU and router.instance_group[0].count == 2
+    assert json.loads(router.parameters["shards"].string_value) == ["mtgr-tiny-cache-0", "mtgr-tiny-cache-1"]
+    extra = load_config(repo / "mtgr-tiny-pytorch_kernels")
+    assert extra.instance_group[0].count == 2 and "user_id" not in [t.name for t in extra.input]
+    assert "history_budget_bytes" not in extra.parameters
+    description = bd.load_description(folder)
+    assert description["ensemble"] == "mtgr-tiny" and description["history_cache"]["module"] == "fused"
+    model, weights = bd.bundle_model(folder)  # the router holds no model: the first store's
+    assert model == spec.model and weights == repo / "mtgr-tiny-cache-0" / "1" / "weights"

@@ -26,6 +26,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -81,6 +82,11 @@ def shard_of(user: int, shards: int) -> int:
 def model_namespace(model_json: str, weights_digest: str, dtype: str) -> str:
     """The part of every key that tells models, weight versions and K/V dtypes apart."""
     return hashlib.sha256(f"{model_json}\0{weights_digest}\0{dtype}".encode()).hexdigest()[:32]
+
+
+def weights_digest(weights_dir: Path) -> str:
+    """The weights' identity: the digest of their manifest (which records every shard's sha256)."""
+    return hashlib.sha256((weights_dir / "manifest.json").read_bytes()).hexdigest()
 
 
 def miss_reason(

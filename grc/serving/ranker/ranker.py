@@ -13,9 +13,10 @@ instance (Triton runs one execute() at a time per instance).
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,11 @@ import numpy as np
 import torch
 
 from grc.serving.common import request as rq
-from grc.serving.common.validate import parse
+from grc.serving.common.history_step import USER_ID, user_ids, user_request
+from grc.serving.common.validate import RequestError, parse
 from grc.serving.ranker import buckets as bk
 from grc.serving.ranker import dense as dn
+from grc.serving.ranker import history as hist
 from grc.serving.ranker import layout as lay
 from grc.serving.ranker.tables import open_lookup
 from grc.serving.triton.models.postprocess import rank_candidates
@@ -47,10 +50,11 @@ class Ranker:
         top_k: int,
         truncate: bool,
         stats: dn.GraphStats,
+        history: hist.History | None = None,
     ):
         self.cfg, self.projector, self.tables, self.dense = cfg, projector, tables, dense
         self.dense_dtype, self.device, self.weights, self.top_k = dense_dtype, device, weights, top_k
-        self.truncate, self.graph_stats = truncate, stats
+        self.truncate, self.graph_stats, self.history = truncate, stats, history
         self.requests = 0
         self.users = 0
         self.tokens = 0
@@ -81,9 +85,15 @@ class Ranker:
             package = model_dir / json.loads(params["packages"])["gpu" if dev.type == "cuda" else "cpu"]
             dtype = DTYPES[json.loads((package.parent / "metadata.json").read_text())["dtype"]]
             fn = dn.aotinductor(package, dev)
-        else:
-            dense = model.dense.to(device=dev, dtype=dtype)
-            fn = dn.pytorch(dense) if backend == "pytorch" else dn.pytorch_kernels(dense)
+        history = None
+        if backend != "aotinductor" or hist.configured(params):  # the cache's step needs GRDense on the device
+            dense = model.dense.to(device=dev, dtype=dtype)  # aotinductor: in the package's own dtype
+            if backend != "aotinductor":
+                fn = dn.pytorch(dense) if backend == "pytorch" else dn.pytorch_kernels(dense)
+            history = hist.History.from_params(params, cfg, dense, dtype, backend, weights_dir)
+        if history is not None:
+            budget = history.caches.cache.budget / (1 << 20)
+            log(f"history cache: {budget:g} MiB on {dev}; {history.note}")
         stats = dn.GraphStats()
         graphs = dev.type == "cuda" and params.get("cuda_graphs", "true") == "true" and backend in dn.GRAPHED
         if graphs:
@@ -113,16 +123,66 @@ class Ranker:
             int(params["top_k"]),
             params.get("truncate_history", "true") == "true",
             stats,
+            history,
         )
 
     # ------------------------------------------------------------------ serving
 
-    def check(self, raw: dict[str, np.ndarray | None]) -> dict[str, np.ndarray]:
-        """One request checked (raises validate.RequestError naming the problem)."""
-        return parse(raw, self.cfg, self.truncate)
+    def check(self, raw: Mapping[str, np.ndarray | None]) -> dict[str, np.ndarray]:
+        """One request checked (raises validate.RequestError naming the problem). With the history
+        cache, its optional ``user_id`` is kept in the checked request as ids [b]."""
+        raw = dict(raw)
+        users = raw.pop(USER_ID, None)
+        if users is not None and self.history is None:
+            raise RequestError(f"{USER_ID}: this model keeps no history cache (bundles.triton.history_cache)")
+        checked = parse(raw, self.cfg, self.truncate)
+        ids = user_ids(users, checked[rq.REQUEST_TIME].shape[0])
+        return checked if ids is None else {**checked, USER_ID: ids}
 
     def rank(self, checked: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-        """Checked requests -> per request the ensemble's outputs, in one pipeline pass."""
+        """Checked requests -> per request the ensemble's outputs: those without user ids in one pipeline
+        pass, those with ids in one cached score step (history.py)."""
+        keyed = [i for i, r in enumerate(checked) if USER_ID in r]
+        if not keyed:
+            return self._rank_whole(checked)
+        outs: list[dict[str, np.ndarray]] = [{}] * len(checked)
+        plain = [i for i in range(len(checked)) if USER_ID not in checked[i]]
+        for group, run in ((plain, self._rank_whole), (keyed, self._rank_cached)):
+            if group:
+                for i, out in zip(group, run([checked[i] for i in group]), strict=True):
+                    outs[i] = out
+        return outs
+
+    def _rank_cached(self, checked: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        """Users with ids: each looked up in the store, only its part the cache does not hold looked up
+        and projected (one layout, one copy, as for the whole path), then one cached score step."""
+        assert self.history is not None
+        started = time.perf_counter()
+        cfg, caches = self.cfg, self.history.caches
+        visits, parts = [], []
+        for r in checked:
+            for u, user in enumerate(r[USER_ID].tolist()):
+                visits.append(caches.visit(r, u, int(user)))
+                parts.append(user_request(r, cfg, u, visits[-1].reused))
+        layout = lay.build(parts, cfg)
+        start, n = layout.fields["offsets"]
+        bounds = layout.packed[start : start + n].tolist()
+        with torch.no_grad():
+            feeds = lay.on_device(layout, self.device, cfg.cross_features)
+            tokens = self._tokens(feeds, layout.tokens).to(self.dense_dtype)
+            stamps = feeds["timestamps"]
+            spans = list(itertools.pairwise(bounds))
+            scores = caches.score(
+                self.history.dense,
+                visits,
+                [tokens[a:b] for a, b in spans],
+                [stamps[a:b] for a, b in spans],
+                [c for _, c in layout.shapes],
+            )
+            picked = scores.float().cpu().numpy()
+        return self._outputs(checked, layout, picked, started)
+
+    def _rank_whole(self, checked: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         started = time.perf_counter()
         layout = lay.build(checked, self.cfg)
         cuda = self.device.type == "cuda"
@@ -138,12 +198,20 @@ class Ranker:
             picked = scores.index_select(0, feeds["candidate_dst"]).float().cpu().numpy()  # waits for the device
         if cuda:
             self.dense_device_us += int(events[0].elapsed_time(events[1]) * 1000)
+        return self._outputs(checked, layout, picked, started)
+
+    def _outputs(
+        self, checked: list[dict[str, np.ndarray]], layout: lay.Layout, picked: np.ndarray, started: float
+    ) -> list[dict[str, np.ndarray]]:
+        """The candidates' scores [rows, tasks], request after request and user after user -> each
+        request's ranked outputs; the batch counted (``started``: when rank() began)."""
         self.requests += len(checked)
         self.users += layout.users
         self.tokens += layout.tokens
         outs, row = [], 0
         first = rq.candidate_input(self.cfg.candidate[0])
-        for r, (b, c) in zip(checked, layout.shapes, strict=True):
+        for r in checked:
+            b, c = r[first].shape
             per_task = picked[row : row + b * c].reshape(b, c, -1)
             outs.append(rank_candidates(per_task, r[first], self.weights, self.top_k))
             row += b * c

@@ -589,7 +589,8 @@ def bundle_model(folder: Path) -> tuple[Any, Path]:
     description = load_description(folder)
     model_dir = folder / MODEL_REPOSITORY / PREPROCESS
     if not model_dir.is_dir():  # a fused bundle: the model clients call carries the model and its weights
-        model_dir = folder / MODEL_REPOSITORY / description["ensemble"]
+        cache = description.get("history_cache")  # (with the cache: its first store; the name may be the router)
+        model_dir = folder / MODEL_REPOSITORY / (cache["models"][0] if cache else description["ensemble"])
     cfg = GrcModelConfig.model_validate_json(load_config(model_dir).parameters["grc_model"].string_value)
     return cfg, model_dir / str(description["model_version"]) / "weights"
 

@@ -5,7 +5,9 @@ around grc.serving.ranker.Ranker) running parse -> embedding lookup -> token pro
 ranking: on a GPU the ensemble's per-step IPC hops through the stub's shared memory and the host
 copies between steps would cost more than a dense step of a few ms, so there are none. The spec's
 backend is named <model_name>, the others <model_name>-<backend>; inputs and outputs are the
-ensemble's, so clients and ``grc deploy``'s smoke test are unchanged.
+ensemble's, so clients and ``grc deploy``'s smoke test are unchanged. With bundles.triton.history_cache on,
+the spec's backend is served by one fused model per store (history_bundle.shard_names: the plain name, or
+<model_name>-cache-<k> behind the router), each ONE instance with the optional ``user_id`` input.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any
 
 from grc.serving.common import request as rq
 from grc.serving.ranker import buckets as bk
+from grc.serving.ranker.history import scoring_note
+from grc.serving.triton import history_bundle
 from grc.serving.triton.model_config import ModelConfig, tensor_output
 from grc.spec.schema import Spec
 
@@ -67,11 +71,16 @@ def problems(spec: Spec) -> list[str]:
     return out
 
 
-def fused_config(spec: Spec, name: str, backend: str, packages: dict[str, str] | None) -> ModelConfig:
+def fused_config(
+    spec: Spec, name: str, backend: str, packages: dict[str, str] | None, cache_shard: int | None = None
+) -> ModelConfig:
+    """config.pbtxt of a fused model. ``cache_shard`` k: one of the models that keep the history cache,
+    ONE instance (one store its users reach, pinned to one GPU), with the optional user_id input."""
     from grc.serving.triton.bundle import _common, _input, _param
 
     cfg = spec.bundles.triton
-    msg = _common(spec, name, "python", cfg.instance_kind, cfg.instance_count)
+    count = cfg.instance_count if cache_shard is None else 1
+    msg = _common(spec, name, "python", cfg.instance_kind, count)
     msg.input.extend(_input(s.name, s.datatype, s.dims) for s in rq.request_inputs(spec.model))
     msg.output.extend(tensor_output(s.name, s.datatype, s.dims) for s in rq.response_outputs(spec.model))
     params: dict[str, str] = {
@@ -89,6 +98,13 @@ def fused_config(spec: Spec, name: str, backend: str, packages: dict[str, str] |
     }
     if packages is not None:
         params["packages"] = json.dumps(packages, sort_keys=True)
+    if cache_shard is not None:
+        history_bundle.pin_to_one_gpu(spec, msg, cache_shard)
+        history_bundle.add_user_id(msg)
+        budget, max_user = history_bundle.budget_bytes(spec)
+        params["history_budget_bytes"] = str(budget)
+        params["history_max_user_bytes"] = str(max_user)
+        params["history_scoring"] = scoring_note(backend)  # what computes the cached users, said
     for key, value in params.items():
         _param(msg, key, value)
     return msg
@@ -102,19 +118,24 @@ def write_models(repo: Any, spec: Spec, weights_dir: Path, aoti: Path | None, wa
     # before anything is linked: a KIND_GPU bundle whose aoti stage built no GPU package fails here, naming why
     found = aoti_packages(spec, aoti) if "aotinductor" in names else {}
     for backend, name in names.items():
-        packages = None
-        if backend == "aotinductor":
-            assert aoti is not None
-            packages = {kind: rel for kind, (rel, _) in found.items()}
-            for rel, digest in found.values():
-                dst = repo.version_dir(name) / rel
-                repo.link(aoti / rel, dst)
-                repo.link((aoti / rel).parent / "metadata.json", dst.parent / "metadata.json")
-                if digest:
-                    repo.digests[str(dst.relative_to(repo.out))] = digest
-        for f in sorted(p for p in weights_dir.iterdir() if p.is_file()):
-            repo.link(f, repo.version_dir(name) / "weights" / f.name)
-        repo.add(fused_config(spec, name, backend, packages), MODULE, warmup)
+        packages = None if backend != "aotinductor" else {kind: rel for kind, (rel, _) in found.items()}
+        cached = backend == spec.bundles.triton.backend and history_bundle.enabled(spec)
+        # the spec's backend with the cache: one model per store (<name>, or <name>-cache-k behind the router)
+        models = history_bundle.shard_names(spec) if cached else [name]
+        for k, model in enumerate(models):
+            if backend == "aotinductor":
+                assert aoti is not None
+                for rel, digest in found.values():
+                    dst = repo.version_dir(model) / rel
+                    repo.link(aoti / rel, dst)
+                    repo.link((aoti / rel).parent / "metadata.json", dst.parent / "metadata.json")
+                    if digest:
+                        repo.digests[str(dst.relative_to(repo.out))] = digest
+            for f in sorted(p for p in weights_dir.iterdir() if p.is_file()):
+                repo.link(f, repo.version_dir(model) / "weights" / f.name)
+            repo.add(fused_config(spec, model, backend, packages, k if cached else None), MODULE, warmup)
+        if len(models) > 1:  # the router holds no weights, and has no warmup (its shards may load after it)
+            repo.add(history_bundle.router_config(spec, models), history_bundle.ROUTER)
 
 
 def readme_section(spec: Spec) -> str:

@@ -4,16 +4,18 @@ With the cache on, the name clients call (<model_name>) takes the ensemble's inp
 ``user_id`` (INT64 [batch, 1]); the ensembles stay, each named <model_name>-<backend>. With one
 instance it is the python model ``history_cached`` (grc/serving/triton/models/history_cached.py);
 with ``instances: N`` it is the router ``history_router`` in front of N cached models
-<model_name>-cache-<k>, one instance and one store each.
+<model_name>-cache-<k>, one instance and one store each. With ``pipeline: fused`` the cached models are
+fused models of the spec's backend (fused_bundle.py writes them with ``add_user_id``, ``pin_to_one_gpu``
+and ``budget_bytes`` from here), under the same names and behind the same router.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from grc.serving.common import request as rq
+from grc.serving.common.history_cache import weights_digest
 from grc.serving.triton.model_config import ModelConfig, tensor_output
 from grc.spec.schema import Spec
 
@@ -42,11 +44,6 @@ def problems(spec: Spec) -> list[str]:
     return []
 
 
-def weights_digest(weights_dir: Path) -> str:
-    """The weights' identity: the digest of their manifest (which records every shard's sha256)."""
-    return hashlib.sha256((weights_dir / "manifest.json").read_bytes()).hexdigest()
-
-
 def shard_names(spec: Spec) -> list[str]:
     """The history-cached models: the client name itself with one instance, else one model per
     instance (``<name>-cache-<k>``) behind the router."""
@@ -69,27 +66,45 @@ def _signature(spec: Spec, msg: ModelConfig) -> None:
     from grc.serving.triton.bundle import _input
 
     msg.input.extend(_input(s.name, s.datatype, s.dims) for s in rq.request_inputs(spec.model))
-    user = _input(USER_ID, "INT64", [1])
-    user.optional = True
-    msg.input.append(user)
+    add_user_id(msg)
     msg.output.extend(tensor_output(s.name, s.datatype, s.dims) for s in rq.response_outputs(spec.model))
 
 
-def cached_model_config(spec: Spec, weights_dir: Path, name: str | None = None, shard: int = 0) -> ModelConfig:
-    """config.pbtxt of a history-cached model: ONE instance (one store its users reach). On GPUs it
-    is pinned to one device (Triton would start one instance per listed or visible GPU otherwise):
-    shard k on ``gpus[k % len(gpus)]``, GPU 0 when none are listed."""
-    from grc.serving.triton.bundle import _common, _param
+def add_user_id(msg: ModelConfig) -> None:
+    """The optional ``user_id`` input (INT64 [batch, 1]) of every model that keeps the cache."""
+    from grc.serving.triton.bundle import _input
 
-    cfg, cache = spec.bundles.triton, spec.bundles.triton.history_cache
-    msg = _common(spec, name or client_name(spec), "python", cfg.instance_kind, 1)
+    user = _input(USER_ID, "INT64", [1])
+    user.optional = True
+    msg.input.append(user)
+
+
+def pin_to_one_gpu(spec: Spec, msg: ModelConfig, shard: int) -> None:
+    """A KIND_GPU cached model's one instance on one device (Triton would start one instance per
+    listed or visible GPU otherwise): shard k on ``gpus[k % len(gpus)]``, GPU 0 when none are listed."""
+    cfg = spec.bundles.triton
     if cfg.instance_kind == "KIND_GPU":
         gpus = cfg.gpus or [0]
         del msg.instance_group[0].gpus[:]
         msg.instance_group[0].gpus.append(gpus[shard % len(gpus)])
+
+
+def budget_bytes(spec: Spec) -> tuple[int, int]:
+    """(the store's byte budget, the largest entry kept for one user), per cached model."""
+    cache = spec.bundles.triton.history_cache
+    return int(cache.budget_mb * MIB), int((cache.max_user_mb or cache.budget_mb / 8) * MIB)
+
+
+def cached_model_config(spec: Spec, weights_dir: Path, name: str | None = None, shard: int = 0) -> ModelConfig:
+    """config.pbtxt of a history-cached model: ONE instance (one store its users reach), on GPUs
+    pinned to one device (``pin_to_one_gpu``)."""
+    from grc.serving.triton.bundle import _common, _param
+
+    cfg, cache = spec.bundles.triton, spec.bundles.triton.history_cache
+    msg = _common(spec, name or client_name(spec), "python", cfg.instance_kind, 1)
+    pin_to_one_gpu(spec, msg, shard)
     _signature(spec, msg)
-    budget = int(cache.budget_mb * MIB)
-    max_user = int((cache.max_user_mb or cache.budget_mb / 8) * MIB)
+    budget, max_user = budget_bytes(spec)
     _param(msg, "grc_model", spec.model.model_dump_json())
     _param(msg, "truncate_history", "true" if cfg.truncate_history else "false")
     _param(msg, "budget_bytes", str(budget))
@@ -114,10 +129,26 @@ def router_config(spec: Spec, shards: list[str]) -> ModelConfig:
     return msg
 
 
+def fused(spec: Spec) -> bool:
+    """The cache is kept by the fused model of the spec's backend (pipeline: fused), not history_cached."""
+    return spec.bundles.triton.pipeline == "fused"
+
+
+def scoring(spec: Spec) -> str:
+    """What computes the users sent with a user_id."""
+    from grc.serving.ranker.history import scoring_note
+
+    if fused(spec):
+        return f"fused model ({spec.bundles.triton.backend}): {scoring_note(spec.bundles.triton.backend)}"
+    return "history_cached: GRDense.score (reference ops on KIND_CPU, grc's Triton kernels on KIND_GPU), every user"
+
+
 def describe(spec: Spec) -> dict[str, object]:
     cache = spec.bundles.triton.history_cache
     return {
         "model": client_name(spec),
+        "module": "fused" if fused(spec) else MODULE,
+        "scoring": scoring(spec),
         "input": {"name": USER_ID, "datatype": "INT64", "shape": ["batch", 1], "optional": True},
         "instances": cache.instances,
         "models": shard_names(spec),
@@ -135,8 +166,14 @@ def describe(spec: Spec) -> dict[str, object]:
 def readme_section(spec: Spec) -> str:
     name = client_name(spec)
     shards = shard_names(spec)
+    others = (
+        "The other backends' fused models (`<name>-<backend>`) keep no cache."
+        if fused(spec)
+        else f"The ensembles without the cache are `{name}-<backend>`."
+    )
+    module = "fused" if fused(spec) else MODULE
     routing = (
-        f"`{name}` is the python model `{MODULE}`, one instance: every request of a user reaches its one store."
+        f"`{name}` is the python model `{module}`, one instance: every request of a user reaches its one store."
         if len(shards) == 1
         else f"`{name}` is a router (`{ROUTER}`) in front of {len(shards)} cached models, `{shards[0]}` .. "
         f"`{shards[-1]}`, one instance and one store each: it sends each `{USER_ID}` to the same one every time "
@@ -148,6 +185,7 @@ def readme_section(spec: Spec) -> str:
 {routing} Send `{USER_ID}` (INT64 [batch, 1]) with a request and the user's per-layer keys and values are
 kept; the user's next request whose history starts with the same events (ids, timestamps, order) computes
 only its new events and candidates. Without `{USER_ID}` nothing is cached. Scores are the same either
-way. The ensembles without the cache are `{name}-<backend>`. Cache figures: `grc_history_cache_*` on the
+way. {others} Cache figures: `grc_history_cache_*` on the
 metrics port (`/metrics`), labelled with the cached model's name.
+What computes the users sent with `{USER_ID}`: {scoring(spec)}.
 """

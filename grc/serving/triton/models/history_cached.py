@@ -16,53 +16,26 @@ grc_history_cache_bytes (gauge), labelled with the model name.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from grc.model.kv_cache import UserKV
 from grc.serving.common import request as rq
-from grc.serving.common.history_cache import (
-    CachedHistory,
-    HistoryCache,
-    cached_history,
-    miss_reason,
-    model_namespace,
-    reusable_events,
-)
-from grc.serving.common.validate import RequestError, parse
+from grc.serving.common.history_cache import HistoryCache
+from grc.serving.common.history_step import USER_ID, UserCaches, user_ids, user_request
+from grc.serving.common.validate import parse
 from grc.serving.triton.models import steps
 from grc.serving.triton.models import tensor_io as io
+from grc.serving.triton.models.metrics import HISTORY_CACHE, Metrics
 from grc.serving.triton.models.postprocess import rank
 from grc.serving.triton.models.preprocess import project
 from grc.spec.schema import ModelConfig
 
 if TYPE_CHECKING:
     import torch
-
-USER_ID = "user_id"
-METRICS = {
-    "hits": ("grc_history_cache_hits_total", "requests (users) served from the history cache"),
-    "misses": ("grc_history_cache_misses_total", "users with user_id whose history had to be computed whole"),
-    "evictions": ("grc_history_cache_evictions_total", "entries evicted to stay within the byte budget"),
-    "bytes": ("grc_history_cache_bytes", "bytes of cached K/V and ids held"),
-}
-
-
-def user_events(checked: dict[str, np.ndarray], cfg: ModelConfig, u: int) -> tuple[np.ndarray, np.ndarray]:
-    """User ``u``'s profile ids [P] and events [h, history tables + 1] (ids, then timestamp)."""
-    profile = np.array([checked[rq.profile_input(t)][u, 0] for t in cfg.profile], np.int64)
-    columns = [checked[rq.history_input(t)][u] for t in cfg.history] + [checked[rq.HISTORY_TIME][u]]
-    return profile, np.stack(columns, 1).astype(np.int64)
-
-
-def user_request(checked: dict[str, np.ndarray], cfg: ModelConfig, u: int, skip_events: int) -> dict[str, np.ndarray]:
-    """User ``u`` alone (batch 1), without its first ``skip_events`` history events."""
-    history = {rq.history_input(t) for t in cfg.history} | {rq.HISTORY_TIME}
-    return {name: a[u : u + 1, skip_events:] if name in history else a[u : u + 1] for name, a in checked.items()}
-
 
 DTYPES = ("float32", "bfloat16")
 
@@ -128,63 +101,39 @@ class CachedScorer:
         self.dense = model.dense.eval().to(self.device, self.dtype)
         self.tables = open_tables(cfg, weights)
         self.impl = impl or ("triton" if self.device.type == "cuda" else "pytorch")
-        self.cache = HistoryCache(budget, max_user)
-        self.namespace = model_namespace(cfg.model_dump_json(), weights_digest, dtype)
+        self.caches = UserCaches(cfg, budget, max_user, weights_digest, dtype, self.impl)
 
-    def _lookup(self, user: int, ids: np.ndarray, events: np.ndarray, now: int) -> tuple[UserKV | None, int]:
-        """The user's reusable cache (its rows still exact at ``now``) and how many events it holds;
-        (None, 0) on a miss."""
-        buckets = self.cfg.hstu.time_buckets
+    @property
+    def cache(self) -> HistoryCache:
+        return self.caches.cache
 
-        def usable(entry: CachedHistory) -> bool:
-            return miss_reason(entry, ids, events, now, buckets) is None
+    @cache.setter
+    def cache(self, store: HistoryCache) -> None:
+        """A fresh store (bench/history_cache_session.py starts each mode on one)."""
+        self.caches.cache = store
 
-        found = self.cache.lookup((self.namespace, user), usable)
-        if found is None:
-            return None, 0
-        reused = reusable_events(found, now, buckets)
-        return found.kv.prefix(found.kv.profile + reused), reused
+    @property
+    def namespace(self) -> str:
+        return self.caches.namespace
 
     def score(self, checked: dict[str, np.ndarray], users: np.ndarray | None) -> np.ndarray:
         """One checked request of b users -> candidate scores [b, c, tasks]; ``users``: their ids
         (None: cache nothing)."""
         import torch
 
-        cfg, profile = self.cfg, len(self.cfg.profile)
         b = checked[rq.REQUEST_TIME].shape[0]
-        parts, caches, seen = [], [], []
-        for u in range(b):
-            ids, events = user_events(checked, cfg, u)
-            now = int(checked[rq.REQUEST_TIME][u, 0])
-            kv, reused = (None, 0) if users is None else self._lookup(int(users[u]), ids, events, now)
-            seen.append((ids, events, now))
-            parts.append(user_request(checked, cfg, u, reused))
-            caches.append(kv)
-        projected = project(parts, self.projector, self.tables, cfg)
-        tokens, stamps, offsets, cands = [], [], [0], []
-        kvs = []
-        for p, kv in zip(projected, caches, strict=True):
-            drop = profile if kv is not None else 0  # a hit holds the profile tokens already
-            tokens.append(torch.from_numpy(p["tokens"][0, drop:]))
-            stamps.append(torch.from_numpy(p["timestamps"][0, drop:]))
-            offsets.append(offsets[-1] + tokens[-1].shape[0])
-            cands.append(int(p["num_candidates"][0, 0]))
-            kvs.append(kv if kv is not None else self.dense.empty_cache(profile, self.dense.heads.w1))
+        visits = [self.caches.visit(checked, u, None if users is None else int(users[u])) for u in range(b)]
+        parts = [user_request(checked, self.cfg, u, v.reused) for u, v in enumerate(visits)]
+        projected = project(parts, self.projector, self.tables, self.cfg)
         device, dtype = self.device, self.dtype
-        with torch.no_grad():
-            scores, grown = self.dense.score(
-                kvs,
-                torch.cat(tokens).to(device, dtype),
-                torch.tensor(offsets),  # host integers: score reads them without a device sync
-                torch.tensor(cands),
-                torch.cat(stamps).to(device),
-                [now for _, _, now in seen],
-                self.impl,
-            )
-        if users is not None:
-            for u, (ids, events, _) in enumerate(seen):
-                self.cache.store((self.namespace, int(users[u])), cached_history(grown[u], ids, events))
-        return scores.float().cpu().numpy().reshape(b, -1, len(cfg.tasks))
+        scores = self.caches.score(
+            self.dense,
+            visits,
+            [torch.from_numpy(p["tokens"][0]).to(device, dtype) for p in projected],
+            [torch.from_numpy(p["timestamps"][0]).to(device) for p in projected],
+            [int(p["num_candidates"][0, 0]) for p in projected],
+        )
+        return scores.float().cpu().numpy().reshape(b, -1, len(self.cfg.tasks))
 
 
 class TritonPythonModel:
@@ -215,39 +164,13 @@ class TritonPythonModel:
         )
         self.names = [s.name for s in rq.request_inputs(self.cfg)]
         self.first = rq.candidate_input(self.cfg.candidate[0])
-        self._metrics_init()
-
-    def _metrics_init(self) -> None:
-        pb = io.pb()
-        labels = {"model": self.name}
-        self.metrics = {}
-        self.families = []  # a Metric needs its MetricFamily alive
-        for key, (name, description) in METRICS.items():
-            kind = pb.MetricFamily.GAUGE if key == "bytes" else pb.MetricFamily.COUNTER
-            family = pb.MetricFamily(name=name, description=description, kind=kind)
-            self.families.append(family)
-            self.metrics[key] = family.Metric(labels=labels)
-        self.reported = {"hits": 0, "misses": 0, "evictions": 0}
-
-    def _metrics_update(self) -> None:
-        stats = self.scorer.cache.stats()
-        for key in self.reported:
-            value = getattr(stats, key)
-            if value > self.reported[key]:
-                self.metrics[key].increment(value - self.reported[key])
-                self.reported[key] = value
-        self.metrics["bytes"].set(stats.bytes)
+        self.metrics = Metrics(self.name, HISTORY_CACHE)
 
     def _check(self, arrays: dict[str, np.ndarray | None]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         """One request's checked inputs and its user ids (None: cache nothing); RequestError refuses it."""
         users = arrays.pop(USER_ID)
         checked = parse(arrays, self.cfg, self.truncate)
-        b = checked[rq.REQUEST_TIME].shape[0]
-        if users is not None and (users.shape != (b, 1) or users.dtype != np.int64):
-            raise RequestError(
-                f"{USER_ID}: expected INT64 [{b}, 1], one id per user (got {users.dtype} {list(users.shape)})"
-            )
-        return checked, None if users is None else users.reshape(-1).copy()
+        return checked, user_ids(users, checked[rq.REQUEST_TIME].shape[0])
 
     def _answer(self, request: tuple[dict[str, np.ndarray], np.ndarray | None]) -> dict[str, np.ndarray]:
         checked, ids = request
@@ -266,5 +189,5 @@ class TritonPythonModel:
         responses = steps.execute(
             requests, self.name, [*self.names, USER_ID], self._check, lambda batch: [self._answer(r) for r in batch]
         )
-        self._metrics_update()
+        self.metrics.update(dataclasses.asdict(self.scorer.cache.stats()))
         return responses

@@ -1,0 +1,141 @@
+"""One history-cache step, written once for both models that serve the cache: the ensemble path's
+``history_cached`` (grc/serving/triton/models/history_cached.py, host tokens) and the fused pipeline's
+``Ranker`` (grc/serving/ranker/, device tokens).
+
+    visit   a user's entry looked up: how many of its history events the cache already holds
+    part    the user's request without those events (what the caller projects into tokens)
+    score   the new tokens against the cached K/V in ONE ``GRDense.score`` call (a miss: against an
+            empty cache, i.e. the whole sequence), and the grown entries stored for users with an id
+
+The contract (README "User-history cache") lives in history_cache.py: prefix match = hit, anything
+else = miss + whole sequence + replace; scores equal the uncached model's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from grc.model.kv_cache import UserKV
+from grc.serving.common import request as rq
+from grc.serving.common.history_cache import (
+    CachedHistory,
+    HistoryCache,
+    cached_history,
+    miss_reason,
+    model_namespace,
+    reusable_events,
+)
+from grc.serving.common.validate import RequestError
+from grc.spec.schema import ModelConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from grc.model.gr import GRDense
+
+
+USER_ID = "user_id"
+
+
+def user_ids(users: np.ndarray | None, batch: int) -> np.ndarray | None:
+    """A request's optional ``user_id`` input checked: [batch] int64 ids, or None (cache nothing)."""
+    if users is None:
+        return None
+    if users.shape != (batch, 1) or users.dtype != np.int64:
+        raise RequestError(
+            f"{USER_ID}: expected INT64 [{batch}, 1], one id per user (got {users.dtype} {list(users.shape)})"
+        )
+    return users.reshape(-1).copy()
+
+
+def user_events(checked: dict[str, np.ndarray], cfg: ModelConfig, u: int) -> tuple[np.ndarray, np.ndarray]:
+    """User ``u``'s profile ids [P] and events [h, history tables + 1] (ids, then timestamp)."""
+    profile = np.array([checked[rq.profile_input(t)][u, 0] for t in cfg.profile], np.int64)
+    columns = [checked[rq.history_input(t)][u] for t in cfg.history] + [checked[rq.HISTORY_TIME][u]]
+    return profile, np.stack(columns, 1).astype(np.int64)
+
+
+def user_request(checked: dict[str, np.ndarray], cfg: ModelConfig, u: int, skip_events: int) -> dict[str, np.ndarray]:
+    """User ``u`` alone (batch 1), without its first ``skip_events`` history events."""
+    history = {rq.history_input(t) for t in cfg.history} | {rq.HISTORY_TIME}
+    return {name: a[u : u + 1, skip_events:] if name in history else a[u : u + 1] for name, a in checked.items()}
+
+
+@dataclass(frozen=True)
+class Visit:
+    """One user of a request, looked up: ``kv`` the reusable cache (None: a miss, or no id) holding
+    the profile tokens and the first ``reused`` history events."""
+
+    user: int | None
+    profile_ids: np.ndarray
+    events: np.ndarray
+    now: int
+    kv: UserKV | None
+    reused: int
+
+
+class UserCaches:
+    """The store of one model instance plus the model identity its keys carry."""
+
+    def __init__(self, cfg: ModelConfig, budget: int, max_user: int | None, weights_digest: str, dtype: str, impl: str):
+        self.cfg = cfg
+        self.cache = HistoryCache(budget, max_user)
+        # the K/V dtype and the attention implementation are part of what was cached
+        self.namespace = model_namespace(cfg.model_dump_json(), weights_digest, f"{dtype}/{impl}")
+        self.impl = impl
+
+    def visit(self, checked: dict[str, np.ndarray], u: int, user: int | None) -> Visit:
+        """User ``u`` of a checked request, with its id (None: cache nothing, count nothing)."""
+        ids, events = user_events(checked, self.cfg, u)
+        now = int(checked[rq.REQUEST_TIME][u, 0])
+        if user is None:
+            return Visit(None, ids, events, now, None, 0)
+        buckets = self.cfg.hstu.time_buckets
+
+        def usable(entry: CachedHistory) -> bool:
+            return miss_reason(entry, ids, events, now, buckets) is None
+
+        found = self.cache.lookup((self.namespace, user), usable)
+        if found is None:
+            return Visit(user, ids, events, now, None, 0)
+        reused = reusable_events(found, now, buckets)
+        return Visit(user, ids, events, now, found.kv.prefix(found.kv.profile + reused), reused)
+
+    def score(
+        self,
+        dense: GRDense,
+        visits: list[Visit],
+        tokens: list[torch.Tensor],
+        stamps: list[torch.Tensor],
+        candidates: list[int],
+    ) -> torch.Tensor:
+        """Per visit its part's tokens [n, D] and stamps [n] (profile tokens, the new history events,
+        the candidates: one user, on the dense model's device and dtype) -> the candidates' scores
+        [sum(candidates), tasks] in visit order; the grown entries of users with an id are stored."""
+        import torch
+
+        profile = len(self.cfg.profile)
+        news, times, offsets, caches = [], [], [0], []
+        for v, t, s in zip(visits, tokens, stamps, strict=True):
+            drop = profile if v.kv is not None else 0  # a hit holds the profile tokens already
+            news.append(t[drop:])
+            times.append(s[drop:])
+            offsets.append(offsets[-1] + t.shape[0] - drop)
+            caches.append(v.kv if v.kv is not None else dense.empty_cache(profile, t))
+        with torch.no_grad():
+            scores, grown = dense.score(
+                caches,
+                torch.cat(news),
+                torch.tensor(offsets),  # host integers: score reads them without a device sync
+                torch.tensor(candidates),
+                torch.cat(times),
+                [v.now for v in visits],
+                self.impl,
+            )
+        for v, kv in zip(visits, grown, strict=True):
+            if v.user is not None:
+                self.cache.store((self.namespace, v.user), cached_history(kv, v.profile_ids, v.events))
+        return scores
