@@ -24,7 +24,8 @@ RESULTS = REPO / "bench" / "results"
 BLOCK = re.compile(r"<!-- report:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /report:(?P=name) -->", re.S)
 
 # The H200 runs the README quotes, one per spec: replace them with a new bench/gpu_run_e2e.sh result.
-E2E_GPU = ("e2e-mtgr-small-h200.json",)
+# newest first: session 6's fuse run (issue 21: fused vs unfused package vs torch.compile; no padded baseline ran in it)
+E2E_GPU = ("e2e-h200-s6-mtgr-small-fuse.json", "e2e-mtgr-small-h200.json")
 BASELINES = ("eager_bf16_padded", "compile_bf16_padded", "compile_bf16_padded_graph")
 MODE_LABELS = {
     "eager_bf16_padded": "PyTorch eager, padded batch (baseline)",
@@ -266,9 +267,11 @@ SERVE_MODES = ("grc", "eager", "kernels", "in_process")
 
 
 def serve_files(folder: Path) -> list[str]:
-    """Every bench/serve.py result: the GPU runs first (the claim), the CPU dry run last."""
+    """Every bench/serve.py result: the GPU runs first (the claim), the CPU dry run last; among them the
+    current run of a spec (serve-<gpu>-<spec>.json) before the earlier runs kept beside it with a suffix."""
     names = sorted(p.name for p in folder.glob("serve-*.json"))
-    return sorted(names, key=lambda n: n.startswith("serve-cpu"))
+    current = {f"{p.stem}." for p in folder.glob("serve-*.json")}  # stems; a suffixed run extends one with "-"
+    return sorted(names, key=lambda n: (n.startswith("serve-cpu"), any(n.startswith(c[:-1] + "-") for c in current)))
 
 
 def serve_block(results: Results) -> str:
