@@ -20,10 +20,10 @@
 #   DRY_RUN=1 OUT=/tmp/x bash bench/gpu_run_history.sh     # on a CPU: tiny shapes, Triton interpreter
 # From the repository root of a checkout (or a copy). Needs Python with CUDA torch and triton; pydantic and
 # PyYAML come from ./.whl when missing (bench/gpu_wheels.sh fills it where PyPI is reachable), unpacked into
-# a temporary folder (the machine's Python stays as it was). Time: LIMIT_S (default 150; dry run 600) kills it; nothing
-# starts that its estimate says would end past LIMIT_S - 10 (--deadline-s), no new shape after BUDGET_S
-# (default: none), and one shape's phases stop starting after SHAPE_S (default 90) s. A second call on the
-# same warm machine reuses Triton's compiled kernels (~/.triton/cache): far less compile time.
+# a temporary folder (the machine's Python stays as it was). Time: LIMIT_S (default 150; dry run 600) kills
+# it; nothing starts that its estimate says would end past LIMIT_S - 10 (--deadline-s), no new shape after
+# BUDGET_S (default: none), and one shape's phases stop starting after SHAPE_S (default 90) s. A second call on
+# the same warm machine reuses Triton's compiled kernels (~/.triton/cache): far less compile time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder the results go to}"

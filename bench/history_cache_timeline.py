@@ -91,15 +91,17 @@ class ShapeRun:
         self.clock.say(f"{self.label}: {name}: {what}")
         kernels, keys = compiled_kernels(), tuned_keys()
         start = time.perf_counter()
-        yield
-        self.row["phase_s"][name] = round(time.perf_counter() - start, 3)
-        after = compiled_kernels()
-        if kernels is not None and after is not None and after > kernels:
-            self.row.setdefault("compiled", {})[name] = after - kernels
-        new = {k: v for k, v in tuned_keys().items() if k not in keys}
-        if new:
-            self.row.setdefault("autotuned", {})[name] = new
-        self.save()
+        try:
+            yield
+        finally:  # a phase that raised is recorded too (the shape's row says the error)
+            self.row["phase_s"][name] = round(time.perf_counter() - start, 3)
+            after = compiled_kernels()
+            if kernels is not None and after is not None and after > kernels:
+                self.row.setdefault("compiled", {})[name] = after - kernels
+            new = {k: v for k, v in tuned_keys().items() if k not in keys}
+            if new:
+                self.row.setdefault("autotuned", {})[name] = new
+            self.save()
 
 
 class Costs:
