@@ -7,8 +7,8 @@
 #   +~60 s   THE ISSUE'S TARGET SHAPE, first: mtgr-small bf16, history max_seq_len - 256 (1789) x 256
 #            candidates, cached score vs full forward (+ prefill, CUDA graphs, +10 events, exactness). Nearly
 #            all of it is Triton compiling the attention kernel: its calls share one autotuning key, so 4
-#            configs of the head-dim-256 kernel (~7-13 s each) + 1 specialisation; the float64 oracle (PyTorch
-#            reference on the GPU) takes well under a second;
+#            configs of the head-dim-256 kernel (4-5 s each on the CPU host, ~7-9 s estimated on the H200's)
+#            + 1 specialisation; the float64 oracle (PyTorch reference on the GPU) takes well under a second;
 #   +~35 s   the served model's scorer (served_check: mtgr-tiny, float32 and bf16);
 #   then     further shapes while their estimated cost fits: 1000 x 256 tunes one more key (~45 s), mtgr-base and
 #            fp32 tune their own; the session workload (3 x 10 s) after the bf16 shapes.
