@@ -3,9 +3,9 @@
 On the H200 most of a shape's time is Triton compiling grc's attention kernel: each new autotuning key
 (``kernels/hstu_attention.py``: heads, dims, dtype, PARTIAL, SEQ_BUCKET) compiles every config listed for
 the head dim (4 at mtgr's head dim 256, 4-5 s each for sm_90 on the CPU host: bench/history_cache_compile.py;
-~7-9 s estimated on the H200's, bench/results/history-cache-notes.md), and every new integer specialisation (a token count divisible by
-16 or not) compiles the chosen config once more. A run cut by its time limit must still say where it was,
-so:
+~7-9 s estimated on the H200's, bench/results/history-cache-notes.md), and every new integer
+specialisation (a token count divisible by 16 or not) compiles the chosen config once more. A run cut by
+its time limit must still say where it was, so:
 
 - ``Clock.say`` prints every line with the UTC time and the seconds since the start;
 - ``ShapeRun.phase`` prints a line as each phase of a shape starts, times it, counts the kernels Triton
