@@ -411,18 +411,19 @@ class Bench:
     def shape(self, name: str, model: GRDense, dtype: str, history: int, candidates: int) -> None:
         cfg, args = model.cfg, self.args
         label = f"{name} {dtype} {history}x{candidates}"
+        row: dict[str, Any] = {"spec": name, "dtype": dtype, "history": history, "candidates": candidates}
+        tokens = len(cfg.profile) + history + candidates
+        if tokens > cfg.hstu.max_seq_len:
+            row["skipped"] = f"{tokens} tokens exceed max_seq_len {cfg.hstu.max_seq_len}"
+            self.result["cases"].append(row)
+            self.clock.say(f"{label}: {row['skipped']}")
+            return
         keys = {(name, dtype, *k) for k in attention_keys(cfg, history, candidates, self.device)}
         new = keys - self.tuned
         if not self.fits(label, self.costs.estimate(name, dtype, len(new))):
             return
-        row: dict[str, Any] = {"spec": name, "dtype": dtype, "history": history, "candidates": candidates}
         row["target"] = history == cfg.hstu.max_seq_len - 256 - len(cfg.profile) and candidates == 256
         user = User(cfg, history, candidates, self.seed + 1000 * history + candidates, self.device, model_dtype(model))
-        if user.n > cfg.hstu.max_seq_len:
-            row["skipped"] = f"{user.n} tokens exceed max_seq_len {cfg.hstu.max_seq_len}"
-            self.result["cases"].append(row)
-            self.clock.say(f"{label}: {row['skipped']}")
-            return
         self.result["cases"].append(row)
         start = self.clock.elapsed()
         run = ShapeRun(self.clock, label, min(start + args.shape_s, args.deadline_s), row, self.save)
