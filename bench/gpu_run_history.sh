@@ -1,17 +1,29 @@
 #!/usr/bin/env bash
-# One device call, start to end (about 3 minutes): the user-history cache in-process on the GPU through grc's
-# Triton kernels (bench/history_cache_device.py): mtgr-small and mtgr-base, bf16 then fp32, full forward vs
-# cached score at histories 1000 and max_seq_len - 256 x 256/512 candidates, eager and CUDA graph, with
-# exactness vs float64, and a session workload (200 Zipf users x 5 visits, bench/history_cache_session.py).
-# Writes $OUT/history-cache-h200.json (rewritten after every shape: a cut run keeps what it measured) and
-# $OUT/history-cache-h200.log.
+# One device call, start to end (150 s by default): the user-history cache in-process on the GPU through grc's
+# Triton kernels (bench/history_cache_device.py), mtgr-small then mtgr-base, bf16 then fp32, full forward vs
+# cached score, eager and CUDA graph, exactness vs float64. What comes in what time on an H200 (lead's estimate
+# from session 6's run and the sm_90 compile times measured on the CPU host, bench/results/history-cache-notes.md):
+#   +~10 s   environment, imports, CUDA;
+#   +~60 s   THE ISSUE'S TARGET SHAPE, first: mtgr-small bf16, history max_seq_len - 256 (1789) x 256
+#            candidates, cached score vs full forward (+ prefill, CUDA graphs, +10 events, exactness). Nearly
+#            all of it is Triton compiling the attention kernel: its calls share one autotuning key, so 4
+#            configs of the head-dim-256 kernel (4-5 s each on the CPU host, ~7-9 s estimated on the H200's)
+#            + 1 specialisation; the float64 oracle (PyTorch reference on the GPU) takes well under a second;
+#   +~35 s   the served model's scorer (served_check: mtgr-tiny, float32 and bf16);
+#   then     further shapes while their estimated cost fits: 1000 x 256 tunes one more key (~45 s), mtgr-base and
+#            fp32 tune their own; the session workload (3 x 10 s) after the bf16 shapes.
+# Every phase prints a timestamped line as it starts (a cut run shows where it was), TRITON_PRINT_AUTOTUNING=1
+# prints each autotuning's key, seconds and pick, and $OUT/history-cache-h200.json is rewritten after every
+# phase (a cut run keeps what it measured, the cut row says which phase it did not start). Writes
+# $OUT/history-cache-h200.json and $OUT/history-cache-h200.log.
 #   OUT=/some/folder bash bench/gpu_run_history.sh
 #   DRY_RUN=1 OUT=/tmp/x bash bench/gpu_run_history.sh     # on a CPU: tiny shapes, Triton interpreter
 # From the repository root of a checkout (or a copy). Needs Python with CUDA torch and triton; pydantic and
 # PyYAML come from ./.whl when missing (bench/gpu_wheels.sh fills it where PyPI is reachable), unpacked into
-# a temporary folder (the machine's Python stays as it was). Budget: no new shape after BUDGET_S (default
-# 95) seconds, the session workload 3 x 10 s after the bf16 shapes, the whole step killed after LIMIT_S
-# (default 175).
+# a temporary folder (the machine's Python stays as it was). Time: LIMIT_S (default 150; dry run 600) kills
+# it; nothing starts that its estimate says would end past LIMIT_S - 10 (--deadline-s), no new shape after
+# BUDGET_S (default: none), and one shape's phases stop starting after SHAPE_S (default 90) s. A second call on
+# the same warm machine reuses Triton's compiled kernels (~/.triton/cache): far less compile time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder the results go to}"
@@ -41,11 +53,13 @@ else
   flags=()
   name=history-cache-h200
 fi
-stamp "bench/history_cache_device.py"
-limit="${LIMIT_S:-175}"
-timeout "$limit" "$py" bench/history_cache_device.py --budget-s "${BUDGET_S:-95}" --out "$OUT/$name.json" "${flags[@]}" \
-  2>&1 | tee "$OUT/$name.log"
+limit="${LIMIT_S:-$([ -n "${DRY_RUN:-}" ] && echo 600 || echo 150)}"  # the interpreter on a CPU is slow
+left=$((limit - $(date +%s) + started))  # the bench's own clock starts now: its limits count from here
+export TRITON_PRINT_AUTOTUNING=1 PYTHONUNBUFFERED=1
+stamp "bench/history_cache_device.py (killed in $left s, at +$limit s)"
+timeout "$left" "$py" bench/history_cache_device.py --budget-s "${BUDGET_S:-$left}" --deadline-s $((left - 10)) \
+  --shape-s "${SHAPE_S:-90}" --out "$OUT/$name.json" "${flags[@]}" 2>&1 | tee "$OUT/$name.log"
 rc=${PIPESTATUS[0]}
-[ "$rc" -eq 124 ] && echo "history_cache_device.py: TIMED OUT after $limit s (the JSON holds the shapes done)"
+[ "$rc" -eq 124 ] && echo "history_cache_device.py: TIMED OUT at +$limit s (the JSON holds the phases done)"
 stamp "done (exit $rc); results in $OUT"
 exit "$rc"

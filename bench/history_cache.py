@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -40,8 +41,20 @@ def dense_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> G
         for p in dense_params(cfg)
         if p.name.startswith("dense.")
     }
-    model.load_state_dict(state)
-    return model.eval().to(device)
+    model.load_state_dict(state)  # copied into the float32 parameters: the values rounded to dtype
+    return model.eval().to(device=device, dtype=dtype)  # and the parameters in dtype, so the model computes in it
+
+
+def synced(run: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """Seconds of one call, the device synchronized before and after it, and its result (a path's
+    first call: Triton compiles and autotunes in it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, out
 
 
 def timed(run: Callable[[], torch.Tensor], repeat: int, device: torch.device) -> tuple[float, torch.Tensor]:
@@ -49,13 +62,8 @@ def timed(run: Callable[[], torch.Tensor], repeat: int, device: torch.device) ->
     out = run()
     times = []
     for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        out = run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
+        seconds, out = synced(run, device)
+        times.append(seconds)
     return statistics.median(times), out
 
 

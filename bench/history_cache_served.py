@@ -22,7 +22,9 @@ Checks, per shape: every timed cached request was a hit (the metrics endpoint, s
 cached and uncached scores agree, and both pass the bundle's served tolerance against the float64
 PyTorch model (check.check_response). Writes the result (rewritten after every shape: a cut run keeps
 what it measured) to --out or bench/results/history-cache-served-<cpu|cuda>.json. --deadline: no new
-shape after that many seconds from the start (the build included), said in the result.
+shape after that many seconds from the start (the build included), said in the result. Each phase (the
+build, the server's start, per shape its first request, the uncached, filling and cached requests, the
+float64 check) prints a timestamped line as it starts: a run cut by its time limit shows where it was.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import write_result
+from bench.history_cache_timeline import Clock
 
 
 def bench_spec(base: Path, folder: Path) -> Path:
@@ -108,6 +111,8 @@ def main() -> int:
     ap.add_argument("--startup-timeout", type=float, default=300, help="seconds the server may take to load")
     args = ap.parse_args()
     started = time.perf_counter()
+    clock = Clock()
+    clock.say(f"history_cache_served.py: {args.spec}, {args.requests} requests per shape and mode")
 
     import torch
 
@@ -132,6 +137,7 @@ def main() -> int:
 
         root = Path(tmp) / "artifacts" / spec.name
         result.update(spec=spec.name, pipeline=spec.bundles.triton.pipeline, backend=spec.bundles.triton.backend)
+        clock.say(f"build: the triton bundle of {spec.name} (tables cut to 10,000 rows, the cache on)")
         if build(loaded, root, only=["triton"]) != 0:
             result["error"] = "grc build of the triton bundle failed (its log above)"
             save()
@@ -153,25 +159,32 @@ def main() -> int:
         candidates = model.max_candidates
         longest = model.hstu.max_seq_len - candidates - len(model.profile)
         save()
+        clock.say(f"tritonserver: starting ({cached_model}, stores {stores}; at most {args.startup_timeout:.0f} s)")
         with TritonServer(folder / bd.MODEL_REPOSITORY, startup_timeout_s=args.startup_timeout) as server:
             result["server_ready_s"] = round(time.perf_counter() - started, 1)
-            print(f"server ready after {result['server_ready_s']} s", flush=True)
+            clock.say(f"tritonserver: ready after {result['server_ready_s']} s")
             # the longest history first: the issue's target shape, measured before a --deadline can cut the run
             for user, history in enumerate(sorted({min(1000, longest), longest}, reverse=True)):
                 if args.deadline is not None and time.perf_counter() - started > args.deadline:
                     rows.append({"history": history, "skipped": f"past --deadline {args.deadline} s"})
-                    print(f"history {history}: skipped (past --deadline {args.deadline} s)", flush=True)
+                    clock.say(f"history {history}: skipped (past --deadline {args.deadline} s)")
                     save()
                     continue
                 batch = random_batch(model, 1, history, candidates, torch.Generator().manual_seed(history))
                 arrays = rq.user_request(batch, 0, model)
                 with_user = {**arrays, "user_id": np.array([[user]], np.int64)}
-                timed(server.grpc_url, cached_model, arrays, 1)  # untimed: first use of this shape (allocations)
+                label = f"history {history} x {candidates}"
+                clock.say(f"{label}: first request without user_id (untimed: allocations, kernels compiled)")
+                timed(server.grpc_url, cached_model, arrays, 1)
+                clock.say(f"{label}: {args.requests} uncached requests")
                 whole, plain = timed(server.grpc_url, cached_model, arrays, args.requests)
-                timed(server.grpc_url, cached_model, with_user, 1)  # fills the cache (a miss)
+                clock.say(f"{label}: the request with user_id that fills the cache (a miss, untimed)")
+                timed(server.grpc_url, cached_model, with_user, 1)
                 before = hits(server.metrics_url, stores)
+                clock.say(f"{label}: {args.requests} cached requests (hits)")
                 hit, cached = timed(server.grpc_url, cached_model, with_user, args.requests)
                 hits_counted = hits(server.metrics_url, stores) - before
+                clock.say(f"{label}: the float64 PyTorch model, the checks")
                 expected = reference.scores(arrays)
                 top_k = spec.bundles.triton.top_k
                 problems = {
