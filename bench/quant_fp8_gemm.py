@@ -28,6 +28,18 @@ from grc.model.fp8 import Fp8Linear, quantize_input
 Timer = Callable[[Callable[..., Any], tuple[torch.Tensor, ...]], dict[str, Any]]
 
 
+def guarded(timer: Timer) -> Timer:
+    """A measurement that fails (a kernel this build lacks) is recorded as its error; the others go on."""
+
+    def run(fn: Callable[..., Any], args: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+        try:
+            return timer(fn, args)
+        except Exception as exc:  # recorded in the result, never dropped
+            return {"error": f"{type(exc).__name__}: {exc}"[:500]}
+
+    return run
+
+
 def gemm_linears(dense: Any, fp8_all: Any) -> dict[str, tuple[nn.Linear, Fp8Linear, int]]:
     """kind -> (first bf16 Linear, its fp8 twin, how many the model runs per forward)."""
     layers = len(dense.layers)
@@ -49,6 +61,7 @@ def gemm_bench(
     linears: dict[str, tuple[nn.Linear, Fp8Linear, int]], tokens: int, device: torch.device, timer: Timer
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    timer = guarded(timer)
     gen = torch.Generator(device=device).manual_seed(11)
     for kind, (linear, fp8_linear, count) in linears.items():
         lin = copy.deepcopy(linear).to(device, torch.bfloat16).requires_grad_(False)
@@ -63,7 +76,8 @@ def gemm_bench(
         for s in rec.values():
             if isinstance(s, dict) and "p50_ms" in s:
                 s["tflops"] = round(flops / (s["p50_ms"] / 1e3) / 1e12, 1)
-        rec["speedup_fp8"] = round(rec["bf16"]["p50_ms"] / rec["fp8"]["p50_ms"], 3)
+        if "p50_ms" in rec["bf16"] and "p50_ms" in rec["fp8"]:
+            rec["speedup_fp8"] = round(rec["bf16"]["p50_ms"] / rec["fp8"]["p50_ms"], 3)
         out[kind] = rec
     return out
 
@@ -90,6 +104,8 @@ def _taken_apart(q: Fp8Linear, x: torch.Tensor, timer: Timer) -> dict[str, Any]:
 
 def amdahl(gemms: dict[str, Any], eager_bf16_ms: float) -> dict[str, Any]:
     """The bf16 GEMMs' share of the eager bf16 model and the speed-up if each ran at its fp8 time."""
+    if not all("speedup_fp8" in g for g in gemms.values()):
+        return {"skipped": "a GEMM's bf16 or fp8 timing failed (its error is in its record)"}
     bf16 = sum(g["bf16"]["p50_ms"] * g["per_forward"] for g in gemms.values())
     fp8 = sum(g["fp8"]["p50_ms"] * g["per_forward"] for g in gemms.values())
     return {
