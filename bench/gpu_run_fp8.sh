@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# bench/quant_fp8.py on a GPU machine, start to end, in about 3 minutes: fp8 (torch._scaled_mm e4m3) vs
-# bf16 dense GEMMs of mtgr-small then mtgr-base (64 users x 1,515 tokens on mtgr-small), eager and
-# torch.compile'd, CUDA-graphed, same run and inputs; the uvqk GEMM alone; ranking figures of both vs the
-# fp32 model (verify.ranking's users and gates). Writes $OUT/quant-fp8-h200.json (provenance through
-# bench/_common.write_result; without git it records the source digest) and $OUT/quant-fp8-h200.log.
+# bench/quant_fp8.py on a GPU machine, start to end, in DEADLINE seconds (default 150, plus ~10 s of start):
+# bf16 vs fp8 dense GEMMs (torch._scaled_mm e4m3, row-wise scales, fast accumulation) of mtgr-small then
+# mtgr-base (64 users x 1,515 tokens), each spec with half of DEADLINE: three models side by side (bf16;
+# "fp8": the package's GEMM set, the output projections; "fp8_all": every GEMM), eager and torch.compile'd,
+# CUDA-graphed, same run and inputs; each GEMM alone, the uvqk one taken apart (quantize, row-wise
+# fast/slow accumulation, tensor-wise), with the Amdahl bound; ranking figures of every model vs the fp32
+# model (verify.ranking's users and gates). Estimated from session 6's run (H200): ~75 s per spec; what
+# does not fit its share is skipped with a line saying so, last parts first: compiled_fp8_all, then
+# compiled_fp8. Writes $OUT/quant-fp8-h200.json (provenance through bench/_common.write_result; without
+# git it records the source digest) and $OUT/quant-fp8-h200.log.
 #   OUT=/some/folder bash bench/gpu_run_fp8.sh
 #   PACKAGE=1 DEADLINE=400 OUT=... bash bench/gpu_run_fp8.sh   (adds the AOTInductor fp8 package: ~95 s compile)
-#   DRY_RUN=1 OUT=/tmp/x bash bench/gpu_run_fp8.sh   (a CPU: bench/quant_fp8.py --smoke, hstu-tiny, eager only;
-#                                                     the GEMM and compiled timings are GPU figures and are skipped)
+#   DRY_RUN=1 OUT=/tmp/x bash bench/gpu_run_fp8.sh   (a CPU, ~1 min: bench/quant_fp8.py --smoke, hstu-tiny:
+#                                                     eager, ranking, compiled bf16 and fp8; no GEMM part)
 # From the repository root of a checkout (or a copy). Needs Python with CUDA torch and triton; pydantic and
-# PyYAML come from ./.whl when missing (bench/gpu_wheels.sh fills it where PyPI is reachable). The run is
-# bounded by DEADLINE seconds (default 150); each part is skipped, with a line saying so, when it no longer fits.
+# PyYAML come from ./.whl when missing (bench/gpu_wheels.sh fills it where PyPI is reachable).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder the results go to}"

@@ -25,7 +25,7 @@ from grc.aoti.build import Checks
 from grc.aoti.inputs import JaggedInputs, random_inputs
 from grc.engine.quantize import feeds_digest
 from grc.errors import StageError
-from grc.model.fp8 import E4M3_MAX, calibrate, scales_of, to_fp8
+from grc.model.fp8 import E4M3_MAX, KINDS, PACKAGE_GEMMS, calibrate, scales_of, to_fp8
 from grc.model.gr import GRDense
 from grc.spec.schema import Spec
 from grc.verify.ranking import Gates, RankFigure, candidate_scores, format_rank_figures, rank_figures, user_shape
@@ -36,22 +36,29 @@ def users(spec: Spec, seed: int, count: int, history: int, candidates: int | Non
     return random_inputs(spec.model, count, h, c, torch.Generator().manual_seed(seed), ragged=False)
 
 
-def fp8_package_model(dense: GRDense, spec: Spec) -> tuple[GRDense, dict[str, Any]]:
-    """The fp8 model to compile (scales calibrated on engine.calibration's users) and its record."""
+def fp8_package_model(
+    dense: GRDense, spec: Spec, gemms: tuple[str, ...] = PACKAGE_GEMMS
+) -> tuple[GRDense, dict[str, Any]]:
+    """The fp8 model to compile (scales calibrated on engine.calibration's users) and its record.
+    ``gemms``: which GEMM kinds go fp8 (grc.model.fp8.KINDS; the package: PACKAGE_GEMMS)."""
     cal = spec.engine.calibration
     batch = users(spec, cal.seed, cal.users, cal.history, cal.candidates)
     amax = calibrate(dense, [batch.args()])
-    model = to_fp8(dense, amax)
+    model = to_fp8(dense, amax, gemms=gemms)
+    names = {"uvqk": "HSTU uvqk projections", "out": "HSTU output projections", "heads": "the heads' first GEMM"}
     digest = feeds_digest(
         {k: v.numpy() for k, v in zip(("tokens", "offsets", "num_candidates", "timestamps"), batch.args(), strict=True)}
     )
     record = {
         "precision": "fp8",
-        "gemms": "HSTU uvqk projections and outputs, the task heads' first GEMM: torch._scaled_mm, float8 e4m3 "
-        f"(saturating at ±{E4M3_MAX:g}), fp32 accumulation, bfloat16 out; attention, norms and the rest "
-        "in bfloat16",
+        "fp8_gemms": list(gemms),
+        "gemms": ", ".join(names[k] for k in KINDS if k in gemms) + ": torch._scaled_mm, float8 e4m3 "
+        f"(saturating at ±{E4M3_MAX:g}), row-wise scales, fast accumulation, bfloat16 out; "
+        + ", ".join(names[k] for k in KINDS if k not in gemms)
+        + (", " if set(KINDS) - set(gemms) else "")
+        + "attention, norms and the rest in bfloat16 (grc.model.fp8.PACKAGE_GEMMS says why)",
         "weight_scales": "per output channel: amax / 448",
-        "activation_scales": "per tensor: calibrated amax / 448, stored in the package",
+        "activation_scales": "per tensor: the power of two >= calibrated amax / 448, stored in the package",
         "calibration": {
             "seed": cal.seed,
             "users": batch.users,

@@ -417,9 +417,10 @@ class AotiConfig(_Section):
     )
     precision: Literal["fp8"] | None = Field(
         None,
-        description="fp8: the GPU packages' projection, output and head GEMMs in float8 e4m3 through "
-        "torch._scaled_mm (per-channel weight scales, per-tensor activation scales calibrated on "
-        "engine.calibration's users), the rest in dtype (bfloat16); needs sm89+. Unset: every op in dtype. "
+        description="fp8: the GPU packages' HSTU output GEMMs in float8 e4m3 through torch._scaled_mm "
+        "(per-channel weight scales, per-tensor activation scales calibrated on engine.calibration's users; "
+        "the uvqk and head GEMMs stay in dtype: in fp8 they miss the ranking gates, grc.model.fp8.PACKAGE_GEMMS), "
+        "the rest in dtype (bfloat16); needs sm89+. Unset: every op in dtype. "
         "The cpu package stays float32",
     )
     parity: Tolerance | None = Field(

@@ -8,8 +8,8 @@ engine tolerance for 16-bit ones). Writes ``<target>/model.pt2`` and ``<target>/
 (toolkit versions, target GPU and SM, dtype, weights hash, package hash, build seconds, parity
 figures). A GPU target on a host without that GPU is recorded as skipped with the reason; no
 package is ever written for it. The TensorRT engines cannot target the H100 here; this can.
-``engine.aoti.precision: fp8``: the GPU packages compile a copy of the model whose projection,
-output and head GEMMs are float8 e4m3 ``torch._scaled_mm`` calls (grc/model/fp8.py), scales
+``engine.aoti.precision: fp8``: the GPU packages compile a copy of the model whose HSTU output
+GEMMs are float8 e4m3 ``torch._scaled_mm`` calls (grc/model/fp8.py, PACKAGE_GEMMS), scales
 calibrated on ``engine.calibration``'s users (grc/engine/aoti_quality.py) and recorded in the
 metadata under ``fp8``; parity is still against the unquantized model. Every package is also held
 to the ranking gates (``verify.ranking``: held-out users vs the fp32 model), its figures in the
