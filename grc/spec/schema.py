@@ -441,6 +441,12 @@ class AotiConfig(_Section):
                 f"dtype: precision fp8 writes its GEMMs' outputs in bfloat16 (torch._scaled_mm with row-wise "
                 f"scales), so dtype must be bfloat16 (got {self.dtype!r})"
             )
+        if self.precision == "fp8" and self.fuse:
+            raise ValueError(
+                "fuse: the fused Triton projections (kernels/fused_linear.py) are bfloat16 GEMMs with the norm and "
+                "SiLU/residual folded in; they have no float8 form, so precision fp8 and fuse: true cannot both be "
+                "set (choose one)"
+            )
         for t in self.targets:
             if self.precision == "fp8" and re.fullmatch(r"sm\d{2,3}", t):
                 _check_precision_sm("fp8", int(t[2:]), f"targets: {t}")

@@ -37,6 +37,10 @@ FULL = {**RTX, "tensorrt": Toolkit("tensorrt", "tensorrt", "10.14.1")}
             ("engine:\n", "engine:\n  aoti: {precision: fp8, dtype: float16}\n"),
             "engine.aoti.dtype: precision fp8 writes its GEMMs' outputs in bfloat16",
         ),
+        (
+            ("engine:\n", "engine:\n  aoti: {precision: fp8, fuse: true}\n"),
+            "engine.aoti.fuse: the fused Triton projections",
+        ),
         ((TARGETS, "    - {name: sm89, sm: sm80, gpu: l4}\n"), "engine.targets[1].sm: l4 is sm89 (got 'sm80')"),
         ((TARGETS, "    - {name: sm89, gpu: l44}\n"), "engine.targets[1].gpu: unknown GPU model; did you mean 'l4'?"),
         ((TARGETS, "    - {name: sm80, gpu: a100}\n"), "engine.targets[1]: target name 'sm80' is used twice"),
