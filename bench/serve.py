@@ -333,6 +333,10 @@ def print_table(rows: list[Row]) -> None:
             f"{f['p99_ms']:>8} {f['errors']:>7} {f['requests']:>8} {f['mean_batch']!s:>6}  "
             + ", ".join(f"{k} {v}" for k, v in split.items())
         )
+        if f.get("phase_ms_per_batch"):  # the fused model's execute(), phase by phase (ms per batch)
+            backend = f" | backend {f['backend_ms_per_batch']}" if "backend_ms_per_batch" in f else ""
+            phases = ", ".join(f"{k} {v}" for k, v in f["phase_ms_per_batch"].items())
+            print(f"{'':<30}{'phases ms per batch:':>34} {phases}{backend}")
 
 
 def bad_rows(rows: list[Row]) -> list[str]:

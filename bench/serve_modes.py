@@ -173,15 +173,37 @@ def run_served(
                     proc.kill()
                     proc.wait()
     timing = result.timing.get(row.model, {})
+    grc_metrics = {k: v for k, v in result.metrics.get(row.model, {}).items() if k.startswith("grc_")}
     row.figures = latency_figures(latencies, len(latencies), max(spans), errors, len(latencies) + errors)
     row.figures |= {
         "client_processes": len(shares),
         "mean_batch": timing.get("mean_batch"),
         "server_ms": {k: v for k, v in timing.items() if k.endswith("_ms")},
-        "grc_metrics": {k: v for k, v in result.metrics.get(row.model, {}).items() if k.startswith("grc_")},
+        "grc_metrics": grc_metrics,
+        **phase_split(grc_metrics, timing),
         "first_error": next((e for e in first if e), None),
         "checked": sampler.check(checker.kept),
     }
+
+
+def phase_split(grc_metrics: dict[str, float], timing: dict[str, Any]) -> dict[str, Any]:
+    """A fused model's grc_phase_* counters as milliseconds per execute() (the executes they cover: they are
+    sent together, every PHASE_EVERY_S), and ``backend_ms_per_batch``: Triton's compute_infer per execute minus
+    their sum, what the python backend spends around execute() (requests in, responses out). Empty for a model
+    without them."""
+    executes = grc_metrics.get("grc_phase_executes_total")
+    if not executes:
+        return {}
+    phases = {
+        k.removeprefix("grc_phase_").removesuffix("_seconds_total"): v
+        for k, v in grc_metrics.items()
+        if k.startswith("grc_phase_") and k.endswith("_seconds_total")
+    }
+    per_batch = {k: round(v * 1000 / executes, 3) for k, v in phases.items()}
+    out: dict[str, Any] = {"phase_ms_per_batch": per_batch}
+    if timing.get("compute_infer_ms"):  # Triton gives each request of a batch the batch's compute_infer
+        out["backend_ms_per_batch"] = round(timing["compute_infer_ms"] - sum(per_batch.values()), 3)
+    return out
 
 
 def wait_ready(procs: list[Any], flags: list[Path], timeout_s: float) -> None:
@@ -287,7 +309,7 @@ def run_in_process(
     closed_loop(Direct, 4, 1, min(30.0, seconds))  # warm-up, not measured
     spent.update(check_ms=0.0, rank_ms=0.0)
     checker.kept.clear()
-    before = ranker.stats()
+    before, phases_before = ranker.stats(), dict(ranker.ranker.clock.seconds)
     loop = closed_loop(Direct, max(1, max_requests // users), 1, seconds)
     batches = len(loop.latencies_ms)
     row.figures = latency_figures(
@@ -298,6 +320,14 @@ def run_in_process(
         "mean_batch": float(users),
         "latency_is": "per batch of `concurrency` requests",
         "ranker_ms_per_batch": {k: round(v / batches, 3) for k, v in spent.items()} if batches else {},
+        # the Ranker's own phases (grc/serving/ranker/phases.py), named as the served model's grc_phase_* metrics
+        "phase_ms_per_batch": {
+            k: round((v - phases_before[k]) * 1000 / batches, 3)
+            for k, v in ranker.ranker.clock.seconds.items()
+            if v > phases_before[k]
+        }
+        if batches
+        else {},
         "ranker_stats": {
             k: (v - before[k] if isinstance(v, int | float) and k in before else v) for k, v in after.items()
         },

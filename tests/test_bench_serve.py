@@ -46,6 +46,22 @@ def test_request_pool_draws_realistic_valid_requests_reproducibly() -> None:
     assert any(a[rq.HISTORY_TIME].shape != b[rq.HISTORY_TIME].shape for a, b in zip(pool, other, strict=True))
 
 
+def test_phase_split_is_per_execute_the_counters_cover_and_leaves_the_rest_to_the_backend() -> None:
+    from serve_modes import phase_split
+
+    metrics = {
+        "grc_phase_read_seconds_total": 0.02,
+        "grc_phase_dense_seconds_total": 0.1,
+        "grc_phase_executes_total": 8.0,
+        "grc_cuda_graph_hits_total": 5.0,  # not a phase
+    }
+    out = phase_split(metrics, {"compute_infer_ms": 20.0, "mean_batch": 3.0})
+    assert out["phase_ms_per_batch"] == {"read": 0.02 * 1000 / 8, "dense": 0.1 * 1000 / 8}
+    assert out["backend_ms_per_batch"] == round(20.0 - (0.02 + 0.1) * 1000 / 8, 3)
+    assert phase_split({"grc_cuda_graph_hits_total": 5.0}, {"compute_infer_ms": 20.0}) == {}  # a model without them
+    assert phase_split({**metrics, "grc_phase_executes_total": 0.0}, {}) == {}  # no update sent in the row
+
+
 def serve(tmp_path: Path, out: Path, *more: str) -> subprocess.CompletedProcess[str]:
     cmd = [
         sys.executable,
@@ -95,6 +111,7 @@ def test_serve_measures_every_mode_on_the_real_server_then_reports_a_package_tha
         if mode == "in_process":
             assert r["mean_batch"] == concurrency and set(r["ranker_ms_per_batch"]) == {"check_ms", "rank_ms"}
             assert r["ranker_stats"]["users"] == r["requests"]  # the timed batches, warm-up apart
+            assert set(r["phase_ms_per_batch"]) == {"layout", "embed", "dense", "fetch", "rank"}  # the Ranker's
         else:  # Triton's own statistics: every request went through the model, queue and compute apart
             assert r["client_processes"] == concurrency  # at most one process per connection
             assert 1 <= r["mean_batch"] <= concurrency

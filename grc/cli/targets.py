@@ -3,8 +3,9 @@
 One row per TensorRT engine target (engine stage) and per AOTInductor target (aoti stage): GPU,
 compute capability, precision, toolkit, built or skipped (with the reason), parity, whether this
 host can run it, and how the Triton bundle serves it (``cc_model_filenames`` by compute
-capability, ``--model-config-name <target>`` where GPUs share one, the ``dense_aoti`` model), or
-that it does not. Read from the stages' manifests and the bundle's configs; nothing is rebuilt.
+capability, ``--model-config-name <target>`` where GPUs share one, the ``dense_aoti`` model, or the fused
+models of bundles.triton.pipeline: fused), or that it does not. Read from the stages' manifests and the
+bundle's configs; nothing is rebuilt.
 """
 
 from __future__ import annotations
@@ -34,6 +35,20 @@ def _config(repo: Path, backend: str) -> Any:
     return load_config(model) if (model / CONFIG_FILENAME).is_file() else None
 
 
+def _package_servers(repo: Path) -> list[tuple[str, dict[str, str]]]:
+    """(model, its packages: cpu / gpu -> path) of every model of the bundle that serves AOTInductor packages:
+    ``dense_aoti`` in the ensemble pipeline, each fused model running aotinductor in the fused one."""
+    from grc.serving.triton.model_config import CONFIG_FILENAME, load_config
+
+    out: list[tuple[str, dict[str, str]]] = []
+    models = sorted(p for p in repo.iterdir() if (p / CONFIG_FILENAME).is_file()) if repo.is_dir() else []
+    for model in models:
+        params = load_config(model).parameters
+        if "packages" in params:
+            out.append((model.name, json.loads(params["packages"].string_value)))
+    return out
+
+
 def target_rows(root: Path) -> list[dict[str, Any]]:
     from grc.engine.toolkits import local_gpus
     from grc.serving.triton.bundle import DENSE, MODEL_REPOSITORY
@@ -42,10 +57,10 @@ def target_rows(root: Path) -> list[dict[str, Any]]:
 
     here = {g.sm for g in local_gpus()}
     repo = root / stage_named("triton").output / MODEL_REPOSITORY
-    trt, aoti = _config(repo, "tensorrt_plan"), _config(repo, "aotinductor")
+    trt = _config(repo, "tensorrt_plan")
     served_cc = {int(cc.replace(".", "")) for cc in trt.cc_model_filenames} if trt else set()
     pinned = {p.stem for p in (repo / DENSE["tensorrt_plan"] / CUSTOM_CONFIGS).glob("*.pbtxt")}
-    packages = json.loads(aoti.parameters["packages"].string_value) if aoti else {}
+    servers = _package_servers(repo)
     rows = []
     for e in _targets(root, "engine"):
         built = e["status"] == "built"
@@ -68,10 +83,10 @@ def target_rows(root: Path) -> list[dict[str, Any]]:
         kind = "cpu" if e["name"] == "cpu" else "gpu"
         if not built:
             served = "-"
-        elif packages.get(kind) == e["package"]:
-            served = f"{DENSE['aotinductor']} {'KIND_CPU' if kind == 'cpu' else 'KIND_GPU'}"
         else:
-            served = NOT_SERVED
+            kind_name = "KIND_CPU" if kind == "cpu" else "KIND_GPU"
+            by = [name for name, packages in servers if packages.get(kind) == e["package"]]
+            served = ", ".join(f"{name} {kind_name}" for name in by) or NOT_SERVED
         rows.append({"artifact": "aotinductor", "target": e["name"], "gpu": e.get("gpu") or e.get("device", "-"),
                      "sm": e.get("sm"), "precision": e["dtype"], "status": e["status"],
                      "toolkit": "aotinductor" if built else "-", "parity": e.get("parity", "-"),

@@ -156,3 +156,41 @@ def test_kind_gpu_bundle_on_a_host_without_cuda_is_refused_naming_why(
     repo = tmp_path / "artifacts" / "mtgr-tiny" / "triton" / bd.MODEL_REPOSITORY
     with pytest.raises(ModelLoadError, match="has kind KIND_GPU but no GPUs are available"):  # Triton alone
         TritonServer(repo, install=install, startup_timeout_s=60).start()
+
+
+@pytest.mark.slow
+def test_targets_name_the_fused_model_serving_the_package(served: tuple[Any, Path, TritonServer]) -> None:
+    """`grc inspect targets`: the aoti package a fused bundle serves is served by its fused model (the rows
+    said "not served" when only dense_aoti counted)."""
+    from grc.cli.targets import NOT_SERVED, target_rows
+
+    _, bundle, _ = served
+    rows = {(r["artifact"], r["target"]): r for r in target_rows(bundle.parent)}
+    assert set(rows) == {("aotinductor", "cpu")}
+    assert rows["aotinductor", "cpu"]["triton"] == "mtgr-tiny KIND_CPU"  # was NOT_SERVED
+    assert NOT_SERVED not in {r["triton"] for r in rows.values()}
+
+
+@pytest.mark.slow
+def test_phase_metrics_split_execute_by_phase(served: tuple[Any, Path, TritonServer]) -> None:
+    """grc_phase_*_seconds_total: the host time of execute() by phase, sent at most every PHASE_EVERY_S with the
+    count of executes they cover (a request after that interval sends them: the figures are then current)."""
+    import time
+
+    from grc.serving.ranker.phases import PHASES
+    from grc.serving.triton.models.fused import PHASE_EVERY_S
+
+    spec, _, server = served
+    for name in ("mtgr-tiny", "mtgr-tiny-pytorch"):
+        for arrays in _requests(spec)[:2]:
+            check.infer(server.grpc_url, "grpc", name, arrays)
+        time.sleep(PHASE_EVERY_S + 0.1)
+        check.infer(server.grpc_url, "grpc", name, _requests(spec)[2])
+        text = check.metrics_text(server.metrics_url)
+        executes = check.metric(text, "grc_phase_executes_total", name)
+        assert executes is not None and executes >= 3  # (the load's warm-up sample counts too)
+        seconds = {p: check.metric(text, f"grc_phase_{p}_seconds_total", name) for p in PHASES}
+        assert None not in seconds.values(), seconds
+        for phase in ("read", "check", "layout", "embed", "dense", "rank", "respond"):  # work every execute does
+            assert (seconds[phase] or 0.0) > 0, (name, phase, seconds)
+        assert check.metric(text, "grc_dense_device_seconds_total", name) == 0.0  # KIND_CPU: no CUDA events

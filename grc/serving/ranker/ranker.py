@@ -30,6 +30,7 @@ from grc.serving.ranker import buckets as bk
 from grc.serving.ranker import dense as dn
 from grc.serving.ranker import history as hist
 from grc.serving.ranker import layout as lay
+from grc.serving.ranker.phases import PhaseClock
 from grc.serving.ranker.tables import open_lookup
 from grc.serving.triton.models.postprocess import rank_candidates
 from grc.spec.schema import ModelConfig
@@ -60,6 +61,7 @@ class Ranker:
         self.tokens = 0
         self.rank_us = 0  # wall time inside rank(): host work, copies, and waiting for the device
         self.dense_device_us = 0  # device time of the dense step (CUDA events; padding and graph replay included)
+        self.clock = PhaseClock()  # host seconds by phase (phases.py): rank() laps layout .. rank
 
     # ------------------------------------------------------------------ loading
 
@@ -142,6 +144,7 @@ class Ranker:
     def rank(self, checked: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         """Checked requests -> per request the ensemble's outputs: those without user ids in one pipeline
         pass, those with ids in one cached score step (history.py)."""
+        self.clock.start()
         keyed = [i for i, r in enumerate(checked) if USER_ID in r]
         if not keyed:
             return self._rank_whole(checked)
@@ -169,7 +172,9 @@ class Ranker:
         bounds = layout.packed[start : start + n].tolist()
         with torch.no_grad():
             feeds = lay.on_device(layout, self.device, cfg.cross_features)
+            self.clock.lap("layout")
             tokens = self._tokens(feeds, layout.tokens).to(self.dense_dtype)
+            self.clock.lap("embed")
             stamps = feeds["timestamps"]
             spans = list(itertools.pairwise(bounds))
             scores = caches.score(
@@ -179,7 +184,9 @@ class Ranker:
                 [stamps[a:b] for a, b in spans],
                 [c for _, c in layout.shapes],
             )
+            self.clock.lap("dense")
             picked = scores.float().cpu().numpy()
+            self.clock.lap("fetch")
         return self._outputs(checked, layout, picked, started)
 
     def _rank_whole(self, checked: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
@@ -189,13 +196,17 @@ class Ranker:
         events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if cuda else []
         with torch.no_grad():
             feeds = lay.on_device(layout, self.device, self.cfg.cross_features)
+            self.clock.lap("layout")
             tokens = self._tokens(feeds, layout.tokens).to(self.dense_dtype)
+            self.clock.lap("embed")
             if cuda:
                 events[0].record()
             scores = self.dense(tokens, feeds["offsets"], feeds["num_candidates"], feeds["timestamps"])
             if cuda:
                 events[1].record()
+            self.clock.lap("dense")
             picked = scores.index_select(0, feeds["candidate_dst"]).float().cpu().numpy()  # waits for the device
+            self.clock.lap("fetch")
         if cuda:
             self.dense_device_us += int(events[0].elapsed_time(events[1]) * 1000)
         return self._outputs(checked, layout, picked, started)
@@ -215,6 +226,7 @@ class Ranker:
             per_task = picked[row : row + b * c].reshape(b, c, -1)
             outs.append(rank_candidates(per_task, r[first], self.weights, self.top_k))
             row += b * c
+        self.clock.lap("rank")
         self.rank_us += int((time.perf_counter() - started) * 1e6)
         return outs
 

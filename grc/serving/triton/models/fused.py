@@ -5,7 +5,10 @@ checked on its own (a bad one gets its own error, steps.execute), the good ones 
 pipeline pass (lookups, projector, dense, ranking). KIND_GPU instances run on their own GPU
 (``model_instance_device_id``); on a host or interpreter without CUDA they fail at load, naming
 why: there is no CPU fallback. Metrics (Triton custom metrics, label model):
-grc_cuda_graph_hits_total, grc_cuda_graph_misses_total, grc_padded_tokens_total.
+grc_cuda_graph_hits_total, grc_cuda_graph_misses_total, grc_padded_tokens_total, grc_dense_device_seconds_total
+(CUDA events), and the host seconds of each phase of execute() (grc/serving/ranker/phases.py):
+grc_phase_<read|check|layout|embed|dense|fetch|rank|respond|metrics>_seconds_total. Triton's compute_infer minus
+their sum is what the python backend itself spends around execute() (requests in, responses out).
 
 With bundles.triton.history_cache on, the model takes an optional ``user_id`` (INT64 [batch, 1]) and
 keeps a user-history cache (grc/serving/ranker/history.py; one store per model, one instance per
@@ -21,6 +24,7 @@ from typing import Any
 
 from grc.serving.common import request as rq
 from grc.serving.common.history_step import USER_ID
+from grc.serving.ranker.phases import PHASES
 from grc.serving.triton.models import steps
 from grc.serving.triton.models import tensor_io as io
 from grc.serving.triton.models.metrics import HISTORY_CACHE, Metrics
@@ -30,6 +34,16 @@ METRICS = {
     "graph_misses": ("grc_cuda_graph_misses_total", "batches no CUDA-graph bucket held (run eagerly, unpadded)", False),
     "padded_tokens": ("grc_padded_tokens_total", "padding tokens added to fill CUDA-graph buckets", False),
 }
+# phase -> its counter of host seconds (phases.py says what each phase holds); sent together, at most every
+# PHASE_EVERY_S (metrics.py), with the count of execute() calls they cover: a reader divides by that count
+PHASE_METRICS = {
+    phase: (f"grc_phase_{phase}_seconds_total", f"host seconds in execute(): {what}", False)
+    for phase, what in PHASES.items()
+} | {
+    "executes": ("grc_phase_executes_total", "execute() calls the grc_phase_* counters cover so far", False),
+    "dense_device_s": ("grc_dense_device_seconds_total", "device time of the dense step (CUDA events)", False),
+}
+PHASE_EVERY_S = 0.25
 
 
 class TritonPythonModel:
@@ -53,15 +67,24 @@ class TritonPythonModel:
         self.ranker = Ranker.from_model_dir(folder, device, params, log=lambda m: io.log(f"{self.name}: {m}"))
         self.names = [s.name for s in rq.request_inputs(self.ranker.cfg)]
         self.metrics = Metrics(self.name, METRICS)
+        self.phase_metrics = Metrics(self.name, PHASE_METRICS, every_s=PHASE_EVERY_S)
+        self.executes = 0
         self.cache_metrics = None
         if self.ranker.history is not None:  # the optional user_id input, and the cache's figures
             self.names.append(USER_ID)
             self.cache_metrics = Metrics(self.name, HISTORY_CACHE)
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        responses = steps.execute(requests, self.name, self.names, self.ranker.check, self.ranker.rank)
-        self.metrics.update(self.ranker.stats())
+        ranker = self.ranker
+        responses = steps.execute(requests, self.name, self.names, ranker.check, ranker.rank, ranker.clock)
+        ranker.clock.start()
+        stats = ranker.stats()
+        self.metrics.update(stats)
+        self.executes += 1  # this execute's "metrics" phase is sent with a later one
+        timing = {**ranker.clock.seconds, "executes": self.executes, "dense_device_s": stats["dense_device_us"] / 1e6}
+        self.phase_metrics.update(timing)
         if self.cache_metrics is not None:
-            assert self.ranker.history is not None
-            self.cache_metrics.update(dataclasses.asdict(self.ranker.history.caches.cache.stats()))
+            assert ranker.history is not None
+            self.cache_metrics.update(dataclasses.asdict(ranker.history.caches.cache.stats()))
+        ranker.clock.lap("metrics")
         return responses

@@ -2,11 +2,14 @@
 written once for the models that export them (fused.py, history_cached.py).
 
 A counter is fed the model's running totals and increments by what is new; a gauge is set.
-Every metric carries the label ``model`` (the model's name).
+Every metric carries the label ``model`` (the model's name). Each change is one synchronous message from
+the python backend's stub to the server (measured 30-60 us on a loaded CPU): a family updated every
+execute() but read only as totals (the phase seconds of fused.py) is sent at most every ``every_s``.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 
 from grc.serving.triton.models import tensor_io as io
@@ -21,7 +24,7 @@ HISTORY_CACHE = {
 
 
 class Metrics:
-    def __init__(self, model: str, declared: Mapping[str, tuple[str, str, bool]]):
+    def __init__(self, model: str, declared: Mapping[str, tuple[str, str, bool]], every_s: float = 0.0):
         pb = io.pb()
         self.families, self.metrics, self.gauges = [], {}, set()  # a Metric needs its MetricFamily alive
         for key, (name, description, gauge) in declared.items():
@@ -31,10 +34,17 @@ class Metrics:
             self.metrics[key] = family.Metric(labels={"model": model})
             if gauge:
                 self.gauges.add(key)
-        self.reported = dict.fromkeys(declared, 0)
+        self.reported: dict[str, float] = dict.fromkeys(declared, 0.0)
+        self.every_s, self.sent_at = every_s, float("-inf")
 
-    def update(self, values: Mapping[str, int]) -> None:
-        """``values``: key -> the running total (a counter) or the current value (a gauge)."""
+    def update(self, values: Mapping[str, float]) -> None:
+        """``values``: key -> the running total (a counter) or the current value (a gauge); with ``every_s``,
+        nothing is sent until that long after the last update that was (the totals catch up then)."""
+        if self.every_s:
+            now = time.monotonic()
+            if now - self.sent_at < self.every_s:
+                return
+            self.sent_at = now
         for key, metric in self.metrics.items():
             value = values[key]
             if key in self.gauges:

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from grc.serving.common.validate import RequestError
+from grc.serving.ranker.phases import PhaseClock
 from grc.serving.triton.models import tensor_io as io
 
 Checked = TypeVar("Checked")
@@ -35,20 +36,30 @@ def execute(
     inputs: tuple[str, ...] | list[str],
     check: Callable[[dict[str, np.ndarray | None]], Checked],
     run: Callable[[list[Checked]], list[dict[str, np.ndarray]]],
+    clock: PhaseClock | None = None,
 ) -> list[Any]:
     """Responses for ``requests``: ``check`` each one's inputs (raise RequestError to refuse it), then
-    ``run`` the checked ones as one batch (outputs per request, in order)."""
+    ``run`` the checked ones as one batch (outputs per request, in order). ``clock``: the host time of
+    reading, checking and responding laps into it (``run`` laps its own phases into the same clock)."""
+    clock = clock or PhaseClock()
+    clock.start()
     responses: list[Any] = [None] * len(requests)
     good: list[tuple[int, Checked]] = []
     for i, request in enumerate(requests):
         try:
-            good.append((i, check({n: io.read(request, n) for n in inputs})))
+            raw = io.read_all(request, inputs)
+            clock.lap("read")
+            good.append((i, check(raw)))
         except RequestError as exc:
             responses[i] = io.error_response(f"{name}: bad request: {exc}")
         except Exception as exc:  # a bug of ours, not the client's: 500, and the log has the traceback
             responses[i] = _internal(name, exc)
-    for (i, _), out in zip(good, _run_isolated([c for _, c in good], run), strict=True):
+        clock.lap("check")
+    outs = _run_isolated([c for _, c in good], run)
+    clock.start()  # ``run`` lapped its own phases (the Ranker) or none: responding starts now
+    for (i, _), out in zip(good, outs, strict=True):
         responses[i] = _internal(name, out) if isinstance(out, BaseException) else io.response(out)
+    clock.lap("respond")
     return responses
 
 
