@@ -307,11 +307,27 @@ def serve_table(name: str, data: dict[str, Any]) -> str:
     return (
         f"**{label}**: `python bench/serve.py {argv}`, {source(name, data)}"
         + ("" if data.get("complete", True) else " (incomplete: the run ended before its last row)")
-        + ":\n\n"
+        + ":"
+        + served_configs(data)
+        + "\n\n"
         + table(header, rows)
         + "\n\nServed rows: one request per user, latency per request; in_process: latency per batch of "
         "`concurrency` requests (its users/s counts users).\n\n" + serve_targets(data["rows"])
     )
+
+
+def served_configs(data: dict[str, Any]) -> str:
+    """What each spec's bundle served with (bench/serve.py records it since session 6; older runs: nothing)."""
+    parts = []
+    for spec, s in data.get("specs", {}).items():
+        c = s.get("served")
+        if c:
+            parts.append(
+                f" `{spec}`: {c['pipeline']} pipeline, {c['backend']} on {c['instance_kind']}, "
+                f"{c['instance_count']} instance(s), max batch {c['max_batch_size']}, "
+                f"queue delay {c['max_queue_delay_us']} us, CUDA graphs {c['gpu']['cuda_graphs']}."
+            )
+    return "".join(parts)
 
 
 def graph_counts(row: dict[str, Any]) -> str:

@@ -184,7 +184,11 @@ class Bench:
                 row.failed = args.grc_failed
             elif row.model is None:
                 row.skipped = f"the bundle serves no {MODES[row.mode]} model (bundles.triton.backend / extra_backends)"
-        self.specs[spec.name] = {"pool": describe_pool(spec, args), "tolerance": self.sampler.check({})["tolerance"]}
+        self.specs[spec.name] = {
+            "pool": describe_pool(spec, args),
+            "tolerance": self.sampler.check({})["tolerance"],
+            "served": served_config(spec),
+        }
         self.rows += rows
         try:
             ranker_class()
@@ -280,6 +284,19 @@ class Background:
         if self.error is not None:
             raise self.error
         return self.value
+
+
+def served_config(spec: Any) -> dict[str, Any]:
+    """What was served, as the result must say it (two runs of one spec differ by these): the bundle's
+    batching, instances and GPU settings from the spec the bundle was built from."""
+    t = spec.bundles.triton
+    keys = ("pipeline", "backend", "extra_backends", "instance_kind", "instance_count", "max_batch_size",
+            "preferred_batch_sizes", "max_queue_delay_us")  # fmt: skip
+    return {
+        **{k: getattr(t, k) for k in keys},
+        "gpu": t.gpu.model_dump(mode="json"),
+        "history_cache": t.history_cache.enabled,
+    }
 
 
 def describe_pool(spec: Any, args: argparse.Namespace) -> str:

@@ -110,3 +110,19 @@ def test_the_tables_share_agrees_with_every_parameter_the_spec_declares() -> Non
         params = all_params(loaded.spec.model, loaded.spec.weights.table_block_rows)
         share = 100 * sum(p.numel for p in params if p.kind == "embedding") / sum(p.numel for p in params)
         assert f"| `{spec}` | {share:.1f}% |" in block
+
+
+def test_a_served_run_names_the_bundle_it_served() -> None:
+    """Two served runs of one spec can differ only by the bundle's batching or instances (session 6's one and
+    two instances): bench/serve.py records them and the report prints them; a run without them prints none."""
+    from bench import serve
+    from grc.spec.loader import load_spec
+
+    data = json.loads((REPO / "bench/results/serve-h200-mtgr-small-gpu.json").read_text())
+    assert report.served_configs(data) == ""
+    spec = load_spec(REPO / "specs/mtgr-small-gpu.yaml").spec
+    data["specs"]["mtgr-small-gpu"]["served"] = serve.served_config(spec)
+    line = report.served_configs(data)
+    count = spec.bundles.triton.instance_count
+    assert f"aotinductor on KIND_GPU, {count} instance(s), max batch 32" in line
+    assert line in report.serve_table("serve-h200-mtgr-small-gpu.json", data)
