@@ -27,10 +27,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from grc.model.kv_cache import UserKV
+if TYPE_CHECKING:  # annotations only: the bundle writers import this module (weights_digest) without torch
+    from grc.model.kv_cache import UserKV
 
 
 @dataclass(frozen=True)
