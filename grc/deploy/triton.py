@@ -86,6 +86,9 @@ def deploy(loaded: LoadedSpec, root: Path, args: argparse.Namespace) -> int:
             f"built. Refresh it with: grc build {loaded.path}[/]"
         )
     config_name = checked_config_name(folder, getattr(args, "model_config_name", None))
+    missing = check.clients_missing()
+    if missing:
+        raise DeployError(f"cannot smoke-test {folder}: {missing}")
     if getattr(args, "docker", False):
         return _docker(loaded, root, folder, description, args, config_name, console)
     from grc.serving.triton.fused_bundle import host_problem

@@ -6,6 +6,7 @@ import argparse
 import json
 import shutil
 import socket
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -128,6 +129,16 @@ def test_clear_errors(
         port = taken.getsockname()[1]
         with pytest.raises(PortInUseError, match=f"http port 127.0.0.1:{port} is already in use"):
             deploy_triton.deploy(loaded, artifacts / "hstu-tiny", argparse.Namespace(**vars(args), http_port=port))
+
+    # a host without the HTTP client (tritonclient installed without its http extra): said before any server
+    # starts, with the install command (tritonclient's own error names none and came after the start)
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "tritonclient.http", None)  # what `import` finds for a module that is not there
+        assert deploy(spec) == 1
+        err = capsys.readouterr().err
+        assert "the smoke test sends its request over HTTP and gRPC, and tritonclient.http" in err, err
+        assert "pip install 'tritonclient[http,grpc]==2.73.0'" in err, err
+        assert not (artifacts / "hstu-tiny" / deploy_triton.STATE).exists()
 
     # no server anywhere
     def missing(home: Path | None = None) -> tritonserver.ServerInstall:

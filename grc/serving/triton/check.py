@@ -35,6 +35,23 @@ def infer_inputs(client_module: Any, arrays: dict[str, np.ndarray]) -> list[Any]
     return out
 
 
+def clients_missing() -> str | None:
+    """Why the smoke test's two clients (HTTP and gRPC) cannot run here, or None. tritonclient's own error
+    for a missing HTTP client names no install command, and it would come after a server was started."""
+    problems = []
+    for protocol in ("http", "grpc"):
+        try:
+            __import__(f"tritonclient.{protocol}")
+        except (ImportError, RuntimeError) as exc:  # tritonclient raises RuntimeError for a missing extra
+            problems.append(f"tritonclient.{protocol} ({type(exc).__name__}: {exc})")
+    if not problems:
+        return None
+    return (
+        f"the smoke test sends its request over HTTP and gRPC, and {' and '.join(problems)} cannot be imported; "
+        "install the serving clients with: pip install 'tritonclient[http,grpc]==2.73.0' (grc's `serve` extra)"
+    )
+
+
 def infer(
     url: str, protocol: str, model: str, arrays: dict[str, np.ndarray], timeout_s: float = 60.0
 ) -> dict[str, np.ndarray]:
