@@ -74,7 +74,7 @@ class TritonPythonModel:
         return responses
 
     async def _route(self, request: Any) -> dict[str, np.ndarray]:
-        arrays = {n: a.copy() for n in self.inputs if (a := io.read(request, n)) is not None}
+        arrays = {n: a.copy() for n, a in io.read_all(request, self.inputs).items() if a is not None}
         batch = next(a.shape[0] for n, a in arrays.items() if n != USER_ID)
         parts = split_by_shard(arrays.get(USER_ID), batch, len(self.shards), next(self.turn) % len(self.shards))
         if len(parts) == 1:
