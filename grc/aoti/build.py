@@ -255,6 +255,10 @@ def compile_target(
         dtype_name = "float32"  # the reference ops are the CPU path: 16-bit would only be slower
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    # progress on long work: the compile below is silent for one to three minutes on a GPU (Inductor autotunes
+    # every Triton kernel on the example batch)
+    what = f"{dtype_name}, fused ops" if fuse else dtype_name
+    log(f"aoti: {target}: exporting and compiling ({what}): a minute or more, Inductor compiles and autotunes")
     program = export_program(dense, device, DTYPES[dtype_name], fuse=fuse)
     export_s = time.perf_counter() - started
     ops = custom_ops(program)
@@ -320,6 +324,7 @@ def verify_target(
     dtype = DTYPES[dtype_name]
     runner = load(folder / PACKAGE, device, single_threaded=single_threaded)
     cases = parity_cases(dense.cfg, shapes, seed)
+    log(f"aoti: {target}: parity of {len(cases)} shapes against PyTorch float64 on the CPU")
     figures = check_parity(runner, dense, device, dtype, tolerance, cases, f"aoti:{target}")
     from grc.verify.compare import format_figures
 

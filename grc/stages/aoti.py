@@ -85,7 +85,9 @@ def run(ctx: Context) -> dict[str, Any]:
             ctx.log(f"aoti: fp8: {len(fp8[1]['scales'])} GEMMs calibrated on {fp8[1]['calibration']['users']} users")
         precision = "fp8 GEMMs, bfloat16" if quantized else dtype
         # gated where the package quantizes (fp8) or computes in float32; 16-bit: recorded (aoti_quality.UNGATED)
-        reference = reference or held_out_reference(dense, spec)  # one float32 reference for every target
+        if reference is None:  # one float32 reference for every target
+            ctx.log(f"aoti: the ranking gates' float32 reference ({spec.verify.ranking.users} held-out users, CPU)")
+            reference = held_out_reference(dense, spec)
         check = ranking_check(dense, spec, f"aoti:{target}", precision, quantized or dtype == "float32", reference)
         entries.append(
             build_target(
