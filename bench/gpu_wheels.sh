@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The wheels bench/gpu_run_e2e.sh needs beyond torch + triton, downloaded into ./.whl (git-ignored) on a
+# The wheels the device scripts (bench/gpu_run_*.sh) need beyond torch + triton, downloaded into ./.whl (git-ignored) on a
 # machine that reaches PyPI, for a GPU machine that reaches nothing (carry .whl there). CPython 3.12, x86-64.
 #   bash bench/gpu_wheels.sh
 set -euo pipefail
@@ -35,6 +35,16 @@ PY
   done
   exit 0
 fi
-"${PYTHON:-$(command -v python3 || command -v python)}" -m pip download -q --only-binary=:all: --implementation cp --python-version 3.12 \
-  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl pydantic pyyaml
+# The set the device calls carry (session 6: 48.8 MB with the slimmed pytriton wheel), pinned: two versions of one
+# package in .whl stop the whole install there. pydantic & co. and doit: grc; tritonclient, python-rapidjson and the
+# HTTP client's gevent set: bench/serve.py and `grc deploy`'s smoke test; nvidia-pytriton: tritonserver.
+# .whls (the in-process runs) is the same without nvidia-pytriton.
+"${PYTHON:-$(command -v python3 || command -v python)}" -m pip download -q --no-deps --only-binary=:all: \
+  --implementation cp --python-version 3.12 --platform manylinux_2_35_x86_64 --platform manylinux_2_28_x86_64 \
+  --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  --platform manylinux1_x86_64 -d .whl \
+  pydantic==2.13.4 pydantic_core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2 doit==0.37.0 \
+  tritonclient==2.73.0 python-rapidjson==1.25 nvidia-pytriton==0.7.0 \
+  gevent==26.9.0 geventhttpclient==2.6.1 greenlet==3.5.6 zope.event==6.2 zope.interface==8.7 brotli==1.2.1
+bash "$0" slim .whl/nvidia_pytriton-*.whl
 ls .whl
