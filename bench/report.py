@@ -270,8 +270,8 @@ def serve_files(folder: Path) -> list[str]:
     """Every bench/serve.py result: the GPU runs first (the claim), the CPU dry run last; among them the
     current run of a spec (serve-<gpu>-<spec>.json) before the earlier runs kept beside it with a suffix."""
     names = sorted(p.name for p in folder.glob("serve-*.json"))
-    current = {f"{p.stem}." for p in folder.glob("serve-*.json")}  # stems; a suffixed run extends one with "-"
-    return sorted(names, key=lambda n: (n.startswith("serve-cpu"), any(n.startswith(c[:-1] + "-") for c in current)))
+    stems = {Path(n).stem for n in names}  # a suffixed run's name extends its spec's current one with "-"
+    return sorted(names, key=lambda n: (n.startswith("serve-cpu"), any(n.startswith(f"{s}-") for s in stems)))
 
 
 def serve_block(results: Results) -> str:
