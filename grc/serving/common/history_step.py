@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from grc.model.kv_cache import UserKV
 from grc.serving.common import request as rq
 from grc.serving.common.history_cache import (
     CachedHistory,
@@ -31,10 +30,11 @@ from grc.serving.common.history_cache import (
 from grc.serving.common.validate import RequestError
 from grc.spec.schema import ModelConfig
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: the bundle writers import this module's names without torch
     import torch
 
     from grc.model.gr import GRDense
+    from grc.model.kv_cache import UserKV
 
 
 USER_ID = "user_id"

@@ -18,6 +18,7 @@ from typing import Any
 
 from grc.serving.common import request as rq
 from grc.serving.ranker import buckets as bk
+from grc.serving.ranker.history import scoring_note
 from grc.serving.triton import history_bundle
 from grc.serving.triton.model_config import ModelConfig, tensor_output
 from grc.spec.schema import Spec
@@ -98,10 +99,6 @@ def fused_config(
     if packages is not None:
         params["packages"] = json.dumps(packages, sort_keys=True)
     if cache_shard is not None:
-        # imported here: the ranker's history module pulls torch in (the cache's K/V), and the stage
-        # modules that write bundles import light (tests/vllm/test_bundle_layout.py)
-        from grc.serving.ranker.history import scoring_note
-
         history_bundle.pin_to_one_gpu(spec, msg, cache_shard)
         history_bundle.add_user_id(msg)
         budget, max_user = history_bundle.budget_bytes(spec)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from grc.serving.common import request as rq
 from grc.serving.common.history_cache import weights_digest
+from grc.serving.ranker.history import scoring_note
 from grc.serving.triton.model_config import ModelConfig, tensor_output
 from grc.spec.schema import Spec
 
@@ -136,8 +137,6 @@ def fused(spec: Spec) -> bool:
 
 def scoring(spec: Spec) -> str:
     """What computes the users sent with a user_id."""
-    from grc.serving.ranker.history import scoring_note
-
     if fused(spec):
         return f"fused model ({spec.bundles.triton.backend}): {scoring_note(spec.bundles.triton.backend)}"
     return "history_cached: GRDense.score (reference ops on KIND_CPU, grc's Triton kernels on KIND_GPU), every user"
