@@ -4,7 +4,9 @@ written once for the models that export them (fused.py, history_cached.py).
 A counter is fed the model's running totals and increments by what is new; a gauge is set.
 Every metric carries the label ``model`` (the model's name). Each change is one synchronous message from
 the python backend's stub to the server (measured 30-60 us on a loaded CPU): a family updated every
-execute() but read only as totals (the phase seconds of fused.py) is sent at most every ``every_s``.
+execute() but read only as totals (the phase seconds of fused.py, the CUDA-graph hits) is sent at most every
+``every_s``; a change of an ``urgent`` key (a CUDA-graph miss: a batch that ran outside the captured graphs) is
+sent at once, with the totals that waited.
 """
 
 from __future__ import annotations
@@ -24,7 +26,13 @@ HISTORY_CACHE = {
 
 
 class Metrics:
-    def __init__(self, model: str, declared: Mapping[str, tuple[str, str, bool]], every_s: float = 0.0):
+    def __init__(
+        self,
+        model: str,
+        declared: Mapping[str, tuple[str, str, bool]],
+        every_s: float = 0.0,
+        urgent: frozenset[str] = frozenset(),
+    ):
         pb = io.pb()
         self.families, self.metrics, self.gauges = [], {}, set()  # a Metric needs its MetricFamily alive
         for key, (name, description, gauge) in declared.items():
@@ -35,14 +43,16 @@ class Metrics:
             if gauge:
                 self.gauges.add(key)
         self.reported: dict[str, float] = dict.fromkeys(declared, 0.0)
-        self.every_s, self.sent_at = every_s, float("-inf")
+        self.every_s, self.sent_at, self.urgent = every_s, float("-inf"), urgent
 
     def update(self, values: Mapping[str, float]) -> None:
         """``values``: key -> the running total (a counter) or the current value (a gauge); with ``every_s``,
-        nothing is sent until that long after the last update that was (the totals catch up then)."""
+        nothing is sent until that long after the last update that was (the totals catch up then), unless
+        an ``urgent`` key changed."""
         if self.every_s:
             now = time.monotonic()
-            if now - self.sent_at < self.every_s:
+            changed = any(values[key] != self.reported[key] for key in self.urgent)
+            if now - self.sent_at < self.every_s and not changed:
                 return
             self.sent_at = now
         for key, metric in self.metrics.items():

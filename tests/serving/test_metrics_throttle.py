@@ -1,0 +1,94 @@
+"""When the python models' custom metrics are sent (grc/serving/triton/models/metrics.py): the decision is
+grc's, so it is tested here with a recorder in place of the stub's MetricFamily (the real server's export of
+the same metrics is tested in test_fused_real.py and test_triton_serving_real.py)."""
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import Any, ClassVar
+
+import pytest
+
+from grc.serving.triton.models import metrics as m
+
+DECLARED = {
+    "hits": ("grc_test_hits_total", "hits", False),
+    "misses": ("grc_test_misses_total", "misses", False),
+    "bytes": ("grc_test_bytes", "bytes", True),
+}
+
+
+class Recorder:
+    """Stands in for triton_python_backend_utils.MetricFamily: records what would be sent to the server."""
+
+    COUNTER, GAUGE = "counter", "gauge"
+    sent: ClassVar[list[tuple[str, str, float]]] = []
+
+    def __init__(self, name: str, description: str, kind: str):
+        self.name = name
+
+    def Metric(self, labels: dict[str, str]) -> Any:  # the backend's spelling
+        family = self
+
+        class Metric:
+            def increment(self, value: float) -> None:
+                Recorder.sent.append((family.name, "increment", value))
+
+            def set(self, value: float) -> None:
+                Recorder.sent.append((family.name, "set", value))
+
+        return Metric()
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, float]]:
+    module = types.ModuleType("triton_python_backend_utils")
+    module.MetricFamily = Recorder  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", module)
+    Recorder.sent = []
+    return Recorder.sent
+
+
+def test_unthrottled_metrics_send_every_change(sent: list[tuple[str, str, float]]) -> None:
+    metrics = m.Metrics("model", DECLARED)
+    metrics.update({"hits": 2, "misses": 0, "bytes": 10})
+    metrics.update({"hits": 3, "misses": 0, "bytes": 12})
+    assert sent == [
+        ("grc_test_hits_total", "increment", 2),
+        ("grc_test_bytes", "set", 10),
+        ("grc_test_hits_total", "increment", 1),
+        ("grc_test_bytes", "set", 12),
+    ]
+
+
+def test_throttled_counters_wait_then_catch_up_with_the_totals(
+    sent: list[tuple[str, str, float]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [100.0]
+    monkeypatch.setattr(m.time, "monotonic", lambda: now[0])
+    metrics = m.Metrics("model", DECLARED, every_s=0.25)
+    metrics.update({"hits": 1, "misses": 0, "bytes": 5})  # the first update is sent
+    assert [s[2] for s in sent if s[0] == "grc_test_hits_total"] == [1]
+    for hits in range(2, 6):  # within 0.25 s: nothing sent
+        now[0] += 0.05
+        metrics.update({"hits": hits, "misses": 0, "bytes": 5})
+    assert [s[2] for s in sent if s[0] == "grc_test_hits_total"] == [1]
+    now[0] += 0.1  # 0.3 s after the first: the waiting total goes out in one increment
+    metrics.update({"hits": 6, "misses": 0, "bytes": 5})
+    assert [s[2] for s in sent if s[0] == "grc_test_hits_total"] == [1, 5]
+
+
+def test_a_change_of_an_urgent_key_is_sent_at_once_with_the_waiting_totals(
+    sent: list[tuple[str, str, float]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [100.0]
+    monkeypatch.setattr(m.time, "monotonic", lambda: now[0])
+    metrics = m.Metrics("model", DECLARED, every_s=0.25, urgent=frozenset({"misses"}))
+    metrics.update({"hits": 1, "misses": 0, "bytes": 5})
+    now[0] += 0.01
+    metrics.update({"hits": 2, "misses": 0, "bytes": 5})  # waits
+    now[0] += 0.01
+    metrics.update({"hits": 3, "misses": 1, "bytes": 5})  # a miss: sent now, hits catch up
+    counters = [(s[0], s[2]) for s in sent if s[1] == "increment"]
+    assert counters == [("grc_test_hits_total", 1), ("grc_test_hits_total", 2), ("grc_test_misses_total", 1)]
