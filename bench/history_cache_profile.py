@@ -1,0 +1,160 @@
+"""Where the eager history-cache step spends its time on the GPU: one user's full forward, cached score and
+planned score (run_plan), each profiled from the host and from the device.
+
+    python bench/history_cache_profile.py --out $OUT/history-cache-profile-h200.json    # a CUDA GPU
+    TRITON_INTERPRET=1 python bench/history_cache_profile.py --dry-run --out /tmp/p.json  # CPU: tiny shape
+
+bench/results/history-cache-h200.json measured, at mtgr-small bf16 1789 x 256: full forward 4.9 ms and cached
+score 5.5 ms eager, 0.42 and 0.28 ms as CUDA graphs: eager is 12-20x its device work, and the cached step
+(what a served hit runs, grc/serving/ranker/history.py) loses to the uncached one. This names the host costs
+behind that, per path (median of --repeat calls after warm-up, impl "triton"):
+
+- ``wall_ms``: one synchronized call; ``kernels`` / ``kernel_ms``: device kernels per call and their time
+  (torch.profiler); ``syncs``: host waits per call (cudaStreamSynchronize, cudaDeviceSynchronize, blocking
+  cudaMemcpy: every device->host read such as ``.tolist()`` or ``int(t)``);
+- ``host_ops``: the profiler's host ops by self time (ms per call);
+- ``python``: cProfile, ms per call: ``own`` by own time, ``grc`` grc/ and kernels/ functions by cumulative time.
+
+Not a timed test: figures for the next change to the served cached path (CUDA graphs or fewer host
+steps). Written through bench/_common.write_result (provenance, source digest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # grc and kernels from a checkout
+
+from bench._common import write_result
+from bench.history_cache_device import User, model_in, spec_path
+from grc.spec.loader import load_spec
+
+SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "cudaEventSynchronize")
+TOP = 15
+
+
+def wall_ms(run: Callable[[], Any], repeat: int, cuda: bool) -> float:
+    times = []
+    for _ in range(repeat):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        run()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def device_profile(run: Callable[[], Any], calls: int, cuda: bool) -> dict[str, Any]:
+    """torch.profiler over ``calls`` calls: kernels, syncs and host ops, per call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            run()
+        if cuda:
+            torch.cuda.synchronize()
+    kernels = kernel_us = 0.0
+    syncs = 0
+    host: dict[str, float] = {}
+    for event in prof.key_averages():
+        device_us = getattr(event, "self_device_time_total", 0.0) or 0.0
+        if device_us and event.device_type.name == "CUDA":
+            kernels += event.count
+            kernel_us += device_us
+            continue
+        if any(event.key.startswith(s) for s in SYNCS):
+            syncs += event.count
+        host[event.key] = host.get(event.key, 0.0) + event.self_cpu_time_total
+    top = sorted(host.items(), key=lambda kv: -kv[1])[:TOP]
+    return {
+        "kernels": kernels / calls,
+        "kernel_ms": round(kernel_us / calls / 1000, 4),
+        "syncs": syncs / calls,
+        "host_ops": {k: round(v / calls / 1000, 4) for k, v in top},
+    }
+
+
+def python_profile(run: Callable[[], Any], calls: int) -> dict[str, dict[str, float]]:
+    """cProfile, ms per call: ``own`` the functions by own time; ``grc`` the repository's functions (grc/,
+    kernels/) by cumulative time, children included (file:line(function), paths from the repository)."""
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        run()
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+    root = str(Path(__file__).resolve().parents[1]) + "/"
+
+    def top(rows: list[Any], column: int) -> dict[str, float]:
+        ranked = sorted(rows, key=lambda kv: -kv[1][column])[:TOP]
+        return {
+            f"{f.replace(root, '')}:{line}({fn})": round(v[column] / calls * 1000, 4) for (f, line, fn), v in ranked
+        }
+
+    ours = [kv for kv in stats.items() if kv[0][0].startswith((root + "grc/", root + "kernels/"))]
+    return {"own": top(list(stats.items()), 2), "grc": top(ours, 3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--spec", default="mtgr-small")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--candidates", type=int, default=256)
+    ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--dry-run", action="store_true", help="a tiny shape (CPU under TRITON_INTERPRET=1)")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.dry_run:
+        raise SystemExit("history_cache_profile.py: torch sees no CUDA device (use --dry-run on a CPU)")
+    device = torch.device("cuda" if cuda else "cpu")
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_spec(spec_path(repo, args.spec)).spec.model
+    candidates = 8 if args.dry_run else args.candidates
+    history = 24 if args.dry_run else cfg.hstu.max_seq_len - 256 - len(cfg.profile)
+    repeat = 2 if args.dry_run else args.repeat
+    model = model_in(cfg, device, args.dtype)
+    user = User(cfg, history, candidates, 0, device, getattr(torch, args.dtype))
+    cached = user.n - candidates
+    started = time.perf_counter()
+    with torch.no_grad():
+        cache = user.prefill(model, cached, "triton")
+        paths = {
+            "full_forward": lambda: user.full(model, "triton"),
+            "cached_score": lambda: user.score(model, cache, "triton"),
+            "planned_score": user.planned(model, cache, "triton"),
+        }
+        result: dict[str, Any] = {
+            "spec": args.spec, "dtype": args.dtype, "history": history, "candidates": candidates,
+            "impl": "triton", "repeat": repeat, "paths": {},
+        }  # fmt: skip
+        for name, run in paths.items():
+            run()  # compiles and autotunes
+            print(f"[+{time.perf_counter() - started:.1f} s] {name}: compiled", flush=True)
+            row: dict[str, Any] = {"wall_ms": round(wall_ms(run, repeat, cuda), 4)}
+            row |= device_profile(run, repeat, cuda)
+            row["python"] = python_profile(run, repeat)
+            result["paths"][name] = row
+            print(f"  {name}: {row['wall_ms']} ms wall, {row['kernels']:g} kernels ({row['kernel_ms']} ms), "
+                  f"{row['syncs']:g} syncs per call", flush=True)  # fmt: skip
+            for fn, ms in list(row["python"]["grc"].items())[:8]:
+                print(f"    {ms:8.3f} ms  {fn}")
+            write_result(Path(args.out), result)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
