@@ -228,3 +228,41 @@ def test_cached_op_traces_as_one_node_with_its_shape() -> None:
         fake = [mode.from_tensor(x) for x in inputs]
         out = torch.ops.grc.hstu_attention_cached(*fake, 0.5, 4.0, True)
         assert out.shape == (5, 2, 8) and out.dtype == torch.float32
+
+
+class _OpsSeen(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops dispatched while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_calls_skip_the_op_dispatch_and_export_still_holds_the_op() -> None:
+    """kernels.ops._direct: an eager call on plain tensors without autograd runs the kernel (here its
+    reference: CPU without the interpreter) without the grc:: op; with autograd it goes through the op;
+    an exported program still holds the op; all give the same values."""
+    gen = torch.Generator().manual_seed(21)
+    q, k, v, offsets, ts, nc, pos_w, ts_w = make_inputs(gen, [3, 5], [1, 2], dtype=torch.float32)
+    scalars = (0.5, 4.0, True)
+    with _OpsSeen() as mode:
+        direct = kernels.hstu_attention(q, k, v, offsets, ts, nc, pos_w, ts_w, *scalars)
+    assert not [op for op in mode.seen if op.startswith("grc.")], mode.seen
+    trained = q.clone().requires_grad_(True)
+    with _OpsSeen() as mode:
+        through_op = kernels.hstu_attention(trained, k, v, offsets, ts, nc, pos_w, ts_w, *scalars)
+    assert "grc.hstu_attention.default" in mode.seen
+    assert torch.equal(direct, through_op.detach())
+
+    class Attention(torch.nn.Module):
+        def forward(self, *xs):  # type: ignore[no-untyped-def]
+            return kernels.hstu_attention(*xs, *scalars)
+
+    inputs = (q, k, v, offsets, ts, nc, pos_w, ts_w)
+    program = torch.export.export(Attention(), inputs)
+    assert "grc.hstu_attention.default" in {str(n.target) for n in program.graph.nodes}
+    assert torch.equal(program.module()(*inputs), direct)
