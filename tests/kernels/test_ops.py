@@ -260,7 +260,7 @@ def test_eager_calls_skip_the_op_dispatch_and_export_still_holds_the_op() -> Non
 
     class Attention(torch.nn.Module):
         def forward(self, *xs):  # type: ignore[no-untyped-def]
-            return kernels.hstu_attention(*xs, *scalars)
+            return kernels.hstu_attention(*xs, 0.5, 4.0, True)
 
     inputs = (q, k, v, offsets, ts, nc, pos_w, ts_w)
     program = torch.export.export(Attention(), inputs)
