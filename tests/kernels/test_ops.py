@@ -9,7 +9,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import kernels
-from kernels import reference
+from kernels import ops, reference
 
 
 def make_inputs(
@@ -250,17 +250,17 @@ def test_eager_calls_skip_the_op_dispatch_and_export_still_holds_the_op() -> Non
     q, k, v, offsets, ts, nc, pos_w, ts_w = make_inputs(gen, [3, 5], [1, 2], dtype=torch.float32)
     scalars = (0.5, 4.0, True)
     with _OpsSeen() as mode:
-        direct = kernels.hstu_attention(q, k, v, offsets, ts, nc, pos_w, ts_w, *scalars)
+        direct = ops.hstu_attention(q, k, v, offsets, ts, nc, pos_w, ts_w, *scalars)
     assert not [op for op in mode.seen if op.startswith("grc.")], mode.seen
     trained = q.clone().requires_grad_(True)
     with _OpsSeen() as mode:
-        through_op = kernels.hstu_attention(trained, k, v, offsets, ts, nc, pos_w, ts_w, *scalars)
+        through_op = ops.hstu_attention(trained, k, v, offsets, ts, nc, pos_w, ts_w, *scalars)
     assert "grc.hstu_attention.default" in mode.seen
     assert torch.equal(direct, through_op.detach())
 
     class Attention(torch.nn.Module):
         def forward(self, *xs):  # type: ignore[no-untyped-def]
-            return kernels.hstu_attention(*xs, 0.5, 4.0, True)
+            return ops.hstu_attention(*xs, 0.5, 4.0, True)
 
     inputs = (q, k, v, offsets, ts, nc, pos_w, ts_w)
     program = torch.export.export(Attention(), inputs)
