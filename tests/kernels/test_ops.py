@@ -259,8 +259,8 @@ def test_eager_calls_skip_the_op_dispatch_and_export_still_holds_the_op() -> Non
     assert torch.equal(direct, through_op.detach())
 
     class Attention(torch.nn.Module):
-        def forward(self, *xs):  # type: ignore[no-untyped-def]
-            return ops.hstu_attention(*xs, 0.5, 4.0, True)
+        def forward(self, q, k, v, offsets, ts, nc, pos_w, ts_w):  # type: ignore[no-untyped-def]
+            return ops.hstu_attention(q, k, v, offsets, ts, nc, pos_w, ts_w, 0.5, 4.0, True)
 
     inputs = (q, k, v, offsets, ts, nc, pos_w, ts_w)
     program = torch.export.export(Attention(), inputs)
