@@ -116,7 +116,9 @@ def main(dtype_name: str, seed: int) -> None:
             results[f"{name} {rows}x{k}->{n}"] = case(gen, dtype, rows, k, n, prologue)
     # 100 rows: blocks of 16 with no candidate (skipped), mixed ones and all-candidate ones.
     results["candidate_heads hidden 24"] = heads_case(gen, dtype, [30, 7, 40, 23], [5, 0, 40, 9], 24)
-    results["candidate_heads hidden 32"] = heads_case(gen, dtype, [50, 3], [2, 1], 32)
+    # 32 candidate rows, not 3: with 3 rows x 3 tasks a draw of near-cancelling outputs made ||ref|| small and the
+    # bf16 relative error seed-dependent (1 seed in 40 over 5e-3, CI 2026-12-02); with 32 the worst of 40 is 2.8e-3
+    results["candidate_heads hidden 32"] = heads_case(gen, dtype, [50, 30], [12, 20], 32)
     print(json.dumps(results))
 
 
