@@ -7,6 +7,7 @@ cached tokens and a delta; both attention impls (``triton`` runs the reference o
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 import torch
@@ -196,45 +197,40 @@ def test_a_later_request_reuses_the_cache_only_while_time_buckets_hold(setup) ->
     assert cache.reusable_at(later_same, cfg.hstu.time_buckets)
     later = dataclasses.replace(batch, request_time=torch.tensor([moved]))
     tok_later = project(model, tables, later)
-    if cfg.profile:
-        assert not cache.reusable_at(moved, cfg.hstu.time_buckets)
-        with pytest.raises(ValueError, match="time buckets"):
-            model.dense.score(
-                [cache],
-                tok_later.tokens[cached:],
-                torch.tensor([0, 4]),
-                tok_later.num_candidates,
-                tok_later.timestamps[cached:],
-                [moved],
-            )
-        fresh = model.dense.prefill(tok_later.tokens[:cached], tok_later.timestamps[:cached], len(cfg.profile), moved)
-        assert not torch.allclose(fresh.keys[-1], cache.keys[-1], rtol=1e-6, atol=0)  # the check matters
-        # the rows before the first moved event are still exact: reuse them, recompute the rest
-        rows = cache.reusable_rows(moved, cfg.hstu.time_buckets)
-        assert len(cfg.profile) <= rows < cached
+
+    def score_later(kv: Any, rows: int, reuse_checked: bool = False) -> tuple[torch.Tensor, list[Any]]:
+        """The later request's tokens after the first ``rows`` against ``kv``."""
         with torch.no_grad():
-            scores, (grown,) = model.dense.score(
-                [cache.prefix(rows)],
+            return model.dense.score(
+                [kv],
                 tok_later.tokens[rows:],
                 torch.tensor([0, tok_later.tokens.shape[0] - rows]),
                 tok_later.num_candidates,
                 tok_later.timestamps[rows:],
                 [moved],
+                reuse_checked=reuse_checked,
             )
+
+    if cfg.profile:
+        assert not cache.reusable_at(moved, cfg.hstu.time_buckets)
+        with pytest.raises(ValueError, match="time buckets"):
+            score_later(cache, cached)
+        # reuse_checked: the caller vouches (the served store checks its host events): no check, and a
+        # cache that was not reusable gives other scores than the full forward (why the check exists)
+        vouched, _ = score_later(cache, cached, reuse_checked=True)
+        assert not torch.allclose(vouched, full_scores(model, tok_later), rtol=1e-9, atol=0)
+        fresh = model.dense.prefill(tok_later.tokens[:cached], tok_later.timestamps[:cached], len(cfg.profile), moved)
+        assert not torch.allclose(fresh.keys[-1], cache.keys[-1], rtol=1e-6, atol=0)  # the check matters
+        # the rows before the first moved event are still exact: reuse them, recompute the rest
+        rows = cache.reusable_rows(moved, cfg.hstu.time_buckets)
+        assert len(cfg.profile) <= rows < cached
+        scores, (grown,) = score_later(cache.prefix(rows), rows)
         torch.testing.assert_close(scores, full_scores(model, tok_later), rtol=RTOL, atol=0)
         for a, b in zip(grown.keys, fresh.keys, strict=True):
             torch.testing.assert_close(a, b, rtol=RTOL, atol=1e-15)
     else:  # no profile tokens: nothing cached depends on the request time
         assert cache.reusable_at(moved, cfg.hstu.time_buckets)
-        with torch.no_grad():
-            scores, _ = model.dense.score(
-                [cache],
-                tok_later.tokens[cached:],
-                torch.tensor([0, 4]),
-                tok_later.num_candidates,
-                tok_later.timestamps[cached:],
-                [moved],
-            )
+        scores, _ = score_later(cache, cached)
         torch.testing.assert_close(scores, full_scores(model, tok_later), rtol=RTOL, atol=0)
 
 

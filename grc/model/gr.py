@@ -23,7 +23,7 @@ from torch import nn
 from grc.model.hstu import GroupLayerNorm, HSTULayer
 from grc.model.jagged import lengths_of, local_index
 from grc.model.kernel_ops import candidate_heads
-from grc.model.kv_cache import HistoryCacheUnsupported, ScorePlan, UserKV
+from grc.model.kv_cache import HistoryCacheUnsupported, ScorePlan, UserKV, to_device_once
 from grc.model.tables import Tables
 from grc.spec.schema import ModelConfig
 
@@ -138,17 +138,20 @@ class GRDense(nn.Module):
         timestamps: torch.Tensor,
         now: list[int],
         impl: str = "pytorch",
+        *,
+        reuse_checked: bool = False,
     ) -> tuple[torch.Tensor, list[UserKV]]:
         """B users' new tokens [Tq, D] (``offsets``: per user its new history events, then its
         ``num_candidates`` candidates) against their caches, at request times ``now``.
         Returns the candidates' scores [sum(num_candidates), tasks] and each user's cache
-        extended by its new history events."""
+        extended by its new history events. ``reuse_checked``: the caller has checked on the host that
+        every cache is reusable at ``now`` (plan_score's own check reads the device)."""
         if num_candidates.numel() != len(caches) or bool((num_candidates < 1).any()):
             raise ValueError(
                 f"score: every user needs at least one candidate (num_candidates "
                 f"{num_candidates.tolist()} for {len(caches)} cached users)"
             )
-        return self._extend(caches, tokens, offsets, num_candidates, timestamps, now, impl)
+        return self._extend(caches, tokens, offsets, num_candidates, timestamps, now, impl, reuse_checked)
 
     def empty_cache(self, profile: int, like: torch.Tensor) -> UserKV:
         h = self.cfg.hstu
@@ -161,10 +164,14 @@ class GRDense(nn.Module):
         num_candidates: torch.Tensor,
         timestamps: torch.Tensor,
         now: list[int],
+        reuse_checked: bool = False,
     ) -> ScorePlan:
         """Everything a score step needs besides the tokens and the K/V, built from host integers
-        (one read of ``offsets`` and ``num_candidates``): ``run_plan`` then launches device work only,
-        without a host sync, so it can be captured in a CUDA graph."""
+        (one read of ``offsets`` and ``num_candidates``; host tensors: no device sync) and copied to the
+        device in one non-blocking transfer: ``run_plan`` then launches device work only, without a host
+        sync, so it can be captured in a CUDA graph. Each cache is checked reusable at its ``now``
+        (``UserKV.reusable_at``, which reads its timestamps: one device sync per user on a GPU) unless
+        ``reuse_checked`` says the caller did that on the host (UserCaches.visit)."""
         h = self.cfg.hstu
         if h.history_mask != "causal":
             raise HistoryCacheUnsupported(
@@ -172,7 +179,7 @@ class GRDense(nn.Module):
                 "event changes the cached rows; the history cache needs history_mask causal"
             )
         for b, cache in enumerate(caches):
-            if not cache.reusable_at(now[b], h.time_buckets):
+            if not reuse_checked and not cache.reusable_at(now[b], h.time_buckets):
                 raise ValueError(
                     f"user {b}: the cache was computed at another request time whose time buckets "
                     f"differ (check UserKV.reusable_at before scoring)"
@@ -187,11 +194,19 @@ class GRDense(nn.Module):
         idx = torch.cat([torch.arange(p, t) for p, t in zip(past, total, strict=True)])  # absolute positions
         n_ctx = torch.repeat_interleave(torch.tensor(total) - torch.tensor(candidates), torch.tensor(new))
         device = timestamps.device
+        layout = to_device_once(
+            {
+                "q_offsets": torch.tensor(bounds),
+                "kv_offsets": torch.tensor([0, *itertools.accumulate(total)]),
+                "num_candidates": torch.tensor(candidates),
+                "group": token_groups(self.cfg, idx, n_ctx),
+                "candidate_rows": torch.nonzero(idx >= n_ctx).view(-1),
+            },
+            device,
+        )
         return ScorePlan(
             bounds=bounds,
             candidates=candidates,
-            q_offsets=torch.tensor(bounds, device=device),
-            kv_offsets=torch.tensor([0, *itertools.accumulate(total)], device=device),
             kv_timestamps=torch.cat(
                 [
                     t
@@ -199,9 +214,7 @@ class GRDense(nn.Module):
                     for t in (c.timestamps_at(now[b]), timestamps[bounds[b] : bounds[b + 1]])
                 ]
             ),
-            num_candidates=torch.tensor(candidates, device=device),
-            group=token_groups(self.cfg, idx, n_ctx).to(device),
-            candidate_rows=torch.nonzero(idx >= n_ctx).view(-1).to(device),
+            **layout,
         )
 
     def run_plan(
@@ -238,8 +251,9 @@ class GRDense(nn.Module):
         timestamps: torch.Tensor,
         now: list[int],
         impl: str,
+        reuse_checked: bool = False,
     ) -> tuple[torch.Tensor, list[UserKV]]:
-        plan = self.plan_score(caches, offsets, num_candidates, timestamps, now)
+        plan = self.plan_score(caches, offsets, num_candidates, timestamps, now, reuse_checked)
         scores, new_k, new_v = self.run_plan(plan, caches, tokens, impl)
         grown = []
         for b, cache in enumerate(caches):

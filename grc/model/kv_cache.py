@@ -123,3 +123,13 @@ class ScorePlan:
     num_candidates: torch.Tensor  # [B]
     group: torch.Tensor  # [Tq] token group of each new row (profile / history / candidate)
     candidate_rows: torch.Tensor  # [sum(candidates)] indices of the candidate rows among the new rows
+
+
+def to_device_once(host: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Host int64 tensors -> the same on ``device`` in ONE transfer: concatenated, staged in pinned memory and
+    copied without blocking (a pageable copy per tensor waits for the stream each time: five host syncs per
+    score step on the H200, bench/results/history-cache-profile-h200.json), then split back into views."""
+    if device.type != "cuda":
+        return {name: t.to(device) for name, t in host.items()}
+    flat = torch.cat([t.reshape(-1) for t in host.values()]).pin_memory().to(device, non_blocking=True)
+    return dict(zip(host, flat.split([t.numel() for t in host.values()]), strict=True))

@@ -102,6 +102,26 @@ def test_cached_scores_equal_the_whole_path_float64(built: tuple[Spec, Path]) ->
     assert rel(again, scores(plain, full)[0]) <= EXACT and store.stats().hits == 2 and store.stats().misses == 1
 
 
+def test_a_served_hit_plans_from_host_values_only(built: tuple[Spec, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The served step's reuse check is the store's, on the host events (UserCaches.visit): the plan does not
+    repeat it on the cached timestamps (UserKV.reusable_at reads them: a device sync per user on a GPU)."""
+    from grc.model.kv_cache import UserKV
+
+    spec, model_dir = built
+    seed = secrets.randbits(31)
+    cached = float64_ranker(spec, model_dir, {"enabled": True})
+    full = user(spec, 36, 6, seed)
+    scores(cached, with_ids(first_events(spec, full, 30), 5))  # a miss: the entry the hit reuses
+
+    def refuse(*_: object) -> bool:
+        raise AssertionError("plan_score re-checked a cache the store had checked on the host")
+
+    monkeypatch.setattr(UserKV, "reusable_at", refuse)
+    (hit,) = scores(cached, with_ids(full, 5))
+    assert cached.history is not None and cached.history.caches.cache.stats().hits == 1
+    assert rel(hit, scores(cached, full)[0]) <= EXACT, f"seed={seed}"
+
+
 def test_a_mixed_batch_is_split_and_answered_in_order(built: tuple[Spec, Path]) -> None:
     """One rank() of: a request without ids, a returning user (hit), two new users in one request
     (misses), a request of a user whose history changed (a miss that replaces the entry)."""

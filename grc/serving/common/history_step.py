@@ -134,6 +134,7 @@ class UserCaches:
                 torch.cat(times),
                 [v.now for v in visits],
                 self.impl,
+                reuse_checked=True,  # visit() kept only the rows reusable at each request's time (host events)
             )
         for v, kv in zip(visits, grown, strict=True):
             if v.user is not None:

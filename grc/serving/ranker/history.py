@@ -11,8 +11,9 @@ and in the bundle's README): ``pytorch`` -> GRDense.score with the reference ops
 ``pytorch_kernels`` -> GRDense.score with grc's Triton kernels (impl "triton", the cached-keys
 attention kernel); ``aotinductor`` -> the same as pytorch_kernels, because the aoti stage builds no
 prefill/score entry into its package (grc/aoti/history_entry.py can compile one, the stage does not
-call it): the package serves users without an id only. The cached step runs eagerly (no CUDA graph:
-``GRDense.plan_score`` reads the layout on the host).
+call it): the package serves users without an id only. The cached step runs eagerly (no CUDA graph yet):
+its plan is built from host values (the store checked reuse on the host events) and reaches the device in one
+non-blocking copy, so the step waits on the device once, for the scores.
 """
 
 from __future__ import annotations
