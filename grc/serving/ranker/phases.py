@@ -14,7 +14,7 @@ import time
 # in request-path order; the python model's own (read, check, respond, metrics) around the Ranker's
 PHASES: dict[str, str] = {
     "read": "reading each request's input tensors (python backend -> numpy)",
-    "check": "checking each request (validate.parse)",
+    "check": "checking each request (validate.RequestParser)",
     "layout": "the batch's token layout on the host and its one host->device copy (queued)",
     "embed": "embedding lookups and the token projector (queued on a GPU)",
     "dense": "the dense step (launched, CUDA graph replay; on a CPU the whole step)",

@@ -1,6 +1,6 @@
 """``Ranker``: the whole request path of one backend in one process, all requests of a batch in ONE pass.
 
-    check (validate.parse, on the host)
+    check (validate.RequestParser, on the host)
       -> one host->device copy of ids, timestamps, layout (layout.py)
       -> embedding lookups (tables.py) -> token projector -> dense (dense.py) on the device
       -> one device->host copy of the candidates' scores -> ranking and top k (postprocess.rank_candidates)
@@ -25,7 +25,7 @@ import torch
 
 from grc.serving.common import request as rq
 from grc.serving.common.history_step import USER_ID, user_ids, user_request
-from grc.serving.common.validate import RequestError, parse
+from grc.serving.common.validate import RequestError, RequestParser
 from grc.serving.ranker import buckets as bk
 from grc.serving.ranker import dense as dn
 from grc.serving.ranker import history as hist
@@ -56,6 +56,7 @@ class Ranker:
         self.cfg, self.projector, self.tables, self.dense = cfg, projector, tables, dense
         self.dense_dtype, self.device, self.weights, self.top_k = dense_dtype, device, weights, top_k
         self.truncate, self.graph_stats, self.history = truncate, stats, history
+        self.parse = RequestParser(cfg, truncate)
         self.requests = 0
         self.users = 0
         self.tokens = 0
@@ -137,7 +138,7 @@ class Ranker:
         users = raw.pop(USER_ID, None)
         if users is not None and self.history is None:
             raise RequestError(f"{USER_ID}: this model keeps no history cache (bundles.triton.history_cache)")
-        checked = parse(raw, self.cfg, self.truncate)
+        checked = self.parse(raw)
         ids = user_ids(users, checked[rq.REQUEST_TIME].shape[0])
         return checked if ids is None else {**checked, USER_ID: ids}
 

@@ -26,7 +26,7 @@ import numpy as np
 from grc.serving.common import request as rq
 from grc.serving.common.history_cache import HistoryCache
 from grc.serving.common.history_step import USER_ID, UserCaches, user_ids, user_request
-from grc.serving.common.validate import parse
+from grc.serving.common.validate import RequestParser
 from grc.serving.triton.models import steps
 from grc.serving.triton.models import tensor_io as io
 from grc.serving.triton.models.metrics import HISTORY_CACHE, Metrics
@@ -144,6 +144,7 @@ class TritonPythonModel:
         self.name = args["model_name"]
         self.cfg = ModelConfig.model_validate_json(params["grc_model"])
         self.truncate = params.get("truncate_history", "true") == "true"
+        self.parse = RequestParser(self.cfg, self.truncate)
         self.weights = np.asarray(json.loads(params["rank_weights"]), dtype=np.float32)
         self.top_k = int(params["top_k"])
         threads = int(params.get("intra_op_threads", "1"))
@@ -169,7 +170,7 @@ class TritonPythonModel:
     def _check(self, arrays: dict[str, np.ndarray | None]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         """One request's checked inputs and its user ids (None: cache nothing); RequestError refuses it."""
         users = arrays.pop(USER_ID)
-        checked = parse(arrays, self.cfg, self.truncate)
+        checked = self.parse(arrays)
         return checked, user_ids(users, checked[rq.REQUEST_TIME].shape[0])
 
     def _answer(self, request: tuple[dict[str, np.ndarray], np.ndarray | None]) -> dict[str, np.ndarray]:

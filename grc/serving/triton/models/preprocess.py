@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from grc.serving.common import request as rq
-from grc.serving.common.validate import parse
+from grc.serving.common.validate import RequestParser
 from grc.serving.triton.models import steps
 from grc.serving.triton.models import tensor_io as io
 from grc.spec.schema import ModelConfig
@@ -119,6 +119,7 @@ class TritonPythonModel:
         self.name = args["model_name"]
         self.cfg = ModelConfig.model_validate_json(params["grc_model"])
         self.truncate = params.get("truncate_history", "true") == "true"
+        self.parse = RequestParser(self.cfg, self.truncate)
         self.pad_to = int(params.get("pad_to", "0")) or None
         weights = Path(args["model_repository"]) / args["model_version"] / "weights"
         self.projector = load_projector(self.cfg, weights)
@@ -130,6 +131,6 @@ class TritonPythonModel:
             requests,
             self.name,
             self.names,
-            lambda r: parse(r, self.cfg, self.truncate),
+            self.parse,
             lambda batch: project(batch, self.projector, self.tables, self.cfg, self.pad_to),
         )
