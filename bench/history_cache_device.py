@@ -129,11 +129,12 @@ class User:
     def prefill(self, model: GRDense, cached: int, impl: str) -> UserKV:
         return model.prefill(self.tokens[:cached], self.stamps[:cached], self.profile, NOW, impl)
 
-    def score(self, model: GRDense, cache: UserKV, impl: str) -> torch.Tensor:
+    def score(self, model: GRDense, cache: UserKV, impl: str, reuse_checked: bool = False) -> torch.Tensor:
         cached = cache.length
         new = self.tokens[cached:]
         offsets = torch.tensor([0, new.shape[0]])
-        return model.score([cache], new, offsets, self.nc_host, self.stamps[cached:], [NOW], impl)[0]
+        stamps = self.stamps[cached:]
+        return model.score([cache], new, offsets, self.nc_host, stamps, [NOW], impl, reuse_checked=reuse_checked)[0]
 
     def planned(self, model: GRDense, cache: UserKV, impl: str) -> Callable[[], torch.Tensor]:
         """The score step's device half (run_plan) for this user on ``cache``, its plan built once."""

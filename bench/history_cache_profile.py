@@ -7,7 +7,8 @@ planned score (run_plan), each profiled from the host and from the device.
 bench/results/history-cache-h200.json measured, at mtgr-small bf16 1789 x 256: full forward 4.9 ms and cached
 score 5.5 ms eager, 0.42 and 0.28 ms as CUDA graphs: eager is 12-20x its device work, and the cached step
 (what a served hit runs, grc/serving/ranker/history.py) loses to the uncached one. This names the host costs
-behind that, per path (median of --repeat calls after warm-up, impl "triton"):
+behind that, per path (median of --repeat calls after warm-up, impl "triton"; ``served_score`` is the cached score
+as the served store calls it, its reuse checked on the host):
 
 - ``wall_ms``: one synchronized call; ``kernels`` / ``kernel_ms``: device kernels per call and their time
   (torch.profiler); ``syncs``: host waits per call (cudaStreamSynchronize, cudaDeviceSynchronize, blocking
@@ -135,6 +136,8 @@ def main() -> None:
         paths = {
             "full_forward": lambda: user.full(model, "triton"),
             "cached_score": lambda: user.score(model, cache, "triton"),
+            # what a served hit runs: the store checked reuse on the host (UserCaches.score passes reuse_checked)
+            "served_score": lambda: user.score(model, cache, "triton", reuse_checked=True),
             "planned_score": user.planned(model, cache, "triton"),
         }
         result: dict[str, Any] = {
