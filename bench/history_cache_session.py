@@ -137,8 +137,9 @@ def session(args: argparse.Namespace, device: str, dtype: str, budget_s: float) 
         manifest = write_init(cfg, spec.weights, spec.weights.source, weights)  # type: ignore[arg-type]
         (weights / "manifest.json").write_text(__import__("json").dumps(manifest))
         cache = spec.bundles.triton.history_cache
-        budget = int(cache.budget_mb * (1 << 20))
-        max_user = int((cache.max_user_mb or cache.budget_mb / 8) * (1 << 20))
+        budget_mb = args.budget_mb or cache.budget_mb  # --budget-mb: the working set's size, not the spec's
+        budget = int(budget_mb * (1 << 20))
+        max_user = int((cache.max_user_mb or budget_mb / 8) * (1 << 20))
         scorer = CachedScorer(cfg, weights, budget, max_user, device, "session", dtype)
         out: dict[str, Any] = {"spec": spec.name, "dtype": str(scorer.dtype), "impl": scorer.impl}
         order = visit_order(args.users, args.visits, args.zipf, seed=0)
@@ -164,6 +165,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--candidates", type=int, default=256)
     ap.add_argument("--gap-s", type=int, default=60, help="seconds between a user's visits (cached mode)")
     ap.add_argument("--zipf", type=float, default=1.1)
+    ap.add_argument("--budget-mb", type=float, default=None, help="the store's budget (default: the spec's)")
     return ap
 
 
