@@ -44,13 +44,11 @@ def test_the_session_runs_each_mode_on_a_fresh_store() -> None:
     """The whole workload on mtgr-tiny, a few users: every mode runs without errors, each cached mode on a
     store of its own (it replaces the scorer's store: CachedScorer.cache is assignable), a visit after a
     user's first a hit at gap 0."""
-    import argparse
+    from bench.history_cache_session import parser, session
 
-    from bench.history_cache_session import session
-
-    args = argparse.Namespace(
-        spec=str(TEST_SPECS / "mtgr-tiny.yaml"), users=4, visits=3, base=20, delta=3, candidates=4, gap_s=60, zipf=1.1
-    )
+    # the bench's own parser (its defaults, --budget-mb included), so the test cannot drift from the options
+    argv = ["--spec", str(TEST_SPECS / "mtgr-tiny.yaml"), "--users", "4", "--visits", "3", "--base", "20"]
+    args = parser().parse_args([*argv, "--delta", "3", "--candidates", "4", "--gap-s", "60", "--zipf", "1.1"])
     out = session(args, "cpu", "float32", budget_s=60.0)
     for mode in ("uncached", "cached_gap0", "cached_gap60"):
         assert out[mode]["errors"] == 0 and out[mode]["requests"] == 12, (mode, out[mode])
