@@ -131,13 +131,18 @@ def _norm_gate_op(
     return norm_gate_triton(a, u, weight, bias, eps, wrap=wrap_triton)
 
 
-def _direct(*tensors: torch.Tensor) -> bool:
-    """Call the kernel without the op: an eager call (not compiling, not exporting: plain ``torch.Tensor``
-    inputs, not fake or functional ones) that needs no autograd."""
+def _route(impl: str, first: torch.Tensor, *tensors: torch.Tensor) -> str:
+    """Where a public call goes: "reference" (impl pytorch, or an eager call the kernel cannot run), "kernel" (an
+    eager call: not compiling, not exporting, plain ``torch.Tensor`` inputs rather than fake or functional ones,
+    no autograd: the kernel without the op's dispatch) or "op" (everything else: the grc:: op)."""
+    if impl == "pytorch":
+        return "reference"
     if torch.compiler.is_compiling():
-        return False
+        return "op"
     grad = torch.is_grad_enabled()
-    return all(type(t) is torch.Tensor and not (grad and t.requires_grad) for t in tensors)
+    if not all(type(t) is torch.Tensor and not (grad and t.requires_grad) for t in (first, *tensors)):
+        return "op"
+    return "kernel" if runs_kernel(first) else "reference"
 
 
 def _check_impl(impl: str) -> None:
@@ -166,9 +171,10 @@ def hstu_attention(
     """
     _check_impl(impl)
     args = (q, k, v, offsets, timestamps, num_candidates, pos_w, ts_w, float(alpha), float(norm), bool(causal))
-    if impl == "pytorch" or (_direct(q, k, v, pos_w, ts_w) and not runs_kernel(q)):
+    route = _route(impl, q, k, v, pos_w, ts_w)
+    if route == "reference":
         return reference.hstu_attention(*args)
-    if _direct(q, k, v, pos_w, ts_w):
+    if route == "kernel":
         return hstu_attention_triton(*args)
     return torch.ops.grc.hstu_attention(*args)
 
@@ -178,9 +184,10 @@ def norm_gate(
 ) -> torch.Tensor:
     """LayerNorm(a) * u over the last dim, in a's dtype; impl as for hstu_attention."""
     _check_impl(impl)
-    if impl == "pytorch" or (_direct(a, u, weight, bias) and not runs_kernel(a)):
+    route = _route(impl, a, u, weight, bias)
+    if route == "reference":
         return reference.norm_gate(a, u, weight, bias, eps)
-    if _direct(a, u, weight, bias):
+    if route == "kernel":
         return norm_gate_triton(a, u, weight, bias, float(eps))
     return torch.ops.grc.norm_gate(a, u, weight, bias, float(eps))
 
@@ -223,8 +230,9 @@ def hstu_attention_cached(
         float(norm),
         bool(causal),
     )
-    if impl == "pytorch" or (_direct(q, k, v, pos_w, ts_w) and not runs_kernel(q)):
+    route = _route(impl, q, k, v, pos_w, ts_w)
+    if route == "reference":
         return reference.hstu_attention_cached(*args)
-    if _direct(q, k, v, pos_w, ts_w):
+    if route == "kernel":
         return hstu_attention_cached_triton(*args)
     return torch.ops.grc.hstu_attention_cached(*args)

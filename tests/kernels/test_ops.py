@@ -243,7 +243,7 @@ class _OpsSeen(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def test_eager_calls_skip_the_op_dispatch_and_export_still_holds_the_op() -> None:
-    """kernels.ops._direct: an eager call on plain tensors without autograd runs the kernel (here its
+    """kernels.ops._route: an eager call on plain tensors without autograd runs the kernel (here its
     reference: CPU without the interpreter) without the grc:: op; with autograd it goes through the op;
     an exported program still holds the op; all give the same values."""
     gen = torch.Generator().manual_seed(21)
