@@ -23,7 +23,8 @@
 # a temporary folder (the machine's Python stays as it was). Time: LIMIT_S (default 150; dry run 600) kills
 # it; nothing starts that its estimate says would end past LIMIT_S - 10 (--deadline-s), no new shape after
 # BUDGET_S (default: none), and one shape's phases stop starting after SHAPE_S (default 90) s. A second call on
-# the same warm machine reuses Triton's compiled kernels (~/.triton/cache): far less compile time.
+# the same warm machine reuses Triton's compiled kernels (~/.triton/cache): far less compile time. NAME (default
+# history-cache-h200) names the two files; BENCH_FLAGS passes more options to the bench.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder the results go to}"
@@ -51,8 +52,11 @@ if [ -n "${DRY_RUN:-}" ]; then
   name=history-cache-dry
 else
   flags=()
-  name=history-cache-h200
+  name=${NAME:-history-cache-h200}
 fi
+# BENCH_FLAGS: more of the bench's own options, e.g. "--specs mtgr-base --dtypes bfloat16 --no-served-check"
+read -r -a more <<< "${BENCH_FLAGS:-}"
+flags+=("${more[@]}")
 limit="${LIMIT_S:-$([ -n "${DRY_RUN:-}" ] && echo 600 || echo 150)}"  # the interpreter on a CPU is slow
 left=$((limit - $(date +%s) + started))  # the bench's own clock starts now: its limits count from here
 export TRITON_PRINT_AUTOTUNING=1 PYTHONUNBUFFERED=1

@@ -257,6 +257,15 @@ def test_eager_calls_skip_the_op_dispatch_and_export_still_holds_the_op() -> Non
         through_op = ops.hstu_attention(trained, k, v, offsets, ts, nc, pos_w, ts_w, *scalars)
     assert "grc.hstu_attention.default" in mode.seen
     assert torch.equal(direct, through_op.detach())
+    # a model's bias tables are parameters: without autograd still the direct call, with it the op
+    params = (torch.nn.Parameter(pos_w), torch.nn.Parameter(ts_w))
+    with torch.no_grad(), _OpsSeen() as mode:
+        from_params = ops.hstu_attention(q, k, v, offsets, ts, nc, *params, *scalars)
+    assert not [op for op in mode.seen if op.startswith("grc.")], mode.seen
+    with _OpsSeen() as mode:
+        ops.hstu_attention(q, k, v, offsets, ts, nc, *params, *scalars)
+    assert "grc.hstu_attention.default" in mode.seen
+    assert torch.equal(from_params, direct)
 
     class Attention(torch.nn.Module):
         def forward(self, q, k, v, offsets, ts, nc, pos_w, ts_w):  # type: ignore[no-untyped-def]
