@@ -2,7 +2,8 @@
 # One device call, start to end (under 8 minutes): the user-history cache SERVED by a GPU spec's fused Triton bundle
 # (bench/history_cache_served.py): the spec's backend as one fused model per store (instance_count stores behind
 # the router), 1 user x history {1000, max_seq_len - max_candidates - profile} x max_candidates candidates,
-# uncached (no user_id: the backend's dense step, CUDA graphs) vs cached hits (GRDense.score on the cached K/V),
+# uncached (no user_id: the backend's dense step, CUDA graphs) vs cached hits (the cached K/V,
+# the score step replayed from CUDA graphs: grc/serving/common/score_graphs.py),
 # with hits counted from the metrics endpoint and both answers checked against the float64 PyTorch model.
 #   OUT=/some/folder bash bench/gpu_run_history_served.sh [SPEC]      # SPEC default mtgr-small-gpu
 #   DRY_RUN=1 OUT=/tmp/x bash bench/gpu_run_history_served.sh tests/specs/mtgr-tiny-fused-cpu.yaml   # on a CPU
@@ -12,7 +13,7 @@
 #  1. bench/gpu_serve_env.sh: the environment, the carried wheels (.whl) into /tmp/site, the stub's .pth;
 #  2. bench/history_cache_served.py (its own build of the bundle, tables cut to 10,000 rows; --deadline from
 #     BUDGET); if the build fails (say the CUDA AOTInductor package), once more with backend pytorch_kernels,
-#     said in the log and in the result's base_spec (the cached path is the same GRDense.score either way).
+#     said in the log and in the result's base_spec (the cached path is the same graphed score step either way).
 # BUDGET (default 460 s) bounds the whole call: the bench is killed at BUDGET - 10 s, and starts no new shape past
 # BUDGET - 90 s.
 set -u -o pipefail

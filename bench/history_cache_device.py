@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import sys
 import traceback
 from collections.abc import Callable
@@ -61,6 +62,8 @@ from bench.history_cache import dense_model, synced, timed
 from bench.history_cache_timeline import Clock, Costs, Cut, ShapeRun
 from grc.model.gr import GRDense
 from grc.model.kv_cache import UserKV
+from grc.serving.common.score_graphs import ScoreGraphs
+from grc.serving.ranker.dense import GraphStats
 from grc.spec.loader import load_spec
 from grc.spec.schema import ModelConfig
 
@@ -129,7 +132,9 @@ class User:
     def prefill(self, model: GRDense, cached: int, impl: str) -> UserKV:
         return model.prefill(self.tokens[:cached], self.stamps[:cached], self.profile, NOW, impl)
 
-    def score(self, model: GRDense, cache: UserKV, impl: str, reuse_checked: bool = False) -> torch.Tensor:
+    def score(
+        self, model: GRDense | ScoreGraphs, cache: UserKV, impl: str, reuse_checked: bool = False
+    ) -> torch.Tensor:
         cached = cache.length
         new = self.tokens[cached:]
         offsets = torch.tensor([0, new.shape[0]])
@@ -207,6 +212,24 @@ def case(model: GRDense, user: User, reference: Callable[[], torch.Tensor], run:
                     )
                 except Exception as err:  # recorded, not hidden: the eager figures stand without it
                     row["graph_error"] = f"{type(err).__name__}: {err}"[:500]
+            with run.phase(
+                "score_graphs", "the served step in CUDA graphs (ScoreGraphs): hit, miss, host work included"
+            ):
+                try:
+                    graphs = ScoreGraphs(model, impl, GraphStats(), max_users=1)
+                    empty = model.empty_cache(user.profile, user.tokens)
+                    for name, kv in (("hit", cache), ("miss", empty)):
+                        step = functools.partial(user.score, graphs, kv, impl, reuse_checked=True)
+                        row[f"score_graphs_{name}_first_call_s"], got = synced(step, device)
+                        took, got = timed(step, repeat, device)
+                        row[f"score_graphs_{name}_ms"] = took * 1e3
+                        row[f"rel_err_graphs_{name}_vs_fp64"] = rel_err(got, ref)
+                    row["score_graphs_speedup"] = row["score_graphs_miss_ms"] / row["score_graphs_hit_ms"]
+                    if "graph_uncached_ms" in row:
+                        hit_ms = row["score_graphs_hit_ms"]
+                        row["score_graphs_hit_vs_graph_uncached"] = row["graph_uncached_ms"] / hit_ms
+                except Exception as err:  # recorded, not hidden, as the graphs phase does
+                    row["score_graphs_error"] = f"{type(err).__name__}: {err}"[:500]
         else:
             row["graph_skipped"] = "no CUDA device (CUDA graphs need one)"
         with run.phase("delta10", f"{DELTA} new history events: prefill short by {DELTA}, score"):
@@ -224,7 +247,8 @@ def verdict(row: dict[str, Any], dtype: str) -> None:
     """``ok``: every error against float64 that was measured within tolerance, the reference not zero,
     and the repeat bit-identical where it ran; ``checked`` names what that covers (a cut row covers
     less, and says so in ``cut``)."""
-    errors = [k for k in ("rel_err_full_vs_fp64", "rel_err_cached_vs_fp64", "rel_err_delta10_vs_fp64") if k in row]
+    measured = ("full", "cached", "delta10", "graphs_hit", "graphs_miss")
+    errors = [k for k in (f"rel_err_{m}_vs_fp64" for m in measured) if k in row]
     row["tolerance"] = TOLERANCE[dtype]
     row["checked"] = errors + [k for k in ("bit_identical_repeat",) if k in row]
     row["ok"] = bool(
@@ -524,6 +548,11 @@ def summary(row: dict[str, Any]) -> str:
         )
     elif "graph_error" in row or "graph_skipped" in row:
         parts.append(row.get("graph_error") or row["graph_skipped"])
+    if "score_graphs_speedup" in row:
+        parts.append(
+            f"served graphs: miss {row['score_graphs_miss_ms']:.3f} -> hit {row['score_graphs_hit_ms']:.3f} ms "
+            f"({row['score_graphs_speedup']:.1f}x)"
+        )
     errors = [f"{k.removeprefix('rel_err_').removesuffix('_vs_fp64')} {row[k]:.1e}" for k in row
               if k.startswith("rel_err_") and k.endswith("_vs_fp64")]  # fmt: skip
     if errors:

@@ -8,7 +8,8 @@ bench/results/history-cache-h200.json measured, at mtgr-small bf16 1789 x 256: f
 score 5.5 ms eager, 0.42 and 0.28 ms as CUDA graphs: eager is 12-20x its device work, and the cached step
 (what a served hit runs, grc/serving/ranker/history.py) loses to the uncached one. This names the host costs
 behind that, per path (median of --repeat calls after warm-up, impl "triton"; ``served_score`` is the cached score
-as the served store calls it, its reuse checked on the host):
+as the served store called it eagerly, its reuse checked on the host; ``graphs_score`` the served step since
+session 8, replayed from a CUDA graph, grc/serving/common/score_graphs.py):
 
 - ``wall_ms``: one synchronized call; ``kernels`` / ``kernel_ms``: device kernels per call and their time
   (torch.profiler); ``syncs``: host waits per call (cudaStreamSynchronize, cudaDeviceSynchronize, blocking
@@ -38,6 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # grc and kernels 
 
 from bench._common import write_result
 from bench.history_cache_device import User, model_in, spec_path
+from grc.serving.common.score_graphs import ScoreGraphs
+from grc.serving.ranker.dense import GraphStats
 from grc.spec.loader import load_spec
 
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "cudaEventSynchronize")
@@ -133,7 +136,10 @@ def main() -> None:
     started = time.perf_counter()
     with torch.no_grad():
         cache = user.prefill(model, cached, "triton")
+        graphs = ScoreGraphs(model, "triton", GraphStats(), max_users=1, graphs=cuda)
         paths = {
+            # the served hit as it runs now: the step replayed from a CUDA graph, the host work around it
+            "graphs_score": lambda: user.score(graphs, cache, "triton", reuse_checked=True),
             "full_forward": lambda: user.full(model, "triton"),
             "cached_score": lambda: user.score(model, cache, "triton"),
             # what a served hit runs: the store checked reuse on the host (UserCaches.score passes reuse_checked)

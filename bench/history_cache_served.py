@@ -14,7 +14,8 @@ compiled uncached path).
 Which cached model: with ``pipeline: ensemble`` the python model ``history_cached``; with ``pipeline:
 fused`` (the GPU specs, KIND_GPU) the fused model of the spec's backend, whose requests without user_id
 run that backend's dense step (aotinductor: the CUDA package in CUDA graphs) and whose hits run
-GRDense.score (grc/serving/ranker/history.py says which implementation; the bundle's README too). A
+GRDense.score's step, replayed from CUDA graphs (grc/serving/common/score_graphs.py; grc/serving/ranker/history.py
+says which implementation, the bundle's README too). A
 fused spec is built with history_cache.instances = instance_count (one store per instance behind the
 router) and without its extra backends (their models would load their own tables, measuring nothing).
 

@@ -37,6 +37,22 @@ def load(path: str | Path, device: str | torch.device = "cpu", single_threaded: 
     return run
 
 
+def capture_graph(fn: Runner, static: list[Any], pool: Any, warmup: int = 2) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """``fn(*static)`` captured in a CUDA graph (memory from ``pool``) after ``warmup`` runs on a side stream
+    (where Triton compiles and autotunes, and lazy allocations happen outside the capture). Returns the graph and
+    its output: replaying recomputes the output in place from whatever the ``static`` buffers then hold."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn(*static)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn(*static)
+    return graph, out
+
+
 class CudaGraphRunner:
     """Replays a CUDA graph of ``fn`` per input-shape signature (at most ``max_graphs``, least
     recently used dropped). Inputs are copied into the graph's static buffers; the returned
@@ -55,15 +71,7 @@ class CudaGraphRunner:
 
     def capture(self, *args: torch.Tensor) -> None:
         static = [a.clone() for a in args]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(self.warmup):
-                self.fn(*static)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self.fn(*static)
+        graph, out = capture_graph(self.fn, static, self.pool, self.warmup)
         self.graphs[self._key(args)] = (graph, static, out)
         while len(self.graphs) > self.max_graphs:
             self.graphs.popitem(last=False)

@@ -14,8 +14,9 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import cast
+from typing import TypeVar, cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,9 +24,11 @@ from torch import nn
 from grc.model.hstu import GroupLayerNorm, HSTULayer
 from grc.model.jagged import lengths_of, local_index
 from grc.model.kernel_ops import candidate_heads
-from grc.model.kv_cache import HistoryCacheUnsupported, ScorePlan, UserKV, to_device_once
+from grc.model.kv_cache import HistoryCacheUnsupported, ScorePlan, UserKV, grown, to_device_once
 from grc.model.tables import Tables
 from grc.spec.schema import ModelConfig
+
+T = TypeVar("T", torch.Tensor, np.ndarray)
 
 
 class TaskHeads(nn.Module):
@@ -43,8 +46,13 @@ class TaskHeads(nn.Module):
         return torch.sigmoid((hidden * self.w2).sum(-1) + self.b2)
 
 
-def token_groups(cfg: ModelConfig, idx: torch.Tensor, n_ctx: torch.Tensor) -> torch.Tensor:
-    """Group id per token: 0 profile, 1 history, 2 candidate (MTGR); 0 for every token (HSTU)."""
+def token_groups(cfg: ModelConfig, idx: T, n_ctx: T) -> T:
+    """Group id per token: 0 profile, 1 history, 2 candidate (MTGR); 0 for every token (HSTU). Torch tensors
+    (the model, traced and exported) or numpy arrays (host-side layouts: grc/serving/common/score_graphs.py)."""
+    if isinstance(idx, np.ndarray):
+        if cfg.kind == "hstu":
+            return np.zeros_like(idx)
+        return (idx >= len(cfg.profile)).astype(np.int64) + (idx >= n_ctx)
     if cfg.kind == "hstu":
         return torch.zeros_like(idx)
     return (idx >= len(cfg.profile)).long() + (idx >= n_ctx).long()
@@ -242,6 +250,37 @@ class GRDense(nn.Module):
         rows = plan.candidate_rows
         return self.heads(self.final_norm(x[rows], plan.group[rows])), new_k, new_v
 
+    def run_scattered(
+        self,
+        tokens: torch.Tensor,
+        group: torch.Tensor,
+        past_keys: list[torch.Tensor],
+        past_values: list[torch.Tensor],
+        slots: torch.Tensor,
+        q_offsets: torch.Tensor,
+        kv_offsets: torch.Tensor,
+        kv_timestamps: torch.Tensor,
+        num_candidates: torch.Tensor,
+        is_candidate: torch.Tensor,
+        impl: str = "pytorch",
+        fuse: bool = False,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """``run_plan`` on sequences already laid out (``HSTULayer.forward_scattered``, which fills the new rows
+        of ``past_keys`` / ``past_values`` [Tkv, H, D] in place): scores [Tq, tasks] of the new rows, zero except
+        where ``is_candidate`` [Tq] (the caller keeps those rows), and every layer's K, V of the new rows. No host
+        read, no data-dependent shape: CUDA-graph capturable. fuse: the fused GEMMs and heads kernel."""
+        x = tokens
+        new_k, new_v = [], []
+        for layer, past_k, past_v in zip(self.hstu_layers, past_keys, past_values, strict=True):
+            x, k, v = layer.forward_scattered(
+                x, group, past_k, past_v, slots, q_offsets, kv_offsets, kv_timestamps, num_candidates, impl, fuse
+            )
+            new_k.append(k)
+            new_v.append(v)
+        if fuse:
+            return self.candidate_scores(x, group, is_candidate, fuse=True), new_k, new_v
+        return self.heads(self.final_norm(x, group)), new_k, new_v  # every row: no data-dependent gather
+
     def _extend(
         self,
         caches: list[UserKV],
@@ -255,13 +294,7 @@ class GRDense(nn.Module):
     ) -> tuple[torch.Tensor, list[UserKV]]:
         plan = self.plan_score(caches, offsets, num_candidates, timestamps, now, reuse_checked)
         scores, new_k, new_v = self.run_plan(plan, caches, tokens, impl)
-        grown = []
-        for b, cache in enumerate(caches):
-            events = slice(plan.bounds[b], plan.bounds[b + 1] - plan.candidates[b])  # this user's new history rows
-            grown.append(
-                cache.extended([k[events] for k in new_k], [v[events] for v in new_v], timestamps[events], now[b])
-            )
-        return scores, grown
+        return scores, grown(caches, plan.bounds, plan.candidates, new_k, new_v, timestamps, now)
 
 
 @dataclass

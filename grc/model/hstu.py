@@ -11,6 +11,8 @@ code, so they can only differ in the attention itself, which tests compare.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -215,12 +217,58 @@ class HSTULayer(nn.Module):
         cached keys/values ``past[b]`` and to themselves. ``kv_offsets`` / ``kv_timestamps``
         describe the whole sequences (cached + new). ``bounds``: ``q_offsets`` as host integers
         (spares a device sync). Returns (output, k, v) of the new tokens."""
-        u, q, k, v = self._project(x, group)
-        bounds = q_offsets.tolist() if bounds is None else bounds
-        keys = _after_past([p[0] for p in past], k, bounds)
-        values = _after_past([p[1] for p in past], v, bounds)
+        rows = q_offsets.tolist() if bounds is None else bounds
+
+        def join(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return _after_past([p[0] for p in past], k, rows), _after_past([p[1] for p in past], v, rows)
+
+        return self._attend_cached(x, group, join, q_offsets, kv_offsets, kv_timestamps, num_candidates, impl)
+
+    def forward_scattered(
+        self,
+        x: torch.Tensor,
+        group: torch.Tensor,
+        past_k: torch.Tensor,
+        past_v: torch.Tensor,
+        slots: torch.Tensor,
+        q_offsets: torch.Tensor,
+        kv_offsets: torch.Tensor,
+        kv_timestamps: torch.Tensor,
+        num_candidates: torch.Tensor,
+        impl: str = "pytorch",
+        fuse: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``forward_cached`` with the sequences already laid out: ``past_k`` / ``past_v`` [Tkv, H, D] hold
+        every user's cached rows where ``kv_offsets`` puts them, and ``slots`` [Tq] says which row each new
+        token's K/V fills (IN PLACE: the buffers are the caller's scratch). Every shape is fixed by the
+        buffers, nothing is read back: the form a CUDA graph replays (grc/serving/common/score_graphs.py).
+        fuse: the projections as the fused Triton GEMMs, as ``forward_jagged``'s GPU compile path."""
+
+        def join(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return past_k.index_copy_(0, slots, k), past_v.index_copy_(0, slots, v)
+
+        args = (q_offsets, kv_offsets, kv_timestamps, num_candidates, impl, fuse)
+        return self._attend_cached(x, group, join, *args)
+
+    def _attend_cached(
+        self,
+        x: torch.Tensor,
+        group: torch.Tensor,
+        join: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+        q_offsets: torch.Tensor,
+        kv_offsets: torch.Tensor,
+        kv_timestamps: torch.Tensor,
+        num_candidates: torch.Tensor,
+        impl: str,
+        fuse: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The cached-keys layer; ``join(k, v)`` of the new tokens -> the whole sequences' keys and values."""
+        if fuse and impl != "triton":
+            raise ValueError(f"fuse=True runs the fused Triton GEMMs: it needs impl='triton', got impl={impl!r}")
+        u, q, k, v = self._project(x, group, fuse)
+        keys, values = join(k, v)
         attn = self.attention.cached(q, keys, values, q_offsets, kv_offsets, kv_timestamps, num_candidates, impl)
-        return self._finish(x, attn, u, impl=impl), k, v
+        return self._finish(x, attn, u, impl=impl, fuse=fuse), k, v
 
 
 def _after_past(past: list[torch.Tensor], new: torch.Tensor, bounds: list[int]) -> torch.Tensor:

@@ -109,6 +109,25 @@ class UserKV:
         )
 
 
+def grown(
+    caches: list[UserKV],
+    bounds: list[int],
+    candidates: list[int],
+    new_k: list[torch.Tensor],
+    new_v: list[torch.Tensor],
+    timestamps: torch.Tensor,
+    now: list[int],
+) -> list[UserKV]:
+    """Each user's cache extended by its new history rows: of the score step's new rows (per layer ``new_k`` /
+    ``new_v`` [Tq, H, D], ``timestamps`` [Tq]; user b's rows ``bounds[b]:bounds[b+1]``) those before its
+    ``candidates[b]`` candidates. The rows are copied (``extended`` concatenates): the step's buffers may be reused."""
+    out = []
+    for b, cache in enumerate(caches):
+        events = slice(bounds[b], bounds[b + 1] - candidates[b])
+        out.append(cache.extended([k[events] for k in new_k], [v[events] for v in new_v], timestamps[events], now[b]))
+    return out
+
+
 @dataclass(frozen=True)
 class ScorePlan:
     """One score step's layout, from host integers (``GRDense.plan_score``): B users' new rows

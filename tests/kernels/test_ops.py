@@ -258,12 +258,12 @@ def test_eager_calls_skip_the_op_dispatch_and_export_still_holds_the_op() -> Non
     assert "grc.hstu_attention.default" in mode.seen
     assert torch.equal(direct, through_op.detach())
     # a model's bias tables are parameters: without autograd still the direct call, with it the op
-    params = (torch.nn.Parameter(pos_w), torch.nn.Parameter(ts_w))
+    pos_p, ts_p = torch.nn.Parameter(pos_w), torch.nn.Parameter(ts_w)
     with torch.no_grad(), _OpsSeen() as mode:
-        from_params = ops.hstu_attention(q, k, v, offsets, ts, nc, *params, *scalars)
+        from_params = ops.hstu_attention(q, k, v, offsets, ts, nc, pos_p, ts_p, *scalars)
     assert not [op for op in mode.seen if op.startswith("grc.")], mode.seen
     with _OpsSeen() as mode:
-        ops.hstu_attention(q, k, v, offsets, ts, nc, *params, *scalars)
+        ops.hstu_attention(q, k, v, offsets, ts, nc, pos_p, ts_p, *scalars)
     assert "grc.hstu_attention.default" in mode.seen
     assert torch.equal(from_params, direct)
 

@@ -1,5 +1,7 @@
 """Runs the history-cached model's scorer with impl "triton" under TRITON_INTERPRET=1 (the Triton
-kernels on CPU tensors) and with the PyTorch reference, on the same users, and prints one JSON line.
+kernels on CPU tensors), the same through the CUDA-graph layout run eagerly ("padded": ScoreGraphs with
+graphs=False, pad users and empty user slots included) and with the PyTorch reference, on the same users,
+and prints one JSON line.
 
 Started as a subprocess by test_history_cached_device.py: TRITON_INTERPRET must be set before the
 kernels are imported. Usage: history_kernel_worker.py <spec.yaml> <weights dir> <seed>
@@ -19,7 +21,9 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 from grc.model.sample import random_batch  # noqa: E402
 from grc.serving.common import request as rq  # noqa: E402
+from grc.serving.common.score_graphs import ScoreGraphs  # noqa: E402
 from grc.serving.common.validate import parse  # noqa: E402
+from grc.serving.ranker.dense import GraphStats  # noqa: E402
 from grc.serving.triton.models.history_cached import CachedScorer  # noqa: E402
 from grc.spec.loader import load_spec  # noqa: E402
 
@@ -33,8 +37,10 @@ def main() -> None:
     earlier = {k: a[:, :20] if k in history else a for k, a in full.items()}  # a first visit, 10 events fewer
     scores: dict[str, list[list[float]]] = {}
     stats = {}
-    for impl in ("triton", "pytorch"):
-        scorer = CachedScorer(cfg, weights, 1 << 24, None, "cpu", "digest", impl=impl)
+    for impl in ("triton", "padded", "pytorch"):
+        scorer = CachedScorer(cfg, weights, 1 << 24, None, "cpu", "digest", impl="triton" if impl == "padded" else impl)
+        if impl == "padded":
+            scorer.caches.graphs = ScoreGraphs(scorer.dense, "triton", GraphStats(), max_users=2, graphs=False)
         user = np.array([7], np.int64)
         for visit, arrays in (("miss", earlier), ("hit", full)):
             got = scorer.score(parse(dict(arrays), cfg, True), user)
@@ -43,6 +49,8 @@ def main() -> None:
         scores[f"{impl}_uncached"] = uncached.reshape(-1).tolist()
         s = scorer.cache.stats()
         stats[impl] = {"hits": s.hits, "misses": s.misses}
+        if scorer.caches.graphs is not None:
+            stats[impl]["padded_tokens"] = scorer.caches.graphs.stats.padded_tokens
     print(json.dumps({"scores": scores, "stats": stats}))
 
 

@@ -81,8 +81,10 @@ def test_the_kernel_path_scores_like_the_reference(weights: tuple[Path, Spec, Pa
     scores = {k: np.array(v) for k, v in result["scores"].items()}
     assert result["stats"]["triton"] == {"hits": 1, "misses": 1}
     assert np.abs(scores["pytorch_hit"]).max() > 0.01
+    assert result["stats"]["padded"]["padded_tokens"] > 0  # the graph layout's pad users were in the step
     for visit in ("miss", "hit", "uncached"):
         assert relative_error(scores[f"triton_{visit}"], scores[f"pytorch_{visit}"]) < 1e-5, (visit, seed)
+        assert relative_error(scores[f"padded_{visit}"], scores[f"pytorch_{visit}"]) < 1e-5, (visit, seed)
     assert relative_error(scores["triton_hit"], scores["triton_uncached"]) < 1e-5, seed
 
 

@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # annotations only: the bundle writers import this module's n
 
     from grc.model.gr import GRDense
     from grc.model.kv_cache import UserKV
+    from grc.serving.common.score_graphs import ScoreGraphs
 
 
 USER_ID = "user_id"
@@ -86,6 +87,7 @@ class UserCaches:
         # the K/V dtype and the attention implementation are part of what was cached
         self.namespace = model_namespace(cfg.model_dump_json(), weights_digest, f"{dtype}/{impl}")
         self.impl = impl
+        self.graphs: ScoreGraphs | None = None  # set on a GPU with CUDA graphs on: the step replayed from graphs
 
     def visit(self, checked: dict[str, np.ndarray], u: int, user: int | None) -> Visit:
         """User ``u`` of a checked request, with its id (None: cache nothing, count nothing)."""
@@ -125,8 +127,9 @@ class UserCaches:
             times.append(s[drop:])
             offsets.append(offsets[-1] + t.shape[0] - drop)
             caches.append(v.kv if v.kv is not None else dense.empty_cache(profile, t))
+        step = dense.score if self.graphs is None else self.graphs.score
         with torch.no_grad():
-            scores, grown = dense.score(
+            scores, grown = step(
                 caches,
                 torch.cat(news),
                 torch.tensor(offsets),  # host integers: score reads them without a device sync

@@ -37,12 +37,18 @@ def default_plan(max_users: int, max_seq_len: int, smallest: int = 256, step: fl
     server takes fits, and padding stays under a quarter of a bucket (x2 steps padded a third of the
     tokens on the H200 run; a graph per bucket costs little)."""
     top = max_users * max_seq_len
-    tokens, ladder = max(2, min(max_seq_len, smallest, top)), []
-    while tokens < top:
-        ladder.append(tokens)
-        tokens = max(tokens + 1, -(-int(tokens * step) // 16) * 16)
-    ladder.append(top)
-    return [Bucket(t, most_users(max_users, t, max_seq_len)) for t in ladder]
+    return [Bucket(t, most_users(max_users, t, max_seq_len)) for t in ladder(min(max_seq_len, smallest), top, step)]
+
+
+def ladder(smallest: int, top: int, step: float = 1.25) -> list[int]:
+    """Sizes from min(smallest, top) (at least 2) up to ``top``, each ``step`` times the last rounded up to a
+    multiple of 16, ``top`` last."""
+    size, rungs = max(2, min(smallest, top)), []
+    while size < top:
+        rungs.append(size)
+        size = max(size + 1, -(-int(size * step) // 16) * 16)
+    rungs.append(top)
+    return rungs
 
 
 def pad_users(bucket: Bucket, tokens: int, max_seq_len: int) -> int:

@@ -11,9 +11,10 @@ and in the bundle's README): ``pytorch`` -> GRDense.score with the reference ops
 ``pytorch_kernels`` -> GRDense.score with grc's Triton kernels (impl "triton", the cached-keys
 attention kernel); ``aotinductor`` -> the same as pytorch_kernels, because the aoti stage builds no
 prefill/score entry into its package (grc/aoti/history_entry.py can compile one, the stage does not
-call it): the package serves users without an id only. The cached step runs eagerly (no CUDA graph yet):
-its plan is built from host values (the store checked reuse on the host events) and reaches the device in one
-non-blocking copy, so the step waits on the device once, for the scores.
+call it): the package serves users without an id only. On a GPU with the model's CUDA graphs on (and a
+graphed backend), the cached step is replayed from CUDA graphs too, one per padded shape (users, new rows,
+key rows) captured at its first use (grc/serving/common/score_graphs.py); elsewhere it runs eagerly, its plan
+built from host values (the store checked reuse on the host events) and sent to the device in one copy.
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ def scoring_note(backend: str) -> str:
     """What scores the users sent with a user_id, for a fused model of ``backend``."""
     impl = IMPLS[backend]
     what = "grc's Triton kernels (cached-keys attention)" if impl == "triton" else "the PyTorch reference ops"
-    note = f"users with user_id: GRDense.score with {what} (impl {impl}), eager; users without: the {backend} step"
+    note = (
+        f"users with user_id: GRDense.score with {what} (impl {impl}), in CUDA graphs where the model's graphs "
+        f"are on, else eager; users without: the {backend} step"
+    )
     if backend == "aotinductor":
         note += (
             "; the aotinductor package has no prefill/score entry (the aoti stage does not build "

@@ -106,6 +106,12 @@ class Ranker:
                 f"{backend}: {len(plan)} CUDA graphs captured (buckets users x tokens: "
                 f"{', '.join(f'{b.users}x{b.tokens}' for b in sorted(plan))})"
             )
+            if history is not None:  # the cached step in graphs too, one per padded shape as it first comes
+                from grc.serving.common.score_graphs import ScoreGraphs
+
+                top = -(-max(b.tokens for b in plan) // cfg.hstu.max_seq_len)
+                history.caches.graphs = ScoreGraphs(history.dense, history.caches.impl, stats, top)
+                log("history cache: the cached score step runs in CUDA graphs (captured per padded shape at first use)")
         tables = open_lookup(
             cfg,
             weights_dir,

@@ -1,0 +1,271 @@
+"""The history cache's score step replayed from CUDA graphs: what makes a hit pay on a GPU.
+
+Eagerly, one user's cached step at mtgr-small is ~0.24 ms of device work under ~3.5 ms of Python and
+launches on the H200 (bench/results/history-cache-profile-h200.json); the uncached request runs the
+compiled package in a CUDA graph. So the cached step runs in graphs too: ``GRDense.run_scattered`` on
+fixed-shape buffers, one graph per shape (users, new rows, key rows), each captured at its first use
+and kept (least recently used dropped past ``max_graphs``).
+
+A step of B users, Tq new rows and Tkv = sum(cached + new) key rows is padded to the smallest rung of
+the new-row ladder Tq' >= Tq, then of the key ladder Tkv' >= Tkv + (Tq' - Tq). The padding rows go to
+pad users whose rows are all candidates (each attends to itself alone: linear work, finite values) and
+who hold at most max_seq_len keys each; spare user slots are empty. A real user's rows cannot change:
+attention never crosses users and everything else is row-wise (the same argument as buckets.py).
+
+Per call, on the device, outside the graph: the users' cached K/V and stamps copied into the shape's
+key buffers (multi-tensor copies), the new tokens into its token buffer, the layout (offsets, slots,
+groups, candidate rows: host integers) in one copy from pinned memory; then one replay, and the
+candidates' scores gathered. The grown entries copy their new rows out of the graph's outputs
+(``UserKV.extended`` concatenates), so the next replay cannot change them.
+
+A step no rung holds (more users or rows than the ladders reach) runs ``GRDense.score`` eagerly,
+counted in ``GraphStats.graph_misses``: the same scores, slower, and visible in the metrics.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from grc.aoti.runtime import capture_graph
+from grc.model.gr import GRDense, token_groups
+from grc.model.kv_cache import HistoryCacheUnsupported, UserKV, grown
+from grc.serving.ranker.buckets import ladder
+from grc.serving.ranker.dense import GraphStats
+
+# The layout's fields, in the order they are packed into one int64 buffer (sizes: users + 1, users + 1,
+# users, then new rows each).
+FIELDS = ("q_offsets", "kv_offsets", "num_candidates", "group", "slots", "is_candidate", "candidate_rows")
+
+
+@dataclass(frozen=True)
+class Shape:
+    users: int
+    rows: int  # new rows (queries)
+    keys: int  # key rows: cached + new, padding included
+
+    def sizes(self) -> dict[str, int]:
+        u, r = self.users, self.rows
+        return dict(zip(FIELDS, (u + 1, u + 1, u, r, r, r, r), strict=True))
+
+    def starts(self) -> list[int]:
+        """Where each field starts in the packed buffer, then its end."""
+        return [0, *itertools.accumulate(self.sizes().values())]
+
+
+def pad_users(rows: int, keys: int, max_seq_len: int) -> list[tuple[int, int]]:
+    """(new rows, key rows) of the pad users that carry ``rows`` padding queries and ``keys`` >= ``rows``
+    padding key rows: at most max_seq_len keys each, a user's queries a suffix of its keys."""
+    users = []
+    while keys > 0:
+        k = min(keys, max_seq_len)
+        q = min(rows, k)
+        users.append((q, k))
+        keys, rows = keys - k, rows - q
+    return users
+
+
+@dataclass
+class Layout:
+    """One step's padded layout, host side: its shape, the packed int64 fields, and per real user where its
+    key rows start and how many candidates it has."""
+
+    shape: Shape
+    packed: np.ndarray
+    kv_starts: list[int]
+    candidates: int  # candidate rows of the real users (the first entries of candidate_rows)
+
+
+def plan(
+    dense: GRDense,
+    past: list[int],
+    bounds: list[int],
+    candidates: list[int],
+    rows_ladder: list[int],
+    keys_ladder: list[int],
+) -> Layout | None:
+    """The padded layout of B users (``past``: cached rows each; ``bounds``: their new rows' offsets, the last
+    ``candidates[b]`` of each user candidates), or None when no rung holds it."""
+    max_seq_len = dense.cfg.hstu.max_seq_len
+    new = [b - a for a, b in itertools.pairwise(bounds)]
+    total_q, total_kv = bounds[-1], sum(past) + bounds[-1]
+    rows = next((r for r in rows_ladder if r >= total_q), None)
+    if rows is None:
+        return None
+    keys = next((k for k in keys_ladder if k >= total_kv + rows - total_q), None)
+    if keys is None:
+        return None
+    users = [(n, p + n, c) for p, n, c in zip(past, new, candidates, strict=True)]
+    users += [(q, k, k) for q, k in pad_users(rows - total_q, keys - total_kv, max_seq_len)]  # all candidates
+    slots = 1 << (len(users) - 1).bit_length()  # user slots: a power of two, the spare ones empty
+    users += [(0, 0, 0)] * (slots - len(users))
+    shape = Shape(slots, rows, keys)
+    packed = np.zeros(sum(shape.sizes().values()), np.int64)
+    q_off, kv_off, n_c, group, slot, mask, picked = (packed[a:b] for a, b in itertools.pairwise(shape.starts()))
+    n_q, n_kv, n_c[:] = np.array(users, np.int64).T
+    np.cumsum(n_q, out=q_off[1:])
+    np.cumsum(n_kv, out=kv_off[1:])
+    owner = np.repeat(np.arange(slots), n_q)
+    position = np.arange(rows) - q_off[owner] + (n_kv - n_q)[owner]  # each new row's place in its sequence
+    n_ctx = (n_kv - n_c)[owner]
+    group[:] = token_groups(dense.cfg, position, n_ctx)
+    slot[:] = kv_off[owner] + position
+    mask[:] = (position >= n_ctx) & (owner < len(past))
+    chosen = np.flatnonzero(mask)
+    picked[: chosen.size] = chosen
+    return Layout(shape, packed, kv_off[: len(past)].tolist(), int(chosen.size))
+
+
+class _Step:
+    """One shape's buffers and graph."""
+
+    def __init__(self, dense: GRDense, shape: Shape, impl: str, fuse: bool, like: torch.Tensor):
+        h = dense.cfg.hstu
+        device, dtype = like.device, like.dtype
+        self.shape, self.dense, self.impl, self.fuse = shape, dense, impl, fuse
+        self.tokens = torch.zeros(shape.rows, dense.cfg.d_model, dtype=dtype, device=device)
+        self.keys = [torch.zeros(shape.keys, h.num_heads, h.head_qk, dtype=dtype, device=device) for _ in dense.layers]
+        self.values = [torch.zeros(shape.keys, h.num_heads, h.head_v, dtype=dtype, device=device) for _ in dense.layers]
+        self.stamps = torch.zeros(shape.keys, dtype=torch.int64, device=device)
+        ends = shape.starts()
+        self.packed = torch.zeros(ends[-1], dtype=torch.int64, device=device)
+        self.fields = {name: self.packed[a:b] for name, (a, b) in zip(FIELDS, itertools.pairwise(ends), strict=True)}
+        pin = device.type == "cuda"
+        self.host = torch.zeros(self.packed.numel(), dtype=torch.int64, pin_memory=pin)
+        self.copied = torch.cuda.Event() if pin else None  # the host buffer is free again once this passed
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: Any = None
+
+    def run(self) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        f = self.fields
+        return self.dense.run_scattered(
+            self.tokens, f["group"], self.keys, self.values, f["slots"], f["q_offsets"], f["kv_offsets"],
+            self.stamps, f["num_candidates"], f["is_candidate"] != 0, self.impl, self.fuse,
+        )  # fmt: skip
+
+    def capture(self, pool: Any) -> None:
+        self.graph, self.out = capture_graph(lambda: self.run(), [], pool)
+
+    def upload(self, layout: Layout) -> None:
+        if self.copied is not None:
+            self.copied.synchronize()  # the previous call's copy has read the pinned buffer
+        self.host.numpy()[:] = layout.packed
+        self.packed.copy_(self.host, non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
+
+
+class ScoreGraphs:
+    """``GRDense.score`` for the store's users (``UserCaches.score`` calls it when set): the same arguments
+    and results, the device step replayed from a CUDA graph per padded shape (``graphs=False``: the same
+    padded step run eagerly, which is how the CPU tests check the padding)."""
+
+    def __init__(
+        self,
+        dense: GRDense,
+        impl: str,
+        stats: GraphStats,
+        max_users: int,
+        graphs: bool = True,
+        max_graphs: int = 64,
+        fuse: bool | None = None,
+    ):
+        """fuse (default: with impl "triton"): the layers' fused Triton GEMMs and the heads kernel, as the
+        GPU compile path of the uncached model (fewer launches in the graph)."""
+        h = dense.cfg.hstu
+        if h.history_mask != "causal":
+            raise HistoryCacheUnsupported(f"hstu.history_mask {h.history_mask}: the history cache needs causal")
+        self.dense, self.impl, self.stats, self.graphs, self.max_graphs = dense, impl, stats, graphs, max_graphs
+        self.fuse = impl == "triton" if fuse is None else fuse
+        top = max_users * h.max_seq_len
+        self.rows_ladder = ladder(16, top)
+        self.keys_ladder = ladder(256, 2 * top)  # room for the padding queries' own keys
+        self.steps: OrderedDict[Shape, _Step] = OrderedDict()
+        self.pool = torch.cuda.graph_pool_handle() if graphs else None
+        self.captures = 0  # graphs captured so far (each shape's first step)
+
+    def _step(self, shape: Shape, like: torch.Tensor) -> _Step:
+        step = self.steps.get(shape)
+        if step is None:
+            step = self.steps[shape] = _Step(self.dense, shape, self.impl, self.fuse, like)
+            while len(self.steps) > self.max_graphs:
+                self.steps.popitem(last=False)
+        self.steps.move_to_end(shape)
+        return step
+
+    def score(
+        self,
+        caches: list[UserKV],
+        tokens: torch.Tensor,
+        offsets: torch.Tensor,
+        num_candidates: torch.Tensor,
+        timestamps: torch.Tensor,
+        now: list[int],
+        impl: str,
+        *,
+        reuse_checked: bool = False,
+    ) -> tuple[torch.Tensor, list[UserKV]]:
+        """As ``GRDense.score`` (``offsets`` / ``num_candidates`` host tensors; ``reuse_checked`` must be true:
+        the store checked reuse on the host)."""
+        bounds, candidates = [int(o) for o in offsets.tolist()], [int(c) for c in num_candidates.tolist()]
+        past = [c.length for c in caches]
+        longest = max((p + b - a for p, (a, b) in zip(past, itertools.pairwise(bounds), strict=True)), default=0)
+        ours = impl == self.impl and reuse_checked and longest <= self.dense.cfg.hstu.max_seq_len
+        layout = None
+        if ours and min(candidates, default=0) >= 1:
+            layout = plan(self.dense, past, bounds, candidates, self.rows_ladder, self.keys_ladder)
+            self.stats.graph_misses += layout is None
+        if layout is None:  # no rung holds it, or a step score refuses (in its own words) or another impl
+            return self.dense.score(
+                caches, tokens, offsets, num_candidates, timestamps, now, impl, reuse_checked=reuse_checked
+            )
+        step = self._step(layout.shape, tokens)
+        step.upload(layout)
+        self._fill(step, layout, caches, tokens, bounds, timestamps, now)
+        if self.graphs:
+            if step.graph is None:
+                step.capture(self.pool)
+                self.captures += 1
+            assert step.graph is not None
+            step.graph.replay()
+            out, new_k, new_v = step.out
+            self.stats.graph_hits += 1
+        else:
+            out, new_k, new_v = step.run()
+        self.stats.padded_tokens += layout.shape.rows - bounds[-1]
+        scores = out[step.fields["candidate_rows"][: layout.candidates]]
+        return scores, grown(caches, bounds, candidates, new_k, new_v, timestamps, now)
+
+    @staticmethod
+    def _fill(
+        step: _Step,
+        layout: Layout,
+        caches: list[UserKV],
+        tokens: torch.Tensor,
+        bounds: list[int],
+        timestamps: torch.Tensor,
+        now: list[int],
+    ) -> None:
+        """The users' cached K/V, stamps and new tokens into the step's buffers (padding rows keep what they
+        held: finite values from earlier steps or zeros, which only pad users read)."""
+        dst, src, stamp_dst, stamp_src = [step.tokens[: bounds[-1]]], [tokens], [], []
+        for b, (cache, start) in enumerate(zip(caches, layout.kv_starts, strict=True)):
+            n = cache.length
+            for layer, (k, v) in enumerate(zip(cache.keys, cache.values, strict=True)):
+                dst += [step.keys[layer][start : start + n], step.values[layer][start : start + n]]
+                src += [k, v]
+            stamp_dst += [
+                step.stamps[start : start + n],
+                step.stamps[start + n : start + n + bounds[b + 1] - bounds[b]],
+            ]
+            stamp_src += [cache.timestamps, timestamps[bounds[b] : bounds[b + 1]]]
+        torch._foreach_copy_(dst, src)
+        torch._foreach_copy_(stamp_dst, stamp_src)
+        for cache, start, t in zip(caches, layout.kv_starts, now, strict=True):
+            if cache.profile and cache.length:  # profile tokens carry the request time (UserKV.timestamps_at)
+                step.stamps[start : start + cache.profile].fill_(t)
