@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     import torch
 
 DTYPES = ("float32", "bfloat16")
+MAX_GRAPHED_USERS = 8  # users per step the graphs' ladders reach (a larger step runs eagerly, counted as a miss)
 
 
 def instance_device(gpu: bool, device_id: int) -> str:
@@ -74,7 +75,8 @@ class CachedScorer:
     """The dense model + the cache: score users, reusing and extending their entries.
 
     On a CUDA device the dense model, its inputs and every cached K/V live in device memory (the
-    budget counts device bytes) and attention runs grc's Triton kernels (impl "triton"); the
+    budget counts device bytes), attention runs grc's Triton kernels (impl "triton") and the step is
+    replayed from CUDA graphs (grc/serving/common/score_graphs.py); the
     projector and the tables stay on the host. A miss runs the same score step against an empty
     cache: the whole sequence through the same kernels, on the same device."""
 
@@ -102,6 +104,11 @@ class CachedScorer:
         self.tables = open_tables(cfg, weights)
         self.impl = impl or ("triton" if self.device.type == "cuda" else "pytorch")
         self.caches = UserCaches(cfg, budget, max_user, weights_digest, dtype, self.impl)
+        if self.device.type == "cuda":  # the step replayed from CUDA graphs, as in the fused model
+            from grc.serving.common.score_graphs import ScoreGraphs
+            from grc.serving.ranker.dense import GraphStats
+
+            self.caches.graphs = ScoreGraphs(self.dense, self.impl, GraphStats(), max_users=MAX_GRAPHED_USERS)
 
     @property
     def cache(self) -> HistoryCache:
