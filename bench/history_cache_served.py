@@ -92,6 +92,58 @@ def timed(url: str, model: str, arrays: dict[str, np.ndarray], count: int) -> tu
     return times, ({} if result is None else {name: result.as_numpy(name) for name in rq.OUTPUTS})
 
 
+PHASE_FLUSH_S = 0.3  # the fused model sends its phase counters at most every 0.25 s (models/fused.py)
+TRITON_COUNTERS = ("nv_inference_exec_count", "nv_inference_compute_infer_duration_us",
+                   "nv_inference_queue_duration_us", "nv_inference_request_duration_us")  # fmt: skip
+
+
+def counters(metrics_url: str, stores: list[str]) -> dict[str, float]:
+    """The fused model's phase counters (grc_phase_*, grc_dense_device_seconds_total) and Triton's own per-model
+    counters, summed over the stores; names a model does not export are absent."""
+    from grc.serving.ranker.phases import PHASES
+    from grc.serving.triton import check
+
+    text = check.metrics_text(metrics_url, timeout_s=10)
+    names = [f"grc_phase_{p}_seconds_total" for p in PHASES]
+    names += ["grc_phase_executes_total", "grc_dense_device_seconds_total", *TRITON_COUNTERS]
+    out = {}
+    for name in names:
+        found = [v for m in stores if (v := check.metric(text, name, m)) is not None]
+        if found:
+            out[name] = sum(found)
+    return out
+
+
+def phased(
+    server: Any, model: str, stores: list[str], arrays: dict[str, np.ndarray], count: int
+) -> tuple[list[float], dict[str, np.ndarray], dict[str, float]]:
+    """``timed`` with where the server spent it: the counters read before and after, each read after one more
+    request of the same kind sent PHASE_FLUSH_S after the last (the fused model sends its phase counters only
+    from an execute, at most every 0.25 s), so the delta covers the timed requests and one flushing request,
+    all of one kind. -> latencies, the last response, ms per execute of each phase / Triton counter."""
+
+    def flushed() -> dict[str, float]:
+        time.sleep(PHASE_FLUSH_S)
+        timed(server.grpc_url, model, arrays, 1)
+        return counters(server.metrics_url, stores)
+
+    before = flushed()
+    times, response = timed(server.grpc_url, model, arrays, count)
+    after = flushed()
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    # grc's counters over the executes they cover (their own count), Triton's over Triton's
+    executes = {"grc": delta("grc_phase_executes_total"), "nv": delta("nv_inference_exec_count")}
+    split: dict[str, float] = {"executes": executes["nv"], "grc_executes": executes["grc"]}
+    for name in after.keys() & before.keys():
+        n = executes["nv" if name.startswith("nv_") else "grc"]
+        if n > 0 and not name.endswith(("exec_count", "executes_total")):
+            split[name] = delta(name) * (1e-3 if name.endswith("_us") else 1e3) / n  # ms per execute
+    return times, response, split
+
+
 def hits(metrics_url: str, stores: list[str]) -> float:
     """Hits counted by every store (one model per store; labelled with its name)."""
     from grc.serving.triton import check
@@ -183,16 +235,16 @@ def main() -> int:
                 label = f"history {history} x {candidates}"
                 clock.say(f"{label}: first request without user_id (untimed: allocations, kernels compiled)")
                 timed(server.grpc_url, cached_model, arrays, 1)
-                clock.say(f"{label}: {args.requests} uncached requests")
-                whole, plain = timed(server.grpc_url, cached_model, arrays, args.requests)
+                clock.say(f"{label}: {args.requests} uncached requests (+ 2 that flush the phase counters)")
+                whole, plain, plain_phases = phased(server, cached_model, stores, arrays, args.requests)
                 clock.say(f"{label}: the request with user_id that fills the cache (a miss, untimed)")
                 timed(server.grpc_url, cached_model, with_user, 1)
                 before = hits(server.metrics_url, stores)
                 clock.say(f"{label}: the first hit (timed apart: its padded shape's CUDA graph is captured here)")
                 first_hit, _ = timed(server.grpc_url, cached_model, with_user, 1)
-                clock.say(f"{label}: {args.requests} cached requests (hits)")
-                hit, cached = timed(server.grpc_url, cached_model, with_user, args.requests)
-                hits_counted = hits(server.metrics_url, stores) - before
+                clock.say(f"{label}: {args.requests} cached requests (hits; + 2 that flush the phase counters)")
+                hit, cached, hit_phases = phased(server, cached_model, stores, with_user, args.requests)
+                hits_counted = hits(server.metrics_url, stores) - before - 2  # less the two flushing requests
                 clock.say(f"{label}: the float64 PyTorch model, the checks")
                 expected = reference.scores(arrays)
                 top_k = spec.bundles.triton.top_k
@@ -207,6 +259,7 @@ def main() -> int:
                     f"uncached_{via}": summary(whole),
                     "cached_hit": summary(hit),
                     "first_hit_ms": first_hit[0] * 1e3,
+                    "phases_ms_per_execute": {"uncached": plain_phases, "cached_hit": hit_phases},
                     "hits_counted": hits_counted,
                     f"speedup_p50_vs_{via}": statistics.median(whole) / statistics.median(hit),
                     "max_abs_diff_cached_vs_uncached": float(np.abs(cached_s - plain_s).max()),

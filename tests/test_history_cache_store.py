@@ -79,6 +79,12 @@ def test_a_later_request_reuses_the_events_before_the_first_moved_bucket() -> No
     later = NOW + 60  # 5 -> 65 s: bucket 2 -> 6; the old events stay in bucket 10
     assert miss_reason(session, e.profile_ids, events, later, BUCKETS) is None
     assert reusable_events(session, later, BUCKETS) == 10
+    # the store's host copy of the stamps answers as the K/V's own (the serving path never reads those)
+    for when in (NOW, NOW + 1, later, NOW + 3600, NOW + 86_400 * 400):
+        assert session.reusable_rows(when, BUCKETS) == fresh.reusable_rows(when, BUCKETS), when
+        assert cached_history(fresh, e.profile_ids, events, NOW).reusable_rows(when, BUCKETS) == (
+            fresh.reusable_rows(when, BUCKETS)
+        )
     kept = session.kv.prefix(1 + 10)
     assert kept.length == 11 and kept.reusable_at(later, BUCKETS)
     assert all(torch.equal(a, b[:11]) for a, b in zip(kept.keys, session.kv.keys, strict=True))

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from grc.model.attention import candidate_mask, time_bucket
+from grc.model.attention import abs_time_gap, candidate_mask, time_bucket
 from grc.model.gr import Batch, GRModel
 from grc.model.jagged import lengths_of, to_jagged, to_padded
 from grc.model.params import all_params, init_tensor
@@ -123,6 +124,21 @@ def test_time_bucket_is_exact_floor_log2() -> None:
     dt = torch.tensor([0, 1, 2, 3, 7, 8, 1023, 1024, (1 << 25) - 2, (1 << 25) - 1, (1 << 40)], dtype=torch.int64)
     want = [min((int(d) + 1).bit_length() - 1, 29) for d in dt]
     assert time_bucket(dt, 30).tolist() == want
+    assert time_bucket(dt.numpy(), 30).tolist() == want  # the host form (the serving store's check)
+
+
+def test_the_host_time_gap_and_bucket_equal_the_model_ones() -> None:
+    """numpy abs_time_gap / time_bucket (grc/serving/common/history_cache.py's host check) vs the torch ones
+    the model runs, on random int64 stamps with the extremes and every power-of-two edge."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 1 << 30, ())))
+    edges = [(1 << k) + d for k in range(63) for d in (-2, -1, 0)]
+    t = torch.tensor([*edges, -(1 << 63), (1 << 63) - 1, 0, -1], dtype=torch.int64)
+    t = torch.cat([t, torch.randint(-(1 << 62), 1 << 62, (500,), generator=gen)])
+    u = t[torch.randperm(t.numel(), generator=gen)]
+    for buckets in (2, 31, 32, 64, 100):
+        gap = abs_time_gap(t, u)
+        assert np.array_equal(abs_time_gap(t.numpy(), u.numpy()), gap.numpy())
+        assert np.array_equal(time_bucket(gap.numpy(), buckets), time_bucket(gap, buckets).numpy()), buckets
 
 
 def test_group_norm_separates_token_kinds() -> None:

@@ -15,32 +15,41 @@ traces and what graph surgery fuses back into one ``grc::HSTUAttention`` node pe
 
 from __future__ import annotations
 
+from typing import Any, TypeVar, cast
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 INT64_MAX = (1 << 63) - 1
 MAX_BUCKET = 63  # floor(log2(1 + INT64_MAX)): buckets past 63 are never reached
+A = TypeVar("A", torch.Tensor, np.ndarray)
 
 
-def abs_time_gap(t_i: torch.Tensor, t_j: torch.Tensor) -> torch.Tensor:
-    """|t_i - t_j| for int64 timestamps without overflow, saturated at INT64_MAX.
+def abs_time_gap(t_i: A, t_j: A) -> A:
+    """|t_i - t_j| for int64 timestamps without overflow, saturated at INT64_MAX; torch tensors, or numpy
+    arrays (the serving store's host check, grc/serving/common/history_cache.py).
 
     The exact gap of two int64 values can reach 2**64 - 1; subtracting directly wraps such a gap
     into a small (even negative) number. hi - lo exceeds INT64_MAX only when lo < 0, and there
     lo + INT64_MAX cannot overflow, so the test below never overflows either; nor does the
     subtraction, which only runs where the gap fits. (No clamp op here: graph surgery tells the
     position gather from the time gather by a Clip upstream.)"""
-    hi, lo = torch.maximum(t_i, t_j), torch.minimum(t_i, t_j)
-    over = (lo < 0) & (hi > torch.where(lo < 0, lo, -1) + INT64_MAX)
-    return torch.where(over, INT64_MAX, hi - torch.where(over, hi, lo))
+    xp: Any = np if isinstance(t_i, np.ndarray) else torch
+    hi, lo = xp.maximum(t_i, t_j), xp.minimum(t_i, t_j)
+    over = (lo < 0) & (hi > xp.where(lo < 0, lo, -1) + INT64_MAX)
+    return cast("A", xp.where(over, INT64_MAX, hi - xp.where(over, hi, lo)))
 
 
-def time_bucket(gap: torch.Tensor, num_buckets: int) -> torch.Tensor:
+def time_bucket(gap: A, num_buckets: int) -> A:
     """Exact min(floor(log2(1 + gap)), NB-1) for int64 gap in [0, INT64_MAX]: count the k in
     1..min(NB-1, 63) with gap >= 2**k - 1. Integers only (no float rounding at powers of two), and
-    no 1 + gap that could overflow."""
+    no 1 + gap that could overflow. Numpy arrays count by a binary search over the same bounds (the
+    serving store checks thousands of events per request on the host: the broadcast compare was ms there)."""
     bounds = [(1 << k) - 1 for k in range(1, min(num_buckets - 1, MAX_BUCKET) + 1)]
-    return (gap.unsqueeze(-1) >= torch.tensor(bounds, dtype=torch.int64, device=gap.device)).sum(-1)
+    if isinstance(gap, np.ndarray):
+        return cast("A", np.searchsorted(np.array(bounds, np.int64), gap, side="right"))
+    return cast("A", (gap.unsqueeze(-1) >= torch.tensor(bounds, dtype=torch.int64, device=gap.device)).sum(-1))
 
 
 def candidate_mask(lengths: torch.Tensor, num_candidates: torch.Tensor, n: int, causal: bool) -> torch.Tensor:

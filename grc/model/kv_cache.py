@@ -16,7 +16,9 @@ tokens) always reuse every row.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
 from grc.model.attention import abs_time_gap, time_bucket
@@ -24,6 +26,24 @@ from grc.model.attention import abs_time_gap, time_bucket
 
 class HistoryCacheUnsupported(ValueError):
     """The model's attention makes cached rows depend on later tokens: nothing can be cached."""
+
+
+def reusable_rows(timestamps: torch.Tensor | np.ndarray, profile: int, now: int, time_buckets: int) -> int:
+    """Of cached tokens stamped ``timestamps`` (the first ``profile`` of them profile tokens, stamped with the
+    request time they were computed at), how many leading rows equal what a request at ``now`` computes: every
+    row before the first cached history event whose time bucket against the (re-stamped) profile tokens moves.
+    A row depends only on the rows before it (causal) and their stamps, so those rows are exact; the newest
+    events move first (their gaps are the shortest), so a later request keeps most rows. A tensor (where the
+    K/V live: on a GPU a device read) or a numpy array (the serving store's host copy)."""
+    length = int(timestamps.shape[0])
+    if profile == 0 or length <= profile:  # no profile tokens, or no events cached yet
+        return length
+    events: Any = timestamps[profile:]
+    then, later = events * 0 + timestamps[0], events * 0 + now  # the profile stamps then and now, per event
+    before = time_bucket(abs_time_gap(events, then), time_buckets)
+    moved: Any = before != time_bucket(abs_time_gap(events, later), time_buckets)
+    first = int((moved * 1).argmax())  # the first moved event (0 when none moved: told apart below)
+    return profile + first if bool(moved[first]) else length
 
 
 @dataclass(frozen=True)
@@ -53,19 +73,9 @@ class UserKV:
         return out
 
     def reusable_rows(self, now: int, time_buckets: int) -> int:
-        """How many leading rows equal what a request at ``now`` computes: every row before the first
-        cached history event whose time bucket against the (re-stamped) profile tokens moves. A row
-        depends only on the rows before it (causal) and their stamps, so those rows are exact; the
-        newest events move first (their gaps are the shortest), so a later request keeps most rows."""
-        if self.profile == 0 or self.length <= self.profile:  # no profile tokens, or no events cached yet
-            return self.length
-        then = self.timestamps[0]
-        events = self.timestamps[self.profile :]
-        now_t = torch.full_like(events, now)
-        before = time_bucket(abs_time_gap(events, then.expand_as(events)), time_buckets)
-        after = time_bucket(abs_time_gap(events, now_t), time_buckets)
-        moved = (before != after).nonzero()
-        return self.length if moved.numel() == 0 else self.profile + int(moved[0, 0])
+        """How many leading rows equal what a request at ``now`` computes (``reusable_rows`` below, on this
+        cache's own timestamps: on a GPU that reads the device; the serving store asks its host copy)."""
+        return reusable_rows(self.timestamps, self.profile, now, time_buckets)
 
     def reusable_at(self, now: int, time_buckets: int) -> bool:
         """True when every cached row equals what a request at ``now`` would compute."""

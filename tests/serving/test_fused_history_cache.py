@@ -103,8 +103,9 @@ def test_cached_scores_equal_the_whole_path_float64(built: tuple[Spec, Path]) ->
 
 
 def test_a_served_hit_plans_from_host_values_only(built: tuple[Spec, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    """The served step's reuse check is the store's, on the host events (UserCaches.visit): the plan does not
-    repeat it on the cached timestamps (UserKV.reusable_at reads them: a device sync per user on a GPU)."""
+    """The served step's reuse check is the store's, on host copies of the stamps (UserCaches.visit,
+    CachedHistory.reusable_rows): neither it nor the plan reads the cached timestamps where the K/V live
+    (UserKV.reusable_rows / reusable_at: a device sync per call on a GPU)."""
     from grc.model.kv_cache import UserKV
 
     spec, model_dir = built
@@ -117,6 +118,7 @@ def test_a_served_hit_plans_from_host_values_only(built: tuple[Spec, Path], monk
         raise AssertionError("plan_score re-checked a cache the store had checked on the host")
 
     monkeypatch.setattr(UserKV, "reusable_at", refuse)
+    monkeypatch.setattr(UserKV, "reusable_rows", refuse)
     (hit,) = scores(cached, with_ids(full, 5))
     assert cached.history is not None and cached.history.caches.cache.stats().hits == 1
     assert rel(hit, scores(cached, full)[0]) <= EXACT, f"seed={seed}"

@@ -9,7 +9,8 @@ instance; tests drive it directly, from many threads.
   timestamp) and their digest. A request reuses an entry only when its own profile is the same
   and its history starts with the cached events (same ids, same timestamps, same order), and
   the request time keeps at least the first cached event's time bucket: the cached rows before the
-  first event whose bucket moves are reused (``UserKV.reusable_rows``), the rest recomputed.
+  first event whose bucket moves are reused (``CachedHistory.reusable_rows``, on host copies of the stamps:
+  no device read), the rest recomputed.
   Anything else is a miss: the caller computes from scratch and replaces the entry.
 - Budget: least-recently-used entries are evicted until the stored bytes fit; an entry larger
   than the per-user bound is not kept (and the user's older entry is dropped with it).
@@ -43,6 +44,15 @@ class CachedHistory:
     profile_ids: np.ndarray  # [n_profile] int64, one per profile table
     events: np.ndarray  # [n_events, history tables + 1] int64: the event's ids, then its timestamp
     digest: str
+    stamped_at: int  # the request time the cached profile tokens carry (UserKV.timestamps[:profile])
+
+    def reusable_rows(self, now: int, time_buckets: int) -> int:
+        """``UserKV.reusable_rows`` from the host copy of the stamps (the events' own, and ``stamped_at``): no
+        read of the device where the K/V live."""
+        from grc.model.kv_cache import reusable_rows
+
+        stamps = np.concatenate([np.full(len(self.profile_ids), self.stamped_at, np.int64), self.events[:, -1]])
+        return reusable_rows(stamps, self.kv.profile, now, time_buckets)
 
     @property
     def nbytes(self) -> int:
@@ -58,15 +68,21 @@ def content_digest(profile_ids: np.ndarray, events: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def cached_history(kv: UserKV, profile_ids: np.ndarray, events: np.ndarray) -> CachedHistory:
+def cached_history(
+    kv: UserKV, profile_ids: np.ndarray, events: np.ndarray, stamped_at: int | None = None
+) -> CachedHistory:
+    """The entry of ``kv``, which holds these profile tokens and events; ``stamped_at``: the request time it
+    was computed at (None: read from ``kv``, a device read where the K/V live on a GPU)."""
     profile_ids = np.array(profile_ids, np.int64)  # copies: a request's arrays die with it
     events = np.array(events, np.int64).reshape(len(events), -1)
+    if stamped_at is None:
+        stamped_at = int(kv.timestamps[0]) if kv.length else 0
     if kv.length != len(profile_ids) + len(events) or kv.profile != len(profile_ids):
         raise ValueError(
             f"cache of {kv.length} tokens ({kv.profile} profile) does not hold "
             f"{len(profile_ids)} profile tokens + {len(events)} events"
         )
-    return CachedHistory(kv, profile_ids, events, content_digest(profile_ids, events))
+    return CachedHistory(kv, profile_ids, events, content_digest(profile_ids, events), stamped_at)
 
 
 _MASK64 = (1 << 64) - 1
@@ -101,7 +117,7 @@ def miss_reason(
         return "profile changed"
     if len(events) < n or not np.array_equal(entry.events, events[:n]):
         return "history does not start with the cached events"
-    if entry.kv.reusable_rows(now, time_buckets) <= entry.kv.profile:
+    if entry.reusable_rows(now, time_buckets) <= entry.kv.profile:
         return "request time moves a cached event's time bucket"
     return None
 
@@ -109,7 +125,7 @@ def miss_reason(
 def reusable_events(entry: CachedHistory, now: int, time_buckets: int) -> int:
     """How many of ``entry``'s cached events a request at ``now`` reuses (those before the first
     whose time bucket moves; all of them when none does), once ``miss_reason`` said None."""
-    return entry.kv.reusable_rows(now, time_buckets) - entry.kv.profile
+    return entry.reusable_rows(now, time_buckets) - entry.kv.profile
 
 
 @dataclass(frozen=True)

@@ -141,5 +141,5 @@ class UserCaches:
             )
         for v, kv in zip(visits, grown, strict=True):
             if v.user is not None:
-                self.cache.store((self.namespace, v.user), cached_history(kv, v.profile_ids, v.events))
+                self.cache.store((self.namespace, v.user), cached_history(kv, v.profile_ids, v.events, v.now))
         return scores
