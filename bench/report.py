@@ -527,6 +527,32 @@ def history_cache_served_block(results: Results) -> str:
     )
 
 
+def history_cache_served_gpu_block(results: Results) -> str:
+    """The served device run (bench/gpu_run_history_served.sh), one user per request."""
+    name = "history-cache-served-h200.json"
+    data = results(name)
+    rows = []
+    for c in data["cases"]:
+        if "cached_hit" not in c:
+            continue
+        plain = next(v for k, v in c.items() if k.startswith("uncached_"))
+        hit, speedup = c["cached_hit"], next(v for k, v in c.items() if k.startswith("speedup_p50_vs_"))
+        rows.append([
+            f"{c['history']} x {c['candidates']}", f"{plain['p50_ms']:.2f} / {plain['p99_ms']:.2f} ms",
+            f"{hit['p50_ms']:.2f} / {hit['p99_ms']:.2f} ms", f"{c['first_hit_ms']:.1f} ms", f"{speedup:.2f}x",
+            f"{num(max(c['max_abs_diff_cached_vs_float64'], c['max_abs_diff_uncached_vs_float64']), 1)}",
+            "yes" if c["clean"] else "NO",
+        ])  # fmt: skip
+    head = ["history x candidates", f"uncached ({data['backend']}, no user_id) p50 / p99", "cached hit p50 / p99",
+            "first hit (graph capture)", "hit vs uncached, p50", "max abs diff vs float64",
+            "every hit counted, both within tolerance"]  # fmt: skip
+    return (
+        f"`BUDGET=420 REQUESTS={data['requests']} OUT=<folder> bash bench/gpu_run_history_served.sh "
+        f"{data['spec'].removesuffix('-bench')}`, {source(name, data)}, one user per request over one gRPC "
+        f"connection, {data['requests']} timed requests per mode:\n\n" + table(head, rows)
+    )
+
+
 BLOCKS: dict[str, Callable[[Results], str]] = {
     "build": build_block,
     "cache": cache_block,
@@ -541,6 +567,7 @@ BLOCKS: dict[str, Callable[[Results], str]] = {
     "history-cache": history_cache_block,
     "history-cache-served": history_cache_served_block,
     "history-cache-gpu": history_cache_gpu_block,
+    "history-cache-served-gpu": history_cache_served_gpu_block,
 }
 
 

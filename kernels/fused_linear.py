@@ -37,6 +37,7 @@ from torch.library import triton_op, wrap_triton
 from kernels.hstu_attention import INTERPRET, _round_to_bf16
 from kernels.ops import runs_kernel
 from kernels.reference import compute_dtype
+from kernels.tuning import PERSIST
 
 GROUP_NORM, NORM_GATE, NO_NORM = 0, 1, 2  # prologues (NO_NORM: x is already normalised)
 SILU, RESIDUAL = 0, 1  # epilogues
@@ -134,7 +135,7 @@ def normed_dot(X, Stats, G, Gamma, Beta, U, W, rows, row_ok, offs_n, col_ok, str
     return acc
 
 
-@triton.autotune(configs=_configs(), key=["N", "K", "PROLOGUE", "EPILOGUE"])
+@triton.autotune(configs=_configs(), key=["N", "K", "PROLOGUE", "EPILOGUE"], **PERSIST)
 @triton.jit
 def _fused_linear_kernel(X, Stats, G, Gamma, Beta, U, W, Bias, R, Y, M,
                          stride_x, stride_g, stride_u, stride_wn, stride_wk, stride_r, stride_y,

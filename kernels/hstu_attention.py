@@ -42,6 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.tuning import PERSIST
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # A program whose timestamps span less than 2**29 s works with int32 offsets to its user's first
@@ -450,7 +452,9 @@ AUTOTUNE_KEY = ["H", "CAUSAL", "BLOCK_DQK", "BLOCK_DV", "FAST_SILU", "ALLOW_TS_F
                 "SEQ_BUCKET"]
 
 
-@triton.autotune(configs=_configs(), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _configs_for_head_dim})
+@triton.autotune(
+    configs=_configs(), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _configs_for_head_dim}, **PERSIST
+)
 @triton.jit
 def _hstu_fwd_kernel(Q, K, V, Out, q_offsets, kv_offsets, ts, ncand, time_tab, pos_tab, far_tab, T, B,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
