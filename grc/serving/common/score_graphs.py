@@ -72,8 +72,8 @@ def pad_users(rows: int, keys: int, max_seq_len: int) -> list[tuple[int, int]]:
 
 @dataclass
 class Layout:
-    """One step's padded layout, host side: its shape, the packed int64 fields, and per real user where its
-    key rows start and how many candidates it has."""
+    """One step's padded layout, host side: its shape, the packed int64 fields, per real user where its key rows
+    start, and how many candidate rows the real users have in all."""
 
     shape: Shape
     packed: np.ndarray
