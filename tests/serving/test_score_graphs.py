@@ -106,6 +106,21 @@ def test_a_step_no_rung_holds_runs_the_model_and_is_counted(setup) -> None:  # t
     assert stats.graph_misses == 1 and not graphs.steps
 
 
+def test_shapes_past_the_byte_bound_are_dropped_oldest_first(setup) -> None:  # type: ignore[no-untyped-def]
+    _, model, tables, gen, seed = setup
+    sizes = [(5, 2, 0), (30, 3, 30), (20, 4, 20)]  # new rows 2, ~36, ~27 (+ profile): different row rungs
+    users = [visits(model, tables, gen, [s]) for s in sizes]
+    unbounded = ScoreGraphs(model.dense, "pytorch", GraphStats(), max_users=4, graphs=False)
+    bounded = ScoreGraphs(model.dense, "pytorch", GraphStats(), max_users=4, graphs=False, max_bytes=1)
+    for u in users:
+        expected, _ = score(model.dense.score, u)
+        for graphs in (unbounded, bounded):
+            got, _ = score(graphs.score, u)
+            torch.testing.assert_close(got, expected, rtol=RTOL, atol=0, msg=f"seed {seed}")
+        assert len(bounded.steps) == 1 and next(reversed(bounded.steps)) == next(reversed(unbounded.steps))
+    assert len(unbounded.steps) >= 2 and unbounded.nbytes > bounded.nbytes > 0
+
+
 def test_what_score_refuses_the_graphs_refuse_alike(setup) -> None:  # type: ignore[no-untyped-def]
     _, model, tables, gen, _ = setup
     graphs = ScoreGraphs(model.dense, "pytorch", GraphStats(), max_users=2, graphs=False)

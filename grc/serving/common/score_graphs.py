@@ -4,7 +4,8 @@ Eagerly, one user's cached step at mtgr-small is ~0.24 ms of device work under ~
 launches on the H200 (bench/results/history-cache-profile-h200.json); the uncached request runs the
 compiled package in a CUDA graph. So the cached step runs in graphs too: ``GRDense.run_scattered`` on
 fixed-shape buffers, one graph per shape (users, new rows, key rows), each captured at its first use
-and kept (least recently used dropped past ``max_graphs``).
+and kept: the least recently used are dropped past ``max_graphs`` shapes or ``max_bytes`` of static buffers
+(a shape's key buffers grow with its rung: GBs for many users at full length).
 
 A step of B users, Tq new rows and Tkv = sum(cached + new) key rows is padded to the smallest rung of
 the new-row ladder Tq' >= Tq, then of the key ladder Tkv' >= Tkv + (Tq' - Tq). The padding rows go to
@@ -141,6 +142,11 @@ class _Step:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: Any = None
 
+    @property
+    def nbytes(self) -> int:
+        buffers = (self.tokens, *self.keys, *self.values, self.stamps, self.packed)
+        return sum(t.numel() * t.element_size() for t in buffers)
+
     def run(self) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         f = self.fields
         return self.dense.run_scattered(
@@ -174,6 +180,7 @@ class ScoreGraphs:
         graphs: bool = True,
         max_graphs: int = 64,
         fuse: bool | None = None,
+        max_bytes: int = 4 << 30,
     ):
         """fuse (default: with impl "triton"): the layers' fused Triton GEMMs and the heads kernel, as the
         GPU compile path of the uncached model (fewer launches in the graph)."""
@@ -181,6 +188,7 @@ class ScoreGraphs:
         if h.history_mask != "causal":
             raise HistoryCacheUnsupported(f"hstu.history_mask {h.history_mask}: the history cache needs causal")
         self.dense, self.impl, self.stats, self.graphs, self.max_graphs = dense, impl, stats, graphs, max_graphs
+        self.max_bytes = max_bytes
         self.fuse = impl == "triton" if fuse is None else fuse
         top = max_users * h.max_seq_len
         self.rows_ladder = ladder(16, top)
@@ -189,11 +197,17 @@ class ScoreGraphs:
         self.pool = torch.cuda.graph_pool_handle() if graphs else None
         self.captures = 0  # graphs captured so far (each shape's first step)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the kept shapes' static buffers (the graphs' own intermediates come from the shared pool)."""
+        return sum(step.nbytes for step in self.steps.values())
+
     def _step(self, shape: Shape, like: torch.Tensor) -> _Step:
         step = self.steps.get(shape)
         if step is None:
             step = self.steps[shape] = _Step(self.dense, shape, self.impl, self.fuse, like)
-            while len(self.steps) > self.max_graphs:
+            # the oldest go first; the new one stays even alone past max_bytes (its step is running)
+            while len(self.steps) > 1 and (len(self.steps) > self.max_graphs or self.nbytes > self.max_bytes):
                 self.steps.popitem(last=False)
         self.steps.move_to_end(shape)
         return step
