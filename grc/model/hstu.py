@@ -195,8 +195,7 @@ class HSTULayer(nn.Module):
     ) -> torch.Tensor:
         """fuse (impl="triton" only): the projections as fused Triton GEMMs (kernels/fused_linear.py),
         the GPU compile path; the unfused form is the model's math (ONNX, TensorRT plugins)."""
-        if fuse and impl != "triton":
-            raise ValueError(f"fuse=True runs the fused Triton GEMMs: it needs impl='triton', got impl={impl!r}")
+        _check_fuse(fuse, impl)
         u, q, k, v = self._project(x, group, fuse)
         attn = self.attention.jagged(q, k, v, offsets, num_candidates, timestamps, impl)
         return self._finish(x, attn, u, impl=impl, fuse=fuse)
@@ -263,12 +262,16 @@ class HSTULayer(nn.Module):
         fuse: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The cached-keys layer; ``join(k, v)`` of the new tokens -> the whole sequences' keys and values."""
-        if fuse and impl != "triton":
-            raise ValueError(f"fuse=True runs the fused Triton GEMMs: it needs impl='triton', got impl={impl!r}")
+        _check_fuse(fuse, impl)
         u, q, k, v = self._project(x, group, fuse)
         keys, values = join(k, v)
         attn = self.attention.cached(q, keys, values, q_offsets, kv_offsets, kv_timestamps, num_candidates, impl)
         return self._finish(x, attn, u, impl=impl, fuse=fuse), k, v
+
+
+def _check_fuse(fuse: bool, impl: str) -> None:
+    if fuse and impl != "triton":
+        raise ValueError(f"fuse=True runs the fused Triton GEMMs: it needs impl='triton', got impl={impl!r}")
 
 
 def _after_past(past: list[torch.Tensor], new: torch.Tensor, bounds: list[int]) -> torch.Tensor:
