@@ -40,10 +40,14 @@ file="$spec"; [ -f "$file" ] || file="specs/$spec.yaml"
 slug="$("$PY" -c 'import sys; sys.path.insert(0, "bench"); from serve import device_slug; print(device_slug())')"
 result="$OUT/history-cache-served-$slug.json"
 
+# BENCH_FLAGS: more of the bench's own options, e.g. "--session-users 1000 --session-s 60" (the served session
+# workload after the shapes: bench/history_cache_served_session.py)
+read -r -a more <<< "${BENCH_FLAGS:-}"
 run_bench() {  # $1: the spec file; the bench's exit status (2: the build failed, 124: killed at the budget)
   say "bench/history_cache_served.py --spec $1 ($(left) s left; no new shape after $(( BUDGET - 90 )) s)"
   timeout $(( $(left) - 10 )) "$PY" bench/history_cache_served.py --spec "$1" --requests "$REQUESTS" \
-    --out "$result" --deadline $(( BUDGET - 90 - $(elapsed) )) --startup-timeout 240 2>&1 | stamp | tee -a "$LOG"
+    --out "$result" --deadline $(( BUDGET - 90 - $(elapsed) )) --startup-timeout 240 "${more[@]}" 2>&1 | stamp |
+    tee -a "$LOG"
 }
 
 run_bench "$file"

@@ -26,6 +26,8 @@ what it measured) to --out or bench/results/history-cache-served-<cpu|cuda>.json
 shape after that many seconds from the start (the build included), said in the result. Each phase (the
 build, the server's start, per shape its first request, the uncached, filling and cached requests, the
 float64 check) prints a timestamped line as it starts: a run cut by its time limit shows where it was.
+``--session-users N`` adds the session workload served (bench/history_cache_served_session.py) after the
+shapes, under the result's ``session``.
 """
 
 from __future__ import annotations
@@ -92,6 +94,9 @@ def timed(url: str, model: str, arrays: dict[str, np.ndarray], count: int) -> tu
     return times, ({} if result is None else {name: result.as_numpy(name) for name in rq.OUTPUTS})
 
 
+# the session workload's cost beyond its two timed modes (warm-up, float64 checks), and how long after --deadline the
+# device script kills the bench (bench/gpu_run_history_served.sh: at BUDGET - 10 s, --deadline BUDGET - 90 s)
+SESSION_EXTRA_S, DEADLINE_SLACK_S = 30.0, 80.0
 PHASE_FLUSH_S = 0.3  # the fused model sends its phase counters at most every 0.25 s (models/fused.py)
 TRITON_COUNTERS = ("nv_inference_exec_count", "nv_inference_compute_infer_duration_us",
                    "nv_inference_queue_duration_us", "nv_inference_request_duration_us")  # fmt: skip
@@ -144,12 +149,21 @@ def phased(
     return times, response, split
 
 
-def hits(metrics_url: str, stores: list[str]) -> float:
-    """Hits counted by every store (one model per store; labelled with its name)."""
+CACHE_FIGURES = {"hits": "grc_history_cache_hits_total", "misses": "grc_history_cache_misses_total",
+                 "evictions": "grc_history_cache_evictions_total", "bytes": "grc_history_cache_bytes"}  # fmt: skip
+
+
+def cache_figures(metrics_url: str, stores: list[str]) -> dict[str, float]:
+    """The stores' cache figures (CACHE_FIGURES), each summed over every store (one model per store; labelled
+    with its name)."""
     from grc.serving.triton import check
 
     text = check.metrics_text(metrics_url, timeout_s=10)
-    return sum(check.metric(text, "grc_history_cache_hits_total", m) or 0.0 for m in stores)
+    return {key: sum(check.metric(text, name, m) or 0.0 for m in stores) for key, name in CACHE_FIGURES.items()}
+
+
+def hits(metrics_url: str, stores: list[str]) -> float:
+    return cache_figures(metrics_url, stores)["hits"]
 
 
 def summary(times: list[float]) -> dict[str, float]:
@@ -161,6 +175,19 @@ def summary(times: list[float]) -> dict[str, float]:
     }
 
 
+def session_args(ap: argparse.ArgumentParser) -> None:
+    """The served session workload's options (bench/history_cache_served_session.py), after the shapes."""
+    g = ap.add_argument_group("session workload (after the shapes; --session-users 0: none)")
+    g.add_argument("--session-users", type=int, default=0, help="users, 5 visits each, Zipf popularity")
+    g.add_argument("--session-s", type=float, default=60.0, help="seconds per mode (uncached, cached), at most")
+    g.add_argument("--session-concurrency", type=int, default=1, help="clients, one gRPC connection each")
+    g.add_argument("--session-base", type=int, default=1000, help="history events at a user's first visit")
+    g.add_argument("--session-delta", type=int, default=10, help="new history events per later visit")
+    g.add_argument("--session-candidates", type=int, default=256)
+    g.add_argument("--session-gap-s", type=int, default=60, help="seconds between a user's visits")
+    g.add_argument("--session-zipf", type=float, default=1.1)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--spec", default="specs/mtgr-small.yaml")
@@ -168,6 +195,7 @@ def main() -> int:
     ap.add_argument("--out", help="result file (default bench/results/history-cache-served-<device>.json)")
     ap.add_argument("--deadline", type=float, default=None, help="seconds from the start after which no shape starts")
     ap.add_argument("--startup-timeout", type=float, default=300, help="seconds the server may take to load")
+    session_args(ap)
     args = ap.parse_args()
     started = time.perf_counter()
     clock = Clock()
@@ -277,10 +305,23 @@ def main() -> int:
                 print(("" if clean else "NOT CLEAN: ") + str(row), flush=True)
                 rows.append(row)
                 save()
+            if args.session_users > 0:
+                ends = time.perf_counter() - started + 2 * args.session_s + SESSION_EXTRA_S
+                if args.deadline is not None and ends > args.deadline + DEADLINE_SLACK_S:
+                    result["session"] = {"skipped": f"would end at {ends:.0f} s, past --deadline {args.deadline} s"}
+                    clock.say(f"session workload: skipped ({result['session']['skipped']})")
+                else:
+                    from bench.history_cache_served_session import session
+
+                    result["session"] = session(
+                        server, cached_model, stores, loaded, reference, tolerance, args, clock.say
+                    )
+                save()
     result["total_s"] = round(time.perf_counter() - started, 1)
     path = write_result(out, result)
     print(f"wrote {path}")
-    return 0 if rows and all(r.get("clean", True) for r in rows) else 1
+    clean = rows and all(r.get("clean", True) for r in rows) and result.get("session", {}).get("clean", True)
+    return 0 if clean else 1
 
 
 if __name__ == "__main__":
