@@ -15,6 +15,8 @@ from grc.serving.common.history_cache import (
     CachedHistory,
     HistoryCache,
     cached_history,
+    content_digest,
+    match,
     miss_reason,
     model_namespace,
     reusable_events,
@@ -85,6 +87,14 @@ def test_a_later_request_reuses_the_events_before_the_first_moved_bucket() -> No
         assert cached_history(fresh, e.profile_ids, events, NOW).reusable_rows(when, BUCKETS) == (
             fresh.reusable_rows(when, BUCKETS)
         )
+    # the store's one-pass match says the same as miss_reason + reusable_events, and the entry's digest is its
+    # content's
+    for when in (NOW, later, NOW + 86_400 * 400):
+        reason = miss_reason(session, e.profile_ids, events, when, BUCKETS)
+        assert match(session, e.profile_ids, events, when, BUCKETS) == (
+            reason if reason is not None else reusable_events(session, when, BUCKETS)
+        )
+    assert session.digest == content_digest(e.profile_ids, events) != e.digest
     kept = session.kv.prefix(1 + 10)
     assert kept.length == 11 and kept.reusable_at(later, BUCKETS)
     assert all(torch.equal(a, b[:11]) for a, b in zip(kept.keys, session.kv.keys, strict=True))

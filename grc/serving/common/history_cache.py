@@ -27,6 +27,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,8 +44,13 @@ class CachedHistory:
     kv: UserKV
     profile_ids: np.ndarray  # [n_profile] int64, one per profile table
     events: np.ndarray  # [n_events, history tables + 1] int64: the event's ids, then its timestamp
-    digest: str
     stamped_at: int  # the request time the cached profile tokens carry (UserKV.timestamps[:profile])
+
+    @cached_property
+    def digest(self) -> str:
+        """sha256 of exactly what was cached (profile ids, events), computed when first read: a hit re-stores its
+        entry, and hashing ~4,000 events there cost 0.1-0.3 ms of every served hit (reuse compares the arrays)."""
+        return content_digest(self.profile_ids, self.events)
 
     def reusable_rows(self, now: int, time_buckets: int) -> int:
         """``UserKV.reusable_rows`` from the host copy of the stamps (the events' own, and ``stamped_at``): no
@@ -82,7 +88,7 @@ def cached_history(
             f"cache of {kv.length} tokens ({kv.profile} profile) does not hold "
             f"{len(profile_ids)} profile tokens + {len(events)} events"
         )
-    return CachedHistory(kv, profile_ids, events, content_digest(profile_ids, events), stamped_at)
+    return CachedHistory(kv, profile_ids, events, stamped_at)
 
 
 _MASK64 = (1 << 64) - 1
@@ -107,19 +113,28 @@ def weights_digest(weights_dir: Path) -> str:
     return hashlib.sha256((weights_dir / "manifest.json").read_bytes()).hexdigest()
 
 
-def miss_reason(
-    entry: CachedHistory, profile_ids: np.ndarray, events: np.ndarray, now: int, time_buckets: int
-) -> str | None:
-    """Why ``entry`` cannot serve a request with these profile ids, events and request time
-    (None: it can, and the request's events past ``reusable_events`` are new)."""
+def match(entry: CachedHistory, profile_ids: np.ndarray, events: np.ndarray, now: int, time_buckets: int) -> int | str:
+    """How many of ``entry``'s cached events a request with these profile ids, events and request time reuses
+    (its events past them are new), or why it reuses none (a miss). One pass: the store's lookup calls it once
+    per hit."""
     n = len(entry.events)
     if not np.array_equal(entry.profile_ids, profile_ids):
         return "profile changed"
     if len(events) < n or not np.array_equal(entry.events, events[:n]):
         return "history does not start with the cached events"
-    if entry.reusable_rows(now, time_buckets) <= entry.kv.profile:
+    rows = entry.reusable_rows(now, time_buckets)
+    if rows <= entry.kv.profile:
         return "request time moves a cached event's time bucket"
-    return None
+    return rows - entry.kv.profile
+
+
+def miss_reason(
+    entry: CachedHistory, profile_ids: np.ndarray, events: np.ndarray, now: int, time_buckets: int
+) -> str | None:
+    """Why ``entry`` cannot serve a request with these profile ids, events and request time
+    (None: it can, and the request's events past ``reusable_events`` are new)."""
+    found = match(entry, profile_ids, events, now, time_buckets)
+    return found if isinstance(found, str) else None
 
 
 def reusable_events(entry: CachedHistory, now: int, time_buckets: int) -> int:

@@ -23,9 +23,8 @@ from grc.serving.common.history_cache import (
     CachedHistory,
     HistoryCache,
     cached_history,
-    miss_reason,
+    match,
     model_namespace,
-    reusable_events,
 )
 from grc.serving.common.validate import RequestError
 from grc.spec.schema import ModelConfig
@@ -96,14 +95,17 @@ class UserCaches:
         if user is None:
             return Visit(None, ids, events, now, None, 0)
         buckets = self.cfg.hstu.time_buckets
+        reused = 0
 
         def usable(entry: CachedHistory) -> bool:
-            return miss_reason(entry, ids, events, now, buckets) is None
+            nonlocal reused
+            found = match(entry, ids, events, now, buckets)
+            reused = found if isinstance(found, int) else 0
+            return isinstance(found, int)
 
         found = self.cache.lookup((self.namespace, user), usable)
         if found is None:
             return Visit(user, ids, events, now, None, 0)
-        reused = reusable_events(found, now, buckets)
         return Visit(user, ids, events, now, found.kv.prefix(found.kv.profile + reused), reused)
 
     def score(
