@@ -49,9 +49,9 @@ from bench._common import write_result
 from bench.history_cache_timeline import Clock
 
 
-def bench_spec(base: Path, folder: Path) -> Path:
-    """``base`` with every table cut to at most 10,000 rows and the history cache on (a fused spec:
-    one store per instance, the spec's backend only)."""
+def bench_spec(base: Path, folder: Path, budget_mb: float = 1024) -> Path:
+    """``base`` with every table cut to at most 10,000 rows and the history cache on with ``budget_mb`` per
+    store (a fused spec: one store per instance, the spec's backend only)."""
     from grc.spec.loader import load_spec
 
     spec = load_spec(base).spec
@@ -60,7 +60,7 @@ def bench_spec(base: Path, folder: Path) -> Path:
         for name, t in spec.model.tables.items()
     }
     triton = spec.bundles.triton
-    cache: dict[str, Any] = {"enabled": True, "budget_mb": 1024}
+    cache: dict[str, Any] = {"enabled": True, "budget_mb": budget_mb}
     over: dict[str, Any] = {"history_cache": cache, "intra_op_threads": 1}
     if triton.pipeline == "fused":
         cache["instances"] = triton.instance_count
@@ -180,7 +180,9 @@ def session_args(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("session workload (after the shapes; --session-users 0: none)")
     g.add_argument("--session-users", type=int, default=0, help="users, 5 visits each, Zipf popularity")
     g.add_argument("--session-s", type=float, default=60.0, help="seconds per mode (uncached, cached), at most")
-    g.add_argument("--session-concurrency", type=int, default=1, help="clients, one gRPC connection each")
+    g.add_argument(
+        "--session-concurrency", type=int, nargs="+", default=[1], help="clients, one gRPC connection each (a run each)"
+    )
     g.add_argument("--session-base", type=int, default=1000, help="history events at a user's first visit")
     g.add_argument("--session-delta", type=int, default=10, help="new history events per later visit")
     g.add_argument("--session-candidates", type=int, default=256)
@@ -195,6 +197,7 @@ def main() -> int:
     ap.add_argument("--out", help="result file (default bench/results/history-cache-served-<device>.json)")
     ap.add_argument("--deadline", type=float, default=None, help="seconds from the start after which no shape starts")
     ap.add_argument("--startup-timeout", type=float, default=300, help="seconds the server may take to load")
+    ap.add_argument("--budget-mb", type=float, default=1024, help="the history cache's budget per store")
     session_args(ap)
     args = ap.parse_args()
     started = time.perf_counter()
@@ -214,7 +217,7 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     result: dict[str, Any] = {"base_spec": args.spec, "requests": args.requests, "cases": rows}
     with tempfile.TemporaryDirectory(prefix="grc-history-bench-") as tmp:
-        loaded = load_spec(bench_spec(Path(args.spec), Path(tmp)))
+        loaded = load_spec(bench_spec(Path(args.spec), Path(tmp), args.budget_mb))
         spec, model = loaded.spec, loaded.spec.model
         device = "cuda" if spec.bundles.triton.instance_kind == "KIND_GPU" else "cpu"
         out: Path | str = Path(args.out) if args.out else f"history-cache-served-{device}"
@@ -306,7 +309,8 @@ def main() -> int:
                 rows.append(row)
                 save()
             if args.session_users > 0:
-                ends = time.perf_counter() - started + 2 * args.session_s + SESSION_EXTRA_S
+                runs = len(args.session_concurrency)
+                ends = time.perf_counter() - started + runs * (2 * args.session_s + SESSION_EXTRA_S)
                 if args.deadline is not None and ends > args.deadline + DEADLINE_SLACK_S:
                     result["session"] = {"skipped": f"would end at {ends:.0f} s, past --deadline {args.deadline} s"}
                     clock.say(f"session workload: skipped ({result['session']['skipped']})")

@@ -2,7 +2,8 @@
 
 bench/history_cache_session.py's workload (``--users`` users x ``--visits`` visits in Zipf order, visit k
 carrying the base history plus k x ``--delta`` new events and ``--candidates`` candidates, visits ``--gap-s``
-seconds apart) sent to the bundle's client-facing model by ``concurrency`` clients, one gRPC connection each:
+seconds apart) sent to the bundle's client-facing model by ``concurrency`` clients, one gRPC connection
+each (one run per ``--session-concurrency`` value, each under user ids of its own):
 
 - ``uncached``: no user_id, so every request runs the model's uncached path (for a fused GPU spec: its
   AOTInductor package in CUDA graphs, what the server runs without the cache);
@@ -32,6 +33,7 @@ from bench.history_cache_session import user_visits, visit_order
 CHECKED = 32  # (user, visit) pairs whose scores are kept in both modes and compared
 FLOAT64_CHECKS = 3  # hits checked against the float64 model
 WARM_USER = 10**9  # the untimed warm-up's user id
+RUN_IDS = 10**6  # run k of a session sends user ids k * RUN_IDS + user
 Arrays = dict[str, np.ndarray]
 
 
@@ -130,9 +132,8 @@ def session(
     args: Any,
     say: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Both modes on the running server -> the result's ``session`` entry."""
+    """Both modes at each of --session-concurrency on the running server -> the result's ``session`` entry."""
     from grc.serving.common import request as rq
-    from grc.serving.triton import check
 
     weights, top_k = rq.rank_weights(loaded.spec.model, loaded.spec.bundles.triton), loaded.spec.bundles.triton.top_k
 
@@ -150,6 +151,7 @@ def session(
         "gap_s": gap,
         "zipf": args.session_zipf,
         "concurrency": args.session_concurrency,
+        "budget_mb_per_store": spec.bundles.triton.history_cache.budget_mb,
         "budget_s_per_mode": args.session_s,
         "budget_bytes": budget,
     }
@@ -169,37 +171,62 @@ def session(
     # an id no timed request uses
     for cached in (False, True):
         run_mode(server.grpc_url, model, feeder([(0, v) for v in range(visits)], WARM_USER), cached, 1, 600)
-    kept: dict[str, dict[tuple[int, int], dict[str, np.ndarray]]] = {}
-    for mode, cached in (("uncached", False), ("cached", True)):
-        say(f"session {mode}: {users} users x {visits} visits, {args.session_concurrency} client(s), "
-            f"at most {args.session_s:.0f} s")  # fmt: skip
-        before = cache_figures(server.metrics_url, stores)
-        # user ids of this mode only (no entry of the warm-up or of an earlier mode is ever reused)
-        figures, kept[mode] = run_mode(
-            server.grpc_url, model, feeder(order, 0), cached, args.session_concurrency, args.session_s
-        )
-        after = cache_figures(server.metrics_url, stores)
-        if cached:
-            counted = {k: after[k] - before[k] for k in ("hits", "misses", "evictions")}
-            figures.update(counted, hit_ratio=counted["hits"] / max(counted["hits"] + counted["misses"], 1))
-            figures.update(bytes_held=after["bytes"], within_budget=after["bytes"] <= budget)
-        out[mode] = figures
-        say(f"session {mode}: {figures}")
+    out["runs"] = []
+    for run, concurrency in enumerate(args.session_concurrency):
+        # each run under its own user ids: no entry of the warm-up or of an earlier run is ever reused
+        kept, row = {}, {"concurrency": concurrency}
+        for mode, cached in (("uncached", False), ("cached", True)):
+            say(f"session {mode}: {users} users x {visits} visits, {concurrency} client(s), "
+                f"at most {args.session_s:.0f} s")  # fmt: skip
+            before = cache_figures(server.metrics_url, stores)
+            figures, kept[mode] = run_mode(
+                server.grpc_url, model, feeder(order, run * RUN_IDS), cached, concurrency, args.session_s
+            )
+            after = cache_figures(server.metrics_url, stores)
+            if cached:
+                counted = {k: after[k] - before[k] for k in ("hits", "misses", "evictions")}
+                figures.update(counted, hit_ratio=counted["hits"] / max(counted["hits"] + counted["misses"], 1))
+                figures.update(bytes_held=after["bytes"], within_budget=after["bytes"] <= budget)
+            row[mode] = figures
+            say(f"session {mode}: {figures}")
+        row.update(exactness(kept, cfg, args, candidates, reference, tolerance, weights, top_k))
+        row["users_per_s_ratio"] = row["cached"]["users_per_s"] / row["uncached"]["users_per_s"]
+        row["clean"] = not row["problems_vs_float64"] and row["uncached"]["errors"] == row["cached"]["errors"] == 0
+        out["runs"].append(row)
+    out["clean"] = all(r["clean"] for r in out["runs"])
+    return out
+
+
+def exactness(
+    kept: dict[str, dict[tuple[int, int], dict[str, np.ndarray]]],
+    cfg: Any,
+    args: Any,
+    candidates: int,
+    reference: Any,
+    tolerance: Any,
+    weights: np.ndarray,
+    top_k: int,
+) -> dict[str, Any]:
+    """The cached answers of the (user, visit) pairs both modes kept vs the uncached ones, and the first
+    FLOAT64_CHECKS hits vs the float64 model."""
+    from grc.serving.triton import check
+
     common = [key for key in kept["cached"] if key in kept["uncached"]]
-    out["compared_pairs"] = len(common)
-    out["max_abs_diff_cached_vs_uncached"] = max(
-        (float(np.abs(kept["cached"][k]["scores"] - kept["uncached"][k]["scores"]).max()) for k in common), default=None
-    )
+    diffs = [float(np.abs(kept["cached"][k]["scores"] - kept["uncached"][k]["scores"]).max()) for k in common]
     hit_pairs = [k for k in common if k[1] > 0][:FLOAT64_CHECKS]  # visits after the first: hits
     problems = []
     for user, visit in hit_pairs:
-        request = user_visits(cfg, user, args.session_base, visits, args.session_delta, candidates, gap)[visit]
-        found = check.check_response(
-            kept["cached"][(user, visit)], reference.scores(request), request, cfg, weights, top_k, tolerance
+        request = user_visits(  # the workload's user, whichever run's id it was sent under
+            cfg, user % RUN_IDS, args.session_base, 5, args.session_delta, candidates, args.session_gap_s
         )
+        found = check.check_response(
+            kept["cached"][(user, visit)], reference.scores(request[visit]), request[visit], cfg, weights, top_k,
+            tolerance,
+        )  # fmt: skip
         problems += [f"user {user} visit {visit}: {p}" for p in found.problems]
-    out["float64_checked"] = len(hit_pairs)
-    out["problems_vs_float64"] = problems
-    out["users_per_s_ratio"] = out["cached"]["users_per_s"] / out["uncached"]["users_per_s"]
-    out["clean"] = not problems and out["uncached"]["errors"] == 0 and out["cached"]["errors"] == 0
-    return out
+    return {
+        "compared_pairs": len(common),
+        "max_abs_diff_cached_vs_uncached": max(diffs, default=None),
+        "float64_checked": len(hit_pairs),
+        "problems_vs_float64": problems,
+    }
