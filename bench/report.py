@@ -527,30 +527,88 @@ def history_cache_served_block(results: Results) -> str:
     )
 
 
+SERVED_GPU = ("history-cache-served-h200.json", "history-cache-served-h200-small.json")  # mtgr-base, mtgr-small
+# per execute, ms: Triton's queue and compute, then the fused model's host phases (grc/serving/ranker/phases.py)
+SERVED_PHASES = {
+    "queue": ("nv_inference_queue_duration_us",),
+    "compute": ("nv_inference_compute_infer_duration_us",),
+    "read + check": ("grc_phase_read_seconds_total", "grc_phase_check_seconds_total"),
+    "layout": ("grc_phase_layout_seconds_total",),
+    "embed": ("grc_phase_embed_seconds_total",),
+    "dense (host)": ("grc_phase_dense_seconds_total",),
+    "fetch": ("grc_phase_fetch_seconds_total",),
+    "rank + respond + metrics": (
+        "grc_phase_rank_seconds_total", "grc_phase_respond_seconds_total", "grc_phase_metrics_seconds_total",
+    ),
+    "dense (device)": ("grc_dense_device_seconds_total",),
+}  # fmt: skip
+
+
+SESSION_HEAD = ["spec", "clients", "uncached users/s", "cached users/s", "cached vs uncached", "hit ratio",
+                "uncached p50 / p99 ms", "cached p50 / p99 ms", "errors", "cache bytes held",
+                "exact (3 hits vs float64, 32 vs uncached)"]  # fmt: skip
+
+
 def history_cache_served_gpu_block(results: Results) -> str:
-    """The served device run (bench/gpu_run_history_served.sh), one user per request."""
-    name = "history-cache-served-h200.json"
-    data = results(name)
-    rows = []
-    for c in data["cases"]:
-        if "cached_hit" not in c:
-            continue
-        plain = next(v for k, v in c.items() if k.startswith("uncached_"))
-        hit, speedup = c["cached_hit"], next(v for k, v in c.items() if k.startswith("speedup_p50_vs_"))
-        rows.append([
-            f"{c['history']} x {c['candidates']}", f"{plain['p50_ms']:.2f} / {plain['p99_ms']:.2f} ms",
-            f"{hit['p50_ms']:.2f} / {hit['p99_ms']:.2f} ms", f"{c['first_hit_ms']:.1f} ms", f"{speedup:.2f}x",
-            f"{num(max(c['max_abs_diff_cached_vs_float64'], c['max_abs_diff_uncached_vs_float64']), 1)}",
-            "yes" if c["clean"] else "NO",
-        ])  # fmt: skip
-    head = ["history x candidates", f"uncached ({data['backend']}, no user_id) p50 / p99", "cached hit p50 / p99",
+    """The served device runs (bench/gpu_run_history_served.sh), one user per request: latency per shape, where
+    an execute spends it, and the session workload where the run had one."""
+    rows, phases, sessions, sources = [], [], [], []
+    for name in SERVED_GPU:
+        data = results(name)
+        spec = data["spec"].removesuffix("-bench")
+        argv = data["argv"]
+        flags = " ".join(argv[argv.index("--budget-mb") :]) if "--budget-mb" in argv else ""  # BENCH_FLAGS
+        more = f' BENCH_FLAGS="{flags}"' if flags else ""
+        sources.append(
+            f"`REQUESTS={data['requests']}{more} OUT=<folder> bash bench/gpu_run_history_served.sh {spec}`: "
+            f"{source(name, data)}"
+        )
+        for c in data["cases"]:
+            if "cached_hit" not in c:
+                continue
+            plain = next(v for k, v in c.items() if k.startswith("uncached_"))
+            hit, speedup = c["cached_hit"], next(v for k, v in c.items() if k.startswith("speedup_p50_vs_"))
+            rows.append([
+                spec, f"{c['history']} x {c['candidates']}", f"{plain['p50_ms']:.2f} / {plain['p99_ms']:.2f} ms",
+                f"{hit['p50_ms']:.2f} / {hit['p99_ms']:.2f} ms", f"{c['first_hit_ms']:.1f} ms", f"{speedup:.2f}x",
+                f"{num(max(c['max_abs_diff_cached_vs_float64'], c['max_abs_diff_uncached_vs_float64']), 1)}",
+                "yes" if c["clean"] else "NO",
+            ])  # fmt: skip
+            if c is data["cases"][0]:  # the long history: the issue's target shape
+                for mode, split in c["phases_ms_per_execute"].items():
+                    sums = [sum(split.get(k, 0.0) for k in keys) for keys in SERVED_PHASES.values()]
+                    cells = [f"{v:.2f}" if v else "not timed" for v in sums]  # hits were not timed on the device
+                    phases.append([spec, f"{c['history']} x {c['candidates']}", mode.replace("_", " "), *cells])
+        for run in data.get("session", {}).get("runs", []):
+            plain, cached = run["uncached"], run["cached"]
+            sessions.append([
+                spec, str(run["concurrency"]), f"{plain['users_per_s']:.0f}", f"{cached['users_per_s']:.0f}",
+                f"{run['users_per_s_ratio']:.2f}x", f"{cached['hit_ratio']:.2f}",
+                f"{plain['p50_ms']:.1f} / {plain['p99_ms']:.1f}", f"{cached['p50_ms']:.1f} / {cached['p99_ms']:.1f}",
+                f"{plain['errors'] + cached['errors']}",
+                f"{cached['bytes_held'] / 2**30:.2f} of {data['session']['budget_bytes'] / 2**30:.0f} GiB",
+                "yes" if run["clean"] else "NO",
+            ])  # fmt: skip
+    head = ["spec", "history x candidates", "uncached (aotinductor, no user_id) p50 / p99", "cached hit p50 / p99",
             "first hit (graph capture)", "hit vs uncached, p50", "max abs diff vs float64",
             "every hit counted, both within tolerance"]  # fmt: skip
-    return (
-        f"`BUDGET=420 REQUESTS={data['requests']} OUT=<folder> bash bench/gpu_run_history_served.sh "
-        f"{data['spec'].removesuffix('-bench')}`, {source(name, data)}, one user per request over one gRPC "
-        f"connection, {data['requests']} timed requests per mode:\n\n" + table(head, rows)
+    out = (
+        "; ".join(sources)
+        + ". One user per request over one gRPC connection, 30 timed requests per mode:\n\n"
+        + table(head, rows)
+        + "\n\nWhere one execute spends it (ms per execute, the long history; Triton's queue and compute, the fused "
+        "model's host phases inside compute, and the dense step's device time from CUDA events):\n\n"
+        + table(["spec", "shape", "mode", *SERVED_PHASES], phases)
     )
+    if sessions:
+        first = next(results(n)["session"] for n in SERVED_GPU if "session" in results(n))
+        out += (
+            f"\n\nSession workload served ({first['users']} users x {first['visits']} visits in Zipf order "
+            f"(exponent {first['zipf']}), history {first['base_history']} + {first['delta']} events per visit, "
+            f"{first['candidates']} candidates, visits {first['gap_s']} s apart; uncached = the same requests without "
+            f"user_id; at most {first['budget_s_per_mode']:.0f} s per mode):\n\n" + table(SESSION_HEAD, sessions)
+        )
+    return out
 
 
 BLOCKS: dict[str, Callable[[Results], str]] = {

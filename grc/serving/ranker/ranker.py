@@ -61,7 +61,8 @@ class Ranker:
         self.users = 0
         self.tokens = 0
         self.rank_us = 0  # wall time inside rank(): host work, copies, and waiting for the device
-        self.dense_device_us = 0  # device time of the dense step (CUDA events; padding and graph replay included)
+        self.dense_device_us = 0  # device time of the dense step (CUDA events; padding and graph replay included;
+        # for users with an id the cached step, its copies of the cached K/V into the graph's buffers included)
         self.clock = PhaseClock()  # host seconds by phase (phases.py): rank() laps layout .. rank
 
     # ------------------------------------------------------------------ loading
@@ -177,6 +178,7 @@ class Ranker:
         layout = lay.build(parts, cfg)
         start, n = layout.fields["offsets"]
         bounds = layout.packed[start : start + n].tolist()
+        events = self._events()
         with torch.no_grad():
             feeds = lay.on_device(layout, self.device, cfg.cross_features)
             self.clock.lap("layout")
@@ -184,6 +186,8 @@ class Ranker:
             self.clock.lap("embed")
             stamps = feeds["timestamps"]
             spans = list(itertools.pairwise(bounds))
+            if events:
+                events[0].record()
             scores = caches.score(
                 self.history.dense,
                 visits,
@@ -191,32 +195,42 @@ class Ranker:
                 [stamps[a:b] for a, b in spans],
                 [c for _, c in layout.shapes],
             )
+            if events:
+                events[1].record()
             self.clock.lap("dense")
             picked = scores.float().cpu().numpy()
             self.clock.lap("fetch")
+        self._count_device(events)
         return self._outputs(checked, layout, picked, started)
 
     def _rank_whole(self, checked: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         started = time.perf_counter()
         layout = lay.build(checked, self.cfg)
-        cuda = self.device.type == "cuda"
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if cuda else []
+        events = self._events()
         with torch.no_grad():
             feeds = lay.on_device(layout, self.device, self.cfg.cross_features)
             self.clock.lap("layout")
             tokens = self._tokens(feeds, layout.tokens).to(self.dense_dtype)
             self.clock.lap("embed")
-            if cuda:
+            if events:
                 events[0].record()
             scores = self.dense(tokens, feeds["offsets"], feeds["num_candidates"], feeds["timestamps"])
-            if cuda:
+            if events:
                 events[1].record()
             self.clock.lap("dense")
             picked = scores.index_select(0, feeds["candidate_dst"]).float().cpu().numpy()  # waits for the device
             self.clock.lap("fetch")
-        if cuda:
-            self.dense_device_us += int(events[0].elapsed_time(events[1]) * 1000)
+        self._count_device(events)
         return self._outputs(checked, layout, picked, started)
+
+    def _events(self) -> list[torch.cuda.Event]:
+        """Two CUDA events around the dense step (its device time), or none on a CPU."""
+        return [torch.cuda.Event(enable_timing=True) for _ in range(2)] if self.device.type == "cuda" else []
+
+    def _count_device(self, events: list[torch.cuda.Event]) -> None:
+        """The dense step's device time, once the step is done (the scores were fetched)."""
+        if events:
+            self.dense_device_us += int(events[0].elapsed_time(events[1]) * 1000)
 
     def _outputs(
         self, checked: list[dict[str, np.ndarray]], layout: lay.Layout, picked: np.ndarray, started: float
