@@ -1,0 +1,141 @@
+"""Several users per cached score step (ScoreGraphs), as the fused model scores a dynamic batch of hits.
+
+    python bench/history_cache_batches.py --spec mtgr-base --out $OUT/history-cache-batches-h200.json
+    TRITON_INTERPRET=1 python bench/history_cache_batches.py --spec tests/specs/mtgr-tiny.yaml --users 1,2 \
+        --history 40 --candidates 8 --repeat 3 --out /tmp/b.json      # the flow on a CPU
+
+Why: served with 16 clients, the session workload's cached mode stalled on the H200 (seconds per request,
+bench/results/history-cache-served-h200.json) while one client ran smoothly; the batches of several users
+per step are what differs. Per users-per-step k (``--users``), each user a cached history of ``--history``
+events minus 0..40 (varied per step: the cached length moves, as in a session) with 10 new events and
+``--candidates`` candidates:
+
+- ``first_step_s``: the first k-user step (what a batch of a new size pays: compiles, autotuning, capture);
+- ``steps_ms``: every later step's wall time, the device synchronized (host work included), their p50 and
+  max, users/s = k / p50, and how many graphs were captured during them (new padded shapes);
+- ``uncached_ms``: the same k users' whole sequences through grc's fused kernels in a CUDA graph (the
+  uncached step as the GPU compile path runs it), p50 over ``--repeat``;
+- ``max_abs_diff_vs_one_user``: the k-user step's scores against each user scored alone (1-user steps).
+
+TRITON_PRINT_AUTOTUNING=1 shows each autotuning (key, seconds) as it happens. --deadline-s: no new k after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import write_result
+from bench.history_cache import synced
+from bench.history_cache_device import NOW, User, graphed, model_in, spec_path
+from grc.model.kv_cache import UserKV
+from grc.serving.common.score_graphs import ScoreGraphs
+from grc.serving.ranker.dense import GraphStats
+from grc.spec.loader import load_spec
+
+NEW = 10  # new history events per step (the session workload's +10)
+SLIDE = 40  # the cached length moves by up to this many events between steps
+
+
+Inputs = tuple[list[UserKV], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def step_inputs(users: list[User], caches: list[UserKV], cut: list[int]) -> Inputs:
+    """The k users' new rows (their last NEW events before the candidates, and the candidates) against their
+    caches cut to ``cut[b]`` cached rows."""
+    parts = [u.tokens[c:] for u, c in zip(users, cut, strict=True)]
+    stamps = torch.cat([u.stamps[c:] for u, c in zip(users, cut, strict=True)])
+    offsets = torch.tensor([0, *torch.tensor([p.shape[0] for p in parts]).cumsum(0).tolist()])
+    kept = [kv.prefix(c) for kv, c in zip(caches, cut, strict=True)]
+    return kept, torch.cat(parts), offsets, torch.tensor([u.candidates for u in users]), stamps
+
+
+@torch.no_grad()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--spec", default="mtgr-base")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--users", default="1,2,4,8,16", help="users per step, comma-separated")
+    ap.add_argument("--history", type=int, default=1040, help="history events of each user (cached, less 0..40)")
+    ap.add_argument("--candidates", type=int, default=256)
+    ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--deadline-s", type=float, default=float("inf"))
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    started = time.perf_counter()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    impl = "triton" if cuda or "TRITON_INTERPRET" in __import__("os").environ else "pytorch"
+    cfg = load_spec(spec_path(Path(__file__).resolve().parents[1], args.spec)).spec.model
+    model = model_in(cfg, device, args.dtype if cuda else "float32")
+    dtype = next(model.parameters()).dtype
+    ks = [int(k) for k in args.users.split(",")]
+    users = [User(cfg, args.history, args.candidates, seed, device, dtype) for seed in range(max(ks))]
+    profile = len(cfg.profile)
+    full = [u.prefill(model, profile + args.history - NEW, impl) for u in users]  # the most any step reuses
+    result: dict[str, Any] = {"spec": args.spec, "dtype": str(dtype), "impl": impl, "rows": []}
+    graphs = ScoreGraphs(model, impl, GraphStats(), max_users=max(ks), graphs=cuda)
+
+    def say(msg: str) -> None:
+        print(f"[{time.perf_counter() - started:7.1f} s] {msg}", flush=True)
+
+    for k in ks:
+        if time.perf_counter() - started > args.deadline_s:
+            result["rows"].append({"users": k, "skipped": f"past --deadline-s {args.deadline_s}"})
+            continue
+        group, caches = users[:k], full[:k]
+        row: dict[str, Any] = {"users": k}
+
+        def cuts(j: int, k: int = k) -> list[int]:
+            return [profile + args.history - NEW - (j * 7 + b * 13) % SLIDE for b in range(k)]
+
+        def step(j: int, group: list[User] = group, caches: list[UserKV] = caches) -> torch.Tensor:
+            kept, tokens, offsets, nc, stamps = step_inputs(group, caches, cuts(j))
+            now = [NOW] * len(group)
+            return graphs.score(kept, tokens, offsets, nc, stamps, now, impl, reuse_checked=True)[0]
+
+        say(f"{k} users per step: the first step")
+        captures = graphs.captures
+        row["first_step_s"], first = synced(lambda: step(0), device)
+        row["first_step_captures"] = graphs.captures - captures
+        alone = torch.cat([graphs.score(*step_inputs([u], [kv], [c]), [NOW], impl, reuse_checked=True)[0]
+                           for u, kv, c in zip(group, caches, cuts(0), strict=True)])  # fmt: skip
+        row["max_abs_diff_vs_one_user"] = float((first.float() - alone.float()).abs().max())
+        say(f"{k} users per step: {args.repeat} steps, cached lengths moving")
+        captures = graphs.captures
+        times = [synced(functools.partial(step, j), device)[0] * 1e3 for j in range(1, args.repeat + 1)]
+        p50 = statistics.median(times)
+        row.update(steps_ms=[round(t, 3) for t in times], p50_ms=p50, max_ms=max(times), users_per_s=k / p50 * 1e3,
+                   steps_captures=graphs.captures - captures)  # fmt: skip
+        if cuda:
+            tokens = torch.cat([u.tokens for u in group])
+            offsets = torch.tensor([0, *[u.n * (b + 1) for b, u in enumerate(group)]], device=device)
+            nc = torch.tensor([u.candidates for u in group], device=device)
+            stamps = torch.cat([u.stamps for u in group])
+
+            def forward(t: torch.Tensor = tokens, o: torch.Tensor = offsets, n: torch.Tensor = nc,
+                        ts: torch.Tensor = stamps) -> torch.Tensor:  # fmt: skip
+                return model.forward_jagged(t, o, n, ts, impl, fuse=True)
+
+            whole = graphed(forward)
+            uncached = [synced(whole, device)[0] * 1e3 for _ in range(args.repeat)]
+            row["uncached_ms"] = statistics.median(uncached)
+            row["uncached_users_per_s"] = k / row["uncached_ms"] * 1e3
+            row["cached_vs_uncached_users_per_s"] = row["users_per_s"] / row["uncached_users_per_s"]
+        say(f"{k} users per step: { ({key: v for key, v in row.items() if key != 'steps_ms'}) }")
+        result["rows"].append(row)
+        write_result(Path(args.out), result)
+    print(f"wrote {write_result(Path(args.out), result)}")
+
+
+if __name__ == "__main__":
+    main()
