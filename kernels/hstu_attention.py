@@ -452,10 +452,16 @@ AUTOTUNE_KEY = ["H", "CAUSAL", "BLOCK_DQK", "BLOCK_DV", "FAST_SILU", "ALLOW_TS_F
                 "SEQ_BUCKET"]
 
 
+# Sizes that vary from call to call are not specialised on (value 1, multiples of 16): each new combination
+# would compile every autotuning config again (~4.5 s each on the H200), on a served request's path (the
+# history cache's batched steps stalled for seconds that way: bench/results/history-cache-notes.md, session 9).
+NOT_SPECIALISED = ["T", "B", "stride_os", "SEQ_BUCKET"]
+
+
 @triton.autotune(
     configs=_configs(), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _configs_for_head_dim}, **PERSIST
 )
-@triton.jit
+@triton.jit(do_not_specialize=NOT_SPECIALISED)
 def _hstu_fwd_kernel(Q, K, V, Out, q_offsets, kv_offsets, ts, ncand, time_tab, pos_tab, far_tab, T, B,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                      stride_os, alpha, inv_norm, H, SEQ_BUCKET,
@@ -599,6 +605,13 @@ def key_splits(q: torch.Tensor, num_keys: int) -> int:
     return max(1, min(want, num_keys // SPLIT_MIN_KEYS, MAX_SPLITS))
 
 
+def tuning_buckets(max_seq_len: int) -> list[int]:
+    """Every SEQ_BUCKET (autotuning key) a model of ``max_seq_len`` can meet: a user holds at most
+    max_seq_len keys, so keys per user never round past its power of two."""
+    top = min(max(triton.next_power_of_2(max_seq_len), 256), 16384)
+    return [1 << e for e in range(8, top.bit_length())]
+
+
 def seq_bucket(num_keys: Any, users: int) -> int:
     """Keys per user rounded up to a power of two in [256, 16384] (the autotuning key); 0 for
     symbolic shapes (torch.compile / export: no shape guards)."""
@@ -736,6 +749,41 @@ def hstu_attention_cached_triton(
     if n_split > 1:
         out.copy_(dest.sum(0))
     return out
+
+
+def tune_cached(
+    pos_w: torch.Tensor,
+    ts_w: torch.Tensor,
+    alpha: float,
+    norm: float,
+    causal: bool,
+    max_seq_len: int,
+    head_qk: int,
+    head_v: int,
+    dtype: torch.dtype,
+) -> list[tuple[int, bool]]:
+    """Autotune the kernel for every key a model's steps can meet (``tuning_buckets`` x one part / split parts), on
+    synthetic inputs of each key's size, so that a server does it at load and no request waits for it (~18 s per
+    key when its configs compile, ~1 s when they are compiled, on the H200). ``pos_w`` / ``ts_w``: one layer's
+    tables, on the device (their shapes fix the kernel's constants). -> the (bucket, split) keys run."""
+    heads, device = pos_w.shape[0], pos_w.device
+    gen = torch.Generator().manual_seed(0)
+    done = []
+    for bucket in tuning_buckets(max_seq_len):
+        queries = min(bucket, 128)
+        q, k, v = (
+            torch.randn(n, heads, d, generator=gen).to(device, dtype)
+            for n, d in ((queries, head_qk), (bucket, head_qk), (bucket, head_v))
+        )
+        stamps = (1_750_000_000 - torch.arange(bucket, 0, -1) * 60).to(device)
+        q_off, kv_off = (torch.tensor([0, n], device=device) for n in (queries, bucket))
+        candidates = torch.tensor([min(16, queries)], device=device)
+        for splits in (1, 2):
+            hstu_attention_cached_triton(
+                q, k, v, q_off, kv_off, stamps, candidates, pos_w, ts_w, alpha, norm, causal, splits=splits
+            )
+            done.append((bucket, splits > 1))
+    return done
 
 
 def hstu_attention_triton(

@@ -24,6 +24,7 @@ from grc.serving.triton.model_config import render_config
 from grc.serving.triton.models.history_cached import TritonPythonModel, instance_device
 from grc.spec.loader import load_spec
 from grc.spec.schema import Spec
+from kernels.hstu_attention import tuning_buckets
 from tests.conftest import TEST_SPECS, run_build, write_spec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,6 +83,9 @@ def test_the_kernel_path_scores_like_the_reference(weights: tuple[Path, Spec, Pa
     assert result["stats"]["triton"] == {"hits": 1, "misses": 1}
     assert np.abs(scores["pytorch_hit"]).max() > 0.01
     assert result["stats"]["padded"]["padded_tokens"] > 0  # the graph layout's pad users were in the step
+    # the warm-up tuned every autotuning key the steps can meet, one part and split, before the scores below
+    buckets = tuning_buckets(load_spec(path).spec.model.hstu.max_seq_len)
+    assert result["tuned"] == [[b, split] for b in buckets for split in (False, True)]
     for visit in ("miss", "hit", "uncached"):
         assert relative_error(scores[f"triton_{visit}"], scores[f"pytorch_{visit}"]) < 1e-5, (visit, seed)
         assert relative_error(scores[f"padded_{visit}"], scores[f"pytorch_{visit}"]) < 1e-5, (visit, seed)

@@ -16,6 +16,7 @@ from grc.model.sample import random_batch
 from grc.serving.common.score_graphs import ScoreGraphs, pad_users, plan
 from grc.serving.ranker.buckets import ladder
 from grc.serving.ranker.dense import GraphStats
+from kernels.hstu_attention import seq_bucket, tuning_buckets
 from tests.conftest import SPECS, TEST_SPECS
 from tests.test_model import _model
 
@@ -158,6 +159,8 @@ def test_the_padded_layout(max_seq_len: int) -> None:
         assert len(set(slots.tolist())) == shape.rows and slots.max() < shape.keys
         assert np.all(np.diff(kv_off)[b:] <= max_seq_len)
         assert layout.candidates == sum(candidates)
+        # the attention kernel's autotuning key of this step is one the warm-up tunes (ScoreGraphs.warm_up)
+        assert seq_bucket(shape.keys, shape.users) in tuning_buckets(max_seq_len)
         for u in range(b):  # the real users' new rows fill the last slots of their sequences
             n_kv = past[u] + int(new[u])
             assert list(slots[bounds[u] : bounds[u + 1]]) == list(range(kv_off[u] + past[u], kv_off[u] + n_kv))

@@ -197,6 +197,33 @@ class ScoreGraphs:
         self.pool = torch.cuda.graph_pool_handle() if graphs else None
         self.captures = 0  # graphs captured so far (each shape's first step)
 
+    def warm_up(self, like: torch.Tensor) -> list[tuple[int, bool]]:
+        """Before serving (``like``: the device and dtype): the cached attention kernel autotuned for every key the
+        steps can meet (kernels.hstu_attention.tune_cached), then one small step (a miss of one short user), which
+        compiles the fused GEMMs and the heads kernel and captures that shape's graph. On the H200 a step that met a
+        new autotuning key on a request's path stalled the instance for ~18 s (session 9's served session workload
+        at 16 clients). -> the attention keys tuned (none when the step runs the reference ops)."""
+        if self.impl != "triton":
+            return []
+        from kernels.hstu_attention import tune_cached
+
+        cfg, h = self.dense.cfg, self.dense.cfg.hstu
+        table = next(iter(self.dense.hstu_layers)).attention  # every layer's tables have the same shapes
+        with torch.no_grad():
+            tuned = tune_cached(
+                table.pos_w, table.ts_w, h.scale, float(h.max_seq_len), h.history_mask == "causal", h.max_seq_len,
+                h.head_qk, h.head_v, like.dtype,
+            )  # fmt: skip
+            profile, events, candidates, now = len(cfg.profile), 48, 16, 1_750_000_000
+            n = profile + events + candidates
+            tokens = torch.randn(n, cfg.d_model, generator=torch.Generator().manual_seed(0)).to(like.device, like.dtype)
+            gaps = torch.cat([torch.zeros(profile), torch.arange(events, 0, -1) * 60.0, torch.zeros(candidates)])
+            stamps = (now - gaps).to(torch.int64).to(like.device)
+            empty = self.dense.empty_cache(profile, tokens)
+            offsets, counts = torch.tensor([0, n]), torch.tensor([candidates])
+            self.score([empty], tokens, offsets, counts, stamps, [now], self.impl, reuse_checked=True)
+        return tuned
+
     @property
     def nbytes(self) -> int:
         """Bytes of the kept shapes' static buffers (the graphs' own intermediates come from the shared pool)."""

@@ -111,8 +111,9 @@ class Ranker:
                 from grc.serving.common.score_graphs import ScoreGraphs
 
                 top = -(-max(b.tokens for b in plan) // cfg.hstu.max_seq_len)
-                history.caches.graphs = ScoreGraphs(history.dense, history.caches.impl, stats, top)
+                history.caches.graphs = cached_graphs = ScoreGraphs(history.dense, history.caches.impl, stats, top)
                 log("history cache: the cached score step runs in CUDA graphs (captured per padded shape at first use)")
+                warm_up(cached_graphs, torch.empty(0, device=dev, dtype=dtype), log)
         tables = open_lookup(
             cfg,
             weights_dir,
@@ -282,6 +283,16 @@ class Ranker:
             "rank_us": self.rank_us,
             "dense_device_us": self.dense_device_us,
         }
+
+
+def warm_up(graphs: Any, like: torch.Tensor, log: Callable[[str], None]) -> None:
+    """``ScoreGraphs.warm_up`` at load, said: no served request waits for an autotuning or the first compile."""
+    started = time.perf_counter()
+    tuned = graphs.warm_up(like)
+    log(
+        f"history cache: the cached attention kernel autotuned for {len(tuned)} keys and one small step run "
+        f"(fused GEMMs, heads kernel compiled) in {time.perf_counter() - started:.1f} s"
+    )
 
 
 def cuda_missing(what: str) -> str:

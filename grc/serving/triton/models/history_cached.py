@@ -109,6 +109,7 @@ class CachedScorer:
             from grc.serving.ranker.dense import GraphStats
 
             self.caches.graphs = ScoreGraphs(self.dense, self.impl, GraphStats(), max_users=MAX_GRAPHED_USERS)
+            self.caches.graphs.warm_up(torch.empty(0, device=self.device, dtype=self.dtype))
 
     @property
     def cache(self) -> HistoryCache:
