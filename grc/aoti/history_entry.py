@@ -13,7 +13,8 @@ candidates are a mask rather than a selection, and the cached timestamps come as
 derived dimension cannot be the sum of two). What stays with the caller, as in ``GRDense.score``:
 the cache's timestamps as the request stamps them (``UserKV.timestamps_at(now)``), after
 ``UserKV.reusable_at(now)`` said yes. ``check`` compares a compiled pair with GRDense in float64.
-Kept apart from the aoti stage (grc/aoti/build.py), which can add these packages beside its own.
+The aoti stage builds them beside each target's package with ``engine.aoti.history_entries``
+(``build_checked``: compile, parity, the manifest's record); the served cache does not run them yet.
 """
 
 from __future__ import annotations
@@ -195,3 +196,41 @@ def check(
         "score_keys": rel(torch.cat([keys, new_k], 1)[:, : grown.length], torch.stack(grown.keys)),
         "score_values": rel(torch.cat([values, new_v], 1)[:, : grown.length], torch.stack(grown.values)),
     }
+
+
+FOLDER = "history"  # <target>/history/{prefill,score}.pt2
+
+
+def build_checked(
+    dense: GRDense,
+    folder: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_rel: float,
+    seed: int,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Both packages into ``folder``/history, then ``check`` on a fresh user: every relative error (norm of the
+    difference over the reference's) within ``max_rel`` or a StageError naming the worst. -> the manifest's record
+    (package paths relative to ``folder``, their sha256, the errors)."""
+    from grc.build.fingerprint import sha256_file
+    from grc.errors import StageError
+
+    log(f"aoti: {folder.name}: the history cache's prefill and score entry points (two more compiles)")
+    paths = build(dense, folder / FOLDER, device, dtype)
+    errors = check(paths, dense, device, dtype, seed)
+    worst = max(errors, key=lambda k: errors[k])
+    figures = ", ".join(f"{k} {v:.2e}" for k, v in errors.items())
+    if errors[worst] > max_rel:
+        raise StageError(
+            f"aoti: {folder.name}: the history entry points differ from GRDense.prefill / score in float64 beyond "
+            f"the tolerance: {worst} relative error {errors[worst]:.3e} > {max_rel:.1e} ({figures})"
+        )
+    log(f"aoti: {folder.name}: history entry points within {max_rel:.1e} of float64 ({figures})")
+    return {
+        "packages": {name: f"{folder.name}/{FOLDER}/{path.name}" for name, path in paths.items()},
+        "sha256": {f"{folder.name}/{FOLDER}/{path.name}": sha256_file(path) for path in paths.values()},
+        "parity": {"reference": "GRDense.prefill / score, PyTorch float64", "relative_errors": errors,
+                   "max_rel": max_rel},
+        "served": False,  # the served cache runs ScoreGraphs / GRDense.score, not these packages
+    }  # fmt: skip

@@ -433,6 +433,12 @@ class AotiConfig(_Section):
         description="export the fused Triton projections and candidate heads (kernels/fused_*.py; their PyTorch "
         "twins in cpu packages); off until a device run shows they pay",
     )
+    history_entries: bool = Field(
+        False,
+        description="also compile the history cache's prefill and score entry points per target "
+        "(<target>/history/{prefill,score}.pt2, grc/aoti/history_entry.py), each pair checked against "
+        "GRDense.prefill / score in float64 at build; two more compiles per target; not served yet",
+    )
 
     @model_validator(mode="after")
     def _targets(self) -> AotiConfig:

@@ -13,7 +13,9 @@ GEMMs are float8 e4m3 ``torch._scaled_mm`` calls (grc/model/fp8.py, PACKAGE_GEMM
 calibrated on ``engine.calibration``'s users (grc/engine/aoti_quality.py) and recorded in the
 metadata under ``fp8``; parity is still against the unquantized model. Every package is also held
 to the ranking gates (``verify.ranking``: held-out users vs the fp32 model), its figures in the
-metadata under ``ranking``; a failing gate fails the stage with the table.
+metadata under ``ranking``; a failing gate fails the stage with the table. ``engine.aoti.history_entries``:
+each built target also gets the history cache's prefill and score packages (``<target>/history/``, checked
+against GRDense.prefill / score in float64, recorded in the manifest entry under ``history_entries``).
 """
 
 from __future__ import annotations
@@ -51,10 +53,12 @@ def fp8_gpu_or_fail(target: str) -> None:
 def run(ctx: Context) -> dict[str, Any]:
     import hashlib
 
+    import torch
     from rich.table import Table
     from rich.text import Text
 
-    from grc.aoti.build import PACKAGE, build_target
+    from grc.aoti.build import DTYPES, PACKAGE, build_target
+    from grc.aoti.history_entry import build_checked
     from grc.engine.aoti_quality import fp8_package_model, held_out_reference, ranking_check
     from grc.weights import DENSE_VIEW, load_model
 
@@ -89,22 +93,26 @@ def run(ctx: Context) -> dict[str, Any]:
             ctx.log(f"aoti: the ranking gates' float32 reference ({spec.verify.ranking.users} held-out users, CPU)")
             reference = held_out_reference(dense, spec)
         check = ranking_check(dense, spec, f"aoti:{target}", precision, quantized or dtype == "float32", reference)
-        entries.append(
-            build_target(
-                dense,
-                target,
-                cfg.dtype,
-                ctx.out / target,
-                tolerance(spec, dtype, quantized),
-                shapes,
-                PARITY_SEED,
-                {**provenance, "fp8": fp8[1] if quantized and fp8 else None},
-                ctx.log,
-                packaged=fp8[0] if quantized and fp8 else None,
-                checks=check,
-                fuse=cfg.fuse,
-            )
+        entry = build_target(
+            dense,
+            target,
+            cfg.dtype,
+            ctx.out / target,
+            tolerance(spec, dtype, quantized),
+            shapes,
+            PARITY_SEED,
+            {**provenance, "fp8": fp8[1] if quantized and fp8 else None},
+            ctx.log,
+            packaged=fp8[0] if quantized and fp8 else None,
+            checks=check,
+            fuse=cfg.fuse,
         )
+        if cfg.history_entries and entry["status"] == "built":  # from the model in dtype (not the fp8 copy)
+            max_rel = tolerance(spec, dtype).max_rel
+            entry["history_entries"] = build_checked(
+                dense, ctx.out / target, torch.device(entry["device"]), DTYPES[dtype], max_rel, PARITY_SEED, ctx.log
+            )
+        entries.append(entry)
     table = Table(title="aoti packages", show_edge=False)
     for col in ("target", "device", "dtype", "status", "parity / why skipped"):
         table.add_column(col)
@@ -124,7 +132,10 @@ def run(ctx: Context) -> dict[str, Any]:
         "skipped": {e["name"]: e["reason"] for e in entries if e["status"] == "skipped"},
         "weights_manifest_sha256": provenance["weights"]["manifest_sha256"],
         # file -> digest (the manifests' convention: the build cache takes these instead of hashing again)
-        "sha256": {f"{e['name']}/{PACKAGE}": e["package_sha256"] for e in entries if e["status"] == "built"},
+        "sha256": {
+            **{f"{e['name']}/{PACKAGE}": e["package_sha256"] for e in entries if e["status"] == "built"},
+            **{k: v for e in entries for k, v in e.get("history_entries", {}).get("sha256", {}).items()},
+        },
         "metadata": {
             e["name"]: json.loads((ctx.out / e["metadata"]).read_text())["build_seconds"]
             for e in entries

@@ -1,19 +1,23 @@
-"""The history cache's prefill and score entry points as AOTInductor packages, built and run on CPU
-(mtgr-tiny: profile tokens and group norms), matched against GRDense.prefill / score in float64 on a
-fresh random user. Two AOTInductor compiles for the module (a minute or more on 2 shared cores)."""
+"""The history cache's prefill and score entry points as AOTInductor packages, built by the aoti stage
+(engine.aoti.history_entries) and run on CPU (mtgr-tiny: profile tokens and group norms), matched against
+GRDense.prefill / score in float64 on a fresh random user. Three AOTInductor compiles for the module (the
+model's package and the two entry points: a minute or more on 2 shared cores)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from grc.aoti import history_entry as he
+from grc.build.fingerprint import sha256_file
 from grc.model.gr import GRDense
 from grc.model.params import dense_params, init_tensor
 from grc.spec.loader import load_spec
-from tests.conftest import TEST_SPECS
+from tests.conftest import TEST_SPECS, run_build, write_spec
 
 pytestmark = pytest.mark.slow
 TOLERANCE = 1e-5  # float32 packages vs the float64 model (verify.export's)
@@ -32,10 +36,31 @@ def seeded_dense(seed: int) -> GRDense:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[GRDense, dict[str, Path]]:
-    dense = seeded_dense(int(torch.randint(0, 1 << 20, ()).item()))
-    out = tmp_path_factory.mktemp("history_entry")
-    return dense, he.build(dense, out, torch.device("cpu"), torch.float32)
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[GRDense, dict[str, Path], dict[str, Any]]:
+    """The aoti stage with engine.aoti.history_entries on: its cpu target's entry packages and manifest entry."""
+    from grc.weights import load_model
+
+    folder = tmp_path_factory.mktemp("history_entry")
+    aoti = {"enabled": True, "targets": ["cpu"], "history_entries": True}
+    spec = write_spec(folder, TEST_SPECS / "mtgr-tiny.yaml", {"engine.aoti": aoti})
+    assert run_build(spec, only=["aoti"]) == {"weights": "built", "aoti": "built"}
+    root = folder / "artifacts" / "mtgr-tiny"
+    entry = json.loads((root / "engines-aoti" / "manifest.json").read_text())
+    dense = load_model(load_spec(spec).spec.model, root / "weights").dense.eval()
+    record = entry["targets"][0]["history_entries"]
+    packages = {name: root / "engines-aoti" / rel for name, rel in record["packages"].items()}
+    return dense, packages, entry
+
+
+def test_the_stage_records_the_entry_points_checked(built: tuple[GRDense, dict[str, Path], dict[str, Any]]) -> None:
+    _, packages, manifest = built
+    record = manifest["targets"][0]["history_entries"]
+    errors = record["parity"]["relative_errors"]
+    assert set(errors) == {"prefill_keys", "prefill_values", "scores", "score_keys", "score_values"}
+    assert all(0 < e <= record["parity"]["max_rel"] for e in errors.values()), errors  # non-zero data, within
+    for rel, digest in record["sha256"].items():
+        assert manifest["sha256"][rel] == digest == sha256_file(packages[Path(rel).stem])
+    assert record["served"] is False
 
 
 def test_the_exported_steps_hold_one_cached_attention_per_layer() -> None:
@@ -46,8 +71,8 @@ def test_the_exported_steps_hold_one_cached_attention_per_layer() -> None:
         assert ops.count("grc.hstu_attention_cached.default") == dense.cfg.hstu.num_layers
 
 
-def test_cpu_packages_match_prefill_and_score(built: tuple[GRDense, dict[str, Path]]) -> None:
-    dense, packages = built
+def test_cpu_packages_match_prefill_and_score(built: tuple[GRDense, dict[str, Path], dict[str, Any]]) -> None:
+    dense, packages, _ = built
     assert sorted(packages) == [he.PREFILL, he.SCORE] and all(p.is_file() for p in packages.values())
     seed = int(torch.randint(0, 1 << 30, ()).item())
     errors = he.check(packages, dense, torch.device("cpu"), torch.float32, seed)
