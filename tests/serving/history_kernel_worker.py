@@ -43,6 +43,8 @@ def main() -> None:
         if impl == "padded":  # warmed up as a server warms it (its small step's shape stays among the kept ones)
             scorer.caches.graphs = ScoreGraphs(scorer.dense, "triton", GraphStats(), max_users=2, graphs=False)
             tuned = scorer.caches.graphs.warm_up(torch.empty(0, dtype=scorer.dtype))
+            warm = scorer.caches.graphs.stats
+            stats["after_warm_up"] = {"graph_hits": warm.graph_hits, "padded_tokens": warm.padded_tokens}
         user = np.array([7], np.int64)
         for visit, arrays in (("miss", earlier), ("hit", full)):
             got = scorer.score(parse(dict(arrays), cfg, True), user)

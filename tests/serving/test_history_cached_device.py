@@ -85,6 +85,7 @@ def test_the_kernel_path_scores_like_the_reference(weights: tuple[Path, Spec, Pa
     assert result["stats"]["padded"]["padded_tokens"] > 0  # the graph layout's pad users were in the step
     # the warm-up tuned every autotuning key the steps can meet, one part and split, before the scores below
     buckets = tuning_buckets(load_spec(path).spec.model.hstu.max_seq_len)
+    assert result["stats"]["after_warm_up"] == {"graph_hits": 0, "padded_tokens": 0}  # its step is not counted
     assert result["tuned"] == [[b, split] for b in buckets for split in (False, True)]
     for visit in ("miss", "hit", "uncached"):
         assert relative_error(scores[f"triton_{visit}"], scores[f"pytorch_{visit}"]) < 1e-5, (visit, seed)

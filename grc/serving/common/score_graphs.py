@@ -221,7 +221,11 @@ class ScoreGraphs:
             stamps = (now - gaps).to(torch.int64).to(like.device)
             empty = self.dense.empty_cache(profile, tokens)
             offsets, counts = torch.tensor([0, n]), torch.tensor([candidates])
-            self.score([empty], tokens, offsets, counts, stamps, [now], self.impl, reuse_checked=True)
+            served, self.stats = self.stats, GraphStats()  # the served model's counters count requests only
+            try:
+                self.score([empty], tokens, offsets, counts, stamps, [now], self.impl, reuse_checked=True)
+            finally:
+                self.stats = served
         return tuned
 
     @property
