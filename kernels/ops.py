@@ -25,6 +25,7 @@ from torch.library import custom_op, triton_op, wrap_triton
 from kernels import reference
 from kernels.hstu_attention import INTERPRET, hstu_attention_cached_triton, hstu_attention_triton
 from kernels.norm_gate import norm_gate_triton
+from kernels.silu import silu_triton
 
 IMPLS = ("triton", "pytorch")
 
@@ -149,6 +150,25 @@ def _route(impl: str, first: torch.Tensor, *tensors: torch.Tensor) -> str:
     if not all(type(t) in _PLAIN and not (grad and t.requires_grad) for t in (first, *tensors)):
         return "op"
     return "kernel" if runs_kernel(first) else "reference"
+
+
+@triton_op("grc::silu", mutates_args=())
+def _silu_op(x: torch.Tensor) -> torch.Tensor:
+    if not runs_kernel(x):
+        return torch.nn.functional.silu(x)
+    return silu_triton(x, wrap=wrap_triton)
+
+
+def silu(x: torch.Tensor, impl: str = "triton") -> torch.Tensor:
+    """SiLU as a pass of its own (kernels/silu.py says why): impl="triton" the ``grc::silu`` op (its Triton kernel
+    on CUDA, F.silu elsewhere), "pytorch" F.silu."""
+    _check_impl(impl)
+    route = _route(impl, x)
+    if route == "reference":
+        return torch.nn.functional.silu(x)
+    if route == "kernel":
+        return silu_triton(x)
+    return torch.ops.grc.silu(x)
 
 
 def _check_impl(impl: str) -> None:

@@ -243,10 +243,12 @@ def compile_target(
     folder: Path,
     log: Callable[[str], None] = print,
     fuse: bool = False,
+    silu_apart: bool = False,
 ) -> dict[str, Any]:
     """Export + AOTInductor compile into ``folder``. Returns {"status": "skipped", ...} when this
     host lacks the target's device, else what ``verify_target`` needs. fuse: the fused Triton
-    GEMMs and heads (kernels/fused_*.py; their twins on a CPU), else the unfused layer."""
+    GEMMs and heads (kernels/fused_*.py; their twins on a CPU), else the unfused layer; silu_apart:
+    the unfused layer's SiLU as the grc::silu op (engine.aoti.silu_apart)."""
     device, reason, host = resolve_target(target)
     if device is None:
         log(f"aoti: {target}: skipped: {reason}")
@@ -257,13 +259,13 @@ def compile_target(
     started = time.perf_counter()
     # progress on long work: the compile below is silent for one to three minutes on a GPU (Inductor autotunes
     # every Triton kernel on the example batch)
-    what = f"{dtype_name}, fused ops" if fuse else dtype_name
+    what = f"{dtype_name}, fused ops" if fuse else (f"{dtype_name}, SiLU apart" if silu_apart else dtype_name)
     log(f"aoti: {target}: exporting and compiling ({what}): a minute or more, Inductor compiles and autotunes")
-    program = export_program(dense, device, DTYPES[dtype_name], fuse=fuse)
+    program = export_program(dense, device, DTYPES[dtype_name], fuse=fuse, silu_apart=silu_apart)
     export_s = time.perf_counter() - started
     ops = custom_ops(program)
     traced_kernels = any("triton_kernel_wrapper" in op for op in ops)  # torch versions that trace into triton_ops
-    expected = expected_ops(dense.cfg.hstu.num_layers, fuse)
+    expected = expected_ops(dense.cfg.hstu.num_layers, fuse, silu_apart)
     if {op: ops.count(op) for op in expected} != expected and not traced_kernels:
         raise StageError(f"aoti: {target}: expected {expected} grc nodes in the exported program, found {ops}")
     tag = {"grc.format": FORMAT, "grc.target": target, "grc.dtype": dtype_name, "grc.device": device.type}
@@ -274,7 +276,8 @@ def compile_target(
         f"({(folder / PACKAGE).stat().st_size / 2**20:.1f} MiB)"
     )
     return {"name": target, "status": "compiled", "device": device, "host": host, "dtype": dtype_name,
-            "ops": ops, "export_s": export_s, "compile_s": compile_s, "fused": fuse}  # fmt: skip
+            "ops": ops, "export_s": export_s, "compile_s": compile_s, "fused": fuse,
+            "silu_apart": silu_apart}  # fmt: skip
 
 
 def build_target(
@@ -290,12 +293,13 @@ def build_target(
     packaged: GRDense | None = None,
     checks: Checks | None = None,
     fuse: bool = False,
+    silu_apart: bool = False,
 ) -> dict[str, Any]:
     """Export + compile + parity for one target into ``folder``; the manifest entry (status built
     or skipped). Raises StageError when the package misses the tolerance. ``packaged``: the model
     compiled when it is not ``dense`` itself (the fp8 one); parity still compares with ``dense``.
-    fuse: engine.aoti.fuse."""
-    compiled = compile_target(packaged or dense, target, dtype_name, folder, log, fuse)
+    fuse: engine.aoti.fuse; silu_apart: engine.aoti.silu_apart."""
+    compiled = compile_target(packaged or dense, target, dtype_name, folder, log, fuse, silu_apart)
     if compiled["status"] == "skipped":
         return compiled
     return verify_target(dense, compiled, folder, tolerance, shapes, seed, provenance, log, checks=checks)
@@ -356,6 +360,7 @@ def verify_target(
         },
         "custom_ops": ops,
         "fused": compiled["fused"],
+        "silu_apart": compiled["silu_apart"],
         "time_buckets": time_bucket_note(dense.cfg.hstu.time_buckets),
         "kernels": (
             "Triton kernels compiled into the package"

@@ -53,11 +53,12 @@ class JaggedDense(nn.Module):
     """tokens [T, D], offsets [B+1], num_candidates [B], timestamps [T] -> scores [T, tasks]
     (zero except at candidate tokens), exactly ``GRDense.forward_jagged``."""
 
-    def __init__(self, dense: GRDense, impl: str = "triton", fuse: bool = False):
+    def __init__(self, dense: GRDense, impl: str = "triton", fuse: bool = False, silu_apart: bool = False):
         super().__init__()
         self.dense = dense
         self.impl = impl
         self.fuse = fuse  # the fused kernels (impl="triton" only): engine.aoti.fuse, off until measured
+        self.silu_apart = silu_apart  # SiLU as grc::silu (engine.aoti.silu_apart), off until measured
 
     def forward(
         self, tokens: torch.Tensor, offsets: torch.Tensor, num_candidates: torch.Tensor, timestamps: torch.Tensor
@@ -67,7 +68,9 @@ class JaggedDense(nn.Module):
         group = token_groups(d.cfg, idx, n_ctx)
         x = tokens
         for layer in d.hstu_layers:
-            x = layer.forward_jagged(x, group, offsets, num_candidates, timestamps, impl=self.impl, fuse=self.fuse)
+            x = layer.forward_jagged(
+                x, group, offsets, num_candidates, timestamps, self.impl, self.fuse, self.silu_apart
+            )
         if self.fuse:
             return d.candidate_scores(x, group, idx >= n_ctx, fuse=True)
         # every row, masked: GRDense's gather of the candidate rows has a data-dependent row count
@@ -99,10 +102,11 @@ def trace_inputs(dense: GRDense, device: torch.device, dtype: torch.dtype) -> Ja
     return random_inputs(cfg, 2, history, 2, gen, ragged=False).to(device, dtype)
 
 
-def expected_ops(num_layers: int, fuse: bool) -> dict[str, int]:
+def expected_ops(num_layers: int, fuse: bool, silu_apart: bool = False) -> dict[str, int]:
     """The grc custom-op nodes an exported program of ``num_layers`` layers holds."""
     if not fuse:
-        return {"grc.hstu_attention.default": num_layers, "grc.norm_gate.default": num_layers}
+        ops = {"grc.hstu_attention.default": num_layers, "grc.norm_gate.default": num_layers}
+        return {**ops, "grc.silu.default": num_layers} if silu_apart else ops
     uvqk = ("grc.norm_linear_silu",) if NORM_PROLOGUE["uvqk"] else ("grc.linear_silu",)
     out = ("grc.gated_linear_residual",) if NORM_PROLOGUE["out"] else ("grc.norm_gate", "grc.linear_residual")
     per_layer = (*uvqk, "grc.hstu_attention", *out)
@@ -110,11 +114,11 @@ def expected_ops(num_layers: int, fuse: bool) -> dict[str, int]:
 
 
 def export_program(
-    dense: GRDense, device: torch.device, dtype: torch.dtype, fuse: bool = False
+    dense: GRDense, device: torch.device, dtype: torch.dtype, fuse: bool = False, silu_apart: bool = False
 ) -> torch.export.ExportedProgram:
     """``torch.export`` of ``JaggedDense`` (dense cast to ``dtype`` on ``device``), dynamic users
-    and tokens; the grc ops stay custom-op nodes in the program (fuse: the fused ones)."""
-    model = JaggedDense(copy.deepcopy(dense).to(device=device, dtype=dtype), fuse=fuse).eval()
+    and tokens; the grc ops stay custom-op nodes in the program (fuse: the fused ones; silu_apart: grc::silu)."""
+    model = JaggedDense(copy.deepcopy(dense).to(device=device, dtype=dtype), fuse=fuse, silu_apart=silu_apart).eval()
     sample = trace_inputs(dense, device, dtype)
     with torch.no_grad():
         return torch.export.export(model, sample.args(), dynamic_shapes=dynamic_shapes(), strict=False)

@@ -27,6 +27,7 @@ from grc.model.kernel_ops import (
     norm_gate,
     norm_linear_silu,
 )
+from grc.model.kernel_ops import silu_apart as silu_apart_op
 from grc.spec.schema import HSTUConfig
 
 # Where the fused path (fuse=True) runs each projection's norm: as its GEMM's prologue, or apart
@@ -138,11 +139,17 @@ class HSTULayer(nn.Module):
         self.norm_attn = nn.LayerNorm(cfg.linear_dim, eps=cfg.eps)
         self.out = nn.Linear(cfg.linear_dim, d_model)
 
-    def _project(self, x: torch.Tensor, group: torch.Tensor, fuse: bool = False) -> tuple[torch.Tensor, ...]:
+    def _project(
+        self, x: torch.Tensor, group: torch.Tensor, fuse: bool = False, silu_apart: bool = False
+    ) -> tuple[torch.Tensor, ...]:
         """x [..., D] -> u [..., Lv], and q, k [..., H, Dqk], v [..., H, Dv] (fuse: one Triton
-        GEMM with the group norm as prologue and SiLU as epilogue; u, v, q, k are views of it)."""
+        GEMM with the group norm as prologue and SiLU as epilogue; u, v, q, k are views of it;
+        silu_apart: SiLU as the ``grc::silu`` op, so compiled code keeps one activated buffer and the four are
+        views of it, kernels/silu.py)."""
         c = self.cfg
-        if fuse and NORM_PROLOGUE["uvqk"]:
+        if silu_apart and not fuse:
+            uvqk = silu_apart_op(self.uvqk(self.norm_in(x, group)))
+        elif fuse and NORM_PROLOGUE["uvqk"]:
             n = self.norm_in
             uvqk = norm_linear_silu(x, group, n.weight, n.bias, self.uvqk.weight, self.uvqk.bias, n.eps)
         elif fuse:  # SiLU as the GEMM's epilogue, the norm apart
@@ -192,11 +199,15 @@ class HSTULayer(nn.Module):
         timestamps: torch.Tensor,
         impl: str = "pytorch",
         fuse: bool = False,
+        silu_apart: bool = False,
     ) -> torch.Tensor:
         """fuse (impl="triton" only): the projections as fused Triton GEMMs (kernels/fused_linear.py),
-        the GPU compile path; the unfused form is the model's math (ONNX, TensorRT plugins)."""
+        the GPU compile path; the unfused form is the model's math (ONNX, TensorRT plugins).
+        silu_apart (impl="triton" only, unfused): SiLU as the grc::silu op (engine.aoti.silu_apart)."""
         _check_fuse(fuse, impl)
-        u, q, k, v = self._project(x, group, fuse)
+        if silu_apart and impl != "triton":
+            raise ValueError(f"silu_apart runs the grc::silu op: it needs impl='triton', got impl={impl!r}")
+        u, q, k, v = self._project(x, group, fuse, silu_apart)
         attn = self.attention.jagged(q, k, v, offsets, num_candidates, timestamps, impl)
         return self._finish(x, attn, u, impl=impl, fuse=fuse)
 

@@ -43,6 +43,13 @@ def norm_gate(
     return kernel_norm_gate(a, u, weight, bias, eps, impl=impl)
 
 
+def silu_apart(x: torch.Tensor) -> torch.Tensor:
+    """SiLU as a pass of its own: the ``grc::silu`` op (kernels/silu.py says why)."""
+    from kernels.ops import silu
+
+    return silu(x, impl="triton")
+
+
 def hstu_attention_cached(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -433,6 +433,12 @@ class AotiConfig(_Section):
         description="export the fused Triton projections and candidate heads (kernels/fused_*.py; their PyTorch "
         "twins in cpu packages); off until a device run shows they pay",
     )
+    silu_apart: bool = Field(
+        False,
+        description="the unfused layer's SiLU as a kernel of its own (grc::silu, kernels/silu.py), so the compiled "
+        "code keeps ONE activated UVQK buffer and u, v, q, k are views of it (Inductor otherwise writes each apart); "
+        "off until a device run shows it pays; not with fuse (the fused GEMM applies SiLU itself)",
+    )
     history_entries: bool = Field(
         False,
         description="also compile the history cache's prefill and score entry points per target "
@@ -446,6 +452,11 @@ class AotiConfig(_Section):
             raise ValueError(
                 f"dtype: precision fp8 writes its GEMMs' outputs in bfloat16 (torch._scaled_mm with row-wise "
                 f"scales), so dtype must be bfloat16 (got {self.dtype!r})"
+            )
+        if self.silu_apart and self.fuse:
+            raise ValueError(
+                "silu_apart: with fuse the UVQK GEMM applies SiLU in its epilogue (one buffer already); set one of "
+                "the two"
             )
         if self.precision == "fp8" and self.fuse:
             raise ValueError(

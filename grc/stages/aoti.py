@@ -106,6 +106,7 @@ def run(ctx: Context) -> dict[str, Any]:
             packaged=fp8[0] if quantized and fp8 else None,
             checks=check,
             fuse=cfg.fuse,
+            silu_apart=cfg.silu_apart,
         )
         if cfg.history_entries and entry["status"] == "built":  # from the model in dtype (not the fp8 copy)
             max_rel = tolerance(spec, dtype).max_rel

@@ -27,6 +27,7 @@ from kernels.hstu_attention import (  # noqa: E402
     hstu_attention_triton,
 )
 from kernels.norm_gate import norm_gate_triton  # noqa: E402
+from kernels.silu import silu_triton  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
@@ -237,6 +238,20 @@ def norm_gate_job(gen: torch.Generator) -> dict[str, float]:
     return results
 
 
+def silu_job(gen: torch.Generator) -> dict[str, float]:
+    """grc::silu's kernel on a whole tensor (odd sizes: the last block masked), float64 included, vs F.silu in
+    float64; and through the op, exactly the kernel."""
+    results: dict[str, float] = {}
+    for name, dtype in {**DTYPES, "float64": torch.float64}.items():
+        for shape in ((37, 48), (3, 1025), (2, 7, 40)):
+            x = (torch.randn(*shape, generator=gen) * 4).to(dtype)
+            out = silu_triton(x)
+            results[f"{name}_{'x'.join(map(str, shape))}"] = rel_err(out, torch.nn.functional.silu(x.double()))
+    x = torch.randn(5, 33, generator=gen)
+    results["op_equals_kernel"] = float(torch.equal(torch.ops.grc.silu(x), silu_triton(x)))
+    return results
+
+
 @triton.jit
 def _bucket_kernel(DT, TS_I, TS_J, OUT32, OUT64, n, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
@@ -298,6 +313,8 @@ def main() -> None:
         results = not_a_suffix_job()
     elif job == "norm_gate":
         results = norm_gate_job(gen)
+    elif job == "silu":
+        results = silu_job(gen)
     else:
         results = bucket_job()
     print(json.dumps(results))

@@ -77,6 +77,14 @@ def test_norm_gate_kernel() -> None:
     assert not bad, f"seed={seed}: rel. error over bound (inf = NaN left in output): {bad}"
 
 
+def test_silu_kernel() -> None:
+    results, seed = run_worker("silu", "all")
+    assert results.pop("op_equals_kernel") == 1.0, f"seed={seed}: grc::silu is not its kernel"
+    bounds = {**BOUNDS, "float64": 1e-12}
+    bad = {case: err for case, err in results.items() if not err <= bounds[case.split("_")[0]]}
+    assert len(results) == 12 and not bad, f"seed={seed}: rel. error over bound (inf = NaN left in output): {bad}"
+
+
 def test_time_bucket_exact_at_power_of_two_edges() -> None:
     """Both kernel bucket paths and the reference against the integer rule, time_buckets 24..64,
     gaps at every power of two and past INT64_MAX (saturated into the last bucket)."""

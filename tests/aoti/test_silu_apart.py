@@ -1,0 +1,47 @@
+"""engine.aoti.silu_apart: the unfused layer's SiLU as the grc::silu op (kernels/silu.py), so compiled code keeps
+one activated UVQK buffer. On the CPU: the exported program holds one grc::silu per layer beside the attention and
+norm-gate ops, the layer computes what it computes without it, and the spec refuses it together with fuse. Its
+kernel: tests/kernels/test_interpreter.py::test_silu_kernel; its speed: the device (bench/e2e.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from grc.aoti.model import custom_ops, expected_ops, export_program
+from grc.model.gr import GRModel
+from grc.spec.loader import load_spec
+from grc.spec.schema import AotiConfig
+from tests.conftest import TEST_SPECS
+
+
+def test_the_exported_program_holds_one_silu_per_layer() -> None:
+    cfg = load_spec(TEST_SPECS / "mtgr-tiny.yaml").spec.model
+    dense = GRModel(cfg).dense.eval()
+    ops = custom_ops(export_program(dense, torch.device("cpu"), torch.float32, silu_apart=True))
+    want = expected_ops(cfg.hstu.num_layers, fuse=False, silu_apart=True)
+    assert {op: ops.count(op) for op in want} == want and want["grc.silu.default"] == cfg.hstu.num_layers
+    plain = custom_ops(export_program(dense, torch.device("cpu"), torch.float32))
+    assert "grc.silu.default" not in plain
+
+
+def test_the_layer_computes_the_same_with_silu_apart() -> None:
+    cfg = load_spec(TEST_SPECS / "mtgr-tiny.yaml").spec.model
+    layer = next(iter(GRModel(cfg).dense.double().hstu_layers))
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 1 << 30, ())))
+    x = torch.randn(40, cfg.d_model, generator=gen, dtype=torch.float64)
+    args = (x, torch.zeros(40, dtype=torch.int64), torch.tensor([0, 25, 40]), torch.tensor([5, 3]),
+            torch.randint(0, 10**6, (40,), generator=gen).sort().values)  # fmt: skip
+    with torch.no_grad():
+        apart = layer.forward_jagged(*args, impl="triton", silu_apart=True)
+        plain = layer.forward_jagged(*args, impl="triton")
+    assert torch.equal(apart, plain) and apart.abs().max() > 0
+    with pytest.raises(ValueError, match="silu_apart runs the grc::silu op: it needs impl='triton'"):
+        layer.forward_jagged(*args, impl="pytorch", silu_apart=True)
+
+
+def test_the_spec_refuses_silu_apart_with_fuse() -> None:
+    with pytest.raises(ValidationError, match="silu_apart: with fuse the UVQK GEMM applies SiLU"):
+        AotiConfig(enabled=True, fuse=True, silu_apart=True)
+    assert AotiConfig(enabled=True, silu_apart=True).silu_apart
