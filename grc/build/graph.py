@@ -20,7 +20,7 @@ from typing import Any
 from doit.exceptions import TaskFailed
 from rich.markup import escape
 
-from grc.build import outputs
+from grc.build import interrupt, outputs
 from grc.build.atomic import install, temp_dir_for
 from grc.build.fingerprint import spec_fields
 from grc.build.progress import BuildRecords
@@ -107,12 +107,13 @@ def execute(
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         install(tmp, final)
         entries = scan(final, _known_digests(manifest))
-    except GrcError as exc:
+    except Exception as exc:
         _discard(tmp, final)
-        return TaskFailed(str(exc))
-    except Exception as exc:  # an unexpected failure: keep the traceback for the report
-        _discard(tmp, final)
-        return TaskFailed(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+        if interrupt.seen():  # the Ctrl-C, come back as the stage's own error (grc/build/interrupt.py)
+            raise KeyboardInterrupt from None
+        if isinstance(exc, GrcError):
+            return TaskFailed(str(exc))
+        return TaskFailed(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")  # unexpected: keep the traceback
     if cache is not None:
         cache.save(key, stage.name, final, entries, events)
     _finish(records, root, stage.name, final, entries, started, key, events)

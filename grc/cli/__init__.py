@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 
 from grc import __version__
+from grc.build import interrupt
 from grc.cli import build, cache, deploy, inspect
 from grc.cli.common import Interrupted, PipeClosed
 from grc.errors import GrcError
@@ -89,15 +90,19 @@ def _interrupted() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     command = typer.main.get_command(app)
-    try:
-        return int(command.main(args=argv, prog_name="grc", standalone_mode=False) or 0)
-    except typer.TyperException as exc:  # usage errors (click's, vendored by typer): exit 2, as argparse did
-        exc.show()  # type: ignore[attr-defined]
-        return int(getattr(exc, "exit_code", 2))
-    except (Interrupted, KeyboardInterrupt):
-        return _interrupted()
-    except GrcError as exc:
-        print(f"error: {exc}" if not hasattr(exc, "problems") else str(exc), file=sys.stderr)
-        return exc.exit_code
-    except PipeClosed:  # `grc plan | head`
-        return 0
+    with interrupt.watch():  # a Ctrl-C that a library turned into its own error still ends as interrupted
+        try:
+            code = int(command.main(args=argv, prog_name="grc", standalone_mode=False) or 0)
+        except typer.TyperException as exc:  # usage errors (click's, vendored by typer): exit 2, as argparse did
+            exc.show()  # type: ignore[attr-defined]
+            return int(getattr(exc, "exit_code", 2))
+        except (Interrupted, KeyboardInterrupt):
+            return _interrupted()
+        except GrcError as exc:
+            if interrupt.seen():
+                return _interrupted()
+            print(f"error: {exc}" if not hasattr(exc, "problems") else str(exc), file=sys.stderr)
+            return exc.exit_code
+        except PipeClosed:  # `grc plan | head`
+            return 0
+    return _interrupted() if interrupt.seen() and code != 0 else code
