@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from grc.model.gr import GRDense
 
 IMPLS = {"pytorch": "pytorch", "pytorch_kernels": "triton", "aotinductor": "triton"}
+WARMED = " (warmed up at load: the attention kernel autotuned for every key a step can meet)"  # ScoreGraphs.warm_up
 
 
 def scoring_note(backend: str) -> str:
@@ -41,7 +42,7 @@ def scoring_note(backend: str) -> str:
     what = "grc's Triton kernels (cached-keys attention)" if impl == "triton" else "the PyTorch reference ops"
     note = (
         f"users with user_id: GRDense.score with {what} (impl {impl}), in CUDA graphs where the model's graphs "
-        f"are on, else eager; users without: the {backend} step"
+        f"are on{WARMED if impl == 'triton' else ''}, else eager; users without: the {backend} step"
     )
     if backend == "aotinductor":
         note += (
