@@ -183,13 +183,13 @@ def test_the_config_says_what_scores_cached_users(built: tuple[Spec, Path], back
     note = params(spec, backend, {"enabled": True})["history_scoring"]
     impl = "pytorch" if backend == "pytorch" else "triton"
     assert "GRDense.score" in note and f"(impl {impl})" in note
-    assert ("no prefill/score entry" in note) == (backend == "aotinductor")
+    assert ("runs no prefill/score package" in note) == (backend == "aotinductor")
 
 
 @pytest.mark.slow
 def test_aotinductor_serves_cached_users_through_the_kernels_and_says_so(tmp_path: Path) -> None:
     """A built aotinductor bundle with the cache (the CPU package): users without user_id run the package,
-    users with it GRDense.score (no prefill/score entry in the package), said in the load log; both agree
+    users with it GRDense.score (the model runs no prefill/score package), said in the load log; both agree
     with each other and with the float64 model to float32 rounding."""
     from grc.serving.triton import bundle as bd
     from grc.serving.triton.model_config import load_config
@@ -205,7 +205,7 @@ def test_aotinductor_serves_cached_users_through_the_kernels_and_says_so(tmp_pat
     config = {k: v.string_value for k, v in load_config(model_dir).parameters.items()}
     said: list[str] = []
     ranker = Ranker.from_model_dir(model_dir / "1", "cpu", config, log=said.append)
-    assert any("no prefill/score entry" in m and "pytorch_kernels implementation" in m for m in said), said
+    assert any("runs no prefill/score package" in m and "pytorch_kernels implementation" in m for m in said), said
     reference = check.Reference(spec.model, model_dir / "1" / "weights")
     full = user(spec, 30, 5, secrets.randbits(31))
     for arrays in (first_events(spec, full, 24), full):  # a miss, then a hit with 6 new events

@@ -9,9 +9,9 @@ model's own dense step (its backend, CUDA graphs included) and cache nothing.
 What computes the users with an id, per backend (said at load, in the model's config parameters
 and in the bundle's README): ``pytorch`` -> GRDense.score with the reference ops (impl "pytorch");
 ``pytorch_kernels`` -> GRDense.score with grc's Triton kernels (impl "triton", the cached-keys
-attention kernel); ``aotinductor`` -> the same as pytorch_kernels, because the aoti stage builds no
-prefill/score entry into its package (grc/aoti/history_entry.py can compile one, the stage does not
-call it): the package serves users without an id only. On a GPU with the model's CUDA graphs on (and a
+attention kernel); ``aotinductor`` -> the same as pytorch_kernels: the fused model does not run the
+prefill/score packages (``engine.aoti.history_entries`` builds and checks them, nothing serves them yet),
+so the model's package serves users without an id only. On a GPU with the model's CUDA graphs on (and a
 graphed backend), the cached step is replayed from CUDA graphs too, one per padded shape (users, new rows,
 key rows) captured at its first use (grc/serving/common/score_graphs.py); elsewhere it runs eagerly, its plan
 built from host values (the store checked reuse on the host events) and sent to the device in one copy.
@@ -46,8 +46,8 @@ def scoring_note(backend: str) -> str:
     )
     if backend == "aotinductor":
         note += (
-            "; the aotinductor package has no prefill/score entry (the aoti stage does not build "
-            "grc/aoti/history_entry.py), so cached scoring runs the pytorch_kernels implementation"
+            "; the served model runs no prefill/score package (engine.aoti.history_entries builds them, nothing "
+            "serves them yet), so cached scoring runs the pytorch_kernels implementation"
         )
     return note
 
