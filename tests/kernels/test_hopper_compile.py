@@ -22,6 +22,7 @@ from triton.runtime.jit import JITFunction
 
 from kernels.hstu_attention import _hstu_fwd_kernel
 from kernels.norm_gate import _norm_gate_kernel
+from kernels.silu import _silu_kernel
 
 HOPPER = GPUTarget("cuda", 90, 32)
 ATTENTION_PTRS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "q_offsets": "*i64", "kv_offsets": "*i64",
@@ -82,3 +83,11 @@ def test_attention_wgmma_not_serialised() -> None:
                               capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "C7515" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_silu_compiles_for_sm90() -> None:
+    """grc::silu's kernel (engine.aoti.silu_apart): bf16 in and out, computed in fp32 (no float64 anywhere)."""
+    ptx = compile_for_hopper(_silu_kernel, {"X": "*bf16", "Y": "*bf16"},
+                             {"BLOCK": 1024, "F64": False, "ROUND_BF16": False}, (), "fp32")  # fmt: skip
+    assert ".target sm_90" in ptx and "ex2.approx" in ptx
+    assert not re.findall(r"\b\w+(?:\.\w+)*\.f64\b", ptx)
