@@ -41,7 +41,7 @@ from kernels.reference import compute_dtype
 
 
 # fmt: off
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # rows vary per call: one compile for all (see hstu_attention.NOT_SPECIALISED)
 def _candidate_heads_kernel(X, Stats, G, Gamma, Beta, Cand, W1, B1, W2, B2, Y, M,
                             stride_x, stride_g, stride_w1t, stride_w1k, stride_w1h, stride_y,
                             K: tl.constexpr, HIDDEN: tl.constexpr, OPERAND: tl.constexpr, DOT_PREC: tl.constexpr,

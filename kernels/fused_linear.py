@@ -136,7 +136,7 @@ def normed_dot(X, Stats, G, Gamma, Beta, U, W, rows, row_ok, offs_n, col_ok, str
 
 
 @triton.autotune(configs=_configs(), key=["N", "K", "PROLOGUE", "EPILOGUE"], **PERSIST)
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # rows vary per call: one compile for all (see hstu_attention.NOT_SPECIALISED)
 def _fused_linear_kernel(X, Stats, G, Gamma, Beta, U, W, Bias, R, Y, M,
                          stride_x, stride_g, stride_u, stride_wn, stride_wk, stride_r, stride_y,
                          N: tl.constexpr, K: tl.constexpr, PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr,
