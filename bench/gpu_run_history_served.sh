@@ -15,7 +15,8 @@
 #     BUDGET); if the build fails (say the CUDA AOTInductor package), once more with backend pytorch_kernels,
 #     said in the log and in the result's base_spec (the cached path is the same graphed score step either way).
 # BUDGET (default 460 s) bounds the whole call: the bench is killed at BUDGET - 10 s, and starts no new shape past
-# BUDGET - 90 s.
+# BUDGET - 90 s. The server's start includes the cached step's warm-up (ScoreGraphs.warm_up: ~70 s for mtgr-base on
+# a fresh H200, bench/results/history-cache-served-h200-s9-warm-up.log): with --session-users keep BUDGET >= 520.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 # The lent H200 image sets CXX=/opt/gcc/bin/g++, whose AOTInductor packages crash when loaded;
