@@ -7,7 +7,6 @@ writes y once: 3 tensors' worth of traffic instead of 5.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from kernels.hstu_attention import INTERPRET, _round_to_bf16
 
 
 @triton.jit(do_not_specialize=["rows"])  # rows vary per call: one compile for all (hstu_attention.NOT_SPECIALISED)
@@ -51,8 +50,7 @@ def _norm_gate_kernel(
     rstd = 1.0 / tl.sqrt(var + tl.cast(eps, tl.float32))  # eps may arrive as fp64 from Inductor (see hstu_attention)
     y = (centred * rstd[:, None] * w[None, :] + b[None, :]) * u
     if ROUND_BF16:  # interpreter only: its fp32->bf16 cast truncates; round to nearest first
-        bits = y.to(tl.int32, bitcast=True)
-        y = ((bits + (0x7FFF + ((bits >> 16) & 1))) & -65536).to(tl.float32, bitcast=True)
+        y = _round_to_bf16(y)
     tl.store(Y + rr * stride_y + offs_c[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 

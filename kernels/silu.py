@@ -9,7 +9,6 @@ buffer and the four are views of it (``engine.aoti.silu_apart``).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from kernels.hstu_attention import INTERPRET, _round_to_bf16
+
 BLOCK = 1024
 
 
@@ -29,8 +29,7 @@ def _silu_kernel(X, Y, N, BLOCK: tl.constexpr, F64: tl.constexpr, ROUND_BF16: tl
     x = x if F64 else x.to(tl.float32)  # 16-bit inputs computed in fp32 (as torch does), float64 in float64
     y = x / (1.0 + tl.exp(-x))
     if ROUND_BF16:  # interpreter only: its fp32->bf16 cast truncates; round to nearest first
-        bits = y.to(tl.int32, bitcast=True)
-        y = ((bits + (0x7FFF + ((bits >> 16) & 1))) & -65536).to(tl.float32, bitcast=True)
+        y = _round_to_bf16(y)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
