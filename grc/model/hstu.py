@@ -62,6 +62,12 @@ class PointwiseAttention(nn.Module):
         self.pos_w = nn.Parameter(torch.zeros(cfg.num_heads, 2 * cfg.position_buckets - 1))
         self.ts_w = nn.Parameter(torch.zeros(cfg.num_heads, cfg.time_buckets))
 
+    @property
+    def constants(self) -> tuple[torch.Tensor, torch.Tensor, float, float, bool]:
+        """What every attention call takes after its tensors: the bias tables, alpha, the norm N, causal."""
+        c = self.cfg
+        return self.pos_w, self.ts_w, c.scale, float(c.max_seq_len), c.history_mask == "causal"
+
     def forward(
         self,
         q: torch.Tensor,
@@ -71,20 +77,7 @@ class PointwiseAttention(nn.Module):
         num_candidates: torch.Tensor,
         timestamps: torch.Tensor,
     ) -> torch.Tensor:
-        c = self.cfg
-        return hstu_attention_padded(
-            q,
-            k,
-            v,
-            lengths,
-            num_candidates,
-            timestamps,
-            self.pos_w,
-            self.ts_w,
-            c.scale,
-            float(c.max_seq_len),
-            c.history_mask == "causal",
-        )
+        return hstu_attention_padded(q, k, v, lengths, num_candidates, timestamps, *self.constants)
 
     def jagged(
         self,
@@ -96,21 +89,7 @@ class PointwiseAttention(nn.Module):
         timestamps: torch.Tensor,
         impl: str,
     ) -> torch.Tensor:
-        c = self.cfg
-        return hstu_attention_jagged(
-            q,
-            k,
-            v,
-            offsets,
-            timestamps,
-            num_candidates,
-            self.pos_w,
-            self.ts_w,
-            c.scale,
-            float(c.max_seq_len),
-            c.history_mask == "causal",
-            impl=impl,
-        )
+        return hstu_attention_jagged(q, k, v, offsets, timestamps, num_candidates, *self.constants, impl=impl)
 
     def cached(
         self,
@@ -124,9 +103,9 @@ class PointwiseAttention(nn.Module):
         impl: str,
     ) -> torch.Tensor:
         """New tokens' queries against cached + new keys (the history cache's attention)."""
-        c = self.cfg
-        fixed = (self.pos_w, self.ts_w, c.scale, float(c.max_seq_len), c.history_mask == "causal")
-        return hstu_attention_cached(q, k, v, q_offsets, kv_offsets, timestamps, num_candidates, *fixed, impl=impl)
+        return hstu_attention_cached(
+            q, k, v, q_offsets, kv_offsets, timestamps, num_candidates, *self.constants, impl=impl
+        )
 
 
 class HSTULayer(nn.Module):
@@ -204,9 +183,8 @@ class HSTULayer(nn.Module):
         """fuse (impl="triton" only): the projections as fused Triton GEMMs (kernels/fused_linear.py),
         the GPU compile path; the unfused form is the model's math (ONNX, TensorRT plugins).
         silu_apart (impl="triton" only, unfused): SiLU as the grc::silu op (engine.aoti.silu_apart)."""
-        _check_fuse(fuse, impl)
-        if silu_apart and impl != "triton":
-            raise ValueError(f"silu_apart runs the grc::silu op: it needs impl='triton', got impl={impl!r}")
+        _needs_triton(fuse, FUSE_NEEDS, impl)
+        _needs_triton(silu_apart, "silu_apart runs the grc::silu op", impl)
         u, q, k, v = self._project(x, group, fuse, silu_apart)
         attn = self.attention.jagged(q, k, v, offsets, num_candidates, timestamps, impl)
         return self._finish(x, attn, u, impl=impl, fuse=fuse)
@@ -273,16 +251,20 @@ class HSTULayer(nn.Module):
         fuse: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The cached-keys layer; ``join(k, v)`` of the new tokens -> the whole sequences' keys and values."""
-        _check_fuse(fuse, impl)
+        _needs_triton(fuse, FUSE_NEEDS, impl)
         u, q, k, v = self._project(x, group, fuse)
         keys, values = join(k, v)
         attn = self.attention.cached(q, keys, values, q_offsets, kv_offsets, kv_timestamps, num_candidates, impl)
         return self._finish(x, attn, u, impl=impl, fuse=fuse), k, v
 
 
-def _check_fuse(fuse: bool, impl: str) -> None:
-    if fuse and impl != "triton":
-        raise ValueError(f"fuse=True runs the fused Triton GEMMs: it needs impl='triton', got impl={impl!r}")
+FUSE_NEEDS = "fuse=True runs the fused Triton GEMMs"
+
+
+def _needs_triton(asked: bool, what: str, impl: str) -> None:
+    """An option that runs grc's Triton ops (``what`` says which) refused with any other impl."""
+    if asked and impl != "triton":
+        raise ValueError(f"{what}: it needs impl='triton', got impl={impl!r}")
 
 
 def _after_past(past: list[torch.Tensor], new: torch.Tensor, bounds: list[int]) -> torch.Tensor:

@@ -208,12 +208,9 @@ class ScoreGraphs:
         from kernels.hstu_attention import tune_cached
 
         cfg, h = self.dense.cfg, self.dense.cfg.hstu
-        table = next(iter(self.dense.hstu_layers)).attention  # every layer's tables have the same shapes
+        attention = next(iter(self.dense.hstu_layers)).attention  # every layer's tables have the same shapes
         with torch.no_grad():
-            tuned = tune_cached(
-                table.pos_w, table.ts_w, h.scale, float(h.max_seq_len), h.history_mask == "causal", h.max_seq_len,
-                h.head_qk, h.head_v, like.dtype,
-            )  # fmt: skip
+            tuned = tune_cached(*attention.constants, h.max_seq_len, h.head_qk, h.head_v, like.dtype)
             profile, events, candidates, now = len(cfg.profile), 48, 16, 1_750_000_000
             n = profile + events + candidates
             tokens = torch.randn(n, cfg.d_model, generator=torch.Generator().manual_seed(0)).to(like.device, like.dtype)
