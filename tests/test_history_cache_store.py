@@ -17,9 +17,7 @@ from grc.serving.common.history_cache import (
     cached_history,
     content_digest,
     match,
-    miss_reason,
     model_namespace,
-    reusable_events,
 )
 
 NOW = 1_750_000_000
@@ -44,24 +42,22 @@ def entry(events: int, profile: int = 1, seed: int = 0, now: int = NOW, layers: 
 def test_a_request_matches_only_its_exact_cached_prefix() -> None:
     e = entry(10)
     longer = np.concatenate([e.events, [[99, 199, NOW - 5]]])
-    assert miss_reason(e, e.profile_ids, e.events, NOW, BUCKETS) is None
-    assert miss_reason(e, e.profile_ids, longer, NOW, BUCKETS) is None
+    assert match(e, e.profile_ids, e.events, NOW, BUCKETS) == 10  # a hit reusing all 10 events
+    assert match(e, e.profile_ids, longer, NOW, BUCKETS) == 10
     changed = longer.copy()
     changed[3, 0] += 1  # another item in the middle
-    assert miss_reason(e, e.profile_ids, changed, NOW, BUCKETS) == "history does not start with the cached events"
+    assert match(e, e.profile_ids, changed, NOW, BUCKETS) == "history does not start with the cached events"
     moved = longer.copy()
     moved[0, 2] -= 1  # same ids, another timestamp
-    assert miss_reason(e, e.profile_ids, moved, NOW, BUCKETS) is not None
+    assert isinstance(match(e, e.profile_ids, moved, NOW, BUCKETS), str)  # a miss, with its reason
     slid = longer[1:]  # truncated at the length limit: the positions moved
-    assert miss_reason(e, e.profile_ids, slid, NOW, BUCKETS) is not None
-    assert miss_reason(e, e.profile_ids, e.events[:5], NOW, BUCKETS) is not None  # shorter than cached
-    assert miss_reason(e, e.profile_ids + 1, e.events, NOW, BUCKETS) == "profile changed"
+    assert isinstance(match(e, e.profile_ids, slid, NOW, BUCKETS), str)
+    assert isinstance(match(e, e.profile_ids, e.events[:5], NOW, BUCKETS), str)  # shorter than cached
+    assert match(e, e.profile_ids + 1, e.events, NOW, BUCKETS) == "profile changed"
     # events are 1060..1600 s old, all in bucket 10 (1 + dt in [1024, 2048)); 450 s later the
     # oldest reaches bucket 11
-    assert miss_reason(e, e.profile_ids, e.events, NOW + 440, BUCKETS) is None
-    assert miss_reason(e, e.profile_ids, e.events, NOW + 450, BUCKETS) == (
-        "request time moves a cached event's time bucket"
-    )
+    assert match(e, e.profile_ids, e.events, NOW + 440, BUCKETS) == 10
+    assert match(e, e.profile_ids, e.events, NOW + 450, BUCKETS) == ("request time moves a cached event's time bucket")
 
 
 def test_a_later_request_reuses_the_events_before_the_first_moved_bucket() -> None:
@@ -77,23 +73,19 @@ def test_a_later_request_reuses_the_events_before_the_first_moved_bucket() -> No
     )
     events = np.concatenate([e.events, [[50, 150, NOW - 5], [51, 151, NOW - 3]]])
     session = cached_history(fresh, e.profile_ids, events)
-    assert reusable_events(session, NOW, BUCKETS) == 12  # same request time: all
+    assert match(session, e.profile_ids, events, NOW, BUCKETS) == 12  # same request time: all
     later = NOW + 60  # 5 -> 65 s: bucket 2 -> 6; the old events stay in bucket 10
-    assert miss_reason(session, e.profile_ids, events, later, BUCKETS) is None
-    assert reusable_events(session, later, BUCKETS) == 10
+    assert match(session, e.profile_ids, events, later, BUCKETS) == 10  # a hit on the events before them
     # the store's host copy of the stamps answers as the K/V's own (the serving path never reads those)
     for when in (NOW, NOW + 1, later, NOW + 3600, NOW + 86_400 * 400):
         assert session.reusable_rows(when, BUCKETS) == fresh.reusable_rows(when, BUCKETS), when
         assert cached_history(fresh, e.profile_ids, events, NOW).reusable_rows(when, BUCKETS) == (
             fresh.reusable_rows(when, BUCKETS)
         )
-    # the store's one-pass match says the same as miss_reason + reusable_events, and the entry's digest is its
-    # content's
-    for when in (NOW, later, NOW + 86_400 * 400):
-        reason = miss_reason(session, e.profile_ids, events, when, BUCKETS)
-        assert match(session, e.profile_ids, events, when, BUCKETS) == (
-            reason if reason is not None else reusable_events(session, when, BUCKETS)
-        )
+    assert match(session, e.profile_ids, events, NOW + 86_400 * 400, BUCKETS) == (  # every bucket moved
+        "request time moves a cached event's time bucket"
+    )
+    # the entry's digest is its content's
     assert session.digest == content_digest(e.profile_ids, events) != e.digest
     kept = session.kv.prefix(1 + 10)
     assert kept.length == 11 and kept.reusable_at(later, BUCKETS)

@@ -128,21 +128,6 @@ def match(entry: CachedHistory, profile_ids: np.ndarray, events: np.ndarray, now
     return rows - entry.kv.profile
 
 
-def miss_reason(
-    entry: CachedHistory, profile_ids: np.ndarray, events: np.ndarray, now: int, time_buckets: int
-) -> str | None:
-    """Why ``entry`` cannot serve a request with these profile ids, events and request time
-    (None: it can, and the request's events past ``reusable_events`` are new)."""
-    found = match(entry, profile_ids, events, now, time_buckets)
-    return found if isinstance(found, str) else None
-
-
-def reusable_events(entry: CachedHistory, now: int, time_buckets: int) -> int:
-    """How many of ``entry``'s cached events a request at ``now`` reuses (those before the first
-    whose time bucket moves; all of them when none does), once ``miss_reason`` said None."""
-    return entry.reusable_rows(now, time_buckets) - entry.kv.profile
-
-
 @dataclass(frozen=True)
 class Stats:
     hits: int
