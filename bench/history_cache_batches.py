@@ -28,7 +28,6 @@ import argparse
 import functools
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import write_result
 from bench.history_cache import synced
 from bench.history_cache_device import NOW, User, graphed, model_in, spec_path
+from bench.history_cache_timeline import Clock
 from grc.model.kv_cache import UserKV
 from grc.serving.common.score_graphs import ScoreGraphs
 from grc.serving.ranker.dense import GraphStats
@@ -76,7 +76,7 @@ def main() -> None:
     )
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    started = time.perf_counter()
+    clock = Clock()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     impl = "triton" if cuda or "TRITON_INTERPRET" in __import__("os").environ else "pytorch"
@@ -90,16 +90,14 @@ def main() -> None:
     result: dict[str, Any] = {"spec": args.spec, "dtype": str(dtype), "impl": impl, "rows": []}
     graphs = ScoreGraphs(model, impl, GraphStats(), max_users=max(ks), graphs=cuda)
 
-    def say(msg: str) -> None:
-        print(f"[{time.perf_counter() - started:7.1f} s] {msg}", flush=True)
-
+    say = clock.say
     if args.warm_up:  # as a served model does at load: then a batch of a new size should pay its capture only
         say("ScoreGraphs.warm_up: the attention kernel tuned for every key, one small step")
         result["warm_up_s"], tuned = synced(lambda: graphs.warm_up(users[0].tokens), device)
         result["warm_up_keys"] = len(tuned)
 
     for k in ks:
-        if time.perf_counter() - started > args.deadline_s:
+        if clock.elapsed() > args.deadline_s:
             result["rows"].append({"users": k, "skipped": f"past --deadline-s {args.deadline_s}"})
             continue
         group, caches = users[:k], full[:k]

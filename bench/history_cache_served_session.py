@@ -19,7 +19,6 @@ bench/history_cache_served.py's ``--session-users``; a mode stops starting reque
 
 from __future__ import annotations
 
-import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.history_cache_served import cache_figures
+from bench.history_cache_served import cache_figures, summary
 from bench.history_cache_session import user_visits, visit_order
 
 CHECKED = 32  # (user, visit) pairs whose scores are kept in both modes and compared
@@ -109,15 +108,15 @@ def run_mode(
     for t in threads:
         t.join()
     wall = time.perf_counter() - started
-    lat = sorted(latencies) or [float("nan")]
+    percentiles = summary(latencies or [float("nan")])  # the shapes' p50 / p99 (NaN: nothing answered)
     figures = {
         "responses": len(latencies),
         "errors": len(errors),
         "first_error": errors[0] if errors else None,
         "wall_s": round(wall, 2),
         "users_per_s": len(latencies) / wall,
-        "p50_ms": statistics.median(lat) * 1e3,
-        "p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e3,
+        "p50_ms": percentiles["p50_ms"],
+        "p99_ms": percentiles["p99_ms"],
     }
     return figures, kept
 
