@@ -18,6 +18,8 @@ events minus 0..40 (varied per step: the cached length moves, as in a session) w
 - ``uncached_ms``: the same k users' whole sequences through the same kernels (``GRDense.run_plan`` against
   empty caches, planned once) replayed from a CUDA graph, p50 over ``--repeat``;
 - ``max_abs_diff_vs_one_user``: the k-user step's scores against each user scored alone (1-user steps).
+- ``replay_ms`` / ``enqueue_ms`` (``split``): the last step's graph replayed alone (the device work) and a step's
+  host time until it returns unsynchronized (the bench's input slicing, plan, copies, replay launch, grown entries).
 
 TRITON_PRINT_AUTOTUNING=1 shows each autotuning (key, seconds) as it happens. --deadline-s: no new k after it.
 """
@@ -28,6 +30,8 @@ import argparse
 import functools
 import statistics
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +63,25 @@ def step_inputs(users: list[User], caches: list[UserKV], cut: list[int]) -> Inpu
     offsets = torch.tensor([0, *torch.tensor([p.shape[0] for p in parts]).cumsum(0).tolist()])
     kept = [kv.prefix(c) for kv, c in zip(caches, cut, strict=True)]
     return kept, torch.cat(parts), offsets, torch.tensor([u.candidates for u in users]), stamps
+
+
+def split(graphs: ScoreGraphs, step: Callable[[int], Any], repeat: int, device: torch.device) -> dict[str, float]:
+    """Where a step's wall time goes: ``replay_ms`` the last step's graph replayed alone (its inputs already in
+    place: the device work, p50), ``enqueue_ms`` a whole step's host time until ``score`` returns without waiting
+    for the device (plan, copies, replay launch, the grown entries; p50). A step's p50 near enqueue_ms and far above
+    replay_ms is host-bound."""
+    last = next(reversed(graphs.steps.values()))
+    if last.graph is None:  # run eagerly (no CUDA): the replay is the step itself
+        return {}
+    replay = [synced(last.graph.replay, device)[0] * 1e3 for _ in range(repeat)]
+    enqueue = []
+    for j in range(repeat):
+        synced(lambda: None, device)
+        start = time.perf_counter()
+        step(j + 1)
+        enqueue.append((time.perf_counter() - start) * 1e3)
+    synced(lambda: None, device)
+    return {"replay_ms": statistics.median(replay), "enqueue_ms": statistics.median(enqueue)}
 
 
 @torch.no_grad()
@@ -124,6 +147,7 @@ def main() -> None:
         p50 = statistics.median(times)
         row.update(steps_ms=[round(t, 3) for t in times], p50_ms=p50, max_ms=max(times), users_per_s=k / p50 * 1e3,
                    steps_captures=graphs.captures - captures)  # fmt: skip
+        row.update(split(graphs, step, args.repeat, device))
         # the whole sequences through the same kernels, planned once, replayed from a CUDA graph (on a GPU)
         tokens = torch.cat([u.tokens for u in group])
         offsets = torch.tensor([0, *[u.n * (b + 1) for b, u in enumerate(group)]])
