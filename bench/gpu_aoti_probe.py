@@ -160,8 +160,9 @@ def main() -> None:
     }
     print(json.dumps(result, indent=1), flush=True)
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(4) as pool:
-        result["compilers"] = list(pool.map(lambda c: probe(c, Path(tmp)), compilers()))
-    for c in result["compilers"]:  # type: ignore[union-attr]
+        probed = list(pool.map(lambda c: probe(c, Path(tmp)), compilers()))
+    result["compilers"] = probed
+    for c in probed:
         print(json.dumps(c, indent=1), flush=True)
     print("wrote", write_result(Path(args.out_dir) / "aoti-probe-h200.json", result))
 

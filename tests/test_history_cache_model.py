@@ -272,8 +272,7 @@ def test_a_planned_step_never_reads_device_values(setup) -> None:  # type: ignor
         fake_caches = [
             dataclasses.replace(
                 c,
-                keys=tuple(mode.from_tensor(k) for k in c.keys),
-                values=tuple(mode.from_tensor(v) for v in c.values),
+                rows=mode.from_tensor(c.rows),
                 timestamps=mode.from_tensor(c.timestamps),
             )
             for c in caches

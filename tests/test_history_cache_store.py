@@ -29,7 +29,7 @@ def entry(events: int, profile: int = 1, seed: int = 0, now: int = NOW, layers: 
     seed so a torn mix of two entries would show."""
     n = profile + events
     stamps = torch.cat([torch.full((profile,), now), now - 1000 - torch.arange(events, 0, -1) * 60])
-    kv = UserKV(
+    kv = UserKV.from_layers(
         keys=tuple(torch.full((n, 2, 4), float(seed)) for _ in range(layers)),
         values=tuple(torch.full((n, 2, 4), float(seed)) for _ in range(layers)),
         timestamps=stamps.to(torch.int64),
@@ -65,7 +65,7 @@ def test_a_later_request_reuses_the_events_before_the_first_moved_bucket() -> No
     buckets; the older events keep theirs and stay reusable (the rows before the first moved one)."""
     e = entry(10)  # events 1060..1600 s old: bucket 10
     kv = e.kv
-    fresh = UserKV(  # plus two events 5 and 3 s old (buckets 2)
+    fresh = UserKV.from_layers(  # plus two events 5 and 3 s old (buckets 2)
         keys=tuple(torch.cat([k, k[-2:]]) for k in kv.keys),
         values=tuple(torch.cat([v, v[-2:]]) for v in kv.values),
         timestamps=torch.cat([kv.timestamps, torch.tensor([NOW - 5, NOW - 3])]),

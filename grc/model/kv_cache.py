@@ -15,7 +15,9 @@ tokens) always reuse every row.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -47,15 +49,68 @@ def reusable_rows(timestamps: torch.Tensor | np.ndarray, profile: int, now: int,
 
 
 @dataclass(frozen=True)
-class UserKV:
-    """One user's cached tokens: per layer K [n, H, Dqk] and V [n, H, Dv], their timestamps [n]
-    (profile tokens carry the request time they were computed at) and the profile token count.
-    Immutable: a longer cache is a new object (``extended``), so a reader never sees a torn one."""
+class KVLayout:
+    """How one row of a cache packs every layer's K and V: [K_0 | V_0 | K_1 | V_1 | ...], K_l H x Dqk wide,
+    V_l H x Dv. One tensor per user instead of two per layer: a served hit copies its cache into the step's
+    buffers, and stores its grown cache, in one op per user (per layer and kind it was 2L ops per user, each
+    launched from Python: 16 users per step spent ~4 ms of host time there on the H200,
+    bench/results/history-cache-batches-h200-split.json)."""
 
-    keys: tuple[torch.Tensor, ...]
-    values: tuple[torch.Tensor, ...]
+    layers: int
+    heads: int
+    head_qk: int
+    head_v: int
+
+    @property
+    def width(self) -> int:
+        return self.layers * self.heads * (self.head_qk + self.head_v)
+
+    def split(self, rows: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """rows [n, width] -> per layer K [n, H, Dqk] and V [n, H, Dv]: views (a write through one writes rows)."""
+        h, qk, v = self.heads, self.heads * self.head_qk, self.heads * self.head_v
+        starts = [layer * (qk + v) for layer in range(self.layers)]
+        keys = tuple(rows[:, a : a + qk].unflatten(1, (h, self.head_qk)) for a in starts)
+        values = tuple(rows[:, a + qk : a + qk + v].unflatten(1, (h, self.head_v)) for a in starts)
+        return keys, values
+
+    def pack(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per layer K [n, H, Dqk] and V [n, H, Dv] -> rows [n, width] (one copy)."""
+        parts = [t.flatten(1) for k, v in zip(keys, values, strict=True) for t in (k, v)]
+        return torch.cat(parts, 1)
+
+
+@dataclass(frozen=True)
+class UserKV:
+    """One user's cached tokens: ``rows`` [n, width] holding every layer's K and V (``layout``; per layer
+    views as ``keys`` [n, H, Dqk] and ``values`` [n, H, Dv]), their timestamps [n] (profile tokens carry the
+    request time they were computed at) and the profile token count. Immutable: a longer cache is a new object
+    (``extended``), so a reader never sees a torn one."""
+
+    rows: torch.Tensor
     timestamps: torch.Tensor
     profile: int
+    layout: KVLayout
+
+    @classmethod
+    def from_layers(
+        cls, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], timestamps: torch.Tensor, profile: int
+    ) -> UserKV:
+        """From per layer K [n, H, Dqk] and V [n, H, Dv] (copied into one rows tensor)."""
+        _, heads, head_qk = keys[0].shape
+        layout = KVLayout(len(keys), heads, head_qk, values[0].shape[-1])
+        return cls(layout.pack(keys, values), timestamps, profile, layout)
+
+    @cached_property
+    def _split(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        return self.layout.split(self.rows)
+
+    @property
+    def keys(self) -> tuple[torch.Tensor, ...]:
+        return self._split[0]
+
+    @property
+    def values(self) -> tuple[torch.Tensor, ...]:
+        return self._split[1]
 
     @property
     def length(self) -> int:
@@ -63,8 +118,7 @@ class UserKV:
 
     @property
     def nbytes(self) -> int:
-        tensors = (*self.keys, *self.values, self.timestamps)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in (self.rows, self.timestamps))
 
     def timestamps_at(self, now: int) -> torch.Tensor:
         """The cached timestamps as a request at time ``now`` stamps them (profile tokens: now)."""
@@ -85,38 +139,25 @@ class UserKV:
         """The cache of the first ``rows`` tokens (views: no copy)."""
         if rows == self.length:
             return self
-        return UserKV(
-            keys=tuple(k[:rows] for k in self.keys),
-            values=tuple(v[:rows] for v in self.values),
-            timestamps=self.timestamps[:rows],
-            profile=self.profile,
-        )
+        return UserKV(self.rows[:rows], self.timestamps[:rows], self.profile, self.layout)
 
-    def extended(
-        self, keys: list[torch.Tensor], values: list[torch.Tensor], timestamps: torch.Tensor, now: int
-    ) -> UserKV:
-        """This cache as computed at request time ``now``, with rows appended (new history events:
-        per layer [m, H, D], stamps [m]). The old rows were checked reusable at ``now``, so they
-        hold the same values as rows computed at ``now``: the profile tokens take that stamp."""
+    def extended(self, rows: torch.Tensor, timestamps: torch.Tensor, now: int) -> UserKV:
+        """This cache as computed at request time ``now``, with rows appended (new history events: [m, width]
+        as ``layout`` packs them, stamps [m]). The old rows were checked reusable at ``now``, so they hold the
+        same values as rows computed at ``now``: the profile tokens take that stamp."""
         if timestamps.numel() == 0:
-            return UserKV(self.keys, self.values, self.timestamps_at(now), self.profile)
-        return UserKV(
-            keys=tuple(torch.cat([old, new]) for old, new in zip(self.keys, keys, strict=True)),
-            values=tuple(torch.cat([old, new]) for old, new in zip(self.values, values, strict=True)),
-            timestamps=torch.cat([self.timestamps_at(now), timestamps]),
-            profile=self.profile,
-        )
+            return UserKV(self.rows, self.timestamps_at(now), self.profile, self.layout)
+        stamps = torch.cat([self.timestamps, timestamps])
+        stamps[: min(self.profile, self.length)] = now  # the cached profile rows (timestamps_at)
+        return UserKV(torch.cat([self.rows, rows]), stamps, self.profile, self.layout)
 
     @staticmethod
     def empty(layers: int, heads: int, head_qk: int, head_v: int, profile: int, like: torch.Tensor) -> UserKV:
         """No cached tokens yet (what prefill extends); ``profile``: how many of the tokens to come
         are profile tokens."""
-        return UserKV(
-            keys=tuple(like.new_zeros((0, heads, head_qk)) for _ in range(layers)),
-            values=tuple(like.new_zeros((0, heads, head_v)) for _ in range(layers)),
-            timestamps=torch.zeros(0, dtype=torch.int64, device=like.device),
-            profile=profile,
-        )
+        layout = KVLayout(layers, heads, head_qk, head_v)
+        stamps = torch.zeros(0, dtype=torch.int64, device=like.device)
+        return UserKV(like.new_zeros((0, layout.width)), stamps, profile, layout)
 
 
 def grown(
@@ -130,11 +171,15 @@ def grown(
 ) -> list[UserKV]:
     """Each user's cache extended by its new history rows: of the score step's new rows (per layer ``new_k`` /
     ``new_v`` [Tq, H, D], ``timestamps`` [Tq]; user b's rows ``bounds[b]:bounds[b+1]``) those before its
-    ``candidates[b]`` candidates. The rows are copied (``extended`` concatenates): the step's buffers may be reused."""
+    ``candidates[b]`` candidates. The rows are copied (packed once, then ``extended`` concatenates): the step's
+    buffers may be reused."""
+    if not caches:
+        return []
+    rows = caches[0].layout.pack(new_k, new_v)
     out = []
     for b, cache in enumerate(caches):
         events = slice(bounds[b], bounds[b + 1] - candidates[b])
-        out.append(cache.extended([k[events] for k in new_k], [v[events] for v in new_v], timestamps[events], now[b]))
+        out.append(cache.extended(rows[events], timestamps[events], now[b]))
     return out
 
 

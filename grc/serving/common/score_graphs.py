@@ -13,11 +13,14 @@ pad users whose rows are all candidates (each attends to itself alone: linear wo
 who hold at most max_seq_len keys each; spare user slots are empty. A real user's rows cannot change:
 attention never crosses users and everything else is row-wise (the same argument as buckets.py).
 
-Per call, on the device, outside the graph: the users' cached K/V and stamps copied into the shape's
-key buffers (multi-tensor copies), the new tokens into its token buffer, the layout (offsets, slots,
-groups, candidate rows: host integers) in one copy from pinned memory; then one replay, and the
-candidates' scores gathered. The grown entries copy their new rows out of the graph's outputs
-(``UserKV.extended`` concatenates), so the next replay cannot change them.
+Per call, on the device, outside the graph: the users' cached K/V (one packed tensor per user: every
+layer's K and V, ``UserKV.rows``) and stamps copied into the shape's key buffers (multi-tensor copies),
+the new tokens into its token buffer, the layout (offsets, slots, groups, candidate rows: host integers)
+in one copy from pinned memory; then one replay, and the candidates' scores gathered. The step writes
+the new rows' K/V into the key buffers at their slots, right after the user's cached rows, so a grown
+entry is one contiguous run of the key buffers, copied out (one copy per user: the next replay reuses
+the buffers). Per user the host launches a handful of ops, not two per layer: at 16 users per step
+the host time, not the device, set the pace (bench/results/history-cache-batches-h200-split.json).
 
 A step no rung holds (more users or rows than the ladders reach) runs ``GRDense.score`` eagerly,
 counted in ``GraphStats.graph_misses``: the same scores, slower, and visible in the metrics.
@@ -35,7 +38,7 @@ import torch
 
 from grc.aoti.runtime import capture_graph
 from grc.model.gr import GRDense, token_groups
-from grc.model.kv_cache import HistoryCacheUnsupported, UserKV, grown
+from grc.model.kv_cache import HistoryCacheUnsupported, KVLayout, UserKV
 from grc.serving.ranker.buckets import ladder
 from grc.serving.ranker.dense import GraphStats
 
@@ -130,8 +133,12 @@ class _Step:
         device, dtype = like.device, like.dtype
         self.shape, self.dense, self.impl, self.fuse = shape, dense, impl, fuse
         self.tokens = torch.zeros(shape.rows, dense.cfg.d_model, dtype=dtype, device=device)
-        self.keys = [torch.zeros(shape.keys, h.num_heads, h.head_qk, dtype=dtype, device=device) for _ in dense.layers]
-        self.values = [torch.zeros(shape.keys, h.num_heads, h.head_v, dtype=dtype, device=device) for _ in dense.layers]
+        # every layer's K/V of a key row in one row, packed as the store's entries (UserKV.layout): a user's
+        # cached rows go in, and its grown entry comes out, in one copy each
+        self.layout = KVLayout(h.num_layers, h.num_heads, h.head_qk, h.head_v)
+        self.rows = torch.zeros(shape.keys, self.layout.width, dtype=dtype, device=device)
+        keys, values = self.layout.split(self.rows)
+        self.keys, self.values = list(keys), list(values)
         self.stamps = torch.zeros(shape.keys, dtype=torch.int64, device=device)
         ends = shape.starts()
         self.packed = torch.zeros(ends[-1], dtype=torch.int64, device=device)
@@ -144,7 +151,7 @@ class _Step:
 
     @property
     def nbytes(self) -> int:
-        buffers = (self.tokens, *self.keys, *self.values, self.stamps, self.packed)
+        buffers = (self.tokens, self.rows, self.stamps, self.packed)
         return sum(t.numel() * t.element_size() for t in buffers)
 
     def run(self) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
@@ -275,13 +282,29 @@ class ScoreGraphs:
                 self.captures += 1
             assert step.graph is not None
             step.graph.replay()
-            out, new_k, new_v = step.out
+            out = step.out[0]
             self.stats.graph_hits += 1
         else:
-            out, new_k, new_v = step.run()
+            out = step.run()[0]
         self.stats.padded_tokens += layout.shape.rows - bounds[-1]
         scores = out[step.fields["candidate_rows"][: layout.candidates]]
-        return scores, grown(caches, bounds, candidates, new_k, new_v, timestamps, now)
+        return scores, self._grown(step, layout, caches, bounds, candidates)
+
+    @staticmethod
+    def _grown(
+        step: _Step, layout: Layout, caches: list[UserKV], bounds: list[int], candidates: list[int]
+    ) -> list[UserKV]:
+        """Each user's grown entry, copied out of the step's key buffers: its cached rows (put there by _fill,
+        the profile stamps at the request time) and its new history events' K/V (written at their slots by the
+        step) are already one contiguous run of rows there; the candidates' rows follow and are left out. A
+        copy: the next step reuses the buffers."""
+        out = []
+        for b, (cache, start) in enumerate(zip(caches, layout.kv_starts, strict=True)):
+            end = start + cache.length + bounds[b + 1] - bounds[b] - candidates[b]
+            out.append(
+                UserKV(step.rows[start:end].clone(), step.stamps[start:end].clone(), cache.profile, cache.layout)
+            )
+        return out
 
     @staticmethod
     def _fill(
@@ -298,9 +321,8 @@ class ScoreGraphs:
         dst, src, stamp_dst, stamp_src = [step.tokens[: bounds[-1]]], [tokens], [], []
         for b, (cache, start) in enumerate(zip(caches, layout.kv_starts, strict=True)):
             n = cache.length
-            for layer, (k, v) in enumerate(zip(cache.keys, cache.values, strict=True)):
-                dst += [step.keys[layer][start : start + n], step.values[layer][start : start + n]]
-                src += [k, v]
+            dst.append(step.rows[start : start + n])
+            src.append(cache.rows)
             stamp_dst += [
                 step.stamps[start : start + n],
                 step.stamps[start + n : start + n + bounds[b + 1] - bounds[b]],
