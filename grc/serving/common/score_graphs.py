@@ -319,17 +319,15 @@ class ScoreGraphs:
         """The users' cached K/V, stamps and new tokens into the step's buffers (padding rows keep what they
         held: finite values from earlier steps or zeros, which only pad users read)."""
         dst, src, stamp_dst, stamp_src = [step.tokens[: bounds[-1]]], [tokens], [], []
-        for b, (cache, start) in enumerate(zip(caches, layout.kv_starts, strict=True)):
-            n = cache.length
-            dst.append(step.rows[start : start + n])
+        for cache, start in zip(caches, layout.kv_starts, strict=True):
+            dst.append(step.rows[start : start + cache.length])
             src.append(cache.rows)
-            stamp_dst += [
-                step.stamps[start : start + n],
-                step.stamps[start + n : start + n + bounds[b + 1] - bounds[b]],
-            ]
-            stamp_src += [cache.timestamps, timestamps[bounds[b] : bounds[b + 1]]]
+            stamp_dst.append(step.stamps[start : start + cache.length])
+            stamp_src.append(cache.timestamps)
         torch._foreach_copy_(dst, src)
         torch._foreach_copy_(stamp_dst, stamp_src)
+        # the new rows' stamps where their K/V go (the real users' rows come first): one op for all users
+        step.stamps.index_copy_(0, step.fields["slots"][: bounds[-1]], timestamps)
         for cache, start, t in zip(caches, layout.kv_starts, now, strict=True):
             if cache.profile and cache.length:  # profile tokens carry the request time (UserKV.timestamps_at)
                 step.stamps[start : start + cache.profile].fill_(t)
