@@ -528,6 +528,8 @@ def history_cache_served_block(results: Results) -> str:
 
 
 SERVED_GPU = ("history-cache-served-h200.json", "history-cache-served-h200-small.json")  # mtgr-base, mtgr-small
+# later session-workload-only runs (--skip-shapes), oldest first: their rows join the session table
+SERVED_SESSIONS = ("history-cache-served-h200-s10-session.json", "history-cache-served-h200-s10-packed.json")
 # per execute, ms: Triton's queue and compute, then the fused model's host phases (grc/serving/ranker/phases.py)
 SERVED_PHASES = {
     "queue": ("nv_inference_queue_duration_us",),
@@ -545,7 +547,7 @@ SERVED_PHASES = {
 
 
 SESSION_HEAD = [
-    "spec", "clients", "answered in the time (uncached / cached)", "uncached users/s", "cached users/s",
+    "spec", "commit", "clients", "answered in the time (uncached / cached)", "uncached users/s", "cached users/s",
     "cached vs uncached", "hit ratio", "uncached p50 / p99 ms", "cached p50 / p99 ms", "errors", "cache bytes held",
     "exact (3 hits vs float64, 32 vs uncached)",
 ]  # fmt: skip
@@ -555,7 +557,7 @@ def history_cache_served_gpu_block(results: Results) -> str:
     """The served device runs (bench/gpu_run_history_served.sh), one user per request: latency per shape, where
     an execute spends it, and the session workload where the run had one."""
     rows, phases, sessions, sources = [], [], [], []
-    for name in SERVED_GPU:
+    for name in SERVED_GPU + SERVED_SESSIONS:
         data = results(name)
         spec = data["spec"].removesuffix("-bench")
         argv = data["argv"]
@@ -584,7 +586,7 @@ def history_cache_served_gpu_block(results: Results) -> str:
         for run in data.get("session", {}).get("runs", []):
             plain, cached = run["uncached"], run["cached"]
             sessions.append([
-                spec, str(run["concurrency"]), f"{plain['responses']} / {cached['responses']}",
+                spec, str(data["commit"])[:7], str(run["concurrency"]), f"{plain['responses']} / {cached['responses']}",
                 f"{plain['users_per_s']:.0f}", f"{cached['users_per_s']:.0f}",
                 f"{run['users_per_s_ratio']:.2f}x", f"{cached['hit_ratio']:.2f}",
                 f"{plain['p50_ms']:.1f} / {plain['p99_ms']:.1f}", f"{cached['p50_ms']:.1f} / {cached['p99_ms']:.1f}",
@@ -614,7 +616,40 @@ def history_cache_served_gpu_block(results: Results) -> str:
     return out
 
 
+# in-process batches of cached users per step (bench/gpu_run_history_batches.sh), oldest first
+BATCHES_GPU = ("history-cache-batches-h200-split.json", "history-cache-batches-h200-packed.json")
+
+
+def history_cache_batches_gpu_block(results: Results) -> str:
+    """Several cached users per graphed score step vs their whole sequences in one graphed step, per commit."""
+    rows, sources = [], []
+    for name in BATCHES_GPU:
+        data = results(name)
+        sources.append(source(name, data))
+        for r in data["rows"]:
+            if "p50_ms" not in r:
+                continue
+            rows.append([
+                str(data["commit"])[:7], str(r["users"]), f"{r['p50_ms']:.2f}", f"{r['replay_ms']:.2f}",
+                f"{r['enqueue_ms']:.2f}", f"{r['uncached_ms']:.2f}", f"{r['users_per_s']:.0f}",
+                f"{r['uncached_users_per_s']:.0f}", f"{r['cached_vs_uncached_users_per_s']:.2f}x",
+                f"{r['first_step_s'] * 1e3:.0f} ms", num(r["max_abs_diff_vs_one_user"], 1),
+            ])  # fmt: skip
+    head = ["commit", "users per step", "cached step p50 ms", "its graph replay ms", "its host time ms",
+            "uncached step (graph) ms", "cached users/s", "uncached users/s", "cached vs uncached",
+            "first step of the size", "max abs diff vs one user per step"]  # fmt: skip
+    first = results(BATCHES_GPU[0])
+    return (
+        f"`OUT=<folder> bash bench/gpu_run_history_batches.sh` ({first['spec']}, {first['dtype']}, warm-up "
+        f"{first['warm_up_s']:.0f} s for {first['warm_up_keys']} attention keys first): "
+        + "; ".join(sources)
+        + ". Each user ~1,000 cached events + 10 new + 256 candidates:\n\n"
+        + table(head, rows)
+    )
+
+
 BLOCKS: dict[str, Callable[[Results], str]] = {
+    "history-cache-batches-gpu": history_cache_batches_gpu_block,
     "build": build_block,
     "cache": cache_block,
     "triton-load": triton_load_block,
