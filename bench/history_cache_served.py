@@ -134,19 +134,23 @@ def phased(
 
     before = flushed()
     times, response = timed(server.grpc_url, model, arrays, count)
-    after = flushed()
+    return times, response, per_execute(before, flushed())
+
+
+def per_execute(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Two ``counters`` reads -> ms per execute of each phase / Triton counter between them: grc's counters
+    over the executes they cover (their own count), Triton's over Triton's; the execute counts themselves."""
 
     def delta(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
 
-    # grc's counters over the executes they cover (their own count), Triton's over Triton's
     executes = {"grc": delta("grc_phase_executes_total"), "nv": delta("nv_inference_exec_count")}
     split: dict[str, float] = {"executes": executes["nv"], "grc_executes": executes["grc"]}
     for name in after.keys() & before.keys():
         n = executes["nv" if name.startswith("nv_") else "grc"]
         if n > 0 and not name.endswith(("exec_count", "executes_total")):
             split[name] = delta(name) * (1e-3 if name.endswith("_us") else 1e3) / n  # ms per execute
-    return times, response, split
+    return split
 
 
 CACHE_FIGURES = {"hits": "grc_history_cache_hits_total", "misses": "grc_history_cache_misses_total",

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.history_cache_served import cache_figures, summary
+from bench.history_cache_served import PHASE_FLUSH_S, cache_figures, counters, per_execute, summary
 from bench.history_cache_session import user_visits, visit_order
 
 CHECKED = 32  # (user, visit) pairs whose scores are kept in both modes and compared
@@ -166,6 +166,13 @@ def session(
 
         return take
 
+    def flushed(cached: bool) -> dict[str, float]:
+        """The phase counters, after one more request of the warm-up user (the fused model sends its counters
+        from an execute, at most every PHASE_FLUSH_S)."""
+        time.sleep(PHASE_FLUSH_S)
+        run_mode(server.grpc_url, model, feeder([(0, visits - 1)], WARM_USER), cached, 1, 600)
+        return counters(server.metrics_url, stores)
+
     # untimed: one user's visits through both paths (kernels, CUDA graphs of the shapes a session meets), under
     # an id no timed request uses
     for cached in (False, True):
@@ -177,10 +184,13 @@ def session(
         for mode, cached in (("uncached", False), ("cached", True)):
             say(f"session {mode}: {users} users x {visits} visits, {concurrency} client(s), "
                 f"at most {args.session_s:.0f} s")  # fmt: skip
-            before = cache_figures(server.metrics_url, stores)
+            before, phases_before = cache_figures(server.metrics_url, stores), flushed(cached)
             figures, kept[mode] = run_mode(
                 server.grpc_url, model, feeder(order, run * RUN_IDS), cached, concurrency, args.session_s
             )
+            # where the executes spent it (the served shapes' split: Triton's queue / compute, the fused model's
+            # phases); the flushing requests are one execute each among thousands
+            figures["phases_ms_per_execute"] = per_execute(phases_before, flushed(cached))
             after = cache_figures(server.metrics_url, stores)
             if cached:
                 counted = {k: after[k] - before[k] for k in ("hits", "misses", "evictions")}
