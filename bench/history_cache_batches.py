@@ -35,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -55,14 +56,16 @@ SLIDE = 40  # the cached length moves by up to this many events between steps
 Inputs = tuple[list[UserKV], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def step_inputs(users: list[User], caches: list[UserKV], cut: list[int]) -> Inputs:
+def step_inputs(users: list[User], caches: list[UserKV], cut: list[int]) -> tuple[Inputs, np.ndarray]:
     """The k users' new rows (their last NEW events before the candidates, and the candidates) against their
-    caches cut to ``cut[b]`` cached rows."""
+    caches cut to ``cut[b]`` cached rows, and the new rows' stamps on the host."""
     parts = [u.tokens[c:] for u, c in zip(users, cut, strict=True)]
     stamps = torch.cat([u.stamps[c:] for u, c in zip(users, cut, strict=True)])
+    host = [u.host_stamps[c:] for u, c in zip(users, cut, strict=True)]  # a served layout has them on the host
     offsets = torch.tensor([0, *torch.tensor([p.shape[0] for p in parts]).cumsum(0).tolist()])
     kept = [kv.prefix(c) for kv, c in zip(caches, cut, strict=True)]
-    return kept, torch.cat(parts), offsets, torch.tensor([u.candidates for u in users]), stamps
+    inputs = (kept, torch.cat(parts), offsets, torch.tensor([u.candidates for u in users]), stamps)
+    return inputs, np.concatenate(host)
 
 
 def split(graphs: ScoreGraphs, step: Callable[[int], Any], repeat: int, device: torch.device) -> dict[str, float]:
@@ -130,16 +133,18 @@ def main() -> None:
             return [profile + args.history - NEW - (j * 7 + b * 13) % SLIDE for b in range(k)]
 
         def step(j: int, group: list[User] = group, caches: list[UserKV] = caches) -> torch.Tensor:
-            kept, tokens, offsets, nc, stamps = step_inputs(group, caches, cuts(j))
+            inputs, host = step_inputs(group, caches, cuts(j))
             now = [NOW] * len(group)
-            return graphs.score(kept, tokens, offsets, nc, stamps, now, impl, reuse_checked=True)[0]
+            return graphs.score(*inputs, now, impl, reuse_checked=True, host_timestamps=host)[0]
 
         say(f"{k} users per step: the first step")
         captures = graphs.captures
         row["first_step_s"], first = synced(lambda: step(0), device)
         row["first_step_captures"] = graphs.captures - captures
-        alone = torch.cat([graphs.score(*step_inputs([u], [kv], [c]), [NOW], impl, reuse_checked=True)[0]
-                           for u, kv, c in zip(group, caches, cuts(0), strict=True)])  # fmt: skip
+        singles = [step_inputs([u], [kv], [c]) for u, kv, c in zip(group, caches, cuts(0), strict=True)]
+        alone = torch.cat(
+            [graphs.score(*one, [NOW], impl, reuse_checked=True, host_timestamps=host)[0] for one, host in singles]
+        )
         row["max_abs_diff_vs_one_user"] = float((first.float() - alone.float()).abs().max())
         say(f"{k} users per step: {args.repeat} steps, cached lengths moving")
         captures = graphs.captures

@@ -112,7 +112,7 @@ class User:
         self.tokens = torch.randn(self.n, cfg.d_model, generator=gen).to(torch.bfloat16).to(device, dtype)
         gaps = (2.0 ** (torch.rand(history, generator=gen) * 21)).to(torch.int64).sort(descending=True).values
         stamps = torch.cat([torch.full((self.profile,), NOW), NOW - gaps, torch.full((candidates,), NOW)])
-        self.stamps = stamps.to(device)
+        self.stamps, self.host_stamps = stamps.to(device), stamps.numpy()
         self.nc = torch.tensor([candidates], device=device)
         self.nc_host = torch.tensor([candidates])  # the cached step gets host counts, as the served model passes them
 
@@ -139,7 +139,10 @@ class User:
         new = self.tokens[cached:]
         offsets = torch.tensor([0, new.shape[0]])
         stamps = self.stamps[cached:]
-        return model.score([cache], new, offsets, self.nc_host, stamps, [NOW], impl, reuse_checked=reuse_checked)[0]
+        args = ([cache], new, offsets, self.nc_host, stamps, [NOW], impl)
+        if isinstance(model, ScoreGraphs):  # as the served callers, with the host's stamps (no read back)
+            return model.score(*args, reuse_checked=reuse_checked, host_timestamps=self.host_stamps[cached:])[0]
+        return model.score(*args, reuse_checked=reuse_checked)[0]
 
     def planned(self, model: GRDense, cache: UserKV, impl: str) -> Callable[[], torch.Tensor]:
         """The score step's device half (run_plan) for this user on ``cache``, its plan built once."""

@@ -202,28 +202,27 @@ class GRDense(nn.Module):
         idx = torch.cat([torch.arange(p, t) for p, t in zip(past, total, strict=True)])  # absolute positions
         n_ctx = torch.repeat_interleave(torch.tensor(total) - torch.tensor(candidates), torch.tensor(new))
         device = timestamps.device
+        kv_starts = [0, *itertools.accumulate(total)]
+        # the key rows' stamps: the cached ones from the host (UserKV keeps them there), the new ones where they are
+        cached_at = torch.cat([torch.arange(a, a + p) for a, p in zip(kv_starts, past, strict=False)])
+        new_at = torch.cat([torch.arange(a + p, a + t) for a, p, t in zip(kv_starts, past, total, strict=False)])
         layout = to_device_once(
             {
                 "q_offsets": torch.tensor(bounds),
-                "kv_offsets": torch.tensor([0, *itertools.accumulate(total)]),
+                "kv_offsets": torch.tensor(kv_starts),
                 "num_candidates": torch.tensor(candidates),
                 "group": token_groups(self.cfg, idx, n_ctx),
                 "candidate_rows": torch.nonzero(idx >= n_ctx).view(-1),
+                "cached_stamps": torch.cat([c.timestamps_at(now[b]) for b, c in enumerate(caches)]),
+                "cached_at": cached_at,
+                "new_at": new_at,
             },
             device,
         )
-        return ScorePlan(
-            bounds=bounds,
-            candidates=candidates,
-            kv_timestamps=torch.cat(
-                [
-                    t
-                    for b, c in enumerate(caches)
-                    for t in (c.timestamps_at(now[b]), timestamps[bounds[b] : bounds[b + 1]])
-                ]
-            ),
-            **layout,
-        )
+        stamps = torch.empty(kv_starts[-1], dtype=torch.int64, device=device)
+        stamps.index_copy_(0, layout.pop("cached_at"), layout.pop("cached_stamps"))
+        stamps.index_copy_(0, layout.pop("new_at"), timestamps)
+        return ScorePlan(bounds=bounds, candidates=candidates, kv_timestamps=stamps, **layout)
 
     def run_plan(
         self, plan: ScorePlan, caches: list[UserKV], tokens: torch.Tensor, impl: str = "pytorch"

@@ -82,9 +82,10 @@ class KVLayout:
 @dataclass(frozen=True)
 class UserKV:
     """One user's cached tokens: ``rows`` [n, width] holding every layer's K and V (``layout``; per layer
-    views as ``keys`` [n, H, Dqk] and ``values`` [n, H, Dv]), their timestamps [n] (profile tokens carry the
-    request time they were computed at) and the profile token count. Immutable: a longer cache is a new object
-    (``extended``), so a reader never sees a torn one."""
+    views as ``keys`` [n, H, Dqk] and ``values`` [n, H, Dv]) where the model runs, their timestamps [n] int64 on
+    the HOST (profile tokens carry the request time they were computed at: the reuse check and the score step's
+    layout are host work, so a step never reads them back from the device) and the profile token count.
+    Immutable: a longer cache is a new object (``extended``), so a reader never sees a torn one."""
 
     rows: torch.Tensor
     timestamps: torch.Tensor
@@ -98,7 +99,7 @@ class UserKV:
         """From per layer K [n, H, Dqk] and V [n, H, Dv] (copied into one rows tensor)."""
         _, heads, head_qk = keys[0].shape
         layout = KVLayout(len(keys), heads, head_qk, values[0].shape[-1])
-        return cls(layout.pack(keys, values), timestamps, profile, layout)
+        return cls(layout.pack(keys, values), timestamps.cpu(), profile, layout)
 
     @cached_property
     def _split(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
@@ -127,8 +128,8 @@ class UserKV:
         return out
 
     def reusable_rows(self, now: int, time_buckets: int) -> int:
-        """How many leading rows equal what a request at ``now`` computes (``reusable_rows`` below, on this
-        cache's own timestamps: on a GPU that reads the device; the serving store asks its host copy)."""
+        """How many leading rows equal what a request at ``now`` computes (``reusable_rows`` above, on this
+        cache's own host timestamps)."""
         return reusable_rows(self.timestamps, self.profile, now, time_buckets)
 
     def reusable_at(self, now: int, time_buckets: int) -> bool:
@@ -143,11 +144,11 @@ class UserKV:
 
     def extended(self, rows: torch.Tensor, timestamps: torch.Tensor, now: int) -> UserKV:
         """This cache as computed at request time ``now``, with rows appended (new history events: [m, width]
-        as ``layout`` packs them, stamps [m]). The old rows were checked reusable at ``now``, so they hold the
-        same values as rows computed at ``now``: the profile tokens take that stamp."""
+        as ``layout`` packs them, stamps [m], host or device). The old rows were checked reusable at ``now``, so
+        they hold the same values as rows computed at ``now``: the profile tokens take that stamp."""
         if timestamps.numel() == 0:
             return UserKV(self.rows, self.timestamps_at(now), self.profile, self.layout)
-        stamps = torch.cat([self.timestamps, timestamps])
+        stamps = torch.cat([self.timestamps, timestamps.cpu()])
         stamps[: min(self.profile, self.length)] = now  # the cached profile rows (timestamps_at)
         return UserKV(torch.cat([self.rows, rows]), stamps, self.profile, self.layout)
 
@@ -156,7 +157,7 @@ class UserKV:
         """No cached tokens yet (what prefill extends); ``profile``: how many of the tokens to come
         are profile tokens."""
         layout = KVLayout(layers, heads, head_qk, head_v)
-        stamps = torch.zeros(0, dtype=torch.int64, device=like.device)
+        stamps = torch.zeros(0, dtype=torch.int64)  # on the host (see the class)
         return UserKV(like.new_zeros((0, layout.width)), stamps, profile, layout)
 
 
@@ -175,11 +176,11 @@ def grown(
     buffers may be reused."""
     if not caches:
         return []
-    rows = caches[0].layout.pack(new_k, new_v)
+    rows, stamps = caches[0].layout.pack(new_k, new_v), timestamps.cpu()  # one read of the new stamps
     out = []
     for b, cache in enumerate(caches):
         events = slice(bounds[b], bounds[b + 1] - candidates[b])
-        out.append(cache.extended(rows[events], timestamps[events], now[b]))
+        out.append(cache.extended(rows[events], stamps[events], now[b]))
     return out
 
 

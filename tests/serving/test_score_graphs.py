@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from grc.model.gr import GRModel
-from grc.model.kv_cache import UserKV
+from grc.model.kv_cache import KVLayout, UserKV
 from grc.model.sample import random_batch
 from grc.serving.common.score_graphs import ScoreGraphs, pad_users, plan
 from grc.serving.ranker.buckets import ladder
@@ -147,7 +147,13 @@ def test_the_padded_layout(max_seq_len: int) -> None:
         past = [int(rng.integers(0, max_seq_len - n + 1)) for n in new]
         candidates = [int(rng.integers(1, n + 1)) for n in new]
         bounds = [0, *itertools.accumulate(int(n) for n in new)]
-        layout = plan(dense, past, bounds, candidates, rows, keys)
+        profile = len(cfg.profile)
+        caches = [  # the stamps are what the layout reads of a cache (rows: one packed row per token, unread here)
+            UserKV(torch.zeros(p, 1), torch.from_numpy(rng.integers(0, 1 << 40, p)), profile, KVLayout(1, 1, 1, 1))
+            for p in past
+        ]
+        stamps, now = rng.integers(0, 1 << 40, bounds[-1]), [int(t) for t in rng.integers(1 << 40, 1 << 41, b)]
+        layout = plan(dense, caches, bounds, candidates, stamps, now, rows, keys)
         assert layout is not None
         shape, packed = layout.shape, layout.packed
         fields, start = {}, 0
@@ -164,4 +170,9 @@ def test_the_padded_layout(max_seq_len: int) -> None:
         for u in range(b):  # the real users' new rows fill the last slots of their sequences
             n_kv = past[u] + int(new[u])
             assert list(slots[bounds[u] : bounds[u + 1]]) == list(range(kv_off[u] + past[u], kv_off[u] + n_kv))
+            # the key rows' stamps: the cached ones (profile rows at the request time), then the new rows'
+            cached = caches[u].timestamps.numpy().copy()
+            cached[: min(profile, past[u])] = now[u]
+            expected = np.concatenate([cached, stamps[bounds[u] : bounds[u + 1]]])
+            assert np.array_equal(fields["stamps"][kv_off[u] : kv_off[u] + n_kv], expected)
     assert pad_users(0, 0, 8) == [] and pad_users(5, 20, 8) == [(5, 8), (0, 8), (0, 4)]

@@ -115,32 +115,38 @@ class UserCaches:
         tokens: list[torch.Tensor],
         stamps: list[torch.Tensor],
         candidates: list[int],
+        host_stamps: list[np.ndarray],
     ) -> torch.Tensor:
         """Per visit its part's tokens [n, D] and stamps [n] (profile tokens, the new history events,
-        the candidates: one user, on the dense model's device and dtype) -> the candidates' scores
-        [sum(candidates), tasks] in visit order; the grown entries of users with an id are stored."""
+        the candidates: one user, on the dense model's device and dtype; ``host_stamps`` the same stamps on the
+        host) -> the candidates' scores [sum(candidates), tasks] in visit order; the grown entries of users with
+        an id are stored."""
         import torch
 
         profile = len(self.cfg.profile)
-        news, times, offsets, caches = [], [], [0], []
-        for v, t, s in zip(visits, tokens, stamps, strict=True):
+        news, times, host, offsets, caches = [], [], [], [0], []
+        for v, t, s, h in zip(visits, tokens, stamps, host_stamps, strict=True):
             drop = profile if v.kv is not None else 0  # a hit holds the profile tokens already
             news.append(t[drop:])
             times.append(s[drop:])
+            host.append(h[drop:])
             offsets.append(offsets[-1] + t.shape[0] - drop)
             caches.append(v.kv if v.kv is not None else dense.empty_cache(profile, t))
-        step = dense.score if self.graphs is None else self.graphs.score
+        args = (
+            caches,
+            torch.cat(news),
+            torch.tensor(offsets),  # host integers: score reads them without a device sync
+            torch.tensor(candidates),
+            torch.cat(times),
+            [v.now for v in visits],
+            self.impl,
+        )
         with torch.no_grad():
-            scores, grown = step(
-                caches,
-                torch.cat(news),
-                torch.tensor(offsets),  # host integers: score reads them without a device sync
-                torch.tensor(candidates),
-                torch.cat(times),
-                [v.now for v in visits],
-                self.impl,
-                reuse_checked=True,  # visit() kept only the rows reusable at each request's time (host events)
-            )
+            # reuse_checked: visit() kept only the rows reusable at each request's time (host events)
+            if self.graphs is None:
+                scores, grown = dense.score(*args, reuse_checked=True)
+            else:  # the graphed step lays the key rows' stamps out on the host
+                scores, grown = self.graphs.score(*args, reuse_checked=True, host_timestamps=np.concatenate(host))
         for v, kv in zip(visits, grown, strict=True):
             if v.user is not None:
                 self.cache.store((self.namespace, v.user), cached_history(kv, v.profile_ids, v.events, v.now))

@@ -14,13 +14,14 @@ who hold at most max_seq_len keys each; spare user slots are empty. A real user'
 attention never crosses users and everything else is row-wise (the same argument as buckets.py).
 
 Per call, on the device, outside the graph: the users' cached K/V (one packed tensor per user: every
-layer's K and V, ``UserKV.rows``) and stamps copied into the shape's key buffers (multi-tensor copies),
-the new tokens into its token buffer, the layout (offsets, slots, groups, candidate rows: host integers)
-in one copy from pinned memory; then one replay, and the candidates' scores gathered. The step writes
-the new rows' K/V into the key buffers at their slots, right after the user's cached rows, so a grown
-entry is one contiguous run of the key buffers, copied out (one copy per user: the next replay reuses
-the buffers). Per user the host launches a handful of ops, not two per layer: at 16 users per step
-the host time, not the device, set the pace (bench/results/history-cache-batches-h200-split.json).
+layer's K and V, ``UserKV.rows``) copied into the shape's key buffers and the new tokens into its token
+buffer (one multi-tensor copy), the layout (offsets, slots, groups, candidate rows, and the key rows'
+timestamps: host values, the entries keep their stamps on the host) in one copy from pinned memory; then
+one replay, and the candidates' scores gathered. The step writes the new rows' K/V into the key buffers
+at their slots, right after the user's cached rows, so a grown entry is one contiguous run of the key
+buffers, copied out (one clone per user: the next replay reuses the buffers), its stamps a slice of the
+host layout. Per user the host launches about two ops, not two per layer: at 16 users per step the host
+time, not the device, set the pace (bench/results/history-cache-batches-h200-split.json).
 
 A step no rung holds (more users or rows than the ladders reach) runs ``GRDense.score`` eagerly,
 counted in ``GraphStats.graph_misses``: the same scores, slower, and visible in the metrics.
@@ -43,8 +44,8 @@ from grc.serving.ranker.buckets import ladder
 from grc.serving.ranker.dense import GraphStats
 
 # The layout's fields, in the order they are packed into one int64 buffer (sizes: users + 1, users + 1,
-# users, then new rows each).
-FIELDS = ("q_offsets", "kv_offsets", "num_candidates", "group", "slots", "is_candidate", "candidate_rows")
+# users, new rows each, then the key rows' timestamps: built on the host, they travel with the layout).
+FIELDS = ("q_offsets", "kv_offsets", "num_candidates", "group", "slots", "is_candidate", "candidate_rows", "stamps")
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class Shape:
 
     def sizes(self) -> dict[str, int]:
         u, r = self.users, self.rows
-        return dict(zip(FIELDS, (u + 1, u + 1, u, r, r, r, r), strict=True))
+        return dict(zip(FIELDS, (u + 1, u + 1, u, r, r, r, r, self.keys), strict=True))
 
     def starts(self) -> list[int]:
         """Where each field starts in the packed buffer, then its end."""
@@ -76,8 +77,8 @@ def pad_users(rows: int, keys: int, max_seq_len: int) -> list[tuple[int, int]]:
 
 @dataclass
 class Layout:
-    """One step's padded layout, host side: its shape, the packed int64 fields, per real user where its key rows
-    start, and how many candidate rows the real users have in all."""
+    """One step's padded layout, host side: its shape, the packed int64 fields (the key rows' stamps among them),
+    per real user where its key rows start, and how many candidate rows the real users have in all."""
 
     shape: Shape
     packed: np.ndarray
@@ -87,14 +88,18 @@ class Layout:
 
 def plan(
     dense: GRDense,
-    past: list[int],
+    caches: list[UserKV],
     bounds: list[int],
     candidates: list[int],
+    stamps: np.ndarray,
+    now: list[int],
     rows_ladder: list[int],
     keys_ladder: list[int],
 ) -> Layout | None:
-    """The padded layout of B users (``past``: cached rows each; ``bounds``: their new rows' offsets, the last
-    ``candidates[b]`` of each user candidates), or None when no rung holds it."""
+    """The padded layout of B users (``caches``: their cached rows and host stamps; ``bounds``: their new rows'
+    offsets, the last ``candidates[b]`` of each user candidates; ``stamps``: the new rows' [Tq] on the host;
+    ``now``: the request times the cached profile rows take), or None when no rung holds it."""
+    past = [c.length for c in caches]
     max_seq_len = dense.cfg.hstu.max_seq_len
     new = [b - a for a, b in itertools.pairwise(bounds)]
     total_q, total_kv = bounds[-1], sum(past) + bounds[-1]
@@ -110,7 +115,9 @@ def plan(
     users += [(0, 0, 0)] * (slots - len(users))
     shape = Shape(slots, rows, keys)
     packed = np.zeros(sum(shape.sizes().values()), np.int64)
-    q_off, kv_off, n_c, group, slot, mask, picked = (packed[a:b] for a, b in itertools.pairwise(shape.starts()))
+    q_off, kv_off, n_c, group, slot, mask, picked, kv_stamps = (
+        packed[a:b] for a, b in itertools.pairwise(shape.starts())
+    )
     n_q, n_kv, n_c[:] = np.array(users, np.int64).T
     np.cumsum(n_q, out=q_off[1:])
     np.cumsum(n_kv, out=kv_off[1:])
@@ -122,6 +129,12 @@ def plan(
     mask[:] = (position >= n_ctx) & (owner < len(past))
     chosen = np.flatnonzero(mask)
     picked[: chosen.size] = chosen
+    real = bounds[-1]
+    kv_stamps[slot[:real]] = stamps  # the new rows' stamps where their K/V go (pad users' keys: 0)
+    for cache, start, t in zip(caches, kv_off.tolist(), now, strict=False):  # the cached rows, restamped
+        kv_stamps[start : start + cache.length] = cache.timestamps.numpy()
+        if cache.length:
+            kv_stamps[start : start + min(cache.profile, cache.length)] = t
     return Layout(shape, packed, kv_off[: len(past)].tolist(), int(chosen.size))
 
 
@@ -139,10 +152,10 @@ class _Step:
         self.rows = torch.zeros(shape.keys, self.layout.width, dtype=dtype, device=device)
         keys, values = self.layout.split(self.rows)
         self.keys, self.values = list(keys), list(values)
-        self.stamps = torch.zeros(shape.keys, dtype=torch.int64, device=device)
         ends = shape.starts()
         self.packed = torch.zeros(ends[-1], dtype=torch.int64, device=device)
         self.fields = {name: self.packed[a:b] for name, (a, b) in zip(FIELDS, itertools.pairwise(ends), strict=True)}
+        self.stamps = self.fields["stamps"]  # uploaded with the layout
         pin = device.type == "cuda"
         self.host = torch.zeros(self.packed.numel(), dtype=torch.int64, pin_memory=pin)
         self.copied = torch.cuda.Event() if pin else None  # the host buffer is free again once this passed
@@ -151,7 +164,7 @@ class _Step:
 
     @property
     def nbytes(self) -> int:
-        buffers = (self.tokens, self.rows, self.stamps, self.packed)
+        buffers = (self.tokens, self.rows, self.packed)
         return sum(t.numel() * t.element_size() for t in buffers)
 
     def run(self) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
@@ -258,16 +271,19 @@ class ScoreGraphs:
         impl: str,
         *,
         reuse_checked: bool = False,
+        host_timestamps: np.ndarray | None = None,
     ) -> tuple[torch.Tensor, list[UserKV]]:
         """As ``GRDense.score`` (``offsets`` / ``num_candidates`` host tensors; ``reuse_checked`` must be true:
-        the store checked reuse on the host)."""
+        the store checked reuse on the host). ``host_timestamps``: ``timestamps`` as the host has them (the
+        served callers do: their layouts are built there); without it they are read back from the device."""
         bounds, candidates = [int(o) for o in offsets.tolist()], [int(c) for c in num_candidates.tolist()]
         past = [c.length for c in caches]
         longest = max((p + b - a for p, (a, b) in zip(past, itertools.pairwise(bounds), strict=True)), default=0)
         ours = impl == self.impl and reuse_checked and longest <= self.dense.cfg.hstu.max_seq_len
         layout = None
         if ours and min(candidates, default=0) >= 1:
-            layout = plan(self.dense, past, bounds, candidates, self.rows_ladder, self.keys_ladder)
+            host = timestamps.cpu().numpy() if host_timestamps is None else host_timestamps
+            layout = plan(self.dense, caches, bounds, candidates, host, now, self.rows_ladder, self.keys_ladder)
             self.stats.graph_misses += layout is None
         if layout is None:  # no rung holds it, or a step score refuses (in its own words) or another impl
             return self.dense.score(
@@ -275,7 +291,7 @@ class ScoreGraphs:
             )
         step = self._step(layout.shape, tokens)
         step.upload(layout)
-        self._fill(step, layout, caches, tokens, bounds, timestamps, now)
+        self._fill(step, layout, caches, tokens, bounds)
         if self.graphs:
             if step.graph is None:
                 step.capture(self.pool)
@@ -294,40 +310,25 @@ class ScoreGraphs:
     def _grown(
         step: _Step, layout: Layout, caches: list[UserKV], bounds: list[int], candidates: list[int]
     ) -> list[UserKV]:
-        """Each user's grown entry, copied out of the step's key buffers: its cached rows (put there by _fill,
-        the profile stamps at the request time) and its new history events' K/V (written at their slots by the
-        step) are already one contiguous run of rows there; the candidates' rows follow and are left out. A
+        """Each user's grown entry, copied out of the step's key buffers: its cached rows (put there by _fill)
+        and its new history events' K/V (written at their slots by the step) are already one contiguous run of
+        rows there, the candidates' rows after it, left out; its stamps from the layout's (host, restamped). A
         copy: the next step reuses the buffers."""
+        stamps = layout.packed[layout.shape.starts()[-2] :]  # the last field
         out = []
         for b, (cache, start) in enumerate(zip(caches, layout.kv_starts, strict=True)):
             end = start + cache.length + bounds[b + 1] - bounds[b] - candidates[b]
-            out.append(
-                UserKV(step.rows[start:end].clone(), step.stamps[start:end].clone(), cache.profile, cache.layout)
-            )
+            kept = torch.from_numpy(stamps[start:end].copy())
+            out.append(UserKV(step.rows[start:end].clone(), kept, cache.profile, cache.layout))
         return out
 
     @staticmethod
-    def _fill(
-        step: _Step,
-        layout: Layout,
-        caches: list[UserKV],
-        tokens: torch.Tensor,
-        bounds: list[int],
-        timestamps: torch.Tensor,
-        now: list[int],
-    ) -> None:
-        """The users' cached K/V, stamps and new tokens into the step's buffers (padding rows keep what they
-        held: finite values from earlier steps or zeros, which only pad users read)."""
-        dst, src, stamp_dst, stamp_src = [step.tokens[: bounds[-1]]], [tokens], [], []
+    def _fill(step: _Step, layout: Layout, caches: list[UserKV], tokens: torch.Tensor, bounds: list[int]) -> None:
+        """The users' cached K/V and new tokens into the step's buffers, one multi-tensor copy (padding rows keep
+        what they held: finite values from earlier steps or zeros, which only pad users read; the stamps came
+        with the layout)."""
+        dst, src = [step.tokens[: bounds[-1]]], [tokens]
         for cache, start in zip(caches, layout.kv_starts, strict=True):
             dst.append(step.rows[start : start + cache.length])
             src.append(cache.rows)
-            stamp_dst.append(step.stamps[start : start + cache.length])
-            stamp_src.append(cache.timestamps)
         torch._foreach_copy_(dst, src)
-        torch._foreach_copy_(stamp_dst, stamp_src)
-        # the new rows' stamps where their K/V go (the real users' rows come first): one op for all users
-        step.stamps.index_copy_(0, step.fields["slots"][: bounds[-1]], timestamps)
-        for cache, start, t in zip(caches, layout.kv_starts, now, strict=True):
-            if cache.profile and cache.length:  # profile tokens carry the request time (UserKV.timestamps_at)
-                step.stamps[start : start + cache.profile].fill_(t)

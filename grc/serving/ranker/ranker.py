@@ -179,6 +179,8 @@ class Ranker:
         layout = lay.build(parts, cfg)
         start, n = layout.fields["offsets"]
         bounds = layout.packed[start : start + n].tolist()
+        start, n = layout.fields["timestamps"]
+        host_stamps = layout.packed[start : start + n]
         events = self._events()
         with torch.no_grad():
             feeds = lay.on_device(layout, self.device, cfg.cross_features)
@@ -195,6 +197,7 @@ class Ranker:
                 [tokens[a:b] for a, b in spans],
                 [stamps[a:b] for a, b in spans],
                 [c for _, c in layout.shapes],
+                [host_stamps[a:b] for a, b in spans],
             )
             if events:
                 events[1].record()

@@ -140,6 +140,7 @@ class CachedScorer:
             [torch.from_numpy(p["tokens"][0]).to(device, dtype) for p in projected],
             [torch.from_numpy(p["timestamps"][0]).to(device) for p in projected],
             [int(p["num_candidates"][0, 0]) for p in projected],
+            [p["timestamps"][0] for p in projected],
         )
         return scores.float().cpu().numpy().reshape(b, -1, len(self.cfg.tasks))
 
