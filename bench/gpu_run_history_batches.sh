@@ -17,7 +17,7 @@ export PYTHONUNBUFFERED=1 TRITON_PRINT_AUTOTUNING=1
 flags=(--spec mtgr-base); name=history-cache-batches-h200
 if [ -n "${DRY_RUN:-}" ]; then
   export TRITON_INTERPRET=1
-  flags=(--spec tests/specs/mtgr-tiny.yaml --users 1,2 --history 60 --candidates 8 --repeat 2)
+  flags=(--spec tests/specs/mtgr-tiny.yaml --users 1,2 --history 60 --candidates 8 --repeat 2 --mixed-steps 4)
   name=history-cache-batches-dry
 fi
 timeout "${LIMIT_S:-300}" "$py" bench/history_cache_batches.py "${flags[@]}" --deadline-s "${DEADLINE_S:-220}" \

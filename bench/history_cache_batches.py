@@ -21,6 +21,12 @@ events minus 0..40 (varied per step: the cached length moves, as in a session) w
 - ``replay_ms`` / ``enqueue_ms`` (``split``): the last step's graph replayed alone (the device work) and a step's
   host time until it returns unsynchronized (the bench's input slicing, plan, copies, replay launch, grown entries).
 
+Then ``mixed`` (``--mixed-steps``, 0: none): the served session's batches in-process, ``mixed_steps`` steps of 1..max
+users (uniform), each user a hit (its cache cut as above) or, one in five, a miss (its whole sequence against an
+empty cache), in one seeded order run twice: the first pass meets the padded shapes as a server does, the second
+after. Per pass: wall seconds, users/s, step p50 / p99 (ms, synchronized), graphs captured, shapes kept. Served at
+16 clients such batches met dozens of shapes and the graphs were captured again and again (ScoreGraphs).
+
 TRITON_PRINT_AUTOTUNING=1 shows each autotuning (key, seconds) as it happens. --deadline-s: no new k after it.
 """
 
@@ -87,6 +93,40 @@ def split(graphs: ScoreGraphs, step: Callable[[int], Any], repeat: int, device: 
     return {"replay_ms": statistics.median(replay), "enqueue_ms": statistics.median(enqueue)}
 
 
+def mixed(
+    graphs: ScoreGraphs,
+    users: list[User],
+    full: list[UserKV],
+    cut: Callable[[], int],
+    steps: int,
+    impl: str,
+    device: torch.device,
+) -> dict[str, Any]:
+    """``steps`` seeded steps of 1..len(users) users, one in five a miss, the other users' caches cut by ``cut()``,
+    run twice (module doc, ``mixed``)."""
+    rng = np.random.default_rng(0)
+    order = []
+    for _ in range(steps):
+        picked = rng.choice(len(users), int(rng.integers(1, len(users) + 1)), replace=False).tolist()
+        order.append((picked, [0 if rng.random() < 0.2 else cut() for _ in picked]))
+    out: dict[str, Any] = {"steps": steps, "users": sum(len(p) for p, _ in order),
+                           "misses": sum(c == 0 for _, cuts in order for c in cuts)}  # fmt: skip
+    for name in ("first_pass", "second_pass"):
+        captures, times = graphs.captures, []
+        for picked, cuts in order:
+            inputs, host = step_inputs([users[i] for i in picked], [full[i] for i in picked], cuts)
+            now = [NOW] * len(picked)
+            run = functools.partial(graphs.score, *inputs, now, impl, reuse_checked=True, host_timestamps=host)
+            times.append(synced(run, device)[0])
+        ordered = sorted(times)
+        out[name] = {
+            "wall_s": sum(times), "users_per_s": out["users"] / sum(times),
+            "p50_ms": statistics.median(times) * 1e3, "p99_ms": ordered[int(0.99 * (len(ordered) - 1))] * 1e3,
+            "captures": graphs.captures - captures, "shapes_kept": len(graphs.steps),
+        }  # fmt: skip
+    return out
+
+
 @torch.no_grad()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -97,6 +137,7 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--deadline-s", type=float, default=float("inf"))
+    ap.add_argument("--mixed-steps", type=int, default=200, help="steps of the mixed hits-and-misses section")
     ap.add_argument(
         "--warm-up", action=argparse.BooleanOptionalAction, default=True, help="ScoreGraphs.warm_up first, as a server"
     )
@@ -171,6 +212,15 @@ def main() -> None:
         say(f"{k} users per step: { ({key: v for key, v in row.items() if key != 'steps_ms'}) }")
         result["rows"].append(row)
         write_result(Path(args.out), result)
+    if args.mixed_steps and clock.elapsed() <= args.deadline_s:
+        rng = np.random.default_rng(1)
+
+        def cut() -> int:
+            return profile + args.history - NEW - int(rng.integers(0, SLIDE))
+
+        say(f"mixed: {args.mixed_steps} steps of 1..{len(users)} users, one in five a miss, twice")
+        result["mixed"] = mixed(graphs, users, full, cut, args.mixed_steps, impl, device)
+        say(f"mixed: {result['mixed']}")
     print(f"wrote {write_result(Path(args.out), result)}")
 
 

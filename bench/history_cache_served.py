@@ -153,8 +153,11 @@ def per_execute(before: dict[str, float], after: dict[str, float]) -> dict[str, 
     return split
 
 
+# the cache's counters, and the graphs the fused model captured while serving (0 where a model exports none)
 CACHE_FIGURES = {"hits": "grc_history_cache_hits_total", "misses": "grc_history_cache_misses_total",
-                 "evictions": "grc_history_cache_evictions_total", "bytes": "grc_history_cache_bytes"}  # fmt: skip
+                 "evictions": "grc_history_cache_evictions_total", "bytes": "grc_history_cache_bytes",
+                 "graph_captures": "grc_cuda_graph_captures_total",
+                 "graph_capture_s": "grc_cuda_graph_capture_seconds_total"}  # fmt: skip
 
 
 def cache_figures(metrics_url: str, stores: list[str]) -> dict[str, float]:

@@ -24,8 +24,9 @@ RESULTS = REPO / "bench" / "results"
 BLOCK = re.compile(r"<!-- report:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /report:(?P=name) -->", re.S)
 
 # The H200 runs the README quotes, one per spec: replace them with a new bench/gpu_run_e2e.sh result.
-# newest first: session 6's fuse run (issue 21: fused vs unfused package vs torch.compile; no padded baseline ran in it)
-E2E_GPU = ("e2e-h200-s6-mtgr-small-fuse.json", "e2e-mtgr-small-h200.json")
+# newest first: session 11's SiLU-apart run (issue 21: the package with and without engine.aoti.silu_apart, nothing
+# else), session 6's fuse run (fused vs unfused package vs torch.compile; no padded baseline ran in either)
+E2E_GPU = ("e2e-h200-s11-mtgr-small-silu.json", "e2e-h200-s6-mtgr-small-fuse.json", "e2e-mtgr-small-h200.json")
 BASELINES = ("eager_bf16_padded", "compile_bf16_padded", "compile_bf16_padded_graph")
 MODE_LABELS = {
     "eager_bf16_padded": "PyTorch eager, padded batch (baseline)",
@@ -33,6 +34,7 @@ MODE_LABELS = {
     "compile_bf16_padded_graph": "PyTorch + torch.compile + CUDA graph, padded batch (baseline)",
     "aoti_bf16_nograph": "grc AOTInductor package",
     "aoti_bf16": "grc AOTInductor package + CUDA graph",
+    "aoti_bf16_silu": "grc AOTInductor package, SiLU apart from the UVQK GEMM (engine.aoti.silu_apart), + CUDA graph",
     "eager_bf16_triton": "grc kernels, eager",
     "eager_bf16_triton_graph": "grc kernels + CUDA graph",
     "compile_bf16_triton": "grc kernels + torch.compile + CUDA graph",
@@ -530,7 +532,10 @@ def history_cache_served_block(results: Results) -> str:
 
 SERVED_GPU = ("history-cache-served-h200.json", "history-cache-served-h200-small.json")  # mtgr-base, mtgr-small
 # later session-workload-only runs (--skip-shapes), oldest first: their rows join the session table
-SERVED_SESSIONS = ("history-cache-served-h200-s10-session.json", "history-cache-served-h200-s10-packed.json")
+SERVED_SESSIONS = (
+    "history-cache-served-h200-s10-session.json", "history-cache-served-h200-s10-packed.json",
+    "history-cache-served-h200-s11-session.json",
+)  # fmt: skip
 # per execute, ms: Triton's queue and compute, then the fused model's host phases (grc/serving/ranker/phases.py)
 SERVED_PHASES = {
     "queue": ("nv_inference_queue_duration_us",),
@@ -586,6 +591,12 @@ def history_cache_served_gpu_block(results: Results) -> str:
                     phases.append([spec, f"{c['history']} x {c['candidates']}", mode.replace("_", " "), *cells])
         for run in data.get("session", {}).get("runs", []):
             plain, cached = run["uncached"], run["cached"]
+            for mode, figures in (("uncached", plain), ("cached", cached)):  # recorded from session 11 on
+                if "phases_ms_per_execute" in figures:
+                    split = figures["phases_ms_per_execute"]
+                    sums = [sum(split.get(k, 0.0) for k in keys) for keys in SERVED_PHASES.values()]
+                    where = f"session, {run['concurrency']} client(s), {split['executes']:.0f} executes"
+                    phases.append([spec, where, mode, *(f"{v:.2f}" for v in sums)])
             sessions.append([
                 spec, str(data["commit"])[:7], str(run["concurrency"]), f"{plain['responses']} / {cached['responses']}",
                 f"{plain['users_per_s']:.0f}", f"{cached['users_per_s']:.0f}",
@@ -602,8 +613,9 @@ def history_cache_served_gpu_block(results: Results) -> str:
         "; ".join(sources)
         + ". One user per request over one gRPC connection, 30 timed requests per mode:\n\n"
         + table(head, rows)
-        + "\n\nWhere one execute spends it (ms per execute, the long history; Triton's queue and compute, the fused "
-        "model's host phases inside compute, and the dense step's device time from CUDA events):\n\n"
+        + "\n\nWhere one execute spends it (ms per execute, the long history and, where recorded, the session "
+        "workload; Triton's queue and compute (summed over an execute's requests), the fused model's host phases "
+        "inside compute, and the dense step's device time from CUDA events):\n\n"
         + table(["spec", "shape", "mode", *SERVED_PHASES], phases)
     )
     if sessions:
@@ -618,7 +630,10 @@ def history_cache_served_gpu_block(results: Results) -> str:
 
 
 # in-process batches of cached users per step (bench/gpu_run_history_batches.sh), oldest first
-BATCHES_GPU = ("history-cache-batches-h200-split.json", "history-cache-batches-h200-packed.json")
+BATCHES_GPU = (
+    "history-cache-batches-h200-split.json", "history-cache-batches-h200-packed.json",
+    "history-cache-batches-h200-s11-hoststamps.json",
+)  # fmt: skip
 
 
 def history_cache_batches_gpu_block(results: Results) -> str:

@@ -107,19 +107,32 @@ def test_a_step_no_rung_holds_runs_the_model_and_is_counted(setup) -> None:  # t
     assert stats.graph_misses == 1 and not graphs.steps
 
 
-def test_shapes_past_the_byte_bound_are_dropped_oldest_first(setup) -> None:  # type: ignore[no-untyped-def]
+def test_shapes_share_one_key_buffer_and_the_oldest_go_past_max_graphs(setup) -> None:  # type: ignore[no-untyped-def]
+    """Every shape reads its key rows from one buffer (served, per-shape buffers under a byte cap were dropped and
+    recaptured over and over); it grows when a shape needs more rows, which drops the kept shapes; past max_graphs
+    the least recently used shape goes. Scores stay exact throughout."""
     _, model, tables, gen, seed = setup
     sizes = [(5, 2, 0), (30, 3, 30), (20, 4, 20)]  # new rows 2, ~36, ~27 (+ profile): different row rungs
     users = [visits(model, tables, gen, [s]) for s in sizes]
-    unbounded = ScoreGraphs(model.dense, "pytorch", GraphStats(), max_users=4, graphs=False)
-    bounded = ScoreGraphs(model.dense, "pytorch", GraphStats(), max_users=4, graphs=False, max_bytes=1)
+    shared = ScoreGraphs(model.dense, "pytorch", GraphStats(), max_users=4, graphs=False)
+    bounded = ScoreGraphs(model.dense, "pytorch", GraphStats(), max_users=4, graphs=False, max_graphs=1)
     for u in users:
         expected, _ = score(model.dense.score, u)
-        for graphs in (unbounded, bounded):
+        for graphs in (shared, bounded):
             got, _ = score(graphs.score, u)
             torch.testing.assert_close(got, expected, rtol=RTOL, atol=0, msg=f"seed {seed}")
-        assert len(bounded.steps) == 1 and next(reversed(bounded.steps)) == next(reversed(unbounded.steps))
-    assert len(unbounded.steps) >= 2 and unbounded.nbytes > bounded.nbytes > 0
+        assert len(bounded.steps) == 1 and next(reversed(bounded.steps)) == next(reversed(shared.steps))
+    assert len(shared.steps) >= 2 and shared.rows is not None
+    for step in shared.steps.values():  # views of the one buffer, as many rows as the shape's key rung
+        assert step.rows.data_ptr() == shared.rows.data_ptr() and step.rows.shape[0] == step.shape.keys
+    kept = shared.nbytes
+    assert kept == shared.rows.numel() * shared.rows.element_size() + sum(s.nbytes for s in shared.steps.values())
+    held = shared.rows.shape[0]
+    more = shared._key_rows(held + 1, shared.rows)  # a shape past the buffer: it grows (x4, to the top), steps go
+    assert more.shape[0] == max(held + 1, min(4 * held, shared.keys_ladder[-1])) and not shared.steps
+    assert shared.nbytes == more.numel() * more.element_size()
+    got, _ = score(shared.score, users[0])  # scored again against the new buffer
+    torch.testing.assert_close(got, score(model.dense.score, users[0])[0], rtol=RTOL, atol=0, msg=f"seed {seed}")
 
 
 def test_what_score_refuses_the_graphs_refuse_alike(setup) -> None:  # type: ignore[no-untyped-def]

@@ -4,14 +4,20 @@ Eagerly, one user's cached step at mtgr-small is ~0.24 ms of device work under ~
 launches on the H200 (bench/results/history-cache-profile-h200.json); the uncached request runs the
 compiled package in a CUDA graph. So the cached step runs in graphs too: ``GRDense.run_scattered`` on
 fixed-shape buffers, one graph per shape (users, new rows, key rows), each captured at its first use
-and kept: the least recently used are dropped past ``max_graphs`` shapes or ``max_bytes`` of static buffers
-(a shape's key buffers grow with its rung: GBs for many users at full length).
+and kept: the least recently used are dropped past ``max_graphs`` shapes. Every shape reads its key rows
+from ONE buffer all shapes share (an instance runs one step at a time), grown when a shape needs more rows
+(which drops the captured graphs: they read the old buffer). Per-shape key buffers, capped at 4 GiB, were
+dropped and recaptured over and over in the served session workload at 16 clients, where batches of 1-16
+users mixing hits and misses meet dozens of shapes: a capture stalls the instance ~10-35 ms on the H200.
 
 A step of B users, Tq new rows and Tkv = sum(cached + new) key rows is padded to the smallest rung of
 the new-row ladder Tq' >= Tq, then of the key ladder Tkv' >= Tkv + (Tq' - Tq). The padding rows go to
 pad users whose rows are all candidates (each attends to itself alone: linear work, finite values) and
 who hold at most max_seq_len keys each; spare user slots are empty. A real user's rows cannot change:
-attention never crosses users and everything else is row-wise (the same argument as buckets.py).
+attention never crosses users and everything else is row-wise (the same argument as buckets.py). The key
+ladder doubles (the new-row ladder grows by 1.25): padding keys cost no device work (they go to pad users
+with no queries, or to the pad rows' own sequences), only rows of the shared buffer, and fewer key rungs
+mean fewer shapes to capture.
 
 Per call, on the device, outside the graph: the users' cached K/V (one packed tensor per user: every
 layer's K and V, ``UserKV.rows``) copied into the shape's key buffers and the new tokens into its token
@@ -30,6 +36,7 @@ counted in ``GraphStats.graph_misses``: the same scores, slower, and visible in 
 from __future__ import annotations
 
 import itertools
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -141,16 +148,15 @@ def plan(
 class _Step:
     """One shape's buffers and graph."""
 
-    def __init__(self, dense: GRDense, shape: Shape, impl: str, fuse: bool, like: torch.Tensor):
-        h = dense.cfg.hstu
-        device, dtype = like.device, like.dtype
+    def __init__(self, dense: GRDense, shape: Shape, impl: str, fuse: bool, rows: torch.Tensor, layout: KVLayout):
+        """rows: the key rows all shapes share ([>= shape.keys, layout.width], ScoreGraphs._key_rows)."""
+        device, dtype = rows.device, rows.dtype
         self.shape, self.dense, self.impl, self.fuse = shape, dense, impl, fuse
         self.tokens = torch.zeros(shape.rows, dense.cfg.d_model, dtype=dtype, device=device)
         # every layer's K/V of a key row in one row, packed as the store's entries (UserKV.layout): a user's
         # cached rows go in, and its grown entry comes out, in one copy each
-        self.layout = KVLayout(h.num_layers, h.num_heads, h.head_qk, h.head_v)
-        self.rows = torch.zeros(shape.keys, self.layout.width, dtype=dtype, device=device)
-        keys, values = self.layout.split(self.rows)
+        self.rows = rows[: shape.keys]
+        keys, values = layout.split(self.rows)
         self.keys, self.values = list(keys), list(values)
         ends = shape.starts()
         self.packed = torch.zeros(ends[-1], dtype=torch.int64, device=device)
@@ -164,8 +170,8 @@ class _Step:
 
     @property
     def nbytes(self) -> int:
-        buffers = (self.tokens, self.rows, self.packed)
-        return sum(t.numel() * t.element_size() for t in buffers)
+        """Bytes of this shape's own buffers (the key rows are shared)."""
+        return sum(t.numel() * t.element_size() for t in (self.tokens, self.packed, self.host))
 
     def run(self) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         f = self.fields
@@ -200,7 +206,6 @@ class ScoreGraphs:
         graphs: bool = True,
         max_graphs: int = 64,
         fuse: bool | None = None,
-        max_bytes: int = 4 << 30,
     ):
         """fuse (default: with impl "triton"): the layers' fused Triton GEMMs and the heads kernel, as the
         GPU compile path of the uncached model (fewer launches in the graph)."""
@@ -208,14 +213,15 @@ class ScoreGraphs:
         if h.history_mask != "causal":
             raise HistoryCacheUnsupported(f"hstu.history_mask {h.history_mask}: the history cache needs causal")
         self.dense, self.impl, self.stats, self.graphs, self.max_graphs = dense, impl, stats, graphs, max_graphs
-        self.max_bytes = max_bytes
         self.fuse = impl == "triton" if fuse is None else fuse
         top = max_users * h.max_seq_len
         self.rows_ladder = ladder(16, top)
-        self.keys_ladder = ladder(256, 2 * top)  # room for the padding queries' own keys
+        self.keys_ladder = ladder(256, 2 * top, step=2.0)  # room for the padding queries' own keys
+        self.layout = KVLayout(h.num_layers, h.num_heads, h.head_qk, h.head_v)
+        self.rows: torch.Tensor | None = None  # the key rows every shape's step reads: grown on demand
         self.steps: OrderedDict[Shape, _Step] = OrderedDict()
         self.pool = torch.cuda.graph_pool_handle() if graphs else None
-        self.captures = 0  # graphs captured so far (each shape's first step)
+        self.captures = 0  # graphs captured so far (each shape's first step, again after the key rows grew)
 
     def warm_up(self, like: torch.Tensor) -> list[tuple[int, bool]]:
         """Before serving (``like``: the device and dtype): the cached attention kernel autotuned for every key the
@@ -247,15 +253,30 @@ class ScoreGraphs:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the kept shapes' static buffers (the graphs' own intermediates come from the shared pool)."""
-        return sum(step.nbytes for step in self.steps.values())
+        """Bytes of the static buffers: the shared key rows and the kept shapes' own (the graphs' intermediates
+        come from the shared pool)."""
+        shared = 0 if self.rows is None else self.rows.numel() * self.rows.element_size()
+        return shared + sum(step.nbytes for step in self.steps.values())
+
+    def _key_rows(self, keys: int, like: torch.Tensor) -> torch.Tensor:
+        """The shared key rows, at least ``keys`` of them in ``like``'s dtype and device. Short, they grow to
+        ``keys`` or four times what they held (at most the key ladder's top): growing drops every kept step
+        (their graphs read the old rows), so it should happen a few times early, not at every larger shape."""
+        rows = self.rows
+        if rows is None or rows.shape[0] < keys or rows.dtype != like.dtype or rows.device != like.device:
+            held = 0 if rows is None else rows.shape[0]
+            size = max(keys, min(4 * held, self.keys_ladder[-1]))
+            self.steps.clear()
+            self.rows = rows = None  # the old rows freed before the new are allocated
+            self.rows = rows = torch.zeros(size, self.layout.width, dtype=like.dtype, device=like.device)
+        return rows
 
     def _step(self, shape: Shape, like: torch.Tensor) -> _Step:
+        rows = self._key_rows(shape.keys, like)
         step = self.steps.get(shape)
         if step is None:
-            step = self.steps[shape] = _Step(self.dense, shape, self.impl, self.fuse, like)
-            # the oldest go first; the new one stays even alone past max_bytes (its step is running)
-            while len(self.steps) > 1 and (len(self.steps) > self.max_graphs or self.nbytes > self.max_bytes):
+            step = self.steps[shape] = _Step(self.dense, shape, self.impl, self.fuse, rows, self.layout)
+            while len(self.steps) > self.max_graphs:  # the least recently used go first
                 self.steps.popitem(last=False)
         self.steps.move_to_end(shape)
         return step
@@ -294,8 +315,11 @@ class ScoreGraphs:
         self._fill(step, layout, caches, tokens, bounds)
         if self.graphs:
             if step.graph is None:
+                started = time.perf_counter()
                 step.capture(self.pool)
                 self.captures += 1
+                self.stats.captures += 1
+                self.stats.capture_s += time.perf_counter() - started
             assert step.graph is not None
             step.graph.replay()
             out = step.out[0]

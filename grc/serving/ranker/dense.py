@@ -35,6 +35,8 @@ class GraphStats:
     graph_hits: int = 0  # batches replayed in a captured graph
     graph_misses: int = 0  # batches no bucket held: run eagerly, unpadded
     padded_tokens: int = 0  # padding tokens added to fill buckets
+    captures: int = 0  # graphs captured while serving (the history cache's step shapes, at first use)
+    capture_s: float = 0.0  # host seconds those captures took: the instance stalls for them
 
 
 def aotinductor(package: Path, device: torch.device) -> Runner:

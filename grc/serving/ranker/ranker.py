@@ -274,12 +274,14 @@ class Ranker:
         tokens.index_copy_(0, feeds["candidate_dst"], proj.candidate(torch.cat(parts, -1)))
         return tokens
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, float]:
         s = self.graph_stats
         return {
             "graph_hits": s.graph_hits,
             "graph_misses": s.graph_misses,
             "padded_tokens": s.padded_tokens,
+            "graph_captures": s.captures,
+            "graph_capture_s": s.capture_s,
             "requests": self.requests,
             "users": self.users,
             "tokens": self.tokens,

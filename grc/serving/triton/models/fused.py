@@ -5,10 +5,12 @@ checked on its own (a bad one gets its own error, steps.execute), the good ones 
 pipeline pass (lookups, projector, dense, ranking). KIND_GPU instances run on their own GPU
 (``model_instance_device_id``); on a host or interpreter without CUDA they fail at load, naming
 why: there is no CPU fallback. Metrics (Triton custom metrics, label model):
-grc_cuda_graph_hits_total, grc_cuda_graph_misses_total, grc_padded_tokens_total, grc_dense_device_seconds_total
-(CUDA events), and the host seconds of each phase of execute() (grc/serving/ranker/phases.py):
-grc_phase_<read|check|layout|embed|dense|fetch|rank|respond|metrics>_seconds_total. Triton's compute_infer minus
-their sum is what the python backend itself spends around execute() (requests in, responses out).
+grc_cuda_graph_hits_total, grc_cuda_graph_misses_total, grc_padded_tokens_total, grc_cuda_graph_captures_total and
+grc_cuda_graph_capture_seconds_total (graphs captured while serving: the cached step's shapes at first use),
+grc_dense_device_seconds_total (CUDA events), and the host seconds of each phase of execute()
+(grc/serving/ranker/phases.py): grc_phase_<read|check|layout|embed|dense|fetch|rank|respond|metrics>_seconds_total.
+Triton's compute_infer minus their sum is what the python backend itself spends around execute() (requests in,
+responses out).
 
 With bundles.triton.history_cache on, the model takes an optional ``user_id`` (INT64 [batch, 1]) and
 keeps a user-history cache (grc/serving/ranker/history.py; one store per model, one instance per
@@ -33,6 +35,16 @@ METRICS = {
     "graph_hits": ("grc_cuda_graph_hits_total", "batches of the dense step replayed in a captured CUDA graph", False),
     "graph_misses": ("grc_cuda_graph_misses_total", "batches no CUDA-graph bucket held (run eagerly, unpadded)", False),
     "padded_tokens": ("grc_padded_tokens_total", "padding tokens added to fill CUDA-graph buckets", False),
+    "graph_captures": (
+        "grc_cuda_graph_captures_total",
+        "CUDA graphs captured while serving (a cached step's new shape)",
+        False,
+    ),
+    "graph_capture_s": (
+        "grc_cuda_graph_capture_seconds_total",
+        "host seconds of those captures (the instance waits)",
+        False,
+    ),
 }
 # phase -> its counter of host seconds (phases.py says what each phase holds); sent together, at most every
 # PHASE_EVERY_S (metrics.py), with the count of execute() calls they cover: a reader divides by that count
