@@ -193,7 +193,8 @@ def session(
             figures["phases_ms_per_execute"] = per_execute(phases_before, flushed(cached))
             after = cache_figures(server.metrics_url, stores)
             # graphs captured during the mode (and its flushing requests): each stalls the instance
-            figures.update({k: after[k] - before[k] for k in ("graph_captures", "graph_capture_s")})
+            captured = ("graph_captures", "graph_capture_s", "graph_capture_warmup_s")
+            figures.update({k: after[k] - before[k] for k in captured})
             if cached:
                 counted = {k: after[k] - before[k] for k in ("hits", "misses", "evictions")}
                 figures.update(counted, hit_ratio=counted["hits"] / max(counted["hits"] + counted["misses"], 1))

@@ -11,6 +11,7 @@ through the single-threaded one it replays right (bench/results/e2e-notes.md, se
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -37,19 +38,48 @@ def load(path: str | Path, device: str | torch.device = "cpu", single_threaded: 
     return run
 
 
-def capture_graph(fn: Runner, static: list[Any], pool: Any, warmup: int = 2) -> tuple[torch.cuda.CUDAGraph, Any]:
+def capture_graph(
+    fn: Runner,
+    static: list[Any],
+    pool: Any,
+    warmup: int = 2,
+    free_memory: bool = True,
+    seconds: dict[str, float] | None = None,
+) -> tuple[torch.cuda.CUDAGraph, Any]:
     """``fn(*static)`` captured in a CUDA graph (memory from ``pool``) after ``warmup`` runs on a side stream
     (where Triton compiles and autotunes, and lazy allocations happen outside the capture). Returns the graph and
-    its output: replaying recomputes the output in place from whatever the ``static`` buffers then hold."""
+    its output: replaying recomputes the output in place from whatever the ``static`` buffers then hold.
+
+    free_memory: as ``torch.cuda.graph``, which synchronizes and releases the caching allocators' free blocks
+    (device, and pinned host) before it captures. False captures without that: a server capturing a new shape
+    between requests keeps its cached blocks (releasing them means a cudaFree / cudaFreeHost per block now and a
+    fresh allocation for each later). ``seconds``: gets the host seconds of the warm-up runs ("warmup") and of the
+    capture ("capture") added."""
+    started = time.perf_counter()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(warmup):
             fn(*static)
     torch.cuda.current_stream().wait_stream(stream)
+    warm = time.perf_counter()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        out = fn(*static)
+    if free_memory:
+        with torch.cuda.graph(graph, pool=pool):
+            out = fn(*static)
+    else:  # torch.cuda.graph's capture without its releases: on a side stream after the work queued before it
+        capture = torch.cuda.Stream()
+        capture.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(capture):
+            graph.capture_begin(*(() if pool is None else (pool,)))
+            try:
+                out = fn(*static)
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream().wait_stream(capture)
+    if seconds is not None:
+        seconds["warmup"] = seconds.get("warmup", 0.0) + warm - started
+        seconds["capture"] = seconds.get("capture", 0.0) + time.perf_counter() - warm
     return graph, out
 
 

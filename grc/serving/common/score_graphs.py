@@ -36,7 +36,6 @@ counted in ``GraphStats.graph_misses``: the same scores, slower, and visible in 
 from __future__ import annotations
 
 import itertools
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -180,8 +179,9 @@ class _Step:
             self.stamps, f["num_candidates"], f["is_candidate"] != 0, self.impl, self.fuse,
         )  # fmt: skip
 
-    def capture(self, pool: Any) -> None:
-        self.graph, self.out = capture_graph(lambda: self.run(), [], pool)
+    def capture(self, pool: Any, seconds: dict[str, float]) -> None:
+        """Captured between requests: the allocators' cached blocks kept (capture_graph's free_memory)."""
+        self.graph, self.out = capture_graph(lambda: self.run(), [], pool, free_memory=False, seconds=seconds)
 
     def upload(self, layout: Layout) -> None:
         if self.copied is not None:
@@ -315,11 +315,12 @@ class ScoreGraphs:
         self._fill(step, layout, caches, tokens, bounds)
         if self.graphs:
             if step.graph is None:
-                started = time.perf_counter()
-                step.capture(self.pool)
+                seconds: dict[str, float] = {}
+                step.capture(self.pool, seconds)
                 self.captures += 1
                 self.stats.captures += 1
-                self.stats.capture_s += time.perf_counter() - started
+                self.stats.capture_s += seconds["warmup"] + seconds["capture"]
+                self.stats.capture_warmup_s += seconds["warmup"]
             assert step.graph is not None
             step.graph.replay()
             out = step.out[0]

@@ -37,6 +37,7 @@ class GraphStats:
     padded_tokens: int = 0  # padding tokens added to fill buckets
     captures: int = 0  # graphs captured while serving (the history cache's step shapes, at first use)
     capture_s: float = 0.0  # host seconds those captures took: the instance stalls for them
+    capture_warmup_s: float = 0.0  # of which the eager runs before each capture
 
 
 def aotinductor(package: Path, device: torch.device) -> Runner:

@@ -282,6 +282,7 @@ class Ranker:
             "padded_tokens": s.padded_tokens,
             "graph_captures": s.captures,
             "graph_capture_s": s.capture_s,
+            "graph_capture_warmup_s": s.capture_warmup_s,
             "requests": self.requests,
             "users": self.users,
             "tokens": self.tokens,

@@ -45,6 +45,11 @@ METRICS = {
         "host seconds of those captures (the instance waits)",
         False,
     ),
+    "graph_capture_warmup_s": (
+        "grc_cuda_graph_capture_warmup_seconds_total",
+        "of which the eager runs before each capture",
+        False,
+    ),
 }
 # phase -> its counter of host seconds (phases.py says what each phase holds); sent together, at most every
 # PHASE_EVERY_S (metrics.py), with the count of execute() calls they cover: a reader divides by that count
