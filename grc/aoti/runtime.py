@@ -43,18 +43,15 @@ def capture_graph(
     static: list[Any],
     pool: Any,
     warmup: int = 2,
-    free_memory: bool = True,
     seconds: dict[str, float] | None = None,
 ) -> tuple[torch.cuda.CUDAGraph, Any]:
     """``fn(*static)`` captured in a CUDA graph (memory from ``pool``) after ``warmup`` runs on a side stream
     (where Triton compiles and autotunes, and lazy allocations happen outside the capture). Returns the graph and
     its output: replaying recomputes the output in place from whatever the ``static`` buffers then hold.
-
-    free_memory: as ``torch.cuda.graph``, which synchronizes and releases the caching allocators' free blocks
-    (device, and pinned host) before it captures. False captures without that: a server capturing a new shape
-    between requests keeps its cached blocks (releasing them means a cudaFree / cudaFreeHost per block now and a
-    fresh allocation for each later). ``seconds``: gets the host seconds of the warm-up runs ("warmup") and of the
-    capture ("capture") added."""
+    ``seconds``: gets the host seconds of the warm-up runs ("warmup") and of the capture ("capture") added; the
+    capture's include ``torch.cuda.graph``'s synchronize and release of the allocators' cached blocks. (Capturing
+    without that release, through ``CUDAGraph.capture_begin`` on a side stream with a shared pool, failed on the
+    H200 at the first served step: "it->second->use_count > 0 INTERNAL ASSERT FAILED", session 12.)"""
     started = time.perf_counter()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -64,19 +61,8 @@ def capture_graph(
     torch.cuda.current_stream().wait_stream(stream)
     warm = time.perf_counter()
     graph = torch.cuda.CUDAGraph()
-    if free_memory:
-        with torch.cuda.graph(graph, pool=pool):
-            out = fn(*static)
-    else:  # torch.cuda.graph's capture without its releases: on a side stream after the work queued before it
-        capture = torch.cuda.Stream()
-        capture.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(capture):
-            graph.capture_begin(*(() if pool is None else (pool,)))
-            try:
-                out = fn(*static)
-            finally:
-                graph.capture_end()
-        torch.cuda.current_stream().wait_stream(capture)
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn(*static)
     if seconds is not None:
         seconds["warmup"] = seconds.get("warmup", 0.0) + warm - started
         seconds["capture"] = seconds.get("capture", 0.0) + time.perf_counter() - warm

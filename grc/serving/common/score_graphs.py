@@ -180,8 +180,7 @@ class _Step:
         )  # fmt: skip
 
     def capture(self, pool: Any, seconds: dict[str, float]) -> None:
-        """Captured between requests: the allocators' cached blocks kept (capture_graph's free_memory)."""
-        self.graph, self.out = capture_graph(lambda: self.run(), [], pool, free_memory=False, seconds=seconds)
+        self.graph, self.out = capture_graph(lambda: self.run(), [], pool, seconds=seconds)
 
     def upload(self, layout: Layout) -> None:
         if self.copied is not None:
