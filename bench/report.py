@@ -534,7 +534,7 @@ SERVED_GPU = ("history-cache-served-h200.json", "history-cache-served-h200-small
 # later session-workload-only runs (--skip-shapes), oldest first: their rows join the session table
 SERVED_SESSIONS = (
     "history-cache-served-h200-s10-session.json", "history-cache-served-h200-s10-packed.json",
-    "history-cache-served-h200-s11-session.json",
+    "history-cache-served-h200-s11-session.json", "history-cache-served-h200-s12-shared.json",
 )  # fmt: skip
 # per execute, ms: Triton's queue and compute, then the fused model's host phases (grc/serving/ranker/phases.py)
 SERVED_PHASES = {
@@ -555,7 +555,7 @@ SERVED_PHASES = {
 SESSION_HEAD = [
     "spec", "commit", "clients", "answered in the time (uncached / cached)", "uncached users/s", "cached users/s",
     "cached vs uncached", "hit ratio", "uncached p50 / p99 ms", "cached p50 / p99 ms", "errors", "cache bytes held",
-    "exact (3 hits vs float64, 32 vs uncached)",
+    "exact (3 hits vs float64, 32 vs uncached)", "graphs captured in the cached mode (host s)",
 ]  # fmt: skip
 
 
@@ -605,6 +605,8 @@ def history_cache_served_gpu_block(results: Results) -> str:
                 f"{plain['errors'] + cached['errors']}",
                 f"{cached['bytes_held'] / 2**30:.2f} of {data['session']['budget_bytes'] / 2**30:.0f} GiB",
                 "yes" if run["clean"] else "NO",
+                f"{cached['graph_captures']:.0f} ({cached['graph_capture_s']:.2f} s)"
+                if "graph_captures" in cached else "not recorded",
             ])  # fmt: skip
     head = ["spec", "history x candidates", "uncached (aotinductor, no user_id) p50 / p99", "cached hit p50 / p99",
             "first hit (graph capture)", "hit vs uncached, p50", "max abs diff vs float64",
@@ -632,7 +634,13 @@ def history_cache_served_gpu_block(results: Results) -> str:
 # in-process batches of cached users per step (bench/gpu_run_history_batches.sh), oldest first
 BATCHES_GPU = (
     "history-cache-batches-h200-split.json", "history-cache-batches-h200-packed.json",
-    "history-cache-batches-h200-s11-hoststamps.json",
+    "history-cache-batches-h200-s11-hoststamps.json", "history-cache-batches-h200-s12-split.json",
+)  # fmt: skip
+# the mixed hits-and-misses section (session 12 on): the A/B base (c2a6989's grc under the new bench, one call with
+# the next), the shared key buffer (207f215), the landed commit with the capture's seconds split
+MIXED_GPU = (
+    "history-cache-batches-h200-s12-base-c2a6989-grc.json", "history-cache-batches-h200-s12-shared.json",
+    "history-cache-batches-h200-s12-split.json",
 )  # fmt: skip
 
 
@@ -661,6 +669,32 @@ def history_cache_batches_gpu_block(results: Results) -> str:
         + "; ".join(sources)
         + ". Each user ~1,000 cached events + 10 new + 256 candidates:\n\n"
         + table(head, rows)
+        + "\n\n"
+        + mixed_table(results)
+    )
+
+
+def mixed_table(results: Results) -> str:
+    """The mixed section: steps of 1..16 users, one in five a miss, one seeded order run twice."""
+    rows, sources = [], []
+    for name in MIXED_GPU:
+        data = results(name)
+        m = data["mixed"]
+        tree = data.get("tree", "").split(" (")[0] or f"commit {str(data['commit'])[:7]}"
+        sources.append(source(name, data) if "tree" not in data else f"`bench/results/{name}` ({tree}: its `tree`)")
+        for label in ("first_pass", "second_pass"):
+            p = m[label]
+            spent = f"{p['capture_s']:.2f} ({p['capture_warmup_s']:.2f})" if "capture_s" in p else "not recorded"
+            rows.append([
+                tree, label.replace("_", " "), str(p["captures"]), spent, str(p["shapes_kept"]), f"{p['wall_s']:.2f}",
+                f"{p['users_per_s']:.0f}", f"{p['p50_ms']:.2f} / {p['p99_ms']:.2f}",
+            ])  # fmt: skip
+    head = ["tree", "pass", "graphs captured", "their host s (of which eager warm-up runs)", "shapes kept", "wall s",
+            "users/s", "step p50 / p99 ms"]  # fmt: skip
+    first = results(MIXED_GPU[0])["mixed"]
+    return (
+        f"Mixed hits and misses (`mixed`: {first['steps']} steps of 1-16 users, {first['users']} users, "
+        f"{first['misses']} misses, one seeded order run twice): " + "; ".join(sources) + ":\n\n" + table(head, rows)
     )
 
 
