@@ -6,7 +6,8 @@ graphs captured before the batch and replayed twice); the gather kernel reads pi
 bit-exactly; device and pinned_host tables equal the memory-mapped lookups; and mtgr-tiny-gpu
 (tests/specs) built, run in-process on cuda:0, deployed with ``grc deploy`` and served by a real
 tritonserver on KIND_GPU instances: every score within the served tolerance of PyTorch float64,
-graph hits counted (in the Ranker and in the server's metrics), no misses.
+graph hits counted (in the Ranker and in the server's metrics), no misses. The history cache's graphed score step
+(ScoreGraphs) replays exactly across shapes, the shared key buffer's growth and LRU eviction.
 """
 
 from __future__ import annotations
@@ -61,3 +62,55 @@ def test_tables_on_the_gpu_equal_the_memory_mapped_lookups(tmp_path: Path, kind:
 def test_mtgr_tiny_gpu_in_process_deployed_and_served(tmp_path: Path) -> None:
     seed = secrets.randbits(31)
     gc.assert_served(gc.served_on_gpu(tmp_path, seed), seed)
+
+
+def test_cached_score_graphs_exact_across_shapes_growth_and_eviction() -> None:
+    """The history cache's graphed score step (ScoreGraphs, CUDA graphs) against GRDense.score run eagerly on the
+    same inputs (float32, grc's kernels): steps of 1, 2 and 4 users (hits, a miss), the shared key buffer grown by
+    the 4-user step (every kept graph dropped, the small shapes recaptured against the new buffer), and a one-graph
+    LRU beside it. Every step's scores within 1e-5 relative, every grown entry's rows and stamps the same; the
+    second round of the same steps captures nothing new. (Session 12: a capture path that failed every served step
+    on the device had passed the whole CPU suite, which cannot capture graphs.)"""
+    from grc.model.kv_cache import UserKV
+    from grc.serving.common.score_graphs import ScoreGraphs
+    from grc.serving.ranker.dense import GraphStats
+    from tests.serving.test_score_graphs import score, visits
+    from tests.test_model import _model
+
+    seed = secrets.randbits(31)
+    _, model, tables = _model(TEST_SPECS / "mtgr-tiny.yaml", seed)
+    gen = torch.Generator().manual_seed(seed)
+    shapes = ([(30, 3, 0)], [(12, 5, 12), (20, 2, 4)], [(85, 3, 2), (84, 2, 84), (83, 3, 5), (80, 4, 1)])
+    groups = [visits(model, tables, gen, s) for s in shapes]  # float64 on the CPU, then moved
+    dev, f32 = torch.device("cuda"), torch.float32
+    dense = model.dense.to(dev, f32)
+
+    def moved(users):  # type: ignore[no-untyped-def]
+        return [
+            (UserKV(c.rows.to(dev, f32), c.timestamps, c.profile, c.layout), t.to(dev, f32), s.to(dev), n, now)
+            for c, t, s, n, now in users
+        ]
+
+    groups = [moved(g) for g in groups]
+    graphs = ScoreGraphs(dense, "triton", GraphStats(), max_users=4)
+    bounded = ScoreGraphs(dense, "triton", GraphStats(), max_users=4, max_graphs=1)
+    order = [0, 1, 2, 0, 1]  # the 4-user step grows the shared key rows: 0 and 1 are recaptured after it
+    for rnd in range(2):
+        captured = graphs.captures
+        held = None if graphs.rows is None else graphs.rows.shape[0]
+        for g in order:
+            expected, expected_kv = score(dense.score, groups[g], "triton")
+            for step in (graphs, bounded):
+                got, got_kv = score(step.score, groups[g], "triton")
+                rel = float((got - expected).abs().max() / expected.abs().max())
+                assert rel < 1e-5, (seed, rnd, g, rel)
+                for a, b in zip(got_kv, expected_kv, strict=True):
+                    assert a.length == b.length and torch.equal(a.timestamps, b.timestamps), (seed, g)
+                    torch.testing.assert_close(a.rows, b.rows, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
+        if rnd == 0:
+            assert graphs.rows is not None and graphs.rows.shape[0] > 256, "the 4-user step grew the key rows"
+            assert graphs.captures >= len(set(order)) + 2, graphs.captures  # 0 and 1 again after the growth
+        else:
+            assert graphs.rows is not None and held == graphs.rows.shape[0], "no growth in the second round"
+            assert graphs.captures == captured, "nothing captured in the second round"
+    assert len(bounded.steps) == 1 and bounded.captures >= 2 * len(order) - 1
