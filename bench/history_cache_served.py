@@ -196,6 +196,12 @@ def session_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--session-candidates", type=int, default=256)
     g.add_argument("--session-gap-s", type=int, default=60, help="seconds between a user's visits")
     g.add_argument("--session-zipf", type=float, default=1.1)
+    g.add_argument(
+        "--session-warm",
+        action="store_true",
+        help="before each run's timed modes, both modes once untimed at the same concurrency under user ids of "
+        "their own: the cached step's shapes captured, the store filled (a server in steady state)",
+    )
 
 
 def main() -> int:
@@ -320,7 +326,8 @@ def main() -> int:
                 save()
             if args.session_users > 0:
                 runs = len(args.session_concurrency)
-                ends = time.perf_counter() - started + runs * (2 * args.session_s + SESSION_EXTRA_S)
+                passes = 4 if args.session_warm else 2  # (the warm passes and) the timed modes, at most session_s each
+                ends = time.perf_counter() - started + runs * (passes * args.session_s + SESSION_EXTRA_S)
                 if args.deadline is not None and ends > args.deadline + DEADLINE_SLACK_S:
                     result["session"] = {"skipped": f"would end at {ends:.0f} s, past --deadline {args.deadline} s"}
                     clock.say(f"session workload: skipped ({result['session']['skipped']})")

@@ -15,6 +15,9 @@ endpoint the stores' hits, misses, evictions and bytes (vs the budget). Exactnes
 the first ``CHECKED`` (user, visit) pairs that both modes sent are compared with the uncached ones, and
 the first few hits are checked against the float64 PyTorch model (check.check_response). Called by
 bench/history_cache_served.py's ``--session-users``; a mode stops starting requests after ``budget_s``.
+``--session-warm``: before each run's timed modes, both modes once untimed at the same concurrency under ids of
+their own, so the timed run meets a server in steady state (the cached step's CUDA graphs captured at first use:
+~0.1 s each on a loaded H200, 4.96 s of a 12.7 s cached run in session 12; the store full, evicting).
 """
 
 from __future__ import annotations
@@ -180,7 +183,12 @@ def session(
     out["runs"] = []
     for run, concurrency in enumerate(args.session_concurrency):
         # each run under its own user ids: no entry of the warm-up or of an earlier run is ever reused
-        kept, row = {}, {"concurrency": concurrency}
+        kept, row = {}, {"concurrency": concurrency, "warm_pass": args.session_warm}
+        if args.session_warm:  # untimed, the same order under ids no timed request uses: captures and fills first
+            warm_ids = (len(args.session_concurrency) + run) * RUN_IDS
+            for mode, cached in (("uncached", False), ("cached", True)):
+                say(f"session {mode}: the warm pass ({concurrency} client(s), untimed)")
+                run_mode(server.grpc_url, model, feeder(order, warm_ids), cached, concurrency, args.session_s)
         for mode, cached in (("uncached", False), ("cached", True)):
             say(f"session {mode}: {users} users x {visits} visits, {concurrency} client(s), "
                 f"at most {args.session_s:.0f} s")  # fmt: skip

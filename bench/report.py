@@ -597,8 +597,10 @@ def history_cache_served_gpu_block(results: Results) -> str:
                     sums = [sum(split.get(k, 0.0) for k in keys) for keys in SERVED_PHASES.values()]
                     where = f"session, {run['concurrency']} client(s), {split['executes']:.0f} executes"
                     phases.append([spec, where, mode, *(f"{v:.2f}" for v in sums)])
+            warm = " (warm pass first)" if run.get("warm_pass") else ""
             sessions.append([
-                spec, str(data["commit"])[:7], str(run["concurrency"]), f"{plain['responses']} / {cached['responses']}",
+                spec, str(data["commit"])[:7], f"{run['concurrency']}{warm}",
+                f"{plain['responses']} / {cached['responses']}",
                 f"{plain['users_per_s']:.0f}", f"{cached['users_per_s']:.0f}",
                 f"{run['users_per_s_ratio']:.2f}x", f"{cached['hit_ratio']:.2f}",
                 f"{plain['p50_ms']:.1f} / {plain['p99_ms']:.1f}", f"{cached['p50_ms']:.1f} / {cached['p99_ms']:.1f}",
