@@ -542,6 +542,7 @@ SERVED_PHASES = {
     "compute": ("nv_inference_compute_infer_duration_us",),
     "read + check": ("grc_phase_read_seconds_total", "grc_phase_check_seconds_total"),
     "layout": ("grc_phase_layout_seconds_total",),
+    "upload (before session 12: in layout)": ("grc_phase_upload_seconds_total",),
     "embed": ("grc_phase_embed_seconds_total",),
     "dense (host)": ("grc_phase_dense_seconds_total",),
     "fetch": ("grc_phase_fetch_seconds_total",),
@@ -550,6 +551,16 @@ SERVED_PHASES = {
     ),
     "dense (device)": ("grc_dense_device_seconds_total",),
 }  # fmt: skip
+
+
+def phase_cells(split: dict[str, float]) -> list[str]:
+    """SERVED_PHASES' cells of one per-execute split: "–" where the run exported none of a column's counters
+    (an older model), "not timed" where they stayed zero (a hit's device time was not timed on the device)."""
+    cells = []
+    for keys in SERVED_PHASES.values():
+        found = [split[k] for k in keys if k in split]
+        cells.append("–" if not found else f"{sum(found):.2f}" if sum(found) else "not timed")
+    return cells
 
 
 SESSION_HEAD = [
@@ -586,17 +597,15 @@ def history_cache_served_gpu_block(results: Results) -> str:
             ])  # fmt: skip
             if c is data["cases"][0]:  # the long history: the issue's target shape
                 for mode, split in c["phases_ms_per_execute"].items():
-                    sums = [sum(split.get(k, 0.0) for k in keys) for keys in SERVED_PHASES.values()]
-                    cells = [f"{v:.2f}" if v else "not timed" for v in sums]  # hits were not timed on the device
+                    cells = phase_cells(split)
                     phases.append([spec, f"{c['history']} x {c['candidates']}", mode.replace("_", " "), *cells])
         for run in data.get("session", {}).get("runs", []):
             plain, cached = run["uncached"], run["cached"]
             for mode, figures in (("uncached", plain), ("cached", cached)):  # recorded from session 11 on
                 if "phases_ms_per_execute" in figures:
                     split = figures["phases_ms_per_execute"]
-                    sums = [sum(split.get(k, 0.0) for k in keys) for keys in SERVED_PHASES.values()]
                     where = f"session, {run['concurrency']} client(s), {split['executes']:.0f} executes"
-                    phases.append([spec, where, mode, *(f"{v:.2f}" for v in sums)])
+                    phases.append([spec, where, mode, *phase_cells(split)])
             warm = " (warm pass first)" if run.get("warm_pass") else ""
             sessions.append([
                 spec, str(data["commit"])[:7], f"{run['concurrency']}{warm}",

@@ -111,7 +111,7 @@ def test_serve_measures_every_mode_on_the_real_server_then_reports_a_package_tha
         if mode == "in_process":
             assert r["mean_batch"] == concurrency and set(r["ranker_ms_per_batch"]) == {"check_ms", "rank_ms"}
             assert r["ranker_stats"]["users"] == r["requests"]  # the timed batches, warm-up apart
-            assert set(r["phase_ms_per_batch"]) == {"layout", "embed", "dense", "fetch", "rank"}  # the Ranker's
+            assert set(r["phase_ms_per_batch"]) == {"layout", "upload", "embed", "dense", "fetch", "rank"}
         else:  # Triton's own statistics: every request went through the model, queue and compute apart
             assert r["client_processes"] == concurrency  # at most one process per connection
             assert 1 <= r["mean_batch"] <= concurrency

@@ -191,6 +191,6 @@ def test_phase_metrics_split_execute_by_phase(served: tuple[Any, Path, TritonSer
         assert executes is not None and executes >= 3  # (the load's warm-up sample counts too)
         seconds = {p: check.metric(text, f"grc_phase_{p}_seconds_total", name) for p in PHASES}
         assert None not in seconds.values(), seconds
-        for phase in ("read", "check", "layout", "embed", "dense", "rank", "respond"):  # work every execute does
+        for phase in ("read", "check", "layout", "upload", "embed", "dense", "rank", "respond"):  # every execute
             assert (seconds[phase] or 0.0) > 0, (name, phase, seconds)
         assert check.metric(text, "grc_dense_device_seconds_total", name) == 0.0  # KIND_CPU: no CUDA events

@@ -15,7 +15,8 @@ import time
 PHASES: dict[str, str] = {
     "read": "reading each request's input tensors (python backend -> numpy)",
     "check": "checking each request (validate.RequestParser)",
-    "layout": "the batch's token layout on the host and its one host->device copy (queued)",
+    "layout": "the batch's token layout on the host (numpy; with the history cache, the users' store lookups too)",
+    "upload": "the layout's one host->device copy: staged in pinned memory, queued (on a CPU: views only)",
     "embed": "embedding lookups and the token projector (queued on a GPU)",
     "dense": "the dense step (launched, CUDA graph replay; on a CPU the whole step)",
     "fetch": "waiting for the device and the one device->host copy of the scores",

@@ -182,9 +182,10 @@ class Ranker:
         start, n = layout.fields["timestamps"]
         host_stamps = layout.packed[start : start + n]
         events = self._events()
+        self.clock.lap("layout")
         with torch.no_grad():
             feeds = lay.on_device(layout, self.device, cfg.cross_features)
-            self.clock.lap("layout")
+            self.clock.lap("upload")
             tokens = self._tokens(feeds, layout.tokens).to(self.dense_dtype)
             self.clock.lap("embed")
             stamps = feeds["timestamps"]
@@ -211,9 +212,10 @@ class Ranker:
         started = time.perf_counter()
         layout = lay.build(checked, self.cfg)
         events = self._events()
+        self.clock.lap("layout")
         with torch.no_grad():
             feeds = lay.on_device(layout, self.device, self.cfg.cross_features)
-            self.clock.lap("layout")
+            self.clock.lap("upload")
             tokens = self._tokens(feeds, layout.tokens).to(self.dense_dtype)
             self.clock.lap("embed")
             if events:

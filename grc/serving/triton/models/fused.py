@@ -7,8 +7,8 @@ pipeline pass (lookups, projector, dense, ranking). KIND_GPU instances run on th
 why: there is no CPU fallback. Metrics (Triton custom metrics, label model):
 grc_cuda_graph_hits_total, grc_cuda_graph_misses_total, grc_padded_tokens_total, grc_cuda_graph_captures_total and
 grc_cuda_graph_capture_seconds_total (graphs captured while serving: the cached step's shapes at first use),
-grc_dense_device_seconds_total (CUDA events), and the host seconds of each phase of execute()
-(grc/serving/ranker/phases.py): grc_phase_<read|check|layout|embed|dense|fetch|rank|respond|metrics>_seconds_total.
+grc_dense_device_seconds_total (CUDA events), and the host seconds of each phase of execute() (phases.py):
+grc_phase_<read|check|layout|upload|embed|dense|fetch|rank|respond|metrics>_seconds_total.
 Triton's compute_infer minus their sum is what the python backend itself spends around execute() (requests in,
 responses out).
 
