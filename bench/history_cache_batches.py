@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import write_result
 from bench.history_cache import synced
 from bench.history_cache_device import NOW, User, graphed, model_in, spec_path
+from bench.history_cache_served import summary
 from bench.history_cache_timeline import Clock
 from grc.model.kv_cache import UserKV
 from grc.serving.common.score_graphs import ScoreGraphs
@@ -113,18 +114,18 @@ def mixed(
     out: dict[str, Any] = {"steps": steps, "users": sum(len(p) for p, _ in order),
                            "misses": sum(c == 0 for _, cuts in order for c in cuts)}  # fmt: skip
     for name in ("first_pass", "second_pass"):
-        captures, times = graphs.captures, []
+        captures, times = graphs.stats.captures, []
         spent = (graphs.stats.capture_s, graphs.stats.capture_warmup_s)
         for picked, cuts in order:
             inputs, host = step_inputs([users[i] for i in picked], [full[i] for i in picked], cuts)
             now = [NOW] * len(picked)
             run = functools.partial(graphs.score, *inputs, now, impl, reuse_checked=True, host_timestamps=host)
             times.append(synced(run, device)[0])
-        ordered = sorted(times)
+        latency = summary(times)
         out[name] = {
             "wall_s": sum(times), "users_per_s": out["users"] / sum(times),
-            "p50_ms": statistics.median(times) * 1e3, "p99_ms": ordered[int(0.99 * (len(ordered) - 1))] * 1e3,
-            "captures": graphs.captures - captures, "shapes_kept": len(graphs.steps),
+            "p50_ms": latency["p50_ms"], "p99_ms": latency["p99_ms"],
+            "captures": graphs.stats.captures - captures, "shapes_kept": len(graphs.steps),
             "capture_s": graphs.stats.capture_s - spent[0],
             "capture_warmup_s": graphs.stats.capture_warmup_s - spent[1],
         }  # fmt: skip
@@ -183,20 +184,20 @@ def main() -> None:
             return graphs.score(*inputs, now, impl, reuse_checked=True, host_timestamps=host)[0]
 
         say(f"{k} users per step: the first step")
-        captures = graphs.captures
+        captures = graphs.stats.captures
         row["first_step_s"], first = synced(lambda: step(0), device)
-        row["first_step_captures"] = graphs.captures - captures
+        row["first_step_captures"] = graphs.stats.captures - captures
         singles = [step_inputs([u], [kv], [c]) for u, kv, c in zip(group, caches, cuts(0), strict=True)]
         alone = torch.cat(
             [graphs.score(*one, [NOW], impl, reuse_checked=True, host_timestamps=host)[0] for one, host in singles]
         )
         row["max_abs_diff_vs_one_user"] = float((first.float() - alone.float()).abs().max())
         say(f"{k} users per step: {args.repeat} steps, cached lengths moving")
-        captures = graphs.captures
+        captures = graphs.stats.captures
         times = [synced(functools.partial(step, j), device)[0] * 1e3 for j in range(1, args.repeat + 1)]
         p50 = statistics.median(times)
         row.update(steps_ms=[round(t, 3) for t in times], p50_ms=p50, max_ms=max(times), users_per_s=k / p50 * 1e3,
-                   steps_captures=graphs.captures - captures)  # fmt: skip
+                   steps_captures=graphs.stats.captures - captures)  # fmt: skip
         row.update(split(graphs, step, args.repeat, device))
         # the whole sequences through the same kernels, planned once, replayed from a CUDA graph (on a GPU)
         tokens = torch.cat([u.tokens for u in group])

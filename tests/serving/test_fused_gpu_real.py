@@ -96,7 +96,7 @@ def test_cached_score_graphs_exact_across_shapes_growth_and_eviction() -> None:
     bounded = ScoreGraphs(dense, "triton", GraphStats(), max_users=4, max_graphs=1)
     order = [0, 1, 2, 0, 1]  # the 4-user step grows the shared key rows: 0 and 1 are recaptured after it
     for rnd in range(2):
-        captured = graphs.captures
+        captured = graphs.stats.captures
         held = None if graphs.rows is None else graphs.rows.shape[0]
         for g in order:
             expected, expected_kv = score(dense.score, groups[g], "triton")
@@ -109,8 +109,8 @@ def test_cached_score_graphs_exact_across_shapes_growth_and_eviction() -> None:
                     torch.testing.assert_close(a.rows, b.rows, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
         if rnd == 0:
             assert graphs.rows is not None and graphs.rows.shape[0] > 256, "the 4-user step grew the key rows"
-            assert graphs.captures >= len(set(order)) + 2, graphs.captures  # 0 and 1 again after the growth
+            assert graphs.stats.captures >= len(set(order)) + 2, graphs.stats.captures  # 0 and 1 again after the growth
         else:
             assert graphs.rows is not None and held == graphs.rows.shape[0], "no growth in the second round"
-            assert graphs.captures == captured, "nothing captured in the second round"
-    assert len(bounded.steps) == 1 and bounded.captures >= 2 * len(order) - 1
+            assert graphs.stats.captures == captured, "nothing captured in the second round"
+    assert len(bounded.steps) == 1 and bounded.stats.captures >= 2 * len(order) - 1

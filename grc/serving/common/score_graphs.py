@@ -220,7 +220,6 @@ class ScoreGraphs:
         self.rows: torch.Tensor | None = None  # the key rows every shape's step reads: grown on demand
         self.steps: OrderedDict[Shape, _Step] = OrderedDict()
         self.pool = torch.cuda.graph_pool_handle() if graphs else None
-        self.captures = 0  # graphs captured so far (each shape's first step, again after the key rows grew)
 
     def warm_up(self, like: torch.Tensor) -> list[tuple[int, bool]]:
         """Before serving (``like``: the device and dtype): the cached attention kernel autotuned for every key the
@@ -316,7 +315,6 @@ class ScoreGraphs:
             if step.graph is None:
                 seconds: dict[str, float] = {}
                 step.capture(self.pool, seconds)
-                self.captures += 1
                 self.stats.captures += 1
                 self.stats.capture_s += seconds["warmup"] + seconds["capture"]
                 self.stats.capture_warmup_s += seconds["warmup"]
