@@ -35,6 +35,8 @@ MODE_LABELS = {
     "aoti_bf16_nograph": "grc AOTInductor package",
     "aoti_bf16": "grc AOTInductor package + CUDA graph",
     "aoti_bf16_silu": "grc AOTInductor package, SiLU apart from the UVQK GEMM (engine.aoti.silu_apart), + CUDA graph",
+    "aoti_bf16_autotune": "grc AOTInductor package compiled with Inductor's max-autotune (engine.aoti.max_autotune), "
+    "+ CUDA graph",
     "eager_bf16_triton": "grc kernels, eager",
     "eager_bf16_triton_graph": "grc kernels + CUDA graph",
     "compile_bf16_triton": "grc kernels + torch.compile + CUDA graph",
