@@ -44,14 +44,22 @@ def capture_graph(
     pool: Any,
     warmup: int = 2,
     seconds: dict[str, float] | None = None,
+    free_memory: bool = True,
 ) -> tuple[torch.cuda.CUDAGraph, Any]:
     """``fn(*static)`` captured in a CUDA graph (memory from ``pool``) after ``warmup`` runs on a side stream
     (where Triton compiles and autotunes, and lazy allocations happen outside the capture). Returns the graph and
     its output: replaying recomputes the output in place from whatever the ``static`` buffers then hold.
-    ``seconds``: gets the host seconds of the warm-up runs ("warmup") and of the capture ("capture") added; the
-    capture's include ``torch.cuda.graph``'s synchronize and release of the allocators' cached blocks. (Capturing
-    without that release, through ``CUDAGraph.capture_begin`` on a side stream with a shared pool, failed on the
-    H200 at the first served step: "it->second->use_count > 0 INTERNAL ASSERT FAILED", session 12.)"""
+    ``seconds``: gets the host seconds of the warm-up runs ("warmup") and of the capture ("capture") added.
+
+    free_memory: as ``torch.cuda.graph``, which synchronizes and releases the caching allocators' free blocks
+    (device, and pinned host) before it captures. False captures without that (``CUDAGraph.capture_begin`` on a
+    side stream after the work queued before it): a server capturing a new shape between requests keeps its
+    cached blocks, where a release means a cudaFree per block now and a fresh allocation for each later (served at
+    16 clients a capture took 138 ms on the H200, 16 ms in-process; session 12). The caller then owns one rule
+    ``torch.cuda.graph``'s release hid: a shared ``pool`` must still be held by a live graph when another capture
+    joins it. A pool whose graphs are all gone keeps use count 0 until a release frees it, and a capture joining
+    it fails ("it->second->use_count > 0 INTERNAL ASSERT FAILED", every served cached request of session 12's
+    first attempt): take a fresh ``torch.cuda.graph_pool_handle()`` then (ScoreGraphs._capture_pool)."""
     started = time.perf_counter()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -61,8 +69,19 @@ def capture_graph(
     torch.cuda.current_stream().wait_stream(stream)
     warm = time.perf_counter()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        out = fn(*static)
+    if free_memory:
+        with torch.cuda.graph(graph, pool=pool):
+            out = fn(*static)
+    else:
+        capture = torch.cuda.Stream()
+        capture.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(capture):
+            graph.capture_begin(pool)
+            try:
+                out = fn(*static)
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream().wait_stream(capture)
     if seconds is not None:
         seconds["warmup"] = seconds.get("warmup", 0.0) + warm - started
         seconds["capture"] = seconds.get("capture", 0.0) + time.perf_counter() - warm

@@ -180,7 +180,9 @@ class _Step:
         )  # fmt: skip
 
     def capture(self, pool: Any, seconds: dict[str, float]) -> None:
-        self.graph, self.out = capture_graph(lambda: self.run(), [], pool, seconds=seconds)
+        """Captured between requests: the allocators' cached blocks kept (capture_graph's free_memory=False; the
+        pool a live graph holds, ScoreGraphs._capture_pool)."""
+        self.graph, self.out = capture_graph(lambda: self.run(), [], pool, seconds=seconds, free_memory=False)
 
     def upload(self, layout: Layout) -> None:
         if self.copied is not None:
@@ -219,7 +221,7 @@ class ScoreGraphs:
         self.layout = KVLayout(h.num_layers, h.num_heads, h.head_qk, h.head_v)
         self.rows: torch.Tensor | None = None  # the key rows every shape's step reads: grown on demand
         self.steps: OrderedDict[Shape, _Step] = OrderedDict()
-        self.pool = torch.cuda.graph_pool_handle() if graphs else None
+        self.pool: Any = None  # the graphs' shared memory pool (_capture_pool)
 
     def warm_up(self, like: torch.Tensor) -> list[tuple[int, bool]]:
         """Before serving (``like``: the device and dtype): the cached attention kernel autotuned for every key the
@@ -249,6 +251,14 @@ class ScoreGraphs:
                 self.stats = served
         return tuned
 
+    def _capture_pool(self) -> Any:
+        """The graphs' shared memory pool for the next capture: the one they hold, or a fresh one when no kept step
+        has a graph (the key rows grew, or the LRU dropped the last one): captures skip torch.cuda.graph's release
+        of cached blocks, and joining a pool no live graph holds fails (capture_graph's free_memory)."""
+        if self.pool is None or not any(step.graph is not None for step in self.steps.values()):
+            self.pool = torch.cuda.graph_pool_handle()
+        return self.pool
+
     @property
     def nbytes(self) -> int:
         """Bytes of the static buffers: the shared key rows and the kept shapes' own (the graphs' intermediates
@@ -266,6 +276,8 @@ class ScoreGraphs:
             size = max(keys, min(4 * held, self.keys_ladder[-1]))
             self.steps.clear()
             self.rows = rows = None  # the old rows freed before the new are allocated
+            if like.is_cuda:  # rare (a few times early): the old rows and the dropped graphs' pool go back now
+                torch.cuda.empty_cache()
             self.rows = rows = torch.zeros(size, self.layout.width, dtype=like.dtype, device=like.device)
         return rows
 
@@ -314,7 +326,7 @@ class ScoreGraphs:
         if self.graphs:
             if step.graph is None:
                 seconds: dict[str, float] = {}
-                step.capture(self.pool, seconds)
+                step.capture(self._capture_pool(), seconds)
                 self.stats.captures += 1
                 self.stats.capture_s += seconds["warmup"] + seconds["capture"]
                 self.stats.capture_warmup_s += seconds["warmup"]
