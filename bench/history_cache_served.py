@@ -49,9 +49,10 @@ from bench._common import write_result
 from bench.history_cache_timeline import Clock
 
 
-def bench_spec(base: Path, folder: Path, budget_mb: float = 1024) -> Path:
+def bench_spec(base: Path, folder: Path, budget_mb: float = 1024, instances: int | None = None) -> Path:
     """``base`` with every table cut to at most 10,000 rows and the history cache on with ``budget_mb`` per
-    store (a fused spec: one store per instance, the spec's backend only)."""
+    store (a fused spec: one store per instance, the spec's backend only; ``instances``: that many instances
+    and stores instead of the spec's instance_count, behind the router)."""
     from grc.spec.loader import load_spec
 
     spec = load_spec(base).spec
@@ -63,8 +64,10 @@ def bench_spec(base: Path, folder: Path, budget_mb: float = 1024) -> Path:
     cache: dict[str, Any] = {"enabled": True, "budget_mb": budget_mb}
     over: dict[str, Any] = {"history_cache": cache, "intra_op_threads": 1}
     if triton.pipeline == "fused":
-        cache["instances"] = triton.instance_count
+        cache["instances"] = instances or triton.instance_count
         over["extra_backends"] = []
+        if instances:
+            over["instance_count"] = instances
     data = {
         "extends": str(base.resolve()),
         "name": f"{spec.name}-bench",
@@ -213,6 +216,13 @@ def main() -> int:
     ap.add_argument("--startup-timeout", type=float, default=300, help="seconds the server may take to load")
     ap.add_argument("--budget-mb", type=float, default=1024, help="the history cache's budget per store")
     ap.add_argument("--skip-shapes", action="store_true", help="no per-shape latencies (the session workload only)")
+    ap.add_argument(
+        "--instances",
+        type=int,
+        default=None,
+        help="a fused spec's instances (one store each, behind the router; requests without user_id go to them in "
+        "turn): both modes run on them (default: the spec's instance_count)",
+    )
     session_args(ap)
     args = ap.parse_args()
     started = time.perf_counter()
@@ -231,8 +241,9 @@ def main() -> int:
 
     rows: list[dict[str, Any]] = []
     result: dict[str, Any] = {"base_spec": args.spec, "requests": args.requests, "cases": rows}
+    result["instances"] = args.instances  # None: the spec's instance_count (the built spec's, in the bundle)
     with tempfile.TemporaryDirectory(prefix="grc-history-bench-") as tmp:
-        loaded = load_spec(bench_spec(Path(args.spec), Path(tmp), args.budget_mb))
+        loaded = load_spec(bench_spec(Path(args.spec), Path(tmp), args.budget_mb, args.instances))
         spec, model = loaded.spec, loaded.spec.model
         device = "cuda" if spec.bundles.triton.instance_kind == "KIND_GPU" else "cpu"
         out: Path | str = Path(args.out) if args.out else f"history-cache-served-{device}"
