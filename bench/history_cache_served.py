@@ -161,7 +161,9 @@ CACHE_FIGURES = {"hits": "grc_history_cache_hits_total", "misses": "grc_history_
                  "evictions": "grc_history_cache_evictions_total", "bytes": "grc_history_cache_bytes",
                  "graph_captures": "grc_cuda_graph_captures_total",
                  "graph_capture_s": "grc_cuda_graph_capture_seconds_total",
-                 "graph_capture_warmup_s": "grc_cuda_graph_capture_warmup_seconds_total"}  # fmt: skip
+                 "graph_capture_warmup_s": "grc_cuda_graph_capture_warmup_seconds_total",
+                 "graph_capture_first_run_s": "grc_cuda_graph_capture_first_run_seconds_total",
+                 "graph_capture_wait_s": "grc_cuda_graph_capture_wait_seconds_total"}  # fmt: skip
 
 
 def cache_figures(metrics_url: str, stores: list[str]) -> dict[str, float]:

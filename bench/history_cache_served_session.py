@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.history_cache_served import PHASE_FLUSH_S, cache_figures, counters, per_execute, summary
+from bench.history_cache_served import CACHE_FIGURES, PHASE_FLUSH_S, cache_figures, counters, per_execute, summary
 from bench.history_cache_session import user_visits, visit_order
 
 CHECKED = 32  # (user, visit) pairs whose scores are kept in both modes and compared
@@ -201,7 +201,7 @@ def session(
             figures["phases_ms_per_execute"] = per_execute(phases_before, flushed(cached))
             after = cache_figures(server.metrics_url, stores)
             # graphs captured during the mode (and its flushing requests): each stalls the instance
-            captured = ("graph_captures", "graph_capture_s", "graph_capture_warmup_s")
+            captured = [k for k in CACHE_FIGURES if k.startswith("graph_")]
             figures.update({k: after[k] - before[k] for k in captured})
             if cached:
                 counted = {k: after[k] - before[k] for k in ("hits", "misses", "evictions")}

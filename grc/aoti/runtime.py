@@ -49,7 +49,8 @@ def capture_graph(
     """``fn(*static)`` captured in a CUDA graph (memory from ``pool``) after ``warmup`` runs on a side stream
     (where Triton compiles and autotunes, and lazy allocations happen outside the capture). Returns the graph and
     its output: replaying recomputes the output in place from whatever the ``static`` buffers then hold.
-    ``seconds``: gets the host seconds of the warm-up runs ("warmup") and of the capture ("capture") added.
+    ``seconds``: gets host seconds added: waiting for the work queued before ("wait"), the warm-up runs ("warmup"),
+    the first of them ("first_run") and the capture ("capture").
 
     free_memory: as ``torch.cuda.graph``, which synchronizes and releases the caching allocators' free blocks
     (device, and pinned host) before it captures. False captures without that (``CUDAGraph.capture_begin`` on a
@@ -60,12 +61,16 @@ def capture_graph(
     joins it. A pool whose graphs are all gone keeps use count 0 until a release frees it, and a capture joining
     it fails ("it->second->use_count > 0 INTERNAL ASSERT FAILED", every served cached request of session 12's
     first attempt): take a fresh ``torch.cuda.graph_pool_handle()`` then (ScoreGraphs._capture_pool)."""
-    started = time.perf_counter()
+    queued = time.perf_counter()
+    torch.cuda.current_stream().synchronize()  # the work queued before: timed apart from the warm-up ("wait")
+    started = first = time.perf_counter()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(warmup):
+        for run in range(warmup):
             fn(*static)
+            if run == 0:
+                first = time.perf_counter()
     torch.cuda.current_stream().wait_stream(stream)
     warm = time.perf_counter()
     graph = torch.cuda.CUDAGraph()
@@ -83,8 +88,9 @@ def capture_graph(
                 graph.capture_end()
         torch.cuda.current_stream().wait_stream(capture)
     if seconds is not None:
-        seconds["warmup"] = seconds.get("warmup", 0.0) + warm - started
-        seconds["capture"] = seconds.get("capture", 0.0) + time.perf_counter() - warm
+        for key, value in (("wait", started - queued), ("first_run", first - started), ("warmup", warm - started),
+                           ("capture", time.perf_counter() - warm)):  # fmt: skip
+            seconds[key] = seconds.get(key, 0.0) + value
     return graph, out
 
 

@@ -330,6 +330,8 @@ class ScoreGraphs:
                 self.stats.captures += 1
                 self.stats.capture_s += seconds["warmup"] + seconds["capture"]
                 self.stats.capture_warmup_s += seconds["warmup"]
+                self.stats.capture_first_run_s += seconds["first_run"]
+                self.stats.capture_wait_s += seconds["wait"]
             assert step.graph is not None
             step.graph.replay()
             out = step.out[0]

@@ -38,6 +38,8 @@ class GraphStats:
     captures: int = 0  # graphs captured while serving (the history cache's step shapes, at first use)
     capture_s: float = 0.0  # host seconds those captures took: the instance stalls for them
     capture_warmup_s: float = 0.0  # of which the eager runs before each capture
+    capture_first_run_s: float = 0.0  # of which the first of them (new shapes' first allocations, compiles)
+    capture_wait_s: float = 0.0  # before them, waiting for the work queued earlier (not in capture_s)
 
 
 def aotinductor(package: Path, device: torch.device) -> Runner:

@@ -285,6 +285,8 @@ class Ranker:
             "graph_captures": s.captures,
             "graph_capture_s": s.capture_s,
             "graph_capture_warmup_s": s.capture_warmup_s,
+            "graph_capture_first_run_s": s.capture_first_run_s,
+            "graph_capture_wait_s": s.capture_wait_s,
             "requests": self.requests,
             "users": self.users,
             "tokens": self.tokens,

@@ -50,6 +50,16 @@ METRICS = {
         "of which the eager runs before each capture",
         False,
     ),
+    "graph_capture_first_run_s": (
+        "grc_cuda_graph_capture_first_run_seconds_total",
+        "of which the first of those runs",
+        False,
+    ),
+    "graph_capture_wait_s": (
+        "grc_cuda_graph_capture_wait_seconds_total",
+        "host seconds waiting for queued work before each capture's runs (not in the capture seconds)",
+        False,
+    ),
 }
 # phase -> its counter of host seconds (phases.py says what each phase holds); sent together, at most every
 # PHASE_EVERY_S (metrics.py), with the count of execute() calls they cover: a reader divides by that count
