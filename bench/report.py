@@ -537,6 +537,7 @@ SERVED_GPU = ("history-cache-served-h200.json", "history-cache-served-h200-small
 SERVED_SESSIONS = (
     "history-cache-served-h200-s10-session.json", "history-cache-served-h200-s10-packed.json",
     "history-cache-served-h200-s11-session.json", "history-cache-served-h200-s12-shared.json",
+    "history-cache-served-h200-s13-pool.json",
 )  # fmt: skip
 # per execute, ms: Triton's queue and compute, then the fused model's host phases (grc/serving/ranker/phases.py)
 SERVED_PHASES = {
@@ -563,6 +564,16 @@ def phase_cells(split: dict[str, float]) -> list[str]:
         found = [split[k] for k in keys if k in split]
         cells.append("–" if not found else f"{sum(found):.2f}" if sum(found) else "not timed")
     return cells
+
+
+def captures_cell(cached: dict[str, float]) -> str:
+    """Graphs captured in a cached mode, their host seconds, and where recorded the eager warm-up runs among them."""
+    if "graph_captures" not in cached:
+        return "not recorded"
+    cell = f"{cached['graph_captures']:.0f} ({cached['graph_capture_s']:.2f} s"
+    if "graph_capture_warmup_s" in cached:
+        cell += f"; eager warm-up runs {cached['graph_capture_warmup_s']:.2f} s"
+    return cell + ")"
 
 
 SESSION_HEAD = [
@@ -609,6 +620,7 @@ def history_cache_served_gpu_block(results: Results) -> str:
                     where = f"session, {run['concurrency']} client(s), {split['executes']:.0f} executes"
                     phases.append([spec, where, mode, *phase_cells(split)])
             warm = " (warm pass first)" if run.get("warm_pass") else ""
+            warm += f", {data['instances']} instances" if data.get("instances") else ""
             sessions.append([
                 spec, str(data["commit"])[:7], f"{run['concurrency']}{warm}",
                 f"{plain['responses']} / {cached['responses']}",
@@ -618,8 +630,7 @@ def history_cache_served_gpu_block(results: Results) -> str:
                 f"{plain['errors'] + cached['errors']}",
                 f"{cached['bytes_held'] / 2**30:.2f} of {data['session']['budget_bytes'] / 2**30:.0f} GiB",
                 "yes" if run["clean"] else "NO",
-                f"{cached['graph_captures']:.0f} ({cached['graph_capture_s']:.2f} s)"
-                if "graph_captures" in cached else "not recorded",
+                captures_cell(cached),
             ])  # fmt: skip
     head = ["spec", "history x candidates", "uncached (aotinductor, no user_id) p50 / p99", "cached hit p50 / p99",
             "first hit (graph capture)", "hit vs uncached, p50", "max abs diff vs float64",
