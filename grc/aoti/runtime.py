@@ -45,6 +45,7 @@ def capture_graph(
     warmup: int = 2,
     seconds: dict[str, float] | None = None,
     free_memory: bool = True,
+    streams: tuple[torch.cuda.Stream, torch.cuda.Stream] | None = None,
 ) -> tuple[torch.cuda.CUDAGraph, Any]:
     """``fn(*static)`` captured in a CUDA graph (memory from ``pool``) after ``warmup`` runs on a side stream
     (where Triton compiles and autotunes, and lazy allocations happen outside the capture). Returns the graph and
@@ -60,11 +61,16 @@ def capture_graph(
     ``torch.cuda.graph``'s release hid: a shared ``pool`` must still be held by a live graph when another capture
     joins it. A pool whose graphs are all gone keeps use count 0 until a release frees it, and a capture joining
     it fails ("it->second->use_count > 0 INTERNAL ASSERT FAILED", every served cached request of session 12's
-    first attempt): take a fresh ``torch.cuda.graph_pool_handle()`` then (ScoreGraphs._capture_pool)."""
+    first attempt): take a fresh ``torch.cuda.graph_pool_handle()`` then (ScoreGraphs._capture_pool).
+
+    streams: the (warm-up, capture) side streams, for a caller that captures again and again: the caching allocator
+    keeps freed blocks per stream, so warm-up runs on a stream of their own reuse what the last capture's freed
+    (default: new streams from torch's pool, which cycles through 32; the capture with free_memory uses
+    torch.cuda.graph's own capture stream)."""
     queued = time.perf_counter()
     torch.cuda.current_stream().synchronize()  # the work queued before: timed apart from the warm-up ("wait")
     started = first = time.perf_counter()
-    stream = torch.cuda.Stream()
+    stream, capture = streams or (torch.cuda.Stream(), torch.cuda.Stream())
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for run in range(warmup):
@@ -78,7 +84,6 @@ def capture_graph(
         with torch.cuda.graph(graph, pool=pool):
             out = fn(*static)
     else:
-        capture = torch.cuda.Stream()
         capture.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(capture):
             graph.capture_begin(pool)

@@ -179,10 +179,12 @@ class _Step:
             self.stamps, f["num_candidates"], f["is_candidate"] != 0, self.impl, self.fuse,
         )  # fmt: skip
 
-    def capture(self, pool: Any, seconds: dict[str, float]) -> None:
+    def capture(self, pool: Any, streams: tuple[Any, Any], seconds: dict[str, float]) -> None:
         """Captured between requests: the allocators' cached blocks kept (capture_graph's free_memory=False; the
-        pool a live graph holds, ScoreGraphs._capture_pool)."""
-        self.graph, self.out = capture_graph(lambda: self.run(), [], pool, seconds=seconds, free_memory=False)
+        pool a live graph holds, ScoreGraphs._capture_pool), on the instance's two side streams."""
+        self.graph, self.out = capture_graph(
+            lambda: self.run(), [], pool, seconds=seconds, free_memory=False, streams=streams
+        )
 
     def upload(self, layout: Layout) -> None:
         if self.copied is not None:
@@ -222,6 +224,7 @@ class ScoreGraphs:
         self.rows: torch.Tensor | None = None  # the key rows every shape's step reads: grown on demand
         self.steps: OrderedDict[Shape, _Step] = OrderedDict()
         self.pool: Any = None  # the graphs' shared memory pool (_capture_pool)
+        self.streams: tuple[Any, Any] | None = None  # the captures' warm-up and capture streams, kept (capture_graph)
 
     def warm_up(self, like: torch.Tensor) -> list[tuple[int, bool]]:
         """Before serving (``like``: the device and dtype): the cached attention kernel autotuned for every key the
@@ -326,7 +329,9 @@ class ScoreGraphs:
         if self.graphs:
             if step.graph is None:
                 seconds: dict[str, float] = {}
-                step.capture(self._capture_pool(), seconds)
+                if self.streams is None:
+                    self.streams = (torch.cuda.Stream(), torch.cuda.Stream())
+                step.capture(self._capture_pool(), self.streams, seconds)
                 self.stats.captures += 1
                 self.stats.capture_s += seconds["warmup"] + seconds["capture"]
                 self.stats.capture_warmup_s += seconds["warmup"]
