@@ -115,7 +115,9 @@ def mixed(
                            "misses": sum(c == 0 for _, cuts in order for c in cuts)}  # fmt: skip
     for name in ("first_pass", "second_pass"):
         captures, times = graphs.stats.captures, []
-        spent = (graphs.stats.capture_s, graphs.stats.capture_warmup_s)
+        counted = ("capture_s", "capture_warmup_s", "capture_first_run_s", "capture_compiles", "capture_tunings",
+                   "capture_device_allocs")  # fmt: skip
+        spent = {k: getattr(graphs.stats, k) for k in counted}
         for picked, cuts in order:
             inputs, host = step_inputs([users[i] for i in picked], [full[i] for i in picked], cuts)
             now = [NOW] * len(picked)
@@ -126,8 +128,7 @@ def mixed(
             "wall_s": sum(times), "users_per_s": out["users"] / sum(times),
             "p50_ms": latency["p50_ms"], "p99_ms": latency["p99_ms"],
             "captures": graphs.stats.captures - captures, "shapes_kept": len(graphs.steps),
-            "capture_s": graphs.stats.capture_s - spent[0],
-            "capture_warmup_s": graphs.stats.capture_warmup_s - spent[1],
+            **{k: getattr(graphs.stats, k) - v for k, v in spent.items()},
         }  # fmt: skip
     return out
 

@@ -163,7 +163,10 @@ CACHE_FIGURES = {"hits": "grc_history_cache_hits_total", "misses": "grc_history_
                  "graph_capture_s": "grc_cuda_graph_capture_seconds_total",
                  "graph_capture_warmup_s": "grc_cuda_graph_capture_warmup_seconds_total",
                  "graph_capture_first_run_s": "grc_cuda_graph_capture_first_run_seconds_total",
-                 "graph_capture_wait_s": "grc_cuda_graph_capture_wait_seconds_total"}  # fmt: skip
+                 "graph_capture_wait_s": "grc_cuda_graph_capture_wait_seconds_total",
+                 "graph_capture_compiles": "grc_cuda_graph_capture_compiles_total",
+                 "graph_capture_tunings": "grc_cuda_graph_capture_tunings_total",
+                 "graph_capture_device_allocs": "grc_cuda_graph_capture_device_allocs_total"}  # fmt: skip
 
 
 def cache_figures(metrics_url: str, stores: list[str]) -> dict[str, float]:

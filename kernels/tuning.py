@@ -17,3 +17,31 @@ import triton
 PERSIST: dict[str, Any] = (
     {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 )
+
+
+def jit_state() -> tuple[int, int]:
+    """(compiled variants, autotuned keys) held by grc's Triton kernels in this process, summed: the difference
+    across a call says whether it compiled (a new specialisation) or autotuned (a new key) on its way (the
+    history cache's captures count both, grc/serving/common/score_graphs.py)."""
+    import sys
+
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    compiled = tuned = 0
+    seen: set[int] = set()  # a kernel imported by another module is one kernel
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("kernels.") or module is None:
+            continue
+        for obj in vars(module).values():
+            if id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            if isinstance(obj, Autotuner):
+                tuned += len(obj.cache)
+                obj = obj.fn
+            while not isinstance(obj, JITFunction) and hasattr(obj, "fn"):  # heuristics and other wrappers
+                obj = obj.fn
+            if isinstance(obj, JITFunction):
+                compiled += sum(len(entry[0]) for entry in obj.device_caches.values())
+    return compiled, tuned

@@ -195,6 +195,14 @@ class _Step:
             self.copied.record()
 
 
+def capture_counts() -> tuple[int, int, int]:
+    """(Triton variants compiled, autotuning keys, cudaMalloc calls) so far: a capture's first eager run took
+    ~140 ms served at 16 clients on the H200 and ~5 ms in-process (session 13); the differences say which."""
+    from kernels.tuning import jit_state
+
+    return (*jit_state(), int(torch.cuda.memory_stats().get("num_device_alloc", 0)))
+
+
 class ScoreGraphs:
     """``GRDense.score`` for the store's users (``UserCaches.score`` calls it when set): the same arguments
     and results, the device step replayed from a CUDA graph per padded shape (``graphs=False``: the same
@@ -331,7 +339,12 @@ class ScoreGraphs:
                 seconds: dict[str, float] = {}
                 if self.streams is None:
                     self.streams = (torch.cuda.Stream(), torch.cuda.Stream())
+                before = capture_counts()
                 step.capture(self._capture_pool(), self.streams, seconds)
+                after = capture_counts()
+                self.stats.capture_compiles += after[0] - before[0]
+                self.stats.capture_tunings += after[1] - before[1]
+                self.stats.capture_device_allocs += after[2] - before[2]
                 self.stats.captures += 1
                 self.stats.capture_s += seconds["warmup"] + seconds["capture"]
                 self.stats.capture_warmup_s += seconds["warmup"]

@@ -40,6 +40,10 @@ class GraphStats:
     capture_warmup_s: float = 0.0  # of which the eager runs before each capture
     capture_first_run_s: float = 0.0  # of which the first of them (new shapes' first allocations, compiles)
     capture_wait_s: float = 0.0  # before them, waiting for the work queued earlier (not in capture_s)
+    # what the captures did on their way (kernels.tuning.jit_state, torch.cuda.memory_stats' num_device_alloc):
+    capture_compiles: int = 0  # Triton kernel variants compiled or loaded
+    capture_tunings: int = 0  # autotuning keys tuned
+    capture_device_allocs: int = 0  # the caching allocator's cudaMalloc calls
 
 
 def aotinductor(package: Path, device: torch.device) -> Runner:

@@ -60,6 +60,17 @@ METRICS = {
         "host seconds waiting for queued work before each capture's runs (not in the capture seconds)",
         False,
     ),
+    "graph_capture_compiles": (
+        "grc_cuda_graph_capture_compiles_total",
+        "Triton kernel variants compiled or loaded during the captures",
+        False,
+    ),
+    "graph_capture_tunings": ("grc_cuda_graph_capture_tunings_total", "autotuning keys tuned during them", False),
+    "graph_capture_device_allocs": (
+        "grc_cuda_graph_capture_device_allocs_total",
+        "device allocations (cudaMalloc) the caching allocator made during them",
+        False,
+    ),
 }
 # phase -> its counter of host seconds (phases.py says what each phase holds); sent together, at most every
 # PHASE_EVERY_S (metrics.py), with the count of execute() calls they cover: a reader divides by that count
