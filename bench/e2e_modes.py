@@ -163,31 +163,21 @@ def compiled_fused(case: Case, wl: str) -> Call:
     return compiled_module(case, wl, fuse=True)
 
 
-def package(
-    case: Case, fuse: bool = False, silu_apart: bool = False, max_autotune: bool = False
-) -> Callable[..., torch.Tensor]:
-    """The AOTInductor package, built once per spec and variant by the aoti stage's code (compile, a load check
+def package(case: Case, fuse: bool = False, silu_apart: bool = False) -> Callable[..., torch.Tensor]:
+    """The AOTInductor package, built once per spec by the aoti stage's code (compile, a load check
     in a child process, float64 parity), loaded with the single-threaded runner: the one whose
-    CUDA-graph capture works (the default runner's capture failed on the H200). The variant's flags are
-    engine.aoti's fields of those names."""
-    suffix = (
-        ("_fused" if fuse else "") + ("_silu_apart" if silu_apart else "") + ("_max_autotune" if max_autotune else "")
-    )
-    what = "the AOTInductor package" + "".join(
-        f" ({name})" for name, on in (("fused", fuse), ("SiLU apart", silu_apart), ("max-autotune", max_autotune)) if on
-    )
-    return case.once(what, lambda: build_package(case, fuse, silu_apart, max_autotune, suffix))
+    CUDA-graph capture works (the default runner's capture failed on the H200)."""
+    what = f"the AOTInductor package{' (fused)' if fuse else ''}{' (SiLU apart)' if silu_apart else ''}"
+    return case.once(what, lambda: build_package(case, fuse, silu_apart))
 
 
-def build_package(
-    case: Case, fuse: bool, silu_apart: bool, max_autotune: bool, suffix: str
-) -> Callable[..., torch.Tensor]:
+def build_package(case: Case, fuse: bool, silu_apart: bool = False) -> Callable[..., torch.Tensor]:
     from grc.aoti.build import compile_target, verify_target
     from grc.aoti.runtime import load
 
     folder = Path(tempfile.mkdtemp(prefix="grc-aoti-")) / "cuda"
     log = lambda m: print(f"  {m}", flush=True)  # noqa: E731
-    compiled = compile_target(case.dense, "cuda", "bfloat16", folder, log, fuse, silu_apart, max_autotune)
+    compiled = compile_target(case.dense, "cuda", "bfloat16", folder, log, fuse, silu_apart)
     if compiled["status"] != "compiled":
         raise RuntimeError(f"the package was not built: {compiled.get('reason')}")
     shapes = [(s.users, s.history, s.candidates) for s in case.spec.verify.shapes]
@@ -196,7 +186,7 @@ def build_package(
     entry = verify_target(case.dense, compiled, folder, tolerance, shapes, 20240501, provenance, log,
                           single_threaded=True)  # fmt: skip
     meta = json.loads((folder / "metadata.json").read_text())
-    case.record["aoti_package" + suffix] = {
+    case.record["aoti_package" + ("_fused" if fuse else "") + ("_silu_apart" if silu_apart else "")] = {
         "entry": entry,
         "build_seconds": meta["build_seconds"],
         "parity": meta["parity"],
@@ -224,10 +214,6 @@ def package_silu_graph(case: Case, wl: str) -> Call:
     return graphed(case, package(case, silu_apart=True), case.inputs[wl].args())
 
 
-def package_autotune_graph(case: Case, wl: str) -> Call:
-    return graphed(case, package(case, max_autotune=True), case.inputs[wl].args())
-
-
 # In the order they run: the baselines first, then the package (its compile and parity take
 # minutes: a child that runs out of time must still have measured it), then the kernel paths.
 MODES: dict[str, Mode] = {
@@ -244,9 +230,6 @@ MODES: dict[str, Mode] = {
                             package_fused_graph, needs_cuda=True),
     "aoti_bf16_silu": Mode("the package with engine.aoti.silu_apart (grc::silu: one activated UVQK buffer), "
                            "CUDA graph per shape", package_silu_graph, needs_cuda=True),
-    "aoti_bf16_autotune": Mode("the package with engine.aoti.max_autotune (Inductor's GEMM templates with epilogues, "
-                               "coordinate-descent pointwise tuning), CUDA graph per shape", package_autotune_graph,
-                               needs_cuda=True),
     "eager_bf16_triton": Mode("JaggedDense bf16, grc ops (Triton kernels; their twins on a CPU), eager",
                               eager_kernels),
     "eager_bf16_triton_graph": Mode("the same, CUDA graph per shape", eager_kernels_graph, needs_cuda=True),

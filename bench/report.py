@@ -24,9 +24,13 @@ RESULTS = REPO / "bench" / "results"
 BLOCK = re.compile(r"<!-- report:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /report:(?P=name) -->", re.S)
 
 # The H200 runs the README quotes, one per spec: replace them with a new bench/gpu_run_e2e.sh result.
-# newest first: session 11's SiLU-apart run (issue 21: the package with and without engine.aoti.silu_apart, nothing
-# else), session 6's fuse run (fused vs unfused package vs torch.compile; no padded baseline ran in either)
-E2E_GPU = ("e2e-h200-s11-mtgr-small-silu.json", "e2e-h200-s6-mtgr-small-fuse.json", "e2e-mtgr-small-h200.json")
+# newest first: session 13's max-autotune run and session 11's SiLU-apart run (issue 21: the package with and
+# without one option, nothing else), session 6's fuse run (fused vs unfused package vs torch.compile; no padded
+# baseline ran in these)
+E2E_GPU = (
+    "e2e-h200-s13-mtgr-small-autotune.json", "e2e-h200-s11-mtgr-small-silu.json", "e2e-h200-s6-mtgr-small-fuse.json",
+    "e2e-mtgr-small-h200.json",
+)  # fmt: skip
 BASELINES = ("eager_bf16_padded", "compile_bf16_padded", "compile_bf16_padded_graph")
 MODE_LABELS = {
     "eager_bf16_padded": "PyTorch eager, padded batch (baseline)",
@@ -35,8 +39,9 @@ MODE_LABELS = {
     "aoti_bf16_nograph": "grc AOTInductor package",
     "aoti_bf16": "grc AOTInductor package + CUDA graph",
     "aoti_bf16_silu": "grc AOTInductor package, SiLU apart from the UVQK GEMM (engine.aoti.silu_apart), + CUDA graph",
-    "aoti_bf16_autotune": "grc AOTInductor package compiled with Inductor's max-autotune (engine.aoti.max_autotune), "
-    "+ CUDA graph",
+    # session 13 (e2e-h200-s13-mtgr-small-autotune.json, commit 9d70480): measured slower and removed since
+    "aoti_bf16_autotune": "grc AOTInductor package compiled with Inductor's max-autotune (engine.aoti.max_autotune "
+    "at 9d70480), + CUDA graph",
     "eager_bf16_triton": "grc kernels, eager",
     "eager_bf16_triton_graph": "grc kernels + CUDA graph",
     "compile_bf16_triton": "grc kernels + torch.compile + CUDA graph",
@@ -537,7 +542,7 @@ SERVED_GPU = ("history-cache-served-h200.json", "history-cache-served-h200-small
 SERVED_SESSIONS = (
     "history-cache-served-h200-s10-session.json", "history-cache-served-h200-s10-packed.json",
     "history-cache-served-h200-s11-session.json", "history-cache-served-h200-s12-shared.json",
-    "history-cache-served-h200-s13-pool.json",
+    "history-cache-served-h200-s13-pool.json", "history-cache-served-h200-s13-streams.json",
 )  # fmt: skip
 # per execute, ms: Triton's queue and compute, then the fused model's host phases (grc/serving/ranker/phases.py)
 SERVED_PHASES = {

@@ -64,15 +64,6 @@ INDUCTOR_CONFIGS: dict[str, Any] = {
     "_use_fp64_for_unbacked_floats": False,
     "triton.autotune_with_sample_inputs": True,
 }
-# engine.aoti.max_autotune (GPU packages only): every GEMM benchmarked between cuBLAS and Inductor's Triton GEMM
-# templates, whose epilogues can take the pointwise work after the GEMM (SiLU and the U/V/Q/K split after the UVQK
-# projection, the residual add after the output one), and Inductor's own pointwise / norm kernels tuned by
-# coordinate descent. No CPP templates: CPU packages never get this (the reference ops are the CPU path).
-MAX_AUTOTUNE_CONFIGS: dict[str, Any] = {
-    "max_autotune": True,
-    "max_autotune_gemm_backends": "ATEN,TRITON",
-    "coordinate_descent_tuning": True,
-}
 
 
 SYSTEM_CXX = "/usr/bin/g++"
@@ -176,26 +167,16 @@ def toolkit_versions() -> dict[str, str | None]:
     }
 
 
-def inductor_configs(metadata: dict[str, str], max_autotune: bool = False) -> dict[str, Any]:
-    """The Inductor options a package compiles with: INDUCTOR_CONFIGS (+ MAX_AUTOTUNE_CONFIGS), those this torch
-    has."""
+def compile_package(program: torch.export.ExportedProgram, path: Path, metadata: dict[str, str]) -> float:
+    """AOTInductor: exported program -> ``path`` (.pt2); returns seconds."""
     import torch._inductor.config as inductor_config
 
-    configs = {**INDUCTOR_CONFIGS, **(MAX_AUTOTUNE_CONFIGS if max_autotune else {})}
+    configs = dict(INDUCTOR_CONFIGS)
     if hasattr(inductor_config.aot_inductor, "metadata"):
         configs["aot_inductor.metadata"] = metadata
     configs = {k: v for k, v in configs.items() if _has_config(inductor_config, k)}
     if "triton.autotune_with_sample_inputs" not in configs:  # older torch: the two-pass compile uses real inputs
         configs["triton.autotune_at_compile_time"] = False
-    return configs
-
-
-def compile_package(
-    program: torch.export.ExportedProgram, path: Path, metadata: dict[str, str], max_autotune: bool = False
-) -> float:
-    """AOTInductor: exported program -> ``path`` (.pt2); returns seconds. max_autotune: engine.aoti.max_autotune
-    (MAX_AUTOTUNE_CONFIGS; minutes more of compile)."""
-    configs = inductor_configs(metadata, max_autotune)
     started = time.perf_counter()
     with compiler_shim() as shim:
         if shim is not None:
@@ -263,13 +244,11 @@ def compile_target(
     log: Callable[[str], None] = print,
     fuse: bool = False,
     silu_apart: bool = False,
-    max_autotune: bool = False,
 ) -> dict[str, Any]:
     """Export + AOTInductor compile into ``folder``. Returns {"status": "skipped", ...} when this
     host lacks the target's device, else what ``verify_target`` needs. fuse: the fused Triton
     GEMMs and heads (kernels/fused_*.py; their twins on a CPU), else the unfused layer; silu_apart:
-    the unfused layer's SiLU as the grc::silu op (engine.aoti.silu_apart); max_autotune: Inductor's
-    max-autotune on a GPU target (engine.aoti.max_autotune; a cpu target compiles without it)."""
+    the unfused layer's SiLU as the grc::silu op (engine.aoti.silu_apart)."""
     device, reason, host = resolve_target(target)
     if device is None:
         log(f"aoti: {target}: skipped: {reason}")
@@ -280,9 +259,7 @@ def compile_target(
     started = time.perf_counter()
     # progress on long work: the compile below is silent for one to three minutes on a GPU (Inductor autotunes
     # every Triton kernel on the example batch)
-    max_autotune = max_autotune and device.type == "cuda"
     what = f"{dtype_name}, fused ops" if fuse else (f"{dtype_name}, SiLU apart" if silu_apart else dtype_name)
-    what += ", max-autotune: minutes more" if max_autotune else ""
     log(f"aoti: {target}: exporting and compiling ({what}): a minute or more, Inductor compiles and autotunes")
     program = export_program(dense, device, DTYPES[dtype_name], fuse=fuse, silu_apart=silu_apart)
     export_s = time.perf_counter() - started
@@ -292,7 +269,7 @@ def compile_target(
     if {op: ops.count(op) for op in expected} != expected and not traced_kernels:
         raise StageError(f"aoti: {target}: expected {expected} grc nodes in the exported program, found {ops}")
     tag = {"grc.format": FORMAT, "grc.target": target, "grc.dtype": dtype_name, "grc.device": device.type}
-    compile_s = compile_package(program, folder / PACKAGE, tag, max_autotune)
+    compile_s = compile_package(program, folder / PACKAGE, tag)
     check_loads(folder / PACKAGE, device.type, dtype_name, dense.cfg, f"aoti: {target}", cxx_compiler())
     log(
         f"aoti: {target}: exported in {export_s:.1f}s, compiled in {compile_s:.1f}s "
@@ -300,7 +277,7 @@ def compile_target(
     )
     return {"name": target, "status": "compiled", "device": device, "host": host, "dtype": dtype_name,
             "ops": ops, "export_s": export_s, "compile_s": compile_s, "fused": fuse,
-            "silu_apart": silu_apart, "max_autotune": max_autotune}  # fmt: skip
+            "silu_apart": silu_apart}  # fmt: skip
 
 
 def build_target(
@@ -317,13 +294,12 @@ def build_target(
     checks: Checks | None = None,
     fuse: bool = False,
     silu_apart: bool = False,
-    max_autotune: bool = False,
 ) -> dict[str, Any]:
     """Export + compile + parity for one target into ``folder``; the manifest entry (status built
     or skipped). Raises StageError when the package misses the tolerance. ``packaged``: the model
     compiled when it is not ``dense`` itself (the fp8 one); parity still compares with ``dense``.
-    fuse, silu_apart, max_autotune: engine.aoti's fields of those names."""
-    compiled = compile_target(packaged or dense, target, dtype_name, folder, log, fuse, silu_apart, max_autotune)
+    fuse: engine.aoti.fuse; silu_apart: engine.aoti.silu_apart."""
+    compiled = compile_target(packaged or dense, target, dtype_name, folder, log, fuse, silu_apart)
     if compiled["status"] == "skipped":
         return compiled
     return verify_target(dense, compiled, folder, tolerance, shapes, seed, provenance, log, checks=checks)

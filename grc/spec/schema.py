@@ -439,13 +439,6 @@ class AotiConfig(_Section):
         "code keeps ONE activated UVQK buffer and u, v, q, k are views of it (Inductor otherwise writes each apart); "
         "off until a device run shows it pays; not with fuse (the fused GEMM applies SiLU itself)",
     )
-    max_autotune: bool = Field(
-        False,
-        description="GPU packages compile with Inductor's max-autotune: every GEMM benchmarked between cuBLAS and "
-        "Inductor's Triton GEMM templates (a template can take the SiLU / split and residual epilogues), pointwise "
-        "and norm kernels tuned by coordinate descent (grc.aoti.build.MAX_AUTOTUNE_CONFIGS); minutes more of "
-        "compile; cpu packages compile without it; off until a device run shows it pays",
-    )
     history_entries: bool = Field(
         False,
         description="also compile the history cache's prefill and score entry points per target "

@@ -107,7 +107,6 @@ def run(ctx: Context) -> dict[str, Any]:
             checks=check,
             fuse=cfg.fuse,
             silu_apart=cfg.silu_apart,
-            max_autotune=cfg.max_autotune,
         )
         if cfg.history_entries and entry["status"] == "built":  # from the model in dtype (not the fp8 copy)
             max_rel = tolerance(spec, dtype).max_rel
