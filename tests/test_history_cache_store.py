@@ -4,6 +4,7 @@ bound, and many threads on the same users (exact byte accounting, no torn entry)
 from __future__ import annotations
 
 import random
+import secrets
 import threading
 
 import numpy as np
@@ -174,3 +175,33 @@ def test_many_threads_on_the_same_users() -> None:
     assert stats.hits + stats.misses == sum(lookups)
     assert stats.bytes == cache.stored_bytes() <= cache.budget
     assert stats.evictions > 0 and stats.hits > 0
+
+
+def test_reusable_rows_by_binary_search_equals_every_events_bucket() -> None:
+    """The store's host check (kv_cache.first_moved_sorted: one binary search per bucket bound, for sorted stamps
+    before the profile stamp) answers as computing every event's bucket then and now does, on the torch path too;
+    stamps outside its case (unsorted, after the profile stamp, negative) take the element-wise path. Fresh
+    random stamps, gaps placed on and around the bucket bounds 2**k - 1."""
+    from grc.model.kv_cache import _reusable_rows_elementwise, first_moved_sorted, reusable_rows
+
+    seed = secrets.randbits(31)
+    rng = np.random.default_rng(seed)
+    checked = fast = 0
+    for trial in range(400):
+        buckets = int(rng.choice([1, 2, 3, 8, 32, 64, 100]))
+        then = int(rng.integers(1 << 20, 1 << 40))
+        n = int(rng.integers(1, 300))
+        near = (1 << rng.integers(1, 40, n)) - 1 + rng.integers(-2, 3, n)  # gaps on and around bucket bounds
+        gaps = np.where(rng.random(n) < 0.5, near, rng.integers(0, 1 << 36, n)).clip(0, then)
+        events = np.sort(then - gaps)
+        if trial % 5 == 0:  # outside the fast case: unsorted, after the profile stamp, or negative
+            events = [rng.permutation(events), events + (1 << 37), events - then - 1][trial % 3]
+        profile = int(rng.integers(1, 4))
+        stamps = np.concatenate([np.full(profile, then), events]).astype(np.int64)
+        for now in (then, then + 1, then + int(rng.integers(1, 1 << 12)), then + int(rng.integers(1, 1 << 38))):
+            want = _reusable_rows_elementwise(stamps, profile, now, buckets)
+            assert reusable_rows(stamps, profile, now, buckets) == want, (seed, trial, now)
+            assert reusable_rows(torch.from_numpy(stamps), profile, now, buckets) == want, (seed, trial, now)
+            fast += first_moved_sorted(stamps[profile:], then, now, buckets) is not None
+            checked += 1
+    assert fast > checked // 2, (seed, fast, checked)  # the fast case is the common one here, as in the store

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache as memoized
 from functools import cached_property
 from typing import Any
 
 import numpy as np
 import torch
 
-from grc.model.attention import abs_time_gap, time_bucket
+from grc.model.attention import MAX_BUCKET, abs_time_gap, time_bucket
 
 
 class HistoryCacheUnsupported(ValueError):
@@ -40,6 +41,46 @@ def reusable_rows(timestamps: torch.Tensor | np.ndarray, profile: int, now: int,
     length = int(timestamps.shape[0])
     if profile == 0 or length <= profile:  # no profile tokens, or no events cached yet
         return length
+    if isinstance(timestamps, np.ndarray):
+        first = first_moved_sorted(timestamps[profile:], int(timestamps[0]), now, time_buckets)
+        if first is not None:
+            return profile + first if first >= 0 else length
+    return _reusable_rows_elementwise(timestamps, profile, now, time_buckets)
+
+
+def first_moved_sorted(events: np.ndarray, then: int, now: int, time_buckets: int) -> int | None:
+    """``reusable_rows``' answer for the served store's common case, by binary search instead of a bucket per event
+    (~95 us per visit of 1,000 events on the host, ~half of a served hit's lookup): events sorted, none after
+    ``then`` (the cached profile stamp), ``then <= now``, all within [0, 2**62). There the gaps to ``then`` and to
+    ``now`` only grow from one to the other, so event e moves iff a bucket bound B = 2**k - 1 (k = 1..NB-1) has
+    then - e < B <= now - e, i.e. then - B < e <= now - B: per bound the first event past then - B (sorted), moved
+    iff it is <= now - B. -> the first moved event's index, -1 when none moved, None when the case does not hold
+    (the caller computes every event's bucket)."""
+    n = len(events)
+    if n == 0 or not (int(events[0]) >= 0 and int(events[-1]) <= then <= now < 1 << 62):
+        return None
+    if n > 1 and not bool((events[1:] >= events[:-1]).all()):
+        return None
+    bounds = _bucket_bounds(time_buckets)
+    if bounds.size == 0:  # one bucket: nothing moves
+        return -1
+    at = np.searchsorted(events, then - bounds, side="right")
+    inside = at < n
+    moved = at[inside][events[at[inside]] <= (now - bounds)[inside]]
+    return int(moved.min()) if moved.size else -1
+
+
+@memoized
+def _bucket_bounds(time_buckets: int) -> np.ndarray:
+    """time_bucket's bounds 2**k - 1, k = 1..min(NB-1, 63) (read-only: shared by every call)."""
+    bounds = np.array([(1 << k) - 1 for k in range(1, min(time_buckets - 1, MAX_BUCKET) + 1)], np.int64)
+    bounds.flags.writeable = False
+    return bounds
+
+
+def _reusable_rows_elementwise(timestamps: torch.Tensor | np.ndarray, profile: int, now: int, time_buckets: int) -> int:
+    """``reusable_rows`` by every event's bucket then and now (any stamps; a tensor or an array)."""
+    length = int(timestamps.shape[0])
     events: Any = timestamps[profile:]
     then, later = events * 0 + timestamps[0], events * 0 + now  # the profile stamps then and now, per event
     before = time_bucket(abs_time_gap(events, then), time_buckets)
