@@ -38,10 +38,15 @@ def jit_state() -> tuple[int, int]:
                 continue
             seen.add(id(obj))
             if isinstance(obj, Autotuner):
-                tuned += len(obj.cache)
+                tuned += len(getattr(obj, "cache", {}))
                 obj = obj.fn
-            while not isinstance(obj, JITFunction) and hasattr(obj, "fn"):  # heuristics and other wrappers
+            for _ in range(4):  # heuristics and other wrappers hold the kernel as .fn (bounded: no cycle can hang)
+                if isinstance(obj, JITFunction) or not hasattr(obj, "fn"):
+                    break
                 obj = obj.fn
             if isinstance(obj, JITFunction):
-                compiled += sum(len(entry[0]) for entry in obj.device_caches.values())
+                # each device's entry leads with its kernel cache in Triton 3.x ({key: kernel}, then target,
+                # backend, binder); read defensively: this runs on a served request's path at a capture
+                entries = getattr(obj, "device_caches", {}).values()
+                compiled += sum(len(e[0]) for e in entries if isinstance(e, tuple) and e and isinstance(e[0], dict))
     return compiled, tuned
