@@ -54,7 +54,7 @@ from bench.history_cache_served import summary
 from bench.history_cache_timeline import Clock
 from grc.model.kv_cache import UserKV
 from grc.serving.common.score_graphs import ScoreGraphs
-from grc.serving.ranker.dense import GraphStats
+from grc.serving.ranker.dense import CAPTURE_FIGURES, GraphStats
 from grc.spec.loader import load_spec
 
 NEW = 10  # new history events per step (the session workload's +10)
@@ -115,9 +115,7 @@ def mixed(
                            "misses": sum(c == 0 for _, cuts in order for c in cuts)}  # fmt: skip
     for name in ("first_pass", "second_pass"):
         captures, times = graphs.stats.captures, []
-        counted = ("capture_s", "capture_warmup_s", "capture_first_run_s", "capture_compiles", "capture_tunings",
-                   "capture_device_allocs")  # fmt: skip
-        spent = {k: getattr(graphs.stats, k) for k in counted}
+        spent = {k: getattr(graphs.stats, k) for k in CAPTURE_FIGURES}
         for picked, cuts in order:
             inputs, host = step_inputs([users[i] for i in picked], [full[i] for i in picked], cuts)
             now = [NOW] * len(picked)

@@ -56,8 +56,9 @@ def capture_graph(
     free_memory: as ``torch.cuda.graph``, which synchronizes and releases the caching allocators' free blocks
     (device, and pinned host) before it captures. False captures without that (``CUDAGraph.capture_begin`` on a
     side stream after the work queued before it): a server capturing a new shape between requests keeps its
-    cached blocks, where a release means a cudaFree per block now and a fresh allocation for each later (served at
-    16 clients a capture took 138 ms on the H200, 16 ms in-process; session 12). The caller then owns one rule
+    cached blocks, where a release means a cudaFree per block now and a fresh allocation for each later. (Served at
+    16 clients a capture took ~140 ms on the H200 with or without the release: the first eager run of a new shape
+    is that cost, not the release; session 13.) The caller then owns one rule
     ``torch.cuda.graph``'s release hid: a shared ``pool`` must still be held by a live graph when another capture
     joins it. A pool whose graphs are all gone keeps use count 0 until a release frees it, and a capture joining
     it fails ("it->second->use_count > 0 INTERNAL ASSERT FAILED", every served cached request of session 12's

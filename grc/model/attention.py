@@ -46,10 +46,15 @@ def time_bucket(gap: A, num_buckets: int) -> A:
     1..min(NB-1, 63) with gap >= 2**k - 1. Integers only (no float rounding at powers of two), and
     no 1 + gap that could overflow. Numpy arrays count by a binary search over the same bounds (the
     serving store checks thousands of events per request on the host: the broadcast compare was ms there)."""
-    bounds = [(1 << k) - 1 for k in range(1, min(num_buckets - 1, MAX_BUCKET) + 1)]
+    bounds = bucket_bounds(num_buckets)
     if isinstance(gap, np.ndarray):
         return cast("A", np.searchsorted(np.array(bounds, np.int64), gap, side="right"))
     return cast("A", (gap.unsqueeze(-1) >= torch.tensor(bounds, dtype=torch.int64, device=gap.device)).sum(-1))
+
+
+def bucket_bounds(num_buckets: int) -> list[int]:
+    """time_bucket's bounds 2**k - 1, k = 1..min(NB-1, 63): a gap's bucket is how many of them it reaches."""
+    return [(1 << k) - 1 for k in range(1, min(num_buckets - 1, MAX_BUCKET) + 1)]
 
 
 def candidate_mask(lengths: torch.Tensor, num_candidates: torch.Tensor, n: int, causal: bool) -> torch.Tensor:

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache as memoized
 from functools import cached_property
 from typing import Any
 
 import numpy as np
 import torch
 
-from grc.model.attention import MAX_BUCKET, abs_time_gap, time_bucket
+from grc.model.attention import abs_time_gap, bucket_bounds, time_bucket
 
 
 class HistoryCacheUnsupported(ValueError):
@@ -61,21 +60,13 @@ def first_moved_sorted(events: np.ndarray, then: int, now: int, time_buckets: in
         return None
     if n > 1 and not bool((events[1:] >= events[:-1]).all()):
         return None
-    bounds = _bucket_bounds(time_buckets)
+    bounds = np.array(bucket_bounds(time_buckets), np.int64)
     if bounds.size == 0:  # one bucket: nothing moves
         return -1
     at = np.searchsorted(events, then - bounds, side="right")
     inside = at < n
     moved = at[inside][events[at[inside]] <= (now - bounds)[inside]]
     return int(moved.min()) if moved.size else -1
-
-
-@memoized
-def _bucket_bounds(time_buckets: int) -> np.ndarray:
-    """time_bucket's bounds 2**k - 1, k = 1..min(NB-1, 63) (read-only: shared by every call)."""
-    bounds = np.array([(1 << k) - 1 for k in range(1, min(time_buckets - 1, MAX_BUCKET) + 1)], np.int64)
-    bounds.flags.writeable = False
-    return bounds
 
 
 def _reusable_rows_elementwise(timestamps: torch.Tensor | np.ndarray, profile: int, now: int, time_buckets: int) -> int:

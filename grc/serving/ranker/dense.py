@@ -16,7 +16,7 @@ bucket, captured at load; a batch is padded into the smallest bucket that holds 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -44,6 +44,10 @@ class GraphStats:
     capture_compiles: int = 0  # Triton kernel variants compiled or loaded
     capture_tunings: int = 0  # autotuning keys tuned
     capture_device_allocs: int = 0  # the caching allocator's cudaMalloc calls
+
+
+# the captures' figures beyond their count: exported as graph_<name> (Ranker.stats), diffed by the benches
+CAPTURE_FIGURES = tuple(f.name for f in fields(GraphStats) if f.name.startswith("capture_"))
 
 
 def aotinductor(package: Path, device: torch.device) -> Runner:
