@@ -30,6 +30,7 @@ from grc.serving.ranker.phases import PHASES
 from grc.serving.triton.models import steps
 from grc.serving.triton.models import tensor_io as io
 from grc.serving.triton.models.metrics import HISTORY_CACHE, Metrics
+from grc.serving.triton.models.trace import ExecuteTrace
 
 METRICS = {
     "graph_hits": ("grc_cuda_graph_hits_total", "batches of the dense step replayed in a captured CUDA graph", False),
@@ -109,12 +110,20 @@ class TritonPythonModel:
         self.metrics = Metrics(self.name, METRICS, every_s=PHASE_EVERY_S, urgent=frozenset({"graph_misses"}))
         self.phase_metrics = Metrics(self.name, PHASE_METRICS, every_s=PHASE_EVERY_S)
         self.executes = 0
+        self.trace = ExecuteTrace(self.name)  # off unless GRC_TRACE_DIR is set (trace.py)
         self.cache_metrics = None
         if self.ranker.history is not None:  # the optional user_id input, and the cache's figures
             self.names.append(USER_ID)
             self.cache_metrics = Metrics(self.name, HISTORY_CACHE)
 
     def execute(self, requests: list[Any]) -> list[Any]:
+        if self.trace.folder is None:
+            return self._execute(requests)
+        keyed = self.cache_metrics is not None and any(io.read(r, USER_ID) is not None for r in requests)
+        with self.trace.around("cached" if keyed else "plain"):
+            return self._execute(requests)
+
+    def _execute(self, requests: list[Any]) -> list[Any]:
         ranker = self.ranker
         responses = steps.execute(requests, self.name, self.names, ranker.check, ranker.rank, ranker.clock)
         ranker.clock.start()
@@ -128,3 +137,6 @@ class TritonPythonModel:
             self.cache_metrics.update(dataclasses.asdict(ranker.history.caches.cache.stats()))
         ranker.clock.lap("metrics")
         return responses
+
+    def finalize(self) -> None:
+        self.trace.flush()

@@ -1,0 +1,53 @@
+"""The opt-in execute() profiles (grc/serving/triton/models/trace.py): windows per kind, files with real figures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from grc.serving.triton.models import trace
+
+
+def _work() -> None:
+    torch.from_numpy(np.arange(50_000)).sum()
+    np.sort(np.random.default_rng(0).random(20_000))
+
+
+def test_off_by_default_writes_nothing(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv(trace.ENV, raising=False)
+    t = trace.ExecuteTrace("m")
+    assert t.folder is None
+    with t.around("cached"):
+        _work()
+    t.flush()
+    assert t.counts == {}
+
+
+@pytest.mark.parametrize("stop_early", [False, True])
+def test_windows_per_kind(tmp_path, monkeypatch, stop_early: bool) -> None:
+    monkeypatch.setattr(trace, "WINDOWS", {"start": (0, 2), "steady": (3, 5)})
+    monkeypatch.setattr(trace, "TORCH_WINDOW", (6, 8))
+    t = trace.ExecuteTrace("fused", str(tmp_path / "t"))
+    executes = 7 if stop_early else 9
+    for _ in range(executes):
+        with t.around("cached"):
+            _work()
+    with t.around("plain"):  # one plain execute: only its open "start" window, written at the flush
+        _work()
+    t.flush()
+    names = sorted(p.name.split("-", 2)[2] for p in (tmp_path / "t").iterdir())
+    assert names == [
+        "cached-cprofile-start.txt",
+        "cached-cprofile-steady.txt",
+        "cached-torch.json",
+        "cached-torch.txt",
+        "plain-cprofile-start.txt",
+    ]
+    start = next((tmp_path / "t").glob("*-cached-cprofile-start.txt")).read_text()
+    assert "executes 0..1" in start and "_work" in start and "process CPU user" in start
+    plain = next((tmp_path / "t").glob("*-plain-cprofile-start.txt")).read_text()
+    assert "executes 0..0" in plain  # the window cut at the flush says so
+    torch_txt = next((tmp_path / "t").glob("*-cached-torch.txt")).read_text()
+    assert ("executes 6..6" if stop_early else "executes 6..7") in torch_txt
+    assert "aten::sum" in torch_txt
