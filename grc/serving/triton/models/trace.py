@@ -139,7 +139,8 @@ def _host_figures(wall_start: float, start: resource.struct_rusage, inside_s: fl
     now, wall = _rusage(), time.perf_counter() - wall_start
     user, system = now.ru_utime - start.ru_utime, now.ru_stime - start.ru_stime
     return (
-        f"# wall {wall:.3f} s, inside execute() {inside_s:.3f} s; process CPU user {user:.3f} s + system {system:.3f} s;"
+        f"# wall {wall:.3f} s, inside execute() {inside_s:.3f} s; process CPU user"
+        f" {user:.3f} s + system {system:.3f} s;"
         f" context switches voluntary {now.ru_nvcsw - start.ru_nvcsw}, involuntary {now.ru_nivcsw - start.ru_nivcsw}\n"
         f"# torch threads {torch.get_num_threads()}, CPUs allowed {len(os.sched_getaffinity(0))},"
         f" load average {os.getloadavg()}\n"
