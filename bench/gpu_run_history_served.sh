@@ -15,7 +15,8 @@
 #     BUDGET); if the build fails (say the CUDA AOTInductor package), once more with backend pytorch_kernels,
 #     said in the log and in the result's base_spec (the cached path is the same graphed score step either way).
 # TRACE=1: the fused model's execute() profiled inside the server (grc/serving/triton/models/trace.py: cProfile
-# windows, torch.profiler with the CUDA runtime calls), files under $OUT/trace.
+# windows, torch.profiler with the CUDA runtime calls), files under $OUT/trace; TRACE=captures: only the cached
+# step's captures one by one (shape, seconds, compiles, allocations), no profiles (they slow what they cover).
 # BUDGET (default 460 s; 570 when BENCH_FLAGS asks for --session-users) bounds the whole call: the bench is killed
 # at BUDGET - 10 s, and starts no new shape past BUDGET - 90 s. The server's start includes the AOTInductor build
 # (146-213 s for mtgr-base on fresh H200s) and the cached step's warm-up (ScoreGraphs.warm_up: ~70 s,
@@ -37,7 +38,10 @@ PY="${PYTHON:-$(command -v python3 || command -v python)}"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export GRC_CACHE_DIR="${GRC_CACHE_DIR:-/tmp/grc-history-served-cache}"
 LOG="$OUT/history-served-run.log"
-[ "${TRACE:-0}" = 1 ] && export GRC_TRACE_DIR="$OUT/trace"
+case "${TRACE:-0}" in
+  1) export GRC_TRACE_DIR="$OUT/trace" ;;
+  captures) export GRC_TRACE_DIR="$OUT/trace" GRC_TRACE_PROFILE=0 ;;
+esac
 
 # shellcheck source=bench/gpu_serve_env.sh
 . bench/gpu_serve_env.sh

@@ -49,10 +49,12 @@ from bench._common import write_result
 from bench.history_cache_timeline import Clock
 
 
-def bench_spec(base: Path, folder: Path, budget_mb: float = 1024, instances: int | None = None) -> Path:
+def bench_spec(
+    base: Path, folder: Path, budget_mb: float = 1024, instances: int | None = None, threads: int = 1
+) -> Path:
     """``base`` with every table cut to at most 10,000 rows and the history cache on with ``budget_mb`` per
     store (a fused spec: one store per instance, the spec's backend only; ``instances``: that many instances
-    and stores instead of the spec's instance_count, behind the router)."""
+    and stores instead of the spec's instance_count, behind the router); ``threads``: intra_op_threads."""
     from grc.spec.loader import load_spec
 
     spec = load_spec(base).spec
@@ -62,7 +64,7 @@ def bench_spec(base: Path, folder: Path, budget_mb: float = 1024, instances: int
     }
     triton = spec.bundles.triton
     cache: dict[str, Any] = {"enabled": True, "budget_mb": budget_mb}
-    over: dict[str, Any] = {"history_cache": cache, "intra_op_threads": 1}
+    over: dict[str, Any] = {"history_cache": cache, "intra_op_threads": threads}
     if triton.pipeline == "fused":
         cache["instances"] = instances or triton.instance_count
         over["extra_backends"] = []
@@ -228,6 +230,12 @@ def main() -> int:
         help="a fused spec's instances (one store each, behind the router; requests without user_id go to them in "
         "turn): both modes run on them (default: the spec's instance_count)",
     )
+    ap.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=1,
+        help="bundles.triton.intra_op_threads of the bench's bundle (torch's host threads per instance; 0: every core)",
+    )
     session_args(ap)
     args = ap.parse_args()
     started = time.perf_counter()
@@ -247,8 +255,11 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     result: dict[str, Any] = {"base_spec": args.spec, "requests": args.requests, "cases": rows}
     result["instances"] = args.instances  # None: the spec's instance_count (the built spec's, in the bundle)
+    result["intra_op_threads"] = args.intra_op_threads
     with tempfile.TemporaryDirectory(prefix="grc-history-bench-") as tmp:
-        loaded = load_spec(bench_spec(Path(args.spec), Path(tmp), args.budget_mb, args.instances))
+        loaded = load_spec(
+            bench_spec(Path(args.spec), Path(tmp), args.budget_mb, args.instances, args.intra_op_threads)
+        )
         spec, model = loaded.spec, loaded.spec.model
         device = "cuda" if spec.bundles.triton.instance_kind == "KIND_GPU" else "cpu"
         out: Path | str = Path(args.out) if args.out else f"history-cache-served-{device}"

@@ -664,7 +664,9 @@ class TritonBundleConfig(_Section):
     )
     pipeline_instance_count: Instances = Field(1, description="instances of preprocess and of postprocess")
     intra_op_threads: Annotated[int, Field(ge=0, le=lim.MAX_THREADS)] = Field(
-        1, description="onnxruntime threads per dense instance; 0: onnxruntime picks (every core)"
+        1,
+        description="host threads per instance (onnxruntime's, torch's intra-op pool; on a GPU instance torch's host "
+        "copies); 0: the library picks (every core)",
     )
     top_k: SeqLen = Field(10, description="ranked candidates returned per request (fewer if fewer are sent)")
     rank_weights: dict[Identifier, RankWeight] = Field(

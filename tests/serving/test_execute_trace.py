@@ -51,3 +51,23 @@ def test_windows_per_kind(tmp_path, monkeypatch, stop_early: bool) -> None:
     torch_txt = next((tmp_path / "t").glob("*-cached-torch.txt")).read_text()
     assert ("executes 6..6" if stop_early else "executes 6..7") in torch_txt
     assert "aten::sum" in torch_txt
+
+
+def test_write_json_only_when_on(tmp_path) -> None:
+    trace.ExecuteTrace("m", "").write_json("captures", [1])  # off: nothing, nowhere
+    on = trace.ExecuteTrace("m", str(tmp_path))
+    on.write_json("captures", [{"shape": [2, 16, 256], "first_run": 0.1}])
+    (written,) = tmp_path.iterdir()
+    assert written.name.endswith("-captures.json") and '"first_run": 0.1' in written.read_text()
+
+
+def test_profiles_off_keeps_the_folder(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv(trace.PROFILE_ENV, "0")
+    monkeypatch.setattr(trace, "WINDOWS", {"start": (0, 2)})
+    t = trace.ExecuteTrace("m", str(tmp_path))
+    for _ in range(3):
+        with t.around("cached"):
+            _work()
+    t.flush()
+    t.write_json("captures", [])
+    assert [p.name.split("-", 2)[2] for p in tmp_path.iterdir()] == ["captures.json"]

@@ -169,9 +169,13 @@ def test_the_padded_layout(max_seq_len: int) -> None:
         layout = plan(dense, caches, bounds, candidates, stamps, now, rows, keys)
         assert layout is not None
         shape, packed = layout.shape, layout.packed
-        fields, start = {}, 0
-        for name, size in shape.sizes().items():
-            fields[name], start = packed[start : start + size], start + size
+        spans = shape.spans()
+        assert packed.size == shape.length == max(end for _, end in spans.values())
+        fields = {name: packed[start:end] for name, (start, end) in spans.items()}
+        for name, size in shape.sizes().items():  # each field its size, 16-byte aligned, none overlapping
+            start, end = spans[name]
+            assert end - start == size and start % 2 == 0
+        assert all(b1 <= a2 for (_, b1), (a2, _) in itertools.pairwise(spans.values()))
         q_off, kv_off, slots = fields["q_offsets"], fields["kv_offsets"], fields["slots"]
         assert q_off[-1] == shape.rows >= bounds[-1] and kv_off[-1] <= shape.keys
         assert list(q_off[: b + 1]) == bounds and np.all(np.diff(q_off) <= np.diff(kv_off))

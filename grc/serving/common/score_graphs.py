@@ -35,8 +35,9 @@ counted in ``GraphStats.graph_misses``: the same scores, slower, and visible in 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,8 @@ from grc.serving.ranker.dense import GraphStats
 
 # The layout's fields, in the order they are packed into one int64 buffer (sizes: users + 1, users + 1,
 # users, new rows each, then the key rows' timestamps: built on the host, they travel with the layout).
+CAPTURES_KEPT = 256  # ScoreGraphs.captures: each capture's shape, seconds and counts (trace.py writes them)
+ALIGN = 2  # int64 elements: each field starts 16-byte aligned (Shape.spans)
 FIELDS = ("q_offsets", "kv_offsets", "num_candidates", "group", "slots", "is_candidate", "candidate_rows", "stamps")
 
 
@@ -64,9 +67,21 @@ class Shape:
         u, r = self.users, self.rows
         return dict(zip(FIELDS, (u + 1, u + 1, u, r, r, r, r, self.keys), strict=True))
 
-    def starts(self) -> list[int]:
-        """Where each field starts in the packed buffer, then its end."""
-        return [0, *itertools.accumulate(self.sizes().values())]
+    def spans(self) -> dict[str, tuple[int, int]]:
+        """Each field's (start, end) in the packed buffer, every start a multiple of ALIGN elements: Triton
+        specialises a kernel on whether each pointer is 16-byte aligned, so a field at an odd int64 offset in some
+        shapes and an even one in others compiled a second variant on a request's path (a 2.7 s stall, served
+        at 16 clients on the H200, session 14)."""
+        out, start = {}, 0
+        for name, size in self.sizes().items():
+            out[name] = (start, start + size)
+            start = -(-(start + size) // ALIGN) * ALIGN
+        return out
+
+    @property
+    def length(self) -> int:
+        """Elements of the packed buffer (the last field's end)."""
+        return self.spans()[FIELDS[-1]][1]
 
 
 def pad_users(rows: int, keys: int, max_seq_len: int) -> list[tuple[int, int]]:
@@ -120,10 +135,8 @@ def plan(
     slots = 1 << (len(users) - 1).bit_length()  # user slots: a power of two, the spare ones empty
     users += [(0, 0, 0)] * (slots - len(users))
     shape = Shape(slots, rows, keys)
-    packed = np.zeros(sum(shape.sizes().values()), np.int64)
-    q_off, kv_off, n_c, group, slot, mask, picked, kv_stamps = (
-        packed[a:b] for a, b in itertools.pairwise(shape.starts())
-    )
+    packed = np.zeros(shape.length, np.int64)
+    q_off, kv_off, n_c, group, slot, mask, picked, kv_stamps = (packed[a:b] for a, b in shape.spans().values())
     n_q, n_kv, n_c[:] = np.array(users, np.int64).T
     np.cumsum(n_q, out=q_off[1:])
     np.cumsum(n_kv, out=kv_off[1:])
@@ -157,9 +170,8 @@ class _Step:
         self.rows = rows[: shape.keys]
         keys, values = layout.split(self.rows)
         self.keys, self.values = list(keys), list(values)
-        ends = shape.starts()
-        self.packed = torch.zeros(ends[-1], dtype=torch.int64, device=device)
-        self.fields = {name: self.packed[a:b] for name, (a, b) in zip(FIELDS, itertools.pairwise(ends), strict=True)}
+        self.packed = torch.zeros(shape.length, dtype=torch.int64, device=device)
+        self.fields = {name: self.packed[a:b] for name, (a, b) in shape.spans().items()}
         self.stamps = self.fields["stamps"]  # uploaded with the layout
         pin = device.type == "cuda"
         self.host = torch.zeros(self.packed.numel(), dtype=torch.int64, pin_memory=pin)
@@ -233,6 +245,7 @@ class ScoreGraphs:
         self.steps: OrderedDict[Shape, _Step] = OrderedDict()
         self.pool: Any = None  # the graphs' shared memory pool (_capture_pool)
         self.streams: tuple[Any, Any] | None = None  # the captures' warm-up and capture streams, kept (capture_graph)
+        self.captures: deque[dict[str, Any]] = deque(maxlen=CAPTURES_KEPT)  # the last captures, one by one
 
     def warm_up(self, like: torch.Tensor) -> list[tuple[int, bool]]:
         """Before serving (``like``: the device and dtype): the cached attention kernel autotuned for every key the
@@ -260,6 +273,7 @@ class ScoreGraphs:
                 self.score([empty], tokens, offsets, counts, stamps, [now], self.impl, reuse_checked=True)
             finally:
                 self.stats = served
+                self.captures.clear()  # they count and list requests' captures only
         return tuned
 
     def _capture_pool(self) -> Any:
@@ -341,10 +355,14 @@ class ScoreGraphs:
                     self.streams = (torch.cuda.Stream(), torch.cuda.Stream())
                 before = capture_counts()
                 step.capture(self._capture_pool(), self.streams, seconds)
-                after = capture_counts()
-                self.stats.capture_compiles += after[0] - before[0]
-                self.stats.capture_tunings += after[1] - before[1]
-                self.stats.capture_device_allocs += after[2] - before[2]
+                compiles, tunings, allocs = (b - a for a, b in zip(before, capture_counts(), strict=True))
+                self.captures.append(
+                    {"shape": dataclasses.astuple(layout.shape), "compiles": compiles, "tunings": tunings,
+                     "device_allocs": allocs, **{k: round(v, 6) for k, v in seconds.items()}}
+                )  # fmt: skip
+                self.stats.capture_compiles += compiles
+                self.stats.capture_tunings += tunings
+                self.stats.capture_device_allocs += allocs
                 self.stats.captures += 1
                 self.stats.capture_s += seconds["warmup"] + seconds["capture"]
                 self.stats.capture_warmup_s += seconds["warmup"]
@@ -368,7 +386,7 @@ class ScoreGraphs:
         and its new history events' K/V (written at their slots by the step) are already one contiguous run of
         rows there, the candidates' rows after it, left out; its stamps from the layout's (host, restamped). A
         copy: the next step reuses the buffers."""
-        stamps = layout.packed[layout.shape.starts()[-2] :]  # the last field
+        stamps = layout.packed[layout.shape.spans()["stamps"][0] :]  # the last field
         out = []
         for b, (cache, start) in enumerate(zip(caches, layout.kv_starts, strict=True)):
             end = start + cache.length + bounds[b + 1] - bounds[b] - candidates[b]

@@ -22,6 +22,7 @@ from grc.serving.common.validate import check_dense
 from grc.serving.triton.models import steps
 from grc.serving.triton.models import tensor_io as io
 from grc.serving.triton.models.dense_onnx import INPUTS
+from grc.serving.triton.models.host import set_host_threads
 
 
 def to_jagged(requests: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -71,9 +72,7 @@ class TritonPythonModel:
         meta = json.loads((package.parent / "metadata.json").read_text())
         self.device = torch.device(f"cuda:{int(args['model_instance_device_id'])}" if gpu else "cpu")
         self.dtype = DTYPES[meta["dtype"]]
-        threads = int(params.get("intra_op_threads", "1"))
-        if threads > 0 and not gpu:
-            torch.set_num_threads(threads)
+        set_host_threads(params)
         self.width = int(params["d_model"])
         self.max_seq_len = int(params["max_seq_len"])
         self.run = load(package, self.device)

@@ -29,6 +29,7 @@ from grc.serving.common.history_step import USER_ID
 from grc.serving.ranker.phases import PHASES
 from grc.serving.triton.models import steps
 from grc.serving.triton.models import tensor_io as io
+from grc.serving.triton.models.host import set_host_threads
 from grc.serving.triton.models.metrics import HISTORY_CACHE, Metrics
 from grc.serving.triton.models.trace import ExecuteTrace
 
@@ -98,9 +99,7 @@ class TritonPythonModel:
         gpu = args.get("model_instance_kind") == "GPU"
         if gpu and not torch.cuda.is_available():
             raise RuntimeError(cuda_missing(f"{self.name}: a KIND_GPU instance"))
-        threads = int(params.get("intra_op_threads", "1"))
-        if threads > 0 and not gpu:
-            torch.set_num_threads(threads)
+        set_host_threads(params)
         device = f"cuda:{int(args['model_instance_device_id'])}" if gpu else "cpu"
         if gpu:
             torch.cuda.set_device(device)
@@ -140,3 +139,6 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self.trace.flush()
+        history = self.ranker.history
+        if history is not None and history.caches.graphs is not None:  # each capture of the cached step
+            self.trace.write_json("captures", list(history.caches.graphs.captures))

@@ -29,6 +29,7 @@ from grc.serving.common.history_step import USER_ID, UserCaches, user_ids, user_
 from grc.serving.common.validate import RequestParser
 from grc.serving.triton.models import steps
 from grc.serving.triton.models import tensor_io as io
+from grc.serving.triton.models.host import set_host_threads
 from grc.serving.triton.models.metrics import HISTORY_CACHE, Metrics
 from grc.serving.triton.models.postprocess import rank
 from grc.serving.triton.models.preprocess import project
@@ -147,7 +148,6 @@ class CachedScorer:
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
-        import torch
 
         params = io.parameters(args)
         self.name = args["model_name"]
@@ -156,10 +156,8 @@ class TritonPythonModel:
         self.parse = RequestParser(self.cfg, self.truncate)
         self.weights = np.asarray(json.loads(params["rank_weights"]), dtype=np.float32)
         self.top_k = int(params["top_k"])
-        threads = int(params.get("intra_op_threads", "1"))
         gpu = args.get("model_instance_kind") == "GPU"
-        if threads > 0 and not gpu:
-            torch.set_num_threads(threads)
+        set_host_threads(params)
         device = instance_device(gpu, int(args.get("model_instance_device_id", 0)))
         weights = Path(args["model_repository"]) / args["model_version"] / "weights"
         max_user = int(params["max_user_bytes"]) if params.get("max_user_bytes") else None

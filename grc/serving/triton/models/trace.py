@@ -11,13 +11,16 @@ request carries a user id; "plain": none), to that folder:
   the CUDA runtime calls: a synchronisation or a pinned allocation shows here; 20 executes keep the trace small).
 
 Windows count executes of one kind from the instance's start; they never overlap (one profiler at a time). Off
-(the default), ``around`` costs one dictionary lookup. A diagnostic for benchmarks, not a serving feature.
+(the default), ``around`` costs one dictionary lookup. ``GRC_TRACE_PROFILE=0`` keeps the folder's other files (the
+cached step's captures, one by one: fused.py's finalize) without the profiles, which slow the executes they cover.
+A diagnostic for benchmarks, not a serving feature.
 """
 
 from __future__ import annotations
 
 import cProfile
 import io
+import json
 import os
 import pstats
 import resource
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 ENV = "GRC_TRACE_DIR"
+PROFILE_ENV = "GRC_TRACE_PROFILE"
 # cProfile windows: the first executes (a cached step's new shapes are captured there) and a steady stretch
 WINDOWS = {"start": (0, 100), "steady": (300, 500)}
 TORCH_WINDOW = (600, 620)
@@ -39,6 +43,7 @@ class ExecuteTrace:
         folder = os.environ.get(ENV) if folder is None else folder
         self.folder = Path(folder) if folder else None
         self.model = model
+        self.profile = os.environ.get(PROFILE_ENV, "1") != "0"
         self.counts: dict[str, int] = {}
         self.profiles: dict[tuple[str, str], cProfile.Profile] = {}
         self.torch_prof: Any = None
@@ -50,7 +55,7 @@ class ExecuteTrace:
     @contextmanager
     def around(self, kind: str) -> Iterator[None]:
         """Profile this execute when it falls in a window of its kind (``kind``: "cached" or "plain")."""
-        if self.folder is None:
+        if self.folder is None or not self.profile:
             yield
             return
         n = self.counts.get(kind, 0)
@@ -78,6 +83,11 @@ class ExecuteTrace:
             if self.torch_prof is not None and self.torch_kind == kind and n == end - 1:
                 self._write_torch(kind)
 
+    def write_json(self, what: str, data: Any) -> None:
+        """``data`` as ``<model>-<pid>-<what>.json`` (nothing when tracing is off)."""
+        if self.folder is not None:
+            self._name("", what).with_suffix(".json").write_text(json.dumps(data, indent=1))
+
     def flush(self) -> None:
         """Write the windows still open (the server stops before a window's end): called at the model's finalize."""
         for kind, window in list(self.profiles):
@@ -87,7 +97,7 @@ class ExecuteTrace:
 
     def _name(self, kind: str, what: str) -> Path:
         assert self.folder is not None
-        return self.folder / f"{self.model}-{os.getpid()}-{kind}-{what}"
+        return self.folder / "-".join(p for p in (self.model, str(os.getpid()), kind, what) if p)
 
     def _write_cprofile(self, kind: str, window: str) -> None:
         prof = self.profiles.pop((kind, window))
