@@ -543,6 +543,8 @@ SERVED_SESSIONS = (
     "history-cache-served-h200-s10-session.json", "history-cache-served-h200-s10-packed.json",
     "history-cache-served-h200-s11-session.json", "history-cache-served-h200-s12-shared.json",
     "history-cache-served-h200-s13-pool.json", "history-cache-served-h200-s13-streams.json",
+    "history-cache-served-h200-s14-aligned-threads0.json", "history-cache-served-h200-s14-aligned-threads1.json",
+    "history-cache-served-h200-s14-base3000.json",
 )  # fmt: skip
 # per execute, ms: Triton's queue and compute, then the fused model's host phases (grc/serving/ranker/phases.py)
 SERVED_PHASES = {
@@ -626,6 +628,9 @@ def history_cache_served_gpu_block(results: Results) -> str:
                     phases.append([spec, where, mode, *phase_cells(split)])
             warm = " (warm pass first)" if run.get("warm_pass") else ""
             warm += f", {data['instances']} instances" if data.get("instances") else ""
+            base = data["session"].get("base_history", 1000)
+            warm += f", history {base} at the first visit" if base != 1000 else ""
+            warm += f", intra_op_threads {data['intra_op_threads']}" if "intra_op_threads" in data else ""
             sessions.append([
                 spec, str(data["commit"])[:7], f"{run['concurrency']}{warm}",
                 f"{plain['responses']} / {cached['responses']}",
