@@ -39,8 +39,9 @@ class Tables:
     vocab: dict[str, int]
     block_rows: int
 
-    def lookup(self, name: str, ids: torch.Tensor) -> torch.Tensor:
-        """[n] int64 row ids -> [n, dim] float32. Out-of-range ids are an error, never a wrap-around."""
+    def lookup(self, name: str, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[n] int64 row ids -> [n, dim] in ``dtype`` (float32 unless asked). Out-of-range ids are an error, never a
+        wrap-around."""
         ids = ids.to(torch.int64)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab[name]):
             bad = ids[(ids < 0) | (ids >= self.vocab[name])][0]
@@ -49,9 +50,9 @@ class Tables:
         parts = [(b, (block == b).nonzero().flatten()) for b in block.unique().tolist()]
         fetched = [(where, self.blocks[name][b](row[where])) for b, where in parts]
         dim = fetched[0][1].shape[1] if fetched else self.blocks[name][0](row[:0]).shape[1]
-        out = torch.empty(ids.numel(), dim, dtype=torch.float32)
+        out = torch.empty(ids.numel(), dim, dtype=dtype)
         for where, rows in fetched:
-            out[where] = rows.to(torch.float32)
+            out[where] = rows.to(dtype)
         return out
 
     @staticmethod

@@ -143,7 +143,11 @@ def table_matches(
     for name, table in cfg.tables.items():
         ids = torch.randint(0, table.vocab_size, (50,), generator=gen)
         ids[0] = table.vocab_size - 1
-        out[name] = bool(torch.equal(ours.lookup(name, ids.to(dev)).cpu(), mapped.lookup(name, ids)))
+        same = torch.equal(ours.lookup(name, ids.to(dev)).cpu(), mapped.lookup(name, ids))
+        # straight to the model's dtype (one cast) == through float32, both lookups
+        half = mapped.lookup(name, ids).to(torch.bfloat16)
+        same = same and torch.equal(mapped.lookup(name, ids, torch.bfloat16), half)
+        out[name] = same and torch.equal(ours.lookup(name, ids.to(dev), torch.bfloat16).cpu(), half)
     return out
 
 

@@ -264,7 +264,7 @@ class Ranker:
         tokens = torch.empty(total, cfg.d_model, dtype=dtype, device=self.device)
 
         def rows(kind: str, table: str) -> torch.Tensor:
-            return self.tables.lookup(table, feeds[f"{kind}:{table}"]).to(dtype)
+            return self.tables.lookup(table, feeds[f"{kind}:{table}"], dtype)
 
         for t in cfg.profile:
             tokens.index_copy_(0, feeds[f"profile_dst:{t}"], proj.profile[t](rows("profile", t)))

@@ -54,8 +54,8 @@ class DeviceTables(Tables):
 
     device: torch.device = torch.device("cpu")
 
-    def lookup(self, name: str, ids: torch.Tensor) -> torch.Tensor:
-        return super().lookup(name, ids.cpu()).to(self.device)
+    def lookup(self, name: str, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return super().lookup(name, ids.cpu(), dtype).to(self.device)
 
 
 def _batch_to(batch: Any, device: torch.device) -> Any:
