@@ -119,6 +119,6 @@ def test_cached_score_graphs_exact_across_shapes_growth_and_eviction() -> None:
             assert graphs.rows is not None and held == graphs.rows.shape[0], "no growth in the second round"
             assert graphs.stats.captures == captured, "nothing captured in the second round"
     assert len(bounded.steps) == 1 and bounded.stats.captures >= 2 * len(order) - 1
-    assert len(graphs.captures) == graphs.stats.captures and all(c["first_run"] > 0 for c in graphs.captures)
-    after = [(c["shape"], c["compiles"], c["tunings"]) for c in warmed.captures]
+    assert len(graphs.capture_log) == graphs.stats.captures and all(c["first_run"] > 0 for c in graphs.capture_log)
+    after = [(c["shape"], c["compiles"], c["tunings"]) for c in warmed.capture_log]
     assert warmed.stats.captures >= len(set(order)) and all(n == t == 0 for _, n, t in after), after

@@ -52,7 +52,7 @@ from grc.serving.ranker.dense import GraphStats
 
 # The layout's fields, in the order they are packed into one int64 buffer (sizes: users + 1, users + 1,
 # users, new rows each, then the key rows' timestamps: built on the host, they travel with the layout).
-CAPTURES_KEPT = 256  # ScoreGraphs.captures: each capture's shape, seconds and counts (trace.py writes them)
+CAPTURE_LOG_KEPT = 256  # ScoreGraphs.capture_log: each capture's shape, seconds and counts (trace.py writes them)
 ALIGN = 2  # int64 elements: each field starts 16-byte aligned (Shape.spans)
 FIELDS = ("q_offsets", "kv_offsets", "num_candidates", "group", "slots", "is_candidate", "candidate_rows", "stamps")
 
@@ -245,7 +245,7 @@ class ScoreGraphs:
         self.steps: OrderedDict[Shape, _Step] = OrderedDict()
         self.pool: Any = None  # the graphs' shared memory pool (_capture_pool)
         self.streams: tuple[Any, Any] | None = None  # the captures' warm-up and capture streams, kept (capture_graph)
-        self.captures: deque[dict[str, Any]] = deque(maxlen=CAPTURES_KEPT)  # the last captures, one by one
+        self.capture_log: deque[dict[str, Any]] = deque(maxlen=CAPTURE_LOG_KEPT)  # the last captures, one by one
 
     def warm_up(self, like: torch.Tensor) -> list[tuple[int, bool]]:
         """Before serving (``like``: the device and dtype): the cached attention kernel autotuned for every key the
@@ -273,7 +273,7 @@ class ScoreGraphs:
                 self.score([empty], tokens, offsets, counts, stamps, [now], self.impl, reuse_checked=True)
             finally:
                 self.stats = served
-                self.captures.clear()  # they count and list requests' captures only
+                self.capture_log.clear()  # they count and list requests' captures only
         return tuned
 
     def _capture_pool(self) -> Any:
@@ -356,7 +356,7 @@ class ScoreGraphs:
                 before = capture_counts()
                 step.capture(self._capture_pool(), self.streams, seconds)
                 compiles, tunings, allocs = (b - a for a, b in zip(before, capture_counts(), strict=True))
-                self.captures.append(
+                self.capture_log.append(
                     {"shape": dataclasses.astuple(layout.shape), "compiles": compiles, "tunings": tunings,
                      "device_allocs": allocs, **{k: round(v, 6) for k, v in seconds.items()}}
                 )  # fmt: skip

@@ -141,4 +141,4 @@ class TritonPythonModel:
         self.trace.flush()
         history = self.ranker.history
         if history is not None and history.caches.graphs is not None:  # each capture of the cached step
-            self.trace.write_json("captures", list(history.caches.graphs.captures))
+            self.trace.write_json("captures", list(history.caches.graphs.capture_log))
