@@ -119,8 +119,7 @@ class TritonPythonModel:
         if self.trace.folder is None:
             return self._execute(requests)
         keyed = self.cache_metrics is not None and any(io.read(r, USER_ID) is not None for r in requests)
-        with self.trace.around("cached" if keyed else "plain"):
-            return self._execute(requests)
+        return self.trace.run("cached" if keyed else "plain", self._execute, requests)
 
     def _execute(self, requests: list[Any]) -> list[Any]:
         ranker = self.ranker

@@ -11,7 +11,7 @@ request carries a user id; "plain": none), to that folder:
   the CUDA runtime calls: a synchronisation or a pinned allocation shows here; 20 executes keep the trace small).
 
 Windows count executes of one kind from the instance's start; they never overlap (one profiler at a time). Off
-(the default), ``around`` costs one dictionary lookup. ``GRC_TRACE_PROFILE=0`` keeps the folder's other files (the
+(the default), ``run`` costs one attribute check. ``GRC_TRACE_PROFILE=0`` keeps the folder's other files (the
 cached step's captures, one by one: fused.py's finalize) without the profiles, which slow the executes they cover.
 A diagnostic for benchmarks, not a serving feature.
 """
@@ -25,11 +25,12 @@ import os
 import pstats
 import resource
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+T = TypeVar("T")
+R = TypeVar("R")
 ENV = "GRC_TRACE_DIR"
 PROFILE_ENV = "GRC_TRACE_PROFILE"
 # cProfile windows: the first executes (a cached step's new shapes are captured there) and a steady stretch
@@ -52,12 +53,12 @@ class ExecuteTrace:
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
 
-    @contextmanager
-    def around(self, kind: str) -> Iterator[None]:
-        """Profile this execute when it falls in a window of its kind (``kind``: "cached" or "plain")."""
+    def run(self, kind: str, fn: Callable[[T], R], arg: T) -> R:
+        """``fn(arg)`` (one execute), profiled when it falls in a window of its ``kind`` ("cached" or "plain"). cProfile
+        wraps the call itself (``runcall``): enabled from inside a context manager's generator, it saw frames return
+        that it never saw called and misattributed the cumulative times (session 14's first trace)."""
         if self.folder is None or not self.profile:
-            yield
-            return
+            return fn(arg)
         n = self.counts.get(kind, 0)
         self.counts[kind] = n + 1
         window = next((w for w, (a, b) in WINDOWS.items() if a <= n < b), None)
@@ -65,20 +66,17 @@ class ExecuteTrace:
             prof = self.profiles.setdefault((kind, window), cProfile.Profile())
             wall, usage, inside = self.usage.get((kind, window), (time.perf_counter(), _rusage(), 0.0))
             began = time.perf_counter()
-            prof.enable()
             try:
-                yield
+                return prof.runcall(fn, arg)
             finally:
-                prof.disable()
                 self.usage[kind, window] = (wall, usage, inside + time.perf_counter() - began)
                 if n == WINDOWS[window][1] - 1:
                     self._write_cprofile(kind, window)
-            return
         first, end = TORCH_WINDOW
         if n == first and self.torch_prof is None:
             self._start_torch(kind)
         try:
-            yield
+            return fn(arg)
         finally:
             if self.torch_prof is not None and self.torch_kind == kind and n == end - 1:
                 self._write_torch(kind)
