@@ -3,7 +3,7 @@
     check (validate.RequestParser, on the host)
       -> one host->device copy of ids, timestamps, layout (layout.py)
       -> embedding lookups (tables.py) -> token projector -> dense (dense.py) on the device
-      -> one device->host copy of the candidates' scores -> ranking and top k (postprocess.rank_candidates)
+      -> one device->host copy of the candidates' scores -> ranking and top k (postprocess.rank_requests)
 
 The outputs per request are exactly the ensemble's postprocess outputs (names, dtypes, shapes).
 ``from_model_dir`` reads a fused model's version folder and its config.pbtxt parameters, so a
@@ -32,7 +32,7 @@ from grc.serving.ranker import history as hist
 from grc.serving.ranker import layout as lay
 from grc.serving.ranker.phases import PhaseClock
 from grc.serving.ranker.tables import open_lookup
-from grc.serving.triton.models.postprocess import rank_candidates
+from grc.serving.triton.models.postprocess import rank_requests
 from grc.spec.schema import ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -246,13 +246,8 @@ class Ranker:
         self.requests += len(checked)
         self.users += layout.users
         self.tokens += layout.tokens
-        outs, row = [], 0
         first = rq.candidate_input(self.cfg.candidate[0])
-        for r in checked:
-            b, c = r[first].shape
-            per_task = picked[row : row + b * c].reshape(b, c, -1)
-            outs.append(rank_candidates(per_task, r[first], self.weights, self.top_k))
-            row += b * c
+        outs = rank_requests(picked, [r[first] for r in checked], self.weights, self.top_k)
         self.clock.lap("rank")
         self.rank_us += int((time.perf_counter() - started) * 1e6)
         return outs
