@@ -169,7 +169,7 @@ def test_the_padded_layout(max_seq_len: int) -> None:
         layout = plan(dense, caches, bounds, candidates, stamps, now, rows, keys)
         assert layout is not None
         shape, packed = layout.shape, layout.packed
-        spans = shape.spans()
+        spans = shape.spans
         assert packed.size == shape.length == max(end for _, end in spans.values())
         fields = {name: packed[start:end] for name, (start, end) in spans.items()}
         for name, size in shape.sizes().items():  # each field its size, 16-byte aligned, none overlapping

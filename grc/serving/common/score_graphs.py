@@ -39,6 +39,7 @@ import dataclasses
 import itertools
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -50,10 +51,10 @@ from grc.model.kv_cache import HistoryCacheUnsupported, KVLayout, UserKV
 from grc.serving.ranker.buckets import ladder
 from grc.serving.ranker.dense import GraphStats
 
-# The layout's fields, in the order they are packed into one int64 buffer (sizes: users + 1, users + 1,
-# users, new rows each, then the key rows' timestamps: built on the host, they travel with the layout).
 CAPTURE_LOG_KEPT = 256  # ScoreGraphs.capture_log: each capture's shape, seconds and counts (trace.py writes them)
 ALIGN = 2  # int64 elements: each field starts 16-byte aligned (Shape.spans)
+# The layout's fields, in the order they are packed into one int64 buffer (sizes: users + 1, users + 1,
+# users, new rows each, then the key rows' timestamps: built on the host, they travel with the layout).
 FIELDS = ("q_offsets", "kv_offsets", "num_candidates", "group", "slots", "is_candidate", "candidate_rows", "stamps")
 
 
@@ -67,11 +68,12 @@ class Shape:
         u, r = self.users, self.rows
         return dict(zip(FIELDS, (u + 1, u + 1, u, r, r, r, r, self.keys), strict=True))
 
+    @cached_property
     def spans(self) -> dict[str, tuple[int, int]]:
         """Each field's (start, end) in the packed buffer, every start a multiple of ALIGN elements: Triton
         specialises a kernel on whether each pointer is 16-byte aligned, so a field at an odd int64 offset in some
         shapes and an even one in others compiled a second variant on a request's path (a 2.7 s stall, served
-        at 16 clients on the H200, session 14)."""
+        at 16 clients on the H200, session 14). Worked out once per shape: every step of the shape reads it."""
         out, start = {}, 0
         for name, size in self.sizes().items():
             out[name] = (start, start + size)
@@ -81,7 +83,7 @@ class Shape:
     @property
     def length(self) -> int:
         """Elements of the packed buffer (the last field's end)."""
-        return self.spans()[FIELDS[-1]][1]
+        return self.spans[FIELDS[-1]][1]
 
 
 def pad_users(rows: int, keys: int, max_seq_len: int) -> list[tuple[int, int]]:
@@ -136,7 +138,7 @@ def plan(
     users += [(0, 0, 0)] * (slots - len(users))
     shape = Shape(slots, rows, keys)
     packed = np.zeros(shape.length, np.int64)
-    q_off, kv_off, n_c, group, slot, mask, picked, kv_stamps = (packed[a:b] for a, b in shape.spans().values())
+    q_off, kv_off, n_c, group, slot, mask, picked, kv_stamps = (packed[a:b] for a, b in shape.spans.values())
     n_q, n_kv, n_c[:] = np.array(users, np.int64).T
     np.cumsum(n_q, out=q_off[1:])
     np.cumsum(n_kv, out=kv_off[1:])
@@ -171,7 +173,7 @@ class _Step:
         keys, values = layout.split(self.rows)
         self.keys, self.values = list(keys), list(values)
         self.packed = torch.zeros(shape.length, dtype=torch.int64, device=device)
-        self.fields = {name: self.packed[a:b] for name, (a, b) in shape.spans().items()}
+        self.fields = {name: self.packed[a:b] for name, (a, b) in shape.spans.items()}
         self.stamps = self.fields["stamps"]  # uploaded with the layout
         pin = device.type == "cuda"
         self.host = torch.zeros(self.packed.numel(), dtype=torch.int64, pin_memory=pin)
@@ -386,7 +388,7 @@ class ScoreGraphs:
         and its new history events' K/V (written at their slots by the step) are already one contiguous run of
         rows there, the candidates' rows after it, left out; its stamps from the layout's (host, restamped). A
         copy: the next step reuses the buffers."""
-        stamps = layout.packed[layout.shape.spans()["stamps"][0] :]  # the last field
+        stamps = layout.packed[layout.shape.spans["stamps"][0] :]  # the last field
         out = []
         for b, (cache, start) in enumerate(zip(caches, layout.kv_starts, strict=True)):
             end = start + cache.length + bounds[b + 1] - bounds[b] - candidates[b]

@@ -148,7 +148,6 @@ class CachedScorer:
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
-
         params = io.parameters(args)
         self.name = args["model_name"]
         self.cfg = ModelConfig.model_validate_json(params["grc_model"])

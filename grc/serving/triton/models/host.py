@@ -11,11 +11,10 @@ run-to-run noise (bench/results/history-cache-notes.md, session 14).
 from __future__ import annotations
 
 
-def set_host_threads(params: dict[str, str]) -> int:
-    """torch.set_num_threads(intra_op_threads) unless it is 0 (torch's default: every core) -> the threads now."""
+def set_host_threads(params: dict[str, str]) -> None:
+    """torch.set_num_threads(intra_op_threads) unless it is 0 (torch's default: every core)."""
     import torch
 
     threads = int(params.get("intra_op_threads", "1"))
     if threads > 0:
         torch.set_num_threads(threads)
-    return torch.get_num_threads()
