@@ -9,7 +9,8 @@
 #     DRY_RUN=1 OUT=/tmp/x bash bench/gpu_run_kernels.sh   # on a CPU: the same flow, Triton interpreter
 #
 # Knobs (environment): EXPLORE=old,variants,configs first times kernel variants side by side
-# (bench/kernels_explore.py, each checked vs float64) within EXPLORE_BUDGET s (default 130);
+# (bench/kernels_explore.py, each checked vs float64) within EXPLORE_BUDGET s (default 130), EXPLORE_ARGS
+# passed on (e.g. --head-dims 128,64);
 # CHECK_BUDGET (default 130) and BENCH_BUDGET (default 140) bound the check and the table;
 # CHECK_ARGS (e.g. --skip-capture) go to the check;
 # BENCH_SEQS=512,2048,8192 limits the table's sequence lengths.
@@ -35,7 +36,7 @@ DRY=${DRY_RUN:+--dry-run}
 if [ -n "${EXPLORE:-}" ]; then
     step "kernel variants (bench/kernels_explore.py --sections $EXPLORE)"
     eb=${EXPLORE_BUDGET:-130}
-    timeout $((eb + 60)) "$PY" bench/kernels_explore.py --out-dir "$OUT" --sections "$EXPLORE" --budget-s "$eb" $DRY \
+    timeout $((eb + 60)) "$PY" bench/kernels_explore.py --out-dir "$OUT" --sections "$EXPLORE" --budget-s "$eb" ${EXPLORE_ARGS:-} $DRY \
         || echo "kernels_explore.py: exit $? (partial JSON kept)"
 fi
 

@@ -65,25 +65,48 @@ NEAR, FAR_LEFT, FAR_RIGHT = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 PTX_GATHER, PTX_CVT, PTX_SHFL = 1, 4, 8
 SPLIT_MIN_KEYS, MAX_SPLITS = 128, 32  # key splits (key_splits): at least two 64-key blocks per part
 
-# (BLOCK_M, BLOCK_N, warps, stages) per padded head dim, each without spills in its key loops
+# (BLOCK_M, BLOCK_N, warps, stages[, registers]) per padded head dim, each without spills in its key loops
 # (ptxas report for sm_90). Measured on the H200 (bench/results/kernels-notes.md) with the kernel
 # before the int32/int64 loop split: BLOCK_N 32 / 3 stages best at 128, 128/64/4/3 at 64. With the
 # int64 code out of the key loops, 64-key blocks fit too (fewer loop overheads per score). 256
 # (mtgr-small's 2 heads of 256): the accumulator alone takes 128 registers per thread at 64 rows /
 # 4 warps; 8 warps need 128 rows (at 64 rows both warpgroups computed every score: twice the work).
-CONFIGS = {
+# A fifth element caps the registers per thread (ptx .maxnreg): left to itself ptxas takes all 255 for
+# every shape, so an SM holds two 4-warp programs; at 168 it holds three where shared memory allows
+# (64/32/4/3 at d 128: 65 KB each), and ptxas's report for sm_90 shows the key loops still free of
+# spills (the spills it adds sit in the per-user segment code, run once per program).
+CONFIGS: dict[int, tuple[tuple[int, ...], ...]] = {
     64: ((128, 64, 4, 3), (64, 64, 4, 2), (64, 128, 4, 2), (128, 64, 8, 2)),
     128: ((64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 8, 3)),
     256: ((128, 32, 8, 2), (64, 32, 4, 2), (64, 16, 4, 2), (128, 16, 8, 2)),
 }
 
 
+def _launch_options(config: tuple[int, ...]) -> dict[str, Any]:
+    """The launch options of a config tuple (BLOCK_M, BLOCK_N, warps, stages[, registers])."""
+    options: dict[str, Any] = {"BLOCK_M": config[0], "BLOCK_N": config[1], "num_warps": config[2],
+                               "num_stages": config[3]}  # fmt: skip
+    if len(config) > 4 and config[4]:
+        options["maxnreg"] = config[4]
+    return options
+
+
 def _configs() -> list[triton.Config]:
     if INTERPRET:  # every config would be run once per call: keep one
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
     shapes = sorted({c for per_dim in CONFIGS.values() for c in per_dim})
-    assert all(bm + bn <= POS_PAD for bm, bn, _, _ in shapes), "near blocks would index past the position padding"
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
+    assert all(c[0] + c[1] <= POS_PAD for c in shapes), "near blocks would index past the position padding"
+    configs = []
+    for shape in shapes:
+        options = _launch_options(shape)
+        meta = {k: options.pop(k) for k in ("BLOCK_M", "BLOCK_N")}
+        configs.append(triton.Config(meta, **options))
+    return configs
+
+
+def _config_tuple(c: triton.Config) -> tuple[int, ...]:
+    shape = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+    return (*shape, c.maxnreg) if c.maxnreg else shape
 
 
 def _configs_for_head_dim(
@@ -94,7 +117,7 @@ def _configs_for_head_dim(
         return configs
     dim = max(kwargs.get("BLOCK_DQK", 0), kwargs.get("BLOCK_DV", 0))
     wanted = CONFIGS[min((d for d in CONFIGS if d >= dim), default=max(CONFIGS))]
-    keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+    keep = [c for c in configs if _config_tuple(c) in wanted]
     return keep or configs
 
 
@@ -648,7 +671,7 @@ def hstu_attention_cached_triton(
     allow_ts_fast: bool = True,
     wrap: Callable[[Any], Any] = lambda kernel: kernel,
     out: torch.Tensor | None = None,
-    config: tuple[int, int, int, int] | None = None,
+    config: tuple[int, ...] | None = None,
     ablate: int = 0,
     ptx: int | None = None,
     splits: int | None = None,
@@ -661,7 +684,7 @@ def hstu_attention_cached_triton(
 
     fast_silu: None picks tanh.approx for 16-bit inputs on a GPU (never under the interpreter,
     which cannot run inline PTX). allow_ts_fast=False forces the int64 time-gap path (tests).
-    config: (BLOCK_M, BLOCK_N, num_warps, num_stages) to skip autotuning (checks that compile many
+    config: (BLOCK_M, BLOCK_N, num_warps, num_stages[, max registers]) to skip autotuning (checks that compile many
     variants). ablate: benchmarking only, a bitmask of per-score stages to drop, which makes the
     result WRONG: 1 bias (time bucket and gathers), 4 activation. ptx: which inline-PTX variants
     to use (PTX_GATHER: table loads; PTX_CVT: the time bucket; PTX_SHFL: time and far tables read by
@@ -695,9 +718,9 @@ def hstu_attention_cached_triton(
     # Parts write fp32 partial sums to a [splits, Tq, H, Dv] buffer, summed below in a fixed order.
     dest = out if n_split == 1 else torch.empty((n_split, total, heads, dv), dtype=torch.float32, device=q.device)
     kernel, fixed = _hstu_fwd_kernel, {}
-    if config is not None:  # (BLOCK_M, BLOCK_N, warps, stages)
+    if config is not None:  # (BLOCK_M, BLOCK_N, warps, stages[, registers])
         kernel = _hstu_fwd_kernel.fn
-        fixed = {"BLOCK_M": config[0], "BLOCK_N": config[1], "num_warps": config[2], "num_stages": config[3]}
+        fixed = _launch_options(config)
 
     def grid(meta: dict[str, Any]) -> tuple[int, int, int]:
         return (triton.cdiv(total, meta["BLOCK_M"]), heads, n_split)
