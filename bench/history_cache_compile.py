@@ -22,17 +22,18 @@ from bench._common import write_result
 from grc.spec.loader import load_spec
 
 
-def compile_seconds(head_dim: int, positions: int, partial: bool, config: tuple[int, int, int, int]) -> float:
+def compile_seconds(head_dim: int, positions: int, partial: bool, config: tuple[int, ...]) -> float:
     """Seconds to compile the bf16 attention kernel (the GPU's variant: tanh SiLU, inline PTX) for sm_90."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels.hstu_attention import PTX_CVT, PTX_GATHER, PTX_SHFL, _hstu_fwd_kernel
+    from kernels.hstu_attention import PTX_CVT, PTX_GATHER, PTX_SHFL, _hstu_fwd_kernel, _launch_options
 
     fn = _hstu_fwd_kernel.fn
     names = fn.arg_names
-    bm, bn, warps, stages = config
+    options = _launch_options(config)
+    bm, bn = options.pop("BLOCK_M"), options.pop("BLOCK_N")
     const = {"CAUSAL": True, "FAST_SILU": True, "ALLOW_TS_FAST": True, "P": positions, "DQK": head_dim,
              "DV": head_dim, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_DQK": head_dim, "BLOCK_DV": head_dim,
              "DOT_PREC": "tf32", "DOT_UPCAST": False, "PTX": PTX_GATHER | PTX_CVT | PTX_SHFL, "ABLATE": 0,
@@ -49,7 +50,7 @@ def compile_seconds(head_dim: int, positions: int, partial: bool, config: tuple[
         attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned},
     )
     start = time.perf_counter()
-    triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     return time.perf_counter() - start
 
 

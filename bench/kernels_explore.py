@@ -44,13 +44,8 @@ from kernels.hstu_attention import CONFIGS, PTX_CVT, PTX_GATHER, PTX_SHFL, hstu_
 
 BOUND = 1e-2  # bf16 vs float64 (bench/gpu_kernels_check.py BOUNDS)
 BASE_CFG = (16, 16, 1, 1) if bench.DRY else (64, 64, 4, 2)  # the variants' config (interpreter: its only one)
-# Timed beside the autotuner's (kernels.CONFIGS); a fifth element caps registers per thread (three 4-warp
-# programs per SM at 168 where shared memory allows; key loops spill-free in ptxas's sm_90 report).
-EXTRA_CONFIGS: dict[int, list[tuple[int, ...]]] = {
-    128: [(64, 64, 4, 3), (64, 32, 4, 3, 168), (64, 32, 4, 2, 168)],
-    64: [(64, 64, 4, 2, 168), (64, 64, 4, 3, 168), (64, 32, 4, 3, 168)],
-    256: [],
-}
+# Timed beside the autotuner's (kernels.CONFIGS); a fifth element caps registers per thread.
+EXTRA_CONFIGS: dict[int, list[tuple[int, ...]]] = {128: [(64, 64, 4, 3)], 64: [], 256: []}
 Launcher = Callable[..., torch.Tensor]
 
 
