@@ -5,6 +5,7 @@
 # and $OUT/history-cache-profile-h200.log.
 #   OUT=/some/folder bash bench/gpu_run_history_profile.sh
 #   DRY_RUN=1 OUT=/tmp/x bash bench/gpu_run_history_profile.sh     # on a CPU: a tiny shape, Triton interpreter
+#   TAG=base1000 PROFILE_ARGS="--spec mtgr-base --history 1000 --paths graphs_score,full_forward" OUT=... bash ...
 # pydantic and PyYAML come from ./.whl when missing (the .whls set: no pytriton needed), as gpu_run_history.sh.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,5 +20,7 @@ if ! "$py" -c "import pydantic, yaml" 2>/dev/null; then
 fi
 flags=(); name=history-cache-profile-h200
 if [ -n "${DRY_RUN:-}" ]; then export TRITON_INTERPRET=1; flags=(--dry-run); name=history-cache-profile-dry; fi
-timeout "${LIMIT_S:-240}" "$py" bench/history_cache_profile.py "${flags[@]}" --out "$OUT/$name.json" 2>&1 \
+name="$name${TAG:+-$TAG}"
+# shellcheck disable=SC2086  # PROFILE_ARGS: more flags, word-split on purpose (e.g. --spec mtgr-base --history 1000)
+timeout "${LIMIT_S:-240}" "$py" bench/history_cache_profile.py "${flags[@]}" ${PROFILE_ARGS:-} --out "$OUT/$name.json" 2>&1 \
   | grep -v '^USDT:' | tee "$OUT/$name.log"

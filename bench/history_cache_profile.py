@@ -73,21 +73,25 @@ def device_profile(run: Callable[[], Any], calls: int, cuda: bool) -> dict[str, 
     kernels = kernel_us = 0.0
     syncs = 0
     host: dict[str, float] = {}
+    device: dict[str, float] = {}
     for event in prof.key_averages():
         device_us = getattr(event, "self_device_time_total", 0.0) or 0.0
         if device_us and event.device_type.name == "CUDA":
             kernels += event.count
             kernel_us += device_us
+            device[event.key[:120]] = device.get(event.key[:120], 0.0) + device_us
             continue
         if any(event.key.startswith(s) for s in SYNCS):
             syncs += event.count
         host[event.key] = host.get(event.key, 0.0) + event.self_cpu_time_total
     top = sorted(host.items(), key=lambda kv: -kv[1])[:TOP]
+    top_device = sorted(device.items(), key=lambda kv: -kv[1])[:TOP]
     return {
         "kernels": kernels / calls,
         "kernel_ms": round(kernel_us / calls / 1000, 4),
         "syncs": syncs / calls,
         "host_ops": {k: round(v / calls / 1000, 4) for k, v in top},
+        "device_kernels": {k: round(v / calls / 1000, 4) for k, v in top_device},  # ms per call, by kernel name
     }
 
 
@@ -118,6 +122,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--candidates", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--history", type=int, help="history events (default: max_seq_len - 256 - profile tokens)")
+    ap.add_argument("--paths", help="comma-separated subset of the paths (default: all)")
     ap.add_argument("--dry-run", action="store_true", help="a tiny shape (CPU under TRITON_INTERPRET=1)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -128,7 +134,7 @@ def main() -> None:
     repo = Path(__file__).resolve().parents[1]
     cfg = load_spec(spec_path(repo, args.spec)).spec.model
     candidates = 8 if args.dry_run else args.candidates
-    history = 24 if args.dry_run else cfg.hstu.max_seq_len - 256 - len(cfg.profile)
+    history = 24 if args.dry_run else args.history or cfg.hstu.max_seq_len - 256 - len(cfg.profile)
     repeat = 2 if args.dry_run else args.repeat
     model = model_in(cfg, device, args.dtype)
     user = User(cfg, history, candidates, 0, device, getattr(torch, args.dtype))
@@ -151,6 +157,8 @@ def main() -> None:
             "impl": "triton", "repeat": repeat, "paths": {},
         }  # fmt: skip
         for name, run in paths.items():
+            if args.paths and name not in args.paths.split(","):
+                continue
             run()  # compiles and autotunes
             print(f"[+{time.perf_counter() - started:.1f} s] {name}: compiled", flush=True)
             row: dict[str, Any] = {"wall_ms": round(wall_ms(run, repeat, cuda), 4)}
@@ -161,6 +169,8 @@ def main() -> None:
                   f"{row['syncs']:g} syncs per call", flush=True)  # fmt: skip
             for fn, ms in list(row["python"]["grc"].items())[:8]:
                 print(f"    {ms:8.3f} ms  {fn}")
+            for kernel, ms in list(row["device_kernels"].items())[:12]:
+                print(f"    {ms:8.4f} ms device  {kernel}")
             write_result(Path(args.out), result)
     print(f"wrote {args.out}")
 
