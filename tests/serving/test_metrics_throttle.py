@@ -92,3 +92,14 @@ def test_a_change_of_an_urgent_key_is_sent_at_once_with_the_waiting_totals(
     metrics.update({"hits": 3, "misses": 1, "bytes": 5})  # a miss: sent now, hits catch up
     counters = [(s[0], s[2]) for s in sent if s[1] == "increment"]
     assert counters == [("grc_test_hits_total", 1), ("grc_test_hits_total", 2), ("grc_test_misses_total", 1)]
+
+
+def test_every_capture_figure_is_exported() -> None:
+    """The fused model declares its metrics by hand; each capture figure the Ranker reports (GraphStats'
+    capture_* fields, as graph_<name>) must have one, or a new figure would be measured and never exported."""
+    from grc.serving.ranker.dense import CAPTURE_FIGURES
+    from grc.serving.triton.models.fused import METRICS
+
+    assert CAPTURE_FIGURES, "GraphStats has no capture_* figures: the check would pass vacuously"
+    missing = {f"graph_{name}" for name in CAPTURE_FIGURES} - set(METRICS)
+    assert not missing, f"fused.METRICS lacks {sorted(missing)}"
