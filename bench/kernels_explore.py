@@ -7,7 +7,7 @@ Sections (in this order; a time budget stops starting new rows, the rest listed 
 - configs: every block shape the autotuner may pick, per head dim (128, 64, 256), seq 8192 and 2048.
 - old: the kernel at 4d75a2c (before the exactness work; ./_old_hstu_attention.py, uncommitted, time
   buckets capped at 31 as it requires) vs today's, one config, P 64 / NB 24, seq 8192.
-- cached: one user's queries against a cached history, key range split into parts vs not.
+- cached: one user's queries against a cached history, key range split into 1, key_splits' choice, 8 or 32 parts.
 Every variant runs once on fresh random inputs into a NaN-poisoned output and is compared with the
 float64 reference (bound 1e-2 for bf16, as bench/gpu_kernels_check.py; ablations are expected to
 fail it). Prints a table last.
@@ -34,6 +34,7 @@ if "--dry-run" in sys.argv:  # before triton/kernels are imported: the interpret
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -46,6 +47,7 @@ BOUND = 1e-2  # bf16 vs float64 (bench/gpu_kernels_check.py BOUNDS)
 BASE_CFG = (16, 16, 1, 1) if bench.DRY else (64, 64, 4, 2)  # the variants' config (interpreter: its only one)
 # Timed beside the autotuner's (kernels.CONFIGS); a fifth element caps registers per thread.
 EXTRA_CONFIGS: dict[int, list[tuple[int, ...]]] = {128: [(64, 64, 4, 3)], 64: [], 256: []}
+CACHED_SPLITS = (1, None, 8, 32)  # the cached section's key splits (None: key_splits' choice)
 Launcher = Callable[..., torch.Tensor]
 
 
@@ -87,17 +89,29 @@ def check(launch: Launcher, small: tuple[list[int], list[int], list[int] | None]
     return bench.rel_err(out, ref)
 
 
+def graph_ms(fn: Callable[[], Any]) -> float:
+    """Median ms of fn replayed from a CUDA graph (as the history cache's served step runs it): no host launch
+    time, which at one user's few queries would be most of an eager call."""
+    return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
+
+
 def row(section: str, variant: str, launch: Launcher, big: tuple, small: tuple, heads: int, d: int,
-        tables: tuple[int, int], peak: float, **kw: Any) -> dict[str, Any]:  # fmt: skip
+        tables: tuple[int, int], peak: float, graphed: bool = False, **kw: Any) -> dict[str, Any]:  # fmt: skip
     lengths, ncands, queries = big
     args = case(lengths, ncands, queries, heads, d, tables, seed=1)
     flops = 4 * d * heads * bench.unmasked_pairs(lengths, ncands, True, queries=queries)
     err = check(launch, small, heads, d, tables, **kw)
-    ms = bench.median_ms(functools.partial(launch, *args, **kw))
+    call = functools.partial(launch, *args, **kw)
+    if graphed and not bench.DRY:
+        call()  # autotunes and compiles outside the capture
+        ms = graph_ms(call)
+    else:
+        ms = bench.median_ms(call)
     return {"section": section, "variant": variant, "seq": lengths[0], "users": len(lengths),
             "queries": queries[0] if queries else None, "heads": heads, "d": d, "P": tables[0], "NB": tables[1],
             "ms": ms, "tflops": flops / ms * 1e-9, "pct_of_peak": 100 * flops / ms * 1e-9 / peak,
-            "rel_err_f64": err, "ok": err <= BOUND, "options": {k: str(v) for k, v in kw.items()}}  # fmt: skip
+            "rel_err_f64": err, "ok": err <= BOUND, "options": {k: str(v) for k, v in kw.items()},
+            "timing": "cuda graph replay" if graphed and not bench.DRY else "eager calls"}  # fmt: skip
 
 
 def config_name(cfg: tuple[int, ...]) -> str:
@@ -134,14 +148,26 @@ def plan(peak: float, head_dims: tuple[int, ...]) -> list[tuple[str, Callable[[]
                 add("configs", config_name(cfg), new, seq, d, bench.TABLES[d], config=cfg)
     add("old", "kernel at 4d75a2c", old, long_seqs[0], 128, (64, 24), config=BASE_CFG)
     add("old", "today's kernel", new, long_seqs[0], 128, (64, 24), config=BASE_CFG)
-    for cached, n in bench.CACHED:
-        big = small = ([cached + n], [n], [n])
-        for splits in (1, None):
-            name = f"splits {'auto' if splits is None else splits}"
-            job = functools.partial(
-                row, "cached", name, new, big, small, heads, 128, bench.TABLES[128], peak, splits=splits
-            )
-            items.append((f"cached {name} {cached}+{n}", job))
+    for d in head_dims:  # one user's queries against its cached keys: how many parts to split the keys into
+        for cached, n in bench.CACHED:
+            big = small = ([cached + n], [n], [n])
+            for splits in CACHED_SPLITS:
+                name = f"splits {'auto' if splits is None else splits}"
+                job = functools.partial(
+                    row,
+                    "cached",
+                    name,
+                    new,
+                    big,
+                    small,
+                    bench.HEADS_AT[d][-1],
+                    d,
+                    bench.TABLES[d],
+                    peak,
+                    graphed=True,
+                    splits=splits,
+                )
+                items.append((f"cached {name} d{d} {cached}+{n}", job))
     return items
 
 
