@@ -63,7 +63,11 @@ NEAR, FAR_LEFT, FAR_RIGHT = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 # Inline-PTX variants (GPU only; the interpreter cannot run PTX): bit flags of the PTX constexpr
 # (written as literals inside the kernels: the interpreter cannot mix ints and constexprs).
 PTX_GATHER, PTX_CVT, PTX_SHFL = 1, 4, 8
-SPLIT_MIN_KEYS, MAX_SPLITS = 128, 32  # key splits (key_splits): at least two 64-key blocks per part
+# Key splits (key_splits): at least two 64-key blocks per part, at most 8 parts. Replayed from a CUDA graph on the
+# H200 (one user, 256 / 512 queries against 1,000 / 4,096 cached keys, d 128 and 256), 8 parts were the fastest or
+# within noise of it in every case, and 32 parts took ~2x as long (the fp32 partial sums to write and add):
+# bench/results/kernels-explore-cached-h200-s15.json.
+SPLIT_MIN_KEYS, MAX_SPLITS = 128, 8
 
 # (BLOCK_M, BLOCK_N, warps, stages[, registers]) per padded head dim, each without spills in its key loops
 # (ptxas report for sm_90). Measured on the H200 (bench/results/kernels-notes.md) with the kernel
