@@ -36,8 +36,9 @@ NORM_PTRS = {"A": "*bf16", "U": "*bf16", "W": "*bf16", "Bias": "*bf16", "Y": "*b
 NORM_CONST = {"C": 128, "BLOCK_R": 8, "BLOCK_C": 128, "ROUND_BF16": False}
 
 
-def compile_for_hopper(jit: Any, ptrs: dict[str, str], const: dict[str, Any], floats: tuple[str, ...],
-                       float_type: str) -> str:  # fmt: skip
+def compile_kernel(jit: Any, ptrs: dict[str, str], const: dict[str, Any], floats: tuple[str, ...], float_type: str,
+                   options: dict[str, Any] | None = None) -> Any:  # fmt: skip
+    """The kernel compiled for sm_90 as a GPU launch would specialise it (also bench/kernel_sass.py's)."""
     fn = jit if isinstance(jit, JITFunction) else jit.fn  # the autotuner wraps the attention kernel
     names = fn.arg_names
     signature = {}
@@ -48,10 +49,14 @@ def compile_for_hopper(jit: Any, ptrs: dict[str, str], const: dict[str, Any], fl
     source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in const.items()},
                        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})  # fmt: skip
     try:
-        compiled = triton.compile(source, target=HOPPER, options={"num_warps": 4, "num_stages": 2})
+        return triton.compile(source, target=HOPPER, options=options or {"num_warps": 4, "num_stages": 2})
     except FileNotFoundError as exc:  # no ptxas beside the triton package
         pytest.skip(f"Triton cannot build sm90 code here: {exc}")
-    return compiled.asm["ptx"]
+
+
+def compile_for_hopper(jit: Any, ptrs: dict[str, str], const: dict[str, Any], floats: tuple[str, ...],
+                       float_type: str) -> str:  # fmt: skip
+    return str(compile_kernel(jit, ptrs, const, floats, float_type).asm["ptx"])
 
 
 @pytest.mark.parametrize("float_type", ["fp32", "fp64"])
