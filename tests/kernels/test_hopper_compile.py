@@ -96,3 +96,18 @@ def test_silu_compiles_for_sm90() -> None:
                              {"BLOCK": 1024, "F64": False, "ROUND_BF16": False}, (), "fp32")  # fmt: skip
     assert ".target sm_90" in ptx and "ex2.approx" in ptx
     assert not re.findall(r"\b\w+(?:\.\w+)*\.f64\b", ptx)
+
+
+def test_register_caps_reach_the_autotuner() -> None:
+    """A config tuple's fifth element (kernels.hstu_attention.CONFIGS) becomes the launch's maxnreg, and the
+    autotuner's per-head-dim pruning keeps capped and uncapped shapes alike (each listed shape, nothing else)."""
+    from kernels.hstu_attention import CONFIGS, _configs, _configs_for_head_dim, _launch_options
+
+    assert _launch_options((64, 32, 4, 3, 168)) == {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3,
+                                                    "maxnreg": 168}  # fmt: skip
+    assert "maxnreg" not in _launch_options((64, 32, 4, 3))
+    configs = _configs()
+    for dim, listed in CONFIGS.items():
+        kept = _configs_for_head_dim(configs, {}, BLOCK_DQK=dim, BLOCK_DV=dim)
+        got = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.maxnreg) for c in kept}
+        assert got == {(*shape[:4], shape[4] if len(shape) > 4 else None) for shape in listed}, dim
