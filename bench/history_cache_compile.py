@@ -24,33 +24,18 @@ from grc.spec.loader import load_spec
 
 def compile_seconds(head_dim: int, positions: int, partial: bool, config: tuple[int, ...]) -> float:
     """Seconds to compile the bf16 attention kernel (the GPU's variant: tanh SiLU, inline PTX) for sm_90."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from kernels.hstu_attention import PTX_CVT, PTX_GATHER, PTX_SHFL, _hstu_fwd_kernel, _launch_options
+    from tests.kernels.test_hopper_compile import compile_kernel
 
-    fn = _hstu_fwd_kernel.fn
-    names = fn.arg_names
     options = _launch_options(config)
-    bm, bn = options.pop("BLOCK_M"), options.pop("BLOCK_N")
     const = {"CAUSAL": True, "FAST_SILU": True, "ALLOW_TS_FAST": True, "P": positions, "DQK": head_dim,
-             "DV": head_dim, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_DQK": head_dim, "BLOCK_DV": head_dim,
-             "DOT_PREC": "tf32", "DOT_UPCAST": False, "PTX": PTX_GATHER | PTX_CVT | PTX_SHFL, "ABLATE": 0,
-             "SEARCH": 256, "PARTIAL": partial}  # fmt: skip
+             "DV": head_dim, "BLOCK_M": options.pop("BLOCK_M"), "BLOCK_N": options.pop("BLOCK_N"),
+             "BLOCK_DQK": head_dim, "BLOCK_DV": head_dim, "DOT_PREC": "tf32", "DOT_UPCAST": False,
+             "PTX": PTX_GATHER | PTX_CVT | PTX_SHFL, "ABLATE": 0, "SEARCH": 256, "PARTIAL": partial}  # fmt: skip
     pointers = {n: "*bf16" for n in ("Q", "K", "V")} | {n: "*i64" for n in ("q_offsets", "kv_offsets", "ts", "ncand")}
     pointers |= {n: "*fp32" for n in ("time_tab", "pos_tab", "far_tab")} | {"Out": "*fp32" if partial else "*bf16"}
-    floats = {"alpha", "inv_norm"}
-    signature = {n: pointers.get(n) or ("constexpr" if n in const else "fp32" if n in floats else "i32") for n in names}
-    aligned = [n for n in names if n in pointers or (n.startswith("stride_") and n != "stride_os")]
-    source = ASTSource(
-        fn=fn,
-        signature=signature,
-        constexprs={(names.index(k),): v for k, v in const.items()},
-        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned},
-    )
     start = time.perf_counter()
-    triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    compile_kernel(_hstu_fwd_kernel, pointers, const, ("alpha", "inv_norm"), "fp32", options)
     return time.perf_counter() - start
 
 

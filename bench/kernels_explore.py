@@ -187,7 +187,7 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--budget-s", type=float, default=float("inf"))
     parser.add_argument("--sections", default="variants,configs,old,cached", help="comma-separated, in plan order")
-    parser.add_argument("--head-dims", default=",".join(map(str, bench.TABLES)), help="the configs section's")
+    parser.add_argument("--head-dims", default=",".join(map(str, bench.TABLES)), help="configs, cached")
     parser.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny shapes")
     parser.add_argument("--print", type=Path, dest="show", help="only print the table of a result file")
     opts = parser.parse_args()
