@@ -9,7 +9,11 @@ kernel, time_buckets 24 / 32 / 64 (with int64-end timestamps: saturated gaps) an
 torch.compile (inductor, fullgraph), torch.export and (--aoti) AOTInductor. Prints one line per
 check; writes JSON through bench/_common.write_result.
 
-    python bench/gpu_kernels_check.py [--out-dir DIR] [--aoti] [--skip-capture] [--budget-s S]
+--kernel hopper checks the Gluon sm90 kernel (kernels/hstu_hopper.py) on the same cases instead: its 16-bit
+cases run (the others, float32 and the Triton kernel's PTX-variant switches, are listed as not its case) and
+capture is skipped (it is not behind the ops).
+
+    python bench/gpu_kernels_check.py [--out-dir DIR] [--aoti] [--skip-capture] [--budget-s S] [--kernel hopper]
     python bench/gpu_kernels_check.py --dry-run   # CPU: small cases through the Triton interpreter
 """
 
@@ -46,6 +50,7 @@ from kernels.hstu_attention import (
     _bucket32,
     hstu_attention_cached_triton,
 )
+from kernels.hstu_hopper import HOPPER_CONFIGS
 from kernels.norm_gate import norm_gate_triton
 
 DEVICE = bench.DEVICE
@@ -78,6 +83,7 @@ def attention_case(
     tables: tuple[int, int] = (64, 24),
     ts_gap: int = 20_000,
     int64_ends: bool = False,
+    kernel: str = "triton",
     **kw: Any,
 ) -> dict[str, Any]:
     """One check of hstu_attention_cached_triton (queries = each user's last `queries[b]` tokens;
@@ -98,7 +104,12 @@ def attention_case(
     q_offsets = torch.tensor([0, *torch.tensor(queries).cumsum(0).tolist()], dtype=torch.int64, device=DEVICE)
     args = (q, k, v, q_offsets, kv_offsets, ts, nc, pos_w, ts_w, alpha, norm, causal)
     out = torch.full((q.shape[0], heads, d), float("nan"), dtype=dtype, device=DEVICE)
-    out = hstu_attention_cached_triton(*args, out=out, config=None if INTERPRET else FIXED, **kw)
+    if kernel == "hopper":
+        from kernels.hstu_hopper import hstu_attention_hopper
+
+        out = hstu_attention_hopper(*args, out=out, **kw)
+    else:
+        out = hstu_attention_cached_triton(*args, out=out, config=None if INTERPRET else FIXED, **kw)
     ref64 = reference.hstu_attention_cached(*floats_as(args, torch.float64))
     ref32 = reference.hstu_attention_cached(*floats_as(args, torch.float32))
     err = bench.rel_err(out, ref64)
@@ -138,7 +149,7 @@ def bucket_edges() -> list[dict[str, Any]]:
     return results
 
 
-def correctness(deadline: float) -> list[dict[str, Any]]:
+def correctness(deadline: float, kernel: str = "triton") -> list[dict[str, Any]]:
     rng = random.Random()
     lengths = [1, 2048, 0, *[rng.randint(1, 2048) for _ in range(5)]]
     ncands = [1, 0, 0, *[rng.choice([0, 1, rng.randint(0, n)]) for n in lengths[3:]]]
@@ -175,19 +186,29 @@ def correctness(deadline: float) -> list[dict[str, Any]]:
         ("full causal", f32, mtgr_base),
         ("cached causal", f32, {"queries": suffix, **mtgr_base}),
     ]
-    results = bucket_edges()
+    results = bucket_edges() if kernel == "triton" else []
+    if kernel == "hopper":  # its own cases: config shapes per head dim, key splits, one-user cached suffixes
+        cases += [(f"full {cfg}", bf16, {"config": cfg, **mtgr_base}) for cfg in HOPPER_CONFIGS[128][1:]]
+        cases += [(f"full d 256 {cfg}", bf16, {"config": cfg, "d": 256, "heads": 2, "tables": (256, 32)})
+                  for cfg in HOPPER_CONFIGS[256]]  # fmt: skip
+        cases += [(f"full d 64 {cfg}", bf16, {"config": cfg, **mtgr_small}) for cfg in HOPPER_CONFIGS[64]]
+        cases += [("cached, keys split in 5", bf16, {"queries": suffix, "splits": 5, **mtgr_base})]
     for name, dtype, kw in cases:
+        if kernel == "hopper" and (dtype == torch.float32 or "ptx" in kw):
+            results.append({"check": name, "dtype": str(dtype).removeprefix("torch."),
+                            "not_applicable": "not this kernel's case", "ok": None})  # fmt: skip
+            continue
         if time.monotonic() > deadline:
             # not run: neither passed nor failed (print_report counts it apart; the exit status says incomplete)
             results.append({"check": name, "dtype": str(dtype).removeprefix("torch."), "skipped": "time budget spent",
                             "ok": None})  # fmt: skip
             continue
         try:
-            results.append(attention_case(name, dtype, lengths, ncands, **kw))
+            results.append(attention_case(name, dtype, lengths, ncands, kernel=kernel, **kw))
         except Exception:  # report and go on: the other checks still count
             error = traceback.format_exc()[-1500:]
             results.append({"check": name, "dtype": str(dtype).removeprefix("torch."), "error": error, "ok": False})
-    for dtype in (bf16, f16, f32):
+    for dtype in (bf16, f16, f32) if kernel == "triton" else ():
         for shape in ((4096 // SCALE, 1024 // SCALE), (77, 300)):
             a = (torch.randn(*shape, device=DEVICE) * 2 + 0.5).to(dtype)
             u = torch.randn(*shape, device=DEVICE).to(dtype)
@@ -260,7 +281,7 @@ def capture(aoti: bool) -> list[dict[str, Any]]:
 def print_report(results: dict[str, Any]) -> int:
     """One line per check -> 0 when every check passed, 1 when one failed, 2 when none failed but some were cut by
     the time budget (not run: a result file written before session 10 marks those ok false, read the same)."""
-    checks = results.get("correctness", [])
+    checks = [r for r in results.get("correctness", []) if "not_applicable" not in r]
     for r in checks:
         figures = f"{r['rel_err']:.2e} (bound {r['bound']})" if "rel_err" in r else r.get("skipped") or r.get("error")
         if "mismatches" in r:
@@ -291,14 +312,17 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=float("inf"), help="stop starting checks after this")
     parser.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, small cases")
     parser.add_argument("--print", type=Path, dest="show", help="only print the report of a result file")
+    parser.add_argument("--kernel", choices=("triton", "hopper"), default="triton", help="which attention kernel")
     opts = parser.parse_args()
     if opts.show:
         return print_report(json.loads(opts.show.read_text()))
     deadline = time.monotonic() + opts.budget_s
-    out = opts.out_dir / f"kernels-{bench.gpu_tag()}-check.json"
-    results: dict[str, Any] = {"correctness": correctness(deadline)}
+    tag = "" if opts.kernel == "triton" else f"-{opts.kernel}"
+    out = opts.out_dir / f"kernels-{bench.gpu_tag()}{tag}-check.json"
+    results: dict[str, Any] = {"kernel": opts.kernel, "correctness": correctness(deadline, opts.kernel)}
     write_result(out, results)  # keep what we have if capture hangs
-    results["capture"] = [] if opts.skip_capture or INTERPRET else capture(opts.aoti)
+    skip_capture = opts.skip_capture or INTERPRET or opts.kernel != "triton"
+    results["capture"] = [] if skip_capture else capture(opts.aoti)
     path = write_result(out, results)
     status = print_report(json.loads(path.read_text()))
     print(f"wrote {path}")

@@ -8,6 +8,9 @@ Sections (in this order; a time budget stops starting new rows, the rest listed 
 - old: the kernel at 4d75a2c (before the exactness work; ./_old_hstu_attention.py, uncommitted, time
   buckets capped at 31 as it requires) vs today's, one config, P 64 / NB 24, seq 8192.
 - cached: one user's queries against a cached history, key range split into 1, key_splits' choice, 8 or 32 parts.
+- hopper: the Gluon sm90 kernel (kernels/hstu_hopper.py) in each of its configs beside the Triton kernel
+  (autotuned), per head dim, seq 8192 / 2048 / 512 (2048 also with seq/4 candidates), and one user's 256
+  queries against 4,096 cached keys (CUDA graph replay).
 Every variant runs once on fresh random inputs into a NaN-poisoned output and is compared with the
 float64 reference (bound 1e-2 for bf16, as bench/gpu_kernels_check.py; ablations are expected to
 fail it). Prints a table last.
@@ -168,6 +171,32 @@ def plan(peak: float, head_dims: tuple[int, ...]) -> list[tuple[str, Callable[[]
                     splits=splits,
                 )
                 items.append((f"cached {name} d{d} {cached}+{n}", job))
+    if not bench.DRY:  # Gluon has no interpreter
+        items += hopper_items(peak, head_dims, small_full)
+    return items
+
+
+def hopper_items(peak: float, head_dims: tuple[int, ...], small_full: tuple) -> list[tuple[str, Any]]:
+    from kernels.hstu_hopper import HOPPER_CONFIGS, hstu_attention_hopper
+
+    tokens = bench.TOTAL_TOKENS
+    items: list[tuple[str, Callable[[], dict[str, Any]]]] = []
+    for d in head_dims:
+        shapes = [(seq, 0) for seq in (8192, 2048, 512)] + [(2048, 512)]
+        for seq, cands in shapes:
+            big = ([seq] * (tokens // seq), [cands] * (tokens // seq), None)
+            heads_d = bench.HEADS_AT[d][-1]
+            variants = [("triton autotuned", hstu_attention_cached_triton, {})]
+            variants += [(f"hopper {config_name(c)}", hstu_attention_hopper, {"config": c}) for c in HOPPER_CONFIGS[d]]
+            for name, launch, kw in variants:
+                job = functools.partial(row, "hopper", name, launch, big, small_full, heads_d, d, bench.TABLES[d],
+                                        peak, **kw)  # fmt: skip
+                items.append((f"hopper {name} d{d} seq {seq} cands {cands}", job))
+        one = ([4096 + 256], [256], [256])
+        for name, launch in (("triton cached", hstu_attention_cached_triton), ("hopper cached", hstu_attention_hopper)):
+            job = functools.partial(row, "hopper", name, launch, one, one, bench.HEADS_AT[d][-1], d, bench.TABLES[d],
+                                    peak, graphed=True)  # fmt: skip
+            items.append((f"hopper {name} d{d} 4096+256", job))
     return items
 
 

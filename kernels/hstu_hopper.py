@@ -1,0 +1,482 @@
+"""Hopper (sm90) HSTU attention forward in Gluon: the math of kernels/hstu_attention.py (same tables, same
+time buckets, same key-block kinds, same results), with the overlap Triton 3.6 cannot express.
+
+Why a second kernel: in the Triton kernel each warpgroup runs QK^T, waits for it, computes the scores (bias,
+SiLU), runs PV and waits again: a serial chain in which the tensor cores idle through the score math (the
+pipeliner waits right after any wgmma whose result is not its own accumulator: bench/results/kernels-notes.md,
+session 15). Here, per key block j:
+
+    issue S(j+1) = Q K(j+1)^T (async) | scores of block j (ALU, MUFU) | issue O += P(j) V(j) (async) | wait S(j+1)
+
+so the tensor cores work on S(j+1) and PV(j) while the warps compute block j's scores (FlashAttention-3's
+intra-warpgroup overlap). Q, K and V tiles arrive by TMA into a ring of STAGES shared-memory slots, each
+guarded by an mbarrier; a slot is refilled once the wgmma that read it is known complete.
+
+Contract: hstu_attention_cached_triton's (queries of a user are the last rows of its keys; full attention is
+q_offsets = kv_offsets), for 16-bit q/k/v with one head dim in SUPPORTED_HEAD_DIMS and heads contiguous within
+a token's row (what TMA reads). Anything else raises ValueError naming the setting (check_hopper); on a GPU
+that is not sm90 the launcher raises too. No interpreter: Gluon runs only on the GPU (the CPU suite compiles it
+for sm_90a; correctness runs on the device).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import triton
+
+from kernels.hstu_attention import (
+    INT64_MAX,
+    PAD,
+    SLOTS,
+    TS_FAST_LIMIT,
+    bias_tables,
+    check_supported,
+    key_splits,
+)
+
+try:  # Gluon's Hopper pieces (triton >= 3.5); absent, every entry point raises naming it
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    # TMA global -> shared: `async_load` from Triton 3.7 on (3.9 removed the older name the device's 3.6 has)
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # renamed in 3.9
+    GLUON_ERROR = ""
+except ImportError as exc:  # pragma: no cover - depends on the installed triton
+    GLUON_ERROR = f"triton {triton.__version__} has no Gluon Hopper API ({exc})"
+
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
+# (BLOCK_M, BLOCK_N, warps, stages) per head dim: the first is the default; the rest are timed by
+# bench/kernels_explore.py's "hopper" section. Shared memory: Q tile + stages x (K + V tiles). 128-key
+# blocks were dropped before any run: ptxas spills 0.5-4 KB per thread for them (sm_90a, Triton 3.6).
+HOPPER_CONFIGS: dict[int, tuple[tuple[int, int, int, int], ...]] = {
+    64: ((64, 64, 4, 3), (128, 64, 8, 3)),
+    128: ((64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2)),
+    256: ((64, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2)),
+}
+SEARCH = triton.language.constexpr(256)  # users scanned per step when a window looks for its first user
+
+
+if not GLUON_ERROR:
+    # fmt: off
+    @gluon.jit
+    def _act(z, FAST_SILU: gl.constexpr):
+        """SiLU(s) with z = s/2 (see hstu_attention._act): z + z*tanh(z), tanh.approx on FAST_SILU."""
+        if FAST_SILU:
+            t = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [z], dtype=gl.float32,
+                                          is_pure=True, pack=1)
+            return z + z * t
+        else:
+            s = z + z
+            return s / (1.0 + gl.exp(-s))
+
+    @gluon.jit
+    def _gather(base, idx):
+        """base[idx] (float32 table, int32 index >= 0) by one non-coherent load, address by a wide multiply."""
+        return gl.inline_asm_elementwise(
+            "{ .reg .u64 a; mul.wide.u32 a, $1, 4; add.u64 a, a, $2; ld.global.nc.f32 $0, [a]; }", "=r,r,l",
+            [idx, base], dtype=gl.float32, is_pure=True, pack=1)
+
+    @gluon.jit
+    def _load_nc(ptrs):
+        """Per-score load at ready addresses (a row pointer minus a column constant: ptxas folds the constant)."""
+        return gl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=r,l", [ptrs], dtype=gl.float32,
+                                         is_pure=True, pack=1)
+
+    @gluon.jit
+    def _lane_value(base):
+        """base[laneid] in each thread: the register a warp's shuffles read a 32-entry table from."""
+        return gl.inline_asm_elementwise(
+            "{ .reg .u32 l; .reg .u64 a; mov.u32 l, %laneid; mul.wide.u32 a, l, 4; add.u64 a, a, $1; "
+            "ld.global.nc.f32 $0, [a]; }", "=r,l", [base], dtype=gl.float32, is_pure=True, pack=1)
+
+    @gluon.jit
+    def _shfl(lane_value, idx):
+        """table[idx] for idx < 32 from the warp's registers (lane L holds table[L]): one shuffle."""
+        return gl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x1f, -1;", "=r,r,r",
+                                         [lane_value, idx], dtype=gl.float32, is_pure=True, pack=1)
+
+    @gluon.jit
+    def _bucket32(dt):
+        """floor(log2(1 + |dt|)) for int32 |dt| < 2**30: exponent of |dt| + 1 converted rounding toward zero."""
+        return gl.inline_asm_elementwise(
+            "{ .reg .s32 t; .reg .f32 f; abs.s32 t, $1; add.s32 t, t, 1; cvt.rz.f32.s32 f, t; mov.b32 t, f; "
+            "shr.u32 t, t, 23; sub.s32 $0, t, 127; }", "=r,r", [dt], dtype=gl.int32, is_pure=True, pack=1)
+
+    @gluon.jit
+    def _abs_gap(a, b):
+        """|a - b| of int64 timestamps saturated at INT64_MAX (hstu_attention._abs_gap's rule)."""
+        hi = gl.maximum(a, b)
+        lo = gl.minimum(a, b)
+        over = (lo < 0) & (hi > gl.where(lo < 0, lo, -1) + INT64_MAX)
+        return gl.where(over, INT64_MAX, hi - gl.where(over, hi, lo))
+
+    @gluon.jit
+    def _bucket64(gap):
+        """floor(log2(1 + gap)) for int64 gap in [0, INT64_MAX] (hstu_attention._bucket64's rule)."""
+        e = ((gap.to(gl.float32) + 1.0).to(gl.int32, bitcast=True) >> 23) - 127
+        one = gl.full(gap.shape, 1, gl.int64, gap.type.layout)
+        limit = ((one << gl.maximum(e - 1, 0).to(gl.int64)) - 1) * 2 + 1
+        return gl.where((e > 0) & (gap < limit), e - 1, e)
+
+    @gluon.jit
+    def _scores(s, n_start, offs_m, p_i, ts_i32, ts_i64, fast, n_ctx, left_end, right_start, full_end, ts_base,
+                ts_ref, time_base, pos_base, far_base, time_lane, far_lane, far_right_lane, alpha,
+                CAUSAL: gl.constexpr, FAST_SILU: gl.constexpr, P: gl.constexpr, BLOCK_N: gl.constexpr,
+                DTYPE: gl.constexpr, P_LAYOUT: gl.constexpr):
+        """act(alpha * s + bias) of key block [n_start, n_start + BLOCK_N), masked, as the PV operand.
+        The block's kind (a uniform branch) picks the bias code: unmasked far-left / near / far-right blocks
+        on int32 time offsets, else the masked form (end of history or causal diagonal; int64 gaps when the
+        program's timestamps span 2**29 s or more)."""
+        col_layout: gl.constexpr = gl.SliceLayout(0, s.type.layout)
+        cols = gl.arange(0, BLOCK_N, layout=col_layout)
+        offs_n = n_start + cols
+        z = s * alpha
+        if fast & (n_start + BLOCK_N <= full_end):
+            ts_j = gl.load(ts_base + offs_n)
+            bucket = _bucket32(ts_i32[:, None] - (ts_j - ts_ref).to(gl.int32)[None, :])
+            if n_start < left_end:
+                z = z + _shfl(far_lane, bucket)
+            elif n_start < right_start:
+                pos = _load_nc((pos_base + (p_i - n_start))[:, None] - cols[None, :])
+                z = z + (_shfl(time_lane, bucket) + pos)
+            else:
+                z = z + _shfl(far_right_lane, bucket)
+            a = _act(z, FAST_SILU)
+        else:
+            col_ok = offs_n < n_ctx
+            ts_j = gl.where(col_ok, gl.load(ts_base + offs_n, mask=col_ok, other=0), ts_ref)
+            if fast:
+                bucket = _bucket32(ts_i32[:, None] - (ts_j - ts_ref).to(gl.int32)[None, :])
+            else:
+                bucket = _bucket64(_abs_gap(ts_i64[:, None], ts_j[None, :])).to(gl.int32)
+            rp = gl.minimum(gl.maximum(p_i[:, None] - offs_n[None, :], 1 - P), P - 1) + (P - 1)
+            z = z + (_gather(time_base, bucket) + _gather(pos_base - (P - 1), rp))
+            a = _act(z, FAST_SILU)
+            ok = col_ok[None, :]
+            if CAUSAL:  # history rows see j <= i; candidate rows every history key
+                ok = ok & ((offs_n[None, :] <= offs_m[:, None]) | (offs_m[:, None] >= n_ctx))
+            a = gl.where(ok, a, 0.0)
+        return gl.convert_layout(a.to(DTYPE), P_LAYOUT)
+
+    @gluon.jit
+    def _load_kv(desc, smem, bars, g, row, col, pred, STAGES: gl.constexpr):
+        """TMA of one key-block tile (global block number g) into its ring slot, if pred."""
+        slot = g % STAGES
+        mbarrier.expect(bars.index(slot), desc.block_type.nbytes, pred=pred)
+        _tma_load(desc, [row, col], bars.index(slot), smem.index(slot), pred=pred)
+
+    @gluon.jit
+    def _clear_rows(v_tile, n_start, n_ctx, BLOCK_N: gl.constexpr, D: gl.constexpr, num_warps: gl.constexpr):
+        """Zero the rows of a V tile at or past n_ctx: they are never attended (P is 0 there) but may hold
+        anything (another user's rows, or a buffer's unwritten padding: 0 * NaN would leak)."""
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+        v = v_tile.load(layout)
+        rows = n_start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
+        v_tile.store(gl.where((rows < n_ctx)[:, None], v, gl.zeros_like(v)))
+        fence_async_shared()
+        _cta_barrier()
+
+    @gluon.jit
+    def _segment(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bars, v_bars, Q, K, V, Out, ts,
+                 time_tab, pos_tab, far_tab, q_row0, kv_start, n_ctx, m0, m_end, h, split, n_split, count, seg,
+                 stride_qt, stride_kt, stride_vt, stride_ot, stride_oh, alpha, inv_norm,
+                 CAUSAL: gl.constexpr, FAST_SILU: gl.constexpr, ALLOW_TS_FAST: gl.constexpr, P: gl.constexpr,
+                 D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                 PARTIAL: gl.constexpr, num_warps: gl.constexpr):
+        """Output rows [m0, m_end) of the user whose keys start at token kv_start, head h (see
+        hstu_attention._attend_segment). count: key blocks this program loaded before (ring slot and
+        barrier phase); seg: segments before (Q barrier phase). -> count after."""
+        DTYPE: gl.constexpr = q_desc.dtype
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, D, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        scan: gl.constexpr = gl.BlockedLayout([SEARCH // (32 * num_warps)], [32], [num_warps], [0])
+
+        # Q tile by TMA while the key ranges are worked out.
+        col = h * D
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        _tma_load(q_desc, [(q_row0 + m0).to(gl.int32), col], q_bar, q_smem)
+
+        offs_m = m0 + gl.arange(0, BLOCK_M, layout=row_s)
+        row_ok = offs_m < m_end
+        p_i = gl.minimum(offs_m, n_ctx)
+        ts_base = ts + kv_start
+        ts_ref = gl.load(ts_base)
+        ts_i64 = gl.where(row_ok, gl.load(ts_base + offs_m, mask=row_ok, other=0), gl.load(ts_base + m0))
+        h64 = h.to(gl.int64)
+        time_base = time_tab + h64 * SLOTS
+        pos_base = pos_tab + h64 * (2 * P - 1 + 2 * PAD) + PAD + P - 1
+        far_base = far_tab + h64 * (2 * SLOTS)
+
+        p_lo = gl.minimum(m0, n_ctx)
+        p_hi = gl.minimum(m_end - 1, n_ctx)
+        if CAUSAL:
+            hi = gl.minimum(m_end, n_ctx)
+            full_end = (gl.minimum(m0 + 1, n_ctx) // BLOCK_N) * BLOCK_N
+        else:
+            hi = n_ctx
+            full_end = (n_ctx // BLOCK_N) * BLOCK_N
+        per_split = gl.cdiv(gl.cdiv(hi, BLOCK_N), n_split) * BLOCK_N
+        k_lo = gl.minimum(split * per_split, hi)
+        k_hi = gl.minimum(k_lo + per_split, hi)
+        left_end = gl.minimum((gl.maximum(p_lo - P + 2, 0) // BLOCK_N) * BLOCK_N, full_end)
+        right_start = gl.minimum(gl.maximum(((p_hi + P - 1 + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, left_end),
+                                 full_end)
+
+        fast = k_hi < 0  # False, as a tensor
+        if ALLOW_TS_FAST:  # int32 offsets if every timestamp this program reads lies within 2**29 s
+            lo_j = gl.full([SEARCH], 0, gl.int64, scan) + ts_ref
+            hi_j = lo_j
+            for n0 in range(k_lo, k_hi, SEARCH):
+                offs = n0 + gl.arange(0, SEARCH, layout=scan)
+                t = gl.load(ts_base + offs, mask=offs < k_hi, other=0)
+                lo_j = gl.minimum(lo_j, gl.where(offs < k_hi, t, ts_ref))
+                hi_j = gl.maximum(hi_j, gl.where(offs < k_hi, t, ts_ref))
+            t_min = gl.minimum(gl.min(ts_i64, axis=0), gl.min(lo_j, axis=0))
+            t_max = gl.maximum(gl.max(ts_i64, axis=0), gl.max(hi_j, axis=0))
+            fast = _abs_gap(t_max, t_min) < TS_FAST_LIMIT
+        ts_i32 = (ts_i64 - ts_ref).to(gl.int32)  # used only where fast
+        time_lane = _lane_value(time_base)
+        far_lane = _lane_value(far_base)
+        far_right_lane = _lane_value(far_base + SLOTS)
+
+        # Key blocks [k_lo, k_hi): prologue loads, S(0), then the overlapped loop and its last block.
+        n_blocks = gl.cdiv(k_hi - k_lo, BLOCK_N)
+        row0 = (kv_start + k_lo).to(gl.int32)
+        for i in gl.static_range(STAGES):
+            _load_kv(k_desc, k_smem, k_bars, count + i, row0 + i * BLOCK_N, col, i < n_blocks, STAGES)
+            _load_kv(v_desc, v_smem, v_bars, count + i, row0 + i * BLOCK_N, col, i < n_blocks, STAGES)
+        mbarrier.wait(q_bar, seg & 1)
+
+        s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+        acc = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
+        p_prev = gl.zeros([BLOCK_M, BLOCK_N], DTYPE, p_layout)
+        for _ in range(0, gl.minimum(n_blocks, 1)):  # S(0): a loop of 0 or 1 trips, not an if (see below)
+            mbarrier.wait(k_bars.index(count % STAGES), (count // STAGES) & 1)
+            s0 = warpgroup_mma(q_smem, k_smem.index(count % STAGES).permute((1, 0)), s, use_acc=False,
+                               is_async=True)
+            s = warpgroup_mma_wait(0, deps=(s0,))
+        # Every branch around a wgmma makes ptxas serialise all of the kernel's wgmmas (warning C7515):
+        # the last block is a loop of 0 or 1 trips after the main loop instead of an `if` inside it.
+        for j in range(0, n_blocks - 1):
+            g = count + j
+            # K of block j + STAGES into block j's slot: S(j) is complete.
+            _load_kv(k_desc, k_smem, k_bars, g + STAGES, row0 + (j + STAGES) * BLOCK_N, col,
+                     j + STAGES < n_blocks, STAGES)
+            g1 = g + 1
+            mbarrier.wait(k_bars.index(g1 % STAGES), (g1 // STAGES) & 1)
+            s_next = warpgroup_mma(q_smem, k_smem.index(g1 % STAGES).permute((1, 0)), s, use_acc=False,
+                                   is_async=True)
+            n_start = k_lo + j * BLOCK_N
+            p = _scores(s, n_start, offs_m, p_i, ts_i32, ts_i64, fast, n_ctx, left_end, right_start, full_end,
+                        ts_base, ts_ref, time_base, pos_base, far_base, time_lane, far_lane, far_right_lane,
+                        alpha, CAUSAL, FAST_SILU, P, BLOCK_N, DTYPE, p_layout)
+            mbarrier.wait(v_bars.index(g % STAGES), (g // STAGES) & 1)
+            if n_start + BLOCK_N > n_ctx:
+                _clear_rows(v_smem.index(g % STAGES), n_start, n_ctx, BLOCK_N, D, num_warps)
+            acc_t = warpgroup_mma(p, v_smem.index(g % STAGES), acc, is_async=True)
+            # S(j+1) and PV(j-1) complete; PV(j) may still run (its operand p stays live to the next wait).
+            s, acc, p_prev, p = warpgroup_mma_wait(1, deps=(s_next, acc_t, p_prev, p))
+            p_prev = p
+            # V of block j - 1 + STAGES into block j - 1's slot: PV(j-1) is complete.
+            _load_kv(v_desc, v_smem, v_bars, g - 1 + STAGES, row0 + (j - 1 + STAGES) * BLOCK_N, col,
+                     (j >= 1) & (j - 1 + STAGES < n_blocks), STAGES)
+        for j in range(gl.maximum(n_blocks - 1, 0), n_blocks):
+            g = count + j
+            n_start = k_lo + j * BLOCK_N
+            p = _scores(s, n_start, offs_m, p_i, ts_i32, ts_i64, fast, n_ctx, left_end, right_start, full_end,
+                        ts_base, ts_ref, time_base, pos_base, far_base, time_lane, far_lane, far_right_lane,
+                        alpha, CAUSAL, FAST_SILU, P, BLOCK_N, DTYPE, p_layout)
+            mbarrier.wait(v_bars.index(g % STAGES), (g // STAGES) & 1)
+            if n_start + BLOCK_N > n_ctx:
+                _clear_rows(v_smem.index(g % STAGES), n_start, n_ctx, BLOCK_N, D, num_warps)
+            acc_t = warpgroup_mma(p, v_smem.index(g % STAGES), acc, is_async=True)
+            acc, p_prev, p = warpgroup_mma_wait(0, deps=(acc_t, p_prev, p))
+
+        # Candidate rows also see themselves (rp = 0, dt = 0), added by part 0 of a split.
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
+        rows_o = m0 + gl.arange(0, BLOCK_M, layout=row_o)
+        cols_o = gl.arange(0, D, layout=col_o)
+        if (m_end > n_ctx) & (split == 0):
+            blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+            rows_b = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, blk))
+            cols_b = gl.arange(0, D, layout=gl.SliceLayout(0, blk))
+            cand = (rows_b < m_end) & (rows_b >= n_ctx)
+            msk = cand[:, None] & (cols_b[None, :] < D)
+            qd = gl.load(Q + (q_row0 + rows_b)[:, None] * stride_qt + col + cols_b[None, :], mask=msk, other=0.0)
+            kd = gl.load(K + (kv_start + rows_b)[:, None] * stride_kt + col + cols_b[None, :], mask=msk, other=0.0)
+            vd = gl.load(V + (kv_start + rows_b)[:, None] * stride_vt + col + cols_b[None, :], mask=msk, other=0.0)
+            diag_bias = gl.load(time_base) + gl.load(pos_base)  # bucket 0, rp 0
+            z_d = alpha * gl.sum(qd.to(gl.float32) * kd.to(gl.float32), axis=1) + diag_bias
+            extra = gl.where(cand, _act(z_d, FAST_SILU), 0.0)[:, None] * vd.to(gl.float32)
+            acc = acc + gl.convert_layout(extra, o_layout)
+
+        out = acc * inv_norm
+        o_ptrs = Out + (q_row0 + rows_o)[:, None] * stride_ot + h * stride_oh + cols_o[None, :]
+        gl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(rows_o < m_end)[:, None] & (cols_o[None, :] < D))
+        return count + n_blocks
+
+    @gluon.jit
+    def _hstu_hopper_kernel(q_desc, k_desc, v_desc, Q, K, V, Out, q_offsets, kv_offsets, ts, ncand, time_tab,
+                            pos_tab, far_tab, T, B, stride_qt, stride_kt, stride_vt, stride_ot, stride_oh,
+                            stride_os, alpha, inv_norm,
+                            CAUSAL: gl.constexpr, FAST_SILU: gl.constexpr, ALLOW_TS_FAST: gl.constexpr,
+                            P: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                            STAGES: gl.constexpr, PARTIAL: gl.constexpr, num_warps: gl.constexpr):
+        """One program per window of BLOCK_M query tokens (users flattened, last window first) and head;
+        grid axis 2 splits the key range (PARTIAL: fp32 partial sums). As hstu_attention._hstu_fwd_kernel."""
+        h = gl.program_id(1)
+        split = gl.program_id(2)
+        Out += split.to(gl.int64) * stride_os
+        alpha = alpha.to(gl.float32)
+        inv_norm = inv_norm.to(gl.float32)
+        win_lo = ((gl.num_programs(0) - 1 - gl.program_id(0)) * BLOCK_M).to(gl.int64)
+        win_hi = gl.minimum(win_lo + BLOCK_M, T)
+
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
+        k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)  # noqa: RUF005
+        v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)  # noqa: RUF005
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_bars.index(i), count=1)
+            mbarrier.init(v_bars.index(i), count=1)
+
+        scan: gl.constexpr = gl.BlockedLayout([SEARCH // (32 * num_warps)], [32], [num_warps], [0])
+        b = 0
+        for c in range(0, B, SEARCH):
+            idx = c + gl.arange(0, SEARCH, layout=scan)
+            ends = gl.load(q_offsets + 1 + idx, mask=idx < B, other=T + 1)
+            b += gl.sum((ends <= win_lo).to(gl.int32), axis=0)
+        count = 0
+        seg = 0
+        seg_lo = win_lo
+        while seg_lo < win_hi:
+            q_start = gl.load(q_offsets + b)
+            q_end = gl.load(q_offsets + b + 1)
+            seg_hi = gl.minimum(q_end, win_hi)
+            if seg_hi > seg_lo:  # users without queries give empty segments
+                kv_start = gl.load(kv_offsets + b)
+                length = (gl.load(kv_offsets + b + 1) - kv_start).to(gl.int32)
+                shift = length - (q_end - q_start).to(gl.int32)
+                if shift >= 0:
+                    n_ctx = length - gl.load(ncand + b).to(gl.int32)
+                    count = _segment(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bars, v_bars, Q, K,
+                                     V, Out, ts, time_tab, pos_tab, far_tab, q_start - shift, kv_start, n_ctx,
+                                     (seg_lo - q_start).to(gl.int32) + shift, (seg_hi - q_start).to(gl.int32) + shift,
+                                     h, split, gl.num_programs(2), count, seg, stride_qt, stride_kt, stride_vt,
+                                     stride_ot, stride_oh, alpha, inv_norm, CAUSAL, FAST_SILU, ALLOW_TS_FAST, P, D,
+                                     BLOCK_M, BLOCK_N, STAGES, PARTIAL, num_warps)
+                    seg += 1
+                else:  # more queries than keys: not a suffix. NaN rows, never a plausible result
+                    blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+                    rows = seg_lo + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, blk))
+                    cols = gl.arange(0, D, layout=gl.SliceLayout(0, blk))
+                    nan = gl.full([BLOCK_M, D], float("nan"), gl.float32, blk)
+                    gl.store(Out + rows[:, None] * stride_ot + h * stride_oh + cols[None, :],
+                             nan.to(Out.dtype.element_ty), mask=(rows < seg_hi)[:, None] & (cols[None, :] < D))
+                seg_lo = seg_hi
+            b += 1
+    # fmt: on
+
+
+def check_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_w: torch.Tensor) -> None:
+    """Raise ValueError naming what this kernel does not run (the Triton kernel runs every other case)."""
+    check_supported(q, k, v, pos_w)
+    if GLUON_ERROR:
+        raise ValueError(f"hstu hopper kernel: {GLUON_ERROR}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"hstu hopper kernel: 16-bit q/k/v only, got {q.dtype}")
+    dims = {q.shape[-1], k.shape[-1], v.shape[-1]}
+    if len(dims) != 1 or q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"hstu hopper kernel: one head dim of {SUPPORTED_HEAD_DIMS} for q, k and v, got {dims}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        row_bytes = x.stride(0) * x.element_size()
+        if x.stride(2) != 1 or x.stride(1) != x.shape[2] or row_bytes % 16 or x.data_ptr() % 16:
+            raise ValueError(
+                f"hstu hopper kernel: {name} must hold its heads contiguously in 16-byte-aligned rows (TMA), got "
+                f"strides {tuple(x.stride())} at {x.data_ptr() % 16} bytes past 16-byte alignment"
+            )
+    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
+        raise ValueError(f"hstu hopper kernel: needs an sm90 GPU (wgmma, TMA), got {q.device}")
+
+
+@functools.cache
+def _smem_layout(rows: int, cols: int, dtype: torch.dtype) -> Any:
+    return gl.NVMMASharedLayout.get_default_for([rows, cols], gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
+
+
+def descriptor(x: torch.Tensor, rows: int) -> Any:
+    """A TMA descriptor over x [T, H, D] seen as [T, H*D] (row stride kept), tiles [rows, D]."""
+    total, heads, dim = x.shape
+    return TensorDescriptor(x, [max(total, 1), heads * dim], [x.stride(0), 1], [rows, dim],
+                            _smem_layout(rows, dim, x.dtype))  # fmt: skip
+
+
+def hstu_attention_hopper(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_offsets: torch.Tensor,
+    kv_offsets: torch.Tensor,
+    timestamps: torch.Tensor,
+    num_candidates: torch.Tensor,
+    pos_w: torch.Tensor,
+    ts_w: torch.Tensor,
+    alpha: float,
+    norm: float,
+    causal: bool,
+    fast_silu: bool = True,
+    allow_ts_fast: bool = True,
+    out: torch.Tensor | None = None,
+    config: tuple[int, int, int, int] | None = None,
+    splits: int | None = None,
+) -> torch.Tensor:
+    """hstu_attention_cached_triton's contract on the Gluon kernel (see the module docstring). config:
+    (BLOCK_M, BLOCK_N, warps, stages), default HOPPER_CONFIGS' first for the head dim."""
+    check_hopper(q, k, v, pos_w)
+    if q_offsets.shape != kv_offsets.shape:
+        raise ValueError(f"q_offsets {tuple(q_offsets.shape)} and kv_offsets {tuple(kv_offsets.shape)} must match")
+    total, heads, dim = q.shape
+    if out is None:
+        out = torch.empty((total, heads, dim), dtype=q.dtype, device=q.device)
+    if total == 0:
+        return out
+    block_m, block_n, warps, stages = config or HOPPER_CONFIGS[dim][0]
+    num_pos = (pos_w.shape[1] + 1) // 2
+    time_tab, pos_tab, far_tab = bias_tables(pos_w.contiguous(), ts_w.contiguous(), 0.5)
+    n_split = key_splits(q, k.shape[0]) if splits is None else splits
+    if n_split < 1:
+        raise ValueError(f"hstu hopper kernel: splits must be >= 1, got {n_split}")
+    dest = out if n_split == 1 else torch.empty((n_split, total, heads, dim), dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(total, block_m), heads, n_split)
+    _hstu_hopper_kernel[grid](
+        descriptor(q, block_m), descriptor(k, block_n), descriptor(v, block_n), q, k, v, dest,
+        q_offsets.contiguous(), kv_offsets.contiguous(), timestamps.contiguous(), num_candidates.contiguous(),
+        time_tab, pos_tab, far_tab, total, q_offsets.numel() - 1, q.stride(0), k.stride(0), v.stride(0),
+        dest.stride(-3), dest.stride(-2), dest.stride(0) if n_split > 1 else 0, 0.5 * float(alpha),
+        1.0 / float(norm), CAUSAL=bool(causal), FAST_SILU=bool(fast_silu), ALLOW_TS_FAST=bool(allow_ts_fast),
+        P=num_pos, D=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, PARTIAL=n_split > 1, num_warps=warps,
+    )  # fmt: skip
+    if n_split > 1:
+        out.copy_(dest.sum(0))
+    return out

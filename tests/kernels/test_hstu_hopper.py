@@ -1,0 +1,169 @@
+"""The Gluon sm90 attention kernel (kernels/hstu_hopper.py).
+
+On this CPU host: it compiles for sm_90a through Triton's own ptxas into the pipeline it was written
+for (TMA loads, asynchronous wgmma with one group left in flight, no serialised wgmma), and its
+launcher refuses what it cannot run, naming the setting. On an sm90 GPU: exact against the float64
+reference on fresh inputs, NaN-poisoned outputs (jagged users, candidates, cached suffixes, key
+splits, the int64 time path, every listed config). Gluon has no interpreter: without a GPU those
+cases skip, saying so.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import triton
+from triton.backends.nvidia.compiler import get_ptxas
+
+from kernels import hstu_hopper, reference
+from kernels.hstu_hopper import HOPPER_CONFIGS, check_hopper, hstu_attention_hopper
+
+pytestmark = pytest.mark.skipif(bool(hstu_hopper.GLUON_ERROR), reason=hstu_hopper.GLUON_ERROR or "")
+
+
+def _sm90() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+PTRS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "q_offsets": "*i64", "kv_offsets": "*i64",
+        "ts": "*i64", "ncand": "*i64", "time_tab": "*fp32", "pos_tab": "*fp32", "far_tab": "*fp32"}  # fmt: skip
+
+
+def compile_hopper(config: tuple[int, int, int, int], head_dim: int, positions: int = 512, causal: bool = True) -> Any:
+    """The Gluon kernel compiled for sm_90a as a launch would specialise it (also bench/kernel_sass.py's)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    block_m, block_n, warps, stages = config
+    fn = hstu_hopper._hstu_hopper_kernel
+    names = fn.arg_names
+    tokens = torch.empty(64, 2, head_dim, dtype=torch.bfloat16)
+    descs = {"q_desc": hstu_hopper.descriptor(tokens, block_m), "k_desc": hstu_hopper.descriptor(tokens, block_n),
+             "v_desc": hstu_hopper.descriptor(tokens, block_n)}  # fmt: skip
+    const = {"CAUSAL": causal, "FAST_SILU": True, "ALLOW_TS_FAST": True, "P": positions, "D": head_dim,
+             "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages, "PARTIAL": False,
+             "num_warps": warps}  # fmt: skip
+    signature = {}
+    for n in names:
+        scalar = "fp32" if n in ("alpha", "inv_norm") else "i32"
+        signature[n] = mangle_type(descs[n]) if n in descs else PTRS.get(n) or ("constexpr" if n in const else scalar)
+    aligned = [n for n in names if n in PTRS or (n.startswith("stride_") and n != "stride_os")]
+    source = GluonASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in const.items()},
+                            attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})  # fmt: skip
+    try:
+        return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    except FileNotFoundError as exc:  # no ptxas beside the triton package
+        pytest.skip(f"Triton cannot build sm90 code here: {exc}")
+
+
+def ptxas_report(ptx: str) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "hopper.ptx"
+        src.write_text(ptx)
+        proc = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(src), "-o", str(Path(tmp) / "h.cubin")],
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stderr
+
+
+@pytest.mark.parametrize("head_dim", sorted(HOPPER_CONFIGS))
+def test_compiles_into_the_overlapped_pipeline(head_dim: int) -> None:
+    """TMA tile loads, wgmma issued asynchronously and waited with one group still running (S(j+1) and PV(j)
+    in flight while block j's scores are computed), the GPU variant's PTX, and ptxas keeping the wgmmas
+    asynchronous (no C7515)."""
+    compiled = compile_hopper(HOPPER_CONFIGS[head_dim][0], head_dim)
+    ptx = compiled.asm["ptx"]
+    assert ".target sm_90a" in ptx
+    assert "cp.async.bulk.tensor.2d" in ptx and "mbarrier.try_wait" in ptx
+    assert "wgmma.mma_async" in ptx and re.search(r"wgmma\.wait_group\.sync\.aligned\s+1;", ptx)
+    assert "tanh.approx.f32" in ptx and "cvt.rz.f32.s32" in ptx and "shfl.sync.idx.b32" in ptx
+    assert compiled.metadata.shared <= 227 * 1024
+    assert "C7515" not in ptxas_report(ptx)
+
+
+def _tokens(n: int, heads: int, d: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    return torch.randn(n, heads, d).to(dtype)
+
+
+def test_refuses_what_it_cannot_run() -> None:
+    pos_w, ts_w = torch.randn(2, 63), torch.randn(2, 32)
+    q = _tokens(10, 2, 64)
+    with pytest.raises(ValueError, match="16-bit"):
+        check_hopper(q.float(), q.float(), q.float(), pos_w)
+    with pytest.raises(ValueError, match="one head dim"):
+        check_hopper(_tokens(10, 2, 32), _tokens(10, 2, 32), _tokens(10, 2, 32), pos_w)
+    with pytest.raises(ValueError, match="one head dim"):
+        check_hopper(q, q, _tokens(10, 2, 128), pos_w)
+    wide = torch.randn(10, 4, 64).to(torch.bfloat16)[:, ::2]  # heads not contiguous within a row
+    with pytest.raises(ValueError, match="heads contiguously"):
+        check_hopper(wide, q, q, pos_w)
+    if not _sm90():
+        with pytest.raises(ValueError, match="sm90"):
+            check_hopper(q, q, q, pos_w)
+        offsets = torch.tensor([0, 10])
+        with pytest.raises(ValueError, match="sm90"):
+            hstu_attention_hopper(q, q, q, offsets, offsets, torch.arange(10), torch.tensor([2]), pos_w, ts_w,
+                                  0.1, 10.0, True)  # fmt: skip
+
+
+def _case(lengths: list[int], ncands: list[int], queries: list[int] | None, heads: int, d: int,
+          tables: tuple[int, int], ts_gap: int, seed: int) -> tuple[list[torch.Tensor], float, float]:  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    kv_off = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    q, k, v = (torch.randn(total, heads, d, generator=gen).to(torch.bfloat16) for _ in range(3))
+    steps = torch.randint(0, ts_gap, (total,), generator=gen)
+    ts = 1_700_000_000 + steps.cumsum(0)
+    pos_w = torch.randn(heads, 2 * tables[0] - 1, generator=gen) * 0.3
+    ts_w = torch.randn(heads, tables[1], generator=gen) * 0.3
+    if queries is None:
+        q_off = kv_off
+    else:
+        keep = torch.cat([torch.arange(int(kv_off[b + 1]) - n, int(kv_off[b + 1])) for b, n in enumerate(queries)])
+        q, q_off = q[keep], torch.tensor([0, *torch.tensor(queries).cumsum(0).tolist()])
+    return [q, k, v, q_off, kv_off, ts, torch.tensor(ncands), pos_w, ts_w], 1.0 / d**0.5, float(max(lengths))
+
+
+JAGGED = ([1, 300, 0, 777, 64, 65], [1, 0, 0, 100, 64, 3])
+# fmt: off
+CASES: dict[str, tuple[list[int], list[int], list[int] | None, int, tuple[int, int], int, dict[str, Any]]] = {
+    # name: (lengths, candidates, queries (None: full), head dim, tables (P, NB), timestamp step, options)
+    "full causal, d 128": (*JAGGED, None, 128, (512, 32), 20_000, {}),
+    "cached suffixes, d 128": (*JAGGED, [1, 64, 0, 300, 64, 1], 128, (512, 32), 20_000, {}),
+    "cached, keys split in 3": ([900, 1300], [20, 0], [256, 5], 128, (64, 32), 20_000, {"splits": 3}),
+    "full non-causal, d 64": ([300, 513, 40], [10, 0, 40], None, 64, (256, 24), 20_000, {"causal": False}),
+    "full d 256": ([300, 513, 40], [10, 0, 40], None, 256, (256, 32), 20_000, {}),
+    "int64 gaps (spans past 2**29 s)": ([700, 300], [5, 0], None, 128, (64, 64), 1 << 28, {}),
+    "int64 path forced, exact SiLU": ([700, 300], [5, 0], None, 128, (64, 32), 20_000,
+                                      {"allow_ts_fast": False, "fast_silu": False}),
+}
+# fmt: on
+
+
+@pytest.mark.skipif(not _sm90(), reason="needs a CUDA GPU of compute capability 9.x (sm90: wgmma, TMA)")
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_exact_on_the_gpu(name: str) -> None:
+    lengths, ncands, queries, d, tables, gap, options = CASES[name]
+    options = dict(options)
+    causal = options.pop("causal", True)
+    heads = 2 if d == 256 else 4
+    tensors, alpha, norm = _case(lengths, ncands, queries, heads, d, tables, gap, seed=random.getrandbits(31))
+    q, k, v, q_off, kv_off, ts, nc, pos_w, ts_w = (x.double() if x.is_floating_point() else x for x in tensors)
+    ref = reference.hstu_attention_cached(q, k, v, q_off, kv_off, ts, nc, pos_w, ts_w, alpha, norm, causal)
+    # every listed config where it matters most (mtgr-base's full attention, the other head dims)
+    configs = HOPPER_CONFIGS[d] if name.startswith("full causal") or d != 128 else HOPPER_CONFIGS[d][:1]
+    q, k, v, q_off, kv_off, ts, nc, pos_w, ts_w = (x.cuda() for x in tensors)
+    for config in configs:
+        out = torch.full((q.shape[0], heads, d), float("nan"), dtype=torch.bfloat16, device="cuda")
+        got = hstu_attention_hopper(q, k, v, q_off, kv_off, ts, nc, pos_w, ts_w, alpha, norm, causal, out=out,
+                                    config=config, **options)  # fmt: skip
+        err = float((got.double().cpu() - ref).norm() / ref.norm())
+        assert err < 1e-2, (name, config, err)  # bf16 inputs and SiLU weights: the Triton kernel's bound
