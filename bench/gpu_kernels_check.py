@@ -188,7 +188,7 @@ def correctness(deadline: float, kernel: str = "triton") -> list[dict[str, Any]]
     ]
     results = bucket_edges() if kernel == "triton" else []
     if kernel == "hopper":  # its own cases: config shapes per head dim, key splits, one-user cached suffixes
-        cases += [(f"full {cfg}", bf16, {"config": cfg, **mtgr_base}) for cfg in HOPPER_CONFIGS[128][1:]]
+        cases += [(f"full d 128 {cfg}", bf16, {"config": cfg, **mtgr_base}) for cfg in HOPPER_CONFIGS[128][1:]]
         cases += [(f"full d 256 {cfg}", bf16, {"config": cfg, "d": 256, "heads": 2, "tables": (256, 32)})
                   for cfg in HOPPER_CONFIGS[256]]  # fmt: skip
         cases += [(f"full d 64 {cfg}", bf16, {"config": cfg, **mtgr_small}) for cfg in HOPPER_CONFIGS[64]]

@@ -9,8 +9,8 @@ session 15). Here, per key block j:
     issue S(j+1) = Q K(j+1)^T (async) | scores of block j (ALU, MUFU) | issue O += P(j) V(j) (async) | wait S(j+1)
 
 so the tensor cores work on S(j+1) and PV(j) while the warps compute block j's scores (FlashAttention-3's
-intra-warpgroup overlap). Q, K and V tiles arrive by TMA into a ring of STAGES shared-memory slots, each
-guarded by an mbarrier; a slot is refilled once the wgmma that read it is known complete.
+intra-warpgroup overlap). Q, K and V tiles arrive by TMA into rings of shared-memory slots (K stages,
+V stages), each guarded by an mbarrier; a slot is refilled once the wgmma that read it is known complete.
 
 Contract: hstu_attention_cached_triton's (queries of a user are the last rows of its keys; full attention is
 q_offsets = kv_offsets), for 16-bit q/k/v with one head dim in SUPPORTED_HEAD_DIMS and heads contiguous within
@@ -58,13 +58,15 @@ except ImportError as exc:  # pragma: no cover - depends on the installed triton
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
-# (BLOCK_M, BLOCK_N, warps, stages) per head dim: the first is the default; the rest are timed by
-# bench/kernels_explore.py's "hopper" section. Shared memory: Q tile + stages x (K + V tiles). 128-key
-# blocks were dropped before any run: ptxas spills 0.5-4 KB per thread for them (sm_90a, Triton 3.6).
-HOPPER_CONFIGS: dict[int, tuple[tuple[int, int, int, int], ...]] = {
-    64: ((64, 64, 4, 3), (128, 64, 8, 3)),
-    128: ((64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2)),
-    256: ((64, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2)),
+# (BLOCK_M, BLOCK_N, warps, K stages, V stages, Q in registers) per head dim: the first is the default; the
+# rest are timed by bench/kernels_explore.py's "hopper" section. Shared memory: Q tile + K stages x K tile
+# + V stages x V tile; two programs share an SM only below ~113 KB each. 128-key blocks were dropped before
+# any run: ptxas spills 0.5-4 KB per thread for them (sm_90a, Triton 3.6).
+HopperConfig = tuple[int, int, int, int, int, int]
+HOPPER_CONFIGS: dict[int, tuple[HopperConfig, ...]] = {
+    64: ((64, 64, 4, 2, 2, 0), (64, 64, 4, 2, 2, 1), (64, 64, 4, 2, 3, 1), (128, 64, 8, 2, 2, 0)),
+    128: ((64, 64, 4, 2, 2, 0), (64, 64, 4, 2, 2, 1), (64, 64, 4, 2, 3, 1), (64, 64, 4, 2, 3, 0)),
+    256: ((64, 32, 4, 2, 2, 0), (64, 32, 4, 2, 2, 1), (64, 64, 4, 2, 2, 0), (128, 32, 8, 2, 2, 0)),
 }
 SEARCH = triton.language.constexpr(256)  # users scanned per step when a window looks for its first user
 
@@ -194,7 +196,8 @@ if not GLUON_ERROR:
                  time_tab, pos_tab, far_tab, q_row0, kv_start, n_ctx, m0, m_end, h, split, n_split, count, seg,
                  stride_qt, stride_kt, stride_vt, stride_ot, stride_oh, alpha, inv_norm,
                  CAUSAL: gl.constexpr, FAST_SILU: gl.constexpr, ALLOW_TS_FAST: gl.constexpr, P: gl.constexpr,
-                 D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                 D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, KS: gl.constexpr, VS: gl.constexpr,
+                 Q_REGS: gl.constexpr,
                  PARTIAL: gl.constexpr, num_warps: gl.constexpr):
         """Output rows [m0, m_end) of the user whose keys start at token kv_start, head h (see
         hstu_attention._attend_segment). count: key blocks this program loaded before (ring slot and
@@ -259,54 +262,58 @@ if not GLUON_ERROR:
         # Key blocks [k_lo, k_hi): prologue loads, S(0), then the overlapped loop and its last block.
         n_blocks = gl.cdiv(k_hi - k_lo, BLOCK_N)
         row0 = (kv_start + k_lo).to(gl.int32)
-        for i in gl.static_range(STAGES):
-            _load_kv(k_desc, k_smem, k_bars, count + i, row0 + i * BLOCK_N, col, i < n_blocks, STAGES)
-            _load_kv(v_desc, v_smem, v_bars, count + i, row0 + i * BLOCK_N, col, i < n_blocks, STAGES)
+        for i in gl.static_range(KS):
+            _load_kv(k_desc, k_smem, k_bars, count + i, row0 + i * BLOCK_N, col, i < n_blocks, KS)
+        for i in gl.static_range(VS):
+            _load_kv(v_desc, v_smem, v_bars, count + i, row0 + i * BLOCK_N, col, i < n_blocks, VS)
         mbarrier.wait(q_bar, seg & 1)
+        if Q_REGS:  # noqa: SIM108 (Q as the register operand: the S wgmmas then read only K from shared memory)
+            q = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
+        else:
+            q = q_smem
 
         s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
         acc = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
         p_prev = gl.zeros([BLOCK_M, BLOCK_N], DTYPE, p_layout)
         for _ in range(0, gl.minimum(n_blocks, 1)):  # S(0): a loop of 0 or 1 trips, not an if (see below)
-            mbarrier.wait(k_bars.index(count % STAGES), (count // STAGES) & 1)
-            s0 = warpgroup_mma(q_smem, k_smem.index(count % STAGES).permute((1, 0)), s, use_acc=False,
+            mbarrier.wait(k_bars.index(count % KS), (count // KS) & 1)
+            s0 = warpgroup_mma(q, k_smem.index(count % KS).permute((1, 0)), s, use_acc=False,
                                is_async=True)
             s = warpgroup_mma_wait(0, deps=(s0,))
         # Every branch around a wgmma makes ptxas serialise all of the kernel's wgmmas (warning C7515):
         # the last block is a loop of 0 or 1 trips after the main loop instead of an `if` inside it.
         for j in range(0, n_blocks - 1):
             g = count + j
-            # K of block j + STAGES into block j's slot: S(j) is complete.
-            _load_kv(k_desc, k_smem, k_bars, g + STAGES, row0 + (j + STAGES) * BLOCK_N, col,
-                     j + STAGES < n_blocks, STAGES)
+            # K of block j + KS into block j's slot: S(j) is complete.
+            _load_kv(k_desc, k_smem, k_bars, g + KS, row0 + (j + KS) * BLOCK_N, col, j + KS < n_blocks, KS)
             g1 = g + 1
-            mbarrier.wait(k_bars.index(g1 % STAGES), (g1 // STAGES) & 1)
-            s_next = warpgroup_mma(q_smem, k_smem.index(g1 % STAGES).permute((1, 0)), s, use_acc=False,
+            mbarrier.wait(k_bars.index(g1 % KS), (g1 // KS) & 1)
+            s_next = warpgroup_mma(q, k_smem.index(g1 % KS).permute((1, 0)), s, use_acc=False,
                                    is_async=True)
             n_start = k_lo + j * BLOCK_N
             p = _scores(s, n_start, offs_m, p_i, ts_i32, ts_i64, fast, n_ctx, left_end, right_start, full_end,
                         ts_base, ts_ref, time_base, pos_base, far_base, time_lane, far_lane, far_right_lane,
                         alpha, CAUSAL, FAST_SILU, P, BLOCK_N, DTYPE, p_layout)
-            mbarrier.wait(v_bars.index(g % STAGES), (g // STAGES) & 1)
+            mbarrier.wait(v_bars.index(g % VS), (g // VS) & 1)
             if n_start + BLOCK_N > n_ctx:
-                _clear_rows(v_smem.index(g % STAGES), n_start, n_ctx, BLOCK_N, D, num_warps)
-            acc_t = warpgroup_mma(p, v_smem.index(g % STAGES), acc, is_async=True)
+                _clear_rows(v_smem.index(g % VS), n_start, n_ctx, BLOCK_N, D, num_warps)
+            acc_t = warpgroup_mma(p, v_smem.index(g % VS), acc, is_async=True)
             # S(j+1) and PV(j-1) complete; PV(j) may still run (its operand p stays live to the next wait).
             s, acc, p_prev, p = warpgroup_mma_wait(1, deps=(s_next, acc_t, p_prev, p))
             p_prev = p
-            # V of block j - 1 + STAGES into block j - 1's slot: PV(j-1) is complete.
-            _load_kv(v_desc, v_smem, v_bars, g - 1 + STAGES, row0 + (j - 1 + STAGES) * BLOCK_N, col,
-                     (j >= 1) & (j - 1 + STAGES < n_blocks), STAGES)
+            # V of block j - 1 + VS into block j - 1's slot: PV(j-1) is complete.
+            _load_kv(v_desc, v_smem, v_bars, g - 1 + VS, row0 + (j - 1 + VS) * BLOCK_N, col,
+                     (j >= 1) & (j - 1 + VS < n_blocks), VS)
         for j in range(gl.maximum(n_blocks - 1, 0), n_blocks):
             g = count + j
             n_start = k_lo + j * BLOCK_N
             p = _scores(s, n_start, offs_m, p_i, ts_i32, ts_i64, fast, n_ctx, left_end, right_start, full_end,
                         ts_base, ts_ref, time_base, pos_base, far_base, time_lane, far_lane, far_right_lane,
                         alpha, CAUSAL, FAST_SILU, P, BLOCK_N, DTYPE, p_layout)
-            mbarrier.wait(v_bars.index(g % STAGES), (g // STAGES) & 1)
+            mbarrier.wait(v_bars.index(g % VS), (g // VS) & 1)
             if n_start + BLOCK_N > n_ctx:
-                _clear_rows(v_smem.index(g % STAGES), n_start, n_ctx, BLOCK_N, D, num_warps)
-            acc_t = warpgroup_mma(p, v_smem.index(g % STAGES), acc, is_async=True)
+                _clear_rows(v_smem.index(g % VS), n_start, n_ctx, BLOCK_N, D, num_warps)
+            acc_t = warpgroup_mma(p, v_smem.index(g % VS), acc, is_async=True)
             acc, p_prev, p = warpgroup_mma_wait(0, deps=(acc_t, p_prev, p))
 
         # Candidate rows also see themselves (rp = 0, dt = 0), added by part 0 of a split.
@@ -339,7 +346,8 @@ if not GLUON_ERROR:
                             stride_os, alpha, inv_norm,
                             CAUSAL: gl.constexpr, FAST_SILU: gl.constexpr, ALLOW_TS_FAST: gl.constexpr,
                             P: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                            STAGES: gl.constexpr, PARTIAL: gl.constexpr, num_warps: gl.constexpr):
+                            KS: gl.constexpr, VS: gl.constexpr, Q_REGS: gl.constexpr, PARTIAL: gl.constexpr,
+                            num_warps: gl.constexpr):
         """One program per window of BLOCK_M query tokens (users flattened, last window first) and head;
         grid axis 2 splits the key range (PARTIAL: fp32 partial sums). As hstu_attention._hstu_fwd_kernel."""
         h = gl.program_id(1)
@@ -351,14 +359,15 @@ if not GLUON_ERROR:
         win_hi = gl.minimum(win_lo + BLOCK_M, T)
 
         q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
-        k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)  # noqa: RUF005
-        v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)  # noqa: RUF005
+        k_smem = gl.allocate_shared_memory(k_desc.dtype, [KS] + k_desc.block_type.shape, k_desc.layout)  # noqa: RUF005
+        v_smem = gl.allocate_shared_memory(v_desc.dtype, [VS] + v_desc.block_type.shape, v_desc.layout)  # noqa: RUF005
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_bars = gl.allocate_shared_memory(gl.int64, [KS, 1], mbarrier.MBarrierLayout())
+        v_bars = gl.allocate_shared_memory(gl.int64, [VS, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(STAGES):
+        for i in gl.static_range(KS):
             mbarrier.init(k_bars.index(i), count=1)
+        for i in gl.static_range(VS):
             mbarrier.init(v_bars.index(i), count=1)
 
         scan: gl.constexpr = gl.BlockedLayout([SEARCH // (32 * num_warps)], [32], [num_warps], [0])
@@ -385,7 +394,7 @@ if not GLUON_ERROR:
                                      (seg_lo - q_start).to(gl.int32) + shift, (seg_hi - q_start).to(gl.int32) + shift,
                                      h, split, gl.num_programs(2), count, seg, stride_qt, stride_kt, stride_vt,
                                      stride_ot, stride_oh, alpha, inv_norm, CAUSAL, FAST_SILU, ALLOW_TS_FAST, P, D,
-                                     BLOCK_M, BLOCK_N, STAGES, PARTIAL, num_warps)
+                                     BLOCK_M, BLOCK_N, KS, VS, Q_REGS, PARTIAL, num_warps)
                     seg += 1
                 else:  # more queries than keys: not a suffix. NaN rows, never a plausible result
                     blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
@@ -448,11 +457,11 @@ def hstu_attention_hopper(
     fast_silu: bool = True,
     allow_ts_fast: bool = True,
     out: torch.Tensor | None = None,
-    config: tuple[int, int, int, int] | None = None,
+    config: tuple[int, ...] | None = None,
     splits: int | None = None,
 ) -> torch.Tensor:
     """hstu_attention_cached_triton's contract on the Gluon kernel (see the module docstring). config:
-    (BLOCK_M, BLOCK_N, warps, stages), default HOPPER_CONFIGS' first for the head dim."""
+    (BLOCK_M, BLOCK_N, warps, K stages, V stages, Q in registers), default HOPPER_CONFIGS' first for the head dim."""
     check_hopper(q, k, v, pos_w)
     if q_offsets.shape != kv_offsets.shape:
         raise ValueError(f"q_offsets {tuple(q_offsets.shape)} and kv_offsets {tuple(kv_offsets.shape)} must match")
@@ -461,7 +470,7 @@ def hstu_attention_hopper(
         out = torch.empty((total, heads, dim), dtype=q.dtype, device=q.device)
     if total == 0:
         return out
-    block_m, block_n, warps, stages = config or HOPPER_CONFIGS[dim][0]
+    block_m, block_n, warps, k_stages, v_stages, q_regs = config or HOPPER_CONFIGS[dim][0]
     num_pos = (pos_w.shape[1] + 1) // 2
     time_tab, pos_tab, far_tab = bias_tables(pos_w.contiguous(), ts_w.contiguous(), 0.5)
     n_split = key_splits(q, k.shape[0]) if splits is None else splits
@@ -475,7 +484,8 @@ def hstu_attention_hopper(
         time_tab, pos_tab, far_tab, total, q_offsets.numel() - 1, q.stride(0), k.stride(0), v.stride(0),
         dest.stride(-3), dest.stride(-2), dest.stride(0) if n_split > 1 else 0, 0.5 * float(alpha),
         1.0 / float(norm), CAUSAL=bool(causal), FAST_SILU=bool(fast_silu), ALLOW_TS_FAST=bool(allow_ts_fast),
-        P=num_pos, D=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, PARTIAL=n_split > 1, num_warps=warps,
+        P=num_pos, D=dim, BLOCK_M=block_m, BLOCK_N=block_n, KS=k_stages, VS=v_stages,
+        Q_REGS=bool(q_regs), PARTIAL=n_split > 1, num_warps=warps,
     )  # fmt: skip
     if n_split > 1:
         out.copy_(dest.sum(0))

@@ -36,21 +36,21 @@ PTRS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "q_offsets": "
         "ts": "*i64", "ncand": "*i64", "time_tab": "*fp32", "pos_tab": "*fp32", "far_tab": "*fp32"}  # fmt: skip
 
 
-def compile_hopper(config: tuple[int, int, int, int], head_dim: int, positions: int = 512, causal: bool = True) -> Any:
+def compile_hopper(config: tuple[int, ...], head_dim: int, positions: int = 512, causal: bool = True) -> Any:
     """The Gluon kernel compiled for sm_90a as a launch would specialise it (also bench/kernel_sass.py's)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
-    block_m, block_n, warps, stages = config
+    block_m, block_n, warps, k_stages, v_stages, q_regs = config
     fn = hstu_hopper._hstu_hopper_kernel
     names = fn.arg_names
     tokens = torch.empty(64, 2, head_dim, dtype=torch.bfloat16)
     descs = {"q_desc": hstu_hopper.descriptor(tokens, block_m), "k_desc": hstu_hopper.descriptor(tokens, block_n),
              "v_desc": hstu_hopper.descriptor(tokens, block_n)}  # fmt: skip
     const = {"CAUSAL": causal, "FAST_SILU": True, "ALLOW_TS_FAST": True, "P": positions, "D": head_dim,
-             "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages, "PARTIAL": False,
-             "num_warps": warps}  # fmt: skip
+             "BLOCK_M": block_m, "BLOCK_N": block_n, "KS": k_stages, "VS": v_stages, "Q_REGS": bool(q_regs),
+             "PARTIAL": False, "num_warps": warps}  # fmt: skip
     signature = {}
     for n in names:
         scalar = "fp32" if n in ("alpha", "inv_norm") else "i32"
