@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `import kernels`
 
 import kernels
 from bench._common import RESULTS, write_result
-from kernels import reference
+from kernels import hstu_hopper, reference
 from kernels.hstu_attention import _hstu_fwd_kernel, bias_tables, hstu_attention_triton
 
 DRY = os.environ.get("TRITON_INTERPRET") == "1"
@@ -156,7 +156,11 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float("inf") if not torch.isfinite(out).all() else float((out - ref).norm() / ref.norm())
 
 
-def best_config() -> str | None:
+def best_config(*qkv: torch.Tensor) -> str | None:
+    """The config the last call ran: the Gluon kernel's default where kernels.ops launched it for q, k, v, else the
+    Triton autotuner's pick."""
+    if qkv and hstu_hopper.runs(*qkv):
+        return f"hopper {hstu_hopper.HOPPER_CONFIGS[qkv[0].shape[-1]][0]}"
     best = getattr(_hstu_fwd_kernel, "best_config", None)
     return str(best) if best is not None else None
 
@@ -178,7 +182,8 @@ def bench_attention_row(shape: Shape, peak: float, ref_timing: bool) -> dict[str
         q, k, v = (x.view(shape.batch, shape.seq, shape.heads, shape.d).transpose(1, 2) for x in args[:3])
         sdpa = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
         row |= {"sdpa_ms": sdpa, "sdpa_tflops": flops / sdpa * 1e-9}
-    row["config"] = best_config()
+    row["config"] = best_config(*args[:3])
+    row["kernel"] = "hopper" if hstu_hopper.runs(*args[:3]) else "triton"
     return row
 
 
@@ -205,7 +210,8 @@ def bench_cached_row(cached: int, cands: int, d: int, heads: int, peak: float) -
         "pct_of_matmul_peak": 100 * flops / ours * 1e-9 / peak,
         "full_sequence_ms": full,
         "rel_err_vs_ref": rel_err(out, reference.hstu_attention_cached(*args)),
-        "config": best_config(),
+        "config": best_config(q, k, v),
+        "kernel": "hopper" if hstu_hopper.runs(q, k, v) else "triton",
     }
 
 

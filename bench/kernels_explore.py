@@ -121,6 +121,11 @@ def config_name(cfg: tuple[int, ...]) -> str:
     return f"bm{cfg[0]} bn{cfg[1]} w{cfg[2]} s{cfg[3]}" + (f" r{cfg[4]}" if len(cfg) > 4 else "")
 
 
+def hopper_name(cfg: tuple[int, ...]) -> str:
+    """(BLOCK_M, BLOCK_N, warps, K stages, V stages, Q in registers) of kernels.hstu_hopper."""
+    return f"bm{cfg[0]} bn{cfg[1]} w{cfg[2]} k{cfg[3]} v{cfg[4]} q-{'reg' if cfg[5] else 'smem'}"
+
+
 def plan(peak: float, head_dims: tuple[int, ...]) -> list[tuple[str, Callable[[], dict[str, Any]]]]:
     new, old = hstu_attention_cached_triton, old_launcher()
     tokens = bench.TOTAL_TOKENS
@@ -186,14 +191,19 @@ def hopper_items(peak: float, head_dims: tuple[int, ...], small_full: tuple) -> 
         for seq, cands in shapes:
             big = ([seq] * (tokens // seq), [cands] * (tokens // seq), None)
             heads_d = bench.HEADS_AT[d][-1]
-            variants = [("triton autotuned", hstu_attention_cached_triton, {})]
-            variants += [(f"hopper {config_name(c)}", hstu_attention_hopper, {"config": c}) for c in HOPPER_CONFIGS[d]]
+            triton_row: tuple[str, Launcher, dict[str, Any]] = ("triton autotuned", hstu_attention_cached_triton, {})
+            variants = [triton_row]
+            variants += [(f"hopper {hopper_name(c)}", hstu_attention_hopper, {"config": c}) for c in HOPPER_CONFIGS[d]]
             for name, launch, kw in variants:
                 job = functools.partial(row, "hopper", name, launch, big, small_full, heads_d, d, bench.TABLES[d],
                                         peak, **kw)  # fmt: skip
                 items.append((f"hopper {name} d{d} seq {seq} cands {cands}", job))
         one = ([4096 + 256], [256], [256])
-        for name, launch in (("triton cached", hstu_attention_cached_triton), ("hopper cached", hstu_attention_hopper)):
+        launchers: tuple[tuple[str, Launcher], ...] = (
+            ("triton cached", hstu_attention_cached_triton),
+            ("hopper cached", hstu_attention_hopper),
+        )
+        for name, launch in launchers:
             job = functools.partial(row, "hopper", name, launch, one, one, bench.HEADS_AT[d][-1], d, bench.TABLES[d],
                                     peak, graphed=True)  # fmt: skip
             items.append((f"hopper {name} d{d} 4096+256", job))

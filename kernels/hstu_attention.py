@@ -793,8 +793,10 @@ def tune_cached(
 ) -> list[tuple[int, bool]]:
     """Autotune the kernel for every key a model's steps can meet (``tuning_buckets`` x one part / split parts), on
     synthetic inputs of each key's size, so that a server does it at load and no request waits for it (~18 s per
-    key when its configs compile, ~1 s when they are compiled, on the H200). ``pos_w`` / ``ts_w``: one layer's
-    tables, on the device (their shapes fix the kernel's constants). -> the (bucket, split) keys run."""
+    key when its configs compile, ~1 s when they are compiled, on the H200). Where the eager path runs the Gluon sm90
+    kernel instead (kernels.hstu_hopper.runs), that one is compiled (no autotuning: one config per head dim).
+    ``pos_w`` / ``ts_w``: one layer's tables, on the device (their shapes fix the kernel's constants). -> the
+    (bucket, split) keys run."""
     heads, device = pos_w.shape[0], pos_w.device
     gen = torch.Generator().manual_seed(0)
     done = []
@@ -807,10 +809,11 @@ def tune_cached(
         stamps = (1_750_000_000 - torch.arange(bucket, 0, -1) * 60).to(device)
         q_off, kv_off = (torch.tensor([0, n], device=device) for n in (queries, bucket))
         candidates = torch.tensor([min(16, queries)], device=device)
+        from kernels import hstu_hopper  # (imports this module)
+
+        launch = hstu_hopper.hstu_attention_hopper if hstu_hopper.runs(q, k, v) else hstu_attention_cached_triton
         for splits in (1, 2):
-            hstu_attention_cached_triton(
-                q, k, v, q_off, kv_off, stamps, candidates, pos_w, ts_w, alpha, norm, causal, splits=splits
-            )
+            launch(q, k, v, q_off, kv_off, stamps, candidates, pos_w, ts_w, alpha, norm, causal, splits=splits)
             done.append((bucket, splits > 1))
     return done
 

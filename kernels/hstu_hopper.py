@@ -22,6 +22,7 @@ for sm_90a; correctness runs on the device).
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ import triton
 
 from kernels.hstu_attention import (
     INT64_MAX,
+    NOT_SPECIALISED,
     PAD,
     SLOTS,
     TS_FAST_LIMIT,
@@ -60,13 +62,19 @@ SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 # (BLOCK_M, BLOCK_N, warps, K stages, V stages, Q in registers) per head dim: the first is the default; the
 # rest are timed by bench/kernels_explore.py's "hopper" section. Shared memory: Q tile + K stages x K tile
-# + V stages x V tile; two programs share an SM only below ~113 KB each. 128-key blocks were dropped before
-# any run: ptxas spills 0.5-4 KB per thread for them (sm_90a, Triton 3.6).
+# + V stages x V tile; two programs share an SM only below ~113 KB each (a third K/V stage at d 128, one program
+# per SM, measured 5.53 vs 3.40 ms at seq 8192). 128-key blocks were dropped before any run: ptxas spills 0.5-4 KB
+# per thread for them (sm_90a, Triton 3.6). Measured on the H200 (kernels-explore-hopper-h200-s16b.json, seq
+# 8192 / 2048 / 512): d 128 with Q in registers 3.29 / 1.09 / 0.51 ms, Q in shared memory 3.39 / 1.14 / 0.55, a
+# third V stage 3.24 / 1.08 / 0.51 (within 1.5%, more shared memory: not the default); d 256 64/32 with Q in shared
+# memory 3.04 / 0.95 / 0.43 (Q in registers spills: 4.22 / 1.30 / 0.55), 128/32 on 8 warps 3.20 / 1.06 / 0.51.
+# K 2 / V 3 stages with Q in shared memory returned NaN rows on the device in every check while its Q-in-registers
+# twin was exact; the cause is not found, so the launcher refuses that combination (UNEXPLAINED).
 HopperConfig = tuple[int, int, int, int, int, int]
 HOPPER_CONFIGS: dict[int, tuple[HopperConfig, ...]] = {
-    64: ((64, 64, 4, 2, 2, 0), (64, 64, 4, 2, 2, 1), (64, 64, 4, 2, 3, 1), (128, 64, 8, 2, 2, 0)),
-    128: ((64, 64, 4, 2, 2, 0), (64, 64, 4, 2, 2, 1), (64, 64, 4, 2, 3, 1), (64, 64, 4, 2, 3, 0)),
-    256: ((64, 32, 4, 2, 2, 0), (64, 32, 4, 2, 2, 1), (64, 64, 4, 2, 2, 0), (128, 32, 8, 2, 2, 0)),
+    64: ((64, 64, 4, 2, 2, 1), (64, 64, 4, 2, 2, 0)),
+    128: ((64, 64, 4, 2, 2, 1), (64, 64, 4, 2, 2, 0), (64, 64, 4, 2, 3, 1)),
+    256: ((64, 32, 4, 2, 2, 0), (128, 32, 8, 2, 2, 0)),
 }
 SEARCH = triton.language.constexpr(256)  # users scanned per step when a window looks for its first user
 
@@ -340,7 +348,7 @@ if not GLUON_ERROR:
         gl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(rows_o < m_end)[:, None] & (cols_o[None, :] < D))
         return count + n_blocks
 
-    @gluon.jit
+    @gluon.jit(do_not_specialize=NOT_SPECIALISED)
     def _hstu_hopper_kernel(q_desc, k_desc, v_desc, Q, K, V, Out, q_offsets, kv_offsets, ts, ncand, time_tab,
                             pos_tab, far_tab, T, B, stride_qt, stride_kt, stride_vt, stride_ot, stride_oh,
                             stride_os, alpha, inv_norm,
@@ -408,25 +416,66 @@ if not GLUON_ERROR:
     # fmt: on
 
 
-def check_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_w: torch.Tensor) -> None:
-    """Raise ValueError naming what this kernel does not run (the Triton kernel runs every other case)."""
-    check_supported(q, k, v, pos_w)
+# Which kernel the eager and graph-captured paths (kernels.ops' "kernel" route) launch on an sm90 GPU: "auto" (this
+# one where it measured faster: DEFAULT_HEAD_DIMS), "triton" (always the Triton kernel) or "hopper" (this one, and
+# an error naming why where it cannot run). torch.compile / torch.export / AOTInductor trace the grc:: ops, which
+# launch the Triton kernel through torch.library.wrap_triton (Inductor compiles Triton kernels, not Gluon ones).
+KERNEL_ENV = "GRC_ATTENTION_KERNEL"
+KERNEL_CHOICES = ("auto", "triton", "hopper")
+# Measured on the H200 (bench/results/kernels-explore-hopper-h200-s16b.json, seq 512-8192, 64k tokens, bf16):
+# d 128 1.13-1.32x and d 256 1.05-1.25x the Triton kernel's speed; d 64 0.85x at seq 8192 (there the Triton kernel
+# runs three programs per SM under a register cap; this one needs 255 registers and spills at 168), so it stays.
+DEFAULT_HEAD_DIMS = (128, 256)
+
+
+def why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """'' when this kernel runs these tensors, else what stops it."""
     if GLUON_ERROR:
-        raise ValueError(f"hstu hopper kernel: {GLUON_ERROR}")
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"hstu hopper kernel: 16-bit q/k/v only, got {q.dtype}")
+        return GLUON_ERROR
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"16-bit q/k/v of one dtype only, got {q.dtype}, {k.dtype}, {v.dtype}"
     dims = {q.shape[-1], k.shape[-1], v.shape[-1]}
     if len(dims) != 1 or q.shape[-1] not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"hstu hopper kernel: one head dim of {SUPPORTED_HEAD_DIMS} for q, k and v, got {dims}")
+        return f"one head dim of {SUPPORTED_HEAD_DIMS} for q, k and v, got {sorted(dims)}"
     for name, x in (("q", q), ("k", k), ("v", v)):
         row_bytes = x.stride(0) * x.element_size()
         if x.stride(2) != 1 or x.stride(1) != x.shape[2] or row_bytes % 16 or x.data_ptr() % 16:
-            raise ValueError(
-                f"hstu hopper kernel: {name} must hold its heads contiguously in 16-byte-aligned rows (TMA), got "
-                f"strides {tuple(x.stride())} at {x.data_ptr() % 16} bytes past 16-byte alignment"
-            )
-    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
-        raise ValueError(f"hstu hopper kernel: needs an sm90 GPU (wgmma, TMA), got {q.device}")
+            return (f"{name} must hold its heads contiguously in 16-byte-aligned rows (TMA), got strides "
+                    f"{tuple(x.stride())} at {x.data_ptr() % 16} bytes past 16-byte alignment")  # fmt: skip
+    if not q.is_cuda or _capability(q.device)[0] != 9:
+        return f"needs an sm90 GPU (wgmma, TMA), got {q.device}"
+    return ""
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def chosen() -> str:
+    choice = os.environ.get(KERNEL_ENV, "auto")
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"{KERNEL_ENV}={choice!r}: expected one of {KERNEL_CHOICES}")
+    return choice
+
+
+def runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether an eager call on these tensors launches this kernel (else the Triton kernel), per KERNEL_ENV."""
+    choice = chosen()
+    if choice == "triton":
+        return False
+    reason = why_not(q, k, v)
+    if choice == "hopper" and reason:
+        raise ValueError(f"{KERNEL_ENV}=hopper: the Gluon sm90 attention kernel cannot run this call: {reason}")
+    return not reason and (choice == "hopper" or q.shape[-1] in DEFAULT_HEAD_DIMS)
+
+
+def check_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_w: torch.Tensor) -> None:
+    """Raise ValueError naming what this kernel does not run (the Triton kernel runs every other case)."""
+    check_supported(q, k, v, pos_w)
+    reason = why_not(q, k, v)
+    if reason:
+        raise ValueError(f"hstu hopper kernel: {reason}")
 
 
 @functools.cache
@@ -462,6 +511,9 @@ def hstu_attention_hopper(
 ) -> torch.Tensor:
     """hstu_attention_cached_triton's contract on the Gluon kernel (see the module docstring). config:
     (BLOCK_M, BLOCK_N, warps, K stages, V stages, Q in registers), default HOPPER_CONFIGS' first for the head dim."""
+    if config is not None and config[3] != config[4] and not config[5]:
+        raise ValueError(f"hstu hopper kernel: config {config}: unequal K / V stages with Q in shared memory gave "
+                         "NaN rows on the H200 (cause not found: see HOPPER_CONFIGS); use Q in registers")  # fmt: skip
     check_hopper(q, k, v, pos_w)
     if q_offsets.shape != kv_offsets.shape:
         raise ValueError(f"q_offsets {tuple(q_offsets.shape)} and kv_offsets {tuple(kv_offsets.shape)} must match")

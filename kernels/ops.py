@@ -10,8 +10,11 @@ with data-dependent slicing, so they sit behind their own opaque ops
 (``grc::hstu_attention_reference``, ``grc::hstu_attention_cached_reference``) with explicit fake
 impls.
 
-Eager calls on plain tensors without autograd skip the ops' dispatch and call the same kernels (or
-references) directly: on the H200 the custom-op layer cost ~0.3 ms of host time per call, ~1.9 of the
+Eager calls on plain tensors without autograd skip the ops' dispatch and call the kernels (or references)
+directly; there, on an sm90 GPU, the attention runs the Gluon kernel (kernels/hstu_hopper.py) where it measured
+faster than the Triton one (its ``DEFAULT_HEAD_DIMS``; ``GRC_ATTENTION_KERNEL`` picks: auto, triton, hopper).
+Both are exact to the same reference; the ops (torch.compile, export, AOTInductor) keep the Triton kernel.
+Skipping the dispatch matters: on the H200 the custom-op layer cost ~0.3 ms of host time per call, ~1.9 of the
 2.7 ms of an eager cached score step at mtgr-small (bench/results/history-cache-profile-h200.json). Under
 torch.compile / torch.export (fake or functional tensors) the ops run, so compiled graphs and packages still
 hold ``grc::`` nodes.
@@ -22,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch.library import custom_op, triton_op, wrap_triton
 
-from kernels import reference
+from kernels import hstu_hopper, reference
 from kernels.hstu_attention import INTERPRET, hstu_attention_cached_triton, hstu_attention_triton
 from kernels.norm_gate import norm_gate_triton
 from kernels.silu import silu_triton
@@ -201,6 +204,8 @@ def hstu_attention(
     if route == "reference":
         return reference.hstu_attention(*args)
     if route == "kernel":
+        if hstu_hopper.runs(q, k, v):
+            return hstu_hopper.hstu_attention_hopper(q, k, v, offsets, *args[3:])
         return hstu_attention_triton(*args)
     return torch.ops.grc.hstu_attention(*args)
 
@@ -260,5 +265,7 @@ def hstu_attention_cached(
     if route == "reference":
         return reference.hstu_attention_cached(*args)
     if route == "kernel":
+        if hstu_hopper.runs(q, k, v):
+            return hstu_hopper.hstu_attention_hopper(*args)
         return hstu_attention_cached_triton(*args)
     return torch.ops.grc.hstu_attention_cached(*args)

@@ -22,8 +22,8 @@ import torch
 import triton
 from triton.backends.nvidia.compiler import get_ptxas
 
-from kernels import hstu_hopper, reference
-from kernels.hstu_hopper import HOPPER_CONFIGS, check_hopper, hstu_attention_hopper
+from kernels import hstu_hopper, ops, reference
+from kernels.hstu_hopper import HOPPER_CONFIGS, KERNEL_ENV, check_hopper, hstu_attention_hopper
 
 pytestmark = pytest.mark.skipif(bool(hstu_hopper.GLUON_ERROR), reason=hstu_hopper.GLUON_ERROR or "")
 
@@ -36,7 +36,8 @@ PTRS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "q_offsets": "
         "ts": "*i64", "ncand": "*i64", "time_tab": "*fp32", "pos_tab": "*fp32", "far_tab": "*fp32"}  # fmt: skip
 
 
-def compile_hopper(config: tuple[int, ...], head_dim: int, positions: int = 512, causal: bool = True) -> Any:
+def compile_hopper(config: tuple[int, ...], head_dim: int, positions: int = 512, causal: bool = True,
+                   maxnreg: int | None = None) -> Any:  # fmt: skip
     """The Gluon kernel compiled for sm_90a as a launch would specialise it (also bench/kernel_sass.py's)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -59,7 +60,8 @@ def compile_hopper(config: tuple[int, ...], head_dim: int, positions: int = 512,
     source = GluonASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in const.items()},
                             attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})  # fmt: skip
     try:
-        return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        options: dict[str, Any] = {"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {})}
+        return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     except FileNotFoundError as exc:  # no ptxas beside the triton package
         pytest.skip(f"Triton cannot build sm90 code here: {exc}")
 
@@ -112,6 +114,40 @@ def test_refuses_what_it_cannot_run() -> None:
         with pytest.raises(ValueError, match="sm90"):
             hstu_attention_hopper(q, q, q, offsets, offsets, torch.arange(10), torch.tensor([2]), pos_w, ts_w,
                                   0.1, 10.0, True)  # fmt: skip
+
+
+def test_refuses_the_config_that_measured_wrong() -> None:
+    q, pos_w, ts_w, offsets = _tokens(10, 2, 128), torch.randn(2, 63), torch.randn(2, 32), torch.tensor([0, 10])
+    with pytest.raises(ValueError, match="NaN rows on the H200"):
+        hstu_attention_hopper(q, q, q, offsets, offsets, torch.arange(10), torch.tensor([2]), pos_w, ts_w, 0.1, 10.0,
+                              True, config=(64, 64, 4, 2, 3, 0))  # fmt: skip
+
+
+def test_kernel_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GRC_ATTENTION_KERNEL: auto launches this kernel only where it can run and measured faster; triton never;
+    hopper always, or an error naming why it cannot (never the other kernel in its place)."""
+    q = _tokens(10, 2, 128)
+    monkeypatch.setenv(KERNEL_ENV, "fastest")
+    with pytest.raises(ValueError, match="expected one of"):
+        hstu_hopper.runs(q, q, q)
+    monkeypatch.setenv(KERNEL_ENV, "triton")
+    assert not hstu_hopper.runs(q, q, q)
+    monkeypatch.setenv(KERNEL_ENV, "auto")
+    assert not hstu_hopper.runs(q, q, q)  # CPU tensors
+    if _sm90():
+        dev = q.cuda()
+        assert hstu_hopper.runs(dev, dev, dev)
+        small = _tokens(10, 2, 64).cuda()
+        assert not hstu_hopper.runs(small, small, small)  # d 64: the Triton kernel measured faster
+        assert not hstu_hopper.runs(dev.float(), dev.float(), dev.float())
+        monkeypatch.setenv(KERNEL_ENV, "hopper")
+        assert hstu_hopper.runs(small, small, small)
+        with pytest.raises(ValueError, match="16-bit"):
+            hstu_hopper.runs(dev.float(), dev.float(), dev.float())
+    else:
+        monkeypatch.setenv(KERNEL_ENV, "hopper")
+        with pytest.raises(ValueError, match="sm90"):
+            hstu_hopper.runs(q, q, q)
 
 
 def _case(lengths: list[int], ncands: list[int], queries: list[int] | None, heads: int, d: int,
@@ -167,3 +203,20 @@ def test_exact_on_the_gpu(name: str) -> None:
                                     config=config, **options)  # fmt: skip
         err = float((got.double().cpu() - ref).norm() / ref.norm())
         assert err < 1e-2, (name, config, err)  # bf16 inputs and SiLU weights: the Triton kernel's bound
+
+
+@pytest.mark.skipif(not _sm90(), reason="needs a CUDA GPU of compute capability 9.x (sm90: wgmma, TMA)")
+def test_ops_launch_it_on_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kernels.ops' eager path on mtgr-base's head dim runs this kernel (auto) and matches the Triton kernel's
+    result (triton) and the float64 reference."""
+    tensors, alpha, norm = _case(*JAGGED, None, 4, 128, (512, 32), 20_000, seed=random.getrandbits(31))
+    q, k, v, offsets, _, ts, nc, pos_w, ts_w = (x.cuda() for x in tensors)
+    outs = {}
+    for choice in ("auto", "triton"):
+        monkeypatch.setenv(KERNEL_ENV, choice)
+        assert hstu_hopper.runs(q, k, v) == (choice == "auto")
+        outs[choice] = ops.hstu_attention(q, k, v, offsets, ts, nc, pos_w, ts_w, alpha, norm, True).double()
+    ref = reference.hstu_attention(q.double(), k.double(), v.double(), offsets, ts, nc, pos_w.double(),
+                                   ts_w.double(), alpha, norm, True).cpu()  # fmt: skip
+    for choice, out in outs.items():
+        assert float((out.cpu() - ref).norm() / ref.norm()) < 1e-2, choice
