@@ -122,8 +122,9 @@ def config_name(cfg: tuple[int, ...]) -> str:
 
 
 def hopper_name(cfg: tuple[int, ...]) -> str:
-    """(BLOCK_M, BLOCK_N, warps, K stages, V stages, Q in registers) of kernels.hstu_hopper."""
-    return f"bm{cfg[0]} bn{cfg[1]} w{cfg[2]} k{cfg[3]} v{cfg[4]} q-{'reg' if cfg[5] else 'smem'}"
+    """(BLOCK_M, BLOCK_N, warps, K stages, V stages, Q in registers[, registers]) of kernels.hstu_hopper."""
+    cap = f" r{cfg[6]}" if len(cfg) > 6 else ""
+    return f"bm{cfg[0]} bn{cfg[1]} w{cfg[2]} k{cfg[3]} v{cfg[4]} q-{'reg' if cfg[5] else 'smem'}{cap}"
 
 
 def plan(peak: float, head_dims: tuple[int, ...]) -> list[tuple[str, Callable[[], dict[str, Any]]]]:

@@ -60,8 +60,8 @@ except ImportError as exc:  # pragma: no cover - depends on the installed triton
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
-# (BLOCK_M, BLOCK_N, warps, K stages, V stages, Q in registers) per head dim: the first is the default; the
-# rest are timed by bench/kernels_explore.py's "hopper" section. Shared memory: Q tile + K stages x K tile
+# (BLOCK_M, BLOCK_N, warps, K stages, V stages, Q in registers[, max registers]) per head dim: the first is the
+# default; the rest are timed by bench/kernels_explore.py's "hopper" section. Shared memory: Q tile + K stages x K tile
 # + V stages x V tile; two programs share an SM only below ~113 KB each (a third K/V stage at d 128, one program
 # per SM, measured 5.53 vs 3.40 ms at seq 8192). 128-key blocks were dropped before any run: ptxas spills 0.5-4 KB
 # per thread for them (sm_90a, Triton 3.6). Measured on the H200 (kernels-explore-hopper-h200-s16b.json, seq
@@ -70,10 +70,10 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 # memory 3.04 / 0.95 / 0.43 (Q in registers spills: 4.22 / 1.30 / 0.55), 128/32 on 8 warps 3.20 / 1.06 / 0.51.
 # K 2 / V 3 stages with Q in shared memory returned NaN rows on the device in every check while its Q-in-registers
 # twin was exact; the cause is not found, so the launcher refuses that combination (UNEXPLAINED).
-HopperConfig = tuple[int, int, int, int, int, int]
+HopperConfig = tuple[int, ...]
 HOPPER_CONFIGS: dict[int, tuple[HopperConfig, ...]] = {
-    64: ((64, 64, 4, 2, 2, 1), (64, 64, 4, 2, 2, 0)),
-    128: ((64, 64, 4, 2, 2, 1), (64, 64, 4, 2, 2, 0), (64, 64, 4, 2, 3, 1)),
+    64: ((64, 64, 4, 2, 2, 1), (64, 32, 4, 2, 2, 1, 168), (64, 64, 4, 2, 2, 1, 168)),
+    128: ((64, 64, 4, 2, 2, 1), (64, 32, 4, 2, 2, 1), (64, 32, 4, 2, 2, 1, 168)),
     256: ((64, 32, 4, 2, 2, 0), (128, 32, 8, 2, 2, 0)),
 }
 SEARCH = triton.language.constexpr(256)  # users scanned per step when a window looks for its first user
@@ -510,7 +510,8 @@ def hstu_attention_hopper(
     splits: int | None = None,
 ) -> torch.Tensor:
     """hstu_attention_cached_triton's contract on the Gluon kernel (see the module docstring). config:
-    (BLOCK_M, BLOCK_N, warps, K stages, V stages, Q in registers), default HOPPER_CONFIGS' first for the head dim."""
+    (BLOCK_M, BLOCK_N, warps, K stages, V stages, Q in registers[, max registers per thread]), default
+    HOPPER_CONFIGS' first for the head dim."""
     if config is not None and config[3] != config[4] and not config[5]:
         raise ValueError(f"hstu hopper kernel: config {config}: unequal K / V stages with Q in shared memory gave "
                          "NaN rows on the H200 (cause not found: see HOPPER_CONFIGS); use Q in registers")  # fmt: skip
@@ -522,7 +523,8 @@ def hstu_attention_hopper(
         out = torch.empty((total, heads, dim), dtype=q.dtype, device=q.device)
     if total == 0:
         return out
-    block_m, block_n, warps, k_stages, v_stages, q_regs = config or HOPPER_CONFIGS[dim][0]
+    block_m, block_n, warps, k_stages, v_stages, q_regs, *cap = config or HOPPER_CONFIGS[dim][0]
+    launch = {"maxnreg": cap[0]} if cap and cap[0] else {}
     num_pos = (pos_w.shape[1] + 1) // 2
     time_tab, pos_tab, far_tab = bias_tables(pos_w.contiguous(), ts_w.contiguous(), 0.5)
     n_split = key_splits(q, k.shape[0]) if splits is None else splits
@@ -537,7 +539,7 @@ def hstu_attention_hopper(
         dest.stride(-3), dest.stride(-2), dest.stride(0) if n_split > 1 else 0, 0.5 * float(alpha),
         1.0 / float(norm), CAUSAL=bool(causal), FAST_SILU=bool(fast_silu), ALLOW_TS_FAST=bool(allow_ts_fast),
         P=num_pos, D=dim, BLOCK_M=block_m, BLOCK_N=block_n, KS=k_stages, VS=v_stages,
-        Q_REGS=bool(q_regs), PARTIAL=n_split > 1, num_warps=warps,
+        Q_REGS=bool(q_regs), PARTIAL=n_split > 1, num_warps=warps, **launch,
     )  # fmt: skip
     if n_split > 1:
         out.copy_(dest.sum(0))

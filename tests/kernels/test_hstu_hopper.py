@@ -43,7 +43,8 @@ def compile_hopper(config: tuple[int, ...], head_dim: int, positions: int = 512,
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
-    block_m, block_n, warps, k_stages, v_stages, q_regs = config
+    block_m, block_n, warps, k_stages, v_stages, q_regs, *cap = config
+    maxnreg = maxnreg or (cap[0] if cap else None)
     fn = hstu_hopper._hstu_hopper_kernel
     names = fn.arg_names
     tokens = torch.empty(64, 2, head_dim, dtype=torch.bfloat16)
