@@ -73,7 +73,7 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 HopperConfig = tuple[int, ...]
 HOPPER_CONFIGS: dict[int, tuple[HopperConfig, ...]] = {
     64: ((64, 64, 4, 2, 2, 1), (64, 32, 4, 2, 2, 1, 168), (64, 64, 4, 2, 2, 1, 168)),
-    128: ((64, 64, 4, 2, 2, 1), (64, 32, 4, 2, 2, 1), (64, 32, 4, 2, 2, 1, 168)),
+    128: ((64, 64, 4, 2, 2, 1), (64, 64, 4, 2, 3, 1), (64, 64, 4, 2, 3, 0)),
     256: ((64, 32, 4, 2, 2, 0), (128, 32, 8, 2, 2, 0)),
 }
 SEARCH = triton.language.constexpr(256)  # users scanned per step when a window looks for its first user
@@ -292,8 +292,21 @@ if not GLUON_ERROR:
         # the last block is a loop of 0 or 1 trips after the main loop instead of an `if` inside it.
         for j in range(0, n_blocks - 1):
             g = count + j
-            # K of block j + KS into block j's slot: S(j) is complete.
-            _load_kv(k_desc, k_smem, k_bars, g + KS, row0 + (j + KS) * BLOCK_N, col, j + KS < n_blocks, KS)
+            # K of block j + KS into block j's slot: S(j) is complete. With a deeper V ring (VS > KS) V of block
+            # j - 2 + VS goes with it, into block j - 2's slot (PV(j-2) is complete): one issue point per block,
+            # so fewer CTA barriers (each single-thread TMA / expect op is fenced by bar.sync).
+            kp = j + KS < n_blocks
+            kslot = (g + KS) % KS
+            mbarrier.expect(k_bars.index(kslot), k_desc.block_type.nbytes, pred=kp)
+            if VS > KS:
+                vp = (j >= 2) & (j - 2 + VS < n_blocks)
+                vslot = (g - 2 + VS) % VS
+                mbarrier.expect(v_bars.index(vslot), v_desc.block_type.nbytes, pred=vp)
+                _tma_load(k_desc, [row0 + (j + KS) * BLOCK_N, col], k_bars.index(kslot), k_smem.index(kslot), pred=kp)
+                _tma_load(v_desc, [row0 + (j - 2 + VS) * BLOCK_N, col], v_bars.index(vslot), v_smem.index(vslot),
+                          pred=vp)
+            else:
+                _tma_load(k_desc, [row0 + (j + KS) * BLOCK_N, col], k_bars.index(kslot), k_smem.index(kslot), pred=kp)
             g1 = g + 1
             mbarrier.wait(k_bars.index(g1 % KS), (g1 // KS) & 1)
             s_next = warpgroup_mma(q, k_smem.index(g1 % KS).permute((1, 0)), s, use_acc=False,
@@ -309,9 +322,9 @@ if not GLUON_ERROR:
             # S(j+1) and PV(j-1) complete; PV(j) may still run (its operand p stays live to the next wait).
             s, acc, p_prev, p = warpgroup_mma_wait(1, deps=(s_next, acc_t, p_prev, p))
             p_prev = p
-            # V of block j - 1 + VS into block j - 1's slot: PV(j-1) is complete.
-            _load_kv(v_desc, v_smem, v_bars, g - 1 + VS, row0 + (j - 1 + VS) * BLOCK_N, col,
-                     (j >= 1) & (j - 1 + VS < n_blocks), VS)
+            if VS <= KS:  # V of block j - 1 + VS into block j - 1's slot: PV(j-1) is complete.
+                _load_kv(v_desc, v_smem, v_bars, g - 1 + VS, row0 + (j - 1 + VS) * BLOCK_N, col,
+                         (j >= 1) & (j - 1 + VS < n_blocks), VS)
         for j in range(gl.maximum(n_blocks - 1, 0), n_blocks):
             g = count + j
             n_start = k_lo + j * BLOCK_N
@@ -512,9 +525,6 @@ def hstu_attention_hopper(
     """hstu_attention_cached_triton's contract on the Gluon kernel (see the module docstring). config:
     (BLOCK_M, BLOCK_N, warps, K stages, V stages, Q in registers[, max registers per thread]), default
     HOPPER_CONFIGS' first for the head dim."""
-    if config is not None and config[3] != config[4] and not config[5]:
-        raise ValueError(f"hstu hopper kernel: config {config}: unequal K / V stages with Q in shared memory gave "
-                         "NaN rows on the H200 (cause not found: see HOPPER_CONFIGS); use Q in registers")  # fmt: skip
     check_hopper(q, k, v, pos_w)
     if q_offsets.shape != kv_offsets.shape:
         raise ValueError(f"q_offsets {tuple(q_offsets.shape)} and kv_offsets {tuple(kv_offsets.shape)} must match")
