@@ -61,19 +61,25 @@ except ImportError as exc:  # pragma: no cover - depends on the installed triton
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 # (BLOCK_M, BLOCK_N, warps, K stages, V stages, Q in registers[, max registers]) per head dim: the first is the
-# default; the rest are timed by bench/kernels_explore.py's "hopper" section. Shared memory: Q tile + K stages x K tile
-# + V stages x V tile; two programs share an SM only below ~113 KB each (a third K/V stage at d 128, one program
-# per SM, measured 5.53 vs 3.40 ms at seq 8192). 128-key blocks were dropped before any run: ptxas spills 0.5-4 KB
-# per thread for them (sm_90a, Triton 3.6). Measured on the H200 (kernels-explore-hopper-h200-s16b.json, seq
-# 8192 / 2048 / 512): d 128 with Q in registers 3.29 / 1.09 / 0.51 ms, Q in shared memory 3.39 / 1.14 / 0.55, a
-# third V stage 3.24 / 1.08 / 0.51 (within 1.5%, more shared memory: not the default); d 256 64/32 with Q in shared
-# memory 3.04 / 0.95 / 0.43 (Q in registers spills: 4.22 / 1.30 / 0.55), 128/32 on 8 warps 3.20 / 1.06 / 0.51.
-# K 2 / V 3 stages with Q in shared memory returned NaN rows on the device in every check while its Q-in-registers
-# twin was exact; the cause is not found, so the launcher refuses that combination (UNEXPLAINED).
+# default, the rest are timed by bench/kernels_explore.py's "hopper" section (each also checked on the device by
+# bench/gpu_kernels_check.py --kernel hopper). Shared memory: Q tile + K stages x K tile + V stages x V tile; two
+# programs share an SM only below ~113 KB each. Measured on the H200 (seq 8192 / 2048 / 512,
+# bench/results/kernels-explore-hopper-h200-s16*.json, notes in kernels-notes.md, session 16):
+# - d 128: 64/64 with Q in registers 3.29-3.37 / 1.09-1.15 / 0.51-0.58 ms (the Triton kernel 3.71-3.74 / 1.31-1.32 /
+#   0.67); Q in shared memory 3.39 / 1.14 / 0.55; a third K/V stage (one program per SM) 5.53 / 1.91 / 0.92;
+#   a third V stage alone within 1.5% (also when its tile is issued beside K's, with 3 instead of 5 CTA barriers
+#   per block: the barriers are not what limits); 32-key blocks 4.04 / 1.27 / 0.57, capped at 168 registers
+#   (three programs per SM) 4.81 / 1.59 / 0.70; 128-key blocks spill 0.5-4 KB per thread (not run).
+# - d 256: 64/32 with Q in shared memory 3.04 / 0.95 / 0.43 (Q in registers spills: 4.22 / 1.30 / 0.55), 128/32 on
+#   8 warps 3.20 / 1.06 / 0.51 (the Triton kernel 3.18 / 1.07 / 0.53).
+# - d 64: 64/64 2.73-2.81 / 0.87-0.90 / 0.39-0.42, 64/32 capped at 168 registers 2.67 / 0.81 / 0.36 (the Triton
+#   kernel 2.30 / 0.85 / 0.42): slower at long sequences, so kernels.ops keeps the Triton kernel there.
+# K 2 / V 3 stages with Q in shared memory returned NaN rows on the device in every check (three runs) while its
+# Q-in-registers twin was exact; the cause is not found, so the launcher refuses that combination (UNEXPLAINED).
 HopperConfig = tuple[int, ...]
 HOPPER_CONFIGS: dict[int, tuple[HopperConfig, ...]] = {
-    64: ((64, 64, 4, 2, 2, 1), (64, 32, 4, 2, 2, 1, 168), (64, 64, 4, 2, 2, 1, 168)),
-    128: ((64, 64, 4, 2, 2, 1), (64, 64, 4, 2, 3, 1), (64, 64, 4, 2, 3, 0)),
+    64: ((64, 64, 4, 2, 2, 1), (64, 32, 4, 2, 2, 1, 168)),
+    128: ((64, 64, 4, 2, 2, 1), (64, 64, 4, 2, 2, 0)),
     256: ((64, 32, 4, 2, 2, 0), (128, 32, 8, 2, 2, 0)),
 }
 SEARCH = triton.language.constexpr(256)  # users scanned per step when a window looks for its first user
@@ -292,21 +298,8 @@ if not GLUON_ERROR:
         # the last block is a loop of 0 or 1 trips after the main loop instead of an `if` inside it.
         for j in range(0, n_blocks - 1):
             g = count + j
-            # K of block j + KS into block j's slot: S(j) is complete. With a deeper V ring (VS > KS) V of block
-            # j - 2 + VS goes with it, into block j - 2's slot (PV(j-2) is complete): one issue point per block,
-            # so fewer CTA barriers (each single-thread TMA / expect op is fenced by bar.sync).
-            kp = j + KS < n_blocks
-            kslot = (g + KS) % KS
-            mbarrier.expect(k_bars.index(kslot), k_desc.block_type.nbytes, pred=kp)
-            if VS > KS:
-                vp = (j >= 2) & (j - 2 + VS < n_blocks)
-                vslot = (g - 2 + VS) % VS
-                mbarrier.expect(v_bars.index(vslot), v_desc.block_type.nbytes, pred=vp)
-                _tma_load(k_desc, [row0 + (j + KS) * BLOCK_N, col], k_bars.index(kslot), k_smem.index(kslot), pred=kp)
-                _tma_load(v_desc, [row0 + (j - 2 + VS) * BLOCK_N, col], v_bars.index(vslot), v_smem.index(vslot),
-                          pred=vp)
-            else:
-                _tma_load(k_desc, [row0 + (j + KS) * BLOCK_N, col], k_bars.index(kslot), k_smem.index(kslot), pred=kp)
+            # K of block j + KS into block j's slot: S(j) is complete.
+            _load_kv(k_desc, k_smem, k_bars, g + KS, row0 + (j + KS) * BLOCK_N, col, j + KS < n_blocks, KS)
             g1 = g + 1
             mbarrier.wait(k_bars.index(g1 % KS), (g1 // KS) & 1)
             s_next = warpgroup_mma(q, k_smem.index(g1 % KS).permute((1, 0)), s, use_acc=False,
@@ -322,9 +315,9 @@ if not GLUON_ERROR:
             # S(j+1) and PV(j-1) complete; PV(j) may still run (its operand p stays live to the next wait).
             s, acc, p_prev, p = warpgroup_mma_wait(1, deps=(s_next, acc_t, p_prev, p))
             p_prev = p
-            if VS <= KS:  # V of block j - 1 + VS into block j - 1's slot: PV(j-1) is complete.
-                _load_kv(v_desc, v_smem, v_bars, g - 1 + VS, row0 + (j - 1 + VS) * BLOCK_N, col,
-                         (j >= 1) & (j - 1 + VS < n_blocks), VS)
+            # V of block j - 1 + VS into block j - 1's slot: PV(j-1) is complete.
+            _load_kv(v_desc, v_smem, v_bars, g - 1 + VS, row0 + (j - 1 + VS) * BLOCK_N, col,
+                     (j >= 1) & (j - 1 + VS < n_blocks), VS)
         for j in range(gl.maximum(n_blocks - 1, 0), n_blocks):
             g = count + j
             n_start = k_lo + j * BLOCK_N
@@ -435,9 +428,9 @@ if not GLUON_ERROR:
 # launch the Triton kernel through torch.library.wrap_triton (Inductor compiles Triton kernels, not Gluon ones).
 KERNEL_ENV = "GRC_ATTENTION_KERNEL"
 KERNEL_CHOICES = ("auto", "triton", "hopper")
-# Measured on the H200 (bench/results/kernels-explore-hopper-h200-s16b.json, seq 512-8192, 64k tokens, bf16):
-# d 128 1.13-1.32x and d 256 1.05-1.25x the Triton kernel's speed; d 64 0.85x at seq 8192 (there the Triton kernel
-# runs three programs per SM under a register cap; this one needs 255 registers and spills at 168), so it stays.
+# Measured on the H200 (HOPPER_CONFIGS' notes: seq 512-8192, 64k tokens, bf16): d 128 1.11-1.16x and d 256
+# 1.05-1.24x the Triton kernel's speed; d 64 0.86x at seq 8192 (there the Triton kernel runs three programs per SM
+# under a register cap; this one spills at that cap), so d 64 stays on the Triton kernel.
 DEFAULT_HEAD_DIMS = (128, 256)
 
 
@@ -525,6 +518,9 @@ def hstu_attention_hopper(
     """hstu_attention_cached_triton's contract on the Gluon kernel (see the module docstring). config:
     (BLOCK_M, BLOCK_N, warps, K stages, V stages, Q in registers[, max registers per thread]), default
     HOPPER_CONFIGS' first for the head dim."""
+    if config is not None and config[3] != config[4] and not config[5]:
+        raise ValueError(f"hstu hopper kernel: config {config}: unequal K / V stages with Q in shared memory gave "
+                         "NaN rows on the H200 (cause not found: see HOPPER_CONFIGS); use Q in registers")  # fmt: skip
     check_hopper(q, k, v, pos_w)
     if q_offsets.shape != kv_offsets.shape:
         raise ValueError(f"q_offsets {tuple(q_offsets.shape)} and kv_offsets {tuple(kv_offsets.shape)} must match")

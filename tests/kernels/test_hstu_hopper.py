@@ -117,6 +117,13 @@ def test_refuses_what_it_cannot_run() -> None:
                                   0.1, 10.0, True)  # fmt: skip
 
 
+def test_refuses_the_config_that_measured_wrong() -> None:
+    q, pos_w, ts_w, offsets = _tokens(10, 2, 128), torch.randn(2, 63), torch.randn(2, 32), torch.tensor([0, 10])
+    with pytest.raises(ValueError, match="NaN rows on the H200"):
+        hstu_attention_hopper(q, q, q, offsets, offsets, torch.arange(10), torch.tensor([2]), pos_w, ts_w, 0.1, 10.0,
+                              True, config=(64, 64, 4, 2, 3, 0))  # fmt: skip
+
+
 def test_kernel_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     """GRC_ATTENTION_KERNEL: auto launches this kernel only where it can run and measured faster; triton never;
     hopper always, or an error naming why it cannot (never the other kernel in its place)."""
