@@ -188,11 +188,15 @@ def plugin_kernel_block(results: Results) -> str:
     return f"On an H100 (sm_90) {passed} ({len(data['cases'])} cases; {figures}): {where}."
 
 
-# The H200 kernel runs the README quotes (bench/kernels.py), newest first: s15 is the landed kernel's complete table
-# (seq 512 / 2048 / 8192, every head dim, the cached-keys rows but the last); s10 the one before it.
-KERNEL_RUNS = ("kernels-h200-s15.json", "kernels-h200-s10.json")
-KERNEL_COLUMNS = ["head dim (P / NB)", "seq", "heads", "candidates", "ms", "TFLOP/s (% of peak)", "SDPA TFLOP/s",
-                  "rel. error vs reference"]  # fmt: skip
+# The H200 kernel runs the README quotes (bench/kernels.py), newest first: s16 is the table as grc runs it (the eager
+# ops pick the Gluon sm90 kernel at head dims 128 / 256, the Triton kernel at 64); s15 the Triton kernel's alone.
+KERNEL_RUNS = ("kernels-h200-s16.json", "kernels-h200-s15.json")
+KERNEL_COLUMNS = ["head dim (P / NB)", "seq", "heads", "candidates", "kernel", "ms", "TFLOP/s (% of peak)",
+                  "SDPA TFLOP/s", "rel. error vs reference"]  # fmt: skip
+# The Gluon kernel beside the Triton kernel in one run each (bench/kernels_explore.py --sections hopper), per head dim:
+# the run that timed it with the configs it ships (s16c: d 128 and 64; s16b: d 256).
+HOPPER_RUNS = {128: "kernels-explore-hopper-h200-s16c.json", 64: "kernels-explore-hopper-h200-s16c.json",
+               256: "kernels-explore-hopper-h200-s16b.json"}  # fmt: skip
 
 
 def kernels_block(results: Results) -> str:
@@ -209,8 +213,8 @@ def kernel_run_table(name: str, data: dict[str, Any]) -> str:
             continue
         pct, sdpa = r["pct_of_matmul_peak"], r.get("sdpa_tflops")
         rows.append([f"{r['d']} ({r['P']} / {r['NB']})", str(r["seq"]), str(r["heads"]), str(r["cands"]),
-                     num(r["ours_ms"]), f"{num(r['ours_tflops'])} ({pct:.0f}%)", num(sdpa) if sdpa else "-",
-                     num(r["rel_err_vs_ref"], 2)])  # fmt: skip
+                     r.get("kernel", "triton"), num(r["ours_ms"]), f"{num(r['ours_tflops'])} ({pct:.0f}%)",
+                     num(sdpa) if sdpa else "-", num(r["rel_err_vs_ref"], 2)])  # fmt: skip
     note = f" {left} rows were not reached in the run's time budget." if left else ""
     return (
         f"bf16, causal, 64k tokens per call, {source(name, data)}; TFLOP/s count unmasked pairs only "
@@ -218,6 +222,36 @@ def kernel_run_table(name: str, data: dict[str, Any]) -> str:
         f"({num(data['matmul_peak_tflops'])} TFLOP/s); SDPA: dense causal softmax attention of the same shape, "
         f"no bias (a yardstick).{note}\n\n" + table(KERNEL_COLUMNS, rows)
     )
+
+
+def kernels_hopper_block(results: Results) -> str:
+    """The Gluon sm90 kernel's shipped config against the autotuned Triton kernel, timed side by side in one run per
+    head dim (HOPPER_RUNS; without candidates, and one user's 256 queries on 4,096 cached keys replayed from a CUDA
+    graph), each row checked against float64 in the run."""
+    from kernels.hstu_hopper import DEFAULT_HEAD_DIMS, HOPPER_CONFIGS
+
+    rows, sources = [], {}
+    for d, name in HOPPER_RUNS.items():
+        data = results(name)
+        sources[name] = source(name, data)
+        shipped = str(HOPPER_CONFIGS[d][0])  # rows name their config in options (older rows' names are ambiguous)
+        seen: dict[tuple[int, str], dict[str, float]] = {}
+        for r in data["rows"]:
+            if r.get("d") != d or "ms" not in r:
+                continue
+            cached = r["variant"].endswith("cached")
+            key = (r["seq"], "one user's last 256 (CUDA graph)" if cached else "all")
+            hopper = r["options"].get("config") == shipped or r["variant"] == "hopper cached"
+            kernel = "hopper" if hopper else "triton" if r["variant"].startswith("triton") else ""
+            if kernel and kernel not in seen.setdefault(key, {}):  # the first of a seq: no candidates
+                seen[key][kernel] = r["ms"] if r["ok"] else float("nan")
+        for (seq, what), ms in seen.items():
+            if "triton" in ms and "hopper" in ms:
+                picked = "Gluon" if d in DEFAULT_HEAD_DIMS else "Triton"
+                rows.append([str(d), str(seq), what, num(ms["triton"]), num(ms["hopper"]),
+                             f"{ms['triton'] / ms['hopper']:.2f}x", picked])  # fmt: skip
+    head = ["head dim", "seq", "queries", "Triton kernel ms", "Gluon kernel ms", "Gluon speed-up", "grc runs"]
+    return "Side by side, " + "; ".join(sources.values()) + ":\n\n" + table(head, rows)
 
 
 def e2e_gpu_block(results: Results) -> str:
@@ -741,6 +775,7 @@ BLOCKS: dict[str, Callable[[Results], str]] = {
     "vllm-load": vllm_load_block,
     "plugin-kernel": plugin_kernel_block,
     "kernels": kernels_block,
+    "kernels-hopper": kernels_hopper_block,
     "e2e-gpu": e2e_gpu_block,
     "table-share": table_share_block,
     "quant": quant_block,
