@@ -1,10 +1,12 @@
-"""Offline (no GPU): the HSTU attention kernel compiled for sm_90a with this Python's Triton and ptxas, per config:
+"""Offline (no GPU): an HSTU attention kernel compiled for sm_90a with this Python's Triton and ptxas, per config:
 registers, stack, spill bytes, and per key loop (a backward branch whose body holds HGMMA) the SASS instruction
 count and what it holds: HGMMA, local loads/stores (spills inside the loop), MUFU, I2F, shuffles, global loads,
 warpgroup barriers. The numbers kernels-notes.md quotes per loop come from here.
 
     python bench/kernel_sass.py 64/32/4/3/128 64/32/4/3/128/168     # BLOCK_M/BLOCK_N/warps/stages/head dim[/registers]
     python bench/kernel_sass.py --positions 256 64/64/4/2/64/168
+    python bench/kernel_sass.py --hopper 64/64/4/2/2/1/128 64/32/4/2/2/0/256   # kernels/hstu_hopper.py (Gluon):
+        # BLOCK_M/BLOCK_N/warps/K stages/V stages/Q in registers/head dim[/registers]
 
 Run it with the Triton the device runs (3.6 on the lent H200's image): e.g. `python -m venv --system-site-packages
 /tmp/t36 && /tmp/t36/bin/pip install --no-deps triton==3.6.0`, then `/tmp/t36/bin/python bench/kernel_sass.py ...`;
@@ -82,15 +84,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("configs", nargs="+", help="BLOCK_M/BLOCK_N/warps/stages/head_dim[/max registers]")
     ap.add_argument("--positions", type=int, default=512, help="position buckets P (mtgr-base's 512 by default)")
+    ap.add_argument("--hopper", action="store_true", help="the Gluon sm90 kernel (configs of 7 or 8 numbers)")
     args = ap.parse_args()
     import triton
 
     print(f"triton {triton.__version__}, sm_90a, P {args.positions}")
     for text in args.configs:
         config = tuple(int(x) for x in text.split("/"))
-        if len(config) not in (5, 6):
+        if args.hopper:
+            if len(config) not in (7, 8):
+                ap.error(f"{text}: expected BLOCK_M/BLOCK_N/warps/K stages/V stages/Q in registers/head dim[/regs]")
+            from tests.kernels.test_hstu_hopper import compile_hopper
+
+            cap = config[7] if len(config) > 7 else None
+            compiled = compile_hopper(config[:6], config[6], positions=args.positions, maxnreg=cap)
+        elif len(config) not in (5, 6):
             ap.error(f"{text}: expected BLOCK_M/BLOCK_N/warps/stages/head_dim[/max registers]")
-        compiled = compile_config(config, args.positions)
+        else:
+            compiled = compile_config(config, args.positions)
         report, listing = sass(compiled)
         regs = re.findall(r"Used (\d+) registers", report)
         stack = re.findall(r"(\d+) bytes stack frame", report)
