@@ -797,6 +797,8 @@ def tune_cached(
     kernel instead (kernels.hstu_hopper.runs), that one is compiled (no autotuning: one config per head dim).
     ``pos_w`` / ``ts_w``: one layer's tables, on the device (their shapes fix the kernel's constants). -> the
     (bucket, split) keys run."""
+    from kernels import hstu_hopper  # (imports this module)
+
     heads, device = pos_w.shape[0], pos_w.device
     gen = torch.Generator().manual_seed(0)
     done = []
@@ -809,8 +811,6 @@ def tune_cached(
         stamps = (1_750_000_000 - torch.arange(bucket, 0, -1) * 60).to(device)
         q_off, kv_off = (torch.tensor([0, n], device=device) for n in (queries, bucket))
         candidates = torch.tensor([min(16, queries)], device=device)
-        from kernels import hstu_hopper  # (imports this module)
-
         launch = hstu_hopper.hstu_attention_hopper if hstu_hopper.runs(q, k, v) else hstu_attention_cached_triton
         for splits in (1, 2):
             launch(q, k, v, q_off, kv_off, stamps, candidates, pos_w, ts_w, alpha, norm, causal, splits=splits)

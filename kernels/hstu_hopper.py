@@ -476,6 +476,15 @@ def runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return not reason and (choice == "hopper" or q.shape[-1] in DEFAULT_HEAD_DIMS)
 
 
+def describe(head_qk: int, head_v: int, dtype: torch.dtype, device: torch.device) -> str:
+    """Which attention kernel the eager ops launch for a model of these head dims, in words (servers log it at load;
+    with GRC_ATTENTION_KERNEL=hopper where this kernel cannot run, the ValueError naming why)."""
+    heads_qk, heads_v = (torch.empty(1, 1, d, dtype=dtype, device=device) for d in (head_qk, head_v))
+    if runs(heads_qk, heads_qk, heads_v):
+        return f"the Gluon sm90 kernel (kernels/hstu_hopper.py, config {HOPPER_CONFIGS[head_qk][0]})"
+    return f"the Triton kernel (kernels/hstu_attention.py; {KERNEL_ENV}={chosen()})"
+
+
 def check_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_w: torch.Tensor) -> None:
     """Raise ValueError naming what this kernel does not run (the Triton kernel runs every other case)."""
     check_supported(q, k, v, pos_w)

@@ -151,6 +151,20 @@ def test_kernel_choice(monkeypatch: pytest.MonkeyPatch) -> None:
             hstu_hopper.runs(q, q, q)
 
 
+def test_describe_names_the_kernel_that_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a server logs at load: the Triton kernel on this host (no sm90 GPU), the Gluon one on sm90 at d 128; with
+    GRC_ATTENTION_KERNEL=hopper where it cannot run, the error naming why (at load, not at the first request)."""
+    cpu = torch.device("cpu")
+    monkeypatch.setenv(KERNEL_ENV, "auto")
+    if _sm90():
+        assert "Gluon" in hstu_hopper.describe(128, 128, torch.bfloat16, torch.device("cuda"))
+        assert "Triton" in hstu_hopper.describe(64, 64, torch.bfloat16, torch.device("cuda"))
+    assert "Triton" in hstu_hopper.describe(128, 128, torch.bfloat16, cpu)
+    monkeypatch.setenv(KERNEL_ENV, "hopper")
+    with pytest.raises(ValueError, match="cannot run"):
+        hstu_hopper.describe(128, 128, torch.float32, cpu)
+
+
 def _case(lengths: list[int], ncands: list[int], queries: list[int] | None, heads: int, d: int,
           tables: tuple[int, int], ts_gap: int, seed: int) -> tuple[list[torch.Tensor], float, float]:  # fmt: skip
     gen = torch.Generator().manual_seed(seed)

@@ -89,6 +89,11 @@ class Ranker:
             package = model_dir / json.loads(params["packages"])["gpu" if dev.type == "cuda" else "cpu"]
             dtype = DTYPES[json.loads((package.parent / "metadata.json").read_text())["dtype"]]
             fn = dn.aotinductor(package, dev)
+        if dev.type == "cuda" and (backend != "aotinductor" or hist.configured(params)):
+            from kernels.hstu_hopper import describe
+
+            h = cfg.hstu
+            log(f"attention (the eager ops, the cached step): {describe(h.head_qk, h.head_v, dtype, dev)}")
         history = None
         if backend != "aotinductor" or hist.configured(params):  # the cache's step needs GRDense on the device
             dense = model.dense.to(device=dev, dtype=dtype)  # aotinductor: in the package's own dtype
