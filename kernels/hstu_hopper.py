@@ -28,8 +28,8 @@ from typing import Any
 import torch
 import triton
 
+from kernels import hstu_attention
 from kernels.hstu_attention import (
-    INT64_MAX,
     NOT_SPECIALISED,
     PAD,
     SLOTS,
@@ -87,57 +87,27 @@ SEARCH = triton.language.constexpr(256)  # users scanned per step when a window 
 
 if not GLUON_ERROR:
     # fmt: off
-    @gluon.jit
-    def _act(z, FAST_SILU: gl.constexpr):
-        """SiLU(s) with z = s/2 (see hstu_attention._act): z + z*tanh(z), tanh.approx on FAST_SILU."""
-        if FAST_SILU:
-            t = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [z], dtype=gl.float32,
-                                          is_pure=True, pack=1)
-            return z + z * t
-        else:
-            s = z + z
-            return s / (1.0 + gl.exp(-s))
+    # The per-score helpers are kernels/hstu_attention.py's own, compiled as Gluon (the generated code is the same
+    # as with twins written here: PTX compared offline). Not these: those that broadcast a scalar into a tensor
+    # (Gluon needs a layout for that): _gather, _shfl and _bucket64 below. PTX flags are literals here, as there.
+    _act = gluon.jit(hstu_attention._act.fn)
+    _load = gluon.jit(hstu_attention._load.fn)
+    _lane_value = gluon.jit(hstu_attention._lane_value.fn)
+    _bucket32 = gluon.jit(hstu_attention._bucket32.fn)
+    _abs_gap = gluon.jit(hstu_attention._abs_gap.fn)
 
     @gluon.jit
     def _gather(base, idx):
-        """base[idx] (float32 table, int32 index >= 0) by one non-coherent load, address by a wide multiply."""
+        """hstu_attention._gather's PTX path with the scalar base passed as is."""
         return gl.inline_asm_elementwise(
             "{ .reg .u64 a; mul.wide.u32 a, $1, 4; add.u64 a, a, $2; ld.global.nc.f32 $0, [a]; }", "=r,r,l",
             [idx, base], dtype=gl.float32, is_pure=True, pack=1)
 
     @gluon.jit
-    def _load_nc(ptrs):
-        """Per-score load at ready addresses (a row pointer minus a column constant: ptxas folds the constant)."""
-        return gl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=r,l", [ptrs], dtype=gl.float32,
-                                         is_pure=True, pack=1)
-
-    @gluon.jit
-    def _lane_value(base):
-        """base[laneid] in each thread: the register a warp's shuffles read a 32-entry table from."""
-        return gl.inline_asm_elementwise(
-            "{ .reg .u32 l; .reg .u64 a; mov.u32 l, %laneid; mul.wide.u32 a, l, 4; add.u64 a, a, $1; "
-            "ld.global.nc.f32 $0, [a]; }", "=r,l", [base], dtype=gl.float32, is_pure=True, pack=1)
-
-    @gluon.jit
     def _shfl(lane_value, idx):
-        """table[idx] for idx < 32 from the warp's registers (lane L holds table[L]): one shuffle."""
+        """hstu_attention._shfl with the lane's scalar passed as is: table[idx] for idx < 32, one shuffle."""
         return gl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x1f, -1;", "=r,r,r",
                                          [lane_value, idx], dtype=gl.float32, is_pure=True, pack=1)
-
-    @gluon.jit
-    def _bucket32(dt):
-        """floor(log2(1 + |dt|)) for int32 |dt| < 2**30: exponent of |dt| + 1 converted rounding toward zero."""
-        return gl.inline_asm_elementwise(
-            "{ .reg .s32 t; .reg .f32 f; abs.s32 t, $1; add.s32 t, t, 1; cvt.rz.f32.s32 f, t; mov.b32 t, f; "
-            "shr.u32 t, t, 23; sub.s32 $0, t, 127; }", "=r,r", [dt], dtype=gl.int32, is_pure=True, pack=1)
-
-    @gluon.jit
-    def _abs_gap(a, b):
-        """|a - b| of int64 timestamps saturated at INT64_MAX (hstu_attention._abs_gap's rule)."""
-        hi = gl.maximum(a, b)
-        lo = gl.minimum(a, b)
-        over = (lo < 0) & (hi > gl.where(lo < 0, lo, -1) + INT64_MAX)
-        return gl.where(over, INT64_MAX, hi - gl.where(over, hi, lo))
 
     @gluon.jit
     def _bucket64(gap):
@@ -162,11 +132,11 @@ if not GLUON_ERROR:
         z = s * alpha
         if fast & (n_start + BLOCK_N <= full_end):
             ts_j = gl.load(ts_base + offs_n)
-            bucket = _bucket32(ts_i32[:, None] - (ts_j - ts_ref).to(gl.int32)[None, :])
+            bucket = _bucket32(ts_i32[:, None] - (ts_j - ts_ref).to(gl.int32)[None, :], 4)  # PTX_CVT
             if n_start < left_end:
                 z = z + _shfl(far_lane, bucket)
             elif n_start < right_start:
-                pos = _load_nc((pos_base + (p_i - n_start))[:, None] - cols[None, :])
+                pos = _load((pos_base + (p_i - n_start))[:, None] - cols[None, :], 1)  # PTX_GATHER
                 z = z + (_shfl(time_lane, bucket) + pos)
             else:
                 z = z + _shfl(far_right_lane, bucket)
@@ -175,7 +145,7 @@ if not GLUON_ERROR:
             col_ok = offs_n < n_ctx
             ts_j = gl.where(col_ok, gl.load(ts_base + offs_n, mask=col_ok, other=0), ts_ref)
             if fast:
-                bucket = _bucket32(ts_i32[:, None] - (ts_j - ts_ref).to(gl.int32)[None, :])
+                bucket = _bucket32(ts_i32[:, None] - (ts_j - ts_ref).to(gl.int32)[None, :], 4)  # PTX_CVT
             else:
                 bucket = _bucket64(_abs_gap(ts_i64[:, None], ts_j[None, :])).to(gl.int32)
             rp = gl.minimum(gl.maximum(p_i[:, None] - offs_n[None, :], 1 - P), P - 1) + (P - 1)
