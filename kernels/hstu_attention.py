@@ -622,6 +622,35 @@ def check_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_w: to
         )
 
 
+def launch_buffers(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_offsets: torch.Tensor,
+    kv_offsets: torch.Tensor,
+    out: torch.Tensor | None,
+    splits: int | None,
+    kernel: str,
+) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """What a launch of either attention kernel writes (this one, kernels/hstu_hopper.py): -> (the output, ``out`` or
+    a new [Tq, H, Dv] in q's dtype; the key parts, ``splits`` or key_splits' choice; the kernel's destination, the
+    output itself for one part, else fp32 partial sums [parts, Tq, H, Dv] the launcher adds in a fixed order).
+    Raises ValueError (prefixed ``kernel``) for mismatched offsets or fewer than one part."""
+    if q_offsets.shape != kv_offsets.shape:
+        raise ValueError(f"q_offsets {tuple(q_offsets.shape)} and kv_offsets {tuple(kv_offsets.shape)} must match")
+    total, heads, _ = q.shape
+    dv = v.shape[-1]
+    if out is None:
+        out = torch.empty((total, heads, dv), dtype=q.dtype, device=q.device)
+    if total == 0:
+        return out, 1, out
+    n_split = key_splits(q, k.shape[0]) if splits is None else splits
+    if n_split < 1:
+        raise ValueError(f"{kernel}: splits must be >= 1, got {n_split}")
+    dest = out if n_split == 1 else torch.empty((n_split, total, heads, dv), dtype=torch.float32, device=q.device)
+    return out, n_split, dest
+
+
 def key_splits(q: torch.Tensor, num_keys: int) -> int:
     """Parts to cut each window's key range into: 1 when the (windows x heads) grid already fills
     the GPU twice over (BLOCK_M 64: the smallest tuned window), else enough parts for that, each
@@ -699,12 +728,9 @@ def hstu_attention_cached_triton(
     in a fixed order: deterministic); None = key_splits' choice (> 1 only when the grid is small).
     """
     check_supported(q, k, v, pos_w)
-    if q_offsets.shape != kv_offsets.shape:
-        raise ValueError(f"q_offsets {tuple(q_offsets.shape)} and kv_offsets {tuple(kv_offsets.shape)} must match")
+    out, n_split, dest = launch_buffers(q, k, v, q_offsets, kv_offsets, out, splits, "hstu attention kernel")
     total, heads, dqk = q.shape
     dv = v.shape[-1]
-    if out is None:
-        out = torch.empty((total, heads, dv), dtype=q.dtype, device=q.device)
     if total == 0:
         return out
     if fast_silu is None:
@@ -718,11 +744,6 @@ def hstu_attention_cached_triton(
     if pos_w.stride(1) != 1 or ts_w.stride(1) != 1:
         pos_w, ts_w = pos_w.contiguous(), ts_w.contiguous()
     time_tab, pos_tab, far_tab = bias_tables(pos_w, ts_w, 0.5, wrap)  # z = s / 2, see _act
-    n_split = key_splits(q, k.shape[0]) if splits is None else splits
-    if n_split < 1:
-        raise ValueError(f"hstu attention kernel: splits must be >= 1, got {n_split}")
-    # Parts write fp32 partial sums to a [splits, Tq, H, Dv] buffer, summed below in a fixed order.
-    dest = out if n_split == 1 else torch.empty((n_split, total, heads, dv), dtype=torch.float32, device=q.device)
     kernel, fixed = _hstu_fwd_kernel, {}
     if config is not None:  # (BLOCK_M, BLOCK_N, warps, stages[, registers])
         kernel = _hstu_fwd_kernel.fn

@@ -36,7 +36,7 @@ from kernels.hstu_attention import (
     TS_FAST_LIMIT,
     bias_tables,
     check_supported,
-    key_splits,
+    launch_buffers,
 )
 
 try:  # Gluon's Hopper pieces (triton >= 3.5); absent, every entry point raises naming it
@@ -501,21 +501,14 @@ def hstu_attention_hopper(
         raise ValueError(f"hstu hopper kernel: config {config}: unequal K / V stages with Q in shared memory gave "
                          "NaN rows on the H200 (cause not found: see HOPPER_CONFIGS); use Q in registers")  # fmt: skip
     check_hopper(q, k, v, pos_w)
-    if q_offsets.shape != kv_offsets.shape:
-        raise ValueError(f"q_offsets {tuple(q_offsets.shape)} and kv_offsets {tuple(kv_offsets.shape)} must match")
+    out, n_split, dest = launch_buffers(q, k, v, q_offsets, kv_offsets, out, splits, "hstu hopper kernel")
     total, heads, dim = q.shape
-    if out is None:
-        out = torch.empty((total, heads, dim), dtype=q.dtype, device=q.device)
     if total == 0:
         return out
     block_m, block_n, warps, k_stages, v_stages, q_regs, *cap = config or HOPPER_CONFIGS[dim][0]
     launch = {"maxnreg": cap[0]} if cap and cap[0] else {}
     num_pos = (pos_w.shape[1] + 1) // 2
     time_tab, pos_tab, far_tab = bias_tables(pos_w.contiguous(), ts_w.contiguous(), 0.5)
-    n_split = key_splits(q, k.shape[0]) if splits is None else splits
-    if n_split < 1:
-        raise ValueError(f"hstu hopper kernel: splits must be >= 1, got {n_split}")
-    dest = out if n_split == 1 else torch.empty((n_split, total, heads, dim), dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(total, block_m), heads, n_split)
     _hstu_hopper_kernel[grid](
         descriptor(q, block_m), descriptor(k, block_n), descriptor(v, block_n), q, k, v, dest,
