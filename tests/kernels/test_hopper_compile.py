@@ -37,21 +37,37 @@ NORM_CONST = {"C": 128, "BLOCK_R": 8, "BLOCK_C": 128, "ROUND_BF16": False}
 
 
 def compile_kernel(jit: Any, ptrs: dict[str, str], const: dict[str, Any], floats: tuple[str, ...], float_type: str,
-                   options: dict[str, Any] | None = None) -> Any:  # fmt: skip
-    """The kernel compiled for sm_90 as a GPU launch would specialise it (also bench/kernel_sass.py's)."""
+                   options: dict[str, Any] | None = None, descs: dict[str, str] | None = None) -> Any:  # fmt: skip
+    """The kernel compiled for sm_90 as a GPU launch would specialise it (also bench/kernel_sass.py's and the Gluon
+    kernel's test: a Gluon function compiles as Gluon; ``descs`` are its TMA descriptors' signature types)."""
+    from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
+
     fn = jit if isinstance(jit, JITFunction) else jit.fn  # the autotuner wraps the attention kernel
     names = fn.arg_names
-    signature = {}
+    signature = dict(descs or {})
     for n in names:
-        signature[n] = ptrs.get(n) or ("constexpr" if n in const else float_type if n in floats else "i32")
+        if n not in signature:
+            signature[n] = ptrs.get(n) or ("constexpr" if n in const else float_type if n in floats else "i32")
     # What the launcher specialises on a GPU: pointers and strides divisible by 16 (16-byte loads).
     aligned = [n for n in names if n in ptrs or (n.startswith("stride_") and n != "stride_os")]
-    source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in const.items()},
-                       attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})  # fmt: skip
+    source_type = GluonASTSource if isinstance(fn, GluonJITFunction) else ASTSource
+    source = source_type(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in const.items()},
+                         attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})  # fmt: skip
     try:
         return triton.compile(source, target=HOPPER, options=options or {"num_warps": 4, "num_stages": 2})
     except FileNotFoundError as exc:  # no ptxas beside the triton package
         pytest.skip(f"Triton cannot build sm90 code here: {exc}")
+
+
+def ptxas_report(ptx: str) -> str:
+    """ptxas -v's report on compiling the PTX for sm_90a (fails the test if ptxas fails)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        proc = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(src), "-o", str(Path(tmp) / "k.cubin")],
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stderr
 
 
 def compile_for_hopper(jit: Any, ptrs: dict[str, str], const: dict[str, Any], floats: tuple[str, ...],
@@ -80,14 +96,8 @@ def test_attention_wgmma_not_serialised() -> None:
     non-wgmma code defines accumulator registers inside a pipeline stage. An if/else choosing
     between the int32 key loops and the int64 loop did that; the kernel now picks by empty ranges."""
     ptx = compile_for_hopper(_hstu_fwd_kernel, ATTENTION_PTRS, ATTENTION_CONST, ("alpha", "inv_norm"), "fp32")
-    ptxas = get_ptxas(90).path
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "attention.ptx"
-        src.write_text(ptx)
-        proc = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(src), "-o", str(Path(tmp) / "a.cubin")],
-                              capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "C7515" not in proc.stderr, proc.stderr[-2000:]
+    report = ptxas_report(ptx)
+    assert "C7515" not in report, report[-2000:]
 
 
 def test_silu_compiles_for_sm90() -> None:

@@ -12,18 +12,14 @@ from __future__ import annotations
 
 import random
 import re
-import subprocess
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import triton
-from triton.backends.nvidia.compiler import get_ptxas
 
 from kernels import hstu_hopper, ops, reference
 from kernels.hstu_hopper import HOPPER_CONFIGS, KERNEL_ENV, check_hopper, hstu_attention_hopper
+from tests.kernels.test_hopper_compile import compile_kernel, ptxas_report
 
 pytestmark = pytest.mark.skipif(bool(hstu_hopper.GLUON_ERROR), reason=hstu_hopper.GLUON_ERROR or "")
 
@@ -39,42 +35,19 @@ PTRS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "q_offsets": "
 def compile_hopper(config: tuple[int, ...], head_dim: int, positions: int = 512, causal: bool = True,
                    maxnreg: int | None = None) -> Any:  # fmt: skip
     """The Gluon kernel compiled for sm_90a as a launch would specialise it (also bench/kernel_sass.py's)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
     block_m, block_n, warps, k_stages, v_stages, q_regs, *cap = config
     maxnreg = maxnreg or (cap[0] if cap else None)
-    fn = hstu_hopper._hstu_hopper_kernel
-    names = fn.arg_names
     tokens = torch.empty(64, 2, head_dim, dtype=torch.bfloat16)
-    descs = {"q_desc": hstu_hopper.descriptor(tokens, block_m), "k_desc": hstu_hopper.descriptor(tokens, block_n),
-             "v_desc": hstu_hopper.descriptor(tokens, block_n)}  # fmt: skip
+    descs = {name: mangle_type(hstu_hopper.descriptor(tokens, rows))
+             for name, rows in (("q_desc", block_m), ("k_desc", block_n), ("v_desc", block_n))}  # fmt: skip
     const = {"CAUSAL": causal, "FAST_SILU": True, "ALLOW_TS_FAST": True, "P": positions, "D": head_dim,
              "BLOCK_M": block_m, "BLOCK_N": block_n, "KS": k_stages, "VS": v_stages, "Q_REGS": bool(q_regs),
              "PARTIAL": False, "num_warps": warps}  # fmt: skip
-    signature = {}
-    for n in names:
-        scalar = "fp32" if n in ("alpha", "inv_norm") else "i32"
-        signature[n] = mangle_type(descs[n]) if n in descs else PTRS.get(n) or ("constexpr" if n in const else scalar)
-    aligned = [n for n in names if n in PTRS or (n.startswith("stride_") and n != "stride_os")]
-    source = GluonASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in const.items()},
-                            attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})  # fmt: skip
-    try:
-        options: dict[str, Any] = {"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {})}
-        return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
-    except FileNotFoundError as exc:  # no ptxas beside the triton package
-        pytest.skip(f"Triton cannot build sm90 code here: {exc}")
-
-
-def ptxas_report(ptx: str) -> str:
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "hopper.ptx"
-        src.write_text(ptx)
-        proc = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(src), "-o", str(Path(tmp) / "h.cubin")],
-                              capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stderr
+    options: dict[str, Any] = {"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {})}
+    return compile_kernel(hstu_hopper._hstu_hopper_kernel, PTRS, const, ("alpha", "inv_norm"), "fp32", options,
+                          descs)  # fmt: skip
 
 
 @pytest.mark.parametrize("head_dim", sorted(HOPPER_CONFIGS))
