@@ -94,8 +94,8 @@ def test_cached_score_graphs_exact_across_shapes_growth_and_eviction(case: str, 
     gen = torch.Generator().manual_seed(seed)
     shapes = ([(30, 3, 0)], [(12, 5, 12), (20, 2, 4)], [(85, 3, 2), (84, 2, 84), (83, 3, 5), (80, 4, 1)])
     groups = [visits(model, tables, gen, s) for s in shapes]  # float64 on the CPU, then moved
-    dev, f32 = torch.device("cuda"), dtype
-    dense = model.dense.to(dev, f32)
+    dev = torch.device("cuda")
+    dense = model.dense.to(dev, dtype)
     probe = torch.empty(1, model.cfg.hstu.num_heads, model.cfg.hstu.head_qk, device=dev, dtype=dtype)
     gluon = hstu_hopper.runs(probe, probe, probe)
     if dtype == torch.bfloat16 and torch.cuda.get_device_capability(dev)[0] == 9:
@@ -103,7 +103,7 @@ def test_cached_score_graphs_exact_across_shapes_growth_and_eviction(case: str, 
 
     def moved(users):  # type: ignore[no-untyped-def]
         return [
-            (UserKV(c.rows.to(dev, f32), c.timestamps, c.profile, c.layout), t.to(dev, f32), s.to(dev), n, now)
+            (UserKV(c.rows.to(dev, dtype), c.timestamps, c.profile, c.layout), t.to(dev, dtype), s.to(dev), n, now)
             for c, t, s, n, now in users
         ]
 
@@ -112,7 +112,7 @@ def test_cached_score_graphs_exact_across_shapes_growth_and_eviction(case: str, 
     # process): its captures compile and tune nothing (session 14: a 1-user step's layout fields sat at other
     # alignments than the warm-up's, and the compile of that variant stalled a served step 2.7 s)
     warmed = ScoreGraphs(dense, "triton", GraphStats(), max_users=4)
-    warmed.warm_up(torch.empty(0, device=dev, dtype=f32))
+    warmed.warm_up(torch.empty(0, device=dev, dtype=dtype))
     graphs = ScoreGraphs(dense, "triton", GraphStats(), max_users=4)
     bounded = ScoreGraphs(dense, "triton", GraphStats(), max_users=4, max_graphs=1)
     order = [0, 1, 2, 0, 1]  # the 4-user step grows the shared key rows: 0 and 1 are recaptured after it
