@@ -167,17 +167,20 @@ def _load(ptrs, PTX: tl.constexpr):
 
 @triton.jit
 def _lane_value(base):
-    """base[laneid] in each thread (PTX_SHFL): a per-lane register that _shfl reads a table from.
-    Triton sees a scalar; each thread holds its own lane's entry, which is what shfl needs."""
+    """base[(laneid + 1) % 32] in each thread (PTX_SHFL): a per-lane register that _shfl reads a table
+    from at an index whose low five bits are bucket - 1 (mod 32), as _exponent_bits' are. Triton sees a
+    scalar; each thread holds its own lane's entry, which is what shfl needs."""
     return tl.inline_asm_elementwise(
-        "{ .reg .u32 l; .reg .u64 a; mov.u32 l, %laneid; mul.wide.u32 a, l, 4; add.u64 a, a, $1; "
-        "ld.global.nc.f32 $0, [a]; }", "=r,l", [base], dtype=tl.float32, is_pure=True, pack=1)
+        "{ .reg .u32 l; .reg .u64 a; mov.u32 l, %laneid; add.u32 l, l, 1; and.b32 l, l, 31; "
+        "mul.wide.u32 a, l, 4; add.u64 a, a, $1; ld.global.nc.f32 $0, [a]; }", "=r,l", [base],
+        dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
 def _shfl(lane_value, idx):
-    """table[idx] for idx < 32 from the warp's registers (lane L holds table[L]): one shuffle, no
-    address arithmetic, no load. Every lane of the warp takes part (Triton code does not diverge)."""
+    """table[b] for a bucket b < 32 from the warp's registers (lane L holds table[(L + 1) % 32], and
+    shfl reads only idx's low five bits: idx = 1023 + b from _exponent_bits): one shuffle, no address
+    arithmetic, no load. Every lane of the warp takes part (Triton code does not diverge)."""
     return tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x1f, -1;", "=r,r,r",
                                      [tl.broadcast_to(lane_value, idx.shape), idx], dtype=tl.float32,
                                      is_pure=True, pack=1)
@@ -209,6 +212,23 @@ def _bucket32(dt, PTX: tl.constexpr):
         x = tl.abs(dt) + 1
         e = (x.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127
         return tl.where((1 << e) > x, e - 1, e)
+
+
+@triton.jit
+def _offset_f64(t):
+    """2**52 + 2**31 + t in float64 for int32 t, exactly, by bits: differences of two such values are the
+    int32 differences, exact in float64, with no int -> float conversion (which issues at a quarter of
+    the FP32 rate, on the pipe SiLU's tanh also needs)."""
+    bits = (t ^ -2147483648).to(tl.uint32).to(tl.int64) | 0x4330000000000000
+    return bits.to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def _exponent_bits(d):
+    """1023 + floor(log2(1 + |d|)) for an exact integer d in float64 (|d| < 2**53, so |d| + 1 is exact and
+    its exponent field is the bucket): two float64 adds and a shift per score on the PTX_SHFL path, where
+    _shfl reads only the low five bits."""
+    return ((tl.abs(d) + 1.0).to(tl.int64, bitcast=True) >> 52).to(tl.int32)
 
 
 @triton.jit
@@ -300,7 +320,11 @@ def _attn_block(acc, q, p_i, ts_i, offs_m, n_start, n_ctx, k_base, v_base, ts_ba
             z = z + _bias(bucket, p_i, n_start, time_base, pos_base, far_base, time_lane, far_lane, MASKED,
                           REL, P, BLOCK_N, PTX)
         else:
-            bucket = _bucket32(ts_i[:, None] - (ts_j - ts_ref).to(tl.int32)[None, :], PTX)
+            if (PTX & 8) and not MASKED:  # PTX_SHFL: the bucket as exponent bits (see _shfl)
+                ts_f = _offset_f64((ts_j - ts_ref).to(tl.int32))
+                bucket = _exponent_bits(_offset_f64(ts_i)[:, None] - ts_f[None, :])
+            else:
+                bucket = _bucket32(ts_i[:, None] - (ts_j - ts_ref).to(tl.int32)[None, :], PTX)
             z = z + _bias(bucket, p_i, n_start, time_base, pos_base, far_base, time_lane, far_lane, MASKED,
                           REL, P, BLOCK_N, PTX)
     a = z if ABLATE & 4 else _act(z, FAST_SILU)

@@ -92,8 +92,10 @@ if not GLUON_ERROR:
     # (Gluon needs a layout for that): _gather, _shfl and _bucket64 below. PTX flags are literals here, as there.
     _act = gluon.jit(hstu_attention._act.fn)
     _load = gluon.jit(hstu_attention._load.fn)
-    _lane_value = gluon.jit(hstu_attention._lane_value.fn)
     _bucket32 = gluon.jit(hstu_attention._bucket32.fn)
+    _lane_value = gluon.jit(hstu_attention._lane_value.fn)
+    _offset_f64 = gluon.jit(hstu_attention._offset_f64.fn)
+    _exponent_bits = gluon.jit(hstu_attention._exponent_bits.fn)
     _abs_gap = gluon.jit(hstu_attention._abs_gap.fn)
 
     @gluon.jit
@@ -118,7 +120,7 @@ if not GLUON_ERROR:
         return gl.where((e > 0) & (gap < limit), e - 1, e)
 
     @gluon.jit
-    def _scores(s, n_start, offs_m, p_i, ts_i32, ts_i64, fast, n_ctx, left_end, right_start, full_end, ts_base,
+    def _scores(s, n_start, offs_m, p_i, ts_i32, ts_f, ts_i64, fast, n_ctx, left_end, right_start, full_end, ts_base,
                 ts_ref, time_base, pos_base, far_base, time_lane, far_lane, far_right_lane, alpha,
                 CAUSAL: gl.constexpr, FAST_SILU: gl.constexpr, P: gl.constexpr, BLOCK_N: gl.constexpr,
                 DTYPE: gl.constexpr, P_LAYOUT: gl.constexpr):
@@ -132,7 +134,7 @@ if not GLUON_ERROR:
         z = s * alpha
         if fast & (n_start + BLOCK_N <= full_end):
             ts_j = gl.load(ts_base + offs_n)
-            bucket = _bucket32(ts_i32[:, None] - (ts_j - ts_ref).to(gl.int32)[None, :], 4)  # PTX_CVT
+            bucket = _exponent_bits(ts_f[:, None] - _offset_f64((ts_j - ts_ref).to(gl.int32))[None, :])
             if n_start < left_end:
                 z = z + _shfl(far_lane, bucket)
             elif n_start < right_start:
@@ -239,6 +241,7 @@ if not GLUON_ERROR:
             t_max = gl.maximum(gl.max(ts_i64, axis=0), gl.max(hi_j, axis=0))
             fast = _abs_gap(t_max, t_min) < TS_FAST_LIMIT
         ts_i32 = (ts_i64 - ts_ref).to(gl.int32)  # used only where fast
+        ts_f = _offset_f64(ts_i32)  # likewise
         time_lane = _lane_value(time_base)
         far_lane = _lane_value(far_base)
         far_right_lane = _lane_value(far_base + SLOTS)
@@ -275,7 +278,7 @@ if not GLUON_ERROR:
             s_next = warpgroup_mma(q, k_smem.index(g1 % KS).permute((1, 0)), s, use_acc=False,
                                    is_async=True)
             n_start = k_lo + j * BLOCK_N
-            p = _scores(s, n_start, offs_m, p_i, ts_i32, ts_i64, fast, n_ctx, left_end, right_start, full_end,
+            p = _scores(s, n_start, offs_m, p_i, ts_i32, ts_f, ts_i64, fast, n_ctx, left_end, right_start, full_end,
                         ts_base, ts_ref, time_base, pos_base, far_base, time_lane, far_lane, far_right_lane,
                         alpha, CAUSAL, FAST_SILU, P, BLOCK_N, DTYPE, p_layout)
             mbarrier.wait(v_bars.index(g % VS), (g // VS) & 1)
@@ -291,7 +294,7 @@ if not GLUON_ERROR:
         for j in range(gl.maximum(n_blocks - 1, 0), n_blocks):
             g = count + j
             n_start = k_lo + j * BLOCK_N
-            p = _scores(s, n_start, offs_m, p_i, ts_i32, ts_i64, fast, n_ctx, left_end, right_start, full_end,
+            p = _scores(s, n_start, offs_m, p_i, ts_i32, ts_f, ts_i64, fast, n_ctx, left_end, right_start, full_end,
                         ts_base, ts_ref, time_base, pos_base, far_base, time_lane, far_lane, far_right_lane,
                         alpha, CAUSAL, FAST_SILU, P, BLOCK_N, DTYPE, p_layout)
             mbarrier.wait(v_bars.index(g % VS), (g // VS) & 1)

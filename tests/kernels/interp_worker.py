@@ -23,6 +23,8 @@ from kernels.hstu_attention import (  # noqa: E402
     _abs_gap,
     _bucket32,
     _bucket64,
+    _exponent_bits,
+    _offset_f64,
     hstu_attention_cached_triton,
     hstu_attention_triton,
 )
@@ -253,11 +255,14 @@ def silu_job(gen: torch.Generator) -> dict[str, float]:
 
 
 @triton.jit
-def _bucket_kernel(DT, TS_I, TS_J, OUT32, OUT64, n, BLOCK: tl.constexpr):
+def _bucket_kernel(DT, TS_I, TS_J, A32, B32, OUT32, OUT64, OUTF, n, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     ok = offs < n
     dt = tl.load(DT + offs, mask=ok, other=0)
     tl.store(OUT32 + offs, _bucket32(dt, 0), mask=ok)
+    a = tl.load(A32 + offs, mask=ok, other=0)
+    b = tl.load(B32 + offs, mask=ok, other=0)
+    tl.store(OUTF + offs, _exponent_bits(_offset_f64(a) - _offset_f64(b)), mask=ok)
     gap = _abs_gap(tl.load(TS_I + offs, mask=ok, other=0), tl.load(TS_J + offs, mask=ok, other=0))
     tl.store(OUT64 + offs, _bucket64(gap), mask=ok)
 
@@ -285,10 +290,18 @@ def bucket_job() -> dict[str, float]:
     ts_i = torch.tensor([a for a, _ in pairs] + [0] * (n - len(pairs)), dtype=torch.int64)
     ts_j = torch.tensor([b for _, b in pairs] + [0] * (n - len(pairs)), dtype=torch.int64)
     dt = torch.cat([dt, torch.zeros(n - dt.numel(), dtype=torch.int32)])
+    # The GPU's unmasked-block path: int32 offsets a, b as float64 by bits, the bucket as exponent bits (+ 1023),
+    # for the same gaps with both offsets away from 0 and of either sign (the program's span below 2**29).
+    shifts = (0, (1 << 28) - 5, -(1 << 28) + 3)
+    a32 = torch.tensor([x + c for x in dt[: len(edges32) * 2].tolist() for c in shifts], dtype=torch.int32)
+    b32 = torch.tensor([c for _ in range(len(edges32) * 2) for c in shifts], dtype=torch.int32)
+    n = max(n, a32.numel())
+    ts_i, ts_j, dt, a32, b32 = (torch.cat([x, x.new_zeros(n - x.numel())]) for x in (ts_i, ts_j, dt, a32, b32))
     results: dict[str, float] = {}
-    out32 = torch.full((n,), -7, dtype=torch.int32)
-    out64 = torch.full((n,), -7, dtype=torch.int32)
-    _bucket_kernel[(1,)](dt, ts_i, ts_j, out32, out64, n, BLOCK=triton.next_power_of_2(n))
+    out32, out64, outf = (torch.full((n,), -7, dtype=torch.int32) for _ in range(3))
+    _bucket_kernel[(1,)](dt, ts_i, ts_j, a32, b32, out32, out64, outf, n, BLOCK=triton.next_power_of_2(n))
+    wantf = torch.tensor([want_bucket(x, y, 64) for x, y in zip(a32.tolist(), b32.tolist(), strict=True)])
+    results["float64_bits_path_mismatches"] = float((outf - 1023 != wantf).sum())
     for nb in (24, 31, 32, 64):
         want32 = torch.tensor([want_bucket(x, 0, nb) for x in dt.tolist()], dtype=torch.int32)
         want64 = torch.tensor(
