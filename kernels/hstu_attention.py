@@ -178,9 +178,10 @@ def _lane_value(base):
 
 @triton.jit
 def _shfl(lane_value, idx):
-    """table[b] for a bucket b < 32 from the warp's registers (lane L holds table[(L + 1) % 32], and
-    shfl reads only idx's low five bits: idx = 1023 + b from _exponent_bits): one shuffle, no address
-    arithmetic, no load. Every lane of the warp takes part (Triton code does not diverge)."""
+    """table[b] for a bucket b < 32 from the warp's registers: lane L holds table[(L + 1) % 32], and shfl
+    reads only idx's low five bits, b - 1 mod 32 for idx = 1023 + b (_exponent_bits) or 127 + b
+    (_exponent_bits32). One shuffle, no address arithmetic, no load. Every lane of the warp takes part
+    (Triton code does not diverge)."""
     return tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x1f, -1;", "=r,r,r",
                                      [tl.broadcast_to(lane_value, idx.shape), idx], dtype=tl.float32,
                                      is_pure=True, pack=1)
@@ -226,9 +227,20 @@ def _offset_f64(t):
 @triton.jit
 def _exponent_bits(d):
     """1023 + floor(log2(1 + |d|)) for an exact integer d in float64 (|d| < 2**53, so |d| + 1 is exact and
-    its exponent field is the bucket): two float64 adds and a shift per score on the PTX_SHFL path, where
-    _shfl reads only the low five bits."""
+    its exponent field is the bucket): two float64 adds and a shift per score (the Gluon kernel's unmasked
+    blocks), where _shfl reads only the low five bits."""
     return ((tl.abs(d) + 1.0).to(tl.int64, bitcast=True) >> 52).to(tl.int32)
+
+
+@triton.jit
+def _exponent_bits32(dt):
+    """127 + floor(log2(1 + |dt|)) for int32 |dt| < 2**30 (GPU only): _bucket32's PTX without its last
+    subtraction, for _shfl, which reads only the low five bits. On the H200 this kernel ran 2-7% slower
+    with _exponent_bits' float64 adds in its place (bench/results/kernels-ab-h200-s17.json), while the
+    Gluon kernel ran 2-4% faster with them."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .s32 t; .reg .f32 f; abs.s32 t, $1; add.s32 t, t, 1; cvt.rz.f32.s32 f, t; mov.b32 t, f; "
+        "shr.u32 $0, t, 23; }", "=r,r", [dt], dtype=tl.int32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -321,8 +333,7 @@ def _attn_block(acc, q, p_i, ts_i, offs_m, n_start, n_ctx, k_base, v_base, ts_ba
                           REL, P, BLOCK_N, PTX)
         else:
             if (PTX & 8) and not MASKED:  # PTX_SHFL: the bucket as exponent bits (see _shfl)
-                ts_f = _offset_f64((ts_j - ts_ref).to(tl.int32))
-                bucket = _exponent_bits(_offset_f64(ts_i)[:, None] - ts_f[None, :])
+                bucket = _exponent_bits32(ts_i[:, None] - (ts_j - ts_ref).to(tl.int32)[None, :])
             else:
                 bucket = _bucket32(ts_i[:, None] - (ts_j - ts_ref).to(tl.int32)[None, :], PTX)
             z = z + _bias(bucket, p_i, n_start, time_base, pos_base, far_base, time_lane, far_lane, MASKED,
