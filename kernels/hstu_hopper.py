@@ -10,8 +10,7 @@ session 15). Here, per key block j:
 
 so the tensor cores work on S(j+1) and PV(j) while the warps compute block j's scores (FlashAttention-3's
 intra-warpgroup overlap). Q, K and V tiles arrive by TMA into rings of shared-memory slots (K stages,
-V stages), each guarded by an mbarrier; a slot is refilled once the wgmma that read it is known complete. Each
-V tile brings its keys' time offsets (int32, from time_offsets), which the scores of its block read.
+V stages), each guarded by an mbarrier; a slot is refilled once the wgmma that read it is known complete.
 
 Contract: hstu_attention_cached_triton's (queries of a user are the last rows of its keys; full attention is
 q_offsets = kv_offsets), for 16-bit q/k/v with one head dim in SUPPORTED_HEAD_DIMS and heads contiguous within
@@ -28,7 +27,6 @@ from typing import Any
 
 import torch
 import triton
-import triton.language as tl
 
 from kernels import hstu_attention
 from kernels.hstu_attention import (
@@ -96,8 +94,8 @@ if not GLUON_ERROR:
     _load = gluon.jit(hstu_attention._load.fn)
     _bucket32 = gluon.jit(hstu_attention._bucket32.fn)
     _lane_value = gluon.jit(hstu_attention._lane_value.fn)
-    _exponent_bits = gluon.jit(hstu_attention._exponent_bits.fn)
     _offset_f64 = gluon.jit(hstu_attention._offset_f64.fn)
+    _exponent_bits = gluon.jit(hstu_attention._exponent_bits.fn)
     _abs_gap = gluon.jit(hstu_attention._abs_gap.fn)
 
     @gluon.jit
@@ -122,23 +120,21 @@ if not GLUON_ERROR:
         return gl.where((e > 0) & (gap < limit), e - 1, e)
 
     @gluon.jit
-    def _scores(s, ts_tile, n_start, offs_m, p_i, ts_i32, ts_f, ts_i64, fast, n_ctx, left_end, right_start, full_end,
-                ts_base,
+    def _scores(s, n_start, offs_m, p_i, ts_i32, ts_f, ts_i64, fast, n_ctx, left_end, right_start, full_end, ts_base,
                 ts_ref, time_base, pos_base, far_base, time_lane, far_lane, far_right_lane, alpha,
                 CAUSAL: gl.constexpr, FAST_SILU: gl.constexpr, P: gl.constexpr, BLOCK_N: gl.constexpr,
                 DTYPE: gl.constexpr, P_LAYOUT: gl.constexpr):
         """act(alpha * s + bias) of key block [n_start, n_start + BLOCK_N), masked, as the PV operand.
         The block's kind (a uniform branch) picks the bias code: unmasked far-left / near / far-right blocks
-        on the keys' int32 time offsets, which came with V into ts_tile (no address arithmetic, no global
-        load per key: profiled on the H200, those were a third of the instructions per score and the top
-        stall), else the masked form (end of history or causal diagonal; int64 gaps when the program's
-        timestamps span 2**29 s or more)."""
+        on int32 time offsets, else the masked form (end of history or causal diagonal; int64 gaps when the
+        program's timestamps span 2**29 s or more)."""
         col_layout: gl.constexpr = gl.SliceLayout(0, s.type.layout)
         cols = gl.arange(0, BLOCK_N, layout=col_layout)
         offs_n = n_start + cols
         z = s * alpha
         if fast & (n_start + BLOCK_N <= full_end):
-            bucket = _exponent_bits(ts_f[:, None] - _offset_f64(ts_tile.load(col_layout))[None, :])
+            ts_j = gl.load(ts_base + offs_n)
+            bucket = _exponent_bits(ts_f[:, None] - _offset_f64((ts_j - ts_ref).to(gl.int32))[None, :])
             if n_start < left_end:
                 z = z + _shfl(far_lane, bucket)
             elif n_start < right_start:
@@ -171,14 +167,6 @@ if not GLUON_ERROR:
         _tma_load(desc, [row, col], bars.index(slot), smem.index(slot), pred=pred)
 
     @gluon.jit
-    def _load_v(v_desc, ts_desc, v_smem, ts_smem, bars, g, row, col, pred, STAGES: gl.constexpr):
-        """TMA of one key block's V tile and its keys' float64 time offsets (one barrier) into their ring slots."""
-        slot = g % STAGES
-        mbarrier.expect(bars.index(slot), v_desc.block_type.nbytes + ts_desc.block_type.nbytes, pred=pred)
-        _tma_load(v_desc, [row, col], bars.index(slot), v_smem.index(slot), pred=pred)
-        _tma_load(ts_desc, [row], bars.index(slot), ts_smem.index(slot), pred=pred)
-
-    @gluon.jit
     def _clear_rows(v_tile, n_start, n_ctx, BLOCK_N: gl.constexpr, D: gl.constexpr, num_warps: gl.constexpr):
         """Zero the rows of a V tile at or past n_ctx: they are never attended (P is 0 there) but may hold
         anything (another user's rows, or a buffer's unwritten padding: 0 * NaN would leak)."""
@@ -190,8 +178,7 @@ if not GLUON_ERROR:
         _cta_barrier()
 
     @gluon.jit
-    def _segment(q_desc, k_desc, v_desc, ts_desc, q_smem, k_smem, v_smem, ts_smem, q_bar, k_bars, v_bars, Q, K, V,
-                 Out, ts,
+    def _segment(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bars, v_bars, Q, K, V, Out, ts,
                  time_tab, pos_tab, far_tab, q_row0, kv_start, n_ctx, m0, m_end, h, split, n_split, count, seg,
                  stride_qt, stride_kt, stride_vt, stride_ot, stride_oh, alpha, inv_norm,
                  CAUSAL: gl.constexpr, FAST_SILU: gl.constexpr, ALLOW_TS_FAST: gl.constexpr, P: gl.constexpr,
@@ -254,7 +241,7 @@ if not GLUON_ERROR:
             t_max = gl.maximum(gl.max(ts_i64, axis=0), gl.max(hi_j, axis=0))
             fast = _abs_gap(t_max, t_min) < TS_FAST_LIMIT
         ts_i32 = (ts_i64 - ts_ref).to(gl.int32)  # used only where fast
-        ts_f = _offset_f64(ts_i32)  # likewise (the keys' int32 offsets come with V: time_offsets)
+        ts_f = _offset_f64(ts_i32)  # likewise
         time_lane = _lane_value(time_base)
         far_lane = _lane_value(far_base)
         far_right_lane = _lane_value(far_base + SLOTS)
@@ -265,7 +252,7 @@ if not GLUON_ERROR:
         for i in gl.static_range(KS):
             _load_kv(k_desc, k_smem, k_bars, count + i, row0 + i * BLOCK_N, col, i < n_blocks, KS)
         for i in gl.static_range(VS):
-            _load_v(v_desc, ts_desc, v_smem, ts_smem, v_bars, count + i, row0 + i * BLOCK_N, col, i < n_blocks, VS)
+            _load_kv(v_desc, v_smem, v_bars, count + i, row0 + i * BLOCK_N, col, i < n_blocks, VS)
         mbarrier.wait(q_bar, seg & 1)
         if Q_REGS:  # noqa: SIM108 (Q as the register operand: the S wgmmas then read only K from shared memory)
             q = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
@@ -291,10 +278,10 @@ if not GLUON_ERROR:
             s_next = warpgroup_mma(q, k_smem.index(g1 % KS).permute((1, 0)), s, use_acc=False,
                                    is_async=True)
             n_start = k_lo + j * BLOCK_N
-            mbarrier.wait(v_bars.index(g % VS), (g // VS) & 1)  # V(j) and its time offsets (read by the scores)
-            p = _scores(s, ts_smem.index(g % VS), n_start, offs_m, p_i, ts_i32, ts_f, ts_i64, fast, n_ctx, left_end,
-                        right_start, full_end, ts_base, ts_ref, time_base, pos_base, far_base, time_lane, far_lane,
-                        far_right_lane, alpha, CAUSAL, FAST_SILU, P, BLOCK_N, DTYPE, p_layout)
+            p = _scores(s, n_start, offs_m, p_i, ts_i32, ts_f, ts_i64, fast, n_ctx, left_end, right_start, full_end,
+                        ts_base, ts_ref, time_base, pos_base, far_base, time_lane, far_lane, far_right_lane,
+                        alpha, CAUSAL, FAST_SILU, P, BLOCK_N, DTYPE, p_layout)
+            mbarrier.wait(v_bars.index(g % VS), (g // VS) & 1)
             if n_start + BLOCK_N > n_ctx:
                 _clear_rows(v_smem.index(g % VS), n_start, n_ctx, BLOCK_N, D, num_warps)
             acc_t = warpgroup_mma(p, v_smem.index(g % VS), acc, is_async=True)
@@ -302,15 +289,15 @@ if not GLUON_ERROR:
             s, acc, p_prev, p = warpgroup_mma_wait(1, deps=(s_next, acc_t, p_prev, p))
             p_prev = p
             # V of block j - 1 + VS into block j - 1's slot: PV(j-1) is complete.
-            _load_v(v_desc, ts_desc, v_smem, ts_smem, v_bars, g - 1 + VS, row0 + (j - 1 + VS) * BLOCK_N, col,
-                    (j >= 1) & (j - 1 + VS < n_blocks), VS)
+            _load_kv(v_desc, v_smem, v_bars, g - 1 + VS, row0 + (j - 1 + VS) * BLOCK_N, col,
+                     (j >= 1) & (j - 1 + VS < n_blocks), VS)
         for j in range(gl.maximum(n_blocks - 1, 0), n_blocks):
             g = count + j
             n_start = k_lo + j * BLOCK_N
-            mbarrier.wait(v_bars.index(g % VS), (g // VS) & 1)  # V(j) and its time offsets (read by the scores)
-            p = _scores(s, ts_smem.index(g % VS), n_start, offs_m, p_i, ts_i32, ts_f, ts_i64, fast, n_ctx, left_end,
-                        right_start, full_end, ts_base, ts_ref, time_base, pos_base, far_base, time_lane, far_lane,
-                        far_right_lane, alpha, CAUSAL, FAST_SILU, P, BLOCK_N, DTYPE, p_layout)
+            p = _scores(s, n_start, offs_m, p_i, ts_i32, ts_f, ts_i64, fast, n_ctx, left_end, right_start, full_end,
+                        ts_base, ts_ref, time_base, pos_base, far_base, time_lane, far_lane, far_right_lane,
+                        alpha, CAUSAL, FAST_SILU, P, BLOCK_N, DTYPE, p_layout)
+            mbarrier.wait(v_bars.index(g % VS), (g // VS) & 1)
             if n_start + BLOCK_N > n_ctx:
                 _clear_rows(v_smem.index(g % VS), n_start, n_ctx, BLOCK_N, D, num_warps)
             acc_t = warpgroup_mma(p, v_smem.index(g % VS), acc, is_async=True)
@@ -341,7 +328,7 @@ if not GLUON_ERROR:
         return count + n_blocks
 
     @gluon.jit(do_not_specialize=NOT_SPECIALISED)
-    def _hstu_hopper_kernel(q_desc, k_desc, v_desc, ts_desc, Q, K, V, Out, q_offsets, kv_offsets, ts, ncand, time_tab,
+    def _hstu_hopper_kernel(q_desc, k_desc, v_desc, Q, K, V, Out, q_offsets, kv_offsets, ts, ncand, time_tab,
                             pos_tab, far_tab, T, B, stride_qt, stride_kt, stride_vt, stride_ot, stride_oh,
                             stride_os, alpha, inv_norm,
                             CAUSAL: gl.constexpr, FAST_SILU: gl.constexpr, ALLOW_TS_FAST: gl.constexpr,
@@ -361,7 +348,6 @@ if not GLUON_ERROR:
         q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
         k_smem = gl.allocate_shared_memory(k_desc.dtype, [KS] + k_desc.block_type.shape, k_desc.layout)  # noqa: RUF005
         v_smem = gl.allocate_shared_memory(v_desc.dtype, [VS] + v_desc.block_type.shape, v_desc.layout)  # noqa: RUF005
-        ts_smem = gl.allocate_shared_memory(ts_desc.dtype, [VS] + ts_desc.block_type.shape, ts_desc.layout)  # noqa: RUF005
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         k_bars = gl.allocate_shared_memory(gl.int64, [KS, 1], mbarrier.MBarrierLayout())
         v_bars = gl.allocate_shared_memory(gl.int64, [VS, 1], mbarrier.MBarrierLayout())
@@ -390,9 +376,8 @@ if not GLUON_ERROR:
                 shift = length - (q_end - q_start).to(gl.int32)
                 if shift >= 0:
                     n_ctx = length - gl.load(ncand + b).to(gl.int32)
-                    count = _segment(q_desc, k_desc, v_desc, ts_desc, q_smem, k_smem, v_smem, ts_smem, q_bar, k_bars,
-                                     v_bars, Q, K, V, Out, ts, time_tab, pos_tab, far_tab, q_start - shift, kv_start,
-                                     n_ctx,
+                    count = _segment(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bars, v_bars, Q, K,
+                                     V, Out, ts, time_tab, pos_tab, far_tab, q_start - shift, kv_start, n_ctx,
                                      (seg_lo - q_start).to(gl.int32) + shift, (seg_hi - q_start).to(gl.int32) + shift,
                                      h, split, gl.num_programs(2), count, seg, stride_qt, stride_kt, stride_vt,
                                      stride_ot, stride_oh, alpha, inv_norm, CAUSAL, FAST_SILU, ALLOW_TS_FAST, P, D,
@@ -493,37 +478,6 @@ def descriptor(x: torch.Tensor, rows: int) -> Any:
                             _smem_layout(rows, dim, x.dtype))  # fmt: skip
 
 
-@triton.jit
-def _time_offsets_kernel(ts, kv_offsets, out, BLOCK: tl.constexpr):
-    """out[t] = ts[t] - ts[first key of t's user] as int32, per user (program): exact wherever the attention
-    kernel reads it (programs whose timestamps lie within 2**29 s of their user's first; elsewhere it wraps,
-    unread)."""
-    b = tl.program_id(0)
-    start = tl.load(kv_offsets + b)
-    end = tl.load(kv_offsets + b + 1)
-    ref = tl.load(ts + start, mask=end > start, other=0)
-    for t0 in range(start, end, BLOCK):
-        offs = t0 + tl.arange(0, BLOCK)
-        ok = offs < end
-        tl.store(out + offs, (tl.load(ts + offs, mask=ok, other=0) - ref).to(tl.int32), mask=ok)
-
-
-def time_offsets(timestamps: torch.Tensor, kv_offsets: torch.Tensor) -> torch.Tensor:
-    """Each key's timestamp minus its user's first, as int32 (the kernel's TMA reads them with V: 4-byte
-    elements, as every Triton's TMA descriptors take)."""
-    out = torch.empty(max(timestamps.numel(), 1), dtype=torch.int32, device=timestamps.device)
-    users = kv_offsets.numel() - 1
-    if users > 0:
-        _time_offsets_kernel[(users,)](timestamps, kv_offsets, out, BLOCK=1024)
-    return out
-
-
-def ts_descriptor(offsets: torch.Tensor, block_n: int) -> Any:
-    """A TMA descriptor over time_offsets' int32 [T], tiles of block_n keys."""
-    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
-    return TensorDescriptor(offsets, [offsets.numel()], [1], [block_n], layout)
-
-
 def hstu_attention_hopper(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -560,8 +514,7 @@ def hstu_attention_hopper(
     time_tab, pos_tab, far_tab = bias_tables(pos_w.contiguous(), ts_w.contiguous(), 0.5)
     grid = (triton.cdiv(total, block_m), heads, n_split)
     _hstu_hopper_kernel[grid](
-        descriptor(q, block_m), descriptor(k, block_n), descriptor(v, block_n),
-        ts_descriptor(time_offsets(timestamps.contiguous(), kv_offsets.contiguous()), block_n), q, k, v, dest,
+        descriptor(q, block_m), descriptor(k, block_n), descriptor(v, block_n), q, k, v, dest,
         q_offsets.contiguous(), kv_offsets.contiguous(), timestamps.contiguous(), num_candidates.contiguous(),
         time_tab, pos_tab, far_tab, total, q_offsets.numel() - 1, q.stride(0), k.stride(0), v.stride(0),
         dest.stride(-3), dest.stride(-2), dest.stride(0) if n_split > 1 else 0, 0.5 * float(alpha),

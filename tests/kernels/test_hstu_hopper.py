@@ -42,7 +42,6 @@ def compile_hopper(config: tuple[int, ...], head_dim: int, positions: int = 512,
     tokens = torch.empty(64, 2, head_dim, dtype=torch.bfloat16)
     descs = {name: mangle_type(hstu_hopper.descriptor(tokens, rows))
              for name, rows in (("q_desc", block_m), ("k_desc", block_n), ("v_desc", block_n))}  # fmt: skip
-    descs["ts_desc"] = mangle_type(hstu_hopper.ts_descriptor(torch.empty(64, dtype=torch.int32), block_n))
     const = {"CAUSAL": causal, "FAST_SILU": True, "ALLOW_TS_FAST": True, "P": positions, "D": head_dim,
              "BLOCK_M": block_m, "BLOCK_N": block_n, "KS": k_stages, "VS": v_stages, "Q_REGS": bool(q_regs),
              "PARTIAL": False, "num_warps": warps}  # fmt: skip
@@ -60,7 +59,6 @@ def test_compiles_into_the_overlapped_pipeline(head_dim: int) -> None:
     ptx = compiled.asm["ptx"]
     assert ".target sm_90a" in ptx
     assert "cp.async.bulk.tensor.2d" in ptx and "mbarrier.try_wait" in ptx
-    assert "cp.async.bulk.tensor.1d" in ptx  # the keys' time offsets, with V
     assert "wgmma.mma_async" in ptx and re.search(r"wgmma\.wait_group\.sync\.aligned\s+1;", ptx)
     assert "tanh.approx.f32" in ptx and "cvt.rz.f32.s32" in ptx and "shfl.sync.idx.b32" in ptx
     assert compiled.metadata.shared <= 227 * 1024
