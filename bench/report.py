@@ -188,9 +188,11 @@ def plugin_kernel_block(results: Results) -> str:
     return f"On an H100 (sm_90) {passed} ({len(data['cases'])} cases; {figures}): {where}."
 
 
-# The H200 kernel runs the README quotes (bench/kernels.py), newest first: s16 is the table as grc runs it (the eager
+# The H200 kernel runs the README quotes (bench/kernels.py), newest first: s17 is the table as grc runs it (the eager
 # ops pick the Gluon sm90 kernel at head dims 128 / 256, the Triton kernel at 64); s15 the Triton kernel's alone.
-KERNEL_RUNS = ("kernels-h200-s16.json", "kernels-h200-s15.json")
+KERNEL_RUNS = ("kernels-h200-s17.json", "kernels-h200-s15.json")
+# Both kernels now against an earlier commit's, back to back in one run (bench/kernels_ab.py).
+KERNEL_AB_RUN = "kernels-ab-h200-s17.json"
 KERNEL_COLUMNS = ["head dim (P / NB)", "seq", "heads", "candidates", "kernel", "ms", "TFLOP/s (% of peak)",
                   "SDPA TFLOP/s", "rel. error vs reference"]  # fmt: skip
 # The Gluon kernel beside the Triton kernel in one run each (bench/kernels_explore.py --sections hopper), per head dim:
@@ -252,6 +254,27 @@ def kernels_hopper_block(results: Results) -> str:
                              f"{ms['triton'] / ms['hopper']:.2f}x", picked])  # fmt: skip
     head = ["head dim", "seq", "queries", "Triton kernel ms", "Gluon kernel ms", "Gluon speed-up", "grc runs"]
     return "Side by side, " + "; ".join(sources.values()) + ":\n\n" + table(head, rows)
+
+
+def kernels_ab_block(results: Results) -> str:
+    """Each kernel now against an earlier commit's (KERNEL_AB_RUN), timed back to back in one run, rows checked
+    against float64 in the run."""
+    data = results(KERNEL_AB_RUN)
+    ms = {(r["d"], r["seq"], r["variant"]): r for r in data["rows"] if "ms" in r}
+    rows = []
+    for d, seq, variant in sorted({(d, s, v.split()[0]) for d, s, v in ms}, key=lambda k: (k[0], -k[1], k[2])):
+        before, now = ms.get((d, seq, f"{variant} before")), ms.get((d, seq, f"{variant} now"))
+        if before and now:
+            ok = "yes" if before["ok"] and now["ok"] else "NO"
+            rows.append([str(d), str(seq), str(now["heads"]), variant, num(before["ms"]), num(now["ms"]),
+                         f"{before['ms'] / now['ms']:.2f}x", f"{now['pct_of_peak']:.0f}%", ok])  # fmt: skip
+    head = ["head dim", "seq", "heads", "kernel", f"{data['before']} ms", "now ms", "speed-up", "now % of peak",
+            "both within 1e-2 of float64"]  # fmt: skip
+    return (
+        f"Now vs commit {data['before']}'s kernels, back to back in one run, {source(KERNEL_AB_RUN, data)} "
+        f"(bf16, causal, 64k tokens, no candidates; matmul peak {num(data['matmul_peak_tflops'])} TFLOP/s that run):"
+        "\n\n" + table(head, rows)
+    )
 
 
 def e2e_gpu_block(results: Results) -> str:
@@ -776,6 +799,7 @@ BLOCKS: dict[str, Callable[[Results], str]] = {
     "plugin-kernel": plugin_kernel_block,
     "kernels": kernels_block,
     "kernels-hopper": kernels_hopper_block,
+    "kernels-ab": kernels_ab_block,
     "e2e-gpu": e2e_gpu_block,
     "table-share": table_share_block,
     "quant": quant_block,
