@@ -51,10 +51,12 @@ def load_before(folder: Path) -> tuple[ModuleType, ModuleType]:
     return attention, importlib.import_module("kernels_before.hstu_hopper")
 
 
-def launchers(before: tuple[ModuleType, ModuleType], d: int) -> list[tuple[str, Launcher]]:
+def launchers(before: tuple[ModuleType, ModuleType], d: int, kernels: str = "triton,hopper") -> list[tuple[str, Launcher]]:
     attn_b, hop_b = before
-    out = [("triton before", attn_b.hstu_attention_cached_triton), ("triton now", hstu_attention_cached_triton)]
-    if d in hstu_hopper.SUPPORTED_HEAD_DIMS:
+    out: list[tuple[str, Launcher]] = []
+    if "triton" in kernels.split(","):
+        out += [("triton before", attn_b.hstu_attention_cached_triton), ("triton now", hstu_attention_cached_triton)]
+    if "hopper" in kernels.split(",") and d in hstu_hopper.SUPPORTED_HEAD_DIMS:
         out += [("hopper before", hop_b.hstu_attention_hopper), ("hopper now", hstu_hopper.hstu_attention_hopper)]
     return out
 
@@ -79,6 +81,7 @@ def main() -> None:
     parser.add_argument("--label", default="before", help="what --before is (a commit)")
     parser.add_argument("--head-dims", default="128,256,64")
     parser.add_argument("--seqs", default="8192,2048,512")
+    parser.add_argument("--kernels", default="triton,hopper", help="which kernels to time: triton, hopper or both")
     parser.add_argument("--budget-s", type=float, default=float("inf"))
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     opts = parser.parse_args()
@@ -93,7 +96,7 @@ def main() -> None:
         for seq in map(int, opts.seqs.split(",")):
             users = bench.TOTAL_TOKENS // seq
             big = ([seq] * users, [0] * users, None)
-            for variant, launch in launchers(before, d):
+            for variant, launch in launchers(before, d, opts.kernels):
                 item = f"{variant} d{d} seq {seq}"
                 if time.monotonic() > deadline:
                     rows.append({"item": item, "skipped": "time budget spent"})
