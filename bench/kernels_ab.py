@@ -51,7 +51,7 @@ def load_before(folder: Path) -> tuple[ModuleType, ModuleType]:
     return attention, importlib.import_module("kernels_before.hstu_hopper")
 
 
-def launchers(before: tuple[ModuleType, ModuleType], d: int, kernels: str = "triton,hopper") -> list[tuple[str, Launcher]]:
+def launchers(before: tuple[ModuleType, ModuleType], d: int, kernels: str) -> list[tuple[str, Launcher]]:
     attn_b, hop_b = before
     out: list[tuple[str, Launcher]] = []
     if "triton" in kernels.split(","):
