@@ -83,9 +83,6 @@ HOPPER_CONFIGS: dict[int, tuple[HopperConfig, ...]] = {
     256: ((64, 32, 4, 2, 2, 0), (128, 32, 8, 2, 2, 0)),
 }
 SEARCH = triton.language.constexpr(256)  # users scanned per step when a window looks for its first user
-# Timestamps per step of a program's scan for its time path (8 loads in flight per thread at 4 warps): the steps run
-# one after another, each a load's latency, so at seq 2048 a program takes at most 2 instead of 8 (at 256).
-TS_SCAN = triton.language.constexpr(1024)
 
 
 if not GLUON_ERROR:
@@ -198,35 +195,12 @@ if not GLUON_ERROR:
                                                            instr_shape=[16, D, 16])
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-        ts_scan: gl.constexpr = gl.BlockedLayout([TS_SCAN // (32 * num_warps)], [32], [num_warps], [0])
+        scan: gl.constexpr = gl.BlockedLayout([SEARCH // (32 * num_warps)], [32], [num_warps], [0])
 
-        # The prologue hides latency behind latency: Q, K and V tiles are requested first (TMA) and arrive while the
-        # program's timestamps are scanned (profiled on the H200, a program's one-off work was ~12% of the kernel's
-        # time at seq 8192, so more at shorter seqs). S(0) stays after the scan: issued before it, in flight across
-        # the scan's loop, ptxas fenced every wgmma of the key loop (24 warpgroup barriers per block instead of 3).
+        # Q tile by TMA while the key ranges are worked out.
         col = h * D
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
         _tma_load(q_desc, [(q_row0 + m0).to(gl.int32), col], q_bar, q_smem)
-        p_lo = gl.minimum(m0, n_ctx)
-        p_hi = gl.minimum(m_end - 1, n_ctx)
-        if CAUSAL:
-            hi = gl.minimum(m_end, n_ctx)
-            full_end = (gl.minimum(m0 + 1, n_ctx) // BLOCK_N) * BLOCK_N
-        else:
-            hi = n_ctx
-            full_end = (n_ctx // BLOCK_N) * BLOCK_N
-        per_split = gl.cdiv(gl.cdiv(hi, BLOCK_N), n_split) * BLOCK_N
-        k_lo = gl.minimum(split * per_split, hi)
-        k_hi = gl.minimum(k_lo + per_split, hi)
-        n_blocks = gl.cdiv(k_hi - k_lo, BLOCK_N)
-        row0 = (kv_start + k_lo).to(gl.int32)
-        for i in gl.static_range(KS):
-            _load_kv(k_desc, k_smem, k_bars, count + i, row0 + i * BLOCK_N, col, i < n_blocks, KS)
-        for i in gl.static_range(VS):
-            _load_kv(v_desc, v_smem, v_bars, count + i, row0 + i * BLOCK_N, col, i < n_blocks, VS)
-        left_end = gl.minimum((gl.maximum(p_lo - P + 2, 0) // BLOCK_N) * BLOCK_N, full_end)
-        right_start = gl.minimum(gl.maximum(((p_hi + P - 1 + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, left_end),
-                                 full_end)
 
         offs_m = m0 + gl.arange(0, BLOCK_M, layout=row_s)
         row_ok = offs_m < m_end
@@ -239,12 +213,27 @@ if not GLUON_ERROR:
         pos_base = pos_tab + h64 * (2 * P - 1 + 2 * PAD) + PAD + P - 1
         far_base = far_tab + h64 * (2 * SLOTS)
 
+        p_lo = gl.minimum(m0, n_ctx)
+        p_hi = gl.minimum(m_end - 1, n_ctx)
+        if CAUSAL:
+            hi = gl.minimum(m_end, n_ctx)
+            full_end = (gl.minimum(m0 + 1, n_ctx) // BLOCK_N) * BLOCK_N
+        else:
+            hi = n_ctx
+            full_end = (n_ctx // BLOCK_N) * BLOCK_N
+        per_split = gl.cdiv(gl.cdiv(hi, BLOCK_N), n_split) * BLOCK_N
+        k_lo = gl.minimum(split * per_split, hi)
+        k_hi = gl.minimum(k_lo + per_split, hi)
+        left_end = gl.minimum((gl.maximum(p_lo - P + 2, 0) // BLOCK_N) * BLOCK_N, full_end)
+        right_start = gl.minimum(gl.maximum(((p_hi + P - 1 + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, left_end),
+                                 full_end)
+
         fast = k_hi < 0  # False, as a tensor
         if ALLOW_TS_FAST:  # int32 offsets if every timestamp this program reads lies within 2**29 s
-            lo_j = gl.full([TS_SCAN], 0, gl.int64, ts_scan) + ts_ref
+            lo_j = gl.full([SEARCH], 0, gl.int64, scan) + ts_ref
             hi_j = lo_j
-            for n0 in range(k_lo, k_hi, TS_SCAN):
-                offs = n0 + gl.arange(0, TS_SCAN, layout=ts_scan)
+            for n0 in range(k_lo, k_hi, SEARCH):
+                offs = n0 + gl.arange(0, SEARCH, layout=scan)
                 t = gl.load(ts_base + offs, mask=offs < k_hi, other=0)
                 lo_j = gl.minimum(lo_j, gl.where(offs < k_hi, t, ts_ref))
                 hi_j = gl.maximum(hi_j, gl.where(offs < k_hi, t, ts_ref))
@@ -257,19 +246,27 @@ if not GLUON_ERROR:
         far_lane = _lane_value(far_base)
         far_right_lane = _lane_value(far_base + SLOTS)
 
+        # Key blocks [k_lo, k_hi): prologue loads, S(0), then the overlapped loop and its last block.
+        n_blocks = gl.cdiv(k_hi - k_lo, BLOCK_N)
+        row0 = (kv_start + k_lo).to(gl.int32)
+        for i in gl.static_range(KS):
+            _load_kv(k_desc, k_smem, k_bars, count + i, row0 + i * BLOCK_N, col, i < n_blocks, KS)
+        for i in gl.static_range(VS):
+            _load_kv(v_desc, v_smem, v_bars, count + i, row0 + i * BLOCK_N, col, i < n_blocks, VS)
         mbarrier.wait(q_bar, seg & 1)
         if Q_REGS:  # noqa: SIM108 (Q as the register operand: the S wgmmas then read only K from shared memory)
             q = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
         else:
             q = q_smem
+
         s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
         acc = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
         p_prev = gl.zeros([BLOCK_M, BLOCK_N], DTYPE, p_layout)
         for _ in range(0, gl.minimum(n_blocks, 1)):  # S(0): a loop of 0 or 1 trips, not an if (see below)
             mbarrier.wait(k_bars.index(count % KS), (count // KS) & 1)
-            s0 = warpgroup_mma(q, k_smem.index(count % KS).permute((1, 0)), s, use_acc=False, is_async=True)
+            s0 = warpgroup_mma(q, k_smem.index(count % KS).permute((1, 0)), s, use_acc=False,
+                               is_async=True)
             s = warpgroup_mma_wait(0, deps=(s0,))
-
         # Every branch around a wgmma makes ptxas serialise all of the kernel's wgmmas (warning C7515):
         # the last block is a loop of 0 or 1 trips after the main loop instead of an `if` inside it.
         for j in range(0, n_blocks - 1):
