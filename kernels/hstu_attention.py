@@ -28,7 +28,8 @@ Per-score work is the bottleneck (not the two matmuls), so it is trimmed to a fe
 Exact for every table size: any time_buckets (a gap saturates at 2**63 - 1, bucket 63) and
 position_buckets up to MAX_POSITION_BUCKETS; unsupported settings raise ValueError
 (check_supported). The same kernel serves queries against cached keys: the queries of a user are
-the last rows of its key sequence (q_offsets vs kv_offsets).
+the last rows of its key sequence (q_offsets vs kv_offsets), whose keys may also be any range of
+k and v (kv_offsets [B, 2]: an arena's entries, read in place).
 """
 
 from __future__ import annotations
@@ -533,16 +534,17 @@ def _hstu_fwd_kernel(Q, K, V, Out, q_offsets, kv_offsets, ts, ncand, time_tab, p
                      P: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                      DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, PTX: tl.constexpr,
-                     ABLATE: tl.constexpr, SEARCH: tl.constexpr, PARTIAL: tl.constexpr):
+                     ABLATE: tl.constexpr, SEARCH: tl.constexpr, PARTIAL: tl.constexpr, KV_STRIDE: tl.constexpr):
     """One program per window of BLOCK_M consecutive query tokens (all users flattened) and head.
 
     Per user b the queries q_offsets[b]..q_offsets[b+1] are the last rows of the sequence whose
     keys, values and timestamps kv_offsets[b]..kv_offsets[b+1] hold (full attention: the same
-    offsets; cached keys: a suffix). The grid needs only T (query tokens) and H, no host-side
-    tile list. A window inside one user is one tile; one that spans users is cut at their
-    boundaries. Windows run last-first: late rows of a causal user see the most keys, so the
-    longest work starts first and the launch has a short tail. Grid axis 2 splits each window's
-    key range (PARTIAL: Out is an fp32 [splits, T, H, Dv] buffer of partial sums).
+    offsets; cached keys: a suffix), or with KV_STRIDE 2 kv_offsets[b, 0]..kv_offsets[b, 1] (key
+    ranges). The grid needs only T (query tokens) and H, no host-side tile list. A window inside
+    one user is one tile; one that spans users is cut at their boundaries. Windows run last-first:
+    late rows of a causal user see the most keys, so the longest work starts first and the launch
+    has a short tail. Grid axis 2 splits each window's key range (PARTIAL: Out is an fp32
+    [splits, T, H, Dv] buffer of partial sums).
     """
     h = tl.program_id(1)
     split = tl.program_id(2)
@@ -565,8 +567,8 @@ def _hstu_fwd_kernel(Q, K, V, Out, q_offsets, kv_offsets, ts, ncand, time_tab, p
         q_end = tl.load(q_offsets + b + 1)
         seg_hi = tl.minimum(q_end, win_hi)
         if seg_hi > seg_lo:  # users without queries give empty segments
-            kv_start = tl.load(kv_offsets + b)
-            length = (tl.load(kv_offsets + b + 1) - kv_start).to(tl.int32)
+            kv_start = tl.load(kv_offsets + b * KV_STRIDE)  # KV_STRIDE 1: offsets [B+1]; 2: ranges [B, 2]
+            length = (tl.load(kv_offsets + b * KV_STRIDE + 1) - kv_start).to(tl.int32)
             shift = length - (q_end - q_start).to(tl.int32)  # sequence position of the user's first query
             if shift >= 0:
                 n_ctx = length - tl.load(ncand + b).to(tl.int32)
@@ -659,31 +661,43 @@ def check_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_w: to
 
 def launch_buffers(
     q: torch.Tensor,
-    k: torch.Tensor,
     v: torch.Tensor,
-    q_offsets: torch.Tensor,
-    kv_offsets: torch.Tensor,
     out: torch.Tensor | None,
     splits: int | None,
     kernel: str,
+    num_keys: int,
 ) -> tuple[torch.Tensor, int, torch.Tensor]:
     """What a launch of either attention kernel writes (this one, kernels/hstu_hopper.py): -> (the output, ``out`` or
-    a new [Tq, H, Dv] in q's dtype; the key parts, ``splits`` or key_splits' choice; the kernel's destination, the
-    output itself for one part, else fp32 partial sums [parts, Tq, H, Dv] the launcher adds in a fixed order).
-    Raises ValueError (prefixed ``kernel``) for mismatched offsets or fewer than one part."""
-    if q_offsets.shape != kv_offsets.shape:
-        raise ValueError(f"q_offsets {tuple(q_offsets.shape)} and kv_offsets {tuple(kv_offsets.shape)} must match")
+    a new [Tq, H, Dv] in q's dtype; the key parts, ``splits`` or key_splits' choice for ``num_keys`` (key_count);
+    the kernel's destination, the output itself for one part, else fp32 partial sums [parts, Tq, H, Dv] the launcher
+    adds in a fixed order). Raises ValueError (prefixed ``kernel``) for fewer than one part."""
     total, heads, _ = q.shape
     dv = v.shape[-1]
     if out is None:
         out = torch.empty((total, heads, dv), dtype=q.dtype, device=q.device)
     if total == 0:
         return out, 1, out
-    n_split = key_splits(q, k.shape[0]) if splits is None else splits
+    n_split = key_splits(q, num_keys) if splits is None else splits
     if n_split < 1:
         raise ValueError(f"{kernel}: splits must be >= 1, got {n_split}")
     dest = out if n_split == 1 else torch.empty((n_split, total, heads, dv), dtype=torch.float32, device=q.device)
     return out, n_split, dest
+
+
+def key_count(k: torch.Tensor, q_offsets: torch.Tensor, kv_offsets: torch.Tensor, max_user_keys: int | None) -> int:
+    """All users' keys, bounded on the host (no device read), for key_splits and the autotuning key; checks the key
+    layout. Offsets [B+1] (q_offsets' shape): k's rows. Ranges [B, 2] (an arena's entries, anywhere in k): k's rows
+    say nothing, so the caller's bound on one user's keys is required, times the users."""
+    users = q_offsets.numel() - 1
+    if kv_offsets.dim() == 2:
+        if tuple(kv_offsets.shape) != (users, 2):
+            raise ValueError(f"kv ranges must be [users, 2] = [{users}, 2] (start, end), got {tuple(kv_offsets.shape)}")
+        if max_user_keys is None:
+            raise ValueError("kv ranges need max_user_keys, a bound on one user's keys (read on the host: no sync)")
+        return users * max_user_keys
+    if q_offsets.shape != kv_offsets.shape:
+        raise ValueError(f"q_offsets {tuple(q_offsets.shape)} and kv_offsets {tuple(kv_offsets.shape)} must match")
+    return k.shape[0]
 
 
 def key_splits(q: torch.Tensor, num_keys: int) -> int:
@@ -745,10 +759,13 @@ def hstu_attention_cached_triton(
     ablate: int = 0,
     ptx: int | None = None,
     splits: int | None = None,
+    max_user_keys: int | None = None,
 ) -> torch.Tensor:
     """Launch the kernel: per user the queries q[q_offsets[b]:q_offsets[b+1]] are the last rows of
-    the sequence k, v, timestamps[kv_offsets[b]:kv_offsets[b+1]] (contract:
-    reference.hstu_attention_cached). -> [Tq, H, Dv]. A user with more queries than keys gets NaN
+    the sequence k, v, timestamps[kv_offsets[b]:kv_offsets[b+1]], or with kv_offsets [B, 2] of
+    k, v, timestamps[kv_offsets[b, 0]:kv_offsets[b, 1]] (key ranges: an arena's entries; then
+    max_user_keys, a host-side bound on one user's keys, sizes the key split and the autotuning key)
+    (contract: reference.hstu_attention_cached). -> [Tq, H, Dv]. A user with more queries than keys gets NaN
     rows (the kernel cannot raise). ``wrap`` is torch.library.wrap_triton inside the custom op;
     ``out`` (optional, [Tq, H, Dv] in q's dtype) lets tests pass a poisoned buffer.
 
@@ -763,7 +780,8 @@ def hstu_attention_cached_triton(
     in a fixed order: deterministic); None = key_splits' choice (> 1 only when the grid is small).
     """
     check_supported(q, k, v, pos_w)
-    out, n_split, dest = launch_buffers(q, k, v, q_offsets, kv_offsets, out, splits, "hstu attention kernel")
+    num_keys = key_count(k, q_offsets, kv_offsets, max_user_keys)
+    out, n_split, dest = launch_buffers(q, v, out, splits, "hstu attention kernel", num_keys)
     total, heads, dqk = q.shape
     dv = v.shape[-1]
     if total == 0:
@@ -814,7 +832,7 @@ def hstu_attention_cached_triton(
         0.5 * float(alpha),
         1.0 / float(norm),
         heads,
-        seq_bucket(k.shape[0], users),
+        seq_bucket(num_keys, users),
         CAUSAL=bool(causal),
         FAST_SILU=bool(fast_silu),
         ALLOW_TS_FAST=bool(allow_ts_fast),
@@ -829,6 +847,7 @@ def hstu_attention_cached_triton(
         ABLATE=ablate,
         SEARCH=256,
         PARTIAL=n_split > 1,
+        KV_STRIDE=kv_offsets.dim(),  # offsets [B+1]: 1; ranges [B, 2]: 2
         **fixed,
     )
     if n_split > 1:

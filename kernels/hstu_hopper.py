@@ -36,6 +36,7 @@ from kernels.hstu_attention import (
     TS_FAST_LIMIT,
     bias_tables,
     check_supported,
+    key_count,
     launch_buffers,
 )
 
@@ -334,7 +335,7 @@ if not GLUON_ERROR:
                             CAUSAL: gl.constexpr, FAST_SILU: gl.constexpr, ALLOW_TS_FAST: gl.constexpr,
                             P: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                             KS: gl.constexpr, VS: gl.constexpr, Q_REGS: gl.constexpr, PARTIAL: gl.constexpr,
-                            num_warps: gl.constexpr):
+                            KV_STRIDE: gl.constexpr, num_warps: gl.constexpr):
         """One program per window of BLOCK_M query tokens (users flattened, last window first) and head;
         grid axis 2 splits the key range (PARTIAL: fp32 partial sums). As hstu_attention._hstu_fwd_kernel."""
         h = gl.program_id(1)
@@ -371,8 +372,8 @@ if not GLUON_ERROR:
             q_end = gl.load(q_offsets + b + 1)
             seg_hi = gl.minimum(q_end, win_hi)
             if seg_hi > seg_lo:  # users without queries give empty segments
-                kv_start = gl.load(kv_offsets + b)
-                length = (gl.load(kv_offsets + b + 1) - kv_start).to(gl.int32)
+                kv_start = gl.load(kv_offsets + b * KV_STRIDE)  # KV_STRIDE 1: offsets [B+1]; 2: ranges [B, 2]
+                length = (gl.load(kv_offsets + b * KV_STRIDE + 1) - kv_start).to(gl.int32)
                 shift = length - (q_end - q_start).to(gl.int32)
                 if shift >= 0:
                     n_ctx = length - gl.load(ncand + b).to(gl.int32)
@@ -496,15 +497,18 @@ def hstu_attention_hopper(
     out: torch.Tensor | None = None,
     config: tuple[int, ...] | None = None,
     splits: int | None = None,
+    max_user_keys: int | None = None,
 ) -> torch.Tensor:
-    """hstu_attention_cached_triton's contract on the Gluon kernel (see the module docstring). config:
+    """hstu_attention_cached_triton's contract on the Gluon kernel (see the module docstring), key ranges included
+    (kv_offsets [B, 2] with max_user_keys). config:
     (BLOCK_M, BLOCK_N, warps, K stages, V stages, Q in registers[, max registers per thread]), default
     HOPPER_CONFIGS' first for the head dim."""
     if config is not None and config[3] != config[4] and not config[5]:
         raise ValueError(f"hstu hopper kernel: config {config}: unequal K / V stages with Q in shared memory gave "
                          "NaN rows on the H200 (cause not found: see HOPPER_CONFIGS); use Q in registers")  # fmt: skip
     check_hopper(q, k, v, pos_w)
-    out, n_split, dest = launch_buffers(q, k, v, q_offsets, kv_offsets, out, splits, "hstu hopper kernel")
+    num_keys = key_count(k, q_offsets, kv_offsets, max_user_keys)
+    out, n_split, dest = launch_buffers(q, v, out, splits, "hstu hopper kernel", num_keys)
     total, heads, dim = q.shape
     if total == 0:
         return out
@@ -520,7 +524,7 @@ def hstu_attention_hopper(
         dest.stride(-3), dest.stride(-2), dest.stride(0) if n_split > 1 else 0, 0.5 * float(alpha),
         1.0 / float(norm), CAUSAL=bool(causal), FAST_SILU=bool(fast_silu), ALLOW_TS_FAST=bool(allow_ts_fast),
         P=num_pos, D=dim, BLOCK_M=block_m, BLOCK_N=block_n, KS=k_stages, VS=v_stages,
-        Q_REGS=bool(q_regs), PARTIAL=n_split > 1, num_warps=warps, **launch,
+        Q_REGS=bool(q_regs), PARTIAL=n_split > 1, KV_STRIDE=kv_offsets.dim(), num_warps=warps, **launch,
     )  # fmt: skip
     if n_split > 1:
         out.copy_(dest.sum(0))

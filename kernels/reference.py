@@ -79,6 +79,13 @@ def norm_gate(a: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bias: torc
     return y.to(a.dtype)
 
 
+def key_range(kv_offsets: torch.Tensor, b: int) -> tuple[int, int]:
+    """User b's keys [lo, hi): from offsets [B+1] (users one after another) or ranges [B, 2]."""
+    if kv_offsets.dim() == 2:
+        return int(kv_offsets[b, 0]), int(kv_offsets[b, 1])
+    return int(kv_offsets[b]), int(kv_offsets[b + 1])
+
+
 def hstu_attention_cached(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -96,7 +103,9 @@ def hstu_attention_cached(
     """Queries against cached keys: [Tq, H, Dv] in q's dtype.
 
     Per user b the keys/values ``k, v[kv_offsets[b]:kv_offsets[b+1]]`` (length Lk: cached tokens,
-    then new ones) and their ``timestamps`` (kv layout) are the user's whole sequence, whose last
+    then new ones; with ``kv_offsets`` of shape [B, 2], ``k, v[kv_offsets[b, 0]:kv_offsets[b, 1]]``:
+    key ranges anywhere in k and v, an arena's entries) and their ``timestamps`` (kv layout) are the
+    user's whole sequence, whose last
     ``num_candidates[b]`` tokens are candidates; the queries ``q[q_offsets[b]:q_offsets[b+1]]``
     (length Lq <= Lk) are that sequence's last Lq tokens. The result is exactly the rows that
     ``hstu_attention`` over the whole sequence gives for those tokens: query r sits at absolute
@@ -105,8 +114,8 @@ def hstu_attention_cached(
     cdt = compute_dtype(q.dtype)
     out = torch.zeros((q.shape[0], q.shape[1], v.shape[2]), dtype=cdt, device=v.device)
     pos_w, ts_w = pos_w.to(cdt), ts_w.to(cdt)
-    for b in range(kv_offsets.numel() - 1):
-        k_lo, k_hi = int(kv_offsets[b]), int(kv_offsets[b + 1])
+    for b in range(q_offsets.numel() - 1):
+        k_lo, k_hi = key_range(kv_offsets, b)
         q_lo, q_hi = int(q_offsets[b]), int(q_offsets[b + 1])
         length, n_q = k_hi - k_lo, q_hi - q_lo
         if n_q > length:

@@ -30,6 +30,7 @@ from kernels.hstu_attention import (  # noqa: E402
 )
 from kernels.norm_gate import norm_gate_triton  # noqa: E402
 from kernels.silu import silu_triton  # noqa: E402
+from tests.kernels.arena import arena  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
@@ -149,11 +150,14 @@ def cached_case(
     d: int = 32,
     via_op: bool = False,
     splits: int = 1,
+    ranged: bool = False,
 ) -> float:
     """Queries = the last n_queries[b] tokens of each user's sequence, against all its keys.
     via_op: through kernels.hstu_attention_cached (the grc::hstu_attention_cached triton_op,
     which launches the kernel on CPU tensors under the interpreter) instead of the launcher.
-    splits: key-range parts summed as fp32 partials (the GPU picks them for small grids)."""
+    splits: key-range parts summed as fp32 partials (the GPU picks them for small grids).
+    ranged: the keys also as ranges of an arena (users in shuffled order, NaN keys and values and
+    far-off timestamps between them); inf unless that launch equals the contiguous one bit for bit."""
     num_pos = 8
     kv_offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int64)
     q_offsets = torch.tensor([0, *torch.tensor(n_queries).cumsum(0).tolist()], dtype=torch.int64)
@@ -175,6 +179,15 @@ def cached_case(
     ref = reference.hstu_attention_cached(
         q.double(), k.double(), v.double(), *args, pos_w.double(), ts_w.double(), 0.3, 7.0, causal
     )
+    if ranged:
+        k_a, v_a, ts_a, ranges = arena(gen, k, v, ts, kv_offsets)
+        poisoned = torch.full((total_q, heads, d), float("nan"), dtype=dtype)
+        got = hstu_attention_cached_triton(q, k_a, v_a, q_offsets, ranges, ts_a, nc, pos_w, ts_w, 0.3, 7.0, causal,
+                                           out=poisoned, splits=splits, max_user_keys=max(lengths))  # fmt: skip
+        ref_r = reference.hstu_attention_cached(q.double(), k_a.double(), v_a.double(), q_offsets, ranges, ts_a, nc,
+                                                pos_w.double(), ts_w.double(), 0.3, 7.0, causal)  # fmt: skip
+        if not (torch.equal(got, out) and torch.equal(ref_r, ref)):
+            return float("inf")
     return rel_err(out, ref)
 
 
@@ -202,6 +215,16 @@ def cached_job(dtype: torch.dtype, gen: torch.Generator) -> dict[str, float]:
             f"split_keys_4_mixed_{tag}": cached_case(gen, dtype, lengths, ncands, [8, 1, 41, 1, 5], causal, splits=4),
             f"split_keys_2_huge_gaps_{tag}": cached_case(
                 gen, dtype, [70, 9], [4, 0], [10, 9], causal, num_buckets=64, ts_high=1 << 56, splits=2
+            ),
+            # keys as ranges of an arena (the history cache's entries read in place), equal to the contiguous launch
+            f"ranged_mixed_suffix_{tag}": cached_case(
+                gen, dtype, lengths, ncands, [8, 1, 41, 1, 5], causal, ranged=True
+            ),
+            f"ranged_split_keys_3_{tag}": cached_case(
+                gen, dtype, [155, 170], [5, 3], [5, 20], causal, splits=3, ranged=True
+            ),
+            f"ranged_huge_gaps_{tag}": cached_case(
+                gen, dtype, [70, 9], [4, 0], [10, 9], causal, num_buckets=64, ts_high=1 << 56, ranged=True
             ),
         }
     return results

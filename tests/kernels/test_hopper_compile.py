@@ -31,7 +31,7 @@ ATTENTION_PTRS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "q_o
 ATTENTION_CONST = {"CAUSAL": True, "FAST_SILU": True, "ALLOW_TS_FAST": True, "P": 64,
                    "DQK": 64, "DV": 64, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_DQK": 64, "BLOCK_DV": 64,
                    "DOT_PREC": "ieee", "DOT_UPCAST": False, "PTX": 13, "ABLATE": 0, "SEARCH": 64,
-                   "PARTIAL": False}  # fmt: skip
+                   "PARTIAL": False, "KV_STRIDE": 1}  # fmt: skip
 NORM_PTRS = {"A": "*bf16", "U": "*bf16", "W": "*bf16", "Bias": "*bf16", "Y": "*bf16"}
 NORM_CONST = {"C": 128, "BLOCK_R": 8, "BLOCK_C": 128, "ROUND_BF16": False}
 

@@ -18,7 +18,9 @@ import pytest
 import torch
 
 from kernels import hstu_hopper, ops, reference
+from kernels.hstu_attention import hstu_attention_cached_triton
 from kernels.hstu_hopper import HOPPER_CONFIGS, KERNEL_ENV, check_hopper, hstu_attention_hopper
+from tests.kernels.arena import arena
 from tests.kernels.test_hopper_compile import compile_kernel, ptxas_report
 
 pytestmark = pytest.mark.skipif(bool(hstu_hopper.GLUON_ERROR), reason=hstu_hopper.GLUON_ERROR or "")
@@ -33,7 +35,7 @@ PTRS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "q_offsets": "
 
 
 def compile_hopper(config: tuple[int, ...], head_dim: int, positions: int = 512, causal: bool = True,
-                   maxnreg: int | None = None) -> Any:  # fmt: skip
+                   maxnreg: int | None = None, kv_stride: int = 1) -> Any:  # fmt: skip
     """The Gluon kernel compiled for sm_90a as a launch would specialise it (also bench/kernel_sass.py's)."""
     from triton.runtime.jit import mangle_type
 
@@ -44,7 +46,7 @@ def compile_hopper(config: tuple[int, ...], head_dim: int, positions: int = 512,
              for name, rows in (("q_desc", block_m), ("k_desc", block_n), ("v_desc", block_n))}  # fmt: skip
     const = {"CAUSAL": causal, "FAST_SILU": True, "ALLOW_TS_FAST": True, "P": positions, "D": head_dim,
              "BLOCK_M": block_m, "BLOCK_N": block_n, "KS": k_stages, "VS": v_stages, "Q_REGS": bool(q_regs),
-             "PARTIAL": False, "num_warps": warps}  # fmt: skip
+             "PARTIAL": False, "KV_STRIDE": kv_stride, "num_warps": warps}  # fmt: skip
     options: dict[str, Any] = {"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {})}
     return compile_kernel(hstu_hopper._hstu_hopper_kernel, PTRS, const, ("alpha", "inv_norm"), "fp32", options,
                           descs)  # fmt: skip
@@ -63,6 +65,40 @@ def test_compiles_into_the_overlapped_pipeline(head_dim: int) -> None:
     assert "tanh.approx.f32" in ptx and "cvt.rz.f32.s32" in ptx and "shfl.sync.idx.b32" in ptx
     assert compiled.metadata.shared <= 227 * 1024
     assert "C7515" not in ptxas_report(ptx)
+
+
+def test_compiles_for_key_ranges() -> None:
+    """Keys as ranges of an arena (KV_STRIDE 2: kv_offsets [B, 2]) compile into the same pipeline (the GPU runs of
+    this variant are still to come: the interpreter cannot run Gluon; the Triton kernel's is tested there)."""
+    ptx = compile_hopper(HOPPER_CONFIGS[256][0], 256, kv_stride=2).asm["ptx"]
+    assert re.search(r"wgmma\.wait_group\.sync\.aligned\s+1;", ptx)
+    assert "C7515" not in ptxas_report(ptx)
+
+
+@pytest.mark.skipif(not _sm90(), reason="needs a CUDA GPU of compute capability 9.x (sm90: wgmma, TMA)")
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("kernel", ["hopper", "triton"])
+def test_key_ranges_on_the_gpu(kernel: str, splits: int) -> None:
+    """Keys as ranges of an arena (users shuffled, NaN keys and values between them): bit-identical to the contiguous
+    launch over the same data (same key parts), within the bf16 bound of the float64 reference."""
+    seed = random.getrandbits(31)
+    tensors, alpha, norm = _case(*JAGGED, [1, 64, 0, 300, 64, 1], 128, (512, 32), 20_000, seed=seed)
+    q, k, v, q_off, kv_off, ts, nc, pos_w, ts_w = tensors
+    k_a, v_a, ts_a, ranges = arena(torch.Generator().manual_seed(seed), k, v, ts, kv_off)
+    ref = reference.hstu_attention_cached(q.double(), k.double(), v.double(), q_off, kv_off, ts, nc, pos_w.double(),
+                                          ts_w.double(), alpha, norm, True)  # fmt: skip
+    launch = hstu_attention_hopper if kernel == "hopper" else hstu_attention_cached_triton
+    q, k, v, q_off, kv_off, ts, nc, pos_w, ts_w, k_a, v_a, ts_a, ranges = (
+        x.cuda() for x in (q, k, v, q_off, kv_off, ts, nc, pos_w, ts_w, k_a, v_a, ts_a, ranges)
+    )
+    outs = []
+    for keys, values, stamps, layout, bound in ((k, v, ts, kv_off, None), (k_a, v_a, ts_a, ranges, 777)):
+        out = torch.full((q.shape[0], *q.shape[1:]), float("nan"), dtype=torch.bfloat16, device="cuda")
+        outs.append(launch(q, keys, values, q_off, layout, stamps, nc, pos_w, ts_w, alpha, norm, True, out=out,
+                           splits=splits, max_user_keys=bound))  # fmt: skip
+    assert torch.equal(outs[1], outs[0]), f"seed={seed}"
+    err = float((outs[1].double().cpu() - ref).norm() / ref.norm())
+    assert err <= 1e-2, f"seed={seed}: rel. error {err}"
 
 
 def _tokens(n: int, heads: int, d: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

@@ -275,3 +275,26 @@ def test_eager_calls_skip_the_op_dispatch_and_export_still_holds_the_op() -> Non
     program = torch.export.export(Attention(), inputs)
     assert "grc.hstu_attention.default" in {str(n.target) for n in program.graph.nodes}
     assert torch.equal(program.module()(*inputs), direct)
+
+
+def test_key_ranges_need_their_shape_and_a_bound_on_keys() -> None:
+    """Keys as ranges of an arena ([users, 2]): k's rows say nothing about one user's keys, so the launch (which sizes
+    its key split and autotuning key on the host) refuses ranges without max_user_keys, and ranges of another shape;
+    the float64 reference reads the same ranges (the interpreter tests check the kernel against it)."""
+    from kernels.hstu_attention import hstu_attention_cached_triton
+
+    heads, d = 2, 16
+    q, k, v = torch.randn(3, heads, d), torch.randn(20, heads, d), torch.randn(20, heads, d)
+    q_offsets, ranges = torch.tensor([0, 1, 3]), torch.tensor([[12, 18], [2, 7]])
+    ts, nc = torch.arange(20) * 10, torch.tensor([1, 0])
+    pos_w, ts_w = torch.randn(heads, 7), torch.randn(heads, 8)
+    args = (ts, nc, pos_w, ts_w, 0.3, 7.0, True)
+    with pytest.raises(ValueError, match="max_user_keys"):
+        hstu_attention_cached_triton(q, k, v, q_offsets, ranges, *args)
+    with pytest.raises(ValueError, match=r"\[users, 2\] = \[2, 2\]"):
+        hstu_attention_cached_triton(q, k, v, q_offsets, torch.cat([ranges, ranges]), *args, max_user_keys=6)
+    got = reference.hstu_attention_cached(q, k, v, q_offsets, ranges, *args)
+    compact = torch.tensor([0, 6, 11])
+    kc, vc, tsc = (torch.cat([x[12:18], x[2:7]]) for x in (k, v, ts))
+    want = reference.hstu_attention_cached(q, kc, vc, q_offsets, compact, tsc, *args[1:])
+    assert torch.equal(got, want)
