@@ -82,7 +82,7 @@ def test_key_ranges_on_the_gpu(kernel: str, splits: int) -> None:
     """Keys as ranges of an arena (users shuffled, NaN keys and values between them): bit-identical to the contiguous
     launch over the same data (same key parts), within the bf16 bound of the float64 reference."""
     seed = random.getrandbits(31)
-    tensors, alpha, norm = _case(*JAGGED, [1, 64, 0, 300, 64, 1], 128, (512, 32), 20_000, seed=seed)
+    tensors, alpha, norm = _case(*JAGGED, [1, 64, 0, 300, 64, 1], 4, 128, (512, 32), 20_000, seed=seed)
     q, k, v, q_off, kv_off, ts, nc, pos_w, ts_w = tensors
     k_a, v_a, ts_a, ranges = arena(torch.Generator().manual_seed(seed), k, v, ts, kv_off)
     ref = reference.hstu_attention_cached(q.double(), k.double(), v.double(), q_off, kv_off, ts, nc, pos_w.double(),
