@@ -236,8 +236,8 @@ def _exponent_bits(d):
 @triton.jit
 def _exponent_bits32(dt):
     """127 + floor(log2(1 + |dt|)) for int32 |dt| < 2**30 (GPU only): _bucket32's PTX without its last
-    subtraction, for _shfl, which reads only the low five bits. On the H200 this kernel ran 2-7% slower
-    with _exponent_bits' float64 adds in its place (bench/results/kernels-ab-h200-s17.json), while the
+    subtraction, for _shfl, which reads only the low five bits. On the H200 this kernel ran up to 7% slower
+    with _exponent_bits' float64 adds in its place (bench/results/kernels-ab-h200-s17a-f64-both.json), while the
     Gluon kernel ran 2-4% faster with them."""
     return tl.inline_asm_elementwise(
         "{ .reg .s32 t; .reg .f32 f; abs.s32 t, $1; add.s32 t, t, 1; cvt.rz.f32.s32 f, t; mov.b32 t, f; "
