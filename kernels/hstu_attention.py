@@ -219,8 +219,9 @@ def _bucket32(dt, PTX: tl.constexpr):
 @triton.jit
 def _offset_f64(t):
     """2**52 + 2**31 + t in float64 for int32 t, exactly, by bits: differences of two such values are the
-    int32 differences, exact in float64, with no int -> float conversion (which issues at a quarter of
-    the FP32 rate, on the pipe SiLU's tanh also needs)."""
+    int32 differences, exact in float64, with no int -> float conversion per score (a quarter-rate
+    instruction; dropping it gained the Gluon kernel 2-4%, not more: the kernel is latency-bound, see
+    bench/results/kernels-notes.md, session 17)."""
     bits = (t ^ -2147483648).to(tl.uint32).to(tl.int64) | 0x4330000000000000
     return bits.to(tl.float64, bitcast=True)
 
