@@ -4,11 +4,13 @@ Attention rows: head dim 128 (mtgr-base's P = 512, NB = 32) and 64 (mtgr-small's
 NB = 24) x seq in {512, ..., 8192} x heads in {4, 8} x {no candidates, seq/4 candidates}, ~64k
 tokens, bf16, causal. Cached-keys rows: 1 user x {1000, 4096} cached history x {256, 512}
 candidates (the candidates are the queries, against history + themselves), beside the full
-attention over the same sequence. TFLOP/s count only unmasked pairs: 2 matmuls (QK^T, AV) ->
-4 * d FLOPs per pair per head. In the same run: the measured bf16 matmul peak (8192^3) and, for
-rows without candidates, a dense causal scaled_dot_product_attention of the same shape (softmax
-yardstick, FLOPs counted the same way). Results go through bench/_common.write_result
-(provenance: argv, commit + dirty flag, date, device, versions).
+attention over the same sequence, each timed as eager calls and replayed from a CUDA graph (as
+the served step runs it: an eager call at one user is mostly host launch time). TFLOP/s count
+only unmasked pairs: 2 matmuls (QK^T, AV) -> 4 * d FLOPs per pair per head. In the same run: the
+measured bf16 matmul peak (8192^3) and, for rows without candidates, a dense causal
+scaled_dot_product_attention of the same shape (softmax yardstick, FLOPs counted the same way).
+Results go through bench/_common.write_result (provenance: argv, commit + dirty flag, date, device,
+versions).
 
     python bench/kernels.py [--out-dir DIR] [--quick] [--ref-timing] [--budget-s S] [--variants | --explore]
     python bench/kernels.py --dry-run   # CPU: tiny shapes through the Triton interpreter (checks the script)
@@ -122,6 +124,15 @@ def median_ms(fn: Callable[[], Any], rep_ms: int = 200) -> float:
     return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
 
 
+def graph_ms(fn: Callable[[], Any]) -> float:
+    """Median ms of fn replayed from a CUDA graph (as the history cache's served step runs it): no host launch
+    time, which at one user's few queries would be most of an eager call. Call fn once first (autotuning and
+    compiles stay outside the capture). The interpreter: median_ms (no graphs on the CPU)."""
+    if DRY:
+        return median_ms(fn)
+    return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
+
+
 def slow_ms(fn: Callable[[], Any], runs: int = 3) -> float:
     """Median of a few event-timed runs after one warm-up, for the slow reference."""
     if DRY:
@@ -196,8 +207,10 @@ def bench_cached_row(cached: int, cands: int, d: int, heads: int, peak: float) -
     q_offsets = torch.tensor([0, cands], dtype=torch.int64, device=DEVICE)
     args = (q[cached:], k, v, q_offsets, offsets, ts, nc, pos_w, ts_w, alpha, norm, causal)
     flops = 4 * d * heads * unmasked_pairs([length], [cands], True, queries=[cands])
-    ours = median_ms(lambda: kernels.hstu_attention_cached(*args))
-    full = median_ms(lambda: kernels.hstu_attention(q, k, v, offsets, ts, nc, pos_w, ts_w, alpha, norm, causal))
+    cached_call = functools.partial(kernels.hstu_attention_cached, *args)
+    full_call = functools.partial(kernels.hstu_attention, q, k, v, offsets, ts, nc, pos_w, ts_w, alpha, norm, causal)
+    ours, full = median_ms(cached_call), median_ms(full_call)  # eager: one user's launch is mostly host time
+    ours_graph, full_graph = graph_ms(cached_call), graph_ms(full_call)
     out = kernels.hstu_attention_cached(*args)
     return {
         "users": 1,
@@ -209,6 +222,9 @@ def bench_cached_row(cached: int, cands: int, d: int, heads: int, peak: float) -
         "ours_tflops": flops / ours * 1e-9,
         "pct_of_matmul_peak": 100 * flops / ours * 1e-9 / peak,
         "full_sequence_ms": full,
+        "ours_graph_ms": ours_graph,
+        "ours_graph_tflops": flops / ours_graph * 1e-9,
+        "full_sequence_graph_ms": full_graph,
         "rel_err_vs_ref": rel_err(out, reference.hstu_attention_cached(*args)),
         "config": best_config(q, k, v),
         "kernel": "hopper" if hstu_hopper.runs(q, k, v) else "triton",
@@ -335,14 +351,19 @@ def print_table(result: dict[str, Any]) -> None:
         print(f"{r['d']:4d} {r['seq']:5d} {r['heads']:2d} {r['cands']:6d} | {r['ours_ms']:8.3f} "
               f"{r['ours_tflops']:8.1f} {r['pct_of_matmul_peak']:5.1f}% | {sdpa} | {r['rel_err_vs_ref']:.1e} | "
               f"{r['config']}")  # fmt: skip
-    print("cached keys: users cached cands d H |  ours ms  TFLOP/s  %peak | full-seq ms | rel err")
+    print(
+        "cached keys: users cached cands d H | eager: ours ms  full-seq ms | CUDA graph: ours ms  TFLOP/s  "
+        "full-seq ms | rel err"
+    )
     for r in result.get("cached", []):
         if "ours_ms" not in r:
             print(f"  {r['shape']}: {r.get('error') or r.get('skipped')}")
             continue
+        graphed = (f"{r['ours_graph_ms']:19.3f} {r['ours_graph_tflops']:8.1f} {r['full_sequence_graph_ms']:12.3f}"
+                   if "ours_graph_ms" in r else " " * 41)  # fmt: skip
+        eager = f"{r['ours_ms']:14.3f} {r['full_sequence_ms']:12.3f}"
         print(f"             {r['users']:5d} {r['cached']:6d} {r['cands']:5d} {r['d']:3d} {r['heads']} | "
-              f"{r['ours_ms']:8.3f} {r['ours_tflops']:8.1f} {r['pct_of_matmul_peak']:5.1f}% | "
-              f"{r['full_sequence_ms']:11.3f} | {r['rel_err_vs_ref']:.1e}")  # fmt: skip
+              f"{eager} | {graphed} | {r['rel_err_vs_ref']:.1e}")  # fmt: skip
     ng = result.get("norm_gate")
     if ng:
         print(f"norm_gate {ng['shape']}: {ng['ours_gbs']:.0f} GB/s ({ng['pct_of_copy_bw']:.0f}% of copy)")

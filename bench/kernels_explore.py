@@ -37,7 +37,6 @@ if "--dry-run" in sys.argv:  # before triton/kernels are imported: the interpret
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -92,12 +91,6 @@ def check(launch: Launcher, small: tuple[list[int], list[int], list[int] | None]
     return bench.rel_err(out, ref)
 
 
-def graph_ms(fn: Callable[[], Any]) -> float:
-    """Median ms of fn replayed from a CUDA graph (as the history cache's served step runs it): no host launch
-    time, which at one user's few queries would be most of an eager call."""
-    return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
-
-
 def row(section: str, variant: str, launch: Launcher, big: tuple, small: tuple, heads: int, d: int,
         tables: tuple[int, int], peak: float, graphed: bool = False, **kw: Any) -> dict[str, Any]:  # fmt: skip
     lengths, ncands, queries = big
@@ -107,7 +100,7 @@ def row(section: str, variant: str, launch: Launcher, big: tuple, small: tuple, 
     call = functools.partial(launch, *args, **kw)
     if graphed and not bench.DRY:
         call()  # autotunes and compiles outside the capture
-        ms = graph_ms(call)
+        ms = bench.graph_ms(call)
     else:
         ms = bench.median_ms(call)
     return {"section": section, "variant": variant, "seq": lengths[0], "users": len(lengths),
