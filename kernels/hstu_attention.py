@@ -334,10 +334,11 @@ def _attn_block(acc, q, p_i, ts_i, offs_m, n_start, n_ctx, k_base, v_base, ts_ba
             z = z + _bias(bucket, p_i, n_start, time_base, pos_base, far_base, time_lane, far_lane, MASKED,
                           REL, P, BLOCK_N, PTX)
         else:
-            if (PTX & 8) and not MASKED:  # PTX_SHFL: the bucket as exponent bits (see _shfl)
-                bucket = _exponent_bits32(ts_i[:, None] - (ts_j - ts_ref).to(tl.int32)[None, :])
+            dt = ts_i[:, None] - (ts_j - ts_ref).to(tl.int32)[None, :]
+            if (PTX & 8) and not MASKED:  # noqa: SIM108 (PTX_SHFL: the bucket as exponent bits, see _shfl)
+                bucket = _exponent_bits32(dt)
             else:
-                bucket = _bucket32(ts_i[:, None] - (ts_j - ts_ref).to(tl.int32)[None, :], PTX)
+                bucket = _bucket32(dt, PTX)
             z = z + _bias(bucket, p_i, n_start, time_base, pos_base, far_base, time_lane, far_lane, MASKED,
                           REL, P, BLOCK_N, PTX)
     a = z if ABLATE & 4 else _act(z, FAST_SILU)
