@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench.kernels as bench
 from bench._common import RESULTS, write_result
 from bench.kernels_explore import Launcher, row
+from bench.report import ab_pairs
 from kernels import hstu_hopper
 from kernels.hstu_attention import hstu_attention_cached_triton
 
@@ -63,13 +64,10 @@ def launchers(before: tuple[ModuleType, ModuleType], d: int, kernels: str) -> li
 
 def print_table(rows: list[dict[str, Any]], label: str) -> None:
     print(f"\n  d   seq heads | kernel  | before ({label}) ms | now ms | now / before | %peak now | rel err b / n")
-    by = {(r["d"], r["seq"], r["variant"]): r for r in rows if "ms" in r}
-    for d, seq, variant in sorted({(d, s, v.split()[0]) for d, s, v in by}, key=lambda k: (k[0], -k[1], k[2])):
-        b, n = by.get((d, seq, f"{variant} before")), by.get((d, seq, f"{variant} now"))
-        if b and n:
-            errs = f"{b['rel_err_f64']:.1e} / {n['rel_err_f64']:.1e}"
-            print(f"{d:4} {seq:5} {n['heads']:5} | {variant:7} | {b['ms']:16.3f} | {n['ms']:6.3f} | "
-                  f"{n['ms'] / b['ms']:12.3f} | {n['pct_of_peak']:8.1f}% | {errs}")  # fmt: skip
+    for variant, b, n in ab_pairs(rows):
+        errs = f"{b['rel_err_f64']:.1e} / {n['rel_err_f64']:.1e}"
+        print(f"{n['d']:4} {n['seq']:5} {n['heads']:5} | {variant:7} | {b['ms']:16.3f} | {n['ms']:6.3f} | "
+              f"{n['ms'] / b['ms']:12.3f} | {n['pct_of_peak']:8.1f}% | {errs}")  # fmt: skip
     for r in rows:
         if "ms" not in r:
             print(f"  {r['item']}: {r.get('error') or r.get('skipped')}")

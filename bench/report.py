@@ -256,18 +256,25 @@ def kernels_hopper_block(results: Results) -> str:
     return "Side by side, " + "; ".join(sources.values()) + ":\n\n" + table(head, rows)
 
 
+def ab_pairs(rows: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(kernel, before row, now row) of a bench/kernels_ab.py run, for every shape timed both ways: by head dim,
+    then longest sequence first."""
+    timed = {(r["d"], r["seq"], r["variant"]): r for r in rows if "ms" in r}
+    shapes = sorted({(d, s, v.split()[0]) for d, s, v in timed}, key=lambda k: (k[0], -k[1], k[2]))
+    return [(kernel, timed[(d, seq, f"{kernel} before")], timed[(d, seq, f"{kernel} now")])
+            for d, seq, kernel in shapes
+            if (d, seq, f"{kernel} before") in timed and (d, seq, f"{kernel} now") in timed]  # fmt: skip
+
+
 def kernels_ab_block(results: Results) -> str:
     """Each kernel now against an earlier commit's (KERNEL_AB_RUN), timed back to back in one run, rows checked
     against float64 in the run."""
     data = results(KERNEL_AB_RUN)
-    ms = {(r["d"], r["seq"], r["variant"]): r for r in data["rows"] if "ms" in r}
     rows = []
-    for d, seq, variant in sorted({(d, s, v.split()[0]) for d, s, v in ms}, key=lambda k: (k[0], -k[1], k[2])):
-        before, now = ms.get((d, seq, f"{variant} before")), ms.get((d, seq, f"{variant} now"))
-        if before and now:
-            ok = "yes" if before["ok"] and now["ok"] else "NO"
-            rows.append([str(d), str(seq), str(now["heads"]), variant, num(before["ms"]), num(now["ms"]),
-                         f"{before['ms'] / now['ms']:.2f}x", f"{now['pct_of_peak']:.0f}%", ok])  # fmt: skip
+    for variant, before, now in ab_pairs(data["rows"]):
+        ok = "yes" if before["ok"] and now["ok"] else "NO"
+        rows.append([str(now["d"]), str(now["seq"]), str(now["heads"]), variant, num(before["ms"]), num(now["ms"]),
+                     f"{before['ms'] / now['ms']:.2f}x", f"{now['pct_of_peak']:.0f}%", ok])  # fmt: skip
     head = ["head dim", "seq", "heads", "kernel", f"{data['before']} ms", "now ms", "speed-up", "now % of peak",
             "both within 1e-2 of float64"]  # fmt: skip
     return (
