@@ -313,7 +313,7 @@ def bucket_job() -> dict[str, float]:
     ts_i = torch.tensor([a for a, _ in pairs] + [0] * (n - len(pairs)), dtype=torch.int64)
     ts_j = torch.tensor([b for _, b in pairs] + [0] * (n - len(pairs)), dtype=torch.int64)
     dt = torch.cat([dt, torch.zeros(n - dt.numel(), dtype=torch.int32)])
-    # The GPU's unmasked-block path: int32 offsets a, b as float64 by bits, the bucket as exponent bits (+ 1023),
+    # The Gluon kernel's unmasked blocks: int32 offsets a, b as float64 by bits, the bucket as exponent bits (+ 1023),
     # for the same gaps with both offsets away from 0 and of either sign (the program's span below 2**29).
     shifts = (0, (1 << 28) - 5, -(1 << 28) + 3)
     a32 = torch.tensor([x + c for x in dt[: len(edges32) * 2].tolist() for c in shifts], dtype=torch.int32)

@@ -68,8 +68,8 @@ def test_compiles_into_the_overlapped_pipeline(head_dim: int) -> None:
 
 
 def test_compiles_for_key_ranges() -> None:
-    """Keys as ranges of an arena (KV_STRIDE 2: kv_offsets [B, 2]) compile into the same pipeline (the GPU runs of
-    this variant are still to come: the interpreter cannot run Gluon; the Triton kernel's is tested there)."""
+    """Keys as ranges of an arena (KV_STRIDE 2: kv_offsets [B, 2]) compile into the same pipeline on any host (the
+    interpreter cannot run Gluon; test_key_ranges_on_the_gpu runs the variant on an sm90 GPU)."""
     ptx = compile_hopper(HOPPER_CONFIGS[256][0], 256, kv_stride=2).asm["ptx"]
     assert re.search(r"wgmma\.wait_group\.sync\.aligned\s+1;", ptx)
     assert "C7515" not in ptxas_report(ptx)
