@@ -163,21 +163,26 @@ def compiled_fused(case: Case, wl: str) -> Call:
     return compiled_module(case, wl, fuse=True)
 
 
-def package(case: Case, fuse: bool = False, silu_apart: bool = False) -> Callable[..., torch.Tensor]:
-    """The AOTInductor package, built once per spec by the aoti stage's code (compile, a load check
+def package(
+    case: Case, fuse: bool = False, silu_apart: bool = False, attention: str = "auto"
+) -> Callable[..., torch.Tensor]:
+    """The AOTInductor package, built once per spec and variant by the aoti stage's code (compile, a load check
     in a child process, float64 parity), loaded with the single-threaded runner: the one whose
-    CUDA-graph capture works (the default runner's capture failed on the H200)."""
-    what = f"the AOTInductor package{' (fused)' if fuse else ''}{' (SiLU apart)' if silu_apart else ''}"
-    return case.once(what, lambda: build_package(case, fuse, silu_apart))
+    CUDA-graph capture works (the default runner's capture failed on the H200). attention: engine.aoti.attention."""
+    variant = f"{' (fused)' if fuse else ''}{' (SiLU apart)' if silu_apart else ''}"
+    variant += f" (attention {attention})" if attention != "auto" else ""
+    return case.once(f"the AOTInductor package{variant}", lambda: build_package(case, fuse, silu_apart, attention))
 
 
-def build_package(case: Case, fuse: bool, silu_apart: bool = False) -> Callable[..., torch.Tensor]:
+def build_package(
+    case: Case, fuse: bool, silu_apart: bool = False, attention: str = "auto"
+) -> Callable[..., torch.Tensor]:
     from grc.aoti.build import compile_target, verify_target
     from grc.aoti.runtime import load
 
     folder = Path(tempfile.mkdtemp(prefix="grc-aoti-")) / "cuda"
     log = lambda m: print(f"  {m}", flush=True)  # noqa: E731
-    compiled = compile_target(case.dense, "cuda", "bfloat16", folder, log, fuse, silu_apart)
+    compiled = compile_target(case.dense, "cuda", "bfloat16", folder, log, fuse, silu_apart, attention)
     if compiled["status"] != "compiled":
         raise RuntimeError(f"the package was not built: {compiled.get('reason')}")
     shapes = [(s.users, s.history, s.candidates) for s in case.spec.verify.shapes]
@@ -186,7 +191,8 @@ def build_package(case: Case, fuse: bool, silu_apart: bool = False) -> Callable[
     entry = verify_target(case.dense, compiled, folder, tolerance, shapes, 20240501, provenance, log,
                           single_threaded=True)  # fmt: skip
     meta = json.loads((folder / "metadata.json").read_text())
-    case.record["aoti_package" + ("_fused" if fuse else "") + ("_silu_apart" if silu_apart else "")] = {
+    key = "aoti_package" + ("_fused" if fuse else "") + ("_silu_apart" if silu_apart else "")
+    case.record[key + ("" if attention == "auto" else f"_attention_{attention}")] = {
         "entry": entry,
         "build_seconds": meta["build_seconds"],
         "parity": meta["parity"],
@@ -214,6 +220,10 @@ def package_silu_graph(case: Case, wl: str) -> Call:
     return graphed(case, package(case, silu_apart=True), case.inputs[wl].args())
 
 
+def package_triton_attention_graph(case: Case, wl: str) -> Call:
+    return graphed(case, package(case, attention="triton"), case.inputs[wl].args())
+
+
 # In the order they run: the baselines first, then the package (its compile and parity take
 # minutes: a child that runs out of time must still have measured it), then the kernel paths.
 MODES: dict[str, Mode] = {
@@ -223,9 +233,13 @@ MODES: dict[str, Mode] = {
                                 compiled_padded, baseline=True, padded=True),
     "compile_bf16_padded_graph": Mode("the same, CUDA graph per shape", compiled_padded_graph, baseline=True,
                                       padded=True, needs_cuda=True),
-    "aoti_bf16_nograph": Mode("AOTInductor package bf16, grc Triton ops, no CUDA graph", package_nograph,
+    "aoti_bf16_nograph": Mode("AOTInductor package bf16, grc ops (engine.aoti.attention auto), no CUDA graph",
+                              package_nograph,
                               needs_cuda=True),
     "aoti_bf16": Mode("the same package, CUDA graph per shape", package_graph, needs_cuda=True),
+    "aoti_bf16_triton_attention": Mode("the package with engine.aoti.attention: triton (the Triton attention "
+                                       "kernel compiled in, not the Gluon sm90 one), CUDA graph per shape",
+                                       package_triton_attention_graph, needs_cuda=True),
     "aoti_bf16_fused": Mode("the package with engine.aoti.fuse (kernels/fused_*.py), CUDA graph per shape",
                             package_fused_graph, needs_cuda=True),
     "aoti_bf16_silu": Mode("the package with engine.aoti.silu_apart (grc::silu: one activated UVQK buffer), "

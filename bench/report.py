@@ -38,6 +38,8 @@ MODE_LABELS = {
     "compile_bf16_padded_graph": "PyTorch + torch.compile + CUDA graph, padded batch (baseline)",
     "aoti_bf16_nograph": "grc AOTInductor package",
     "aoti_bf16": "grc AOTInductor package + CUDA graph",
+    "aoti_bf16_triton_attention": "grc AOTInductor package with the Triton attention kernel "
+    "(engine.aoti.attention: triton), + CUDA graph",
     "aoti_bf16_silu": "grc AOTInductor package, SiLU apart from the UVQK GEMM (engine.aoti.silu_apart), + CUDA graph",
     # session 13 (e2e-h200-s13-mtgr-small-autotune.json, commit 9d70480): measured slower and removed since
     "aoti_bf16_autotune": "grc AOTInductor package compiled with Inductor's max-autotune (engine.aoti.max_autotune "

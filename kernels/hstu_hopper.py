@@ -21,8 +21,10 @@ for sm_90a; correctness runs on the device).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -396,10 +398,11 @@ if not GLUON_ERROR:
     # fmt: on
 
 
-# Which kernel the eager and graph-captured paths (kernels.ops' "kernel" route) launch on an sm90 GPU: "auto" (this
-# one where it measured faster: DEFAULT_HEAD_DIMS), "triton" (always the Triton kernel) or "hopper" (this one, and
-# an error naming why where it cannot run). torch.compile / torch.export / AOTInductor trace the grc:: ops, which
-# launch the Triton kernel through torch.library.wrap_triton (Inductor compiles Triton kernels, not Gluon ones).
+# Which kernel the attention runs on an sm90 GPU: "auto" (this one where it measured faster: DEFAULT_HEAD_DIMS),
+# "triton" (always the Triton kernel) or "hopper" (this one, and an error naming why where it cannot run). Eager and
+# graph-captured calls launch it directly; compiled code (torch.compile, AOTInductor packages) calls it as the opaque
+# grc::hstu_attention_hopper op (kernels/ops.py), since Inductor compiles Triton kernels, not Gluon ones. The
+# environment picks for a process; a package build picks by its spec (engine.aoti.attention, kernel_choice below).
 KERNEL_ENV = "GRC_ATTENTION_KERNEL"
 KERNEL_CHOICES = ("auto", "triton", "hopper")
 # Measured on the H200 (HOPPER_CONFIGS' notes: seq 512-8192, 64k tokens, bf16): d 128 1.11-1.16x and d 256
@@ -408,8 +411,9 @@ KERNEL_CHOICES = ("auto", "triton", "hopper")
 DEFAULT_HEAD_DIMS = (128, 256)
 
 
-def why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
-    """'' when this kernel runs these tensors, else what stops it."""
+def why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pointers: bool = True) -> str:
+    """'' when this kernel runs these tensors, else what stops it. pointers=False leaves out the data pointers'
+    alignment: a traced (fake) tensor has none, and the launch checks it again (check_hopper)."""
     if GLUON_ERROR:
         return GLUON_ERROR
     if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -419,9 +423,10 @@ def why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
         return f"one head dim of {SUPPORTED_HEAD_DIMS} for q, k and v, got {sorted(dims)}"
     for name, x in (("q", q), ("k", k), ("v", v)):
         row_bytes = x.stride(0) * x.element_size()
-        if x.stride(2) != 1 or x.stride(1) != x.shape[2] or row_bytes % 16 or x.data_ptr() % 16:
+        misaligned = x.data_ptr() % 16 if pointers else 0
+        if x.stride(2) != 1 or x.stride(1) != x.shape[2] or row_bytes % 16 or misaligned:
             return (f"{name} must hold its heads contiguously in 16-byte-aligned rows (TMA), got strides "
-                    f"{tuple(x.stride())} at {x.data_ptr() % 16} bytes past 16-byte alignment")  # fmt: skip
+                    f"{tuple(x.stride())} at {misaligned} bytes past 16-byte alignment")  # fmt: skip
     if not q.is_cuda or _capability(q.device)[0] != 9:
         return f"needs an sm90 GPU (wgmma, TMA), got {q.device}"
     return ""
@@ -432,21 +437,40 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
+_forced: list[str] = []  # kernel_choice's stack: the innermost block's choice wins over KERNEL_ENV
+
+
+@contextlib.contextmanager
+def kernel_choice(choice: str) -> Iterator[None]:
+    """Inside the block the choice is ``choice`` whatever KERNEL_ENV says: a package compiled here holds the kernel
+    its spec names (engine.aoti.attention), not the one the building shell's environment happens to pick."""
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"attention kernel {choice!r}: expected one of {KERNEL_CHOICES}")
+    _forced.append(choice)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
 def chosen() -> str:
+    if _forced:
+        return _forced[-1]
     choice = os.environ.get(KERNEL_ENV, "auto")
     if choice not in KERNEL_CHOICES:
         raise ValueError(f"{KERNEL_ENV}={choice!r}: expected one of {KERNEL_CHOICES}")
     return choice
 
 
-def runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether an eager call on these tensors launches this kernel (else the Triton kernel), per KERNEL_ENV."""
+def runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, traced: bool = False) -> bool:
+    """Whether a call on these tensors runs this kernel (else the Triton kernel), per kernel_choice / KERNEL_ENV.
+    traced: q, k, v are a compile's fake tensors (no data pointers to check: the launch checks them)."""
     choice = chosen()
     if choice == "triton":
         return False
-    reason = why_not(q, k, v)
+    reason = why_not(q, k, v, pointers=not traced)
     if choice == "hopper" and reason:
-        raise ValueError(f"{KERNEL_ENV}=hopper: the Gluon sm90 attention kernel cannot run this call: {reason}")
+        raise ValueError(f"attention kernel hopper: the Gluon sm90 attention kernel cannot run this call: {reason}")
     return not reason and (choice == "hopper" or q.shape[-1] in DEFAULT_HEAD_DIMS)
 
 

@@ -13,7 +13,10 @@ impls.
 Eager calls on plain tensors without autograd skip the ops' dispatch and call the kernels (or references)
 directly; there, on an sm90 GPU, the attention runs the Gluon kernel (kernels/hstu_hopper.py) where it measured
 faster than the Triton one (its ``DEFAULT_HEAD_DIMS``; ``GRC_ATTENTION_KERNEL`` picks: auto, triton, hopper).
-Both are exact to the same reference; the ops (torch.compile, export, AOTInductor) keep the Triton kernel.
+Both are exact to the same reference. Compiled code (torch.compile, AOTInductor) reaches the same choice through the
+ops: where the Gluon kernel runs, their bodies call it as the opaque ``grc::hstu_attention_hopper`` (Inductor
+compiles Triton kernels, not Gluon ones: a package calls it back through torch's dispatcher, so the process that
+runs a GPU package imports ``kernels`` first, as grc.aoti.runtime does); else they trace the Triton kernel in.
 Skipping the dispatch matters: on the H200 the custom-op layer cost ~0.3 ms of host time per call, ~1.9 of the
 2.7 ms of an eager cached score step at mtgr-small (bench/results/history-cache-profile-h200.json). Under
 torch.compile / torch.export (fake or functional tensors) the ops run, so compiled graphs and packages still
@@ -73,7 +76,31 @@ def _hstu_attention_op(
     args = (q, k, v, offsets, timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal)
     if not runs_kernel(q):
         return torch.ops.grc.hstu_attention_reference(*args)
+    if hstu_hopper.runs(q, k, v, traced=_traced(q)):
+        return torch.ops.grc.hstu_attention_hopper(q, k, v, offsets, offsets, *args[4:])
     return hstu_attention_triton(*args, wrap=wrap_triton)
+
+
+@custom_op("grc::hstu_attention_hopper", mutates_args=())
+def _hstu_attention_hopper_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_offsets: torch.Tensor,
+    kv_offsets: torch.Tensor,
+    timestamps: torch.Tensor,
+    num_candidates: torch.Tensor,
+    pos_w: torch.Tensor,
+    ts_w: torch.Tensor,
+    alpha: float,
+    norm: float,
+    causal: bool,
+) -> torch.Tensor:
+    """The Gluon sm90 kernel as one opaque node of a compiled graph (the cached contract; full attention passes the
+    same offsets twice). It raises where the kernel cannot run (check_hopper): nothing else runs in its place."""
+    return hstu_hopper.hstu_attention_hopper(
+        q, k, v, q_offsets, kv_offsets, timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal
+    )
 
 
 @custom_op("grc::hstu_attention_cached_reference", mutates_args=())
@@ -103,6 +130,7 @@ def _attention_output_like(q: torch.Tensor, _k: torch.Tensor, v: torch.Tensor, *
 
 _hstu_attention_reference.register_fake(_attention_output_like)
 _hstu_attention_cached_reference.register_fake(_attention_output_like)
+_hstu_attention_hopper_op.register_fake(_attention_output_like)
 
 
 @triton_op("grc::hstu_attention_cached", mutates_args=())
@@ -123,6 +151,8 @@ def _hstu_attention_cached_op(
     args = (q, k, v, q_offsets, kv_offsets, timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal)
     if not runs_kernel(q):
         return torch.ops.grc.hstu_attention_cached_reference(*args)
+    if hstu_hopper.runs(q, k, v, traced=_traced(q)):
+        return torch.ops.grc.hstu_attention_hopper(*args)
     return hstu_attention_cached_triton(*args, wrap=wrap_triton)
 
 
@@ -139,6 +169,11 @@ def _norm_gate_op(
 # subclasses). Testing `type(t) is torch.Tensor` alone sent every model call through the op (the H200 profile of
 # session 8 still showed the ops' dispatch in the eager steps).
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _traced(x: torch.Tensor) -> bool:
+    """Whether x is a compile's or export's stand-in (fake or functional: no data pointer to check)."""
+    return type(x) not in _PLAIN
 
 
 def _route(impl: str, first: torch.Tensor, *tensors: torch.Tensor) -> str:

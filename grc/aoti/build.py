@@ -45,8 +45,10 @@ from grc.errors import StageError
 from grc.model.gr import GRDense
 from grc.spec.schema import ModelConfig, Tolerance
 from grc.verify.compare import Figure, compare
+from kernels import hstu_hopper
 
 PACKAGE = "model.pt2"
+ATTENTION_OP, HOPPER_OP = "grc.hstu_attention.default", "grc.hstu_attention_hopper.default"
 METADATA = "metadata.json"
 FORMAT = "grc-aoti/1"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -244,11 +246,26 @@ def compile_target(
     log: Callable[[str], None] = print,
     fuse: bool = False,
     silu_apart: bool = False,
+    attention: str = "auto",
 ) -> dict[str, Any]:
     """Export + AOTInductor compile into ``folder``. Returns {"status": "skipped", ...} when this
     host lacks the target's device, else what ``verify_target`` needs. fuse: the fused Triton
     GEMMs and heads (kernels/fused_*.py; their twins on a CPU), else the unfused layer; silu_apart:
-    the unfused layer's SiLU as the grc::silu op (engine.aoti.silu_apart)."""
+    the unfused layer's SiLU as the grc::silu op (engine.aoti.silu_apart); attention: the GPU
+    package's attention kernel (engine.aoti.attention)."""
+    with hstu_hopper.kernel_choice(attention):
+        return _compile_target(dense, target, dtype_name, folder, log, fuse, silu_apart)
+
+
+def _compile_target(
+    dense: GRDense,
+    target: str,
+    dtype_name: str,
+    folder: Path,
+    log: Callable[[str], None],
+    fuse: bool,
+    silu_apart: bool,
+) -> dict[str, Any]:
     device, reason, host = resolve_target(target)
     if device is None:
         log(f"aoti: {target}: skipped: {reason}")
@@ -266,7 +283,9 @@ def compile_target(
     ops = custom_ops(program)
     traced_kernels = any("triton_kernel_wrapper" in op for op in ops)  # torch versions that trace into triton_ops
     expected = expected_ops(dense.cfg.hstu.num_layers, fuse, silu_apart)
-    if {op: ops.count(op) for op in expected} != expected and not traced_kernels:
+    # an export that traces into grc::hstu_attention's body leaves its Gluon kernel's node in its place
+    counted = [ATTENTION_OP if op == HOPPER_OP else op for op in ops]
+    if {op: counted.count(op) for op in expected} != expected and not traced_kernels:
         raise StageError(f"aoti: {target}: expected {expected} grc nodes in the exported program, found {ops}")
     tag = {"grc.format": FORMAT, "grc.target": target, "grc.dtype": dtype_name, "grc.device": device.type}
     compile_s = compile_package(program, folder / PACKAGE, tag)
@@ -277,7 +296,15 @@ def compile_target(
     )
     return {"name": target, "status": "compiled", "device": device, "host": host, "dtype": dtype_name,
             "ops": ops, "export_s": export_s, "compile_s": compile_s, "fused": fuse,
-            "silu_apart": silu_apart}  # fmt: skip
+            "silu_apart": silu_apart, "attention": attention_kernel(dense, device, dtype_name)}  # fmt: skip
+
+
+def attention_kernel(dense: GRDense, device: torch.device, dtype_name: str) -> str:
+    """Which attention kernel a package compiled now (under its kernel_choice) runs, in words: the metadata says it."""
+    if device.type != "cuda":
+        return "the grc::hstu_attention_reference op (PyTorch, called through the dispatcher)"
+    hstu = dense.cfg.hstu
+    return hstu_hopper.describe(hstu.head_qk, hstu.head_v, DTYPES[dtype_name], device)
 
 
 def build_target(
@@ -294,12 +321,13 @@ def build_target(
     checks: Checks | None = None,
     fuse: bool = False,
     silu_apart: bool = False,
+    attention: str = "auto",
 ) -> dict[str, Any]:
     """Export + compile + parity for one target into ``folder``; the manifest entry (status built
     or skipped). Raises StageError when the package misses the tolerance. ``packaged``: the model
     compiled when it is not ``dense`` itself (the fp8 one); parity still compares with ``dense``.
-    fuse: engine.aoti.fuse; silu_apart: engine.aoti.silu_apart."""
-    compiled = compile_target(packaged or dense, target, dtype_name, folder, log, fuse, silu_apart)
+    fuse: engine.aoti.fuse; silu_apart: engine.aoti.silu_apart; attention: engine.aoti.attention."""
+    compiled = compile_target(packaged or dense, target, dtype_name, folder, log, fuse, silu_apart, attention)
     if compiled["status"] == "skipped":
         return compiled
     return verify_target(dense, compiled, folder, tolerance, shapes, seed, provenance, log, checks=checks)
@@ -363,10 +391,12 @@ def verify_target(
         "silu_apart": compiled["silu_apart"],
         "time_buckets": time_bucket_note(dense.cfg.hstu.time_buckets),
         "kernels": (
-            "Triton kernels compiled into the package"
+            "Triton kernels compiled into the package; the Gluon attention kernel (where attention says so) "
+            "called through the dispatcher (import kernels before loading)"
             if device.type == "cuda"
             else "grc reference ops called through the dispatcher (import kernels before loading)"
         ),
+        "attention": compiled["attention"],
         **provenance,
         # host- and run-dependent: everything else is a function of the inputs
         "build_seconds": {"export": round(export_s, 3), "compile": round(compile_s, 3)},

@@ -439,6 +439,14 @@ class AotiConfig(_Section):
         "code keeps ONE activated UVQK buffer and u, v, q, k are views of it (Inductor otherwise writes each apart); "
         "off until a device run shows it pays; not with fuse (the fused GEMM applies SiLU itself)",
     )
+    attention: Literal["auto", "triton", "hopper"] = Field(
+        "auto",
+        description="the attention kernel in GPU packages: auto (on an sm90 GPU the Gluon kernel, "
+        "kernels/hstu_hopper.py, at head dims 128 / 256 where it measured faster, called from the package as the "
+        "opaque grc::hstu_attention_hopper op; the Triton kernel compiled in elsewhere), triton (the Triton kernel "
+        "everywhere) or hopper (the Gluon kernel, and the build fails naming why where it cannot run); the eager "
+        "paths pick by GRC_ATTENTION_KERNEL with the same choices",
+    )
     history_entries: bool = Field(
         False,
         description="also compile the history cache's prefill and score entry points per target "

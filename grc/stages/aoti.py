@@ -61,6 +61,7 @@ def run(ctx: Context) -> dict[str, Any]:
     from grc.aoti.history_entry import build_checked
     from grc.engine.aoti_quality import fp8_package_model, held_out_reference, ranking_check
     from grc.weights import DENSE_VIEW, load_model
+    from kernels import hstu_hopper
 
     spec = ctx.spec
     cfg = spec.engine.aoti
@@ -107,12 +108,14 @@ def run(ctx: Context) -> dict[str, Any]:
             checks=check,
             fuse=cfg.fuse,
             silu_apart=cfg.silu_apart,
+            attention=cfg.attention,
         )
         if cfg.history_entries and entry["status"] == "built":  # from the model in dtype (not the fp8 copy)
             max_rel = tolerance(spec, dtype).max_rel
-            entry["history_entries"] = build_checked(
-                dense, ctx.out / target, torch.device(entry["device"]), DTYPES[dtype], max_rel, PARITY_SEED, ctx.log
-            )
+            with hstu_hopper.kernel_choice(cfg.attention):
+                entry["history_entries"] = build_checked(
+                    dense, ctx.out / target, torch.device(entry["device"]), DTYPES[dtype], max_rel, PARITY_SEED, ctx.log
+                )
         entries.append(entry)
     table = Table(title="aoti packages", show_edge=False)
     for col in ("target", "device", "dtype", "status", "parity / why skipped"):
