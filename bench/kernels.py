@@ -170,7 +170,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def best_config(*qkv: torch.Tensor) -> str | None:
     """The config the last call ran: the Gluon kernel's default where kernels.ops launched it for q, k, v, else the
     Triton autotuner's pick."""
-    if qkv and hstu_hopper.runs(*qkv):
+    if qkv and hstu_hopper.runs(qkv[0], qkv[1], qkv[2]):
         return f"hopper {hstu_hopper.HOPPER_CONFIGS[qkv[0].shape[-1]][0]}"
     best = getattr(_hstu_fwd_kernel, "best_config", None)
     return str(best) if best is not None else None
