@@ -2,7 +2,7 @@
 # One device call (< 10 minutes): engine.aoti.attention on an sm90 GPU (issue 21). Steps, each bounded:
 #   1. the GPU tests of the package's attention kernel (tests/aoti/test_aoti_attention_kernel.py: packages with
 #      the Gluon kernel and with the Triton one, float64 parity, CUDA-graph replay; the refusal), log in
-#      $OUT/gpu-test-aoti-attention.log                                                        TEST_BUDGET=200
+#      $OUT/gpu-test-aoti-attention.log (TEST_FILTER: a pytest -k expression)                   TEST_BUDGET=200
 #   2. bench/e2e.py on SPEC (default mtgr-small): the package as built by default (attention auto: the Gluon
 #      kernel as an opaque op) beside the package with the Triton kernel compiled in, one process, same inputs,
 #      per-op profile; $OUT/e2e-SPEC.json / .log                                            DEADLINE=380
@@ -24,7 +24,8 @@ status=0
 tb=${TEST_BUDGET:-200}
 if [ "$tb" -gt 0 ]; then
     step "tests (tests/aoti/test_aoti_attention_kernel.py)"
-    timeout "$tb" "$py" -m pytest -q -p no:cacheprovider tests/aoti/test_aoti_attention_kernel.py 2>&1 \
+    timeout "$tb" "$py" -m pytest -q -p no:cacheprovider tests/aoti/test_aoti_attention_kernel.py -rA \
+        ${TEST_FILTER:+-k "$TEST_FILTER"} 2>&1 \
         | grep -v "leaked\|nanobind\|refleaks\|^ - " > "$OUT/gpu-test-aoti-attention.log"
     status=${PIPESTATUS[0]}
     tail -15 "$OUT/gpu-test-aoti-attention.log"
