@@ -164,25 +164,35 @@ def compiled_fused(case: Case, wl: str) -> Call:
 
 
 def package(
-    case: Case, fuse: bool = False, silu_apart: bool = False, attention: str = "auto"
+    case: Case, fuse: bool = False, silu_apart: bool = False, attention: str = "auto", consumer_silu: bool = True
 ) -> Callable[..., torch.Tensor]:
     """The AOTInductor package, built once per spec and variant by the aoti stage's code (compile, a load check
     in a child process, float64 parity), loaded with the single-threaded runner: the one whose
-    CUDA-graph capture works (the default runner's capture failed on the H200). attention: engine.aoti.attention."""
+    CUDA-graph capture works (the default runner's capture failed on the H200). attention: engine.aoti.attention;
+    consumer_silu False: grc.model.hstu.CONSUMER_SILU off (SiLU of u and q as passes of their own, as before)."""
     variant = f"{' (fused)' if fuse else ''}{' (SiLU apart)' if silu_apart else ''}"
     variant += f" (attention {attention})" if attention != "auto" else ""
-    return case.once(f"the AOTInductor package{variant}", lambda: build_package(case, fuse, silu_apart, attention))
+    variant += "" if consumer_silu else " (SiLU passes for u and q)"
+    return case.once(
+        f"the AOTInductor package{variant}", lambda: build_package(case, fuse, silu_apart, attention, consumer_silu)
+    )
 
 
 def build_package(
-    case: Case, fuse: bool, silu_apart: bool = False, attention: str = "auto"
+    case: Case, fuse: bool, silu_apart: bool = False, attention: str = "auto", consumer_silu: bool = True
 ) -> Callable[..., torch.Tensor]:
     from grc.aoti.build import compile_target, verify_target
     from grc.aoti.runtime import load
+    from grc.model.hstu import CONSUMER_SILU
 
     folder = Path(tempfile.mkdtemp(prefix="grc-aoti-")) / "cuda"
     log = lambda m: print(f"  {m}", flush=True)  # noqa: E731
-    compiled = compile_target(case.dense, "cuda", "bfloat16", folder, log, fuse, silu_apart, attention)
+    kept = dict(CONSUMER_SILU)
+    CONSUMER_SILU.update({k: v and consumer_silu for k, v in kept.items()})  # read when the layers are traced
+    try:
+        compiled = compile_target(case.dense, "cuda", "bfloat16", folder, log, fuse, silu_apart, attention)
+    finally:
+        CONSUMER_SILU.update(kept)
     if compiled["status"] != "compiled":
         raise RuntimeError(f"the package was not built: {compiled.get('reason')}")
     shapes = [(s.users, s.history, s.candidates) for s in case.spec.verify.shapes]
@@ -192,7 +202,8 @@ def build_package(
                           single_threaded=True)  # fmt: skip
     meta = json.loads((folder / "metadata.json").read_text())
     key = "aoti_package" + ("_fused" if fuse else "") + ("_silu_apart" if silu_apart else "")
-    case.record[key + ("" if attention == "auto" else f"_attention_{attention}")] = {
+    key += ("" if attention == "auto" else f"_attention_{attention}") + ("" if consumer_silu else "_silu_passes")
+    case.record[key] = {
         "entry": entry,
         "build_seconds": meta["build_seconds"],
         "parity": meta["parity"],
@@ -224,6 +235,10 @@ def package_triton_attention_graph(case: Case, wl: str) -> Call:
     return graphed(case, package(case, attention="triton"), case.inputs[wl].args())
 
 
+def package_silu_passes_graph(case: Case, wl: str) -> Call:
+    return graphed(case, package(case, consumer_silu=False), case.inputs[wl].args())
+
+
 # In the order they run: the baselines first, then the package (its compile and parity take
 # minutes: a child that runs out of time must still have measured it), then the kernel paths.
 MODES: dict[str, Mode] = {
@@ -240,6 +255,9 @@ MODES: dict[str, Mode] = {
     "aoti_bf16_triton_attention": Mode("the package with engine.aoti.attention: triton (the Triton attention "
                                        "kernel compiled in, not the Gluon sm90 one), CUDA graph per shape",
                                        package_triton_attention_graph, needs_cuda=True),
+    "aoti_bf16_silu_passes": Mode("the package with grc.model.hstu.CONSUMER_SILU off (SiLU of u and q as Inductor "
+                                  "passes of their own, not in the norm-gate and attention kernels), CUDA graph "
+                                  "per shape", package_silu_passes_graph, needs_cuda=True),
     "aoti_bf16_fused": Mode("the package with engine.aoti.fuse (kernels/fused_*.py), CUDA graph per shape",
                             package_fused_graph, needs_cuda=True),
     "aoti_bf16_silu": Mode("the package with engine.aoti.silu_apart (grc::silu: one activated UVQK buffer), "

@@ -33,6 +33,7 @@ def _norm_gate_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     ROUND_BF16: tl.constexpr,
+    SILU_U: tl.constexpr,
 ):
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_c = tl.arange(0, BLOCK_C)
@@ -42,6 +43,11 @@ def _norm_gate_kernel(
     rr = offs_r[:, None].to(tl.int64)  # rows * stride can pass 2**31
     a = tl.load(A + rr * stride_a + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + rr * stride_u + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
+    if SILU_U:  # u is the UVQK projection's raw output (a compiled model skips that SiLU pass); rounded as u would be
+        u = u / (1.0 + tl.exp(-u))
+        if ROUND_BF16:
+            u = _round_to_bf16(u)
+        u = u.to(U.dtype.element_ty).to(tl.float32)
     w = tl.load(W + offs_c, mask=col_ok, other=0.0).to(tl.float32)
     b = tl.load(Bias + offs_c, mask=col_ok, other=0.0).to(tl.float32)
     mean = tl.sum(a, axis=1) / C
@@ -75,9 +81,11 @@ def norm_gate_triton(
     eps: float,
     wrap: Callable[[Any], Any] = lambda kernel: kernel,
     out: torch.Tensor | None = None,
+    silu_u: bool = False,
 ) -> torch.Tensor:
     """Launch the kernel on [..., C] inputs; ``wrap`` is torch.library.wrap_triton in the op,
-    ``out`` (optional, contiguous, a's shape and dtype) lets tests pass a poisoned buffer."""
+    ``out`` (optional, contiguous, a's shape and dtype) lets tests pass a poisoned buffer; silu_u: u is the
+    projection's output before SiLU, applied here (grc.model.hstu.CONSUMER_SILU)."""
     channels = a.shape[-1]
     a2, u2 = _rows(a), _rows(u)
     if out is None:
@@ -102,6 +110,7 @@ def norm_gate_triton(
         BLOCK_R=block_r,
         BLOCK_C=block_c,
         ROUND_BF16=INTERPRET and a.dtype == torch.bfloat16,
+        SILU_U=bool(silu_u),
         num_warps=warps,
     )
     return out.view(a.shape)

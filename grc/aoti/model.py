@@ -53,12 +53,20 @@ class JaggedDense(nn.Module):
     """tokens [T, D], offsets [B+1], num_candidates [B], timestamps [T] -> scores [T, tasks]
     (zero except at candidate tokens), exactly ``GRDense.forward_jagged``."""
 
-    def __init__(self, dense: GRDense, impl: str = "triton", fuse: bool = False, silu_apart: bool = False):
+    def __init__(
+        self,
+        dense: GRDense,
+        impl: str = "triton",
+        fuse: bool = False,
+        silu_apart: bool = False,
+        consumer_silu: bool = True,
+    ):
         super().__init__()
         self.dense = dense
         self.impl = impl
         self.fuse = fuse  # the fused kernels (impl="triton" only): engine.aoti.fuse, off until measured
         self.silu_apart = silu_apart  # SiLU as grc::silu (engine.aoti.silu_apart), off until measured
+        self.consumer_silu = consumer_silu  # u and q's SiLU in their consumers (grc.model.hstu.CONSUMER_SILU)
 
     def forward(
         self, tokens: torch.Tensor, offsets: torch.Tensor, num_candidates: torch.Tensor, timestamps: torch.Tensor
@@ -69,7 +77,7 @@ class JaggedDense(nn.Module):
         x = tokens
         for layer in d.hstu_layers:
             x = layer.forward_jagged(
-                x, group, offsets, num_candidates, timestamps, self.impl, self.fuse, self.silu_apart
+                x, group, offsets, num_candidates, timestamps, self.impl, self.fuse, self.silu_apart, self.consumer_silu
             )
         if self.fuse:
             return d.candidate_scores(x, group, idx >= n_ctx, fuse=True)

@@ -36,6 +36,11 @@ from grc.spec.schema import HSTUConfig
 # UVQK GEMM of mtgr-small, 4 for the output GEMM), a norm apart is one more pass over memory;
 # bench/fused_gemm.py measures both forms of each on the device.
 NORM_PROLOGUE = {"uvqk": False, "out": True}
+# The compiled jagged layer (JaggedDense: AOTInductor packages, torch.compile) hands u and q to their consumers before
+# SiLU, which the norm-gate kernel and the Gluon attention kernel apply as they read them: Inductor otherwise writes
+# SiLU(u) and SiLU(q) as passes of their own over the UVQK output (2 of the 4 SiLU/split kernels, ~7% of a throughput
+# call on the H200, bench/results/e2e-notes.md). k and v are read once per query tile, so they stay activated apart.
+CONSUMER_SILU = {"u": True, "q": True}
 
 
 class GroupLayerNorm(nn.Module):
@@ -88,8 +93,11 @@ class PointwiseAttention(nn.Module):
         num_candidates: torch.Tensor,
         timestamps: torch.Tensor,
         impl: str,
+        silu_q: bool = False,
     ) -> torch.Tensor:
-        return hstu_attention_jagged(q, k, v, offsets, timestamps, num_candidates, *self.constants, impl=impl)
+        return hstu_attention_jagged(
+            q, k, v, offsets, timestamps, num_candidates, *self.constants, impl=impl, silu_q=silu_q
+        )
 
     def cached(
         self,
@@ -119,13 +127,23 @@ class HSTULayer(nn.Module):
         self.out = nn.Linear(cfg.linear_dim, d_model)
 
     def _project(
-        self, x: torch.Tensor, group: torch.Tensor, fuse: bool = False, silu_apart: bool = False
+        self,
+        x: torch.Tensor,
+        group: torch.Tensor,
+        fuse: bool = False,
+        silu_apart: bool = False,
+        raw: tuple[bool, bool] = (False, False),
     ) -> tuple[torch.Tensor, ...]:
         """x [..., D] -> u [..., Lv], and q, k [..., H, Dqk], v [..., H, Dv] (fuse: one Triton
         GEMM with the group norm as prologue and SiLU as epilogue; u, v, q, k are views of it;
         silu_apart: SiLU as the ``grc::silu`` op, so compiled code keeps one activated buffer and the four are
-        views of it, kernels/silu.py)."""
+        views of it, kernels/silu.py; raw (u, q): those two left before SiLU, for consumers that apply it)."""
         c = self.cfg
+        if any(raw) and not (fuse or silu_apart):
+            pre = self.uvqk(self.norm_in(x, group))
+            u, v, q, k = torch.split(pre, [c.linear_dim, c.linear_dim, c.attention_dim, c.attention_dim], dim=-1)
+            u, q = (t if keep else F.silu(t) for t, keep in zip((u, q), raw, strict=True))
+            return self._heads(x, u, q, F.silu(k), F.silu(v))
         if silu_apart and not fuse:
             uvqk = silu_apart_op(self.uvqk(self.norm_in(x, group)))
         elif fuse and NORM_PROLOGUE["uvqk"]:
@@ -136,23 +154,33 @@ class HSTULayer(nn.Module):
         else:
             uvqk = F.silu(self.uvqk(self.norm_in(x, group)))
         u, v, q, k = torch.split(uvqk, [c.linear_dim, c.linear_dim, c.attention_dim, c.attention_dim], dim=-1)
-        lead = x.shape[:-1]
-        heads = (c.num_heads,)
+        return self._heads(x, u, q, k, v)
+
+    def _heads(
+        self, x: torch.Tensor, u: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        c, lead = self.cfg, x.shape[:-1]
         return (
             u,
-            q.reshape(*lead, *heads, c.head_qk),
-            k.reshape(*lead, *heads, c.head_qk),
-            v.reshape(*lead, *heads, c.head_v),
+            q.reshape(*lead, c.num_heads, c.head_qk),
+            k.reshape(*lead, c.num_heads, c.head_qk),
+            v.reshape(*lead, c.num_heads, c.head_v),
         )
 
     def _finish(
-        self, x: torch.Tensor, attn: torch.Tensor, u: torch.Tensor, impl: str, fuse: bool = False
+        self,
+        x: torch.Tensor,
+        attn: torch.Tensor,
+        u: torch.Tensor,
+        impl: str,
+        fuse: bool = False,
+        silu_u: bool = False,
     ) -> torch.Tensor:
         attn = attn.reshape(*attn.shape[:-2], self.cfg.linear_dim)
         n, out = self.norm_attn, self.out
         if fuse and NORM_PROLOGUE["out"]:  # norm-gate as the output GEMM's prologue, the residual add as its epilogue
             return gated_linear_residual(attn, u, n.weight, n.bias, out.weight, out.bias, x, self.cfg.eps)
-        gated = norm_gate(attn, u, n.weight, n.bias, self.cfg.eps, impl=impl)
+        gated = norm_gate(attn, u, n.weight, n.bias, self.cfg.eps, impl=impl, silu_u=silu_u)
         if fuse:  # the residual add as the GEMM's epilogue
             return linear_residual(gated, out.weight, out.bias, x)
         return x + self.out(gated)
@@ -179,15 +207,21 @@ class HSTULayer(nn.Module):
         impl: str = "pytorch",
         fuse: bool = False,
         silu_apart: bool = False,
+        consumer_silu: bool = False,
     ) -> torch.Tensor:
         """fuse (impl="triton" only): the projections as fused Triton GEMMs (kernels/fused_linear.py),
         the GPU compile path; the unfused form is the model's math (ONNX, TensorRT plugins).
-        silu_apart (impl="triton" only, unfused): SiLU as the grc::silu op (engine.aoti.silu_apart)."""
+        silu_apart (impl="triton" only, unfused): SiLU as the grc::silu op (engine.aoti.silu_apart).
+        consumer_silu (unfused, neither fuse nor silu_apart): u and q reach the norm-gate and the attention before
+        SiLU, which they apply (CONSUMER_SILU says which), the same function computed with two passes fewer."""
         _needs_triton(fuse, FUSE_NEEDS, impl)
         _needs_triton(silu_apart, "silu_apart runs the grc::silu op", impl)
-        u, q, k, v = self._project(x, group, fuse, silu_apart)
-        attn = self.attention.jagged(q, k, v, offsets, num_candidates, timestamps, impl)
-        return self._finish(x, attn, u, impl=impl, fuse=fuse)
+        raw = (False, False)
+        if consumer_silu and not (fuse or silu_apart):
+            raw = (CONSUMER_SILU["u"], CONSUMER_SILU["q"])
+        u, q, k, v = self._project(x, group, fuse, silu_apart, raw)
+        attn = self.attention.jagged(q, k, v, offsets, num_candidates, timestamps, impl, silu_q=raw[1])
+        return self._finish(x, attn, u, impl=impl, fuse=fuse, silu_u=raw[0])
 
     def forward_cached(
         self,

@@ -27,20 +27,28 @@ def hstu_attention_jagged(
     norm: float,
     causal: bool,
     impl: str = "pytorch",
+    silu_q: bool = False,
 ) -> torch.Tensor:
-    """[T, H, Dv] jagged attention; users never see each other's tokens."""
+    """[T, H, Dv] jagged attention; users never see each other's tokens. silu_q: q before SiLU."""
     from kernels import hstu_attention  # imports triton: only when a model actually runs
 
-    return hstu_attention(q, k, v, offsets, timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal, impl=impl)
+    args = (q, k, v, offsets, timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal)
+    return hstu_attention(*args, impl=impl, silu_q=silu_q)
 
 
 def norm_gate(
-    a: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, impl: str = "pytorch"
+    a: torch.Tensor,
+    u: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    impl: str = "pytorch",
+    silu_u: bool = False,
 ) -> torch.Tensor:
-    """LayerNorm(a) * u over the last dim."""
+    """LayerNorm(a) * u over the last dim (silu_u: of u before SiLU)."""
     from kernels import norm_gate as kernel_norm_gate
 
-    return kernel_norm_gate(a, u, weight, bias, eps, impl=impl)
+    return kernel_norm_gate(a, u, weight, bias, eps, impl=impl, silu_u=silu_u)
 
 
 def silu_apart(x: torch.Tensor) -> torch.Tensor:

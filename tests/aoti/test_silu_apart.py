@@ -45,3 +45,23 @@ def test_the_spec_refuses_silu_apart_with_fuse() -> None:
     with pytest.raises(ValidationError, match="silu_apart: with fuse the UVQK GEMM applies SiLU"):
         AotiConfig(enabled=True, fuse=True, silu_apart=True)
     assert AotiConfig(enabled=True, silu_apart=True).silu_apart
+
+
+def test_consumer_silu_computes_the_same_function() -> None:
+    """grc.model.hstu.CONSUMER_SILU: the compiled layer hands u and q to the norm-gate and the attention before
+    SiLU (they apply it). On the reference path the scores are bit-identical to SiLU applied first (float64, fresh
+    ragged users), and the exported program holds the same grc nodes (no extra op)."""
+    from grc.aoti.inputs import random_inputs
+    from grc.aoti.model import JaggedDense
+
+    cfg = load_spec(TEST_SPECS / "mtgr-tiny.yaml").spec.model
+    dense = GRModel(cfg).dense.double().eval()
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 1 << 30, ())))
+    args = random_inputs(cfg, 4, 30, 6, gen).to(torch.device("cpu"), torch.float64).args()
+    with torch.no_grad():
+        raw = JaggedDense(dense, consumer_silu=True)(*args)
+        activated = JaggedDense(dense, consumer_silu=False)(*args)
+    assert raw.abs().max() > 0 and torch.equal(raw, activated)
+    ops = custom_ops(export_program(GRModel(cfg).dense.eval(), torch.device("cpu"), torch.float32))
+    want = expected_ops(cfg.hstu.num_layers, fuse=False)
+    assert {op: ops.count(op) for op in want} == want and len(ops) == sum(want.values())

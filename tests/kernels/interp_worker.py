@@ -260,6 +260,12 @@ def norm_gate_job(gen: torch.Generator) -> dict[str, float]:
             out = norm_gate_triton(a, u, w, b, 1e-5, out=torch.full(shape, float("nan"), dtype=dtype))
             ref = reference.norm_gate(a.double(), u.double(), w.double(), b.double(), 1e-5)
             results[f"{name}_{'x'.join(map(str, shape))}"] = rel_err(out, ref)
+            # silu_u: u before SiLU, a column slice of a wider projection output (row stride 3 C), as compiled
+            # models pass it; both SiLU signs
+            raw = (torch.randn(*shape[:-1], 3 * channels, generator=gen) * 3).to(dtype)[..., channels : 2 * channels]
+            out = norm_gate_triton(a, raw, w, b, 1e-5, out=torch.full(shape, float("nan"), dtype=dtype), silu_u=True)
+            ref = reference.norm_gate(a.double(), torch.nn.functional.silu(raw.double()), w.double(), b.double(), 1e-5)
+            results[f"{name}_silu_u_{'x'.join(map(str, shape))}"] = rel_err(out, ref)
     return results
 
 
