@@ -169,10 +169,10 @@ def package(
     """The AOTInductor package, built once per spec and variant by the aoti stage's code (compile, a load check
     in a child process, float64 parity), loaded with the single-threaded runner: the one whose
     CUDA-graph capture works (the default runner's capture failed on the H200). attention: engine.aoti.attention;
-    consumer_silu False: grc.model.hstu.CONSUMER_SILU off (SiLU of u and q as passes of their own, as before)."""
+    consumer_silu False: grc.model.hstu.CONSUMER_SILU off (SiLU of u as a pass of its own, as before)."""
     variant = f"{' (fused)' if fuse else ''}{' (SiLU apart)' if silu_apart else ''}"
     variant += f" (attention {attention})" if attention != "auto" else ""
-    variant += "" if consumer_silu else " (SiLU passes for u and q)"
+    variant += "" if consumer_silu else " (SiLU pass for u)"
     return case.once(
         f"the AOTInductor package{variant}", lambda: build_package(case, fuse, silu_apart, attention, consumer_silu)
     )
@@ -255,9 +255,10 @@ MODES: dict[str, Mode] = {
     "aoti_bf16_triton_attention": Mode("the package with engine.aoti.attention: triton (the Triton attention "
                                        "kernel compiled in, not the Gluon sm90 one), CUDA graph per shape",
                                        package_triton_attention_graph, needs_cuda=True),
-    "aoti_bf16_silu_passes": Mode("the package with grc.model.hstu.CONSUMER_SILU off (SiLU of u and q as Inductor "
-                                  "passes of their own, not in the norm-gate and attention kernels), CUDA graph "
-                                  "per shape", package_silu_passes_graph, needs_cuda=True),
+    "aoti_bf16_silu_passes": Mode("the package with grc.model.hstu.CONSUMER_SILU off (SiLU of u as an Inductor pass "
+                                  "of its own, not in the norm-gate kernel; session 18's run also had q's in the "
+                                  "attention kernel), CUDA graph per shape", package_silu_passes_graph,
+                                  needs_cuda=True),
     "aoti_bf16_fused": Mode("the package with engine.aoti.fuse (kernels/fused_*.py), CUDA graph per shape",
                             package_fused_graph, needs_cuda=True),
     "aoti_bf16_silu": Mode("the package with engine.aoti.silu_apart (grc::silu: one activated UVQK buffer), "

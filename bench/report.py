@@ -42,7 +42,7 @@ MODE_LABELS = {
     "aoti_bf16": "grc AOTInductor package + CUDA graph",
     "aoti_bf16_triton_attention": "grc AOTInductor package with the Triton attention kernel "
     "(engine.aoti.attention: triton), + CUDA graph",
-    "aoti_bf16_silu_passes": "grc AOTInductor package with SiLU of u and q as passes of their own "
+    "aoti_bf16_silu_passes": "grc AOTInductor package with SiLU of u (and q) as passes of their own "
     "(grc.model.hstu.CONSUMER_SILU off), + CUDA graph",
     "aoti_bf16_silu": "grc AOTInductor package, SiLU apart from the UVQK GEMM (engine.aoti.silu_apart), + CUDA graph",
     # session 13 (e2e-h200-s13-mtgr-small-autotune.json, commit 9d70480): measured slower and removed since

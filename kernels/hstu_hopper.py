@@ -186,7 +186,7 @@ if not GLUON_ERROR:
                  stride_qt, stride_kt, stride_vt, stride_ot, stride_oh, alpha, inv_norm,
                  CAUSAL: gl.constexpr, FAST_SILU: gl.constexpr, ALLOW_TS_FAST: gl.constexpr, P: gl.constexpr,
                  D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, KS: gl.constexpr, VS: gl.constexpr,
-                 Q_REGS: gl.constexpr, SILU_Q: gl.constexpr,
+                 Q_REGS: gl.constexpr,
                  PARTIAL: gl.constexpr, num_warps: gl.constexpr):
         """Output rows [m0, m_end) of the user whose keys start at token kv_start, head h (see
         hstu_attention._attend_segment). count: key blocks this program loaded before (ring slot and
@@ -257,12 +257,6 @@ if not GLUON_ERROR:
         for i in gl.static_range(VS):
             _load_kv(v_desc, v_smem, v_bars, count + i, row0 + i * BLOCK_N, col, i < n_blocks, VS)
         mbarrier.wait(q_bar, seg & 1)
-        if SILU_Q:  # q is the UVQK projection's raw output (a compiled model skips that SiLU pass): once per tile
-            q_blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
-            raw = q_smem.load(q_blk).to(gl.float32)
-            q_smem.store((raw / (1.0 + gl.exp(-raw))).to(DTYPE))
-            fence_async_shared()  # the generic-proxy stores before the wgmmas' async reads, by every thread
-            _cta_barrier()
         if Q_REGS:  # noqa: SIM108 (Q as the register operand: the S wgmmas then read only K from shared memory)
             q = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
         else:
@@ -343,7 +337,7 @@ if not GLUON_ERROR:
                             CAUSAL: gl.constexpr, FAST_SILU: gl.constexpr, ALLOW_TS_FAST: gl.constexpr,
                             P: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                             KS: gl.constexpr, VS: gl.constexpr, Q_REGS: gl.constexpr, PARTIAL: gl.constexpr,
-                            KV_STRIDE: gl.constexpr, SILU_Q: gl.constexpr, num_warps: gl.constexpr):
+                            KV_STRIDE: gl.constexpr, num_warps: gl.constexpr):
         """One program per window of BLOCK_M query tokens (users flattened, last window first) and head;
         grid axis 2 splits the key range (PARTIAL: fp32 partial sums). As hstu_attention._hstu_fwd_kernel."""
         h = gl.program_id(1)
@@ -390,7 +384,7 @@ if not GLUON_ERROR:
                                      (seg_lo - q_start).to(gl.int32) + shift, (seg_hi - q_start).to(gl.int32) + shift,
                                      h, split, gl.num_programs(2), count, seg, stride_qt, stride_kt, stride_vt,
                                      stride_ot, stride_oh, alpha, inv_norm, CAUSAL, FAST_SILU, ALLOW_TS_FAST, P, D,
-                                     BLOCK_M, BLOCK_N, KS, VS, Q_REGS, SILU_Q, PARTIAL, num_warps)
+                                     BLOCK_M, BLOCK_N, KS, VS, Q_REGS, PARTIAL, num_warps)
                     seg += 1
                 else:  # more queries than keys: not a suffix. NaN rows, never a plausible result
                     blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
@@ -528,11 +522,9 @@ def hstu_attention_hopper(
     config: tuple[int, ...] | None = None,
     splits: int | None = None,
     max_user_keys: int | None = None,
-    silu_q: bool = False,
 ) -> torch.Tensor:
     """hstu_attention_cached_triton's contract on the Gluon kernel (see the module docstring), key ranges included
-    (kv_offsets [B, 2] with max_user_keys). silu_q: q is the projection's output before SiLU, which the kernel
-    applies to each Q tile as it arrives (what the compiled model's layers pass: grc.model.hstu.CONSUMER_SILU). config:
+    (kv_offsets [B, 2] with max_user_keys). config:
     (BLOCK_M, BLOCK_N, warps, K stages, V stages, Q in registers[, max registers per thread]), default
     HOPPER_CONFIGS' first for the head dim."""
     if config is not None and config[3] != config[4] and not config[5]:
@@ -556,8 +548,7 @@ def hstu_attention_hopper(
         dest.stride(-3), dest.stride(-2), dest.stride(0) if n_split > 1 else 0, 0.5 * float(alpha),
         1.0 / float(norm), CAUSAL=bool(causal), FAST_SILU=bool(fast_silu), ALLOW_TS_FAST=bool(allow_ts_fast),
         P=num_pos, D=dim, BLOCK_M=block_m, BLOCK_N=block_n, KS=k_stages, VS=v_stages,
-        Q_REGS=bool(q_regs), PARTIAL=n_split > 1, KV_STRIDE=kv_offsets.dim(), SILU_Q=bool(silu_q), num_warps=warps,
-        **launch,
+        Q_REGS=bool(q_regs), PARTIAL=n_split > 1, KV_STRIDE=kv_offsets.dim(), num_warps=warps, **launch,
     )  # fmt: skip
     if n_split > 1:
         out.copy_(dest.sum(0))

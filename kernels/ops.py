@@ -72,15 +72,12 @@ def _hstu_attention_op(
     alpha: float,
     norm: float,
     causal: bool,
-    silu_q: bool = False,
 ) -> torch.Tensor:
-    if runs_kernel(q) and hstu_hopper.runs(q, k, v, traced=_traced(q)):
-        rest = (timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal, silu_q)
-        return torch.ops.grc.hstu_attention_hopper(q, k, v, offsets, offsets, *rest)
-    q = torch.nn.functional.silu(q) if silu_q else q  # the Gluon kernel alone applies it to its tiles
     args = (q, k, v, offsets, timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal)
     if not runs_kernel(q):
         return torch.ops.grc.hstu_attention_reference(*args)
+    if hstu_hopper.runs(q, k, v, traced=_traced(q)):
+        return torch.ops.grc.hstu_attention_hopper(q, k, v, offsets, offsets, *args[4:])
     return hstu_attention_triton(*args, wrap=wrap_triton)
 
 
@@ -98,12 +95,11 @@ def _hstu_attention_hopper_op(
     alpha: float,
     norm: float,
     causal: bool,
-    silu_q: bool = False,
 ) -> torch.Tensor:
     """The Gluon sm90 kernel as one opaque node of a compiled graph (the cached contract; full attention passes the
     same offsets twice). It raises where the kernel cannot run (check_hopper): nothing else runs in its place."""
     return hstu_hopper.hstu_attention_hopper(
-        q, k, v, q_offsets, kv_offsets, timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal, silu_q=silu_q
+        q, k, v, q_offsets, kv_offsets, timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal
     )
 
 
@@ -231,24 +227,22 @@ def hstu_attention(
     norm: float,
     causal: bool,
     impl: str = "triton",
-    silu_q: bool = False,
 ) -> torch.Tensor:
     """Jagged HSTU attention -> [T, H, Dv] in q's dtype.
 
     impl="triton": the ``grc::hstu_attention`` op (Triton on CUDA, reference elsewhere);
     impl="pytorch": the plain reference (any device, any float dtype incl. float64).
-    silu_q: q is the projection's output before SiLU (the Gluon kernel applies it to its Q tiles; the other paths
-    apply it first): grc.model.hstu.CONSUMER_SILU.
     """
     _check_impl(impl)
     args = (q, k, v, offsets, timestamps, num_candidates, pos_w, ts_w, float(alpha), float(norm), bool(causal))
     route = _route(impl, q, k, v, pos_w, ts_w)
-    if route == "op":
-        return torch.ops.grc.hstu_attention(*args, silu_q=bool(silu_q))
-    if route == "kernel" and hstu_hopper.runs(q, k, v):
-        return hstu_hopper.hstu_attention_hopper(q, k, v, offsets, *args[3:], silu_q=bool(silu_q))
-    args = (torch.nn.functional.silu(q) if silu_q else q, *args[1:])
-    return reference.hstu_attention(*args) if route == "reference" else hstu_attention_triton(*args)
+    if route == "reference":
+        return reference.hstu_attention(*args)
+    if route == "kernel":
+        if hstu_hopper.runs(q, k, v):
+            return hstu_hopper.hstu_attention_hopper(q, k, v, offsets, *args[3:])
+        return hstu_attention_triton(*args)
+    return torch.ops.grc.hstu_attention(*args)
 
 
 def norm_gate(
@@ -261,7 +255,7 @@ def norm_gate(
     silu_u: bool = False,
 ) -> torch.Tensor:
     """LayerNorm(a) * u over the last dim, in a's dtype; impl as for hstu_attention; silu_u: u is the projection's
-    output before SiLU (the kernel applies it; the reference path first)."""
+    output before SiLU (the kernel applies it; the reference path first): grc.model.hstu.CONSUMER_SILU."""
     _check_impl(impl)
     route = _route(impl, a, u, weight, bias)
     if route == "reference":

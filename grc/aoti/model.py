@@ -66,7 +66,7 @@ class JaggedDense(nn.Module):
         self.impl = impl
         self.fuse = fuse  # the fused kernels (impl="triton" only): engine.aoti.fuse, off until measured
         self.silu_apart = silu_apart  # SiLU as grc::silu (engine.aoti.silu_apart), off until measured
-        self.consumer_silu = consumer_silu  # u and q's SiLU in their consumers (grc.model.hstu.CONSUMER_SILU)
+        self.consumer_silu = consumer_silu  # u's SiLU in the norm-gate kernel (grc.model.hstu.CONSUMER_SILU)
 
     def forward(
         self, tokens: torch.Tensor, offsets: torch.Tensor, num_candidates: torch.Tensor, timestamps: torch.Tensor

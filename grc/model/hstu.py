@@ -36,11 +36,12 @@ from grc.spec.schema import HSTUConfig
 # UVQK GEMM of mtgr-small, 4 for the output GEMM), a norm apart is one more pass over memory;
 # bench/fused_gemm.py measures both forms of each on the device.
 NORM_PROLOGUE = {"uvqk": False, "out": True}
-# The compiled jagged layer (JaggedDense: AOTInductor packages, torch.compile) hands u and q to their consumers before
-# SiLU, which the norm-gate kernel and the Gluon attention kernel apply as they read them: Inductor otherwise writes
-# SiLU(u) and SiLU(q) as passes of their own over the UVQK output (2 of the 4 SiLU/split kernels, ~7% of a throughput
-# call on the H200, bench/results/e2e-notes.md). k and v are read once per query tile, so they stay activated apart.
-CONSUMER_SILU = {"u": True, "q": True}
+# The compiled jagged layer (JaggedDense: AOTInductor packages, torch.compile) hands u to the norm-gate kernel before
+# SiLU, which applies it as it reads u: Inductor otherwise writes SiLU(u) as a pass of its own over the UVQK output
+# (one of the four SiLU/split kernels, ~3.5% of a throughput call on the H200). q's SiLU in the Gluon attention
+# kernel's Q tiles was measured with it (4.34 vs 4.56 ms, mtgr-small) but failed its GPU check at head dim 128 and
+# was taken out (bench/results/e2e-notes.md, session 18); k and v are read once per query tile: activated apart.
+CONSUMER_SILU = {"u": True}
 
 
 class GroupLayerNorm(nn.Module):
@@ -93,11 +94,8 @@ class PointwiseAttention(nn.Module):
         num_candidates: torch.Tensor,
         timestamps: torch.Tensor,
         impl: str,
-        silu_q: bool = False,
     ) -> torch.Tensor:
-        return hstu_attention_jagged(
-            q, k, v, offsets, timestamps, num_candidates, *self.constants, impl=impl, silu_q=silu_q
-        )
+        return hstu_attention_jagged(q, k, v, offsets, timestamps, num_candidates, *self.constants, impl=impl)
 
     def cached(
         self,
@@ -132,18 +130,18 @@ class HSTULayer(nn.Module):
         group: torch.Tensor,
         fuse: bool = False,
         silu_apart: bool = False,
-        raw: tuple[bool, bool] = (False, False),
+        raw_u: bool = False,
     ) -> tuple[torch.Tensor, ...]:
         """x [..., D] -> u [..., Lv], and q, k [..., H, Dqk], v [..., H, Dv] (fuse: one Triton
         GEMM with the group norm as prologue and SiLU as epilogue; u, v, q, k are views of it;
         silu_apart: SiLU as the ``grc::silu`` op, so compiled code keeps one activated buffer and the four are
-        views of it, kernels/silu.py; raw (u, q): those two left before SiLU, for consumers that apply it)."""
+        views of it, kernels/silu.py; raw_u: u left before SiLU, for the norm-gate kernel to apply)."""
         c = self.cfg
-        if any(raw) and not (fuse or silu_apart):
+        if raw_u and not (fuse or silu_apart):
             pre = self.uvqk(self.norm_in(x, group))
-            u, v, q, k = torch.split(pre, [c.linear_dim, c.linear_dim, c.attention_dim, c.attention_dim], dim=-1)
-            u, q = (t if keep else F.silu(t) for t, keep in zip((u, q), raw, strict=True))
-            return self._heads(x, u, q, F.silu(k), F.silu(v))
+            u, vqk = torch.split(pre, [c.linear_dim, c.linear_dim + 2 * c.attention_dim], dim=-1)
+            v, q, k = torch.split(F.silu(vqk), [c.linear_dim, c.attention_dim, c.attention_dim], dim=-1)
+            return self._heads(x, u, q, k, v)
         if silu_apart and not fuse:
             uvqk = silu_apart_op(self.uvqk(self.norm_in(x, group)))
         elif fuse and NORM_PROLOGUE["uvqk"]:
@@ -212,16 +210,14 @@ class HSTULayer(nn.Module):
         """fuse (impl="triton" only): the projections as fused Triton GEMMs (kernels/fused_linear.py),
         the GPU compile path; the unfused form is the model's math (ONNX, TensorRT plugins).
         silu_apart (impl="triton" only, unfused): SiLU as the grc::silu op (engine.aoti.silu_apart).
-        consumer_silu (unfused, neither fuse nor silu_apart): u and q reach the norm-gate and the attention before
-        SiLU, which they apply (CONSUMER_SILU says which), the same function computed with two passes fewer."""
+        consumer_silu (unfused, neither fuse nor silu_apart): u reaches the norm-gate before SiLU, which its kernel
+        applies (CONSUMER_SILU), the same function computed with one pass fewer."""
         _needs_triton(fuse, FUSE_NEEDS, impl)
         _needs_triton(silu_apart, "silu_apart runs the grc::silu op", impl)
-        raw = (False, False)
-        if consumer_silu and not (fuse or silu_apart):
-            raw = (CONSUMER_SILU["u"], CONSUMER_SILU["q"])
-        u, q, k, v = self._project(x, group, fuse, silu_apart, raw)
-        attn = self.attention.jagged(q, k, v, offsets, num_candidates, timestamps, impl, silu_q=raw[1])
-        return self._finish(x, attn, u, impl=impl, fuse=fuse, silu_u=raw[0])
+        raw_u = consumer_silu and CONSUMER_SILU["u"] and not (fuse or silu_apart)
+        u, q, k, v = self._project(x, group, fuse, silu_apart, raw_u)
+        attn = self.attention.jagged(q, k, v, offsets, num_candidates, timestamps, impl)
+        return self._finish(x, attn, u, impl=impl, fuse=fuse, silu_u=raw_u)
 
     def forward_cached(
         self,

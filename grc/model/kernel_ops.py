@@ -27,13 +27,11 @@ def hstu_attention_jagged(
     norm: float,
     causal: bool,
     impl: str = "pytorch",
-    silu_q: bool = False,
 ) -> torch.Tensor:
-    """[T, H, Dv] jagged attention; users never see each other's tokens. silu_q: q before SiLU."""
+    """[T, H, Dv] jagged attention; users never see each other's tokens."""
     from kernels import hstu_attention  # imports triton: only when a model actually runs
 
-    args = (q, k, v, offsets, timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal)
-    return hstu_attention(*args, impl=impl, silu_q=silu_q)
+    return hstu_attention(q, k, v, offsets, timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal, impl=impl)
 
 
 def norm_gate(

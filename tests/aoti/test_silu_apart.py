@@ -48,9 +48,10 @@ def test_the_spec_refuses_silu_apart_with_fuse() -> None:
 
 
 def test_consumer_silu_computes_the_same_function() -> None:
-    """grc.model.hstu.CONSUMER_SILU: the compiled layer hands u and q to the norm-gate and the attention before
-    SiLU (they apply it). On the reference path the scores are bit-identical to SiLU applied first (float64, fresh
-    ragged users), and the exported program holds the same grc nodes (no extra op)."""
+    """grc.model.hstu.CONSUMER_SILU: the compiled layer hands u to the norm-gate before SiLU (its kernel applies
+    it: tests/kernels/test_interpreter.py::test_norm_gate_kernel). On the reference path the scores are
+    bit-identical to SiLU applied first (float64, fresh ragged users), and the exported program holds the same grc
+    nodes (no extra op)."""
     from grc.aoti.inputs import random_inputs
     from grc.aoti.model import JaggedDense
 

@@ -35,7 +35,7 @@ PTRS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "q_offsets": "
 
 
 def compile_hopper(config: tuple[int, ...], head_dim: int, positions: int = 512, causal: bool = True,
-                   maxnreg: int | None = None, kv_stride: int = 1, silu_q: bool = False) -> Any:  # fmt: skip
+                   maxnreg: int | None = None, kv_stride: int = 1) -> Any:  # fmt: skip
     """The Gluon kernel compiled for sm_90a as a launch would specialise it (also bench/kernel_sass.py's)."""
     from triton.runtime.jit import mangle_type
 
@@ -46,7 +46,7 @@ def compile_hopper(config: tuple[int, ...], head_dim: int, positions: int = 512,
              for name, rows in (("q_desc", block_m), ("k_desc", block_n), ("v_desc", block_n))}  # fmt: skip
     const = {"CAUSAL": causal, "FAST_SILU": True, "ALLOW_TS_FAST": True, "P": positions, "D": head_dim,
              "BLOCK_M": block_m, "BLOCK_N": block_n, "KS": k_stages, "VS": v_stages, "Q_REGS": bool(q_regs),
-             "PARTIAL": False, "KV_STRIDE": kv_stride, "SILU_Q": silu_q, "num_warps": warps}  # fmt: skip
+             "PARTIAL": False, "KV_STRIDE": kv_stride, "num_warps": warps}  # fmt: skip
     options: dict[str, Any] = {"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {})}
     return compile_kernel(hstu_hopper._hstu_hopper_kernel, PTRS, const, ("alpha", "inv_norm"), "fp32", options,
                           descs)  # fmt: skip
@@ -73,40 +73,6 @@ def test_compiles_for_key_ranges() -> None:
     ptx = compile_hopper(HOPPER_CONFIGS[256][0], 256, kv_stride=2).asm["ptx"]
     assert re.search(r"wgmma\.wait_group\.sync\.aligned\s+1;", ptx)
     assert "C7515" not in ptxas_report(ptx)
-
-
-@pytest.mark.parametrize("head_dim", [128, 256])
-def test_compiles_with_silu_of_raw_queries(head_dim: int) -> None:
-    """SILU_Q (a compiled model passes q before SiLU): the Q tile's SiLU in shared memory, fenced before the wgmmas
-    read it, with the key loop still asynchronous (its GPU check: test_silu_of_raw_queries_on_the_gpu)."""
-    ptx = compile_hopper(HOPPER_CONFIGS[head_dim][0], head_dim, silu_q=True).asm["ptx"]
-    assert "ex2.approx" in ptx and "fence.proxy.async.shared::cta" in ptx
-    assert re.search(r"wgmma\.wait_group\.sync\.aligned\s+1;", ptx)
-    assert "C7515" not in ptxas_report(ptx)
-
-
-@pytest.mark.skipif(not _sm90(), reason="needs a CUDA GPU of compute capability 9.x (sm90: wgmma, TMA)")
-@pytest.mark.parametrize("head_dim", [128, 256])
-@pytest.mark.parametrize("splits", [1, 3])
-def test_silu_of_raw_queries_on_the_gpu(head_dim: int, splits: int) -> None:
-    """silu_q=True on raw q equals the kernel on SiLU(q) (the pass a compiled model now skips) up to the bf16 rounding
-    of SiLU(q), both within the bf16 bound of the float64 reference; NaN-poisoned outputs, fresh seeds."""
-    seed = random.getrandbits(31)
-    tensors, alpha, norm = _case(*JAGGED, None, 2, head_dim, (512, 32), 20_000, seed=seed)
-    raw, k, v, q_off, kv_off, ts, nc, pos_w, ts_w = tensors
-    raw = raw * 2  # SiLU's negative side and its linear side both
-    ref = reference.hstu_attention(torch.nn.functional.silu(raw.double()), k.double(), v.double(), kv_off, ts, nc,
-                                   pos_w.double(), ts_w.double(), alpha, norm, True)  # fmt: skip
-    raw, k, v, q_off, kv_off, ts, nc, pos_w, ts_w = (x.cuda() for x in (raw, k, v, q_off, kv_off, ts, nc, pos_w, ts_w))
-    outs = []
-    for q, silu_q in ((raw, True), (torch.nn.functional.silu(raw), False)):
-        out = torch.full(q.shape, float("nan"), dtype=torch.bfloat16, device="cuda")
-        outs.append(hstu_attention_hopper(q, k, v, q_off, kv_off, ts, nc, pos_w, ts_w, alpha, norm, True, out=out,
-                                          splits=splits, silu_q=silu_q).double().cpu())  # fmt: skip
-    scale = ref.abs().max()
-    assert scale > 0 and all(torch.isfinite(o).all() for o in outs), f"seed={seed}"
-    assert (outs[0] - outs[1]).abs().max() <= 0.02 * scale, f"seed={seed}"
-    assert (outs[0] - ref).abs().max() <= 0.03 * scale, f"seed={seed}"
 
 
 @pytest.mark.skipif(not _sm90(), reason="needs a CUDA GPU of compute capability 9.x (sm90: wgmma, TMA)")
