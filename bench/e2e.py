@@ -11,7 +11,7 @@ GPU (default; one process per spec, every mode of a spec on the same inputs):
   peak memory, speed-up against the best baseline of the same run, share of the FLOP floor; on
   the latency workload the error against the float64 oracle (GRDense.forward_jagged on the CPU, the
   per-user reference: a correctness oracle, never a speed baseline). --profile adds the top ops of
-  one throughput call per mode (torch.profiler); --stage-check runs `grc build` of hstu-tiny's aoti
+  one call per mode and workload (torch.profiler); --stage-check runs `grc build` of hstu-tiny's aoti
   stage (cpu + cuda). bench/gpu_run_e2e.sh runs this on a GPU machine, start to end.
 Smoke (--smoke): the same code on the CPU, hstu-tiny, tiny workloads, the modes that run there
   without a compile (in seconds): what the test suite runs.
@@ -69,7 +69,9 @@ SMOKE_WORKLOADS = {
 }
 SMOKE_MODES = ("eager_bf16_padded", "eager_bf16_triton")  # no compile: seconds on a CPU
 ORACLE_WORKLOAD = "latency"  # the float64 per-user reference on the CPU: too slow for 64 users
-PROFILE_WORKLOAD = "throughput"
+# --profile: one call of each workload per mode, under its record key ("profiles" kept for the throughput call, the
+# key results since session 2 use; the latency call's lists the ~40 small launches a 1-user graph replays)
+PROFILE_KEYS = {"throughput": "profiles", "latency": "latency_profiles"}
 T0 = time.perf_counter()
 
 
@@ -140,12 +142,12 @@ def measure(case: Case, mode_name: str, mode: Mode, wl: str, args: argparse.Name
         sync(case.device)
         times = time_calls(call, case.device, args.budget, min_iters=args.min_calls)
         row: dict[str, Any] = stats(times, case.inputs[wl].users)
-        if args.profile and wl == PROFILE_WORKLOAD:
+        if args.profile and wl in PROFILE_KEYS:
             try:  # a profiler that cannot run (no CUPTI) must not cost the mode its timing
                 profile: dict[str, Any] = op_profile(call, case.device)
             except Exception as exc:
                 profile = {"error": f"{type(exc).__name__}: {exc}"[:600]}
-            case.record.setdefault("profiles", {})[mode_name] = profile
+            case.record.setdefault(PROFILE_KEYS[wl], {})[mode_name] = profile
     if on_gpu:
         row["peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         row["peak_over_start_mib"] = round((torch.cuda.max_memory_allocated() - start_bytes) / 2**20, 1)
@@ -338,7 +340,7 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--skip", default="", help="comma-separated modes, or MODE:WORKLOAD pairs, to leave out")
     p.add_argument("--budget", type=float, help="seconds of timed calls per mode and workload (default 1; 0.2 smoke)")
-    p.add_argument("--profile", action="store_true", help="top ops of one throughput call per mode (torch.profiler)")
+    p.add_argument("--profile", action="store_true", help="top ops of one call per mode and workload (torch.profiler)")
     p.add_argument("--min-calls", type=int, help="timed calls per mode and workload, at least (default 10; 3 smoke)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (--cpu, --smoke)")
     p.add_argument("--stage-check", action="store_true", help="also `grc build` hstu-tiny's aoti stage (cpu + cuda)")

@@ -36,7 +36,8 @@ def test_e2e_smoke_writes_baselines_speedups_profile_and_provenance(tmp_path: Pa
     for rows in spec["modes"].values():  # bf16 against the float64 oracle: close, not exact
         err = rows["latency"]["rel_err_vs_fp64"]
         assert math.isfinite(err) and 0 < err < 0.05
-    for profile in spec["profiles"].values():  # one per mode: the top ops of one call, slowest first
+    assert set(spec["latency_profiles"]) == set(spec["profiles"]) == set(spec["modes"])  # each workload's call
+    for profile in [*spec["profiles"].values(), *spec["latency_profiles"].values()]:  # the top ops, slowest first
         times = [op["ms"] for op in profile["ops"]]
         assert times and times == sorted(times, reverse=True) and sum(times) <= profile["total_ms"] + 1e-3
         assert any(op["name"] == "aten::bmm" for op in profile["ops"])  # the attention's matmuls are named
