@@ -1,0 +1,153 @@
+"""Row ranges of one preallocated buffer: where the history cache's K/V rows are to live on a GPU (the arena).
+
+Why: the served cached step copies every hit's entry into the step's key buffers and the grown entry back out
+(session 15's profile: a fifth of the step's device time at 3,581 cached rows). Both attention kernels read a user's
+keys as any range of k and v (``kv_offsets`` [users, 2], session 17), and ``UserKV.rows`` already packs every
+layer's K and V of a token into one row; so one [rows, width] buffer per instance can hold every entry as a range,
+and a step can read the entries where they lie and write its new rows right after them.
+
+This module is the allocator: it knows row indices only (no tensors, no bytes), so the cache decides what a row
+costs and which entry to evict.
+
+- ``allocate(rows)``: first fit over the free runs, the capacity rounded up to whole granules (slack for the next
+  requests' events: growth in place is free, a move copies the entry once); None when no free run is long enough,
+  and the caller evicts and tries again.
+- ``grow(extent, rows)``: in place when the capacity holds them or the free run right after the extent has the
+  granules missing (taken from its front); else False and the caller allocates a new extent and copies once.
+- ``release(extent)``: its rows go back to the free runs, merged with free neighbours, so a run is never split
+  by a freed boundary; a pinned extent (a step is reading it) gives its rows back at its last ``unpin``, so rows a
+  running step reads are never handed to another user.
+- Thread-safe: one lock guards the runs, the extents' fields and the counters.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from dataclasses import dataclass
+
+
+@dataclass(eq=False)  # identity: two extents of the same rows at different times are different extents
+class Extent:
+    """Rows [start, start + capacity) of the arena; ``pins`` steps are reading them; ``released``: given back (its
+    rows are free, or will be at the last unpin)."""
+
+    start: int
+    capacity: int
+    pins: int = 0
+    released: bool = False
+
+    @property
+    def end(self) -> int:
+        return self.start + self.capacity
+
+
+class RowArena:
+    """First-fit allocator of row ranges in [0, rows), in whole granules."""
+
+    def __init__(self, rows: int, granule: int = 64):
+        if granule <= 0 or rows < granule:
+            raise ValueError(f"the arena needs rows >= granule > 0 (got rows={rows}, granule={granule})")
+        self.rows = rows - rows % granule  # whole granules only: a tail shorter than one is never handed out
+        self.granule = granule
+        self._lock = threading.Lock()
+        self._starts: list[int] = [0]  # free runs, sorted by start, never adjacent (merged on release)
+        self._ends: list[int] = [self.rows]
+        self._used = 0  # rows of live extents (released-but-pinned ones included: not yet reusable)
+
+    def _round(self, rows: int) -> int:
+        if rows <= 0:
+            raise ValueError(f"an extent holds at least one row (got {rows})")
+        return -(-rows // self.granule) * self.granule
+
+    def allocate(self, rows: int) -> Extent | None:
+        """An extent of at least ``rows`` rows (whole granules), or None when no free run is that long."""
+        size = self._round(rows)
+        with self._lock:
+            for i, (start, end) in enumerate(zip(self._starts, self._ends, strict=True)):
+                if end - start >= size:
+                    if end - start == size:
+                        del self._starts[i], self._ends[i]
+                    else:
+                        self._starts[i] = start + size
+                    self._used += size
+                    return Extent(start, size)
+        return None
+
+    def grow(self, extent: Extent, rows: int) -> bool:
+        """Make ``extent`` hold ``rows`` rows in place: True when its capacity already does, or the free run starting
+        at its end has the granules missing (taken from that run's front); False otherwise (nothing changes)."""
+        size = self._round(rows)
+        with self._lock:
+            if extent.released:
+                raise ValueError(f"extent at row {extent.start} was released: it cannot grow")
+            if size <= extent.capacity:
+                return True
+            i = bisect.bisect_left(self._starts, extent.end)
+            if i == len(self._starts) or self._starts[i] != extent.end:
+                return False
+            missing = size - extent.capacity
+            if self._ends[i] - self._starts[i] < missing:
+                return False
+            if self._ends[i] - self._starts[i] == missing:
+                del self._starts[i], self._ends[i]
+            else:
+                self._starts[i] += missing
+            extent.capacity = size
+            self._used += missing
+            return True
+
+    def pin(self, extent: Extent) -> None:
+        with self._lock:
+            if extent.released:
+                raise ValueError(f"extent at row {extent.start} was released: a step cannot start reading it")
+            extent.pins += 1
+
+    def unpin(self, extent: Extent) -> None:
+        with self._lock:
+            if extent.pins <= 0:
+                raise ValueError(f"extent at row {extent.start} is not pinned")
+            extent.pins -= 1
+            if extent.released and extent.pins == 0:
+                self._free(extent)
+
+    def release(self, extent: Extent) -> None:
+        """Give the extent's rows back (at its last unpin if a step still reads it). Twice is an error: a second
+        release of rows another extent may hold by now would corrupt that one."""
+        with self._lock:
+            if extent.released:
+                raise ValueError(f"extent at row {extent.start} was already released")
+            extent.released = True
+            if extent.pins == 0:
+                self._free(extent)
+
+    def _free(self, extent: Extent) -> None:  # under the lock
+        start, end = extent.start, extent.end
+        i = bisect.bisect_left(self._starts, start)
+        merge_left = i > 0 and self._ends[i - 1] == start
+        merge_right = i < len(self._starts) and self._starts[i] == end
+        if merge_left and merge_right:
+            self._ends[i - 1] = self._ends[i]
+            del self._starts[i], self._ends[i]
+        elif merge_left:
+            self._ends[i - 1] = end
+        elif merge_right:
+            self._starts[i] = start
+        else:
+            self._starts.insert(i, start)
+            self._ends.insert(i, end)
+        self._used -= extent.capacity
+
+    def used_rows(self) -> int:
+        """Rows of extents not yet given back (capacity, not what the entries hold: what the budget counts)."""
+        with self._lock:
+            return self._used
+
+    def free_runs(self) -> list[tuple[int, int]]:
+        """The free runs as (start, end), sorted (tests and the metrics read it)."""
+        with self._lock:
+            return list(zip(self._starts, self._ends, strict=True))
+
+    def largest_free(self) -> int:
+        with self._lock:
+            return max((e - s for s, e in zip(self._starts, self._ends, strict=True)), default=0)
