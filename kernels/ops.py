@@ -95,12 +95,13 @@ def _hstu_attention_hopper_op(
     alpha: float,
     norm: float,
     causal: bool,
+    max_user_keys: int | None = None,
 ) -> torch.Tensor:
-    """The Gluon sm90 kernel as one opaque node of a compiled graph (the cached contract; full attention passes the
-    same offsets twice). It raises where the kernel cannot run (check_hopper): nothing else runs in its place."""
-    return hstu_hopper.hstu_attention_hopper(
-        q, k, v, q_offsets, kv_offsets, timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal
-    )
+    """The Gluon sm90 kernel as one opaque node of a compiled graph (the cached contract, key ranges included;
+    full attention passes the same offsets twice). It raises where the kernel cannot run (check_hopper): nothing
+    else runs in its place."""
+    args = (q, k, v, q_offsets, kv_offsets, timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal)
+    return hstu_hopper.hstu_attention_hopper(*args, max_user_keys=max_user_keys)
 
 
 @custom_op("grc::hstu_attention_cached_reference", mutates_args=())
@@ -147,13 +148,14 @@ def _hstu_attention_cached_op(
     alpha: float,
     norm: float,
     causal: bool,
+    max_user_keys: int | None = None,
 ) -> torch.Tensor:
     args = (q, k, v, q_offsets, kv_offsets, timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal)
     if not runs_kernel(q):
         return torch.ops.grc.hstu_attention_cached_reference(*args)
     if hstu_hopper.runs(q, k, v, traced=_traced(q)):
-        return torch.ops.grc.hstu_attention_hopper(*args)
-    return hstu_attention_cached_triton(*args, wrap=wrap_triton)
+        return torch.ops.grc.hstu_attention_hopper(*args, max_user_keys)
+    return hstu_attention_cached_triton(*args, wrap=wrap_triton, max_user_keys=max_user_keys)
 
 
 @triton_op("grc::norm_gate", mutates_args=())
@@ -279,10 +281,12 @@ def hstu_attention_cached(
     norm: float,
     causal: bool,
     impl: str = "triton",
+    max_user_keys: int | None = None,
 ) -> torch.Tensor:
     """Queries against cached keys -> [Tq, H, Dv]: the history cache's attention (see
     ``reference.hstu_attention_cached`` for the contract: per user the queries are the last
-    ``q_offsets`` rows of the sequence whose keys/values/timestamps ``kv_offsets`` delimit).
+    ``q_offsets`` rows of the sequence whose keys/values/timestamps ``kv_offsets`` delimit; as [users, 2]
+    (start, end) ranges, anywhere in k and v, with ``max_user_keys`` bounding one user's keys: the arena).
 
     impl="pytorch": the reference. impl="triton": the ``grc::hstu_attention_cached`` op (the
     Triton kernel on CUDA, where a user with more queries than keys gets NaN rows since a kernel
@@ -308,6 +312,6 @@ def hstu_attention_cached(
         return reference.hstu_attention_cached(*args)
     if route == "kernel":
         if hstu_hopper.runs(q, k, v):
-            return hstu_hopper.hstu_attention_hopper(*args)
-        return hstu_attention_cached_triton(*args)
-    return torch.ops.grc.hstu_attention_cached(*args)
+            return hstu_hopper.hstu_attention_hopper(*args, max_user_keys=max_user_keys)
+        return hstu_attention_cached_triton(*args, max_user_keys=max_user_keys)
+    return torch.ops.grc.hstu_attention_cached(*args, max_user_keys=max_user_keys)

@@ -263,17 +263,22 @@ class GRDense(nn.Module):
         is_candidate: torch.Tensor,
         impl: str = "pytorch",
         fuse: bool = False,
+        max_user_keys: int | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """``run_plan`` on sequences already laid out (``HSTULayer.forward_scattered``, which fills the new rows
         of ``past_keys`` / ``past_values`` [Tkv, H, D] in place): scores [Tq, tasks] of the new rows, zero except
         where ``is_candidate`` [Tq] (the caller keeps those rows), and every layer's K, V of the new rows. No host
-        read, no data-dependent shape: CUDA-graph capturable. fuse: the fused GEMMs and heads kernel."""
+        read, no data-dependent shape: CUDA-graph capturable. fuse: the fused GEMMs and heads kernel.
+        ``kv_offsets`` as [users, 2] (start, end) ranges with ``max_user_keys`` (a bound on one user's keys):
+        the buffers are an arena whose rows between users' ranges are never read (the device arena,
+        grc/serving/common/row_arena.py)."""
         x = tokens
         new_k, new_v = [], []
         for layer, past_k, past_v in zip(self.hstu_layers, past_keys, past_values, strict=True):
             x, k, v = layer.forward_scattered(
-                x, group, past_k, past_v, slots, q_offsets, kv_offsets, kv_timestamps, num_candidates, impl, fuse
-            )
+                x, group, past_k, past_v, slots, q_offsets, kv_offsets, kv_timestamps, num_candidates, impl, fuse,
+                max_user_keys,
+            )  # fmt: skip
             new_k.append(k)
             new_v.append(v)
         if fuse:

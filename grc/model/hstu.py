@@ -107,11 +107,12 @@ class PointwiseAttention(nn.Module):
         timestamps: torch.Tensor,
         num_candidates: torch.Tensor,
         impl: str,
+        max_user_keys: int | None = None,
     ) -> torch.Tensor:
-        """New tokens' queries against cached + new keys (the history cache's attention)."""
-        return hstu_attention_cached(
-            q, k, v, q_offsets, kv_offsets, timestamps, num_candidates, *self.constants, impl=impl
-        )
+        """New tokens' queries against cached + new keys (the history cache's attention; ``kv_offsets`` as
+        [users, 2] ranges with ``max_user_keys``: the keys where an arena holds them)."""
+        args = (q, k, v, q_offsets, kv_offsets, timestamps, num_candidates, *self.constants)
+        return hstu_attention_cached(*args, impl=impl, max_user_keys=max_user_keys)
 
 
 class HSTULayer(nn.Module):
@@ -255,17 +256,19 @@ class HSTULayer(nn.Module):
         num_candidates: torch.Tensor,
         impl: str = "pytorch",
         fuse: bool = False,
+        max_user_keys: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``forward_cached`` with the sequences already laid out: ``past_k`` / ``past_v`` [Tkv, H, D] hold
         every user's cached rows where ``kv_offsets`` puts them, and ``slots`` [Tq] says which row each new
-        token's K/V fills (IN PLACE: the buffers are the caller's scratch). Every shape is fixed by the
+        token's K/V fills (IN PLACE: the buffers are the caller's scratch, or an arena's rows, which
+        ``kv_offsets`` as [users, 2] ranges with ``max_user_keys`` address). Every shape is fixed by the
         buffers, nothing is read back: the form a CUDA graph replays (grc/serving/common/score_graphs.py).
         fuse: the projections as the fused Triton GEMMs, as ``forward_jagged``'s GPU compile path."""
 
         def join(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return past_k.index_copy_(0, slots, k), past_v.index_copy_(0, slots, v)
 
-        args = (q_offsets, kv_offsets, kv_timestamps, num_candidates, impl, fuse)
+        args = (q_offsets, kv_offsets, kv_timestamps, num_candidates, impl, fuse, max_user_keys)
         return self._attend_cached(x, group, join, *args)
 
     def _attend_cached(
@@ -279,12 +282,14 @@ class HSTULayer(nn.Module):
         num_candidates: torch.Tensor,
         impl: str,
         fuse: bool = False,
+        max_user_keys: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The cached-keys layer; ``join(k, v)`` of the new tokens -> the whole sequences' keys and values."""
         _needs_triton(fuse, FUSE_NEEDS, impl)
         u, q, k, v = self._project(x, group, fuse)
         keys, values = join(k, v)
-        attn = self.attention.cached(q, keys, values, q_offsets, kv_offsets, kv_timestamps, num_candidates, impl)
+        args = (q_offsets, kv_offsets, kv_timestamps, num_candidates, impl, max_user_keys)
+        attn = self.attention.cached(q, keys, values, *args)
         return self._finish(x, attn, u, impl=impl, fuse=fuse), k, v
 
 

@@ -70,13 +70,28 @@ def hstu_attention_cached(
     norm: float,
     causal: bool,
     impl: str = "pytorch",
+    max_user_keys: int | None = None,
 ) -> torch.Tensor:
     """[Tq, H, Dv]: per user the queries are the last rows of the sequence ``kv_offsets`` delimits
-    (cached tokens, then the new ones); the rows ``hstu_attention_jagged`` gives those tokens."""
+    (cached tokens, then the new ones; [users, 2] ranges with ``max_user_keys``: an arena's entries); the rows
+    ``hstu_attention_jagged`` gives those tokens."""
     from kernels import hstu_attention_cached as kernel_cached
 
     return kernel_cached(
-        q, k, v, q_offsets, kv_offsets, timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal, impl=impl
+        q,
+        k,
+        v,
+        q_offsets,
+        kv_offsets,
+        timestamps,
+        num_candidates,
+        pos_w,
+        ts_w,
+        alpha,
+        norm,
+        causal,
+        impl=impl,
+        max_user_keys=max_user_keys,
     )
 
 
