@@ -77,22 +77,8 @@ def hstu_attention_cached(
     ``hstu_attention_jagged`` gives those tokens."""
     from kernels import hstu_attention_cached as kernel_cached
 
-    return kernel_cached(
-        q,
-        k,
-        v,
-        q_offsets,
-        kv_offsets,
-        timestamps,
-        num_candidates,
-        pos_w,
-        ts_w,
-        alpha,
-        norm,
-        causal,
-        impl=impl,
-        max_user_keys=max_user_keys,
-    )
+    args = (q, k, v, q_offsets, kv_offsets, timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal)
+    return kernel_cached(*args, impl=impl, max_user_keys=max_user_keys)
 
 
 # The fused GPU-compile path (kernels/fused_*.py: torch.ops.grc.* with PyTorch twins); their

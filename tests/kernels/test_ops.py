@@ -298,3 +298,7 @@ def test_key_ranges_need_their_shape_and_a_bound_on_keys() -> None:
     kc, vc, tsc = (torch.cat([x[12:18], x[2:7]]) for x in (k, v, ts))
     want = reference.hstu_attention_cached(q, kc, vc, q_offsets, compact, tsc, *args[1:])
     assert torch.equal(got, want)
+    # the op and the public entry carry the bound to the kernels (here: the reference, off CUDA)
+    op = torch.ops.grc.hstu_attention_cached(q, k, v, q_offsets, ranges, *args, max_user_keys=6)
+    public = ops.hstu_attention_cached(q, k, v, q_offsets, ranges, *args, max_user_keys=6)
+    assert torch.equal(op, want) and torch.equal(public, want)
