@@ -285,55 +285,18 @@ def test_a_planned_step_never_reads_device_values(setup) -> None:  # type: ignor
 
 @pytest.mark.parametrize("impl", ["pytorch", "triton"])
 def test_the_step_over_an_arena_equals_score(setup, impl: str) -> None:  # type: ignore[no-untyped-def]
-    """The device arena's step (session 18: the model side; the store is not wired yet): the users' cached rows lie
-    in extents of one NaN-filled arena (grc.serving.common.row_arena, allocated in shuffled order, a foreign extent
-    between them), ``run_scattered`` writes the new rows after each user's cached ones and attends through
-    [users, 2] key ranges. The candidates' scores equal ``GRDense.score``'s, and the arena rows of each user's
-    cached + new events are its grown entry (float64; NaN outside the ranges would poison any stray read)."""
-    from grc.serving.common.row_arena import RowArena
+    """The device arena's step (session 18: the model side; the store is not wired yet, tests/arena_step.py lays
+    it out): the candidates' scores equal ``GRDense.score``'s, and the arena rows of each user's cached + new
+    events are its grown entry (float64; NaN outside the ranges would poison any stray read). The same step
+    through the Triton kernel: tests/kernels/test_interpreter.py::test_the_step_over_an_arena_through_the_kernel."""
+    from tests.arena_step import score_over_arena, users
 
-    cfg, model, tables, gen = setup
-    dense, profile = model.dense, len(cfg.profile)
-    users = [one_user(cfg, h, c, gen) for h, c in ((30, 3), (5, 9), (17, 1))]
-    toks = [project(model, tables, b) for b in users]
-    cached = [profile + 30 - 4, profile + 5, profile + 1]
-    now = [int(b.request_time[0]) for b in users]
+    _, model, tables, gen = setup
     with torch.no_grad():
-        caches = [
-            dense.prefill(t.tokens[:k], t.timestamps[:k], profile, n) for t, k, n in zip(toks, cached, now, strict=True)
-        ]
-        rest = [t.tokens.shape[0] - k for t, k in zip(toks, cached, strict=True)]
-        offsets = torch.tensor([0, *torch.tensor(rest).cumsum(0).tolist()])
-        tokens = torch.cat([t.tokens[k:] for t, k in zip(toks, cached, strict=True)])
-        stamps = torch.cat([t.timestamps[k:] for t, k in zip(toks, cached, strict=True)])
-        ncand = torch.cat([t.num_candidates for t in toks])
-        expected, grown = dense.score(caches, tokens, offsets, ncand, stamps, now, impl)
-
-        arena = RowArena(512, granule=8)
-        foreign = arena.allocate(20)  # another user's rows, between these users' extents
-        extents = {b: arena.allocate(caches[b].length + rest[b]) for b in (2, 0, 1)}
-        assert foreign is not None and all(e is not None for e in extents.values())
-        rows = torch.full((arena.rows, caches[0].layout.width), float("nan"), dtype=torch.float64)
-        kv_stamps = torch.full((arena.rows,), -(1 << 60), dtype=torch.int64)
-        slots, ranges = [], []
-        for b, cache in enumerate(caches):
-            start = extents[b].start  # type: ignore[union-attr]
-            rows[start : start + cache.length] = cache.rows
-            kv_stamps[start : start + cache.length] = cache.timestamps_at(now[b])
-            slots.append(torch.arange(start + cache.length, start + cache.length + rest[b]))
-            ranges.append([start, start + cache.length + rest[b]])
-        slot = torch.cat(slots)
-        kv_stamps[slot] = stamps
-        keys, values = caches[0].layout.split(rows)
-        plan = dense.plan_score(caches, offsets, ncand, stamps, now)
-        is_candidate = torch.zeros(tokens.shape[0], dtype=torch.bool)
-        is_candidate[plan.candidate_rows] = True
-        scores, _, _ = dense.run_scattered(
-            tokens, plan.group, list(keys), list(values), slot, plan.q_offsets, torch.tensor(ranges), kv_stamps,
-            plan.num_candidates, is_candidate, impl, max_user_keys=max(r[1] - r[0] for r in ranges),
-        )  # fmt: skip
-    torch.testing.assert_close(scores[plan.candidate_rows], expected, rtol=RTOL, atol=0)
-    for b, entry in enumerate(grown):  # the grown entry: cached rows + the new events, in place in the arena
-        start = extents[b].start  # type: ignore[union-attr]
-        torch.testing.assert_close(rows[start : start + entry.length], entry.rows, rtol=RTOL, atol=0)
-    assert torch.isnan(rows[foreign.start : foreign.end]).all()  # nothing written outside the users' extents
+        u = users(model, tables, gen)
+        expected, grown = model.dense.score(u.caches, u.tokens, u.offsets, u.num_candidates, u.stamps, u.now, impl)
+        run = score_over_arena(model.dense, u, impl)
+    torch.testing.assert_close(run.scores, expected, rtol=RTOL, atol=0)
+    for extent, entry in zip(run.extents, grown, strict=True):  # cached rows + the new events, in place
+        torch.testing.assert_close(run.rows[extent.start : extent.start + entry.length], entry.rows, rtol=RTOL, atol=0)
+    assert torch.isnan(run.rows[run.foreign.start : run.foreign.end]).all()  # nothing written outside the extents

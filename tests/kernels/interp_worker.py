@@ -7,6 +7,7 @@ Usage: python interp_worker.py JOB DTYPE SEED   (JOB: attention | cached | norm_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -344,6 +345,28 @@ def bucket_job() -> dict[str, float]:
     return results
 
 
+def arena_step_job(seed: int) -> dict[str, float]:
+    """The history cache's step over a device arena (tests/arena_step.py) in float32 through the Triton kernels
+    (key ranges with max_user_keys), against GRDense.score with the float64 reference."""
+    from tests.arena_step import score_over_arena, users
+    from tests.conftest import TEST_SPECS
+    from tests.test_model import _model
+
+    _, model, tables = _model(TEST_SPECS / "mtgr-tiny.yaml", seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        u64 = users(model, tables, gen)
+        expected, _ = model.dense.score(u64.caches, u64.tokens, u64.offsets, u64.num_candidates, u64.stamps, u64.now)
+        model32 = model.float()
+        caches = [dataclasses.replace(c, rows=c.rows.float()) for c in u64.caches]
+        u32 = dataclasses.replace(u64, caches=caches, tokens=u64.tokens.float())
+        run = score_over_arena(model32.dense, u32, "triton")
+    return {
+        "scores_rel_err": rel_err(run.scores, expected),
+        "foreign_rows_nan": float(torch.isnan(run.rows[run.foreign.start : run.foreign.end]).all()),
+    }
+
+
 def main() -> None:
     job, dtype_name, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
     gen = torch.Generator().manual_seed(seed)
@@ -357,6 +380,8 @@ def main() -> None:
         results = norm_gate_job(gen)
     elif job == "silu":
         results = silu_job(gen)
+    elif job == "arena_step":
+        results = arena_step_job(seed)
     else:
         results = bucket_job()
     print(json.dumps(results))

@@ -72,6 +72,14 @@ def test_cached_kernel_poisons_users_with_more_queries_than_keys() -> None:
     assert results["bad_user_nan_fraction"] == 1.0 and results["valid_user_rel_err"] <= BOUNDS["float32"], results
 
 
+def test_the_step_over_an_arena_through_the_kernel() -> None:
+    """The history cache's step with its keys as ranges of a NaN-filled arena, through the Triton kernels (the
+    cached attention with max_user_keys, the norm-gate), float32 against GRDense.score in float64."""
+    results, seed = run_worker("arena_step", "float32")
+    assert results["foreign_rows_nan"] == 1.0, f"seed={seed}: the step wrote outside its users' extents"
+    assert results["scores_rel_err"] <= BOUNDS["float32"] * 10, f"seed={seed}: {results}"
+
+
 def test_norm_gate_kernel() -> None:
     results, seed = run_worker("norm_gate", "all")
     bad = {case: err for case, err in results.items() if not err <= BOUNDS[case.split("_")[0]]}

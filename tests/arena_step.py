@@ -1,0 +1,98 @@
+"""The history cache's step over a device arena, as the store will run it (shared by
+tests/test_history_cache_model.py, float64, and the interpreter worker, which runs it through the Triton kernel):
+users' cached rows laid out in extents of one NaN-filled arena (grc.serving.common.row_arena, allocated in shuffled
+order with a foreign extent between them), the new rows written after each user's cached ones, attention through
+[users, 2] key ranges."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from grc.model.gr import GRDense, GRModel, Tokens
+from grc.model.kv_cache import UserKV
+from grc.model.sample import random_batch
+from grc.model.tables import Tables
+from grc.serving.common.row_arena import Extent, RowArena
+
+HISTORY_CANDIDATES = ((30, 3), (5, 9), (17, 1))  # per user: history events, candidates
+
+
+@dataclass
+class Users:
+    """B users split into cached tokens (prefilled) and the new rows a step scores."""
+
+    caches: list[UserKV]
+    tokens: torch.Tensor
+    offsets: torch.Tensor
+    num_candidates: torch.Tensor
+    stamps: torch.Tensor
+    now: list[int]
+
+    @property
+    def rest(self) -> list[int]:
+        return torch.diff(self.offsets).tolist()
+
+
+def users(model: GRModel, tables: Tables, gen: torch.Generator, impl: str = "pytorch") -> Users:
+    """Fresh random users; the cached part ends a few events before the history does (profile tokens included)."""
+    cfg, profile = model.cfg, len(model.cfg.profile)
+    toks: list[Tokens] = []
+    now: list[int] = []
+    for history, candidates in HISTORY_CANDIDATES:
+        batch = random_batch(cfg, 1, history, candidates, gen)
+        toks.append(model.projector(batch, tables))
+        now.append(int(batch.request_time[0]))
+    cached = [profile + 30 - 4, profile + 5, profile + 1]
+    caches = [
+        model.dense.prefill(t.tokens[:k], t.timestamps[:k], profile, n, impl)
+        for t, k, n in zip(toks, cached, now, strict=True)
+    ]
+    rest = [t.tokens.shape[0] - k for t, k in zip(toks, cached, strict=True)]
+    return Users(
+        caches,
+        torch.cat([t.tokens[k:] for t, k in zip(toks, cached, strict=True)]),
+        torch.tensor([0, *torch.tensor(rest).cumsum(0).tolist()]),
+        torch.cat([t.num_candidates for t in toks]),
+        torch.cat([t.timestamps[k:] for t, k in zip(toks, cached, strict=True)]),
+        now,
+    )
+
+
+@dataclass
+class ArenaRun:
+    scores: torch.Tensor  # the candidates' scores [sum(candidates), tasks]
+    rows: torch.Tensor  # the arena after the step
+    extents: list[Extent]  # per user
+    foreign: Extent  # rows of nobody in this step: must stay NaN
+
+
+def score_over_arena(dense: GRDense, u: Users, impl: str) -> ArenaRun:
+    arena = RowArena(512, granule=8)
+    foreign = arena.allocate(20)
+    placed = {b: arena.allocate(u.caches[b].length + u.rest[b]) for b in (2, 0, 1)}
+    assert foreign is not None and all(e is not None for e in placed.values())
+    extents = [placed[b] for b in range(len(u.caches))]
+    dtype = u.caches[0].rows.dtype
+    rows = torch.full((arena.rows, u.caches[0].layout.width), float("nan"), dtype=dtype)
+    kv_stamps = torch.full((arena.rows,), -(1 << 60), dtype=torch.int64)
+    slots, ranges = [], []
+    for b, (cache, extent) in enumerate(zip(u.caches, extents, strict=True)):
+        assert extent is not None
+        start, end = extent.start, extent.start + cache.length + u.rest[b]
+        rows[start : start + cache.length] = cache.rows
+        kv_stamps[start : start + cache.length] = cache.timestamps_at(u.now[b])
+        slots.append(torch.arange(start + cache.length, end))
+        ranges.append([start, end])
+    slot = torch.cat(slots)
+    kv_stamps[slot] = u.stamps
+    keys, values = u.caches[0].layout.split(rows)
+    plan = dense.plan_score(u.caches, u.offsets, u.num_candidates, u.stamps, u.now)
+    is_candidate = torch.zeros(u.tokens.shape[0], dtype=torch.bool)
+    is_candidate[plan.candidate_rows] = True
+    scores, _, _ = dense.run_scattered(
+        u.tokens, plan.group, list(keys), list(values), slot, plan.q_offsets, torch.tensor(ranges), kv_stamps,
+        plan.num_candidates, is_candidate, impl, max_user_keys=max(r[1] - r[0] for r in ranges),
+    )  # fmt: skip
+    return ArenaRun(scores[plan.candidate_rows], rows, [e for e in extents if e is not None], foreign)
