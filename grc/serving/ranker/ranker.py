@@ -87,8 +87,11 @@ class Ranker:
         dtype = DTYPES[params.get("dtype", "float32")] if dev.type == "cuda" else torch.float32
         if backend == "aotinductor":
             package = model_dir / json.loads(params["packages"])["gpu" if dev.type == "cuda" else "cpu"]
-            dtype = DTYPES[json.loads((package.parent / "metadata.json").read_text())["dtype"]]
+            meta = json.loads((package.parent / "metadata.json").read_text())
+            dtype = DTYPES[meta["dtype"]]
             fn = dn.aotinductor(package, dev)
+            # packages built before engine.aoti.attention (session 18) compiled the Triton kernel in
+            log(f"attention (the package): {meta.get('attention', 'the Triton kernel, compiled in')}")
         if dev.type == "cuda" and (backend != "aotinductor" or hist.configured(params)):
             from kernels.hstu_hopper import describe
 
