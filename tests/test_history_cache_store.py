@@ -205,3 +205,65 @@ def test_reusable_rows_by_binary_search_equals_every_events_bucket() -> None:
             fast += first_moved_sorted(stamps[profile:], then, now, buckets) is not None
             checked += 1
     assert fast > checked // 2, (seed, fast, checked)  # the fast case is the common one here, as in the store
+
+
+def test_the_arena_hooks_count_capacity_and_drop_each_entry_once() -> None:
+    """size_of and on_drop (the device arena's hooks): the budget counts what size_of says, and every entry the
+    store lets go (replaced, evicted, refused over the per-user bound, evicted on demand) reaches on_drop once,
+    outside the store's lock; storing the entry already held (a hit re-storing it) drops nothing."""
+    dropped: list[CachedHistory] = []
+
+    def drop(e: CachedHistory) -> None:
+        assert cache._lock.acquire(blocking=False), "on_drop called under the store's lock"
+        cache._lock.release()
+        dropped.append(e)
+
+    capacity = lambda e: 64 * -(-e.kv.length // 64)  # noqa: E731  (rows rounded up to granules of 64)
+    cache = HistoryCache(budget_bytes=3 * 64, max_entry_bytes=2 * 64, size_of=capacity, on_drop=drop)
+    a, b, c, d = entry(10, seed=1), entry(70, seed=2), entry(3, seed=3), entry(5, seed=4)
+    assert cache.store("a", a) and cache.store("b", b)  # 64 + 128 rows of capacity: full
+    assert cache.stats().bytes == 192 and dropped == []
+    assert cache.store("a", a) and dropped == []  # the same entry again: nothing let go
+    assert cache.store("c", c)  # over budget: b (least recently used) goes
+    assert dropped == [b] and cache.stats().evictions == 1 and cache.stats().bytes == 128
+    a2 = entry(11, seed=5)
+    assert cache.store("a", a2) and dropped == [b, a]  # replaced
+    assert not cache.store("c", entry(200, seed=6))  # over the per-user bound: it and the old c go
+    assert dropped[2] is c and dropped[3].kv.length == 201 and cache.stats().bytes == 64
+    assert cache.store("d", d) and cache.evict_oldest() and dropped[-1] is a2
+    assert cache.evict_oldest() and dropped[-1] is d and not cache.evict_oldest()
+    assert cache.stats().evictions == 3 and cache.stats().bytes == 0 == cache.stored_bytes()
+
+
+def test_threads_drop_every_entry_they_stored_exactly_once() -> None:
+    """8 threads storing fresh entries over 5 users under a budget that evicts: at the end every entry ever stored
+    is either held or was dropped, exactly once (an arena extent is never released twice, nor leaked)."""
+    dropped: list[int] = []
+    lock = threading.Lock()
+
+    def drop(e: CachedHistory) -> None:
+        with lock:
+            dropped.append(id(e))
+
+    cache = HistoryCache(budget_bytes=3 * entry(32).nbytes, on_drop=drop)
+    stored: list[CachedHistory] = []
+
+    def worker(t: int) -> None:
+        rng = random.Random(t)
+        for i in range(300):
+            e = entry(rng.choice([2, 8, 16, 32]), seed=t * 1000 + i)
+            with lock:
+                stored.append(e)
+            cache.store(("m", rng.randrange(5)), e)
+            if rng.random() < 0.05:
+                cache.evict_oldest()
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    held = [id(e) for e in cache._entries.values()]
+    assert len(dropped) == len(set(dropped)), "an entry was dropped twice"
+    assert sorted(dropped + held) == sorted(id(e) for e in stored)
+    assert cache.stats().bytes == cache.stored_bytes() <= cache.budget

@@ -138,14 +138,28 @@ class Stats:
 
 
 class HistoryCache:
-    """LRU map (namespace, user id) -> CachedHistory under ``budget_bytes``; thread-safe."""
+    """LRU map (namespace, user id) -> CachedHistory under ``budget_bytes``; thread-safe.
 
-    def __init__(self, budget_bytes: int, max_entry_bytes: int | None = None):
+    ``size_of`` (default: ``CachedHistory.nbytes``) is what an entry counts against the budget, and ``on_drop`` is
+    called once for every entry the store lets go (replaced, evicted, or refused as over the per-user bound), after
+    the lock is released: the device arena's hooks (grc/serving/common/row_arena.py), where an entry's cost is its
+    extent's capacity and dropping it gives the extent back."""
+
+    def __init__(
+        self,
+        budget_bytes: int,
+        max_entry_bytes: int | None = None,
+        size_of: Callable[[CachedHistory], int] | None = None,
+        on_drop: Callable[[CachedHistory], None] | None = None,
+    ):
         if budget_bytes <= 0:
             raise ValueError(f"budget_bytes must be positive (got {budget_bytes})")
         self.budget = budget_bytes
         self.max_entry = min(max_entry_bytes or budget_bytes, budget_bytes)
+        self.size_of: Callable[[CachedHistory], int] = size_of or (lambda e: e.nbytes)
+        self.on_drop = on_drop
         self._entries: OrderedDict[Hashable, CachedHistory] = OrderedDict()
+        self._sizes: dict[Hashable, int] = {}  # what each entry counted when stored (size_of may read live state)
         self._lock = threading.Lock()
         self._bytes = self._hits = self._misses = self._evictions = 0
 
@@ -164,20 +178,51 @@ class HistoryCache:
     def store(self, key: Hashable, entry: CachedHistory) -> bool:
         """Put ``entry`` under ``key`` (replacing the old one), evicting least-recently-used
         entries to stay within the budget. False: larger than the per-user bound, not kept."""
-        size = entry.nbytes
+        size = self.size_of(entry)
+        dropped: list[CachedHistory] = []
         with self._lock:
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self._bytes -= old.nbytes
+            old = self._pop(key)
+            if old is not None and old is not entry:
+                dropped.append(old)
             if size > self.max_entry:
+                dropped.append(entry)
+                kept = False
+            else:
+                self._entries[key] = entry
+                self._sizes[key] = size
+                self._bytes += size
+                while self._bytes > self.budget:
+                    dropped.append(self._evict())
+                kept = True
+        self._drop(dropped)
+        return kept
+
+    def evict_oldest(self) -> bool:
+        """Evict the least-recently-used entry (counted as an eviction; on_drop called): what the arena does when
+        no free run is long enough. False when the store is empty."""
+        with self._lock:
+            if not self._entries:
                 return False
-            self._entries[key] = entry
-            self._bytes += size
-            while self._bytes > self.budget:
-                _, evicted = self._entries.popitem(last=False)
-                self._bytes -= evicted.nbytes
-                self._evictions += 1
-            return True
+            evicted = self._evict()
+        self._drop([evicted])
+        return True
+
+    def _pop(self, key: Hashable) -> CachedHistory | None:  # under the lock
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self._bytes -= self._sizes.pop(key)
+        return old
+
+    def _evict(self) -> CachedHistory:  # under the lock
+        key, evicted = next(iter(self._entries.items()))
+        self._pop(key)
+        self._evictions += 1
+        return evicted
+
+    def _drop(self, entries: list[CachedHistory]) -> None:
+        if self.on_drop is not None:
+            for e in entries:
+                self.on_drop(e)
 
     def stats(self) -> Stats:
         with self._lock:
@@ -186,4 +231,4 @@ class HistoryCache:
     def stored_bytes(self) -> int:
         """The bytes of the entries held, summed afresh (tests compare it with the counter)."""
         with self._lock:
-            return sum(e.nbytes for e in self._entries.values())
+            return sum(self.size_of(e) for e in self._entries.values())
