@@ -183,16 +183,16 @@ def build_package(
 ) -> Callable[..., torch.Tensor]:
     from grc.aoti.build import compile_target, verify_target
     from grc.aoti.runtime import load
-    from grc.model.hstu import CONSUMER_SILU
+    from grc.model import hstu
 
     folder = Path(tempfile.mkdtemp(prefix="grc-aoti-")) / "cuda"
     log = lambda m: print(f"  {m}", flush=True)  # noqa: E731
-    kept = dict(CONSUMER_SILU)
-    CONSUMER_SILU.update({k: v and consumer_silu for k, v in kept.items()})  # read when the layers are traced
+    kept = hstu.CONSUMER_SILU
+    hstu.CONSUMER_SILU = kept and consumer_silu  # JaggedDense's default, read when the package's model is built
     try:
         compiled = compile_target(case.dense, "cuda", "bfloat16", folder, log, fuse, silu_apart, attention)
     finally:
-        CONSUMER_SILU.update(kept)
+        hstu.CONSUMER_SILU = kept
     if compiled["status"] != "compiled":
         raise RuntimeError(f"the package was not built: {compiled.get('reason')}")
     shapes = [(s.users, s.history, s.candidates) for s in case.spec.verify.shapes]

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from grc.aoti.inputs import JaggedInputs, random_inputs
+from grc.model import hstu
 from grc.model.gr import GRDense, token_groups
 from grc.model.hstu import NORM_PROLOGUE
 
@@ -59,14 +60,15 @@ class JaggedDense(nn.Module):
         impl: str = "triton",
         fuse: bool = False,
         silu_apart: bool = False,
-        consumer_silu: bool = True,
+        consumer_silu: bool | None = None,
     ):
         super().__init__()
         self.dense = dense
         self.impl = impl
         self.fuse = fuse  # the fused kernels (impl="triton" only): engine.aoti.fuse, off until measured
         self.silu_apart = silu_apart  # SiLU as grc::silu (engine.aoti.silu_apart), off until measured
-        self.consumer_silu = consumer_silu  # u's SiLU in the norm-gate kernel (grc.model.hstu.CONSUMER_SILU)
+        # u's SiLU in the norm-gate kernel; default: grc.model.hstu.CONSUMER_SILU
+        self.consumer_silu = hstu.CONSUMER_SILU if consumer_silu is None else consumer_silu
 
     def forward(
         self, tokens: torch.Tensor, offsets: torch.Tensor, num_candidates: torch.Tensor, timestamps: torch.Tensor

@@ -41,7 +41,8 @@ NORM_PROLOGUE = {"uvqk": False, "out": True}
 # (one of the four SiLU/split kernels, ~3.5% of a throughput call on the H200). q's SiLU in the Gluon attention
 # kernel's Q tiles was measured with it (4.34 vs 4.56 ms, mtgr-small) but failed its GPU check at head dim 128 and
 # was taken out (bench/results/e2e-notes.md, session 18); k and v are read once per query tile: activated apart.
-CONSUMER_SILU = {"u": True}
+# JaggedDense's default (read when one is built: bench/e2e_modes.py turns it off to time the pass it saves).
+CONSUMER_SILU = True
 
 
 class GroupLayerNorm(nn.Module):
@@ -212,10 +213,10 @@ class HSTULayer(nn.Module):
         the GPU compile path; the unfused form is the model's math (ONNX, TensorRT plugins).
         silu_apart (impl="triton" only, unfused): SiLU as the grc::silu op (engine.aoti.silu_apart).
         consumer_silu (unfused, neither fuse nor silu_apart): u reaches the norm-gate before SiLU, which its kernel
-        applies (CONSUMER_SILU), the same function computed with one pass fewer."""
+        applies (CONSUMER_SILU says why), the same function computed with one pass fewer."""
         _needs_triton(fuse, FUSE_NEEDS, impl)
         _needs_triton(silu_apart, "silu_apart runs the grc::silu op", impl)
-        raw_u = consumer_silu and CONSUMER_SILU["u"] and not (fuse or silu_apart)
+        raw_u = consumer_silu and not (fuse or silu_apart)
         u, q, k, v = self._project(x, group, fuse, silu_apart, raw_u)
         attn = self.attention.jagged(q, k, v, offsets, num_candidates, timestamps, impl)
         return self._finish(x, attn, u, impl=impl, fuse=fuse, silu_u=raw_u)
