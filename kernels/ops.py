@@ -125,7 +125,7 @@ def _hstu_attention_cached_reference(
 
 
 def _attention_output_like(q: torch.Tensor, _k: torch.Tensor, v: torch.Tensor, *_rest: object) -> torch.Tensor:
-    """The fake impl of both reference ops: [T_q, H, Dv] in q's dtype."""
+    """The fake impl of the opaque attention ops (both references, the Gluon kernel): [T_q, H, Dv] in q's dtype."""
     return q.new_empty((q.shape[0], q.shape[1], v.shape[2]))
 
 
@@ -187,7 +187,7 @@ def _route(impl: str, first: torch.Tensor, *tensors: torch.Tensor) -> str:
     if torch.compiler.is_compiling():
         return "op"
     grad = torch.is_grad_enabled()
-    if not all(type(t) in _PLAIN and not (grad and t.requires_grad) for t in (first, *tensors)):
+    if any(_traced(t) or (grad and t.requires_grad) for t in (first, *tensors)):
         return "op"
     return "kernel" if runs_kernel(first) else "reference"
 
