@@ -1,5 +1,6 @@
-"""The history cache's step over a device arena, as the store will run it (shared by
-tests/test_history_cache_model.py, float64, and the interpreter worker, which runs it through the Triton kernel):
+"""Several users of the history cache in one step (``users``, tests/test_history_cache_model.py), and that step over
+a device arena, as the store will run it (shared by tests/test_history_cache_model.py, float64, and the
+interpreter worker, which runs it through the Triton kernel):
 users' cached rows laid out in extents of one NaN-filled arena (grc.serving.common.row_arena, allocated in shuffled
 order with a foreign extent between them), the new rows written after each user's cached ones, attention through
 [users, 2] key ranges."""
@@ -16,13 +17,15 @@ from grc.model.sample import random_batch
 from grc.model.tables import Tables
 from grc.serving.common.row_arena import Extent, RowArena
 
-HISTORY_CANDIDATES = ((30, 3), (5, 9), (17, 1))  # per user: history events, candidates
+# per user: history events, candidates, events new since the cached part (all, some or none of the history)
+USERS = ((30, 3, 4), (5, 9, 0), (17, 1, 16))
 
 
 @dataclass
 class Users:
     """B users split into cached tokens (prefilled) and the new rows a step scores."""
 
+    toks: list[Tokens]  # each user's whole sequence (the uncached forward's input)
     caches: list[UserKV]
     tokens: torch.Tensor
     offsets: torch.Tensor
@@ -40,17 +43,18 @@ def users(model: GRModel, tables: Tables, gen: torch.Generator, impl: str = "pyt
     cfg, profile = model.cfg, len(model.cfg.profile)
     toks: list[Tokens] = []
     now: list[int] = []
-    for history, candidates in HISTORY_CANDIDATES:
+    for history, candidates, _ in USERS:
         batch = random_batch(cfg, 1, history, candidates, gen)
         toks.append(model.projector(batch, tables))
         now.append(int(batch.request_time[0]))
-    cached = [profile + 30 - 4, profile + 5, profile + 1]
+    cached = [profile + history - new for history, _, new in USERS]
     caches = [
         model.dense.prefill(t.tokens[:k], t.timestamps[:k], profile, n, impl)
         for t, k, n in zip(toks, cached, now, strict=True)
     ]
     rest = [t.tokens.shape[0] - k for t, k in zip(toks, cached, strict=True)]
     return Users(
+        toks,
         caches,
         torch.cat([t.tokens[k:] for t, k in zip(toks, cached, strict=True)]),
         torch.tensor([0, *torch.tensor(rest).cumsum(0).tolist()]),

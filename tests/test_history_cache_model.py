@@ -124,27 +124,13 @@ def test_sequence_at_the_length_limit_and_past_it(setup) -> None:  # type: ignor
 
 
 def test_several_users_in_one_score_call(setup) -> None:  # type: ignore[no-untyped-def]
-    cfg, model, tables, gen = setup
-    profile = len(cfg.profile)
-    users = [one_user(cfg, h, c, gen) for h, c in ((30, 3), (5, 9), (17, 1))]
-    toks = [project(model, tables, b) for b in users]
-    cached = [profile + 30 - 4, profile + 5, profile + 1]
+    from tests.arena_step import users
+
+    _, model, tables, gen = setup
     with torch.no_grad():
-        caches = [
-            model.dense.prefill(t.tokens[:k], t.timestamps[:k], profile, int(b.request_time[0]))
-            for t, k, b in zip(toks, cached, users, strict=True)
-        ]
-        rest = [t.tokens.shape[0] - k for t, k in zip(toks, cached, strict=True)]
-        offsets = torch.tensor([0, *torch.tensor(rest).cumsum(0).tolist()])
-        scores, _ = model.dense.score(
-            caches,
-            torch.cat([t.tokens[k:] for t, k in zip(toks, cached, strict=True)]),
-            offsets,
-            torch.cat([t.num_candidates for t in toks]),
-            torch.cat([t.timestamps[k:] for t, k in zip(toks, cached, strict=True)]),
-            [int(b.request_time[0]) for b in users],
-        )
-    expected = torch.cat([full_scores(model, t) for t in toks])
+        u = users(model, tables, gen)
+        scores, _ = model.dense.score(u.caches, u.tokens, u.offsets, u.num_candidates, u.stamps, u.now)
+    expected = torch.cat([full_scores(model, t) for t in u.toks])
     torch.testing.assert_close(scores, expected, rtol=RTOL, atol=0)
 
 
