@@ -62,6 +62,8 @@ from bench.history_cache import dense_model, synced, timed
 from bench.history_cache_timeline import Clock, Costs, Cut, ShapeRun
 from grc.model.gr import GRDense
 from grc.model.kv_cache import UserKV
+from grc.serving.common.arena_graphs import ArenaGraphs, ArenaUser
+from grc.serving.common.kv_arena import Lease
 from grc.serving.common.score_graphs import ScoreGraphs
 from grc.serving.ranker.dense import GraphStats
 from grc.spec.loader import load_spec
@@ -143,6 +145,24 @@ class User:
         if isinstance(model, ScoreGraphs):  # as the served callers, with the host's stamps (no read back)
             return model.score(*args, reuse_checked=reuse_checked, host_timestamps=self.host_stamps[cached:])[0]
         return model.score(*args, reuse_checked=reuse_checked)[0]
+
+    def in_arena(self, graphs: ArenaGraphs, cache: UserKV) -> Callable[[], torch.Tensor]:
+        """The served hit over the device arena (grc/serving/common/arena_graphs.py), in a steady state: ``cache``'s
+        rows copied once into an extent of ``graphs.arena`` with room for the new rows; every call grows that entry
+        in place (the rows after it rewritten with the same values) and hands the lease back to its holder."""
+        arena, cached = graphs.arena, cache.length
+        lease = arena.allocate(self.n)
+        arena.copy_in(lease, cache, None, NOW)
+        holder = object()  # stands for the store's entry
+        lease.owner = holder
+        entry = arena.entry(lease, cached, cache.timestamps, cache.profile)
+        user = ArenaUser(entry, lease, True, NOW)
+        new, bounds, stamps = self.tokens[cached:], [0, self.n - cached], self.host_stamps[cached:]
+
+        def keep(_: int, __: UserKV, held: Lease) -> None:
+            held.owner = holder
+
+        return lambda: graphs.score([user], new, bounds, [self.candidates], stamps, keep)
 
     def planned(self, model: GRDense, cache: UserKV, impl: str) -> Callable[[], torch.Tensor]:
         """The score step's device half (run_plan) for this user on ``cache``, its plan built once."""

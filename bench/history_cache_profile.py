@@ -39,6 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # grc and kernels 
 
 from bench._common import write_result
 from bench.history_cache_device import User, model_in, spec_path
+from grc.model.kv_cache import KVLayout
+from grc.serving.common.arena_graphs import ArenaGraphs
+from grc.serving.common.kv_arena import KVArena
 from grc.serving.common.score_graphs import ScoreGraphs
 from grc.serving.ranker.dense import GraphStats
 from grc.spec.loader import load_spec
@@ -143,8 +146,14 @@ def main() -> None:
     with torch.no_grad():
         cache = user.prefill(model, cached, "triton")
         graphs = ScoreGraphs(model, "triton", GraphStats(), max_users=1, graphs=cuda)
+        h, dtype = cfg.hstu, getattr(torch, args.dtype)
+        layout = KVLayout(h.num_layers, h.num_heads, h.head_qk, h.head_v)
+        arena = KVArena(layout, 2 * h.max_seq_len, ArenaGraphs.scratch_rows(model, 1), dtype, device)
+        arena_graphs = ArenaGraphs(model, "triton", GraphStats(), 1, arena, graphs=cuda)
         paths = {
-            # the served hit as it runs now: the step replayed from a CUDA graph, the host work around it
+            # the served hit over the device arena (store: arena, session 19): entries read and grown in place
+            "arena_score": user.in_arena(arena_graphs, cache),
+            # the served hit with store: copies: the step replayed from a CUDA graph, entries copied in and out
             "graphs_score": lambda: user.score(graphs, cache, "triton", reuse_checked=True),
             "full_forward": lambda: user.full(model, "triton"),
             "cached_score": lambda: user.score(model, cache, "triton"),
@@ -156,10 +165,11 @@ def main() -> None:
             "spec": args.spec, "dtype": args.dtype, "history": history, "candidates": candidates,
             "impl": "triton", "repeat": repeat, "paths": {},
         }  # fmt: skip
+        outs: dict[str, torch.Tensor] = {}
         for name, run in paths.items():
             if args.paths and name not in args.paths.split(","):
                 continue
-            run()  # compiles and autotunes
+            outs[name] = run().float()  # compiles and autotunes
             print(f"[+{time.perf_counter() - started:.1f} s] {name}: compiled", flush=True)
             row: dict[str, Any] = {"wall_ms": round(wall_ms(run, repeat, cuda), 4)}
             row |= device_profile(run, repeat, cuda)
@@ -171,6 +181,13 @@ def main() -> None:
                 print(f"    {ms:8.3f} ms  {fn}")
             for kernel, ms in list(row["device_kernels"].items())[:12]:
                 print(f"    {ms:8.4f} ms device  {kernel}")
+            write_result(Path(args.out), result)
+        full = outs.get("full_forward")
+        if full is not None:  # each path's scores against the uncached forward's (same kernels, same dtype)
+            result["max_rel_vs_full_forward"] = {
+                name: float((o - full).abs().max() / full.abs().max()) for name, o in outs.items()
+            }
+            print(f"  max relative difference vs full_forward: {result['max_rel_vs_full_forward']}")
             write_result(Path(args.out), result)
     print(f"wrote {args.out}")
 

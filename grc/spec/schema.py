@@ -585,6 +585,13 @@ class HistoryCacheConfig(_Section):
         description="dense model and cached K/V dtype on KIND_GPU instances (grc's Triton kernels); KIND_CPU "
         "instances run float32",
     )
+    store: Literal["arena", "copies"] = Field(
+        "arena",
+        description="how a KIND_GPU instance with CUDA graphs keeps entries: arena: as rows of one device buffer "
+        "of budget_mb (allocated at load), which the graphed step reads and grows in place; copies: one tensor per "
+        "entry, copied into the step's buffers and the grown entry out (the earlier path, kept to compare). KIND_CPU "
+        "instances keep one tensor per entry and run the step eagerly",
+    )
 
 
 class GpuBucket(_Section):

@@ -35,6 +35,7 @@ import numpy as np
 
 if TYPE_CHECKING:  # annotations only: the bundle writers import this module (weights_digest) without torch
     from grc.model.kv_cache import UserKV
+    from grc.serving.common.kv_arena import Lease
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class CachedHistory:
     profile_ids: np.ndarray  # [n_profile] int64, one per profile table
     events: np.ndarray  # [n_events, history tables + 1] int64: the event's ids, then its timestamp
     stamped_at: int  # the request time the cached profile tokens carry (UserKV.timestamps[:profile])
+    lease: Lease | None = None  # where ``kv``'s rows lie in the device arena (kv_arena.py), if they do
 
     @cached_property
     def digest(self) -> str:
@@ -75,10 +77,10 @@ def content_digest(profile_ids: np.ndarray, events: np.ndarray) -> str:
 
 
 def cached_history(
-    kv: UserKV, profile_ids: np.ndarray, events: np.ndarray, stamped_at: int | None = None
+    kv: UserKV, profile_ids: np.ndarray, events: np.ndarray, stamped_at: int | None = None, lease: Lease | None = None
 ) -> CachedHistory:
     """The entry of ``kv``, which holds these profile tokens and events; ``stamped_at``: the request time it
-    was computed at (None: read from ``kv``, a device read where the K/V live on a GPU)."""
+    was computed at (None: read from ``kv``, a device read where the K/V live on a GPU); ``lease``: its arena rows."""
     profile_ids = np.array(profile_ids, np.int64)  # copies: a request's arrays die with it
     events = np.array(events, np.int64).reshape(len(events), -1)
     if stamped_at is None:
@@ -88,7 +90,7 @@ def cached_history(
             f"cache of {kv.length} tokens ({kv.profile} profile) does not hold "
             f"{len(profile_ids)} profile tokens + {len(events)} events"
         )
-    return CachedHistory(kv, profile_ids, events, stamped_at)
+    return CachedHistory(kv, profile_ids, events, stamped_at, lease)
 
 
 _MASK64 = (1 << 64) - 1
@@ -197,6 +199,13 @@ class HistoryCache:
         self._drop(dropped)
         return kept
 
+    def discard(self, key: Hashable) -> None:
+        """Let the entry under ``key`` go (not counted as an eviction; on_drop called), if there is one: what a
+        failed step does with its users' entries, whose rows it may have half rewritten."""
+        with self._lock:
+            old = self._pop(key)
+        self._drop([] if old is None else [old])
+
     def evict_oldest(self) -> bool:
         """Evict the least-recently-used entry (counted as an eviction; on_drop called): what the arena does when
         no free run is long enough. False when the store is empty."""
@@ -227,6 +236,11 @@ class HistoryCache:
     def stats(self) -> Stats:
         with self._lock:
             return Stats(self._hits, self._misses, self._evictions, self._bytes, len(self._entries))
+
+    def held(self) -> list[CachedHistory]:
+        """The entries held, least recently used first (a snapshot: tests check the arena's accounting with it)."""
+        with self._lock:
+            return list(self._entries.values())
 
     def stored_bytes(self) -> int:
         """The bytes of the entries held, summed afresh (tests compare it with the counter)."""

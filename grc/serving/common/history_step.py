@@ -34,6 +34,8 @@ if TYPE_CHECKING:  # annotations only: the bundle writers import this module's n
 
     from grc.model.gr import GRDense
     from grc.model.kv_cache import UserKV
+    from grc.serving.common.arena_graphs import ArenaGraphs
+    from grc.serving.common.kv_arena import Lease
     from grc.serving.common.score_graphs import ScoreGraphs
 
 
@@ -75,6 +77,7 @@ class Visit:
     now: int
     kv: UserKV | None
     reused: int
+    lease: Lease | None = None  # where the entry's rows lie in the device arena (UserCaches.arena), if they do
 
 
 class UserCaches:
@@ -87,6 +90,15 @@ class UserCaches:
         self.namespace = model_namespace(cfg.model_dump_json(), weights_digest, f"{dtype}/{impl}")
         self.impl = impl
         self.graphs: ScoreGraphs | None = None  # set on a GPU with CUDA graphs on: the step replayed from graphs
+        self.arena: ArenaGraphs | None = None  # set instead: entries kept as rows of one device arena (use_arena)
+
+    def use_arena(self, arena: ArenaGraphs) -> None:
+        """Keep entries in ``arena.arena`` and score through ``arena`` (before the first request: the store must
+        be empty, its entries counted at their extents' capacity from then on)."""
+        if self.cache.stats().entries:
+            raise RuntimeError("use_arena: the store already holds entries")
+        arena.arena.attach(self.cache)
+        self.arena = arena
 
     def visit(self, checked: dict[str, np.ndarray], u: int, user: int | None) -> Visit:
         """User ``u`` of a checked request, with its id (None: cache nothing, count nothing)."""
@@ -106,7 +118,7 @@ class UserCaches:
         found = self.cache.lookup((self.namespace, user), usable)
         if found is None:
             return Visit(user, ids, events, now, None, 0)
-        return Visit(user, ids, events, now, found.kv.prefix(found.kv.profile + reused), reused)
+        return Visit(user, ids, events, now, found.kv.prefix(found.kv.profile + reused), reused, found.lease)
 
     def score(
         self,
@@ -132,6 +144,8 @@ class UserCaches:
             host.append(h[drop:])
             offsets.append(offsets[-1] + t.shape[0] - drop)
             caches.append(v.kv if v.kv is not None else dense.empty_cache(profile, t))
+        if self.arena is not None:
+            return self._score_in_arena(visits, torch.cat(news), offsets, candidates, np.concatenate(host))
         args = (
             caches,
             torch.cat(news),
@@ -150,4 +164,32 @@ class UserCaches:
         for v, kv in zip(visits, grown, strict=True):
             if v.user is not None:
                 self.cache.store((self.namespace, v.user), cached_history(kv, v.profile_ids, v.events, v.now))
+        return scores
+
+    def _score_in_arena(
+        self, visits: list[Visit], tokens: torch.Tensor, offsets: list[int], candidates: list[int], host: np.ndarray
+    ) -> torch.Tensor:
+        """``score`` through the arena's step: the grown entries are rows of the arena, each stored as the owner of
+        its lease. A step that fails lets its users' entries go: it may have rewritten rows they hold."""
+        import torch
+
+        from grc.serving.common.arena_graphs import ArenaUser
+
+        assert self.arena is not None
+        users = [ArenaUser(v.kv, v.lease, v.user is not None, v.now) for v in visits]
+
+        def keep(b: int, kv: UserKV, lease: Lease) -> None:
+            v = visits[b]
+            entry = cached_history(kv, v.profile_ids, v.events, v.now, lease)
+            lease.owner = entry
+            self.cache.store((self.namespace, v.user), entry)
+
+        try:
+            with torch.no_grad():
+                scores = self.arena.score(users, tokens, offsets, candidates, host, keep)
+        except BaseException:
+            for v in visits:
+                if v.user is not None:
+                    self.cache.discard((self.namespace, v.user))
+            raise
         return scores

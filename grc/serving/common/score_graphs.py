@@ -74,16 +74,21 @@ class Shape:
         specialises a kernel on whether each pointer is 16-byte aligned, so a field at an odd int64 offset in some
         shapes and an even one in others compiled a second variant on a request's path (a 2.7 s stall, served
         at 16 clients on the H200, session 14). Worked out once per shape: every step of the shape reads it."""
-        out, start = {}, 0
-        for name, size in self.sizes().items():
-            out[name] = (start, start + size)
-            start = -(-(start + size) // ALIGN) * ALIGN
-        return out
+        return packed_spans(self.sizes())
 
     @property
     def length(self) -> int:
         """Elements of the packed buffer (the last field's end)."""
         return self.spans[FIELDS[-1]][1]
+
+
+def packed_spans(sizes: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """Each field's (start, end) in one packed int64 buffer, in order, every start a multiple of ALIGN elements."""
+    out, start = {}, 0
+    for name, size in sizes.items():
+        out[name] = (start, start + size)
+        start = -(-(start + size) // ALIGN) * ALIGN
+    return out
 
 
 def pad_users(rows: int, keys: int, max_seq_len: int) -> list[tuple[int, int]]:
@@ -217,10 +222,12 @@ def capture_counts() -> tuple[int, int, int]:
     return (*jit_state(), int(torch.cuda.memory_stats().get("num_device_alloc", 0)))
 
 
-class ScoreGraphs:
-    """``GRDense.score`` for the store's users (``UserCaches.score`` calls it when set): the same arguments
-    and results, the device step replayed from a CUDA graph per padded shape (``graphs=False``: the same
-    padded step run eagerly, which is how the CPU tests check the padding)."""
+class GraphedSteps:
+    """What both graphed cached steps share (ScoreGraphs here: entries copied in and out of the step's key rows;
+    ArenaGraphs, grc/serving/common/arena_graphs.py: entries read where they lie): the new-row ladder, one kept step
+    (buffers and graph) per padded shape, least recently used dropped past ``max_graphs``, captures on the instance's
+    two side streams into one shared pool, each logged and counted (``graphs=False``: the same padded step run
+    eagerly, which is how the CPU tests check the padding)."""
 
     def __init__(
         self,
@@ -239,12 +246,9 @@ class ScoreGraphs:
             raise HistoryCacheUnsupported(f"hstu.history_mask {h.history_mask}: the history cache needs causal")
         self.dense, self.impl, self.stats, self.graphs, self.max_graphs = dense, impl, stats, graphs, max_graphs
         self.fuse = impl == "triton" if fuse is None else fuse
-        top = max_users * h.max_seq_len
-        self.rows_ladder = ladder(16, top)
-        self.keys_ladder = ladder(256, 2 * top, step=2.0)  # room for the padding queries' own keys
+        self.rows_ladder = ladder(16, max_users * h.max_seq_len)
         self.layout = KVLayout(h.num_layers, h.num_heads, h.head_qk, h.head_v)
-        self.rows: torch.Tensor | None = None  # the key rows every shape's step reads: grown on demand
-        self.steps: OrderedDict[Shape, _Step] = OrderedDict()
+        self.steps: OrderedDict[Any, Any] = OrderedDict()  # padded shape -> its step (buffers, graph)
         self.pool: Any = None  # the graphs' shared memory pool (_capture_pool)
         self.streams: tuple[Any, Any] | None = None  # the captures' warm-up and capture streams, kept (capture_graph)
         self.capture_log: deque[dict[str, Any]] = deque(maxlen=CAPTURE_LOG_KEPT)  # the last captures, one by one
@@ -267,16 +271,18 @@ class ScoreGraphs:
             n = profile + events + candidates
             tokens = torch.randn(n, cfg.d_model, generator=torch.Generator().manual_seed(0)).to(like.device, like.dtype)
             gaps = torch.cat([torch.zeros(profile), torch.arange(events, 0, -1) * 60.0, torch.zeros(candidates)])
-            stamps = (now - gaps).to(torch.int64).to(like.device)
-            empty = self.dense.empty_cache(profile, tokens)
-            offsets, counts = torch.tensor([0, n]), torch.tensor([candidates])
+            stamps = (now - gaps).to(torch.int64)
             served, self.stats = self.stats, GraphStats()  # the served model's counters count requests only
             try:
-                self.score([empty], tokens, offsets, counts, stamps, [now], self.impl, reuse_checked=True)
+                self._warm_step(tokens, stamps, candidates, now)
             finally:
                 self.stats = served
                 self.capture_log.clear()  # they count and list requests' captures only
         return tuned
+
+    def _warm_step(self, tokens: torch.Tensor, stamps: torch.Tensor, candidates: int, now: int) -> None:
+        """One user's whole sequence scored as a miss, nothing kept (``stamps`` on the host)."""
+        raise NotImplementedError
 
     def _capture_pool(self) -> Any:
         """The graphs' shared memory pool for the next capture: the one they hold, or a fresh one when no kept step
@@ -285,6 +291,61 @@ class ScoreGraphs:
         if self.pool is None or not any(step.graph is not None for step in self.steps.values()):
             self.pool = torch.cuda.graph_pool_handle()
         return self.pool
+
+    def _kept(self, shape: Any, make: Any) -> Any:
+        """The kept step of ``shape`` (``make()`` builds it the first time), now the most recently used."""
+        step = self.steps.get(shape)
+        if step is None:
+            step = self.steps[shape] = make()
+            while len(self.steps) > self.max_graphs:  # the least recently used go first
+                self.steps.popitem(last=False)
+        self.steps.move_to_end(shape)
+        return step
+
+    def _replay(self, step: Any) -> Any:
+        """``step.run()``'s results: replayed from its graph (captured at its first use, counted and logged), or run
+        eagerly without graphs."""
+        if not self.graphs:
+            return step.run()
+        if step.graph is None:
+            seconds: dict[str, float] = {}
+            if self.streams is None:
+                self.streams = (torch.cuda.Stream(), torch.cuda.Stream())
+            before = capture_counts()
+            step.capture(self._capture_pool(), self.streams, seconds)
+            compiles, tunings, allocs = (b - a for a, b in zip(before, capture_counts(), strict=True))
+            self.capture_log.append(
+                {"shape": dataclasses.astuple(step.shape), "compiles": compiles, "tunings": tunings,
+                 "device_allocs": allocs, **{k: round(v, 6) for k, v in seconds.items()}}
+            )  # fmt: skip
+            self.stats.capture_compiles += compiles
+            self.stats.capture_tunings += tunings
+            self.stats.capture_device_allocs += allocs
+            self.stats.captures += 1
+            self.stats.capture_s += seconds["warmup"] + seconds["capture"]
+            self.stats.capture_warmup_s += seconds["warmup"]
+            self.stats.capture_first_run_s += seconds["first_run"]
+            self.stats.capture_wait_s += seconds["wait"]
+        assert step.graph is not None
+        step.graph.replay()
+        self.stats.graph_hits += 1
+        return step.out
+
+
+class ScoreGraphs(GraphedSteps):
+    """``GRDense.score`` for the store's users (``UserCaches.score`` calls it when set): the same arguments
+    and results, the device step replayed from a CUDA graph per padded shape (users, new rows, key rows), every
+    user's cached rows copied into the key rows all shapes share and its grown entry copied back out."""
+
+    def __init__(self, dense: GRDense, impl: str, stats: GraphStats, max_users: int, **kw: Any):
+        super().__init__(dense, impl, stats, max_users, **kw)
+        self.keys_ladder = ladder(256, 2 * max_users * dense.cfg.hstu.max_seq_len, step=2.0)  # + the padding's keys
+        self.rows: torch.Tensor | None = None  # the key rows every shape's step reads: grown on demand
+
+    def _warm_step(self, tokens: torch.Tensor, stamps: torch.Tensor, candidates: int, now: int) -> None:
+        empty = self.dense.empty_cache(len(self.dense.cfg.profile), tokens)
+        offsets, counts = torch.tensor([0, tokens.shape[0]]), torch.tensor([candidates])
+        self.score([empty], tokens, offsets, counts, stamps.to(tokens.device), [now], self.impl, reuse_checked=True)
 
     @property
     def nbytes(self) -> int:
@@ -310,12 +371,7 @@ class ScoreGraphs:
 
     def _step(self, shape: Shape, like: torch.Tensor) -> _Step:
         rows = self._key_rows(shape.keys, like)
-        step = self.steps.get(shape)
-        if step is None:
-            step = self.steps[shape] = _Step(self.dense, shape, self.impl, self.fuse, rows, self.layout)
-            while len(self.steps) > self.max_graphs:  # the least recently used go first
-                self.steps.popitem(last=False)
-        self.steps.move_to_end(shape)
+        step: _Step = self._kept(shape, lambda: _Step(self.dense, shape, self.impl, self.fuse, rows, self.layout))
         return step
 
     def score(
@@ -350,32 +406,7 @@ class ScoreGraphs:
         step = self._step(layout.shape, tokens)
         step.upload(layout)
         self._fill(step, layout, caches, tokens, bounds)
-        if self.graphs:
-            if step.graph is None:
-                seconds: dict[str, float] = {}
-                if self.streams is None:
-                    self.streams = (torch.cuda.Stream(), torch.cuda.Stream())
-                before = capture_counts()
-                step.capture(self._capture_pool(), self.streams, seconds)
-                compiles, tunings, allocs = (b - a for a, b in zip(before, capture_counts(), strict=True))
-                self.capture_log.append(
-                    {"shape": dataclasses.astuple(layout.shape), "compiles": compiles, "tunings": tunings,
-                     "device_allocs": allocs, **{k: round(v, 6) for k, v in seconds.items()}}
-                )  # fmt: skip
-                self.stats.capture_compiles += compiles
-                self.stats.capture_tunings += tunings
-                self.stats.capture_device_allocs += allocs
-                self.stats.captures += 1
-                self.stats.capture_s += seconds["warmup"] + seconds["capture"]
-                self.stats.capture_warmup_s += seconds["warmup"]
-                self.stats.capture_first_run_s += seconds["first_run"]
-                self.stats.capture_wait_s += seconds["wait"]
-            assert step.graph is not None
-            step.graph.replay()
-            out = step.out[0]
-            self.stats.graph_hits += 1
-        else:
-            out = step.run()[0]
+        out = self._replay(step)[0]
         self.stats.padded_tokens += layout.shape.rows - bounds[-1]
         scores = out[step.fields["candidate_rows"][: layout.candidates]]
         return scores, self._grown(step, layout, caches, bounds, candidates)

@@ -116,11 +116,8 @@ class Ranker:
                 f"{', '.join(f'{b.users}x{b.tokens}' for b in sorted(plan))})"
             )
             if history is not None:  # the cached step in graphs too, one per padded shape as it first comes
-                from grc.serving.common.score_graphs import ScoreGraphs
-
                 top = -(-max(b.tokens for b in plan) // cfg.hstu.max_seq_len)
-                history.caches.graphs = cached_graphs = ScoreGraphs(history.dense, history.caches.impl, stats, top)
-                log("history cache: the cached score step runs in CUDA graphs (captured per padded shape at first use)")
+                cached_graphs = hist.graphed_step(history, params.get("history_store", "arena"), stats, top, log)
                 warm_up(cached_graphs, torch.empty(0, device=dev, dtype=dtype), log)
         tables = open_lookup(
             cfg,

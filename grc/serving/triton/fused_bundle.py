@@ -104,6 +104,7 @@ def fused_config(
         budget, max_user = history_bundle.budget_bytes(spec)
         params["history_budget_bytes"] = str(budget)
         params["history_max_user_bytes"] = str(max_user)
+        params["history_store"] = spec.bundles.triton.history_cache.store
         params["history_scoring"] = scoring_note(backend)  # what computes the cached users, said
     for key, value in params.items():
         _param(msg, key, value)

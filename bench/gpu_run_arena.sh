@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One device call (< 10 minutes): the history cache's device arena (issue 18, session 19). Steps, each bounded:
+#   1. GPU tests: the served arena step on cuda:0 (tests/serving/test_arena_graphs.py: float32 head dim 16, bf16
+#      head dim 128; a session of returning users vs the whole graphed path, no capture compiling) and the copies
+#      step after its refactor (tests/serving/test_fused_gpu_real.py -k cached_score_graphs)
+#      -> $OUT/gpu-test-arena.log                                                             TEST_BUDGET=240
+#   2. bench/history_cache_profile.py for SPEC (default mtgr-base) at each of HISTORIES (default "1000 default":
+#      default = max_seq_len - 256 - profile), 256 candidates: the hit over the arena (arena_score) beside the copies
+#      step (graphs_score) and the eager full forward -> $OUT/history-cache-profile-h200-arena-SPEC-H.json / .log
+#                                                                                       LIMIT_S=120 each
+#     OUT=/some/dir bash bench/gpu_run_arena.sh
+set -u
+cd "$(dirname "$0")/.."
+: "${OUT:?set OUT to the folder the results go to}"
+mkdir -p "$OUT"
+source bench/gpu_python.sh  # $py, PYTHONPATH, CXX
+export PYTHONUNBUFFERED=1
+started=$(date +%s)
+step() { echo; echo "== $1 ($(( $(date +%s) - started )) s in)"; }
+
+step "environment"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "nvidia-smi: not found"
+"$py" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+
+status=0
+tb=${TEST_BUDGET:-240}
+if [ "$tb" -gt 0 ]; then
+    step "tests"
+    timeout "$tb" "$py" -m pytest -q -p no:cacheprovider -rA tests/serving/test_arena_graphs.py \
+        "tests/serving/test_fused_gpu_real.py::test_cached_score_graphs_exact_across_shapes_growth_and_eviction" \
+        > "$OUT/gpu-test-arena.log" 2>&1
+    status=$?
+    grep -E "PASSED|FAILED|ERROR|passed|failed|seed" "$OUT/gpu-test-arena.log" | tail -20
+fi
+
+spec=${SPEC:-mtgr-base}
+for h in ${HISTORIES:-1000 default}; do
+    step "profile $spec history $h"
+    args=(--spec "$spec" --paths arena_score,graphs_score,full_forward --repeat 10)
+    [ "$h" != default ] && args+=(--history "$h")
+    name="history-cache-profile-h200-arena-$spec-$h"
+    timeout "${LIMIT_S:-120}" "$py" bench/history_cache_profile.py "${args[@]}" --out "$OUT/$name.json" 2>&1 \
+        | grep -v '^USDT:' > "$OUT/$name.log"
+    grep -E "^  [a-z_]+:|max relative" "$OUT/$name.log"
+done
+step "done"
+exit "$status"

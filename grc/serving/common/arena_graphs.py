@@ -1,0 +1,354 @@
+"""The history cache's score step over the device arena (grc/serving/common/kv_arena.py), replayed from CUDA graphs.
+
+ScoreGraphs (score_graphs.py) copies every hit's entry into the step's key rows and the grown entry back out; at one
+user of mtgr-base with 3,581 cached rows those copies were a fifth of the step's device time (session 15). Here the
+entries ARE rows of the arena: a user's keys are the range [start, start + cached + new) of the arena's rows, read by
+the attention kernels through [users, 2] ranges (session 17) with ``max_user_keys`` the shape's bound, and the step
+writes its new rows' K/V at start + cached + i (``GRDense.run_scattered``'s slots). Nothing is copied in or out; the
+grown entry is a view of the rows the step wrote (history events), the candidates' rows after it left in the
+extent's slack for the next visit's events to overwrite.
+
+Per call, on the host: each user placed (a hit grown in place and claimed, else a new extent, the reused rows copied
+once: ``KVArena``), the layout packed (offsets, ranges, groups, slots, candidate rows, and the stamps to write: the new
+rows' and every hit's profile rows restamped at its request time), then one copy of the layout and one of the new
+tokens, one replay, the candidates' scores gathered. Padding as in ScoreGraphs: the new rows padded to a rung of the
+same ladder by pad users whose rows are all candidates, living in the arena's scratch rows; the key bound padded to a
+power of two (at most max_seq_len). The graph of a shape (user slots, new rows, key bound) is captured once at its
+first use and never invalidated: the arena's tensors never move.
+
+A step the arena cannot place (no free run long enough with the store evicted empty: the step's own entries and pins
+fragment it) is split in halves, each placed and run alone; a step no rung holds runs the same step eagerly at its
+exact shape (``GraphStats.graph_misses``). Either way: the same scores.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import torch
+
+from grc.model.gr import GRDense, token_groups
+from grc.model.kv_cache import UserKV
+from grc.serving.common.kv_arena import CLAIMED, ArenaFull, KVArena, Lease
+from grc.serving.common.score_graphs import GraphedSteps, packed_spans, pad_users
+from grc.serving.ranker.dense import GraphStats
+
+FIELDS = ("q_offsets", "kv_ranges", "num_candidates", "group", "slots", "is_candidate", "candidate_rows", "stamp_at",
+          "stamp_val")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ArenaShape:
+    users: int  # user slots (a power of two; pad users and empty slots included)
+    rows: int  # new rows (queries)
+    keys: int  # the bound on one user's keys (max_user_keys)
+    profile: int  # profile rows restamped per user slot (the model's)
+
+    def sizes(self) -> dict[str, int]:
+        u, r, restamps = self.users, self.rows, self.rows + self.users * self.profile
+        return dict(zip(FIELDS, (u + 1, 2 * u, u, r, r, r, r, restamps, restamps), strict=True))
+
+    @cached_property
+    def spans(self) -> dict[str, tuple[int, int]]:
+        return packed_spans(self.sizes())
+
+    @property
+    def length(self) -> int:
+        return self.spans[FIELDS[-1]][1]
+
+
+@dataclass
+class ArenaUser:
+    """One user of a step: ``kv`` the reused cached rows (None: nothing cached), ``lease`` where they lie in the
+    arena (None: they are not arena rows), ``keep``: its grown entry is to be stored (else its rows go back)."""
+
+    kv: UserKV | None
+    lease: Lease | None
+    keep: bool
+    now: int
+
+
+@dataclass
+class ArenaLayout:
+    shape: ArenaShape
+    packed: np.ndarray
+    candidates: int  # candidate rows of the real users (the first entries of candidate_rows)
+
+
+def key_rung(longest: int, max_seq_len: int) -> int:
+    """The step's bound on one user's keys: a power of two >= 256 (kernels.hstu_attention.seq_bucket's rungs: each
+    is autotuned at load), at most max_seq_len."""
+    return min(max(256, 1 << (max(longest, 1) - 1).bit_length()), max_seq_len)
+
+
+def arena_plan(
+    dense: GRDense,
+    users: list[tuple[int, int, int, int, int]],
+    bounds: list[int],
+    stamps: np.ndarray,
+    rows: int,
+    keys: int,
+    scratch: tuple[int, int],
+) -> ArenaLayout | None:
+    """The padded layout of real ``users`` (per user: cached rows, new rows, candidates, extent start, request time)
+    for ``rows`` new rows and a key bound ``keys`` (None when the padding does not fit the scratch rows
+    [scratch[0], scratch[1] - 1); the last scratch row takes the writes that go nowhere). ``stamps``: the new rows'
+    [Tq] on the host."""
+    cfg, profile = dense.cfg, len(dense.cfg.profile)
+    total_q = bounds[-1]
+    pad = pad_users(rows - total_q, rows - total_q, keys)  # (q, k) with q == k: each row its own candidate
+    first, dump = scratch[0], scratch[1] - 1
+    if first + rows - total_q > dump:
+        return None
+    layout: list[tuple[int, int, int, int]] = [(n, p + n, c, start) for p, n, c, start, _ in users]
+    at = first
+    for q, _ in pad:
+        layout.append((q, q, q, at))
+        at += q
+    slots = 1 << (len(layout) - 1).bit_length()
+    layout += [(0, 0, 0, 0)] * (slots - len(layout))
+    shape = ArenaShape(slots, rows, keys, profile)
+    packed = np.zeros(shape.length, np.int64)
+    q_off, ranges, n_c, group, slot, mask, picked, stamp_at, stamp_val = (packed[a:b] for a, b in shape.spans.values())
+    n_q, n_kv, n_c[:], start = np.array(layout, np.int64).T
+    np.cumsum(n_q, out=q_off[1:])
+    ranges[0::2], ranges[1::2] = start, start + n_kv
+    owner = np.repeat(np.arange(slots), n_q)
+    position = np.arange(rows) - q_off[owner] + (n_kv - n_q)[owner]  # each new row's place in its sequence
+    n_ctx = (n_kv - n_c)[owner]
+    group[:] = token_groups(cfg, position, n_ctx)
+    slot[:] = start[owner] + position
+    mask[:] = (position >= n_ctx) & (owner < len(users))
+    chosen = np.flatnonzero(mask)
+    picked[: chosen.size] = chosen
+    stamp_at[:rows] = slot
+    stamp_val[:total_q] = stamps  # the pad rows' stamps: 0
+    restamp_at, restamp_val = stamp_at[rows:].reshape(slots, profile), stamp_val[rows:].reshape(slots, profile)
+    restamp_at[:] = dump
+    for b, (p, _, _, s, now) in enumerate(users):  # a hit's cached profile rows take its request time
+        kept = min(profile, p)
+        restamp_at[b, :kept] = s + np.arange(kept)
+        restamp_val[b, :kept] = now
+    return ArenaLayout(shape, packed, int(chosen.size))
+
+
+class _ArenaStep:
+    """One shape's buffers and graph; every shape reads and writes the arena's rows and stamps."""
+
+    def __init__(self, dense: GRDense, shape: ArenaShape, impl: str, fuse: bool, arena: KVArena):
+        device = arena.rows.device
+        self.shape, self.dense, self.impl, self.fuse, self.arena = shape, dense, impl, fuse, arena
+        self.tokens = torch.zeros(shape.rows, dense.cfg.d_model, dtype=arena.rows.dtype, device=device)
+        self.packed = torch.zeros(shape.length, dtype=torch.int64, device=device)
+        self.fields = {name: self.packed[a:b] for name, (a, b) in shape.spans.items()}
+        pin = device.type == "cuda"
+        self.host = torch.zeros(self.packed.numel(), dtype=torch.int64, pin_memory=pin)
+        self.copied = torch.cuda.Event() if pin else None  # the host buffer is free again once this passed
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: Any = None
+
+    def run(self) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        f, arena = self.fields, self.arena
+        arena.stamps.index_copy_(0, f["stamp_at"], f["stamp_val"])
+        return self.dense.run_scattered(
+            self.tokens, f["group"], arena.keys, arena.values, f["slots"], f["q_offsets"], f["kv_ranges"].view(-1, 2),
+            arena.stamps, f["num_candidates"], f["is_candidate"] != 0, self.impl, self.fuse, self.shape.keys,
+        )  # fmt: skip
+
+    def capture(self, pool: Any, streams: tuple[Any, Any], seconds: dict[str, float]) -> None:
+        from grc.aoti.runtime import capture_graph
+
+        self.graph, self.out = capture_graph(
+            lambda: self.run(), [], pool, seconds=seconds, free_memory=False, streams=streams
+        )
+
+    def upload(self, layout: ArenaLayout, tokens: torch.Tensor) -> None:
+        if self.copied is not None:
+            self.copied.synchronize()  # the previous call's copy has read the pinned buffer
+        self.host.numpy()[:] = layout.packed
+        self.packed.copy_(self.host, non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
+        self.tokens[: tokens.shape[0]].copy_(tokens)
+
+
+class ArenaGraphs(GraphedSteps):
+    """The store's cached step over ``arena``: users' entries read and grown where they lie."""
+
+    def __init__(self, dense: GRDense, impl: str, stats: GraphStats, max_users: int, arena: KVArena, **kw: Any):
+        super().__init__(dense, impl, stats, max_users, **kw)
+        self.arena = arena
+        self.splits = 0  # steps the arena could not place whole (run in halves)
+        need, held = self.scratch_rows(dense, max_users), arena.rows.shape[0] - arena.scratch
+        if held < need:
+            raise ValueError(f"the arena's {held} scratch rows cannot hold the padding of {max_users}-user steps "
+                             f"({need}: ArenaGraphs.scratch_rows)")  # fmt: skip
+
+    @staticmethod
+    def scratch_rows(dense: GRDense, max_users: int) -> int:
+        """The scratch rows an arena needs for steps of up to ``max_users`` users (the ladder's largest padding
+        plus the dump row)."""
+        from grc.serving.ranker.buckets import ladder
+
+        rungs = ladder(16, max_users * dense.cfg.hstu.max_seq_len)
+        return max(b - a - 1 for a, b in itertools.pairwise([0, *rungs])) + 1
+
+    def _warm_step(self, tokens: torch.Tensor, stamps: torch.Tensor, candidates: int, now: int) -> None:
+        user = ArenaUser(None, None, False, now)
+        self.score([user], tokens, [0, tokens.shape[0]], [candidates], stamps.numpy(), lambda *_: None)
+
+    def score(
+        self,
+        users: list[ArenaUser],
+        tokens: torch.Tensor,
+        bounds: list[int],
+        candidates: list[int],
+        stamps: np.ndarray,
+        keep: Callable[[int, UserKV, Lease], None],
+    ) -> torch.Tensor:
+        """B users' new tokens [Tq, D] (user b's rows ``bounds[b]:bounds[b+1]``, its last ``candidates[b]``
+        candidates; ``stamps`` their [Tq] on the host) against their cached rows -> the candidates' scores
+        [sum(candidates), tasks]. ``keep(b, entry, lease)`` is called for each user b with ``keep`` once its part
+        of the step ran: its grown entry (views of the arena) and its claimed lease, which the caller stores (making
+        the entry its owner) before the step goes on, so that a split step's later part may evict it; the rows of
+        users without ``keep`` go back. Every hit's extent stays pinned until the whole step is placed and run (an
+        eviction then frees nothing a later part copies from), and a lease two users of the step share is grown in
+        place by neither (each copies the rows it reuses: one's new rows would overwrite what the other reads)."""
+        alloc = self.arena.alloc
+        hits = [u.lease for u in users if u.lease is not None and u.kv is not None]
+        counts = Counter(id(lease) for lease in hits)
+        shared = {i for i, n in counts.items() if n > 1}
+        for lease in hits:
+            alloc.pin(lease.extent)
+        try:
+            return self._score(users, tokens, bounds, candidates, stamps, keep, 0, shared)
+        finally:
+            for lease in hits:
+                alloc.unpin(lease.extent)
+
+    def _score(
+        self,
+        users: list[ArenaUser],
+        tokens: torch.Tensor,
+        bounds: list[int],
+        candidates: list[int],
+        stamps: np.ndarray,
+        keep: Callable[[int, UserKV, Lease], None],
+        first: int,
+        shared: set[int],
+    ) -> torch.Tensor:
+        """``score`` of users[first:first + len(users)] of the step, split in halves while the arena cannot place
+        them whole."""
+        try:
+            leases = self._place(users, bounds, shared)
+        except ArenaFull:
+            if len(users) == 1:
+                raise
+            self.splits += 1
+            half = len(users) // 2
+            cut = bounds[half]
+            head = self._score(users[:half], tokens[:cut], bounds[: half + 1], candidates[:half], stamps[:cut], keep,
+                               first, shared)  # fmt: skip
+            rest = [b - cut for b in bounds[half:]]
+            tail = self._score(users[half:], tokens[cut:], rest, candidates[half:], stamps[cut:], keep, first + half,
+                               shared)  # fmt: skip
+            return torch.cat([head, tail])
+        try:
+            scores = self._run(users, leases, tokens, bounds, candidates, stamps)
+        except BaseException:
+            for lease in leases:
+                self.arena.give_back(lease)
+            raise
+        self._grown(users, leases, bounds, candidates, stamps, keep, first)
+        return scores
+
+    def _place(self, users: list[ArenaUser], bounds: list[int], shared: set[int]) -> list[Lease]:
+        """Each user's claimed extent, holding its cached rows followed by room for its new ones; on ArenaFull
+        every extent this call claimed goes back (the store is empty by then: no entry owns them)."""
+        arena, leases = self.arena, []
+        try:
+            for u, (a, b) in zip(users, itertools.pairwise(bounds), strict=True):
+                past = 0 if u.kv is None else u.kv.length
+                need = past + b - a
+                lease = u.lease
+                if u.kv is not None and lease is not None and id(lease) not in shared and arena.claim(lease, need):
+                    leases.append(lease)
+                    continue
+                fresh = arena.allocate(need)
+                leases.append(fresh)
+                if u.kv is not None:
+                    arena.copy_in(fresh, u.kv, lease, u.now)
+        except ArenaFull:
+            for lease in leases:
+                arena.give_back(lease)
+            raise
+        return leases
+
+    def _run(
+        self,
+        users: list[ArenaUser],
+        leases: list[Lease],
+        tokens: torch.Tensor,
+        bounds: list[int],
+        candidates: list[int],
+        stamps: np.ndarray,
+    ) -> torch.Tensor:
+        h = self.dense.cfg.hstu
+        past = [0 if u.kv is None else u.kv.length for u in users]
+        placed = [
+            (p, b - a, c, lease.extent.start, u.now)
+            for u, p, (a, b), c, lease in zip(users, past, itertools.pairwise(bounds), candidates, leases, strict=True)
+        ]
+        longest = max(p + n for p, n, *_ in placed)
+        scratch = (self.arena.scratch, self.arena.rows.shape[0])
+        rows = next((r for r in self.rows_ladder if r >= bounds[-1]), None)
+        layout = None
+        if rows is not None:
+            layout = arena_plan(self.dense, placed, bounds, stamps, rows, key_rung(longest, h.max_seq_len), scratch)
+        if layout is None:  # no rung holds it: the same step at its exact shape, eagerly
+            self.stats.graph_misses += 1
+            layout = arena_plan(self.dense, placed, bounds, stamps, bounds[-1], longest, scratch)
+            assert layout is not None  # no padding
+            step = _ArenaStep(self.dense, layout.shape, self.impl, self.fuse, self.arena)
+            step.upload(layout, tokens)
+            out = step.run()[0]
+        else:
+            shape = layout.shape
+            step = self._kept(shape, lambda: _ArenaStep(self.dense, shape, self.impl, self.fuse, self.arena))
+            step.upload(layout, tokens)
+            out = self._replay(step)[0]
+            self.stats.padded_tokens += layout.shape.rows - bounds[-1]
+        return out[step.fields["candidate_rows"][: layout.candidates]]
+
+    def _grown(
+        self,
+        users: list[ArenaUser],
+        leases: list[Lease],
+        bounds: list[int],
+        candidates: list[int],
+        stamps: np.ndarray,
+        keep: Callable[[int, UserKV, Lease], None],
+        first: int,
+    ) -> None:
+        """Per user its grown entry (views of the arena: its cached rows and new history events, the candidates'
+        rows after them left out; the stamps from the host, restamped) handed to ``keep`` with its lease, or its
+        rows given back."""
+        profile = len(self.dense.cfg.profile)
+        for i, (u, lease, (a, b), c) in enumerate(
+            zip(users, leases, itertools.pairwise(bounds), candidates, strict=True)
+        ):
+            if not u.keep:
+                self.arena.give_back(lease)
+                continue
+            new = torch.from_numpy(stamps[a : b - c].copy())
+            held = new if u.kv is None else torch.cat([u.kv.timestamps_at(u.now), new])
+            if u.kv is None and held.numel():
+                held[: min(profile, held.numel())] = u.now  # a miss's profile rows carry the request time already
+            assert lease.owner is CLAIMED
+            keep(first + i, self.arena.entry(lease, held.numel(), held, profile), lease)
