@@ -24,11 +24,13 @@ RESULTS = REPO / "bench" / "results"
 BLOCK = re.compile(r"<!-- report:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /report:(?P=name) -->", re.S)
 
 # The H200 runs the README quotes, one per spec: replace them with a new bench/gpu_run_e2e.sh result.
-# newest first: session 18's attention-kernel runs (the package with the Gluon kernel, the default, beside the one
+# newest first: session 19's SiLU runs (the package as built, u's SiLU in the norm-gate kernel, beside the one with
+# SiLU of u as a pass of its own; one per spec), session 18's attention-kernel runs (the package with the Gluon kernel, the default, beside the one
 # with the Triton kernel compiled in; one per spec), session 13's max-autotune run and session 11's SiLU-apart run
 # (issue 21: the package with and without one option, nothing else), session 6's fuse run (fused vs unfused package
 # vs torch.compile; no padded baseline ran in these)
 E2E_GPU = (
+    "e2e-h200-s19-mtgr-small-silu.json", "e2e-h200-s19-mtgr-base-silu.json",
     "e2e-h200-s18-mtgr-small-attention.json", "e2e-h200-s18-mtgr-base-attention.json",
     "e2e-h200-s13-mtgr-small-autotune.json", "e2e-h200-s11-mtgr-small-silu.json", "e2e-h200-s6-mtgr-small-fuse.json",
     "e2e-mtgr-small-h200.json",
@@ -42,7 +44,7 @@ MODE_LABELS = {
     "aoti_bf16": "grc AOTInductor package + CUDA graph",
     "aoti_bf16_triton_attention": "grc AOTInductor package with the Triton attention kernel "
     "(engine.aoti.attention: triton), + CUDA graph",
-    "aoti_bf16_silu_passes": "grc AOTInductor package with SiLU of u (and q) as passes of their own "
+    "aoti_bf16_silu_passes": "grc AOTInductor package with SiLU of u as a pass of its own "
     "(grc.model.hstu.CONSUMER_SILU off), + CUDA graph",
     "aoti_bf16_silu": "grc AOTInductor package, SiLU apart from the UVQK GEMM (engine.aoti.silu_apart), + CUDA graph",
     # session 13 (e2e-h200-s13-mtgr-small-autotune.json, commit 9d70480): measured slower and removed since
