@@ -867,6 +867,7 @@ def tune_cached(
     head_qk: int,
     head_v: int,
     dtype: torch.dtype,
+    ranges: bool = False,
 ) -> list[tuple[int, bool]]:
     """Autotune the kernel for every key a model's steps can meet (``tuning_buckets`` x one part / split parts), on
     synthetic inputs of each key's size, so that a server does it at load and no request waits for it (~18 s per
@@ -886,11 +887,16 @@ def tune_cached(
             for n, d in ((queries, head_qk), (bucket, head_qk), (bucket, head_v))
         )
         stamps = (1_750_000_000 - torch.arange(bucket, 0, -1) * 60).to(device)
-        q_off, kv_off = (torch.tensor([0, n], device=device) for n in (queries, bucket))
+        q_off = torch.tensor([0, queries], device=device)
+        # ranges: the keys as [users, 2] (start, end), the addressing the history cache's arena step uses (KV_STRIDE
+        # 2, its own compiled variants: tuned here, or a capture on a request's path compiles them, session 19)
+        kv_off = torch.tensor([[0, bucket]] if ranges else [0, bucket], device=device)
+        bound = bucket if ranges else None
         candidates = torch.tensor([min(16, queries)], device=device)
         launch = hstu_hopper.hstu_attention_hopper if hstu_hopper.runs(q, k, v) else hstu_attention_cached_triton
         for splits in (1, 2):
-            launch(q, k, v, q_off, kv_off, stamps, candidates, pos_w, ts_w, alpha, norm, causal, splits=splits)
+            launch(q, k, v, q_off, kv_off, stamps, candidates, pos_w, ts_w, alpha, norm, causal, splits=splits,
+                   max_user_keys=bound)  # fmt: skip
             done.append((bucket, splits > 1))
     return done
 

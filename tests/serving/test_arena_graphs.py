@@ -199,5 +199,6 @@ def test_the_served_arena_step_on_a_gpu(case: str, tmp_path: Path) -> None:
     graphs = ranker.history.caches.arena
     stats = graphs.stats
     assert stats.graph_hits > 0 and stats.graph_misses == 0, (seed, stats)
-    assert stats.capture_compiles == 0 and stats.capture_tunings == 0, (seed, stats)
+    captures = [c for c in graphs.capture_log if c["compiles"] or c["tunings"]]
+    assert stats.capture_compiles == 0 and stats.capture_tunings == 0, (seed, captures)
     assert graphs.arena.in_place > 0, seed

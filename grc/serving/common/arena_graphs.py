@@ -181,6 +181,8 @@ class _ArenaStep:
 class ArenaGraphs(GraphedSteps):
     """The store's cached step over ``arena``: users' entries read and grown where they lie."""
 
+    RANGES = True
+
     def __init__(self, dense: GRDense, impl: str, stats: GraphStats, max_users: int, arena: KVArena, **kw: Any):
         super().__init__(dense, impl, stats, max_users, **kw)
         self.arena = arena

@@ -229,6 +229,8 @@ class GraphedSteps:
     two side streams into one shared pool, each logged and counted (``graphs=False``: the same padded step run
     eagerly, which is how the CPU tests check the padding)."""
 
+    RANGES = False  # the step's attention reads keys through [users, 2] ranges (what warm_up compiles)
+
     def __init__(
         self,
         dense: GRDense,
@@ -266,7 +268,7 @@ class GraphedSteps:
         cfg, h = self.dense.cfg, self.dense.cfg.hstu
         attention = next(iter(self.dense.hstu_layers)).attention  # every layer's tables have the same shapes
         with torch.no_grad():
-            tuned = tune_cached(*attention.constants, h.max_seq_len, h.head_qk, h.head_v, like.dtype)
+            tuned = tune_cached(*attention.constants, h.max_seq_len, h.head_qk, h.head_v, like.dtype, self.RANGES)
             profile, events, candidates, now = len(cfg.profile), 48, 16, 1_750_000_000
             n = profile + events + candidates
             tokens = torch.randn(n, cfg.d_model, generator=torch.Generator().manual_seed(0)).to(like.device, like.dtype)
