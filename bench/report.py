@@ -25,8 +25,8 @@ BLOCK = re.compile(r"<!-- report:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /report
 
 # The H200 runs the README quotes, one per spec: replace them with a new bench/gpu_run_e2e.sh result.
 # newest first: session 19's SiLU runs (the package as built, u's SiLU in the norm-gate kernel, beside the one with
-# SiLU of u as a pass of its own; one per spec), session 18's attention-kernel runs (the package with the Gluon kernel, the default, beside the one
-# with the Triton kernel compiled in; one per spec), session 13's max-autotune run and session 11's SiLU-apart run
+# SiLU of u as a pass of its own; one per spec), session 18's attention-kernel runs (the package with the Gluon
+# kernel, the default, beside the one with the Triton kernel compiled in; one per spec), session 13's max-autotune run and session 11's SiLU-apart run
 # (issue 21: the package with and without one option, nothing else), session 6's fuse run (fused vs unfused package
 # vs torch.compile; no padded baseline ran in these)
 E2E_GPU = (
@@ -577,7 +577,40 @@ def history_cache_gpu_block(results: Results) -> str:
         + f"\n\nTarget: in-process score step >= 5x the full forward at the target shape (max_seq_len - 256 x 256): "
         f"{verdicts}. Where the time goes (`OUT=<folder> bash bench/gpu_run_history_profile.sh`, "
         f"{source('history-cache-profile-h200.json', prof)}, {prof['spec']} {prof['history']} x {prof['candidates']}): "
-        f"{paths}."
+        f"{paths}." + "\n\n" + arena_profile(results)
+    )
+
+
+ARENA_PROFILES = (
+    "history-cache-profile-h200-s19-arena-base-1000.json",
+    "history-cache-profile-h200-s19-arena-base-default.json",
+)
+
+
+def arena_profile(results: Results) -> str:
+    """Session 19's in-process profile: the hit over the device arena beside the copies step and the eager full
+    forward (bench/gpu_run_arena.sh), device time per call."""
+    rows, ratios = [], []
+    for name in ARENA_PROFILES:
+        d = results(name)
+        p = d["paths"]
+        arena, copies, full = (p[k]["kernel_ms"] for k in ("arena_score", "graphs_score", "full_forward"))
+        ratios.append((d["history"], full / arena))
+        wall = {k: p[k]["wall_ms"] for k in p}
+        rows.append([
+            f"{d['spec']} {d['dtype']} {d['history']} x {d['candidates']}", f"{arena:.3f} ms ({wall['arena_score']:.3f})",
+            f"{copies:.3f} ms ({wall['graphs_score']:.3f})", f"{full:.3f} ms ({wall['full_forward']:.2f})",
+            f"{full / arena:.1f}x", source(name, d),
+        ])  # fmt: skip
+    head = ["case", "arena step, CUDA graph", "copies step, CUDA graph", "full forward, eager", "arena vs full",
+            "source"]  # fmt: skip
+    top = max(ratios)
+    return (
+        "The step over the device arena (`history_cache.store: arena`, the default; `OUT=<folder> bash "
+        "bench/gpu_run_arena.sh`), device ms per call by torch.profiler (wall ms of one synchronized call):\n\n"
+        + table(head, rows)
+        + f"\n\nBy device time at the target shape ({top[0]} history): {top[1]:.1f}x the eager full forward "
+        f"({'met' if top[1] >= 5 else 'NOT met'}: target >= 5x)."
     )
 
 
