@@ -26,9 +26,9 @@ BLOCK = re.compile(r"<!-- report:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /report
 # The H200 runs the README quotes, one per spec: replace them with a new bench/gpu_run_e2e.sh result.
 # newest first: session 19's SiLU runs (the package as built, u's SiLU in the norm-gate kernel, beside the one with
 # SiLU of u as a pass of its own; one per spec), session 18's attention-kernel runs (the package with the Gluon
-# kernel, the default, beside the one with the Triton kernel compiled in; one per spec), session 13's max-autotune run and session 11's SiLU-apart run
-# (issue 21: the package with and without one option, nothing else), session 6's fuse run (fused vs unfused package
-# vs torch.compile; no padded baseline ran in these)
+# kernel, the default, beside the one with the Triton kernel compiled in; one per spec), session 13's max-autotune
+# run and session 11's SiLU-apart run (issue 21: the package with and without one option, nothing else), session
+# 6's fuse run (fused vs unfused package vs torch.compile; no padded baseline ran in these)
 E2E_GPU = (
     "e2e-h200-s19-mtgr-small-silu.json", "e2e-h200-s19-mtgr-base-silu.json",
     "e2e-h200-s18-mtgr-small-attention.json", "e2e-h200-s18-mtgr-base-attention.json",
@@ -598,7 +598,8 @@ def arena_profile(results: Results) -> str:
         ratios.append((d["history"], full / arena))
         wall = {k: p[k]["wall_ms"] for k in p}
         rows.append([
-            f"{d['spec']} {d['dtype']} {d['history']} x {d['candidates']}", f"{arena:.3f} ms ({wall['arena_score']:.3f})",
+            f"{d['spec']} {d['dtype']} {d['history']} x {d['candidates']}",
+            f"{arena:.3f} ms ({wall['arena_score']:.3f})",
             f"{copies:.3f} ms ({wall['graphs_score']:.3f})", f"{full:.3f} ms ({wall['full_forward']:.2f})",
             f"{full / arena:.1f}x", source(name, d),
         ])  # fmt: skip
