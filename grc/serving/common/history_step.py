@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # annotations only: the bundle writers import this module's n
     from grc.model.kv_cache import UserKV
     from grc.serving.common.arena_graphs import ArenaGraphs
     from grc.serving.common.kv_arena import Lease
-    from grc.serving.common.score_graphs import ScoreGraphs
+    from grc.serving.common.score_graphs import GraphedSteps, ScoreGraphs
 
 
 USER_ID = "user_id"
@@ -91,6 +91,11 @@ class UserCaches:
         self.impl = impl
         self.graphs: ScoreGraphs | None = None  # set on a GPU with CUDA graphs on: the step replayed from graphs
         self.arena: ArenaGraphs | None = None  # set instead: entries kept as rows of one device arena (use_arena)
+
+    @property
+    def graphed(self) -> GraphedSteps | None:
+        """The graphed step in use (the arena's or the copies'), if any: its captures are what the trace writes."""
+        return self.arena if self.arena is not None else self.graphs
 
     def use_arena(self, arena: ArenaGraphs) -> None:
         """Keep entries in ``arena.arena`` and score through ``arena`` (before the first request: the store must

@@ -12,9 +12,10 @@ and in the bundle's README): ``pytorch`` -> GRDense.score with the reference ops
 attention kernel); ``aotinductor`` -> the same as pytorch_kernels: the fused model does not run the
 prefill/score packages (``engine.aoti.history_entries`` builds and checks them, nothing serves them yet),
 so the model's package serves users without an id only. On a GPU with the model's CUDA graphs on (and a
-graphed backend), the cached step is replayed from CUDA graphs too, one per padded shape (users, new rows,
-key rows) captured at its first use (grc/serving/common/score_graphs.py); elsewhere it runs eagerly, its plan
-built from host values (the store checked reuse on the host events) and sent to the device in one copy.
+graphed backend), the cached step is replayed from CUDA graphs too, one per padded shape captured at its first use,
+over entries kept as rows of one device arena (``graphed_step``, store ``arena``: grc/serving/common/arena_graphs.py)
+or as tensors copied in and out (store ``copies``: score_graphs.py); elsewhere it runs eagerly, its plan built from
+host values (the store checked reuse on the host events) and sent to the device in one copy.
 """
 
 from __future__ import annotations

@@ -139,5 +139,6 @@ class TritonPythonModel:
     def finalize(self) -> None:
         self.trace.flush()
         history = self.ranker.history
-        if history is not None and history.caches.graphs is not None:  # each capture of the cached step
-            self.trace.write_json("captures", list(history.caches.graphs.capture_log))
+        graphed = None if history is None else history.caches.graphed
+        if graphed is not None:  # each capture of the cached step
+            self.trace.write_json("captures", list(graphed.capture_log))
