@@ -187,6 +187,7 @@ class ArenaGraphs(GraphedSteps):
         super().__init__(dense, impl, stats, max_users, **kw)
         self.arena = arena
         self.splits = 0  # steps the arena could not place whole (run in halves)
+        self.unplaced = 0  # users the arena could not place even alone (scored eagerly, not kept)
         need, held = self.scratch_rows(dense, max_users), arena.rows.shape[0] - arena.scratch
         if held < need:
             raise ValueError(f"the arena's {held} scratch rows cannot hold the padding of {max_users}-user steps "
@@ -219,20 +220,22 @@ class ArenaGraphs(GraphedSteps):
         [sum(candidates), tasks]. ``keep(b, entry, lease)`` is called for each user b with ``keep`` once its part
         of the step ran: its grown entry (views of the arena) and its claimed lease, which the caller stores (making
         the entry its owner) before the step goes on, so that a split step's later part may evict it; the rows of
-        users without ``keep`` go back. Every hit's extent stays pinned until the whole step is placed and run (an
-        eviction then frees nothing a later part copies from), and a lease two users of the step share is grown in
-        place by neither (each copies the rows it reuses: one's new rows would overwrite what the other reads)."""
+        users without ``keep`` go back. Every hit's extent stays pinned until its user's part ran (an eviction then
+        frees nothing a later part copies from), and a lease two users of the step share is grown in place by
+        neither (each copies the rows it reuses: one's new rows would overwrite what the other reads)."""
         alloc = self.arena.alloc
-        hits = [u.lease for u in users if u.lease is not None and u.kv is not None]
-        counts = Counter(id(lease) for lease in hits)
+        pins = [u.lease if u.lease is not None and u.kv is not None else None for u in users]
+        counts = Counter(id(lease) for lease in pins if lease is not None)
         shared = {i for i, n in counts.items() if n > 1}
-        for lease in hits:
-            alloc.pin(lease.extent)
+        for lease in pins:
+            if lease is not None:
+                alloc.pin(lease.extent)
         try:
-            return self._score(users, tokens, bounds, candidates, stamps, keep, 0, shared)
+            return self._score(users, tokens, bounds, candidates, stamps, keep, 0, shared, pins)
         finally:
-            for lease in hits:
-                alloc.unpin(lease.extent)
+            for lease in pins:
+                if lease is not None:
+                    alloc.unpin(lease.extent)
 
     def _score(
         self,
@@ -244,22 +247,28 @@ class ArenaGraphs(GraphedSteps):
         keep: Callable[[int, UserKV, Lease], None],
         first: int,
         shared: set[int],
+        pins: list[Lease | None],
     ) -> torch.Tensor:
         """``score`` of users[first:first + len(users)] of the step, split in halves while the arena cannot place
-        them whole."""
+        them whole; each user's pin goes as soon as its part ran (the pins of users still to come fragment the
+        arena, not those of users done). One user the arena cannot place even so (the pins of the users after it in
+        the way) is scored eagerly against its cached rows where they lie, and kept nowhere (``unplaced``)."""
         try:
             leases = self._place(users, bounds, shared)
         except ArenaFull:
             if len(users) == 1:
-                raise
+                self.unplaced += 1
+                scores = self._unkept(users[0], tokens, bounds, candidates, stamps)
+                self._unpin(pins, first, 1)
+                return scores
             self.splits += 1
             half = len(users) // 2
             cut = bounds[half]
             head = self._score(users[:half], tokens[:cut], bounds[: half + 1], candidates[:half], stamps[:cut], keep,
-                               first, shared)  # fmt: skip
+                               first, shared, pins)  # fmt: skip
             rest = [b - cut for b in bounds[half:]]
             tail = self._score(users[half:], tokens[cut:], rest, candidates[half:], stamps[cut:], keep, first + half,
-                               shared)  # fmt: skip
+                               shared, pins)  # fmt: skip
             return torch.cat([head, tail])
         try:
             scores = self._run(users, leases, tokens, bounds, candidates, stamps)
@@ -268,6 +277,23 @@ class ArenaGraphs(GraphedSteps):
                 self.arena.give_back(lease)
             raise
         self._grown(users, leases, bounds, candidates, stamps, keep, first)
+        self._unpin(pins, first, len(users))
+        return scores
+
+    def _unpin(self, pins: list[Lease | None], first: int, count: int) -> None:
+        for i in range(first, first + count):
+            lease, pins[i] = pins[i], None
+            if lease is not None:
+                self.arena.alloc.unpin(lease.extent)
+
+    def _unkept(
+        self, user: ArenaUser, tokens: torch.Tensor, bounds: list[int], candidates: list[int], stamps: np.ndarray
+    ) -> torch.Tensor:
+        """One user scored by ``GRDense.score`` eagerly, its cached rows read where they lie (pinned), nothing kept."""
+        cache = user.kv if user.kv is not None else self.dense.empty_cache(len(self.dense.cfg.profile), tokens)
+        times = torch.from_numpy(stamps).to(tokens.device)
+        scores, _ = self.dense.score([cache], tokens, torch.tensor(bounds), torch.tensor(candidates), times,
+                                     [user.now], self.impl, reuse_checked=True)  # fmt: skip
         return scores
 
     def _place(self, users: list[ArenaUser], bounds: list[int], shared: set[int]) -> list[Lease]:
