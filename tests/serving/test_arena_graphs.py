@@ -205,3 +205,19 @@ def test_the_served_arena_step_on_a_gpu(case: str, tmp_path: Path) -> None:
     captures = [c for c in graphs.capture_log if c["compiles"] or c["tunings"]]
     assert stats.capture_compiles == 0 and stats.capture_tunings == 0, (seed, captures)
     assert graphs.arena.in_place > 0, seed
+
+
+def test_what_score_refuses_the_arena_refuses_alike(built: tuple[Spec, Path]) -> None:
+    """Past max_seq_len the step's key bound would not hold a user's keys (the kernel would read too few): refused,
+    as GRDense.score refuses it, and so is a user without candidates; nothing allocated either way."""
+    from grc.serving.common.arena_graphs import ArenaUser
+
+    spec, model_dir = built
+    _, graphs = arena_ranker(spec, model_dir, rows=4 * spec.model.hstu.max_seq_len)
+    n, d = spec.model.hstu.max_seq_len + 1, spec.model.d_model
+    tokens, stamps = torch.zeros(n, d, dtype=torch.float64), np.zeros(n, np.int64)
+    for rows, candidates in ((n, 3), (8, 0)):
+        user = ArenaUser(None, None, True, 0)
+        with pytest.raises(ValueError, match=r"max_seq_len .* at least one candidate"):
+            graphs.score([user], tokens[:rows], [0, rows], [candidates], stamps[:rows], lambda *_: None)
+    assert graphs.arena.alloc.used_rows() == 0

@@ -223,6 +223,14 @@ class ArenaGraphs(GraphedSteps):
         users without ``keep`` go back. Every hit's extent stays pinned until its user's part ran (an eviction then
         frees nothing a later part copies from), and a lease two users of the step share is grown in place by
         neither (each copies the rows it reuses: one's new rows would overwrite what the other reads)."""
+        h = self.dense.cfg.hstu
+        pairs = zip(users, itertools.pairwise(bounds), strict=True)
+        total = [(0 if u.kv is None else u.kv.length) + b - a for u, (a, b) in pairs]
+        if any(t > h.max_seq_len for t in total) or min(candidates, default=0) < 1:
+            raise ValueError(  # what GRDense.score refuses, refused alike: the key bound would not hold them
+                f"arena step: cached + new tokens {total} must be <= max_seq_len {h.max_seq_len}, and every user needs "
+                f"at least one candidate ({candidates})"
+            )
         alloc = self.arena.alloc
         pins = [u.lease if u.lease is not None and u.kv is not None else None for u in users]
         counts = Counter(id(lease) for lease in pins if lease is not None)
