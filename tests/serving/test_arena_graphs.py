@@ -221,3 +221,23 @@ def test_what_score_refuses_the_arena_refuses_alike(built: tuple[Spec, Path]) ->
         with pytest.raises(ValueError, match=r"max_seq_len .* at least one candidate"):
             graphs.score([user], tokens[:rows], [0, rows], [candidates], stamps[:rows], lambda *_: None)
     assert graphs.arena.alloc.used_rows() == 0
+
+
+def test_one_user_twice_across_a_split_step_reads_the_rows_it_reuses(built: tuple[Spec, Path]) -> None:
+    """A user twice in one step, split around a long new user: the first visit (a later request time: only a prefix
+    reused) runs in the first part; had it grown the entry in place, its new rows would have overwritten rows the
+    second visit (the whole entry reused) copies after that part ran. Exact, the books balanced."""
+    spec, model_dir = built
+    seed = secrets.randbits(31)
+    n = spec.model.hstu.max_seq_len
+    ranker, graphs = arena_ranker(spec, model_dir, rows=2 * n)
+    full, other = user(spec, 60, 4, seed), user(spec, n - len(spec.model.profile) - 6, 5, seed + 1)
+    scores(ranker, with_ids(first_events(spec, full, 50), 1))  # the entry: 50 events at the request time
+    visits = [with_ids(later(full, 40 * 3600), 1), with_ids(other, 2), with_ids(full, 1)]
+    got = scores(ranker, *visits)
+    whole = scores(ranker, *[{k: v for k, v in r.items() if k != "user_id"} for r in visits])
+    for i, (g, w) in enumerate(zip(got, whole, strict=True)):
+        assert rel(g, w) <= EXACT, f"seed={seed} visit {i}: {rel(g, w):.2e}"
+    assert graphs.splits >= 1, "the step was placed whole: the case this test is for did not happen"
+    assert ranker.history is not None
+    books_balance(ranker.history.caches)

@@ -24,7 +24,6 @@ exact shape (``GraphStats.graph_misses``). Either way: the same scores.
 from __future__ import annotations
 
 import itertools
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -221,8 +220,10 @@ class ArenaGraphs(GraphedSteps):
         of the step ran: its grown entry (views of the arena) and its claimed lease, which the caller stores (making
         the entry its owner) before the step goes on, so that a split step's later part may evict it; the rows of
         users without ``keep`` go back. Every hit's extent stays pinned until its user's part ran (an eviction then
-        frees nothing a later part copies from), and a lease two users of the step share is grown in place by
-        neither (each copies the rows it reuses: one's new rows would overwrite what the other reads)."""
+        frees nothing a later part copies from). One user twice in a step: the first visit claims the entry (grown in
+        place), the second finds it claimed and copies the rows it reuses before the step runs. A step split in parts
+        moves every hit: the placement that failed gave back what it claimed, with the store evicted empty, so no hit
+        is claimed in place after it (and no part's new rows overwrite rows a later part copies from)."""
         h = self.dense.cfg.hstu
         pairs = zip(users, itertools.pairwise(bounds), strict=True)
         total = [(0 if u.kv is None else u.kv.length) + b - a for u, (a, b) in pairs]
@@ -233,13 +234,11 @@ class ArenaGraphs(GraphedSteps):
             )
         alloc = self.arena.alloc
         pins = [u.lease if u.lease is not None and u.kv is not None else None for u in users]
-        counts = Counter(id(lease) for lease in pins if lease is not None)
-        shared = {i for i, n in counts.items() if n > 1}
         for lease in pins:
             if lease is not None:
                 alloc.pin(lease.extent)
         try:
-            return self._score(users, tokens, bounds, candidates, stamps, keep, 0, shared, pins)
+            return self._score(users, tokens, bounds, candidates, stamps, keep, 0, pins)
         finally:
             for lease in pins:
                 if lease is not None:
@@ -254,7 +253,6 @@ class ArenaGraphs(GraphedSteps):
         stamps: np.ndarray,
         keep: Callable[[int, UserKV, Lease], None],
         first: int,
-        shared: set[int],
         pins: list[Lease | None],
     ) -> torch.Tensor:
         """``score`` of users[first:first + len(users)] of the step, split in halves while the arena cannot place
@@ -262,7 +260,7 @@ class ArenaGraphs(GraphedSteps):
         arena, not those of users done). One user the arena cannot place even so (the pins of the users after it in
         the way) is scored eagerly against its cached rows where they lie, and kept nowhere (``unplaced``)."""
         try:
-            leases = self._place(users, bounds, shared)
+            leases = self._place(users, bounds)
         except ArenaFull:
             if len(users) == 1:
                 self.unplaced += 1
@@ -273,10 +271,10 @@ class ArenaGraphs(GraphedSteps):
             half = len(users) // 2
             cut = bounds[half]
             head = self._score(users[:half], tokens[:cut], bounds[: half + 1], candidates[:half], stamps[:cut], keep,
-                               first, shared, pins)  # fmt: skip
+                               first, pins)  # fmt: skip
             rest = [b - cut for b in bounds[half:]]
             tail = self._score(users[half:], tokens[cut:], rest, candidates[half:], stamps[cut:], keep, first + half,
-                               shared, pins)  # fmt: skip
+                               pins)  # fmt: skip
             return torch.cat([head, tail])
         try:
             scores = self._run(users, leases, tokens, bounds, candidates, stamps)
@@ -304,7 +302,7 @@ class ArenaGraphs(GraphedSteps):
                                      [user.now], self.impl, reuse_checked=True)  # fmt: skip
         return scores
 
-    def _place(self, users: list[ArenaUser], bounds: list[int], shared: set[int]) -> list[Lease]:
+    def _place(self, users: list[ArenaUser], bounds: list[int]) -> list[Lease]:
         """Each user's claimed extent, holding its cached rows followed by room for its new ones; on ArenaFull
         every extent this call claimed goes back (the store is empty by then: no entry owns them)."""
         arena, leases = self.arena, []
@@ -313,7 +311,7 @@ class ArenaGraphs(GraphedSteps):
                 past = 0 if u.kv is None else u.kv.length
                 need = past + b - a
                 lease = u.lease
-                if u.kv is not None and lease is not None and id(lease) not in shared and arena.claim(lease, need):
+                if u.kv is not None and lease is not None and arena.claim(lease, need):
                     leases.append(lease)
                     continue
                 fresh = arena.allocate(need)
