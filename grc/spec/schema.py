@@ -587,7 +587,8 @@ class HistoryCacheConfig(_Section):
     )
     store: Literal["arena", "copies"] = Field(
         "arena",
-        description="how a KIND_GPU instance with CUDA graphs keeps entries: arena: as rows of one device buffer "
+        description="how a KIND_GPU instance keeps entries (its cached step in CUDA graphs; both pipelines): "
+        "arena: as rows of one device buffer "
         "of budget_mb (allocated at load), which the graphed step reads and grows in place; copies: one tensor per "
         "entry, copied into the step's buffers and the grown entry out (the earlier path, kept to compare). KIND_CPU "
         "instances keep one tensor per entry and run the step eagerly",

@@ -13,9 +13,10 @@ attention kernel); ``aotinductor`` -> the same as pytorch_kernels: the fused mod
 prefill/score packages (``engine.aoti.history_entries`` builds and checks them, nothing serves them yet),
 so the model's package serves users without an id only. On a GPU with the model's CUDA graphs on (and a
 graphed backend), the cached step is replayed from CUDA graphs too, one per padded shape captured at its first use,
-over entries kept as rows of one device arena (``graphed_step``, store ``arena``: grc/serving/common/arena_graphs.py)
-or as tensors copied in and out (store ``copies``: score_graphs.py); elsewhere it runs eagerly, its plan built from
-host values (the store checked reuse on the host events) and sent to the device in one copy.
+over entries kept as rows of one device arena (``UserCaches.use_graphs``, store ``arena``:
+grc/serving/common/arena_graphs.py) or as tensors copied in and out (store ``copies``: score_graphs.py); elsewhere it
+runs eagerly, its plan built from host values (the store checked reuse on the host events) and sent to the device in
+one copy.
 """
 
 from __future__ import annotations
@@ -29,13 +30,9 @@ from grc.serving.common.history_step import UserCaches
 from grc.spec.schema import ModelConfig
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     import torch
 
     from grc.model.gr import GRDense
-    from grc.serving.common.score_graphs import GraphedSteps
-    from grc.serving.ranker.dense import GraphStats
 
 IMPLS = {"pytorch": "pytorch", "pytorch_kernels": "triton", "aotinductor": "triton"}
 WARMED = " (warmed up at load: the attention kernel autotuned for every key a step can meet)"  # ScoreGraphs.warm_up
@@ -94,37 +91,3 @@ class History:
             IMPLS[backend],
         )
         return cls(caches, dense.eval(), scoring_note(backend))
-
-
-def graphed_step(
-    history: History, store: str, stats: GraphStats, max_users: int, log: Callable[[str], None]
-) -> GraphedSteps:
-    """The cached step in CUDA graphs for a GPU instance (bundles.triton.history_cache.store): ``arena``, entries as
-    rows of one device buffer of the budget (allocated now) that the step reads and grows in place
-    (grc/serving/common/arena_graphs.py); ``copies``, a tensor per entry copied into the step's buffers and out
-    (score_graphs.py)."""
-    from grc.model.kv_cache import KVLayout
-    from grc.serving.common.arena_graphs import ArenaGraphs
-    from grc.serving.common.kv_arena import KVArena
-    from grc.serving.common.score_graphs import ScoreGraphs
-
-    caches, dense = history.caches, history.dense
-    if store == "copies":
-        caches.graphs = ScoreGraphs(dense, caches.impl, stats, max_users)
-        log("history cache: entries as tensors of their own; the cached score step runs in CUDA graphs (captured "
-            "per padded shape at first use), each hit's entry copied in and the grown entry out")  # fmt: skip
-        return caches.graphs
-    if store != "arena":
-        raise ValueError(f"history_store: expected arena or copies (got {store!r})")
-    like = next(dense.parameters())
-    h = dense.cfg.hstu
-    headroom = max_users * h.max_seq_len  # one step's rows, allocated before the store evicts for its grown entries
-    layout = KVLayout(h.num_layers, h.num_heads, h.head_qk, h.head_v)
-    arena = KVArena.for_budget(layout, caches.cache.budget, headroom, ArenaGraphs.scratch_rows(dense, max_users), like)
-    graphs = ArenaGraphs(dense, caches.impl, stats, max_users, arena)
-    caches.use_arena(graphs)
-    mib = arena.nbytes / (1 << 20)
-    log(f"history cache: entries as rows of one {mib:.0f} MiB arena on {like.device} ({arena.alloc.rows} rows of "
-        f"{arena.row_bytes} bytes, {headroom} of them one step's headroom); the cached score step reads and grows "
-        "them in place, in CUDA graphs (captured per padded shape at first use)")  # fmt: skip
-    return graphs

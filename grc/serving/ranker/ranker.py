@@ -117,7 +117,8 @@ class Ranker:
             )
             if history is not None:  # the cached step in graphs too, one per padded shape as it first comes
                 top = -(-max(b.tokens for b in plan) // cfg.hstu.max_seq_len)
-                cached_graphs = hist.graphed_step(history, params.get("history_store", "arena"), stats, top, log)
+                store = params.get("history_store", "arena")
+                cached_graphs = history.caches.use_graphs(history.dense, store, stats, top, log)
                 warm_up(cached_graphs, torch.empty(0, device=dev, dtype=dtype), log)
         tables = open_lookup(
             cfg,

@@ -112,6 +112,7 @@ def cached_model_config(spec: Spec, weights_dir: Path, name: str | None = None, 
     _param(msg, "max_user_bytes", str(max_user))
     _param(msg, "weights_digest", weights_digest(weights_dir))
     _param(msg, "dtype", cache.dtype)
+    _param(msg, "store", cache.store)
     _param(msg, "rank_weights", json.dumps(rq.rank_weights(spec.model, cfg).tolist()))
     _param(msg, "top_k", str(cfg.top_k))
     _param(msg, "intra_op_threads", str(cfg.intra_op_threads))

@@ -36,6 +36,8 @@ from grc.serving.triton.models.preprocess import project
 from grc.spec.schema import ModelConfig
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
 
 DTYPES = ("float32", "bfloat16")
@@ -77,7 +79,8 @@ class CachedScorer:
 
     On a CUDA device the dense model, its inputs and every cached K/V live in device memory (the
     budget counts device bytes), attention runs grc's Triton kernels (impl "triton") and the step is
-    replayed from CUDA graphs (grc/serving/common/score_graphs.py); the
+    replayed from CUDA graphs over entries kept in one device arena (store ``arena``: grc/serving/common/
+    arena_graphs.py) or as tensors copied in and out (``copies``: score_graphs.py); the
     projector and the tables stay on the host. A miss runs the same score step against an empty
     cache: the whole sequence through the same kernels, on the same device."""
 
@@ -91,7 +94,10 @@ class CachedScorer:
         weights_digest: str,
         dtype: str = "float32",
         impl: str | None = None,
+        store: str = "arena",
+        log: Callable[[str], None] = print,
     ):
+        """store: where a GPU instance keeps entries (bundles.triton.history_cache.store; UserCaches.use_graphs)."""
         import torch
 
         from grc.weights import load_model, open_tables
@@ -106,11 +112,10 @@ class CachedScorer:
         self.impl = impl or ("triton" if self.device.type == "cuda" else "pytorch")
         self.caches = UserCaches(cfg, budget, max_user, weights_digest, dtype, self.impl)
         if self.device.type == "cuda":  # the step replayed from CUDA graphs, as in the fused model
-            from grc.serving.common.score_graphs import ScoreGraphs
             from grc.serving.ranker.dense import GraphStats
 
-            self.caches.graphs = ScoreGraphs(self.dense, self.impl, GraphStats(), max_users=MAX_GRAPHED_USERS)
-            self.caches.graphs.warm_up(torch.empty(0, device=self.device, dtype=self.dtype))
+            graphs = self.caches.use_graphs(self.dense, store, GraphStats(), MAX_GRAPHED_USERS, log)
+            graphs.warm_up(torch.empty(0, device=self.device, dtype=self.dtype))
 
     @property
     def cache(self) -> HistoryCache:
@@ -168,6 +173,7 @@ class TritonPythonModel:
             device,
             params["weights_digest"],
             params.get("dtype", "float32"),
+            store=params.get("store", "arena"),
         )
         self.names = [s.name for s in rq.request_inputs(self.cfg)]
         self.first = rq.candidate_input(self.cfg.candidate[0])
