@@ -2,13 +2,15 @@
 # One device call (< 10 minutes): the history cache's device arena (issue 18, session 19). Steps, each bounded:
 #   1. GPU tests: the served arena step on cuda:0 (tests/serving/test_arena_graphs.py: float32 head dim 16, bf16
 #      head dim 128; a session of returning users vs the whole graphed path, no capture compiling) and the copies
-#      step after its refactor (tests/serving/test_fused_gpu_real.py -k cached_score_graphs)
+#      step after its refactor (tests/serving/test_fused_gpu_real.py -k cached_score_graphs), and the ensemble path's
+#      cached model on the GPU, arena by default since session 19 (tests/serving/test_history_cached_device.py)
 #      -> $OUT/gpu-test-arena.log                                                             TEST_BUDGET=240
 #   2. bench/history_cache_profile.py for SPEC (default mtgr-base) at each of HISTORIES (default "1000 default":
 #      default = max_seq_len - 256 - profile), 256 candidates: the hit over the arena (arena_score) beside the copies
 #      step (graphs_score) and the eager full forward -> $OUT/history-cache-profile-h200-arena-SPEC-H.json / .log
 #                                                                                       LIMIT_S=120 each
-#     OUT=/some/dir bash bench/gpu_run_arena.sh
+#     OUT=/some/dir bash bench/gpu_run_arena.sh              (tritonclient + python-rapidjson wheels in .whl: the
+#     HISTORIES=" " OUT=... bash bench/gpu_run_arena.sh     tests import the bundle writers; " ": tests only)
 set -u
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder the results go to}"
@@ -28,6 +30,7 @@ if [ "$tb" -gt 0 ]; then
     step "tests"
     timeout "$tb" "$py" -m pytest -q -p no:cacheprovider -rA tests/serving/test_arena_graphs.py \
         "tests/serving/test_fused_gpu_real.py::test_cached_score_graphs_exact_across_shapes_growth_and_eviction" \
+        tests/serving/test_history_cached_device.py \
         > "$OUT/gpu-test-arena.log" 2>&1
     status=$?
     grep -E "PASSED|FAILED|ERROR|passed|failed|seed" "$OUT/gpu-test-arena.log" | tail -20
