@@ -585,13 +585,13 @@ class HistoryCacheConfig(_Section):
         description="dense model and cached K/V dtype on KIND_GPU instances (grc's Triton kernels); KIND_CPU "
         "instances run float32",
     )
-    store: Literal["arena", "copies"] = Field(
-        "arena",
-        description="how a KIND_GPU instance keeps entries (its cached step in CUDA graphs; both pipelines): "
-        "arena: as rows of one device buffer "
-        "of budget_mb (allocated at load), which the graphed step reads and grows in place; copies: one tensor per "
-        "entry, copied into the step's buffers and the grown entry out (the earlier path, kept to compare). KIND_CPU "
-        "instances keep one tensor per entry and run the step eagerly",
+    store: Literal["auto", "arena", "copies"] = Field(
+        "auto",
+        description="where an instance keeps entries (both pipelines). arena: as rows of one buffer of budget_mb "
+        "allocated at load (device memory on KIND_GPU, host memory on KIND_CPU), which the cached step reads and "
+        "grows in place (on KIND_GPU in CUDA graphs); copies: one tensor per entry (on KIND_GPU copied into the "
+        "graphed step's buffers and the grown entry out: the earlier path, kept to compare); auto: arena on KIND_GPU "
+        "with CUDA graphs, copies elsewhere",
     )
 
 

@@ -43,7 +43,7 @@ def arena_ranker(spec: Spec, model_dir: Path, rows: int, max_users: int = 4) -> 
     kv = KVLayout(h.num_layers, h.num_heads, h.head_qk, h.head_v)
     arena = KVArena(kv, rows, scratch, torch.float64, torch.device("cpu"), granule=8)
     caches.cache.budget = rows * arena.row_bytes  # the store evicts before the arena runs out, mostly
-    graphs = ArenaGraphs(dense, "pytorch", GraphStats(), max_users, arena, graphs=False)
+    graphs = ArenaGraphs(dense, "pytorch", GraphStats(), max_users, arena, pad=True, graphs=False)  # padded as on GPUs
     caches.use_arena(graphs)
     return ranker, graphs
 

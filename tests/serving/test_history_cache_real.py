@@ -12,6 +12,7 @@ import re
 import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -64,9 +65,11 @@ def serve_mtgr_tiny(install: ServerInstall, folder: Path, cache: Mapping[str, ob
         yield Served(spec, bundle, server)
 
 
-@pytest.fixture(scope="module")
-def served(install: ServerInstall, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    cache = {"enabled": True, "budget_mb": BUDGET_MB, "max_user_mb": BUDGET_MB}
+@pytest.fixture(scope="module", params=["auto", "arena"])
+def served(install: ServerInstall, tmp_path_factory: pytest.TempPathFactory, request: Any) -> Iterator[Served]:
+    """store auto (on a CPU instance a tensor per entry) and arena (entries as rows of one host buffer, the GPU
+    default's bookkeeping): every test below runs against both."""
+    cache = {"enabled": True, "budget_mb": BUDGET_MB, "max_user_mb": BUDGET_MB, "store": request.param}
     yield from serve_mtgr_tiny(install, tmp_path_factory.mktemp("history_cache"), cache)
 
 

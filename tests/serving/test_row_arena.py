@@ -76,6 +76,23 @@ def test_grow_in_place_into_the_free_run_after_it_else_refuse() -> None:
         arena.grow(b, 1)
 
 
+def test_shrink_gives_the_whole_granules_past_its_rows_back() -> None:
+    arena = RowArena(64 * 8, granule=64)
+    a, b = arena.allocate(64 * 3), arena.allocate(64)  # a: [0, 192), b: [192, 256)
+    assert a is not None and b is not None
+    arena.shrink(a, 65)  # two granules hold 65 rows: the third goes back
+    assert a.capacity == 128 and arena.free_runs() == [(128, 192), (256, 512)]
+    arena.shrink(b, 0)  # at least one granule stays
+    assert b.capacity == 64
+    arena.release(b)  # the freed tail of a, b's rows and the run after b merge
+    assert arena.free_runs() == [(128, 512)] and arena.used_rows() == 128
+    assert arena.grow(a, 64 * 4) and a.capacity == 256  # the next visit grows into the tail
+    _check(arena, [a])
+    arena.release(a)
+    with pytest.raises(ValueError, match="was released: it cannot shrink"):
+        arena.shrink(a, 1)
+
+
 def test_a_pinned_extent_gives_its_rows_back_at_the_last_unpin() -> None:
     arena = RowArena(128, granule=64)
     a = arena.allocate(128)
@@ -109,11 +126,16 @@ def test_random_operations_keep_every_row_in_exactly_one_place() -> None:
             e = arena.allocate(rng.randint(1, 64 * 12))
             if e is not None:
                 live.append(e)
-        elif op < 0.6 and held:
+        elif op < 0.55 and held:
             e = rng.choice(held)
             before = e.capacity
             grown = arena.grow(e, rng.randint(1, 64 * 20))
             assert grown or e.capacity == before
+        elif op < 0.6 and held:
+            e = rng.choice(held)
+            before = e.capacity
+            arena.shrink(e, rng.randint(0, 64 * 12))
+            assert 64 <= e.capacity <= before
         elif op < 0.7 and held:
             e = rng.choice(held)
             arena.pin(e)

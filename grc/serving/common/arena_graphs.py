@@ -182,8 +182,20 @@ class ArenaGraphs(GraphedSteps):
 
     RANGES = True
 
-    def __init__(self, dense: GRDense, impl: str, stats: GraphStats, max_users: int, arena: KVArena, **kw: Any):
+    def __init__(
+        self,
+        dense: GRDense,
+        impl: str,
+        stats: GraphStats,
+        max_users: int,
+        arena: KVArena,
+        pad: bool | None = None,
+        **kw: Any,
+    ):
+        """pad (default: with graphs): steps padded to the ladders' shapes, as graphs need; without, each step runs
+        eagerly at its exact shape (a CPU instance: padding would only add work)."""
         super().__init__(dense, impl, stats, max_users, **kw)
+        self.pad = self.graphs if pad is None else pad
         self.arena = arena
         self.splits = 0  # steps the arena could not place whole (run in halves)
         self.unplaced = 0  # users the arena could not place even alone (scored eagerly, not kept)
@@ -341,12 +353,12 @@ class ArenaGraphs(GraphedSteps):
         ]
         longest = max(p + n for p, n, *_ in placed)
         scratch = (self.arena.scratch, self.arena.rows.shape[0])
-        rows = next((r for r in self.rows_ladder if r >= bounds[-1]), None)
+        rows = next((r for r in self.rows_ladder if r >= bounds[-1]), None) if self.pad else None
         layout = None
         if rows is not None:
             layout = arena_plan(self.dense, placed, bounds, stamps, rows, key_rung(longest, h.max_seq_len), scratch)
-        if layout is None:  # no rung holds it: the same step at its exact shape, eagerly
-            self.stats.graph_misses += 1
+        if layout is None:  # unpadded, or no rung holds it: the same step at its exact shape, eagerly
+            self.stats.graph_misses += self.pad
             layout = arena_plan(self.dense, placed, bounds, stamps, bounds[-1], longest, scratch)
             assert layout is not None  # no padding
             step = _ArenaStep(self.dense, layout.shape, self.impl, self.fuse, self.arena)

@@ -100,38 +100,42 @@ class UserCaches:
         """The graphed step in use (the arena's or the copies'), if any: its captures are what the trace writes."""
         return self.arena if self.arena is not None else self.graphs
 
-    def use_graphs(
-        self, dense: GRDense, store: str, stats: GraphStats, max_users: int, log: Callable[[str], None]
-    ) -> GraphedSteps:
-        """The cached step in CUDA graphs for a GPU instance (bundles.triton.history_cache.store): ``arena``, entries
-        as rows of one device buffer of the budget (allocated now) that the step reads and grows in place
-        (grc/serving/common/arena_graphs.py); ``copies``, a tensor per entry copied into the step's buffers and out
-        (score_graphs.py). Said through ``log``; the caller warms it up."""
+    def use_store(
+        self, dense: GRDense, store: str, stats: GraphStats, max_users: int, log: Callable[[str], None], graphs: bool
+    ) -> GraphedSteps | None:
+        """Where entries live and what scores them (bundles.triton.history_cache.store; ``graphs``: the instance
+        replays its steps from CUDA graphs): ``arena``, rows of one buffer of the budget on the dense model's device
+        (allocated now) that the step reads and grows in place (grc/serving/common/arena_graphs.py; without graphs
+        run eagerly at each step's exact shape); ``copies``, a tensor per entry, with graphs copied into the step's
+        buffers and out (score_graphs.py), without them scored by ``GRDense.score``; ``auto``, arena with graphs,
+        else copies. -> the graphed or arena step (None: GRDense.score). Said through ``log``; the caller warms up."""
         from grc.model.kv_cache import KVLayout
         from grc.serving.common.arena_graphs import ArenaGraphs
         from grc.serving.common.kv_arena import KVArena
         from grc.serving.common.score_graphs import ScoreGraphs
 
-        if store == "copies":
+        if store not in ("auto", "arena", "copies"):
+            raise ValueError(f"history cache store: expected auto, arena or copies (got {store!r})")
+        if store == "copies" or (store == "auto" and not graphs):
+            if not graphs:
+                return None
             self.graphs = ScoreGraphs(dense, self.impl, stats, max_users)
             log("history cache: entries as tensors of their own; the cached score step runs in CUDA graphs (captured "
                 "per padded shape at first use), each hit's entry copied in and the grown entry out")  # fmt: skip
             return self.graphs
-        if store != "arena":
-            raise ValueError(f"history cache store: expected arena or copies (got {store!r})")
         like = next(dense.parameters())
         h = dense.cfg.hstu
         headroom = max_users * h.max_seq_len  # one step's rows, allocated before the store evicts for its grown entries
         layout = KVLayout(h.num_layers, h.num_heads, h.head_qk, h.head_v)
         scratch = ArenaGraphs.scratch_rows(dense, max_users)
         arena = KVArena.for_budget(layout, self.cache.budget, headroom, scratch, like)
-        graphs = ArenaGraphs(dense, self.impl, stats, max_users, arena)
-        self.use_arena(graphs)
-        mib = arena.nbytes / (1 << 20)
-        log(f"history cache: entries as rows of one {mib:.0f} MiB arena on {like.device} ({arena.alloc.rows} rows of "
-            f"{arena.row_bytes} bytes, {headroom} of them one step's headroom); the cached score step reads and grows "
-            "them in place, in CUDA graphs (captured per padded shape at first use)")  # fmt: skip
-        return graphs
+        step = ArenaGraphs(dense, self.impl, stats, max_users, arena, graphs=graphs)
+        self.use_arena(step)
+        how = "in CUDA graphs (captured per padded shape at first use)" if graphs else "eagerly, at each step's shape"
+        log(f"history cache: entries as rows of one {arena.nbytes / (1 << 20):.0f} MiB arena on {like.device} "
+            f"({arena.alloc.rows} rows of {arena.row_bytes} bytes, {headroom} of them one step's headroom); the cached "
+            f"score step reads and grows them in place, {how}")  # fmt: skip
+        return step
 
     def use_arena(self, arena: ArenaGraphs) -> None:
         """Keep entries in ``arena.arena`` and score through ``arena`` (before the first request: the store must

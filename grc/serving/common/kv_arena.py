@@ -53,8 +53,9 @@ class KVArena:
     """One instance's K/V rows [rows + scratch, width] and key stamps [rows + scratch], and the rows' allocator."""
 
     def __init__(
-        self, layout: KVLayout, rows: int, scratch: int, dtype: torch.dtype, device: torch.device, granule: int = 64
+        self, layout: KVLayout, rows: int, scratch: int, dtype: torch.dtype, device: torch.device, granule: int = 16
     ):
+        """granule: rows an extent's capacity is a multiple of (an entry counts its length rounded up to it)."""
         self.layout = layout
         self.alloc = RowArena(rows, granule)
         self.scratch = self.alloc.rows  # the first scratch row (padding users' rows, then one dump row)
@@ -69,7 +70,7 @@ class KVArena:
 
     @classmethod
     def for_budget(
-        cls, layout: KVLayout, budget_bytes: int, headroom: int, scratch: int, like: torch.Tensor, granule: int = 64
+        cls, layout: KVLayout, budget_bytes: int, headroom: int, scratch: int, like: torch.Tensor, granule: int = 16
     ) -> KVArena:
         """Rows for ``budget_bytes`` of entries (counted at their extents' capacity) plus ``headroom`` rows."""
         row = layout.width * like.element_size() + 8
@@ -135,6 +136,9 @@ class KVArena:
         self.moves += 1
 
     def entry(self, lease: Lease, length: int, stamps: torch.Tensor, profile: int) -> UserKV:
-        """The entry of the first ``length`` rows of ``lease`` (views of the arena; ``stamps`` on the host)."""
+        """The entry of the first ``length`` rows of ``lease`` (views of the arena; ``stamps`` on the host), its extent
+        shrunk to them (the rows after, the step's candidates', go back: the store counts what the entry holds, and
+        the next visit grows it in place while they are still free)."""
+        self.alloc.shrink(lease.extent, length)
         a = lease.extent.start
         return UserKV(self.rows[a : a + length], stamps, profile, self.layout)

@@ -14,6 +14,7 @@ costs and which entry to evict.
   and the caller evicts and tries again.
 - ``grow(extent, rows)``: in place when the capacity holds them or the free run right after the extent has the
   granules missing (taken from its front); else False and the caller allocates a new extent and copies once.
+- ``shrink(extent, rows)``: the whole granules past ``rows`` go back (a step's candidates' rows after an entry).
 - ``release(extent)``: its rows go back to the free runs, merged with free neighbours, so a run is never split
   by a freed boundary; a pinned extent (a step is reading it) gives its rows back at its last ``unpin``, so rows a
   running step reads are never handed to another user.
@@ -122,7 +123,9 @@ class RowArena:
                 self._free(extent)
 
     def _free(self, extent: Extent) -> None:  # under the lock
-        start, end = extent.start, extent.end
+        self._free_rows(extent.start, extent.end)
+
+    def _free_rows(self, start: int, end: int) -> None:  # under the lock
         i = bisect.bisect_left(self._starts, start)
         merge_left = i > 0 and self._ends[i - 1] == start
         merge_right = i < len(self._starts) and self._starts[i] == end
@@ -136,7 +139,18 @@ class RowArena:
         else:
             self._starts.insert(i, start)
             self._ends.insert(i, end)
-        self._used -= extent.capacity
+        self._used -= end - start
+
+    def shrink(self, extent: Extent, rows: int) -> None:
+        """Give back the whole granules of ``extent`` past its first ``rows`` rows (at least one granule stays): a
+        step's candidates' rows after the grown entry, so that the entry counts what it holds."""
+        size = self._round(max(rows, 1))
+        with self._lock:
+            if extent.released:
+                raise ValueError(f"extent at row {extent.start} was released: it cannot shrink")
+            if size < extent.capacity:
+                self._free_rows(extent.start + size, extent.end)
+                extent.capacity = size
 
     def used_rows(self) -> int:
         """Rows of extents not yet given back (capacity, not what the entries hold: what the budget counts)."""

@@ -13,7 +13,7 @@ attention kernel); ``aotinductor`` -> the same as pytorch_kernels: the fused mod
 prefill/score packages (``engine.aoti.history_entries`` builds and checks them, nothing serves them yet),
 so the model's package serves users without an id only. On a GPU with the model's CUDA graphs on (and a
 graphed backend), the cached step is replayed from CUDA graphs too, one per padded shape captured at its first use,
-over entries kept as rows of one device arena (``UserCaches.use_graphs``, store ``arena``:
+over entries kept as rows of one device arena (``UserCaches.use_store``, store ``arena``:
 grc/serving/common/arena_graphs.py) or as tensors copied in and out (store ``copies``: score_graphs.py); elsewhere it
 runs eagerly, its plan built from host values (the store checked reuse on the host events) and sent to the device in
 one copy.

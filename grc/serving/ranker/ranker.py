@@ -117,9 +117,13 @@ class Ranker:
             )
             if history is not None:  # the cached step in graphs too, one per padded shape as it first comes
                 top = -(-max(b.tokens for b in plan) // cfg.hstu.max_seq_len)
-                store = params.get("history_store", "arena")
-                cached_graphs = history.caches.use_graphs(history.dense, store, stats, top, log)
+                store = params.get("history_store", "auto")
+                cached_graphs = history.caches.use_store(history.dense, store, stats, top, log, graphs=True)
+                assert cached_graphs is not None  # with graphs every store has a graphed step
                 warm_up(cached_graphs, torch.empty(0, device=dev, dtype=dtype), log)
+        elif history is not None:  # eager: an arena if the spec asks for one, else GRDense.score on entries' tensors
+            store = params.get("history_store", "auto")
+            history.caches.use_store(history.dense, store, stats, EAGER_STEP_USERS, log, graphs=False)
         tables = open_lookup(
             cfg,
             weights_dir,
@@ -291,6 +295,9 @@ class Ranker:
             "rank_us": self.rank_us,
             "dense_device_us": self.dense_device_us,
         }
+
+
+EAGER_STEP_USERS = 8  # an eager instance's arena keeps this many users' rows of headroom for one step
 
 
 def warm_up(graphs: Any, like: torch.Tensor, log: Callable[[str], None]) -> None:

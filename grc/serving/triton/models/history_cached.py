@@ -94,10 +94,10 @@ class CachedScorer:
         weights_digest: str,
         dtype: str = "float32",
         impl: str | None = None,
-        store: str = "arena",
+        store: str = "auto",
         log: Callable[[str], None] = print,
     ):
-        """store: where a GPU instance keeps entries (bundles.triton.history_cache.store; UserCaches.use_graphs)."""
+        """store: where a GPU instance keeps entries (bundles.triton.history_cache.store; UserCaches.use_store)."""
         import torch
 
         from grc.weights import load_model, open_tables
@@ -111,11 +111,13 @@ class CachedScorer:
         self.tables = open_tables(cfg, weights)
         self.impl = impl or ("triton" if self.device.type == "cuda" else "pytorch")
         self.caches = UserCaches(cfg, budget, max_user, weights_digest, dtype, self.impl)
-        if self.device.type == "cuda":  # the step replayed from CUDA graphs, as in the fused model
-            from grc.serving.ranker.dense import GraphStats
+        from grc.serving.ranker.dense import GraphStats
 
-            graphs = self.caches.use_graphs(self.dense, store, GraphStats(), MAX_GRAPHED_USERS, log)
-            graphs.warm_up(torch.empty(0, device=self.device, dtype=self.dtype))
+        # on a GPU the step replayed from CUDA graphs, as in the fused model
+        gpu = self.device.type == "cuda"
+        step = self.caches.use_store(self.dense, store, GraphStats(), MAX_GRAPHED_USERS, log, graphs=gpu)
+        if step is not None:
+            step.warm_up(torch.empty(0, device=self.device, dtype=self.dtype))
 
     @property
     def cache(self) -> HistoryCache:
@@ -173,7 +175,7 @@ class TritonPythonModel:
             device,
             params["weights_digest"],
             params.get("dtype", "float32"),
-            store=params.get("store", "arena"),
+            store=params.get("store", "auto"),
         )
         self.names = [s.name for s in rq.request_inputs(self.cfg)]
         self.first = rq.candidate_input(self.cfg.candidate[0])
