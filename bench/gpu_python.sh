@@ -17,3 +17,12 @@ if ! "$py" -c "import pydantic, yaml" 2>/dev/null; then
   for wheel in .whl/*.whl; do "$py" -m zipfile -e "$wheel" "$deps"; done
   export PYTHONPATH="$PYTHONPATH:$deps"
 fi
+
+# the call's steps, timed from here, and what the machine is (every bench/gpu_run_*.sh that sources this prints them)
+started=$(date +%s)
+step() { echo; echo "== $1 ($(( $(date +%s) - started )) s in)"; }
+gpu_environment() {
+  step "environment"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "nvidia-smi: not found"
+  "$py" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+}

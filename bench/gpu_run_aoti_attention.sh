@@ -12,13 +12,8 @@ set -u
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder the results go to}"
 mkdir -p "$OUT"
-source bench/gpu_python.sh  # $py, PYTHONPATH, CXX
-started=$(date +%s)
-step() { echo; echo "== $1 ($(( $(date +%s) - started )) s in)"; }
-
-step "environment"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "nvidia-smi: not found"
-"$py" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+source bench/gpu_python.sh  # $py, PYTHONPATH, CXX, step, gpu_environment
+gpu_environment
 
 status=0
 tb=${TEST_BUDGET:-200}

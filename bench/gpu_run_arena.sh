@@ -15,14 +15,9 @@ set -u
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder the results go to}"
 mkdir -p "$OUT"
-source bench/gpu_python.sh  # $py, PYTHONPATH, CXX
+source bench/gpu_python.sh  # $py, PYTHONPATH, CXX, step, gpu_environment
 export PYTHONUNBUFFERED=1
-started=$(date +%s)
-step() { echo; echo "== $1 ($(( $(date +%s) - started )) s in)"; }
-
-step "environment"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "nvidia-smi: not found"
-"$py" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+gpu_environment
 
 status=0
 tb=${TEST_BUDGET:-240}

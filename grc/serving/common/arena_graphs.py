@@ -35,7 +35,7 @@ import torch
 from grc.model.gr import GRDense, token_groups
 from grc.model.kv_cache import UserKV
 from grc.serving.common.kv_arena import CLAIMED, ArenaFull, KVArena, Lease
-from grc.serving.common.score_graphs import GraphedSteps, packed_spans, pad_users
+from grc.serving.common.score_graphs import GraphedSteps, PackedStep, packed_spans, pad_users
 from grc.serving.ranker.dense import GraphStats
 
 FIELDS = ("q_offsets", "kv_ranges", "num_candidates", "group", "slots", "is_candidate", "candidate_rows", "stamp_at",
@@ -137,20 +137,12 @@ def arena_plan(
     return ArenaLayout(shape, packed, int(chosen.size))
 
 
-class _ArenaStep:
-    """One shape's buffers and graph; every shape reads and writes the arena's rows and stamps."""
+class _ArenaStep(PackedStep):
+    """One shape of the arena step; every shape reads and writes the arena's rows and stamps."""
 
     def __init__(self, dense: GRDense, shape: ArenaShape, impl: str, fuse: bool, arena: KVArena):
-        device = arena.rows.device
-        self.shape, self.dense, self.impl, self.fuse, self.arena = shape, dense, impl, fuse, arena
-        self.tokens = torch.zeros(shape.rows, dense.cfg.d_model, dtype=arena.rows.dtype, device=device)
-        self.packed = torch.zeros(shape.length, dtype=torch.int64, device=device)
-        self.fields = {name: self.packed[a:b] for name, (a, b) in shape.spans.items()}
-        pin = device.type == "cuda"
-        self.host = torch.zeros(self.packed.numel(), dtype=torch.int64, pin_memory=pin)
-        self.copied = torch.cuda.Event() if pin else None  # the host buffer is free again once this passed
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.out: Any = None
+        super().__init__(shape, dense.cfg.d_model, arena.rows.dtype, arena.rows.device)
+        self.dense, self.impl, self.fuse, self.arena = dense, impl, fuse, arena
 
     def run(self) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         f, arena = self.fields, self.arena
@@ -160,20 +152,9 @@ class _ArenaStep:
             arena.stamps, f["num_candidates"], f["is_candidate"] != 0, self.impl, self.fuse, self.shape.keys,
         )  # fmt: skip
 
-    def capture(self, pool: Any, streams: tuple[Any, Any], seconds: dict[str, float]) -> None:
-        from grc.aoti.runtime import capture_graph
-
-        self.graph, self.out = capture_graph(
-            lambda: self.run(), [], pool, seconds=seconds, free_memory=False, streams=streams
-        )
-
-    def upload(self, layout: ArenaLayout, tokens: torch.Tensor) -> None:
-        if self.copied is not None:
-            self.copied.synchronize()  # the previous call's copy has read the pinned buffer
-        self.host.numpy()[:] = layout.packed
-        self.packed.copy_(self.host, non_blocking=True)
-        if self.copied is not None:
-            self.copied.record()
+    def load(self, layout: ArenaLayout, tokens: torch.Tensor) -> None:
+        """The layout and the new tokens into this shape's buffers."""
+        self.upload(layout.packed)
         self.tokens[: tokens.shape[0]].copy_(tokens)
 
 
@@ -252,9 +233,7 @@ class ArenaGraphs(GraphedSteps):
         try:
             return self._score(users, tokens, bounds, candidates, stamps, keep, 0, pins)
         finally:
-            for lease in pins:
-                if lease is not None:
-                    alloc.unpin(lease.extent)
+            self._unpin(pins, 0, len(pins))  # those whose part did not run
 
     def _score(
         self,
@@ -362,12 +341,12 @@ class ArenaGraphs(GraphedSteps):
             layout = arena_plan(self.dense, placed, bounds, stamps, bounds[-1], longest, scratch)
             assert layout is not None  # no padding
             step = _ArenaStep(self.dense, layout.shape, self.impl, self.fuse, self.arena)
-            step.upload(layout, tokens)
+            step.load(layout, tokens)
             out = step.run()[0]
         else:
             shape = layout.shape
             step = self._kept(shape, lambda: _ArenaStep(self.dense, shape, self.impl, self.fuse, self.arena))
-            step.upload(layout, tokens)
+            step.load(layout, tokens)
             out = self._replay(step)[0]
             self.stats.padded_tokens += layout.shape.rows - bounds[-1]
         return out[step.fields["candidate_rows"][: layout.candidates]]

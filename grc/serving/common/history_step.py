@@ -13,6 +13,7 @@ else = miss + whole sequence + replace; scores equal the uncached model's.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -181,22 +182,22 @@ class UserCaches:
         import torch
 
         profile = len(self.cfg.profile)
-        news, times, host, offsets, caches = [], [], [], [0], []
-        for v, t, s, h in zip(visits, tokens, stamps, host_stamps, strict=True):
-            drop = profile if v.kv is not None else 0  # a hit holds the profile tokens already
-            news.append(t[drop:])
-            times.append(s[drop:])
-            host.append(h[drop:])
-            offsets.append(offsets[-1] + t.shape[0] - drop)
-            caches.append(v.kv if v.kv is not None else dense.empty_cache(profile, t))
+        drops = [profile if v.kv is not None else 0 for v in visits]  # a hit holds the profile tokens already
+        news = torch.cat([t[d:] for t, d in zip(tokens, drops, strict=True)])
+        host = np.concatenate([h[d:] for h, d in zip(host_stamps, drops, strict=True)])
+        offsets = [0, *itertools.accumulate(t.shape[0] - d for t, d in zip(tokens, drops, strict=True))]
         if self.arena is not None:
-            return self._score_in_arena(visits, torch.cat(news), offsets, candidates, np.concatenate(host))
+            return self._score_in_arena(visits, news, offsets, candidates, host)
+        # GRDense.score (or the copies step) takes an empty cache for a miss and the new rows' stamps on the device
+        caches = [
+            v.kv if v.kv is not None else dense.empty_cache(profile, t) for v, t in zip(visits, tokens, strict=True)
+        ]
         args = (
             caches,
-            torch.cat(news),
+            news,
             torch.tensor(offsets),  # host integers: score reads them without a device sync
             torch.tensor(candidates),
-            torch.cat(times),
+            torch.cat([s[d:] for s, d in zip(stamps, drops, strict=True)]),
             [v.now for v in visits],
             self.impl,
         )
@@ -205,7 +206,7 @@ class UserCaches:
             if self.graphs is None:
                 scores, grown = dense.score(*args, reuse_checked=True)
             else:  # the graphed step lays the key rows' stamps out on the host
-                scores, grown = self.graphs.score(*args, reuse_checked=True, host_timestamps=np.concatenate(host))
+                scores, grown = self.graphs.score(*args, reuse_checked=True, host_timestamps=host)
         for v, kv in zip(visits, grown, strict=True):
             if v.user is not None:
                 self.cache.store((self.namespace, v.user), cached_history(kv, v.profile_ids, v.events, v.now))

@@ -164,22 +164,16 @@ def plan(
     return Layout(shape, packed, kv_off[: len(past)].tolist(), int(chosen.size))
 
 
-class _Step:
-    """One shape's buffers and graph."""
+class PackedStep:
+    """One padded shape's buffers and graph, as both graphed cached steps keep them: the new tokens, the layout's
+    int64 fields packed in one device buffer (``shape.spans``) with its pinned host twin, and the captured graph with
+    its outputs. Subclasses say what ``run`` launches."""
 
-    def __init__(self, dense: GRDense, shape: Shape, impl: str, fuse: bool, rows: torch.Tensor, layout: KVLayout):
-        """rows: the key rows all shapes share ([>= shape.keys, layout.width], ScoreGraphs._key_rows)."""
-        device, dtype = rows.device, rows.dtype
-        self.shape, self.dense, self.impl, self.fuse = shape, dense, impl, fuse
-        self.tokens = torch.zeros(shape.rows, dense.cfg.d_model, dtype=dtype, device=device)
-        # every layer's K/V of a key row in one row, packed as the store's entries (UserKV.layout): a user's
-        # cached rows go in, and its grown entry comes out, in one copy each
-        self.rows = rows[: shape.keys]
-        keys, values = layout.split(self.rows)
-        self.keys, self.values = list(keys), list(values)
+    def __init__(self, shape: Any, d_model: int, dtype: torch.dtype, device: torch.device):
+        self.shape = shape
+        self.tokens = torch.zeros(shape.rows, d_model, dtype=dtype, device=device)
         self.packed = torch.zeros(shape.length, dtype=torch.int64, device=device)
         self.fields = {name: self.packed[a:b] for name, (a, b) in shape.spans.items()}
-        self.stamps = self.fields["stamps"]  # uploaded with the layout
         pin = device.type == "cuda"
         self.host = torch.zeros(self.packed.numel(), dtype=torch.int64, pin_memory=pin)
         self.copied = torch.cuda.Event() if pin else None  # the host buffer is free again once this passed
@@ -188,8 +182,42 @@ class _Step:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of this shape's own buffers (the key rows are shared)."""
+        """Bytes of this shape's own buffers."""
         return sum(t.numel() * t.element_size() for t in (self.tokens, self.packed, self.host))
+
+    def run(self) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        raise NotImplementedError
+
+    def capture(self, pool: Any, streams: tuple[Any, Any], seconds: dict[str, float]) -> None:
+        """Captured between requests: the allocators' cached blocks kept (capture_graph's free_memory=False; the
+        pool a live graph holds, GraphedSteps._capture_pool), on the instance's two side streams."""
+        self.graph, self.out = capture_graph(
+            lambda: self.run(), [], pool, seconds=seconds, free_memory=False, streams=streams
+        )
+
+    def upload(self, packed: np.ndarray) -> None:
+        """The layout's fields to the device in one copy from the pinned host buffer."""
+        if self.copied is not None:
+            self.copied.synchronize()  # the previous call's copy has read the pinned buffer
+        self.host.numpy()[:] = packed
+        self.packed.copy_(self.host, non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
+
+
+class _Step(PackedStep):
+    """One shape of the copies step: its view of the key rows all shapes share."""
+
+    def __init__(self, dense: GRDense, shape: Shape, impl: str, fuse: bool, rows: torch.Tensor, layout: KVLayout):
+        """rows: the key rows all shapes share ([>= shape.keys, layout.width], ScoreGraphs._key_rows)."""
+        super().__init__(shape, dense.cfg.d_model, rows.dtype, rows.device)
+        self.dense, self.impl, self.fuse = dense, impl, fuse
+        # every layer's K/V of a key row in one row, packed as the store's entries (UserKV.layout): a user's
+        # cached rows go in, and its grown entry comes out, in one copy each
+        self.rows = rows[: shape.keys]
+        keys, values = layout.split(self.rows)
+        self.keys, self.values = list(keys), list(values)
+        self.stamps = self.fields["stamps"]  # uploaded with the layout
 
     def run(self) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         f = self.fields
@@ -197,21 +225,6 @@ class _Step:
             self.tokens, f["group"], self.keys, self.values, f["slots"], f["q_offsets"], f["kv_offsets"],
             self.stamps, f["num_candidates"], f["is_candidate"] != 0, self.impl, self.fuse,
         )  # fmt: skip
-
-    def capture(self, pool: Any, streams: tuple[Any, Any], seconds: dict[str, float]) -> None:
-        """Captured between requests: the allocators' cached blocks kept (capture_graph's free_memory=False; the
-        pool a live graph holds, ScoreGraphs._capture_pool), on the instance's two side streams."""
-        self.graph, self.out = capture_graph(
-            lambda: self.run(), [], pool, seconds=seconds, free_memory=False, streams=streams
-        )
-
-    def upload(self, layout: Layout) -> None:
-        if self.copied is not None:
-            self.copied.synchronize()  # the previous call's copy has read the pinned buffer
-        self.host.numpy()[:] = layout.packed
-        self.packed.copy_(self.host, non_blocking=True)
-        if self.copied is not None:
-            self.copied.record()
 
 
 def capture_counts() -> tuple[int, int, int]:
@@ -406,7 +419,7 @@ class ScoreGraphs(GraphedSteps):
                 caches, tokens, offsets, num_candidates, timestamps, now, impl, reuse_checked=reuse_checked
             )
         step = self._step(layout.shape, tokens)
-        step.upload(layout)
+        step.upload(layout.packed)
         self._fill(step, layout, caches, tokens, bounds)
         out = self._replay(step)[0]
         self.stats.padded_tokens += layout.shape.rows - bounds[-1]
