@@ -166,6 +166,46 @@ def test_a_small_budget_evicts_the_least_recently_used_user(built: tuple[Spec, P
     assert store.stats().misses == stats.misses + 1 and store.stats().hits == stats.hits
 
 
+def test_the_cache_figures_the_served_models_export(built: tuple[Spec, Path]) -> None:
+    """What fused.py and history_cached.py export (models/metrics.py, read from their UserCaches): with store arena
+    the arena's counters too, in a fresh arena on this CPU instance exactly: a returning user grown in place at
+    each hit, the same user twice in one step grown in place once and moved once, no step split, none unplaced;
+    with copies only the store's figures are declared."""
+    from grc.serving.triton.models.metrics import HISTORY_ARENA, HISTORY_CACHE, history_cache_declared
+    from grc.serving.triton.models.metrics import history_cache_values as values
+
+    spec, model_dir = built
+
+    def quiet(_: str) -> None:
+        pass
+
+    copies = Ranker.from_model_dir(
+        model_dir, "cpu", params(spec, "pytorch", {"enabled": True, "store": "copies"}), quiet
+    )
+    assert copies.history is not None and copies.history.caches.arena is None
+    assert history_cache_declared(copies.history.caches) == HISTORY_CACHE
+    assert set(values(copies.history.caches)) >= set(HISTORY_CACHE)
+    ranker = Ranker.from_model_dir(
+        model_dir, "cpu", params(spec, "pytorch", {"enabled": True, "store": "arena"}), quiet
+    )
+    assert ranker.history is not None and ranker.history.caches.arena is not None
+    caches, step = ranker.history.caches, ranker.history.caches.arena
+    assert history_cache_declared(caches) == {**HISTORY_CACHE, **HISTORY_ARENA}
+    full = user(spec, 30, 4, seed=8)
+    scores(ranker, with_ids(first_events(spec, full, 24), 8))  # a miss: a new extent, nothing moved
+    scores(ranker, with_ids(full, 8), with_ids(full, 9))  # a hit grown in place; another user's miss after it
+    got = values(caches)
+    assert (got["hits"], got["misses"], got["in_place"], got["moves"]) == (1, 2, 1, 0), got
+    twice = {k: np.concatenate([a, a]) for k, a in full.items()}
+    scores(ranker, with_ids(twice, 8, 8))  # user 8 twice in one step: claimed in place once, copied once
+    got = values(caches)
+    assert (got["hits"], got["in_place"], got["moves"], got["splits"], got["unplaced"]) == (3, 2, 1, 0, 0), got
+    assert (step.arena.in_place, step.arena.moves) == (2, 1)
+    assert got["arena_bytes"] == step.arena.nbytes > caches.cache.budget
+    step.splits, step.unplaced = 3, 2  # read from the step itself, not counted apart
+    assert (values(caches)["splits"], values(caches)["unplaced"]) == (3, 2)
+
+
 def test_user_id_is_checked_and_refused_without_a_cache(built: tuple[Spec, Path]) -> None:
     spec, model_dir = built
     arrays = user(spec, 5, 2, seed=3)

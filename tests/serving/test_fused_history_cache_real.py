@@ -132,6 +132,7 @@ def test_a_hit_scores_like_the_uncached_request(served: Served) -> None:
         np.testing.assert_allclose(response["scores"], plain["scores"], rtol=1e-5, atol=1e-6)
         assert np.array_equal(response["ranked_items"], plain["ranked_items"])
     assert after[0]["bytes"] > 0
+    assert not set(ARENA_FIGURES) & set(after[0]), after  # store auto on a CPU instance: copies, no arena
 
 
 def test_a_changed_history_prefix_is_a_miss(served: Served) -> None:
@@ -231,6 +232,42 @@ def test_a_request_of_users_on_two_stores_is_split_and_answered_in_order(served:
     after = served.counts()
     for k in range(SHARDS):  # one user each: a miss, then a hit
         assert (delta(before, after, k, "misses"), delta(before, after, k, "hits")) == (1, 1), (k, before, after)
+
+
+ARENA_FIGURES = ("splits", "unplaced", "moves", "in_place", "arena_bytes")
+
+
+def test_with_store_arena_the_fused_models_export_the_arenas_figures(install: ServerInstall, tmp_path: Path) -> None:
+    """store arena (on these CPU instances each store's arena is host memory, its steps eager): each fused model
+    exports the arena's own figures (models/metrics.py HISTORY_ARENA). A returning user's entry grows where it lies;
+    the same user twice in one request is grown in place once and moved once; nothing split or unplaced; the other
+    store, untouched, exports its arena's zeros."""
+    cache = {"enabled": True, "instances": SHARDS, "budget_mb": BUDGET_MB, "max_user_mb": BUDGET_MB, "store": "arena"}
+    triton = {**TRITON, "history_cache": cache}
+    spec_path = write_spec(tmp_path, TEST_SPECS / "mtgr-tiny.yaml", {"bundles.triton": triton})
+    run_build(spec_path, only=["triton"])
+    spec = load_spec(spec_path).spec
+    bundle = tmp_path / "artifacts" / spec.name / "triton"
+    with TritonServer(bundle / bd.MODEL_REPOSITORY, install=install, startup_timeout_s=240) as server:
+        served = Served(spec, bundle, server)
+        uid = users_on(0, 1, 800)[0]
+        full = user(spec, 30, 4, seed=8)
+        before = served.counts()
+        served.assert_right(first_events(spec, full, 24), served.infer(first_events(spec, full, 24), user=uid))
+        for _ in range(2):  # 6 new events, then none: grown in place each time (the rows after it are free)
+            served.assert_right(full, served.infer(full, user=uid))
+        mid = served.counts()
+        assert (delta(before, mid, 0, "hits"), delta(before, mid, 0, "misses")) == (2, 1), (before, mid)
+        assert (delta(before, mid, 0, "in_place"), delta(before, mid, 0, "moves")) == (2, 0), (before, mid)
+        twice = {k: np.concatenate([a, a]) for k, a in full.items()}
+        response = served.infer({**twice, "user_id": np.array([[uid], [uid]], np.int64)}, user=None)
+        served.assert_right(twice, response)
+        after = served.counts()
+        assert (delta(mid, after, 0, "in_place"), delta(mid, after, 0, "moves")) == (1, 1), (mid, after)
+        for k in range(SHARDS):
+            assert (after[k]["splits"], after[k]["unplaced"]) == (0, 0), after
+            assert after[k]["arena_bytes"] > BUDGET_MB * (1 << 20), after  # the budget's rows and a step's headroom
+        assert (after[1]["in_place"], after[1]["moves"]) == (0, 0), after
 
 
 def test_grc_deploy_smoke_tests_the_router(install: ServerInstall, tmp_path: Path, capsys: Any) -> None:

@@ -58,6 +58,30 @@ def test_full_history_mask_cannot_be_cached(tmp_path: Path) -> None:
     assert "history_cache: needs model.hstu.history_mask causal" in problem
 
 
+def test_the_bundle_lists_the_metrics_the_cached_models_declare(tmp_path: Path) -> None:
+    """bundle.json and the README name the cache's figures the models export (models/metrics.py): the store's, and
+    the arena's apart (declared only where the entries live in an arena)."""
+    spec = spec_with(tmp_path, enabled=True, store="arena")
+    described = hb.describe(spec)
+    assert described["metrics"] == [
+        "grc_history_cache_hits_total",
+        "grc_history_cache_misses_total",
+        "grc_history_cache_evictions_total",
+        "grc_history_cache_bytes",
+    ]
+    assert described["arena_metrics"] == [
+        "grc_history_cache_splits_total",
+        "grc_history_cache_unplaced_total",
+        "grc_history_cache_moves_total",
+        "grc_history_cache_in_place_total",
+        "grc_history_cache_arena_bytes",
+    ]
+    assert described["store"] == "arena"
+    readme = hb.readme_section(spec)
+    assert all(name in readme for name in described["arena_metrics"]), readme
+    assert "`history_cache.store`: arena" in readme
+
+
 def test_budget_must_be_positive() -> None:
     with pytest.raises(ValidationError, match="budget_mb"):
         HistoryCacheConfig(budget_mb=0)

@@ -2,8 +2,8 @@
 bundles.triton.history_cache on, a small budget so that eviction happens.
 
 Cached answers equal uncached ones and the float64 PyTorch model; a changed history prefix is a
-miss; a small budget evicts least-recently-used users; the figures are read from the server's
-metrics endpoint. Skipped only where the server cannot be installed.
+miss; a small budget evicts least-recently-used users; the figures (the store's, and with store arena the
+arena's) are read from the server's metrics endpoint. Skipped only where the server cannot be installed.
 """
 
 from __future__ import annotations
@@ -167,6 +167,38 @@ def test_a_history_cut_at_the_length_limit_is_a_miss_then_a_hit(served: Served) 
     served.assert_right(longer, served.infer(longer, user=606))  # cut the same way again: a hit
     after = served.metrics()
     assert delta(before, after, "misses_total") == 2 and delta(before, after, "hits_total") == 1
+
+
+ARENA_FIGURES = ("splits_total", "unplaced_total", "moves_total", "in_place_total", "arena_bytes")
+
+
+def test_the_arena_counts_entries_grown_in_place_and_moved(served: Served) -> None:
+    """The arena's own figures on the metrics port (models/metrics.py HISTORY_ARENA), with store arena: a returning
+    user's entry grows where it lies; the same user twice in one request is grown in place once and moved (copied to
+    a new extent) once. Requests of one or two users always fit the arena's headroom: no step split, none unplaced.
+    A store of copies (auto, on this CPU instance) has no arena and declares none of them."""
+    spec = served.spec
+    before = served.metrics()
+    if spec.bundles.triton.history_cache.store != "arena":
+        assert not {f"grc_history_cache_{f}" for f in ARENA_FIGURES} & set(before), before
+        return
+    full = user(spec, 30, 4, seed=8)
+    served.assert_right(first_events(spec, full, 24), served.infer(first_events(spec, full, 24), user=808))  # miss
+    served.assert_right(full, served.infer(full, user=808))  # a hit with 6 new events: grown in place or moved
+    served.assert_right(full, served.infer(full, user=808))  # no new events: its candidates' rows came back after it
+    mid = served.metrics()
+    assert delta(before, mid, "hits_total") == 2 and delta(before, mid, "misses_total") == 1
+    assert delta(before, mid, "in_place_total") >= 1, (before, mid)
+    assert delta(before, mid, "in_place_total") + delta(before, mid, "moves_total") == 2, (before, mid)
+    twice = {k: np.concatenate([a, a]) for k, a in full.items()}
+    ids = np.array([[808], [808]], np.int64)
+    response = check.infer(served.server.http_url, "http", served.model, {**twice, "user_id": ids})
+    served.assert_right(twice, response)
+    after = served.metrics()
+    assert delta(mid, after, "hits_total") == 2
+    assert (delta(mid, after, "in_place_total"), delta(mid, after, "moves_total")) == (1, 1), (mid, after)
+    assert after["grc_history_cache_splits_total"] == 0 and after["grc_history_cache_unplaced_total"] == 0, after
+    assert after["grc_history_cache_arena_bytes"] > BUDGET_MB * (1 << 20)  # the budget's rows and one step's headroom
 
 
 def test_a_visit_a_minute_later_reuses_the_older_events(served: Served) -> None:

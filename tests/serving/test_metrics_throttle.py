@@ -62,6 +62,15 @@ def test_unthrottled_metrics_send_every_change(sent: list[tuple[str, str, float]
     ]
 
 
+def test_a_gauge_that_did_not_move_is_not_sent(sent: list[tuple[str, str, float]]) -> None:
+    """One message per change: a gauge that stays (the history cache's arena size, set at load) costs none."""
+    metrics = m.Metrics("model", DECLARED)
+    for _ in range(3):
+        metrics.update({"hits": 0, "misses": 0, "bytes": 7})
+    metrics.update({"hits": 0, "misses": 0, "bytes": 0})
+    assert sent == [("grc_test_bytes", "set", 7), ("grc_test_bytes", "set", 0)]
+
+
 def test_throttled_counters_wait_then_catch_up_with_the_totals(
     sent: list[tuple[str, str, float]], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -145,6 +145,12 @@ def readme_section(spec: Spec) -> str:
     rows = "\n".join(f"| `{n}` | {b} |" for b, n in names.items())
     ladder = ", ".join(f"{b.users}x{b.tokens}" for b in plan(spec))
     graphs = "on" if cfg.gpu.cuda_graphs else "off"
+    cache_metrics = (
+        "; the cached models (`history_cache`) also the cache's `grc_history_cache_*`, the arena's among them where "
+        "the entries live in one (User-history cache, above)"
+        if history_bundle.enabled(spec)
+        else ""
+    )
     return f"""
 ## Fused pipeline (bundles.triton.pipeline: fused)
 
@@ -158,7 +164,7 @@ outputs as the ensemble.
 
 On a GPU: tables `{cfg.gpu.tables}` (budget {cfg.gpu.tables_device_budget_mb} MiB), CUDA graphs
 {graphs} for buckets (users x tokens) {ladder}.
-Metrics: grc_cuda_graph_hits_total, grc_cuda_graph_misses_total, grc_padded_tokens_total.
+Metrics: grc_cuda_graph_hits_total, grc_cuda_graph_misses_total, grc_padded_tokens_total{cache_metrics}.
 """
 
 

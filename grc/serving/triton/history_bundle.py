@@ -18,6 +18,7 @@ from grc.serving.common import request as rq
 from grc.serving.common.history_cache import weights_digest
 from grc.serving.ranker.history import scoring_note
 from grc.serving.triton.model_config import ModelConfig, tensor_output
+from grc.serving.triton.models.metrics import HISTORY_ARENA, HISTORY_CACHE
 from grc.spec.schema import Spec
 
 MODULE = "history_cached"
@@ -154,18 +155,18 @@ def describe(spec: Spec) -> dict[str, object]:
         "models": shard_names(spec),
         "budget_mb": cache.budget_mb,
         "max_user_mb": cache.max_user_mb or cache.budget_mb / 8,
-        "metrics": [
-            "grc_history_cache_hits_total",
-            "grc_history_cache_misses_total",
-            "grc_history_cache_evictions_total",
-            "grc_history_cache_bytes",
-        ],
+        "store": cache.store,
+        # what the cached models declare (models/metrics.py): the store's, and the arena's only by a model whose
+        # store keeps its entries in the arena
+        "metrics": [name for name, _, _ in HISTORY_CACHE.values()],
+        "arena_metrics": [name for name, _, _ in HISTORY_ARENA.values()],
     }
 
 
 def readme_section(spec: Spec) -> str:
     name = client_name(spec)
     shards = shard_names(spec)
+    cache = spec.bundles.triton.history_cache
     others = (
         "The other backends' fused models (`<name>-<backend>`) keep no cache."
         if fused(spec)
@@ -186,6 +187,12 @@ def readme_section(spec: Spec) -> str:
 kept; the user's next request whose history starts with the same events (ids, timestamps, order) computes
 only its new events and candidates. Without `{USER_ID}` nothing is cached. Scores are the same either
 way. {others} Cache figures: `grc_history_cache_*` on the
-metrics port (`/metrics`), labelled with the cached model's name.
+metrics port (`/metrics`), labelled with the cached model's name: hits, misses and evictions (`_total`) and the
+bytes held; where the entries live in one arena (`history_cache.store`: {cache.store}; `auto` is the arena on
+KIND_GPU with CUDA graphs) also the arena's: `grc_history_cache_splits_total` (steps it could not place whole, run
+in halves), `grc_history_cache_unplaced_total` (users it could not place even alone: scored, not kept),
+`grc_history_cache_moves_total` and `grc_history_cache_in_place_total` (entries a step copied to new rows, or grew
+where they lie) and `grc_history_cache_arena_bytes` (its size, against `budget_mb`). A store of copies has no arena
+and does not declare them.
 What computes the users sent with `{USER_ID}`: {scoring(spec)}.
 """

@@ -15,12 +15,12 @@ responses out).
 With bundles.triton.history_cache on, the model takes an optional ``user_id`` (INT64 [batch, 1]) and
 keeps a user-history cache (grc/serving/ranker/history.py; one store per model, one instance per
 model: the router history_router.py sends each user to its one) and exports the same
-grc_history_cache_* metrics as the ensemble path's history_cached.py.
+grc_history_cache_* metrics as the ensemble path's history_cached.py (metrics.HistoryCacheMetrics: the store's,
+and the arena's where the store keeps its entries there).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from grc.serving.ranker.phases import PHASES
 from grc.serving.triton.models import steps
 from grc.serving.triton.models import tensor_io as io
 from grc.serving.triton.models.host import set_host_threads
-from grc.serving.triton.models.metrics import HISTORY_CACHE, Metrics
+from grc.serving.triton.models.metrics import HistoryCacheMetrics, Metrics
 from grc.serving.triton.models.trace import ExecuteTrace
 
 METRICS = {
@@ -113,7 +113,7 @@ class TritonPythonModel:
         self.cache_metrics = None
         if self.ranker.history is not None:  # the optional user_id input, and the cache's figures
             self.names.append(USER_ID)
-            self.cache_metrics = Metrics(self.name, HISTORY_CACHE)
+            self.cache_metrics = HistoryCacheMetrics(self.name, self.ranker.history.caches)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         if self.trace.folder is None:
@@ -131,8 +131,7 @@ class TritonPythonModel:
         timing = {**ranker.clock.seconds, "executes": self.executes, "dense_device_s": stats["dense_device_us"] / 1e6}
         self.phase_metrics.update(timing)
         if self.cache_metrics is not None:
-            assert ranker.history is not None
-            self.cache_metrics.update(dataclasses.asdict(ranker.history.caches.cache.stats()))
+            self.cache_metrics.update()
         ranker.clock.lap("metrics")
         return responses
 

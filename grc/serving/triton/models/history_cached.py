@@ -9,14 +9,16 @@ router (history_router.py) sends each user to the same one. Steps: check the req
 against the cached K/V, store the extended entry, rank (postprocess.rank). A request without
 ``user_id`` is computed whole and caches nothing.
 
-Metrics (Triton custom metrics, on the server's metrics port): grc_history_cache_hits_total,
-grc_history_cache_misses_total, grc_history_cache_evictions_total (counters) and
-grc_history_cache_bytes (gauge), labelled with the model name.
+Metrics (Triton custom metrics, on the server's metrics port; metrics.HistoryCacheMetrics, as in fused.py):
+grc_history_cache_hits_total, grc_history_cache_misses_total, grc_history_cache_evictions_total (counters) and
+grc_history_cache_bytes (gauge), labelled with the model name; with the entries in the arena (store arena, or
+auto on KIND_GPU) also its grc_history_cache_splits_total, grc_history_cache_unplaced_total,
+grc_history_cache_moves_total, grc_history_cache_in_place_total (counters) and grc_history_cache_arena_bytes
+(gauge), not declared with a store of copies (no arena).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +32,7 @@ from grc.serving.common.validate import RequestParser
 from grc.serving.triton.models import steps
 from grc.serving.triton.models import tensor_io as io
 from grc.serving.triton.models.host import set_host_threads
-from grc.serving.triton.models.metrics import HISTORY_CACHE, Metrics
+from grc.serving.triton.models.metrics import HistoryCacheMetrics
 from grc.serving.triton.models.postprocess import rank
 from grc.serving.triton.models.preprocess import project
 from grc.spec.schema import ModelConfig
@@ -179,7 +181,7 @@ class TritonPythonModel:
         )
         self.names = [s.name for s in rq.request_inputs(self.cfg)]
         self.first = rq.candidate_input(self.cfg.candidate[0])
-        self.metrics = Metrics(self.name, HISTORY_CACHE)
+        self.metrics = HistoryCacheMetrics(self.name, self.scorer.caches)
 
     def _check(self, arrays: dict[str, np.ndarray | None]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         """One request's checked inputs and its user ids (None: cache nothing); RequestError refuses it."""
@@ -204,5 +206,5 @@ class TritonPythonModel:
         responses = steps.execute(
             requests, self.name, [*self.names, USER_ID], self._check, lambda batch: [self._answer(r) for r in batch]
         )
-        self.metrics.update(dataclasses.asdict(self.scorer.cache.stats()))
+        self.metrics.update()
         return responses
