@@ -6,8 +6,9 @@
 #      cached model on the GPU, arena by default since session 19 (tests/serving/test_history_cached_device.py)
 #      -> $OUT/gpu-test-arena.log                                                             TEST_BUDGET=240
 #   2. bench/history_cache_profile.py for SPEC (default mtgr-base) at each of HISTORIES (default "1000 default":
-#      default = max_seq_len - 256 - profile), 256 candidates: the hit over the arena (arena_score) beside the copies
-#      step (graphs_score) and the eager full forward -> $OUT/history-cache-profile-h200-arena-SPEC-H.json / .log
+#      default = max_seq_len - 256 - profile), 256 candidates: the hit over the arena (arena_score) beside the same
+#      with NORM_PROLOGUE["uvqk_step"] flipped (session 20), the copies step (graphs_score) and the eager full
+#      forward -> $OUT/history-cache-profile-h200-arena-SPEC-H.json / .log
 #                                                                                       LIMIT_S=120 each
 #     OUT=/some/dir bash bench/gpu_run_arena.sh              (tritonclient + python-rapidjson wheels in .whl: the
 #     HISTORIES=" " OUT=... bash bench/gpu_run_arena.sh     tests import the bundle writers; " ": tests only)
@@ -34,7 +35,7 @@ fi
 spec=${SPEC:-mtgr-base}
 for h in ${HISTORIES:-1000 default}; do
     step "profile $spec history $h"
-    args=(--spec "$spec" --paths arena_score,graphs_score,full_forward --repeat 10)
+    args=(--spec "$spec" --paths arena_score,arena_score_flipped_prologue,graphs_score,full_forward --repeat 10)
     [ "$h" != default ] && args+=(--history "$h")
     name="history-cache-profile-h200-arena-$spec-$h"
     timeout "${LIMIT_S:-120}" "$py" bench/history_cache_profile.py "${args[@]}" --out "$OUT/$name.json" 2>&1 \

@@ -119,6 +119,21 @@ def python_profile(run: Callable[[], Any], calls: int) -> dict[str, dict[str, fl
     return {"own": top(list(stats.items()), 2), "grc": top(ours, 3)}
 
 
+def flipped_prologue(run: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """``run`` with NORM_PROLOGUE["uvqk_step"] flipped while it runs (its graphs are captured so)."""
+    from grc.model import hstu
+
+    def flipped() -> torch.Tensor:
+        was = hstu.NORM_PROLOGUE["uvqk_step"]
+        hstu.NORM_PROLOGUE["uvqk_step"] = not was
+        try:
+            return run()
+        finally:
+            hstu.NORM_PROLOGUE["uvqk_step"] = was
+
+    return flipped
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--spec", default="mtgr-small")
@@ -148,11 +163,17 @@ def main() -> None:
         graphs = ScoreGraphs(model, "triton", GraphStats(), max_users=1, graphs=cuda)
         h, dtype = cfg.hstu, getattr(torch, args.dtype)
         layout = KVLayout(h.num_layers, h.num_heads, h.head_qk, h.head_v)
-        arena = KVArena(layout, 2 * h.max_seq_len, ArenaGraphs.scratch_rows(model, 1), dtype, device)
-        arena_graphs = ArenaGraphs(model, "triton", GraphStats(), 1, arena, graphs=cuda)
+
+        def arena_hit() -> Callable[[], torch.Tensor]:  # each path its own arena and graphs
+            arena = KVArena(layout, 2 * h.max_seq_len, ArenaGraphs.scratch_rows(model, 1), dtype, device)
+            return user.in_arena(ArenaGraphs(model, "triton", GraphStats(), 1, arena, graphs=cuda), cache)
+
         paths = {
             # the served hit over the device arena (store: arena, session 19): entries read and grown in place
-            "arena_score": user.in_arena(arena_graphs, cache),
+            "arena_score": arena_hit(),
+            # the same with the UVQK GEMM's group norm as its prologue (grc.model.hstu.NORM_PROLOGUE["uvqk_step"]
+            # flipped from the default: which is faster at a step's few hundred rows, session 20)
+            "arena_score_flipped_prologue": flipped_prologue(arena_hit()),
             # the served hit with store: copies: the step replayed from a CUDA graph, entries copied in and out
             "graphs_score": lambda: user.score(graphs, cache, "triton", reuse_checked=True),
             "full_forward": lambda: user.full(model, "triton"),
@@ -161,9 +182,11 @@ def main() -> None:
             "served_score": lambda: user.score(model, cache, "triton", reuse_checked=True),
             "planned_score": user.planned(model, cache, "triton"),
         }
+        from grc.model.hstu import NORM_PROLOGUE
+
         result: dict[str, Any] = {
             "spec": args.spec, "dtype": args.dtype, "history": history, "candidates": candidates,
-            "impl": "triton", "repeat": repeat, "paths": {},
+            "impl": "triton", "repeat": repeat, "norm_prologue": dict(NORM_PROLOGUE), "paths": {},
         }  # fmt: skip
         outs: dict[str, torch.Tensor] = {}
         for name, run in paths.items():

@@ -25,6 +25,7 @@ on CUDA, the twins elsewhere, as kernels/ops.py).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -135,16 +136,19 @@ def normed_dot(X, Stats, G, Gamma, Beta, U, W, rows, row_ok, offs_n, col_ok, str
     return acc
 
 
-@triton.autotune(configs=_configs(), key=["N", "K", "PROLOGUE", "EPILOGUE"], **PERSIST)
+@triton.autotune(configs=_configs(), key=["N", "K", "PROLOGUE", "EPILOGUE", "SCATTER"], **PERSIST)
 @triton.jit(do_not_specialize=["M"])  # rows vary per call: one compile for all (see hstu_attention.NOT_SPECIALISED)
 def _fused_linear_kernel(X, Stats, G, Gamma, Beta, U, W, Bias, R, Y, M,
                          stride_x, stride_g, stride_u, stride_wn, stride_wk, stride_r, stride_y,
+                         Slots, KS, VS, stride_ks, stride_vs,
                          N: tl.constexpr, K: tl.constexpr, PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr,
                          OPERAND: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_K: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         SCATTER: tl.constexpr, K_COL: tl.constexpr, K_W: tl.constexpr, V_COL: tl.constexpr,
+                         V_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Y[BLOCK_M, BLOCK_N] tile = epilogue(prologue(X rows) @ W^T + Bias). Programs run the N
     tiles of one row block back to back (n fastest): the row block is read from L2 after the
-    first; W (at most a few MiB) stays in L2."""
+    first; W (at most a few MiB) stays in L2. SCATTER: Y's columns [K_COL, K_COL + K_W) and
+    [V_COL, V_COL + V_W) are also stored as row Slots[m] of KS and VS (the K/V rows of a cache)."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
     offs_m = (pid // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -162,7 +166,16 @@ def _fused_linear_kernel(X, Stats, G, Gamma, Beta, U, W, Bias, R, Y, M,
         y = y + tl.load(R + rows[:, None] * stride_r + offs_n[None, :], mask=out_mask, other=0.0).to(tl.float32)
     if OPERAND == 1:
         y = _round_to_bf16(y)
-    tl.store(Y + rows[:, None] * stride_y + offs_n[None, :], y.to(Y.dtype.element_ty), mask=out_mask)
+    y = y.to(Y.dtype.element_ty)
+    tl.store(Y + rows[:, None] * stride_y + offs_n[None, :], y, mask=out_mask)
+    if SCATTER:  # the same values (one rounding) into the cache's rows: no index_copy pass per K and V
+        slot = tl.load(Slots + rows, mask=row_ok, other=0).to(tl.int64)
+        col_k = offs_n - K_COL
+        k_mask = out_mask & (col_k >= 0)[None, :] & (col_k < K_W)[None, :]
+        tl.store(KS + slot[:, None] * stride_ks + col_k[None, :], y, mask=k_mask)
+        col_v = offs_n - V_COL
+        v_mask = out_mask & (col_v >= 0)[None, :] & (col_v < V_W)[None, :]
+        tl.store(VS + slot[:, None] * stride_vs + col_v[None, :], y, mask=v_mask)
 # fmt: on
 
 
@@ -188,6 +201,48 @@ def dot_settings(dtype: torch.dtype) -> tuple[int, str, int]:
     operand = (UPCAST_BF16 if dtype == torch.bfloat16 else UPCAST) if INTERPRET else NATIVE
     dot_prec = "ieee" if dtype == torch.float32 or INTERPRET else "tf32"
     return operand, dot_prec, 16 if INTERPRET else 64
+
+
+@dataclass(frozen=True)
+class KVInto:
+    """Where a UVQK projection's K and V also go (the fused kernel's SCATTER epilogue): row ``slots[m]`` of
+    ``keys`` [R, H, Dqk] and ``values`` [R, H, Dv] (a history cache's rows, each row's H x D contiguous: the
+    arena's per-layer views) takes output row m's columns [k_col, k_col + H Dqk) and [v_col, v_col + H Dv).
+    What ``index_copy_`` of the output's K and V views would write, without its two passes (a tenth of the
+    arena step's kernel time on the H200: bench/results/history-cache-notes.md, session 19)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    slots: torch.Tensor
+    k_col: int
+    v_col: int
+
+    @property
+    def columns(self) -> tuple[int, int, int, int]:
+        """(k_col, K's width, v_col, V's width) in output columns."""
+        return self.k_col, self.keys[0].numel(), self.v_col, self.values[0].numel()
+
+    def check(self, x: torch.Tensor, n_out: int) -> None:
+        """Raise ValueError naming what the epilogue cannot store (nothing else stores it on CUDA)."""
+        for name, t in (("keys", self.keys), ("values", self.values)):
+            if t.dim() != 3 or t.stride(2) != 1 or t.stride(1) != t.shape[2] or t.dtype != x.dtype:
+                raise ValueError(f"fused linear kernel: {name} must be [rows, H, D] in {x.dtype} with each row's "
+                                 f"H x D contiguous, got {tuple(t.shape)} strides {t.stride()} {t.dtype}")  # fmt: skip
+        k_col, k_w, v_col, v_w = self.columns
+        if min(k_col, v_col) < 0 or max(k_col + k_w, v_col + v_w) > n_out:
+            raise ValueError(f"fused linear kernel: K columns [{k_col}, {k_col + k_w}) and V columns [{v_col}, "
+                             f"{v_col + v_w}) must lie in the output's {n_out}")  # fmt: skip
+        rows = x.numel() // x.shape[-1]
+        if self.slots.shape != (rows,) or self.slots.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"fused linear kernel: slots must be [{rows}] integers (one cache row per output "
+                             f"row), got {tuple(self.slots.shape)} {self.slots.dtype}")  # fmt: skip
+
+    def write(self, out: torch.Tensor) -> None:
+        """The twin: ``out``'s K and V columns into the rows (``index_copy_``)."""
+        k_col, k_w, v_col, v_w = self.columns
+        flat = out.reshape(-1, out.shape[-1])
+        self.keys.index_copy_(0, self.slots, flat[:, k_col : k_col + k_w].unflatten(1, self.keys.shape[1:]))
+        self.values.index_copy_(0, self.slots, flat[:, v_col : v_col + v_w].unflatten(1, self.values.shape[1:]))
 
 
 def row_stats(x2: torch.Tensor, eps: float, wrap: Callable[[Any], Any]) -> torch.Tensor:
@@ -218,11 +273,15 @@ def fused_linear_triton(
     residual: torch.Tensor | None = None,
     wrap: Callable[[Any], Any] = lambda kernel: kernel,
     out: torch.Tensor | None = None,
+    into: KVInto | None = None,
 ) -> torch.Tensor:
     """Launch on x [..., K] -> [..., N] in x's dtype: the norm's gamma, beta, eps (and group, or
     the gate u) for the GROUP_NORM / NORM_GATE prologues, residual for the RESIDUAL epilogue.
-    ``wrap`` is wrap_triton inside the ops; ``out`` (contiguous) lets tests pass a poisoned buffer."""
+    ``wrap`` is wrap_triton inside the ops; ``out`` (contiguous) lets tests pass a poisoned buffer;
+    ``into``: the K and V columns also stored into a cache's rows (KVInto)."""
     check_supported(x, weight)
+    if into is not None:
+        into.check(x, n_out=weight.shape[0])
     n_out, k_in = weight.shape
     x2 = _rows(x)
     rows = x2.shape[0]
@@ -239,6 +298,9 @@ def fused_linear_triton(
     gamma = gamma.contiguous() if gamma is not None else bias  # unused without a norm
     beta = beta.contiguous() if beta is not None else bias
     operand, dot_prec, block_k = dot_settings(x.dtype)
+    # without ``into`` the scatter's pointers are never read: any tensors
+    slots, ks, vs = (into.slots, into.keys, into.values) if into is not None else (bias, out, out)
+    k_col, k_w, v_col, v_w = into.columns if into is not None else (0, 0, 0, 0)
 
     def grid(meta: dict[str, Any]) -> tuple[int]:
         return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)
@@ -246,8 +308,10 @@ def fused_linear_triton(
     wrap(_fused_linear_kernel)[grid](
         x2, stats, g, gamma, beta, u2, weight, bias, r2, out, rows,
         x2.stride(0), g.stride(0), u2.stride(0), weight.stride(0), weight.stride(1), r2.stride(0), out.stride(0),
+        slots, ks, vs, ks.stride(0), vs.stride(0),
         N=n_out, K=k_in, PROLOGUE=prologue, EPILOGUE=epilogue, OPERAND=operand,
-        DOT_PREC=dot_prec, EVEN_K=k_in % block_k == 0, BLOCK_K=block_k,
+        DOT_PREC=dot_prec, EVEN_K=k_in % block_k == 0, SCATTER=into is not None, K_COL=k_col, K_W=k_w, V_COL=v_col,
+        V_W=v_w, BLOCK_K=block_k,
     )  # fmt: skip
     return out.view(*x.shape[:-1], n_out)
 
@@ -370,3 +434,29 @@ def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, r
     if not runs_kernel(x):
         return linear_residual_reference(x, weight, bias, residual)
     return fused_linear_triton(x, weight, bias, NO_NORM, RESIDUAL, residual=residual, wrap=wrap_triton)
+
+
+def linear_silu_into(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    into: KVInto,
+    norm: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None = None,
+) -> torch.Tensor:
+    """SiLU(x W^T + b), or with ``norm`` = (group, gamma, beta, eps) SiLU(GroupLN(x) W^T + b) (the prologue), its K
+    and V columns also stored into ``into``'s rows. Not a registered op: it writes its arguments, and only the
+    history cache's steps call it (eagerly, or captured in CUDA graphs; never traced by Inductor). Where the ops
+    would run their twins (runs_kernel), the twins, then ``into.write``."""
+    into.check(x, n_out=weight.shape[0])
+    if not runs_kernel(x):
+        if norm is None:
+            out = linear_silu_reference(x, weight, bias)
+        else:
+            out = norm_linear_silu_reference(x, norm[0], norm[1], norm[2], weight, bias, norm[3])
+        into.write(out)
+        return out
+    if norm is None:
+        return fused_linear_triton(x, weight, bias, NO_NORM, SILU, into=into)
+    group, gamma, beta, eps = norm
+    return fused_linear_triton(x, weight, bias, GROUP_NORM, SILU, gamma=gamma, beta=beta, eps=eps, group=group,
+                               into=into)  # fmt: skip

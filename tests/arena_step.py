@@ -72,7 +72,8 @@ class ArenaRun:
     foreign: Extent  # rows of nobody in this step: must stay NaN
 
 
-def score_over_arena(dense: GRDense, u: Users, impl: str) -> ArenaRun:
+def score_over_arena(dense: GRDense, u: Users, impl: str, fuse: bool = False) -> ArenaRun:
+    """fuse: the fused GEMMs (the UVQK epilogue writing the new K/V rows) and heads kernel, as the served step."""
     arena = RowArena(512, granule=8)
     foreign = arena.allocate(20)
     placed = {b: arena.allocate(u.caches[b].length + u.rest[b]) for b in (2, 0, 1)}
@@ -97,6 +98,6 @@ def score_over_arena(dense: GRDense, u: Users, impl: str) -> ArenaRun:
     is_candidate[plan.candidate_rows] = True
     scores, _, _ = dense.run_scattered(
         u.tokens, plan.group, list(keys), list(values), slot, plan.q_offsets, torch.tensor(ranges), kv_stamps,
-        plan.num_candidates, is_candidate, impl, max_user_keys=max(r[1] - r[0] for r in ranges),
+        plan.num_candidates, is_candidate, impl, fuse, max_user_keys=max(r[1] - r[0] for r in ranges),
     )  # fmt: skip
     return ArenaRun(scores[plan.candidate_rows], rows, [e for e in extents if e is not None], foreign)

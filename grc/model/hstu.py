@@ -24,6 +24,7 @@ from grc.model.kernel_ops import (
     hstu_attention_jagged,
     linear_residual,
     linear_silu,
+    linear_silu_into,
     norm_gate,
     norm_linear_silu,
 )
@@ -35,7 +36,11 @@ from grc.spec.schema import HSTUConfig
 # only the epilogue fused. A prologue is recomputed for every N tile of a row block (16 for the
 # UVQK GEMM of mtgr-small, 4 for the output GEMM), a norm apart is one more pass over memory;
 # bench/fused_gemm.py measures both forms of each on the device.
-NORM_PROLOGUE = {"uvqk": False, "out": True}
+NORM_PROLOGUE = {"uvqk": False, "out": True, "uvqk_step": False}
+# "uvqk_step": the history cache's score steps (forward_scattered), a few hundred rows per call, where the GEMM is
+# bound by reading its weight and the norm apart is five small kernels (layer_norm, two gathers, mul, add: ~0.05 ms
+# of a 0.39 ms mtgr-base step on the H200, history-cache-profile-h200-s19-arena-base-default.json). Not measured
+# as a prologue yet: bench/history_cache_profile.py times both (--uvqk-step-prologue).
 # The compiled jagged layer (JaggedDense: AOTInductor packages, torch.compile) hands u to the norm-gate kernel before
 # SiLU, which applies it as it reads u: Inductor otherwise writes SiLU(u) as a pass of its own over the UVQK output
 # (one of the four SiLU/split kernels, ~3.5% of a throughput call on the H200). q's SiLU in the Gluon attention
@@ -133,18 +138,22 @@ class HSTULayer(nn.Module):
         fuse: bool = False,
         silu_apart: bool = False,
         raw_u: bool = False,
+        into: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, ...]:
         """x [..., D] -> u [..., Lv], and q, k [..., H, Dqk], v [..., H, Dv] (fuse: one Triton
         GEMM with the group norm as prologue and SiLU as epilogue; u, v, q, k are views of it;
         silu_apart: SiLU as the ``grc::silu`` op, so compiled code keeps one activated buffer and the four are
-        views of it, kernels/silu.py; raw_u: u left before SiLU, for the norm-gate kernel to apply)."""
+        views of it, kernels/silu.py; raw_u: u left before SiLU, for the norm-gate kernel to apply;
+        into (fuse only): (keys, values, slots), the K and V rows also written there by the GEMM's epilogue)."""
         c = self.cfg
-        if raw_u and not (fuse or silu_apart):
+        if into is not None:
+            uvqk = self._project_into(x, group, *into)
+        elif raw_u and not (fuse or silu_apart):
             pre = self.uvqk(self.norm_in(x, group))
             u, vqk = torch.split(pre, [c.linear_dim, c.linear_dim + 2 * c.attention_dim], dim=-1)
             v, q, k = torch.split(F.silu(vqk), [c.linear_dim, c.attention_dim, c.attention_dim], dim=-1)
             return self._heads(x, u, q, k, v)
-        if silu_apart and not fuse:
+        elif silu_apart and not fuse:
             uvqk = silu_apart_op(self.uvqk(self.norm_in(x, group)))
         elif fuse and NORM_PROLOGUE["uvqk"]:
             n = self.norm_in
@@ -155,6 +164,17 @@ class HSTULayer(nn.Module):
             uvqk = F.silu(self.uvqk(self.norm_in(x, group)))
         u, v, q, k = torch.split(uvqk, [c.linear_dim, c.linear_dim, c.attention_dim, c.attention_dim], dim=-1)
         return self._heads(x, u, q, k, v)
+
+    def _project_into(
+        self, x: torch.Tensor, group: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor
+    ) -> torch.Tensor:
+        """The fused UVQK output whose K and V rows the GEMM also stores at ``slots`` of ``keys`` / ``values``."""
+        c, n, w, b = self.cfg, self.norm_in, self.uvqk.weight, self.uvqk.bias
+        k_col, v_col = 2 * c.linear_dim + c.attention_dim, c.linear_dim  # u, v, q, k: _project's split
+        if NORM_PROLOGUE["uvqk_step"]:
+            norm = (group, n.weight, n.bias, n.eps)
+            return linear_silu_into(x, w, b, (keys, values, slots), k_col, v_col, norm=norm)
+        return linear_silu_into(n(x, group), w, b, (keys, values, slots), k_col, v_col)
 
     def _heads(
         self, x: torch.Tensor, u: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -264,13 +284,16 @@ class HSTULayer(nn.Module):
         token's K/V fills (IN PLACE: the buffers are the caller's scratch, or an arena's rows, which
         ``kv_offsets`` as [users, 2] ranges with ``max_user_keys`` address). Every shape is fixed by the
         buffers, nothing is read back: the form a CUDA graph replays (grc/serving/common/score_graphs.py).
-        fuse: the projections as the fused Triton GEMMs, as ``forward_jagged``'s GPU compile path."""
+        fuse: the projections as the fused Triton GEMMs, as ``forward_jagged``'s GPU compile path; the UVQK GEMM's
+        epilogue then writes the new K/V rows itself (kernels.fused_linear.KVInto)."""
 
         def join(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if fuse:  # written by the projection
+                return past_k, past_v
             return past_k.index_copy_(0, slots, k), past_v.index_copy_(0, slots, v)
 
         args = (q_offsets, kv_offsets, kv_timestamps, num_candidates, impl, fuse, max_user_keys)
-        return self._attend_cached(x, group, join, *args)
+        return self._attend_cached(x, group, join, *args, into=(past_k, past_v, slots) if fuse else None)
 
     def _attend_cached(
         self,
@@ -284,10 +307,12 @@ class HSTULayer(nn.Module):
         impl: str,
         fuse: bool = False,
         max_user_keys: int | None = None,
+        into: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The cached-keys layer; ``join(k, v)`` of the new tokens -> the whole sequences' keys and values."""
+        """The cached-keys layer; ``join(k, v)`` of the new tokens -> the whole sequences' keys and values (into:
+        ``_project``'s, the rows the projection writes them to)."""
         _needs_triton(fuse, FUSE_NEEDS, impl)
-        u, q, k, v = self._project(x, group, fuse)
+        u, q, k, v = self._project(x, group, fuse, into=into)
         keys, values = join(k, v)
         args = (q_offsets, kv_offsets, kv_timestamps, num_candidates, impl, max_user_keys)
         attn = self.attention.cached(q, keys, values, *args)

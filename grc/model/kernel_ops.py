@@ -90,6 +90,24 @@ def norm_linear_silu(*args: Any) -> torch.Tensor:
     return op(*args)
 
 
+def linear_silu_into(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    k_col: int,
+    v_col: int,
+    norm: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None = None,
+) -> torch.Tensor:
+    """``linear_silu`` (with ``norm`` = (group, gamma, beta, eps): ``norm_linear_silu``) whose K and V columns (from
+    ``k_col`` / ``v_col``) also fill rows ``slots`` of a cache's ``rows`` = (keys, values, slots), in the GEMM's
+    epilogue (kernels.fused_linear.KVInto)."""
+    from kernels.fused_linear import KVInto
+    from kernels.fused_linear import linear_silu_into as op
+
+    return op(x, weight, bias, KVInto(*rows, k_col=k_col, v_col=v_col), norm=norm)
+
+
 def gated_linear_residual(*args: Any) -> torch.Tensor:
     """residual + (LN(a) * u) W^T + b in one Triton GEMM: (a, u, norm_w, norm_b, weight, bias, residual, eps)."""
     from kernels.fused_linear import gated_linear_residual as op

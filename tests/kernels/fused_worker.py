@@ -21,9 +21,11 @@ from kernels.fused_linear import (  # noqa: E402
     NORM_GATE,
     RESIDUAL,
     SILU,
+    KVInto,
     fused_linear_triton,
     gated_linear_residual_reference,
     linear_residual_reference,
+    linear_silu_into,
     linear_silu_reference,
     norm_linear_silu_reference,
 )
@@ -102,6 +104,44 @@ def heads_case(gen: torch.Generator, dtype: torch.dtype, lengths: list[int], nca
     return rel_err(out, ref)
 
 
+def scatter_case(gen: torch.Generator, dtype: torch.dtype, rows: int, prologue: int) -> float:
+    """The UVQK GEMM with its K and V columns also stored into a cache's rows (KVInto): heads 2, Dqk 6, Dv 4, so
+    N = 40 and the 16-wide tiles straddle u|v, q|k. The rel. error vs float64, or inf when the scattered rows are
+    not the output's K and V columns bit for bit, or anything else of the NaN-filled rows was written."""
+    heads, dqk, dv, k_in, cache_rows = 2, 6, 4, 24, 3 * rows
+    lin, att = heads * dv, heads * dqk
+    n = 2 * lin + 2 * att
+    x = (torch.randn(rows, k_in, generator=gen) * 2 + 0.5).to(dtype)
+    weight = (torch.randn(n, k_in, generator=gen) * k_in**-0.5).to(dtype)
+    bias = (torch.randn(n, generator=gen) * 0.3).to(dtype)
+    cache = torch.full((cache_rows, 2 * (att + lin)), float("nan"), dtype=dtype)  # two layers' K|V per row
+    keys = cache[:, att + lin : 2 * att + lin].unflatten(1, (heads, dqk))  # layer 1's views, as KVLayout.split
+    values = cache[:, 2 * att + lin :].unflatten(1, (heads, dv))
+    slots = torch.randperm(cache_rows, generator=gen)[:rows]
+    into = KVInto(keys, values, slots, k_col=2 * lin + att, v_col=lin)
+    if prologue == GROUP_NORM:
+        group = torch.randint(0, 3, (rows,), generator=gen)
+        gamma, beta = (torch.randn(3, k_in, generator=gen) + 1).to(dtype), torch.randn(3, k_in, generator=gen).to(dtype)
+        out = linear_silu_into(x, weight, bias, into, norm=(group, gamma, beta, 1e-5))
+        alone = fused_linear_triton(x, weight, bias, GROUP_NORM, SILU, gamma=gamma, beta=beta, eps=1e-5, group=group)
+        ref = norm_linear_silu_reference(
+            x.double(), group, gamma.double(), beta.double(), weight.double(), bias.double(), 1e-5
+        )
+    else:
+        out = linear_silu_into(x, weight, bias, into)
+        alone = fused_linear_triton(x, weight, bias, NO_NORM, SILU)
+        ref = linear_silu_reference(x.double(), weight.double(), bias.double())
+    written = torch.zeros_like(cache, dtype=torch.bool)
+    written[slots, att + lin :] = True
+    exact = (
+        torch.equal(out, alone)
+        and torch.equal(keys[slots].flatten(1), out[:, 2 * lin + att :])
+        and torch.equal(values[slots].flatten(1), out[:, lin : 2 * lin])
+        and bool(torch.isnan(cache[~written]).all())
+    )
+    return rel_err(out, ref) if exact else float("inf")
+
+
 def main(dtype_name: str, seed: int) -> None:
     dtype = DTYPES[dtype_name]
     gen = torch.Generator().manual_seed(seed)
@@ -114,6 +154,9 @@ def main(dtype_name: str, seed: int) -> None:
             ("linear_silu + linear_residual", NO_NORM),
         ):
             results[f"{name} {rows}x{k}->{n}"] = case(gen, dtype, rows, k, n, prologue)
+    for rows in (37, 16):
+        results[f"linear_silu_into {rows} rows"] = scatter_case(gen, dtype, rows, NO_NORM)
+        results[f"linear_silu_into {rows} rows, group norm prologue"] = scatter_case(gen, dtype, rows, GROUP_NORM)
     # 100 rows: blocks of 16 with no candidate (skipped), mixed ones and all-candidate ones.
     results["candidate_heads hidden 24"] = heads_case(gen, dtype, [30, 7, 40, 23], [5, 0, 40, 9], 24)
     # 32 candidate rows, not 3: with 3 rows x 3 tasks a draw of near-cancelling outputs made ||ref|| small and the

@@ -347,7 +347,8 @@ def bucket_job() -> dict[str, float]:
 
 def arena_step_job(seed: int) -> dict[str, float]:
     """The history cache's step over a device arena (tests/arena_step.py) in float32 through the Triton kernels
-    (key ranges with max_user_keys), against GRDense.score with the float64 reference."""
+    (key ranges with max_user_keys), against GRDense.score with the float64 reference; unfused, and fused as the
+    served step runs it (the UVQK GEMM's epilogue writing the new K/V rows, the heads kernel): the same rows."""
     from tests.arena_step import score_over_arena, users
     from tests.conftest import TEST_SPECS
     from tests.test_model import _model
@@ -361,9 +362,16 @@ def arena_step_job(seed: int) -> dict[str, float]:
         caches = [dataclasses.replace(c, rows=c.rows.float()) for c in u64.caches]
         u32 = dataclasses.replace(u64, caches=caches, tokens=u64.tokens.float())
         run = score_over_arena(model32.dense, u32, "triton")
+        fused = score_over_arena(model32.dense, u32, "triton", fuse=True)
+    written = torch.isfinite(run.rows).all(1)  # the cached rows and the new ones: every layer's K and V
     return {
         "scores_rel_err": rel_err(run.scores, expected),
         "foreign_rows_nan": float(torch.isnan(run.rows[run.foreign.start : run.foreign.end]).all()),
+        "fused_scores_rel_err": rel_err(fused.scores, expected),
+        "fused_rows_rel_err": rel_err(fused.rows[written], run.rows[written].double()),
+        "fused_wrote_the_same_rows": float(
+            torch.equal(torch.isfinite(fused.rows).all(1), written) and bool(torch.isnan(fused.rows[~written]).all())
+        ),
     }
 
 

@@ -21,6 +21,7 @@ import torch
 
 from grc.model import hstu
 from grc.model.hstu import HSTULayer
+from grc.model.kv_cache import KVLayout
 from grc.spec.schema import HSTUConfig
 from kernels.fused_linear import gated_linear_residual_reference, norm_linear_silu_reference
 
@@ -112,3 +113,42 @@ def test_kernel_refuses_float64() -> None:
     with pytest.raises(ValueError, match="float64: use impl='pytorch'"):
         weight, group = torch.zeros(3, 4, dtype=torch.float64), torch.zeros(2, dtype=torch.int64)
         fused_linear_triton(x, weight, torch.zeros(3), GROUP_NORM, SILU, gamma=torch.ones(1, 4), group=group)
+
+
+@pytest.mark.parametrize("step_prologue", [True, False])
+def test_fused_scattered_layer_writes_the_rows_the_plain_one_does(step_prologue: bool, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """forward_scattered(fuse=True): the UVQK GEMM's epilogue writes the new K/V rows (kernels.fused_linear.KVInto;
+    on a CPU its twin) == the plain layer's index_copy_ of them, and the same output, float64, with the step's
+    group norm as the GEMM's prologue or apart (NORM_PROLOGUE["uvqk_step"])."""
+    monkeypatch.setitem(hstu.NORM_PROLOGUE, "uvqk_step", step_prologue)
+    seed = secrets.randbits(31)
+    layer = _layer(seed)
+    gen = torch.Generator().manual_seed(seed)
+    cached, new, heads, dqk, dv = 9, 6, 2, 8, 8
+    layout = KVLayout(layers=2, heads=heads, head_qk=dqk, head_v=dv)  # this layer's rows are layer 1's columns
+
+    def arena() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = torch.full((24, layout.width), float("nan"), dtype=torch.float64)
+        keys, values = layout.split(rows)
+        keys[1][3 : 3 + cached] = torch.randn(cached, heads, dqk, generator=torch.Generator().manual_seed(seed))
+        values[1][3 : 3 + cached] = torch.randn(cached, heads, dv, generator=torch.Generator().manual_seed(~seed))
+        return rows, keys[1], values[1]
+
+    x = torch.randn(new, 24, generator=gen, dtype=torch.float64)
+    group = torch.randint(0, 3, (new,), generator=gen)
+    ts = torch.sort(torch.randint(0, 10_000, (cached + new,), generator=gen)).values
+    kv_ts = torch.zeros(24, dtype=torch.int64)
+    kv_ts[3 : 3 + cached + new] = ts
+    slots = torch.arange(3 + cached, 3 + cached + new)
+    q_off, ranges, ncand = torch.tensor([0, new]), torch.tensor([[3, 3 + cached + new]]), torch.tensor([2])
+    outs, written = [], []
+    with torch.no_grad():
+        for impl, fuse in (("pytorch", False), ("triton", True)):
+            rows, keys, values = arena()
+            out, _, _ = layer.forward_scattered(x, group, keys, values, slots, q_off, ranges, kv_ts, ncand, impl,
+                                                fuse, max_user_keys=cached + new)  # fmt: skip
+            outs.append(out)
+            written.append(rows)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-10, atol=1e-10, msg=f"seed={seed}")
+    torch.testing.assert_close(written[1], written[0], rtol=1e-10, atol=1e-10, equal_nan=True, msg=f"seed={seed}")
+    assert torch.isfinite(written[1][slots, layout.width // 2 :]).all(), f"seed={seed}: new rows not written"

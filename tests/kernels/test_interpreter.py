@@ -74,10 +74,13 @@ def test_cached_kernel_poisons_users_with_more_queries_than_keys() -> None:
 
 def test_the_step_over_an_arena_through_the_kernel() -> None:
     """The history cache's step with its keys as ranges of a NaN-filled arena, through the Triton kernels (the
-    cached attention with max_user_keys, the norm-gate), float32 against GRDense.score in float64."""
+    cached attention with max_user_keys, the norm-gate), float32 against GRDense.score in float64; and fused as
+    served (the UVQK GEMM's epilogue writes the new K/V rows: the same rows, and no other, as index_copy_)."""
     results, seed = run_worker("arena_step", "float32")
     assert results["foreign_rows_nan"] == 1.0, f"seed={seed}: the step wrote outside its users' extents"
-    assert results["scores_rel_err"] <= BOUNDS["float32"] * 10, f"seed={seed}: {results}"
+    assert results["fused_wrote_the_same_rows"] == 1.0, f"seed={seed}: the fused step wrote other rows: {results}"
+    for key in ("scores_rel_err", "fused_scores_rel_err", "fused_rows_rel_err"):
+        assert results[key] <= BOUNDS["float32"] * 10, f"seed={seed}: {key}: {results}"
 
 
 def test_norm_gate_kernel() -> None:
