@@ -13,9 +13,12 @@ from kernels.fused_heads import _candidate_heads_kernel
 from kernels.fused_linear import _fused_linear_kernel, _row_stats_kernel
 from tests.kernels.test_hopper_compile import HOPPER, compile_for_hopper
 
-GEMM_PTRS = {n: "*bf16" for n in ("X", "Gamma", "Beta", "U", "W", "Bias", "R", "Y")} | {"Stats": "*fp32", "G": "*i64"}
+GEMM_PTRS = {n: "*bf16" for n in ("X", "Gamma", "Beta", "U", "W", "Bias", "R", "Y", "KS", "VS")}
+GEMM_PTRS |= {"Stats": "*fp32", "G": "*i64", "Slots": "*i64"}
 GEMM_CONST = {"N": 2048, "K": 512, "OPERAND": 0, "DOT_PREC": "tf32", "EVEN_K": True, "BLOCK_M": 128, "BLOCK_N": 128,
-              "BLOCK_K": 64}  # fmt: skip
+              "BLOCK_K": 64, "SCATTER": False, "K_COL": 0, "K_W": 0, "V_COL": 0, "V_W": 0}  # fmt: skip
+# The history step's UVQK GEMM (KVInto): mtgr-base's widths, u | v | q | k of 768 each
+SCATTER_CONST = {"SCATTER": True, "N": 3072, "K": 768, "K_COL": 2304, "K_W": 768, "V_COL": 768, "V_W": 768}
 HEADS_PTRS = {n: "*bf16" for n in ("X", "Gamma", "Beta", "W1", "B1", "W2", "B2", "Y")}
 HEADS_PTRS |= {"Stats": "*fp32", "G": "*i64", "Cand": "*i8"}
 HEADS_CONST = {"K": 512, "HIDDEN": 128, "OPERAND": 0, "DOT_PREC": "tf32", "EVEN_K": True, "BLOCK_M": 64,
@@ -35,6 +38,23 @@ def test_fused_linear_compiles_for_sm90(prologue: int, epilogue: int) -> None:
     const = {**GEMM_CONST, "PROLOGUE": prologue, "EPILOGUE": epilogue}
     ptx = compile_for_hopper(_fused_linear_kernel, GEMM_PTRS, const, (), "fp32")
     assert ".target sm_90" in ptx and "wgmma" in ptx
+
+
+@pytest.mark.parametrize("prologue", [0, 2], ids=["group_norm_prologue", "norm_apart"])
+def test_the_scattering_uvqk_gemm_compiles_for_sm90(prologue: int) -> None:
+    """SCATTER (the history step's K/V rows stored by the epilogue) keeps the GEMM on wgmma, and each tuned tile
+    fits Hopper's shared memory with it."""
+    from kernels.fused_linear import _configs
+
+    const = {**GEMM_CONST, **SCATTER_CONST, "PROLOGUE": prologue, "EPILOGUE": 0}
+    ptx = compile_for_hopper(_fused_linear_kernel, GEMM_PTRS, const, (), "fp32")
+    assert ".target sm_90" in ptx and "wgmma" in ptx
+    plain = compile_for_hopper(_fused_linear_kernel, GEMM_PTRS, {**const, "SCATTER": False}, (), "fp32")
+    assert ptx.count("st.global") == 3 * plain.count("st.global"), "the K and V stores beside Y's"
+    for config in _configs():
+        compiled = _compile_specialised(_fused_linear_kernel.fn, GEMM_PTRS, {**const, **config.kwargs, "stride_wk": 1},
+                                        config.num_warps, config.num_stages)  # fmt: skip
+        assert compiled.metadata.shared <= HOPPER_SHARED_BYTES, f"{config} prologue {prologue}"
 
 
 def test_candidate_heads_compiles_for_sm90() -> None:
