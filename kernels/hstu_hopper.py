@@ -38,6 +38,7 @@ from kernels.hstu_attention import (
     TS_FAST_LIMIT,
     bias_tables,
     check_supported,
+    finish_parts,
     key_count,
     launch_buffers,
 )
@@ -551,5 +552,5 @@ def hstu_attention_hopper(
         Q_REGS=bool(q_regs), PARTIAL=n_split > 1, KV_STRIDE=kv_offsets.dim(), num_warps=warps, **launch,
     )  # fmt: skip
     if n_split > 1:
-        out.copy_(dest.sum(0))
+        finish_parts(dest, out)
     return out

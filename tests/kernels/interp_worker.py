@@ -345,6 +345,24 @@ def bucket_job() -> dict[str, float]:
     return results
 
 
+def sum_parts_job(gen: torch.Generator) -> dict[str, float]:
+    """finish_parts (a key split's fp32 partial sums added in part order, one rounding) vs the same sum done by
+    torch in that order: mismatching elements per output dtype and part count (tails past a 1024 block included)."""
+    from kernels.hstu_attention import finish_parts
+
+    results: dict[str, float] = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for parts in (2, 3, 8):
+            dest = torch.randn(parts, 301, 3, 5, generator=gen) * torch.rand(parts, 1, 1, 1, generator=gen) * 100
+            want = dest[0].clone()
+            for p in range(1, parts):
+                want += dest[p]
+            out = torch.full((301, 3, 5), float("nan"), dtype=dtype)
+            finish_parts(dest, out)
+            results[f"{str(dtype).split('.')[1]}_{parts}_parts_mismatches"] = float((out != want.to(dtype)).sum())
+    return results
+
+
 def arena_step_job(seed: int) -> dict[str, float]:
     """The history cache's step over a device arena (tests/arena_step.py) in float32 through the Triton kernels
     (key ranges with max_user_keys), against GRDense.score with the float64 reference; unfused, and fused as the
@@ -390,6 +408,8 @@ def main() -> None:
         results = silu_job(gen)
     elif job == "arena_step":
         results = arena_step_job(seed)
+    elif job == "sum_parts":
+        results = sum_parts_job(gen)
     else:
         results = bucket_job()
     print(json.dumps(results))

@@ -127,3 +127,12 @@ def test_every_tuned_config_fits_hoppers_shared_memory() -> None:
         const = {**HEADS_CONST, "HIDDEN": hidden, "BLOCK_H": hidden, "stride_w1h": 1}
         compiled = _compile_specialised(_candidate_heads_kernel, HEADS_PTRS, const, warps, 3)
         assert compiled.metadata.shared <= HOPPER_SHARED_BYTES, f"heads hidden {hidden}"
+
+
+def test_the_key_split_finish_compiles_for_sm90() -> None:
+    """The one kernel that adds a key split's fp32 parts (kernels.hstu_attention.finish_parts) into bf16."""
+    from kernels.hstu_attention import _sum_parts_kernel
+
+    ptx = compile_for_hopper(_sum_parts_kernel, {"Parts": "*fp32", "Out": "*bf16"},
+                             {"PARTS": 8, "ROUND_BF16": False, "BLOCK": 1024}, (), "fp32")  # fmt: skip
+    assert ".target sm_90" in ptx and "cvt.rn.bf16" in ptx

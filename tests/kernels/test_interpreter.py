@@ -67,6 +67,12 @@ def test_hstu_attention_cached_kernel(dtype: str) -> None:
     assert len(results) == 26 and not bad, f"{dtype} seed={seed}: rel. error over {BOUNDS[dtype]}: {bad}"
 
 
+def test_a_key_splits_parts_are_added_in_one_kernel_in_part_order() -> None:
+    """finish_parts == torch adding the fp32 parts in part order and casting once, bit for bit (fp32, bf16, fp16)."""
+    results, seed = run_worker("sum_parts", "all")
+    assert len(results) == 9 and not any(results.values()), f"seed={seed}: mismatching elements: {results}"
+
+
 def test_cached_kernel_poisons_users_with_more_queries_than_keys() -> None:
     results, _ = run_worker("not_a_suffix", "float32")
     assert results["bad_user_nan_fraction"] == 1.0 and results["valid_user_rel_err"] <= BOUNDS["float32"], results
