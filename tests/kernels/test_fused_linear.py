@@ -152,3 +152,19 @@ def test_fused_scattered_layer_writes_the_rows_the_plain_one_does(step_prologue:
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-10, atol=1e-10, msg=f"seed={seed}")
     torch.testing.assert_close(written[1], written[0], rtol=1e-10, atol=1e-10, equal_nan=True, msg=f"seed={seed}")
     assert torch.isfinite(written[1][slots, layout.width // 2 :]).all(), f"seed={seed}: new rows not written"
+
+
+def test_the_scatter_refuses_what_its_epilogue_cannot_store() -> None:
+    """KVInto names the setting: rows whose H x D is not contiguous, columns past the output, one slot per row."""
+    from kernels.fused_linear import KVInto
+
+    x = torch.zeros(4, 8)
+    rows = torch.zeros(10, 2, 2, 3)  # [rows, H, D] per kind would be rows[:, 0] / rows[:, 1]
+    good = KVInto(rows[:, 0], rows[:, 1], torch.arange(4), k_col=6, v_col=0)
+    good.check(x, n_out=12)
+    with pytest.raises(ValueError, match="each row's H x D contiguous"):
+        KVInto(rows[:, 0].transpose(1, 2), rows[:, 1], torch.arange(4), k_col=6, v_col=0).check(x, n_out=12)
+    with pytest.raises(ValueError, match=r"K columns \[8, 14\)"):
+        KVInto(rows[:, 0], rows[:, 1], torch.arange(4), k_col=8, v_col=0).check(x, n_out=12)
+    with pytest.raises(ValueError, match=r"slots must be \[4\] integers"):
+        KVInto(rows[:, 0], rows[:, 1], torch.arange(3), k_col=6, v_col=0).check(x, n_out=12)
