@@ -163,26 +163,31 @@ def test_a_step_no_rung_holds_runs_eagerly_at_its_exact_shape(built: tuple[Spec,
     books_balance(ranker.history.caches)
 
 
-# (dense dtype, spec overrides, bound on the relative score difference cached vs whole): float32 at mtgr-tiny's head
-# dim 16 (the Triton attention kernel), bfloat16 at head dim 128 (on sm90 the Gluon kernel, inside the graphs)
-GPU_CASES: dict[str, tuple[str, dict[str, Any], float]] = {
-    "float32": ("float32", {}, 1e-4),
-    "bfloat16-d128": ("bfloat16", {"model.hstu.attention_dim": 256, "model.hstu.linear_dim": 256}, 3e-2),
+# (dense dtype, spec overrides, bound on the relative score difference cached vs whole, the step's group norm as the
+# UVQK GEMM's prologue): float32 at mtgr-tiny's head dim 16 (the Triton attention kernel), bfloat16 at head dim 128
+# (on sm90 the Gluon kernel, inside the graphs), with the norm apart (the default) and as the prologue
+D128 = {"model.hstu.attention_dim": 256, "model.hstu.linear_dim": 256}
+GPU_CASES: dict[str, tuple[str, dict[str, Any], float, bool]] = {
+    "float32": ("float32", {}, 1e-4, False),
+    "bfloat16-d128": ("bfloat16", D128, 3e-2, False),
+    "bfloat16-d128-step-prologue": ("bfloat16", D128, 3e-2, True),
 }
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
 @pytest.mark.parametrize("case", sorted(GPU_CASES))
-def test_the_served_arena_step_on_a_gpu(case: str, tmp_path: Path) -> None:
+def test_the_served_arena_step_on_a_gpu(case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The fused model on cuda:0 as a server loads it (pytorch_kernels, CUDA graphs, store: arena by default): the
     arena allocated at load and said, the session above within the case's bound of the whole (bucketed, graphed)
-    path, every cached step replayed from a graph, and no capture on a request's path compiling or tuning a kernel
-    (the warm-up at load ran the arena step's variants)."""
+    path, every cached step replayed from a graph (its UVQK GEMM writing the new K/V rows into the arena), and no
+    capture on a request's path compiling or tuning a kernel (the warm-up at load ran the arena step's variants)."""
+    from grc.model import hstu
     from grc.serving.triton.fused_bundle import fused_config
     from grc.spec.loader import load_spec
     from tests.conftest import TEST_SPECS, run_build, write_spec
 
-    dtype, model, tol = GPU_CASES[case]
+    dtype, model, tol, step_prologue = GPU_CASES[case]
+    monkeypatch.setitem(hstu.NORM_PROLOGUE, "uvqk_step", step_prologue)
     over: dict[str, Any] = {**model, "bundles.triton": {"pipeline": "fused", "backend": "pytorch_kernels",
                                        "history_cache": {"enabled": True, "budget_mb": 8}}}  # fmt: skip
     path = write_spec(tmp_path, TEST_SPECS / "mtgr-tiny.yaml", over)
