@@ -50,6 +50,7 @@ BASE_CFG = (16, 16, 1, 1) if bench.DRY else (64, 64, 4, 2)  # the variants' conf
 # Timed beside the autotuner's (kernels.CONFIGS); a fifth element caps registers per thread.
 EXTRA_CONFIGS: dict[int, list[tuple[int, ...]]] = {128: [(64, 64, 4, 3)], 64: [], 256: []}
 CACHED_SPLITS = (1, None, 8, 32)  # the cached section's key splits (None: key_splits' choice)
+HOPPER_CACHED_SPLITS = (4, 11, 16)  # the hopper section's one-user rows beside key_splits' choice (8 there)
 Launcher = Callable[..., torch.Tensor]
 
 
@@ -201,6 +202,13 @@ def hopper_items(peak: float, head_dims: tuple[int, ...], small_full: tuple) -> 
             job = functools.partial(row, "hopper", name, launch, one, one, bench.HEADS_AT[d][-1], d, bench.TABLES[d],
                                     peak, graphed=True)  # fmt: skip
             items.append((f"hopper {name} d{d} 4096+256", job))
+        # the Gluon kernel's key split for one user (key_splits caps it at MAX_SPLITS = 8, measured on the Triton
+        # kernel in session 15): 8 x (4 query tiles x 3 heads) = 96 programs at mtgr-base leave 36 of 132 SMs idle
+        for splits in HOPPER_CACHED_SPLITS:
+            variant = f"hopper cached, splits {splits}"
+            job = functools.partial(row, "hopper", variant, hstu_attention_hopper, one, one, bench.HEADS_AT[d][-1], d,
+                                    bench.TABLES[d], peak, graphed=True, splits=splits)  # fmt: skip
+            items.append((f"hopper hopper cached splits {splits} d{d} 4096+256", job))
     return items
 
 
