@@ -447,8 +447,8 @@ def linear_silu_into(
     and V columns also stored into ``into``'s rows. Not a registered op: it writes its arguments, and only the
     history cache's steps call it (eagerly, or captured in CUDA graphs; never traced by Inductor). Where the ops
     would run their twins (runs_kernel), the twins, then ``into.write``."""
-    into.check(x, n_out=weight.shape[0])
     if not runs_kernel(x):
+        into.check(x, n_out=weight.shape[0])  # as the launcher checks it
         if norm is None:
             out = linear_silu_reference(x, weight, bias)
         else:
