@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from grc.model.kv_cache import UserKV
+from grc.model.kv_cache import KVLayout, UserKV
 from grc.serving.common.history_cache import (
     CachedHistory,
     HistoryCache,
@@ -181,7 +181,8 @@ def test_reusable_rows_by_binary_search_equals_every_events_bucket() -> None:
     """The store's host check (kv_cache.first_moved_sorted: one binary search per bucket bound, for sorted stamps
     before the profile stamp) answers as computing every event's bucket then and now does, on the torch path too;
     stamps outside its case (unsorted, after the profile stamp, negative) take the element-wise path. Fresh
-    random stamps, gaps placed on and around the bucket bounds 2**k - 1."""
+    random stamps, gaps placed on and around the bucket bounds 2**k - 1. An entry of those stamps
+    (CachedHistory.reusable_rows, what the store's lookup asks) answers the same."""
     from grc.model.kv_cache import _reusable_rows_elementwise, first_moved_sorted, reusable_rows
 
     seed = secrets.randbits(31)
@@ -198,10 +199,15 @@ def test_reusable_rows_by_binary_search_equals_every_events_bucket() -> None:
             events = [rng.permutation(events), events + (1 << 37), events - then - 1][trial % 3]
         profile = int(rng.integers(1, 4))
         stamps = np.concatenate([np.full(profile, then), events]).astype(np.int64)
+        kv = UserKV(torch.zeros(len(stamps), 1), torch.from_numpy(stamps), profile, KVLayout(1, 1, 0, 1))
+        ids = np.arange(len(events), dtype=np.int64)[:, None]
+        held = cached_history(kv, np.arange(profile), np.concatenate([ids, stamps[profile:, None]], 1), then)
         for now in (then, then + 1, then + int(rng.integers(1, 1 << 12)), then + int(rng.integers(1, 1 << 38))):
             want = _reusable_rows_elementwise(stamps, profile, now, buckets)
             assert reusable_rows(stamps, profile, now, buckets) == want, (seed, trial, now)
             assert reusable_rows(torch.from_numpy(stamps), profile, now, buckets) == want, (seed, trial, now)
+            # the store's entry answers on its events' column (no concatenated copy of the stamps), the same
+            assert held.reusable_rows(now, buckets) == want, (seed, trial, now)
             fast += first_moved_sorted(stamps[profile:], then, now, buckets) is not None
             checked += 1
     assert fast > checked // 2, (seed, fast, checked)  # the fast case is the common one here, as in the store

@@ -15,6 +15,7 @@ tokens) always reuse every row.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -60,13 +61,21 @@ def first_moved_sorted(events: np.ndarray, then: int, now: int, time_buckets: in
         return None
     if n > 1 and not bool((events[1:] >= events[:-1]).all()):
         return None
-    bounds = np.array(bucket_bounds(time_buckets), np.int64)
+    bounds = _bounds(time_buckets)
     if bounds.size == 0:  # one bucket: nothing moves
         return -1
     at = np.searchsorted(events, then - bounds, side="right")
     inside = at < n
     moved = at[inside][events[at[inside]] <= (now - bounds)[inside]]
     return int(moved.min()) if moved.size else -1
+
+
+@functools.lru_cache(maxsize=8)
+def _bounds(time_buckets: int) -> np.ndarray:
+    """bucket_bounds as a read-only int64 array, made once per bucket count (a served hit asked for it each visit)."""
+    bounds = np.array(bucket_bounds(time_buckets), np.int64)
+    bounds.flags.writeable = False
+    return bounds
 
 
 def _reusable_rows_elementwise(timestamps: torch.Tensor | np.ndarray, profile: int, now: int, time_buckets: int) -> int:

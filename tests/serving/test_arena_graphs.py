@@ -59,6 +59,11 @@ def books_balance(caches: UserCaches) -> None:
     assert caches.cache.stats().bytes == arena.alloc.used_rows() * arena.row_bytes
     for e in held:  # the entry's rows are the arena's rows
         assert e.lease is not None and e.kv.rows.data_ptr() == arena.rows[e.lease.extent.start].data_ptr()
+        # its host stamps (built in numpy by ArenaGraphs._grown): the profile rows at its request time, then its events'
+        want = np.concatenate([np.full(len(e.profile_ids), e.stamped_at), e.events[:, -1]])
+        assert np.array_equal(e.kv.timestamps.numpy(), want), "an entry's host stamps are not its events'"
+        a = e.lease.extent.start  # and the arena's stamps of its rows, where the kernels read them
+        assert np.array_equal(arena.stamps[a : a + len(want)].numpy(), want)
 
 
 def later(arrays: dict[str, np.ndarray], seconds: int) -> dict[str, np.ndarray]:

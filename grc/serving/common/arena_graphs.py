@@ -371,9 +371,14 @@ class ArenaGraphs(GraphedSteps):
             if not u.keep:
                 self.arena.give_back(lease)
                 continue
-            new = torch.from_numpy(stamps[a : b - c].copy())
-            held = new if u.kv is None else torch.cat([u.kv.timestamps_at(u.now), new])
-            if u.kv is None and held.numel():
-                held[: min(profile, held.numel())] = u.now  # a miss's profile rows carry the request time already
+            # the entry's host stamps built in numpy, one tensor made at the end: the cached rows' (the hit's host
+            # copy), then the new events', the profile rows restamped at the request time (UserKV.timestamps_at; a
+            # miss's carry it already). Four small torch ops per user before (from_numpy, clone, cat, fill).
+            past = 0 if u.kv is None else u.kv.length
+            held = np.empty(past + b - c - a, np.int64)
+            if u.kv is not None:
+                held[:past] = u.kv.timestamps.numpy()
+            held[past:] = stamps[a : b - c]
+            held[: min(profile, held.size)] = u.now
             assert lease.owner is CLAIMED
-            keep(first + i, self.arena.entry(lease, held.numel(), held, profile), lease)
+            keep(first + i, self.arena.entry(lease, held.size, torch.from_numpy(held), profile), lease)

@@ -57,10 +57,15 @@ class CachedHistory:
     def reusable_rows(self, now: int, time_buckets: int) -> int:
         """``UserKV.reusable_rows`` from the host copy of the stamps (the events' own, and ``stamped_at``): no
         read of the device where the K/V live."""
-        from grc.model.kv_cache import reusable_rows
+        from grc.model.kv_cache import first_moved_sorted, reusable_rows
 
+        profile, n = self.kv.profile, len(self.events)
+        if profile and n:  # reusable_rows' common case on the events' column itself, not a concatenated copy
+            first = first_moved_sorted(self.events[:, -1], self.stamped_at, now, time_buckets)
+            if first is not None:
+                return profile + (first if first >= 0 else n)
         stamps = np.concatenate([np.full(len(self.profile_ids), self.stamped_at, np.int64), self.events[:, -1]])
-        return reusable_rows(stamps, self.kv.profile, now, time_buckets)
+        return reusable_rows(stamps, profile, now, time_buckets)
 
     @property
     def nbytes(self) -> int:

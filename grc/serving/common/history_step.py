@@ -61,7 +61,7 @@ def user_events(checked: dict[str, np.ndarray], cfg: ModelConfig, u: int) -> tup
     """User ``u``'s profile ids [P] and events [h, history tables + 1] (ids, then timestamp)."""
     profile = np.array([checked[rq.profile_input(t)][u, 0] for t in cfg.profile], np.int64)
     columns = [checked[rq.history_input(t)][u] for t in cfg.history] + [checked[rq.HISTORY_TIME][u]]
-    return profile, np.stack(columns, 1).astype(np.int64)
+    return profile, np.stack(columns, 1).astype(np.int64, copy=False)  # the stack is a fresh array already
 
 
 def user_request(checked: dict[str, np.ndarray], cfg: ModelConfig, u: int, skip_events: int) -> dict[str, np.ndarray]:
@@ -170,34 +170,37 @@ class UserCaches:
         self,
         dense: GRDense,
         visits: list[Visit],
-        tokens: list[torch.Tensor],
-        stamps: list[torch.Tensor],
+        tokens: torch.Tensor,
+        stamps: torch.Tensor,
+        bounds: list[int],
         candidates: list[int],
-        host_stamps: list[np.ndarray],
+        host_stamps: np.ndarray,
     ) -> torch.Tensor:
-        """Per visit its part's tokens [n, D] and stamps [n] (profile tokens, the new history events,
-        the candidates: one user, on the dense model's device and dtype; ``host_stamps`` the same stamps on the
-        host) -> the candidates' scores [sum(candidates), tasks] in visit order; the grown entries of users with
-        an id are stored."""
+        """The visits' parts back to back: tokens [T, D] and stamps [T] (visit b's rows ``bounds[b]:bounds[b+1]``:
+        profile tokens, the new history events, the candidates; on the dense model's device and dtype;
+        ``host_stamps`` the same stamps on the host) -> the candidates' scores [sum(candidates), tasks] in visit
+        order; the grown entries of users with an id are stored. Whole tensors, not one per visit: the caller's
+        per-visit slices and this step's re-slicing were 3 torch ops per user, each a few us of host time (a step
+        of misses now slices nothing; bench/served_host_profile.py)."""
         import torch
 
         profile = len(self.cfg.profile)
-        drops = [profile if v.kv is not None else 0 for v in visits]  # a hit holds the profile tokens already
-        news = torch.cat([t[d:] for t, d in zip(tokens, drops, strict=True)])
-        host = np.concatenate([h[d:] for h, d in zip(host_stamps, drops, strict=True)])
-        offsets = [0, *itertools.accumulate(t.shape[0] - d for t, d in zip(tokens, drops, strict=True))]
+        spans = [(a + (profile if v.kv is not None else 0), b)  # a hit holds the profile tokens already
+                 for v, (a, b) in zip(visits, itertools.pairwise(bounds), strict=True)]  # fmt: skip
+        dropped = any(v.kv is not None for v in visits)
+        news = torch.cat([tokens[a:b] for a, b in spans]) if dropped else tokens
+        host = np.concatenate([host_stamps[a:b] for a, b in spans]) if dropped else host_stamps
+        offsets = [0, *itertools.accumulate(b - a for a, b in spans)]
         if self.arena is not None:
             return self._score_in_arena(visits, news, offsets, candidates, host)
         # GRDense.score (or the copies step) takes an empty cache for a miss and the new rows' stamps on the device
-        caches = [
-            v.kv if v.kv is not None else dense.empty_cache(profile, t) for v, t in zip(visits, tokens, strict=True)
-        ]
+        caches = [v.kv if v.kv is not None else dense.empty_cache(profile, tokens) for v in visits]
         args = (
             caches,
             news,
             torch.tensor(offsets),  # host integers: score reads them without a device sync
             torch.tensor(candidates),
-            torch.cat([s[d:] for s, d in zip(stamps, drops, strict=True)]),
+            torch.cat([stamps[a:b] for a, b in spans]) if dropped else stamps,
             [v.now for v in visits],
             self.impl,
         )

@@ -13,7 +13,6 @@ instance (Triton runs one execute() at a time per instance).
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -198,17 +197,11 @@ class Ranker:
             self.clock.lap("upload")
             tokens = self._tokens(feeds, layout.tokens).to(self.dense_dtype)
             self.clock.lap("embed")
-            stamps = feeds["timestamps"]
-            spans = list(itertools.pairwise(bounds))
             if events:
                 events[0].record()
+            candidates = [c for _, c in layout.shapes]
             scores = caches.score(
-                self.history.dense,
-                visits,
-                [tokens[a:b] for a, b in spans],
-                [stamps[a:b] for a, b in spans],
-                [c for _, c in layout.shapes],
-                [host_stamps[a:b] for a, b in spans],
+                self.history.dense, visits, tokens, feeds["timestamps"], bounds, candidates, host_stamps
             )
             if events:
                 events[1].record()

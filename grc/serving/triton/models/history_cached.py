@@ -19,6 +19,7 @@ grc_history_cache_moves_total, grc_history_cache_in_place_total (counters) and g
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -144,13 +145,16 @@ class CachedScorer:
         parts = [user_request(checked, self.cfg, u, v.reused) for u, v in enumerate(visits)]
         projected = project(parts, self.projector, self.tables, self.cfg)
         device, dtype = self.device, self.dtype
+        host = np.concatenate([p["timestamps"][0] for p in projected])
+        bounds = [0, *itertools.accumulate(p["timestamps"].shape[1] for p in projected)]
         scores = self.caches.score(
             self.dense,
             visits,
-            [torch.from_numpy(p["tokens"][0]).to(device, dtype) for p in projected],
-            [torch.from_numpy(p["timestamps"][0]).to(device) for p in projected],
+            torch.from_numpy(np.concatenate([p["tokens"][0] for p in projected])).to(device, dtype),  # one copy
+            torch.from_numpy(host).to(device),
+            bounds,
             [int(p["num_candidates"][0, 0]) for p in projected],
-            [p["timestamps"][0] for p in projected],
+            host,
         )
         return scores.float().cpu().numpy().reshape(b, -1, len(self.cfg.tasks))
 
