@@ -240,6 +240,12 @@ def main() -> None:
     print(f"store {args.store}; {len(work)} executes of {args.per_execute} users; cached vs uncached max rel "
           f"{worst:.1e}")  # fmt: skip
     print(f"store: hits {stats.hits}, misses {stats.misses}, evictions {stats.evictions}")
+    step = ranker.history.caches.arena
+    arena_counts = None
+    if step is not None:  # how the arena placed the hits: grown where they lie, or moved (a copy of their rows)
+        arena_counts = {"in_place": step.arena.in_place, "moves": step.arena.moves, "splits": step.splits,
+                        "unplaced": step.unplaced, "gap_rows": step.arena.alloc.gap}  # fmt: skip
+        print("arena: " + ", ".join(f"{k} {v}" for k, v in arena_counts.items()))
     last = ("model:dense", "model:embed", "wall", "host")
     names = sorted({k for m in modes.values() for k in m["host_us_per_execute"]}, key=lambda k: (k in last, k))
     names = [k for k in names if k not in last] + list(last)
@@ -263,6 +269,7 @@ def main() -> None:
         "executes": len(work),
         "max_rel_cached_vs_uncached": worst,
         "store_stats": stats.__dict__,
+        "arena": arena_counts,
         "modes": modes,
     }
     assert worst <= 1e-5, worst

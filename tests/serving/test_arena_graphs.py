@@ -33,15 +33,18 @@ from tests.serving.test_history_cache_real import first_events, user
 __all__ = ["built"]  # the module fixture, shared
 
 
-def arena_ranker(spec: Spec, model_dir: Path, rows: int, max_users: int = 4) -> tuple[Ranker, ArenaGraphs]:
-    """A float64 cached Ranker whose store keeps its entries in an arena of ``rows`` rows (granule 8)."""
+def arena_ranker(
+    spec: Spec, model_dir: Path, rows: int, max_users: int = 4, gap: int = 0
+) -> tuple[Ranker, ArenaGraphs]:
+    """A float64 cached Ranker whose store keeps its entries in an arena of ``rows`` rows (granule 8), new extents
+    placed ``gap`` rows after the held ones while a run holds that (RowArena)."""
     ranker = float64_ranker(spec, model_dir, {"enabled": True})
     assert ranker.history is not None
     caches, dense = ranker.history.caches, ranker.history.dense
     scratch = ArenaGraphs.scratch_rows(dense, max_users)
     h = spec.model.hstu
     kv = KVLayout(h.num_layers, h.num_heads, h.head_qk, h.head_v)
-    arena = KVArena(kv, rows, scratch, torch.float64, torch.device("cpu"), granule=8)
+    arena = KVArena(kv, rows, scratch, torch.float64, torch.device("cpu"), granule=8, gap=gap)
     caches.cache.budget = rows * arena.row_bytes  # the store evicts before the arena runs out, mostly
     graphs = ArenaGraphs(dense, "pytorch", GraphStats(), max_users, arena, pad=True, graphs=False)  # padded as on GPUs
     caches.use_arena(graphs)
@@ -101,13 +104,17 @@ def session(ranker: Ranker, spec: Spec, seed: int, steps: int, tol: float) -> No
         books_balance(caches)
 
 
+@pytest.mark.parametrize("gap", [0, 24])
 @pytest.mark.parametrize("seqs", [4, 2])
-def test_a_session_in_a_small_arena_scores_exactly_and_keeps_its_books(built: tuple[Spec, Path], seqs: int) -> None:
+def test_a_session_in_a_small_arena_scores_exactly_and_keeps_its_books(
+    built: tuple[Spec, Path], seqs: int, gap: int
+) -> None:
     """``seqs`` max_seq_len of rows: 4, entries grown in place, moved and evicted; 2, steps split too, and now and
-    then a user the arena cannot place even alone (the pins of the users after it in the way) scored unkept."""
+    then a user the arena cannot place even alone (the pins of the users after it in the way) scored unkept; new
+    extents packed (gap 0) or placed past a growth gap while a run holds it."""
     spec, model_dir = built
     seed = secrets.randbits(31)
-    ranker, graphs = arena_ranker(spec, model_dir, rows=seqs * spec.model.hstu.max_seq_len)
+    ranker, graphs = arena_ranker(spec, model_dir, rows=seqs * spec.model.hstu.max_seq_len, gap=gap)
     session(ranker, spec, seed, 30, EXACT)
     assert ranker.history is not None
     stats, arena = ranker.history.caches.cache.stats(), graphs.arena

@@ -113,10 +113,34 @@ def test_a_pinned_extent_gives_its_rows_back_at_the_last_unpin() -> None:
         arena.pin(a)
 
 
-def test_random_operations_keep_every_row_in_exactly_one_place() -> None:
+def test_a_new_extent_leaves_the_held_one_before_it_room_to_grow() -> None:
+    """gap: placed past the gap while a run holds it with a gap of its own after it, the held extent before it grows
+    in place into the gap (its candidates' rows given back, then those rows plus new events asked); plain first fit
+    once no run holds all three."""
+    arena = RowArena(64 * 12, granule=16, gap=20)  # 20 rows: 2 granules
+    assert arena.gap == 32
+    a = arena.allocate(100)  # row 0 follows nothing: no gap
+    b = arena.allocate(64)
+    assert a is not None and b is not None
+    assert (a.start, a.capacity, b.start) == (0, 112, 112 + 32)
+    _check(arena, [a, b])
+    arena.shrink(a, 48)  # a step's candidates' rows go back: 64 rows before b
+    assert arena.grow(a, 48 + 64 + 10)  # the next visit: its rows, the candidates again and 10 events, in place
+    _check(arena, [a, b])
+    c = arena.allocate(64 * 12 - 112 - 32 - 64 - 64)  # the rest but a gap after b and one after itself
+    assert c is not None and c.start == b.end + 32 and arena.free_runs()[-1] == (c.end, c.end + 32)
+    d = arena.allocate(32)  # no run holds 32 rows between two gaps: first fit takes b's gap
+    assert d is not None and d.start == b.end
+    _check(arena, [a, b, c, d])
+    with pytest.raises(ValueError, match="gap cannot be negative"):
+        RowArena(64, granule=16, gap=-1)
+
+
+@pytest.mark.parametrize("gap", [0, 100])
+def test_random_operations_keep_every_row_in_exactly_one_place(gap: int) -> None:
     seed = random.getrandbits(31)
     rng = random.Random(seed)
-    arena = RowArena(64 * 200 + 17, granule=64)
+    arena = RowArena(64 * 200 + 17, granule=64, gap=gap)
     live: list[Extent] = []
     pinned: list[Extent] = []
     for _ in range(3000):

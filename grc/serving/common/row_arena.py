@@ -11,7 +11,11 @@ costs and which entry to evict.
 
 - ``allocate(rows)``: first fit over the free runs, the capacity rounded up to whole granules (slack for the next
   requests' events: growth in place is free, a move copies the entry once); None when no free run is long enough,
-  and the caller evicts and tries again.
+  and the caller evicts and tries again. With ``gap``, a new extent leaves the first ``gap`` rows of a run that
+  follows a held extent free for that extent to grow into, and keeps ``gap`` free rows after itself, while some run
+  is long enough for all three (else plain first fit). Packed back to back, an entry whose step gave its
+  candidates' rows back (``shrink``) found them and nothing more after it at its next visit, which needs them plus
+  its new events, so it moved (each move copies the entry's rows on the device; kv_arena.GROWTH_GAP's figures).
 - ``grow(extent, rows)``: in place when the capacity holds them or the free run right after the extent has the
   granules missing (taken from its front); else False and the caller allocates a new extent and copies once.
 - ``shrink(extent, rows)``: the whole granules past ``rows`` go back (a step's candidates' rows after an entry).
@@ -46,11 +50,16 @@ class Extent:
 class RowArena:
     """First-fit allocator of row ranges in [0, rows), in whole granules."""
 
-    def __init__(self, rows: int, granule: int = 64):
+    def __init__(self, rows: int, granule: int = 64, gap: int = 0):
+        """gap: rows left free after a held extent when a new one is placed in the run after it (module docstring),
+        rounded up to whole granules."""
         if granule <= 0 or rows < granule:
             raise ValueError(f"the arena needs rows >= granule > 0 (got rows={rows}, granule={granule})")
+        if gap < 0:
+            raise ValueError(f"the growth gap cannot be negative (got {gap})")
         self.rows = rows - rows % granule  # whole granules only: a tail shorter than one is never handed out
         self.granule = granule
+        self.gap = -(-gap // granule) * granule
         self._lock = threading.Lock()
         self._starts: list[int] = [0]  # free runs, sorted by start, never adjacent (merged on release)
         self._ends: list[int] = [self.rows]
@@ -62,18 +71,33 @@ class RowArena:
         return -(-rows // self.granule) * self.granule
 
     def allocate(self, rows: int) -> Extent | None:
-        """An extent of at least ``rows`` rows (whole granules), or None when no free run is that long."""
+        """An extent of at least ``rows`` rows (whole granules), or None when no free run is that long: the first run
+        that holds it past the gap its held neighbour keeps (a run at row 0 follows nothing), else the first that
+        holds it."""
         size = self._round(rows)
         with self._lock:
-            for i, (start, end) in enumerate(zip(self._starts, self._ends, strict=True)):
-                if end - start >= size:
-                    if end - start == size:
-                        del self._starts[i], self._ends[i]
-                    else:
-                        self._starts[i] = start + size
-                    self._used += size
-                    return Extent(start, size)
+            for gapped in (True, False) if self.gap else (False,):
+                for i, (start, end) in enumerate(zip(self._starts, self._ends, strict=True)):
+                    # runs never touch, so one at start > 0 follows an extent; gapped, the new extent also keeps a
+                    # gap of its own after it (a hole between two extents that only just holds it would not)
+                    skip = self.gap if gapped and start > 0 else 0
+                    if end - start - skip >= size + (self.gap if gapped else 0):
+                        return self._take(i, start + skip, size)
         return None
+
+    def _take(self, i: int, at: int, size: int) -> Extent:  # under the lock: rows [at, at + size) of free run i
+        start, end = self._starts[i], self._ends[i]
+        if at > start:  # the gap stays free, before the new extent
+            self._ends[i] = at
+            if at + size < end:
+                self._starts.insert(i + 1, at + size)
+                self._ends.insert(i + 1, end)
+        elif at + size == end:
+            del self._starts[i], self._ends[i]
+        else:
+            self._starts[i] = at + size
+        self._used += size
+        return Extent(at, size)
 
     def grow(self, extent: Extent, rows: int) -> bool:
         """Make ``extent`` hold ``rows`` rows in place: True when its capacity already does, or the free run starting
