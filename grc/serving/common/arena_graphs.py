@@ -80,6 +80,20 @@ class ArenaLayout:
     candidates: int  # candidate rows of the real users (the first entries of candidate_rows)
 
 
+@dataclass
+class Prepared:
+    """A step ``ArenaGraphs.prepare`` placed and planned before its tokens exist: its users, their rows, their pins,
+    and (placed whole) the claimed extents and the plan; ``finish`` runs it, ``abandon`` lets it go."""
+
+    users: list[ArenaUser]
+    bounds: list[int]
+    candidates: list[int]
+    stamps: np.ndarray
+    pins: list[Lease | None]
+    leases: list[Lease] | None = None
+    plan: tuple[ArenaLayout, bool] | None = None
+
+
 def key_rung(longest: int, max_seq_len: int) -> int:
     """The step's bound on one user's keys: a power of two >= 256 (kernels.hstu_attention.seq_bucket's rungs: each
     is autotuned at load), at most max_seq_len."""
@@ -105,17 +119,17 @@ def arena_plan(
     first, dump = scratch[0], scratch[1] - 1
     if first + rows - total_q > dump:
         return None
-    layout: list[tuple[int, int, int, int]] = [(n, p + n, c, start) for p, n, c, start, _ in users]
+    layout: list[tuple[int, int, int, int, int]] = [(n, p + n, c, start, now) for p, n, c, start, now in users]
     at = first
     for q, _ in pad:
-        layout.append((q, q, q, at))
+        layout.append((q, q, q, at, 0))
         at += q
     slots = 1 << (len(layout) - 1).bit_length()
-    layout += [(0, 0, 0, 0)] * (slots - len(layout))
+    layout += [(0, 0, 0, 0, 0)] * (slots - len(layout))
     shape = ArenaShape(slots, rows, keys, profile)
     packed = np.zeros(shape.length, np.int64)
     q_off, ranges, n_c, group, slot, mask, picked, stamp_at, stamp_val = (packed[a:b] for a, b in shape.spans.values())
-    n_q, n_kv, n_c[:], start = np.array(layout, np.int64).T
+    n_q, n_kv, n_c[:], start, now = np.array(layout, np.int64).T
     np.cumsum(n_q, out=q_off[1:])
     ranges[0::2], ranges[1::2] = start, start + n_kv
     owner = np.repeat(np.arange(slots), n_q)
@@ -129,11 +143,11 @@ def arena_plan(
     stamp_at[:rows] = slot
     stamp_val[:total_q] = stamps  # the pad rows' stamps: 0
     restamp_at, restamp_val = stamp_at[rows:].reshape(slots, profile), stamp_val[rows:].reshape(slots, profile)
-    restamp_at[:] = dump
-    for b, (p, _, _, s, now) in enumerate(users):  # a hit's cached profile rows take its request time
-        kept = min(profile, p)
-        restamp_at[b, :kept] = s + np.arange(kept)
-        restamp_val[b, :kept] = now
+    real, column = len(users), np.arange(profile)
+    cached = column < (n_kv - n_q)[:real, None]  # a hit's cached profile rows take its request time
+    restamp_at[:real] = np.where(cached, start[:real, None] + column, dump)
+    restamp_at[real:] = dump
+    restamp_val[:real] = np.where(cached, now[:real, None], 0)
     return ArenaLayout(shape, packed, int(chosen.size))
 
 
@@ -217,6 +231,13 @@ class ArenaGraphs(GraphedSteps):
         place), the second finds it claimed and copies the rows it reuses before the step runs. A step split in parts
         moves every hit: the placement that failed gave back what it claimed, with the store evicted empty, so no hit
         is claimed in place after it (and no part's new rows overwrite rows a later part copies from)."""
+        return self.finish(self.prepare(users, bounds, candidates, stamps), tokens, keep)
+
+    def prepare(self, users: list[ArenaUser], bounds: list[int], candidates: list[int], stamps: np.ndarray) -> Prepared:
+        """``score``'s host part that needs no tokens, done before they are computed (the fused Ranker: in its
+        layout phase, before the lookups and the projector): the hits pinned, the step placed whole (the hits
+        claimed, the new extents allocated) and its layout planned; a step the arena cannot place whole is left to
+        ``finish`` (split in parts, as ``score`` splits it). Then ``finish`` with the tokens, or ``abandon``."""
         h = self.dense.cfg.hstu
         pairs = zip(users, itertools.pairwise(bounds), strict=True)
         total = [(0 if u.kv is None else u.kv.length) + b - a for u, (a, b) in pairs]
@@ -230,10 +251,39 @@ class ArenaGraphs(GraphedSteps):
         for lease in pins:
             if lease is not None:
                 alloc.pin(lease.extent)
+        prepared = Prepared(users, bounds, candidates, stamps, pins)
         try:
-            return self._score(users, tokens, bounds, candidates, stamps, keep, 0, pins)
+            prepared.leases = self._place(users, bounds)
+            prepared.plan = self._plan(users, prepared.leases, bounds, candidates, stamps)
+        except ArenaFull:
+            pass  # split by finish
+        except BaseException:
+            self.abandon(prepared)
+            raise
+        return prepared
+
+    def finish(
+        self, prepared: Prepared, tokens: torch.Tensor, keep: Callable[[int, UserKV, Lease], None]
+    ) -> torch.Tensor:
+        """A prepared step run on its tokens [Tq, D]: ``score``'s result, ``keep`` called as there."""
+        p = prepared
+        try:
+            # placed whole: its leases and plan; else split (the failed placement gave back what it claimed)
+            ready = None if p.leases is None or p.plan is None else (p.leases, p.plan)
+            p.leases = None  # from here on the step gives them back or keeps them
+            return self._score(p.users, tokens, p.bounds, p.candidates, p.stamps, keep, 0, p.pins, ready, ready is None)
         finally:
-            self._unpin(pins, 0, len(pins))  # those whose part did not run
+            p.leases = None
+            self._unpin(p.pins, 0, len(p.pins))  # those whose part did not run
+
+    def abandon(self, prepared: Prepared) -> None:
+        """A prepared step that will not run (what computes its tokens failed): its claimed extents go back, its
+        pins go."""
+        if prepared.leases is not None:
+            for lease in prepared.leases:
+                self.arena.give_back(lease)
+            prepared.leases = None
+        self._unpin(prepared.pins, 0, len(prepared.pins))
 
     def _score(
         self,
@@ -245,14 +295,27 @@ class ArenaGraphs(GraphedSteps):
         keep: Callable[[int, UserKV, Lease], None],
         first: int,
         pins: list[Lease | None],
+        ready: tuple[list[Lease], tuple[ArenaLayout, bool]] | None = None,
+        split: bool = False,
     ) -> torch.Tensor:
         """``score`` of users[first:first + len(users)] of the step, split in halves while the arena cannot place
         them whole; each user's pin goes as soon as its part ran (the pins of users still to come fragment the
         arena, not those of users done). One user the arena cannot place even so (the pins of the users after it in
-        the way) is scored eagerly against its cached rows where they lie, and kept nowhere (``unplaced``)."""
-        try:
-            leases = self._place(users, bounds)
-        except ArenaFull:
+        the way) is scored eagerly against its cached rows where they lie, and kept nowhere (``unplaced``). ``ready``:
+        the claimed leases and the plan ``prepare`` made, ``split``: its placement failed (neither: placed here)."""
+        if ready is None and not split:
+            try:
+                leases = self._place(users, bounds)
+            except ArenaFull:
+                split = True
+            else:
+                try:
+                    ready = (leases, self._plan(users, leases, bounds, candidates, stamps))
+                except BaseException:
+                    for lease in leases:
+                        self.arena.give_back(lease)
+                    raise
+        if ready is None:  # the arena could not place them whole
             if len(users) == 1:
                 self.unplaced += 1
                 scores = self._unkept(users[0], tokens, bounds, candidates, stamps)
@@ -267,8 +330,9 @@ class ArenaGraphs(GraphedSteps):
             tail = self._score(users[half:], tokens[cut:], rest, candidates[half:], stamps[cut:], keep, first + half,
                                pins)  # fmt: skip
             return torch.cat([head, tail])
+        leases, plan = ready
         try:
-            scores = self._run(users, leases, tokens, bounds, candidates, stamps)
+            scores = self._run(plan, tokens)
         except BaseException:
             for lease in leases:
                 self.arena.give_back(lease)
@@ -315,15 +379,11 @@ class ArenaGraphs(GraphedSteps):
             raise
         return leases
 
-    def _run(
-        self,
-        users: list[ArenaUser],
-        leases: list[Lease],
-        tokens: torch.Tensor,
-        bounds: list[int],
-        candidates: list[int],
-        stamps: np.ndarray,
-    ) -> torch.Tensor:
+    def _plan(
+        self, users: list[ArenaUser], leases: list[Lease], bounds: list[int], candidates: list[int], stamps: np.ndarray
+    ) -> tuple[ArenaLayout, bool]:
+        """The placed users' layout (host numpy, no tokens needed) and whether it is padded to a kept shape (else
+        the step's exact shape, run eagerly)."""
         h = self.dense.cfg.hstu
         past = [0 if u.kv is None else u.kv.length for u in users]
         placed = [
@@ -333,13 +393,19 @@ class ArenaGraphs(GraphedSteps):
         longest = max(p + n for p, n, *_ in placed)
         scratch = (self.arena.scratch, self.arena.rows.shape[0])
         rows = next((r for r in self.rows_ladder if r >= bounds[-1]), None) if self.pad else None
-        layout = None
         if rows is not None:
             layout = arena_plan(self.dense, placed, bounds, stamps, rows, key_rung(longest, h.max_seq_len), scratch)
-        if layout is None:  # unpadded, or no rung holds it: the same step at its exact shape, eagerly
+            if layout is not None:
+                return layout, True
+        layout = arena_plan(self.dense, placed, bounds, stamps, bounds[-1], longest, scratch)
+        assert layout is not None  # no padding
+        return layout, False
+
+    def _run(self, plan: tuple[ArenaLayout, bool], tokens: torch.Tensor) -> torch.Tensor:
+        """A planned step on its tokens -> the real users' candidates' scores."""
+        layout, padded = plan
+        if not padded:  # unpadded, or no rung holds it: the same step at its exact shape, eagerly
             self.stats.graph_misses += self.pad
-            layout = arena_plan(self.dense, placed, bounds, stamps, bounds[-1], longest, scratch)
-            assert layout is not None  # no padding
             step = _ArenaStep(self.dense, layout.shape, self.impl, self.fuse, self.arena)
             step.load(layout, tokens)
             out = step.run()[0]
@@ -348,7 +414,7 @@ class ArenaGraphs(GraphedSteps):
             step = self._kept(shape, lambda: _ArenaStep(self.dense, shape, self.impl, self.fuse, self.arena))
             step.load(layout, tokens)
             out = self._replay(step)[0]
-            self.stats.padded_tokens += layout.shape.rows - bounds[-1]
+            self.stats.padded_tokens += layout.shape.rows - tokens.shape[0]
         return out[step.fields["candidate_rows"][: layout.candidates]]
 
     def _grown(

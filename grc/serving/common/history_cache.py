@@ -82,12 +82,20 @@ def content_digest(profile_ids: np.ndarray, events: np.ndarray) -> str:
 
 
 def cached_history(
-    kv: UserKV, profile_ids: np.ndarray, events: np.ndarray, stamped_at: int | None = None, lease: Lease | None = None
+    kv: UserKV,
+    profile_ids: np.ndarray,
+    events: np.ndarray,
+    stamped_at: int | None = None,
+    lease: Lease | None = None,
+    owned: bool = False,
 ) -> CachedHistory:
     """The entry of ``kv``, which holds these profile tokens and events; ``stamped_at``: the request time it
-    was computed at (None: read from ``kv``, a device read where the K/V live on a GPU); ``lease``: its arena rows."""
-    profile_ids = np.array(profile_ids, np.int64)  # copies: a request's arrays die with it
-    events = np.array(events, np.int64).reshape(len(events), -1)
+    was computed at (None: read from ``kv``, a device read where the K/V live on a GPU); ``lease``: its arena rows;
+    ``owned``: the arrays are int64 ones of the caller's own that nothing else holds or writes (kept, not copied:
+    UserCaches.visit's)."""
+    if not owned:
+        profile_ids = np.array(profile_ids, np.int64)  # copies: a request's arrays die with it
+        events = np.array(events, np.int64).reshape(len(events), -1)
     if stamped_at is None:
         stamped_at = int(kv.timestamps[0]) if kv.length else 0
     if kv.length != len(profile_ids) + len(events) or kv.profile != len(profile_ids):
@@ -125,14 +133,21 @@ def match(entry: CachedHistory, profile_ids: np.ndarray, events: np.ndarray, now
     (its events past them are new), or why it reuses none (a miss). One pass: the store's lookup calls it once
     per hit."""
     n = len(entry.events)
-    if not np.array_equal(entry.profile_ids, profile_ids):
+    if not _same(entry.profile_ids, profile_ids):
         return "profile changed"
-    if len(events) < n or not np.array_equal(entry.events, events[:n]):
+    if len(events) < n or not _same(entry.events, events[:n]):
         return "history does not start with the cached events"
     rows = entry.reusable_rows(now, time_buckets)
     if rows <= entry.kv.profile:
         return "request time moves a cached event's time bucket"
     return rows - entry.kv.profile
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    """np.array_equal, by bytes where both are int64 (every served lookup's case: a fifth of array_equal's time)."""
+    if a.dtype == b.dtype == np.int64:
+        return a.shape == b.shape and a.tobytes() == b.tobytes()
+    return bool(np.array_equal(a, b))
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # annotations only: the bundle writers import this module's n
 
     from grc.model.gr import GRDense
     from grc.model.kv_cache import UserKV
-    from grc.serving.common.arena_graphs import ArenaGraphs
+    from grc.serving.common.arena_graphs import ArenaGraphs, Prepared
     from grc.serving.common.kv_arena import Lease
     from grc.serving.common.score_graphs import GraphedSteps, ScoreGraphs
     from grc.serving.ranker.dense import GraphStats
@@ -60,8 +60,11 @@ def user_ids(users: np.ndarray | None, batch: int) -> np.ndarray | None:
 def user_events(checked: dict[str, np.ndarray], cfg: ModelConfig, u: int) -> tuple[np.ndarray, np.ndarray]:
     """User ``u``'s profile ids [P] and events [h, history tables + 1] (ids, then timestamp)."""
     profile = np.array([checked[rq.profile_input(t)][u, 0] for t in cfg.profile], np.int64)
-    columns = [checked[rq.history_input(t)][u] for t in cfg.history] + [checked[rq.HISTORY_TIME][u]]
-    return profile, np.stack(columns, 1).astype(np.int64, copy=False)  # the stack is a fresh array already
+    names = [rq.history_input(t) for t in cfg.history] + [rq.HISTORY_TIME]
+    events = np.empty((checked[rq.HISTORY_TIME].shape[1], len(names)), np.int64)  # fresh: an entry may keep it
+    for j, name in enumerate(names):  # a column each (np.stack: an expand_dims per column, ~3x the host time)
+        events[:, j] = checked[name][u]
+    return profile, events
 
 
 def user_request(checked: dict[str, np.ndarray], cfg: ModelConfig, u: int, skip_events: int) -> dict[str, np.ndarray]:
@@ -175,32 +178,42 @@ class UserCaches:
         bounds: list[int],
         candidates: list[int],
         host_stamps: np.ndarray,
+        prepared: Prepared | None = None,
+        trimmed: bool = False,
     ) -> torch.Tensor:
         """The visits' parts back to back: tokens [T, D] and stamps [T] (visit b's rows ``bounds[b]:bounds[b+1]``:
         profile tokens, the new history events, the candidates; on the dense model's device and dtype;
         ``host_stamps`` the same stamps on the host) -> the candidates' scores [sum(candidates), tasks] in visit
         order; the grown entries of users with an id are stored. Whole tensors, not one per visit: the caller's
         per-visit slices and this step's re-slicing were 3 torch ops per user, each a few us of host time (a step
-        of misses now slices nothing; bench/served_host_profile.py)."""
+        of misses now slices nothing; bench/served_host_profile.py). ``trimmed``: the rows hold only what the cache
+        does not, a hit's profile tokens left out (the fused Ranker lays out only those: ``layout.build``'s
+        ``profiled``), so nothing is sliced here. ``prepared``: with the arena, its step as ``prepare`` placed and
+        planned it for these arguments (trimmed; None: placed and planned here). The arena's step reads the stamps
+        from the host (``stamps`` unread)."""
         import torch
 
-        profile = len(self.cfg.profile)
-        spans = [(a + (profile if v.kv is not None else 0), b)  # a hit holds the profile tokens already
-                 for v, (a, b) in zip(visits, itertools.pairwise(bounds), strict=True)]  # fmt: skip
-        dropped = any(v.kv is not None for v in visits)
-        news = torch.cat([tokens[a:b] for a, b in spans]) if dropped else tokens
-        host = np.concatenate([host_stamps[a:b] for a, b in spans]) if dropped else host_stamps
-        offsets = [0, *itertools.accumulate(b - a for a, b in spans)]
+        if not trimmed:
+            profile = len(self.cfg.profile)
+            spans = [(a + (profile if v.kv is not None else 0), b)  # a hit holds the profile tokens already
+                     for v, (a, b) in zip(visits, itertools.pairwise(bounds), strict=True)]  # fmt: skip
+            if any(v.kv is not None for v in visits):
+                tokens = torch.cat([tokens[a:b] for a, b in spans])
+                host_stamps = np.concatenate([host_stamps[a:b] for a, b in spans])
+                if self.arena is None:
+                    stamps = torch.cat([stamps[a:b] for a, b in spans])
+            bounds = [0, *itertools.accumulate(b - a for a, b in spans)]
         if self.arena is not None:
-            return self._score_in_arena(visits, news, offsets, candidates, host)
+            return self._score_in_arena(visits, tokens, bounds, candidates, host_stamps, prepared)
+        profile = len(self.cfg.profile)
         # GRDense.score (or the copies step) takes an empty cache for a miss and the new rows' stamps on the device
         caches = [v.kv if v.kv is not None else dense.empty_cache(profile, tokens) for v in visits]
         args = (
             caches,
-            news,
-            torch.tensor(offsets),  # host integers: score reads them without a device sync
+            tokens,
+            torch.tensor(bounds),  # host integers: score reads them without a device sync
             torch.tensor(candidates),
-            torch.cat([stamps[a:b] for a, b in spans]) if dropped else stamps,
+            stamps,
             [v.now for v in visits],
             self.impl,
         )
@@ -209,36 +222,73 @@ class UserCaches:
             if self.graphs is None:
                 scores, grown = dense.score(*args, reuse_checked=True)
             else:  # the graphed step lays the key rows' stamps out on the host
-                scores, grown = self.graphs.score(*args, reuse_checked=True, host_timestamps=host)
+                scores, grown = self.graphs.score(*args, reuse_checked=True, host_timestamps=host_stamps)
         for v, kv in zip(visits, grown, strict=True):
             if v.user is not None:
-                self.cache.store((self.namespace, v.user), cached_history(kv, v.profile_ids, v.events, v.now))
+                entry = cached_history(kv, v.profile_ids, v.events, v.now, owned=True)  # visit's own arrays
+                self.cache.store((self.namespace, v.user), entry)
         return scores
 
+    def prepare(
+        self, visits: list[Visit], bounds: list[int], candidates: list[int], host: np.ndarray
+    ) -> Prepared | None:
+        """With the arena: ``score``'s placement and plan (ArenaGraphs.prepare) before the tokens are computed,
+        for the arguments ``score`` then takes (None without the arena). The caller passes the result to
+        ``score``, or to ``abandon`` if computing the tokens fails."""
+        if self.arena is None:
+            return None
+        from grc.serving.common.arena_graphs import ArenaUser
+
+        users = [ArenaUser(v.kv, v.lease, v.user is not None, v.now) for v in visits]
+        try:
+            return self.arena.prepare(users, bounds, candidates, host)
+        except BaseException:
+            self._discard(visits)
+            raise
+
+    def abandon(self, visits: list[Visit], prepared: Prepared | None) -> None:
+        """A prepared step that will not run: its extents and pins go back, and its users' entries go (a hit's was
+        claimed for the step)."""
+        if prepared is not None:
+            assert self.arena is not None
+            try:
+                self.arena.abandon(prepared)
+            finally:
+                self._discard(visits)
+
+    def _discard(self, visits: list[Visit]) -> None:
+        for v in visits:
+            if v.user is not None:
+                self.cache.discard((self.namespace, v.user))
+
     def _score_in_arena(
-        self, visits: list[Visit], tokens: torch.Tensor, offsets: list[int], candidates: list[int], host: np.ndarray
+        self,
+        visits: list[Visit],
+        tokens: torch.Tensor,
+        offsets: list[int],
+        candidates: list[int],
+        host: np.ndarray,
+        prepared: Prepared | None,
     ) -> torch.Tensor:
         """``score`` through the arena's step: the grown entries are rows of the arena, each stored as the owner of
         its lease. A step that fails lets its users' entries go: it may have rewritten rows they hold."""
         import torch
 
-        from grc.serving.common.arena_graphs import ArenaUser
-
         assert self.arena is not None
-        users = [ArenaUser(v.kv, v.lease, v.user is not None, v.now) for v in visits]
+        if prepared is None:
+            prepared = self.prepare(visits, offsets, candidates, host)
+            assert prepared is not None
 
         def keep(b: int, kv: UserKV, lease: Lease) -> None:
             v = visits[b]
-            entry = cached_history(kv, v.profile_ids, v.events, v.now, lease)
+            entry = cached_history(kv, v.profile_ids, v.events, v.now, lease, owned=True)  # visit's own arrays
             lease.owner = entry
             self.cache.store((self.namespace, v.user), entry)
 
         try:
             with torch.no_grad():
-                scores = self.arena.score(users, tokens, offsets, candidates, host, keep)
+                scores = self.arena.finish(prepared, tokens, keep)
         except BaseException:
-            for v in visits:
-                if v.user is not None:
-                    self.cache.discard((self.namespace, v.user))
+            self._discard(visits)
             raise
         return scores

@@ -28,46 +28,63 @@ class Layout:
     fields: dict[str, tuple[int, int]]  # name -> (start, length) in packed (cross: float32 bits)
 
 
-def build(requests: list[dict[str, np.ndarray]], cfg: ModelConfig) -> Layout:
+def build(
+    requests: list[dict[str, np.ndarray]],
+    cfg: ModelConfig,
+    skips: np.ndarray | None = None,
+    profiled: np.ndarray | None = None,
+) -> Layout:
+    """The batch's layout, every per-token array computed for all users at once (numpy over the batch: a request
+    costs a few slices, not a dozen small arrays). ``skips``: per user (request after request, user after user)
+    the leading history events left out, ``profiled``: per user whether its profile tokens are laid out (the
+    history cache's step: a hit's cached events and profile tokens are rows of its entry already); default all."""
     n_prof = len(cfg.profile)
-    per_user_len: list[int] = []
-    hist_t: list[tuple[int, int, int]] = []
-    shapes: list[tuple[int, int]] = []
-    for r in requests:
-        b, h = r[rq.HISTORY_TIME].shape
-        c = r[rq.candidate_input(cfg.candidate[0])].shape[1]
-        shapes.append((b, c))
-        per_user_len += [n_prof + h + c] * b
-        hist_t.append((b, h, c))
-    users = len(per_user_len)
+    first = rq.candidate_input(cfg.candidate[0])
+    shapes = [(r[first].shape[0], r[first].shape[1]) for r in requests]
+    per_request = np.array(
+        [(b, r[rq.HISTORY_TIME].shape[1], c) for (b, c), r in zip(shapes, requests, strict=True)], np.int64
+    )
+    per_request = per_request.reshape(-1, 3)
+    counts = per_request[:, 0]
+    h, c = np.repeat(per_request[:, 1], counts), np.repeat(per_request[:, 2], counts)
+    users = int(counts.sum())
+    if skips is not None:
+        h = h - skips
+    p = np.full(users, n_prof, np.int64) if profiled is None else np.where(profiled, n_prof, 0)
+    lengths = p + h + c
     offsets = np.zeros(users + 1, np.int64)
-    offsets[1:] = np.cumsum(per_user_len)
+    np.cumsum(lengths, out=offsets[1:])
     total = int(offsets[-1])
     starts = offsets[:-1]
-    hist_dst, cand_dst, cand_count = [], [], []
-    u = 0
-    for b, h, c in hist_t:
-        s = starts[u : u + b, None]
-        hist_dst.append((s + n_prof + np.arange(h)[None]).reshape(-1))
-        cand_dst.append((s + n_prof + h + np.arange(c)[None]).reshape(-1))
-        cand_count += [c] * b
-        u += b
-    hist_idx, cand_idx = np.concatenate(hist_dst), np.concatenate(cand_dst)
+    hist_idx = _ranges(starts + p, h)
+    cand_idx = _ranges(starts + p + h, c)
+    if skips is None:
+        events = [r[rq.HISTORY_TIME].reshape(-1) for r in requests]
+    else:  # per user its events past the skipped ones
+        cuts = [(r, u) for r, (b, _) in zip(requests, shapes, strict=True) for u in range(b)]
+        events = [r[rq.HISTORY_TIME][u, s:] for (r, u), s in zip(cuts, skips.tolist(), strict=True)]
     now = np.concatenate([r[rq.REQUEST_TIME].reshape(-1) for r in requests])
-    stamps = np.repeat(now, per_user_len)  # request time everywhere, then the history's own times
-    stamps[hist_idx] = np.concatenate([r[rq.HISTORY_TIME].reshape(-1) for r in requests])
+    stamps = np.repeat(now, lengths)  # request time everywhere, then the history's own times
+    stamps[hist_idx] = np.concatenate(events)
     fields: dict[str, np.ndarray] = {
         "offsets": offsets,
-        "num_candidates": np.asarray(cand_count, np.int64),
+        "num_candidates": c,
         "timestamps": stamps,
         "history_dst": hist_idx,
         "candidate_dst": cand_idx,
     }
     for i, t in enumerate(cfg.profile):
-        fields[f"profile:{t}"] = np.concatenate([r[rq.profile_input(t)][:, 0] for r in requests])
-        fields[f"profile_dst:{t}"] = starts + i
+        ids = np.concatenate([r[rq.profile_input(t)][:, 0] for r in requests])
+        fields[f"profile:{t}"] = ids if profiled is None else ids[profiled]
+        fields[f"profile_dst:{t}"] = (starts if profiled is None else starts[profiled]) + i
     for t in cfg.history:
-        fields[f"history:{t}"] = np.concatenate([r[rq.history_input(t)].reshape(-1) for r in requests])
+        name = rq.history_input(t)
+        if skips is None:
+            fields[f"history:{t}"] = np.concatenate([r[name].reshape(-1) for r in requests])
+        else:
+            fields[f"history:{t}"] = np.concatenate(
+                [r[name][u, s:] for (r, u), s in zip(cuts, skips.tolist(), strict=True)]
+            )
     for t in cfg.candidate:
         fields[f"candidate:{t}"] = np.concatenate([r[rq.candidate_input(t)].reshape(-1) for r in requests])
     if cfg.cross_features:
@@ -80,6 +97,12 @@ def build(requests: list[dict[str, np.ndarray]], cfg: ModelConfig) -> Layout:
         start += a.size
     packed = np.concatenate([a.astype(np.int64, copy=False) for a in fields.values()])
     return Layout(shapes, users, total, packed, spans)
+
+
+def _ranges(firsts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """arange(f, f + n) for every (f, n) of ``firsts`` and ``counts``, back to back."""
+    ends = np.cumsum(counts)
+    return np.arange(int(ends[-1]) if ends.size else 0, dtype=np.int64) + np.repeat(firsts - ends + counts, counts)
 
 
 def on_device(layout: Layout, device: torch.device, cross_features: int) -> dict[str, torch.Tensor]:

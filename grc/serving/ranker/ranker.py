@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from grc.serving.common import request as rq
-from grc.serving.common.history_step import USER_ID, user_ids, user_request
+from grc.serving.common.history_step import USER_ID, user_ids
 from grc.serving.common.validate import RequestError, RequestParser
 from grc.serving.ranker import buckets as bk
 from grc.serving.ranker import dense as dn
@@ -180,29 +180,37 @@ class Ranker:
         assert self.history is not None
         started = time.perf_counter()
         cfg, caches = self.cfg, self.history.caches
-        visits, parts = [], []
-        for r in checked:
-            for u, user in enumerate(r[USER_ID].tolist()):
-                visits.append(caches.visit(r, u, int(user)))
-                parts.append(user_request(r, cfg, u, visits[-1].reused))
-        layout = lay.build(parts, cfg)
+        visits = [caches.visit(r, u, user) for r in checked for u, user in enumerate(r[USER_ID].tolist())]
+        # the parts the cache does not hold, laid out at once: a hit's new events and candidates, a miss's whole
+        # request (its profile tokens too; a hit's are rows of its entry)
+        skips = np.array([v.reused for v in visits], np.int64)
+        layout = lay.build(checked, cfg, skips, np.array([v.kv is None for v in visits]))
         start, n = layout.fields["offsets"]
         bounds = layout.packed[start : start + n].tolist()
         start, n = layout.fields["timestamps"]
         host_stamps = layout.packed[start : start + n]
+        start, n = layout.fields["num_candidates"]
+        candidates = layout.packed[start : start + n].tolist()
+        # with the arena, the step placed and planned now, from host values only (before the lookups' and the
+        # projector's work: on a CPU instance the host work right after a compute runs with cold caches)
+        prepared = caches.prepare(visits, bounds, candidates, host_stamps)
         events = self._events()
         self.clock.lap("layout")
         with torch.no_grad():
-            feeds = lay.on_device(layout, self.device, cfg.cross_features)
-            self.clock.lap("upload")
-            tokens = self._tokens(feeds, layout.tokens).to(self.dense_dtype)
+            try:
+                feeds = lay.on_device(layout, self.device, cfg.cross_features)
+                self.clock.lap("upload")
+                tokens = self._tokens(feeds, layout.tokens).to(self.dense_dtype)
+            except BaseException:
+                caches.abandon(visits, prepared)
+                raise
             self.clock.lap("embed")
             if events:
                 events[0].record()
-            candidates = [c for _, c in layout.shapes]
             scores = caches.score(
-                self.history.dense, visits, tokens, feeds["timestamps"], bounds, candidates, host_stamps
-            )
+                self.history.dense, visits, tokens, feeds["timestamps"], bounds, candidates, host_stamps, prepared,
+                trimmed=True,
+            )  # fmt: skip
             if events:
                 events[1].record()
             self.clock.lap("dense")
