@@ -162,6 +162,34 @@ def test_a_step_that_fails_lets_its_users_entries_go(built: tuple[Spec, Path], m
     assert rel(again, scores(ranker, full)[0]) <= EXACT
 
 
+def test_a_step_whose_tokens_fail_gives_back_what_it_placed(
+    built: tuple[Spec, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Ranker places and plans the arena's step before computing its tokens (ArenaGraphs.prepare): when the
+    lookups or the projector raise, the extents it claimed and allocated go back, its pins go, and its users' entries
+    with them (a hit's was claimed, grown in place); the next visit is a miss, exact."""
+    spec, model_dir = built
+    ranker, graphs = arena_ranker(spec, model_dir, rows=4 * spec.model.hstu.max_seq_len)
+    assert ranker.history is not None
+    caches = ranker.history.caches
+    full, other, new = user(spec, 40, 3, 5), user(spec, 30, 2, 6), user(spec, 20, 2, 7)
+    scores(ranker, with_ids(first_events(spec, full, 30), 1), with_ids(other, 2))
+    used = graphs.arena.alloc.used_rows()
+
+    def broken(*_: object, **__: object) -> None:
+        raise RuntimeError("a lookup fault")
+
+    monkeypatch.setattr(ranker, "_tokens", broken)
+    with pytest.raises(RuntimeError, match="a lookup fault"):
+        scores(ranker, with_ids(full, 1), with_ids(new, 3))  # a hit grown in place and a new user, placed first
+    monkeypatch.undo()
+    assert [e.events.shape[0] for e in caches.cache.held()] == [30], "user 2 held, users 1 and 3 let go"
+    assert graphs.arena.alloc.used_rows() < used, "user 1's rows not given back"
+    books_balance(caches)  # a pin left behind would keep released rows counted
+    (again,) = scores(ranker, with_ids(full, 1))
+    assert rel(again, scores(ranker, full)[0]) <= EXACT
+
+
 def test_a_step_no_rung_holds_runs_eagerly_at_its_exact_shape(built: tuple[Spec, Path]) -> None:
     spec, model_dir = built
     n = spec.model.hstu.max_seq_len
