@@ -64,6 +64,10 @@ class RowArena:
         self._starts: list[int] = [0]  # free runs, sorted by start, never adjacent (merged on release)
         self._ends: list[int] = [self.rows]
         self._used = 0  # rows of live extents (released-but-pinned ones included: not yet reusable)
+        # the longest free run's length, or None until recomputed (a run it may have been shrank): a request no run
+        # holds is refused without a scan (the store's evict-and-retry loop asks once per eviction, and with growth
+        # gaps there are about as many free runs as entries), and the gapped pass is skipped when no run holds it
+        self._largest: int | None = self.rows
 
     def _round(self, rows: int) -> int:
         if rows <= 0:
@@ -76,7 +80,11 @@ class RowArena:
         holds it."""
         size = self._round(rows)
         with self._lock:
-            for gapped in (True, False) if self.gap else (False,):
+            largest = self._longest()
+            if largest < size:
+                return None
+            passes = (True, False) if self.gap and largest >= size + self.gap else (False,)
+            for gapped in passes:
                 for i, (start, end) in enumerate(zip(self._starts, self._ends, strict=True)):
                     # runs never touch, so one at start > 0 follows an extent; gapped, the new extent also keeps a
                     # gap of its own after it (a hole between two extents that only just holds it would not)
@@ -85,8 +93,18 @@ class RowArena:
                         return self._take(i, start + skip, size)
         return None
 
+    def _longest(self) -> int:  # under the lock
+        if self._largest is None:
+            self._largest = max((e - s for s, e in zip(self._starts, self._ends, strict=True)), default=0)
+        return self._largest
+
+    def _shortened(self, length: int) -> None:  # under the lock: a free run of ``length`` rows got shorter
+        if length == self._largest:
+            self._largest = None
+
     def _take(self, i: int, at: int, size: int) -> Extent:  # under the lock: rows [at, at + size) of free run i
         start, end = self._starts[i], self._ends[i]
+        self._shortened(end - start)
         if at > start:  # the gap stays free, before the new extent
             self._ends[i] = at
             if at + size < end:
@@ -114,6 +132,7 @@ class RowArena:
             missing = size - extent.capacity
             if self._ends[i] - self._starts[i] < missing:
                 return False
+            self._shortened(self._ends[i] - self._starts[i])
             if self._ends[i] - self._starts[i] == missing:
                 del self._starts[i], self._ends[i]
             else:
@@ -164,6 +183,9 @@ class RowArena:
             self._starts.insert(i, start)
             self._ends.insert(i, end)
         self._used -= end - start
+        if self._largest is not None:  # the run these rows joined (merged or alone)
+            j = i - 1 if merge_left else i
+            self._largest = max(self._largest, self._ends[j] - self._starts[j])
 
     def shrink(self, extent: Extent, rows: int) -> None:
         """Give back the whole granules of ``extent`` past its first ``rows`` rows (at least one granule stays): a
@@ -188,4 +210,4 @@ class RowArena:
 
     def largest_free(self) -> int:
         with self._lock:
-            return max((e - s for s, e in zip(self._starts, self._ends, strict=True)), default=0)
+            return self._longest()
