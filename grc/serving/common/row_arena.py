@@ -13,9 +13,10 @@ costs and which entry to evict.
   requests' events: growth in place is free, a move copies the entry once); None when no free run is long enough,
   and the caller evicts and tries again. With ``gap``, a new extent leaves the first ``gap`` rows of a run that
   follows a held extent free for that extent to grow into, and keeps ``gap`` free rows after itself, while some run
-  is long enough for all three (else plain first fit). Packed back to back, an entry whose step gave its
-  candidates' rows back (``shrink``) found them and nothing more after it at its next visit, which needs them plus
-  its new events, so it moved (each move copies the entry's rows on the device; kv_arena.GROWTH_GAP's figures).
+  is long enough for all three (the last such run: the arena's unused tail first), else plain first fit. Packed
+  back to back, an entry whose step gave its candidates' rows back (``shrink``) found them and nothing more after
+  it at its next visit, which needs them plus its new events, so it moved (each move copies the entry's rows on the
+  device; kv_arena.GROWTH_GAP's figures).
 - ``grow(extent, rows)``: in place when the capacity holds them or the free run right after the extent has the
   granules missing (taken from its front); else False and the caller allocates a new extent and copies once.
 - ``shrink(extent, rows)``: the whole granules past ``rows`` go back (a step's candidates' rows after an entry).
@@ -64,10 +65,10 @@ class RowArena:
         self._starts: list[int] = [0]  # free runs, sorted by start, never adjacent (merged on release)
         self._ends: list[int] = [self.rows]
         self._used = 0  # rows of live extents (released-but-pinned ones included: not yet reusable)
-        # the longest free run's length, or None until recomputed (a run it may have been shrank): a request no run
-        # holds is refused without a scan (the store's evict-and-retry loop asks once per eviction, and with growth
-        # gaps there are about as many free runs as entries), and the gapped pass is skipped when no run holds it
-        self._largest: int | None = self.rows
+        # a bound on the longest free run (>= it; exact after a scan that found nothing): a request longer is refused
+        # without a scan (the store's evict-and-retry loop asks once per eviction, and with growth gaps there are
+        # about as many free runs as entries), and the gapped pass is skipped when no run can hold it
+        self._bound = self.rows
 
     def _round(self, rows: int) -> int:
         if rows <= 0:
@@ -75,36 +76,33 @@ class RowArena:
         return -(-rows // self.granule) * self.granule
 
     def allocate(self, rows: int) -> Extent | None:
-        """An extent of at least ``rows`` rows (whole granules), or None when no free run is that long: the first run
-        that holds it past the gap its held neighbour keeps (a run at row 0 follows nothing), else the first that
-        holds it."""
+        """An extent of at least ``rows`` rows (whole granules), or None when no free run is that long: the last run
+        that holds it between gaps (past the one its held neighbour keeps, a run at row 0 following nothing, and one
+        of its own after it), else the first run that holds it."""
         size = self._round(rows)
         with self._lock:
-            largest = self._longest()
-            if largest < size:
+            if self._bound < size:
                 return None
-            passes = (True, False) if self.gap and largest >= size + self.gap else (False,)
+            passes = (True, False) if self.gap and self._bound >= size + self.gap else (False,)
             for gapped in passes:
-                for i, (start, end) in enumerate(zip(self._starts, self._ends, strict=True)):
+                # gapped, the last run first: the arena's unused tail while it has one, found at once (with growth
+                # gaps there are about as many free runs as entries, each too short to take a new extent between gaps)
+                order = range(len(self._starts) - 1, -1, -1) if gapped else range(len(self._starts))
+                for i in order:
+                    start, end = self._starts[i], self._ends[i]
                     # runs never touch, so one at start > 0 follows an extent; gapped, the new extent also keeps a
                     # gap of its own after it (a hole between two extents that only just holds it would not)
                     skip = self.gap if gapped and start > 0 else 0
                     if end - start - skip >= size + (self.gap if gapped else 0):
                         return self._take(i, start + skip, size)
+            self._bound = self._longest()  # no run held it: the bound made exact
         return None
 
     def _longest(self) -> int:  # under the lock
-        if self._largest is None:
-            self._largest = max((e - s for s, e in zip(self._starts, self._ends, strict=True)), default=0)
-        return self._largest
-
-    def _shortened(self, length: int) -> None:  # under the lock: a free run of ``length`` rows got shorter
-        if length == self._largest:
-            self._largest = None
+        return max((e - s for s, e in zip(self._starts, self._ends, strict=True)), default=0)
 
     def _take(self, i: int, at: int, size: int) -> Extent:  # under the lock: rows [at, at + size) of free run i
         start, end = self._starts[i], self._ends[i]
-        self._shortened(end - start)
         if at > start:  # the gap stays free, before the new extent
             self._ends[i] = at
             if at + size < end:
@@ -132,7 +130,6 @@ class RowArena:
             missing = size - extent.capacity
             if self._ends[i] - self._starts[i] < missing:
                 return False
-            self._shortened(self._ends[i] - self._starts[i])
             if self._ends[i] - self._starts[i] == missing:
                 del self._starts[i], self._ends[i]
             else:
@@ -183,9 +180,8 @@ class RowArena:
             self._starts.insert(i, start)
             self._ends.insert(i, end)
         self._used -= end - start
-        if self._largest is not None:  # the run these rows joined (merged or alone)
-            j = i - 1 if merge_left else i
-            self._largest = max(self._largest, self._ends[j] - self._starts[j])
+        j = i - 1 if merge_left else i  # the run these rows joined (merged or alone): the bound holds it
+        self._bound = max(self._bound, self._ends[j] - self._starts[j])
 
     def shrink(self, extent: Extent, rows: int) -> None:
         """Give back the whole granules of ``extent`` past its first ``rows`` rows (at least one granule stays): a
@@ -210,4 +206,5 @@ class RowArena:
 
     def largest_free(self) -> int:
         with self._lock:
-            return self._longest()
+            self._bound = self._longest()
+            return self._bound
