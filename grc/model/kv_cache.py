@@ -42,10 +42,19 @@ def reusable_rows(timestamps: torch.Tensor | np.ndarray, profile: int, now: int,
     if profile == 0 or length <= profile:  # no profile tokens, or no events cached yet
         return length
     if isinstance(timestamps, np.ndarray):
-        first = first_moved_sorted(timestamps[profile:], int(timestamps[0]), now, time_buckets)
-        if first is not None:
-            return profile + first if first >= 0 else length
+        rows = reusable_rows_sorted(timestamps[profile:], int(timestamps[0]), profile, now, time_buckets)
+        if rows is not None:
+            return rows
     return _reusable_rows_elementwise(timestamps, profile, now, time_buckets)
+
+
+def reusable_rows_sorted(events: np.ndarray, then: int, profile: int, now: int, time_buckets: int) -> int | None:
+    """``reusable_rows`` of ``profile`` rows stamped ``then`` followed by rows stamped ``events`` (the store's host
+    copy, column by column: no concatenated copy), where ``first_moved_sorted`` decides it; else None."""
+    first = first_moved_sorted(events, then, now, time_buckets)
+    if first is None:
+        return None
+    return profile + (first if first >= 0 else len(events))
 
 
 def first_moved_sorted(events: np.ndarray, then: int, now: int, time_buckets: int) -> int | None:

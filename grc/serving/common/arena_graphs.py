@@ -80,18 +80,21 @@ class ArenaLayout:
     candidates: int  # candidate rows of the real users (the first entries of candidate_rows)
 
 
+# A step placed whole: its users' claimed extents and its plan (ArenaGraphs._plan: the layout, and whether padded)
+Placed = tuple[list[Lease], tuple[ArenaLayout, bool]]
+
+
 @dataclass
 class Prepared:
     """A step ``ArenaGraphs.prepare`` placed and planned before its tokens exist: its users, their rows, their pins,
-    and (placed whole) the claimed extents and the plan; ``finish`` runs it, ``abandon`` lets it go."""
+    and ``ready`` when placed whole (else None: ``finish`` splits it); ``finish`` runs it, ``abandon`` lets it go."""
 
     users: list[ArenaUser]
     bounds: list[int]
     candidates: list[int]
     stamps: np.ndarray
     pins: list[Lease | None]
-    leases: list[Lease] | None = None
-    plan: tuple[ArenaLayout, bool] | None = None
+    ready: Placed | None = None
 
 
 def key_rung(longest: int, max_seq_len: int) -> int:
@@ -253,10 +256,7 @@ class ArenaGraphs(GraphedSteps):
                 alloc.pin(lease.extent)
         prepared = Prepared(users, bounds, candidates, stamps, pins)
         try:
-            prepared.leases = self._place(users, bounds)
-            prepared.plan = self._plan(users, prepared.leases, bounds, candidates, stamps)
-        except ArenaFull:
-            pass  # split by finish
+            prepared.ready = self._placed(users, bounds, candidates, stamps)  # None: split by finish
         except BaseException:
             self.abandon(prepared)
             raise
@@ -267,22 +267,21 @@ class ArenaGraphs(GraphedSteps):
     ) -> torch.Tensor:
         """A prepared step run on its tokens [Tq, D]: ``score``'s result, ``keep`` called as there."""
         p = prepared
+        # placed whole, else split (the failed placement gave back what it claimed); from here on the step gives
+        # the leases back or keeps them
+        ready, p.ready = p.ready, None
         try:
-            # placed whole: its leases and plan; else split (the failed placement gave back what it claimed)
-            ready = None if p.leases is None or p.plan is None else (p.leases, p.plan)
-            p.leases = None  # from here on the step gives them back or keeps them
             return self._score(p.users, tokens, p.bounds, p.candidates, p.stamps, keep, 0, p.pins, ready, ready is None)
         finally:
-            p.leases = None
             self._unpin(p.pins, 0, len(p.pins))  # those whose part did not run
 
     def abandon(self, prepared: Prepared) -> None:
         """A prepared step that will not run (what computes its tokens failed): its claimed extents go back, its
         pins go."""
-        if prepared.leases is not None:
-            for lease in prepared.leases:
+        if prepared.ready is not None:
+            for lease in prepared.ready[0]:
                 self.arena.give_back(lease)
-            prepared.leases = None
+            prepared.ready = None
         self._unpin(prepared.pins, 0, len(prepared.pins))
 
     def _score(
@@ -295,7 +294,7 @@ class ArenaGraphs(GraphedSteps):
         keep: Callable[[int, UserKV, Lease], None],
         first: int,
         pins: list[Lease | None],
-        ready: tuple[list[Lease], tuple[ArenaLayout, bool]] | None = None,
+        ready: Placed | None = None,
         split: bool = False,
     ) -> torch.Tensor:
         """``score`` of users[first:first + len(users)] of the step, split in halves while the arena cannot place
@@ -304,17 +303,7 @@ class ArenaGraphs(GraphedSteps):
         the way) is scored eagerly against its cached rows where they lie, and kept nowhere (``unplaced``). ``ready``:
         the claimed leases and the plan ``prepare`` made, ``split``: its placement failed (neither: placed here)."""
         if ready is None and not split:
-            try:
-                leases = self._place(users, bounds)
-            except ArenaFull:
-                split = True
-            else:
-                try:
-                    ready = (leases, self._plan(users, leases, bounds, candidates, stamps))
-                except BaseException:
-                    for lease in leases:
-                        self.arena.give_back(lease)
-                    raise
+            ready = self._placed(users, bounds, candidates, stamps)
         if ready is None:  # the arena could not place them whole
             if len(users) == 1:
                 self.unplaced += 1
@@ -378,6 +367,22 @@ class ArenaGraphs(GraphedSteps):
                 arena.give_back(lease)
             raise
         return leases
+
+    def _placed(
+        self, users: list[ArenaUser], bounds: list[int], candidates: list[int], stamps: np.ndarray
+    ) -> Placed | None:
+        """The users placed whole (their extents claimed) and planned; None when the arena cannot place them whole
+        (``_place`` gave back what it claimed). A plan that raises gives the claimed extents back."""
+        try:
+            leases = self._place(users, bounds)
+        except ArenaFull:
+            return None
+        try:
+            return leases, self._plan(users, leases, bounds, candidates, stamps)
+        except BaseException:
+            for lease in leases:
+                self.arena.give_back(lease)
+            raise
 
     def _plan(
         self, users: list[ArenaUser], leases: list[Lease], bounds: list[int], candidates: list[int], stamps: np.ndarray

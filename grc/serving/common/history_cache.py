@@ -57,13 +57,13 @@ class CachedHistory:
     def reusable_rows(self, now: int, time_buckets: int) -> int:
         """``UserKV.reusable_rows`` from the host copy of the stamps (the events' own, and ``stamped_at``): no
         read of the device where the K/V live."""
-        from grc.model.kv_cache import first_moved_sorted, reusable_rows
+        from grc.model.kv_cache import reusable_rows, reusable_rows_sorted
 
-        profile, n = self.kv.profile, len(self.events)
-        if profile and n:  # reusable_rows' common case on the events' column itself, not a concatenated copy
-            first = first_moved_sorted(self.events[:, -1], self.stamped_at, now, time_buckets)
-            if first is not None:
-                return profile + (first if first >= 0 else n)
+        profile = self.kv.profile
+        if profile and len(self.events):  # reusable_rows' common case on the events' column, not a joined copy
+            rows = reusable_rows_sorted(self.events[:, -1], self.stamped_at, profile, now, time_buckets)
+            if rows is not None:
+                return rows
         stamps = np.concatenate([np.full(len(self.profile_ids), self.stamped_at, np.int64), self.events[:, -1]])
         return reusable_rows(stamps, profile, now, time_buckets)
 
