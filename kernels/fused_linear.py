@@ -220,7 +220,8 @@ class KVInto:
     @property
     def columns(self) -> tuple[int, int, int, int]:
         """(k_col, K's width, v_col, V's width) in output columns."""
-        return self.k_col, self.keys[0].numel(), self.v_col, self.values[0].numel()
+        (_, hk, dqk), (_, hv, dv) = self.keys.shape, self.values.shape  # [rows, H, D]: check() says so first
+        return self.k_col, hk * dqk, self.v_col, hv * dv
 
     def check(self, x: torch.Tensor, n_out: int) -> None:
         """Raise ValueError naming what the epilogue cannot store (nothing else stores it on CUDA)."""
