@@ -13,7 +13,8 @@ bookkeeping stands out:
   step), ``uncached`` (the same requests without ids: the fused model's whole dense step);
 - per mode: host microseconds per execute by phase (the Ranker's PhaseClock, plus ``check``), and under cProfile
   the share of the time in model compute (grc/model, kernels/, torch) vs the serving path's own Python
-  (grc/serving/**), with the top own-time functions of grc/serving.
+  (grc/serving/**), with the top own-time functions of grc/serving; and the torch ops each execute dispatches, by
+  where (the serving path's own, the lookups and projector, the dense step): on a GPU each is a host-side launch.
 
 Every cached answer is compared with the uncached one of the same request (float32: 1e-5 relative).
 
@@ -138,6 +139,7 @@ class ModelTime:
 
     def __init__(self, ranker: Any):
         self.seconds = {"dense": 0.0, "embed": 0.0}
+        self.part = "serving"  # where a torch op dispatched now belongs (OpCount)
         ranker.dense = self.timed(ranker.dense, "dense")
         ranker._tokens = self.timed(ranker._tokens, "embed")
         if ranker.history is not None:
@@ -147,13 +149,34 @@ class ModelTime:
 
     def timed(self, fn: Any, part: str) -> Any:
         def run(*a: Any, **kw: Any) -> Any:
-            started = time.perf_counter()
+            started, outer = time.perf_counter(), self.part
+            self.part = part
             try:
                 return fn(*a, **kw)
             finally:
+                self.part = outer
                 self.seconds[part] += time.perf_counter() - started
 
         return run
+
+
+def count_ops(model: ModelTime, work: list[list[tuple[int, Arrays]]], run: Any) -> dict[str, float]:
+    """Torch ops dispatched per execute (aten, below autograd), by where they run: the serving path's own, the
+    lookups and projector (embed), the dense step. On a GPU each is a host-side launch (~10-50 us there, session 14's
+    trace): the serving path's and embed's are paid per execute; the dense step's are replayed from CUDA graphs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts = {"serving": 0, "embed": 0, "dense": 0}
+
+    class OpCount(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            counts[model.part] += 1
+            return func(*args, **(kwargs or {}))
+
+    with OpCount():
+        for batch in work:
+            run(batch)
+    return {k: round(v / len(work), 1) for k, v in counts.items()}
 
 
 def run_mode(
@@ -193,8 +216,11 @@ def run_mode(
         execute(ranker, [(u + shift, r) for u, r in batch], cached, clock)
     prof.disable()
     n = len(work)
+    shift = 98 * 10**6
+    ops = count_ops(model, work, lambda batch: execute(ranker, [(u + shift, r) for u, r in batch], cached, clock))
     return {
         "host_us_per_execute": {k: round(v / n * 1e6, 1) for k, v in best.items()},
+        "torch_ops_per_execute": ops,
         "profile": profile_split(prof, n, 12),
         "cumulative_serving": cumulative(prof, n, 25),
         "answers": answers,
@@ -252,6 +278,9 @@ def main() -> None:
     print(f"{'host us / execute':<20}" + "".join(f"{m:>12}" for m in modes))
     for k in names:
         print(f"{k:<20}" + "".join(f"{m['host_us_per_execute'].get(k, 0.0):>12.0f}" for m in modes.values()))
+    print(f"{'torch ops / execute':<20}" + "".join(f"{m:>12}" for m in modes))
+    for k in ("serving", "embed", "dense"):
+        print(f"{k:<20}" + "".join(f"{m['torch_ops_per_execute'][k]:>12.1f}" for m in modes.values()))
     for mode, m in modes.items():
         p = m["profile"]
         print(
