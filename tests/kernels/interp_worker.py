@@ -363,6 +363,30 @@ def sum_parts_job(gen: torch.Generator) -> dict[str, float]:
     return results
 
 
+def tables_cache_job(gen: torch.Generator) -> dict[str, float]:
+    """bias_tables keeps the tables of eager weights: the same tensors again for the same weights, new (and right)
+    ones after an in-place update of the weights, none kept for inference tensors (no version counter)."""
+    from kernels.hstu_attention import bias_tables
+
+    pos, ts = torch.randn(3, 2 * 40 - 1, generator=gen), torch.randn(3, 32, generator=gen)
+    first = bias_tables(pos, ts, 0.5)
+    again = bias_tables(pos, ts, 0.5)
+    with torch.no_grad():
+        pos.mul_(2.0)
+    updated = bias_tables(pos, ts, 0.5)
+    fresh = bias_tables(pos.clone(), ts.clone(), 0.5)  # other storage: computed, not found
+    with torch.inference_mode():
+        pos_i, ts_i = pos.clone(), ts.clone()
+        inference = [bias_tables(pos_i, ts_i, 0.5) for _ in range(2)]
+    return {
+        "kept": float(all(a is b for a, b in zip(first, again, strict=True))),
+        "recomputed_after_update": float(all(a is not b for a, b in zip(first, updated, strict=True))),
+        "updated_equals_fresh": float(all(torch.equal(a, b) for a, b in zip(updated, fresh, strict=True))),
+        "update_changed_positions": float(not torch.equal(first[1], updated[1])),
+        "inference_not_kept": float(inference[0][0] is not inference[1][0]),
+    }
+
+
 def arena_step_job(seed: int) -> dict[str, float]:
     """The history cache's step over a device arena (tests/arena_step.py) in float32 through the Triton kernels
     (key ranges with max_user_keys), against GRDense.score with the float64 reference; unfused, and fused as the
@@ -410,6 +434,8 @@ def main() -> None:
         results = arena_step_job(seed)
     elif job == "sum_parts":
         results = sum_parts_job(gen)
+    elif job == "tables_cache":
+        results = tables_cache_job(gen)
     else:
         results = bucket_job()
     print(json.dumps(results))

@@ -73,6 +73,11 @@ def test_a_key_splits_parts_are_added_in_one_kernel_in_part_order() -> None:
     assert len(results) == 9 and not any(results.values()), f"seed={seed}: mismatching elements: {results}"
 
 
+def test_the_bias_tables_of_unchanged_weights_are_computed_once() -> None:
+    results, seed = run_worker("tables_cache", "float32")
+    assert all(v == 1.0 for v in results.values()), f"seed={seed}: {results}"
+
+
 def test_cached_kernel_poisons_users_with_more_queries_than_keys() -> None:
     results, _ = run_worker("not_a_suffix", "float32")
     assert results["bad_user_nan_fraction"] == 1.0 and results["valid_user_rel_err"] <= BOUNDS["float32"], results
