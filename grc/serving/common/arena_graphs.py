@@ -23,6 +23,7 @@ exact shape (``GraphStats.graph_misses``). Either way: the same scores.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,6 +61,10 @@ class ArenaShape:
     @property
     def length(self) -> int:
         return self.spans[FIELDS[-1]][1]
+
+
+# one instance per shape (its spans worked out once, not at every step of the shape)
+arena_shape = functools.lru_cache(maxsize=1024)(ArenaShape)
 
 
 @dataclass
@@ -111,11 +116,14 @@ def arena_plan(
     rows: int,
     keys: int,
     scratch: tuple[int, int],
+    buffer: Callable[[ArenaShape], np.ndarray] | None = None,
 ) -> ArenaLayout | None:
     """The padded layout of real ``users`` (per user: cached rows, new rows, candidates, extent start, request time)
     for ``rows`` new rows and a key bound ``keys`` (None when the padding does not fit the scratch rows
     [scratch[0], scratch[1] - 1); the last scratch row takes the writes that go nowhere). ``stamps``: the new rows'
-    [Tq] on the host."""
+    [Tq] on the host. ``buffer``: where a shape's layout is written (its kept step's host buffer: a fresh array per
+    step page-faulted ~100 us of a served step's host time on the CPU); default a new array. Every field is written
+    whole, so the buffer may hold an earlier step's layout."""
     cfg, profile = dense.cfg, len(dense.cfg.profile)
     total_q = bounds[-1]
     pad = pad_users(rows - total_q, rows - total_q, keys)  # (q, k) with q == k: each row its own candidate
@@ -129,10 +137,11 @@ def arena_plan(
         at += q
     slots = 1 << (len(layout) - 1).bit_length()
     layout += [(0, 0, 0, 0, 0)] * (slots - len(layout))
-    shape = ArenaShape(slots, rows, keys, profile)
-    packed = np.zeros(shape.length, np.int64)
+    shape = arena_shape(slots, rows, keys, profile)
+    packed = np.empty(shape.length, np.int64) if buffer is None else buffer(shape)
     q_off, ranges, n_c, group, slot, mask, picked, stamp_at, stamp_val = (packed[a:b] for a, b in shape.spans.values())
     n_q, n_kv, n_c[:], start, now = np.array(layout, np.int64).T
+    q_off[0] = 0
     np.cumsum(n_q, out=q_off[1:])
     ranges[0::2], ranges[1::2] = start, start + n_kv
     owner = np.repeat(np.arange(slots), n_q)
@@ -143,8 +152,10 @@ def arena_plan(
     mask[:] = (position >= n_ctx) & (owner < len(users))
     chosen = np.flatnonzero(mask)
     picked[: chosen.size] = chosen
+    picked[chosen.size :] = 0
     stamp_at[:rows] = slot
-    stamp_val[:total_q] = stamps  # the pad rows' stamps: 0
+    stamp_val[:total_q] = stamps
+    stamp_val[total_q:rows] = 0  # the pad rows'
     restamp_at, restamp_val = stamp_at[rows:].reshape(slots, profile), stamp_val[rows:].reshape(slots, profile)
     real, column = len(users), np.arange(profile)
     cached = column < (n_kv - n_q)[:real, None]  # a hit's cached profile rows take its request time
@@ -160,12 +171,13 @@ class _ArenaStep(PackedStep):
     def __init__(self, dense: GRDense, shape: ArenaShape, impl: str, fuse: bool, arena: KVArena):
         super().__init__(shape, dense.cfg.d_model, arena.rows.dtype, arena.rows.device)
         self.dense, self.impl, self.fuse, self.arena = dense, impl, fuse, arena
+        self.ranges = self.fields["kv_ranges"].view(-1, 2)  # made once: a view is a torch op per run
 
     def run(self) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         f, arena = self.fields, self.arena
         arena.stamps.index_copy_(0, f["stamp_at"], f["stamp_val"])
         return self.dense.run_scattered(
-            self.tokens, f["group"], arena.keys, arena.values, f["slots"], f["q_offsets"], f["kv_ranges"].view(-1, 2),
+            self.tokens, f["group"], arena.keys, arena.values, f["slots"], f["q_offsets"], self.ranges,
             arena.stamps, f["num_candidates"], f["is_candidate"] != 0, self.impl, self.fuse, self.shape.keys,
         )  # fmt: skip
 
@@ -399,7 +411,8 @@ class ArenaGraphs(GraphedSteps):
         scratch = (self.arena.scratch, self.arena.rows.shape[0])
         rows = next((r for r in self.rows_ladder if r >= bounds[-1]), None) if self.pad else None
         if rows is not None:
-            layout = arena_plan(self.dense, placed, bounds, stamps, rows, key_rung(longest, h.max_seq_len), scratch)
+            keys = key_rung(longest, h.max_seq_len)
+            layout = arena_plan(self.dense, placed, bounds, stamps, rows, keys, scratch, self._host_buffer)
             if layout is not None:
                 return layout, True
         layout = arena_plan(self.dense, placed, bounds, stamps, bounds[-1], longest, scratch)
@@ -415,12 +428,20 @@ class ArenaGraphs(GraphedSteps):
             step.load(layout, tokens)
             out = step.run()[0]
         else:
-            shape = layout.shape
-            step = self._kept(shape, lambda: _ArenaStep(self.dense, shape, self.impl, self.fuse, self.arena))
+            step = self._step(layout.shape)
             step.load(layout, tokens)
             out = self._replay(step)[0]
             self.stats.padded_tokens += layout.shape.rows - tokens.shape[0]
         return out[step.fields["candidate_rows"][: layout.candidates]]
+
+    def _step(self, shape: ArenaShape) -> _ArenaStep:
+        """The kept step of a padded shape (made at its first use)."""
+        step: _ArenaStep = self._kept(shape, lambda: _ArenaStep(self.dense, shape, self.impl, self.fuse, self.arena))
+        return step
+
+    def _host_buffer(self, shape: ArenaShape) -> np.ndarray:
+        """Where a padded step's layout is planned: its kept step's host buffer, which ``_run`` then uploads as is."""
+        return self._step(shape).host_buffer()
 
     def _grown(
         self,

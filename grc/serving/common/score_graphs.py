@@ -175,7 +175,10 @@ class PackedStep:
         self.packed = torch.zeros(shape.length, dtype=torch.int64, device=device)
         self.fields = {name: self.packed[a:b] for name, (a, b) in shape.spans.items()}
         pin = device.type == "cuda"
-        self.host = torch.zeros(self.packed.numel(), dtype=torch.int64, pin_memory=pin)
+        # on a CPU the layout is written where the step reads it: no host twin, no copy per step
+        cpu = device.type == "cpu"
+        self.host = self.packed if cpu else torch.zeros(self.packed.numel(), dtype=torch.int64, pin_memory=pin)
+        self.host_array = self.host.numpy()  # made once: .numpy() is a torch op per call
         self.copied = torch.cuda.Event() if pin else None  # the host buffer is free again once this passed
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: Any = None
@@ -183,7 +186,8 @@ class PackedStep:
     @property
     def nbytes(self) -> int:
         """Bytes of this shape's own buffers."""
-        return sum(t.numel() * t.element_size() for t in (self.tokens, self.packed, self.host))
+        own = (self.tokens, self.packed) if self.host is self.packed else (self.tokens, self.packed, self.host)
+        return sum(t.numel() * t.element_size() for t in own)
 
     def run(self) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         raise NotImplementedError
@@ -195,14 +199,22 @@ class PackedStep:
             lambda: self.run(), [], pool, seconds=seconds, free_memory=False, streams=streams
         )
 
+    def host_buffer(self) -> np.ndarray:
+        """The host buffer, for a layout to be written into in place (``upload`` then copies no host memory), once
+        the previous call's copy has read it."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.host_array
+
     def upload(self, packed: np.ndarray) -> None:
-        """The layout's fields to the device in one copy from the pinned host buffer."""
-        if self.copied is not None:
-            self.copied.synchronize()  # the previous call's copy has read the pinned buffer
-        self.host.numpy()[:] = packed
-        self.packed.copy_(self.host, non_blocking=True)
-        if self.copied is not None:
-            self.copied.record()
+        """The layout's fields to the device in one copy from the pinned host buffer (``packed``: that buffer,
+        written in place, or an array copied into it first)."""
+        if packed is not self.host_array:
+            self.host_buffer()[:] = packed
+        if self.host is not self.packed:
+            self.packed.copy_(self.host, non_blocking=True)
+            if self.copied is not None:
+                self.copied.record()
 
 
 class _Step(PackedStep):
