@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -69,13 +69,28 @@ arena_shape = functools.lru_cache(maxsize=1024)(ArenaShape)
 
 @dataclass
 class ArenaUser:
-    """One user of a step: ``kv`` the reused cached rows (None: nothing cached), ``lease`` where they lie in the
-    arena (None: they are not arena rows), ``keep``: its grown entry is to be stored (else its rows go back)."""
+    """One user of a step: ``kv`` its cached rows (None: nothing cached), of which the leading ``rows`` are reused
+    (None: all; the store's hit passes its whole entry, not a prefix of it: two torch slices per hit the step never
+    reads), ``lease`` where they lie in the arena (None: they are not arena rows), ``keep``: its grown entry is to
+    be stored (else its rows go back). ``events``: the host stamps of its history events, reused and new (its grown
+    entry's rows after the profile rows), where the caller has them (the store's visit: no read of ``kv``'s host
+    stamps, a torch op per hit); None: ``kv``'s then the step's."""
 
     kv: UserKV | None
     lease: Lease | None
     keep: bool
     now: int
+    rows: int | None = None
+    events: np.ndarray | None = None
+    past: int = field(init=False, default=0)  # the rows reused (0: nothing cached), worked out once for every stage
+
+    def __post_init__(self) -> None:
+        self.past = 0 if self.kv is None else self.kv.length if self.rows is None else self.rows
+
+    @property
+    def reused(self) -> UserKV | None:
+        """The reused rows as a cache of their own (views): what a move copies and an unkept user is scored on."""
+        return None if self.kv is None else self.kv.prefix(self.past)
 
 
 @dataclass
@@ -255,7 +270,7 @@ class ArenaGraphs(GraphedSteps):
         ``finish`` (split in parts, as ``score`` splits it). Then ``finish`` with the tokens, or ``abandon``."""
         h = self.dense.cfg.hstu
         pairs = zip(users, itertools.pairwise(bounds), strict=True)
-        total = [(0 if u.kv is None else u.kv.length) + b - a for u, (a, b) in pairs]
+        total = [u.past + b - a for u, (a, b) in pairs]
         if any(t > h.max_seq_len for t in total) or min(candidates, default=0) < 1:
             raise ValueError(  # what GRDense.score refuses, refused alike: the key bound would not hold them
                 f"arena step: cached + new tokens {total} must be <= max_seq_len {h.max_seq_len}, and every user needs "
@@ -352,7 +367,8 @@ class ArenaGraphs(GraphedSteps):
         self, user: ArenaUser, tokens: torch.Tensor, bounds: list[int], candidates: list[int], stamps: np.ndarray
     ) -> torch.Tensor:
         """One user scored by ``GRDense.score`` eagerly, its cached rows read where they lie (pinned), nothing kept."""
-        cache = user.kv if user.kv is not None else self.dense.empty_cache(len(self.dense.cfg.profile), tokens)
+        reused = user.reused
+        cache = reused if reused is not None else self.dense.empty_cache(len(self.dense.cfg.profile), tokens)
         times = torch.from_numpy(stamps).to(tokens.device)
         scores, _ = self.dense.score([cache], tokens, torch.tensor(bounds), torch.tensor(candidates), times,
                                      [user.now], self.impl, reuse_checked=True)  # fmt: skip
@@ -364,16 +380,16 @@ class ArenaGraphs(GraphedSteps):
         arena, leases = self.arena, []
         try:
             for u, (a, b) in zip(users, itertools.pairwise(bounds), strict=True):
-                past = 0 if u.kv is None else u.kv.length
-                need = past + b - a
+                need = u.past + b - a
                 lease = u.lease
                 if u.kv is not None and lease is not None and arena.claim(lease, need):
                     leases.append(lease)
                     continue
                 fresh = arena.allocate(need)
                 leases.append(fresh)
-                if u.kv is not None:
-                    arena.copy_in(fresh, u.kv, lease, u.now)
+                reused = u.reused
+                if reused is not None:
+                    arena.copy_in(fresh, reused, lease, u.now)
         except ArenaFull:
             for lease in leases:
                 arena.give_back(lease)
@@ -402,10 +418,9 @@ class ArenaGraphs(GraphedSteps):
         """The placed users' layout (host numpy, no tokens needed) and whether it is padded to a kept shape (else
         the step's exact shape, run eagerly)."""
         h = self.dense.cfg.hstu
-        past = [0 if u.kv is None else u.kv.length for u in users]
         placed = [
-            (p, b - a, c, lease.extent.start, u.now)
-            for u, p, (a, b), c, lease in zip(users, past, itertools.pairwise(bounds), candidates, leases, strict=True)
+            (u.past, b - a, c, lease.extent.start, u.now)
+            for u, (a, b), c, lease in zip(users, itertools.pairwise(bounds), candidates, leases, strict=True)
         ]
         longest = max(p + n for p, n, *_ in placed)
         scratch = (self.arena.scratch, self.arena.rows.shape[0])
@@ -463,14 +478,18 @@ class ArenaGraphs(GraphedSteps):
             if not u.keep:
                 self.arena.give_back(lease)
                 continue
-            # the entry's host stamps built in numpy, one tensor made at the end: the cached rows' (the hit's host
-            # copy), then the new events', the profile rows restamped at the request time (UserKV.timestamps_at; a
-            # miss's carry it already). Four small torch ops per user before (from_numpy, clone, cat, fill).
-            past = 0 if u.kv is None else u.kv.length
+            # the entry's host stamps built in numpy, one tensor made at the end: the events' (the caller's, else the
+            # cached rows' host copy and then the new rows'), the profile rows restamped at the request time
+            # (UserKV.timestamps_at; a miss's carry it already). Four small torch ops per user before (from_numpy,
+            # clone, cat, fill).
+            past = u.past
             held = np.empty(past + b - c - a, np.int64)
-            if u.kv is not None:
-                held[:past] = u.kv.timestamps.numpy()
-            held[past:] = stamps[a : b - c]
+            if u.events is not None:  # a length that does not match fails here
+                held[profile:] = u.events
+            else:
+                if u.kv is not None:
+                    held[:past] = u.kv.timestamps.numpy()[:past]
+                held[past:] = stamps[a : b - c]
             held[: min(profile, held.size)] = u.now
             assert lease.owner is CLAIMED
             keep(first + i, self.arena.entry(lease, held.size, torch.from_numpy(held), profile), lease)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -57,10 +58,18 @@ def user_ids(users: np.ndarray | None, batch: int) -> np.ndarray | None:
     return users.reshape(-1).copy()
 
 
-def user_events(checked: dict[str, np.ndarray], cfg: ModelConfig, u: int) -> tuple[np.ndarray, np.ndarray]:
-    """User ``u``'s profile ids [P] and events [h, history tables + 1] (ids, then timestamp)."""
-    profile = np.array([checked[rq.profile_input(t)][u, 0] for t in cfg.profile], np.int64)
-    names = [rq.history_input(t) for t in cfg.history] + [rq.HISTORY_TIME]
+def event_inputs(cfg: ModelConfig) -> tuple[list[str], list[str]]:
+    """The inputs ``user_events`` reads: the profile ids', and the events' columns (history ids, then timestamp)."""
+    return [rq.profile_input(t) for t in cfg.profile], [rq.history_input(t) for t in cfg.history] + [rq.HISTORY_TIME]
+
+
+def user_events(
+    checked: dict[str, np.ndarray], inputs: tuple[list[str], list[str]], u: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """User ``u``'s profile ids [P] and events [h, history tables + 1] (ids, then timestamp); ``inputs``:
+    ``event_inputs`` of the model (named once per store, not per user)."""
+    profiles, names = inputs
+    profile = np.array([checked[name][u, 0] for name in profiles], np.int64)
     events = np.empty((checked[rq.HISTORY_TIME].shape[1], len(names)), np.int64)  # fresh: an entry may keep it
     for j, name in enumerate(names):  # a column each (np.stack: an expand_dims per column, ~3x the host time)
         events[:, j] = checked[name][u]
@@ -75,16 +84,27 @@ def user_request(checked: dict[str, np.ndarray], cfg: ModelConfig, u: int, skip_
 
 @dataclass(frozen=True)
 class Visit:
-    """One user of a request, looked up: ``kv`` the reusable cache (None: a miss, or no id) holding
-    the profile tokens and the first ``reused`` history events."""
+    """One user of a request, looked up: ``held`` the cache of its entry (None: a miss, or no id), whose profile
+    tokens and first ``reused`` history events are reusable (``kv``)."""
 
     user: int | None
     profile_ids: np.ndarray
     events: np.ndarray
     now: int
-    kv: UserKV | None
+    held: UserKV | None
     reused: int
     lease: Lease | None = None  # where the entry's rows lie in the device arena (UserCaches.arena), if they do
+
+    @property
+    def rows(self) -> int:
+        """The reusable rows of ``held`` (0: a miss)."""
+        return 0 if self.held is None else self.held.profile + self.reused
+
+    @cached_property
+    def kv(self) -> UserKV | None:
+        """The reusable cache (views of ``held``'s first ``rows``), made when first read: the arena's step reads the
+        entry's rows where they lie (two torch slices per hit it never needed)."""
+        return None if self.held is None else self.held.prefix(self.rows)
 
 
 class UserCaches:
@@ -96,6 +116,7 @@ class UserCaches:
         # the K/V dtype and the attention implementation are part of what was cached
         self.namespace = model_namespace(cfg.model_dump_json(), weights_digest, f"{dtype}/{impl}")
         self.impl = impl
+        self.inputs = event_inputs(cfg)
         self.graphs: ScoreGraphs | None = None  # set on a GPU with CUDA graphs on: the step replayed from graphs
         self.arena: ArenaGraphs | None = None  # set instead: entries kept as rows of one device arena (use_arena)
 
@@ -151,7 +172,7 @@ class UserCaches:
 
     def visit(self, checked: dict[str, np.ndarray], u: int, user: int | None) -> Visit:
         """User ``u`` of a checked request, with its id (None: cache nothing, count nothing)."""
-        ids, events = user_events(checked, self.cfg, u)
+        ids, events = user_events(checked, self.inputs, u)
         now = int(checked[rq.REQUEST_TIME][u, 0])
         if user is None:
             return Visit(None, ids, events, now, None, 0)
@@ -167,7 +188,7 @@ class UserCaches:
         found = self.cache.lookup((self.namespace, user), usable)
         if found is None:
             return Visit(user, ids, events, now, None, 0)
-        return Visit(user, ids, events, now, found.kv.prefix(found.kv.profile + reused), reused, found.lease)
+        return Visit(user, ids, events, now, found.kv, reused, found.lease)
 
     def score(
         self,
@@ -195,9 +216,9 @@ class UserCaches:
 
         if not trimmed:
             profile = len(self.cfg.profile)
-            spans = [(a + (profile if v.kv is not None else 0), b)  # a hit holds the profile tokens already
+            spans = [(a + (profile if v.held is not None else 0), b)  # a hit holds the profile tokens already
                      for v, (a, b) in zip(visits, itertools.pairwise(bounds), strict=True)]  # fmt: skip
-            if any(v.kv is not None for v in visits):
+            if any(v.held is not None for v in visits):
                 tokens = torch.cat([tokens[a:b] for a, b in spans])
                 host_stamps = np.concatenate([host_stamps[a:b] for a, b in spans])
                 if self.arena is None:
@@ -239,7 +260,7 @@ class UserCaches:
             return None
         from grc.serving.common.arena_graphs import ArenaUser
 
-        users = [ArenaUser(v.kv, v.lease, v.user is not None, v.now) for v in visits]
+        users = [ArenaUser(v.held, v.lease, v.user is not None, v.now, v.rows, v.events[:, -1]) for v in visits]
         try:
             return self.arena.prepare(users, bounds, candidates, host)
         except BaseException:
