@@ -66,7 +66,7 @@ def books_balance(caches: UserCaches) -> None:
         want = np.concatenate([np.full(len(e.profile_ids), e.stamped_at), e.events[:, -1]])
         assert np.array_equal(e.kv.timestamps.numpy(), want), "an entry's host stamps are not its events'"
         a = e.lease.extent.start  # and the arena's stamps of its rows, where the kernels read them
-        assert np.array_equal(arena.stamps[a : a + len(want)].numpy(), want)
+        assert np.array_equal(arena.stamps[a : a + len(want)].cpu().numpy(), want)
 
 
 def later(arrays: dict[str, np.ndarray], seconds: int) -> dict[str, np.ndarray]:

@@ -68,6 +68,10 @@ def test_a_gpu_instance_without_cuda_fails_at_load_naming_why(weights: tuple[Pat
     assert instance_device(False, 0) == "cpu"
 
 
+# Triton 3.6's interpreter (the device image's) cannot run the kernel (a loop bound read from a scalar argument:
+# "only 0-dimensional arrays can be converted to Python scalars"); on a CUDA host the GPU tests below run the same
+# path compiled, and CPU CI runs this one
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA host the GPU tests below run the kernel path compiled")
 def test_the_kernel_path_scores_like_the_reference(weights: tuple[Path, Spec, Path]) -> None:
     path, _, weights_dir = weights
     seed = int(torch.randint(0, 1 << 30, ()).item())
