@@ -110,7 +110,8 @@ def on_device(layout: Layout, device: torch.device, cross_features: int) -> dict
     flat = torch.from_numpy(layout.packed)
     if device.type == "cuda":  # staged in pinned memory: the copy is queued, the host goes on to queue the lookups
         flat = flat.pin_memory().to(device, non_blocking=True)
-    out = {name: flat[start : start + n] for name, (start, n) in layout.fields.items()}
+    # the fields lie back to back: one split makes every view (a slice each was a torch op each)
+    out = dict(zip(layout.fields, flat.split_with_sizes([n for _, n in layout.fields.values()]), strict=True))
     if "cross" in out:
         bits = out["cross"].view(torch.float32)  # the float32 features' bits, padded to whole int64s
         out["cross"] = bits[: out["candidate_dst"].numel() * cross_features].view(-1, cross_features)
