@@ -5,8 +5,9 @@
 # Each suspect is switched off by a module attribute set before pytest / the bench runs (no code edited):
 #   tables   kernels.hstu_attention.TABLE_CACHE_SIZE = 0   (the attention's bias tables computed per call again)
 #   rows     kernels.fused_linear.SMALL_ROWS = 0           (the fused GEMM tuned as one class for every row count)
+#   scatter  grc.model.hstu.SCATTER_KV = False             (the new K/V rows by index_copy_, not the GEMM's epilogue)
 # Steps: the served arena GPU tests and the failing test as landed, the failing test under each switch, then the
-# step's profile (mtgr-base, history default) as landed and with `rows` off.
+# step's profile (mtgr-base, history default) as landed, with `rows` off and with `scatter` off.
 #     OUT=/some/dir bash bench/gpu_run_arena_diag.sh      (tritonclient + python-rapidjson wheels in .whl)
 set -u
 cd "$(dirname "$0")/.."
@@ -16,35 +17,35 @@ source bench/gpu_python.sh  # $py, PYTHONPATH, CXX, step, gpu_environment
 export PYTHONUNBUFFERED=1
 gpu_environment
 
-switched() {  # switched NAME -- python args...: run with the named suspect off
-    local name=$1; shift 2
+switched() {  # switched NAME: python -c code that runs the module in argv[1] with the named suspect off
     local set=""
-    case "$name" in
+    case "$1" in
         tables) set="import kernels.hstu_attention as m; m.TABLE_CACHE_SIZE = 0";;
         rows) set="import kernels.fused_linear as m; m.SMALL_ROWS = 0";;
+        scatter) set="import grc.model.hstu as m; m.SCATTER_KV = False";;
     esac
-    "$py" -c "import runpy, sys; $set; sys.argv = sys.argv[1:]; runpy.run_module(sys.argv[0], run_name='__main__')" "$@"
+    echo "import runpy, sys; $set; sys.argv = sys.argv[1:]; runpy.run_module(sys.argv[0], run_name='__main__')"
 }
 
 failing="tests/serving/test_fused_gpu_real.py::test_cached_score_graphs_exact_across_shapes_growth_and_eviction"
 step "tests as landed"
-timeout 200 "$py" -m pytest -q -p no:cacheprovider -rA tests/serving/test_arena_graphs.py -k gpu "$failing" \
+timeout 170 "$py" -m pytest -q -p no:cacheprovider -rA tests/serving/test_arena_graphs.py -k gpu "$failing" \
     > "$OUT/gpu-test-diag-landed.log" 2>&1
 grep -E "^(PASSED|FAILED|ERROR)|passed|failed|max \|diff\|" "$OUT/gpu-test-diag-landed.log" | cut -c1-400 | tail -12
-for name in tables rows; do
+for name in tables rows scatter; do
     step "the failing test with $name off"
-    timeout 90 switched "$name" -- pytest -q -p no:cacheprovider -rA "$failing[bfloat16-d128]" \
+    timeout 70 "$py" -c "$(switched "$name")" pytest -q -p no:cacheprovider -rA "$failing[bfloat16-d128]" \
         > "$OUT/gpu-test-diag-$name-off.log" 2>&1
     grep -E "^(PASSED|FAILED|ERROR)|passed|failed|max \|diff\|" "$OUT/gpu-test-diag-$name-off.log" | cut -c1-400 | tail -6
 done
-for name in landed rows; do
+for name in landed rows scatter; do
     step "profile mtgr-base history default, $name"
     args=(--spec mtgr-base --paths arena_score,full_forward --repeat 10)
     json="$OUT/history-cache-profile-h200-diag-$name.json"
     if [ "$name" = landed ]; then
-        timeout 100 "$py" bench/history_cache_profile.py "${args[@]}" --out "$json" > "$OUT/profile-$name.log" 2>&1
+        timeout 60 "$py" bench/history_cache_profile.py "${args[@]}" --out "$json" > "$OUT/profile-$name.log" 2>&1
     else
-        timeout 100 switched "$name" -- bench.history_cache_profile "${args[@]}" --out "$json" \
+        timeout 60 "$py" -c "$(switched "$name")" bench.history_cache_profile "${args[@]}" --out "$json" \
             > "$OUT/profile-$name.log" 2>&1
     fi
     grep -E "^  [a-z_]+:|_fused_linear_kernel|_hstu_hopper_kernel" "$OUT/profile-$name.log" | cut -c1-100

@@ -48,6 +48,10 @@ NORM_PROLOGUE = {"uvqk": False, "out": True, "uvqk_step": False}
 # was taken out (bench/results/e2e-notes.md, session 18); k and v are read once per query tile: activated apart.
 # JaggedDense's default (read when one is built: bench/e2e_modes.py turns it off to time the pass it saves).
 CONSUMER_SILU = True
+# The history step's new K/V rows written by the fused UVQK GEMM's epilogue (kernels.fused_linear.KVInto) instead of
+# two index_copy_ passes per layer after it (0.028 ms of session 19's 0.386 ms mtgr-base step on the H200). A switch
+# while session 21's device run finds what slowed that step's GEMMs (0.093 -> 0.138 ms) beside it.
+SCATTER_KV = True
 
 
 class GroupLayerNorm(nn.Module):
@@ -287,13 +291,15 @@ class HSTULayer(nn.Module):
         fuse: the projections as the fused Triton GEMMs, as ``forward_jagged``'s GPU compile path; the UVQK GEMM's
         epilogue then writes the new K/V rows itself (kernels.fused_linear.KVInto)."""
 
+        scatter = fuse and SCATTER_KV
+
         def join(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            if fuse:  # written by the projection
+            if scatter:  # written by the projection
                 return past_k, past_v
             return past_k.index_copy_(0, slots, k), past_v.index_copy_(0, slots, v)
 
         args = (q_offsets, kv_offsets, kv_timestamps, num_candidates, impl, fuse, max_user_keys)
-        return self._attend_cached(x, group, join, *args, into=(past_k, past_v, slots) if fuse else None)
+        return self._attend_cached(x, group, join, *args, into=(past_k, past_v, slots) if scatter else None)
 
     def _attend_cached(
         self,
