@@ -159,13 +159,21 @@ def arena_plan(
     q_off[0] = 0
     np.cumsum(n_q, out=q_off[1:])
     ranges[0::2], ranges[1::2] = start, start + n_kv
-    owner = np.repeat(np.arange(slots), n_q)
-    position = np.arange(rows) - q_off[owner] + (n_kv - n_q)[owner]  # each new row's place in its sequence
-    n_ctx = (n_kv - n_c)[owner]
+    # per user slot, then per new row (one repeat): its place in its sequence and its key row, each less the row's
+    # index, and its user's context length
+    per = np.empty((3, slots), np.int64)
+    np.subtract(n_kv - n_q, q_off[:-1], out=per[0])
+    np.add(per[0], start, out=per[1])
+    np.subtract(n_kv, n_c, out=per[2])
+    shift, reach, n_ctx = np.repeat(per, n_q, axis=1)
+    row = np.arange(rows)
+    position = row + shift
     group[:] = token_groups(cfg, position, n_ctx)
-    slot[:] = start[owner] + position
-    mask[:] = (position >= n_ctx) & (owner < len(users))
-    chosen = np.flatnonzero(mask)
+    np.add(row, reach, out=slot)
+    candidate = position >= n_ctx
+    candidate[total_q:] = False  # the pad users' rows (after the real users'): no real user's candidates
+    mask[:] = candidate
+    chosen = np.flatnonzero(candidate)
     picked[: chosen.size] = chosen
     picked[chosen.size :] = 0
     stamp_at[:rows] = slot
@@ -177,6 +185,7 @@ def arena_plan(
     restamp_at[:real] = np.where(cached, start[:real, None] + column, dump)
     restamp_at[real:] = dump
     restamp_val[:real] = np.where(cached, now[:real, None], 0)
+    restamp_val[real:] = 0
     return ArenaLayout(shape, packed, int(chosen.size))
 
 
