@@ -206,9 +206,11 @@ class _ArenaStep(PackedStep):
         )  # fmt: skip
 
     def load(self, layout: ArenaLayout, tokens: torch.Tensor) -> None:
-        """The layout and the new tokens into this shape's buffers."""
+        """The layout and the new tokens into this shape's buffers (tokens computed there already stay: the fused
+        Ranker projects them into ``ArenaGraphs.token_buffer``)."""
         self.upload(layout.packed)
-        self.tokens[: tokens.shape[0]].copy_(tokens)
+        if tokens.data_ptr() != self.tokens.data_ptr():
+            self.tokens[: tokens.shape[0]].copy_(tokens)
 
 
 class ArenaGraphs(GraphedSteps):
@@ -297,6 +299,15 @@ class ArenaGraphs(GraphedSteps):
             self.abandon(prepared)
             raise
         return prepared
+
+    def token_buffer(self, prepared: Prepared, dtype: torch.dtype) -> torch.Tensor | None:
+        """Where a prepared step's new tokens [Tq, D] may be computed in place: the first rows of its padded shape's
+        token buffer, which ``finish`` then leaves as they are (a copy into the buffer per step, on a GPU a launch);
+        None where the step was not placed whole, runs at its exact shape, or keeps its tokens in another dtype."""
+        if prepared.ready is None or not prepared.ready[1][1]:
+            return None
+        step = self._step(prepared.ready[1][0].shape)
+        return step.tokens[: prepared.bounds[-1]] if step.tokens.dtype == dtype else None
 
     def finish(
         self, prepared: Prepared, tokens: torch.Tensor, keep: Callable[[int, UserKV, Lease], None]

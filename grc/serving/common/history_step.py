@@ -267,6 +267,11 @@ class UserCaches:
             self._discard(visits)
             raise
 
+    def token_buffer(self, prepared: Prepared | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """Where the prepared step's new tokens may be computed in place (ArenaGraphs.token_buffer; None without the
+        arena): ``score`` then copies them nowhere."""
+        return None if prepared is None or self.arena is None else self.arena.token_buffer(prepared, dtype)
+
     def abandon(self, visits: list[Visit], prepared: Prepared | None) -> None:
         """A prepared step that will not run: its extents and pins go back, and its users' entries go (a hit's was
         claimed for the step)."""

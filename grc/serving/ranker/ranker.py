@@ -200,7 +200,9 @@ class Ranker:
             try:
                 feeds = lay.on_device(layout, self.device, cfg.cross_features)
                 self.clock.lap("upload")
-                tokens = self._tokens(feeds, layout.tokens).to(self.dense_dtype)
+                # projected straight into the arena step's token buffer where it keeps the projector's dtype
+                into = caches.token_buffer(prepared, self.projector.history.weight.dtype)
+                tokens = self._tokens(feeds, layout.tokens, into).to(self.dense_dtype)
             except BaseException:
                 caches.abandon(visits, prepared)
                 raise
@@ -263,11 +265,11 @@ class Ranker:
         self.rank_us += int((time.perf_counter() - started) * 1e6)
         return outs
 
-    def _tokens(self, feeds: dict[str, torch.Tensor], total: int) -> torch.Tensor:
-        """Lookups and the token projector, scattered into the jagged [T, D] batch."""
+    def _tokens(self, feeds: dict[str, torch.Tensor], total: int, into: torch.Tensor | None = None) -> torch.Tensor:
+        """Lookups and the token projector, scattered into the jagged [T, D] batch (``into``: those rows, else new)."""
         cfg, proj = self.cfg, self.projector
         dtype = proj.history.weight.dtype
-        tokens = torch.empty(total, cfg.d_model, dtype=dtype, device=self.device)
+        tokens = torch.empty(total, cfg.d_model, dtype=dtype, device=self.device) if into is None else into
 
         def rows(kind: str, table: str) -> torch.Tensor:
             return self.tables.lookup(table, feeds[f"{kind}:{table}"], dtype)
