@@ -88,10 +88,11 @@ def batches(rounds: list[list[tuple[int, Arrays]]], per: int) -> list[list[tuple
 
 
 def execute(ranker: Any, batch: list[tuple[int, Arrays]], cached: bool, clock: dict[str, float]) -> list[np.ndarray]:
-    """What fused.py's execute() does with the Ranker: check each request, rank them in one call."""
+    """What fused.py's execute() does with the Ranker: check the requests together, rank them in one call."""
     started = time.perf_counter()
-    checked = [ranker.check({**r, "user_id": np.array([[u]], np.int64)} if cached else dict(r)) for u, r in batch]
+    checked = ranker.check_all([{**r, "user_id": np.array([[u]], np.int64)} if cached else dict(r) for u, r in batch])
     clock["check"] += time.perf_counter() - started
+    assert all(isinstance(c, dict) for c in checked), checked  # the session's requests are good
     return [o["scores"] for o in ranker.rank(checked)]
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -151,11 +151,35 @@ class Ranker:
     def check(self, raw: Mapping[str, np.ndarray | None]) -> dict[str, np.ndarray]:
         """One request checked (raises validate.RequestError naming the problem). With the history
         cache, its optional ``user_id`` is kept in the checked request as ids [b]."""
-        raw = dict(raw)
-        users = raw.pop(USER_ID, None)
+        users = self._user_id(raw)
+        return self._keyed(self.parse(raw), users)
+
+    def check_all(self, raws: Sequence[Mapping[str, np.ndarray | None]]) -> list[dict[str, np.ndarray] | RequestError]:
+        """``check`` for every request of an execute at once (validate.RequestParser.check_all): per request
+        what ``check`` returns, or the RequestError it raises."""
+        results: dict[int, dict[str, np.ndarray] | RequestError] = {}
+        users: dict[int, np.ndarray | None] = {}  # the user_id input of the requests the parser sees
+        for i, raw in enumerate(raws):
+            try:
+                users[i] = self._user_id(raw)
+            except RequestError as exc:
+                results[i] = exc
+        for (i, ids), checked in zip(users.items(), self.parse.check_all([raws[i] for i in users]), strict=True):
+            try:
+                results[i] = checked if isinstance(checked, RequestError) else self._keyed(checked, ids)
+            except RequestError as exc:
+                results[i] = exc
+        return [results[i] for i in range(len(raws))]
+
+    def _user_id(self, raw: Mapping[str, np.ndarray | None]) -> np.ndarray | None:
+        """The request's optional ``user_id`` input (the parser reads the model's inputs alone: it stays in)."""
+        users = raw.get(USER_ID)
         if users is not None and self.history is None:
             raise RequestError(f"{USER_ID}: this model keeps no history cache (bundles.triton.history_cache)")
-        checked = self.parse(raw)
+        return users
+
+    @staticmethod
+    def _keyed(checked: dict[str, np.ndarray], users: np.ndarray | None) -> dict[str, np.ndarray]:
         ids = user_ids(users, checked[rq.REQUEST_TIME].shape[0])
         return checked if ids is None else {**checked, USER_ID: ids}
 

@@ -1,8 +1,8 @@
 """fused: the whole request path of one backend in ONE python model (bundles.triton.pipeline: fused).
 
-A thin TritonPythonModel around grc.serving.ranker.Ranker: every request of an execute() is
-checked on its own (a bad one gets its own error, steps.execute), the good ones are ranked in ONE
-pipeline pass (lookups, projector, dense, ranking). KIND_GPU instances run on their own GPU
+A thin TritonPythonModel around grc.serving.ranker.Ranker: the requests of an execute() are
+checked together (Ranker.check_all), a bad one getting its own error (steps.execute), and the good ones
+are ranked in ONE pipeline pass (lookups, projector, dense, ranking). KIND_GPU instances run on their own GPU
 (``model_instance_device_id``); on a host or interpreter without CUDA they fail at load, naming
 why: there is no CPU fallback. Metrics (Triton custom metrics, label model):
 grc_cuda_graph_hits_total, grc_cuda_graph_misses_total, grc_padded_tokens_total, grc_cuda_graph_captures_total and
@@ -123,7 +123,9 @@ class TritonPythonModel:
 
     def _execute(self, requests: list[Any]) -> list[Any]:
         ranker = self.ranker
-        responses = steps.execute(requests, self.name, self.names, ranker.check, ranker.rank, ranker.clock)
+        responses = steps.execute(
+            requests, self.name, self.names, ranker.check, ranker.rank, ranker.clock, check_all=ranker.check_all
+        )
         ranker.clock.start()
         stats = ranker.stats()
         self.metrics.update(stats)

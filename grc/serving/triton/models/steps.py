@@ -2,8 +2,9 @@
 
 Triton hands a python model a list of requests (the dynamic batcher's merge) and expects one response per
 request; an exception out of execute() fails every request in the list, other clients' included. So here:
-each request is read and checked on its own (a RequestError becomes HTTP 400 / INVALID_ARGUMENT naming the
-problem), the good ones run as ONE batch, and when that batch raises, each runs alone so that only the one
+each request is read and checked on its own, or all together by a step that checks them at once (fused:
+Ranker.check_all), one verdict per request either way (a RequestError becomes HTTP 400 / INVALID_ARGUMENT
+naming the problem); the good ones run as ONE batch, and when that batch raises, each runs alone so that only the one
 that fails gets the error (HTTP 500 / INTERNAL). Nothing escapes execute(), and no message carries a path of
 the server (the full error goes to the server log).
 """
@@ -37,30 +38,65 @@ def execute(
     check: Callable[[dict[str, np.ndarray | None]], Checked],
     run: Callable[[list[Checked]], list[dict[str, np.ndarray]]],
     clock: PhaseClock | None = None,
+    check_all: Callable[[list[dict[str, np.ndarray | None]]], list[Checked | RequestError]] | None = None,
 ) -> list[Any]:
     """Responses for ``requests``: ``check`` each one's inputs (raise RequestError to refuse it), then
     ``run`` the checked ones as one batch (outputs per request, in order). ``clock``: the host time of
-    reading, checking and responding laps into it (``run`` laps its own phases into the same clock)."""
+    reading, checking and responding laps into it (``run`` laps its own phases into the same clock).
+    ``check_all``: checks all the requests at once (per request what ``check`` returns, or the RequestError it
+    raises); where it raises, each request is checked alone with ``check``."""
     clock = clock or PhaseClock()
     clock.start()
     responses: list[Any] = [None] * len(requests)
-    good: list[tuple[int, Checked]] = []
+    raws: list[tuple[int, dict[str, np.ndarray | None]]] = []
     for i, request in enumerate(requests):
         try:
-            raw = io.read_all(request, inputs)
-            clock.lap("read")
-            good.append((i, check(raw)))
-        except RequestError as exc:
-            responses[i] = io.error_response(f"{name}: bad request: {exc}")
-        except Exception as exc:  # a bug of ours, not the client's: 500, and the log has the traceback
-            responses[i] = _internal(name, exc)
-        clock.lap("check")
+            raws.append((i, io.read_all(request, inputs)))
+        except Exception as exc:
+            responses[i] = _refused(name, exc)
+    clock.lap("read")
+    good: list[tuple[int, Checked]] = []
+    checks = _check_isolated(name, [raw for _, raw in raws], check, check_all)
+    for (i, _), checked in zip(raws, checks, strict=True):
+        if isinstance(checked, BaseException):
+            responses[i] = _refused(name, checked)
+        else:
+            good.append((i, checked))
+    clock.lap("check")
     outs = _run_isolated([c for _, c in good], run)
     clock.start()  # ``run`` lapped its own phases (the Ranker) or none: responding starts now
     for (i, _), out in zip(good, outs, strict=True):
         responses[i] = _internal(name, out) if isinstance(out, BaseException) else io.response(out)
     clock.lap("respond")
     return responses
+
+
+def _check_isolated(
+    name: str,
+    raws: list[dict[str, np.ndarray | None]],
+    check: Callable[[dict[str, np.ndarray | None]], Checked],
+    check_all: Callable[[list[dict[str, np.ndarray | None]]], list[Checked | RequestError]] | None,
+) -> list[Checked | BaseException]:
+    if check_all is not None:
+        try:
+            return list(check_all(raws))
+        except Exception as exc:  # a bug of ours: each request alone below, so that only the one it trips fails
+            trace = "".join(traceback.format_exception(exc))
+            io.log(f"{name}: checking the requests together failed, so each is checked alone: {trace}")
+    results: list[Checked | BaseException] = []
+    for raw in raws:
+        try:
+            results.append(check(raw))
+        except Exception as exc:
+            results.append(exc)
+    return results
+
+
+def _refused(name: str, exc: BaseException) -> Any:
+    """A RequestError as the client's error (400), anything else as ours (500, the traceback logged)."""
+    if isinstance(exc, RequestError):
+        return io.error_response(f"{name}: bad request: {exc}")
+    return _internal(name, exc)
 
 
 def _run_isolated(
