@@ -173,7 +173,7 @@ def arena_plan(
     candidate = position >= n_ctx
     candidate[total_q:] = False  # the pad users' rows (after the real users'): no real user's candidates
     mask[:] = candidate
-    chosen = np.flatnonzero(candidate)
+    chosen = candidate.nonzero()[0]  # (np.flatnonzero: a ravel and a Python wrapper around the same)
     picked[: chosen.size] = chosen
     picked[chosen.size :] = 0
     stamp_at[:rows] = slot
