@@ -37,12 +37,14 @@ def jagged_positions(offsets: torch.Tensor, num_candidates: torch.Tensor, total:
     # user of token t = how many users end at or before t: a +1 at each user's end, prefix-summed.
     # (Not searchsorted over offsets[1:]: Inductor's CUDA bucketize read that view from its base
     # and sent every token of a 1-user batch to user 1, an out-of-bounds gather; H100, torch 2.11.)
-    # int32 marks: Inductor adds them with atomics in one kernel; int64 ones it cannot (no 64-bit tl.atomic_add), so
-    # it fell back to aten's sort-based index_put (a radix sort and a scatter kernel, ~6 us of the mtgr-small
-    # latency call's 0.29 ms on the H200: e2e-h200-s19-mtgr-small-silu.json). cumsum returns int64.
+    # int64 marks, which Inductor adds through aten's sort-based index_put (a radix sort and a scatter, ~6 us of the
+    # mtgr-small latency call on the H200). Session 20 made them int32 so that Inductor would add them with its own
+    # atomics: on the H200 (session 21) that package's compile failed a device-side index assert ("0 <= tmp30 < ks0"
+    # in autotuning: a user index past the last user, as if the marks were put at offsets[:-1], the bucketize fault
+    # above again); the CPU package was right. Reverted to what ran on the H200.
     ends = offsets[1:]
-    marks = torch.zeros(total + 1, dtype=torch.int32, device=offsets.device)
-    user = marks.index_add(0, ends, torch.ones_like(ends, dtype=torch.int32)).cumsum(0)[:total]
+    marks = torch.zeros(total + 1, dtype=offsets.dtype, device=offsets.device).index_add(0, ends, torch.ones_like(ends))
+    user = marks.cumsum(0)[:total]
     idx = pos - offsets[:-1][user]
     n_ctx = (offsets[1:] - offsets[:-1] - num_candidates)[user]
     return idx, n_ctx
