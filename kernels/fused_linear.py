@@ -49,40 +49,22 @@ NATIVE, UPCAST_BF16, UPCAST = 0, 1, 2
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-LARGE_TILES = ((128, 128, 4, 4), (128, 256, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4))
-# A history step's GEMMs have a few hundred rows (one to a few users' new events and candidates): 128-row tiles
-# give mtgr-base's output projection (N 768) 18 programs on 132 SMs, and its UVQK GEMMs took 9.3 us each for 266
-# rows in session 19's profile (history-cache-profile-h200-s19-arena-base-default.log); smaller tiles, more programs.
-SMALL_TILES = ((64, 64, 4, 4), (64, 128, 4, 4), (128, 64, 4, 4), (128, 128, 4, 4))
-SMALL_ROWS = 1024  # calls with at most this many rows tune among SMALL_TILES, apart from the rest (ROWS in the key)
-
-
 def _configs() -> list[triton.Config]:
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
     # Hopper bf16 tiles (BLOCK_K 64) for K = 512..1024, N = 512..4096 (the HSTU widths), autotuned per
-    # (N, K, prologue, epilogue, row class): 8 warps spread a prologue over twice the threads. Each fits Hopper's
+    # (N, K, prologue, epilogue): 8 warps spread a prologue over twice the threads. Each fits Hopper's
     # 227 KiB of shared memory with the prologue's pipelined norm operands (208 KiB at most: checked by
     # tests/kernels/test_fused_hopper_compile.py; 256x128 needed 240 KiB with the group norm).
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in dict.fromkeys(LARGE_TILES + SMALL_TILES)
+        for bm, bn, w, s in (
+            (128, 128, 4, 4),
+            (128, 256, 8, 3),
+            (64, 128, 4, 4),
+            (128, 64, 4, 4),
+        )
     ]
-
-
-def row_class(rows: Any) -> int:
-    """1 for a call of at most SMALL_ROWS rows, else 0: the autotuner's ROWS key. A symbolic row count (the
-    exported and compiled packages: AOTInductor tunes them at compile time on its example batch) is class 0."""
-    return 1 if isinstance(rows, int) and rows <= SMALL_ROWS else 0
-
-
-def _tiles_for_rows(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
-    """Autotune only among the tiles listed for the call's row class."""
-    if INTERPRET:
-        return configs
-    wanted = SMALL_TILES if named_args.get("ROWS") == 1 else LARGE_TILES
-    keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
-    return keep or configs
 
 
 # fmt: off
@@ -154,11 +136,9 @@ def normed_dot(X, Stats, G, Gamma, Beta, U, W, rows, row_ok, offs_n, col_ok, str
     return acc
 
 
-@triton.autotune(configs=_configs(), key=["N", "K", "PROLOGUE", "EPILOGUE", "SCATTER", "ROWS"],
-                 prune_configs_by={"early_config_prune": _tiles_for_rows}, **PERSIST)
-# rows vary per call: one compile for all (see hstu_attention.NOT_SPECIALISED); ROWS (row_class) only keys the tuning
-@triton.jit(do_not_specialize=["M", "ROWS"])
-def _fused_linear_kernel(X, Stats, G, Gamma, Beta, U, W, Bias, R, Y, M, ROWS,
+@triton.autotune(configs=_configs(), key=["N", "K", "PROLOGUE", "EPILOGUE", "SCATTER"], **PERSIST)
+@triton.jit(do_not_specialize=["M"])  # rows vary per call: one compile for all (see hstu_attention.NOT_SPECIALISED)
+def _fused_linear_kernel(X, Stats, G, Gamma, Beta, U, W, Bias, R, Y, M,
                          stride_x, stride_g, stride_u, stride_wn, stride_wk, stride_r, stride_y,
                          Slots, KS, VS, stride_ks, stride_vs,
                          N: tl.constexpr, K: tl.constexpr, PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr,
@@ -327,7 +307,7 @@ def fused_linear_triton(
         return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)
 
     wrap(_fused_linear_kernel)[grid](
-        x2, stats, g, gamma, beta, u2, weight, bias, r2, out, rows, row_class(rows),
+        x2, stats, g, gamma, beta, u2, weight, bias, r2, out, rows,
         x2.stride(0), g.stride(0), u2.stride(0), weight.stride(0), weight.stride(1), r2.stride(0), out.stride(0),
         slots, ks, vs, ks.stride(0), vs.stride(0),
         N=n_out, K=k_in, PROLOGUE=prologue, EPILOGUE=epilogue, OPERAND=operand,

@@ -136,21 +136,3 @@ def test_the_key_split_finish_compiles_for_sm90() -> None:
     ptx = compile_for_hopper(_sum_parts_kernel, {"Parts": "*fp32", "Out": "*bf16"},
                              {"PARTS": 8, "ROUND_BF16": False, "BLOCK": 1024}, (), "fp32")  # fmt: skip
     assert ".target sm_90" in ptx and "cvt.rn.bf16" in ptx
-
-
-def test_a_history_steps_rows_tune_among_smaller_tiles() -> None:
-    """A call of a few hundred rows (a history step's new tokens) is tuned apart from batches (ROWS in the key),
-    among tiles that give it more programs; a symbolic row count (a compiled package) keeps the batch tiles."""
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
-
-    from kernels.fused_linear import LARGE_TILES, SMALL_ROWS, SMALL_TILES, _configs, _tiles_for_rows, row_class
-
-    def tiles(rows: object) -> set[tuple[int, int]]:
-        picked = _tiles_for_rows(_configs(), {"ROWS": row_class(rows)})
-        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in picked}
-
-    assert "ROWS" in _fused_linear_kernel.keys
-    assert tiles(266) == tiles(SMALL_ROWS) == {(m, n) for m, n, _, _ in SMALL_TILES}
-    assert tiles(SMALL_ROWS + 1) == {(m, n) for m, n, _, _ in LARGE_TILES}
-    assert tiles(ShapeEnv().create_unbacked_symint()) == tiles(1 << 20)
-    assert (64, 64) in tiles(266) and (64, 64) not in tiles(1 << 20)
