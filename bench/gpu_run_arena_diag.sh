@@ -4,7 +4,8 @@
 # session 19) and which one made the history step's fused GEMMs slower (0.093 -> 0.138 ms at mtgr-base, 3837 x 256).
 # Each suspect is switched off by a module attribute set before pytest / the bench runs (no code edited):
 #   tables   kernels.hstu_attention.TABLE_CACHE_SIZE = 0   (the attention's bias tables computed per call again)
-#   rows     kernels.fused_linear.SMALL_ROWS = 0           (the fused GEMM tuned as one class for every row count)
+#   rows     kernels.fused_linear.SMALL_ROWS = 0           (the fused GEMM tuned as one class for every row count;
+#            the class was reverted after this run, 39da556: the switch is a no-op since)
 #   scatter  grc.model.hstu.SCATTER_KV = False             (the new K/V rows by index_copy_, not the GEMM's epilogue)
 # Steps: the served arena GPU tests and the failing test as landed, the failing test under each switch, then the
 # step's profile (mtgr-base, history default) as landed, with `rows` off and with `scatter` off.
