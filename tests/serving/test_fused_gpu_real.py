@@ -79,8 +79,8 @@ def test_cached_score_graphs_exact_across_shapes_growth_and_eviction(case: str, 
     step (every kept graph dropped, the small shapes recaptured against the new buffer), and a one-graph LRU beside
     it. Every step's scores within the case's bound (float32 1e-5 relative; bfloat16, where the graphed and the eager
     step batch users differently, 2e-2), every grown entry's stamps the same and its rows within that bound of their
-    largest value; the second round of the same steps captures nothing new. (Session 12: a capture path that failed every served step on the device had passed
-    the whole CPU suite, which cannot capture graphs.)"""
+    largest value; the second round of the same steps captures nothing new. (Session 12: a capture path that failed
+    every served step on the device had passed the whole CPU suite, which cannot capture graphs.)"""
     from grc.model.kv_cache import UserKV
     from grc.serving.common.score_graphs import ScoreGraphs
     from grc.serving.ranker.dense import GraphStats
