@@ -39,8 +39,9 @@ from grc.spec.schema import HSTUConfig
 NORM_PROLOGUE = {"uvqk": False, "out": True, "uvqk_step": False}
 # "uvqk_step": the history cache's score steps (forward_scattered), a few hundred rows per call, where the GEMM is
 # bound by reading its weight and the norm apart is five small kernels (layer_norm, two gathers, mul, add: ~0.05 ms
-# of a 0.39 ms mtgr-base step on the H200, history-cache-profile-h200-s19-arena-base-default.json). Not measured
-# as a prologue yet: bench/history_cache_profile.py times both (--uvqk-step-prologue).
+# of a 0.39 ms mtgr-base step on the H200, history-cache-profile-h200-s19-arena-base-default.json). As a prologue it
+# measured slower on the H200 (session 21: 0.410 vs 0.390 ms at 3837 history, 0.351 vs 0.323 at 1000: the GEMMs
+# recompute the norm per N tile); bench/history_cache_profile.py times both (--uvqk-step-prologue).
 # The compiled jagged layer (JaggedDense: AOTInductor packages, torch.compile) hands u to the norm-gate kernel before
 # SiLU, which applies it as it reads u: Inductor otherwise writes SiLU(u) as a pass of its own over the UVQK output
 # (one of the four SiLU/split kernels, ~3.5% of a throughput call on the H200). q's SiLU in the Gluon attention
@@ -49,8 +50,8 @@ NORM_PROLOGUE = {"uvqk": False, "out": True, "uvqk_step": False}
 # JaggedDense's default (read when one is built: bench/e2e_modes.py turns it off to time the pass it saves).
 CONSUMER_SILU = True
 # The history step's new K/V rows written by the fused UVQK GEMM's epilogue (kernels.fused_linear.KVInto) instead of
-# two index_copy_ passes per layer after it (0.028 ms of session 19's 0.386 ms mtgr-base step on the H200). A switch
-# while session 21's device run finds what slowed that step's GEMMs (0.093 -> 0.138 ms) beside it.
+# two index_copy_ passes per layer after it: on the H200 the step took 0.347 ms with it, 0.375 without (mtgr-base,
+# 3837 x 256, session 21: history-cache-profile-h200-s21-diag-*.json); False only to time that again.
 SCATTER_KV = True
 
 
