@@ -75,7 +75,8 @@ def test_every_result_file_carries_its_provenance(path: Path) -> None:
     else:
         missing = [k for k in PROVENANCE if k not in data]
         assert not missing, f"{path.name}: no {missing}: write it with bench/_common.write_result"
-        assert data["argv"] and data["argv"][0].endswith(".py")
+        # the program: a script's path, or a module run as one (runpy, python -m: bench/gpu_run_arena_diag.sh)
+        assert data["argv"] and (data["argv"][0].endswith(".py") or data["argv"][0].startswith("bench."))
 
 
 @pytest.mark.parametrize(
