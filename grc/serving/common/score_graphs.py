@@ -255,6 +255,11 @@ class GraphedSteps:
     eagerly, which is how the CPU tests check the padding)."""
 
     RANGES = False  # the step's attention reads keys through [users, 2] ranges (what warm_up compiles)
+    # The warm-up step's new history events and candidates. The fused GEMMs' autotuning key leaves the rows out
+    # (kernels/fused_linear.py), so their pick is made on this step's rows and then serves every request: made at
+    # 16 candidates (~80 rows) it served 266-row hits with tiles 1.5x slower on the H200 in one of two runs
+    # (session 21). So the warm-up runs a served hit's rows.
+    WARM_EVENTS, WARM_CANDIDATES = 10, 256
 
     def __init__(
         self,
@@ -282,10 +287,10 @@ class GraphedSteps:
 
     def warm_up(self, like: torch.Tensor) -> list[tuple[int, bool]]:
         """Before serving (``like``: the device and dtype): the cached attention kernel autotuned for every key the
-        steps can meet (kernels.hstu_attention.tune_cached), then one small step (a miss of one short user), which
-        compiles the fused GEMMs and the heads kernel and captures that shape's graph. On the H200 a step that met a
-        new autotuning key on a request's path stalled the instance for ~18 s (session 9's served session workload
-        at 16 clients). -> the attention keys tuned (none when the step runs the reference ops)."""
+        steps can meet (kernels.hstu_attention.tune_cached), then one step of a served hit's rows (a miss of one short
+        user: WARM_EVENTS + WARM_CANDIDATES), which compiles and tunes the fused GEMMs and the heads kernel at that
+        shape and captures its graph. On the H200 a step that met a new autotuning key on a request's path stalled
+        the instance for ~18 s (session 9's served session workload at 16 clients). -> the attention keys tuned (none when the step runs the reference ops)."""
         if self.impl != "triton":
             return []
         from kernels.hstu_attention import tune_cached
@@ -294,7 +299,12 @@ class GraphedSteps:
         attention = next(iter(self.dense.hstu_layers)).attention  # every layer's tables have the same shapes
         with torch.no_grad():
             tuned = tune_cached(*attention.constants, h.max_seq_len, h.head_qk, h.head_v, like.dtype, self.RANGES)
-            profile, events, candidates, now = len(cfg.profile), 48, 16, 1_750_000_000
+            # a served hit's rows (the session workload's: +10 events, 256 candidates), capped for short specs
+            events, candidates = (
+                min(self.WARM_EVENTS, h.max_seq_len // 4),
+                min(self.WARM_CANDIDATES, h.max_seq_len // 4),
+            )
+            profile, now = len(cfg.profile), 1_750_000_000
             n = profile + events + candidates
             tokens = torch.randn(n, cfg.d_model, generator=torch.Generator().manual_seed(0)).to(like.device, like.dtype)
             gaps = torch.cat([torch.zeros(profile), torch.arange(events, 0, -1) * 60.0, torch.zeros(candidates)])
