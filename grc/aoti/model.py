@@ -34,19 +34,19 @@ TUNE_USERS = 16  # users in the GPU export's example batch, which AOTInductor au
 def jagged_positions(offsets: torch.Tensor, num_candidates: torch.Tensor, total: int) -> tuple[torch.Tensor, ...]:
     """[T] each token's index within its user, and its user's history length (profile + history)."""
     pos = torch.arange(total, device=offsets.device)
-    # user of token t = how many users end at or before t: a +1 at each user's end, prefix-summed.
-    # (Not searchsorted over offsets[1:]: Inductor's CUDA bucketize read that view from its base
-    # and sent every token of a 1-user batch to user 1, an out-of-bounds gather; H100, torch 2.11.)
-    # int64 marks, which Inductor adds through aten's sort-based index_put (a radix sort and a scatter, ~6 us of the
-    # mtgr-small latency call on the H200). Session 20 made them int32 so that Inductor would add them with its own
-    # atomics: on the H200 (session 21) that package's compile failed a device-side index assert ("0 <= tmp30 < ks0"
-    # in autotuning: a user index past the last user, as if the marks were put at offsets[:-1], the bucketize fault
-    # above again); the CPU package was right. Reverted to what ran on the H200.
-    ends = offsets[1:]
-    marks = torch.zeros(total + 1, dtype=offsets.dtype, device=offsets.device).index_add(0, ends, torch.ones_like(ends))
-    user = marks.cumsum(0)[:total]
-    idx = pos - offsets[:-1][user]
-    n_ctx = (offsets[1:] - offsets[:-1] - num_candidates)[user]
+    # user of token t = how many users end at or before t = how many of offsets[0..B] are <= t, less one (offsets[0]
+    # is 0): a binary search over the WHOLE offsets, which Inductor compiles into a pointwise kernel of its own
+    # (ops.bucketize). History: searchsorted over the view offsets[1:] went wrong in Inductor's CUDA bucketize, which
+    # read the view from its base (every token of a 1-user batch sent to user 1, an out-of-bounds gather; H100, torch
+    # 2.11): no view here. Session 19-22's form instead, int64 marks (+1 at each user's end, index_add, prefix sum),
+    # compiled to ~12 device launches (aten's sort-based index_put fallback: bounds-check min/max, compares and two
+    # _assert_async, a radix sort, the accumulate kernel, memsets and copies; then a cumsum), ~0.04 ms of the 0.365 ms
+    # mtgr-small latency call on the H200 with its launch gaps (e2e-h200-s22-mtgr-small.json). int32 marks failed the
+    # GPU compile (session 21): index dtypes stay int64.
+    user = torch.searchsorted(offsets, pos, right=True) - 1
+    start = offsets[user]
+    idx = pos - start
+    n_ctx = offsets[user + 1] - start - num_candidates[user]
     return idx, n_ctx
 
 

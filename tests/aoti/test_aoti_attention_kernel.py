@@ -3,7 +3,8 @@
 op (Inductor compiles Triton kernels, not Gluon ones), "triton" compiles the Triton kernel in, "hopper" fails the
 build where the Gluon kernel cannot run. On the CPU: the choice and its override of the environment, the trace-time
 check on fake tensors; on an sm90 GPU: packages of each choice built, parity-checked against float64 by the aoti
-stage's own code, and replayed from a CUDA graph bit-identically to their direct call."""
+stage's own code, replayed from a CUDA graph bit-identically to their direct call, and launching none of the
+kernels of the int64 marks grc.aoti.model.jagged_positions no longer adds (aten's sort-based index_put)."""
 
 from __future__ import annotations
 
@@ -99,6 +100,14 @@ def test_gpu_package_with_each_kernel_matches_float64_and_replays_exactly(
             replayed = graphs(*args).clone()
         assert direct.abs().max() > 0 and torch.isfinite(direct).all()
         assert torch.equal(direct, replayed)
+    # the tokens' users by one binary search over the offsets (grc.aoti.model.jagged_positions): none of the int64
+    # marks' aten kernels (the sort-based index_put with its bounds checks) runs in the package any more
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run(*args)
+        torch.cuda.synchronize()
+    kernels = {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+    marks = {k for k in kernels if any(w in k for w in ("radix_sort", "indexing_backward", "_assert_async"))}
+    assert not marks, sorted(kernels)
 
 
 @pytest.mark.skipif(not SM90, reason=NEEDS_SM90)
