@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 import threading
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from grc.serving.triton.server import ServerInstall, TritonServer
 from grc.spec.loader import load_spec
 from grc.spec.schema import Spec
 from tests.conftest import TEST_SPECS, in_dir, run_build, write_spec
-from tests.serving.test_history_cache_real import first_events, user
+from tests.serving.test_history_cache_real import first_events, settled_metrics, user
 
 pytestmark = pytest.mark.slow
 SHARDS = 2
@@ -52,7 +51,7 @@ class Served:
 
     def counts(self) -> dict[int, dict[str, float]]:
         """shard -> {hits, misses, evictions, bytes} from the metrics endpoint."""
-        text = urllib.request.urlopen(self.server.metrics_url, timeout=10).read().decode()
+        text = settled_metrics(self.server.metrics_url)
         out: dict[int, dict[str, float]] = {k: {} for k in range(SHARDS)}
         name = re.escape(self.model)
         for kind, shard, value in re.findall(

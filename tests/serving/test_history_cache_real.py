@@ -9,6 +9,7 @@ arena's) are read from the server's metrics endpoint. Skipped only where the ser
 from __future__ import annotations
 
 import re
+import time
 import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -24,6 +25,7 @@ from grc.serving.common import request as rq
 from grc.serving.triton import bundle as bd
 from grc.serving.triton import check
 from grc.serving.triton.model_config import load_config
+from grc.serving.triton.models.metrics import HISTORY_CACHE_EVERY_S
 from grc.serving.triton.server import ServerInstall, TritonServer
 from grc.spec.loader import load_spec
 from grc.spec.schema import Spec
@@ -31,6 +33,15 @@ from tests.conftest import TEST_SPECS, run_build, write_spec
 
 pytestmark = pytest.mark.slow
 BUDGET_MB = 0.08  # ~2 users of 40 events in mtgr-tiny (~34 KB each)
+# the cache's counters are sent at most every HISTORY_CACHE_EVERY_S, what waits by the model's own thread once that is
+# over (models/metrics.py): read that long after the last request, with slack for a loaded host, they are exact
+SETTLE_S = HISTORY_CACHE_EVERY_S + 0.25
+
+
+def settled_metrics(url: str) -> str:
+    """The server's metrics text once the history cache's counters of every request answered so far were sent."""
+    time.sleep(SETTLE_S)
+    return urllib.request.urlopen(url, timeout=10).read().decode()
 
 
 class Served:
@@ -46,7 +57,7 @@ class Served:
         return check.infer(self.server.http_url, "http", self.model, arrays)
 
     def metrics(self) -> dict[str, float]:
-        text = urllib.request.urlopen(self.server.metrics_url, timeout=10).read().decode()
+        text = settled_metrics(self.server.metrics_url)
         found = re.findall(r'^(grc_history_cache_\w+)\{model="' + re.escape(self.model) + r'"\} (\S+)$', text, re.M)
         return {name: float(value) for name, value in found}
 

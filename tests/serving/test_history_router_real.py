@@ -11,7 +11,6 @@ the float64 PyTorch model. Skipped only where the server cannot be installed.
 from __future__ import annotations
 
 import re
-import urllib.request
 from collections.abc import Iterator
 
 import numpy as np
@@ -22,7 +21,7 @@ from grc.model.sample import random_batch
 from grc.serving.common import request as rq
 from grc.serving.common.history_cache import shard_of
 from grc.serving.triton.server import ServerInstall
-from tests.serving.test_history_cache_real import Served, first_events, serve_mtgr_tiny, user
+from tests.serving.test_history_cache_real import Served, first_events, serve_mtgr_tiny, settled_metrics, user
 
 pytestmark = pytest.mark.slow
 SHARDS = 2
@@ -36,7 +35,7 @@ def served(install: ServerInstall, tmp_path_factory: pytest.TempPathFactory) -> 
 
 def shard_counts(served: Served) -> dict[int, dict[str, float]]:
     """shard -> {hits, misses} from the server's metrics endpoint."""
-    text = urllib.request.urlopen(served.server.metrics_url, timeout=10).read().decode()
+    text = settled_metrics(served.server.metrics_url)
     out: dict[int, dict[str, float]] = {k: {"hits": 0.0, "misses": 0.0} for k in range(SHARDS)}
     name = re.escape(served.model)
     for kind, shard, value in re.findall(

@@ -5,6 +5,7 @@ the same metrics is tested in test_fused_real.py and test_triton_serving_real.py
 from __future__ import annotations
 
 import sys
+import time
 import types
 from typing import Any, ClassVar
 
@@ -101,6 +102,37 @@ def test_a_change_of_an_urgent_key_is_sent_at_once_with_the_waiting_totals(
     metrics.update({"hits": 3, "misses": 1, "bytes": 5})  # a miss: sent now, hits catch up
     counters = [(s[0], s[2]) for s in sent if s[1] == "increment"]
     assert counters == [("grc_test_hits_total", 1), ("grc_test_hits_total", 2), ("grc_test_misses_total", 1)]
+
+
+def test_trailing_metrics_send_what_waited_once_the_interval_is_over(sent: list[tuple[str, str, float]]) -> None:
+    """With ``trailing`` (the history cache's counters), totals held back go out from the model's own thread when the
+    interval ends, with no update after them: the endpoint is exact once the model is idle that long. Values given
+    as a function are read when sent, not at every update."""
+    reads: list[int] = []
+    hits = [0]
+
+    def read() -> dict[str, float]:
+        reads.append(hits[0])
+        return {"hits": hits[0], "misses": 0, "bytes": 5}
+
+    metrics = m.Metrics("model", DECLARED, every_s=0.2, trailing=True)
+    started = time.monotonic()
+    for total in range(1, 6):  # the first sent at once, the other four held within the interval
+        hits[0] = total
+        metrics.update(read)
+    assert time.monotonic() - started < 0.2, "the updates took longer than the interval: nothing was held"
+    assert [s[2] for s in sent if s[0] == "grc_test_hits_total"] == [1]
+    assert reads == [1]  # a held update read nothing
+    deadline = time.monotonic() + 5.0
+    while len(sent) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [s[2] for s in sent if s[0] == "grc_test_hits_total"] == [1, 4]  # the waiting total, in one increment
+    assert time.monotonic() - started >= 0.2
+    assert reads == [1, 5]
+    hits[0] = 7
+    metrics.update(read)
+    metrics.flush()  # the model unloaded: what waits goes now
+    assert [s[2] for s in sent if s[0] == "grc_test_hits_total"] == [1, 4, 2]
 
 
 def test_every_capture_figure_is_exported() -> None:

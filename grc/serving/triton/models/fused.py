@@ -16,7 +16,7 @@ With bundles.triton.history_cache on, the model takes an optional ``user_id`` (I
 keeps a user-history cache (grc/serving/ranker/history.py; one store per model, one instance per
 model: the router history_router.py sends each user to its one) and exports the same
 grc_history_cache_* metrics as the ensemble path's history_cached.py (metrics.HistoryCacheMetrics: the store's,
-and the arena's where the store keeps its entries there).
+and the arena's where the store keeps its entries there), sent at most every metrics.HISTORY_CACHE_EVERY_S.
 """
 
 from __future__ import annotations
@@ -138,6 +138,8 @@ class TritonPythonModel:
         return responses
 
     def finalize(self) -> None:
+        if self.cache_metrics is not None:  # the figures an unload would otherwise leave unsent
+            self.cache_metrics.flush()
         self.trace.flush()
         history = self.ranker.history
         graphed = None if history is None else history.caches.graphed

@@ -14,7 +14,8 @@ grc_history_cache_hits_total, grc_history_cache_misses_total, grc_history_cache_
 grc_history_cache_bytes (gauge), labelled with the model name; with the entries in the arena (store arena, or
 auto on KIND_GPU) also its grc_history_cache_splits_total, grc_history_cache_unplaced_total,
 grc_history_cache_moves_total, grc_history_cache_in_place_total (counters) and grc_history_cache_arena_bytes
-(gauge), not declared with a store of copies (no arena).
+(gauge), not declared with a store of copies (no arena). Sent at most every metrics.HISTORY_CACHE_EVERY_S (what
+waits is sent once the interval is over): a reader sees the counts that late at most.
 """
 
 from __future__ import annotations
@@ -212,3 +213,6 @@ class TritonPythonModel:
         )
         self.metrics.update()
         return responses
+
+    def finalize(self) -> None:
+        self.metrics.flush()  # the figures an unload would otherwise leave unsent
