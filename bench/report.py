@@ -30,6 +30,7 @@ BLOCK = re.compile(r"<!-- report:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /report
 # run and session 11's SiLU-apart run (issue 21: the package with and without one option, nothing else), session
 # 6's fuse run (fused vs unfused package vs torch.compile; no padded baseline ran in these)
 E2E_GPU = (
+    "e2e-h200-s22-mtgr-small.json",
     "e2e-h200-s19-mtgr-small-silu.json", "e2e-h200-s19-mtgr-base-silu.json",
     "e2e-h200-s18-mtgr-small-attention.json", "e2e-h200-s18-mtgr-base-attention.json",
     "e2e-h200-s13-mtgr-small-autotune.json", "e2e-h200-s11-mtgr-small-silu.json", "e2e-h200-s6-mtgr-small-fuse.json",
@@ -587,6 +588,7 @@ ARENA_PROFILES = (
     "history-cache-profile-h200-s21-arena-base-1000.json",
     "history-cache-profile-h200-s21-arena-base-default.json",
     "history-cache-profile-h200-s21-diag-landed.json",
+    "history-cache-profile-h200-s22-arena-base-default.json",
 )
 
 
@@ -647,14 +649,18 @@ def history_cache_served_block(results: Results) -> str:
     )
 
 
-SERVED_GPU = ("history-cache-served-h200.json", "history-cache-served-h200-small.json")  # mtgr-base, mtgr-small
-# later session-workload-only runs (--skip-shapes), oldest first: their rows join the session table
+# mtgr-base (session 22: the arena store, the cache's default on a GPU), mtgr-small
+SERVED_GPU = ("history-cache-served-h200-s22-shapes.json", "history-cache-served-h200-small.json")
+# the copies store's first mtgr-base run (shapes and sessions), then session-workload-only runs (--skip-shapes),
+# oldest first: their rows join the tables
 SERVED_SESSIONS = (
+    "history-cache-served-h200.json",
     "history-cache-served-h200-s10-session.json", "history-cache-served-h200-s10-packed.json",
     "history-cache-served-h200-s11-session.json", "history-cache-served-h200-s12-shared.json",
     "history-cache-served-h200-s13-pool.json", "history-cache-served-h200-s13-streams.json",
     "history-cache-served-h200-s14-aligned-threads0.json", "history-cache-served-h200-s14-aligned-threads1.json",
     "history-cache-served-h200-s14-base3000.json", "history-cache-served-h200-s15-instances4.json",
+    "history-cache-served-h200-s22-session.json",
 )  # fmt: skip
 # per execute, ms: Triton's queue and compute, then the fused model's host phases (grc/serving/ranker/phases.py)
 SERVED_PHASES = {
@@ -765,7 +771,7 @@ def history_cache_served_gpu_block(results: Results) -> str:
         + table(["spec", "shape", "mode", *SERVED_PHASES], phases)
     )
     if sessions:
-        first = next(results(n)["session"] for n in SERVED_GPU if "session" in results(n))
+        first = next(results(n)["session"] for n in SERVED_GPU + SERVED_SESSIONS if "session" in results(n))
         out += (
             f"\n\nSession workload served ({first['users']} users x {first['visits']} visits in Zipf order "
             f"(exponent {first['zipf']}), history {first['base_history']} + {first['delta']} events per visit, "
