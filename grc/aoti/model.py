@@ -43,7 +43,13 @@ def jagged_positions(offsets: torch.Tensor, num_candidates: torch.Tensor, total:
     # _assert_async, a radix sort, the accumulate kernel, memsets and copies; then a cumsum), ~0.04 ms of the 0.365 ms
     # mtgr-small latency call on the H200 with its launch gaps (e2e-h200-s22-mtgr-small.json). int32 marks failed the
     # GPU compile (session 21): index dtypes stay int64.
-    user = torch.searchsorted(offsets, pos, right=True) - 1
+    # The clamp changes nothing for valid offsets (offsets[0] = 0 <= t < offsets[-1]: the count lies in 1..B) but keeps
+    # every gather below in bounds whatever the search's buffer holds: on the H200 (session 22) the package's compile
+    # without it failed a device-side assert, "0 <= tmp43 < 1 + ks0", in a kernel gathering offsets[user] while
+    # Inductor autotuned it, as if it read the search's output before the search had run (zeros: user -1). The
+    # marks' form read its users from a cumsum of the same zeros there (user 0, in bounds), which is why it compiled.
+    users = num_candidates.shape[0]
+    user = (torch.searchsorted(offsets, pos, right=True) - 1).clamp(0, users - 1)
     start = offsets[user]
     idx = pos - start
     n_ctx = offsets[user + 1] - start - num_candidates[user]

@@ -50,3 +50,19 @@ def test_the_export_searches_the_offsets_input_and_adds_no_marks() -> None:
     boundaries = search.args[0]
     assert boundaries.op == "placeholder" and boundaries.name == "offsets", boundaries  # the input, not a view of it
     assert search.kwargs.get("right") is True
+
+
+def test_the_gathers_stay_in_bounds_for_any_offsets() -> None:
+    """Inductor autotunes a GPU package's kernels at compile time on made-up buffers (zeros for integer ones: offsets
+    and the search's output alike); a gather past offsets' end there is a device-side assert that fails the build
+    (H200, session 22). Clamped users keep every gather in bounds for zeros, unsorted or short offsets, and change
+    nothing for valid ones (the test above)."""
+    gen = torch.Generator().manual_seed(22)
+    for users, total in ((1, 2), (3, 40), (16, 512)):
+        for offsets in (
+            torch.zeros(users + 1, dtype=torch.int64),
+            torch.randint(-50, 600, (users + 1,), generator=gen),
+            torch.arange(users + 1, dtype=torch.int64),  # ends before the last token
+        ):
+            idx, n_ctx = jagged_positions(offsets, torch.zeros(users, dtype=torch.int64), total)
+            assert idx.shape == n_ctx.shape == (total,)
