@@ -33,11 +33,15 @@ def build(
     cfg: ModelConfig,
     skips: np.ndarray | None = None,
     profiled: np.ndarray | None = None,
+    events: np.ndarray | None = None,
 ) -> Layout:
     """The batch's layout, every per-token array computed for all users at once (numpy over the batch: a request
     costs a few slices, not a dozen small arrays). ``skips``: per user (request after request, user after user)
     the leading history events left out, ``profiled``: per user whether its profile tokens are laid out (the
-    history cache's step: a hit's cached events and profile tokens are rows of its entry already); default all."""
+    history cache's step: a hit's cached events and profile tokens are rows of its entry already); default all.
+    ``events`` (with ``skips``): the users' events past the skipped ones, back to back [events, history tables + 1]
+    (ids in model.history order, then the timestamp: the history cache's visits hold them so), read as columns
+    instead of slicing every history input per user (a slice per user and input, ~20 us an execute of 6 users)."""
     n_prof = len(cfg.profile)
     first = rq.candidate_input(cfg.candidate[0])
     shapes = [(r[first].shape[0], r[first].shape[1]) for r in requests]
@@ -58,14 +62,18 @@ def build(
     starts = offsets[:-1]
     hist_idx = _ranges(starts + p, h)
     cand_idx = _ranges(starts + p + h, c)
-    if skips is None:
-        events = [r[rq.HISTORY_TIME].reshape(-1) for r in requests]
-    else:  # per user its events past the skipped ones
+
+    def history(name: str) -> np.ndarray:
+        """One history input of every user, past the skipped events, back to back."""
+        if skips is None:
+            return np.concatenate([r[name].reshape(-1) for r in requests])
+        return np.concatenate([r[name][u, s:] for (r, u), s in zip(cuts, skips.tolist(), strict=True)])
+
+    if skips is not None and events is None:  # per user its events past the skipped ones
         cuts = [(r, u) for r, (b, _) in zip(requests, shapes, strict=True) for u in range(b)]
-        events = [r[rq.HISTORY_TIME][u, s:] for (r, u), s in zip(cuts, skips.tolist(), strict=True)]
     now = np.concatenate([r[rq.REQUEST_TIME].reshape(-1) for r in requests])
     stamps = np.repeat(now, lengths)  # request time everywhere, then the history's own times
-    stamps[hist_idx] = np.concatenate(events)
+    stamps[hist_idx] = history(rq.HISTORY_TIME) if events is None else events[:, -1]
     fields: dict[str, np.ndarray] = {
         "offsets": offsets,
         "num_candidates": c,
@@ -77,14 +85,8 @@ def build(
         ids = np.concatenate([r[rq.profile_input(t)][:, 0] for r in requests])
         fields[f"profile:{t}"] = ids if profiled is None else ids[profiled]
         fields[f"profile_dst:{t}"] = (starts if profiled is None else starts[profiled]) + i
-    for t in cfg.history:
-        name = rq.history_input(t)
-        if skips is None:
-            fields[f"history:{t}"] = np.concatenate([r[name].reshape(-1) for r in requests])
-        else:
-            fields[f"history:{t}"] = np.concatenate(
-                [r[name][u, s:] for (r, u), s in zip(cuts, skips.tolist(), strict=True)]
-            )
+    for j, t in enumerate(cfg.history):
+        fields[f"history:{t}"] = history(rq.history_input(t)) if events is None else events[:, j]
     for t in cfg.candidate:
         fields[f"candidate:{t}"] = np.concatenate([r[rq.candidate_input(t)].reshape(-1) for r in requests])
     if cfg.cross_features:

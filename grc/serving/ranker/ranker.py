@@ -208,7 +208,8 @@ class Ranker:
         # the parts the cache does not hold, laid out at once: a hit's new events and candidates, a miss's whole
         # request (its profile tokens too; a hit's are rows of its entry)
         skips = np.array([v.reused for v in visits], np.int64)
-        layout = lay.build(checked, cfg, skips, np.array([v.held is None for v in visits]))
+        new_events = np.concatenate([v.events[v.reused :] for v in visits])  # the visits' own copies, as columns
+        layout = lay.build(checked, cfg, skips, np.array([v.held is None for v in visits]), new_events)
         start, n = layout.fields["offsets"]
         bounds = layout.packed[start : start + n].tolist()
         start, n = layout.fields["timestamps"]
