@@ -1,4 +1,5 @@
-"""Triton kernel for y = LayerNorm(a) * u over the last dim: one pass over memory.
+"""Triton kernels for y = LayerNorm(a) * u over the last dim, and for the group LayerNorm (each row's scale and shift
+from its token kind): one pass over memory each.
 
 Unfused it is three passes (layer_norm reads a and writes y0; the product reads y0 and u and
 writes y). Here each program loads whole rows of a and u once, keeps them in registers, and
@@ -17,24 +18,10 @@ import triton.language as tl
 from kernels.hstu_attention import INTERPRET, _round_to_bf16
 
 
-@triton.jit(do_not_specialize=["rows"])  # rows vary per call: one compile for all (hstu_attention.NOT_SPECIALISED)
-def _norm_gate_kernel(
-    A,
-    U,
-    W,
-    Bias,
-    Y,
-    rows,
-    stride_a,
-    stride_u,
-    stride_y,
-    eps,
-    C: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    ROUND_BF16: tl.constexpr,
-    SILU_U: tl.constexpr,
-):
+@triton.jit
+def _normed_rows(A, rows, stride_a, eps, C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One program's rows of A [rows, C], normalised in float32: (centred * 1/std, the rows' int64 indices as a
+    column, row mask, column mask, load/store mask). Two-pass variance: no cancellation."""
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_c = tl.arange(0, BLOCK_C)
     row_ok = offs_r < rows
@@ -42,6 +29,26 @@ def _norm_gate_kernel(
     mask = row_ok[:, None] & col_ok[None, :]
     rr = offs_r[:, None].to(tl.int64)  # rows * stride can pass 2**31
     a = tl.load(A + rr * stride_a + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(a, axis=1) / C
+    centred = tl.where(mask, a - mean[:, None], 0.0)
+    var = tl.sum(centred * centred, axis=1) / C
+    rstd = 1.0 / tl.sqrt(var + tl.cast(eps, tl.float32))  # eps may arrive as fp64 from Inductor (see hstu_attention)
+    return centred * rstd[:, None], rr, row_ok, col_ok, mask
+
+
+@triton.jit
+def _store_rows(Y, y, rr, offs_c, stride_y, mask, ROUND_BF16: tl.constexpr):
+    if ROUND_BF16:  # interpreter only: its fp32->bf16 cast truncates; round to nearest first
+        y = _round_to_bf16(y)
+    tl.store(Y + rr * stride_y + offs_c[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+# fmt: off
+@triton.jit(do_not_specialize=["rows"])  # rows vary per call: one compile for all (hstu_attention.NOT_SPECIALISED)
+def _norm_gate_kernel(A, U, W, Bias, Y, rows, stride_a, stride_u, stride_y, eps, C: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROUND_BF16: tl.constexpr, SILU_U: tl.constexpr):
+    normed, rr, _rows_ok, col_ok, mask = _normed_rows(A, rows, stride_a, eps, C, BLOCK_R, BLOCK_C)
+    offs_c = tl.arange(0, BLOCK_C)
     u = tl.load(U + rr * stride_u + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
     if SILU_U:  # u is the UVQK projection's raw output (a compiled model skips that SiLU pass); rounded as u would be
         u = u / (1.0 + tl.exp(-u))
@@ -50,14 +57,21 @@ def _norm_gate_kernel(
         u = u.to(U.dtype.element_ty).to(tl.float32)
     w = tl.load(W + offs_c, mask=col_ok, other=0.0).to(tl.float32)
     b = tl.load(Bias + offs_c, mask=col_ok, other=0.0).to(tl.float32)
-    mean = tl.sum(a, axis=1) / C
-    centred = tl.where(mask, a - mean[:, None], 0.0)
-    var = tl.sum(centred * centred, axis=1) / C  # two-pass variance: no cancellation
-    rstd = 1.0 / tl.sqrt(var + tl.cast(eps, tl.float32))  # eps may arrive as fp64 from Inductor (see hstu_attention)
-    y = (centred * rstd[:, None] * w[None, :] + b[None, :]) * u
-    if ROUND_BF16:  # interpreter only: its fp32->bf16 cast truncates; round to nearest first
-        y = _round_to_bf16(y)
-    tl.store(Y + rr * stride_y + offs_c[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    _store_rows(Y, (normed * w[None, :] + b[None, :]) * u, rr, offs_c, stride_y, mask, ROUND_BF16)
+
+
+@triton.jit(do_not_specialize=["rows"])
+def _group_norm_kernel(A, G, W, Bias, Y, rows, stride_a, stride_g, stride_y, eps, C: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """The group LayerNorm: each row's scale and shift from its group's row of W, Bias [groups, C]."""
+    normed, rr, row_ok, _cols_ok, mask = _normed_rows(A, rows, stride_a, eps, C, BLOCK_R, BLOCK_C)
+    offs_c = tl.arange(0, BLOCK_C)
+    g = tl.load(G + rr * stride_g, mask=row_ok[:, None], other=0).to(tl.int64)
+    affine = g * C + offs_c[None, :]
+    w = tl.load(W + affine, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(Bias + affine, mask=mask, other=0.0).to(tl.float32)
+    _store_rows(Y, normed * w + b, rr, offs_c, stride_y, mask, ROUND_BF16)
+# fmt: on
 
 
 def _launch_shape(channels: int) -> tuple[int, int, int]:
@@ -73,6 +87,21 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _launch(
+    a: torch.Tensor, out: torch.Tensor | None, second: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, dict[str, Any]]:
+    """Both launchers' setup for a [..., C]: (a as rows, ``second`` (u, or the group ids) as rows, the output
+    (``out`` or a new one) as rows, the row count, the launch's grid and meta-parameters)."""
+    channels = a.shape[-1]
+    a2 = _rows(a)
+    if out is None:
+        out = torch.empty(a2.shape, dtype=a.dtype, device=a.device)
+    block_r, block_c, warps = _launch_shape(channels)
+    launch = {"grid": (triton.cdiv(a2.shape[0], block_r),), "C": channels, "BLOCK_R": block_r, "BLOCK_C": block_c,
+              "ROUND_BF16": INTERPRET and a.dtype == torch.bfloat16, "num_warps": warps}  # fmt: skip
+    return a2, a2 if second is None else second, out.view(a2.shape), a2.shape[0], launch
+
+
 def norm_gate_triton(
     a: torch.Tensor,
     u: torch.Tensor,
@@ -86,31 +115,31 @@ def norm_gate_triton(
     """Launch the kernel on [..., C] inputs; ``wrap`` is torch.library.wrap_triton in the op,
     ``out`` (optional, contiguous, a's shape and dtype) lets tests pass a poisoned buffer; silu_u: u is the
     projection's output before SiLU, applied here (grc.model.hstu.CONSUMER_SILU)."""
-    channels = a.shape[-1]
-    a2, u2 = _rows(a), _rows(u)
-    if out is None:
-        out = torch.empty(a2.shape, dtype=a.dtype, device=a.device)
-    out = out.view(a2.shape)
-    rows = a2.shape[0]
-    if rows == 0:
-        return out.view(a.shape)
-    block_r, block_c, warps = _launch_shape(channels)
-    wrap(_norm_gate_kernel)[(triton.cdiv(rows, block_r),)](
-        a2,
-        u2,
-        weight.contiguous(),
-        bias.contiguous(),
-        out,
-        rows,
-        a2.stride(0),
-        u2.stride(0),
-        out.stride(0),
-        float(eps),
-        C=channels,
-        BLOCK_R=block_r,
-        BLOCK_C=block_c,
-        ROUND_BF16=INTERPRET and a.dtype == torch.bfloat16,
-        SILU_U=bool(silu_u),
-        num_warps=warps,
-    )
+    a2, u2, out, rows, launch = _launch(a, out, _rows(u))
+    if rows:
+        wrap(_norm_gate_kernel)[launch.pop("grid")](
+            a2, u2, weight.contiguous(), bias.contiguous(), out, rows, a2.stride(0), u2.stride(0), out.stride(0),
+            float(eps), SILU_U=bool(silu_u), **launch,
+        )  # fmt: skip
     return out.view(a.shape)
+
+
+def group_norm_triton(
+    x: torch.Tensor,
+    group: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """GroupLayerNorm (grc.model.hstu) of x [..., C] in one kernel, one rounding to x's dtype: ``group`` [...] each
+    row's token kind, ``weight`` / ``bias`` [groups, C]. The PyTorch form is five kernels (layer_norm, two gathers,
+    mul, add: ~0.046 ms of the history cache's 0.376 ms mtgr-base step on the H200, session 22). Eager only (the
+    history cache's steps, eagerly or in CUDA graphs): not a registered op. ``out``: as norm_gate_triton's."""
+    x2, g, out, rows, launch = _launch(x, out, group.reshape(-1))
+    if rows:
+        _group_norm_kernel[launch.pop("grid")](
+            x2, g, weight.contiguous(), bias.contiguous(), out, rows, x2.stride(0), g.stride(0), out.stride(0),
+            float(eps), **launch,
+        )  # fmt: skip
+    return out.view(x.shape)

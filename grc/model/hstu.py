@@ -20,6 +20,7 @@ from torch import nn
 from grc.model.attention import hstu_attention_padded
 from grc.model.kernel_ops import (
     gated_linear_residual,
+    group_norm,
     hstu_attention_cached,
     hstu_attention_jagged,
     linear_residual,
@@ -38,8 +39,9 @@ from grc.spec.schema import HSTUConfig
 # bench/fused_gemm.py measures both forms of each on the device.
 NORM_PROLOGUE = {"uvqk": False, "out": True, "uvqk_step": False}
 # "uvqk_step": the history cache's score steps (forward_scattered), a few hundred rows per call, where the GEMM is
-# bound by reading its weight and the norm apart is five small kernels (layer_norm, two gathers, mul, add: ~0.05 ms
-# of a 0.39 ms mtgr-base step on the H200, history-cache-profile-h200-s19-arena-base-default.json). As a prologue it
+# bound by reading its weight and the norm apart was five small kernels (layer_norm, two gathers, mul, add: ~0.05 ms
+# of a 0.39 ms mtgr-base step on the H200, history-cache-profile-h200-s19-arena-base-default.json), one since
+# session 22 (kernel_ops.group_norm). As a prologue it
 # measured slower on the H200 (session 21: 0.410 vs 0.390 ms at 3837 history, 0.351 vs 0.323 at 1000: the GEMMs
 # recompute the norm per N tile); bench/history_cache_profile.py times both (--uvqk-step-prologue).
 # The compiled jagged layer (JaggedDense: AOTInductor packages, torch.compile) hands u to the norm-gate kernel before
@@ -179,7 +181,7 @@ class HSTULayer(nn.Module):
         if NORM_PROLOGUE["uvqk_step"]:
             norm = (group, n.weight, n.bias, n.eps)
             return linear_silu_into(x, w, b, (keys, values, slots), k_col, v_col, norm=norm)
-        return linear_silu_into(n(x, group), w, b, (keys, values, slots), k_col, v_col)
+        return linear_silu_into(group_norm(x, group, n), w, b, (keys, values, slots), k_col, v_col)
 
     def _heads(
         self, x: torch.Tensor, u: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor

@@ -49,6 +49,18 @@ def norm_gate(
     return kernel_norm_gate(a, u, weight, bias, eps, impl=impl, silu_u=silu_u)
 
 
+def group_norm(x: torch.Tensor, group: torch.Tensor, norm: Any) -> torch.Tensor:
+    """``norm(x, group)`` (a GroupLayerNorm) as one Triton kernel where grc's kernels run (kernels/norm_gate.py:
+    one rounding where the module rounds after each of its ops), else the module itself. Eager: the history cache's
+    steps call it."""
+    from kernels.norm_gate import group_norm_triton
+    from kernels.ops import runs_kernel
+
+    if not runs_kernel(x):
+        return norm(x, group)
+    return group_norm_triton(x, group, norm.weight, norm.bias, norm.eps)
+
+
 def silu_apart(x: torch.Tensor) -> torch.Tensor:
     """SiLU as a pass of its own: the ``grc::silu`` op (kernels/silu.py says why)."""
     from kernels.ops import silu

@@ -270,6 +270,33 @@ def norm_gate_job(gen: torch.Generator) -> dict[str, float]:
     return results
 
 
+def group_norm_job(gen: torch.Generator) -> dict[str, float]:
+    """The group LayerNorm kernel vs float64, each row's affine from its group (3 groups, ids in any order), into
+    NaN-poisoned outputs; and the module it stands for (GroupLayerNorm) at float32, which it must match closely."""
+    from grc.model.hstu import GroupLayerNorm
+    from kernels.fused_linear import group_norm_reference
+    from kernels.norm_gate import group_norm_triton
+
+    results: dict[str, float] = {}
+    for name, dtype in DTYPES.items():
+        for shape in ((37, 48), (5, 256), (1, 16), (2, 7, 40)):
+            channels = shape[-1]
+            x = (torch.randn(*shape, generator=gen) * 3 + 1).to(dtype)
+            group = torch.randint(0, 3, shape[:-1], generator=gen)
+            w, b = torch.randn(3, channels, generator=gen), torch.randn(3, channels, generator=gen)
+            out = group_norm_triton(x, group, w, b, 1e-5, out=torch.full(shape, float("nan"), dtype=dtype))
+            ref = group_norm_reference(x.double(), group, w.double(), b.double(), 1e-5)
+            results[f"{name}_{'x'.join(map(str, shape))}"] = rel_err(out, ref)
+    norm = GroupLayerNorm(64, 3, 1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(generator=gen)
+        norm.bias.normal_(generator=gen)
+        x, group = torch.randn(19, 64, generator=gen) * 2, torch.randint(0, 3, (19,), generator=gen)
+        results["float32_vs_module"] = rel_err(group_norm_triton(x, group, norm.weight, norm.bias, norm.eps),
+                                               norm(x.double(), group).double())  # fmt: skip
+    return results
+
+
 def silu_job(gen: torch.Generator) -> dict[str, float]:
     """grc::silu's kernel on a whole tensor (odd sizes: the last block masked), float64 included, vs F.silu in
     float64; and through the op, exactly the kernel."""
@@ -430,6 +457,8 @@ def main() -> None:
         results = norm_gate_job(gen)
     elif job == "silu":
         results = silu_job(gen)
+    elif job == "group_norm":
+        results = group_norm_job(gen)
     elif job == "arena_step":
         results = arena_step_job(seed)
     elif job == "sum_parts":

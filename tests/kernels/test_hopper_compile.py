@@ -21,7 +21,7 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
 from kernels.hstu_attention import _hstu_fwd_kernel
-from kernels.norm_gate import _norm_gate_kernel
+from kernels.norm_gate import _group_norm_kernel, _norm_gate_kernel
 from kernels.silu import _silu_kernel
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -92,6 +92,15 @@ def test_attention_compiles_for_sm90(float_type: str) -> None:
 @pytest.mark.parametrize("float_type", ["fp32", "fp64"])
 def test_norm_gate_compiles_for_sm90(float_type: str) -> None:
     ptx = compile_for_hopper(_norm_gate_kernel, NORM_PTRS, NORM_CONST, ("eps",), float_type)
+    assert ".target sm_90" in ptx
+    assert set(re.findall(r"\b\w+(?:\.\w+)*\.f64\b", ptx)) <= {"cvt.rn.f32.f64"}
+
+
+def test_group_norm_compiles_for_sm90() -> None:
+    """The history cache step's group LayerNorm (kernels/norm_gate.py): int64 group ids, fp32 math, no float64."""
+    ptrs = {"A": "*bf16", "G": "*i64", "W": "*bf16", "Bias": "*bf16", "Y": "*bf16"}
+    const = {"C": 512, "BLOCK_R": 8, "BLOCK_C": 512, "ROUND_BF16": False}
+    ptx = compile_for_hopper(_group_norm_kernel, ptrs, const, ("eps",), "fp32")
     assert ".target sm_90" in ptx
     assert set(re.findall(r"\b\w+(?:\.\w+)*\.f64\b", ptx)) <= {"cvt.rn.f32.f64"}
 

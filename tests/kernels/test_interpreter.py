@@ -100,6 +100,13 @@ def test_norm_gate_kernel() -> None:
     assert not bad, f"seed={seed}: rel. error over bound (inf = NaN left in output): {bad}"
 
 
+def test_group_norm_kernel() -> None:
+    """kernels/norm_gate.py's group LayerNorm (the history cache step's norm before its UVQK GEMM), each dtype."""
+    results, seed = run_worker("group_norm", "all")
+    bad = {case: err for case, err in results.items() if not err <= BOUNDS[case.split("_")[0]]}
+    assert len(results) == 13 and not bad, f"seed={seed}: rel. error over bound (inf = NaN left in output): {bad}"
+
+
 def test_silu_kernel() -> None:
     results, seed = run_worker("silu", "all")
     assert results.pop("op_equals_kernel") == 1.0, f"seed={seed}: grc::silu is not its kernel"
