@@ -290,7 +290,8 @@ class GraphedSteps:
         steps can meet (kernels.hstu_attention.tune_cached), then one step of a served hit's rows (a miss of one short
         user: WARM_EVENTS + WARM_CANDIDATES), which compiles and tunes the fused GEMMs and the heads kernel at that
         shape and captures its graph. On the H200 a step that met a new autotuning key on a request's path stalled
-        the instance for ~18 s (session 9's served session workload at 16 clients). -> the attention keys tuned (none when the step runs the reference ops)."""
+        the instance for ~18 s (session 9's served session workload at 16 clients). -> the attention keys tuned
+        (none when the step runs the reference ops)."""
         if self.impl != "triton":
             return []
         from kernels.hstu_attention import tune_cached
