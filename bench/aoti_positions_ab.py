@@ -6,8 +6,9 @@ of 300 replays (CUDA events), device kernels of one profiled replay by name, max
 
     OUT=$OUT python bench/aoti_positions_ab.py [variant ...]      # a CUDA sm90 GPU; -> $OUT/aoti-positions-ab.json
 
-Session 22 ran this probe from an uncommitted copy (bench/results/aoti-positions-ab-h200-s22-unattested.json: no
-provenance fields); committed afterwards so that the figures quoted in grc/aoti/model.py have a source.
+Session 22 ran this probe from an uncommitted copy: its raw output, without provenance, is
+bench/results/aoti-positions-ab-h200-s22-probe.log (a log, not a result); committed afterwards so that the figures
+quoted in grc/aoti/model.py have a source. A rerun writes a result with its provenance.
 """
 
 from __future__ import annotations
