@@ -35,7 +35,7 @@ fi
 spec=${SPEC:-mtgr-base}
 for h in ${HISTORIES:-1000 default}; do
     step "profile $spec history $h"
-    args=(--spec "$spec" --paths arena_score,arena_score_flipped_prologue,graphs_score,full_forward --repeat 10)
+    args=(--spec "$spec" --paths arena_score,arena_score_torch_norm,arena_score_flipped_prologue,graphs_score,full_forward --repeat 10)
     [ "$h" != default ] && args+=(--history "$h")
     name="history-cache-profile-h200-arena-$spec-$h"
     timeout "${LIMIT_S:-120}" "$py" bench/history_cache_profile.py "${args[@]}" --out "$OUT/$name.json" 2>&1 \

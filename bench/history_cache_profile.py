@@ -119,19 +119,27 @@ def python_profile(run: Callable[[], Any], calls: int) -> dict[str, dict[str, fl
     return {"own": top(list(stats.items()), 2), "grc": top(ours, 3)}
 
 
+def switched(run: Callable[[], torch.Tensor], name: str, value: Any) -> Callable[[], torch.Tensor]:
+    """``run`` with ``grc.model.hstu.<name>`` set to ``value`` while it runs (its graphs are captured so)."""
+    from grc.model import hstu
+
+    def with_switch() -> torch.Tensor:
+        was = getattr(hstu, name)
+        setattr(hstu, name, value)
+        try:
+            return run()
+        finally:
+            setattr(hstu, name, was)
+
+    return with_switch
+
+
 def flipped_prologue(run: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
     """``run`` with NORM_PROLOGUE["uvqk_step"] flipped while it runs (its graphs are captured so)."""
     from grc.model import hstu
 
-    def flipped() -> torch.Tensor:
-        was = hstu.NORM_PROLOGUE["uvqk_step"]
-        hstu.NORM_PROLOGUE["uvqk_step"] = not was
-        try:
-            return run()
-        finally:
-            hstu.NORM_PROLOGUE["uvqk_step"] = was
-
-    return flipped
+    flipped = dict(hstu.NORM_PROLOGUE, uvqk_step=not hstu.NORM_PROLOGUE["uvqk_step"])
+    return switched(run, "NORM_PROLOGUE", flipped)
 
 
 def main() -> None:
@@ -174,6 +182,8 @@ def main() -> None:
             # the same with the UVQK GEMM's group norm as its prologue (grc.model.hstu.NORM_PROLOGUE["uvqk_step"]
             # flipped from the default: which is faster at a step's few hundred rows, session 20)
             "arena_score_flipped_prologue": flipped_prologue(arena_hit()),
+            # the same with the group norm before the UVQK GEMM as PyTorch's five kernels (session 22's kernel off)
+            "arena_score_torch_norm": switched(arena_hit(), "STEP_NORM_KERNEL", False),
             # the served hit with store: copies: the step replayed from a CUDA graph, entries copied in and out
             "graphs_score": lambda: user.score(graphs, cache, "triton", reuse_checked=True),
             "full_forward": lambda: user.full(model, "triton"),

@@ -55,6 +55,10 @@ CONSUMER_SILU = True
 # two index_copy_ passes per layer after it: on the H200 the step took 0.347 ms with it, 0.375 without (mtgr-base,
 # 3837 x 256, session 21: history-cache-profile-h200-s21-diag-*.json); False only to time that again.
 SCATTER_KV = True
+# The history step's group norm (norm apart) as one Triton kernel (kernel_ops.group_norm) rather than the module's
+# five PyTorch kernels (~0.046 of a 0.376 ms mtgr-base step on the H200, session 22); False only to time that again
+# (bench/history_cache_profile.py's arena_score_torch_norm).
+STEP_NORM_KERNEL = True
 
 
 class GroupLayerNorm(nn.Module):
@@ -181,7 +185,8 @@ class HSTULayer(nn.Module):
         if NORM_PROLOGUE["uvqk_step"]:
             norm = (group, n.weight, n.bias, n.eps)
             return linear_silu_into(x, w, b, (keys, values, slots), k_col, v_col, norm=norm)
-        return linear_silu_into(group_norm(x, group, n), w, b, (keys, values, slots), k_col, v_col)
+        normed = group_norm(x, group, n) if STEP_NORM_KERNEL else n(x, group)
+        return linear_silu_into(normed, w, b, (keys, values, slots), k_col, v_col)
 
     def _heads(
         self, x: torch.Tensor, u: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
