@@ -28,13 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # grc and kernels from a checkout
 
 from bench._common import write_result
-from bench.history_cache_device import User, model_in, spec_path
-from bench.history_cache_profile import device_profile
-from grc.model.kv_cache import KVLayout
-from grc.serving.common.arena_graphs import ArenaGraphs
-from grc.serving.common.kv_arena import KVArena
-from grc.serving.ranker.dense import GraphStats
-from grc.spec.loader import load_spec
+from bench.history_cache_profile import arena_hit, case_arguments, device_profile, one_user
 
 # (BLOCK_M, BLOCK_N, warps, stages): kernels.fused_linear's four, then smaller tiles for a few hundred rows (more
 # programs on the 132 SMs: a 266-row call gets 3 row blocks of 128 or 5 of 64)
@@ -53,49 +47,30 @@ def main() -> None:
     from kernels import fused_linear
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--spec", default="mtgr-base")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--candidates", type=int, default=256)
-    ap.add_argument("--history", type=int, help="history events (default: max_seq_len - 256 - profile tokens)")
-    ap.add_argument("--repeat", type=int, default=20)
+    case_arguments(ap, "mtgr-base")  # --dry-run: a tiny shape, one tile
     ap.add_argument("--autotunes", type=int, default=3)
-    ap.add_argument("--dry-run", action="store_true", help="a tiny shape, one tile (CPU under TRITON_INTERPRET=1)")
-    ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.dry_run:
-        raise SystemExit("gemm_tiles.py: torch sees no CUDA device (use --dry-run on a CPU)")
-    device = torch.device("cuda" if cuda else "cpu")
-    repo = Path(__file__).resolve().parents[1]
-    cfg = load_spec(spec_path(repo, args.spec)).spec.model
-    h, dtype = cfg.hstu, getattr(torch, args.dtype)
-    candidates = 8 if args.dry_run else args.candidates
-    history = 24 if args.dry_run else args.history or h.max_seq_len - 256 - len(cfg.profile)
-    repeat = 2 if args.dry_run else args.repeat
-    model = model_in(cfg, device, args.dtype)
-    user = User(cfg, history, candidates, 0, device, dtype)
+    case = one_user(args, "gemm_tiles.py")
     kernel: Any = fused_linear._fused_linear_kernel  # the Autotuner
     landed = list(kernel.configs)
     if hasattr(kernel, "cache_results"):
         kernel.cache_results = False  # each autotune row times its tiles afresh (no pick from the on-disk cache)
     result: dict[str, Any] = {
-        "spec": args.spec, "dtype": args.dtype, "history": history, "candidates": candidates, "repeat": repeat,
-        "landed_tiles": [c.__str__() for c in landed], "rows": [],
+        "spec": args.spec, "dtype": args.dtype, "history": case.history, "candidates": case.candidates,
+        "repeat": case.repeat, "landed_tiles": [str(c) for c in landed], "rows": [],
     }  # fmt: skip
-    layout = KVLayout(h.num_layers, h.num_heads, h.head_qk, h.head_v)
     with torch.no_grad():
-        cache = user.prefill(model, user.n - candidates, "triton")
+        cache = case.user.prefill(case.model, case.user.n - case.candidates, "triton")
         reference = None
 
         def measure(label: str, configs: list[Any]) -> None:
             nonlocal reference
             kernel.configs = configs
             kernel.cache.clear()  # the pick per key forgotten: this row tunes (or takes its one tile) afresh
-            arena = KVArena(layout, 2 * h.max_seq_len, ArenaGraphs.scratch_rows(model, 1), dtype, device)
-            run = user.in_arena(ArenaGraphs(model, "triton", GraphStats(), 1, arena, graphs=cuda), cache)
+            run = arena_hit(case, cache)
             scores = run().float()  # compiles, tunes, captures
             reference = scores if reference is None else reference
-            prof = device_profile(run, repeat, cuda)
+            prof = device_profile(run, case.repeat, case.cuda)
             gemm = sum(ms for k, ms in prof["device_kernels"].items() if k.startswith(GEMM))
             picks = sorted({str(c) for c in kernel.cache.values()})
             row = {

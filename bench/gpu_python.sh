@@ -26,3 +26,11 @@ gpu_environment() {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "nvidia-smi: not found"
   "$py" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 }
+# A device call's start, for the scripts that write into $OUT: OUT set (else the call stops, saying so) and made,
+# Python unbuffered (each step's lines reach the log as they happen), the machine printed.
+gpu_call() {
+  : "${OUT:?set OUT to the folder the results go to}"
+  mkdir -p "$OUT"
+  export PYTHONUNBUFFERED=1
+  gpu_environment
+}

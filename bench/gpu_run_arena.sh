@@ -14,11 +14,8 @@
 #     HISTORIES=" " OUT=... bash bench/gpu_run_arena.sh     tests import the bundle writers; " ": tests only)
 set -u
 cd "$(dirname "$0")/.."
-: "${OUT:?set OUT to the folder the results go to}"
-mkdir -p "$OUT"
-source bench/gpu_python.sh  # $py, PYTHONPATH, CXX, step, gpu_environment
-export PYTHONUNBUFFERED=1
-gpu_environment
+source bench/gpu_python.sh  # $py, PYTHONPATH, CXX, step, gpu_environment, gpu_call
+gpu_call
 
 status=0
 tb=${TEST_BUDGET:-240}

@@ -12,11 +12,8 @@
 #     OUT=/some/dir bash bench/gpu_run_arena_diag.sh      (tritonclient + python-rapidjson wheels in .whl)
 set -u
 cd "$(dirname "$0")/.."
-: "${OUT:?set OUT to the folder the results go to}"
-mkdir -p "$OUT"
-source bench/gpu_python.sh  # $py, PYTHONPATH, CXX, step, gpu_environment
-export PYTHONUNBUFFERED=1
-gpu_environment
+source bench/gpu_python.sh  # $py, PYTHONPATH, CXX, step, gpu_environment, gpu_call
+gpu_call
 
 switched() {  # switched NAME: python -c code that runs the module in argv[1] with the named suspect off
     local set=""

@@ -5,11 +5,8 @@
 # pydantic & co. from .whl where the device's Python lacks them (bench/gpu_python.sh).
 set -u
 cd "$(dirname "$0")/.."
-: "${OUT:?set OUT to the folder the results go to}"
-mkdir -p "$OUT"
-source bench/gpu_python.sh  # $py, PYTHONPATH, CXX, step, gpu_environment
-export PYTHONUNBUFFERED=1
-gpu_environment
+source bench/gpu_python.sh  # $py, PYTHONPATH, CXX, step, gpu_environment, gpu_call
+gpu_call
 spec=${SPEC:-mtgr-base}
 step "bench/gemm_tiles.py $spec"
 timeout "${LIMIT_S:-240}" "$py" bench/gemm_tiles.py --spec "$spec" --out "$OUT/gemm-tiles-h200-$spec.json" 2>&1 \

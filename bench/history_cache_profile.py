@@ -30,6 +30,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +40,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # grc and kernels 
 
 from bench._common import write_result
 from bench.history_cache_device import User, model_in, spec_path
-from grc.model.kv_cache import KVLayout
+from grc.model.gr import GRDense
+from grc.model.kv_cache import KVLayout, UserKV
 from grc.serving.common.arena_graphs import ArenaGraphs
 from grc.serving.common.kv_arena import KVArena
 from grc.serving.common.score_graphs import ScoreGraphs
 from grc.serving.ranker.dense import GraphStats
 from grc.spec.loader import load_spec
+from grc.spec.schema import ModelConfig
 
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "cudaEventSynchronize")
 TOP = 15
@@ -142,48 +145,76 @@ def flipped_prologue(run: Callable[[], torch.Tensor]) -> Callable[[], torch.Tens
     return switched(run, "NORM_PROLOGUE", flipped)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--spec", default="mtgr-small")
+def case_arguments(ap: argparse.ArgumentParser, spec: str) -> None:
+    """The options of one user's case (this script's and bench/gemm_tiles.py's): spec, dtype, candidates, history,
+    repeat, dry run, out."""
+    ap.add_argument("--spec", default=spec)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--candidates", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--history", type=int, help="history events (default: max_seq_len - 256 - profile tokens)")
-    ap.add_argument("--paths", help="comma-separated subset of the paths (default: all)")
     ap.add_argument("--dry-run", action="store_true", help="a tiny shape (CPU under TRITON_INTERPRET=1)")
     ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+
+
+@dataclass
+class Case:
+    """One user's case from ``case_arguments``' options: the model on the device and the user, in the args' dtype
+    (a tiny shape and 2 repeats with --dry-run)."""
+
+    cfg: ModelConfig
+    device: torch.device
+    cuda: bool
+    dtype: torch.dtype
+    model: GRDense
+    user: User
+    history: int
+    candidates: int
+    repeat: int
+
+
+def one_user(args: argparse.Namespace, program: str) -> Case:
     cuda = torch.cuda.is_available()
     if not cuda and not args.dry_run:
-        raise SystemExit("history_cache_profile.py: torch sees no CUDA device (use --dry-run on a CPU)")
+        raise SystemExit(f"{program}: torch sees no CUDA device (use --dry-run on a CPU)")
     device = torch.device("cuda" if cuda else "cpu")
-    repo = Path(__file__).resolve().parents[1]
-    cfg = load_spec(spec_path(repo, args.spec)).spec.model
+    cfg = load_spec(spec_path(Path(__file__).resolve().parents[1], args.spec)).spec.model
     candidates = 8 if args.dry_run else args.candidates
     history = 24 if args.dry_run else args.history or cfg.hstu.max_seq_len - 256 - len(cfg.profile)
+    dtype = getattr(torch, args.dtype)
+    user = User(cfg, history, candidates, 0, device, dtype)
     repeat = 2 if args.dry_run else args.repeat
-    model = model_in(cfg, device, args.dtype)
-    user = User(cfg, history, candidates, 0, device, getattr(torch, args.dtype))
-    cached = user.n - candidates
+    return Case(cfg, device, cuda, dtype, model_in(cfg, device, args.dtype), user, history, candidates, repeat)
+
+
+def arena_hit(case: Case, cache: UserKV) -> Callable[[], torch.Tensor]:
+    """The served hit over the device arena (store: arena), on an arena and graphs of its own: ``cache``'s rows
+    copied in once, each call grows the entry in place (User.in_arena)."""
+    h, model = case.cfg.hstu, case.model
+    layout = KVLayout(h.num_layers, h.num_heads, h.head_qk, h.head_v)
+    arena = KVArena(layout, 2 * h.max_seq_len, ArenaGraphs.scratch_rows(model, 1), case.dtype, case.device)
+    return case.user.in_arena(ArenaGraphs(model, "triton", GraphStats(), 1, arena, graphs=case.cuda), cache)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    case_arguments(ap, "mtgr-small")
+    ap.add_argument("--paths", help="comma-separated subset of the paths (default: all)")
+    args = ap.parse_args()
+    case = one_user(args, "history_cache_profile.py")
+    cuda, model, user, repeat = case.cuda, case.model, case.user, case.repeat
     started = time.perf_counter()
     with torch.no_grad():
-        cache = user.prefill(model, cached, "triton")
+        cache = user.prefill(model, user.n - case.candidates, "triton")
         graphs = ScoreGraphs(model, "triton", GraphStats(), max_users=1, graphs=cuda)
-        h, dtype = cfg.hstu, getattr(torch, args.dtype)
-        layout = KVLayout(h.num_layers, h.num_heads, h.head_qk, h.head_v)
-
-        def arena_hit() -> Callable[[], torch.Tensor]:  # each path its own arena and graphs
-            arena = KVArena(layout, 2 * h.max_seq_len, ArenaGraphs.scratch_rows(model, 1), dtype, device)
-            return user.in_arena(ArenaGraphs(model, "triton", GraphStats(), 1, arena, graphs=cuda), cache)
-
-        paths = {
+        paths = {  # each arena path its own arena and graphs
             # the served hit over the device arena (store: arena, session 19): entries read and grown in place
-            "arena_score": arena_hit(),
+            "arena_score": arena_hit(case, cache),
             # the same with the UVQK GEMM's group norm as its prologue (grc.model.hstu.NORM_PROLOGUE["uvqk_step"]
             # flipped from the default: which is faster at a step's few hundred rows, session 20)
-            "arena_score_flipped_prologue": flipped_prologue(arena_hit()),
+            "arena_score_flipped_prologue": flipped_prologue(arena_hit(case, cache)),
             # the same with the group norm before the UVQK GEMM as PyTorch's five kernels (session 22's kernel off)
-            "arena_score_torch_norm": switched(arena_hit(), "STEP_NORM_KERNEL", False),
+            "arena_score_torch_norm": switched(arena_hit(case, cache), "STEP_NORM_KERNEL", False),
             # the served hit with store: copies: the step replayed from a CUDA graph, entries copied in and out
             "graphs_score": lambda: user.score(graphs, cache, "triton", reuse_checked=True),
             "full_forward": lambda: user.full(model, "triton"),
@@ -195,7 +226,7 @@ def main() -> None:
         from grc.model.hstu import NORM_PROLOGUE
 
         result: dict[str, Any] = {
-            "spec": args.spec, "dtype": args.dtype, "history": history, "candidates": candidates,
+            "spec": args.spec, "dtype": args.dtype, "history": case.history, "candidates": case.candidates,
             "impl": "triton", "repeat": repeat, "norm_prologue": dict(NORM_PROLOGUE), "paths": {},
         }  # fmt: skip
         outs: dict[str, torch.Tensor] = {}

@@ -87,11 +87,9 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _launch(
-    a: torch.Tensor, out: torch.Tensor | None, second: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, dict[str, Any]]:
-    """Both launchers' setup for a [..., C]: (a as rows, ``second`` (u, or the group ids) as rows, the output
-    (``out`` or a new one) as rows, the row count, the launch's grid and meta-parameters)."""
+def _launch(a: torch.Tensor, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, int, dict[str, Any]]:
+    """Both launchers' setup for a [..., C]: (a as rows, the output (``out`` or a new one) as rows, the row count,
+    the launch's grid and meta-parameters)."""
     channels = a.shape[-1]
     a2 = _rows(a)
     if out is None:
@@ -99,7 +97,7 @@ def _launch(
     block_r, block_c, warps = _launch_shape(channels)
     launch = {"grid": (triton.cdiv(a2.shape[0], block_r),), "C": channels, "BLOCK_R": block_r, "BLOCK_C": block_c,
               "ROUND_BF16": INTERPRET and a.dtype == torch.bfloat16, "num_warps": warps}  # fmt: skip
-    return a2, a2 if second is None else second, out.view(a2.shape), a2.shape[0], launch
+    return a2, out.view(a2.shape), a2.shape[0], launch
 
 
 def norm_gate_triton(
@@ -115,7 +113,7 @@ def norm_gate_triton(
     """Launch the kernel on [..., C] inputs; ``wrap`` is torch.library.wrap_triton in the op,
     ``out`` (optional, contiguous, a's shape and dtype) lets tests pass a poisoned buffer; silu_u: u is the
     projection's output before SiLU, applied here (grc.model.hstu.CONSUMER_SILU)."""
-    a2, u2, out, rows, launch = _launch(a, out, _rows(u))
+    (a2, out, rows, launch), u2 = _launch(a, out), _rows(u)
     if rows:
         wrap(_norm_gate_kernel)[launch.pop("grid")](
             a2, u2, weight.contiguous(), bias.contiguous(), out, rows, a2.stride(0), u2.stride(0), out.stride(0),
@@ -136,7 +134,7 @@ def group_norm_triton(
     row's token kind, ``weight`` / ``bias`` [groups, C]. The PyTorch form is five kernels (layer_norm, two gathers,
     mul, add: ~0.046 ms of the history cache's 0.376 ms mtgr-base step on the H200, session 22). Eager only (the
     history cache's steps, eagerly or in CUDA graphs): not a registered op. ``out``: as norm_gate_triton's."""
-    x2, g, out, rows, launch = _launch(x, out, group.reshape(-1))
+    (x2, out, rows, launch), g = _launch(x, out), group.reshape(-1)
     if rows:
         _group_norm_kernel[launch.pop("grid")](
             x2, g, weight.contiguous(), bias.contiguous(), out, rows, x2.stride(0), g.stride(0), out.stride(0),

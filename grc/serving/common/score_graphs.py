@@ -300,11 +300,8 @@ class GraphedSteps:
         attention = next(iter(self.dense.hstu_layers)).attention  # every layer's tables have the same shapes
         with torch.no_grad():
             tuned = tune_cached(*attention.constants, h.max_seq_len, h.head_qk, h.head_v, like.dtype, self.RANGES)
-            # a served hit's rows (the session workload's: +10 events, 256 candidates), capped for short specs
-            events, candidates = (
-                min(self.WARM_EVENTS, h.max_seq_len // 4),
-                min(self.WARM_CANDIDATES, h.max_seq_len // 4),
-            )
+            cap = h.max_seq_len // 4  # a served hit's rows (WARM_*), capped for short specs
+            events, candidates = min(self.WARM_EVENTS, cap), min(self.WARM_CANDIDATES, cap)
             profile, now = len(cfg.profile), 1_750_000_000
             n = profile + events + candidates
             tokens = torch.randn(n, cfg.d_model, generator=torch.Generator().manual_seed(0)).to(like.device, like.dtype)
