@@ -10,6 +10,10 @@
 #      with NORM_PROLOGUE["uvqk_step"] flipped (session 20), the copies step (graphs_score) and the eager full
 #      forward -> $OUT/history-cache-profile-h200-arena-SPEC-H.json / .log
 #                                                                                       LIMIT_S=120 each
+#   3. with MIXED="HITS:MISSES" (default none): one served execute's users in one arena step (MIXED_HISTORY events
+#      each, default 1000; hits +10 events), fused and unfused GEMMs, beside their uncached forward: the device time
+#      per execute behind the served session's users/s (issue 18) -> $OUT/history-cache-profile-h200-mixed-SPEC.json
+#                                                                                       MIXED_LIMIT_S=150
 #     OUT=/some/dir bash bench/gpu_run_arena.sh              (tritonclient + python-rapidjson wheels in .whl: the
 #     HISTORIES=" " OUT=... bash bench/gpu_run_arena.sh     tests import the bundle writers; " ": tests only)
 set -u
@@ -39,5 +43,13 @@ for h in ${HISTORIES:-1000 default}; do
         | grep -v '^USDT:' > "$OUT/$name.log"
     grep -E "^  [a-z_]+:|max relative" "$OUT/$name.log"
 done
+if [ -n "${MIXED:-}" ]; then
+    step "mixed step $MIXED of $spec"
+    name="history-cache-profile-h200-mixed-$spec"
+    timeout "${MIXED_LIMIT_S:-150}" "$py" bench/history_cache_profile.py --spec "$spec" --mixed "$MIXED" \
+        --mixed-history "${MIXED_HISTORY:-1000}" --paths arena_mixed,arena_mixed_unfused,full_forward_mixed \
+        --repeat 10 --out "$OUT/$name.json" 2>&1 | grep -v '^USDT:' > "$OUT/$name.log"
+    grep -E "^  [a-z_]+:|max relative" "$OUT/$name.log"
+fi
 step "done"
 exit "$status"

@@ -17,6 +17,12 @@ session 8, replayed from a CUDA graph, grc/serving/common/score_graphs.py):
 - ``host_ops``: the profiler's host ops by self time (ms per call);
 - ``python``: cProfile, ms per call: ``own`` by own time, ``grc`` grc/ and kernels/ functions by cumulative time.
 
+With ``--mixed HITS:MISSES``, also one served execute's users in ONE arena step (``arena_mixed``; with PyTorch's
+GEMMs, cuBLAS, instead of grc's fused ones: ``arena_mixed_unfused``) beside the same users' whole sequences in one
+eager forward (``full_forward_mixed``): the served session spends more device time per execute cached than uncached
+(1.76 vs 1.50 ms on the H200, session 22, ~4 hits and ~1 miss of history 1,000 per execute), which a one-user
+profile does not show.
+
 Not a timed test: figures for the next change to the served cached path (CUDA graphs or fewer host
 steps). Written through bench/_common.write_result (provenance, source digest).
 """
@@ -34,16 +40,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # grc and kernels from a checkout
 
 from bench._common import write_result
-from bench.history_cache_device import User, model_in, spec_path
+from bench.history_cache_device import DELTA, NOW, User, model_in, spec_path
 from grc.model.gr import GRDense
 from grc.model.kv_cache import KVLayout, UserKV
-from grc.serving.common.arena_graphs import ArenaGraphs
-from grc.serving.common.kv_arena import KVArena
+from grc.serving.common.arena_graphs import ArenaGraphs, ArenaUser
+from grc.serving.common.kv_arena import GROWTH_GAP, KVArena, Lease
 from grc.serving.common.score_graphs import ScoreGraphs
 from grc.serving.ranker.dense import GraphStats
 from grc.spec.loader import load_spec
@@ -196,10 +203,81 @@ def arena_hit(case: Case, cache: UserKV) -> Callable[[], torch.Tensor]:
     return case.user.in_arena(ArenaGraphs(model, "triton", GraphStats(), 1, arena, graphs=case.cuda), cache)
 
 
+# (user, its cache: None for a miss) of a mixed step: a served execute's users, hits and misses in ONE step
+Mixed = list[tuple[User, UserKV | None]]
+
+
+def mixed_users(case: Case, spec: str, history: int) -> Mixed:
+    """``spec`` "HITS:MISSES" users of ``history`` events each (--dry-run: 24), the served session's execute
+    (bench/history_cache_served_session.py: ~5 users per execute at 16 clients, one in five a first visit): a hit
+    holds its profile and history less the DELTA events its visit adds (then computes those and its candidates),
+    a miss holds nothing (its whole sequence)."""
+    hits, misses = (int(n) for n in spec.split(":"))
+    history = 24 if case.history == 24 else history  # a dry run's tiny shape
+    out: Mixed = []
+    for i in range(hits + misses):
+        user = User(case.cfg, history, case.candidates, i + 1, case.device, case.dtype)
+        cached = user.n - case.candidates - DELTA
+        out.append((user, user.prefill(case.model, cached, "triton") if i < hits else None))
+    return out
+
+
+def arena_mixed(case: Case, users: Mixed, fuse: bool | None = None) -> Callable[[], torch.Tensor]:
+    """``users`` in one step of the served arena (store: arena), steady state as ``arena_hit``: every hit's cached
+    rows copied once into an extent of their own, each call grows them in place; each miss's rows allocated per call
+    and given back (its entry not kept). ``fuse``: the step's GEMMs (None: the served default, grc's fused Triton
+    GEMMs; False: PyTorch's, cuBLAS on a GPU, with the epilogues as kernels of their own)."""
+    h, model = case.cfg.hstu, case.model
+    layout = KVLayout(h.num_layers, h.num_heads, h.head_qk, h.head_v)
+    rows = 2 * sum(u.n for u, _ in users) + len(users) * GROWTH_GAP
+    arena = KVArena(layout, rows, ArenaGraphs.scratch_rows(model, len(users)), case.dtype, case.device)
+    graphs = ArenaGraphs(model, "triton", GraphStats(), len(users), arena, graphs=case.cuda, fuse=fuse)
+    holder = object()  # stands for the store's entries
+    step: list[ArenaUser] = []
+    tokens, stamps, bounds, candidates = [], [], [0], []
+    for user, cache in users:
+        cached = 0 if cache is None else cache.length
+        if cache is None:
+            step.append(ArenaUser(None, None, False, NOW))
+        else:
+            lease = arena.allocate(user.n)
+            arena.copy_in(lease, cache, None, NOW)
+            lease.owner = holder
+            step.append(ArenaUser(arena.entry(lease, cached, cache.timestamps, cache.profile), lease, True, NOW))
+        tokens.append(user.tokens[cached:])
+        stamps.append(user.host_stamps[cached:])
+        bounds.append(bounds[-1] + user.n - cached)
+        candidates.append(user.candidates)
+    new, host = torch.cat(tokens), np.concatenate(stamps)
+
+    def keep(_: int, __: UserKV, held: Lease) -> None:
+        held.owner = holder
+
+    return lambda: graphs.score(step, new, bounds, candidates, host, keep)
+
+
+def full_mixed(case: Case, users: Mixed) -> Callable[[], torch.Tensor]:
+    """The same users uncached: their whole sequences in one eager jagged forward through grc's kernels (what
+    ``full_forward`` is for one user) -> their candidates' scores in user order, as the arena step returns them."""
+    tokens = torch.cat([u.tokens for u, _ in users])
+    stamps = torch.cat([u.stamps for u, _ in users])
+    lengths = torch.tensor([u.n for u, _ in users])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]).to(case.device)
+    nc = torch.tensor([u.candidates for u, _ in users], device=case.device)
+    picked = torch.cat(
+        [torch.arange(int(end) - u.candidates, int(end)) for (u, _), end in zip(users, offsets[1:].cpu(), strict=True)]
+    )
+    picked = picked.to(case.device)
+    return lambda: case.model.forward_jagged(tokens, offsets, nc, stamps, "triton")[picked]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     case_arguments(ap, "mtgr-small")
     ap.add_argument("--paths", help="comma-separated subset of the paths (default: all)")
+    ap.add_argument("--mixed", help='"HITS:MISSES": also one served execute\'s users in one step (arena_mixed, '
+                    "arena_mixed_unfused) beside their uncached forward (full_forward_mixed)")  # fmt: skip
+    ap.add_argument("--mixed-history", type=int, default=1000, help="each mixed user's history events")
     args = ap.parse_args()
     case = one_user(args, "history_cache_profile.py")
     cuda, model, user, repeat = case.cuda, case.model, case.user, case.repeat
@@ -223,12 +301,23 @@ def main() -> None:
             "served_score": lambda: user.score(model, cache, "triton", reuse_checked=True),
             "planned_score": user.planned(model, cache, "triton"),
         }
+        mixed: Mixed = []
+        if args.mixed:  # one served execute's users in one step (issue 18's session: device time per execute)
+            mixed = mixed_users(case, args.mixed, args.mixed_history)
+            paths |= {
+                "arena_mixed": arena_mixed(case, mixed),
+                "arena_mixed_unfused": arena_mixed(case, mixed, fuse=False),
+                "full_forward_mixed": full_mixed(case, mixed),
+            }
         from grc.model.hstu import NORM_PROLOGUE
 
         result: dict[str, Any] = {
             "spec": args.spec, "dtype": args.dtype, "history": case.history, "candidates": case.candidates,
             "impl": "triton", "repeat": repeat, "norm_prologue": dict(NORM_PROLOGUE), "paths": {},
         }  # fmt: skip
+        if mixed:
+            history = mixed[0][0].n - len(case.cfg.profile) - case.candidates
+            result["mixed"] = {"hits:misses": args.mixed, "history": history, "delta": DELTA}
         outs: dict[str, torch.Tensor] = {}
         for name, run in paths.items():
             if args.paths and name not in args.paths.split(","):
@@ -246,12 +335,17 @@ def main() -> None:
             for kernel, ms in list(row["device_kernels"].items())[:12]:
                 print(f"    {ms:8.4f} ms device  {kernel}")
             write_result(Path(args.out), result)
-        full = outs.get("full_forward")
-        if full is not None:  # each path's scores against the uncached forward's (same kernels, same dtype)
-            result["max_rel_vs_full_forward"] = {
-                name: float((o - full).abs().max() / full.abs().max()) for name, o in outs.items()
+        for full_name in ("full_forward", "full_forward_mixed"):  # each path against its users' uncached forward
+            full = outs.get(full_name)
+            if full is None:
+                continue
+            mixed_path = "_mixed" in full_name
+            result[f"max_rel_vs_{full_name}"] = {
+                name: float((o - full).abs().max() / full.abs().max())
+                for name, o in outs.items()
+                if ("_mixed" in name) == mixed_path
             }
-            print(f"  max relative difference vs full_forward: {result['max_rel_vs_full_forward']}")
+            print(f"  max relative difference vs {full_name}: {result[f'max_rel_vs_{full_name}']}")
             write_result(Path(args.out), result)
     print(f"wrote {args.out}")
 
