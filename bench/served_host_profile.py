@@ -16,9 +16,18 @@ bookkeeping stands out:
   (grc/serving/**), with the top own-time functions of grc/serving; and the torch ops each execute dispatches, by
   where (the serving path's own, the lookups and projector, the dense step): on a GPU each is a host-side launch.
 
-Every cached answer is compared with the uncached one of the same request (float32: 1e-5 relative).
+Every cached answer is compared with the uncached one of the same request (TOLERANCE: float32 on the CPU 1e-5
+relative, bfloat16 on a GPU 0.06).
+
+With ``--device cuda`` the same on a GPU, in bfloat16 with the Ranker's CUDA graphs and the arena's, as a KIND_GPU
+instance serves: there every torch op is a launch, so the phases show what the H200's host pays per execute (the
+served session of session 22: layout 1.20 vs 0.25 ms, dense host 1.05 vs 0.39 cached vs uncached, ~0.7 ms more
+than this bench's CPU figures explain). There the model's time is its launches (the device runs behind), and the
+``fetch`` phase holds the wait for the device.
 
     python bench/served_host_profile.py [--store arena|copies] [--out bench/results/served-host-profile-cpu.json]
+    python bench/served_host_profile.py --device cuda --base 1000 --candidates 256 --max-seq-len 1536 \
+        --users 60 --budget-mb 2048 --out $OUT/served-host-profile-h200.json
 """
 
 from __future__ import annotations
@@ -40,10 +49,14 @@ from bench._common import write_result
 
 REPO = Path(__file__).resolve().parents[1]
 Arrays = dict[str, np.ndarray]
+TOLERANCE = {False: 1e-5, True: 0.06}  # cached vs uncached, max relative: float32 on the CPU; bfloat16 on a GPU
 
 
-def build_ranker(folder: Path, store: str, max_seq_len: int, candidates: int, budget_mb: float) -> Any:
-    """A cached fused Ranker (backend pytorch_kernels) of mtgr-tiny, its sequences and candidates widened."""
+def build_ranker(
+    folder: Path, store: str, max_seq_len: int, candidates: int, budget_mb: float, device: str = "cpu"
+) -> Any:
+    """A cached fused Ranker (backend pytorch_kernels) of mtgr-tiny, its sequences and candidates widened, on
+    ``device`` (cuda: bfloat16, as the GPU specs serve; the Ranker's CUDA graphs and the arena's, as served)."""
     from grc.serving.ranker.ranker import Ranker
     from grc.serving.triton.fused_bundle import fused_config
     from grc.spec.loader import load_spec
@@ -56,6 +69,8 @@ def build_ranker(folder: Path, store: str, max_seq_len: int, candidates: int, bu
         "bundles.triton.backend": "pytorch_kernels",
         "bundles.triton.history_cache": {"enabled": True, "budget_mb": budget_mb, "store": store},
     }
+    if device != "cpu":
+        over["engine.aoti.dtype"] = "bfloat16"  # the fused model's dense dtype on a GPU (params["dtype"])
     spec_path = write_spec(folder, TEST_SPECS / "mtgr-tiny.yaml", over)
     run_build(spec_path, only=["weights"])
     model_dir = folder / "m"
@@ -66,7 +81,7 @@ def build_ranker(folder: Path, store: str, max_seq_len: int, candidates: int, bu
     msg = fused_config(spec, "m", "pytorch_kernels", None, 0)
     params = {k: v.string_value for k, v in msg.parameters.items()}
     said: list[str] = []
-    ranker = Ranker.from_model_dir(model_dir, "cpu", params, log=said.append)
+    ranker = Ranker.from_model_dir(model_dir, device, params, log=said.append)
     return spec, ranker, said
 
 
@@ -243,13 +258,17 @@ def main() -> None:
     ap.add_argument("--eager-shapes", action="store_true", help="the arena step at each exact shape (a CPU instance's)")
     ap.add_argument("--repeats", type=int, default=3, help="timed passes of the session per mode (best kept)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the host part is not smeared)")
+    ap.add_argument("--device", default="cpu", help="cuda: the same on a GPU (bfloat16, CUDA graphs), where each "
+                    "torch op is a launch: the served cached path's host phases as the H200 pays them")  # fmt: skip
     ap.add_argument("--out", default="served-host-profile-cpu", help="result name or .json path")
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     folder = Path(tempfile.mkdtemp(prefix="served-host-"))
-    spec, ranker, said = build_ranker(folder, args.store, args.max_seq_len, args.candidates, args.budget_mb)
+    spec, ranker, said = build_ranker(
+        folder, args.store, args.max_seq_len, args.candidates, args.budget_mb, args.device
+    )
     if ranker.history.caches.arena is not None and not args.eager_shapes:
         ranker.history.caches.arena.pad = True  # the GPU's padded shapes, their steps kept (run eagerly here)
     rounds = session(spec.model, args.users, args.visits, args.base, args.delta, args.candidates)
@@ -292,8 +311,8 @@ def main() -> None:
         for row in p["top_serving_own"][:10]:
             print(f"  {row['us_per_execute']:>8.0f} us {row['share_of_host']:>6.1%}  {row['function']}")
     result = {
-        "what": "host time per execute of the fused Ranker in-process on the CPU (mtgr-tiny widened), cached vs "
-        "uncached; cProfile's own time split into model compute and the serving path",
+        "what": f"host time per execute of the fused Ranker in-process on {args.device} (mtgr-tiny widened), cached "
+        "vs uncached; cProfile's own time split into model compute (on a GPU: its launches) and the serving path",
         "args": vars(args),
         "loaded": said,
         "executes": len(work),
@@ -302,7 +321,7 @@ def main() -> None:
         "arena": arena_counts,
         "modes": modes,
     }
-    assert worst <= 1e-5, worst
+    assert worst <= TOLERANCE[args.device != "cpu"], worst
     out = Path(args.out) if args.out.endswith(".json") else args.out
     print(f"wrote {write_result(out, result)}")
 
