@@ -39,8 +39,9 @@ class Tables:
     vocab: dict[str, int]
     block_rows: int
 
-    def lookup(self, name: str, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """[n] int64 row ids -> [n, dim] in ``dtype`` (float32 unless asked). Out-of-range ids are an error, never a
+    def lookup(self, name: str, ids: torch.Tensor, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """[n] int64 row ids -> [n, dim] in ``dtype`` (float32 unless asked; None: as the blocks give them, for a
+        caller that concatenates several tables and casts once). Out-of-range ids are an error, never a
         wrap-around."""
         ids = ids.to(torch.int64)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab[name]):
@@ -49,8 +50,8 @@ class Tables:
         block, row = ids // self.block_rows, ids % self.block_rows
         parts = [(b, (block == b).nonzero().flatten()) for b in block.unique().tolist()]
         fetched = [(where, self.blocks[name][b](row[where])) for b, where in parts]
-        dim = fetched[0][1].shape[1] if fetched else self.blocks[name][0](row[:0]).shape[1]
-        out = torch.empty(ids.numel(), dim, dtype=dtype)
+        like = fetched[0][1] if fetched else self.blocks[name][0](row[:0])
+        out = torch.empty(ids.numel(), like.shape[1], dtype=like.dtype if dtype is None else dtype)
         for where, rows in fetched:
             out[where] = rows.to(dtype)
         return out

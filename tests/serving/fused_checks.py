@@ -147,7 +147,11 @@ def table_matches(
         # straight to the model's dtype (one cast) == through float32, both lookups
         half = mapped.lookup(name, ids).to(torch.bfloat16)
         same = same and torch.equal(mapped.lookup(name, ids, torch.bfloat16), half)
-        out[name] = same and torch.equal(ours.lookup(name, ids.to(dev), torch.bfloat16).cpu(), half)
+        same = same and torch.equal(ours.lookup(name, ids.to(dev), torch.bfloat16).cpu(), half)
+        # as stored (None), cast after: the same bits as the cast lookup (Ranker._tokens concatenates, then casts)
+        full = mapped.lookup(name, ids)
+        stored = ours.lookup(name, ids.to(dev), None).cpu(), mapped.lookup(name, ids, None)
+        out[name] = same and all(torch.equal(rows.float(), full) for rows in stored)
     return out
 
 

@@ -296,17 +296,20 @@ class Ranker:
         dtype = proj.history.weight.dtype
         tokens = torch.empty(total, cfg.d_model, dtype=dtype, device=self.device) if into is None else into
 
-        def rows(kind: str, table: str) -> torch.Tensor:
-            return self.tables.lookup(table, feeds[f"{kind}:{table}"], dtype)
+        def rows(kind: str, table: str, cast: torch.dtype | None = dtype) -> torch.Tensor:
+            return self.tables.lookup(table, feeds[f"{kind}:{table}"], cast)
 
         for t in cfg.profile:
             tokens.index_copy_(0, feeds[f"profile_dst:{t}"], proj.profile[t](rows("profile", t)))
-        history = proj.history(torch.cat([rows("history", t) for t in cfg.history], -1))
-        tokens.index_copy_(0, feeds["history_dst"], history)
-        parts = [rows("candidate", t) for t in cfg.candidate]
+        # a kind's tables as stored, concatenated, then ONE cast (torch.cat promotes mixed dtypes, the float32 cross
+        # features' included): on a GPU each cast was a launch, one per table and batch (values unchanged: a cast to
+        # float32 is exact, so cast-then-cat and cat-then-cast give the same bits)
+        history = torch.cat([rows("history", t, None) for t in cfg.history], -1).to(dtype)
+        tokens.index_copy_(0, feeds["history_dst"], proj.history(history))
+        parts = [rows("candidate", t, None) for t in cfg.candidate]
         if cfg.cross_features:
-            parts.append(feeds["cross"].to(dtype))
-        tokens.index_copy_(0, feeds["candidate_dst"], proj.candidate(torch.cat(parts, -1)))
+            parts.append(feeds["cross"])
+        tokens.index_copy_(0, feeds["candidate_dst"], proj.candidate(torch.cat(parts, -1).to(dtype)))
         return tokens
 
     def stats(self) -> dict[str, float]:

@@ -35,9 +35,9 @@ _KIND = {code: kind for kind, code in CODE_DTYPE.items()}  # safetensors dtype -
 
 class Lookup:
     """What TokenProjector-like code needs: ``lookup(table, ids, dtype) -> [n, dim]`` in ``dtype`` (default
-    float32) on ids' device."""
+    float32; None: as the table holds its rows, dequantized) on ids' device."""
 
-    def lookup(self, name: str, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def lookup(self, name: str, ids: torch.Tensor, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -64,15 +64,15 @@ class DeviceTables(Lookup):
 
             self.gather = gather_rows
 
-    def lookup(self, name: str, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def lookup(self, name: str, ids: torch.Tensor, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
         """Ids were checked by the request parser: no device-to-host check here. Float rows go to ``dtype`` in one
-        cast, none when stored in it (a bfloat16 table read through float32 was two launches per table and batch)."""
+        cast, none when stored in it (a bfloat16 table read through float32 was two launches per table and batch)
+        or for None (the caller concatenates tables and casts once: Ranker._tokens)."""
         table = self.tables[name]
         rows = self.gather(table.values, ids)
-        if table.kind is None:
-            return rows.to(dtype)
-        factors = {f: self.gather(v, ids) for f, v in table.factors.items()}
-        return dequantize_rows(rows, factors, table.kind).to(dtype)
+        if table.kind is not None:
+            rows = dequantize_rows(rows, {f: self.gather(v, ids) for f, v in table.factors.items()}, table.kind)
+        return rows if dtype is None else rows.to(dtype)
 
     def nbytes(self) -> int:
         return sum(t.nbytes() for t in self.tables.values())

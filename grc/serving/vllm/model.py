@@ -54,7 +54,7 @@ class DeviceTables(Tables):
 
     device: torch.device = torch.device("cpu")
 
-    def lookup(self, name: str, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def lookup(self, name: str, ids: torch.Tensor, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
         return super().lookup(name, ids.cpu(), dtype).to(self.device)
 
 
