@@ -4,6 +4,7 @@ returns plain numbers the test asserts on."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,31 @@ def gather_errors(seed: int, device: str = "cpu") -> dict[str, bool]:
     } | {"empty_ids": gather(base, ids[:0]).shape == (0, 19)}
 
 
+def gather_concat_errors(seed: int, device: str = "cpu") -> dict[str, bool]:
+    """kernels.gather.gather_concat vs torch.cat of index_select (+ the extra columns) cast to float32, bit for bit:
+    1-4 tables of mixed float dtypes, dims past the kernel's column block, with and without extra columns, row counts
+    off the row block and zero. On CUDA the tables sit in pinned host memory (the gather reads through UVA) and on the
+    device alike."""
+    from kernels.gather import MAX_PARTS, gather_concat
+
+    gen = torch.Generator().manual_seed(seed)
+    kinds = [(torch.bfloat16, 3), (torch.float16, 200), (torch.float32, 16), (torch.bfloat16, 129)][:MAX_PARTS]
+    places = ("device", "pinned") if device != "cpu" else ("cpu",)
+    out = {}
+    for parts, extra_cols, n in itertools.product(range(1, MAX_PARTS + 1), (0, 16), (0, 1, 37)):
+        tables = [torch.randn(53, dim, generator=gen).to(dtype) for dtype, dim in kinds[:parts]]
+        ids = [torch.randint(0, 53, (n,), generator=gen) for _ in tables]
+        ids[0][:1] = 52  # the last row
+        extra = [torch.randn(n, extra_cols, generator=gen)] if extra_cols else []
+        want = torch.cat([t[i] for t, i in zip(tables, ids, strict=True)] + extra, -1).float()
+        side = extra[0].to(device) if extra else None
+        for place in places:
+            held = [t.pin_memory() if place == "pinned" else t.to(device) for t in tables]
+            got = gather_concat(held, [i.to(device) for i in ids], side, torch.float32)
+            out[f"{parts} tables, extra {extra_cols}, {n} rows, {place}"] = torch.equal(got.cpu(), want)
+    return out
+
+
 def table_matches(
     weights_dir: Path, cfg: ModelConfig, placement: str, seed: int, device: str = "cpu"
 ) -> dict[str, bool]:
@@ -152,6 +178,13 @@ def table_matches(
         full = mapped.lookup(name, ids)
         stored = ours.lookup(name, ids.to(dev), None).cpu(), mapped.lookup(name, ids, None)
         out[name] = same and all(torch.equal(rows.float(), full) for rows in stored)
+    # a kind's tables at once (the Ranker's lookups): one kernel where it runs (float tables, on CUDA or under the
+    # interpreter), else None; the same bits as the tables one by one, concatenated
+    names = list(cfg.tables)
+    kind_ids = [torch.randint(0, cfg.tables[n].vocab_size, (31,), generator=gen) for n in names[:4]]
+    joined = ours.lookup_concat(names[:4], [i.to(dev) for i in kind_ids], None, torch.float32)
+    want = torch.cat([mapped.lookup(n, i) for n, i in zip(names, kind_ids, strict=False)], -1)
+    out["lookup_concat"] = joined is None or torch.equal(joined.cpu(), want)
     return out
 
 

@@ -19,6 +19,8 @@ if job == "padding":
     print(fc.dump(fc.padding_errors("triton", torch.float32, seed)))
 elif job == "gather":
     print(fc.dump(fc.gather_errors(seed)))
+elif job == "gather_concat":
+    print(fc.dump(fc.gather_concat_errors(seed)))
 elif job == "pinned_tables":
     print(fc.dump(fc.table_matches(Path(sys.argv[4]), fc.load_spec(Path(sys.argv[3])).spec.model, "pinned_host", seed)))
 elif job == "ranker":

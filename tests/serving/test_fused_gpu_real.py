@@ -40,6 +40,12 @@ def test_gather_reads_pinned_host_memory_bit_exactly() -> None:
     assert all(result.values()), f"seed={seed}: {result}"
 
 
+def test_gather_concat_reads_device_and_pinned_tables_bit_exactly() -> None:
+    seed = secrets.randbits(31)
+    result = fc.gather_concat_errors(seed, device="cuda")
+    assert result and all(result.values()), f"seed={seed}: {[k for k, v in result.items() if not v]}"
+
+
 @pytest.mark.parametrize("kind", ["float", "int8", "fp8_e4m3"])
 @pytest.mark.parametrize("placement", ["device", "pinned_host"])
 def test_tables_on_the_gpu_equal_the_memory_mapped_lookups(tmp_path: Path, kind: str, placement: str) -> None:

@@ -106,6 +106,12 @@ def test_gather_kernel_is_bit_exact_for_every_table_dtype() -> None:
     assert all(result.values()), f"seed={seed}: {result}"
 
 
+def test_gather_concat_kernel_is_bit_exact() -> None:
+    """A kind's lookups in one kernel (DeviceTables.lookup_concat): the same bits as torch.cat of the gathers, cast."""
+    result, seed = run_worker("gather_concat")
+    assert result and all(result.values()), f"seed={seed}: {[k for k, v in result.items() if not v]}"
+
+
 @pytest.mark.parametrize("kind", ["float", "int8", "fp8_e4m3"])
 def test_device_tables_equal_the_memory_mapped_lookups(weights: dict[str, tuple[Path, Path]], kind: str) -> None:
     from grc.spec.loader import load_spec

@@ -131,6 +131,8 @@ class Ranker:
             int(params.get("tables_device_budget_mb", "16384")),
             log,
         )
+        if dev.type == "cuda":
+            warm_lookups(tables, cfg, projector.history.weight.dtype, dev, log)
         rank_w = np.asarray(json.loads(params["rank_weights"]), dtype=np.float32)
         return cls(
             cfg,
@@ -296,20 +298,27 @@ class Ranker:
         dtype = proj.history.weight.dtype
         tokens = torch.empty(total, cfg.d_model, dtype=dtype, device=self.device) if into is None else into
 
-        def rows(kind: str, table: str, cast: torch.dtype | None = dtype) -> torch.Tensor:
-            return self.tables.lookup(table, feeds[f"{kind}:{table}"], cast)
+        concat = getattr(self.tables, "lookup_concat", None)  # DeviceTables: a kind's lookups in one kernel
 
-        for t in cfg.profile:
-            tokens.index_copy_(0, feeds[f"profile_dst:{t}"], proj.profile[t](rows("profile", t)))
-        # a kind's tables as stored, concatenated, then ONE cast (torch.cat promotes mixed dtypes, the float32 cross
-        # features' included): on a GPU each cast was a launch, one per table and batch (values unchanged: a cast to
-        # float32 is exact, so cast-then-cat and cat-then-cast give the same bits)
-        history = torch.cat([rows("history", t, None) for t in cfg.history], -1).to(dtype)
-        tokens.index_copy_(0, feeds["history_dst"], proj.history(history))
-        parts = [rows("candidate", t, None) for t in cfg.candidate]
-        if cfg.cross_features:
-            parts.append(feeds["cross"])
-        tokens.index_copy_(0, feeds["candidate_dst"], proj.candidate(torch.cat(parts, -1).to(dtype)))
+        def rows(kind: str, names: list[str], extra: torch.Tensor | None = None) -> torch.Tensor:
+            """The kind's tables' rows side by side (then ``extra``: the cross features) in the projector's dtype: one
+            launch where the tables allow (DeviceTables.lookup_concat); else each table as stored, concatenated, then
+            ONE cast (torch.cat promotes mixed dtypes). Both give the same bits: a cast to float32 is exact. Each
+            table's own lookup and cast were a launch each on a GPU, and the concatenation another."""
+            ids = [feeds[f"{kind}:{t}"] for t in names]
+            joined = None if concat is None else concat(names, ids, extra, dtype)
+            if joined is not None:
+                return joined
+            parts = [self.tables.lookup(t, i, None) for t, i in zip(names, ids, strict=True)]
+            parts += [] if extra is None else [extra]
+            return (parts[0] if len(parts) == 1 else torch.cat(parts, -1)).to(dtype)
+
+        for kind, names, extra in token_kinds(cfg):  # warm_lookups compiles the same calls at load
+            joined = rows(kind, names, feeds["cross"] if extra else None)
+            if kind == "profile":
+                tokens.index_copy_(0, feeds[f"profile_dst:{names[0]}"], proj.profile[names[0]](joined))
+            else:
+                tokens.index_copy_(0, feeds[f"{kind}_dst"], getattr(proj, kind)(joined))
         return tokens
 
     def stats(self) -> dict[str, float]:
@@ -339,6 +348,36 @@ def warm_up(graphs: Any, like: torch.Tensor, log: Callable[[str], None]) -> None
         f"history cache: the cached attention kernel autotuned for {len(tuned)} keys and one small step run "
         f"(fused GEMMs, heads kernel compiled) in {time.perf_counter() - started:.1f} s"
     )
+
+
+def token_kinds(cfg: ModelConfig) -> list[tuple[str, list[str], int]]:
+    """The lookups ``Ranker._tokens`` makes per batch: (kind, its tables at once, extra columns): each profile table
+    alone (a projector each), the history tables together, the candidate tables with the cross features."""
+    return [
+        *(("profile", [t], 0) for t in cfg.profile),
+        ("history", list(cfg.history), 0),
+        ("candidate", list(cfg.candidate), cfg.cross_features),
+    ]
+
+
+def warm_lookups(
+    tables: Any, cfg: ModelConfig, dtype: torch.dtype, dev: torch.device, log: Callable[[str], None]
+) -> None:
+    """Each kind's one-kernel lookup (DeviceTables.lookup_concat) run once at load, so its Triton compile happens here
+    and not on a served request's path (nothing in it is specialised per request: kernels/gather.py); said."""
+    concat = getattr(tables, "lookup_concat", None)
+    if concat is None:
+        return
+    started, fused = time.perf_counter(), []
+    for kind, names, extra in token_kinds(cfg):
+        ids = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in names]
+        cross = torch.zeros(1, extra, device=dev) if extra else None
+        if concat(names, ids, cross, dtype) is not None:
+            fused.append(kind)
+    torch.cuda.synchronize(dev)
+    kinds = sorted(set(fused))
+    log(f"embedding lookups: one gather kernel per kind ({', '.join(kinds) or 'none: quantized or too many tables'}; "
+        f"the rest a lookup per table), compiled at load in {time.perf_counter() - started:.1f} s")  # fmt: skip
 
 
 def cuda_missing(what: str) -> str:

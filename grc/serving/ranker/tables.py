@@ -74,6 +74,22 @@ class DeviceTables(Lookup):
             rows = dequantize_rows(rows, {f: self.gather(v, ids) for f, v in table.factors.items()}, table.kind)
         return rows if dtype is None else rows.to(dtype)
 
+    def lookup_concat(
+        self, names: list[str], ids: list[torch.Tensor], extra: torch.Tensor | None, dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """``torch.cat([lookup(name, ids) ...] + [extra], -1)`` in ``dtype``, bit for bit, as ONE kernel
+        (kernels/gather.py gather_concat) where it runs: every table of float rows, at most its MAX_PARTS tables, on a
+        CUDA device (or CPU tensors under the Triton interpreter). None elsewhere: the caller looks the tables up one by
+        one, to the same values. A lookup per table, the concatenation and the cast were a launch each."""
+        from kernels.gather import MAX_PARTS, gather_concat
+        from kernels.hstu_attention import INTERPRET
+
+        tables = [self.tables[n] for n in names]
+        runs = ids[0].device.type == "cuda" or (INTERPRET and ids[0].device.type == "cpu")
+        if not runs or len(tables) > MAX_PARTS or any(t.kind is not None for t in tables):
+            return None
+        return gather_concat([t.values for t in tables], ids, extra, dtype)
+
     def nbytes(self) -> int:
         return sum(t.nbytes() for t in self.tables.values())
 
