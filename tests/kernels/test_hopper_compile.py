@@ -20,6 +20,7 @@ from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
+from kernels.gather import _gather_concat_kernel
 from kernels.hstu_attention import _hstu_fwd_kernel
 from kernels.norm_gate import _group_norm_kernel, _norm_gate_kernel
 from kernels.silu import _silu_kernel
@@ -135,3 +136,14 @@ def test_register_caps_reach_the_autotuner() -> None:
         kept = _configs_for_head_dim(configs, {}, BLOCK_DQK=dim, BLOCK_DV=dim)
         got = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.maxnreg) for c in kept}
         assert got == {(*shape[:4], shape[4] if len(shape) > 4 else None) for shape in listed}, dim
+
+
+def test_gather_concat_compiles_for_sm90() -> None:
+    """The fused Ranker's one-kernel lookups (kernels/gather.py), as mtgr-base's candidates call it: two bf16 tables
+    and the float32 cross features into float32 columns; int64 ids, no float64."""
+    ptrs = {"out": "*fp32", "T0": "*bf16", "I0": "*i64", "T1": "*bf16", "I1": "*i64", "T2": "*bf16", "I2": "*i64",
+            "T3": "*bf16", "I3": "*i64", "E": "*fp32"}  # fmt: skip
+    const = {"PARTS": 2, "EXTRA": True, "BLOCK_R": 16, "BLOCK_D": 128}
+    ptx = compile_for_hopper(_gather_concat_kernel, ptrs, const, (), "fp32")
+    assert ".target sm_90" in ptx and "cvt.f32.bf16" in ptx
+    assert not re.findall(r"\b\w+(?:\.\w+)*\.f64\b", ptx)
