@@ -28,8 +28,12 @@ from kernels.fused_linear import gated_linear_residual_reference, norm_linear_si
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("fused_worker.py")
 # Against float64. float32: ieee dots (seen ~1.3e-7). 16-bit: the normalised operand and the
-# output are rounded to the dtype (seen ~3.6e-4 fp16, ~2.6e-3 bf16).
-BOUNDS = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 5e-3}
+# output are rounded to the dtype (seen ~3.6e-4 fp16, ~2.6e-3 bf16 typically). bf16's unit roundoff is
+# 2**-8 = 3.9e-3 per rounding, and the one-row 1x16->16 case measures ||err|| over 16 values only: its
+# worst of 60 seeds was 4.5e-3, and seed 808469897 gave 5.6e-3 (CI, 2026-12-05), exactly the error of
+# PyTorch's own bf16 path on the same draw (norm in fp32 rounded to bf16, fp32 GEMM, output rounded).
+# So bf16's bound is the one the interpreter tests use, two roundings' worth: 1e-2.
+BOUNDS = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 1e-2}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
