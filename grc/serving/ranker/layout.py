@@ -74,17 +74,19 @@ def build(
     now = np.concatenate([r[rq.REQUEST_TIME].reshape(-1) for r in requests])
     stamps = np.repeat(now, lengths)  # request time everywhere, then the history's own times
     stamps[hist_idx] = history(rq.HISTORY_TIME) if events is None else events[:, -1]
+    profile_starts = starts if profiled is None else starts[profiled]
     fields: dict[str, np.ndarray] = {
         "offsets": offsets,
         "num_candidates": c,
         "timestamps": stamps,
-        "history_dst": hist_idx,
-        "candidate_dst": cand_idx,
+        # where each projected row goes, in the order Ranker._tokens projects them (each profile table's, the
+        # history's, the candidates'): ONE index_copy_ puts them in place (one per kind was a launch each)
+        "embed_dst": np.concatenate([*(profile_starts + i for i in range(n_prof)), hist_idx, cand_idx]),
+        "candidate_dst": cand_idx,  # where the scores are picked (the whole path)
     }
-    for i, t in enumerate(cfg.profile):
+    for t in cfg.profile:
         ids = np.concatenate([r[rq.profile_input(t)][:, 0] for r in requests])
         fields[f"profile:{t}"] = ids if profiled is None else ids[profiled]
-        fields[f"profile_dst:{t}"] = (starts if profiled is None else starts[profiled]) + i
     for j, t in enumerate(cfg.history):
         fields[f"history:{t}"] = history(rq.history_input(t)) if events is None else events[:, j]
     for t in cfg.candidate:

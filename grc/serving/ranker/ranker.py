@@ -313,13 +313,17 @@ class Ranker:
             parts += [] if extra is None else [extra]
             return (parts[0] if len(parts) == 1 else torch.cat(parts, -1)).to(dtype)
 
+        # every kind's projection written into one buffer, back to back in the layout's embed_dst order, then ONE
+        # index_copy_ puts each row in place (a scatter per kind was a launch each on a GPU). addmm into a slice is
+        # what nn.Linear runs on 2-D input (bias + x @ W.T): the same bits.
+        staged = torch.empty(total, cfg.d_model, dtype=dtype, device=self.device)
+        at = 0
         for kind, names, extra in token_kinds(cfg):  # warm_lookups compiles the same calls at load
             joined = rows(kind, names, feeds["cross"] if extra else None)
-            if kind == "profile":
-                tokens.index_copy_(0, feeds[f"profile_dst:{names[0]}"], proj.profile[names[0]](joined))
-            else:
-                tokens.index_copy_(0, feeds[f"{kind}_dst"], getattr(proj, kind)(joined))
-        return tokens
+            linear = proj.profile[names[0]] if kind == "profile" else getattr(proj, kind)
+            torch.addmm(linear.bias, joined, linear.weight.t(), out=staged[at : at + joined.shape[0]])
+            at += joined.shape[0]
+        return tokens.index_copy_(0, feeds["embed_dst"], staged)
 
     def stats(self) -> dict[str, float]:
         s = self.graph_stats
