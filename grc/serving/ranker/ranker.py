@@ -227,9 +227,13 @@ class Ranker:
             try:
                 feeds = lay.on_device(layout, self.device, cfg.cross_features)
                 self.clock.lap("upload")
-                # projected straight into the arena step's token buffer where it keeps the projector's dtype
+                # projected straight into the arena step's token buffer where it keeps the projector's dtype; where
+                # it keeps the dense dtype (a GPU's bfloat16), cast into it: one launch, where a cast and the step's
+                # copy of the cast tokens were two
                 into = caches.token_buffer(prepared, self.projector.history.weight.dtype)
-                tokens = self._tokens(feeds, layout.tokens, into).to(self.dense_dtype)
+                tokens = self._tokens(feeds, layout.tokens, into)
+                cast_into = None if into is not None else caches.token_buffer(prepared, self.dense_dtype)
+                tokens = tokens.to(self.dense_dtype) if cast_into is None else cast_into.copy_(tokens)
             except BaseException:
                 caches.abandon(visits, prepared)
                 raise
