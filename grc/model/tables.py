@@ -53,7 +53,7 @@ class Tables:
         like = fetched[0][1] if fetched else self.blocks[name][0](row[:0])
         out = torch.empty(ids.numel(), like.shape[1], dtype=like.dtype if dtype is None else dtype)
         for where, rows in fetched:
-            out[where] = rows.to(dtype)
+            out[where] = rows.to(out.dtype)
         return out
 
     @staticmethod

@@ -180,10 +180,10 @@ def table_matches(
         out[name] = same and all(torch.equal(rows.float(), full) for rows in stored)
     # a kind's tables at once (the Ranker's lookups): one kernel where it runs (float tables, on CUDA or under the
     # interpreter), else None; the same bits as the tables one by one, concatenated
-    names = list(cfg.tables)
-    kind_ids = [torch.randint(0, cfg.tables[n].vocab_size, (31,), generator=gen) for n in names[:4]]
-    joined = ours.lookup_concat(names[:4], [i.to(dev) for i in kind_ids], None, torch.float32)
-    want = torch.cat([mapped.lookup(n, i) for n, i in zip(names, kind_ids, strict=False)], -1)
+    names = list(cfg.tables)[:4]
+    kind_ids = [torch.randint(0, cfg.tables[n].vocab_size, (31,), generator=gen) for n in names]
+    joined = ours.lookup_concat(names, [i.to(dev) for i in kind_ids], None, torch.float32)
+    want = torch.cat([mapped.lookup(n, i) for n, i in zip(names, kind_ids, strict=True)], -1)
     out["lookup_concat"] = joined is None or torch.equal(joined.cpu(), want)
     return out
 

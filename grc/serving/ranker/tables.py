@@ -82,11 +82,10 @@ class DeviceTables(Lookup):
         CUDA device (or CPU tensors under the Triton interpreter). None elsewhere: the caller looks the tables up one by
         one, to the same values. A lookup per table, the concatenation and the cast were a launch each."""
         from kernels.gather import MAX_PARTS, gather_concat
-        from kernels.hstu_attention import INTERPRET
+        from kernels.ops import runs_kernel
 
         tables = [self.tables[n] for n in names]
-        runs = ids[0].device.type == "cuda" or (INTERPRET and ids[0].device.type == "cpu")
-        if not runs or len(tables) > MAX_PARTS or any(t.kind is not None for t in tables):
+        if not runs_kernel(ids[0]) or len(tables) > MAX_PARTS or any(t.kind is not None for t in tables):
             return None
         return gather_concat([t.values for t in tables], ids, extra, dtype)
 
