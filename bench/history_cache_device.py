@@ -63,7 +63,7 @@ from bench.history_cache_timeline import Clock, Costs, Cut, ShapeRun
 from grc.model.gr import GRDense
 from grc.model.kv_cache import UserKV
 from grc.serving.common.arena_graphs import ArenaGraphs, ArenaUser
-from grc.serving.common.kv_arena import Lease
+from grc.serving.common.kv_arena import KVArena, Lease
 from grc.serving.common.score_graphs import ScoreGraphs
 from grc.serving.ranker.dense import GraphStats
 from grc.spec.loader import load_spec
@@ -99,6 +99,25 @@ def graphed(step: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
         return out
 
     return replay
+
+
+def held_user(arena: KVArena, cache: UserKV, rows: int, holder: object) -> ArenaUser:
+    """``cache``'s rows copied once into an extent of ``rows`` rows of ``arena`` (room for a visit's new rows), the
+    entry held by ``holder`` (standing for the store's): a served hit, as a step meets it."""
+    lease = arena.allocate(rows)
+    arena.copy_in(lease, cache, None, NOW)
+    lease.owner = holder
+    return ArenaUser(arena.entry(lease, cache.length, cache.timestamps, cache.profile), lease, True, NOW)
+
+
+def hand_back(holder: object) -> Callable[[int, UserKV, Lease], None]:
+    """A step's ``keep`` in a steady state: every grown entry's lease back to ``holder`` (the entry itself dropped, so
+    the next call grows the same cached rows in place again)."""
+
+    def keep(_: int, __: UserKV, held: Lease) -> None:
+        held.owner = holder
+
+    return keep
 
 
 class User:
@@ -150,19 +169,10 @@ class User:
         """The served hit over the device arena (grc/serving/common/arena_graphs.py), in a steady state: ``cache``'s
         rows copied once into an extent of ``graphs.arena`` with room for the new rows; every call grows that entry
         in place (the rows after it rewritten with the same values) and hands the lease back to its holder."""
-        arena, cached = graphs.arena, cache.length
-        lease = arena.allocate(self.n)
-        arena.copy_in(lease, cache, None, NOW)
-        holder = object()  # stands for the store's entry
-        lease.owner = holder
-        entry = arena.entry(lease, cached, cache.timestamps, cache.profile)
-        user = ArenaUser(entry, lease, True, NOW)
+        cached, holder = cache.length, object()  # holder: stands for the store's entry
+        user = held_user(graphs.arena, cache, self.n, holder)
         new, bounds, stamps = self.tokens[cached:], [0, self.n - cached], self.host_stamps[cached:]
-
-        def keep(_: int, __: UserKV, held: Lease) -> None:
-            held.owner = holder
-
-        return lambda: graphs.score([user], new, bounds, [self.candidates], stamps, keep)
+        return lambda: graphs.score([user], new, bounds, [self.candidates], stamps, hand_back(holder))
 
     def planned(self, model: GRDense, cache: UserKV, impl: str) -> Callable[[], torch.Tensor]:
         """The score step's device half (run_plan) for this user on ``cache``, its plan built once."""

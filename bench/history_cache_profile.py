@@ -46,11 +46,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # grc and kernels from a checkout
 
 from bench._common import write_result
-from bench.history_cache_device import DELTA, NOW, User, model_in, spec_path
+from bench.history_cache_device import DELTA, NOW, User, hand_back, held_user, model_in, spec_path
 from grc.model.gr import GRDense
 from grc.model.kv_cache import KVLayout, UserKV
 from grc.serving.common.arena_graphs import ArenaGraphs, ArenaUser
-from grc.serving.common.kv_arena import GROWTH_GAP, KVArena, Lease
+from grc.serving.common.kv_arena import GROWTH_GAP, KVArena
 from grc.serving.common.score_graphs import ScoreGraphs
 from grc.serving.ranker.dense import GraphStats
 from grc.spec.loader import load_spec
@@ -237,23 +237,13 @@ def arena_mixed(case: Case, users: Mixed, fuse: bool | None = None) -> Callable[
     tokens, stamps, bounds, candidates = [], [], [0], []
     for user, cache in users:
         cached = 0 if cache is None else cache.length
-        if cache is None:
-            step.append(ArenaUser(None, None, False, NOW))
-        else:
-            lease = arena.allocate(user.n)
-            arena.copy_in(lease, cache, None, NOW)
-            lease.owner = holder
-            step.append(ArenaUser(arena.entry(lease, cached, cache.timestamps, cache.profile), lease, True, NOW))
+        step.append(ArenaUser(None, None, False, NOW) if cache is None else held_user(arena, cache, user.n, holder))
         tokens.append(user.tokens[cached:])
         stamps.append(user.host_stamps[cached:])
         bounds.append(bounds[-1] + user.n - cached)
         candidates.append(user.candidates)
     new, host = torch.cat(tokens), np.concatenate(stamps)
-
-    def keep(_: int, __: UserKV, held: Lease) -> None:
-        held.owner = holder
-
-    return lambda: graphs.score(step, new, bounds, candidates, host, keep)
+    return lambda: graphs.score(step, new, bounds, candidates, host, hand_back(holder))
 
 
 def full_mixed(case: Case, users: Mixed) -> Callable[[], torch.Tensor]:
@@ -262,12 +252,11 @@ def full_mixed(case: Case, users: Mixed) -> Callable[[], torch.Tensor]:
     tokens = torch.cat([u.tokens for u, _ in users])
     stamps = torch.cat([u.stamps for u, _ in users])
     lengths = torch.tensor([u.n for u, _ in users])
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]).to(case.device)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
     nc = torch.tensor([u.candidates for u, _ in users], device=case.device)
-    picked = torch.cat(
-        [torch.arange(int(end) - u.candidates, int(end)) for (u, _), end in zip(users, offsets[1:].cpu(), strict=True)]
-    )
-    picked = picked.to(case.device)
+    ends = offsets[1:].tolist()
+    picked = torch.cat([torch.arange(end - u.candidates, end) for (u, _), end in zip(users, ends, strict=True)])
+    offsets, picked = offsets.to(case.device), picked.to(case.device)
     return lambda: case.model.forward_jagged(tokens, offsets, nc, stamps, "triton")[picked]
 
 
