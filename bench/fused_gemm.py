@@ -7,6 +7,8 @@
          vs cuBLAS alone on normalised x (the GEMM floor) and the Triton GEMM alone (its efficiency).
   out:   x + Linear(LN(a) * u) compiled vs the fused GEMM (norm-gate prologue, residual epilogue).
   heads: final group norm + heads on every row, masked, compiled vs the candidate-only kernel.
+  tma:   on an sm90 GPU, the same GEMMs through kernels/tma_linear.py (persistent, TMA tiles; fused_linear's
+         gemm "tma"), each listed config, against cuBLAS + Inductor's SiLU pass: the pass it is meant to remove.
 
 Each row: median ms (triton.testing.do_bench), TFLOP/s of the GEMM it holds, max relative
 error against the compiled unfused form (both bf16). Results through bench/_common.write_result.
@@ -17,6 +19,8 @@ error against the compiled unfused form (both bf16). Results through bench/_comm
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import os
 import sys
 import time
@@ -35,6 +39,7 @@ from grc.aoti.inputs import random_inputs, seeded_dense  # noqa: E402
 from grc.aoti.model import jagged_positions  # noqa: E402
 from grc.model.gr import token_groups  # noqa: E402
 from grc.spec.loader import load_spec  # noqa: E402
+from kernels import tma_linear  # noqa: E402
 from kernels.fused_heads import candidate_heads_triton  # noqa: E402
 from kernels.fused_linear import (  # noqa: E402
     GROUP_NORM,
@@ -148,6 +153,22 @@ def measure(
         ref = uvqk_unfused()
         row("uvqk GEMM alone: cuBLAS", lambda: F.linear(xh, w, b), gemm, None)
         row("uvqk GEMM alone: Triton (+SiLU)", lambda: fused_linear_triton(xh, w, b, NO_NORM, SILU), gemm, ref)
+        reason = tma_linear.why_not(xh, w)
+        configs = {name: dataclasses.asdict(c) for name, c in tma_linear.CONFIGS.items()}
+        result["tma"] = {"runs": not reason, "why_not": reason, "configs": configs}
+        if not reason:
+            silu_pass = compile_(lambda: F.silu(F.linear(xh, w, b)))
+            row("uvqk GEMM + SiLU: cuBLAS + Inductor's pass", silu_pass, gemm, ref)
+            for name, config in tma_linear.CONFIGS.items():
+                row(f"uvqk GEMM alone: TMA {name} (+SiLU)", functools.partial(
+                    fused_linear_triton, xh, w, b, NO_NORM, SILU, gemm="tma", config=config), gemm, ref)  # fmt: skip
+            row(f"uvqk norm compiled + TMA {tma_linear.DEFAULT} SiLU-epilogue GEMM",
+                lambda: fused_linear_triton(group_ln(), w, b, NO_NORM, SILU, gemm="tma"), gemm, ref)  # fmt: skip
+            ref = out_unfused()
+            gemm = 2 * tokens * lv * d
+            row(f"out norm-gate kernel + TMA {tma_linear.DEFAULT} residual-epilogue GEMM", lambda: fused_linear_triton(
+                norm_gate_triton(a, u, n_at.weight, n_at.bias, n_at.eps), wo, bo, NO_NORM, RESIDUAL, residual=x,
+                gemm="tma"), gemm, ref)  # fmt: skip
     return result
 
 

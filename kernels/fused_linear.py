@@ -35,6 +35,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 # (imported under its own name: Inductor re-emits called jit functions by their def names)
+from kernels import tma_linear
 from kernels.hstu_attention import INTERPRET, _round_to_bf16
 from kernels.ops import runs_kernel
 from kernels.reference import compute_dtype
@@ -42,6 +43,12 @@ from kernels.tuning import PERSIST
 
 GROUP_NORM, NORM_GATE, NO_NORM = 0, 1, 2  # prologues (NO_NORM: x is already normalised)
 SILU, RESIDUAL = 0, 1  # epilogues
+# The GEMM of NO_NORM calls (the norm run apart) without a KVInto: "pointer" (this module's kernel, tiles through
+# the load/store units) or "tma" (kernels/tma_linear.py: persistent, TMA tiles, Hopper only; a call it cannot run
+# raises naming why). Read at each call, so a package traced with "tma" holds that kernel. "pointer" until the TMA
+# kernel measures faster on the device (bench/fused_gemm.py; e2e mode aoti_bf16_fused_tma).
+GEMM = "pointer"
+GEMMS = ("pointer", "tma")
 # The operand path of the dot: the GPU's (native dtype), or the interpreter's (its tl.dot
 # multiplies bf16 as raw bits and its fp32->bf16 cast truncates): operands rounded to the
 # weight's dtype by integer ops (bf16) or a cast (fp16, fp32), then multiplied in fp32.
@@ -275,12 +282,18 @@ def fused_linear_triton(
     wrap: Callable[[Any], Any] = lambda kernel: kernel,
     out: torch.Tensor | None = None,
     into: KVInto | None = None,
+    gemm: str | None = None,
+    config: Any = None,
 ) -> torch.Tensor:
     """Launch on x [..., K] -> [..., N] in x's dtype: the norm's gamma, beta, eps (and group, or
     the gate u) for the GROUP_NORM / NORM_GATE prologues, residual for the RESIDUAL epilogue.
     ``wrap`` is wrap_triton inside the ops; ``out`` (contiguous) lets tests pass a poisoned buffer;
-    ``into``: the K and V columns also stored into a cache's rows (KVInto)."""
+    ``into``: the K and V columns also stored into a cache's rows (KVInto); ``gemm``: GEMM's choice for this call
+    (NO_NORM without ``into`` only), ``config`` a kernels.tma_linear.Config for the TMA kernel (the bench's sweep)."""
     check_supported(x, weight)
+    gemm = GEMM if gemm is None else gemm
+    if gemm not in GEMMS:
+        raise ValueError(f"fused linear kernel: gemm {gemm!r}, expected one of {GEMMS}")
     if into is not None:
         into.check(x, n_out=weight.shape[0])
     n_out, k_in = weight.shape
@@ -290,6 +303,13 @@ def fused_linear_triton(
         out = torch.empty((rows, n_out), dtype=x.dtype, device=x.device)
     out = out.view(rows, n_out)
     if rows == 0:
+        return out.view(*x.shape[:-1], n_out)
+    if gemm == "tma" and prologue == NO_NORM and into is None:
+        r2 = _rows(residual) if residual is not None else None
+        reason = tma_linear.why_not(x2, weight, r2, out)
+        if reason:
+            raise ValueError(f"fused linear kernel: gemm 'tma' cannot run this call: {reason}")
+        tma_linear.tma_linear(x2, weight, bias.contiguous(), epilogue, out, r2, wrap, config)
         return out.view(*x.shape[:-1], n_out)
     stats = row_stats(x2, eps, wrap) if prologue != NO_NORM else x2.new_empty((1, 2), dtype=torch.float32)
     g = group.reshape(-1) if group is not None else stats  # unused pointers: any tensor

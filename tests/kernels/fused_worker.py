@@ -14,6 +14,7 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 import torch  # noqa: E402
 
+from kernels import tma_linear  # noqa: E402
 from kernels.fused_heads import candidate_heads_reference, candidate_heads_triton  # noqa: E402
 from kernels.fused_linear import (  # noqa: E402
     GROUP_NORM,
@@ -76,6 +77,37 @@ def case(gen: torch.Generator, dtype: torch.dtype, rows: int, k: int, n: int, pr
         x.double(), u.double(), nw.double(), nb.double(), weight.double(), bias.double(), residual.double(), 1e-5
     )
     return rel_err(out, ref)
+
+
+def tma_case(gen: torch.Generator, dtype: torch.dtype, rows: int, k: int, n: int, subtile: bool) -> float:
+    """The TMA GEMM (kernels/tma_linear.py) behind fused_linear's NO_NORM calls, both epilogues, through the op's
+    launcher with gemm="tma": 16-wide tiles over 3 programs (each loops over several tiles), the epilogue whole or in
+    halves."""
+    x = (torch.randn(rows, k, generator=gen) * 2 + 0.5).to(dtype)
+    weight = (torch.randn(n, k, generator=gen) * k**-0.5).to(dtype)
+    bias = (torch.randn(n, generator=gen) * 0.3).to(dtype)
+    residual = torch.randn(rows, n, generator=gen).to(dtype)
+    config = tma_linear.Config(16, 16, 16, group_m=2, stages=1, warps=1, subtile=subtile)
+    poisoned = torch.full((rows, n), float("nan"), dtype=dtype)
+    silu = fused_linear_triton(x, weight, bias, NO_NORM, SILU, out=poisoned.clone(), gemm="tma", config=config)
+    added = fused_linear_triton(x, weight, bias, NO_NORM, RESIDUAL, residual=residual, out=poisoned, gemm="tma",
+                                config=config)  # fmt: skip
+    x64, w64, b64 = x.double(), weight.double(), bias.double()
+    return max(
+        rel_err(silu, linear_silu_reference(x64, w64, b64)),
+        rel_err(added, linear_residual_reference(x64, w64, b64, residual.double())),
+    )
+
+
+def tma_refuses_unaligned_rows(dtype: torch.dtype) -> float:
+    """K = 12 16-bit values per row is 24 bytes: no TMA tile. 0.0 when the launcher refuses it naming why, else inf
+    (nothing else may run it in the TMA kernel's place)."""
+    x, weight = torch.ones(4, 12, dtype=dtype), torch.ones(16, 12, dtype=dtype)
+    try:
+        fused_linear_triton(x, weight, torch.zeros(16, dtype=dtype), NO_NORM, SILU, gemm="tma")
+    except ValueError as exc:
+        return 0.0 if "16-byte-aligned rows" in str(exc) else float("inf")
+    return float("inf")
 
 
 def heads_case(gen: torch.Generator, dtype: torch.dtype, lengths: list[int], ncands: list[int], hidden: int) -> float:
@@ -157,6 +189,13 @@ def main(dtype_name: str, seed: int) -> None:
     for rows in (37, 16):
         results[f"linear_silu_into {rows} rows"] = scatter_case(gen, dtype, rows, NO_NORM)
         results[f"linear_silu_into {rows} rows, group norm prologue"] = scatter_case(gen, dtype, rows, GROUP_NORM)
+    if dtype != torch.float32:  # the TMA GEMM takes 16-bit operands only (float32 keeps the ieee kernel)
+        for rows, k, n in ((37, 40, 24), (70, 48, 48), (1, 16, 16)):
+            for subtile in (True, False):
+                results[f"tma linear_silu + linear_residual {rows}x{k}->{n} subtile {subtile}"] = tma_case(
+                    gen, dtype, rows, k, n, subtile
+                )
+        results["tma refuses 24-byte rows"] = tma_refuses_unaligned_rows(dtype)
     # 100 rows: blocks of 16 with no candidate (skipped), mixed ones and all-candidate ones.
     results["candidate_heads hidden 24"] = heads_case(gen, dtype, [30, 7, 40, 23], [5, 0, 40, 9], 24)
     # 32 candidate rows, not 3: with 3 rows x 3 tasks a draw of near-cancelling outputs made ||ref|| small and the

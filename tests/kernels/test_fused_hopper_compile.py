@@ -5,6 +5,7 @@ their GEMMs on Hopper's warpgroup tensor cores (wgmma) and no float64 arithmetic
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 import triton
@@ -136,3 +137,67 @@ def test_the_key_split_finish_compiles_for_sm90() -> None:
     ptx = compile_for_hopper(_sum_parts_kernel, {"Parts": "*fp32", "Out": "*bf16"},
                              {"PARTS": 8, "ROUND_BF16": False, "BLOCK": 1024}, (), "fp32")  # fmt: skip
     assert ".target sm_90" in ptx and "cvt.rn.bf16" in ptx
+
+
+def _compile_tma_linear(config_name: str, epilogue: int, source: Any = None) -> Any:
+    """kernels/tma_linear.py's GEMM for sm_90a as a launch of ``config_name`` specialises it: mtgr-small's UVQK widths
+    (K 512 -> N 2048), bf16, one program per H100/H200 SM. ``source``: the kernel to compile (default the module's)."""
+    import torch
+    from triton.runtime.jit import mangle_type
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from kernels.tma_linear import CONFIGS, _tma_linear_kernel
+    from tests.kernels.test_hopper_compile import compile_kernel
+
+    c = CONFIGS[config_name]
+    part = c.block_n // 2 if c.subtile else c.block_n
+
+    def desc(columns: int, rows: int, cols: int) -> str:
+        return str(mangle_type(TensorDescriptor.from_tensor(torch.empty(256, columns, dtype=torch.bfloat16),
+                                                            [rows, cols])))  # fmt: skip
+
+    descs = {"x_desc": desc(512, c.block_m, c.block_k), "w_desc": desc(512, c.block_n, c.block_k),
+             "y_desc": desc(2048, c.block_m, part), "r_desc": desc(2048, c.block_m, part)}  # fmt: skip
+    const = {"N": 2048, "K": 512, "EPILOGUE": epilogue, "UPCAST": False, "ROUND_BF16": False, "PROGRAMS": 132,
+             "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "GROUP_M": c.group_m,
+             "SUBTILE": c.subtile, "FLATTEN": c.flatten}  # fmt: skip
+    options = {"num_warps": c.warps, "num_stages": c.stages}
+    return compile_kernel(source or _tma_linear_kernel, {"Bias": "*bf16"}, const, (), "fp32", options, descs)
+
+
+@pytest.mark.parametrize("epilogue", [0, 1], ids=["silu", "residual"])
+@pytest.mark.parametrize("config_name", sorted(__import__("kernels.tma_linear").tma_linear.CONFIGS))
+def test_the_tma_gemm_compiles_into_the_hopper_pipeline(config_name: str, epilogue: int) -> None:
+    """Each listed config of the TMA GEMM: tiles loaded and the output stored by TMA, wgmma issued asynchronously
+    (one group left in flight), no register spills, within Hopper's shared memory (a config over it cannot launch)."""
+    from tests.kernels.test_hopper_compile import ptxas_report
+
+    compiled = _compile_tma_linear(config_name, epilogue)
+    ptx = compiled.asm["ptx"]
+    assert ".target sm_90a" in ptx and "wgmma.mma_async" in ptx
+    assert re.search(r"wgmma\.wait_group\.sync\.aligned\s+1;", ptx), "every wgmma waited at once: no overlap"
+    assert "cp.async.bulk.tensor.2d.shared" in ptx, "tiles not loaded by TMA"
+    assert "cp.async.bulk.tensor.2d.global" in ptx, "output not stored by TMA"
+    assert compiled.metadata.shared <= HOPPER_SHARED_BYTES, config_name
+    report = ptxas_report(ptx)
+    assert re.search(r"\b0 bytes spill stores", report) and "C7515" not in report, report[-1500:]
+
+
+def test_inductors_copy_of_the_tma_gemm_compiles(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """As for the fused kernels above: the TMA GEMM and its jit helpers (_tile, _finish, _round_to_bf16) re-emitted by
+    their def names compile, so a package traced with fused_linear.GEMM = "tma" builds."""
+    import importlib.util
+
+    from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitive_closure_source_code
+
+    from kernels.tma_linear import DEFAULT, _tma_linear_kernel
+
+    source = user_defined_triton_kernel_transitive_closure_source_code(_tma_linear_kernel)
+    path = tmp_path / "inductor_copy_tma_linear.py"
+    path.write_text(f"import triton\nimport triton.language as tl\n\n@triton.jit\n{source}")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ptx = _compile_tma_linear(DEFAULT, 0, module._tma_linear_kernel).asm["ptx"]
+    assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor.2d.shared" in ptx
