@@ -6,7 +6,7 @@
 #   2. its correctness on the GPU check's cases (bench/gpu_kernels_check.py --kernel hopper: fresh
 #      seeds, NaN-poisoned outputs, float64 reference)                                           CHECK_BUDGET=150
 #   3. its configs beside the Triton kernel (bench/kernels_explore.py --sections hopper)         EXPLORE_BUDGET=300
-#      over HEAD_DIMS=128,64,256
+#      over HEAD_DIMS=128,64,256 (SECTIONS=oneuser: the one-user rows alone, the timestamp check's scan step)
 #   4. the kernels table as grc runs it (bench/kernels.py: the eager ops pick the kernel)        TABLE_BUDGET=0
 #
 #     OUT=/some/dir bash bench/gpu_run_hopper.sh
@@ -43,8 +43,9 @@ fi
 
 eb=${EXPLORE_BUDGET:-300}
 if [ "$eb" -gt 0 ]; then
-    step "configs (bench/kernels_explore.py --sections hopper --head-dims ${HEAD_DIMS:-128,64,256})"
-    timeout $((eb + 90)) "$PY" bench/kernels_explore.py --sections hopper --head-dims "${HEAD_DIMS:-128,64,256}" \
+    step "configs (bench/kernels_explore.py --sections ${SECTIONS:-hopper} --head-dims ${HEAD_DIMS:-128,64,256})"
+    timeout $((eb + 90)) "$PY" bench/kernels_explore.py --sections "${SECTIONS:-hopper}" \
+        --head-dims "${HEAD_DIMS:-128,64,256}" \
         --out-dir "$OUT" --budget-s "$eb" | grep -v "^{" || echo "kernels_explore.py: exit $? (partial JSON kept)"
 fi
 

@@ -11,6 +11,9 @@ Sections (in this order; a time budget stops starting new rows, the rest listed 
 - hopper: the Gluon sm90 kernel (kernels/hstu_hopper.py) in each of its configs beside the Triton kernel
   (autotuned), per head dim, seq 8192 / 2048 / 512 (2048 also with seq/4 candidates), and one user's 256
   queries against 4,096 cached keys (CUDA graph replay).
+- oneuser: the Gluon kernel where one user's program chain is the call (256 queries against 4,096 cached keys;
+  1 user x 1,515 tokens with 256 candidates, the package's latency call): the timestamp check's scan step
+  (ts_scan 256 / 1024 / 2048) and the int64 path without the check.
 Every variant runs once on fresh random inputs into a NaN-poisoned output and is compared with the
 float64 reference (bound 1e-2 for bf16, as bench/gpu_kernels_check.py; ablations are expected to
 fail it). Prints a table last.
@@ -52,6 +55,13 @@ EXTRA_CONFIGS: dict[int, list[tuple[int, ...]]] = {128: [(64, 64, 4, 3)], 64: []
 CACHED_SPLITS = (1, None, 8, 32)  # the cached section's key splits (None: key_splits' choice)
 HOPPER_CACHED_SPLITS = (4, 11, 16)  # the hopper section's one-user rows beside key_splits' choice (8 there)
 Launcher = Callable[..., torch.Tensor]
+# The Gluon kernel's int32-path check at one user (hopper_items): its scan step, or no check (the int64 path)
+ONE_USER_SCANS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("default", {}),
+    ("ts_scan 1024", {"ts_scan": 1024}),
+    ("ts_scan 2048", {"ts_scan": 2048}),
+    ("int64 gaps, no check", {"allow_ts_fast": False}),
+)
 
 
 def old_launcher() -> Launcher | None:
@@ -209,6 +219,18 @@ def hopper_items(peak: float, head_dims: tuple[int, ...], small_full: tuple) -> 
             job = functools.partial(row, "hopper", variant, hstu_attention_hopper, one, one, bench.HEADS_AT[d][-1], d,
                                     bench.TABLES[d], peak, graphed=True, splits=splits)  # fmt: skip
             items.append((f"hopper hopper cached splits {splits} d{d} 4096+256", job))
+        # Section "oneuser" (--sections oneuser runs these alone): one user's call is one program chain long, so
+        # its int32-path check (a program's dependent loads over its key range, TS_SCAN timestamps a step) is not
+        # hidden by other programs as at 64k tokens (session 17: noise there). At the cached shape and at the
+        # package's latency call (1 user x 1,515, 256 candidates: mtgr-small's 3 calls were ~0.10 of its 0.275 ms
+        # of device time, session 22), beside the int64 path (no check).
+        latency = ([1515], [256], None)
+        for shape_name, shape, heads in (("4096+256", one, bench.HEADS_AT[d][-1]),
+                                         ("1 x 1515", latency, bench.HEADS_AT[d][0])):  # fmt: skip
+            for variant, kw in ONE_USER_SCANS:
+                job = functools.partial(row, "oneuser", f"hopper {variant}", hstu_attention_hopper, shape, shape,
+                                        heads, d, bench.TABLES[d], peak, graphed=True, **kw)  # fmt: skip
+                items.append((f"oneuser {variant} d{d} {shape_name}", job))
     return items
 
 

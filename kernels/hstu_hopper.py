@@ -187,8 +187,7 @@ if not GLUON_ERROR:
                  stride_qt, stride_kt, stride_vt, stride_ot, stride_oh, alpha, inv_norm,
                  CAUSAL: gl.constexpr, FAST_SILU: gl.constexpr, ALLOW_TS_FAST: gl.constexpr, P: gl.constexpr,
                  D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, KS: gl.constexpr, VS: gl.constexpr,
-                 Q_REGS: gl.constexpr,
-                 PARTIAL: gl.constexpr, num_warps: gl.constexpr):
+                 Q_REGS: gl.constexpr, PARTIAL: gl.constexpr, TS_SCAN: gl.constexpr, num_warps: gl.constexpr):
         """Output rows [m0, m_end) of the user whose keys start at token kv_start, head h (see
         hstu_attention._attend_segment). count: key blocks this program loaded before (ring slot and
         barrier phase); seg: segments before (Q barrier phase). -> count after."""
@@ -199,7 +198,7 @@ if not GLUON_ERROR:
                                                            instr_shape=[16, D, 16])
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-        scan: gl.constexpr = gl.BlockedLayout([SEARCH // (32 * num_warps)], [32], [num_warps], [0])
+        scan: gl.constexpr = gl.BlockedLayout([TS_SCAN // (32 * num_warps)], [32], [num_warps], [0])
 
         # Q tile by TMA while the key ranges are worked out.
         col = h * D
@@ -234,10 +233,10 @@ if not GLUON_ERROR:
 
         fast = k_hi < 0  # False, as a tensor
         if ALLOW_TS_FAST:  # int32 offsets if every timestamp this program reads lies within 2**29 s
-            lo_j = gl.full([SEARCH], 0, gl.int64, scan) + ts_ref
+            lo_j = gl.full([TS_SCAN], 0, gl.int64, scan) + ts_ref
             hi_j = lo_j
-            for n0 in range(k_lo, k_hi, SEARCH):
-                offs = n0 + gl.arange(0, SEARCH, layout=scan)
+            for n0 in range(k_lo, k_hi, TS_SCAN):  # a chain of dependent loads: its length is one user's latency
+                offs = n0 + gl.arange(0, TS_SCAN, layout=scan)
                 t = gl.load(ts_base + offs, mask=offs < k_hi, other=0)
                 lo_j = gl.minimum(lo_j, gl.where(offs < k_hi, t, ts_ref))
                 hi_j = gl.maximum(hi_j, gl.where(offs < k_hi, t, ts_ref))
@@ -338,7 +337,7 @@ if not GLUON_ERROR:
                             CAUSAL: gl.constexpr, FAST_SILU: gl.constexpr, ALLOW_TS_FAST: gl.constexpr,
                             P: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                             KS: gl.constexpr, VS: gl.constexpr, Q_REGS: gl.constexpr, PARTIAL: gl.constexpr,
-                            KV_STRIDE: gl.constexpr, num_warps: gl.constexpr):
+                            KV_STRIDE: gl.constexpr, TS_SCAN: gl.constexpr, num_warps: gl.constexpr):
         """One program per window of BLOCK_M query tokens (users flattened, last window first) and head;
         grid axis 2 splits the key range (PARTIAL: fp32 partial sums). As hstu_attention._hstu_fwd_kernel."""
         h = gl.program_id(1)
@@ -385,7 +384,7 @@ if not GLUON_ERROR:
                                      (seg_lo - q_start).to(gl.int32) + shift, (seg_hi - q_start).to(gl.int32) + shift,
                                      h, split, gl.num_programs(2), count, seg, stride_qt, stride_kt, stride_vt,
                                      stride_ot, stride_oh, alpha, inv_norm, CAUSAL, FAST_SILU, ALLOW_TS_FAST, P, D,
-                                     BLOCK_M, BLOCK_N, KS, VS, Q_REGS, PARTIAL, num_warps)
+                                     BLOCK_M, BLOCK_N, KS, VS, Q_REGS, PARTIAL, TS_SCAN, num_warps)
                     seg += 1
                 else:  # more queries than keys: not a suffix. NaN rows, never a plausible result
                     blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
@@ -523,11 +522,13 @@ def hstu_attention_hopper(
     config: tuple[int, ...] | None = None,
     splits: int | None = None,
     max_user_keys: int | None = None,
+    ts_scan: int = 256,
 ) -> torch.Tensor:
     """hstu_attention_cached_triton's contract on the Gluon kernel (see the module docstring), key ranges included
     (kv_offsets [B, 2] with max_user_keys). config:
     (BLOCK_M, BLOCK_N, warps, K stages, V stages, Q in registers[, max registers per thread]), default
-    HOPPER_CONFIGS' first for the head dim."""
+    HOPPER_CONFIGS' first for the head dim. ts_scan: timestamps a program reads per step of its check for the int32
+    time path (a power of two >= 32 x warps; bench/kernels_explore.py times it where one user's chain is the call)."""
     if config is not None and config[3] != config[4] and not config[5]:
         raise ValueError(f"hstu hopper kernel: config {config}: unequal K / V stages with Q in shared memory gave "
                          "NaN rows on the H200 (cause not found: see HOPPER_CONFIGS); use Q in registers")  # fmt: skip
@@ -548,6 +549,7 @@ def hstu_attention_hopper(
         time_tab, pos_tab, far_tab, total, q_offsets.numel() - 1, q.stride(0), k.stride(0), v.stride(0),
         dest.stride(-3), dest.stride(-2), dest.stride(0) if n_split > 1 else 0, 0.5 * float(alpha),
         1.0 / float(norm), CAUSAL=bool(causal), FAST_SILU=bool(fast_silu), ALLOW_TS_FAST=bool(allow_ts_fast),
+        TS_SCAN=ts_scan,
         P=num_pos, D=dim, BLOCK_M=block_m, BLOCK_N=block_n, KS=k_stages, VS=v_stages,
         Q_REGS=bool(q_regs), PARTIAL=n_split > 1, KV_STRIDE=kv_offsets.dim(), num_warps=warps, **launch,
     )  # fmt: skip
