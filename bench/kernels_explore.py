@@ -62,6 +62,9 @@ ONE_USER_SCANS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("ts_scan 2048", {"ts_scan": 2048}),
     ("int64 gaps, no check", {"allow_ts_fast": False}),
 )
+# ... and at the latency call, key splits below key_splits' choice (5 at 2 heads of d 256: 48 windows): fewer parts,
+# longer chains, no parts to add (finish_parts: ~4 us a layer there, e2e-notes.md session 22)
+ONE_USER_SPLITS: tuple[tuple[str, dict[str, Any]], ...] = tuple((f"splits {n}", {"splits": n}) for n in (1, 2, 3))
 
 
 def old_launcher() -> Launcher | None:
@@ -227,7 +230,8 @@ def hopper_items(peak: float, head_dims: tuple[int, ...], small_full: tuple) -> 
         latency = ([1515], [256], None)
         for shape_name, shape, heads in (("4096+256", one, bench.HEADS_AT[d][-1]),
                                          ("1 x 1515", latency, bench.HEADS_AT[d][0])):  # fmt: skip
-            for variant, kw in ONE_USER_SCANS:
+            split_rows = ONE_USER_SPLITS if shape is latency else ()  # the cached shape has its split rows above
+            for variant, kw in (*ONE_USER_SCANS, *split_rows):
                 job = functools.partial(row, "oneuser", f"hopper {variant}", hstu_attention_hopper, shape, shape,
                                         heads, d, bench.TABLES[d], peak, graphed=True, **kw)  # fmt: skip
                 items.append((f"oneuser {variant} d{d} {shape_name}", job))
