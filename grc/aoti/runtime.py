@@ -116,8 +116,10 @@ class CudaGraphRunner:
     def _key(args: tuple[torch.Tensor, ...]) -> tuple[Any, ...]:
         return tuple((tuple(a.shape), a.dtype, a.device) for a in args)
 
-    def capture(self, *args: torch.Tensor) -> None:
-        static = [a.clone() for a in args]
+    def capture(self, *args: torch.Tensor, clone: bool = True) -> None:
+        """The graph of these inputs' shapes, reading copies of them (``clone``), or the tensors themselves: a caller
+        that writes its inputs into those buffers before each call then has nothing copied."""
+        static = [a.clone() if clone else a for a in args]
         graph, out = capture_graph(self.fn, static, self.pool, self.warmup)
         self.graphs[self._key(args)] = (graph, static, out)
         while len(self.graphs) > self.max_graphs:

@@ -88,6 +88,29 @@ def test_pad_layout_pad_users_are_all_candidates_and_the_rest_empty() -> None:
     assert bk.choose([bk.Bucket(tokens=30, users=3)], 2, 10, 7) is None  # 20 padding tokens need 3 pad users
 
 
+def test_host_padding_is_what_the_device_padding_makes() -> None:
+    """buckets.padded_ints (the layout's host-side padding, read by a bucket's graph as uploaded) equals bk.pad's
+    offsets, num_candidates and timestamps back to back, for random batches in every bucket that holds them (pad
+    users of max_seq_len, a partial one, empty slots)."""
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(secrets.randbits(31))
+    for max_users, seq in ((8, 96), (4, 7), (32, 2048)):
+        plan = bk.default_plan(max_users, seq)
+        for _ in range(50):
+            users = int(torch.randint(1, max_users + 1, (1,), generator=gen))
+            lengths = torch.randint(1, seq + 1, (users,), generator=gen)
+            offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+            cands = (torch.rand(users, generator=gen) * lengths).long()
+            total = int(offsets[-1])
+            stamps = torch.randint(-(2**40), 2**40, (total,), generator=gen)
+            for bucket in [b for b in plan if b.tokens >= total and b.users >= users + bk.pad_users(b, total, seq)]:
+                _, o, c, t = bk.pad(bucket, seq, torch.zeros(total, 1), offsets, cands, stamps)
+                host = bk.padded_ints(bucket, seq, offsets.numpy(), cands.numpy(), stamps.numpy())
+                assert host.dtype == np.int64 and host.shape == (bk.ints_length(bucket),)
+                assert np.array_equal(host, torch.cat([o, c, t]).numpy()), (bucket, users, total)
+
+
 def test_padding_changes_no_score_reference_ops_float64() -> None:
     seed = secrets.randbits(31)
     fc.assert_padding_exact(fc.padding_errors("pytorch", torch.float64, seed), PAD_TOL["float64"], seed)
@@ -155,6 +178,53 @@ def test_ranker_pytorch_kernels_interpreted_matches_the_float64_reference(
     spec, wdir = weights["float"]
     result, seed = run_worker("ranker", str(spec), str(wdir), str(tmp_path / "m"))
     fc.assert_ranker(result, 1e-4, seed)
+
+
+def test_ranker_pads_a_graphed_batch_on_the_host(weights: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
+    """With its dense step bucketed (as on a GPU with CUDA graphs: Bucketed, here without graphs), the Ranker lays
+    each batch out padded to its bucket on the host (layout.bucket, one "padded" field read where it is uploaded):
+    the same scores as the unbucketed Ranker, batch after batch in the shared buffers (stale rows from a larger batch
+    under a smaller one), the padding counted, no miss; a batch no bucket holds runs unpadded."""
+    from grc.serving.ranker import dense as dn
+    from grc.serving.ranker.ranker import Ranker
+    from grc.serving.triton import load
+    from grc.spec.loader import load_spec
+
+    spec_path, wdir = weights["float"]
+    spec = load_spec(spec_path).spec
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "weights").symlink_to(wdir)
+    ranker = Ranker.from_model_dir(tmp_path / "m", "cpu", fc.fused_params(spec, "pytorch_kernels"), log=lambda m: None)
+    pool = load.request_pool(spec.model, 7, seed=secrets.randbits(31))
+    batches = [pool[:4], pool[4:5], [pool[5], pool[6]]]  # a larger batch first: its rows stay under the smaller ones
+    plain = [ranker.rank([ranker.check(dict(r)) for r in b]) for b in batches]
+    cfg, stats = spec.model, dn.GraphStats()
+    seq = cfg.hstu.max_seq_len
+    plan = bk.default_plan(4, seq)
+    bucketed = dn.Bucketed(ranker.dense, plan, seq, cfg.d_model, ranker.dense_dtype, torch.device("cpu"), False,
+                           stats)  # fmt: skip
+    padded_runs: list[bk.Bucket] = []
+    run_padded = bucketed.run_padded
+
+    def counted(bucket: bk.Bucket, padded: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        padded_runs.append(bucket)
+        return run_padded(bucket, padded, tokens)
+
+    bucketed.run_padded = counted  # type: ignore[method-assign]
+    ranker.dense = bucketed
+    for batch, expected in zip(batches, plain, strict=True):
+        got = ranker.rank([ranker.check(dict(r)) for r in batch])
+        for g, e in zip(got, expected, strict=True):
+            assert set(g) == set(e)
+            torch.testing.assert_close(torch.from_numpy(g["scores"]), torch.from_numpy(e["scores"]), rtol=1e-5,
+                                       atol=1e-6)  # fmt: skip
+            assert (g["ranked_items"] == e["ranked_items"]).all()
+    assert stats.padded_tokens > 0 and stats.graph_misses == 0 and len(padded_runs) == len(batches)
+    ranker.dense = dn.Bucketed(bucketed.fn, [bk.Bucket(tokens=8, users=1)], seq, cfg.d_model, ranker.dense_dtype,
+                               torch.device("cpu"), False, stats)  # fmt: skip
+    got = ranker.rank([ranker.check(dict(pool[0]))])  # no bucket holds it: unpadded, counted as a miss
+    torch.testing.assert_close(torch.from_numpy(got[0]["scores"]), torch.from_numpy(plain[0][0]["scores"]))
+    assert stats.graph_misses == 1
 
 
 def test_ranker_refuses_a_bad_request_and_a_cuda_device_without_cuda(

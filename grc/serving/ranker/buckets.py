@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 if TYPE_CHECKING:  # torch only where a batch is padded: the bundle writer imports the plan without it
     import torch
 
@@ -62,6 +64,42 @@ def choose(plan: list[Bucket], users: int, tokens: int, max_seq_len: int) -> Buc
     return min(fits) if fits else None
 
 
+def padding_sizes(bucket: Bucket, users: int, total: int, max_seq_len: int) -> tuple[int, int, int]:
+    """(full pad users of max_seq_len tokens, the last pad user's tokens (0: none), empty user slots) that fill
+    ``bucket`` after a batch of ``users`` users and ``total`` tokens; ValueError where it cannot hold the batch."""
+    extra = bucket.tokens - total
+    full, rest = divmod(extra, max_seq_len)
+    slots = bucket.users - users
+    if full + (rest > 0) > slots or extra < 0:
+        raise ValueError(f"bucket {bucket} cannot hold {users} users and {total} tokens (max_seq_len {max_seq_len})")
+    return full, rest, slots - full - (rest > 0)
+
+
+def ints_length(bucket: Bucket) -> int:
+    """The length of ``padded_ints`` for ``bucket``: offsets, num_candidates, timestamps."""
+    return 2 * bucket.users + 1 + bucket.tokens
+
+
+def padded_ints(bucket: Bucket, max_seq_len: int, offsets: np.ndarray, num_candidates: np.ndarray,
+                timestamps: np.ndarray) -> np.ndarray:  # fmt: skip
+    """What ``pad`` makes of a batch's offsets [B+1], num_candidates [B] and timestamps [T], made on the host from
+    the layout's arrays: [offsets [U+1] | num_candidates [U] | timestamps [T']] back to back (U, T' the bucket's
+    users and tokens), int64: ONE slice of the batch's upload, which the bucket's graph reads where it lies
+    (Bucketed.run_padded) instead of the dozen small launches ``pad`` costs a batch on the device."""
+    total, users = int(offsets[-1]), num_candidates.shape[0]
+    full, rest, _ = padding_sizes(bucket, users, total, max_seq_len)
+    out = np.zeros(ints_length(bucket), np.int64)
+    sizes = out[bucket.users + 1 + users : 2 * bucket.users + 1]  # the pad users' num_candidates: all their tokens
+    sizes[:full] = max_seq_len
+    sizes[full : full + (rest > 0)] = rest
+    out[: users + 1] = offsets
+    np.cumsum(sizes, out=out[users + 1 : bucket.users + 1])
+    out[users + 1 : bucket.users + 1] += total
+    out[bucket.users + 1 : bucket.users + 1 + users] = num_candidates
+    out[2 * bucket.users + 1 : 2 * bucket.users + 1 + total] = timestamps  # the pad tokens' stamps stay 0
+    return out
+
+
 def pad(
     bucket: Bucket,
     max_seq_len: int,
@@ -76,18 +114,15 @@ def pad(
     import torch
 
     total, users = tokens.shape[0], num_candidates.shape[0]
+    full, rest, empty = padding_sizes(bucket, users, total, max_seq_len)
     extra = bucket.tokens - total
-    full, rest = divmod(extra, max_seq_len)
-    slots = bucket.users - users
-    if full + (rest > 0) > slots or extra < 0:
-        raise ValueError(f"bucket {bucket} cannot hold {users} users and {total} tokens (max_seq_len {max_seq_len})")
     # the padding users' sizes made on the device from host integers: no host->device copy, no sync
     dev, kind = tokens.device, offsets.dtype
     sizes = torch.cat(
         [
             torch.full((full,), max_seq_len, dtype=kind, device=dev),
             torch.full((1 if rest else 0,), rest, dtype=kind, device=dev),
-            torch.zeros(slots - full - (rest > 0), dtype=kind, device=dev),
+            torch.zeros(empty, dtype=kind, device=dev),
         ]
     )
     return (

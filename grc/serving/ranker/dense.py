@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from grc.model.gr import GRDense
@@ -81,7 +82,15 @@ def pytorch_kernels(dense: GRDense) -> Runner:
 class Bucketed:
     """``fn`` run in the smallest bucket of ``plan`` that holds the batch, padded (buckets.pad); with
     ``graphs`` each bucket's CUDA graph is captured here, at load, and replayed. A batch no bucket
-    holds runs unpadded and eagerly, counted as a miss. Returns the real tokens' scores only."""
+    holds runs unpadded and eagerly, counted as a miss. Returns the real tokens' scores only.
+
+    Every bucket reads its inputs from two buffers all buckets share (one batch runs at a time, in stream order):
+    ``rows`` [most tokens, D] and ``ints`` (offsets | num_candidates | timestamps back to back, the bucket's
+    sizes). The fused Ranker fills them itself (``run_padded``: the padded ints made on the host come with the
+    batch's one upload, one copy puts them in place, the tokens are cast into ``rows``), where a batch padded on the
+    device was ~12 small launches and the graph's four input copies. The pad rows of ``rows`` keep whatever an
+    earlier batch left there (finite values: the graph's all-padding batch, or tokens): a pad user's tokens are all
+    candidates, each attending to itself alone, and every other step is row-wise, so no real row ever reads them."""
 
     def __init__(
         self,
@@ -95,29 +104,59 @@ class Bucketed:
         stats: GraphStats,
     ):
         self.fn, self.plan, self.max_seq_len, self.stats = fn, sorted(plan), max_seq_len, stats
+        most_tokens, most_users = max(b.tokens for b in plan), max(b.users for b in plan)
+        self.rows = torch.zeros(most_tokens, width, dtype=dtype, device=device)
+        self.ints = torch.zeros(2 * most_users + 1 + most_tokens, dtype=torch.int64, device=device)
         self.graphs = None
         if graphs:
             from grc.aoti.runtime import CudaGraphRunner
 
             self.graphs = CudaGraphRunner(fn, max_graphs=max(1, len(self.plan)))
-            for bucket in self.plan:  # an all-padding batch of the bucket's shape (values do not matter)
-                empty = (torch.zeros(0, width, dtype=dtype, device=device), torch.zeros(1, dtype=torch.int64,
-                         device=device), torch.zeros(0, dtype=torch.int64, device=device),
-                         torch.zeros(0, dtype=torch.int64, device=device))  # fmt: skip
-                self.graphs.capture(*bk.pad(bucket, max_seq_len, *empty))
+            empty = np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+            for bucket in self.plan:  # an all-padding batch of the bucket's shape (the token values do not matter)
+                self.ints[: bk.ints_length(bucket)].copy_(torch.from_numpy(bk.padded_ints(bucket, max_seq_len, *empty)))
+                self.graphs.capture(*self.inputs(bucket), clone=False)
             torch.cuda.synchronize(device)
+
+    def choose(self, users: int, tokens: int) -> bk.Bucket | None:
+        """The bucket a batch of ``users`` and ``tokens`` runs in (None: none holds it)."""
+        return bk.choose(self.plan, users, tokens, self.max_seq_len)
+
+    def inputs(self, bucket: bk.Bucket) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The bucket's inputs (tokens, offsets, num_candidates, timestamps): views of the shared buffers."""
+        u, t = bucket.users, bucket.tokens
+        return self.rows[:t], self.ints[: u + 1], self.ints[u + 1 : 2 * u + 1], self.ints[2 * u + 1 : 2 * u + 1 + t]
+
+    def run_padded(self, bucket: bk.Bucket, padded: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """A batch the host padded (layout.build with ``choose``): ``padded`` buckets.padded_ints on the device,
+        ``tokens`` [T, D] the real tokens (any float dtype: cast as they are copied; or ``rows[:T]`` itself) -> the
+        real tokens' scores."""
+        total = tokens.shape[0]
+        self.ints[: padded.shape[0]].copy_(padded)
+        if tokens.data_ptr() != self.rows.data_ptr():  # (tokens projected into ``rows`` already stay)
+            self.rows[:total].copy_(tokens)
+        self.stats.padded_tokens += bucket.tokens - total
+        return self._run(bucket)[:total]
+
+    def _run(self, bucket: bk.Bucket) -> torch.Tensor:
+        """The bucket's graph replayed on the shared buffers (without graphs: ``fn`` on them)."""
+        args = self.inputs(bucket)
+        if self.graphs is None:
+            return self.fn(*args)
+        self.stats.graph_hits += 1
+        return self.graphs(*args)  # the inputs are the graph's own buffers: nothing copied
 
     def __call__(
         self, tokens: torch.Tensor, offsets: torch.Tensor, num_candidates: torch.Tensor, timestamps: torch.Tensor
     ) -> torch.Tensor:
+        """A batch on the device, padded there (buckets.pad) into the shared buffers."""
         total, users = tokens.shape[0], num_candidates.shape[0]
-        bucket = bk.choose(self.plan, users, total, self.max_seq_len)
+        bucket = self.choose(users, total)
         if bucket is None:
             self.stats.graph_misses += 1
             return self.fn(tokens, offsets, num_candidates, timestamps)
-        padded = bk.pad(bucket, self.max_seq_len, tokens, offsets, num_candidates, timestamps)
         self.stats.padded_tokens += bucket.tokens - total
-        if self.graphs is None:
-            return self.fn(*padded)[:total]
-        self.stats.graph_hits += 1
-        return self.graphs(*padded)[:total]
+        for dst, src in zip(self.inputs(bucket), bk.pad(bucket, self.max_seq_len, tokens, offsets, num_candidates,
+                                                          timestamps), strict=True):  # fmt: skip
+            dst.copy_(src)
+        return self._run(bucket)[:total]

@@ -8,12 +8,14 @@ time, history tokens their event times.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from grc.serving.common import request as rq
+from grc.serving.ranker import buckets as bk
 from grc.spec.schema import ModelConfig
 
 
@@ -26,6 +28,7 @@ class Layout:
     tokens: int
     packed: np.ndarray  # int64, every field below back to back
     fields: dict[str, tuple[int, int]]  # name -> (start, length) in packed (cross: float32 bits)
+    bucket: bk.Bucket | None = None  # the CUDA-graph bucket whose padded inputs lead ``packed`` ("padded")
 
 
 def build(
@@ -34,6 +37,7 @@ def build(
     skips: np.ndarray | None = None,
     profiled: np.ndarray | None = None,
     events: np.ndarray | None = None,
+    bucket: Callable[[int, int], bk.Bucket | None] | None = None,
 ) -> Layout:
     """The batch's layout, every per-token array computed for all users at once (numpy over the batch: a request
     costs a few slices, not a dozen small arrays). ``skips``: per user (request after request, user after user)
@@ -41,7 +45,10 @@ def build(
     history cache's step: a hit's cached events and profile tokens are rows of its entry already); default all.
     ``events`` (with ``skips``): the users' events past the skipped ones, back to back [events, history tables + 1]
     (ids in model.history order, then the timestamp: the history cache's visits hold them so), read as columns
-    instead of slicing every history input per user (a slice per user and input, ~20 us an execute of 6 users)."""
+    instead of slicing every history input per user (a slice per user and input, ~20 us an execute of 6 users).
+    ``bucket``: (users, tokens) -> the CUDA-graph bucket the batch runs in (Bucketed.choose), or None; with one, the
+    dense inputs (offsets, num_candidates, timestamps) come first, already padded to it, as one field "padded"
+    (buckets.padded_ints: what the bucket's graph reads, copied in one piece)."""
     n_prof = len(cfg.profile)
     first = rq.candidate_input(cfg.candidate[0])
     shapes = [(r[first].shape[0], r[first].shape[1]) for r in requests]
@@ -75,10 +82,12 @@ def build(
     stamps = np.repeat(now, lengths)  # request time everywhere, then the history's own times
     stamps[hist_idx] = history(rq.HISTORY_TIME) if events is None else events[:, -1]
     profile_starts = starts if profiled is None else starts[profiled]
+    chosen = bucket(users, total) if bucket is not None else None
+    dense: dict[str, np.ndarray] = {"offsets": offsets, "num_candidates": c, "timestamps": stamps}
+    if chosen is not None:
+        dense = {"padded": bk.padded_ints(chosen, cfg.hstu.max_seq_len, offsets, c, stamps)}
     fields: dict[str, np.ndarray] = {
-        "offsets": offsets,
-        "num_candidates": c,
-        "timestamps": stamps,
+        **dense,
         # where each projected row goes, in the order Ranker._tokens projects them (each profile table's, the
         # history's, the candidates'): ONE index_copy_ puts them in place (one per kind was a launch each)
         "embed_dst": np.concatenate([*(profile_starts + i for i in range(n_prof)), hist_idx, cand_idx]),
@@ -100,7 +109,7 @@ def build(
         spans[name] = (start, a.size)
         start += a.size
     packed = np.concatenate([a.astype(np.int64, copy=False) for a in fields.values()])
-    return Layout(shapes, users, total, packed, spans)
+    return Layout(shapes, users, total, packed, spans, chosen)
 
 
 def _ranges(firsts: np.ndarray, counts: np.ndarray) -> np.ndarray:

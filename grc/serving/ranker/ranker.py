@@ -254,17 +254,28 @@ class Ranker:
 
     def _rank_whole(self, checked: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         started = time.perf_counter()
-        layout = lay.build(checked, self.cfg)
+        # with CUDA graphs the batch's bucket is chosen as it is laid out, and its dense inputs padded on the host
+        graphed = self.dense if isinstance(self.dense, dn.Bucketed) else None
+        layout = lay.build(checked, self.cfg, bucket=graphed.choose if graphed is not None else None)
         events = self._events()
         self.clock.lap("layout")
         with torch.no_grad():
             feeds = lay.on_device(layout, self.device, self.cfg.cross_features)
             self.clock.lap("upload")
-            tokens = self._tokens(feeds, layout.tokens).to(self.dense_dtype)
+            padded = graphed if layout.bucket is not None else None  # (a bucket is chosen only with graphs)
+            rows = padded.rows[: layout.tokens] if padded is not None else None
+            # projected straight into the graphs' token rows where they keep the projector's dtype (float32)
+            into = rows if rows is not None and rows.dtype == self.projector.history.weight.dtype else None
+            tokens = self._tokens(feeds, layout.tokens, into)
+            if padded is None:
+                tokens = tokens.to(self.dense_dtype)
             self.clock.lap("embed")
             if events:
                 events[0].record()
-            scores = self.dense(tokens, feeds["offsets"], feeds["num_candidates"], feeds["timestamps"])
+            if padded is not None and layout.bucket is not None:  # the tokens cast as they are copied into place
+                scores = padded.run_padded(layout.bucket, feeds["padded"], tokens)
+            else:
+                scores = self.dense(tokens, feeds["offsets"], feeds["num_candidates"], feeds["timestamps"])
             if events:
                 events[1].record()
             self.clock.lap("dense")
