@@ -108,7 +108,11 @@ def test_host_padding_is_what_the_device_padding_makes() -> None:
                 _, o, c, t = bk.pad(bucket, seq, torch.zeros(total, 1), offsets, cands, stamps)
                 host = bk.padded_ints(bucket, seq, offsets.numpy(), cands.numpy(), stamps.numpy())
                 assert host.dtype == np.int64 and host.shape == (bk.ints_length(bucket),)
-                assert np.array_equal(host, torch.cat([o, c, t]).numpy()), (bucket, users, total)
+                spans = bk.ints_spans(bucket)
+                for (start, n), made in zip(spans, (o, c, t), strict=True):
+                    assert start % 2 == 0 and np.array_equal(host[start : start + n], made.numpy()), (bucket, users)
+                ends = [s + n for s, n in spans]
+                assert ends[0] <= spans[1][0] and ends[1] <= spans[2][0] and ends[2] == host.size
 
 
 def test_padding_changes_no_score_reference_ops_float64() -> None:

@@ -75,28 +75,40 @@ def padding_sizes(bucket: Bucket, users: int, total: int, max_seq_len: int) -> t
     return full, rest, slots - full - (rest > 0)
 
 
+def ints_spans(bucket: Bucket) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """(start, length) of the offsets [U+1], num_candidates [U] and timestamps [T'] in ``padded_ints`` (U, T' the
+    bucket's users and tokens), each start a multiple of two int64s: a compiled package's kernels may read their
+    inputs as 16-byte aligned, as every tensor torch allocates is."""
+    u, t = bucket.users, bucket.tokens
+    cands = (u + 2) // 2 * 2  # the first even index past the u + 1 offsets
+    stamps = (cands + u + 1) // 2 * 2
+    return (0, u + 1), (cands, u), (stamps, t)
+
+
 def ints_length(bucket: Bucket) -> int:
-    """The length of ``padded_ints`` for ``bucket``: offsets, num_candidates, timestamps."""
-    return 2 * bucket.users + 1 + bucket.tokens
+    """The length of ``padded_ints`` for ``bucket``."""
+    start, length = ints_spans(bucket)[-1]
+    return start + length
 
 
 def padded_ints(bucket: Bucket, max_seq_len: int, offsets: np.ndarray, num_candidates: np.ndarray,
                 timestamps: np.ndarray) -> np.ndarray:  # fmt: skip
     """What ``pad`` makes of a batch's offsets [B+1], num_candidates [B] and timestamps [T], made on the host from
-    the layout's arrays: [offsets [U+1] | num_candidates [U] | timestamps [T']] back to back (U, T' the bucket's
-    users and tokens), int64: ONE slice of the batch's upload, which the bucket's graph reads where it lies
-    (Bucketed.run_padded) instead of the dozen small launches ``pad`` costs a batch on the device."""
+    the layout's arrays, in one int64 array at ``ints_spans`` (zeros between): ONE slice of the batch's upload,
+    which one copy puts where the bucket's graph reads it (Bucketed.run_padded) instead of the dozen small launches
+    ``pad`` costs a batch on the device."""
     total, users = int(offsets[-1]), num_candidates.shape[0]
     full, rest, _ = padding_sizes(bucket, users, total, max_seq_len)
     out = np.zeros(ints_length(bucket), np.int64)
-    sizes = out[bucket.users + 1 + users : 2 * bucket.users + 1]  # the pad users' num_candidates: all their tokens
+    (o, n_o), (c, n_c), (t, _) = ints_spans(bucket)
+    sizes = out[c + users : c + n_c]  # the pad users' num_candidates: all their tokens (then empty slots: 0)
     sizes[:full] = max_seq_len
     sizes[full : full + (rest > 0)] = rest
-    out[: users + 1] = offsets
-    np.cumsum(sizes, out=out[users + 1 : bucket.users + 1])
-    out[users + 1 : bucket.users + 1] += total
-    out[bucket.users + 1 : bucket.users + 1 + users] = num_candidates
-    out[2 * bucket.users + 1 : 2 * bucket.users + 1 + total] = timestamps  # the pad tokens' stamps stay 0
+    out[o : o + users + 1] = offsets
+    np.cumsum(sizes, out=out[o + users + 1 : o + n_o])
+    out[o + users + 1 : o + n_o] += total
+    out[c : c + users] = num_candidates
+    out[t : t + total] = timestamps  # the pad tokens' stamps stay 0
     return out
 
 

@@ -85,12 +85,13 @@ class Bucketed:
     holds runs unpadded and eagerly, counted as a miss. Returns the real tokens' scores only.
 
     Every bucket reads its inputs from two buffers all buckets share (one batch runs at a time, in stream order):
-    ``rows`` [most tokens, D] and ``ints`` (offsets | num_candidates | timestamps back to back, the bucket's
-    sizes). The fused Ranker fills them itself (``run_padded``: the padded ints made on the host come with the
-    batch's one upload, one copy puts them in place, the tokens are cast into ``rows``), where a batch padded on the
-    device was ~12 small launches and the graph's four input copies. The pad rows of ``rows`` keep whatever an
-    earlier batch left there (finite values: the graph's all-padding batch, or tokens): a pad user's tokens are all
-    candidates, each attending to itself alone, and every other step is row-wise, so no real row ever reads them."""
+    ``rows`` [most tokens, D] and ``ints`` (offsets, num_candidates, timestamps at buckets.ints_spans: the bucket's
+    sizes, each 16-byte aligned). The fused Ranker fills them itself (``run_padded``: the padded ints made on the
+    host come with the batch's one upload, one copy puts them in place, the tokens are cast into ``rows``), where a
+    batch padded on the device was ~12 small launches and the graph's four input copies. The pad rows of ``rows``
+    keep whatever an earlier batch left there (finite values: the graph's all-padding batch, or tokens): a pad
+    user's tokens are all candidates, each attending to itself alone, and every other step is row-wise, so no real
+    row ever reads them."""
 
     def __init__(
         self,
@@ -104,9 +105,8 @@ class Bucketed:
         stats: GraphStats,
     ):
         self.fn, self.plan, self.max_seq_len, self.stats = fn, sorted(plan), max_seq_len, stats
-        most_tokens, most_users = max(b.tokens for b in plan), max(b.users for b in plan)
-        self.rows = torch.zeros(most_tokens, width, dtype=dtype, device=device)
-        self.ints = torch.zeros(2 * most_users + 1 + most_tokens, dtype=torch.int64, device=device)
+        self.rows = torch.zeros(max(b.tokens for b in plan), width, dtype=dtype, device=device)
+        self.ints = torch.zeros(max(bk.ints_length(b) for b in plan), dtype=torch.int64, device=device)
         self.graphs = None
         if graphs:
             from grc.aoti.runtime import CudaGraphRunner
@@ -124,8 +124,8 @@ class Bucketed:
 
     def inputs(self, bucket: bk.Bucket) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The bucket's inputs (tokens, offsets, num_candidates, timestamps): views of the shared buffers."""
-        u, t = bucket.users, bucket.tokens
-        return self.rows[:t], self.ints[: u + 1], self.ints[u + 1 : 2 * u + 1], self.ints[2 * u + 1 : 2 * u + 1 + t]
+        (o, n_o), (c, n_c), (t, n_t) = bk.ints_spans(bucket)
+        return self.rows[:n_t], self.ints[o : o + n_o], self.ints[c : c + n_c], self.ints[t : t + n_t]
 
     def run_padded(self, bucket: bk.Bucket, padded: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """A batch the host padded (layout.build with ``choose``): ``padded`` buckets.padded_ints on the device,
