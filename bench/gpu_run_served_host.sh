@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One device call (~4 minutes): the GPU tests of the fused Ranker's lookups (-> $OUT/gpu-test-gather.log), then
-# bench/served_host_profile.py on the GPU: the fused Ranker's host time per execute by phase, cached vs uncached, with
-# cProfile's top functions and the torch ops (launches) per execute (issue 18's served session, where the cached
+# One device call (~4 minutes): the GPU tests of the fused Ranker's lookups and bucket padding
+# (-> $OUT/gpu-test-gather.log), then bench/served_host_profile.py on the GPU: the fused Ranker's host time per
+# execute by phase, cached vs uncached, with cProfile's top functions and the torch ops (launches) per execute (issue 18's served session, where the cached
 # path's layout and dense phases cost ~0.7 ms per execute more on the H200 than on a CPU)
 #     -> $OUT/served-host-profile-h200.json / .log
 #     OUT=/some/dir bash bench/gpu_run_served_host.sh    (TEST_S, default 200; LIMIT_S, default 300; ARGS: options)
@@ -11,10 +11,11 @@ cd "$(dirname "$0")/.."
 source bench/gpu_python.sh  # $py, PYTHONPATH, CXX, step, gpu_environment, gpu_call
 gpu_call
 # first the GPU tests of the lookups the profile serves through (the one-kernel gathers, 6e29ef8; device and pinned
-# tables vs the memory-mapped lookups): a failure stops the call before it profiles wrong code
+# tables vs the memory-mapped lookups) and of the bucket graphs' shared input buffers (996907d): a failure stops the
+# call before it profiles wrong code
 step "tests: the fused Ranker's lookups on the GPU"
 timeout "${TEST_S:-200}" "$py" -m pytest -q -p no:cacheprovider -rA tests/serving/test_fused_gpu_real.py \
-    -k "gather or tables" > "$OUT/gpu-test-gather.log" 2>&1 || { tail -30 "$OUT/gpu-test-gather.log"; exit 1; }
+    -k "gather or tables or padding" > "$OUT/gpu-test-gather.log" 2>&1 || { tail -30 "$OUT/gpu-test-gather.log"; exit 1; }
 grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/gpu-test-gather.log" | tail -12
 step "bench/served_host_profile.py --device cuda"
 # the served session's shape (history 1,000 + 10 a visit, 256 candidates, ~6 users an execute) on mtgr-tiny widened
