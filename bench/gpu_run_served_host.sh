@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One device call (~4 minutes): the GPU tests of the fused Ranker's lookups and bucket padding
 # (-> $OUT/gpu-test-gather.log), then bench/served_host_profile.py on the GPU: the fused Ranker's host time per
-# execute by phase, cached vs uncached, with cProfile's top functions and the torch ops (launches) per execute (issue 18's served session, where the cached
-# path's layout and dense phases cost ~0.7 ms per execute more on the H200 than on a CPU)
+# execute by phase, cached vs uncached, with cProfile's top functions and the torch ops (launches) per execute
+# (issue 18's served session, where the cached path's layout and dense phases cost ~0.7 ms per execute more on the
+# H200 than on a CPU)
 #     -> $OUT/served-host-profile-h200.json / .log
 #     OUT=/some/dir bash bench/gpu_run_served_host.sh    (TEST_S, default 200; LIMIT_S, default 300; ARGS: options)
 # pydantic, doit & co. from .whl where the device's Python lacks them (bench/gpu_python.sh).
