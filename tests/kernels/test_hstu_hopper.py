@@ -52,12 +52,12 @@ def compile_hopper(config: tuple[int, ...], head_dim: int, positions: int = 512,
                           descs)  # fmt: skip
 
 
-@pytest.mark.parametrize("head_dim", sorted(HOPPER_CONFIGS))
-def test_compiles_into_the_overlapped_pipeline(head_dim: int) -> None:
-    """TMA tile loads, wgmma issued asynchronously and waited with one group still running (S(j+1) and PV(j)
-    in flight while block j's scores are computed), the GPU variant's PTX, and ptxas keeping the wgmmas
-    asynchronous (no C7515)."""
-    compiled = compile_hopper(HOPPER_CONFIGS[head_dim][0], head_dim)
+@pytest.mark.parametrize("head_dim, config", [(d, c) for d, configs in sorted(HOPPER_CONFIGS.items()) for c in configs])
+def test_compiles_into_the_overlapped_pipeline(head_dim: int, config: tuple[int, ...]) -> None:
+    """Every listed config (the explore bench times them all): TMA tile loads, wgmma issued asynchronously and waited
+    with one group still running (S(j+1) and PV(j) in flight while block j's scores are computed), the GPU variant's
+    PTX, within Hopper's shared memory, and ptxas keeping the wgmmas asynchronous (no C7515)."""
+    compiled = compile_hopper(config, head_dim)
     ptx = compiled.asm["ptx"]
     assert ".target sm_90a" in ptx
     assert "cp.async.bulk.tensor.2d" in ptx and "mbarrier.try_wait" in ptx
