@@ -164,51 +164,35 @@ def compiled_fused(case: Case, wl: str) -> Call:
 
 
 def package(
-    case: Case,
-    fuse: bool = False,
-    silu_apart: bool = False,
-    attention: str = "auto",
-    consumer_silu: bool = True,
-    tma: bool = False,
+    case: Case, fuse: bool = False, silu_apart: bool = False, attention: str = "auto", consumer_silu: bool = True
 ) -> Callable[..., torch.Tensor]:
     """The AOTInductor package, built once per spec and variant by the aoti stage's code (compile, a load check
     in a child process, float64 parity), loaded with the single-threaded runner: the one whose
     CUDA-graph capture works (the default runner's capture failed on the H200). attention: engine.aoti.attention;
-    consumer_silu False: grc.model.hstu.CONSUMER_SILU off (SiLU of u as a pass of its own, as before); tma (with
-    fuse): both projections' GEMMs the TMA kernel (kernels.fused_linear.GEMM "tma"; the output projection's norm-gate
-    apart, NORM_PROLOGUE["out"] off, since the TMA GEMM takes no prologue)."""
+    consumer_silu False: grc.model.hstu.CONSUMER_SILU off (SiLU of u as a pass of its own, as before)."""
     variant = f"{' (fused)' if fuse else ''}{' (SiLU apart)' if silu_apart else ''}"
     variant += f" (attention {attention})" if attention != "auto" else ""
-    variant += ("" if consumer_silu else " (SiLU pass for u)") + (" (TMA GEMMs)" if tma else "")
+    variant += "" if consumer_silu else " (SiLU pass for u)"
     return case.once(
-        f"the AOTInductor package{variant}",
-        lambda: build_package(case, fuse, silu_apart, attention, consumer_silu, tma),
+        f"the AOTInductor package{variant}", lambda: build_package(case, fuse, silu_apart, attention, consumer_silu)
     )
 
 
 def build_package(
-    case: Case,
-    fuse: bool,
-    silu_apart: bool = False,
-    attention: str = "auto",
-    consumer_silu: bool = True,
-    tma: bool = False,
+    case: Case, fuse: bool, silu_apart: bool = False, attention: str = "auto", consumer_silu: bool = True
 ) -> Callable[..., torch.Tensor]:
     from grc.aoti.build import compile_target, verify_target
     from grc.aoti.runtime import load
     from grc.model import hstu
-    from kernels import fused_linear
 
     folder = Path(tempfile.mkdtemp(prefix="grc-aoti-")) / "cuda"
     log = lambda m: print(f"  {m}", flush=True)  # noqa: E731
-    kept = hstu.CONSUMER_SILU, fused_linear.GEMM, hstu.NORM_PROLOGUE["out"]
-    hstu.CONSUMER_SILU = kept[0] and consumer_silu  # JaggedDense's default, read when the package's model is built
-    if tma:  # read as the model is traced
-        fused_linear.GEMM, hstu.NORM_PROLOGUE["out"] = "tma", False
+    kept = hstu.CONSUMER_SILU
+    hstu.CONSUMER_SILU = kept and consumer_silu  # JaggedDense's default, read when the package's model is built
     try:
         compiled = compile_target(case.dense, "cuda", "bfloat16", folder, log, fuse, silu_apart, attention)
     finally:
-        hstu.CONSUMER_SILU, fused_linear.GEMM, hstu.NORM_PROLOGUE["out"] = kept
+        hstu.CONSUMER_SILU = kept
     if compiled["status"] != "compiled":
         raise RuntimeError(f"the package was not built: {compiled.get('reason')}")
     shapes = [(s.users, s.history, s.candidates) for s in case.spec.verify.shapes]
@@ -219,7 +203,6 @@ def build_package(
     meta = json.loads((folder / "metadata.json").read_text())
     key = "aoti_package" + ("_fused" if fuse else "") + ("_silu_apart" if silu_apart else "")
     key += ("" if attention == "auto" else f"_attention_{attention}") + ("" if consumer_silu else "_silu_passes")
-    key += "_tma" if tma else ""
     case.record[key] = {
         "entry": entry,
         "build_seconds": meta["build_seconds"],
@@ -242,10 +225,6 @@ def package_graph(case: Case, wl: str) -> Call:
 
 def package_fused_graph(case: Case, wl: str) -> Call:
     return graphed(case, package(case, fuse=True), case.inputs[wl].args())
-
-
-def package_fused_tma_graph(case: Case, wl: str) -> Call:
-    return graphed(case, package(case, fuse=True, tma=True), case.inputs[wl].args())
 
 
 def package_silu_graph(case: Case, wl: str) -> Call:
@@ -282,9 +261,6 @@ MODES: dict[str, Mode] = {
                                   needs_cuda=True),
     "aoti_bf16_fused": Mode("the package with engine.aoti.fuse (kernels/fused_*.py), CUDA graph per shape",
                             package_fused_graph, needs_cuda=True),
-    "aoti_bf16_fused_tma": Mode("the fused package with both projections' GEMMs the TMA kernel (kernels/tma_linear.py: "
-                                "SiLU and the residual add as its epilogues, the norms apart), CUDA graph per shape",
-                                package_fused_tma_graph, needs_cuda=True),
     "aoti_bf16_silu": Mode("the package with engine.aoti.silu_apart (grc::silu: one activated UVQK buffer), "
                            "CUDA graph per shape", package_silu_graph, needs_cuda=True),
     "eager_bf16_triton": Mode("JaggedDense bf16, grc ops (Triton kernels; their twins on a CPU), eager",

@@ -55,8 +55,6 @@ MODE_LABELS = {
     "eager_bf16_triton_graph": "grc kernels + CUDA graph",
     "compile_bf16_triton": "grc kernels + torch.compile + CUDA graph",
     "aoti_bf16_fused": "grc AOTInductor package, fused projections and heads, + CUDA graph",
-    "aoti_bf16_fused_tma": "grc AOTInductor package, fused projections on the TMA GEMM (kernels/tma_linear.py) "
-    "and fused heads, + CUDA graph",
     "eager_bf16_fused_graph": "grc kernels, fused projections and heads, + CUDA graph",
     "compile_bf16_fused": "grc kernels, fused, + torch.compile + CUDA graph",
 }

@@ -44,9 +44,9 @@ from kernels.tuning import PERSIST
 GROUP_NORM, NORM_GATE, NO_NORM = 0, 1, 2  # prologues (NO_NORM: x is already normalised)
 SILU, RESIDUAL = 0, 1  # epilogues
 # The GEMM of NO_NORM calls (the norm run apart) without a KVInto: "pointer" (this module's kernel, tiles through
-# the load/store units) or "tma" (kernels/tma_linear.py: persistent, TMA tiles, Hopper only; a call it cannot run
-# raises naming why). Read at each call, so a package traced with "tma" holds that kernel. "pointer" until the TMA
-# kernel measures faster on the device (bench/fused_gemm.py; e2e mode aoti_bf16_fused_tma).
+# the load/store units) or "tma" (kernels/tma_linear.py: persistent, TMA tiles, Hopper only, eager calls only; a call
+# it cannot run raises naming why). "pointer" stays the default: on the H200 the TMA kernel is 1.08x the pointer one
+# with SiLU (0.464 vs 0.501 ms at mtgr-small's UVQK), but no compiled graph can hold it with torch 2.11 (session 24).
 GEMM = "pointer"
 GEMMS = ("pointer", "tma")
 # The operand path of the dot: the GPU's (native dtype), or the interpreter's (its tl.dot

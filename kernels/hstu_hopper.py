@@ -80,15 +80,13 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 #   kernel 2.30 / 0.85 / 0.42): slower at long sequences, so kernels.ops keeps the Triton kernel there.
 # K 2 / V 3 stages with Q in shared memory returned NaN rows on the device in every check (three runs) while its
 # Q-in-registers twin was exact; the cause is not found, so the launcher refuses that combination (UNEXPLAINED).
-# d 128's 128/64 on 8 warps (session 24, not yet timed): two warpgroups of 64 rows share each K and V tile, one
-# program per SM (8 warps, as two 64-row programs are), so a window's fixed costs (its user's search, the timestamp
-# check, the pipeline's fill and drain) are paid once per 128 queries and each K/V tile is loaded half as often: the
-# short sequences' share (17.6% of peak at seq 512, session 22). Offline: 255 registers, the default's 92-byte spill,
-# 112 KiB of shared memory, the overlapped pipeline kept.
+# d 128's 128/64 on 8 warps with Q in registers (two warpgroups sharing each K/V tile, one program per SM; session 24,
+# kernels-explore-hopper-oneuser-h200-s24.json): 3.78 / 1.35 / 0.71 ms against the default's 3.21 / 1.10 / 0.57
+# at seq 8192 / 2048 / 512: slower at every length, so not listed.
 HopperConfig = tuple[int, ...]
 HOPPER_CONFIGS: dict[int, tuple[HopperConfig, ...]] = {
     64: ((64, 64, 4, 2, 2, 1), (64, 32, 4, 2, 2, 1, 168)),
-    128: ((64, 64, 4, 2, 2, 1), (64, 64, 4, 2, 2, 0), (128, 64, 8, 2, 2, 1)),
+    128: ((64, 64, 4, 2, 2, 1), (64, 64, 4, 2, 2, 0)),
     256: ((64, 32, 4, 2, 2, 0), (128, 32, 8, 2, 2, 0)),
 }
 SEARCH = triton.language.constexpr(256)  # users scanned per step when a window looks for its first user

@@ -13,8 +13,14 @@ the tiles go in groups of GROUP_M row blocks so the weight's columns stay in L2.
 
 Numerics are ``fused_linear``'s (its twins are the oracle): operands in their 16-bit dtype, float32 accumulation,
 bias and epilogue in float32, one rounding. Only 16-bit operands (float32 keeps the exact ieee kernel).
-Whether it runs is ``why_not`` (an sm90 GPU, 16-byte-aligned rows; the interpreter runs it on the CPU for the
-tests); ``fused_linear.GEMM`` says whether the ops use it, set from measurements (bench/fused_gemm.py).
+Whether it runs is ``why_not`` (an sm90 GPU, 16-byte-aligned rows, an eager call: torch 2.11's Inductor cannot
+compile a grc op that builds host TMA descriptors; the interpreter runs it on the CPU for the tests);
+``fused_linear.GEMM`` says whether the ops use it, set from measurements (bench/fused_gemm.py).
+
+Measured on the H200 (session 24, bench/results/fused-gemm-tma-mtgr-small-h200-s24.json, mtgr-small's UVQK GEMM on
+64 x 1,000 tokens): 0.464 ms with SiLU (128 x 256, the default; the other configs 0.51-0.54) against cuBLAS alone
+0.335 and cuBLAS + Inductor's SiLU pass 0.523 (1.13x), the pointer-loaded kernel 0.501; with the norm compiled apart
+0.518 vs torch.compile's unfused 0.568 (1.10x). So 72% of cuBLAS: the passes' time comes back only in part.
 """
 
 from __future__ import annotations
@@ -133,6 +139,12 @@ def why_not(
     are checked for everything but their pointers' alignment, which the launch's descriptors check again."""
     if x.dtype not in DTYPES or weight.dtype != x.dtype:
         return f"16-bit operands of one dtype only, got {x.dtype} and {weight.dtype}"
+    if _traced(x):
+        return (
+            "eager calls and CUDA-graph captures only, not a compiled graph (torch.compile, AOTInductor): torch "
+            f"{torch.__version__.split('+')[0]}'s Inductor loses the host TMA descriptors a grc op builds (KeyError on "
+            "the descriptor's name, then a failed compile: tests/kernels/test_tma_linear.py, on the H200, session 24)"
+        )
     if not INTERPRET and (not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] != 9):
         return f"needs an sm90 GPU (TMA, wgmma), got {x.device}"
     for name, t in (("x", x), ("weight", weight), ("residual", residual), ("output", out)):

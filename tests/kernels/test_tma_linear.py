@@ -2,8 +2,8 @@
 
 On this CPU host: the launcher's refusals (test_fused_linear.py runs the kernel itself under the interpreter,
 test_fused_hopper_compile.py compiles it for sm_90a). On an sm90 GPU: every listed config at the HSTU widths against
-the float64 twins on fresh inputs with a NaN-poisoned output, and the op traced by torch.compile (descriptors built
-by Inductor's copy of the launch) equal to the eager call.
+the float64 twins on fresh inputs with a NaN-poisoned output, and a compiled graph refusing it by name (torch 2.11's
+Inductor cannot hold the host descriptors the op builds: session 24).
 """
 
 from __future__ import annotations
@@ -75,13 +75,15 @@ def test_every_config_matches_float64_at_the_hstu_widths(config_name: str, dtype
 
 
 @needs_sm90
-def test_the_op_compiled_with_tma_equals_the_eager_call(monkeypatch: pytest.MonkeyPatch) -> None:
-    """grc::linear_silu traced by torch.compile with GEMM "tma" (Inductor rebuilds the descriptors in its copy of
-    the launch): the same bits as the eager call, on a row count the compile did not see."""
+def test_a_compiled_graph_refuses_the_tma_gemm_naming_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    """grc::linear_silu traced by torch.compile with GEMM "tma": torch 2.11's Inductor loses the host descriptors a
+    triton_op builds (session 24: KeyError 'x_desc', then a failed compile), so the launcher refuses a traced call
+    saying so, and nothing else compiles in its place; the eager call still runs it."""
     monkeypatch.setattr(fl, "GEMM", "tma")
     gen = torch.Generator().manual_seed(secrets.randbits(31))
+    x, w, b, _ = _case(700, 512, 2048, torch.bfloat16, gen)
     compiled = torch.compile(lambda x, w, b: fl.linear_silu(x, w, b), dynamic=True, fullgraph=True)
-    for rows in (700, 1515):
-        x, w, b, _ = _case(rows, 512, 2048, torch.bfloat16, gen)
-        eager = fl.fused_linear_triton(x, w, b, fl.NO_NORM, fl.SILU, gemm="tma")
-        assert torch.equal(compiled(x, w, b), eager), rows
+    with pytest.raises(Exception, match="not a compiled graph"):
+        compiled(x, w, b)
+    ref = fl.linear_silu_reference(x.double(), w.double(), b.double())
+    assert _rel(fl.fused_linear_triton(x, w, b, fl.NO_NORM, fl.SILU, gemm="tma"), ref) <= BOUNDS[torch.bfloat16]
