@@ -660,7 +660,7 @@ SERVED_SESSIONS = (
     "history-cache-served-h200-s13-pool.json", "history-cache-served-h200-s13-streams.json",
     "history-cache-served-h200-s14-aligned-threads0.json", "history-cache-served-h200-s14-aligned-threads1.json",
     "history-cache-served-h200-s14-base3000.json", "history-cache-served-h200-s15-instances4.json",
-    "history-cache-served-h200-s22-session.json",
+    "history-cache-served-h200-s22-session.json", "history-cache-served-h200-s24-session-warm.json",
 )  # fmt: skip
 # per execute, ms: Triton's queue and compute, then the fused model's host phases (grc/serving/ranker/phases.py)
 SERVED_PHASES = {
