@@ -12,7 +12,9 @@
 # Results: $OUT/instances-<n>/history-cache-served-<gpu>.json (+ its log, and each capture under trace/).
 # FIRST_BUDGET (default 370 s: the AOTInductor build, 146-213 s on fresh H200s, a server's start, ~40-90 s, the two
 # timed modes and the float64 checks) and NEXT_BUDGET (default 150 s) bound each run: two counts fit one 600 s call
-# (the bench skips a session that would end past its budget: history_cache_served.py's --deadline).
+# (the bench skips a session that would end past its budget: history_cache_served.py's --deadline). WARM=1: each
+# session after a warm pass of both modes (--session-warm: a server in steady state; session 24's 0.94x at one instance
+# was measured so); give one count the call then (INSTANCES=4 WARM=1).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder the results go to}"
@@ -21,7 +23,7 @@ budget="${FIRST_BUDGET:-370}"
 rc=0
 for n in ${INSTANCES:-1 4}; do
   flags="--budget-mb $(( ${TOTAL_MB:-24576} / n )) --skip-shapes --session-users ${USERS:-1000} --session-s 15"
-  flags+=" --session-concurrency ${CLIENTS:-32} --instances $n"
+  flags+=" --session-concurrency ${CLIENTS:-32} --instances $n${WARM:+ --session-warm}"
   TRACE=captures BUDGET="$budget" REQUESTS=10 BENCH_FLAGS="$flags" OUT="$OUT/instances-$n" \
     bash bench/gpu_run_history_served.sh "$spec" || rc=$?
   budget="${NEXT_BUDGET:-150}"
