@@ -65,6 +65,7 @@ ONE_USER_SCANS: tuple[tuple[str, dict[str, Any]], ...] = (
 # ... and at the latency call, key splits below key_splits' choice (5 at 2 heads of d 256: 48 windows): fewer parts,
 # longer chains, no parts to add (finish_parts: ~4 us a layer there, e2e-notes.md session 22)
 ONE_USER_SPLITS: tuple[tuple[str, dict[str, Any]], ...] = tuple((f"splits {n}", {"splits": n}) for n in (1, 2, 3))
+HIT_SPLITS: tuple[tuple[str, dict[str, Any]], ...] = tuple((f"splits {n}", {"splits": n}) for n in (2, 8))
 
 
 def old_launcher() -> Launcher | None:
@@ -228,9 +229,12 @@ def hopper_items(peak: float, head_dims: tuple[int, ...], small_full: tuple) -> 
         # package's latency call (1 user x 1,515, 256 candidates: mtgr-small's 3 calls were ~0.10 of its 0.275 ms
         # of device time, session 22), beside the int64 path (no check).
         latency = ([1515], [256], None)
+        hit = ([1000 + 256], [256], [256])  # a served hit at history 1,000 (the session's): its split rule too
         for shape_name, shape, heads in (("4096+256", one, bench.HEADS_AT[d][-1]),
+                                         ("1000+256", hit, bench.HEADS_AT[d][-1]),
                                          ("1 x 1515", latency, bench.HEADS_AT[d][0])):  # fmt: skip
-            split_rows = ONE_USER_SPLITS if shape is latency else ()  # the cached shape has its split rows above
+            # the 4096 shape has its split rows above; key_splits picks 4 parts for the hit (1,256 keys), 5 at 1 x 1,515
+            split_rows = {"4096+256": (), "1000+256": HIT_SPLITS}.get(shape_name, ONE_USER_SPLITS)
             for variant, kw in (*ONE_USER_SCANS, *split_rows):
                 job = functools.partial(row, "oneuser", f"hopper {variant}", hstu_attention_hopper, shape, shape,
                                         heads, d, bench.TABLES[d], peak, graphed=True, **kw)  # fmt: skip
