@@ -135,16 +135,17 @@ class Bucketed:
         self.ints[: padded.shape[0]].copy_(padded)
         if tokens.data_ptr() != self.rows.data_ptr():  # (tokens projected into ``rows`` already stay)
             self.rows[:total].copy_(tokens)
-        self.stats.padded_tokens += bucket.tokens - total
-        return self._run(bucket)[:total]
+        return self._run(bucket, total)
 
-    def _run(self, bucket: bk.Bucket) -> torch.Tensor:
-        """The bucket's graph replayed on the shared buffers (without graphs: ``fn`` on them)."""
+    def _run(self, bucket: bk.Bucket, total: int) -> torch.Tensor:
+        """The bucket's graph replayed on the shared buffers (without graphs: ``fn`` on them) -> the first ``total``
+        tokens' scores, the padding counted."""
+        self.stats.padded_tokens += bucket.tokens - total
         args = self.inputs(bucket)
         if self.graphs is None:
-            return self.fn(*args)
+            return self.fn(*args)[:total]
         self.stats.graph_hits += 1
-        return self.graphs(*args)  # the inputs are the graph's own buffers: nothing copied
+        return self.graphs(*args)[:total]  # the inputs are the graph's own buffers: nothing copied
 
     def __call__(
         self, tokens: torch.Tensor, offsets: torch.Tensor, num_candidates: torch.Tensor, timestamps: torch.Tensor
@@ -155,8 +156,7 @@ class Bucketed:
         if bucket is None:
             self.stats.graph_misses += 1
             return self.fn(tokens, offsets, num_candidates, timestamps)
-        self.stats.padded_tokens += bucket.tokens - total
         for dst, src in zip(self.inputs(bucket), bk.pad(bucket, self.max_seq_len, tokens, offsets, num_candidates,
                                                           timestamps), strict=True):  # fmt: skip
             dst.copy_(src)
-        return self._run(bucket)[:total]
+        return self._run(bucket, total)

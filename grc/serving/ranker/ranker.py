@@ -262,18 +262,18 @@ class Ranker:
         with torch.no_grad():
             feeds = lay.on_device(layout, self.device, self.cfg.cross_features)
             self.clock.lap("upload")
-            padded = graphed if layout.bucket is not None else None  # (a bucket is chosen only with graphs)
-            rows = padded.rows[: layout.tokens] if padded is not None else None
+            bucket = layout.bucket  # chosen only with graphs (graphed.choose)
+            rows = graphed.rows[: layout.tokens] if graphed is not None and bucket is not None else None
             # projected straight into the graphs' token rows where they keep the projector's dtype (float32)
             into = rows if rows is not None and rows.dtype == self.projector.history.weight.dtype else None
             tokens = self._tokens(feeds, layout.tokens, into)
-            if padded is None:
+            if bucket is None:
                 tokens = tokens.to(self.dense_dtype)
             self.clock.lap("embed")
             if events:
                 events[0].record()
-            if padded is not None and layout.bucket is not None:  # the tokens cast as they are copied into place
-                scores = padded.run_padded(layout.bucket, feeds["padded"], tokens)
+            if graphed is not None and bucket is not None:  # the tokens cast as they are copied into place
+                scores = graphed.run_padded(bucket, feeds["padded"], tokens)
             else:
                 scores = self.dense(tokens, feeds["offsets"], feeds["num_candidates"], feeds["timestamps"])
             if events:
