@@ -24,12 +24,16 @@ costs and which entry to evict.
   by a freed boundary; a pinned extent (a step is reading it) gives its rows back at its last ``unpin``, so rows a
   running step reads are never handed to another user.
 - Thread-safe: one lock guards the runs, the extents' fields and the counters.
+- Cost: the free runs are kept in two maps (start -> end, end -> start) and a max-tree of their lengths, so each call is
+  O(log rows), whatever the number of entries. A scan over the runs cost ~43 us per allocation + release at ~780
+  entries and ~430 us at ~7,800 (`RowArena(1.1M / 11M rows, granule 16, gap 256)`, this repository's 2-core CPU);
+  the tree ~20 and ~26 us (session 25, bench/results/history-cache-notes.md).
 """
 
 from __future__ import annotations
 
-import bisect
 import threading
+from array import array
 from dataclasses import dataclass
 
 
@@ -48,6 +52,41 @@ class Extent:
         return self.start + self.capacity
 
 
+class _MaxTree:
+    """The longest free run starting in each granule slot (0: none starts there), kept as a max-tree: the leftmost or
+    rightmost slot holding a run of at least x rows in O(log slots). Why: with growth gaps there are about as many
+    free runs as entries (~1,000 in a served session), and a Python scan over them cost ~0.1 ms per allocation, most
+    of the served cached layout's host time at 240 users (bench/results/history-cache-notes.md, session 25)."""
+
+    def __init__(self, slots: int):
+        self.n = 1 << max(0, (slots - 1).bit_length())
+        self.t = array("q", bytes(16 * self.n))  # node i's children 2i, 2i + 1; leaves n..2n-1; zeroed
+
+    def set(self, slot: int, value: int) -> None:
+        t, i = self.t, slot + self.n
+        t[i] = value
+        i >>= 1
+        while i:
+            m = max(t[2 * i], t[2 * i + 1])
+            if t[i] == m:  # the ancestors hold what they held
+                return
+            t[i] = m
+            i >>= 1
+
+    def top(self) -> int:
+        return self.t[1]
+
+    def find(self, at_least: int, last: bool = False) -> int | None:
+        """The leftmost slot holding at least ``at_least`` (``last``: the rightmost), or None."""
+        t, n = self.t, self.n
+        if t[1] < at_least:
+            return None
+        i, prefer = 1, int(last)  # the child tried first: 2i (leftmost) or 2i + 1 (rightmost)
+        while i < n:
+            i = 2 * i + prefer if t[2 * i + prefer] >= at_least else 2 * i + 1 - prefer
+        return i - n
+
+
 class RowArena:
     """First-fit allocator of row ranges in [0, rows), in whole granules."""
 
@@ -62,13 +101,13 @@ class RowArena:
         self.granule = granule
         self.gap = -(-gap // granule) * granule
         self._lock = threading.Lock()
-        self._starts: list[int] = [0]  # free runs, sorted by start, never adjacent (merged on release)
-        self._ends: list[int] = [self.rows]
+        # free runs, never adjacent (merged on release): start -> end and end -> start (a release finds its free
+        # neighbours, a growth the run after its extent, in O(1)), and each run's length at its start's granule slot
+        self._end_of: dict[int, int] = {}
+        self._start_of: dict[int, int] = {}
+        self._runs = _MaxTree(self.rows // granule)
         self._used = 0  # rows of live extents (released-but-pinned ones included: not yet reusable)
-        # a bound on the longest free run (>= it; exact after a scan that found nothing): a request longer is refused
-        # without a scan (the store's evict-and-retry loop asks once per eviction, and with growth gaps there are
-        # about as many free runs as entries), and the gapped pass is skipped when no run can hold it
-        self._bound = self.rows
+        self._add_run(0, self.rows)
 
     def _round(self, rows: int) -> int:
         if rows <= 0:
@@ -80,38 +119,38 @@ class RowArena:
         that holds it between gaps (past the one its held neighbour keeps, a run at row 0 following nothing, and one
         of its own after it), else the first run that holds it."""
         size = self._round(rows)
+        gap = self.gap
         with self._lock:
-            if self._bound < size:
-                return None
-            passes = (True, False) if self.gap and self._bound >= size + self.gap else (False,)
-            for gapped in passes:
-                # gapped, the last run first: the arena's unused tail while it has one, found at once (with growth
-                # gaps there are about as many free runs as entries, each too short to take a new extent between gaps)
-                order = range(len(self._starts) - 1, -1, -1) if gapped else range(len(self._starts))
-                for i in order:
-                    start, end = self._starts[i], self._ends[i]
-                    # runs never touch, so one at start > 0 follows an extent; gapped, the new extent also keeps a
-                    # gap of its own after it (a hole between two extents that only just holds it would not)
-                    skip = self.gap if gapped and start > 0 else 0
-                    if end - start - skip >= size + (self.gap if gapped else 0):
-                        return self._take(i, start + skip, size)
-            self._bound = self._longest()  # no run held it: the bound made exact
-        return None
+            if gap:
+                # the last run first: the arena's unused tail while it has one. Runs never touch, so one at start > 0
+                # follows an extent and keeps that extent's gap before the new one; the new extent keeps a gap of its
+                # own after it (a hole between two extents that only just holds it would not)
+                slot = self._runs.find(size + 2 * gap, last=True)
+                if slot is not None:
+                    start = slot * self.granule
+                    return self._take(start, start + (gap if start > 0 else 0), size)
+                if self._end_of.get(0, 0) >= size + gap:  # a run at row 0 follows nothing: one gap, its own
+                    return self._take(0, 0, size)
+            slot = self._runs.find(size)
+            return None if slot is None else self._take(slot * self.granule, slot * self.granule, size)
 
-    def _longest(self) -> int:  # under the lock
-        return max((e - s for s, e in zip(self._starts, self._ends, strict=True)), default=0)
+    def _add_run(self, start: int, end: int) -> None:  # under the lock
+        self._end_of[start] = end
+        self._start_of[end] = start
+        self._runs.set(start // self.granule, end - start)
 
-    def _take(self, i: int, at: int, size: int) -> Extent:  # under the lock: rows [at, at + size) of free run i
-        start, end = self._starts[i], self._ends[i]
+    def _drop_run(self, start: int) -> int:  # under the lock: the run at ``start`` taken out -> its end
+        end = self._end_of.pop(start)
+        del self._start_of[end]
+        self._runs.set(start // self.granule, 0)
+        return end
+
+    def _take(self, start: int, at: int, size: int) -> Extent:  # under the lock: rows [at, at + size) of run ``start``
+        end = self._drop_run(start)
         if at > start:  # the gap stays free, before the new extent
-            self._ends[i] = at
-            if at + size < end:
-                self._starts.insert(i + 1, at + size)
-                self._ends.insert(i + 1, end)
-        elif at + size == end:
-            del self._starts[i], self._ends[i]
-        else:
-            self._starts[i] = at + size
+            self._add_run(start, at)
+        if at + size < end:
+            self._add_run(at + size, end)
         self._used += size
         return Extent(at, size)
 
@@ -124,18 +163,12 @@ class RowArena:
                 raise ValueError(f"extent at row {extent.start} was released: it cannot grow")
             if size <= extent.capacity:
                 return True
-            i = bisect.bisect_left(self._starts, extent.end)
-            if i == len(self._starts) or self._starts[i] != extent.end:
-                return False
             missing = size - extent.capacity
-            if self._ends[i] - self._starts[i] < missing:
+            end = self._end_of.get(extent.end)
+            if end is None or end - extent.end < missing:
                 return False
-            if self._ends[i] - self._starts[i] == missing:
-                del self._starts[i], self._ends[i]
-            else:
-                self._starts[i] += missing
+            self._take(extent.end, extent.end, missing)
             extent.capacity = size
-            self._used += missing
             return True
 
     def pin(self, extent: Extent) -> None:
@@ -166,22 +199,14 @@ class RowArena:
         self._free_rows(extent.start, extent.end)
 
     def _free_rows(self, start: int, end: int) -> None:  # under the lock
-        i = bisect.bisect_left(self._starts, start)
-        merge_left = i > 0 and self._ends[i - 1] == start
-        merge_right = i < len(self._starts) and self._starts[i] == end
-        if merge_left and merge_right:
-            self._ends[i - 1] = self._ends[i]
-            del self._starts[i], self._ends[i]
-        elif merge_left:
-            self._ends[i - 1] = end
-        elif merge_right:
-            self._starts[i] = start
-        else:
-            self._starts.insert(i, start)
-            self._ends.insert(i, end)
         self._used -= end - start
-        j = i - 1 if merge_left else i  # the run these rows joined (merged or alone): the bound holds it
-        self._bound = max(self._bound, self._ends[j] - self._starts[j])
+        before = self._start_of.get(start)  # a free run ending where these rows start
+        if before is not None:
+            self._drop_run(before)
+            start = before
+        if end in self._end_of:  # a free run starting where they end
+            end = self._drop_run(end)
+        self._add_run(start, end)
 
     def shrink(self, extent: Extent, rows: int) -> None:
         """Give back the whole granules of ``extent`` past its first ``rows`` rows (at least one granule stays): a
@@ -202,9 +227,8 @@ class RowArena:
     def free_runs(self) -> list[tuple[int, int]]:
         """The free runs as (start, end), sorted (tests and the metrics read it)."""
         with self._lock:
-            return list(zip(self._starts, self._ends, strict=True))
+            return sorted(self._end_of.items())
 
     def largest_free(self) -> int:
         with self._lock:
-            self._bound = self._longest()
-            return self._bound
+            return self._runs.top()
