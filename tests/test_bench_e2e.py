@@ -66,3 +66,32 @@ def test_e2e_skips_mode_workload_pairs_and_refuses_unknown_ones(tmp_path: Path) 
     done = subprocess.run([*cmd, "--skip", "eager_bf16_triton:lunch", "--out", str(tmp_path / "y.json")], cwd=REPO,
                           capture_output=True, text=True)  # fmt: skip
     assert done.returncode != 0 and "eager_bf16_triton:lunch" in done.stderr
+
+
+def test_graphed_modes_copy_integer_inputs_as_one_packed_buffer() -> None:
+    """bench/e2e_modes.packed_inputs: what every graphed mode copies per call. Integer inputs of a dtype share one
+    buffer at 16-byte-aligned offsets, filled by one copy; floating inputs are cloned; after the copies every static
+    input equals its input, whatever the buffers held."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.e2e_modes import packed_inputs
+
+    gen = torch.Generator().manual_seed(0)
+    args = (
+        torch.randn(5, 3, generator=gen),
+        torch.randint(-9, 9, (3,), generator=gen),
+        torch.randint(-9, 9, (7,), generator=gen),
+        torch.randint(-9, 9, (5,), generator=gen, dtype=torch.int32),
+        torch.randint(-9, 9, (3, 4), generator=gen),
+    )
+    copies, static = packed_inputs(args)
+    assert len(copies) == 3  # the float input, the int64 buffer, the int32 buffer
+    int64 = [s for s, a in zip(static, args, strict=True) if a.dtype == torch.int64]
+    assert len({s.untyped_storage().data_ptr() for s in int64}) == 1
+    assert all(s.data_ptr() % 16 == 0 for s in static)
+    for dst, _ in copies:
+        dst.fill_(7)
+    for dst, src in copies:
+        dst.copy_(src)
+    assert all(torch.equal(s, a) and s.shape == a.shape for s, a in zip(static, args, strict=True))
