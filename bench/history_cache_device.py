@@ -191,7 +191,9 @@ def attention_keys(cfg: ModelConfig, history: int, candidates: int, device: torc
     cached = n - candidates
     calls = [(cached, cached), (n, n), (candidates, n), (cached - DELTA, cached - DELTA), (candidates + DELTA, n)]
     heads = cfg.hstu.num_heads
-    return {(key_splits(torch.empty((q, heads, 0), device=device), k) > 1, seq_bucket(k, 1)) for q, k in calls}
+    one = torch.empty(1, device=device)  # key_splits reads q's shape (rows, heads, head dim) and device, no data
+    dim = cfg.hstu.head_qk
+    return {(key_splits(one.expand(q, heads, dim), k) > 1, seq_bucket(k, 1)) for q, k in calls}
 
 
 def case(model: GRDense, user: User, reference: Callable[[], torch.Tensor], run: ShapeRun,

@@ -763,15 +763,25 @@ def key_count(k: torch.Tensor, q_offsets: torch.Tensor, kv_offsets: torch.Tensor
 
 
 def key_splits(q: torch.Tensor, num_keys: int) -> int:
-    """Parts to cut each window's key range into: 1 when the (windows x heads) grid already fills
-    the GPU twice over (BLOCK_M 64: the smallest tuned window), else enough parts for that, each
-    at least SPLIT_MIN_KEYS keys (of all users' keys: a host-side bound, no device sync), at most
-    MAX_SPLITS. One user's few queries against a long cached history is the case this is for."""
+    """Parts to cut each window's key range into (``split_count`` for this launch): 1 on a CPU, under the interpreter
+    and for symbolic shapes (torch.compile / export: no shape guards)."""
     if not q.is_cuda or INTERPRET or not isinstance(q.shape[0], int) or not isinstance(num_keys, int):
-        return 1  # symbolic shapes (torch.compile / export): no shape guards, one part
-    programs = triton.cdiv(q.shape[0], 64) * q.shape[1]
-    want = triton.cdiv(2 * _sm_count(q.device), programs)
-    return max(1, min(want, num_keys // SPLIT_MIN_KEYS, MAX_SPLITS))
+        return 1
+    return split_count(triton.cdiv(q.shape[0], 64) * q.shape[1], int(q.shape[2]), num_keys, _sm_count(q.device))
+
+
+def split_count(windows: int, head_dim: int, num_keys: int, sms: int) -> int:
+    """Parts to cut each of ``windows`` (query windows x heads, BLOCK_M 64: the smallest tuned window) key ranges
+    into: 1 when the windows already fill the GPU's resident program slots, else enough parts for that, each at least
+    SPLIT_MIN_KEYS keys (of all users' keys: a host-side bound, no device sync), at most MAX_SPLITS. One user's few
+    queries against a long cached history is the case this is for. Slots: 2 programs per SM up to head dim 128, 1
+    above (a head dim 256 program's K/V stages take most of an SM's shared memory). Measured on the H200 (the Gluon
+    kernel, one user, graph replays; kernels-explore-hopper-oneuser-h200-s24.json): at 2 heads of d 256 x 1,515
+    tokens (48 windows) 3 parts took 33.7 us and 2 parts 33.4, where two slots per SM gave 6 parts (37.9 us as
+    measured at 5); at 4 heads of d 128 (96 windows) 3 parts 29.2 us, 2 parts 32.3; 4 heads of d 256 x 256 queries
+    against 4,352 keys (16 windows) 8 parts 30.3 us, 4 / 11 / 16 parts 36-41."""
+    slots = sms * (2 if head_dim <= 128 else 1)
+    return max(1, min(-(-slots // max(windows, 1)), num_keys // SPLIT_MIN_KEYS, MAX_SPLITS))
 
 
 def tuning_buckets(max_seq_len: int) -> list[int]:

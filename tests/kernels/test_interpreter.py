@@ -122,3 +122,16 @@ def test_time_bucket_exact_at_power_of_two_edges() -> None:
     mismatches = {k: v for k, v in results.items() if k.endswith("_mismatches")}
     assert len(mismatches) == 13 and not any(mismatches.values()), f"bucket mismatches: {results}"
     assert all(v > 0 for k, v in results.items() if k.endswith("_last_bucket_cases")), results
+
+
+def test_key_splits_fill_the_resident_program_slots_of_the_measured_shapes() -> None:
+    """split_count at the shapes the H200 measured (132 SMs; kernels-explore-hopper-oneuser-h200-s24.json): the
+    fastest part counts there, the caps, and one part once the windows fill the slots."""
+    from kernels.hstu_attention import MAX_SPLITS, SPLIT_MIN_KEYS, split_count
+
+    assert split_count(24 * 2, 256, 1515, 132) == 3  # mtgr-small's latency call: 2 heads of d 256 (5-6 parts: slower)
+    assert split_count(24 * 4, 128, 1515, 132) == 3  # 4 heads of d 128: two programs an SM
+    assert split_count(4 * 4, 256, 4352, 132) == MAX_SPLITS  # a cached user at 4,096 + 256
+    assert split_count(4 * 4, 256, 3 * SPLIT_MIN_KEYS + 5, 132) == 3  # each part at least SPLIT_MIN_KEYS keys
+    assert split_count(132, 256, 8192, 132) == split_count(264, 128, 8192, 132) == 1  # the slots full: one part
+    assert split_count(0, 64, 0, 132) == 1
