@@ -777,8 +777,8 @@ def split_count(windows: int, head_dim: int, num_keys: int, sms: int) -> int:
     queries against a long cached history is the case this is for. Slots: 2 programs per SM up to head dim 128, 1
     above (a head dim 256 program's K/V stages take most of an SM's shared memory). Measured on the H200 (the Gluon
     kernel, one user, graph replays; kernels-explore-hopper-oneuser-h200-s24.json): at 2 heads of d 256 x 1,515
-    tokens (48 windows) 3 parts took 33.7 us and 2 parts 33.4, where two slots per SM gave 6 parts (37.9 us as
-    measured at 5); at 4 heads of d 128 (96 windows) 3 parts 29.2 us, 2 parts 32.3; 4 heads of d 256 x 256 queries
+    tokens (48 windows) 3 parts took 33.7 us and 2 parts 33.4, the rule of two slots per SM for every head dim
+    37.9 us; at 4 heads of d 128 (96 windows) 3 parts 29.2 us, 2 parts 32.3; 4 heads of d 256 x 256 queries
     against 4,352 keys (16 windows) 8 parts 30.3 us, 4 / 11 / 16 parts 36-41."""
     slots = sms * (2 if head_dim <= 128 else 1)
     return max(1, min(-(-slots // max(windows, 1)), num_keys // SPLIT_MIN_KEYS, MAX_SPLITS))
