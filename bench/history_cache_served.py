@@ -161,6 +161,9 @@ def per_execute(before: dict[str, float], after: dict[str, float]) -> dict[str, 
 # the cache's counters, and the graphs the fused model captured while serving (0 where a model exports none)
 CACHE_FIGURES = {"hits": "grc_history_cache_hits_total", "misses": "grc_history_cache_misses_total",
                  "evictions": "grc_history_cache_evictions_total", "bytes": "grc_history_cache_bytes",
+                 # the arena's (store: arena; 0 from a store of copies): entries grown where they lie vs moved
+                 "in_place": "grc_history_cache_in_place_total", "moves": "grc_history_cache_moves_total",
+                 "splits": "grc_history_cache_splits_total", "unplaced": "grc_history_cache_unplaced_total",
                  "graph_captures": "grc_cuda_graph_captures_total",
                  "graph_capture_s": "grc_cuda_graph_capture_seconds_total",
                  "graph_capture_warmup_s": "grc_cuda_graph_capture_warmup_seconds_total",

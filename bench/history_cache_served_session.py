@@ -204,7 +204,8 @@ def session(
             captured = [k for k in CACHE_FIGURES if k.startswith("graph_")]
             figures.update({k: after[k] - before[k] for k in captured})
             if cached:
-                counted = {k: after[k] - before[k] for k in ("hits", "misses", "evictions")}
+                kinds = ("hits", "misses", "evictions", "in_place", "moves", "splits", "unplaced")
+                counted = {k: after[k] - before[k] for k in kinds}
                 figures.update(counted, hit_ratio=counted["hits"] / max(counted["hits"] + counted["misses"], 1))
                 figures.update(bytes_held=after["bytes"], within_budget=after["bytes"] <= budget)
             row[mode] = figures
