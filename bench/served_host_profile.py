@@ -287,9 +287,15 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     folder = Path(tempfile.mkdtemp(prefix="served-host-"))
+    started = time.perf_counter()
+
+    def say(what: str) -> None:  # progress, so that a call cut at its time limit still says where it was
+        print(f"[{time.perf_counter() - started:6.1f} s] {what}", flush=True)
+
     spec, ranker, said = build_ranker(
         folder, args.store, args.max_seq_len, args.candidates, args.budget_mb, args.device
     )
+    say(f"Ranker loaded on {args.device} (its warm-up included)")
     if ranker.history.caches.arena is not None and not args.eager_shapes:
         ranker.history.caches.arena.pad = True  # the GPU's padded shapes, their steps kept (run eagerly here)
     rounds = session(spec.model, args.users, args.visits, args.base, args.delta, args.candidates)
@@ -297,7 +303,9 @@ def main() -> None:
     model = ModelTime(ranker)
     modes = {}
     for mode in ("uncached", "cached"):
+        say(f"{mode}: {args.repeats + 1} passes of {len(work)} executes, then one under cProfile")
         modes[mode] = run_mode(ranker, model, work, mode == "cached", args.repeats)
+    say("both modes run; comparing with the float64 model")
     answers = {mode: m.pop("answers") for mode, m in modes.items()}
     worst = max(rel(c, u) for c, u in zip(answers["cached"], answers["uncached"], strict=True))
     vs_float64 = float64_errors(spec.model, folder / "artifacts" / "mtgr-tiny" / "weights", work, answers)
