@@ -28,6 +28,8 @@ costs and which entry to evict.
   O(log rows), whatever the number of entries. A scan over the runs cost ~43 us per allocation + release at ~780
   entries and ~430 us at ~7,800 (`RowArena(1.1M / 11M rows, granule 16, gap 256)`, this repository's 2-core CPU);
   the tree ~20 and ~26 us (session 25, bench/results/history-cache-notes.md).
+  The tree takes 16 bytes of host memory per granule (their count rounded up to a power of two): 2 MiB for a 16 GiB
+  arena of mtgr-base's 15 KiB rows in 16-row granules, and at most a few percent of any arena's own bytes.
 """
 
 from __future__ import annotations
