@@ -198,22 +198,34 @@ def compiled_fused(case: Case, wl: str) -> Call:
 
 
 def package(
-    case: Case, fuse: bool = False, silu_apart: bool = False, attention: str = "auto", consumer_silu: bool = True
+    case: Case,
+    fuse: bool = False,
+    silu_apart: bool = False,
+    attention: str = "auto",
+    consumer_silu: bool = True,
+    packed_vqk: bool = False,
 ) -> Callable[..., torch.Tensor]:
     """The AOTInductor package, built once per spec and variant by the aoti stage's code (compile, a load check
     in a child process, float64 parity), loaded with the single-threaded runner: the one whose
     CUDA-graph capture works (the default runner's capture failed on the H200). attention: engine.aoti.attention;
-    consumer_silu False: grc.model.hstu.CONSUMER_SILU off (SiLU of u as a pass of its own, as before)."""
+    consumer_silu False: grc.model.hstu.CONSUMER_SILU off (SiLU of u as a pass of its own, as before); packed_vqk:
+    grc.model.hstu.PACKED_VQK on (the attention takes the activated vqk whole)."""
     variant = f"{' (fused)' if fuse else ''}{' (SiLU apart)' if silu_apart else ''}"
     variant += f" (attention {attention})" if attention != "auto" else ""
-    variant += "" if consumer_silu else " (SiLU pass for u)"
+    variant += ("" if consumer_silu else " (SiLU pass for u)") + (" (packed vqk)" if packed_vqk else "")
     return case.once(
-        f"the AOTInductor package{variant}", lambda: build_package(case, fuse, silu_apart, attention, consumer_silu)
+        f"the AOTInductor package{variant}",
+        lambda: build_package(case, fuse, silu_apart, attention, consumer_silu, packed_vqk),
     )
 
 
 def build_package(
-    case: Case, fuse: bool, silu_apart: bool = False, attention: str = "auto", consumer_silu: bool = True
+    case: Case,
+    fuse: bool,
+    silu_apart: bool = False,
+    attention: str = "auto",
+    consumer_silu: bool = True,
+    packed_vqk: bool = False,
 ) -> Callable[..., torch.Tensor]:
     from grc.aoti.build import compile_target, verify_target
     from grc.aoti.runtime import load
@@ -221,12 +233,13 @@ def build_package(
 
     folder = Path(tempfile.mkdtemp(prefix="grc-aoti-")) / "cuda"
     log = lambda m: print(f"  {m}", flush=True)  # noqa: E731
-    kept = hstu.CONSUMER_SILU
-    hstu.CONSUMER_SILU = kept and consumer_silu  # JaggedDense's default, read when the package's model is built
+    kept = hstu.CONSUMER_SILU, hstu.PACKED_VQK
+    # JaggedDense's defaults, read when the package's model is built
+    hstu.CONSUMER_SILU, hstu.PACKED_VQK = kept[0] and consumer_silu, packed_vqk
     try:
         compiled = compile_target(case.dense, "cuda", "bfloat16", folder, log, fuse, silu_apart, attention)
     finally:
-        hstu.CONSUMER_SILU = kept
+        hstu.CONSUMER_SILU, hstu.PACKED_VQK = kept
     if compiled["status"] != "compiled":
         raise RuntimeError(f"the package was not built: {compiled.get('reason')}")
     shapes = [(s.users, s.history, s.candidates) for s in case.spec.verify.shapes]
@@ -237,6 +250,7 @@ def build_package(
     meta = json.loads((folder / "metadata.json").read_text())
     key = "aoti_package" + ("_fused" if fuse else "") + ("_silu_apart" if silu_apart else "")
     key += ("" if attention == "auto" else f"_attention_{attention}") + ("" if consumer_silu else "_silu_passes")
+    key += "_packed_vqk" if packed_vqk else ""
     case.record[key] = {
         "entry": entry,
         "build_seconds": meta["build_seconds"],
@@ -273,6 +287,10 @@ def package_silu_passes_graph(case: Case, wl: str) -> Call:
     return graphed(case, package(case, consumer_silu=False), case.inputs[wl].args())
 
 
+def package_packed_vqk_graph(case: Case, wl: str) -> Call:
+    return graphed(case, package(case, packed_vqk=True), case.inputs[wl].args())
+
+
 # In the order they run: the baselines first, then the package (its compile and parity take
 # minutes: a child that runs out of time must still have measured it), then the kernel paths.
 MODES: dict[str, Mode] = {
@@ -293,6 +311,9 @@ MODES: dict[str, Mode] = {
                                   "of its own, not in the norm-gate kernel; session 18's run also had q's in the "
                                   "attention kernel), CUDA graph per shape", package_silu_passes_graph,
                                   needs_cuda=True),
+    "aoti_bf16_vqk": Mode("the package with grc.model.hstu.PACKED_VQK on (the attention op takes the activated vqk "
+                          "whole: one SiLU pass a layer, not three), CUDA graph per shape", package_packed_vqk_graph,
+                          needs_cuda=True),
     "aoti_bf16_fused": Mode("the package with engine.aoti.fuse (kernels/fused_*.py), CUDA graph per shape",
                             package_fused_graph, needs_cuda=True),
     "aoti_bf16_silu": Mode("the package with engine.aoti.silu_apart (grc::silu: one activated UVQK buffer), "

@@ -134,6 +134,67 @@ _hstu_attention_cached_reference.register_fake(_attention_output_like)
 _hstu_attention_hopper_op.register_fake(_attention_output_like)
 
 
+def vqk_views(vqk: torch.Tensor, heads: int, head_qk: int, head_v: int) -> tuple[torch.Tensor, ...]:
+    """q, k [T, H, Dqk] and v [T, H, Dv] as views of the activated projection's ``vqk`` [T, H*Dv + 2*H*Dqk] (its
+    columns v, q, k: grc.model.hstu's split), row stride the whole width: what the Gluon kernel's TMA tiles read."""
+    lv, la = heads * head_v, heads * head_qk
+    v, q, k = vqk[:, :lv], vqk[:, lv : lv + la], vqk[:, lv + la :]
+    return q.unflatten(1, (heads, head_qk)), k.unflatten(1, (heads, head_qk)), v.unflatten(1, (heads, head_v))
+
+
+@custom_op("grc::hstu_attention_hopper_vqk", mutates_args=())
+def _hstu_attention_hopper_vqk_op(
+    vqk: torch.Tensor,
+    heads: int,
+    head_qk: int,
+    head_v: int,
+    offsets: torch.Tensor,
+    timestamps: torch.Tensor,
+    num_candidates: torch.Tensor,
+    pos_w: torch.Tensor,
+    ts_w: torch.Tensor,
+    alpha: float,
+    norm: float,
+    causal: bool,
+) -> torch.Tensor:
+    """``grc::hstu_attention_hopper`` (full attention) taking the activated ``vqk`` whole: Inductor hands an opaque
+    op's view inputs a buffer and a pass each (three SiLU kernels a layer), one input one
+    (bench/inductor_view_inputs.py)."""
+    q, k, v = vqk_views(vqk, heads, head_qk, head_v)
+    args = (timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal)
+    return hstu_hopper.hstu_attention_hopper(q, k, v, offsets, offsets, *args)
+
+
+@_hstu_attention_hopper_vqk_op.register_fake
+def _(vqk: torch.Tensor, heads: int, head_qk: int, head_v: int, *_: object) -> torch.Tensor:
+    return vqk.new_empty((vqk.shape[0], heads, head_v))
+
+
+@triton_op("grc::hstu_attention_vqk", mutates_args=())
+def _hstu_attention_vqk_op(
+    vqk: torch.Tensor,
+    heads: int,
+    head_qk: int,
+    head_v: int,
+    offsets: torch.Tensor,
+    timestamps: torch.Tensor,
+    num_candidates: torch.Tensor,
+    pos_w: torch.Tensor,
+    ts_w: torch.Tensor,
+    alpha: float,
+    norm: float,
+    causal: bool,
+) -> torch.Tensor:
+    """``grc::hstu_attention`` of the views of one activated ``vqk`` (hstu_attention_vqk)."""
+    q, k, v = vqk_views(vqk, heads, head_qk, head_v)
+    args = (offsets, timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal)
+    if not runs_kernel(vqk):
+        return torch.ops.grc.hstu_attention_reference(q, k, v, *args)
+    if hstu_hopper.runs(q, k, v, traced=_traced(vqk)):
+        return torch.ops.grc.hstu_attention_hopper_vqk(vqk, heads, head_qk, head_v, *args)
+    return hstu_attention_triton(q, k, v, *args, wrap=wrap_triton)
+
+
 @triton_op("grc::hstu_attention_cached", mutates_args=())
 def _hstu_attention_cached_op(
     q: torch.Tensor,
@@ -245,6 +306,36 @@ def hstu_attention(
             return hstu_hopper.hstu_attention_hopper(q, k, v, offsets, *args[3:])
         return hstu_attention_triton(*args)
     return torch.ops.grc.hstu_attention(*args)
+
+
+def hstu_attention_vqk(
+    vqk: torch.Tensor,
+    heads: int,
+    head_qk: int,
+    head_v: int,
+    offsets: torch.Tensor,
+    timestamps: torch.Tensor,
+    num_candidates: torch.Tensor,
+    pos_w: torch.Tensor,
+    ts_w: torch.Tensor,
+    alpha: float,
+    norm: float,
+    causal: bool,
+    *,
+    impl: str = "triton",
+) -> torch.Tensor:
+    """``hstu_attention`` of q, k, v as views of the activated projection ``vqk`` (vqk_views). Eagerly the same call
+    on the views; compiled or exported, one ``grc::hstu_attention_vqk`` node taking ``vqk`` whole, so Inductor
+    writes it as one buffer in one pass where three view inputs got a buffer and a kernel each
+    (bench/inductor_view_inputs.py; grc.model.hstu.PACKED_VQK)."""
+    _check_impl(impl)
+    consts = (float(alpha), float(norm), bool(causal))
+    if _route(impl, vqk, pos_w, ts_w) != "op":
+        q, k, v = vqk_views(vqk, heads, head_qk, head_v)
+        return hstu_attention(q, k, v, offsets, timestamps, num_candidates, pos_w, ts_w, *consts, impl=impl)
+    return torch.ops.grc.hstu_attention_vqk(
+        vqk, heads, head_qk, head_v, offsets, timestamps, num_candidates, pos_w, ts_w, *consts
+    )
 
 
 def norm_gate(

@@ -42,13 +42,18 @@ from grc.build.atomic import write_file
 from grc.build.fingerprint import sha256_file
 from grc.cache.store import default_dir
 from grc.errors import StageError
+from grc.model import hstu
 from grc.model.gr import GRDense
 from grc.spec.schema import ModelConfig, Tolerance
 from grc.verify.compare import Figure, compare
 from kernels import hstu_hopper
 
 PACKAGE = "model.pt2"
-ATTENTION_OP, HOPPER_OP = "grc.hstu_attention.default", "grc.hstu_attention_hopper.default"
+# the attention ops' nodes, and the Gluon kernel's node an export that traces into their bodies leaves in their place
+TRACED_INTO = {
+    "grc.hstu_attention_hopper.default": "grc.hstu_attention.default",
+    "grc.hstu_attention_hopper_vqk.default": "grc.hstu_attention_vqk.default",
+}
 METADATA = "metadata.json"
 FORMAT = "grc-aoti/1"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -282,9 +287,10 @@ def _compile_target(
     export_s = time.perf_counter() - started
     ops = custom_ops(program)
     traced_kernels = any("triton_kernel_wrapper" in op for op in ops)  # torch versions that trace into triton_ops
-    expected = expected_ops(dense.cfg.hstu.num_layers, fuse, silu_apart)
+    packed = hstu.PACKED_VQK and hstu.CONSUMER_SILU  # what JaggedDense reads when export_program builds it
+    expected = expected_ops(dense.cfg.hstu.num_layers, fuse, silu_apart, packed)
     # an export that traces into grc::hstu_attention's body leaves its Gluon kernel's node in its place
-    counted = [ATTENTION_OP if op == HOPPER_OP else op for op in ops]
+    counted = [TRACED_INTO.get(op, op) for op in ops]
     if {op: counted.count(op) for op in expected} != expected and not traced_kernels:
         raise StageError(f"aoti: {target}: expected {expected} grc nodes in the exported program, found {ops}")
     tag = {"grc.format": FORMAT, "grc.target": target, "grc.dtype": dtype_name, "grc.device": device.type}

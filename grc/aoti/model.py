@@ -73,6 +73,7 @@ class JaggedDense(nn.Module):
         fuse: bool = False,
         silu_apart: bool = False,
         consumer_silu: bool | None = None,
+        packed_vqk: bool | None = None,
     ):
         super().__init__()
         self.dense = dense
@@ -81,6 +82,8 @@ class JaggedDense(nn.Module):
         self.silu_apart = silu_apart  # SiLU as grc::silu (engine.aoti.silu_apart), off until measured
         # u's SiLU in the norm-gate kernel; default: grc.model.hstu.CONSUMER_SILU
         self.consumer_silu = hstu.CONSUMER_SILU if consumer_silu is None else consumer_silu
+        # q, k, v to the attention as one activated tensor; default: grc.model.hstu.PACKED_VQK
+        self.packed_vqk = hstu.PACKED_VQK if packed_vqk is None else packed_vqk
 
     def forward(
         self, tokens: torch.Tensor, offsets: torch.Tensor, num_candidates: torch.Tensor, timestamps: torch.Tensor
@@ -91,8 +94,9 @@ class JaggedDense(nn.Module):
         x = tokens
         for layer in d.hstu_layers:
             x = layer.forward_jagged(
-                x, group, offsets, num_candidates, timestamps, self.impl, self.fuse, self.silu_apart, self.consumer_silu
-            )
+                x, group, offsets, num_candidates, timestamps, self.impl, self.fuse, self.silu_apart,
+                self.consumer_silu, self.packed_vqk,
+            )  # fmt: skip
         if self.fuse:
             return d.candidate_scores(x, group, idx >= n_ctx, fuse=True)
         # every row, masked: GRDense's gather of the candidate rows has a data-dependent row count
@@ -124,10 +128,12 @@ def trace_inputs(dense: GRDense, device: torch.device, dtype: torch.dtype) -> Ja
     return random_inputs(cfg, 2, history, 2, gen, ragged=False).to(device, dtype)
 
 
-def expected_ops(num_layers: int, fuse: bool, silu_apart: bool = False) -> dict[str, int]:
-    """The grc custom-op nodes an exported program of ``num_layers`` layers holds."""
+def expected_ops(num_layers: int, fuse: bool, silu_apart: bool = False, packed_vqk: bool = False) -> dict[str, int]:
+    """The grc custom-op nodes an exported program of ``num_layers`` layers holds (packed_vqk: JaggedDense's, the
+    attention taking the activated vqk whole where the layer hands it so)."""
     if not fuse:
-        ops = {"grc.hstu_attention.default": num_layers, "grc.norm_gate.default": num_layers}
+        attention = "grc.hstu_attention_vqk.default" if packed_vqk and not silu_apart else "grc.hstu_attention.default"
+        ops = {attention: num_layers, "grc.norm_gate.default": num_layers}
         return {**ops, "grc.silu.default": num_layers} if silu_apart else ops
     uvqk = ("grc.norm_linear_silu",) if NORM_PROLOGUE["uvqk"] else ("grc.linear_silu",)
     out = ("grc.gated_linear_residual",) if NORM_PROLOGUE["out"] else ("grc.norm_gate", "grc.linear_residual")

@@ -23,6 +23,7 @@ from grc.model.kernel_ops import (
     group_norm,
     hstu_attention_cached,
     hstu_attention_jagged,
+    hstu_attention_vqk_jagged,
     linear_residual,
     linear_silu,
     linear_silu_into,
@@ -51,6 +52,11 @@ NORM_PROLOGUE = {"uvqk": False, "out": True, "uvqk_step": False}
 # was taken out (bench/results/e2e-notes.md, session 18); k and v are read once per query tile: activated apart.
 # JaggedDense's default (read when one is built: bench/e2e_modes.py turns it off to time the pass it saves).
 CONSUMER_SILU = True
+# ... and, with it, q, k and v handed to the attention op as ONE activated tensor (vqk) it cuts its views from:
+# Inductor gives each view input of an opaque op a buffer and a pass of its own (three SiLU/split kernels a layer in
+# the GPU package; bench/inductor_view_inputs.py), one input one. Off until the GPU package measures it
+# (bench/e2e.py's aoti_bf16_vqk beside aoti_bf16; JaggedDense reads it when built, as CONSUMER_SILU).
+PACKED_VQK = False
 # The history step's new K/V rows written by the fused UVQK GEMM's epilogue (kernels.fused_linear.KVInto) instead of
 # two index_copy_ passes per layer after it: on the H200 the step took 0.347 ms with it, 0.375 without (mtgr-base,
 # 3837 x 256, session 21: history-cache-profile-h200-s21-diag-*.json); False only to time that again.
@@ -113,6 +119,18 @@ class PointwiseAttention(nn.Module):
         impl: str,
     ) -> torch.Tensor:
         return hstu_attention_jagged(q, k, v, offsets, timestamps, num_candidates, *self.constants, impl=impl)
+
+    def jagged_vqk(
+        self,
+        vqk: torch.Tensor,
+        offsets: torch.Tensor,
+        num_candidates: torch.Tensor,
+        timestamps: torch.Tensor,
+        impl: str,
+    ) -> torch.Tensor:
+        """``jagged`` of q, k, v as views of the activated ``vqk`` [T, Lv + 2 A] (columns v, q, k)."""
+        c, args = self.cfg, (offsets, timestamps, num_candidates, *self.constants)
+        return hstu_attention_vqk_jagged(vqk, c.num_heads, c.head_qk, c.head_v, *args, impl=impl)
 
     def cached(
         self,
@@ -240,15 +258,23 @@ class HSTULayer(nn.Module):
         fuse: bool = False,
         silu_apart: bool = False,
         consumer_silu: bool = False,
+        packed_vqk: bool = False,
     ) -> torch.Tensor:
         """fuse (impl="triton" only): the projections as fused Triton GEMMs (kernels/fused_linear.py),
         the GPU compile path; the unfused form is the model's math (ONNX, TensorRT plugins).
         silu_apart (impl="triton" only, unfused): SiLU as the grc::silu op (engine.aoti.silu_apart).
         consumer_silu (unfused, neither fuse nor silu_apart): u reaches the norm-gate before SiLU, which its kernel
-        applies (CONSUMER_SILU says why), the same function computed with one pass fewer."""
+        applies (CONSUMER_SILU says why), the same function computed with one pass fewer.
+        packed_vqk (with consumer_silu): the attention takes the activated vqk whole (PACKED_VQK says why)."""
         _needs_triton(fuse, FUSE_NEEDS, impl)
         _needs_triton(silu_apart, "silu_apart runs the grc::silu op", impl)
         raw_u = consumer_silu and not (fuse or silu_apart)
+        if raw_u and packed_vqk:
+            c = self.cfg
+            pre = self.uvqk(self.norm_in(x, group))
+            u, vqk = torch.split(pre, [c.linear_dim, c.linear_dim + 2 * c.attention_dim], dim=-1)
+            attn = self.attention.jagged_vqk(F.silu(vqk), offsets, num_candidates, timestamps, impl)
+            return self._finish(x, attn, u, impl=impl, fuse=fuse, silu_u=True)
         u, q, k, v = self._project(x, group, fuse, silu_apart, raw_u)
         attn = self.attention.jagged(q, k, v, offsets, num_candidates, timestamps, impl)
         return self._finish(x, attn, u, impl=impl, fuse=fuse, silu_u=raw_u)

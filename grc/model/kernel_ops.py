@@ -34,6 +34,16 @@ def hstu_attention_jagged(
     return hstu_attention(q, k, v, offsets, timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal, impl=impl)
 
 
+def hstu_attention_vqk_jagged(
+    vqk: torch.Tensor, heads: int, head_qk: int, head_v: int, *args: Any, impl: str = "pytorch"
+) -> torch.Tensor:
+    """``hstu_attention_jagged`` of q, k, v as views of the activated ``vqk`` (kernels.ops.hstu_attention_vqk; ``args``
+    as hstu_attention_jagged's after v)."""
+    from kernels.ops import hstu_attention_vqk
+
+    return hstu_attention_vqk(vqk, heads, head_qk, head_v, *args, impl=impl)
+
+
 def norm_gate(
     a: torch.Tensor,
     u: torch.Tensor,

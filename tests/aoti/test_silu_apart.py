@@ -66,3 +66,55 @@ def test_consumer_silu_computes_the_same_function() -> None:
     ops = custom_ops(export_program(GRModel(cfg).dense.eval(), torch.device("cpu"), torch.float32))
     want = expected_ops(cfg.hstu.num_layers, fuse=False)
     assert {op: ops.count(op) for op in want} == want and len(ops) == sum(want.values())
+
+
+def test_packed_vqk_computes_the_same_function_and_exports_one_attention_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """grc.model.hstu.PACKED_VQK: the layer hands the attention the activated vqk whole (kernels.ops.
+    hstu_attention_vqk cuts q, k, v from it), so Inductor writes it as one buffer (bench/inductor_view_inputs.py).
+    Same scores as the three views (float64, fresh ragged users), and the exported program holds one
+    grc::hstu_attention_vqk node per layer in place of grc::hstu_attention. Its Gluon path: the device
+    (bench/e2e.py's aoti_bf16_vqk)."""
+    from grc.aoti.inputs import random_inputs
+    from grc.aoti.model import JaggedDense
+    from grc.model import hstu
+
+    cfg = load_spec(TEST_SPECS / "mtgr-tiny.yaml").spec.model
+    dense = GRModel(cfg).dense.double().eval()
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 1 << 30, ())))
+    with torch.no_grad():  # every weight drawn (the bias tables and the heads too): each of q, k, v reaches the scores
+        for p in dense.parameters():
+            p.normal_(0.0, 0.3, generator=gen)
+    args = random_inputs(cfg, 4, 30, 6, gen).to(torch.device("cpu"), torch.float64).args()
+    with torch.no_grad():
+        packed = JaggedDense(dense, consumer_silu=True, packed_vqk=True)(*args)
+        views = JaggedDense(dense, consumer_silu=True, packed_vqk=False)(*args)
+        activated_first = JaggedDense(dense, consumer_silu=False, packed_vqk=False)(*args)
+    candidates = packed[packed != 0]
+    assert candidates.numel() > 0 and candidates.std() > 1e-3  # scores that depend on the users
+    torch.testing.assert_close(packed, views, rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(packed, activated_first, rtol=1e-12, atol=0.0)
+    monkeypatch.setattr(hstu, "PACKED_VQK", True)
+    ops = custom_ops(export_program(GRModel(cfg).dense.eval(), torch.device("cpu"), torch.float32))
+    want = expected_ops(cfg.hstu.num_layers, fuse=False, packed_vqk=True)
+    assert want.get("grc.hstu_attention_vqk.default") == cfg.hstu.num_layers
+    assert {op: ops.count(op) for op in want} == want and len(ops) == sum(want.values())
+
+
+def test_the_packed_attention_op_compiles_to_the_views_result() -> None:
+    """kernels.ops.hstu_attention_vqk under torch.compile (the grc:: op's body; on the CPU its reference) equals
+    hstu_attention on q, k, v cut from vqk, in float32 on fresh data; vqk_views cuts columns v, q, k."""
+    from kernels.ops import hstu_attention, hstu_attention_vqk, vqk_views
+
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 1 << 30, ())))
+    heads, dqk, dv, total = 2, 8, 4, 23
+    vqk = torch.randn(total, heads * (dv + 2 * dqk), generator=gen)
+    q, k, v = vqk_views(vqk, heads, dqk, dv)
+    assert torch.equal(v.flatten(1), vqk[:, : heads * dv]) and torch.equal(k.flatten(1), vqk[:, -heads * dqk :])
+    offsets, candidates = torch.tensor([0, 9, 23]), torch.tensor([2, 5])
+    stamps = torch.randint(0, 10**6, (total,), generator=gen).sort().values
+    pos_w, ts_w = torch.randn(heads, 2 * 16 - 1, generator=gen), torch.randn(heads, 8, generator=gen)
+    rest = (offsets, stamps, candidates, pos_w, ts_w, 0.3, 64.0, True)
+    want = hstu_attention(q, k, v, *rest, impl="pytorch")
+    got = torch.compile(hstu_attention_vqk, fullgraph=True)(vqk, heads, dqk, dv, *rest)
+    assert want.abs().max() > 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
