@@ -33,6 +33,7 @@ from grc.aoti.model import (
     MAX_TOKENS,
     MAX_USERS,
     OUTPUTS,
+    JaggedDense,
     custom_ops,
     expected_ops,
     export_program,
@@ -42,7 +43,6 @@ from grc.build.atomic import write_file
 from grc.build.fingerprint import sha256_file
 from grc.cache.store import default_dir
 from grc.errors import StageError
-from grc.model import hstu
 from grc.model.gr import GRDense
 from grc.spec.schema import ModelConfig, Tolerance
 from grc.verify.compare import Figure, compare
@@ -287,7 +287,7 @@ def _compile_target(
     export_s = time.perf_counter() - started
     ops = custom_ops(program)
     traced_kernels = any("triton_kernel_wrapper" in op for op in ops)  # torch versions that trace into triton_ops
-    packed = hstu.PACKED_VQK and hstu.CONSUMER_SILU  # what JaggedDense reads when export_program builds it
+    packed = JaggedDense(dense, fuse=fuse, silu_apart=silu_apart).packs_vqk  # as export_program's model, defaults read
     expected = expected_ops(dense.cfg.hstu.num_layers, fuse, silu_apart, packed)
     # an export that traces into grc::hstu_attention's body leaves its Gluon kernel's node in its place
     counted = [TRACED_INTO.get(op, op) for op in ops]

@@ -85,6 +85,12 @@ class JaggedDense(nn.Module):
         # q, k, v to the attention as one activated tensor; default: grc.model.hstu.PACKED_VQK
         self.packed_vqk = hstu.PACKED_VQK if packed_vqk is None else packed_vqk
 
+    @property
+    def packs_vqk(self) -> bool:
+        """Whether its layers hand the attention the activated vqk whole: packed_vqk, where u reaches the norm-gate
+        before SiLU (HSTULayer.forward_jagged: neither fused nor SiLU apart)."""
+        return self.packed_vqk and self.consumer_silu and not (self.fuse or self.silu_apart)
+
     def forward(
         self, tokens: torch.Tensor, offsets: torch.Tensor, num_candidates: torch.Tensor, timestamps: torch.Tensor
     ) -> torch.Tensor:
@@ -129,10 +135,10 @@ def trace_inputs(dense: GRDense, device: torch.device, dtype: torch.dtype) -> Ja
 
 
 def expected_ops(num_layers: int, fuse: bool, silu_apart: bool = False, packed_vqk: bool = False) -> dict[str, int]:
-    """The grc custom-op nodes an exported program of ``num_layers`` layers holds (packed_vqk: JaggedDense's, the
-    attention taking the activated vqk whole where the layer hands it so)."""
+    """The grc custom-op nodes an exported program of ``num_layers`` layers holds (packed_vqk: JaggedDense.packs_vqk,
+    the attention taking the activated vqk whole)."""
     if not fuse:
-        attention = "grc.hstu_attention_vqk.default" if packed_vqk and not silu_apart else "grc.hstu_attention.default"
+        attention = "grc.hstu_attention_vqk.default" if packed_vqk else "grc.hstu_attention.default"
         ops = {attention: num_layers, "grc.norm_gate.default": num_layers}
         return {**ops, "grc.silu.default": num_layers} if silu_apart else ops
     uvqk = ("grc.norm_linear_silu",) if NORM_PROLOGUE["uvqk"] else ("grc.linear_silu",)

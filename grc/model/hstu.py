@@ -178,9 +178,8 @@ class HSTULayer(nn.Module):
         if into is not None:
             uvqk = self._project_into(x, group, *into)
         elif raw_u and not (fuse or silu_apart):
-            pre = self.uvqk(self.norm_in(x, group))
-            u, vqk = torch.split(pre, [c.linear_dim, c.linear_dim + 2 * c.attention_dim], dim=-1)
-            v, q, k = torch.split(F.silu(vqk), [c.linear_dim, c.attention_dim, c.attention_dim], dim=-1)
+            u, vqk = self._raw_u_projection(x, group)
+            v, q, k = torch.split(vqk, [c.linear_dim, c.attention_dim, c.attention_dim], dim=-1)
             return self._heads(x, u, q, k, v)
         elif silu_apart and not fuse:
             uvqk = silu_apart_op(self.uvqk(self.norm_in(x, group)))
@@ -193,6 +192,14 @@ class HSTULayer(nn.Module):
             uvqk = F.silu(self.uvqk(self.norm_in(x, group)))
         u, v, q, k = torch.split(uvqk, [c.linear_dim, c.linear_dim, c.attention_dim, c.attention_dim], dim=-1)
         return self._heads(x, u, q, k, v)
+
+    def _raw_u_projection(self, x: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x -> u [..., Lv] before SiLU (the norm-gate kernel applies it) and the activated vqk [..., Lv + 2 A]
+        (columns v, q, k)."""
+        c = self.cfg
+        pre = self.uvqk(self.norm_in(x, group))
+        u, vqk = torch.split(pre, [c.linear_dim, c.linear_dim + 2 * c.attention_dim], dim=-1)
+        return u, F.silu(vqk)
 
     def _project_into(
         self, x: torch.Tensor, group: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor
@@ -270,10 +277,8 @@ class HSTULayer(nn.Module):
         _needs_triton(silu_apart, "silu_apart runs the grc::silu op", impl)
         raw_u = consumer_silu and not (fuse or silu_apart)
         if raw_u and packed_vqk:
-            c = self.cfg
-            pre = self.uvqk(self.norm_in(x, group))
-            u, vqk = torch.split(pre, [c.linear_dim, c.linear_dim + 2 * c.attention_dim], dim=-1)
-            attn = self.attention.jagged_vqk(F.silu(vqk), offsets, num_candidates, timestamps, impl)
+            u, vqk = self._raw_u_projection(x, group)
+            attn = self.attention.jagged_vqk(vqk, offsets, num_candidates, timestamps, impl)
             return self._finish(x, attn, u, impl=impl, fuse=fuse, silu_u=True)
         u, q, k, v = self._project(x, group, fuse, silu_apart, raw_u)
         attn = self.attention.jagged(q, k, v, offsets, num_candidates, timestamps, impl)

@@ -94,6 +94,7 @@ def test_packed_vqk_computes_the_same_function_and_exports_one_attention_node(mo
     torch.testing.assert_close(packed, views, rtol=1e-12, atol=0.0)
     torch.testing.assert_close(packed, activated_first, rtol=1e-12, atol=0.0)
     monkeypatch.setattr(hstu, "PACKED_VQK", True)
+    assert JaggedDense(dense).packs_vqk and not JaggedDense(dense, silu_apart=True).packs_vqk  # what the build expects
     ops = custom_ops(export_program(GRModel(cfg).dense.eval(), torch.device("cpu"), torch.float32))
     want = expected_ops(cfg.hstu.num_layers, fuse=False, packed_vqk=True)
     assert want.get("grc.hstu_attention_vqk.default") == cfg.hstu.num_layers
