@@ -197,25 +197,34 @@ def compiled_fused(case: Case, wl: str) -> Call:
     return compiled_module(case, wl, fuse=True)
 
 
+# grc.model.hstu flags a package variant sets while its model is built (JaggedDense reads them then), each with the
+# words its mode's name and record key carry
+MODEL_FLAGS = {
+    "CONSUMER_SILU": (" (SiLU pass for u)", "_silu_passes"),
+    "PACKED_VQK": (" (packed vqk)", "_packed_vqk"),
+    "ATTENTION_GATE": (" (norm-gate in the attention op)", "_attention_gate"),
+}
+Flags = tuple[tuple[str, bool], ...]
+
+
 def package(
     case: Case,
     fuse: bool = False,
     silu_apart: bool = False,
     attention: str = "auto",
-    consumer_silu: bool = True,
-    packed_vqk: bool = False,
+    flags: Flags = (),
 ) -> Callable[..., torch.Tensor]:
     """The AOTInductor package, built once per spec and variant by the aoti stage's code (compile, a load check
     in a child process, float64 parity), loaded with the single-threaded runner: the one whose
     CUDA-graph capture works (the default runner's capture failed on the H200). attention: engine.aoti.attention;
-    consumer_silu False: grc.model.hstu.CONSUMER_SILU off (SiLU of u as a pass of its own, as before); packed_vqk:
-    grc.model.hstu.PACKED_VQK on (the attention takes the activated vqk whole)."""
+    flags: (name, value) of grc.model.hstu's MODEL_FLAGS set while the package's model is built (CONSUMER_SILU
+    False: SiLU of u as a pass of its own, as before; PACKED_VQK: the attention takes the activated vqk whole;
+    ATTENTION_GATE: with it, the norm-gate in the attention's op)."""
     variant = f"{' (fused)' if fuse else ''}{' (SiLU apart)' if silu_apart else ''}"
     variant += f" (attention {attention})" if attention != "auto" else ""
-    variant += ("" if consumer_silu else " (SiLU pass for u)") + (" (packed vqk)" if packed_vqk else "")
+    variant += "".join(MODEL_FLAGS[name][0] for name, _ in flags)
     return case.once(
-        f"the AOTInductor package{variant}",
-        lambda: build_package(case, fuse, silu_apart, attention, consumer_silu, packed_vqk),
+        f"the AOTInductor package{variant}", lambda: build_package(case, fuse, silu_apart, attention, flags)
     )
 
 
@@ -224,8 +233,7 @@ def build_package(
     fuse: bool,
     silu_apart: bool = False,
     attention: str = "auto",
-    consumer_silu: bool = True,
-    packed_vqk: bool = False,
+    flags: Flags = (),
 ) -> Callable[..., torch.Tensor]:
     from grc.aoti.build import compile_target, verify_target
     from grc.aoti.runtime import load
@@ -233,13 +241,14 @@ def build_package(
 
     folder = Path(tempfile.mkdtemp(prefix="grc-aoti-")) / "cuda"
     log = lambda m: print(f"  {m}", flush=True)  # noqa: E731
-    kept = hstu.CONSUMER_SILU, hstu.PACKED_VQK
-    # JaggedDense's defaults, read when the package's model is built
-    hstu.CONSUMER_SILU, hstu.PACKED_VQK = kept[0] and consumer_silu, packed_vqk
+    kept = {name: getattr(hstu, name) for name in MODEL_FLAGS}
     try:
+        for name, value in flags:  # JaggedDense's defaults, read when the package's model is built
+            setattr(hstu, name, value)
         compiled = compile_target(case.dense, "cuda", "bfloat16", folder, log, fuse, silu_apart, attention)
     finally:
-        hstu.CONSUMER_SILU, hstu.PACKED_VQK = kept
+        for name, value in kept.items():
+            setattr(hstu, name, value)
     if compiled["status"] != "compiled":
         raise RuntimeError(f"the package was not built: {compiled.get('reason')}")
     shapes = [(s.users, s.history, s.candidates) for s in case.spec.verify.shapes]
@@ -249,8 +258,7 @@ def build_package(
                           single_threaded=True)  # fmt: skip
     meta = json.loads((folder / "metadata.json").read_text())
     key = "aoti_package" + ("_fused" if fuse else "") + ("_silu_apart" if silu_apart else "")
-    key += ("" if attention == "auto" else f"_attention_{attention}") + ("" if consumer_silu else "_silu_passes")
-    key += "_packed_vqk" if packed_vqk else ""
+    key += ("" if attention == "auto" else f"_attention_{attention}") + "".join(MODEL_FLAGS[n][1] for n, _ in flags)
     case.record[key] = {
         "entry": entry,
         "build_seconds": meta["build_seconds"],
@@ -284,11 +292,16 @@ def package_triton_attention_graph(case: Case, wl: str) -> Call:
 
 
 def package_silu_passes_graph(case: Case, wl: str) -> Call:
-    return graphed(case, package(case, consumer_silu=False), case.inputs[wl].args())
+    return graphed(case, package(case, flags=(("CONSUMER_SILU", False),)), case.inputs[wl].args())
 
 
 def package_packed_vqk_graph(case: Case, wl: str) -> Call:
-    return graphed(case, package(case, packed_vqk=True), case.inputs[wl].args())
+    return graphed(case, package(case, flags=(("PACKED_VQK", True),)), case.inputs[wl].args())
+
+
+def package_attention_gate_graph(case: Case, wl: str) -> Call:
+    flags = (("PACKED_VQK", True), ("ATTENTION_GATE", True))
+    return graphed(case, package(case, flags=flags), case.inputs[wl].args())
 
 
 # In the order they run: the baselines first, then the package (its compile and parity take
@@ -314,6 +327,9 @@ MODES: dict[str, Mode] = {
     "aoti_bf16_vqk": Mode("the package with grc.model.hstu.PACKED_VQK on (the attention op takes the activated vqk "
                           "whole: one SiLU pass a layer, not three), CUDA graph per shape", package_packed_vqk_graph,
                           needs_cuda=True),
+    "aoti_bf16_vqk_gate": Mode("the package with grc.model.hstu.PACKED_VQK and ATTENTION_GATE on (the norm-gate in "
+                               "the attention op, adding the key parts as it reads them: no sum kernel), CUDA graph "
+                               "per shape", package_attention_gate_graph, needs_cuda=True),
     "aoti_bf16_fused": Mode("the package with engine.aoti.fuse (kernels/fused_*.py), CUDA graph per shape",
                             package_fused_graph, needs_cuda=True),
     "aoti_bf16_silu": Mode("the package with engine.aoti.silu_apart (grc::silu: one activated UVQK buffer), "

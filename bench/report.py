@@ -50,6 +50,8 @@ MODE_LABELS = {
     "aoti_bf16_silu": "grc AOTInductor package, SiLU apart from the UVQK GEMM (engine.aoti.silu_apart), + CUDA graph",
     "aoti_bf16_vqk": "grc AOTInductor package, the attention taking the activated vqk whole "
     "(grc.model.hstu.PACKED_VQK), + CUDA graph",
+    "aoti_bf16_vqk_gate": "grc AOTInductor package, the attention taking the activated vqk whole and applying the "
+    "norm-gate (grc.model.hstu.PACKED_VQK + ATTENTION_GATE), + CUDA graph",
     # session 13 (e2e-h200-s13-mtgr-small-autotune.json, commit 9d70480): measured slower and removed since
     "aoti_bf16_autotune": "grc AOTInductor package compiled with Inductor's max-autotune (engine.aoti.max_autotune "
     "at 9d70480), + CUDA graph",

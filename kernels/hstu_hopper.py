@@ -526,9 +526,12 @@ def hstu_attention_hopper(
     splits: int | None = None,
     max_user_keys: int | None = None,
     ts_scan: int = 256,
+    finish: bool = True,
 ) -> torch.Tensor:
     """hstu_attention_cached_triton's contract on the Gluon kernel (see the module docstring), key ranges included
-    (kv_offsets [B, 2] with max_user_keys). config:
+    (kv_offsets [B, 2] with max_user_keys). finish False: where the keys were cut into parts, their fp32 partial sums
+    [parts, Tq, H, Dv] as the kernel left them, for a consumer that adds them itself (kernels.norm_gate.
+    norm_gate_parts_triton); the output otherwise. config:
     (BLOCK_M, BLOCK_N, warps, K stages, V stages, Q in registers[, max registers per thread]), default
     HOPPER_CONFIGS' first for the head dim. ts_scan: timestamps a program reads per step of its check for the int32
     time path (a power of two >= 32 x warps; bench/kernels_explore.py times it where one user's chain is the call)."""
@@ -556,6 +559,6 @@ def hstu_attention_hopper(
         P=num_pos, D=dim, BLOCK_M=block_m, BLOCK_N=block_n, KS=k_stages, VS=v_stages,
         Q_REGS=bool(q_regs), PARTIAL=n_split > 1, KV_STRIDE=kv_offsets.dim(), num_warps=warps, **launch,
     )  # fmt: skip
-    if n_split > 1:
+    if n_split > 1 and finish:
         finish_parts(dest, out)
-    return out
+    return out if finish else dest

@@ -19,21 +19,25 @@ from kernels.hstu_attention import INTERPRET, _round_to_bf16
 
 
 @triton.jit
-def _normed_rows(A, rows, stride_a, eps, C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """One program's rows of A [rows, C], normalised in float32: (centred * 1/std, the rows' int64 indices as a
-    column, row mask, column mask, load/store mask). Two-pass variance: no cancellation."""
+def _row_tile(rows, C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One program's tile of a [rows, C] tensor: (its rows' int64 indices as a column, its columns, row mask, column
+    mask, load/store mask)."""
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_c = tl.arange(0, BLOCK_C)
     row_ok = offs_r < rows
     col_ok = offs_c < C
-    mask = row_ok[:, None] & col_ok[None, :]
     rr = offs_r[:, None].to(tl.int64)  # rows * stride can pass 2**31
-    a = tl.load(A + rr * stride_a + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
+    return rr, offs_c, row_ok, col_ok, row_ok[:, None] & col_ok[None, :]
+
+
+@triton.jit
+def _normed(a, mask, eps, C: tl.constexpr):
+    """Rows of ``a`` (float32, zero outside ``mask``) centred and times 1/std. Two-pass variance: no cancellation."""
     mean = tl.sum(a, axis=1) / C
     centred = tl.where(mask, a - mean[:, None], 0.0)
     var = tl.sum(centred * centred, axis=1) / C
     rstd = 1.0 / tl.sqrt(var + tl.cast(eps, tl.float32))  # eps may arrive as fp64 from Inductor (see hstu_attention)
-    return centred * rstd[:, None], rr, row_ok, col_ok, mask
+    return centred * rstd[:, None]
 
 
 @triton.jit
@@ -45,10 +49,18 @@ def _store_rows(Y, y, rr, offs_c, stride_y, mask, ROUND_BF16: tl.constexpr):
 
 # fmt: off
 @triton.jit(do_not_specialize=["rows"])  # rows vary per call: one compile for all (hstu_attention.NOT_SPECIALISED)
-def _norm_gate_kernel(A, U, W, Bias, Y, rows, stride_a, stride_u, stride_y, eps, C: tl.constexpr,
-                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROUND_BF16: tl.constexpr, SILU_U: tl.constexpr):
-    normed, rr, _rows_ok, col_ok, mask = _normed_rows(A, rows, stride_a, eps, C, BLOCK_R, BLOCK_C)
-    offs_c = tl.arange(0, BLOCK_C)
+def _norm_gate_kernel(A, U, W, Bias, Y, rows, stride_a, stride_part, stride_u, stride_y, eps, C: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROUND_BF16: tl.constexpr, SILU_U: tl.constexpr,
+                      PARTS: tl.constexpr):
+    rr, offs_c, _row_ok, col_ok, mask = _row_tile(rows, C, BLOCK_R, BLOCK_C)
+    a = tl.load(A + rr * stride_a + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
+    if PARTS > 1:  # A: the attention's fp32 key parts; their sum in part order, rounded once as finish_parts rounds
+        for p in tl.static_range(1, PARTS):
+            a += tl.load(A + p * stride_part + rr * stride_a + offs_c[None, :], mask=mask, other=0.0)
+        if ROUND_BF16:
+            a = _round_to_bf16(a)
+        a = a.to(Y.dtype.element_ty).to(tl.float32)
+    normed = _normed(a, mask, eps, C)
     u = tl.load(U + rr * stride_u + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
     if SILU_U:  # u is the UVQK projection's raw output (a compiled model skips that SiLU pass); rounded as u would be
         u = u / (1.0 + tl.exp(-u))
@@ -64,8 +76,8 @@ def _norm_gate_kernel(A, U, W, Bias, Y, rows, stride_a, stride_u, stride_y, eps,
 def _group_norm_kernel(A, G, W, Bias, Y, rows, stride_a, stride_g, stride_y, eps, C: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROUND_BF16: tl.constexpr):
     """The group LayerNorm: each row's scale and shift from its group's row of W, Bias [groups, C]."""
-    normed, rr, row_ok, _cols_ok, mask = _normed_rows(A, rows, stride_a, eps, C, BLOCK_R, BLOCK_C)
-    offs_c = tl.arange(0, BLOCK_C)
+    rr, offs_c, row_ok, _col_ok, mask = _row_tile(rows, C, BLOCK_R, BLOCK_C)
+    normed = _normed(tl.load(A + rr * stride_a + offs_c[None, :], mask=mask, other=0.0).to(tl.float32), mask, eps, C)
     g = tl.load(G + rr * stride_g, mask=row_ok[:, None], other=0).to(tl.int64)
     affine = g * C + offs_c[None, :]
     w = tl.load(W + affine, mask=mask, other=0.0).to(tl.float32)
@@ -116,10 +128,40 @@ def norm_gate_triton(
     (a2, out, rows, launch), u2 = _launch(a, out), _rows(u)
     if rows:
         wrap(_norm_gate_kernel)[launch.pop("grid")](
-            a2, u2, weight.contiguous(), bias.contiguous(), out, rows, a2.stride(0), u2.stride(0), out.stride(0),
-            float(eps), SILU_U=bool(silu_u), **launch,
+            a2, u2, weight.contiguous(), bias.contiguous(), out, rows, a2.stride(0), 0, u2.stride(0), out.stride(0),
+            float(eps), SILU_U=bool(silu_u), PARTS=1, **launch,
         )  # fmt: skip
     return out.view(a.shape)
+
+
+def norm_gate_parts_triton(
+    parts: torch.Tensor,
+    u: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+    silu_u: bool = False,
+) -> torch.Tensor:
+    """norm_gate_triton of an attention's output still in its key parts: ``parts`` [P, T, ...] float32 (the kernels'
+    partial sums, kernels.hstu_attention.launch_buffers) -> [T, C] in ``dtype``. The kernel adds the parts in part
+    order and rounds the sum once to ``dtype`` before normalising, as finish_parts would: the same output as
+    finish_parts then norm_gate_triton, one kernel fewer (grc.model.hstu.ATTENTION_GATE)."""
+    if parts.dtype != torch.float32 or not parts.is_contiguous():
+        raise ValueError(f"norm-gate parts must be contiguous float32, got {parts.dtype} strides {parts.stride()}")
+    flat = parts.reshape(parts.shape[0], parts.shape[1], -1)
+    if out is None:
+        out = torch.empty(flat.shape[1:], dtype=dtype, device=parts.device)
+    a2, out, rows, launch = _launch(flat[0], out)
+    launch["ROUND_BF16"] = INTERPRET and dtype == torch.bfloat16
+    u2 = _rows(u)
+    if rows:
+        _norm_gate_kernel[launch.pop("grid")](
+            a2, u2, weight.contiguous(), bias.contiguous(), out, rows, a2.stride(0), flat.stride(0), u2.stride(0),
+            out.stride(0), float(eps), SILU_U=bool(silu_u), PARTS=flat.shape[0], **launch,
+        )  # fmt: skip
+    return out
 
 
 def group_norm_triton(

@@ -30,7 +30,7 @@ from torch.library import custom_op, triton_op, wrap_triton
 
 from kernels import hstu_hopper, reference
 from kernels.hstu_attention import INTERPRET, hstu_attention_cached_triton, hstu_attention_triton
-from kernels.norm_gate import norm_gate_triton
+from kernels.norm_gate import norm_gate_parts_triton, norm_gate_triton
 from kernels.silu import silu_triton
 
 IMPLS = ("triton", "pytorch")
@@ -195,6 +195,82 @@ def _hstu_attention_vqk_op(
     return hstu_attention_triton(q, k, v, *args, wrap=wrap_triton)
 
 
+def _gate(attn: torch.Tensor, u: torch.Tensor, gate_w: torch.Tensor, gate_b: torch.Tensor, eps: float) -> torch.Tensor:
+    """The reference norm-gate of the attention output [T, H, Dv] with raw u (SiLU first)."""
+    flat = attn.reshape(attn.shape[0], -1)
+    return reference.norm_gate(flat, torch.nn.functional.silu(u), gate_w, gate_b, eps)
+
+
+@custom_op("grc::hstu_attention_gate_hopper_vqk", mutates_args=())
+def _hstu_attention_gate_hopper_vqk_op(
+    vqk: torch.Tensor,
+    u: torch.Tensor,
+    gate_w: torch.Tensor,
+    gate_b: torch.Tensor,
+    eps: float,
+    heads: int,
+    head_qk: int,
+    head_v: int,
+    offsets: torch.Tensor,
+    timestamps: torch.Tensor,
+    num_candidates: torch.Tensor,
+    pos_w: torch.Tensor,
+    ts_w: torch.Tensor,
+    alpha: float,
+    norm: float,
+    causal: bool,
+) -> torch.Tensor:
+    """``grc::hstu_attention_hopper_vqk`` and the norm-gate of raw ``u`` as one opaque node: where the Gluon kernel
+    cut the keys into parts, the norm-gate kernel adds them as it reads them (norm_gate_parts_triton), so the
+    separate sum kernel goes (one kernel a layer; grc.model.hstu.ATTENTION_GATE)."""
+    q, k, v = vqk_views(vqk, heads, head_qk, head_v)
+    args = (timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal)
+    dest = hstu_hopper.hstu_attention_hopper(q, k, v, offsets, offsets, *args, finish=False)
+    parts = dest if dest.dim() == 4 else dest.unsqueeze(0)
+    if parts.dtype == torch.float32:
+        return norm_gate_parts_triton(parts, u, gate_w, gate_b, eps, vqk.dtype, silu_u=True)
+    flat = dest.reshape(dest.shape[0], -1)
+    return norm_gate_triton(flat, u, gate_w, gate_b, eps, silu_u=True)
+
+
+@_hstu_attention_gate_hopper_vqk_op.register_fake
+def _(vqk: torch.Tensor, u: torch.Tensor, *_: object) -> torch.Tensor:
+    return u.new_empty(u.shape)
+
+
+@triton_op("grc::hstu_attention_gate_vqk", mutates_args=())
+def _hstu_attention_gate_vqk_op(
+    vqk: torch.Tensor,
+    u: torch.Tensor,
+    gate_w: torch.Tensor,
+    gate_b: torch.Tensor,
+    eps: float,
+    heads: int,
+    head_qk: int,
+    head_v: int,
+    offsets: torch.Tensor,
+    timestamps: torch.Tensor,
+    num_candidates: torch.Tensor,
+    pos_w: torch.Tensor,
+    ts_w: torch.Tensor,
+    alpha: float,
+    norm: float,
+    causal: bool,
+) -> torch.Tensor:
+    """LayerNorm(hstu_attention_vqk(...)) * SiLU(u): the attention of one activated ``vqk`` and its norm-gate of raw
+    ``u`` (hstu_attention_gate_vqk)."""
+    gate = (u, gate_w, gate_b, eps)
+    shape = (heads, head_qk, head_v)
+    args = (offsets, timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal)
+    q, k, v = vqk_views(vqk, *shape)
+    if not runs_kernel(vqk):
+        return _gate(torch.ops.grc.hstu_attention_reference(q, k, v, *args), *gate)
+    if hstu_hopper.runs(q, k, v, traced=_traced(vqk)):
+        return torch.ops.grc.hstu_attention_gate_hopper_vqk(vqk, *gate, *shape, *args)
+    attn = hstu_attention_triton(q, k, v, *args, wrap=wrap_triton)
+    return norm_gate_triton(attn.reshape(attn.shape[0], -1), u, gate_w, gate_b, eps, wrap=wrap_triton, silu_u=True)
+
+
 @triton_op("grc::hstu_attention_cached", mutates_args=())
 def _hstu_attention_cached_op(
     q: torch.Tensor,
@@ -336,6 +412,38 @@ def hstu_attention_vqk(
     return torch.ops.grc.hstu_attention_vqk(
         vqk, heads, head_qk, head_v, offsets, timestamps, num_candidates, pos_w, ts_w, *consts
     )
+
+
+def hstu_attention_gate_vqk(
+    vqk: torch.Tensor,
+    u: torch.Tensor,
+    gate_w: torch.Tensor,
+    gate_b: torch.Tensor,
+    eps: float,
+    heads: int,
+    head_qk: int,
+    head_v: int,
+    offsets: torch.Tensor,
+    timestamps: torch.Tensor,
+    num_candidates: torch.Tensor,
+    pos_w: torch.Tensor,
+    ts_w: torch.Tensor,
+    alpha: float,
+    norm: float,
+    causal: bool,
+    *,
+    impl: str = "triton",
+) -> torch.Tensor:
+    """norm_gate(hstu_attention_vqk(vqk, ...) as [T, H*Dv], u, gate_w, gate_b, eps, silu_u=True): the attention and
+    the norm-gate after it. Eagerly those two calls; compiled or exported, one ``grc::hstu_attention_gate_vqk`` node,
+    whose Gluon path lets the norm-gate kernel add the attention's key parts (grc.model.hstu.ATTENTION_GATE)."""
+    _check_impl(impl)
+    consts = (float(alpha), float(norm), bool(causal))
+    args = (offsets, timestamps, num_candidates, pos_w, ts_w, *consts)
+    if _route(impl, vqk, u, pos_w, ts_w, gate_w, gate_b) != "op":
+        attn = hstu_attention_vqk(vqk, heads, head_qk, head_v, *args, impl=impl)
+        return norm_gate(attn.reshape(attn.shape[0], -1), u, gate_w, gate_b, eps, impl=impl, silu_u=True)
+    return torch.ops.grc.hstu_attention_gate_vqk(vqk, u, gate_w, gate_b, float(eps), heads, head_qk, head_v, *args)
 
 
 def norm_gate(

@@ -53,6 +53,7 @@ PACKAGE = "model.pt2"
 TRACED_INTO = {
     "grc.hstu_attention_hopper.default": "grc.hstu_attention.default",
     "grc.hstu_attention_hopper_vqk.default": "grc.hstu_attention_vqk.default",
+    "grc.hstu_attention_gate_hopper_vqk.default": "grc.hstu_attention_gate_vqk.default",
 }
 METADATA = "metadata.json"
 FORMAT = "grc-aoti/1"
@@ -287,8 +288,8 @@ def _compile_target(
     export_s = time.perf_counter() - started
     ops = custom_ops(program)
     traced_kernels = any("triton_kernel_wrapper" in op for op in ops)  # torch versions that trace into triton_ops
-    packed = JaggedDense(dense, fuse=fuse, silu_apart=silu_apart).packs_vqk  # as export_program's model, defaults read
-    expected = expected_ops(dense.cfg.hstu.num_layers, fuse, silu_apart, packed)
+    model = JaggedDense(dense, fuse=fuse, silu_apart=silu_apart)  # as export_program's model, defaults read
+    expected = expected_ops(dense.cfg.hstu.num_layers, fuse, silu_apart, model.packs_vqk, model.gates_attention)
     # an export that traces into grc::hstu_attention's body leaves its Gluon kernel's node in its place
     counted = [TRACED_INTO.get(op, op) for op in ops]
     if {op: counted.count(op) for op in expected} != expected and not traced_kernels:

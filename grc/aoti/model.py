@@ -74,6 +74,7 @@ class JaggedDense(nn.Module):
         silu_apart: bool = False,
         consumer_silu: bool | None = None,
         packed_vqk: bool | None = None,
+        attention_gate: bool | None = None,
     ):
         super().__init__()
         self.dense = dense
@@ -84,12 +85,19 @@ class JaggedDense(nn.Module):
         self.consumer_silu = hstu.CONSUMER_SILU if consumer_silu is None else consumer_silu
         # q, k, v to the attention as one activated tensor; default: grc.model.hstu.PACKED_VQK
         self.packed_vqk = hstu.PACKED_VQK if packed_vqk is None else packed_vqk
+        # with it, the norm-gate in the attention's op; default: grc.model.hstu.ATTENTION_GATE
+        self.attention_gate = hstu.ATTENTION_GATE if attention_gate is None else attention_gate
 
     @property
     def packs_vqk(self) -> bool:
         """Whether its layers hand the attention the activated vqk whole: packed_vqk, where u reaches the norm-gate
         before SiLU (HSTULayer.forward_jagged: neither fused nor SiLU apart)."""
         return self.packed_vqk and self.consumer_silu and not (self.fuse or self.silu_apart)
+
+    @property
+    def gates_attention(self) -> bool:
+        """Whether its layers' attention op also applies the norm-gate: attention_gate where they pack vqk."""
+        return self.attention_gate and self.packs_vqk
 
     def forward(
         self, tokens: torch.Tensor, offsets: torch.Tensor, num_candidates: torch.Tensor, timestamps: torch.Tensor
@@ -101,7 +109,7 @@ class JaggedDense(nn.Module):
         for layer in d.hstu_layers:
             x = layer.forward_jagged(
                 x, group, offsets, num_candidates, timestamps, self.impl, self.fuse, self.silu_apart,
-                self.consumer_silu, self.packed_vqk,
+                self.consumer_silu, self.packed_vqk, self.gates_attention,
             )  # fmt: skip
         if self.fuse:
             return d.candidate_scores(x, group, idx >= n_ctx, fuse=True)
@@ -134,9 +142,14 @@ def trace_inputs(dense: GRDense, device: torch.device, dtype: torch.dtype) -> Ja
     return random_inputs(cfg, 2, history, 2, gen, ragged=False).to(device, dtype)
 
 
-def expected_ops(num_layers: int, fuse: bool, silu_apart: bool = False, packed_vqk: bool = False) -> dict[str, int]:
+def expected_ops(
+    num_layers: int, fuse: bool, silu_apart: bool = False, packed_vqk: bool = False, attention_gate: bool = False
+) -> dict[str, int]:
     """The grc custom-op nodes an exported program of ``num_layers`` layers holds (packed_vqk: JaggedDense.packs_vqk,
-    the attention taking the activated vqk whole)."""
+    the attention taking the activated vqk whole; attention_gate: JaggedDense.gates_attention, the norm-gate in
+    that op)."""
+    if attention_gate:
+        return {"grc.hstu_attention_gate_vqk.default": num_layers}
     if not fuse:
         attention = "grc.hstu_attention_vqk.default" if packed_vqk else "grc.hstu_attention.default"
         ops = {attention: num_layers, "grc.norm_gate.default": num_layers}

@@ -22,6 +22,7 @@ from grc.model.kernel_ops import (
     gated_linear_residual,
     group_norm,
     hstu_attention_cached,
+    hstu_attention_gate_vqk,
     hstu_attention_jagged,
     hstu_attention_vqk_jagged,
     linear_residual,
@@ -57,6 +58,12 @@ CONSUMER_SILU = True
 # the GPU package; bench/inductor_view_inputs.py), one input one. Off until the GPU package measures it
 # (bench/e2e.py's aoti_bf16_vqk beside aoti_bf16; JaggedDense reads it when built, as CONSUMER_SILU).
 PACKED_VQK = False
+# ... and, with it, the norm-gate inside the attention op (one opaque node a layer in the GPU package): where the
+# Gluon kernel cuts one user's keys into parts (kernels.hstu_attention.split_count: the latency call), the norm-gate
+# kernel adds the parts as it reads them, so the separate sum kernel goes (3 of the 35 kernels of the H100's
+# 0.276 ms mtgr-small latency call, 0.008 ms, e2e-h100-s25-mtgr-small.json). Same function, same roundings. Off until
+# the GPU package measures it (bench/e2e.py's aoti_bf16_vqk_gate).
+ATTENTION_GATE = False
 # The history step's new K/V rows written by the fused UVQK GEMM's epilogue (kernels.fused_linear.KVInto) instead of
 # two index_copy_ passes per layer after it: on the H200 the step took 0.347 ms with it, 0.375 without (mtgr-base,
 # 3837 x 256, session 21: history-cache-profile-h200-s21-diag-*.json); False only to time that again.
@@ -131,6 +138,20 @@ class PointwiseAttention(nn.Module):
         """``jagged`` of q, k, v as views of the activated ``vqk`` [T, Lv + 2 A] (columns v, q, k)."""
         c, args = self.cfg, (offsets, timestamps, num_candidates, *self.constants)
         return hstu_attention_vqk_jagged(vqk, c.num_heads, c.head_qk, c.head_v, *args, impl=impl)
+
+    def jagged_vqk_gate(
+        self,
+        vqk: torch.Tensor,
+        u: torch.Tensor,
+        norm: nn.LayerNorm,
+        offsets: torch.Tensor,
+        num_candidates: torch.Tensor,
+        timestamps: torch.Tensor,
+        impl: str,
+    ) -> torch.Tensor:
+        """``jagged_vqk`` as [T, H*Dv], then ``norm`` (LayerNorm) times SiLU(raw ``u``): one op (ATTENTION_GATE)."""
+        c, args = self.cfg, (offsets, timestamps, num_candidates, *self.constants)
+        return hstu_attention_gate_vqk(vqk, u, norm, c.num_heads, c.head_qk, c.head_v, *args, impl=impl)
 
     def cached(
         self,
@@ -266,18 +287,23 @@ class HSTULayer(nn.Module):
         silu_apart: bool = False,
         consumer_silu: bool = False,
         packed_vqk: bool = False,
+        attention_gate: bool = False,
     ) -> torch.Tensor:
         """fuse (impl="triton" only): the projections as fused Triton GEMMs (kernels/fused_linear.py),
         the GPU compile path; the unfused form is the model's math (ONNX, TensorRT plugins).
         silu_apart (impl="triton" only, unfused): SiLU as the grc::silu op (engine.aoti.silu_apart).
         consumer_silu (unfused, neither fuse nor silu_apart): u reaches the norm-gate before SiLU, which its kernel
         applies (CONSUMER_SILU says why), the same function computed with one pass fewer.
-        packed_vqk (with consumer_silu): the attention takes the activated vqk whole (PACKED_VQK says why)."""
+        packed_vqk (with consumer_silu): the attention takes the activated vqk whole (PACKED_VQK says why);
+        attention_gate (with packed_vqk): the norm-gate in the attention's op (ATTENTION_GATE says why)."""
         _needs_triton(fuse, FUSE_NEEDS, impl)
         _needs_triton(silu_apart, "silu_apart runs the grc::silu op", impl)
         raw_u = consumer_silu and not (fuse or silu_apart)
         if raw_u and packed_vqk:
             u, vqk = self._raw_u_projection(x, group)
+            if attention_gate:
+                jagged = (offsets, num_candidates, timestamps, impl)
+                return x + self.out(self.attention.jagged_vqk_gate(vqk, u, self.norm_attn, *jagged))
             attn = self.attention.jagged_vqk(vqk, offsets, num_candidates, timestamps, impl)
             return self._finish(x, attn, u, impl=impl, fuse=fuse, silu_u=True)
         u, q, k, v = self._project(x, group, fuse, silu_apart, raw_u)

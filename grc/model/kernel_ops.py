@@ -44,6 +44,24 @@ def hstu_attention_vqk_jagged(
     return hstu_attention_vqk(vqk, heads, head_qk, head_v, *args, impl=impl)
 
 
+def hstu_attention_gate_vqk(
+    vqk: torch.Tensor,
+    u: torch.Tensor,
+    norm: Any,
+    heads: int,
+    head_qk: int,
+    head_v: int,
+    *args: Any,
+    impl: str = "pytorch",
+) -> torch.Tensor:
+    """norm_gate(``hstu_attention_vqk_jagged`` as [T, H*Dv], raw ``u``) with the LayerNorm ``norm``'s weight, bias
+    and eps, as one op (kernels.ops.hstu_attention_gate_vqk; ``args`` as hstu_attention_jagged's after v)."""
+    from kernels.ops import hstu_attention_gate_vqk
+
+    gate = (u, norm.weight, norm.bias, norm.eps)
+    return hstu_attention_gate_vqk(vqk, *gate, heads, head_qk, head_v, *args, impl=impl)
+
+
 def norm_gate(
     a: torch.Tensor,
     u: torch.Tensor,

@@ -104,6 +104,39 @@ def test_packed_vqk_computes_the_same_function_and_exports_one_attention_node(mo
     assert {op: ops.count(op) for op in want} == want and len(ops) == sum(want.values())
 
 
+def test_the_gate_in_the_attention_op_computes_the_same_function_and_exports_one_node(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """grc.model.hstu.ATTENTION_GATE: with PACKED_VQK, the norm-gate inside the attention's op (its Gluon path adds
+    the key parts in the norm-gate kernel: tests/kernels/test_interpreter.py::test_norm_gate_kernel). Same scores
+    (float64, fresh ragged users, every weight drawn), one grc::hstu_attention_gate_vqk node per layer and nothing
+    else, and the flag does nothing without packed vqk."""
+    from grc.aoti.inputs import random_inputs
+    from grc.aoti.model import JaggedDense
+    from grc.model import hstu
+
+    cfg = load_spec(TEST_SPECS / "mtgr-tiny.yaml").spec.model
+    dense = GRModel(cfg).dense.double().eval()
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 1 << 30, ())))
+    with torch.no_grad():
+        for p in dense.parameters():
+            p.normal_(0.0, 0.3, generator=gen)
+    args = random_inputs(cfg, 4, 30, 6, gen).to(torch.device("cpu"), torch.float64).args()
+    with torch.no_grad():
+        gated = JaggedDense(dense, consumer_silu=True, packed_vqk=True, attention_gate=True)(*args)
+        apart = JaggedDense(dense, consumer_silu=True, packed_vqk=True, attention_gate=False)(*args)
+    assert gated[gated != 0].std() > 1e-3
+    torch.testing.assert_close(gated, apart, rtol=1e-12, atol=0.0)
+    assert not JaggedDense(dense, packed_vqk=False, attention_gate=True).gates_attention
+    monkeypatch.setattr(hstu, "PACKED_VQK", True)
+    monkeypatch.setattr(hstu, "ATTENTION_GATE", True)
+    assert JaggedDense(dense).gates_attention and not JaggedDense(dense, silu_apart=True).gates_attention
+    ops = custom_ops(export_program(GRModel(cfg).dense.eval(), torch.device("cpu"), torch.float32))
+    want = expected_ops(cfg.hstu.num_layers, fuse=False, packed_vqk=True, attention_gate=True)
+    assert want == {"grc.hstu_attention_gate_vqk.default": cfg.hstu.num_layers}
+    assert {op: ops.count(op) for op in want} == want and len(ops) == sum(want.values())
+
+
 def test_the_packed_attention_op_compiles_to_the_views_result() -> None:
     """kernels.ops.hstu_attention_vqk under torch.compile (the grc:: op's body; on the CPU its reference) equals
     hstu_attention on q, k, v cut from vqk, in float32 on fresh data; vqk_views cuts columns v, q, k."""
@@ -120,5 +153,15 @@ def test_the_packed_attention_op_compiles_to_the_views_result() -> None:
     rest = (offsets, stamps, candidates, pos_w, ts_w, 0.3, 64.0, True)
     want = hstu_attention(q, k, v, *rest, impl="pytorch")
     got = torch.compile(hstu_attention_vqk, fullgraph=True)(vqk, heads, dqk, dv, *rest)
+    assert want.abs().max() > 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # the gate op (ATTENTION_GATE): LayerNorm of that attention times SiLU of raw u, compiled
+    from kernels.ops import hstu_attention_gate_vqk, norm_gate
+
+    u = torch.randn(total, heads * dv, generator=gen) * 2
+    gate_w, gate_b = torch.randn(heads * dv, generator=gen), torch.randn(heads * dv, generator=gen)
+    want = norm_gate(want.reshape(total, -1), u, gate_w, gate_b, 1e-5, impl="pytorch", silu_u=True)
+    compiled = torch.compile(hstu_attention_gate_vqk, fullgraph=True)
+    got = compiled(vqk, u, gate_w, gate_b, 1e-5, heads, dqk, dv, *rest)
     assert want.abs().max() > 0
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

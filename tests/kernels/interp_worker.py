@@ -26,10 +26,11 @@ from kernels.hstu_attention import (  # noqa: E402
     _bucket64,
     _exponent_bits,
     _offset_f64,
+    finish_parts,
     hstu_attention_cached_triton,
     hstu_attention_triton,
 )
-from kernels.norm_gate import norm_gate_triton  # noqa: E402
+from kernels.norm_gate import norm_gate_parts_triton, norm_gate_triton  # noqa: E402
 from kernels.silu import silu_triton  # noqa: E402
 from tests.kernels.arena import arena  # noqa: E402
 
@@ -267,6 +268,30 @@ def norm_gate_job(gen: torch.Generator) -> dict[str, float]:
             out = norm_gate_triton(a, raw, w, b, 1e-5, out=torch.full(shape, float("nan"), dtype=dtype), silu_u=True)
             ref = reference.norm_gate(a.double(), torch.nn.functional.silu(raw.double()), w.double(), b.double(), 1e-5)
             results[f"{name}_silu_u_{'x'.join(map(str, shape))}"] = rel_err(out, ref)
+        results.update(norm_gate_parts_case(name, dtype, gen))
+    return results
+
+
+def norm_gate_parts_case(name: str, dtype: torch.dtype, gen: torch.Generator) -> dict[str, float]:
+    """norm_gate_parts_triton: an attention's fp32 key parts [P, T, H, Dv] (P 2 and 3) into a poisoned output, vs
+    float64 of the parts' sum; and bit for bit what finish_parts (the sum kernel) then norm_gate_triton give, the
+    two kernels it replaces (grc.model.hstu.ATTENTION_GATE)."""
+    results: dict[str, float] = {}
+    same = True
+    for parts_n in (2, 3):
+        parts = torch.randn(parts_n, 9, 2, 24, generator=gen) * 2 + 0.5
+        raw = (torch.randn(9, 3 * 48, generator=gen) * 3).to(dtype)[:, 48:96]
+        w, b = torch.randn(48, generator=gen), torch.randn(48, generator=gen)
+        out = norm_gate_parts_triton(parts, raw, w, b, 1e-5, dtype, out=torch.full((9, 48), float("nan"), dtype=dtype),
+                                     silu_u=True)  # fmt: skip
+        summed = parts.double().sum(0).reshape(9, 48)
+        ref = reference.norm_gate(summed, torch.nn.functional.silu(raw.double()), w.double(), b.double(), 1e-5)
+        results[f"{name}_parts{parts_n}_9x48"] = rel_err(out, ref)
+        finished = torch.full((9, 2, 24), float("nan"), dtype=dtype)
+        finish_parts(parts, finished)
+        apart = norm_gate_triton(finished.reshape(9, 48), raw, w, b, 1e-5, silu_u=True)
+        same = same and torch.equal(out, apart) and not out.isnan().any()
+    results[f"parts_equal_finish_{name}"] = float(same)
     return results
 
 
@@ -375,8 +400,6 @@ def bucket_job() -> dict[str, float]:
 def sum_parts_job(gen: torch.Generator) -> dict[str, float]:
     """finish_parts (a key split's fp32 partial sums added in part order, one rounding) vs the same sum done by
     torch in that order: mismatching elements per output dtype and part count (tails past a 1024 block included)."""
-    from kernels.hstu_attention import finish_parts
-
     results: dict[str, float] = {}
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for parts in (2, 3, 8):

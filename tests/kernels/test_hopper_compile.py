@@ -34,7 +34,7 @@ ATTENTION_CONST = {"CAUSAL": True, "FAST_SILU": True, "ALLOW_TS_FAST": True, "P"
                    "DOT_PREC": "ieee", "DOT_UPCAST": False, "PTX": 13, "ABLATE": 0, "SEARCH": 64,
                    "PARTIAL": False, "KV_STRIDE": 1}  # fmt: skip
 NORM_PTRS = {"A": "*bf16", "U": "*bf16", "W": "*bf16", "Bias": "*bf16", "Y": "*bf16"}
-NORM_CONST = {"C": 128, "BLOCK_R": 8, "BLOCK_C": 128, "ROUND_BF16": False}
+NORM_CONST = {"C": 128, "BLOCK_R": 8, "BLOCK_C": 128, "ROUND_BF16": False, "SILU_U": True, "PARTS": 1}
 
 
 def compile_kernel(jit: Any, ptrs: dict[str, str], const: dict[str, Any], floats: tuple[str, ...], float_type: str,
@@ -92,9 +92,13 @@ def test_attention_compiles_for_sm90(float_type: str) -> None:
 
 @pytest.mark.parametrize("float_type", ["fp32", "fp64"])
 def test_norm_gate_compiles_for_sm90(float_type: str) -> None:
-    ptx = compile_for_hopper(_norm_gate_kernel, NORM_PTRS, NORM_CONST, ("eps",), float_type)
-    assert ".target sm_90" in ptx
-    assert set(re.findall(r"\b\w+(?:\.\w+)*\.f64\b", ptx)) <= {"cvt.rn.f32.f64"}
+    """The norm-gate of a bf16 attention output, and of an attention's three fp32 key parts (norm_gate_parts_triton):
+    fp32 math, no float64 but eps' conversion."""
+    parts = ({**NORM_PTRS, "A": "*fp32"}, {**NORM_CONST, "PARTS": 3})
+    for ptrs, const in ((NORM_PTRS, NORM_CONST), parts):
+        ptx = compile_for_hopper(_norm_gate_kernel, ptrs, const, ("eps",), float_type)
+        assert ".target sm_90" in ptx
+        assert set(re.findall(r"\b\w+(?:\.\w+)*\.f64\b", ptx)) <= {"cvt.rn.f32.f64"}
 
 
 def test_group_norm_compiles_for_sm90() -> None:

@@ -254,3 +254,45 @@ def test_ops_launch_it_on_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
                                    ts_w.double(), alpha, norm, True).cpu()  # fmt: skip
     for choice, out in outs.items():
         assert float((out.cpu() - ref).norm() / ref.norm()) < 1e-2, choice
+
+
+@pytest.mark.skipif(not _sm90(), reason="needs a CUDA GPU of compute capability 9.x (sm90: wgmma, TMA)")
+def test_the_gate_op_adds_the_key_parts_in_the_norm_gate_on_the_gpu() -> None:
+    """grc::hstu_attention_gate_hopper_vqk (grc.model.hstu.ATTENTION_GATE) at mtgr-small's latency shape (one user,
+    2 heads of d 256, the keys cut into parts): bit for bit the Gluon kernel's finished output then the norm-gate
+    kernel, and within the bf16 bound of the float64 reference."""
+    from kernels.hstu_attention import key_splits
+    from kernels.norm_gate import norm_gate_triton
+
+    seed = random.getrandbits(31)
+    (q, k, v, offsets, _, ts, nc, pos_w, ts_w), alpha, norm = _case([1515], [24], None, 2, 256, (256, 32), 20_000,
+                                                                    seed)  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+    vqk = torch.cat([v.flatten(1), q.flatten(1), k.flatten(1)], dim=1).cuda()  # columns v, q, k: vqk_views' cut
+    u = (torch.randn(1515, 512, generator=gen) * 2).to(torch.bfloat16).cuda()
+    w, b = torch.randn(512, generator=gen).cuda(), torch.randn(512, generator=gen).cuda()
+    rest = [x.cuda() for x in (offsets, ts, nc, pos_w, ts_w)]
+    q, k, v = ops.vqk_views(vqk, 2, 256, 256)
+    assert key_splits(q, k.shape[0]) > 1, "the shape no longer splits its keys: pick one that does"
+    got = torch.ops.grc.hstu_attention_gate_hopper_vqk(vqk, u, w, b, 1e-5, 2, 256, 256, *rest, alpha, norm, True)
+    offsets, ts, nc, pos_w, ts_w = rest
+    attn = hstu_attention_hopper(q, k, v, offsets, offsets, ts, nc, pos_w, ts_w, alpha, norm, True)
+    want = norm_gate_triton(attn.reshape(1515, 512), u, w, b, 1e-5, silu_u=True)
+    assert torch.equal(got, want), f"seed={seed}"
+    ref_attn = reference.hstu_attention(
+        q.double().cpu(),
+        k.double().cpu(),
+        v.double().cpu(),
+        offsets.cpu(),
+        ts.cpu(),
+        nc.cpu(),
+        pos_w.double().cpu(),
+        ts_w.double().cpu(),
+        alpha,
+        norm,
+        True,
+    )
+    ref = reference.norm_gate(ref_attn.reshape(1515, 512), torch.nn.functional.silu(u.double().cpu()),
+                              w.double().cpu(), b.double().cpu(), 1e-5)  # fmt: skip
+    err = float((got.double().cpu() - ref).norm() / ref.norm())
+    assert err <= 2e-2, f"seed={seed}: rel. error {err}"

@@ -95,7 +95,11 @@ def test_the_step_over_an_arena_through_the_kernel() -> None:
 
 
 def test_norm_gate_kernel() -> None:
+    """kernels/norm_gate.py's norm-gate vs float64, each dtype, u activated or raw, and from an attention's key parts
+    (norm_gate_parts_triton), which must give bit for bit what the sum kernel then the norm-gate give."""
     results, seed = run_worker("norm_gate", "all")
+    same = {case: results.pop(case) for case in list(results) if case.startswith("parts_equal_finish_")}
+    assert same == {f"parts_equal_finish_{name}": 1.0 for name in ("float32", "float16", "bfloat16")}, (seed, same)
     bad = {case: err for case, err in results.items() if not err <= BOUNDS[case.split("_")[0]]}
     assert not bad, f"seed={seed}: rel. error over bound (inf = NaN left in output): {bad}"
 
