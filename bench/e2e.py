@@ -27,11 +27,13 @@ import copy
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,7 @@ SMOKE_WORKLOADS = {
 }
 SMOKE_MODES = ("eager_bf16_padded", "eager_bf16_triton")  # no compile: seconds on a CPU
 ORACLE_WORKLOAD = "latency"  # the float64 per-user reference on the CPU: too slow for 64 users
+ROUNDS_WORKLOAD, ROUND_CALLS = "latency", 200  # --rounds: the workload timed again, calls per mode and round
 # --profile: one call of each workload per mode, under its record key ("profiles" kept for the throughput call, the
 # key results since session 2 use; the latency call's lists the ~40 small launches a 1-user graph replays)
 PROFILE_KEYS = {"throughput": "profiles", "latency": "latency_profiles"}
@@ -127,9 +130,11 @@ def prepare_case(name: str, device: torch.device, workloads: dict, ceil: dict | 
     return case
 
 
-def measure(case: Case, mode_name: str, mode: Mode, wl: str, args: argparse.Namespace) -> dict[str, Any]:
+def measure(
+    case: Case, mode_name: str, mode: Mode, wl: str, args: argparse.Namespace
+) -> tuple[dict[str, Any], Callable[[], Any]]:
     """Build the mode's call for one workload, run it once (checked against the oracle), time it,
-    and with --profile profile one more call."""
+    and with --profile profile one more call -> (its row, the call)."""
     on_gpu = case.device.type == "cuda"
     if on_gpu:
         torch.cuda.synchronize()
@@ -154,7 +159,23 @@ def measure(case: Case, mode_name: str, mode: Mode, wl: str, args: argparse.Name
     if wl == ORACLE_WORKLOAD:
         scores = to_jagged(result, case.inputs[wl].offsets) if mode.padded else result
         row["rel_err_vs_fp64"] = rel_error(scores, case.memo["oracle"])
-    return row
+    return row, call
+
+
+def interleaved_rounds(calls: dict[str, Callable[[], Any]], device: torch.device, rounds: int) -> dict[str, list]:
+    """Each mode's p50 (ms) in each of ``rounds`` rounds; a round times every mode's call in turn (ROUND_CALLS calls
+    each), the order rotated round by round. Why: one pass per mode, one mode after another, read drift (clocks,
+    the host's noise between modes minutes apart) as a difference between modes; on the H100 of session 26 the same
+    package's latency p50 was 0.276 ms in one run and 0.238 in the next, while modes a few kernels apart differed
+    by less (bench/results/e2e-notes.md)."""
+    names = list(calls)
+    per: dict[str, list[float]] = {m: [] for m in calls}
+    with torch.no_grad():
+        for r in range(rounds):
+            for m in names[r % len(names) :] + names[: r % len(names)]:
+                sync(device)
+                per[m].append(stats(time_calls(calls[m], device, 0.0, min_iters=ROUND_CALLS), 1)["p50_ms"])
+    return per
 
 
 def run_spec(case: Case, modes: dict[str, Mode], args: argparse.Namespace, rec: Recorder) -> None:
@@ -162,6 +183,7 @@ def run_spec(case: Case, modes: dict[str, Mode], args: argparse.Namespace, rec: 
     recorded and the next one runs."""
     out = case.record
     skip = set(args.skip.split(","))
+    kept: dict[str, Callable[[], Any]] = {}  # the latency calls --rounds times again, interleaved
     for mode_name, mode in modes.items():
         if mode.needs_cuda and case.device.type != "cuda":
             out["skipped"][mode_name] = "needs a CUDA GPU"
@@ -173,14 +195,24 @@ def run_spec(case: Case, modes: dict[str, Mode], args: argparse.Namespace, rec: 
                 continue
             print(f"[{case.name}] {mode_name} {wl} (t={time.perf_counter() - T0:.0f}s)", flush=True)
             try:
-                row = measure(case, mode_name, mode, wl, args)
+                row, call = measure(case, mode_name, mode, wl, args)
                 out["modes"][mode_name][wl] = row
+                if args.rounds and wl == ROUNDS_WORKLOAD:
+                    kept[mode_name] = call
                 print(f"    p50 {row['p50_ms']:.3f} ms  p99 {row['p99_ms']:.3f} ms  {row['users_per_s']:.0f} users/s")
             except Exception as exc:  # one broken mode must not lose the others
                 out["errors"][f"{mode_name}:{wl}"] = f"{type(exc).__name__}: {exc}"[:2000]
                 traceback.print_exc()
             rec.save()
-        case.graphs.clear()  # free the mode's CUDA graphs before the next mode
+        case.graphs.clear()  # free the mode's CUDA graphs before the next mode (kept latency calls hold theirs)
+    if len(kept) > 1:
+        print(f"[{case.name}] {ROUNDS_WORKLOAD}: {args.rounds} interleaved rounds of {', '.join(kept)}", flush=True)
+        for mode_name, p50s in interleaved_rounds(kept, case.device, args.rounds).items():
+            row = out["modes"][mode_name][ROUNDS_WORKLOAD]
+            row["rounds_p50_ms"] = p50s
+            row["rounds_median_p50_ms"] = round(statistics.median(p50s), 4)
+            print(f"    {mode_name:28s} median p50 {row['rounds_median_p50_ms']:.4f} ms "
+                  f"(rounds {min(p50s):.4f}..{max(p50s):.4f})")  # fmt: skip
     out["autotune_picks"] = autotune_picks()
     compare_to_baselines(out)
     rec.save()
@@ -265,7 +297,7 @@ def run_children(args: argparse.Namespace) -> None:
     for name in specs:
         part = work / f"{name}.json"
         cmd = [sys.executable, __file__, "--child", "--specs", name, "--out", str(part), "--budget", str(args.budget)]
-        cmd += ["--min-calls", str(args.min_calls)]
+        cmd += ["--min-calls", str(args.min_calls), "--rounds", str(args.rounds)]
         cmd += [f"--modes={args.modes}", f"--skip={args.skip}"] + (["--profile"] if args.profile else [])
         left = args.deadline - (time.perf_counter() - T0)
         share = left - 90 * args.stage_check if name == specs[-1] else left / (len(specs) - specs.index(name)) + 30
@@ -342,6 +374,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--budget", type=float, help="seconds of timed calls per mode and workload (default 1; 0.2 smoke)")
     p.add_argument("--profile", action="store_true", help="top ops of one call per mode and workload (torch.profiler)")
     p.add_argument("--min-calls", type=int, help="timed calls per mode and workload, at least (default 10; 3 smoke)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=0,
+        help=f"after every mode ran, time the {ROUNDS_WORKLOAD} calls of all modes again in this many interleaved "
+        "rounds (order rotated; recorded per mode as rounds_p50_ms and their median): mode-to-mode differences "
+        "without the drift between modes run minutes apart (default 0: off)",
+    )
     p.add_argument("--threads", type=int, default=2, help="CPU threads (--cpu, --smoke)")
     p.add_argument("--stage-check", action="store_true", help="also `grc build` hstu-tiny's aoti stage (cpu + cuda)")
     p.add_argument("--deadline", type=float, default=480.0, help="seconds the whole GPU run may take")

@@ -16,6 +16,7 @@ def test_e2e_smoke_writes_baselines_speedups_profile_and_provenance(tmp_path: Pa
     out = tmp_path / "e2e.json"
     modes = "eager_bf16_padded,eager_bf16_triton,aoti_bf16"  # the package needs a GPU: skipped, saying so
     cmd = [sys.executable, "bench/e2e.py", "--smoke", "--profile", "--budget", "0", "--modes", modes, "--out", str(out)]
+    cmd += ["--rounds", "2"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
@@ -42,6 +43,10 @@ def test_e2e_smoke_writes_baselines_speedups_profile_and_provenance(tmp_path: Pa
         assert times and times == sorted(times, reverse=True) and sum(times) <= profile["total_ms"] + 1e-3
         assert any(op["name"] == "aten::bmm" for op in profile["ops"])  # the attention's matmuls are named
     assert spec["skipped"]["aoti_bf16"] == "needs a CUDA GPU"
+    for rows in spec["modes"].values():  # --rounds 2: the latency calls timed again, interleaved
+        rounds = rows["latency"]["rounds_p50_ms"]
+        assert len(rounds) == 2 and all(t > 0 for t in rounds)
+        assert rows["latency"]["rounds_median_p50_ms"] == round(sum(rounds) / 2, 4)
 
 
 def test_e2e_refuses_an_unknown_mode(tmp_path: Path) -> None:
