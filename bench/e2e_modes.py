@@ -197,12 +197,14 @@ def compiled_fused(case: Case, wl: str) -> Call:
     return compiled_module(case, wl, fuse=True)
 
 
-# grc.model.hstu flags a package variant sets while its model is built (JaggedDense reads them then), each with the
-# words its mode's name and record key carry
+# grc.model.hstu flags a package variant sets while its model is built (JaggedDense reads them then), each setting
+# with the words its mode's name and record key carry
 MODEL_FLAGS = {
-    "CONSUMER_SILU": (" (SiLU pass for u)", "_silu_passes"),
-    "PACKED_VQK": (" (packed vqk)", "_packed_vqk"),
-    "ATTENTION_GATE": (" (norm-gate in the attention op)", "_attention_gate"),
+    ("CONSUMER_SILU", False): (" (SiLU pass for u)", "_silu_passes"),
+    ("PACKED_VQK", True): (" (packed vqk)", "_packed_vqk"),
+    ("PACKED_VQK", False): (" (q, k, v views)", "_views"),
+    ("ATTENTION_GATE", True): (" (norm-gate in the attention op)", "_attention_gate"),
+    ("ATTENTION_GATE", False): (" (norm-gate apart)", "_gate_apart"),
 }
 Flags = tuple[tuple[str, bool], ...]
 
@@ -222,7 +224,7 @@ def package(
     ATTENTION_GATE: with it, the norm-gate in the attention's op)."""
     variant = f"{' (fused)' if fuse else ''}{' (SiLU apart)' if silu_apart else ''}"
     variant += f" (attention {attention})" if attention != "auto" else ""
-    variant += "".join(MODEL_FLAGS[name][0] for name, _ in flags)
+    variant += "".join(MODEL_FLAGS[flag][0] for flag in flags)
     return case.once(
         f"the AOTInductor package{variant}", lambda: build_package(case, fuse, silu_apart, attention, flags)
     )
@@ -241,7 +243,7 @@ def build_package(
 
     folder = Path(tempfile.mkdtemp(prefix="grc-aoti-")) / "cuda"
     log = lambda m: print(f"  {m}", flush=True)  # noqa: E731
-    kept = {name: getattr(hstu, name) for name in MODEL_FLAGS}
+    kept = {name: getattr(hstu, name) for name, _ in MODEL_FLAGS}
     try:
         for name, value in flags:  # JaggedDense's defaults, read when the package's model is built
             setattr(hstu, name, value)
@@ -258,7 +260,7 @@ def build_package(
                           single_threaded=True)  # fmt: skip
     meta = json.loads((folder / "metadata.json").read_text())
     key = "aoti_package" + ("_fused" if fuse else "") + ("_silu_apart" if silu_apart else "")
-    key += ("" if attention == "auto" else f"_attention_{attention}") + "".join(MODEL_FLAGS[n][1] for n, _ in flags)
+    key += ("" if attention == "auto" else f"_attention_{attention}") + "".join(MODEL_FLAGS[flag][1] for flag in flags)
     case.record[key] = {
         "entry": entry,
         "build_seconds": meta["build_seconds"],
@@ -295,8 +297,13 @@ def package_silu_passes_graph(case: Case, wl: str) -> Call:
     return graphed(case, package(case, flags=(("CONSUMER_SILU", False),)), case.inputs[wl].args())
 
 
+def package_views_graph(case: Case, wl: str) -> Call:
+    return graphed(case, package(case, flags=(("PACKED_VQK", False),)), case.inputs[wl].args())
+
+
 def package_packed_vqk_graph(case: Case, wl: str) -> Call:
-    return graphed(case, package(case, flags=(("PACKED_VQK", True),)), case.inputs[wl].args())
+    flags = (("PACKED_VQK", True), ("ATTENTION_GATE", False))
+    return graphed(case, package(case, flags=flags), case.inputs[wl].args())
 
 
 def package_attention_gate_graph(case: Case, wl: str) -> Call:
@@ -324,12 +331,16 @@ MODES: dict[str, Mode] = {
                                   "of its own, not in the norm-gate kernel; session 18's run also had q's in the "
                                   "attention kernel), CUDA graph per shape", package_silu_passes_graph,
                                   needs_cuda=True),
-    "aoti_bf16_vqk": Mode("the package with grc.model.hstu.PACKED_VQK on (the attention op takes the activated vqk "
-                          "whole: one SiLU pass a layer, not three), CUDA graph per shape", package_packed_vqk_graph,
-                          needs_cuda=True),
+    "aoti_bf16_views": Mode("the package with grc.model.hstu.PACKED_VQK off (the attention op takes q, k, v as three "
+                            "views: three SiLU/split passes a layer; the default before session 26), CUDA graph per "
+                            "shape", package_views_graph, needs_cuda=True),
+    "aoti_bf16_vqk": Mode("the package with grc.model.hstu.PACKED_VQK on and ATTENTION_GATE off (the attention op "
+                          "takes the activated vqk whole: one SiLU pass a layer, not three; the norm-gate apart), "
+                          "CUDA graph per shape", package_packed_vqk_graph, needs_cuda=True),
     "aoti_bf16_vqk_gate": Mode("the package with grc.model.hstu.PACKED_VQK and ATTENTION_GATE on (the norm-gate in "
-                               "the attention op, adding the key parts as it reads them: no sum kernel), CUDA graph "
-                               "per shape", package_attention_gate_graph, needs_cuda=True),
+                               "the attention op, adding the key parts as it reads them: no sum kernel; the default "
+                               "since session 26), CUDA graph per shape", package_attention_gate_graph,
+                               needs_cuda=True),
     "aoti_bf16_fused": Mode("the package with engine.aoti.fuse (kernels/fused_*.py), CUDA graph per shape",
                             package_fused_graph, needs_cuda=True),
     "aoti_bf16_silu": Mode("the package with engine.aoti.silu_apart (grc::silu: one activated UVQK buffer), "

@@ -48,8 +48,10 @@ MODE_LABELS = {
     "aoti_bf16_silu_passes": "grc AOTInductor package with SiLU of u as a pass of its own "
     "(grc.model.hstu.CONSUMER_SILU off), + CUDA graph",
     "aoti_bf16_silu": "grc AOTInductor package, SiLU apart from the UVQK GEMM (engine.aoti.silu_apart), + CUDA graph",
+    "aoti_bf16_views": "grc AOTInductor package, the attention taking q, k, v as three views "
+    "(grc.model.hstu.PACKED_VQK off), + CUDA graph",
     "aoti_bf16_vqk": "grc AOTInductor package, the attention taking the activated vqk whole "
-    "(grc.model.hstu.PACKED_VQK), + CUDA graph",
+    "(grc.model.hstu.PACKED_VQK, ATTENTION_GATE off), + CUDA graph",
     "aoti_bf16_vqk_gate": "grc AOTInductor package, the attention taking the activated vqk whole and applying the "
     "norm-gate (grc.model.hstu.PACKED_VQK + ATTENTION_GATE), + CUDA graph",
     # session 13 (e2e-h200-s13-mtgr-small-autotune.json, commit 9d70480): measured slower and removed since

@@ -55,15 +55,15 @@ NORM_PROLOGUE = {"uvqk": False, "out": True, "uvqk_step": False}
 CONSUMER_SILU = True
 # ... and, with it, q, k and v handed to the attention op as ONE activated tensor (vqk) it cuts its views from:
 # Inductor gives each view input of an opaque op a buffer and a pass of its own (three SiLU/split kernels a layer in
-# the GPU package; bench/inductor_view_inputs.py), one input one. Off until the GPU package measures it
-# (bench/e2e.py's aoti_bf16_vqk beside aoti_bf16; JaggedDense reads it when built, as CONSUMER_SILU).
-PACKED_VQK = False
+# the GPU package; bench/inductor_view_inputs.py), one input one. Measured on the H100 (session 26, mtgr-small,
+# 15 interleaved rounds, e2e-h100-s26-mtgr-small-rounds.json): latency p50 0.255 vs 0.268 ms, throughput 4.79 vs
+# 4.83 ms, the same parity. JaggedDense reads it when built, as CONSUMER_SILU.
+PACKED_VQK = True
 # ... and, with it, the norm-gate inside the attention op (one opaque node a layer in the GPU package): where the
 # Gluon kernel cuts one user's keys into parts (kernels.hstu_attention.split_count: the latency call), the norm-gate
-# kernel adds the parts as it reads them, so the separate sum kernel goes (3 of the 35 kernels of the H100's
-# 0.276 ms mtgr-small latency call, 0.008 ms, e2e-h100-s25-mtgr-small.json). Same function, same roundings. Off until
-# the GPU package measures it (bench/e2e.py's aoti_bf16_vqk_gate).
-ATTENTION_GATE = False
+# kernel adds the parts as it reads them, so the separate sum kernel goes (3 kernels of the latency call). Same
+# function, same roundings. Same run: latency p50 0.2475 ms (0.255 packed vqk alone), throughput 4.78 ms.
+ATTENTION_GATE = True
 # The history step's new K/V rows written by the fused UVQK GEMM's epilogue (kernels.fused_linear.KVInto) instead of
 # two index_copy_ passes per layer after it: on the H200 the step took 0.347 ms with it, 0.375 without (mtgr-base,
 # 3837 x 256, session 21: history-cache-profile-h200-s21-diag-*.json); False only to time that again.

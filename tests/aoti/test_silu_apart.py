@@ -67,7 +67,8 @@ def test_consumer_silu_computes_the_same_function() -> None:
         activated = JaggedDense(dense, consumer_silu=False)(*args)
     assert raw[raw != 0].std() > 1e-3 and torch.equal(raw, activated)
     ops = custom_ops(export_program(GRModel(cfg).dense.eval(), torch.device("cpu"), torch.float32))
-    want = expected_ops(cfg.hstu.num_layers, fuse=False)
+    model = JaggedDense(dense)  # the defaults the export reads
+    want = expected_ops(cfg.hstu.num_layers, False, packed_vqk=model.packs_vqk, attention_gate=model.gates_attention)
     assert {op: ops.count(op) for op in want} == want and len(ops) == sum(want.values())
 
 
@@ -97,6 +98,7 @@ def test_packed_vqk_computes_the_same_function_and_exports_one_attention_node(mo
     torch.testing.assert_close(packed, views, rtol=1e-12, atol=0.0)
     torch.testing.assert_close(packed, activated_first, rtol=1e-12, atol=0.0)
     monkeypatch.setattr(hstu, "PACKED_VQK", True)
+    monkeypatch.setattr(hstu, "ATTENTION_GATE", False)
     assert JaggedDense(dense).packs_vqk and not JaggedDense(dense, silu_apart=True).packs_vqk  # what the build expects
     ops = custom_ops(export_program(GRModel(cfg).dense.eval(), torch.device("cpu"), torch.float32))
     want = expected_ops(cfg.hstu.num_layers, fuse=False, packed_vqk=True)
