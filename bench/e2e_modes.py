@@ -25,6 +25,7 @@ import torch
 from grc.aoti.inputs import JaggedInputs
 from grc.model.gr import GRDense
 from grc.model.jagged import lengths_of, to_padded
+from grc.serving.common.score_graphs import packed_spans
 from grc.spec.schema import Spec
 
 Call = Callable[[], torch.Tensor]
@@ -111,17 +112,13 @@ def packed_inputs(args: tuple[torch.Tensor, ...]) -> tuple[list[tuple[torch.Tens
     static: list[torch.Tensor | None] = [a.clone() if a.is_floating_point() else None for a in args]
     copies = [(s, a) for s, a in zip(static, args, strict=True) if s is not None]
     for dtype in dict.fromkeys(a.dtype for a in args if not a.is_floating_point()):
-        members = [i for i, a in enumerate(args) if a.dtype == dtype]
-        align = max(1, 16 // args[members[0]].element_size())
-        starts, at = [], 0
-        for i in members:
-            starts.append(at)
-            at += -(-args[i].numel() // align) * align
-        buffer = torch.zeros(at, dtype=dtype, device=args[members[0]].device)
-        for i, start in zip(members, starts, strict=True):
-            view = buffer[start : start + args[i].numel()].view(args[i].shape)
-            view.copy_(args[i])
-            static[i] = view
+        members = {str(i): a for i, a in enumerate(args) if a.dtype == dtype}
+        spans = packed_spans({i: a.numel() for i, a in members.items()}, align=max(1, 16 // dtype.itemsize))
+        end = max(e for _, e in spans.values())
+        buffer = torch.zeros(end, dtype=dtype, device=next(iter(members.values())).device)
+        for i, (start, stop) in spans.items():
+            view = buffer[start:stop].view(members[i].shape)
+            static[int(i)] = view.copy_(members[i])
         copies.append((buffer, buffer.clone()))
     assert all(s is not None for s in static)
     return copies, [s for s in static if s is not None]

@@ -30,7 +30,8 @@ BLOCK = re.compile(r"<!-- report:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /report
 # run and session 11's SiLU-apart run (issue 21: the package with and without one option, nothing else), session
 # 6's fuse run (fused vs unfused package vs torch.compile; no padded baseline ran in these)
 E2E_GPU = (
-    "e2e-h100-s26-mtgr-small.json", "e2e-h100-s26-mtgr-small-rounds.json", "e2e-h100-s25-mtgr-small.json", "e2e-h200-s22-mtgr-small.json",
+    "e2e-h100-s26-mtgr-small.json", "e2e-h100-s26-mtgr-small-rounds.json", "e2e-h100-s25-mtgr-small.json",
+    "e2e-h200-s22-mtgr-small.json",
     "e2e-h200-s19-mtgr-small-silu.json", "e2e-h200-s19-mtgr-base-silu.json",
     "e2e-h200-s18-mtgr-small-attention.json", "e2e-h200-s18-mtgr-base-attention.json",
     "e2e-h200-s13-mtgr-small-autotune.json", "e2e-h200-s11-mtgr-small-silu.json", "e2e-h200-s6-mtgr-small-fuse.json",

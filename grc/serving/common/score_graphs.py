@@ -82,12 +82,13 @@ class Shape:
         return self.spans[FIELDS[-1]][1]
 
 
-def packed_spans(sizes: dict[str, int]) -> dict[str, tuple[int, int]]:
-    """Each field's (start, end) in one packed int64 buffer, in order, every start a multiple of ALIGN elements."""
+def packed_spans(sizes: dict[str, int], align: int = ALIGN) -> dict[str, tuple[int, int]]:
+    """Each field's (start, end) in one packed buffer, in order, every start a multiple of ``align`` elements (ALIGN:
+    16 bytes of int64)."""
     out, start = {}, 0
     for name, size in sizes.items():
         out[name] = (start, start + size)
-        start = -(-(start + size) // ALIGN) * ALIGN
+        start = -(-(start + size) // align) * align
     return out
 
 
