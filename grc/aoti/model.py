@@ -17,6 +17,7 @@ import copy
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from grc.aoti.inputs import JaggedInputs, random_inputs
@@ -87,6 +88,13 @@ class JaggedDense(nn.Module):
         self.packed_vqk = hstu.PACKED_VQK if packed_vqk is None else packed_vqk
         # with it, the norm-gate in the attention's op; default: grc.model.hstu.ATTENTION_GATE
         self.attention_gate = hstu.ATTENTION_GATE if attention_gate is None else attention_gate
+        # The heads' first layer as ONE [D, tasks x hidden] matrix, laid out once here: TaskHeads' einsum over w1
+        # [tasks, D, hidden] permutes w1 into that layout on every call, which a package runs as a kernel of its own
+        # (triton_poi_fused_clone_permute_unsqueeze: ~2 us of the H100's 24-kernel latency call, session 26). A
+        # buffer, not a parameter: built from the dense's weights when this module is (export_program builds it on
+        # the copy it exports); TaskHeads keeps its layout for ONNX and the reference.
+        w1 = dense.heads.w1.detach()
+        self.register_buffer("heads_w1", w1.permute(1, 0, 2).reshape(w1.shape[1], -1).contiguous(), persistent=False)
 
     @property
     def packs_vqk(self) -> bool:
@@ -114,8 +122,14 @@ class JaggedDense(nn.Module):
         if self.fuse:
             return d.candidate_scores(x, group, idx >= n_ctx, fuse=True)
         # every row, masked: GRDense's gather of the candidate rows has a data-dependent row count
-        scores = d.heads(d.final_norm(x, group))
+        scores = self.heads(d.final_norm(x, group))
         return scores * (idx >= n_ctx).unsqueeze(-1).to(scores.dtype)
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        """TaskHeads.forward, its first layer the one matrix ``heads_w1`` (see __init__): [T, D] -> [T, tasks]."""
+        h = self.dense.heads
+        hidden = F.silu((x @ self.heads_w1).view(x.shape[0], *h.b1.shape) + h.b1)
+        return torch.sigmoid((hidden * h.w2).sum(-1) + h.b2)
 
 
 def dynamic_shapes() -> dict[str, dict[int, Any]]:
