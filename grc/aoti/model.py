@@ -94,6 +94,7 @@ class JaggedDense(nn.Module):
         # buffer, not a parameter: built from the dense's weights when this module is (export_program builds it on
         # the copy it exports); TaskHeads keeps its layout for ONNX and the reference.
         w1 = dense.heads.w1.detach()
+        self.heads_w1: torch.Tensor
         self.register_buffer("heads_w1", w1.permute(1, 0, 2).reshape(w1.shape[1], -1).contiguous(), persistent=False)
 
     @property
