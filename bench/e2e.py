@@ -377,10 +377,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--rounds",
         type=int,
-        default=0,
         help=f"after every mode ran, time the {ROUNDS_WORKLOAD} calls of all modes again in this many interleaved "
         "rounds (order rotated; recorded per mode as rounds_p50_ms and their median): mode-to-mode differences "
-        "without the drift between modes run minutes apart (default 0: off)",
+        "without the drift between modes run minutes apart (default 15 on a GPU, 0 with --smoke)",
     )
     p.add_argument("--threads", type=int, default=2, help="CPU threads (--cpu, --smoke)")
     p.add_argument("--stage-check", action="store_true", help="also `grc build` hstu-tiny's aoti stage (cpu + cuda)")
@@ -390,6 +389,7 @@ def parse_args() -> argparse.Namespace:
     args.specs = args.specs or ("hstu-tiny" if args.smoke else "mtgr-small")
     args.budget = args.budget if args.budget is not None else (0.2 if args.smoke else 1.0)
     args.min_calls = args.min_calls or (3 if args.smoke else 10)
+    args.rounds = args.rounds if args.rounds is not None else (0 if args.smoke else 15)
     kind = "cpu" if args.cpu else "smoke" if args.smoke else "gpu"
     args.out = args.out if args.out is not None else RESULTS / f"e2e-{kind}.json"
     return args
