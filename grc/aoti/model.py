@@ -92,10 +92,11 @@ class JaggedDense(nn.Module):
         # [tasks, D, hidden] permutes w1 into that layout on every call, which a package runs as a kernel of its own
         # (triton_poi_fused_clone_permute_unsqueeze: ~2 us of the H100's 24-kernel latency call, session 26). A
         # buffer, not a parameter: built from the dense's weights when this module is (export_program builds it on
-        # the copy it exports); TaskHeads keeps its layout for ONNX and the reference.
-        w1 = dense.heads.w1.detach()
+        # the copy it exports, and an eager call lays it out again if w1 changed since); TaskHeads keeps its layout
+        # for ONNX and the reference.
         self.heads_w1: torch.Tensor
-        self.register_buffer("heads_w1", w1.permute(1, 0, 2).reshape(w1.shape[1], -1).contiguous(), persistent=False)
+        self.register_buffer("heads_w1", _heads_layout(dense.heads.w1), persistent=False)
+        self._w1_seen = _weight_key(dense.heads.w1)
 
     @property
     def packs_vqk(self) -> bool:
@@ -129,8 +130,23 @@ class JaggedDense(nn.Module):
     def heads(self, x: torch.Tensor) -> torch.Tensor:
         """TaskHeads.forward, its first layer the one matrix ``heads_w1`` (see __init__): [T, D] -> [T, tasks]."""
         h = self.dense.heads
+        if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+            key = _weight_key(h.w1)  # eager: weights loaded, moved or cast since __init__ must not go stale here
+            if key != self._w1_seen:
+                self.heads_w1, self._w1_seen = _heads_layout(h.w1), key
         hidden = F.silu((x @ self.heads_w1).view(x.shape[0], *h.b1.shape) + h.b1)
         return torch.sigmoid((hidden * h.w2).sum(-1) + h.b2)
+
+
+def _heads_layout(w1: torch.Tensor) -> torch.Tensor:
+    """TaskHeads' w1 [tasks, D, hidden] as one [D, tasks x hidden] matrix (JaggedDense.heads)."""
+    w1 = w1.detach()
+    return w1.permute(1, 0, 2).reshape(w1.shape[1], -1).contiguous()
+
+
+def _weight_key(w: torch.Tensor) -> tuple[Any, ...]:
+    """What changes when a weight is replaced, moved, cast or written in place."""
+    return (w.data_ptr(), w.device, w.dtype, w._version)
 
 
 def dynamic_shapes() -> dict[str, dict[int, Any]]:

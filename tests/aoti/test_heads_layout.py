@@ -23,6 +23,12 @@ def test_the_heads_compute_what_task_heads_compute() -> None:
         got = JaggedDense(dense).heads(x)
     assert want.shape == (37, len(cfg.tasks)) and want.std() > 1e-3
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+    # weights written after the module was built (a load, an update): the eager call lays them out again
+    runner = JaggedDense(dense)
+    with torch.no_grad():
+        dense.heads.w1.mul_(-2.0)
+        torch.testing.assert_close(runner.heads(x), dense.heads(x), rtol=1e-12, atol=1e-15)
+        assert not torch.allclose(runner.heads(x), want)
 
 
 def test_the_exported_program_never_reads_w1_in_its_parameter_layout() -> None:
