@@ -20,7 +20,9 @@ runs a GPU package imports ``kernels`` first, as grc.aoti.runtime does); else th
 Skipping the dispatch matters: on the H200 the custom-op layer cost ~0.3 ms of host time per call, ~1.9 of the
 2.7 ms of an eager cached score step at mtgr-small (bench/results/history-cache-profile-h200.json). Under
 torch.compile / torch.export (fake or functional tensors) the ops run, so compiled graphs and packages still
-hold ``grc::`` nodes.
+hold ``grc::`` nodes. The compiled jagged layer (grc.aoti.model.JaggedDense) calls ``grc::hstu_attention_gate_vqk``:
+the attention of the activated vqk (q, k, v cut from it as views) and the norm-gate after it, one node a layer;
+its Gluon path (``grc::hstu_attention_gate_hopper_vqk``) lets the norm-gate kernel add the attention's key parts.
 """
 
 from __future__ import annotations

@@ -5,8 +5,10 @@
 with a dynamic token count. ``JaggedDense`` computes the same per-token quantities from the
 static token count (``searchsorted`` over the offsets) and then runs GRDense's own layers, final
 norm and heads, each layer with ``impl="triton"``: the exported program holds one
-``grc.hstu_attention`` and one ``grc.norm_gate`` node per layer, every layer's full bias tables
-included (the kernel is exact for any number of time buckets). The parity check compares the
+``grc.hstu_attention_gate_vqk`` node per layer by default (the attention of the activated vqk and the
+norm-gate after it: grc.model.hstu's PACKED_VQK and ATTENTION_GATE; ``expected_ops`` lists every
+variant's nodes), every layer's full bias tables included (the kernel is exact for any number of time
+buckets). The parity check compares the
 compiled package with ``GRDense.forward_jagged`` itself (float64, plain reference), so the two
 entry points cannot drift apart unnoticed.
 """
