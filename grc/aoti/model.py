@@ -24,7 +24,7 @@ from torch import nn
 
 from grc.aoti.inputs import JaggedInputs, random_inputs
 from grc.model import hstu
-from grc.model.gr import GRDense, token_groups
+from grc.model.gr import GRDense, TaskHeads, token_groups
 from grc.model.hstu import NORM_PROLOGUE
 
 INPUTS = ("tokens", "offsets", "num_candidates", "timestamps")
@@ -95,10 +95,11 @@ class JaggedDense(nn.Module):
         # (triton_poi_fused_clone_permute_unsqueeze: ~2 us of the H100's 24-kernel latency call, session 26). A
         # buffer, not a parameter: built from the dense's weights when this module is (export_program builds it on
         # the copy it exports, and an eager call lays it out again if w1 changed since); TaskHeads keeps its layout
-        # for ONNX and the reference.
-        self.heads_w1: torch.Tensor
-        self.register_buffer("heads_w1", _heads_layout(dense.heads.w1), persistent=False)
-        self._w1_seen = _weight_key(dense.heads.w1)
+        # for ONNX and the reference. Other heads (grc.model.fp8's Fp8Heads: already one matrix) run as they are.
+        self.heads_w1: torch.Tensor | None
+        plain = isinstance(dense.heads, TaskHeads)
+        self.register_buffer("heads_w1", _heads_layout(dense.heads.w1) if plain else None, persistent=False)
+        self._w1_seen = _weight_key(dense.heads.w1) if plain else None
 
     @property
     def packs_vqk(self) -> bool:
@@ -132,6 +133,8 @@ class JaggedDense(nn.Module):
     def heads(self, x: torch.Tensor) -> torch.Tensor:
         """TaskHeads.forward, its first layer the one matrix ``heads_w1`` (see __init__): [T, D] -> [T, tasks]."""
         h = self.dense.heads
+        if self.heads_w1 is None:
+            return h(x)
         if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
             key = _weight_key(h.w1)  # eager: weights loaded, moved or cast since __init__ must not go stale here
             if key != self._w1_seen:
