@@ -222,17 +222,34 @@ def _hstu_attention_gate_hopper_vqk_op(
     norm: float,
     causal: bool,
 ) -> torch.Tensor:
-    """``grc::hstu_attention_hopper_vqk`` and the norm-gate of raw ``u`` as one opaque node: where the Gluon kernel
-    cut the keys into parts, the norm-gate kernel adds them as it reads them (norm_gate_parts_triton), so the
-    separate sum kernel goes (one kernel a layer; grc.model.hstu.ATTENTION_GATE)."""
-    q, k, v = vqk_views(vqk, heads, head_qk, head_v)
-    args = (timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal)
-    dest = hstu_hopper.hstu_attention_hopper(q, k, v, offsets, offsets, *args, finish=False)
+    """``grc::hstu_attention_hopper_vqk`` and the norm-gate of raw ``u`` as one opaque node (_gate_hopper)."""
+    gate = (u, gate_w, gate_b, eps)
+    args = (offsets, timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal)
+    return _gate_hopper(vqk, gate, (heads, head_qk, head_v), args)
+
+
+# offsets, timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal: full attention's arguments after q, k, v
+AttentionArgs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, float, bool]
+
+
+def _gate_hopper(
+    vqk: torch.Tensor,
+    gate: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float],
+    shape: tuple[int, int, int],
+    args: AttentionArgs,
+) -> torch.Tensor:
+    """The Gluon kernel's attention of ``vqk``'s views, then the norm-gate of raw u (``gate``: u, weight, bias,
+    eps): where the kernel cut the keys into parts, the norm-gate kernel adds them as it reads them
+    (norm_gate_parts_triton), so the separate sum kernel goes (one kernel a layer; grc.model.hstu.ATTENTION_GATE)."""
+    q, k, v = vqk_views(vqk, *shape)
+    offsets, timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal = args
+    dest = hstu_hopper.hstu_attention_hopper(
+        q, k, v, offsets, offsets, timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal, finish=False
+    )
     parts = dest if dest.dim() == 4 else dest.unsqueeze(0)
     if parts.dtype == torch.float32:
-        return norm_gate_parts_triton(parts, u, gate_w, gate_b, eps, vqk.dtype, silu_u=True)
-    flat = dest.reshape(dest.shape[0], -1)
-    return norm_gate_triton(flat, u, gate_w, gate_b, eps, silu_u=True)
+        return norm_gate_parts_triton(parts, *gate, vqk.dtype, silu_u=True)
+    return norm_gate_triton(dest.reshape(dest.shape[0], -1), *gate, silu_u=True)
 
 
 @_hstu_attention_gate_hopper_vqk_op.register_fake
@@ -442,7 +459,11 @@ def hstu_attention_gate_vqk(
     _check_impl(impl)
     consts = (float(alpha), float(norm), bool(causal))
     args = (offsets, timestamps, num_candidates, pos_w, ts_w, *consts)
-    if _route(impl, vqk, u, pos_w, ts_w, gate_w, gate_b) != "op":
+    route = _route(impl, vqk, u, pos_w, ts_w, gate_w, gate_b)
+    q, k, v = vqk_views(vqk, heads, head_qk, head_v)
+    if route == "kernel" and hstu_hopper.runs(q, k, v):  # eagerly too: the key parts added in the norm-gate kernel
+        return _gate_hopper(vqk, (u, gate_w, gate_b, float(eps)), (heads, head_qk, head_v), args)
+    if route != "op":
         attn = hstu_attention_vqk(vqk, heads, head_qk, head_v, *args, impl=impl)
         return norm_gate(attn.reshape(attn.shape[0], -1), u, gate_w, gate_b, eps, impl=impl, silu_u=True)
     return torch.ops.grc.hstu_attention_gate_vqk(vqk, u, gate_w, gate_b, float(eps), heads, head_qk, head_v, *args)

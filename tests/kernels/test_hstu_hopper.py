@@ -260,7 +260,7 @@ def test_ops_launch_it_on_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_the_gate_op_adds_the_key_parts_in_the_norm_gate_on_the_gpu() -> None:
     """grc::hstu_attention_gate_hopper_vqk (grc.model.hstu.ATTENTION_GATE) at mtgr-small's latency shape (one user,
     2 heads of d 256, the keys cut into parts): bit for bit the Gluon kernel's finished output then the norm-gate
-    kernel, and within the bf16 bound of the float64 reference."""
+    kernel, and the eager public call; within the bf16 bound of the float64 reference."""
     from kernels.hstu_attention import key_splits
     from kernels.norm_gate import norm_gate_triton
 
@@ -279,6 +279,10 @@ def test_the_gate_op_adds_the_key_parts_in_the_norm_gate_on_the_gpu() -> None:
     attn = hstu_attention_hopper(q, k, v, offsets, offsets, ts, nc, pos_w, ts_w, alpha, norm, True)
     want = norm_gate_triton(attn.reshape(1515, 512), u, w, b, 1e-5, silu_u=True)
     assert torch.equal(got, want), f"seed={seed}"
+    with torch.no_grad():  # the public call, eager on plain tensors: the same kernels without the op's dispatch
+        eager = ops.hstu_attention_gate_vqk(vqk, u, w, b, 1e-5, 2, 256, 256, offsets, ts, nc, pos_w, ts_w, alpha, norm,
+                                            True)  # fmt: skip
+    assert torch.equal(eager, got), f"seed={seed}"
     ref_attn = reference.hstu_attention(
         q.double().cpu(),
         k.double().cpu(),
