@@ -125,13 +125,32 @@ def norm_gate_triton(
     """Launch the kernel on [..., C] inputs; ``wrap`` is torch.library.wrap_triton in the op,
     ``out`` (optional, contiguous, a's shape and dtype) lets tests pass a poisoned buffer; silu_u: u is the
     projection's output before SiLU, applied here (grc.model.hstu.CONSUMER_SILU)."""
-    (a2, out, rows, launch), u2 = _launch(a, out), _rows(u)
-    if rows:
-        wrap(_norm_gate_kernel)[launch.pop("grid")](
-            a2, u2, weight.contiguous(), bias.contiguous(), out, rows, a2.stride(0), 0, u2.stride(0), out.stride(0),
-            float(eps), SILU_U=bool(silu_u), PARTS=1, **launch,
-        )  # fmt: skip
+    a2, out, rows, launch = _launch(a, out)
+    _launch_norm_gate(a2, 1, 0, u, weight, bias, out, rows, launch, eps, silu_u, wrap)
     return out.view(a.shape)
+
+
+def _launch_norm_gate(
+    a2: torch.Tensor,
+    parts: int,
+    stride_part: int,
+    u: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    out: torch.Tensor,
+    rows: int,
+    launch: dict[str, Any],
+    eps: float,
+    silu_u: bool,
+    wrap: Callable[[Any], Any] = lambda kernel: kernel,
+) -> None:
+    """Both norm-gate launchers' kernel call: ``a2`` the first of ``parts`` row blocks ``stride_part`` apart."""
+    if rows:
+        u2 = _rows(u)
+        wrap(_norm_gate_kernel)[launch.pop("grid")](
+            a2, u2, weight.contiguous(), bias.contiguous(), out, rows, a2.stride(0), stride_part, u2.stride(0),
+            out.stride(0), float(eps), SILU_U=bool(silu_u), PARTS=parts, **launch,
+        )  # fmt: skip
 
 
 def norm_gate_parts_triton(
@@ -154,13 +173,8 @@ def norm_gate_parts_triton(
     if out is None:
         out = torch.empty(flat.shape[1:], dtype=dtype, device=parts.device)
     a2, out, rows, launch = _launch(flat[0], out)
-    launch["ROUND_BF16"] = INTERPRET and dtype == torch.bfloat16
-    u2 = _rows(u)
-    if rows:
-        _norm_gate_kernel[launch.pop("grid")](
-            a2, u2, weight.contiguous(), bias.contiguous(), out, rows, a2.stride(0), flat.stride(0), u2.stride(0),
-            out.stride(0), float(eps), SILU_U=bool(silu_u), PARTS=flat.shape[0], **launch,
-        )  # fmt: skip
+    launch["ROUND_BF16"] = INTERPRET and dtype == torch.bfloat16  # the output's dtype, not the parts' float32
+    _launch_norm_gate(a2, flat.shape[0], flat.stride(0), u, weight, bias, out, rows, launch, eps, silu_u)
     return out
 
 

@@ -197,10 +197,11 @@ def _hstu_attention_vqk_op(
     return hstu_attention_triton(q, k, v, *args, wrap=wrap_triton)
 
 
-def _gate(attn: torch.Tensor, u: torch.Tensor, gate_w: torch.Tensor, gate_b: torch.Tensor, eps: float) -> torch.Tensor:
-    """The reference norm-gate of the attention output [T, H, Dv] with raw u (SiLU first)."""
-    flat = attn.reshape(attn.shape[0], -1)
-    return reference.norm_gate(flat, torch.nn.functional.silu(u), gate_w, gate_b, eps)
+def _norm_gate_reference(
+    a: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, silu_u: bool
+) -> torch.Tensor:
+    """The reference norm-gate, u raw (SiLU first) where ``silu_u``: what every norm-gate path runs off the kernels."""
+    return reference.norm_gate(a, torch.nn.functional.silu(u) if silu_u else u, weight, bias, eps)
 
 
 @custom_op("grc::hstu_attention_gate_hopper_vqk", mutates_args=())
@@ -246,9 +247,8 @@ def _gate_hopper(
     dest = hstu_hopper.hstu_attention_hopper(
         q, k, v, offsets, offsets, timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal, finish=False
     )
-    parts = dest if dest.dim() == 4 else dest.unsqueeze(0)
-    if parts.dtype == torch.float32:
-        return norm_gate_parts_triton(parts, *gate, vqk.dtype, silu_u=True)
+    if dest.dim() == 4:  # the key parts' fp32 partial sums
+        return norm_gate_parts_triton(dest, *gate, vqk.dtype, silu_u=True)
     return norm_gate_triton(dest.reshape(dest.shape[0], -1), *gate, silu_u=True)
 
 
@@ -283,7 +283,8 @@ def _hstu_attention_gate_vqk_op(
     args = (offsets, timestamps, num_candidates, pos_w, ts_w, alpha, norm, causal)
     q, k, v = vqk_views(vqk, *shape)
     if not runs_kernel(vqk):
-        return _gate(torch.ops.grc.hstu_attention_reference(q, k, v, *args), *gate)
+        attn = torch.ops.grc.hstu_attention_reference(q, k, v, *args)
+        return _norm_gate_reference(attn.reshape(attn.shape[0], -1), *gate, silu_u=True)
     if hstu_hopper.runs(q, k, v, traced=_traced(vqk)):
         return torch.ops.grc.hstu_attention_gate_hopper_vqk(vqk, *gate, *shape, *args)
     attn = hstu_attention_triton(q, k, v, *args, wrap=wrap_triton)
@@ -319,7 +320,7 @@ def _norm_gate_op(
     a: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, silu_u: bool = False
 ) -> torch.Tensor:
     if not runs_kernel(a):
-        return reference.norm_gate(a, torch.nn.functional.silu(u) if silu_u else u, weight, bias, eps)
+        return _norm_gate_reference(a, u, weight, bias, eps, silu_u)
     return norm_gate_triton(a, u, weight, bias, eps, wrap=wrap_triton, silu_u=silu_u)
 
 
@@ -483,7 +484,7 @@ def norm_gate(
     _check_impl(impl)
     route = _route(impl, a, u, weight, bias)
     if route == "reference":
-        return reference.norm_gate(a, torch.nn.functional.silu(u) if silu_u else u, weight, bias, eps)
+        return _norm_gate_reference(a, u, weight, bias, eps, silu_u)
     if route == "kernel":
         return norm_gate_triton(a, u, weight, bias, float(eps), silu_u=bool(silu_u))
     return torch.ops.grc.norm_gate(a, u, weight, bias, float(eps), silu_u=bool(silu_u))
